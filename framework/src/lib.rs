@@ -1,0 +1,7 @@
+//! ferry's core system control layer and user-space interface (DESIGN.md, "Layers").
+//! The `ferry` binary is a thin shell over this library.
+
+pub mod check;
+pub mod config;
+pub mod control;
+pub mod manager;

@@ -1,0 +1,183 @@
+//! The stable plugin ABI of ferry (DESIGN.md, "The plugin ABI"; paper tables 1–3).
+//!
+//! Every plugin `.so` exports one root module ([`PluginMod`], a prefix type so fields
+//! can be appended without breaking older plugins) and the plain C symbol
+//! [`ABI_SYMBOL`], which the manager reads before trusting anything else in the file.
+//! Plugins implement the plain Rust traits of [`plugin`] and export them with
+//! [`export_subsystem!`] or [`export_medium!`]; the adapters there catch panics so
+//! that none crosses the boundary.
+
+#![allow(non_local_definitions)] // abi_stable's derive macros emit impls in a const block
+
+pub mod plugin;
+pub mod types;
+
+pub use abi_stable;
+pub use types::*;
+
+use abi_stable::{
+    declare_root_module_statics,
+    library::RootModule,
+    package_version_strings, sabi_trait,
+    sabi_types::VersionStrings,
+    std_types::{RBox, RResult, RSlice, RSliceMut, RStr, RString, RVec},
+    StableAbi,
+};
+
+/// The version of the contract between ferry and its plugins. Bump it whenever a type
+/// of this crate changes in a way an older plugin would misread; the manager refuses a
+/// plugin built against another value, naming both.
+pub const ABI_VERSION: u32 = 1;
+
+/// Name of the `extern "C" fn() -> u32` every plugin exports, returning the
+/// [`ABI_VERSION`] it was built against. Read with a plain `dlsym` before abi_stable
+/// looks at the file, so that a mismatch is reported as such rather than as a layout
+/// error deep inside a type.
+pub const ABI_SYMBOL: &[u8] = b"ferry_plugin_abi_version";
+
+/// The errors that cross the plugin boundary: which plugin, and what went wrong.
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone, PartialEq, Eq)]
+pub struct PluginError {
+    pub plugin: RString,
+    pub message: RString,
+}
+
+impl PluginError {
+    pub fn new(plugin: &str, message: impl std::fmt::Display) -> Self {
+        PluginError { plugin: plugin.into(), message: message.to_string().into() }
+    }
+}
+
+impl std::fmt::Display for PluginError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "plugin {}: {}", self.plugin, self.message)
+    }
+}
+
+impl std::error::Error for PluginError {}
+
+pub type PResult<T> = RResult<T, PluginError>;
+
+/// The services the framework offers a subsystem plugin for one process of one event.
+/// Plugins never call ptrace themselves: everything that touches the target goes
+/// through here, which is what lets execution contexts be swapped.
+#[sabi_trait]
+pub trait ProcessContext {
+    /// The process the event is about (its pid in the image on restart).
+    fn pid(&self) -> i32;
+    /// Every thread of the process, the main thread first.
+    fn tids(&self) -> RVec<i32>;
+    /// Reads target memory at `addr` into `buf`; answers how many bytes were read.
+    fn read_memory(&mut self, addr: u64, buf: RSliceMut<'_, u8>) -> PResult<usize>;
+    /// Reads many ranges in one go (vectored); `buf` is filled range after range.
+    fn read_memory_ranges(&mut self, ranges: RSlice<'_, MemRange>, buf: RSliceMut<'_, u8>)
+        -> PResult<usize>;
+    /// Writes `data` into target memory at `addr`.
+    fn write_memory(&mut self, addr: u64, data: RSlice<'_, u8>) -> PResult<usize>;
+    /// Runs system call `nr` with `args` in stopped thread `tid`; answers its return value
+    /// (a negative errno on failure, as the kernel gives it).
+    fn inject_syscall(&mut self, tid: i32, nr: i64, args: SyscallArgs) -> PResult<i64>;
+    /// Reads register set `regset` (an `NT_*` note type) of thread `tid`.
+    fn get_regset(&mut self, tid: i32, regset: u32) -> PResult<RVec<u8>>;
+    /// Writes register set `regset` of thread `tid`.
+    fn set_regset(&mut self, tid: i32, regset: u32, data: RSlice<'_, u8>) -> PResult<()>;
+    /// Reads `/proc/<pid>/<name>` of the target (for example `maps` or `task/12/stat`).
+    fn proc_read(&mut self, name: RStr<'_>) -> PResult<RVec<u8>>;
+    /// Claims a shared resource (a pipe inode, a shared mapping): the first process of
+    /// the event to claim it checkpoints it, the others refer to it.
+    fn claim_shared(&mut self, kind: RStr<'_>, id: RStr<'_>) -> SharedClaim;
+    /// Sends a command to this plugin's peer on the other machine through the medium.
+    #[sabi(last_prefix_field)]
+    fn peer_command(&mut self, cmd: RSlice<'_, u8>) -> PResult<RVec<u8>>;
+}
+
+/// Where a subsystem's checkpoint writes its records; the framework frames each one
+/// (kind, length, checksum) and hands it to the medium.
+#[sabi_trait]
+pub trait RecordSink {
+    #[sabi(last_prefix_field)]
+    fn put(&mut self, kind: RStr<'_>, payload: RSlice<'_, u8>) -> PResult<()>;
+}
+
+/// Where a subsystem's restart reads its records, checked and in the order written.
+#[sabi_trait]
+pub trait RecordSource {
+    /// The next record of this subsystem, or `None` when there are no more.
+    #[sabi(last_prefix_field)]
+    fn next(&mut self) -> PResult<abi_stable::std_types::ROption<Record>>;
+}
+
+pub type ContextRef<'a> = ProcessContext_TO<'a, abi_stable::sabi_types::RMut<'a, ()>>;
+pub type SinkRef<'a> = RecordSink_TO<'a, abi_stable::sabi_types::RMut<'a, ()>>;
+pub type SourceRef<'a> = RecordSource_TO<'a, abi_stable::sabi_types::RMut<'a, ()>>;
+
+/// A kind of process state (paper table 1, plus table 3's per-process hooks).
+#[sabi_trait]
+pub trait Subsystem: Send {
+    /// Entity kinds, ordering constraints and shared resources.
+    fn info(&self) -> SubsystemInfo;
+    /// Process hook `setup`: prepare the process before the event's work starts.
+    fn setup(&mut self, ctx: &mut ContextRef<'_>, event: EventKind) -> PResult<()>;
+    /// Takes a bounded step of the checkpoint; called until it answers `Done`.
+    fn checkpoint(&mut self, ctx: &mut ContextRef<'_>, sink: &mut SinkRef<'_>) -> PResult<Progress>;
+    /// Takes a bounded step of the restart; called until it answers `Done`.
+    fn restart(&mut self, ctx: &mut ContextRef<'_>, source: &mut SourceRef<'_>) -> PResult<Progress>;
+    /// Process hook `restart`: the process is rebuilt and about to run again.
+    fn resume(&mut self, ctx: &mut ContextRef<'_>) -> PResult<()>;
+    /// Process hook `cleanup`: always runs at the end of the event, `ok` or not.
+    fn cleanup(&mut self, ctx: &mut ContextRef<'_>, ok: bool);
+    /// Tries to bring an entity back from `error`.
+    fn fault(&mut self, ctx: &mut ContextRef<'_>, error: &PluginError) -> Recovery;
+    /// Progress of the current event, for progress bars and the watchdog.
+    fn status(&self) -> Status;
+    /// The plugin's own account of a fatal error.
+    #[sabi(last_prefix_field)]
+    fn dump(&self, error: &PluginError) -> RString;
+}
+
+/// A way of carrying state (paper table 2). Streams are numbered; stream 0 is the
+/// control stream of an event.
+#[sabi_trait]
+pub trait Medium: Send {
+    /// Stores `data` at the end of `stream`.
+    fn pushdata(&mut self, stream: u32, data: RSlice<'_, u8>) -> PResult<()>;
+    /// Fills `buf` from `stream`; answers the bytes read, 0 at the end of the stream.
+    fn popdata(&mut self, stream: u32, buf: RSliceMut<'_, u8>) -> PResult<usize>;
+    /// A medium-dependent command (JSON in, JSON out): buffer size, acknowledgements,
+    /// messages to a peer plugin.
+    fn command(&mut self, cmd: RStr<'_>) -> PResult<RString>;
+    /// Makes everything pushed so far durable (file) or delivered (network).
+    #[sabi(last_prefix_field)]
+    fn flush(&mut self) -> PResult<()>;
+}
+
+pub type SubsystemBox = Subsystem_TO<'static, RBox<()>>;
+pub type MediumBox = Medium_TO<'static, RBox<()>>;
+
+/// The root module of a plugin library.
+#[repr(C)]
+#[derive(StableAbi)]
+#[sabi(kind(Prefix(prefix_ref = PluginModRef)))]
+#[sabi(missing_field(panic))]
+pub struct PluginMod {
+    /// The [`ABI_VERSION`] the plugin was built against (also in [`ABI_SYMBOL`]).
+    pub abi_version: u32,
+    pub kind: PluginKind,
+    pub name: RStr<'static>,
+    pub version: RStr<'static>,
+    pub description: RStr<'static>,
+    /// Makes a subsystem instance (subsystem plugins); a fresh one per process per event.
+    pub new_subsystem: extern "C" fn() -> PResult<SubsystemBox>,
+    /// Opens a medium with JSON parameters (medium plugins), for example
+    /// `{"role":"write","dir":"/var/lib/ferry/img"}`.
+    #[sabi(last_prefix_field)]
+    pub open_medium: extern "C" fn(params: RStr<'_>) -> PResult<MediumBox>,
+}
+
+impl RootModule for PluginModRef {
+    declare_root_module_statics! {PluginModRef}
+    const BASE_NAME: &'static str = "ferry_plugin";
+    const NAME: &'static str = "ferry_plugin";
+    const VERSION_STRINGS: VersionStrings = package_version_strings!();
+}
