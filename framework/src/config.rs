@@ -1,1 +1,1395 @@
-//! The configuration file `ferry.json` (being written).
+//! The configuration file `ferry.json` (DESIGN.md, "Loading and the manager"): plugin directory,
+//! the mechanism of a request, per-algorithm tuning, the watchdog and the daemon's addresses.
+//! Layering is defaults < file < command line; an unknown key or a wrong type is an error that
+//! names the file and the key's dotted path (`mechanism.strategy`). Every key: examples/README.md.
+
+use std::fmt;
+use std::fs;
+use std::io::{self, Read};
+use std::marker::PhantomData;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use serde::de::value::MapAccessDeserializer;
+use serde::de::{Deserializer, MapAccess, Visitor};
+use serde::{Deserialize, Serialize};
+
+/// Where the configuration is looked for when `--config` is not given.
+pub const DEFAULT_PATH: &str = "/etc/ferry/ferry.json";
+
+/// A configuration file larger than this is refused (it cannot be one of ours; this also keeps
+/// `--config /dev/zero` from eating the machine).
+const MAX_FILE_BYTES: u64 = 1 << 20;
+
+/// Longest path a Unix socket address can hold (`sun_path` is 108 bytes with its NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+/// Upper bound for the post-copy window and batch sizes (1 GiB, in KiB).
+const MAX_WINDOW_KIB: u32 = 1 << 20;
+
+// ---------------------------------------------------------------------------------------------
+// Named enums (strategy, quiescing method, execution context)
+
+/// A name that is not one of an enum's names (from the command line or [`FromStr`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnknownName {
+    /// What was being named: "strategy", "quiescing method", "execution context".
+    pub what: &'static str,
+    /// The name given.
+    pub given: String,
+    /// The names that exist.
+    pub expected: &'static [&'static str],
+}
+
+impl fmt::Display for UnknownName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "unknown {} `{}`, expected one of ",
+            self.what, self.given
+        )?;
+        for (i, name) in self.expected.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            write!(f, "`{name}`")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for UnknownName {}
+
+macro_rules! named_enum {
+    (
+        $(#[$meta:meta])*
+        pub enum $name:ident ($what:literal, default $default:ident) {
+            $( $(#[$vmeta:meta])* $variant:ident => $text:literal, )+
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+        pub enum $name {
+            $( $(#[$vmeta])* #[serde(rename = $text)] $variant, )+
+        }
+
+        impl $name {
+            /// Every value, in documentation order.
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+            /// Every name, as written in `ferry.json` and on the command line.
+            pub const NAMES: &'static [&'static str] = &[$($text),+];
+
+            /// The name, as written in `ferry.json` and on the command line.
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $( $name::$variant => $text, )+
+                }
+            }
+        }
+
+        impl Default for $name {
+            fn default() -> Self {
+                $name::$default
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.pad(self.as_str())
+            }
+        }
+
+        // By hand rather than derived: a wrong type then says which names are expected
+        // (serde_json's derived enums answer a number with a bare "expected value").
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                struct NameVisitor;
+
+                impl<'de> Visitor<'de> for NameVisitor {
+                    type Value = $name;
+
+                    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                        f.write_str("one of")?;
+                        for (i, name) in $name::NAMES.iter().enumerate() {
+                            f.write_str(if i > 0 { ", `" } else { " `" })?;
+                            f.write_str(name)?;
+                            f.write_str("`")?;
+                        }
+                        Ok(())
+                    }
+
+                    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<$name, E> {
+                        v.parse().map_err(|_| E::unknown_variant(v, $name::NAMES))
+                    }
+                }
+
+                d.deserialize_str(NameVisitor)
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = UnknownName;
+
+            fn from_str(s: &str) -> Result<Self, UnknownName> {
+                match s {
+                    $( $text => Ok($name::$variant), )+
+                    _ => Err(UnknownName { what: $what, given: s.to_owned(), expected: Self::NAMES }),
+                }
+            }
+        }
+    };
+}
+
+named_enum! {
+    /// The migration algorithm (DESIGN.md, "Algorithms").
+    pub enum Strategy ("strategy", default StopCopy) {
+        /// Freeze, send everything, restore, resume, remove the source.
+        StopCopy => "stop-copy",
+        /// Send memory while the process runs, rounds of dirty pages, then freeze and send the rest.
+        PreCopy => "pre-copy",
+        /// Freeze, send everything but memory, resume at once; memory follows on demand.
+        PostCopy => "post-copy",
+        /// Pre-copy rounds (`tuning.hybrid.precopy_rounds`), then post-copy.
+        Hybrid => "hybrid",
+    }
+}
+
+named_enum! {
+    /// How the process is stopped (DESIGN.md, "Requests, events and the core").
+    pub enum Quiesce ("quiescing method", default Ptrace) {
+        /// Synchronous: `PTRACE_INTERRUPT` every thread.
+        Ptrace => "ptrace",
+        /// Asynchronous: the cgroup freezer (v2 `cgroup.freeze`, v1 `freezer.state`).
+        Freezer => "freezer",
+    }
+}
+
+named_enum! {
+    /// Who does the work inside the target (DESIGN.md, "Requests, events and the core").
+    pub enum ExecContext ("execution context", default External) {
+        /// A tracer thread of ferry attached with `PTRACE_SEIZE`.
+        External => "external",
+        /// The target itself, through a small library loaded into it.
+        Internal => "internal",
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The configuration
+
+/// Everything `ferry.json` can say. Every key is optional; a missing one keeps its default.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where plugins are loaded from; `None`: beside the binary, then `/usr/lib/ferry/plugins`.
+    pub plugin_dir: Option<PathBuf>,
+    /// What a request does when the command line does not say.
+    #[serde(deserialize_with = "object")]
+    pub mechanism: Mechanism,
+    /// Knobs of each algorithm.
+    #[serde(deserialize_with = "object")]
+    pub tuning: Tuning,
+    /// An event with no progress reported for this long is declared frozen and failed.
+    pub watchdog_ms: u64,
+    /// Where `ferry daemon` listens.
+    #[serde(deserialize_with = "object")]
+    pub daemon: DaemonConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            plugin_dir: None,
+            mechanism: Mechanism::default(),
+            tuning: Tuning::default(),
+            watchdog_ms: 10_000,
+            daemon: DaemonConfig::default(),
+        }
+    }
+}
+
+/// The mechanism of a request: which plugins, which algorithm, how to stop, who does the work.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Mechanism {
+    /// Subsystem plugins, by name.
+    pub subsystems: Vec<String>,
+    /// Transfer medium plugin, by name.
+    pub medium: String,
+    pub strategy: Strategy,
+    pub quiesce: Quiesce,
+    pub context: ExecContext,
+}
+
+impl Default for Mechanism {
+    fn default() -> Self {
+        Mechanism {
+            subsystems: ["memory", "threads", "files", "signals"]
+                .map(String::from)
+                .to_vec(),
+            medium: "file".to_owned(),
+            strategy: Strategy::default(),
+            quiesce: Quiesce::default(),
+            context: ExecContext::default(),
+        }
+    }
+}
+
+/// Tuning per strategy.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Tuning {
+    #[serde(deserialize_with = "object")]
+    pub pre_copy: PreCopyTuning,
+    #[serde(deserialize_with = "object")]
+    pub post_copy: PostCopyTuning,
+    #[serde(deserialize_with = "object")]
+    pub hybrid: HybridTuning,
+}
+
+/// Pre-copy: when to stop iterating and freeze.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PreCopyTuning {
+    /// Freeze once the dirty set can be sent in this long.
+    pub downtime_budget_ms: u64,
+    /// Freeze after this many rounds whatever the dirty set.
+    pub max_rounds: u32,
+    /// Auto-converge: throttle a process that dirties faster than the link sends (cpu.max).
+    pub throttle: bool,
+}
+
+impl Default for PreCopyTuning {
+    fn default() -> Self {
+        PreCopyTuning {
+            downtime_budget_ms: 30,
+            max_rounds: 10,
+            throttle: true,
+        }
+    }
+}
+
+/// Post-copy: how memory follows the resumed process.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PostCopyTuning {
+    /// Fetched around each page fault, KiB.
+    pub fault_window_kib: u32,
+    /// Size of each background push, KiB.
+    pub push_batch_kib: u32,
+}
+
+impl Default for PostCopyTuning {
+    fn default() -> Self {
+        PostCopyTuning {
+            fault_window_kib: 256,
+            push_batch_kib: 2048,
+        }
+    }
+}
+
+/// Hybrid: pre-copy rounds before switching to post-copy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HybridTuning {
+    pub precopy_rounds: u32,
+}
+
+impl Default for HybridTuning {
+    fn default() -> Self {
+        HybridTuning { precopy_rounds: 1 }
+    }
+}
+
+/// The daemon's addresses and key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DaemonConfig {
+    /// `address:port` the daemon accepts migrations on.
+    pub listen: String,
+    /// Unix socket for `ferry plugins …` and other local control.
+    pub control: PathBuf,
+    /// Shared key file; required when `listen` is not a loopback address.
+    pub auth_key: Option<PathBuf>,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        DaemonConfig {
+            listen: "127.0.0.1:7711".to_owned(),
+            control: PathBuf::from("/run/ferry/control.sock"),
+            auth_key: None,
+        }
+    }
+}
+
+/// What the command line says; each `Some` replaces the value from the file or the defaults.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub plugin_dir: Option<PathBuf>,
+    pub subsystems: Option<Vec<String>>,
+    pub medium: Option<String>,
+    pub strategy: Option<Strategy>,
+    pub quiesce: Option<Quiesce>,
+    pub context: Option<ExecContext>,
+    pub watchdog_ms: Option<u64>,
+    pub listen: Option<String>,
+    pub control: Option<PathBuf>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Errors
+
+/// Why a configuration could not be had. The `Display` form names the file and the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read (missing, a directory, no permission, too large, not UTF-8).
+    #[error("cannot read config file {}: {source}", path.display())]
+    Read { path: PathBuf, source: io::Error },
+    /// The file is not valid JSON, or a key is unknown or has the wrong type. `key` is the
+    /// dotted path (`mechanism.strategy`, `mechanism.subsystems[2]`), empty for syntax errors;
+    /// `message` ends with the line and column where serde_json knows them.
+    #[error("{}: {}{message}", path.display(), key_prefix(key))]
+    Parse {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
+    /// Well-formed but unusable values. `path` is the file they came from, `None` when they
+    /// came from the defaults or the command line.
+    #[error("{}: {}{message}", origin_label(path), key_prefix(key))]
+    Invalid {
+        path: Option<PathBuf>,
+        key: String,
+        message: String,
+    },
+}
+
+fn key_prefix(key: &str) -> String {
+    if key.is_empty() {
+        String::new()
+    } else {
+        format!("key `{key}`: ")
+    }
+}
+
+fn origin_label(path: &Option<PathBuf>) -> String {
+    match path {
+        Some(p) => p.display().to_string(),
+        None => "invalid configuration".to_owned(),
+    }
+}
+
+impl ConfigError {
+    /// The dotted key the error is about, if any.
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            ConfigError::Read { .. } => None,
+            ConfigError::Parse { key, .. } | ConfigError::Invalid { key, .. } => {
+                (!key.is_empty()).then_some(key.as_str())
+            }
+        }
+    }
+
+    /// The file the error is about, if any.
+    pub fn path(&self) -> Option<&Path> {
+        match self {
+            ConfigError::Read { path, .. } | ConfigError::Parse { path, .. } => Some(path),
+            ConfigError::Invalid { path, .. } => path.as_deref(),
+        }
+    }
+
+    /// Attributes an [`ConfigError::Invalid`] without a file to `file`.
+    pub fn in_file(self, file: &Path) -> ConfigError {
+        match self {
+            ConfigError::Invalid {
+                path: None,
+                key,
+                message,
+            } => ConfigError::Invalid {
+                path: Some(file.to_path_buf()),
+                key,
+                message,
+            },
+            other => other,
+        }
+    }
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        path: None,
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Loading
+
+impl Config {
+    /// Reads and parses `path` (see [`Config::parse`]).
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let read_err = |source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        };
+        let file = fs::File::open(path).map_err(read_err)?;
+        let mut bytes = Vec::new();
+        file.take(MAX_FILE_BYTES + 1)
+            .read_to_end(&mut bytes)
+            .map_err(read_err)?;
+        if bytes.len() as u64 > MAX_FILE_BYTES {
+            return Err(read_err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "larger than {} KiB, not a ferry configuration file",
+                    MAX_FILE_BYTES >> 10
+                ),
+            )));
+        }
+        let text = String::from_utf8(bytes).map_err(|e| {
+            read_err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "not UTF-8 text (bad byte at offset {})",
+                    e.utf8_error().valid_up_to()
+                ),
+            ))
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Parses the text of a configuration file; `origin` is the file name used in errors.
+    /// Missing keys keep their defaults; unknown keys, wrong types and trailing text are
+    /// errors. The values are also checked with [`Config::validate`], so that an unusable
+    /// value is reported against the file it came from.
+    pub fn parse(text: &str, origin: &Path) -> Result<Config, ConfigError> {
+        let parse_err = |key: String, message: String| ConfigError::Parse {
+            path: origin.to_path_buf(),
+            key,
+            message,
+        };
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+        if text.trim().is_empty() {
+            return Err(parse_err(
+                String::new(),
+                "the file is empty; a configuration is a JSON object (`{}` for all defaults)"
+                    .to_owned(),
+            ));
+        }
+        let mut de = serde_json::Deserializer::from_str(text);
+        let TopLevel(config) = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+            let (key, message) = describe(e);
+            parse_err(key, message)
+        })?;
+        de.end()
+            .map_err(|e| parse_err(String::new(), format!("invalid JSON: {e}")))?;
+        config.validate().map_err(|e| e.in_file(origin))?;
+        Ok(config)
+    }
+
+    /// Loads the configuration: `explicit` (which must exist) when given, else [`DEFAULT_PATH`]
+    /// when it exists, else the defaults. Returns the file used, if any.
+    pub fn load(explicit: Option<&Path>) -> Result<(Config, Option<PathBuf>), ConfigError> {
+        Config::load_with_default(explicit, Path::new(DEFAULT_PATH))
+    }
+
+    fn load_with_default(
+        explicit: Option<&Path>,
+        default: &Path,
+    ) -> Result<(Config, Option<PathBuf>), ConfigError> {
+        let path = match explicit {
+            Some(path) => path,
+            None => match fs::metadata(default) {
+                Ok(_) => default,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    return Ok((Config::default(), None))
+                }
+                // Present but not even stat-able (no permission on /etc/ferry): say so rather
+                // than silently running with the defaults.
+                Err(source) => {
+                    return Err(ConfigError::Read {
+                        path: default.to_path_buf(),
+                        source,
+                    })
+                }
+            },
+        };
+        Ok((Config::from_file(path)?, Some(path.to_path_buf())))
+    }
+
+    /// Lays the command line over this configuration.
+    pub fn apply(&mut self, o: &Overrides) {
+        fn set<T: Clone>(slot: &mut T, value: &Option<T>) {
+            if let Some(v) = value {
+                *slot = v.clone();
+            }
+        }
+        if let Some(dir) = &o.plugin_dir {
+            self.plugin_dir = Some(dir.clone());
+        }
+        set(&mut self.mechanism.subsystems, &o.subsystems);
+        set(&mut self.mechanism.medium, &o.medium);
+        set(&mut self.mechanism.strategy, &o.strategy);
+        set(&mut self.mechanism.quiesce, &o.quiesce);
+        set(&mut self.mechanism.context, &o.context);
+        set(&mut self.watchdog_ms, &o.watchdog_ms);
+        set(&mut self.daemon.listen, &o.listen);
+        set(&mut self.daemon.control, &o.control);
+    }
+
+    /// Checks values that parse but cannot work. Errors carry no file ([`ConfigError::in_file`]
+    /// attributes them); [`Config::parse`] already checked what came from a file.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(dir) = &self.plugin_dir {
+            if dir.as_os_str().is_empty() {
+                return Err(invalid(
+                    "plugin_dir",
+                    "empty path; leave the key out (or null) to use the default places",
+                ));
+            }
+        }
+
+        let m = &self.mechanism;
+        if m.subsystems.is_empty() {
+            return Err(invalid(
+                "mechanism.subsystems",
+                "must name at least one subsystem plugin",
+            ));
+        }
+        for (i, name) in m.subsystems.iter().enumerate() {
+            let key = format!("mechanism.subsystems[{i}]");
+            check_plugin_name(&key, name)?;
+            if let Some(first) = m.subsystems[..i].iter().position(|n| n == name) {
+                return Err(invalid(
+                    key,
+                    format!("subsystem `{name}` is listed twice (also at [{first}])"),
+                ));
+            }
+        }
+        check_plugin_name("mechanism.medium", &m.medium)?;
+
+        if self.watchdog_ms == 0 {
+            return Err(invalid(
+                "watchdog_ms",
+                "must be greater than 0 (milliseconds without progress before an event is failed)",
+            ));
+        }
+
+        let t = &self.tuning;
+        if t.pre_copy.max_rounds == 0 {
+            return Err(invalid(
+                "tuning.pre_copy.max_rounds",
+                "must be at least 1 (for no rounds use strategy `stop-copy`)",
+            ));
+        }
+        check_window(
+            "tuning.post_copy.fault_window_kib",
+            t.post_copy.fault_window_kib,
+        )?;
+        check_window(
+            "tuning.post_copy.push_batch_kib",
+            t.post_copy.push_batch_kib,
+        )?;
+        if t.hybrid.precopy_rounds == 0 {
+            return Err(invalid(
+                "tuning.hybrid.precopy_rounds",
+                "must be at least 1 (for no rounds use strategy `post-copy`)",
+            ));
+        }
+
+        let d = &self.daemon;
+        let listen: SocketAddr = d.listen.parse().map_err(|e| {
+            invalid(
+                "daemon.listen",
+                format!(
+                    "`{}` is not an address:port such as 127.0.0.1:7711 or [::1]:7711 ({e})",
+                    d.listen
+                ),
+            )
+        })?;
+        if d.control.as_os_str().is_empty() {
+            return Err(invalid("daemon.control", "empty path"));
+        }
+        if !d.control.is_absolute() {
+            return Err(invalid(
+                "daemon.control",
+                format!("`{}` must be an absolute path", d.control.display()),
+            ));
+        }
+        if d.control.as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(invalid(
+                "daemon.control",
+                format!(
+                    "`{}` is longer than the {MAX_SOCKET_PATH} bytes a Unix socket path can have",
+                    d.control.display()
+                ),
+            ));
+        }
+        match &d.auth_key {
+            Some(key) if key.as_os_str().is_empty() => {
+                return Err(invalid("daemon.auth_key", "empty path"));
+            }
+            None if !listen.ip().is_loopback() => {
+                // DESIGN.md, "Security": whoever can talk to the daemon can run code as root.
+                return Err(invalid(
+                    "daemon.auth_key",
+                    format!(
+                        "required: daemon.listen `{}` is not a loopback address, and a daemon \
+                         reachable from the network must authenticate its peers",
+                        d.listen
+                    ),
+                ));
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// The configuration as `ferry.json` text, every key included.
+    pub fn to_json_pretty(&self) -> String {
+        // Plain structs with string keys: serialization cannot fail.
+        serde_json::to_string_pretty(self).expect("Config always serializes")
+    }
+}
+
+fn check_plugin_name(key: &str, name: &str) -> Result<(), ConfigError> {
+    if name.is_empty() {
+        return Err(invalid(key, "empty plugin name"));
+    }
+    if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err(invalid(
+            key,
+            format!("`{name}` is not a plugin name (letters, digits, `-` and `_` only)"),
+        ));
+    }
+    Ok(())
+}
+
+// `u32::is_multiple_of` is newer than the workspace's rust-version (1.80).
+#[allow(clippy::manual_is_multiple_of)]
+fn check_window(key: &str, kib: u32) -> Result<(), ConfigError> {
+    if kib == 0 || kib % 4 != 0 || kib > MAX_WINDOW_KIB {
+        return Err(invalid(
+            key,
+            format!("{kib} KiB: must be a multiple of 4 (whole pages) from 4 to {MAX_WINDOW_KIB}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Turns a serde error with its path into (dotted key, message).
+fn describe(e: serde_path_to_error::Error<serde_json::Error>) -> (String, String) {
+    let path = e.path().to_string();
+    let inner = e.into_inner();
+    // "." is the whole document; "?" marks a place serde_path_to_error could not follow.
+    let mut key = if path == "." || path.contains('?') {
+        String::new()
+    } else {
+        path
+    };
+    if inner.classify() != serde_json::error::Category::Data {
+        return (key, format!("invalid JSON: {inner}"));
+    }
+    let mut message = inner.to_string();
+    if let Some(rest) = message.strip_prefix("unknown field ") {
+        message = format!("unknown key {rest}");
+    } else if let Some(rest) = message.strip_prefix("duplicate field `") {
+        // serde reports a duplicate at the enclosing object; name the key itself.
+        if let Some(name) = rest.split('`').next() {
+            key = if key.is_empty() {
+                name.to_owned()
+            } else {
+                format!("{key}.{name}")
+            };
+        }
+        message = format!("duplicate key `{rest}");
+    }
+    (key, message)
+}
+
+/// The whole file: a JSON object, never an array.
+struct TopLevel(Config);
+
+impl<'de> Deserialize<'de> for TopLevel {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        object(d).map(TopLevel)
+    }
+}
+
+/// Deserializes a struct from a JSON object only. Derived struct impls also take an array
+/// (fields by position), which in a configuration file is a mistake, not a feature.
+fn object<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    struct ObjectVisitor<T>(PhantomData<T>);
+
+    impl<'de, T: Deserialize<'de>> Visitor<'de> for ObjectVisitor<T> {
+        type Value = T;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a JSON object")
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+            T::deserialize(MapAccessDeserializer::new(map))
+        }
+    }
+
+    d.deserialize_map(ObjectVisitor(PhantomData))
+}
+
+// ---------------------------------------------------------------------------------------------
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    const ORIGIN: &str = "/etc/ferry/test.json";
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(text, Path::new(ORIGIN))
+    }
+
+    /// Parses `text`, expects a failure, checks the message names the file and every `needle`.
+    fn parse_err(text: &str, key: Option<&str>, needles: &[&str]) -> ConfigError {
+        let err = match parse(text) {
+            Ok(c) => panic!("expected an error for {text:?}, got {c:?}"),
+            Err(e) => e,
+        };
+        let msg = err.to_string();
+        assert!(
+            msg.starts_with(ORIGIN),
+            "message does not name the file: {msg}"
+        );
+        assert_eq!(err.path(), Some(Path::new(ORIGIN)));
+        assert_eq!(err.key(), key, "key of: {msg}");
+        if let Some(key) = key {
+            assert!(
+                msg.contains(&format!("key `{key}`")),
+                "message does not name {key}: {msg}"
+            );
+        }
+        for needle in needles {
+            assert!(msg.contains(needle), "message lacks {needle:?}: {msg}");
+        }
+        err
+    }
+
+    #[test]
+    fn defaults() {
+        let c = Config::default();
+        assert_eq!(c.plugin_dir, None);
+        assert_eq!(
+            c.mechanism.subsystems,
+            ["memory", "threads", "files", "signals"]
+        );
+        assert_eq!(c.mechanism.medium, "file");
+        assert_eq!(c.mechanism.strategy, Strategy::StopCopy);
+        assert_eq!(c.mechanism.quiesce, Quiesce::Ptrace);
+        assert_eq!(c.mechanism.context, ExecContext::External);
+        assert_eq!(
+            c.tuning.pre_copy,
+            PreCopyTuning {
+                downtime_budget_ms: 30,
+                max_rounds: 10,
+                throttle: true
+            }
+        );
+        assert_eq!(
+            c.tuning.post_copy,
+            PostCopyTuning {
+                fault_window_kib: 256,
+                push_batch_kib: 2048
+            }
+        );
+        assert_eq!(c.tuning.hybrid, HybridTuning { precopy_rounds: 1 });
+        assert_eq!(c.watchdog_ms, 10_000);
+        assert_eq!(c.daemon.listen, "127.0.0.1:7711");
+        assert_eq!(c.daemon.control, PathBuf::from("/run/ferry/control.sock"));
+        assert_eq!(c.daemon.auth_key, None);
+        c.validate().expect("defaults are valid");
+        assert_eq!(parse("{}").expect("empty object"), c);
+        assert_eq!(parse(" \n{ }\n").expect("empty object with spaces"), c);
+    }
+
+    #[test]
+    fn enum_names_round_trip() {
+        for s in Strategy::ALL {
+            assert_eq!(s.to_string().parse::<Strategy>(), Ok(*s));
+            assert_eq!(serde_json::to_string(s).expect("ser"), format!("\"{s}\""));
+        }
+        for q in Quiesce::ALL {
+            assert_eq!(q.to_string().parse::<Quiesce>(), Ok(*q));
+            assert_eq!(serde_json::to_string(q).expect("ser"), format!("\"{q}\""));
+        }
+        for x in ExecContext::ALL {
+            assert_eq!(x.to_string().parse::<ExecContext>(), Ok(*x));
+            assert_eq!(serde_json::to_string(x).expect("ser"), format!("\"{x}\""));
+        }
+        assert_eq!(
+            Strategy::NAMES,
+            ["stop-copy", "pre-copy", "post-copy", "hybrid"]
+        );
+        assert_eq!(Quiesce::NAMES, ["ptrace", "freezer"]);
+        assert_eq!(ExecContext::NAMES, ["external", "internal"]);
+        let e = "fast".parse::<Strategy>().expect_err("fast");
+        assert_eq!(
+            e.to_string(),
+            "unknown strategy `fast`, expected one of `stop-copy`, `pre-copy`, `post-copy`, `hybrid`"
+        );
+        assert!("Ptrace".parse::<Quiesce>().is_err());
+        assert!("".parse::<ExecContext>().is_err());
+    }
+
+    #[test]
+    fn full_file() {
+        let text = r#"{
+            "plugin_dir": "/opt/ferry/plugins",
+            "mechanism": {
+                "subsystems": ["memory", "threads", "files", "signals", "shm"],
+                "medium": "tcp",
+                "strategy": "hybrid",
+                "quiesce": "freezer",
+                "context": "internal"
+            },
+            "tuning": {
+                "pre_copy": { "downtime_budget_ms": 50, "max_rounds": 4, "throttle": false },
+                "post_copy": { "fault_window_kib": 64, "push_batch_kib": 1024 },
+                "hybrid": { "precopy_rounds": 2 }
+            },
+            "watchdog_ms": 2500,
+            "daemon": {
+                "listen": "0.0.0.0:9000",
+                "control": "/run/ferry/other.sock",
+                "auth_key": "/etc/ferry/key"
+            }
+        }"#;
+        let c = parse(text).expect("full file");
+        let want = Config {
+            plugin_dir: Some("/opt/ferry/plugins".into()),
+            mechanism: Mechanism {
+                subsystems: ["memory", "threads", "files", "signals", "shm"]
+                    .map(String::from)
+                    .to_vec(),
+                medium: "tcp".into(),
+                strategy: Strategy::Hybrid,
+                quiesce: Quiesce::Freezer,
+                context: ExecContext::Internal,
+            },
+            tuning: Tuning {
+                pre_copy: PreCopyTuning {
+                    downtime_budget_ms: 50,
+                    max_rounds: 4,
+                    throttle: false,
+                },
+                post_copy: PostCopyTuning {
+                    fault_window_kib: 64,
+                    push_batch_kib: 1024,
+                },
+                hybrid: HybridTuning { precopy_rounds: 2 },
+            },
+            watchdog_ms: 2500,
+            daemon: DaemonConfig {
+                listen: "0.0.0.0:9000".into(),
+                control: "/run/ferry/other.sock".into(),
+                auth_key: Some("/etc/ferry/key".into()),
+            },
+        };
+        assert_eq!(c, want);
+        // What to_json_pretty writes reads back the same.
+        assert_eq!(parse(&c.to_json_pretty()).expect("round trip"), c);
+        assert_eq!(
+            parse(&Config::default().to_json_pretty()).expect("round trip"),
+            Config::default()
+        );
+    }
+
+    #[test]
+    fn partial_file_keeps_defaults() {
+        let c = parse(
+            r#"{"mechanism": {"strategy": "pre-copy"}, "tuning": {"pre_copy": {"max_rounds": 3}}}"#,
+        )
+        .expect("partial");
+        let mut want = Config::default();
+        want.mechanism.strategy = Strategy::PreCopy;
+        want.tuning.pre_copy.max_rounds = 3;
+        assert_eq!(c, want);
+        // null for an optional path is the default.
+        let c = parse(r#"{"plugin_dir": null, "daemon": {"auth_key": null}}"#).expect("nulls");
+        assert_eq!(c, Config::default());
+        // A byte-order mark is tolerated.
+        assert_eq!(parse("\u{feff}{}").expect("bom"), Config::default());
+    }
+
+    #[test]
+    fn overrides_beat_the_file() {
+        let mut c = parse(
+            r#"{"plugin_dir": "/a", "mechanism": {"medium": "tcp", "strategy": "pre-copy",
+                "subsystems": ["memory"]}, "watchdog_ms": 5, "daemon": {"listen": "127.0.0.1:1"}}"#,
+        )
+        .expect("file");
+        let o = Overrides {
+            plugin_dir: Some("/b".into()),
+            subsystems: Some(vec!["memory".into(), "threads".into()]),
+            medium: None,
+            strategy: Some(Strategy::PostCopy),
+            quiesce: Some(Quiesce::Freezer),
+            context: Some(ExecContext::Internal),
+            watchdog_ms: Some(7),
+            listen: Some("[::1]:2".into()),
+            control: Some("/tmp/c.sock".into()),
+        };
+        c.apply(&o);
+        assert_eq!(c.plugin_dir, Some(PathBuf::from("/b")));
+        assert_eq!(c.mechanism.subsystems, ["memory", "threads"]);
+        assert_eq!(
+            c.mechanism.medium, "tcp",
+            "no override keeps the file's value"
+        );
+        assert_eq!(c.mechanism.strategy, Strategy::PostCopy);
+        assert_eq!(c.mechanism.quiesce, Quiesce::Freezer);
+        assert_eq!(c.mechanism.context, ExecContext::Internal);
+        assert_eq!(c.watchdog_ms, 7);
+        assert_eq!(c.daemon.listen, "[::1]:2");
+        assert_eq!(c.daemon.control, PathBuf::from("/tmp/c.sock"));
+        c.validate().expect("valid");
+
+        // Empty overrides change nothing.
+        let before = c.clone();
+        c.apply(&Overrides::default());
+        assert_eq!(c, before);
+
+        // An override that breaks the configuration is reported without a file.
+        c.apply(&Overrides {
+            watchdog_ms: Some(0),
+            ..Overrides::default()
+        });
+        let e = c.validate().expect_err("watchdog 0");
+        assert_eq!(e.key(), Some("watchdog_ms"));
+        assert_eq!(e.path(), None);
+        assert!(
+            e.to_string()
+                .starts_with("invalid configuration: key `watchdog_ms`: "),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_named_with_their_path() {
+        parse_err(
+            r#"{"watchdog": 5}"#,
+            Some("watchdog"),
+            &["unknown key `watchdog`", "watchdog_ms", "line 1 column"],
+        );
+        parse_err(
+            "{\n  \"mechanism\": {\n    \"stratgy\": \"pre-copy\"\n  }\n}",
+            Some("mechanism.stratgy"),
+            &[
+                "unknown key `stratgy`",
+                "expected one of",
+                "`strategy`",
+                "line 3 column",
+            ],
+        );
+        parse_err(
+            r#"{"tuning": {"pre_copy": {"max_round": 3}}}"#,
+            Some("tuning.pre_copy.max_round"),
+            &["unknown key `max_round`"],
+        );
+        parse_err(
+            r#"{"daemon": {"listen": "127.0.0.1:1", "port": 1}}"#,
+            Some("daemon.port"),
+            &["unknown key `port`"],
+        );
+    }
+
+    #[test]
+    fn wrong_types_are_named_with_their_path() {
+        parse_err(
+            r#"{"watchdog_ms": "5"}"#,
+            Some("watchdog_ms"),
+            &["invalid type: string \"5\", expected u64", "line 1 column"],
+        );
+        parse_err(
+            r#"{"watchdog_ms": -1}"#,
+            Some("watchdog_ms"),
+            &["expected u64"],
+        );
+        parse_err(
+            r#"{"tuning": {"post_copy": {"fault_window_kib": 1.5}}}"#,
+            Some("tuning.post_copy.fault_window_kib"),
+            &["invalid type: floating point", "expected u32"],
+        );
+        parse_err(
+            r#"{"tuning": {"pre_copy": {"throttle": "yes"}}}"#,
+            Some("tuning.pre_copy.throttle"),
+            &["expected a boolean"],
+        );
+        parse_err(
+            r#"{"mechanism": {"subsystems": ["memory", 3]}}"#,
+            Some("mechanism.subsystems[1]"),
+            &["invalid type: integer `3`"],
+        );
+        parse_err(
+            r#"{"mechanism": {"subsystems": "memory"}}"#,
+            Some("mechanism.subsystems"),
+            &["expected a sequence"],
+        );
+        parse_err(
+            r#"{"mechanism": "stop-copy"}"#,
+            Some("mechanism"),
+            &["expected a JSON object"],
+        );
+        // A struct given as an array (serde would take fields by position) is refused.
+        parse_err(
+            r#"{"daemon": ["127.0.0.1:1"]}"#,
+            Some("daemon"),
+            &["invalid type: sequence, expected a JSON object"],
+        );
+        parse_err(
+            r#"{"tuning": {"hybrid": [1]}}"#,
+            Some("tuning.hybrid"),
+            &["expected a JSON object"],
+        );
+        parse_err("[]", None, &["expected a JSON object"]);
+        parse_err("\"hello\"", None, &["expected a JSON object"]);
+        parse_err(
+            r#"{"watchdog_ms": null}"#,
+            Some("watchdog_ms"),
+            &["invalid type: null"],
+        );
+        parse_err(
+            r#"{"watchdog_ms": 1, "watchdog_ms": 2}"#,
+            Some("watchdog_ms"),
+            &["duplicate key `watchdog_ms`"],
+        );
+        parse_err(
+            r#"{"tuning": {"hybrid": {"precopy_rounds": 1, "precopy_rounds": 2}}}"#,
+            Some("tuning.hybrid.precopy_rounds"),
+            &["duplicate key"],
+        );
+    }
+
+    #[test]
+    fn bad_enum_values_are_named() {
+        parse_err(
+            r#"{"mechanism": {"strategy": "fast"}}"#,
+            Some("mechanism.strategy"),
+            &[
+                "unknown variant `fast`",
+                "`stop-copy`",
+                "`hybrid`",
+                "line 1 column",
+            ],
+        );
+        parse_err(
+            r#"{"mechanism": {"quiesce": "sigstop"}}"#,
+            Some("mechanism.quiesce"),
+            &["unknown variant `sigstop`", "`freezer`"],
+        );
+        parse_err(
+            r#"{"mechanism": {"context": 1}}"#,
+            Some("mechanism.context"),
+            &["invalid type: integer `1`, expected one of `external`, `internal`"],
+        );
+        parse_err(
+            r#"{"mechanism": {"strategy": {"a": 1}}}"#,
+            Some("mechanism.strategy"),
+            &["expected one of `stop-copy`"],
+        );
+        parse_err(
+            r#"{"mechanism": {"quiesce": null}}"#,
+            Some("mechanism.quiesce"),
+            &["invalid type: null"],
+        );
+        parse_err(
+            r#"{"mechanism": {"strategy": "StopCopy"}}"#,
+            Some("mechanism.strategy"),
+            &["unknown variant"],
+        );
+    }
+
+    #[test]
+    fn syntax_errors_name_the_file_and_position() {
+        parse_err(
+            "{\n  \"watchdog_ms\": 5,\n}",
+            None,
+            &["invalid JSON", "trailing comma", "line 3 column 1"],
+        );
+        parse_err(
+            "{\"mechanism\": {\"medium\": \"tcp\"}",
+            None,
+            &["invalid JSON", "EOF", "line 1 column"],
+        );
+        parse_err(
+            "{} {}",
+            None,
+            &["invalid JSON", "trailing characters", "line 1 column"],
+        );
+        parse_err("{ // comment\n}", None, &["invalid JSON", "line 1 column"]);
+        parse_err(
+            "{\"watchdog_ms\": }",
+            Some("watchdog_ms"),
+            &["invalid JSON", "expected value", "line 1 column"],
+        );
+        parse_err("", None, &["empty"]);
+        parse_err(" \n\t\n", None, &["empty"]);
+    }
+
+    #[test]
+    fn validate_errors_name_the_key_and_file() {
+        let cases: &[(&str, &str, &str)] = &[
+            (
+                r#"{"mechanism": {"subsystems": []}}"#,
+                "mechanism.subsystems",
+                "at least one",
+            ),
+            (
+                r#"{"mechanism": {"subsystems": ["memory", "threads", "memory"]}}"#,
+                "mechanism.subsystems[2]",
+                "listed twice (also at [0])",
+            ),
+            (
+                r#"{"mechanism": {"subsystems": ["memory", ""]}}"#,
+                "mechanism.subsystems[1]",
+                "empty plugin name",
+            ),
+            (
+                r#"{"mechanism": {"subsystems": ["../evil"]}}"#,
+                "mechanism.subsystems[0]",
+                "not a plugin name",
+            ),
+            (
+                r#"{"mechanism": {"medium": ""}}"#,
+                "mechanism.medium",
+                "empty plugin name",
+            ),
+            (r#"{"watchdog_ms": 0}"#, "watchdog_ms", "greater than 0"),
+            (r#"{"plugin_dir": ""}"#, "plugin_dir", "empty path"),
+            (
+                r#"{"tuning": {"pre_copy": {"max_rounds": 0}}}"#,
+                "tuning.pre_copy.max_rounds",
+                "at least 1",
+            ),
+            (
+                r#"{"tuning": {"post_copy": {"fault_window_kib": 0}}}"#,
+                "tuning.post_copy.fault_window_kib",
+                "multiple of 4",
+            ),
+            (
+                r#"{"tuning": {"post_copy": {"push_batch_kib": 6}}}"#,
+                "tuning.post_copy.push_batch_kib",
+                "multiple of 4",
+            ),
+            (
+                r#"{"tuning": {"post_copy": {"push_batch_kib": 4194304}}}"#,
+                "tuning.post_copy.push_batch_kib",
+                "multiple of 4",
+            ),
+            (
+                r#"{"tuning": {"hybrid": {"precopy_rounds": 0}}}"#,
+                "tuning.hybrid.precopy_rounds",
+                "at least 1",
+            ),
+            (
+                r#"{"daemon": {"listen": "localhost"}}"#,
+                "daemon.listen",
+                "`localhost` is not an address:port",
+            ),
+            (
+                r#"{"daemon": {"listen": "127.0.0.1"}}"#,
+                "daemon.listen",
+                "not an address:port",
+            ),
+            (
+                r#"{"daemon": {"listen": "0.0.0.0:7711"}}"#,
+                "daemon.auth_key",
+                "not a loopback address",
+            ),
+            (
+                r#"{"daemon": {"auth_key": ""}}"#,
+                "daemon.auth_key",
+                "empty path",
+            ),
+            (
+                r#"{"daemon": {"control": ""}}"#,
+                "daemon.control",
+                "empty path",
+            ),
+            (
+                r#"{"daemon": {"control": "run/ferry.sock"}}"#,
+                "daemon.control",
+                "absolute",
+            ),
+        ];
+        for (text, key, needle) in cases {
+            let e = parse_err(text, Some(key), &[needle]);
+            assert!(
+                matches!(e, ConfigError::Invalid { path: Some(_), .. }),
+                "{e:?}"
+            );
+        }
+        let long = format!(r#"{{"daemon": {{"control": "/{}"}}}}"#, "s".repeat(120));
+        parse_err(&long, Some("daemon.control"), &["Unix socket"]);
+        // Loopback in IPv6 needs no key.
+        parse(r#"{"daemon": {"listen": "[::1]:7711"}}"#).expect("ipv6 loopback");
+    }
+
+    #[test]
+    fn load_from_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let default = dir.path().join("default.json");
+
+        // No explicit file, no default file: the defaults.
+        let (c, used) = Config::load_with_default(None, &default).expect("no file");
+        assert_eq!(c, Config::default());
+        assert_eq!(used, None);
+
+        // The default file when it exists.
+        fs::write(&default, r#"{"watchdog_ms": 1234}"#).expect("write");
+        let (c, used) = Config::load_with_default(None, &default).expect("default file");
+        assert_eq!(c.watchdog_ms, 1234);
+        assert_eq!(used.as_deref(), Some(default.as_path()));
+
+        // An explicit file wins over the default one.
+        let explicit = dir.path().join("explicit.json");
+        let mut f = fs::File::create(&explicit).expect("create");
+        f.write_all(br#"{"mechanism": {"medium": "tcp"}}"#)
+            .expect("write");
+        drop(f);
+        let (c, used) = Config::load_with_default(Some(&explicit), &default).expect("explicit");
+        assert_eq!(c.mechanism.medium, "tcp");
+        assert_eq!(c.watchdog_ms, Config::default().watchdog_ms);
+        assert_eq!(used.as_deref(), Some(explicit.as_path()));
+        assert_eq!(Config::from_file(&explicit).expect("from_file"), c);
+
+        // A bad default file is an error naming it, not a silent fallback.
+        fs::write(&default, r#"{"mechanism": {"strategy": "fast"}}"#).expect("write");
+        let e = Config::load_with_default(None, &default).expect_err("bad default");
+        assert_eq!(e.key(), Some("mechanism.strategy"));
+        assert!(
+            e.to_string().starts_with(&default.display().to_string()),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn unreadable_files_are_named() {
+        let dir = tempfile::tempdir().expect("tempdir");
+
+        // A missing explicit file is an error even though defaults exist.
+        let missing = dir.path().join("missing.json");
+        let e = Config::load(Some(&missing)).expect_err("missing");
+        assert!(
+            matches!(&e, ConfigError::Read { source, .. } if source.kind() == io::ErrorKind::NotFound),
+            "{e:?}"
+        );
+        let msg = e.to_string();
+        assert!(msg.contains(&missing.display().to_string()), "{msg}");
+        assert!(msg.starts_with("cannot read config file"), "{msg}");
+
+        // A directory.
+        let e = Config::from_file(dir.path()).expect_err("directory");
+        assert!(matches!(e, ConfigError::Read { .. }), "{e:?}");
+        assert!(
+            e.to_string().contains(&dir.path().display().to_string()),
+            "{e}"
+        );
+        assert_eq!(e.path(), Some(dir.path()));
+
+        // Not UTF-8.
+        let binary = dir.path().join("binary.json");
+        fs::write(&binary, b"{\"medium\": \"\xff\"}").expect("write");
+        let e = Config::from_file(&binary).expect_err("binary");
+        assert!(e.to_string().contains("not UTF-8"), "{e}");
+
+        // Too large.
+        let big = dir.path().join("big.json");
+        fs::write(&big, vec![b' '; (MAX_FILE_BYTES + 10) as usize]).expect("write");
+        let e = Config::from_file(&big).expect_err("big");
+        assert!(e.to_string().contains("larger than"), "{e}");
+
+        // Errors from a file read through from_file name that file.
+        let bad = dir.path().join("bad.json");
+        fs::write(&bad, r#"{"mechanism": {"stratgy": "hybrid"}}"#).expect("write");
+        let e = Config::from_file(&bad).expect_err("bad");
+        assert_eq!(e.path(), Some(bad.as_path()));
+        assert!(
+            e.to_string()
+                .starts_with(&format!("{}: key `mechanism.stratgy`: ", bad.display())),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn example_file_lists_every_key_with_its_default() {
+        let text = include_str!("../../examples/ferry.json");
+        let c = Config::parse(text, Path::new("examples/ferry.json")).expect("example parses");
+        c.validate().expect("example validates");
+        assert_eq!(c, Config::default());
+        // Same keys and values as what to_json_pretty writes: no key is missing from the example.
+        let example: serde_json::Value = serde_json::from_str(text).expect("json");
+        let written: serde_json::Value =
+            serde_json::from_str(&Config::default().to_json_pretty()).expect("json");
+        assert_eq!(example, written);
+    }
+
+    #[test]
+    fn readme_documents_every_key() {
+        let readme = include_str!("../../examples/README.md");
+        let keys = [
+            "plugin_dir",
+            "mechanism.subsystems",
+            "mechanism.medium",
+            "mechanism.strategy",
+            "mechanism.quiesce",
+            "mechanism.context",
+            "tuning.pre_copy.downtime_budget_ms",
+            "tuning.pre_copy.max_rounds",
+            "tuning.pre_copy.throttle",
+            "tuning.post_copy.fault_window_kib",
+            "tuning.post_copy.push_batch_kib",
+            "tuning.hybrid.precopy_rounds",
+            "watchdog_ms",
+            "daemon.listen",
+            "daemon.control",
+            "daemon.auth_key",
+        ];
+        for key in keys {
+            assert!(readme.contains(&format!("`{key}`")), "README lacks `{key}`");
+        }
+        // And the list above is every key there is.
+        fn leaves(prefix: &str, v: &serde_json::Value, out: &mut Vec<String>) {
+            match v {
+                serde_json::Value::Object(map) => {
+                    for (k, v) in map {
+                        let key = if prefix.is_empty() {
+                            k.clone()
+                        } else {
+                            format!("{prefix}.{k}")
+                        };
+                        leaves(&key, v, out);
+                    }
+                }
+                _ => out.push(prefix.to_owned()),
+            }
+        }
+        let value: serde_json::Value =
+            serde_json::from_str(&Config::default().to_json_pretty()).expect("json");
+        let mut all = Vec::new();
+        leaves("", &value, &mut all);
+        all.sort();
+        let mut listed: Vec<String> = keys.iter().map(|k| k.to_string()).collect();
+        listed.sort();
+        assert_eq!(all, listed);
+    }
+}
