@@ -4,4 +4,5 @@
 pub mod check;
 pub mod config;
 pub mod control;
+pub mod daemon;
 pub mod manager;

@@ -1,0 +1,334 @@
+//! The plugin manager (DESIGN.md, "Loading and the manager"): finds plugin files,
+//! checks them before running any of their code that matters, registers and
+//! unregisters them on the fly, and counts the events using each one.
+
+use std::{
+    collections::BTreeMap,
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+    sync::{Arc, Condvar, Mutex, MutexGuard},
+    time::{Duration, Instant},
+};
+
+use abi_stable::library::lib_header_from_path;
+use ferry_plugin_api::{
+    MediumBox, PluginKind, PluginModRef, SubsystemBox, SubsystemInfo, ABI_SYMBOL, ABI_VERSION,
+};
+use serde::{Deserialize, Serialize};
+
+/// Where plugins are looked for when neither the command line nor the config names a
+/// directory and none sits beside the `ferry` binary.
+pub const SYSTEM_PLUGIN_DIR: &str = "/usr/lib/ferry/plugins";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ManagerError {
+    #[error("{path}: {reason}")]
+    Refused { path: PathBuf, reason: String },
+    #[error("plugin {name} is already registered from {existing}")]
+    Duplicate { name: String, existing: PathBuf },
+    #[error("no {kind} plugin named {name} is registered")]
+    Unknown { kind: &'static str, name: String },
+    #[error("plugin {name} is busy: {users} event(s) still use it")]
+    Busy { name: String, users: usize },
+    #[error("plugin {name}: {message}")]
+    Plugin { name: String, message: String },
+    #[error("cannot read plugin directory {path}: {source}")]
+    Dir { path: PathBuf, source: std::io::Error },
+}
+
+impl ManagerError {
+    fn refused(path: &Path, reason: impl Into<String>) -> Self {
+        ManagerError::Refused { path: path.to_path_buf(), reason: reason.into() }
+    }
+}
+
+/// What the manager knows of a plugin file, registered or not.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PluginMeta {
+    pub name: String,
+    /// "subsystem" or "medium".
+    pub kind: String,
+    pub version: String,
+    pub description: String,
+    pub path: PathBuf,
+}
+
+/// A plugin file that was checked and can be registered.
+#[derive(Clone, Copy)]
+struct Loaded {
+    module: PluginModRef,
+}
+
+struct Entry {
+    meta: PluginMeta,
+    loaded: Loaded,
+    users: usize,
+    /// Set while an unregister waits for the users to leave: no new leases meanwhile.
+    leaving: bool,
+}
+
+#[derive(Default)]
+struct Registry {
+    plugins: BTreeMap<String, Entry>,
+}
+
+/// The registry of subsystem and medium plugins. Plugin names are unique across both
+/// kinds, so a request can name a plugin without saying its kind.
+#[derive(Default, Clone)]
+pub struct Manager {
+    shared: Arc<(Mutex<Registry>, Condvar)>,
+}
+
+/// Picks the plugin directory: the command line, then the config file, then the
+/// directory beside the `ferry` binary when it holds plugins, then the system one.
+pub fn plugin_dir(cli: Option<&Path>, config: Option<&Path>) -> PathBuf {
+    if let Some(dir) = cli.or(config) {
+        return dir.to_path_buf();
+    }
+    if let Some(beside) = std::env::current_exe().ok().and_then(|e| e.parent().map(Path::to_path_buf)) {
+        if candidates(&beside).map(|c| !c.is_empty()).unwrap_or(false) {
+            return beside;
+        }
+    }
+    PathBuf::from(SYSTEM_PLUGIN_DIR)
+}
+
+/// The `.so` files of a directory, sorted so discovery is deterministic.
+fn candidates(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "so") && p.is_file())
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+/// Loading a `.so` runs its code as root: only files that nobody but root could have
+/// put there are accepted.
+fn check_ownership(path: &Path) -> Result<(), ManagerError> {
+    let meta = std::fs::metadata(path).map_err(|e| ManagerError::refused(path, e.to_string()))?;
+    if !meta.is_file() {
+        return Err(ManagerError::refused(path, "not a regular file"));
+    }
+    let me = nix::unistd::geteuid().as_raw();
+    let trusted = |uid: u32| uid == 0 || uid == me;
+    if !trusted(meta.uid()) {
+        return Err(ManagerError::refused(
+            path,
+            format!("owned by uid {}, not by root: refusing to run its code", meta.uid()),
+        ));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(ManagerError::refused(
+            path,
+            format!("writable by group or others (mode {:o}): refusing to run its code", meta.mode() & 0o7777),
+        ));
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if let Ok(dmeta) = std::fs::metadata(dir) {
+            // A sticky world-writable directory (/tmp) still stops others replacing our file.
+            if !trusted(dmeta.uid()) || (dmeta.mode() & 0o002 != 0 && dmeta.mode() & 0o1000 == 0) {
+                return Err(ManagerError::refused(
+                    path,
+                    format!("its directory {} can be changed by others: refusing to run its code", dir.display()),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Checks that `path` is a ferry plugin of our ABI and reads its root module.
+fn load(path: &Path) -> Result<(PluginMeta, Loaded), ManagerError> {
+    check_ownership(path)?;
+    // SAFETY: loading a library runs its initialisers; the file passed the ownership
+    // check above, which is the trust boundary DESIGN.md sets for plugins.
+    let lib = unsafe { libloading::Library::new(path) }
+        .map_err(|e| ManagerError::refused(path, format!("not a loadable shared library: {e}")))?;
+    // SAFETY: the symbol is only called if present, with the signature every ferry
+    // plugin exports through `export_subsystem!`/`export_medium!`.
+    let abi = unsafe { lib.get::<extern "C" fn() -> u32>(ABI_SYMBOL) }
+        .map(|f| f())
+        .map_err(|_| ManagerError::refused(path, "not a ferry plugin (no ferry_plugin_abi_version symbol)"))?;
+    // Libraries are never unloaded: Rust cdylibs with thread-locals are unsafe to dlclose.
+    std::mem::forget(lib);
+    if abi != ABI_VERSION {
+        return Err(ManagerError::refused(
+            path,
+            format!("built against ferry plugin ABI {abi}, this ferry uses ABI {ABI_VERSION}"),
+        ));
+    }
+    let module = lib_header_from_path(path)
+        .and_then(|h| h.init_root_module::<PluginModRef>())
+        .map_err(|e| {
+            // abi_stable's report is a multi-page type diff; its first words say which check failed.
+            let kind = match e {
+                abi_stable::library::LibraryError::AbiInstability(_) => "its types differ from this ferry's",
+                abi_stable::library::LibraryError::IncompatibleVersionNumber { .. } => "its plugin-api version is incompatible",
+                _ => "its root module cannot be read",
+            };
+            ManagerError::refused(
+                path,
+                format!("incompatible plugin ABI layout: {kind} (ABI {ABI_VERSION}); rebuild it against this ferry"),
+            )
+        })?;
+    let kind = module.kind();
+    let meta = PluginMeta {
+        name: module.name().as_str().to_string(),
+        kind: kind.as_str().to_string(),
+        version: module.version().as_str().to_string(),
+        description: module.description().as_str().to_string(),
+        path: path.to_path_buf(),
+    };
+    if meta.name.is_empty() || !meta.name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+        return Err(ManagerError::refused(path, format!("invalid plugin name {:?}", meta.name)));
+    }
+    Ok((meta, Loaded { module }))
+}
+
+/// Checks a plugin file without registering it anywhere.
+pub fn validate(path: &Path) -> Result<PluginMeta, ManagerError> {
+    load(path).map(|(meta, _)| meta)
+}
+
+/// The outcome of discovering one file.
+#[derive(Debug, Clone)]
+pub struct Found {
+    /// What the plugin says of itself, when it got that far.
+    pub meta: Option<PluginMeta>,
+    pub path: PathBuf,
+    pub status: String,
+}
+
+impl Manager {
+    pub fn new() -> Self {
+        Manager::default()
+    }
+
+    fn registry(&self) -> MutexGuard<'_, Registry> {
+        // A poisoned lock only means another thread panicked mid-update of plain maps.
+        self.shared.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Checks and registers the plugin at `path`.
+    pub fn register(&self, path: &Path) -> Result<PluginMeta, ManagerError> {
+        let path = std::fs::canonicalize(path).map_err(|e| ManagerError::refused(path, e.to_string()))?;
+        let (meta, loaded) = load(&path)?;
+        let mut reg = self.registry();
+        if let Some(existing) = reg.plugins.get(&meta.name) {
+            return Err(ManagerError::Duplicate { name: meta.name, existing: existing.meta.path.clone() });
+        }
+        reg.plugins.insert(meta.name.clone(), Entry { meta: meta.clone(), loaded, users: 0, leaving: false });
+        Ok(meta)
+    }
+
+    /// Registers every plugin of `dir`; answers what happened to each file.
+    pub fn discover(&self, dir: &Path) -> Result<Vec<Found>, ManagerError> {
+        let files = candidates(dir).map_err(|source| ManagerError::Dir { path: dir.to_path_buf(), source })?;
+        Ok(files
+            .into_iter()
+            .map(|path| match self.register(&path) {
+                Ok(meta) => Found { path: meta.path.clone(), meta: Some(meta), status: "registered".into() },
+                Err(e) => {
+                    let reason = match &e {
+                        ManagerError::Refused { reason, .. } => reason.clone(),
+                        other => other.to_string(),
+                    };
+                    Found { meta: None, path, status: format!("refused: {reason}") }
+                }
+            })
+            .collect())
+    }
+
+    /// Unregisters `name`, waiting up to `wait` for the events using it to end. The
+    /// library stays mapped (abi_stable never unloads); its objects are gone.
+    pub fn unregister(&self, name: &str, wait: Duration) -> Result<PluginMeta, ManagerError> {
+        let deadline = Instant::now() + wait;
+        let (_, cond) = &*self.shared;
+        let mut reg = self.registry();
+        match reg.plugins.get_mut(name) {
+            None => return Err(ManagerError::Unknown { kind: "ferry", name: name.into() }),
+            Some(e) => e.leaving = true,
+        }
+        loop {
+            let users = reg.plugins.get(name).map_or(0, |e| e.users);
+            if users == 0 {
+                let entry = reg.plugins.remove(name);
+                return entry.map(|e| e.meta).ok_or(ManagerError::Unknown { kind: "ferry", name: name.into() });
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                if let Some(e) = reg.plugins.get_mut(name) {
+                    e.leaving = false;
+                }
+                return Err(ManagerError::Busy { name: name.into(), users });
+            }
+            reg = cond.wait_timeout(reg, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
+        }
+    }
+
+    /// Every registered plugin, by name.
+    pub fn list(&self) -> Vec<PluginMeta> {
+        self.registry().plugins.values().map(|e| e.meta.clone()).collect()
+    }
+
+    pub fn get(&self, name: &str) -> Option<PluginMeta> {
+        self.registry().plugins.get(name).map(|e| e.meta.clone())
+    }
+
+    /// Takes a lease on plugin `name` of `kind` for the length of an event.
+    pub fn acquire(&self, kind: PluginKind, name: &str) -> Result<Lease, ManagerError> {
+        let mut reg = self.registry();
+        let unknown = || ManagerError::Unknown { kind: kind.as_str(), name: name.into() };
+        let entry = reg.plugins.get_mut(name).ok_or_else(unknown)?;
+        if entry.meta.kind != kind.as_str() || entry.leaving {
+            return Err(unknown());
+        }
+        entry.users += 1;
+        Ok(Lease { manager: self.clone(), meta: entry.meta.clone(), loaded: entry.loaded })
+    }
+}
+
+/// A plugin in use by an event. While a lease lives, the plugin cannot be unregistered.
+pub struct Lease {
+    manager: Manager,
+    meta: PluginMeta,
+    loaded: Loaded,
+}
+
+impl Lease {
+    pub fn meta(&self) -> &PluginMeta {
+        &self.meta
+    }
+
+    /// A fresh subsystem instance (one per process per event).
+    pub fn new_subsystem(&self) -> Result<SubsystemBox, ManagerError> {
+        (self.loaded.module.new_subsystem())()
+            .into_result()
+            .map_err(|e| ManagerError::Plugin { name: self.meta.name.clone(), message: e.message.into() })
+    }
+
+    /// Opens the medium with JSON parameters.
+    pub fn open_medium(&self, params: &serde_json::Value) -> Result<MediumBox, ManagerError> {
+        let text = params.to_string();
+        (self.loaded.module.open_medium())(text.as_str().into())
+            .into_result()
+            .map_err(|e| ManagerError::Plugin { name: self.meta.name.clone(), message: e.message.into() })
+    }
+
+    /// The subsystem's `info`, asked of a throwaway instance.
+    pub fn subsystem_info(&self) -> Result<SubsystemInfo, ManagerError> {
+        Ok(self.new_subsystem()?.info())
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let mut reg = self.manager.registry();
+        if let Some(e) = reg.plugins.get_mut(&self.meta.name) {
+            e.users = e.users.saturating_sub(1);
+        }
+        drop(reg);
+        self.manager.shared.1.notify_all();
+    }
+}
