@@ -1,1 +1,279 @@
-fn main(){}
+//! The `ferry` command: parses arguments and calls the library. Exit codes: 0 success,
+//! 1 failure (one line on stderr saying what and why), 2 usage.
+
+use std::{
+    path::{Path, PathBuf},
+    process::ExitCode,
+    time::Duration,
+};
+
+use clap::{Args, Parser, Subcommand};
+use ferry::{
+    check,
+    config::{Config, ExecContext, Overrides, Quiesce, Strategy},
+    control::{self, Request},
+    daemon,
+    manager::{self, Manager},
+};
+
+#[derive(Parser)]
+#[command(name = "ferry", version, about = "Live-migrate, checkpoint and restore running Linux processes")]
+struct Cli {
+    /// Configuration file (default /etc/ferry/ferry.json when it exists).
+    #[arg(long, global = true, value_name = "PATH")]
+    config: Option<PathBuf>,
+    /// Directory to load plugins from (beats the configuration file).
+    #[arg(long, global = true, value_name = "DIR")]
+    plugin_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// List, load and unload plugins.
+    Plugins {
+        #[command(subcommand)]
+        command: PluginsCommand,
+    },
+    /// Report the kernel features ferry relies on, and the fallback for each missing one.
+    Check {
+        /// Print a JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the effective configuration or an example file.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Run the daemon: the plugin registry and its control socket.
+    Daemon {
+        /// Control socket path (beats the configuration file).
+        #[arg(long, value_name = "PATH")]
+        control: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum PluginsCommand {
+    /// List every plugin of the plugin directory with its status.
+    List {
+        /// Print a JSON array of {name, kind, version, path, status}.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check a plugin (a path, or a name in the plugin directory) and register it in the running daemon.
+    Load {
+        /// A plugin file, or the name of a plugin in the plugin directory.
+        plugin: String,
+        /// Control socket of the daemon (beats the configuration file).
+        #[arg(long, value_name = "PATH")]
+        control: Option<PathBuf>,
+    },
+    /// Unregister a plugin in the running daemon, once no event uses it.
+    Unload {
+        /// The plugin's name.
+        name: String,
+        /// Control socket of the daemon (beats the configuration file).
+        #[arg(long, value_name = "PATH")]
+        control: Option<PathBuf>,
+        /// How long to wait for the events using it to end before reporting it busy.
+        #[arg(long, value_name = "MS", default_value_t = 5000)]
+        wait_ms: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Print the effective configuration: defaults < configuration file < command line.
+    Show(MechanismArgs),
+    /// Print a documented example configuration file.
+    Example,
+}
+
+/// Command-line overrides of the configuration.
+#[derive(Args, Default)]
+struct MechanismArgs {
+    /// Subsystem plugins, comma separated.
+    #[arg(long, value_delimiter = ',', value_name = "LIST")]
+    subsystems: Option<Vec<String>>,
+    /// Transfer medium plugin.
+    #[arg(long)]
+    medium: Option<String>,
+    /// Migration algorithm: stop-copy, pre-copy, post-copy or hybrid.
+    #[arg(long)]
+    strategy: Option<Strategy>,
+    /// Quiescing method: ptrace or freezer.
+    #[arg(long)]
+    quiesce: Option<Quiesce>,
+    /// Execution context: external or internal.
+    #[arg(long)]
+    context: Option<ExecContext>,
+    /// Watchdog timeout in milliseconds.
+    #[arg(long, value_name = "MS")]
+    watchdog_ms: Option<u64>,
+    /// Daemon listen address.
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<String>,
+    /// Daemon control socket.
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
+}
+
+/// A failure to report: one line, exit code 1.
+struct Failure(String);
+
+impl<E: std::fmt::Display> From<E> for Failure {
+    fn from(e: E) -> Self {
+        Failure(e.to_string())
+    }
+}
+
+type Outcome = Result<(), Failure>;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure(message)) => {
+            eprintln!("ferry: {}", message.lines().next().unwrap_or("failed"));
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// The configuration with the global options and `extra` applied.
+fn effective(cli: &Cli, extra: Overrides) -> Result<Config, Failure> {
+    let (mut config, _) = Config::load(cli.config.as_deref())?;
+    let overrides = Overrides { plugin_dir: cli.plugin_dir.clone(), ..extra };
+    config.apply(&overrides);
+    config.validate()?;
+    Ok(config)
+}
+
+fn run(cli: Cli) -> Outcome {
+    match &cli.command {
+        Command::Plugins { command } => plugins(&cli, command),
+        Command::Check { json } => {
+            let features = check::probe_all();
+            if *json {
+                println!("{}", serde_json::to_string_pretty(&features)?);
+            } else {
+                print!("{}", check::render_text(&features));
+            }
+            Ok(())
+        }
+        Command::Config { command: ConfigCommand::Show(args) } => {
+            let overrides = Overrides {
+                subsystems: args.subsystems.clone(),
+                medium: args.medium.clone(),
+                strategy: args.strategy,
+                quiesce: args.quiesce,
+                context: args.context,
+                watchdog_ms: args.watchdog_ms,
+                listen: args.listen.clone(),
+                control: args.control.clone(),
+                ..Overrides::default()
+            };
+            println!("{}", effective(&cli, overrides)?.to_json_pretty());
+            Ok(())
+        }
+        Command::Config { command: ConfigCommand::Example } => {
+            print!("{}", include_str!("../../examples/ferry.json"));
+            Ok(())
+        }
+        Command::Daemon { control } => {
+            let config = effective(&cli, Overrides { control: control.clone(), ..Overrides::default() })?;
+            let opts = daemon::DaemonOptions {
+                plugin_dir: manager::plugin_dir(None, config.plugin_dir.as_deref()),
+                control: config.daemon.control.clone(),
+            };
+            daemon::run(&opts)?;
+            Ok(())
+        }
+    }
+}
+
+fn plugins(cli: &Cli, command: &PluginsCommand) -> Outcome {
+    let config = effective(cli, Overrides::default())?;
+    let dir = manager::plugin_dir(None, config.plugin_dir.as_deref());
+    match command {
+        PluginsCommand::List { json } => list(&dir, *json),
+        PluginsCommand::Load { plugin, control } => {
+            let path = resolve_plugin(&dir, plugin)?;
+            let meta = manager::validate(&path)?;
+            let socket = control.clone().unwrap_or(config.daemon.control.clone());
+            if !control::daemon_running(&socket) {
+                println!(
+                    "{} plugin {} {} is valid ({}); no daemon runs at {}, nothing registered",
+                    meta.kind, meta.name, meta.version, meta.path.display(), socket.display()
+                );
+                return Ok(());
+            }
+            let reply = control::request(&socket, &Request::Load { path: meta.path.clone() }, Duration::from_secs(30))?;
+            daemon_reply(reply)?;
+            println!("registered {} plugin {} {} in the daemon at {}", meta.kind, meta.name, meta.version, socket.display());
+            Ok(())
+        }
+        PluginsCommand::Unload { name, control, wait_ms } => {
+            let socket = control.clone().unwrap_or(config.daemon.control.clone());
+            let timeout = Duration::from_millis(*wait_ms) + Duration::from_secs(10);
+            let reply = control::request(&socket, &Request::Unload { name: name.clone(), wait_ms: *wait_ms }, timeout)?;
+            daemon_reply(reply)?;
+            println!("unregistered plugin {name} in the daemon at {}", socket.display());
+            Ok(())
+        }
+    }
+}
+
+fn daemon_reply(reply: control::Reply) -> Outcome {
+    if reply.ok {
+        Ok(())
+    } else {
+        Err(Failure(format!("daemon refused: {}", reply.error.unwrap_or_else(|| "no reason given".into()))))
+    }
+}
+
+/// A path is taken as is; a bare name is looked up among the plugins of `dir`.
+fn resolve_plugin(dir: &Path, plugin: &str) -> Result<PathBuf, Failure> {
+    if plugin.contains('/') || plugin.ends_with(".so") {
+        return Ok(PathBuf::from(plugin));
+    }
+    let found = Manager::new().discover(dir)?;
+    found
+        .into_iter()
+        .find_map(|f| f.meta.filter(|m| m.name == plugin).map(|m| m.path))
+        .ok_or_else(|| Failure(format!("no plugin named {plugin} in {}", dir.display())))
+}
+
+fn list(dir: &Path, json: bool) -> Outcome {
+    let found = Manager::new().discover(dir)?;
+    if json {
+        let rows: Vec<serde_json::Value> = found
+            .iter()
+            .map(|f| {
+                serde_json::json!({
+                    "name": f.meta.as_ref().map(|m| m.name.clone()),
+                    "kind": f.meta.as_ref().map(|m| m.kind.clone()),
+                    "version": f.meta.as_ref().map(|m| m.version.clone()),
+                    "path": f.path,
+                    "status": f.status,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    if found.is_empty() {
+        println!("no plugins in {}", dir.display());
+    }
+    for f in &found {
+        let (kind, name, version) = f
+            .meta
+            .as_ref()
+            .map_or(("-", "-", "-"), |m| (m.kind.as_str(), m.name.as_str(), m.version.as_str()));
+        println!("{kind:<10} {name:<12} {version:<8} {:<60} {}", f.path.display(), f.status);
+    }
+    Ok(())
+}

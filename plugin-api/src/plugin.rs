@@ -223,3 +223,51 @@ macro_rules! __export_plugin {
         }
     };
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Subsystem_TO, SubsystemBox};
+    use abi_stable::sabi_trait::TD_Opaque;
+
+    struct Panicky;
+
+    impl SubsystemPlugin for Panicky {
+        fn info(&self) -> SubsystemInfo {
+            panic!("info exploded")
+        }
+        fn checkpoint(&mut self, _: &mut ContextRef<'_>, _: &mut SinkRef<'_>) -> Result<Progress, String> {
+            Ok(Progress::Done)
+        }
+        fn restart(&mut self, _: &mut ContextRef<'_>, _: &mut SourceRef<'_>) -> Result<Progress, String> {
+            Ok(Progress::Done)
+        }
+        fn status(&self) -> Status {
+            Status { entities_done: 1, ..Status::default() }
+        }
+        fn dump(&self, _: &PluginError) -> String {
+            let v: Vec<u8> = Vec::new();
+            format!("{}", v[3])
+        }
+    }
+
+    #[test]
+    fn a_panic_becomes_an_error_naming_the_plugin() {
+        let r = guard::<()>("memory", || panic!("boom at 0x1000"));
+        let e = r.into_result().unwrap_err();
+        assert_eq!(e.plugin.as_str(), "memory");
+        assert_eq!(e.message.as_str(), "panicked: boom at 0x1000");
+        assert_eq!(e.to_string(), "plugin memory: panicked: boom at 0x1000");
+        let r = guard::<u32>("files", || Err("fd 7: socket".into()));
+        assert_eq!(r.into_result().unwrap_err().to_string(), "plugin files: fd 7: socket");
+    }
+
+    #[test]
+    fn infallible_calls_survive_a_panic_through_the_abi_object() {
+        let obj: SubsystemBox = Subsystem_TO::from_value(Guarded { name: "panicky", inner: Panicky }, TD_Opaque);
+        assert_eq!(obj.info(), SubsystemInfo::default());
+        assert_eq!(obj.status().entities_done, 1);
+        let err = PluginError::new("panicky", "it broke");
+        assert_eq!(obj.dump(&err).as_str(), "plugin panicky: it broke");
+    }
+}

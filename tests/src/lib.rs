@@ -1,1 +1,90 @@
-pub fn x(){}
+//! Helpers for ferry's end-to-end tests: where the built `ferry` binary and plugins
+//! are, running the binary, building the ABI fixture, and waiting on conditions with
+//! a deadline (never sleeping as synchronisation).
+
+use std::{
+    os::fd::AsRawFd,
+    path::{Path, PathBuf},
+    process::{Command, Output},
+    time::{Duration, Instant},
+};
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ sits in the workspace").to_path_buf()
+}
+
+/// The `ferry` binary under test: `$FERRY_BIN`, else the debug build.
+pub fn ferry_bin() -> PathBuf {
+    let bin = std::env::var_os("FERRY_BIN").map(PathBuf::from).unwrap_or_else(|| root().join("target/debug/ferry"));
+    assert!(bin.is_file(), "{} is missing: run `cargo build --workspace` before the tests", bin.display());
+    bin
+}
+
+/// The directory of the built plugins (beside the binary).
+pub fn plugin_dir() -> PathBuf {
+    let dir = ferry_bin().parent().expect("binary has a directory").to_path_buf();
+    for name in ["memory", "threads", "files", "signals"] {
+        let so = dir.join(format!("libferry_subsystem_{name}.so"));
+        assert!(so.is_file(), "{} is missing: run `cargo build --workspace` first", so.display());
+    }
+    dir
+}
+
+/// The built plugin file of subsystem or medium `name`.
+pub fn plugin_file(name: &str) -> PathBuf {
+    let dir = plugin_dir();
+    let sub = dir.join(format!("libferry_subsystem_{name}.so"));
+    if sub.exists() {
+        sub
+    } else {
+        dir.join(format!("libferry_medium_{name}.so"))
+    }
+}
+
+/// Runs `ferry` with `args` and no configuration file of the machine's.
+pub fn ferry(args: &[&str]) -> Output {
+    Command::new(ferry_bin()).args(args).output().expect("ferry runs")
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// Waits until `cond` holds, panicking with `what` after `limit`.
+pub fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    let mut pause = Duration::from_millis(1);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out after {limit:?} waiting for {what}");
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(50));
+    }
+}
+
+/// Builds the plugin of another ABI (`same_number`: claiming our ABI number with a
+/// root module of another layout) and answers a private copy of its `.so`.
+pub fn abi_fixture(same_number: bool, into: &Path) -> PathBuf {
+    let manifest = root().join("tests/fixtures/abi-other/Cargo.toml");
+    let target = root().join("target/fixtures");
+    std::fs::create_dir_all(&target).expect("target/fixtures");
+    // Builds with and without the feature write the same file: one at a time.
+    let lock = std::fs::File::create(target.join(".lock")).expect("lock file");
+    // SAFETY: flock on a file descriptor we own; released when `lock` is dropped.
+    assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
+    let mut cmd = Command::new(env!("CARGO"));
+    cmd.args(["build", "--quiet", "--manifest-path"]).arg(&manifest).arg("--target-dir").arg(&target);
+    if same_number {
+        cmd.args(["--features", "same-abi-number"]);
+    }
+    let status = cmd.status().expect("cargo runs");
+    assert!(status.success(), "building the ABI fixture failed");
+    let name = if same_number { "libother_layout.so" } else { "libother_abi.so" };
+    let copy = into.join(name);
+    std::fs::copy(target.join("debug/libferry_fixture_abi_other.so"), &copy).expect("copy fixture");
+    copy
+}

@@ -1,0 +1,106 @@
+//! The daemon's control socket: plugins registered and unregistered in a running
+//! daemon by `ferry plugins load/unload`.
+
+use std::{
+    os::unix::fs::{FileTypeExt, PermissionsExt},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use ferry_tests::{ferry, ferry_bin, stderr, stdout, wait_until};
+
+/// A daemon started for one test, killed by pid when the test ends however it ends.
+struct Daemon {
+    child: Child,
+    control: PathBuf,
+}
+
+impl Daemon {
+    fn start(dir: &Path) -> Daemon {
+        let control = dir.join("run/control.sock");
+        let child = Command::new(ferry_bin())
+            .args(["daemon", "--control"])
+            .arg(&control)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("daemon starts");
+        let daemon = Daemon { child, control };
+        wait_until("the control socket", Duration::from_secs(20), || {
+            ferry::control::daemon_running(&daemon.control)
+        });
+        daemon
+    }
+
+    fn ctl(&self, args: &[&str]) -> std::process::Output {
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(["--control", self.control.to_str().unwrap()]);
+        ferry(&all)
+    }
+
+    fn registered(&self) -> Vec<String> {
+        let reply = ferry::control::request(&self.control, &ferry::control::Request::List, Duration::from_secs(10)).unwrap();
+        assert!(reply.ok);
+        reply.plugins.into_iter().map(|p| p.name).collect()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn plugins_are_loaded_and_unloaded_in_a_running_daemon() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(dir.path());
+    let meta = std::fs::metadata(&daemon.control).unwrap();
+    assert!(meta.file_type().is_socket());
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600, "the control socket is root only");
+    assert!(daemon.registered().contains(&"signals".to_string()));
+
+    let o = daemon.ctl(&["plugins", "unload", "signals"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!daemon.registered().contains(&"signals".to_string()));
+    let o = daemon.ctl(&["plugins", "unload", "signals"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("no ferry plugin named signals"), "{}", stderr(&o));
+
+    let o = daemon.ctl(&["plugins", "load", "signals"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("registered subsystem plugin signals"), "{}", stdout(&o));
+    assert!(daemon.registered().contains(&"signals".to_string()));
+    // Registered twice: the daemon refuses the duplicate.
+    let o = daemon.ctl(&["plugins", "load", "signals"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("already registered"), "{}", stderr(&o));
+}
+
+#[test]
+fn a_second_daemon_on_the_same_socket_is_refused_and_sigterm_cleans_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut daemon = Daemon::start(dir.path());
+    let o = ferry(&["daemon", "--control", daemon.control.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("already listening"), "{}", stderr(&o));
+    // SAFETY: kill on the pid of a child we own and have not reaped.
+    assert_eq!(unsafe { libc::kill(daemon.child.id() as i32, libc::SIGTERM) }, 0);
+    let status = daemon.child.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+    assert!(!daemon.control.exists(), "the socket file is removed on exit");
+}
+
+#[test]
+fn a_stale_socket_file_is_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let control = dir.path().join("run/control.sock");
+    std::fs::create_dir_all(control.parent().unwrap()).unwrap();
+    drop(std::os::unix::net::UnixListener::bind(&control).unwrap());
+    assert!(control.exists());
+    let daemon = Daemon::start(dir.path());
+    assert!(daemon.registered().contains(&"memory".to_string()));
+}
