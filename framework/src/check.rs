@@ -904,10 +904,10 @@ fn probe_soft_dirty() -> ProbeResult {
 // cgroup freezers
 // ---------------------------------------------------------------------------------------------
 
-struct Mount {
-    point: PathBuf,
-    fstype: String,
-    super_opts: String,
+pub(crate) struct Mount {
+    pub(crate) point: PathBuf,
+    pub(crate) fstype: String,
+    pub(crate) super_opts: String,
 }
 
 /// Undoes mountinfo's octal escapes (`\040` for a space, ...).
@@ -933,7 +933,7 @@ fn unescape_mountinfo(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-fn mounts() -> Result<Vec<Mount>, String> {
+pub(crate) fn mounts() -> Result<Vec<Mount>, String> {
     let text = std::fs::read_to_string("/proc/self/mountinfo")
         .map_err(|e| format!("read /proc/self/mountinfo: {e}"))?;
     let mut out = Vec::new();

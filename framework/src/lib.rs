@@ -5,4 +5,6 @@ pub mod check;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod image;
 pub mod manager;
+pub mod tracer;

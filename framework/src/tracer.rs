@@ -1,0 +1,718 @@
+//! The external execution context's tracer: seizes every thread of a process with
+//! `PTRACE_SEIZE`, keeps them in ptrace stops, and serves register sets, memory and
+//! injected system calls. All ptrace requests of one event come from the one OS
+//! thread that seized the target (the kernel ties a tracee to its tracer thread).
+//! Dropping a tracer always puts the target back: scratch area removed, bytes and
+//! registers restored, every thread detached.
+
+use std::{
+    collections::BTreeMap,
+    fs::File,
+    io,
+    os::unix::fs::FileExt,
+    time::{Duration, Instant},
+};
+
+use libc::{c_long, c_void, pid_t, user_regs_struct};
+
+/// `syscall; int3` — the code every injection runs.
+const SYSCALL_INT3: [u8; 3] = [0x0f, 0x05, 0xcc];
+/// Size of the scratch area mapped in the target: one code page, the rest for
+/// system-call arguments.
+pub const SCRATCH_SIZE: u64 = 1 << 20;
+const PAGE: u64 = 4096;
+
+pub const NT_PRSTATUS: u32 = 1;
+pub const NT_X86_XSTATE: u32 = 0x202;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TraceError {
+    #[error("process {0} does not exist")]
+    NoProcess(pid_t),
+    #[error("process {pid} is {why}: it cannot be checkpointed")]
+    Unsuitable { pid: pid_t, why: String },
+    #[error("{what} on thread {tid}: {source}")]
+    Ptrace { what: &'static str, tid: pid_t, source: io::Error },
+    #[error("thread {tid}: {message}")]
+    Thread { tid: pid_t, message: String },
+    #[error("memory of process {pid} at {addr:#x}: {message}")]
+    Memory { pid: pid_t, addr: u64, message: String },
+    #[error("process {pid} exited during the event")]
+    Gone { pid: pid_t },
+}
+
+fn errno() -> io::Error {
+    io::Error::last_os_error()
+}
+
+/// One ptrace request; answers the kernel's return value.
+fn ptrace(req: libc::c_uint, tid: pid_t, addr: usize, data: usize, what: &'static str) -> Result<c_long, TraceError> {
+    // SAFETY: ptrace requests with integer or caller-owned pointer arguments; every
+    // pointer passed as addr/data by this module points to live memory of the right size.
+    let r = unsafe { libc::ptrace(req, tid, addr as *mut c_void, data as *mut c_void) };
+    if r == -1 {
+        let e = errno();
+        if e.raw_os_error() != Some(0) {
+            return Err(TraceError::Ptrace { what, tid, source: e });
+        }
+    }
+    Ok(r)
+}
+
+/// Waits for a state change of tracee `tid`.
+fn wait(tid: pid_t) -> Result<i32, TraceError> {
+    let mut status = 0;
+    loop {
+        // SAFETY: waitpid with a valid out-pointer.
+        let r = unsafe { libc::waitpid(tid, &mut status, libc::__WALL) };
+        if r == tid {
+            return Ok(status);
+        }
+        let e = errno();
+        if e.raw_os_error() != Some(libc::EINTR) {
+            return Err(TraceError::Ptrace { what: "waitpid", tid, source: e });
+        }
+    }
+}
+
+fn event_of(status: i32) -> i32 {
+    (status >> 16) & 0xff
+}
+
+struct Thread {
+    /// The registers the thread had when seized, put back at detach.
+    regs: user_regs_struct,
+    /// A signal that arrived while we seized it, delivered again at detach.
+    pending_signal: i32,
+}
+
+/// Reads `/proc/PID/stat` fields after the command name.
+pub fn stat_fields(pid: pid_t) -> Option<Vec<String>> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let close = text.rfind(')')?;
+    Some(text[close + 1..].split_whitespace().map(str::to_string).collect())
+}
+
+/// The threads of `pid`, from `/proc/PID/task`.
+pub fn task_ids(pid: pid_t) -> Result<Vec<pid_t>, TraceError> {
+    let dir = std::fs::read_dir(format!("/proc/{pid}/task")).map_err(|_| TraceError::NoProcess(pid))?;
+    let mut tids: Vec<pid_t> =
+        dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect();
+    tids.sort_unstable();
+    // The main thread first: plugins rely on it.
+    if let Some(i) = tids.iter().position(|&t| t == pid) {
+        tids.remove(i);
+        tids.insert(0, pid);
+    }
+    Ok(tids)
+}
+
+/// Refuses targets that cannot be checkpointed, with the reason.
+pub fn check_target(pid: pid_t) -> Result<(), TraceError> {
+    if pid <= 0 {
+        return Err(TraceError::NoProcess(pid));
+    }
+    // SAFETY: getpid has no preconditions.
+    if pid == unsafe { libc::getpid() } {
+        return Err(TraceError::Unsuitable { pid, why: "ferry itself".into() });
+    }
+    let fields = stat_fields(pid).ok_or(TraceError::NoProcess(pid))?;
+    let state = fields.first().map(String::as_str).unwrap_or("?");
+    if state == "Z" || state == "X" {
+        return Err(TraceError::Unsuitable { pid, why: "a zombie".into() });
+    }
+    // PF_KTHREAD is bit 21 of the flags (field 9 of stat, 7th after the name).
+    let flags: u64 = fields.get(6).and_then(|f| f.parse().ok()).unwrap_or(0);
+    if flags & 0x0020_0000 != 0 {
+        return Err(TraceError::Unsuitable { pid, why: "a kernel thread".into() });
+    }
+    Ok(())
+}
+
+/// A traced process. Every method must be called from the thread that created it.
+pub struct Tracer {
+    pid: pid_t,
+    threads: BTreeMap<pid_t, Thread>,
+    mem: File,
+    /// Where injections run: our scratch area once mapped, else a borrowed site.
+    scratch: Option<u64>,
+    /// Set once the threads are let go (or the process killed).
+    detached: bool,
+}
+
+impl Tracer {
+    /// Seizes every thread of `pid` and stops it with `PTRACE_INTERRUPT`. Threads
+    /// created meanwhile are caught by `PTRACE_O_TRACECLONE` or by listing again.
+    pub fn seize(pid: pid_t) -> Result<Tracer, TraceError> {
+        check_target(pid)?;
+        let mem = File::options()
+            .read(true)
+            .write(true)
+            .open(format!("/proc/{pid}/mem"))
+            .map_err(|_| TraceError::NoProcess(pid))?;
+        let mut tracer = Tracer { pid, threads: BTreeMap::new(), mem, scratch: None, detached: false };
+        let mut seized: Vec<pid_t> = Vec::new();
+        // List until a pass finds no thread we have not seized.
+        loop {
+            let fresh: Vec<pid_t> =
+                task_ids(pid)?.into_iter().filter(|t| !seized.contains(t)).collect();
+            if fresh.is_empty() {
+                break;
+            }
+            for tid in fresh {
+                let opts = libc::PTRACE_O_TRACECLONE as usize;
+                match ptrace(libc::PTRACE_SEIZE, tid, 0, opts, "PTRACE_SEIZE") {
+                    Ok(_) => {}
+                    // A thread that exited between listing and seizing.
+                    Err(_) if !std::path::Path::new(&format!("/proc/{pid}/task/{tid}")).exists() => continue,
+                    Err(e) => {
+                        tracer.abandon(&seized);
+                        return Err(e);
+                    }
+                }
+                seized.push(tid);
+                if let Err(e) = ptrace(libc::PTRACE_INTERRUPT, tid, 0, 0, "PTRACE_INTERRUPT") {
+                    tracer.abandon(&seized);
+                    return Err(e);
+                }
+            }
+        }
+        if let Err(e) = tracer.collect_stops(&seized) {
+            tracer.abandon(&seized);
+            return Err(e);
+        }
+        Ok(tracer)
+    }
+
+    /// Waits for every seized thread to report its interrupt stop.
+    fn collect_stops(&mut self, seized: &[pid_t]) -> Result<(), TraceError> {
+        for &tid in seized {
+            let mut pending_signal = 0;
+            loop {
+                let status = wait(tid)?;
+                if libc::WIFEXITED(status) || libc::WIFSIGNALED(status) {
+                    if tid == self.pid {
+                        return Err(TraceError::Gone { pid: self.pid });
+                    }
+                    break; // a thread that exited meanwhile
+                }
+                if !libc::WIFSTOPPED(status) {
+                    continue;
+                }
+                let sig = libc::WSTOPSIG(status);
+                match event_of(status) {
+                    libc::PTRACE_EVENT_STOP => {
+                        let regs = getregs(tid)?;
+                        self.threads.insert(tid, Thread { regs, pending_signal });
+                        break;
+                    }
+                    libc::PTRACE_EVENT_CLONE => {
+                        // A thread born while seizing: it is auto-attached and stops on its own.
+                        let mut msg: libc::c_ulong = 0;
+                        ptrace(libc::PTRACE_GETEVENTMSG, tid, 0, &mut msg as *mut _ as usize, "PTRACE_GETEVENTMSG")?;
+                        self.adopt(msg as pid_t)?;
+                        ptrace(libc::PTRACE_CONT, tid, 0, 0, "PTRACE_CONT")?;
+                    }
+                    _ => {
+                        // A signal arrived before our interrupt: keep it for later and
+                        // let the thread go on to the interrupt stop.
+                        pending_signal = sig;
+                        ptrace(libc::PTRACE_CONT, tid, 0, 0, "PTRACE_CONT")?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes a thread that was auto-attached by `PTRACE_O_TRACECLONE` once it stops.
+    fn adopt(&mut self, tid: pid_t) -> Result<(), TraceError> {
+        loop {
+            let status = wait(tid)?;
+            if libc::WIFSTOPPED(status) {
+                let regs = getregs(tid)?;
+                self.threads.insert(tid, Thread { regs, pending_signal: 0 });
+                return Ok(());
+            }
+            if libc::WIFEXITED(status) || libc::WIFSIGNALED(status) {
+                return Err(TraceError::Thread { tid, message: "exited as it was created".into() });
+            }
+        }
+    }
+
+    /// Detaches threads seized so far after a failure half-way through seizing.
+    fn abandon(&mut self, seized: &[pid_t]) {
+        for &tid in seized {
+            let _ = ptrace(libc::PTRACE_DETACH, tid, 0, 0, "PTRACE_DETACH");
+        }
+        self.threads.clear();
+        self.detached = true;
+    }
+
+    pub fn pid(&self) -> pid_t {
+        self.pid
+    }
+
+    /// Every traced thread, the main thread first.
+    pub fn tids(&self) -> Vec<pid_t> {
+        let mut tids: Vec<pid_t> = self.threads.keys().copied().filter(|&t| t != self.pid).collect();
+        if self.threads.contains_key(&self.pid) {
+            tids.insert(0, self.pid);
+        }
+        tids
+    }
+
+    fn thread(&mut self, tid: pid_t) -> Result<&mut Thread, TraceError> {
+        self.threads
+            .get_mut(&tid)
+            .ok_or(TraceError::Thread { tid, message: "not a traced thread of this event".into() })
+    }
+
+    /// The registers the thread had when it was seized (or was last given).
+    pub fn saved_regs(&mut self, tid: pid_t) -> Result<user_regs_struct, TraceError> {
+        Ok(self.thread(tid)?.regs)
+    }
+
+    /// Sets the registers the thread will run with once released.
+    pub fn set_saved_regs(&mut self, tid: pid_t, regs: user_regs_struct) -> Result<(), TraceError> {
+        self.thread(tid)?.regs = regs;
+        setregs(tid, &regs)
+    }
+
+    pub fn get_regset(&mut self, tid: pid_t, nt: u32) -> Result<Vec<u8>, TraceError> {
+        self.thread(tid)?;
+        if nt == NT_PRSTATUS {
+            // The seized registers, not whatever an injection left behind.
+            let regs = self.saved_regs(tid)?;
+            return Ok(regs_bytes(&regs).to_vec());
+        }
+        let mut buf = vec![0u8; 16 * 1024];
+        let mut iov = libc::iovec { iov_base: buf.as_mut_ptr() as *mut c_void, iov_len: buf.len() };
+        ptrace(libc::PTRACE_GETREGSET, tid, nt as usize, &mut iov as *mut _ as usize, "PTRACE_GETREGSET")?;
+        buf.truncate(iov.iov_len);
+        Ok(buf)
+    }
+
+    pub fn set_regset(&mut self, tid: pid_t, nt: u32, data: &[u8]) -> Result<(), TraceError> {
+        self.thread(tid)?;
+        if nt == NT_PRSTATUS {
+            let regs = regs_from_bytes(data)
+                .ok_or(TraceError::Thread { tid, message: format!("register set of {} bytes", data.len()) })?;
+            return self.set_saved_regs(tid, regs);
+        }
+        let mut iov = libc::iovec { iov_base: data.as_ptr() as *mut c_void, iov_len: data.len() };
+        ptrace(libc::PTRACE_SETREGSET, tid, nt as usize, &mut iov as *mut _ as usize, "PTRACE_SETREGSET")?;
+        Ok(())
+    }
+
+    pub fn get_sigmask(&mut self, tid: pid_t) -> Result<u64, TraceError> {
+        let mut mask: u64 = 0;
+        ptrace(libc::PTRACE_GETSIGMASK, tid, 8, &mut mask as *mut u64 as usize, "PTRACE_GETSIGMASK")?;
+        Ok(mask)
+    }
+
+    pub fn set_sigmask(&mut self, tid: pid_t, mask: u64) -> Result<(), TraceError> {
+        ptrace(libc::PTRACE_SETSIGMASK, tid, 8, &mask as *const u64 as usize, "PTRACE_SETSIGMASK")?;
+        Ok(())
+    }
+
+    /// Reads target memory; large ranges go through `process_vm_readv` in blocks.
+    pub fn read_ranges(&mut self, ranges: &[(u64, u64)], buf: &mut [u8]) -> Result<usize, TraceError> {
+        vm_ranges(self.pid, ranges, buf.as_mut_ptr(), buf.len(), false)
+    }
+
+    pub fn write_ranges(&mut self, ranges: &[(u64, u64)], data: &[u8]) -> Result<usize, TraceError> {
+        vm_ranges(self.pid, ranges, data.as_ptr() as *mut u8, data.len(), true)
+    }
+
+    /// Writes through `/proc/PID/mem`, which also writes read-only pages (code).
+    pub fn poke(&mut self, addr: u64, data: &[u8]) -> Result<(), TraceError> {
+        self.mem
+            .write_all_at(data, addr)
+            .map_err(|e| TraceError::Memory { pid: self.pid, addr, message: e.to_string() })
+    }
+
+    pub fn peek(&mut self, addr: u64, buf: &mut [u8]) -> Result<(), TraceError> {
+        self.mem
+            .read_exact_at(buf, addr)
+            .map_err(|e| TraceError::Memory { pid: self.pid, addr, message: e.to_string() })
+    }
+
+    /// The scratch area, once mapped.
+    pub fn scratch(&self) -> Option<(u64, u64)> {
+        self.scratch.map(|a| (a, SCRATCH_SIZE))
+    }
+
+    /// The argument part of the scratch area (after its code page).
+    pub fn scratch_args(&self) -> Option<(u64, u64)> {
+        self.scratch.map(|a| (a + PAGE, SCRATCH_SIZE - PAGE))
+    }
+
+    /// Maps our scratch area in the target, borrowing three bytes of an executable
+    /// mapping for the one injection that creates it (put back at once).
+    pub fn map_scratch(&mut self, hint: u64) -> Result<u64, TraceError> {
+        if let Some(a) = self.scratch {
+            return Ok(a);
+        }
+        let site = self.borrow_site()?;
+        let prot = (libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC) as u64;
+        let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64
+            | if hint != 0 { libc::MAP_FIXED_NOREPLACE as u64 } else { 0 };
+        let r = self.with_site(site, |t| t.inject_at(site, t.pid, libc::SYS_mmap, [hint, SCRATCH_SIZE, prot, flags, u64::MAX, 0]))?;
+        if r < 0 {
+            return Err(TraceError::Thread { tid: self.pid, message: format!("mmap of the scratch area: errno {}", -r) });
+        }
+        let addr = r as u64;
+        self.poke(addr, &SYSCALL_INT3)?;
+        self.scratch = Some(addr);
+        Ok(addr)
+    }
+
+    /// Removes the scratch area, again from a borrowed site.
+    pub fn unmap_scratch(&mut self) -> Result<(), TraceError> {
+        let Some(addr) = self.scratch.take() else { return Ok(()) };
+        let site = self.borrow_site()?;
+        let r = self.with_site(site, |t| t.inject_at(site, t.pid, libc::SYS_munmap, [addr, SCRATCH_SIZE, 0, 0, 0, 0]))?;
+        if r < 0 {
+            return Err(TraceError::Thread { tid: self.pid, message: format!("munmap of the scratch area: errno {}", -r) });
+        }
+        Ok(())
+    }
+
+    /// Forgets the scratch area without unmapping it (the restore child's, replaced
+    /// wholesale by the image's mappings).
+    pub fn set_scratch(&mut self, addr: Option<u64>) {
+        self.scratch = addr;
+    }
+
+    /// An executable address of the target to borrow for an injection.
+    fn borrow_site(&mut self) -> Result<u64, TraceError> {
+        let maps = std::fs::read_to_string(format!("/proc/{}/maps", self.pid))
+            .map_err(|_| TraceError::Gone { pid: self.pid })?;
+        maps.lines()
+            .filter(|l| {
+                let mut f = l.split_whitespace();
+                let perms = f.nth(1).unwrap_or("");
+                let name = f.nth(3).unwrap_or("");
+                perms.starts_with("r-x") || (perms.contains('x') && !name.starts_with('['))
+            })
+            .filter(|l| !l.contains("[vsyscall]") && !l.contains("[vdso]"))
+            .find_map(|l| u64::from_str_radix(l.split('-').next()?, 16).ok())
+            .ok_or(TraceError::Thread { tid: self.pid, message: "no executable mapping to inject from".into() })
+    }
+
+    /// Runs `f` with `syscall; int3` written at `site`, putting the bytes back after.
+    fn with_site<T>(&mut self, site: u64, f: impl FnOnce(&mut Self) -> Result<T, TraceError>) -> Result<T, TraceError> {
+        let mut old = [0u8; 3];
+        self.peek(site, &mut old)?;
+        self.poke(site, &SYSCALL_INT3)?;
+        let r = f(self);
+        let restored = self.poke(site, &old);
+        let v = r?;
+        restored?;
+        Ok(v)
+    }
+
+    /// Runs system call `nr` in stopped thread `tid` from the scratch area. Answers the
+    /// kernel's return value (negative errno on failure). New threads the call makes
+    /// (clone) become traced threads of this tracer.
+    pub fn inject(&mut self, tid: pid_t, nr: i64, args: [u64; 6]) -> Result<i64, TraceError> {
+        let site = match self.scratch {
+            Some(a) => a,
+            None => {
+                let site = self.borrow_site()?;
+                return self.with_site(site, |t| t.inject_at(site, tid, nr, args));
+            }
+        };
+        self.inject_at(site, tid, nr, args)
+    }
+
+    fn inject_at(&mut self, site: u64, tid: pid_t, nr: i64, args: [u64; 6]) -> Result<i64, TraceError> {
+        let saved = self.thread(tid)?.regs;
+        let mut regs = saved;
+        regs.rip = site;
+        regs.rax = nr as u64;
+        regs.orig_rax = u64::MAX; // no syscall restart logic for our call
+        regs.rdi = args[0];
+        regs.rsi = args[1];
+        regs.rdx = args[2];
+        regs.r10 = args[3];
+        regs.r8 = args[4];
+        regs.r9 = args[5];
+        setregs(tid, &regs)?;
+        ptrace(libc::PTRACE_CONT, tid, 0, 0, "PTRACE_CONT")?;
+        loop {
+            let status = wait(tid)?;
+            if libc::WIFEXITED(status) || libc::WIFSIGNALED(status) {
+                self.threads.remove(&tid);
+                return Err(TraceError::Gone { pid: self.pid });
+            }
+            if !libc::WIFSTOPPED(status) {
+                continue;
+            }
+            let sig = libc::WSTOPSIG(status);
+            match (event_of(status), sig) {
+                (0, libc::SIGTRAP) => break,
+                (libc::PTRACE_EVENT_CLONE, _) => {
+                    let mut msg: libc::c_ulong = 0;
+                    ptrace(libc::PTRACE_GETEVENTMSG, tid, 0, &mut msg as *mut _ as usize, "PTRACE_GETEVENTMSG")?;
+                    self.adopt(msg as pid_t)?;
+                    ptrace(libc::PTRACE_CONT, tid, 0, 0, "PTRACE_CONT")?;
+                }
+                (0, libc::SIGSEGV | libc::SIGBUS | libc::SIGILL) => {
+                    // Either the call removed the code it ran from (the scratch area
+                    // unmapping itself), or something is badly wrong; rip tells which.
+                    let now = getregs(tid)?;
+                    if now.rip == site + 2 || now.rip == site + 3 {
+                        break;
+                    }
+                    setregs(tid, &saved)?;
+                    return Err(TraceError::Thread {
+                        tid,
+                        message: format!("injected system call {nr} faulted with signal {sig} at {:#x}", now.rip),
+                    });
+                }
+                (0, other) => {
+                    // A signal for the process arrived meanwhile: keep it for detach.
+                    self.thread(tid)?.pending_signal = other;
+                    ptrace(libc::PTRACE_CONT, tid, 0, 0, "PTRACE_CONT")?;
+                }
+                _ => {
+                    ptrace(libc::PTRACE_CONT, tid, 0, 0, "PTRACE_CONT")?;
+                }
+            }
+        }
+        let after = getregs(tid)?;
+        setregs(tid, &saved)?;
+        Ok(after.rax as i64)
+    }
+
+    /// Releases every thread with the registers it should run with. `kill` instead
+    /// kills the process (a failed restore).
+    pub fn detach(mut self) -> Result<(), TraceError> {
+        self.release()
+    }
+
+    fn release(&mut self) -> Result<(), TraceError> {
+        if self.detached {
+            return Ok(());
+        }
+        self.detached = true;
+        let mut first_err = None;
+        let tids = self.tids();
+        for tid in tids {
+            let Some(t) = self.threads.get(&tid) else { continue };
+            let (regs, sig) = (t.regs, t.pending_signal);
+            if let Err(e) = setregs(tid, &regs).and_then(|_| {
+                ptrace(libc::PTRACE_DETACH, tid, 0, sig as usize, "PTRACE_DETACH").map(|_| ())
+            }) {
+                first_err.get_or_insert(e);
+            }
+        }
+        self.threads.clear();
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Kills the traced process (used on a half-built restore child).
+    pub fn kill(mut self) {
+        // SAFETY: kill on the pid we trace; SIGKILL needs no cooperation.
+        unsafe { libc::kill(self.pid, libc::SIGKILL) };
+        for tid in self.tids() {
+            let _ = wait_exit(tid, Duration::from_secs(5));
+        }
+        self.threads.clear();
+        self.detached = true;
+    }
+}
+
+impl Drop for Tracer {
+    fn drop(&mut self) {
+        if !self.detached {
+            let _ = self.unmap_scratch();
+            let _ = self.release();
+        }
+    }
+}
+
+fn wait_exit(tid: pid_t, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        let mut status = 0;
+        // SAFETY: waitpid with a valid out-pointer.
+        let r = unsafe { libc::waitpid(tid, &mut status, libc::__WALL | libc::WNOHANG) };
+        if r == tid && (libc::WIFEXITED(status) || libc::WIFSIGNALED(status)) {
+            return true;
+        }
+        if r < 0 || Instant::now() > deadline {
+            return r < 0;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+pub fn getregs(tid: pid_t) -> Result<user_regs_struct, TraceError> {
+    // SAFETY: user_regs_struct is plain integers; all-zero is a valid value.
+    let mut regs: user_regs_struct = unsafe { std::mem::zeroed() };
+    ptrace(libc::PTRACE_GETREGS, tid, 0, &mut regs as *mut _ as usize, "PTRACE_GETREGS")?;
+    Ok(regs)
+}
+
+pub fn setregs(tid: pid_t, regs: &user_regs_struct) -> Result<(), TraceError> {
+    ptrace(libc::PTRACE_SETREGS, tid, 0, regs as *const _ as usize, "PTRACE_SETREGS")?;
+    Ok(())
+}
+
+/// The registers as the bytes of `NT_PRSTATUS`.
+pub fn regs_bytes(regs: &user_regs_struct) -> &[u8] {
+    // SAFETY: user_regs_struct is repr(C) plain integers without padding.
+    unsafe { std::slice::from_raw_parts(regs as *const _ as *const u8, std::mem::size_of::<user_regs_struct>()) }
+}
+
+pub fn regs_from_bytes(data: &[u8]) -> Option<user_regs_struct> {
+    if data.len() != std::mem::size_of::<user_regs_struct>() {
+        return None;
+    }
+    // SAFETY: the length matches and every bit pattern is a valid user_regs_struct.
+    Some(unsafe { std::ptr::read_unaligned(data.as_ptr() as *const user_regs_struct) })
+}
+
+/// `process_vm_readv`/`writev` over many ranges, in calls of at most IOV_MAX iovecs.
+fn vm_ranges(pid: pid_t, ranges: &[(u64, u64)], local: *mut u8, local_len: usize, write: bool) -> Result<usize, TraceError> {
+    const IOV_MAX: usize = 1024;
+    let total: u64 = ranges.iter().map(|r| r.1).sum();
+    if total > local_len as u64 {
+        return Err(TraceError::Memory { pid, addr: 0, message: format!("buffer of {local_len} bytes for {total}") });
+    }
+    let mut done = 0usize;
+    for chunk in ranges.chunks(IOV_MAX) {
+        let remote: Vec<libc::iovec> =
+            chunk.iter().map(|&(a, l)| libc::iovec { iov_base: a as *mut c_void, iov_len: l as usize }).collect();
+        let want: usize = chunk.iter().map(|r| r.1 as usize).sum();
+        let mut got = 0usize;
+        while got < want {
+            // Skip the iovecs (and part of one) already moved.
+            let (mut idx, mut off) = (0usize, got);
+            while idx < remote.len() && off >= remote[idx].iov_len {
+                off -= remote[idx].iov_len;
+                idx += 1;
+            }
+            let mut rest: Vec<libc::iovec> = remote[idx..].to_vec();
+            rest[0].iov_base = (rest[0].iov_base as u64 + off as u64) as *mut c_void;
+            rest[0].iov_len -= off;
+            let lvec = libc::iovec { iov_base: local.wrapping_add(done + got) as *mut c_void, iov_len: want - got };
+            // SAFETY: the local iovec lies within the caller's buffer (checked against
+            // local_len above); remote addresses are only dereferenced by the kernel.
+            let n = unsafe {
+                if write {
+                    libc::process_vm_writev(pid, &lvec, 1, rest.as_ptr(), rest.len() as u64, 0)
+                } else {
+                    libc::process_vm_readv(pid, &lvec, 1, rest.as_ptr(), rest.len() as u64, 0)
+                }
+            };
+            if n <= 0 {
+                let addr = rest[0].iov_base as u64;
+                return Err(TraceError::Memory {
+                    pid,
+                    addr,
+                    message: if n == 0 { "nothing transferred".into() } else { errno().to_string() },
+                });
+            }
+            got += n as usize;
+        }
+        done += want;
+    }
+    Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::{Command, Stdio};
+
+    /// A `sleep` to trace, killed by pid however the test ends.
+    struct Target(std::process::Child);
+    impl Drop for Target {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    fn target() -> Target {
+        Target(Command::new("sleep").arg("1000").stdout(Stdio::null()).spawn().unwrap())
+    }
+
+    #[test]
+    fn injects_syscalls_and_puts_the_process_back() {
+        let t = target();
+        let pid = t.0.id() as pid_t;
+        // Wait for exec to have happened so the maps are sleep's.
+        wait_for(|| {
+            std::fs::read_to_string(format!("/proc/{pid}/maps")).map(|m| m.contains("libc")).unwrap_or(false)
+                && stat_fields(pid).is_some_and(|f| f[0] == "S")
+        });
+        let maps_before = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+        let mut tr = Tracer::seize(pid).unwrap();
+        assert_eq!(tr.tids(), vec![pid]);
+        let regs = tr.saved_regs(pid).unwrap();
+        assert_eq!(tr.inject(pid, libc::SYS_getpid, [0; 6]).unwrap(), pid as i64);
+        let scratch = tr.map_scratch(0).unwrap();
+        assert_eq!(tr.inject(pid, libc::SYS_getppid, [0; 6]).unwrap(), std::process::id() as i64);
+        // Memory through the scratch area: write a string, have the target read it back.
+        tr.write_ranges(&[(scratch + PAGE, 5)], b"ferry").unwrap();
+        let mut back = [0u8; 5];
+        tr.read_ranges(&[(scratch + PAGE, 5)], &mut back).unwrap();
+        assert_eq!(&back, b"ferry");
+        assert!(tr.inject(pid, libc::SYS_close, [9999, 0, 0, 0, 0, 0]).unwrap() == -(libc::EBADF as i64));
+        assert_eq!(tr.saved_regs(pid).unwrap().rip, regs.rip, "registers are the seized ones");
+        tr.unmap_scratch().unwrap();
+        tr.detach().unwrap();
+        assert_eq!(std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap(), maps_before);
+        let state = stat_fields(pid).unwrap()[0].clone();
+        assert!(state == "S" || state == "R", "state {state}");
+    }
+
+    #[test]
+    fn refuses_what_cannot_be_traced() {
+        assert!(matches!(Tracer::seize(i32::MAX - 1), Err(TraceError::NoProcess(_))));
+        assert!(matches!(Tracer::seize(std::process::id() as pid_t), Err(TraceError::Unsuitable { .. })));
+        // kthreadd is pid 2 on a normal system.
+        if stat_fields(2).is_some() {
+            assert!(matches!(Tracer::seize(2), Err(TraceError::Unsuitable { .. })));
+        }
+    }
+
+    pub(crate) fn wait_for(mut cond: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !cond() {
+            assert!(Instant::now() < deadline, "condition not met in time");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+}
+
+#[cfg(test)]
+mod early_seize {
+    use super::*;
+    use std::process::Command;
+
+    /// Seizing a process while its dynamic loader is still at work, injecting, and
+    /// letting it go must leave it able to finish normally.
+    #[test]
+    fn seizing_during_startup_is_harmless() {
+        for _ in 0..30 {
+            let mut child = Command::new("sleep").arg("0.05").spawn().unwrap();
+            let pid = child.id() as pid_t;
+            if let Ok(mut tr) = Tracer::seize(pid) {
+                let _ = tr.inject(pid, libc::SYS_getpid, [0; 6]);
+                if tr.map_scratch(0).is_ok() {
+                    let _ = tr.inject(pid, libc::SYS_getpid, [0; 6]);
+                    tr.unmap_scratch().unwrap();
+                }
+                tr.detach().unwrap();
+            }
+            let status = child.wait().unwrap();
+            assert!(status.success(), "sleep ended with {status:?}");
+        }
+    }
+}
