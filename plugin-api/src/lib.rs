@@ -11,6 +11,7 @@
 
 pub mod plugin;
 pub mod types;
+pub mod util;
 
 pub use abi_stable;
 pub use types::*;
@@ -75,6 +76,14 @@ pub trait ProcessContext {
         -> PResult<usize>;
     /// Writes `data` into target memory at `addr`.
     fn write_memory(&mut self, addr: u64, data: RSlice<'_, u8>) -> PResult<usize>;
+    /// Writes `data` into many ranges in one go (vectored), range after range.
+    fn write_memory_ranges(&mut self, ranges: RSlice<'_, MemRange>, data: RSlice<'_, u8>) -> PResult<usize>;
+    /// A read/write area of the target that the framework maps for the event, where a
+    /// plugin may place system-call arguments (paths, structs) during its call.
+    fn scratch(&self) -> MemRange;
+    /// A duplicate, in ferry, of the target's file descriptor `fd` (`pidfd_getfd`);
+    /// the caller owns and closes it.
+    fn fetch_fd(&mut self, fd: i32) -> PResult<i32>;
     /// Runs system call `nr` with `args` in stopped thread `tid`; answers its return value
     /// (a negative errno on failure, as the kernel gives it).
     fn inject_syscall(&mut self, tid: i32, nr: i64, args: SyscallArgs) -> PResult<i64>;
@@ -88,8 +97,13 @@ pub trait ProcessContext {
     /// the event to claim it checkpoints it, the others refer to it.
     fn claim_shared(&mut self, kind: RStr<'_>, id: RStr<'_>) -> SharedClaim;
     /// Sends a command to this plugin's peer on the other machine through the medium.
-    #[sabi(last_prefix_field)]
     fn peer_command(&mut self, cmd: RSlice<'_, u8>) -> PResult<RVec<u8>>;
+    /// The rseq registration of thread `tid` (`PTRACE_GET_RSEQ_CONFIGURATION`).
+    fn rseq_config(&mut self, tid: i32) -> PResult<RseqConfig>;
+    /// The pending signals of thread `tid` (`shared`: the process-wide queue) as
+    /// 128-byte `siginfo_t` records, read without dequeuing them.
+    #[sabi(last_prefix_field)]
+    fn peek_siginfo(&mut self, tid: i32, shared: bool) -> PResult<RVec<u8>>;
 }
 
 /// Where a subsystem's checkpoint writes its records; the framework frames each one
@@ -97,7 +111,7 @@ pub trait ProcessContext {
 #[sabi_trait]
 pub trait RecordSink {
     #[sabi(last_prefix_field)]
-    fn put(&mut self, kind: RStr<'_>, payload: RSlice<'_, u8>) -> PResult<()>;
+    fn put(&mut self, kind: RStr<'_>, format: RecordFormat, payload: RSlice<'_, u8>) -> PResult<()>;
 }
 
 /// Where a subsystem's restart reads its records, checked and in the order written.

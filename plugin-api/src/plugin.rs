@@ -34,8 +34,9 @@ pub trait SubsystemPlugin: Send + 'static {
     fn status(&self) -> Status {
         Status::default()
     }
+    /// The plugin's own account of a fatal error; by default the error's message.
     fn dump(&self, error: &PluginError) -> String {
-        error.to_string()
+        error.message.to_string()
     }
 }
 
@@ -111,7 +112,7 @@ impl<T: SubsystemPlugin> Subsystem for Guarded<T> {
         guard_or(self.name, Status::default(), || self.inner.status())
     }
     fn dump(&self, error: &PluginError) -> RString {
-        guard_or(self.name, error.to_string(), || self.inner.dump(error)).into()
+        guard_or(self.name, error.message.to_string(), || self.inner.dump(error)).into()
     }
 }
 
@@ -268,6 +269,6 @@ mod tests {
         assert_eq!(obj.info(), SubsystemInfo::default());
         assert_eq!(obj.status().entities_done, 1);
         let err = PluginError::new("panicky", "it broke");
-        assert_eq!(obj.dump(&err).as_str(), "plugin panicky: it broke");
+        assert_eq!(obj.dump(&err).as_str(), "it broke");
     }
 }

@@ -90,15 +90,45 @@ pub enum SharedClaim {
     Taken(i32),
 }
 
+/// How a record's payload is encoded.
+#[repr(u8)]
+#[derive(StableAbi, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordFormat {
+    /// A JSON document (metadata), shown by `ferry show`.
+    Json,
+    /// Raw bytes (pages, file contents).
+    Raw,
+}
+
 /// One record of a subsystem, as written by its checkpoint.
 #[repr(C)]
 #[derive(StableAbi, Debug, Clone, PartialEq, Eq)]
 pub struct Record {
     pub kind: RString,
+    pub format: RecordFormat,
     pub payload: RVec<u8>,
+}
+
+/// A thread's rseq registration.
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RseqConfig {
+    pub addr: u64,
+    pub len: u32,
+    pub flags: u32,
+    pub signature: u32,
 }
 
 /// The six arguments of an injected system call.
 #[repr(C)]
 #[derive(StableAbi, Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SyscallArgs(pub [u64; 6]);
+
+impl std::fmt::Display for RecordFormat {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RecordFormat::Json => "json",
+            RecordFormat::Raw => "raw",
+        })
+    }
+}

@@ -1,0 +1,256 @@
+//! Helpers every plugin needs, linked statically into each: system calls through the
+//! process context with errno reporting, a bump allocator over the scratch area for
+//! syscall arguments, JSON records, and the `/proc/PID/maps` parser.
+
+use abi_stable::std_types::{ROption, RSlice, RSliceMut, RStr};
+use serde::{de::DeserializeOwned, Serialize};
+
+use crate::{ContextRef, MemRange, Record, RecordFormat, SinkRef, SourceRef, SyscallArgs};
+
+/// Runs system call `nr` in thread `tid`; a negative answer becomes an error naming
+/// `what` and the errno.
+pub fn syscall(ctx: &mut ContextRef<'_>, tid: i32, what: &str, nr: i64, args: [u64; 6]) -> Result<u64, String> {
+    let r = syscall_raw(ctx, tid, nr, args)?;
+    if (-4095..0).contains(&r) {
+        return Err(format!("{what} in thread {tid}: {}", std::io::Error::from_raw_os_error(-r as i32)));
+    }
+    Ok(r as u64)
+}
+
+/// Runs system call `nr` in thread `tid`; answers the raw return value.
+pub fn syscall_raw(ctx: &mut ContextRef<'_>, tid: i32, nr: i64, args: [u64; 6]) -> Result<i64, String> {
+    ctx.inject_syscall(tid, nr, SyscallArgs(args)).into_result().map_err(|e| e.message.into())
+}
+
+/// Reads `/proc/<pid>/<name>` of the target as text.
+pub fn proc_text(ctx: &mut ContextRef<'_>, name: &str) -> Result<String, String> {
+    let bytes = ctx.proc_read(RStr::from_str(name)).into_result().map_err(|e| String::from(e.message))?;
+    String::from_utf8(bytes.into_vec()).map_err(|_| format!("/proc/{}/{name} is not text", ctx.pid()))
+}
+
+pub fn read_memory(ctx: &mut ContextRef<'_>, addr: u64, len: usize) -> Result<Vec<u8>, String> {
+    let mut buf = vec![0u8; len];
+    ctx.read_memory(addr, RSliceMut::from_mut_slice(&mut buf)).into_result().map_err(|e| String::from(e.message))?;
+    Ok(buf)
+}
+
+pub fn write_memory(ctx: &mut ContextRef<'_>, addr: u64, data: &[u8]) -> Result<(), String> {
+    ctx.write_memory(addr, RSlice::from_slice(data)).into_result().map(|_| ()).map_err(|e| e.message.into())
+}
+
+pub fn read_ranges(ctx: &mut ContextRef<'_>, ranges: &[MemRange], buf: &mut [u8]) -> Result<(), String> {
+    ctx.read_memory_ranges(RSlice::from_slice(ranges), RSliceMut::from_mut_slice(buf))
+        .into_result()
+        .map(|_| ())
+        .map_err(|e| e.message.into())
+}
+
+pub fn write_ranges(ctx: &mut ContextRef<'_>, ranges: &[MemRange], data: &[u8]) -> Result<(), String> {
+    ctx.write_memory_ranges(RSlice::from_slice(ranges), RSlice::from_slice(data))
+        .into_result()
+        .map(|_| ())
+        .map_err(|e| e.message.into())
+}
+
+/// A bump allocator over the scratch area of the target, for system-call arguments.
+/// Make a new one per step: what it handed out is only valid during the call.
+pub struct Scratch {
+    next: u64,
+    end: u64,
+}
+
+impl Scratch {
+    pub fn new(ctx: &ContextRef<'_>) -> Scratch {
+        let area = ctx.scratch();
+        Scratch { next: area.addr, end: area.addr + area.len }
+    }
+
+    /// Reserves `len` bytes (8-byte aligned) of target memory.
+    pub fn alloc(&mut self, len: u64) -> Result<u64, String> {
+        let at = (self.next + 7) & !7;
+        if at + len > self.end {
+            return Err(format!("scratch area exhausted ({len} bytes asked)"));
+        }
+        self.next = at + len;
+        Ok(at)
+    }
+
+    /// Copies `data` into the target; answers its address there.
+    pub fn put(&mut self, ctx: &mut ContextRef<'_>, data: &[u8]) -> Result<u64, String> {
+        let at = self.alloc(data.len().max(1) as u64)?;
+        write_memory(ctx, at, data)?;
+        Ok(at)
+    }
+
+    /// Copies a NUL-terminated string into the target.
+    pub fn cstr(&mut self, ctx: &mut ContextRef<'_>, s: &str) -> Result<u64, String> {
+        let mut bytes = s.as_bytes().to_vec();
+        if bytes.contains(&0) {
+            return Err(format!("path {s:?} holds a NUL byte"));
+        }
+        bytes.push(0);
+        self.put(ctx, &bytes)
+    }
+
+    /// Bytes still free.
+    pub fn room(&self) -> u64 {
+        self.end.saturating_sub((self.next + 7) & !7)
+    }
+}
+
+/// Writes a JSON record.
+pub fn put_json<T: Serialize>(sink: &mut SinkRef<'_>, kind: &str, value: &T) -> Result<(), String> {
+    let bytes = serde_json::to_vec(value).map_err(|e| format!("encoding {kind}: {e}"))?;
+    put_raw_as(sink, kind, RecordFormat::Json, &bytes)
+}
+
+/// Writes a raw record.
+pub fn put_raw(sink: &mut SinkRef<'_>, kind: &str, bytes: &[u8]) -> Result<(), String> {
+    put_raw_as(sink, kind, RecordFormat::Raw, bytes)
+}
+
+fn put_raw_as(sink: &mut SinkRef<'_>, kind: &str, format: RecordFormat, bytes: &[u8]) -> Result<(), String> {
+    sink.put(RStr::from_str(kind), format, RSlice::from_slice(bytes)).into_result().map_err(|e| e.message.into())
+}
+
+/// The next record of this subsystem, if any.
+pub fn next_record(source: &mut SourceRef<'_>) -> Result<Option<Record>, String> {
+    match source.next().into_result().map_err(|e| String::from(e.message))? {
+        ROption::RSome(r) => Ok(Some(r)),
+        ROption::RNone => Ok(None),
+    }
+}
+
+/// The next record, which must be a JSON record of `kind`.
+pub fn expect_json<T: DeserializeOwned>(source: &mut SourceRef<'_>, kind: &str) -> Result<T, String> {
+    let rec = next_record(source)?.ok_or_else(|| format!("the image has no `{kind}` record"))?;
+    parse_json(&rec, kind)
+}
+
+/// Decodes JSON record `rec`, which must be of `kind`.
+pub fn parse_json<T: DeserializeOwned>(rec: &Record, kind: &str) -> Result<T, String> {
+    if rec.kind.as_str() != kind || rec.format != RecordFormat::Json {
+        return Err(format!("expected a `{kind}` record, found `{}`", rec.kind));
+    }
+    serde_json::from_slice(&rec.payload).map_err(|e| format!("record `{kind}`: {e}"))
+}
+
+/// One line of `/proc/PID/maps`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Vma {
+    pub start: u64,
+    pub end: u64,
+    /// "rwxp" as the kernel prints it.
+    pub perms: String,
+    pub offset: u64,
+    pub dev: String,
+    pub inode: u64,
+    /// The path, a `[name]` of a special area, or empty for anonymous memory.
+    pub path: String,
+}
+
+impl Vma {
+    pub fn len(&self) -> u64 {
+        self.end - self.start
+    }
+    pub fn is_empty(&self) -> bool {
+        self.end == self.start
+    }
+    pub fn readable(&self) -> bool {
+        self.perms.as_bytes().first() == Some(&b'r')
+    }
+    pub fn writable(&self) -> bool {
+        self.perms.as_bytes().get(1) == Some(&b'w')
+    }
+    pub fn executable(&self) -> bool {
+        self.perms.as_bytes().get(2) == Some(&b'x')
+    }
+    pub fn shared(&self) -> bool {
+        self.perms.as_bytes().get(3) == Some(&b's')
+    }
+    /// The PROT_* bits of the area.
+    pub fn prot(&self) -> u64 {
+        let mut p = 0;
+        if self.readable() {
+            p |= libc::PROT_READ as u64;
+        }
+        if self.writable() {
+            p |= libc::PROT_WRITE as u64;
+        }
+        if self.executable() {
+            p |= libc::PROT_EXEC as u64;
+        }
+        p
+    }
+    /// `[vdso]`, `[vvar]`, `[stack]`, `[heap]`, …
+    pub fn special(&self) -> Option<&str> {
+        self.path.strip_prefix('[').and_then(|p| p.strip_suffix(']'))
+    }
+    /// Backed by a file (`inode != 0`), possibly deleted.
+    pub fn file_backed(&self) -> bool {
+        self.inode != 0
+    }
+}
+
+/// Parses `/proc/PID/maps`. Paths may hold spaces; a deleted file ends in " (deleted)".
+pub fn parse_maps(text: &str) -> Result<Vec<Vma>, String> {
+    text.lines().filter(|l| !l.is_empty()).map(parse_maps_line).collect()
+}
+
+fn parse_maps_line(line: &str) -> Result<Vma, String> {
+    let bad = || format!("unexpected line in maps: {line:?}");
+    let mut rest = line;
+    let mut field = || -> Option<&str> {
+        let t = rest.trim_start();
+        let end = t.find(' ').unwrap_or(t.len());
+        let (f, r) = t.split_at(end);
+        rest = r;
+        Some(f).filter(|f| !f.is_empty())
+    };
+    let range = field().ok_or_else(bad)?;
+    let perms = field().ok_or_else(bad)?.to_string();
+    let offset = field().ok_or_else(bad)?;
+    let dev = field().ok_or_else(bad)?.to_string();
+    let inode = field().ok_or_else(bad)?;
+    let path = rest.trim_start().to_string();
+    let (s, e) = range.split_once('-').ok_or_else(bad)?;
+    let hex = |v: &str| u64::from_str_radix(v, 16).map_err(|_| bad());
+    let vma = Vma {
+        start: hex(s)?,
+        end: hex(e)?,
+        perms,
+        offset: hex(offset)?,
+        dev,
+        inode: inode.parse().map_err(|_| bad())?,
+        path,
+    };
+    if vma.end < vma.start || vma.perms.len() != 4 {
+        return Err(bad());
+    }
+    Ok(vma)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_maps_lines_with_spaces_and_specials() {
+        let text = "55d613c52000-55d613c54000 r--p 00000000 fe:00 247774                     /usr/bin/sleep\n\
+7f85a093a000-7f85a093c000 r-xp 00000000 00:00 0                          [vdso]\n\
+7f0000000000-7f0000001000 rw-s 00001000 00:05 99 /tmp/a file (deleted)\n\
+7f0000002000-7f0000003000 ---p 00000000 00:00 0 \n";
+        let v = parse_maps(text).unwrap();
+        assert_eq!(v.len(), 4);
+        assert_eq!(v[0].path, "/usr/bin/sleep");
+        assert_eq!(v[0].prot(), libc::PROT_READ as u64);
+        assert_eq!(v[1].special(), Some("vdso"));
+        assert!(v[2].shared() && v[2].writable() && v[2].file_backed());
+        assert_eq!(v[2].path, "/tmp/a file (deleted)");
+        assert_eq!(v[2].offset, 0x1000);
+        assert_eq!(v[3].path, "");
+        assert_eq!(v[3].prot(), 0);
+        assert!(parse_maps("zzz").is_err());
+        assert!(parse_maps("1000-0 rw-p 0 00:00 0").is_err());
+    }
+}
