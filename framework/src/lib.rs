@@ -2,9 +2,14 @@
 //! The `ferry` binary is a thin shell over this library.
 
 pub mod check;
+pub mod checkpoint;
 pub mod config;
+pub mod context;
 pub mod control;
 pub mod daemon;
+pub mod event;
 pub mod image;
 pub mod manager;
+pub mod quiesce;
+pub mod restore;
 pub mod tracer;

@@ -10,11 +10,14 @@ use std::{
 use clap::{Args, Parser, Subcommand};
 use ferry::{
     check,
+    checkpoint::{self, CheckpointRequest},
     config::{Config, ExecContext, Overrides, Quiesce, Strategy},
     control::{self, Request},
-    daemon,
+    daemon, image,
     manager::{self, Manager},
+    restore::{self, RestoreRequest},
 };
+use ferry_plugin_api::PluginKind;
 
 #[derive(Parser)]
 #[command(name = "ferry", version, about = "Live-migrate, checkpoint and restore running Linux processes")]
@@ -31,6 +34,43 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Checkpoint a running process into an image directory (then kill it, unless --leave-running).
+    Checkpoint {
+        /// The process to checkpoint.
+        pid: i32,
+        /// Image directory: must not exist or be empty.
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// Let the process carry on after the checkpoint instead of killing it.
+        #[arg(long)]
+        leave_running: bool,
+        /// Quiescing method: ptrace (PTRACE_INTERRUPT) or freezer (cgroup).
+        #[arg(long)]
+        quiesce: Option<Quiesce>,
+        /// Subsystem plugins, comma separated.
+        #[arg(long, value_delimiter = ',', value_name = "LIST")]
+        subsystems: Option<Vec<String>>,
+        /// Print the statistics as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Restore the process of an image directory; prints its pid once it runs.
+    Restore {
+        /// Image directory written by `ferry checkpoint`.
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// Print the statistics as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Decode an image: inventory, records of each plugin, page counts.
+    Show {
+        /// Image directory.
+        dir: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// List, load and unload plugins.
     Plugins {
         #[command(subcommand)]
@@ -154,6 +194,46 @@ fn effective(cli: &Cli, extra: Overrides) -> Result<Config, Failure> {
 
 fn run(cli: Cli) -> Outcome {
     match &cli.command {
+        Command::Checkpoint { pid, dir, leave_running, quiesce, subsystems, json } => {
+            let config = effective(
+                &cli,
+                Overrides { quiesce: *quiesce, subsystems: subsystems.clone(), ..Overrides::default() },
+            )?;
+            let manager = registry(&config)?;
+            let req = CheckpointRequest {
+                pid: *pid,
+                dir: dir.clone(),
+                subsystems: config.mechanism.subsystems.clone(),
+                medium: "file".into(),
+                quiesce: config.mechanism.quiesce,
+                leave_running: *leave_running,
+            };
+            let stats = checkpoint::checkpoint(&manager, &req, &mut progress_bar("checkpoint"))?;
+            if *json {
+                println!("{}", serde_json::to_string(&stats)?);
+            } else {
+                println!(
+                    "checkpointed process {pid} into {}: {} bytes, {} pages, frozen {:.1} ms",
+                    dir.display(), stats.bytes, stats.pages, stats.frozen_ms
+                );
+            }
+            Ok(())
+        }
+        Command::Restore { dir, json } => {
+            let config = effective(&cli, Overrides::default())?;
+            let manager = registry(&config)?;
+            let req = RestoreRequest { dir: dir.clone(), medium: "file".into() };
+            let stats = restore::restore(&manager, &req, &mut progress_bar("restore"))?;
+            if *json {
+                println!("{}", serde_json::to_string(&stats)?);
+            } else {
+                for new in stats.pids.values() {
+                    println!("{new}");
+                }
+            }
+            Ok(())
+        }
+        Command::Show { dir, json } => show(&cli, dir, *json),
         Command::Plugins { command } => plugins(&cli, command),
         Command::Check { json } => {
             let features = check::probe_all();
@@ -193,6 +273,61 @@ fn run(cli: Cli) -> Outcome {
             Ok(())
         }
     }
+}
+
+/// A registry holding every plugin of the configured plugin directory.
+fn registry(config: &Config) -> Result<Manager, Failure> {
+    let manager = Manager::new();
+    manager.discover(&manager::plugin_dir(None, config.plugin_dir.as_deref()))?;
+    Ok(manager)
+}
+
+/// Progress on stderr, only when it is a terminal and the event takes more than a moment.
+fn progress_bar(what: &'static str) -> impl FnMut(&str) {
+    let started = std::time::Instant::now();
+    // SAFETY: isatty on a file descriptor number has no preconditions.
+    let tty = unsafe { libc::isatty(2) } == 1;
+    move |plugin: &str| {
+        if tty && started.elapsed() > Duration::from_millis(300) {
+            eprint!("\r\x1b[Kferry {what}: {plugin} … {:.1} s", started.elapsed().as_secs_f64());
+        }
+    }
+}
+
+/// A stream of an image, pulled through a medium instance of its own.
+struct StreamPull {
+    medium: ferry_plugin_api::MediumBox,
+    stream: u32,
+}
+
+impl image::Pull for StreamPull {
+    fn pull(&mut self, buf: &mut [u8]) -> Result<usize, String> {
+        use ferry_plugin_api::abi_stable::std_types::RSliceMut;
+        self.medium.popdata(self.stream, RSliceMut::from_mut_slice(buf)).into_result().map_err(|e| e.to_string())
+    }
+}
+
+fn show(cli: &Cli, dir: &Path, json: bool) -> Outcome {
+    let config = effective(cli, Overrides::default())?;
+    let manager = registry(&config)?;
+    let lease = manager.acquire(PluginKind::Medium, "file")?;
+    if !dir.is_dir() {
+        return Err(Failure(format!("{}: no such image directory", dir.display())));
+    }
+    let params = serde_json::json!({"role": "read", "dir": dir});
+    let mut open = |stream: u32| -> Result<Box<dyn image::Pull>, String> {
+        let medium = lease.open_medium(&params).map_err(|e| e.to_string())?;
+        Ok(Box::new(StreamPull { medium, stream }))
+    };
+    let mut inv_pull = open(image::INVENTORY_STREAM).map_err(Failure)?;
+    let inventory = image::Inventory::read_from(&mut inv_pull).map_err(|e| Failure(format!("{}: {e}", dir.display())))?;
+    let described = image::describe(&inventory, &mut open)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&described)?);
+    } else {
+        print!("{}", image::render_text(&described));
+    }
+    Ok(())
 }
 
 fn plugins(cli: &Cli, command: &PluginsCommand) -> Outcome {

@@ -144,6 +144,13 @@ impl Tracer {
     /// Seizes every thread of `pid` and stops it with `PTRACE_INTERRUPT`. Threads
     /// created meanwhile are caught by `PTRACE_O_TRACECLONE` or by listing again.
     pub fn seize(pid: pid_t) -> Result<Tracer, TraceError> {
+        Tracer::seize_with(pid, || Ok(()))
+    }
+
+    /// Like [`Tracer::seize`], running `between` after every thread is interrupted and
+    /// before waiting for the stops (a cgroup freezer thaws there: with the v1
+    /// freezer the stops only arrive after the thaw).
+    pub fn seize_with(pid: pid_t, between: impl FnOnce() -> Result<(), TraceError>) -> Result<Tracer, TraceError> {
         check_target(pid)?;
         let mem = File::options()
             .read(true)
@@ -177,7 +184,7 @@ impl Tracer {
                 }
             }
         }
-        if let Err(e) = tracer.collect_stops(&seized) {
+        if let Err(e) = between().and_then(|_| tracer.collect_stops(&seized)) {
             tracer.abandon(&seized);
             return Err(e);
         }
@@ -314,6 +321,48 @@ impl Tracer {
     pub fn set_sigmask(&mut self, tid: pid_t, mask: u64) -> Result<(), TraceError> {
         ptrace(libc::PTRACE_SETSIGMASK, tid, 8, &mask as *const u64 as usize, "PTRACE_SETSIGMASK")?;
         Ok(())
+    }
+
+    /// The rseq registration of a thread.
+    pub fn rseq_config(&mut self, tid: pid_t) -> Result<ferry_plugin_api::RseqConfig, TraceError> {
+        self.thread(tid)?;
+        // struct ptrace_rseq_configuration: u64 addr, u32 len, u32 sig, u32 flags, u32 pad.
+        let mut raw = [0u8; 24];
+        const PTRACE_GET_RSEQ_CONFIGURATION: libc::c_uint = 0x420f;
+        ptrace(PTRACE_GET_RSEQ_CONFIGURATION, tid, raw.len(), raw.as_mut_ptr() as usize, "PTRACE_GET_RSEQ_CONFIGURATION")?;
+        let u32_at = |o: usize| u32::from_le_bytes([raw[o], raw[o + 1], raw[o + 2], raw[o + 3]]);
+        let mut addr = [0u8; 8];
+        addr.copy_from_slice(&raw[..8]);
+        Ok(ferry_plugin_api::RseqConfig {
+            addr: u64::from_le_bytes(addr),
+            len: u32_at(8),
+            signature: u32_at(12),
+            flags: u32_at(16),
+        })
+    }
+
+    /// Pending signals of a thread (or the process-wide queue) as 128-byte siginfos,
+    /// read without dequeuing them.
+    pub fn peek_siginfo(&mut self, tid: pid_t, shared: bool) -> Result<Vec<u8>, TraceError> {
+        self.thread(tid)?;
+        const PTRACE_PEEKSIGINFO: libc::c_uint = 0x4209;
+        const SHARED: u32 = 1;
+        const BATCH: usize = 32;
+        let mut out = Vec::new();
+        loop {
+            // struct ptrace_peeksiginfo_args: u64 off, u32 flags, s32 nr.
+            let mut args = [0u8; 16];
+            args[..8].copy_from_slice(&((out.len() / 128) as u64).to_le_bytes());
+            args[8..12].copy_from_slice(&(if shared { SHARED } else { 0 }).to_le_bytes());
+            args[12..16].copy_from_slice(&(BATCH as i32).to_le_bytes());
+            let mut buf = vec![0u8; 128 * BATCH];
+            let n = ptrace(PTRACE_PEEKSIGINFO, tid, args.as_ptr() as usize, buf.as_mut_ptr() as usize, "PTRACE_PEEKSIGINFO")?;
+            let n = n.max(0) as usize;
+            out.extend_from_slice(&buf[..128 * n.min(BATCH)]);
+            if n < BATCH {
+                return Ok(out);
+            }
+        }
     }
 
     /// Reads target memory; large ranges go through `process_vm_readv` in blocks.

@@ -1,0 +1,178 @@
+//! `ferry checkpoint`: quiesce a live process, let each subsystem plugin write its
+//! records to its stream of the medium, write the inventory last, and then kill the
+//! process or let it go on. Any failure before the inventory is flushed puts the
+//! process back as it was and removes the partial image.
+
+use std::{
+    path::{Path, PathBuf},
+    time::Instant,
+};
+
+use abi_stable::std_types::RSlice;
+use ferry_plugin_api::{EventKind, MediumBox, PluginKind};
+
+use crate::{
+    config::Quiesce,
+    context::{ExternalContext, SharedTable, StreamSink},
+    event::{self, EventError, Loaded, Stats},
+    image::{Inventory, PluginEntry, ProcessEntry, INVENTORY_STREAM},
+    manager::Manager,
+    quiesce::Freezer,
+    tracer::{self, TraceError, Tracer},
+};
+
+pub struct CheckpointRequest {
+    pub pid: i32,
+    pub dir: PathBuf,
+    pub subsystems: Vec<String>,
+    pub medium: String,
+    pub quiesce: Quiesce,
+    pub leave_running: bool,
+}
+
+/// An image directory must be absent or empty: a checkpoint never mixes with an old one.
+fn prepare_dir(dir: &Path) -> Result<bool, EventError> {
+    let err = |message: String| EventError::ImageDir { path: dir.display().to_string(), message };
+    match std::fs::read_dir(dir) {
+        Ok(mut entries) => {
+            if entries.next().is_some() {
+                return Err(err("exists and is not empty".into()));
+            }
+            Ok(false)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(true),
+        Err(e) => Err(err(e.to_string())),
+    }
+}
+
+/// Removes what a failed checkpoint wrote (the stream files), and the directory if
+/// this checkpoint created it.
+fn discard(dir: &Path, created: bool) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+    if created {
+        let _ = std::fs::remove_dir(dir);
+    }
+}
+
+fn medium_err(medium: &str, e: impl std::fmt::Display) -> EventError {
+    EventError::Medium { medium: medium.to_string(), message: e.to_string() }
+}
+
+pub fn checkpoint(manager: &Manager, req: &CheckpointRequest, progress: &mut dyn FnMut(&str)) -> Result<Stats, EventError> {
+    let started = Instant::now();
+    // Everything that can be refused without touching the process comes first.
+    tracer::check_target(req.pid)?;
+    let created = prepare_dir(&req.dir)?;
+    let mut subs = event::load_subsystems(manager, &req.subsystems)?;
+    let medium_lease = manager.acquire(PluginKind::Medium, &req.medium)?;
+    let mut medium = medium_lease.open_medium(&serde_json::json!({"role": "write", "dir": req.dir}))?;
+
+    let frozen_at = Instant::now();
+    let mut freezer = None;
+    let seized = match req.quiesce {
+        Quiesce::Ptrace => Tracer::seize(req.pid),
+        Quiesce::Freezer => match Freezer::freeze(req.pid) {
+            Ok(mut f) => {
+                let t = Tracer::seize_with(req.pid, || {
+                    f.thaw().map_err(|e| TraceError::Thread { tid: req.pid, message: e.to_string() })
+                });
+                freezer = Some(f);
+                t
+            }
+            Err(e) => {
+                discard(&req.dir, created);
+                return Err(e.into());
+            }
+        },
+    };
+    let mut tracer = match seized {
+        Ok(t) => t,
+        Err(e) => {
+            drop(freezer);
+            discard(&req.dir, created);
+            return Err(e.into());
+        }
+    };
+
+    let outcome = write_image(&mut tracer, &mut subs, &mut medium, req, progress);
+    let mut stats = Stats::default();
+    match outcome {
+        Ok((bytes, pages)) => {
+            if req.leave_running {
+                tracer.unmap_scratch()?;
+                tracer.detach()?;
+            } else {
+                tracer.kill();
+            }
+            stats.frozen_ms = event::ms(frozen_at);
+            drop(freezer);
+            stats.pids.insert(req.pid.to_string(), if req.leave_running { req.pid } else { 0 });
+            stats.bytes = bytes;
+            stats.pages = pages;
+            stats.total_ms = event::ms(started);
+            Ok(stats)
+        }
+        Err(e) => {
+            // Nothing is lost: the process goes back to running as it was.
+            let _ = tracer.unmap_scratch();
+            let _ = tracer.detach();
+            drop(freezer);
+            drop(medium);
+            discard(&req.dir, created);
+            Err(e)
+        }
+    }
+}
+
+/// The part of a checkpoint done while the process is stopped. Answers the bytes
+/// written and the pages among them.
+fn write_image(
+    tracer: &mut Tracer,
+    subs: &mut [Loaded],
+    medium: &mut MediumBox,
+    req: &CheckpointRequest,
+    progress: &mut dyn FnMut(&str),
+) -> Result<(u64, u64), EventError> {
+    tracer.map_scratch(0)?;
+    let scratch = tracer.scratch().map(|s| s.0).unwrap_or(0);
+    let mut shared = SharedTable::default();
+    let mut inventory = Inventory::new(&req.medium);
+    let (mut bytes, mut page_bytes) = (0u64, 0u64);
+    {
+        let mut ctx = ExternalContext { tracer: &mut *tracer, shared: &mut shared, plugin: "ferry" };
+        event::setup_all(subs, &mut ctx, EventKind::Checkpoint)?;
+    }
+    let result = (|| {
+        for (i, loaded) in subs.iter_mut().enumerate() {
+            let stream = i as u32 + 1;
+            let name = loaded.name.clone();
+            let mut ctx = ExternalContext { tracer: &mut *tracer, shared: &mut shared, plugin: &name };
+            let mut sink = StreamSink::new(medium, stream, &name);
+            event::checkpoint_one(loaded, &mut ctx, &mut sink, progress)?;
+            bytes += sink.bytes;
+            page_bytes += sink.page_bytes;
+            inventory.plugins.push(PluginEntry {
+                name: loaded.name.clone(),
+                version: loaded.version.clone(),
+                stream,
+                records: sink.records,
+                bytes: sink.bytes,
+            });
+        }
+        let comm = std::fs::read_to_string(format!("/proc/{}/comm", req.pid)).unwrap_or_default().trim().to_string();
+        inventory.processes.push(ProcessEntry { pid: req.pid, tids: tracer.tids(), comm, scratch });
+        let encoded = inventory.encode()?;
+        medium.pushdata(INVENTORY_STREAM, RSlice::from_slice(&encoded)).into_result().map_err(|e| medium_err(&req.medium, e))?;
+        // The image is complete only once it is durable.
+        medium.flush().into_result().map_err(|e| medium_err(&req.medium, e))?;
+        bytes += encoded.len() as u64;
+        Ok::<_, EventError>(())
+    })();
+    let mut ctx = ExternalContext { tracer: &mut *tracer, shared: &mut shared, plugin: "ferry" };
+    event::cleanup_all(subs, &mut ctx, result.is_ok());
+    result.map(|_| (bytes, page_bytes / 4096))
+}

@@ -1,0 +1,233 @@
+//! The process context of the external execution context: what a plugin may do to the
+//! target, served by the tracer. Also the record sink and source that frame a
+//! subsystem's records onto its medium stream.
+
+use std::collections::HashMap;
+
+use abi_stable::std_types::{RResult, RSlice, RSliceMut, RStr, RVec};
+use ferry_plugin_api::{
+    MediumBox, MemRange, PResult, PluginError, ProcessContext, Record, RecordFormat, RecordSink,
+    RecordSource, RseqConfig, SharedClaim, SyscallArgs,
+};
+
+use crate::{
+    image::{self, Pull, RecordReader},
+    tracer::Tracer,
+};
+
+/// Shared resources of an event: the first process to claim one checkpoints it.
+#[derive(Default)]
+pub struct SharedTable {
+    owners: HashMap<(String, String), i32>,
+}
+
+/// The context handed to one plugin for one process.
+pub struct ExternalContext<'a> {
+    pub tracer: &'a mut Tracer,
+    pub shared: &'a mut SharedTable,
+    /// The plugin being served, for error messages.
+    pub plugin: &'a str,
+}
+
+impl ExternalContext<'_> {
+    fn fail<T>(&self, message: impl std::fmt::Display) -> PResult<T> {
+        RResult::RErr(PluginError::new(self.plugin, message))
+    }
+
+    fn lift<T, E: std::fmt::Display>(&self, r: Result<T, E>) -> PResult<T> {
+        match r {
+            Ok(v) => RResult::ROk(v),
+            Err(e) => self.fail(e),
+        }
+    }
+}
+
+fn ranges(r: &[MemRange]) -> Vec<(u64, u64)> {
+    r.iter().map(|m| (m.addr, m.len)).collect()
+}
+
+impl ProcessContext for ExternalContext<'_> {
+    fn pid(&self) -> i32 {
+        self.tracer.pid()
+    }
+
+    fn tids(&self) -> RVec<i32> {
+        self.tracer.tids().into()
+    }
+
+    fn read_memory(&mut self, addr: u64, mut buf: RSliceMut<'_, u8>) -> PResult<usize> {
+        let len = buf.len() as u64;
+        let r = self.tracer.read_ranges(&[(addr, len)], buf.as_mut_slice());
+        self.lift(r)
+    }
+
+    fn read_memory_ranges(&mut self, r: RSlice<'_, MemRange>, mut buf: RSliceMut<'_, u8>) -> PResult<usize> {
+        let r = self.tracer.read_ranges(&ranges(r.as_slice()), buf.as_mut_slice());
+        self.lift(r)
+    }
+
+    fn write_memory(&mut self, addr: u64, data: RSlice<'_, u8>) -> PResult<usize> {
+        // /proc/PID/mem also writes pages the target may only read (code, relro).
+        let r = self.tracer.poke(addr, data.as_slice()).map(|_| data.len());
+        self.lift(r)
+    }
+
+    fn write_memory_ranges(&mut self, r: RSlice<'_, MemRange>, data: RSlice<'_, u8>) -> PResult<usize> {
+        let r = self.tracer.write_ranges(&ranges(r.as_slice()), data.as_slice());
+        self.lift(r)
+    }
+
+    fn scratch(&self) -> MemRange {
+        let (addr, len) = self.tracer.scratch_args().unwrap_or((0, 0));
+        MemRange { addr, len }
+    }
+
+    fn fetch_fd(&mut self, fd: i32) -> PResult<i32> {
+        let pid = self.tracer.pid();
+        // SAFETY: plain system calls with integer arguments; the pidfd is closed below.
+        let r = unsafe {
+            let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0) as i32;
+            if pidfd < 0 {
+                Err(std::io::Error::last_os_error())
+            } else {
+                let got = libc::syscall(libc::SYS_pidfd_getfd, pidfd, fd, 0) as i32;
+                let e = std::io::Error::last_os_error();
+                libc::close(pidfd);
+                if got < 0 { Err(e) } else { Ok(got) }
+            }
+        };
+        let r = r.map_err(|e| format!("pidfd_getfd of fd {fd} of process {pid}: {e}"));
+        self.lift(r)
+    }
+
+    fn inject_syscall(&mut self, tid: i32, nr: i64, args: SyscallArgs) -> PResult<i64> {
+        let r = self.tracer.inject(tid, nr, args.0);
+        self.lift(r)
+    }
+
+    fn get_regset(&mut self, tid: i32, regset: u32) -> PResult<RVec<u8>> {
+        let r = self.tracer.get_regset(tid, regset).map(RVec::from);
+        self.lift(r)
+    }
+
+    fn set_regset(&mut self, tid: i32, regset: u32, data: RSlice<'_, u8>) -> PResult<()> {
+        let r = self.tracer.set_regset(tid, regset, data.as_slice());
+        self.lift(r)
+    }
+
+    fn proc_read(&mut self, name: RStr<'_>) -> PResult<RVec<u8>> {
+        let name = name.as_str();
+        if name.starts_with('/') || name.split('/').any(|c| c == "..") {
+            return self.fail(format!("/proc path {name:?} leaves the process's directory"));
+        }
+        let path = format!("/proc/{}/{name}", self.tracer.pid());
+        let r = std::fs::read(&path).map(RVec::from).map_err(|e| format!("{path}: {e}"));
+        self.lift(r)
+    }
+
+    fn claim_shared(&mut self, kind: RStr<'_>, id: RStr<'_>) -> SharedClaim {
+        let pid = self.tracer.pid();
+        match self.shared.owners.entry((kind.to_string(), id.to_string())) {
+            std::collections::hash_map::Entry::Occupied(o) if *o.get() != pid => SharedClaim::Taken(*o.get()),
+            std::collections::hash_map::Entry::Occupied(_) => SharedClaim::First,
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(pid);
+                SharedClaim::First
+            }
+        }
+    }
+
+    fn peer_command(&mut self, _cmd: RSlice<'_, u8>) -> PResult<RVec<u8>> {
+        self.fail("this event has no peer (checkpoint to an image)")
+    }
+
+    fn rseq_config(&mut self, tid: i32) -> PResult<RseqConfig> {
+        let r = self.tracer.rseq_config(tid);
+        self.lift(r)
+    }
+
+    fn peek_siginfo(&mut self, tid: i32, shared: bool) -> PResult<RVec<u8>> {
+        let r = self.tracer.peek_siginfo(tid, shared).map(RVec::from);
+        self.lift(r)
+    }
+}
+
+/// Frames a subsystem's records onto one stream of the medium.
+pub struct StreamSink<'a> {
+    pub medium: &'a mut MediumBox,
+    pub stream: u32,
+    pub plugin: &'a str,
+    pub records: u64,
+    pub bytes: u64,
+    /// Payload bytes of raw `pages` records, for the statistics.
+    pub page_bytes: u64,
+}
+
+impl<'a> StreamSink<'a> {
+    pub fn new(medium: &'a mut MediumBox, stream: u32, plugin: &'a str) -> Self {
+        StreamSink { medium, stream, plugin, records: 0, bytes: 0, page_bytes: 0 }
+    }
+}
+
+impl RecordSink for StreamSink<'_> {
+    fn put(&mut self, kind: RStr<'_>, format: RecordFormat, payload: RSlice<'_, u8>) -> PResult<()> {
+        let header = match image::frame_header(kind.as_str(), format, payload.as_slice()) {
+            Ok(h) => h,
+            Err(e) => return RResult::RErr(PluginError::new(self.plugin, e)),
+        };
+        // Header and payload go as they are: no copy of the pages.
+        if let RResult::RErr(e) = self.medium.pushdata(self.stream, RSlice::from_slice(&header)) {
+            return RResult::RErr(e);
+        }
+        if let RResult::RErr(e) = self.medium.pushdata(self.stream, payload) {
+            return RResult::RErr(e);
+        }
+        self.records += 1;
+        self.bytes += (header.len() + payload.len()) as u64;
+        if format == RecordFormat::Raw && kind.as_str() == "pages" {
+            self.page_bytes += payload.len() as u64;
+        }
+        RResult::ROk(())
+    }
+}
+
+/// Pulls one stream of a medium.
+pub struct MediumPull<'a> {
+    pub medium: &'a mut MediumBox,
+    pub stream: u32,
+}
+
+impl Pull for MediumPull<'_> {
+    fn pull(&mut self, buf: &mut [u8]) -> Result<usize, String> {
+        self.medium
+            .popdata(self.stream, RSliceMut::from_mut_slice(buf))
+            .into_result()
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// Hands a subsystem its records back, checked.
+pub struct StreamSource<'a> {
+    pub reader: RecordReader<MediumPull<'a>>,
+    pub plugin: &'a str,
+    pub page_bytes: u64,
+}
+
+impl RecordSource for StreamSource<'_> {
+    fn next(&mut self) -> PResult<abi_stable::std_types::ROption<Record>> {
+        match self.reader.next() {
+            Ok(Some(r)) => {
+                if r.format == RecordFormat::Raw && r.kind == "pages" {
+                    self.page_bytes += r.payload.len() as u64;
+                }
+                RResult::ROk(abi_stable::std_types::ROption::RSome(Record {
+                    kind: r.kind.into(),
+                    format: r.format,
+                    payload: r.payload.into(),
+                }))
+            }
+            Ok(None) => RResult::ROk(abi_stable::std_types::ROption::RNone),
+            Err(e) => RResult::RErr(PluginError::new(self.plugin, e)),
+        }
+    }
+}

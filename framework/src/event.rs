@@ -1,0 +1,171 @@
+//! What every event shares: the subsystem plugins of a request loaded and put in
+//! dependency order, the iterative worker loop that calls a plugin until it is done
+//! (with `fault`/`dump` on errors), the process hooks, and the statistics.
+
+use std::{collections::BTreeMap, time::Instant};
+
+use abi_stable::sabi_trait::TD_Opaque;
+use ferry_plugin_api::{
+    ContextRef, EventKind, PluginError, PluginKind, ProcessContext_TO, Progress, RecordSink_TO,
+    RecordSource_TO, Recovery, SinkRef, SourceRef, SubsystemBox,
+};
+use serde::Serialize;
+
+use crate::{
+    context::ExternalContext,
+    image::ImageError,
+    manager::{Lease, Manager, ManagerError},
+    quiesce::FreezeError,
+    tracer::TraceError,
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EventError {
+    #[error(transparent)]
+    Target(#[from] TraceError),
+    #[error(transparent)]
+    Freeze(#[from] FreezeError),
+    #[error(transparent)]
+    Manager(#[from] ManagerError),
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error("{phase} failed in plugin {plugin}: {message}")]
+    Plugin { plugin: String, phase: &'static str, message: String },
+    #[error("medium {medium}: {message}")]
+    Medium { medium: String, message: String },
+    #[error("image directory {path}: {message}")]
+    ImageDir { path: String, message: String },
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// What an event did, as `--json` prints it.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Stats {
+    /// Pid in the image → pid now.
+    pub pids: BTreeMap<String, i32>,
+    pub frozen_ms: f64,
+    pub total_ms: f64,
+    pub bytes: u64,
+    pub pages: u64,
+}
+
+pub fn ms(since: Instant) -> f64 {
+    (since.elapsed().as_secs_f64() * 1e6).round() / 1e3
+}
+
+/// A subsystem plugin in use by this event.
+pub struct Loaded {
+    pub name: String,
+    pub version: String,
+    pub sub: SubsystemBox,
+    _lease: Lease,
+}
+
+/// Loads the requested subsystems and orders them so that each runs after the ones
+/// its `info().after` names (those in the request); a cycle is refused.
+pub fn load_subsystems(manager: &Manager, names: &[String]) -> Result<Vec<Loaded>, EventError> {
+    let mut pending: Vec<(Loaded, Vec<String>)> = Vec::new();
+    for name in names {
+        if pending.iter().any(|(l, _)| &l.name == name) {
+            return Err(EventError::Refused(format!("subsystem {name} is named twice")));
+        }
+        let lease = manager.acquire(PluginKind::Subsystem, name)?;
+        let sub = lease.new_subsystem()?;
+        let after = sub.info().after.into_iter().map(|s| s.into_string()).filter(|a| names.contains(a)).collect();
+        let meta = lease.meta().clone();
+        pending.push((Loaded { name: meta.name, version: meta.version, sub, _lease: lease }, after));
+    }
+    let mut ordered: Vec<Loaded> = Vec::new();
+    while !pending.is_empty() {
+        let ready = pending
+            .iter()
+            .position(|(_, after)| after.iter().all(|a| ordered.iter().any(|l| &l.name == a)))
+            .ok_or_else(|| {
+                let names: Vec<&str> = pending.iter().map(|(l, _)| l.name.as_str()).collect();
+                EventError::Refused(format!("subsystems {} depend on each other in a cycle", names.join(", ")))
+            })?;
+        ordered.push(pending.remove(ready).0);
+    }
+    Ok(ordered)
+}
+
+fn plugin_err(plugin: &str, phase: &'static str, e: PluginError) -> EventError {
+    EventError::Plugin { plugin: plugin.to_string(), phase, message: e.message.into() }
+}
+
+/// Calls `step` until it answers Done. On an error, the plugin's `fault` decides:
+/// retry (a few times), skip the rest of this plugin's work, or give up with `dump`.
+pub fn drive(
+    loaded: &mut Loaded,
+    ctx: &mut ExternalContext<'_>,
+    phase: &'static str,
+    mut step: impl FnMut(&mut SubsystemBox, &mut ContextRef<'_>) -> ferry_plugin_api::PResult<Progress>,
+    progress: &mut dyn FnMut(&str),
+) -> Result<(), EventError> {
+    let mut retries = 0;
+    let mut cref = ProcessContext_TO::from_ptr(ctx, TD_Opaque);
+    loop {
+        match step(&mut loaded.sub, &mut cref).into_result() {
+            Ok(Progress::Done) => return Ok(()),
+            Ok(Progress::More) => progress(&loaded.name),
+            Err(e) => match loaded.sub.fault(&mut cref, &e) {
+                Recovery::Retry if retries < 3 => retries += 1,
+                Recovery::Skip => return Ok(()),
+                _ => {
+                    let detail = loaded.sub.dump(&e).into_string();
+                    let message = if detail.is_empty() { e.message.into_string() } else { detail };
+                    return Err(EventError::Plugin { plugin: loaded.name.clone(), phase, message });
+                }
+            },
+        }
+    }
+}
+
+/// Runs one plugin's checkpoint into `sink`.
+pub fn checkpoint_one(
+    loaded: &mut Loaded,
+    ctx: &mut ExternalContext<'_>,
+    sink: &mut crate::context::StreamSink<'_>,
+    progress: &mut dyn FnMut(&str),
+) -> Result<(), EventError> {
+    let mut sref: SinkRef<'_> = RecordSink_TO::from_ptr(sink, TD_Opaque);
+    drive(loaded, ctx, "checkpoint", |sub, c| sub.checkpoint(c, &mut sref), progress)
+}
+
+/// Runs one plugin's restart from `source`.
+pub fn restart_one(
+    loaded: &mut Loaded,
+    ctx: &mut ExternalContext<'_>,
+    source: &mut crate::context::StreamSource<'_>,
+    progress: &mut dyn FnMut(&str),
+) -> Result<(), EventError> {
+    let mut sref: SourceRef<'_> = RecordSource_TO::from_ptr(source, TD_Opaque);
+    drive(loaded, ctx, "restart", |sub, c| sub.restart(c, &mut sref), progress)
+}
+
+/// Process hook `setup` of every plugin, in order.
+pub fn setup_all(subs: &mut [Loaded], ctx: &mut ExternalContext<'_>, kind: EventKind) -> Result<(), EventError> {
+    let mut cref = ProcessContext_TO::from_ptr(ctx, TD_Opaque);
+    for l in subs.iter_mut() {
+        l.sub.setup(&mut cref, kind).into_result().map_err(|e| plugin_err(&l.name, "setup", e))?;
+    }
+    Ok(())
+}
+
+/// Process hook `restart` (resume) of every plugin, in reverse order.
+pub fn resume_all(subs: &mut [Loaded], ctx: &mut ExternalContext<'_>) -> Result<(), EventError> {
+    let mut cref = ProcessContext_TO::from_ptr(ctx, TD_Opaque);
+    for l in subs.iter_mut().rev() {
+        l.sub.resume(&mut cref).into_result().map_err(|e| plugin_err(&l.name, "resume", e))?;
+    }
+    Ok(())
+}
+
+/// Process hook `cleanup` of every plugin, in reverse order; always runs.
+pub fn cleanup_all(subs: &mut [Loaded], ctx: &mut ExternalContext<'_>, ok: bool) {
+    let mut cref = ProcessContext_TO::from_ptr(ctx, TD_Opaque);
+    for l in subs.iter_mut().rev() {
+        l.sub.cleanup(&mut cref, ok);
+    }
+}

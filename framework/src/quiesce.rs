@@ -1,0 +1,131 @@
+//! Quiescing a process for an event. Synchronous quiescing is the tracer's
+//! `PTRACE_INTERRUPT`; asynchronous quiescing moves the process into a cgroup of
+//! ferry's and freezes it (v2 `cgroup.freeze`, else the v1 freezer), so its thread
+//! list stands still while it is seized. The process goes back to its own cgroup
+//! when the event ends, whatever happened.
+
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use crate::check::mounts;
+
+#[derive(Debug, thiserror::Error)]
+#[error("freezer: {0}")]
+pub struct FreezeError(String);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flavor {
+    V2,
+    V1,
+}
+
+/// A process held in a cgroup of ferry's.
+pub struct Freezer {
+    pid: i32,
+    flavor: Flavor,
+    ours: PathBuf,
+    home: PathBuf,
+    frozen: bool,
+}
+
+fn write(path: &Path, value: &str) -> Result<(), FreezeError> {
+    std::fs::write(path, value).map_err(|e| FreezeError(format!("writing {value:?} to {}: {e}", path.display())))
+}
+
+fn read(path: &Path) -> Result<String, FreezeError> {
+    std::fs::read_to_string(path).map_err(|e| FreezeError(format!("reading {}: {e}", path.display())))
+}
+
+/// Where the process sits now in the hierarchy mounted at `root`.
+fn cgroup_of(pid: i32, v1_controller: Option<&str>) -> Result<String, FreezeError> {
+    let text = read(Path::new(&format!("/proc/{pid}/cgroup")))?;
+    text.lines()
+        .find_map(|l| {
+            let mut f = l.splitn(3, ':');
+            let (_, controllers, path) = (f.next()?, f.next()?, f.next()?);
+            let wanted = match v1_controller {
+                None => controllers.is_empty(),
+                Some(c) => controllers.split(',').any(|x| x == c),
+            };
+            wanted.then(|| path.to_string())
+        })
+        .ok_or_else(|| FreezeError(format!("process {pid} is in no {} cgroup", v1_controller.unwrap_or("v2"))))
+}
+
+impl Freezer {
+    /// Moves `pid` into a fresh cgroup of ferry's and freezes it.
+    pub fn freeze(pid: i32) -> Result<Freezer, FreezeError> {
+        let all = mounts().map_err(FreezeError)?;
+        let v2 = all.iter().find(|m| m.fstype == "cgroup2").map(|m| m.point.clone());
+        let v1 = all
+            .iter()
+            .find(|m| m.fstype == "cgroup" && m.super_opts.split(',').any(|o| o == "freezer"))
+            .map(|m| m.point.clone());
+        let (flavor, root, rel) = match (v2, v1) {
+            (Some(root), _) if root.join("cgroup.freeze").exists() || has_freeze(&root) => {
+                (Flavor::V2, root, cgroup_of(pid, None)?)
+            }
+            (_, Some(root)) => (Flavor::V1, root, cgroup_of(pid, Some("freezer"))?),
+            _ => return Err(FreezeError("no cgroup v2 freeze and no v1 freezer on this machine".into())),
+        };
+        let home = root.join(rel.trim_start_matches('/'));
+        let ours = root.join(format!("ferry-{pid}-{}", std::process::id()));
+        std::fs::create_dir(&ours).map_err(|e| FreezeError(format!("creating {}: {e}", ours.display())))?;
+        let mut f = Freezer { pid, flavor, ours, home, frozen: false };
+        write(&f.ours.join("cgroup.procs"), &pid.to_string())?;
+        f.set_frozen(true)?;
+        Ok(f)
+    }
+
+    fn set_frozen(&mut self, frozen: bool) -> Result<(), FreezeError> {
+        let (file, value, done_file, done): (&str, &str, &str, &dyn Fn(&str) -> bool) = match (self.flavor, frozen) {
+            (Flavor::V2, true) => ("cgroup.freeze", "1", "cgroup.events", &|s| s.lines().any(|l| l == "frozen 1")),
+            (Flavor::V2, false) => ("cgroup.freeze", "0", "cgroup.events", &|s| s.lines().any(|l| l == "frozen 0")),
+            (Flavor::V1, true) => ("freezer.state", "FROZEN", "freezer.state", &|s| s.trim() == "FROZEN"),
+            (Flavor::V1, false) => ("freezer.state", "THAWED", "freezer.state", &|s| s.trim() == "THAWED"),
+        };
+        write(&self.ours.join(file), value)?;
+        self.frozen = frozen;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut pause = Duration::from_micros(50);
+        loop {
+            let now = read(&self.ours.join(done_file))?;
+            if done(&now) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(FreezeError(format!("process {} did not reach {file}={value} in 10 s", self.pid)));
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(5));
+        }
+    }
+
+    /// Thaws the cgroup (the process stays in it until dropped).
+    pub fn thaw(&mut self) -> Result<(), FreezeError> {
+        if self.frozen {
+            self.set_frozen(false)?;
+        }
+        Ok(())
+    }
+}
+
+fn has_freeze(root: &Path) -> bool {
+    // The root cgroup has no cgroup.freeze; a child of it does when v2 freezing exists.
+    std::fs::read_to_string(root.join("cgroup.controllers")).is_ok()
+        && std::fs::metadata(root.join("cgroup.procs")).is_ok()
+}
+
+impl Drop for Freezer {
+    fn drop(&mut self) {
+        let _ = self.thaw();
+        // Back home; a process that died meanwhile has nothing to move.
+        let _ = std::fs::write(self.home.join("cgroup.procs"), self.pid.to_string());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::fs::remove_dir(&self.ours).is_err() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+}

@@ -1,0 +1,232 @@
+//! `ferry restore`: a child of ferry, stopped under ptrace, becomes the process of an
+//! image. ferry makes the child (keeping the image's pid where it is free), empties
+//! its address space down to the scratch area and the kernel's special mappings, lets
+//! each subsystem plugin rebuild its part by injected system calls, and releases all
+//! threads at once. On any failure the half-built child is killed; nothing else is
+//! touched.
+
+use std::{path::PathBuf, time::Instant};
+
+use ferry_plugin_api::{util::parse_maps, PluginKind};
+
+use crate::{
+    context::{ExternalContext, MediumPull, SharedTable, StreamSource},
+    event::{self, EventError, Stats},
+    image::{Inventory, RecordReader, INVENTORY_STREAM},
+    manager::Manager,
+    tracer::{Tracer, SCRATCH_SIZE},
+};
+
+pub struct RestoreRequest {
+    pub dir: PathBuf,
+    pub medium: String,
+}
+
+/// struct clone_args of clone3(2).
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+/// The restore child: blocks until ferry seizes it. Runs in a forked copy of ferry,
+/// so only raw system calls.
+fn child_main() -> ! {
+    // SAFETY: async-signal-safe system calls only; the fds closed are the child's copies.
+    unsafe {
+        libc::setsid();
+        libc::syscall(libc::SYS_close_range, 0u32, u32::MAX, 0u32);
+        loop {
+            libc::pause();
+        }
+    }
+}
+
+/// Makes the restore child with pid `want` where free, as a grandchild of ferry so that
+/// it is reparented to init (or a subreaper) and never waits on ferry. Answers its pid.
+fn spawn_child(want: i32) -> Result<i32, EventError> {
+    let fail = |what: &str| EventError::Refused(format!("creating the restore child: {what}: {}", std::io::Error::last_os_error()));
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe2 fills the two-int array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(fail("pipe2"));
+    }
+    // SAFETY: the forked intermediate only makes raw system calls and exits.
+    let inter = unsafe { libc::fork() };
+    if inter < 0 {
+        // SAFETY: closing our own pipe.
+        unsafe { libc::close(fds[0]); libc::close(fds[1]) };
+        return Err(fail("fork"));
+    }
+    if inter == 0 {
+        // SAFETY: clone3 with a struct on our stack; write/_exit are async-signal-safe.
+        unsafe {
+            let tid: i32 = want;
+            let mut args = CloneArgs { exit_signal: libc::SIGCHLD as u64, set_tid: &tid as *const i32 as u64, set_tid_size: 1, ..Default::default() };
+            let size = std::mem::size_of::<CloneArgs>();
+            let mut r = libc::syscall(libc::SYS_clone3, &args as *const CloneArgs, size);
+            if r < 0 {
+                args.set_tid = 0;
+                args.set_tid_size = 0;
+                r = libc::syscall(libc::SYS_clone3, &args as *const CloneArgs, size);
+            }
+            if r == 0 {
+                child_main();
+            }
+            let v = r as i32;
+            libc::write(fds[1], &v as *const i32 as *const libc::c_void, 4);
+            libc::_exit(0);
+        }
+    }
+    let mut v: i32 = -1;
+    // SAFETY: reaping our own child, reading 4 bytes into an i32, closing our fds.
+    unsafe {
+        libc::close(fds[1]);
+        let mut status = 0;
+        libc::waitpid(inter, &mut status, 0);
+        let n = libc::read(fds[0], &mut v as *mut i32 as *mut libc::c_void, 4);
+        libc::close(fds[0]);
+        if n != 4 || v <= 0 {
+            return Err(EventError::Refused("creating the restore child: clone3 failed".into()));
+        }
+    }
+    Ok(v)
+}
+
+/// Empties the child's address space down to the scratch area and the kernel's
+/// special mappings, then moves the scratch area to where it sat in the checkpointed
+/// process (a hole of its address space, so no restored mapping can meet it).
+fn blank(tracer: &mut Tracer, scratch_at: u64) -> Result<(), EventError> {
+    let pid = tracer.pid();
+    let (scratch, _) = tracer.scratch().ok_or_else(|| EventError::Refused("no scratch area".into()))?;
+    let text = std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .map_err(|e| EventError::Refused(format!("reading the restore child's maps: {e}")))?;
+    let maps = parse_maps(&text).map_err(EventError::Refused)?;
+    let mut specials = Vec::new();
+    for vma in maps {
+        if vma.start == scratch {
+            continue;
+        }
+        if vma.special().is_some_and(|s| s.starts_with("vdso") || s.starts_with("vvar") || s == "vsyscall") {
+            specials.push((vma.start, vma.end));
+            continue;
+        }
+        let r = tracer.inject(pid, libc::SYS_munmap, [vma.start, vma.len(), 0, 0, 0, 0])?;
+        if r < 0 {
+            return Err(EventError::Refused(format!("unmapping {:#x}-{:#x} in the restore child: errno {}", vma.start, vma.end, -r)));
+        }
+    }
+    if scratch_at != 0 && scratch_at != scratch {
+        let end = scratch_at + SCRATCH_SIZE;
+        if let Some(s) = specials.iter().find(|s| s.0 < end && scratch_at < s.1) {
+            return Err(EventError::Refused(format!(
+                "the image's scratch area {scratch_at:#x} meets the kernel's mapping at {:#x} in the restore child", s.0
+            )));
+        }
+        let flags = (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64;
+        let r = tracer.inject(pid, libc::SYS_mremap, [scratch, SCRATCH_SIZE, SCRATCH_SIZE, flags, scratch_at, 0])?;
+        if r as u64 != scratch_at {
+            return Err(EventError::Refused(format!("moving the scratch area to {scratch_at:#x}: errno {}", -r)));
+        }
+        tracer.set_scratch(Some(scratch_at));
+    }
+    Ok(())
+}
+
+pub fn restore(manager: &Manager, req: &RestoreRequest, progress: &mut dyn FnMut(&str)) -> Result<Stats, EventError> {
+    let started = Instant::now();
+    let medium_lease = manager.acquire(PluginKind::Medium, &req.medium)?;
+    if !req.dir.is_dir() {
+        return Err(EventError::ImageDir { path: req.dir.display().to_string(), message: "no such directory".into() });
+    }
+    let mut medium = medium_lease.open_medium(&serde_json::json!({"role": "read", "dir": req.dir}))?;
+    let inventory = Inventory::read_from(&mut MediumPull { medium: &mut medium, stream: INVENTORY_STREAM })
+        .map_err(|e| EventError::ImageDir { path: req.dir.display().to_string(), message: e.to_string() })?;
+    // Refuse early, naming the plugin, when this ferry lacks one the image needs.
+    for p in &inventory.plugins {
+        match manager.get(&p.name) {
+            None => return Err(EventError::Refused(format!("the image needs subsystem plugin {} {}, which is not registered", p.name, p.version))),
+            Some(m) if m.version != p.version => {
+                return Err(EventError::Refused(format!(
+                    "the image was made by subsystem plugin {} {}, this ferry has {} {}",
+                    p.name, p.version, m.name, m.version
+                )))
+            }
+            Some(_) => {}
+        }
+    }
+    let [process] = inventory.processes.as_slice() else {
+        return Err(EventError::Refused(format!("the image holds {} processes; this ferry restores one", inventory.processes.len())));
+    };
+    let names: Vec<String> = inventory.plugins.iter().map(|p| p.name.clone()).collect();
+    let mut subs = event::load_subsystems(manager, &names)?;
+
+    let pid = spawn_child(process.pid)?;
+    let mut tracer = match Tracer::seize(pid) {
+        Ok(t) => t,
+        Err(e) => {
+            // SAFETY: the child is ours and stopped in pause(); nothing else uses it.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            return Err(e.into());
+        }
+    };
+    let frozen_at = Instant::now();
+    let mut stats = Stats::default();
+    let result = (|| {
+        // glibc registered rseq in the thread ferry forked from; left registered, the
+        // kernel would write to an area about to be unmapped and kill every later call.
+        let rseq = tracer.rseq_config(pid)?;
+        if rseq.addr != 0 {
+            let r = tracer.inject(pid, libc::SYS_rseq, [rseq.addr, rseq.len as u64, 1, rseq.signature as u64, 0, 0])?;
+            if r < 0 {
+                return Err(EventError::Refused(format!("unregistering the restore child's rseq: errno {}", -r)));
+            }
+        }
+        tracer.map_scratch(0)?;
+        blank(&mut tracer, process.scratch)?;
+        let mut shared = SharedTable::default();
+        let mut page_bytes = 0;
+        for (loaded, entry) in subs.iter_mut().zip(&inventory.plugins) {
+            let name = loaded.name.clone();
+            let mut ctx = ExternalContext { tracer: &mut tracer, shared: &mut shared, plugin: &name };
+            let reader = RecordReader::new(MediumPull { medium: &mut medium, stream: entry.stream }, entry.stream);
+            let mut source = StreamSource { reader, plugin: &name, page_bytes: 0 };
+            event::restart_one(loaded, &mut ctx, &mut source, progress)?;
+            // Every record the checkpoint wrote must have been read.
+            while source.reader.next()?.is_some() {}
+            source.reader.check_against(entry)?;
+            stats.bytes += source.reader.bytes_read();
+            page_bytes += source.page_bytes;
+        }
+        let mut ctx = ExternalContext { tracer: &mut tracer, shared: &mut shared, plugin: "ferry" };
+        event::resume_all(&mut subs, &mut ctx)?;
+        event::cleanup_all(&mut subs, &mut ctx, true);
+        tracer.unmap_scratch()?;
+        Ok::<_, EventError>(page_bytes / 4096)
+    })();
+    match result {
+        Ok(pages) => {
+            tracer.detach()?;
+            stats.pages = pages;
+            stats.frozen_ms = event::ms(frozen_at);
+            stats.pids.insert(process.pid.to_string(), pid);
+            stats.total_ms = event::ms(started);
+            Ok(stats)
+        }
+        Err(e) => {
+            // Kill only what this restore created.
+            tracer.kill();
+            Err(e)
+        }
+    }
+}

@@ -1,0 +1,379 @@
+//! Driving the self-checking workloads of `tests/workloads/`: spawning one detached
+//! from the harness (own session, no pipes to us), reading its log, waiting for its
+//! ticks, and asking it — possibly under another pid after a restore — to check itself.
+
+use std::{
+    fs::File,
+    os::unix::process::CommandExt,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use crate::wait_until;
+
+/// How long any wait on a workload may take: generous, as tests share two cores.
+pub const DEADLINE: Duration = Duration::from_secs(60);
+
+/// The built C workload program.
+pub fn workload_bin() -> PathBuf {
+    PathBuf::from(env!("FERRY_WORKLOAD"))
+}
+
+/// The directory of the workload sources and scripts.
+pub fn workloads_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("workloads")
+}
+
+/// Options of the C workload (see `workloads/workload.c`).
+#[derive(Clone, Debug)]
+pub struct WorkloadOpts {
+    /// Size of the patterned anonymous mapping (`--mem-mib`).
+    pub mem_mib: u32,
+    /// Extra threads (`--threads`).
+    pub threads: u32,
+    /// Set up the file, pipe, deleted-file, fd 50 and cwd state (else `--no-files`).
+    pub files: bool,
+    /// Period of the ticks (`--tick-ms`).
+    pub tick_ms: u32,
+    /// Pages of the mapping rewritten each tick (`--dirty-pages`), for pre-copy.
+    pub dirty_pages: u32,
+}
+
+impl Default for WorkloadOpts {
+    fn default() -> Self {
+        WorkloadOpts { mem_mib: 1, threads: 0, files: true, tick_ms: 20, dirty_pages: 0 }
+    }
+}
+
+/// The script workloads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Script {
+    Python,
+    Perl,
+    Bash,
+}
+
+impl Script {
+    /// The interpreter (the system's own, not a shim that may wrap it) and script file.
+    fn command(self) -> (PathBuf, &'static str) {
+        let (system, fallback, file) = match self {
+            Script::Python => ("/usr/bin/python3", "python3", "counter.py"),
+            Script::Perl => ("/usr/bin/perl", "perl", "counter.pl"),
+            Script::Bash => ("/bin/bash", "bash", "counter.sh"),
+        };
+        let interp = if Path::new(system).exists() { PathBuf::from(system) } else { PathBuf::from(fallback) };
+        (interp, file)
+    }
+}
+
+/// A running workload. Its log is `dir/log`, its stdout and stderr `dir/output`, and
+/// the C workload's scratch files live in `dir/files`.
+pub struct Workload {
+    /// The pid it was spawned with.
+    pub pid: i32,
+    child: Child,
+    pub log: PathBuf,
+    pub dir: tempfile::TempDir,
+    /// Every pid it ran as (spawned, adopted after restores), with the start time
+    /// seen when adopted, so that Drop never kills a recycled pid.
+    known: Vec<(i32, Option<u64>)>,
+}
+
+impl Workload {
+    /// Spawns the C workload with `opts`.
+    pub fn spawn(opts: &WorkloadOpts) -> Workload {
+        let dir = tempfile::Builder::new().prefix("ferry-workload-").tempdir().expect("temp dir");
+        let files = dir.path().join("files");
+        std::fs::create_dir(&files).expect("scratch dir");
+        let mut cmd = Command::new(workload_bin());
+        cmd.arg("--log").arg(dir.path().join("log")).arg("--dir").arg(&files);
+        cmd.args(["--mem-mib", &opts.mem_mib.to_string(), "--threads", &opts.threads.to_string()]);
+        cmd.args(["--tick-ms", &opts.tick_ms.to_string(), "--dirty-pages", &opts.dirty_pages.to_string()]);
+        if !opts.files {
+            cmd.arg("--no-files");
+        }
+        Self::start(cmd, dir)
+    }
+
+    /// Spawns a script workload.
+    pub fn spawn_script(kind: Script) -> Workload {
+        let dir = tempfile::Builder::new().prefix("ferry-script-").tempdir().expect("temp dir");
+        let (interp, file) = kind.command();
+        let mut cmd = Command::new(interp);
+        cmd.arg(workloads_dir().join(file)).arg(dir.path().join("log"));
+        Self::start(cmd, dir)
+    }
+
+    fn start(mut cmd: Command, dir: tempfile::TempDir) -> Workload {
+        // A file, not pipes: the process may be restored elsewhere, and must hold
+        // nothing that leads back to the harness.
+        let out = File::create(dir.path().join("output")).expect("output file");
+        cmd.stdin(Stdio::null()).stdout(out.try_clone().expect("dup output")).stderr(out).current_dir(dir.path());
+        // SAFETY: setsid is async-signal-safe; between fork and exec nothing else runs.
+        // Its own session and process group, so that signals to ours never reach it.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::setsid() < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
+        let pid = child.id() as i32;
+        let log = dir.path().join("log");
+        Workload { pid, child, log, dir, known: vec![(pid, start_time(pid))] }
+    }
+
+    /// The C workload's scratch directory (its cwd once set up).
+    pub fn files_dir(&self) -> PathBuf {
+        self.dir.path().join("files")
+    }
+
+    /// Records `pid` as this workload's (e.g. where it was restored), for the waits'
+    /// liveness checks and so that Drop kills it. Adopt before waiting on a restore.
+    pub fn adopt(&mut self, pid: i32) {
+        if !self.known.iter().any(|&(p, _)| p == pid) {
+            self.known.push((pid, start_time(pid)));
+        }
+    }
+
+    /// The log's text so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The log's complete lines so far.
+    pub fn lines(&self) -> Vec<String> {
+        let text = self.log_text();
+        // Lines are written whole, but a read can race a write: drop an unfinished tail.
+        let complete = match text.rfind('\n') {
+            Some(i) => &text[..=i],
+            None => "",
+        };
+        complete.lines().map(str::to_owned).collect()
+    }
+
+    /// What the workload wrote to stdout and stderr.
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("output")).unwrap_or_default()
+    }
+
+    /// The tick numbers logged so far, in order.
+    pub fn ticks(&self) -> Vec<u64> {
+        self.lines()
+            .iter()
+            .filter_map(|l| l.strip_prefix("tick "))
+            .map(|n| n.parse().unwrap_or_else(|_| panic!("bad tick line `tick {n}` in {}", self.log.display())))
+            .collect()
+    }
+
+    /// The `region NAME START END` lines of the C workload: (name, start, end).
+    pub fn regions(&self) -> Vec<(String, u64, u64)> {
+        let hex = |s: &str| u64::from_str_radix(s.trim_start_matches("0x"), 16).expect("hex address");
+        self.lines()
+            .iter()
+            .filter_map(|l| {
+                let mut w = l.strip_prefix("region ")?.split(' ');
+                Some((w.next()?.to_owned(), hex(w.next()?), hex(w.next()?)))
+            })
+            .collect()
+    }
+
+    /// The address range of region `name` (`mem`, `heap`, `global`, `stack`).
+    pub fn region(&self, name: &str) -> (u64, u64) {
+        let regions = self.regions();
+        regions
+            .iter()
+            .find(|r| r.0 == name)
+            .map(|r| (r.1, r.2))
+            .unwrap_or_else(|| panic!("no region {name} in {regions:?}"))
+    }
+
+    /// The verdict, once the last line is `PASS` (Ok) or `FAIL: ...` (Err: that line).
+    pub fn verdict(&self) -> Option<Result<(), String>> {
+        let last = self.lines().pop()?;
+        if last == "PASS" {
+            Some(Ok(()))
+        } else if last.starts_with("FAIL") {
+            Some(Err(last))
+        } else {
+            None
+        }
+    }
+
+    fn any_alive(&self) -> bool {
+        self.known.iter().any(|&(pid, _)| pid_alive(pid))
+    }
+
+    /// What to show when a wait fails.
+    fn describe(&self) -> String {
+        let lines = self.lines();
+        let tail = lines[lines.len().saturating_sub(8)..].join(" | ");
+        format!("pids {:?}; log ({} lines) ends: {tail}; output: {}", self.known, lines.len(), self.output())
+    }
+
+    /// Waits (with the deadline) until `cond`, failing at once if the workload has
+    /// given its verdict or none of its pids is alive.
+    pub fn wait_for(&self, what: &str, mut cond: impl FnMut(&Self) -> bool) {
+        wait_until(what, DEADLINE, || {
+            if cond(self) {
+                return true;
+            }
+            if self.verdict().is_some() || !self.any_alive() {
+                assert!(cond(self), "workload finished while waiting for {what}: {}", self.describe());
+                return true;
+            }
+            false
+        });
+    }
+
+    /// Waits until the workload logged `ready`.
+    pub fn wait_ready(&self) {
+        self.wait_for("ready", |w| w.lines().iter().any(|l| l == "ready"));
+    }
+
+    /// Waits until at least `n` ticks are logged.
+    pub fn wait_ticks(&self, n: u64) {
+        self.wait_for(&format!("{n} ticks"), |w| w.ticks().len() as u64 >= n);
+    }
+
+    /// Waits until the log holds the line `line`.
+    pub fn wait_line(&self, line: &str) {
+        self.wait_for(&format!("log line `{line}`"), |w| w.lines().iter().any(|l| l == line));
+    }
+
+    /// Whether `ready` came once, before any tick, and the ticks are exactly 1..=max.
+    pub fn check_continuous(&self) -> Result<(), String> {
+        let lines = self.lines();
+        let ready: Vec<usize> = lines.iter().enumerate().filter(|(_, l)| *l == "ready").map(|(i, _)| i).collect();
+        if ready.len() != 1 {
+            return Err(format!("`ready` logged {} times", ready.len()));
+        }
+        if let Some(first) = lines.iter().position(|l| l.starts_with("tick ")) {
+            if first < ready[0] {
+                return Err("a tick before `ready`".into());
+            }
+        }
+        let ticks = self.ticks();
+        for (i, &t) in ticks.iter().enumerate() {
+            let want = i as u64 + 1;
+            if t != want {
+                let prev = if i > 0 { ticks[i - 1].to_string() } else { "none".into() };
+                return Err(format!(
+                    "ticks not continuous: tick {t} after {prev} (position {i}, want {want}; {} ticks)",
+                    ticks.len()
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Panics unless the log is continuous (see `check_continuous`).
+    pub fn assert_continuous(&self) {
+        if let Err(e) = self.check_continuous() {
+            panic!("{e}: {}", self.describe());
+        }
+    }
+
+    /// Sends SIGTERM to `pid` (the spawned pid, or the one it was restored as), waits
+    /// for its verdict and its exit, and checks the verdict, the exit status where it
+    /// is our child, and the log's continuity.
+    pub fn terminate_and_check(&mut self, pid: i32) -> Result<(), String> {
+        self.adopt(pid);
+        let deadline = Instant::now() + DEADLINE;
+        // The SIGTERM handler is installed before `ready`: earlier, SIGTERM would kill.
+        poll(deadline, || self.lines().iter().any(|l| l == "ready") || !pid_alive(pid))
+            .map_err(|_| format!("no `ready` from pid {pid}: {}", self.describe()))?;
+        if !pid_alive(pid) {
+            return Err(format!("pid {pid} is not running: {}", self.describe()));
+        }
+        if !send_signal(pid, libc::SIGTERM) {
+            return Err(format!("SIGTERM to pid {pid}: {}", std::io::Error::last_os_error()));
+        }
+        poll(deadline, || self.verdict().is_some() || !pid_alive(pid))
+            .map_err(|_| format!("no verdict from pid {pid}: {}", self.describe()))?;
+        poll(deadline, || !pid_alive(pid))
+            .map_err(|_| format!("pid {pid} still runs after its verdict: {}", self.describe()))?;
+        let verdict =
+            self.verdict().ok_or_else(|| format!("pid {pid} exited without a verdict: {}", self.describe()))?;
+        if pid == self.pid {
+            let status = self.child.wait().map_err(|e| format!("reaping {pid}: {e}"))?;
+            let want = if verdict.is_ok() { 0 } else { 1 };
+            if status.code() != Some(want) {
+                return Err(format!("pid {pid} exited {status} after {verdict:?}"));
+            }
+        }
+        verdict?;
+        self.check_continuous()
+    }
+}
+
+impl Drop for Workload {
+    fn drop(&mut self) {
+        for &(pid, started) in &self.known {
+            if pid == self.pid {
+                // Unreaped, our child's pid and group stay ours (try_wait reaps it only
+                // once it is gone): the group takes along what it forked (bash's sleep).
+                if let Ok(None) = self.child.try_wait() {
+                    // SAFETY: kill has no memory-safety preconditions.
+                    unsafe { libc::kill(-pid, libc::SIGKILL) };
+                    let _ = self.child.kill();
+                    let _ = self.child.wait();
+                }
+            } else if pid_alive(pid) && (started.is_none() || start_time(pid) == started) {
+                kill_pid(pid);
+            }
+        }
+    }
+}
+
+/// Polls `cond` until `deadline` (Err when it passed).
+fn poll(deadline: Instant, mut cond: impl FnMut() -> bool) -> Result<(), ()> {
+    let mut pause = Duration::from_millis(1);
+    while !cond() {
+        if Instant::now() >= deadline {
+            return Err(());
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// The fields of /proc/PID/stat after the command name: [0] is the state.
+fn stat_fields(pid: i32) -> Option<Vec<String>> {
+    if pid <= 0 {
+        return None;
+    }
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces and parentheses: it ends at the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    Some(rest.split_whitespace().map(str::to_owned).collect())
+}
+
+/// The start time of `pid` (field 22 of /proc/PID/stat), telling a process from a later
+/// one that reuses its pid.
+fn start_time(pid: i32) -> Option<u64> {
+    stat_fields(pid)?.get(19)?.parse().ok()
+}
+
+/// Whether `pid` runs: zombies (and dying tasks) count as gone.
+pub fn pid_alive(pid: i32) -> bool {
+    match stat_fields(pid) {
+        Some(f) => !matches!(f.first().map(String::as_str), Some("Z") | Some("X") | Some("x") | None),
+        None => false,
+    }
+}
+
+/// Sends `sig` to `pid`; whether it was sent.
+pub fn send_signal(pid: i32, sig: i32) -> bool {
+    // SAFETY: kill has no memory-safety preconditions; pid > 0 names one process.
+    pid > 0 && unsafe { libc::kill(pid, sig) } == 0
+}
+
+/// SIGKILLs `pid` (a no-op for pids <= 0, which would name groups).
+pub fn kill_pid(pid: i32) {
+    send_signal(pid, libc::SIGKILL);
+}

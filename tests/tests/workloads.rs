@@ -1,0 +1,135 @@
+//! The workload programs on their own, without ferry: each must pass its own checks,
+//! log continuously, and — so that a PASS under ferry means something — fail when its
+//! memory is corrupted from outside.
+
+use ferry_tests::workload::{pid_alive, send_signal, Script, Workload, WorkloadOpts};
+
+#[test]
+fn c_workload_with_threads_passes_and_counts_sigusr1() {
+    let mut w = Workload::spawn(&WorkloadOpts { mem_mib: 8, threads: 3, ..Default::default() });
+    w.wait_ready();
+    w.wait_ticks(3);
+    assert!(send_signal(w.pid, libc::SIGUSR1));
+    w.wait_line("usr1 1");
+    w.wait_ticks(w.ticks().len() as u64 + 2);
+    let pid = w.pid;
+    w.terminate_and_check(pid).unwrap_or_else(|e| panic!("{e}\noutput: {}", w.output()));
+    assert!(!pid_alive(pid));
+    // The workload's files: the dup'ed write and the append landed.
+    assert_eq!(std::fs::read(w.files_dir().join("data")).unwrap(), b"0123456789AB");
+    assert_eq!(std::fs::read(w.files_dir().join("append")).unwrap(), b"line1\nline2\n");
+    assert!(!w.files_dir().join("deleted").exists());
+}
+
+#[test]
+fn c_workload_without_threads_or_files_passes() {
+    let mut w = Workload::spawn(&WorkloadOpts { threads: 0, files: false, ..Default::default() });
+    w.wait_ticks(3);
+    let pid = w.pid;
+    w.terminate_and_check(pid).unwrap();
+    assert!(std::fs::read_dir(w.files_dir()).unwrap().next().is_none(), "--no-files wrote files");
+}
+
+#[test]
+fn c_workload_rewriting_pages_passes() {
+    // More rewrites than pages: every page is past its first generation.
+    let mut w = Workload::spawn(&WorkloadOpts { mem_mib: 1, dirty_pages: 64, tick_ms: 5, ..Default::default() });
+    w.wait_ticks(10);
+    let pid = w.pid;
+    w.terminate_and_check(pid).unwrap();
+}
+
+#[test]
+fn c_workload_logs_its_regions() {
+    let w = Workload::spawn(&WorkloadOpts { mem_mib: 2, files: false, ..Default::default() });
+    w.wait_ready();
+    let (start, end) = w.region("mem");
+    assert_eq!(end - start, 2 << 20);
+    for name in ["heap", "global", "stack"] {
+        let (s, e) = w.region(name);
+        assert!(s < e, "{name}: {s:#x}..{e:#x}");
+    }
+}
+
+#[test]
+fn terminating_early_still_gives_a_continuous_log() {
+    // SIGTERM right after `ready`: zero or a few ticks, still PASS.
+    let mut w = Workload::spawn(&WorkloadOpts::default());
+    w.wait_ready();
+    let pid = w.pid;
+    w.terminate_and_check(pid).unwrap();
+}
+
+/// Reads `len` bytes at `addr` in `pid`'s memory.
+fn peek(pid: i32, addr: u64, len: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; len];
+    let local = libc::iovec { iov_base: buf.as_mut_ptr() as *mut libc::c_void, iov_len: len };
+    let remote = libc::iovec { iov_base: addr as *mut libc::c_void, iov_len: len };
+    // SAFETY: the local iovec points at `buf`, live and `len` long for the call; the
+    // remote one is checked by the kernel.
+    let n = unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) };
+    assert_eq!(n, len as isize, "process_vm_readv: {}", std::io::Error::last_os_error());
+    buf
+}
+
+/// Writes `bytes` at `addr` in `pid`'s memory, as a faulty restore might.
+fn poke(pid: i32, addr: u64, bytes: &[u8]) {
+    let local = libc::iovec { iov_base: bytes.as_ptr() as *mut libc::c_void, iov_len: bytes.len() };
+    let remote = libc::iovec { iov_base: addr as *mut libc::c_void, iov_len: bytes.len() };
+    // SAFETY: the local iovec points at `bytes`, live for the call; the remote one is
+    // checked by the kernel.
+    let n = unsafe { libc::process_vm_writev(pid, &local, 1, &remote, 1, 0) };
+    assert_eq!(n, bytes.len() as isize, "process_vm_writev: {}", std::io::Error::last_os_error());
+}
+
+#[test]
+fn corrupting_each_region_makes_the_check_fail_naming_it() {
+    for region in ["mem", "heap", "global", "stack"] {
+        let mut w = Workload::spawn(&WorkloadOpts { mem_mib: 4, threads: 1, ..Default::default() });
+        w.wait_ticks(2);
+        let (start, end) = w.region(region);
+        // The middle, word-aligned, every bit flipped: its first byte surely differs.
+        let at = (start + (end - start) / 2) & !7;
+        let flipped: Vec<u8> = peek(w.pid, at, 8).iter().map(|b| !b).collect();
+        poke(w.pid, at, &flipped);
+        let pid = w.pid;
+        let err = w.terminate_and_check(pid).expect_err("a corrupted workload must fail");
+        assert!(err.starts_with(&format!("FAIL: {region} pattern mismatch at {at:#x}")), "{region}: {err}");
+    }
+}
+
+#[test]
+fn continuity_check_catches_a_repeated_tick() {
+    // As when a restored process repeats ticks its original logged after the dump.
+    let mut w = Workload::spawn(&WorkloadOpts { files: false, ..Default::default() });
+    w.wait_ticks(3);
+    let mut log = std::fs::OpenOptions::new().append(true).open(&w.log).unwrap();
+    std::io::Write::write_all(&mut log, b"tick 2\n").unwrap();
+    let err = w.check_continuous().unwrap_err();
+    assert!(err.contains("tick 2 after"), "{err}");
+    let pid = w.pid;
+    assert!(w.terminate_and_check(pid).unwrap_err().contains("not continuous"));
+}
+
+fn script_passes(kind: Script) {
+    let mut w = Workload::spawn_script(kind);
+    w.wait_ready();
+    w.wait_ticks(5);
+    let pid = w.pid;
+    w.terminate_and_check(pid).unwrap_or_else(|e| panic!("{kind:?}: {e}\noutput: {}", w.output()));
+}
+
+#[test]
+fn python_script_passes() {
+    script_passes(Script::Python);
+}
+
+#[test]
+fn perl_script_passes() {
+    script_passes(Script::Perl);
+}
+
+#[test]
+fn bash_script_passes() {
+    script_passes(Script::Bash);
+}

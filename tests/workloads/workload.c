@@ -1,0 +1,736 @@
+/* The self-checking workload of ferry's end-to-end tests (in the manner of CRIU's
+ * ZDTM): it sets up memory, file, signal, timer and thread state, ticks into a log,
+ * and on SIGTERM verifies that all of it survived, logging PASS or FAIL: <what>.
+ *
+ * Log lines (each one write(2), so a checkpoint never splits one):
+ *   region <name> 0x<start> 0x<end>   where a pattern region lies (end exclusive)
+ *   ready                             all state is set up
+ *   tick N                            N = 1, 2, 3... with no gap or repeat
+ *   usr1 K                            K SIGUSR1s delivered so far (logged at a tick)
+ *   PASS | FAIL: <first failure>      the last line; exit status 0 | 1
+ *
+ * Nothing here caches a pid or tid: after a restore they may differ. */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
+#include <sys/time.h>
+#include <time.h>
+#include <unistd.h>
+
+#define SEED 0x5eedf00dcafe1234ULL
+#define PAGE 4096
+#define WORDS_PER_PAGE (PAGE / 8)
+#define MAX_THREADS 64
+#define HEAP_SIZE (3 * 1024 * 1024 + 123)
+#define GLOBAL_WORDS 8192
+#define STACK_WORDS 2048
+#define PIPE_BYTES 1000
+#define DELETED_SIZE (3 * PAGE + 17)
+#define NULL_FD 50
+#define ALTSTACK_SIZE (64 * 1024)
+#define TIMER_SECS 3600
+
+/* ---- options ---- */
+static const char *opt_log;
+static const char *opt_dir;
+static long opt_mem_mib = 1;
+static long opt_threads;
+static long opt_tick_ms = 20;
+static long opt_dirty_pages;
+static int opt_files = 1;
+
+/* ---- state that must survive ---- */
+static int log_fd = -1;
+static char real_dir[PATH_MAX];
+static uint64_t *mem;             /* anonymous private mmap */
+static size_t mem_pages;
+static uint64_t dirty_rewrites;   /* pages of mem rewritten so far, round robin */
+static unsigned char *heap;
+static uint64_t global_array[GLOBAL_WORDS];
+static int fd_data = -1, fd_dup = -1, fd_data2 = -1, fd_append = -1, fd_deleted = -1;
+static int pipe_fds[2] = {-1, -1};
+static volatile sig_atomic_t usr1_count, term_flag, alrm_count;
+static atomic_int stop_threads;
+static atomic_uint_fast64_t mirror[MAX_THREADS];
+static char thread_fail[MAX_THREADS][256];
+static void *altstacks[MAX_THREADS];
+
+static __thread uint64_t tls_counter;
+static __thread long tls_index;
+
+/* The first failure is the one reported: later ones are usually consequences. */
+static char failure[512];
+
+static void fail(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static void fail(const char *fmt, ...)
+{
+    if (failure[0])
+        return;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(failure, sizeof failure, fmt, ap);
+    va_end(ap);
+}
+
+/* Records a failure and leaves the (void) check function. */
+#define FAIL_RET(...)                                                                                        \
+    do {                                                                                                     \
+        fail(__VA_ARGS__);                                                                                   \
+        return;                                                                                              \
+    } while (0)
+
+/* One line, one write(2): a line is never half in the log after a checkpoint. */
+static void logf_(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static void logf_(const char *fmt, ...)
+{
+    char buf[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(buf, sizeof buf - 1, fmt, ap);
+    va_end(ap);
+    if (n < 0)
+        return;
+    if (n > (int)sizeof buf - 2)
+        n = sizeof buf - 2;
+    buf[n++] = '\n';
+    for (int off = 0; off < n;) {
+        ssize_t w = write(log_fd, buf + off, n - off);
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w <= 0)
+            _exit(3);
+        off += w;
+    }
+}
+
+static void log_region(const char *name, const void *start, size_t len)
+{
+    logf_("region %s 0x%lx 0x%lx", name, (unsigned long)(uintptr_t)start, (unsigned long)((uintptr_t)start + len));
+}
+
+static void die(const char *what)
+{
+    char msg[512];
+    snprintf(msg, sizeof msg, "FAIL: setup: %s: %s", what, strerror(errno));
+    fprintf(stderr, "%s\n", msg);
+    if (log_fd >= 0)
+        logf_("%s", msg);
+    exit(2);
+}
+
+static uint64_t splitmix(uint64_t x)
+{
+    x += 0x9e3779b97f4a7c15ULL;
+    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
+    return x ^ (x >> 31);
+}
+
+/* The pattern word `index` of region `tag`: differs per word, page and region, so a
+ * page restored at the wrong address or from the wrong region is caught. */
+static uint64_t pattern(uint64_t tag, uint64_t index, uint64_t seed)
+{
+    return splitmix(index ^ (tag << 56) ^ seed);
+}
+
+static unsigned char heap_byte(size_t i)
+{
+    return (unsigned char)(i * 251 + (i >> 12) * 7 + 0x5a);
+}
+
+static unsigned char pipe_byte(size_t i)
+{
+    return (unsigned char)(i * 13 + (i >> 8) * 5 + 7);
+}
+
+static unsigned char deleted_byte(size_t i)
+{
+    return (unsigned char)(i * 31 + (i >> 12) * 3 + 0xc3);
+}
+
+/* How many times page `p` of mem has been rewritten: the rewrites go round robin. */
+static uint64_t page_generation(size_t p)
+{
+    return dirty_rewrites / mem_pages + (p < dirty_rewrites % mem_pages ? 1 : 0);
+}
+
+static void fill_mem_page(size_t p, uint64_t gen)
+{
+    uint64_t seed = SEED + gen * 0x9e3779b97f4a7c15ULL;
+    for (size_t w = 0; w < WORDS_PER_PAGE; w++)
+        mem[p * WORDS_PER_PAGE + w] = pattern(1, p * WORDS_PER_PAGE + w, seed);
+}
+
+/* ---- signals ---- */
+static void on_usr1(int sig)
+{
+    (void)sig;
+    usr1_count++;
+}
+
+static void on_term(int sig)
+{
+    (void)sig;
+    term_flag = 1;
+}
+
+static void on_alrm(int sig)
+{
+    (void)sig;
+    alrm_count++;
+}
+
+/* Sleeps `ms`, resuming after signals (and after a checkpoint's interruptions) with
+ * the time left, until the time is up or SIGTERM came. */
+static void sleep_ms(long ms)
+{
+    struct timespec req = {ms / 1000, (ms % 1000) * 1000000L}, rem;
+    while (clock_nanosleep(CLOCK_MONOTONIC, 0, &req, &rem) == EINTR) {
+        if (term_flag || atomic_load(&stop_threads))
+            return;
+        req = rem;
+    }
+}
+
+/* ---- threads ---- */
+static void *thread_main(void *arg)
+{
+    long i = (long)arg;
+    tls_index = i;
+
+    /* Even threads block SIGWINCH, odd ones do not: masks are per thread. */
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGWINCH);
+    pthread_sigmask(i % 2 == 0 ? SIG_BLOCK : SIG_UNBLOCK, &set, NULL);
+
+    stack_t ss = {.ss_sp = altstacks[i], .ss_size = ALTSTACK_SIZE, .ss_flags = 0};
+    if (sigaltstack(&ss, NULL) != 0) {
+        snprintf(thread_fail[i], sizeof thread_fail[i], "thread %ld: sigaltstack: %s", i, strerror(errno));
+        return NULL;
+    }
+
+    while (!atomic_load(&stop_threads)) {
+        tls_counter++;
+        atomic_store(&mirror[i], tls_counter);
+        sleep_ms(opt_tick_ms);
+    }
+
+    /* The thread checks what only it can see: its TLS, mask and altstack. */
+    char *f = thread_fail[i];
+    size_t fs = sizeof thread_fail[i];
+    uint64_t m = atomic_load(&mirror[i]);
+    sigset_t cur;
+    stack_t old;
+    if (tls_index != i)
+        snprintf(f, fs, "thread %ld: TLS index is %ld", i, tls_index);
+    else if (tls_counter == 0 || tls_counter != m)
+        snprintf(f, fs, "thread %ld: TLS counter %llu, mirror %llu", i, (unsigned long long)tls_counter,
+                 (unsigned long long)m);
+    else if (pthread_sigmask(SIG_BLOCK, NULL, &cur) != 0)
+        snprintf(f, fs, "thread %ld: pthread_sigmask failed", i);
+    else if (sigismember(&cur, SIGWINCH) != (i % 2 == 0))
+        snprintf(f, fs, "thread %ld: SIGWINCH %s", i, i % 2 == 0 ? "not blocked" : "blocked");
+    else if (!sigismember(&cur, SIGUSR2))
+        snprintf(f, fs, "thread %ld: SIGUSR2 not blocked", i);
+    else if (sigaltstack(NULL, &old) != 0)
+        snprintf(f, fs, "thread %ld: sigaltstack query: %s", i, strerror(errno));
+    else if (old.ss_sp != altstacks[i] || old.ss_size != ALTSTACK_SIZE || (old.ss_flags & SS_DISABLE))
+        snprintf(f, fs, "thread %ld: sigaltstack is %p+%zu flags %d, want %p+%d", i, old.ss_sp, old.ss_size,
+                 old.ss_flags, altstacks[i], ALTSTACK_SIZE);
+    return NULL;
+}
+
+/* ---- setup ---- */
+static void write_all(int fd, const void *buf, size_t n, const char *what)
+{
+    const char *p = buf;
+    while (n > 0) {
+        ssize_t w = write(fd, p, n);
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w <= 0)
+            die(what);
+        p += w;
+        n -= w;
+    }
+}
+
+/* DIR/name into out (PATH_MAX + 32 bytes); string ops, as snprintf warns of truncation. */
+static void in_dir(char *out, const char *name)
+{
+    if (strlen(real_dir) + 1 + strlen(name) >= PATH_MAX + 32) {
+        errno = ENAMETOOLONG;
+        die(name);
+    }
+    strcpy(out, real_dir);
+    strcat(out, "/");
+    strcat(out, name);
+}
+
+static int open_in_dir(const char *name, int flags)
+{
+    char path[PATH_MAX + 32];
+    in_dir(path, name);
+    int fd = open(path, flags, 0644);
+    if (fd < 0)
+        die(name);
+    return fd;
+}
+
+static void setup_files(void)
+{
+    fd_data = open_in_dir("data", O_RDWR | O_CREAT | O_TRUNC);
+    write_all(fd_data, "0123456789", 10, "write data");
+    fd_dup = dup(fd_data); /* shares fd_data's file description and so its offset */
+    if (fd_dup < 0)
+        die("dup");
+    fd_data2 = open_in_dir("data", O_RDONLY); /* same file, its own description */
+    if (lseek(fd_data2, 3, SEEK_SET) != 3)
+        die("lseek data2");
+
+    fd_append = open_in_dir("append", O_RDWR | O_APPEND | O_CREAT | O_TRUNC);
+    write_all(fd_append, "line1\n", 6, "write append");
+
+    if (pipe(pipe_fds) != 0)
+        die("pipe");
+    unsigned char pbuf[PIPE_BYTES];
+    for (size_t i = 0; i < PIPE_BYTES; i++)
+        pbuf[i] = pipe_byte(i);
+    write_all(pipe_fds[1], pbuf, PIPE_BYTES, "write pipe");
+    if (fcntl(pipe_fds[1], F_SETFL, O_NONBLOCK) != 0)
+        die("pipe O_NONBLOCK");
+
+    fd_deleted = open_in_dir("deleted", O_RDWR | O_CREAT | O_TRUNC);
+    unsigned char *dbuf = malloc(DELETED_SIZE);
+    if (!dbuf)
+        die("malloc");
+    for (size_t i = 0; i < DELETED_SIZE; i++)
+        dbuf[i] = deleted_byte(i);
+    write_all(fd_deleted, dbuf, DELETED_SIZE, "write deleted");
+    free(dbuf);
+    char path[PATH_MAX + 32];
+    in_dir(path, "deleted");
+    if (unlink(path) != 0)
+        die("unlink deleted");
+
+    int null_fd = open("/dev/null", O_RDWR);
+    if (null_fd < 0)
+        die("/dev/null");
+    if (dup2(null_fd, NULL_FD) != NULL_FD)
+        die("dup2 /dev/null");
+    close(null_fd);
+    if (fcntl(NULL_FD, F_SETFD, FD_CLOEXEC) != 0)
+        die("FD_CLOEXEC");
+
+    if (chdir(real_dir) != 0)
+        die("chdir");
+}
+
+static void setup_signals(void)
+{
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_usr1;
+    sa.sa_flags = SA_RESTART | SA_ONSTACK; /* on a thread, it runs on the altstack */
+    sigemptyset(&sa.sa_mask);
+    sigaddset(&sa.sa_mask, SIGUSR2);
+    if (sigaction(SIGUSR1, &sa, NULL) != 0)
+        die("sigaction USR1");
+
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_term;
+    sigemptyset(&sa.sa_mask);
+    if (sigaction(SIGTERM, &sa, NULL) != 0)
+        die("sigaction TERM");
+
+    /* The itimer fires after an hour: only its settings are checked, never a firing. */
+    sa.sa_handler = on_alrm;
+    sa.sa_flags = SA_RESTART;
+    if (sigaction(SIGALRM, &sa, NULL) != 0)
+        die("sigaction ALRM");
+    struct itimerval it = {{TIMER_SECS, 0}, {TIMER_SECS, 0}};
+    if (setitimer(ITIMER_REAL, &it, NULL) != 0)
+        die("setitimer");
+
+    /* SIGUSR2 blocked before the threads start, so they inherit it blocked. */
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGUSR2);
+    if (pthread_sigmask(SIG_BLOCK, &set, NULL) != 0)
+        die("block USR2");
+}
+
+/* ---- verification ---- */
+static void verify_memory(const uint64_t *stack_array)
+{
+    for (size_t p = 0; p < mem_pages && !failure[0]; p++) {
+        uint64_t seed = SEED + page_generation(p) * 0x9e3779b97f4a7c15ULL;
+        for (size_t w = 0; w < WORDS_PER_PAGE; w++) {
+            uint64_t want = pattern(1, p * WORDS_PER_PAGE + w, seed);
+            uint64_t *at = &mem[p * WORDS_PER_PAGE + w];
+            if (*at != want) {
+                fail("mem pattern mismatch at %p (page %zu word %zu): got 0x%016llx, want 0x%016llx", (void *)at, p, w,
+                     (unsigned long long)*at, (unsigned long long)want);
+                break;
+            }
+        }
+    }
+    for (size_t i = 0; i < HEAP_SIZE && !failure[0]; i++)
+        if (heap[i] != heap_byte(i))
+            fail("heap pattern mismatch at %p (byte %zu): got 0x%02x, want 0x%02x", (void *)&heap[i], i, heap[i],
+                 heap_byte(i));
+    for (size_t i = 0; i < GLOBAL_WORDS && !failure[0]; i++)
+        if (global_array[i] != pattern(2, i, SEED))
+            fail("global pattern mismatch at %p (word %zu): got 0x%016llx", (void *)&global_array[i], i,
+                 (unsigned long long)global_array[i]);
+    for (size_t i = 0; i < STACK_WORDS && !failure[0]; i++)
+        if (stack_array[i] != pattern(3, i, SEED))
+            fail("stack pattern mismatch at %p (word %zu): got 0x%016llx", (void *)&stack_array[i], i,
+                 (unsigned long long)stack_array[i]);
+}
+
+static off_t offset_of(int fd)
+{
+    return lseek(fd, 0, SEEK_CUR);
+}
+
+static void verify_fd_points_at(int fd, const char *name, const char *want)
+{
+    char link[64], target[PATH_MAX + 32];
+    snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
+    ssize_t n = readlink(link, target, sizeof target - 1);
+    if (n < 0) {
+        fail("%s: fd %d: readlink: %s", name, fd, strerror(errno));
+        return;
+    }
+    target[n] = 0;
+    if (strcmp(target, want) != 0)
+        fail("%s: fd %d points at %s, want %s", name, fd, target, want);
+}
+
+static void verify_files(void)
+{
+    char buf[64], want[PATH_MAX + 32];
+    struct stat a, b;
+
+    /* data, its dup and its second open */
+    in_dir(want, "data");
+    verify_fd_points_at(fd_data, "data", want);
+    if (failure[0])
+        return;
+    if (offset_of(fd_data) != 10)
+        FAIL_RET("data: offset %lld, want 10", (long long)offset_of(fd_data));
+    if (offset_of(fd_dup) != 10)
+        FAIL_RET("data dup: offset %lld, want 10", (long long)offset_of(fd_dup));
+    if (offset_of(fd_data2) != 3)
+        FAIL_RET("data second open: offset %lld, want 3", (long long)offset_of(fd_data2));
+    if ((fcntl(fd_data, F_GETFL) & O_ACCMODE) != O_RDWR)
+        FAIL_RET("data: not O_RDWR");
+    if ((fcntl(fd_data2, F_GETFL) & O_ACCMODE) != O_RDONLY)
+        FAIL_RET("data second open: not O_RDONLY");
+    if (fcntl(fd_data, F_GETFD) != 0)
+        FAIL_RET("data: fd flags %d, want 0", fcntl(fd_data, F_GETFD));
+    ssize_t n = pread(fd_data, buf, sizeof buf, 0);
+    if (n != 10 || memcmp(buf, "0123456789", 10) != 0)
+        FAIL_RET("data: contents differ (%zd bytes)", n);
+    if (fstat(fd_data, &a) != 0 || fstat(fd_dup, &b) != 0 || a.st_ino != b.st_ino || a.st_dev != b.st_dev)
+        FAIL_RET("data dup: not the same file");
+    if (write(fd_dup, "AB", 2) != 2)
+        FAIL_RET("data dup: write: %s", strerror(errno));
+    if (offset_of(fd_data) != 12)
+        FAIL_RET("data dup: offset not shared (data at %lld after writing 2 bytes via the dup, want 12)",
+                    (long long)offset_of(fd_data));
+    if (offset_of(fd_data2) != 3)
+        FAIL_RET("data second open: offset moved to %lld by a write via another description",
+                    (long long)offset_of(fd_data2));
+    n = pread(fd_data2, buf, sizeof buf, 0);
+    if (n != 12 || memcmp(buf, "0123456789AB", 12) != 0)
+        FAIL_RET("data second open: contents differ after the write (%zd bytes)", n);
+
+    /* append */
+    int fl = fcntl(fd_append, F_GETFL);
+    if (fl < 0 || !(fl & O_APPEND))
+        FAIL_RET("append: O_APPEND lost (flags 0%o)", fl);
+    if ((fl & O_ACCMODE) != O_RDWR)
+        FAIL_RET("append: not O_RDWR");
+    if (lseek(fd_append, 0, SEEK_SET) != 0 || write(fd_append, "line2\n", 6) != 6)
+        FAIL_RET("append: write: %s", strerror(errno));
+    n = pread(fd_append, buf, sizeof buf, 0);
+    if (n != 12 || memcmp(buf, "line1\nline2\n", 12) != 0)
+        FAIL_RET("append: contents differ after an append (%zd bytes)", n);
+
+    /* pipe */
+    if (fstat(pipe_fds[0], &a) != 0 || fstat(pipe_fds[1], &b) != 0 || !S_ISFIFO(a.st_mode) ||
+        a.st_ino != b.st_ino)
+        FAIL_RET("pipe: ends are not one pipe");
+    if ((fcntl(pipe_fds[0], F_GETFL) & O_ACCMODE) != O_RDONLY ||
+        (fcntl(pipe_fds[1], F_GETFL) & O_ACCMODE) != O_WRONLY)
+        FAIL_RET("pipe: access modes differ");
+    if (!(fcntl(pipe_fds[1], F_GETFL) & O_NONBLOCK))
+        FAIL_RET("pipe: write end lost O_NONBLOCK");
+    if (fcntl(pipe_fds[0], F_GETFL) & O_NONBLOCK)
+        FAIL_RET("pipe: read end gained O_NONBLOCK");
+    int queued = -1;
+    if (ioctl(pipe_fds[0], FIONREAD, &queued) != 0 || queued != PIPE_BYTES)
+        FAIL_RET("pipe: %d bytes queued, want %d", queued, PIPE_BYTES);
+    unsigned char pbuf[PIPE_BYTES];
+    size_t got = 0;
+    while (got < PIPE_BYTES) {
+        n = read(pipe_fds[0], pbuf + got, PIPE_BYTES - got);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            FAIL_RET("pipe: read: %s", n < 0 ? strerror(errno) : "end of file");
+        got += n;
+    }
+    for (size_t i = 0; i < PIPE_BYTES; i++)
+        if (pbuf[i] != pipe_byte(i))
+            FAIL_RET("pipe: byte %zu is 0x%02x, want 0x%02x", i, pbuf[i], pipe_byte(i));
+
+    /* deleted */
+    in_dir(want, "deleted (deleted)");
+    verify_fd_points_at(fd_deleted, "deleted", want);
+    if (failure[0])
+        return;
+    if (fstat(fd_deleted, &a) != 0 || a.st_nlink != 0 || a.st_size != DELETED_SIZE)
+        FAIL_RET("deleted: nlink %lu size %lld, want 0 and %d", (unsigned long)a.st_nlink, (long long)a.st_size,
+                    DELETED_SIZE);
+    if (offset_of(fd_deleted) != DELETED_SIZE)
+        FAIL_RET("deleted: offset %lld, want %d", (long long)offset_of(fd_deleted), DELETED_SIZE);
+    unsigned char *dbuf = malloc(DELETED_SIZE);
+    if (!dbuf)
+        FAIL_RET("deleted: malloc");
+    n = pread(fd_deleted, dbuf, DELETED_SIZE, 0);
+    size_t bad = DELETED_SIZE;
+    for (size_t i = 0; n == DELETED_SIZE && i < DELETED_SIZE; i++)
+        if (dbuf[i] != deleted_byte(i)) {
+            bad = i;
+            break;
+        }
+    free(dbuf);
+    if (n != DELETED_SIZE)
+        FAIL_RET("deleted: read %zd bytes, want %d", n, DELETED_SIZE);
+    if (bad != DELETED_SIZE)
+        FAIL_RET("deleted: byte %zu differs", bad);
+
+    /* /dev/null */
+    if (fstat(NULL_FD, &a) != 0 || !S_ISCHR(a.st_mode) || a.st_rdev != makedev(1, 3))
+        FAIL_RET("fd %d: not /dev/null", NULL_FD);
+    if ((fcntl(NULL_FD, F_GETFL) & O_ACCMODE) != O_RDWR)
+        FAIL_RET("fd %d: /dev/null not O_RDWR", NULL_FD);
+    if (fcntl(NULL_FD, F_GETFD) != FD_CLOEXEC)
+        FAIL_RET("fd %d: FD_CLOEXEC lost", NULL_FD);
+
+    /* cwd */
+    char cwd[PATH_MAX];
+    if (!getcwd(cwd, sizeof cwd))
+        FAIL_RET("cwd: getcwd: %s", strerror(errno));
+    if (strcmp(cwd, real_dir) != 0)
+        FAIL_RET("cwd is %s, want %s", cwd, real_dir);
+}
+
+static void verify_process(void)
+{
+    mode_t old = umask(0);
+    umask(old);
+    if (old != 027)
+        FAIL_RET("umask is 0%o, want 027", (unsigned)old);
+
+    int fl = fcntl(log_fd, F_GETFL);
+    if (fl < 0 || !(fl & O_APPEND))
+        FAIL_RET("log: O_APPEND lost");
+
+    sigset_t set;
+    if (sigpending(&set) != 0 || !sigismember(&set, SIGUSR2))
+        FAIL_RET("SIGUSR2 not pending");
+    if (sigismember(&set, SIGUSR1) || sigismember(&set, SIGWINCH))
+        FAIL_RET("unexpected pending signal");
+    if (pthread_sigmask(SIG_BLOCK, NULL, &set) != 0 || !sigismember(&set, SIGUSR2))
+        FAIL_RET("SIGUSR2 not blocked in the main thread");
+    if (sigismember(&set, SIGWINCH) || sigismember(&set, SIGUSR1) || sigismember(&set, SIGTERM))
+        FAIL_RET("main thread blocks a signal it should not");
+
+    struct sigaction sa;
+    if (sigaction(SIGUSR1, NULL, &sa) != 0 || sa.sa_handler != on_usr1)
+        FAIL_RET("SIGUSR1 handler lost");
+    if ((sa.sa_flags & (SA_RESTART | SA_ONSTACK)) != (SA_RESTART | SA_ONSTACK))
+        FAIL_RET("SIGUSR1 handler flags 0x%x lack SA_RESTART|SA_ONSTACK", sa.sa_flags);
+    if (!sigismember(&sa.sa_mask, SIGUSR2) || sigismember(&sa.sa_mask, SIGWINCH))
+        FAIL_RET("SIGUSR1 handler mask differs");
+    if (sigaction(SIGTERM, NULL, &sa) != 0 || sa.sa_handler != on_term)
+        FAIL_RET("SIGTERM handler lost");
+    if (sigaction(SIGALRM, NULL, &sa) != 0 || sa.sa_handler != on_alrm)
+        FAIL_RET("SIGALRM handler lost");
+    if (sigaction(SIGWINCH, NULL, &sa) != 0 || sa.sa_handler != SIG_DFL)
+        FAIL_RET("SIGWINCH gained a handler");
+
+    struct itimerval it;
+    if (getitimer(ITIMER_REAL, &it) != 0)
+        FAIL_RET("getitimer: %s", strerror(errno));
+    if (it.it_interval.tv_sec != TIMER_SECS || it.it_interval.tv_usec != 0)
+        FAIL_RET("itimer interval %lld.%06lld s, want %d s", (long long)it.it_interval.tv_sec,
+                    (long long)it.it_interval.tv_usec, TIMER_SECS);
+    if ((it.it_value.tv_sec == 0 && it.it_value.tv_usec == 0) || it.it_value.tv_sec > TIMER_SECS)
+        FAIL_RET("itimer remaining %lld.%06lld s, want in (0, %d]", (long long)it.it_value.tv_sec,
+                    (long long)it.it_value.tv_usec, TIMER_SECS);
+    if (alrm_count != 0)
+        FAIL_RET("SIGALRM fired %d times", (int)alrm_count);
+}
+
+/* ---- main ---- */
+static void usage(void)
+{
+    fprintf(stderr, "usage: workload --log PATH [--dir DIR] [--mem-mib N] [--threads N] [--tick-ms N]"
+                    " [--dirty-pages N] [--no-files]\n");
+    exit(2);
+}
+
+static long number(const char *s, long max)
+{
+    char *end;
+    errno = 0;
+    long v = strtol(s, &end, 10);
+    if (errno || *end || end == s || v < 0 || v > max)
+        usage();
+    return v;
+}
+
+int main(int argc, char **argv)
+{
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        const char *v = i + 1 < argc ? argv[i + 1] : NULL;
+        if (!strcmp(a, "--no-files")) {
+            opt_files = 0;
+            continue;
+        }
+        if (!v)
+            usage();
+        i++;
+        if (!strcmp(a, "--log"))
+            opt_log = v;
+        else if (!strcmp(a, "--dir"))
+            opt_dir = v;
+        else if (!strcmp(a, "--mem-mib"))
+            opt_mem_mib = number(v, 1 << 20);
+        else if (!strcmp(a, "--threads"))
+            opt_threads = number(v, MAX_THREADS);
+        else if (!strcmp(a, "--tick-ms"))
+            opt_tick_ms = number(v, 1000000);
+        else if (!strcmp(a, "--dirty-pages"))
+            opt_dirty_pages = number(v, 1 << 20);
+        else
+            usage();
+    }
+    if (!opt_log || (opt_files && !opt_dir))
+        usage();
+
+    log_fd = open(opt_log, O_WRONLY | O_APPEND | O_CREAT, 0644);
+    if (log_fd < 0)
+        die("open log");
+    if (opt_files && !realpath(opt_dir, real_dir))
+        die("realpath dir");
+    tls_index = -1;
+
+    /* memory */
+    mem_pages = (size_t)opt_mem_mib * 256;
+    if (mem_pages > 0) {
+        mem = mmap(NULL, mem_pages * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (mem == MAP_FAILED)
+            die("mmap");
+        for (size_t p = 0; p < mem_pages; p++)
+            fill_mem_page(p, 0);
+    }
+    heap = malloc(HEAP_SIZE);
+    if (!heap)
+        die("malloc heap");
+    for (size_t i = 0; i < HEAP_SIZE; i++)
+        heap[i] = heap_byte(i);
+    for (size_t i = 0; i < GLOBAL_WORDS; i++)
+        global_array[i] = pattern(2, i, SEED);
+    uint64_t stack_array[STACK_WORDS];
+    for (size_t i = 0; i < STACK_WORDS; i++)
+        stack_array[i] = pattern(3, i, SEED);
+
+    log_region("mem", mem, mem_pages * PAGE);
+    log_region("heap", heap, HEAP_SIZE);
+    log_region("global", global_array, sizeof global_array);
+    log_region("stack", stack_array, sizeof stack_array);
+
+    if (opt_files)
+        setup_files();
+    umask(027);
+    setup_signals();
+
+    pthread_t threads[MAX_THREADS];
+    for (long i = 0; i < opt_threads; i++) {
+        altstacks[i] = malloc(ALTSTACK_SIZE);
+        if (!altstacks[i])
+            die("malloc altstack");
+        errno = pthread_create(&threads[i], NULL, thread_main, (void *)i);
+        if (errno)
+            die("pthread_create");
+    }
+    /* raise() is tgkill to this thread: a thread-directed signal pending across dumps. */
+    if (raise(SIGUSR2) != 0)
+        die("raise USR2");
+
+    logf_("ready");
+    uint64_t tick = 0;
+    sig_atomic_t usr1_logged = 0;
+    while (!term_flag) {
+        sig_atomic_t u = usr1_count;
+        if (u != usr1_logged) {
+            logf_("usr1 %d", (int)u);
+            usr1_logged = u;
+        }
+        tick++;
+        tls_counter++;
+        logf_("tick %llu", (unsigned long long)tick);
+        /* Rewrite a few pages each tick so iterative (pre-copy) dumps see dirty pages. */
+        for (long d = 0; d < opt_dirty_pages && mem_pages > 0; d++) {
+            size_t p = dirty_rewrites % mem_pages;
+            fill_mem_page(p, page_generation(p) + 1);
+            dirty_rewrites++;
+        }
+        sleep_ms(opt_tick_ms);
+    }
+
+    atomic_store(&stop_threads, 1);
+    for (long i = 0; i < opt_threads; i++) {
+        errno = pthread_join(threads[i], NULL);
+        if (errno)
+            fail("thread %ld: join: %s", i, strerror(errno));
+        else if (thread_fail[i][0])
+            fail("%s", thread_fail[i]);
+    }
+    if (tls_index != -1 || tls_counter != tick)
+        fail("main thread TLS: index %ld counter %llu, want -1 and %llu", tls_index,
+             (unsigned long long)tls_counter, (unsigned long long)tick);
+    verify_memory(stack_array);
+    if (opt_files && !failure[0])
+        verify_files();
+    if (!failure[0])
+        verify_process();
+
+    if (failure[0]) {
+        logf_("FAIL: %s", failure);
+        return 1;
+    }
+    logf_("PASS");
+    return 0;
+}
