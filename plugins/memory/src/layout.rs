@@ -1,0 +1,406 @@
+//! The address-space layout as the image records it, its checks, and the two
+//! restore steps that act on the whole layout: moving the kernel's special mappings
+//! and `PR_SET_MM_MAP`.
+
+use std::os::unix::fs::MetadataExt;
+
+use ferry_plugin_api::{
+    util::{self, Scratch, Vma},
+    ContextRef,
+};
+use serde::{Deserialize, Serialize};
+
+pub const PAGE: u64 = 4096;
+/// The top of user space on x86_64 with 4-level page tables.
+const USER_TOP: u64 = 0x7fff_ffff_f000;
+/// More auxv words than any kernel keeps (`saved_auxv` is about 50).
+const MAX_AUXV: usize = 128;
+
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum AreaKind {
+    /// Private anonymous memory: heap, stack, anonymous mmap.
+    Anon,
+    /// A file mapping, private or shared.
+    File,
+    /// `[vdso]`, `[vvar]`, `[vvar_vclock]`: the kernel's, moved rather than mapped.
+    Special,
+}
+
+/// What identifies a mapped file, to refuse a restore if it changed.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct FileId {
+    pub size: u64,
+    pub mtime_sec: i64,
+    pub mtime_nsec: i64,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Area {
+    pub start: u64,
+    pub end: u64,
+    /// PROT_* bits.
+    pub prot: u64,
+    pub shared: bool,
+    pub kind: AreaKind,
+    /// The file, or the special area's name (`vdso`).
+    pub path: Option<String>,
+    pub offset: u64,
+    pub growsdown: bool,
+    pub file: Option<FileId>,
+}
+
+impl Area {
+    /// Whether the area's contents live in memory only (and so are in the image).
+    pub fn has_pages(&self) -> bool {
+        !self.shared && self.kind != AreaKind::Special
+    }
+
+    /// The image's view of a mapping; `None` for what is not the process's to keep.
+    pub fn from_vma(vma: &Vma) -> Result<Option<Area>, String> {
+        let mut area = Area {
+            start: vma.start,
+            end: vma.end,
+            prot: vma.prot(),
+            shared: vma.shared(),
+            kind: AreaKind::Anon,
+            path: None,
+            offset: vma.offset,
+            growsdown: false,
+            file: None,
+        };
+        let at = format!("{:#x}-{:#x}", vma.start, vma.end);
+        match vma.special() {
+            Some("vsyscall") => return Ok(None),
+            Some(name) if name.starts_with("vdso") || name.starts_with("vvar") => {
+                area.kind = AreaKind::Special;
+                area.path = Some(name.to_string());
+                return Ok(Some(area));
+            }
+            Some(name) => {
+                area.growsdown = name == "stack";
+                area.offset = 0;
+            }
+            None if !vma.file_backed() => area.offset = 0,
+            None => {
+                if vma.path.ends_with(" (deleted)") {
+                    return Err(format!(
+                        "mapping {at} is of {}, which was deleted or is shared memory: not supported by the memory plugin",
+                        vma.path
+                    ));
+                }
+                let meta = std::fs::metadata(&vma.path).map_err(|e| format!("mapping {at}: {}: {e}", vma.path))?;
+                area.kind = AreaKind::File;
+                area.path = Some(vma.path.clone());
+                area.file = Some(FileId { size: meta.size(), mtime_sec: meta.mtime(), mtime_nsec: meta.mtime_nsec() });
+            }
+        }
+        if area.kind == AreaKind::Anon && area.shared {
+            return Err(format!("mapping {at} is shared anonymous memory: not supported by the memory plugin"));
+        }
+        Ok(Some(area))
+    }
+}
+
+/// Everything of the address space `PR_SET_MM_MAP` restores, and the areas.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MmState {
+    pub start_code: u64,
+    pub end_code: u64,
+    pub start_data: u64,
+    pub end_data: u64,
+    pub start_brk: u64,
+    pub brk: u64,
+    pub start_stack: u64,
+    pub arg_start: u64,
+    pub arg_end: u64,
+    pub env_start: u64,
+    pub env_end: u64,
+    pub auxv: Vec<u64>,
+    pub exe: String,
+    pub areas: Vec<Area>,
+}
+
+impl MmState {
+    /// Builds the state from `/proc/PID/stat`, the current brk, `/proc/PID/auxv`.
+    pub fn capture(stat: &str, brk: u64, auxv: &[u8], exe: String, areas: Vec<Area>) -> Result<MmState, String> {
+        let close = stat.rfind(')').ok_or("malformed /proc/PID/stat")?;
+        let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        // `field(n)` is stat field n as proc(5) numbers them (pid is 1, comm 2).
+        let field = |n: usize| -> Result<u64, String> {
+            fields.get(n - 3).and_then(|f| f.parse().ok()).ok_or_else(|| format!("/proc/PID/stat has no field {n}"))
+        };
+        let words: Vec<u64> = auxv
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+            .collect();
+        // Up to and including the AT_NULL pair.
+        let used = words.chunks_exact(2).position(|p| p[0] == 0).map_or(words.len(), |i| 2 * i + 2);
+        Ok(MmState {
+            start_code: field(26)?,
+            end_code: field(27)?,
+            start_stack: field(28)?,
+            start_data: field(45)?,
+            end_data: field(46)?,
+            start_brk: field(47)?,
+            arg_start: field(48)?,
+            arg_end: field(49)?,
+            env_start: field(50)?,
+            env_end: field(51)?,
+            brk,
+            auxv: words[..used.min(words.len())].to_vec(),
+            exe,
+            areas,
+        })
+    }
+
+    /// Checks what the image claims before acting on any of it.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.auxv.len() > MAX_AUXV || self.auxv.len() % 2 != 0 {
+            return Err(format!("the image's auxv has {} words", self.auxv.len()));
+        }
+        if self.exe.is_empty() {
+            return Err("the image names no executable".into());
+        }
+        let mut last_end = 0;
+        for a in &self.areas {
+            let at = format!("{:#x}-{:#x}", a.start, a.end);
+            if a.start % PAGE != 0 || a.end % PAGE != 0 || a.end <= a.start || a.start < last_end {
+                return Err(format!("the image's mapping {at} is misaligned, empty or overlaps the one before"));
+            }
+            if a.kind != AreaKind::Special && a.end > USER_TOP {
+                return Err(format!("the image's mapping {at} lies outside user space"));
+            }
+            if a.prot & !0x7 != 0 || a.offset % PAGE != 0 {
+                return Err(format!("the image's mapping {at} has protection {:#x}, offset {:#x}", a.prot, a.offset));
+            }
+            if a.kind == AreaKind::File && (a.path.is_none() || a.file.is_none()) {
+                return Err(format!("the image's file mapping {at} names no file"));
+            }
+            last_end = a.end;
+        }
+        Ok(())
+    }
+
+    /// Refuses clearly when a mapped file is not the one the process had mapped.
+    pub fn check_files(&self) -> Result<(), String> {
+        for a in self.areas.iter().filter(|a| a.kind == AreaKind::File) {
+            let (Some(path), Some(id)) = (&a.path, &a.file) else { continue };
+            let meta = std::fs::metadata(path).map_err(|e| format!("mapped file {path}: {e}"))?;
+            if meta.size() != id.size {
+                return Err(format!("mapped file {path} changed since the checkpoint: size {} is now {}", id.size, meta.size()));
+            }
+            if (meta.mtime(), meta.mtime_nsec()) != (id.mtime_sec, id.mtime_nsec) {
+                return Err(format!("mapped file {path} changed since the checkpoint (modification time differs)"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Encodes runs of pages: a count, then (address, pages) pairs, all u64 LE.
+pub fn encode_runs(runs: &[(u64, u64)]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(8 + 16 * runs.len());
+    out.extend_from_slice(&(runs.len() as u64).to_le_bytes());
+    for &(addr, n) in runs {
+        out.extend_from_slice(&addr.to_le_bytes());
+        out.extend_from_slice(&n.to_le_bytes());
+    }
+    out
+}
+
+fn u64_at(b: &[u8], at: usize) -> Option<u64> {
+    b.get(at..at + 8).map(|s| u64::from_le_bytes([s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7]]))
+}
+
+/// Decodes a `pages` payload into its runs and data, trusting no count.
+pub fn decode_runs(payload: &[u8]) -> Result<(Vec<(u64, u64)>, &[u8]), String> {
+    let count = u64_at(payload, 0).ok_or("a pages record without its header")?;
+    if count > (payload.len() as u64).saturating_sub(8) / 16 {
+        return Err(format!("a pages record claims {count} runs in {} bytes", payload.len()));
+    }
+    let mut runs = Vec::with_capacity(count as usize);
+    let mut total: u64 = 0;
+    for i in 0..count as usize {
+        let addr = u64_at(payload, 8 + 16 * i).ok_or("truncated run")?;
+        let n = u64_at(payload, 16 + 16 * i).ok_or("truncated run")?;
+        if addr % PAGE != 0 || n == 0 || addr.checked_add(n.saturating_mul(PAGE)).is_none_or(|e| e > USER_TOP) {
+            return Err(format!("a pages record has a bad run {addr:#x} (+{n} pages)"));
+        }
+        total = total.saturating_add(n.saturating_mul(PAGE));
+        runs.push((addr, n));
+    }
+    let data = &payload[8 + 16 * count as usize..];
+    if data.len() as u64 != total {
+        return Err(format!("a pages record holds {} bytes for {total} bytes of pages", data.len()));
+    }
+    Ok((runs, data))
+}
+
+fn mremap(ctx: &mut ContextRef<'_>, from: u64, len: u64, to: u64) -> Result<(), String> {
+    let pid = ctx.pid();
+    let flags = (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64;
+    let got = util::syscall(ctx, pid, &format!("mremap {from:#x} to {to:#x}"), libc::SYS_mremap, [from, len, len, flags, to, 0])?;
+    if got != to {
+        return Err(format!("mremap of {from:#x} landed at {got:#x}"));
+    }
+    Ok(())
+}
+
+/// Moves the child's vDSO and vvar areas to where the image had them, through a free
+/// stretch first so that old and new places may overlap.
+pub fn move_specials(ctx: &mut ContextRef<'_>, child: &[Vma], state: &MmState) -> Result<(), String> {
+    let wanted: Vec<&Area> = state.areas.iter().filter(|a| a.kind == AreaKind::Special).collect();
+    let mut moves = Vec::new();
+    for a in &wanted {
+        let name = a.path.as_deref().unwrap_or("");
+        let here = child
+            .iter()
+            .find(|v| v.special() == Some(name))
+            .ok_or_else(|| format!("this kernel has no [{name}] area; restore on the kernel that made the image"))?;
+        if here.len() != a.end - a.start {
+            return Err(format!(
+                "this kernel's [{name}] is {} bytes, the image's {}: restore on the kernel that made the image",
+                here.len(),
+                a.end - a.start
+            ));
+        }
+        moves.push((here.start, here.len(), a.start));
+    }
+    if moves.iter().all(|&(from, _, to)| from == to) {
+        return Ok(());
+    }
+    let lo = moves.iter().map(|m| m.0).min().unwrap_or(0);
+    let span = moves.iter().map(|m| m.0 + m.1).max().unwrap_or(0) - lo;
+    let busy = |s: u64, e: u64| {
+        child.iter().any(|v| v.start < e && s < v.end) || wanted.iter().any(|a| a.start < e && s < a.end)
+    };
+    let temp = (1..64u64)
+        .map(|k| k << 36)
+        .find(|&t| !busy(t, t + span))
+        .ok_or("no free stretch to move the vDSO through")?;
+    for &(from, len, _) in &moves {
+        mremap(ctx, from, len, temp + (from - lo))?;
+    }
+    for &(from, len, to) in &moves {
+        mremap(ctx, temp + (from - lo), len, to)?;
+    }
+    Ok(())
+}
+
+/// `prctl(PR_SET_MM, PR_SET_MM_MAP)`: brk, stack, arg/env, auxv and the exe file in one call.
+pub fn set_mm(ctx: &mut ContextRef<'_>, state: &MmState) -> Result<(), String> {
+    let pid = ctx.pid();
+    let mut scratch = Scratch::new(ctx);
+    let auxv: Vec<u8> = state.auxv.iter().flat_map(|w| w.to_le_bytes()).collect();
+    let auxv_at = scratch.put(ctx, &auxv)?;
+    let exe_at = scratch.cstr(ctx, &state.exe)?;
+    let exe_fd = util::syscall(ctx, pid, &format!("open {}", state.exe), libc::SYS_openat, [libc::AT_FDCWD as u64, exe_at, (libc::O_RDONLY | libc::O_CLOEXEC) as u64, 0, 0, 0])?;
+    let mut map = Vec::with_capacity(104);
+    for v in [
+        state.start_code,
+        state.end_code,
+        state.start_data,
+        state.end_data,
+        state.start_brk,
+        state.brk,
+        state.start_stack,
+        state.arg_start,
+        state.arg_end,
+        state.env_start,
+        state.env_end,
+        auxv_at,
+    ] {
+        map.extend_from_slice(&v.to_le_bytes());
+    }
+    map.extend_from_slice(&(auxv.len() as u32).to_le_bytes());
+    map.extend_from_slice(&(exe_fd as u32).to_le_bytes());
+    let map_at = scratch.put(ctx, &map)?;
+    const PR_SET_MM: u64 = 35;
+    const PR_SET_MM_MAP: u64 = 14;
+    let r = util::syscall(ctx, pid, "prctl(PR_SET_MM_MAP)", libc::SYS_prctl, [PR_SET_MM, PR_SET_MM_MAP, map_at, map.len() as u64, 0, 0]);
+    util::syscall(ctx, pid, "close", libc::SYS_close, [exe_fd, 0, 0, 0, 0, 0])?;
+    r.map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_round_trip_and_lies_are_refused() {
+        let runs = vec![(0x1000, 2), (0x8000, 1)];
+        let mut payload = encode_runs(&runs);
+        payload.extend(vec![7u8; 3 * PAGE as usize]);
+        let (back, data) = decode_runs(&payload).unwrap();
+        assert_eq!(back, runs);
+        assert_eq!(data.len(), 3 * PAGE as usize);
+        // One byte short of the pages it claims.
+        assert!(decode_runs(&payload[..payload.len() - 1]).is_err());
+        // A count no payload could hold.
+        let mut lie = payload.clone();
+        lie[..8].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(decode_runs(&lie).is_err());
+        // A misaligned run.
+        let mut bad = encode_runs(&[(0x1001, 1)]);
+        bad.extend(vec![0u8; PAGE as usize]);
+        assert!(decode_runs(&bad).is_err());
+        assert!(decode_runs(&[1, 2]).is_err());
+    }
+
+    #[test]
+    fn stat_fields_are_taken_by_their_proc5_numbers() {
+        // A comm with spaces and parentheses, as the kernel allows.
+        let mut stat = String::from("42 (a (b) c) S");
+        for n in 4..=52 {
+            stat.push_str(&format!(" {}", n * 1000));
+        }
+        let auxv: Vec<u8> = [6u64, 4096, 0, 0, 99, 99].iter().flat_map(|w| w.to_le_bytes()).collect();
+        let st = MmState::capture(&stat, 0x5000, &auxv, "/bin/x".into(), vec![]).unwrap();
+        assert_eq!(st.start_code, 26_000);
+        assert_eq!(st.start_stack, 28_000);
+        assert_eq!(st.env_end, 51_000);
+        assert_eq!(st.auxv, vec![6, 4096, 0, 0]);
+        st.validate().unwrap();
+    }
+
+    #[test]
+    fn overlapping_or_misaligned_areas_are_refused() {
+        let area = |start, end| Area {
+            start,
+            end,
+            prot: 3,
+            shared: false,
+            kind: AreaKind::Anon,
+            path: None,
+            offset: 0,
+            growsdown: false,
+            file: None,
+        };
+        let mut st = MmState::capture("1 (x) S", 0, &[], "/x".into(), vec![]).unwrap_or_else(|_| MmState {
+            start_code: 0,
+            end_code: 0,
+            start_data: 0,
+            end_data: 0,
+            start_brk: 0,
+            brk: 0,
+            start_stack: 0,
+            arg_start: 0,
+            arg_end: 0,
+            env_start: 0,
+            env_end: 0,
+            auxv: vec![],
+            exe: "/x".into(),
+            areas: vec![],
+        });
+        st.areas = vec![area(0x1000, 0x3000), area(0x2000, 0x4000)];
+        assert!(st.validate().is_err());
+        st.areas = vec![area(0x1000, 0x1800)];
+        assert!(st.validate().is_err());
+        st.areas = vec![area(0x1000, 0x2000), area(0x2000, 0x3000)];
+        st.validate().unwrap();
+    }
+}
