@@ -1,14 +1,29 @@
-//! The `files` subsystem plugin: File descriptors, offsets, pipes, cwd, root, umask.
-//! Its checkpoint and restart arrive with the checkpoint/restore issue; here it loads,
-//! registers and describes itself.
+//! The `files` subsystem plugin: the fd table (regular files and their offsets and
+//! flags, files deleted while open, memfds, devices, pipes and FIFOs with their unread
+//! bytes, shared file descriptions), the working and root directories and the umask.
+//!
+//! See [`model`] for the records. Checkpoint reads `/proc/PID/{fd,fdinfo}` and uses
+//! `kcmp` to find fds sharing one description; restart rebuilds everything by system
+//! calls injected into the restore child. Sockets, eventfds, epoll, signalfds,
+//! timerfds, inotify and other anonymous inodes are refused with an error naming the
+//! fd, so the checkpoint fails before anything is written.
+
+mod checkpoint;
+mod model;
+mod restore;
+mod scan;
 
 use ferry_plugin_api::{
     abi_stable::std_types::{RString, RVec},
     plugin::SubsystemPlugin,
-    ContextRef, Progress, SinkRef, SourceRef, SubsystemInfo,
+    ContextRef, Progress, SinkRef, SourceRef, Status, SubsystemInfo,
 };
 
-struct Plugin;
+#[derive(Default)]
+struct Plugin {
+    checkpoint: checkpoint::Checkpoint,
+    restore: restore::Restore,
+}
 
 fn names(items: &[&str]) -> RVec<RString> {
     items.iter().map(|s| RString::from(*s)).collect()
@@ -17,19 +32,37 @@ fn names(items: &[&str]) -> RVec<RString> {
 impl SubsystemPlugin for Plugin {
     fn info(&self) -> SubsystemInfo {
         SubsystemInfo {
-            entity_kinds: names(&["fd", "cwd", "root"]),
+            entity_kinds: names(&["fd", "cwd", "root", "umask"]),
             after: names(&["memory"]),
             shared_resources: names(&["pipe", "file-description"]),
         }
     }
 
-    fn checkpoint(&mut self, _ctx: &mut ContextRef<'_>, _sink: &mut SinkRef<'_>) -> Result<Progress, String> {
-        Err("checkpoint of files state is not implemented in this build".into())
+    fn checkpoint(&mut self, ctx: &mut ContextRef<'_>, sink: &mut SinkRef<'_>) -> Result<Progress, String> {
+        self.checkpoint.step(ctx, sink)
     }
 
-    fn restart(&mut self, _ctx: &mut ContextRef<'_>, _source: &mut SourceRef<'_>) -> Result<Progress, String> {
-        Err("restart of files state is not implemented in this build".into())
+    fn restart(&mut self, ctx: &mut ContextRef<'_>, source: &mut SourceRef<'_>) -> Result<Progress, String> {
+        self.restore.step(ctx, source)
+    }
+
+    fn cleanup(&mut self, _ctx: &mut ContextRef<'_>, ok: bool) {
+        if !ok {
+            self.restore.cleanup();
+        }
+    }
+
+    fn status(&self) -> Status {
+        let (c, r) = (self.checkpoint.status, self.restore.status);
+        if r.entities_total > 0 {
+            r
+        } else {
+            c
+        }
     }
 }
 
-ferry_plugin_api::export_subsystem!("files", "File descriptors, offsets, pipes, cwd, root, umask", || Plugin);
+ferry_plugin_api::export_subsystem!("files", "File descriptors, offsets, pipes, cwd, root, umask", Plugin::default);
+
+#[cfg(test)]
+mod mock_tests;

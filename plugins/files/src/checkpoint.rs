@@ -1,0 +1,413 @@
+//! Checkpoint: the first call scans the fd table (and fails on any fd it cannot
+//! handle, before writing anything), writes the `files` header, and queues one job per
+//! description and pipe; later calls emit the queued records within a byte budget.
+
+use std::{
+    collections::{HashMap, HashSet, VecDeque},
+    fs::File,
+    io,
+    os::{
+        fd::{AsRawFd, FromRawFd, OwnedFd},
+        unix::fs::{FileExt, MetadataExt, OpenOptionsExt},
+    },
+};
+
+use ferry_plugin_api::{
+    abi_stable::std_types::RStr,
+    util::{proc_text, put_json, put_raw},
+    ContextRef, Progress, SharedClaim, SinkRef, Status,
+};
+
+use crate::{
+    model::{
+        fds_label, Desc, Header, Object, PipeEnd, PipeRec, Slot, CHUNK, FORMAT, KIND_DESC, KIND_DESC_DATA, KIND_HEADER,
+        KIND_PIPE, KIND_PIPE_DATA, O_CLOEXEC,
+    },
+    scan::{group, kind_of, parse_fdinfo, parse_umask, FdInfo, Kind, StatInfo},
+};
+
+/// Content bytes emitted per call at most (one chunk may overshoot it).
+const BUDGET: u64 = 16 << 20;
+
+/// One fd of the target as the scan found it.
+struct FdEntry {
+    fd: i32,
+    link: String,
+    info: FdInfo,
+    st: StatInfo,
+    kind: Kind,
+}
+
+enum Job {
+    /// A description; `source` is an fd of the target to read its contents from.
+    Desc { desc: Desc, source: Option<i32> },
+    /// A pipe; `source` is an fd of the target whose description reads the pipe
+    /// (else one is opened through /proc).
+    Pipe { rec: PipeRec, read_end: Option<i32>, any_fd: i32 },
+    /// Contents still to emit from `file` (owned here, closed on drop).
+    Data { file: OwnedFd, off: u64, remaining: u64, kind: &'static str, what: String },
+}
+
+#[derive(Default)]
+pub struct Checkpoint {
+    scanned: bool,
+    jobs: VecDeque<Job>,
+    pub status: Status,
+}
+
+fn os_err(what: impl std::fmt::Display) -> String {
+    format!("{what}: {}", io::Error::last_os_error())
+}
+
+fn stat_info(m: &std::fs::Metadata) -> StatInfo {
+    StatInfo {
+        dev: m.dev(),
+        ino: m.ino(),
+        mode: m.mode(),
+        rdev: m.rdev(),
+        size: m.size(),
+        nlink: m.nlink(),
+        uid: m.uid(),
+        gid: m.gid(),
+    }
+}
+
+/// Reads a link of /proc as UTF-8 text.
+fn read_link(path: &str) -> Result<String, String> {
+    let target = std::fs::read_link(path).map_err(|e| format!("readlink {path}: {e}"))?;
+    target.into_os_string().into_string().map_err(|t| format!("{path} points at {t:?}, which is not UTF-8"))
+}
+
+/// `kcmp(pid, pid, KCMP_FILE, a, b) == 0`: fds `a` and `b` share a description.
+fn same_description(pid: i32, a: i32, b: i32) -> Result<bool, String> {
+    const KCMP_FILE: libc::c_long = 0;
+    // SAFETY: kcmp takes integers only.
+    let r = unsafe { libc::syscall(libc::SYS_kcmp, pid, pid, KCMP_FILE, a as libc::c_long, b as libc::c_long) };
+    if r < 0 {
+        return Err(os_err(format_args!("kcmp of fds {a} and {b} of process {pid} (do they share a description?)")));
+    }
+    Ok(r == 0)
+}
+
+/// Whether an fd with fdinfo `flags` can be read from (not write-only, not O_PATH).
+fn readable(flags: u32) -> bool {
+    let acc = flags & libc::O_ACCMODE as u32;
+    (acc == libc::O_RDONLY as u32 || acc == libc::O_RDWR as u32) && flags & libc::O_PATH as u32 == 0
+}
+
+/// An fd of ferry's own reading target fd `fd`: the target's description itself when
+/// it is readable (`pidfd_getfd`), else a new one opened through /proc.
+fn reader(ctx: &mut ContextRef<'_>, fd: i32, flags: u32) -> Result<OwnedFd, String> {
+    if readable(flags) {
+        let got = ctx.fetch_fd(fd).into_result().map_err(|e| format!("fd {fd}: {}", e.message))?;
+        // SAFETY: fetch_fd hands us a fresh fd that we own from now on.
+        return Ok(unsafe { OwnedFd::from_raw_fd(got) });
+    }
+    let path = format!("/proc/{}/fd/{fd}", ctx.pid());
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(&path)
+        .map_err(|e| format!("fd {fd}: opening {path} to read it: {e}"))?;
+    Ok(OwnedFd::from(file))
+}
+
+/// The bytes queued in the pipe read by `src`, without consuming them: `tee` into a
+/// pipe of our own as large as the source, then read that. Answers (pipe size, bytes).
+fn peek_pipe(src: &OwnedFd, what: &str) -> Result<(u64, Vec<u8>), String> {
+    let s = src.as_raw_fd();
+    // SAFETY: fcntl on an fd we own.
+    let size = unsafe { libc::fcntl(s, libc::F_GETPIPE_SZ) };
+    if size <= 0 {
+        return Err(os_err(format_args!("{what}: F_GETPIPE_SZ")));
+    }
+    let mut ends = [0 as libc::c_int; 2];
+    // SAFETY: pipe2 fills the two ints of `ends`.
+    if unsafe { libc::pipe2(ends.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
+        return Err(os_err(format_args!("{what}: pipe2 for a copy of its data")));
+    }
+    // SAFETY: both fds were just created and are ours.
+    let (r, w) = unsafe { (OwnedFd::from_raw_fd(ends[0]), OwnedFd::from_raw_fd(ends[1])) };
+    // SAFETY: as above.
+    if unsafe { libc::fcntl(w.as_raw_fd(), libc::F_SETPIPE_SZ, size) } < size {
+        return Err(os_err(format_args!("{what}: F_SETPIPE_SZ {size} on the copy")));
+    }
+    // One tee of everything queued: a snapshot even if a process outside the event
+    // reads or writes the pipe meanwhile. The copy has as many slots as the source,
+    // so it takes all of it.
+    // SAFETY: tee between two pipe fds we own; no memory is passed.
+    let n = unsafe { libc::tee(s, w.as_raw_fd(), size as usize, libc::SPLICE_F_NONBLOCK) };
+    if n < 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EAGAIN) {
+            return Ok((size as u64, Vec::new())); // nothing queued
+        }
+        return Err(format!("{what}: tee of its queued bytes: {e}"));
+    }
+    let queued = n as usize;
+    let mut data = vec![0u8; queued];
+    let mut got = 0;
+    let mut copy = File::from(r);
+    while got < data.len() {
+        match io::Read::read(&mut copy, &mut data[got..]) {
+            Ok(0) => return Err(format!("{what}: the copy of its data ended after {got} bytes")),
+            Ok(k) => got += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(format!("{what}: reading the copy of its data: {e}")),
+        }
+    }
+    drop(w);
+    Ok((size as u64, data))
+}
+
+impl Checkpoint {
+    pub fn step(&mut self, ctx: &mut ContextRef<'_>, sink: &mut SinkRef<'_>) -> Result<Progress, String> {
+        if !self.scanned {
+            self.scan(ctx, sink)?;
+            self.scanned = true;
+            return Ok(if self.jobs.is_empty() { Progress::Done } else { Progress::More });
+        }
+        let mut spent = 0u64;
+        while spent < BUDGET {
+            let Some(job) = self.jobs.pop_front() else { break };
+            spent += self.run(ctx, sink, job)?;
+        }
+        Ok(if self.jobs.is_empty() { Progress::Done } else { Progress::More })
+    }
+
+    /// Emits one job (or part of a data job); answers the content bytes emitted.
+    fn run(&mut self, ctx: &mut ContextRef<'_>, sink: &mut SinkRef<'_>, job: Job) -> Result<u64, String> {
+        match job {
+            Job::Desc { mut desc, source } => {
+                let what = format!("{} ({})", desc.label(), object_name(&desc.object));
+                let mut data = None;
+                if let Some(fd) = source {
+                    let file = reader(ctx, fd, desc.flags)?;
+                    if let Object::Memfd { seals, .. } = &mut desc.object {
+                        // SAFETY: fcntl on an fd we own.
+                        let s = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+                        if s < 0 {
+                            return Err(os_err(format_args!("{what}: F_GET_SEALS")));
+                        }
+                        *seals = s as u32;
+                    }
+                    let len = desc.data_len();
+                    if len > 0 {
+                        data = Some(Job::Data { file, off: 0, remaining: len, kind: KIND_DESC_DATA, what });
+                    }
+                }
+                put_json(sink, KIND_DESC, &desc)?;
+                self.status.entities_done += desc.fds.len() as u64;
+                if let Some(d) = data {
+                    self.jobs.push_front(d);
+                }
+                Ok(0)
+            }
+            Job::Pipe { mut rec, read_end, any_fd } => {
+                let what = format!(
+                    "{} of {}",
+                    rec.label(),
+                    fds_label(&rec.ends.iter().flat_map(|e| e.fds.clone()).collect::<Vec<_>>())
+                );
+                let src = match read_end {
+                    Some(fd) => reader(ctx, fd, libc::O_RDONLY as u32)?,
+                    None => reader(ctx, any_fd, libc::O_WRONLY as u32)?,
+                };
+                let (size, data) = peek_pipe(&src, &what)?;
+                drop(src);
+                rec.size = size;
+                rec.data_len = data.len() as u64;
+                put_json(sink, KIND_PIPE, &rec)?;
+                for chunk in data.chunks(CHUNK) {
+                    put_raw(sink, KIND_PIPE_DATA, chunk)?;
+                }
+                self.status.entities_done += rec.ends.iter().map(|e| e.fds.len() as u64).sum::<u64>();
+                self.status.bytes_total += data.len() as u64;
+                self.status.bytes_done += data.len() as u64;
+                Ok(data.len() as u64)
+            }
+            Job::Data { file, off, remaining, kind, what } => {
+                let n = remaining.min(CHUNK as u64) as usize;
+                let mut buf = vec![0u8; n];
+                let f = File::from(file);
+                let mut got = 0;
+                while got < n {
+                    match f.read_at(&mut buf[got..], off + got as u64) {
+                        Ok(0) => {
+                            return Err(format!(
+                                "{what}: the file ended at {} bytes, before the {} its size said",
+                                off + got as u64,
+                                off + remaining
+                            ))
+                        }
+                        Ok(k) => got += k,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(format!("{what}: reading its contents at {}: {e}", off + got as u64)),
+                    }
+                }
+                put_raw(sink, kind, &buf)?;
+                self.status.bytes_done += n as u64;
+                if remaining > n as u64 {
+                    let file = OwnedFd::from(f);
+                    self.jobs.push_front(Job::Data {
+                        file,
+                        off: off + n as u64,
+                        remaining: remaining - n as u64,
+                        kind,
+                        what,
+                    });
+                }
+                Ok(n as u64)
+            }
+        }
+    }
+
+    fn scan(&mut self, ctx: &mut ContextRef<'_>, sink: &mut SinkRef<'_>) -> Result<(), String> {
+        let pid = ctx.pid();
+        let dir = format!("/proc/{pid}/fd");
+        let mut fds = Vec::new();
+        for entry in std::fs::read_dir(&dir).map_err(|e| format!("listing {dir}: {e}"))? {
+            let entry = entry.map_err(|e| format!("listing {dir}: {e}"))?;
+            let name = entry.file_name();
+            let fd = name
+                .to_str()
+                .and_then(|n| n.parse::<i32>().ok())
+                .ok_or_else(|| format!("{dir} holds {name:?}, which is not an fd number"))?;
+            fds.push(fd);
+        }
+        fds.sort_unstable();
+
+        let mut entries = Vec::with_capacity(fds.len());
+        for fd in fds {
+            let link = read_link(&format!("{dir}/{fd}"))?;
+            let info = proc_text(ctx, &format!("fdinfo/{fd}"))
+                .and_then(|t| parse_fdinfo(&t))
+                .map_err(|e| format!("fd {fd} ({link}): {e}"))?;
+            let st = std::fs::metadata(format!("{dir}/{fd}"))
+                .map(|m| stat_info(&m))
+                .map_err(|e| format!("fd {fd} ({link}): stat: {e}"))?;
+            let named = |p: &str| std::fs::metadata(p).map(|m| m.dev() == st.dev && m.ino() == st.ino).unwrap_or(false);
+            let kind = kind_of(fd, &link, &st, named)?;
+            entries.push(FdEntry { fd, link, info, st, kind });
+        }
+
+        let cwd = read_link(&format!("/proc/{pid}/cwd"))?;
+        let root = read_link(&format!("/proc/{pid}/root"))?;
+        for (what, p) in [("working directory", &cwd), ("root directory", &root)] {
+            if p.ends_with(" (deleted)") || !p.starts_with('/') {
+                return Err(format!("the {what} {p} was deleted: not supported by the files plugin"));
+            }
+        }
+        let umask = parse_umask(&proc_text(ctx, "status")?)?;
+
+        // Group into descriptions: only fds on one inode with one link text can share one.
+        let keys: Vec<(i32, (String, u64, u64))> =
+            entries.iter().map(|e| (e.fd, (e.link.clone(), e.st.dev, e.st.ino))).collect();
+        let groups = group(&keys, |a, b| same_description(pid, a, b))?;
+        let by_fd: HashMap<i32, &FdEntry> = entries.iter().map(|e| (e.fd, e)).collect();
+
+        let mut descs = Vec::new();
+        let mut pipes: Vec<(PipeRec, Option<i32>, i32)> = Vec::new();
+        let mut pipe_index: HashMap<(u64, u64), usize> = HashMap::new();
+        let mut with_contents: HashSet<(u64, u64)> = HashSet::new();
+        for g in &groups {
+            let first = by_fd.get(&g[0]).ok_or("internal error: grouped an fd never scanned")?;
+            let slots: Vec<Slot> = g
+                .iter()
+                .filter_map(|fd| by_fd.get(fd))
+                .map(|e| Slot { fd: e.fd, cloexec: e.info.flags & O_CLOEXEC != 0 })
+                .collect();
+            let flags = first.info.flags & !O_CLOEXEC;
+            let st = &first.st;
+            let key = (st.dev, st.ino);
+            match &first.kind {
+                Kind::Pipe { fifo } => {
+                    let i = match pipe_index.get(&key) {
+                        Some(&i) => i,
+                        None => {
+                            let id = format!("{}:{}", st.dev, st.ino);
+                            if let SharedClaim::Taken(owner) =
+                                ctx.claim_shared(RStr::from_str("pipe"), RStr::from_str(&id))
+                            {
+                                return Err(format!(
+                                    "fd {} ({}): the pipe is shared with process {owner} of this event: \
+                                     not supported by the files plugin yet",
+                                    first.fd, first.link
+                                ));
+                            }
+                            pipe_index.insert(key, pipes.len());
+                            let rec =
+                                PipeRec { ino: st.ino, fifo: fifo.clone(), size: 0, data_len: 0, ends: Vec::new() };
+                            pipes.push((rec, None, first.fd));
+                            pipes.len() - 1
+                        }
+                    };
+                    let (rec, read_end, _) = &mut pipes[i];
+                    if read_end.is_none() && readable(flags) {
+                        *read_end = Some(first.fd);
+                    }
+                    rec.ends.push(PipeEnd { fds: slots, flags });
+                }
+                Kind::Path(path) => descs.push((
+                    Desc {
+                        fds: slots,
+                        flags,
+                        pos: first.info.pos,
+                        object: Object::Path { path: path.clone(), mode: st.mode, rdev: st.rdev },
+                    },
+                    None,
+                )),
+                Kind::Deleted(path) => {
+                    let carries = with_contents.insert(key);
+                    let object = Object::Deleted {
+                        path: path.clone(),
+                        dev: st.dev,
+                        ino: st.ino,
+                        mode: st.mode,
+                        uid: st.uid,
+                        gid: st.gid,
+                        size: st.size,
+                        data_len: carries.then_some(st.size),
+                    };
+                    descs.push((Desc { fds: slots, flags, pos: first.info.pos, object }, carries.then_some(first.fd)));
+                }
+                Kind::Memfd(name) => {
+                    let carries = with_contents.insert(key);
+                    let object = Object::Memfd {
+                        name: name.clone(),
+                        dev: st.dev,
+                        ino: st.ino,
+                        mode: st.mode,
+                        seals: 0,
+                        size: st.size,
+                        data_len: carries.then_some(st.size),
+                    };
+                    // Seals are read through the fd, so every memfd description gets a source.
+                    descs.push((Desc { fds: slots, flags, pos: first.info.pos, object }, Some(first.fd)));
+                }
+            }
+        }
+
+        let header =
+            Header { format: FORMAT, cwd, root, umask, descriptions: descs.len() as u64, pipes: pipes.len() as u64 };
+        put_json(sink, KIND_HEADER, &header)?;
+        self.status.entities_total = entries.len() as u64 + 3;
+        self.status.entities_done = 3;
+        self.status.bytes_total = descs.iter().map(|(d, _)| d.data_len()).sum();
+        for (desc, source) in descs {
+            self.jobs.push_back(Job::Desc { desc, source });
+        }
+        for (rec, read_end, any_fd) in pipes {
+            self.jobs.push_back(Job::Pipe { rec, read_end, any_fd });
+        }
+        Ok(())
+    }
+}
+
+pub fn object_name(o: &Object) -> String {
+    match o {
+        Object::Path { path, .. } => path.clone(),
+        Object::Deleted { path, .. } => format!("{path} (deleted)"),
+        Object::Memfd { name, .. } => format!("memfd:{name}"),
+    }
+}

@@ -1,0 +1,535 @@
+//! Restore against a simulated kernel: a fake process context whose injected system
+//! calls act on an fd table in memory (lowest free number first, like the kernel).
+//! Checks that fds land at their numbers whatever the temporaries collide with, and
+//! that a bad image is refused with a clear error and no panic.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use ferry_plugin_api::{
+    abi_stable::{
+        sabi_trait::TD_Opaque,
+        std_types::{RResult, RSlice, RSliceMut, RStr, RVec},
+    },
+    MemRange, PResult, ProcessContext, ProcessContext_TO, Progress, Record, RecordFormat, RecordSource,
+    RecordSource_TO, RseqConfig, SharedClaim, SyscallArgs,
+};
+
+use crate::model::*;
+use crate::restore::Restore;
+
+const BASE: u64 = 0x10000;
+const SCRATCH: u64 = 64 * 1024;
+
+#[derive(Debug, Clone)]
+struct MDesc {
+    what: String,
+    flags: u32,
+    pos: i64,
+}
+
+#[derive(Default)]
+struct Kernel {
+    fds: BTreeMap<i32, (usize, bool)>,
+    descs: Vec<MDesc>,
+    mem: Vec<u8>,
+    /// Existing paths and their st_mode.
+    files: HashMap<String, u32>,
+    unlinked: Vec<String>,
+    /// Bytes written to each object (path, pipe, memfd).
+    contents: HashMap<String, Vec<u8>>,
+    cwd: String,
+    umask: u32,
+    pipes: u32,
+    calls: usize,
+}
+
+impl Kernel {
+    fn new() -> Kernel {
+        let mut k = Kernel { mem: vec![0; SCRATCH as usize], cwd: "/".into(), ..Kernel::default() };
+        k.files.insert("/dev/null".into(), libc::S_IFCHR | 0o666);
+        k.files.insert("/data".into(), libc::S_IFREG | 0o644);
+        k.files.insert("/fifo".into(), libc::S_IFIFO | 0o600);
+        // What ferry leaves in the child: to be closed.
+        for fd in [0, 1, 2, 7] {
+            let d = k.new_desc("inherited", 2);
+            k.fds.insert(fd, (d, false));
+        }
+        k
+    }
+
+    fn new_desc(&mut self, what: &str, flags: u32) -> usize {
+        self.descs.push(MDesc { what: what.into(), flags, pos: 0 });
+        self.descs.len() - 1
+    }
+
+    fn lowest_free(&self, from: i32) -> i32 {
+        (from..).find(|n| !self.fds.contains_key(n)).unwrap_or(-1)
+    }
+
+    fn install(&mut self, d: usize, cloexec: bool) -> i64 {
+        let fd = self.lowest_free(0);
+        self.fds.insert(fd, (d, cloexec));
+        fd as i64
+    }
+
+    fn cstr(&self, addr: u64) -> String {
+        let at = (addr - BASE) as usize;
+        let end = self.mem[at..].iter().position(|&b| b == 0).unwrap() + at;
+        String::from_utf8(self.mem[at..end].to_vec()).unwrap()
+    }
+
+    fn desc_of(&self, fd: u64) -> Option<usize> {
+        self.fds.get(&(fd as i32)).map(|e| e.0)
+    }
+
+    fn syscall(&mut self, nr: i64, a: [u64; 6]) -> i64 {
+        self.calls += 1;
+        let ebadf = -(libc::EBADF as i64);
+        match nr {
+            libc::SYS_close_range => {
+                self.fds.clear();
+                0
+            }
+            libc::SYS_close => match self.fds.remove(&(a[0] as i32)) {
+                Some(_) => 0,
+                None => ebadf,
+            },
+            libc::SYS_openat => {
+                let path = self.cstr(a[1]);
+                let flags = a[2] as u32;
+                let acc = flags & (libc::O_ACCMODE | libc::O_APPEND | libc::O_NONBLOCK | libc::O_PATH) as u32;
+                if let Some(n) = path.strip_prefix("/proc/self/fd/") {
+                    let Some(d) = n.parse::<u64>().ok().and_then(|n| self.desc_of(n)) else { return -2 };
+                    let what = self.descs[d].what.clone();
+                    let nd = self.new_desc(&what, acc);
+                    return self.install(nd, true);
+                }
+                let exists = self.files.contains_key(&path);
+                if flags & libc::O_CREAT as u32 != 0 {
+                    if exists && flags & libc::O_EXCL as u32 != 0 {
+                        return -(libc::EEXIST as i64);
+                    }
+                    self.files.insert(path.clone(), libc::S_IFREG | 0o600);
+                } else if !exists {
+                    return -(libc::ENOENT as i64);
+                }
+                let nd = self.new_desc(&path, acc);
+                self.install(nd, true)
+            }
+            libc::SYS_dup3 => {
+                let Some(d) = self.desc_of(a[0]) else { return ebadf };
+                if a[0] == a[1] {
+                    return -(libc::EINVAL as i64);
+                }
+                self.fds.insert(a[1] as i32, (d, a[2] != 0));
+                a[1] as i64
+            }
+            libc::SYS_fcntl => {
+                let Some(d) = self.desc_of(a[0]) else { return ebadf };
+                match a[1] as i32 {
+                    libc::F_DUPFD_CLOEXEC => {
+                        let fd = self.lowest_free(a[2] as i32);
+                        self.fds.insert(fd, (d, true));
+                        fd as i64
+                    }
+                    libc::F_SETFD => {
+                        self.fds.insert(a[0] as i32, (d, a[2] != 0));
+                        0
+                    }
+                    libc::F_SETFL => {
+                        let f = &mut self.descs[d].flags;
+                        *f = (*f & !(libc::O_APPEND | libc::O_NONBLOCK) as u32) | a[2] as u32;
+                        0
+                    }
+                    libc::F_SETPIPE_SZ => a[2] as i64,
+                    libc::F_ADD_SEALS => 0,
+                    _ => -(libc::EINVAL as i64),
+                }
+            }
+            libc::SYS_pipe2 => {
+                self.pipes += 1;
+                let what = format!("pipe{}", self.pipes);
+                let r = self.new_desc(&what, libc::O_RDONLY as u32 | a[1] as u32 & libc::O_NONBLOCK as u32);
+                let w = self.new_desc(&what, libc::O_WRONLY as u32 | a[1] as u32 & libc::O_NONBLOCK as u32);
+                let rf = self.install(r, true) as i32;
+                let wf = self.install(w, true) as i32;
+                let at = (a[0] - BASE) as usize;
+                self.mem[at..at + 4].copy_from_slice(&rf.to_ne_bytes());
+                self.mem[at + 4..at + 8].copy_from_slice(&wf.to_ne_bytes());
+                0
+            }
+            libc::SYS_memfd_create => {
+                let name = format!("memfd:{}", self.cstr(a[0]));
+                let d = self.new_desc(&name, libc::O_RDWR as u32);
+                self.install(d, true)
+            }
+            libc::SYS_write => {
+                let Some(d) = self.desc_of(a[0]) else { return ebadf };
+                let at = (a[1] - BASE) as usize;
+                let bytes = self.mem[at..at + a[2] as usize].to_vec();
+                let what = self.descs[d].what.clone();
+                self.contents.entry(what).or_default().extend_from_slice(&bytes);
+                a[2] as i64
+            }
+            libc::SYS_lseek => {
+                let Some(d) = self.desc_of(a[0]) else { return ebadf };
+                self.descs[d].pos = a[1] as i64;
+                a[1] as i64
+            }
+            libc::SYS_fstat => {
+                let Some(d) = self.desc_of(a[0]) else { return ebadf };
+                let what = &self.descs[d].what;
+                let mode =
+                    if what.starts_with("pipe") { libc::S_IFIFO } else { self.files.get(what).copied().unwrap_or(0) };
+                // SAFETY: a zeroed struct stat is a valid value.
+                let mut st: libc::stat = unsafe { std::mem::zeroed() };
+                st.st_mode = mode;
+                st.st_rdev = if mode & libc::S_IFMT == libc::S_IFCHR { libc::makedev(1, 3) } else { 0 };
+                // SAFETY: reading the bytes of a plain C struct.
+                let bytes = unsafe {
+                    std::slice::from_raw_parts(&st as *const libc::stat as *const u8, std::mem::size_of::<libc::stat>())
+                };
+                let at = (a[1] - BASE) as usize;
+                self.mem[at..at + bytes.len()].copy_from_slice(bytes);
+                0
+            }
+            libc::SYS_unlinkat => {
+                let p = self.cstr(a[1]);
+                self.files.remove(&p);
+                self.unlinked.push(p);
+                0
+            }
+            libc::SYS_chdir => {
+                self.cwd = self.cstr(a[0]);
+                0
+            }
+            libc::SYS_umask => {
+                self.umask = a[0] as u32;
+                0o22
+            }
+            libc::SYS_fchown | libc::SYS_fchmod | libc::SYS_ftruncate | libc::SYS_chroot => 0,
+            _ => -(libc::ENOSYS as i64),
+        }
+    }
+}
+
+impl ProcessContext for Kernel {
+    fn pid(&self) -> i32 {
+        4242
+    }
+    fn tids(&self) -> RVec<i32> {
+        vec![4242].into()
+    }
+    fn read_memory(&mut self, addr: u64, mut buf: RSliceMut<'_, u8>) -> PResult<usize> {
+        let at = (addr - BASE) as usize;
+        let n = buf.len();
+        buf.as_mut_slice().copy_from_slice(&self.mem[at..at + n]);
+        RResult::ROk(n)
+    }
+    fn read_memory_ranges(&mut self, _: RSlice<'_, MemRange>, _: RSliceMut<'_, u8>) -> PResult<usize> {
+        unimplemented!()
+    }
+    fn write_memory(&mut self, addr: u64, data: RSlice<'_, u8>) -> PResult<usize> {
+        let at = (addr - BASE) as usize;
+        self.mem[at..at + data.len()].copy_from_slice(data.as_slice());
+        RResult::ROk(data.len())
+    }
+    fn write_memory_ranges(&mut self, _: RSlice<'_, MemRange>, _: RSlice<'_, u8>) -> PResult<usize> {
+        unimplemented!()
+    }
+    fn scratch(&self) -> MemRange {
+        MemRange { addr: BASE, len: SCRATCH }
+    }
+    fn fetch_fd(&mut self, _: i32) -> PResult<i32> {
+        unimplemented!()
+    }
+    fn inject_syscall(&mut self, _tid: i32, nr: i64, args: SyscallArgs) -> PResult<i64> {
+        RResult::ROk(self.syscall(nr, args.0))
+    }
+    fn get_regset(&mut self, _: i32, _: u32) -> PResult<RVec<u8>> {
+        unimplemented!()
+    }
+    fn set_regset(&mut self, _: i32, _: u32, _: RSlice<'_, u8>) -> PResult<()> {
+        unimplemented!()
+    }
+    fn proc_read(&mut self, _: RStr<'_>) -> PResult<RVec<u8>> {
+        unimplemented!()
+    }
+    fn claim_shared(&mut self, _: RStr<'_>, _: RStr<'_>) -> SharedClaim {
+        SharedClaim::First
+    }
+    fn peer_command(&mut self, _: RSlice<'_, u8>) -> PResult<RVec<u8>> {
+        unimplemented!()
+    }
+    fn rseq_config(&mut self, _: i32) -> PResult<RseqConfig> {
+        unimplemented!()
+    }
+    fn peek_siginfo(&mut self, _: i32, _: bool) -> PResult<RVec<u8>> {
+        unimplemented!()
+    }
+}
+
+struct Source(VecDeque<Record>);
+
+impl RecordSource for Source {
+    fn next(&mut self) -> PResult<ferry_plugin_api::abi_stable::std_types::ROption<Record>> {
+        RResult::ROk(self.0.pop_front().into())
+    }
+}
+
+fn json(kind: &str, v: &impl serde::Serialize) -> Record {
+    Record { kind: kind.into(), format: RecordFormat::Json, payload: serde_json::to_vec(v).unwrap().into() }
+}
+
+fn raw(kind: &str, b: &[u8]) -> Record {
+    Record { kind: kind.into(), format: RecordFormat::Raw, payload: b.to_vec().into() }
+}
+
+fn header(descriptions: u64, pipes: u64) -> Record {
+    json(
+        KIND_HEADER,
+        &Header { format: FORMAT, cwd: "/work".into(), root: "/".into(), umask: 0o27, descriptions, pipes },
+    )
+}
+
+fn slot(fd: i32, cloexec: bool) -> Slot {
+    Slot { fd, cloexec }
+}
+
+fn path_desc(path: &str, mode: u32, fds: Vec<Slot>, flags: u32, pos: i64) -> Record {
+    let rdev = if mode & libc::S_IFMT == libc::S_IFCHR { libc::makedev(1, 3) } else { 0 };
+    json(KIND_DESC, &Desc { fds, flags, pos, object: Object::Path { path: path.into(), mode, rdev } })
+}
+
+/// Runs a restore of `records` to the end; answers the kernel and the outcome.
+fn run(records: Vec<Record>) -> (Kernel, Result<(), String>) {
+    let mut k = Kernel::new();
+    let mut src = Source(records.into());
+    let mut r = Restore::default();
+    let outcome = {
+        let mut ctx = ProcessContext_TO::from_ptr(&mut k, TD_Opaque);
+        let mut source = RecordSource_TO::from_ptr(&mut src, TD_Opaque);
+        let mut out = Ok(());
+        for _ in 0..10_000 {
+            match r.step(&mut ctx, &mut source) {
+                Ok(Progress::Done) => break,
+                Ok(Progress::More) => {}
+                Err(e) => {
+                    out = Err(e);
+                    break;
+                }
+            }
+        }
+        out
+    };
+    if outcome.is_err() {
+        r.cleanup();
+    }
+    (k, outcome)
+}
+
+/// fd -> (object, access mode and status flags, cloexec, pos)
+fn table(k: &Kernel) -> BTreeMap<i32, (String, u32, bool, i64)> {
+    k.fds
+        .iter()
+        .map(|(&fd, &(d, cloexec))| {
+            let x = &k.descs[d];
+            (fd, (x.what.clone(), x.flags, cloexec, x.pos))
+        })
+        .collect()
+}
+
+#[test]
+fn fds_land_at_their_numbers_through_collisions() {
+    let rdonly = libc::O_RDONLY as u32;
+    let wronly = libc::O_WRONLY as u32;
+    let rdwr = libc::O_RDWR as u32;
+    let nb = libc::O_NONBLOCK as u32;
+    let records = vec![
+        header(2, 1),
+        // The pipe's write end at 0 and read end at 1: the pipe2 temporaries land on
+        // 0 and 1 the other way round.
+        path_desc("/dev/null", libc::S_IFCHR | 0o666, vec![slot(2, false), slot(50, true)], rdwr, 0),
+        path_desc("/data", libc::S_IFREG | 0o644, vec![slot(3, false), slot(4, false)], rdwr | 0o100000, 10),
+        json(
+            KIND_PIPE,
+            &PipeRec {
+                ino: 77,
+                fifo: None,
+                size: 65536,
+                data_len: 5,
+                ends: vec![
+                    PipeEnd { fds: vec![slot(1, false)], flags: rdonly },
+                    PipeEnd { fds: vec![slot(0, false)], flags: wronly | nb },
+                    PipeEnd { fds: vec![slot(5, true)], flags: rdonly | nb },
+                ],
+            },
+        ),
+        raw(KIND_PIPE_DATA, b"hello"),
+    ];
+    let (k, r) = run(records);
+    r.unwrap();
+    let t = table(&k);
+    assert_eq!(t.keys().copied().collect::<Vec<_>>(), vec![0, 1, 2, 3, 4, 5, 50], "{t:?}");
+    assert_eq!(t[&0], ("pipe1".into(), wronly | nb, false, 0));
+    assert_eq!(t[&1], ("pipe1".into(), rdonly, false, 0));
+    assert_eq!(t[&5].0, "pipe1");
+    assert_eq!((t[&5].1, t[&5].2), (rdonly | nb, true));
+    // 0 and 1 are the pipe's own two descriptions, 5 a third one.
+    assert_ne!(k.fds[&0].0, k.fds[&1].0);
+    assert_ne!(k.fds[&5].0, k.fds[&1].0);
+    assert_eq!(k.contents["pipe1"], b"hello");
+    assert_eq!(t[&2], ("/dev/null".into(), rdwr, false, 0));
+    assert_eq!(t[&50], ("/dev/null".into(), rdwr, true, 0));
+    // 3 and 4 share one description with its offset.
+    assert_eq!(k.fds[&3].0, k.fds[&4].0);
+    assert_eq!(t[&3].3, 10);
+    assert_eq!((k.cwd.as_str(), k.umask), ("/work", 0o27));
+}
+
+#[test]
+fn deleted_files_and_memfds_are_recreated_once() {
+    let rdwr = libc::O_RDWR as u32;
+    let content = vec![7u8; CHUNK + 10];
+    let deleted = |data_len| Object::Deleted {
+        path: "/data".into(), // the name is taken again: a name beside it is used
+        dev: 1,
+        ino: 99,
+        mode: libc::S_IFREG | 0o640,
+        uid: 0,
+        gid: 0,
+        size: content.len() as u64,
+        data_len,
+    };
+    let memfd = |data_len| Object::Memfd {
+        name: "m".into(),
+        dev: 2,
+        ino: 5,
+        mode: libc::S_IFREG | 0o600,
+        seals: 3,
+        size: 4,
+        data_len,
+    };
+    let records = vec![
+        header(4, 0),
+        json(
+            KIND_DESC,
+            &Desc { fds: vec![slot(0, false)], flags: rdwr, pos: 5, object: deleted(Some(content.len() as u64)) },
+        ),
+        raw(KIND_DESC_DATA, &content[..CHUNK]),
+        raw(KIND_DESC_DATA, &content[CHUNK..]),
+        json(
+            KIND_DESC,
+            &Desc { fds: vec![slot(1, false)], flags: libc::O_WRONLY as u32, pos: 0, object: deleted(None) },
+        ),
+        json(KIND_DESC, &Desc { fds: vec![slot(9, false)], flags: rdwr, pos: 2, object: memfd(Some(4)) }),
+        raw(KIND_DESC_DATA, b"abcd"),
+        json(KIND_DESC, &Desc { fds: vec![slot(8, false)], flags: libc::O_RDONLY as u32, pos: 1, object: memfd(None) }),
+    ];
+    let (k, r) = run(records);
+    r.unwrap();
+    let t = table(&k);
+    assert_eq!(t.keys().copied().collect::<Vec<_>>(), vec![0, 1, 8, 9], "{t:?}");
+    assert_eq!(t[&0].0, "/.ferry-deleted-99-1");
+    assert_eq!(t[&0].0, t[&1].0);
+    assert_eq!(k.contents["/.ferry-deleted-99-1"], content);
+    assert_eq!(t[&0].3, 5);
+    assert_eq!(k.unlinked, vec!["/.ferry-deleted-99-1".to_string()]);
+    assert!(k.files.contains_key("/data"), "the other file of that name stays");
+    assert_eq!(t[&9].0, "memfd:m");
+    assert_eq!(t[&8].0, "memfd:m");
+    assert_eq!((t[&9].3, t[&8].3), (2, 1));
+    assert_eq!(k.contents["memfd:m"], b"abcd");
+}
+
+fn expect_error(records: Vec<Record>, want: &str) {
+    let (_, r) = run(records);
+    let e = r.expect_err("the image must be refused");
+    assert!(e.contains(want), "error {e:?} does not say {want:?}");
+}
+
+#[test]
+fn bad_images_are_refused() {
+    let rdwr = libc::O_RDWR as u32;
+    let null = |fds| path_desc("/dev/null", libc::S_IFCHR | 0o666, fds, rdwr, 0);
+    expect_error(vec![], "no `files` record");
+    expect_error(vec![header(1, 0), null(vec![slot(MAX_FD + 1, false)])], "out of range");
+    expect_error(vec![header(1, 0), null(vec![slot(-3, false)])], "out of range");
+    expect_error(vec![header(2, 0), null(vec![slot(3, false)]), null(vec![slot(3, true)])], "named twice");
+    expect_error(vec![header(2, 0), null(vec![slot(3, false)])], "still missing");
+    expect_error(vec![header(1, 0), null(vec![slot(3, false)]), null(vec![slot(4, false)])], "unexpected `fd` record");
+    expect_error(vec![header(0, 1), null(vec![slot(3, false)])], "unexpected `fd` record");
+    // A path that is no longer the kind of file it was.
+    expect_error(
+        vec![header(1, 0), path_desc("/data", libc::S_IFCHR | 0o666, vec![slot(3, false)], rdwr, 0)],
+        "now a regular file",
+    );
+    expect_error(vec![header(1, 0), path_desc("/gone", libc::S_IFREG, vec![slot(3, false)], rdwr, 0)], "/gone");
+    // Contents that do not match the lengths the JSON gave.
+    let pipe = |data_len| {
+        json(
+            KIND_PIPE,
+            &PipeRec {
+                ino: 1,
+                fifo: None,
+                size: 4096,
+                data_len,
+                ends: vec![PipeEnd { fds: vec![slot(3, false)], flags: 0 }],
+            },
+        )
+    };
+    expect_error(vec![header(0, 1), pipe(3), raw(KIND_PIPE_DATA, b"toolong")], "more than the 3 bytes");
+    expect_error(vec![header(0, 1), pipe(3)], "3 content bytes missing");
+    expect_error(vec![header(0, 1), pipe(3), raw(KIND_DESC_DATA, b"abc")], "expected a raw `pipe-data` record");
+    expect_error(vec![header(0, 1), pipe(5000)], "5000 bytes queued");
+    expect_error(vec![header(0, 1), pipe(0), raw(KIND_PIPE_DATA, b"x")], "after the last");
+    // Bad JSON and unknown fields.
+    expect_error(
+        vec![
+            header(1, 0),
+            Record { kind: KIND_DESC.into(), format: RecordFormat::Json, payload: b"{\"fds\":".to_vec().into() },
+        ],
+        "record `fd`",
+    );
+    let mut h = serde_json::to_value(Header {
+        format: FORMAT,
+        cwd: "/".into(),
+        root: "/".into(),
+        umask: 0,
+        descriptions: 0,
+        pipes: 0,
+    })
+    .unwrap();
+    h["extra"] = 1.into();
+    expect_error(vec![json(KIND_HEADER, &h)], "unknown field");
+    // A shared deleted file named before its contents.
+    let later = Object::Deleted { path: "/x".into(), dev: 1, ino: 2, mode: 0, uid: 0, gid: 0, size: 1, data_len: None };
+    expect_error(
+        vec![header(1, 0), json(KIND_DESC, &Desc { fds: vec![slot(3, false)], flags: rdwr, pos: 0, object: later })],
+        "before the description that carries its contents",
+    );
+}
+
+#[test]
+fn a_failed_restore_removes_the_files_it_created() {
+    let obj = Object::Deleted {
+        path: "/nonexistent-ferry-test-dir/x".into(),
+        dev: 1,
+        ino: 2,
+        mode: 0,
+        uid: 0,
+        gid: 0,
+        size: 4,
+        data_len: Some(4),
+    };
+    let records = vec![
+        header(1, 0),
+        json(KIND_DESC, &Desc { fds: vec![slot(3, false)], flags: libc::O_RDWR as u32, pos: 0, object: obj }),
+        raw(KIND_DESC_DATA, b"ab"),
+    ];
+    let (k, r) = run(records);
+    assert!(r.unwrap_err().contains("2 content bytes missing"));
+    // Nothing was unlinked by injection; cleanup removed it from ferry's view (here a
+    // path that does not exist on the machine running the test).
+    assert!(k.unlinked.is_empty());
+}

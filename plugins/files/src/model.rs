@@ -1,0 +1,403 @@
+//! The records of the files plugin and their validation. Everything read back from an
+//! image is checked here before restore acts on it: fd numbers, lengths, paths.
+//!
+//! Records, in order:
+//! - `files` (JSON, [`Header`]): cwd, root, umask, and how many `fd` and `pipe`
+//!   records follow.
+//! - `fd` (JSON, [`Desc`]) per open file description that is not a pipe, in the order
+//!   of its lowest fd number; a description that carries contents (a deleted file, a
+//!   memfd) is followed by `fd-data` raw records, at most [`CHUNK`] bytes each, that add
+//!   up to its `data_len`.
+//! - `pipe` (JSON, [`PipeRec`]) per pipe or FIFO, with all its descriptions (ends),
+//!   followed by `pipe-data` raw records that add up to its `data_len`.
+
+use std::collections::HashSet;
+
+use serde::{Deserialize, Serialize};
+
+pub const KIND_HEADER: &str = "files";
+pub const KIND_DESC: &str = "fd";
+pub const KIND_DESC_DATA: &str = "fd-data";
+pub const KIND_PIPE: &str = "pipe";
+pub const KIND_PIPE_DATA: &str = "pipe-data";
+
+/// Version of the record layout below.
+pub const FORMAT: u32 = 1;
+/// The highest fd number an image may name (the kernel's `nr_open` ceiling).
+pub const MAX_FD: i32 = 1 << 20;
+/// Largest raw data record.
+pub const CHUNK: usize = 1 << 20;
+/// `O_CLOEXEC` as fdinfo shows it (the fd's close-on-exec bit, not the description's).
+pub const O_CLOEXEC: u32 = 0o2000000;
+/// Largest pipe an image may ask for (the kernel refuses more than 2 GiB anyway).
+pub const MAX_PIPE_SIZE: u64 = 1 << 31;
+/// Longest memfd name the kernel takes (`MFD_NAME_MAX_LEN`).
+pub const MEMFD_NAME_MAX: usize = 249;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Header {
+    pub format: u32,
+    /// Working directory (as ferry sees the path).
+    pub cwd: String,
+    /// Root directory; restored with chroot only when not "/".
+    pub root: String,
+    pub umask: u32,
+    /// Number of `fd` records that follow.
+    pub descriptions: u64,
+    /// Number of `pipe` records that follow them.
+    pub pipes: u64,
+}
+
+/// One fd number of a description and its close-on-exec bit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Slot {
+    pub fd: i32,
+    pub cloexec: bool,
+}
+
+/// What an `fd` description is open on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Object {
+    /// Anything reopened by its path: a regular file, a directory, a device, an
+    /// `O_PATH` fd. `mode` (`st_mode`) and `rdev` are checked after reopening.
+    Path { path: String, mode: u32, rdev: u64 },
+    /// A regular file deleted while open: recreated from its contents, reopened, and
+    /// unlinked. Several descriptions of one inode (`dev`, `ino`) share one copy: the
+    /// first carries `data_len` (the contents follow), the others have none.
+    Deleted { path: String, dev: u64, ino: u64, mode: u32, uid: u32, gid: u32, size: u64, data_len: Option<u64> },
+    /// A memfd: recreated with `memfd_create`, filled, sealed. Shared like `Deleted`.
+    Memfd { name: String, dev: u64, ino: u64, mode: u32, seals: u32, size: u64, data_len: Option<u64> },
+}
+
+/// An open file description and every fd number that refers to it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Desc {
+    pub fds: Vec<Slot>,
+    /// File status flags and access mode (fdinfo `flags:` without `O_CLOEXEC`).
+    pub flags: u32,
+    /// File offset (fdinfo `pos:`).
+    pub pos: i64,
+    pub object: Object,
+}
+
+/// One end (description) of a pipe.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipeEnd {
+    pub fds: Vec<Slot>,
+    pub flags: u32,
+}
+
+/// A pipe (`pipe:[ino]`) or a FIFO (`fifo` is its path) with its unread bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipeRec {
+    pub ino: u64,
+    pub fifo: Option<String>,
+    /// `F_GETPIPE_SZ`.
+    pub size: u64,
+    pub data_len: u64,
+    pub ends: Vec<PipeEnd>,
+}
+
+impl Desc {
+    /// How many content bytes follow this record.
+    pub fn data_len(&self) -> u64 {
+        match &self.object {
+            Object::Path { .. } => 0,
+            Object::Deleted { data_len, .. } | Object::Memfd { data_len, .. } => data_len.unwrap_or(0),
+        }
+    }
+
+    /// The fd numbers, for messages: "fd 3" or "fds 3, 4".
+    pub fn label(&self) -> String {
+        fds_label(&self.fds)
+    }
+}
+
+pub fn fds_label(slots: &[Slot]) -> String {
+    let nums: Vec<String> = slots.iter().map(|s| s.fd.to_string()).collect();
+    if nums.len() == 1 {
+        format!("fd {}", nums[0])
+    } else {
+        format!("fds {}", nums.join(", "))
+    }
+}
+
+/// Checks a path from the image: absolute, no NUL byte, not absurdly long.
+fn check_path(what: &str, path: &str) -> Result<(), String> {
+    if !path.starts_with('/') {
+        return Err(format!("{what}: path {path:?} in the image is not absolute"));
+    }
+    if path.contains('\0') {
+        return Err(format!("{what}: path {path:?} in the image holds a NUL byte"));
+    }
+    if path.len() >= libc::PATH_MAX as usize {
+        return Err(format!("{what}: path in the image is {} bytes long", path.len()));
+    }
+    Ok(())
+}
+
+/// Checks the fd numbers of one description: at least one, each in 0..=MAX_FD, none
+/// named twice in the whole image (`seen` collects them across records).
+pub fn check_slots(what: &str, slots: &[Slot], seen: &mut HashSet<i32>) -> Result<(), String> {
+    if slots.is_empty() {
+        return Err(format!("{what} in the image has no fd number"));
+    }
+    for s in slots {
+        if !(0..=MAX_FD).contains(&s.fd) {
+            return Err(format!("{what}: fd number {} in the image is out of range 0..={MAX_FD}", s.fd));
+        }
+        if !seen.insert(s.fd) {
+            return Err(format!("{what}: fd {} is named twice in the image", s.fd));
+        }
+    }
+    Ok(())
+}
+
+impl Header {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.format != FORMAT {
+            return Err(format!("files record format {} is not the supported {FORMAT}", self.format));
+        }
+        check_path("cwd", &self.cwd)?;
+        check_path("root", &self.root)?;
+        if self.umask > 0o777 {
+            return Err(format!("umask {:#o} in the image is out of range", self.umask));
+        }
+        let most = MAX_FD as u64 + 1;
+        if self.descriptions > most || self.pipes > most || self.descriptions + self.pipes > most {
+            return Err(format!(
+                "the image claims {} descriptions and {} pipes: more than there can be fds",
+                self.descriptions, self.pipes
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Desc {
+    pub fn validate(&self, seen: &mut HashSet<i32>) -> Result<(), String> {
+        let what = format!("description of {}", self.label());
+        check_slots(&what, &self.fds, seen)?;
+        if self.flags & O_CLOEXEC != 0 {
+            return Err(format!("{what}: flags {:#o} hold O_CLOEXEC, which belongs to each fd", self.flags));
+        }
+        match &self.object {
+            Object::Path { path, .. } => check_path(&what, path)?,
+            Object::Deleted { path, size, data_len, .. } => {
+                check_path(&what, path)?;
+                if let Some(n) = data_len {
+                    if n != size {
+                        return Err(format!("{what}: {n} content bytes for a file of {size} bytes"));
+                    }
+                }
+                if *size > i64::MAX as u64 {
+                    return Err(format!("{what}: size {size} is out of range"));
+                }
+            }
+            Object::Memfd { name, size, data_len, .. } => {
+                if name.len() > MEMFD_NAME_MAX || name.contains('\0') {
+                    return Err(format!("{what}: memfd name {name:?} is not one the kernel takes"));
+                }
+                if let Some(n) = data_len {
+                    if n != size {
+                        return Err(format!("{what}: {n} content bytes for a memfd of {size} bytes"));
+                    }
+                }
+                if *size > i64::MAX as u64 {
+                    return Err(format!("{what}: size {size} is out of range"));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl PipeRec {
+    pub fn label(&self) -> String {
+        match &self.fifo {
+            Some(p) => format!("FIFO {p}"),
+            None => format!("pipe:[{}]", self.ino),
+        }
+    }
+
+    pub fn validate(&self, seen: &mut HashSet<i32>) -> Result<(), String> {
+        let what = self.label();
+        if self.ends.is_empty() {
+            return Err(format!("{what} in the image has no fd"));
+        }
+        for end in &self.ends {
+            check_slots(&what, &end.fds, seen)?;
+            if end.flags & O_CLOEXEC != 0 {
+                return Err(format!("{what}: flags {:#o} hold O_CLOEXEC, which belongs to each fd", end.flags));
+            }
+            if end.flags & libc::O_PATH as u32 != 0 {
+                return Err(format!("{what}: an O_PATH end is not a pipe end"));
+            }
+        }
+        if let Some(p) = &self.fifo {
+            check_path(&what, p)?;
+        }
+        if self.size == 0 || self.size > MAX_PIPE_SIZE {
+            return Err(format!("{what}: pipe size {} in the image is out of range", self.size));
+        }
+        if self.data_len > self.size {
+            return Err(format!("{what}: {} bytes queued in a pipe of {} bytes", self.data_len, self.size));
+        }
+        Ok(())
+    }
+}
+
+/// Checks one raw data record against what is still expected.
+pub fn check_chunk(
+    what: &str,
+    kind: &str,
+    got_kind: &str,
+    raw: bool,
+    len: usize,
+    remaining: u64,
+) -> Result<(), String> {
+    if got_kind != kind || !raw {
+        return Err(format!("{what}: expected a raw `{kind}` record, found `{got_kind}`"));
+    }
+    if len == 0 || len > CHUNK {
+        return Err(format!("{what}: a `{kind}` record of {len} bytes (1..={CHUNK} allowed)"));
+    }
+    if len as u64 > remaining {
+        return Err(format!("{what}: `{kind}` records hold more than the {remaining} bytes still expected"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slot(fd: i32) -> Slot {
+        Slot { fd, cloexec: false }
+    }
+
+    fn path_desc(fds: &[i32]) -> Desc {
+        Desc {
+            fds: fds.iter().map(|&f| slot(f)).collect(),
+            flags: 0o100002,
+            pos: 10,
+            object: Object::Path { path: "/tmp/x".into(), mode: 0o100644, rdev: 0 },
+        }
+    }
+
+    #[test]
+    fn json_round_trip() {
+        let d = Desc {
+            fds: vec![Slot { fd: 5, cloexec: true }],
+            flags: 2,
+            pos: 4096,
+            object: Object::Deleted {
+                path: "/tmp/a b (x)".into(),
+                dev: 1,
+                ino: 2,
+                mode: 0o100600,
+                uid: 0,
+                gid: 0,
+                size: 3,
+                data_len: Some(3),
+            },
+        };
+        let text = serde_json::to_string(&d).unwrap();
+        assert!(text.contains("\"type\":\"deleted\""), "{text}");
+        assert_eq!(serde_json::from_str::<Desc>(&text).unwrap(), d);
+        let p = PipeRec {
+            ino: 9,
+            fifo: None,
+            size: 65536,
+            data_len: 0,
+            ends: vec![PipeEnd { fds: vec![slot(3)], flags: 0 }],
+        };
+        assert_eq!(serde_json::from_str::<PipeRec>(&serde_json::to_string(&p).unwrap()).unwrap(), p);
+        // Unknown fields are refused, not ignored.
+        assert!(serde_json::from_str::<Slot>(r#"{"fd":1,"cloexec":false,"x":1}"#).is_err());
+    }
+
+    #[test]
+    fn fd_numbers_are_checked() {
+        let mut seen = HashSet::new();
+        assert!(path_desc(&[0, 1, 2]).validate(&mut seen).is_ok());
+        let e = path_desc(&[3, 1]).validate(&mut seen).unwrap_err();
+        assert!(e.contains("fd 1 is named twice"), "{e}");
+        let e = path_desc(&[-1]).validate(&mut HashSet::new()).unwrap_err();
+        assert!(e.contains("out of range"), "{e}");
+        let e = path_desc(&[MAX_FD + 1]).validate(&mut HashSet::new()).unwrap_err();
+        assert!(e.contains("out of range"), "{e}");
+        assert!(path_desc(&[MAX_FD]).validate(&mut HashSet::new()).is_ok());
+        let e = path_desc(&[]).validate(&mut HashSet::new()).unwrap_err();
+        assert!(e.contains("no fd number"), "{e}");
+        let mut d = path_desc(&[4]);
+        d.flags |= O_CLOEXEC;
+        assert!(d.validate(&mut HashSet::new()).is_err());
+        d = path_desc(&[4]);
+        d.object = Object::Path { path: "relative".into(), mode: 0, rdev: 0 };
+        assert!(d.validate(&mut HashSet::new()).unwrap_err().contains("not absolute"));
+    }
+
+    #[test]
+    fn lengths_are_checked() {
+        let mut d = path_desc(&[3]);
+        d.object = Object::Deleted {
+            path: "/tmp/d".into(),
+            dev: 0,
+            ino: 0,
+            mode: 0,
+            uid: 0,
+            gid: 0,
+            size: 10,
+            data_len: Some(11),
+        };
+        assert!(d.validate(&mut HashSet::new()).unwrap_err().contains("11 content bytes"));
+        d.object = Object::Memfd { name: "x".repeat(300), dev: 0, ino: 0, mode: 0, seals: 0, size: 0, data_len: None };
+        assert!(d.validate(&mut HashSet::new()).is_err());
+        let mut p = PipeRec {
+            ino: 1,
+            fifo: None,
+            size: 4096,
+            data_len: 5000,
+            ends: vec![PipeEnd { fds: vec![slot(3)], flags: 0 }],
+        };
+        assert!(p.validate(&mut HashSet::new()).unwrap_err().contains("5000 bytes queued"));
+        p.data_len = 10;
+        p.size = 0;
+        assert!(p.validate(&mut HashSet::new()).is_err());
+        p.size = 4096;
+        p.ends.clear();
+        assert!(p.validate(&mut HashSet::new()).is_err());
+
+        assert!(check_chunk("w", "fd-data", "fd-data", true, 10, 10).is_ok());
+        assert!(check_chunk("w", "fd-data", "fd-data", true, 11, 10).unwrap_err().contains("more than"));
+        assert!(check_chunk("w", "fd-data", "fd-data", true, 0, 10).is_err());
+        assert!(check_chunk("w", "fd-data", "fd-data", true, CHUNK + 1, u64::MAX).is_err());
+        assert!(check_chunk("w", "fd-data", "fd", true, 1, 10).unwrap_err().contains("found `fd`"));
+        assert!(check_chunk("w", "fd-data", "fd-data", false, 1, 10).is_err());
+    }
+
+    #[test]
+    fn header_is_checked() {
+        let mut h =
+            Header { format: FORMAT, cwd: "/".into(), root: "/".into(), umask: 0o22, descriptions: 3, pipes: 1 };
+        assert!(h.validate().is_ok());
+        h.umask = 0o1000;
+        assert!(h.validate().is_err());
+        h.umask = 0o22;
+        h.descriptions = u64::MAX;
+        assert!(h.validate().is_err());
+        h.descriptions = 1;
+        h.format = 99;
+        assert!(h.validate().unwrap_err().contains("format 99"));
+        h.format = FORMAT;
+        h.cwd = "x".into();
+        assert!(h.validate().is_err());
+    }
+}

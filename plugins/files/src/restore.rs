@@ -1,0 +1,659 @@
+//! Restart: rebuilds the fd table, cwd, root and umask of the restore child by system
+//! calls injected into its main thread. The first call reads the header and closes
+//! every fd the child inherited; each later call rebuilds descriptions and pipes
+//! within a byte budget; the last sets cwd, root and umask.
+//!
+//! New fds land on the lowest free number, which may be one the image wants for a
+//! later description. So every fd the plugin opens is a *temporary* tracked by
+//! [`Placer`]; it is `dup3`'d onto its recorded numbers (or kept where it landed when
+//! that is one of them), and a temporary that sits on a number about to be placed is
+//! moved out of the way first.
+
+use std::collections::{HashMap, HashSet};
+
+use ferry_plugin_api::{
+    util::{expect_json, next_record, parse_json, read_memory, syscall, syscall_raw, Scratch},
+    ContextRef, Progress, RecordFormat, SourceRef, Status,
+};
+
+use crate::{
+    checkpoint::object_name,
+    model::{
+        check_chunk, Desc, Header, Object, PipeRec, Slot, KIND_DESC, KIND_DESC_DATA, KIND_HEADER, KIND_PIPE,
+        KIND_PIPE_DATA,
+    },
+    scan::type_name,
+};
+
+/// Content bytes written into the child per call at most (one chunk may overshoot).
+const BUDGET: u64 = 16 << 20;
+/// Descriptions rebuilt per call at most.
+const OBJECTS_PER_CALL: usize = 64;
+const AT_FDCWD: u64 = libc::AT_FDCWD as i64 as u64;
+/// `__O_TMPFILE`: never reopen with it (it would make a new file).
+const O_TMPFILE_BIT: u32 = 0o20000000;
+/// The status flags F_SETFL can set on a pipe end.
+const PIPE_SETFL: u32 = (libc::O_APPEND | libc::O_NONBLOCK) as u32;
+const MFD_CLOEXEC: u64 = 1;
+const MFD_ALLOW_SEALING: u64 = 2;
+
+fn sys(ctx: &mut ContextRef<'_>, what: &str, nr: i64, args: [u64; 6]) -> Result<u64, String> {
+    let tid = ctx.pid();
+    syscall(ctx, tid, what, nr, args)
+}
+
+fn fd_arg(fd: i32) -> u64 {
+    fd as i64 as u64
+}
+
+/// The flags to reopen a description with: as recorded, less what only makes sense
+/// at creation, plus O_NOCTTY (never acquire a terminal) and O_CLOEXEC (a temporary).
+pub fn open_flags(flags: u32) -> u32 {
+    let strip = (libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC) as u32 | O_TMPFILE_BIT;
+    (flags & !strip) | (libc::O_NOCTTY | libc::O_CLOEXEC) as u32
+}
+
+/// `openat(AT_FDCWD, path, flags, mode)` in the child; answers the raw result.
+fn open_raw(ctx: &mut ContextRef<'_>, path: &str, flags: u32, mode: u32) -> Result<i64, String> {
+    let mut scratch = Scratch::new(ctx);
+    let addr = scratch.cstr(ctx, path)?;
+    let tid = ctx.pid();
+    syscall_raw(ctx, tid, libc::SYS_openat, [AT_FDCWD, addr, flags as u64, mode as u64, 0, 0])
+}
+
+fn open(ctx: &mut ContextRef<'_>, what: &str, path: &str, flags: u32) -> Result<i32, String> {
+    let r = open_raw(ctx, path, flags, 0)?;
+    if r < 0 {
+        return Err(format!(
+            "{what}: opening {path} (flags {flags:#o}): {}",
+            std::io::Error::from_raw_os_error(-r as i32)
+        ));
+    }
+    Ok(r as i32)
+}
+
+/// Checks that fd `fd` of the child is the kind of file the image recorded.
+fn check_type(ctx: &mut ContextRef<'_>, what: &str, fd: i32, mode: u32, rdev: u64) -> Result<(), String> {
+    const STAT_SIZE: usize = std::mem::size_of::<libc::stat>();
+    let mut scratch = Scratch::new(ctx);
+    let addr = scratch.alloc(STAT_SIZE as u64)?;
+    sys(ctx, &format!("{what}: fstat"), libc::SYS_fstat, [fd_arg(fd), addr, 0, 0, 0, 0])?;
+    let raw = read_memory(ctx, addr, STAT_SIZE)?;
+    // SAFETY: `raw` holds STAT_SIZE bytes written by the kernel as a struct stat;
+    // read_unaligned copes with the Vec's alignment.
+    let st: libc::stat = unsafe { std::ptr::read_unaligned(raw.as_ptr() as *const libc::stat) };
+    let (want, got) = (mode & libc::S_IFMT, st.st_mode & libc::S_IFMT);
+    if want != got {
+        return Err(format!("{what}: it is now a {}, it was a {}", type_name(got), type_name(want)));
+    }
+    if (want == libc::S_IFCHR || want == libc::S_IFBLK) && st.st_rdev != rdev {
+        return Err(format!(
+            "{what}: it is now device {}:{}, it was {}:{}",
+            libc::major(st.st_rdev),
+            libc::minor(st.st_rdev),
+            libc::major(rdev),
+            libc::minor(rdev)
+        ));
+    }
+    Ok(())
+}
+
+fn seek(ctx: &mut ContextRef<'_>, what: &str, fd: i32, pos: i64, flags: u32) -> Result<(), String> {
+    if pos == 0 || flags & libc::O_PATH as u32 != 0 {
+        return Ok(());
+    }
+    let tid = ctx.pid();
+    let r = syscall_raw(ctx, tid, libc::SYS_lseek, [fd_arg(fd), pos as u64, libc::SEEK_SET as u64, 0, 0, 0])?;
+    if r == -(libc::ESPIPE as i64) {
+        return Ok(()); // a device without offsets
+    }
+    if r != pos {
+        let why =
+            if r < 0 { std::io::Error::from_raw_os_error(-r as i32).to_string() } else { format!("landed at {r}") };
+        return Err(format!("{what}: lseek to {pos}: {why}"));
+    }
+    Ok(())
+}
+
+/// Writes `data` into fd `fd` of the child, through the scratch area.
+fn write_all(ctx: &mut ContextRef<'_>, what: &str, fd: i32, data: &[u8]) -> Result<(), String> {
+    let mut done = 0;
+    while done < data.len() {
+        let mut scratch = Scratch::new(ctx);
+        let room = scratch.room().min(usize::MAX as u64) as usize;
+        if room == 0 {
+            return Err(format!("{what}: the framework gave no scratch area to write data through"));
+        }
+        let piece = &data[done..data.len().min(done + room)];
+        let addr = scratch.put(ctx, piece)?;
+        let mut off = 0;
+        while off < piece.len() {
+            let n = sys(
+                ctx,
+                &format!("{what}: write"),
+                libc::SYS_write,
+                [fd_arg(fd), addr + off as u64, (piece.len() - off) as u64, 0, 0, 0],
+            )?;
+            if n == 0 {
+                return Err(format!("{what}: write took no bytes"));
+            }
+            off += n as usize;
+        }
+        done += piece.len();
+    }
+    Ok(())
+}
+
+/// The fds the plugin opened in the child that are not (yet) where they belong.
+#[derive(Default)]
+struct Placer {
+    /// Handle -> current fd number of a temporary; None once released.
+    temps: Vec<Option<i32>>,
+    /// Fd numbers already rebuilt.
+    placed: HashSet<i32>,
+}
+
+impl Placer {
+    fn adopt(&mut self, fd: i32) -> usize {
+        self.temps.push(Some(fd));
+        self.temps.len() - 1
+    }
+
+    fn fd(&self, h: usize) -> Result<i32, String> {
+        self.temps.get(h).copied().flatten().ok_or_else(|| format!("internal error: temporary fd #{h} is gone"))
+    }
+
+    /// Makes every slot refer to temporary `h`'s description, with its cloexec bit.
+    fn place(&mut self, ctx: &mut ContextRef<'_>, what: &str, h: usize, slots: &[Slot]) -> Result<(), String> {
+        for s in slots {
+            let src = self.fd(h)?;
+            if self.placed.contains(&s.fd) {
+                return Err(format!("{what}: fd {} was rebuilt already", s.fd));
+            }
+            if s.fd == src {
+                let flag = if s.cloexec { libc::FD_CLOEXEC } else { 0 } as u64;
+                sys(
+                    ctx,
+                    &format!("{what}: F_SETFD on fd {}", s.fd),
+                    libc::SYS_fcntl,
+                    [fd_arg(src), libc::F_SETFD as u64, flag, 0, 0, 0],
+                )?;
+            } else {
+                if let Some(other) = self.temps.iter().position(|t| *t == Some(s.fd)) {
+                    // A temporary sits on the number: move it away first.
+                    let moved = sys(
+                        ctx,
+                        &format!("{what}: moving a temporary fd off fd {}", s.fd),
+                        libc::SYS_fcntl,
+                        [fd_arg(s.fd), libc::F_DUPFD_CLOEXEC as u64, 0, 0, 0, 0],
+                    )?;
+                    self.temps[other] = Some(moved as i32);
+                }
+                let flag = if s.cloexec { libc::O_CLOEXEC } else { 0 } as u64;
+                sys(
+                    ctx,
+                    &format!("{what}: dup3 to fd {}", s.fd),
+                    libc::SYS_dup3,
+                    [fd_arg(src), fd_arg(s.fd), flag, 0, 0, 0],
+                )?;
+            }
+            self.placed.insert(s.fd);
+        }
+        Ok(())
+    }
+
+    /// Forgets temporary `h`, closing it unless it landed on a rebuilt number.
+    fn release(&mut self, ctx: &mut ContextRef<'_>, h: usize) -> Result<(), String> {
+        if let Some(Some(fd)) = self.temps.get(h).copied() {
+            self.temps[h] = None;
+            if !self.placed.contains(&fd) {
+                sys(ctx, &format!("closing temporary fd {fd}"), libc::SYS_close, [fd_arg(fd), 0, 0, 0, 0, 0])?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What to do once contents have been written.
+enum Then {
+    Deleted { desc: Desc, path: String },
+    Memfd { desc: Desc },
+    Pipe { rec: PipeRec, r: Option<usize>, w: Option<usize> },
+}
+
+/// Contents still to come from the image into temporary `h`.
+struct Pending {
+    h: usize,
+    remaining: u64,
+    kind: &'static str,
+    what: String,
+    then: Then,
+}
+
+#[derive(Default)]
+pub struct Restore {
+    header: Option<Header>,
+    descs_left: u64,
+    pipes_left: u64,
+    seen: HashSet<i32>,
+    placer: Placer,
+    /// Inode (dev, ino) of a recreated deleted file or memfd -> an fd holding it.
+    shared: HashMap<(u64, u64), i32>,
+    pending: Option<Pending>,
+    /// Files created in the child and not unlinked yet (removed by cleanup on failure).
+    pub created: Vec<String>,
+    finished: bool,
+    pub status: Status,
+}
+
+impl Restore {
+    pub fn step(&mut self, ctx: &mut ContextRef<'_>, source: &mut SourceRef<'_>) -> Result<Progress, String> {
+        if self.finished {
+            return Ok(Progress::Done);
+        }
+        if self.header.is_none() {
+            let h: Header = expect_json(source, KIND_HEADER)?;
+            h.validate()?;
+            // Everything the child inherited from ferry goes; the image's fds come back.
+            sys(
+                ctx,
+                "closing the fds the restore child inherited (close_range)",
+                libc::SYS_close_range,
+                [0, u32::MAX as u64, 0, 0, 0, 0],
+            )?;
+            self.descs_left = h.descriptions;
+            self.pipes_left = h.pipes;
+            self.status.entities_total = h.descriptions + h.pipes + 3;
+            self.header = Some(h);
+            return Ok(Progress::More);
+        }
+        let mut spent = 0u64;
+        let mut objects = 0;
+        loop {
+            if let Some(p) = self.pending.take() {
+                spent += self.feed(ctx, source, p, BUDGET.saturating_sub(spent))?;
+                if self.pending.is_some() {
+                    return Ok(Progress::More);
+                }
+                continue;
+            }
+            if self.descs_left == 0 && self.pipes_left == 0 {
+                self.finish(ctx, source)?;
+                self.finished = true;
+                return Ok(Progress::Done);
+            }
+            if spent >= BUDGET || objects >= OBJECTS_PER_CALL {
+                return Ok(Progress::More);
+            }
+            objects += 1;
+            let rec = next_record(source)?.ok_or_else(|| {
+                format!(
+                    "the image ends with {} descriptions and {} pipes of the files plugin still missing",
+                    self.descs_left, self.pipes_left
+                )
+            })?;
+            match rec.kind.as_str() {
+                KIND_DESC if self.descs_left > 0 => {
+                    self.descs_left -= 1;
+                    let desc: Desc = parse_json(&rec, KIND_DESC)?;
+                    desc.validate(&mut self.seen)?;
+                    self.status.bytes_total += desc.data_len();
+                    self.start_desc(ctx, desc)?;
+                }
+                KIND_PIPE if self.pipes_left > 0 => {
+                    self.pipes_left -= 1;
+                    let pipe: PipeRec = parse_json(&rec, KIND_PIPE)?;
+                    pipe.validate(&mut self.seen)?;
+                    self.status.bytes_total += pipe.data_len;
+                    self.start_pipe(ctx, pipe)?;
+                }
+                other => {
+                    return Err(format!(
+                        "unexpected `{other}` record in the files image ({} descriptions and {} pipes still expected)",
+                        self.descs_left, self.pipes_left
+                    ))
+                }
+            }
+        }
+    }
+
+    /// Writes contents from the image into the pending temporary, up to `budget`;
+    /// completes the object when they are all there, else keeps it pending.
+    fn feed(
+        &mut self,
+        ctx: &mut ContextRef<'_>,
+        source: &mut SourceRef<'_>,
+        mut p: Pending,
+        budget: u64,
+    ) -> Result<u64, String> {
+        let mut written = 0u64;
+        while p.remaining > 0 {
+            if written >= budget {
+                self.pending = Some(p);
+                return Ok(written);
+            }
+            let rec = next_record(source)?
+                .ok_or_else(|| format!("{}: the image ends with {} content bytes missing", p.what, p.remaining))?;
+            check_chunk(
+                &p.what,
+                p.kind,
+                rec.kind.as_str(),
+                rec.format == RecordFormat::Raw,
+                rec.payload.len(),
+                p.remaining,
+            )?;
+            let fd = self.placer.fd(p.h)?;
+            write_all(ctx, &p.what, fd, &rec.payload)?;
+            p.remaining -= rec.payload.len() as u64;
+            written += rec.payload.len() as u64;
+            self.status.bytes_done += rec.payload.len() as u64;
+        }
+        self.complete(ctx, p)?;
+        Ok(written)
+    }
+
+    fn start_desc(&mut self, ctx: &mut ContextRef<'_>, desc: Desc) -> Result<(), String> {
+        let what = format!("{} ({})", desc.label(), object_name(&desc.object));
+        match &desc.object {
+            Object::Path { path, mode, rdev } => {
+                let fd = open(ctx, &what, path, open_flags(desc.flags))?;
+                let h = self.placer.adopt(fd);
+                check_type(ctx, &what, fd, *mode, *rdev)?;
+                seek(ctx, &what, fd, desc.pos, desc.flags)?;
+                self.placer.place(ctx, &what, h, &desc.fds)?;
+                self.placer.release(ctx, h)?;
+                self.status.entities_done += 1;
+            }
+            Object::Deleted { dev, ino, data_len: None, .. } | Object::Memfd { dev, ino, data_len: None, .. } => {
+                let at = *self.shared.get(&(*dev, *ino)).ok_or_else(|| {
+                    format!("{what}: the image names this file before the description that carries its contents")
+                })?;
+                let mut flags = desc.flags;
+                if matches!(desc.object, Object::Deleted { .. }) {
+                    flags &= !(libc::O_DIRECTORY as u32);
+                }
+                let fd = open(ctx, &what, &format!("/proc/self/fd/{at}"), open_flags(flags))?;
+                let h = self.placer.adopt(fd);
+                seek(ctx, &what, fd, desc.pos, desc.flags)?;
+                self.placer.place(ctx, &what, h, &desc.fds)?;
+                self.placer.release(ctx, h)?;
+                self.status.entities_done += 1;
+            }
+            Object::Deleted { path, ino, data_len: Some(n), .. } => {
+                let (fd, at) = self.create_deleted(ctx, &what, path, *ino)?;
+                let h = self.placer.adopt(fd);
+                let remaining = *n;
+                self.pending =
+                    Some(Pending { h, remaining, kind: KIND_DESC_DATA, what, then: Then::Deleted { desc, path: at } });
+            }
+            Object::Memfd { name, data_len: Some(n), .. } => {
+                let mut scratch = Scratch::new(ctx);
+                let addr = scratch.cstr(ctx, name)?;
+                let fd = sys(
+                    ctx,
+                    &format!("{what}: memfd_create"),
+                    libc::SYS_memfd_create,
+                    [addr, MFD_CLOEXEC | MFD_ALLOW_SEALING, 0, 0, 0, 0],
+                )? as i32;
+                let h = self.placer.adopt(fd);
+                let remaining = *n;
+                self.pending = Some(Pending { h, remaining, kind: KIND_DESC_DATA, what, then: Then::Memfd { desc } });
+            }
+        }
+        Ok(())
+    }
+
+    /// Creates the file of a deleted description at its path, or beside it when the
+    /// path is taken; answers the child's fd (write-only) and the path used.
+    fn create_deleted(
+        &mut self,
+        ctx: &mut ContextRef<'_>,
+        what: &str,
+        path: &str,
+        ino: u64,
+    ) -> Result<(i32, String), String> {
+        let flags = (libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC | libc::O_NOCTTY) as u32;
+        let (dir, _) = path.rsplit_once('/').ok_or_else(|| format!("{what}: path {path} has no directory"))?;
+        for attempt in 0..16u32 {
+            let at = if attempt == 0 { path.to_string() } else { format!("{dir}/.ferry-deleted-{ino}-{attempt}") };
+            let r = open_raw(ctx, &at, flags, 0o600)?;
+            if r == -(libc::EEXIST as i64) {
+                continue;
+            }
+            if r < 0 {
+                return Err(format!(
+                    "{what}: recreating the deleted file at {at}: {}",
+                    std::io::Error::from_raw_os_error(-r as i32)
+                ));
+            }
+            self.created.push(at.clone());
+            return Ok((r as i32, at));
+        }
+        Err(format!("{what}: no free name to recreate the deleted file beside {path}"))
+    }
+
+    fn start_pipe(&mut self, ctx: &mut ContextRef<'_>, rec: PipeRec) -> Result<(), String> {
+        let what = format!(
+            "{} ({})",
+            rec.label(),
+            crate::model::fds_label(&rec.ends.iter().flat_map(|e| e.fds.clone()).collect::<Vec<_>>())
+        );
+        let (fill, r, w) = match &rec.fifo {
+            None => {
+                let mut scratch = Scratch::new(ctx);
+                let addr = scratch.alloc(8)?;
+                sys(
+                    ctx,
+                    &format!("{what}: pipe2"),
+                    libc::SYS_pipe2,
+                    [addr, (libc::O_NONBLOCK | libc::O_CLOEXEC) as u64, 0, 0, 0, 0],
+                )?;
+                let raw = read_memory(ctx, addr, 8)?;
+                let r = i32::from_ne_bytes([raw[0], raw[1], raw[2], raw[3]]);
+                let w = i32::from_ne_bytes([raw[4], raw[5], raw[6], raw[7]]);
+                let hr = self.placer.adopt(r);
+                let hw = self.placer.adopt(w);
+                (hw, Some(hr), Some(hw))
+            }
+            Some(path) => {
+                // O_RDWR never blocks on a FIFO, and keeps it open while the ends come.
+                let flags = (libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY) as u32;
+                let fd = open(ctx, &what, path, flags)?;
+                let h = self.placer.adopt(fd);
+                check_type(ctx, &what, fd, libc::S_IFIFO, 0)?;
+                (h, None, None)
+            }
+        };
+        let fd = self.placer.fd(fill)?;
+        let size = sys(
+            ctx,
+            &format!("{what}: F_SETPIPE_SZ {}", rec.size),
+            libc::SYS_fcntl,
+            [fd_arg(fd), libc::F_SETPIPE_SZ as u64, rec.size, 0, 0, 0],
+        )?;
+        if size < rec.size {
+            return Err(format!("{what}: F_SETPIPE_SZ {} gave a pipe of {size} bytes", rec.size));
+        }
+        self.pending = Some(Pending {
+            h: fill,
+            remaining: rec.data_len,
+            kind: KIND_PIPE_DATA,
+            what,
+            then: Then::Pipe { rec, r, w },
+        });
+        Ok(())
+    }
+
+    /// Finishes an object once its contents are in.
+    fn complete(&mut self, ctx: &mut ContextRef<'_>, p: Pending) -> Result<(), String> {
+        let what = p.what;
+        match p.then {
+            Then::Deleted { desc, path } => {
+                let Object::Deleted { dev, ino, mode, uid, gid, size, .. } = desc.object else {
+                    return Err(format!("internal error: {what} is not a deleted file"));
+                };
+                let c = self.placer.fd(p.h)?;
+                sys(ctx, &format!("{what}: fchown"), libc::SYS_fchown, [fd_arg(c), uid as u64, gid as u64, 0, 0, 0])?;
+                sys(
+                    ctx,
+                    &format!("{what}: fchmod"),
+                    libc::SYS_fchmod,
+                    [fd_arg(c), (mode & 0o7777) as u64, 0, 0, 0, 0],
+                )?;
+                sys(ctx, &format!("{what}: ftruncate"), libc::SYS_ftruncate, [fd_arg(c), size, 0, 0, 0, 0])?;
+                self.placer.release(ctx, p.h)?;
+                let flags = desc.flags & !(libc::O_DIRECTORY as u32);
+                let fd = open(ctx, &what, &path, open_flags(flags))?;
+                let h = self.placer.adopt(fd);
+                seek(ctx, &what, fd, desc.pos, desc.flags)?;
+                self.placer.place(ctx, &what, h, &desc.fds)?;
+                self.placer.release(ctx, h)?;
+                let mut scratch = Scratch::new(ctx);
+                let addr = scratch.cstr(ctx, &path)?;
+                sys(ctx, &format!("{what}: unlinking {path}"), libc::SYS_unlinkat, [AT_FDCWD, addr, 0, 0, 0, 0])?;
+                self.created.retain(|c| *c != path);
+                if let Some(first) = desc.fds.first() {
+                    self.shared.insert((dev, ino), first.fd);
+                }
+            }
+            Then::Memfd { desc } => {
+                let Object::Memfd { dev, ino, mode, seals, size, .. } = desc.object else {
+                    return Err(format!("internal error: {what} is not a memfd"));
+                };
+                let m = self.placer.fd(p.h)?;
+                sys(ctx, &format!("{what}: ftruncate"), libc::SYS_ftruncate, [fd_arg(m), size, 0, 0, 0, 0])?;
+                sys(
+                    ctx,
+                    &format!("{what}: fchmod"),
+                    libc::SYS_fchmod,
+                    [fd_arg(m), (mode & 0o7777) as u64, 0, 0, 0, 0],
+                )?;
+                let acc = desc.flags & libc::O_ACCMODE as u32;
+                if acc == libc::O_RDWR as u32 && desc.flags & libc::O_PATH as u32 == 0 {
+                    let setfl = desc.flags & (libc::O_APPEND | libc::O_NONBLOCK | libc::O_NOATIME) as u32;
+                    if setfl != 0 {
+                        sys(
+                            ctx,
+                            &format!("{what}: F_SETFL"),
+                            libc::SYS_fcntl,
+                            [fd_arg(m), libc::F_SETFL as u64, setfl as u64, 0, 0, 0],
+                        )?;
+                    }
+                    seek(ctx, &what, m, desc.pos, desc.flags)?;
+                    self.placer.place(ctx, &what, p.h, &desc.fds)?;
+                } else {
+                    let fd = open(ctx, &what, &format!("/proc/self/fd/{m}"), open_flags(desc.flags))?;
+                    let h = self.placer.adopt(fd);
+                    seek(ctx, &what, fd, desc.pos, desc.flags)?;
+                    self.placer.place(ctx, &what, h, &desc.fds)?;
+                    self.placer.release(ctx, h)?;
+                }
+                if seals != 0 {
+                    let m = self.placer.fd(p.h)?;
+                    sys(
+                        ctx,
+                        &format!("{what}: F_ADD_SEALS {seals:#x}"),
+                        libc::SYS_fcntl,
+                        [fd_arg(m), libc::F_ADD_SEALS as u64, seals as u64, 0, 0, 0],
+                    )?;
+                }
+                self.placer.release(ctx, p.h)?;
+                if let Some(first) = desc.fds.first() {
+                    self.shared.insert((dev, ino), first.fd);
+                }
+            }
+            Then::Pipe { rec, r, w } => {
+                let (mut used_r, mut used_w) = (false, false);
+                for end in &rec.ends {
+                    let acc = end.flags & libc::O_ACCMODE as u32;
+                    let (h, temporary) = match (&rec.fifo, r, w) {
+                        (None, Some(hr), _) if acc == libc::O_RDONLY as u32 && !used_r => {
+                            used_r = true;
+                            (hr, false)
+                        }
+                        (None, _, Some(hw)) if acc == libc::O_WRONLY as u32 && !used_w => {
+                            used_w = true;
+                            (hw, false)
+                        }
+                        (None, Some(hr), _) => {
+                            // Another description of the same pipe: reopen it.
+                            let rfd = self.placer.fd(hr)?;
+                            let flags = acc | (libc::O_NONBLOCK | libc::O_CLOEXEC) as u32;
+                            let fd = open(ctx, &what, &format!("/proc/self/fd/{rfd}"), flags)?;
+                            (self.placer.adopt(fd), true)
+                        }
+                        (Some(path), _, _) => {
+                            let flags = acc | (libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY) as u32;
+                            let fd = open(ctx, &what, path, flags)?;
+                            (self.placer.adopt(fd), true)
+                        }
+                        (None, None, _) => return Err(format!("internal error: {what} has no read end")),
+                    };
+                    let fd = self.placer.fd(h)?;
+                    sys(
+                        ctx,
+                        &format!("{what}: F_SETFL"),
+                        libc::SYS_fcntl,
+                        [fd_arg(fd), libc::F_SETFL as u64, (end.flags & PIPE_SETFL) as u64, 0, 0, 0],
+                    )?;
+                    self.placer.place(ctx, &what, h, &end.fds)?;
+                    if temporary {
+                        self.placer.release(ctx, h)?;
+                    }
+                }
+                // The FIFO's helper (p.h), or the pipe's ends not used.
+                self.placer.release(ctx, p.h)?;
+                for h in [r, w].into_iter().flatten() {
+                    self.placer.release(ctx, h)?;
+                }
+            }
+        }
+        self.status.entities_done += 1;
+        Ok(())
+    }
+
+    fn finish(&mut self, ctx: &mut ContextRef<'_>, source: &mut SourceRef<'_>) -> Result<(), String> {
+        let h = self.header.clone().ok_or("internal error: no header")?;
+        let mut scratch = Scratch::new(ctx);
+        let addr = scratch.cstr(ctx, &h.cwd)?;
+        sys(ctx, &format!("chdir to the working directory {}", h.cwd), libc::SYS_chdir, [addr, 0, 0, 0, 0, 0])?;
+        if h.root != "/" {
+            let addr = scratch.cstr(ctx, &h.root)?;
+            sys(ctx, &format!("chroot to the root directory {}", h.root), libc::SYS_chroot, [addr, 0, 0, 0, 0, 0])?;
+        }
+        sys(ctx, "umask", libc::SYS_umask, [h.umask as u64, 0, 0, 0, 0, 0])?;
+        self.status.entities_done += 3;
+        if let Some(extra) = next_record(source)? {
+            return Err(format!("unexpected `{}` record after the last of the files plugin", extra.kind));
+        }
+        Ok(())
+    }
+
+    /// On failure: removes the files recreated for deleted descriptions and not
+    /// unlinked yet (the child shares ferry's view of the file system).
+    pub fn cleanup(&mut self) {
+        for path in self.created.drain(..) {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reopen_flags() {
+        // O_RDWR|O_LARGEFILE as fdinfo shows it keeps its mode and gains O_NOCTTY|O_CLOEXEC.
+        let f = open_flags(0o100002);
+        assert_eq!(f & libc::O_ACCMODE as u32, libc::O_RDWR as u32);
+        assert_ne!(f & libc::O_NOCTTY as u32, 0);
+        assert_ne!(f & libc::O_CLOEXEC as u32, 0);
+        assert_ne!(f & 0o100000, 0); // the kernel's O_LARGEFILE (libc says 0 on x86_64)
+                                     // Never create, truncate or make a tmpfile again.
+        let f = open_flags((libc::O_CREAT | libc::O_TRUNC | libc::O_EXCL | libc::O_TMPFILE | libc::O_APPEND) as u32);
+        assert_eq!(f & (libc::O_CREAT | libc::O_TRUNC | libc::O_EXCL) as u32, 0);
+        assert_eq!(f & O_TMPFILE_BIT, 0);
+        assert_ne!(f & libc::O_APPEND as u32, 0);
+    }
+}
