@@ -1,0 +1,120 @@
+//! Checkpoint and restore throughput against the machine's own limits, measured in the
+//! same run: writing the same bytes to a file in the image directory (the limit for a
+//! checkpoint) and reading them back into freshly mapped memory (the limit for a
+//! restore, which must fault every page in). Images go to tmpfs. Prints medians.
+//!
+//!     cargo bench -p ferry-tests --bench checkpoint [-- SIZES_MIB...]
+
+use std::{
+    io::{Read, Write},
+    path::Path,
+    time::Instant,
+};
+
+use ferry_tests::{
+    ferry,
+    workload::{kill_pid, Workload, WorkloadOpts},
+};
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+/// Writes `bytes` to a new file in `dir` and makes it durable, like the file medium.
+fn write_reference(dir: &Path, bytes: usize, buf: &[u8]) -> f64 {
+    let path = dir.join("reference");
+    let t = Instant::now();
+    let mut f = std::fs::File::create(&path).unwrap();
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(buf.len());
+        f.write_all(&buf[..n]).unwrap();
+        left -= n;
+    }
+    f.sync_all().unwrap();
+    t.elapsed().as_secs_f64() * 1e3
+}
+
+/// Reads the reference file into freshly mapped anonymous memory.
+fn read_reference(dir: &Path, bytes: usize) -> f64 {
+    let path = dir.join("reference");
+    let t = Instant::now();
+    // SAFETY: a fresh private anonymous mapping, unmapped below.
+    let mem = unsafe {
+        libc::mmap(std::ptr::null_mut(), bytes, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
+    };
+    assert_ne!(mem, libc::MAP_FAILED);
+    // SAFETY: the mapping is `bytes` long and ours alone.
+    let dst = unsafe { std::slice::from_raw_parts_mut(mem as *mut u8, bytes) };
+    let mut f = std::fs::File::open(&path).unwrap();
+    let mut off = 0;
+    while off < bytes {
+        let n = f.read(&mut dst[off..(off + (32 << 20)).min(bytes)]).unwrap();
+        assert!(n > 0);
+        off += n;
+    }
+    let ms = t.elapsed().as_secs_f64() * 1e3;
+    // SAFETY: unmapping what we mapped.
+    unsafe { libc::munmap(mem, bytes) };
+    std::fs::remove_file(&path).unwrap();
+    ms
+}
+
+fn main() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("the checkpoint benchmark needs root");
+        return;
+    }
+    let args: Vec<u64> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
+    let sizes = if args.is_empty() { vec![1, 9, 64, 256, 1024] } else { args };
+    let base = Path::new("/dev/shm").join(format!("ferry-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&base).unwrap();
+    let buf = vec![0x5au8; 8 << 20];
+    // Warm up: the first touch of memory is slow on these VMs.
+    write_reference(&base, 256 << 20, &buf);
+    read_reference(&base, 256 << 20);
+
+    println!(
+        "{:>6} {:>9} {:>9} {:>9} {:>7} {:>9} {:>9} {:>7} {:>8} {:>8}",
+        "MiB", "ckpt ms", "frozen", "write ms", "ratio", "rest ms", "read ms", "ratio", "ckpt GB/s", "rest GB/s"
+    );
+    for size in sizes {
+        let runs = if size >= 1024 { 3 } else { 5 };
+        let (mut ck, mut fr, mut wr, mut rs, mut rd) = (vec![], vec![], vec![], vec![], vec![]);
+        let mut bytes = 0u64;
+        for i in 0..runs {
+            let w = Workload::spawn(&WorkloadOpts { mem_mib: size as u32, files: false, tick_ms: 50, ..Default::default() });
+            w.wait_ticks(1);
+            let dir = base.join(format!("img-{size}-{i}"));
+            let o = ferry(&["checkpoint", &w.pid.to_string(), "--dir", dir.to_str().unwrap(), "--json"]);
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            let s: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+            bytes = s["bytes"].as_u64().unwrap();
+            ck.push(s["total_ms"].as_f64().unwrap());
+            fr.push(s["frozen_ms"].as_f64().unwrap());
+            let o = ferry(&["restore", "--dir", dir.to_str().unwrap(), "--json"]);
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+            rs.push(r["total_ms"].as_f64().unwrap());
+            for pid in r["pids"].as_object().unwrap().values() {
+                kill_pid(pid.as_i64().unwrap() as i32);
+            }
+            std::fs::remove_dir_all(&dir).unwrap();
+            wr.push(write_reference(&base, bytes as usize, &buf));
+            rd.push(read_reference(&base, bytes as usize));
+            drop(w);
+        }
+        let (c, f, w, r, d) = (median(&mut ck), median(&mut fr), median(&mut wr), median(&mut rs), median(&mut rd));
+        let gbs = |ms: f64| bytes as f64 / (ms / 1e3) / 1e9;
+        println!(
+            "{size:>6} {c:>9.1} {f:>9.1} {w:>9.1} {:>6.0}% {r:>9.1} {d:>9.1} {:>6.0}% {:>8.2} {:>8.2}",
+            100.0 * w / c,
+            100.0 * d / r,
+            gbs(c),
+            gbs(r)
+        );
+    }
+    let _ = std::fs::remove_dir_all(&base);
+}

@@ -1,0 +1,171 @@
+//! Checkpoint and restore of real processes: the self-checking workload with its
+//! memory, files, pipes, signals and threads, and programs nobody here wrote (python3,
+//! perl, bash). Each must carry on from where it stopped and pass its own check.
+
+use std::path::Path;
+
+use ferry_tests::{
+    ferry, stderr, stdout,
+    workload::{pid_alive, send_signal, Script, Workload, WorkloadOpts, DEADLINE},
+};
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Skips (with the reason) where checkpointing cannot work at all.
+fn needs_root() -> bool {
+    if !is_root() {
+        eprintln!("skipping: checkpoint/restore needs root (ptrace of other users, PR_SET_MM_MAP, clone3 set_tid)");
+        return false;
+    }
+    true
+}
+
+/// `ferry checkpoint PID --dir DIR --json [extra]`; answers the parsed statistics.
+fn checkpoint(pid: i32, dir: &Path, extra: &[&str]) -> serde_json::Value {
+    let pid_s = pid.to_string();
+    let mut args = vec!["checkpoint", pid_s.as_str(), "--dir", dir.to_str().unwrap(), "--json"];
+    args.extend_from_slice(extra);
+    let o = ferry(&args);
+    assert!(o.status.success(), "checkpoint failed: {}", stderr(&o));
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("bad --json output {:?}: {e}", stdout(&o)))
+}
+
+/// `ferry restore --dir DIR --json`; answers the new pid of `old`.
+fn restore(dir: &Path, old: i32) -> i32 {
+    let o = ferry(&["restore", "--dir", dir.to_str().unwrap(), "--json"]);
+    assert!(o.status.success(), "restore failed: {}", stderr(&o));
+    let stats: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    for key in ["frozen_ms", "total_ms", "bytes", "pages"] {
+        assert!(stats[key].is_number(), "{key} missing from {stats}");
+    }
+    stats["pids"][old.to_string()].as_i64().unwrap_or_else(|| panic!("no pid for {old} in {stats}")) as i32
+}
+
+fn wait_gone(pid: i32) {
+    ferry_tests::wait_until(&format!("pid {pid} to be gone"), std::time::Duration::from_secs(30), || !pid_alive(pid));
+}
+
+/// Checkpoint (killing the original), restore, and check from inside.
+fn round_trip(w: &mut Workload, extra: &[&str]) {
+    w.wait_ready();
+    w.wait_ticks(3);
+    let image = tempfile::tempdir().unwrap();
+    let dir = image.path().join("img");
+    let stats = checkpoint(w.pid, &dir, extra);
+    assert!(stats["bytes"].as_u64().unwrap() > 0);
+    assert_eq!(stats["pids"][w.pid.to_string()], 0, "the original is gone: {stats}");
+    wait_gone(w.pid);
+    let at = *w.ticks().last().unwrap();
+    let new = restore(&dir, w.pid);
+    w.adopt(new);
+    w.wait_ticks(at + 3);
+    w.terminate_and_check(new).unwrap();
+}
+
+#[test]
+fn one_thread_with_memory_files_and_signals() {
+    if !needs_root() {
+        return;
+    }
+    let mut w = Workload::spawn(&WorkloadOpts { mem_mib: 8, ..Default::default() });
+    w.wait_ready();
+    w.wait_ticks(2);
+    let image = tempfile::tempdir().unwrap();
+    let dir = image.path().join("img");
+    checkpoint(w.pid, &dir, &[]);
+    wait_gone(w.pid);
+    let at = *w.ticks().last().unwrap();
+    let new = restore(&dir, w.pid);
+    w.adopt(new);
+    w.wait_ticks(at + 2);
+    // The SIGUSR1 handler survived and still counts.
+    assert!(send_signal(new, libc::SIGUSR1));
+    w.wait_line("usr1 1");
+    w.terminate_and_check(new).unwrap();
+}
+
+#[test]
+fn eight_threads() {
+    if !needs_root() {
+        return;
+    }
+    let mut w = Workload::spawn(&WorkloadOpts { threads: 8, mem_mib: 4, ..Default::default() });
+    round_trip(&mut w, &[]);
+}
+
+#[test]
+fn quiesced_with_the_cgroup_freezer() {
+    if !needs_root() {
+        return;
+    }
+    let mut w = Workload::spawn(&WorkloadOpts { threads: 2, ..Default::default() });
+    round_trip(&mut w, &["--quiesce", "freezer"]);
+}
+
+#[test]
+fn leave_running_then_restore_a_copy_twice() {
+    if !needs_root() {
+        return;
+    }
+    // Without the file state: the original's own check writes to its files, which a
+    // copy restored afterwards would then find changed (files are not part of an image).
+    let mut w = Workload::spawn(&WorkloadOpts { threads: 1, files: false, ..Default::default() });
+    w.wait_ready();
+    w.wait_ticks(3);
+    let image = tempfile::tempdir().unwrap();
+    let dir = image.path().join("img");
+    let stats = checkpoint(w.pid, &dir, &["--leave-running"]);
+    assert_eq!(stats["pids"][w.pid.to_string()], w.pid);
+    // The original carries on untouched; then it is killed.
+    let at = *w.ticks().last().unwrap();
+    w.wait_ticks(at + 3);
+    assert!(pid_alive(w.pid));
+    let original = w.pid;
+    ferry_tests::workload::kill_pid(original);
+    wait_gone(original);
+    // Two copies from one image, one after the other; each resumes at the checkpoint.
+    for _ in 0..2 {
+        let before = w.lines().len();
+        let new = restore(&dir, original);
+        w.adopt(new);
+        // Not `wait_for`: the earlier copy's verdict is already in the log.
+        let copy_ticks = || w.lines()[before..].iter().filter(|l| l.starts_with("tick ")).count();
+        ferry_tests::wait_until("ticks from the copy", DEADLINE, || copy_ticks() >= 3);
+        let copy: Vec<u64> =
+            w.lines()[before..].iter().filter_map(|l| l.strip_prefix("tick ")?.parse().ok()).collect();
+        assert!(copy[0] <= at + 2, "the copy resumed at tick {} though the image was taken near {at}", copy[0]);
+        assert!(copy.windows(2).all(|p| p[1] == p[0] + 1), "the copy's ticks have a gap: {copy:?}");
+        assert!(send_signal(new, libc::SIGTERM));
+        ferry_tests::wait_until("the copy's verdict", DEADLINE, || {
+            w.lines()[before..].iter().any(|l| l == "PASS" || l.starts_with("FAIL"))
+        });
+        assert!(w.lines()[before..].iter().any(|l| l == "PASS"), "{}", w.log_text());
+        wait_gone(new);
+    }
+}
+
+fn script(kind: Script) {
+    if !needs_root() {
+        return;
+    }
+    let mut w = Workload::spawn_script(kind);
+    round_trip(&mut w, &[]);
+}
+
+#[test]
+fn python3_script() {
+    script(Script::Python);
+}
+
+#[test]
+fn perl_script() {
+    script(Script::Perl);
+}
+
+#[test]
+fn bash_loop() {
+    script(Script::Bash);
+}

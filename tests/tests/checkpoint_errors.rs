@@ -1,0 +1,198 @@
+//! Bad input to checkpoint and restore: one clear line, exit code 1, the target
+//! untouched and running, and nothing half-built left behind.
+
+use std::{os::unix::fs::OpenOptionsExt, path::Path, process::Command};
+
+use ferry_tests::{
+    ferry, ferry_bin, stderr,
+    workload::{pid_alive, Workload, WorkloadOpts},
+};
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn fails_with(o: &std::process::Output, needle: &str) {
+    assert_eq!(o.status.code(), Some(1), "expected failure, stderr: {}", stderr(o));
+    let err = stderr(o);
+    assert_eq!(err.lines().count(), 1, "one line expected: {err}");
+    assert!(err.contains(needle), "expected {needle:?} in: {err}");
+}
+
+fn checkpoint_args(pid: &str, dir: &Path) -> Vec<String> {
+    vec!["checkpoint".into(), pid.into(), "--dir".into(), dir.to_str().unwrap().into()]
+}
+
+fn run(args: &[String]) -> std::process::Output {
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    ferry(&refs)
+}
+
+#[test]
+fn targets_that_cannot_be_checkpointed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("img");
+    fails_with(&run(&checkpoint_args("999999999", &dir)), "does not exist");
+    fails_with(&run(&checkpoint_args("2", &dir)), "kernel thread");
+    // ferry's own pid: the shell execs ferry under its own pid.
+    let o = Command::new("sh")
+        .arg("-c")
+        .arg(format!("exec {} checkpoint $$ --dir {}", ferry_bin().display(), dir.display()))
+        .output()
+        .unwrap();
+    fails_with(&o, "ferry itself");
+    // A zombie: a child that exited and that we have not reaped yet.
+    let mut child = Command::new("true").spawn().unwrap();
+    let zpid = child.id() as i32;
+    ferry_tests::wait_until("the child to become a zombie", std::time::Duration::from_secs(10), || {
+        std::fs::read_to_string(format!("/proc/{zpid}/stat")).map(|s| s.contains(") Z")).unwrap_or(false)
+    });
+    fails_with(&run(&checkpoint_args(&zpid.to_string(), &dir)), "zombie");
+    child.wait().unwrap();
+    assert!(!dir.exists(), "a refused checkpoint writes nothing");
+}
+
+#[test]
+fn a_non_empty_image_directory_is_refused_and_the_target_runs_on() {
+    let w = Workload::spawn(&WorkloadOpts { files: false, ..Default::default() });
+    w.wait_ticks(1);
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(tmp.path().join("precious"), "keep me").unwrap();
+    fails_with(&run(&checkpoint_args(&w.pid.to_string(), tmp.path())), "not empty");
+    assert_eq!(std::fs::read_to_string(tmp.path().join("precious")).unwrap(), "keep me");
+    let at = *w.ticks().last().unwrap();
+    w.wait_ticks(at + 2);
+}
+
+#[test]
+fn an_unsupported_fd_fails_the_checkpoint_and_the_process_keeps_running() {
+    if !is_root() {
+        eprintln!("skipping: needs root");
+        return;
+    }
+    // python3 holding a socket: the files plugin cannot move it.
+    let tmp = tempfile::tempdir().unwrap();
+    let log = tmp.path().join("log");
+    let script = format!(
+        "import socket,time\ns=socket.socket()\nn=0\nwhile True:\n n+=1\n open('{}','a').write('tick %d\\n'%n)\n time.sleep(0.02)\n",
+        log.display()
+    );
+    let mut child = Command::new("/usr/bin/python3").arg("-c").arg(&script).spawn().unwrap();
+    let pid = child.id() as i32;
+    let ticks = || std::fs::read_to_string(&log).map(|s| s.lines().count()).unwrap_or(0);
+    ferry_tests::wait_until("python ticks", std::time::Duration::from_secs(30), || ticks() >= 2);
+    let dir = tmp.path().join("img");
+    let o = run(&checkpoint_args(&pid.to_string(), &dir));
+    fails_with(&o, "socket");
+    assert!(!dir.exists(), "the partial image is removed");
+    let n = ticks();
+    ferry_tests::wait_until("python to carry on", std::time::Duration::from_secs(30), || ticks() >= n + 2);
+    assert!(pid_alive(pid));
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// A checkpointed image of a small workload, the workload killed.
+fn image_of_workload() -> (tempfile::TempDir, std::path::PathBuf, Workload) {
+    let w = Workload::spawn(&WorkloadOpts { files: false, ..Default::default() });
+    w.wait_ticks(1);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("img");
+    let o = run(&checkpoint_args(&w.pid.to_string(), &dir));
+    assert!(o.status.success(), "{}", stderr(&o));
+    (tmp, dir, w)
+}
+
+/// Processes whose name is the workload's, other than `except`.
+fn workload_pids() -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map(|s| s.contains("(workload)") && !s.contains(") Z"))
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+#[test]
+fn corrupted_images_are_refused_without_leaving_a_process() {
+    if !is_root() {
+        eprintln!("skipping: needs root");
+        return;
+    }
+    let (_tmp, dir, _w) = image_of_workload();
+    let before = workload_pids();
+    let restore = || run(&["restore".into(), "--dir".into(), dir.to_str().unwrap().into()]);
+    let pages = dir.join("stream-1.img");
+    let original = std::fs::read(&pages).unwrap();
+
+    // A flipped byte in the middle of the memory stream.
+    let mut flipped = original.clone();
+    let mid = flipped.len() / 2;
+    flipped[mid] ^= 0x40;
+    std::fs::write(&pages, &flipped).unwrap();
+    fails_with(&restore(), "checksum");
+
+    // The stream cut short.
+    std::fs::write(&pages, &original[..original.len() - 100]).unwrap();
+    fails_with(&restore(), "truncated");
+    std::fs::write(&pages, &original).unwrap();
+
+    // An image of another format version.
+    let inv_path = dir.join("stream-0.img");
+    let inv = std::fs::read(&inv_path).unwrap();
+    let mut other = inv.clone();
+    other[8..12].copy_from_slice(&7u32.to_le_bytes());
+    std::fs::write(&inv_path, &other).unwrap();
+    fails_with(&restore(), "version 7");
+    // No inventory at all: an interrupted checkpoint.
+    std::fs::remove_file(&inv_path).unwrap();
+    fails_with(&restore(), "missing");
+    std::fs::write(&inv_path, &inv).unwrap();
+
+    assert_eq!(workload_pids(), before, "a failed restore leaves no process behind");
+    // The repaired image restores.
+    let o = restore();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let pid: i32 = String::from_utf8_lossy(&o.stdout).trim().parse().unwrap();
+    ferry_tests::workload::kill_pid(pid);
+}
+
+#[test]
+fn a_mapped_file_that_changed_is_refused() {
+    if !is_root() {
+        eprintln!("skipping: needs root");
+        return;
+    }
+    // Run a private copy of the workload binary, then change the copy.
+    let tmp = tempfile::tempdir().unwrap();
+    let bin = tmp.path().join("workload");
+    std::fs::copy(ferry_tests::workload::workload_bin(), &bin).unwrap();
+    let log = tmp.path().join("log");
+    // Other tests fork while the copy is open for writing: exec may see ETXTBSY for a moment.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut child = loop {
+        match Command::new(&bin).args(["--log", log.to_str().unwrap(), "--no-files"]).spawn() {
+            Ok(c) => break c,
+            Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) && std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(10))
+            }
+            Err(e) => panic!("spawning {}: {e}", bin.display()),
+        }
+    };
+    let pid = child.id() as i32;
+    ferry_tests::wait_until("ticks", std::time::Duration::from_secs(30), || {
+        std::fs::read_to_string(&log).map(|s| s.contains("tick 1")).unwrap_or(false)
+    });
+    let dir = tmp.path().join("img");
+    let o = run(&checkpoint_args(&pid.to_string(), &dir));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let _ = child.wait();
+    let mut f = std::fs::OpenOptions::new().append(true).mode(0o755).open(&bin).unwrap();
+    std::io::Write::write_all(&mut f, b"changed").unwrap();
+    drop(f);
+    fails_with(&run(&["restore".into(), "--dir".into(), dir.to_str().unwrap().into()]), "changed since the checkpoint");
+}
