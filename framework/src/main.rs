@@ -173,6 +173,13 @@ impl<E: std::fmt::Display> From<E> for Failure {
 type Outcome = Result<(), Failure>;
 
 fn main() -> ExitCode {
+    // Page buffers of several MiB come and go all through an event; served from the
+    // heap and kept, they are faulted in once instead of once per buffer.
+    // SAFETY: mallopt only tunes the allocator; called before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,

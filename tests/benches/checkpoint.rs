@@ -67,6 +67,10 @@ fn main() {
         eprintln!("the checkpoint benchmark needs root");
         return;
     }
+    // Measure the optimised build unless told otherwise.
+    if std::env::var_os("FERRY_BIN").is_none() {
+        std::env::set_var("FERRY_BIN", ferry_tests::root().join("target/release/ferry"));
+    }
     let args: Vec<u64> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
     let sizes = if args.is_empty() { vec![1, 9, 64, 256, 1024] } else { args };
     let base = Path::new("/dev/shm").join(format!("ferry-bench-{}", std::process::id()));

@@ -19,7 +19,7 @@ use ferry_plugin_api::{
 use layout::{Area, AreaKind, MmState, PAGE};
 
 /// Pages carried by one `pages` record: bounded so neither side holds much at once.
-const CHUNK_BYTES: u64 = 32 << 20;
+const CHUNK_BYTES: u64 = 8 << 20;
 
 /// Pagemap bits (Documentation/admin-guide/mm/pagemap.rst).
 const PM_PRESENT: u64 = 1 << 63;
@@ -36,6 +36,9 @@ struct Memory {
     status: Status,
     /// Areas whose protection was widened to read or fill them: (area, original prot).
     widened: Vec<(Area, u64)>,
+    /// The buffer pages pass through, kept across chunks: faulting in a fresh one per
+    /// chunk costs more than the copy itself on these machines.
+    buffer: Vec<u8>,
 }
 
 #[derive(Default, PartialEq, Eq, Clone, Copy)]
@@ -149,11 +152,15 @@ impl Memory {
         let pages: u64 = runs.iter().map(|r| r.1).sum();
         let header = layout::encode_runs(&runs);
         // One buffer, header then data, filled straight from the process.
-        let mut payload = vec![0u8; header.len() + (pages * PAGE) as usize];
+        let len = header.len() + (pages * PAGE) as usize;
+        if self.buffer.len() < len {
+            self.buffer.resize(len, 0);
+        }
+        let payload = &mut self.buffer[..len];
         payload[..header.len()].copy_from_slice(&header);
         let ranges: Vec<MemRange> = runs.iter().map(|&(addr, n)| MemRange { addr, len: n * PAGE }).collect();
         util::read_ranges(ctx, &ranges, &mut payload[header.len()..])?;
-        util::put_raw(sink, "pages", &payload)?;
+        util::put_raw(sink, "pages", payload)?;
         self.status.entities_done += pages;
         self.status.bytes_done += pages * PAGE;
         Ok(())
