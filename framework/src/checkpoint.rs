@@ -8,8 +8,7 @@ use std::{
     time::Instant,
 };
 
-use abi_stable::std_types::RSlice;
-use ferry_plugin_api::{EventKind, MediumBox, PluginKind};
+use ferry_plugin_api::{EventKind, PluginKind};
 
 use crate::{
     config::Quiesce,
@@ -17,6 +16,7 @@ use crate::{
     event::{self, EventError, Loaded, Stats},
     image::{Inventory, PluginEntry, ProcessEntry, INVENTORY_STREAM},
     manager::Manager,
+    pipeline::Pipeline,
     quiesce::Freezer,
     tracer::{self, TraceError, Tracer},
 };
@@ -69,7 +69,7 @@ pub fn checkpoint(manager: &Manager, req: &CheckpointRequest, progress: &mut dyn
     let created = prepare_dir(&req.dir)?;
     let mut subs = event::load_subsystems(manager, &req.subsystems)?;
     let medium_lease = manager.acquire(PluginKind::Medium, &req.medium)?;
-    let mut medium = medium_lease.open_medium(&serde_json::json!({"role": "write", "dir": req.dir}))?;
+    let mut medium = Pipeline::new(medium_lease.open_medium(&serde_json::json!({"role": "write", "dir": req.dir}))?);
 
     let frozen_at = Instant::now();
     let mut freezer = None;
@@ -133,7 +133,7 @@ pub fn checkpoint(manager: &Manager, req: &CheckpointRequest, progress: &mut dyn
 fn write_image(
     tracer: &mut Tracer,
     subs: &mut [Loaded],
-    medium: &mut MediumBox,
+    medium: &mut Pipeline,
     req: &CheckpointRequest,
     progress: &mut dyn FnMut(&str),
 ) -> Result<(u64, u64), EventError> {
@@ -166,9 +166,9 @@ fn write_image(
         let comm = std::fs::read_to_string(format!("/proc/{}/comm", req.pid)).unwrap_or_default().trim().to_string();
         inventory.processes.push(ProcessEntry { pid: req.pid, tids: tracer.tids(), comm, scratch });
         let encoded = inventory.encode()?;
-        medium.pushdata(INVENTORY_STREAM, RSlice::from_slice(&encoded)).into_result().map_err(|e| medium_err(&req.medium, e))?;
+        medium.push(INVENTORY_STREAM, &encoded).map_err(|e| medium_err(&req.medium, e))?;
         // The image is complete only once it is durable.
-        medium.flush().into_result().map_err(|e| medium_err(&req.medium, e))?;
+        medium.flush().map_err(|e| medium_err(&req.medium, e))?;
         bytes += encoded.len() as u64;
         Ok::<_, EventError>(())
     })();

@@ -12,6 +12,7 @@ use ferry_plugin_api::{
 
 use crate::{
     image::{self, Pull, RecordReader},
+    pipeline::Pipeline,
     tracer::Tracer,
 };
 
@@ -154,7 +155,7 @@ impl ProcessContext for ExternalContext<'_> {
 
 /// Frames a subsystem's records onto one stream of the medium.
 pub struct StreamSink<'a> {
-    pub medium: &'a mut MediumBox,
+    pub medium: &'a mut Pipeline,
     pub stream: u32,
     pub plugin: &'a str,
     pub records: u64,
@@ -164,7 +165,7 @@ pub struct StreamSink<'a> {
 }
 
 impl<'a> StreamSink<'a> {
-    pub fn new(medium: &'a mut MediumBox, stream: u32, plugin: &'a str) -> Self {
+    pub fn new(medium: &'a mut Pipeline, stream: u32, plugin: &'a str) -> Self {
         StreamSink { medium, stream, plugin, records: 0, bytes: 0, page_bytes: 0 }
     }
 }
@@ -175,12 +176,10 @@ impl RecordSink for StreamSink<'_> {
             Ok(h) => h,
             Err(e) => return RResult::RErr(PluginError::new(self.plugin, e)),
         };
-        // Header and payload go as they are: no copy of the pages.
-        if let RResult::RErr(e) = self.medium.pushdata(self.stream, RSlice::from_slice(&header)) {
-            return RResult::RErr(e);
-        }
-        if let RResult::RErr(e) = self.medium.pushdata(self.stream, payload) {
-            return RResult::RErr(e);
+        // Queued for the writer thread: the plugin goes on reading while it writes.
+        let pushed = self.medium.push(self.stream, &header).and_then(|_| self.medium.push(self.stream, &payload));
+        if let Err(e) = pushed {
+            return RResult::RErr(PluginError::new(self.plugin, format!("writing the image: {e}")));
         }
         self.records += 1;
         self.bytes += (header.len() + payload.len()) as u64;

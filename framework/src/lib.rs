@@ -10,6 +10,7 @@ pub mod daemon;
 pub mod event;
 pub mod image;
 pub mod manager;
+pub mod pipeline;
 pub mod quiesce;
 pub mod restore;
 pub mod tracer;

@@ -19,7 +19,7 @@ use ferry_plugin_api::{
 use layout::{Area, AreaKind, MmState, PAGE};
 
 /// Pages carried by one `pages` record: bounded so neither side holds much at once.
-const CHUNK_BYTES: u64 = 8 << 20;
+const CHUNK_BYTES: u64 = 2 << 20;
 
 /// Pagemap bits (Documentation/admin-guide/mm/pagemap.rst).
 const PM_PRESENT: u64 = 1 << 63;
