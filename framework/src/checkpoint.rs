@@ -72,33 +72,15 @@ pub fn checkpoint(manager: &Manager, req: &CheckpointRequest, progress: &mut dyn
     let mut medium = Pipeline::new(medium_lease.open_medium(&serde_json::json!({"role": "write", "dir": req.dir}))?);
 
     let frozen_at = Instant::now();
-    let mut freezer = None;
-    let seized = match req.quiesce {
-        Quiesce::Ptrace => Tracer::seize(req.pid),
-        Quiesce::Freezer => match Freezer::freeze(req.pid) {
-            Ok(mut f) => {
-                let t = Tracer::seize_with(req.pid, || {
-                    f.thaw().map_err(|e| TraceError::Thread { tid: req.pid, message: e.to_string() })
-                });
-                freezer = Some(f);
-                t
-            }
-            Err(e) => {
-                discard(&req.dir, created);
-                return Err(e.into());
-            }
-        },
-    };
-    let mut tracer = match seized {
-        Ok(t) => t,
+    let (mut tracer, freezer) = match quiesce(req.pid, req.quiesce) {
+        Ok(q) => q,
         Err(e) => {
-            drop(freezer);
             discard(&req.dir, created);
-            return Err(e.into());
+            return Err(e);
         }
     };
 
-    let outcome = write_image(&mut tracer, &mut subs, &mut medium, req, progress);
+    let outcome = write_image(&mut tracer, &mut subs, &mut medium, &req.medium, req.pid, progress);
     let mut stats = Stats::default();
     match outcome {
         Ok((bytes, pages)) => {
@@ -128,19 +110,34 @@ pub fn checkpoint(manager: &Manager, req: &CheckpointRequest, progress: &mut dyn
     }
 }
 
+/// Stops every thread of `pid` under the tracer, with the cgroup freezer first when asked.
+pub(crate) fn quiesce(pid: i32, method: Quiesce) -> Result<(Tracer, Option<Freezer>), EventError> {
+    match method {
+        Quiesce::Ptrace => Ok((Tracer::seize(pid)?, None)),
+        Quiesce::Freezer => {
+            let mut f = Freezer::freeze(pid)?;
+            let t = Tracer::seize_with(pid, || {
+                f.thaw().map_err(|e| TraceError::Thread { tid: pid, message: e.to_string() })
+            })?;
+            Ok((t, Some(f)))
+        }
+    }
+}
+
 /// The part of a checkpoint done while the process is stopped. Answers the bytes
 /// written and the pages among them.
-fn write_image(
+pub(crate) fn write_image(
     tracer: &mut Tracer,
     subs: &mut [Loaded],
     medium: &mut Pipeline,
-    req: &CheckpointRequest,
+    medium_name: &str,
+    pid: i32,
     progress: &mut dyn FnMut(&str),
 ) -> Result<(u64, u64), EventError> {
     tracer.map_scratch(0)?;
     let scratch = tracer.scratch().map(|s| s.0).unwrap_or(0);
     let mut shared = SharedTable::default();
-    let mut inventory = Inventory::new(&req.medium);
+    let mut inventory = Inventory::new(medium_name);
     let (mut bytes, mut page_bytes) = (0u64, 0u64);
     {
         let mut ctx = ExternalContext { tracer: &mut *tracer, shared: &mut shared, plugin: "ferry" };
@@ -163,12 +160,12 @@ fn write_image(
                 bytes: sink.bytes,
             });
         }
-        let comm = std::fs::read_to_string(format!("/proc/{}/comm", req.pid)).unwrap_or_default().trim().to_string();
-        inventory.processes.push(ProcessEntry { pid: req.pid, tids: tracer.tids(), comm, scratch });
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default().trim().to_string();
+        inventory.processes.push(ProcessEntry { pid, tids: tracer.tids(), comm, scratch });
         let encoded = inventory.encode()?;
-        medium.push(INVENTORY_STREAM, &encoded).map_err(|e| medium_err(&req.medium, e))?;
+        medium.push(INVENTORY_STREAM, &encoded).map_err(|e| medium_err(medium_name, e))?;
         // The image is complete only once it is durable.
-        medium.flush().map_err(|e| medium_err(&req.medium, e))?;
+        medium.flush().map_err(|e| medium_err(medium_name, e))?;
         bytes += encoded.len() as u64;
         Ok::<_, EventError>(())
     })();

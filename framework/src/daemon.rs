@@ -1,11 +1,19 @@
 //! `ferry daemon`: the long-running process on a destination machine. It holds the
-//! plugin registry and serves the control socket; migrations arrive in a later layer.
+//! plugin registry, serves the control socket, and accepts migrations on its listen
+//! address — each one an isolated event on a thread of its own — logging one line
+//! per event.
 
-use std::path::{Path, PathBuf};
+use std::{
+    net::{SocketAddr, TcpListener},
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicU64, Ordering},
+    sync::Arc,
+    time::Duration,
+};
 
 use nix::sys::signal::{SigSet, Signal};
 
-use crate::{control, manager::Manager};
+use crate::{check, control, manager::Manager, migrate};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -15,11 +23,20 @@ pub enum DaemonError {
     Control(#[from] control::ControlError),
     #[error("cannot wait for signals: {0}")]
     Signals(nix::Error),
+    #[error("cannot listen on {addr}: {message}")]
+    Listen { addr: String, message: String },
+    #[error("listening on {0}, beyond loopback, needs --auth-key: whoever reaches the daemon can run code as root")]
+    NeedsKey(SocketAddr),
 }
 
 pub struct DaemonOptions {
     pub plugin_dir: PathBuf,
     pub control: PathBuf,
+    /// Where migrations arrive; none: the control socket only.
+    pub listen: Option<String>,
+    pub auth_key: Option<Vec<u8>>,
+    /// How long an event waits on a silent peer.
+    pub timeout: Duration,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT, then removes its control socket.
@@ -31,6 +48,19 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
     stop.add(Signal::SIGINT);
     stop.thread_block().map_err(DaemonError::Signals)?;
 
+    // Refuse a listener others could reach before doing anything else.
+    let listener = match &opts.listen {
+        Some(addr) => {
+            let parsed: SocketAddr =
+                addr.parse().map_err(|e| DaemonError::Listen { addr: addr.clone(), message: format!("{e}") })?;
+            if !parsed.ip().is_loopback() && opts.auth_key.is_none() {
+                return Err(DaemonError::NeedsKey(parsed));
+            }
+            Some(TcpListener::bind(parsed).map_err(|e| DaemonError::Listen { addr: addr.clone(), message: e.to_string() })?)
+        }
+        None => None,
+    };
+
     let manager = Manager::new();
     let found = manager.discover(&opts.plugin_dir)?;
     let registered = found.iter().filter(|f| f.meta.is_some()).count();
@@ -38,18 +68,45 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
     for f in found.iter().filter(|f| f.meta.is_none()) {
         log(&format!("{}: {}", f.path.display(), f.status));
     }
-    let listener = control::bind(&opts.control)?;
+    let control_listener = control::bind(&opts.control)?;
     log(&format!("control socket {}", opts.control.display()));
     let server = manager.clone();
-    std::thread::Builder::new()
-        .name("ferry-control".into())
-        .spawn(move || control::serve(listener, server))
-        .map_err(|e| control::ControlError::Io { path: opts.control.clone(), message: e.to_string() })?;
+    spawn("ferry-control", &opts.control, move || control::serve(control_listener, server))?;
+
+    if let Some(listener) = listener {
+        let features: Vec<String> =
+            check::probe_all().into_iter().filter(|f| f.present).map(|f| f.name.to_string()).collect();
+        log(&format!("listening for migrations on {}", opts.listen.as_deref().unwrap_or("?")));
+        let key = opts.auth_key.clone().map(Arc::new);
+        let timeout = opts.timeout;
+        let features = Arc::new(features);
+        let next_id = Arc::new(AtomicU64::new(1));
+        let manager = manager.clone();
+        spawn("ferry-listen", &opts.control, move || {
+            for conn in listener.incoming() {
+                let Ok(stream) = conn else { continue };
+                let (manager, key, features) = (manager.clone(), key.clone(), features.clone());
+                let id = next_id.fetch_add(1, Ordering::Relaxed);
+                let _ = std::thread::Builder::new().name(format!("ferry-event-{id}")).spawn(move || {
+                    let line = migrate::serve(&manager, stream, key.as_deref().map(|k| k.as_slice()), &features, id, timeout);
+                    log(&line);
+                });
+            }
+        })?;
+    }
 
     let signal = stop.wait().map_err(DaemonError::Signals)?;
     remove_socket(&opts.control);
     log(&format!("stopping on {signal:?}"));
     Ok(())
+}
+
+fn spawn(name: &str, control: &Path, f: impl FnOnce() + Send + 'static) -> Result<(), DaemonError> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(f)
+        .map(|_| ())
+        .map_err(|e| DaemonError::Control(control::ControlError::Io { path: control.to_path_buf(), message: e.to_string() }))
 }
 
 fn remove_socket(path: &Path) {

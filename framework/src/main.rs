@@ -15,6 +15,8 @@ use ferry::{
     control::{self, Request},
     daemon, image,
     manager::{self, Manager},
+    migrate::{self, MigrateRequest},
+    protocol,
     restore::{self, RestoreRequest},
 };
 use ferry_plugin_api::PluginKind;
@@ -87,11 +89,40 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
-    /// Run the daemon: the plugin registry and its control socket.
+    /// Run the daemon: the plugin registry, its control socket, and (with --listen) migrations.
     Daemon {
         /// Control socket path (beats the configuration file).
         #[arg(long, value_name = "PATH")]
         control: Option<PathBuf>,
+        /// Accept migrations on this address (beyond loopback only with --auth-key).
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<String>,
+        /// Shared key file: both sides prove they hold it before anything else.
+        #[arg(long, value_name = "FILE")]
+        auth_key: Option<PathBuf>,
+    },
+    /// Move a running process to the daemon at HOST:PORT (stop-copy).
+    Migrate {
+        /// The process to move.
+        pid: i32,
+        /// The destination daemon.
+        #[arg(long, value_name = "HOST:PORT")]
+        to: String,
+        /// Migration algorithm (stop-copy in this build).
+        #[arg(long)]
+        strategy: Option<Strategy>,
+        /// Transfer medium plugin.
+        #[arg(long)]
+        medium: Option<String>,
+        /// Shared key file of the destination daemon.
+        #[arg(long, value_name = "FILE")]
+        auth_key: Option<PathBuf>,
+        /// Quiescing method: ptrace or freezer.
+        #[arg(long)]
+        quiesce: Option<Quiesce>,
+        /// Print the statistics as one JSON object.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -270,13 +301,47 @@ fn run(cli: Cli) -> Outcome {
             print!("{}", include_str!("../../examples/ferry.json"));
             Ok(())
         }
-        Command::Daemon { control } => {
+        Command::Daemon { control, listen, auth_key } => {
             let config = effective(&cli, Overrides { control: control.clone(), ..Overrides::default() })?;
+            let key_file = auth_key.clone().or(config.daemon.auth_key.clone());
             let opts = daemon::DaemonOptions {
                 plugin_dir: manager::plugin_dir(None, config.plugin_dir.as_deref()),
                 control: config.daemon.control.clone(),
+                listen: listen.clone(),
+                auth_key: key_file.as_deref().map(protocol::load_key).transpose()?,
+                timeout: Duration::from_millis(config.watchdog_ms),
             };
             daemon::run(&opts)?;
+            Ok(())
+        }
+        Command::Migrate { pid, to, strategy, medium, auth_key, quiesce, json } => {
+            let config = effective(
+                &cli,
+                Overrides { quiesce: *quiesce, strategy: *strategy, medium: medium.clone(), ..Overrides::default() },
+            )?;
+            if config.mechanism.strategy != Strategy::StopCopy {
+                return Err(Failure(format!("strategy {} is not in this build yet; use stop-copy", config.mechanism.strategy)));
+            }
+            if medium.as_deref().is_some_and(|m| m != "tcp") {
+                return Err(Failure("migration needs the tcp medium in this build".into()));
+            }
+            let key_file = auth_key.clone().or(config.daemon.auth_key.clone());
+            let manager = registry(&config)?;
+            let req = MigrateRequest {
+                pid: *pid,
+                to: to.clone(),
+                subsystems: config.mechanism.subsystems.clone(),
+                quiesce: config.mechanism.quiesce,
+                auth_key: key_file.as_deref().map(protocol::load_key).transpose()?,
+                timeout: Duration::from_millis(config.watchdog_ms),
+            };
+            let stats = migrate::migrate(&manager, &req, &mut progress_bar("migrate"))?;
+            if *json {
+                println!("{}", serde_json::to_string(&stats)?);
+            } else {
+                let new = stats.pids.values().next().copied().unwrap_or(0);
+                println!("migrated process {pid} to {to} as pid {new}: {} bytes, frozen {:.1} ms", stats.bytes, stats.frozen_ms);
+            }
             Ok(())
         }
     }

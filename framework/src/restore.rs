@@ -7,7 +7,7 @@
 
 use std::{path::PathBuf, time::Instant};
 
-use ferry_plugin_api::{util::parse_maps, PluginKind};
+use ferry_plugin_api::{util::parse_maps, MediumBox, PluginKind};
 
 use crate::{
     context::{ExternalContext, MediumPull, SharedTable, StreamSource},
@@ -143,6 +143,36 @@ fn blank(tracer: &mut Tracer, scratch_at: u64) -> Result<(), EventError> {
     Ok(())
 }
 
+/// A rebuilt process whose threads are still stopped under ferry: the caller decides
+/// whether it runs (`release`) or is removed (`abort`) — the migration commit point.
+pub struct Held {
+    tracer: Tracer,
+    stats: Stats,
+    frozen_at: Instant,
+    started: Instant,
+}
+
+impl Held {
+    /// Lets every thread run. Answers the statistics of the restore.
+    pub fn release(mut self) -> Result<Stats, EventError> {
+        self.tracer.detach()?;
+        self.stats.frozen_ms = event::ms(self.frozen_at);
+        self.stats.total_ms = event::ms(self.started);
+        Ok(self.stats)
+    }
+
+    /// Kills the rebuilt process: only what this restore created.
+    pub fn abort(self) {
+        self.tracer.kill();
+    }
+
+    /// Image pid → pid here.
+    pub fn pids(&self) -> &std::collections::BTreeMap<String, i32> {
+        &self.stats.pids
+    }
+}
+
+/// Restores the image in directory `req.dir` and lets it run.
 pub fn restore(manager: &Manager, req: &RestoreRequest, progress: &mut dyn FnMut(&str)) -> Result<Stats, EventError> {
     let started = Instant::now();
     let medium_lease = manager.acquire(PluginKind::Medium, &req.medium)?;
@@ -150,8 +180,22 @@ pub fn restore(manager: &Manager, req: &RestoreRequest, progress: &mut dyn FnMut
         return Err(EventError::ImageDir { path: req.dir.display().to_string(), message: "no such directory".into() });
     }
     let mut medium = medium_lease.open_medium(&serde_json::json!({"role": "read", "dir": req.dir}))?;
-    let inventory = Inventory::read_from(&mut MediumPull { medium: &mut medium, stream: INVENTORY_STREAM })
-        .map_err(|e| EventError::ImageDir { path: req.dir.display().to_string(), message: e.to_string() })?;
+    let dir = req.dir.display().to_string();
+    let held = restore_held(manager, &mut medium, started, progress).map_err(|e| match e {
+        EventError::Image(e) => EventError::ImageDir { path: dir, message: e.to_string() },
+        other => other,
+    })?;
+    held.release()
+}
+
+/// Rebuilds the process of the image carried by `medium` and holds it stopped.
+pub fn restore_held(
+    manager: &Manager,
+    medium: &mut MediumBox,
+    started: Instant,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Held, EventError> {
+    let inventory = Inventory::read_from(&mut MediumPull { medium, stream: INVENTORY_STREAM })?;
     // Refuse early, naming the plugin, when this ferry lacks one the image needs.
     for p in &inventory.plugins {
         match manager.get(&p.name) {
@@ -199,7 +243,7 @@ pub fn restore(manager: &Manager, req: &RestoreRequest, progress: &mut dyn FnMut
         for (loaded, entry) in subs.iter_mut().zip(&inventory.plugins) {
             let name = loaded.name.clone();
             let mut ctx = ExternalContext { tracer: &mut tracer, shared: &mut shared, plugin: &name };
-            let reader = RecordReader::new(MediumPull { medium: &mut medium, stream: entry.stream }, entry.stream);
+            let reader = RecordReader::new(MediumPull { medium: &mut *medium, stream: entry.stream }, entry.stream);
             let mut source = StreamSource { reader, plugin: &name, page_bytes: 0 };
             event::restart_one(loaded, &mut ctx, &mut source, progress)?;
             // Every record the checkpoint wrote must have been read.
@@ -216,12 +260,9 @@ pub fn restore(manager: &Manager, req: &RestoreRequest, progress: &mut dyn FnMut
     })();
     match result {
         Ok(pages) => {
-            tracer.detach()?;
             stats.pages = pages;
-            stats.frozen_ms = event::ms(frozen_at);
             stats.pids.insert(process.pid.to_string(), pid);
-            stats.total_ms = event::ms(started);
-            Ok(stats)
+            Ok(Held { tracer, stats, frozen_at, started })
         }
         Err(e) => {
             // Kill only what this restore created.

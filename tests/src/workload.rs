@@ -83,10 +83,21 @@ pub struct Workload {
 impl Workload {
     /// Spawns the C workload with `opts`.
     pub fn spawn(opts: &WorkloadOpts) -> Workload {
+        Self::spawn_with(Command::new(workload_bin()), opts)
+    }
+
+    /// Spawns the C workload inside network namespace `netns` (`ip netns exec` execs
+    /// it, so the pid is the workload's).
+    pub fn spawn_in_netns(netns: &str, opts: &WorkloadOpts) -> Workload {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", netns]).arg(workload_bin());
+        Self::spawn_with(cmd, opts)
+    }
+
+    fn spawn_with(mut cmd: Command, opts: &WorkloadOpts) -> Workload {
         let dir = tempfile::Builder::new().prefix("ferry-workload-").tempdir().expect("temp dir");
         let files = dir.path().join("files");
         std::fs::create_dir(&files).expect("scratch dir");
-        let mut cmd = Command::new(workload_bin());
         cmd.arg("--log").arg(dir.path().join("log")).arg("--dir").arg(&files);
         cmd.args(["--mem-mib", &opts.mem_mib.to_string(), "--threads", &opts.threads.to_string()]);
         cmd.args(["--tick-ms", &opts.tick_ms.to_string(), "--dirty-pages", &opts.dirty_pages.to_string()]);

@@ -1,0 +1,218 @@
+//! Live migration, stop-copy: the coordinator on the source (`ferry migrate`) and the
+//! event a destination daemon serves. The protocol (`protocol.rs`) authenticates and
+//! agrees on the mechanism before anything is frozen; the image then travels through
+//! the TCP medium; the destination rebuilds the process and holds it stopped; the
+//! source's receipt of `Rebuilt` is the commit point. Before it, every failure thaws
+//! the source and the destination kills what it built.
+
+use std::{
+    collections::BTreeMap,
+    io::Write,
+    net::{TcpStream, ToSocketAddrs},
+    os::fd::IntoRawFd,
+    time::{Duration, Instant},
+};
+
+use abi_stable::std_types::RStr;
+use ferry_plugin_api::{MediumBox, PluginKind};
+use serde::Serialize;
+
+use crate::{
+    checkpoint::{quiesce, write_image},
+    config::Quiesce,
+    event::{self, EventError},
+    manager::Manager,
+    pipeline::Pipeline,
+    protocol::{self, Hello, Local, PluginRef, Verdict},
+    restore,
+    tracer,
+};
+
+/// The kernel features a stop-copy event needs on the destination.
+pub const FEATURES: &[&str] = &["ptrace-seize", "process-vm-readv", "pidfd", "clone3-set-tid"];
+
+pub struct MigrateRequest {
+    pub pid: i32,
+    pub to: String,
+    pub subsystems: Vec<String>,
+    pub quiesce: Quiesce,
+    pub auth_key: Option<Vec<u8>>,
+    /// How long to wait for the destination at each step before giving up.
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct MigrateStats {
+    pub token: String,
+    pub strategy: &'static str,
+    pub pids: BTreeMap<String, i32>,
+    pub frozen_ms: f64,
+    pub total_ms: f64,
+    pub bytes: u64,
+    pub pages: u64,
+    pub rounds: u32,
+}
+
+fn refused(message: impl Into<String>) -> EventError {
+    EventError::Refused(message.into())
+}
+
+/// A control message through the medium.
+fn send_verdict(medium: &mut MediumBox, v: &Verdict) -> Result<(), String> {
+    let msg: serde_json::Value = serde_json::from_str(&v.to_json()).map_err(|e| e.to_string())?;
+    let cmd = serde_json::json!({"op": "send", "msg": msg}).to_string();
+    medium.command(RStr::from_str(&cmd)).into_result().map(|_| ()).map_err(|e| e.message.into_string())
+}
+
+fn recv_verdict(medium: &mut MediumBox, timeout: Duration) -> Result<Verdict, String> {
+    let cmd = serde_json::json!({"op": "recv", "timeout_ms": timeout.as_millis() as u64}).to_string();
+    let reply = medium.command(RStr::from_str(&cmd)).into_result().map_err(|e| e.message.into_string())?;
+    let v: serde_json::Value = serde_json::from_str(reply.as_str()).map_err(|e| format!("bad reply from the medium: {e}"))?;
+    Verdict::from_json(&v["msg"].to_string()).map_err(|e| e.to_string())
+}
+
+/// Moves process `req.pid` to the daemon at `req.to`.
+pub fn migrate(manager: &Manager, req: &MigrateRequest, progress: &mut dyn FnMut(&str)) -> Result<MigrateStats, EventError> {
+    let started = Instant::now();
+    tracer::check_target(req.pid)?;
+    let mut subs = event::load_subsystems(manager, &req.subsystems)?;
+    let lease = manager.acquire(PluginKind::Medium, "tcp")?;
+
+    let addr = req
+        .to
+        .to_socket_addrs()
+        .map_err(|e| refused(format!("cannot resolve {}: {e}", req.to)))?
+        .next()
+        .ok_or_else(|| refused(format!("{} resolves to no address", req.to)))?;
+    let mut stream = TcpStream::connect_timeout(&addr, req.timeout)
+        .map_err(|e| refused(format!("cannot reach a ferry daemon at {}: {e}", req.to)))?;
+    stream.set_read_timeout(Some(req.timeout)).map_err(|e| refused(e.to_string()))?;
+    protocol::authenticate_client(&mut stream, req.auth_key.as_deref()).map_err(|e| refused(e.to_string()))?;
+    let hello = Hello::new(
+        std::process::id() as u64,
+        req.pid,
+        "stop-copy",
+        PluginRef::new("tcp", &lease.meta().version),
+        subs.iter().map(|l| PluginRef::new(&l.name, &l.version)).collect(),
+        FEATURES.iter().map(|s| s.to_string()).collect(),
+    );
+    let welcome = protocol::client_handshake(&mut stream, &hello).map_err(|e| refused(e.to_string()))?;
+    let _ = stream.flush();
+    let fd = stream.into_raw_fd();
+    let medium = lease.open_medium(&serde_json::json!({"fd": fd, "timeout_ms": req.timeout.as_millis() as u64}))?;
+
+    // Nothing was touched until here.
+    let frozen_at = Instant::now();
+    let (mut tracer, freezer) = quiesce(req.pid, req.quiesce)?;
+    let mut pipe = Pipeline::new(medium);
+    let written = write_image(&mut tracer, &mut subs, &mut pipe, "tcp", req.pid, progress);
+    let mut medium = pipe.finish();
+    let outcome = (|| {
+        let (bytes, pages) = written?;
+        let medium = medium.as_mut().ok_or_else(|| refused("the medium's writer thread failed"))?;
+        medium.command(RStr::from_str(r#"{"op":"end"}"#)).into_result().map_err(|e| refused(e.message.into_string()))?;
+        match recv_verdict(medium, req.timeout).map_err(|e| refused(format!("waiting for the destination: {e}")))? {
+            Verdict::Rebuilt { pids, .. } => Ok((bytes, pages, pids)),
+            Verdict::Failed { reason } => Err(refused(format!("the destination could not rebuild the process: {reason}"))),
+            other => Err(refused(format!("unexpected message from the destination: {other:?}"))),
+        }
+    })();
+    match outcome {
+        Ok((bytes, pages, pids)) => {
+            // The commit point: the destination holds the rebuilt process.
+            let medium = medium.as_mut().ok_or_else(|| refused("no medium"))?;
+            if let Err(e) = send_verdict(medium, &Verdict::Commit) {
+                let _ = tracer.unmap_scratch();
+                let _ = tracer.detach();
+                drop(freezer);
+                return Err(refused(format!("the destination did not take the commit ({e}); the process runs on here")));
+            }
+            tracer.kill();
+            drop(freezer);
+            let frozen_ms = event::ms(frozen_at);
+            let _ = recv_verdict(medium, req.timeout);
+            let new = pids.get(&req.pid.to_string()).copied().unwrap_or(0);
+            Ok(MigrateStats {
+                token: welcome.token,
+                strategy: "stop-copy",
+                pids: BTreeMap::from([(req.pid.to_string(), new)]),
+                frozen_ms,
+                total_ms: event::ms(started),
+                bytes,
+                pages,
+                rounds: 1,
+            })
+        }
+        Err(e) => {
+            // Before the commit point: the source carries on as if nothing happened.
+            if let Some(m) = medium.as_mut() {
+                let _ = send_verdict(m, &Verdict::Abort { reason: e.to_string() });
+            }
+            let _ = tracer.unmap_scratch();
+            let _ = tracer.detach();
+            drop(freezer);
+            Err(e)
+        }
+    }
+}
+
+/// What the daemon knows of itself for the handshake.
+pub fn local(manager: &Manager, features: &[String]) -> Local {
+    let plugins = manager.list().into_iter().map(|m| PluginRef { name: m.name, version: m.version }).collect();
+    Local::this_machine(plugins, features.to_vec())
+}
+
+/// One migration arriving at the daemon, on an accepted connection. Answers a line
+/// for the daemon's log.
+pub fn serve(manager: &Manager, mut stream: TcpStream, key: Option<&[u8]>, features: &[String], id: u64, timeout: Duration) -> String {
+    let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into());
+    let started = Instant::now();
+    let _ = stream.set_read_timeout(Some(timeout));
+    if let Err(e) = protocol::authenticate_server(&mut stream, key) {
+        return format!("from {peer}: refused: {e}");
+    }
+    let hello = match protocol::server_handshake(&mut stream, &local(manager, features), id) {
+        Ok(h) => h,
+        Err(e) => return format!("from {peer}: refused: {e}"),
+    };
+    let tag = format!("event {} from {peer} pid {}", hello.token, hello.pid);
+    let lease = match manager.acquire(PluginKind::Medium, "tcp") {
+        Ok(l) => l,
+        Err(e) => return format!("{tag}: failed: {e}"),
+    };
+    let fd = stream.into_raw_fd();
+    let mut medium = match lease.open_medium(&serde_json::json!({"fd": fd, "timeout_ms": timeout.as_millis() as u64})) {
+        Ok(m) => m,
+        Err(e) => return format!("{tag}: failed: {e}"),
+    };
+    let held = match restore::restore_held(manager, &mut medium, started, &mut |_| {}) {
+        Ok(h) => h,
+        Err(e) => {
+            let _ = send_verdict(&mut medium, &Verdict::Failed { reason: e.to_string() });
+            return format!("{tag}: failed: {e}");
+        }
+    };
+    let pids = held.pids().clone();
+    if let Err(e) = send_verdict(&mut medium, &Verdict::Rebuilt { pids: pids.clone(), restore_ms: event::ms(started) }) {
+        held.abort();
+        return format!("{tag}: rolled back: {e}");
+    }
+    match recv_verdict(&mut medium, timeout) {
+        Ok(Verdict::Commit) => match held.release() {
+            Ok(stats) => {
+                let _ = send_verdict(&mut medium, &Verdict::Released);
+                let new = pids.values().next().copied().unwrap_or(0);
+                format!("{tag}: committed as pid {new}, {} bytes, rebuilt in {:.1} ms, total {:.1} ms", stats.bytes, stats.frozen_ms, stats.total_ms)
+            }
+            Err(e) => format!("{tag}: failed to release: {e}"),
+        },
+        Ok(other) => {
+            held.abort();
+            format!("{tag}: rolled back: the source said {other:?}")
+        }
+        Err(e) => {
+            held.abort();
+            format!("{tag}: rolled back: {e}")
+        }
+    }
+}
