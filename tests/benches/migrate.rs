@@ -1,0 +1,190 @@
+//! Stop-copy migration time against the physical limit measured in the same run: a
+//! raw TCP stream of the same number of bytes over the same path (loopback, and the
+//! veth pair between two network namespaces). Prints medians.
+//!
+//!     cargo bench -p ferry-tests --bench migrate [-- SIZES_MIB...]
+
+use std::{
+    io::{Read, Write},
+    net::{TcpListener, TcpStream},
+    os::fd::AsRawFd,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use ferry_tests::{
+    ferry_bin, wait_until,
+    workload::{kill_pid, Workload, WorkloadOpts},
+};
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+/// Enters network namespace `ns` for the calling thread.
+fn enter(ns: Option<&str>) {
+    if let Some(ns) = ns {
+        let f = std::fs::File::open(format!("/var/run/netns/{ns}")).unwrap();
+        // SAFETY: setns on an fd we own; affects only this thread.
+        assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+    }
+}
+
+/// Sends `bytes` over a fresh TCP connection from namespace `from` to `to_ip` in
+/// namespace `to`, 2 MiB per write; answers the milliseconds until the receiver has all.
+fn raw_stream(from: Option<&'static str>, to: Option<&'static str>, to_ip: &'static str, bytes: usize) -> f64 {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let receiver = std::thread::spawn(move || {
+        enter(to);
+        let l = TcpListener::bind((to_ip, 0)).unwrap();
+        tx.send(l.local_addr().unwrap()).unwrap();
+        let (mut s, _) = l.accept().unwrap();
+        let mut buf = vec![0u8; 2 << 20];
+        let mut got = 0;
+        while got < bytes {
+            let n = s.read(&mut buf).unwrap();
+            assert!(n > 0);
+            got += n;
+        }
+        s.write_all(b"k").unwrap();
+    });
+    let addr = rx.recv().unwrap();
+    let sender = std::thread::spawn(move || {
+        enter(from);
+        let buf = vec![0x5au8; 2 << 20];
+        let t = Instant::now();
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_nodelay(true).unwrap();
+        let mut left = bytes;
+        while left > 0 {
+            let n = left.min(buf.len());
+            s.write_all(&buf[..n]).unwrap();
+            left -= n;
+        }
+        let mut k = [0u8; 1];
+        s.read_exact(&mut k).unwrap();
+        t.elapsed().as_secs_f64() * 1e3
+    });
+    receiver.join().unwrap();
+    sender.join().unwrap()
+}
+
+fn in_ns(ns: Option<&str>, bin: &std::path::Path) -> Command {
+    match ns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(bin);
+            c
+        }
+        None => Command::new(bin),
+    }
+}
+
+struct Daemon(Child);
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn daemon(ns: Option<&str>, addr: &str, control: &std::path::Path, key: &std::path::Path) -> Daemon {
+    let mut c = in_ns(ns, &ferry_bin());
+    c.args(["daemon", "--listen", addr, "--control"]).arg(control).arg("--auth-key").arg(key);
+    let d = Daemon(c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
+    wait_until("the daemon", Duration::from_secs(30), || ferry::control::daemon_running(control));
+    d
+}
+
+struct Netns(Vec<String>);
+impl Drop for Netns {
+    fn drop(&mut self) {
+        for ns in &self.0 {
+            let _ = Command::new("ip").args(["netns", "delete", ns]).status();
+        }
+    }
+}
+
+fn main() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("the migration benchmark needs root");
+        return;
+    }
+    if std::env::var_os("FERRY_BIN").is_none() {
+        std::env::set_var("FERRY_BIN", ferry_tests::root().join("target/release/ferry"));
+    }
+    let args: Vec<u64> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
+    let sizes = if args.is_empty() { vec![1, 9, 64, 256, 1024] } else { args };
+    let tmp = tempfile::tempdir().unwrap();
+    let key = tmp.path().join("key");
+    std::fs::write(&key, "benchmark key, long enough\n").unwrap();
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+
+    // Two hosts joined by a veth pair.
+    let id = std::process::id() % 10000;
+    let (a, b) = (format!("fbench-a-{id}"), format!("fbench-b-{id}"));
+    let ip = |args: &[&str]| Command::new("ip").args(args).status().map(|s| s.success()).unwrap_or(false);
+    let _netns = Netns(vec![a.clone(), b.clone()]);
+    let (va, vb) = (format!("fba{id}"), format!("fbb{id}"));
+    let veth = ip(&["netns", "add", &a])
+        && ip(&["netns", "add", &b])
+        && ip(&["link", "add", &va, "type", "veth", "peer", "name", &vb])
+        && ip(&["link", "set", &va, "netns", &a])
+        && ip(&["link", "set", &vb, "netns", &b])
+        && ip(&["-n", &a, "addr", "add", "10.232.0.1/24", "dev", &va])
+        && ip(&["-n", &b, "addr", "add", "10.232.0.2/24", "dev", &vb])
+        && ip(&["-n", &a, "link", "set", &va, "up"])
+        && ip(&["-n", &b, "link", "set", &vb, "up"])
+        && ip(&["-n", &a, "link", "set", "lo", "up"])
+        && ip(&["-n", &b, "link", "set", "lo", "up"]);
+    let a: &'static str = Box::leak(a.into_boxed_str());
+    let b: &'static str = Box::leak(b.into_boxed_str());
+
+    let mut paths: Vec<(&str, Option<&'static str>, Option<&'static str>, &'static str)> =
+        vec![("loopback", None, None, "127.0.0.1")];
+    if veth {
+        paths.push(("veth", Some(a), Some(b), "10.232.0.2"));
+    }
+    println!("{:>9} {:>6} {:>9} {:>9} {:>9} {:>7} {:>9}", "path", "MiB", "total ms", "frozen", "raw ms", "ratio", "GB/s");
+    for (name, from, to, to_ip) in paths {
+        let port = 7800 + (id % 100) as u16;
+        let addr = format!("{to_ip}:{port}");
+        let _d = daemon(to, &addr, &tmp.path().join(format!("{name}.sock")), &key);
+        for &size in &sizes {
+            let runs = if size >= 1024 { 3 } else { 5 };
+            let (mut tot, mut fr, mut raw) = (vec![], vec![], vec![]);
+            let mut bytes = 0u64;
+            for _ in 0..runs {
+                let opts = WorkloadOpts { mem_mib: size as u32, files: false, tick_ms: 50, ..Default::default() };
+                let w = match from {
+                    Some(ns) => Workload::spawn_in_netns(ns, &opts),
+                    None => Workload::spawn(&opts),
+                };
+                w.wait_ticks(1);
+                let o = in_ns(from, &ferry_bin())
+                    .args(["migrate", &w.pid.to_string(), "--to", &addr, "--json", "--auth-key"])
+                    .arg(&key)
+                    .output()
+                    .unwrap();
+                assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+                let s: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+                bytes = s["bytes"].as_u64().unwrap();
+                tot.push(s["total_ms"].as_f64().unwrap());
+                fr.push(s["frozen_ms"].as_f64().unwrap());
+                for pid in s["pids"].as_object().unwrap().values() {
+                    kill_pid(pid.as_i64().unwrap() as i32);
+                }
+                drop(w);
+                raw.push(raw_stream(from, to, to_ip, bytes as usize));
+            }
+            let (t, f, r) = (median(&mut tot), median(&mut fr), median(&mut raw));
+            println!(
+                "{name:>9} {size:>6} {t:>9.1} {f:>9.1} {r:>9.1} {:>6.2}x {:>9.2}",
+                t / r,
+                bytes as f64 / (t / 1e3) / 1e9
+            );
+        }
+    }
+}

@@ -1,0 +1,299 @@
+//! Live migration (stop-copy) to a running daemon: over loopback and between two
+//! network namespaces joined by a veth pair; and every way it can fail before the
+//! commit point, each leaving the source process running and checking itself.
+
+use std::{
+    net::TcpListener,
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use ferry_tests::{
+    ferry_bin, plugin_dir, stderr, wait_until,
+    workload::{pid_alive, Script, Workload, WorkloadOpts},
+};
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A daemon for one test, killed by pid when the test ends.
+struct Daemon {
+    child: Child,
+    pub addr: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    /// Starts `ferry daemon` listening on `ip:port`, optionally inside network namespace
+    /// `netns`, with `extra` arguments.
+    fn start(netns: Option<&str>, ip: &str, extra: &[&str]) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let addr = format!("{ip}:{port}");
+        let control = dir.path().join("control.sock");
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(ferry_bin());
+                c
+            }
+            None => Command::new(ferry_bin()),
+        };
+        cmd.args(["daemon", "--listen", &addr, "--control"]).arg(&control).args(extra);
+        let log = std::fs::File::create(dir.path().join("daemon.log")).unwrap();
+        let child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log).spawn().unwrap();
+        let d = Daemon { child, addr, _dir: dir };
+        wait_until("the daemon's control socket", Duration::from_secs(30), || {
+            ferry::control::daemon_running(&control)
+        });
+        d
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self._dir.path().join("daemon.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `ferry migrate PID --to ADDR --json [extra]`, run in `netns` when given.
+fn migrate(netns: Option<&str>, pid: i32, to: &str, extra: &[&str]) -> std::process::Output {
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(ferry_bin());
+            c
+        }
+        None => Command::new(ferry_bin()),
+    };
+    cmd.args(["migrate", &pid.to_string(), "--to", to, "--json"]).args(extra);
+    cmd.output().unwrap()
+}
+
+fn new_pid(o: &std::process::Output, old: i32) -> i32 {
+    assert!(o.status.success(), "migrate failed: {}", stderr(o));
+    let stats: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(stats["strategy"], "stop-copy");
+    assert_eq!(stats["rounds"], 1);
+    assert_eq!(stats["token"].as_str().unwrap().len(), 32);
+    for key in ["frozen_ms", "total_ms", "bytes", "pages"] {
+        assert!(stats[key].is_number(), "{key} missing from {stats}");
+    }
+    stats["pids"][old.to_string()].as_i64().unwrap() as i32
+}
+
+fn fails(o: &std::process::Output, needle: &str) {
+    assert_eq!(o.status.code(), Some(1), "expected failure: {}", stderr(o));
+    let err = stderr(o);
+    assert_eq!(err.lines().count(), 1, "one line expected: {err}");
+    assert!(err.contains(needle), "expected {needle:?} in: {err}");
+}
+
+/// The source keeps running and passes its own check after a failed migration.
+fn still_fine(w: &mut Workload) {
+    assert!(pid_alive(w.pid));
+    let at = *w.ticks().last().unwrap();
+    w.wait_ticks(at + 2);
+    let pid = w.pid;
+    w.terminate_and_check(pid).unwrap();
+}
+
+#[test]
+fn migrates_the_workload_over_loopback() {
+    if !is_root() {
+        eprintln!("skipping: migration needs root");
+        return;
+    }
+    let daemon = Daemon::start(None, "127.0.0.1", &[]);
+    let mut w = Workload::spawn(&WorkloadOpts { threads: 2, mem_mib: 8, ..Default::default() });
+    w.wait_ticks(3);
+    let old = w.pid;
+    let new = new_pid(&migrate(None, old, &daemon.addr, &[]), old);
+    wait_until("the source to be gone", Duration::from_secs(30), || !pid_alive(old));
+    w.adopt(new);
+    let at = *w.ticks().last().unwrap();
+    w.wait_ticks(at + 3);
+    w.terminate_and_check(new).unwrap();
+    assert!(daemon.log().contains("committed"), "{}", daemon.log());
+}
+
+#[test]
+fn migrates_python_over_loopback() {
+    if !is_root() {
+        eprintln!("skipping: migration needs root");
+        return;
+    }
+    let daemon = Daemon::start(None, "127.0.0.1", &[]);
+    let mut w = Workload::spawn_script(Script::Python);
+    w.wait_ticks(3);
+    let old = w.pid;
+    let new = new_pid(&migrate(None, old, &daemon.addr, &[]), old);
+    w.adopt(new);
+    let at = *w.ticks().last().unwrap();
+    w.wait_ticks(at + 3);
+    w.terminate_and_check(new).unwrap();
+}
+
+#[test]
+fn no_daemon_wrong_key_missing_plugin_and_missing_pid_leave_the_source_running() {
+    if !is_root() {
+        eprintln!("skipping: migration needs root");
+        return;
+    }
+    let mut w = Workload::spawn(&WorkloadOpts::default());
+    w.wait_ticks(2);
+    // Nobody listens.
+    let nobody = format!("127.0.0.1:{}", free_port());
+    fails(&migrate(None, w.pid, &nobody, &[]), "cannot reach");
+
+    // A daemon with a key; the source with another key, or none.
+    let keys = tempfile::tempdir().unwrap();
+    let key = |name: &str, text: &str| -> PathBuf {
+        let p = keys.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        p
+    };
+    let good = key("good", "a shared secret of enough length\n");
+    let bad = key("bad", "another secret, also long enough\n");
+    let daemon = Daemon::start(None, "127.0.0.1", &["--auth-key", good.to_str().unwrap()]);
+    fails(&migrate(None, w.pid, &daemon.addr, &["--auth-key", bad.to_str().unwrap()]), "authentication");
+    fails(&migrate(None, w.pid, &daemon.addr, &[]), "authentication");
+    // A missing pid, refused before connecting.
+    fails(&migrate(None, 999_999_999, &daemon.addr, &["--auth-key", good.to_str().unwrap()]), "does not exist");
+
+    // A daemon without the signals plugin.
+    let partial = tempfile::tempdir().unwrap();
+    for f in std::fs::read_dir(plugin_dir()).unwrap().flatten() {
+        let name = f.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".so") && !name.contains("signals") {
+            std::fs::copy(f.path(), partial.path().join(&name)).unwrap();
+        }
+    }
+    let lacking = Daemon::start(None, "127.0.0.1", &["--plugin-dir", partial.path().to_str().unwrap()]);
+    fails(&migrate(None, w.pid, &lacking.addr, &[]), "destination lacks subsystem plugin signals");
+
+    // The daemon still serves the next migration after all of that.
+    let old = w.pid;
+    let new = new_pid(&migrate(None, old, &daemon.addr, &["--auth-key", good.to_str().unwrap()]), old);
+    w.adopt(new);
+    let at = *w.ticks().last().unwrap();
+    w.wait_ticks(at + 2);
+    w.terminate_and_check(new).unwrap();
+}
+
+#[test]
+fn a_daemon_that_vanishes_mid_transfer_leaves_the_source_running() {
+    if !is_root() {
+        eprintln!("skipping: migration needs root");
+        return;
+    }
+    // A fake daemon: accepts, reads a little, and closes.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let fake = std::thread::spawn(move || {
+        if let Ok((mut s, _)) = listener.accept() {
+            let mut buf = [0u8; 16];
+            let _ = std::io::Read::read(&mut s, &mut buf);
+            let _ = std::io::Write::write_all(&mut s, &[0xff, 0xff, 0xff, 0x7f, b'x']);
+        }
+    });
+    let mut w = Workload::spawn(&WorkloadOpts::default());
+    w.wait_ticks(2);
+    let o = migrate(None, w.pid, &addr, &[]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    fake.join().unwrap();
+    still_fine(&mut w);
+}
+
+/// Two hosts: network namespaces joined by a veth pair, removed on drop.
+struct Hosts {
+    a: String,
+    b: String,
+}
+
+impl Hosts {
+    fn new() -> Option<Hosts> {
+        let id = std::process::id() % 10000;
+        let (a, b) = (format!("ferry-a-{id}"), format!("ferry-b-{id}"));
+        let h = Hosts { a, b };
+        let ip = |args: &[&str]| Command::new("ip").args(args).status().map(|s| s.success()).unwrap_or(false);
+        let va = format!("fva{id}");
+        let vb = format!("fvb{id}");
+        let ok = ip(&["netns", "add", &h.a])
+            && ip(&["netns", "add", &h.b])
+            && ip(&["link", "add", &va, "type", "veth", "peer", "name", &vb])
+            && ip(&["link", "set", &va, "netns", &h.a])
+            && ip(&["link", "set", &vb, "netns", &h.b])
+            && ip(&["-n", &h.a, "addr", "add", "10.231.0.1/24", "dev", &va])
+            && ip(&["-n", &h.b, "addr", "add", "10.231.0.2/24", "dev", &vb])
+            && ip(&["-n", &h.a, "link", "set", &va, "up"])
+            && ip(&["-n", &h.b, "link", "set", &vb, "up"])
+            && ip(&["-n", &h.a, "link", "set", "lo", "up"])
+            && ip(&["-n", &h.b, "link", "set", "lo", "up"]);
+        ok.then_some(h)
+    }
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        for ns in [&self.a, &self.b] {
+            let _ = Command::new("ip").args(["netns", "delete", ns]).status();
+        }
+    }
+}
+
+fn spawn_in(netns: &str, opts: &WorkloadOpts) -> Workload {
+    Workload::spawn_in_netns(netns, opts)
+}
+
+#[test]
+fn migrates_between_two_hosts_and_back() {
+    if !is_root() || !Path::new("/usr/bin/ip").exists() && !Path::new("/bin/ip").exists() {
+        eprintln!("skipping: needs root and iproute2 for the network namespaces");
+        return;
+    }
+    let hosts = Hosts::new().expect("creating the network namespaces and the veth pair");
+    let keys = tempfile::tempdir().unwrap();
+    let key = keys.path().join("key");
+    std::fs::write(&key, "the two test hosts share this key\n").unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let k = key.to_str().unwrap();
+    // Listening beyond loopback without a key is refused.
+    let o = Command::new("ip")
+        .args(["netns", "exec", &hosts.b])
+        .arg(ferry_bin())
+        .args(["daemon", "--listen", "10.231.0.2:7711", "--control", "/nonexistent/ferry.sock"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("--auth-key"), "{}", stderr(&o));
+
+    let da = Daemon::start(Some(&hosts.a), "10.231.0.1", &["--auth-key", k]);
+    let db = Daemon::start(Some(&hosts.b), "10.231.0.2", &["--auth-key", k]);
+    let mut w = spawn_in(&hosts.a, &WorkloadOpts { threads: 1, mem_mib: 4, ..Default::default() });
+    w.wait_ticks(3);
+    let first = w.pid;
+    let second = new_pid(&migrate(Some(&hosts.a), first, &db.addr, &["--auth-key", k]), first);
+    w.adopt(second);
+    let at = *w.ticks().last().unwrap();
+    w.wait_ticks(at + 3);
+    let third = new_pid(&migrate(Some(&hosts.b), second, &da.addr, &["--auth-key", k]), second);
+    w.adopt(third);
+    let at = *w.ticks().last().unwrap();
+    w.wait_ticks(at + 3);
+    w.terminate_and_check(third).unwrap();
+}
