@@ -23,6 +23,8 @@ enum Msg {
 }
 
 pub struct Pipeline {
+    /// Written on the caller's thread: no queue, no copy.
+    direct: Option<MediumBox>,
     tx: Option<Sender<Msg>>,
     free: Receiver<Vec<u8>>,
     error: Arc<Mutex<Option<String>>>,
@@ -64,7 +66,14 @@ impl Pipeline {
             })
             .ok();
         let tx = if writer.is_some() { Some(tx) } else { None };
-        Pipeline { tx, free, error, writer }
+        Pipeline { direct: None, tx, free, error, writer }
+    }
+
+    /// No writer thread: each push is written before it returns, straight from the
+    /// caller's buffer while it is still in the CPU's cache.
+    pub fn direct(medium: MediumBox) -> Pipeline {
+        let (_, free) = bounded::<Vec<u8>>(1);
+        Pipeline { direct: Some(medium), tx: None, free, error: Arc::new(Mutex::new(None)), writer: None }
     }
 
     fn failure(&self) -> Result<(), String> {
@@ -81,6 +90,9 @@ impl Pipeline {
 
     /// Queues `data` for `stream`.
     pub fn push(&mut self, stream: u32, data: &[u8]) -> Result<(), String> {
+        if let Some(m) = self.direct.as_mut() {
+            return m.pushdata(stream, RSlice::from_slice(data)).into_result().map_err(|e| e.to_string());
+        }
         self.failure()?;
         let mut buf = if data.len() >= RECYCLE { self.free.try_recv().unwrap_or_default() } else { Vec::new() };
         buf.clear();
@@ -90,6 +102,9 @@ impl Pipeline {
 
     /// Waits until everything queued is written and the medium flushed.
     pub fn flush(&mut self) -> Result<(), String> {
+        if let Some(m) = self.direct.as_mut() {
+            return m.flush().into_result().map_err(|e| e.to_string());
+        }
         let (done_tx, done) = bounded(1);
         self.send(Msg::Flush(done_tx))?;
         done.recv().map_err(|_| "the writer thread stopped".to_string())?
@@ -97,6 +112,9 @@ impl Pipeline {
 
     /// Stops the writer and hands the medium back.
     pub fn finish(mut self) -> Option<MediumBox> {
+        if let Some(m) = self.direct.take() {
+            return Some(m);
+        }
         self.tx = None;
         self.writer.take().and_then(|w| w.join().ok())
     }
