@@ -61,6 +61,35 @@ fn read_reference(dir: &Path, bytes: usize) -> f64 {
     ms
 }
 
+/// Touches nearly all free memory once. On these VMs the first touch of a guest page
+/// costs a hypervisor fault; without this, whichever of ferry or a reference happens to
+/// get never-touched pages from the allocator looks several times slower.
+fn warm_guest_memory() {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let avail_kib: usize = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:")?.trim().strip_suffix("kB")?.trim().parse().ok())
+        .unwrap_or(0);
+    let chunk = 1usize << 30;
+    let count = (avail_kib << 10).saturating_sub(2 << 30) / chunk;
+    let mut maps = Vec::new();
+    for _ in 0..count {
+        // SAFETY: fresh anonymous mappings, populated and unmapped below.
+        let m = unsafe {
+            libc::mmap(std::ptr::null_mut(), chunk, libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE, -1, 0)
+        };
+        if m == libc::MAP_FAILED {
+            break;
+        }
+        maps.push(m);
+    }
+    for m in maps {
+        // SAFETY: unmapping what we mapped.
+        unsafe { libc::munmap(m, chunk) };
+    }
+}
+
 fn main() {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -76,19 +105,24 @@ fn main() {
     let base = Path::new("/dev/shm").join(format!("ferry-bench-{}", std::process::id()));
     std::fs::create_dir_all(&base).unwrap();
     let buf = vec![0x5au8; 8 << 20];
-    // Warm up: the first touch of memory is slow on these VMs.
-    write_reference(&base, 256 << 20, &buf);
-    read_reference(&base, 256 << 20);
-
+    warm_guest_memory();
     println!(
         "{:>6} {:>9} {:>9} {:>9} {:>7} {:>9} {:>9} {:>7} {:>8} {:>8}",
         "MiB", "ckpt ms", "frozen", "write ms", "ratio", "rest ms", "read ms", "ratio", "ckpt GB/s", "rest GB/s"
     );
     for size in sizes {
-        let runs = if size >= 1024 { 3 } else { 5 };
+        let runs = 5;
         let (mut ck, mut fr, mut wr, mut rs, mut rd) = (vec![], vec![], vec![], vec![], vec![]);
         let mut bytes = 0u64;
         for i in 0..runs {
+            // Freed guest pages are handed back to the hypervisor after a while, and the
+            // next touch of one costs a fault: whoever runs right after a large free
+            // gets warm pages. Alternate who goes first so neither side always wins.
+            let refs_first = i % 2 == 1 && bytes > 0;
+            if refs_first {
+                wr.push(write_reference(&base, bytes as usize, &buf));
+                rd.push(read_reference(&base, bytes as usize));
+            }
             let w = Workload::spawn(&WorkloadOpts { mem_mib: size as u32, files: false, tick_ms: 50, ..Default::default() });
             w.wait_ticks(1);
             let dir = base.join(format!("img-{size}-{i}"));
@@ -106,8 +140,10 @@ fn main() {
                 kill_pid(pid.as_i64().unwrap() as i32);
             }
             std::fs::remove_dir_all(&dir).unwrap();
-            wr.push(write_reference(&base, bytes as usize, &buf));
-            rd.push(read_reference(&base, bytes as usize));
+            if !refs_first {
+                wr.push(write_reference(&base, bytes as usize, &buf));
+                rd.push(read_reference(&base, bytes as usize));
+            }
             drop(w);
         }
         let (c, f, w, r, d) = (median(&mut ck), median(&mut fr), median(&mut wr), median(&mut rs), median(&mut rd));
