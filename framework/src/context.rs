@@ -218,6 +218,9 @@ impl RecordSource for StreamSource<'_> {
             Ok(Some(r)) => {
                 if r.format == RecordFormat::Raw && r.kind == "pages" {
                     self.page_bytes += r.payload.len() as u64;
+                    if self.page_bytes > 1 << 20 {
+                        crate::fault::point("mid-pages");
+                    }
                 }
                 RResult::ROk(abi_stable::std_types::ROption::RSome(Record {
                     kind: r.kind.into(),

@@ -8,6 +8,7 @@ pub mod context;
 pub mod control;
 pub mod daemon;
 pub mod event;
+pub mod fault;
 pub mod image;
 pub mod manager;
 pub mod migrate;

@@ -119,18 +119,27 @@ pub fn migrate(manager: &Manager, req: &MigrateRequest, progress: &mut dyn FnMut
     })();
     match outcome {
         Ok((bytes, pages, pids)) => {
-            // The commit point: the destination holds the rebuilt process.
+            // The destination holds the rebuilt process stopped. The source goes only
+            // once the destination confirms it let its copy run: a lost message may
+            // leave two copies to sort out, but never none.
             let medium = medium.as_mut().ok_or_else(|| refused("no medium"))?;
-            if let Err(e) = send_verdict(medium, &Verdict::Commit) {
-                let _ = tracer.unmap_scratch();
-                let _ = tracer.detach();
-                drop(freezer);
-                return Err(refused(format!("the destination did not take the commit ({e}); the process runs on here")));
+            let released = send_verdict(medium, &Verdict::Commit).and_then(|_| recv_verdict(medium, req.timeout));
+            match released {
+                Ok(Verdict::Released) => {}
+                other => {
+                    let why = match other {
+                        Ok(v) => format!("it answered {v:?}"),
+                        Err(e) => e,
+                    };
+                    let _ = tracer.unmap_scratch();
+                    let _ = tracer.detach();
+                    drop(freezer);
+                    return Err(refused(format!("the destination did not confirm running the process ({why}); it runs on here")));
+                }
             }
             tracer.kill();
             drop(freezer);
             let frozen_ms = event::ms(frozen_at);
-            let _ = recv_verdict(medium, req.timeout);
             let new = pids.get(&req.pid.to_string()).copied().unwrap_or(0);
             Ok(MigrateStats {
                 token: welcome.token,
@@ -176,6 +185,7 @@ pub fn serve(manager: &Manager, mut stream: TcpStream, key: Option<&[u8]>, featu
         Err(e) => return format!("from {peer}: refused: {e}"),
     };
     let tag = format!("event {} from {peer} pid {}", hello.token, hello.pid);
+    crate::fault::point("after-handshake");
     let lease = match manager.acquire(PluginKind::Medium, "tcp") {
         Ok(l) => l,
         Err(e) => return format!("{tag}: failed: {e}"),
@@ -193,6 +203,7 @@ pub fn serve(manager: &Manager, mut stream: TcpStream, key: Option<&[u8]>, featu
         }
     };
     let pids = held.pids().clone();
+    crate::fault::point("before-commit");
     if let Err(e) = send_verdict(&mut medium, &Verdict::Rebuilt { pids: pids.clone(), restore_ms: event::ms(started) }) {
         held.abort();
         return format!("{tag}: rolled back: {e}");

@@ -216,7 +216,7 @@ pub fn restore_held(
     let mut subs = event::load_subsystems(manager, &names)?;
 
     let pid = spawn_child(process.pid)?;
-    let mut tracer = match Tracer::seize(pid) {
+    let mut tracer = match Tracer::seize_owned(pid) {
         Ok(t) => t,
         Err(e) => {
             // SAFETY: the child is ours and stopped in pause(); nothing else uses it.

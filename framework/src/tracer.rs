@@ -147,10 +147,21 @@ impl Tracer {
         Tracer::seize_with(pid, || Ok(()))
     }
 
+    /// Seizes a process ferry is building (a restore child) so that the kernel kills it
+    /// if ferry dies before releasing it: a half-built or uncommitted process must
+    /// never run on its own (`PTRACE_O_EXITKILL`).
+    pub fn seize_owned(pid: pid_t) -> Result<Tracer, TraceError> {
+        Tracer::seize_opts(pid, libc::PTRACE_O_EXITKILL as usize, || Ok(()))
+    }
+
     /// Like [`Tracer::seize`], running `between` after every thread is interrupted and
     /// before waiting for the stops (a cgroup freezer thaws there: with the v1
     /// freezer the stops only arrive after the thaw).
     pub fn seize_with(pid: pid_t, between: impl FnOnce() -> Result<(), TraceError>) -> Result<Tracer, TraceError> {
+        Tracer::seize_opts(pid, 0, between)
+    }
+
+    fn seize_opts(pid: pid_t, extra: usize, between: impl FnOnce() -> Result<(), TraceError>) -> Result<Tracer, TraceError> {
         check_target(pid)?;
         let mem = File::options()
             .read(true)
@@ -167,7 +178,7 @@ impl Tracer {
                 break;
             }
             for tid in fresh {
-                let opts = libc::PTRACE_O_TRACECLONE as usize;
+                let opts = libc::PTRACE_O_TRACECLONE as usize | extra;
                 match ptrace(libc::PTRACE_SEIZE, tid, 0, opts, "PTRACE_SEIZE") {
                     Ok(_) => {}
                     // A thread that exited between listing and seizing.

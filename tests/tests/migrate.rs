@@ -35,6 +35,11 @@ impl Daemon {
     /// Starts `ferry daemon` listening on `ip:port`, optionally inside network namespace
     /// `netns`, with `extra` arguments.
     fn start(netns: Option<&str>, ip: &str, extra: &[&str]) -> Daemon {
+        Daemon::start_env(netns, ip, extra, None)
+    }
+
+    /// Starts a daemon that dies by SIGKILL at fault point `fault` (FERRY_FAULT).
+    fn start_env(netns: Option<&str>, ip: &str, extra: &[&str], fault: Option<&str>) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let addr = format!("{ip}:{port}");
@@ -48,6 +53,9 @@ impl Daemon {
             None => Command::new(ferry_bin()),
         };
         cmd.args(["daemon", "--listen", &addr, "--control"]).arg(&control).args(extra);
+        if let Some(f) = fault {
+            cmd.env("FERRY_FAULT", f);
+        }
         let log = std::fs::File::create(dir.path().join("daemon.log")).unwrap();
         let child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log).spawn().unwrap();
         let d = Daemon { child, addr, _dir: dir };
@@ -217,6 +225,44 @@ fn a_daemon_that_vanishes_mid_transfer_leaves_the_source_running() {
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     fake.join().unwrap();
     still_fine(&mut w);
+}
+
+/// Live processes (not zombies) whose command line names `needle`.
+fn processes_mentioning(needle: &str) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            pid_alive(*pid)
+                && std::fs::read(format!("/proc/{pid}/cmdline"))
+                    .map(|c| String::from_utf8_lossy(&c).contains(needle))
+                    .unwrap_or(false)
+        })
+        .collect()
+}
+
+#[test]
+fn a_daemon_killed_at_each_phase_leaves_the_source_running_and_nothing_behind() {
+    if !is_root() {
+        eprintln!("skipping: migration needs root");
+        return;
+    }
+    for fault in ["after-handshake", "mid-pages", "before-commit"] {
+        let mut daemon = Daemon::start_env(None, "127.0.0.1", &[], Some(fault));
+        let mut w = Workload::spawn(&WorkloadOpts { threads: 1, mem_mib: 8, ..Default::default() });
+        w.wait_ticks(2);
+        let o = migrate(None, w.pid, &daemon.addr, &[]);
+        assert_eq!(o.status.code(), Some(1), "{fault}: {}", stderr(&o));
+        assert_eq!(stderr(&o).lines().count(), 1, "{fault}: {}", stderr(&o));
+        let status = daemon.child.wait().unwrap();
+        assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(libc::SIGKILL), "{fault}");
+        // Nothing of the half-built copy survives its daemon (PTRACE_O_EXITKILL).
+        let log = w.log.to_str().unwrap().to_string();
+        wait_until("only the source to mention its log", Duration::from_secs(30), || {
+            processes_mentioning(&log) == vec![w.pid]
+        });
+        still_fine(&mut w);
+    }
 }
 
 /// Two hosts: network namespaces joined by a veth pair, removed on drop.

@@ -1,0 +1,14 @@
+//! Fault injection for tests, in the manner of CRIU_FAULT: with `FERRY_FAULT=<point>`
+//! in its environment, a ferry process dies by SIGKILL when it reaches that point —
+//! no destructor runs, exactly as if it had been killed from outside. Points:
+//! `after-handshake`, `mid-pages` (after the first MiB of pages is restored),
+//! `before-commit` (the destination holds the rebuilt process).
+
+/// Dies here if the environment asks for a fault at `point`.
+pub fn point(point: &str) {
+    if std::env::var("FERRY_FAULT").is_ok_and(|p| p == point) {
+        eprintln!("ferry: injected fault at {point}");
+        // SAFETY: raising SIGKILL on ourselves has no preconditions.
+        unsafe { libc::raise(libc::SIGKILL) };
+    }
+}
