@@ -24,7 +24,8 @@ use crate::{
     manager::Manager,
     pipeline::Pipeline,
     protocol::{self, Hello, Local, PluginRef, Verdict},
-    restore,
+    image::{PluginEntry, ProcessEntry},
+    restore::{self, Plan},
     tracer,
 };
 
@@ -58,17 +59,24 @@ fn refused(message: impl Into<String>) -> EventError {
 }
 
 /// A control message through the medium.
-fn send_verdict(medium: &mut MediumBox, v: &Verdict) -> Result<(), String> {
-    let msg: serde_json::Value = serde_json::from_str(&v.to_json()).map_err(|e| e.to_string())?;
+fn send_json(medium: &mut MediumBox, msg: serde_json::Value) -> Result<(), String> {
     let cmd = serde_json::json!({"op": "send", "msg": msg}).to_string();
     medium.command(RStr::from_str(&cmd)).into_result().map(|_| ()).map_err(|e| e.message.into_string())
 }
 
-fn recv_verdict(medium: &mut MediumBox, timeout: Duration) -> Result<Verdict, String> {
+fn recv_json(medium: &mut MediumBox, timeout: Duration) -> Result<serde_json::Value, String> {
     let cmd = serde_json::json!({"op": "recv", "timeout_ms": timeout.as_millis() as u64}).to_string();
     let reply = medium.command(RStr::from_str(&cmd)).into_result().map_err(|e| e.message.into_string())?;
-    let v: serde_json::Value = serde_json::from_str(reply.as_str()).map_err(|e| format!("bad reply from the medium: {e}"))?;
-    Verdict::from_json(&v["msg"].to_string()).map_err(|e| e.to_string())
+    let mut v: serde_json::Value = serde_json::from_str(reply.as_str()).map_err(|e| format!("bad reply from the medium: {e}"))?;
+    Ok(v["msg"].take())
+}
+
+fn send_verdict(medium: &mut MediumBox, v: &Verdict) -> Result<(), String> {
+    send_json(medium, serde_json::from_str(&v.to_json()).map_err(|e| e.to_string())?)
+}
+
+fn recv_verdict(medium: &mut MediumBox, timeout: Duration) -> Result<Verdict, String> {
+    Verdict::from_json(&recv_json(medium, timeout)?.to_string()).map_err(|e| e.to_string())
 }
 
 /// Moves process `req.pid` to the daemon at `req.to`.
@@ -104,6 +112,26 @@ pub fn migrate(manager: &Manager, req: &MigrateRequest, progress: &mut dyn FnMut
     // Nothing was touched until here.
     let frozen_at = Instant::now();
     let (mut tracer, freezer) = quiesce(req.pid, req.quiesce)?;
+    // The plan goes ahead of the streams, so the destination rebuilds while they arrive.
+    let mut medium = medium;
+    let announced = tracer.map_scratch(0).map_err(EventError::from).and_then(|scratch| {
+        let comm = std::fs::read_to_string(format!("/proc/{}/comm", req.pid)).unwrap_or_default().trim().to_string();
+        let plan = Plan {
+            process: ProcessEntry { pid: req.pid, tids: tracer.tids(), comm, scratch },
+            plugins: subs
+                .iter()
+                .enumerate()
+                .map(|(i, l)| PluginEntry { name: l.name.clone(), version: l.version.clone(), stream: i as u32 + 1, records: 0, bytes: 0 })
+                .collect(),
+        };
+        let msg = serde_json::json!({"type": "plan", "plan": plan});
+        send_json(&mut medium, msg).map_err(|e| refused(format!("sending the plan: {e}")))
+    });
+    if let Err(e) = announced {
+        let _ = tracer.unmap_scratch();
+        let _ = tracer.detach();
+        return Err(e);
+    }
     let mut pipe = Pipeline::new(medium);
     let written = write_image(&mut tracer, &mut subs, &mut pipe, "tcp", req.pid, progress);
     let mut medium = pipe.finish();
@@ -195,7 +223,17 @@ pub fn serve(manager: &Manager, mut stream: TcpStream, key: Option<&[u8]>, featu
         Ok(m) => m,
         Err(e) => return format!("{tag}: failed: {e}"),
     };
-    let held = match restore::restore_held(manager, &mut medium, started, &mut |_| {}) {
+    let plan = recv_json(&mut medium, timeout).and_then(|mut m| {
+        if m["type"] != "plan" {
+            return Err(format!("expected the plan, got {m}"));
+        }
+        serde_json::from_value::<Plan>(m["plan"].take()).map_err(|e| format!("a bad plan: {e}"))
+    });
+    let plan = match plan {
+        Ok(p) => p,
+        Err(e) => return format!("{tag}: failed: {e}"),
+    };
+    let held = match restore::restore_streaming(manager, &mut medium, &plan, started, &mut |_| {}) {
         Ok(h) => h,
         Err(e) => {
             let _ = send_verdict(&mut medium, &Verdict::Failed { reason: e.to_string() });

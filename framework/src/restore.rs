@@ -12,7 +12,7 @@ use ferry_plugin_api::{util::parse_maps, MediumBox, PluginKind};
 use crate::{
     context::{ExternalContext, MediumPull, SharedTable, StreamSource},
     event::{self, EventError, Stats},
-    image::{Inventory, RecordReader, INVENTORY_STREAM},
+    image::{Inventory, PluginEntry, ProcessEntry, RecordReader, INVENTORY_STREAM},
     manager::Manager,
     tracer::{Tracer, SCRATCH_SIZE},
 };
@@ -150,6 +150,8 @@ pub struct Held {
     stats: Stats,
     frozen_at: Instant,
     started: Instant,
+    /// Records and bytes read from each plugin's stream.
+    counts: Vec<(u64, u64)>,
 }
 
 impl Held {
@@ -188,6 +190,28 @@ pub fn restore(manager: &Manager, req: &RestoreRequest, progress: &mut dyn FnMut
     held.release()
 }
 
+/// What a rebuild needs to know before the first record: the process and the plugins
+/// with their streams. From the inventory of an image, or, for a migration, from the
+/// preamble the source sends ahead of the streams (the inventory comes last).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Plan {
+    pub process: ProcessEntry,
+    pub plugins: Vec<PluginEntry>,
+}
+
+impl Plan {
+    fn from_inventory(inventory: &Inventory) -> Result<Plan, EventError> {
+        let [process] = inventory.processes.as_slice() else {
+            return Err(EventError::Refused(format!(
+                "the image holds {} processes; this ferry restores one",
+                inventory.processes.len()
+            )));
+        };
+        Ok(Plan { process: process.clone(), plugins: inventory.plugins.clone() })
+    }
+}
+
 /// Rebuilds the process of the image carried by `medium` and holds it stopped.
 pub fn restore_held(
     manager: &Manager,
@@ -196,8 +220,49 @@ pub fn restore_held(
     progress: &mut dyn FnMut(&str),
 ) -> Result<Held, EventError> {
     let inventory = Inventory::read_from(&mut MediumPull { medium, stream: INVENTORY_STREAM })?;
+    let plan = Plan::from_inventory(&inventory)?;
+    rebuild(manager, medium, &plan, true, started, progress)
+}
+
+/// Rebuilds from streams still arriving, as `plan` announces them; the inventory,
+/// read last, must then agree with the plan and with what was read.
+pub fn restore_streaming(
+    manager: &Manager,
+    medium: &mut MediumBox,
+    plan: &Plan,
+    started: Instant,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Held, EventError> {
+    let held = rebuild(manager, medium, plan, false, started, progress)?;
+    let checked = Inventory::read_from(&mut MediumPull { medium, stream: INVENTORY_STREAM }).and_then(|inv| {
+        let names = |p: &[PluginEntry]| -> Vec<(String, String, u32)> {
+            p.iter().map(|e| (e.name.clone(), e.version.clone(), e.stream)).collect()
+        };
+        if names(&inv.plugins) != names(&plan.plugins) || inv.processes != [plan.process.clone()] {
+            return Ok(Err("the inventory does not match the preamble".to_string()));
+        }
+        Ok(inv.plugins.iter().zip(&held.counts).find_map(|(entry, &(records, bytes))| {
+            (entry.records != records || entry.bytes != bytes).then(|| {
+                format!("stream {} carried {records} records, {bytes} bytes; the inventory says {}, {}", entry.stream, entry.records, entry.bytes)
+            })
+        }).map_or(Ok(()), Err))
+    });
+    match checked {
+        Ok(Ok(())) => Ok(held),
+        Ok(Err(why)) => {
+            held.abort();
+            Err(EventError::Refused(why))
+        }
+        Err(e) => {
+            held.abort();
+            Err(e.into())
+        }
+    }
+}
+
+fn check_plugins(manager: &Manager, plugins: &[PluginEntry]) -> Result<(), EventError> {
     // Refuse early, naming the plugin, when this ferry lacks one the image needs.
-    for p in &inventory.plugins {
+    for p in plugins {
         match manager.get(&p.name) {
             None => return Err(EventError::Refused(format!("the image needs subsystem plugin {} {}, which is not registered", p.name, p.version))),
             Some(m) if m.version != p.version => {
@@ -209,10 +274,22 @@ pub fn restore_held(
             Some(_) => {}
         }
     }
-    let [process] = inventory.processes.as_slice() else {
-        return Err(EventError::Refused(format!("the image holds {} processes; this ferry restores one", inventory.processes.len())));
-    };
-    let names: Vec<String> = inventory.plugins.iter().map(|p| p.name.clone()).collect();
+    Ok(())
+}
+
+/// `counts_known`: the plan's plugin entries carry the records and bytes of each
+/// stream (an image's inventory) and each stream is checked as soon as it is read.
+fn rebuild(
+    manager: &Manager,
+    medium: &mut MediumBox,
+    plan: &Plan,
+    counts_known: bool,
+    started: Instant,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Held, EventError> {
+    check_plugins(manager, &plan.plugins)?;
+    let process = &plan.process;
+    let names: Vec<String> = plan.plugins.iter().map(|p| p.name.clone()).collect();
     let mut subs = event::load_subsystems(manager, &names)?;
 
     let pid = spawn_child(process.pid)?;
@@ -240,7 +317,8 @@ pub fn restore_held(
         blank(&mut tracer, process.scratch)?;
         let mut shared = SharedTable::default();
         let mut page_bytes = 0;
-        for (loaded, entry) in subs.iter_mut().zip(&inventory.plugins) {
+        let mut counts = Vec::new();
+        for (loaded, entry) in subs.iter_mut().zip(&plan.plugins) {
             let name = loaded.name.clone();
             let mut ctx = ExternalContext { tracer: &mut tracer, shared: &mut shared, plugin: &name };
             let reader = RecordReader::new(MediumPull { medium: &mut *medium, stream: entry.stream }, entry.stream);
@@ -248,7 +326,10 @@ pub fn restore_held(
             event::restart_one(loaded, &mut ctx, &mut source, progress)?;
             // Every record the checkpoint wrote must have been read.
             while source.reader.next()?.is_some() {}
-            source.reader.check_against(entry)?;
+            if counts_known {
+                source.reader.check_against(entry)?;
+            }
+            counts.push((source.reader.records_read(), source.reader.bytes_read()));
             stats.bytes += source.reader.bytes_read();
             page_bytes += source.page_bytes;
         }
@@ -256,13 +337,13 @@ pub fn restore_held(
         event::resume_all(&mut subs, &mut ctx)?;
         event::cleanup_all(&mut subs, &mut ctx, true);
         tracer.unmap_scratch()?;
-        Ok::<_, EventError>(page_bytes / 4096)
+        Ok::<_, EventError>((page_bytes / 4096, counts))
     })();
     match result {
-        Ok(pages) => {
+        Ok((pages, counts)) => {
             stats.pages = pages;
             stats.pids.insert(process.pid.to_string(), pid);
-            Ok(Held { tracer, stats, frozen_at, started })
+            Ok(Held { tracer, stats, frozen_at, started, counts })
         }
         Err(e) => {
             // Kill only what this restore created.

@@ -61,35 +61,6 @@ fn read_reference(dir: &Path, bytes: usize) -> f64 {
     ms
 }
 
-/// Touches nearly all free memory once. On these VMs the first touch of a guest page
-/// costs a hypervisor fault; without this, whichever of ferry or a reference happens to
-/// get never-touched pages from the allocator looks several times slower.
-fn warm_guest_memory() {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let avail_kib: usize = meminfo
-        .lines()
-        .find_map(|l| l.strip_prefix("MemAvailable:")?.trim().strip_suffix("kB")?.trim().parse().ok())
-        .unwrap_or(0);
-    let chunk = 1usize << 30;
-    let count = (avail_kib << 10).saturating_sub(2 << 30) / chunk;
-    let mut maps = Vec::new();
-    for _ in 0..count {
-        // SAFETY: fresh anonymous mappings, populated and unmapped below.
-        let m = unsafe {
-            libc::mmap(std::ptr::null_mut(), chunk, libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE, -1, 0)
-        };
-        if m == libc::MAP_FAILED {
-            break;
-        }
-        maps.push(m);
-    }
-    for m in maps {
-        // SAFETY: unmapping what we mapped.
-        unsafe { libc::munmap(m, chunk) };
-    }
-}
-
 fn main() {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
@@ -105,7 +76,7 @@ fn main() {
     let base = Path::new("/dev/shm").join(format!("ferry-bench-{}", std::process::id()));
     std::fs::create_dir_all(&base).unwrap();
     let buf = vec![0x5au8; 8 << 20];
-    warm_guest_memory();
+    ferry_tests::warm_guest_memory();
     println!(
         "{:>6} {:>9} {:>9} {:>9} {:>7} {:>9} {:>9} {:>7} {:>8} {:>8}",
         "MiB", "ckpt ms", "frozen", "write ms", "ratio", "rest ms", "read ms", "ratio", "ckpt GB/s", "rest GB/s"

@@ -89,3 +89,32 @@ pub fn abi_fixture(same_number: bool, into: &Path) -> PathBuf {
     std::fs::copy(target.join("debug/libferry_fixture_abi_other.so"), &copy).expect("copy fixture");
     copy
 }
+
+/// Touches nearly all free memory once. On these VMs the first touch of a guest page
+/// costs a hypervisor fault; without this, whichever of ferry or a reference happens to
+/// get never-touched pages from the allocator looks several times slower.
+pub fn warm_guest_memory() {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let avail_kib: usize = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:")?.trim().strip_suffix("kB")?.trim().parse().ok())
+        .unwrap_or(0);
+    let chunk = 1usize << 30;
+    let count = (avail_kib << 10).saturating_sub(2 << 30) / chunk;
+    let mut maps = Vec::new();
+    for _ in 0..count {
+        // SAFETY: fresh anonymous mappings, populated and unmapped below.
+        let m = unsafe {
+            libc::mmap(std::ptr::null_mut(), chunk, libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE, -1, 0)
+        };
+        if m == libc::MAP_FAILED {
+            break;
+        }
+        maps.push(m);
+    }
+    for m in maps {
+        // SAFETY: unmapping what we mapped.
+        unsafe { libc::munmap(m, chunk) };
+    }
+}
