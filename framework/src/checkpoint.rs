@@ -18,6 +18,7 @@ use crate::{
     manager::Manager,
     pipeline::Pipeline,
     quiesce::Freezer,
+    watchdog::Watchdog,
     tracer::{self, TraceError, Tracer},
 };
 
@@ -28,6 +29,8 @@ pub struct CheckpointRequest {
     pub medium: String,
     pub quiesce: Quiesce,
     pub leave_running: bool,
+    /// How long the event may go without progress (`watchdog_ms`).
+    pub watchdog: std::time::Duration,
 }
 
 /// An image directory must be absent or empty: a checkpoint never mixes with an old one.
@@ -83,7 +86,21 @@ pub fn checkpoint(manager: &Manager, req: &CheckpointRequest, progress: &mut dyn
         }
     };
 
-    let outcome = write_image(&mut tracer, &mut subs, &mut medium, &req.medium, req.pid, progress);
+    // The last resort if a plugin stops answering: the tracer thread is stuck in it, so
+    // remove the partial image and exit; the kernel then detaches the process, which
+    // carries on.
+    let (dir, pid) = (req.dir.clone(), req.pid);
+    let rescue = freezer.as_ref().map(|f| f.rescue());
+    let watchdog = Watchdog::start(req.watchdog, move |why, _| {
+        eprintln!("ferry: {why}; process {pid} is let go");
+        discard(&dir, created);
+        if let Some(r) = rescue {
+            r();
+        }
+        std::process::exit(1);
+    });
+    let outcome = write_image(&mut tracer, &mut subs, &mut medium, &req.medium, req.pid, &watchdog, progress);
+    drop(watchdog);
     let mut stats = Stats::default();
     match outcome {
         Ok((bytes, pages)) => {
@@ -135,6 +152,7 @@ pub(crate) fn write_image(
     medium: &mut Pipeline,
     medium_name: &str,
     pid: i32,
+    watchdog: &Watchdog,
     progress: &mut dyn FnMut(&str),
 ) -> Result<(u64, u64), EventError> {
     tracer.map_scratch(0)?;
@@ -143,16 +161,18 @@ pub(crate) fn write_image(
     let mut inventory = Inventory::new(medium_name);
     let (mut bytes, mut page_bytes) = (0u64, 0u64);
     {
-        let mut ctx = ExternalContext { tracer: &mut *tracer, shared: &mut shared, plugin: "ferry" };
+        let mut ctx = ExternalContext { tracer: &mut *tracer, shared: &mut shared, plugin: "ferry", watchdog };
         event::setup_all(subs, &mut ctx, EventKind::Checkpoint)?;
     }
     let result = (|| {
         for (i, loaded) in subs.iter_mut().enumerate() {
             let stream = i as u32 + 1;
             let name = loaded.name.clone();
-            let mut ctx = ExternalContext { tracer: &mut *tracer, shared: &mut shared, plugin: &name };
-            let mut sink = StreamSink::new(medium, stream, &name);
+            let mut ctx = ExternalContext { tracer: &mut *tracer, shared: &mut shared, plugin: &name, watchdog };
+            watchdog.doing(format!("plugin {name} writes its records"));
+            let mut sink = StreamSink::new(medium, stream, &name, watchdog);
             event::checkpoint_one(loaded, &mut ctx, &mut sink, progress)?;
+            crate::fault::point("checkpoint-mid");
             bytes += sink.bytes;
             page_bytes += sink.page_bytes;
             inventory.plugins.push(PluginEntry {
@@ -172,7 +192,7 @@ pub(crate) fn write_image(
         bytes += encoded.len() as u64;
         Ok::<_, EventError>(())
     })();
-    let mut ctx = ExternalContext { tracer: &mut *tracer, shared: &mut shared, plugin: "ferry" };
+    let mut ctx = ExternalContext { tracer: &mut *tracer, shared: &mut shared, plugin: "ferry", watchdog };
     event::cleanup_all(subs, &mut ctx, result.is_ok());
     result.map(|_| (bytes, page_bytes / 4096))
 }

@@ -13,6 +13,7 @@ use ferry_plugin_api::{
 use crate::{
     image::{self, Pull, RecordReader},
     pipeline::Pipeline,
+    watchdog::Watchdog,
     tracer::Tracer,
 };
 
@@ -28,9 +29,15 @@ pub struct ExternalContext<'a> {
     pub shared: &'a mut SharedTable,
     /// The plugin being served, for error messages.
     pub plugin: &'a str,
+    /// Every call is a sign of life.
+    pub watchdog: &'a Watchdog,
 }
 
 impl ExternalContext<'_> {
+    fn alive(&self) {
+        self.watchdog.beat();
+    }
+
     fn fail<T>(&self, message: impl std::fmt::Display) -> PResult<T> {
         RResult::RErr(PluginError::new(self.plugin, message))
     }
@@ -57,23 +64,27 @@ impl ProcessContext for ExternalContext<'_> {
     }
 
     fn read_memory(&mut self, addr: u64, mut buf: RSliceMut<'_, u8>) -> PResult<usize> {
+        self.alive();
         let len = buf.len() as u64;
         let r = self.tracer.read_ranges(&[(addr, len)], buf.as_mut_slice());
         self.lift(r)
     }
 
     fn read_memory_ranges(&mut self, r: RSlice<'_, MemRange>, mut buf: RSliceMut<'_, u8>) -> PResult<usize> {
+        self.alive();
         let r = self.tracer.read_ranges(&ranges(r.as_slice()), buf.as_mut_slice());
         self.lift(r)
     }
 
     fn write_memory(&mut self, addr: u64, data: RSlice<'_, u8>) -> PResult<usize> {
+        self.alive();
         // /proc/PID/mem also writes pages the target may only read (code, relro).
         let r = self.tracer.poke(addr, data.as_slice()).map(|_| data.len());
         self.lift(r)
     }
 
     fn write_memory_ranges(&mut self, r: RSlice<'_, MemRange>, data: RSlice<'_, u8>) -> PResult<usize> {
+        self.alive();
         let r = self.tracer.write_ranges(&ranges(r.as_slice()), data.as_slice());
         self.lift(r)
     }
@@ -84,6 +95,7 @@ impl ProcessContext for ExternalContext<'_> {
     }
 
     fn fetch_fd(&mut self, fd: i32) -> PResult<i32> {
+        self.alive();
         let pid = self.tracer.pid();
         // SAFETY: plain system calls with integer arguments; the pidfd is closed below.
         let r = unsafe {
@@ -102,21 +114,25 @@ impl ProcessContext for ExternalContext<'_> {
     }
 
     fn inject_syscall(&mut self, tid: i32, nr: i64, args: SyscallArgs) -> PResult<i64> {
+        self.alive();
         let r = self.tracer.inject(tid, nr, args.0);
         self.lift(r)
     }
 
     fn get_regset(&mut self, tid: i32, regset: u32) -> PResult<RVec<u8>> {
+        self.alive();
         let r = self.tracer.get_regset(tid, regset).map(RVec::from);
         self.lift(r)
     }
 
     fn set_regset(&mut self, tid: i32, regset: u32, data: RSlice<'_, u8>) -> PResult<()> {
+        self.alive();
         let r = self.tracer.set_regset(tid, regset, data.as_slice());
         self.lift(r)
     }
 
     fn proc_read(&mut self, name: RStr<'_>) -> PResult<RVec<u8>> {
+        self.alive();
         let name = name.as_str();
         if name.starts_with('/') || name.split('/').any(|c| c == "..") {
             return self.fail(format!("/proc path {name:?} leaves the process's directory"));
@@ -156,6 +172,7 @@ impl ProcessContext for ExternalContext<'_> {
 /// Frames a subsystem's records onto one stream of the medium.
 pub struct StreamSink<'a> {
     pub medium: &'a mut Pipeline,
+    pub watchdog: &'a Watchdog,
     pub stream: u32,
     pub plugin: &'a str,
     pub records: u64,
@@ -165,13 +182,14 @@ pub struct StreamSink<'a> {
 }
 
 impl<'a> StreamSink<'a> {
-    pub fn new(medium: &'a mut Pipeline, stream: u32, plugin: &'a str) -> Self {
-        StreamSink { medium, stream, plugin, records: 0, bytes: 0, page_bytes: 0 }
+    pub fn new(medium: &'a mut Pipeline, stream: u32, plugin: &'a str, watchdog: &'a Watchdog) -> Self {
+        StreamSink { medium, watchdog, stream, plugin, records: 0, bytes: 0, page_bytes: 0 }
     }
 }
 
 impl RecordSink for StreamSink<'_> {
     fn put(&mut self, kind: RStr<'_>, format: RecordFormat, payload: RSlice<'_, u8>) -> PResult<()> {
+        self.watchdog.beat();
         let header = match image::frame_header(kind.as_str(), format, payload.as_slice()) {
             Ok(h) => h,
             Err(e) => return RResult::RErr(PluginError::new(self.plugin, e)),
@@ -208,12 +226,14 @@ impl Pull for MediumPull<'_> {
 /// Hands a subsystem its records back, checked.
 pub struct StreamSource<'a> {
     pub reader: RecordReader<MediumPull<'a>>,
+    pub watchdog: &'a Watchdog,
     pub plugin: &'a str,
     pub page_bytes: u64,
 }
 
 impl RecordSource for StreamSource<'_> {
     fn next(&mut self) -> PResult<abi_stable::std_types::ROption<Record>> {
+        self.watchdog.beat();
         match self.reader.next() {
             Ok(Some(r)) => {
                 if r.format == RecordFormat::Raw && r.kind == "pages" {

@@ -17,6 +17,7 @@ use crate::{
     manager::{Lease, Manager, ManagerError},
     quiesce::FreezeError,
     tracer::TraceError,
+    watchdog::StatusTrack,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -104,9 +105,21 @@ pub fn drive(
     progress: &mut dyn FnMut(&str),
 ) -> Result<(), EventError> {
     let mut retries = 0;
+    let watchdog = ctx.watchdog;
+    let mut track = StatusTrack::new();
     let mut cref = ProcessContext_TO::from_ptr(ctx, TD_Opaque);
     loop {
-        match step(&mut loaded.sub, &mut cref).into_result() {
+        let answer = step(&mut loaded.sub, &mut cref).into_result();
+        watchdog.beat();
+        // "More" while the plugin's status stands still is no progress either.
+        let answer = match answer {
+            Ok(Progress::More) if track.stalled(loaded.sub.status(), watchdog.limit()) => Err(PluginError::new(
+                &loaded.name,
+                format!("watchdog: no progress for {} ms (its status stands still)", watchdog.limit().as_millis()),
+            )),
+            other => other,
+        };
+        match answer {
             Ok(Progress::Done) => return Ok(()),
             Ok(Progress::More) => progress(&loaded.name),
             Err(e) => match loaded.sub.fault(&mut cref, &e) {

@@ -2,7 +2,8 @@
 //! in its environment, a ferry process dies by SIGKILL when it reaches that point —
 //! no destructor runs, exactly as if it had been killed from outside. Points:
 //! `after-handshake`, `mid-pages` (after the first MiB of pages is restored),
-//! `before-commit` (the destination holds the rebuilt process).
+//! `before-commit` (the destination holds the rebuilt process), `checkpoint-mid` (after
+//! the first subsystem of a checkpoint wrote its records).
 
 /// Dies here if the environment asks for a fault at `point`.
 pub fn point(point: &str) {

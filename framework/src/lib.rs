@@ -17,3 +17,4 @@ pub mod protocol;
 pub mod quiesce;
 pub mod restore;
 pub mod tracer;
+pub mod watchdog;

@@ -120,6 +120,9 @@ enum Command {
         /// Quiescing method: ptrace or freezer.
         #[arg(long)]
         quiesce: Option<Quiesce>,
+        /// Subsystem plugins, comma separated.
+        #[arg(long, value_delimiter = ',', value_name = "LIST")]
+        subsystems: Option<Vec<String>>,
         /// Print the statistics as one JSON object.
         #[arg(long)]
         json: bool,
@@ -245,6 +248,7 @@ fn run(cli: Cli) -> Outcome {
                 medium: "file".into(),
                 quiesce: config.mechanism.quiesce,
                 leave_running: *leave_running,
+                watchdog: Duration::from_millis(config.watchdog_ms),
             };
             let stats = checkpoint::checkpoint(&manager, &req, &mut progress_bar("checkpoint"))?;
             if *json {
@@ -260,7 +264,11 @@ fn run(cli: Cli) -> Outcome {
         Command::Restore { dir, json } => {
             let config = effective(&cli, Overrides::default())?;
             let manager = registry(&config)?;
-            let req = RestoreRequest { dir: dir.clone(), medium: "file".into() };
+            let req = RestoreRequest {
+                dir: dir.clone(),
+                medium: "file".into(),
+                watchdog: Duration::from_millis(config.watchdog_ms),
+            };
             let stats = restore::restore(&manager, &req, &mut progress_bar("restore"))?;
             if *json {
                 println!("{}", serde_json::to_string(&stats)?);
@@ -314,10 +322,16 @@ fn run(cli: Cli) -> Outcome {
             daemon::run(&opts)?;
             Ok(())
         }
-        Command::Migrate { pid, to, strategy, medium, auth_key, quiesce, json } => {
+        Command::Migrate { pid, to, strategy, medium, auth_key, quiesce, subsystems, json } => {
             let config = effective(
                 &cli,
-                Overrides { quiesce: *quiesce, strategy: *strategy, medium: medium.clone(), ..Overrides::default() },
+                Overrides {
+                    quiesce: *quiesce,
+                    strategy: *strategy,
+                    medium: medium.clone(),
+                    subsystems: subsystems.clone(),
+                    ..Overrides::default()
+                },
             )?;
             if config.mechanism.strategy != Strategy::StopCopy {
                 return Err(Failure(format!("strategy {} is not in this build yet; use stop-copy", config.mechanism.strategy)));

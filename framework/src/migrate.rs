@@ -27,6 +27,7 @@ use crate::{
     image::{PluginEntry, ProcessEntry},
     restore::{self, Plan},
     tracer,
+    watchdog::Watchdog,
 };
 
 /// The kernel features a stop-copy event needs on the destination.
@@ -133,7 +134,19 @@ pub fn migrate(manager: &Manager, req: &MigrateRequest, progress: &mut dyn FnMut
         return Err(e);
     }
     let mut pipe = Pipeline::new(medium);
-    let written = write_image(&mut tracer, &mut subs, &mut pipe, "tcp", req.pid, progress);
+    // The last resort if a plugin stops answering: exit; the kernel detaches the
+    // source, which carries on, and the destination loses the connection and rolls back.
+    let pid = req.pid;
+    let rescue = freezer.as_ref().map(|f| f.rescue());
+    let watchdog = Watchdog::start(req.timeout, move |why, _| {
+        eprintln!("ferry: {why}; process {pid} is let go");
+        if let Some(r) = rescue {
+            r();
+        }
+        std::process::exit(1);
+    });
+    let written = write_image(&mut tracer, &mut subs, &mut pipe, "tcp", req.pid, &watchdog, progress);
+    drop(watchdog);
     let mut medium = pipe.finish();
     let outcome = (|| {
         let (bytes, pages) = written?;
@@ -233,7 +246,19 @@ pub fn serve(manager: &Manager, mut stream: TcpStream, key: Option<&[u8]>, featu
         Ok(p) => p,
         Err(e) => return format!("{tag}: failed: {e}"),
     };
-    let held = match restore::restore_streaming(manager, &mut medium, &plan, started, &mut |_| {}) {
+    // The last resort if a plugin stops answering: this event's thread stays stuck,
+    // but the half-built process is killed; the source times out and rolls back.
+    let stuck_tag = tag.clone();
+    let watchdog = Watchdog::start(timeout, move |why, victim| {
+        if victim > 0 {
+            // SAFETY: killing the restore child this event created.
+            unsafe { libc::kill(victim, libc::SIGKILL) };
+        }
+        eprintln!("ferry daemon: {stuck_tag}: rolled back: {why}");
+    });
+    let rebuilt = restore::restore_streaming(manager, &mut medium, &plan, &watchdog, started, &mut |_| {});
+    drop(watchdog);
+    let held = match rebuilt {
         Ok(h) => h,
         Err(e) => {
             let _ = send_verdict(&mut medium, &Verdict::Failed { reason: e.to_string() });

@@ -103,6 +103,16 @@ impl Freezer {
         }
     }
 
+    /// What puts the process back home from another thread, when the event's own
+    /// thread is stuck (the watchdog's last resort).
+    pub fn rescue(&self) -> impl FnOnce() + Send + 'static {
+        let (pid, home, ours) = (self.pid, self.home.clone(), self.ours.clone());
+        move || {
+            let _ = std::fs::write(home.join("cgroup.procs"), pid.to_string());
+            let _ = std::fs::remove_dir(ours);
+        }
+    }
+
     /// Thaws the cgroup (the process stays in it until dropped).
     pub fn thaw(&mut self) -> Result<(), FreezeError> {
         if self.frozen {

@@ -15,11 +15,14 @@ use crate::{
     image::{Inventory, PluginEntry, ProcessEntry, RecordReader, INVENTORY_STREAM},
     manager::Manager,
     tracer::{Tracer, SCRATCH_SIZE},
+    watchdog::Watchdog,
 };
 
 pub struct RestoreRequest {
     pub dir: PathBuf,
     pub medium: String,
+    /// How long the event may go without progress (`watchdog_ms`).
+    pub watchdog: std::time::Duration,
 }
 
 /// struct clone_args of clone3(2).
@@ -183,7 +186,16 @@ pub fn restore(manager: &Manager, req: &RestoreRequest, progress: &mut dyn FnMut
     }
     let mut medium = medium_lease.open_medium(&serde_json::json!({"role": "read", "dir": req.dir}))?;
     let dir = req.dir.display().to_string();
-    let held = restore_held(manager, &mut medium, started, progress).map_err(|e| match e {
+    // The last resort if a plugin stops answering: kill the half-built child and go.
+    let watchdog = Watchdog::start(req.watchdog, |why, victim| {
+        eprintln!("ferry: {why}; the half-built process is removed");
+        if victim > 0 {
+            // SAFETY: killing the restore child this event created.
+            unsafe { libc::kill(victim, libc::SIGKILL) };
+        }
+        std::process::exit(1);
+    });
+    let held = restore_held(manager, &mut medium, &watchdog, started, progress).map_err(|e| match e {
         EventError::Image(e) => EventError::ImageDir { path: dir, message: e.to_string() },
         other => other,
     })?;
@@ -216,12 +228,13 @@ impl Plan {
 pub fn restore_held(
     manager: &Manager,
     medium: &mut MediumBox,
+    watchdog: &Watchdog,
     started: Instant,
     progress: &mut dyn FnMut(&str),
 ) -> Result<Held, EventError> {
     let inventory = Inventory::read_from(&mut MediumPull { medium, stream: INVENTORY_STREAM })?;
     let plan = Plan::from_inventory(&inventory)?;
-    rebuild(manager, medium, &plan, true, started, progress)
+    rebuild(manager, medium, &plan, true, watchdog, started, progress)
 }
 
 /// Rebuilds from streams still arriving, as `plan` announces them; the inventory,
@@ -230,10 +243,11 @@ pub fn restore_streaming(
     manager: &Manager,
     medium: &mut MediumBox,
     plan: &Plan,
+    watchdog: &Watchdog,
     started: Instant,
     progress: &mut dyn FnMut(&str),
 ) -> Result<Held, EventError> {
-    let held = rebuild(manager, medium, plan, false, started, progress)?;
+    let held = rebuild(manager, medium, plan, false, watchdog, started, progress)?;
     let checked = Inventory::read_from(&mut MediumPull { medium, stream: INVENTORY_STREAM }).and_then(|inv| {
         let names = |p: &[PluginEntry]| -> Vec<(String, String, u32)> {
             p.iter().map(|e| (e.name.clone(), e.version.clone(), e.stream)).collect()
@@ -284,6 +298,7 @@ fn rebuild(
     medium: &mut MediumBox,
     plan: &Plan,
     counts_known: bool,
+    watchdog: &Watchdog,
     started: Instant,
     progress: &mut dyn FnMut(&str),
 ) -> Result<Held, EventError> {
@@ -293,6 +308,7 @@ fn rebuild(
     let mut subs = event::load_subsystems(manager, &names)?;
 
     let pid = spawn_child(process.pid)?;
+    watchdog.set_victim(pid);
     let mut tracer = match Tracer::seize_owned(pid) {
         Ok(t) => t,
         Err(e) => {
@@ -320,9 +336,10 @@ fn rebuild(
         let mut counts = Vec::new();
         for (loaded, entry) in subs.iter_mut().zip(&plan.plugins) {
             let name = loaded.name.clone();
-            let mut ctx = ExternalContext { tracer: &mut tracer, shared: &mut shared, plugin: &name };
+            watchdog.doing(format!("plugin {name} rebuilds its part"));
+            let mut ctx = ExternalContext { tracer: &mut tracer, shared: &mut shared, plugin: &name, watchdog };
             let reader = RecordReader::new(MediumPull { medium: &mut *medium, stream: entry.stream }, entry.stream);
-            let mut source = StreamSource { reader, plugin: &name, page_bytes: 0 };
+            let mut source = StreamSource { reader, plugin: &name, page_bytes: 0, watchdog };
             event::restart_one(loaded, &mut ctx, &mut source, progress)?;
             // Every record the checkpoint wrote must have been read.
             while source.reader.next()?.is_some() {}
@@ -333,7 +350,7 @@ fn rebuild(
             stats.bytes += source.reader.bytes_read();
             page_bytes += source.page_bytes;
         }
-        let mut ctx = ExternalContext { tracer: &mut tracer, shared: &mut shared, plugin: "ferry" };
+        let mut ctx = ExternalContext { tracer: &mut tracer, shared: &mut shared, plugin: "ferry", watchdog };
         event::resume_all(&mut subs, &mut ctx)?;
         event::cleanup_all(&mut subs, &mut ctx, true);
         tracer.unmap_scratch()?;

@@ -67,27 +67,37 @@ pub fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
     }
 }
 
-/// Builds the plugin of another ABI (`same_number`: claiming our ABI number with a
-/// root module of another layout) and answers a private copy of its `.so`.
-pub fn abi_fixture(same_number: bool, into: &Path) -> PathBuf {
-    let manifest = root().join("tests/fixtures/abi-other/Cargo.toml");
+/// Builds fixture crate `tests/fixtures/<name>` (with `features`) into target/fixtures
+/// and answers a private copy of its `.so` named `copy` in `into`.
+pub fn build_fixture(name: &str, features: &[&str], into: &Path, copy: &str) -> PathBuf {
+    let manifest = root().join(format!("tests/fixtures/{name}/Cargo.toml"));
     let target = root().join("target/fixtures");
     std::fs::create_dir_all(&target).expect("target/fixtures");
-    // Builds with and without the feature write the same file: one at a time.
+    // Builds with and without a feature write the same file: one at a time.
     let lock = std::fs::File::create(target.join(".lock")).expect("lock file");
     // SAFETY: flock on a file descriptor we own; released when `lock` is dropped.
     assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
     let mut cmd = Command::new(env!("CARGO"));
     cmd.args(["build", "--quiet", "--manifest-path"]).arg(&manifest).arg("--target-dir").arg(&target);
-    if same_number {
-        cmd.args(["--features", "same-abi-number"]);
+    if !features.is_empty() {
+        cmd.args(["--features", &features.join(",")]);
     }
     let status = cmd.status().expect("cargo runs");
-    assert!(status.success(), "building the ABI fixture failed");
-    let name = if same_number { "libother_layout.so" } else { "libother_abi.so" };
-    let copy = into.join(name);
-    std::fs::copy(target.join("debug/libferry_fixture_abi_other.so"), &copy).expect("copy fixture");
-    copy
+    assert!(status.success(), "building the {name} fixture failed");
+    let lib = format!("libferry_fixture_{}.so", name.replace('-', "_"));
+    let out = into.join(copy);
+    std::fs::copy(target.join("debug").join(lib), &out).expect("copy fixture");
+    out
+}
+
+/// Builds the plugin of another ABI (`same_number`: claiming our ABI number with a
+/// root module of another layout) and answers a private copy of its `.so`.
+pub fn abi_fixture(same_number: bool, into: &Path) -> PathBuf {
+    if same_number {
+        build_fixture("abi-other", &["same-abi-number"], into, "libother_layout.so")
+    } else {
+        build_fixture("abi-other", &[], into, "libother_abi.so")
+    }
 }
 
 /// Touches nearly all free memory once. On these VMs the first touch of a guest page
