@@ -73,6 +73,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use hmac::{Hmac, Mac};
+use ferry_plugin_api::util::to_hex;
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
@@ -329,10 +330,6 @@ mod hex32 {
         }
         Ok(out)
     }
-}
-
-fn to_hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 // ---------------------------------------------------------------------------------------

@@ -80,7 +80,8 @@ impl Freezer {
     }
 
     fn set_frozen(&mut self, frozen: bool) -> Result<(), FreezeError> {
-        let (file, value, done_file, done): (&str, &str, &str, &dyn Fn(&str) -> bool) = match (self.flavor, frozen) {
+        type Done = dyn Fn(&str) -> bool;
+        let (file, value, done_file, done): (&str, &str, &str, &Done) = match (self.flavor, frozen) {
             (Flavor::V2, true) => ("cgroup.freeze", "1", "cgroup.events", &|s| s.lines().any(|l| l == "frozen 1")),
             (Flavor::V2, false) => ("cgroup.freeze", "0", "cgroup.events", &|s| s.lines().any(|l| l == "frozen 0")),
             (Flavor::V1, true) => ("freezer.state", "FROZEN", "freezer.state", &|s| s.trim() == "FROZEN"),

@@ -248,18 +248,25 @@ pub fn restore_streaming(
     progress: &mut dyn FnMut(&str),
 ) -> Result<Held, EventError> {
     let held = rebuild(manager, medium, plan, false, watchdog, started, progress)?;
-    let checked = Inventory::read_from(&mut MediumPull { medium, stream: INVENTORY_STREAM }).and_then(|inv| {
+    let checked = Inventory::read_from(&mut MediumPull { medium, stream: INVENTORY_STREAM }).map(|inv| {
         let names = |p: &[PluginEntry]| -> Vec<(String, String, u32)> {
             p.iter().map(|e| (e.name.clone(), e.version.clone(), e.stream)).collect()
         };
         if names(&inv.plugins) != names(&plan.plugins) || inv.processes != [plan.process.clone()] {
-            return Ok(Err("the inventory does not match the preamble".to_string()));
+            return Err("the inventory does not match the preamble".to_string());
         }
-        Ok(inv.plugins.iter().zip(&held.counts).find_map(|(entry, &(records, bytes))| {
-            (entry.records != records || entry.bytes != bytes).then(|| {
-                format!("stream {} carried {records} records, {bytes} bytes; the inventory says {}, {}", entry.stream, entry.records, entry.bytes)
+        inv.plugins
+            .iter()
+            .zip(&held.counts)
+            .find_map(|(entry, &(records, bytes))| {
+                (entry.records != records || entry.bytes != bytes).then(|| {
+                    format!(
+                        "stream {} carried {records} records, {bytes} bytes; the inventory says {}, {}",
+                        entry.stream, entry.records, entry.bytes
+                    )
+                })
             })
-        }).map_or(Ok(()), Err))
+            .map_or(Ok(()), Err)
     });
     match checked {
         Ok(Ok(())) => Ok(held),

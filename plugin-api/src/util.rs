@@ -254,3 +254,73 @@ mod tests {
         assert!(parse_maps("1000-0 rw-p 0 00:00 0").is_err());
     }
 }
+
+/// Names as the ABI carries them (`SubsystemInfo` lists).
+pub fn names(items: &[&str]) -> abi_stable::std_types::RVec<abi_stable::std_types::RString> {
+    items.iter().map(|s| abi_stable::std_types::RString::from(*s)).collect()
+}
+
+/// The message of a plugin error, for `Result<_, String>` code.
+pub fn err_text(e: crate::PluginError) -> String {
+    e.message.into()
+}
+
+/// Lowercase hex of `bytes`.
+pub fn to_hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for &b in bytes {
+        s.push(DIGITS[(b >> 4) as usize] as char);
+        s.push(DIGITS[(b & 15) as usize] as char);
+    }
+    s
+}
+
+/// Decodes hex of at most `max` bytes (`exact`: of exactly `max`); the length is
+/// checked before anything is allocated. Errors name `what`.
+pub fn from_hex(s: &str, what: &str, max: usize, exact: bool) -> Result<Vec<u8>, String> {
+    if exact && s.len() != max * 2 {
+        return Err(format!("{what}: {} hex digits, want {}", s.len(), max * 2));
+    }
+    if s.len() & 1 != 0 {
+        return Err(format!("{what}: odd number of hex digits ({})", s.len()));
+    }
+    if s.len() / 2 > max {
+        return Err(format!("{what}: {} bytes, more than the {max} allowed", s.len() / 2));
+    }
+    let digit = |c: u8| -> Result<u8, String> {
+        match c {
+            b'0'..=b'9' => Ok(c - b'0'),
+            b'a'..=b'f' => Ok(c - b'a' + 10),
+            b'A'..=b'F' => Ok(c - b'A' + 10),
+            _ => Err(format!("{what}: {:?} is not a hex digit", c as char)),
+        }
+    };
+    s.as_bytes().chunks_exact(2).map(|p| Ok(digit(p[0])? << 4 | digit(p[1])?)).collect()
+}
+
+/// The little-endian u64 at `at` of `b`, if `b` holds it.
+pub fn u64_le(b: &[u8], at: usize) -> Option<u64> {
+    let s = b.get(at..at.checked_add(8)?)?;
+    Some(u64::from_le_bytes([s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7]]))
+}
+
+#[cfg(test)]
+mod helper_tests {
+    use super::*;
+
+    #[test]
+    fn hex_round_trips_and_refuses_bad_input() {
+        let b = [0u8, 0xab, 0xff, 0x10];
+        assert_eq!(to_hex(&b), "00abff10");
+        assert_eq!(from_hex("00abff10", "x", 4, true).unwrap(), b);
+        assert_eq!(from_hex("00AB", "x", 4, false).unwrap(), vec![0, 0xab]);
+        assert!(from_hex("00ab", "x", 4, true).is_err());
+        assert!(from_hex("abc", "x", 4, false).is_err());
+        assert!(from_hex("zz", "x", 4, false).is_err());
+        assert!(from_hex("0011223344", "x", 4, false).is_err());
+        assert_eq!(u64_le(&7u64.to_le_bytes(), 0), Some(7));
+        assert_eq!(u64_le(&[1, 2, 3], 0), None);
+        assert_eq!(u64_le(&[0; 8], usize::MAX), None);
+    }
+}

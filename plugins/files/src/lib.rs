@@ -14,8 +14,8 @@ mod restore;
 mod scan;
 
 use ferry_plugin_api::{
-    abi_stable::std_types::{RString, RVec},
     plugin::SubsystemPlugin,
+    util::names,
     ContextRef, Progress, SinkRef, SourceRef, Status, SubsystemInfo,
 };
 
@@ -23,10 +23,6 @@ use ferry_plugin_api::{
 struct Plugin {
     checkpoint: checkpoint::Checkpoint,
     restore: restore::Restore,
-}
-
-fn names(items: &[&str]) -> RVec<RString> {
-    items.iter().map(|s| RString::from(*s)).collect()
 }
 
 impl SubsystemPlugin for Plugin {

@@ -159,7 +159,7 @@ impl MmState {
 
     /// Checks what the image claims before acting on any of it.
     pub fn validate(&self) -> Result<(), String> {
-        if self.auxv.len() > MAX_AUXV || self.auxv.len() % 2 != 0 {
+        if self.auxv.len() > MAX_AUXV || !self.auxv.len().is_multiple_of(2) {
             return Err(format!("the image's auxv has {} words", self.auxv.len()));
         }
         if self.exe.is_empty() {
@@ -212,21 +212,20 @@ pub fn encode_runs(runs: &[(u64, u64)]) -> Vec<u8> {
     out
 }
 
-fn u64_at(b: &[u8], at: usize) -> Option<u64> {
-    b.get(at..at + 8).map(|s| u64::from_le_bytes([s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7]]))
-}
+/// Runs of pages, (address, pages).
+pub type Runs = Vec<(u64, u64)>;
 
 /// Decodes a `pages` payload into its runs and data, trusting no count.
-pub fn decode_runs(payload: &[u8]) -> Result<(Vec<(u64, u64)>, &[u8]), String> {
-    let count = u64_at(payload, 0).ok_or("a pages record without its header")?;
+pub fn decode_runs(payload: &[u8]) -> Result<(Runs, &[u8]), String> {
+    let count = util::u64_le(payload, 0).ok_or("a pages record without its header")?;
     if count > (payload.len() as u64).saturating_sub(8) / 16 {
         return Err(format!("a pages record claims {count} runs in {} bytes", payload.len()));
     }
     let mut runs = Vec::with_capacity(count as usize);
     let mut total: u64 = 0;
     for i in 0..count as usize {
-        let addr = u64_at(payload, 8 + 16 * i).ok_or("truncated run")?;
-        let n = u64_at(payload, 16 + 16 * i).ok_or("truncated run")?;
+        let addr = util::u64_le(payload, 8 + 16 * i).ok_or("truncated run")?;
+        let n = util::u64_le(payload, 16 + 16 * i).ok_or("truncated run")?;
         if addr % PAGE != 0 || n == 0 || addr.checked_add(n.saturating_mul(PAGE)).is_none_or(|e| e > USER_TOP) {
             return Err(format!("a pages record has a bad run {addr:#x} (+{n} pages)"));
         }

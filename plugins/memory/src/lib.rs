@@ -10,9 +10,9 @@ mod layout;
 use std::{collections::VecDeque, os::unix::fs::FileExt};
 
 use ferry_plugin_api::{
-    abi_stable::std_types::{RString, RVec},
+    abi_stable::std_types::RVec,
     plugin::SubsystemPlugin,
-    util::{self, parse_maps, Scratch},
+    util::{self, names, parse_maps, Scratch},
     ContextRef, MemRange, Progress, Record, RecordFormat, SinkRef, SourceRef, Status, SubsystemInfo,
 };
 
@@ -49,10 +49,6 @@ enum Phase {
     Start,
     Pages,
     Finish,
-}
-
-fn names(items: &[&str]) -> RVec<RString> {
-    items.iter().map(|s| RString::from(*s)).collect()
 }
 
 /// Which pages of `area` live only in memory, as runs of (address, pages).

@@ -16,9 +16,8 @@
 //! signals are queued again with their siginfo, then the timers are armed.
 
 use ferry_plugin_api::{
-    abi_stable::std_types::{RString, RVec},
     plugin::SubsystemPlugin,
-    util::{self, Scratch},
+    util::{self, err_text, from_hex, names, to_hex, u64_le, Scratch},
     ContextRef, PluginError, Progress, SinkRef, SourceRef, Status, SubsystemInfo,
 };
 use serde::{Deserialize, Serialize};
@@ -100,38 +99,6 @@ pub struct Itimers {
 // Pure parts
 // ---------------------------------------------------------------------------------
 
-fn to_hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for &b in bytes {
-        s.push(DIGITS[(b >> 4) as usize] as char);
-        s.push(DIGITS[(b & 15) as usize] as char);
-    }
-    s
-}
-
-/// Decodes hex of exactly `len` bytes; the length is checked before allocating.
-fn from_hex_exact(s: &str, what: &str, len: usize) -> Result<Vec<u8>, String> {
-    if s.len() != len * 2 {
-        return Err(format!("{what}: {} hex digits, want {}", s.len(), len * 2));
-    }
-    let digit = |c: u8| -> Result<u8, String> {
-        match c {
-            b'0'..=b'9' => Ok(c - b'0'),
-            b'a'..=b'f' => Ok(c - b'a' + 10),
-            b'A'..=b'F' => Ok(c - b'A' + 10),
-            _ => Err(format!("{what}: {:?} is not a hex digit", c as char)),
-        }
-    };
-    s.as_bytes().chunks_exact(2).map(|p| Ok(digit(p[0])? << 4 | digit(p[1])?)).collect()
-}
-
-fn u64_at(b: &[u8], o: usize) -> u64 {
-    let mut x = [0u8; 8];
-    x.copy_from_slice(&b[o..o + 8]);
-    u64::from_le_bytes(x)
-}
-
 fn i32_at(b: &[u8], o: usize) -> i32 {
     i32::from_le_bytes([b[o], b[o + 1], b[o + 2], b[o + 3]])
 }
@@ -145,7 +112,7 @@ fn decode_action(sig: i32, b: &[u8]) -> Result<Action, String> {
     if b.len() != SIGACTION_SIZE {
         return Err(format!("signal {sig}: sigaction of {} bytes", b.len()));
     }
-    Ok(Action { sig, handler: u64_at(b, 0), flags: u64_at(b, 8), restorer: u64_at(b, 16), mask: u64_at(b, 24) })
+    Ok(Action { sig, handler: u64_le(b, 0).unwrap_or(0), flags: u64_le(b, 8).unwrap_or(0), restorer: u64_le(b, 16).unwrap_or(0), mask: u64_le(b, 24).unwrap_or(0) })
 }
 
 fn encode_action(a: &Action) -> [u8; SIGACTION_SIZE] {
@@ -184,7 +151,7 @@ fn check_siginfo(s: &SigInfo, whose: &str) -> Result<(i32, Vec<u8>), String> {
     if !(1..=NSIG).contains(&s.sig) {
         return Err(format!("{whose}: pending signal {}", s.sig));
     }
-    let info = from_hex_exact(&s.info, &format!("{whose}: siginfo of signal {}", s.sig), SIGINFO_SIZE)?;
+    let info = from_hex(&s.info, &format!("{whose}: siginfo of signal {}", s.sig), SIGINFO_SIZE, true)?;
     let signo = i32_at(&info, 0);
     if signo != s.sig {
         return Err(format!("{whose}: siginfo of signal {signo} filed under signal {}", s.sig));
@@ -228,7 +195,7 @@ fn check_pending(p: &Pending) -> Result<(), String> {
 }
 
 fn decode_itimer(which: i32, b: &[u8]) -> Itimer {
-    let i = |o: usize| u64_at(b, o) as i64;
+    let i = |o: usize| u64_le(b, o).unwrap_or(0) as i64;
     Itimer { which, interval_sec: i(0), interval_usec: i(8), value_sec: i(16), value_usec: i(24) }
 }
 
@@ -311,10 +278,6 @@ fn map_threads(image: &[(i32, u64)], live: &[(i32, u64)]) -> Result<(Vec<i32>, M
 // The plugin
 // ---------------------------------------------------------------------------------
 
-fn err_text(e: PluginError) -> String {
-    e.message.into()
-}
-
 fn fs_base(ctx: &mut ContextRef<'_>, tid: i32) -> Result<u64, String> {
     let regs = ctx
         .get_regset(tid, NT_PRSTATUS)
@@ -323,7 +286,7 @@ fn fs_base(ctx: &mut ContextRef<'_>, tid: i32) -> Result<u64, String> {
     if regs.len() != REGS_SIZE {
         return Err(format!("thread {tid}: general registers of {} bytes, want {REGS_SIZE}", regs.len()));
     }
-    Ok(u64_at(&regs, FS_BASE * 8))
+    Ok(u64_le(&regs, FS_BASE * 8).unwrap_or(0))
 }
 
 fn peek(ctx: &mut ContextRef<'_>, tid: i32, shared: bool) -> Result<Vec<SigInfo>, String> {
@@ -469,10 +432,6 @@ impl Plugin {
     }
 }
 
-fn names(items: &[&str]) -> RVec<RString> {
-    items.iter().map(|s| RString::from(*s)).collect()
-}
-
 fn read<T: serde::de::DeserializeOwned>(source: &mut SourceRef<'_>, kind: &str, status: &mut Status) -> Result<T, String> {
     let rec = util::next_record(source)?.ok_or_else(|| format!("the image has no `{kind}` record"))?;
     status.bytes_done += rec.payload.len() as u64;
@@ -561,6 +520,7 @@ ferry_plugin_api::export_subsystem!("signals", "Signal actions, masks, pending s
 
 #[cfg(test)]
 mod tests {
+    use ferry_plugin_api::abi_stable::std_types::RVec;
     use super::*;
     use ferry_plugin_api::{
         abi_stable::{

@@ -17,9 +17,9 @@
 //! general registers, fixed up for system-call restart.
 
 use ferry_plugin_api::{
-    abi_stable::std_types::{RSlice, RStr, RString, RVec},
+    abi_stable::std_types::{RSlice, RStr, RVec},
     plugin::SubsystemPlugin,
-    util::{self, Scratch},
+    util::{self, err_text, from_hex, names, to_hex, u64_le, Scratch},
     ContextRef, PluginError, Progress, SinkRef, SourceRef, Status, SubsystemInfo,
 };
 use serde::{Deserialize, Serialize};
@@ -149,36 +149,6 @@ struct Thread {
 // Pure parts: encodings, checks and the restart fix-up
 // ---------------------------------------------------------------------------------
 
-fn to_hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for &b in bytes {
-        s.push(DIGITS[(b >> 4) as usize] as char);
-        s.push(DIGITS[(b & 15) as usize] as char);
-    }
-    s
-}
-
-/// Decodes hex of at most `max` bytes; the length is checked before anything is
-/// allocated.
-fn from_hex(s: &str, what: &str, max: usize) -> Result<Vec<u8>, String> {
-    if s.len() & 1 != 0 {
-        return Err(format!("{what}: odd number of hex digits ({})", s.len()));
-    }
-    if s.len() / 2 > max {
-        return Err(format!("{what}: {} bytes, more than the {max} allowed", s.len() / 2));
-    }
-    let digit = |c: u8| -> Result<u8, String> {
-        match c {
-            b'0'..=b'9' => Ok(c - b'0'),
-            b'a'..=b'f' => Ok(c - b'a' + 10),
-            b'A'..=b'F' => Ok(c - b'A' + 10),
-            _ => Err(format!("{what}: {:?} is not a hex digit", c as char)),
-        }
-    };
-    s.as_bytes().chunks_exact(2).map(|p| Ok(digit(p[0])? << 4 | digit(p[1])?)).collect()
-}
-
 /// `user_regs_struct` bytes as words; exactly [`REGS_SIZE`] bytes.
 fn regs_from_bytes(bytes: &[u8]) -> Result<[u64; REG_WORDS], String> {
     if bytes.len() != REGS_SIZE {
@@ -299,12 +269,6 @@ fn decode_altstack(b: &[u8]) -> Result<AltStack, String> {
     Ok(AltStack { sp: u64_at(0), flags: i32::from_le_bytes([b[8], b[9], b[10], b[11]]), size: u64_at(16) })
 }
 
-fn u64_at(b: &[u8], o: usize) -> u64 {
-    let mut x = [0u8; 8];
-    x.copy_from_slice(&b[o..o + 8]);
-    u64::from_le_bytes(x)
-}
-
 /// Checks the `threads` record.
 fn check_header(h: &Header) -> Result<(), String> {
     if h.version != FORMAT_VERSION {
@@ -334,14 +298,14 @@ fn check_thread(img: ThreadImage, want_tid: i32) -> Result<Thread, String> {
     if tid != want_tid {
         return Err(format!("`thread` record of thread {tid} where thread {want_tid} was expected"));
     }
-    let regs = regs_from_bytes(&from_hex(&img.regs, &format!("thread {tid}: registers"), REGS_SIZE)?)
+    let regs = regs_from_bytes(&from_hex(&img.regs, &format!("thread {tid}: registers"), REGS_SIZE, false)?)
         .map_err(|e| format!("thread {tid}: {e}"))?;
-    let xstate = from_hex(&img.xstate, &format!("thread {tid}: xstate"), MAX_XSTATE)?;
+    let xstate = from_hex(&img.xstate, &format!("thread {tid}: xstate"), MAX_XSTATE, false)?;
     if xstate.is_empty() {
         return Err(format!("thread {tid}: empty xstate"));
     }
     let comm = match &img.comm_hex {
-        Some(h) => from_hex(h, &format!("thread {tid}: name"), MAX_COMM)?,
+        Some(h) => from_hex(h, &format!("thread {tid}: name"), MAX_COMM, false)?,
         None => img.comm.clone().into_bytes(),
     };
     if comm.len() > MAX_COMM || comm.contains(&0) {
@@ -373,10 +337,6 @@ fn check_thread(img: ThreadImage, want_tid: i32) -> Result<Thread, String> {
 // ---------------------------------------------------------------------------------
 // The plugin
 // ---------------------------------------------------------------------------------
-
-fn err_text(e: PluginError) -> String {
-    e.message.into()
-}
 
 fn get_regset(ctx: &mut ContextRef<'_>, tid: i32, nt: u32, what: &str) -> Result<Vec<u8>, String> {
     ctx.get_regset(tid, nt)
@@ -474,10 +434,10 @@ fn checkpoint_thread(ctx: &mut ContextRef<'_>, tid: i32) -> Result<ThreadImage, 
         comm_hex,
         regs: to_hex(&regs_bytes),
         xstate: to_hex(&xstate),
-        clear_child_tid: u64_at(&b, 0),
-        robust_list: RobustList { head: u64_at(&b, 8), len: u64_at(&b, 16) },
+        clear_child_tid: u64_le(&b, 0).unwrap_or(0),
+        robust_list: RobustList { head: u64_le(&b, 8).unwrap_or(0), len: u64_le(&b, 16).unwrap_or(0) },
         sigaltstack: decode_altstack(&b[24..48])?,
-        sigmask: u64_at(&b, 48),
+        sigmask: u64_le(&b, 48).unwrap_or(0),
         rseq,
         rseq_abort_ip,
     })
@@ -487,7 +447,7 @@ fn checkpoint_thread(ctx: &mut ContextRef<'_>, tid: i32) -> Result<ThreadImage, 
 /// critical section its rseq area at `area` points at.
 fn rseq_abort_of(ctx: &mut ContextRef<'_>, tid: i32, area: u64, rip: u64) -> Result<Option<u64>, String> {
     let b = util::read_memory(ctx, area + 8, 8).map_err(|e| format!("thread {tid}: rseq area at {area:#x}: {e}"))?;
-    let cs_ptr = u64_at(&b, 0);
+    let cs_ptr = u64_le(&b, 0).unwrap_or(0);
     if cs_ptr == 0 {
         return Ok(None);
     }
@@ -639,10 +599,6 @@ impl Plugin {
         self.restart = Some(rs);
         Ok(progress)
     }
-}
-
-fn names(items: &[&str]) -> RVec<RString> {
-    items.iter().map(|s| RString::from(*s)).collect()
 }
 
 impl SubsystemPlugin for Plugin {
@@ -833,9 +789,9 @@ mod tests {
             let r = match nr {
                 libc::SYS_clone3 => {
                     let b = self.get(a[0], CLONE_ARGS_SIZE);
-                    assert_eq!(u64_at(&b, 0), CLONE_THREAD_FLAGS);
-                    let new = if u64_at(&b, 72) == 1 {
-                        let want = i32::from_le_bytes(self.get(u64_at(&b, 64), 4).try_into().unwrap());
+                    assert_eq!(u64_le(&b, 0).unwrap_or(0), CLONE_THREAD_FLAGS);
+                    let new = if u64_le(&b, 72).unwrap_or(0) == 1 {
+                        let want = i32::from_le_bytes(self.get(u64_le(&b, 64).unwrap_or(0), 4).try_into().unwrap());
                         if self.taken.contains(&want) || self.tids.contains(&want) {
                             return RResult::ROk(-(libc::EEXIST as i64));
                         }
@@ -1108,11 +1064,11 @@ mod tests {
     #[test]
     fn hex_round_trips_and_refuses_bad_input() {
         let data: Vec<u8> = (0..=255).collect();
-        assert_eq!(from_hex(&to_hex(&data), "x", 256).unwrap(), data);
-        assert_eq!(from_hex("0aFf", "x", 2).unwrap(), vec![0x0a, 0xff]);
-        assert!(from_hex("abc", "x", 10).unwrap_err().contains("odd"));
-        assert!(from_hex("zz", "x", 10).unwrap_err().contains("not a hex digit"));
-        assert!(from_hex("0000", "x", 1).unwrap_err().contains("more than"));
+        assert_eq!(from_hex(&to_hex(&data), "x", 256, false).unwrap(), data);
+        assert_eq!(from_hex("0aFf", "x", 2, false).unwrap(), vec![0x0a, 0xff]);
+        assert!(from_hex("abc", "x", 10, false).unwrap_err().contains("odd"));
+        assert!(from_hex("zz", "x", 10, false).unwrap_err().contains("not a hex digit"));
+        assert!(from_hex("0000", "x", 1, false).unwrap_err().contains("more than"));
     }
 
     #[test]
@@ -1127,14 +1083,14 @@ mod tests {
     #[test]
     fn clone_args_layout() {
         let a = clone_args(Some(0x7000));
-        let w = |i: usize| u64_at(&a, i * 8);
+        let w = |i: usize| u64_le(&a, i * 8).unwrap_or(0);
         assert_eq!(a.len(), 88);
         assert_eq!(w(0), 0x50f00);
         assert_eq!(w(4), 0); // exit_signal
         assert_eq!(w(5), 0); // stack
         assert_eq!((w(8), w(9)), (0x7000, 1));
         let b = clone_args(None);
-        assert_eq!((u64_at(&b, 64), u64_at(&b, 72)), (0, 0));
+        assert_eq!((u64_le(&b, 64).unwrap_or(0), u64_le(&b, 72).unwrap_or(0)), (0, 0));
     }
 
     #[test]
