@@ -138,14 +138,13 @@ fn migrates_the_workload_over_loopback() {
     assert!(daemon.log().contains("committed"), "{}", daemon.log());
 }
 
-#[test]
-fn migrates_python_over_loopback() {
+fn migrate_script(kind: Script) {
     if !is_root() {
         eprintln!("skipping: migration needs root");
         return;
     }
     let daemon = Daemon::start(None, "127.0.0.1", &[]);
-    let mut w = Workload::spawn_script(Script::Python);
+    let mut w = Workload::spawn_script(kind);
     w.wait_ticks(3);
     let old = w.pid;
     let new = new_pid(&migrate(None, old, &daemon.addr, &[]), old);
@@ -153,6 +152,21 @@ fn migrates_python_over_loopback() {
     let at = *w.ticks().last().unwrap();
     w.wait_ticks(at + 3);
     w.terminate_and_check(new).unwrap();
+}
+
+#[test]
+fn migrates_python_over_loopback() {
+    migrate_script(Script::Python);
+}
+
+#[test]
+fn migrates_perl_over_loopback() {
+    migrate_script(Script::Perl);
+}
+
+#[test]
+fn migrates_bash_over_loopback() {
+    migrate_script(Script::Bash);
 }
 
 #[test]
