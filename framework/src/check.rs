@@ -1147,21 +1147,7 @@ fn probe_pidfd() -> ProbeResult {
 // clone3 with set_tid
 // ---------------------------------------------------------------------------------------------
 
-#[repr(C)]
-#[derive(Default)]
-struct CloneArgs {
-    flags: u64,
-    pidfd: u64,
-    child_tid: u64,
-    parent_tid: u64,
-    exit_signal: u64,
-    stack: u64,
-    stack_size: u64,
-    tls: u64,
-    set_tid: u64,
-    set_tid_size: u64,
-    cgroup: u64,
-}
+use crate::restore::CloneArgs;
 
 fn probe_clone3_set_tid() -> ProbeResult {
     // Ask for our own pid, which is certainly taken: EEXIST proves set_tid is supported and

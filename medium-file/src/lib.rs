@@ -8,6 +8,7 @@ use std::io::{self, BufReader, BufWriter, ErrorKind, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use ferry_plugin_api::util::{parse_object, reject_unknown_keys, required};
 use ferry_plugin_api::plugin::MediumPlugin;
 use serde_json::{json, Map, Value};
 
@@ -74,28 +75,6 @@ fn stream_file_name(stream: u32) -> String {
 fn parse_stream_file_name(name: &str) -> Option<u32> {
     let id: u32 = name.strip_prefix("stream-")?.strip_suffix(".img")?.parse().ok()?;
     (stream_file_name(id) == name).then_some(id)
-}
-
-fn parse_object(text: &str, what: &str, format: &str) -> Result<Map<String, Value>, String> {
-    match serde_json::from_str::<Value>(text) {
-        Ok(Value::Object(map)) => Ok(map),
-        Ok(other) => Err(format!("{what} must be a JSON object like {format}, got {other}")),
-        Err(e) => Err(format!("{what} are not valid JSON ({e}); expected {format}")),
-    }
-}
-
-fn reject_unknown_keys(map: &Map<String, Value>, known: &[&str], what: &str) -> Result<(), String> {
-    match map.keys().find(|k| !known.contains(&k.as_str())) {
-        Some(key) => Err(format!(
-            "unknown key \"{key}\" in {what} (known keys: {})",
-            known.iter().map(|k| format!("\"{k}\"")).collect::<Vec<_>>().join(", ")
-        )),
-        None => Ok(()),
-    }
-}
-
-fn required<'a>(map: &'a Map<String, Value>, key: &str, what: &str) -> Result<&'a Value, String> {
-    map.get(key).ok_or_else(|| format!("missing key \"{key}\" in {what}"))
 }
 
 fn as_u64(value: &Value, key: &str, what: &str) -> Result<u64, String> {

@@ -100,6 +100,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, TryLockError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use ferry_plugin_api::util::{parse_object, reject_unknown_keys, required};
 use ferry_plugin_api::plugin::MediumPlugin;
 use serde_json::{json, Map, Value};
 
@@ -722,28 +723,6 @@ fn peer_name(fd: RawFd) -> io::Result<String> {
         libc::AF_UNIX => "unix socket".into(),
         other => format!("address family {other}"),
     })
-}
-
-fn parse_object(text: &str, what: &str, format: &str) -> Result<Map<String, Value>, String> {
-    match serde_json::from_str::<Value>(text) {
-        Ok(Value::Object(map)) => Ok(map),
-        Ok(other) => Err(format!("{what} must be a JSON object like {format}, got {other}")),
-        Err(e) => Err(format!("{what} are not valid JSON ({e}); expected {format}")),
-    }
-}
-
-fn reject_unknown_keys(map: &Map<String, Value>, known: &[&str], what: &str) -> Result<(), String> {
-    match map.keys().find(|k| !known.contains(&k.as_str())) {
-        Some(key) => Err(format!(
-            "unknown key \"{key}\" in {what} (known keys: {})",
-            known.iter().map(|k| format!("\"{k}\"")).collect::<Vec<_>>().join(", ")
-        )),
-        None => Ok(()),
-    }
-}
-
-fn required<'a>(map: &'a Map<String, Value>, key: &str, what: &str) -> Result<&'a Value, String> {
-    map.get(key).ok_or_else(|| format!("missing key \"{key}\" in {what}"))
 }
 
 /// An optional integer key within `range`.

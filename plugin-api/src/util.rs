@@ -305,6 +305,32 @@ pub fn u64_le(b: &[u8], at: usize) -> Option<u64> {
     Some(u64::from_le_bytes([s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7]]))
 }
 
+/// Plugin parameters arrive as a JSON object: parses `text`, naming `what` and the
+/// expected `format` in errors.
+pub fn parse_object(text: &str, what: &str, format: &str) -> Result<serde_json::Map<String, serde_json::Value>, String> {
+    match serde_json::from_str::<serde_json::Value>(text) {
+        Ok(serde_json::Value::Object(map)) => Ok(map),
+        Ok(other) => Err(format!("{what} must be a JSON object like {format}, got {other}")),
+        Err(e) => Err(format!("{what} are not valid JSON ({e}); expected {format}")),
+    }
+}
+
+/// Refuses a key not in `known`, listing the known ones.
+pub fn reject_unknown_keys(map: &serde_json::Map<String, serde_json::Value>, known: &[&str], what: &str) -> Result<(), String> {
+    match map.keys().find(|k| !known.contains(&k.as_str())) {
+        Some(key) => Err(format!(
+            "unknown key \"{key}\" in {what} (known keys: {})",
+            known.iter().map(|k| format!("\"{k}\"")).collect::<Vec<_>>().join(", ")
+        )),
+        None => Ok(()),
+    }
+}
+
+/// The value of `key`, which must be present.
+pub fn required<'a>(map: &'a serde_json::Map<String, serde_json::Value>, key: &str, what: &str) -> Result<&'a serde_json::Value, String> {
+    map.get(key).ok_or_else(|| format!("missing key \"{key}\" in {what}"))
+}
+
 #[cfg(test)]
 mod helper_tests {
     use super::*;
