@@ -37,6 +37,8 @@ pub struct DaemonOptions {
     pub auth_key: Option<Vec<u8>>,
     /// How long an event waits on a silent peer.
     pub timeout: Duration,
+    /// Where to write one JSON file of statistics per event (`<token>.json`).
+    pub stats: Option<PathBuf>,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT, then removes its control socket.
@@ -82,14 +84,24 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
         let features = Arc::new(features);
         let next_id = Arc::new(AtomicU64::new(1));
         let manager = manager.clone();
+        let stats = opts.stats.clone();
         spawn("ferry-listen", &opts.control, move || {
             for conn in listener.incoming() {
                 let Ok(stream) = conn else { continue };
-                let (manager, key, features) = (manager.clone(), key.clone(), features.clone());
+                let (manager, key, features, stats) = (manager.clone(), key.clone(), features.clone(), stats.clone());
                 let id = next_id.fetch_add(1, Ordering::Relaxed);
                 let _ = std::thread::Builder::new().name(format!("ferry-event-{id}")).spawn(move || {
-                    let line = migrate::serve(&manager, stream, key.as_deref().map(|k| k.as_slice()), &features, id, timeout);
-                    log(&line);
+                    let record = migrate::serve(&manager, stream, key.as_deref().map(|k| k.as_slice()), &features, id, timeout);
+                    log(&record.line());
+                    if let (Some(dir), Some(token)) = (&stats, &record.token) {
+                        // Written aside and renamed: a reader never sees half a file.
+                        let path = dir.join(format!("{token}.json"));
+                        let part = dir.join(format!(".{token}.json.part"));
+                        let json = serde_json::to_vec_pretty(&record).unwrap_or_default();
+                        if let Err(e) = std::fs::write(&part, json).and_then(|_| std::fs::rename(&part, &path)) {
+                            log(&format!("cannot write {}: {e}", path.display()));
+                        }
+                    }
                 });
             }
         })?;

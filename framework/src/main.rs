@@ -100,6 +100,9 @@ enum Command {
         /// Shared key file: both sides prove they hold it before anything else.
         #[arg(long, value_name = "FILE")]
         auth_key: Option<PathBuf>,
+        /// Write one JSON file of statistics per migration event into this directory.
+        #[arg(long, value_name = "DIR")]
+        stats: Option<PathBuf>,
     },
     /// Move a running process to the daemon at HOST:PORT (stop-copy).
     Migrate {
@@ -309,7 +312,7 @@ fn run(cli: Cli) -> Outcome {
             print!("{}", include_str!("../../examples/ferry.json"));
             Ok(())
         }
-        Command::Daemon { control, listen, auth_key } => {
+        Command::Daemon { control, listen, auth_key, stats } => {
             let config = effective(&cli, Overrides { control: control.clone(), ..Overrides::default() })?;
             let key_file = auth_key.clone().or(config.daemon.auth_key.clone());
             let opts = daemon::DaemonOptions {
@@ -318,6 +321,7 @@ fn run(cli: Cli) -> Outcome {
                 listen: listen.clone(),
                 auth_key: key_file.as_deref().map(protocol::load_key).transpose()?,
                 timeout: Duration::from_millis(config.watchdog_ms),
+                stats: stats.clone(),
             };
             daemon::run(&opts)?;
             Ok(())

@@ -212,29 +212,71 @@ pub fn local(manager: &Manager, features: &[String]) -> Local {
     Local::this_machine(plugins, features.to_vec())
 }
 
-/// One migration arriving at the daemon, on an accepted connection. Answers a line
-/// for the daemon's log.
-pub fn serve(manager: &Manager, mut stream: TcpStream, key: Option<&[u8]>, features: &[String], id: u64, timeout: Duration) -> String {
-    let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into());
+/// What the daemon records of one event: a line for its log, a JSON object for its
+/// per-event statistics.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct EventRecord {
+    pub token: Option<String>,
+    pub source: String,
+    /// The pid on the source.
+    pub pid: Option<i32>,
+    /// refused, failed, rolled back, committed.
+    pub outcome: &'static str,
+    pub detail: String,
+    /// The pid here, once committed.
+    pub new_pid: Option<i32>,
+    pub bytes: u64,
+    pub pages: u64,
+    /// Connection to release.
+    pub total_ms: f64,
+}
+
+impl EventRecord {
+    pub fn line(&self) -> String {
+        let who = match (&self.token, self.pid) {
+            (Some(t), Some(p)) => format!("event {t} from {} pid {p}", self.source),
+            _ => format!("from {}", self.source),
+        };
+        match self.new_pid {
+            Some(new) => format!(
+                "{who}: committed as pid {new}, {} bytes, total {:.1} ms",
+                self.bytes, self.total_ms
+            ),
+            None => format!("{who}: {}: {}", self.outcome, self.detail),
+        }
+    }
+}
+
+/// One migration arriving at the daemon, on an accepted connection.
+pub fn serve(manager: &Manager, mut stream: TcpStream, key: Option<&[u8]>, features: &[String], id: u64, timeout: Duration) -> EventRecord {
+    let source = stream.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into());
     let started = Instant::now();
+    let mut record = EventRecord { source, ..EventRecord::default() };
+    let end = |mut r: EventRecord, outcome: &'static str, detail: String| {
+        r.outcome = outcome;
+        r.detail = detail;
+        r.total_ms = event::ms(started);
+        r
+    };
     let _ = stream.set_read_timeout(Some(timeout));
     if let Err(e) = protocol::authenticate_server(&mut stream, key) {
-        return format!("from {peer}: refused: {e}");
+        return end(record, "refused", e.to_string());
     }
     let hello = match protocol::server_handshake(&mut stream, &local(manager, features), id) {
         Ok(h) => h,
-        Err(e) => return format!("from {peer}: refused: {e}"),
+        Err(e) => return end(record, "refused", e.to_string()),
     };
-    let tag = format!("event {} from {peer} pid {}", hello.token, hello.pid);
+    record.token = Some(hello.token.clone());
+    record.pid = Some(hello.pid);
     crate::fault::point("after-handshake");
     let lease = match manager.acquire(PluginKind::Medium, "tcp") {
         Ok(l) => l,
-        Err(e) => return format!("{tag}: failed: {e}"),
+        Err(e) => return end(record, "failed", e.to_string()),
     };
     let fd = stream.into_raw_fd();
     let mut medium = match lease.open_medium(&serde_json::json!({"fd": fd, "timeout_ms": timeout.as_millis() as u64})) {
         Ok(m) => m,
-        Err(e) => return format!("{tag}: failed: {e}"),
+        Err(e) => return end(record, "failed", e.to_string()),
     };
     let plan = recv_json(&mut medium, timeout).and_then(|mut m| {
         if m["type"] != "plan" {
@@ -244,17 +286,17 @@ pub fn serve(manager: &Manager, mut stream: TcpStream, key: Option<&[u8]>, featu
     });
     let plan = match plan {
         Ok(p) => p,
-        Err(e) => return format!("{tag}: failed: {e}"),
+        Err(e) => return end(record, "failed", e),
     };
     // The last resort if a plugin stops answering: this event's thread stays stuck,
     // but the half-built process is killed; the source times out and rolls back.
-    let stuck_tag = tag.clone();
+    let stuck = record.clone();
     let watchdog = Watchdog::start(timeout, move |why, victim| {
         if victim > 0 {
             // SAFETY: killing the restore child this event created.
             unsafe { libc::kill(victim, libc::SIGKILL) };
         }
-        eprintln!("ferry daemon: {stuck_tag}: rolled back: {why}");
+        eprintln!("ferry daemon: {}", EventRecord { outcome: "rolled back", detail: why, ..stuck }.line());
     });
     let rebuilt = restore::restore_streaming(manager, &mut medium, &plan, &watchdog, started, &mut |_| {});
     drop(watchdog);
@@ -262,31 +304,33 @@ pub fn serve(manager: &Manager, mut stream: TcpStream, key: Option<&[u8]>, featu
         Ok(h) => h,
         Err(e) => {
             let _ = send_verdict(&mut medium, &Verdict::Failed { reason: e.to_string() });
-            return format!("{tag}: failed: {e}");
+            return end(record, "failed", e.to_string());
         }
     };
     let pids = held.pids().clone();
     crate::fault::point("before-commit");
     if let Err(e) = send_verdict(&mut medium, &Verdict::Rebuilt { pids: pids.clone(), restore_ms: event::ms(started) }) {
         held.abort();
-        return format!("{tag}: rolled back: {e}");
+        return end(record, "rolled back", e);
     }
     match recv_verdict(&mut medium, timeout) {
         Ok(Verdict::Commit) => match held.release() {
             Ok(stats) => {
                 let _ = send_verdict(&mut medium, &Verdict::Released);
-                let new = pids.values().next().copied().unwrap_or(0);
-                format!("{tag}: committed as pid {new}, {} bytes, rebuilt in {:.1} ms, total {:.1} ms", stats.bytes, stats.frozen_ms, stats.total_ms)
+                record.new_pid = pids.values().next().copied();
+                record.bytes = stats.bytes;
+                record.pages = stats.pages;
+                end(record, "committed", String::new())
             }
-            Err(e) => format!("{tag}: failed to release: {e}"),
+            Err(e) => end(record, "failed", format!("releasing the process: {e}")),
         },
         Ok(other) => {
             held.abort();
-            format!("{tag}: rolled back: the source said {other:?}")
+            end(record, "rolled back", format!("the source said {other:?}"))
         }
         Err(e) => {
             held.abort();
-            format!("{tag}: rolled back: {e}")
+            end(record, "rolled back", e)
         }
     }
 }

@@ -125,11 +125,22 @@ fn migrates_the_workload_over_loopback() {
         eprintln!("skipping: migration needs root");
         return;
     }
-    let daemon = Daemon::start(None, "127.0.0.1", &[]);
+    let stats = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(None, "127.0.0.1", &["--stats", stats.path().to_str().unwrap()]);
     let mut w = Workload::spawn(&WorkloadOpts { threads: 2, mem_mib: 8, ..Default::default() });
     w.wait_ticks(3);
     let old = w.pid;
-    let new = new_pid(&migrate(None, old, &daemon.addr, &[]), old);
+    let o = migrate(None, old, &daemon.addr, &[]);
+    let new = new_pid(&o, old);
+    // The daemon's statistics of the event, under its token.
+    let token = serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()["token"].as_str().unwrap().to_string();
+    let file = stats.path().join(format!("{token}.json"));
+    wait_until("the daemon's statistics", Duration::from_secs(30), || file.exists());
+    let event: serde_json::Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    assert_eq!(event["outcome"], "committed", "{event}");
+    assert_eq!(event["new_pid"], new);
+    assert_eq!(event["pid"], old);
+    assert!(event["bytes"].as_u64().unwrap() > 8 << 20, "{event}");
     wait_until("the source to be gone", Duration::from_secs(30), || !pid_alive(old));
     w.adopt(new);
     let at = *w.ticks().last().unwrap();
