@@ -323,17 +323,6 @@ impl Tracer {
         Ok(())
     }
 
-    pub fn get_sigmask(&mut self, tid: pid_t) -> Result<u64, TraceError> {
-        let mut mask: u64 = 0;
-        ptrace(libc::PTRACE_GETSIGMASK, tid, 8, &mut mask as *mut u64 as usize, "PTRACE_GETSIGMASK")?;
-        Ok(mask)
-    }
-
-    pub fn set_sigmask(&mut self, tid: pid_t, mask: u64) -> Result<(), TraceError> {
-        ptrace(libc::PTRACE_SETSIGMASK, tid, 8, &mask as *const u64 as usize, "PTRACE_SETSIGMASK")?;
-        Ok(())
-    }
-
     /// The rseq registration of a thread.
     pub fn rseq_config(&mut self, tid: pid_t) -> Result<ferry_plugin_api::RseqConfig, TraceError> {
         self.thread(tid)?;
