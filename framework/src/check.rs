@@ -8,6 +8,8 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+
+use crate::uffd::*;
 use std::time::{Duration, Instant};
 
 /// One probed kernel feature.
@@ -352,18 +354,6 @@ impl Drop for Mapping {
     }
 }
 
-/// `ioctl(fd, request, arg)` with a pointer argument.
-fn ioctl_ptr<T>(fd: RawFd, request: u64, arg: &mut T) -> io::Result<libc::c_int> {
-    // SAFETY: `arg` is a valid, exclusively borrowed #[repr(C)] struct of the size encoded in
-    // `request`; the kernel reads and writes only within it (and within buffers it points to,
-    // which the callers keep alive for the call).
-    let r = unsafe { libc::ioctl(fd, request as _, arg as *mut T) };
-    if r < 0 {
-        Err(errno())
-    } else {
-        Ok(r)
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // ptrace-seize
@@ -477,89 +467,6 @@ fn pvm_read(pid: libc::pid_t, remote: *mut libc::c_void, buf: &mut [u8]) -> Resu
 // ---------------------------------------------------------------------------------------------
 // userfaultfd (linux/userfaultfd.h)
 // ---------------------------------------------------------------------------------------------
-
-const fn ioc(dir: u64, ty: u64, nr: u64, size: usize) -> u64 {
-    (dir << 30) | ((size as u64) << 16) | (ty << 8) | nr
-}
-const IOC_WRITE: u64 = 1;
-const IOC_READ: u64 = 2;
-
-const UFFD_API: u64 = 0xAA;
-const UFFDIO: u64 = 0xAA;
-const UFFD_USER_MODE_ONLY: libc::c_int = 1;
-
-const UFFD_FEATURE_PAGEFAULT_FLAG_WP: u64 = 1 << 0;
-const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
-const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
-
-const UFFDIO_REGISTER_MODE_MISSING: u64 = 1 << 0;
-const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
-const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1 << 0;
-
-#[repr(C)]
-#[derive(Default)]
-struct UffdioApi {
-    api: u64,
-    features: u64,
-    ioctls: u64,
-}
-
-#[repr(C)]
-#[derive(Default)]
-struct UffdioRange {
-    start: u64,
-    len: u64,
-}
-
-#[repr(C)]
-#[derive(Default)]
-struct UffdioRegister {
-    range: UffdioRange,
-    mode: u64,
-    ioctls: u64,
-}
-
-#[repr(C)]
-#[derive(Default)]
-struct UffdioCopy {
-    dst: u64,
-    src: u64,
-    len: u64,
-    mode: u64,
-    copy: i64,
-}
-
-#[repr(C)]
-#[derive(Default)]
-struct UffdioWriteprotect {
-    range: UffdioRange,
-    mode: u64,
-}
-
-const UFFDIO_REGISTER: u64 = ioc(
-    IOC_READ | IOC_WRITE,
-    UFFDIO,
-    0x00,
-    std::mem::size_of::<UffdioRegister>(),
-);
-const UFFDIO_COPY: u64 = ioc(
-    IOC_READ | IOC_WRITE,
-    UFFDIO,
-    0x03,
-    std::mem::size_of::<UffdioCopy>(),
-);
-const UFFDIO_WRITEPROTECT: u64 = ioc(
-    IOC_READ | IOC_WRITE,
-    UFFDIO,
-    0x06,
-    std::mem::size_of::<UffdioWriteprotect>(),
-);
-const UFFDIO_API: u64 = ioc(
-    IOC_READ | IOC_WRITE,
-    UFFDIO,
-    0x3F,
-    std::mem::size_of::<UffdioApi>(),
-);
 
 struct Uffd {
     fd: OwnedFd,
@@ -782,42 +689,6 @@ fn probe_userfaultfd_wp_async() -> ProbeResult {
 // PAGEMAP_SCAN (linux/fs.h)
 // ---------------------------------------------------------------------------------------------
 
-#[repr(C)]
-#[derive(Default)]
-struct PmScanArg {
-    size: u64,
-    flags: u64,
-    start: u64,
-    end: u64,
-    walk_end: u64,
-    vec: u64,
-    vec_len: u64,
-    max_pages: u64,
-    category_inverted: u64,
-    category_mask: u64,
-    category_anyof_mask: u64,
-    return_mask: u64,
-}
-
-#[repr(C)]
-#[derive(Default, Clone, Copy, Debug)]
-struct PageRegion {
-    start: u64,
-    end: u64,
-    categories: u64,
-}
-
-const PAGEMAP_SCAN: u64 = ioc(
-    IOC_READ | IOC_WRITE,
-    b'f' as u64,
-    16,
-    std::mem::size_of::<PmScanArg>(),
-);
-const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
-const PM_SCAN_CHECK_WPASYNC: u64 = 1 << 1;
-const PAGE_IS_WRITTEN: u64 = 1 << 1;
-const PAGE_IS_PRESENT: u64 = 1 << 3;
-
 /// One PAGEMAP_SCAN over `m`: returns the (start, end) of the regions reported.
 fn pagemap_scan(
     pagemap: &File,
@@ -825,23 +696,7 @@ fn pagemap_scan(
     flags: u64,
     category: u64,
 ) -> io::Result<Vec<(u64, u64)>> {
-    let mut vec = [PageRegion::default(); 8];
-    let mut arg = PmScanArg {
-        size: std::mem::size_of::<PmScanArg>() as u64,
-        flags,
-        start: m.addr as u64,
-        end: m.addr as u64 + m.len as u64,
-        vec: vec.as_mut_ptr() as u64,
-        vec_len: vec.len() as u64,
-        category_mask: category,
-        return_mask: category,
-        ..Default::default()
-    };
-    let n = ioctl_ptr(pagemap.as_raw_fd(), PAGEMAP_SCAN, &mut arg)? as usize;
-    Ok(vec[..n.min(vec.len())]
-        .iter()
-        .map(|r| (r.start, r.end))
-        .collect())
+    pagemap_scan_range(pagemap, m.addr as u64, m.addr as u64 + m.len as u64, flags, category)
 }
 
 fn pagemap_scan_written(pagemap: &File, m: &Mapping) -> io::Result<Vec<(u64, u64)>> {

@@ -1,0 +1,125 @@
+//! Dirty-page tracking for pre-copy, on kernels without soft-dirty: a userfaultfd made
+//! in the target by an injected call, fetched into ferry with `pidfd_getfd`, with the
+//! tracked areas registered in write-protect *async* mode — a write just clears the
+//! page's protection, nothing waits on ferry — and `PAGEMAP_SCAN` on the target's
+//! pagemap to list the pages written since the last scan and protect them again.
+//! `stop` undoes it all: the target is left with no userfaultfd and no protection.
+
+use std::{
+    fs::File,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+};
+
+use crate::{tracer::Tracer, uffd::*};
+
+pub struct DirtyTracker {
+    pid: i32,
+    /// The userfaultfd's number in the target, closed there by `stop`.
+    target_fd: i32,
+    uffd: OwnedFd,
+    pagemap: File,
+    ranges: Vec<(u64, u64)>,
+}
+
+fn os(what: &str) -> impl FnOnce(std::io::Error) -> String + '_ {
+    move |e| format!("{what}: {e}")
+}
+
+impl DirtyTracker {
+    /// Starts tracking writes to `ranges` (whole private anonymous areas) of the
+    /// process stopped under `tracer`. Every page counts as clean from here.
+    pub fn start(tracer: &mut Tracer, ranges: &[(u64, u64)]) -> Result<DirtyTracker, String> {
+        let pid = tracer.pid();
+        let r = tracer
+            .inject(pid, libc::SYS_userfaultfd, [(libc::O_CLOEXEC | libc::O_NONBLOCK) as u64, 0, 0, 0, 0, 0])
+            .map_err(|e| e.to_string())?;
+        if r < 0 {
+            return Err(format!("userfaultfd in process {pid}: {}", std::io::Error::from_raw_os_error(-r as i32)));
+        }
+        let target_fd = r as i32;
+        let close_in_target = |tracer: &mut Tracer| {
+            let _ = tracer.inject(pid, libc::SYS_close, [target_fd as u64, 0, 0, 0, 0, 0]);
+        };
+        let fetched = (|| {
+            // SAFETY: plain system calls with integer arguments; the pidfd is closed here
+            // and the fetched fd is owned by the OwnedFd below.
+            let fd = unsafe {
+                let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0) as i32;
+                if pidfd < 0 {
+                    return Err(format!("pidfd_open({pid}): {}", std::io::Error::last_os_error()));
+                }
+                let fd = libc::syscall(libc::SYS_pidfd_getfd, pidfd, target_fd, 0) as i32;
+                let e = std::io::Error::last_os_error();
+                libc::close(pidfd);
+                if fd < 0 {
+                    return Err(format!("pidfd_getfd of the userfaultfd: {e}"));
+                }
+                OwnedFd::from_raw_fd(fd)
+            };
+            let mut api = UffdioApi { api: UFFD_API, features: UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED, ioctls: 0 };
+            ioctl_ptr(fd.as_raw_fd(), UFFDIO_API, &mut api).map_err(os("UFFDIO_API with WP_ASYNC"))?;
+            let pagemap = File::open(format!("/proc/{pid}/pagemap")).map_err(os("opening the pagemap"))?;
+            Ok((fd, pagemap))
+        })();
+        let (uffd, pagemap) = match fetched {
+            Ok(v) => v,
+            Err(e) => {
+                close_in_target(tracer);
+                return Err(e);
+            }
+        };
+        let mut t = DirtyTracker { pid, target_fd, uffd, pagemap, ranges: Vec::new() };
+        for &(start, end) in ranges {
+            if let Err(e) = t.track(start, end) {
+                let _ = t.stop(tracer);
+                return Err(e);
+            }
+        }
+        Ok(t)
+    }
+
+    fn track(&mut self, start: u64, end: u64) -> Result<(), String> {
+        let range = UffdioRange { start, len: end - start };
+        let mut reg = UffdioRegister { range, mode: UFFDIO_REGISTER_MODE_WP, ioctls: 0 };
+        ioctl_ptr(self.uffd.as_raw_fd(), UFFDIO_REGISTER, &mut reg)
+            .map_err(os(&format!("registering {start:#x}-{end:#x} for write-protection")))?;
+        self.ranges.push((start, end));
+        let mut wp = UffdioWriteprotect { range: UffdioRange { start, len: end - start }, mode: UFFDIO_WRITEPROTECT_MODE_WP };
+        ioctl_ptr(self.uffd.as_raw_fd(), UFFDIO_WRITEPROTECT, &mut wp)
+            .map_err(os(&format!("write-protecting {start:#x}-{end:#x}")))?;
+        Ok(())
+    }
+
+    /// The pages written since `start` or the last scan, as (start, end) runs; they
+    /// are protected again, so the next scan reports only later writes.
+    pub fn scan(&mut self) -> Result<Vec<(u64, u64)>, String> {
+        let mut out = Vec::new();
+        for &(start, end) in &self.ranges {
+            let written = pagemap_scan_range(&self.pagemap, start, end, PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC, PAGE_IS_WRITTEN)
+                .map_err(os(&format!("PAGEMAP_SCAN of {start:#x}-{end:#x} in process {}", self.pid)))?;
+            out.extend(written);
+        }
+        Ok(out)
+    }
+
+    /// Removes the write-protection and the target's userfaultfd.
+    pub fn stop(self, tracer: &mut Tracer) -> Result<(), String> {
+        let mut first = None;
+        for &(start, end) in &self.ranges {
+            let mut range = UffdioRange { start, len: end - start };
+            if let Err(e) = ioctl_ptr(self.uffd.as_raw_fd(), UFFDIO_UNREGISTER, &mut range) {
+                first.get_or_insert(format!("unregistering {start:#x}-{end:#x}: {e}"));
+            }
+        }
+        match tracer.inject(self.pid, libc::SYS_close, [self.target_fd as u64, 0, 0, 0, 0, 0]) {
+            Ok(0) => {}
+            Ok(r) => {
+                first.get_or_insert(format!("closing the userfaultfd in the target: errno {}", -r));
+            }
+            Err(e) => {
+                first.get_or_insert(e.to_string());
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
+}

@@ -1,0 +1,169 @@
+//! Kernel interfaces ferry defines itself because the libc crate lacks them:
+//! userfaultfd (linux/userfaultfd.h) and PAGEMAP_SCAN (linux/fs.h). Used by
+//! `ferry check` and by dirty-page tracking.
+
+use std::{fs::File, io, os::fd::{AsRawFd, RawFd}};
+
+pub(crate) const fn ioc(dir: u64, ty: u64, nr: u64, size: usize) -> u64 {
+    (dir << 30) | ((size as u64) << 16) | (ty << 8) | nr
+}
+pub(crate) const IOC_WRITE: u64 = 1;
+pub(crate) const IOC_READ: u64 = 2;
+
+pub(crate) const UFFD_API: u64 = 0xAA;
+pub(crate) const UFFDIO: u64 = 0xAA;
+pub(crate) const UFFD_USER_MODE_ONLY: libc::c_int = 1;
+
+pub(crate) const UFFD_FEATURE_PAGEFAULT_FLAG_WP: u64 = 1 << 0;
+pub(crate) const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
+pub(crate) const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
+
+pub(crate) const UFFDIO_REGISTER_MODE_MISSING: u64 = 1 << 0;
+pub(crate) const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
+pub(crate) const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1 << 0;
+
+#[repr(C)]
+#[derive(Default)]
+pub(crate) struct UffdioApi {
+    pub(crate) api: u64,
+    pub(crate) features: u64,
+    pub(crate) ioctls: u64,
+}
+
+#[repr(C)]
+#[derive(Default)]
+pub(crate) struct UffdioRange {
+    pub(crate) start: u64,
+    pub(crate) len: u64,
+}
+
+#[repr(C)]
+#[derive(Default)]
+pub(crate) struct UffdioRegister {
+    pub(crate) range: UffdioRange,
+    pub(crate) mode: u64,
+    pub(crate) ioctls: u64,
+}
+
+#[repr(C)]
+#[derive(Default)]
+pub(crate) struct UffdioCopy {
+    pub(crate) dst: u64,
+    pub(crate) src: u64,
+    pub(crate) len: u64,
+    pub(crate) mode: u64,
+    pub(crate) copy: i64,
+}
+
+#[repr(C)]
+#[derive(Default)]
+pub(crate) struct UffdioWriteprotect {
+    pub(crate) range: UffdioRange,
+    pub(crate) mode: u64,
+}
+
+pub(crate) const UFFDIO_REGISTER: u64 = ioc(
+    IOC_READ | IOC_WRITE,
+    UFFDIO,
+    0x00,
+    std::mem::size_of::<UffdioRegister>(),
+);
+pub(crate) const UFFDIO_COPY: u64 = ioc(
+    IOC_READ | IOC_WRITE,
+    UFFDIO,
+    0x03,
+    std::mem::size_of::<UffdioCopy>(),
+);
+pub(crate) const UFFDIO_WRITEPROTECT: u64 = ioc(
+    IOC_READ | IOC_WRITE,
+    UFFDIO,
+    0x06,
+    std::mem::size_of::<UffdioWriteprotect>(),
+);
+pub(crate) const UFFDIO_API: u64 = ioc(
+    IOC_READ | IOC_WRITE,
+    UFFDIO,
+    0x3F,
+    std::mem::size_of::<UffdioApi>(),
+);
+
+#[repr(C)]
+#[derive(Default)]
+pub(crate) struct PmScanArg {
+    pub(crate) size: u64,
+    pub(crate) flags: u64,
+    pub(crate) start: u64,
+    pub(crate) end: u64,
+    pub(crate) walk_end: u64,
+    pub(crate) vec: u64,
+    pub(crate) vec_len: u64,
+    pub(crate) max_pages: u64,
+    pub(crate) category_inverted: u64,
+    pub(crate) category_mask: u64,
+    pub(crate) category_anyof_mask: u64,
+    pub(crate) return_mask: u64,
+}
+
+#[repr(C)]
+#[derive(Default, Clone, Copy, Debug)]
+pub(crate) struct PageRegion {
+    pub(crate) start: u64,
+    pub(crate) end: u64,
+    pub(crate) categories: u64,
+}
+
+pub(crate) const PAGEMAP_SCAN: u64 = ioc(
+    IOC_READ | IOC_WRITE,
+    b'f' as u64,
+    16,
+    std::mem::size_of::<PmScanArg>(),
+);
+pub(crate) const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
+pub(crate) const PM_SCAN_CHECK_WPASYNC: u64 = 1 << 1;
+pub(crate) const PAGE_IS_WRITTEN: u64 = 1 << 1;
+pub(crate) const PAGE_IS_PRESENT: u64 = 1 << 3;
+
+/// `ioctl(fd, request, arg)` with a pointer argument.
+pub(crate) fn ioctl_ptr<T>(fd: RawFd, request: u64, arg: &mut T) -> io::Result<libc::c_int> {
+    // SAFETY: `arg` is a valid, exclusively borrowed #[repr(C)] struct of the size encoded in
+    // `request`; the kernel reads and writes only within it (and within buffers it points to,
+    // which the callers keep alive for the call).
+    let r = unsafe { libc::ioctl(fd, request as _, arg as *mut T) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+/// PAGEMAP_SCAN over `[start, end)` of the process whose pagemap is open, in as many
+/// calls as the answer needs: the (start, end) of every region in `category`. With
+/// `PM_SCAN_WP_MATCHING` the pages reported are write-protected again.
+pub(crate) fn pagemap_scan_range(pagemap: &File, start: u64, end: u64, flags: u64, category: u64) -> io::Result<Vec<(u64, u64)>> {
+    let mut out = Vec::new();
+    let mut vec = [PageRegion::default(); 64];
+    let mut at = start;
+    while at < end {
+        let mut arg = PmScanArg {
+            size: std::mem::size_of::<PmScanArg>() as u64,
+            flags,
+            start: at,
+            end,
+            vec: vec.as_mut_ptr() as u64,
+            vec_len: vec.len() as u64,
+            category_mask: category,
+            return_mask: category,
+            ..Default::default()
+        };
+        let n = ioctl_ptr(pagemap.as_raw_fd(), PAGEMAP_SCAN, &mut arg)? as usize;
+        out.extend(vec[..n.min(vec.len())].iter().map(|r| (r.start, r.end)));
+        // The kernel stops early when the vector is full; walk_end says where.
+        if arg.walk_end <= at {
+            break;
+        }
+        at = arg.walk_end;
+    }
+    Ok(out)
+}
+
+pub(crate) const UFFDIO_UNREGISTER: u64 = ioc(IOC_READ, UFFDIO, 0x01, std::mem::size_of::<UffdioRange>());
