@@ -329,6 +329,13 @@ fn rebuild(
     let result = (|| {
         // glibc registered rseq in the thread ferry forked from; left registered, the
         // kernel would write to an area about to be unmapped and kill every later call.
+        // The child closes what it inherited from ferry itself, but may be seized before
+        // it gets there: close it all again, or the restored process would keep ferry's
+        // image files and the pipes of whoever runs ferry.
+        let r = tracer.inject(pid, libc::SYS_close_range, [0, u32::MAX as u64, 0, 0, 0, 0])?;
+        if r < 0 {
+            return Err(EventError::Refused(format!("closing the restore child's inherited fds: errno {}", -r)));
+        }
         let rseq = tracer.rseq_config(pid)?;
         if rseq.addr != 0 {
             let r = tracer.inject(pid, libc::SYS_rseq, [rseq.addr, rseq.len as u64, 1, rseq.signature as u64, 0, 0])?;

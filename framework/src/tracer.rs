@@ -205,7 +205,6 @@ impl Tracer {
     /// Waits for every seized thread to report its interrupt stop.
     fn collect_stops(&mut self, seized: &[pid_t]) -> Result<(), TraceError> {
         for &tid in seized {
-            let mut pending_signal = 0;
             loop {
                 let status = wait(tid)?;
                 if libc::WIFEXITED(status) || libc::WIFSIGNALED(status) {
@@ -221,7 +220,7 @@ impl Tracer {
                 match event_of(status) {
                     libc::PTRACE_EVENT_STOP => {
                         let regs = getregs(tid)?;
-                        self.threads.insert(tid, Thread { regs, pending_signal });
+                        self.threads.insert(tid, Thread { regs, pending_signal: 0 });
                         break;
                     }
                     libc::PTRACE_EVENT_CLONE => {
@@ -232,10 +231,10 @@ impl Tracer {
                         ptrace(libc::PTRACE_CONT, tid, 0, 0, "PTRACE_CONT")?;
                     }
                     _ => {
-                        // A signal arrived before our interrupt: keep it for later and
-                        // let the thread go on to the interrupt stop.
-                        pending_signal = sig;
-                        ptrace(libc::PTRACE_CONT, tid, 0, 0, "PTRACE_CONT")?;
+                        // A signal arrived before our interrupt: deliver it now, as it
+                        // would have been without us, rather than hold it outside the
+                        // process where a checkpoint could not see it.
+                        ptrace(libc::PTRACE_CONT, tid, 0, sig as usize, "PTRACE_CONT")?;
                     }
                 }
             }

@@ -44,6 +44,16 @@ fn restore(dir: &Path, old: i32) -> i32 {
     stats["pids"][old.to_string()].as_i64().unwrap_or_else(|| panic!("no pid for {old} in {stats}")) as i32
 }
 
+/// The fd numbers a process holds.
+fn fd_numbers(pid: i32) -> Vec<i32> {
+    let mut v: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    v.sort_unstable();
+    v
+}
+
 fn wait_gone(pid: i32) {
     ferry_tests::wait_until(&format!("pid {pid} to be gone"), std::time::Duration::from_secs(30), || !pid_alive(pid));
 }
@@ -73,6 +83,7 @@ fn one_thread_with_memory_files_and_signals() {
     let mut w = Workload::spawn(&WorkloadOpts { mem_mib: 8, ..Default::default() });
     w.wait_ready();
     w.wait_ticks(2);
+    let fds_before = fd_numbers(w.pid);
     let image = tempfile::tempdir().unwrap();
     let dir = image.path().join("img");
     checkpoint(w.pid, &dir, &[]);
@@ -80,6 +91,8 @@ fn one_thread_with_memory_files_and_signals() {
     let at = *w.ticks().last().unwrap();
     let new = restore(&dir, w.pid);
     w.adopt(new);
+    // Exactly the process's own fds: nothing inherited from ferry (image files, pipes).
+    assert_eq!(fd_numbers(new), fds_before);
     w.wait_ticks(at + 2);
     // The SIGUSR1 handler survived and still counts.
     assert!(send_signal(new, libc::SIGUSR1));
