@@ -10,6 +10,17 @@ use std::{
     time::{Duration, Instant},
 };
 
+/// Every plugin the workspace builds, as (kind, name).
+pub const BUILT_PLUGINS: [(&str, &str); 7] = [
+    ("subsystem", "memory"),
+    ("subsystem", "threads"),
+    ("subsystem", "files"),
+    ("subsystem", "signals"),
+    ("medium", "file"),
+    ("medium", "tcp"),
+    ("medium", "rdma"),
+];
+
 /// The workspace root.
 pub fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ sits in the workspace").to_path_buf()

@@ -17,15 +17,7 @@ fn plugins_list_json_finds_every_plugin_beside_the_binary() {
     let o = ferry(&["plugins", "list", "--json"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let rows: Vec<serde_json::Value> = serde_json::from_slice(&o.stdout).unwrap();
-    for (kind, name) in [
-        ("subsystem", "memory"),
-        ("subsystem", "threads"),
-        ("subsystem", "files"),
-        ("subsystem", "signals"),
-        ("medium", "file"),
-        ("medium", "tcp"),
-        ("medium", "rdma"),
-    ] {
+    for (kind, name) in ferry_tests::BUILT_PLUGINS {
         let row = rows
             .iter()
             .find(|r| r["name"] == name)

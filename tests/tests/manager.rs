@@ -32,15 +32,7 @@ fn discovers_and_registers_every_built_plugin() {
         assert_eq!(f.status, "registered", "{}", f.path.display());
     }
     let names: Vec<(String, String)> = manager.list().into_iter().map(|m| (m.kind, m.name)).collect();
-    for (kind, name) in [
-        ("subsystem", "memory"),
-        ("subsystem", "threads"),
-        ("subsystem", "files"),
-        ("subsystem", "signals"),
-        ("medium", "file"),
-        ("medium", "tcp"),
-        ("medium", "rdma"),
-    ] {
+    for (kind, name) in ferry_tests::BUILT_PLUGINS {
         assert!(names.contains(&(kind.to_string(), name.to_string())), "{kind} {name} missing from {names:?}");
     }
     // Subsystems answer info across the ABI; the ordering constraints are what the

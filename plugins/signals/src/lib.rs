@@ -520,6 +520,7 @@ ferry_plugin_api::export_subsystem!("signals", "Signal actions, masks, pending s
 
 #[cfg(test)]
 mod tests {
+    use ferry_plugin_api::testing::MockMemory;
     use ferry_plugin_api::abi_stable::std_types::RVec;
     use super::*;
     use ferry_plugin_api::{
@@ -541,7 +542,7 @@ mod tests {
         pid: i32,
         tids: Vec<i32>,
         fs_base: HashMap<i32, u64>,
-        mem: Vec<u8>,
+        mem: MockMemory,
         actions: HashMap<i32, [u8; 32]>,
         pending: HashMap<(i32, bool), Vec<u8>>,
         itimers: [[u8; 32]; 3],
@@ -556,20 +557,15 @@ mod tests {
                 pid,
                 tids: threads.iter().map(|t| t.0).collect(),
                 fs_base: threads.iter().copied().collect(),
-                mem: vec![0; SCRATCH as usize],
+                mem: MockMemory::new(BASE, SCRATCH as usize),
                 ..Mock::default()
             }
         }
-        fn range(&self, addr: u64, len: usize) -> Option<std::ops::Range<usize>> {
-            let off = usize::try_from(addr.checked_sub(BASE)?).ok()?;
-            (off + len <= self.mem.len()).then_some(off..off + len)
-        }
         fn get(&self, addr: u64, len: usize) -> Vec<u8> {
-            self.mem[self.range(addr, len).unwrap()].to_vec()
+            self.mem.get(addr, len)
         }
         fn put(&mut self, addr: u64, data: &[u8]) {
-            let r = self.range(addr, data.len()).unwrap();
-            self.mem[r].copy_from_slice(data);
+            self.mem.put(addr, data)
         }
     }
 
@@ -585,25 +581,13 @@ mod tests {
             self.tids.clone().into()
         }
         fn read_memory(&mut self, addr: u64, mut buf: RSliceMut<'_, u8>) -> RResult<usize, PluginError> {
-            match self.range(addr, buf.len()) {
-                Some(r) => {
-                    buf.copy_from_slice(&self.mem[r]);
-                    RResult::ROk(buf.len())
-                }
-                None => fail("EFAULT"),
-            }
+            self.mem.read(addr, buf.as_mut_slice())
         }
         fn read_memory_ranges(&mut self, _: RSlice<'_, MemRange>, _: RSliceMut<'_, u8>) -> RResult<usize, PluginError> {
             fail("unused")
         }
         fn write_memory(&mut self, addr: u64, data: RSlice<'_, u8>) -> RResult<usize, PluginError> {
-            match self.range(addr, data.len()) {
-                Some(r) => {
-                    self.mem[r].copy_from_slice(&data);
-                    RResult::ROk(data.len())
-                }
-                None => fail("EFAULT"),
-            }
+            self.mem.write(addr, data.as_slice())
         }
         fn write_memory_ranges(&mut self, _: RSlice<'_, MemRange>, _: RSlice<'_, u8>) -> RResult<usize, PluginError> {
             fail("unused")

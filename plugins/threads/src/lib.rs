@@ -664,6 +664,7 @@ ferry_plugin_api::export_subsystem!("threads", "Threads: registers, FPU, TLS, rs
 
 #[cfg(test)]
 mod tests {
+    use ferry_plugin_api::testing::MockMemory;
     use super::*;
     use ferry_plugin_api::{
         abi_stable::{
@@ -685,7 +686,7 @@ mod tests {
     struct Mock {
         pid: i32,
         tids: Vec<i32>,
-        mem: Vec<u8>,
+        mem: MockMemory,
         regs: HashMap<i32, Vec<u8>>,
         xstate: HashMap<i32, Vec<u8>>,
         xstate_len: usize,
@@ -701,7 +702,7 @@ mod tests {
             let mut m = Mock {
                 pid,
                 tids: tids.to_vec(),
-                mem: vec![0; 2 * SCRATCH as usize],
+                mem: MockMemory::new(BASE, 2 * SCRATCH as usize),
                 regs: HashMap::new(),
                 xstate: HashMap::new(),
                 xstate_len,
@@ -722,16 +723,11 @@ mod tests {
             self.regs.insert(t, regs_to_bytes(&r));
             self.xstate.insert(t, vec![t as u8; self.xstate_len]);
         }
-        fn at(&self, addr: u64, len: usize) -> Option<std::ops::Range<usize>> {
-            let off = usize::try_from(addr.checked_sub(BASE)?).ok()?;
-            (off + len <= self.mem.len()).then_some(off..off + len)
+        fn get(&self, addr: u64, len: usize) -> Vec<u8> {
+            self.mem.get(addr, len)
         }
         fn put(&mut self, addr: u64, data: &[u8]) {
-            let r = self.at(addr, data.len()).unwrap();
-            self.mem[r].copy_from_slice(data);
-        }
-        fn get(&self, addr: u64, len: usize) -> Vec<u8> {
-            self.mem[self.at(addr, len).unwrap()].to_vec()
+            self.mem.put(addr, data)
         }
         fn calls_of(&self, nr: i64) -> Vec<(i32, [u64; 6])> {
             self.calls.iter().filter(|c| c.1 == nr).map(|c| (c.0, c.2)).collect()
@@ -750,25 +746,13 @@ mod tests {
             self.tids.clone().into()
         }
         fn read_memory(&mut self, addr: u64, mut buf: RSliceMut<'_, u8>) -> RResult<usize, PluginError> {
-            match self.at(addr, buf.len()) {
-                Some(r) => {
-                    buf.copy_from_slice(&self.mem[r]);
-                    RResult::ROk(buf.len())
-                }
-                None => fail("EFAULT"),
-            }
+            self.mem.read(addr, buf.as_mut_slice())
         }
         fn read_memory_ranges(&mut self, _: RSlice<'_, MemRange>, _: RSliceMut<'_, u8>) -> RResult<usize, PluginError> {
             fail("unused")
         }
         fn write_memory(&mut self, addr: u64, data: RSlice<'_, u8>) -> RResult<usize, PluginError> {
-            match self.at(addr, data.len()) {
-                Some(r) => {
-                    self.mem[r].copy_from_slice(&data);
-                    RResult::ROk(data.len())
-                }
-                None => fail("EFAULT"),
-            }
+            self.mem.write(addr, data.as_slice())
         }
         fn write_memory_ranges(&mut self, _: RSlice<'_, MemRange>, _: RSlice<'_, u8>) -> RResult<usize, PluginError> {
             fail("unused")
