@@ -17,6 +17,7 @@ use crate::{
     image::{Inventory, PluginEntry, ProcessEntry, INVENTORY_STREAM},
     manager::Manager,
     pipeline::Pipeline,
+    precopy::Live,
     quiesce::Freezer,
     watchdog::Watchdog,
     tracer::{self, TraceError, Tracer},
@@ -99,7 +100,7 @@ pub fn checkpoint(manager: &Manager, req: &CheckpointRequest, progress: &mut dyn
         }
         std::process::exit(1);
     });
-    let outcome = write_image(&mut tracer, &mut subs, &mut medium, &req.medium, req.pid, &watchdog, progress);
+    let outcome = write_image(&mut tracer, &mut subs, &mut medium, &req.medium, req.pid, &watchdog, None, progress);
     drop(watchdog);
     let mut stats = Stats::default();
     match outcome {
@@ -144,8 +145,10 @@ pub(crate) fn quiesce(pid: i32, method: Quiesce) -> Result<(Tracer, Option<Freez
     }
 }
 
-/// The part of a checkpoint done while the process is stopped. Answers the bytes
-/// written and the pages among them.
+/// The part of a checkpoint done while the process is stopped; after pre-copy rounds
+/// (`live`), what they sent counts too. Answers the bytes written and the pages among
+/// them.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn write_image(
     tracer: &mut Tracer,
     subs: &mut [Loaded],
@@ -153,6 +156,7 @@ pub(crate) fn write_image(
     medium_name: &str,
     pid: i32,
     watchdog: &Watchdog,
+    mut live: Option<&mut Live>,
     progress: &mut dyn FnMut(&str),
 ) -> Result<(u64, u64), EventError> {
     tracer.map_scratch(0)?;
@@ -161,16 +165,26 @@ pub(crate) fn write_image(
     let mut inventory = Inventory::new(medium_name);
     let (mut bytes, mut page_bytes) = (0u64, 0u64);
     {
-        let mut ctx = ExternalContext { tracer: &mut *tracer, shared: &mut shared, plugin: "ferry", watchdog };
+        let mut ctx = ExternalContext::new(&mut *tracer, &mut shared, "ferry", watchdog);
         event::setup_all(subs, &mut ctx, EventKind::Checkpoint)?;
     }
     let result = (|| {
         for (i, loaded) in subs.iter_mut().enumerate() {
             let stream = i as u32 + 1;
             let name = loaded.name.clone();
-            let mut ctx = ExternalContext { tracer: &mut *tracer, shared: &mut shared, plugin: &name, watchdog };
+            let (dirty, sent) = match live.as_deref_mut() {
+                Some(l) => (Some(&mut l.tracker), l.sent.get(i).copied()),
+                None => (None, None),
+            };
+            let mut ctx = ExternalContext::new(&mut *tracer, &mut shared, &name, watchdog);
+            ctx.dirty = dirty;
             watchdog.doing(format!("plugin {name} writes its records"));
             let mut sink = StreamSink::new(medium, stream, &name, watchdog);
+            if let Some(sent) = sent {
+                sink.records = sent.records;
+                sink.bytes = sent.bytes;
+                sink.page_bytes = sent.page_bytes;
+            }
             event::checkpoint_one(loaded, &mut ctx, &mut sink, progress)?;
             crate::fault::point("checkpoint-mid");
             bytes += sink.bytes;
@@ -192,7 +206,7 @@ pub(crate) fn write_image(
         bytes += encoded.len() as u64;
         Ok::<_, EventError>(())
     })();
-    let mut ctx = ExternalContext { tracer: &mut *tracer, shared: &mut shared, plugin: "ferry", watchdog };
+    let mut ctx = ExternalContext::new(&mut *tracer, &mut shared, "ferry", watchdog);
     event::cleanup_all(subs, &mut ctx, result.is_ok());
     result.map(|_| (bytes, page_bytes / 4096))
 }

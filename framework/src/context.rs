@@ -11,6 +11,7 @@ use ferry_plugin_api::{
 };
 
 use crate::{
+    dirty::DirtyTracker,
     image::{self, Pull, RecordReader},
     pipeline::Pipeline,
     watchdog::Watchdog,
@@ -31,9 +32,15 @@ pub struct ExternalContext<'a> {
     pub plugin: &'a str,
     /// Every call is a sign of life.
     pub watchdog: &'a Watchdog,
+    /// Pre-copy's dirty-page tracking, when the event has it.
+    pub dirty: Option<&'a mut DirtyTracker>,
 }
 
-impl ExternalContext<'_> {
+impl<'a> ExternalContext<'a> {
+    pub fn new(tracer: &'a mut Tracer, shared: &'a mut SharedTable, plugin: &'a str, watchdog: &'a Watchdog) -> Self {
+        ExternalContext { tracer, shared, plugin, watchdog, dirty: None }
+    }
+
     fn alive(&self) {
         self.watchdog.beat();
     }
@@ -133,12 +140,7 @@ impl ProcessContext for ExternalContext<'_> {
 
     fn proc_read(&mut self, name: RStr<'_>) -> PResult<RVec<u8>> {
         self.alive();
-        let name = name.as_str();
-        if name.starts_with('/') || name.split('/').any(|c| c == "..") {
-            return self.fail(format!("/proc path {name:?} leaves the process's directory"));
-        }
-        let path = format!("/proc/{}/{name}", self.tracer.pid());
-        let r = std::fs::read(&path).map(RVec::from).map_err(|e| format!("{path}: {e}"));
+        let r = proc_file(self.tracer.pid(), name.as_str());
         self.lift(r)
     }
 
@@ -165,6 +167,148 @@ impl ProcessContext for ExternalContext<'_> {
 
     fn peek_siginfo(&mut self, tid: i32, shared: bool) -> PResult<RVec<u8>> {
         let r = self.tracer.peek_siginfo(tid, shared).map(RVec::from);
+        self.lift(r)
+    }
+
+    fn dirty_track(&mut self, ranges: RSlice<'_, MemRange>) -> PResult<RVec<MemRange>> {
+        self.alive();
+        let r = dirty_track(self.dirty.as_deref_mut(), ranges.as_slice());
+        self.lift(r)
+    }
+
+    fn dirty_scan(&mut self, range: MemRange) -> PResult<RVec<MemRange>> {
+        self.alive();
+        let r = dirty_scan(self.dirty.as_deref_mut(), range);
+        self.lift(r)
+    }
+}
+
+/// `/proc/<pid>/<name>`, refusing a name that leaves the process's directory.
+fn proc_file(pid: i32, name: &str) -> Result<RVec<u8>, String> {
+    if name.starts_with('/') || name.split('/').any(|c| c == "..") {
+        return Err(format!("/proc path {name:?} leaves the process's directory"));
+    }
+    let path = format!("/proc/{pid}/{name}");
+    std::fs::read(&path).map(RVec::from).map_err(|e| format!("{path}: {e}"))
+}
+
+const NO_TRACKING: &str = "this event tracks no dirty pages (strategy stop-copy)";
+
+fn dirty_track(tracker: Option<&mut DirtyTracker>, ranges: &[MemRange]) -> Result<RVec<MemRange>, String> {
+    let tracker = tracker.ok_or(NO_TRACKING)?;
+    // A range the process tracks itself is left out, not an error: it goes at the freeze.
+    Ok(ranges.iter().filter(|r| tracker.track(r.addr, r.addr + r.len).is_ok()).copied().collect())
+}
+
+fn dirty_scan(tracker: Option<&mut DirtyTracker>, range: MemRange) -> Result<RVec<MemRange>, String> {
+    let tracker = tracker.ok_or(NO_TRACKING)?;
+    let runs = tracker.scan_range(range.addr, range.addr + range.len)?;
+    Ok(runs.into_iter().map(|(s, e)| MemRange { addr: s, len: e - s }).collect())
+}
+
+/// The context of a pre-copy round: the process runs, untraced. Plugins may read its
+/// memory and `/proc` files and use dirty tracking; anything that needs the process
+/// stopped is refused.
+pub struct LiveContext<'a> {
+    pub pid: i32,
+    /// ferry's scratch area, mapped in the process for the whole event.
+    pub scratch: MemRange,
+    pub plugin: &'a str,
+    pub watchdog: &'a Watchdog,
+    pub dirty: &'a mut DirtyTracker,
+}
+
+impl LiveContext<'_> {
+    fn lift<T, E: std::fmt::Display>(&self, r: Result<T, E>) -> PResult<T> {
+        self.watchdog.beat();
+        match r {
+            Ok(v) => RResult::ROk(v),
+            Err(e) => RResult::RErr(PluginError::new(self.plugin, e)),
+        }
+    }
+
+    fn running<T>(&self, what: &str) -> PResult<T> {
+        self.lift(Err(format!("{what} needs the process stopped; a pre-copy round runs beside it")))
+    }
+}
+
+impl ProcessContext for LiveContext<'_> {
+    fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    fn tids(&self) -> RVec<i32> {
+        crate::tracer::task_ids(self.pid).unwrap_or_default().into()
+    }
+
+    fn read_memory(&mut self, addr: u64, mut buf: RSliceMut<'_, u8>) -> PResult<usize> {
+        let len = buf.len();
+        let r = crate::tracer::vm_ranges(self.pid, &[(addr, len as u64)], buf.as_mut_ptr(), len, false);
+        self.lift(r)
+    }
+
+    fn read_memory_ranges(&mut self, r: RSlice<'_, MemRange>, mut buf: RSliceMut<'_, u8>) -> PResult<usize> {
+        let len = buf.len();
+        let r = crate::tracer::vm_ranges(self.pid, &ranges(r.as_slice()), buf.as_mut_ptr(), len, false);
+        self.lift(r)
+    }
+
+    fn write_memory(&mut self, _addr: u64, _data: RSlice<'_, u8>) -> PResult<usize> {
+        self.running("writing memory")
+    }
+
+    fn write_memory_ranges(&mut self, _r: RSlice<'_, MemRange>, _data: RSlice<'_, u8>) -> PResult<usize> {
+        self.running("writing memory")
+    }
+
+    fn scratch(&self) -> MemRange {
+        self.scratch
+    }
+
+    fn fetch_fd(&mut self, _fd: i32) -> PResult<i32> {
+        self.running("fetching a file descriptor")
+    }
+
+    fn inject_syscall(&mut self, _tid: i32, _nr: i64, _args: SyscallArgs) -> PResult<i64> {
+        self.running("a system call in the process")
+    }
+
+    fn get_regset(&mut self, _tid: i32, _regset: u32) -> PResult<RVec<u8>> {
+        self.running("reading registers")
+    }
+
+    fn set_regset(&mut self, _tid: i32, _regset: u32, _data: RSlice<'_, u8>) -> PResult<()> {
+        self.running("writing registers")
+    }
+
+    fn proc_read(&mut self, name: RStr<'_>) -> PResult<RVec<u8>> {
+        let r = proc_file(self.pid, name.as_str());
+        self.lift(r)
+    }
+
+    fn claim_shared(&mut self, _kind: RStr<'_>, _id: RStr<'_>) -> SharedClaim {
+        SharedClaim::First
+    }
+
+    fn peer_command(&mut self, _cmd: RSlice<'_, u8>) -> PResult<RVec<u8>> {
+        self.running("a command to the peer")
+    }
+
+    fn rseq_config(&mut self, _tid: i32) -> PResult<RseqConfig> {
+        self.running("reading rseq")
+    }
+
+    fn peek_siginfo(&mut self, _tid: i32, _shared: bool) -> PResult<RVec<u8>> {
+        self.running("reading pending signals")
+    }
+
+    fn dirty_track(&mut self, ranges: RSlice<'_, MemRange>) -> PResult<RVec<MemRange>> {
+        let r = dirty_track(Some(&mut *self.dirty), ranges.as_slice());
+        self.lift(r)
+    }
+
+    fn dirty_scan(&mut self, range: MemRange) -> PResult<RVec<MemRange>> {
+        let r = dirty_scan(Some(&mut *self.dirty), range);
         self.lift(r)
     }
 }
@@ -234,7 +378,24 @@ pub struct StreamSource<'a> {
 impl RecordSource for StreamSource<'_> {
     fn next(&mut self) -> PResult<abi_stable::std_types::ROption<Record>> {
         self.watchdog.beat();
-        match self.reader.next() {
+        let mut read = self.reader.next();
+        // The end of a pre-copy round: tell the source this side has caught up.
+        while let Ok(Some(r)) = &read {
+            if r.kind != crate::precopy::SYNC_KIND {
+                break;
+            }
+            let stream = self.reader.stream();
+            let round = serde_json::from_slice::<serde_json::Value>(&r.payload).ok().and_then(|v| v["round"].as_u64());
+            let answered = match round {
+                Some(round) => crate::precopy::send_json(self.reader.source_mut().medium, crate::precopy::synced(stream, round)),
+                None => Err("a malformed pre-copy sync record".to_string()),
+            };
+            if let Err(e) = answered {
+                return RResult::RErr(PluginError::new(self.plugin, e));
+            }
+            read = self.reader.next();
+        }
+        match read {
             Ok(Some(r)) => {
                 if r.format == RecordFormat::Raw && r.kind == "pages" {
                     self.page_bytes += r.payload.len() as u64;

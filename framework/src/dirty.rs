@@ -14,8 +14,6 @@ use crate::{tracer::Tracer, uffd::*};
 
 pub struct DirtyTracker {
     pid: i32,
-    /// The userfaultfd's number in the target, closed there by `stop`.
-    target_fd: i32,
     uffd: OwnedFd,
     pagemap: File,
     ranges: Vec<(u64, u64)>,
@@ -61,29 +59,28 @@ impl DirtyTracker {
             let pagemap = File::open(format!("/proc/{pid}/pagemap")).map_err(os("opening the pagemap"))?;
             Ok((fd, pagemap))
         })();
-        let (uffd, pagemap) = match fetched {
-            Ok(v) => v,
-            Err(e) => {
-                close_in_target(tracer);
-                return Err(e);
-            }
-        };
-        let mut t = DirtyTracker { pid, target_fd, uffd, pagemap, ranges: Vec::new() };
+        close_in_target(tracer);
+        let (uffd, pagemap) = fetched?;
+        let mut t = DirtyTracker { pid, uffd, pagemap, ranges: Vec::new() };
         for &(start, end) in ranges {
             if let Err(e) = t.track(start, end) {
-                let _ = t.stop(tracer);
+                t.stop();
                 return Err(e);
             }
         }
         Ok(t)
     }
 
-    fn track(&mut self, start: u64, end: u64) -> Result<(), String> {
+    /// Starts tracking `start..end` too (the target may run meanwhile). A range the
+    /// process registered with a userfaultfd of its own gives EBUSY.
+    pub fn track(&mut self, start: u64, end: u64) -> Result<(), String> {
         let range = UffdioRange { start, len: end - start };
         let mut reg = UffdioRegister { range, mode: UFFDIO_REGISTER_MODE_WP, ioctls: 0 };
         ioctl_ptr(self.uffd.as_raw_fd(), UFFDIO_REGISTER, &mut reg)
             .map_err(os(&format!("registering {start:#x}-{end:#x} for write-protection")))?;
-        self.ranges.push((start, end));
+        if !self.ranges.contains(&(start, end)) {
+            self.ranges.push((start, end));
+        }
         let mut wp = UffdioWriteprotect { range: UffdioRange { start, len: end - start }, mode: UFFDIO_WRITEPROTECT_MODE_WP };
         ioctl_ptr(self.uffd.as_raw_fd(), UFFDIO_WRITEPROTECT, &mut wp)
             .map_err(os(&format!("write-protecting {start:#x}-{end:#x}")))?;
@@ -94,32 +91,25 @@ impl DirtyTracker {
     /// are protected again, so the next scan reports only later writes.
     pub fn scan(&mut self) -> Result<Vec<(u64, u64)>, String> {
         let mut out = Vec::new();
-        for &(start, end) in &self.ranges {
-            let written = pagemap_scan_range(&self.pagemap, start, end, PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC, PAGE_IS_WRITTEN)
-                .map_err(os(&format!("PAGEMAP_SCAN of {start:#x}-{end:#x} in process {}", self.pid)))?;
-            out.extend(written);
+        for (start, end) in self.ranges.clone() {
+            out.extend(self.scan_range(start, end)?);
         }
         Ok(out)
     }
 
-    /// Removes the write-protection and the target's userfaultfd.
-    pub fn stop(self, tracer: &mut Tracer) -> Result<(), String> {
-        let mut first = None;
+    /// [`DirtyTracker::scan`] of one range. Fails (EPERM) where a mapping of the range
+    /// is not tracked: the process unmapped or replaced it since.
+    pub fn scan_range(&mut self, start: u64, end: u64) -> Result<Vec<(u64, u64)>, String> {
+        pagemap_scan_range(&self.pagemap, start, end, PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC, PAGE_IS_WRITTEN)
+            .map_err(os(&format!("PAGEMAP_SCAN of {start:#x}-{end:#x} in process {}", self.pid)))
+    }
+
+    /// Removes the write-protection; dropping ferry's descriptor, the last one, ends
+    /// the userfaultfd (and clears whatever a range unmapped meanwhile kept).
+    pub fn stop(self) {
         for &(start, end) in &self.ranges {
             let mut range = UffdioRange { start, len: end - start };
-            if let Err(e) = ioctl_ptr(self.uffd.as_raw_fd(), UFFDIO_UNREGISTER, &mut range) {
-                first.get_or_insert(format!("unregistering {start:#x}-{end:#x}: {e}"));
-            }
+            let _ = ioctl_ptr(self.uffd.as_raw_fd(), UFFDIO_UNREGISTER, &mut range);
         }
-        match tracer.inject(self.pid, libc::SYS_close, [self.target_fd as u64, 0, 0, 0, 0, 0]) {
-            Ok(0) => {}
-            Ok(r) => {
-                first.get_or_insert(format!("closing the userfaultfd in the target: errno {}", -r));
-            }
-            Err(e) => {
-                first.get_or_insert(e.to_string());
-            }
-        }
-        first.map_or(Ok(()), Err)
     }
 }

@@ -17,7 +17,7 @@ use crate::{
     manager::{Lease, Manager, ManagerError},
     quiesce::FreezeError,
     tracer::TraceError,
-    watchdog::StatusTrack,
+    watchdog::{StatusTrack, Watchdog},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -97,15 +97,15 @@ fn plugin_err(plugin: &str, phase: &'static str, e: PluginError) -> EventError {
 
 /// Calls `step` until it answers Done. On an error, the plugin's `fault` decides:
 /// retry (a few times), skip the rest of this plugin's work, or give up with `dump`.
-pub fn drive(
+pub fn drive<C: ferry_plugin_api::ProcessContext>(
     loaded: &mut Loaded,
-    ctx: &mut ExternalContext<'_>,
+    ctx: &mut C,
+    watchdog: &Watchdog,
     phase: &'static str,
     mut step: impl FnMut(&mut SubsystemBox, &mut ContextRef<'_>) -> ferry_plugin_api::PResult<Progress>,
     progress: &mut dyn FnMut(&str),
 ) -> Result<(), EventError> {
     let mut retries = 0;
-    let watchdog = ctx.watchdog;
     let mut track = StatusTrack::new();
     let mut cref = ProcessContext_TO::from_ptr(ctx, TD_Opaque);
     loop {
@@ -143,7 +143,21 @@ pub fn checkpoint_one(
     progress: &mut dyn FnMut(&str),
 ) -> Result<(), EventError> {
     let mut sref: SinkRef<'_> = RecordSink_TO::from_ptr(sink, TD_Opaque);
-    drive(loaded, ctx, "checkpoint", |sub, c| sub.checkpoint(c, &mut sref), progress)
+    let watchdog = ctx.watchdog;
+    drive(loaded, ctx, watchdog, "checkpoint", |sub, c| sub.checkpoint(c, &mut sref), progress)
+}
+
+/// Runs one plugin's pre-copy round `round` into `sink`, beside the running process.
+pub fn precopy_one(
+    loaded: &mut Loaded,
+    ctx: &mut crate::context::LiveContext<'_>,
+    sink: &mut crate::context::StreamSink<'_>,
+    round: u32,
+    progress: &mut dyn FnMut(&str),
+) -> Result<(), EventError> {
+    let mut sref: SinkRef<'_> = RecordSink_TO::from_ptr(sink, TD_Opaque);
+    let watchdog = ctx.watchdog;
+    drive(loaded, ctx, watchdog, "pre-copy", |sub, c| sub.precopy(c, &mut sref, round), progress)
 }
 
 /// Runs one plugin's restart from `source`.
@@ -154,7 +168,8 @@ pub fn restart_one(
     progress: &mut dyn FnMut(&str),
 ) -> Result<(), EventError> {
     let mut sref: SourceRef<'_> = RecordSource_TO::from_ptr(source, TD_Opaque);
-    drive(loaded, ctx, "restart", |sub, c| sub.restart(c, &mut sref), progress)
+    let watchdog = ctx.watchdog;
+    drive(loaded, ctx, watchdog, "restart", |sub, c| sub.restart(c, &mut sref), progress)
 }
 
 /// Process hook `setup` of every plugin, in order.

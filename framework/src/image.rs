@@ -700,6 +700,15 @@ impl<P: Pull> RecordReader<P> {
     }
 
     /// Complete records read so far.
+    pub fn stream(&self) -> u32 {
+        self.stream
+    }
+
+    /// What the records are pulled from.
+    pub fn source_mut(&mut self) -> &mut P {
+        &mut self.src
+    }
+
     pub fn records_read(&self) -> u64 {
         self.records
     }

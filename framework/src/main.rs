@@ -111,7 +111,7 @@ enum Command {
         /// The destination daemon.
         #[arg(long, value_name = "HOST:PORT")]
         to: String,
-        /// Migration algorithm (stop-copy in this build).
+        /// Migration algorithm: stop-copy (default) or pre-copy (post-copy and hybrid: not yet).
         #[arg(long)]
         strategy: Option<Strategy>,
         /// Transfer medium plugin.
@@ -337,9 +337,6 @@ fn run(cli: Cli) -> Outcome {
                     ..Overrides::default()
                 },
             )?;
-            if config.mechanism.strategy != Strategy::StopCopy {
-                return Err(Failure(format!("strategy {} is not in this build yet; use stop-copy", config.mechanism.strategy)));
-            }
             if medium.as_deref().is_some_and(|m| m != "tcp") {
                 return Err(Failure("migration needs the tcp medium in this build".into()));
             }
@@ -352,6 +349,12 @@ fn run(cli: Cli) -> Outcome {
                 quiesce: config.mechanism.quiesce,
                 auth_key: key_file.as_deref().map(protocol::load_key).transpose()?,
                 timeout: Duration::from_millis(config.watchdog_ms),
+                strategy: config.mechanism.strategy,
+                pre_copy: ferry::precopy::Tuning {
+                    budget: Duration::from_millis(config.tuning.pre_copy.downtime_budget_ms),
+                    max_rounds: config.tuning.pre_copy.max_rounds,
+                    throttle: config.tuning.pre_copy.throttle,
+                },
             };
             let stats = migrate::migrate(&manager, &req, &mut progress_bar("migrate"))?;
             if *json {

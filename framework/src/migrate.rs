@@ -14,12 +14,17 @@ use std::{
 };
 
 use abi_stable::std_types::RStr;
-use ferry_plugin_api::{MediumBox, PluginKind};
+use ferry_plugin_api::{MediumBox, MemRange, PluginKind};
 use serde::Serialize;
 
 use crate::{
     checkpoint::{quiesce, write_image},
-    config::Quiesce,
+    config::{Quiesce, Strategy},
+    dirty::DirtyTracker,
+    event::Loaded,
+    precopy::{self, recv_json, send_json, Live, Outcome, Sent},
+    throttle::Throttle,
+    tracer::Tracer,
     event::{self, EventError},
     manager::Manager,
     pipeline::Pipeline,
@@ -41,35 +46,34 @@ pub struct MigrateRequest {
     pub auth_key: Option<Vec<u8>>,
     /// How long to wait for the destination at each step before giving up.
     pub timeout: Duration,
+    pub strategy: Strategy,
+    pub pre_copy: precopy::Tuning,
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct MigrateStats {
     pub token: String,
-    pub strategy: &'static str,
+    pub strategy: String,
     pub pids: BTreeMap<String, i32>,
     pub frozen_ms: f64,
     pub total_ms: f64,
     pub bytes: u64,
     pub pages: u64,
+    /// Pre-copy rounds plus the frozen one (1 for stop-copy).
     pub rounds: u32,
+    /// Bytes sent in each round, the frozen one last.
+    pub round_bytes: Vec<u64>,
+    /// Duration of each pre-copy round (the frozen one is `frozen_ms`).
+    pub round_ms: Vec<f64>,
+    /// Why pre-copy stopped iterating: converged, max rounds, not shrinking.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub precopy_stop: Option<&'static str>,
+    /// Auto-converge steps taken (each halves the process's CPU share).
+    pub throttle: u32,
 }
 
 fn refused(message: impl Into<String>) -> EventError {
     EventError::Refused(message.into())
-}
-
-/// A control message through the medium.
-fn send_json(medium: &mut MediumBox, msg: serde_json::Value) -> Result<(), String> {
-    let cmd = serde_json::json!({"op": "send", "msg": msg}).to_string();
-    medium.command(RStr::from_str(&cmd)).into_result().map(|_| ()).map_err(|e| e.message.into_string())
-}
-
-fn recv_json(medium: &mut MediumBox, timeout: Duration) -> Result<serde_json::Value, String> {
-    let cmd = serde_json::json!({"op": "recv", "timeout_ms": timeout.as_millis() as u64}).to_string();
-    let reply = medium.command(RStr::from_str(&cmd)).into_result().map_err(|e| e.message.into_string())?;
-    let mut v: serde_json::Value = serde_json::from_str(reply.as_str()).map_err(|e| format!("bad reply from the medium: {e}"))?;
-    Ok(v["msg"].take())
 }
 
 fn send_verdict(medium: &mut MediumBox, v: &Verdict) -> Result<(), String> {
@@ -80,12 +84,107 @@ fn recv_verdict(medium: &mut MediumBox, timeout: Duration) -> Result<Verdict, St
     Verdict::from_json(&recv_json(medium, timeout)?.to_string()).map_err(|e| e.to_string())
 }
 
+/// Announces the process and the plugins' streams ahead of the streams, so the
+/// destination starts rebuilding while they arrive.
+fn send_plan(medium: &mut MediumBox, tracer: &mut Tracer, subs: &[Loaded]) -> Result<u64, EventError> {
+    let scratch = tracer.map_scratch(0)?;
+    let pid = tracer.pid();
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default().trim().to_string();
+    let plan = Plan {
+        process: ProcessEntry { pid, tids: tracer.tids(), comm, scratch },
+        plugins: subs
+            .iter()
+            .enumerate()
+            .map(|(i, l)| PluginEntry { name: l.name.clone(), version: l.version.clone(), stream: i as u32 + 1, records: 0, bytes: 0 })
+            .collect(),
+    };
+    send_json(medium, serde_json::json!({"type": "plan", "plan": plan})).map_err(|e| refused(format!("sending the plan: {e}")))?;
+    Ok(scratch)
+}
+
+/// Puts the source back as it was after a failure: no dirty tracking, no scratch area,
+/// no throttle, running.
+fn let_go(mut tracer: Tracer, live: Option<Live>) {
+    if let Some(l) = live {
+        l.tracker.stop();
+    }
+    let _ = tracer.unmap_scratch();
+    let _ = tracer.detach();
+}
+
+/// The pre-copy part of a migration, while the process runs: a brief stop to start
+/// dirty tracking (and map the scratch area, which stays for the event) and announce
+/// the plan, then the rounds. Answers the state the freeze carries on with.
+fn precopy_phase(
+    req: &MigrateRequest,
+    tuning: &precopy::Tuning,
+    subs: &mut [Loaded],
+    medium: MediumBox,
+    throttle: &mut Option<Throttle>,
+    progress: &mut dyn FnMut(&str),
+) -> Result<(MediumBox, Live, u64, Outcome), (EventError, Option<MediumBox>)> {
+    let (mut tracer, _) = quiesce(req.pid, Quiesce::Ptrace).map_err(|e| (e, None))?;
+    let mut medium = medium;
+    let started = send_plan(&mut medium, &mut tracer, subs).and_then(|scratch| {
+        let tracker = DirtyTracker::start(&mut tracer, &[]).map_err(|e| refused(format!("dirty-page tracking: {e}")))?;
+        Ok((scratch, tracker))
+    });
+    let (scratch, tracker) = match started {
+        Ok(v) => v,
+        Err(e) => {
+            let_go(tracer, None);
+            return Err((e, Some(medium)));
+        }
+    };
+    let mut live = Live { tracker, sent: vec![Sent::default(); subs.len()] };
+    // The process runs during the rounds: the scratch area stays, the tracer goes.
+    if let Err(e) = tracer.detach() {
+        if let Ok((mut again, _)) = quiesce(req.pid, Quiesce::Ptrace) {
+            again.set_scratch(Some(scratch));
+            let_go(again, Some(live));
+        }
+        return Err((e.into(), Some(medium)));
+    }
+    let mut pipe = Pipeline::direct(medium);
+    let pid = req.pid;
+    let rescue = throttle.as_ref().map(|t| t.rescue());
+    let watchdog = Watchdog::start(req.timeout, move |why, _| {
+        eprintln!("ferry: {why}; process {pid} is let go");
+        if let Some(r) = rescue {
+            r();
+        }
+        std::process::exit(1);
+    });
+    let area = MemRange { addr: scratch, len: crate::tracer::SCRATCH_SIZE };
+    let rounds = precopy::run(req.pid, area, subs, &mut pipe, &mut live, tuning, throttle, &watchdog, req.timeout, progress);
+    drop(watchdog);
+    let medium = pipe.finish();
+    match (rounds, medium) {
+        (Ok(outcome), Some(medium)) => Ok((medium, live, scratch, outcome)),
+        (rounds, medium) => {
+            let e = rounds.err().unwrap_or_else(|| refused("the medium failed during pre-copy"));
+            match quiesce(req.pid, Quiesce::Ptrace) {
+                Ok((mut t, _)) => {
+                    t.set_scratch(Some(scratch));
+                    let_go(t, Some(live));
+                }
+                Err(_) => drop(live),
+            }
+            Err((e, medium))
+        }
+    }
+}
 /// Moves process `req.pid` to the daemon at `req.to`.
 pub fn migrate(manager: &Manager, req: &MigrateRequest, progress: &mut dyn FnMut(&str)) -> Result<MigrateStats, EventError> {
     let started = Instant::now();
     tracer::check_target(req.pid)?;
     let mut subs = event::load_subsystems(manager, &req.subsystems)?;
     let lease = manager.acquire(PluginKind::Medium, "tcp")?;
+    let precopy = match req.strategy {
+        Strategy::StopCopy => None,
+        Strategy::PreCopy => Some(&req.pre_copy),
+        other => return Err(refused(format!("strategy {other} is not in this build yet; use stop-copy or pre-copy"))),
+    };
 
     let addr = req
         .to
@@ -97,13 +196,17 @@ pub fn migrate(manager: &Manager, req: &MigrateRequest, progress: &mut dyn FnMut
         .map_err(|e| refused(format!("cannot reach a ferry daemon at {}: {e}", req.to)))?;
     stream.set_read_timeout(Some(req.timeout)).map_err(|e| refused(e.to_string()))?;
     protocol::authenticate_client(&mut stream, req.auth_key.as_deref()).map_err(|e| refused(e.to_string()))?;
+    let mut features: Vec<String> = FEATURES.iter().map(|s| s.to_string()).collect();
+    if precopy.is_some() {
+        features.push("userfaultfd-wp-async".into());
+    }
     let hello = Hello::new(
         std::process::id() as u64,
         req.pid,
-        "stop-copy",
+        &req.strategy.to_string(),
         PluginRef::new("tcp", &lease.meta().version),
         subs.iter().map(|l| PluginRef::new(&l.name, &l.version)).collect(),
-        FEATURES.iter().map(|s| s.to_string()).collect(),
+        features,
     );
     let welcome = protocol::client_handshake(&mut stream, &hello).map_err(|e| refused(e.to_string()))?;
     let _ = stream.flush();
@@ -111,41 +214,66 @@ pub fn migrate(manager: &Manager, req: &MigrateRequest, progress: &mut dyn FnMut
     let medium = lease.open_medium(&serde_json::json!({"fd": fd, "timeout_ms": req.timeout.as_millis() as u64}))?;
 
     // Nothing was touched until here.
+    let mut throttle = None;
+    let (medium, mut live, rounds) = match precopy {
+        None => (medium, None, Outcome::default()),
+        Some(tuning) => {
+            if tuning.throttle {
+                // Unlimited until a round fails to shrink the dirty set.
+                throttle = Throttle::new(req.pid).ok();
+            }
+            match precopy_phase(req, tuning, &mut subs, medium, &mut throttle, progress) {
+                Ok((medium, live, scratch, outcome)) => (medium, Some((live, scratch)), outcome),
+                Err((e, medium)) => {
+                    if let Some(mut m) = medium {
+                        let _ = send_verdict(&mut m, &Verdict::Abort { reason: e.to_string() });
+                    }
+                    return Err(e);
+                }
+            }
+        }
+    };
     let frozen_at = Instant::now();
-    let (mut tracer, freezer) = quiesce(req.pid, req.quiesce)?;
-    // The plan goes ahead of the streams, so the destination rebuilds while they arrive.
+    let (mut tracer, freezer) = match quiesce(req.pid, req.quiesce) {
+        Ok(q) => q,
+        Err(e) => {
+            // Only a process that vanished cannot be seized again: nothing to put back.
+            return Err(e);
+        }
+    };
     let mut medium = medium;
-    let announced = tracer.map_scratch(0).map_err(EventError::from).and_then(|scratch| {
-        let comm = std::fs::read_to_string(format!("/proc/{}/comm", req.pid)).unwrap_or_default().trim().to_string();
-        let plan = Plan {
-            process: ProcessEntry { pid: req.pid, tids: tracer.tids(), comm, scratch },
-            plugins: subs
-                .iter()
-                .enumerate()
-                .map(|(i, l)| PluginEntry { name: l.name.clone(), version: l.version.clone(), stream: i as u32 + 1, records: 0, bytes: 0 })
-                .collect(),
-        };
-        let msg = serde_json::json!({"type": "plan", "plan": plan});
-        send_json(&mut medium, msg).map_err(|e| refused(format!("sending the plan: {e}")))
-    });
+    let announced = match live.as_ref() {
+        // The plan went ahead of the rounds, and the scratch area stayed.
+        Some(&(_, scratch)) => {
+            tracer.set_scratch(Some(scratch));
+            Ok(scratch)
+        }
+        None => send_plan(&mut medium, &mut tracer, &subs),
+    };
+    let mut live = live.take().map(|(l, _)| l);
     if let Err(e) = announced {
-        let _ = tracer.unmap_scratch();
-        let _ = tracer.detach();
+        let_go(tracer, live);
         return Err(e);
     }
     let mut pipe = Pipeline::new(medium);
     // The last resort if a plugin stops answering: exit; the kernel detaches the
     // source, which carries on, and the destination loses the connection and rolls back.
     let pid = req.pid;
-    let rescue = freezer.as_ref().map(|f| f.rescue());
+    let rescues: Vec<Box<dyn FnOnce() + Send>> = [
+        freezer.as_ref().map(|f| Box::new(f.rescue()) as Box<dyn FnOnce() + Send>),
+        throttle.as_ref().map(|t| Box::new(t.rescue()) as Box<dyn FnOnce() + Send>),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
     let watchdog = Watchdog::start(req.timeout, move |why, _| {
         eprintln!("ferry: {why}; process {pid} is let go");
-        if let Some(r) = rescue {
+        for r in rescues {
             r();
         }
         std::process::exit(1);
     });
-    let written = write_image(&mut tracer, &mut subs, &mut pipe, "tcp", req.pid, &watchdog, progress);
+    let written = write_image(&mut tracer, &mut subs, &mut pipe, "tcp", req.pid, &watchdog, live.as_mut(), progress);
     drop(watchdog);
     let mut medium = pipe.finish();
     let outcome = (|| {
@@ -153,7 +281,7 @@ pub fn migrate(manager: &Manager, req: &MigrateRequest, progress: &mut dyn FnMut
         let medium = medium.as_mut().ok_or_else(|| refused("the medium's writer thread failed"))?;
         medium.command(RStr::from_str(r#"{"op":"end"}"#)).into_result().map_err(|e| refused(e.message.into_string()))?;
         match recv_verdict(medium, req.timeout).map_err(|e| refused(format!("waiting for the destination: {e}")))? {
-            Verdict::Rebuilt { pids, .. } => Ok((bytes, pages, pids)),
+            Verdict::Rebuilt { pids, .. } => { eprintln!("T rebuilt {:.1}", event::ms(frozen_at)); Ok((bytes, pages, pids)) },
             Verdict::Failed { reason } => Err(refused(format!("the destination could not rebuild the process: {reason}"))),
             other => Err(refused(format!("unexpected message from the destination: {other:?}"))),
         }
@@ -165,6 +293,9 @@ pub fn migrate(manager: &Manager, req: &MigrateRequest, progress: &mut dyn FnMut
             // leave two copies to sort out, but never none.
             let medium = medium.as_mut().ok_or_else(|| refused("no medium"))?;
             let released = send_verdict(medium, &Verdict::Commit).and_then(|_| recv_verdict(medium, req.timeout));
+            if let Some(l) = live {
+                l.tracker.stop();
+            }
             match released {
                 Ok(Verdict::Released) => {}
                 other => {
@@ -172,25 +303,32 @@ pub fn migrate(manager: &Manager, req: &MigrateRequest, progress: &mut dyn FnMut
                         Ok(v) => format!("it answered {v:?}"),
                         Err(e) => e,
                     };
-                    let _ = tracer.unmap_scratch();
-                    let _ = tracer.detach();
+                    let_go(tracer, None);
                     drop(freezer);
                     return Err(refused(format!("the destination did not confirm running the process ({why}); it runs on here")));
                 }
             }
+            // Downtime ends here: the process runs on the destination.
+            let frozen_ms = event::ms(frozen_at);
             tracer.kill();
             drop(freezer);
-            let frozen_ms = event::ms(frozen_at);
             let new = pids.get(&req.pid.to_string()).copied().unwrap_or(0);
+            let live_bytes: u64 = rounds.rounds.iter().map(|r| r.bytes).sum();
+            let mut round_bytes: Vec<u64> = rounds.rounds.iter().map(|r| r.bytes).collect();
+            round_bytes.push(bytes - live_bytes);
             Ok(MigrateStats {
                 token: welcome.token,
-                strategy: "stop-copy",
+                strategy: req.strategy.to_string(),
                 pids: BTreeMap::from([(req.pid.to_string(), new)]),
                 frozen_ms,
                 total_ms: event::ms(started),
                 bytes,
                 pages,
-                rounds: 1,
+                rounds: round_bytes.len() as u32,
+                round_bytes,
+                round_ms: rounds.rounds.iter().map(|r| r.ms).collect(),
+                precopy_stop: (!rounds.stop.is_empty()).then_some(rounds.stop),
+                throttle: throttle.as_ref().map_or(0, |t| t.steps()),
             })
         }
         Err(e) => {
@@ -198,8 +336,7 @@ pub fn migrate(manager: &Manager, req: &MigrateRequest, progress: &mut dyn FnMut
             if let Some(m) = medium.as_mut() {
                 let _ = send_verdict(m, &Verdict::Abort { reason: e.to_string() });
             }
-            let _ = tracer.unmap_scratch();
-            let _ = tracer.detach();
+            let_go(tracer, live);
             drop(freezer);
             Err(e)
         }

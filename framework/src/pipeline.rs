@@ -110,6 +110,11 @@ impl Pipeline {
         done.recv().map_err(|_| "the writer thread stopped".to_string())?
     }
 
+    /// The medium itself, for commands between pushes (direct pipelines only).
+    pub fn medium_mut(&mut self) -> Option<&mut MediumBox> {
+        self.direct.as_mut()
+    }
+
     /// Stops the writer and hands the medium back.
     pub fn finish(mut self) -> Option<MediumBox> {
         if let Some(m) = self.direct.take() {

@@ -21,16 +21,57 @@ enum Flavor {
     V1,
 }
 
+/// A process moved into a cgroup of ferry's for an event; dropping it moves the
+/// process back home (a process that died meanwhile has nothing to move) and removes
+/// the cgroup.
+pub(crate) struct Placement {
+    pub pid: i32,
+    pub ours: PathBuf,
+    home: PathBuf,
+}
+
+impl Placement {
+    /// Moves `pid` from its cgroup under `root` (`rel`, as /proc/PID/cgroup says) into
+    /// a fresh `<root>/ferry-<what>-<pid>-<ferry's pid>`.
+    pub fn enter(pid: i32, root: &Path, rel: &str, what: &str) -> Result<Placement, FreezeError> {
+        let home = root.join(rel.trim_start_matches('/'));
+        let ours = root.join(format!("ferry-{what}{pid}-{}", std::process::id()));
+        std::fs::create_dir(&ours).map_err(|e| FreezeError(format!("creating {}: {e}", ours.display())))?;
+        let p = Placement { pid, ours, home };
+        write(&p.ours.join("cgroup.procs"), &pid.to_string())?;
+        Ok(p)
+    }
+
+    /// What puts the process back home from another thread, when the event's own
+    /// thread is stuck (the watchdog's last resort).
+    pub fn rescue(&self) -> impl FnOnce() + Send + 'static {
+        let (pid, home, ours) = (self.pid, self.home.clone(), self.ours.clone());
+        move || {
+            let _ = std::fs::write(home.join("cgroup.procs"), pid.to_string());
+            let _ = std::fs::remove_dir(ours);
+        }
+    }
+}
+
+impl Drop for Placement {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.home.join("cgroup.procs"), self.pid.to_string());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::fs::remove_dir(&self.ours).is_err() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+}
+
 /// A process held in a cgroup of ferry's.
 pub struct Freezer {
     pid: i32,
     flavor: Flavor,
-    ours: PathBuf,
-    home: PathBuf,
+    place: Placement,
     frozen: bool,
 }
 
-fn write(path: &Path, value: &str) -> Result<(), FreezeError> {
+pub(crate) fn write(path: &Path, value: &str) -> Result<(), FreezeError> {
     std::fs::write(path, value).map_err(|e| FreezeError(format!("writing {value:?} to {}: {e}", path.display())))
 }
 
@@ -39,7 +80,7 @@ fn read(path: &Path) -> Result<String, FreezeError> {
 }
 
 /// Where the process sits now in the hierarchy mounted at `root`.
-fn cgroup_of(pid: i32, v1_controller: Option<&str>) -> Result<String, FreezeError> {
+pub(crate) fn cgroup_of(pid: i32, v1_controller: Option<&str>) -> Result<String, FreezeError> {
     let text = read(Path::new(&format!("/proc/{pid}/cgroup")))?;
     text.lines()
         .find_map(|l| {
@@ -70,11 +111,8 @@ impl Freezer {
             (_, Some(root)) => (Flavor::V1, root, cgroup_of(pid, Some("freezer"))?),
             _ => return Err(FreezeError("no cgroup v2 freeze and no v1 freezer on this machine".into())),
         };
-        let home = root.join(rel.trim_start_matches('/'));
-        let ours = root.join(format!("ferry-{pid}-{}", std::process::id()));
-        std::fs::create_dir(&ours).map_err(|e| FreezeError(format!("creating {}: {e}", ours.display())))?;
-        let mut f = Freezer { pid, flavor, ours, home, frozen: false };
-        write(&f.ours.join("cgroup.procs"), &pid.to_string())?;
+        let place = Placement::enter(pid, &root, &rel, "")?;
+        let mut f = Freezer { pid, flavor, place, frozen: false };
         f.set_frozen(true)?;
         Ok(f)
     }
@@ -87,12 +125,12 @@ impl Freezer {
             (Flavor::V1, true) => ("freezer.state", "FROZEN", "freezer.state", &|s| s.trim() == "FROZEN"),
             (Flavor::V1, false) => ("freezer.state", "THAWED", "freezer.state", &|s| s.trim() == "THAWED"),
         };
-        write(&self.ours.join(file), value)?;
+        write(&self.place.ours.join(file), value)?;
         self.frozen = frozen;
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut pause = Duration::from_micros(50);
         loop {
-            let now = read(&self.ours.join(done_file))?;
+            let now = read(&self.place.ours.join(done_file))?;
             if done(&now) {
                 return Ok(());
             }
@@ -107,11 +145,7 @@ impl Freezer {
     /// What puts the process back home from another thread, when the event's own
     /// thread is stuck (the watchdog's last resort).
     pub fn rescue(&self) -> impl FnOnce() + Send + 'static {
-        let (pid, home, ours) = (self.pid, self.home.clone(), self.ours.clone());
-        move || {
-            let _ = std::fs::write(home.join("cgroup.procs"), pid.to_string());
-            let _ = std::fs::remove_dir(ours);
-        }
+        self.place.rescue()
     }
 
     /// Thaws the cgroup (the process stays in it until dropped).
@@ -131,12 +165,7 @@ fn has_freeze(root: &Path) -> bool {
 
 impl Drop for Freezer {
     fn drop(&mut self) {
+        // Thawed first; the placement then takes the process home.
         let _ = self.thaw();
-        // Back home; a process that died meanwhile has nothing to move.
-        let _ = std::fs::write(self.home.join("cgroup.procs"), self.pid.to_string());
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while std::fs::remove_dir(&self.ours).is_err() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(2));
-        }
     }
 }

@@ -252,7 +252,10 @@ pub fn restore_streaming(
         let names = |p: &[PluginEntry]| -> Vec<(String, String, u32)> {
             p.iter().map(|e| (e.name.clone(), e.version.clone(), e.stream)).collect()
         };
-        if names(&inv.plugins) != names(&plan.plugins) || inv.processes != [plan.process.clone()] {
+        // Threads may come and go while a pre-copy runs: the plan's process is the
+        // same one when its pid and scratch area are.
+        let same = matches!(inv.processes.as_slice(), [p] if p.pid == plan.process.pid && p.scratch == plan.process.scratch);
+        if names(&inv.plugins) != names(&plan.plugins) || !same {
             return Err("the inventory does not match the preamble".to_string());
         }
         inv.plugins
@@ -351,7 +354,7 @@ fn rebuild(
         for (loaded, entry) in subs.iter_mut().zip(&plan.plugins) {
             let name = loaded.name.clone();
             watchdog.doing(format!("plugin {name} rebuilds its part"));
-            let mut ctx = ExternalContext { tracer: &mut tracer, shared: &mut shared, plugin: &name, watchdog };
+            let mut ctx = ExternalContext::new(&mut tracer, &mut shared, &name, watchdog);
             let reader = RecordReader::new(MediumPull { medium: &mut *medium, stream: entry.stream }, entry.stream);
             let mut source = StreamSource { reader, plugin: &name, page_bytes: 0, watchdog };
             event::restart_one(loaded, &mut ctx, &mut source, progress)?;
@@ -364,7 +367,7 @@ fn rebuild(
             stats.bytes += source.reader.bytes_read();
             page_bytes += source.page_bytes;
         }
-        let mut ctx = ExternalContext { tracer: &mut tracer, shared: &mut shared, plugin: "ferry", watchdog };
+        let mut ctx = ExternalContext::new(&mut tracer, &mut shared, "ferry", watchdog);
         event::resume_all(&mut subs, &mut ctx)?;
         event::cleanup_all(&mut subs, &mut ctx, true);
         tracer.unmap_scratch()?;

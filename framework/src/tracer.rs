@@ -565,7 +565,9 @@ impl Tracer {
     pub fn kill(mut self) {
         // SAFETY: kill on the pid we trace; SIGKILL needs no cooperation.
         unsafe { libc::kill(self.pid, libc::SIGKILL) };
-        for tid in self.tids() {
+        // The other threads first: the kernel reports the leader's exit only once every
+        // other thread is reaped, and those wait for us, their tracer, to reap them.
+        for tid in self.tids().into_iter().rev() {
             let _ = wait_exit(tid, Duration::from_secs(5));
         }
         self.threads.clear();
@@ -625,7 +627,7 @@ pub fn regs_from_bytes(data: &[u8]) -> Option<user_regs_struct> {
 }
 
 /// `process_vm_readv`/`writev` over many ranges, in calls of at most IOV_MAX iovecs.
-fn vm_ranges(pid: pid_t, ranges: &[(u64, u64)], local: *mut u8, local_len: usize, write: bool) -> Result<usize, TraceError> {
+pub(crate) fn vm_ranges(pid: pid_t, ranges: &[(u64, u64)], local: *mut u8, local_len: usize, write: bool) -> Result<usize, TraceError> {
     const IOV_MAX: usize = 1024;
     let total: u64 = ranges.iter().map(|r| r.1).sum();
     if total > local_len as u64 {

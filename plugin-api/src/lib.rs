@@ -29,7 +29,7 @@ use abi_stable::{
 /// The version of the contract between ferry and its plugins. Bump it whenever a type
 /// of this crate changes in a way an older plugin would misread; the manager refuses a
 /// plugin built against another value, naming both.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// Name of the `extern "C" fn() -> u32` every plugin exports, returning the
 /// [`ABI_VERSION`] it was built against. Read with a plain `dlsym` before abi_stable
@@ -103,8 +103,24 @@ pub trait ProcessContext {
     fn rseq_config(&mut self, tid: i32) -> PResult<RseqConfig>;
     /// The pending signals of thread `tid` (`shared`: the process-wide queue) as
     /// 128-byte `siginfo_t` records, read without dequeuing them.
-    #[sabi(last_prefix_field)]
     fn peek_siginfo(&mut self, tid: i32, shared: bool) -> PResult<RVec<u8>>;
+    /// Pre-copy: starts tracking writes to `ranges` (whole private anonymous
+    /// mappings); every page counts as clean from here. Answers the ranges now
+    /// tracked: a mapping the process registered with a userfaultfd of its own cannot
+    /// be, and is left out.
+    fn dirty_track(&mut self, ranges: RSlice<'_, MemRange>) -> PResult<RVec<MemRange>> {
+        let _ = ranges;
+        RResult::RErr(PluginError::new("ferry", "this event tracks no dirty pages"))
+    }
+    /// Pre-copy: the pages of tracked `range` written since it was tracked or last
+    /// scanned, as runs; they count as clean again. An error means the range is no
+    /// longer tracked as a whole (the process replaced its mapping): treat every page
+    /// of it as changed, and track it again.
+    #[sabi(last_prefix_field)]
+    fn dirty_scan(&mut self, range: MemRange) -> PResult<RVec<MemRange>> {
+        let _ = range;
+        RResult::RErr(PluginError::new("ferry", "this event tracks no dirty pages"))
+    }
 }
 
 /// Where a subsystem's checkpoint writes its records; the framework frames each one
@@ -134,6 +150,12 @@ pub trait Subsystem: Send {
     fn info(&self) -> SubsystemInfo;
     /// Process hook `setup`: prepare the process before the event's work starts.
     fn setup(&mut self, ctx: &mut ContextRef<'_>, event: EventKind) -> PResult<()>;
+    /// Pre-copy round `round` while the process runs (0: what can be sent early;
+    /// later: what changed since the last round); called until it answers `Done`.
+    /// The process is not stopped: only its memory, its `/proc` files and dirty
+    /// tracking are at hand. `checkpoint` follows at the freeze, on the same
+    /// instance, and sends the rest.
+    fn precopy(&mut self, ctx: &mut ContextRef<'_>, sink: &mut SinkRef<'_>, round: u32) -> PResult<Progress>;
     /// Takes a bounded step of the checkpoint; called until it answers `Done`.
     fn checkpoint(&mut self, ctx: &mut ContextRef<'_>, sink: &mut SinkRef<'_>) -> PResult<Progress>;
     /// Takes a bounded step of the restart; called until it answers `Done`.

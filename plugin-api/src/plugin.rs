@@ -20,6 +20,11 @@ pub trait SubsystemPlugin: Send + 'static {
     fn setup(&mut self, _ctx: &mut ContextRef<'_>, _event: EventKind) -> Result<(), String> {
         Ok(())
     }
+    /// Pre-copy round (see [`crate::Subsystem::precopy`]); by default nothing is
+    /// sent early and everything goes at the freeze.
+    fn precopy(&mut self, _ctx: &mut ContextRef<'_>, _sink: &mut SinkRef<'_>, _round: u32) -> Result<Progress, String> {
+        Ok(Progress::Done)
+    }
     fn checkpoint(&mut self, ctx: &mut ContextRef<'_>, sink: &mut SinkRef<'_>)
         -> Result<Progress, String>;
     fn restart(&mut self, ctx: &mut ContextRef<'_>, source: &mut SourceRef<'_>)
@@ -92,6 +97,9 @@ impl<T: SubsystemPlugin> Subsystem for Guarded<T> {
     }
     fn setup(&mut self, ctx: &mut ContextRef<'_>, event: EventKind) -> PResult<()> {
         guard(self.name, || self.inner.setup(ctx, event))
+    }
+    fn precopy(&mut self, ctx: &mut ContextRef<'_>, sink: &mut SinkRef<'_>, round: u32) -> PResult<Progress> {
+        guard(self.name, || self.inner.precopy(ctx, sink, round))
     }
     fn checkpoint(&mut self, ctx: &mut ContextRef<'_>, sink: &mut SinkRef<'_>) -> PResult<Progress> {
         guard(self.name, || self.inner.checkpoint(ctx, sink))

@@ -48,7 +48,7 @@ fn finds_exactly_the_pages_a_running_process_writes_and_leaves_no_trace() {
     assert!(pages >= 4 && pages < (end - start) / 4096 / 2, "{pages} pages dirty");
     // Scanning re-protects: while the process is stopped, a second scan finds nothing.
     assert!(tracker.scan().unwrap().is_empty());
-    tracker.stop(&mut tracer).unwrap();
+    tracker.stop();
     tracer.detach().unwrap();
     assert!(!has_userfaultfd(pid), "the target keeps no userfaultfd of ours");
 

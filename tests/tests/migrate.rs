@@ -368,3 +368,48 @@ fn migrates_between_two_hosts_and_back() {
     w.wait_ticks(at + 3);
     w.terminate_and_check(third).unwrap();
 }
+
+/// `ferry migrate --strategy pre-copy`: the stats of the event, checked, and the new pid.
+fn precopy_stats(o: &std::process::Output, old: i32) -> (serde_json::Value, i32) {
+    assert!(o.status.success(), "migrate failed: {}", stderr(o));
+    let stats: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(stats["strategy"], "pre-copy", "{stats}");
+    let rounds = stats["round_bytes"].as_array().unwrap();
+    assert_eq!(stats["rounds"].as_u64().unwrap() as usize, rounds.len(), "{stats}");
+    assert!(rounds.len() >= 3, "round 0, at least one round of dirty pages, the frozen one: {stats}");
+    let sum: u64 = rounds.iter().map(|r| r.as_u64().unwrap()).sum();
+    assert_eq!(sum, stats["bytes"].as_u64().unwrap(), "{stats}");
+    (stats.clone(), stats["pids"][old.to_string()].as_i64().unwrap() as i32)
+}
+
+#[test]
+fn precopy_moves_a_process_that_keeps_writing_and_freezes_it_only_for_the_last_pages() {
+    if !is_root() {
+        eprintln!("skipping: migration needs root");
+        return;
+    }
+    let features = ferry::check::probe_all();
+    if !ferry::check::find(&features, "userfaultfd-wp-async").is_some_and(|f| f.present) {
+        eprintln!("skipping: this kernel lacks userfaultfd WP-async (pre-copy's dirty tracking)");
+        return;
+    }
+    let daemon = Daemon::start(None, "127.0.0.1", &[]);
+    // 64 MiB, 32 pages rewritten every 10 ms tick (~12 MiB/s), two extra threads.
+    let mut w = Workload::spawn(&WorkloadOpts { threads: 2, mem_mib: 64, dirty_pages: 32, tick_ms: 10, ..Default::default() });
+    w.wait_ticks(3);
+    let old = w.pid;
+    let o = migrate(None, old, &daemon.addr, &["--strategy", "pre-copy"]);
+    let (stats, new) = precopy_stats(&o, old);
+    eprintln!("pre-copy: {stats}");
+    let rounds = stats["round_bytes"].as_array().unwrap();
+    let first = rounds[0].as_u64().unwrap();
+    let last = rounds.last().unwrap().as_u64().unwrap();
+    assert!(first >= 64 << 20, "round 0 sends all the memory: {stats}");
+    assert!(last < first / 4, "the frozen round sends only what was written since: {stats}");
+    assert_eq!(stats["precopy_stop"], "converged", "{stats}");
+    wait_until("the source to be gone", Duration::from_secs(30), || !pid_alive(old));
+    w.adopt(new);
+    let at = *w.ticks().last().unwrap();
+    w.wait_ticks(at + 3);
+    w.terminate_and_check(new).unwrap();
+}

@@ -10,9 +10,11 @@ use ferry_plugin_api::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::ranges;
+
 pub const PAGE: u64 = 4096;
 /// The top of user space on x86_64 with 4-level page tables.
-const USER_TOP: u64 = 0x7fff_ffff_f000;
+pub const USER_TOP: u64 = 0x7fff_ffff_f000;
 /// More auxv words than any kernel keeps (`saved_auxv` is about 50).
 const MAX_AUXV: usize = 128;
 
@@ -56,6 +58,12 @@ impl Area {
     /// Whether the area's contents live in memory only (and so are in the image).
     pub fn has_pages(&self) -> bool {
         !self.shared && self.kind != AreaKind::Special
+    }
+
+    /// Whether pre-copy may send the area's pages while the process runs: private
+    /// anonymous, readable, not a stack that grows (its flag cannot be added later).
+    pub fn premappable(&self) -> bool {
+        self.kind == AreaKind::Anon && !self.shared && !self.growsdown && self.prot & libc::PROT_READ as u64 != 0
     }
 
     /// The image's view of a mapping; `None` for what is not the process's to keep.
@@ -122,6 +130,13 @@ pub struct MmState {
     pub auxv: Vec<u64>,
     pub exe: String,
     pub areas: Vec<Area>,
+    /// After pre-copy: the ranges whose pages the destination already holds from the
+    /// rounds (only the pages written since follow), and among them those the process
+    /// has dropped since (to be emptied there).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kept: Vec<(u64, u64)>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub zap: Vec<(u64, u64)>,
 }
 
 impl MmState {
@@ -154,6 +169,8 @@ impl MmState {
             auxv: words[..used.min(words.len())].to_vec(),
             exe,
             areas,
+            kept: Vec::new(),
+            zap: Vec::new(),
         })
     }
 
@@ -181,6 +198,19 @@ impl MmState {
                 return Err(format!("the image's file mapping {at} names no file"));
             }
             last_end = a.end;
+        }
+        let premapped: Vec<(u64, u64)> = self.areas.iter().filter(|a| a.premappable()).map(|a| (a.start, a.end)).collect();
+        let premapped = ranges::normalize(premapped);
+        for &(s, e) in &self.kept {
+            if s % PAGE != 0 || e % PAGE != 0 || s >= e || !ranges::covers(&premapped, (s, e)) {
+                return Err(format!("the image keeps pre-copied pages at {s:#x}-{e:#x}, outside its private anonymous areas"));
+            }
+        }
+        let kept = ranges::normalize(self.kept.clone());
+        for &(s, e) in &self.zap {
+            if s % PAGE != 0 || e % PAGE != 0 || s >= e || !ranges::covers(&kept, (s, e)) {
+                return Err(format!("the image empties pages at {s:#x}-{e:#x}, outside what it keeps"));
+            }
         }
         Ok(())
     }
@@ -251,8 +281,8 @@ fn mremap(ctx: &mut ContextRef<'_>, from: u64, len: u64, to: u64) -> Result<(), 
 
 /// Moves the child's vDSO and vvar areas to where the image had them, through a free
 /// stretch first so that old and new places may overlap.
-pub fn move_specials(ctx: &mut ContextRef<'_>, child: &[Vma], state: &MmState) -> Result<(), String> {
-    let wanted: Vec<&Area> = state.areas.iter().filter(|a| a.kind == AreaKind::Special).collect();
+pub fn move_specials(ctx: &mut ContextRef<'_>, child: &[Vma], areas: &[Area]) -> Result<(), String> {
+    let wanted: Vec<&Area> = areas.iter().filter(|a| a.kind == AreaKind::Special).collect();
     let mut moves = Vec::new();
     for a in &wanted {
         let name = a.path.as_deref().unwrap_or("");

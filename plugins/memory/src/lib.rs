@@ -6,6 +6,7 @@
 //! auxv and the exe file with `PR_SET_MM_MAP`.
 
 mod layout;
+mod ranges;
 
 use std::{collections::VecDeque, os::unix::fs::FileExt};
 
@@ -17,6 +18,7 @@ use ferry_plugin_api::{
 };
 
 use layout::{Area, AreaKind, MmState, PAGE};
+use ranges::Ranges;
 
 /// Pages carried by one `pages` record: small enough that a block read from the
 /// process is still in the CPU cache when the medium writes it (256 KiB blocks read at
@@ -41,6 +43,39 @@ struct Memory {
     /// The buffer pages pass through, kept across chunks: faulting in a fresh one per
     /// chunk costs more than the copy itself on these machines.
     buffer: Vec<u8>,
+    /// Pre-copy, source: the round whose pages `todo` holds.
+    round: Option<u32>,
+    /// Pre-copy, source: ranges under dirty tracking whose pages the destination holds.
+    tracked: Ranges,
+    /// Pre-copy, source: pages sent during the rounds (to empty those since dropped).
+    sent: Ranges,
+    /// Pre-copy, destination: ranges mapped in the child ahead of the layout.
+    premapped: Ranges,
+    /// Restore: the private areas, where pages may go.
+    page_areas: Ranges,
+}
+
+/// A `live` record: what changes in the destination's early mappings this round.
+#[derive(serde::Serialize, serde::Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct Live {
+    /// The kernel's special areas, moved into place before anything is mapped.
+    #[serde(default)]
+    specials: Vec<Area>,
+    /// Ranges to unmap (the process unmapped or replaced them).
+    #[serde(default)]
+    drop: Ranges,
+    /// Ranges to map, private anonymous, before their pages come.
+    #[serde(default)]
+    map: Ranges,
+}
+
+fn to_mem(r: &[(u64, u64)]) -> Vec<MemRange> {
+    r.iter().map(|&(s, e)| MemRange { addr: s, len: e - s }).collect()
+}
+
+fn from_mem(r: &[MemRange]) -> Ranges {
+    ranges::normalize(r.iter().map(|m| (m.addr, m.addr + m.len)).collect())
 }
 
 #[derive(Default, PartialEq, Eq, Clone, Copy)]
@@ -87,6 +122,40 @@ fn dirty_runs(pagemap: &std::fs::File, area: &Area) -> Result<Vec<(u64, u64)>, S
     Ok(runs)
 }
 
+fn open_pagemap(pid: i32) -> Result<std::fs::File, String> {
+    std::fs::File::open(format!("/proc/{pid}/pagemap")).map_err(|e| format!("opening /proc/{pid}/pagemap: {e}"))
+}
+
+/// The process's areas as the image describes them, without ferry's scratch area.
+fn areas_of(ctx: &mut ContextRef<'_>) -> Result<Vec<Area>, String> {
+    let scratch = ctx.scratch();
+    let maps = parse_maps(&util::proc_text(ctx, "maps")?)?;
+    let mut areas = Vec::new();
+    for vma in &maps {
+        // ferry's own scratch area is not the process's.
+        if vma.start <= scratch.addr && scratch.addr < vma.end {
+            continue;
+        }
+        if let Some(area) = Area::from_vma(vma)? {
+            areas.push(area);
+        }
+    }
+    Ok(areas)
+}
+
+/// Maps `start..end` private anonymous and writable in the restore child.
+fn map_anon(ctx: &mut ContextRef<'_>, start: u64, end: u64, growsdown: bool) -> Result<(), String> {
+    let pid = ctx.pid();
+    let grows = if growsdown { libc::MAP_GROWSDOWN } else { 0 };
+    let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | grows) as u64;
+    let prot = (libc::PROT_READ | libc::PROT_WRITE) as u64;
+    let got = util::syscall(ctx, pid, &format!("mmap {start:#x}-{end:#x}"), libc::SYS_mmap, [start, end - start, prot, flags, u64::MAX, 0])?;
+    if got != start {
+        return Err(format!("mmap of {start:#x} landed at {got:#x}"));
+    }
+    Ok(())
+}
+
 /// Takes up to `limit` bytes of runs from the front of `todo`, splitting a run if needed.
 fn take_chunk(todo: &mut VecDeque<(u64, u64)>, limit: u64) -> Vec<(u64, u64)> {
     let mut out = Vec::new();
@@ -107,18 +176,7 @@ fn take_chunk(todo: &mut VecDeque<(u64, u64)>, limit: u64) -> Vec<(u64, u64)> {
 impl Memory {
     fn checkpoint_start(&mut self, ctx: &mut ContextRef<'_>, sink: &mut SinkRef<'_>) -> Result<(), String> {
         let pid = ctx.pid();
-        let scratch = ctx.scratch();
-        let maps = parse_maps(&util::proc_text(ctx, "maps")?)?;
-        let mut areas = Vec::new();
-        for vma in &maps {
-            // ferry's own scratch area is not the process's.
-            if vma.start <= scratch.addr && scratch.addr < vma.end {
-                continue;
-            }
-            if let Some(area) = Area::from_vma(vma)? {
-                areas.push(area);
-            }
-        }
+        let areas = areas_of(ctx)?;
         let brk = util::syscall(ctx, pid, "brk(0)", libc::SYS_brk, [0; 6])?;
         let stat = util::proc_text(ctx, "stat")?;
         let auxv = ctx.proc_read("auxv".into()).into_result().map_err(|e| String::from(e.message))?;
@@ -128,8 +186,23 @@ impl Memory {
             .into_owned();
         let state = MmState::capture(&stat, brk, &auxv, exe, areas)?;
 
-        let pagemap = std::fs::File::open(format!("/proc/{pid}/pagemap"))
-            .map_err(|e| format!("opening /proc/{pid}/pagemap: {e}"))?;
+        let mut state = state;
+        let pagemap = open_pagemap(pid)?;
+        // After pre-copy rounds: what the destination holds stays there, only the pages
+        // written since go; a range whose mapping was replaced goes whole.
+        let mut kept = Vec::new();
+        let mut dirty = Vec::new();
+        if self.round.is_some() {
+            let premappable = ranges::normalize(state.areas.iter().filter(|a| a.premappable()).map(|a| (a.start, a.end)).collect());
+            for range in ranges::intersect(&self.tracked, &premappable) {
+                if let Ok(runs) = ctx.dirty_scan(MemRange { addr: range.0, len: range.1 - range.0 }).into_result() {
+                    kept.push(range);
+                    dirty.extend(from_mem(&runs));
+                }
+            }
+        }
+        let dirty = ranges::normalize(dirty);
+        let mut present = Vec::new();
         for area in state.areas.iter().filter(|a| a.has_pages()) {
             let runs = dirty_runs(&pagemap, area)?;
             if !runs.is_empty() && area.prot & libc::PROT_READ as u64 == 0 {
@@ -137,11 +210,87 @@ impl Memory {
                 util::syscall(ctx, pid, "mprotect", libc::SYS_mprotect, [area.start, area.end - area.start, libc::PROT_READ as u64, 0, 0, 0])?;
                 self.widened.push((area.clone(), area.prot));
             }
-            self.todo.extend(runs);
+            present.extend(ranges::from_runs(&runs, PAGE));
         }
+        let present = ranges::normalize(present);
+        let send = ranges::union(&ranges::subtract(&present, &kept), &ranges::intersect(&dirty, &kept));
+        state.zap = ranges::subtract(&ranges::intersect(&self.sent, &kept), &present);
+        state.kept = kept;
+        self.todo.extend(ranges::to_runs(&send, PAGE));
         self.status.entities_total = self.todo.iter().map(|r| r.1).sum();
         self.status.bytes_total = self.status.entities_total * PAGE;
         util::put_json(sink, "mm", &state)?;
+        Ok(())
+    }
+
+    /// Prepares pre-copy round `round`: follows the process's mapping changes, scans
+    /// what it wrote, and lists the pages to send in `todo`.
+    fn precopy_start(&mut self, ctx: &mut ContextRef<'_>, sink: &mut SinkRef<'_>, round: u32) -> Result<(), String> {
+        let areas = areas_of(ctx)?;
+        let candidates = ranges::normalize(areas.iter().filter(|a| a.premappable()).map(|a| (a.start, a.end)).collect());
+        let mut live = Live::default();
+        if round == 0 {
+            live.specials = areas.iter().filter(|a| a.kind == AreaKind::Special).cloned().collect();
+        }
+        // Unmapped since: the destination drops its copy.
+        let gone = ranges::subtract(&self.tracked, &candidates);
+        self.tracked = ranges::intersect(&self.tracked, &candidates);
+        let mut dirty = Vec::new();
+        let mut replaced = Vec::new();
+        for &range in &self.tracked {
+            match ctx.dirty_scan(MemRange { addr: range.0, len: range.1 - range.0 }).into_result() {
+                Ok(runs) => dirty.extend(from_mem(&runs)),
+                // Its mapping was replaced: unmapped there and sent again whole.
+                Err(_) => replaced.push(range),
+            }
+        }
+        live.drop = ranges::union(&gone, &replaced);
+        self.tracked = ranges::subtract(&self.tracked, &replaced);
+        self.sent = ranges::subtract(&self.sent, &live.drop);
+        let fresh = ranges::subtract(&candidates, &self.tracked);
+        let tracked_now = ctx.dirty_track(to_mem(&fresh).as_slice().into()).into_result().map_err(|e| String::from(e.message))?;
+        live.map = from_mem(&tracked_now);
+        self.tracked = ranges::union(&self.tracked, &live.map);
+        let pid = ctx.pid();
+        let pagemap = open_pagemap(pid)?;
+        let mut send = ranges::normalize(dirty);
+        for &(s, e) in &live.map {
+            let area = Area { start: s, end: e, prot: 0, shared: false, kind: AreaKind::Anon, path: None, offset: 0, growsdown: false, file: None };
+            send.extend(ranges::from_runs(&dirty_runs(&pagemap, &area)?, PAGE));
+        }
+        let send = ranges::normalize(send);
+        self.sent = ranges::union(&self.sent, &send);
+        if round == 0 || !live.drop.is_empty() || !live.map.is_empty() {
+            util::put_json(sink, "live", &live)?;
+        }
+        self.todo = ranges::to_runs(&send, PAGE).into();
+        self.status.entities_total += self.todo.iter().map(|r| r.1).sum::<u64>();
+        self.status.bytes_total = self.status.entities_total * PAGE;
+        Ok(())
+    }
+
+    /// Applies a `live` record in the restore child, ahead of the layout.
+    fn restart_live(&mut self, ctx: &mut ContextRef<'_>, rec: &Record) -> Result<(), String> {
+        let live: Live = util::parse_json(rec, "live")?;
+        let pid = ctx.pid();
+        let scratch = ctx.scratch();
+        for &(s, e) in live.drop.iter().chain(&live.map) {
+            if s % PAGE != 0 || e % PAGE != 0 || s >= e || e > layout::USER_TOP || (s < scratch.addr + scratch.len && scratch.addr < e) {
+                return Err(format!("a pre-copy round names a bad range {s:#x}-{e:#x}"));
+            }
+        }
+        if !live.specials.is_empty() {
+            let child = parse_maps(&util::proc_text(ctx, "maps")?)?;
+            layout::move_specials(ctx, &child, &live.specials)?;
+        }
+        for &(s, e) in &live.drop {
+            util::syscall(ctx, pid, "munmap", libc::SYS_munmap, [s, e - s, 0, 0, 0, 0])?;
+        }
+        self.premapped = ranges::subtract(&self.premapped, &live.drop);
+        for &(s, e) in &live.map {
+            map_anon(ctx, s, e, false)?;
+        }
+        self.premapped = ranges::union(&self.premapped, &live.map);
         Ok(())
     }
 
@@ -164,15 +313,34 @@ impl Memory {
         Ok(())
     }
 
-    fn restart_start(&mut self, ctx: &mut ContextRef<'_>, source: &mut SourceRef<'_>) -> Result<(), String> {
-        let state: MmState = util::expect_json(source, "mm")?;
+    fn restart_start(&mut self, ctx: &mut ContextRef<'_>, state: MmState) -> Result<(), String> {
         state.validate()?;
         state.check_files()?;
         let pid = ctx.pid();
+        // Early mappings the image does not keep go; the kept ones stay with their pages.
+        let kept = ranges::normalize(state.kept.clone());
+        if !ranges::subtract(&kept, &self.premapped).is_empty() {
+            return Err("the image keeps pre-copied pages that never arrived".into());
+        }
+        for (s, e) in ranges::subtract(&self.premapped, &kept) {
+            util::syscall(ctx, pid, "munmap", libc::SYS_munmap, [s, e - s, 0, 0, 0, 0])?;
+        }
+        self.premapped = kept.clone();
         let child = parse_maps(&util::proc_text(ctx, "maps")?)?;
-        layout::move_specials(ctx, &child, &state)?;
+        layout::move_specials(ctx, &child, &state.areas)?;
         let mut fds: Vec<(String, u64)> = Vec::new();
         for area in state.areas.iter().filter(|a| a.kind != AreaKind::Special) {
+            if area.premappable() {
+                let gaps = ranges::subtract(&[(area.start, area.end)], &kept);
+                if gaps != [(area.start, area.end)] {
+                    // Partly there from the rounds: map the rest around it.
+                    for (s, e) in gaps {
+                        map_anon(ctx, s, e, false)?;
+                    }
+                    self.widened.push((area.clone(), area.prot));
+                    continue;
+                }
+            }
             let mut scratch = Scratch::new(ctx);
             let (fd, flags) = match (&area.kind, &area.path) {
                 (AreaKind::File, Some(path)) => {
@@ -208,20 +376,26 @@ impl Memory {
         for (path, fd) in fds {
             util::syscall(ctx, pid, &format!("close {path}"), libc::SYS_close, [fd, 0, 0, 0, 0, 0])?;
         }
+        // Pages the process dropped after they were sent read as zeros again.
+        for &(s, e) in &state.zap {
+            util::syscall(ctx, pid, "madvise", libc::SYS_madvise, [s, e - s, libc::MADV_DONTNEED as u64, 0, 0, 0])?;
+        }
         self.status.entities_total = state.areas.len() as u64;
+        self.page_areas = ranges::normalize(state.areas.iter().filter(|a| a.has_pages()).map(|a| (a.start, a.end)).collect());
         self.state = Some(state);
         Ok(())
     }
 
     /// Fills the pages of one record.
     fn restart_pages(&mut self, ctx: &mut ContextRef<'_>, rec: Record) -> Result<(), String> {
-        let state = self.state.as_ref().ok_or("pages before the mm record")?;
         if rec.kind.as_str() != "pages" || rec.format != RecordFormat::Raw {
             return Err(format!("unexpected record `{}` among the pages", rec.kind));
         }
         let (runs, data) = layout::decode_runs(&rec.payload)?;
         for &(addr, n) in &runs {
-            if !state.areas.iter().any(|a| a.has_pages() && a.start <= addr && addr + n * PAGE <= a.end) {
+            // Before the layout (a pre-copy round's pages): only where the rounds mapped.
+            let inside = ranges::covers(if self.state.is_some() { &self.page_areas } else { &self.premapped }, (addr, addr + n * PAGE));
+            if !inside {
                 return Err(format!("the image has pages at {addr:#x} (+{n}) outside every private area"));
             }
         }
@@ -251,6 +425,18 @@ impl SubsystemPlugin for Memory {
         }
     }
 
+    fn precopy(&mut self, ctx: &mut ContextRef<'_>, sink: &mut SinkRef<'_>, round: u32) -> Result<Progress, String> {
+        if self.round != Some(round) {
+            self.precopy_start(ctx, sink, round)?;
+            self.round = Some(round);
+        }
+        if self.todo.is_empty() {
+            return Ok(Progress::Done);
+        }
+        self.checkpoint_pages(ctx, sink)?;
+        Ok(Progress::More)
+    }
+
     fn checkpoint(&mut self, ctx: &mut ContextRef<'_>, sink: &mut SinkRef<'_>) -> Result<Progress, String> {
         if self.phase == Phase::Start {
             self.checkpoint_start(ctx, sink)?;
@@ -267,8 +453,16 @@ impl SubsystemPlugin for Memory {
     fn restart(&mut self, ctx: &mut ContextRef<'_>, source: &mut SourceRef<'_>) -> Result<Progress, String> {
         match self.phase {
             Phase::Start => {
-                self.restart_start(ctx, source)?;
-                self.phase = Phase::Pages;
+                // Pre-copy rounds come first (`live`, `pages`), then the layout.
+                let rec = util::next_record(source)?.ok_or("the image has no `mm` record")?;
+                match rec.kind.as_str() {
+                    "live" => self.restart_live(ctx, &rec)?,
+                    "pages" => self.restart_pages(ctx, rec)?,
+                    _ => {
+                        self.restart_start(ctx, util::parse_json(&rec, "mm")?)?;
+                        self.phase = Phase::Pages;
+                    }
+                }
                 Ok(Progress::More)
             }
             Phase::Pages => {

@@ -1,0 +1,174 @@
+//! Pre-copy rounds on the source: while the process runs, each subsystem's `precopy`
+//! sends what it can early (round 0: all memory; later rounds: the pages written
+//! since, found by [`DirtyTracker`]). After each round the source waits until the
+//! destination has *applied* it — a `sync` record closes the round on every stream
+//! that carried data, and the destination answers `synced` once its plugin has read
+//! past it — so the measured rate is the end-to-end one and no backlog is left to
+//! drain during the freeze. The loop stops when the next dirty set is estimated to
+//! go within the downtime budget, at the round limit, or when the dirty set stops
+//! shrinking; with auto-converge the process is throttled a step instead
+//! ([`Throttle`]) and the rounds go on.
+
+use std::time::{Duration, Instant};
+
+use abi_stable::std_types::RStr;
+use ferry_plugin_api::{MediumBox, MemRange, RecordFormat, RecordSink};
+use serde::Serialize;
+
+use crate::{
+    context::{LiveContext, StreamSink},
+    dirty::DirtyTracker,
+    event::{self, EventError, Loaded},
+    pipeline::Pipeline,
+    protocol::Verdict,
+    throttle::Throttle,
+    watchdog::Watchdog,
+};
+
+/// The kind of the framework's record that closes a round on a stream; the
+/// destination's record source answers it and never hands it to the plugin.
+pub const SYNC_KIND: &str = "ferry.sync";
+
+/// What was sent on one stream so far (its inventory entry counts them all).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Sent {
+    pub records: u64,
+    pub bytes: u64,
+    pub page_bytes: u64,
+}
+
+/// The pre-copy state an event carries into its freeze.
+pub struct Live {
+    pub tracker: DirtyTracker,
+    /// Per subsystem, in stream order.
+    pub sent: Vec<Sent>,
+}
+
+pub struct Tuning {
+    pub budget: Duration,
+    pub max_rounds: u32,
+    pub throttle: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Round {
+    pub bytes: u64,
+    pub ms: f64,
+}
+
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub rounds: Vec<Round>,
+    /// Why the rounds ended: "converged", "max rounds", "not shrinking".
+    pub stop: &'static str,
+}
+
+/// A control message through the medium.
+pub(crate) fn send_json(medium: &mut MediumBox, msg: serde_json::Value) -> Result<(), String> {
+    let cmd = serde_json::json!({"op": "send", "msg": msg}).to_string();
+    medium.command(RStr::from_str(&cmd)).into_result().map(|_| ()).map_err(|e| e.message.into_string())
+}
+
+pub(crate) fn recv_json(medium: &mut MediumBox, timeout: Duration) -> Result<serde_json::Value, String> {
+    let cmd = serde_json::json!({"op": "recv", "timeout_ms": timeout.as_millis() as u64}).to_string();
+    let reply = medium.command(RStr::from_str(&cmd)).into_result().map_err(|e| e.message.into_string())?;
+    let mut v: serde_json::Value = serde_json::from_str(reply.as_str()).map_err(|e| format!("bad reply from the medium: {e}"))?;
+    Ok(v["msg"].take())
+}
+
+/// The destination's answer to a `sync` record.
+pub(crate) fn synced(stream: u32, round: u64) -> serde_json::Value {
+    serde_json::json!({"type": "synced", "stream": stream, "round": round})
+}
+
+/// Waits for the destination to confirm round `round` on each of `streams`.
+fn await_synced(medium: &mut MediumBox, streams: &[u32], round: u32, timeout: Duration) -> Result<(), EventError> {
+    for &stream in streams {
+        let msg = recv_json(medium, timeout).map_err(|e| EventError::Refused(format!("waiting for the destination: {e}")))?;
+        if msg == synced(stream, round as u64) {
+            continue;
+        }
+        return Err(EventError::Refused(match Verdict::from_json(&msg.to_string()) {
+            Ok(Verdict::Failed { reason }) => format!("the destination could not rebuild the process: {reason}"),
+            _ => format!("unexpected message from the destination during pre-copy: {msg}"),
+        }));
+    }
+    Ok(())
+}
+
+/// Runs pre-copy rounds beside the running process `pid` until it is time to freeze.
+#[allow(clippy::too_many_arguments)]
+pub fn run(
+    pid: i32,
+    scratch: MemRange,
+    subs: &mut [Loaded],
+    pipe: &mut Pipeline,
+    live: &mut Live,
+    tuning: &Tuning,
+    throttle: &mut Option<Throttle>,
+    watchdog: &Watchdog,
+    timeout: Duration,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Outcome, EventError> {
+    let mut out = Outcome::default();
+    let (mut sent_total, mut time_total) = (0u64, 0f64);
+    for round in 0.. {
+        let began = Instant::now();
+        let mut bytes = 0;
+        let mut carried = Vec::new();
+        for (i, loaded) in subs.iter_mut().enumerate() {
+            let stream = i as u32 + 1;
+            let name = loaded.name.clone();
+            watchdog.doing(format!("plugin {name}: pre-copy round {round}"));
+            let mut ctx = LiveContext { pid, scratch, plugin: &name, watchdog, dirty: &mut live.tracker };
+            let mut sink = StreamSink::new(pipe, stream, &name, watchdog);
+            event::precopy_one(loaded, &mut ctx, &mut sink, round, progress)?;
+            if sink.records > 0 {
+                let mark = serde_json::json!({"round": round}).to_string();
+                sink.put(SYNC_KIND.into(), RecordFormat::Json, mark.as_bytes().into())
+                    .into_result()
+                    .map_err(|e| EventError::Refused(e.to_string()))?;
+                carried.push(stream);
+            }
+            let s = &mut live.sent[i];
+            s.records += sink.records;
+            s.bytes += sink.bytes;
+            s.page_bytes += sink.page_bytes;
+            bytes += sink.bytes;
+        }
+        pipe.flush().map_err(|e| EventError::Refused(format!("sending pre-copy round {round}: {e}")))?;
+        let medium = pipe.medium_mut().ok_or_else(|| EventError::Refused("pre-copy needs a direct medium".into()))?;
+        await_synced(medium, &carried, round, timeout)?;
+        let ms = event::ms(began);
+        out.rounds.push(Round { bytes, ms });
+        sent_total += bytes;
+        time_total += ms;
+        if round == 0 {
+            continue;
+        }
+        // This round sent what was written during the previous one; at that rate,
+        // what is written during this one goes in `estimate` at the measured speed.
+        let previous = &out.rounds[round as usize - 1];
+        let rate = bytes as f64 / previous.ms.max(0.1);
+        let speed = sent_total as f64 / time_total.max(0.1);
+        let estimate = rate * ms / speed;
+        if estimate <= tuning.budget.as_secs_f64() * 1000.0 {
+            out.stop = "converged";
+            break;
+        }
+        if round + 1 >= tuning.max_rounds {
+            out.stop = "max rounds";
+            break;
+        }
+        if bytes as f64 >= 0.9 * previous.bytes as f64 {
+            // Without auto-converge (off, or no cpu controller here) more rounds would
+            // only send the same pages again.
+            let Some(t) = throttle.as_mut().filter(|_| tuning.throttle) else {
+                out.stop = "not shrinking";
+                break;
+            };
+            t.step().map_err(|e| EventError::Refused(format!("auto-converge: {e}")))?;
+        }
+    }
+    Ok(out)
+}
