@@ -281,7 +281,7 @@ pub fn migrate(manager: &Manager, req: &MigrateRequest, progress: &mut dyn FnMut
         let medium = medium.as_mut().ok_or_else(|| refused("the medium's writer thread failed"))?;
         medium.command(RStr::from_str(r#"{"op":"end"}"#)).into_result().map_err(|e| refused(e.message.into_string()))?;
         match recv_verdict(medium, req.timeout).map_err(|e| refused(format!("waiting for the destination: {e}")))? {
-            Verdict::Rebuilt { pids, .. } => { eprintln!("T rebuilt {:.1}", event::ms(frozen_at)); Ok((bytes, pages, pids)) },
+            Verdict::Rebuilt { pids, .. } => Ok((bytes, pages, pids)),
             Verdict::Failed { reason } => Err(refused(format!("the destination could not rebuild the process: {reason}"))),
             other => Err(refused(format!("unexpected message from the destination: {other:?}"))),
         }
