@@ -104,7 +104,7 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         stats: Option<PathBuf>,
     },
-    /// Move a running process to the daemon at HOST:PORT (stop-copy).
+    /// Move a running process to the daemon at HOST:PORT (stop-copy or pre-copy).
     Migrate {
         /// The process to move.
         pid: i32,

@@ -131,10 +131,11 @@ fn blank(tracer: &mut Tracer, scratch_at: u64) -> Result<(), EventError> {
     }
     if scratch_at != 0 && scratch_at != scratch {
         let end = scratch_at + SCRATCH_SIZE;
-        if let Some(s) = specials.iter().find(|s| s.0 < end && scratch_at < s.1) {
-            return Err(EventError::Refused(format!(
-                "the image's scratch area {scratch_at:#x} meets the kernel's mapping at {:#x} in the restore child", s.0
-            )));
+        if specials.iter().any(|s| s.0 < end && scratch_at < s.1) {
+            // The kernel's areas sit where the scratch area must go: move them aside,
+            // together; the memory plugin puts them where the image has them.
+            let movable: Vec<(u64, u64)> = specials.iter().copied().filter(|s| s.0 < USER_SPACE_END).collect();
+            move_aside(tracer, &movable, scratch_at)?;
         }
         let flags = (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64;
         let r = tracer.inject(pid, libc::SYS_mremap, [scratch, SCRATCH_SIZE, SCRATCH_SIZE, flags, scratch_at, 0])?;
@@ -142,6 +143,46 @@ fn blank(tracer: &mut Tracer, scratch_at: u64) -> Result<(), EventError> {
             return Err(EventError::Refused(format!("moving the scratch area to {scratch_at:#x}: errno {}", -r)));
         }
         tracer.set_scratch(Some(scratch_at));
+    }
+    Ok(())
+}
+
+/// Above it only `[vsyscall]`, which never moves.
+const USER_SPACE_END: u64 = 0x0000_8000_0000_0000;
+
+/// Moves the child's special mappings (vDSO, vvar), keeping their relative places, to
+/// a free stretch of its address space that does not meet `avoid`'s scratch area.
+fn move_aside(tracer: &mut Tracer, specials: &[(u64, u64)], avoid: u64) -> Result<(), EventError> {
+    let pid = tracer.pid();
+    let lo = specials.iter().map(|s| s.0).min().unwrap_or(0);
+    let span = specials.iter().map(|s| s.1).max().unwrap_or(0) - lo;
+    let fail = |what: &str, r: i64| EventError::Refused(format!("moving the restore child's vDSO aside: {what}: errno {}", -r));
+    // The kernel finds a free stretch (with room to step past the scratch area's
+    // place); it is released again and the areas moved into it.
+    let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE) as u64;
+    let room = span + 2 * SCRATCH_SIZE;
+    let r = tracer.inject(pid, libc::SYS_mmap, [0, room, libc::PROT_NONE as u64, flags, u64::MAX, 0])?;
+    if r < 0 {
+        return Err(fail("mmap", r));
+    }
+    let free = r as u64;
+    // Only its place was wanted: nothing of it may stay in the process.
+    let r = tracer.inject(pid, libc::SYS_munmap, [free, room, 0, 0, 0, 0])?;
+    if r < 0 {
+        return Err(fail("munmap", r));
+    }
+    let mut base = free;
+    if base < avoid + SCRATCH_SIZE && avoid < base + span {
+        base = (avoid + SCRATCH_SIZE).max(base);
+    }
+    for &(start, end) in specials {
+        let len = end - start;
+        let to = base + (start - lo);
+        let moved = (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64;
+        let r = tracer.inject(pid, libc::SYS_mremap, [start, len, len, moved, to, 0])?;
+        if r as u64 != to {
+            return Err(fail("mremap", r));
+        }
     }
     Ok(())
 }

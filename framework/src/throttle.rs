@@ -13,9 +13,10 @@ use crate::{
 
 const PERIOD_US: u64 = 100_000;
 
-/// The CPU share of each step: halved every time, down to 2%.
+/// The CPU share of each step, in percent: roughly halved every time, down to 1%.
 pub fn share_of_step(step: u32) -> u64 {
-    (50u64 >> step.saturating_sub(1).min(5)).max(2)
+    const SHARES: [u64; 6] = [50, 25, 10, 5, 2, 1];
+    SHARES[(step.max(1) as usize - 1).min(SHARES.len() - 1)]
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -87,8 +88,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn each_step_halves_the_share_down_to_two_percent() {
+    fn each_step_about_halves_the_share_down_to_one_percent() {
         let shares: Vec<u64> = (1..=8).map(share_of_step).collect();
-        assert_eq!(shares, [50, 25, 12, 6, 3, 2, 2, 2]);
+        assert_eq!(shares, [50, 25, 10, 5, 2, 1, 1, 1]);
     }
 }

@@ -38,11 +38,13 @@ pub struct WorkloadOpts {
     pub tick_ms: u32,
     /// Pages of the mapping rewritten each tick (`--dirty-pages`), for pre-copy.
     pub dirty_pages: u32,
+    /// Map, grow, move, empty and replace small areas every tick (`--churn`).
+    pub churn: bool,
 }
 
 impl Default for WorkloadOpts {
     fn default() -> Self {
-        WorkloadOpts { mem_mib: 1, threads: 0, files: true, tick_ms: 20, dirty_pages: 0 }
+        WorkloadOpts { mem_mib: 1, threads: 0, files: true, tick_ms: 20, dirty_pages: 0, churn: false }
     }
 }
 
@@ -103,6 +105,9 @@ impl Workload {
         cmd.args(["--tick-ms", &opts.tick_ms.to_string(), "--dirty-pages", &opts.dirty_pages.to_string()]);
         if !opts.files {
             cmd.arg("--no-files");
+        }
+        if opts.churn {
+            cmd.arg("--churn");
         }
         Self::start(cmd, dir)
     }

@@ -413,3 +413,87 @@ fn precopy_moves_a_process_that_keeps_writing_and_freezes_it_only_for_the_last_p
     w.wait_ticks(at + 3);
     w.terminate_and_check(new).unwrap();
 }
+
+#[test]
+fn precopy_follows_areas_mapped_moved_emptied_and_replaced_between_rounds() {
+    if !is_root() {
+        eprintln!("skipping: migration needs root");
+        return;
+    }
+    let features = ferry::check::probe_all();
+    if !ferry::check::find(&features, "userfaultfd-wp-async").is_some_and(|f| f.present) {
+        eprintln!("skipping: this kernel lacks userfaultfd WP-async (pre-copy's dirty tracking)");
+        return;
+    }
+    let daemon = Daemon::start(None, "127.0.0.1", &[]);
+    // Every 2 ms one of four areas is replaced, grown (moved when it must) or has a page
+    // emptied; the workload checks their contents every tick and at the end.
+    let mut w = Workload::spawn(&WorkloadOpts { mem_mib: 16, dirty_pages: 16, tick_ms: 2, churn: true, ..Default::default() });
+    w.wait_ticks(10);
+    let old = w.pid;
+    let (stats, new) = precopy_stats(&migrate(None, old, &daemon.addr, &["--strategy", "pre-copy"]), old);
+    eprintln!("pre-copy with churn: {stats}");
+    wait_until("the source to be gone", Duration::from_secs(30), || !pid_alive(old));
+    w.adopt(new);
+    let at = *w.ticks().last().unwrap();
+    w.wait_ticks(at + 20);
+    w.terminate_and_check(new).unwrap();
+}
+
+/// A config file of pre-copy tuning.
+fn precopy_config(dir: &Path, name: &str, tuning: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, format!(r#"{{"tuning": {{"pre_copy": {tuning}}}}}"#)).unwrap();
+    p
+}
+
+fn migrate_with_config(config: &Path, pid: i32, to: &str) -> std::process::Output {
+    let mut cmd = Command::new(ferry_bin());
+    cmd.arg("--config").arg(config).args(["migrate", &pid.to_string(), "--to", to, "--json", "--strategy", "pre-copy"]);
+    cmd.output().unwrap()
+}
+
+#[test]
+fn precopy_of_a_process_outrunning_the_link_converges_only_when_throttled() {
+    if !is_root() {
+        eprintln!("skipping: migration needs root");
+        return;
+    }
+    let features = ferry::check::probe_all();
+    if !ferry::check::find(&features, "userfaultfd-wp-async").is_some_and(|f| f.present) {
+        eprintln!("skipping: this kernel lacks userfaultfd WP-async (pre-copy's dirty tracking)");
+        return;
+    }
+    let daemon = Daemon::start(None, "127.0.0.1", &[]);
+    // All 32 MiB rewritten every millisecond tick: far faster than any link.
+    let mut w = Workload::spawn(&WorkloadOpts { mem_mib: 32, dirty_pages: 8192, tick_ms: 1, ..Default::default() });
+    w.wait_ticks(3);
+    let old = w.pid;
+    let dir = tempfile::tempdir().unwrap();
+    let off = precopy_config(dir.path(), "off.json", r#"{"throttle": false, "max_rounds": 20}"#);
+    let (stats, mid) = precopy_stats(&migrate_with_config(&off, old, &daemon.addr), old);
+    eprintln!("pre-copy without throttle: {stats}");
+    assert_eq!(stats["precopy_stop"], "not shrinking", "{stats}");
+    assert_eq!(stats["throttle"], 0, "{stats}");
+    wait_until("the source to be gone", Duration::from_secs(30), || !pid_alive(old));
+    w.adopt(mid);
+    let at = *w.ticks().last().unwrap();
+    w.wait_ticks(at + 3);
+
+    // Again, from where it landed, with auto-converge.
+    let on = precopy_config(dir.path(), "on.json", r#"{"throttle": true, "max_rounds": 20}"#);
+    let (stats, new) = precopy_stats(&migrate_with_config(&on, mid, &daemon.addr), mid);
+    eprintln!("pre-copy with throttle: {stats}");
+    assert!(stats["throttle"].as_u64().unwrap() >= 1, "{stats}");
+    assert_eq!(stats["precopy_stop"], "converged", "{stats}");
+    let rounds = stats["round_bytes"].as_array().unwrap();
+    assert!(rounds.last().unwrap().as_u64().unwrap() < 32 << 20, "{stats}");
+    wait_until("the source to be gone", Duration::from_secs(30), || !pid_alive(mid));
+    w.adopt(new);
+    let at = *w.ticks().last().unwrap();
+    w.wait_ticks(at + 3);
+    w.terminate_and_check(new).unwrap();
+    // The process went home from ferry's throttle cgroup, unthrottled.
+    let cgroups = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+    assert!(!cgroups.contains("ferry-throttle"), "{cgroups}");
+}

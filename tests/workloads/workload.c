@@ -51,6 +51,7 @@ static long opt_threads;
 static long opt_tick_ms = 20;
 static long opt_dirty_pages;
 static int opt_files = 1;
+static int opt_churn;
 
 /* ---- state that must survive ---- */
 static int log_fd = -1;
@@ -591,11 +592,80 @@ static void verify_process(void)
         FAIL_RET("SIGALRM fired %d times", (int)alrm_count);
 }
 
+/* ---- mapping churn (--churn): areas mapped, grown, moved, emptied and replaced
+ * every tick, for pre-copy rounds that must follow the process's mapping changes ---- */
+#define CHURN_SLOTS 4
+struct churn {
+    unsigned char *p;
+    size_t len;
+    uint64_t seed;
+    long zero_page; /* a page emptied with MADV_DONTNEED, which must read zero; or -1 */
+};
+static struct churn churn[CHURN_SLOTS];
+
+static unsigned char churn_byte(uint64_t seed, size_t i)
+{
+    return (unsigned char)((seed * 131 + i * 7 + (i >> 12)) & 0xff);
+}
+
+static void churn_fill(struct churn *c, size_t from)
+{
+    for (size_t i = from; i < c->len; i++)
+        c->p[i] = churn_byte(c->seed, i);
+}
+
+static void churn_check(void)
+{
+    for (int s = 0; s < CHURN_SLOTS && !failure[0]; s++) {
+        struct churn *c = &churn[s];
+        for (size_t i = 0; c->p && i < c->len; i++) {
+            unsigned char want = (long)(i / PAGE) == c->zero_page ? 0 : churn_byte(c->seed, i);
+            if (c->p[i] != want) {
+                fail("churn slot %d byte %zu of %zu: %u, expected %u", s, i, c->len, c->p[i], want);
+                break;
+            }
+        }
+    }
+}
+
+static void churn_step(uint64_t tick)
+{
+    struct churn *c = &churn[tick % CHURN_SLOTS];
+    switch (c->p ? (tick / CHURN_SLOTS) % 3 : 0) {
+    case 0: /* replace: a new area, likely at the old address */
+        if (c->p)
+            munmap(c->p, c->len);
+        c->len = PAGE * (16 + tick % 48);
+        c->seed = tick;
+        c->zero_page = -1;
+        c->p = mmap(NULL, c->len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (c->p == MAP_FAILED)
+            die("churn mmap");
+        churn_fill(c, 0);
+        break;
+    case 1: { /* grow, moving when it must */
+        size_t old = c->len;
+        void *q = mremap(c->p, old, old + 4 * PAGE, MREMAP_MAYMOVE);
+        if (q == MAP_FAILED)
+            die("churn mremap");
+        c->p = q;
+        c->len = old + 4 * PAGE;
+        churn_fill(c, old);
+        break;
+    }
+    default: /* empty one page: it reads zero from now on */
+        c->zero_page = (long)((tick / 7) % (c->len / PAGE));
+        if (madvise(c->p + c->zero_page * PAGE, PAGE, MADV_DONTNEED))
+            die("churn madvise");
+        break;
+    }
+}
+
 /* ---- main ---- */
 static void usage(void)
 {
     fprintf(stderr, "usage: workload --log PATH [--dir DIR] [--mem-mib N] [--threads N] [--tick-ms N]"
-                    " [--dirty-pages N] [--no-files]\n");
+                    " [--dirty-pages N] [--churn] [--no-files]\n");
     exit(2);
 }
 
@@ -616,6 +686,10 @@ int main(int argc, char **argv)
         const char *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(a, "--no-files")) {
             opt_files = 0;
+            continue;
+        }
+        if (!strcmp(a, "--churn")) {
+            opt_churn = 1;
             continue;
         }
         if (!v)
@@ -707,6 +781,10 @@ int main(int argc, char **argv)
             fill_mem_page(p, page_generation(p) + 1);
             dirty_rewrites++;
         }
+        if (opt_churn) {
+            churn_check();
+            churn_step(tick);
+        }
         sleep_ms(opt_tick_ms);
     }
 
@@ -722,6 +800,8 @@ int main(int argc, char **argv)
         fail("main thread TLS: index %ld counter %llu, want -1 and %llu", tls_index,
              (unsigned long long)tls_counter, (unsigned long long)tick);
     verify_memory(stack_array);
+    if (opt_churn)
+        churn_check();
     if (opt_files && !failure[0])
         verify_files();
     if (!failure[0])

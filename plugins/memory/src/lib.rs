@@ -306,8 +306,17 @@ impl Memory {
         let payload = &mut self.buffer[..len];
         payload[..header.len()].copy_from_slice(&header);
         let ranges: Vec<MemRange> = runs.iter().map(|&(addr, n)| MemRange { addr, len: n * PAGE }).collect();
-        util::read_ranges(ctx, &ranges, &mut payload[header.len()..])?;
-        util::put_raw(sink, "pages", payload)?;
+        match util::read_ranges(ctx, &ranges, &mut payload[header.len()..]) {
+            Ok(()) => util::put_raw(sink, "pages", payload)?,
+            // The running process unmapped some of it meanwhile: those pages are no
+            // longer the destination's to keep; the next round or the freeze settles them.
+            Err(_) if self.phase == Phase::Start => {
+                let lost = ranges::from_runs(&runs, PAGE);
+                self.tracked = ranges::subtract(&self.tracked, &lost);
+                self.sent = ranges::subtract(&self.sent, &lost);
+            }
+            Err(e) => return Err(e),
+        }
         self.status.entities_done += pages;
         self.status.bytes_done += pages * PAGE;
         Ok(())
