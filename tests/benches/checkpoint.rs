@@ -12,14 +12,11 @@ use std::{
 };
 
 use ferry_tests::{
+    bench::median,
     ferry,
     workload::{kill_pid, Workload, WorkloadOpts},
 };
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
 
 /// Writes `bytes` to a new file in `dir` and makes it durable, like the file medium.
 fn write_reference(dir: &Path, bytes: usize, buf: &[u8]) -> f64 {

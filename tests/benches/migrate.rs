@@ -8,19 +8,15 @@ use std::{
     io::{Read, Write},
     net::{TcpListener, TcpStream},
     os::fd::AsRawFd,
-    process::{Child, Command, Stdio},
-    time::{Duration, Instant},
+    process::Command,
+    time::Instant,
 };
 
 use ferry_tests::{
-    ferry_bin, wait_until,
+    bench::{daemon, in_ns, median},
+    ferry_bin,
     workload::{kill_pid, Workload, WorkloadOpts},
 };
-
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
-}
 
 /// Enters network namespace `ns` for the calling thread.
 fn enter(ns: Option<&str>) {
@@ -68,33 +64,6 @@ fn raw_stream(from: Option<&'static str>, to: Option<&'static str>, to_ip: &'sta
     });
     receiver.join().unwrap();
     sender.join().unwrap()
-}
-
-fn in_ns(ns: Option<&str>, bin: &std::path::Path) -> Command {
-    match ns {
-        Some(ns) => {
-            let mut c = Command::new("ip");
-            c.args(["netns", "exec", ns]).arg(bin);
-            c
-        }
-        None => Command::new(bin),
-    }
-}
-
-struct Daemon(Child);
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn daemon(ns: Option<&str>, addr: &str, control: &std::path::Path, key: &std::path::Path) -> Daemon {
-    let mut c = in_ns(ns, &ferry_bin());
-    c.args(["daemon", "--listen", addr, "--control"]).arg(control).arg("--auth-key").arg(key);
-    let d = Daemon(c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
-    wait_until("the daemon", Duration::from_secs(30), || ferry::control::daemon_running(control));
-    d
 }
 
 struct Netns(Vec<String>);

@@ -2,6 +2,7 @@
 //! are, running the binary, building the ABI fixture, and waiting on conditions with
 //! a deadline (never sleeping as synchronisation).
 
+pub mod bench;
 pub mod workload;
 use std::{
     os::fd::AsRawFd,

@@ -40,7 +40,7 @@ fn finds_exactly_the_pages_a_running_process_writes_and_leaves_no_trace() {
     let at = *w.ticks().last().unwrap();
     w.wait_ticks(at + 3);
 
-    let mut tracer = Tracer::seize(pid).unwrap();
+    let tracer = Tracer::seize(pid).unwrap();
     let dirty = tracker.scan().unwrap();
     let pages: u64 = dirty.iter().map(|(s, e)| (e - s) / 4096).sum();
     assert!(!dirty.is_empty(), "the process wrote pages while it ran");

@@ -424,6 +424,8 @@ mod tests {
             auxv: vec![],
             exe: "/x".into(),
             areas: vec![],
+            kept: vec![],
+            zap: vec![],
         });
         st.areas = vec![area(0x1000, 0x3000), area(0x2000, 0x4000)];
         assert!(st.validate().is_err());
@@ -431,5 +433,14 @@ mod tests {
         assert!(st.validate().is_err());
         st.areas = vec![area(0x1000, 0x2000), area(0x2000, 0x3000)];
         st.validate().unwrap();
+        // Pre-copied pages are kept only inside private anonymous areas, and only
+        // kept pages may be emptied.
+        st.kept = vec![(0x1000, 0x3000)];
+        st.zap = vec![(0x2000, 0x3000)];
+        st.validate().unwrap();
+        st.kept = vec![(0x1000, 0x4000)];
+        assert!(st.validate().unwrap_err().contains("outside its private anonymous areas"));
+        st.kept = vec![(0x1000, 0x2000)];
+        assert!(st.validate().unwrap_err().contains("outside what it keeps"));
     }
 }

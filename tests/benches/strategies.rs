@@ -1,0 +1,88 @@
+//! Migration algorithms side by side (the paper's figures 3 and 4, measured properly):
+//! processes of several sizes, each dirtying a set share of its memory per second
+//! while it is moved over loopback, by stop-copy and by pre-copy. Prints medians of
+//! frozen time (downtime: freeze → running on the destination), total time, bytes
+//! sent and rounds.
+//!
+//!     cargo bench -p ferry-tests --bench strategies [-- SIZES_MIB...]
+
+use ferry_tests::{
+    bench::{daemon, in_ns, median},
+    ferry_bin,
+    workload::{kill_pid, Workload, WorkloadOpts},
+};
+
+const TICK_MS: u32 = 10;
+
+fn main() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("the strategies benchmark needs root");
+        return;
+    }
+    if std::env::var_os("FERRY_BIN").is_none() {
+        std::env::set_var("FERRY_BIN", ferry_tests::root().join("target/release/ferry"));
+    }
+    let args: Vec<u64> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
+    ferry_tests::warm_guest_memory();
+    let sizes = if args.is_empty() { vec![64, 256, 1024] } else { args };
+    let tmp = tempfile::tempdir().unwrap();
+    let key = tmp.path().join("key");
+    std::fs::write(&key, "benchmark key, long enough\n").unwrap();
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let addr = format!("127.0.0.1:{}", 7900 + std::process::id() % 100);
+    let _d = daemon(None, &addr, &tmp.path().join("d.sock"), &key);
+
+    println!(
+        "{:>6} {:>8} {:>10} {:>10} {:>10} {:>9} {:>7} {:>13}",
+        "MiB", "dirty/s", "strategy", "frozen ms", "total ms", "MB sent", "rounds", "frozen vs s-c"
+    );
+    for &size in &sizes {
+        for percent in [0u32, 1, 10] {
+            let pages_per_tick = (size as u32 * 256 * percent / 100) / (1000 / TICK_MS);
+            let mut stop_copy_frozen = 0.0;
+            for strategy in ["stop-copy", "pre-copy"] {
+                let runs = 3;
+                let (mut frozen, mut total, mut sent, mut rounds) = (vec![], vec![], vec![], vec![]);
+                for _ in 0..runs {
+                    let opts = WorkloadOpts {
+                        mem_mib: size as u32,
+                        files: false,
+                        tick_ms: TICK_MS,
+                        dirty_pages: pages_per_tick,
+                        ..Default::default()
+                    };
+                    let w = Workload::spawn(&opts);
+                    w.wait_ticks(2);
+                    let o = in_ns(None, &ferry_bin())
+                        .args(["migrate", &w.pid.to_string(), "--to", &addr, "--json", "--strategy", strategy, "--auth-key"])
+                        .arg(&key)
+                        .output()
+                        .unwrap();
+                    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+                    let s: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+                    frozen.push(s["frozen_ms"].as_f64().unwrap());
+                    total.push(s["total_ms"].as_f64().unwrap());
+                    sent.push(s["bytes"].as_f64().unwrap() / 1e6);
+                    rounds.push(s["rounds"].as_f64().unwrap());
+                    for pid in s["pids"].as_object().unwrap().values() {
+                        kill_pid(pid.as_i64().unwrap() as i32);
+                    }
+                    drop(w);
+                }
+                let f = median(&mut frozen);
+                if strategy == "stop-copy" {
+                    stop_copy_frozen = f;
+                }
+                println!(
+                    "{size:>6} {:>7}% {strategy:>10} {f:>10.1} {:>10.1} {:>9.1} {:>7.0} {:>12.2}x",
+                    percent,
+                    median(&mut total),
+                    median(&mut sent),
+                    median(&mut rounds),
+                    f / stop_copy_frozen
+                );
+            }
+        }
+    }
+}

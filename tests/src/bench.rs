@@ -1,0 +1,44 @@
+//! What the benchmarks share: medians, and a daemon to migrate to.
+
+use std::{
+    path::Path,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use crate::{ferry_bin, wait_until};
+
+pub fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+/// `bin`, run inside network namespace `ns` when given.
+pub fn in_ns(ns: Option<&str>, bin: &Path) -> Command {
+    match ns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(bin);
+            c
+        }
+        None => Command::new(bin),
+    }
+}
+
+/// A `ferry daemon`, killed when dropped.
+pub struct Daemon(Child);
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts a daemon listening on `addr` with key file `key`, in namespace `ns`.
+pub fn daemon(ns: Option<&str>, addr: &str, control: &Path, key: &Path) -> Daemon {
+    let mut c = in_ns(ns, &ferry_bin());
+    c.args(["daemon", "--listen", addr, "--control"]).arg(control).arg("--auth-key").arg(key);
+    let d = Daemon(c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
+    wait_until("the daemon", Duration::from_secs(30), || ferry::control::daemon_running(control));
+    d
+}
