@@ -100,7 +100,7 @@ pub fn checkpoint(manager: &Manager, req: &CheckpointRequest, progress: &mut dyn
         }
         std::process::exit(1);
     });
-    let outcome = write_image(&mut tracer, &mut subs, &mut medium, &req.medium, req.pid, &watchdog, None, progress);
+    let outcome = write_image(&mut tracer, &mut subs, &mut medium, &req.medium, req.pid, &watchdog, None, false, progress);
     drop(watchdog);
     let mut stats = Stats::default();
     match outcome {
@@ -157,6 +157,7 @@ pub(crate) fn write_image(
     pid: i32,
     watchdog: &Watchdog,
     mut live: Option<&mut Live>,
+    lazy: bool,
     progress: &mut dyn FnMut(&str),
 ) -> Result<(u64, u64), EventError> {
     tracer.map_scratch(0)?;
@@ -178,6 +179,7 @@ pub(crate) fn write_image(
             };
             let mut ctx = ExternalContext::new(&mut *tracer, &mut shared, &name, watchdog);
             ctx.dirty = dirty;
+            ctx.lazy = lazy;
             watchdog.doing(format!("plugin {name} writes its records"));
             let mut sink = StreamSink::new(medium, stream, &name, watchdog);
             if let Some(sent) = sent {

@@ -12,6 +12,7 @@ use ferry_plugin_api::{
 
 use crate::{
     dirty::DirtyTracker,
+    postcopy::LazyPlan,
     image::{self, Pull, RecordReader},
     pipeline::Pipeline,
     watchdog::Watchdog,
@@ -34,11 +35,15 @@ pub struct ExternalContext<'a> {
     pub watchdog: &'a Watchdog,
     /// Pre-copy's dirty-page tracking, when the event has it.
     pub dirty: Option<&'a mut DirtyTracker>,
+    /// Post-copy, source: private anonymous memory moves after the resume.
+    pub lazy: bool,
+    /// Post-copy, destination: what the memory plugin leaves to post-copy.
+    pub lazy_plan: Option<&'a mut LazyPlan>,
 }
 
 impl<'a> ExternalContext<'a> {
     pub fn new(tracer: &'a mut Tracer, shared: &'a mut SharedTable, plugin: &'a str, watchdog: &'a Watchdog) -> Self {
-        ExternalContext { tracer, shared, plugin, watchdog, dirty: None }
+        ExternalContext { tracer, shared, plugin, watchdog, dirty: None, lazy: false, lazy_plan: None }
     }
 
     fn alive(&self) {
@@ -180,6 +185,20 @@ impl ProcessContext for ExternalContext<'_> {
         self.alive();
         let r = dirty_scan(self.dirty.as_deref_mut(), range);
         self.lift(r)
+    }
+
+    fn lazy(&self) -> bool {
+        self.lazy
+    }
+
+    fn lazy_pages(&mut self, areas: RSlice<'_, MemRange>, present: RSlice<'_, MemRange>) -> PResult<()> {
+        let Some(plan) = self.lazy_plan.as_deref_mut() else {
+            return self.fail("this event moves no memory after resume");
+        };
+        let spans = |r: &[MemRange]| r.iter().map(|m| (m.addr, m.addr + m.len)).collect::<Vec<_>>();
+        plan.areas.extend(spans(areas.as_slice()));
+        plan.present.extend(spans(present.as_slice()));
+        RResult::ROk(())
     }
 }
 

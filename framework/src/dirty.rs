@@ -7,7 +7,7 @@
 
 use std::{
     fs::File,
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    os::fd::{AsRawFd, OwnedFd},
 };
 
 use crate::{tracer::Tracer, uffd::*};
@@ -28,39 +28,8 @@ impl DirtyTracker {
     /// process stopped under `tracer`. Every page counts as clean from here.
     pub fn start(tracer: &mut Tracer, ranges: &[(u64, u64)]) -> Result<DirtyTracker, String> {
         let pid = tracer.pid();
-        let r = tracer
-            .inject(pid, libc::SYS_userfaultfd, [(libc::O_CLOEXEC | libc::O_NONBLOCK) as u64, 0, 0, 0, 0, 0])
-            .map_err(|e| e.to_string())?;
-        if r < 0 {
-            return Err(format!("userfaultfd in process {pid}: {}", std::io::Error::from_raw_os_error(-r as i32)));
-        }
-        let target_fd = r as i32;
-        let close_in_target = |tracer: &mut Tracer| {
-            let _ = tracer.inject(pid, libc::SYS_close, [target_fd as u64, 0, 0, 0, 0, 0]);
-        };
-        let fetched = (|| {
-            // SAFETY: plain system calls with integer arguments; the pidfd is closed here
-            // and the fetched fd is owned by the OwnedFd below.
-            let fd = unsafe {
-                let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0) as i32;
-                if pidfd < 0 {
-                    return Err(format!("pidfd_open({pid}): {}", std::io::Error::last_os_error()));
-                }
-                let fd = libc::syscall(libc::SYS_pidfd_getfd, pidfd, target_fd, 0) as i32;
-                let e = std::io::Error::last_os_error();
-                libc::close(pidfd);
-                if fd < 0 {
-                    return Err(format!("pidfd_getfd of the userfaultfd: {e}"));
-                }
-                OwnedFd::from_raw_fd(fd)
-            };
-            let mut api = UffdioApi { api: UFFD_API, features: UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED, ioctls: 0 };
-            ioctl_ptr(fd.as_raw_fd(), UFFDIO_API, &mut api).map_err(os("UFFDIO_API with WP_ASYNC"))?;
-            let pagemap = File::open(format!("/proc/{pid}/pagemap")).map_err(os("opening the pagemap"))?;
-            Ok((fd, pagemap))
-        })();
-        close_in_target(tracer);
-        let (uffd, pagemap) = fetched?;
+        let uffd = userfaultfd_in(tracer, UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED)?;
+        let pagemap = File::open(format!("/proc/{pid}/pagemap")).map_err(os("opening the pagemap"))?;
         let mut t = DirtyTracker { pid, uffd, pagemap, ranges: Vec::new() };
         for &(start, end) in ranges {
             if let Err(e) = t.track(start, end) {

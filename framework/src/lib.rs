@@ -14,6 +14,7 @@ pub mod image;
 pub mod manager;
 pub mod migrate;
 pub mod pipeline;
+pub mod postcopy;
 pub mod precopy;
 pub mod protocol;
 pub mod quiesce;

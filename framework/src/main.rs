@@ -104,14 +104,14 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         stats: Option<PathBuf>,
     },
-    /// Move a running process to the daemon at HOST:PORT (stop-copy or pre-copy).
+    /// Move a running process to the daemon at HOST:PORT (stop-copy, pre-copy, post-copy, hybrid).
     Migrate {
         /// The process to move.
         pid: i32,
         /// The destination daemon.
         #[arg(long, value_name = "HOST:PORT")]
         to: String,
-        /// Migration algorithm: stop-copy (default) or pre-copy (post-copy and hybrid: not yet).
+        /// Migration algorithm: stop-copy (default), pre-copy, post-copy or hybrid.
         #[arg(long)]
         strategy: Option<Strategy>,
         /// Transfer medium plugin.
@@ -355,6 +355,9 @@ fn run(cli: Cli) -> Outcome {
                     max_rounds: config.tuning.pre_copy.max_rounds,
                     throttle: config.tuning.pre_copy.throttle,
                 },
+                hybrid_rounds: config.tuning.hybrid.precopy_rounds,
+                fault_window: config.tuning.post_copy.fault_window_kib as u64 * 1024,
+                push_batch: config.tuning.post_copy.push_batch_kib as u64 * 1024,
             };
             let stats = migrate::migrate(&manager, &req, &mut progress_bar("migrate"))?;
             if *json {

@@ -22,6 +22,7 @@ use crate::{
     config::{Quiesce, Strategy},
     dirty::DirtyTracker,
     event::Loaded,
+    postcopy::{serve_until_message, LazyStats, Pager, LAZY_STREAM},
     precopy::{self, recv_json, send_json, Live, Outcome, Sent},
     throttle::Throttle,
     tracer::Tracer,
@@ -48,6 +49,11 @@ pub struct MigrateRequest {
     pub timeout: Duration,
     pub strategy: Strategy,
     pub pre_copy: precopy::Tuning,
+    /// Hybrid: pre-copy rounds before the post-copy.
+    pub hybrid_rounds: u32,
+    /// Post-copy: bytes fetched around a fault, bytes per background request.
+    pub fault_window: u64,
+    pub push_batch: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -70,6 +76,12 @@ pub struct MigrateStats {
     pub precopy_stop: Option<&'static str>,
     /// Auto-converge steps taken (each halves the process's CPU share).
     pub throttle: u32,
+    /// Post-copy and hybrid: freeze → running on the destination (as `frozen_ms`),
+    /// and what moved after it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resumed_ms: Option<f64>,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub lazy: Option<LazyStats>,
 }
 
 fn refused(message: impl Into<String>) -> EventError {
@@ -84,9 +96,14 @@ fn recv_verdict(medium: &mut MediumBox, timeout: Duration) -> Result<Verdict, St
     Verdict::from_json(&recv_json(medium, timeout)?.to_string()).map_err(|e| e.to_string())
 }
 
+/// The next verdict, answering the destination's page requests meanwhile (post-copy).
+fn verdict_serving(medium: &mut MediumBox, pid: i32, timeout: Duration) -> Result<Verdict, String> {
+    Verdict::from_json(&serve_until_message(medium, pid, timeout)?.to_string()).map_err(|e| e.to_string())
+}
+
 /// Announces the process and the plugins' streams ahead of the streams, so the
 /// destination starts rebuilding while they arrive.
-fn send_plan(medium: &mut MediumBox, tracer: &mut Tracer, subs: &[Loaded]) -> Result<u64, EventError> {
+fn send_plan(medium: &mut MediumBox, tracer: &mut Tracer, subs: &[Loaded], req: &MigrateRequest) -> Result<u64, EventError> {
     let scratch = tracer.map_scratch(0)?;
     let pid = tracer.pid();
     let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default().trim().to_string();
@@ -98,7 +115,9 @@ fn send_plan(medium: &mut MediumBox, tracer: &mut Tracer, subs: &[Loaded]) -> Re
             .map(|(i, l)| PluginEntry { name: l.name.clone(), version: l.version.clone(), stream: i as u32 + 1, records: 0, bytes: 0 })
             .collect(),
     };
-    send_json(medium, serde_json::json!({"type": "plan", "plan": plan})).map_err(|e| refused(format!("sending the plan: {e}")))?;
+    let lazy = serde_json::json!({"window": req.fault_window, "batch": req.push_batch});
+    send_json(medium, serde_json::json!({"type": "plan", "plan": plan, "post_copy": lazy}))
+        .map_err(|e| refused(format!("sending the plan: {e}")))?;
     Ok(scratch)
 }
 
@@ -125,7 +144,7 @@ fn precopy_phase(
 ) -> Result<(MediumBox, Live, u64, Outcome), (EventError, Option<MediumBox>)> {
     let (mut tracer, _) = quiesce(req.pid, Quiesce::Ptrace).map_err(|e| (e, None))?;
     let mut medium = medium;
-    let started = send_plan(&mut medium, &mut tracer, subs).and_then(|scratch| {
+    let started = send_plan(&mut medium, &mut tracer, subs, req).and_then(|scratch| {
         let tracker = DirtyTracker::start(&mut tracer, &[]).map_err(|e| refused(format!("dirty-page tracking: {e}")))?;
         Ok((scratch, tracker))
     });
@@ -180,10 +199,12 @@ pub fn migrate(manager: &Manager, req: &MigrateRequest, progress: &mut dyn FnMut
     tracer::check_target(req.pid)?;
     let mut subs = event::load_subsystems(manager, &req.subsystems)?;
     let lease = manager.acquire(PluginKind::Medium, "tcp")?;
-    let precopy = match req.strategy {
-        Strategy::StopCopy => None,
-        Strategy::PreCopy => Some(&req.pre_copy),
-        other => return Err(refused(format!("strategy {other} is not in this build yet; use stop-copy or pre-copy"))),
+    let hybrid = precopy::Tuning { budget: Duration::ZERO, max_rounds: req.hybrid_rounds, throttle: false };
+    let (precopy, lazy) = match req.strategy {
+        Strategy::StopCopy => (None, false),
+        Strategy::PreCopy => (Some(&req.pre_copy), false),
+        Strategy::PostCopy => (None, true),
+        Strategy::Hybrid => (Some(&hybrid), true),
     };
 
     let addr = req
@@ -197,8 +218,8 @@ pub fn migrate(manager: &Manager, req: &MigrateRequest, progress: &mut dyn FnMut
     stream.set_read_timeout(Some(req.timeout)).map_err(|e| refused(e.to_string()))?;
     protocol::authenticate_client(&mut stream, req.auth_key.as_deref()).map_err(|e| refused(e.to_string()))?;
     let mut features: Vec<String> = FEATURES.iter().map(|s| s.to_string()).collect();
-    if precopy.is_some() {
-        features.push("userfaultfd-wp-async".into());
+    if lazy {
+        features.push("userfaultfd".into());
     }
     let hello = Hello::new(
         std::process::id() as u64,
@@ -248,7 +269,7 @@ pub fn migrate(manager: &Manager, req: &MigrateRequest, progress: &mut dyn FnMut
             tracer.set_scratch(Some(scratch));
             Ok(scratch)
         }
-        None => send_plan(&mut medium, &mut tracer, &subs),
+        None => send_plan(&mut medium, &mut tracer, &subs, req),
     };
     let mut live = live.take().map(|(l, _)| l);
     if let Err(e) = announced {
@@ -273,14 +294,16 @@ pub fn migrate(manager: &Manager, req: &MigrateRequest, progress: &mut dyn FnMut
         }
         std::process::exit(1);
     });
-    let written = write_image(&mut tracer, &mut subs, &mut pipe, "tcp", req.pid, &watchdog, live.as_mut(), progress);
+    let written = write_image(&mut tracer, &mut subs, &mut pipe, "tcp", req.pid, &watchdog, live.as_mut(), lazy, progress);
     drop(watchdog);
     let mut medium = pipe.finish();
     let outcome = (|| {
         let (bytes, pages) = written?;
         let medium = medium.as_mut().ok_or_else(|| refused("the medium's writer thread failed"))?;
-        medium.command(RStr::from_str(r#"{"op":"end"}"#)).into_result().map_err(|e| refused(e.message.into_string()))?;
-        match recv_verdict(medium, req.timeout).map_err(|e| refused(format!("waiting for the destination: {e}")))? {
+        // The image ends here; post-copy's pages follow on a stream of their own.
+        let end = if lazy { serde_json::json!({"op": "end", "open": [LAZY_STREAM]}) } else { serde_json::json!({"op": "end"}) };
+        medium.command(RStr::from_str(&end.to_string())).into_result().map_err(|e| refused(e.message.into_string()))?;
+        match verdict_serving(medium, req.pid, req.timeout).map_err(|e| refused(format!("waiting for the destination: {e}")))? {
             Verdict::Rebuilt { pids, .. } => Ok((bytes, pages, pids)),
             Verdict::Failed { reason } => Err(refused(format!("the destination could not rebuild the process: {reason}"))),
             other => Err(refused(format!("unexpected message from the destination: {other:?}"))),
@@ -292,7 +315,7 @@ pub fn migrate(manager: &Manager, req: &MigrateRequest, progress: &mut dyn FnMut
             // once the destination confirms it let its copy run: a lost message may
             // leave two copies to sort out, but never none.
             let medium = medium.as_mut().ok_or_else(|| refused("no medium"))?;
-            let released = send_verdict(medium, &Verdict::Commit).and_then(|_| recv_verdict(medium, req.timeout));
+            let released = send_verdict(medium, &Verdict::Commit).and_then(|_| verdict_serving(medium, req.pid, req.timeout));
             if let Some(l) = live {
                 l.tracker.stop();
             }
@@ -310,12 +333,34 @@ pub fn migrate(manager: &Manager, req: &MigrateRequest, progress: &mut dyn FnMut
             }
             // Downtime ends here: the process runs on the destination.
             let frozen_ms = event::ms(frozen_at);
+            let lazy_stats = if lazy {
+                // Its memory follows from the frozen copy here, kept until the last page.
+                match serve_until_message(medium, req.pid, req.timeout) {
+                    Ok(msg) if msg["type"] == "lazy-done" => serde_json::from_value::<LazyStats>(msg["stats"].clone()).ok(),
+                    other => {
+                        let why = match other {
+                            Ok(m) => format!("it said {m}"),
+                            Err(e) => e,
+                        };
+                        let_go(tracer, None);
+                        drop(freezer);
+                        return Err(refused(format!(
+                            "the connection failed during post-copy ({why}): the destination's copy is killed; this one carries on from the freeze"
+                        )));
+                    }
+                }
+            } else {
+                None
+            };
             tracer.kill();
             drop(freezer);
             let new = pids.get(&req.pid.to_string()).copied().unwrap_or(0);
             let live_bytes: u64 = rounds.rounds.iter().map(|r| r.bytes).sum();
             let mut round_bytes: Vec<u64> = rounds.rounds.iter().map(|r| r.bytes).collect();
             round_bytes.push(bytes - live_bytes);
+            // Post-copy's pages (after the frozen round) count with the rest.
+            let lazy_pages = lazy_stats.as_ref().map_or(0, |l| l.pages_faulted + l.pages_pushed);
+            let (bytes, pages) = (bytes + lazy_pages * 4096, pages + lazy_pages);
             Ok(MigrateStats {
                 token: welcome.token,
                 strategy: req.strategy.to_string(),
@@ -329,6 +374,8 @@ pub fn migrate(manager: &Manager, req: &MigrateRequest, progress: &mut dyn FnMut
                 round_ms: rounds.rounds.iter().map(|r| r.ms).collect(),
                 precopy_stop: (!rounds.stop.is_empty()).then_some(rounds.stop),
                 throttle: throttle.as_ref().map_or(0, |t| t.steps()),
+                resumed_ms: lazy.then_some(frozen_ms),
+                lazy: lazy_stats,
             })
         }
         Err(e) => {
@@ -415,9 +462,13 @@ pub fn serve(manager: &Manager, mut stream: TcpStream, key: Option<&[u8]>, featu
         Ok(m) => m,
         Err(e) => return end(record, "failed", e.to_string()),
     };
+    let mut tuning = (256 << 10, 2 << 20);
     let plan = recv_json(&mut medium, timeout).and_then(|mut m| {
         if m["type"] != "plan" {
             return Err(format!("expected the plan, got {m}"));
+        }
+        if let (Some(w), Some(b)) = (m["post_copy"]["window"].as_u64(), m["post_copy"]["batch"].as_u64()) {
+            tuning = (w.clamp(4096, 1 << 30), b.clamp(4096, 64 << 20));
         }
         serde_json::from_value::<Plan>(m["plan"].take()).map_err(|e| format!("a bad plan: {e}"))
     });
@@ -437,11 +488,29 @@ pub fn serve(manager: &Manager, mut stream: TcpStream, key: Option<&[u8]>, featu
     });
     let rebuilt = restore::restore_streaming(manager, &mut medium, &plan, &watchdog, started, &mut |_| {});
     drop(watchdog);
-    let held = match rebuilt {
+    let mut held = match rebuilt {
         Ok(h) => h,
         Err(e) => {
             let _ = send_verdict(&mut medium, &Verdict::Failed { reason: e.to_string() });
             return end(record, "failed", e.to_string());
+        }
+    };
+    // Post-copy: the lazy areas are registered before the process may run.
+    let pager = match held.lazy.take() {
+        None => Ok(None),
+        Some(plan) => held.userfaultfd().map_err(|e| e.to_string()).and_then(|uffd| {
+            let mut pager = Pager::new(held.pid(), uffd, plan, tuning.0, tuning.1);
+            pager.settle(&mut medium, timeout)?;
+            pager.register()?;
+            Ok(Some(pager))
+        }),
+    };
+    let mut pager = match pager {
+        Ok(p) => p,
+        Err(e) => {
+            held.abort();
+            let _ = send_verdict(&mut medium, &Verdict::Failed { reason: e.clone() });
+            return end(record, "failed", e);
         }
     };
     let pids = held.pids().clone();
@@ -457,6 +526,20 @@ pub fn serve(manager: &Manager, mut stream: TcpStream, key: Option<&[u8]>, featu
                 record.new_pid = pids.values().next().copied();
                 record.bytes = stats.bytes;
                 record.pages = stats.pages;
+                if let Some(pager) = pager.as_mut() {
+                    let pid = record.new_pid.unwrap_or(0);
+                    if let Err(e) = pager.run(&mut medium, timeout) {
+                        // Without its pages the process cannot go on: it goes, rather than
+                        // hang on a fault; the source still holds its frozen copy.
+                        // SAFETY: killing the process this event restored.
+                        unsafe { libc::kill(pid, libc::SIGKILL) };
+                        record.new_pid = None;
+                        return end(record, "failed after resume", format!("post-copy: {e}; the process here is killed"));
+                    }
+                    let done = serde_json::json!({"type": "lazy-done", "stats": pager.stats});
+                    let _ = send_json(&mut medium, done);
+                    record.pages += pager.stats.pages_faulted + pager.stats.pages_pushed;
+                }
                 end(record, "committed", String::new())
             }
             Err(e) => end(record, "failed", format!("releasing the process: {e}")),

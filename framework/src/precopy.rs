@@ -113,6 +113,10 @@ pub fn run(
     let mut out = Outcome::default();
     let (mut sent_total, mut time_total) = (0u64, 0f64);
     for round in 0.. {
+        if round >= tuning.max_rounds {
+            out.stop = "max rounds";
+            break;
+        }
         let began = Instant::now();
         let mut bytes = 0;
         let mut carried = Vec::new();

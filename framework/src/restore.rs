@@ -14,6 +14,7 @@ use crate::{
     event::{self, EventError, Stats},
     image::{Inventory, PluginEntry, ProcessEntry, RecordReader, INVENTORY_STREAM},
     manager::Manager,
+    postcopy::LazyPlan,
     tracer::{Tracer, SCRATCH_SIZE},
     watchdog::Watchdog,
 };
@@ -196,6 +197,8 @@ pub struct Held {
     started: Instant,
     /// Records and bytes read from each plugin's stream.
     counts: Vec<(u64, u64)>,
+    /// What the memory plugin left to post-copy.
+    pub lazy: Option<LazyPlan>,
 }
 
 impl Held {
@@ -210,6 +213,16 @@ impl Held {
     /// Kills the rebuilt process: only what this restore created.
     pub fn abort(self) {
         self.tracer.kill();
+    }
+
+    /// A userfaultfd of the rebuilt process, held only by ferry (post-copy).
+    pub fn userfaultfd(&mut self) -> Result<std::os::fd::OwnedFd, EventError> {
+        crate::uffd::userfaultfd_in(&mut self.tracer, 0).map_err(EventError::Refused)
+    }
+
+    /// The rebuilt process's pid here.
+    pub fn pid(&self) -> i32 {
+        self.tracer.pid()
     }
 
     /// Image pid → pid here.
@@ -240,6 +253,10 @@ pub fn restore(manager: &Manager, req: &RestoreRequest, progress: &mut dyn FnMut
         EventError::Image(e) => EventError::ImageDir { path: dir, message: e.to_string() },
         other => other,
     })?;
+    if held.lazy.is_some() {
+        held.abort();
+        return Err(EventError::ImageDir { path: req.dir.display().to_string(), message: "it leaves memory to post-copy, which only a migration carries".into() });
+    }
     held.release()
 }
 
@@ -392,10 +409,12 @@ fn rebuild(
         let mut shared = SharedTable::default();
         let mut page_bytes = 0;
         let mut counts = Vec::new();
+        let mut lazy = LazyPlan::default();
         for (loaded, entry) in subs.iter_mut().zip(&plan.plugins) {
             let name = loaded.name.clone();
             watchdog.doing(format!("plugin {name} rebuilds its part"));
             let mut ctx = ExternalContext::new(&mut tracer, &mut shared, &name, watchdog);
+            ctx.lazy_plan = Some(&mut lazy);
             let reader = RecordReader::new(MediumPull { medium: &mut *medium, stream: entry.stream }, entry.stream);
             let mut source = StreamSource { reader, plugin: &name, page_bytes: 0, watchdog };
             event::restart_one(loaded, &mut ctx, &mut source, progress)?;
@@ -412,13 +431,14 @@ fn rebuild(
         event::resume_all(&mut subs, &mut ctx)?;
         event::cleanup_all(&mut subs, &mut ctx, true);
         tracer.unmap_scratch()?;
-        Ok::<_, EventError>((page_bytes / 4096, counts))
+        Ok::<_, EventError>((page_bytes / 4096, counts, lazy))
     })();
     match result {
-        Ok((pages, counts)) => {
+        Ok((pages, counts, lazy)) => {
             stats.pages = pages;
             stats.pids.insert(process.pid.to_string(), pid);
-            Ok(Held { tracer, stats, frozen_at, started, counts })
+            let lazy = (!lazy.areas.is_empty()).then_some(lazy);
+            Ok(Held { tracer, stats, frozen_at, started, counts, lazy })
         }
         Err(e) => {
             // Kill only what this restore created.

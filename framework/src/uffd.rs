@@ -167,3 +167,53 @@ pub(crate) fn pagemap_scan_range(pagemap: &File, start: u64, end: u64, flags: u6
 }
 
 pub(crate) const UFFDIO_UNREGISTER: u64 = ioc(IOC_READ, UFFDIO, 0x01, std::mem::size_of::<UffdioRange>());
+
+/// A userfaultfd of process `tracer.pid()` (stopped), with API `features`: made in the
+/// process by an injected call, fetched into ferry with `pidfd_getfd` and closed in the
+/// process at once, so that only ferry holds it.
+pub(crate) fn userfaultfd_in(tracer: &mut crate::tracer::Tracer, features: u64) -> Result<std::os::fd::OwnedFd, String> {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let pid = tracer.pid();
+    let r = tracer
+        .inject(pid, libc::SYS_userfaultfd, [(libc::O_CLOEXEC | libc::O_NONBLOCK) as u64, 0, 0, 0, 0, 0])
+        .map_err(|e| e.to_string())?;
+    if r < 0 {
+        return Err(format!("userfaultfd in process {pid}: {}", io::Error::from_raw_os_error(-r as i32)));
+    }
+    let target_fd = r as i32;
+    // SAFETY: plain system calls with integer arguments; the pidfd is closed here and
+    // the fetched fd is owned by the OwnedFd made from it.
+    let fetched = unsafe {
+        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0) as i32;
+        if pidfd < 0 {
+            Err(format!("pidfd_open({pid}): {}", io::Error::last_os_error()))
+        } else {
+            let fd = libc::syscall(libc::SYS_pidfd_getfd, pidfd, target_fd, 0) as i32;
+            let e = io::Error::last_os_error();
+            libc::close(pidfd);
+            if fd < 0 {
+                Err(format!("pidfd_getfd of the userfaultfd: {e}"))
+            } else {
+                Ok(OwnedFd::from_raw_fd(fd))
+            }
+        }
+    };
+    let _ = tracer.inject(pid, libc::SYS_close, [target_fd as u64, 0, 0, 0, 0, 0]);
+    let fd = fetched?;
+    let mut api = UffdioApi { api: UFFD_API, features, ioctls: 0 };
+    ioctl_ptr(fd.as_raw_fd(), UFFDIO_API, &mut api).map_err(|e| format!("UFFDIO_API (features {features:#x}): {e}"))?;
+    Ok(fd)
+}
+
+#[repr(C)]
+#[derive(Default)]
+pub(crate) struct UffdioZeropage {
+    pub(crate) range: UffdioRange,
+    pub(crate) mode: u64,
+    pub(crate) zeropage: i64,
+}
+
+pub(crate) const UFFDIO_ZEROPAGE: u64 = ioc(IOC_READ | IOC_WRITE, UFFDIO, 0x04, std::mem::size_of::<UffdioZeropage>());
+pub(crate) const UFFDIO_WAKE: u64 = ioc(IOC_READ, UFFDIO, 0x02, std::mem::size_of::<UffdioRange>());
+/// `uffd_msg.event` of a page fault.
+pub(crate) const UFFD_EVENT_PAGEFAULT: u8 = 0x12;

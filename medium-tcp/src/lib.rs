@@ -36,7 +36,8 @@
 //! | 1    | DATA  | 0 ..= 1024  | stream bytes, at most 64 MiB a frame          |
 //! | 2    | FLUSH | 0           | u64 LE sequence number                        |
 //! | 3    | ACK   | 0           | u64 LE: every FLUSH up to this number reached |
-//! | 4    | END   | 0           | none: no more DATA will follow                |
+//! | 4    | END   | 0           | u32 LE ids of streams that stay open (often   |
+//! |      |       |             | none): no more DATA will follow on the others |
 //! | 5    | CTRL  | 0           | one JSON value, at most 1 MiB                 |
 //!
 //! A receiver refuses anything else (an unknown type, a length over 64 MiB, a stream id
@@ -80,7 +81,9 @@
 //!   from the peer → `{"msg":<JSON>}`; without `timeout_ms` the wait ends only when the
 //!   peer is silent for the medium's timeout, with it after N ms in all cases
 //!   (0 = do not wait)
-//! - `{"op":"end"}` sends END (no more stream data from this side) → `{"ok":true}`
+//! - `{"op":"end"}` sends END (no more stream data from this side) → `{"ok":true}`;
+//!   `{"op":"end","open":[N,…]}` keeps streams N… open after it (post-copy's pages
+//!   follow the image on a stream of their own)
 //! - `{"op":"info"}` → `{"medium":"tcp","peer":"ip:port","bytes_sent":…,
 //!   "bytes_received":…,"buffered_bytes":…,"timeout_ms":…}` (bytes on the wire,
 //!   headers included)
@@ -197,6 +200,8 @@ struct Inbox {
     acked: u64,
     /// The peer sent END.
     ended: bool,
+    /// Streams the peer's END left open.
+    open_after_end: Vec<u32>,
     broken: Option<Broken>,
     /// Stream bytes queued, over all streams.
     buffered: u64,
@@ -589,7 +594,7 @@ impl<'a> FrameReader<'a> {
         let name = ["", "DATA", "FLUSH", "ACK", "END", "CTRL"][kind as usize];
         let len_ok = match kind {
             T_FLUSH | T_ACK => len == 8,
-            T_END => len == 0,
+            T_END => len % 4 == 0 && len <= 4 * (MAX_STREAM as usize + 1),
             T_CTRL => len <= MAX_CTRL,
             _ => true,
         };
@@ -599,7 +604,11 @@ impl<'a> FrameReader<'a> {
         let shared = self.shared;
         match kind {
             T_DATA => {
-                if lock(&shared.inbox).ended {
+                let closed = {
+                    let inbox = lock(&shared.inbox);
+                    inbox.ended && !inbox.open_after_end.contains(&stream)
+                };
+                if closed {
                     return refuse(format!("peer sent data for stream {stream} after its end of data: refusing"));
                 }
                 if len == 0 {
@@ -634,7 +643,12 @@ impl<'a> FrameReader<'a> {
                 shared.arrived.notify_all();
             }
             T_END => {
-                lock(&shared.inbox).ended = true;
+                let mut open = Vec::with_capacity(len);
+                self.payload_into(len, &mut open)?;
+                let mut inbox = lock(&shared.inbox);
+                inbox.open_after_end = open.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+                inbox.ended = true;
+                drop(inbox);
                 shared.arrived.notify_all();
             }
             _ => {
@@ -803,6 +817,8 @@ pub struct TcpMedium {
     flush_seq: u64,
     /// This side sent END.
     end_sent: bool,
+    /// Streams this side's END left open.
+    open_after_end: Vec<u32>,
 }
 
 impl TcpMedium {
@@ -844,7 +860,7 @@ impl TcpMedium {
         });
         let for_reader = Arc::clone(&shared);
         match std::thread::Builder::new().name("ferry-tcp-reader".into()).spawn(move || reader_main(for_reader)) {
-            Ok(handle) => Ok(TcpMedium { shared, reader: Some(handle), peer, flush_seq: 0, end_sent: false }),
+            Ok(handle) => Ok(TcpMedium { shared, reader: Some(handle), peer, flush_seq: 0, end_sent: false, open_after_end: Vec::new() }),
             Err(e) => {
                 // Hand the fd back unclosed: on error it stays the caller's.
                 if let Ok(s) = Arc::try_unwrap(shared) {
@@ -889,7 +905,7 @@ impl TcpMedium {
 impl MediumPlugin for TcpMedium {
     fn pushdata(&mut self, stream: u32, data: &[u8]) -> Result<(), String> {
         Self::check_stream(stream)?;
-        if self.end_sent {
+        if self.end_sent && !self.open_after_end.contains(&stream) {
             return Err(format!("cannot push to stream {stream}: the end of the stream data was already sent"));
         }
         if data.is_empty() {
@@ -933,7 +949,7 @@ impl MediumPlugin for TcpMedium {
             if inbox.has_data(stream) {
                 return Some(Ok(inbox.pop_into(stream, buf)));
             }
-            if inbox.ended {
+            if inbox.ended && !inbox.open_after_end.contains(&stream) {
                 return Some(Ok(0));
             }
             inbox.broken.as_ref().map(|b| Err(b.error(&what)))
@@ -968,10 +984,22 @@ impl MediumPlugin for TcpMedium {
                 json!({ "msg": self.recv(fixed)? })
             }
             "end" => {
-                reject_unknown_keys(&map, &["op"], "command \"end\"")?;
+                let what = "command \"end\"";
+                reject_unknown_keys(&map, &["op", "open"], what)?;
+                let open: Vec<u32> = match map.get("open") {
+                    None => Vec::new(),
+                    Some(Value::Array(ids)) => ids
+                        .iter()
+                        .map(|v| v.as_u64().filter(|&n| n <= MAX_STREAM as u64).map(|n| n as u32))
+                        .collect::<Option<_>>()
+                        .ok_or_else(|| format!("key \"open\" in {what} must list stream ids up to {MAX_STREAM}"))?,
+                    Some(other) => return Err(format!("key \"open\" in {what} must be an array, got {other}")),
+                };
                 if !self.end_sent {
-                    self.send_frame(T_END, &[], "the end of the stream data")?;
+                    let payload: Vec<u8> = open.iter().flat_map(|n| n.to_le_bytes()).collect();
+                    self.send_frame(T_END, &payload, "the end of the stream data")?;
                     self.end_sent = true;
+                    self.open_after_end = open;
                 }
                 json!({ "ok": true })
             }

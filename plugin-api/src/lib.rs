@@ -116,10 +116,22 @@ pub trait ProcessContext {
     /// scanned, as runs; they count as clean again. An error means the range is no
     /// longer tracked as a whole (the process replaced its mapping): treat every page
     /// of it as changed, and track it again.
-    #[sabi(last_prefix_field)]
     fn dirty_scan(&mut self, range: MemRange) -> PResult<RVec<MemRange>> {
         let _ = range;
         RResult::RErr(PluginError::new("ferry", "this event tracks no dirty pages"))
+    }
+    /// Post-copy, source: whether private anonymous memory moves after the process
+    /// resumes on the destination. The memory plugin then lists it (with its layout)
+    /// instead of sending it, and the framework serves it from the frozen process.
+    fn lazy(&self) -> bool {
+        false
+    }
+    /// Post-copy, destination: `areas` (mapped, empty) are filled on demand after the
+    /// process resumes: `present` of them from the source, the rest with zeros.
+    #[sabi(last_prefix_field)]
+    fn lazy_pages(&mut self, areas: RSlice<'_, MemRange>, present: RSlice<'_, MemRange>) -> PResult<()> {
+        let _ = (areas, present);
+        RResult::RErr(PluginError::new("ferry", "this event moves no memory after resume"))
     }
 }
 

@@ -137,6 +137,10 @@ pub struct MmState {
     pub kept: Vec<(u64, u64)>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub zap: Vec<(u64, u64)>,
+    /// Post-copy: pages that follow after the process resumes (the rest of the
+    /// private anonymous areas reads as zeros).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lazy: Vec<(u64, u64)>,
 }
 
 impl MmState {
@@ -171,6 +175,7 @@ impl MmState {
             areas,
             kept: Vec::new(),
             zap: Vec::new(),
+            lazy: Vec::new(),
         })
     }
 
@@ -204,6 +209,11 @@ impl MmState {
         for &(s, e) in &self.kept {
             if s % PAGE != 0 || e % PAGE != 0 || s >= e || !ranges::covers(&premapped, (s, e)) {
                 return Err(format!("the image keeps pre-copied pages at {s:#x}-{e:#x}, outside its private anonymous areas"));
+            }
+        }
+        for &(s, e) in &self.lazy {
+            if s % PAGE != 0 || e % PAGE != 0 || s >= e || !ranges::covers(&premapped, (s, e)) {
+                return Err(format!("the image has lazy pages at {s:#x}-{e:#x}, outside its private anonymous areas"));
             }
         }
         let kept = ranges::normalize(self.kept.clone());
@@ -426,6 +436,7 @@ mod tests {
             areas: vec![],
             kept: vec![],
             zap: vec![],
+            lazy: vec![],
         });
         st.areas = vec![area(0x1000, 0x3000), area(0x2000, 0x4000)];
         assert!(st.validate().is_err());

@@ -213,8 +213,16 @@ impl Memory {
             present.extend(ranges::from_runs(&runs, PAGE));
         }
         let present = ranges::normalize(present);
-        let send = ranges::union(&ranges::subtract(&present, &kept), &ranges::intersect(&dirty, &kept));
+        let mut send = ranges::union(&ranges::subtract(&present, &kept), &ranges::intersect(&dirty, &kept));
         state.zap = ranges::subtract(&ranges::intersect(&self.sent, &kept), &present);
+        if ctx.lazy() {
+            // Post-copy: the private anonymous pages follow after the resume. Kept pages
+            // written since are emptied there, so that touching them fetches them too.
+            let premappable = ranges::normalize(state.areas.iter().filter(|a| a.premappable()).map(|a| (a.start, a.end)).collect());
+            state.lazy = ranges::intersect(&send, &premappable);
+            state.zap = ranges::union(&state.zap, &ranges::intersect(&state.lazy, &kept));
+            send = ranges::subtract(&send, &state.lazy);
+        }
         state.kept = kept;
         self.todo.extend(ranges::to_runs(&send, PAGE));
         self.status.entities_total = self.todo.iter().map(|r| r.1).sum();
@@ -385,9 +393,15 @@ impl Memory {
         for (path, fd) in fds {
             util::syscall(ctx, pid, &format!("close {path}"), libc::SYS_close, [fd, 0, 0, 0, 0, 0])?;
         }
-        // Pages the process dropped after they were sent read as zeros again.
+        // Pages the process dropped after they were sent read as zeros again (and, in
+        // post-copy, pages written since they were sent wait for their new contents).
         for &(s, e) in &state.zap {
             util::syscall(ctx, pid, "madvise", libc::SYS_madvise, [s, e - s, libc::MADV_DONTNEED as u64, 0, 0, 0])?;
+        }
+        if !state.lazy.is_empty() {
+            let areas: Vec<(u64, u64)> = state.areas.iter().filter(|a| a.premappable()).map(|a| (a.start, a.end)).collect();
+            let (areas, present) = (to_mem(&ranges::normalize(areas)), to_mem(&state.lazy));
+            ctx.lazy_pages(areas.as_slice().into(), present.as_slice().into()).into_result().map_err(|e| String::from(e.message))?;
         }
         self.status.entities_total = state.areas.len() as u64;
         self.page_areas = ranges::normalize(state.areas.iter().filter(|a| a.has_pages()).map(|a| (a.start, a.end)).collect());
