@@ -3,7 +3,8 @@
 //! no destructor runs, exactly as if it had been killed from outside. Points:
 //! `after-handshake`, `mid-pages` (after the first MiB of pages is restored),
 //! `before-commit` (the destination holds the rebuilt process), `checkpoint-mid` (after
-//! the first subsystem of a checkpoint wrote its records).
+//! the first subsystem of a checkpoint wrote its records), `post-copy-mid` (the source,
+//! after answering a few page requests of the resumed process).
 
 /// Dies here if the environment asks for a fault at `point`.
 pub fn point(point: &str) {

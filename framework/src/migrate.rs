@@ -98,7 +98,7 @@ fn recv_verdict(medium: &mut MediumBox, timeout: Duration) -> Result<Verdict, St
 
 /// The next verdict, answering the destination's page requests meanwhile (post-copy).
 fn verdict_serving(medium: &mut MediumBox, pid: i32, timeout: Duration) -> Result<Verdict, String> {
-    Verdict::from_json(&serve_until_message(medium, pid, timeout)?.to_string()).map_err(|e| e.to_string())
+    Verdict::from_json(&serve_until_message(medium, pid, timeout, false)?.to_string()).map_err(|e| e.to_string())
 }
 
 /// Announces the process and the plugins' streams ahead of the streams, so the
@@ -254,6 +254,9 @@ pub fn migrate(manager: &Manager, req: &MigrateRequest, progress: &mut dyn FnMut
             }
         }
     };
+    if let Some(t) = throttle.as_mut() {
+        let _ = t.lift();
+    }
     let frozen_at = Instant::now();
     let (mut tracer, freezer) = match quiesce(req.pid, req.quiesce) {
         Ok(q) => q,
@@ -335,7 +338,7 @@ pub fn migrate(manager: &Manager, req: &MigrateRequest, progress: &mut dyn FnMut
             let frozen_ms = event::ms(frozen_at);
             let lazy_stats = if lazy {
                 // Its memory follows from the frozen copy here, kept until the last page.
-                match serve_until_message(medium, req.pid, req.timeout) {
+                match serve_until_message(medium, req.pid, req.timeout, true) {
                     Ok(msg) if msg["type"] == "lazy-done" => serde_json::from_value::<LazyStats>(msg["stats"].clone()).ok(),
                     other => {
                         let why = match other {
@@ -534,7 +537,7 @@ pub fn serve(manager: &Manager, mut stream: TcpStream, key: Option<&[u8]>, featu
                         // SAFETY: killing the process this event restored.
                         unsafe { libc::kill(pid, libc::SIGKILL) };
                         record.new_pid = None;
-                        return end(record, "failed after resume", format!("post-copy: {e}; the process here is killed"));
+                        return end(record, "failed after resume", format!("post-copy: {e}; the process here (pid {pid}) is killed"));
                     }
                     let done = serde_json::json!({"type": "lazy-done", "stats": pager.stats});
                     let _ = send_json(&mut medium, done);

@@ -96,15 +96,21 @@ fn parse_ranges(v: &serde_json::Value) -> Result<Vec<(u64, u64)>, String> {
 }
 
 /// Source: waits for the next message from the destination that is not a page
-/// request, answering page requests from the frozen process `pid` meanwhile.
-pub fn serve_until_message(medium: &mut MediumBox, pid: i32, timeout: Duration) -> Result<serde_json::Value, String> {
+/// request, answering page requests from the frozen process `pid` meanwhile
+/// (`resumed`: the destination's copy already runs).
+pub fn serve_until_message(medium: &mut MediumBox, pid: i32, timeout: Duration, resumed: bool) -> Result<serde_json::Value, String> {
     let mut buf = Vec::new();
+    let mut answered = 0;
     loop {
         let msg = recv_json(medium, timeout)?;
         if msg["type"] != "want" {
             return Ok(msg);
         }
         answer(medium, pid, &msg, &mut buf)?;
+        answered += 1;
+        if resumed && answered == 3 {
+            crate::fault::point("post-copy-mid");
+        }
     }
 }
 

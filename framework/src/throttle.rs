@@ -73,6 +73,16 @@ impl Throttle {
         Ok(share)
     }
 
+    /// Lets the process have all the CPU again (before the freeze: every injected call
+    /// would otherwise wait for the quota to come round).
+    pub fn lift(&mut self) -> Result<(), String> {
+        let set = match self.flavor {
+            Flavor::V2 => write(&self.place.ours.join("cpu.max"), &format!("max {PERIOD_US}")),
+            Flavor::V1 => write(&self.place.ours.join("cpu.cfs_quota_us"), "-1"),
+        };
+        set.map_err(|e| e.to_string())
+    }
+
     pub fn steps(&self) -> u32 {
         self.steps
     }

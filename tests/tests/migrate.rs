@@ -497,3 +497,93 @@ fn precopy_of_a_process_outrunning_the_link_converges_only_when_throttled() {
     let cgroups = std::fs::read_to_string("/proc/self/cgroup").unwrap();
     assert!(!cgroups.contains("ferry-throttle"), "{cgroups}");
 }
+
+/// `ferry migrate --strategy post-copy|hybrid`: the stats, checked, and the new pid.
+fn lazy_stats(o: &std::process::Output, old: i32, strategy: &str, mib: u64) -> (serde_json::Value, i32) {
+    assert!(o.status.success(), "migrate failed: {}", stderr(o));
+    let stats: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(stats["strategy"], strategy, "{stats}");
+    assert_eq!(stats["resumed_ms"], stats["frozen_ms"], "{stats}");
+    for key in ["faults", "pages_faulted", "pages_pushed", "pages_zeroed", "lazy_ms"] {
+        assert!(stats[key].is_number(), "{key} missing from {stats}");
+    }
+    let lazy = stats["pages_faulted"].as_u64().unwrap() + stats["pages_pushed"].as_u64().unwrap();
+    assert!(lazy > 0, "some memory moved after the resume: {stats}");
+    assert!(stats["pages"].as_u64().unwrap() >= mib * 256, "every page of the memory arrived: {stats}");
+    (stats.clone(), stats["pids"][old.to_string()].as_i64().unwrap() as i32)
+}
+
+#[test]
+fn postcopy_resumes_at_once_and_the_process_faults_its_memory_in() {
+    if !is_root() {
+        eprintln!("skipping: migration needs root");
+        return;
+    }
+    let daemon = Daemon::start(None, "127.0.0.1", &[]);
+    // It rewrites memory every millisecond, from the moment it runs again; its threads'
+    // stacks are among the areas that follow after the resume.
+    let mut w = Workload::spawn(&WorkloadOpts { threads: 2, mem_mib: 64, dirty_pages: 256, tick_ms: 1, ..Default::default() });
+    w.wait_ticks(3);
+    let old = w.pid;
+    let (stats, new) = lazy_stats(&migrate(None, old, &daemon.addr, &["--strategy", "post-copy"]), old, "post-copy", 64);
+    eprintln!("post-copy: {stats}");
+    assert_eq!(stats["rounds"], 1, "{stats}");
+    assert!(stats["faults"].as_u64().unwrap() >= 1, "the running process faulted pages in: {stats}");
+    assert!(stats["round_bytes"][0].as_u64().unwrap() < 8 << 20, "the frozen round leaves the memory out: {stats}");
+    wait_until("the source to be gone", Duration::from_secs(30), || !pid_alive(old));
+    w.adopt(new);
+    let at = *w.ticks().last().unwrap();
+    w.wait_ticks(at + 20);
+    w.terminate_and_check(new).unwrap();
+}
+
+#[test]
+fn hybrid_sends_one_round_early_and_the_rest_after_the_resume() {
+    if !is_root() {
+        eprintln!("skipping: migration needs root");
+        return;
+    }
+    let daemon = Daemon::start(None, "127.0.0.1", &[]);
+    let mut w = Workload::spawn(&WorkloadOpts { mem_mib: 32, dirty_pages: 64, tick_ms: 2, churn: true, ..Default::default() });
+    w.wait_ticks(5);
+    let old = w.pid;
+    let (stats, new) = lazy_stats(&migrate(None, old, &daemon.addr, &["--strategy", "hybrid"]), old, "hybrid", 32);
+    eprintln!("hybrid: {stats}");
+    assert_eq!(stats["rounds"], 2, "one pre-copy round, then the frozen one: {stats}");
+    assert!(stats["round_bytes"][0].as_u64().unwrap() >= 32 << 20, "{stats}");
+    wait_until("the source to be gone", Duration::from_secs(30), || !pid_alive(old));
+    w.adopt(new);
+    let at = *w.ticks().last().unwrap();
+    w.wait_ticks(at + 20);
+    w.terminate_and_check(new).unwrap();
+}
+
+#[test]
+fn a_connection_cut_during_postcopy_kills_the_destination_copy_and_the_source_carries_on() {
+    if !is_root() {
+        eprintln!("skipping: migration needs root");
+        return;
+    }
+    let daemon = Daemon::start(None, "127.0.0.1", &[]);
+    let mut w = Workload::spawn(&WorkloadOpts { mem_mib: 64, dirty_pages: 16, tick_ms: 5, ..Default::default() });
+    w.wait_ticks(3);
+    let old = w.pid;
+    // The coordinator dies (SIGKILL) while the resumed process still fetches pages.
+    let o = Command::new(ferry_bin())
+        .args(["migrate", &old.to_string(), "--to", &daemon.addr, "--strategy", "post-copy"])
+        .env("FERRY_FAULT", "post-copy-mid")
+        .output()
+        .unwrap();
+    assert!(!o.status.success(), "{}", stderr(&o));
+    wait_until("the destination to give up", Duration::from_secs(60), || daemon.log().contains("failed after resume"));
+    let log = daemon.log();
+    let new: i32 = log
+        .split("(pid ")
+        .nth(1)
+        .and_then(|t| t.split(')').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {log}"));
+    wait_until("the destination's copy to be gone", Duration::from_secs(30), || !pid_alive(new));
+    // The source, let go when its tracer died, carries on from the freeze.
+    still_fine(&mut w);
+}
