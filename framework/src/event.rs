@@ -148,16 +148,30 @@ pub fn checkpoint_one(
 }
 
 /// Runs one plugin's pre-copy round `round` into `sink`, beside the running process.
+/// `stopped` holds the process stopped for the plugin's first step of the round (where
+/// it looks at the mappings and starts tracking them, which must not race with the
+/// process changing them) and is let go after it.
 pub fn precopy_one(
     loaded: &mut Loaded,
     ctx: &mut crate::context::LiveContext<'_>,
     sink: &mut crate::context::StreamSink<'_>,
     round: u32,
+    mut stopped: Option<crate::tracer::Tracer>,
     progress: &mut dyn FnMut(&str),
 ) -> Result<(), EventError> {
     let mut sref: SinkRef<'_> = RecordSink_TO::from_ptr(sink, TD_Opaque);
     let watchdog = ctx.watchdog;
-    drive(loaded, ctx, watchdog, "pre-copy", |sub, c| sub.precopy(c, &mut sref, round), progress)
+    let result = drive(loaded, ctx, watchdog, "pre-copy", |sub, c| {
+        let answer = sub.precopy(c, &mut sref, round);
+        if let Some(t) = stopped.take() {
+            if let Err(e) = t.detach() {
+                return abi_stable::std_types::RResult::RErr(PluginError::new("ferry", format!("letting the process run again: {e}")));
+            }
+        }
+        answer
+    }, progress);
+    drop(stopped);
+    result
 }
 
 /// Runs one plugin's restart from `source`.

@@ -4,7 +4,8 @@
 //! `after-handshake`, `mid-pages` (after the first MiB of pages is restored),
 //! `before-commit` (the destination holds the rebuilt process), `checkpoint-mid` (after
 //! the first subsystem of a checkpoint wrote its records), `post-copy-mid` (the source,
-//! after answering a few page requests of the resumed process).
+//! after answering a few page requests of the resumed process), `post-copy-dest-mid`
+//! (the destination, once the resumed process has had some of its pages).
 
 /// Dies here if the environment asks for a fault at `point`.
 pub fn point(point: &str) {

@@ -393,6 +393,42 @@ pub fn migrate(manager: &Manager, req: &MigrateRequest, progress: &mut dyn FnMut
     }
 }
 
+/// Post-copy after the commit: the process runs, still traced (it dies with this
+/// daemon rather than run on without its memory), while its pages arrive; then it is
+/// let go.
+fn lazy_commit(
+    held: restore::Held,
+    pager: &mut Pager,
+    medium: &mut MediumBox,
+    timeout: Duration,
+    mut record: EventRecord,
+    end: impl Fn(EventRecord, &'static str, String) -> EventRecord,
+) -> EventRecord {
+    let pid = held.pid();
+    let mut running = match held.run_traced() {
+        Ok(r) => r,
+        Err(e) => return end(record, "failed", format!("releasing the process: {e}")),
+    };
+    let _ = send_verdict(medium, &Verdict::Released);
+    record.new_pid = Some(pid);
+    record.bytes = running.stats.bytes;
+    record.pages = running.stats.pages;
+    if let Err(e) = pager.run(medium, timeout, &mut || running.tend().map_err(|e| e.to_string())) {
+        // Without its pages the process cannot go on: it goes, rather than hang on a
+        // fault; the source still holds its frozen copy.
+        running.kill();
+        record.new_pid = None;
+        return end(record, "failed after resume", format!("post-copy: {e}; the process here (pid {pid}) is killed"));
+    }
+    if let Err(e) = running.finish() {
+        return end(record, "failed after resume", format!("letting the process go: {e}"));
+    }
+    let _ = send_json(medium, serde_json::json!({"type": "lazy-done", "stats": pager.stats}));
+    record.pages += pager.stats.pages_faulted + pager.stats.pages_pushed;
+    record.bytes += (pager.stats.pages_faulted + pager.stats.pages_pushed) * 4096;
+    end(record, "committed", String::new())
+}
+
 /// What the daemon knows of itself for the handshake.
 pub fn local(manager: &Manager, features: &[String]) -> Local {
     let plugins = manager.list().into_iter().map(|m| PluginRef { name: m.name, version: m.version }).collect();
@@ -522,6 +558,19 @@ pub fn serve(manager: &Manager, mut stream: TcpStream, key: Option<&[u8]>, featu
         held.abort();
         return end(record, "rolled back", e);
     }
+    if let Some(pager) = pager.as_mut() {
+        return match recv_verdict(&mut medium, timeout) {
+            Ok(Verdict::Commit) => lazy_commit(held, pager, &mut medium, timeout, record, end),
+            Ok(other) => {
+                held.abort();
+                end(record, "rolled back", format!("the source said {other:?}"))
+            }
+            Err(e) => {
+                held.abort();
+                end(record, "rolled back", e)
+            }
+        };
+    }
     match recv_verdict(&mut medium, timeout) {
         Ok(Verdict::Commit) => match held.release() {
             Ok(stats) => {
@@ -529,20 +578,6 @@ pub fn serve(manager: &Manager, mut stream: TcpStream, key: Option<&[u8]>, featu
                 record.new_pid = pids.values().next().copied();
                 record.bytes = stats.bytes;
                 record.pages = stats.pages;
-                if let Some(pager) = pager.as_mut() {
-                    let pid = record.new_pid.unwrap_or(0);
-                    if let Err(e) = pager.run(&mut medium, timeout) {
-                        // Without its pages the process cannot go on: it goes, rather than
-                        // hang on a fault; the source still holds its frozen copy.
-                        // SAFETY: killing the process this event restored.
-                        unsafe { libc::kill(pid, libc::SIGKILL) };
-                        record.new_pid = None;
-                        return end(record, "failed after resume", format!("post-copy: {e}; the process here (pid {pid}) is killed"));
-                    }
-                    let done = serde_json::json!({"type": "lazy-done", "stats": pager.stats});
-                    let _ = send_json(&mut medium, done);
-                    record.pages += pager.stats.pages_faulted + pager.stats.pages_pushed;
-                }
                 end(record, "committed", String::new())
             }
             Err(e) => end(record, "failed", format!("releasing the process: {e}")),

@@ -313,11 +313,16 @@ impl Pager {
         out
     }
 
-    /// Runs until every page has arrived; the process runs meanwhile.
-    pub fn run(&mut self, medium: &mut MediumBox, timeout: Duration) -> Result<(), String> {
+    /// Runs until every page has arrived; the process runs meanwhile, and `tend`
+    /// (answering its ptrace stops) is called between requests. Ends early, fine,
+    /// when the process exits.
+    pub fn run(&mut self, medium: &mut MediumBox, timeout: Duration, tend: &mut dyn FnMut() -> Result<bool, String>) -> Result<(), String> {
         let started = Instant::now();
         let mut cursor = 0;
         while !self.todo.is_empty() {
+            if !tend()? {
+                break;
+            }
             let mut want: Vec<(u64, u64)> = Vec::new();
             for addr in self.faults()? {
                 let page = addr / PAGE * PAGE;
@@ -342,6 +347,9 @@ impl Pager {
                 cursor = want.last().map_or(0, |r| r.1);
             }
             self.fetch(medium, &want, timeout)?;
+            if self.stats.pages_pushed > 0 {
+                crate::fault::point("post-copy-dest-mid");
+            }
             let mut at = 0;
             for &(s, e) in &want {
                 let len = (e - s) as usize;

@@ -22,6 +22,7 @@ use crate::{
     pipeline::Pipeline,
     protocol::Verdict,
     throttle::Throttle,
+    tracer::Tracer,
     watchdog::Watchdog,
 };
 
@@ -124,9 +125,12 @@ pub fn run(
             let stream = i as u32 + 1;
             let name = loaded.name.clone();
             watchdog.doing(format!("plugin {name}: pre-copy round {round}"));
+            // Stopped while the plugin reads the mappings and tracks them: a mapping the
+            // process grew meanwhile would be split by registering its old extent.
+            let stopped = Tracer::seize(pid)?;
             let mut ctx = LiveContext { pid, scratch, plugin: &name, watchdog, dirty: &mut live.tracker };
             let mut sink = StreamSink::new(pipe, stream, &name, watchdog);
-            event::precopy_one(loaded, &mut ctx, &mut sink, round, progress)?;
+            event::precopy_one(loaded, &mut ctx, &mut sink, round, Some(stopped), progress)?;
             if sink.records > 0 {
                 let mark = serde_json::json!({"round": round}).to_string();
                 sink.put(SYNC_KIND.into(), RecordFormat::Json, mark.as_bytes().into())

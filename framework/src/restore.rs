@@ -210,6 +210,14 @@ impl Held {
         Ok(self.stats)
     }
 
+    /// Lets the process run while ferry still traces it (post-copy): if ferry dies
+    /// before [`Running::finish`], the kernel kills the process.
+    pub fn run_traced(mut self) -> Result<Running, EventError> {
+        self.tracer.run_traced()?;
+        self.stats.frozen_ms = event::ms(self.frozen_at);
+        Ok(Running { tracer: self.tracer, stats: self.stats })
+    }
+
     /// Kills the rebuilt process: only what this restore created.
     pub fn abort(self) {
         self.tracer.kill();
@@ -228,6 +236,29 @@ impl Held {
     /// Image pid → pid here.
     pub fn pids(&self) -> &std::collections::BTreeMap<String, i32> {
         &self.stats.pids
+    }
+}
+
+/// A restored process that runs, still traced by ferry (post-copy).
+pub struct Running {
+    tracer: Tracer,
+    pub stats: Stats,
+}
+
+impl Running {
+    /// Keeps the process going (see [`Tracer::tend`]); false once it is gone.
+    pub fn tend(&mut self) -> Result<bool, EventError> {
+        Ok(self.tracer.tend()?)
+    }
+
+    /// Lets the process go on its own.
+    pub fn finish(self) -> Result<(), EventError> {
+        Ok(self.tracer.detach_running()?)
+    }
+
+    /// Kills it: it cannot go on (its memory will not come).
+    pub fn kill(self) {
+        self.tracer.kill();
     }
 }
 

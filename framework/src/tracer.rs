@@ -138,6 +138,8 @@ pub struct Tracer {
     scratch: Option<u64>,
     /// Set once the threads are let go (or the process killed).
     detached: bool,
+    /// Set while the threads run traced (`run_traced`).
+    running: bool,
 }
 
 impl Tracer {
@@ -168,7 +170,7 @@ impl Tracer {
             .write(true)
             .open(format!("/proc/{pid}/mem"))
             .map_err(|_| TraceError::NoProcess(pid))?;
-        let mut tracer = Tracer { pid, threads: BTreeMap::new(), mem, scratch: None, detached: false };
+        let mut tracer = Tracer { pid, threads: BTreeMap::new(), mem, scratch: None, detached: false, running: false };
         let mut seized: Vec<pid_t> = Vec::new();
         // List until a pass finds no thread we have not seized.
         loop {
@@ -561,8 +563,101 @@ impl Tracer {
         first_err.map_or(Ok(()), Err)
     }
 
+    /// Lets every thread run with the registers it should run with, still traced: a
+    /// process ferry seized with `seize_owned` then dies with ferry (post-copy: rather
+    /// than run on without the memory ferry was to bring it). Call [`Tracer::tend`]
+    /// often meanwhile, and [`Tracer::detach_running`] to let it go.
+    pub fn run_traced(&mut self) -> Result<(), TraceError> {
+        let opts = (libc::PTRACE_O_EXITKILL | libc::PTRACE_O_TRACECLONE | libc::PTRACE_O_TRACEEXEC) as usize;
+        for tid in self.tids() {
+            let t = self.thread(tid)?;
+            let (regs, sig) = (t.regs, std::mem::take(&mut t.pending_signal));
+            setregs(tid, &regs)?;
+            ptrace(libc::PTRACE_SETOPTIONS, tid, 0, opts, "PTRACE_SETOPTIONS")?;
+            ptrace(libc::PTRACE_CONT, tid, 0, sig as usize, "PTRACE_CONT")?;
+        }
+        self.running = true;
+        Ok(())
+    }
+
+    /// Answers the stops of a process running traced, without waiting: signals go on
+    /// to it, new threads are taken in, exited ones forgotten. Answers whether the
+    /// process still lives.
+    pub fn tend(&mut self) -> Result<bool, TraceError> {
+        loop {
+            let mut status = 0;
+            // SAFETY: waitpid with a valid out-pointer; __WNOTHREAD: only this thread's tracees.
+            let tid = unsafe { libc::waitpid(-1, &mut status, libc::__WALL | libc::__WNOTHREAD | libc::WNOHANG) };
+            if tid <= 0 {
+                return Ok(!self.threads.is_empty());
+            }
+            if libc::WIFEXITED(status) || libc::WIFSIGNALED(status) {
+                self.threads.remove(&tid);
+                continue;
+            }
+            if !libc::WIFSTOPPED(status) {
+                continue;
+            }
+            let sig = match event_of(status) {
+                0 => libc::WSTOPSIG(status),
+                libc::PTRACE_EVENT_CLONE => {
+                    let mut msg: libc::c_ulong = 0;
+                    ptrace(libc::PTRACE_GETEVENTMSG, tid, 0, &mut msg as *mut _ as usize, "PTRACE_GETEVENTMSG")?;
+                    // Its registers are never put back (only the list of threads matters
+                    // now): the parent's stand in.
+                    if let Some(regs) = self.threads.get(&tid).map(|t| t.regs) {
+                        self.threads.insert(msg as pid_t, Thread { regs, pending_signal: 0 });
+                    }
+                    0
+                }
+                // A new thread's first stop, a group stop, an exec: carry on.
+                _ => 0,
+            };
+            // A thread may have exited between its stop and this call.
+            let _ = ptrace(libc::PTRACE_CONT, tid, 0, sig as usize, "PTRACE_CONT");
+        }
+    }
+
+    /// Stops the threads of a process running traced and lets them go for good.
+    pub fn detach_running(mut self) -> Result<(), TraceError> {
+        self.running = false;
+        self.detached = true;
+        let mut todo: Vec<pid_t> = self.tids();
+        for &tid in &todo {
+            let _ = ptrace(libc::PTRACE_INTERRUPT, tid, 0, 0, "PTRACE_INTERRUPT");
+        }
+        while let Some(tid) = todo.pop() {
+            loop {
+                let Ok(status) = wait(tid) else { break };
+                if libc::WIFEXITED(status) || libc::WIFSIGNALED(status) || !libc::WIFSTOPPED(status) {
+                    break;
+                }
+                match event_of(status) {
+                    0 => {
+                        // A signal on its way: it goes with the thread.
+                        let _ = ptrace(libc::PTRACE_DETACH, tid, 0, libc::WSTOPSIG(status) as usize, "PTRACE_DETACH");
+                        break;
+                    }
+                    libc::PTRACE_EVENT_CLONE => {
+                        let mut msg: libc::c_ulong = 0;
+                        ptrace(libc::PTRACE_GETEVENTMSG, tid, 0, &mut msg as *mut _ as usize, "PTRACE_GETEVENTMSG")?;
+                        todo.push(msg as pid_t);
+                        let _ = ptrace(libc::PTRACE_CONT, tid, 0, 0, "PTRACE_CONT");
+                    }
+                    _ => {
+                        let _ = ptrace(libc::PTRACE_DETACH, tid, 0, 0, "PTRACE_DETACH");
+                        break;
+                    }
+                }
+            }
+        }
+        self.threads.clear();
+        Ok(())
+    }
+
     /// Kills the traced process (used on a half-built restore child).
     pub fn kill(mut self) {
+        self.running = false;
         // SAFETY: kill on the pid we trace; SIGKILL needs no cooperation.
         unsafe { libc::kill(self.pid, libc::SIGKILL) };
         // The other threads first: the kernel reports the leader's exit only once every
@@ -577,6 +672,12 @@ impl Tracer {
 
 impl Drop for Tracer {
     fn drop(&mut self) {
+        if self.running {
+            // Only a failed post-copy drops a tracer whose process runs traced.
+            // SAFETY: kill on the pid we trace.
+            unsafe { libc::kill(self.pid, libc::SIGKILL) };
+            return;
+        }
         if !self.detached {
             let _ = self.unmap_scratch();
             let _ = self.release();

@@ -1,8 +1,9 @@
 //! Migration algorithms side by side (the paper's figures 3 and 4, measured properly):
 //! processes of several sizes, each dirtying a set share of its memory per second
-//! while it is moved over loopback, by stop-copy and by pre-copy. Prints medians of
-//! frozen time (downtime: freeze → running on the destination), total time, bytes
-//! sent and rounds.
+//! while it is moved over loopback, by stop-copy, pre-copy, post-copy and hybrid.
+//! Prints medians of frozen time (downtime: freeze → running on the destination),
+//! total time (for post-copy and hybrid: until the last page arrived), bytes sent,
+//! rounds, and both times against stop-copy's in the same run.
 //!
 //!     cargo bench -p ferry-tests --bench strategies [-- SIZES_MIB...]
 
@@ -34,14 +35,14 @@ fn main() {
     let _d = daemon(None, &addr, &tmp.path().join("d.sock"), &key);
 
     println!(
-        "{:>6} {:>8} {:>10} {:>10} {:>10} {:>9} {:>7} {:>13}",
-        "MiB", "dirty/s", "strategy", "frozen ms", "total ms", "MB sent", "rounds", "frozen vs s-c"
+        "{:>6} {:>8} {:>10} {:>10} {:>10} {:>9} {:>7} {:>9} {:>9}",
+        "MiB", "dirty/s", "strategy", "frozen ms", "total ms", "MB sent", "rounds", "frozen/sc", "total/sc"
     );
     for &size in &sizes {
         for percent in [0u32, 1, 10] {
             let pages_per_tick = (size as u32 * 256 * percent / 100) / (1000 / TICK_MS);
-            let mut stop_copy_frozen = 0.0;
-            for strategy in ["stop-copy", "pre-copy"] {
+            let (mut sc_frozen, mut sc_total) = (0.0, 0.0);
+            for strategy in ["stop-copy", "pre-copy", "post-copy", "hybrid"] {
                 let runs = 3;
                 let (mut frozen, mut total, mut sent, mut rounds) = (vec![], vec![], vec![], vec![]);
                 for _ in 0..runs {
@@ -70,17 +71,17 @@ fn main() {
                     }
                     drop(w);
                 }
-                let f = median(&mut frozen);
+                let (f, t) = (median(&mut frozen), median(&mut total));
                 if strategy == "stop-copy" {
-                    stop_copy_frozen = f;
+                    (sc_frozen, sc_total) = (f, t);
                 }
                 println!(
-                    "{size:>6} {:>7}% {strategy:>10} {f:>10.1} {:>10.1} {:>9.1} {:>7.0} {:>12.2}x",
+                    "{size:>6} {:>7}% {strategy:>10} {f:>10.1} {t:>10.1} {:>9.1} {:>7.0} {:>8.2}x {:>8.2}x",
                     percent,
-                    median(&mut total),
                     median(&mut sent),
                     median(&mut rounds),
-                    f / stop_copy_frozen
+                    f / sc_frozen,
+                    t / sc_total
                 );
             }
         }
