@@ -163,8 +163,18 @@ impl Pager {
 
     /// Asks the source for `ranges` and answers their bytes, in order.
     fn fetch(&mut self, medium: &mut MediumBox, ranges: &[(u64, u64)], timeout: Duration) -> Result<(), String> {
+        Self::ask(medium, ranges)?;
+        self.receive(medium, ranges, timeout)
+    }
+
+    /// Sends a `want` for `ranges`.
+    fn ask(medium: &mut MediumBox, ranges: &[(u64, u64)]) -> Result<(), String> {
         let list: Vec<[u64; 2]> = ranges.iter().map(|&(s, e)| [s, e - s]).collect();
-        send_json(medium, serde_json::json!({"type": "want", "ranges": list}))?;
+        send_json(medium, serde_json::json!({"type": "want", "ranges": list}))
+    }
+
+    /// Reads the answer to a `want` for `ranges` into the buffer.
+    fn receive(&mut self, medium: &mut MediumBox, ranges: &[(u64, u64)], timeout: Duration) -> Result<(), String> {
         let total: u64 = ranges.iter().map(|r| r.1 - r.0).sum();
         self.buf.resize(total as usize, 0);
         let mut got = 0;
@@ -274,6 +284,8 @@ impl Pager {
 
     /// Answers a fault on a page the source never had (zeros) or one already placed.
     fn settle_fault(&mut self, page: u64) -> Result<(), String> {
+        // Placed already (the fault raced with its copy): wake the thread; else the
+        // source never had it: zeros.
         if self.present.iter().any(|&(s, e)| s <= page && page < e) {
             let mut wake = UffdioRange { start: page, len: PAGE };
             let _ = ioctl_ptr(self.uffd.as_raw_fd(), UFFDIO_WAKE, &mut wake);
@@ -297,12 +309,16 @@ impl Pager {
     /// The next `limit` bytes still to come, from `from` on in address order (then
     /// from the start).
     fn next_batch(&self, from: u64, limit: u64) -> Vec<(u64, u64)> {
-        let first = self.todo.iter().position(|r| r.1 > from).unwrap_or(0);
+        // Past the last run: from the start again.
+        let (first, from) = match self.todo.iter().position(|r| r.1 > from) {
+            Some(i) => (i, from),
+            None => (0, 0),
+        };
         let mut out = Vec::new();
         let mut room = limit;
         for i in 0..self.todo.len() {
             let (s, e) = self.todo[(first + i) % self.todo.len()];
-            let s = if i == 0 { s.max(from.min(e - PAGE) / PAGE * PAGE) } else { s };
+            let s = if i == 0 { s.max(from / PAGE * PAGE) } else { s };
             let take = (e - s).min(room);
             out.push((s, s + take));
             room -= take;
@@ -319,20 +335,24 @@ impl Pager {
     pub fn run(&mut self, medium: &mut MediumBox, timeout: Duration, tend: &mut dyn FnMut() -> Result<bool, String>) -> Result<(), String> {
         let started = Instant::now();
         let mut cursor = 0;
-        while !self.todo.is_empty() {
+        // Requests sent and not answered yet, in order: the next batch is asked for
+        // before the last one is placed, so the source reads while this side copies.
+        let mut inflight: VecDeque<Vec<(u64, u64)>> = VecDeque::new();
+        while !self.todo.is_empty() || !inflight.is_empty() {
             if !tend()? {
                 break;
             }
             let mut want: Vec<(u64, u64)> = Vec::new();
             for addr in self.faults()? {
                 let page = addr / PAGE * PAGE;
+                let on_the_way = |r: &[(u64, u64)]| r.iter().any(|&(a, b)| a <= page && page < b);
+                if on_the_way(&want) || inflight.iter().any(|w| on_the_way(w)) {
+                    continue; // its UFFDIO_COPY wakes it
+                }
                 let Some(&(s, e)) = self.todo.iter().find(|&&(s, e)| s <= page && page < e) else {
                     self.settle_fault(page)?;
                     continue;
                 };
-                if want.iter().any(|&(a, b)| a <= page && page < b) {
-                    continue;
-                }
                 // A window around the fault, within the run that holds it.
                 let lo = page.saturating_sub(self.window / 2).max(s);
                 let hi = (lo + self.window).min(e);
@@ -341,21 +361,33 @@ impl Pager {
                 want.push((lo, hi));
                 cursor = hi;
             }
-            if want.is_empty() {
-                want = self.next_batch(cursor, self.batch);
-                self.stats.pages_pushed += want.iter().map(|r| (r.1 - r.0) / PAGE).sum::<u64>();
-                cursor = want.last().map_or(0, |r| r.1);
+            for &r in &want {
+                subtract_one(&mut self.todo, r);
             }
-            self.fetch(medium, &want, timeout)?;
+            if !want.is_empty() {
+                Self::ask(medium, &want)?;
+                inflight.push_back(want);
+            }
+            while inflight.len() < 2 && !self.todo.is_empty() {
+                let batch = self.next_batch(cursor, self.batch);
+                self.stats.pages_pushed += batch.iter().map(|r| (r.1 - r.0) / PAGE).sum::<u64>();
+                cursor = batch.last().map_or(0, |r| r.1);
+                for &r in &batch {
+                    subtract_one(&mut self.todo, r);
+                }
+                Self::ask(medium, &batch)?;
+                inflight.push_back(batch);
+            }
+            let Some(ranges) = inflight.pop_front() else { continue };
+            self.receive(medium, &ranges, timeout)?;
             if self.stats.pages_pushed > 0 {
                 crate::fault::point("post-copy-dest-mid");
             }
             let mut at = 0;
-            for &(s, e) in &want {
+            for &(s, e) in &ranges {
                 let len = (e - s) as usize;
                 self.place(s, &self.buf[at..at + len])?;
                 at += len;
-                subtract_one(&mut self.todo, (s, e));
             }
         }
         self.stats.lazy_ms = crate::event::ms(started);
@@ -374,6 +406,18 @@ mod tests {
         assert!(parse_ranges(&serde_json::json!([[4096, 0]])).is_err());
         assert!(parse_ranges(&serde_json::json!([[0, 65 << 20]])).is_err());
         assert!(parse_ranges(&serde_json::json!("x")).is_err());
+    }
+
+    #[test]
+    fn batches_go_on_in_address_order_and_wrap_to_the_start() {
+        let uffd = std::fs::File::open("/dev/null").unwrap().into();
+        let plan = LazyPlan { areas: vec![], present: vec![(0x1000, 0x5000), (0x8000, 0xa000)] };
+        let p = Pager::new(0, uffd, plan, 4096, 0x2000);
+        assert_eq!(p.next_batch(0, 0x2000), vec![(0x1000, 0x3000)]);
+        assert_eq!(p.next_batch(0x2000, 0x2000), vec![(0x2000, 0x4000)]);
+        assert_eq!(p.next_batch(0x4000, 0x2000), vec![(0x4000, 0x5000), (0x8000, 0x9000)]);
+        // Past the end: from the first page again, never the last page of a run.
+        assert_eq!(p.next_batch(0xb000, 0x2000), vec![(0x1000, 0x3000)]);
     }
 
     #[test]
