@@ -1173,9 +1173,9 @@ mod tests {
         assert_eq!(UFFDIO_REGISTER, 0xC020_AA00);
         assert_eq!(UFFDIO_COPY, 0xC028_AA03);
         assert_eq!(UFFDIO_WRITEPROTECT, 0xC018_AA06);
-        assert_eq!(PAGEMAP_SCAN, 0xC060_6610);
+        assert_eq!(ferry_plugin_api::pagemap::PAGEMAP_SCAN, 0xC060_6610);
         assert_eq!(std::mem::size_of::<CloneArgs>(), 88);
-        assert_eq!(std::mem::size_of::<PmScanArg>(), 96);
+        assert_eq!(std::mem::size_of::<ferry_plugin_api::pagemap::PmScanArg>(), 96);
     }
 
     #[test]

@@ -319,6 +319,8 @@ pub fn migrate(manager: &Manager, req: &MigrateRequest, progress: &mut dyn FnMut
             // leave two copies to sort out, but never none.
             let medium = medium.as_mut().ok_or_else(|| refused("no medium"))?;
             let released = send_verdict(medium, &Verdict::Commit).and_then(|_| verdict_serving(medium, req.pid, req.timeout));
+            // Downtime ends here: the process runs on the destination.
+            let frozen_ms = event::ms(frozen_at);
             if let Some(l) = live {
                 l.tracker.stop();
             }
@@ -334,8 +336,6 @@ pub fn migrate(manager: &Manager, req: &MigrateRequest, progress: &mut dyn FnMut
                     return Err(refused(format!("the destination did not confirm running the process ({why}); it runs on here")));
                 }
             }
-            // Downtime ends here: the process runs on the destination.
-            let frozen_ms = event::ms(frozen_at);
             let lazy_stats = if lazy {
                 // Its memory follows from the frozen copy here, kept until the last page.
                 match serve_until_message(medium, req.pid, req.timeout, true) {

@@ -2,7 +2,7 @@
 //! userfaultfd (linux/userfaultfd.h) and PAGEMAP_SCAN (linux/fs.h). Used by
 //! `ferry check` and by dirty-page tracking.
 
-use std::{fs::File, io, os::fd::{AsRawFd, RawFd}};
+use std::{fs::File, io, os::fd::RawFd};
 
 pub(crate) const fn ioc(dir: u64, ty: u64, nr: u64, size: usize) -> u64 {
     (dir << 30) | ((size as u64) << 16) | (ty << 8) | nr
@@ -87,41 +87,7 @@ pub(crate) const UFFDIO_API: u64 = ioc(
     std::mem::size_of::<UffdioApi>(),
 );
 
-#[repr(C)]
-#[derive(Default)]
-pub(crate) struct PmScanArg {
-    pub(crate) size: u64,
-    pub(crate) flags: u64,
-    pub(crate) start: u64,
-    pub(crate) end: u64,
-    pub(crate) walk_end: u64,
-    pub(crate) vec: u64,
-    pub(crate) vec_len: u64,
-    pub(crate) max_pages: u64,
-    pub(crate) category_inverted: u64,
-    pub(crate) category_mask: u64,
-    pub(crate) category_anyof_mask: u64,
-    pub(crate) return_mask: u64,
-}
-
-#[repr(C)]
-#[derive(Default, Clone, Copy, Debug)]
-pub(crate) struct PageRegion {
-    pub(crate) start: u64,
-    pub(crate) end: u64,
-    pub(crate) categories: u64,
-}
-
-pub(crate) const PAGEMAP_SCAN: u64 = ioc(
-    IOC_READ | IOC_WRITE,
-    b'f' as u64,
-    16,
-    std::mem::size_of::<PmScanArg>(),
-);
-pub(crate) const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
-pub(crate) const PM_SCAN_CHECK_WPASYNC: u64 = 1 << 1;
-pub(crate) const PAGE_IS_WRITTEN: u64 = 1 << 1;
-pub(crate) const PAGE_IS_PRESENT: u64 = 1 << 3;
+pub(crate) use ferry_plugin_api::pagemap::{PAGE_IS_PRESENT, PAGE_IS_WRITTEN, PM_SCAN_CHECK_WPASYNC, PM_SCAN_WP_MATCHING};
 
 /// `ioctl(fd, request, arg)` with a pointer argument.
 pub(crate) fn ioctl_ptr<T>(fd: RawFd, request: u64, arg: &mut T) -> io::Result<libc::c_int> {
@@ -136,34 +102,10 @@ pub(crate) fn ioctl_ptr<T>(fd: RawFd, request: u64, arg: &mut T) -> io::Result<l
     }
 }
 
-/// PAGEMAP_SCAN over `[start, end)` of the process whose pagemap is open, in as many
-/// calls as the answer needs: the (start, end) of every region in `category`. With
-/// `PM_SCAN_WP_MATCHING` the pages reported are write-protected again.
+/// PAGEMAP_SCAN over `[start, end)` of the process whose pagemap is open: the
+/// (start, end) of every region in `category` (see [`ferry_plugin_api::pagemap::scan`]).
 pub(crate) fn pagemap_scan_range(pagemap: &File, start: u64, end: u64, flags: u64, category: u64) -> io::Result<Vec<(u64, u64)>> {
-    let mut out = Vec::new();
-    let mut vec = [PageRegion::default(); 64];
-    let mut at = start;
-    while at < end {
-        let mut arg = PmScanArg {
-            size: std::mem::size_of::<PmScanArg>() as u64,
-            flags,
-            start: at,
-            end,
-            vec: vec.as_mut_ptr() as u64,
-            vec_len: vec.len() as u64,
-            category_mask: category,
-            return_mask: category,
-            ..Default::default()
-        };
-        let n = ioctl_ptr(pagemap.as_raw_fd(), PAGEMAP_SCAN, &mut arg)? as usize;
-        out.extend(vec[..n.min(vec.len())].iter().map(|r| (r.start, r.end)));
-        // The kernel stops early when the vector is full; walk_end says where.
-        if arg.walk_end <= at {
-            break;
-        }
-        at = arg.walk_end;
-    }
-    Ok(out)
+    ferry_plugin_api::pagemap::scan(pagemap, start, end, flags, ferry_plugin_api::pagemap::Categories::all_of(category))
 }
 
 pub(crate) const UFFDIO_UNREGISTER: u64 = ioc(IOC_READ, UFFDIO, 0x01, std::mem::size_of::<UffdioRange>());

