@@ -124,6 +124,27 @@ fn encode_action(a: &Action) -> [u8; SIGACTION_SIZE] {
 }
 
 /// The default action: `SIG_DFL`, no flags, nothing masked.
+/// The signals whose action may differ from the default in process `ctx.pid()`: those
+/// `/proc/PID/status` lists as caught or ignored, and SIGCHLD (whose flags matter even
+/// with the default handler). Every signal when the status cannot be read. Each signal
+/// asked for or set costs an injected call: a process usually has a handful.
+fn maybe_set(ctx: &mut ContextRef<'_>) -> u64 {
+    let all = u64::MAX;
+    let Ok(text) = util::proc_text(ctx, "status") else { return all };
+    let mask = |key: &str| {
+        text.lines().find_map(|l| l.strip_prefix(key)).and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+    };
+    match (mask("SigCgt:"), mask("SigIgn:")) {
+        (Some(caught), Some(ignored)) => caught | ignored | 1 << (libc::SIGCHLD - 1),
+        _ => all,
+    }
+}
+
+/// Whether bit `sig - 1` of `mask` is set.
+fn in_mask(mask: u64, sig: i32) -> bool {
+    mask & (1u64 << (sig - 1)) != 0
+}
+
 fn is_default(a: &Action) -> bool {
     a.handler == 0 && a.flags == 0 && a.mask == 0
 }
@@ -317,7 +338,8 @@ impl Plugin {
         let mut scratch = Scratch::new(ctx);
         let at = scratch.alloc(SIGACTION_SIZE as u64)?;
         let mut actions = Vec::new();
-        for sig in (1..=NSIG).filter(|&s| settable(s)) {
+        let asked = maybe_set(ctx);
+        for sig in (1..=NSIG).filter(|&s| settable(s) && in_mask(asked, s)) {
             util::syscall(ctx, pid, &format!("rt_sigaction({sig})"), libc::SYS_rt_sigaction, [sig as u64, 0, at, 8, 0, 0])?;
             let b = util::read_memory(ctx, at, SIGACTION_SIZE).map_err(|e| format!("signal {sig}: reading its action: {e}"))?;
             let a = decode_action(sig, &b)?;
@@ -357,7 +379,11 @@ impl Plugin {
         let pid = ctx.pid();
         let mut scratch = Scratch::new(ctx);
         let at = scratch.alloc(SIGACTION_SIZE as u64)?;
-        for sig in (1..=NSIG).filter(|&s| settable(s)) {
+        // What the child has set (it inherits ferry's own dispositions), and what the
+        // image sets: everything else is at its default already.
+        let set_here = maybe_set(ctx);
+        let wanted = |sig: i32| set_here == u64::MAX || in_mask(set_here, sig) || a.actions.iter().any(|x| x.sig == sig);
+        for sig in (1..=NSIG).filter(|&s| settable(s) && wanted(s)) {
             let act = a.actions.iter().find(|x| x.sig == sig).copied().unwrap_or(Action {
                 sig,
                 handler: 0,
