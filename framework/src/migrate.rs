@@ -307,7 +307,7 @@ pub fn migrate(manager: &Manager, req: &MigrateRequest, progress: &mut dyn FnMut
         let end = if lazy { serde_json::json!({"op": "end", "open": [LAZY_STREAM]}) } else { serde_json::json!({"op": "end"}) };
         medium.command(RStr::from_str(&end.to_string())).into_result().map_err(|e| refused(e.message.into_string()))?;
         match verdict_serving(medium, req.pid, req.timeout).map_err(|e| refused(format!("waiting for the destination: {e}")))? {
-            Verdict::Rebuilt { pids, .. } => { if std::env::var_os("FERRY_T").is_some() { eprintln!("S rebuilt {:.1}", event::ms(frozen_at)); } Ok((bytes, pages, pids)) },
+            Verdict::Rebuilt { pids, .. } => Ok((bytes, pages, pids)),
             Verdict::Failed { reason } => Err(refused(format!("the destination could not rebuild the process: {reason}"))),
             other => Err(refused(format!("unexpected message from the destination: {other:?}"))),
         }
