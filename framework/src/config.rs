@@ -175,6 +175,21 @@ named_enum! {
     }
 }
 
+named_enum! {
+    /// How pre-copy finds the pages written between rounds (`ferry check` says what
+    /// this kernel has).
+    pub enum DirtyTracking ("dirty-page tracking", default Auto) {
+        /// The best this kernel has: userfaultfd, else page hashes.
+        Auto => "auto",
+        /// userfaultfd write-protection (async) and PAGEMAP_SCAN (Linux 6.7+).
+        Userfaultfd => "userfaultfd",
+        /// `/proc/PID/clear_refs` and pagemap bit 55 (not in this build).
+        SoftDirty => "soft-dirty",
+        /// A hash of every page, compared each round: slow, works everywhere.
+        PageHash => "page-hash",
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // The configuration
 
@@ -258,6 +273,8 @@ pub struct PreCopyTuning {
     pub max_rounds: u32,
     /// Auto-converge: throttle a process that dirties faster than the link sends (cpu.max).
     pub throttle: bool,
+    /// How the pages written between rounds are found.
+    pub dirty_tracking: DirtyTracking,
 }
 
 impl Default for PreCopyTuning {
@@ -266,6 +283,7 @@ impl Default for PreCopyTuning {
             downtime_budget_ms: 30,
             max_rounds: 10,
             throttle: true,
+            dirty_tracking: DirtyTracking::Auto,
         }
     }
 }
@@ -801,7 +819,8 @@ mod tests {
             PreCopyTuning {
                 downtime_budget_ms: 30,
                 max_rounds: 10,
-                throttle: true
+                throttle: true,
+                dirty_tracking: DirtyTracking::Auto
             }
         );
         assert_eq!(
@@ -890,6 +909,7 @@ mod tests {
                     downtime_budget_ms: 50,
                     max_rounds: 4,
                     throttle: false,
+                    dirty_tracking: DirtyTracking::Auto,
                 },
                 post_copy: PostCopyTuning {
                     fault_window_kib: 64,
@@ -1356,6 +1376,7 @@ mod tests {
             "tuning.pre_copy.downtime_budget_ms",
             "tuning.pre_copy.max_rounds",
             "tuning.pre_copy.throttle",
+            "tuning.pre_copy.dirty_tracking",
             "tuning.post_copy.fault_window_kib",
             "tuning.post_copy.push_batch_kib",
             "tuning.hybrid.precopy_rounds",

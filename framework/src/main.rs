@@ -354,6 +354,7 @@ fn run(cli: Cli) -> Outcome {
                     budget: Duration::from_millis(config.tuning.pre_copy.downtime_budget_ms),
                     max_rounds: config.tuning.pre_copy.max_rounds,
                     throttle: config.tuning.pre_copy.throttle,
+                    tracking: config.tuning.pre_copy.dirty_tracking,
                 },
                 hybrid_rounds: config.tuning.hybrid.precopy_rounds,
                 fault_window: config.tuning.post_copy.fault_window_kib as u64 * 1024,

@@ -145,7 +145,7 @@ fn precopy_phase(
     let (mut tracer, _) = quiesce(req.pid, Quiesce::Ptrace).map_err(|e| (e, None))?;
     let mut medium = medium;
     let started = send_plan(&mut medium, &mut tracer, subs, req).and_then(|scratch| {
-        let tracker = DirtyTracker::start(&mut tracer, &[]).map_err(|e| refused(format!("dirty-page tracking: {e}")))?;
+        let tracker = DirtyTracker::start(&mut tracer, &[], tuning.tracking).map_err(|e| refused(format!("dirty-page tracking: {e}")))?;
         Ok((scratch, tracker))
     });
     let (scratch, tracker) = match started {
@@ -199,12 +199,16 @@ pub fn migrate(manager: &Manager, req: &MigrateRequest, progress: &mut dyn FnMut
     tracer::check_target(req.pid)?;
     let mut subs = event::load_subsystems(manager, &req.subsystems)?;
     let lease = manager.acquire(PluginKind::Medium, "tcp")?;
-    let hybrid = precopy::Tuning { budget: Duration::ZERO, max_rounds: req.hybrid_rounds, throttle: false };
+    let hybrid = precopy::Tuning { budget: Duration::ZERO, max_rounds: req.hybrid_rounds, throttle: false, tracking: req.pre_copy.tracking };
     let (precopy, lazy) = match req.strategy {
         Strategy::StopCopy => (None, false),
         Strategy::PreCopy => (Some(&req.pre_copy), false),
         Strategy::PostCopy => (None, true),
         Strategy::Hybrid => (Some(&hybrid), true),
+    };
+    let tracking = match precopy {
+        Some(t) => Some(crate::dirty::resolve(t.tracking).map_err(refused)?),
+        None => None,
     };
 
     let addr = req
@@ -243,6 +247,7 @@ pub fn migrate(manager: &Manager, req: &MigrateRequest, progress: &mut dyn FnMut
                 // Unlimited until a round fails to shrink the dirty set.
                 throttle = Throttle::new(req.pid).ok();
             }
+            let tuning = &precopy::Tuning { tracking: tracking.unwrap_or(tuning.tracking), ..*tuning };
             match precopy_phase(req, tuning, &mut subs, medium, &mut throttle, progress) {
                 Ok((medium, live, scratch, outcome)) => (medium, Some((live, scratch)), outcome),
                 Err((e, medium)) => {

@@ -49,6 +49,7 @@ pub struct Tuning {
     pub budget: Duration,
     pub max_rounds: u32,
     pub throttle: bool,
+    pub tracking: crate::config::DirtyTracking,
 }
 
 #[derive(Debug, Clone, Serialize)]

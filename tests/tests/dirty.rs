@@ -1,7 +1,7 @@
 //! Dirty-page tracking on a live process (for pre-copy): userfaultfd write-protect in
 //! async mode, created in the target, and PAGEMAP_SCAN from outside.
 
-use ferry::{dirty::DirtyTracker, tracer::Tracer};
+use ferry::{config::DirtyTracking, dirty::DirtyTracker, tracer::Tracer};
 use ferry_tests::workload::{Workload, WorkloadOpts};
 
 fn is_root() -> bool {
@@ -16,14 +16,23 @@ fn has_userfaultfd(pid: i32) -> bool {
 }
 
 #[test]
-fn finds_exactly_the_pages_a_running_process_writes_and_leaves_no_trace() {
-    if !is_root() {
-        eprintln!("skipping: needs root (ptrace, pidfd_getfd)");
-        return;
-    }
+fn userfaultfd_finds_exactly_the_pages_a_running_process_writes_and_leaves_no_trace() {
     let features = ferry::check::probe_all();
     if !ferry::check::find(&features, "userfaultfd-wp-async").is_some_and(|f| f.present) {
         eprintln!("skipping: this kernel lacks userfaultfd WP-async; pre-copy falls back to page hashes");
+        return;
+    }
+    finds_exactly_the_written_pages(DirtyTracking::Userfaultfd);
+}
+
+#[test]
+fn page_hashes_find_exactly_the_pages_a_running_process_writes() {
+    finds_exactly_the_written_pages(DirtyTracking::PageHash);
+}
+
+fn finds_exactly_the_written_pages(how: DirtyTracking) {
+    if !is_root() {
+        eprintln!("skipping: needs root (ptrace, pidfd_getfd)");
         return;
     }
     // 8 MiB of patterned memory, 4 pages of it rewritten every tick, cycling.
@@ -33,7 +42,7 @@ fn finds_exactly_the_pages_a_running_process_writes_and_leaves_no_trace() {
     let pid = w.pid;
 
     let mut tracer = Tracer::seize(pid).unwrap();
-    let mut tracker = DirtyTracker::start(&mut tracer, &[(start, end)]).unwrap();
+    let mut tracker = DirtyTracker::start(&mut tracer, &[(start, end)], how).unwrap();
     assert!(tracker.scan().unwrap().is_empty(), "nothing is dirty right after the start");
     tracer.detach().unwrap();
 

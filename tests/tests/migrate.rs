@@ -622,3 +622,31 @@ fn a_destination_dying_during_postcopy_takes_its_copy_along_and_the_source_carri
     wait_until("no copy of the process left", Duration::from_secs(30), || copies_of(&w, old).is_empty());
     still_fine(&mut w);
 }
+
+#[test]
+fn precopy_with_page_hashes_moves_a_process_that_keeps_writing() {
+    if !is_root() {
+        eprintln!("skipping: migration needs root");
+        return;
+    }
+    let daemon = Daemon::start(None, "127.0.0.1", &[]);
+    let mut w = Workload::spawn(&WorkloadOpts { mem_mib: 16, dirty_pages: 16, tick_ms: 5, churn: true, ..Default::default() });
+    w.wait_ticks(3);
+    let old = w.pid;
+    let dir = tempfile::tempdir().unwrap();
+    let config = precopy_config(dir.path(), "hash.json", r#"{"dirty_tracking": "page-hash"}"#);
+    let (stats, new) = precopy_stats(&migrate_with_config(&config, old, &daemon.addr), old);
+    eprintln!("pre-copy with page hashes: {stats}");
+    wait_until("the source to be gone", Duration::from_secs(30), || !pid_alive(old));
+    w.adopt(new);
+    let at = *w.ticks().last().unwrap();
+    w.wait_ticks(at + 10);
+    w.terminate_and_check(new).unwrap();
+
+    // Soft-dirty is refused before anything is touched.
+    let mut w = Workload::spawn(&WorkloadOpts::default());
+    w.wait_ticks(2);
+    let config = precopy_config(dir.path(), "soft.json", r#"{"dirty_tracking": "soft-dirty"}"#);
+    fails(&migrate_with_config(&config, w.pid, &daemon.addr), "soft-dirty");
+    still_fine(&mut w);
+}
