@@ -101,6 +101,14 @@ fn verdict_serving(medium: &mut MediumBox, pid: i32, timeout: Duration) -> Resul
     Verdict::from_json(&serve_until_message(medium, pid, timeout, false)?.to_string()).map_err(|e| e.to_string())
 }
 
+/// What the destination answered instead of what was expected, or why it did not.
+fn unexpected<T: std::fmt::Debug>(answer: Result<T, String>) -> String {
+    match answer {
+        Ok(v) => format!("it answered {v:?}"),
+        Err(e) => e,
+    }
+}
+
 /// Announces the process and the plugins' streams ahead of the streams, so the
 /// destination starts rebuilding while they arrive.
 fn send_plan(medium: &mut MediumBox, tracer: &mut Tracer, subs: &[Loaded], req: &MigrateRequest) -> Result<u64, EventError> {
@@ -332,12 +340,9 @@ pub fn migrate(manager: &Manager, req: &MigrateRequest, progress: &mut dyn FnMut
             match released {
                 Ok(Verdict::Released) => {}
                 other => {
-                    let why = match other {
-                        Ok(v) => format!("it answered {v:?}"),
-                        Err(e) => e,
-                    };
                     let_go(tracer, None);
                     drop(freezer);
+                    let why = unexpected(other);
                     return Err(refused(format!("the destination did not confirm running the process ({why}); it runs on here")));
                 }
             }
@@ -346,12 +351,9 @@ pub fn migrate(manager: &Manager, req: &MigrateRequest, progress: &mut dyn FnMut
                 match serve_until_message(medium, req.pid, req.timeout, true) {
                     Ok(msg) if msg["type"] == "lazy-done" => serde_json::from_value::<LazyStats>(msg["stats"].clone()).ok(),
                     other => {
-                        let why = match other {
-                            Ok(m) => format!("it said {m}"),
-                            Err(e) => e,
-                        };
                         let_go(tracer, None);
                         drop(freezer);
+                        let why = unexpected(other);
                         return Err(refused(format!(
                             "the connection failed during post-copy ({why}): the destination's copy is killed; this one carries on from the freeze"
                         )));
@@ -563,20 +565,10 @@ pub fn serve(manager: &Manager, mut stream: TcpStream, key: Option<&[u8]>, featu
         held.abort();
         return end(record, "rolled back", e);
     }
-    if let Some(pager) = pager.as_mut() {
-        return match recv_verdict(&mut medium, timeout) {
-            Ok(Verdict::Commit) => lazy_commit(held, pager, &mut medium, timeout, record, end),
-            Ok(other) => {
-                held.abort();
-                end(record, "rolled back", format!("the source said {other:?}"))
-            }
-            Err(e) => {
-                held.abort();
-                end(record, "rolled back", e)
-            }
-        };
-    }
     match recv_verdict(&mut medium, timeout) {
+        Ok(Verdict::Commit) if pager.is_some() => {
+            lazy_commit(held, pager.as_mut().expect("checked"), &mut medium, timeout, record, end)
+        }
         Ok(Verdict::Commit) => match held.release() {
             Ok(stats) => {
                 let _ = send_verdict(&mut medium, &Verdict::Released);

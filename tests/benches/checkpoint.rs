@@ -59,17 +59,7 @@ fn read_reference(dir: &Path, bytes: usize) -> f64 {
 }
 
 fn main() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("the checkpoint benchmark needs root");
-        return;
-    }
-    // Measure the optimised build unless told otherwise.
-    if std::env::var_os("FERRY_BIN").is_none() {
-        std::env::set_var("FERRY_BIN", ferry_tests::root().join("target/release/ferry"));
-    }
-    let args: Vec<u64> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
-    let sizes = if args.is_empty() { vec![1, 9, 64, 256, 1024] } else { args };
+    let Some(sizes) = ferry_tests::bench::start("checkpoint", &[1, 9, 64, 256, 1024], false) else { return };
     let base = Path::new("/dev/shm").join(format!("ferry-bench-{}", std::process::id()));
     std::fs::create_dir_all(&base).unwrap();
     let buf = vec![0x5au8; 8 << 20];

@@ -16,17 +16,7 @@ use ferry_tests::{
 const TICK_MS: u32 = 10;
 
 fn main() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("the strategies benchmark needs root");
-        return;
-    }
-    if std::env::var_os("FERRY_BIN").is_none() {
-        std::env::set_var("FERRY_BIN", ferry_tests::root().join("target/release/ferry"));
-    }
-    let args: Vec<u64> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
-    ferry_tests::warm_guest_memory();
-    let sizes = if args.is_empty() { vec![64, 256, 1024] } else { args };
+    let Some(sizes) = ferry_tests::bench::start("strategies", &[64, 256, 1024], true) else { return };
     let tmp = tempfile::tempdir().unwrap();
     let key = tmp.path().join("key");
     std::fs::write(&key, "benchmark key, long enough\n").unwrap();

@@ -1,4 +1,4 @@
-//! What the benchmarks share: medians, and a daemon to migrate to.
+//! What the benchmarks share: their start, medians, and a daemon to migrate to.
 
 use std::{
     path::Path,
@@ -7,6 +7,26 @@ use std::{
 };
 
 use crate::{ferry_bin, wait_until};
+
+/// The start of every benchmark: it needs root (else it says so and answers `None`),
+/// measures the optimised build unless `FERRY_BIN` names another, and answers the
+/// sizes in MiB given on its command line, or `default`. With `warm`, the guest's
+/// memory is touched first (a first touch costs a hypervisor fault on these VMs).
+pub fn start(name: &str, default: &[u64], warm: bool) -> Option<Vec<u64>> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("the {name} benchmark needs root");
+        return None;
+    }
+    if std::env::var_os("FERRY_BIN").is_none() {
+        std::env::set_var("FERRY_BIN", crate::root().join("target/release/ferry"));
+    }
+    let args: Vec<u64> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
+    if warm {
+        crate::warm_guest_memory();
+    }
+    Some(if args.is_empty() { default.to_vec() } else { args })
+}
 
 pub fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());

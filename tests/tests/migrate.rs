@@ -110,6 +110,21 @@ fn fails(o: &std::process::Output, needle: &str) {
     assert!(err.contains(needle), "expected {needle:?} in: {err}");
 }
 
+/// After a migration of `old` to `new`: the source goes, and the process carries on
+/// there for `ticks` more ticks.
+fn moved(w: &mut Workload, old: i32, new: i32, ticks: u64) {
+    wait_until("the source to be gone", Duration::from_secs(30), || !pid_alive(old));
+    w.adopt(new);
+    let at = *w.ticks().last().unwrap();
+    w.wait_ticks(at + ticks);
+}
+
+/// [`moved`], and then the process passes its own check.
+fn carries_on(w: &mut Workload, old: i32, new: i32, ticks: u64) {
+    moved(w, old, new, ticks);
+    w.terminate_and_check(new).unwrap();
+}
+
 /// The source keeps running and passes its own check after a failed migration.
 fn still_fine(w: &mut Workload) {
     assert!(pid_alive(w.pid));
@@ -141,11 +156,7 @@ fn migrates_the_workload_over_loopback() {
     assert_eq!(event["new_pid"], new);
     assert_eq!(event["pid"], old);
     assert!(event["bytes"].as_u64().unwrap() > 8 << 20, "{event}");
-    wait_until("the source to be gone", Duration::from_secs(30), || !pid_alive(old));
-    w.adopt(new);
-    let at = *w.ticks().last().unwrap();
-    w.wait_ticks(at + 3);
-    w.terminate_and_check(new).unwrap();
+    carries_on(&mut w, old, new, 3);
     assert!(daemon.log().contains("committed"), "{}", daemon.log());
 }
 
@@ -388,11 +399,6 @@ fn precopy_moves_a_process_that_keeps_writing_and_freezes_it_only_for_the_last_p
         eprintln!("skipping: migration needs root");
         return;
     }
-    let features = ferry::check::probe_all();
-    if !ferry::check::find(&features, "userfaultfd-wp-async").is_some_and(|f| f.present) {
-        eprintln!("skipping: this kernel lacks userfaultfd WP-async (pre-copy's dirty tracking)");
-        return;
-    }
     let daemon = Daemon::start(None, "127.0.0.1", &[]);
     // 64 MiB, 32 pages rewritten every 10 ms tick (~12 MiB/s), two extra threads.
     let mut w = Workload::spawn(&WorkloadOpts { threads: 2, mem_mib: 64, dirty_pages: 32, tick_ms: 10, ..Default::default() });
@@ -407,22 +413,13 @@ fn precopy_moves_a_process_that_keeps_writing_and_freezes_it_only_for_the_last_p
     assert!(first >= 64 << 20, "round 0 sends all the memory: {stats}");
     assert!(last < first / 4, "the frozen round sends only what was written since: {stats}");
     assert_eq!(stats["precopy_stop"], "converged", "{stats}");
-    wait_until("the source to be gone", Duration::from_secs(30), || !pid_alive(old));
-    w.adopt(new);
-    let at = *w.ticks().last().unwrap();
-    w.wait_ticks(at + 3);
-    w.terminate_and_check(new).unwrap();
+    carries_on(&mut w, old, new, 3);
 }
 
 #[test]
 fn precopy_follows_areas_mapped_moved_emptied_and_replaced_between_rounds() {
     if !is_root() {
         eprintln!("skipping: migration needs root");
-        return;
-    }
-    let features = ferry::check::probe_all();
-    if !ferry::check::find(&features, "userfaultfd-wp-async").is_some_and(|f| f.present) {
-        eprintln!("skipping: this kernel lacks userfaultfd WP-async (pre-copy's dirty tracking)");
         return;
     }
     let daemon = Daemon::start(None, "127.0.0.1", &[]);
@@ -433,11 +430,7 @@ fn precopy_follows_areas_mapped_moved_emptied_and_replaced_between_rounds() {
     let old = w.pid;
     let (stats, new) = precopy_stats(&migrate(None, old, &daemon.addr, &["--strategy", "pre-copy"]), old);
     eprintln!("pre-copy with churn: {stats}");
-    wait_until("the source to be gone", Duration::from_secs(30), || !pid_alive(old));
-    w.adopt(new);
-    let at = *w.ticks().last().unwrap();
-    w.wait_ticks(at + 20);
-    w.terminate_and_check(new).unwrap();
+    carries_on(&mut w, old, new, 20);
 }
 
 /// A config file of pre-copy tuning.
@@ -459,11 +452,6 @@ fn precopy_of_a_process_outrunning_the_link_converges_only_when_throttled() {
         eprintln!("skipping: migration needs root");
         return;
     }
-    let features = ferry::check::probe_all();
-    if !ferry::check::find(&features, "userfaultfd-wp-async").is_some_and(|f| f.present) {
-        eprintln!("skipping: this kernel lacks userfaultfd WP-async (pre-copy's dirty tracking)");
-        return;
-    }
     let daemon = Daemon::start(None, "127.0.0.1", &[]);
     // All 32 MiB rewritten every millisecond tick: far faster than any link.
     let mut w = Workload::spawn(&WorkloadOpts { mem_mib: 32, dirty_pages: 8192, tick_ms: 1, ..Default::default() });
@@ -475,10 +463,7 @@ fn precopy_of_a_process_outrunning_the_link_converges_only_when_throttled() {
     eprintln!("pre-copy without throttle: {stats}");
     assert_eq!(stats["precopy_stop"], "not shrinking", "{stats}");
     assert_eq!(stats["throttle"], 0, "{stats}");
-    wait_until("the source to be gone", Duration::from_secs(30), || !pid_alive(old));
-    w.adopt(mid);
-    let at = *w.ticks().last().unwrap();
-    w.wait_ticks(at + 3);
+    moved(&mut w, old, mid, 3);
 
     // Again, from where it landed, with auto-converge.
     let on = precopy_config(dir.path(), "on.json", r#"{"throttle": true, "max_rounds": 20}"#);
@@ -488,11 +473,7 @@ fn precopy_of_a_process_outrunning_the_link_converges_only_when_throttled() {
     assert_eq!(stats["precopy_stop"], "converged", "{stats}");
     let rounds = stats["round_bytes"].as_array().unwrap();
     assert!(rounds.last().unwrap().as_u64().unwrap() < 32 << 20, "{stats}");
-    wait_until("the source to be gone", Duration::from_secs(30), || !pid_alive(mid));
-    w.adopt(new);
-    let at = *w.ticks().last().unwrap();
-    w.wait_ticks(at + 3);
-    w.terminate_and_check(new).unwrap();
+    carries_on(&mut w, mid, new, 3);
     // The process went home from ferry's throttle cgroup, unthrottled.
     let cgroups = std::fs::read_to_string("/proc/self/cgroup").unwrap();
     assert!(!cgroups.contains("ferry-throttle"), "{cgroups}");
@@ -530,11 +511,7 @@ fn postcopy_resumes_at_once_and_the_process_faults_its_memory_in() {
     assert_eq!(stats["rounds"], 1, "{stats}");
     assert!(stats["faults"].as_u64().unwrap() >= 1, "the running process faulted pages in: {stats}");
     assert!(stats["round_bytes"][0].as_u64().unwrap() < 8 << 20, "the frozen round leaves the memory out: {stats}");
-    wait_until("the source to be gone", Duration::from_secs(30), || !pid_alive(old));
-    w.adopt(new);
-    let at = *w.ticks().last().unwrap();
-    w.wait_ticks(at + 20);
-    w.terminate_and_check(new).unwrap();
+    carries_on(&mut w, old, new, 20);
 }
 
 #[test]
@@ -556,11 +533,7 @@ fn hybrid_sends_one_round_early_and_the_rest_after_the_resume() {
     eprintln!("hybrid: {stats}");
     assert_eq!(stats["rounds"], 2, "one pre-copy round, then the frozen one: {stats}");
     assert!(stats["round_bytes"][0].as_u64().unwrap() >= 32 << 20, "{stats}");
-    wait_until("the source to be gone", Duration::from_secs(30), || !pid_alive(old));
-    w.adopt(new);
-    let at = *w.ticks().last().unwrap();
-    w.wait_ticks(at + 20);
-    w.terminate_and_check(new).unwrap();
+    carries_on(&mut w, old, new, 20);
 }
 
 #[test]
@@ -637,11 +610,7 @@ fn precopy_with_page_hashes_moves_a_process_that_keeps_writing() {
     let config = precopy_config(dir.path(), "hash.json", r#"{"dirty_tracking": "page-hash"}"#);
     let (stats, new) = precopy_stats(&migrate_with_config(&config, old, &daemon.addr), old);
     eprintln!("pre-copy with page hashes: {stats}");
-    wait_until("the source to be gone", Duration::from_secs(30), || !pid_alive(old));
-    w.adopt(new);
-    let at = *w.ticks().last().unwrap();
-    w.wait_ticks(at + 10);
-    w.terminate_and_check(new).unwrap();
+    carries_on(&mut w, old, new, 10);
 
     // Soft-dirty is refused before anything is touched.
     let mut w = Workload::spawn(&WorkloadOpts::default());
