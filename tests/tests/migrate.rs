@@ -474,9 +474,13 @@ fn precopy_of_a_process_outrunning_the_link_converges_only_when_throttled() {
     let rounds = stats["round_bytes"].as_array().unwrap();
     assert!(rounds.last().unwrap().as_u64().unwrap() < 32 << 20, "{stats}");
     carries_on(&mut w, mid, new, 3);
-    // The process went home from ferry's throttle cgroup, unthrottled.
-    let cgroups = std::fs::read_to_string("/proc/self/cgroup").unwrap();
-    assert!(!cgroups.contains("ferry-throttle"), "{cgroups}");
+    // ferry's throttle cgroup went with the event.
+    for root in ["/sys/fs/cgroup/cpu", "/sys/fs/cgroup/unified", "/sys/fs/cgroup"] {
+        let left: Vec<String> = std::fs::read_dir(root)
+            .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with("ferry-throttle-")).collect())
+            .unwrap_or_default();
+        assert!(left.is_empty(), "{root}: {left:?}");
+    }
 }
 
 /// `ferry migrate --strategy post-copy|hybrid`: the stats, checked, and the new pid.
@@ -618,4 +622,31 @@ fn precopy_with_page_hashes_moves_a_process_that_keeps_writing() {
     let config = precopy_config(dir.path(), "soft.json", r#"{"dirty_tracking": "soft-dirty"}"#);
     fails(&migrate_with_config(&config, w.pid, &daemon.addr), "soft-dirty");
     still_fine(&mut w);
+}
+
+#[test]
+fn a_precopy_that_fails_mid_round_leaves_the_source_untracked_unthrottled_and_running() {
+    if !is_root() {
+        eprintln!("skipping: migration needs root");
+        return;
+    }
+    // The daemon dies once a MiB of pages has arrived: in pre-copy's first round.
+    let daemon = Daemon::start_env(None, "127.0.0.1", &[], Some("mid-pages"));
+    let mut w = Workload::spawn(&WorkloadOpts { mem_mib: 32, dirty_pages: 16, tick_ms: 5, ..Default::default() });
+    w.wait_ticks(3);
+    let o = migrate(None, w.pid, &daemon.addr, &["--strategy", "pre-copy"]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let cgroups = std::fs::read_to_string(format!("/proc/{}/cgroup", w.pid)).unwrap();
+    assert!(!cgroups.contains("ferry-"), "back in its own cgroups: {cgroups}");
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", w.pid)).unwrap();
+    // No scratch area of ferry's (the only writable and executable mapping it makes).
+    assert!(!maps.lines().any(|l| l.contains(" rwxp ")), "{maps}");
+    let fds: Vec<String> = std::fs::read_dir(format!("/proc/{}/fd", w.pid))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok().map(|l| l.to_string_lossy().into_owned()))
+        .collect();
+    assert!(!fds.iter().any(|l| l.contains("userfaultfd")), "{fds:?}");
+    still_fine(&mut w);
+    assert_eq!(copies_of(&w, w.pid), Vec::<i32>::new());
 }
