@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, DirBuilder, File, OpenOptions};
-use std::io::{self, BufReader, BufWriter, ErrorKind, Read, Write};
+use std::io::{self, BufReader, ErrorKind, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
@@ -35,9 +35,14 @@ impl Role {
     }
 }
 
+/// A stream file being written: small pushes (record headers, metadata) gather in
+/// `pending`; a large one goes out together with them in one `writev`, never copied.
 struct Writer {
     path: PathBuf,
-    out: BufWriter<File>,
+    file: File,
+    pending: Vec<u8>,
+    /// When `pending` is written out on its own.
+    capacity: usize,
     /// Bytes pushed, buffered ones included: what `stream_len` answers in write role.
     len: u64,
     /// Pushed since the last fsync, so `flush` only syncs files that changed.
@@ -45,6 +50,32 @@ struct Writer {
     /// Set after a failed write or fsync: the file then holds an unknown prefix (and a
     /// retried fsync can falsely succeed), so the stream must not be used any more.
     failed: Option<String>,
+}
+
+/// Pushes at least this big are written straight from the caller's buffer.
+const LARGE_PUSH: usize = 64 << 10;
+
+impl Writer {
+    /// Appends `data` (an empty push writes out what gathered).
+    fn push(&mut self, data: &[u8]) -> io::Result<()> {
+        if !data.is_empty() && data.len() < LARGE_PUSH && self.pending.len() + data.len() <= self.capacity {
+            self.pending.extend_from_slice(data);
+            return Ok(());
+        }
+        let mut parts = [io::IoSlice::new(&self.pending), io::IoSlice::new(data)];
+        let mut slices: &mut [io::IoSlice<'_>] = &mut parts;
+        io::IoSlice::advance_slices(&mut slices, 0);
+        while !slices.is_empty() {
+            match self.file.write_vectored(slices) {
+                Ok(0) => return Err(io::Error::new(ErrorKind::WriteZero, "the file took no more bytes")),
+                Ok(n) => io::IoSlice::advance_slices(&mut slices, n),
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        self.pending.clear();
+        Ok(())
+    }
 }
 
 struct Reader {
@@ -200,9 +231,9 @@ impl FileMedium {
                 .open(&path)
                 .map_err(|e| format!("cannot create stream {stream} file {}: {e}", path.display()))?;
             self.dirs_to_sync.insert(self.dir.clone());
-            let out = BufWriter::with_capacity(self.buffer, file);
+            let pending = Vec::with_capacity(self.buffer.min(LARGE_PUSH));
             // A new (empty) file is dirty too: flush must make its name and length durable.
-            self.writers.insert(stream, Writer { path, out, len: 0, dirty: true, failed: None });
+            self.writers.insert(stream, Writer { path, file, pending, capacity: self.buffer, len: 0, dirty: true, failed: None });
         }
         self.writers
             .get_mut(&stream)
@@ -274,9 +305,9 @@ impl MediumPlugin for FileMedium {
         if let Some(e) = &w.failed {
             return Err(format!("stream {stream} file {} failed earlier and is unusable: {e}", w.path.display()));
         }
-        // BufWriter copies small pushes into its buffer and hands ones at least as big as
-        // the buffer straight to write(2): one system call per buffer, never per page.
-        if let Err(e) = w.out.write_all(data) {
+        // Small pushes gather; a large one leaves with them in one writev(2): one system
+        // call per record of pages, and its bytes are never copied in user space.
+        if let Err(e) = w.push(data) {
             let msg = format!("cannot write {} bytes to stream {stream} file {}: {e}", data.len(), w.path.display());
             w.failed = Some(msg.clone());
             return Err(msg);
@@ -358,12 +389,10 @@ impl MediumPlugin for FileMedium {
                 continue;
             }
             let result = w
-                .out
-                .flush()
+                .push(&[])
                 .map_err(|e| format!("cannot write stream {stream} file {}: {e}", w.path.display()))
                 .and_then(|()| {
-                    w.out
-                        .get_ref()
+                    w.file
                         .sync_all()
                         .map_err(|e| format!("cannot fsync stream {stream} file {}: {e}", w.path.display()))
                 });
