@@ -370,14 +370,26 @@ fn migrates_between_two_hosts_and_back() {
     w.wait_ticks(3);
     let first = w.pid;
     let second = new_pid(&migrate(Some(&hosts.a), first, &db.addr, &["--auth-key", k]), first);
-    w.adopt(second);
-    let at = *w.ticks().last().unwrap();
-    w.wait_ticks(at + 3);
+    moved(&mut w, first, second, 3);
     let third = new_pid(&migrate(Some(&hosts.b), second, &da.addr, &["--auth-key", k]), second);
-    w.adopt(third);
-    let at = *w.ticks().last().unwrap();
-    w.wait_ticks(at + 3);
+    moved(&mut w, second, third, 3);
     w.terminate_and_check(third).unwrap();
+
+    // Every strategy across the link, there and back, with a process that keeps writing.
+    let mut w = spawn_in(&hosts.a, &WorkloadOpts { threads: 1, mem_mib: 16, dirty_pages: 16, tick_ms: 5, ..Default::default() });
+    w.wait_ticks(3);
+    let (mut pid, mut on_a) = (w.pid, true);
+    for strategy in ["pre-copy", "post-copy", "hybrid", "stop-copy"] {
+        let (from, to) = if on_a { (&hosts.a, &db.addr) } else { (&hosts.b, &da.addr) };
+        let o = migrate(Some(from), pid, to, &["--auth-key", k, "--strategy", strategy]);
+        assert!(o.status.success(), "{strategy}: {}", stderr(&o));
+        let stats: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(stats["strategy"], strategy, "{stats}");
+        let new = stats["pids"][pid.to_string()].as_i64().unwrap() as i32;
+        moved(&mut w, pid, new, 3);
+        (pid, on_a) = (new, !on_a);
+    }
+    w.terminate_and_check(pid).unwrap();
 }
 
 /// `ferry migrate --strategy pre-copy`: the stats of the event, checked, and the new pid.
