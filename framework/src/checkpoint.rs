@@ -87,6 +87,7 @@ pub fn checkpoint(manager: &Manager, req: &CheckpointRequest, progress: &mut dyn
         }
     };
 
+    crate::fault::pause("checkpoint-frozen");
     // The last resort if a plugin stops answering: the tracer thread is stuck in it, so
     // remove the partial image and exit; the kernel then detaches the process, which
     // carries on.

@@ -15,3 +15,18 @@ pub fn point(point: &str) {
         unsafe { libc::raise(libc::SIGKILL) };
     }
 }
+
+/// Waits here, for tests, if the environment says `FERRY_PAUSE=<point>:<file>`: creates
+/// `<file>` and goes on once it is removed (or after a minute). Lets a test act at a
+/// precise moment of an event, such as signalling a process while it is frozen.
+pub fn pause(point: &str) {
+    let Ok(spec) = std::env::var("FERRY_PAUSE") else { return };
+    let Some((p, file)) = spec.split_once(':') else { return };
+    if p != point || std::fs::write(file, b"").is_err() {
+        return;
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while std::path::Path::new(file).exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}

@@ -75,6 +75,20 @@ fn wait(tid: pid_t) -> Result<i32, TraceError> {
     }
 }
 
+/// The blocked-signal mask of stopped tracee `tid` (`PTRACE_GETSIGMASK`).
+fn get_sigmask(tid: pid_t) -> Result<u64, TraceError> {
+    let mut mask: u64 = 0;
+    ptrace(libc::PTRACE_GETSIGMASK, tid, 8, &mut mask as *mut u64 as usize, "PTRACE_GETSIGMASK")?;
+    Ok(mask)
+}
+
+/// Sets it (`PTRACE_SETSIGMASK`): no return to user space, so nothing is delivered.
+fn set_sigmask(tid: pid_t, mask: u64) -> Result<(), TraceError> {
+    let mut m = mask;
+    ptrace(libc::PTRACE_SETSIGMASK, tid, 8, &mut m as *mut u64 as usize, "PTRACE_SETSIGMASK")?;
+    Ok(())
+}
+
 fn event_of(status: i32) -> i32 {
     (status >> 16) & 0xff
 }
@@ -478,6 +492,58 @@ impl Tracer {
     }
 
     fn inject_at(&mut self, site: u64, tid: pid_t, nr: i64, args: [u64; 6]) -> Result<i64, TraceError> {
+        // Every signal stays blocked while our call runs: one pending (or arriving) is
+        // then neither delivered on the way back from it nor taken out of the queue by
+        // us, and keeps its siginfo for the process (or the image). A call about the
+        // mask itself is done with ptrace instead, which never returns to user space.
+        if nr == libc::SYS_rt_sigprocmask {
+            return self.sigprocmask(tid, args);
+        }
+        let mask = get_sigmask(tid)?;
+        set_sigmask(tid, u64::MAX)?;
+        let r = self.inject_unmasked(site, tid, nr, args);
+        // A thread the call ended has no mask left to put back.
+        let restored = if self.threads.contains_key(&tid) { set_sigmask(tid, mask) } else { Ok(()) };
+        let v = r?;
+        restored?;
+        Ok(v)
+    }
+
+    /// `rt_sigprocmask(how, set, oldset, size)` for thread `tid`, done with
+    /// `PTRACE_GETSIGMASK`/`SETSIGMASK` and the process's memory: as the kernel would,
+    /// but without letting the thread run.
+    fn sigprocmask(&mut self, tid: pid_t, args: [u64; 6]) -> Result<i64, TraceError> {
+        let [how, set, old, size, ..] = args;
+        if size != 8 {
+            return Ok(-(libc::EINVAL as i64));
+        }
+        let now = get_sigmask(tid)?;
+        let mut new = None;
+        if set != 0 {
+            let mut b = [0u8; 8];
+            if self.peek(set, &mut b).is_err() {
+                return Ok(-(libc::EFAULT as i64));
+            }
+            let given = u64::from_le_bytes(b);
+            new = Some(match how as i32 {
+                libc::SIG_BLOCK => now | given,
+                libc::SIG_UNBLOCK => now & !given,
+                libc::SIG_SETMASK => given,
+                _ => return Ok(-(libc::EINVAL as i64)),
+            });
+        }
+        if old != 0 && self.poke(old, &now.to_le_bytes()).is_err() {
+            return Ok(-(libc::EFAULT as i64));
+        }
+        if let Some(m) = new {
+            // SIGKILL and SIGSTOP cannot be blocked (the kernel drops them too).
+            let unblockable = 1u64 << (libc::SIGKILL - 1) | 1u64 << (libc::SIGSTOP - 1);
+            set_sigmask(tid, m & !unblockable)?;
+        }
+        Ok(0)
+    }
+
+    fn inject_unmasked(&mut self, site: u64, tid: pid_t, nr: i64, args: [u64; 6]) -> Result<i64, TraceError> {
         let saved = self.thread(tid)?.regs;
         let mut regs = saved;
         regs.rip = site;

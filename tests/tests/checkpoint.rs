@@ -101,6 +101,52 @@ fn one_thread_with_memory_files_and_signals() {
 }
 
 #[test]
+fn a_signal_sent_while_frozen_is_in_the_image_and_reaches_both_copies() {
+    if !needs_root() {
+        return;
+    }
+    let mut w = Workload::spawn(&WorkloadOpts { mem_mib: 2, ..Default::default() });
+    w.wait_ready();
+    w.wait_ticks(2);
+    let image = tempfile::tempdir().unwrap();
+    let dir = image.path().join("img");
+    let marker = image.path().join("frozen");
+    // ferry waits once every thread is stopped; the signal then stays pending, and the
+    // calls ferry makes in the process must neither deliver nor swallow it.
+    let mut child = std::process::Command::new(ferry_tests::ferry_bin())
+        .args(["checkpoint", &w.pid.to_string(), "--dir", dir.to_str().unwrap(), "--leave-running", "--json"])
+        .env("FERRY_PAUSE", format!("checkpoint-frozen:{}", marker.display()))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    ferry_tests::wait_until("ferry to hold the process stopped", DEADLINE, || marker.exists());
+    assert!(send_signal(w.pid, libc::SIGUSR1));
+    std::fs::remove_file(&marker).unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "checkpoint failed: {}", stderr(&o));
+    // The original gets it once let go,
+    w.wait_line("usr1 1");
+    let show = ferry(&["show", dir.to_str().unwrap(), "--json"]);
+    let shown: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
+    assert!(shown.to_string().contains(r#""shared":[{"info":"0a00"#), "the image holds the pending SIGUSR1: {shown}");
+    let original = w.pid;
+    ferry_tests::workload::kill_pid(original);
+    wait_gone(original);
+    // and so does its copy, from the image, with the handler it had.
+    let before = w.lines().len();
+    let new = restore(&dir, original);
+    w.adopt(new);
+    ferry_tests::wait_until("the copy's SIGUSR1", DEADLINE, || w.lines()[before..].iter().any(|l| l == "usr1 1"));
+    assert!(send_signal(new, libc::SIGTERM));
+    ferry_tests::wait_until("the copy's verdict", DEADLINE, || {
+        w.lines()[before..].iter().any(|l| l == "PASS" || l.starts_with("FAIL"))
+    });
+    assert!(w.lines()[before..].iter().any(|l| l == "PASS"), "{}", w.log_text());
+    wait_gone(new);
+}
+
+#[test]
 fn eight_threads() {
     if !needs_root() {
         return;
