@@ -12,9 +12,9 @@ use std::{
 };
 
 use ferry_tests::{
-    bench::median,
+    bench::{kill_and_wait, median},
     ferry,
-    workload::{kill_pid, Workload, WorkloadOpts},
+    workload::{Workload, WorkloadOpts},
 };
 
 
@@ -95,7 +95,7 @@ fn main() {
             let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
             rs.push(r["total_ms"].as_f64().unwrap());
             for pid in r["pids"].as_object().unwrap().values() {
-                kill_pid(pid.as_i64().unwrap() as i32);
+                kill_and_wait(pid.as_i64().unwrap() as i32);
             }
             std::fs::remove_dir_all(&dir).unwrap();
             if !refs_first {

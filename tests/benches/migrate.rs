@@ -13,9 +13,9 @@ use std::{
 };
 
 use ferry_tests::{
-    bench::{daemon, in_ns, median},
+    bench::{daemon, in_ns, kill_and_wait, median},
     ferry_bin,
-    workload::{kill_pid, Workload, WorkloadOpts},
+    workload::{Workload, WorkloadOpts},
 };
 
 /// Enters network namespace `ns` for the calling thread.
@@ -139,7 +139,7 @@ fn main() {
                 tot.push(s["total_ms"].as_f64().unwrap());
                 fr.push(s["frozen_ms"].as_f64().unwrap());
                 for pid in s["pids"].as_object().unwrap().values() {
-                    kill_pid(pid.as_i64().unwrap() as i32);
+                    kill_and_wait(pid.as_i64().unwrap() as i32);
                 }
                 drop(w);
                 if !raw_first {

@@ -8,9 +8,9 @@
 //!     cargo bench -p ferry-tests --bench strategies [-- SIZES_MIB...]
 
 use ferry_tests::{
-    bench::{daemon, in_ns, median},
+    bench::{daemon, in_ns, kill_and_wait, median},
     ferry_bin,
-    workload::{kill_pid, Workload, WorkloadOpts},
+    workload::{Workload, WorkloadOpts},
 };
 
 const TICK_MS: u32 = 10;
@@ -33,7 +33,7 @@ fn main() {
             let pages_per_tick = (size as u32 * 256 * percent / 100) / (1000 / TICK_MS);
             let (mut sc_frozen, mut sc_total) = (0.0, 0.0);
             for strategy in ["stop-copy", "pre-copy", "post-copy", "hybrid"] {
-                let runs = 3;
+                let runs = 5;
                 let (mut frozen, mut total, mut sent, mut rounds) = (vec![], vec![], vec![], vec![]);
                 for _ in 0..runs {
                     let opts = WorkloadOpts {
@@ -57,7 +57,7 @@ fn main() {
                     sent.push(s["bytes"].as_f64().unwrap() / 1e6);
                     rounds.push(s["rounds"].as_f64().unwrap());
                     for pid in s["pids"].as_object().unwrap().values() {
-                        kill_pid(pid.as_i64().unwrap() as i32);
+                        kill_and_wait(pid.as_i64().unwrap() as i32);
                     }
                     drop(w);
                 }

@@ -28,6 +28,13 @@ pub fn start(name: &str, default: &[u64], warm: bool) -> Option<Vec<u64>> {
     Some(if args.is_empty() { default.to_vec() } else { args })
 }
 
+/// Kills `pid` and waits until it is gone: a dying process of a GiB frees its memory
+/// for a while, and must not do it during the next measurement.
+pub fn kill_and_wait(pid: i32) {
+    crate::workload::kill_pid(pid);
+    wait_until("a killed process to be gone", Duration::from_secs(60), || !crate::workload::pid_alive(pid));
+}
+
 pub fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
