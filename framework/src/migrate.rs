@@ -405,7 +405,7 @@ pub fn migrate(manager: &Manager, req: &MigrateRequest, progress: &mut dyn FnMut
 /// let go.
 fn lazy_commit(
     held: restore::Held,
-    pager: &mut Pager,
+    mut pager: Pager,
     medium: &mut MediumBox,
     timeout: Duration,
     mut record: EventRecord,
@@ -427,12 +427,16 @@ fn lazy_commit(
         record.new_pid = None;
         return end(record, "failed after resume", format!("post-copy: {e}; the process here (pid {pid}) is killed"));
     }
+    // Every page is in: the userfaultfd goes first (a thread waiting for us to read a
+    // mapping change of its own is let go by that, and could not be stopped before),
+    // then the tracer.
+    let stats = pager.finish();
     if let Err(e) = running.finish() {
         return end(record, "failed after resume", format!("letting the process go: {e}"));
     }
-    let _ = send_json(medium, serde_json::json!({"type": "lazy-done", "stats": pager.stats}));
-    record.pages += pager.stats.pages_faulted + pager.stats.pages_pushed;
-    record.bytes += (pager.stats.pages_faulted + pager.stats.pages_pushed) * 4096;
+    let _ = send_json(medium, serde_json::json!({"type": "lazy-done", "stats": stats}));
+    record.pages += stats.pages_faulted + stats.pages_pushed;
+    record.bytes += (stats.pages_faulted + stats.pages_pushed) * 4096;
     end(record, "committed", String::new())
 }
 
@@ -567,7 +571,7 @@ pub fn serve(manager: &Manager, mut stream: TcpStream, key: Option<&[u8]>, featu
     }
     match recv_verdict(&mut medium, timeout) {
         Ok(Verdict::Commit) if pager.is_some() => {
-            lazy_commit(held, pager.as_mut().expect("checked"), &mut medium, timeout, record, end)
+            lazy_commit(held, pager.take().expect("checked"), &mut medium, timeout, record, end)
         }
         Ok(Verdict::Commit) => match held.release() {
             Ok(stats) => {

@@ -114,46 +114,79 @@ pub fn serve_until_message(medium: &mut MediumBox, pid: i32, timeout: Duration, 
     }
 }
 
+/// A run of pages still to come: where it is in the process now, and where it was on
+/// the source (the process may move it with mremap before it arrives).
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Run {
+    at: u64,
+    end: u64,
+    src: u64,
+}
+
+/// Part of an answer on its way: `len` bytes for `at` in the process, at offset `off`
+/// of the answer.
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct Piece {
+    at: u64,
+    len: u64,
+    off: u64,
+}
+
+/// What the userfaultfd reports.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Event {
+    Fault(u64),
+    /// mremap moved `len` bytes from `from` to `to`.
+    Moved { from: u64, to: u64, len: u64 },
+    /// Unmapped, or emptied (MADV_DONTNEED): what was there must not come back.
+    Gone { start: u64, end: u64 },
+}
+
+/// `[at, at + len)` against `[lo, hi)`: the parts before, inside and after, as
+/// (start, len).
+fn split(at: u64, len: u64, lo: u64, hi: u64) -> [Option<(u64, u64)>; 3] {
+    let end = at + len;
+    let part = |s: u64, e: u64| (s < e).then(|| (s, e - s));
+    [part(at, end.min(lo)), part(at.max(lo), end.min(hi)), part(at.max(hi), end)]
+}
+
 /// Destination: fills the lazy areas of a restored process.
 pub struct Pager {
     pid: i32,
     uffd: OwnedFd,
     areas: Vec<(u64, u64)>,
-    /// Present pages not placed yet, in address order.
-    todo: VecDeque<(u64, u64)>,
-    present: Vec<(u64, u64)>,
+    /// Present pages not asked for yet, in address order.
+    todo: VecDeque<Run>,
+    /// Requests sent and not answered yet, in order, each with its size and the pieces
+    /// of its answer (the next batch is asked for before the last one is placed, so the
+    /// source reads while this side copies).
+    inflight: VecDeque<(u64, Vec<Piece>)>,
+    /// Pages placed: a fault there raced with its copy and only needs a wake.
+    placed: Vec<(u64, u64)>,
     window: u64,
     batch: u64,
     buf: Vec<u8>,
     pub stats: LazyStats,
 }
 
-fn subtract_one(todo: &mut VecDeque<(u64, u64)>, (s, e): (u64, u64)) {
-    let mut out = VecDeque::with_capacity(todo.len() + 1);
-    for &(a, b) in todo.iter() {
-        if b <= s || e <= a {
-            out.push_back((a, b));
-            continue;
-        }
-        if a < s {
-            out.push_back((a, s));
-        }
-        if e < b {
-            out.push_back((e, b));
-        }
-    }
-    *todo = out;
-}
+/// UFFD_FEATURE_EVENT_REMAP | EVENT_REMOVE | EVENT_UNMAP: the process's mremap, madvise
+/// and munmap of areas still on their way are reported (and wait until read).
+pub const LAZY_FEATURES: u64 = (1 << 2) | (1 << 3) | (1 << 6);
+const UFFD_EVENT_REMAP: u8 = 0x14;
+const UFFD_EVENT_REMOVE: u8 = 0x15;
+const UFFD_EVENT_UNMAP: u8 = 0x16;
 
 impl Pager {
-    /// `uffd`: a userfaultfd of process `pid` (see `Held::userfaultfd`).
+    /// `uffd`: a userfaultfd of process `pid` with [`LAZY_FEATURES`] (see
+    /// `Held::userfaultfd`).
     pub fn new(pid: i32, uffd: OwnedFd, plan: LazyPlan, window: u64, batch: u64) -> Pager {
         Pager {
             pid,
             uffd,
             areas: plan.areas,
-            todo: plan.present.iter().copied().collect(),
-            present: plan.present,
+            todo: plan.present.iter().map(|&(s, e)| Run { at: s, end: e, src: s }).collect(),
+            inflight: VecDeque::new(),
+            placed: Vec::new(),
             window: window.max(PAGE) / PAGE * PAGE,
             batch: batch.max(PAGE) / PAGE * PAGE,
             buf: Vec::new(),
@@ -161,21 +194,42 @@ impl Pager {
         }
     }
 
-    /// Asks the source for `ranges` and answers their bytes, in order.
-    fn fetch(&mut self, medium: &mut MediumBox, ranges: &[(u64, u64)], timeout: Duration) -> Result<(), String> {
-        Self::ask(medium, ranges)?;
-        self.receive(medium, ranges, timeout)
+    /// Takes `[lo, hi)` (process addresses) out of `todo`: the source ranges to ask
+    /// for and where their bytes go.
+    fn take(&mut self, lo: u64, hi: u64) -> (Vec<(u64, u64)>, Vec<Piece>) {
+        let (mut want, mut pieces, mut off) = (Vec::new(), Vec::new(), 0);
+        let mut kept = VecDeque::with_capacity(self.todo.len() + 1);
+        for r in self.todo.drain(..) {
+            let [before, inside, after] = split(r.at, r.end - r.at, lo, hi);
+            for (s, l) in [before, after].into_iter().flatten() {
+                kept.push_back(Run { at: s, end: s + l, src: r.src + (s - r.at) });
+            }
+            if let Some((s, l)) = inside {
+                want.push((r.src + (s - r.at), l));
+                pieces.push(Piece { at: s, len: l, off });
+                off += l;
+            }
+        }
+        kept.make_contiguous().sort_by_key(|r| r.at);
+        self.todo = kept;
+        (want, pieces)
     }
 
-    /// Sends a `want` for `ranges`.
-    fn ask(medium: &mut MediumBox, ranges: &[(u64, u64)]) -> Result<(), String> {
-        let list: Vec<[u64; 2]> = ranges.iter().map(|&(s, e)| [s, e - s]).collect();
-        send_json(medium, serde_json::json!({"type": "want", "ranges": list}))
+    /// Asks for `[lo, hi)` (as far as it is still to come).
+    fn ask(&mut self, medium: &mut MediumBox, lo: u64, hi: u64) -> Result<u64, String> {
+        let (want, pieces) = self.take(lo, hi);
+        if want.is_empty() {
+            return Ok(0);
+        }
+        let total: u64 = want.iter().map(|w| w.1).sum();
+        let list: Vec<[u64; 2]> = want.iter().map(|&(s, l)| [s, l]).collect();
+        send_json(medium, serde_json::json!({"type": "want", "ranges": list}))?;
+        self.inflight.push_back((total, pieces));
+        Ok(total / PAGE)
     }
 
-    /// Reads the answer to a `want` for `ranges` into the buffer.
-    fn receive(&mut self, medium: &mut MediumBox, ranges: &[(u64, u64)], timeout: Duration) -> Result<(), String> {
-        let total: u64 = ranges.iter().map(|r| r.1 - r.0).sum();
+    /// Reads `total` bytes of answer into the buffer.
+    fn receive(&mut self, medium: &mut MediumBox, total: u64, timeout: Duration) -> Result<(), String> {
         self.buf.resize(total as usize, 0);
         let mut got = 0;
         let deadline = Instant::now() + timeout;
@@ -198,17 +252,19 @@ impl Pager {
     pub fn settle(&mut self, medium: &mut MediumBox, timeout: Duration) -> Result<(), String> {
         let pagemap = std::fs::File::open(format!("/proc/{}/pagemap", self.pid)).map_err(|e| format!("pagemap: {e}"))?;
         let mut touched = Vec::new();
-        for &(s, e) in &self.present {
-            for (a, b) in pagemap_scan_range(&pagemap, s, e, 0, PAGE_IS_PRESENT).map_err(|e| format!("PAGEMAP_SCAN: {e}"))? {
-                touched.push((a, b));
-            }
+        for r in &self.todo {
+            touched.extend(pagemap_scan_range(&pagemap, r.at, r.end, 0, PAGE_IS_PRESENT).map_err(|e| format!("PAGEMAP_SCAN: {e}"))?);
         }
-        for chunk in touched.chunks(256) {
-            self.fetch(medium, chunk, timeout)?;
-            let ranges: Vec<(u64, u64)> = chunk.iter().map(|&(s, e)| (s, e - s)).collect();
-            vm_ranges(self.pid, &ranges, self.buf.as_mut_ptr(), self.buf.len(), true).map_err(|e| e.to_string())?;
-            for &r in chunk {
-                subtract_one(&mut self.todo, r);
+        for (s, e) in touched {
+            if self.ask(medium, s, e)? == 0 {
+                continue;
+            }
+            let (total, pieces) = self.inflight.pop_back().expect("just asked");
+            self.receive(medium, total, timeout)?;
+            for p in pieces {
+                let data = &self.buf[p.off as usize..(p.off + p.len) as usize];
+                vm_ranges(self.pid, &[(p.at, p.len)], data.as_ptr() as *mut u8, data.len(), true).map_err(|e| e.to_string())?;
+                self.placed.push((p.at, p.at + p.len));
             }
         }
         Ok(())
@@ -224,10 +280,11 @@ impl Pager {
         Ok(())
     }
 
-    /// The faulting addresses waiting in the userfaultfd.
-    fn faults(&mut self) -> Result<Vec<u64>, String> {
+    /// What waits in the userfaultfd.
+    fn events(&mut self) -> Result<Vec<Event>, String> {
         let mut msgs = [0u8; 32 * 64];
         let mut out = Vec::new();
+        let word = |m: &[u8], at: usize| u64::from_le_bytes(m[at..at + 8].try_into().expect("8 bytes"));
         loop {
             // SAFETY: reading into our own buffer from the userfaultfd we own.
             let n = unsafe { libc::read(self.uffd.as_raw_fd(), msgs.as_mut_ptr().cast(), msgs.len()) };
@@ -239,9 +296,12 @@ impl Pager {
                 return Err(format!("reading the userfaultfd: {e}"));
             }
             for m in msgs[..n as usize].chunks_exact(32) {
-                if m[0] == UFFD_EVENT_PAGEFAULT {
-                    out.push(u64::from_le_bytes(m[16..24].try_into().expect("8 bytes")));
-                }
+                out.push(match m[0] {
+                    UFFD_EVENT_PAGEFAULT => Event::Fault(word(m, 16)),
+                    UFFD_EVENT_REMAP => Event::Moved { from: word(m, 8), to: word(m, 16), len: word(m, 24) },
+                    UFFD_EVENT_REMOVE | UFFD_EVENT_UNMAP => Event::Gone { start: word(m, 8), end: word(m, 16) },
+                    _ => continue,
+                });
             }
             if (n as usize) < msgs.len() {
                 return Ok(out);
@@ -249,77 +309,145 @@ impl Pager {
         }
     }
 
-    fn ioctl_range<T>(&self, request: u64, arg: &mut T) -> Result<(), i32> {
-        for _ in 0..100 {
-            match ioctl_ptr(self.uffd.as_raw_fd(), request, arg) {
-                Ok(_) => return Ok(()),
-                // The process is changing its mappings: try again.
-                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) => continue,
-                Err(e) => return Err(e.raw_os_error().unwrap_or(0)),
+    /// Follows the process's mremap, munmap and madvise: runs still to come and pieces on
+    /// their way move with their pages, or are dropped with them.
+    fn follow(&mut self, e: Event) {
+        let (lo, hi, to) = match e {
+            Event::Moved { from, to, len } => (from, from + len, Some(to)),
+            Event::Gone { start, end } => (start, end, None),
+            Event::Fault(_) => return,
+        };
+        let moved = |s: u64| to.map(|t| t + (s - lo));
+        let mut todo = Vec::with_capacity(self.todo.len() + 2);
+        for r in self.todo.drain(..) {
+            let [before, inside, after] = split(r.at, r.end - r.at, lo, hi);
+            for (s, l) in [before, after].into_iter().flatten() {
+                todo.push(Run { at: s, end: s + l, src: r.src + (s - r.at) });
+            }
+            if let (Some((s, l)), Some(n)) = (inside, inside.and_then(|(s, _)| moved(s))) {
+                todo.push(Run { at: n, end: n + l, src: r.src + (s - r.at) });
             }
         }
-        Err(libc::EAGAIN)
+        todo.sort_by_key(|r| r.at);
+        self.todo = todo.into();
+        for (_, pieces) in self.inflight.iter_mut() {
+            let mut out = Vec::with_capacity(pieces.len() + 2);
+            for p in pieces.drain(..) {
+                let [before, inside, after] = split(p.at, p.len, lo, hi);
+                for (s, l) in [before, after].into_iter().flatten() {
+                    out.push(Piece { at: s, len: l, off: p.off + (s - p.at) });
+                }
+                if let (Some((s, l)), Some(n)) = (inside, inside.and_then(|(s, _)| moved(s))) {
+                    out.push(Piece { at: n, len: l, off: p.off + (s - p.at) });
+                }
+            }
+            *pieces = out;
+        }
+        let mut placed = Vec::with_capacity(self.placed.len() + 2);
+        for &(a, b) in &self.placed {
+            let [before, inside, after] = split(a, b - a, lo, hi);
+            for (s, l) in [before, after].into_iter().flatten() {
+                placed.push((s, s + l));
+            }
+            if let (Some((_, l)), Some(n)) = (inside, inside.and_then(|(s, _)| moved(s))) {
+                placed.push((n, n + l));
+            }
+        }
+        self.placed = placed;
     }
 
     /// Places `data` at `start` (UFFDIO_COPY, waking whoever waits there). Pages
     /// already there are skipped; a range the process unmapped meanwhile is dropped.
-    fn place(&self, start: u64, data: &[u8]) -> Result<(), String> {
+    /// `Err(None)`: the process is changing its mappings — read the events, try again.
+    fn place(&self, start: u64, data: &[u8]) -> Result<(), Option<String>> {
         let mut copy = UffdioCopy { dst: start, src: data.as_ptr() as u64, len: data.len() as u64, mode: 0, copy: 0 };
-        match self.ioctl_range(UFFDIO_COPY, &mut copy) {
-            Ok(()) => Ok(()),
-            Err(libc::EEXIST) if data.len() as u64 > PAGE => {
+        match ioctl_ptr(self.uffd.as_raw_fd(), UFFDIO_COPY, &mut copy).map_err(|e| e.raw_os_error().unwrap_or(0)) {
+            Ok(_) => Ok(()),
+            Err(libc::EAGAIN) => Err(None),
+            // Some pages there already, or the range spans two mappings (a copy must lie
+            // in one): page by page, each placed, skipped or dropped on its own.
+            Err(libc::EEXIST | libc::ENOENT | libc::EINVAL) if data.len() as u64 > PAGE => {
                 for (i, page) in data.chunks(PAGE as usize).enumerate() {
                     self.place(start + i as u64 * PAGE, page)?;
                 }
                 Ok(())
             }
             Err(libc::EEXIST | libc::ENOENT | libc::EINVAL | libc::ESRCH) => {
-                let mut wake = UffdioRange { start, len: data.len() as u64 };
-                let _ = ioctl_ptr(self.uffd.as_raw_fd(), UFFDIO_WAKE, &mut wake);
+                self.wake(start, data.len() as u64);
                 Ok(())
             }
-            Err(e) => Err(format!("UFFDIO_COPY at {start:#x}: {}", std::io::Error::from_raw_os_error(e))),
+            Err(e) => Err(Some(format!("UFFDIO_COPY at {start:#x}: {}", std::io::Error::from_raw_os_error(e)))),
         }
     }
 
-    /// Answers a fault on a page the source never had (zeros) or one already placed.
+    fn wake(&self, start: u64, len: u64) {
+        let mut wake = UffdioRange { start, len };
+        let _ = ioctl_ptr(self.uffd.as_raw_fd(), UFFDIO_WAKE, &mut wake);
+    }
+
+    /// Answers a fault on a page that is neither to come nor on its way: placed already
+    /// (the fault raced with its copy: wake the thread), else one the source never had
+    /// or the process emptied (zeros).
     fn settle_fault(&mut self, page: u64) -> Result<(), String> {
-        // Placed already (the fault raced with its copy): wake the thread; else the
-        // source never had it: zeros.
-        if self.present.iter().any(|&(s, e)| s <= page && page < e) {
-            let mut wake = UffdioRange { start: page, len: PAGE };
-            let _ = ioctl_ptr(self.uffd.as_raw_fd(), UFFDIO_WAKE, &mut wake);
+        if self.placed.iter().any(|&(s, e)| s <= page && page < e) {
+            self.wake(page, PAGE);
             return Ok(());
         }
         let mut zero = UffdioZeropage { range: UffdioRange { start: page, len: PAGE }, mode: 0, zeropage: 0 };
-        match self.ioctl_range(UFFDIO_ZEROPAGE, &mut zero) {
-            Ok(()) => {
+        match ioctl_ptr(self.uffd.as_raw_fd(), UFFDIO_ZEROPAGE, &mut zero).map_err(|e| e.raw_os_error().unwrap_or(0)) {
+            Ok(_) => {
                 self.stats.pages_zeroed += 1;
                 Ok(())
             }
-            Err(libc::EEXIST | libc::ENOENT | libc::EINVAL | libc::ESRCH) => {
-                let mut wake = UffdioRange { start: page, len: PAGE };
-                let _ = ioctl_ptr(self.uffd.as_raw_fd(), UFFDIO_WAKE, &mut wake);
+            // Changing mappings: the fault comes again once the event is read.
+            Err(libc::EAGAIN | libc::EEXIST | libc::ENOENT | libc::EINVAL | libc::ESRCH) => {
+                self.wake(page, PAGE);
                 Ok(())
             }
             Err(e) => Err(format!("UFFDIO_ZEROPAGE at {page:#x}: {}", std::io::Error::from_raw_os_error(e))),
         }
     }
 
+    /// Reads what the userfaultfd reports: follows mapping changes, answers faults on
+    /// pages not to come, asks for the window around the others.
+    fn handle_events(&mut self, medium: &mut MediumBox, cursor: &mut u64) -> Result<(), String> {
+        for e in self.events()? {
+            let Event::Fault(addr) = e else {
+                self.follow(e);
+                continue;
+            };
+            let page = addr / PAGE * PAGE;
+            if self.inflight.iter().any(|(_, ps)| ps.iter().any(|p| p.at <= page && page < p.at + p.len)) {
+                continue; // its UFFDIO_COPY wakes it
+            }
+            let Some(r) = self.todo.iter().find(|r| r.at <= page && page < r.end).copied() else {
+                self.settle_fault(page)?;
+                continue;
+            };
+            // A window around the fault, within the run that holds it.
+            let lo = page.saturating_sub(self.window / 2).max(r.at);
+            let hi = (lo + self.window).min(r.end);
+            self.stats.faults += 1;
+            self.stats.pages_faulted += self.ask(medium, lo, hi)?;
+            *cursor = hi;
+        }
+        Ok(())
+    }
+
     /// The next `limit` bytes still to come, from `from` on in address order (then
     /// from the start).
     fn next_batch(&self, from: u64, limit: u64) -> Vec<(u64, u64)> {
         // Past the last run: from the start again.
-        let (first, from) = match self.todo.iter().position(|r| r.1 > from) {
+        let (first, from) = match self.todo.iter().position(|r| r.end > from) {
             Some(i) => (i, from),
             None => (0, 0),
         };
         let mut out = Vec::new();
         let mut room = limit;
         for i in 0..self.todo.len() {
-            let (s, e) = self.todo[(first + i) % self.todo.len()];
-            let s = if i == 0 { s.max(from / PAGE * PAGE) } else { s };
-            let take = (e - s).min(room);
+            let r = self.todo[(first + i) % self.todo.len()];
+            let s = if i == 0 { r.at.max(from / PAGE * PAGE) } else { r.at };
+            let take = (r.end - s).min(room);
             out.push((s, s + take));
             room -= take;
             if room == 0 {
@@ -329,66 +457,54 @@ impl Pager {
         out
     }
 
+    /// Ends post-copy once every page is in: closes the userfaultfd (the last descriptor:
+    /// the areas are unregistered and any thread waiting on it is let go).
+    pub fn finish(self) -> LazyStats {
+        self.stats
+    }
+
     /// Runs until every page has arrived; the process runs meanwhile, and `tend`
     /// (answering its ptrace stops) is called between requests. Ends early, fine,
     /// when the process exits.
     pub fn run(&mut self, medium: &mut MediumBox, timeout: Duration, tend: &mut dyn FnMut() -> Result<bool, String>) -> Result<(), String> {
         let started = Instant::now();
         let mut cursor = 0;
-        // Requests sent and not answered yet, in order: the next batch is asked for
-        // before the last one is placed, so the source reads while this side copies.
-        let mut inflight: VecDeque<Vec<(u64, u64)>> = VecDeque::new();
-        while !self.todo.is_empty() || !inflight.is_empty() {
+        while !self.todo.is_empty() || !self.inflight.is_empty() {
             if !tend()? {
                 break;
             }
-            let mut want: Vec<(u64, u64)> = Vec::new();
-            for addr in self.faults()? {
-                let page = addr / PAGE * PAGE;
-                let on_the_way = |r: &[(u64, u64)]| r.iter().any(|&(a, b)| a <= page && page < b);
-                if on_the_way(&want) || inflight.iter().any(|w| on_the_way(w)) {
-                    continue; // its UFFDIO_COPY wakes it
+            self.handle_events(medium, &mut cursor)?;
+            while self.inflight.len() < 2 && !self.todo.is_empty() {
+                for (s, e) in self.next_batch(cursor, self.batch) {
+                    self.stats.pages_pushed += self.ask(medium, s, e)?;
+                    cursor = e;
                 }
-                let Some(&(s, e)) = self.todo.iter().find(|&&(s, e)| s <= page && page < e) else {
-                    self.settle_fault(page)?;
-                    continue;
-                };
-                // A window around the fault, within the run that holds it.
-                let lo = page.saturating_sub(self.window / 2).max(s);
-                let hi = (lo + self.window).min(e);
-                self.stats.faults += 1;
-                self.stats.pages_faulted += (hi - lo) / PAGE;
-                want.push((lo, hi));
-                cursor = hi;
             }
-            for &r in &want {
-                subtract_one(&mut self.todo, r);
-            }
-            if !want.is_empty() {
-                Self::ask(medium, &want)?;
-                inflight.push_back(want);
-            }
-            while inflight.len() < 2 && !self.todo.is_empty() {
-                let batch = self.next_batch(cursor, self.batch);
-                self.stats.pages_pushed += batch.iter().map(|r| (r.1 - r.0) / PAGE).sum::<u64>();
-                cursor = batch.last().map_or(0, |r| r.1);
-                for &r in &batch {
-                    subtract_one(&mut self.todo, r);
-                }
-                Self::ask(medium, &batch)?;
-                inflight.push_back(batch);
-            }
-            let Some(ranges) = inflight.pop_front() else { continue };
-            self.receive(medium, &ranges, timeout)?;
+            let Some(&(total, _)) = self.inflight.front() else { continue };
+            self.receive(medium, total, timeout)?;
             if self.stats.pages_pushed > 0 {
                 crate::fault::point("post-copy-dest-mid");
             }
-            let mut at = 0;
-            for &(s, e) in &ranges {
-                let len = (e - s) as usize;
-                self.place(s, &self.buf[at..at + len])?;
-                at += len;
+            // The pieces may move (or go) with the process's mappings while they are
+            // placed: each is taken from the front of the request as it stands now.
+            loop {
+                let Some(p) = self.inflight.front_mut().and_then(|(_, ps)| ps.pop()) else { break };
+                let data = &self.buf[p.off as usize..(p.off + p.len) as usize];
+                match self.place(p.at, data) {
+                    Ok(()) => self.placed.push((p.at, p.at + p.len)),
+                    Err(None) => {
+                        if let Some((_, ps)) = self.inflight.front_mut() {
+                            ps.push(p);
+                        }
+                        self.handle_events(medium, &mut cursor)?;
+                        if !tend()? {
+                            break;
+                        }
+                    }
+                    Err(Some(e)) => return Err(e),
+                }
             }
+            self.inflight.pop_front();
         }
         self.stats.lazy_ms = crate::event::ms(started);
         Ok(())
@@ -421,11 +537,26 @@ mod tests {
     }
 
     #[test]
-    fn placed_ranges_leave_the_rest_to_come() {
-        let mut todo: VecDeque<(u64, u64)> = [(0x1000, 0x5000), (0x8000, 0x9000)].into_iter().collect();
-        subtract_one(&mut todo, (0x2000, 0x3000));
-        assert_eq!(todo, [(0x1000, 0x2000), (0x3000, 0x5000), (0x8000, 0x9000)]);
-        subtract_one(&mut todo, (0x0, 0x8800));
-        assert_eq!(todo, [(0x8800, 0x9000)]);
+    fn pages_on_their_way_follow_the_process_s_mremap_and_munmap() {
+        let uffd = std::fs::File::open("/dev/null").unwrap().into();
+        let plan = LazyPlan { areas: vec![], present: vec![(0x10000, 0x20000)] };
+        let mut p = Pager::new(0, uffd, plan, 4096, 0x2000);
+        // Asked for 0x12000-0x14000: two pieces of runs split around it.
+        let (want, pieces) = p.take(0x12000, 0x14000);
+        assert_eq!(want, vec![(0x12000, 0x2000)]);
+        assert_eq!(pieces, vec![Piece { at: 0x12000, len: 0x2000, off: 0 }]);
+        p.inflight.push_back((0x2000, pieces));
+        // The process moves 0x13000-0x18000 to 0x50000.
+        p.follow(Event::Moved { from: 0x13000, to: 0x50000, len: 0x5000 });
+        let runs: Vec<(u64, u64, u64)> = p.todo.iter().map(|r| (r.at, r.end, r.src)).collect();
+        assert_eq!(runs, vec![(0x10000, 0x12000, 0x10000), (0x18000, 0x20000, 0x18000), (0x51000, 0x55000, 0x14000)]);
+        let mut on_the_way = p.inflight[0].1.clone();
+        on_the_way.sort_by_key(|x| x.at);
+        assert_eq!(on_the_way, vec![Piece { at: 0x12000, len: 0x1000, off: 0 }, Piece { at: 0x50000, len: 0x1000, off: 0x1000 }]);
+        // Then empties 0x52000-0x53000 and unmaps everything below 0x11000.
+        p.follow(Event::Gone { start: 0x52000, end: 0x53000 });
+        p.follow(Event::Gone { start: 0x0, end: 0x11000 });
+        let runs: Vec<(u64, u64, u64)> = p.todo.iter().map(|r| (r.at, r.end, r.src)).collect();
+        assert_eq!(runs, vec![(0x11000, 0x12000, 0x11000), (0x18000, 0x20000, 0x18000), (0x51000, 0x52000, 0x14000), (0x53000, 0x55000, 0x16000)]);
     }
 }

@@ -225,7 +225,7 @@ impl Held {
 
     /// A userfaultfd of the rebuilt process, held only by ferry (post-copy).
     pub fn userfaultfd(&mut self) -> Result<std::os::fd::OwnedFd, EventError> {
-        crate::uffd::userfaultfd_in(&mut self.tracer, 0).map_err(EventError::Refused)
+        crate::uffd::userfaultfd_in(&mut self.tracer, crate::postcopy::LAZY_FEATURES).map_err(EventError::Refused)
     }
 
     /// The rebuilt process's pid here.

@@ -40,11 +40,13 @@ pub struct WorkloadOpts {
     pub dirty_pages: u32,
     /// Map, grow, move, empty and replace small areas every tick (`--churn`).
     pub churn: bool,
+    /// Move the patterned mapping and empty one of its pages every tick (`--move-mem`).
+    pub move_mem: bool,
 }
 
 impl Default for WorkloadOpts {
     fn default() -> Self {
-        WorkloadOpts { mem_mib: 1, threads: 0, files: true, tick_ms: 20, dirty_pages: 0, churn: false }
+        WorkloadOpts { mem_mib: 1, threads: 0, files: true, tick_ms: 20, dirty_pages: 0, churn: false, move_mem: false }
     }
 }
 
@@ -108,6 +110,9 @@ impl Workload {
         }
         if opts.churn {
             cmd.arg("--churn");
+        }
+        if opts.move_mem {
+            cmd.arg("--move-mem");
         }
         Self::start(cmd, dir)
     }

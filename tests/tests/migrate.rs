@@ -662,3 +662,26 @@ fn a_precopy_that_fails_mid_round_leaves_the_source_untracked_unthrottled_and_ru
     still_fine(&mut w);
     assert_eq!(copies_of(&w, w.pid), Vec::<i32>::new());
 }
+
+#[test]
+fn postcopy_follows_a_process_that_moves_and_empties_memory_still_on_its_way() {
+    if !is_root() {
+        eprintln!("skipping: migration needs root");
+        return;
+    }
+    let daemon = Daemon::start(None, "127.0.0.1", &[]);
+    // Every millisecond the 64 MiB mapping moves elsewhere (mremap) and one of its pages
+    // is emptied and must read zero: most of it has not arrived yet when it first moves.
+    let mut w = Workload::spawn(&WorkloadOpts { mem_mib: 64, tick_ms: 1, move_mem: true, ..Default::default() });
+    w.wait_ticks(3);
+    let mut pid = w.pid;
+    for strategy in ["post-copy", "hybrid"] {
+        let o = migrate(None, pid, &daemon.addr, &["--strategy", strategy]);
+        let (stats, new) = lazy_stats(&o, pid, strategy, 64);
+        eprintln!("{strategy} of a process moving its memory: {stats}");
+        moved(&mut w, pid, new, 20);
+        assert!(!w.lines().iter().any(|l| l.starts_with("FAIL")), "{}", w.log_text());
+        pid = new;
+    }
+    w.terminate_and_check(pid).unwrap();
+}

@@ -52,6 +52,7 @@ static long opt_tick_ms = 20;
 static long opt_dirty_pages;
 static int opt_files = 1;
 static int opt_churn;
+static int opt_move_mem;
 
 /* ---- state that must survive ---- */
 static int log_fd = -1;
@@ -661,11 +662,38 @@ static void churn_step(uint64_t tick)
     }
 }
 
+/* ---- --move-mem: every tick the patterned mapping moves to a new address (mremap), and
+ * one of its pages is emptied (MADV_DONTNEED), must read zero, and is written again: what
+ * a post-copy must follow while the pages are still on their way ---- */
+static void move_mem(uint64_t tick)
+{
+    size_t len = mem_pages * PAGE;
+    if (len == 0)
+        return;
+    void *to = mmap(NULL, len, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (to == MAP_FAILED)
+        die("move-mem reserve");
+    void *moved = mremap(mem, len, len, MREMAP_MAYMOVE | MREMAP_FIXED, to);
+    if (moved == MAP_FAILED)
+        die("move-mem mremap");
+    mem = moved;
+    size_t p = (size_t)(tick * 7919) % mem_pages;
+    if (madvise((char *)mem + p * PAGE, PAGE, MADV_DONTNEED))
+        die("move-mem madvise");
+    for (size_t w = 0; w < WORDS_PER_PAGE; w++) {
+        if (mem[p * WORDS_PER_PAGE + w] != 0) {
+            fail("move-mem: page %zu holds data after MADV_DONTNEED", p);
+            break;
+        }
+    }
+    fill_mem_page(p, page_generation(p));
+}
+
 /* ---- main ---- */
 static void usage(void)
 {
     fprintf(stderr, "usage: workload --log PATH [--dir DIR] [--mem-mib N] [--threads N] [--tick-ms N]"
-                    " [--dirty-pages N] [--churn] [--no-files]\n");
+                    " [--dirty-pages N] [--churn] [--move-mem] [--no-files]\n");
     exit(2);
 }
 
@@ -690,6 +718,10 @@ int main(int argc, char **argv)
         }
         if (!strcmp(a, "--churn")) {
             opt_churn = 1;
+            continue;
+        }
+        if (!strcmp(a, "--move-mem")) {
+            opt_move_mem = 1;
             continue;
         }
         if (!v)
@@ -785,6 +817,8 @@ int main(int argc, char **argv)
             churn_check();
             churn_step(tick);
         }
+        if (opt_move_mem)
+            move_mem(tick);
         sleep_ms(opt_tick_ms);
     }
 
