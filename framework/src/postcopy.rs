@@ -37,8 +37,6 @@ pub const LAZY_STREAM: u32 = 1024;
 const PAGE: u64 = 4096;
 /// The most one `want` may ask for.
 const MAX_WANT: u64 = 64 << 20;
-/// Pushes below this size wait in the medium until a flush (see medium-tcp).
-const SMALL_PUSH: usize = 64 << 10;
 
 /// What the memory plugin leaves to post-copy on the destination.
 #[derive(Debug, Default, Clone)]
@@ -69,11 +67,10 @@ fn answer(medium: &mut MediumBox, pid: i32, msg: &serde_json::Value, buf: &mut V
     if got != buf.len() {
         return Err(format!("read {got} of {total} bytes of process {pid}"));
     }
-    medium.pushdata(LAZY_STREAM, RSlice::from_slice(buf)).into_result().map_err(|e| e.to_string())?;
-    if buf.len() < SMALL_PUSH {
-        medium.flush().into_result().map_err(|e| e.to_string())?;
-    }
-    Ok(())
+    // A small push waits in the medium until its next command, which is the wait for
+    // the next message: no flush (whose acknowledgement the destination, done, may no
+    // longer send).
+    medium.pushdata(LAZY_STREAM, RSlice::from_slice(buf)).into_result().map_err(|e| e.to_string())
 }
 
 /// `[[addr, len], …]`, page-aligned, bounded.
@@ -123,13 +120,14 @@ struct Run {
     src: u64,
 }
 
-/// Part of an answer on its way: `len` bytes for `at` in the process, at offset `off`
-/// of the answer.
+/// Part of an answer on its way: `len` bytes for `at` in the process (from `src` on the
+/// source), at offset `off` of the answer.
 #[derive(Clone, Copy, Debug, PartialEq)]
 struct Piece {
     at: u64,
     len: u64,
     off: u64,
+    src: u64,
 }
 
 /// What the userfaultfd reports.
@@ -150,6 +148,23 @@ fn split(at: u64, len: u64, lo: u64, hi: u64) -> [Option<(u64, u64)>; 3] {
     [part(at, end.min(lo)), part(at.max(lo), end.min(hi)), part(at.max(hi), end)]
 }
 
+/// Runs after the process moved (`to`) or dropped (`None`) `[lo, hi)`.
+fn follow_runs(runs: Vec<Run>, lo: u64, hi: u64, to: Option<u64>) -> Vec<Run> {
+    let mut out = Vec::with_capacity(runs.len() + 2);
+    for r in runs {
+        let [before, inside, after] = split(r.at, r.end - r.at, lo, hi);
+        for (s, l) in [before, after].into_iter().flatten() {
+            out.push(Run { at: s, end: s + l, src: r.src + (s - r.at) });
+        }
+        if let (Some((s, l)), Some(t)) = (inside, to) {
+            let at = t + (s - lo);
+            out.push(Run { at, end: at + l, src: r.src + (s - r.at) });
+        }
+    }
+    out.sort_by_key(|r| r.at);
+    out
+}
+
 /// Destination: fills the lazy areas of a restored process.
 pub struct Pager {
     pid: i32,
@@ -162,7 +177,10 @@ pub struct Pager {
     /// source reads while this side copies).
     inflight: VecDeque<(u64, Vec<Piece>)>,
     /// Pages placed: a fault there raced with its copy and only needs a wake.
-    placed: Vec<(u64, u64)>,
+    placed: Vec<Run>,
+    /// Children the process forked before every page was in, held stopped, with the
+    /// pages that may be missing from their copy of its memory.
+    children: Vec<(i32, Vec<Run>)>,
     window: u64,
     batch: u64,
     buf: Vec<u8>,
@@ -187,6 +205,7 @@ impl Pager {
             todo: plan.present.iter().map(|&(s, e)| Run { at: s, end: e, src: s }).collect(),
             inflight: VecDeque::new(),
             placed: Vec::new(),
+            children: Vec::new(),
             window: window.max(PAGE) / PAGE * PAGE,
             batch: batch.max(PAGE) / PAGE * PAGE,
             buf: Vec::new(),
@@ -206,7 +225,7 @@ impl Pager {
             }
             if let Some((s, l)) = inside {
                 want.push((r.src + (s - r.at), l));
-                pieces.push(Piece { at: s, len: l, off });
+                pieces.push(Piece { at: s, len: l, off, src: r.src + (s - r.at) });
                 off += l;
             }
         }
@@ -264,7 +283,7 @@ impl Pager {
             for p in pieces {
                 let data = &self.buf[p.off as usize..(p.off + p.len) as usize];
                 vm_ranges(self.pid, &[(p.at, p.len)], data.as_ptr() as *mut u8, data.len(), true).map_err(|e| e.to_string())?;
-                self.placed.push((p.at, p.at + p.len));
+                self.placed.push(Run { at: p.at, end: p.at + p.len, src: p.src });
             }
         }
         Ok(())
@@ -317,43 +336,67 @@ impl Pager {
             Event::Gone { start, end } => (start, end, None),
             Event::Fault(_) => return,
         };
-        let moved = |s: u64| to.map(|t| t + (s - lo));
-        let mut todo = Vec::with_capacity(self.todo.len() + 2);
-        for r in self.todo.drain(..) {
-            let [before, inside, after] = split(r.at, r.end - r.at, lo, hi);
-            for (s, l) in [before, after].into_iter().flatten() {
-                todo.push(Run { at: s, end: s + l, src: r.src + (s - r.at) });
-            }
-            if let (Some((s, l)), Some(n)) = (inside, inside.and_then(|(s, _)| moved(s))) {
-                todo.push(Run { at: n, end: n + l, src: r.src + (s - r.at) });
-            }
-        }
-        todo.sort_by_key(|r| r.at);
-        self.todo = todo.into();
+        let todo: Vec<Run> = self.todo.drain(..).collect();
+        self.todo = follow_runs(todo, lo, hi, to).into();
+        self.placed = follow_runs(std::mem::take(&mut self.placed), lo, hi, to);
         for (_, pieces) in self.inflight.iter_mut() {
             let mut out = Vec::with_capacity(pieces.len() + 2);
             for p in pieces.drain(..) {
                 let [before, inside, after] = split(p.at, p.len, lo, hi);
+                let piece = |at: u64, s: u64, l: u64| Piece { at, len: l, off: p.off + (s - p.at), src: p.src + (s - p.at) };
                 for (s, l) in [before, after].into_iter().flatten() {
-                    out.push(Piece { at: s, len: l, off: p.off + (s - p.at) });
+                    out.push(piece(s, s, l));
                 }
-                if let (Some((s, l)), Some(n)) = (inside, inside.and_then(|(s, _)| moved(s))) {
-                    out.push(Piece { at: n, len: l, off: p.off + (s - p.at) });
+                if let (Some((s, l)), Some(t)) = (inside, to) {
+                    out.push(piece(t + (s - lo), s, l));
                 }
             }
             *pieces = out;
         }
-        let mut placed = Vec::with_capacity(self.placed.len() + 2);
-        for &(a, b) in &self.placed {
-            let [before, inside, after] = split(a, b - a, lo, hi);
-            for (s, l) in [before, after].into_iter().flatten() {
-                placed.push((s, s + l));
-            }
-            if let (Some((_, l)), Some(n)) = (inside, inside.and_then(|(s, _)| moved(s))) {
-                placed.push((n, n + l));
+    }
+
+    /// Every page the source has that is not known to be where it belongs in this
+    /// process yet, or was placed since `since` pages were: what a child forked now may
+    /// lack.
+    fn source_backed(&self) -> Vec<Run> {
+        let mut all: Vec<Run> = self.todo.iter().copied().collect();
+        all.extend(self.placed.iter().copied());
+        for (_, pieces) in &self.inflight {
+            all.extend(pieces.iter().map(|p| Run { at: p.at, end: p.at + p.len, src: p.src }));
+        }
+        all.sort_by_key(|r| r.at);
+        all
+    }
+
+    /// Gives each child forked during post-copy the pages missing from its copy of the
+    /// process's memory (those the process had not received when it forked), then lets
+    /// the caller release it.
+    fn fill_children(&mut self, medium: &mut MediumBox, timeout: Duration) -> Result<(), String> {
+        use std::os::unix::fs::FileExt;
+        for (child, runs) in std::mem::take(&mut self.children) {
+            let Ok(pagemap) = std::fs::File::open(format!("/proc/{child}/pagemap")) else { continue };
+            // Through /proc/PID/mem, which also writes pages the child may only read.
+            let mem = std::fs::OpenOptions::new()
+                .write(true)
+                .open(format!("/proc/{child}/mem"))
+                .map_err(|e| format!("child {child}: {e}"))?;
+            let missing = ferry_plugin_api::pagemap::Categories {
+                all: 0,
+                none: ferry_plugin_api::pagemap::PAGE_IS_PRESENT | ferry_plugin_api::pagemap::PAGE_IS_SWAPPED,
+                any: 0,
+            };
+            for r in runs {
+                let holes = ferry_plugin_api::pagemap::scan(&pagemap, r.at, r.end, 0, missing).map_err(|e| format!("PAGEMAP_SCAN of child {child}: {e}"))?;
+                for (s, e) in holes {
+                    let list = [[r.src + (s - r.at), e - s]];
+                    send_json(medium, serde_json::json!({"type": "want", "ranges": list}))?;
+                    self.receive(medium, e - s, timeout)?;
+                    mem.write_all_at(&self.buf, s).map_err(|e| format!("child {child} at {s:#x}: {e}"))?;
+                    self.stats.pages_pushed += (e - s) / PAGE;
+                }
             }
         }
-        self.placed = placed;
+        Ok(())
     }
 
     /// Places `data` at `start` (UFFDIO_COPY, waking whoever waits there). Pages
@@ -389,7 +432,7 @@ impl Pager {
     /// (the fault raced with its copy: wake the thread), else one the source never had
     /// or the process emptied (zeros).
     fn settle_fault(&mut self, page: u64) -> Result<(), String> {
-        if self.placed.iter().any(|&(s, e)| s <= page && page < e) {
+        if self.placed.iter().any(|r| r.at <= page && page < r.end) {
             self.wake(page, PAGE);
             return Ok(());
         }
@@ -466,11 +509,19 @@ impl Pager {
     /// Runs until every page has arrived; the process runs meanwhile, and `tend`
     /// (answering its ptrace stops) is called between requests. Ends early, fine,
     /// when the process exits.
-    pub fn run(&mut self, medium: &mut MediumBox, timeout: Duration, tend: &mut dyn FnMut() -> Result<bool, String>) -> Result<(), String> {
+    pub fn run(&mut self, medium: &mut MediumBox, timeout: Duration, tend: &mut dyn FnMut() -> Result<Tended, String>) -> Result<(), String> {
         let started = Instant::now();
         let mut cursor = 0;
+        let mut tend = |pager: &mut Pager| -> Result<bool, String> {
+            let t = tend()?;
+            for child in t.forked {
+                let runs = pager.source_backed();
+                pager.children.push((child, runs));
+            }
+            Ok(t.alive)
+        };
         while !self.todo.is_empty() || !self.inflight.is_empty() {
-            if !tend()? {
+            if !tend(self)? {
                 break;
             }
             self.handle_events(medium, &mut cursor)?;
@@ -491,13 +542,13 @@ impl Pager {
                 let Some(p) = self.inflight.front_mut().and_then(|(_, ps)| ps.pop()) else { break };
                 let data = &self.buf[p.off as usize..(p.off + p.len) as usize];
                 match self.place(p.at, data) {
-                    Ok(()) => self.placed.push((p.at, p.at + p.len)),
+                    Ok(()) => self.placed.push(Run { at: p.at, end: p.at + p.len, src: p.src }),
                     Err(None) => {
                         if let Some((_, ps)) = self.inflight.front_mut() {
                             ps.push(p);
                         }
                         self.handle_events(medium, &mut cursor)?;
-                        if !tend()? {
+                        if !tend(self)? {
                             break;
                         }
                     }
@@ -506,9 +557,20 @@ impl Pager {
             }
             self.inflight.pop_front();
         }
+        // A fork noticed at the very end.
+        tend(self)?;
+        self.fill_children(medium, timeout)?;
         self.stats.lazy_ms = crate::event::ms(started);
         Ok(())
     }
+}
+
+/// What tending the running process found.
+pub struct Tended {
+    /// It still lives.
+    pub alive: bool,
+    /// Children it forked since (held stopped by the tracer).
+    pub forked: Vec<i32>,
 }
 
 #[cfg(test)]
@@ -544,7 +606,7 @@ mod tests {
         // Asked for 0x12000-0x14000: two pieces of runs split around it.
         let (want, pieces) = p.take(0x12000, 0x14000);
         assert_eq!(want, vec![(0x12000, 0x2000)]);
-        assert_eq!(pieces, vec![Piece { at: 0x12000, len: 0x2000, off: 0 }]);
+        assert_eq!(pieces, vec![Piece { at: 0x12000, len: 0x2000, off: 0, src: 0x12000 }]);
         p.inflight.push_back((0x2000, pieces));
         // The process moves 0x13000-0x18000 to 0x50000.
         p.follow(Event::Moved { from: 0x13000, to: 0x50000, len: 0x5000 });
@@ -552,7 +614,7 @@ mod tests {
         assert_eq!(runs, vec![(0x10000, 0x12000, 0x10000), (0x18000, 0x20000, 0x18000), (0x51000, 0x55000, 0x14000)]);
         let mut on_the_way = p.inflight[0].1.clone();
         on_the_way.sort_by_key(|x| x.at);
-        assert_eq!(on_the_way, vec![Piece { at: 0x12000, len: 0x1000, off: 0 }, Piece { at: 0x50000, len: 0x1000, off: 0x1000 }]);
+        assert_eq!(on_the_way, vec![Piece { at: 0x12000, len: 0x1000, off: 0, src: 0x12000 }, Piece { at: 0x50000, len: 0x1000, off: 0x1000, src: 0x13000 }]);
         // Then empties 0x52000-0x53000 and unmaps everything below 0x11000.
         p.follow(Event::Gone { start: 0x52000, end: 0x53000 });
         p.follow(Event::Gone { start: 0x0, end: 0x11000 });

@@ -246,9 +246,10 @@ pub struct Running {
 }
 
 impl Running {
-    /// Keeps the process going (see [`Tracer::tend`]); false once it is gone.
-    pub fn tend(&mut self) -> Result<bool, EventError> {
-        Ok(self.tracer.tend()?)
+    /// Keeps the process going (see [`Tracer::tend`]).
+    pub fn tend(&mut self) -> Result<crate::postcopy::Tended, EventError> {
+        let alive = self.tracer.tend()?;
+        Ok(crate::postcopy::Tended { alive, forked: self.tracer.take_forked() })
     }
 
     /// Lets the process go on its own.

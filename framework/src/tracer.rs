@@ -75,6 +75,12 @@ fn wait(tid: pid_t) -> Result<i32, TraceError> {
     }
 }
 
+/// The process thread `tid` belongs to (`Tgid` of /proc/TID/status).
+fn thread_group(tid: pid_t) -> Option<pid_t> {
+    let text = std::fs::read_to_string(format!("/proc/{tid}/status")).ok()?;
+    text.lines().find_map(|l| l.strip_prefix("Tgid:")).and_then(|v| v.trim().parse().ok())
+}
+
 /// The blocked-signal mask of stopped tracee `tid` (`PTRACE_GETSIGMASK`).
 fn get_sigmask(tid: pid_t) -> Result<u64, TraceError> {
     let mut mask: u64 = 0;
@@ -154,6 +160,11 @@ pub struct Tracer {
     detached: bool,
     /// Set while the threads run traced (`run_traced`).
     running: bool,
+    /// Children the process forked while running traced: held stopped (their copy of
+    /// its memory may lack pages still on their way), let go by `detach_running`.
+    held: Vec<pid_t>,
+    /// Of those, the ones `tend` has not reported yet.
+    forked: Vec<pid_t>,
 }
 
 impl Tracer {
@@ -184,7 +195,7 @@ impl Tracer {
             .write(true)
             .open(format!("/proc/{pid}/mem"))
             .map_err(|_| TraceError::NoProcess(pid))?;
-        let mut tracer = Tracer { pid, threads: BTreeMap::new(), mem, scratch: None, detached: false, running: false };
+        let mut tracer = Tracer { pid, threads: BTreeMap::new(), mem, scratch: None, detached: false, running: false, held: Vec::new(), forked: Vec::new() };
         let mut seized: Vec<pid_t> = Vec::new();
         // List until a pass finds no thread we have not seized.
         loop {
@@ -634,7 +645,7 @@ impl Tracer {
     /// than run on without the memory ferry was to bring it). Call [`Tracer::tend`]
     /// often meanwhile, and [`Tracer::detach_running`] to let it go.
     pub fn run_traced(&mut self) -> Result<(), TraceError> {
-        let opts = (libc::PTRACE_O_EXITKILL | libc::PTRACE_O_TRACECLONE | libc::PTRACE_O_TRACEEXEC) as usize;
+        let opts = (libc::PTRACE_O_EXITKILL | libc::PTRACE_O_TRACECLONE | libc::PTRACE_O_TRACEEXEC | libc::PTRACE_O_TRACEFORK) as usize;
         for tid in self.tids() {
             let t = self.thread(tid)?;
             let (regs, sig) = (t.regs, std::mem::take(&mut t.pending_signal));
@@ -647,8 +658,8 @@ impl Tracer {
     }
 
     /// Answers the stops of a process running traced, without waiting: signals go on
-    /// to it, new threads are taken in, exited ones forgotten. Answers whether the
-    /// process still lives.
+    /// to it, new threads are taken in, exited ones forgotten, forked children held.
+    /// Answers whether the process still lives.
     pub fn tend(&mut self) -> Result<bool, TraceError> {
         loop {
             let mut status = 0;
@@ -659,12 +670,36 @@ impl Tracer {
             }
             if libc::WIFEXITED(status) || libc::WIFSIGNALED(status) {
                 self.threads.remove(&tid);
+                self.held.retain(|&c| c != tid);
                 continue;
             }
             if !libc::WIFSTOPPED(status) {
                 continue;
             }
+            if !self.threads.contains_key(&tid) {
+                // Its first stop may come before the event of the call that made it: a
+                // new thread goes on, a forked child is held.
+                if thread_group(tid) == Some(self.pid) {
+                    if let Some(regs) = self.threads.get(&self.pid).map(|t| t.regs) {
+                        self.threads.insert(tid, Thread { regs, pending_signal: 0 });
+                    }
+                    let _ = ptrace(libc::PTRACE_CONT, tid, 0, 0, "PTRACE_CONT");
+                } else if !self.held.contains(&tid) {
+                    self.held.push(tid);
+                }
+                continue;
+            }
             let sig = match event_of(status) {
+                libc::PTRACE_EVENT_FORK => {
+                    let mut msg: libc::c_ulong = 0;
+                    ptrace(libc::PTRACE_GETEVENTMSG, tid, 0, &mut msg as *mut _ as usize, "PTRACE_GETEVENTMSG")?;
+                    let child = msg as pid_t;
+                    if !self.held.contains(&child) {
+                        self.held.push(child);
+                    }
+                    self.forked.push(child);
+                    0
+                }
                 0 => libc::WSTOPSIG(status),
                 libc::PTRACE_EVENT_CLONE => {
                     let mut msg: libc::c_ulong = 0;
@@ -684,10 +719,19 @@ impl Tracer {
         }
     }
 
-    /// Stops the threads of a process running traced and lets them go for good.
+    /// The children forked since the last call (see [`Tracer::tend`]).
+    pub fn take_forked(&mut self) -> Vec<pid_t> {
+        std::mem::take(&mut self.forked)
+    }
+
+    /// Stops the threads of a process running traced and lets them go for good, with
+    /// the children it forked meanwhile.
     pub fn detach_running(mut self) -> Result<(), TraceError> {
         self.running = false;
         self.detached = true;
+        for child in std::mem::take(&mut self.held) {
+            let _ = ptrace(libc::PTRACE_DETACH, child, 0, 0, "PTRACE_DETACH");
+        }
         let mut todo: Vec<pid_t> = self.tids();
         for &tid in &todo {
             let _ = ptrace(libc::PTRACE_INTERRUPT, tid, 0, 0, "PTRACE_INTERRUPT");
@@ -724,6 +768,10 @@ impl Tracer {
     /// Kills the traced process (used on a half-built restore child).
     pub fn kill(mut self) {
         self.running = false;
+        for child in std::mem::take(&mut self.held) {
+            // SAFETY: a child of the process, held stopped by us.
+            unsafe { libc::kill(child, libc::SIGKILL) };
+        }
         // SAFETY: kill on the pid we trace; SIGKILL needs no cooperation.
         unsafe { libc::kill(self.pid, libc::SIGKILL) };
         // The other threads first: the kernel reports the leader's exit only once every

@@ -42,11 +42,13 @@ pub struct WorkloadOpts {
     pub churn: bool,
     /// Move the patterned mapping and empty one of its pages every tick (`--move-mem`).
     pub move_mem: bool,
+    /// Fork a child checking the patterned mapping every 20 ticks (`--fork-check`).
+    pub fork_check: bool,
 }
 
 impl Default for WorkloadOpts {
     fn default() -> Self {
-        WorkloadOpts { mem_mib: 1, threads: 0, files: true, tick_ms: 20, dirty_pages: 0, churn: false, move_mem: false }
+        WorkloadOpts { mem_mib: 1, threads: 0, files: true, tick_ms: 20, dirty_pages: 0, churn: false, move_mem: false, fork_check: false }
     }
 }
 
@@ -113,6 +115,9 @@ impl Workload {
         }
         if opts.move_mem {
             cmd.arg("--move-mem");
+        }
+        if opts.fork_check {
+            cmd.arg("--fork-check");
         }
         Self::start(cmd, dir)
     }

@@ -685,3 +685,28 @@ fn postcopy_follows_a_process_that_moves_and_empties_memory_still_on_its_way() {
     }
     w.terminate_and_check(pid).unwrap();
 }
+
+#[test]
+fn postcopy_gives_a_child_forked_before_the_pages_arrived_the_memory_it_should_see() {
+    if !is_root() {
+        eprintln!("skipping: migration needs root");
+        return;
+    }
+    let daemon = Daemon::start(None, "127.0.0.1", &[]);
+    // Every 20 ms the process forks a child that checks all 64 MiB of its copy.
+    let mut w = Workload::spawn(&WorkloadOpts { mem_mib: 64, tick_ms: 1, fork_check: true, ..Default::default() });
+    w.wait_ticks(25);
+    let mut pid = w.pid;
+    for strategy in ["post-copy", "hybrid"] {
+        let o = migrate(None, pid, &daemon.addr, &["--strategy", strategy]);
+        if !o.status.success() {
+            eprintln!("the daemon said: {}", daemon.log());
+        }
+        let (stats, new) = lazy_stats(&o, pid, strategy, 64);
+        eprintln!("{strategy} of a process forking: {stats}");
+        moved(&mut w, pid, new, 60);
+        assert!(!w.lines().iter().any(|l| l.starts_with("FAIL")), "{}", w.log_text());
+        pid = new;
+    }
+    w.terminate_and_check(pid).unwrap();
+}

@@ -24,6 +24,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/wait.h>
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
 #include <sys/time.h>
@@ -53,6 +54,8 @@ static long opt_dirty_pages;
 static int opt_files = 1;
 static int opt_churn;
 static int opt_move_mem;
+static int opt_fork_check;
+static pid_t fork_child;
 
 /* ---- state that must survive ---- */
 static int log_fd = -1;
@@ -689,11 +692,42 @@ static void move_mem(uint64_t tick)
     fill_mem_page(p, page_generation(p));
 }
 
+/* ---- --fork-check: every 20 ticks a child is forked that checks the patterned memory
+ * (its own copy of it) and exits 0 or 1; the parent reaps it at a later tick. What a
+ * post-copy must get right for a process that forks before all its pages arrived ---- */
+static void fork_check(uint64_t tick)
+{
+    if (fork_child > 0) {
+        int status;
+        pid_t r = waitpid(fork_child, &status, WNOHANG);
+        if (r == fork_child) {
+            if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
+                fail("fork-check: a child forked at a tick saw wrong memory (status %d)", status);
+            fork_child = 0;
+        }
+        return;
+    }
+    if (tick % 20 != 0)
+        return;
+    fork_child = fork();
+    if (fork_child < 0)
+        die("fork-check fork");
+    if (fork_child == 0) {
+        for (size_t p = 0; p < mem_pages; p++) {
+            uint64_t seed = SEED + page_generation(p) * 0x9e3779b97f4a7c15ULL;
+            for (size_t w = 0; w < WORDS_PER_PAGE; w++)
+                if (mem[p * WORDS_PER_PAGE + w] != pattern(1, p * WORDS_PER_PAGE + w, seed))
+                    _exit(1);
+        }
+        _exit(0);
+    }
+}
+
 /* ---- main ---- */
 static void usage(void)
 {
     fprintf(stderr, "usage: workload --log PATH [--dir DIR] [--mem-mib N] [--threads N] [--tick-ms N]"
-                    " [--dirty-pages N] [--churn] [--move-mem] [--no-files]\n");
+                    " [--dirty-pages N] [--churn] [--move-mem] [--fork-check] [--no-files]\n");
     exit(2);
 }
 
@@ -722,6 +756,10 @@ int main(int argc, char **argv)
         }
         if (!strcmp(a, "--move-mem")) {
             opt_move_mem = 1;
+            continue;
+        }
+        if (!strcmp(a, "--fork-check")) {
+            opt_fork_check = 1;
             continue;
         }
         if (!v)
@@ -819,6 +857,8 @@ int main(int argc, char **argv)
         }
         if (opt_move_mem)
             move_mem(tick);
+        if (opt_fork_check)
+            fork_check(tick);
         sleep_ms(opt_tick_ms);
     }
 
