@@ -64,7 +64,9 @@ pub type PResult<T> = RResult<T, PluginError>;
 
 /// The services the framework offers a subsystem plugin for one process of one event.
 /// Plugins never call ptrace themselves: everything that touches the target goes
-/// through here, which is what lets execution contexts be swapped.
+/// through here, which is what lets execution contexts be swapped. A context need not
+/// offer every service (a pre-copy round's does not stop the process; a unit test's
+/// mock offers what its plugin uses): the others answer an error saying so.
 #[sabi_trait]
 pub trait ProcessContext {
     /// The process the event is about (its pid in the image on restart).
@@ -75,36 +77,66 @@ pub trait ProcessContext {
     fn read_memory(&mut self, addr: u64, buf: RSliceMut<'_, u8>) -> PResult<usize>;
     /// Reads many ranges in one go (vectored); `buf` is filled range after range.
     fn read_memory_ranges(&mut self, ranges: RSlice<'_, MemRange>, buf: RSliceMut<'_, u8>)
-        -> PResult<usize>;
+        -> PResult<usize> {
+        let _ = (ranges, buf);
+        RResult::RErr(PluginError::new("ferry", "vectored reading is not offered by this context"))
+    }
     /// Writes `data` into target memory at `addr`.
     fn write_memory(&mut self, addr: u64, data: RSlice<'_, u8>) -> PResult<usize>;
     /// Writes `data` into many ranges in one go (vectored), range after range.
-    fn write_memory_ranges(&mut self, ranges: RSlice<'_, MemRange>, data: RSlice<'_, u8>) -> PResult<usize>;
+    fn write_memory_ranges(&mut self, ranges: RSlice<'_, MemRange>, data: RSlice<'_, u8>) -> PResult<usize> {
+        let _ = (ranges, data);
+        RResult::RErr(PluginError::new("ferry", "vectored writing is not offered by this context"))
+    }
     /// A read/write area of the target that the framework maps for the event, where a
     /// plugin may place system-call arguments (paths, structs) during its call.
     fn scratch(&self) -> MemRange;
     /// A duplicate, in ferry, of the target's file descriptor `fd` (`pidfd_getfd`);
     /// the caller owns and closes it.
-    fn fetch_fd(&mut self, fd: i32) -> PResult<i32>;
+    fn fetch_fd(&mut self, fd: i32) -> PResult<i32> {
+        let _ = fd;
+        RResult::RErr(PluginError::new("ferry", "fetching a file descriptor is not offered by this context"))
+    }
     /// Runs system call `nr` with `args` in stopped thread `tid`; answers its return value
     /// (a negative errno on failure, as the kernel gives it).
     fn inject_syscall(&mut self, tid: i32, nr: i64, args: SyscallArgs) -> PResult<i64>;
     /// Reads register set `regset` (an `NT_*` note type) of thread `tid`.
-    fn get_regset(&mut self, tid: i32, regset: u32) -> PResult<RVec<u8>>;
+    fn get_regset(&mut self, tid: i32, regset: u32) -> PResult<RVec<u8>> {
+        let _ = (tid, regset);
+        RResult::RErr(PluginError::new("ferry", "reading registers is not offered by this context"))
+    }
     /// Writes register set `regset` of thread `tid`.
-    fn set_regset(&mut self, tid: i32, regset: u32, data: RSlice<'_, u8>) -> PResult<()>;
+    fn set_regset(&mut self, tid: i32, regset: u32, data: RSlice<'_, u8>) -> PResult<()> {
+        let _ = (tid, regset, data);
+        RResult::RErr(PluginError::new("ferry", "writing registers is not offered by this context"))
+    }
     /// Reads `/proc/<pid>/<name>` of the target (for example `maps` or `task/12/stat`).
-    fn proc_read(&mut self, name: RStr<'_>) -> PResult<RVec<u8>>;
+    fn proc_read(&mut self, name: RStr<'_>) -> PResult<RVec<u8>> {
+        let _ = name;
+        RResult::RErr(PluginError::new("ferry", "reading /proc is not offered by this context"))
+    }
     /// Claims a shared resource (a pipe inode, a shared mapping): the first process of
     /// the event to claim it checkpoints it, the others refer to it.
-    fn claim_shared(&mut self, kind: RStr<'_>, id: RStr<'_>) -> SharedClaim;
+    fn claim_shared(&mut self, kind: RStr<'_>, id: RStr<'_>) -> SharedClaim {
+        let _ = (kind, id);
+        SharedClaim::First
+    }
     /// Sends a command to this plugin's peer on the other machine through the medium.
-    fn peer_command(&mut self, cmd: RSlice<'_, u8>) -> PResult<RVec<u8>>;
+    fn peer_command(&mut self, cmd: RSlice<'_, u8>) -> PResult<RVec<u8>> {
+        let _ = cmd;
+        RResult::RErr(PluginError::new("ferry", "a command to the peer is not offered by this context"))
+    }
     /// The rseq registration of thread `tid` (`PTRACE_GET_RSEQ_CONFIGURATION`).
-    fn rseq_config(&mut self, tid: i32) -> PResult<RseqConfig>;
+    fn rseq_config(&mut self, tid: i32) -> PResult<RseqConfig> {
+        let _ = tid;
+        RResult::RErr(PluginError::new("ferry", "reading rseq is not offered by this context"))
+    }
     /// The pending signals of thread `tid` (`shared`: the process-wide queue) as
     /// 128-byte `siginfo_t` records, read without dequeuing them.
-    fn peek_siginfo(&mut self, tid: i32, shared: bool) -> PResult<RVec<u8>>;
+    fn peek_siginfo(&mut self, tid: i32, shared: bool) -> PResult<RVec<u8>> {
+        let _ = (tid, shared);
+        RResult::RErr(PluginError::new("ferry", "reading pending signals is not offered by this context"))
+    }
     /// Pre-copy: starts tracking writes to `ranges` (whole private anonymous
     /// mappings); every page counts as clean from here. Answers the ranges now
     /// tracked: a mapping the process registered with a userfaultfd of its own cannot

@@ -113,7 +113,7 @@ fn a_signal_sent_while_frozen_is_in_the_image_and_reaches_both_copies() {
     let marker = image.path().join("frozen");
     // ferry waits once every thread is stopped; the signal then stays pending, and the
     // calls ferry makes in the process must neither deliver nor swallow it.
-    let mut child = std::process::Command::new(ferry_tests::ferry_bin())
+    let child = std::process::Command::new(ferry_tests::ferry_bin())
         .args(["checkpoint", &w.pid.to_string(), "--dir", dir.to_str().unwrap(), "--leave-running", "--json"])
         .env("FERRY_PAUSE", format!("checkpoint-frozen:{}", marker.display()))
         .stdout(std::process::Stdio::piped())

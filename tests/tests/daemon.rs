@@ -24,12 +24,15 @@ impl Daemon {
             .arg(&control)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("daemon.log")).expect("daemon log"))
             .spawn()
             .expect("daemon starts");
         let daemon = Daemon { child, control };
-        wait_until("the control socket", Duration::from_secs(20), || {
-            ferry::control::daemon_running(&daemon.control)
+        // Ready when it answers a request, not merely when the socket takes connections.
+        // (Once in ~10 full runs the first request after start-up was reset; the cause
+        // is not known — see the closing note of session 2. The daemon's log is kept.)
+        wait_until("the daemon to answer on its control socket", Duration::from_secs(20), || {
+            ferry::control::request(&daemon.control, &ferry::control::Request::List, Duration::from_secs(5)).is_ok()
         });
         daemon
     }
@@ -40,8 +43,12 @@ impl Daemon {
         ferry(&all)
     }
 
-    fn registered(&self) -> Vec<String> {
-        let reply = ferry::control::request(&self.control, &ferry::control::Request::List, Duration::from_secs(10)).unwrap();
+    fn registered(&mut self) -> Vec<String> {
+        let reply = ferry::control::request(&self.control, &ferry::control::Request::List, Duration::from_secs(10))
+            .unwrap_or_else(|e| {
+                let log = std::fs::read_to_string(self.control.parent().unwrap().parent().unwrap().join("daemon.log"));
+                panic!("{e}; the daemon: {:?}, said: {log:?}", self.child.try_wait());
+            });
         assert!(reply.ok);
         reply.plugins.into_iter().map(|p| p.name).collect()
     }
@@ -57,7 +64,7 @@ impl Drop for Daemon {
 #[test]
 fn plugins_are_loaded_and_unloaded_in_a_running_daemon() {
     let dir = tempfile::tempdir().unwrap();
-    let daemon = Daemon::start(dir.path());
+    let mut daemon = Daemon::start(dir.path());
     let meta = std::fs::metadata(&daemon.control).unwrap();
     assert!(meta.file_type().is_socket());
     assert_eq!(meta.permissions().mode() & 0o777, 0o600, "the control socket is root only");
@@ -101,6 +108,6 @@ fn a_stale_socket_file_is_replaced() {
     std::fs::create_dir_all(control.parent().unwrap()).unwrap();
     drop(std::os::unix::net::UnixListener::bind(&control).unwrap());
     assert!(control.exists());
-    let daemon = Daemon::start(dir.path());
+    let mut daemon = Daemon::start(dir.path());
     assert!(daemon.registered().contains(&"memory".to_string()));
 }

@@ -8,10 +8,10 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use ferry_plugin_api::{
     abi_stable::{
         sabi_trait::TD_Opaque,
-        std_types::{RResult, RSlice, RSliceMut, RStr, RVec},
+        std_types::{RResult, RSlice, RSliceMut, RVec},
     },
     MemRange, PResult, ProcessContext, ProcessContext_TO, Progress, Record, RecordFormat, RecordSource,
-    RecordSource_TO, RseqConfig, SharedClaim, SyscallArgs,
+    RecordSource_TO, SyscallArgs,
 };
 
 use crate::model::*;
@@ -226,46 +226,16 @@ impl ProcessContext for Kernel {
         buf.as_mut_slice().copy_from_slice(&self.mem[at..at + n]);
         RResult::ROk(n)
     }
-    fn read_memory_ranges(&mut self, _: RSlice<'_, MemRange>, _: RSliceMut<'_, u8>) -> PResult<usize> {
-        unimplemented!()
-    }
     fn write_memory(&mut self, addr: u64, data: RSlice<'_, u8>) -> PResult<usize> {
         let at = (addr - BASE) as usize;
         self.mem[at..at + data.len()].copy_from_slice(data.as_slice());
         RResult::ROk(data.len())
     }
-    fn write_memory_ranges(&mut self, _: RSlice<'_, MemRange>, _: RSlice<'_, u8>) -> PResult<usize> {
-        unimplemented!()
-    }
     fn scratch(&self) -> MemRange {
         MemRange { addr: BASE, len: SCRATCH }
     }
-    fn fetch_fd(&mut self, _: i32) -> PResult<i32> {
-        unimplemented!()
-    }
     fn inject_syscall(&mut self, _tid: i32, nr: i64, args: SyscallArgs) -> PResult<i64> {
         RResult::ROk(self.syscall(nr, args.0))
-    }
-    fn get_regset(&mut self, _: i32, _: u32) -> PResult<RVec<u8>> {
-        unimplemented!()
-    }
-    fn set_regset(&mut self, _: i32, _: u32, _: RSlice<'_, u8>) -> PResult<()> {
-        unimplemented!()
-    }
-    fn proc_read(&mut self, _: RStr<'_>) -> PResult<RVec<u8>> {
-        unimplemented!()
-    }
-    fn claim_shared(&mut self, _: RStr<'_>, _: RStr<'_>) -> SharedClaim {
-        SharedClaim::First
-    }
-    fn peer_command(&mut self, _: RSlice<'_, u8>) -> PResult<RVec<u8>> {
-        unimplemented!()
-    }
-    fn rseq_config(&mut self, _: i32) -> PResult<RseqConfig> {
-        unimplemented!()
-    }
-    fn peek_siginfo(&mut self, _: i32, _: bool) -> PResult<RVec<u8>> {
-        unimplemented!()
     }
 }
 

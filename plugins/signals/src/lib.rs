@@ -555,7 +555,7 @@ mod tests {
             std_types::{ROption, RResult, RSlice, RSliceMut, RStr},
         },
         MemRange, ProcessContext, ProcessContext_TO, Record, RecordFormat, RecordSink, RecordSink_TO,
-        RecordSource, RecordSource_TO, RseqConfig, SharedClaim, SyscallArgs,
+        RecordSource, RecordSource_TO, SyscallArgs,
     };
     use std::collections::HashMap;
 
@@ -609,20 +609,11 @@ mod tests {
         fn read_memory(&mut self, addr: u64, mut buf: RSliceMut<'_, u8>) -> RResult<usize, PluginError> {
             self.mem.read(addr, buf.as_mut_slice())
         }
-        fn read_memory_ranges(&mut self, _: RSlice<'_, MemRange>, _: RSliceMut<'_, u8>) -> RResult<usize, PluginError> {
-            fail("unused")
-        }
         fn write_memory(&mut self, addr: u64, data: RSlice<'_, u8>) -> RResult<usize, PluginError> {
             self.mem.write(addr, data.as_slice())
         }
-        fn write_memory_ranges(&mut self, _: RSlice<'_, MemRange>, _: RSlice<'_, u8>) -> RResult<usize, PluginError> {
-            fail("unused")
-        }
         fn scratch(&self) -> MemRange {
             MemRange { addr: BASE, len: SCRATCH }
-        }
-        fn fetch_fd(&mut self, _: i32) -> RResult<i32, PluginError> {
-            fail("unused")
         }
         fn inject_syscall(&mut self, tid: i32, nr: i64, args: SyscallArgs) -> RResult<i64, PluginError> {
             let a = args.0;
@@ -677,21 +668,6 @@ mod tests {
             let mut regs = vec![0u8; REGS_SIZE];
             regs[FS_BASE * 8..FS_BASE * 8 + 8].copy_from_slice(&base.to_le_bytes());
             RResult::ROk(regs.into())
-        }
-        fn set_regset(&mut self, _: i32, _: u32, _: RSlice<'_, u8>) -> RResult<(), PluginError> {
-            fail("unused")
-        }
-        fn proc_read(&mut self, _: RStr<'_>) -> RResult<RVec<u8>, PluginError> {
-            fail("unused")
-        }
-        fn claim_shared(&mut self, _: RStr<'_>, _: RStr<'_>) -> SharedClaim {
-            SharedClaim::First
-        }
-        fn peer_command(&mut self, _: RSlice<'_, u8>) -> RResult<RVec<u8>, PluginError> {
-            fail("unused")
-        }
-        fn rseq_config(&mut self, _: i32) -> RResult<RseqConfig, PluginError> {
-            fail("unused")
         }
         fn peek_siginfo(&mut self, tid: i32, shared: bool) -> RResult<RVec<u8>, PluginError> {
             let key = (if shared { self.pid } else { tid }, shared);

@@ -672,7 +672,7 @@ mod tests {
             std_types::{ROption, RResult, RSliceMut, RStr},
         },
         MemRange, ProcessContext, ProcessContext_TO, Record, RecordFormat, RecordSink, RecordSink_TO,
-        RecordSource, RecordSource_TO, RseqConfig, SharedClaim, SyscallArgs,
+        RecordSource, RecordSource_TO, RseqConfig, SyscallArgs,
     };
     use std::collections::HashMap;
 
@@ -748,20 +748,11 @@ mod tests {
         fn read_memory(&mut self, addr: u64, mut buf: RSliceMut<'_, u8>) -> RResult<usize, PluginError> {
             self.mem.read(addr, buf.as_mut_slice())
         }
-        fn read_memory_ranges(&mut self, _: RSlice<'_, MemRange>, _: RSliceMut<'_, u8>) -> RResult<usize, PluginError> {
-            fail("unused")
-        }
         fn write_memory(&mut self, addr: u64, data: RSlice<'_, u8>) -> RResult<usize, PluginError> {
             self.mem.write(addr, data.as_slice())
         }
-        fn write_memory_ranges(&mut self, _: RSlice<'_, MemRange>, _: RSlice<'_, u8>) -> RResult<usize, PluginError> {
-            fail("unused")
-        }
         fn scratch(&self) -> MemRange {
             MemRange { addr: BASE, len: SCRATCH }
-        }
-        fn fetch_fd(&mut self, _: i32) -> RResult<i32, PluginError> {
-            fail("unused")
         }
         fn inject_syscall(&mut self, tid: i32, nr: i64, args: SyscallArgs) -> RResult<i64, PluginError> {
             if !self.tids.contains(&tid) {
@@ -831,12 +822,6 @@ mod tests {
             let tid: i32 = name.as_str().split('/').nth(1).unwrap().parse().unwrap();
             let name = if tid == 13 { b"\xffx\n".to_vec() } else { format!("w{tid}\n").into_bytes() };
             RResult::ROk(name.into())
-        }
-        fn claim_shared(&mut self, _: RStr<'_>, _: RStr<'_>) -> SharedClaim {
-            SharedClaim::First
-        }
-        fn peer_command(&mut self, _: RSlice<'_, u8>) -> RResult<RVec<u8>, PluginError> {
-            fail("unused")
         }
         fn rseq_config(&mut self, tid: i32) -> RResult<RseqConfig, PluginError> {
             let addr = self.rseq.get(&tid).copied().unwrap_or(0);
