@@ -226,7 +226,55 @@ impl Tracer {
             tracer.abandon(&seized);
             return Err(e);
         }
+        if let Err(e) = tracer.abort_rseq() {
+            tracer.abandon(&seized);
+            return Err(e);
+        }
         Ok(tracer)
+    }
+
+    /// A thread stopped inside an rseq critical section is sent to its abort handler
+    /// now, as the kernel would do when it next runs: the first call ferry makes in it
+    /// returns to user space outside the section, and the kernel would then just forget
+    /// the section (clear `rseq_cs`), letting the thread finish it later as if nothing
+    /// had come between — on another CPU after a restore, say.
+    fn abort_rseq(&mut self) -> Result<(), TraceError> {
+        for tid in self.tids() {
+            let Ok(cfg) = self.rseq_config(tid) else { continue };
+            if cfg.addr == 0 {
+                continue;
+            }
+            // struct rseq: u32 cpu_id_start, u32 cpu_id, u64 rseq_cs, …
+            let mut cs_ptr = [0u8; 8];
+            if self.peek(cfg.addr + 8, &mut cs_ptr).is_err() {
+                continue;
+            }
+            let cs = u64::from_le_bytes(cs_ptr);
+            if cs == 0 {
+                continue;
+            }
+            // struct rseq_cs: u32 version, u32 flags, u64 start_ip, u64 post_commit_offset, u64 abort_ip.
+            let mut d = [0u8; 32];
+            if self.peek(cs, &mut d).is_err() {
+                continue;
+            }
+            let word = |o: usize| u64::from_le_bytes(d[o..o + 8].try_into().expect("8 bytes"));
+            let (start, len, abort) = (word(8), word(16), word(24));
+            let t = self.thread(tid)?;
+            if t.regs.rip.wrapping_sub(start) >= len {
+                continue;
+            }
+            // The kernel checks the signature before the handler; so do we.
+            let mut sig = [0u8; 4];
+            if self.peek(abort.wrapping_sub(4), &mut sig).is_err() || u32::from_le_bytes(sig) != cfg.signature {
+                continue;
+            }
+            let mut regs = self.thread(tid)?.regs;
+            regs.rip = abort;
+            self.set_saved_regs(tid, regs)?;
+            self.poke(cfg.addr + 8, &0u64.to_le_bytes())?;
+        }
+        Ok(())
     }
 
     /// Waits for every seized thread to report its interrupt stop.

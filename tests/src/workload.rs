@@ -44,11 +44,13 @@ pub struct WorkloadOpts {
     pub move_mem: bool,
     /// Fork a child checking the patterned mapping every 20 ticks (`--fork-check`).
     pub fork_check: bool,
+    /// Wait for each tick spinning inside an rseq critical section (`--rseq`).
+    pub rseq: bool,
 }
 
 impl Default for WorkloadOpts {
     fn default() -> Self {
-        WorkloadOpts { mem_mib: 1, threads: 0, files: true, tick_ms: 20, dirty_pages: 0, churn: false, move_mem: false, fork_check: false }
+        WorkloadOpts { mem_mib: 1, threads: 0, files: true, tick_ms: 20, dirty_pages: 0, churn: false, move_mem: false, fork_check: false, rseq: false }
     }
 }
 
@@ -118,6 +120,9 @@ impl Workload {
         }
         if opts.fork_check {
             cmd.arg("--fork-check");
+        }
+        if opts.rseq {
+            cmd.arg("--rseq");
         }
         Self::start(cmd, dir)
     }

@@ -228,3 +228,57 @@ fn perl_script() {
 fn bash_loop() {
     script(Script::Bash);
 }
+
+/// The image's saved instruction pointer of thread `tid` (user_regs_struct: rip is word 16).
+fn saved_rip(image: &Path, tid: i32) -> u64 {
+    let o = ferry(&["show", image.to_str().unwrap(), "--json"]);
+    let shown: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let mut found = None;
+    fn walk(v: &serde_json::Value, tid: i32, found: &mut Option<String>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                if m.get("tid").and_then(|t| t.as_i64()) == Some(tid as i64) {
+                    if let Some(r) = m.get("regs").and_then(|r| r.as_str()) {
+                        *found = Some(r.to_string());
+                    }
+                }
+                m.values().for_each(|x| walk(x, tid, found));
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|x| walk(x, tid, found)),
+            _ => {}
+        }
+    }
+    walk(&shown, tid, &mut found);
+    let regs = found.unwrap_or_else(|| panic!("no registers of thread {tid} in the image"));
+    let hex = &regs[16 * 16..17 * 16];
+    let bytes: Vec<u8> = (0..8).map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).unwrap()).collect();
+    u64::from_le_bytes(bytes.try_into().unwrap())
+}
+
+#[test]
+fn a_main_thread_stopped_inside_an_rseq_critical_section_is_sent_to_its_abort_handler() {
+    if !needs_root() {
+        return;
+    }
+    // The main thread waits for each tick spinning inside an rseq critical section.
+    let mut w = Workload::spawn(&WorkloadOpts { files: false, tick_ms: 20, rseq: true, ..Default::default() });
+    w.wait_ready();
+    w.wait_ticks(3);
+    let line = w.lines().into_iter().find(|l| l.starts_with("rseq-cs ")).expect("the workload names its section");
+    let addr = |s: &str| u64::from_str_radix(s.trim_start_matches("0x"), 16).unwrap();
+    let f: Vec<u64> = line.split_whitespace().skip(1).map(addr).collect();
+    let (start, end, abort) = (f[0], f[1], f[2]);
+    let image = tempfile::tempdir().unwrap();
+    let dir = image.path().join("img");
+    checkpoint(w.pid, &dir, &[]);
+    wait_gone(w.pid);
+    // Stopped in the section, it resumes at the abort handler, as the kernel would
+    // have sent it there had it been preempted; never in the middle of the section.
+    let rip = saved_rip(&dir, w.pid);
+    assert!(!(start..end).contains(&rip), "rip {rip:#x} inside the section {start:#x}-{end:#x} (abort at {abort:#x})");
+    let at = *w.ticks().last().unwrap();
+    let new = restore(&dir, w.pid);
+    w.adopt(new);
+    w.wait_ticks(at + 3);
+    w.terminate_and_check(new).unwrap();
+}

@@ -25,6 +25,7 @@
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/wait.h>
+#include <sys/rseq.h>
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
 #include <sys/time.h>
@@ -55,6 +56,9 @@ static int opt_files = 1;
 static int opt_churn;
 static int opt_move_mem;
 static int opt_fork_check;
+static int opt_rseq;
+static uint64_t tsc_per_ms;
+static volatile uint64_t rseq_aborts;
 static pid_t fork_child;
 
 /* ---- state that must survive ---- */
@@ -723,11 +727,82 @@ static void fork_check(uint64_t tick)
     }
 }
 
+/* ---- --rseq: the main thread waits for its next tick spinning inside an rseq critical
+ * section (reading the TSC), so a checkpoint almost always stops it there. Whatever
+ * interrupts the section — preemption, migration, a checkpoint — must send it to the
+ * abort handler, which counts and enters again ---- */
+static uint64_t rdtsc_now(void)
+{
+    uint32_t lo, hi;
+    __asm__ __volatile__("rdtsc" : "=a"(lo), "=d"(hi));
+    return ((uint64_t)hi << 32) | lo;
+}
+
+static void calibrate_tsc(void)
+{
+    struct timespec a, b;
+    clock_gettime(CLOCK_MONOTONIC, &a);
+    uint64_t t0 = rdtsc_now();
+    sleep_ms(20);
+    uint64_t t1 = rdtsc_now();
+    clock_gettime(CLOCK_MONOTONIC, &b);
+    uint64_t ns = (uint64_t)(b.tv_sec - a.tv_sec) * 1000000000ull + (uint64_t)(b.tv_nsec - a.tv_nsec);
+    tsc_per_ms = (t1 - t0) * 1000000ull / (ns ? ns : 1);
+}
+
+/* One pass of the section: 0 once the deadline passed, 1 if aborted. */
+__attribute__((noinline)) static int rseq_spin(struct rseq *rs, uint64_t deadline)
+{
+    int aborted = 0;
+    __asm__ __volatile__(
+        ".pushsection __rseq_cs, \"aw\"\n\t"
+        ".balign 32\n\t"
+        "ferry_rseq_desc:\n\t"
+        ".long 0, 0\n\t"
+        ".quad ferry_rseq_start, ferry_rseq_end - ferry_rseq_start, ferry_rseq_abort\n\t"
+        ".popsection\n\t"
+        "leaq ferry_rseq_desc(%%rip), %%rax\n\t"
+        "movq %%rax, %[cs]\n\t"
+        ".globl ferry_rseq_start\n\t"
+        "ferry_rseq_start:\n\t"
+        "rdtsc\n\t"
+        "shlq $32, %%rdx\n\t"
+        "orq %%rdx, %%rax\n\t"
+        "cmpq %[deadline], %%rax\n\t"
+        "jb ferry_rseq_start\n\t"
+        ".globl ferry_rseq_end\n\t"
+        "ferry_rseq_end:\n\t"
+        "jmp 6f\n\t"
+        ".pushsection __rseq_failure, \"ax\"\n\t"
+        ".byte 0x0f, 0xb9, 0x3d\n\t"
+        ".long 0x53053053\n\t"
+        ".globl ferry_rseq_abort\n\t"
+        "ferry_rseq_abort:\n\t"
+        "movl $1, %[aborted]\n\t"
+        "jmp 6f\n\t"
+        ".popsection\n\t"
+        "6:\n\t"
+        : [cs] "=m"(rs->rseq_cs), [aborted] "+m"(aborted)
+        : [deadline] "r"(deadline)
+        : "rax", "rdx", "memory", "cc");
+    return aborted;
+}
+
+extern char ferry_rseq_start[], ferry_rseq_end[], ferry_rseq_abort[];
+
+static void rseq_wait(long ms)
+{
+    struct rseq *rs = (struct rseq *)((char *)__builtin_thread_pointer() + __rseq_offset);
+    uint64_t deadline = rdtsc_now() + tsc_per_ms * (uint64_t)ms;
+    while (rseq_spin(rs, deadline))
+        rseq_aborts++;
+}
+
 /* ---- main ---- */
 static void usage(void)
 {
     fprintf(stderr, "usage: workload --log PATH [--dir DIR] [--mem-mib N] [--threads N] [--tick-ms N]"
-                    " [--dirty-pages N] [--churn] [--move-mem] [--fork-check] [--no-files]\n");
+                    " [--dirty-pages N] [--churn] [--move-mem] [--fork-check] [--rseq] [--no-files]\n");
     exit(2);
 }
 
@@ -760,6 +835,10 @@ int main(int argc, char **argv)
         }
         if (!strcmp(a, "--fork-check")) {
             opt_fork_check = 1;
+            continue;
+        }
+        if (!strcmp(a, "--rseq")) {
+            opt_rseq = 1;
             continue;
         }
         if (!v)
@@ -833,6 +912,12 @@ int main(int argc, char **argv)
     if (raise(SIGUSR2) != 0)
         die("raise USR2");
 
+    if (opt_rseq) {
+        if (__rseq_size == 0)
+            die("rseq is not registered by this libc");
+        calibrate_tsc();
+        logf_("rseq-cs %p %p %p", (void *)ferry_rseq_start, (void *)ferry_rseq_end, (void *)ferry_rseq_abort);
+    }
     logf_("ready");
     uint64_t tick = 0;
     sig_atomic_t usr1_logged = 0;
@@ -859,7 +944,12 @@ int main(int argc, char **argv)
             move_mem(tick);
         if (opt_fork_check)
             fork_check(tick);
-        sleep_ms(opt_tick_ms);
+        if (opt_rseq) {
+            logf_("rseq-aborts %llu", (unsigned long long)rseq_aborts);
+            rseq_wait(opt_tick_ms);
+        } else {
+            sleep_ms(opt_tick_ms);
+        }
     }
 
     atomic_store(&stop_threads, 1);
