@@ -1,11 +1,32 @@
 //! For plugin unit tests: memory standing in for a target process's, so a mock
-//! `ProcessContext` only has to supply the kernel's side (system calls, registers).
+//! `ProcessContext` only has to supply the kernel's side (system calls, registers);
+//! and records kept in memory, a sink for a checkpoint and a source for its restart.
 
 use std::ops::Range;
 
-use abi_stable::std_types::RResult;
+use abi_stable::std_types::{ROption, RResult, RSlice, RStr};
 
-use crate::{PResult, PluginError};
+use crate::{PResult, PluginError, Record, RecordFormat, RecordSink, RecordSource};
+
+/// The records a checkpoint put (`.0`), read back from `.1` on (set it to 0 to read
+/// them again).
+#[derive(Default)]
+pub struct Records(pub Vec<Record>, pub usize);
+
+impl RecordSink for Records {
+    fn put(&mut self, kind: RStr<'_>, format: RecordFormat, payload: RSlice<'_, u8>) -> PResult<()> {
+        self.0.push(Record { kind: kind.into(), format, payload: payload.to_vec().into() });
+        RResult::ROk(())
+    }
+}
+
+impl RecordSource for Records {
+    fn next(&mut self) -> PResult<ROption<Record>> {
+        let r = self.0.get(self.1).cloned();
+        self.1 += 1;
+        RResult::ROk(r.into())
+    }
+}
 
 #[derive(Default)]
 pub struct MockMemory {

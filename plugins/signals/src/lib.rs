@@ -382,7 +382,7 @@ impl Plugin {
         // What the child has set (it inherits ferry's own dispositions), and what the
         // image sets: everything else is at its default already.
         let set_here = maybe_set(ctx);
-        let wanted = |sig: i32| set_here == u64::MAX || in_mask(set_here, sig) || a.actions.iter().any(|x| x.sig == sig);
+        let wanted = |sig: i32| in_mask(set_here, sig) || a.actions.iter().any(|x| x.sig == sig);
         for sig in (1..=NSIG).filter(|&s| settable(s) && wanted(s)) {
             let act = a.actions.iter().find(|x| x.sig == sig).copied().unwrap_or(Action {
                 sig,
@@ -552,10 +552,9 @@ mod tests {
     use ferry_plugin_api::{
         abi_stable::{
             sabi_trait::TD_Opaque,
-            std_types::{ROption, RResult, RSlice, RSliceMut, RStr},
+            std_types::{RResult, RSlice, RSliceMut},
         },
-        MemRange, ProcessContext, ProcessContext_TO, Record, RecordFormat, RecordSink, RecordSink_TO,
-        RecordSource, RecordSource_TO, SyscallArgs,
+        MemRange, ProcessContext, ProcessContext_TO, RecordSink_TO, RecordSource_TO, SyscallArgs,
     };
     use std::collections::HashMap;
 
@@ -675,23 +674,7 @@ mod tests {
         }
     }
 
-    #[derive(Default)]
-    struct Records(Vec<Record>, usize);
-
-    impl RecordSink for Records {
-        fn put(&mut self, kind: RStr<'_>, format: RecordFormat, payload: RSlice<'_, u8>) -> RResult<(), PluginError> {
-            self.0.push(Record { kind: kind.into(), format, payload: payload.to_vec().into() });
-            RResult::ROk(())
-        }
-    }
-
-    impl RecordSource for Records {
-        fn next(&mut self) -> RResult<ROption<Record>, PluginError> {
-            let r = self.0.get(self.1).cloned();
-            self.1 += 1;
-            RResult::ROk(r.into())
-        }
-    }
+    use ferry_plugin_api::testing::Records;
 
     fn run_checkpoint(mock: &mut Mock) -> Result<Records, String> {
         let mut plugin = Plugin::default();

@@ -669,10 +669,9 @@ mod tests {
     use ferry_plugin_api::{
         abi_stable::{
             sabi_trait::TD_Opaque,
-            std_types::{ROption, RResult, RSliceMut, RStr},
+            std_types::{RResult, RSliceMut, RStr},
         },
-        MemRange, ProcessContext, ProcessContext_TO, Record, RecordFormat, RecordSink, RecordSink_TO,
-        RecordSource, RecordSource_TO, RseqConfig, SyscallArgs,
+        MemRange, ProcessContext, ProcessContext_TO, RecordSink_TO, RecordSource_TO, RseqConfig, SyscallArgs,
     };
     use std::collections::HashMap;
 
@@ -832,23 +831,7 @@ mod tests {
         }
     }
 
-    #[derive(Default)]
-    struct Records(Vec<Record>, usize);
-
-    impl RecordSink for Records {
-        fn put(&mut self, kind: RStr<'_>, format: RecordFormat, payload: RSlice<'_, u8>) -> RResult<(), PluginError> {
-            self.0.push(Record { kind: kind.into(), format, payload: payload.to_vec().into() });
-            RResult::ROk(())
-        }
-    }
-
-    impl RecordSource for Records {
-        fn next(&mut self) -> RResult<ROption<Record>, PluginError> {
-            let r = self.0.get(self.1).cloned();
-            self.1 += 1;
-            RResult::ROk(r.into())
-        }
-    }
+    use ferry_plugin_api::testing::Records;
 
     fn run_checkpoint(mock: &mut Mock) -> Result<Records, String> {
         let mut plugin = Plugin::default();
