@@ -4,9 +4,50 @@
 
 use std::ops::Range;
 
-use abi_stable::std_types::{ROption, RResult, RSlice, RStr};
+use abi_stable::{
+    sabi_trait::TD_Opaque,
+    std_types::{ROption, RResult, RSlice, RStr},
+};
 
-use crate::{PResult, PluginError, Record, RecordFormat, RecordSink, RecordSource};
+use crate::{
+    plugin::SubsystemPlugin, ContextRef, PResult, PluginError, ProcessContext, ProcessContext_TO, Progress, Record,
+    RecordFormat, RecordSink, RecordSink_TO, RecordSource, RecordSource_TO, SinkRef, SourceRef,
+};
+
+/// Calls `plugin.checkpoint` against `ctx` until it is done (at most `steps` calls):
+/// the records it put.
+pub fn run_checkpoint<P: SubsystemPlugin, C: ProcessContext>(plugin: &mut P, ctx: &mut C, steps: usize) -> Result<Records, String> {
+    let mut records = Records::default();
+    let mut done = false;
+    {
+        let mut ctx: ContextRef<'_> = ProcessContext_TO::from_ptr(ctx, TD_Opaque);
+        let mut sink: SinkRef<'_> = RecordSink_TO::from_ptr(&mut records, TD_Opaque);
+        for _ in 0..steps {
+            if plugin.checkpoint(&mut ctx, &mut sink)? == Progress::Done {
+                done = true;
+                break;
+            }
+        }
+    }
+    if done {
+        Ok(records)
+    } else {
+        Err("checkpoint never finished".into())
+    }
+}
+
+/// Calls `plugin.restart` against `ctx` on `records` (from the first) until it is done.
+pub fn run_restart<P: SubsystemPlugin, C: ProcessContext>(plugin: &mut P, ctx: &mut C, mut records: Records, steps: usize) -> Result<(), String> {
+    records.1 = 0;
+    let mut ctx: ContextRef<'_> = ProcessContext_TO::from_ptr(ctx, TD_Opaque);
+    let mut source: SourceRef<'_> = RecordSource_TO::from_ptr(&mut records, TD_Opaque);
+    for _ in 0..steps {
+        if plugin.restart(&mut ctx, &mut source)? == Progress::Done {
+            return Ok(());
+        }
+    }
+    Err("restart never finished".into())
+}
 
 /// The records a checkpoint put (`.0`), read back from `.1` on (set it to 0 to read
 /// them again).

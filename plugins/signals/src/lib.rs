@@ -550,11 +550,8 @@ mod tests {
     use ferry_plugin_api::abi_stable::std_types::RVec;
     use super::*;
     use ferry_plugin_api::{
-        abi_stable::{
-            sabi_trait::TD_Opaque,
-            std_types::{RResult, RSlice, RSliceMut},
-        },
-        MemRange, ProcessContext, ProcessContext_TO, RecordSink_TO, RecordSource_TO, SyscallArgs,
+        abi_stable::std_types::{RResult, RSlice, RSliceMut},
+        MemRange, ProcessContext, SyscallArgs,
     };
     use std::collections::HashMap;
 
@@ -674,40 +671,16 @@ mod tests {
         }
     }
 
-    use ferry_plugin_api::testing::Records;
+    use ferry_plugin_api::testing::{self, Records};
 
     fn run_checkpoint(mock: &mut Mock) -> Result<Records, String> {
-        let mut plugin = Plugin::default();
-        let mut records = Records::default();
-        let mut done = false;
-        {
-            let mut ctx: ContextRef<'_> = ProcessContext_TO::from_ptr(&mut *mock, TD_Opaque);
-            let mut sink: SinkRef<'_> = RecordSink_TO::from_ptr(&mut records, TD_Opaque);
-            for _ in 0..10 {
-                if plugin.checkpoint(&mut ctx, &mut sink)? == Progress::Done {
-                    done = true;
-                    break;
-                }
-            }
-        }
-        if done {
-            Ok(records)
-        } else {
-            Err("checkpoint never finished".into())
-        }
+        testing::run_checkpoint(&mut Plugin::default(), mock, 10)
     }
 
-    fn run_restart(mock: &mut Mock, mut records: Records) -> Result<Plugin, String> {
+    fn run_restart(mock: &mut Mock, records: Records) -> Result<Plugin, String> {
         let mut plugin = Plugin::default();
-        records.1 = 0;
-        let mut ctx: ContextRef<'_> = ProcessContext_TO::from_ptr(&mut *mock, TD_Opaque);
-        let mut source: SourceRef<'_> = RecordSource_TO::from_ptr(&mut records, TD_Opaque);
-        for _ in 0..10 {
-            if plugin.restart(&mut ctx, &mut source)? == Progress::Done {
-                return Ok(plugin);
-            }
-        }
-        Err("restart never finished".into())
+        testing::run_restart(&mut plugin, mock, records, 10)?;
+        Ok(plugin)
     }
 
     fn checkpointed() -> Records {

@@ -667,11 +667,8 @@ mod tests {
     use ferry_plugin_api::testing::MockMemory;
     use super::*;
     use ferry_plugin_api::{
-        abi_stable::{
-            sabi_trait::TD_Opaque,
-            std_types::{RResult, RSliceMut, RStr},
-        },
-        MemRange, ProcessContext, ProcessContext_TO, RecordSink_TO, RecordSource_TO, RseqConfig, SyscallArgs,
+        abi_stable::std_types::{RResult, RSliceMut, RStr},
+        MemRange, ProcessContext, RseqConfig, SyscallArgs,
     };
     use std::collections::HashMap;
 
@@ -831,41 +828,19 @@ mod tests {
         }
     }
 
-    use ferry_plugin_api::testing::Records;
+    use ferry_plugin_api::testing::{self, Records};
 
     fn run_checkpoint(mock: &mut Mock) -> Result<Records, String> {
         let mut plugin = Plugin::default();
-        let mut records = Records::default();
-        let mut done = false;
-        {
-            let mut ctx: ContextRef<'_> = ProcessContext_TO::from_ptr(&mut *mock, TD_Opaque);
-            let mut sink: SinkRef<'_> = RecordSink_TO::from_ptr(&mut records, TD_Opaque);
-            for _ in 0..100 {
-                if plugin.checkpoint(&mut ctx, &mut sink)? == Progress::Done {
-                    assert_eq!(plugin.status().entities_done, plugin.status().entities_total);
-                    done = true;
-                    break;
-                }
-            }
-        }
-        if done {
-            Ok(records)
-        } else {
-            Err("checkpoint never finished".into())
-        }
+        let records = testing::run_checkpoint(&mut plugin, mock, 100)?;
+        assert_eq!(plugin.status().entities_done, plugin.status().entities_total);
+        Ok(records)
     }
 
-    fn run_restart(mock: &mut Mock, mut records: Records) -> Result<Plugin, String> {
+    fn run_restart(mock: &mut Mock, records: Records) -> Result<Plugin, String> {
         let mut plugin = Plugin::default();
-        records.1 = 0;
-        let mut ctx: ContextRef<'_> = ProcessContext_TO::from_ptr(&mut *mock, TD_Opaque);
-        let mut source: SourceRef<'_> = RecordSource_TO::from_ptr(&mut records, TD_Opaque);
-        for _ in 0..100 {
-            if plugin.restart(&mut ctx, &mut source)? == Progress::Done {
-                return Ok(plugin);
-            }
-        }
-        Err("restart never finished".into())
+        testing::run_restart(&mut plugin, mock, records, 100)?;
+        Ok(plugin)
     }
 
     /// A checkpointed process of three threads; thread 12 sits in an interrupted
