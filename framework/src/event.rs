@@ -120,7 +120,10 @@ pub fn drive<C: ferry_plugin_api::ProcessContext>(
             other => other,
         };
         match answer {
-            Ok(Progress::Done) => return Ok(()),
+            Ok(Progress::Done) => {
+                crate::trace::mark(format_args!("{phase} {} done", loaded.name));
+                return Ok(());
+            }
             Ok(Progress::More) => progress(&loaded.name),
             Err(e) => match loaded.sub.fault(&mut cref, &e) {
                 Recovery::Retry if retries < 3 => retries += 1,

@@ -20,6 +20,7 @@ pub mod protocol;
 pub mod quiesce;
 pub mod restore;
 pub mod throttle;
+pub mod trace;
 pub mod tracer;
 pub(crate) mod uffd;
 pub mod watchdog;

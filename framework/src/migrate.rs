@@ -244,7 +244,16 @@ pub fn migrate(manager: &Manager, req: &MigrateRequest, progress: &mut dyn FnMut
     let welcome = protocol::client_handshake(&mut stream, &hello).map_err(|e| refused(e.to_string()))?;
     let _ = stream.flush();
     let fd = stream.into_raw_fd();
-    let medium = lease.open_medium(&serde_json::json!({"fd": fd, "timeout_ms": req.timeout.as_millis() as u64}))?;
+    let mut medium = lease.open_medium(&serde_json::json!({"fd": fd, "timeout_ms": req.timeout.as_millis() as u64}))?;
+    // The destination readies its restore child first: the freeze does not wait for it.
+    match recv_json(&mut medium, req.timeout) {
+        Ok(m) if m["type"] == "ready" => {}
+        Ok(m) if m["type"] == "failed" => {
+            return Err(refused(format!("the destination cannot restore a process: {}", m["reason"].as_str().unwrap_or("?"))))
+        }
+        Ok(m) => return Err(refused(format!("unexpected message from the destination: {m}"))),
+        Err(e) => return Err(refused(format!("waiting for the destination: {e}"))),
+    }
 
     // Nothing was touched until here.
     let mut throttle = None;
@@ -278,6 +287,7 @@ pub fn migrate(manager: &Manager, req: &MigrateRequest, progress: &mut dyn FnMut
             return Err(e);
         }
     };
+    crate::trace::mark("source frozen");
     let mut medium = medium;
     let announced = match live.as_ref() {
         // The plan went ahead of the rounds, and the scratch area stayed.
@@ -292,6 +302,7 @@ pub fn migrate(manager: &Manager, req: &MigrateRequest, progress: &mut dyn FnMut
         let_go(tracer, live);
         return Err(e);
     }
+    crate::trace::mark("plan sent");
     let mut pipe = Pipeline::new(medium);
     // The last resort if a plugin stops answering: exit; the kernel detaches the
     // source, which carries on, and the destination loses the connection and rolls back.
@@ -313,6 +324,7 @@ pub fn migrate(manager: &Manager, req: &MigrateRequest, progress: &mut dyn FnMut
     let written = write_image(&mut tracer, &mut subs, &mut pipe, "tcp", req.pid, &watchdog, live.as_mut(), lazy, progress);
     drop(watchdog);
     let mut medium = pipe.finish();
+    crate::trace::mark("image sent");
     let outcome = (|| {
         let (bytes, pages) = written?;
         let medium = medium.as_mut().ok_or_else(|| refused("the medium's writer thread failed"))?;
@@ -331,9 +343,11 @@ pub fn migrate(manager: &Manager, req: &MigrateRequest, progress: &mut dyn FnMut
             // once the destination confirms it let its copy run: a lost message may
             // leave two copies to sort out, but never none.
             let medium = medium.as_mut().ok_or_else(|| refused("no medium"))?;
+            crate::trace::mark("rebuilt: commit");
             let released = send_verdict(medium, &Verdict::Commit).and_then(|_| verdict_serving(medium, req.pid, req.timeout));
             // Downtime ends here: the process runs on the destination.
             let frozen_ms = event::ms(frozen_at);
+            crate::trace::mark("released");
             if let Some(l) = live {
                 l.tracker.stop();
             }
@@ -417,6 +431,7 @@ fn lazy_commit(
         Err(e) => return end(record, "failed", format!("releasing the process: {e}")),
     };
     let _ = send_verdict(medium, &Verdict::Released);
+    crate::trace::mark("running (post-copy)");
     record.new_pid = Some(pid);
     record.bytes = running.stats.bytes;
     record.pages = running.stats.pages;
@@ -512,6 +527,17 @@ pub fn serve(manager: &Manager, mut stream: TcpStream, key: Option<&[u8]>, featu
         Ok(m) => m,
         Err(e) => return end(record, "failed", e.to_string()),
     };
+    // The restore child is made now, while the source still runs.
+    let child = match restore::Blank::make(hello.pid) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = send_json(&mut medium, serde_json::json!({"type": "failed", "reason": e.to_string()}));
+            return end(record, "failed", e.to_string());
+        }
+    };
+    if let Err(e) = send_json(&mut medium, serde_json::json!({"type": "ready"})) {
+        return end(record, "failed", e);
+    }
     let mut tuning = (256 << 10, 2 << 20);
     let plan = recv_json(&mut medium, timeout).and_then(|mut m| {
         if m["type"] != "plan" {
@@ -522,6 +548,7 @@ pub fn serve(manager: &Manager, mut stream: TcpStream, key: Option<&[u8]>, featu
         }
         serde_json::from_value::<Plan>(m["plan"].take()).map_err(|e| format!("a bad plan: {e}"))
     });
+    crate::trace::mark("plan received");
     let plan = match plan {
         Ok(p) => p,
         Err(e) => return end(record, "failed", e),
@@ -536,7 +563,7 @@ pub fn serve(manager: &Manager, mut stream: TcpStream, key: Option<&[u8]>, featu
         }
         eprintln!("ferry daemon: {}", EventRecord { outcome: "rolled back", detail: why, ..stuck }.line());
     });
-    let rebuilt = restore::restore_streaming(manager, &mut medium, &plan, &watchdog, started, &mut |_| {});
+    let rebuilt = restore::restore_streaming(manager, &mut medium, &plan, Some(child), &watchdog, started, &mut |_| {});
     drop(watchdog);
     let mut held = match rebuilt {
         Ok(h) => h,
@@ -551,7 +578,9 @@ pub fn serve(manager: &Manager, mut stream: TcpStream, key: Option<&[u8]>, featu
         Some(plan) => held.userfaultfd().map_err(|e| e.to_string()).and_then(|uffd| {
             let mut pager = Pager::new(held.pid(), uffd, plan, tuning.0, tuning.1);
             pager.settle(&mut medium, timeout)?;
+            crate::trace::mark("lazy pages settled");
             pager.register()?;
+            crate::trace::mark("lazy areas registered");
             Ok(Some(pager))
         }),
     };
@@ -569,6 +598,7 @@ pub fn serve(manager: &Manager, mut stream: TcpStream, key: Option<&[u8]>, featu
         held.abort();
         return end(record, "rolled back", e);
     }
+    crate::trace::mark("rebuilt sent");
     match recv_verdict(&mut medium, timeout) {
         Ok(Verdict::Commit) if pager.is_some() => {
             lazy_commit(held, pager.take().expect("checked"), &mut medium, timeout, record, end)

@@ -3,8 +3,9 @@
 //! registers those areas in a userfaultfd of the restored process (made there by an
 //! injected call, held only by ferry) and fills them with `UFFDIO_COPY`: first the
 //! window around each page fault, and between faults the rest in address order,
-//! carrying on from the neighbourhood of the last fault. Pages the source never had
-//! are zero-filled here without asking. The destination drives it all — it asks, with
+//! carrying on from the neighbourhood of the last fault. Which pages of the lazy areas
+//! the source has is asked first thing after the resume (the freeze does not wait for
+//! that scan); pages the source never had are zero-filled here without asking. The destination drives it all — it asks, with
 //! `want` messages through the medium's `command`, and the source, which keeps its copy
 //! of the process frozen, answers with the pages on [`LAZY_STREAM`] — so one thread on
 //! each side does the work, and a page fault waits for at most one batch ahead of it.
@@ -73,6 +74,31 @@ fn answer(medium: &mut MediumBox, pid: i32, msg: &serde_json::Value, buf: &mut V
     medium.pushdata(LAZY_STREAM, RSlice::from_slice(buf)).into_result().map_err(|e| e.to_string())
 }
 
+/// Source: answers a `present` question — which pages of the ranges the frozen process
+/// `pid` has (present or swapped out, not the shared zero page) — on [`LAZY_STREAM`]:
+/// a count, then that many (start, end) pairs, little-endian u64s.
+fn answer_present(medium: &mut MediumBox, pid: i32, msg: &serde_json::Value) -> Result<(), String> {
+    use ferry_plugin_api::pagemap::{self, Categories, PAGE_IS_PFNZERO, PAGE_IS_PRESENT, PAGE_IS_SWAPPED};
+    let list = msg["ranges"].as_array().ok_or("a present question without ranges")?;
+    let pagemap = std::fs::File::open(format!("/proc/{pid}/pagemap")).map_err(|e| format!("pagemap of process {pid}: {e}"))?;
+    let which = Categories { all: 0, none: PAGE_IS_PFNZERO, any: PAGE_IS_PRESENT | PAGE_IS_SWAPPED };
+    let mut out = vec![0u8; 8];
+    let mut count = 0u64;
+    for r in list {
+        let (Some(s), Some(e)) = (r[0].as_u64(), r[1].as_u64()) else { return Err(format!("a bad range in a present question: {r}")) };
+        if s % PAGE != 0 || e % PAGE != 0 || s >= e {
+            return Err(format!("a bad range in a present question: {s:#x}-{e:#x}"));
+        }
+        for (a, b) in pagemap::scan(&pagemap, s, e, 0, which).map_err(|e| format!("PAGEMAP_SCAN of process {pid}: {e}"))? {
+            out.extend_from_slice(&a.to_le_bytes());
+            out.extend_from_slice(&b.to_le_bytes());
+            count += 1;
+        }
+    }
+    out[..8].copy_from_slice(&count.to_le_bytes());
+    medium.pushdata(LAZY_STREAM, RSlice::from_slice(&out)).into_result().map_err(|e| e.to_string())
+}
+
 /// `[[addr, len], …]`, page-aligned, bounded.
 fn parse_ranges(v: &serde_json::Value) -> Result<Vec<(u64, u64)>, String> {
     let list = v.as_array().ok_or("a want without ranges")?;
@@ -100,10 +126,14 @@ pub fn serve_until_message(medium: &mut MediumBox, pid: i32, timeout: Duration, 
     let mut answered = 0;
     loop {
         let msg = recv_json(medium, timeout)?;
-        if msg["type"] != "want" {
-            return Ok(msg);
+        match msg["type"].as_str() {
+            Some("want") => answer(medium, pid, &msg, &mut buf)?,
+            Some("present") => {
+                answer_present(medium, pid, &msg)?;
+                continue;
+            }
+            _ => return Ok(msg),
         }
-        answer(medium, pid, &msg, &mut buf)?;
         answered += 1;
         if resumed && answered == 3 {
             crate::fault::point("post-copy-mid");
@@ -286,6 +316,39 @@ impl Pager {
                 self.placed.push(Run { at: p.at, end: p.at + p.len, src: p.src });
             }
         }
+        Ok(())
+    }
+
+    /// Narrows the pages to come to those the source has: the lazy list may hold whole
+    /// areas. The first thing after the resume; a fault meanwhile waits for it.
+    fn narrow(&mut self, medium: &mut MediumBox, timeout: Duration) -> Result<(), String> {
+        let mut srcs: Vec<(u64, u64)> = self.todo.iter().map(|r| (r.src, r.src + (r.end - r.at))).collect();
+        srcs.sort();
+        let list: Vec<[u64; 2]> = srcs.iter().map(|&(s, e)| [s, e]).collect();
+        send_json(medium, serde_json::json!({"type": "present", "ranges": list}))?;
+        self.receive(medium, 8, timeout)?;
+        let count = u64::from_le_bytes(self.buf[..8].try_into().expect("8 bytes"));
+        let most: u64 = srcs.iter().map(|r| (r.1 - r.0) / PAGE).sum();
+        if count > most {
+            return Err(format!("the source named {count} runs of pages in {most} pages"));
+        }
+        self.receive(medium, count * 16, timeout)?;
+        let word = |i: usize| u64::from_le_bytes(self.buf[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+        let present: Vec<(u64, u64)> = (0..count as usize).map(|i| (word(2 * i), word(2 * i + 1))).collect();
+        if present.iter().any(|&(s, e)| s >= e || s % PAGE != 0 || e % PAGE != 0) || present.windows(2).any(|w| w[0].1 > w[1].0) {
+            return Err("the source named a bad run of pages".into());
+        }
+        let mut todo = VecDeque::new();
+        for r in self.todo.drain(..) {
+            let (lo, hi) = (r.src, r.src + (r.end - r.at));
+            let first = present.partition_point(|p| p.1 <= lo);
+            for &(s, e) in present[first..].iter().take_while(|p| p.0 < hi) {
+                let (s, e) = (s.max(lo), e.min(hi));
+                todo.push_back(Run { at: r.at + (s - lo), end: r.at + (e - lo), src: s });
+            }
+        }
+        todo.make_contiguous().sort_by_key(|r| r.at);
+        self.todo = todo;
         Ok(())
     }
 
@@ -511,6 +574,7 @@ impl Pager {
     /// when the process exits.
     pub fn run(&mut self, medium: &mut MediumBox, timeout: Duration, tend: &mut dyn FnMut() -> Result<Tended, String>) -> Result<(), String> {
         let started = Instant::now();
+        self.narrow(medium, timeout)?;
         let mut cursor = 0;
         let mut tend = |pager: &mut Pager| -> Result<bool, String> {
             let t = tend()?;

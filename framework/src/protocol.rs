@@ -34,6 +34,10 @@
 //!                                            <-  welcome { protocol, token, request_id }
 //!                                            or  refused { reason }  (and close)
 //!   -- then, through the TCP medium plugin (not this module) ------------------------
+//!                                                (makes a blank restore child)
+//!                                            <-  ready, or failed { reason }
+//!   (only now touches the process)
+//!   plan { process, plugins }                ->
 //!   the subsystems' streams (pushdata)       ->
 //!   flush                                    ->
 //!                                                (rebuilds the process, held stopped)
@@ -78,9 +82,9 @@ use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// The oldest protocol version this build still accepts.
-pub const PROTOCOL_MIN: u32 = 1;
+pub const PROTOCOL_MIN: u32 = 2;
 /// The largest message body accepted, in bytes.
 pub const MAX_MESSAGE: usize = 1 << 20;
 /// The shortest key [`load_key`] accepts, in bytes.
@@ -1035,11 +1039,11 @@ mod tests {
             ),
             (
                 |h| h.protocol = 9,
-                "protocol version 9 is newer than this daemon's 1",
+                "protocol version 9 is newer than this daemon's 2",
             ),
             (
                 |h| h.protocol = 0,
-                "protocol version 0 is older than this daemon accepts (1 to 1)",
+                "protocol version 0 is older than this daemon accepts (2 to 2)",
             ),
             (
                 |h| h.features.push("soft-dirty".into()),
@@ -1085,13 +1089,13 @@ mod tests {
     fn a_newer_hello_that_does_not_parse_is_refused_by_version() {
         let (mut c, mut s) = UnixStream::pair().unwrap();
         let server = thread::spawn(move || server_handshake(&mut s, &local(), 1));
-        let body = br#"{"type":"hello","protocol":2,"something":"new"}"#;
+        let body = br#"{"type":"hello","protocol":3,"something":"new"}"#;
         c.write_all(&(body.len() as u32).to_le_bytes()).unwrap();
         c.write_all(body).unwrap();
         assert_eq!(
             recv(&mut c).unwrap(),
             Message::Refused {
-                reason: "protocol version 2 is newer than this daemon's 1".into()
+                reason: "protocol version 3 is newer than this daemon's 2".into()
             }
         );
         assert!(matches!(

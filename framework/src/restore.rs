@@ -107,45 +107,146 @@ fn spawn_child(want: i32) -> Result<i32, EventError> {
     Ok(v)
 }
 
-/// Empties the child's address space down to the scratch area and the kernel's
-/// special mappings, then moves the scratch area to where it sat in the checkpointed
-/// process (a hole of its address space, so no restored mapping can meet it).
-fn blank(tracer: &mut Tracer, scratch_at: u64) -> Result<(), EventError> {
+/// The kernel's special mappings of the child (vDSO, vvar, vsyscall), and all else
+/// but its scratch area, from its maps.
+fn child_maps(tracer: &Tracer) -> Result<(Vec<(u64, u64)>, Vec<(u64, u64)>), EventError> {
     let pid = tracer.pid();
-    let (scratch, _) = tracer.scratch().ok_or_else(|| EventError::Refused("no scratch area".into()))?;
+    let scratch = tracer.scratch().map(|s| s.0);
     let text = std::fs::read_to_string(format!("/proc/{pid}/maps"))
         .map_err(|e| EventError::Refused(format!("reading the restore child's maps: {e}")))?;
-    let maps = parse_maps(&text).map_err(EventError::Refused)?;
-    let mut specials = Vec::new();
-    for vma in maps {
-        if vma.start == scratch {
+    let (mut specials, mut rest) = (Vec::new(), Vec::new());
+    for vma in parse_maps(&text).map_err(EventError::Refused)? {
+        if Some(vma.start) == scratch {
             continue;
         }
         if vma.special().is_some_and(|s| s.starts_with("vdso") || s.starts_with("vvar") || s == "vsyscall") {
             specials.push((vma.start, vma.end));
-            continue;
-        }
-        let r = tracer.inject(pid, libc::SYS_munmap, [vma.start, vma.len(), 0, 0, 0, 0])?;
-        if r < 0 {
-            return Err(EventError::Refused(format!("unmapping {:#x}-{:#x} in the restore child: errno {}", vma.start, vma.end, -r)));
+        } else {
+            rest.push((vma.start, vma.end));
         }
     }
-    if scratch_at != 0 && scratch_at != scratch {
-        let end = scratch_at + SCRATCH_SIZE;
-        if specials.iter().any(|s| s.0 < end && scratch_at < s.1) {
-            // The kernel's areas sit where the scratch area must go: move them aside,
-            // together; the memory plugin puts them where the image has them.
-            let movable: Vec<(u64, u64)> = specials.iter().copied().filter(|s| s.0 < USER_SPACE_END).collect();
-            move_aside(tracer, &movable, scratch_at)?;
+    Ok((specials, rest))
+}
+
+/// Empties the child's address space down to the scratch area and the kernel's
+/// special mappings: one `munmap` per stretch between those (holes included), not
+/// one per mapping inherited from ferry.
+fn blank(tracer: &mut Tracer) -> Result<(), EventError> {
+    let pid = tracer.pid();
+    let (specials, rest) = child_maps(tracer)?;
+    let mut keep: Vec<(u64, u64)> = specials;
+    keep.extend(tracer.scratch().map(|s| (s.0, s.0 + SCRATCH_SIZE)));
+    keep.sort();
+    let mut stretches: Vec<(u64, u64)> = Vec::new();
+    for (s, e) in rest {
+        // Whether a kept area lies between the last stretch and this mapping.
+        match stretches.last_mut() {
+            Some(last) if !keep.iter().any(|k| k.0 >= last.1 && k.1 <= s) => last.1 = e,
+            _ => stretches.push((s, e)),
         }
-        let flags = (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64;
-        let r = tracer.inject(pid, libc::SYS_mremap, [scratch, SCRATCH_SIZE, SCRATCH_SIZE, flags, scratch_at, 0])?;
-        if r as u64 != scratch_at {
-            return Err(EventError::Refused(format!("moving the scratch area to {scratch_at:#x}: errno {}", -r)));
+    }
+    for (s, e) in stretches {
+        let r = tracer.inject(pid, libc::SYS_munmap, [s, e - s, 0, 0, 0, 0])?;
+        if r < 0 {
+            return Err(EventError::Refused(format!("unmapping {s:#x}-{e:#x} in the restore child: errno {}", -r)));
         }
-        tracer.set_scratch(Some(scratch_at));
     }
     Ok(())
+}
+
+/// Moves the blank child's scratch area to where it sat in the checkpointed process
+/// (a hole of its address space, so no restored mapping can meet it).
+fn place_scratch(tracer: &mut Tracer, scratch_at: u64) -> Result<(), EventError> {
+    let pid = tracer.pid();
+    let (scratch, _) = tracer.scratch().ok_or_else(|| EventError::Refused("no scratch area".into()))?;
+    if scratch_at == 0 || scratch_at == scratch {
+        return Ok(());
+    }
+    let end = scratch_at + SCRATCH_SIZE;
+    let (specials, _) = child_maps(tracer)?;
+    if specials.iter().any(|s| s.0 < end && scratch_at < s.1) {
+        // The kernel's areas sit where the scratch area must go: move them aside,
+        // together; the memory plugin puts them where the image has them.
+        let movable: Vec<(u64, u64)> = specials.iter().copied().filter(|s| s.0 < USER_SPACE_END).collect();
+        move_aside(tracer, &movable, scratch_at)?;
+    }
+    let flags = (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64;
+    let r = tracer.inject(pid, libc::SYS_mremap, [scratch, SCRATCH_SIZE, SCRATCH_SIZE, flags, scratch_at, 0])?;
+    if r as u64 != scratch_at {
+        return Err(EventError::Refused(format!("moving the scratch area to {scratch_at:#x}: errno {}", -r)));
+    }
+    tracer.set_scratch(Some(scratch_at));
+    Ok(())
+}
+
+/// A restore child made ready ahead of its image: seized, stripped of what it
+/// inherited from ferry, holding only a scratch area. A migration's destination makes
+/// it while the source still runs, so the freeze does not wait for it. Dropped
+/// unused, it is killed.
+pub struct Blank {
+    tracer: Option<Tracer>,
+    want: i32,
+}
+
+impl Blank {
+    /// A blank child with pid `want` where that is free.
+    pub fn make(want: i32) -> Result<Blank, EventError> {
+        let pid = spawn_child(want)?;
+        let mut tracer = match Tracer::seize_owned(pid) {
+            Ok(t) => t,
+            Err(e) => {
+                // SAFETY: the child is ours and stopped in pause(); nothing else uses it.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                return Err(e.into());
+            }
+        };
+        match Self::strip(&mut tracer) {
+            Ok(()) => Ok(Blank { tracer: Some(tracer), want }),
+            Err(e) => {
+                tracer.kill();
+                Err(e)
+            }
+        }
+    }
+
+    fn strip(tracer: &mut Tracer) -> Result<(), EventError> {
+        let pid = tracer.pid();
+        // glibc registered rseq in the thread ferry forked from; left registered, the
+        // kernel would write to an area about to be unmapped and kill every later call.
+        // The child closes what it inherited from ferry itself, but may be seized before
+        // it gets there: close it all again, or the restored process would keep ferry's
+        // image files and the pipes of whoever runs ferry.
+        let r = tracer.inject(pid, libc::SYS_close_range, [0, u32::MAX as u64, 0, 0, 0, 0])?;
+        if r < 0 {
+            return Err(EventError::Refused(format!("closing the restore child's inherited fds: errno {}", -r)));
+        }
+        let rseq = tracer.rseq_config(pid)?;
+        if rseq.addr != 0 {
+            let r = tracer.inject(pid, libc::SYS_rseq, [rseq.addr, rseq.len as u64, 1, rseq.signature as u64, 0, 0])?;
+            if r < 0 {
+                return Err(EventError::Refused(format!("unregistering the restore child's rseq: errno {}", -r)));
+            }
+        }
+        tracer.map_scratch(0)?;
+        blank(tracer)
+    }
+
+    /// The child's pid.
+    pub fn pid(&self) -> i32 {
+        self.tracer.as_ref().map_or(0, |t| t.pid())
+    }
+
+    fn take(mut self) -> Tracer {
+        self.tracer.take().expect("a blank child has its tracer until taken")
+    }
+}
+
+impl Drop for Blank {
+    fn drop(&mut self) {
+        if let Some(t) = self.tracer.take() {
+            t.kill();
+        }
+    }
 }
 
 /// Above it only `[vsyscall]`, which never moves.
@@ -324,20 +425,22 @@ pub fn restore_held(
 ) -> Result<Held, EventError> {
     let inventory = Inventory::read_from(&mut MediumPull { medium, stream: INVENTORY_STREAM })?;
     let plan = Plan::from_inventory(&inventory)?;
-    rebuild(manager, medium, &plan, true, watchdog, started, progress)
+    rebuild(manager, medium, &plan, true, None, watchdog, started, progress)
 }
 
 /// Rebuilds from streams still arriving, as `plan` announces them; the inventory,
-/// read last, must then agree with the plan and with what was read.
+/// read last, must then agree with the plan and with what was read. `child`: one made
+/// ahead (else one is made now).
 pub fn restore_streaming(
     manager: &Manager,
     medium: &mut MediumBox,
     plan: &Plan,
+    child: Option<Blank>,
     watchdog: &Watchdog,
     started: Instant,
     progress: &mut dyn FnMut(&str),
 ) -> Result<Held, EventError> {
-    let held = rebuild(manager, medium, plan, false, watchdog, started, progress)?;
+    let held = rebuild(manager, medium, plan, false, child, watchdog, started, progress)?;
     let checked = Inventory::read_from(&mut MediumPull { medium, stream: INVENTORY_STREAM }).map(|inv| {
         let names = |p: &[PluginEntry]| -> Vec<(String, String, u32)> {
             p.iter().map(|e| (e.name.clone(), e.version.clone(), e.stream)).collect()
@@ -398,6 +501,7 @@ fn rebuild(
     medium: &mut MediumBox,
     plan: &Plan,
     counts_known: bool,
+    child: Option<Blank>,
     watchdog: &Watchdog,
     started: Instant,
     progress: &mut dyn FnMut(&str),
@@ -407,37 +511,19 @@ fn rebuild(
     let names: Vec<String> = plan.plugins.iter().map(|p| p.name.clone()).collect();
     let mut subs = event::load_subsystems(manager, &names)?;
 
-    let pid = spawn_child(process.pid)?;
-    watchdog.set_victim(pid);
-    let mut tracer = match Tracer::seize_owned(pid) {
-        Ok(t) => t,
-        Err(e) => {
-            // SAFETY: the child is ours and stopped in pause(); nothing else uses it.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-            return Err(e.into());
-        }
+    // A child made ahead for another pid than the image's would not keep its pid.
+    let child = match child {
+        Some(c) if c.want == process.pid => c,
+        _ => Blank::make(process.pid)?,
     };
+    let pid = child.pid();
+    watchdog.set_victim(pid);
+    let mut tracer = child.take();
     let frozen_at = Instant::now();
     let mut stats = Stats::default();
     let result = (|| {
-        // glibc registered rseq in the thread ferry forked from; left registered, the
-        // kernel would write to an area about to be unmapped and kill every later call.
-        // The child closes what it inherited from ferry itself, but may be seized before
-        // it gets there: close it all again, or the restored process would keep ferry's
-        // image files and the pipes of whoever runs ferry.
-        let r = tracer.inject(pid, libc::SYS_close_range, [0, u32::MAX as u64, 0, 0, 0, 0])?;
-        if r < 0 {
-            return Err(EventError::Refused(format!("closing the restore child's inherited fds: errno {}", -r)));
-        }
-        let rseq = tracer.rseq_config(pid)?;
-        if rseq.addr != 0 {
-            let r = tracer.inject(pid, libc::SYS_rseq, [rseq.addr, rseq.len as u64, 1, rseq.signature as u64, 0, 0])?;
-            if r < 0 {
-                return Err(EventError::Refused(format!("unregistering the restore child's rseq: errno {}", -r)));
-            }
-        }
-        tracer.map_scratch(0)?;
-        blank(&mut tracer, process.scratch)?;
+        place_scratch(&mut tracer, process.scratch)?;
+        crate::trace::mark("restore child ready");
         let mut shared = SharedTable::default();
         let mut page_bytes = 0;
         let mut counts = Vec::new();

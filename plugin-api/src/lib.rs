@@ -160,7 +160,9 @@ pub trait ProcessContext {
         false
     }
     /// Post-copy, destination: `areas` (mapped, empty) are filled on demand after the
-    /// process resumes: `present` of them from the source, the rest with zeros.
+    /// process resumes: `present` of them from the source (as far as the source has
+    /// those pages: a range may be a whole area, whose pages the framework then looks
+    /// up in the frozen process after the resume), the rest with zeros.
     #[sabi(last_prefix_field)]
     fn lazy_pages(&mut self, areas: RSlice<'_, MemRange>, present: RSlice<'_, MemRange>) -> PResult<()> {
         let _ = (areas, present);

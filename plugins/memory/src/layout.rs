@@ -137,8 +137,9 @@ pub struct MmState {
     pub kept: Vec<(u64, u64)>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub zap: Vec<(u64, u64)>,
-    /// Post-copy: pages that follow after the process resumes (the rest of the
-    /// private anonymous areas reads as zeros).
+    /// Post-copy: pages that follow after the process resumes, as far as the source
+    /// has them (whole areas are listed unscanned; the rest of the private anonymous
+    /// areas reads as zeros).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub lazy: Vec<(u64, u64)>,
 }

@@ -1,0 +1,35 @@
+//! An opt-in timeline of an event's phases: with `FERRY_TRACE=1` in its environment,
+//! ferry (and the daemon) print one line per phase on stderr, stamped with the
+//! monotonic clock, so the source's and the destination's lines of one migration on
+//! one machine interleave by time. Off, a mark costs one relaxed load.
+
+use std::sync::{
+    atomic::{AtomicU8, Ordering},
+    OnceLock,
+};
+
+static STATE: AtomicU8 = AtomicU8::new(0);
+static WHO: OnceLock<String> = OnceLock::new();
+
+fn enabled() -> bool {
+    match STATE.load(Ordering::Relaxed) {
+        0 => {
+            let on = std::env::var_os("FERRY_TRACE").is_some_and(|v| !v.is_empty() && v != "0");
+            STATE.store(if on { 2 } else { 1 }, Ordering::Relaxed);
+            on
+        }
+        s => s == 2,
+    }
+}
+
+/// Prints `phase` with the time, when tracing is on.
+pub fn mark(phase: impl std::fmt::Display) {
+    if !enabled() {
+        return;
+    }
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: a valid timespec to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    let who = WHO.get_or_init(|| format!("ferry[{}]", std::process::id()));
+    eprintln!("{who} {:>12.3} ms {phase}", ts.tv_sec as f64 * 1e3 + ts.tv_nsec as f64 / 1e6);
+}
