@@ -1,4 +1,4 @@
-//! Dirty-page tracking for pre-copy. Two backends:
+//! Dirty-page tracking for pre-copy. Three backends:
 //!
 //! - **userfaultfd** (kernels with `UFFD_FEATURE_WP_ASYNC` and `PAGEMAP_SCAN`, 6.7+): a
 //!   userfaultfd made in the target by an injected call, fetched into ferry with
@@ -11,8 +11,17 @@
 //!   fresh one at each scan — reading all tracked memory every round (100–150 ms per
 //!   GiB, and so much longer freezes), but needing nothing of the kernel.
 //!
-//! Soft-dirty (`clear_refs` + pagemap bit 55) is not a backend: this kernel lacks it
-//! (`ferry check`), so it could not be tested here.
+//! - **soft-dirty** (kernels built with `CONFIG_MEM_SOFT_DIRTY`, most distributions'
+//!   before 6.7 — the one CRIU uses): writing `4` to `/proc/PID/clear_refs` clears the
+//!   soft-dirty bit of every page of the process, a write sets it again, and pagemap
+//!   bit 55 reads it. The clearing is process-wide, so each harvest reads every
+//!   tracked range before it clears, and keeps what a range's own scan has not taken
+//!   yet ([`Ledger`]). A harvest must not race with the process writing: ferry only
+//!   scans and starts tracking while the process is stopped (the first step of a
+//!   pre-copy round, and the freeze). Only pages the process has count (present or
+//!   swapped): a mapping made since reads as wholly soft-dirty, holes included.
+//!   `ferry check` finds whether the kernel has it; the machine this was written on
+//!   does not, so this backend is exercised only where one does.
 //!
 //! `stop` undoes it all: the target is left with no userfaultfd and no protection.
 
@@ -21,6 +30,8 @@ use std::{
     fs::File,
     os::fd::{AsRawFd, OwnedFd},
 };
+
+use ferry_plugin_api::ranges;
 
 use crate::{
     config::DirtyTracking,
@@ -34,6 +45,7 @@ const HASH_BATCH: u64 = 256;
 
 enum Backend {
     Userfaultfd { uffd: OwnedFd, pagemap: File },
+    SoftDirty { pagemap: File, clear_refs: File, ledger: Ledger },
     /// Page address → hash of its contents when last scanned.
     Hashes { hashes: HashMap<u64, u64>, buf: Vec<u8> },
 }
@@ -51,15 +63,16 @@ fn os(what: &str) -> impl FnOnce(std::io::Error) -> String + '_ {
 /// The backend `wanted` names, or with `auto` the best this kernel has (as `ferry
 /// check` probes it).
 pub fn resolve(wanted: DirtyTracking) -> Result<DirtyTracking, String> {
-    let probe = || {
+    let has = |name: &str| {
         let features = crate::check::probe_all();
-        crate::check::find(&features, "userfaultfd-wp-async").is_some_and(|f| f.present)
+        crate::check::find(&features, name).is_some_and(|f| f.present)
     };
     match wanted {
-        DirtyTracking::Auto if probe() => Ok(DirtyTracking::Userfaultfd),
+        DirtyTracking::Auto if has("userfaultfd-wp-async") => Ok(DirtyTracking::Userfaultfd),
+        DirtyTracking::Auto if has("soft-dirty") => Ok(DirtyTracking::SoftDirty),
         DirtyTracking::Auto => Ok(DirtyTracking::PageHash),
-        DirtyTracking::SoftDirty => {
-            Err("soft-dirty tracking is not in this build (this kernel lacks soft-dirty); use auto, userfaultfd or page-hash".into())
+        DirtyTracking::SoftDirty if !has("soft-dirty") => {
+            Err("soft-dirty tracking: this kernel lacks soft-dirty (see ferry check); use auto, userfaultfd or page-hash".into())
         }
         other => Ok(other),
     }
@@ -73,6 +86,16 @@ impl DirtyTracker {
         let pid = tracer.pid();
         let backend = match how {
             DirtyTracking::PageHash => Backend::Hashes { hashes: HashMap::new(), buf: Vec::new() },
+            DirtyTracking::SoftDirty => {
+                let pagemap = File::open(format!("/proc/{pid}/pagemap")).map_err(os("opening the pagemap"))?;
+                let clear_refs = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(format!("/proc/{pid}/clear_refs"))
+                    .map_err(os("opening clear_refs"))?;
+                use std::io::Write;
+                (&clear_refs).write_all(b"4").map_err(os(&format!("clearing the soft-dirty bits of process {pid}")))?;
+                Backend::SoftDirty { pagemap, clear_refs, ledger: Ledger::default() }
+            }
             _ => {
                 let uffd = userfaultfd_in(tracer, UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED)?;
                 let pagemap = File::open(format!("/proc/{pid}/pagemap")).map_err(os("opening the pagemap"))?;
@@ -105,10 +128,29 @@ impl DirtyTracker {
             Backend::Hashes { .. } => {
                 self.hash_range(start, end, true)?;
             }
+            // Nothing to do: the process was cleared at the start, and at each stop since
+            // by the scans that came before (a round scans what it tracks, then tracks
+            // what is new, in one stop). Writes since the last clearing count as dirty:
+            // at worst a page goes once more.
+            Backend::SoftDirty { .. } => {}
         }
         if !self.ranges.contains(&(start, end)) {
             self.ranges.push((start, end));
         }
+        Ok(())
+    }
+
+    /// Soft-dirty: reads which pages of every tracked range were written since the
+    /// last clearing into the ledger, and clears (the process must be stopped).
+    fn harvest(&mut self) -> Result<(), String> {
+        use std::io::Write;
+        let Backend::SoftDirty { pagemap, clear_refs, ledger } = &mut self.backend else { return Ok(()) };
+        let mut found = Vec::new();
+        for &(start, end) in &self.ranges {
+            found.extend(soft_dirty_pages(pagemap, start, end).map_err(os(&format!("reading the pagemap of {start:#x}-{end:#x}")))?);
+        }
+        (&*clear_refs).write_all(b"4").map_err(os(&format!("clearing the soft-dirty bits of process {}", self.pid)))?;
+        ledger.harvested(found);
         Ok(())
     }
 
@@ -160,6 +202,13 @@ impl DirtyTracker {
                 pagemap_scan_range(pagemap, start, end, PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC, PAGE_IS_WRITTEN)
                     .map_err(os(&format!("PAGEMAP_SCAN of {start:#x}-{end:#x} in process {}", self.pid)))
             }
+            Backend::SoftDirty { ledger, .. } => {
+                if ledger.needs_harvest(start, end) {
+                    self.harvest()?;
+                }
+                let Backend::SoftDirty { ledger, .. } = &mut self.backend else { unreachable!("matched above") };
+                Ok(ledger.take(start, end))
+            }
             Backend::Hashes { hashes, .. } => {
                 // A page never hashed belongs to a mapping that came since: not tracked.
                 if let Some(p) = (start..end).step_by(PAGE as usize).find(|p| !hashes.contains_key(p)) {
@@ -179,5 +228,95 @@ impl DirtyTracker {
                 let _ = ioctl_ptr(uffd.as_raw_fd(), UFFDIO_UNREGISTER, &mut range);
             }
         }
+    }
+}
+
+/// What soft-dirty harvests found and no scan has taken yet: a harvest reads (and
+/// clears) every tracked range at once, each range's scan takes its part.
+#[derive(Default)]
+struct Ledger {
+    /// Written pages not reported yet.
+    pending: Vec<(u64, u64)>,
+    /// Ranges whose scan took their part since the last harvest.
+    taken: Vec<(u64, u64)>,
+    /// Whether any harvest happened yet.
+    ever: bool,
+}
+
+impl Ledger {
+    /// Whether a scan of `start..end` must harvest first: its part since the last
+    /// harvest was taken already (a new round), or nothing was harvested yet.
+    fn needs_harvest(&self, start: u64, end: u64) -> bool {
+        !self.ever || !ranges::intersect(&self.taken, &[(start, end)]).is_empty()
+    }
+
+    fn harvested(&mut self, found: Vec<(u64, u64)>) {
+        self.pending = ranges::union(&self.pending, &ranges::normalize(found));
+        self.taken.clear();
+        self.ever = true;
+    }
+
+    fn take(&mut self, start: u64, end: u64) -> Vec<(u64, u64)> {
+        let part = ranges::intersect(&self.pending, &[(start, end)]);
+        self.pending = ranges::subtract(&self.pending, &[(start, end)]);
+        self.taken = ranges::union(&self.taken, &[(start, end)]);
+        part
+    }
+}
+
+const PM_SOFT_DIRTY: u64 = 1 << 55;
+const PM_SWAPPED: u64 = 1 << 62;
+const PM_PRESENT: u64 = 1 << 63;
+
+/// The runs of pages of `start..end` with the soft-dirty bit set that the process
+/// has (present or swapped), from the pagemap, a bounded batch at a time.
+fn soft_dirty_pages(pagemap: &File, start: u64, end: u64) -> std::io::Result<Vec<(u64, u64)>> {
+    use std::os::unix::fs::FileExt;
+    const BATCH: u64 = 64 * 1024;
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    let mut entries = Vec::new();
+    let mut at = start;
+    while at < end {
+        let n = ((end - at) / PAGE).min(BATCH);
+        entries.resize((n * 8) as usize, 0);
+        pagemap.read_exact_at(&mut entries, at / PAGE * 8)?;
+        for (i, e) in entries.chunks_exact(8).enumerate() {
+            let v = u64::from_le_bytes(e.try_into().expect("8 bytes"));
+            if v & PM_SOFT_DIRTY != 0 && v & (PM_PRESENT | PM_SWAPPED) != 0 {
+                let page = at + i as u64 * PAGE;
+                match out.last_mut() {
+                    Some(last) if last.1 == page => last.1 = page + PAGE,
+                    _ => out.push((page, page + PAGE)),
+                }
+            }
+        }
+        at += n * PAGE;
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_range_gets_what_was_written_in_it_once_per_harvest() {
+        let mut l = Ledger::default();
+        assert!(l.needs_harvest(0x1000, 0x9000), "nothing harvested yet");
+        l.harvested(vec![(0x2000, 0x3000), (0xa000, 0xc000)]);
+        // Two ranges scanned in one stop share the harvest.
+        assert!(!l.needs_harvest(0x1000, 0x9000));
+        assert_eq!(l.take(0x1000, 0x9000), vec![(0x2000, 0x3000)]);
+        assert!(!l.needs_harvest(0x9000, 0x10000));
+        assert_eq!(l.take(0x9000, 0x10000), vec![(0xa000, 0xc000)]);
+        // The next round's scan of a range already taken harvests again; what the new
+        // harvest finds elsewhere waits for that range's own scan.
+        assert!(l.needs_harvest(0x1000, 0x9000));
+        l.harvested(vec![(0x4000, 0x5000), (0xb000, 0xc000)]);
+        assert_eq!(l.take(0x1000, 0x9000), vec![(0x4000, 0x5000)]);
+        // A harvest for another range's start keeps what was not taken.
+        l.harvested(vec![(0x6000, 0x7000)]);
+        assert_eq!(l.take(0x9000, 0x10000), vec![(0xb000, 0xc000)]);
+        assert_eq!(l.take(0x1000, 0x9000), vec![(0x6000, 0x7000)]);
     }
 }

@@ -11,6 +11,7 @@
 
 pub mod pagemap;
 pub mod plugin;
+pub mod ranges;
 pub mod testing;
 pub mod types;
 pub mod util;

@@ -10,7 +10,7 @@ use ferry_plugin_api::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::ranges;
+use ferry_plugin_api::ranges;
 
 pub const PAGE: u64 = 4096;
 /// The top of user space on x86_64 with 4-level page tables.

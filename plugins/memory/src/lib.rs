@@ -6,7 +6,7 @@
 //! auxv and the exe file with `PR_SET_MM_MAP`.
 
 mod layout;
-mod ranges;
+use ferry_plugin_api::ranges;
 
 use std::{collections::VecDeque, os::unix::fs::FileExt};
 

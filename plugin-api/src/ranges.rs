@@ -1,5 +1,7 @@
 //! Sets of address ranges, `(start, end)` with `end` exclusive, kept sorted and
-//! merged: what pre-copy has tracked, sent, and what the destination holds.
+//! merged: what pre-copy has tracked and sent and what the destination holds (the
+//! memory plugin), what soft-dirty tracking has found and not yet reported (the
+//! framework).
 
 pub type Ranges = Vec<(u64, u64)>;
 
