@@ -205,8 +205,10 @@ fn precopy_phase(
 pub fn migrate(manager: &Manager, req: &MigrateRequest, progress: &mut dyn FnMut(&str)) -> Result<MigrateStats, EventError> {
     let started = Instant::now();
     tracer::check_target(req.pid)?;
+    crate::trace::mark("migrate");
     let mut subs = event::load_subsystems(manager, &req.subsystems)?;
     let lease = manager.acquire(PluginKind::Medium, "tcp")?;
+    crate::trace::mark("plugins loaded");
     let hybrid = precopy::Tuning { budget: Duration::ZERO, max_rounds: req.hybrid_rounds, throttle: false, tracking: req.pre_copy.tracking };
     let (precopy, lazy) = match req.strategy {
         Strategy::StopCopy => (None, false),
@@ -242,6 +244,7 @@ pub fn migrate(manager: &Manager, req: &MigrateRequest, progress: &mut dyn FnMut
         features,
     );
     let welcome = protocol::client_handshake(&mut stream, &hello).map_err(|e| refused(e.to_string()))?;
+    crate::trace::mark("handshake done");
     let _ = stream.flush();
     let fd = stream.into_raw_fd();
     let mut medium = lease.open_medium(&serde_json::json!({"fd": fd, "timeout_ms": req.timeout.as_millis() as u64}))?;
@@ -255,6 +258,7 @@ pub fn migrate(manager: &Manager, req: &MigrateRequest, progress: &mut dyn FnMut
         Err(e) => return Err(refused(format!("waiting for the destination: {e}"))),
     }
 
+    crate::trace::mark("destination ready");
     // Nothing was touched until here.
     let mut throttle = None;
     let (medium, mut live, rounds) = match precopy {

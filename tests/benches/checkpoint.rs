@@ -1,7 +1,10 @@
 //! Checkpoint and restore throughput against the machine's own limits, measured in the
 //! same run: writing the same bytes to a file in the image directory (the limit for a
 //! checkpoint) and reading them back into freshly mapped memory (the limit for a
-//! restore, which must fault every page in). Images go to tmpfs. Prints medians.
+//! restore, which must fault every page in). Beside the write reference, the least any
+//! checkpoint taken from outside the process must do: copy the bytes out of memory the
+//! writer does not own (cold, like a frozen process's) and write them ("copy+write").
+//! Images go to tmpfs. Prints medians.
 //!
 //!     cargo bench -p ferry-tests --bench checkpoint [-- SIZES_MIB...]
 
@@ -31,6 +34,23 @@ fn write_reference(dir: &Path, bytes: usize, buf: &[u8]) -> f64 {
     }
     f.sync_all().unwrap();
     t.elapsed().as_secs_f64() * 1e3
+}
+
+/// [`write_reference`] of `src`, each 2 MiB block first copied out of it into a buffer
+/// the writer reuses, as a checkpoint reads a process.
+fn copy_write_reference(dir: &Path, src: &[u8]) -> f64 {
+    let path = dir.join("reference");
+    let mut buf = vec![0u8; 2 << 20];
+    let t = Instant::now();
+    let mut f = std::fs::File::create(&path).unwrap();
+    for block in src.chunks(buf.len()) {
+        buf[..block.len()].copy_from_slice(block);
+        f.write_all(&buf[..block.len()]).unwrap();
+    }
+    f.sync_all().unwrap();
+    let ms = t.elapsed().as_secs_f64() * 1e3;
+    std::fs::remove_file(&path).unwrap();
+    ms
 }
 
 /// Reads the reference file into freshly mapped anonymous memory.
@@ -65,12 +85,14 @@ fn main() {
     let buf = vec![0x5au8; 8 << 20];
     ferry_tests::warm_guest_memory();
     println!(
-        "{:>6} {:>9} {:>9} {:>9} {:>7} {:>9} {:>9} {:>7} {:>8} {:>8}",
-        "MiB", "ckpt ms", "frozen", "write ms", "ratio", "rest ms", "read ms", "ratio", "ckpt GB/s", "rest GB/s"
+        "{:>6} {:>9} {:>9} {:>9} {:>7} {:>10} {:>7} {:>9} {:>9} {:>7} {:>8} {:>8}",
+        "MiB", "ckpt ms", "frozen", "write ms", "ratio", "c+w ms", "ratio", "rest ms", "read ms", "ratio", "ckpt GB/s", "rest GB/s"
     );
     for size in sizes {
         let runs = 5;
-        let (mut ck, mut fr, mut wr, mut rs, mut rd) = (vec![], vec![], vec![], vec![], vec![]);
+        let (mut ck, mut fr, mut wr, mut rs, mut rd, mut cw) = (vec![], vec![], vec![], vec![], vec![], vec![]);
+        // What copy+write copies out of: touched, like the workload's memory.
+        let src = vec![0xa5u8; (size as usize) << 20];
         let mut bytes = 0u64;
         for i in 0..runs {
             // Freed guest pages are handed back to the hypervisor after a while, and the
@@ -78,6 +100,7 @@ fn main() {
             // gets warm pages. Alternate who goes first so neither side always wins.
             let refs_first = i % 2 == 1 && bytes > 0;
             if refs_first {
+                cw.push(copy_write_reference(&base, &src));
                 wr.push(write_reference(&base, bytes as usize, &buf));
                 rd.push(read_reference(&base, bytes as usize));
             }
@@ -99,16 +122,19 @@ fn main() {
             }
             std::fs::remove_dir_all(&dir).unwrap();
             if !refs_first {
+                cw.push(copy_write_reference(&base, &src));
                 wr.push(write_reference(&base, bytes as usize, &buf));
                 rd.push(read_reference(&base, bytes as usize));
             }
             drop(w);
         }
         let (c, f, w, r, d) = (median(&mut ck), median(&mut fr), median(&mut wr), median(&mut rs), median(&mut rd));
+        let m = median(&mut cw);
         let gbs = |ms: f64| bytes as f64 / (ms / 1e3) / 1e9;
         println!(
-            "{size:>6} {c:>9.1} {f:>9.1} {w:>9.1} {:>6.0}% {r:>9.1} {d:>9.1} {:>6.0}% {:>8.2} {:>8.2}",
+            "{size:>6} {c:>9.1} {f:>9.1} {w:>9.1} {:>6.0}% {m:>10.1} {:>6.0}% {r:>9.1} {d:>9.1} {:>6.0}% {:>8.2} {:>8.2}",
             100.0 * w / c,
+            100.0 * m / c,
             100.0 * d / r,
             gbs(c),
             gbs(r)
