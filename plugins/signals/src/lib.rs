@@ -17,15 +17,11 @@
 
 use ferry_plugin_api::{
     plugin::SubsystemPlugin,
-    util::{self, err_text, from_hex, names, to_hex, u64_le, Scratch},
+    util::{self, err_text, from_hex, fs_base, map_threads, names, to_hex, u64_le, Matched, Scratch},
     ContextRef, PluginError, Progress, SinkRef, SourceRef, Status, SubsystemInfo,
 };
 use serde::{Deserialize, Serialize};
 
-const NT_PRSTATUS: u32 = 1;
-/// Word index of `fs_base` in `user_regs_struct`.
-const FS_BASE: usize = 21;
-const REGS_SIZE: usize = std::mem::size_of::<libc::user_regs_struct>();
 
 const FORMAT_VERSION: u32 = 1;
 const NSIG: i32 = 64;
@@ -252,63 +248,9 @@ fn check_itimers(t: &Itimers) -> Result<(), String> {
     Ok(())
 }
 
-/// How the image's threads were matched to the restore child's.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Matched {
-    /// By TLS base (unique per thread).
-    TlsBase,
-    /// Every thread got its tid back.
-    Tid,
-    /// In order: the main thread first, the others as `threads` created them.
-    Order,
-}
-
-/// The restore child's tid for each thread of the image. Both lists hold
-/// `(tid, fs_base)`, the main thread first; `image` in the image's order.
-fn map_threads(image: &[(i32, u64)], live: &[(i32, u64)]) -> Result<(Vec<i32>, Matched), String> {
-    if image.len() != live.len() || image.is_empty() {
-        return Err(format!("the image has {} threads, the restore child {}", image.len(), live.len()));
-    }
-    let main = live[0].0;
-    let (img_rest, live_rest) = (&image[1..], &live[1..]);
-    let unique = |v: &[(i32, u64)]| {
-        let mut b: Vec<u64> = v.iter().map(|t| t.1).collect();
-        b.sort_unstable();
-        b.windows(2).all(|w| w[0] != w[1])
-    };
-    if unique(img_rest) && unique(live_rest) {
-        let by_tls: Option<Vec<i32>> = img_rest
-            .iter()
-            .map(|(_, base)| live_rest.iter().find(|(_, b)| b == base).map(|(t, _)| *t))
-            .collect();
-        if let Some(rest) = by_tls {
-            return Ok((std::iter::once(main).chain(rest).collect(), Matched::TlsBase));
-        }
-    }
-    let mut a: Vec<i32> = img_rest.iter().map(|t| t.0).collect();
-    let mut b: Vec<i32> = live_rest.iter().map(|t| t.0).collect();
-    a.sort_unstable();
-    b.sort_unstable();
-    if a == b {
-        return Ok((std::iter::once(main).chain(img_rest.iter().map(|t| t.0)).collect(), Matched::Tid));
-    }
-    Ok((live.iter().map(|t| t.0).collect(), Matched::Order))
-}
-
 // ---------------------------------------------------------------------------------
 // The plugin
 // ---------------------------------------------------------------------------------
-
-fn fs_base(ctx: &mut ContextRef<'_>, tid: i32) -> Result<u64, String> {
-    let regs = ctx
-        .get_regset(tid, NT_PRSTATUS)
-        .into_result()
-        .map_err(|e| format!("thread {tid}: reading its registers: {}", err_text(e)))?;
-    if regs.len() != REGS_SIZE {
-        return Err(format!("thread {tid}: general registers of {} bytes, want {REGS_SIZE}", regs.len()));
-    }
-    Ok(u64_le(&regs, FS_BASE * 8).unwrap_or(0))
-}
 
 fn peek(ctx: &mut ContextRef<'_>, tid: i32, shared: bool) -> Result<Vec<SigInfo>, String> {
     let whose = if shared { format!("process {}", ctx.pid()) } else { format!("thread {tid}") };
@@ -549,6 +491,7 @@ mod tests {
     use ferry_plugin_api::testing::MockMemory;
     use ferry_plugin_api::abi_stable::std_types::RVec;
     use super::*;
+    use ferry_plugin_api::util::{FS_BASE, NT_PRSTATUS, REGS_SIZE};
     use ferry_plugin_api::{
         abi_stable::std_types::{RResult, RSlice, RSliceMut},
         MemRange, ProcessContext, SyscallArgs,
@@ -837,20 +780,5 @@ mod tests {
         assert!(check_pending(&Pending { version: 0, shared: vec![], threads: vec![t] }).is_err());
     }
 
-    #[test]
-    fn threads_are_matched_by_tls_then_tid_then_order() {
-        let image = [(100, 0xa), (101, 0xb), (102, 0xc)];
-        // Same tids, TLS bases found: identity.
-        assert_eq!(map_threads(&image, &[(7, 0xa), (101, 0xb), (102, 0xc)]).unwrap(), (vec![7, 101, 102], Matched::TlsBase));
-        // New tids, listed in another order: the TLS base says which is which.
-        assert_eq!(map_threads(&image, &[(7, 0xa), (8, 0xc), (9, 0xb)]).unwrap(), (vec![7, 9, 8], Matched::TlsBase));
-        // Shared TLS bases (raw clone threads): by tid when every tid came back.
-        let shared = [(100, 0xa), (101, 0xa), (102, 0xa)];
-        assert_eq!(map_threads(&shared, &[(7, 0), (102, 0), (101, 0)]).unwrap(), (vec![7, 101, 102], Matched::Tid));
-        // Else in order.
-        assert_eq!(map_threads(&shared, &[(7, 0), (8, 0), (9, 0)]).unwrap(), (vec![7, 8, 9], Matched::Order));
-        // A count mismatch is an error.
-        assert!(map_threads(&image, &[(7, 0xa)]).is_err());
-        assert!(map_threads(&[], &[]).is_err());
-    }
+
 }

@@ -24,7 +24,7 @@ use ferry_plugin_api::{
 };
 use serde::{Deserialize, Serialize};
 
-const NT_PRSTATUS: u32 = 1;
+use ferry_plugin_api::util::NT_PRSTATUS;
 const NT_X86_XSTATE: u32 = 0x202;
 
 /// `struct user_regs_struct` of x86_64: 27 words.
