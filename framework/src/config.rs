@@ -240,7 +240,7 @@ pub struct Mechanism {
 impl Default for Mechanism {
     fn default() -> Self {
         Mechanism {
-            subsystems: ["memory", "threads", "files", "signals"]
+            subsystems: ["memory", "threads", "files", "signals", "process"]
                 .map(String::from)
                 .to_vec(),
             medium: "file".to_owned(),
@@ -808,7 +808,7 @@ mod tests {
         assert_eq!(c.plugin_dir, None);
         assert_eq!(
             c.mechanism.subsystems,
-            ["memory", "threads", "files", "signals"]
+            ["memory", "threads", "files", "signals", "process"]
         );
         assert_eq!(c.mechanism.medium, "file");
         assert_eq!(c.mechanism.strategy, Strategy::StopCopy);

@@ -146,6 +146,15 @@ pub fn check_target(pid: pid_t) -> Result<(), TraceError> {
     if flags & 0x0020_0000 != 0 {
         return Err(TraceError::Unsuitable { pid, why: "a kernel thread".into() });
     }
+    // A system call ferry injects is subject to the process's seccomp filters (which
+    // may kill it), and the filters are not carried to the copy, which would run
+    // without its sandbox: refused before anything is touched.
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let seccomp = status.lines().find_map(|l| l.strip_prefix("Seccomp:")).map(str::trim).unwrap_or("0");
+    if seccomp != "0" {
+        let mode = if seccomp == "1" { "strict" } else { "filter" };
+        return Err(TraceError::Unsuitable { pid, why: format!("under seccomp ({mode} mode), which ferry does not carry yet") });
+    }
     Ok(())
 }
 

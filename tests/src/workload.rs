@@ -46,11 +46,15 @@ pub struct WorkloadOpts {
     pub fork_check: bool,
     /// Wait for each tick spinning inside an rseq critical section (`--rseq`).
     pub rseq: bool,
+    /// Scheduling, affinity, limits, personality and POSIX timers set (`--process-state`).
+    pub process_state: bool,
+    /// Run under a seccomp filter (`--seccomp`).
+    pub seccomp: bool,
 }
 
 impl Default for WorkloadOpts {
     fn default() -> Self {
-        WorkloadOpts { mem_mib: 1, threads: 0, files: true, tick_ms: 20, dirty_pages: 0, churn: false, move_mem: false, fork_check: false, rseq: false }
+        WorkloadOpts { mem_mib: 1, threads: 0, files: true, tick_ms: 20, dirty_pages: 0, churn: false, move_mem: false, fork_check: false, rseq: false, process_state: false, seccomp: false }
     }
 }
 
@@ -123,6 +127,12 @@ impl Workload {
         }
         if opts.rseq {
             cmd.arg("--rseq");
+        }
+        if opts.process_state {
+            cmd.arg("--process-state");
+        }
+        if opts.seccomp {
+            cmd.arg("--seccomp");
         }
         Self::start(cmd, dir)
     }

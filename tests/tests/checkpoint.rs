@@ -147,6 +147,19 @@ fn a_signal_sent_while_frozen_is_in_the_image_and_reaches_both_copies() {
 }
 
 #[test]
+fn scheduling_limits_personality_and_posix_timers_come_back() {
+    if !needs_root() {
+        return;
+    }
+    // The workload checks its nice values (per thread), the main thread's CPU affinity,
+    // two resource limits, its personality and no_new_privs, and three POSIX timers
+    // (ids with a gap, one aimed at the main thread, one not signalling) that must
+    // still fire: all of which the restore child would otherwise inherit from ferry.
+    let mut w = Workload::spawn(&WorkloadOpts { threads: 3, process_state: true, ..Default::default() });
+    round_trip(&mut w, &[]);
+}
+
+#[test]
 fn eight_threads() {
     if !needs_root() {
         return;

@@ -22,8 +22,14 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+#include <sched.h>
 #include <sys/ioctl.h>
+#include <sys/prctl.h>
 #include <sys/mman.h>
+#include <sys/personality.h>
+#include <sys/resource.h>
 #include <sys/wait.h>
 #include <sys/rseq.h>
 #include <sys/stat.h>
@@ -57,6 +63,8 @@ static int opt_churn;
 static int opt_move_mem;
 static int opt_fork_check;
 static int opt_rseq;
+static int opt_process_state;
+static int opt_seccomp;
 static uint64_t tsc_per_ms;
 static volatile uint64_t rseq_aborts;
 static pid_t fork_child;
@@ -214,11 +222,150 @@ static void sleep_ms(long ms)
     }
 }
 
+/* ---- process state (--process-state): scheduling, affinity, limits, personality
+ * and POSIX timers, which a restore child would otherwise inherit from ferry ---- */
+#define MAIN_NICE 7
+#define PT_PERIOD_NS 3000000L   /* the process-directed timer */
+#define PT_THREAD_NS 4000000L   /* the one aimed at the main thread */
+#define PERSONA (PER_LINUX | ADDR_NO_RANDOMIZE)
+static timer_t pt_proc, pt_thread, pt_none, pt_gap;
+static volatile sig_atomic_t pt_proc_count, pt_thread_count, pt_bad;
+
+static int thread_nice(long i)
+{
+    return 1 + (int)(i % 3);
+}
+
+static void on_ptimer(int sig, siginfo_t *si, void *uc)
+{
+    (void)uc;
+    if (si->si_code != SI_TIMER) {
+        pt_bad = 1;
+    } else if (sig == SIGRTMIN + 2) {
+        if (si->si_value.sival_int != 4242)
+            pt_bad = 2;
+        pt_proc_count++;
+    } else {
+        if (si->si_value.sival_int != 4343)
+            pt_bad = 3;
+        pt_thread_count++;
+    }
+}
+
+static void arm(timer_t t, long value_ns, long interval_ns)
+{
+    struct itimerspec its = {{interval_ns / 1000000000L, interval_ns % 1000000000L},
+                             {value_ns / 1000000000L, value_ns % 1000000000L}};
+    if (timer_settime(t, 0, &its, NULL) != 0)
+        die("timer_settime");
+}
+
+/* After the threads are made: they keep the affinity and nice value they started with. */
+static void setup_process_state(void)
+{
+    if (setpriority(PRIO_PROCESS, 0, MAIN_NICE) != 0) /* 0: this thread */
+        die("setpriority");
+    cpu_set_t one;
+    CPU_ZERO(&one);
+    CPU_SET(0, &one);
+    if (sched_setaffinity(0, sizeof one, &one) != 0)
+        die("sched_setaffinity");
+    struct rlimit rl = {777, 4096};
+    if (setrlimit(RLIMIT_NOFILE, &rl) != 0)
+        die("setrlimit NOFILE");
+    rl = (struct rlimit){12345, 23456};
+    if (setrlimit(RLIMIT_MSGQUEUE, &rl) != 0)
+        die("setrlimit MSGQUEUE");
+    if (personality(PERSONA) < 0)
+        die("personality");
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0)
+        die("PR_SET_NO_NEW_PRIVS");
+
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = on_ptimer;
+    sa.sa_flags = SA_SIGINFO | SA_RESTART;
+    sigemptyset(&sa.sa_mask);
+    if (sigaction(SIGRTMIN + 2, &sa, NULL) != 0 || sigaction(SIGRTMIN + 3, &sa, NULL) != 0)
+        die("sigaction RT");
+    /* Ids 0..3; 1 is deleted again, so the last two ids are not the first free ones. */
+    struct sigevent se;
+    memset(&se, 0, sizeof se);
+    se.sigev_notify = SIGEV_SIGNAL;
+    se.sigev_signo = SIGRTMIN + 2;
+    se.sigev_value.sival_int = 4242;
+    if (timer_create(CLOCK_MONOTONIC, &se, &pt_proc) != 0 || timer_create(CLOCK_MONOTONIC, &se, &pt_gap) != 0)
+        die("timer_create");
+    se.sigev_notify = SIGEV_THREAD_ID;
+    se._sigev_un._tid = gettid();
+    se.sigev_signo = SIGRTMIN + 3;
+    se.sigev_value.sival_int = 4343;
+    if (timer_create(CLOCK_MONOTONIC, &se, &pt_thread) != 0)
+        die("timer_create thread");
+    se.sigev_notify = SIGEV_NONE;
+    if (timer_create(CLOCK_BOOTTIME, &se, &pt_none) != 0)
+        die("timer_create none");
+    if (timer_delete(pt_gap) != 0)
+        die("timer_delete");
+    arm(pt_proc, PT_PERIOD_NS, PT_PERIOD_NS);
+    arm(pt_thread, PT_THREAD_NS, PT_THREAD_NS);
+    arm(pt_none, TIMER_SECS * 1000000000L, 0);
+}
+
+static int interval_is(timer_t t, long ns)
+{
+    struct itimerspec its;
+    return timer_gettime(t, &its) == 0 && its.it_interval.tv_sec * 1000000000L + its.it_interval.tv_nsec == ns;
+}
+
+static void verify_process_state(void)
+{
+    errno = 0;
+    int nice = getpriority(PRIO_PROCESS, 0);
+    if (errno || nice != MAIN_NICE)
+        FAIL_RET("main thread's nice value is %d, want %d", nice, MAIN_NICE);
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof set, &set) != 0 || CPU_COUNT(&set) != 1 || !CPU_ISSET(0, &set))
+        FAIL_RET("main thread's CPU affinity is not CPU 0 alone");
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) != 0 || rl.rlim_cur != 777 || rl.rlim_max != 4096)
+        FAIL_RET("RLIMIT_NOFILE is %llu/%llu, want 777/4096", (unsigned long long)rl.rlim_cur, (unsigned long long)rl.rlim_max);
+    if (getrlimit(RLIMIT_MSGQUEUE, &rl) != 0 || rl.rlim_cur != 12345 || rl.rlim_max != 23456)
+        FAIL_RET("RLIMIT_MSGQUEUE is %llu/%llu, want 12345/23456", (unsigned long long)rl.rlim_cur,
+                 (unsigned long long)rl.rlim_max);
+    int p = personality(0xffffffff);
+    if (p != PERSONA)
+        FAIL_RET("personality is 0x%x, want 0x%x", p, PERSONA);
+    if (prctl(PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0) != 1)
+        FAIL_RET("no_new_privs was lost");
+    if (!interval_is(pt_proc, PT_PERIOD_NS) || !interval_is(pt_thread, PT_THREAD_NS))
+        FAIL_RET("a periodic POSIX timer lost its id or its interval");
+    struct itimerspec its;
+    if (timer_gettime(pt_none, &its) != 0 || its.it_interval.tv_sec || its.it_interval.tv_nsec ||
+        (its.it_value.tv_sec == 0 && its.it_value.tv_nsec == 0) || its.it_value.tv_sec > TIMER_SECS)
+        FAIL_RET("the one-shot POSIX timer lost its id or its time left");
+    if (timer_gettime(pt_gap, &its) == 0 || errno != EINVAL)
+        FAIL_RET("the deleted timer's id came back");
+    if (pt_bad)
+        FAIL_RET("a POSIX timer signal came with the wrong siginfo (%d)", (int)pt_bad);
+    /* Both still fire, here, now. */
+    sig_atomic_t c0 = pt_proc_count, t0 = pt_thread_count;
+    struct timespec ms = {0, 1000000L};
+    for (int i = 0; i < 2000 && (pt_proc_count == c0 || pt_thread_count == t0); i++)
+        nanosleep(&ms, NULL); /* sleep_ms would not: SIGTERM came */
+    if (pt_proc_count == c0 || pt_thread_count == t0)
+        FAIL_RET("the POSIX timers stopped firing (%d, %d signals)", (int)pt_proc_count, (int)pt_thread_count);
+}
+
 /* ---- threads ---- */
 static void *thread_main(void *arg)
 {
     long i = (long)arg;
     tls_index = i;
+    if (opt_process_state && setpriority(PRIO_PROCESS, 0, thread_nice(i)) != 0) {
+        snprintf(thread_fail[i], sizeof thread_fail[i], "thread %ld: setpriority: %s", i, strerror(errno));
+        return NULL;
+    }
 
     /* Even threads block SIGWINCH, odd ones do not: masks are per thread. */
     sigset_t set;
@@ -244,7 +391,11 @@ static void *thread_main(void *arg)
     uint64_t m = atomic_load(&mirror[i]);
     sigset_t cur;
     stack_t old;
-    if (tls_index != i)
+    errno = 0;
+    int nice = getpriority(PRIO_PROCESS, 0);
+    if (opt_process_state && (errno || nice != thread_nice(i)))
+        snprintf(f, fs, "thread %ld: nice value %d, want %d", i, nice, thread_nice(i));
+    else if (tls_index != i)
         snprintf(f, fs, "thread %ld: TLS index is %ld", i, tls_index);
     else if (tls_counter == 0 || tls_counter != m)
         snprintf(f, fs, "thread %ld: TLS counter %llu, mirror %llu", i, (unsigned long long)tls_counter,
@@ -802,7 +953,7 @@ static void rseq_wait(long ms)
 static void usage(void)
 {
     fprintf(stderr, "usage: workload --log PATH [--dir DIR] [--mem-mib N] [--threads N] [--tick-ms N]"
-                    " [--dirty-pages N] [--churn] [--move-mem] [--fork-check] [--rseq] [--no-files]\n");
+                    " [--dirty-pages N] [--churn] [--move-mem] [--fork-check] [--rseq] [--process-state] [--seccomp] [--no-files]\n");
     exit(2);
 }
 
@@ -839,6 +990,14 @@ int main(int argc, char **argv)
         }
         if (!strcmp(a, "--rseq")) {
             opt_rseq = 1;
+            continue;
+        }
+        if (!strcmp(a, "--process-state")) {
+            opt_process_state = 1;
+            continue;
+        }
+        if (!strcmp(a, "--seccomp")) {
+            opt_seccomp = 1;
             continue;
         }
         if (!v)
@@ -908,6 +1067,15 @@ int main(int argc, char **argv)
         if (errno)
             die("pthread_create");
     }
+    if (opt_process_state)
+        setup_process_state();
+    if (opt_seccomp) {
+        /* A filter that allows everything: only its presence matters. */
+        struct sock_filter allow[] = {BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW)};
+        struct sock_fprog prog = {1, allow};
+        if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 || prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog) != 0)
+            die("seccomp");
+    }
     /* raise() is tgkill to this thread: a thread-directed signal pending across dumps. */
     if (raise(SIGUSR2) != 0)
         die("raise USR2");
@@ -970,6 +1138,8 @@ int main(int argc, char **argv)
         verify_files();
     if (!failure[0])
         verify_process();
+    if (opt_process_state && !failure[0])
+        verify_process_state();
 
     if (failure[0]) {
         logf_("FAIL: %s", failure);
