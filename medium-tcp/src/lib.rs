@@ -135,6 +135,10 @@ const PENDING_LIMIT: usize = 256 << 10;
 const READ_BUF: usize = 256 << 10;
 /// Payloads from this size on are read straight into their own buffer.
 const DIRECT_READ: usize = 64 << 10;
+/// At most this much is read when only a frame header is wanted: a large payload then
+/// goes mostly straight into its own buffer, not through the reader's (a copy of every
+/// byte otherwise: the page records are about as large as that buffer).
+const HEADER_READ: usize = 16 << 10;
 /// Drained payload buffers kept for the reader to reuse: a fresh buffer costs a page
 /// fault per page.
 const SPARE_BUFFERS: usize = 8;
@@ -503,8 +507,9 @@ impl<'a> FrameReader<'a> {
         }
     }
 
-    /// Reads more into the buffer; `mid_frame` says what an end of file means.
-    fn fill(&mut self, mid_frame: bool) -> Result<(), ReadStop> {
+    /// Reads more into the buffer (at most `most` bytes); `mid_frame` says what an end
+    /// of file means.
+    fn fill(&mut self, mid_frame: bool, most: usize) -> Result<(), ReadStop> {
         if self.start == self.end {
             self.start = 0;
             self.end = 0;
@@ -513,7 +518,7 @@ impl<'a> FrameReader<'a> {
             self.end -= self.start;
             self.start = 0;
         }
-        let room = self.buf.len() - self.end;
+        let room = (self.buf.len() - self.end).min(most);
         // SAFETY: the pointer and length stay inside `buf`.
         let dst = unsafe { self.buf.as_mut_ptr().add(self.end) };
         let n = self.raw_read(dst, room).map_err(ReadStop::Io)?;
@@ -526,7 +531,7 @@ impl<'a> FrameReader<'a> {
 
     fn header(&mut self) -> Result<[u8; HEADER_LEN], ReadStop> {
         while self.end - self.start < HEADER_LEN {
-            self.fill(false)?;
+            self.fill(false, HEADER_READ)?;
         }
         let mut h = [0u8; HEADER_LEN];
         h.copy_from_slice(&self.buf[self.start..self.start + HEADER_LEN]);
@@ -552,7 +557,7 @@ impl<'a> FrameReader<'a> {
                 // SAFETY: read(2) initialised n bytes of the spare capacity.
                 unsafe { out.set_len(out.len() + n) };
             } else {
-                self.fill(true)?;
+                self.fill(true, usize::MAX)?;
             }
         }
         Ok(())
