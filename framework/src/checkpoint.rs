@@ -87,6 +87,7 @@ pub fn checkpoint(manager: &Manager, req: &CheckpointRequest, progress: &mut dyn
         }
     };
 
+    crate::trace::mark("frozen");
     crate::fault::pause("checkpoint-frozen");
     // The last resort if a plugin stops answering: the tracer thread is stuck in it, so
     // remove the partial image and exit; the kernel then detaches the process, which
@@ -106,6 +107,7 @@ pub fn checkpoint(manager: &Manager, req: &CheckpointRequest, progress: &mut dyn
     let mut stats = Stats::default();
     match outcome {
         Ok((bytes, pages)) => {
+            crate::trace::mark("image complete");
             if req.leave_running {
                 tracer.unmap_scratch()?;
                 tracer.detach()?;
@@ -113,6 +115,7 @@ pub fn checkpoint(manager: &Manager, req: &CheckpointRequest, progress: &mut dyn
                 tracer.kill();
             }
             stats.frozen_ms = event::ms(frozen_at);
+            crate::trace::mark(if req.leave_running { "let go" } else { "killed" });
             drop(freezer);
             stats.pids.insert(req.pid.to_string(), if req.leave_running { req.pid } else { 0 });
             stats.bytes = bytes;
