@@ -50,11 +50,13 @@ pub struct WorkloadOpts {
     pub process_state: bool,
     /// Run under a seccomp filter (`--seccomp`).
     pub seccomp: bool,
+    /// Keep shared anonymous memory with holes, split in two areas (`--shared-anon`).
+    pub shared_anon: bool,
 }
 
 impl Default for WorkloadOpts {
     fn default() -> Self {
-        WorkloadOpts { mem_mib: 1, threads: 0, files: true, tick_ms: 20, dirty_pages: 0, churn: false, move_mem: false, fork_check: false, rseq: false, process_state: false, seccomp: false }
+        WorkloadOpts { mem_mib: 1, threads: 0, files: true, tick_ms: 20, dirty_pages: 0, churn: false, move_mem: false, fork_check: false, rseq: false, process_state: false, seccomp: false, shared_anon: false }
     }
 }
 
@@ -133,6 +135,9 @@ impl Workload {
         }
         if opts.seccomp {
             cmd.arg("--seccomp");
+        }
+        if opts.shared_anon {
+            cmd.arg("--shared-anon");
         }
         Self::start(cmd, dir)
     }

@@ -160,6 +160,37 @@ fn scheduling_limits_personality_and_posix_timers_come_back() {
 }
 
 #[test]
+fn shared_anonymous_memory_comes_back_whole_with_its_holes() {
+    if !needs_root() {
+        return;
+    }
+    let mut w = Workload::spawn(&WorkloadOpts { shared_anon: true, ..Default::default() });
+    w.wait_ready();
+    w.wait_ticks(2);
+    let image = tempfile::tempdir().unwrap();
+    let dir = image.path().join("img");
+    checkpoint(w.pid, &dir, &[]);
+    wait_gone(w.pid);
+    let at = *w.ticks().last().unwrap();
+    let new = restore(&dir, w.pid);
+    w.adopt(new);
+    // Only the pages that held data were made again: 3 in 4 of each area (smaps counts
+    // the object's pages this process maps; a hole written with zeros would count).
+    let (start, _) = w.region("shared");
+    let smaps = std::fs::read_to_string(format!("/proc/{new}/smaps")).unwrap();
+    let rss_of = |addr: u64| -> u64 {
+        let head = format!("{addr:x}-");
+        let block = smaps.split_inclusive('\n').skip_while(|l| !l.starts_with(&head)).take(8).collect::<String>();
+        let line = block.lines().find(|l| l.starts_with("Rss:")).unwrap_or_else(|| panic!("no area at {head} in {smaps}"));
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    assert_eq!(rss_of(start), 768 * 3 / 4 * 4, "kB of the rw-s area");
+    assert_eq!(rss_of(start + 768 * 4096), 256 * 3 / 4 * 4, "kB of the r--s area");
+    w.wait_ticks(at + 2);
+    w.terminate_and_check(new).unwrap();
+}
+
+#[test]
 fn eight_threads() {
     if !needs_root() {
         return;

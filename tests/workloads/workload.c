@@ -65,6 +65,7 @@ static int opt_fork_check;
 static int opt_rseq;
 static int opt_process_state;
 static int opt_seccomp;
+static int opt_shared_anon;
 static uint64_t tsc_per_ms;
 static volatile uint64_t rseq_aborts;
 static pid_t fork_child;
@@ -355,6 +356,60 @@ static void verify_process_state(void)
         nanosleep(&ms, NULL); /* sleep_ms would not: SIGTERM came */
     if (pt_proc_count == c0 || pt_thread_count == t0)
         FAIL_RET("the POSIX timers stopped firing (%d, %d signals)", (int)pt_proc_count, (int)pt_thread_count);
+}
+
+/* ---- shared anonymous memory (--shared-anon): MAP_SHARED | MAP_ANONYMOUS, every
+ * fourth page never touched (a hole that must stay one), the last quarter made
+ * read-only (which splits the mapping in two areas of one object) ---- */
+#define SHARED_PAGES 1024
+static unsigned char *shared_mem;
+
+static void setup_shared_anon(void)
+{
+    shared_mem = mmap(NULL, SHARED_PAGES * PAGE, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    if (shared_mem == MAP_FAILED)
+        die("mmap shared");
+    for (size_t p = 0; p < SHARED_PAGES; p++)
+        if (p % 4 != 3)
+            for (size_t w = 0; w < WORDS_PER_PAGE; w++)
+                ((uint64_t *)(shared_mem + p * PAGE))[w] = pattern(7, p * WORDS_PER_PAGE + w, SEED);
+    if (mprotect(shared_mem + SHARED_PAGES * PAGE * 3 / 4, SHARED_PAGES * PAGE / 4, PROT_READ) != 0)
+        die("mprotect shared");
+    log_region("shared", shared_mem, SHARED_PAGES * PAGE);
+}
+
+static void verify_shared_anon(void)
+{
+    for (size_t p = 0; p < SHARED_PAGES; p++)
+        for (size_t w = 0; w < WORDS_PER_PAGE; w++) {
+            uint64_t want = p % 4 == 3 ? 0 : pattern(7, p * WORDS_PER_PAGE + w, SEED);
+            if (((uint64_t *)(shared_mem + p * PAGE))[w] != want)
+                FAIL_RET("shared memory page %zu word %zu differs", p, w);
+        }
+    /* Still shared, still one object in two areas: rw then read-only. */
+    char line[512], want_rw[64], want_ro[64];
+    snprintf(want_rw, sizeof want_rw, "%lx-", (unsigned long)shared_mem);
+    snprintf(want_ro, sizeof want_ro, "%lx-", (unsigned long)(shared_mem + SHARED_PAGES * PAGE * 3 / 4));
+    FILE *f = fopen("/proc/self/maps", "r");
+    int seen = 0;
+    unsigned long ino_rw = 0, ino_ro = 1;
+    while (f && fgets(line, sizeof line, f)) {
+        char perms[8];
+        unsigned long ino;
+        if (sscanf(line, "%*s %7s %*s %*s %lu", perms, &ino) != 2)
+            continue;
+        if (!strncmp(line, want_rw, strlen(want_rw))) {
+            seen |= strcmp(perms, "rw-s") == 0;
+            ino_rw = ino;
+        } else if (!strncmp(line, want_ro, strlen(want_ro))) {
+            seen |= (strcmp(perms, "r--s") == 0) << 1;
+            ino_ro = ino;
+        }
+    }
+    if (f)
+        fclose(f);
+    if (seen != 3 || ino_rw != ino_ro)
+        FAIL_RET("shared memory is no longer one shared object in a rw-s and an r--s area");
 }
 
 /* ---- threads ---- */
@@ -953,7 +1008,7 @@ static void rseq_wait(long ms)
 static void usage(void)
 {
     fprintf(stderr, "usage: workload --log PATH [--dir DIR] [--mem-mib N] [--threads N] [--tick-ms N]"
-                    " [--dirty-pages N] [--churn] [--move-mem] [--fork-check] [--rseq] [--process-state] [--seccomp] [--no-files]\n");
+                    " [--dirty-pages N] [--churn] [--move-mem] [--fork-check] [--rseq] [--process-state] [--seccomp] [--shared-anon] [--no-files]\n");
     exit(2);
 }
 
@@ -998,6 +1053,10 @@ int main(int argc, char **argv)
         }
         if (!strcmp(a, "--seccomp")) {
             opt_seccomp = 1;
+            continue;
+        }
+        if (!strcmp(a, "--shared-anon")) {
+            opt_shared_anon = 1;
             continue;
         }
         if (!v)
@@ -1052,6 +1111,8 @@ int main(int argc, char **argv)
     log_region("heap", heap, HEAP_SIZE);
     log_region("global", global_array, sizeof global_array);
     log_region("stack", stack_array, sizeof stack_array);
+    if (opt_shared_anon)
+        setup_shared_anon();
 
     if (opt_files)
         setup_files();
@@ -1140,6 +1201,8 @@ int main(int argc, char **argv)
         verify_process();
     if (opt_process_state && !failure[0])
         verify_process_state();
+    if (opt_shared_anon && !failure[0])
+        verify_shared_anon();
 
     if (failure[0]) {
         logf_("FAIL: %s", failure);

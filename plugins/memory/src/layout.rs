@@ -27,6 +27,10 @@ pub enum AreaKind {
     File,
     /// `[vdso]`, `[vvar]`, `[vvar_vclock]`: the kernel's, moved rather than mapped.
     Special,
+    /// Shared anonymous memory (`MAP_SHARED | MAP_ANONYMOUS`): its pages are in the
+    /// image; one object (`object`) may span several adjacent areas (split by
+    /// `mprotect`, say), and is made again as one.
+    Shmem,
 }
 
 /// What identifies a mapped file, to refuse a restore if it changed.
@@ -52,12 +56,15 @@ pub struct Area {
     pub offset: u64,
     pub growsdown: bool,
     pub file: Option<FileId>,
+    /// Shared anonymous memory: the object's inode, the same for each of its areas.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub object: Option<u64>,
 }
 
 impl Area {
     /// Whether the area's contents live in memory only (and so are in the image).
     pub fn has_pages(&self) -> bool {
-        !self.shared && self.kind != AreaKind::Special
+        (!self.shared || self.kind == AreaKind::Shmem) && self.kind != AreaKind::Special
     }
 
     /// Whether pre-copy may send the area's pages while the process runs: private
@@ -78,6 +85,7 @@ impl Area {
             offset: vma.offset,
             growsdown: false,
             file: None,
+            object: None,
         };
         let at = format!("{:#x}-{:#x}", vma.start, vma.end);
         match vma.special() {
@@ -92,6 +100,11 @@ impl Area {
                 area.offset = 0;
             }
             None if !vma.file_backed() => area.offset = 0,
+            // What the kernel names a MAP_SHARED | MAP_ANONYMOUS mapping's object.
+            None if vma.shared() && vma.path == "/dev/zero (deleted)" => {
+                area.kind = AreaKind::Shmem;
+                area.object = Some(vma.inode);
+            }
             None => {
                 if vma.path.ends_with(" (deleted)") {
                     return Err(format!(
@@ -110,6 +123,28 @@ impl Area {
         }
         Ok(Some(area))
     }
+}
+
+/// Each shared anonymous object of `areas` (in address order) as the span it covers:
+/// its areas must lie side by side, at offsets that follow on, so that one mapping
+/// makes it again. The same object mapped twice (`mremap` with `old_size` 0) is
+/// refused.
+pub fn shmem_objects(areas: &[Area]) -> Result<Vec<(u64, u64)>, String> {
+    let mut spans: Vec<(u64, u64, u64, u64)> = Vec::new(); // (object, start, end, offset at start)
+    for a in areas.iter().filter(|a| a.kind == AreaKind::Shmem) {
+        let object = a.object.unwrap_or(0);
+        match spans.iter_mut().find(|s| s.0 == object) {
+            Some(s) if s.2 == a.start && s.3 + (a.start - s.1) == a.offset => s.2 = a.end,
+            Some(_) => {
+                return Err(format!(
+                    "shared anonymous memory at {:#x}-{:#x} is mapped more than once in the process: not supported",
+                    a.start, a.end
+                ))
+            }
+            None => spans.push((object, a.start, a.end, a.offset)),
+        }
+    }
+    Ok(spans.into_iter().map(|s| (s.1, s.2)).collect())
 }
 
 /// Everything of the address space `PR_SET_MM_MAP` restores, and the areas.
@@ -203,8 +238,12 @@ impl MmState {
             if a.kind == AreaKind::File && (a.path.is_none() || a.file.is_none()) {
                 return Err(format!("the image's file mapping {at} names no file"));
             }
+            if (a.kind == AreaKind::Shmem) != (a.object.is_some() && a.shared) {
+                return Err(format!("the image's mapping {at} is half a shared anonymous one"));
+            }
             last_end = a.end;
         }
+        shmem_objects(&self.areas)?;
         let premapped: Vec<(u64, u64)> = self.areas.iter().filter(|a| a.premappable()).map(|a| (a.start, a.end)).collect();
         let premapped = ranges::normalize(premapped);
         for &(s, e) in &self.kept {
@@ -419,6 +458,7 @@ mod tests {
             offset: 0,
             growsdown: false,
             file: None,
+            object: None,
         };
         let mut st = MmState::capture("1 (x) S", 0, &[], "/x".into(), vec![]).unwrap_or_else(|_| MmState {
             start_code: 0,
@@ -454,5 +494,27 @@ mod tests {
         assert!(st.validate().unwrap_err().contains("outside its private anonymous areas"));
         st.kept = vec![(0x1000, 0x2000)];
         assert!(st.validate().unwrap_err().contains("outside what it keeps"));
+    }
+
+    #[test]
+    fn a_shared_anonymous_object_is_one_span_or_refused() {
+        let shm = |start: u64, end: u64, object: u64, offset: u64| Area {
+            start,
+            end,
+            prot: 3,
+            shared: true,
+            kind: AreaKind::Shmem,
+            path: None,
+            offset,
+            growsdown: false,
+            file: None,
+            object: Some(object),
+        };
+        // Split in two by mprotect, and another object beside it.
+        let areas = [shm(0x1000, 0x3000, 7, 0), shm(0x3000, 0x5000, 7, 0x2000), shm(0x5000, 0x6000, 8, 0)];
+        assert_eq!(shmem_objects(&areas).unwrap(), vec![(0x1000, 0x5000), (0x5000, 0x6000)]);
+        // The same object twice, elsewhere or at offsets that do not follow on.
+        assert!(shmem_objects(&[shm(0x1000, 0x3000, 7, 0), shm(0x8000, 0x9000, 7, 0)]).is_err());
+        assert!(shmem_objects(&[shm(0x1000, 0x3000, 7, 0), shm(0x3000, 0x4000, 7, 0)]).is_err());
     }
 }

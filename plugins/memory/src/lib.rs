@@ -144,6 +144,35 @@ fn read_pagemap(pagemap: &std::fs::File, area: &Area) -> Result<Vec<(u64, u64)>,
     Ok(runs)
 }
 
+/// The pages of shared anonymous area `area` that hold data, as runs of (address,
+/// pages). The object's pages need not be mapped in the process (the pagemap would
+/// miss them): its file, opened through `/proc/PID/map_files`, says where its data
+/// lies (`SEEK_DATA`/`SEEK_HOLE`), without touching the process.
+fn shmem_runs(pid: i32, area: &Area) -> Result<Vec<(u64, u64)>, String> {
+    use std::os::fd::AsRawFd;
+    let path = format!("/proc/{pid}/map_files/{:x}-{:x}", area.start, area.end);
+    let file = std::fs::File::open(&path).map_err(|e| format!("shared anonymous memory at {:#x}: {path}: {e}", area.start))?;
+    let (lo, hi) = (area.offset as i64, (area.offset + area.end - area.start) as i64);
+    let mut runs = Vec::new();
+    let mut at = lo;
+    while at < hi {
+        // SAFETY: lseek on a file we own.
+        let data = unsafe { libc::lseek(file.as_raw_fd(), at, libc::SEEK_DATA) };
+        if data < 0 || data >= hi {
+            break; // ENXIO: no data past `at`
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(file.as_raw_fd(), data, libc::SEEK_HOLE) }.min(hi);
+        if hole <= data {
+            return Err(format!("shared anonymous memory at {:#x}: SEEK_HOLE: {}", area.start, std::io::Error::last_os_error()));
+        }
+        let (s, e) = (data as u64 / PAGE * PAGE, (hole as u64).div_ceil(PAGE) * PAGE);
+        runs.push((area.start + (s - area.offset), (e - s) / PAGE));
+        at = hole;
+    }
+    Ok(runs)
+}
+
 fn open_pagemap(pid: i32) -> Result<std::fs::File, String> {
     std::fs::File::open(format!("/proc/{pid}/pagemap")).map_err(|e| format!("opening /proc/{pid}/pagemap: {e}"))
 }
@@ -229,12 +258,13 @@ impl Memory {
         // list; which of its pages the source has is found after the resume (3 ms per
         // GiB less in the freeze).
         let mut unscanned = Vec::new();
+        layout::shmem_objects(&state.areas)?;
         for area in state.areas.iter().filter(|a| a.has_pages()) {
             if ctx.lazy() && area.premappable() && ranges::intersect(&kept, &[(area.start, area.end)]).is_empty() {
                 unscanned.push((area.start, area.end));
                 continue;
             }
-            let runs = dirty_runs(&pagemap, area)?;
+            let runs = if area.kind == AreaKind::Shmem { shmem_runs(pid, area)? } else { dirty_runs(&pagemap, area)? };
             if !runs.is_empty() && area.prot & libc::PROT_READ as u64 == 0 {
                 // Pages behind PROT_NONE: readable for the dump, put back at cleanup.
                 util::syscall(ctx, pid, "mprotect", libc::SYS_mprotect, [area.start, area.end - area.start, libc::PROT_READ as u64, 0, 0, 0])?;
@@ -293,7 +323,7 @@ impl Memory {
         let pagemap = open_pagemap(pid)?;
         let mut send = ranges::normalize(dirty);
         for &(s, e) in &live.map {
-            let area = Area { start: s, end: e, prot: 0, shared: false, kind: AreaKind::Anon, path: None, offset: 0, growsdown: false, file: None };
+            let area = Area { start: s, end: e, prot: 0, shared: false, kind: AreaKind::Anon, path: None, offset: 0, growsdown: false, file: None, object: None };
             send.extend(ranges::from_runs(&dirty_runs(&pagemap, &area)?, PAGE));
         }
         let send = ranges::normalize(send);
@@ -376,7 +406,22 @@ impl Memory {
         let child = parse_maps(&util::proc_text(ctx, "maps")?)?;
         layout::move_specials(ctx, &child, &state.areas)?;
         let mut fds: Vec<(String, u64)> = Vec::new();
+        let objects = layout::shmem_objects(&state.areas)?;
         for area in state.areas.iter().filter(|a| a.kind != AreaKind::Special) {
+            if area.kind == AreaKind::Shmem {
+                // Each object once, over all its areas, writable until its pages are in;
+                // every area gets its own protection back at the end.
+                if let Some(&(s, e)) = objects.iter().find(|o| o.0 == area.start) {
+                    let flags = (libc::MAP_SHARED | libc::MAP_ANONYMOUS | libc::MAP_FIXED) as u64;
+                    let rw = (libc::PROT_READ | libc::PROT_WRITE) as u64;
+                    let got = util::syscall(ctx, pid, &format!("mmap shared {s:#x}-{e:#x}"), libc::SYS_mmap, [s, e - s, rw, flags, u64::MAX, 0])?;
+                    if got != s {
+                        return Err(format!("mmap of {s:#x} landed at {got:#x}"));
+                    }
+                }
+                self.widened.push((area.clone(), area.prot));
+                continue;
+            }
             if area.premappable() {
                 let gaps = ranges::subtract(&[(area.start, area.end)], &kept);
                 if gaps != [(area.start, area.end)] {
