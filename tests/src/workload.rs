@@ -52,11 +52,13 @@ pub struct WorkloadOpts {
     pub seccomp: bool,
     /// Keep shared anonymous memory with holes, split in two areas (`--shared-anon`).
     pub shared_anon: bool,
+    /// Keep an eventfd, a timerfd, a signalfd and an epoll instance (`--event-fds`).
+    pub event_fds: bool,
 }
 
 impl Default for WorkloadOpts {
     fn default() -> Self {
-        WorkloadOpts { mem_mib: 1, threads: 0, files: true, tick_ms: 20, dirty_pages: 0, churn: false, move_mem: false, fork_check: false, rseq: false, process_state: false, seccomp: false, shared_anon: false }
+        WorkloadOpts { mem_mib: 1, threads: 0, files: true, tick_ms: 20, dirty_pages: 0, churn: false, move_mem: false, fork_check: false, rseq: false, process_state: false, seccomp: false, shared_anon: false, event_fds: false }
     }
 }
 
@@ -138,6 +140,9 @@ impl Workload {
         }
         if opts.shared_anon {
             cmd.arg("--shared-anon");
+        }
+        if opts.event_fds {
+            cmd.arg("--event-fds");
         }
         Self::start(cmd, dir)
     }

@@ -191,6 +191,18 @@ fn shared_anonymous_memory_comes_back_whole_with_its_holes() {
 }
 
 #[test]
+fn eventfd_timerfd_signalfd_and_epoll_come_back() {
+    if !needs_root() {
+        return;
+    }
+    // The workload checks from inside: epoll still watches the eventfd, the timerfd and
+    // a pipe (with their data words), the semaphore still holds 5, the timer still
+    // ticks at its interval, the signalfd still reads its signal.
+    let mut w = Workload::spawn(&WorkloadOpts { threads: 2, event_fds: true, ..Default::default() });
+    round_trip(&mut w, &[]);
+}
+
+#[test]
 fn eight_threads() {
     if !needs_root() {
         return;

@@ -25,16 +25,20 @@
 #include <linux/filter.h>
 #include <linux/seccomp.h>
 #include <sched.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
 #include <sys/ioctl.h>
-#include <sys/prctl.h>
 #include <sys/mman.h>
 #include <sys/personality.h>
+#include <sys/prctl.h>
 #include <sys/resource.h>
-#include <sys/wait.h>
 #include <sys/rseq.h>
+#include <sys/signalfd.h>
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
 #include <sys/time.h>
+#include <sys/timerfd.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -66,6 +70,7 @@ static int opt_rseq;
 static int opt_process_state;
 static int opt_seccomp;
 static int opt_shared_anon;
+static int opt_event_fds;
 static uint64_t tsc_per_ms;
 static volatile uint64_t rseq_aborts;
 static pid_t fork_child;
@@ -410,6 +415,73 @@ static void verify_shared_anon(void)
         fclose(f);
     if (seen != 3 || ino_rw != ino_ro)
         FAIL_RET("shared memory is no longer one shared object in a rw-s and an r--s area");
+}
+
+/* ---- event fds (--event-fds): an eventfd (semaphore, count 5), a periodic timerfd,
+ * a signalfd, and an epoll instance watching them and a pipe with a byte in it ---- */
+#define TFD_PERIOD_NS 7000000L
+static int ev_efd = -1, ev_tfd = -1, ev_sfd = -1, ev_epfd = -1, ev_pipe[2] = {-1, -1};
+
+static void watch(int fd, uint64_t data)
+{
+    struct epoll_event e = {.events = EPOLLIN, .data.u64 = data};
+    if (epoll_ctl(ev_epfd, EPOLL_CTL_ADD, fd, &e) != 0)
+        die("epoll_ctl");
+}
+
+/* Before the threads start: they inherit SIGRTMIN+5 blocked, for the signalfd. */
+static void setup_event_fds(void)
+{
+    ev_efd = eventfd(5, EFD_SEMAPHORE | EFD_NONBLOCK);
+    ev_tfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK);
+    struct itimerspec its = {{0, TFD_PERIOD_NS}, {0, TFD_PERIOD_NS}};
+    if (ev_efd < 0 || ev_tfd < 0 || timerfd_settime(ev_tfd, 0, &its, NULL) != 0)
+        die("eventfd/timerfd");
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGRTMIN + 5);
+    if (pthread_sigmask(SIG_BLOCK, &set, NULL) != 0 || (ev_sfd = signalfd(-1, &set, SFD_NONBLOCK)) < 0)
+        die("signalfd");
+    if (pipe(ev_pipe) != 0 || write(ev_pipe[1], "x", 1) != 1)
+        die("event pipe");
+    if ((ev_epfd = epoll_create1(EPOLL_CLOEXEC)) < 0)
+        die("epoll_create1");
+    watch(ev_efd, 0xabc);
+    watch(ev_tfd, 0xdef);
+    watch(ev_pipe[0], 0x123);
+    watch(ev_sfd, 0x5f);
+}
+
+static void verify_event_fds(void)
+{
+    /* The epoll instance reports the eventfd, the pipe and (within a period) the timer. */
+    int seen = 0;
+    for (int round = 0; round < 100 && seen != 7; round++) {
+        struct epoll_event evs[8];
+        int n = epoll_wait(ev_epfd, evs, 8, 20);
+        for (int i = 0; i < n; i++)
+            seen |= evs[i].data.u64 == 0xabc ? 1 : evs[i].data.u64 == 0x123 ? 2 : evs[i].data.u64 == 0xdef ? 4 : 0;
+    }
+    if (seen != 7)
+        FAIL_RET("epoll reported %d of eventfd|pipe|timerfd (7)", seen);
+    /* A semaphore with 5 in it: five reads of 1, then nothing. */
+    for (int i = 0; i < 5; i++) {
+        uint64_t v = 0;
+        if (read(ev_efd, &v, 8) != 8 || v != 1)
+            FAIL_RET("eventfd read %d gave %llu", i, (unsigned long long)v);
+    }
+    uint64_t v;
+    if (read(ev_efd, &v, 8) != -1 || errno != EAGAIN)
+        FAIL_RET("eventfd held more than 5");
+    struct itimerspec its;
+    if (timerfd_gettime(ev_tfd, &its) != 0 || its.it_interval.tv_sec != 0 || its.it_interval.tv_nsec != TFD_PERIOD_NS)
+        FAIL_RET("timerfd lost its interval");
+    if (read(ev_tfd, &v, 8) != 8 || v == 0)
+        FAIL_RET("timerfd has not expired since");
+    kill(getpid(), SIGRTMIN + 5);
+    struct signalfd_siginfo si;
+    if (read(ev_sfd, &si, sizeof si) != sizeof si || si.ssi_signo != (uint32_t)(SIGRTMIN + 5))
+        FAIL_RET("signalfd did not read SIGRTMIN+5");
 }
 
 /* ---- threads ---- */
@@ -1008,7 +1080,7 @@ static void rseq_wait(long ms)
 static void usage(void)
 {
     fprintf(stderr, "usage: workload --log PATH [--dir DIR] [--mem-mib N] [--threads N] [--tick-ms N]"
-                    " [--dirty-pages N] [--churn] [--move-mem] [--fork-check] [--rseq] [--process-state] [--seccomp] [--shared-anon] [--no-files]\n");
+                    " [--dirty-pages N] [--churn] [--move-mem] [--fork-check] [--rseq] [--process-state] [--seccomp] [--shared-anon] [--event-fds] [--no-files]\n");
     exit(2);
 }
 
@@ -1057,6 +1129,10 @@ int main(int argc, char **argv)
         }
         if (!strcmp(a, "--shared-anon")) {
             opt_shared_anon = 1;
+            continue;
+        }
+        if (!strcmp(a, "--event-fds")) {
+            opt_event_fds = 1;
             continue;
         }
         if (!v)
@@ -1118,6 +1194,8 @@ int main(int argc, char **argv)
         setup_files();
     umask(027);
     setup_signals();
+    if (opt_event_fds)
+        setup_event_fds();
 
     pthread_t threads[MAX_THREADS];
     for (long i = 0; i < opt_threads; i++) {
@@ -1203,6 +1281,8 @@ int main(int argc, char **argv)
         verify_process_state();
     if (opt_shared_anon && !failure[0])
         verify_shared_anon();
+    if (opt_event_fds && !failure[0])
+        verify_event_fds();
 
     if (failure[0]) {
         logf_("FAIL: %s", failure);

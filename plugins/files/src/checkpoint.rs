@@ -20,10 +20,13 @@ use ferry_plugin_api::{
 
 use crate::{
     model::{
-        fds_label, Desc, Header, Object, PipeEnd, PipeRec, Slot, CHUNK, FORMAT, KIND_DESC, KIND_DESC_DATA, KIND_HEADER,
+        fds_label, Desc, Header, Object, PipeEnd, PipeRec, Slot, Watch, CHUNK, FORMAT, KIND_DESC, KIND_DESC_DATA, KIND_HEADER,
         KIND_PIPE, KIND_PIPE_DATA, O_CLOEXEC,
     },
-    scan::{group, kind_of, parse_fdinfo, parse_umask, FdInfo, Kind, StatInfo},
+    scan::{
+        group, kind_of, parse_epoll, parse_eventfd, parse_fdinfo, parse_signalfd, parse_timerfd, parse_umask, FdInfo,
+        Kind, StatInfo,
+    },
 };
 
 /// Content bytes emitted per call at most (one chunk may overshoot it).
@@ -33,6 +36,8 @@ const BUDGET: u64 = 16 << 20;
 struct FdEntry {
     fd: i32,
     link: String,
+    /// The fdinfo text (event fds keep their state there).
+    fdinfo: String,
     info: FdInfo,
     st: StatInfo,
     kind: Kind,
@@ -280,15 +285,14 @@ impl Checkpoint {
         let mut entries = Vec::with_capacity(fds.len());
         for fd in fds {
             let link = read_link(&format!("{dir}/{fd}"))?;
-            let info = proc_text(ctx, &format!("fdinfo/{fd}"))
-                .and_then(|t| parse_fdinfo(&t))
-                .map_err(|e| format!("fd {fd} ({link}): {e}"))?;
+            let fdinfo = proc_text(ctx, &format!("fdinfo/{fd}")).map_err(|e| format!("fd {fd} ({link}): {e}"))?;
+            let info = parse_fdinfo(&fdinfo).map_err(|e| format!("fd {fd} ({link}): {e}"))?;
             let st = std::fs::metadata(format!("{dir}/{fd}"))
                 .map(|m| stat_info(&m))
                 .map_err(|e| format!("fd {fd} ({link}): stat: {e}"))?;
             let named = |p: &str| std::fs::metadata(p).map(|m| m.dev() == st.dev && m.ino() == st.ino).unwrap_or(false);
             let kind = kind_of(fd, &link, &st, named)?;
-            entries.push(FdEntry { fd, link, info, st, kind });
+            entries.push(FdEntry { fd, link, fdinfo, info, st, kind });
         }
 
         let cwd = read_link(&format!("/proc/{pid}/cwd"))?;
@@ -371,6 +375,36 @@ impl Checkpoint {
                     };
                     descs.push((Desc { fds: slots, flags, pos: first.info.pos, object }, carries.then_some(first.fd)));
                 }
+                Kind::Eventfd | Kind::Timerfd | Kind::Signalfd | Kind::Epoll => {
+                    let what = format!("fd {} ({})", first.fd, first.link);
+                    let text = &first.fdinfo;
+                    let object = match first.kind {
+                        Kind::Eventfd => {
+                            let (count, semaphore) = parse_eventfd(text).map_err(|e| format!("{what}: {e}"))?;
+                            Object::Eventfd { count, semaphore }
+                        }
+                        Kind::Timerfd => {
+                            let (clock, value, interval, ticks) = parse_timerfd(text).map_err(|e| format!("{what}: {e}"))?;
+                            Object::Timerfd { clock, value, interval, ticks }
+                        }
+                        Kind::Signalfd => Object::Signalfd { mask: parse_signalfd(text).map_err(|e| format!("{what}: {e}"))? },
+                        _ => {
+                            let mut watches = Vec::new();
+                            for (fd, events, data, ino) in parse_epoll(text).map_err(|e| format!("{what}: {e}"))? {
+                                // The watch names the fd the file was added by; it must
+                                // still be that file for the restore to add it again.
+                                if by_fd.get(&fd).map(|e| e.st.ino) != Some(ino) {
+                                    return Err(format!(
+                                        "{what}: the epoll instance watches a file that is no longer open at fd {fd}: not supported by the files plugin"
+                                    ));
+                                }
+                                watches.push(Watch { fd, events, data });
+                            }
+                            Object::Epoll { watches }
+                        }
+                    };
+                    descs.push((Desc { fds: slots, flags, pos: first.info.pos, object }, None));
+                }
                 Kind::Memfd(name) => {
                     let carries = with_contents.insert(key);
                     let object = Object::Memfd {
@@ -409,5 +443,9 @@ pub fn object_name(o: &Object) -> String {
         Object::Path { path, .. } => path.clone(),
         Object::Deleted { path, .. } => format!("{path} (deleted)"),
         Object::Memfd { name, .. } => format!("memfd:{name}"),
+        Object::Eventfd { .. } => "anon_inode:[eventfd]".into(),
+        Object::Timerfd { .. } => "anon_inode:[timerfd]".into(),
+        Object::Signalfd { .. } => "anon_inode:[signalfd]".into(),
+        Object::Epoll { .. } => "anon_inode:[eventpoll]".into(),
     }
 }

@@ -1,12 +1,14 @@
 //! The `files` subsystem plugin: the fd table (regular files and their offsets and
 //! flags, files deleted while open, memfds, devices, pipes and FIFOs with their unread
-//! bytes, shared file descriptions), the working and root directories and the umask.
+//! bytes, shared file descriptions, eventfds with their counts, timerfds with their time
+//! left and unread expirations, signalfds, epoll instances with what they watch), the
+//! working and root directories and the umask.
 //!
 //! See [`model`] for the records. Checkpoint reads `/proc/PID/{fd,fdinfo}` and uses
 //! `kcmp` to find fds sharing one description; restart rebuilds everything by system
-//! calls injected into the restore child. Sockets, eventfds, epoll, signalfds,
-//! timerfds, inotify and other anonymous inodes are refused with an error naming the
-//! fd, so the checkpoint fails before anything is written.
+//! calls injected into the restore child. Sockets, inotify and other anonymous inodes
+//! are refused with an error naming the fd, so the checkpoint fails before anything is
+//! written.
 
 mod checkpoint;
 mod model;

@@ -70,6 +70,26 @@ pub enum Object {
     Deleted { path: String, dev: u64, ino: u64, mode: u32, uid: u32, gid: u32, size: u64, data_len: Option<u64> },
     /// A memfd: recreated with `memfd_create`, filled, sealed. Shared like `Deleted`.
     Memfd { name: String, dev: u64, ino: u64, mode: u32, seals: u32, size: u64, data_len: Option<u64> },
+    /// An eventfd with its counter.
+    Eventfd { count: u64, semaphore: bool },
+    /// A timerfd: its clock, the time left and the interval (`[sec, nsec]`, relative),
+    /// and the expirations not read yet (`TFD_IOC_SET_TICKS`). An absolute or
+    /// cancel-on-set timer comes back relative, due at the same moment.
+    Timerfd { clock: i32, value: [i64; 2], interval: [i64; 2], ticks: u64 },
+    /// A signalfd and the signals it reads.
+    Signalfd { mask: u64 },
+    /// An epoll instance and what it watches, by the fd number each watched file has
+    /// (checked to be the file it was added as). Rebuilt after every other fd.
+    Epoll { watches: Vec<Watch> },
+}
+
+/// One file an epoll instance watches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Watch {
+    pub fd: i32,
+    pub events: u32,
+    pub data: u64,
 }
 
 /// An open file description and every fd number that refers to it.
@@ -108,7 +128,7 @@ impl Desc {
     /// How many content bytes follow this record.
     pub fn data_len(&self) -> u64 {
         match &self.object {
-            Object::Path { .. } => 0,
+            Object::Path { .. } | Object::Eventfd { .. } | Object::Timerfd { .. } | Object::Signalfd { .. } | Object::Epoll { .. } => 0,
             Object::Deleted { data_len, .. } | Object::Memfd { data_len, .. } => data_len.unwrap_or(0),
         }
     }
@@ -198,6 +218,25 @@ impl Desc {
                 }
                 if *size > i64::MAX as u64 {
                     return Err(format!("{what}: size {size} is out of range"));
+                }
+            }
+            Object::Eventfd { count, .. } => {
+                if *count == u64::MAX {
+                    return Err(format!("{what}: eventfd count {count} is out of range"));
+                }
+            }
+            Object::Timerfd { clock, value, interval, .. } => {
+                let clocks = [libc::CLOCK_REALTIME, libc::CLOCK_MONOTONIC, libc::CLOCK_BOOTTIME, libc::CLOCK_REALTIME_ALARM, libc::CLOCK_BOOTTIME_ALARM];
+                if !clocks.contains(clock) || [value, interval].iter().any(|t| t[0] < 0 || !(0..1_000_000_000).contains(&t[1])) {
+                    return Err(format!("{what}: timerfd clock {clock}, time {value:?} every {interval:?} are not valid"));
+                }
+            }
+            Object::Signalfd { .. } => {}
+            Object::Epoll { watches } => {
+                for w in watches {
+                    if !(0..=MAX_FD).contains(&w.fd) {
+                        return Err(format!("{what}: epoll watch of fd {} is out of range", w.fd));
+                    }
                 }
             }
             Object::Memfd { name, size, data_len, .. } => {

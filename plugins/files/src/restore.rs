@@ -19,7 +19,7 @@ use ferry_plugin_api::{
 use crate::{
     checkpoint::object_name,
     model::{
-        check_chunk, Desc, Header, Object, PipeRec, Slot, KIND_DESC, KIND_DESC_DATA, KIND_HEADER, KIND_PIPE,
+        check_chunk, Desc, Header, Object, PipeRec, Slot, Watch, KIND_DESC, KIND_DESC_DATA, KIND_HEADER, KIND_PIPE,
         KIND_PIPE_DATA,
     },
     scan::type_name,
@@ -240,6 +240,8 @@ pub struct Restore {
     /// Inode (dev, ino) of a recreated deleted file or memfd -> an fd holding it.
     shared: HashMap<(u64, u64), i32>,
     pending: Option<Pending>,
+    /// Epoll instances made (their first fd number) and the watches they get last.
+    epolls: Vec<(i32, String, Vec<Watch>)>,
     /// Files created in the child and not unlinked yet (removed by cleanup on failure).
     pub created: Vec<String>,
     finished: bool,
@@ -352,9 +354,64 @@ impl Restore {
         Ok(written)
     }
 
+    /// Makes an eventfd, timerfd, signalfd or epoll instance and puts it at its numbers;
+    /// an epoll instance's watches wait for [`Restore::finish`], when every file they
+    /// name is back.
+    fn start_event_fd(&mut self, ctx: &mut ContextRef<'_>, what: &str, desc: &Desc) -> Result<(), String> {
+        // The creation flags take O_NONBLOCK and O_CLOEXEC's values.
+        let nonblock = (desc.flags & libc::O_NONBLOCK as u32) as u64 | libc::O_CLOEXEC as u64;
+        let mut scratch = Scratch::new(ctx);
+        let fd = match &desc.object {
+            Object::Eventfd { count, semaphore } => {
+                let fd = sys(ctx, &format!("{what}: eventfd2"), libc::SYS_eventfd2, [0, nonblock | u64::from(*semaphore), 0, 0, 0, 0])? as i32;
+                if *count > 0 {
+                    let at = scratch.put(ctx, &count.to_le_bytes())?;
+                    sys(ctx, &format!("{what}: writing its count {count}"), libc::SYS_write, [fd_arg(fd), at, 8, 0, 0, 0])?;
+                }
+                fd
+            }
+            Object::Timerfd { clock, value, interval, ticks } => {
+                let fd = sys(ctx, &format!("{what}: timerfd_create"), libc::SYS_timerfd_create, [*clock as u64, nonblock, 0, 0, 0, 0])? as i32;
+                // A periodic timer that expired and was not read yet shows no time left:
+                // the kernel re-arms it on the read. It goes on one interval from now.
+                let value = if *value == [0, 0] { *interval } else { *value };
+                if value != [0, 0] {
+                    let its: Vec<u8> = [interval[0], interval[1], value[0], value[1]].iter().flat_map(|v| v.to_le_bytes()).collect();
+                    let at = scratch.put(ctx, &its)?;
+                    sys(ctx, &format!("{what}: timerfd_settime"), libc::SYS_timerfd_settime, [fd_arg(fd), 0, at, 0, 0, 0])?;
+                }
+                if *ticks > 0 {
+                    // After settime, which clears them: the expirations not read yet.
+                    const TFD_IOC_SET_TICKS: u64 = 0x4008_5400;
+                    let at = scratch.put(ctx, &ticks.to_le_bytes())?;
+                    sys(ctx, &format!("{what}: setting {ticks} unread expirations"), libc::SYS_ioctl, [fd_arg(fd), TFD_IOC_SET_TICKS, at, 0, 0, 0])?;
+                }
+                fd
+            }
+            Object::Signalfd { mask } => {
+                let at = scratch.put(ctx, &mask.to_le_bytes())?;
+                sys(ctx, &format!("{what}: signalfd4"), libc::SYS_signalfd4, [u64::MAX, at, 8, nonblock, 0, 0])? as i32
+            }
+            Object::Epoll { watches } => {
+                let fd = sys(ctx, &format!("{what}: epoll_create1"), libc::SYS_epoll_create1, [libc::O_CLOEXEC as u64, 0, 0, 0, 0, 0])? as i32;
+                self.epolls.push((desc.fds[0].fd, what.to_string(), watches.clone()));
+                fd
+            }
+            _ => return Err(format!("internal error: {what} is not an event fd")),
+        };
+        let h = self.placer.adopt(fd);
+        self.placer.place(ctx, what, h, &desc.fds)?;
+        self.placer.release(ctx, h)?;
+        self.status.entities_done += 1;
+        Ok(())
+    }
+
     fn start_desc(&mut self, ctx: &mut ContextRef<'_>, desc: Desc) -> Result<(), String> {
         let what = format!("{} ({})", desc.label(), object_name(&desc.object));
         match &desc.object {
+            Object::Eventfd { .. } | Object::Timerfd { .. } | Object::Signalfd { .. } | Object::Epoll { .. } => {
+                self.start_event_fd(ctx, &what, &desc)?;
+            }
             Object::Path { path, mode, rdev } => {
                 let fd = open(ctx, &what, path, open_flags(desc.flags))?;
                 let h = self.placer.adopt(fd);
@@ -614,6 +671,20 @@ impl Restore {
 
     fn finish(&mut self, ctx: &mut ContextRef<'_>, source: &mut SourceRef<'_>) -> Result<(), String> {
         let h = self.header.clone().ok_or("internal error: no header")?;
+        for (epfd, what, watches) in std::mem::take(&mut self.epolls) {
+            for w in watches {
+                if !self.placed_fd(w.fd) {
+                    return Err(format!("{what}: it watches fd {}, which the image does not have", w.fd));
+                }
+                // struct epoll_event is packed on x86_64: events, then data.
+                let mut ev = w.events.to_le_bytes().to_vec();
+                ev.extend_from_slice(&w.data.to_le_bytes());
+                let mut scratch = Scratch::new(ctx);
+                let at = scratch.put(ctx, &ev)?;
+                const EPOLL_CTL_ADD: u64 = 1;
+                sys(ctx, &format!("{what}: watching fd {}", w.fd), libc::SYS_epoll_ctl, [fd_arg(epfd), EPOLL_CTL_ADD, fd_arg(w.fd), at, 0, 0])?;
+            }
+        }
         let mut scratch = Scratch::new(ctx);
         let addr = scratch.cstr(ctx, &h.cwd)?;
         sys(ctx, &format!("chdir to the working directory {}", h.cwd), libc::SYS_chdir, [addr, 0, 0, 0, 0, 0])?;
@@ -627,6 +698,10 @@ impl Restore {
             return Err(format!("unexpected `{}` record after the last of the files plugin", extra.kind));
         }
         Ok(())
+    }
+
+    fn placed_fd(&self, fd: i32) -> bool {
+        self.placer.placed.contains(&fd)
     }
 
     /// On failure: removes the files recreated for deleted descriptions and not

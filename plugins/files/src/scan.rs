@@ -146,6 +146,10 @@ pub enum Kind {
     /// A pipe (`fifo` None) or a FIFO by its path. Pipes are keyed by inode; an
     /// unlinked FIFO is rebuilt as an anonymous pipe.
     Pipe { fifo: Option<String> },
+    Eventfd,
+    Timerfd,
+    Signalfd,
+    Epoll,
 }
 
 /// Decides the kind of fd `fd` from its link text and stat. `named(path)` tells
@@ -177,8 +181,70 @@ pub fn kind_of(fd: i32, link: &str, st: &StatInfo, named: impl Fn(&str) -> bool)
                 _ => Ok(Kind::Deleted(path.to_string())),
             }
         }
+        Link::Anon("eventfd") => Ok(Kind::Eventfd),
+        Link::Anon("timerfd") => Ok(Kind::Timerfd),
+        Link::Anon("signalfd") => Ok(Kind::Signalfd),
+        Link::Anon("eventpoll") => Ok(Kind::Epoll),
         _ => Err(unsupported(fd, link)),
     }
+}
+
+/// The `key:` lines of an fdinfo text, with their values trimmed.
+fn fdinfo_field<'a>(text: &'a str, key: &str) -> Option<&'a str> {
+    text.lines().find_map(|l| l.strip_prefix(key)?.strip_prefix(':')).map(str::trim)
+}
+
+fn field<'a>(text: &'a str, key: &str, what: &str) -> Result<&'a str, String> {
+    fdinfo_field(text, key).ok_or_else(|| format!("{what}: fdinfo has no {key}: line"))
+}
+
+fn hex(v: &str, what: &str) -> Result<u64, String> {
+    u64::from_str_radix(v.trim(), 16).map_err(|_| format!("{what}: fdinfo value {v:?} is not hexadecimal"))
+}
+
+/// An eventfd's counter and whether it counts as a semaphore (fdinfo of 6.x kernels).
+pub fn parse_eventfd(text: &str) -> Result<(u64, bool), String> {
+    let count = hex(field(text, "eventfd-count", "eventfd")?, "eventfd")?;
+    let semaphore = fdinfo_field(text, "eventfd-semaphore") == Some("1");
+    Ok((count, semaphore))
+}
+
+/// `(sec, nsec)` as timerfd's fdinfo prints a time.
+fn timespec(v: &str, what: &str) -> Result<[i64; 2], String> {
+    let bad = || format!("{what}: fdinfo time {v:?}");
+    let inner = v.strip_prefix('(').and_then(|v| v.strip_suffix(')')).ok_or_else(bad)?;
+    let (s, n) = inner.split_once(',').ok_or_else(bad)?;
+    Ok([s.trim().parse().map_err(|_| bad())?, n.trim().parse().map_err(|_| bad())?])
+}
+
+/// A timerfd's clock, time left, interval and unread expirations.
+pub fn parse_timerfd(text: &str) -> Result<(i32, [i64; 2], [i64; 2], u64), String> {
+    let what = "timerfd";
+    let clock = field(text, "clockid", what)?.parse().map_err(|_| format!("{what}: bad clockid"))?;
+    let ticks = field(text, "ticks", what)?.parse().map_err(|_| format!("{what}: bad ticks"))?;
+    Ok((clock, timespec(field(text, "it_value", what)?, what)?, timespec(field(text, "it_interval", what)?, what)?, ticks))
+}
+
+pub fn parse_signalfd(text: &str) -> Result<u64, String> {
+    hex(field(text, "sigmask", "signalfd")?, "signalfd")
+}
+
+/// What an epoll instance watches: (fd, events, data, inode of the file) per line
+/// `tfd: 5 events: 19 data: 5  pos:0 ino:2e sdev:e`.
+pub fn parse_epoll(text: &str) -> Result<Vec<(i32, u32, u64, u64)>, String> {
+    let mut out = Vec::new();
+    for line in text.lines().filter(|l| l.starts_with("tfd:")) {
+        let bad = || format!("epoll: fdinfo line {line:?}");
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let after = |key: &str| words.iter().position(|w| *w == key).and_then(|i| words.get(i + 1)).copied();
+        let prefixed = |key: &str| words.iter().find_map(|w| w.strip_prefix(key));
+        let fd = after("tfd:").and_then(|v| v.parse().ok()).ok_or_else(bad)?;
+        let events = after("events:").and_then(|v| u32::from_str_radix(v, 16).ok()).ok_or_else(bad)?;
+        let data = after("data:").and_then(|v| u64::from_str_radix(v, 16).ok()).ok_or_else(bad)?;
+        let ino = prefixed("ino:").and_then(|v| u64::from_str_radix(v, 16).ok()).ok_or_else(bad)?;
+        out.push((fd, events, data, ino));
+    }
+    Ok(out)
 }
 
 pub fn type_name(ft: u32) -> &'static str {
@@ -274,6 +340,7 @@ mod tests {
             "fd 7 is a socket (socket:[12345]): not supported by the files plugin"
         );
         assert!(unsupported(8, "anon_inode:[eventfd]").starts_with("fd 8 is an eventfd (anon_inode:[eventfd])"));
+        assert!(unsupported(8, "anon_inode:[pidfd]").contains("a pidfd"));
         assert!(unsupported(9, "anon_inode:[eventpoll]").contains("epoll"));
         assert!(unsupported(9, "anon_inode:inotify").contains("inotify"));
         assert!(unsupported(9, "anon_inode:[timerfd]").contains("timerfd"));
@@ -310,9 +377,27 @@ mod tests {
         assert!(e.contains("fd 4 is a directory that was deleted"), "{e}");
         let e = kind_of(7, "socket:[12345]", &st(libc::S_IFSOCK), never).unwrap_err();
         assert_eq!(e, "fd 7 is a socket (socket:[12345]): not supported by the files plugin");
-        let e = kind_of(5, "anon_inode:[eventfd]", &StatInfo::default(), never).unwrap_err();
-        assert!(e.contains("fd 5 is an eventfd"), "{e}");
+        assert_eq!(kind_of(5, "anon_inode:[eventfd]", &StatInfo::default(), never), Ok(Kind::Eventfd));
+        assert_eq!(kind_of(5, "anon_inode:[eventpoll]", &StatInfo::default(), never), Ok(Kind::Epoll));
+        let e = kind_of(5, "anon_inode:inotify", &StatInfo::default(), never).unwrap_err();
+        assert!(e.contains("fd 5 is an inotify instance"), "{e}");
         assert!(kind_of(5, "/weird", &StatInfo::default(), never).is_err());
+    }
+
+    #[test]
+    fn parses_event_fd_state() {
+        let ev = "pos:\t0\nflags:\t02004002\nmnt_id:\t15\nino:\t1057\neventfd-count:                5\neventfd-id: 3\neventfd-semaphore: 1\n";
+        assert_eq!(parse_eventfd(ev), Ok((5, true)));
+        assert_eq!(parse_eventfd("eventfd-count: ff\n"), Ok((255, false)));
+        assert!(parse_eventfd("pos: 0\n").is_err());
+        let tfd = "pos:\t0\nflags:\t02\nclockid: 1\nticks: 3\nsettime flags: 00\nit_value: (0, 6250000)\nit_interval: (0, 7000000)\n";
+        assert_eq!(parse_timerfd(tfd), Ok((1, [0, 6250000], [0, 7000000], 3)));
+        assert!(parse_timerfd("clockid: 1\nticks: 0\nit_value: 0\nit_interval: (0, 0)\n").is_err());
+        assert_eq!(parse_signalfd("sigmask:\t0000000000000200\n"), Ok(0x200));
+        let ep = "pos:\t0\nflags:\t02\ntfd:        5 events:       19 data:                5  pos:0 ino:2e sdev:e\ntfd:        7 events: 80000001 data: abcdef0123456789  pos:0 ino:41a sdev:f\n";
+        assert_eq!(parse_epoll(ep), Ok(vec![(5, 0x19, 5, 0x2e), (7, 0x8000_0001, 0xabcd_ef01_2345_6789, 0x41a)]));
+        assert!(parse_epoll("tfd: x events: 1 data: 1 ino:1\n").is_err());
+        assert_eq!(parse_epoll("pos: 0\n"), Ok(vec![]));
     }
 
     #[test]
