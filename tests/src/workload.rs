@@ -66,6 +66,8 @@ impl Default for WorkloadOpts {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Script {
     Python,
+    /// Python's asyncio: an epoll instance and a socket pair in its event loop.
+    PythonAsyncio,
     Perl,
     Bash,
 }
@@ -75,6 +77,7 @@ impl Script {
     fn command(self) -> (PathBuf, &'static str) {
         let (system, fallback, file) = match self {
             Script::Python => ("/usr/bin/python3", "python3", "counter.py"),
+            Script::PythonAsyncio => ("/usr/bin/python3", "python3", "asyncio_counter.py"),
             Script::Perl => ("/usr/bin/perl", "perl", "counter.pl"),
             Script::Bash => ("/bin/bash", "bash", "counter.sh"),
         };
@@ -89,6 +92,8 @@ pub struct Workload {
     /// The pid it was spawned with.
     pub pid: i32,
     child: Child,
+    /// The spawned process was reaped: its pid may now be a restored copy's.
+    reaped: bool,
     pub log: PathBuf,
     pub dir: tempfile::TempDir,
     /// Every pid it ran as (spawned, adopted after restores), with the start time
@@ -174,12 +179,21 @@ impl Workload {
         let child = cmd.spawn().unwrap_or_else(|e| panic!("spawning {cmd:?}: {e}"));
         let pid = child.id() as i32;
         let log = dir.path().join("log");
-        Workload { pid, child, log, dir, known: vec![(pid, start_time(pid))] }
+        Workload { pid, child, log, dir, reaped: false, known: vec![(pid, start_time(pid))] }
     }
 
     /// The C workload's scratch directory (its cwd once set up).
     pub fn files_dir(&self) -> PathBuf {
         self.dir.path().join("files")
+    }
+
+    /// Reaps the spawned process once it died (as a parent would), which frees its pid
+    /// for a restore.
+    pub fn reap(&mut self) {
+        let _ = self.child.wait();
+        self.reaped = true;
+        let pid = self.pid;
+        self.known.retain(|&(p, _)| p != pid);
     }
 
     /// Records `pid` as this workload's (e.g. where it was restored), for the waits'
@@ -349,7 +363,7 @@ impl Workload {
             .map_err(|_| format!("pid {pid} still runs after its verdict: {}", self.describe()))?;
         let verdict =
             self.verdict().ok_or_else(|| format!("pid {pid} exited without a verdict: {}", self.describe()))?;
-        if pid == self.pid {
+        if pid == self.pid && !self.reaped {
             let status = self.child.wait().map_err(|e| format!("reaping {pid}: {e}"))?;
             let want = if verdict.is_ok() { 0 } else { 1 };
             if status.code() != Some(want) {
@@ -364,7 +378,7 @@ impl Workload {
 impl Drop for Workload {
     fn drop(&mut self) {
         for &(pid, started) in &self.known {
-            if pid == self.pid {
+            if pid == self.pid && !self.reaped {
                 // Unreaped, our child's pid and group stay ours (try_wait reaps it only
                 // once it is gone): the group takes along what it forked (bash's sleep).
                 if let Ok(None) = self.child.try_wait() {

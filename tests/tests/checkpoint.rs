@@ -276,6 +276,29 @@ fn python3_script() {
 }
 
 #[test]
+fn python3_asyncio_program_gets_its_pid_back() {
+    if !needs_root() {
+        return;
+    }
+    // asyncio keeps an epoll instance and a socket pair, and remembers the pid its loop
+    // runs in (a loop seen from another pid is taken for a forked child's, and gone):
+    // once its parent has reaped it, the restore gives it its pid back.
+    let mut w = Workload::spawn_script(Script::PythonAsyncio);
+    w.wait_ready();
+    w.wait_ticks(3);
+    let image = tempfile::tempdir().unwrap();
+    let dir = image.path().join("img");
+    checkpoint(w.pid, &dir, &[]);
+    w.reap();
+    let at = *w.ticks().last().unwrap();
+    let new = restore(&dir, w.pid);
+    assert_eq!(new, w.pid, "the pid was free again");
+    w.adopt(new);
+    w.wait_ticks(at + 3);
+    w.terminate_and_check(new).unwrap();
+}
+
+#[test]
 fn perl_script() {
     script(Script::Perl);
 }

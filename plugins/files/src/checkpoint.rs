@@ -24,8 +24,8 @@ use crate::{
         KIND_PIPE, KIND_PIPE_DATA, O_CLOEXEC,
     },
     scan::{
-        group, kind_of, parse_epoll, parse_eventfd, parse_fdinfo, parse_signalfd, parse_timerfd, parse_umask, FdInfo,
-        Kind, StatInfo,
+        group, kind_of, parse_epoll, parse_eventfd, parse_fdinfo, parse_signalfd, parse_timerfd, parse_umask, unsupported,
+        FdInfo, Kind, StatInfo,
     },
 };
 
@@ -165,6 +165,42 @@ fn peek_pipe(src: &OwnedFd, what: &str) -> Result<(u64, Vec<u8>), String> {
     Ok((size as u64, data))
 }
 
+/// The bytes queued on the process's stream socket `fd` (about `expect` of them),
+/// read without consuming them (`MSG_PEEK`); refused when they carry fds or
+/// credentials.
+fn peek_socket(ctx: &mut ContextRef<'_>, fd: i32, expect: u64, what: &str) -> Result<Vec<u8>, String> {
+    let got = ctx.fetch_fd(fd).into_result().map_err(|e| format!("{what}: {}", e.message))?;
+    // SAFETY: fetch_fd hands us a fresh fd that we own from now on.
+    let sock = unsafe { OwnedFd::from_raw_fd(got) };
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::FIONREAD, &mut n) } < 0 {
+        return Err(os_err(format_args!("{what}: FIONREAD")));
+    }
+    let mut data = vec![0u8; (n as usize).max(expect as usize)];
+    let mut control = [0u8; 256];
+    let mut iov = libc::iovec { iov_base: data.as_mut_ptr().cast(), iov_len: data.len() };
+    // SAFETY: msghdr is plain data; the pointers set below stay valid for the call.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = control.len();
+    // SAFETY: recvmsg into our buffers.
+    let r = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_PEEK | libc::MSG_DONTWAIT) };
+    if r < 0 {
+        return Err(os_err(format_args!("{what}: peeking at its queue")));
+    }
+    if msg.msg_controllen > 0 {
+        return Err(format!("{what}: its queue carries fds or credentials: not supported by the files plugin"));
+    }
+    if (r as i64) != n as i64 {
+        return Err(format!("{what}: peeked {r} of the {n} bytes queued"));
+    }
+    data.truncate(r as usize);
+    Ok(data)
+}
+
 impl Checkpoint {
     pub fn step(&mut self, ctx: &mut ContextRef<'_>, sink: &mut SinkRef<'_>) -> Result<Progress, String> {
         if !self.scanned {
@@ -186,6 +222,17 @@ impl Checkpoint {
             Job::Desc { mut desc, source } => {
                 let what = format!("{} ({})", desc.label(), object_name(&desc.object));
                 let mut data = None;
+                if let (Object::UnixPair { data_len, .. }, Some(fd)) = (&mut desc.object, source) {
+                    let bytes = peek_socket(ctx, fd, *data_len, &what)?;
+                    *data_len = bytes.len() as u64;
+                    put_json(sink, KIND_DESC, &desc)?;
+                    for chunk in bytes.chunks(CHUNK) {
+                        put_raw(sink, KIND_DESC_DATA, chunk)?;
+                    }
+                    self.status.entities_done += desc.fds.len() as u64;
+                    self.status.bytes_done += bytes.len() as u64;
+                    return Ok(bytes.len() as u64);
+                }
                 if let Some(fd) = source {
                     let file = reader(ctx, fd, desc.flags)?;
                     if let Object::Memfd { seals, .. } = &mut desc.object {
@@ -405,6 +452,28 @@ impl Checkpoint {
                     };
                     descs.push((Desc { fds: slots, flags, pos: first.info.pos, object }, None));
                 }
+                Kind::Socket(ino) => {
+                    let what = format!("fd {} ({})", first.fd, first.link);
+                    let info = crate::unix::query(*ino)?.ok_or_else(|| unsupported(first.fd, &first.link))?;
+                    let ours = |i: u64| entries.iter().any(|e| e.kind == Kind::Socket(i));
+                    let refuse = |why: &str| format!("{what} is a Unix socket {why}: not supported by the files plugin");
+                    if let Some(name) = &info.name {
+                        return Err(refuse(&format!("bound to {:?}", String::from_utf8_lossy(name))));
+                    }
+                    if info.state != crate::unix::ESTABLISHED || info.peer == 0 {
+                        return Err(refuse("that is not connected"));
+                    }
+                    if !ours(info.peer) {
+                        return Err(refuse(&format!("connected to socket:[{}], which is not this process's", info.peer)));
+                    }
+                    let stream = info.sock_type == libc::SOCK_STREAM as u8;
+                    if !stream && info.rqueue > 0 {
+                        return Err(refuse("of messages with some queued"));
+                    }
+                    let data_len = if stream { info.rqueue as u64 } else { 0 };
+                    let object = Object::UnixPair { ino: *ino, peer: info.peer, sock_type: info.sock_type, shutdown: info.shutdown, data_len };
+                    descs.push((Desc { fds: slots, flags, pos: 0, object }, (data_len > 0).then_some(first.fd)));
+                }
                 Kind::Memfd(name) => {
                     let carries = with_contents.insert(key);
                     let object = Object::Memfd {
@@ -447,5 +516,6 @@ pub fn object_name(o: &Object) -> String {
         Object::Timerfd { .. } => "anon_inode:[timerfd]".into(),
         Object::Signalfd { .. } => "anon_inode:[signalfd]".into(),
         Object::Epoll { .. } => "anon_inode:[eventpoll]".into(),
+        Object::UnixPair { ino, .. } => format!("socket:[{ino}]"),
     }
 }

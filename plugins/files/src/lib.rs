@@ -14,6 +14,7 @@ mod checkpoint;
 mod model;
 mod restore;
 mod scan;
+mod unix;
 
 use ferry_plugin_api::{
     plugin::SubsystemPlugin,

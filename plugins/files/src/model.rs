@@ -81,6 +81,10 @@ pub enum Object {
     /// An epoll instance and what it watches, by the fd number each watched file has
     /// (checked to be the file it was added as). Rebuilt after every other fd.
     Epoll { watches: Vec<Watch> },
+    /// One end of a Unix socket pair whose other end (`peer`) is the process's too; the
+    /// bytes queued for it to read follow (stream sockets only). Made again with
+    /// `socketpair`, the queue refilled through the other end, shut down as it was.
+    UnixPair { ino: u64, peer: u64, sock_type: u8, shutdown: u8, data_len: u64 },
 }
 
 /// One file an epoll instance watches.
@@ -129,6 +133,7 @@ impl Desc {
     pub fn data_len(&self) -> u64 {
         match &self.object {
             Object::Path { .. } | Object::Eventfd { .. } | Object::Timerfd { .. } | Object::Signalfd { .. } | Object::Epoll { .. } => 0,
+            Object::UnixPair { data_len, .. } => *data_len,
             Object::Deleted { data_len, .. } | Object::Memfd { data_len, .. } => data_len.unwrap_or(0),
         }
     }
@@ -232,6 +237,15 @@ impl Desc {
                 }
             }
             Object::Signalfd { .. } => {}
+            Object::UnixPair { ino, peer, sock_type, shutdown, data_len } => {
+                let types = [libc::SOCK_STREAM as u8, libc::SOCK_DGRAM as u8, libc::SOCK_SEQPACKET as u8];
+                if ino == peer || !types.contains(sock_type) || *shutdown > 3 || *data_len > MAX_PIPE_SIZE {
+                    return Err(format!("{what}: socket {ino} (peer {peer}, type {sock_type}) is not a pair this plugin makes"));
+                }
+                if *data_len > 0 && *sock_type != libc::SOCK_STREAM as u8 {
+                    return Err(format!("{what}: queued bytes for a socket that keeps messages"));
+                }
+            }
             Object::Epoll { watches } => {
                 for w in watches {
                     if !(0..=MAX_FD).contains(&w.fd) {

@@ -219,6 +219,8 @@ enum Then {
     Deleted { desc: Desc, path: String },
     Memfd { desc: Desc },
     Pipe { rec: PipeRec, r: Option<usize>, w: Option<usize> },
+    /// A socket pair's end `h`, once its bytes are in through its peer.
+    Unix { desc: Desc, h: usize },
 }
 
 /// Contents still to come from the image into temporary `h`.
@@ -242,6 +244,12 @@ pub struct Restore {
     pending: Option<Pending>,
     /// Epoll instances made (their first fd number) and the watches they get last.
     epolls: Vec<(i32, String, Vec<Watch>)>,
+    /// Socket ends made with their peer, waiting for their own record: inode -> temporary.
+    socks: HashMap<u64, usize>,
+    /// Socket ends in place: inode -> fd number.
+    sock_fds: HashMap<u64, i32>,
+    /// Shutdowns to do last: fd, `RCV_SHUTDOWN | SEND_SHUTDOWN` mask, label.
+    shutdowns: Vec<(i32, u8, String)>,
     /// Files created in the child and not unlinked yet (removed by cleanup on failure).
     pub created: Vec<String>,
     finished: bool,
@@ -412,6 +420,35 @@ impl Restore {
             Object::Eventfd { .. } | Object::Timerfd { .. } | Object::Signalfd { .. } | Object::Epoll { .. } => {
                 self.start_event_fd(ctx, &what, &desc)?;
             }
+            Object::UnixPair { ino, peer, sock_type, data_len, .. } => {
+                // This end was made with its peer already, or both are made now.
+                let (mine, other) = match self.socks.remove(ino) {
+                    Some(h) => {
+                        // The peer is in place: its bytes go through a duplicate of it.
+                        let at = *self.sock_fds.get(peer).ok_or_else(|| format!("{what}: its peer socket:[{peer}] is missing"))?;
+                        let dup = sys(ctx, &format!("{what}: duplicating its peer"), libc::SYS_fcntl, [fd_arg(at), libc::F_DUPFD_CLOEXEC as u64, 0, 0, 0, 0])?;
+                        (h, self.placer.adopt(dup as i32))
+                    }
+                    None => {
+                        let mut scratch = Scratch::new(ctx);
+                        let at = scratch.alloc(8)?;
+                        let kind = *sock_type as u64 | libc::SOCK_CLOEXEC as u64;
+                        sys(ctx, &format!("{what}: socketpair"), libc::SYS_socketpair, [libc::AF_UNIX as u64, kind, 0, at, 0, 0])?;
+                        let fds = read_memory(ctx, at, 8)?;
+                        let fd = |i: usize| i32::from_le_bytes(fds[i * 4..i * 4 + 4].try_into().expect("4 bytes"));
+                        let (a, b) = (self.placer.adopt(fd(0)), self.placer.adopt(fd(1)));
+                        self.socks.insert(*peer, b);
+                        (a, b)
+                    }
+                };
+                let remaining = *data_len;
+                let p = Pending { h: other, remaining, kind: KIND_DESC_DATA, what, then: Then::Unix { desc, h: mine } };
+                if remaining > 0 {
+                    self.pending = Some(p);
+                } else {
+                    self.complete(ctx, p)?;
+                }
+            }
             Object::Path { path, mode, rdev } => {
                 let fd = open(ctx, &what, path, open_flags(desc.flags))?;
                 let h = self.placer.adopt(fd);
@@ -573,6 +610,27 @@ impl Restore {
                     self.shared.insert((dev, ino), first.fd);
                 }
             }
+            Then::Unix { desc, h } => {
+                let Object::UnixPair { ino, shutdown, .. } = desc.object else {
+                    return Err(format!("internal error: {what} is not a socket"));
+                };
+                let fd = self.placer.fd(h)?;
+                let setfl = desc.flags & PIPE_SETFL;
+                if setfl != 0 {
+                    sys(ctx, &format!("{what}: F_SETFL"), libc::SYS_fcntl, [fd_arg(fd), libc::F_SETFL as u64, setfl as u64, 0, 0, 0])?;
+                }
+                self.placer.place(ctx, &what, h, &desc.fds)?;
+                self.placer.release(ctx, h)?;
+                // The peer's duplicate goes; a peer still to come keeps its end.
+                if !self.socks.values().any(|&s| s == p.h) {
+                    self.placer.release(ctx, p.h)?;
+                }
+                self.sock_fds.insert(ino, desc.fds[0].fd);
+                if shutdown != 0 {
+                    // Once every queue is refilled: a shut end takes no more bytes.
+                    self.shutdowns.push((desc.fds[0].fd, shutdown, what.clone()));
+                }
+            }
             Then::Memfd { desc } => {
                 let Object::Memfd { dev, ino, mode, seals, size, .. } = desc.object else {
                     return Err(format!("internal error: {what} is not a memfd"));
@@ -671,6 +729,13 @@ impl Restore {
 
     fn finish(&mut self, ctx: &mut ContextRef<'_>, source: &mut SourceRef<'_>) -> Result<(), String> {
         let h = self.header.clone().ok_or("internal error: no header")?;
+        if let Some(ino) = self.socks.keys().next() {
+            return Err(format!("the image lacks the other end of a Unix socket pair (socket:[{ino}])"));
+        }
+        for (fd, mask, what) in std::mem::take(&mut self.shutdowns) {
+            // RCV_SHUTDOWN is 1, SEND_SHUTDOWN 2; SHUT_RD 0, SHUT_WR 1, SHUT_RDWR 2.
+            sys(ctx, &format!("{what}: shutdown"), libc::SYS_shutdown, [fd_arg(fd), (mask - 1) as u64, 0, 0, 0, 0])?;
+        }
         for (epfd, what, watches) in std::mem::take(&mut self.epolls) {
             for w in watches {
                 if !self.placed_fd(w.fd) {

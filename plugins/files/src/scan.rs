@@ -150,6 +150,8 @@ pub enum Kind {
     Timerfd,
     Signalfd,
     Epoll,
+    /// A socket, by inode: the checkpoint asks the kernel what it is.
+    Socket(u64),
 }
 
 /// Decides the kind of fd `fd` from its link text and stat. `named(path)` tells
@@ -185,6 +187,7 @@ pub fn kind_of(fd: i32, link: &str, st: &StatInfo, named: impl Fn(&str) -> bool)
         Link::Anon("timerfd") => Ok(Kind::Timerfd),
         Link::Anon("signalfd") => Ok(Kind::Signalfd),
         Link::Anon("eventpoll") => Ok(Kind::Epoll),
+        Link::Socket(ino) => Ok(Kind::Socket(ino)),
         _ => Err(unsupported(fd, link)),
     }
 }
@@ -375,8 +378,7 @@ mod tests {
         assert_eq!(kind_of(3, "/tmp/fifo (deleted)", &st(libc::S_IFIFO), never), Ok(Kind::Pipe { fifo: None }));
         let e = kind_of(4, "/tmp/dir (deleted)", &st(libc::S_IFDIR), never).unwrap_err();
         assert!(e.contains("fd 4 is a directory that was deleted"), "{e}");
-        let e = kind_of(7, "socket:[12345]", &st(libc::S_IFSOCK), never).unwrap_err();
-        assert_eq!(e, "fd 7 is a socket (socket:[12345]): not supported by the files plugin");
+        assert_eq!(kind_of(7, "socket:[12345]", &st(libc::S_IFSOCK), never), Ok(Kind::Socket(12345)));
         assert_eq!(kind_of(5, "anon_inode:[eventfd]", &StatInfo::default(), never), Ok(Kind::Eventfd));
         assert_eq!(kind_of(5, "anon_inode:[eventpoll]", &StatInfo::default(), never), Ok(Kind::Epoll));
         let e = kind_of(5, "anon_inode:inotify", &StatInfo::default(), never).unwrap_err();
