@@ -54,11 +54,13 @@ pub struct WorkloadOpts {
     pub shared_anon: bool,
     /// Keep an eventfd, a timerfd, a signalfd and an epoll instance (`--event-fds`).
     pub event_fds: bool,
+    /// Listen on 127.0.0.1, answering a connection a tick (`--listen`; logs `listen PORT`).
+    pub listen: bool,
 }
 
 impl Default for WorkloadOpts {
     fn default() -> Self {
-        WorkloadOpts { mem_mib: 1, threads: 0, files: true, tick_ms: 20, dirty_pages: 0, churn: false, move_mem: false, fork_check: false, rseq: false, process_state: false, seccomp: false, shared_anon: false, event_fds: false }
+        WorkloadOpts { mem_mib: 1, threads: 0, files: true, tick_ms: 20, dirty_pages: 0, churn: false, move_mem: false, fork_check: false, rseq: false, process_state: false, seccomp: false, shared_anon: false, event_fds: false, listen: false }
     }
 }
 
@@ -148,6 +150,9 @@ impl Workload {
         }
         if opts.event_fds {
             cmd.arg("--event-fds");
+        }
+        if opts.listen {
+            cmd.arg("--listen");
         }
         Self::start(cmd, dir)
     }

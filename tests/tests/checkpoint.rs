@@ -203,6 +203,32 @@ fn eventfd_timerfd_signalfd_and_epoll_come_back() {
 }
 
 #[test]
+fn a_tcp_listener_takes_connections_again_after_a_restore() {
+    if !needs_root() {
+        return;
+    }
+    let mut w = Workload::spawn(&WorkloadOpts { listen: true, ..Default::default() });
+    w.wait_ready();
+    w.wait_ticks(2);
+    let port: u16 = w.lines().iter().find_map(|l| l.strip_prefix("listen ")?.parse().ok()).expect("a `listen PORT` line");
+    let image = tempfile::tempdir().unwrap();
+    let dir = image.path().join("img");
+    checkpoint(w.pid, &dir, &[]);
+    wait_gone(w.pid);
+    let new = restore(&dir, w.pid);
+    w.adopt(new);
+    // The restored process answers on the same port.
+    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connecting to the restored listener");
+    c.set_read_timeout(Some(DEADLINE)).unwrap();
+    let mut answer = String::new();
+    std::io::Read::read_to_string(&mut c, &mut answer).unwrap();
+    assert!(answer.starts_with("hello "), "{answer:?}");
+    let at = *w.ticks().last().unwrap();
+    w.wait_ticks(at + 2);
+    w.terminate_and_check(new).unwrap();
+}
+
+#[test]
 fn eight_threads() {
     if !needs_root() {
         return;

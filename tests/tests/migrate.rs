@@ -366,7 +366,7 @@ fn migrates_between_two_hosts_and_back() {
 
     let da = Daemon::start(Some(&hosts.a), "10.231.0.1", &["--auth-key", k]);
     let db = Daemon::start(Some(&hosts.b), "10.231.0.2", &["--auth-key", k]);
-    let mut w = spawn_in(&hosts.a, &WorkloadOpts { threads: 1, mem_mib: 4, process_state: true, shared_anon: true, event_fds: true, ..Default::default() });
+    let mut w = spawn_in(&hosts.a, &WorkloadOpts { threads: 1, mem_mib: 4, process_state: true, shared_anon: true, event_fds: true, listen: true, ..Default::default() });
     w.wait_ticks(3);
     let first = w.pid;
     let second = new_pid(&migrate(Some(&hosts.a), first, &db.addr, &["--auth-key", k]), first);

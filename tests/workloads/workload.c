@@ -22,6 +22,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <arpa/inet.h>
 #include <linux/filter.h>
 #include <linux/seccomp.h>
 #include <sched.h>
@@ -33,7 +34,10 @@
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/rseq.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <sys/signalfd.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
 #include <sys/time.h>
@@ -71,6 +75,7 @@ static int opt_process_state;
 static int opt_seccomp;
 static int opt_shared_anon;
 static int opt_event_fds;
+static int opt_listen;
 static uint64_t tsc_per_ms;
 static volatile uint64_t rseq_aborts;
 static pid_t fork_child;
@@ -482,6 +487,60 @@ static void verify_event_fds(void)
     struct signalfd_siginfo si;
     if (read(ev_sfd, &si, sizeof si) != sizeof si || si.ssi_signo != (uint32_t)(SIGRTMIN + 5))
         FAIL_RET("signalfd did not read SIGRTMIN+5");
+}
+
+/* ---- a TCP listener (--listen) on 127.0.0.1, non-blocking: each tick answers one
+ * waiting connection with `hello N` ---- */
+static int listen_fd = -1;
+static int listen_port;
+
+static int int_opt(int fd, int level, int name)
+{
+    int v = -1;
+    socklen_t len = sizeof v;
+    return getsockopt(fd, level, name, &v, &len) == 0 ? v : -1;
+}
+
+static void setup_listener(void)
+{
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t len = sizeof a;
+    int one = 1;
+    listen_fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
+    if (listen_fd < 0 || setsockopt(listen_fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) != 0 ||
+        setsockopt(listen_fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one) != 0 ||
+        bind(listen_fd, (struct sockaddr *)&a, sizeof a) != 0 || listen(listen_fd, 8) != 0 ||
+        getsockname(listen_fd, (struct sockaddr *)&a, &len) != 0)
+        die("listener");
+    listen_port = ntohs(a.sin_port);
+    logf_("listen %d", listen_port);
+}
+
+static void serve_listener(uint64_t tick)
+{
+    int c = accept4(listen_fd, NULL, NULL, SOCK_CLOEXEC);
+    if (c < 0)
+        return;
+    char line[64];
+    int n = snprintf(line, sizeof line, "hello %llu\n", (unsigned long long)tick);
+    if (write(c, line, n) != n)
+        fail("answering a connection: %s", strerror(errno));
+    close(c);
+}
+
+static void verify_listener(void)
+{
+    struct sockaddr_in a;
+    socklen_t len = sizeof a;
+    if (int_opt(listen_fd, SOL_SOCKET, SO_ACCEPTCONN) != 1)
+        FAIL_RET("the listener no longer listens");
+    if (int_opt(listen_fd, SOL_SOCKET, SO_REUSEADDR) != 1 || int_opt(listen_fd, IPPROTO_TCP, TCP_NODELAY) != 1)
+        FAIL_RET("the listener lost SO_REUSEADDR or TCP_NODELAY");
+    if (getsockname(listen_fd, (struct sockaddr *)&a, &len) != 0 || ntohs(a.sin_port) != listen_port ||
+        a.sin_addr.s_addr != htonl(INADDR_LOOPBACK))
+        FAIL_RET("the listener is no longer at 127.0.0.1:%d", listen_port);
+    if (!(fcntl(listen_fd, F_GETFL) & O_NONBLOCK))
+        FAIL_RET("the listener lost O_NONBLOCK");
 }
 
 /* ---- threads ---- */
@@ -1080,7 +1139,7 @@ static void rseq_wait(long ms)
 static void usage(void)
 {
     fprintf(stderr, "usage: workload --log PATH [--dir DIR] [--mem-mib N] [--threads N] [--tick-ms N]"
-                    " [--dirty-pages N] [--churn] [--move-mem] [--fork-check] [--rseq] [--process-state] [--seccomp] [--shared-anon] [--event-fds] [--no-files]\n");
+                    " [--dirty-pages N] [--churn] [--move-mem] [--fork-check] [--rseq] [--process-state] [--seccomp] [--shared-anon] [--event-fds] [--listen] [--no-files]\n");
     exit(2);
 }
 
@@ -1133,6 +1192,10 @@ int main(int argc, char **argv)
         }
         if (!strcmp(a, "--event-fds")) {
             opt_event_fds = 1;
+            continue;
+        }
+        if (!strcmp(a, "--listen")) {
+            opt_listen = 1;
             continue;
         }
         if (!v)
@@ -1196,6 +1259,8 @@ int main(int argc, char **argv)
     setup_signals();
     if (opt_event_fds)
         setup_event_fds();
+    if (opt_listen)
+        setup_listener();
 
     pthread_t threads[MAX_THREADS];
     for (long i = 0; i < opt_threads; i++) {
@@ -1251,6 +1316,8 @@ int main(int argc, char **argv)
             move_mem(tick);
         if (opt_fork_check)
             fork_check(tick);
+        if (opt_listen)
+            serve_listener(tick);
         if (opt_rseq) {
             logf_("rseq-aborts %llu", (unsigned long long)rseq_aborts);
             rseq_wait(opt_tick_ms);
@@ -1283,6 +1350,8 @@ int main(int argc, char **argv)
         verify_shared_anon();
     if (opt_event_fds && !failure[0])
         verify_event_fds();
+    if (opt_listen && !failure[0])
+        verify_listener();
 
     if (failure[0]) {
         logf_("FAIL: %s", failure);

@@ -14,7 +14,7 @@ use std::{
 
 use ferry_plugin_api::{
     abi_stable::std_types::RStr,
-    util::{proc_text, put_json, put_raw},
+    util::{proc_text, put_json, put_raw, to_hex},
     ContextRef, Progress, SharedClaim, SinkRef, Status,
 };
 
@@ -24,7 +24,7 @@ use crate::{
         KIND_PIPE, KIND_PIPE_DATA, O_CLOEXEC,
     },
     scan::{
-        group, kind_of, parse_epoll, parse_eventfd, parse_fdinfo, parse_signalfd, parse_timerfd, parse_umask, unsupported,
+        group, kind_of, parse_epoll, parse_eventfd, parse_fdinfo, parse_signalfd, parse_timerfd, parse_umask,
         FdInfo, Kind, StatInfo,
     },
 };
@@ -454,7 +454,16 @@ impl Checkpoint {
                 }
                 Kind::Socket(ino) => {
                     let what = format!("fd {} ({})", first.fd, first.link);
-                    let info = crate::unix::query(*ino)?.ok_or_else(|| unsupported(first.fd, &first.link))?;
+                    let Some(info) = crate::unix::query(*ino)? else {
+                        // Not a Unix socket: a TCP listener, or refused.
+                        let got = ctx.fetch_fd(first.fd).into_result().map_err(|e| format!("{what}: {}", e.message))?;
+                        // SAFETY: fetch_fd hands us a fresh fd that we own from now on.
+                        let sock = unsafe { OwnedFd::from_raw_fd(got) };
+                        let l = crate::inet::describe(&sock).map_err(|why| format!("{what} is {why}: not supported by the files plugin"))?;
+                        let object = Object::TcpListen { family: l.family, addr: to_hex(&l.addr), backlog: l.backlog, options: l.options };
+                        descs.push((Desc { fds: slots, flags, pos: 0, object }, None));
+                        continue;
+                    };
                     let ours = |i: u64| entries.iter().any(|e| e.kind == Kind::Socket(i));
                     let refuse = |why: &str| format!("{what} is a Unix socket {why}: not supported by the files plugin");
                     if let Some(name) = &info.name {
@@ -517,5 +526,6 @@ pub fn object_name(o: &Object) -> String {
         Object::Signalfd { .. } => "anon_inode:[signalfd]".into(),
         Object::Epoll { .. } => "anon_inode:[eventpoll]".into(),
         Object::UnixPair { ino, .. } => format!("socket:[{ino}]"),
+        Object::TcpListen { family, .. } => format!("TCP{} listener", if *family == libc::AF_INET6 { "v6" } else { "" }),
     }
 }

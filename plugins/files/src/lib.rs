@@ -1,19 +1,21 @@
 //! The `files` subsystem plugin: the fd table (regular files and their offsets and
 //! flags, files deleted while open, memfds, devices, pipes and FIFOs with their unread
 //! bytes, shared file descriptions, eventfds with their counts, timerfds with their time
-//! left and unread expirations, signalfds, epoll instances with what they watch), the
-//! working and root directories and the umask.
+//! left and unread expirations, signalfds, epoll instances with what they watch, Unix
+//! socket pairs within the process, listening TCP sockets), the working and root
+//! directories and the umask.
 //!
 //! See [`model`] for the records. Checkpoint reads `/proc/PID/{fd,fdinfo}` and uses
 //! `kcmp` to find fds sharing one description; restart rebuilds everything by system
-//! calls injected into the restore child. Sockets, inotify and other anonymous inodes
-//! are refused with an error naming the fd, so the checkpoint fails before anything is
+//! calls injected into the restore child. Other sockets, inotify and other anonymous
+//! inodes are refused with an error naming the fd, so the checkpoint fails before anything is
 //! written.
 
 mod checkpoint;
 mod model;
 mod restore;
 mod scan;
+mod inet;
 mod unix;
 
 use ferry_plugin_api::{
