@@ -124,36 +124,19 @@ impl Workload {
         cmd.arg("--log").arg(dir.path().join("log")).arg("--dir").arg(&files);
         cmd.args(["--mem-mib", &opts.mem_mib.to_string(), "--threads", &opts.threads.to_string()]);
         cmd.args(["--tick-ms", &opts.tick_ms.to_string(), "--dirty-pages", &opts.dirty_pages.to_string()]);
-        if !opts.files {
-            cmd.arg("--no-files");
-        }
-        if opts.churn {
-            cmd.arg("--churn");
-        }
-        if opts.move_mem {
-            cmd.arg("--move-mem");
-        }
-        if opts.fork_check {
-            cmd.arg("--fork-check");
-        }
-        if opts.rseq {
-            cmd.arg("--rseq");
-        }
-        if opts.process_state {
-            cmd.arg("--process-state");
-        }
-        if opts.seccomp {
-            cmd.arg("--seccomp");
-        }
-        if opts.shared_anon {
-            cmd.arg("--shared-anon");
-        }
-        if opts.event_fds {
-            cmd.arg("--event-fds");
-        }
-        if opts.listen {
-            cmd.arg("--listen");
-        }
+        let flags = [
+            (!opts.files, "--no-files"),
+            (opts.churn, "--churn"),
+            (opts.move_mem, "--move-mem"),
+            (opts.fork_check, "--fork-check"),
+            (opts.rseq, "--rseq"),
+            (opts.process_state, "--process-state"),
+            (opts.seccomp, "--seccomp"),
+            (opts.shared_anon, "--shared-anon"),
+            (opts.event_fds, "--event-fds"),
+            (opts.listen, "--listen"),
+        ];
+        cmd.args(flags.iter().filter(|f| f.0).map(|f| f.1));
         Self::start(cmd, dir)
     }
 

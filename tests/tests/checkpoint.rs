@@ -58,19 +58,27 @@ fn wait_gone(pid: i32) {
     ferry_tests::wait_until(&format!("pid {pid} to be gone"), std::time::Duration::from_secs(30), || !pid_alive(pid));
 }
 
-/// Checkpoint (killing the original), restore, and check from inside.
-fn round_trip(w: &mut Workload, extra: &[&str]) {
-    w.wait_ready();
-    w.wait_ticks(3);
+/// Checkpoints the spawned workload (killing it), reaps it as its parent would (which
+/// frees its pid, unless something of its still uses it as a process group or session)
+/// and restores it; answers the restored pid and the last tick before.
+fn through_an_image(w: &mut Workload, extra: &[&str]) -> (i32, u64) {
     let image = tempfile::tempdir().unwrap();
     let dir = image.path().join("img");
     let stats = checkpoint(w.pid, &dir, extra);
     assert!(stats["bytes"].as_u64().unwrap() > 0);
     assert_eq!(stats["pids"][w.pid.to_string()], 0, "the original is gone: {stats}");
-    wait_gone(w.pid);
+    w.reap();
     let at = *w.ticks().last().unwrap();
     let new = restore(&dir, w.pid);
     w.adopt(new);
+    (new, at)
+}
+
+/// Checkpoint (killing the original), restore, and check from inside.
+fn round_trip(w: &mut Workload, extra: &[&str]) {
+    w.wait_ready();
+    w.wait_ticks(3);
+    let (new, at) = through_an_image(w, extra);
     w.wait_ticks(at + 3);
     w.terminate_and_check(new).unwrap();
 }
@@ -167,13 +175,7 @@ fn shared_anonymous_memory_comes_back_whole_with_its_holes() {
     let mut w = Workload::spawn(&WorkloadOpts { shared_anon: true, ..Default::default() });
     w.wait_ready();
     w.wait_ticks(2);
-    let image = tempfile::tempdir().unwrap();
-    let dir = image.path().join("img");
-    checkpoint(w.pid, &dir, &[]);
-    wait_gone(w.pid);
-    let at = *w.ticks().last().unwrap();
-    let new = restore(&dir, w.pid);
-    w.adopt(new);
+    let (new, at) = through_an_image(&mut w, &[]);
     // Only the pages that held data were made again: 3 in 4 of each area (smaps counts
     // the object's pages this process maps; a hole written with zeros would count).
     let (start, _) = w.region("shared");
@@ -211,19 +213,13 @@ fn a_tcp_listener_takes_connections_again_after_a_restore() {
     w.wait_ready();
     w.wait_ticks(2);
     let port: u16 = w.lines().iter().find_map(|l| l.strip_prefix("listen ")?.parse().ok()).expect("a `listen PORT` line");
-    let image = tempfile::tempdir().unwrap();
-    let dir = image.path().join("img");
-    checkpoint(w.pid, &dir, &[]);
-    wait_gone(w.pid);
-    let new = restore(&dir, w.pid);
-    w.adopt(new);
+    let (new, at) = through_an_image(&mut w, &[]);
     // The restored process answers on the same port.
     let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connecting to the restored listener");
     c.set_read_timeout(Some(DEADLINE)).unwrap();
     let mut answer = String::new();
     std::io::Read::read_to_string(&mut c, &mut answer).unwrap();
     assert!(answer.starts_with("hello "), "{answer:?}");
-    let at = *w.ticks().last().unwrap();
     w.wait_ticks(at + 2);
     w.terminate_and_check(new).unwrap();
 }
@@ -312,14 +308,8 @@ fn python3_asyncio_program_gets_its_pid_back() {
     let mut w = Workload::spawn_script(Script::PythonAsyncio);
     w.wait_ready();
     w.wait_ticks(3);
-    let image = tempfile::tempdir().unwrap();
-    let dir = image.path().join("img");
-    checkpoint(w.pid, &dir, &[]);
-    w.reap();
-    let at = *w.ticks().last().unwrap();
-    let new = restore(&dir, w.pid);
+    let (new, at) = through_an_image(&mut w, &[]);
     assert_eq!(new, w.pid, "the pid was free again");
-    w.adopt(new);
     w.wait_ticks(at + 3);
     w.terminate_and_check(new).unwrap();
 }

@@ -1158,46 +1158,26 @@ int main(int argc, char **argv)
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         const char *v = i + 1 < argc ? argv[i + 1] : NULL;
-        if (!strcmp(a, "--no-files")) {
-            opt_files = 0;
+        /* Flags: each sets its option to the value in the table. */
+        static const struct {
+            const char *name;
+            int *opt;
+            int value;
+        } flags[] = {
+            {"--no-files", &opt_files, 0},       {"--churn", &opt_churn, 1},
+            {"--move-mem", &opt_move_mem, 1},    {"--fork-check", &opt_fork_check, 1},
+            {"--rseq", &opt_rseq, 1},            {"--process-state", &opt_process_state, 1},
+            {"--seccomp", &opt_seccomp, 1},      {"--shared-anon", &opt_shared_anon, 1},
+            {"--event-fds", &opt_event_fds, 1},  {"--listen", &opt_listen, 1},
+        };
+        int flag = 0;
+        for (size_t f = 0; f < sizeof flags / sizeof flags[0] && !flag; f++)
+            if (!strcmp(a, flags[f].name)) {
+                *flags[f].opt = flags[f].value;
+                flag = 1;
+            }
+        if (flag)
             continue;
-        }
-        if (!strcmp(a, "--churn")) {
-            opt_churn = 1;
-            continue;
-        }
-        if (!strcmp(a, "--move-mem")) {
-            opt_move_mem = 1;
-            continue;
-        }
-        if (!strcmp(a, "--fork-check")) {
-            opt_fork_check = 1;
-            continue;
-        }
-        if (!strcmp(a, "--rseq")) {
-            opt_rseq = 1;
-            continue;
-        }
-        if (!strcmp(a, "--process-state")) {
-            opt_process_state = 1;
-            continue;
-        }
-        if (!strcmp(a, "--seccomp")) {
-            opt_seccomp = 1;
-            continue;
-        }
-        if (!strcmp(a, "--shared-anon")) {
-            opt_shared_anon = 1;
-            continue;
-        }
-        if (!strcmp(a, "--event-fds")) {
-            opt_event_fds = 1;
-            continue;
-        }
-        if (!strcmp(a, "--listen")) {
-            opt_listen = 1;
-            continue;
-        }
         if (!v)
             usage();
         i++;
