@@ -490,9 +490,9 @@ static void verify_event_fds(void)
 }
 
 /* ---- a TCP listener (--listen) on 127.0.0.1, non-blocking: each tick answers one
- * waiting connection with `hello N` ---- */
-static int listen_fd = -1;
-static int listen_port;
+ * waiting connection with `hello N`; beside it a UDP socket connected to itself ---- */
+static int listen_fd = -1, udp_fd = -1;
+static int listen_port, udp_port;
 
 static int int_opt(int fd, int level, int name)
 {
@@ -514,6 +514,13 @@ static void setup_listener(void)
         die("listener");
     listen_port = ntohs(a.sin_port);
     logf_("listen %d", listen_port);
+    struct sockaddr_in u = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    len = sizeof u;
+    udp_fd = socket(AF_INET, SOCK_DGRAM | SOCK_NONBLOCK, 0);
+    if (udp_fd < 0 || bind(udp_fd, (struct sockaddr *)&u, sizeof u) != 0 ||
+        getsockname(udp_fd, (struct sockaddr *)&u, &len) != 0 || connect(udp_fd, (struct sockaddr *)&u, len) != 0)
+        die("udp socket");
+    udp_port = ntohs(u.sin_port);
 }
 
 static void serve_listener(uint64_t tick)
@@ -541,6 +548,21 @@ static void verify_listener(void)
         FAIL_RET("the listener is no longer at 127.0.0.1:%d", listen_port);
     if (!(fcntl(listen_fd, F_GETFL) & O_NONBLOCK))
         FAIL_RET("the listener lost O_NONBLOCK");
+    /* The UDP socket: same port, still connected to itself. */
+    struct sockaddr_in u;
+    len = sizeof u;
+    if (getsockname(udp_fd, (struct sockaddr *)&u, &len) != 0 || ntohs(u.sin_port) != udp_port)
+        FAIL_RET("the UDP socket is no longer at port %d", udp_port);
+    if (send(udp_fd, "ping", 4, 0) != 4)
+        FAIL_RET("the UDP socket cannot send to its peer: %s", strerror(errno));
+    char got[8];
+    ssize_t n = -1;
+    struct timespec ms = {0, 1000000L};
+    for (int i = 0; i < 2000 && n < 0; i++)
+        if ((n = recv(udp_fd, got, sizeof got, 0)) < 0)
+            nanosleep(&ms, NULL);
+    if (n != 4 || memcmp(got, "ping", 4) != 0)
+        FAIL_RET("the UDP socket did not get its own datagram back");
 }
 
 /* ---- threads ---- */

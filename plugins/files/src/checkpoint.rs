@@ -460,7 +460,14 @@ impl Checkpoint {
                         // SAFETY: fetch_fd hands us a fresh fd that we own from now on.
                         let sock = unsafe { OwnedFd::from_raw_fd(got) };
                         let l = crate::inet::describe(&sock).map_err(|why| format!("{what} is {why}: not supported by the files plugin"))?;
-                        let object = Object::TcpListen { family: l.family, addr: to_hex(&l.addr), backlog: l.backlog, options: l.options };
+                        let object = Object::Inet {
+                            family: l.family,
+                            sock_type: l.sock_type,
+                            addr: to_hex(&l.addr),
+                            peer: l.peer.as_deref().map(to_hex),
+                            backlog: l.backlog,
+                            options: l.options,
+                        };
                         descs.push((Desc { fds: slots, flags, pos: 0, object }, None));
                         continue;
                     };
@@ -526,6 +533,10 @@ pub fn object_name(o: &Object) -> String {
         Object::Signalfd { .. } => "anon_inode:[signalfd]".into(),
         Object::Epoll { .. } => "anon_inode:[eventpoll]".into(),
         Object::UnixPair { ino, .. } => format!("socket:[{ino}]"),
-        Object::TcpListen { family, .. } => format!("TCP{} listener", if *family == libc::AF_INET6 { "v6" } else { "" }),
+        Object::Inet { family, sock_type, .. } => format!(
+            "{}{} socket",
+            if *sock_type == libc::SOCK_STREAM { "listening TCP" } else { "UDP" },
+            if *family == libc::AF_INET6 { "v6" } else { "" }
+        ),
     }
 }

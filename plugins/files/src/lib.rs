@@ -2,7 +2,7 @@
 //! flags, files deleted while open, memfds, devices, pipes and FIFOs with their unread
 //! bytes, shared file descriptions, eventfds with their counts, timerfds with their time
 //! left and unread expirations, signalfds, epoll instances with what they watch, Unix
-//! socket pairs within the process, listening TCP sockets), the working and root
+//! socket pairs within the process, listening TCP sockets, UDP sockets), the working and root
 //! directories and the umask.
 //!
 //! See [`model`] for the records. Checkpoint reads `/proc/PID/{fd,fdinfo}` and uses

@@ -85,9 +85,11 @@ pub enum Object {
     /// bytes queued for it to read follow (stream sockets only). Made again with
     /// `socketpair`, the queue refilled through the other end, shut down as it was.
     UnixPair { ino: u64, peer: u64, sock_type: u8, shutdown: u8, data_len: u64 },
-    /// A listening TCP socket: bound again to `addr` (the `sockaddr`, hex) with its
-    /// options (level, option, value) and backlog. Connections do not follow.
-    TcpListen { family: i32, addr: String, backlog: u32, options: Vec<[i32; 3]> },
+    /// A listening TCP socket (`sock_type` `SOCK_STREAM`) or a UDP socket
+    /// (`SOCK_DGRAM`): bound again to `addr` (the `sockaddr`, hex) with its options
+    /// (level, option, value), then listening with `backlog`, or connected to `peer`.
+    /// Connections and queued datagrams do not follow.
+    Inet { family: i32, sock_type: i32, addr: String, peer: Option<String>, backlog: u32, options: Vec<[i32; 3]> },
 }
 
 /// One file an epoll instance watches.
@@ -137,7 +139,7 @@ impl Desc {
         match &self.object {
             Object::Path { .. } | Object::Eventfd { .. } | Object::Timerfd { .. } | Object::Signalfd { .. } | Object::Epoll { .. } => 0,
             Object::UnixPair { data_len, .. } => *data_len,
-            Object::TcpListen { .. } => 0,
+            Object::Inet { .. } => 0,
             Object::Deleted { data_len, .. } | Object::Memfd { data_len, .. } => data_len.unwrap_or(0),
         }
     }
@@ -241,16 +243,21 @@ impl Desc {
                 }
             }
             Object::Signalfd { .. } => {}
-            Object::TcpListen { family, addr, backlog, options } => {
+            Object::Inet { family, sock_type, addr, peer, backlog, options } => {
                 let want = match *family {
                     libc::AF_INET => 16,
                     libc::AF_INET6 => 28,
-                    _ => return Err(format!("{what}: a listener of address family {family}")),
+                    _ => return Err(format!("{what}: a socket of address family {family}")),
                 };
-                let bytes = ferry_plugin_api::util::from_hex(addr, &what, want, true)?;
                 let levels = [libc::SOL_SOCKET, libc::IPPROTO_TCP, libc::IPPROTO_IPV6];
-                if u16::from_le_bytes([bytes[0], bytes[1]]) as i32 != *family || *backlog > 1 << 20 || options.iter().any(|o| !levels.contains(&o[0])) {
-                    return Err(format!("{what}: a listener the image describes wrongly"));
+                let mut bad = !matches!(*sock_type, libc::SOCK_STREAM | libc::SOCK_DGRAM) || *backlog > 1 << 20;
+                bad |= options.iter().any(|o| !levels.contains(&o[0])) || (peer.is_some() && *sock_type == libc::SOCK_STREAM);
+                for a in std::iter::once(addr).chain(peer.iter()) {
+                    let bytes = ferry_plugin_api::util::from_hex(a, &what, want, true)?;
+                    bad |= u16::from_le_bytes([bytes[0], bytes[1]]) as i32 != *family;
+                }
+                if bad {
+                    return Err(format!("{what}: a socket the image describes wrongly"));
                 }
             }
             Object::UnixPair { ino, peer, sock_type, shutdown, data_len } => {

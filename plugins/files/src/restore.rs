@@ -420,8 +420,9 @@ impl Restore {
             Object::Eventfd { .. } | Object::Timerfd { .. } | Object::Signalfd { .. } | Object::Epoll { .. } => {
                 self.start_event_fd(ctx, &what, &desc)?;
             }
-            Object::TcpListen { family, addr, backlog, options } => {
-                let fd = sys(ctx, &format!("{what}: socket"), libc::SYS_socket, [*family as u64, (libc::SOCK_STREAM | libc::SOCK_CLOEXEC) as u64, libc::IPPROTO_TCP as u64, 0, 0, 0])? as i32;
+            Object::Inet { family, sock_type, addr, peer, backlog, options } => {
+                let proto = if *sock_type == libc::SOCK_STREAM { libc::IPPROTO_TCP } else { libc::IPPROTO_UDP };
+                let fd = sys(ctx, &format!("{what}: socket"), libc::SYS_socket, [*family as u64, (*sock_type | libc::SOCK_CLOEXEC) as u64, proto as u64, 0, 0, 0])? as i32;
                 let h = self.placer.adopt(fd);
                 let mut scratch = Scratch::new(ctx);
                 for [level, name, value] in options {
@@ -429,9 +430,18 @@ impl Restore {
                     sys(ctx, &format!("{what}: setsockopt({level}, {name})"), libc::SYS_setsockopt, [fd_arg(fd), *level as u64, *name as u64, at, 4, 0])?;
                 }
                 let bytes = ferry_plugin_api::util::from_hex(addr, &what, 128, false)?;
-                let at = scratch.put(ctx, &bytes)?;
-                sys(ctx, &format!("{what}: bind"), libc::SYS_bind, [fd_arg(fd), at, bytes.len() as u64, 0, 0, 0])?;
-                sys(ctx, &format!("{what}: listen"), libc::SYS_listen, [fd_arg(fd), *backlog as u64, 0, 0, 0, 0])?;
+                // Port 0: a socket never bound (a UDP socket that only sends, say).
+                if bytes.get(2..4) != Some(&[0, 0]) {
+                    let at = scratch.put(ctx, &bytes)?;
+                    sys(ctx, &format!("{what}: bind"), libc::SYS_bind, [fd_arg(fd), at, bytes.len() as u64, 0, 0, 0])?;
+                }
+                if *sock_type == libc::SOCK_STREAM {
+                    sys(ctx, &format!("{what}: listen"), libc::SYS_listen, [fd_arg(fd), *backlog as u64, 0, 0, 0, 0])?;
+                } else if let Some(peer) = peer {
+                    let bytes = ferry_plugin_api::util::from_hex(peer, &what, 128, false)?;
+                    let at = scratch.put(ctx, &bytes)?;
+                    sys(ctx, &format!("{what}: connect"), libc::SYS_connect, [fd_arg(fd), at, bytes.len() as u64, 0, 0, 0])?;
+                }
                 let setfl = desc.flags & PIPE_SETFL;
                 if setfl != 0 {
                     sys(ctx, &format!("{what}: F_SETFL"), libc::SYS_fcntl, [fd_arg(fd), libc::F_SETFL as u64, setfl as u64, 0, 0, 0])?;
