@@ -22,7 +22,7 @@ pub struct Feature {
 }
 
 /// Every feature name, in the order `probe_all` reports them.
-pub const FEATURE_NAMES: [&str; 13] = [
+pub const FEATURE_NAMES: [&str; 15] = [
     "ptrace-seize",
     "process-vm-readv",
     "userfaultfd",
@@ -36,6 +36,8 @@ pub const FEATURE_NAMES: [&str; 13] = [
     "clone3-set-tid",
     "memfd",
     "tcp-repair",
+    "timer-restore-ids",
+    "timerfd-set-ticks",
 ];
 
 const FALLBACK_PVM: &str = "/proc/PID/mem";
@@ -48,6 +50,8 @@ const FALLBACK_PIDFD: &str = "inject sendmsg over a unix socket";
 const FALLBACK_CLONE3: &str = "restored process gets a new pid";
 const FALLBACK_MEMFD: &str = "shared memory from a file in /dev/shm";
 const FALLBACK_TCP: &str = "TCP connections are not migrated";
+const FALLBACK_TIMER_IDS: &str = "POSIX timers keep their ids only when these are 0, 1, 2… in order";
+const FALLBACK_TICKS: &str = "a timerfd with expirations not read yet cannot be restored";
 const NO_FALLBACK: &str = "ferry cannot work without it";
 
 type ProbeResult = Result<String, String>;
@@ -116,6 +120,8 @@ pub fn probe_all() -> Vec<Feature> {
         Some(FALLBACK_TCP),
         run(probe_tcp_repair),
     ));
+    out.push(feature("timer-restore-ids", Some(FALLBACK_TIMER_IDS), run(probe_timer_restore_ids)));
+    out.push(feature("timerfd-set-ticks", Some(FALLBACK_TICKS), run(probe_timerfd_set_ticks)));
     out
 }
 
@@ -1045,6 +1051,40 @@ fn probe_clone3_set_tid() -> ProbeResult {
         Some(libc::ENOSYS) => Err(format!("clone3 not supported: {e}")),
         Some(libc::EINVAL) | Some(libc::E2BIG) => Err(format!("clone3 set_tid not supported: {e}")),
         _ => Err(format!("clone3 set_tid: {e}")),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// timers: POSIX timer ids, timerfd expirations (the process plugin, the files plugin)
+// ---------------------------------------------------------------------------------------------
+
+const PR_TIMER_CREATE_RESTORE_IDS: libc::c_int = 77;
+
+fn probe_timer_restore_ids() -> ProbeResult {
+    // PR_TIMER_CREATE_RESTORE_IDS_GET: 0 or 1 where the kernel has it (6.16+), EINVAL else.
+    // SAFETY: prctl with integer arguments only.
+    let r = unsafe { libc::prctl(PR_TIMER_CREATE_RESTORE_IDS, 2, 0, 0, 0) };
+    if r < 0 {
+        return Err(os_err("prctl(PR_TIMER_CREATE_RESTORE_IDS)"));
+    }
+    Ok("prctl(PR_TIMER_CREATE_RESTORE_IDS) answers: timer_create can be given an id".into())
+}
+
+fn probe_timerfd_set_ticks() -> ProbeResult {
+    const TFD_IOC_SET_TICKS: libc::c_ulong = 0x4008_5400;
+    // SAFETY: timerfd_create with flags only; the fd is owned right away.
+    let raw = unsafe { libc::timerfd_create(libc::CLOCK_MONOTONIC, libc::TFD_CLOEXEC | libc::TFD_NONBLOCK) };
+    let fd = own_fd(raw as libc::c_long, "timerfd_create")?;
+    let ticks: u64 = 3;
+    // SAFETY: the ioctl reads one u64 from `ticks`.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), TFD_IOC_SET_TICKS, &ticks) } < 0 {
+        return Err(os_err("TFD_IOC_SET_TICKS"));
+    }
+    let mut got = [0u8; 8];
+    std::io::Read::read_exact(&mut File::from(fd), &mut got).map_err(|e| format!("reading the timerfd: {e}"))?;
+    match u64::from_ne_bytes(got) {
+        3 => Ok("TFD_IOC_SET_TICKS set 3 expirations and a read returned them".into()),
+        n => Err(format!("TFD_IOC_SET_TICKS set 3 expirations, a read returned {n}")),
     }
 }
 

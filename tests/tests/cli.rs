@@ -97,6 +97,8 @@ fn check_reports_every_feature() {
         "clone3-set-tid",
         "memfd",
         "tcp-repair",
+        "timer-restore-ids",
+        "timerfd-set-ticks",
     ] {
         let row = rows.iter().find(|r| r["name"] == name).unwrap_or_else(|| panic!("{name} missing"));
         if row["present"] == false {
