@@ -1058,12 +1058,10 @@ fn probe_clone3_set_tid() -> ProbeResult {
 // timers: POSIX timer ids, timerfd expirations (the process plugin, the files plugin)
 // ---------------------------------------------------------------------------------------------
 
-const PR_TIMER_CREATE_RESTORE_IDS: libc::c_int = 77;
-
 fn probe_timer_restore_ids() -> ProbeResult {
     // PR_TIMER_CREATE_RESTORE_IDS_GET: 0 or 1 where the kernel has it (6.16+), EINVAL else.
     // SAFETY: prctl with integer arguments only.
-    let r = unsafe { libc::prctl(PR_TIMER_CREATE_RESTORE_IDS, 2, 0, 0, 0) };
+    let r = unsafe { libc::prctl(ferry_plugin_api::util::PR_TIMER_CREATE_RESTORE_IDS as libc::c_int, 2, 0, 0, 0) };
     if r < 0 {
         return Err(os_err("prctl(PR_TIMER_CREATE_RESTORE_IDS)"));
     }
@@ -1071,7 +1069,7 @@ fn probe_timer_restore_ids() -> ProbeResult {
 }
 
 fn probe_timerfd_set_ticks() -> ProbeResult {
-    const TFD_IOC_SET_TICKS: libc::c_ulong = 0x4008_5400;
+    use ferry_plugin_api::util::TFD_IOC_SET_TICKS;
     // SAFETY: timerfd_create with flags only; the fd is owned right away.
     let raw = unsafe { libc::timerfd_create(libc::CLOCK_MONOTONIC, libc::TFD_CLOEXEC | libc::TFD_NONBLOCK) };
     let fd = own_fd(raw as libc::c_long, "timerfd_create")?;

@@ -22,7 +22,7 @@ const SYSCALL_INT3: [u8; 3] = [0x0f, 0x05, 0xcc];
 pub const SCRATCH_SIZE: u64 = 1 << 20;
 const PAGE: u64 = 4096;
 
-pub const NT_PRSTATUS: u32 = 1;
+pub use ferry_plugin_api::util::NT_PRSTATUS;
 pub const NT_X86_XSTATE: u32 = 0x202;
 
 #[derive(Debug, thiserror::Error)]
@@ -150,7 +150,7 @@ pub fn check_target(pid: pid_t) -> Result<(), TraceError> {
     // may kill it), and the filters are not carried to the copy, which would run
     // without its sandbox: refused before anything is touched.
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let seccomp = status.lines().find_map(|l| l.strip_prefix("Seccomp:")).map(str::trim).unwrap_or("0");
+    let seccomp = ferry_plugin_api::util::proc_field(&status, "Seccomp").unwrap_or("0");
     if seccomp != "0" {
         let mode = if seccomp == "1" { "strict" } else { "filter" };
         return Err(TraceError::Unsuitable { pid, why: format!("under seccomp ({mode} mode), which ferry does not carry yet") });

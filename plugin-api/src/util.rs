@@ -22,6 +22,16 @@ pub fn syscall_raw(ctx: &mut ContextRef<'_>, tid: i32, nr: i64, args: [u64; 6]) 
     ctx.inject_syscall(tid, nr, SyscallArgs(args)).into_result().map_err(|e| e.message.into())
 }
 
+/// The value of a `Key: value` line of a `/proc` text (`status`, `fdinfo`), trimmed.
+pub fn proc_field<'a>(text: &'a str, key: &str) -> Option<&'a str> {
+    text.lines().find_map(|l| l.strip_prefix(key)?.strip_prefix(':')).map(str::trim)
+}
+
+/// `prctl` option that lets `timer_create` take the id it is given (Linux 6.16).
+pub const PR_TIMER_CREATE_RESTORE_IDS: u64 = 77;
+/// `TFD_IOC_SET_TICKS`: sets a timerfd's expirations not read yet.
+pub const TFD_IOC_SET_TICKS: u64 = 0x4008_5400;
+
 /// Reads `/proc/<pid>/<name>` of the target as text.
 pub fn proc_text(ctx: &mut ContextRef<'_>, name: &str) -> Result<String, String> {
     let bytes = ctx.proc_read(RStr::from_str(name)).into_result().map_err(|e| String::from(e.message))?;

@@ -100,13 +100,18 @@ fn readable(flags: u32) -> bool {
     (acc == libc::O_RDONLY as u32 || acc == libc::O_RDWR as u32) && flags & libc::O_PATH as u32 == 0
 }
 
+/// Ferry's own duplicate of the target's fd `fd` (`pidfd_getfd`); `what` names it in errors.
+fn fetched(ctx: &mut ContextRef<'_>, fd: i32, what: &str) -> Result<OwnedFd, String> {
+    let got = ctx.fetch_fd(fd).into_result().map_err(|e| format!("{what}: {}", e.message))?;
+    // SAFETY: fetch_fd hands us a fresh fd that we own from now on.
+    Ok(unsafe { OwnedFd::from_raw_fd(got) })
+}
+
 /// An fd of ferry's own reading target fd `fd`: the target's description itself when
 /// it is readable (`pidfd_getfd`), else a new one opened through /proc.
 fn reader(ctx: &mut ContextRef<'_>, fd: i32, flags: u32) -> Result<OwnedFd, String> {
     if readable(flags) {
-        let got = ctx.fetch_fd(fd).into_result().map_err(|e| format!("fd {fd}: {}", e.message))?;
-        // SAFETY: fetch_fd hands us a fresh fd that we own from now on.
-        return Ok(unsafe { OwnedFd::from_raw_fd(got) });
+        return fetched(ctx, fd, &format!("fd {fd}"));
     }
     let path = format!("/proc/{}/fd/{fd}", ctx.pid());
     let file = std::fs::OpenOptions::new()
@@ -169,9 +174,7 @@ fn peek_pipe(src: &OwnedFd, what: &str) -> Result<(u64, Vec<u8>), String> {
 /// read without consuming them (`MSG_PEEK`); refused when they carry fds or
 /// credentials.
 fn peek_socket(ctx: &mut ContextRef<'_>, fd: i32, expect: u64, what: &str) -> Result<Vec<u8>, String> {
-    let got = ctx.fetch_fd(fd).into_result().map_err(|e| format!("{what}: {}", e.message))?;
-    // SAFETY: fetch_fd hands us a fresh fd that we own from now on.
-    let sock = unsafe { OwnedFd::from_raw_fd(got) };
+    let sock = fetched(ctx, fd, what)?;
     let mut n: libc::c_int = 0;
     // SAFETY: FIONREAD writes one int.
     if unsafe { libc::ioctl(sock.as_raw_fd(), libc::FIONREAD, &mut n) } < 0 {
@@ -456,9 +459,7 @@ impl Checkpoint {
                     let what = format!("fd {} ({})", first.fd, first.link);
                     let Some(info) = crate::unix::query(*ino)? else {
                         // Not a Unix socket: a TCP listener, or refused.
-                        let got = ctx.fetch_fd(first.fd).into_result().map_err(|e| format!("{what}: {}", e.message))?;
-                        // SAFETY: fetch_fd hands us a fresh fd that we own from now on.
-                        let sock = unsafe { OwnedFd::from_raw_fd(got) };
+                        let sock = fetched(ctx, first.fd, &what)?;
                         let l = crate::inet::describe(&sock).map_err(|why| format!("{what} is {why}: not supported by the files plugin"))?;
                         let object = Object::Inet {
                             family: l.family,

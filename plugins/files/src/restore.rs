@@ -46,6 +46,11 @@ fn fd_arg(fd: i32) -> u64 {
     fd as i64 as u64
 }
 
+/// `fcntl(fd, F_SETFL, flags)` in the child: a description's status flags.
+fn set_status_flags(ctx: &mut ContextRef<'_>, what: &str, fd: i32, flags: u32) -> Result<(), String> {
+    sys(ctx, &format!("{what}: F_SETFL"), libc::SYS_fcntl, [fd_arg(fd), libc::F_SETFL as u64, flags as u64, 0, 0, 0]).map(|_| ())
+}
+
 /// The flags to reopen a description with: as recorded, less what only makes sense
 /// at creation, plus O_NOCTTY (never acquire a terminal) and O_CLOEXEC (a temporary).
 pub fn open_flags(flags: u32) -> u32 {
@@ -390,9 +395,8 @@ impl Restore {
                 }
                 if *ticks > 0 {
                     // After settime, which clears them: the expirations not read yet.
-                    const TFD_IOC_SET_TICKS: u64 = 0x4008_5400;
                     let at = scratch.put(ctx, &ticks.to_le_bytes())?;
-                    sys(ctx, &format!("{what}: setting {ticks} unread expirations"), libc::SYS_ioctl, [fd_arg(fd), TFD_IOC_SET_TICKS, at, 0, 0, 0])?;
+                    sys(ctx, &format!("{what}: setting {ticks} unread expirations"), libc::SYS_ioctl, [fd_arg(fd), ferry_plugin_api::util::TFD_IOC_SET_TICKS, at, 0, 0, 0])?;
                 }
                 fd
             }
@@ -444,7 +448,7 @@ impl Restore {
                 }
                 let setfl = desc.flags & PIPE_SETFL;
                 if setfl != 0 {
-                    sys(ctx, &format!("{what}: F_SETFL"), libc::SYS_fcntl, [fd_arg(fd), libc::F_SETFL as u64, setfl as u64, 0, 0, 0])?;
+                    set_status_flags(ctx, &what, fd, setfl)?;
                 }
                 self.placer.place(ctx, &what, h, &desc.fds)?;
                 self.placer.release(ctx, h)?;
@@ -647,7 +651,7 @@ impl Restore {
                 let fd = self.placer.fd(h)?;
                 let setfl = desc.flags & PIPE_SETFL;
                 if setfl != 0 {
-                    sys(ctx, &format!("{what}: F_SETFL"), libc::SYS_fcntl, [fd_arg(fd), libc::F_SETFL as u64, setfl as u64, 0, 0, 0])?;
+                    set_status_flags(ctx, &what, fd, setfl)?;
                 }
                 self.placer.place(ctx, &what, h, &desc.fds)?;
                 self.placer.release(ctx, h)?;
@@ -677,12 +681,7 @@ impl Restore {
                 if acc == libc::O_RDWR as u32 && desc.flags & libc::O_PATH as u32 == 0 {
                     let setfl = desc.flags & (libc::O_APPEND | libc::O_NONBLOCK | libc::O_NOATIME) as u32;
                     if setfl != 0 {
-                        sys(
-                            ctx,
-                            &format!("{what}: F_SETFL"),
-                            libc::SYS_fcntl,
-                            [fd_arg(m), libc::F_SETFL as u64, setfl as u64, 0, 0, 0],
-                        )?;
+                        set_status_flags(ctx, &what, m, setfl)?;
                     }
                     seek(ctx, &what, m, desc.pos, desc.flags)?;
                     self.placer.place(ctx, &what, p.h, &desc.fds)?;
@@ -735,12 +734,7 @@ impl Restore {
                         (None, None, _) => return Err(format!("internal error: {what} has no read end")),
                     };
                     let fd = self.placer.fd(h)?;
-                    sys(
-                        ctx,
-                        &format!("{what}: F_SETFL"),
-                        libc::SYS_fcntl,
-                        [fd_arg(fd), libc::F_SETFL as u64, (end.flags & PIPE_SETFL) as u64, 0, 0, 0],
-                    )?;
+                    set_status_flags(ctx, &what, fd, end.flags & PIPE_SETFL)?;
                     self.placer.place(ctx, &what, h, &end.fds)?;
                     if temporary {
                         self.placer.release(ctx, h)?;

@@ -4,6 +4,8 @@
 
 use std::collections::HashMap;
 
+use ferry_plugin_api::util::proc_field;
+
 /// What `/proc/PID/fdinfo/N` says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FdInfo {
@@ -192,13 +194,8 @@ pub fn kind_of(fd: i32, link: &str, st: &StatInfo, named: impl Fn(&str) -> bool)
     }
 }
 
-/// The `key:` lines of an fdinfo text, with their values trimmed.
-fn fdinfo_field<'a>(text: &'a str, key: &str) -> Option<&'a str> {
-    text.lines().find_map(|l| l.strip_prefix(key)?.strip_prefix(':')).map(str::trim)
-}
-
 fn field<'a>(text: &'a str, key: &str, what: &str) -> Result<&'a str, String> {
-    fdinfo_field(text, key).ok_or_else(|| format!("{what}: fdinfo has no {key}: line"))
+    proc_field(text, key).ok_or_else(|| format!("{what}: fdinfo has no {key}: line"))
 }
 
 fn hex(v: &str, what: &str) -> Result<u64, String> {
@@ -208,7 +205,7 @@ fn hex(v: &str, what: &str) -> Result<u64, String> {
 /// An eventfd's counter and whether it counts as a semaphore (fdinfo of 6.x kernels).
 pub fn parse_eventfd(text: &str) -> Result<(u64, bool), String> {
     let count = hex(field(text, "eventfd-count", "eventfd")?, "eventfd")?;
-    let semaphore = fdinfo_field(text, "eventfd-semaphore") == Some("1");
+    let semaphore = proc_field(text, "eventfd-semaphore") == Some("1");
     Ok((count, semaphore))
 }
 

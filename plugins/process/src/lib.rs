@@ -18,7 +18,7 @@
 
 use ferry_plugin_api::{
     plugin::SubsystemPlugin,
-    util::{self, fs_base, map_threads, names, Scratch},
+    util::{self, fs_base, map_threads, names, proc_field, Scratch, PR_TIMER_CREATE_RESTORE_IDS},
     ContextRef, PluginError, Progress, SinkRef, SourceRef, Status, SubsystemInfo,
 };
 use serde::{Deserialize, Serialize};
@@ -29,7 +29,6 @@ const UNLIMITED: u64 = u64::MAX;
 /// `struct sched_attr` up to the deadline parameters (SCHED_ATTR_SIZE_VER0).
 const SCHED_ATTR_SIZE: usize = 48;
 const PR_SET_NO_NEW_PRIVS: u64 = 38;
-const PR_TIMER_CREATE_RESTORE_IDS: u64 = 77;
 const SIGEV_SIGNAL: i32 = 0;
 const SIGEV_NONE: i32 = 1;
 const SIGEV_THREAD_ID: i32 = 4;
@@ -118,11 +117,6 @@ fn parse_limits(text: &str) -> Result<Vec<[u64; 2]>, String> {
         return Err(format!("/proc/PID/limits lists {} limits, want {RLIMITS}", out.len()));
     }
     Ok(out)
-}
-
-/// The `Field:` line of a `/proc` status text.
-fn status_field<'a>(status: &'a str, field: &str) -> Option<&'a str> {
-    status.lines().find_map(|l| l.strip_prefix(field)?.strip_prefix(':')).map(str::trim)
 }
 
 /// `0-3,6` → [0, 1, 2, 3, 6].
@@ -286,7 +280,7 @@ fn read_sched(ctx: &mut ContextRef<'_>, tid: i32) -> Result<Sched, String> {
 
 fn cpus_of(ctx: &mut ContextRef<'_>, tid: i32) -> Result<String, String> {
     let status = util::proc_text(ctx, &format!("task/{tid}/status"))?;
-    status_field(&status, "Cpus_allowed_list").map(str::to_string).ok_or_else(|| format!("thread {tid}: no Cpus_allowed_list"))
+    proc_field(&status, "Cpus_allowed_list").map(str::to_string).ok_or_else(|| format!("thread {tid}: no Cpus_allowed_list"))
 }
 
 impl Plugin {
@@ -297,7 +291,7 @@ impl Plugin {
         self.doing = "limits";
         let rlimits = parse_limits(&util::proc_text(ctx, "limits")?)?;
         let status = util::proc_text(ctx, "status")?;
-        let no_new_privs = status_field(&status, "NoNewPrivs") == Some("1");
+        let no_new_privs = proc_field(&status, "NoNewPrivs") == Some("1");
         self.doing = "threads' scheduling and affinity";
         let mut threads = Vec::new();
         for tid in ctx.tids().into_vec() {
