@@ -74,9 +74,10 @@ pub fn checkpoint(manager: &Manager, req: &CheckpointRequest, progress: &mut dyn
     let mut subs = event::load_subsystems(manager, &req.subsystems)?;
     let medium_lease = manager.acquire(PluginKind::Medium, &req.medium)?;
     let opened = medium_lease.open_medium(&serde_json::json!({"role": "write", "dir": req.dir}))?;
-    // A local file takes the write at memory speed: writing each block on this thread,
-    // while it is still in the cache, beats handing a copy to a writer thread (measured).
-    let mut medium = Pipeline::direct(opened);
+    // Reading the process and writing the image cost about one copy each; a writer
+    // thread lets the two cores overlap them (measured at 1 GiB: ~405 ms against ~570
+    // one after the other).
+    let mut medium = Pipeline::new(opened);
 
     let frozen_at = Instant::now();
     let (mut tracer, freezer) = match quiesce(req.pid, req.quiesce) {
@@ -102,7 +103,7 @@ pub fn checkpoint(manager: &Manager, req: &CheckpointRequest, progress: &mut dyn
         }
         std::process::exit(1);
     });
-    let outcome = write_image(&mut tracer, &mut subs, &mut medium, &req.medium, req.pid, &watchdog, None, false, progress);
+    let outcome = write_image(&mut tracer, &mut subs, &mut medium, &req.medium, &watchdog, None, false, progress);
     drop(watchdog);
     let mut stats = Stats::default();
     match outcome {
@@ -111,8 +112,11 @@ pub fn checkpoint(manager: &Manager, req: &CheckpointRequest, progress: &mut dyn
             if req.leave_running {
                 tracer.unmap_scratch()?;
                 tracer.detach()?;
-            } else {
+            } else if freezer.is_some() {
+                // Its cgroup of ferry's can go only once it is empty.
                 tracer.kill();
+            } else {
+                tracer.kill_and_go();
             }
             stats.frozen_ms = event::ms(frozen_at);
             crate::trace::mark(if req.leave_running { "let go" } else { "killed" });
@@ -133,6 +137,14 @@ pub fn checkpoint(manager: &Manager, req: &CheckpointRequest, progress: &mut dyn
             Err(e)
         }
     }
+}
+
+/// The image's account of the traced process, whose scratch area sits at `scratch`.
+pub(crate) fn process_entry(tracer: &Tracer, scratch: u64) -> ProcessEntry {
+    let pid = tracer.pid();
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default().trim().to_string();
+    let start = tracer::start_stamp(pid).unwrap_or_default();
+    ProcessEntry { pid, tids: tracer.tids(), comm, scratch, start }
 }
 
 /// Stops every thread of `pid` under the tracer, with the cgroup freezer first when asked.
@@ -158,7 +170,6 @@ pub(crate) fn write_image(
     subs: &mut [Loaded],
     medium: &mut Pipeline,
     medium_name: &str,
-    pid: i32,
     watchdog: &Watchdog,
     mut live: Option<&mut Live>,
     lazy: bool,
@@ -203,8 +214,7 @@ pub(crate) fn write_image(
                 bytes: sink.bytes,
             });
         }
-        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default().trim().to_string();
-        inventory.processes.push(ProcessEntry { pid, tids: tracer.tids(), comm, scratch });
+        inventory.processes.push(process_entry(tracer, scratch));
         let encoded = inventory.encode()?;
         medium.push(INVENTORY_STREAM, &encoded).map_err(|e| medium_err(medium_name, e))?;
         // The image is complete only once it is durable.

@@ -238,6 +238,10 @@ pub struct ProcessEntry {
     /// Where ferry's scratch area sat in the process: a hole in its address space that
     /// restore reuses, so the scratch never collides with a restored mapping.
     pub scratch: u64,
+    /// The boot and start time of the process (`boot_id/ticks`), which tell it from a
+    /// later one with its pid: restore waits for this one to finish exiting.
+    #[serde(default)]
+    pub start: String,
 }
 
 impl Inventory {
@@ -1181,6 +1185,7 @@ mod tests {
                 tids: vec![4242, 4243],
                 comm: "sleep".into(),
                 scratch: 0x7f00_0000_0000,
+                start: "b0a7/1234".into(),
             }],
         }
     }

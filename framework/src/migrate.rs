@@ -30,7 +30,7 @@ use crate::{
     manager::Manager,
     pipeline::Pipeline,
     protocol::{self, Hello, Local, PluginRef, Verdict},
-    image::{PluginEntry, ProcessEntry},
+    image::PluginEntry,
     restore::{self, Plan},
     tracer,
     watchdog::Watchdog,
@@ -113,10 +113,8 @@ fn unexpected<T: std::fmt::Debug>(answer: Result<T, String>) -> String {
 /// destination starts rebuilding while they arrive.
 fn send_plan(medium: &mut MediumBox, tracer: &mut Tracer, subs: &[Loaded], req: &MigrateRequest) -> Result<u64, EventError> {
     let scratch = tracer.map_scratch(0)?;
-    let pid = tracer.pid();
-    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default().trim().to_string();
     let plan = Plan {
-        process: ProcessEntry { pid, tids: tracer.tids(), comm, scratch },
+        process: crate::checkpoint::process_entry(tracer, scratch),
         plugins: subs
             .iter()
             .enumerate()
@@ -325,7 +323,7 @@ pub fn migrate(manager: &Manager, req: &MigrateRequest, progress: &mut dyn FnMut
         }
         std::process::exit(1);
     });
-    let written = write_image(&mut tracer, &mut subs, &mut pipe, "tcp", req.pid, &watchdog, live.as_mut(), lazy, progress);
+    let written = write_image(&mut tracer, &mut subs, &mut pipe, "tcp", &watchdog, live.as_mut(), lazy, progress);
     drop(watchdog);
     let mut medium = pipe.finish();
     crate::trace::mark("image sent");
@@ -380,8 +378,14 @@ pub fn migrate(manager: &Manager, req: &MigrateRequest, progress: &mut dyn FnMut
             } else {
                 None
             };
-            tracer.kill();
-            drop(freezer);
+            match freezer {
+                // Its cgroup of ferry's can go only once it is empty.
+                Some(f) => {
+                    tracer.kill();
+                    drop(f);
+                }
+                None => tracer.kill_and_go(),
+            }
             let new = pids.get(&req.pid.to_string()).copied().unwrap_or(0);
             let live_bytes: u64 = rounds.rounds.iter().map(|r| r.bytes).sum();
             let mut round_bytes: Vec<u64> = rounds.rounds.iter().map(|r| r.bytes).collect();

@@ -13,9 +13,9 @@ use crossbeam::channel::{bounded, Receiver, Sender};
 use ferry_plugin_api::MediumBox;
 
 /// Blocks in flight between the reader and the writer.
-const DEPTH: usize = 4;
+const DEPTH: usize = 16;
 /// Buffers at least this big are recycled rather than freed.
-const RECYCLE: usize = 1 << 20;
+const RECYCLE: usize = 64 << 10;
 
 enum Msg {
     Push(u32, Vec<u8>),

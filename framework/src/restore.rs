@@ -5,7 +5,10 @@
 //! threads at once. On any failure the half-built child is killed; nothing else is
 //! touched.
 
-use std::{path::PathBuf, time::Instant};
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
 
 use ferry_plugin_api::{util::parse_maps, MediumBox, PluginKind};
 
@@ -15,7 +18,7 @@ use crate::{
     image::{Inventory, PluginEntry, ProcessEntry, RecordReader, INVENTORY_STREAM},
     manager::Manager,
     postcopy::LazyPlan,
-    tracer::{Tracer, SCRATCH_SIZE},
+    tracer::{self, Tracer, SCRATCH_SIZE},
     watchdog::Watchdog,
 };
 
@@ -53,6 +56,38 @@ fn child_main() -> ! {
         loop {
             libc::pause();
         }
+    }
+}
+
+/// How long the image's own process may take to exit, which it does at memory speed.
+const ORIGINAL_EXIT: Duration = Duration::from_secs(10);
+/// How long its parent may take to hear of the exit and reap it.
+const ORIGINAL_REAP: Duration = Duration::from_millis(100);
+
+/// A checkpoint kills its process without waiting while the process frees its memory:
+/// when the image's own process still holds its pid, wait for it to finish exiting
+/// and be reaped, so that the restored process gets the pid back. Another process
+/// with the pid, or a parent that does not reap, only costs the pid.
+fn await_original(process: &ProcessEntry) {
+    let pid = process.pid;
+    let same = || !process.start.is_empty() && tracer::start_stamp(pid).as_deref() == Some(process.start.as_str());
+    if !same() {
+        return;
+    }
+    crate::trace::mark("waiting for the image's own process to exit");
+    // SAFETY: pidfd_open takes a pid and flags; the fd is ours and closed below.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
+    if fd >= 0 {
+        let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+        // SAFETY: one pollfd; a pidfd turns readable when its process has exited.
+        unsafe {
+            libc::poll(&mut p, 1, ORIGINAL_EXIT.as_millis() as i32);
+            libc::close(fd);
+        }
+    }
+    let deadline = Instant::now() + ORIGINAL_REAP;
+    while same() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
     }
 }
 
@@ -514,7 +549,10 @@ fn rebuild(
     // A child made ahead for another pid than the image's would not keep its pid.
     let child = match child {
         Some(c) if c.want == process.pid => c,
-        _ => Blank::make(process.pid)?,
+        _ => {
+            await_original(process);
+            Blank::make(process.pid)?
+        }
     };
     let pid = child.pid();
     watchdog.set_victim(pid);
@@ -563,5 +601,48 @@ fn rebuild(
             tracer.kill();
             Err(e)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(pid: i32, start: String) -> ProcessEntry {
+        ProcessEntry { pid, tids: vec![pid], comm: "sleep".into(), scratch: 0, start }
+    }
+
+    fn sleeper() -> std::process::Child {
+        std::process::Command::new("sleep").arg("30").spawn().expect("sleep(1) runs")
+    }
+
+    #[test]
+    fn a_restore_waits_for_the_image_s_own_process_to_exit_and_be_reaped() {
+        let mut child = sleeper();
+        let pid = child.id() as i32;
+        let original = entry(pid, tracer::start_stamp(pid).expect("the child's stamp"));
+        // Killed and reaped a moment later, as a checkpoint and its parent would.
+        let killer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            let _ = child.kill();
+            let _ = child.wait();
+        });
+        await_original(&original);
+        let gone = tracer::start_stamp(pid).as_deref() != Some(original.start.as_str());
+        killer.join().unwrap();
+        assert!(gone, "await_original returned while the image's own process held its pid");
+    }
+
+    #[test]
+    fn another_process_with_the_pid_is_not_waited_for() {
+        let mut child = sleeper();
+        let pid = child.id() as i32;
+        let t = Instant::now();
+        await_original(&entry(pid, "another-boot/1".into()));
+        await_original(&entry(pid, String::new()));
+        let waited = t.elapsed();
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(waited < ORIGINAL_EXIT / 2, "waited {waited:?} for a process the image is not of");
     }
 }

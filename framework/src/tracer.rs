@@ -113,6 +113,14 @@ pub fn stat_fields(pid: pid_t) -> Option<Vec<String>> {
     Some(text[close + 1..].split_whitespace().map(str::to_string).collect())
 }
 
+/// What tells process `pid` from a later one given its pid: the boot it runs in and
+/// its start time (`boot_id/ticks`, field 22 of `/proc/PID/stat`).
+pub fn start_stamp(pid: pid_t) -> Option<String> {
+    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    let ticks = stat_fields(pid)?.get(19)?.clone();
+    Some(format!("{}/{ticks}", boot.trim()))
+}
+
 /// The threads of `pid`, from `/proc/PID/task`.
 pub fn task_ids(pid: pid_t) -> Result<Vec<pid_t>, TraceError> {
     let dir = std::fs::read_dir(format!("/proc/{pid}/task")).map_err(|_| TraceError::NoProcess(pid))?;
@@ -822,8 +830,10 @@ impl Tracer {
         Ok(())
     }
 
-    /// Kills the traced process (used on a half-built restore child).
-    pub fn kill(mut self) {
+    /// Sends SIGKILL to the process and to the children it holds; answers the threads
+    /// to reap. SIGKILL takes a thread out of any ptrace stop straight into its exit:
+    /// from here on the process never runs again.
+    fn send_kill(&mut self) -> Vec<pid_t> {
         self.running = false;
         for child in std::mem::take(&mut self.held) {
             // SAFETY: a child of the process, held stopped by us.
@@ -833,11 +843,34 @@ impl Tracer {
         unsafe { libc::kill(self.pid, libc::SIGKILL) };
         // The other threads first: the kernel reports the leader's exit only once every
         // other thread is reaped, and those wait for us, their tracer, to reap them.
-        for tid in self.tids().into_iter().rev() {
-            let _ = wait_exit(tid, Duration::from_secs(5));
-        }
+        let tids = self.tids().into_iter().rev().collect();
         self.threads.clear();
         self.detached = true;
+        tids
+    }
+
+    /// Kills the traced process and waits until it is gone (a half-built restore child
+    /// must be gone before ferry answers).
+    pub fn kill(mut self) {
+        for tid in self.send_kill() {
+            let _ = wait_exit(tid, Duration::from_secs(5));
+        }
+    }
+
+    /// Kills the traced process without waiting while it frees its memory (tens of ms
+    /// per GiB, all of it after the point where it can no longer run). A thread of
+    /// ferry reaps its threads as they exit, which is when its parent hears of it; if
+    /// ferry exits first, the kernel lets them go to the parent itself.
+    pub fn kill_and_go(mut self) {
+        let tids = self.send_kill();
+        let reaper = std::thread::Builder::new().name("ferry-reaper".into()).spawn(move || {
+            for tid in tids {
+                let _ = wait_exit(tid, Duration::from_secs(60));
+            }
+        });
+        if let Err(e) = reaper {
+            crate::trace::mark(&format!("no reaper thread ({e}); the kernel reaps at ferry's exit"));
+        }
     }
 }
 

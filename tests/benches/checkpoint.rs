@@ -104,7 +104,7 @@ fn main() {
                 wr.push(write_reference(&base, bytes as usize, &buf));
                 rd.push(read_reference(&base, bytes as usize));
             }
-            let w = Workload::spawn(&WorkloadOpts { mem_mib: size as u32, files: false, tick_ms: 50, ..Default::default() });
+            let mut w = Workload::spawn(&WorkloadOpts { mem_mib: size as u32, files: false, tick_ms: 50, ..Default::default() });
             w.wait_ticks(1);
             let dir = base.join(format!("img-{size}-{i}"));
             let o = ferry(&["checkpoint", &w.pid.to_string(), "--dir", dir.to_str().unwrap(), "--json"]);
@@ -113,6 +113,8 @@ fn main() {
             bytes = s["bytes"].as_u64().unwrap();
             ck.push(s["total_ms"].as_f64().unwrap());
             fr.push(s["frozen_ms"].as_f64().unwrap());
+            // Its parent reaps it, as a shell or init would; restore waits for that.
+            w.reap();
             let o = ferry(&["restore", "--dir", dir.to_str().unwrap(), "--json"]);
             assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
             let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
