@@ -4,7 +4,7 @@
 //! restore, which must fault every page in). Beside the write reference, the least any
 //! checkpoint taken from outside the process must do: copy the bytes out of memory the
 //! writer does not own (cold, like a frozen process's) and write them ("copy+write").
-//! Images go to tmpfs. Prints medians.
+//! Images go to tmpfs. Prints medians of 7 (the VM is noisy: a run in five or so is slow).
 //!
 //!     cargo bench -p ferry-tests --bench checkpoint [-- SIZES_MIB...]
 
@@ -89,7 +89,7 @@ fn main() {
         "MiB", "ckpt ms", "frozen", "write ms", "ratio", "c+w ms", "ratio", "rest ms", "read ms", "ratio", "ckpt GB/s", "rest GB/s"
     );
     for size in sizes {
-        let runs = 5;
+        let runs = 7;
         let (mut ck, mut fr, mut wr, mut rs, mut rd, mut cw) = (vec![], vec![], vec![], vec![], vec![], vec![]);
         // What copy+write copies out of: touched, like the workload's memory.
         let src = vec![0xa5u8; (size as usize) << 20];
