@@ -460,6 +460,8 @@ pub fn restore_held(
 ) -> Result<Held, EventError> {
     let inventory = Inventory::read_from(&mut MediumPull { medium, stream: INVENTORY_STREAM })?;
     let plan = Plan::from_inventory(&inventory)?;
+    // Not for a migration: its source lives on until the destination's copy runs.
+    await_original(&plan.process);
     rebuild(manager, medium, &plan, true, None, watchdog, started, progress)
 }
 
@@ -549,10 +551,7 @@ fn rebuild(
     // A child made ahead for another pid than the image's would not keep its pid.
     let child = match child {
         Some(c) if c.want == process.pid => c,
-        _ => {
-            await_original(process);
-            Blank::make(process.pid)?
-        }
+        _ => Blank::make(process.pid)?,
     };
     let pid = child.pid();
     watchdog.set_victim(pid);
