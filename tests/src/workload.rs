@@ -38,7 +38,8 @@ pub struct WorkloadOpts {
     pub tick_ms: u32,
     /// Pages of the mapping rewritten each tick (`--dirty-pages`), for pre-copy.
     pub dirty_pages: u32,
-    /// Map, grow, move, empty and replace small areas every tick (`--churn`).
+    /// Map, grow, move, empty and replace small areas every tick, and turn a region
+    /// from three mappings into one and back (`--churn`).
     pub churn: bool,
     /// Move the patterned mapping and empty one of its pages every tick (`--move-mem`).
     pub move_mem: bool,

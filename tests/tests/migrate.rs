@@ -472,6 +472,8 @@ fn precopy_of_a_process_outrunning_the_link_converges_only_when_throttled() {
     let dir = tempfile::tempdir().unwrap();
     let off = precopy_config(dir.path(), "off.json", r#"{"throttle": false, "max_rounds": 20}"#);
     let (stats, mid) = precopy_stats(&migrate_with_config(&off, old, &daemon.addr), old);
+    // Known before anything is asserted, so that a failure does not leave it running.
+    w.adopt(mid);
     eprintln!("pre-copy without throttle: {stats}");
     assert_eq!(stats["precopy_stop"], "not shrinking", "{stats}");
     assert_eq!(stats["throttle"], 0, "{stats}");
@@ -480,6 +482,7 @@ fn precopy_of_a_process_outrunning_the_link_converges_only_when_throttled() {
     // Again, from where it landed, with auto-converge.
     let on = precopy_config(dir.path(), "on.json", r#"{"throttle": true, "max_rounds": 20}"#);
     let (stats, new) = precopy_stats(&migrate_with_config(&on, mid, &daemon.addr), mid);
+    w.adopt(new);
     eprintln!("pre-copy with throttle: {stats}");
     assert!(stats["throttle"].as_u64().unwrap() >= 1, "{stats}");
     assert_eq!(stats["precopy_stop"], "converged", "{stats}");

@@ -1028,6 +1028,75 @@ static void churn_step(uint64_t tick)
     }
 }
 
+/* A region that is, tick by tick, three mappings (two written areas around a PROT_NONE
+ * page) and then one fresh mapping over all of it: a copy must have it as one mapping
+ * whenever it is one here (split, a call on the whole of it such as mremap fails). */
+#define RESHAPE_PAGES 17
+#define RESHAPE_HOLE 8
+static unsigned char *reshape_base;
+static int reshape_whole;
+static uint64_t reshape_seed;
+
+static int reshape_written(size_t page)
+{
+    return reshape_whole || page != RESHAPE_HOLE;
+}
+
+static void reshape_check(void)
+{
+    uintptr_t start = (uintptr_t)reshape_base, end = start + RESHAPE_PAGES * PAGE;
+    if (!reshape_base || failure[0])
+        return;
+    for (size_t i = 0; i < RESHAPE_PAGES * PAGE; i++) {
+        if (reshape_written(i / PAGE) && reshape_base[i] != churn_byte(reshape_seed, i)) {
+            fail("reshaped region byte %zu: %u, expected %u", i, reshape_base[i], churn_byte(reshape_seed, i));
+            return;
+        }
+    }
+    if (!reshape_whole)
+        return;
+    FILE *maps = fopen("/proc/self/maps", "r");
+    if (!maps)
+        die("reshape: /proc/self/maps");
+    char line[512];
+    while (fgets(line, sizeof line, maps)) {
+        unsigned long s, e;
+        if (sscanf(line, "%lx-%lx", &s, &e) != 2)
+            continue;
+        if ((s > start && s < end) || (e > start && e < end)) {
+            fail("reshaped region %#lx-%#lx is split at a mapping %lx-%lx", (unsigned long)start, (unsigned long)end, s, e);
+            break;
+        }
+    }
+    fclose(maps);
+}
+
+static void reshape_step(uint64_t tick)
+{
+    size_t len = RESHAPE_PAGES * PAGE;
+    int rw = PROT_READ | PROT_WRITE, fixed = MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED;
+    if (!reshape_base) {
+        reshape_base = mmap(NULL, len, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (reshape_base == MAP_FAILED)
+            die("reshape mmap");
+    }
+    reshape_whole = !reshape_whole;
+    reshape_seed = tick;
+    if (reshape_whole) {
+        if (mmap(reshape_base, len, rw, fixed, -1, 0) == MAP_FAILED)
+            die("reshape mmap");
+    } else {
+        unsigned char *hole = reshape_base + RESHAPE_HOLE * PAGE;
+        if (mmap(reshape_base, RESHAPE_HOLE * PAGE, rw, fixed, -1, 0) == MAP_FAILED ||
+            mmap(hole, PAGE, PROT_NONE, fixed, -1, 0) == MAP_FAILED ||
+            mmap(hole + PAGE, len - (RESHAPE_HOLE + 1) * PAGE, rw, fixed, -1, 0) == MAP_FAILED)
+            die("reshape mmap");
+    }
+    for (size_t i = 0; i < len; i++)
+        if (reshape_written(i / PAGE))
+            reshape_base[i] = churn_byte(reshape_seed, i);
+}
+
 /* ---- --move-mem: every tick the patterned mapping moves to a new address (mremap), and
  * one of its pages is emptied (MADV_DONTNEED), must read zero, and is written again: what
  * a post-copy must follow while the pages are still on their way ---- */
@@ -1312,7 +1381,9 @@ int main(int argc, char **argv)
         }
         if (opt_churn) {
             churn_check();
+            reshape_check();
             churn_step(tick);
+            reshape_step(tick);
         }
         if (opt_move_mem)
             move_mem(tick);
@@ -1340,8 +1411,10 @@ int main(int argc, char **argv)
         fail("main thread TLS: index %ld counter %llu, want -1 and %llu", tls_index,
              (unsigned long long)tls_counter, (unsigned long long)tick);
     verify_memory(stack_array);
-    if (opt_churn)
+    if (opt_churn) {
         churn_check();
+        reshape_check();
+    }
     if (opt_files && !failure[0])
         verify_files();
     if (!failure[0])

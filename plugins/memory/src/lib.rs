@@ -207,6 +207,35 @@ fn map_anon(ctx: &mut ContextRef<'_>, start: u64, end: u64, growsdown: bool) -> 
     Ok(())
 }
 
+/// Makes `area` one mapping again where the pre-copy rounds left it split in the
+/// restore child: the rounds mapped its pieces as they found them, and a process that
+/// has since made the area anew over what were several mappings would see a call on
+/// the whole of it (`mremap`) fail. Its pages are copied into a fresh mapping, which
+/// then replaces it in place (`mremap` with `MREMAP_FIXED`).
+fn mend_split(ctx: &mut ContextRef<'_>, pagemap: &std::fs::File, area: &Area) -> Result<(), String> {
+    let pid = ctx.pid();
+    let len = area.end - area.start;
+    let rw = (libc::PROT_READ | libc::PROT_WRITE) as u64;
+    let anon = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64;
+    let fresh = util::syscall(ctx, pid, "mmap (mending a split area)", libc::SYS_mmap, [0, len, rw, anon, u64::MAX, 0])?;
+    let mut todo: VecDeque<(u64, u64)> = dirty_runs(pagemap, area)?.into();
+    let mut buf = Vec::new();
+    while !todo.is_empty() {
+        let runs = take_chunk(&mut todo, CHUNK_BYTES);
+        let at = |base: u64| -> Vec<MemRange> { runs.iter().map(|&(a, n)| MemRange { addr: a - area.start + base, len: n * PAGE }).collect() };
+        buf.resize(runs.iter().map(|r| (r.1 * PAGE) as usize).sum(), 0);
+        util::read_ranges(ctx, &at(area.start), &mut buf)?;
+        util::write_ranges(ctx, &at(fresh), &buf)?;
+    }
+    let flags = (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64;
+    let what = format!("mremap over {:#x}-{:#x}", area.start, area.end);
+    let got = util::syscall(ctx, pid, &what, libc::SYS_mremap, [fresh, len, len, flags, area.start, 0])?;
+    if got != area.start {
+        return Err(format!("{what} landed at {got:#x}"));
+    }
+    Ok(())
+}
+
 /// Takes up to `limit` bytes of runs from the front of `todo`, splitting a run if needed.
 fn take_chunk(todo: &mut VecDeque<(u64, u64)>, limit: u64) -> Vec<(u64, u64)> {
     let mut out = Vec::new();
@@ -467,6 +496,19 @@ impl Memory {
         }
         for (path, fd) in fds {
             util::syscall(ctx, pid, &format!("close {path}"), libc::SYS_close, [fd, 0, 0, 0, 0, 0])?;
+        }
+        if !kept.is_empty() {
+            let child = parse_maps(&util::proc_text(ctx, "maps")?)?;
+            let inside = |a: &Area, at: u64| a.start < at && at < a.end;
+            let split = |a: &&Area| a.premappable() && child.iter().any(|v| inside(a, v.start) || inside(a, v.end));
+            let mut pagemap = None;
+            for area in state.areas.iter().filter(split) {
+                let pagemap = match &pagemap {
+                    Some(p) => p,
+                    None => pagemap.insert(open_pagemap(pid)?),
+                };
+                mend_split(ctx, pagemap, area)?;
+            }
         }
         // Pages the process dropped after they were sent read as zeros again (and, in
         // post-copy, pages written since they were sent wait for their new contents).
