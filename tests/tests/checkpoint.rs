@@ -205,7 +205,7 @@ fn eventfd_timerfd_signalfd_and_epoll_come_back() {
 }
 
 #[test]
-fn a_tcp_listener_takes_connections_again_after_a_restore() {
+fn tcp_and_unix_listeners_take_connections_again_after_a_restore() {
     if !needs_root() {
         return;
     }
@@ -213,13 +213,21 @@ fn a_tcp_listener_takes_connections_again_after_a_restore() {
     w.wait_ready();
     w.wait_ticks(2);
     let port: u16 = w.lines().iter().find_map(|l| l.strip_prefix("listen ")?.parse().ok()).expect("a `listen PORT` line");
+    let path = w.lines().iter().find_map(|l| Some(l.strip_prefix("unix-listen ")?.to_string())).expect("a `unix-listen PATH` line");
     let (new, at) = through_an_image(&mut w, &[]);
-    // The restored process answers on the same port.
-    let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connecting to the restored listener");
+    // The restored process answers on the same port and at the same path (its old
+    // socket file replaced); inside, it checks both and its abstract listener too.
+    let answer = |mut c: Box<dyn std::io::Read>| {
+        let mut answer = String::new();
+        c.read_to_string(&mut answer).unwrap();
+        assert!(answer.starts_with("hello "), "{answer:?}");
+    };
+    let c = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connecting to the restored listener");
     c.set_read_timeout(Some(DEADLINE)).unwrap();
-    let mut answer = String::new();
-    std::io::Read::read_to_string(&mut c, &mut answer).unwrap();
-    assert!(answer.starts_with("hello "), "{answer:?}");
+    answer(Box::new(c));
+    let c = std::os::unix::net::UnixStream::connect(&path).expect("connecting to the restored Unix listener");
+    c.set_read_timeout(Some(DEADLINE)).unwrap();
+    answer(Box::new(c));
     w.wait_ticks(at + 2);
     w.terminate_and_check(new).unwrap();
 }

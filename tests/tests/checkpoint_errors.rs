@@ -86,20 +86,41 @@ fn an_unsupported_fd_fails_the_checkpoint_and_the_process_keeps_running() {
         eprintln!("skipping: needs root");
         return;
     }
-    // python3 holding a socket: the files plugin cannot move it.
+    // python3 holding a TCP socket that is neither listening nor UDP.
+    python_socket_refused("s=socket.socket()", |_| {}, "socket");
+}
+
+#[test]
+fn a_unix_listener_with_a_connection_waiting_is_refused_and_keeps_running() {
+    if !is_root() {
+        eprintln!("skipping: needs root");
+        return;
+    }
+    let mut waiting = None;
+    let connect = |path: &Path| waiting = Some(std::os::unix::net::UnixStream::connect(path).expect("connecting to python's listener"));
+    python_socket_refused("s=socket.socket(socket.AF_UNIX)\ns.bind(PATH)\ns.listen()", connect, "listening with 1 connections waiting");
+}
+
+/// python3 holding a socket that `setup` makes (`PATH`: a path in a fresh directory),
+/// ticking into a log; once it ticks, `before` runs with that path. Its checkpoint must
+/// fail naming `needle`, leave no image, and leave python running.
+fn python_socket_refused(setup: &str, before: impl FnOnce(&Path), needle: &str) {
     let tmp = tempfile::tempdir().unwrap();
     let log = tmp.path().join("log");
+    let path = tmp.path().join("sock");
     let script = format!(
-        "import socket,time\ns=socket.socket()\nn=0\nwhile True:\n n+=1\n open('{}','a').write('tick %d\\n'%n)\n time.sleep(0.02)\n",
+        "import socket,time\nPATH='{}'\n{setup}\nn=0\nwhile True:\n n+=1\n open('{}','a').write('tick %d\\n'%n)\n time.sleep(0.02)\n",
+        path.display(),
         log.display()
     );
     let mut child = Command::new("/usr/bin/python3").arg("-c").arg(&script).spawn().unwrap();
     let pid = child.id() as i32;
     let ticks = || std::fs::read_to_string(&log).map(|s| s.lines().count()).unwrap_or(0);
     ferry_tests::wait_until("python ticks", std::time::Duration::from_secs(30), || ticks() >= 2);
+    before(&path);
     let dir = tmp.path().join("img");
     let o = run(&checkpoint_args(&pid.to_string(), &dir));
-    fails_with(&o, "socket");
+    fails_with(&o, needle);
     assert!(!dir.exists(), "the partial image is removed");
     let n = ticks();
     ferry_tests::wait_until("python to carry on", std::time::Duration::from_secs(30), || ticks() >= n + 2);

@@ -17,6 +17,7 @@
 #include <pthread.h>
 #include <signal.h>
 #include <stdarg.h>
+#include <stddef.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -41,6 +42,7 @@
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
 #include <sys/time.h>
+#include <sys/un.h>
 #include <sys/timerfd.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -490,9 +492,21 @@ static void verify_event_fds(void)
 }
 
 /* ---- a TCP listener (--listen) on 127.0.0.1, non-blocking: each tick answers one
- * waiting connection with `hello N`; beside it a UDP socket connected to itself ---- */
-static int listen_fd = -1, udp_fd = -1;
+ * waiting connection with `hello N`; beside it a UDP socket connected to itself, a Unix
+ * stream listener bound to a path (its file made 0666) and a Unix seqpacket listener
+ * with an abstract name, which answer the same way ---- */
+static int listen_fd = -1, udp_fd = -1, unix_fd = -1, abstract_fd = -1;
 static int listen_port, udp_port;
+static struct sockaddr_un unix_addr, abstract_addr;
+static socklen_t unix_len, abstract_len;
+
+static int unix_listener(int type, struct sockaddr_un *a, socklen_t len)
+{
+    int fd = socket(AF_UNIX, type | SOCK_NONBLOCK, 0);
+    if (fd < 0 || bind(fd, (struct sockaddr *)a, len) != 0 || listen(fd, 4) != 0)
+        die("unix listener");
+    return fd;
+}
 
 static int int_opt(int fd, int level, int name)
 {
@@ -521,11 +535,30 @@ static void setup_listener(void)
         getsockname(udp_fd, (struct sockaddr *)&u, &len) != 0 || connect(udp_fd, (struct sockaddr *)&u, len) != 0)
         die("udp socket");
     udp_port = ntohs(u.sin_port);
+
+    abstract_addr.sun_family = AF_UNIX;
+    int n = snprintf(abstract_addr.sun_path + 1, sizeof abstract_addr.sun_path - 1, "ferry-workload-%d", (int)getpid());
+    abstract_len = offsetof(struct sockaddr_un, sun_path) + 1 + n;
+    abstract_fd = unix_listener(SOCK_SEQPACKET, &abstract_addr, abstract_len);
+    if (opt_dir) {
+        char dir[PATH_MAX];
+        if (!realpath(opt_dir, dir))
+            die("realpath of --dir");
+        unix_addr.sun_family = AF_UNIX;
+        n = snprintf(unix_addr.sun_path, sizeof unix_addr.sun_path, "%s/listener.sock", dir);
+        if (n >= (int)sizeof unix_addr.sun_path)
+            die("unix listener path too long");
+        unix_len = offsetof(struct sockaddr_un, sun_path) + n + 1;
+        unix_fd = unix_listener(SOCK_STREAM, &unix_addr, unix_len);
+        if (chmod(unix_addr.sun_path, 0666) != 0)
+            die("chmod of the unix listener");
+        logf_("unix-listen %s", unix_addr.sun_path);
+    }
 }
 
-static void serve_listener(uint64_t tick)
+static void answer(int listener, uint64_t tick)
 {
-    int c = accept4(listen_fd, NULL, NULL, SOCK_CLOEXEC);
+    int c = accept4(listener, NULL, NULL, SOCK_CLOEXEC);
     if (c < 0)
         return;
     char line[64];
@@ -533,6 +566,40 @@ static void serve_listener(uint64_t tick)
     if (write(c, line, n) != n)
         fail("answering a connection: %s", strerror(errno));
     close(c);
+}
+
+/* Connects to Unix listener `fd` at `a`, has it accept, and gets a byte across. */
+static void verify_unix_listener(int fd, int type, const struct sockaddr_un *a, socklen_t len, const char *what)
+{
+    struct sockaddr_un got;
+    socklen_t got_len = sizeof got;
+    if (int_opt(fd, SOL_SOCKET, SO_ACCEPTCONN) != 1 || int_opt(fd, SOL_SOCKET, SO_TYPE) != type)
+        FAIL_RET("the %s listener no longer listens, or changed type", what);
+    if (getsockname(fd, (struct sockaddr *)&got, &got_len) != 0 || got_len != len || memcmp(&got, a, len) != 0)
+        FAIL_RET("the %s listener is no longer bound to its name", what);
+    if (!(fcntl(fd, F_GETFL) & O_NONBLOCK))
+        FAIL_RET("the %s listener lost O_NONBLOCK", what);
+    int c = socket(AF_UNIX, type | SOCK_CLOEXEC, 0);
+    if (c < 0 || connect(c, (const struct sockaddr *)a, len) != 0)
+        FAIL_RET("connecting to the %s listener: %s", what, strerror(errno));
+    int s = -1;
+    struct timespec ms = {0, 1000000L};
+    for (int i = 0; i < 2000 && s < 0; i++)
+        if ((s = accept4(fd, NULL, NULL, SOCK_CLOEXEC)) < 0)
+            nanosleep(&ms, NULL);
+    char b = 0;
+    if (s < 0 || write(c, "x", 1) != 1 || read(s, &b, 1) != 1 || b != 'x')
+        FAIL_RET("the %s listener did not take a connection", what);
+    close(s);
+    close(c);
+}
+
+static void serve_listener(uint64_t tick)
+{
+    answer(listen_fd, tick);
+    answer(abstract_fd, tick);
+    if (unix_fd >= 0)
+        answer(unix_fd, tick);
 }
 
 static void verify_listener(void)
@@ -563,6 +630,13 @@ static void verify_listener(void)
             nanosleep(&ms, NULL);
     if (n != 4 || memcmp(got, "ping", 4) != 0)
         FAIL_RET("the UDP socket did not get its own datagram back");
+    verify_unix_listener(abstract_fd, SOCK_SEQPACKET, &abstract_addr, abstract_len, "abstract seqpacket");
+    if (unix_fd < 0 || failure[0])
+        return;
+    verify_unix_listener(unix_fd, SOCK_STREAM, &unix_addr, unix_len, "path");
+    struct stat st;
+    if (stat(unix_addr.sun_path, &st) != 0 || !S_ISSOCK(st.st_mode) || (st.st_mode & 07777) != 0666)
+        FAIL_RET("%s is not the listener's socket file with mode 0666", unix_addr.sun_path);
 }
 
 /* ---- threads ---- */

@@ -474,6 +474,12 @@ impl Checkpoint {
                     };
                     let ours = |i: u64| entries.iter().any(|e| e.kind == Kind::Socket(i));
                     let refuse = |why: &str| format!("{what} is a Unix socket {why}: not supported by the files plugin");
+                    if info.state == crate::unix::LISTEN {
+                        let l = crate::unix::listener(ctx.pid(), &info).map_err(|why| refuse(&why))?;
+                        let object = Object::UnixListener { sock_type: l.sock_type, addr: to_hex(&l.addr), backlog: l.backlog, mode: l.mode };
+                        descs.push((Desc { fds: slots, flags, pos: 0, object }, None));
+                        continue;
+                    }
                     if let Some(name) = &info.name {
                         return Err(refuse(&format!("bound to {:?}", String::from_utf8_lossy(name))));
                     }
@@ -534,6 +540,7 @@ pub fn object_name(o: &Object) -> String {
         Object::Signalfd { .. } => "anon_inode:[signalfd]".into(),
         Object::Epoll { .. } => "anon_inode:[eventpoll]".into(),
         Object::UnixPair { ino, .. } => format!("socket:[{ino}]"),
+        Object::UnixListener { mode, .. } => format!("listening Unix socket ({})", if mode.is_some() { "path" } else { "abstract name" }),
         Object::Inet { family, sock_type, .. } => format!(
             "{}{} socket",
             if *sock_type == libc::SOCK_STREAM { "listening TCP" } else { "UDP" },

@@ -31,6 +31,8 @@ pub const CHUNK: usize = 1 << 20;
 pub const O_CLOEXEC: u32 = 0o2000000;
 /// Largest pipe an image may ask for (the kernel refuses more than 2 GiB anyway).
 pub const MAX_PIPE_SIZE: u64 = 1 << 31;
+/// `sizeof(struct sockaddr_un)`.
+pub const UNIX_ADDR_MAX: usize = 110;
 /// Longest memfd name the kernel takes (`MFD_NAME_MAX_LEN`).
 pub const MEMFD_NAME_MAX: usize = 249;
 
@@ -90,6 +92,11 @@ pub enum Object {
     /// (level, option, value), then listening with `backlog`, or connected to `peer`.
     /// Connections and queued datagrams do not follow.
     Inet { family: i32, sock_type: i32, addr: String, peer: Option<String>, backlog: u32, options: Vec<[i32; 3]> },
+    /// A listening Unix socket (stream or seqpacket) bound to `addr` (its `sockaddr_un`,
+    /// hex): an abstract name, or an absolute path whose socket file had permission
+    /// bits `mode`. Its socket file, left by the process the image is of, is replaced.
+    /// Connections waiting do not follow (the checkpoint refuses them).
+    UnixListener { sock_type: i32, addr: String, backlog: u32, mode: Option<u32> },
 }
 
 /// One file an epoll instance watches.
@@ -139,7 +146,7 @@ impl Desc {
         match &self.object {
             Object::Path { .. } | Object::Eventfd { .. } | Object::Timerfd { .. } | Object::Signalfd { .. } | Object::Epoll { .. } => 0,
             Object::UnixPair { data_len, .. } => *data_len,
-            Object::Inet { .. } => 0,
+            Object::Inet { .. } | Object::UnixListener { .. } => 0,
             Object::Deleted { data_len, .. } | Object::Memfd { data_len, .. } => data_len.unwrap_or(0),
         }
     }
@@ -258,6 +265,20 @@ impl Desc {
                 }
                 if bad {
                     return Err(format!("{what}: a socket the image describes wrongly"));
+                }
+            }
+            Object::UnixListener { sock_type, addr, backlog, mode } => {
+                let bytes = ferry_plugin_api::util::from_hex(addr, &what, UNIX_ADDR_MAX, false)?;
+                let path = bytes.get(2).is_some_and(|&b| b != 0);
+                let bad = !matches!(*sock_type, libc::SOCK_STREAM | libc::SOCK_SEQPACKET)
+                    || *backlog > 1 << 20
+                    || bytes.len() < 3
+                    || u16::from_le_bytes([bytes[0], bytes[1]]) as i32 != libc::AF_UNIX
+                    || path != mode.is_some()
+                    || (path && (bytes[2] != b'/' || bytes.last() != Some(&0) || bytes[2..bytes.len() - 1].contains(&0)))
+                    || mode.is_some_and(|m| m > 0o7777);
+                if bad {
+                    return Err(format!("{what}: a Unix listener the image describes wrongly"));
                 }
             }
             Object::UnixPair { ino, peer, sock_type, shutdown, data_len } => {

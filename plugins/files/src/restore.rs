@@ -77,16 +77,22 @@ fn open(ctx: &mut ContextRef<'_>, what: &str, path: &str, flags: u32) -> Result<
     Ok(r as i32)
 }
 
-/// Checks that fd `fd` of the child is the kind of file the image recorded.
-fn check_type(ctx: &mut ContextRef<'_>, what: &str, fd: i32, mode: u32, rdev: u64) -> Result<(), String> {
-    const STAT_SIZE: usize = std::mem::size_of::<libc::stat>();
-    let mut scratch = Scratch::new(ctx);
-    let addr = scratch.alloc(STAT_SIZE as u64)?;
-    sys(ctx, &format!("{what}: fstat"), libc::SYS_fstat, [fd_arg(fd), addr, 0, 0, 0, 0])?;
+const STAT_SIZE: usize = std::mem::size_of::<libc::stat>();
+
+/// The `struct stat` the kernel wrote at `addr` of the child.
+fn read_stat(ctx: &mut ContextRef<'_>, addr: u64) -> Result<libc::stat, String> {
     let raw = read_memory(ctx, addr, STAT_SIZE)?;
     // SAFETY: `raw` holds STAT_SIZE bytes written by the kernel as a struct stat;
     // read_unaligned copes with the Vec's alignment.
-    let st: libc::stat = unsafe { std::ptr::read_unaligned(raw.as_ptr() as *const libc::stat) };
+    Ok(unsafe { std::ptr::read_unaligned(raw.as_ptr() as *const libc::stat) })
+}
+
+/// Checks that fd `fd` of the child is the kind of file the image recorded.
+fn check_type(ctx: &mut ContextRef<'_>, what: &str, fd: i32, mode: u32, rdev: u64) -> Result<(), String> {
+    let mut scratch = Scratch::new(ctx);
+    let addr = scratch.alloc(STAT_SIZE as u64)?;
+    sys(ctx, &format!("{what}: fstat"), libc::SYS_fstat, [fd_arg(fd), addr, 0, 0, 0, 0])?;
+    let st = read_stat(ctx, addr)?;
     let (want, got) = (mode & libc::S_IFMT, st.st_mode & libc::S_IFMT);
     if want != got {
         return Err(format!("{what}: it is now a {}, it was a {}", type_name(got), type_name(want)));
@@ -418,6 +424,18 @@ impl Restore {
         Ok(())
     }
 
+    /// Gives socket `fd` (placer handle `h`) its status flags and its fd numbers.
+    fn finish_socket(&mut self, ctx: &mut ContextRef<'_>, what: &str, desc: &Desc, fd: i32, h: usize) -> Result<(), String> {
+        let setfl = desc.flags & PIPE_SETFL;
+        if setfl != 0 {
+            set_status_flags(ctx, what, fd, setfl)?;
+        }
+        self.placer.place(ctx, what, h, &desc.fds)?;
+        self.placer.release(ctx, h)?;
+        self.status.entities_done += 1;
+        Ok(())
+    }
+
     fn start_desc(&mut self, ctx: &mut ContextRef<'_>, desc: Desc) -> Result<(), String> {
         let what = format!("{} ({})", desc.label(), object_name(&desc.object));
         match &desc.object {
@@ -446,13 +464,32 @@ impl Restore {
                     let at = scratch.put(ctx, &bytes)?;
                     sys(ctx, &format!("{what}: connect"), libc::SYS_connect, [fd_arg(fd), at, bytes.len() as u64, 0, 0, 0])?;
                 }
-                let setfl = desc.flags & PIPE_SETFL;
-                if setfl != 0 {
-                    set_status_flags(ctx, &what, fd, setfl)?;
+                self.finish_socket(ctx, &what, &desc, fd, h)?;
+            }
+            Object::UnixListener { sock_type, addr, backlog, mode } => {
+                let fd = sys(ctx, &format!("{what}: socket"), libc::SYS_socket, [libc::AF_UNIX as u64, (*sock_type | libc::SOCK_CLOEXEC) as u64, 0, 0, 0, 0])? as i32;
+                let h = self.placer.adopt(fd);
+                let bytes = ferry_plugin_api::util::from_hex(addr, &what, crate::model::UNIX_ADDR_MAX, false)?;
+                let mut scratch = Scratch::new(ctx);
+                let at = scratch.put(ctx, &bytes)?;
+                // A path: `sun_path` from offset 2, NUL-terminated (checked when read).
+                let path = mode.map(|_| at + 2);
+                if let Some(path) = path {
+                    // The socket file the process this image is of left behind keeps the
+                    // name taken; anything else there is not ferry's to remove.
+                    let st = scratch.alloc(STAT_SIZE as u64)?;
+                    let tid = ctx.pid();
+                    let found = syscall_raw(ctx, tid, libc::SYS_newfstatat, [libc::AT_FDCWD as u64, path, st, libc::AT_SYMLINK_NOFOLLOW as u64, 0, 0])?;
+                    if found == 0 && read_stat(ctx, st)?.st_mode & libc::S_IFMT == libc::S_IFSOCK {
+                        sys(ctx, &format!("{what}: removing its old socket file"), libc::SYS_unlinkat, [libc::AT_FDCWD as u64, path, 0, 0, 0, 0])?;
+                    }
                 }
-                self.placer.place(ctx, &what, h, &desc.fds)?;
-                self.placer.release(ctx, h)?;
-                self.status.entities_done += 1;
+                sys(ctx, &format!("{what}: bind"), libc::SYS_bind, [fd_arg(fd), at, bytes.len() as u64, 0, 0, 0])?;
+                if let (Some(path), Some(mode)) = (path, mode) {
+                    sys(ctx, &format!("{what}: chmod {mode:o}"), libc::SYS_fchmodat, [libc::AT_FDCWD as u64, path, *mode as u64, 0, 0, 0])?;
+                }
+                sys(ctx, &format!("{what}: listen"), libc::SYS_listen, [fd_arg(fd), *backlog as u64, 0, 0, 0, 0])?;
+                self.finish_socket(ctx, &what, &desc, fd, h)?;
             }
             Object::UnixPair { ino, peer, sock_type, data_len, .. } => {
                 // This end was made with its peer already, or both are made now.

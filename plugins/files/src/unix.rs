@@ -2,7 +2,8 @@
 //! (`unix_diag`, as `ss -x` asks): its type and state, its peer's inode, its bound
 //! name, its shutdown state. The files plugin moves socket pairs whose two ends are
 //! both the process's own (a `socketpair`, as Python's asyncio and many event loops
-//! keep) and refuses every other socket.
+//! keep) and listeners bound to an absolute path or an abstract name, and refuses every
+//! other Unix socket.
 
 use std::{io, os::fd::{AsRawFd, FromRawFd, OwnedFd}};
 
@@ -19,6 +20,8 @@ const UNIX_DIAG_RQLEN: u16 = 4;
 const UNIX_DIAG_SHUTDOWN: u16 = 6;
 /// `TCP_ESTABLISHED`, which a connected Unix socket reports.
 pub const ESTABLISHED: u8 = 1;
+/// `TCP_LISTEN`, which a listening Unix socket reports.
+pub const LISTEN: u8 = 10;
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct UnixInfo {
@@ -29,8 +32,11 @@ pub struct UnixInfo {
     pub peer: u64,
     /// The bound address, if any (abstract names start with a NUL byte).
     pub name: Option<Vec<u8>>,
-    /// Bytes (stream) or the first message's bytes queued for reading.
+    /// Bytes (stream) or the first message's bytes queued for reading; for a
+    /// listener, the connections waiting to be accepted.
     pub rqueue: u32,
+    /// For a listener, its backlog.
+    pub wqueue: u32,
     /// `RCV_SHUTDOWN` (1) | `SEND_SHUTDOWN` (2).
     pub shutdown: u8,
 }
@@ -113,13 +119,49 @@ fn parse(msg: &[u8], ino: u64) -> Result<Option<UnixInfo>, String> {
         match kind {
             UNIX_DIAG_NAME => info.name = Some(data.to_vec()),
             UNIX_DIAG_PEER if data.len() >= 4 => info.peer = u32_at(data, 0) as u64,
-            UNIX_DIAG_RQLEN if data.len() >= 4 => info.rqueue = u32_at(data, 0),
+            UNIX_DIAG_RQLEN if data.len() >= 8 => (info.rqueue, info.wqueue) = (u32_at(data, 0), u32_at(data, 4)),
             UNIX_DIAG_SHUTDOWN if !data.is_empty() => info.shutdown = data[0],
             _ => {}
         }
         at += (alen + 3) & !3;
     }
     Ok(Some(info))
+}
+
+/// A listener the files plugin can make again: its type, its `sockaddr_un` (abstract
+/// name, or absolute path and the socket file's permission bits).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listener {
+    pub sock_type: i32,
+    pub addr: Vec<u8>,
+    pub backlog: u32,
+    pub mode: Option<u32>,
+}
+
+/// Whether listening socket `info` of process `pid` can be made again; why not if not.
+pub fn listener(pid: i32, info: &UnixInfo) -> Result<Listener, String> {
+    let name = info.name.as_deref().unwrap_or_default();
+    if info.rqueue > 0 {
+        return Err(format!("listening with {} connections waiting", info.rqueue));
+    }
+    let mode = match name.first() {
+        Some(0) => None,
+        Some(b'/') => {
+            let path = std::str::from_utf8(name.strip_suffix(&[0]).unwrap_or(name))
+                .map_err(|_| format!("bound to a path that is not UTF-8 ({name:?})"))?;
+            // Its file, as the process sees it: a socket file, or the name is gone.
+            let st = std::fs::symlink_metadata(format!("/proc/{pid}/root{path}"))
+                .map_err(|e| format!("bound to {path}, whose socket file is gone ({e})"))?;
+            if !std::os::unix::fs::FileTypeExt::is_socket(&st.file_type()) {
+                return Err(format!("bound to {path}, which now names something else"));
+            }
+            Some(std::os::unix::fs::PermissionsExt::mode(&st.permissions()) & 0o7777)
+        }
+        _ => return Err(format!("bound to the relative path {:?}", String::from_utf8_lossy(name))),
+    };
+    let mut addr = (libc::AF_UNIX as u16).to_le_bytes().to_vec();
+    addr.extend_from_slice(name);
+    Ok(Listener { sock_type: info.sock_type as i32, addr, backlog: info.wqueue, mode })
 }
 
 #[cfg(test)]
