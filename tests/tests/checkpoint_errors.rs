@@ -101,6 +101,16 @@ fn a_unix_listener_with_a_connection_waiting_is_refused_and_keeps_running() {
     python_socket_refused("s=socket.socket(socket.AF_UNIX)\ns.bind(PATH)\ns.listen()", connect, "listening with 1 connections waiting");
 }
 
+#[test]
+fn a_unix_datagram_socket_with_a_datagram_queued_is_refused_and_keeps_running() {
+    if !is_root() {
+        eprintln!("skipping: needs root");
+        return;
+    }
+    let setup = "s=socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\ns.bind(PATH)\nc=socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\nc.sendto(b'x', PATH)";
+    python_socket_refused(setup, |_| {}, "of datagrams with some queued");
+}
+
 /// python3 holding a socket that `setup` makes (`PATH`: a path in a fresh directory),
 /// ticking into a log; once it ticks, `before` runs with that path. Its checkpoint must
 /// fail naming `needle`, leave no image, and leave python running.

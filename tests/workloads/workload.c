@@ -494,8 +494,11 @@ static void verify_event_fds(void)
 /* ---- a TCP listener (--listen) on 127.0.0.1, non-blocking: each tick answers one
  * waiting connection with `hello N`; beside it a UDP socket connected to itself, a Unix
  * stream listener bound to a path (its file made 0666) and a Unix seqpacket listener
- * with an abstract name, which answer the same way ---- */
-static int listen_fd = -1, udp_fd = -1, unix_fd = -1, abstract_fd = -1;
+ * with an abstract name, which answer the same way, and a Unix datagram socket bound to
+ * a path with an unbound one connected to it ---- */
+static int listen_fd = -1, udp_fd = -1, unix_fd = -1, abstract_fd = -1, dgram_fd = -1, sender_fd = -1;
+static struct sockaddr_un dgram_addr;
+static socklen_t dgram_len;
 static int listen_port, udp_port;
 static struct sockaddr_un unix_addr, abstract_addr;
 static socklen_t unix_len, abstract_len;
@@ -553,6 +556,14 @@ static void setup_listener(void)
         if (chmod(unix_addr.sun_path, 0666) != 0)
             die("chmod of the unix listener");
         logf_("unix-listen %s", unix_addr.sun_path);
+        dgram_addr.sun_family = AF_UNIX;
+        n = snprintf(dgram_addr.sun_path, sizeof dgram_addr.sun_path, "%s/dgram.sock", dir);
+        dgram_len = offsetof(struct sockaddr_un, sun_path) + n + 1;
+        dgram_fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+        sender_fd = socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+        if (dgram_fd < 0 || sender_fd < 0 || bind(dgram_fd, (struct sockaddr *)&dgram_addr, dgram_len) != 0 ||
+            connect(sender_fd, (struct sockaddr *)&dgram_addr, dgram_len) != 0)
+            die("unix datagram sockets");
     }
 }
 
@@ -634,6 +645,22 @@ static void verify_listener(void)
     if (unix_fd < 0 || failure[0])
         return;
     verify_unix_listener(unix_fd, SOCK_STREAM, &unix_addr, unix_len, "path");
+    /* The datagram pair by name: the sender still reaches the bound socket. */
+    struct sockaddr_un peer;
+    socklen_t peer_len = sizeof peer;
+    if (getpeername(sender_fd, (struct sockaddr *)&peer, &peer_len) != 0 || peer_len != dgram_len ||
+        memcmp(&peer, &dgram_addr, dgram_len) != 0)
+        FAIL_RET("the Unix datagram sender is no longer connected to %s", dgram_addr.sun_path);
+    if (send(sender_fd, "dgram", 5, 0) != 5)
+        FAIL_RET("the Unix datagram sender cannot send: %s", strerror(errno));
+    char dg[8];
+    ssize_t dn = -1;
+    struct timespec pause = {0, 1000000L};
+    for (int i = 0; i < 2000 && dn < 0; i++)
+        if ((dn = recv(dgram_fd, dg, sizeof dg, 0)) < 0)
+            nanosleep(&pause, NULL);
+    if (dn != 5 || memcmp(dg, "dgram", 5) != 0)
+        FAIL_RET("the Unix datagram socket at %s did not get the datagram", dgram_addr.sun_path);
     struct stat st;
     if (stat(unix_addr.sun_path, &st) != 0 || !S_ISSOCK(st.st_mode) || (st.st_mode & 07777) != 0666)
         FAIL_RET("%s is not the listener's socket file with mode 0666", unix_addr.sun_path);

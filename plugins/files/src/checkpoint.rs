@@ -474,20 +474,23 @@ impl Checkpoint {
                     };
                     let ours = |i: u64| entries.iter().any(|e| e.kind == Kind::Socket(i));
                     let refuse = |why: &str| format!("{what} is a Unix socket {why}: not supported by the files plugin");
-                    if info.state == crate::unix::LISTEN {
-                        let l = crate::unix::listener(ctx.pid(), &info).map_err(|why| refuse(&why))?;
-                        let object = Object::UnixListener { sock_type: l.sock_type, addr: to_hex(&l.addr), backlog: l.backlog, mode: l.mode };
+                    // Two unnamed ends connected to each other, both the process's.
+                    let paired = |peer: u64| -> Result<bool, String> {
+                        Ok(ours(peer) && crate::unix::query(peer)?.is_some_and(|p| p.name.is_none() && p.peer == *ino))
+                    };
+                    let pair = info.name.is_none() && info.state == crate::unix::ESTABLISHED && info.peer != 0 && paired(info.peer)?;
+                    if !pair {
+                        // Made again from its names: a listener, a datagram socket.
+                        let n = crate::unix::named(ctx.pid(), &info, crate::unix::query).map_err(|why| refuse(&why))?;
+                        let object = Object::UnixSocket {
+                            sock_type: n.sock_type,
+                            addr: n.addr.as_deref().map(to_hex),
+                            mode: n.mode,
+                            peer: n.peer.as_deref().map(to_hex),
+                            backlog: n.backlog,
+                        };
                         descs.push((Desc { fds: slots, flags, pos: 0, object }, None));
                         continue;
-                    }
-                    if let Some(name) = &info.name {
-                        return Err(refuse(&format!("bound to {:?}", String::from_utf8_lossy(name))));
-                    }
-                    if info.state != crate::unix::ESTABLISHED || info.peer == 0 {
-                        return Err(refuse("that is not connected"));
-                    }
-                    if !ours(info.peer) {
-                        return Err(refuse(&format!("connected to socket:[{}], which is not this process's", info.peer)));
                     }
                     let stream = info.sock_type == libc::SOCK_STREAM as u8;
                     if !stream && info.rqueue > 0 {
@@ -540,7 +543,8 @@ pub fn object_name(o: &Object) -> String {
         Object::Signalfd { .. } => "anon_inode:[signalfd]".into(),
         Object::Epoll { .. } => "anon_inode:[eventpoll]".into(),
         Object::UnixPair { ino, .. } => format!("socket:[{ino}]"),
-        Object::UnixListener { mode, .. } => format!("listening Unix socket ({})", if mode.is_some() { "path" } else { "abstract name" }),
+        Object::UnixSocket { backlog: Some(_), .. } => "listening Unix socket".into(),
+        Object::UnixSocket { .. } => "Unix datagram socket".into(),
         Object::Inet { family, sock_type, .. } => format!(
             "{}{} socket",
             if *sock_type == libc::SOCK_STREAM { "listening TCP" } else { "UDP" },

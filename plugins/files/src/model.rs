@@ -92,11 +92,13 @@ pub enum Object {
     /// (level, option, value), then listening with `backlog`, or connected to `peer`.
     /// Connections and queued datagrams do not follow.
     Inet { family: i32, sock_type: i32, addr: String, peer: Option<String>, backlog: u32, options: Vec<[i32; 3]> },
-    /// A listening Unix socket (stream or seqpacket) bound to `addr` (its `sockaddr_un`,
-    /// hex): an abstract name, or an absolute path whose socket file had permission
-    /// bits `mode`. Its socket file, left by the process the image is of, is replaced.
-    /// Connections waiting do not follow (the checkpoint refuses them).
-    UnixListener { sock_type: i32, addr: String, backlog: u32, mode: Option<u32> },
+    /// A Unix socket made again from its names (`sockaddr_un`, hex: an abstract name, or
+    /// an absolute path): a listener (stream or seqpacket, with `backlog`) or a datagram
+    /// socket, bound to `addr` (for a path, its socket file had permission bits `mode`;
+    /// the one the process the image is of left is replaced) and/or, a datagram socket,
+    /// connected to `peer` again. Waiting connections and queued datagrams do not
+    /// follow (the checkpoint refuses them).
+    UnixSocket { sock_type: i32, addr: Option<String>, mode: Option<u32>, peer: Option<String>, backlog: Option<u32> },
 }
 
 /// One file an epoll instance watches.
@@ -146,7 +148,7 @@ impl Desc {
         match &self.object {
             Object::Path { .. } | Object::Eventfd { .. } | Object::Timerfd { .. } | Object::Signalfd { .. } | Object::Epoll { .. } => 0,
             Object::UnixPair { data_len, .. } => *data_len,
-            Object::Inet { .. } | Object::UnixListener { .. } => 0,
+            Object::Inet { .. } | Object::UnixSocket { .. } => 0,
             Object::Deleted { data_len, .. } | Object::Memfd { data_len, .. } => data_len.unwrap_or(0),
         }
     }
@@ -267,18 +269,29 @@ impl Desc {
                     return Err(format!("{what}: a socket the image describes wrongly"));
                 }
             }
-            Object::UnixListener { sock_type, addr, backlog, mode } => {
-                let bytes = ferry_plugin_api::util::from_hex(addr, &what, UNIX_ADDR_MAX, false)?;
-                let path = bytes.get(2).is_some_and(|&b| b != 0);
-                let bad = !matches!(*sock_type, libc::SOCK_STREAM | libc::SOCK_SEQPACKET)
-                    || *backlog > 1 << 20
-                    || bytes.len() < 3
-                    || u16::from_le_bytes([bytes[0], bytes[1]]) as i32 != libc::AF_UNIX
-                    || path != mode.is_some()
-                    || (path && (bytes[2] != b'/' || bytes.last() != Some(&0) || bytes[2..bytes.len() - 1].contains(&0)))
-                    || mode.is_some_and(|m| m > 0o7777);
+            Object::UnixSocket { sock_type, addr, mode, peer, backlog } => {
+                let bad_name = |hex: &str| -> Result<(bool, bool), String> {
+                    let bytes = ferry_plugin_api::util::from_hex(hex, &what, UNIX_ADDR_MAX, false)?;
+                    let path = bytes.get(2).is_some_and(|&b| b != 0);
+                    let bad = bytes.len() < 3
+                        || u16::from_le_bytes([bytes[0], bytes[1]]) as i32 != libc::AF_UNIX
+                        || (path && (bytes[2] != b'/' || bytes.last() != Some(&0) || bytes[2..bytes.len() - 1].contains(&0)));
+                    Ok((bad, path))
+                };
+                let (mut bad, path) = match addr {
+                    Some(a) => bad_name(a)?,
+                    None => (false, false),
+                };
+                if let Some(p) = peer {
+                    bad |= bad_name(p)?.0 || *sock_type != libc::SOCK_DGRAM;
+                }
+                bad |= path != mode.is_some() || mode.is_some_and(|m| m > 0o7777);
+                bad |= match backlog {
+                    Some(b) => !matches!(*sock_type, libc::SOCK_STREAM | libc::SOCK_SEQPACKET) || *b > 1 << 20 || addr.is_none(),
+                    None => *sock_type != libc::SOCK_DGRAM,
+                };
                 if bad {
-                    return Err(format!("{what}: a Unix listener the image describes wrongly"));
+                    return Err(format!("{what}: a Unix socket the image describes wrongly"));
                 }
             }
             Object::UnixPair { ino, peer, sock_type, shutdown, data_len } => {
@@ -478,6 +491,39 @@ mod tests {
         assert!(check_chunk("w", "fd-data", "fd-data", true, CHUNK + 1, u64::MAX).is_err());
         assert!(check_chunk("w", "fd-data", "fd", true, 1, 10).unwrap_err().contains("found `fd`"));
         assert!(check_chunk("w", "fd-data", "fd-data", false, 1, 10).is_err());
+    }
+
+    #[test]
+    fn unix_sockets_are_checked() {
+        let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+        let name = |n: &[u8]| {
+            let mut a = (libc::AF_UNIX as u16).to_le_bytes().to_vec();
+            a.extend_from_slice(n);
+            hex(&a)
+        };
+        let sock = |sock_type, addr: Option<String>, mode, peer: Option<String>, backlog| {
+            let mut d = path_desc(&[3]);
+            d.object = Object::UnixSocket { sock_type, addr, mode, peer, backlog };
+            d.validate(&mut HashSet::new())
+        };
+        let (path, abstract_) = (name(b"/run/a.sock\0"), name(b"\0ferry"));
+        assert!(sock(libc::SOCK_STREAM, Some(path.clone()), Some(0o666), None, Some(8)).is_ok());
+        assert!(sock(libc::SOCK_SEQPACKET, Some(abstract_.clone()), None, None, Some(8)).is_ok());
+        assert!(sock(libc::SOCK_DGRAM, None, None, Some(path.clone()), None).is_ok());
+        assert!(sock(libc::SOCK_DGRAM, None, None, None, None).is_ok(), "an unnamed datagram socket");
+        for (t, addr, mode, peer, backlog) in [
+            (libc::SOCK_STREAM, Some(path.clone()), None, None, Some(8)),      // a path without its mode
+            (libc::SOCK_STREAM, Some(abstract_.clone()), Some(0o600), None, Some(8)), // a mode for no file
+            (libc::SOCK_STREAM, None, None, Some(path.clone()), None),        // a stream connected by name
+            (libc::SOCK_DGRAM, Some(abstract_.clone()), None, None, Some(8)), // a listening datagram socket
+            (libc::SOCK_STREAM, None, None, None, Some(8)),                  // listening unnamed
+            (libc::SOCK_STREAM, Some(name(b"run/a.sock\0")), Some(0o600), None, Some(8)), // a relative path
+            (libc::SOCK_STREAM, Some(name(b"/run/a\0b\0")), Some(0o600), None, Some(8)), // a NUL inside
+            (libc::SOCK_STREAM, Some(hex(&[2, 0, b'/', 0])), Some(0o600), None, Some(8)), // not AF_UNIX
+            (libc::SOCK_STREAM, Some(path.clone()), Some(0o170000), None, Some(8)), // not permission bits
+        ] {
+            assert!(sock(t, addr.clone(), mode, peer.clone(), backlog).is_err(), "{t} {addr:?} {mode:?} {peer:?} {backlog:?}");
+        }
     }
 
     #[test]

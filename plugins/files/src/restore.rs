@@ -261,6 +261,8 @@ pub struct Restore {
     sock_fds: HashMap<u64, i32>,
     /// Shutdowns to do last: fd, `RCV_SHUTDOWN | SEND_SHUTDOWN` mask, label.
     shutdowns: Vec<(i32, u8, String)>,
+    /// Datagram sockets to connect once all are bound: fd, peer `sockaddr_un`, name.
+    connects: Vec<(i32, Vec<u8>, String)>,
     /// Files created in the child and not unlinked yet (removed by cleanup on failure).
     pub created: Vec<String>,
     finished: bool,
@@ -466,29 +468,38 @@ impl Restore {
                 }
                 self.finish_socket(ctx, &what, &desc, fd, h)?;
             }
-            Object::UnixListener { sock_type, addr, backlog, mode } => {
+            Object::UnixSocket { sock_type, addr, mode, peer, backlog } => {
                 let fd = sys(ctx, &format!("{what}: socket"), libc::SYS_socket, [libc::AF_UNIX as u64, (*sock_type | libc::SOCK_CLOEXEC) as u64, 0, 0, 0, 0])? as i32;
                 let h = self.placer.adopt(fd);
-                let bytes = ferry_plugin_api::util::from_hex(addr, &what, crate::model::UNIX_ADDR_MAX, false)?;
                 let mut scratch = Scratch::new(ctx);
-                let at = scratch.put(ctx, &bytes)?;
-                // A path: `sun_path` from offset 2, NUL-terminated (checked when read).
-                let path = mode.map(|_| at + 2);
-                if let Some(path) = path {
-                    // The socket file the process this image is of left behind keeps the
-                    // name taken; anything else there is not ferry's to remove.
-                    let st = scratch.alloc(STAT_SIZE as u64)?;
-                    let tid = ctx.pid();
-                    let found = syscall_raw(ctx, tid, libc::SYS_newfstatat, [libc::AT_FDCWD as u64, path, st, libc::AT_SYMLINK_NOFOLLOW as u64, 0, 0])?;
-                    if found == 0 && read_stat(ctx, st)?.st_mode & libc::S_IFMT == libc::S_IFSOCK {
-                        sys(ctx, &format!("{what}: removing its old socket file"), libc::SYS_unlinkat, [libc::AT_FDCWD as u64, path, 0, 0, 0, 0])?;
+                if let Some(addr) = addr {
+                    let bytes = ferry_plugin_api::util::from_hex(addr, &what, crate::model::UNIX_ADDR_MAX, false)?;
+                    let at = scratch.put(ctx, &bytes)?;
+                    // A path: `sun_path` from offset 2, NUL-terminated (checked when read).
+                    let path = mode.map(|_| at + 2);
+                    if let Some(path) = path {
+                        // The socket file the process this image is of left behind keeps
+                        // the name taken; anything else there is not ferry's to remove.
+                        let st = scratch.alloc(STAT_SIZE as u64)?;
+                        let tid = ctx.pid();
+                        let found = syscall_raw(ctx, tid, libc::SYS_newfstatat, [libc::AT_FDCWD as u64, path, st, libc::AT_SYMLINK_NOFOLLOW as u64, 0, 0])?;
+                        if found == 0 && read_stat(ctx, st)?.st_mode & libc::S_IFMT == libc::S_IFSOCK {
+                            sys(ctx, &format!("{what}: removing its old socket file"), libc::SYS_unlinkat, [libc::AT_FDCWD as u64, path, 0, 0, 0, 0])?;
+                        }
+                    }
+                    sys(ctx, &format!("{what}: bind"), libc::SYS_bind, [fd_arg(fd), at, bytes.len() as u64, 0, 0, 0])?;
+                    if let (Some(path), Some(mode)) = (path, mode) {
+                        sys(ctx, &format!("{what}: chmod {mode:o}"), libc::SYS_fchmodat, [libc::AT_FDCWD as u64, path, *mode as u64, 0, 0, 0])?;
                     }
                 }
-                sys(ctx, &format!("{what}: bind"), libc::SYS_bind, [fd_arg(fd), at, bytes.len() as u64, 0, 0, 0])?;
-                if let (Some(path), Some(mode)) = (path, mode) {
-                    sys(ctx, &format!("{what}: chmod {mode:o}"), libc::SYS_fchmodat, [libc::AT_FDCWD as u64, path, *mode as u64, 0, 0, 0])?;
+                if let Some(backlog) = backlog {
+                    sys(ctx, &format!("{what}: listen"), libc::SYS_listen, [fd_arg(fd), *backlog as u64, 0, 0, 0, 0])?;
                 }
-                sys(ctx, &format!("{what}: listen"), libc::SYS_listen, [fd_arg(fd), *backlog as u64, 0, 0, 0, 0])?;
+                if let Some(peer) = peer {
+                    // Once every socket is bound: its peer may be one of the process's own.
+                    let bytes = ferry_plugin_api::util::from_hex(peer, &what, crate::model::UNIX_ADDR_MAX, false)?;
+                    self.connects.push((desc.fds[0].fd, bytes, what.clone()));
+                }
                 self.finish_socket(ctx, &what, &desc, fd, h)?;
             }
             Object::UnixPair { ino, peer, sock_type, data_len, .. } => {
@@ -792,6 +803,10 @@ impl Restore {
         let h = self.header.clone().ok_or("internal error: no header")?;
         if let Some(ino) = self.socks.keys().next() {
             return Err(format!("the image lacks the other end of a Unix socket pair (socket:[{ino}])"));
+        }
+        for (fd, peer, what) in std::mem::take(&mut self.connects) {
+            let at = Scratch::new(ctx).put(ctx, &peer)?;
+            sys(ctx, &format!("{what}: connect"), libc::SYS_connect, [fd_arg(fd), at, peer.len() as u64, 0, 0, 0])?;
         }
         for (fd, mask, what) in std::mem::take(&mut self.shutdowns) {
             // RCV_SHUTDOWN is 1, SEND_SHUTDOWN 2; SHUT_RD 0, SHUT_WR 1, SHUT_RDWR 2.

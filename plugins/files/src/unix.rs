@@ -128,28 +128,31 @@ fn parse(msg: &[u8], ino: u64) -> Result<Option<UnixInfo>, String> {
     Ok(Some(info))
 }
 
-/// A listener the files plugin can make again: its type, its `sockaddr_un` (abstract
-/// name, or absolute path and the socket file's permission bits).
+/// A Unix socket the files plugin makes again from its names: a listener (stream or
+/// seqpacket, `backlog` set) or a datagram socket, bound to `addr` and/or (datagram)
+/// connected to `peer` (`sockaddr_un` bytes: an abstract name, or an absolute path, whose
+/// socket file had permission bits `mode`).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Listener {
+pub struct Named {
     pub sock_type: i32,
-    pub addr: Vec<u8>,
-    pub backlog: u32,
+    pub addr: Option<Vec<u8>>,
     pub mode: Option<u32>,
+    pub peer: Option<Vec<u8>>,
+    pub backlog: Option<u32>,
 }
 
-/// Whether listening socket `info` of process `pid` can be made again; why not if not.
-pub fn listener(pid: i32, info: &UnixInfo) -> Result<Listener, String> {
-    let name = info.name.as_deref().unwrap_or_default();
-    if info.rqueue > 0 {
-        return Err(format!("listening with {} connections waiting", info.rqueue));
-    }
+/// The `sockaddr_un` of `name` (as unix_diag gives it), and for a path the permission
+/// bits of its socket file as process `pid` sees it.
+fn address(pid: i32, name: &[u8]) -> Result<(Vec<u8>, Option<u32>), String> {
     let mode = match name.first() {
         Some(0) => None,
         Some(b'/') => {
             let path = std::str::from_utf8(name.strip_suffix(&[0]).unwrap_or(name))
                 .map_err(|_| format!("bound to a path that is not UTF-8 ({name:?})"))?;
-            // Its file, as the process sees it: a socket file, or the name is gone.
+            // Bound again before the restore enters the process's root.
+            if std::fs::read_link(format!("/proc/{pid}/root")).map_err(|e| e.to_string())? != std::path::Path::new("/") {
+                return Err(format!("bound to {path} inside a changed root"));
+            }
             let st = std::fs::symlink_metadata(format!("/proc/{pid}/root{path}"))
                 .map_err(|e| format!("bound to {path}, whose socket file is gone ({e})"))?;
             if !std::os::unix::fs::FileTypeExt::is_socket(&st.file_type()) {
@@ -161,7 +164,49 @@ pub fn listener(pid: i32, info: &UnixInfo) -> Result<Listener, String> {
     };
     let mut addr = (libc::AF_UNIX as u16).to_le_bytes().to_vec();
     addr.extend_from_slice(name);
-    Ok(Listener { sock_type: info.sock_type as i32, addr, backlog: info.wqueue, mode })
+    Ok((addr, mode))
+}
+
+/// Whether socket `info` of process `pid` can be made again from its names (a listener
+/// with none waiting; a datagram socket with nothing queued, bound or connected to a
+/// bound socket, the peer looked up through `peer_info`); why not if not.
+pub fn named(pid: i32, info: &UnixInfo, peer_info: impl FnOnce(u64) -> Result<Option<UnixInfo>, String>) -> Result<Named, String> {
+    let (addr, mode) = match info.name.as_deref() {
+        Some(name) => {
+            let (addr, mode) = address(pid, name)?;
+            (Some(addr), mode)
+        }
+        None => (None, None),
+    };
+    let sock_type = info.sock_type as i32;
+    if info.state == LISTEN {
+        if info.rqueue > 0 {
+            return Err(format!("listening with {} connections waiting", info.rqueue));
+        }
+        return Ok(Named { sock_type, addr, mode, peer: None, backlog: Some(info.wqueue) });
+    }
+    if sock_type != libc::SOCK_DGRAM {
+        return Err(match info.peer {
+            0 => "that is not connected".into(),
+            peer => format!("connected to socket:[{peer}], which is not this process's"),
+        });
+    }
+    if info.rqueue > 0 {
+        return Err("of datagrams with some queued".into());
+    }
+    let peer = match info.peer {
+        0 => None,
+        ino => {
+            let name = peer_info(ino)?.and_then(|p| p.name).ok_or_else(|| format!("connected to socket:[{ino}], which has no name"))?;
+            if name.first() != Some(&0) && name.first() != Some(&b'/') {
+                return Err(format!("connected to the relative path {:?}", String::from_utf8_lossy(&name)));
+            }
+            let mut peer = (libc::AF_UNIX as u16).to_le_bytes().to_vec();
+            peer.extend_from_slice(&name);
+            Some(peer)
+        }
+    };
+    Ok(Named { sock_type, addr, mode, peer, backlog: None })
 }
 
 #[cfg(test)]
