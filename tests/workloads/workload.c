@@ -579,6 +579,21 @@ static void answer(int listener, uint64_t tick)
     close(c);
 }
 
+/* Sends `msg` on `from` and waits up to 2 s for it to arrive on non-blocking `to`. */
+static int datagram_arrives(int from, int to, const char *msg)
+{
+    size_t len = strlen(msg);
+    char got[64];
+    ssize_t n = -1;
+    struct timespec ms = {0, 1000000L};
+    if (send(from, msg, len, 0) != (ssize_t)len)
+        return 0;
+    for (int i = 0; i < 2000 && n < 0; i++)
+        if ((n = recv(to, got, sizeof got, 0)) < 0)
+            nanosleep(&ms, NULL);
+    return n == (ssize_t)len && memcmp(got, msg, len) == 0;
+}
+
 /* Connects to Unix listener `fd` at `a`, has it accept, and gets a byte across. */
 static void verify_unix_listener(int fd, int type, const struct sockaddr_un *a, socklen_t len, const char *what)
 {
@@ -631,16 +646,8 @@ static void verify_listener(void)
     len = sizeof u;
     if (getsockname(udp_fd, (struct sockaddr *)&u, &len) != 0 || ntohs(u.sin_port) != udp_port)
         FAIL_RET("the UDP socket is no longer at port %d", udp_port);
-    if (send(udp_fd, "ping", 4, 0) != 4)
-        FAIL_RET("the UDP socket cannot send to its peer: %s", strerror(errno));
-    char got[8];
-    ssize_t n = -1;
-    struct timespec ms = {0, 1000000L};
-    for (int i = 0; i < 2000 && n < 0; i++)
-        if ((n = recv(udp_fd, got, sizeof got, 0)) < 0)
-            nanosleep(&ms, NULL);
-    if (n != 4 || memcmp(got, "ping", 4) != 0)
-        FAIL_RET("the UDP socket did not get its own datagram back");
+    if (!datagram_arrives(udp_fd, udp_fd, "ping"))
+        FAIL_RET("the UDP socket did not get its own datagram back (%s)", strerror(errno));
     verify_unix_listener(abstract_fd, SOCK_SEQPACKET, &abstract_addr, abstract_len, "abstract seqpacket");
     if (unix_fd < 0 || failure[0])
         return;
@@ -651,16 +658,8 @@ static void verify_listener(void)
     if (getpeername(sender_fd, (struct sockaddr *)&peer, &peer_len) != 0 || peer_len != dgram_len ||
         memcmp(&peer, &dgram_addr, dgram_len) != 0)
         FAIL_RET("the Unix datagram sender is no longer connected to %s", dgram_addr.sun_path);
-    if (send(sender_fd, "dgram", 5, 0) != 5)
-        FAIL_RET("the Unix datagram sender cannot send: %s", strerror(errno));
-    char dg[8];
-    ssize_t dn = -1;
-    struct timespec pause = {0, 1000000L};
-    for (int i = 0; i < 2000 && dn < 0; i++)
-        if ((dn = recv(dgram_fd, dg, sizeof dg, 0)) < 0)
-            nanosleep(&pause, NULL);
-    if (dn != 5 || memcmp(dg, "dgram", 5) != 0)
-        FAIL_RET("the Unix datagram socket at %s did not get the datagram", dgram_addr.sun_path);
+    if (!datagram_arrives(sender_fd, dgram_fd, "dgram"))
+        FAIL_RET("the Unix datagram socket at %s did not get the datagram (%s)", dgram_addr.sun_path, strerror(errno));
     struct stat st;
     if (stat(unix_addr.sun_path, &st) != 0 || !S_ISSOCK(st.st_mode) || (st.st_mode & 07777) != 0666)
         FAIL_RET("%s is not the listener's socket file with mode 0666", unix_addr.sun_path);
