@@ -2,8 +2,8 @@
 //! (`unix_diag`, as `ss -x` asks): its type and state, its peer's inode, its bound
 //! name, its shutdown state. The files plugin moves socket pairs whose two ends are
 //! both the process's own (a `socketpair`, as Python's asyncio and many event loops
-//! keep) and listeners bound to an absolute path or an abstract name, and refuses every
-//! other Unix socket.
+//! keep), and listeners and datagram sockets by their names (an absolute path or an
+//! abstract name), and refuses every other Unix socket.
 
 use std::{io, os::fd::{AsRawFd, FromRawFd, OwnedFd}};
 
@@ -162,9 +162,14 @@ fn address(pid: i32, name: &[u8]) -> Result<(Vec<u8>, Option<u32>), String> {
         }
         _ => return Err(format!("bound to the relative path {:?}", String::from_utf8_lossy(name))),
     };
+    Ok((sockaddr(name), mode))
+}
+
+/// A `sockaddr_un` holding `name`.
+fn sockaddr(name: &[u8]) -> Vec<u8> {
     let mut addr = (libc::AF_UNIX as u16).to_le_bytes().to_vec();
     addr.extend_from_slice(name);
-    Ok((addr, mode))
+    addr
 }
 
 /// Whether socket `info` of process `pid` can be made again from its names (a listener
@@ -188,7 +193,7 @@ pub fn named(pid: i32, info: &UnixInfo, peer_info: impl FnOnce(u64) -> Result<Op
     if sock_type != libc::SOCK_DGRAM {
         return Err(match info.peer {
             0 => "that is not connected".into(),
-            peer => format!("connected to socket:[{peer}], which is not this process's"),
+            peer => format!("connected to socket:[{peer}] (a stream connection, which does not follow)"),
         });
     }
     if info.rqueue > 0 {
@@ -201,9 +206,7 @@ pub fn named(pid: i32, info: &UnixInfo, peer_info: impl FnOnce(u64) -> Result<Op
             if name.first() != Some(&0) && name.first() != Some(&b'/') {
                 return Err(format!("connected to the relative path {:?}", String::from_utf8_lossy(&name)));
             }
-            let mut peer = (libc::AF_UNIX as u16).to_le_bytes().to_vec();
-            peer.extend_from_slice(&name);
-            Some(peer)
+            Some(sockaddr(&name))
         }
     };
     Ok(Named { sock_type, addr, mode, peer, backlog: None })
