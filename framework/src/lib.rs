@@ -1,26 +1,27 @@
 //! ferry's core system control layer and user-space interface (DESIGN.md, "Layers").
 //! The `ferry` binary is a thin shell over this library.
+//!
+//! The folders are the layers; a module imports only from the layers below its own
+//! (`tests/layers.rs` keeps it so):
+//!
+//! | layer | what it holds |
+//! |---|---|
+//! | [`commands`] | the top floor: checkpoint, restore, migrate (source), serve (destination), daemon, control socket — the only place that composes the others |
+//! | [`strategies`] | the migration algorithms (stop-copy, pre-copy, post-copy, hybrid) behind one small interface, and their mechanisms: pre-copy rounds, the post-copy pager, the throttle |
+//! | [`engine`] | what every event shares: the plugin manager, loaded subsystems and their order, the worker loop, the process context, the pipeline, the watchdog, dumping a frozen process and rebuilding one |
+//! | [`kernel`], [`wire`], [`image`] | what talks to the kernel about the target (tracer, freezer, userfaultfd, dirty tracking, `clone3`, the feature probes); what crosses the network (handshake, authentication, framing, messages); the image format |
+//! | [`config`], [`trace`], [`fault`] | leaves every layer may use: the configuration, the phase timeline, the test kill points |
 
-pub mod check;
-pub mod checkpoint;
 pub mod config;
-pub mod context;
-pub mod control;
-pub mod daemon;
-pub mod dirty;
-pub mod event;
 pub mod fault;
-pub mod image;
-pub mod manager;
-pub mod migrate;
-pub mod pipeline;
-pub mod postcopy;
-pub mod precopy;
-pub mod protocol;
-pub mod quiesce;
-pub mod restore;
-pub mod throttle;
 pub mod trace;
-pub mod tracer;
-pub(crate) mod uffd;
-pub mod watchdog;
+
+pub mod image;
+pub mod kernel;
+pub mod wire;
+
+pub mod engine;
+
+pub mod strategies;
+
+pub mod commands;

@@ -9,15 +9,16 @@ use std::{
 
 use clap::{Args, Parser, Subcommand};
 use ferry::{
-    check,
-    checkpoint::{self, CheckpointRequest},
+    commands::checkpoint::{self, CheckpointRequest},
+    commands::control::{self, Request},
+    commands::daemon,
+    commands::migrate::{self, MigrateRequest},
     config::{Config, ExecContext, Overrides, Quiesce, Strategy},
-    control::{self, Request},
-    daemon, image,
-    manager::{self, Manager},
-    migrate::{self, MigrateRequest},
-    protocol,
-    restore::{self, RestoreRequest},
+    engine::manager::{self, Manager},
+    engine::rebuild::{self, RestoreRequest},
+    image,
+    kernel::probes,
+    wire::protocol,
 };
 use ferry_plugin_api::PluginKind;
 
@@ -272,7 +273,7 @@ fn run(cli: Cli) -> Outcome {
                 medium: "file".into(),
                 watchdog: Duration::from_millis(config.watchdog_ms),
             };
-            let stats = restore::restore(&manager, &req, &mut progress_bar("restore"))?;
+            let stats = rebuild::restore(&manager, &req, &mut progress_bar("restore"))?;
             if *json {
                 println!("{}", serde_json::to_string(&stats)?);
             } else {
@@ -285,11 +286,11 @@ fn run(cli: Cli) -> Outcome {
         Command::Show { dir, json } => show(&cli, dir, *json),
         Command::Plugins { command } => plugins(&cli, command),
         Command::Check { json } => {
-            let features = check::probe_all();
+            let features = probes::probe_all();
             if *json {
                 println!("{}", serde_json::to_string_pretty(&features)?);
             } else {
-                print!("{}", check::render_text(&features));
+                print!("{}", probes::render_text(&features));
             }
             Ok(())
         }
@@ -350,7 +351,7 @@ fn run(cli: Cli) -> Outcome {
                 auth_key: key_file.as_deref().map(protocol::load_key).transpose()?,
                 timeout: Duration::from_millis(config.watchdog_ms),
                 strategy: config.mechanism.strategy,
-                pre_copy: ferry::precopy::Tuning {
+                pre_copy: ferry::strategies::precopy::Tuning {
                     budget: Duration::from_millis(config.tuning.pre_copy.downtime_budget_ms),
                     max_rounds: config.tuning.pre_copy.max_rounds,
                     throttle: config.tuning.pre_copy.throttle,

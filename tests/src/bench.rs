@@ -66,6 +66,6 @@ pub fn daemon(ns: Option<&str>, addr: &str, control: &Path, key: &Path) -> Daemo
     let mut c = in_ns(ns, &ferry_bin());
     c.args(["daemon", "--listen", addr, "--control"]).arg(control).arg("--auth-key").arg(key);
     let d = Daemon(c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap());
-    wait_until("the daemon", Duration::from_secs(30), || ferry::control::daemon_running(control));
+    wait_until("the daemon", Duration::from_secs(30), || ferry::commands::control::daemon_running(control));
     d
 }

@@ -32,7 +32,7 @@ impl Daemon {
         // (Once in ~10 full runs the first request after start-up was reset; the cause
         // is not known — see the closing note of session 2. The daemon's log is kept.)
         wait_until("the daemon to answer on its control socket", Duration::from_secs(20), || {
-            ferry::control::request(&daemon.control, &ferry::control::Request::List, Duration::from_secs(5)).is_ok()
+            ferry::commands::control::request(&daemon.control, &ferry::commands::control::Request::List, Duration::from_secs(5)).is_ok()
         });
         daemon
     }
@@ -44,7 +44,7 @@ impl Daemon {
     }
 
     fn registered(&mut self) -> Vec<String> {
-        let reply = ferry::control::request(&self.control, &ferry::control::Request::List, Duration::from_secs(10))
+        let reply = ferry::commands::control::request(&self.control, &ferry::commands::control::Request::List, Duration::from_secs(10))
             .unwrap_or_else(|e| {
                 let log = std::fs::read_to_string(self.control.parent().unwrap().parent().unwrap().join("daemon.log"));
                 panic!("{e}; the daemon: {:?}, said: {log:?}", self.child.try_wait());

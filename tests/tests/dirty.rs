@@ -1,7 +1,11 @@
 //! Dirty-page tracking on a live process (for pre-copy): userfaultfd write-protect in
 //! async mode, created in the target, and PAGEMAP_SCAN from outside.
 
-use ferry::{config::DirtyTracking, dirty::DirtyTracker, tracer::Tracer};
+use ferry::{
+    config::DirtyTracking,
+    kernel::dirty::DirtyTracker,
+    kernel::tracer::Tracer,
+};
 use ferry_tests::workload::{Workload, WorkloadOpts};
 
 fn is_root() -> bool {
@@ -17,8 +21,8 @@ fn has_userfaultfd(pid: i32) -> bool {
 
 #[test]
 fn userfaultfd_finds_exactly_the_pages_a_running_process_writes_and_leaves_no_trace() {
-    let features = ferry::check::probe_all();
-    if !ferry::check::find(&features, "userfaultfd-wp-async").is_some_and(|f| f.present) {
+    let features = ferry::kernel::probes::probe_all();
+    if !ferry::kernel::probes::find(&features, "userfaultfd-wp-async").is_some_and(|f| f.present) {
         eprintln!("skipping: this kernel lacks userfaultfd WP-async; pre-copy falls back to page hashes");
         return;
     }

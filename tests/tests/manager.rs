@@ -3,7 +3,7 @@
 
 use std::{os::unix::fs::PermissionsExt, path::Path, time::Duration};
 
-use ferry::manager::{Manager, ManagerError};
+use ferry::engine::manager::{Manager, ManagerError};
 use ferry_plugin_api::{abi_stable::std_types::RSliceMut, PluginKind};
 use ferry_tests::{abi_fixture, plugin_dir, plugin_file};
 

@@ -60,7 +60,7 @@ impl Daemon {
         let child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log).spawn().unwrap();
         let d = Daemon { child, addr, _dir: dir };
         wait_until("the daemon's control socket", Duration::from_secs(30), || {
-            ferry::control::daemon_running(&control)
+            ferry::commands::control::daemon_running(&control)
         });
         d
     }

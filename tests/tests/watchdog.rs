@@ -127,7 +127,7 @@ fn a_migration_whose_plugin_hangs_rolls_back_on_both_sides() {
         .spawn()
         .unwrap());
     ferry_tests::wait_until("the daemon", std::time::Duration::from_secs(30), || {
-        ferry::control::daemon_running(&control)
+        ferry::commands::control::daemon_running(&control)
     });
     let mut w = Workload::spawn(&WorkloadOpts::default());
     w.wait_ticks(2);

@@ -13,12 +13,17 @@ use std::{
 
 use nix::sys::signal::{SigSet, Signal};
 
-use crate::{check, control, manager::Manager, migrate};
+use crate::{
+    commands::control,
+    commands::migrate,
+    engine::manager::Manager,
+    kernel::probes,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
     #[error(transparent)]
-    Manager(#[from] crate::manager::ManagerError),
+    Manager(#[from] crate::engine::manager::ManagerError),
     #[error(transparent)]
     Control(#[from] control::ControlError),
     #[error("cannot wait for signals: {0}")]
@@ -77,7 +82,7 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
 
     if let Some(listener) = listener {
         let features: Vec<String> =
-            check::probe_all().into_iter().filter(|f| f.present).map(|f| f.name.to_string()).collect();
+            probes::probe_all().into_iter().filter(|f| f.present).map(|f| f.name.to_string()).collect();
         log(&format!("listening for migrations on {}", opts.listen.as_deref().unwrap_or("?")));
         let key = opts.auth_key.clone().map(Arc::new);
         let timeout = opts.timeout;

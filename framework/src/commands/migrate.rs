@@ -18,22 +18,22 @@ use ferry_plugin_api::{MediumBox, MemRange, PluginKind};
 use serde::Serialize;
 
 use crate::{
-    checkpoint::{quiesce, write_image},
+    commands::checkpoint::{quiesce, write_image},
     config::{Quiesce, Strategy},
-    dirty::DirtyTracker,
-    event::Loaded,
-    postcopy::{serve_until_message, LazyStats, Pager, LAZY_STREAM},
-    precopy::{self, recv_json, send_json, Live, Outcome, Sent},
-    throttle::Throttle,
-    tracer::Tracer,
-    event::{self, EventError},
-    manager::Manager,
-    pipeline::Pipeline,
-    protocol::{self, Hello, Local, PluginRef, Verdict},
+    engine::event::Loaded,
+    engine::event::{self, EventError},
+    engine::manager::Manager,
+    engine::pipeline::Pipeline,
+    engine::rebuild::{self, Plan},
+    engine::watchdog::Watchdog,
     image::PluginEntry,
-    restore::{self, Plan},
-    tracer,
-    watchdog::Watchdog,
+    kernel::dirty::DirtyTracker,
+    kernel::tracer,
+    kernel::tracer::Tracer,
+    strategies::postcopy::{serve_until_message, LazyStats, Pager, LAZY_STREAM},
+    strategies::precopy::{self, recv_json, send_json, Live, Outcome, Sent},
+    strategies::throttle::Throttle,
+    wire::protocol::{self, Hello, Local, PluginRef, Verdict},
 };
 
 /// The kernel features a stop-copy event needs on the destination.
@@ -114,7 +114,7 @@ fn unexpected<T: std::fmt::Debug>(answer: Result<T, String>) -> String {
 fn send_plan(medium: &mut MediumBox, tracer: &mut Tracer, subs: &[Loaded], req: &MigrateRequest) -> Result<u64, EventError> {
     let scratch = tracer.map_scratch(0)?;
     let plan = Plan {
-        process: crate::checkpoint::process_entry(tracer, scratch),
+        process: crate::commands::checkpoint::process_entry(tracer, scratch),
         plugins: subs
             .iter()
             .enumerate()
@@ -180,7 +180,7 @@ fn precopy_phase(
         }
         std::process::exit(1);
     });
-    let area = MemRange { addr: scratch, len: crate::tracer::SCRATCH_SIZE };
+    let area = MemRange { addr: scratch, len: crate::kernel::tracer::SCRATCH_SIZE };
     let rounds = precopy::run(req.pid, area, subs, &mut pipe, &mut live, tuning, throttle, &watchdog, req.timeout, progress);
     drop(watchdog);
     let medium = pipe.finish();
@@ -215,7 +215,7 @@ pub fn migrate(manager: &Manager, req: &MigrateRequest, progress: &mut dyn FnMut
         Strategy::Hybrid => (Some(&hybrid), true),
     };
     let tracking = match precopy {
-        Some(t) => Some(crate::dirty::resolve(t.tracking).map_err(refused)?),
+        Some(t) => Some(crate::kernel::dirty::resolve(t.tracking).map_err(refused)?),
         None => None,
     };
 
@@ -426,7 +426,7 @@ pub fn migrate(manager: &Manager, req: &MigrateRequest, progress: &mut dyn FnMut
 /// daemon rather than run on without its memory), while its pages arrive; then it is
 /// let go.
 fn lazy_commit(
-    held: restore::Held,
+    held: rebuild::Held,
     mut pager: Pager,
     medium: &mut MediumBox,
     timeout: Duration,
@@ -536,7 +536,7 @@ pub fn serve(manager: &Manager, mut stream: TcpStream, key: Option<&[u8]>, featu
         Err(e) => return end(record, "failed", e.to_string()),
     };
     // The restore child is made now, while the source still runs.
-    let child = match restore::Blank::make(hello.pid) {
+    let child = match rebuild::Blank::make(hello.pid) {
         Ok(c) => c,
         Err(e) => {
             let _ = send_json(&mut medium, serde_json::json!({"type": "failed", "reason": e.to_string()}));
@@ -571,7 +571,7 @@ pub fn serve(manager: &Manager, mut stream: TcpStream, key: Option<&[u8]>, featu
         }
         eprintln!("ferry daemon: {}", EventRecord { outcome: "rolled back", detail: why, ..stuck }.line());
     });
-    let rebuilt = restore::restore_streaming(manager, &mut medium, &plan, Some(child), &watchdog, started, &mut |_| {});
+    let rebuilt = rebuild::restore_streaming(manager, &mut medium, &plan, Some(child), &watchdog, started, &mut |_| {});
     drop(watchdog);
     let mut held = match rebuilt {
         Ok(h) => h,

@@ -12,15 +12,15 @@ use ferry_plugin_api::{EventKind, PluginKind};
 
 use crate::{
     config::Quiesce,
-    context::{ExternalContext, SharedTable, StreamSink},
-    event::{self, EventError, Loaded, Stats},
+    engine::context::{ExternalContext, SharedTable, StreamSink},
+    engine::event::{self, EventError, Loaded, Stats},
+    engine::manager::Manager,
+    engine::pipeline::Pipeline,
+    engine::watchdog::Watchdog,
     image::{Inventory, PluginEntry, ProcessEntry, INVENTORY_STREAM},
-    manager::Manager,
-    pipeline::Pipeline,
-    precopy::Live,
-    quiesce::Freezer,
-    watchdog::Watchdog,
-    tracer::{self, TraceError, Tracer},
+    kernel::freezer::Freezer,
+    kernel::tracer::{self, TraceError, Tracer},
+    strategies::precopy::Live,
 };
 
 pub struct CheckpointRequest {

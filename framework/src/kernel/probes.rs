@@ -9,7 +9,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use crate::uffd::*;
+use crate::kernel::uffd::*;
 use std::time::{Duration, Instant};
 
 /// One probed kernel feature.
@@ -1008,7 +1008,7 @@ fn probe_pidfd() -> ProbeResult {
 // clone3 with set_tid
 // ---------------------------------------------------------------------------------------------
 
-use crate::restore::CloneArgs;
+use crate::engine::rebuild::CloneArgs;
 
 fn probe_clone3_set_tid() -> ProbeResult {
     // Ask for our own pid, which is certainly taken: EEXIST proves set_tid is supported and

@@ -13,13 +13,13 @@ use std::{
 use ferry_plugin_api::{util::parse_maps, MediumBox, PluginKind};
 
 use crate::{
-    context::{ExternalContext, MediumPull, SharedTable, StreamSource},
-    event::{self, EventError, Stats},
+    engine::context::{ExternalContext, MediumPull, SharedTable, StreamSource},
+    engine::event::{self, EventError, Stats},
+    engine::manager::Manager,
+    engine::watchdog::Watchdog,
     image::{Inventory, PluginEntry, ProcessEntry, RecordReader, INVENTORY_STREAM},
-    manager::Manager,
-    postcopy::LazyPlan,
-    tracer::{self, Tracer, SCRATCH_SIZE},
-    watchdog::Watchdog,
+    kernel::tracer::{self, Tracer, SCRATCH_SIZE},
+    strategies::postcopy::LazyPlan,
 };
 
 pub struct RestoreRequest {
@@ -361,7 +361,7 @@ impl Held {
 
     /// A userfaultfd of the rebuilt process, held only by ferry (post-copy).
     pub fn userfaultfd(&mut self) -> Result<std::os::fd::OwnedFd, EventError> {
-        crate::uffd::userfaultfd_in(&mut self.tracer, crate::postcopy::LAZY_FEATURES).map_err(EventError::Refused)
+        crate::kernel::uffd::userfaultfd_in(&mut self.tracer, crate::strategies::postcopy::LAZY_FEATURES).map_err(EventError::Refused)
     }
 
     /// The rebuilt process's pid here.
@@ -383,9 +383,9 @@ pub struct Running {
 
 impl Running {
     /// Keeps the process going (see [`Tracer::tend`]).
-    pub fn tend(&mut self) -> Result<crate::postcopy::Tended, EventError> {
+    pub fn tend(&mut self) -> Result<crate::strategies::postcopy::Tended, EventError> {
         let alive = self.tracer.tend()?;
-        Ok(crate::postcopy::Tended { alive, forked: self.tracer.take_forked() })
+        Ok(crate::strategies::postcopy::Tended { alive, forked: self.tracer.take_forked() })
     }
 
     /// Lets the process go on its own.

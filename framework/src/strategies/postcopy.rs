@@ -28,9 +28,9 @@ use ferry_plugin_api::MediumBox;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    precopy::{recv_json, send_json},
-    tracer::vm_ranges,
-    uffd::*,
+    kernel::tracer::vm_ranges,
+    kernel::uffd::*,
+    strategies::precopy::{recv_json, send_json},
 };
 
 /// The stream the pages travel on (above every plugin's).
@@ -624,7 +624,7 @@ impl Pager {
         // A fork noticed at the very end.
         tend(self)?;
         self.fill_children(medium, timeout)?;
-        self.stats.lazy_ms = crate::event::ms(started);
+        self.stats.lazy_ms = crate::engine::event::ms(started);
         Ok(())
     }
 }

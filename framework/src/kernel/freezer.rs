@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::check::mounts;
+use crate::kernel::probes::mounts;
 
 #[derive(Debug, thiserror::Error)]
 #[error("freezer: {0}")]

@@ -15,7 +15,7 @@ use std::{
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
 use serde::{Deserialize, Serialize};
 
-use crate::manager::{Manager, PluginMeta};
+use crate::engine::manager::{Manager, PluginMeta};
 
 /// The longest request line accepted; a request is a few hundred bytes.
 const MAX_REQUEST: u64 = 64 * 1024;

@@ -113,7 +113,7 @@ pub(crate) const UFFDIO_UNREGISTER: u64 = ioc(IOC_READ, UFFDIO, 0x01, std::mem::
 /// A userfaultfd of process `tracer.pid()` (stopped), with API `features`: made in the
 /// process by an injected call, fetched into ferry with `pidfd_getfd` and closed in the
 /// process at once, so that only ferry holds it.
-pub(crate) fn userfaultfd_in(tracer: &mut crate::tracer::Tracer, features: u64) -> Result<std::os::fd::OwnedFd, String> {
+pub(crate) fn userfaultfd_in(tracer: &mut crate::kernel::tracer::Tracer, features: u64) -> Result<std::os::fd::OwnedFd, String> {
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     let pid = tracer.pid();
     let r = tracer

@@ -35,8 +35,8 @@ use ferry_plugin_api::ranges;
 
 use crate::{
     config::DirtyTracking,
-    tracer::{vm_ranges, Tracer},
-    uffd::*,
+    kernel::tracer::{vm_ranges, Tracer},
+    kernel::uffd::*,
 };
 
 const PAGE: u64 = 4096;
@@ -64,8 +64,8 @@ fn os(what: &str) -> impl FnOnce(std::io::Error) -> String + '_ {
 /// check` probes it).
 pub fn resolve(wanted: DirtyTracking) -> Result<DirtyTracking, String> {
     let has = |name: &str| {
-        let features = crate::check::probe_all();
-        crate::check::find(&features, name).is_some_and(|f| f.present)
+        let features = crate::kernel::probes::probe_all();
+        crate::kernel::probes::find(&features, name).is_some_and(|f| f.present)
     };
     match wanted {
         DirtyTracking::Auto if has("userfaultfd-wp-async") => Ok(DirtyTracking::Userfaultfd),

@@ -11,12 +11,12 @@ use ferry_plugin_api::{
 };
 
 use crate::{
-    dirty::DirtyTracker,
-    postcopy::LazyPlan,
+    engine::pipeline::Pipeline,
+    engine::watchdog::Watchdog,
     image::{self, Pull, RecordReader},
-    pipeline::Pipeline,
-    watchdog::Watchdog,
-    tracer::Tracer,
+    kernel::dirty::DirtyTracker,
+    kernel::tracer::Tracer,
+    strategies::postcopy::LazyPlan,
 };
 
 /// Shared resources of an event: the first process to claim one checkpoints it.
@@ -257,18 +257,18 @@ impl ProcessContext for LiveContext<'_> {
     }
 
     fn tids(&self) -> RVec<i32> {
-        crate::tracer::task_ids(self.pid).unwrap_or_default().into()
+        crate::kernel::tracer::task_ids(self.pid).unwrap_or_default().into()
     }
 
     fn read_memory(&mut self, addr: u64, mut buf: RSliceMut<'_, u8>) -> PResult<usize> {
         let len = buf.len();
-        let r = crate::tracer::vm_ranges(self.pid, &[(addr, len as u64)], buf.as_mut_ptr(), len, false);
+        let r = crate::kernel::tracer::vm_ranges(self.pid, &[(addr, len as u64)], buf.as_mut_ptr(), len, false);
         self.lift(r)
     }
 
     fn read_memory_ranges(&mut self, r: RSlice<'_, MemRange>, mut buf: RSliceMut<'_, u8>) -> PResult<usize> {
         let len = buf.len();
-        let r = crate::tracer::vm_ranges(self.pid, &ranges(r.as_slice()), buf.as_mut_ptr(), len, false);
+        let r = crate::kernel::tracer::vm_ranges(self.pid, &ranges(r.as_slice()), buf.as_mut_ptr(), len, false);
         self.lift(r)
     }
 
@@ -400,13 +400,13 @@ impl RecordSource for StreamSource<'_> {
         let mut read = self.reader.next();
         // The end of a pre-copy round: tell the source this side has caught up.
         while let Ok(Some(r)) = &read {
-            if r.kind != crate::precopy::SYNC_KIND {
+            if r.kind != crate::strategies::precopy::SYNC_KIND {
                 break;
             }
             let stream = self.reader.stream();
             let round = serde_json::from_slice::<serde_json::Value>(&r.payload).ok().and_then(|v| v["round"].as_u64());
             let answered = match round {
-                Some(round) => crate::precopy::send_json(self.reader.source_mut().medium, crate::precopy::synced(stream, round)),
+                Some(round) => crate::strategies::precopy::send_json(self.reader.source_mut().medium, crate::strategies::precopy::synced(stream, round)),
                 None => Err("a malformed pre-copy sync record".to_string()),
             };
             if let Err(e) = answered {

@@ -16,14 +16,14 @@ use ferry_plugin_api::{MediumBox, MemRange, RecordFormat, RecordSink};
 use serde::Serialize;
 
 use crate::{
-    context::{LiveContext, StreamSink},
-    dirty::DirtyTracker,
-    event::{self, EventError, Loaded},
-    pipeline::Pipeline,
-    protocol::Verdict,
-    throttle::Throttle,
-    tracer::Tracer,
-    watchdog::Watchdog,
+    engine::context::{LiveContext, StreamSink},
+    engine::event::{self, EventError, Loaded},
+    engine::pipeline::Pipeline,
+    engine::watchdog::Watchdog,
+    kernel::dirty::DirtyTracker,
+    kernel::tracer::Tracer,
+    strategies::throttle::Throttle,
+    wire::protocol::Verdict,
 };
 
 /// The kind of the framework's record that closes a round on a stream; the

@@ -12,12 +12,12 @@ use ferry_plugin_api::{
 use serde::Serialize;
 
 use crate::{
-    context::ExternalContext,
+    engine::context::ExternalContext,
+    engine::manager::{Lease, Manager, ManagerError},
+    engine::watchdog::{StatusTrack, Watchdog},
     image::ImageError,
-    manager::{Lease, Manager, ManagerError},
-    quiesce::FreezeError,
-    tracer::TraceError,
-    watchdog::{StatusTrack, Watchdog},
+    kernel::freezer::FreezeError,
+    kernel::tracer::TraceError,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -142,7 +142,7 @@ pub fn drive<C: ferry_plugin_api::ProcessContext>(
 pub fn checkpoint_one(
     loaded: &mut Loaded,
     ctx: &mut ExternalContext<'_>,
-    sink: &mut crate::context::StreamSink<'_>,
+    sink: &mut crate::engine::context::StreamSink<'_>,
     progress: &mut dyn FnMut(&str),
 ) -> Result<(), EventError> {
     let mut sref: SinkRef<'_> = RecordSink_TO::from_ptr(sink, TD_Opaque);
@@ -156,10 +156,10 @@ pub fn checkpoint_one(
 /// process changing them) and is let go after it.
 pub fn precopy_one(
     loaded: &mut Loaded,
-    ctx: &mut crate::context::LiveContext<'_>,
-    sink: &mut crate::context::StreamSink<'_>,
+    ctx: &mut crate::engine::context::LiveContext<'_>,
+    sink: &mut crate::engine::context::StreamSink<'_>,
     round: u32,
-    mut stopped: Option<crate::tracer::Tracer>,
+    mut stopped: Option<crate::kernel::tracer::Tracer>,
     progress: &mut dyn FnMut(&str),
 ) -> Result<(), EventError> {
     let mut sref: SinkRef<'_> = RecordSink_TO::from_ptr(sink, TD_Opaque);
@@ -181,7 +181,7 @@ pub fn precopy_one(
 pub fn restart_one(
     loaded: &mut Loaded,
     ctx: &mut ExternalContext<'_>,
-    source: &mut crate::context::StreamSource<'_>,
+    source: &mut crate::engine::context::StreamSource<'_>,
     progress: &mut dyn FnMut(&str),
 ) -> Result<(), EventError> {
     let mut sref: SourceRef<'_> = RecordSource_TO::from_ptr(source, TD_Opaque);

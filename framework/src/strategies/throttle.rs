@@ -7,8 +7,8 @@
 use std::path::PathBuf;
 
 use crate::{
-    check::mounts,
-    quiesce::{cgroup_of, write, FreezeError, Placement},
+    kernel::freezer::{cgroup_of, write, FreezeError, Placement},
+    kernel::probes::mounts,
 };
 
 const PERIOD_US: u64 = 100_000;

@@ -1,0 +1,7 @@
+//! The top floor: each request a user or a peer can make, composed from the layers
+//! below.
+
+pub mod checkpoint;
+pub mod control;
+pub mod daemon;
+pub mod migrate;

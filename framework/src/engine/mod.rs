@@ -1,0 +1,11 @@
+//! What every event shares: the plugin manager, the subsystems of a request loaded
+//! and ordered, the worker loop that drives a plugin, the process context plugins work
+//! through, the pipeline to the medium, the watchdog, dumping a frozen process and
+//! rebuilding one.
+
+pub mod context;
+pub mod event;
+pub mod manager;
+pub mod pipeline;
+pub mod rebuild;
+pub mod watchdog;

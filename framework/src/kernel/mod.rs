@@ -1,0 +1,10 @@
+//! What talks to the kernel about the target process: the tracer (seize, inject,
+//! read and write memory), the cgroup freezer, userfaultfd and `PAGEMAP_SCAN`
+//! definitions, dirty-page tracking, `clone3`, and the feature probes behind
+//! `ferry check`. Nothing here knows about plugins, images or the network.
+
+pub mod dirty;
+pub mod freezer;
+pub mod probes;
+pub mod tracer;
+pub(crate) mod uffd;
