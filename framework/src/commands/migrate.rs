@@ -18,8 +18,8 @@ use ferry_plugin_api::{MediumBox, MemRange, PluginKind};
 use serde::Serialize;
 
 use crate::{
-    commands::checkpoint::{quiesce, write_image},
     config::{Quiesce, Strategy},
+    engine::dump::{process_entry, quiesce, write_image, Live, Sent},
     engine::event::Loaded,
     engine::event::{self, EventError},
     engine::manager::Manager,
@@ -31,8 +31,9 @@ use crate::{
     kernel::tracer,
     kernel::tracer::Tracer,
     strategies::postcopy::{serve_until_message, LazyStats, Pager, LAZY_STREAM},
-    strategies::precopy::{self, recv_json, send_json, Live, Outcome, Sent},
+    strategies::precopy::{self, Outcome},
     strategies::throttle::Throttle,
+    wire::messages::{recv_json, recv_verdict, send_json, send_verdict},
     wire::protocol::{self, Hello, Local, PluginRef, Verdict},
 };
 
@@ -88,14 +89,6 @@ fn refused(message: impl Into<String>) -> EventError {
     EventError::Refused(message.into())
 }
 
-fn send_verdict(medium: &mut MediumBox, v: &Verdict) -> Result<(), String> {
-    send_json(medium, serde_json::from_str(&v.to_json()).map_err(|e| e.to_string())?)
-}
-
-fn recv_verdict(medium: &mut MediumBox, timeout: Duration) -> Result<Verdict, String> {
-    Verdict::from_json(&recv_json(medium, timeout)?.to_string()).map_err(|e| e.to_string())
-}
-
 /// The next verdict, answering the destination's page requests meanwhile (post-copy).
 fn verdict_serving(medium: &mut MediumBox, pid: i32, timeout: Duration) -> Result<Verdict, String> {
     Verdict::from_json(&serve_until_message(medium, pid, timeout, false)?.to_string()).map_err(|e| e.to_string())
@@ -114,7 +107,7 @@ fn unexpected<T: std::fmt::Debug>(answer: Result<T, String>) -> String {
 fn send_plan(medium: &mut MediumBox, tracer: &mut Tracer, subs: &[Loaded], req: &MigrateRequest) -> Result<u64, EventError> {
     let scratch = tracer.map_scratch(0)?;
     let plan = Plan {
-        process: crate::commands::checkpoint::process_entry(tracer, scratch),
+        process: process_entry(tracer, scratch),
         plugins: subs
             .iter()
             .enumerate()

@@ -16,8 +16,16 @@ use crate::{
     image::{self, Pull, RecordReader},
     kernel::dirty::DirtyTracker,
     kernel::tracer::Tracer,
-    strategies::postcopy::LazyPlan,
 };
+
+/// What the memory plugin leaves to post-copy on the destination.
+#[derive(Debug, Default, Clone)]
+pub struct LazyPlan {
+    /// The areas registered (mapped, empty).
+    pub areas: Vec<(u64, u64)>,
+    /// The pages of them the source has.
+    pub present: Vec<(u64, u64)>,
+}
 
 /// Shared resources of an event: the first process to claim one checkpoints it.
 #[derive(Default)]
@@ -400,13 +408,13 @@ impl RecordSource for StreamSource<'_> {
         let mut read = self.reader.next();
         // The end of a pre-copy round: tell the source this side has caught up.
         while let Ok(Some(r)) = &read {
-            if r.kind != crate::strategies::precopy::SYNC_KIND {
+            if r.kind != crate::wire::messages::SYNC_KIND {
                 break;
             }
             let stream = self.reader.stream();
             let round = serde_json::from_slice::<serde_json::Value>(&r.payload).ok().and_then(|v| v["round"].as_u64());
             let answered = match round {
-                Some(round) => crate::strategies::precopy::send_json(self.reader.source_mut().medium, crate::strategies::precopy::synced(stream, round)),
+                Some(round) => crate::wire::messages::send_json(self.reader.source_mut().medium, crate::wire::messages::synced(stream, round)),
                 None => Err("a malformed pre-copy sync record".to_string()),
             };
             if let Err(e) = answered {

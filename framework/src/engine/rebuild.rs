@@ -13,13 +13,14 @@ use std::{
 use ferry_plugin_api::{util::parse_maps, MediumBox, PluginKind};
 
 use crate::{
+    engine::context::LazyPlan,
     engine::context::{ExternalContext, MediumPull, SharedTable, StreamSource},
     engine::event::{self, EventError, Stats},
     engine::manager::Manager,
     engine::watchdog::Watchdog,
     image::{Inventory, PluginEntry, ProcessEntry, RecordReader, INVENTORY_STREAM},
+    kernel::clone::clone3_with_pid,
     kernel::tracer::{self, Tracer, SCRATCH_SIZE},
-    strategies::postcopy::LazyPlan,
 };
 
 pub struct RestoreRequest {
@@ -27,23 +28,6 @@ pub struct RestoreRequest {
     pub medium: String,
     /// How long the event may go without progress (`watchdog_ms`).
     pub watchdog: std::time::Duration,
-}
-
-/// struct clone_args of clone3(2) (also used by `ferry check`).
-#[repr(C)]
-#[derive(Default)]
-pub(crate) struct CloneArgs {
-    pub flags: u64,
-    pub pidfd: u64,
-    pub child_tid: u64,
-    pub parent_tid: u64,
-    pub exit_signal: u64,
-    pub stack: u64,
-    pub stack_size: u64,
-    pub tls: u64,
-    pub set_tid: u64,
-    pub set_tid_size: u64,
-    pub cgroup: u64,
 }
 
 /// The restore child: blocks until ferry seizes it. Runs in a forked copy of ferry,
@@ -108,16 +92,12 @@ fn spawn_child(want: i32) -> Result<i32, EventError> {
         return Err(fail("fork"));
     }
     if inter == 0 {
-        // SAFETY: clone3 with a struct on our stack; write/_exit are async-signal-safe.
+        // SAFETY: the child of a fork makes only raw system calls; write/_exit are
+        // async-signal-safe.
         unsafe {
-            let tid: i32 = want;
-            let mut args = CloneArgs { exit_signal: libc::SIGCHLD as u64, set_tid: &tid as *const i32 as u64, set_tid_size: 1, ..Default::default() };
-            let size = std::mem::size_of::<CloneArgs>();
-            let mut r = libc::syscall(libc::SYS_clone3, &args as *const CloneArgs, size);
+            let mut r = clone3_with_pid(want);
             if r < 0 {
-                args.set_tid = 0;
-                args.set_tid_size = 0;
-                r = libc::syscall(libc::SYS_clone3, &args as *const CloneArgs, size);
+                r = clone3_with_pid(0);
             }
             if r == 0 {
                 child_main();
@@ -361,7 +341,7 @@ impl Held {
 
     /// A userfaultfd of the rebuilt process, held only by ferry (post-copy).
     pub fn userfaultfd(&mut self) -> Result<std::os::fd::OwnedFd, EventError> {
-        crate::kernel::uffd::userfaultfd_in(&mut self.tracer, crate::strategies::postcopy::LAZY_FEATURES).map_err(EventError::Refused)
+        crate::kernel::uffd::userfaultfd_in(&mut self.tracer, crate::kernel::uffd::LAZY_FEATURES).map_err(EventError::Refused)
     }
 
     /// The rebuilt process's pid here.
@@ -383,9 +363,9 @@ pub struct Running {
 
 impl Running {
     /// Keeps the process going (see [`Tracer::tend`]).
-    pub fn tend(&mut self) -> Result<crate::strategies::postcopy::Tended, EventError> {
+    pub fn tend(&mut self) -> Result<Tended, EventError> {
         let alive = self.tracer.tend()?;
-        Ok(crate::strategies::postcopy::Tended { alive, forked: self.tracer.take_forked() })
+        Ok(Tended { alive, forked: self.tracer.take_forked() })
     }
 
     /// Lets the process go on its own.
@@ -601,6 +581,14 @@ fn rebuild(
             Err(e)
         }
     }
+}
+
+/// What tending the running process found.
+pub struct Tended {
+    /// It still lives.
+    pub alive: bool,
+    /// Children it forked since (held stopped by the tracer).
+    pub forked: Vec<i32>,
 }
 
 #[cfg(test)]

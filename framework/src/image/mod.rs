@@ -207,7 +207,7 @@ fn format_byte(f: RecordFormat) -> u8 {
 #[serde(deny_unknown_fields)]
 pub struct Inventory {
     pub format_version: u32,
-    /// Names the event on both machines; 32 lowercase hex chars ([`new_token`]).
+    /// Names the event on both machines; 32 lowercase hex chars ([`crate::random::new_token`]).
     pub token: String,
     pub created_unix_ms: u64,
     pub ferry_version: String,
@@ -253,7 +253,7 @@ impl Inventory {
             .unwrap_or(0);
         Inventory {
             format_version: FORMAT_VERSION,
-            token: new_token(),
+            token: crate::random::new_token(),
             created_unix_ms,
             ferry_version: env!("CARGO_PKG_VERSION").to_string(),
             medium: medium.to_string(),
@@ -365,7 +365,7 @@ impl Inventory {
                 self.format_version
             ));
         }
-        if !is_token(&self.token) {
+        if !crate::random::is_token(&self.token) {
             return bad(format!(
                 "token {:?} is not 32 lowercase hex digits",
                 self.token
@@ -427,58 +427,6 @@ fn check_inventory_head(bytes: &[u8]) -> Result<usize, ImageError> {
         });
     }
     Ok(len as usize)
-}
-
-fn is_token(t: &str) -> bool {
-    t.len() == 32
-        && t.bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-}
-
-/// 128 random bits as 32 lowercase hex chars: the token that names an event on both
-/// machines. From getrandom(2); /dev/urandom if the kernel lacks it. The token is a name,
-/// not a secret (the daemon authenticates peers apart from it), so if both fail it falls
-/// back to a hash of time, pid and a counter rather than failing the checkpoint.
-pub fn new_token() -> String {
-    let mut bytes = [0u8; 16];
-    if !getrandom_fill(&mut bytes)
-        && std::fs::File::open("/dev/urandom")
-            .and_then(|mut f| f.read_exact(&mut bytes))
-            .is_err()
-    {
-        static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        let seed = format!(
-            "{now}-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        );
-        bytes[..8].copy_from_slice(&xxh3_64(seed.as_bytes()).to_le_bytes());
-        bytes[8..].copy_from_slice(
-            &xxhash_rust::xxh3::xxh3_64_with_seed(seed.as_bytes(), 1).to_le_bytes(),
-        );
-    }
-    format!("{:032x}", u128::from_le_bytes(bytes))
-}
-
-fn getrandom_fill(buf: &mut [u8]) -> bool {
-    let mut done = 0;
-    while done < buf.len() {
-        let rest = &mut buf[done..];
-        // SAFETY: the pointer and length describe `rest`, memory we hold mutably.
-        let r = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
-        if r < 0 {
-            if std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
-                continue;
-            }
-            return false;
-        }
-        done += r as usize;
-    }
-    true
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1232,17 +1180,9 @@ mod tests {
     #[test]
     fn fresh_inventory_encodes() {
         let inv = Inventory::new("tcp");
-        assert!(is_token(&inv.token));
+        assert!(crate::random::is_token(&inv.token));
         assert!(inv.created_unix_ms > 1_600_000_000_000);
         assert_eq!(Inventory::decode(&inv.encode().unwrap()).unwrap(), inv);
-    }
-
-    #[test]
-    fn tokens_are_random_hex() {
-        let a = new_token();
-        let b = new_token();
-        assert!(is_token(&a), "{a}");
-        assert_ne!(a, b);
     }
 
     #[test]

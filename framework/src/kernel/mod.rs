@@ -3,6 +3,7 @@
 //! definitions, dirty-page tracking, `clone3`, and the feature probes behind
 //! `ferry check`. Nothing here knows about plugins, images or the network.
 
+pub(crate) mod clone;
 pub mod dirty;
 pub mod freezer;
 pub mod probes;

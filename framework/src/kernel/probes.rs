@@ -1008,28 +1008,13 @@ fn probe_pidfd() -> ProbeResult {
 // clone3 with set_tid
 // ---------------------------------------------------------------------------------------------
 
-use crate::engine::rebuild::CloneArgs;
-
 fn probe_clone3_set_tid() -> ProbeResult {
     // Ask for our own pid, which is certainly taken: EEXIST proves set_tid is supported and
     // permitted without creating a process.
     // SAFETY: getpid has no preconditions.
     let tid: libc::pid_t = unsafe { libc::getpid() };
-    let args = CloneArgs {
-        exit_signal: libc::SIGCHLD as u64,
-        set_tid: &tid as *const libc::pid_t as u64,
-        set_tid_size: 1,
-        ..Default::default()
-    };
-    // SAFETY: `args` and the set_tid array it points to are alive for the call. Should a
-    // process be created after all, the child only calls _exit.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_clone3,
-            &args as *const CloneArgs,
-            std::mem::size_of::<CloneArgs>(),
-        )
-    };
+    // SAFETY: should a process be created after all, the child only calls _exit.
+    let r = unsafe { super::clone::clone3_with_pid(tid) };
     if r == 0 {
         // SAFETY: _exit is async-signal-safe; the child must not run any more of our code.
         unsafe { libc::_exit(0) };
@@ -1212,7 +1197,6 @@ mod tests {
         assert_eq!(UFFDIO_COPY, 0xC028_AA03);
         assert_eq!(UFFDIO_WRITEPROTECT, 0xC018_AA06);
         assert_eq!(ferry_plugin_api::pagemap::PAGEMAP_SCAN, 0xC060_6610);
-        assert_eq!(std::mem::size_of::<CloneArgs>(), 88);
         assert_eq!(std::mem::size_of::<ferry_plugin_api::pagemap::PmScanArg>(), 96);
     }
 

@@ -159,3 +159,7 @@ pub(crate) const UFFDIO_ZEROPAGE: u64 = ioc(IOC_READ | IOC_WRITE, UFFDIO, 0x04, 
 pub(crate) const UFFDIO_WAKE: u64 = ioc(IOC_READ, UFFDIO, 0x02, std::mem::size_of::<UffdioRange>());
 /// `uffd_msg.event` of a page fault.
 pub(crate) const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
+
+/// UFFD_FEATURE_EVENT_REMAP | EVENT_REMOVE | EVENT_UNMAP: the process's mremap, madvise
+/// and munmap of areas still on their way are reported (and wait until read).
+pub const LAZY_FEATURES: u64 = (1 << 2) | (1 << 3) | (1 << 6);

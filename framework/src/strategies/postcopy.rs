@@ -28,9 +28,11 @@ use ferry_plugin_api::MediumBox;
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    engine::context::LazyPlan,
+    engine::rebuild::Tended,
     kernel::tracer::vm_ranges,
     kernel::uffd::*,
-    strategies::precopy::{recv_json, send_json},
+    wire::messages::{recv_json, send_json},
 };
 
 /// The stream the pages travel on (above every plugin's).
@@ -38,15 +40,6 @@ pub const LAZY_STREAM: u32 = 1024;
 const PAGE: u64 = 4096;
 /// The most one `want` may ask for.
 const MAX_WANT: u64 = 64 << 20;
-
-/// What the memory plugin leaves to post-copy on the destination.
-#[derive(Debug, Default, Clone)]
-pub struct LazyPlan {
-    /// The areas registered (mapped, empty).
-    pub areas: Vec<(u64, u64)>,
-    /// The pages of them the source has.
-    pub present: Vec<(u64, u64)>,
-}
 
 /// What post-copy did, for the statistics.
 #[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq)]
@@ -217,9 +210,6 @@ pub struct Pager {
     pub stats: LazyStats,
 }
 
-/// UFFD_FEATURE_EVENT_REMAP | EVENT_REMOVE | EVENT_UNMAP: the process's mremap, madvise
-/// and munmap of areas still on their way are reported (and wait until read).
-pub const LAZY_FEATURES: u64 = (1 << 2) | (1 << 3) | (1 << 6);
 const UFFD_EVENT_REMAP: u8 = 0x14;
 const UFFD_EVENT_REMOVE: u8 = 0x15;
 const UFFD_EVENT_UNMAP: u8 = 0x16;
@@ -627,14 +617,6 @@ impl Pager {
         self.stats.lazy_ms = crate::engine::event::ms(started);
         Ok(())
     }
-}
-
-/// What tending the running process found.
-pub struct Tended {
-    /// It still lives.
-    pub alive: bool,
-    /// Children it forked since (held stopped by the tracer).
-    pub forked: Vec<i32>,
 }
 
 #[cfg(test)]

@@ -11,39 +11,20 @@
 
 use std::time::{Duration, Instant};
 
-use abi_stable::std_types::RStr;
 use ferry_plugin_api::{MediumBox, MemRange, RecordFormat, RecordSink};
 use serde::Serialize;
 
 use crate::{
     engine::context::{LiveContext, StreamSink},
+    engine::dump::Live,
     engine::event::{self, EventError, Loaded},
     engine::pipeline::Pipeline,
     engine::watchdog::Watchdog,
-    kernel::dirty::DirtyTracker,
     kernel::tracer::Tracer,
     strategies::throttle::Throttle,
+    wire::messages::{recv_json, synced, SYNC_KIND},
     wire::protocol::Verdict,
 };
-
-/// The kind of the framework's record that closes a round on a stream; the
-/// destination's record source answers it and never hands it to the plugin.
-pub const SYNC_KIND: &str = "ferry.sync";
-
-/// What was sent on one stream so far (its inventory entry counts them all).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Sent {
-    pub records: u64,
-    pub bytes: u64,
-    pub page_bytes: u64,
-}
-
-/// The pre-copy state an event carries into its freeze.
-pub struct Live {
-    pub tracker: DirtyTracker,
-    /// Per subsystem, in stream order.
-    pub sent: Vec<Sent>,
-}
 
 pub struct Tuning {
     pub budget: Duration,
@@ -63,24 +44,6 @@ pub struct Outcome {
     pub rounds: Vec<Round>,
     /// Why the rounds ended: "converged", "max rounds", "not shrinking".
     pub stop: &'static str,
-}
-
-/// A control message through the medium.
-pub(crate) fn send_json(medium: &mut MediumBox, msg: serde_json::Value) -> Result<(), String> {
-    let cmd = serde_json::json!({"op": "send", "msg": msg}).to_string();
-    medium.command(RStr::from_str(&cmd)).into_result().map(|_| ()).map_err(|e| e.message.into_string())
-}
-
-pub(crate) fn recv_json(medium: &mut MediumBox, timeout: Duration) -> Result<serde_json::Value, String> {
-    let cmd = serde_json::json!({"op": "recv", "timeout_ms": timeout.as_millis() as u64}).to_string();
-    let reply = medium.command(RStr::from_str(&cmd)).into_result().map_err(|e| e.message.into_string())?;
-    let mut v: serde_json::Value = serde_json::from_str(reply.as_str()).map_err(|e| format!("bad reply from the medium: {e}"))?;
-    Ok(v["msg"].take())
-}
-
-/// The destination's answer to a `sync` record.
-pub(crate) fn synced(stream: u32, round: u64) -> serde_json::Value {
-    serde_json::json!({"type": "synced", "stream": stream, "round": round})
 }
 
 /// Waits for the destination to confirm round `round` on each of `streams`.

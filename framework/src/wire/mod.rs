@@ -2,4 +2,5 @@
 //! authentication, the handshake, message framing, and the JSON messages exchanged on
 //! the medium once the handshake is done.
 
+pub mod messages;
 pub mod protocol;

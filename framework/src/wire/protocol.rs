@@ -201,7 +201,7 @@ impl Hello {
             protocol: PROTOCOL_VERSION,
             arch: std::env::consts::ARCH.to_string(),
             page_size: page_size(),
-            token: crate::image::new_token(),
+            token: crate::random::new_token(),
             request_id,
             pid,
             strategy: strategy.to_string(),
@@ -472,23 +472,7 @@ fn proof_bytes(mac: Hmac<Sha256>) -> [u8; NONCE_LEN] {
 /// tokens, nonces must be unpredictable, so there is no weaker fallback.
 fn random_nonce() -> Result<[u8; NONCE_LEN], ProtocolError> {
     let mut buf = [0u8; NONCE_LEN];
-    let mut done = 0;
-    while done < buf.len() {
-        let rest = &mut buf[done..];
-        // SAFETY: the pointer and length describe `rest`, memory we hold mutably.
-        let r = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
-        if r < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            std::fs::File::open("/dev/urandom")
-                .and_then(|mut f| f.read_exact(&mut buf))
-                .map_err(ProtocolError::Random)?;
-            return Ok(buf);
-        }
-        done += r as usize;
-    }
+    crate::random::fill(&mut buf).map_err(ProtocolError::Random)?;
     Ok(buf)
 }
 
@@ -856,7 +840,7 @@ mod tests {
             protocol: PROTOCOL_VERSION,
             arch: "x86_64".into(),
             page_size: 4096,
-            token: crate::image::new_token(),
+            token: crate::random::new_token(),
             request_id: 7,
             pid: 4242,
             strategy: "precopy".into(),
