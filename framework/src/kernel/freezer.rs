@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::kernel::probes::mounts;
+use crate::kernel::mounts::mounts;
 
 #[derive(Debug, thiserror::Error)]
 #[error("freezer: {0}")]

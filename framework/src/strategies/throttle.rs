@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use crate::{
     kernel::freezer::{cgroup_of, write, FreezeError, Placement},
-    kernel::probes::mounts,
+    kernel::mounts::mounts,
 };
 
 const PERIOD_US: u64 = 100_000;
