@@ -15,7 +15,7 @@ use ferry::{
     commands::migrate::{self, MigrateRequest},
     config::{Config, ExecContext, Overrides, Quiesce, Strategy},
     engine::manager::{self, Manager},
-    engine::rebuild::{self, RestoreRequest},
+    commands::restore::{self, RestoreRequest},
     image,
     kernel::probes,
     wire::protocol,
@@ -273,7 +273,7 @@ fn run(cli: Cli) -> Outcome {
                 medium: "file".into(),
                 watchdog: Duration::from_millis(config.watchdog_ms),
             };
-            let stats = rebuild::restore(&manager, &req, &mut progress_bar("restore"))?;
+            let stats = restore::restore(&manager, &req, &mut progress_bar("restore"))?;
             if *json {
                 println!("{}", serde_json::to_string(&stats)?);
             } else {

@@ -15,7 +15,7 @@ use nix::sys::signal::{SigSet, Signal};
 
 use crate::{
     commands::control,
-    commands::migrate,
+    commands::serve,
     engine::manager::Manager,
     kernel::probes,
 };
@@ -96,7 +96,7 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
                 let (manager, key, features, stats) = (manager.clone(), key.clone(), features.clone(), stats.clone());
                 let id = next_id.fetch_add(1, Ordering::Relaxed);
                 let _ = std::thread::Builder::new().name(format!("ferry-event-{id}")).spawn(move || {
-                    let record = migrate::serve(&manager, stream, key.as_deref().map(|k| k.as_slice()), &features, id, timeout);
+                    let record = serve::serve(&manager, stream, key.as_deref().map(|k| k.as_slice()), &features, id, timeout);
                     log(&record.line());
                     if let (Some(dir), Some(token)) = (&stats, &record.token) {
                         // Written aside and renamed: a reader never sees half a file.

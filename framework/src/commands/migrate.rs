@@ -1,5 +1,5 @@
-//! Live migration, stop-copy: the coordinator on the source (`ferry migrate`) and the
-//! event a destination daemon serves. The protocol (`protocol.rs`) authenticates and
+//! `ferry migrate`: the coordinator on the source of a live migration (the destination
+//! daemon's side is [`super::serve`]). The protocol ([`crate::wire`]) authenticates and
 //! agrees on the mechanism before anything is frozen; the image then travels through
 //! the TCP medium; the destination rebuilds the process and holds it stopped; the
 //! source's receipt of `Rebuilt` is the commit point. Before it, every failure thaws
@@ -24,17 +24,17 @@ use crate::{
     engine::event::{self, EventError},
     engine::manager::Manager,
     engine::pipeline::Pipeline,
-    engine::rebuild::{self, Plan},
+    engine::rebuild::Plan,
     engine::watchdog::Watchdog,
     image::PluginEntry,
     kernel::dirty::DirtyTracker,
     kernel::tracer,
     kernel::tracer::Tracer,
-    strategies::postcopy::{serve_until_message, LazyStats, Pager, LAZY_STREAM},
+    strategies::postcopy::{serve_until_message, LazyStats, LAZY_STREAM},
     strategies::precopy::{self, Outcome},
     strategies::throttle::Throttle,
-    wire::messages::{recv_json, recv_verdict, send_json, send_verdict},
-    wire::protocol::{self, Hello, Local, PluginRef, Verdict},
+    wire::messages::{recv_json, send_json, send_verdict},
+    wire::protocol::{self, Hello, PluginRef, Verdict},
 };
 
 /// The kernel features a stop-copy event needs on the destination.
@@ -411,216 +411,6 @@ pub fn migrate(manager: &Manager, req: &MigrateRequest, progress: &mut dyn FnMut
             let_go(tracer, live);
             drop(freezer);
             Err(e)
-        }
-    }
-}
-
-/// Post-copy after the commit: the process runs, still traced (it dies with this
-/// daemon rather than run on without its memory), while its pages arrive; then it is
-/// let go.
-fn lazy_commit(
-    held: rebuild::Held,
-    mut pager: Pager,
-    medium: &mut MediumBox,
-    timeout: Duration,
-    mut record: EventRecord,
-    end: impl Fn(EventRecord, &'static str, String) -> EventRecord,
-) -> EventRecord {
-    let pid = held.pid();
-    let mut running = match held.run_traced() {
-        Ok(r) => r,
-        Err(e) => return end(record, "failed", format!("releasing the process: {e}")),
-    };
-    let _ = send_verdict(medium, &Verdict::Released);
-    crate::trace::mark("running (post-copy)");
-    record.new_pid = Some(pid);
-    record.bytes = running.stats.bytes;
-    record.pages = running.stats.pages;
-    if let Err(e) = pager.run(medium, timeout, &mut || running.tend().map_err(|e| e.to_string())) {
-        // Without its pages the process cannot go on: it goes, rather than hang on a
-        // fault; the source still holds its frozen copy.
-        running.kill();
-        record.new_pid = None;
-        return end(record, "failed after resume", format!("post-copy: {e}; the process here (pid {pid}) is killed"));
-    }
-    // Every page is in: the userfaultfd goes first (a thread waiting for us to read a
-    // mapping change of its own is let go by that, and could not be stopped before),
-    // then the tracer.
-    let stats = pager.finish();
-    if let Err(e) = running.finish() {
-        return end(record, "failed after resume", format!("letting the process go: {e}"));
-    }
-    let _ = send_json(medium, serde_json::json!({"type": "lazy-done", "stats": stats}));
-    record.pages += stats.pages_faulted + stats.pages_pushed;
-    record.bytes += (stats.pages_faulted + stats.pages_pushed) * 4096;
-    end(record, "committed", String::new())
-}
-
-/// What the daemon knows of itself for the handshake.
-pub fn local(manager: &Manager, features: &[String]) -> Local {
-    let plugins = manager.list().into_iter().map(|m| PluginRef { name: m.name, version: m.version }).collect();
-    Local::this_machine(plugins, features.to_vec())
-}
-
-/// What the daemon records of one event: a line for its log, a JSON object for its
-/// per-event statistics.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct EventRecord {
-    pub token: Option<String>,
-    pub source: String,
-    /// The pid on the source.
-    pub pid: Option<i32>,
-    /// refused, failed, rolled back, committed.
-    pub outcome: &'static str,
-    pub detail: String,
-    /// The pid here, once committed.
-    pub new_pid: Option<i32>,
-    pub bytes: u64,
-    pub pages: u64,
-    /// Connection to release.
-    pub total_ms: f64,
-}
-
-impl EventRecord {
-    pub fn line(&self) -> String {
-        let who = match (&self.token, self.pid) {
-            (Some(t), Some(p)) => format!("event {t} from {} pid {p}", self.source),
-            _ => format!("from {}", self.source),
-        };
-        match self.new_pid {
-            Some(new) => format!(
-                "{who}: committed as pid {new}, {} bytes, total {:.1} ms",
-                self.bytes, self.total_ms
-            ),
-            None => format!("{who}: {}: {}", self.outcome, self.detail),
-        }
-    }
-}
-
-/// One migration arriving at the daemon, on an accepted connection.
-pub fn serve(manager: &Manager, mut stream: TcpStream, key: Option<&[u8]>, features: &[String], id: u64, timeout: Duration) -> EventRecord {
-    let source = stream.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into());
-    let started = Instant::now();
-    let mut record = EventRecord { source, ..EventRecord::default() };
-    let end = |mut r: EventRecord, outcome: &'static str, detail: String| {
-        r.outcome = outcome;
-        r.detail = detail;
-        r.total_ms = event::ms(started);
-        r
-    };
-    let _ = stream.set_read_timeout(Some(timeout));
-    if let Err(e) = protocol::authenticate_server(&mut stream, key) {
-        return end(record, "refused", e.to_string());
-    }
-    let hello = match protocol::server_handshake(&mut stream, &local(manager, features), id) {
-        Ok(h) => h,
-        Err(e) => return end(record, "refused", e.to_string()),
-    };
-    record.token = Some(hello.token.clone());
-    record.pid = Some(hello.pid);
-    crate::fault::point("after-handshake");
-    let lease = match manager.acquire(PluginKind::Medium, "tcp") {
-        Ok(l) => l,
-        Err(e) => return end(record, "failed", e.to_string()),
-    };
-    let fd = stream.into_raw_fd();
-    let mut medium = match lease.open_medium(&serde_json::json!({"fd": fd, "timeout_ms": timeout.as_millis() as u64})) {
-        Ok(m) => m,
-        Err(e) => return end(record, "failed", e.to_string()),
-    };
-    // The restore child is made now, while the source still runs.
-    let child = match rebuild::Blank::make(hello.pid) {
-        Ok(c) => c,
-        Err(e) => {
-            let _ = send_json(&mut medium, serde_json::json!({"type": "failed", "reason": e.to_string()}));
-            return end(record, "failed", e.to_string());
-        }
-    };
-    if let Err(e) = send_json(&mut medium, serde_json::json!({"type": "ready"})) {
-        return end(record, "failed", e);
-    }
-    let mut tuning = (256 << 10, 2 << 20);
-    let plan = recv_json(&mut medium, timeout).and_then(|mut m| {
-        if m["type"] != "plan" {
-            return Err(format!("expected the plan, got {m}"));
-        }
-        if let (Some(w), Some(b)) = (m["post_copy"]["window"].as_u64(), m["post_copy"]["batch"].as_u64()) {
-            tuning = (w.clamp(4096, 1 << 30), b.clamp(4096, 64 << 20));
-        }
-        serde_json::from_value::<Plan>(m["plan"].take()).map_err(|e| format!("a bad plan: {e}"))
-    });
-    crate::trace::mark("plan received");
-    let plan = match plan {
-        Ok(p) => p,
-        Err(e) => return end(record, "failed", e),
-    };
-    // The last resort if a plugin stops answering: this event's thread stays stuck,
-    // but the half-built process is killed; the source times out and rolls back.
-    let stuck = record.clone();
-    let watchdog = Watchdog::start(timeout, move |why, victim| {
-        if victim > 0 {
-            // SAFETY: killing the restore child this event created.
-            unsafe { libc::kill(victim, libc::SIGKILL) };
-        }
-        eprintln!("ferry daemon: {}", EventRecord { outcome: "rolled back", detail: why, ..stuck }.line());
-    });
-    let rebuilt = rebuild::restore_streaming(manager, &mut medium, &plan, Some(child), &watchdog, started, &mut |_| {});
-    drop(watchdog);
-    let mut held = match rebuilt {
-        Ok(h) => h,
-        Err(e) => {
-            let _ = send_verdict(&mut medium, &Verdict::Failed { reason: e.to_string() });
-            return end(record, "failed", e.to_string());
-        }
-    };
-    // Post-copy: the lazy areas are registered before the process may run.
-    let pager = match held.lazy.take() {
-        None => Ok(None),
-        Some(plan) => held.userfaultfd().map_err(|e| e.to_string()).and_then(|uffd| {
-            let mut pager = Pager::new(held.pid(), uffd, plan, tuning.0, tuning.1);
-            pager.settle(&mut medium, timeout)?;
-            crate::trace::mark("lazy pages settled");
-            pager.register()?;
-            crate::trace::mark("lazy areas registered");
-            Ok(Some(pager))
-        }),
-    };
-    let mut pager = match pager {
-        Ok(p) => p,
-        Err(e) => {
-            held.abort();
-            let _ = send_verdict(&mut medium, &Verdict::Failed { reason: e.clone() });
-            return end(record, "failed", e);
-        }
-    };
-    let pids = held.pids().clone();
-    crate::fault::point("before-commit");
-    if let Err(e) = send_verdict(&mut medium, &Verdict::Rebuilt { pids: pids.clone(), restore_ms: event::ms(started) }) {
-        held.abort();
-        return end(record, "rolled back", e);
-    }
-    crate::trace::mark("rebuilt sent");
-    match recv_verdict(&mut medium, timeout) {
-        Ok(Verdict::Commit) if pager.is_some() => {
-            lazy_commit(held, pager.take().expect("checked"), &mut medium, timeout, record, end)
-        }
-        Ok(Verdict::Commit) => match held.release() {
-            Ok(stats) => {
-                let _ = send_verdict(&mut medium, &Verdict::Released);
-                record.new_pid = pids.values().next().copied();
-                record.bytes = stats.bytes;
-                record.pages = stats.pages;
-                end(record, "committed", String::new())
-            }
-            Err(e) => end(record, "failed", format!("releasing the process: {e}")),
-        },
-        Ok(other) => {
-            held.abort();
-            end(record, "rolled back", format!("the source said {other:?}"))
-        }
-        Err(e) => {
-            held.abort();
-            end(record, "rolled back", e)
         }
     }
 }

@@ -5,3 +5,5 @@ pub mod checkpoint;
 pub mod control;
 pub mod daemon;
 pub mod migrate;
+pub mod restore;
+pub mod serve;

@@ -1,16 +1,13 @@
-//! `ferry restore`: a child of ferry, stopped under ptrace, becomes the process of an
-//! image. ferry makes the child (keeping the image's pid where it is free), empties
+//! Rebuilding a process, for `ferry restore` and for a migration's destination: a child
+//! of ferry, stopped under ptrace, becomes the process of an image. ferry makes the child (keeping the image's pid where it is free), empties
 //! its address space down to the scratch area and the kernel's special mappings, lets
 //! each subsystem plugin rebuild its part by injected system calls, and releases all
 //! threads at once. On any failure the half-built child is killed; nothing else is
 //! touched.
 
-use std::{
-    path::PathBuf,
-    time::{Duration, Instant},
-};
+use std::time::Instant;
 
-use ferry_plugin_api::{util::parse_maps, MediumBox, PluginKind};
+use ferry_plugin_api::{util::parse_maps, MediumBox};
 
 use crate::{
     engine::context::LazyPlan,
@@ -20,15 +17,8 @@ use crate::{
     engine::watchdog::Watchdog,
     image::{Inventory, PluginEntry, ProcessEntry, RecordReader, INVENTORY_STREAM},
     kernel::clone::clone3_with_pid,
-    kernel::tracer::{self, Tracer, SCRATCH_SIZE},
+    kernel::tracer::{Tracer, SCRATCH_SIZE},
 };
-
-pub struct RestoreRequest {
-    pub dir: PathBuf,
-    pub medium: String,
-    /// How long the event may go without progress (`watchdog_ms`).
-    pub watchdog: std::time::Duration,
-}
 
 /// The restore child: blocks until ferry seizes it. Runs in a forked copy of ferry,
 /// so only raw system calls.
@@ -40,38 +30,6 @@ fn child_main() -> ! {
         loop {
             libc::pause();
         }
-    }
-}
-
-/// How long the image's own process may take to exit, which it does at memory speed.
-const ORIGINAL_EXIT: Duration = Duration::from_secs(10);
-/// How long its parent may take to hear of the exit and reap it.
-const ORIGINAL_REAP: Duration = Duration::from_millis(100);
-
-/// A checkpoint kills its process without waiting while the process frees its memory:
-/// when the image's own process still holds its pid, wait for it to finish exiting
-/// and be reaped, so that the restored process gets the pid back. Another process
-/// with the pid, or a parent that does not reap, only costs the pid.
-fn await_original(process: &ProcessEntry) {
-    let pid = process.pid;
-    let same = || !process.start.is_empty() && tracer::start_stamp(pid).as_deref() == Some(process.start.as_str());
-    if !same() {
-        return;
-    }
-    crate::trace::mark("waiting for the image's own process to exit");
-    // SAFETY: pidfd_open takes a pid and flags; the fd is ours and closed below.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
-    if fd >= 0 {
-        let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
-        // SAFETY: one pollfd; a pidfd turns readable when its process has exited.
-        unsafe {
-            libc::poll(&mut p, 1, ORIGINAL_EXIT.as_millis() as i32);
-            libc::close(fd);
-        }
-    }
-    let deadline = Instant::now() + ORIGINAL_REAP;
-    while same() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(1));
     }
 }
 
@@ -379,35 +337,6 @@ impl Running {
     }
 }
 
-/// Restores the image in directory `req.dir` and lets it run.
-pub fn restore(manager: &Manager, req: &RestoreRequest, progress: &mut dyn FnMut(&str)) -> Result<Stats, EventError> {
-    let started = Instant::now();
-    let medium_lease = manager.acquire(PluginKind::Medium, &req.medium)?;
-    if !req.dir.is_dir() {
-        return Err(EventError::ImageDir { path: req.dir.display().to_string(), message: "no such directory".into() });
-    }
-    let mut medium = medium_lease.open_medium(&serde_json::json!({"role": "read", "dir": req.dir}))?;
-    let dir = req.dir.display().to_string();
-    // The last resort if a plugin stops answering: kill the half-built child and go.
-    let watchdog = Watchdog::start(req.watchdog, |why, victim| {
-        eprintln!("ferry: {why}; the half-built process is removed");
-        if victim > 0 {
-            // SAFETY: killing the restore child this event created.
-            unsafe { libc::kill(victim, libc::SIGKILL) };
-        }
-        std::process::exit(1);
-    });
-    let held = restore_held(manager, &mut medium, &watchdog, started, progress).map_err(|e| match e {
-        EventError::Image(e) => EventError::ImageDir { path: dir, message: e.to_string() },
-        other => other,
-    })?;
-    if held.lazy.is_some() {
-        held.abort();
-        return Err(EventError::ImageDir { path: req.dir.display().to_string(), message: "it leaves memory to post-copy, which only a migration carries".into() });
-    }
-    held.release()
-}
-
 /// What a rebuild needs to know before the first record: the process and the plugins
 /// with their streams. From the inventory of an image, or, for a migration, from the
 /// preamble the source sends ahead of the streams (the inventory comes last).
@@ -419,7 +348,7 @@ pub struct Plan {
 }
 
 impl Plan {
-    fn from_inventory(inventory: &Inventory) -> Result<Plan, EventError> {
+    pub fn from_inventory(inventory: &Inventory) -> Result<Plan, EventError> {
         let [process] = inventory.processes.as_slice() else {
             return Err(EventError::Refused(format!(
                 "the image holds {} processes; this ferry restores one",
@@ -428,21 +357,6 @@ impl Plan {
         };
         Ok(Plan { process: process.clone(), plugins: inventory.plugins.clone() })
     }
-}
-
-/// Rebuilds the process of the image carried by `medium` and holds it stopped.
-pub fn restore_held(
-    manager: &Manager,
-    medium: &mut MediumBox,
-    watchdog: &Watchdog,
-    started: Instant,
-    progress: &mut dyn FnMut(&str),
-) -> Result<Held, EventError> {
-    let inventory = Inventory::read_from(&mut MediumPull { medium, stream: INVENTORY_STREAM })?;
-    let plan = Plan::from_inventory(&inventory)?;
-    // Not for a migration: its source lives on until the destination's copy runs.
-    await_original(&plan.process);
-    rebuild(manager, medium, &plan, true, None, watchdog, started, progress)
 }
 
 /// Rebuilds from streams still arriving, as `plan` announces them; the inventory,
@@ -513,7 +427,7 @@ fn check_plugins(manager: &Manager, plugins: &[PluginEntry]) -> Result<(), Event
 
 /// `counts_known`: the plan's plugin entries carry the records and bytes of each
 /// stream (an image's inventory) and each stream is checked as soon as it is read.
-fn rebuild(
+pub fn rebuild(
     manager: &Manager,
     medium: &mut MediumBox,
     plan: &Plan,
@@ -589,47 +503,4 @@ pub struct Tended {
     pub alive: bool,
     /// Children it forked since (held stopped by the tracer).
     pub forked: Vec<i32>,
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn entry(pid: i32, start: String) -> ProcessEntry {
-        ProcessEntry { pid, tids: vec![pid], comm: "sleep".into(), scratch: 0, start }
-    }
-
-    fn sleeper() -> std::process::Child {
-        std::process::Command::new("sleep").arg("30").spawn().expect("sleep(1) runs")
-    }
-
-    #[test]
-    fn a_restore_waits_for_the_image_s_own_process_to_exit_and_be_reaped() {
-        let mut child = sleeper();
-        let pid = child.id() as i32;
-        let original = entry(pid, tracer::start_stamp(pid).expect("the child's stamp"));
-        // Killed and reaped a moment later, as a checkpoint and its parent would.
-        let killer = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(50));
-            let _ = child.kill();
-            let _ = child.wait();
-        });
-        await_original(&original);
-        let gone = tracer::start_stamp(pid).as_deref() != Some(original.start.as_str());
-        killer.join().unwrap();
-        assert!(gone, "await_original returned while the image's own process held its pid");
-    }
-
-    #[test]
-    fn another_process_with_the_pid_is_not_waited_for() {
-        let mut child = sleeper();
-        let pid = child.id() as i32;
-        let t = Instant::now();
-        await_original(&entry(pid, "another-boot/1".into()));
-        await_original(&entry(pid, String::new()));
-        let waited = t.elapsed();
-        let _ = child.kill();
-        let _ = child.wait();
-        assert!(waited < ORIGINAL_EXIT / 2, "waited {waited:?} for a process the image is not of");
-    }
 }

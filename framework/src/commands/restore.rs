@@ -1,0 +1,147 @@
+//! `ferry restore`: the process of an image directory rebuilt (by the engine's
+//! [`rebuild`](crate::engine::rebuild)) and let go. When the image's own process still
+//! holds its pid (it frees its memory after the checkpoint answered), the restore
+//! waits for it, so the pid comes back.
+
+use std::{
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use ferry_plugin_api::{MediumBox, PluginKind};
+
+use crate::{
+    engine::context::MediumPull,
+    engine::event::{EventError, Stats},
+    engine::manager::Manager,
+    engine::rebuild::{rebuild, Held, Plan},
+    engine::watchdog::Watchdog,
+    image::{Inventory, ProcessEntry, INVENTORY_STREAM},
+    kernel::tracer,
+};
+
+pub struct RestoreRequest {
+    pub dir: PathBuf,
+    pub medium: String,
+    /// How long the event may go without progress (`watchdog_ms`).
+    pub watchdog: std::time::Duration,
+}
+
+/// How long the image's own process may take to exit, which it does at memory speed.
+const ORIGINAL_EXIT: Duration = Duration::from_secs(10);
+/// How long its parent may take to hear of the exit and reap it.
+const ORIGINAL_REAP: Duration = Duration::from_millis(100);
+
+/// A checkpoint kills its process without waiting while the process frees its memory:
+/// when the image's own process still holds its pid, wait for it to finish exiting
+/// and be reaped, so that the restored process gets the pid back. Another process
+/// with the pid, or a parent that does not reap, only costs the pid.
+fn await_original(process: &ProcessEntry) {
+    let pid = process.pid;
+    let same = || !process.start.is_empty() && tracer::start_stamp(pid).as_deref() == Some(process.start.as_str());
+    if !same() {
+        return;
+    }
+    crate::trace::mark("waiting for the image's own process to exit");
+    // SAFETY: pidfd_open takes a pid and flags; the fd is ours and closed below.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
+    if fd >= 0 {
+        let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+        // SAFETY: one pollfd; a pidfd turns readable when its process has exited.
+        unsafe {
+            libc::poll(&mut p, 1, ORIGINAL_EXIT.as_millis() as i32);
+            libc::close(fd);
+        }
+    }
+    let deadline = Instant::now() + ORIGINAL_REAP;
+    while same() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Restores the image in directory `req.dir` and lets it run.
+pub fn restore(manager: &Manager, req: &RestoreRequest, progress: &mut dyn FnMut(&str)) -> Result<Stats, EventError> {
+    let started = Instant::now();
+    let medium_lease = manager.acquire(PluginKind::Medium, &req.medium)?;
+    if !req.dir.is_dir() {
+        return Err(EventError::ImageDir { path: req.dir.display().to_string(), message: "no such directory".into() });
+    }
+    let mut medium = medium_lease.open_medium(&serde_json::json!({"role": "read", "dir": req.dir}))?;
+    let dir = req.dir.display().to_string();
+    // The last resort if a plugin stops answering: kill the half-built child and go.
+    let watchdog = Watchdog::start(req.watchdog, |why, victim| {
+        eprintln!("ferry: {why}; the half-built process is removed");
+        if victim > 0 {
+            // SAFETY: killing the restore child this event created.
+            unsafe { libc::kill(victim, libc::SIGKILL) };
+        }
+        std::process::exit(1);
+    });
+    let held = restore_held(manager, &mut medium, &watchdog, started, progress).map_err(|e| match e {
+        EventError::Image(e) => EventError::ImageDir { path: dir, message: e.to_string() },
+        other => other,
+    })?;
+    if held.lazy.is_some() {
+        held.abort();
+        return Err(EventError::ImageDir { path: req.dir.display().to_string(), message: "it leaves memory to post-copy, which only a migration carries".into() });
+    }
+    held.release()
+}
+
+/// Rebuilds the process of the image carried by `medium` and holds it stopped.
+pub fn restore_held(
+    manager: &Manager,
+    medium: &mut MediumBox,
+    watchdog: &Watchdog,
+    started: Instant,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Held, EventError> {
+    let inventory = Inventory::read_from(&mut MediumPull { medium, stream: INVENTORY_STREAM })?;
+    let plan = Plan::from_inventory(&inventory)?;
+    // Not for a migration: its source lives on until the destination's copy runs.
+    await_original(&plan.process);
+    rebuild(manager, medium, &plan, true, None, watchdog, started, progress)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(pid: i32, start: String) -> ProcessEntry {
+        ProcessEntry { pid, tids: vec![pid], comm: "sleep".into(), scratch: 0, start }
+    }
+
+    fn sleeper() -> std::process::Child {
+        std::process::Command::new("sleep").arg("30").spawn().expect("sleep(1) runs")
+    }
+
+    #[test]
+    fn a_restore_waits_for_the_image_s_own_process_to_exit_and_be_reaped() {
+        let mut child = sleeper();
+        let pid = child.id() as i32;
+        let original = entry(pid, tracer::start_stamp(pid).expect("the child's stamp"));
+        // Killed and reaped a moment later, as a checkpoint and its parent would.
+        let killer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            let _ = child.kill();
+            let _ = child.wait();
+        });
+        await_original(&original);
+        let gone = tracer::start_stamp(pid).as_deref() != Some(original.start.as_str());
+        killer.join().unwrap();
+        assert!(gone, "await_original returned while the image's own process held its pid");
+    }
+
+    #[test]
+    fn another_process_with_the_pid_is_not_waited_for() {
+        let mut child = sleeper();
+        let pid = child.id() as i32;
+        let t = Instant::now();
+        await_original(&entry(pid, "another-boot/1".into()));
+        await_original(&entry(pid, String::new()));
+        let waited = t.elapsed();
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(waited < ORIGINAL_EXIT / 2, "waited {waited:?} for a process the image is not of");
+    }
+}
