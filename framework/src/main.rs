@@ -351,7 +351,7 @@ fn run(cli: Cli) -> Outcome {
                 auth_key: key_file.as_deref().map(protocol::load_key).transpose()?,
                 timeout: Duration::from_millis(config.watchdog_ms),
                 strategy: config.mechanism.strategy,
-                pre_copy: ferry::strategies::precopy::Tuning {
+                pre_copy: ferry::strategies::rounds::Tuning {
                     budget: Duration::from_millis(config.tuning.pre_copy.downtime_budget_ms),
                     max_rounds: config.tuning.pre_copy.max_rounds,
                     throttle: config.tuning.pre_copy.throttle,

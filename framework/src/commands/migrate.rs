@@ -1,9 +1,11 @@
 //! `ferry migrate`: the coordinator on the source of a live migration (the destination
-//! daemon's side is [`super::serve`]). The protocol ([`crate::wire`]) authenticates and
-//! agrees on the mechanism before anything is frozen; the image then travels through
-//! the TCP medium; the destination rebuilds the process and holds it stopped; the
-//! source's receipt of `Rebuilt` is the commit point. Before it, every failure thaws
-//! the source and the destination kills what it built.
+//! daemon's side is [`super::serve`]). The algorithm ([`crate::strategies`]) says
+//! whether pre-copy rounds run first and whether memory follows after the resume. The
+//! protocol ([`crate::wire`]) authenticates and agrees on the mechanism before anything
+//! is frozen; the image then travels through the TCP medium; the destination rebuilds
+//! the process and holds it stopped; the source's receipt of `Rebuilt` is the commit
+//! point. Before it, every failure thaws the source and the destination kills what it
+//! built.
 
 use std::{
     collections::BTreeMap,
@@ -30,8 +32,8 @@ use crate::{
     kernel::dirty::DirtyTracker,
     kernel::tracer,
     kernel::tracer::Tracer,
-    strategies::postcopy::{serve_until_message, LazyStats, LAZY_STREAM},
-    strategies::precopy::{self, Outcome},
+    strategies::pager::{serve_until_message, LazyStats, LAZY_STREAM},
+    strategies::{self, rounds::{self, Outcome}},
     strategies::throttle::Throttle,
     wire::messages::{recv_json, send_json, send_verdict},
     wire::protocol::{self, Hello, PluginRef, Verdict},
@@ -49,7 +51,7 @@ pub struct MigrateRequest {
     /// How long to wait for the destination at each step before giving up.
     pub timeout: Duration,
     pub strategy: Strategy,
-    pub pre_copy: precopy::Tuning,
+    pub pre_copy: rounds::Tuning,
     /// Hybrid: pre-copy rounds before the post-copy.
     pub hybrid_rounds: u32,
     /// Post-copy: bytes fetched around a fault, bytes per background request.
@@ -135,7 +137,7 @@ fn let_go(mut tracer: Tracer, live: Option<Live>) {
 /// the plan, then the rounds. Answers the state the freeze carries on with.
 fn precopy_phase(
     req: &MigrateRequest,
-    tuning: &precopy::Tuning,
+    tuning: &rounds::Tuning,
     subs: &mut [Loaded],
     medium: MediumBox,
     throttle: &mut Option<Throttle>,
@@ -174,13 +176,13 @@ fn precopy_phase(
         std::process::exit(1);
     });
     let area = MemRange { addr: scratch, len: crate::kernel::tracer::SCRATCH_SIZE };
-    let rounds = precopy::run(req.pid, area, subs, &mut pipe, &mut live, tuning, throttle, &watchdog, req.timeout, progress);
+    let ran = rounds::run(req.pid, area, subs, &mut pipe, &mut live, tuning, throttle, &watchdog, req.timeout, progress);
     drop(watchdog);
     let medium = pipe.finish();
-    match (rounds, medium) {
+    match (ran, medium) {
         (Ok(outcome), Some(medium)) => Ok((medium, live, scratch, outcome)),
-        (rounds, medium) => {
-            let e = rounds.err().unwrap_or_else(|| refused("the medium failed during pre-copy"));
+        (ran, medium) => {
+            let e = ran.err().unwrap_or_else(|| refused("the medium failed during pre-copy"));
             match quiesce(req.pid, Quiesce::Ptrace) {
                 Ok((mut t, _)) => {
                     t.set_scratch(Some(scratch));
@@ -200,13 +202,8 @@ pub fn migrate(manager: &Manager, req: &MigrateRequest, progress: &mut dyn FnMut
     let mut subs = event::load_subsystems(manager, &req.subsystems)?;
     let lease = manager.acquire(PluginKind::Medium, "tcp")?;
     crate::trace::mark("plugins loaded");
-    let hybrid = precopy::Tuning { budget: Duration::ZERO, max_rounds: req.hybrid_rounds, throttle: false, tracking: req.pre_copy.tracking };
-    let (precopy, lazy) = match req.strategy {
-        Strategy::StopCopy => (None, false),
-        Strategy::PreCopy => (Some(&req.pre_copy), false),
-        Strategy::PostCopy => (None, true),
-        Strategy::Hybrid => (Some(&hybrid), true),
-    };
+    let algorithm = strategies::algorithm(req.strategy, &strategies::Tuning { pre_copy: req.pre_copy, hybrid_rounds: req.hybrid_rounds });
+    let (precopy, lazy) = (algorithm.live_rounds(), algorithm.lazy());
     let tracking = match precopy {
         Some(t) => Some(crate::kernel::dirty::resolve(t.tracking).map_err(refused)?),
         None => None,
@@ -222,10 +219,7 @@ pub fn migrate(manager: &Manager, req: &MigrateRequest, progress: &mut dyn FnMut
         .map_err(|e| refused(format!("cannot reach a ferry daemon at {}: {e}", req.to)))?;
     stream.set_read_timeout(Some(req.timeout)).map_err(|e| refused(e.to_string()))?;
     protocol::authenticate_client(&mut stream, req.auth_key.as_deref()).map_err(|e| refused(e.to_string()))?;
-    let mut features: Vec<String> = FEATURES.iter().map(|s| s.to_string()).collect();
-    if lazy {
-        features.push("userfaultfd".into());
-    }
+    let features: Vec<String> = FEATURES.iter().chain(algorithm.features()).map(|s| s.to_string()).collect();
     let hello = Hello::new(
         std::process::id() as u64,
         req.pid,
@@ -252,14 +246,14 @@ pub fn migrate(manager: &Manager, req: &MigrateRequest, progress: &mut dyn FnMut
     crate::trace::mark("destination ready");
     // Nothing was touched until here.
     let mut throttle = None;
-    let (medium, mut live, rounds) = match precopy {
+    let (medium, mut live, ran) = match precopy.as_ref() {
         None => (medium, None, Outcome::default()),
         Some(tuning) => {
             if tuning.throttle {
                 // Unlimited until a round fails to shrink the dirty set.
                 throttle = Throttle::new(req.pid).ok();
             }
-            let tuning = &precopy::Tuning { tracking: tracking.unwrap_or(tuning.tracking), ..*tuning };
+            let tuning = &rounds::Tuning { tracking: tracking.unwrap_or(tuning.tracking), ..*tuning };
             match precopy_phase(req, tuning, &mut subs, medium, &mut throttle, progress) {
                 Ok((medium, live, scratch, outcome)) => (medium, Some((live, scratch)), outcome),
                 Err((e, medium)) => {
@@ -380,8 +374,8 @@ pub fn migrate(manager: &Manager, req: &MigrateRequest, progress: &mut dyn FnMut
                 None => tracer.kill_and_go(),
             }
             let new = pids.get(&req.pid.to_string()).copied().unwrap_or(0);
-            let live_bytes: u64 = rounds.rounds.iter().map(|r| r.bytes).sum();
-            let mut round_bytes: Vec<u64> = rounds.rounds.iter().map(|r| r.bytes).collect();
+            let live_bytes: u64 = ran.rounds.iter().map(|r| r.bytes).sum();
+            let mut round_bytes: Vec<u64> = ran.rounds.iter().map(|r| r.bytes).collect();
             round_bytes.push(bytes - live_bytes);
             // Post-copy's pages (after the frozen round) count with the rest.
             let lazy_pages = lazy_stats.as_ref().map_or(0, |l| l.pages_faulted + l.pages_pushed);
@@ -396,8 +390,8 @@ pub fn migrate(manager: &Manager, req: &MigrateRequest, progress: &mut dyn FnMut
                 pages,
                 rounds: round_bytes.len() as u32,
                 round_bytes,
-                round_ms: rounds.rounds.iter().map(|r| r.ms).collect(),
-                precopy_stop: (!rounds.stop.is_empty()).then_some(rounds.stop),
+                round_ms: ran.rounds.iter().map(|r| r.ms).collect(),
+                precopy_stop: (!ran.stop.is_empty()).then_some(ran.stop),
                 throttle: throttle.as_ref().map_or(0, |t| t.steps()),
                 resumed_ms: lazy.then_some(frozen_ms),
                 lazy: lazy_stats,

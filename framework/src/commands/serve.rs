@@ -18,7 +18,7 @@ use crate::{
     engine::manager::Manager,
     engine::rebuild::{self, Plan},
     engine::watchdog::Watchdog,
-    strategies::postcopy::Pager,
+    strategies::pager::Pager,
     wire::messages::{recv_json, recv_verdict, send_json, send_verdict},
     wire::protocol::{self, Local, PluginRef, Verdict},
 };

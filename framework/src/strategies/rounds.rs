@@ -1,6 +1,6 @@
 //! Pre-copy rounds on the source: while the process runs, each subsystem's `precopy`
 //! sends what it can early (round 0: all memory; later rounds: the pages written
-//! since, found by [`DirtyTracker`]). After each round the source waits until the
+//! since, found by [`DirtyTracker`](crate::kernel::dirty::DirtyTracker)). After each round the source waits until the
 //! destination has *applied* it — a `sync` record closes the round on every stream
 //! that carried data, and the destination answers `synced` once its plugin has read
 //! past it — so the measured rate is the end-to-end one and no backlog is left to
@@ -26,6 +26,9 @@ use crate::{
     wire::protocol::Verdict,
 };
 
+/// How pre-copy rounds go: the downtime budget they aim for, their limit, whether a
+/// process that outruns them is slowed down, and how dirty pages are found.
+#[derive(Debug, Clone, Copy)]
 pub struct Tuning {
     pub budget: Duration,
     pub max_rounds: u32,

@@ -215,7 +215,7 @@ const UFFD_EVENT_REMOVE: u8 = 0x15;
 const UFFD_EVENT_UNMAP: u8 = 0x16;
 
 impl Pager {
-    /// `uffd`: a userfaultfd of process `pid` with [`LAZY_FEATURES`] (see
+    /// `uffd`: a userfaultfd of process `pid` with `LAZY_FEATURES` (see
     /// `Held::userfaultfd`).
     pub fn new(pid: i32, uffd: OwnedFd, plan: LazyPlan, window: u64, batch: u64) -> Pager {
         Pager {
