@@ -10,12 +10,13 @@
 //! | [`strategies`] | the migration algorithms (stop-copy, pre-copy, post-copy, hybrid) behind one small interface, and their mechanisms: pre-copy rounds, the post-copy pager, the throttle |
 //! | [`engine`] | what every event shares: the plugin manager, loaded subsystems and their order, the worker loop, the process context, the pipeline, the watchdog, dumping a frozen process and rebuilding one |
 //! | [`kernel`], [`wire`], [`image`] | what talks to the kernel about the target (tracer, freezer, userfaultfd, dirty tracking, `clone3`, the feature probes); what crosses the network (handshake, authentication, framing, messages); the image format |
-//! | [`config`], [`trace`], [`fault`], [`random`] | leaves every layer may use: the configuration, the phase timeline, the test kill points, random bytes and event tokens |
+//! | [`config`], [`trace`], [`fault`], [`random`], [`trust`] | leaves every layer may use: the configuration, the phase timeline, the test kill points, random bytes and event tokens, what ferry trusts on disk |
 
 pub mod config;
 pub mod fault;
 pub mod random;
 pub mod trace;
+pub mod trust;
 
 pub mod image;
 pub mod kernel;

@@ -16,6 +16,7 @@ const LAYERS: &[(&str, u32)] = &[
     ("trace", 0),
     ("fault", 0),
     ("random", 0),
+    ("trust", 0),
     ("kernel", 1),
     ("wire", 1),
     ("image", 1),

@@ -24,6 +24,13 @@ fn checkpoint_args(pid: &str, dir: &Path) -> Vec<String> {
     vec!["checkpoint".into(), pid.into(), "--dir".into(), dir.to_str().unwrap().into()]
 }
 
+/// Gives `path` to user `uid`.
+fn chown(path: &Path, uid: u32) {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a NUL-terminated path; -1 leaves the group as it is.
+    assert_eq!(unsafe { libc::chown(c.as_ptr(), uid, u32::MAX) }, 0, "chown {}", path.display());
+}
+
 fn run(args: &[String]) -> std::process::Output {
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     ferry(&refs)
@@ -241,4 +248,91 @@ fn a_mapped_file_that_changed_is_refused() {
     std::io::Write::write_all(&mut f, b"changed").unwrap();
     drop(f);
     fails_with(&run(&["restore".into(), "--dir".into(), dir.to_str().unwrap().into()]), "changed since the checkpoint");
+}
+
+#[test]
+fn an_image_others_could_have_changed_is_refused() {
+    // A root restore trusts the image's records: only root (or the caller) may have
+    // been able to change the directory or any file in it.
+    if !is_root() {
+        eprintln!("skipping: needs root (chown)");
+        return;
+    }
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let (_tmp, dir, _w) = image_of_workload();
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().mode() & 0o7777;
+    assert_eq!(mode(&dir), 0o700, "the image directory is private");
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let p = e.unwrap().path();
+        assert_eq!(mode(&p), 0o600, "{} is private", p.display());
+        assert_eq!(std::fs::metadata(&p).unwrap().uid(), 0);
+    }
+    let before = workload_pids();
+    let restore = || run(&["restore".into(), "--dir".into(), dir.to_str().unwrap().into()]);
+    let chmod = |p: &Path, m: u32| std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap();
+    let pages = dir.join("stream-1.img");
+    chmod(&pages, 0o666);
+    fails_with(&restore(), "stream-1.img: writable by group or others (mode 666): refusing to restore from it");
+    chmod(&pages, 0o600);
+    chmod(&dir, 0o770);
+    fails_with(&restore(), "writable by group or others (mode 770)");
+    chmod(&dir, 0o700);
+    chown(&pages, 65534);
+    fails_with(&restore(), "owned by uid 65534");
+    chown(&pages, 0);
+    assert_eq!(workload_pids(), before, "a refused restore starts nothing");
+    let o = restore();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let pid: i32 = String::from_utf8_lossy(&o.stdout).trim().parse().unwrap();
+    ferry_tests::workload::kill_pid(pid);
+}
+
+#[test]
+fn an_existing_image_directory_becomes_private_or_is_refused() {
+    if !is_root() {
+        eprintln!("skipping: needs root (chown)");
+        return;
+    }
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let w = Workload::spawn(&WorkloadOpts { files: false, ..Default::default() });
+    w.wait_ticks(1);
+    let tmp = tempfile::tempdir().unwrap();
+    // Owned by another user: an image there could be swapped before the restore.
+    let theirs = tmp.path().join("theirs");
+    std::fs::create_dir(&theirs).unwrap();
+    chown(&theirs, 65534);
+    fails_with(&run(&checkpoint_args(&w.pid.to_string(), &theirs)), "owned by uid 65534");
+    assert!(pid_alive(w.pid), "a refused checkpoint leaves the process running");
+    // Ours but open to all: it becomes 0700.
+    let open = tmp.path().join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let o = run(&checkpoint_args(&w.pid.to_string(), &open));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(std::fs::metadata(&open).unwrap().mode() & 0o7777, 0o700);
+}
+
+#[test]
+fn a_caller_who_is_not_root_cannot_take_another_user_s_process() {
+    if !is_root() {
+        eprintln!("skipping: needs root (to run ferry as another user)");
+        return;
+    }
+    // A root-owned process; ferry run as nobody (setpriv, from util-linux).
+    let w = Workload::spawn(&WorkloadOpts { files: false, ..Default::default() });
+    w.wait_ticks(1);
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(tmp.path(), std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let dir = tmp.path().join("img");
+    let o = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(ferry_bin())
+        .args(["--plugin-dir", ferry_tests::plugin_dir().to_str().unwrap()])
+        .args(checkpoint_args(&w.pid.to_string(), &dir))
+        .output()
+        .unwrap();
+    fails_with(&o, &format!("process {} is owned by uid 0, and only root may take another user's process", w.pid));
+    assert!(!dir.exists(), "a refused checkpoint writes nothing");
+    let ticks = w.ticks().len() as u64;
+    w.wait_ticks(ticks + 1);
 }

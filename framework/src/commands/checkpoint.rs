@@ -4,6 +4,7 @@
 //! process back as it was and removes the partial image.
 
 use std::{
+    os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
     time::Instant,
 };
@@ -18,6 +19,7 @@ use crate::{
     engine::pipeline::Pipeline,
     engine::watchdog::Watchdog,
     kernel::tracer,
+    trust,
 };
 
 pub struct CheckpointRequest {
@@ -32,6 +34,7 @@ pub struct CheckpointRequest {
 }
 
 /// An image directory must be absent or empty: a checkpoint never mixes with an old one.
+/// One that exists becomes private to its owner (0700).
 fn prepare_dir(dir: &Path) -> Result<bool, EventError> {
     let err = |message: String| EventError::ImageDir { path: dir.display().to_string(), message };
     match std::fs::read_dir(dir) {
@@ -39,6 +42,12 @@ fn prepare_dir(dir: &Path) -> Result<bool, EventError> {
             if entries.next().is_some() {
                 return Err(err("exists and is not empty".into()));
             }
+            // A restore will trust what is written here: only root (or the caller) may
+            // change it, as for a directory the checkpoint makes itself.
+            if let Some(why) = trust::changeable_by_others(dir).filter(|w| !w.starts_with("writable")) {
+                return Err(err(format!("{why}: an image there could be changed by others")));
+            }
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(|e| err(e.to_string()))?;
             Ok(false)
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(true),

@@ -4,7 +4,7 @@
 //! waits for it, so the pid comes back.
 
 use std::{
-    path::PathBuf,
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
@@ -18,6 +18,7 @@ use crate::{
     engine::watchdog::Watchdog,
     image::{Inventory, ProcessEntry, INVENTORY_STREAM},
     kernel::tracer,
+    trust,
 };
 
 pub struct RestoreRequest {
@@ -66,6 +67,7 @@ pub fn restore(manager: &Manager, req: &RestoreRequest, progress: &mut dyn FnMut
     if !req.dir.is_dir() {
         return Err(EventError::ImageDir { path: req.dir.display().to_string(), message: "no such directory".into() });
     }
+    check_trusted(&req.dir)?;
     let mut medium = medium_lease.open_medium(&serde_json::json!({"role": "read", "dir": req.dir}))?;
     let dir = req.dir.display().to_string();
     // The last resort if a plugin stops answering: kill the half-built child and go.
@@ -86,6 +88,27 @@ pub fn restore(manager: &Manager, req: &RestoreRequest, progress: &mut dyn FnMut
         return Err(EventError::ImageDir { path: req.dir.display().to_string(), message: "it leaves memory to post-copy, which only a migration carries".into() });
     }
     held.release()
+}
+
+/// An image is trusted input to a restore run as root (its records say what to map,
+/// where, and which files to open): refused when anyone but root or the caller could
+/// have changed the directory or anything in it.
+fn check_trusted(dir: &Path) -> Result<(), EventError> {
+    let mut pending = vec![dir.to_path_buf()];
+    while let Some(path) = pending.pop() {
+        if let Some(why) = trust::changeable_by_others(&path) {
+            let what = if path == dir { String::new() } else { format!("{}: ", path.display()) };
+            return Err(EventError::ImageDir {
+                path: dir.display().to_string(),
+                message: format!("{what}{why}: refusing to restore from it"),
+            });
+        }
+        if path.is_dir() {
+            let entries = std::fs::read_dir(&path).map_err(|e| EventError::ImageDir { path: path.display().to_string(), message: e.to_string() })?;
+            pending.extend(entries.flatten().map(|e| e.path()));
+        }
+    }
+    Ok(())
 }
 
 /// Rebuilds the process of the image carried by `medium` and holds it stopped.

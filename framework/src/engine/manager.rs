@@ -4,7 +4,6 @@
 
 use std::{
     collections::BTreeMap,
-    os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
     sync::{Arc, Condvar, Mutex, MutexGuard},
     time::{Duration, Instant},
@@ -110,32 +109,10 @@ fn check_ownership(path: &Path) -> Result<(), ManagerError> {
     if !meta.is_file() {
         return Err(ManagerError::refused(path, "not a regular file"));
     }
-    let me = nix::unistd::geteuid().as_raw();
-    let trusted = |uid: u32| uid == 0 || uid == me;
-    if !trusted(meta.uid()) {
-        return Err(ManagerError::refused(
-            path,
-            format!("owned by uid {}, not by root: refusing to run its code", meta.uid()),
-        ));
+    match crate::trust::changeable_by_others(path) {
+        Some(why) => Err(ManagerError::refused(path, format!("{why}: refusing to run its code"))),
+        None => Ok(()),
     }
-    if meta.mode() & 0o022 != 0 {
-        return Err(ManagerError::refused(
-            path,
-            format!("writable by group or others (mode {:o}): refusing to run its code", meta.mode() & 0o7777),
-        ));
-    }
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        if let Ok(dmeta) = std::fs::metadata(dir) {
-            // A sticky world-writable directory (/tmp) still stops others replacing our file.
-            if !trusted(dmeta.uid()) || (dmeta.mode() & 0o002 != 0 && dmeta.mode() & 0o1000 == 0) {
-                return Err(ManagerError::refused(
-                    path,
-                    format!("its directory {} can be changed by others: refusing to run its code", dir.display()),
-                ));
-            }
-        }
-    }
-    Ok(())
 }
 
 /// Checks that `path` is a ferry plugin of our ABI and reads its root module.

@@ -158,6 +158,15 @@ pub fn check_target(pid: pid_t) -> Result<(), TraceError> {
     // may kill it), and the filters are not carried to the copy, which would run
     // without its sandbox: refused before anything is touched.
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    // Only root may take another user's process (its memory goes into the image).
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if me != 0 {
+        let uids = ferry_plugin_api::util::proc_field(&status, "Uid").unwrap_or("");
+        if let Some(other) = uids.split_whitespace().find(|u| *u != me.to_string()) {
+            return Err(TraceError::Unsuitable { pid, why: format!("owned by uid {other}, and only root may take another user's process") });
+        }
+    }
     let seccomp = ferry_plugin_api::util::proc_field(&status, "Seccomp").unwrap_or("0");
     if seccomp != "0" {
         let mode = if seccomp == "1" { "strict" } else { "filter" };

@@ -1,0 +1,69 @@
+//! What ferry trusts on disk. Plugins run as ferry (root), and an image is trusted
+//! input to a root restore, so both must be files nobody but root (or the user running
+//! ferry) could have put there or changed.
+
+use std::{os::unix::fs::MetadataExt, path::Path};
+
+/// Why `path` could have been changed by someone other than root or the caller, if it
+/// could: owned by another user, writable by group or others, or in a directory others
+/// can change (a sticky directory such as /tmp still stops them replacing it).
+pub fn changeable_by_others(path: &Path) -> Option<String> {
+    // A symbolic link is followed, and both its directory and its target's are checked.
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) => return Some(e.to_string()),
+    };
+    let me = nix::unistd::geteuid().as_raw();
+    let trusted = |uid: u32| uid == 0 || uid == me;
+    if !trusted(meta.uid()) {
+        return Some(format!("owned by uid {}, neither root nor the caller", meta.uid()));
+    }
+    let sticky_dir = meta.is_dir() && meta.mode() & 0o1000 != 0;
+    if meta.mode() & 0o022 != 0 && !sticky_dir {
+        return Some(format!("writable by group or others (mode {:o})", meta.mode() & 0o7777));
+    }
+    let real = std::fs::canonicalize(path).ok();
+    let dirs = [path.parent(), real.as_deref().and_then(Path::parent)];
+    for dir in dirs.into_iter().flatten().filter(|d| !d.as_os_str().is_empty()) {
+        let Ok(dmeta) = std::fs::metadata(dir) else { continue };
+        if !trusted(dmeta.uid()) || (dmeta.mode() & 0o022 != 0 && dmeta.mode() & 0o1000 == 0) {
+            return Some(format!("its directory {} can be changed by others", dir.display()));
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    #[test]
+    fn only_files_nobody_else_could_change_are_trusted() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("f");
+        std::fs::write(&file, b"x").unwrap();
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(changeable_by_others(&file), None);
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o620)).unwrap();
+        assert!(changeable_by_others(&file).unwrap().contains("writable by group or others (mode 620)"));
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(changeable_by_others(&file).unwrap().contains("can be changed by others"));
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o1777)).unwrap();
+        assert_eq!(changeable_by_others(&file), None, "a sticky directory keeps others from replacing it");
+        // A link is as trusted as what it leads to, and where.
+        let other = tempfile::tempdir().unwrap();
+        let link = other.path().join("l");
+        std::os::unix::fs::symlink(&file, &link).unwrap();
+        assert_eq!(changeable_by_others(&link), None);
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(changeable_by_others(&link).unwrap().contains("can be changed by others"));
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        if nix::unistd::geteuid().is_root() {
+            nix::unistd::chown(&file, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
+            assert!(changeable_by_others(&file).unwrap().contains("owned by uid 65534"));
+        }
+    }
+}
