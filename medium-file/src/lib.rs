@@ -151,6 +151,24 @@ fn fsync_dir(dir: &Path) -> Result<(), String> {
         .map_err(|e| format!("cannot fsync directory {}: {e}", dir.display()))
 }
 
+/// What a file that is not a regular file is, for an error line.
+fn file_kind(t: &fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_dir() {
+        "a directory"
+    } else if t.is_symlink() {
+        "a symbolic link"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_char_device() || t.is_block_device() {
+        "a device"
+    } else {
+        "not a regular file"
+    }
+}
+
 /// Reads until `buf` is full or the file ends, so callers get whole records rather
 /// than whatever one read happened to return.
 fn read_full(input: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
@@ -243,13 +261,29 @@ impl FileMedium {
     fn reader(&mut self, stream: u32) -> Result<&mut Reader, String> {
         if !self.readers.contains_key(&stream) {
             let path = self.stream_path(stream);
-            let file = match File::open(&path) {
+            // Only a regular file is a stream: a FIFO would block the reader forever, a
+            // link could lead anywhere. O_NONBLOCK keeps the open itself from waiting.
+            let file = match OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(&path) {
                 Ok(f) => f,
                 Err(e) if e.kind() == ErrorKind::NotFound => return Err(missing(stream, &path)),
                 Err(e) => {
                     return Err(format!("cannot open stream {stream} file {} for reading: {e}", path.display()))
                 }
             };
+            match file.metadata() {
+                Ok(m) if m.is_file() => {}
+                Ok(m) => {
+                    return Err(format!(
+                        "stream {stream} file {} is not a regular file ({}): refusing to read it",
+                        path.display(),
+                        file_kind(&m.file_type())
+                    ))
+                }
+                Err(e) => return Err(format!("cannot stat stream {stream} file {}: {e}", path.display())),
+            }
+            // Reads block as usual from here (a regular file never waits anyway).
+            // SAFETY: F_SETFL on an fd we own.
+            unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(&file), libc::F_SETFL, 0) };
             let input = BufReader::with_capacity(self.buffer, file);
             self.readers.insert(stream, Reader { path, input });
         }

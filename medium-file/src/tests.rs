@@ -378,3 +378,24 @@ fn stream_file_names() {
         assert_eq!(parse_stream_file_name(bad), None, "{bad}");
     }
 }
+
+#[test]
+fn only_regular_files_are_read_as_streams() {
+    // A FIFO would block the reader forever; a link could lead anywhere.
+    let tmp = TempDir::new().unwrap();
+    let fifo = tmp.path().join("stream-4.img");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let mut r = reader(tmp.path());
+    let mut buf = [0u8; 16];
+    let e = r.popdata(4, &mut buf).unwrap_err();
+    assert!(e.contains("stream-4.img is not a regular file (a FIFO)"), "{e}");
+    fs::write(tmp.path().join("elsewhere"), b"x").unwrap();
+    std::os::unix::fs::symlink(tmp.path().join("elsewhere"), tmp.path().join("stream-5.img")).unwrap();
+    let e = r.popdata(5, &mut buf).unwrap_err();
+    assert!(e.contains("stream-5.img"), "{e}");
+    fs::create_dir(tmp.path().join("stream-6.img")).unwrap();
+    let e = r.popdata(6, &mut buf).unwrap_err();
+    assert!(e.contains("stream-6.img is not a regular file (a directory)"), "{e}");
+}

@@ -292,6 +292,25 @@ fn leave_running_then_restore_a_copy_twice() {
     }
 }
 
+#[test]
+fn a_copy_restores_at_once_beside_the_original_left_running() {
+    if !needs_root() {
+        return;
+    }
+    // The original keeps its pid: the restore gives the copy another without waiting
+    // for the original to exit (it once waited until the watchdog failed it).
+    let w = Workload::spawn(&WorkloadOpts { files: false, ..Default::default() });
+    w.wait_ticks(2);
+    let image = tempfile::tempdir().unwrap();
+    let dir = image.path().join("img");
+    checkpoint(w.pid, &dir, &["--leave-running"]);
+    let copy = restore(&dir, w.pid);
+    assert_ne!(copy, w.pid);
+    assert!(pid_alive(w.pid) && pid_alive(copy), "both run");
+    ferry_tests::workload::kill_pid(copy);
+    wait_gone(copy);
+}
+
 fn script(kind: Script) {
     if !needs_root() {
         return;

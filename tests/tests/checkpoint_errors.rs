@@ -336,3 +336,30 @@ fn a_caller_who_is_not_root_cannot_take_another_user_s_process() {
     let ticks = w.ticks().len() as u64;
     w.wait_ticks(ticks + 1);
 }
+
+#[test]
+fn a_stream_that_is_not_a_regular_file_is_refused_not_waited_on() {
+    if !is_root() {
+        eprintln!("skipping: needs root");
+        return;
+    }
+    // A FIFO in place of a stream once made `ferry show` wait forever (and restore until
+    // the watchdog). `timeout` turns a hang into a failure rather than a stuck test.
+    let (_tmp, dir, _w) = image_of_workload();
+    let pages = dir.join("stream-1.img");
+    std::fs::remove_file(&pages).unwrap();
+    let c = std::ffi::CString::new(pages.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let before = workload_pids();
+    for cmd in ["show", "restore"] {
+        let mut args = vec!["20".to_string(), ferry_bin().display().to_string(), cmd.into()];
+        if cmd == "restore" {
+            args.push("--dir".into());
+        }
+        args.push(dir.display().to_string());
+        let o = Command::new("timeout").args(&args).output().unwrap();
+        fails_with(&o, "stream-1.img is not a regular file (a FIFO)");
+    }
+    assert_eq!(workload_pids(), before, "a failed restore leaves no process behind");
+}

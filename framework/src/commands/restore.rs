@@ -33,6 +33,19 @@ const ORIGINAL_EXIT: Duration = Duration::from_secs(10);
 /// How long its parent may take to hear of the exit and reap it.
 const ORIGINAL_REAP: Duration = Duration::from_millis(100);
 
+/// Whether process `pid` is on its way out: exiting, a zombie, or with a SIGKILL
+/// pending (sent, not yet acted on).
+fn dying(pid: i32) -> bool {
+    const PF_EXITING: u64 = 0x4;
+    const SIGKILL_BIT: u64 = 1 << (libc::SIGKILL - 1);
+    let Some(fields) = tracer::stat_fields(pid) else { return true };
+    let state = fields.first().map(String::as_str).unwrap_or("X");
+    let flags: u64 = fields.get(6).and_then(|f| f.parse().ok()).unwrap_or(0);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let pending = |key| ferry_plugin_api::util::proc_field(&status, key).and_then(|v| u64::from_str_radix(v, 16).ok()).unwrap_or(0);
+    matches!(state, "Z" | "X") || flags & PF_EXITING != 0 || (pending("ShdPnd") | pending("SigPnd")) & SIGKILL_BIT != 0
+}
+
 /// A checkpoint kills its process without waiting while the process frees its memory:
 /// when the image's own process still holds its pid, wait for it to finish exiting
 /// and be reaped, so that the restored process gets the pid back. Another process
@@ -40,7 +53,8 @@ const ORIGINAL_REAP: Duration = Duration::from_millis(100);
 fn await_original(process: &ProcessEntry) {
     let pid = process.pid;
     let same = || !process.start.is_empty() && tracer::start_stamp(pid).as_deref() == Some(process.start.as_str());
-    if !same() {
+    // One that was left running (`--leave-running`) keeps its pid: take another at once.
+    if !same() || !dying(pid) {
         return;
     }
     crate::trace::mark("waiting for the image's own process to exit");
@@ -143,16 +157,32 @@ mod tests {
         let mut child = sleeper();
         let pid = child.id() as i32;
         let original = entry(pid, tracer::start_stamp(pid).expect("the child's stamp"));
-        // Killed and reaped a moment later, as a checkpoint and its parent would.
+        // Killed (as the checkpoint does before it answers), and reaped by its parent a
+        // moment later.
+        child.kill().unwrap();
         let killer = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(50));
-            let _ = child.kill();
             let _ = child.wait();
         });
         await_original(&original);
         let gone = tracer::start_stamp(pid).as_deref() != Some(original.start.as_str());
         killer.join().unwrap();
         assert!(gone, "await_original returned while the image's own process held its pid");
+    }
+
+    #[test]
+    fn a_process_left_running_is_not_waited_for() {
+        // `checkpoint --leave-running`: the image's own process runs on with its pid.
+        let mut child = sleeper();
+        let pid = child.id() as i32;
+        assert!(!dying(pid));
+        let t = Instant::now();
+        await_original(&entry(pid, tracer::start_stamp(pid).expect("the child's stamp")));
+        let waited = t.elapsed();
+        let _ = child.kill();
+        assert!(dying(pid), "killed and not reaped yet");
+        let _ = child.wait();
+        assert!(waited < ORIGINAL_EXIT / 2, "waited {waited:?} for a process that was left running");
     }
 
     #[test]
