@@ -311,6 +311,32 @@ fn a_copy_restores_at_once_beside_the_original_left_running() {
     wait_gone(copy);
 }
 
+/// The state letter of `pid` in /proc (`T`: stopped by job control).
+fn state(pid: i32) -> String {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat.rsplit_once(") ").and_then(|(_, rest)| rest.split(' ').next()).unwrap_or("?").to_string()
+}
+
+#[test]
+fn a_stopped_process_comes_back_stopped_and_carries_on_when_continued() {
+    if !needs_root() {
+        return;
+    }
+    // `kill -STOP`, checkpoint, restore: the copy must be stopped (it came back running).
+    let mut w = Workload::spawn(&WorkloadOpts { threads: 1, files: false, ..Default::default() });
+    w.wait_ticks(3);
+    assert!(send_signal(w.pid, libc::SIGSTOP));
+    ferry_tests::wait_until("the workload to stop", DEADLINE, || state(w.pid) == "T");
+    let at = *w.ticks().last().unwrap();
+    let (new, _) = through_an_image(&mut w, &[]);
+    assert_eq!(state(new), "T", "the copy must come back stopped");
+    // Stopped means no tick meanwhile; continued, it goes on where it stopped.
+    assert!(w.ticks().iter().all(|&t| t <= at + 1), "ticks while stopped: {:?}", w.ticks());
+    assert!(send_signal(new, libc::SIGCONT));
+    w.wait_ticks(at + 3);
+    w.terminate_and_check(new).unwrap();
+}
+
 fn script(kind: Script) {
     if !needs_root() {
         return;

@@ -160,6 +160,47 @@ fn migrates_the_workload_over_loopback() {
     assert!(daemon.log().contains("committed"), "{}", daemon.log());
 }
 
+fn state(pid: i32) -> String {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat.rsplit_once(") ").and_then(|(_, rest)| rest.split(' ').next()).unwrap_or("?").to_string()
+}
+
+#[test]
+fn a_stopped_process_migrates_stopped_or_is_refused_where_it_would_have_to_run() {
+    if !is_root() {
+        eprintln!("skipping: migration needs root");
+        return;
+    }
+    let daemon = Daemon::start(None, "127.0.0.1", &[]);
+    let mut w = Workload::spawn(&WorkloadOpts { files: false, ..Default::default() });
+    w.wait_ticks(3);
+    let mut pid = w.pid;
+    assert!(ferry_tests::workload::send_signal(pid, libc::SIGSTOP));
+    wait_until("the workload to stop", Duration::from_secs(30), || state(pid) == "T");
+    // Post-copy and hybrid would run the copy to page its memory in: refused, the
+    // source left as it was (stopped).
+    for strategy in ["post-copy", "hybrid"] {
+        let o = migrate(None, pid, &daemon.addr, &["--strategy", strategy]);
+        fails(&o, "is stopped (job control)");
+        assert_eq!(state(pid), "T", "{strategy}: the source stays stopped");
+    }
+    for strategy in ["stop-copy", "pre-copy"] {
+        let o = migrate(None, pid, &daemon.addr, &["--strategy", strategy]);
+        assert!(o.status.success(), "{strategy}: {}", stderr(&o));
+        let stats: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let new = stats["pids"][pid.to_string()].as_i64().unwrap() as i32;
+        let old = pid;
+        wait_until("the source to be gone", Duration::from_secs(30), || !pid_alive(old));
+        w.adopt(new);
+        pid = new;
+        assert_eq!(state(new), "T", "{strategy}: the copy must arrive stopped");
+    }
+    let at = *w.ticks().last().unwrap();
+    assert!(ferry_tests::workload::send_signal(pid, libc::SIGCONT));
+    w.wait_ticks(at + 3);
+    w.terminate_and_check(pid).unwrap();
+}
+
 fn migrate_script(kind: Script) {
     if !is_root() {
         eprintln!("skipping: migration needs root");

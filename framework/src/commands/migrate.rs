@@ -204,6 +204,13 @@ pub fn migrate(manager: &Manager, req: &MigrateRequest, progress: &mut dyn FnMut
     crate::trace::mark("plugins loaded");
     let algorithm = strategies::algorithm(req.strategy, &strategies::Tuning { pre_copy: req.pre_copy, hybrid_rounds: req.hybrid_rounds });
     let (precopy, lazy) = (algorithm.live_rounds(), algorithm.lazy());
+    if lazy && tracer::group_stopped(req.pid) {
+        // Its copy would have to run on the destination to page its memory in.
+        return Err(refused(format!(
+            "process {} is stopped (job control): {} would run it on the destination; use stop-copy or pre-copy",
+            req.pid, req.strategy
+        )));
+    }
     let tracking = match precopy {
         Some(t) => Some(crate::kernel::dirty::resolve(t.tracking).map_err(refused)?),
         None => None,

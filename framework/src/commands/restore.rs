@@ -145,7 +145,7 @@ mod tests {
     use super::*;
 
     fn entry(pid: i32, start: String) -> ProcessEntry {
-        ProcessEntry { pid, tids: vec![pid], comm: "sleep".into(), scratch: 0, start }
+        ProcessEntry { pid, tids: vec![pid], comm: "sleep".into(), scratch: 0, start, stopped: false }
     }
 
     fn sleeper() -> std::process::Child {

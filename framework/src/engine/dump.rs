@@ -41,7 +41,7 @@ pub fn process_entry(tracer: &Tracer, scratch: u64) -> ProcessEntry {
     let pid = tracer.pid();
     let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default().trim().to_string();
     let start = tracer::start_stamp(pid).unwrap_or_default();
-    ProcessEntry { pid, tids: tracer.tids(), comm, scratch, start }
+    ProcessEntry { pid, tids: tracer.tids(), comm, scratch, start, stopped: tracer.group_stopped() }
 }
 
 /// Stops every thread of `pid` under the tracer, with the cgroup freezer first when asked.

@@ -273,11 +273,23 @@ pub struct Held {
     counts: Vec<(u64, u64)>,
     /// What the memory plugin left to post-copy.
     pub lazy: Option<LazyPlan>,
+    /// It was stopped by job control when taken: it is let go stopped.
+    stopped: bool,
 }
 
 impl Held {
     /// Lets every thread run. Answers the statistics of the restore.
     pub fn release(mut self) -> Result<Stats, EventError> {
+        if self.stopped {
+            // Queued while every thread is in a tracing stop: the first to run after the
+            // detach takes it, and the process enters a group stop before any of its code
+            // runs.
+            // SAFETY: a signal to the process this restore created.
+            if unsafe { libc::kill(self.tracer.pid(), libc::SIGSTOP) } != 0 {
+                let e = std::io::Error::last_os_error();
+                return Err(EventError::Refused(format!("stopping process {} as it was: {e}", self.tracer.pid())));
+            }
+        }
         self.tracer.detach()?;
         self.stats.frozen_ms = event::ms(self.frozen_at);
         self.stats.total_ms = event::ms(self.started);
@@ -287,6 +299,12 @@ impl Held {
     /// Lets the process run while ferry still traces it (post-copy): if ferry dies
     /// before [`Running::finish`], the kernel kills the process.
     pub fn run_traced(mut self) -> Result<Running, EventError> {
+        if self.stopped {
+            return Err(EventError::Refused(format!(
+                "process {} was stopped (job control): post-copy would run it here",
+                self.tracer.pid()
+            )));
+        }
         self.tracer.run_traced()?;
         self.stats.frozen_ms = event::ms(self.frozen_at);
         Ok(Running { tracer: self.tracer, stats: self.stats })
@@ -487,7 +505,7 @@ pub fn rebuild(
             stats.pages = pages;
             stats.pids.insert(process.pid.to_string(), pid);
             let lazy = (!lazy.areas.is_empty()).then_some(lazy);
-            Ok(Held { tracer, stats, frozen_at, started, counts, lazy })
+            Ok(Held { tracer, stats, frozen_at, started, counts, lazy, stopped: process.stopped })
         }
         Err(e) => {
             // Kill only what this restore created.

@@ -42,6 +42,10 @@ pub struct ProcessEntry {
     /// later one with its pid: restore waits for this one to finish exiting.
     #[serde(default)]
     pub start: String,
+    /// Stopped by job control (`SIGSTOP`, `SIGTSTP`…) when it was taken: it comes back
+    /// stopped.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stopped: bool,
 }
 
 impl Inventory {

@@ -50,6 +50,7 @@ fn inventory() -> Inventory {
             comm: "sleep".into(),
             scratch: 0x7f00_0000_0000,
             start: "b0a7/1234".into(),
+            stopped: false,
         }],
     }
 }

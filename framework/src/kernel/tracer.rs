@@ -175,6 +175,11 @@ pub fn check_target(pid: pid_t) -> Result<(), TraceError> {
     Ok(())
 }
 
+/// Whether process `pid` is stopped by job control (`T` in its stat, not a tracing stop).
+pub fn group_stopped(pid: pid_t) -> bool {
+    stat_fields(pid).and_then(|f| f.first().cloned()).as_deref() == Some("T")
+}
+
 /// A traced process. Every method must be called from the thread that created it.
 pub struct Tracer {
     pid: pid_t,
@@ -191,6 +196,8 @@ pub struct Tracer {
     held: Vec<pid_t>,
     /// Of those, the ones `tend` has not reported yet.
     forked: Vec<pid_t>,
+    /// The process was stopped by job control when it was seized.
+    group_stopped: bool,
 }
 
 impl Tracer {
@@ -221,7 +228,19 @@ impl Tracer {
             .write(true)
             .open(format!("/proc/{pid}/mem"))
             .map_err(|_| TraceError::NoProcess(pid))?;
-        let mut tracer = Tracer { pid, threads: BTreeMap::new(), mem, scratch: None, detached: false, running: false, held: Vec::new(), forked: Vec::new() };
+        // Read before the seize, which turns every thread's state into a tracing stop.
+        let group_stopped = group_stopped(pid);
+        let mut tracer = Tracer {
+            pid,
+            threads: BTreeMap::new(),
+            mem,
+            scratch: None,
+            detached: false,
+            running: false,
+            held: Vec::new(),
+            forked: Vec::new(),
+            group_stopped,
+        };
         let mut seized: Vec<pid_t> = Vec::new();
         // List until a pass finds no thread we have not seized.
         loop {
@@ -365,6 +384,11 @@ impl Tracer {
         }
         self.threads.clear();
         self.detached = true;
+    }
+
+    /// Whether the process was stopped by job control when it was seized.
+    pub fn group_stopped(&self) -> bool {
+        self.group_stopped
     }
 
     pub fn pid(&self) -> pid_t {
