@@ -6,7 +6,7 @@ use std::path::Path;
 
 use ferry_tests::{
     ferry, stderr, stdout,
-    workload::{pid_alive, send_signal, Script, Workload, WorkloadOpts, DEADLINE},
+    workload::{creds_of, pid_alive, send_signal, Script, Workload, WorkloadOpts, DEADLINE},
 };
 
 fn is_root() -> bool {
@@ -165,6 +165,29 @@ fn scheduling_limits_personality_and_posix_timers_come_back() {
     // still fire: all of which the restore child would otherwise inherit from ferry.
     let mut w = Workload::spawn(&WorkloadOpts { threads: 3, process_state: true, ..Default::default() });
     round_trip(&mut w, &[]);
+}
+
+#[test]
+fn a_process_of_another_user_comes_back_with_its_own_credentials_not_root() {
+    if !needs_root() {
+        return;
+    }
+    // The workload runs as uid 65534 (saved and fs uids of their own), with groups, a
+    // reduced bounding set, an inheritable capability outside it, an ambient one,
+    // securebits, a login uid, a parent-death signal and oom_score_adj; thread 0 has
+    // other uids and thread 1 no effective capabilities. The restore child is root.
+    let mut w = Workload::spawn(&WorkloadOpts { threads: 3, files: false, creds: true, ..Default::default() });
+    w.wait_ready();
+    w.wait_ticks(3);
+    let before = creds_of(w.pid);
+    assert!(before.0.iter().all(|t| t.contains("Gid: 65534 4002 4003 4004,")), "not another user: {before:?}");
+    assert_eq!(before.0.iter().filter(|t| t.starts_with("Uid: 4013 4013 4013 4013,")).count(), 1, "{before:?}");
+    assert_eq!(before.0.iter().filter(|t| t.contains("CapEff: 0000000000000000")).count(), 1, "{before:?}");
+    assert_eq!(before.1, "345");
+    let (new, at) = through_an_image(&mut w, &[]);
+    assert_eq!(creds_of(new), before, "the restored process's credentials (/proc/{new}/task/*/status)");
+    w.wait_ticks(at + 3);
+    w.terminate_and_check(new).unwrap();
 }
 
 #[test]
