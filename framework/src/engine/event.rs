@@ -63,10 +63,21 @@ pub struct Loaded {
     _lease: Lease,
 }
 
+/// The subsystem that carries the credentials; every request needs it.
+pub const CREDS: &str = "creds";
+
 /// Loads the requested subsystems and orders them so that each runs after the ones
 /// its `info().after` names (those in the request; `*` names all the others); a cycle
 /// is refused.
 pub fn load_subsystems(manager: &Manager, names: &[String]) -> Result<Vec<Loaded>, EventError> {
+    // The restore child is ferry's root: without `creds` the process would come back
+    // as root with every capability (and an image made without it can only do that).
+    if !names.iter().any(|n| n == CREDS) {
+        return Err(EventError::Refused(format!(
+            "subsystem {CREDS} is not among {}: without it the process would be restored as root with every capability",
+            names.join(", ")
+        )));
+    }
     let mut pending: Vec<(Loaded, Vec<String>)> = Vec::new();
     for name in names {
         if pending.iter().any(|(l, _)| &l.name == name) {
