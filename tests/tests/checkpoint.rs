@@ -190,6 +190,60 @@ fn a_process_of_another_user_comes_back_with_its_own_credentials_not_root() {
     w.terminate_and_check(new).unwrap();
 }
 
+/// Pids of live processes whose command line mentions `needle`.
+fn processes_mentioning(needle: &str) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            String::from_utf8_lossy(&cmdline).contains(needle) && pid_alive(pid)
+        })
+        .collect()
+}
+
+#[test]
+fn a_login_uid_the_kernel_will_not_set_fails_the_restore_and_leaves_no_process_behind() {
+    if !needs_root() {
+        return;
+    }
+    // The workload sets its login uid (4242) only where ours is unset.
+    if std::fs::read_to_string("/proc/self/loginuid").map_or(true, |t| t.trim() != "4294967295") {
+        eprintln!("skipping: our login uid is set (or the kernel has no audit), so the workload cannot set its own");
+        return;
+    }
+    let mut w = Workload::spawn(&WorkloadOpts { threads: 1, files: false, creds: true, ..Default::default() });
+    w.wait_ready();
+    w.wait_ticks(2);
+    assert!(creds_of(w.pid).0.iter().all(|t| t.ends_with("loginuid: 4242")), "{:?}", creds_of(w.pid));
+    let image = tempfile::tempdir().unwrap();
+    let dir = image.path().join("img");
+    checkpoint(w.pid, &dir, &[]);
+    w.reap();
+    // A ferry (so its restore child) with a login uid of its own and without
+    // CAP_AUDIT_CONTROL: the kernel refuses to change the login uid.
+    let o = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(r#"echo 1000 > /proc/self/loginuid && exec setpriv --bounding-set=-audit_control "$0" restore --dir "$1" --json"#)
+        .arg(ferry_tests::ferry_bin())
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "the restore must fail: {err}{}", stdout(&o));
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert!(err.contains("login uid") && err.contains("4242") && err.contains("thread"), "{err}");
+    let log = w.log.to_str().unwrap().to_string();
+    ferry_tests::wait_until("the half-built process to be gone", DEADLINE, || processes_mentioning(&log).is_empty());
+    // The image is untouched: an ordinary restore brings it back, checking itself.
+    let at = *w.ticks().last().unwrap();
+    let new = restore(&dir, w.pid);
+    w.adopt(new);
+    w.wait_ticks(at + 2);
+    w.terminate_and_check(new).unwrap();
+}
+
 #[test]
 fn shared_anonymous_memory_comes_back_whole_with_its_holes() {
     if !needs_root() {
