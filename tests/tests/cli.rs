@@ -99,6 +99,7 @@ fn check_reports_every_feature() {
         "tcp-repair",
         "timer-restore-ids",
         "timerfd-set-ticks",
+        "loginuid",
     ] {
         let row = rows.iter().find(|r| r["name"] == name).unwrap_or_else(|| panic!("{name} missing"));
         if row["present"] == false {
