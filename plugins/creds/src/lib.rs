@@ -353,6 +353,11 @@ impl Plugin {
         let pid = ctx.pid();
         let fail = |what: String| move |e: String| format!("process {pid} thread {tid}: {what}: {e}");
         let now = read_thread(ctx, tid)?;
+        // A root process restored by root: nothing to change (the parent-death signal
+        // is set after every thread).
+        if first_difference(c, &Creds { pdeathsig: c.pdeathsig, ..now.clone() }).is_none() {
+            return Ok(());
+        }
 
         // The login uid: only the thread itself may write it, and once set only with
         // CAP_AUDIT_CONTROL (never when the kernel made it immutable).
