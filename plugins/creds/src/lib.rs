@@ -66,8 +66,9 @@ pub struct Creds {
     pub no_new_privs: bool,
     /// `PR_GET_PDEATHSIG`: 0 for none.
     pub pdeathsig: i32,
-    /// `/proc/PID/task/TID/loginuid`; None where the kernel has no audit.
-    pub loginuid: Option<u32>,
+    /// `/proc/PID/task/TID/loginuid`; [`LOGINUID_UNSET`] also where the kernel has no
+    /// audit (no login uid is what such a process has).
+    pub loginuid: u32,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -247,9 +248,9 @@ fn read_thread(ctx: &mut ContextRef<'_>, tid: i32) -> Result<Creds, String> {
     prctl(ctx, tid, "prctl(PR_GET_PDEATHSIG)", [PR_GET_PDEATHSIG, at, 0, 0, 0])?;
     c.pdeathsig = i32::from_le_bytes(util::read_memory(ctx, at, 4)?.try_into().expect("4 bytes"));
     c.loginuid = match util::proc_text(ctx, &format!("task/{tid}/loginuid")) {
-        Ok(text) => Some(text.trim().parse().map_err(|_| format!("process {pid} thread {tid}: loginuid reads {text:?}"))?),
+        Ok(text) => text.trim().parse().map_err(|_| format!("process {pid} thread {tid}: loginuid reads {text:?}"))?,
         // A kernel without audit has no such file.
-        Err(_) if !std::path::Path::new("/proc/self/loginuid").exists() => None,
+        Err(_) if !std::path::Path::new("/proc/self/loginuid").exists() => LOGINUID_UNSET,
         Err(e) => return Err(e),
     };
     Ok(c)
@@ -362,11 +363,10 @@ impl Plugin {
         // The login uid: only the thread itself may write it, and once set only with
         // CAP_AUDIT_CONTROL (never when the kernel made it immutable).
         if c.loginuid != now.loginuid {
-            let want = c.loginuid.unwrap_or(LOGINUID_UNSET);
-            self.set_loginuid(ctx, tid, want).map_err(|e| {
+            self.set_loginuid(ctx, tid, c.loginuid).map_err(|e| {
                 format!(
-                    "process {pid} thread {tid}: the audit login uid cannot be set to {want} (the restore child has {}): {e}",
-                    now.loginuid.map_or("none".to_string(), |u| u.to_string())
+                    "process {pid} thread {tid}: the audit login uid cannot be set to {} (the restore child has {}): {e}",
+                    c.loginuid, now.loginuid
                 )
             })?;
         }
