@@ -539,3 +539,6 @@ mod tests {
         assert!(first_difference(&creds, &more).unwrap().contains("bounding"));
     }
 }
+
+#[cfg(test)]
+mod mock_tests;
