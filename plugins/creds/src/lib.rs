@@ -10,7 +10,8 @@
 //! every other plugin of the request (`after: ["*"]`): once it has dropped the
 //! privileges, no injected call may need them. Every field is set exactly, then read
 //! back; anything that cannot be set exactly fails the restore, which removes the
-//! half-built process — it never runs with more privilege than it had.
+//! half-built process — it never runs with more privilege than it had. The LSM label
+//! is recorded but not set: a restore child whose label differs is refused.
 //!
 //! One record, `creds` (JSON, see [`Image`]).
 
@@ -69,6 +70,10 @@ pub struct Creds {
     /// `/proc/PID/task/TID/loginuid`; [`LOGINUID_UNSET`] also where the kernel has no
     /// audit (no login uid is what such a process has).
     pub loginuid: u32,
+    /// The LSM label (`/proc/PID/task/TID/attr/current`) where an LSM gives one. Not
+    /// set by ferry: a restore child with another label is refused.
+    #[serde(default)]
+    pub lsm_label: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -181,6 +186,9 @@ fn first_difference(want: &Creds, got: &Creds) -> Option<String> {
     if want.loginuid != got.loginuid {
         return d("the audit login uid is", &want.loginuid, &got.loginuid);
     }
+    if want.lsm_label != got.lsm_label {
+        return d("the LSM label is", &want.lsm_label, &got.lsm_label);
+    }
     None
 }
 
@@ -253,6 +261,11 @@ fn read_thread(ctx: &mut ContextRef<'_>, tid: i32) -> Result<Creds, String> {
         Err(_) if !std::path::Path::new("/proc/self/loginuid").exists() => LOGINUID_UNSET,
         Err(e) => return Err(e),
     };
+    // No LSM, or one without labels: the file cannot be read (EINVAL).
+    c.lsm_label = util::proc_text(ctx, &format!("task/{tid}/attr/current"))
+        .ok()
+        .map(|l| l.trim_end_matches(['\n', '\0']).to_string())
+        .filter(|l| !l.is_empty());
     Ok(c)
 }
 
@@ -358,6 +371,12 @@ impl Plugin {
         // is set after every thread).
         if first_difference(c, &Creds { pdeathsig: c.pdeathsig, ..now.clone() }).is_none() {
             return Ok(());
+        }
+        if c.lsm_label != now.lsm_label {
+            return Err(format!(
+                "process {pid} thread {tid}: its LSM label is {:?}, the restore child's {:?}, and ferry does not change labels",
+                c.lsm_label, now.lsm_label
+            ));
         }
 
         // The login uid: only the thread itself may write it, and once set only with

@@ -278,6 +278,10 @@ impl ProcessContext for Kernel {
             match file {
                 "status" => self.status(tid),
                 "loginuid" => self.tasks[&tid].creds.loginuid.to_string(),
+                "attr/current" => match &self.tasks[&tid].creds.lsm_label {
+                    Some(l) => format!("{l}\n"),
+                    None => return RResult::RErr(PluginError::new("mock", "EINVAL")),
+                },
                 _ => return RResult::RErr(PluginError::new("mock", format!("no /proc/PID/{name}"))),
             }
         } else {
@@ -311,6 +315,7 @@ fn another_user(k: &Kernel) -> Image {
         no_new_privs: true,
         pdeathsig: libc::SIGURG,
         loginuid: 4242,
+        lsm_label: None,
     };
     let second = Creds { uids: [4013; 4], cap_effective: 0, ..main.clone() };
     let threads = k
@@ -373,4 +378,12 @@ fn what_the_kernel_will_not_set_fails_the_restore_naming_thread_and_field() {
     image.threads[0].creds.cap_bounding |= bit(CAP_CHOWN);
     let err = run_restart(&mut Plugin::default(), &mut k, records(&image), 3).unwrap_err();
     assert!(err.contains("bounding capabilities"), "{err}");
+
+    // Nor another LSM label (a confined process, restored by an unconfined ferry).
+    let mut k = Kernel::new(&[100]);
+    k.tasks.get_mut(&100).unwrap().creds.lsm_label = Some("unconfined".into());
+    let mut image = another_user(&k);
+    image.threads[0].creds.lsm_label = Some("/usr/bin/workload (enforce)".into());
+    let err = run_restart(&mut Plugin::default(), &mut k, records(&image), 3).unwrap_err();
+    assert!(err.contains("thread 100") && err.contains("LSM label"), "{err}");
 }
