@@ -57,11 +57,15 @@ pub struct WorkloadOpts {
     pub event_fds: bool,
     /// Listen on 127.0.0.1, answering a connection a tick (`--listen`; logs `listen PORT`).
     pub listen: bool,
+    /// Run as another user with its own groups, capabilities, securebits, login uid,
+    /// dumpable, parent-death signal and oom_score_adj; threads 0 and 1 differ from the
+    /// others (`--creds`; use without files, which it could no longer reach).
+    pub creds: bool,
 }
 
 impl Default for WorkloadOpts {
     fn default() -> Self {
-        WorkloadOpts { mem_mib: 1, threads: 0, files: true, tick_ms: 20, dirty_pages: 0, churn: false, move_mem: false, fork_check: false, rseq: false, process_state: false, seccomp: false, shared_anon: false, event_fds: false, listen: false }
+        WorkloadOpts { mem_mib: 1, threads: 0, files: true, tick_ms: 20, dirty_pages: 0, churn: false, move_mem: false, fork_check: false, rseq: false, process_state: false, seccomp: false, shared_anon: false, event_fds: false, listen: false, creds: false }
     }
 }
 
@@ -136,6 +140,7 @@ impl Workload {
             (opts.shared_anon, "--shared-anon"),
             (opts.event_fds, "--event-fds"),
             (opts.listen, "--listen"),
+            (opts.creds, "--creds"),
         ];
         cmd.args(flags.iter().filter(|f| f.0).map(|f| f.1));
         Self::start(cmd, dir)
@@ -430,4 +435,29 @@ pub fn send_signal(pid: i32, sig: i32) -> bool {
 /// SIGKILLs `pid` (a no-op for pids <= 0, which would name groups).
 pub fn kill_pid(pid: i32) {
     send_signal(pid, libc::SIGKILL);
+}
+
+/// What `/proc/PID/task/*/status` shows of each thread's credentials (ids, groups, the
+/// five capability sets, no_new_privs) with its login uid, sorted (tids may change in a
+/// restore), and the process's oom_score_adj.
+pub fn creds_of(pid: i32) -> (Vec<String>, String) {
+    const FIELDS: [&str; 9] = ["Uid", "Gid", "Groups", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb", "NoNewPrivs"];
+    let mut threads = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap_or_else(|e| panic!("/proc/{pid}/task: {e}")) {
+        let dir = task.expect("a task entry").path();
+        let status = std::fs::read_to_string(dir.join("status")).unwrap_or_default();
+        let mut line: Vec<String> = FIELDS
+            .iter()
+            .map(|f| {
+                let v = status.lines().find_map(|l| l.strip_prefix(f)?.strip_prefix(':')).unwrap_or("?");
+                format!("{f}: {}", v.split_whitespace().collect::<Vec<_>>().join(" "))
+            })
+            .collect();
+        let loginuid = std::fs::read_to_string(dir.join("loginuid")).unwrap_or_default();
+        line.push(format!("loginuid: {}", loginuid.trim()));
+        threads.push(line.join(", "));
+    }
+    threads.sort();
+    let adj = std::fs::read_to_string(format!("/proc/{pid}/oom_score_adj")).unwrap_or_default();
+    (threads, adj.trim().to_string())
 }

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use ferry_tests::{
     ferry, stderr, stdout,
-    workload::{pid_alive, send_signal, Script, Workload, WorkloadOpts, DEADLINE},
+    workload::{creds_of, pid_alive, send_signal, Script, Workload, WorkloadOpts, DEADLINE},
 };
 
 fn is_root() -> bool {
@@ -165,6 +165,85 @@ fn scheduling_limits_personality_and_posix_timers_come_back() {
     // still fire: all of which the restore child would otherwise inherit from ferry.
     let mut w = Workload::spawn(&WorkloadOpts { threads: 3, process_state: true, ..Default::default() });
     round_trip(&mut w, &[]);
+}
+
+#[test]
+fn a_process_of_another_user_comes_back_with_its_own_credentials_not_root() {
+    if !needs_root() {
+        return;
+    }
+    // The workload runs as uid 65534 (saved and fs uids of their own), with groups, a
+    // reduced bounding set, an inheritable capability outside it, an ambient one,
+    // securebits, a login uid, a parent-death signal and oom_score_adj; thread 0 has
+    // other uids and thread 1 no effective capabilities. The restore child is root.
+    let mut w = Workload::spawn(&WorkloadOpts { threads: 3, files: false, creds: true, ..Default::default() });
+    w.wait_ready();
+    w.wait_ticks(3);
+    let before = creds_of(w.pid);
+    assert!(before.0.iter().all(|t| t.contains("Gid: 65534 4002 4003 4004,")), "not another user: {before:?}");
+    assert_eq!(before.0.iter().filter(|t| t.starts_with("Uid: 4013 4013 4013 4013,")).count(), 1, "{before:?}");
+    assert_eq!(before.0.iter().filter(|t| t.contains("CapEff: 0000000000000000")).count(), 1, "{before:?}");
+    assert_eq!(before.1, "345");
+    // Named first, creds still runs last (`after: ["*"]`): before the files plugin
+    // reopens the log, which uid 65534 could not.
+    let (new, at) = through_an_image(&mut w, &["--subsystems", "creds,memory,threads,files,signals,process"]);
+    assert_eq!(creds_of(new), before, "the restored process's credentials (/proc/{new}/task/*/status)");
+    w.wait_ticks(at + 3);
+    w.terminate_and_check(new).unwrap();
+}
+
+/// Pids of live processes whose command line mentions `needle`.
+fn processes_mentioning(needle: &str) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            String::from_utf8_lossy(&cmdline).contains(needle) && pid_alive(pid)
+        })
+        .collect()
+}
+
+#[test]
+fn a_login_uid_the_kernel_will_not_set_fails_the_restore_and_leaves_no_process_behind() {
+    if !needs_root() {
+        return;
+    }
+    // The workload sets its login uid (4242) only where ours is unset.
+    if std::fs::read_to_string("/proc/self/loginuid").map_or(true, |t| t.trim() != "4294967295") {
+        eprintln!("skipping: our login uid is set (or the kernel has no audit), so the workload cannot set its own");
+        return;
+    }
+    let mut w = Workload::spawn(&WorkloadOpts { threads: 1, files: false, creds: true, ..Default::default() });
+    w.wait_ready();
+    w.wait_ticks(2);
+    assert!(creds_of(w.pid).0.iter().all(|t| t.ends_with("loginuid: 4242")), "{:?}", creds_of(w.pid));
+    let image = tempfile::tempdir().unwrap();
+    let dir = image.path().join("img");
+    checkpoint(w.pid, &dir, &[]);
+    w.reap();
+    // A ferry (so its restore child) with a login uid of its own and without
+    // CAP_AUDIT_CONTROL: the kernel refuses to change the login uid.
+    let o = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(r#"echo 1000 > /proc/self/loginuid && exec setpriv --bounding-set=-audit_control "$0" restore --dir "$1" --json"#)
+        .arg(ferry_tests::ferry_bin())
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "the restore must fail: {err}{}", stdout(&o));
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert!(err.contains("login uid") && err.contains("4242") && err.contains("thread"), "{err}");
+    let log = w.log.to_str().unwrap().to_string();
+    ferry_tests::wait_until("the half-built process to be gone", DEADLINE, || processes_mentioning(&log).is_empty());
+    // The image is untouched: an ordinary restore brings it back, checking itself.
+    let at = *w.ticks().last().unwrap();
+    let new = restore(&dir, w.pid);
+    w.adopt(new);
+    w.wait_ticks(at + 2);
+    w.terminate_and_check(new).unwrap();
 }
 
 #[test]

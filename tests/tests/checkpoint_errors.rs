@@ -76,6 +76,23 @@ fn a_process_under_seccomp_is_refused_before_it_is_touched() {
 }
 
 #[test]
+fn a_request_without_the_creds_subsystem_is_refused_before_the_process_is_touched() {
+    // Its process could only come back as root, with every capability.
+    let mut w = Workload::spawn(&WorkloadOpts { files: false, ..Default::default() });
+    w.wait_ticks(1);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("img");
+    let mut args = checkpoint_args(&w.pid.to_string(), &dir);
+    args.extend(["--subsystems".into(), "memory,threads,files,signals,process".into()]);
+    fails_with(&run(&args), "subsystem creds is not among memory, threads, files, signals, process");
+    assert!(!dir.exists(), "a refused checkpoint writes nothing");
+    let at = *w.ticks().last().unwrap();
+    w.wait_ticks(at + 2);
+    let pid = w.pid;
+    w.terminate_and_check(pid).unwrap();
+}
+
+#[test]
 fn a_non_empty_image_directory_is_refused_and_the_target_runs_on() {
     let w = Workload::spawn(&WorkloadOpts { files: false, ..Default::default() });
     w.wait_ticks(1);

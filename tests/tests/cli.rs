@@ -99,6 +99,7 @@ fn check_reports_every_feature() {
         "tcp-repair",
         "timer-restore-ids",
         "timerfd-set-ticks",
+        "loginuid",
     ] {
         let row = rows.iter().find(|r| r["name"] == name).unwrap_or_else(|| panic!("{name} missing"));
         if row["present"] == false {
@@ -124,7 +125,7 @@ fn config_show_layers_defaults_file_and_command_line() {
     assert_eq!(shown["mechanism"]["medium"], "file"); // command line beats file
     assert_eq!(shown["mechanism"]["quiesce"], "freezer"); // command line
     assert_eq!(shown["mechanism"]["context"], "external"); // default
-    assert_eq!(shown["mechanism"]["subsystems"], serde_json::json!(["memory", "threads", "files", "signals", "process"]));
+    assert_eq!(shown["mechanism"]["subsystems"], serde_json::json!(["memory", "threads", "files", "signals", "process", "creds"]));
 
     // The shipped example is a valid configuration, and `config example` prints it.
     let example = ferry(&["config", "example"]);

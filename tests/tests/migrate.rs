@@ -12,7 +12,7 @@ use std::{
 
 use ferry_tests::{
     ferry_bin, plugin_dir, stderr, wait_until,
-    workload::{pid_alive, Script, Workload, WorkloadOpts},
+    workload::{creds_of, pid_alive, Script, Workload, WorkloadOpts},
 };
 
 fn is_root() -> bool {
@@ -768,6 +768,32 @@ fn postcopy_gives_a_child_forked_before_the_pages_arrived_the_memory_it_should_s
         eprintln!("{strategy} of a process forking: {stats}");
         moved(&mut w, pid, new, 60);
         assert!(!w.lines().iter().any(|l| l.starts_with("FAIL")), "{}", w.log_text());
+        pid = new;
+    }
+    w.terminate_and_check(pid).unwrap();
+}
+
+#[test]
+fn a_process_of_another_user_keeps_its_credentials_through_every_strategy() {
+    if !is_root() {
+        eprintln!("skipping: migration needs root");
+        return;
+    }
+    // The destination rebuilds it as root: the credentials (and, for post-copy, the
+    // userfaultfd made before they are dropped) must come out exactly as they were.
+    let daemon = Daemon::start(None, "127.0.0.1", &[]);
+    let mut w = Workload::spawn(&WorkloadOpts { threads: 3, files: false, creds: true, mem_mib: 4, dirty_pages: 4, ..Default::default() });
+    w.wait_ticks(3);
+    let before = creds_of(w.pid);
+    assert!(before.0.iter().all(|t| t.contains("Gid: 65534 4002 4003 4004,")), "not another user: {before:?}");
+    let mut pid = w.pid;
+    for strategy in ["stop-copy", "pre-copy", "post-copy", "hybrid"] {
+        let o = migrate(None, pid, &daemon.addr, &["--strategy", strategy]);
+        assert!(o.status.success(), "{strategy}: {} (daemon: {})", stderr(&o), daemon.log());
+        let stats: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let new = stats["pids"][pid.to_string()].as_i64().unwrap() as i32;
+        moved(&mut w, pid, new, 3);
+        assert_eq!(creds_of(new), before, "{strategy}: the credentials of pid {new}");
         pid = new;
     }
     w.terminate_and_check(pid).unwrap();

@@ -24,11 +24,14 @@
 #include <stdlib.h>
 #include <string.h>
 #include <arpa/inet.h>
+#include <linux/capability.h>
 #include <linux/filter.h>
+#include <linux/securebits.h>
 #include <linux/seccomp.h>
 #include <sched.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
+#include <sys/fsuid.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/personality.h>
@@ -40,11 +43,13 @@
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/sysmacros.h>
 #include <sys/time.h>
 #include <sys/un.h>
 #include <sys/timerfd.h>
 #include <sys/wait.h>
+#include <grp.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -78,6 +83,7 @@ static int opt_seccomp;
 static int opt_shared_anon;
 static int opt_event_fds;
 static int opt_listen;
+static int opt_creds;
 static uint64_t tsc_per_ms;
 static volatile uint64_t rseq_aborts;
 static pid_t fork_child;
@@ -665,6 +671,202 @@ static void verify_listener(void)
         FAIL_RET("%s is not the listener's socket file with mode 0666", unix_addr.sun_path);
 }
 
+/* ---- credentials (--creds): another user with saved and fs ids of their own,
+ * supplementary groups, a reduced bounding set, an inheritable capability outside it,
+ * ambient capabilities, securebits, the login uid, dumpable, a parent-death signal and
+ * oom_score_adj; thread 0 takes other uids and thread 1 gives up its effective
+ * capabilities (raw calls: credentials are per thread). A restore child is root. ---- */
+static const uid_t cr_uids[4] = {65534, 4012, 4013, 4014}; /* real, effective, saved, fs */
+static const gid_t cr_gids[4] = {65534, 4002, 4003, 4004};
+static const gid_t cr_groups[3] = {4242, 4343, 65534}; /* sorted, as the kernel keeps them */
+#define CR_THREAD0_UID 4013
+#define CR_LOGINUID 4242
+#define CR_OOM_SCORE_ADJ 345
+#define CR_PDEATHSIG SIGURG /* ignored by default: harmless when it fires */
+#define CAPBIT(c) (1ULL << (c))
+#define CR_INH (CAPBIT(CAP_NET_BIND_SERVICE) | CAPBIT(CAP_SYS_MODULE))
+#define CR_PRM (CAPBIT(CAP_NET_BIND_SERVICE) | CAPBIT(CAP_CHOWN))
+#define CR_EFF CAPBIT(CAP_NET_BIND_SERVICE)
+#define CR_AMB CAPBIT(CAP_NET_BIND_SERVICE)
+#define CR_DROPPED (CAPBIT(CAP_SYS_MODULE) | CAPBIT(CAP_SYS_ADMIN) | CAPBIT(CAP_NET_ADMIN))
+#define CR_SECUREBITS (SECBIT_KEEP_CAPS | SECBIT_NO_CAP_AMBIENT_RAISE | SECBIT_NOROOT)
+static int cr_loginuid; /* whether this kernel let us set the login uid */
+static uint64_t cr_bounding; /* the bounding set wanted: what we had, less CR_DROPPED */
+static atomic_int cr_threads_ready;
+
+static int cr_capset(uint64_t eff, uint64_t prm, uint64_t inh)
+{
+    struct __user_cap_header_struct h = {_LINUX_CAPABILITY_VERSION_3, 0};
+    struct __user_cap_data_struct d[2] = {{(uint32_t)eff, (uint32_t)prm, (uint32_t)inh},
+                                          {(uint32_t)(eff >> 32), (uint32_t)(prm >> 32), (uint32_t)(inh >> 32)}};
+    return (int)syscall(SYS_capset, &h, d);
+}
+
+static int cr_capget(uint64_t *eff, uint64_t *prm, uint64_t *inh)
+{
+    struct __user_cap_header_struct h = {_LINUX_CAPABILITY_VERSION_3, 0};
+    struct __user_cap_data_struct d[2];
+    if (syscall(SYS_capget, &h, d) != 0)
+        return -1;
+    *eff = d[0].effective | (uint64_t)d[1].effective << 32;
+    *prm = d[0].permitted | (uint64_t)d[1].permitted << 32;
+    *inh = d[0].inheritable | (uint64_t)d[1].inheritable << 32;
+    return 0;
+}
+
+static int write_proc(const char *path, const char *text)
+{
+    int fd = open(path, O_WRONLY | O_CLOEXEC);
+    if (fd < 0)
+        return 0;
+    int ok = write(fd, text, strlen(text)) == (ssize_t)strlen(text);
+    close(fd);
+    return ok;
+}
+
+static long read_proc_number(const char *path)
+{
+    char buf[32] = {0};
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return LONG_MIN;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    return n > 0 ? strtol(buf, NULL, 10) : LONG_MIN;
+}
+
+/* Before the threads: they start with these credentials. */
+static void setup_creds(void)
+{
+    /* Unset, a login uid may be set once without privilege; else leave it. */
+    cr_loginuid = read_proc_number("/proc/self/loginuid") == 4294967295L && write_proc("/proc/self/loginuid", "4242");
+    if (!write_proc("/proc/self/oom_score_adj", "345"))
+        die("oom_score_adj");
+    uint64_t eff, prm, inh;
+    if (cr_capget(&eff, &prm, &inh) != 0)
+        die("capget");
+    /* The inheritable set first: capset refuses ones outside the bounding set. */
+    if (cr_capset(prm, prm, CR_INH) != 0)
+        die("capset inheritable");
+    for (int c = 0; c < 64 && prctl(PR_CAPBSET_READ, c, 0, 0, 0) >= 0; c++)
+        if (prctl(PR_CAPBSET_READ, c, 0, 0, 0) == 1 && !(CR_DROPPED & CAPBIT(c)))
+            cr_bounding |= CAPBIT(c);
+    for (int c = 0; c < 64; c++)
+        if ((CR_DROPPED & CAPBIT(c)) && prctl(PR_CAPBSET_DROP, c, 0, 0, 0) != 0)
+            die("PR_CAPBSET_DROP");
+    if (prctl(PR_SET_SECUREBITS, SECBIT_KEEP_CAPS, 0, 0, 0) != 0)
+        die("PR_SET_SECUREBITS keep caps");
+    if (setgroups(3, cr_groups) != 0 || setresgid(cr_gids[0], cr_gids[1], cr_gids[2]) != 0)
+        die("setgroups/setresgid");
+    setfsgid(cr_gids[3]);
+    if (setresuid(cr_uids[0], cr_uids[1], cr_uids[2]) != 0)
+        die("setresuid");
+    /* KEEP_CAPS kept the permitted set; the effective one comes back by capset. */
+    if (cr_capset(prm, prm, CR_INH) != 0)
+        die("capset effective");
+    setfsuid(cr_uids[3]);
+    if (prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, CAP_NET_BIND_SERVICE, 0, 0) != 0)
+        die("PR_CAP_AMBIENT_RAISE");
+    if (prctl(PR_SET_SECUREBITS, CR_SECUREBITS, 0, 0, 0) != 0)
+        die("PR_SET_SECUREBITS");
+    if (cr_capset(CR_EFF, CR_PRM, CR_INH) != 0)
+        die("capset");
+    if (prctl(PR_SET_PDEATHSIG, CR_PDEATHSIG, 0, 0, 0) != 0 || prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0)
+        die("PR_SET_PDEATHSIG/NO_NEW_PRIVS");
+}
+
+/* After the threads changed theirs (which made the process undumpable). */
+static void setup_creds_dumpable(void)
+{
+    long want = opt_threads < 2 ? opt_threads : 2;
+    for (int waited = 0; atomic_load(&cr_threads_ready) < want; waited++) {
+        if (waited > 30000)
+            die("threads' credentials");
+        sleep_ms(1);
+    }
+    if (prctl(PR_SET_DUMPABLE, 1, 0, 0, 0) != 0)
+        die("PR_SET_DUMPABLE");
+}
+
+static int creds_thread_setup(long i)
+{
+    int r = 0;
+    if (i == 0)
+        r = (int)syscall(SYS_setresuid, CR_THREAD0_UID, CR_THREAD0_UID, CR_THREAD0_UID);
+    else if (i == 1)
+        r = cr_capset(0, CR_PRM, CR_INH);
+    if (r != 0) {
+        snprintf(thread_fail[i], sizeof thread_fail[i], "thread %ld: changing credentials: %s", i, strerror(errno));
+        return 0;
+    }
+    if (i < 2)
+        atomic_fetch_add(&cr_threads_ready, 1);
+    return 1;
+}
+
+static int creds_thread_verify(long i, char *f, size_t fs)
+{
+    uid_t r, e, s;
+    uint64_t eff, prm, inh;
+    uid_t want = i == 0 ? CR_THREAD0_UID : cr_uids[1];
+    if (syscall(SYS_getresuid, &r, &e, &s) != 0 || cr_capget(&eff, &prm, &inh) != 0)
+        snprintf(f, fs, "thread %ld: getresuid/capget: %s", i, strerror(errno));
+    else if (r != (i == 0 ? want : cr_uids[0]) || e != want || s != (i == 0 ? want : cr_uids[2]))
+        snprintf(f, fs, "thread %ld: uids %u/%u/%u", i, r, e, s);
+    else if ((uid_t)syscall(SYS_setfsuid, -1) != (i == 0 ? want : cr_uids[3]))
+        snprintf(f, fs, "thread %ld: fsuid %d", i, (int)syscall(SYS_setfsuid, -1));
+    else if (eff != (i == 1 ? 0 : CR_EFF) || prm != CR_PRM || inh != CR_INH)
+        snprintf(f, fs, "thread %ld: capabilities eff %llx prm %llx inh %llx", i, (unsigned long long)eff,
+                 (unsigned long long)prm, (unsigned long long)inh);
+    else
+        return 1;
+    return 0;
+}
+
+static void verify_creds(void)
+{
+    uid_t u[3];
+    gid_t g[3], groups[8];
+    uint64_t eff, prm, inh;
+    if (getresuid(&u[0], &u[1], &u[2]) != 0 || u[0] != cr_uids[0] || u[1] != cr_uids[1] || u[2] != cr_uids[2])
+        FAIL_RET("uids are %u/%u/%u, want %u/%u/%u", u[0], u[1], u[2], cr_uids[0], cr_uids[1], cr_uids[2]);
+    if ((uid_t)setfsuid(-1) != cr_uids[3])
+        FAIL_RET("fsuid is %d, want %u", setfsuid(-1), cr_uids[3]);
+    if (getresgid(&g[0], &g[1], &g[2]) != 0 || g[0] != cr_gids[0] || g[1] != cr_gids[1] || g[2] != cr_gids[2])
+        FAIL_RET("gids are %u/%u/%u", g[0], g[1], g[2]);
+    if ((gid_t)setfsgid(-1) != cr_gids[3])
+        FAIL_RET("fsgid is %d, want %u", setfsgid(-1), cr_gids[3]);
+    int n = getgroups(8, groups);
+    if (n != 3 || memcmp(groups, cr_groups, sizeof cr_groups) != 0)
+        FAIL_RET("%d supplementary groups, not 4242 4343 65534", n);
+    if (cr_capget(&eff, &prm, &inh) != 0 || eff != CR_EFF || prm != CR_PRM || inh != CR_INH)
+        FAIL_RET("capabilities eff %llx prm %llx inh %llx, want %llx %llx %llx", (unsigned long long)eff,
+                 (unsigned long long)prm, (unsigned long long)inh, CR_EFF, CR_PRM, CR_INH);
+    for (int c = 0; c < 64; c++) {
+        int bounded = prctl(PR_CAPBSET_READ, c, 0, 0, 0);
+        if (bounded < 0)
+            break; /* past this kernel's last capability */
+        if (bounded != !!(cr_bounding & CAPBIT(c)))
+            FAIL_RET("capability %d is %sin the bounding set", c, bounded ? "" : "not ");
+        int ambient = prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_IS_SET, c, 0, 0);
+        if (ambient != !!(CR_AMB & CAPBIT(c)))
+            FAIL_RET("ambient capability %d is %d", c, ambient);
+    }
+    if (prctl(PR_GET_SECUREBITS, 0, 0, 0, 0) != CR_SECUREBITS)
+        FAIL_RET("securebits are %#x, want %#x", prctl(PR_GET_SECUREBITS, 0, 0, 0, 0), CR_SECUREBITS);
+    if (prctl(PR_GET_DUMPABLE, 0, 0, 0, 0) != 1)
+        FAIL_RET("dumpable is %d, want 1", prctl(PR_GET_DUMPABLE, 0, 0, 0, 0));
+    int sig = 0;
+    if (prctl(PR_GET_PDEATHSIG, &sig, 0, 0, 0) != 0 || sig != CR_PDEATHSIG)
+        FAIL_RET("parent-death signal is %d, want %d", sig, CR_PDEATHSIG);
+    if (prctl(PR_GET_NO_NEW_PRIVS, 0, 0, 0, 0) != 1)
+        FAIL_RET("no_new_privs was lost");
+    if (cr_loginuid && read_proc_number("/proc/self/loginuid") != CR_LOGINUID)
+        FAIL_RET("login uid is %ld, want %d", read_proc_number("/proc/self/loginuid"), CR_LOGINUID);
+    if (read_proc_number("/proc/self/oom_score_adj") != CR_OOM_SCORE_ADJ)
+        FAIL_RET("oom_score_adj is %ld, want %d", read_proc_number("/proc/self/oom_score_adj"), CR_OOM_SCORE_ADJ);
+}
+
 /* ---- threads ---- */
 static void *thread_main(void *arg)
 {
@@ -674,6 +876,9 @@ static void *thread_main(void *arg)
         snprintf(thread_fail[i], sizeof thread_fail[i], "thread %ld: setpriority: %s", i, strerror(errno));
         return NULL;
     }
+
+    if (opt_creds && !creds_thread_setup(i))
+        return NULL;
 
     /* Even threads block SIGWINCH, odd ones do not: masks are per thread. */
     sigset_t set;
@@ -710,6 +915,8 @@ static void *thread_main(void *arg)
                  (unsigned long long)m);
     else if (pthread_sigmask(SIG_BLOCK, NULL, &cur) != 0)
         snprintf(f, fs, "thread %ld: pthread_sigmask failed", i);
+    else if (opt_creds && !creds_thread_verify(i, f, fs))
+        ;
     else if (sigismember(&cur, SIGWINCH) != (i % 2 == 0))
         snprintf(f, fs, "thread %ld: SIGWINCH %s", i, i % 2 == 0 ? "not blocked" : "blocked");
     else if (!sigismember(&cur, SIGUSR2))
@@ -1330,7 +1537,7 @@ static void rseq_wait(long ms)
 static void usage(void)
 {
     fprintf(stderr, "usage: workload --log PATH [--dir DIR] [--mem-mib N] [--threads N] [--tick-ms N]"
-                    " [--dirty-pages N] [--churn] [--move-mem] [--fork-check] [--rseq] [--process-state] [--seccomp] [--shared-anon] [--event-fds] [--listen] [--no-files]\n");
+                    " [--dirty-pages N] [--churn] [--move-mem] [--fork-check] [--rseq] [--process-state] [--seccomp] [--shared-anon] [--event-fds] [--listen] [--creds] [--no-files]\n");
     exit(2);
 }
 
@@ -1360,6 +1567,7 @@ int main(int argc, char **argv)
             {"--rseq", &opt_rseq, 1},            {"--process-state", &opt_process_state, 1},
             {"--seccomp", &opt_seccomp, 1},      {"--shared-anon", &opt_shared_anon, 1},
             {"--event-fds", &opt_event_fds, 1},  {"--listen", &opt_listen, 1},
+            {"--creds", &opt_creds, 1},
         };
         int flag = 0;
         for (size_t f = 0; f < sizeof flags / sizeof flags[0] && !flag; f++)
@@ -1433,6 +1641,8 @@ int main(int argc, char **argv)
     if (opt_listen)
         setup_listener();
 
+    if (opt_creds)
+        setup_creds();
     pthread_t threads[MAX_THREADS];
     for (long i = 0; i < opt_threads; i++) {
         altstacks[i] = malloc(ALTSTACK_SIZE);
@@ -1442,6 +1652,8 @@ int main(int argc, char **argv)
         if (errno)
             die("pthread_create");
     }
+    if (opt_creds)
+        setup_creds_dumpable();
     if (opt_process_state)
         setup_process_state();
     if (opt_seccomp) {
@@ -1527,6 +1739,8 @@ int main(int argc, char **argv)
         verify_event_fds();
     if (opt_listen && !failure[0])
         verify_listener();
+    if (opt_creds && !failure[0])
+        verify_creds();
 
     if (failure[0]) {
         logf_("FAIL: %s", failure);

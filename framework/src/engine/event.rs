@@ -63,9 +63,21 @@ pub struct Loaded {
     _lease: Lease,
 }
 
+/// The subsystem that carries the credentials; every request needs it.
+pub const CREDS: &str = "creds";
+
 /// Loads the requested subsystems and orders them so that each runs after the ones
-/// its `info().after` names (those in the request); a cycle is refused.
+/// its `info().after` names (those in the request; `*` names all the others); a cycle
+/// is refused.
 pub fn load_subsystems(manager: &Manager, names: &[String]) -> Result<Vec<Loaded>, EventError> {
+    // The restore child is ferry's root: without `creds` the process would come back
+    // as root with every capability (and an image made without it can only do that).
+    if !names.iter().any(|n| n == CREDS) {
+        return Err(EventError::Refused(format!(
+            "subsystem {CREDS} is not among {}: without it the process would be restored as root with every capability",
+            names.join(", ")
+        )));
+    }
     let mut pending: Vec<(Loaded, Vec<String>)> = Vec::new();
     for name in names {
         if pending.iter().any(|(l, _)| &l.name == name) {
@@ -73,7 +85,13 @@ pub fn load_subsystems(manager: &Manager, names: &[String]) -> Result<Vec<Loaded
         }
         let lease = manager.acquire(PluginKind::Subsystem, name)?;
         let sub = lease.new_subsystem()?;
-        let after = sub.info().after.into_iter().map(|s| s.into_string()).filter(|a| names.contains(a)).collect();
+        // `*`: after every other plugin of the request (the credentials, set last).
+        let after: Vec<String> = sub.info().after.into_iter().map(|s| s.into_string()).collect();
+        let after = if after.iter().any(|a| a == "*") {
+            names.iter().filter(|n| *n != name).cloned().collect()
+        } else {
+            after.into_iter().filter(|a| names.contains(a)).collect()
+        };
         let meta = lease.meta().clone();
         pending.push((Loaded { name: meta.name, version: meta.version, sub, _lease: lease }, after));
     }

@@ -275,6 +275,8 @@ pub struct Held {
     pub lazy: Option<LazyPlan>,
     /// It was stopped by job control when taken: it is let go stopped.
     stopped: bool,
+    /// Its userfaultfd, made before the credentials were dropped.
+    uffd: Option<std::os::fd::OwnedFd>,
 }
 
 impl Held {
@@ -317,6 +319,9 @@ impl Held {
 
     /// A userfaultfd of the rebuilt process, held only by ferry (post-copy).
     pub fn userfaultfd(&mut self) -> Result<std::os::fd::OwnedFd, EventError> {
+        if let Some(fd) = self.uffd.take() {
+            return Ok(fd);
+        }
         crate::kernel::uffd::userfaultfd_in(&mut self.tracer, crate::kernel::uffd::LAZY_FEATURES).map_err(EventError::Refused)
     }
 
@@ -477,6 +482,7 @@ pub fn rebuild(
         let mut page_bytes = 0;
         let mut counts = Vec::new();
         let mut lazy = LazyPlan::default();
+        let mut uffd = None;
         for (loaded, entry) in subs.iter_mut().zip(&plan.plugins) {
             let name = loaded.name.clone();
             watchdog.doing(format!("plugin {name} rebuilds its part"));
@@ -493,19 +499,25 @@ pub fn rebuild(
             counts.push((source.reader.records_read(), source.reader.bytes_read()));
             stats.bytes += source.reader.bytes_read();
             page_bytes += source.page_bytes;
+            // Post-copy's userfaultfd is made while the process still has ferry's
+            // privileges: the creds plugin, last, drops them (an unprivileged process
+            // may not make one that sees the kernel's faults).
+            if uffd.is_none() && !lazy.areas.is_empty() {
+                uffd = Some(crate::kernel::uffd::userfaultfd_in(&mut tracer, crate::kernel::uffd::LAZY_FEATURES).map_err(EventError::Refused)?);
+            }
         }
         let mut ctx = ExternalContext::new(&mut tracer, &mut shared, "ferry", watchdog);
         event::resume_all(&mut subs, &mut ctx)?;
         event::cleanup_all(&mut subs, &mut ctx, true);
         tracer.unmap_scratch()?;
-        Ok::<_, EventError>((page_bytes / 4096, counts, lazy))
+        Ok::<_, EventError>((page_bytes / 4096, counts, lazy, uffd))
     })();
     match result {
-        Ok((pages, counts, lazy)) => {
+        Ok((pages, counts, lazy, uffd)) => {
             stats.pages = pages;
             stats.pids.insert(process.pid.to_string(), pid);
             let lazy = (!lazy.areas.is_empty()).then_some(lazy);
-            Ok(Held { tracer, stats, frozen_at, started, counts, lazy, stopped: process.stopped })
+            Ok(Held { tracer, stats, frozen_at, started, counts, lazy, stopped: process.stopped, uffd })
         }
         Err(e) => {
             // Kill only what this restore created.

@@ -116,8 +116,15 @@ pub(crate) const UFFDIO_UNREGISTER: u64 = ioc(IOC_READ, UFFDIO, 0x01, std::mem::
 pub(crate) fn userfaultfd_in(tracer: &mut crate::kernel::tracer::Tracer, features: u64) -> Result<std::os::fd::OwnedFd, String> {
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
     let pid = tracer.pid();
+    // Write-protect tracking in async mode never reports a fault, so it needs no
+    // kernel-mode faults either: user-mode only, which an unprivileged process (one
+    // running as another user, vm.unprivileged_userfaultfd=0) may make too.
+    let mut flags = (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64;
+    if features & UFFD_FEATURE_WP_ASYNC != 0 {
+        flags |= UFFD_USER_MODE_ONLY as u64;
+    }
     let r = tracer
-        .inject(pid, libc::SYS_userfaultfd, [(libc::O_CLOEXEC | libc::O_NONBLOCK) as u64, 0, 0, 0, 0, 0])
+        .inject(pid, libc::SYS_userfaultfd, [flags, 0, 0, 0, 0, 0])
         .map_err(|e| e.to_string())?;
     if r < 0 {
         return Err(format!("userfaultfd in process {pid}: {}", io::Error::from_raw_os_error(-r as i32)));

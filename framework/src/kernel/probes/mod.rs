@@ -24,7 +24,7 @@ pub struct Feature {
 }
 
 /// Every feature name, in the order `probe_all` reports them.
-pub const FEATURE_NAMES: [&str; 15] = [
+pub const FEATURE_NAMES: [&str; 16] = [
     "ptrace-seize",
     "process-vm-readv",
     "userfaultfd",
@@ -40,6 +40,7 @@ pub const FEATURE_NAMES: [&str; 15] = [
     "tcp-repair",
     "timer-restore-ids",
     "timerfd-set-ticks",
+    "loginuid",
 ];
 
 const FALLBACK_PVM: &str = "/proc/PID/mem";
@@ -54,6 +55,7 @@ const FALLBACK_MEMFD: &str = "shared memory from a file in /dev/shm";
 const FALLBACK_TCP: &str = "TCP connections are not migrated";
 const FALLBACK_TIMER_IDS: &str = "POSIX timers keep their ids only when these are 0, 1, 2… in order";
 const FALLBACK_TICKS: &str = "a timerfd with expirations not read yet cannot be restored";
+const FALLBACK_LOGINUID: &str = "a process whose audit login uid differs from ferry's is refused";
 const NO_FALLBACK: &str = "ferry cannot work without it";
 
 type ProbeResult = Result<String, String>;
@@ -124,6 +126,7 @@ pub fn probe_all() -> Vec<Feature> {
     ));
     out.push(feature("timer-restore-ids", Some(FALLBACK_TIMER_IDS), run(probe_timer_restore_ids)));
     out.push(feature("timerfd-set-ticks", Some(FALLBACK_TICKS), run(probe_timerfd_set_ticks)));
+    out.push(feature("loginuid", Some(FALLBACK_LOGINUID), run(probe_loginuid)));
     out
 }
 

@@ -1,4 +1,5 @@
-//! Probes of making and reaching processes: pidfds, `clone3` with `set_tid`.
+//! Probes of making and reaching processes: pidfds, `clone3` with `set_tid`, setting
+//! the audit login uid.
 
 use super::*;
 
@@ -82,4 +83,27 @@ pub(super) fn probe_clone3_set_tid() -> ProbeResult {
         Some(libc::EINVAL) | Some(libc::E2BIG) => Err(format!("clone3 set_tid not supported: {e}")),
         _ => Err(format!("clone3 set_tid: {e}")),
     }
+}
+
+/// Whether a restore child of ferry's could be given a login uid: a thread of ours writes
+/// its own (inherited from ferry) back. Unset, any task may set it once; set, only with
+/// CAP_AUDIT_CONTROL and never once the kernel made it immutable.
+pub(super) fn probe_loginuid() -> ProbeResult {
+    if !Path::new("/proc/self/loginuid").exists() {
+        return Err("no /proc/self/loginuid: the kernel has no audit (only processes without a login uid are restored)".into());
+    }
+    // A thread of its own: the login uid is per task, and only the task may write it.
+    std::thread::spawn(|| {
+        let path = "/proc/thread-self/loginuid";
+        let now = std::fs::read_to_string(path).map_err(|e| format!("reading {path}: {e}"))?;
+        let now = now.trim().to_string();
+        std::fs::write(path, &now).map_err(|e| format!("writing {path} (login uid {now}) back: {e} (immutable, or no CAP_AUDIT_CONTROL)"))?;
+        Ok(if now == u32::MAX.to_string() {
+            "ferry's login uid is unset: a restored process can be given any".to_string()
+        } else {
+            format!("ferry's login uid {now} could be written: a restored process can be given another")
+        })
+    })
+    .join()
+    .map_err(|_| "the probing thread panicked".to_string())?
 }
