@@ -18,7 +18,7 @@ use crate::{
     engine::manager::Manager,
     engine::pipeline::Pipeline,
     engine::watchdog::Watchdog,
-    kernel::tracer,
+    kernel::target,
     trust,
 };
 
@@ -71,7 +71,7 @@ fn discard(dir: &Path, created: bool) {
 pub fn checkpoint(manager: &Manager, req: &CheckpointRequest, progress: &mut dyn FnMut(&str)) -> Result<Stats, EventError> {
     let started = Instant::now();
     // Everything that can be refused without touching the process comes first.
-    tracer::check_target(req.pid)?;
+    target::check_target(req.pid)?;
     let created = prepare_dir(&req.dir)?;
     let mut subs = event::load_subsystems(manager, &req.subsystems)?;
     let medium_lease = manager.acquire(PluginKind::Medium, &req.medium)?;

@@ -20,6 +20,7 @@ use ferry_plugin_api::{MediumBox, MemRange, PluginKind};
 use serde::Serialize;
 
 use crate::{
+    kernel::target,
     config::{Quiesce, Strategy},
     engine::dump::{process_entry, quiesce, write_image, Live, Sent},
     engine::event::Loaded,
@@ -30,7 +31,6 @@ use crate::{
     engine::watchdog::Watchdog,
     image::PluginEntry,
     kernel::dirty::DirtyTracker,
-    kernel::tracer,
     kernel::tracer::Tracer,
     strategies::pager::{serve_until_message, LazyStats, LAZY_STREAM},
     strategies::{self, rounds::{self, Outcome}},
@@ -197,14 +197,14 @@ fn precopy_phase(
 /// Moves process `req.pid` to the daemon at `req.to`.
 pub fn migrate(manager: &Manager, req: &MigrateRequest, progress: &mut dyn FnMut(&str)) -> Result<MigrateStats, EventError> {
     let started = Instant::now();
-    tracer::check_target(req.pid)?;
+    target::check_target(req.pid)?;
     crate::trace::mark("migrate");
     let mut subs = event::load_subsystems(manager, &req.subsystems)?;
     let lease = manager.acquire(PluginKind::Medium, "tcp")?;
     crate::trace::mark("plugins loaded");
     let algorithm = strategies::algorithm(req.strategy, &strategies::Tuning { pre_copy: req.pre_copy, hybrid_rounds: req.hybrid_rounds });
     let (precopy, lazy) = (algorithm.live_rounds(), algorithm.lazy());
-    if lazy && tracer::group_stopped(req.pid) {
+    if lazy && target::group_stopped(req.pid) {
         // Its copy would have to run on the destination to page its memory in.
         return Err(refused(format!(
             "process {} is stopped (job control): {} would run it on the destination; use stop-copy or pre-copy",

@@ -17,7 +17,7 @@ use crate::{
     engine::rebuild::{rebuild, Held, Plan},
     engine::watchdog::Watchdog,
     image::{Inventory, ProcessEntry, INVENTORY_STREAM},
-    kernel::tracer,
+    kernel::target,
     trust,
 };
 
@@ -38,7 +38,7 @@ const ORIGINAL_REAP: Duration = Duration::from_millis(100);
 fn dying(pid: i32) -> bool {
     const PF_EXITING: u64 = 0x4;
     const SIGKILL_BIT: u64 = 1 << (libc::SIGKILL - 1);
-    let Some(fields) = tracer::stat_fields(pid) else { return true };
+    let Some(fields) = target::stat_fields(pid) else { return true };
     let state = fields.first().map(String::as_str).unwrap_or("X");
     let flags: u64 = fields.get(6).and_then(|f| f.parse().ok()).unwrap_or(0);
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -52,7 +52,7 @@ fn dying(pid: i32) -> bool {
 /// with the pid, or a parent that does not reap, only costs the pid.
 fn await_original(process: &ProcessEntry) {
     let pid = process.pid;
-    let same = || !process.start.is_empty() && tracer::start_stamp(pid).as_deref() == Some(process.start.as_str());
+    let same = || !process.start.is_empty() && target::start_stamp(pid).as_deref() == Some(process.start.as_str());
     // One that was left running (`--leave-running`) keeps its pid: take another at once.
     if !same() || !dying(pid) {
         return;
@@ -156,7 +156,7 @@ mod tests {
     fn a_restore_waits_for_the_image_s_own_process_to_exit_and_be_reaped() {
         let mut child = sleeper();
         let pid = child.id() as i32;
-        let original = entry(pid, tracer::start_stamp(pid).expect("the child's stamp"));
+        let original = entry(pid, target::start_stamp(pid).expect("the child's stamp"));
         // Killed (as the checkpoint does before it answers), and reaped by its parent a
         // moment later.
         child.kill().unwrap();
@@ -165,7 +165,7 @@ mod tests {
             let _ = child.wait();
         });
         await_original(&original);
-        let gone = tracer::start_stamp(pid).as_deref() != Some(original.start.as_str());
+        let gone = target::start_stamp(pid).as_deref() != Some(original.start.as_str());
         killer.join().unwrap();
         assert!(gone, "await_original returned while the image's own process held its pid");
     }
@@ -177,7 +177,7 @@ mod tests {
         let pid = child.id() as i32;
         assert!(!dying(pid));
         let t = Instant::now();
-        await_original(&entry(pid, tracer::start_stamp(pid).expect("the child's stamp")));
+        await_original(&entry(pid, target::start_stamp(pid).expect("the child's stamp")));
         let waited = t.elapsed();
         let _ = child.kill();
         assert!(dying(pid), "killed and not reaped yet");

@@ -265,7 +265,7 @@ impl ProcessContext for LiveContext<'_> {
     }
 
     fn tids(&self) -> RVec<i32> {
-        crate::kernel::tracer::task_ids(self.pid).unwrap_or_default().into()
+        crate::kernel::target::task_ids(self.pid).unwrap_or_default().into()
     }
 
     fn read_memory(&mut self, addr: u64, mut buf: RSliceMut<'_, u8>) -> PResult<usize> {

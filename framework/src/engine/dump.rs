@@ -14,7 +14,8 @@ use crate::{
     image::{Inventory, PluginEntry, ProcessEntry, INVENTORY_STREAM},
     kernel::dirty::DirtyTracker,
     kernel::freezer::Freezer,
-    kernel::tracer::{self, TraceError, Tracer},
+    kernel::target,
+    kernel::tracer::{TraceError, Tracer},
 };
 
 fn medium_err(medium: &str, e: impl std::fmt::Display) -> EventError {
@@ -40,7 +41,7 @@ pub struct Live {
 pub fn process_entry(tracer: &Tracer, scratch: u64) -> ProcessEntry {
     let pid = tracer.pid();
     let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default().trim().to_string();
-    let start = tracer::start_stamp(pid).unwrap_or_default();
+    let start = target::start_stamp(pid).unwrap_or_default();
     ProcessEntry { pid, tids: tracer.tids(), comm, scratch, start, stopped: tracer.group_stopped() }
 }
 

@@ -7,6 +7,7 @@ pub(crate) mod clone;
 pub mod dirty;
 pub mod freezer;
 pub(crate) mod mounts;
+pub mod target;
 pub mod probes;
 pub mod tracer;
 pub(crate) mod uffd;

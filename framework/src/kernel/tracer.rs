@@ -15,6 +15,8 @@ use std::{
 
 use libc::{c_long, c_void, pid_t, user_regs_struct};
 
+use super::target::{check_target, group_stopped, task_ids};
+
 /// `syscall; int3` — the code every injection runs.
 const SYSCALL_INT3: [u8; 3] = [0x0f, 0x05, 0xcc];
 /// Size of the scratch area mapped in the target: one code page, the rest for
@@ -104,80 +106,6 @@ struct Thread {
     regs: user_regs_struct,
     /// A signal that arrived while we seized it, delivered again at detach.
     pending_signal: i32,
-}
-
-/// Reads `/proc/PID/stat` fields after the command name.
-pub fn stat_fields(pid: pid_t) -> Option<Vec<String>> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let close = text.rfind(')')?;
-    Some(text[close + 1..].split_whitespace().map(str::to_string).collect())
-}
-
-/// What tells process `pid` from a later one given its pid: the boot it runs in and
-/// its start time (`boot_id/ticks`, field 22 of `/proc/PID/stat`).
-pub fn start_stamp(pid: pid_t) -> Option<String> {
-    let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
-    let ticks = stat_fields(pid)?.get(19)?.clone();
-    Some(format!("{}/{ticks}", boot.trim()))
-}
-
-/// The threads of `pid`, from `/proc/PID/task`.
-pub fn task_ids(pid: pid_t) -> Result<Vec<pid_t>, TraceError> {
-    let dir = std::fs::read_dir(format!("/proc/{pid}/task")).map_err(|_| TraceError::NoProcess(pid))?;
-    let mut tids: Vec<pid_t> =
-        dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect();
-    tids.sort_unstable();
-    // The main thread first: plugins rely on it.
-    if let Some(i) = tids.iter().position(|&t| t == pid) {
-        tids.remove(i);
-        tids.insert(0, pid);
-    }
-    Ok(tids)
-}
-
-/// Refuses targets that cannot be checkpointed, with the reason.
-pub fn check_target(pid: pid_t) -> Result<(), TraceError> {
-    if pid <= 0 {
-        return Err(TraceError::NoProcess(pid));
-    }
-    // SAFETY: getpid has no preconditions.
-    if pid == unsafe { libc::getpid() } {
-        return Err(TraceError::Unsuitable { pid, why: "ferry itself".into() });
-    }
-    let fields = stat_fields(pid).ok_or(TraceError::NoProcess(pid))?;
-    let state = fields.first().map(String::as_str).unwrap_or("?");
-    if state == "Z" || state == "X" {
-        return Err(TraceError::Unsuitable { pid, why: "a zombie".into() });
-    }
-    // PF_KTHREAD is bit 21 of the flags (field 9 of stat, 7th after the name).
-    let flags: u64 = fields.get(6).and_then(|f| f.parse().ok()).unwrap_or(0);
-    if flags & 0x0020_0000 != 0 {
-        return Err(TraceError::Unsuitable { pid, why: "a kernel thread".into() });
-    }
-    // A system call ferry injects is subject to the process's seccomp filters (which
-    // may kill it), and the filters are not carried to the copy, which would run
-    // without its sandbox: refused before anything is touched.
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    // Only root may take another user's process (its memory goes into the image).
-    // SAFETY: geteuid has no preconditions.
-    let me = unsafe { libc::geteuid() };
-    if me != 0 {
-        let uids = ferry_plugin_api::util::proc_field(&status, "Uid").unwrap_or("");
-        if let Some(other) = uids.split_whitespace().find(|u| *u != me.to_string()) {
-            return Err(TraceError::Unsuitable { pid, why: format!("owned by uid {other}, and only root may take another user's process") });
-        }
-    }
-    let seccomp = ferry_plugin_api::util::proc_field(&status, "Seccomp").unwrap_or("0");
-    if seccomp != "0" {
-        let mode = if seccomp == "1" { "strict" } else { "filter" };
-        return Err(TraceError::Unsuitable { pid, why: format!("under seccomp ({mode} mode), which ferry does not carry yet") });
-    }
-    Ok(())
-}
-
-/// Whether process `pid` is stopped by job control (`T` in its stat, not a tracing stop).
-pub fn group_stopped(pid: pid_t) -> bool {
-    stat_fields(pid).and_then(|f| f.first().cloned()).as_deref() == Some("T")
 }
 
 /// A traced process. Every method must be called from the thread that created it.

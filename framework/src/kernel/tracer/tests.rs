@@ -1,4 +1,5 @@
 use super::*;
+use crate::kernel::target::stat_fields;
 use std::process::{Command, Stdio};
 
 /// A `sleep` to trace, killed by pid however the test ends.
