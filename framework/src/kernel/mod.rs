@@ -5,6 +5,7 @@
 
 pub(crate) mod clone;
 pub mod dirty;
+pub mod error;
 pub mod freezer;
 pub(crate) mod mounts;
 pub mod target;

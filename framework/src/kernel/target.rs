@@ -4,7 +4,7 @@
 
 use libc::pid_t;
 
-use super::tracer::TraceError;
+use super::error::TraceError;
 
 /// Reads `/proc/PID/stat` fields after the command name.
 pub fn stat_fields(pid: pid_t) -> Option<Vec<String>> {

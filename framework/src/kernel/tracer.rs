@@ -27,21 +27,7 @@ const PAGE: u64 = 4096;
 pub use ferry_plugin_api::util::NT_PRSTATUS;
 pub const NT_X86_XSTATE: u32 = 0x202;
 
-#[derive(Debug, thiserror::Error)]
-pub enum TraceError {
-    #[error("process {0} does not exist")]
-    NoProcess(pid_t),
-    #[error("process {pid} is {why}: it cannot be checkpointed")]
-    Unsuitable { pid: pid_t, why: String },
-    #[error("{what} on thread {tid}: {source}")]
-    Ptrace { what: &'static str, tid: pid_t, source: io::Error },
-    #[error("thread {tid}: {message}")]
-    Thread { tid: pid_t, message: String },
-    #[error("memory of process {pid} at {addr:#x}: {message}")]
-    Memory { pid: pid_t, addr: u64, message: String },
-    #[error("process {pid} exited during the event")]
-    Gone { pid: pid_t },
-}
+pub use super::error::TraceError;
 
 fn errno() -> io::Error {
     io::Error::last_os_error()
