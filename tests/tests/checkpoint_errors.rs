@@ -84,8 +84,32 @@ fn a_request_without_the_creds_subsystem_is_refused_before_the_process_is_touche
     let dir = tmp.path().join("img");
     let mut args = checkpoint_args(&w.pid.to_string(), &dir);
     args.extend(["--subsystems".into(), "memory,threads,files,signals,process".into()]);
-    fails_with(&run(&args), "subsystem creds is not among memory, threads, files, signals, process");
+    fails_with(&run(&args), "its credentials (it would run as root), which no subsystem of the request (memory, threads, files, signals, process) carries");
     assert!(!dir.exists(), "a refused checkpoint writes nothing");
+    let at = *w.ticks().last().unwrap();
+    w.wait_ticks(at + 2);
+    let pid = w.pid;
+    w.terminate_and_check(pid).unwrap();
+}
+
+#[test]
+fn a_request_that_would_leave_state_behind_is_refused_before_the_process_is_touched() {
+    // `--subsystems memory` once killed the process and restored a copy that crashed.
+    let mut w = Workload::spawn(&WorkloadOpts::default());
+    w.wait_ticks(1);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("img");
+    let mut args = checkpoint_args(&w.pid.to_string(), &dir);
+    args.extend(["--subsystems".into(), "memory".into()]);
+    let o = run(&args);
+    fails_with(&o, &format!("process {} has its threads, its credentials (it would run as root), its working directory", w.pid));
+    for lost in ["open file descriptors", "its signal handlers", "which no subsystem of the request (memory) carries"] {
+        assert!(stderr(&o).contains(lost), "{lost}: {}", stderr(&o));
+    }
+    assert!(!dir.exists(), "a refused checkpoint writes nothing");
+    // Through a migration too, before any daemon is asked (none listens there).
+    let o = ferry(&["migrate", &w.pid.to_string(), "--to", "127.0.0.1:9", "--subsystems", "memory,threads"]);
+    fails_with(&o, "which no subsystem of the request (memory, threads) carries");
     let at = *w.ticks().last().unwrap();
     w.wait_ticks(at + 2);
     let pid = w.pid;

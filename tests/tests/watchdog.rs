@@ -68,7 +68,7 @@ fn a_plugin_that_stops_answering_fails_the_checkpoint_and_the_process_carries_on
         let o = ferry_with(
             s.path(),
             None,
-            &["checkpoint", &pid, "--dir", image.to_str().unwrap(), "--subsystems", "memory,hang,creds", "--quiesce", quiesce],
+            &["checkpoint", &pid, "--dir", image.to_str().unwrap(), "--subsystems", "memory,hang,threads,files,signals,process,creds", "--quiesce", quiesce],
         );
         fails_naming_the_watchdog(&o);
         assert!(!image.exists(), "the partial image is removed");
@@ -90,7 +90,7 @@ fn a_plugin_that_spins_without_progress_goes_through_fault_and_dump() {
     let o = ferry_with(
         s.path(),
         Some(("FERRY_HANG", "spin")),
-        &["checkpoint", &pid, "--dir", image.to_str().unwrap(), "--subsystems", "memory,hang,creds"],
+        &["checkpoint", &pid, "--dir", image.to_str().unwrap(), "--subsystems", "memory,hang,threads,files,signals,process,creds"],
     );
     fails_naming_the_watchdog(&o);
     assert!(stderr(&o).contains("plugin hang"), "{}", stderr(&o));
@@ -132,7 +132,7 @@ fn a_migration_whose_plugin_hangs_rolls_back_on_both_sides() {
     let mut w = Workload::spawn(&WorkloadOpts::default());
     w.wait_ticks(2);
     let pid = w.pid.to_string();
-    let o = ferry_with(s.path(), None, &["migrate", &pid, "--to", &addr, "--subsystems", "memory,hang,creds"]);
+    let o = ferry_with(s.path(), None, &["migrate", &pid, "--to", &addr, "--subsystems", "memory,hang,threads,files,signals,process,creds"]);
     fails_naming_the_watchdog(&o);
     // The daemon is still there and takes the next migration of the same process.
     let o = ferry_with(s.path(), None, &["migrate", &pid, "--to", &addr, "--json"]);

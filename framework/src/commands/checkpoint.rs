@@ -73,7 +73,7 @@ pub fn checkpoint(manager: &Manager, req: &CheckpointRequest, progress: &mut dyn
     // Everything that can be refused without touching the process comes first.
     target::check_target(req.pid)?;
     let created = prepare_dir(&req.dir)?;
-    let mut subs = event::load_subsystems(manager, &req.subsystems)?;
+    let mut subs = event::load_subsystems(manager, &req.subsystems, Some(req.pid))?;
     let medium_lease = manager.acquire(PluginKind::Medium, &req.medium)?;
     let opened = medium_lease.open_medium(&serde_json::json!({"role": "write", "dir": req.dir}))?;
     // Reading the process and writing the image cost about one copy each; a writer

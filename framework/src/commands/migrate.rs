@@ -199,7 +199,7 @@ pub fn migrate(manager: &Manager, req: &MigrateRequest, progress: &mut dyn FnMut
     let started = Instant::now();
     target::check_target(req.pid)?;
     crate::trace::mark("migrate");
-    let mut subs = event::load_subsystems(manager, &req.subsystems)?;
+    let mut subs = event::load_subsystems(manager, &req.subsystems, Some(req.pid))?;
     let lease = manager.acquire(PluginKind::Medium, "tcp")?;
     crate::trace::mark("plugins loaded");
     let algorithm = strategies::algorithm(req.strategy, &strategies::Tuning { pre_copy: req.pre_copy, hybrid_rounds: req.hybrid_rounds });

@@ -13,6 +13,7 @@ use serde::Serialize;
 
 use crate::{
     engine::context::ExternalContext,
+    engine::coverage,
     engine::manager::{Lease, Manager, ManagerError},
     engine::watchdog::{StatusTrack, Watchdog},
     image::ImageError,
@@ -63,22 +64,13 @@ pub struct Loaded {
     _lease: Lease,
 }
 
-/// The subsystem that carries the credentials; every request needs it.
-pub const CREDS: &str = "creds";
-
 /// Loads the requested subsystems and orders them so that each runs after the ones
 /// its `info().after` names (those in the request; `*` names all the others); a cycle
-/// is refused.
-pub fn load_subsystems(manager: &Manager, names: &[String]) -> Result<Vec<Loaded>, EventError> {
-    // The restore child is ferry's root: without `creds` the process would come back
-    // as root with every capability (and an image made without it can only do that).
-    if !names.iter().any(|n| n == CREDS) {
-        return Err(EventError::Refused(format!(
-            "subsystem {CREDS} is not among {}: without it the process would be restored as root with every capability",
-            names.join(", ")
-        )));
-    }
+/// is refused. So is a request that would leave state of process `pid` behind (of
+/// any process, for a restore: `None`), before anything is touched.
+pub fn load_subsystems(manager: &Manager, names: &[String], pid: Option<i32>) -> Result<Vec<Loaded>, EventError> {
     let mut pending: Vec<(Loaded, Vec<String>)> = Vec::new();
+    let mut carried: Vec<String> = Vec::new();
     for name in names {
         if pending.iter().any(|(l, _)| &l.name == name) {
             return Err(EventError::Refused(format!("subsystem {name} is named twice")));
@@ -86,7 +78,9 @@ pub fn load_subsystems(manager: &Manager, names: &[String]) -> Result<Vec<Loaded
         let lease = manager.acquire(PluginKind::Subsystem, name)?;
         let sub = lease.new_subsystem()?;
         // `*`: after every other plugin of the request (the credentials, set last).
-        let after: Vec<String> = sub.info().after.into_iter().map(|s| s.into_string()).collect();
+        let info = sub.info();
+        carried.extend(info.entity_kinds.into_iter().map(|k| k.into_string()));
+        let after: Vec<String> = info.after.into_iter().map(|s| s.into_string()).collect();
         let after = if after.iter().any(|a| a == "*") {
             names.iter().filter(|n| *n != name).cloned().collect()
         } else {
@@ -95,6 +89,8 @@ pub fn load_subsystems(manager: &Manager, names: &[String]) -> Result<Vec<Loaded
         let meta = lease.meta().clone();
         pending.push((Loaded { name: meta.name, version: meta.version, sub, _lease: lease }, after));
     }
+    let who = pid.map_or_else(|| "the image's process".to_string(), |p| format!("process {p}"));
+    coverage::check(&who, &coverage::kinds_of(pid), &carried, names).map_err(EventError::Refused)?;
     let mut ordered: Vec<Loaded> = Vec::new();
     while !pending.is_empty() {
         let ready = pending

@@ -4,6 +4,7 @@
 //! rebuilding one.
 
 pub mod context;
+pub mod coverage;
 pub mod dump;
 pub mod event;
 pub mod manager;

@@ -463,7 +463,7 @@ pub fn rebuild(
     check_plugins(manager, &plan.plugins)?;
     let process = &plan.process;
     let names: Vec<String> = plan.plugins.iter().map(|p| p.name.clone()).collect();
-    let mut subs = event::load_subsystems(manager, &names)?;
+    let mut subs = event::load_subsystems(manager, &names, None)?;
 
     // A child made ahead for another pid than the image's would not keep its pid.
     let child = match child {
