@@ -210,6 +210,29 @@ impl<E: std::fmt::Display> From<E> for Failure {
 
 type Outcome = Result<(), Failure>;
 
+/// Standard output that a reader may close early (`ferry show DIR | head`): then ferry
+/// stops quietly instead of panicking on the broken pipe.
+macro_rules! out {
+    ($($arg:tt)*) => { emit(format_args!($($arg)*), false) };
+}
+macro_rules! outln {
+    ($($arg:tt)*) => { emit(format_args!($($arg)*), true) };
+}
+
+fn emit(args: std::fmt::Arguments<'_>, newline: bool) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let written = out.write_fmt(args).and_then(|_| if newline { out.write_all(b"\n") } else { Ok(()) }).and_then(|_| out.flush());
+    match written {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        Err(e) => {
+            eprintln!("ferry: writing to standard output: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
 fn main() -> ExitCode {
     // Page buffers of several MiB come and go all through an event; served from the
     // heap and kept, they are faulted in once instead of once per buffer.
@@ -256,9 +279,9 @@ fn run(cli: Cli) -> Outcome {
             };
             let stats = checkpoint::checkpoint(&manager, &req, &mut progress_bar("checkpoint"))?;
             if *json {
-                println!("{}", serde_json::to_string(&stats)?);
+                outln!("{}", serde_json::to_string(&stats)?);
             } else {
-                println!(
+                outln!(
                     "checkpointed process {pid} into {}: {} bytes, {} pages, frozen {:.1} ms",
                     dir.display(), stats.bytes, stats.pages, stats.frozen_ms
                 );
@@ -275,10 +298,10 @@ fn run(cli: Cli) -> Outcome {
             };
             let stats = restore::restore(&manager, &req, &mut progress_bar("restore"))?;
             if *json {
-                println!("{}", serde_json::to_string(&stats)?);
+                outln!("{}", serde_json::to_string(&stats)?);
             } else {
                 for new in stats.pids.values() {
-                    println!("{new}");
+                    outln!("{new}");
                 }
             }
             Ok(())
@@ -288,9 +311,9 @@ fn run(cli: Cli) -> Outcome {
         Command::Check { json } => {
             let features = probes::probe_all();
             if *json {
-                println!("{}", serde_json::to_string_pretty(&features)?);
+                outln!("{}", serde_json::to_string_pretty(&features)?);
             } else {
-                print!("{}", probes::render_text(&features));
+                out!("{}", probes::render_text(&features));
             }
             Ok(())
         }
@@ -306,11 +329,11 @@ fn run(cli: Cli) -> Outcome {
                 control: args.control.clone(),
                 ..Overrides::default()
             };
-            println!("{}", effective(&cli, overrides)?.to_json_pretty());
+            outln!("{}", effective(&cli, overrides)?.to_json_pretty());
             Ok(())
         }
         Command::Config { command: ConfigCommand::Example } => {
-            print!("{}", include_str!("../../examples/ferry.json"));
+            out!("{}", include_str!("../../examples/ferry.json"));
             Ok(())
         }
         Command::Daemon { control, listen, auth_key, stats } => {
@@ -363,10 +386,10 @@ fn run(cli: Cli) -> Outcome {
             };
             let stats = migrate::migrate(&manager, &req, &mut progress_bar("migrate"))?;
             if *json {
-                println!("{}", serde_json::to_string(&stats)?);
+                outln!("{}", serde_json::to_string(&stats)?);
             } else {
                 let new = stats.pids.values().next().copied().unwrap_or(0);
-                println!("migrated process {pid} to {to} as pid {new}: {} bytes, frozen {:.1} ms", stats.bytes, stats.frozen_ms);
+                outln!("migrated process {pid} to {to} as pid {new}: {} bytes, frozen {:.1} ms", stats.bytes, stats.frozen_ms);
             }
             Ok(())
         }
@@ -421,9 +444,9 @@ fn show(cli: &Cli, dir: &Path, json: bool) -> Outcome {
     let inventory = image::Inventory::read_from(&mut inv_pull).map_err(|e| Failure(format!("{}: {e}", dir.display())))?;
     let described = image::describe(&inventory, &mut open)?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&described)?);
+        outln!("{}", serde_json::to_string_pretty(&described)?);
     } else {
-        print!("{}", image::render_text(&described));
+        out!("{}", image::render_text(&described));
     }
     Ok(())
 }
@@ -438,7 +461,7 @@ fn plugins(cli: &Cli, command: &PluginsCommand) -> Outcome {
             let meta = manager::validate(&path)?;
             let socket = control.clone().unwrap_or(config.daemon.control.clone());
             if !control::daemon_running(&socket) {
-                println!(
+                outln!(
                     "{} plugin {} {} is valid ({}); no daemon runs at {}, nothing registered",
                     meta.kind, meta.name, meta.version, meta.path.display(), socket.display()
                 );
@@ -446,7 +469,7 @@ fn plugins(cli: &Cli, command: &PluginsCommand) -> Outcome {
             }
             let reply = control::request(&socket, &Request::Load { path: meta.path.clone() }, Duration::from_secs(30))?;
             daemon_reply(reply)?;
-            println!("registered {} plugin {} {} in the daemon at {}", meta.kind, meta.name, meta.version, socket.display());
+            outln!("registered {} plugin {} {} in the daemon at {}", meta.kind, meta.name, meta.version, socket.display());
             Ok(())
         }
         PluginsCommand::Unload { name, control, wait_ms } => {
@@ -454,7 +477,7 @@ fn plugins(cli: &Cli, command: &PluginsCommand) -> Outcome {
             let timeout = Duration::from_millis(*wait_ms) + Duration::from_secs(10);
             let reply = control::request(&socket, &Request::Unload { name: name.clone(), wait_ms: *wait_ms }, timeout)?;
             daemon_reply(reply)?;
-            println!("unregistered plugin {name} in the daemon at {}", socket.display());
+            outln!("unregistered plugin {name} in the daemon at {}", socket.display());
             Ok(())
         }
     }
@@ -495,18 +518,18 @@ fn list(dir: &Path, json: bool) -> Outcome {
                 })
             })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+        outln!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(());
     }
     if found.is_empty() {
-        println!("no plugins in {}", dir.display());
+        outln!("no plugins in {}", dir.display());
     }
     for f in &found {
         let (kind, name, version) = f
             .meta
             .as_ref()
             .map_or(("-", "-", "-"), |m| (m.kind.as_str(), m.name.as_str(), m.version.as_str()));
-        println!("{kind:<10} {name:<12} {version:<8} {:<60} {}", f.path.display(), f.status);
+        outln!("{kind:<10} {name:<12} {version:<8} {:<60} {}", f.path.display(), f.status);
     }
     Ok(())
 }

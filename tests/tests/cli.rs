@@ -174,3 +174,33 @@ fn every_command_has_help_and_usage_errors_exit_2() {
     assert_eq!(ferry(&["teleport"]).status.code(), Some(2));
     assert_eq!(ferry(&["plugins", "list", "--jsn"]).status.code(), Some(2));
 }
+
+#[test]
+fn a_reader_that_closes_early_ends_ferry_quietly() {
+    // `ferry config example | head -1`: once a panic (exit 101) on the broken pipe. The
+    // read end is closed before ferry starts, so every write meets it.
+    let mut fds = [0i32; 2];
+    // SAFETY: pipe fills the two-int array.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    // SAFETY: both fds are ours; the read end is closed, the write end handed over once.
+    let write_end = unsafe {
+        libc::close(fds[0]);
+        <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fds[1])
+    };
+    for args in [&["config", "example"][..], &["plugins", "list"][..]] {
+        let o = std::process::Command::new(ferry_tests::ferry_bin())
+            .args(args)
+            .stdout(write_end.try_clone().unwrap())
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(0), "{args:?}: {}", stderr(&o));
+        assert!(o.stderr.is_empty(), "{args:?}: {}", stderr(&o));
+    }
+}
+
+#[test]
+fn a_migration_target_without_a_port_is_named_so() {
+    let o = ferry(&["migrate", "1", "--to", "127.0.0.1"]);
+    let err = one_line_failure(&o);
+    assert!(err.contains("--to 127.0.0.1 names no port: give HOST:PORT"), "{err}");
+}

@@ -197,6 +197,10 @@ fn precopy_phase(
 /// Moves process `req.pid` to the daemon at `req.to`.
 pub fn migrate(manager: &Manager, req: &MigrateRequest, progress: &mut dyn FnMut(&str)) -> Result<MigrateStats, EventError> {
     let started = Instant::now();
+    // "127.0.0.1" or "host": no port (an IPv6 address needs brackets to take one).
+    if !req.to.rsplit_once(':').is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok()) {
+        return Err(refused(format!("--to {} names no port: give HOST:PORT (the daemon listens on 127.0.0.1:7711 by default)", req.to)));
+    }
     target::check_target(req.pid)?;
     crate::trace::mark("migrate");
     let mut subs = event::load_subsystems(manager, &req.subsystems, Some(req.pid))?;

@@ -116,6 +116,8 @@ pub enum ProtocolError {
     Truncated { got: usize, expected: usize },
     #[error("peer sent a message of {0} bytes (limit 1 MiB)")]
     TooLarge(u64),
+    #[error("the peer is not a ferry daemon: it speaks text ({0:?}…)")]
+    NotFerry(String),
     #[error("peer sent garbage: {0}")]
     Garbage(String),
     #[error("peer sent a message of unknown type {0:?} (is it a different version of ferry?)")]
@@ -376,6 +378,11 @@ fn read_frame<R: Read + ?Sized>(r: &mut R) -> Result<Vec<u8>, ProtocolError> {
     }
     let len = u32::from_le_bytes(header) as usize;
     if len > MAX_MESSAGE {
+        // A ferry frame's length is small: four printable bytes are the start of a text
+        // protocol (an HTTP, SSH or SMTP server on that port).
+        if header.iter().all(|b| b.is_ascii_graphic() || *b == b' ') {
+            return Err(ProtocolError::NotFerry(String::from_utf8_lossy(&header).into_owned()));
+        }
         return Err(ProtocolError::TooLarge(len as u64));
     }
     let mut body = vec![0u8; len];

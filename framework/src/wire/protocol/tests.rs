@@ -341,6 +341,15 @@ fn oversized_messages_are_refused_before_reading_them() {
 }
 
 #[test]
+fn a_peer_that_speaks_text_is_not_a_ferry_daemon() {
+    // An HTTP server on the port: "HTTP" read as a length is 1347703880.
+    let r = recv_bytes(b"HTTP/1.1 400 Bad Request\r\n");
+    assert_eq!(text(&r), "the peer is not a ferry daemon: it speaks text (\"HTTP\"…)");
+    let r = recv_bytes(b"SSH-2.0-OpenSSH_9.2\r\n");
+    assert!(text(&r).contains("not a ferry daemon"), "{}", text(&r));
+}
+
+#[test]
 fn garbage_and_unknown_types_are_clear_errors() {
     let r = recv_bytes(&framed(b"not json"));
     assert!(text(&r).starts_with("peer sent garbage: "), "{}", text(&r));
