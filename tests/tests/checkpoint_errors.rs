@@ -404,3 +404,23 @@ fn a_stream_that_is_not_a_regular_file_is_refused_not_waited_on() {
     }
     assert_eq!(workload_pids(), before, "a failed restore leaves no process behind");
 }
+
+#[test]
+fn a_process_another_tracer_holds_is_refused_by_name() {
+    if !is_root() {
+        eprintln!("skipping: needs root");
+        return;
+    }
+    // As a debugger would: this test seizes a child (without stopping it).
+    let mut child = Command::new("sleep").arg("30").spawn().unwrap();
+    let pid = child.id() as i32;
+    // SAFETY: PTRACE_SEIZE of our own child, no address or data. The tracer is this
+    // thread (TracerPid names it; gettid has no preconditions).
+    assert_eq!(unsafe { libc::ptrace(libc::PTRACE_SEIZE, pid, 0, 0) }, 0);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("img");
+    fails_with(&run(&checkpoint_args(&pid.to_string(), &dir)), &format!("process {pid} is already traced by process {}", unsafe { libc::gettid() }));
+    assert!(!dir.exists());
+    let _ = child.kill();
+    let _ = child.wait();
+}

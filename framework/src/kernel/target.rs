@@ -67,6 +67,11 @@ pub fn check_target(pid: pid_t) -> Result<(), TraceError> {
             return Err(TraceError::Unsuitable { pid, why: format!("owned by uid {other}, and only root may take another user's process") });
         }
     }
+    // Another tracer (a debugger, strace, another ferry) holds it: a seize would fail.
+    let tracer_pid = ferry_plugin_api::util::proc_field(&status, "TracerPid").unwrap_or("0");
+    if tracer_pid != "0" {
+        return Err(TraceError::Unsuitable { pid, why: format!("already traced by process {tracer_pid}") });
+    }
     let seccomp = ferry_plugin_api::util::proc_field(&status, "Seccomp").unwrap_or("0");
     if seccomp != "0" {
         let mode = if seccomp == "1" { "strict" } else { "filter" };

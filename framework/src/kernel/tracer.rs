@@ -141,7 +141,10 @@ impl Tracer {
             .read(true)
             .write(true)
             .open(format!("/proc/{pid}/mem"))
-            .map_err(|_| TraceError::NoProcess(pid))?;
+            .map_err(|e| match e.kind() {
+                io::ErrorKind::NotFound => TraceError::NoProcess(pid),
+                _ => TraceError::Unsuitable { pid, why: format!("out of ferry's reach (opening its memory: {e})") },
+            })?;
         // Read before the seize, which turns every thread's state into a tracing stop.
         let group_stopped = group_stopped(pid);
         let mut tracer = Tracer {
