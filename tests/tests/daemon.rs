@@ -111,3 +111,23 @@ fn a_stale_socket_file_is_replaced() {
     let mut daemon = Daemon::start(dir.path());
     assert!(daemon.registered().contains(&"memory".to_string()));
 }
+
+#[test]
+fn a_ferry_daemon_is_not_taken_and_a_missing_stats_directory_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start(dir.path());
+    let pid = daemon.child.id().to_string();
+    let image = dir.path().join("img");
+    // Taking the daemon would take the events it serves along, half done.
+    let o = ferry(&["checkpoint", &pid, "--dir", image.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains(&format!("process {pid} is a ferry process (a daemon or another event)")), "{}", stderr(&o));
+    assert!(!image.exists());
+    let o = ferry(&["migrate", &pid, "--to", "127.0.0.1:9"]);
+    assert!(stderr(&o).contains("is a ferry process"), "{}", stderr(&o));
+    // --stats that is not a directory: refused at start, not at every event.
+    let missing = dir.path().join("no-such-dir");
+    let o = ferry(&["daemon", "--control", dir.path().join("c2.sock").to_str().unwrap(), "--stats", missing.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert_eq!(stderr(&o).trim(), format!("ferry: --stats {}: no such directory", missing.display()));
+}

@@ -30,6 +30,8 @@ pub enum DaemonError {
     Signals(nix::Error),
     #[error("cannot listen on {addr}: {message}")]
     Listen { addr: String, message: String },
+    #[error("--stats {0}: no such directory")]
+    Stats(PathBuf),
     #[error("listening on {0}, beyond loopback, needs --auth-key: whoever reaches the daemon can run code as root")]
     NeedsKey(SocketAddr),
 }
@@ -55,6 +57,12 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
     stop.add(Signal::SIGINT);
     stop.thread_block().map_err(DaemonError::Signals)?;
 
+    // A statistics directory that is not there would fail every event, later.
+    if let Some(dir) = &opts.stats {
+        if !dir.is_dir() {
+            return Err(DaemonError::Stats(dir.clone()));
+        }
+    }
     // Refuse a listener others could reach before doing anything else.
     let listener = match &opts.listen {
         Some(addr) => {

@@ -45,6 +45,11 @@ pub fn check_target(pid: pid_t) -> Result<(), TraceError> {
         return Err(TraceError::Unsuitable { pid, why: "ferry itself".into() });
     }
     let fields = stat_fields(pid).ok_or(TraceError::NoProcess(pid))?;
+    // Another ferry (a daemon, a migration in flight): taking it would take the events
+    // it serves along, half done.
+    if same_program(pid, "self") {
+        return Err(TraceError::Unsuitable { pid, why: "a ferry process (a daemon or another event)".into() });
+    }
     let state = fields.first().map(String::as_str).unwrap_or("?");
     if state == "Z" || state == "X" {
         return Err(TraceError::Unsuitable { pid, why: "a zombie".into() });
@@ -83,4 +88,11 @@ pub fn check_target(pid: pid_t) -> Result<(), TraceError> {
 /// Whether process `pid` is stopped by job control (`T` in its stat, not a tracing stop).
 pub fn group_stopped(pid: pid_t) -> bool {
     stat_fields(pid).and_then(|f| f.first().cloned()).as_deref() == Some("T")
+}
+
+/// Whether process `pid` runs the same executable file as process `other` ("self").
+fn same_program(pid: pid_t, other: &str) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let id = |p: &str| std::fs::metadata(format!("/proc/{p}/exe")).ok().map(|m| (m.dev(), m.ino()));
+    matches!((id(&pid.to_string()), id(other)), (Some(a), Some(b)) if a == b)
 }

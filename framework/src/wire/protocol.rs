@@ -110,6 +110,9 @@ pub enum ProtocolError {
     Io(#[source] io::Error),
     #[error("the peer closed the connection during the handshake")]
     Closed,
+    /// The socket's read timeout (the event's timeout) passed with nothing read.
+    #[error("no answer from the peer in time during the handshake (is a ferry daemon listening there, and is it busy?)")]
+    Silent,
     #[error(
         "the peer closed the connection in the middle of a message ({got} of {expected} bytes)"
     )]
@@ -142,7 +145,10 @@ pub enum ProtocolError {
 
 impl From<io::Error> for ProtocolError {
     fn from(e: io::Error) -> Self {
-        ProtocolError::Io(e)
+        match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => ProtocolError::Silent,
+            _ => ProtocolError::Io(e),
+        }
     }
 }
 
@@ -404,7 +410,7 @@ fn read_full<R: Read + ?Sized>(r: &mut R, buf: &mut [u8]) -> Result<usize, Proto
             Ok(0) => break,
             Ok(n) => done += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(ProtocolError::Io(e)),
+            Err(e) => return Err(e.into()),
         }
     }
     Ok(done)

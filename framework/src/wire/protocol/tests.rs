@@ -509,3 +509,16 @@ fn load_key_refuses_another_owner() {
         );
     }
 }
+
+#[test]
+fn a_silent_peer_is_named_so_not_by_errno() {
+    // A socket's read timeout reads as EAGAIN: "Resource temporarily unavailable".
+    struct Silent;
+    impl std::io::Read for Silent {
+        fn read(&mut self, _: &mut [u8]) -> std::io::Result<usize> {
+            Err(std::io::Error::from_raw_os_error(libc::EAGAIN))
+        }
+    }
+    let r = recv(&mut Silent);
+    assert!(text(&r).starts_with("no answer from the peer in time"), "{}", text(&r));
+}
