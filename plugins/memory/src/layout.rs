@@ -59,6 +59,10 @@ pub struct Area {
     /// Shared anonymous memory: the object's inode, the same for each of its areas.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub object: Option<u64>,
+    /// The `VmFlags` codes of its advice and lock (`dc`, `wf`, `hg`, `lo`, …: see
+    /// `vmflags`), made again once its pages are in.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub flags: Vec<String>,
 }
 
 impl Area {
@@ -71,6 +75,17 @@ impl Area {
     /// anonymous, readable, not a stack that grows (its flag cannot be added later).
     pub fn premappable(&self) -> bool {
         self.kind == AreaKind::Anon && !self.shared && !self.growsdown && self.prot & libc::PROT_READ as u64 != 0
+    }
+
+    /// Whether post-copy may leave the area's pages to follow after the resume: not
+    /// where the process locked them, which it expects present (locking them in the
+    /// restored process would fault each one through the userfaultfd before it runs).
+    pub fn lazyable(&self) -> bool {
+        self.premappable() && !self.locked()
+    }
+
+    pub fn locked(&self) -> bool {
+        self.flags.iter().any(|f| f == crate::vmflags::LOCKED)
     }
 
     /// The image's view of a mapping; `None` for what is not the process's to keep.
@@ -86,6 +101,7 @@ impl Area {
             growsdown: false,
             file: None,
             object: None,
+            flags: Vec::new(),
         };
         let at = format!("{:#x}-{:#x}", vma.start, vma.end);
         match vma.special() {
@@ -177,6 +193,16 @@ pub struct MmState {
     /// areas reads as zeros).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub lazy: Vec<(u64, u64)>,
+    /// `PR_GET_THP_DISABLE`'s answer (0: huge pages as the system says).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub thp_disable: u64,
+    /// `mlockall` flags kept for mappings to come (`MCL_FUTURE`, `MCL_ONFAULT`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub lock_future: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 impl MmState {
@@ -212,6 +238,8 @@ impl MmState {
             kept: Vec::new(),
             zap: Vec::new(),
             lazy: Vec::new(),
+            thp_disable: 0,
+            lock_future: 0,
         })
     }
 
@@ -241,6 +269,10 @@ impl MmState {
             if (a.kind == AreaKind::Shmem) != (a.object.is_some() && a.shared) {
                 return Err(format!("the image's mapping {at} is half a shared anonymous one"));
             }
+            if a.kind == AreaKind::Special && !a.flags.is_empty() {
+                return Err(format!("the image gives the kernel's mapping {at} flags"));
+            }
+            crate::vmflags::validate(&at, &a.flags, a.kind == AreaKind::Anon && !a.shared)?;
             last_end = a.end;
         }
         shmem_objects(&self.areas)?;
@@ -251,11 +283,13 @@ impl MmState {
                 return Err(format!("the image keeps pre-copied pages at {s:#x}-{e:#x}, outside its private anonymous areas"));
             }
         }
+        let lazyable = ranges::normalize(self.areas.iter().filter(|a| a.lazyable()).map(|a| (a.start, a.end)).collect());
         for &(s, e) in &self.lazy {
-            if s % PAGE != 0 || e % PAGE != 0 || s >= e || !ranges::covers(&premapped, (s, e)) {
-                return Err(format!("the image has lazy pages at {s:#x}-{e:#x}, outside its private anonymous areas"));
+            if s % PAGE != 0 || e % PAGE != 0 || s >= e || !ranges::covers(&lazyable, (s, e)) {
+                return Err(format!("the image has lazy pages at {s:#x}-{e:#x}, outside its private anonymous areas or in locked ones"));
             }
         }
+        crate::vmflags::validate_policy(&self.policy())?;
         let kept = ranges::normalize(self.kept.clone());
         for &(s, e) in &self.zap {
             if s % PAGE != 0 || e % PAGE != 0 || s >= e || !ranges::covers(&kept, (s, e)) {
@@ -263,6 +297,10 @@ impl MmState {
             }
         }
         Ok(())
+    }
+
+    pub fn policy(&self) -> crate::vmflags::Policy {
+        crate::vmflags::Policy { thp_disable: self.thp_disable, lock_future: self.lock_future }
     }
 
     /// Refuses clearly when a mapped file is not the one the process had mapped.
@@ -459,6 +497,7 @@ mod tests {
             growsdown: false,
             file: None,
             object: None,
+            flags: vec![],
         };
         let mut st = MmState::capture("1 (x) S", 0, &[], "/x".into(), vec![]).unwrap_or_else(|_| MmState {
             start_code: 0,
@@ -478,6 +517,8 @@ mod tests {
             kept: vec![],
             zap: vec![],
             lazy: vec![],
+            thp_disable: 0,
+            lock_future: 0,
         });
         st.areas = vec![area(0x1000, 0x3000), area(0x2000, 0x4000)];
         assert!(st.validate().is_err());
@@ -509,6 +550,7 @@ mod tests {
             growsdown: false,
             file: None,
             object: Some(object),
+            flags: vec![],
         };
         // Split in two by mprotect, and another object beside it.
         let areas = [shm(0x1000, 0x3000, 7, 0), shm(0x3000, 0x5000, 7, 0x2000), shm(0x5000, 0x6000, 8, 0)];

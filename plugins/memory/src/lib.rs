@@ -6,6 +6,7 @@
 //! auxv and the exe file with `PR_SET_MM_MAP`.
 
 mod layout;
+mod vmflags;
 use ferry_plugin_api::ranges;
 
 use std::{collections::VecDeque, os::unix::fs::FileExt};
@@ -194,6 +195,34 @@ fn areas_of(ctx: &mut ContextRef<'_>) -> Result<Vec<Area>, String> {
     Ok(areas)
 }
 
+/// The process's areas with the flags each carries (`/proc/PID/smaps`), and the
+/// address space's memory policy, read from the stopped process.
+fn areas_with_flags(ctx: &mut ContextRef<'_>) -> Result<(Vec<Area>, vmflags::Policy), String> {
+    let pid = ctx.pid();
+    let scratch = ctx.scratch();
+    let probe = vmflags::map_probe(ctx)?;
+    let read = (|| {
+        let smaps = vmflags::parse_smaps(&util::proc_text(ctx, "smaps")?)?;
+        let policy = vmflags::read_policy(ctx, &smaps, probe)?;
+        let mut areas = Vec::new();
+        for (vma, flags) in &smaps {
+            // ferry's own scratch area and probe page are not the process's.
+            if (vma.start <= scratch.addr && scratch.addr < vma.end) || vma.start == probe {
+                continue;
+            }
+            if let Some(mut area) = Area::from_vma(vma)? {
+                if area.kind != AreaKind::Special {
+                    area.flags = vmflags::carried(pid, (vma.start, vma.end), flags)?;
+                }
+                areas.push(area);
+            }
+        }
+        Ok((areas, policy))
+    })();
+    vmflags::unmap_probe(ctx, probe)?;
+    read
+}
+
 /// Maps `start..end` private anonymous and writable in the restore child.
 fn map_anon(ctx: &mut ContextRef<'_>, start: u64, end: u64, growsdown: bool) -> Result<(), String> {
     let pid = ctx.pid();
@@ -256,7 +285,7 @@ fn take_chunk(todo: &mut VecDeque<(u64, u64)>, limit: u64) -> Vec<(u64, u64)> {
 impl Memory {
     fn checkpoint_start(&mut self, ctx: &mut ContextRef<'_>, sink: &mut SinkRef<'_>) -> Result<(), String> {
         let pid = ctx.pid();
-        let areas = areas_of(ctx)?;
+        let (areas, policy) = areas_with_flags(ctx)?;
         let brk = util::syscall(ctx, pid, "brk(0)", libc::SYS_brk, [0; 6])?;
         let stat = util::proc_text(ctx, "stat")?;
         let auxv = ctx.proc_read("auxv".into()).into_result().map_err(|e| String::from(e.message))?;
@@ -264,9 +293,8 @@ impl Memory {
             .map_err(|e| format!("reading the exe link: {e}"))?
             .to_string_lossy()
             .into_owned();
-        let state = MmState::capture(&stat, brk, &auxv, exe, areas)?;
-
-        let mut state = state;
+        let mut state = MmState::capture(&stat, brk, &auxv, exe, areas)?;
+        (state.thp_disable, state.lock_future) = (policy.thp_disable, policy.lock_future);
         let pagemap = open_pagemap(pid)?;
         // After pre-copy rounds: what the destination holds stays there, only the pages
         // written since go; a range whose mapping was replaced goes whole.
@@ -289,7 +317,7 @@ impl Memory {
         let mut unscanned = Vec::new();
         layout::shmem_objects(&state.areas)?;
         for area in state.areas.iter().filter(|a| a.has_pages()) {
-            if ctx.lazy() && area.premappable() && ranges::intersect(&kept, &[(area.start, area.end)]).is_empty() {
+            if ctx.lazy() && area.lazyable() && ranges::intersect(&kept, &[(area.start, area.end)]).is_empty() {
                 unscanned.push((area.start, area.end));
                 continue;
             }
@@ -307,8 +335,9 @@ impl Memory {
         if ctx.lazy() {
             // Post-copy: the private anonymous pages follow after the resume. Kept pages
             // written since are emptied there, so that touching them fetches them too.
-            let premappable = ranges::normalize(state.areas.iter().filter(|a| a.premappable()).map(|a| (a.start, a.end)).collect());
-            state.lazy = ranges::union(&ranges::intersect(&send, &premappable), &ranges::normalize(unscanned));
+            // Locked areas go now: the process expects their pages present.
+            let lazyable = ranges::normalize(state.areas.iter().filter(|a| a.lazyable()).map(|a| (a.start, a.end)).collect());
+            state.lazy = ranges::union(&ranges::intersect(&send, &lazyable), &ranges::normalize(unscanned));
             state.zap = ranges::union(&state.zap, &ranges::intersect(&state.lazy, &kept));
             send = ranges::subtract(&send, &state.lazy);
         }
@@ -352,7 +381,7 @@ impl Memory {
         let pagemap = open_pagemap(pid)?;
         let mut send = ranges::normalize(dirty);
         for &(s, e) in &live.map {
-            let area = Area { start: s, end: e, prot: 0, shared: false, kind: AreaKind::Anon, path: None, offset: 0, growsdown: false, file: None, object: None };
+            let area = Area { start: s, end: e, prot: 0, shared: false, kind: AreaKind::Anon, path: None, offset: 0, growsdown: false, file: None, object: None, flags: Vec::new() };
             send.extend(ranges::from_runs(&dirty_runs(&pagemap, &area)?, PAGE));
         }
         let send = ranges::normalize(send);
@@ -516,7 +545,7 @@ impl Memory {
             util::syscall(ctx, pid, "madvise", libc::SYS_madvise, [s, e - s, libc::MADV_DONTNEED as u64, 0, 0, 0])?;
         }
         if !state.lazy.is_empty() {
-            let areas: Vec<(u64, u64)> = state.areas.iter().filter(|a| a.premappable()).map(|a| (a.start, a.end)).collect();
+            let areas: Vec<(u64, u64)> = state.areas.iter().filter(|a| a.lazyable()).map(|a| (a.start, a.end)).collect();
             let (areas, present) = (to_mem(&ranges::normalize(areas)), to_mem(&state.lazy));
             ctx.lazy_pages(areas.as_slice().into(), present.as_slice().into()).into_result().map_err(|e| String::from(e.message))?;
         }
@@ -616,7 +645,20 @@ impl SubsystemPlugin for Memory {
             Phase::Finish => {
                 self.narrow(ctx)?;
                 let state = self.state.as_ref().ok_or("no mm record")?;
+                // Advice and locks once the pages are in and each area has its own
+                // protection (a locked area is filled as the process's was).
+                let mut unconfirmed = Vec::new();
+                for area in state.areas.iter().filter(|a| !a.flags.is_empty()) {
+                    if !vmflags::apply(ctx, area.start, area.end, area.prot, &area.flags)? {
+                        unconfirmed.push((area.start, area.end));
+                    }
+                }
+                if !unconfirmed.is_empty() {
+                    vmflags::confirm_locked(ctx, &unconfirmed)?;
+                }
+                vmflags::apply_thp(ctx, &state.policy())?;
                 layout::set_mm(ctx, state)?;
+                vmflags::apply_lock_future(ctx, &state.policy())?;
                 self.status.entities_done = self.status.entities_total;
                 Ok(Progress::Done)
             }
