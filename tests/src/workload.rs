@@ -57,11 +57,14 @@ pub struct WorkloadOpts {
     pub event_fds: bool,
     /// Listen on 127.0.0.1, answering a connection a tick (`--listen`; logs `listen PORT`).
     pub listen: bool,
+    /// Areas with madvise flags, mlocked areas, THP disabled and mlockall(MCL_FUTURE)
+    /// (`--mm-flags`; logs a `region mmf-*` per area).
+    pub mm_flags: bool,
 }
 
 impl Default for WorkloadOpts {
     fn default() -> Self {
-        WorkloadOpts { mem_mib: 1, threads: 0, files: true, tick_ms: 20, dirty_pages: 0, churn: false, move_mem: false, fork_check: false, rseq: false, process_state: false, seccomp: false, shared_anon: false, event_fds: false, listen: false }
+        WorkloadOpts { mem_mib: 1, threads: 0, files: true, tick_ms: 20, dirty_pages: 0, churn: false, move_mem: false, fork_check: false, rseq: false, process_state: false, seccomp: false, shared_anon: false, event_fds: false, listen: false, mm_flags: false }
     }
 }
 
@@ -136,6 +139,7 @@ impl Workload {
             (opts.shared_anon, "--shared-anon"),
             (opts.event_fds, "--event-fds"),
             (opts.listen, "--listen"),
+            (opts.mm_flags, "--mm-flags"),
         ];
         cmd.args(flags.iter().filter(|f| f.0).map(|f| f.1));
         Self::start(cmd, dir)
@@ -430,4 +434,39 @@ pub fn send_signal(pid: i32, sig: i32) -> bool {
 /// SIGKILLs `pid` (a no-op for pids <= 0, which would name groups).
 pub fn kill_pid(pid: i32) {
     send_signal(pid, libc::SIGKILL);
+}
+
+/// The `VmFlags` codes of `pid`'s mapping `start..end` (`/proc/PID/smaps`); `None` when
+/// no mapping is exactly that range.
+pub fn vm_flags(pid: i32, start: u64, end: u64) -> Option<Vec<String>> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
+    let head = format!("{start:x}-{end:x} ");
+    let mut lines = smaps.lines().skip_while(|l| !l.starts_with(&head)).skip(1);
+    let flags = lines.find_map(|l| l.strip_prefix("VmFlags:"))?;
+    Some(flags.split_whitespace().map(str::to_owned).collect())
+}
+
+impl Workload {
+    /// With `--mm-flags`: checks from outside that each `mmf-*` area of `pid` is one
+    /// mapping with its advice or lock (the workload checks the rest from inside).
+    pub fn check_mm_flags(&self, pid: i32) -> Result<(), String> {
+        let want = [
+            ("mmf-dontfork", "dc"),
+            ("mmf-wipeonfork", "wf"),
+            ("mmf-hugepage", "hg"),
+            ("mmf-nohugepage", "nh"),
+            ("mmf-dontdump", "dd"),
+            ("mmf-random", "rr"),
+            ("mmf-locked", "lo"),
+            ("mmf-onfault", "lf"),
+        ];
+        for (name, code) in want {
+            let (start, end) = self.region(name);
+            let flags = vm_flags(pid, start, end).ok_or_else(|| format!("pid {pid}: {name} {start:#x}-{end:#x} is not one mapping"))?;
+            if !flags.iter().any(|f| f == code) {
+                return Err(format!("pid {pid}: {name} lost `{code}`: VmFlags {}", flags.join(" ")));
+            }
+        }
+        Ok(())
+    }
 }

@@ -385,3 +385,24 @@ fn a_main_thread_stopped_inside_an_rseq_critical_section_is_sent_to_its_abort_ha
     w.wait_ticks(at + 3);
     w.terminate_and_check(new).unwrap();
 }
+
+#[test]
+fn madvise_flags_locked_areas_thp_disable_and_mcl_future_come_back() {
+    if !needs_root() {
+        return;
+    }
+    // Areas with DONTFORK, WIPEONFORK, HUGEPAGE, NOHUGEPAGE, DONTDUMP, RANDOM, an
+    // mlocked one and one locked on fault; THP disabled; mlockall(MCL_FUTURE), so a
+    // thread's stack is locked too. Inside, the workload also forks to see DONTFORK
+    // and WIPEONFORK at work, and maps a page that must come locked.
+    let mut w = Workload::spawn(&WorkloadOpts { threads: 1, mm_flags: true, ..Default::default() });
+    w.wait_ready();
+    w.wait_ticks(2);
+    w.check_mm_flags(w.pid).unwrap();
+    let (new, at) = through_an_image(&mut w, &[]);
+    w.check_mm_flags(new).unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{new}/status")).unwrap();
+    assert!(status.contains("THP_enabled:\t0"), "{status}");
+    w.wait_ticks(at + 2);
+    w.terminate_and_check(new).unwrap();
+}

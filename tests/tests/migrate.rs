@@ -731,3 +731,30 @@ fn postcopy_gives_a_child_forked_before_the_pages_arrived_the_memory_it_should_s
     }
     w.terminate_and_check(pid).unwrap();
 }
+
+#[test]
+fn madvise_flags_locks_and_memory_policy_survive_every_strategy() {
+    if !is_root() {
+        eprintln!("skipping: migration needs root");
+        return;
+    }
+    // The --mm-flags areas (advice, mlock, lock on fault; THP disabled, MCL_FUTURE) go
+    // through each strategy in turn; locked areas never wait for post-copy (they are
+    // sent in the freeze, as the process expects their pages present). The process
+    // keeps writing so that the rounds have dirty pages.
+    let daemon = Daemon::start(None, "127.0.0.1", &[]);
+    let mut w = Workload::spawn(&WorkloadOpts { threads: 1, mem_mib: 4, dirty_pages: 8, tick_ms: 5, mm_flags: true, ..Default::default() });
+    w.wait_ticks(3);
+    let mut pid = w.pid;
+    for strategy in ["pre-copy", "post-copy", "hybrid", "stop-copy"] {
+        let o = migrate(None, pid, &daemon.addr, &["--strategy", strategy]);
+        assert!(o.status.success(), "{strategy}: {}", stderr(&o));
+        let stats: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(stats["strategy"], strategy, "{stats}");
+        let new = stats["pids"][pid.to_string()].as_i64().unwrap() as i32;
+        moved(&mut w, pid, new, 3);
+        w.check_mm_flags(new).unwrap_or_else(|e| panic!("after {strategy}: {e}"));
+        pid = new;
+    }
+    w.terminate_and_check(pid).unwrap();
+}

@@ -78,6 +78,7 @@ static int opt_seccomp;
 static int opt_shared_anon;
 static int opt_event_fds;
 static int opt_listen;
+static int opt_mm_flags;
 static uint64_t tsc_per_ms;
 static volatile uint64_t rseq_aborts;
 static pid_t fork_child;
@@ -422,6 +423,137 @@ static void verify_shared_anon(void)
         fclose(f);
     if (seen != 3 || ino_rw != ino_ro)
         FAIL_RET("shared memory is no longer one shared object in a rw-s and an r--s area");
+}
+
+/* ---- per-mapping flags and memory policy (--mm-flags): one area per madvise flag
+ * that changes behaviour, an mlocked area and one locked on fault (a page of four
+ * touched), PR_SET_THP_DISABLE and, last, mlockall(MCL_FUTURE). Checked from
+ * /proc/self/smaps (each area whole, with its flag) and by behaviour in a forked
+ * child: a DONTFORK area is not there, a WIPEONFORK area reads zeros ---- */
+#define MMF_PAGES 4
+static const struct {
+    const char *name;
+    int advice;   /* 0: mlock instead */
+    const char *vmflags; /* codes its VmFlags line must hold */
+} mmf[] = {
+    {"mmf-dontfork", MADV_DONTFORK, "dc"}, {"mmf-wipeonfork", MADV_WIPEONFORK, "wf"},
+    {"mmf-hugepage", MADV_HUGEPAGE, "hg"}, {"mmf-nohugepage", MADV_NOHUGEPAGE, "nh"},
+    {"mmf-dontdump", MADV_DONTDUMP, "dd"}, {"mmf-random", MADV_RANDOM, "rr"},
+    {"mmf-locked", 0, "lo"},               {"mmf-onfault", 0, "lo lf"},
+};
+#define MMF_AREAS (sizeof mmf / sizeof mmf[0])
+static uint64_t *mmf_area[MMF_AREAS];
+
+/* Whether word w of area i holds data: the on-fault area has only its first page. */
+static int mmf_filled(size_t i, size_t w)
+{
+    return strcmp(mmf[i].name, "mmf-onfault") != 0 || w < WORDS_PER_PAGE;
+}
+
+static void setup_mm_flags(void)
+{
+    for (size_t i = 0; i < MMF_AREAS; i++) {
+        mmf_area[i] = mmap(NULL, MMF_PAGES * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (mmf_area[i] == MAP_FAILED)
+            die("mmap mm-flags area");
+        int onfault = !strcmp(mmf[i].name, "mmf-onfault");
+        if (onfault && mlock2(mmf_area[i], MMF_PAGES * PAGE, MLOCK_ONFAULT) != 0)
+            die("mlock2 MLOCK_ONFAULT");
+        for (size_t w = 0; w < MMF_PAGES * WORDS_PER_PAGE; w++)
+            if (mmf_filled(i, w))
+                mmf_area[i][w] = pattern(20 + i, w, SEED);
+        if (mmf[i].advice && madvise(mmf_area[i], MMF_PAGES * PAGE, mmf[i].advice) != 0)
+            die(mmf[i].name);
+        if (!mmf[i].advice && !onfault && mlock(mmf_area[i], MMF_PAGES * PAGE) != 0)
+            die("mlock");
+        log_region(mmf[i].name, mmf_area[i], MMF_PAGES * PAGE);
+    }
+    if (prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0) != 0)
+        die("PR_SET_THP_DISABLE");
+    /* From here every new mapping of the process (thread stacks among them) is locked. */
+    if (mlockall(MCL_FUTURE) != 0)
+        die("mlockall MCL_FUTURE");
+}
+
+/* The VmFlags line of the mapping starting at `start`, which must end at `end`. */
+static int mmf_vmflags(const void *start, const void *end, char *out, size_t len)
+{
+    char line[512], head[64];
+    snprintf(head, sizeof head, "%lx-%lx ", (unsigned long)start, (unsigned long)end);
+    FILE *f = fopen("/proc/self/smaps", "r");
+    int in = 0, found = 0;
+    while (f && fgets(line, sizeof line, f)) {
+        if (!strncmp(line, head, strlen(head)))
+            in = 1;
+        else if (in && !strncmp(line, "VmFlags:", 8)) {
+            snprintf(out, len, "%s", line + 8);
+            out[strcspn(out, "\n")] = 0;
+            found = 1;
+            break;
+        }
+    }
+    if (f)
+        fclose(f);
+    return found;
+}
+
+/* Whether the VmFlags line `flags` holds every code of `want` (space separated). */
+static int mmf_has(const char *flags, const char *want)
+{
+    char codes[64], probe[8];
+    snprintf(codes, sizeof codes, "%s", want);
+    for (char *save, *c = strtok_r(codes, " ", &save); c; c = strtok_r(NULL, " ", &save)) {
+        snprintf(probe, sizeof probe, " %s ", c);
+        char padded[600];
+        snprintf(padded, sizeof padded, " %s ", flags);
+        if (!strstr(padded, probe))
+            return 0;
+    }
+    return 1;
+}
+
+static void verify_mm_flags(void)
+{
+    char flags[512];
+    for (size_t i = 0; i < MMF_AREAS; i++) {
+        for (size_t w = 0; w < MMF_PAGES * WORDS_PER_PAGE; w++)
+            if (mmf_area[i][w] != (mmf_filled(i, w) ? pattern(20 + i, w, SEED) : 0))
+                FAIL_RET("%s word %zu differs", mmf[i].name, w);
+        if (!mmf_vmflags(mmf_area[i], (char *)mmf_area[i] + MMF_PAGES * PAGE, flags, sizeof flags))
+            FAIL_RET("%s is no longer one mapping of its own", mmf[i].name);
+        if (!mmf_has(flags, mmf[i].vmflags))
+            FAIL_RET("%s lost VmFlags %s: it has%s", mmf[i].name, mmf[i].vmflags, flags);
+    }
+    int thp = prctl(PR_GET_THP_DISABLE, 0, 0, 0, 0);
+    if (thp != 1)
+        FAIL_RET("PR_GET_THP_DISABLE is %d, want 1", thp);
+    /* MCL_FUTURE: a new mapping comes locked. */
+    void *fresh = mmap(NULL, PAGE, PROT_NONE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    if (fresh == MAP_FAILED)
+        FAIL_RET("mmap after restore: %s", strerror(errno));
+    int found = mmf_vmflags(fresh, (char *)fresh + PAGE, flags, sizeof flags);
+    munmap(fresh, PAGE);
+    if (!found || !mmf_has(flags, "lo"))
+        FAIL_RET("mlockall(MCL_FUTURE) was lost: a new mapping is not locked");
+    /* Behaviour: in a child, the DONTFORK area is absent and the WIPEONFORK one zero. */
+    pid_t child = fork();
+    if (child < 0)
+        FAIL_RET("mm-flags fork: %s", strerror(errno));
+    if (child == 0) {
+        unsigned char vec[MMF_PAGES];
+        if (mincore(mmf_area[0], MMF_PAGES * PAGE, vec) == 0 || errno != ENOMEM)
+            _exit(2);
+        for (size_t w = 0; w < MMF_PAGES * WORDS_PER_PAGE; w++)
+            if (mmf_area[1][w] != 0)
+                _exit(3);
+        for (size_t w = 0; w < MMF_PAGES * WORDS_PER_PAGE; w++)
+            if (mmf_area[2][w] != pattern(22, w, SEED))
+                _exit(4);
+        _exit(0);
+    }
+    int status;
+    if (waitpid(child, &status, 0) != child || !WIFEXITED(status) || WEXITSTATUS(status) != 0)
+        FAIL_RET("mm-flags: a forked child saw DONTFORK/WIPEONFORK areas wrong (status %#x: 2 dontfork mapped, 3 wipeonfork not zero)", status);
 }
 
 /* ---- event fds (--event-fds): an eventfd (semaphore, count 5), a periodic timerfd,
@@ -1330,7 +1462,7 @@ static void rseq_wait(long ms)
 static void usage(void)
 {
     fprintf(stderr, "usage: workload --log PATH [--dir DIR] [--mem-mib N] [--threads N] [--tick-ms N]"
-                    " [--dirty-pages N] [--churn] [--move-mem] [--fork-check] [--rseq] [--process-state] [--seccomp] [--shared-anon] [--event-fds] [--listen] [--no-files]\n");
+                    " [--dirty-pages N] [--churn] [--move-mem] [--fork-check] [--rseq] [--process-state] [--seccomp] [--shared-anon] [--event-fds] [--listen] [--mm-flags] [--no-files]\n");
     exit(2);
 }
 
@@ -1360,6 +1492,7 @@ int main(int argc, char **argv)
             {"--rseq", &opt_rseq, 1},            {"--process-state", &opt_process_state, 1},
             {"--seccomp", &opt_seccomp, 1},      {"--shared-anon", &opt_shared_anon, 1},
             {"--event-fds", &opt_event_fds, 1},  {"--listen", &opt_listen, 1},
+            {"--mm-flags", &opt_mm_flags, 1},
         };
         int flag = 0;
         for (size_t f = 0; f < sizeof flags / sizeof flags[0] && !flag; f++)
@@ -1423,6 +1556,8 @@ int main(int argc, char **argv)
     log_region("stack", stack_array, sizeof stack_array);
     if (opt_shared_anon)
         setup_shared_anon();
+    if (opt_mm_flags)
+        setup_mm_flags();
 
     if (opt_files)
         setup_files();
@@ -1527,6 +1662,8 @@ int main(int argc, char **argv)
         verify_event_fds();
     if (opt_listen && !failure[0])
         verify_listener();
+    if (opt_mm_flags && !failure[0])
+        verify_mm_flags();
 
     if (failure[0]) {
         logf_("FAIL: %s", failure);
