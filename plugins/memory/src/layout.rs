@@ -79,9 +79,11 @@ impl Area {
 
     /// Whether post-copy may leave the area's pages to follow after the resume: not
     /// where the process locked them, which it expects present (locking them in the
-    /// restored process would fault each one through the userfaultfd before it runs).
+    /// restored process would fault each one through the userfaultfd before it runs),
+    /// nor where it asked them wiped on fork (a child forked before they arrived gets
+    /// the pages it lacks from the source, but must see zeros there).
     pub fn lazyable(&self) -> bool {
-        self.premappable() && !self.locked()
+        self.premappable() && !self.locked() && !self.flags.iter().any(|f| f == crate::vmflags::WIPE_ON_FORK)
     }
 
     pub fn locked(&self) -> bool {

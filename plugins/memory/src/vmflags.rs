@@ -23,6 +23,8 @@ const ADVICE: [(&str, i32); 8] = [
 /// `VM_LOCKED` (`mlock`, `mlockall`) and `VM_LOCKONFAULT` (`MLOCK_ONFAULT`, `MCL_ONFAULT`).
 pub const LOCKED: &str = "lo";
 pub const LOCK_ON_FAULT: &str = "lf";
+/// `VM_WIPEONFORK`: a child gets the area empty.
+pub const WIPE_ON_FORK: &str = "wf";
 /// Flags the memory plugin cannot make again, and what they are.
 const REFUSED: [(&str, &str); 2] = [("sl", "sealed (mseal)"), ("ss", "a shadow stack")];
 
