@@ -758,3 +758,27 @@ fn madvise_flags_locks_and_memory_policy_survive_every_strategy() {
     }
     w.terminate_and_check(pid).unwrap();
 }
+
+#[test]
+fn a_child_forked_during_postcopy_has_no_dontfork_area_and_a_wiped_wipeonfork_one() {
+    if !is_root() {
+        eprintln!("skipping: migration needs root");
+        return;
+    }
+    // Every 20 ms the process forks a child that checks its memory: the DONTFORK area
+    // must be absent and the WIPEONFORK area zeros in it, even while the parent's pages
+    // are still arriving (a child's missing pages are filled from the source: never
+    // those of an area the child gets empty).
+    let daemon = Daemon::start(None, "127.0.0.1", &[]);
+    let mut w = Workload::spawn(&WorkloadOpts { mem_mib: 64, tick_ms: 1, fork_check: true, mm_flags: true, ..Default::default() });
+    w.wait_ticks(25);
+    let mut pid = w.pid;
+    for strategy in ["post-copy", "hybrid"] {
+        let o = migrate(None, pid, &daemon.addr, &["--strategy", strategy]);
+        let (_, new) = lazy_stats(&o, pid, strategy, 64);
+        moved(&mut w, pid, new, 60);
+        assert!(!w.lines().iter().any(|l| l.starts_with("FAIL")), "{strategy}: {}", w.log_text());
+        pid = new;
+    }
+    w.terminate_and_check(pid).unwrap();
+}

@@ -453,7 +453,11 @@ static int mmf_filled(size_t i, size_t w)
 static void setup_mm_flags(void)
 {
     for (size_t i = 0; i < MMF_AREAS; i++) {
-        mmf_area[i] = mmap(NULL, MMF_PAGES * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        /* The WIPEONFORK area above the others: post-copy sends pages in address
+         * order, so it is among the last to arrive (a child forked before must still
+         * see it zero). */
+        void *hint = mmf[i].advice == MADV_WIPEONFORK ? (void *)0x7ff000000000UL : NULL;
+        mmf_area[i] = mmap(hint, MMF_PAGES * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
         if (mmf_area[i] == MAP_FAILED)
             die("mmap mm-flags area");
         int onfault = !strcmp(mmf[i].name, "mmf-onfault");
@@ -512,6 +516,22 @@ static int mmf_has(const char *flags, const char *want)
     return 1;
 }
 
+/* In a forked child: 0 when the DONTFORK area is absent, the WIPEONFORK area reads
+ * zeros and an area without either kept its data; else which of them failed. */
+static int mmf_in_child(void)
+{
+    unsigned char vec[MMF_PAGES];
+    if (mincore(mmf_area[0], MMF_PAGES * PAGE, vec) == 0 || errno != ENOMEM)
+        return 2;
+    for (size_t w = 0; w < MMF_PAGES * WORDS_PER_PAGE; w++)
+        if (mmf_area[1][w] != 0)
+            return 3;
+    for (size_t w = 0; w < MMF_PAGES * WORDS_PER_PAGE; w++)
+        if (mmf_area[2][w] != pattern(22, w, SEED))
+            return 4;
+    return 0;
+}
+
 static void verify_mm_flags(void)
 {
     char flags[512];
@@ -539,18 +559,8 @@ static void verify_mm_flags(void)
     pid_t child = fork();
     if (child < 0)
         FAIL_RET("mm-flags fork: %s", strerror(errno));
-    if (child == 0) {
-        unsigned char vec[MMF_PAGES];
-        if (mincore(mmf_area[0], MMF_PAGES * PAGE, vec) == 0 || errno != ENOMEM)
-            _exit(2);
-        for (size_t w = 0; w < MMF_PAGES * WORDS_PER_PAGE; w++)
-            if (mmf_area[1][w] != 0)
-                _exit(3);
-        for (size_t w = 0; w < MMF_PAGES * WORDS_PER_PAGE; w++)
-            if (mmf_area[2][w] != pattern(22, w, SEED))
-                _exit(4);
-        _exit(0);
-    }
+    if (child == 0)
+        _exit(mmf_in_child());
     int status;
     if (waitpid(child, &status, 0) != child || !WIFEXITED(status) || WEXITSTATUS(status) != 0)
         FAIL_RET("mm-flags: a forked child saw DONTFORK/WIPEONFORK areas wrong (status %#x: 2 dontfork mapped, 3 wipeonfork not zero)", status);
@@ -1383,7 +1393,7 @@ static void fork_check(uint64_t tick)
                 if (mem[p * WORDS_PER_PAGE + w] != pattern(1, p * WORDS_PER_PAGE + w, seed))
                     _exit(1);
         }
-        _exit(0);
+        _exit(opt_mm_flags ? mmf_in_child() : 0);
     }
 }
 
