@@ -427,7 +427,8 @@ static void verify_shared_anon(void)
 
 /* ---- per-mapping flags and memory policy (--mm-flags): one area per madvise flag
  * that changes behaviour, an mlocked area and one locked on fault (a page of four
- * touched), PR_SET_THP_DISABLE and, last, mlockall(MCL_FUTURE). Checked from
+ * touched), PR_SET_THP_DISABLE, KSM for every mapping (PR_SET_MEMORY_MERGE, where the
+ * kernel has KSM) but the DONTDUMP area and, last, mlockall(MCL_FUTURE). Checked from
  * /proc/self/smaps (each area whole, with its flag) and by behaviour in a forked
  * child: a DONTFORK area is not there, a WIPEONFORK area reads zeros ---- */
 #define MMF_PAGES 4
@@ -443,6 +444,11 @@ static const struct {
 };
 #define MMF_AREAS (sizeof mmf / sizeof mmf[0])
 static uint64_t *mmf_area[MMF_AREAS];
+static int mmf_merge; /* PR_SET_MEMORY_MERGE took */
+#ifndef PR_SET_MEMORY_MERGE
+#define PR_SET_MEMORY_MERGE 67
+#define PR_GET_MEMORY_MERGE 68
+#endif
 
 /* Whether word w of area i holds data: the on-fault area has only its first page. */
 static int mmf_filled(size_t i, size_t w)
@@ -474,6 +480,11 @@ static void setup_mm_flags(void)
     }
     if (prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0) != 0)
         die("PR_SET_THP_DISABLE");
+    mmf_merge = prctl(PR_SET_MEMORY_MERGE, 1, 0, 0, 0) == 0;
+    if (!mmf_merge && errno != EINVAL)
+        die("PR_SET_MEMORY_MERGE");
+    if (mmf_merge && madvise(mmf_area[4], MMF_PAGES * PAGE, MADV_UNMERGEABLE) != 0)
+        die("MADV_UNMERGEABLE");
     /* From here every new mapping of the process (thread stacks among them) is locked. */
     if (mlockall(MCL_FUTURE) != 0)
         die("mlockall MCL_FUTURE");
@@ -547,6 +558,16 @@ static void verify_mm_flags(void)
     int thp = prctl(PR_GET_THP_DISABLE, 0, 0, 0, 0);
     if (thp != 1)
         FAIL_RET("PR_GET_THP_DISABLE is %d, want 1", thp);
+    if (mmf_merge) {
+        if (prctl(PR_GET_MEMORY_MERGE, 0, 0, 0, 0) != 1)
+            FAIL_RET("PR_GET_MEMORY_MERGE is no longer 1");
+        for (size_t i = 0; i < MMF_AREAS; i++) {
+            if (!mmf_vmflags(mmf_area[i], (char *)mmf_area[i] + MMF_PAGES * PAGE, flags, sizeof flags))
+                FAIL_RET("%s is no longer one mapping of its own", mmf[i].name);
+            if (mmf_has(flags, "mg") != (mmf[i].advice != MADV_DONTDUMP))
+                FAIL_RET("%s: KSM merging %s (VmFlags%s)", mmf[i].name, mmf[i].advice == MADV_DONTDUMP ? "came back" : "was lost", flags);
+        }
+    }
     /* MCL_FUTURE: a new mapping comes locked. */
     void *fresh = mmap(NULL, PAGE, PROT_NONE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
     if (fresh == MAP_FAILED)

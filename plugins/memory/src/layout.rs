@@ -201,6 +201,9 @@ pub struct MmState {
     /// `mlockall` flags kept for mappings to come (`MCL_FUTURE`, `MCL_ONFAULT`).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub lock_future: u64,
+    /// `PR_GET_MEMORY_MERGE`'s answer (1: KSM may merge every mapping, future ones too).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub merge_any: u64,
 }
 
 fn is_zero(v: &u64) -> bool {
@@ -242,6 +245,7 @@ impl MmState {
             lazy: Vec::new(),
             thp_disable: 0,
             lock_future: 0,
+            merge_any: 0,
         })
     }
 
@@ -302,7 +306,7 @@ impl MmState {
     }
 
     pub fn policy(&self) -> crate::vmflags::Policy {
-        crate::vmflags::Policy { thp_disable: self.thp_disable, lock_future: self.lock_future }
+        crate::vmflags::Policy { thp_disable: self.thp_disable, lock_future: self.lock_future, merge_any: self.merge_any }
     }
 
     /// Refuses clearly when a mapped file is not the one the process had mapped.
@@ -521,6 +525,7 @@ mod tests {
             lazy: vec![],
             thp_disable: 0,
             lock_future: 0,
+            merge_any: 0,
         });
         st.areas = vec![area(0x1000, 0x3000), area(0x2000, 0x4000)];
         assert!(st.validate().is_err());

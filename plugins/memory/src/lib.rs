@@ -294,7 +294,7 @@ impl Memory {
             .to_string_lossy()
             .into_owned();
         let mut state = MmState::capture(&stat, brk, &auxv, exe, areas)?;
-        (state.thp_disable, state.lock_future) = (policy.thp_disable, policy.lock_future);
+        (state.thp_disable, state.lock_future, state.merge_any) = (policy.thp_disable, policy.lock_future, policy.merge_any);
         let pagemap = open_pagemap(pid)?;
         // After pre-copy rounds: what the destination holds stays there, only the pages
         // written since go; a range whose mapping was replaced goes whole.
@@ -647,16 +647,21 @@ impl SubsystemPlugin for Memory {
                 let state = self.state.as_ref().ok_or("no mm record")?;
                 // Advice and locks once the pages are in and each area has its own
                 // protection (a locked area is filled as the process's was).
+                let policy = state.policy();
+                // KSM for every mapping first: it marks them all, and the areas the
+                // process had since taken out are taken out again.
+                vmflags::apply_merge_any(ctx, &policy)?;
                 let mut unconfirmed = Vec::new();
-                for area in state.areas.iter().filter(|a| !a.flags.is_empty()) {
-                    if !vmflags::apply(ctx, area.start, area.end, area.prot, &area.flags)? {
+                let flagged = |a: &&Area| a.kind != AreaKind::Special && (!a.flags.is_empty() || policy.merge_any != 0);
+                for area in state.areas.iter().filter(flagged) {
+                    if !vmflags::apply(ctx, area, &policy)? {
                         unconfirmed.push((area.start, area.end));
                     }
                 }
                 if !unconfirmed.is_empty() {
                     vmflags::confirm_locked(ctx, &unconfirmed)?;
                 }
-                vmflags::apply_thp(ctx, &state.policy())?;
+                vmflags::apply_thp(ctx, &policy)?;
                 layout::set_mm(ctx, state)?;
                 vmflags::apply_lock_future(ctx, &state.policy())?;
                 self.status.entities_done = self.status.entities_total;

@@ -9,6 +9,8 @@ use ferry_plugin_api::{
     ContextRef,
 };
 
+use crate::layout::Area;
+
 /// `VmFlags` codes carried, with the `madvise` advice that sets each.
 const ADVICE: [(&str, i32); 8] = [
     ("dc", libc::MADV_DONTFORK),
@@ -33,6 +35,8 @@ const PR_GET_THP_DISABLE: u64 = 42;
 /// `PR_SET_THP_DISABLE`'s flag (Linux 6.18): huge pages only where `MADV_HUGEPAGE` asks.
 const PR_THP_DISABLE_EXCEPT_ADVISED: u64 = 1 << 1;
 const MLOCK_ONFAULT: u64 = 1;
+const PR_SET_MEMORY_MERGE: u64 = 67;
+const PR_GET_MEMORY_MERGE: u64 = 68;
 
 /// One line of `/proc/PID/smaps` that starts a mapping: `start-end perms ...`.
 fn is_header(line: &str) -> bool {
@@ -88,6 +92,9 @@ pub struct Policy {
     pub thp_disable: u64,
     /// `MCL_FUTURE`, with `MCL_ONFAULT` where set: mappings made from now on are locked.
     pub lock_future: u64,
+    /// `PR_GET_MEMORY_MERGE`'s answer: 1 when KSM may merge every mapping, those to
+    /// come too (`mg` on each area says it only of those there now).
+    pub merge_any: u64,
 }
 
 /// Maps a probe page in the stopped process: the kernel gives a new mapping the
@@ -120,6 +127,12 @@ pub fn unmap_probe(ctx: &mut ContextRef<'_>, probe: u64) -> Result<(), String> {
 pub fn read_policy(ctx: &mut ContextRef<'_>, smaps: &[(Vma, Vec<String>)], probe: u64) -> Result<Policy, String> {
     let pid = ctx.pid();
     let thp_disable = util::syscall(ctx, pid, "prctl(PR_GET_THP_DISABLE)", libc::SYS_prctl, [PR_GET_THP_DISABLE, 0, 0, 0, 0, 0])?;
+    // EINVAL: a kernel without KSM, where nothing merges.
+    let merge_any = match util::syscall_raw(ctx, pid, libc::SYS_prctl, [PR_GET_MEMORY_MERGE, 0, 0, 0, 0, 0])? {
+        r if r == -(libc::EINVAL as i64) => 0,
+        r if r < 0 => return Err(format!("prctl(PR_GET_MEMORY_MERGE) in thread {pid}: {}", std::io::Error::from_raw_os_error(-r as i32))),
+        r => r as u64,
+    };
     let flags = &smaps
         .iter()
         .find(|(v, _)| v.start == probe)
@@ -131,7 +144,7 @@ pub fn read_policy(ctx: &mut ContextRef<'_>, smaps: &[(Vma, Vec<String>)], probe
         (true, false) => libc::MCL_FUTURE as u64,
         (true, true) => (libc::MCL_FUTURE | libc::MCL_ONFAULT) as u64,
     };
-    Ok(Policy { thp_disable, lock_future })
+    Ok(Policy { thp_disable, lock_future, merge_any })
 }
 
 /// Checks an image's policy.
@@ -143,6 +156,9 @@ pub fn validate_policy(p: &Policy) -> Result<(), String> {
     if ![0, future, future | libc::MCL_ONFAULT as u64].contains(&p.lock_future) {
         return Err(format!("the image's mlockall flags {:#x} are not MCL_FUTURE", p.lock_future));
     }
+    if p.merge_any > 1 {
+        return Err(format!("the image's KSM merge setting {} is not one prctl gives", p.merge_any));
+    }
     Ok(())
 }
 
@@ -150,11 +166,16 @@ pub fn validate_policy(p: &Policy) -> Result<(), String> {
 /// pages are in place: locking faults in what the process had locked and not sent
 /// (pages it never touched), as its `mlock` did. Answers `false` where the lock may
 /// not have been set: `mlock` sets the flag, then fails with ENOMEM filling an area
-/// that cannot be accessed (`prot` PROT_NONE: a guard page under `MCL_FUTURE`), which
-/// the caller then checks in `smaps` ([`confirm_locked`]).
-pub fn apply(ctx: &mut ContextRef<'_>, start: u64, end: u64, prot: u64, flags: &[String]) -> Result<bool, String> {
+/// that cannot be accessed (PROT_NONE: a guard page under `MCL_FUTURE`), which the
+/// caller then checks in `smaps` ([`confirm_locked`]).
+pub fn apply(ctx: &mut ContextRef<'_>, area: &Area, policy: &Policy) -> Result<bool, String> {
     let pid = ctx.pid();
+    let (start, end, flags) = (area.start, area.end, &area.flags);
     let len = end - start;
+    if policy.merge_any != 0 && !flags.iter().any(|f| f == "mg") {
+        let what = format!("process {pid}: madvise {start:#x}-{end:#x} (unmergeable)");
+        util::syscall(ctx, pid, &what, libc::SYS_madvise, [start, len, libc::MADV_UNMERGEABLE as u64, 0, 0, 0])?;
+    }
     for f in flags {
         if let Some(&(code, advice)) = ADVICE.iter().find(|(c, _)| c == f) {
             let what = format!("process {pid}: madvise {start:#x}-{end:#x} ({code})");
@@ -165,7 +186,7 @@ pub fn apply(ctx: &mut ContextRef<'_>, start: u64, end: u64, prot: u64, flags: &
         let onfault = if flags.iter().any(|f| f == LOCK_ON_FAULT) { MLOCK_ONFAULT } else { 0 };
         let what = format!("process {pid}: mlock {start:#x}-{end:#x}");
         let r = util::syscall_raw(ctx, pid, libc::SYS_mlock2, [start, len, onfault, 0, 0, 0])?;
-        if r == -(libc::ENOMEM as i64) && prot == 0 {
+        if r == -(libc::ENOMEM as i64) && area.prot == 0 {
             return Ok(false);
         }
         if r < 0 {
@@ -203,6 +224,16 @@ pub fn apply_thp(ctx: &mut ContextRef<'_>, p: &Policy) -> Result<(), String> {
         }
     })?;
     Ok(())
+}
+
+/// KSM merging of every mapping (`PR_SET_MEMORY_MERGE`), in the restore child, once
+/// its areas are there: it marks them all, as the original's were.
+pub fn apply_merge_any(ctx: &mut ContextRef<'_>, p: &Policy) -> Result<(), String> {
+    if p.merge_any == 0 {
+        return Ok(());
+    }
+    let pid = ctx.pid();
+    util::syscall(ctx, pid, "prctl(PR_SET_MEMORY_MERGE)", libc::SYS_prctl, [PR_SET_MEMORY_MERGE, 1, 0, 0, 0, 0]).map(|_| ())
 }
 
 /// `mlockall(MCL_FUTURE)`, in the restore child: the last of the memory plugin's
@@ -253,8 +284,9 @@ VmFlags: rd mr mw me \n";
         assert!(validate("a", &f(&["hg", "nh"]), true).is_err());
         assert!(validate("a", &f(&["dc", "dc"]), true).is_err());
         assert!(validate("a", &f(&["rd"]), true).is_err());
-        validate_policy(&Policy { thp_disable: 3, lock_future: 6 }).unwrap();
-        assert!(validate_policy(&Policy { thp_disable: 2, lock_future: 0 }).is_err());
-        assert!(validate_policy(&Policy { thp_disable: 0, lock_future: 4 }).is_err());
+        validate_policy(&Policy { thp_disable: 3, lock_future: 6, merge_any: 1 }).unwrap();
+        assert!(validate_policy(&Policy { thp_disable: 2, ..Policy::default() }).is_err());
+        assert!(validate_policy(&Policy { lock_future: 4, ..Policy::default() }).is_err());
+        assert!(validate_policy(&Policy { merge_any: 2, ..Policy::default() }).is_err());
     }
 }
