@@ -60,11 +60,13 @@ pub struct WorkloadOpts {
     /// Areas with madvise flags, mlocked areas, THP disabled and mlockall(MCL_FUTURE)
     /// (`--mm-flags`; logs a `region mmf-*` per area).
     pub mm_flags: bool,
+    /// A sealed (mseal) area, which ferry refuses (`--mm-sealed`; `region mmf-sealed`).
+    pub mm_sealed: bool,
 }
 
 impl Default for WorkloadOpts {
     fn default() -> Self {
-        WorkloadOpts { mem_mib: 1, threads: 0, files: true, tick_ms: 20, dirty_pages: 0, churn: false, move_mem: false, fork_check: false, rseq: false, process_state: false, seccomp: false, shared_anon: false, event_fds: false, listen: false, mm_flags: false }
+        WorkloadOpts { mem_mib: 1, threads: 0, files: true, tick_ms: 20, dirty_pages: 0, churn: false, move_mem: false, fork_check: false, rseq: false, process_state: false, seccomp: false, shared_anon: false, event_fds: false, listen: false, mm_flags: false, mm_sealed: false }
     }
 }
 
@@ -140,6 +142,7 @@ impl Workload {
             (opts.event_fds, "--event-fds"),
             (opts.listen, "--listen"),
             (opts.mm_flags, "--mm-flags"),
+            (opts.mm_sealed, "--mm-sealed"),
         ];
         cmd.args(flags.iter().filter(|f| f.0).map(|f| f.1));
         Self::start(cmd, dir)

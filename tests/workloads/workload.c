@@ -79,6 +79,7 @@ static int opt_shared_anon;
 static int opt_event_fds;
 static int opt_listen;
 static int opt_mm_flags;
+static int opt_mm_sealed;
 static uint64_t tsc_per_ms;
 static volatile uint64_t rseq_aborts;
 static pid_t fork_child;
@@ -585,6 +586,31 @@ static void verify_mm_flags(void)
     int status;
     if (waitpid(child, &status, 0) != child || !WIFEXITED(status) || WEXITSTATUS(status) != 0)
         FAIL_RET("mm-flags: a forked child saw DONTFORK/WIPEONFORK areas wrong (status %#x: 2 dontfork mapped, 3 wipeonfork not zero)", status);
+}
+
+/* ---- a sealed mapping (--mm-sealed): mseal(2) forbids unmapping or changing it, so
+ * ferry cannot make it again; it must refuse with a line and leave the process
+ * running ---- */
+#define MSEAL_NR 462
+static uint64_t *sealed_area;
+
+static void setup_mm_sealed(void)
+{
+    sealed_area = mmap(NULL, MMF_PAGES * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (sealed_area == MAP_FAILED)
+        die("mmap sealed area");
+    for (size_t w = 0; w < MMF_PAGES * WORDS_PER_PAGE; w++)
+        sealed_area[w] = pattern(40, w, SEED);
+    if (syscall(MSEAL_NR, sealed_area, MMF_PAGES * PAGE, 0) != 0)
+        die("mseal");
+    log_region("mmf-sealed", sealed_area, MMF_PAGES * PAGE);
+}
+
+static void verify_mm_sealed(void)
+{
+    for (size_t w = 0; w < MMF_PAGES * WORDS_PER_PAGE; w++)
+        if (sealed_area[w] != pattern(40, w, SEED))
+            FAIL_RET("the sealed area's word %zu differs", w);
 }
 
 /* ---- event fds (--event-fds): an eventfd (semaphore, count 5), a periodic timerfd,
@@ -1493,7 +1519,7 @@ static void rseq_wait(long ms)
 static void usage(void)
 {
     fprintf(stderr, "usage: workload --log PATH [--dir DIR] [--mem-mib N] [--threads N] [--tick-ms N]"
-                    " [--dirty-pages N] [--churn] [--move-mem] [--fork-check] [--rseq] [--process-state] [--seccomp] [--shared-anon] [--event-fds] [--listen] [--mm-flags] [--no-files]\n");
+                    " [--dirty-pages N] [--churn] [--move-mem] [--fork-check] [--rseq] [--process-state] [--seccomp] [--shared-anon] [--event-fds] [--listen] [--mm-flags] [--mm-sealed] [--no-files]\n");
     exit(2);
 }
 
@@ -1523,7 +1549,7 @@ int main(int argc, char **argv)
             {"--rseq", &opt_rseq, 1},            {"--process-state", &opt_process_state, 1},
             {"--seccomp", &opt_seccomp, 1},      {"--shared-anon", &opt_shared_anon, 1},
             {"--event-fds", &opt_event_fds, 1},  {"--listen", &opt_listen, 1},
-            {"--mm-flags", &opt_mm_flags, 1},
+            {"--mm-flags", &opt_mm_flags, 1},    {"--mm-sealed", &opt_mm_sealed, 1},
         };
         int flag = 0;
         for (size_t f = 0; f < sizeof flags / sizeof flags[0] && !flag; f++)
@@ -1589,6 +1615,8 @@ int main(int argc, char **argv)
         setup_shared_anon();
     if (opt_mm_flags)
         setup_mm_flags();
+    if (opt_mm_sealed)
+        setup_mm_sealed();
 
     if (opt_files)
         setup_files();
@@ -1695,6 +1723,8 @@ int main(int argc, char **argv)
         verify_listener();
     if (opt_mm_flags && !failure[0])
         verify_mm_flags();
+    if (opt_mm_sealed && !failure[0])
+        verify_mm_sealed();
 
     if (failure[0]) {
         logf_("FAIL: %s", failure);
