@@ -2,8 +2,9 @@
 //! flags and file identity, and the pages that exist only in memory (private
 //! anonymous memory, written pages of private file mappings), moved in large
 //! vectored blocks. Restore maps each area again in a blank child, fills its pages,
-//! moves the vDSO to where the process expects it, and sets brk, stack, arg/env,
-//! auxv and the exe file with `PR_SET_MM_MAP`.
+//! moves the vDSO to where the process expects it, gives each area its advice and
+//! locks and the address space its memory policy back (`vmflags`), and sets brk,
+//! stack, arg/env, auxv and the exe file with `PR_SET_MM_MAP`.
 
 mod layout;
 mod vmflags;
