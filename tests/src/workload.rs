@@ -62,11 +62,14 @@ pub struct WorkloadOpts {
     pub mm_flags: bool,
     /// A sealed (mseal) area, which ferry refuses (`--mm-sealed`; `region mmf-sealed`).
     pub mm_sealed: bool,
+    /// Shared anonymous memory mapped twice (`--shared-twice`; `region twice-a`,
+    /// `region twice-b`).
+    pub shared_twice: bool,
 }
 
 impl Default for WorkloadOpts {
     fn default() -> Self {
-        WorkloadOpts { mem_mib: 1, threads: 0, files: true, tick_ms: 20, dirty_pages: 0, churn: false, move_mem: false, fork_check: false, rseq: false, process_state: false, seccomp: false, shared_anon: false, event_fds: false, listen: false, mm_flags: false, mm_sealed: false }
+        WorkloadOpts { mem_mib: 1, threads: 0, files: true, tick_ms: 20, dirty_pages: 0, churn: false, move_mem: false, fork_check: false, rseq: false, process_state: false, seccomp: false, shared_anon: false, event_fds: false, listen: false, mm_flags: false, mm_sealed: false, shared_twice: false }
     }
 }
 
@@ -143,6 +146,7 @@ impl Workload {
             (opts.listen, "--listen"),
             (opts.mm_flags, "--mm-flags"),
             (opts.mm_sealed, "--mm-sealed"),
+            (opts.shared_twice, "--shared-twice"),
         ];
         cmd.args(flags.iter().filter(|f| f.0).map(|f| f.1));
         Self::start(cmd, dir)

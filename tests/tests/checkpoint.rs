@@ -406,3 +406,28 @@ fn madvise_flags_locked_areas_thp_disable_and_mcl_future_come_back() {
     w.wait_ticks(at + 2);
     w.terminate_and_check(new).unwrap();
 }
+
+#[test]
+fn shared_anonymous_memory_mapped_twice_comes_back_as_one_object_in_two_views() {
+    if !needs_root() {
+        return;
+    }
+    // Eight pages, and four of them mapped again elsewhere (mremap with old_size 0):
+    // both views of one object, each at its offset, the untouched page still a hole.
+    let mut w = Workload::spawn(&WorkloadOpts { files: false, shared_twice: true, ..Default::default() });
+    w.wait_ready();
+    w.wait_ticks(2);
+    let (new, at) = through_an_image(&mut w, &[]);
+    let maps = std::fs::read_to_string(format!("/proc/{new}/maps")).unwrap();
+    let line = |name: &str| {
+        let (start, end) = w.region(name);
+        let head = format!("{start:x}-{end:x} ");
+        maps.lines().find(|l| l.starts_with(&head)).unwrap_or_else(|| panic!("{name} is not one mapping: {maps}")).to_owned()
+    };
+    let (a, b) = (line("twice-a"), line("twice-b"));
+    let field = |l: &str, i: usize| l.split_whitespace().nth(i).unwrap().to_owned();
+    assert_eq!(field(&b, 2), "00002000", "the second view's offset in the object: {b}");
+    assert_eq!(field(&a, 4), field(&b, 4), "one object (inode) in both views: {a} / {b}");
+    w.wait_ticks(at + 2);
+    w.terminate_and_check(new).unwrap();
+}

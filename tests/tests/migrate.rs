@@ -740,10 +740,11 @@ fn madvise_flags_locks_and_memory_policy_survive_every_strategy() {
     }
     // The --mm-flags areas (advice, mlock, lock on fault; THP disabled, MCL_FUTURE) go
     // through each strategy in turn; locked areas never wait for post-copy (they are
-    // sent in the freeze, as the process expects their pages present). The process
+    // sent in the freeze, as the process expects their pages present), and shared
+    // anonymous memory mapped twice comes back one object in two views. The process
     // keeps writing so that the rounds have dirty pages.
     let daemon = Daemon::start(None, "127.0.0.1", &[]);
-    let mut w = Workload::spawn(&WorkloadOpts { threads: 1, mem_mib: 4, dirty_pages: 8, tick_ms: 5, mm_flags: true, ..Default::default() });
+    let mut w = Workload::spawn(&WorkloadOpts { threads: 1, mem_mib: 4, dirty_pages: 8, tick_ms: 5, mm_flags: true, shared_twice: true, ..Default::default() });
     w.wait_ticks(3);
     let mut pid = w.pid;
     for strategy in ["pre-copy", "post-copy", "hybrid", "stop-copy"] {

@@ -80,6 +80,7 @@ static int opt_event_fds;
 static int opt_listen;
 static int opt_mm_flags;
 static int opt_mm_sealed;
+static int opt_shared_twice;
 static uint64_t tsc_per_ms;
 static volatile uint64_t rseq_aborts;
 static pid_t fork_child;
@@ -611,6 +612,43 @@ static void verify_mm_sealed(void)
     for (size_t w = 0; w < MMF_PAGES * WORDS_PER_PAGE; w++)
         if (sealed_area[w] != pattern(40, w, SEED))
             FAIL_RET("the sealed area's word %zu differs", w);
+}
+
+/* ---- shared anonymous memory mapped twice (--shared-twice): eight pages (the sixth
+ * never touched), and pages 2-5 of the same object mapped again elsewhere
+ * (mremap with old_size 0). After a restore both views must still be one object:
+ * the data in each, a write through one seen through the other ---- */
+#define TWICE_PAGES 8
+static uint64_t *twice_a, *twice_b; /* b shows pages 2-5 of a */
+
+static void setup_shared_twice(void)
+{
+    twice_a = mmap(NULL, TWICE_PAGES * PAGE, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    if (twice_a == MAP_FAILED)
+        die("mmap shared-twice");
+    for (size_t w = 0; w < TWICE_PAGES * WORDS_PER_PAGE; w++)
+        if (w / WORDS_PER_PAGE != 5)
+            twice_a[w] = pattern(41, w, SEED);
+    twice_b = mremap((char *)twice_a + 2 * PAGE, 0, 4 * PAGE, MREMAP_MAYMOVE);
+    if (twice_b == MAP_FAILED)
+        die("mremap shared-twice");
+    log_region("twice-a", twice_a, TWICE_PAGES * PAGE);
+    log_region("twice-b", twice_b, 4 * PAGE);
+}
+
+static void verify_shared_twice(void)
+{
+    for (size_t w = 0; w < TWICE_PAGES * WORDS_PER_PAGE; w++) {
+        uint64_t want = w / WORDS_PER_PAGE == 5 ? 0 : pattern(41, w, SEED);
+        if (twice_a[w] != want)
+            FAIL_RET("shared-twice: word %zu of the first view differs", w);
+        if (w >= 2 * WORDS_PER_PAGE && w < 6 * WORDS_PER_PAGE && twice_b[w - 2 * WORDS_PER_PAGE] != want)
+            FAIL_RET("shared-twice: word %zu of the second view differs", w);
+    }
+    twice_a[3 * WORDS_PER_PAGE + 7] = 0x7717;
+    twice_b[3 * WORDS_PER_PAGE + 9] = 0x9919;
+    if (twice_b[WORDS_PER_PAGE + 7] != 0x7717 || twice_a[5 * WORDS_PER_PAGE + 9] != 0x9919)
+        FAIL_RET("shared-twice: the two views are no longer one object");
 }
 
 /* ---- event fds (--event-fds): an eventfd (semaphore, count 5), a periodic timerfd,
@@ -1519,7 +1557,7 @@ static void rseq_wait(long ms)
 static void usage(void)
 {
     fprintf(stderr, "usage: workload --log PATH [--dir DIR] [--mem-mib N] [--threads N] [--tick-ms N]"
-                    " [--dirty-pages N] [--churn] [--move-mem] [--fork-check] [--rseq] [--process-state] [--seccomp] [--shared-anon] [--event-fds] [--listen] [--mm-flags] [--mm-sealed] [--no-files]\n");
+                    " [--dirty-pages N] [--churn] [--move-mem] [--fork-check] [--rseq] [--process-state] [--seccomp] [--shared-anon] [--event-fds] [--listen] [--mm-flags] [--mm-sealed] [--shared-twice] [--no-files]\n");
     exit(2);
 }
 
@@ -1550,6 +1588,7 @@ int main(int argc, char **argv)
             {"--seccomp", &opt_seccomp, 1},      {"--shared-anon", &opt_shared_anon, 1},
             {"--event-fds", &opt_event_fds, 1},  {"--listen", &opt_listen, 1},
             {"--mm-flags", &opt_mm_flags, 1},    {"--mm-sealed", &opt_mm_sealed, 1},
+            {"--shared-twice", &opt_shared_twice, 1},
         };
         int flag = 0;
         for (size_t f = 0; f < sizeof flags / sizeof flags[0] && !flag; f++)
@@ -1617,6 +1656,8 @@ int main(int argc, char **argv)
         setup_mm_flags();
     if (opt_mm_sealed)
         setup_mm_sealed();
+    if (opt_shared_twice)
+        setup_shared_twice();
 
     if (opt_files)
         setup_files();
@@ -1725,6 +1766,8 @@ int main(int argc, char **argv)
         verify_mm_flags();
     if (opt_mm_sealed && !failure[0])
         verify_mm_sealed();
+    if (opt_shared_twice && !failure[0])
+        verify_shared_twice();
 
     if (failure[0]) {
         logf_("FAIL: %s", failure);

@@ -143,26 +143,41 @@ impl Area {
     }
 }
 
-/// Each shared anonymous object of `areas` (in address order) as the span it covers:
-/// its areas must lie side by side, at offsets that follow on, so that one mapping
-/// makes it again. The same object mapped twice (`mremap` with `old_size` 0) is
-/// refused.
+/// Each shared anonymous object of `areas`, in the order of its first area, with the
+/// size it must have again: up to the furthest offset any of its areas maps. An object
+/// may be mapped in several areas: split by `mprotect`, or the same pages mapped more
+/// than once (`mremap` with `old_size` 0), at any offsets; each area is made again from
+/// the one object at its own offset.
 pub fn shmem_objects(areas: &[Area]) -> Result<Vec<(u64, u64)>, String> {
-    let mut spans: Vec<(u64, u64, u64, u64)> = Vec::new(); // (object, start, end, offset at start)
+    let mut objects: Vec<(u64, u64)> = Vec::new(); // (object, size)
     for a in areas.iter().filter(|a| a.kind == AreaKind::Shmem) {
-        let object = a.object.unwrap_or(0);
-        match spans.iter_mut().find(|s| s.0 == object) {
-            Some(s) if s.2 == a.start && s.3 + (a.start - s.1) == a.offset => s.2 = a.end,
-            Some(_) => {
-                return Err(format!(
-                    "shared anonymous memory at {:#x}-{:#x} is mapped more than once in the process: not supported",
-                    a.start, a.end
-                ))
-            }
-            None => spans.push((object, a.start, a.end, a.offset)),
+        let object = a.object.ok_or_else(|| format!("the image's shared mapping {:#x}-{:#x} names no object", a.start, a.end))?;
+        let end = a.offset.checked_add(a.end - a.start).filter(|&e| e <= USER_TOP).ok_or_else(|| {
+            format!("the image's shared mapping {:#x}-{:#x} lies at offset {:#x} of its object", a.start, a.end, a.offset)
+        })?;
+        match objects.iter_mut().find(|o| o.0 == object) {
+            Some(o) => o.1 = o.1.max(end),
+            None => objects.push((object, end)),
         }
     }
-    Ok(spans.into_iter().map(|s| (s.1, s.2)).collect())
+    Ok(objects)
+}
+
+/// A stretch of `len` bytes that none of `busy` meets, above 4 GiB, for a temporary
+/// mapping of the restore child's.
+pub fn free_stretch(busy: &[(u64, u64)], len: u64) -> Option<u64> {
+    let busy = ranges::normalize(busy.to_vec());
+    let mut at: u64 = 1 << 32;
+    for &(s, e) in &busy {
+        if e <= at {
+            continue;
+        }
+        if s >= at && s - at >= len {
+            return Some(at);
+        }
+        at = at.max(e);
+    }
+    (at.checked_add(len)? <= USER_TOP).then_some(at)
 }
 
 /// Everything of the address space `PR_SET_MM_MAP` restores, and the areas.
@@ -545,7 +560,7 @@ mod tests {
     }
 
     #[test]
-    fn a_shared_anonymous_object_is_one_span_or_refused() {
+    fn a_shared_anonymous_object_is_made_as_big_as_its_furthest_area() {
         let shm = |start: u64, end: u64, object: u64, offset: u64| Area {
             start,
             end,
@@ -561,9 +576,21 @@ mod tests {
         };
         // Split in two by mprotect, and another object beside it.
         let areas = [shm(0x1000, 0x3000, 7, 0), shm(0x3000, 0x5000, 7, 0x2000), shm(0x5000, 0x6000, 8, 0)];
-        assert_eq!(shmem_objects(&areas).unwrap(), vec![(0x1000, 0x5000), (0x5000, 0x6000)]);
-        // The same object twice, elsewhere or at offsets that do not follow on.
-        assert!(shmem_objects(&[shm(0x1000, 0x3000, 7, 0), shm(0x8000, 0x9000, 7, 0)]).is_err());
-        assert!(shmem_objects(&[shm(0x1000, 0x3000, 7, 0), shm(0x3000, 0x4000, 7, 0)]).is_err());
+        assert_eq!(shmem_objects(&areas).unwrap(), vec![(7, 0x4000), (8, 0x1000)]);
+        // The same pages mapped twice, elsewhere and at an offset further in.
+        let twice = [shm(0x1000, 0x3000, 7, 0), shm(0x8000, 0x9000, 7, 0), shm(0x9000, 0xa000, 7, 0x5000)];
+        assert_eq!(shmem_objects(&twice).unwrap(), vec![(7, 0x6000)]);
+        // An offset no object can have.
+        assert!(shmem_objects(&[shm(0x1000, 0x3000, 7, u64::MAX - 0x1000)]).is_err());
+    }
+
+    #[test]
+    fn a_free_stretch_meets_nothing_busy() {
+        let g = 1u64 << 32;
+        assert_eq!(free_stretch(&[], 0x1000), Some(g));
+        assert_eq!(free_stretch(&[(g, g + 0x2000), (g + 0x3000, g + 0x4000)], 0x1000), Some(g + 0x2000));
+        assert_eq!(free_stretch(&[(g, g + 0x2000), (g + 0x3000, g + 0x4000)], 0x2000), Some(g + 0x4000));
+        assert_eq!(free_stretch(&[(0x1000, g + 0x1000)], 0x1000), Some(g + 0x1000));
+        assert_eq!(free_stretch(&[(g, USER_TOP)], 0x1000), None);
     }
 }

@@ -175,6 +175,25 @@ fn shmem_runs(pid: i32, area: &Area) -> Result<Vec<(u64, u64)>, String> {
     Ok(runs)
 }
 
+/// The runs of shared anonymous `area` whose object pages no area before it sends.
+fn once_per_object(sent: &mut Vec<(u64, Ranges)>, area: &Area, runs: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    let object = area.object.unwrap_or(0);
+    let index = match sent.iter().position(|s| s.0 == object) {
+        Some(i) => i,
+        None => {
+            sent.push((object, Vec::new()));
+            sent.len() - 1
+        }
+    };
+    // Addresses to offsets in the object and back.
+    let (base, offset) = (area.start, area.offset);
+    let wanted: Ranges = ranges::from_runs(&runs, PAGE).into_iter().map(|(s, e)| (s - base + offset, e - base + offset)).collect();
+    let new = ranges::subtract(&ranges::normalize(wanted), &sent[index].1);
+    sent[index].1 = ranges::union(&sent[index].1, &new);
+    let back: Ranges = new.into_iter().map(|(s, e)| (s - offset + base, e - offset + base)).collect();
+    ranges::to_runs(&back, PAGE)
+}
+
 fn open_pagemap(pid: i32) -> Result<std::fs::File, String> {
     std::fs::File::open(format!("/proc/{pid}/pagemap")).map_err(|e| format!("opening /proc/{pid}/pagemap: {e}"))
 }
@@ -317,12 +336,19 @@ impl Memory {
         // GiB less in the freeze).
         let mut unscanned = Vec::new();
         layout::shmem_objects(&state.areas)?;
+        // Shared anonymous objects: the offsets of each whose pages go already (an
+        // object mapped twice sends its pages once).
+        let mut object_sent: Vec<(u64, Ranges)> = Vec::new();
         for area in state.areas.iter().filter(|a| a.has_pages()) {
             if ctx.lazy() && area.lazyable() && ranges::intersect(&kept, &[(area.start, area.end)]).is_empty() {
                 unscanned.push((area.start, area.end));
                 continue;
             }
-            let runs = if area.kind == AreaKind::Shmem { shmem_runs(pid, area)? } else { dirty_runs(&pagemap, area)? };
+            let runs = if area.kind == AreaKind::Shmem {
+                once_per_object(&mut object_sent, area, shmem_runs(pid, area)?)
+            } else {
+                dirty_runs(&pagemap, area)?
+            };
             if !runs.is_empty() && area.prot & libc::PROT_READ as u64 == 0 {
                 // Pages behind PROT_NONE: readable for the dump, put back at cleanup.
                 util::syscall(ctx, pid, "mprotect", libc::SYS_mprotect, [area.start, area.end - area.start, libc::PROT_READ as u64, 0, 0, 0])?;
@@ -465,18 +491,18 @@ impl Memory {
         let child = parse_maps(&util::proc_text(ctx, "maps")?)?;
         layout::move_specials(ctx, &child, &state.areas)?;
         let mut fds: Vec<(String, u64)> = Vec::new();
-        let objects = layout::shmem_objects(&state.areas)?;
+        let objects = self.make_shmem_objects(ctx, &state)?;
         for area in state.areas.iter().filter(|a| a.kind != AreaKind::Special) {
             if area.kind == AreaKind::Shmem {
-                // Each object once, over all its areas, writable until its pages are in;
-                // every area gets its own protection back at the end.
-                if let Some(&(s, e)) = objects.iter().find(|o| o.0 == area.start) {
-                    let flags = (libc::MAP_SHARED | libc::MAP_ANONYMOUS | libc::MAP_FIXED) as u64;
-                    let rw = (libc::PROT_READ | libc::PROT_WRITE) as u64;
-                    let got = util::syscall(ctx, pid, &format!("mmap shared {s:#x}-{e:#x}"), libc::SYS_mmap, [s, e - s, rw, flags, u64::MAX, 0])?;
-                    if got != s {
-                        return Err(format!("mmap of {s:#x} landed at {got:#x}"));
-                    }
+                // Each area a new mapping of its object's pages at its own offset
+                // (mremap with old_size 0), writable until its pages are in; every area
+                // gets its own protection back at the end.
+                let temp = objects.iter().find(|o| Some(o.0) == area.object).map(|o| o.1).ok_or("a shared mapping without its object")?;
+                let (len, flags) = (area.end - area.start, (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64);
+                let what = format!("process {pid}: mremap of shared anonymous memory to {:#x}-{:#x}", area.start, area.end);
+                let got = util::syscall(ctx, pid, &what, libc::SYS_mremap, [temp + area.offset, 0, len, flags, area.start, 0])?;
+                if got != area.start {
+                    return Err(format!("{what} landed at {got:#x}"));
                 }
                 self.widened.push((area.clone(), area.prot));
                 continue;
@@ -527,6 +553,10 @@ impl Memory {
         for (path, fd) in fds {
             util::syscall(ctx, pid, &format!("close {path}"), libc::SYS_close, [fd, 0, 0, 0, 0, 0])?;
         }
+        // The objects live on in their areas.
+        for (_, temp, size) in objects {
+            util::syscall(ctx, pid, "munmap of a shared object's first mapping", libc::SYS_munmap, [temp, size, 0, 0, 0, 0])?;
+        }
         if !kept.is_empty() {
             let child = parse_maps(&util::proc_text(ctx, "maps")?)?;
             let inside = |a: &Area, at: u64| a.start < at && at < a.end;
@@ -554,6 +584,34 @@ impl Memory {
         self.page_areas = ranges::normalize(state.areas.iter().filter(|a| a.has_pages()).map(|a| (a.start, a.end)).collect());
         self.state = Some(state);
         Ok(())
+    }
+
+    /// Makes each shared anonymous object of the image once, as big as its furthest
+    /// area needs, in the restore child: mapped first where no area of the image nor
+    /// anything of the child lies, so that mapping the areas never meets it. Answers
+    /// (object, where, size).
+    fn make_shmem_objects(&mut self, ctx: &mut ContextRef<'_>, state: &MmState) -> Result<Vec<(u64, u64, u64)>, String> {
+        let pid = ctx.pid();
+        let objects = layout::shmem_objects(&state.areas)?;
+        if objects.is_empty() {
+            return Ok(Vec::new());
+        }
+        let child = parse_maps(&util::proc_text(ctx, "maps")?)?;
+        let mut busy: Vec<(u64, u64)> = child.iter().map(|v| (v.start, v.end)).chain(state.areas.iter().map(|a| (a.start, a.end))).collect();
+        let mut made = Vec::new();
+        for (object, size) in objects {
+            let at = layout::free_stretch(&busy, size).ok_or_else(|| format!("no room in the restore child for a shared object of {size} bytes"))?;
+            let flags = (libc::MAP_SHARED | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE) as u64;
+            let rw = (libc::PROT_READ | libc::PROT_WRITE) as u64;
+            let what = format!("process {pid}: mmap of a shared anonymous object of {size} bytes at {at:#x}");
+            let got = util::syscall(ctx, pid, &what, libc::SYS_mmap, [at, size, rw, flags, u64::MAX, 0])?;
+            if got != at {
+                return Err(format!("{what} landed at {got:#x}"));
+            }
+            busy.push((at, at + size));
+            made.push((object, at, size));
+        }
+        Ok(made)
     }
 
     /// Fills the pages of one record.
