@@ -362,7 +362,7 @@ impl Memory {
         if ctx.lazy() {
             // Post-copy: the private anonymous pages follow after the resume. Kept pages
             // written since are emptied there, so that touching them fetches them too.
-            // Locked areas go now: the process expects their pages present.
+            // Locked and wipe-on-fork areas go now (see `Area::lazyable`).
             let lazyable = ranges::normalize(state.areas.iter().filter(|a| a.lazyable()).map(|a| (a.start, a.end)).collect());
             state.lazy = ranges::union(&ranges::intersect(&send, &lazyable), &ranges::normalize(unscanned));
             state.zap = ranges::union(&state.zap, &ranges::intersect(&state.lazy, &kept));
@@ -744,6 +744,29 @@ ferry_plugin_api::export_subsystem!("memory", "Private memory: mappings and thei
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_object_mapped_twice_sends_each_of_its_pages_once() {
+        let shm = |start: u64, end: u64, offset: u64| Area {
+            start,
+            end,
+            prot: 3,
+            shared: true,
+            kind: AreaKind::Shmem,
+            path: None,
+            offset,
+            growsdown: false,
+            file: None,
+            object: Some(7),
+            flags: vec![],
+        };
+        let mut sent = Vec::new();
+        // Pages 0-7 of the object at 0x10000, then pages 2-5 again at 0x40000 and pages
+        // 6-9 at 0x50000: only what no area before sent goes.
+        assert_eq!(once_per_object(&mut sent, &shm(0x10000, 0x18000, 0), vec![(0x10000, 5), (0x16000, 2)]), vec![(0x10000, 5), (0x16000, 2)]);
+        assert!(once_per_object(&mut sent, &shm(0x40000, 0x44000, 0x2000), vec![(0x40000, 3)]).is_empty());
+        assert_eq!(once_per_object(&mut sent, &shm(0x50000, 0x54000, 0x6000), vec![(0x50000, 4)]), vec![(0x52000, 2)]);
+    }
 
     #[test]
     fn chunks_split_runs_at_the_limit() {
