@@ -386,6 +386,28 @@ fn a_main_thread_stopped_inside_an_rseq_critical_section_is_sent_to_its_abort_ha
     w.terminate_and_check(new).unwrap();
 }
 
+/// Each mapping of `pid` but the kernel's own: (start, end, VmFlags codes of its
+/// advice and lock).
+fn carried_flags(pid: i32) -> Vec<(u64, u64, Vec<String>)> {
+    const CODES: [&str; 10] = ["dc", "wf", "hg", "nh", "dd", "sr", "rr", "mg", "lo", "lf"];
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
+    let mut out = Vec::new();
+    let mut range = None;
+    for line in smaps.lines() {
+        if let Some(flags) = line.strip_prefix("VmFlags:") {
+            let codes: Vec<String> = flags.split_whitespace().filter(|c| CODES.contains(c)).map(str::to_owned).collect();
+            if let Some((s, e)) = range.take() {
+                out.push((s, e, codes));
+            }
+        } else if let Some((s, rest)) = line.split_once('-').filter(|(s, _)| s.bytes().all(|b| b.is_ascii_hexdigit())) {
+            let special = line.ends_with(']') && !line.ends_with("[heap]") && !line.ends_with("[stack]");
+            let end = rest.split(' ').next().and_then(|e| u64::from_str_radix(e, 16).ok());
+            range = u64::from_str_radix(s, 16).ok().zip(end).filter(|_| !special);
+        }
+    }
+    out
+}
+
 #[test]
 fn madvise_flags_locked_areas_thp_disable_and_mcl_future_come_back() {
     if !needs_root() {
@@ -399,8 +421,18 @@ fn madvise_flags_locked_areas_thp_disable_and_mcl_future_come_back() {
     w.wait_ready();
     w.wait_ticks(2);
     w.check_mm_flags(w.pid).unwrap();
+    let before = carried_flags(w.pid);
     let (new, at) = through_an_image(&mut w, &[]);
     w.check_mm_flags(new).unwrap();
+    // Every mapping has its advice and locks back, the thread's guard page (PROT_NONE,
+    // locked by MCL_FUTURE) among them.
+    // (Mappings may merge where the original's stayed apart: compared by address.)
+    let after = carried_flags(new);
+    for (start, _, flags) in &before {
+        let back = after.iter().find(|(s, e, _)| s <= start && start < e).map(|(_, _, f)| f);
+        assert_eq!(back, Some(flags), "the mapping at {start:#x}: before {before:x?}, after {after:x?}");
+    }
+    assert!(before.iter().any(|(_, _, f)| f.contains(&"lo".to_string())), "{before:?}");
     let status = std::fs::read_to_string(format!("/proc/{new}/status")).unwrap();
     assert!(status.contains("THP_enabled:\t0"), "{status}");
     w.wait_ticks(at + 2);

@@ -710,15 +710,9 @@ impl SubsystemPlugin for Memory {
                 // KSM for every mapping first: it marks them all, and the areas the
                 // process had since taken out are taken out again.
                 vmflags::apply_merge_any(ctx, &policy)?;
-                let mut unconfirmed = Vec::new();
                 let flagged = |a: &&Area| a.kind != AreaKind::Special && (!a.flags.is_empty() || policy.merge_any != 0);
                 for area in state.areas.iter().filter(flagged) {
-                    if !vmflags::apply(ctx, area, &policy)? {
-                        unconfirmed.push((area.start, area.end));
-                    }
-                }
-                if !unconfirmed.is_empty() {
-                    vmflags::confirm_locked(ctx, &unconfirmed)?;
+                    vmflags::apply(ctx, area, &policy)?;
                 }
                 vmflags::apply_thp(ctx, &policy)?;
                 layout::set_mm(ctx, state)?;

@@ -162,13 +162,13 @@ pub fn validate_policy(p: &Policy) -> Result<(), String> {
     Ok(())
 }
 
-/// Gives mapping `start..end` of the restore child its advice and lock back. Its
-/// pages are in place: locking faults in what the process had locked and not sent
-/// (pages it never touched), as its `mlock` did. Answers `false` where the lock may
-/// not have been set: `mlock` sets the flag, then fails with ENOMEM filling an area
-/// that cannot be accessed (PROT_NONE: a guard page under `MCL_FUTURE`), which the
-/// caller then checks in `smaps` ([`confirm_locked`]).
-pub fn apply(ctx: &mut ContextRef<'_>, area: &Area, policy: &Policy) -> Result<bool, String> {
+/// Gives `area` of the restore child its advice and lock back. Its pages are in
+/// place: locking faults in what the process had locked and not sent (pages it never
+/// touched), as its `mlock` did. An area that cannot be accessed (PROT_NONE: a guard
+/// page under `MCL_FUTURE`) is locked while readable for a moment: `mlock` would set
+/// the flag and then fail filling it (ENOMEM); readable, its missing pages are the
+/// shared zero page, which costs no memory.
+pub fn apply(ctx: &mut ContextRef<'_>, area: &Area, policy: &Policy) -> Result<(), String> {
     let pid = ctx.pid();
     let (start, end, flags) = (area.start, area.end, &area.flags);
     let len = end - start;
@@ -184,26 +184,18 @@ pub fn apply(ctx: &mut ContextRef<'_>, area: &Area, policy: &Policy) -> Result<b
     }
     if flags.iter().any(|f| f == LOCKED) {
         let onfault = if flags.iter().any(|f| f == LOCK_ON_FAULT) { MLOCK_ONFAULT } else { 0 };
+        let mprotect = |ctx: &mut ContextRef<'_>, prot: u64| {
+            let what = format!("process {pid}: mprotect {start:#x}-{end:#x} to lock it");
+            util::syscall(ctx, pid, &what, libc::SYS_mprotect, [start, len, prot, 0, 0, 0]).map(|_| ())
+        };
+        let hidden = area.prot == 0;
+        if hidden {
+            mprotect(ctx, libc::PROT_READ as u64)?;
+        }
         let what = format!("process {pid}: mlock {start:#x}-{end:#x}");
-        let r = util::syscall_raw(ctx, pid, libc::SYS_mlock2, [start, len, onfault, 0, 0, 0])?;
-        if r == -(libc::ENOMEM as i64) && area.prot == 0 {
-            return Ok(false);
-        }
-        if r < 0 {
-            return Err(format!("{what}: {}", std::io::Error::from_raw_os_error(-r as i32)));
-        }
-    }
-    Ok(true)
-}
-
-/// Checks that each of `areas` of the restore child is locked (see [`apply`]).
-pub fn confirm_locked(ctx: &mut ContextRef<'_>, areas: &[(u64, u64)]) -> Result<(), String> {
-    let pid = ctx.pid();
-    let smaps = parse_smaps(&util::proc_text(ctx, "smaps")?)?;
-    for &(s, e) in areas {
-        let locked = smaps.iter().any(|(v, f)| v.start <= s && e <= v.end && f.iter().any(|c| c == LOCKED));
-        if !locked {
-            return Err(format!("process {pid}: mlock {s:#x}-{e:#x} (PROT_NONE) did not lock it"));
+        util::syscall(ctx, pid, &what, libc::SYS_mlock2, [start, len, onfault, 0, 0, 0])?;
+        if hidden {
+            mprotect(ctx, 0)?;
         }
     }
     Ok(())
