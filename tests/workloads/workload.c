@@ -492,6 +492,17 @@ static void setup_mm_flags(void)
         die("mlockall MCL_FUTURE");
 }
 
+/* Each tick, the first pages of the patterned mapping are locked (odd ticks) or
+ * unlocked (even ones): a lock taken while post-copy still has those pages on their
+ * way faults each of them in through ferry's userfaultfd. */
+static void mmf_tick(uint64_t tick)
+{
+    size_t len = (mem_pages < 16 ? mem_pages : 16) * PAGE;
+    if (len && (tick & 1 ? mlock(mem, len) : munlock(mem, len)) != 0)
+        fail("mm-flags: %s of the patterned mapping at tick %llu: %s", tick & 1 ? "mlock" : "munlock",
+             (unsigned long long)tick, strerror(errno));
+}
+
 /* The VmFlags line of the mapping starting at `start`, which must end at `end`. */
 static int mmf_vmflags(const void *start, const void *end, char *out, size_t len)
 {
@@ -1726,6 +1737,8 @@ int main(int argc, char **argv)
             fork_check(tick);
         if (opt_listen)
             serve_listener(tick);
+        if (opt_mm_flags)
+            mmf_tick(tick);
         if (opt_rseq) {
             logf_("rseq-aborts %llu", (unsigned long long)rseq_aborts);
             rseq_wait(opt_tick_ms);
