@@ -466,6 +466,7 @@ impl Workload {
             ("mmf-random", "rr"),
             ("mmf-locked", "lo"),
             ("mmf-onfault", "lf"),
+            ("mmf-guarded", "gu"),
         ];
         for (name, code) in want {
             let (start, end) = self.region(name);

@@ -389,7 +389,7 @@ fn a_main_thread_stopped_inside_an_rseq_critical_section_is_sent_to_its_abort_ha
 /// Each mapping of `pid` but the kernel's own: (start, end, VmFlags codes of its
 /// advice and lock).
 fn carried_flags(pid: i32) -> Vec<(u64, u64, Vec<String>)> {
-    const CODES: [&str; 10] = ["dc", "wf", "hg", "nh", "dd", "sr", "rr", "mg", "lo", "lf"];
+    const CODES: [&str; 11] = ["dc", "wf", "hg", "nh", "dd", "sr", "rr", "mg", "lo", "lf", "gu"];
     let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
     let mut out = Vec::new();
     let mut range = None;

@@ -446,6 +446,11 @@ static const struct {
 };
 #define MMF_AREAS (sizeof mmf / sizeof mmf[0])
 static uint64_t *mmf_area[MMF_AREAS];
+/* Four pages, the second a guard region (MADV_GUARD_INSTALL, Linux 6.13): it faults. */
+static uint64_t *mmf_guarded;
+#ifndef MADV_GUARD_INSTALL
+#define MADV_GUARD_INSTALL 102
+#endif
 static int mmf_merge; /* PR_SET_MEMORY_MERGE took */
 #ifndef PR_SET_MEMORY_MERGE
 #define PR_SET_MEMORY_MERGE 67
@@ -480,6 +485,14 @@ static void setup_mm_flags(void)
             die("mlock");
         log_region(mmf[i].name, mmf_area[i], MMF_PAGES * PAGE);
     }
+    mmf_guarded = mmap(NULL, MMF_PAGES * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (mmf_guarded == MAP_FAILED)
+        die("mmap guarded area");
+    for (size_t w = 0; w < MMF_PAGES * WORDS_PER_PAGE; w++)
+        mmf_guarded[w] = pattern(30, w, SEED);
+    if (madvise((char *)mmf_guarded + PAGE, PAGE, MADV_GUARD_INSTALL) != 0)
+        die("MADV_GUARD_INSTALL");
+    log_region("mmf-guarded", mmf_guarded, MMF_PAGES * PAGE);
     if (prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0) != 0)
         die("PR_SET_THP_DISABLE");
     mmf_merge = prctl(PR_SET_MEMORY_MERGE, 1, 0, 0, 0) == 0;
@@ -598,6 +611,21 @@ static void verify_mm_flags(void)
     int status;
     if (waitpid(child, &status, 0) != child || !WIFEXITED(status) || WEXITSTATUS(status) != 0)
         FAIL_RET("mm-flags: a forked child saw DONTFORK/WIPEONFORK areas wrong (status %#x: 2 dontfork mapped, 3 wipeonfork not zero)", status);
+    /* The guard page: the others hold their data, it faults (in a child, which
+     * inherits guard regions). */
+    for (size_t w = 0; w < MMF_PAGES * WORDS_PER_PAGE; w++)
+        if (w / WORDS_PER_PAGE != 1 && mmf_guarded[w] != pattern(30, w, SEED))
+            FAIL_RET("mmf-guarded word %zu differs", w);
+    child = fork();
+    if (child < 0)
+        FAIL_RET("mm-flags fork: %s", strerror(errno));
+    if (child == 0) {
+        volatile uint64_t v = mmf_guarded[WORDS_PER_PAGE];
+        (void)v;
+        _exit(0);
+    }
+    if (waitpid(child, &status, 0) != child || !WIFSIGNALED(status) || WTERMSIG(status) != SIGSEGV)
+        FAIL_RET("mm-flags: the guard page no longer faults (child status %#x)", status);
 }
 
 /* ---- a sealed mapping (--mm-sealed): mseal(2) forbids unmapping or changing it, so

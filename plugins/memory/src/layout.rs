@@ -63,6 +63,10 @@ pub struct Area {
     /// `vmflags`), made again once its pages are in.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub flags: Vec<String>,
+    /// Guard regions in it (`MADV_GUARD_INSTALL`): pages that fault, with nothing
+    /// behind them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub guards: Vec<(u64, u64)>,
 }
 
 impl Area {
@@ -83,7 +87,7 @@ impl Area {
     /// nor where it asked them wiped on fork (a child forked before they arrived gets
     /// the pages it lacks from the source, but must see zeros there).
     pub fn lazyable(&self) -> bool {
-        self.premappable() && !self.locked() && !self.flags.iter().any(|f| f == crate::vmflags::WIPE_ON_FORK)
+        self.premappable() && !self.locked() && !self.flags.iter().any(|f| f == crate::vmflags::WIPE_ON_FORK) && self.guards.is_empty()
     }
 
     pub fn locked(&self) -> bool {
@@ -104,6 +108,7 @@ impl Area {
             file: None,
             object: None,
             flags: Vec::new(),
+            guards: Vec::new(),
         };
         let at = format!("{:#x}-{:#x}", vma.start, vma.end);
         match vma.special() {
@@ -294,6 +299,13 @@ impl MmState {
                 return Err(format!("the image gives the kernel's mapping {at} flags"));
             }
             crate::vmflags::validate(&at, &a.flags, a.kind == AreaKind::Anon && !a.shared)?;
+            let mut guard_end = a.start;
+            for &(s, e) in &a.guards {
+                if s % PAGE != 0 || e % PAGE != 0 || s < guard_end || e <= s || e > a.end || a.kind == AreaKind::Special {
+                    return Err(format!("the image's mapping {at} has a bad guard region {s:#x}-{e:#x}"));
+                }
+                guard_end = e;
+            }
             last_end = a.end;
         }
         shmem_objects(&self.areas)?;
@@ -519,6 +531,7 @@ mod tests {
             file: None,
             object: None,
             flags: vec![],
+            guards: vec![],
         };
         let mut st = MmState::capture("1 (x) S", 0, &[], "/x".into(), vec![]).unwrap_or_else(|_| MmState {
             start_code: 0,
@@ -573,6 +586,7 @@ mod tests {
             file: None,
             object: Some(object),
             flags: vec![],
+            guards: vec![],
         };
         // Split in two by mprotect, and another object beside it.
         let areas = [shm(0x1000, 0x3000, 7, 0), shm(0x3000, 0x5000, 7, 0x2000), shm(0x5000, 0x6000, 8, 0)];

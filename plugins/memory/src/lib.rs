@@ -98,9 +98,12 @@ fn dirty_runs(pagemap: &std::fs::File, area: &Area) -> Result<Vec<(u64, u64)>, S
     // Whether a page is a file's costs the kernel a look at the page itself: asked only
     // of file mappings (an anonymous area holds no file pages).
     let file = if area.kind == AreaKind::File { pagemap::PAGE_IS_FILE } else { 0 };
+    // A guard page reads as swapped; asked only where guards are (older kernels refuse
+    // the category).
+    let guard = if area.guards.is_empty() { 0 } else { pagemap::PAGE_IS_GUARD };
     let which = pagemap::Categories {
         all: 0,
-        none: file | pagemap::PAGE_IS_PFNZERO,
+        none: file | guard | pagemap::PAGE_IS_PFNZERO,
         any: pagemap::PAGE_IS_PRESENT | pagemap::PAGE_IS_SWAPPED,
     };
     match pagemap::scan(pagemap, area.start, area.end, 0, which) {
@@ -221,6 +224,7 @@ fn areas_with_flags(ctx: &mut ContextRef<'_>) -> Result<(Vec<Area>, vmflags::Pol
     let pid = ctx.pid();
     let scratch = ctx.scratch();
     let probe = vmflags::map_probe(ctx)?;
+    let mut pagemap = None;
     let read = (|| {
         let smaps = vmflags::parse_smaps(&util::proc_text(ctx, "smaps")?)?;
         let policy = vmflags::read_policy(ctx, &smaps, probe)?;
@@ -233,6 +237,15 @@ fn areas_with_flags(ctx: &mut ContextRef<'_>) -> Result<(Vec<Area>, vmflags::Pol
             if let Some(mut area) = Area::from_vma(vma)? {
                 if area.kind != AreaKind::Special {
                     area.flags = vmflags::carried(pid, (vma.start, vma.end), flags)?;
+                    if flags.iter().any(|f| f == vmflags::MAYBE_GUARD) {
+                        let pagemap = match &pagemap {
+                            Some(p) => p,
+                            None => pagemap.insert(open_pagemap(pid)?),
+                        };
+                        let which = pagemap::Categories::all_of(pagemap::PAGE_IS_GUARD);
+                        area.guards = pagemap::scan(pagemap, area.start, area.end, 0, which)
+                            .map_err(|e| format!("process {pid}: guard regions of {:#x}-{:#x} (PAGEMAP_SCAN): {e}", area.start, area.end))?;
+                    }
                 }
                 areas.push(area);
             }
@@ -358,6 +371,9 @@ impl Memory {
         }
         let present = ranges::normalize(present);
         let mut send = ranges::union(&ranges::subtract(&present, &kept), &ranges::intersect(&dirty, &kept));
+        // Guard pages read as written and swapped, and hold nothing.
+        let guards = ranges::normalize(state.areas.iter().flat_map(|a| a.guards.iter().copied()).collect());
+        send = ranges::subtract(&send, &guards);
         state.zap = ranges::subtract(&ranges::intersect(&self.sent, &kept), &present);
         if ctx.lazy() {
             // Post-copy: the private anonymous pages follow after the resume. Kept pages
@@ -408,7 +424,7 @@ impl Memory {
         let pagemap = open_pagemap(pid)?;
         let mut send = ranges::normalize(dirty);
         for &(s, e) in &live.map {
-            let area = Area { start: s, end: e, prot: 0, shared: false, kind: AreaKind::Anon, path: None, offset: 0, growsdown: false, file: None, object: None, flags: Vec::new() };
+            let area = Area { start: s, end: e, prot: 0, shared: false, kind: AreaKind::Anon, path: None, offset: 0, growsdown: false, file: None, object: None, flags: Vec::new(), guards: Vec::new() };
             send.extend(ranges::from_runs(&dirty_runs(&pagemap, &area)?, PAGE));
         }
         let send = ranges::normalize(send);
@@ -710,10 +726,7 @@ impl SubsystemPlugin for Memory {
                 // KSM for every mapping first: it marks them all, and the areas the
                 // process had since taken out are taken out again.
                 vmflags::apply_merge_any(ctx, &policy)?;
-                let flagged = |a: &&Area| a.kind != AreaKind::Special && (!a.flags.is_empty() || policy.merge_any != 0);
-                for area in state.areas.iter().filter(flagged) {
-                    vmflags::apply(ctx, area, &policy)?;
-                }
+                vmflags::apply_all(ctx, &state.areas, &policy)?;
                 vmflags::apply_thp(ctx, &policy)?;
                 layout::set_mm(ctx, state)?;
                 vmflags::apply_lock_future(ctx, &state.policy())?;
@@ -753,6 +766,7 @@ mod tests {
             file: None,
             object: Some(7),
             flags: vec![],
+            guards: vec![],
         };
         let mut sent = Vec::new();
         // Pages 0-7 of the object at 0x10000, then pages 2-5 again at 0x40000 and pages

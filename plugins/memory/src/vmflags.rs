@@ -9,7 +9,7 @@ use ferry_plugin_api::{
     ContextRef,
 };
 
-use crate::layout::Area;
+use crate::layout::{Area, AreaKind};
 
 /// `VmFlags` codes carried, with the `madvise` advice that sets each.
 const ADVICE: [(&str, i32); 8] = [
@@ -27,6 +27,10 @@ pub const LOCKED: &str = "lo";
 pub const LOCK_ON_FAULT: &str = "lf";
 /// `VM_WIPEONFORK`: a child gets the area empty.
 pub const WIPE_ON_FORK: &str = "wf";
+/// `VM_MAYBE_GUARD` (Linux 6.18): guard regions may lie in the area; its pagemap says
+/// where.
+pub const MAYBE_GUARD: &str = "gu";
+const MADV_GUARD_INSTALL: u64 = 102;
 /// Flags the memory plugin cannot make again, and what they are.
 const REFUSED: [(&str, &str); 2] = [("sl", "sealed (mseal)"), ("ss", "a shadow stack")];
 
@@ -162,13 +166,36 @@ pub fn validate_policy(p: &Policy) -> Result<(), String> {
     Ok(())
 }
 
-/// Gives `area` of the restore child its advice and lock back. Its pages are in
-/// place: locking faults in what the process had locked and not sent (pages it never
-/// touched), as its `mlock` did. An area that cannot be accessed (PROT_NONE: a guard
-/// page under `MCL_FUTURE`) is locked while readable for a moment: `mlock` would set
-/// the flag and then fail filling it (ENOMEM); readable, its missing pages are the
-/// shared zero page, which costs no memory.
-pub fn apply(ctx: &mut ContextRef<'_>, area: &Area, policy: &Policy) -> Result<(), String> {
+/// Gives the areas of the restore child their advice, guard regions and locks back,
+/// once their pages are in. Advice and the locks of areas without guards first, so
+/// that each area is a mapping of its own again before a guard marks the whole of its
+/// mapping (`gu`); the locks of areas with guards last, as a guard cannot be installed
+/// where a page is locked.
+pub fn apply_all(ctx: &mut ContextRef<'_>, areas: &[Area], policy: &Policy) -> Result<(), String> {
+    let flagged = |a: &&Area| a.kind != AreaKind::Special && (!a.flags.is_empty() || !a.guards.is_empty() || policy.merge_any != 0);
+    for area in areas.iter().filter(flagged) {
+        advise(ctx, area, policy)?;
+    }
+    for area in areas.iter().filter(flagged).filter(|a| a.guards.is_empty()) {
+        lock(ctx, area)?;
+    }
+    for area in areas.iter().filter(|a| !a.guards.is_empty()) {
+        guard(ctx, area)?;
+        lock(ctx, area)?;
+    }
+    Ok(())
+}
+
+fn guard(ctx: &mut ContextRef<'_>, area: &Area) -> Result<(), String> {
+    let pid = ctx.pid();
+    for &(s, e) in &area.guards {
+        let what = format!("process {pid}: guard region {s:#x}-{e:#x} (MADV_GUARD_INSTALL)");
+        util::syscall(ctx, pid, &what, libc::SYS_madvise, [s, e - s, MADV_GUARD_INSTALL, 0, 0, 0])?;
+    }
+    Ok(())
+}
+
+fn advise(ctx: &mut ContextRef<'_>, area: &Area, policy: &Policy) -> Result<(), String> {
     let pid = ctx.pid();
     let (start, end, flags) = (area.start, area.end, &area.flags);
     let len = end - start;
@@ -182,6 +209,19 @@ pub fn apply(ctx: &mut ContextRef<'_>, area: &Area, policy: &Policy) -> Result<(
             util::syscall(ctx, pid, &what, libc::SYS_madvise, [start, len, advice as u64, 0, 0, 0])?;
         }
     }
+    Ok(())
+}
+
+/// Locks `area` as the process had it. Its pages are in place: locking faults in
+/// what the process had locked and not sent (pages it never touched), as its `mlock`
+/// did. An area that cannot be accessed (PROT_NONE: a guard page under `MCL_FUTURE`)
+/// is locked while readable for a moment: `mlock` would set the flag and then fail
+/// filling it (ENOMEM); readable, its missing pages are the shared zero page, which
+/// costs no memory.
+fn lock(ctx: &mut ContextRef<'_>, area: &Area) -> Result<(), String> {
+    let pid = ctx.pid();
+    let (start, end, flags) = (area.start, area.end, &area.flags);
+    let len = end - start;
     if flags.iter().any(|f| f == LOCKED) {
         let onfault = if flags.iter().any(|f| f == LOCK_ON_FAULT) { MLOCK_ONFAULT } else { 0 };
         let mprotect = |ctx: &mut ContextRef<'_>, prot: u64| {
@@ -193,7 +233,12 @@ pub fn apply(ctx: &mut ContextRef<'_>, area: &Area, policy: &Policy) -> Result<(
             mprotect(ctx, libc::PROT_READ as u64)?;
         }
         let what = format!("process {pid}: mlock {start:#x}-{end:#x}");
-        util::syscall(ctx, pid, &what, libc::SYS_mlock2, [start, len, onfault, 0, 0, 0])?;
+        let r = util::syscall_raw(ctx, pid, libc::SYS_mlock2, [start, len, onfault, 0, 0, 0])?;
+        // With guard regions, locking sets the lock and stops filling at the first
+        // guard (ENOMEM), as it did in the process.
+        if r < 0 && !(r == -(libc::ENOMEM as i64) && !area.guards.is_empty()) {
+            return Err(format!("{what}: {}", std::io::Error::from_raw_os_error(-r as i32)));
+        }
         if hidden {
             mprotect(ctx, 0)?;
         }
