@@ -236,7 +236,8 @@ fn lock(ctx: &mut ContextRef<'_>, area: &Area) -> Result<(), String> {
         let r = util::syscall_raw(ctx, pid, libc::SYS_mlock2, [start, len, onfault, 0, 0, 0])?;
         // With guard regions, locking sets the lock and stops filling at the first
         // guard (ENOMEM), as it did in the process.
-        if r < 0 && !(r == -(libc::ENOMEM as i64) && !area.guards.is_empty()) {
+        let stopped_at_guard = r == -(libc::ENOMEM as i64) && !area.guards.is_empty();
+        if r < 0 && !stopped_at_guard {
             return Err(format!("{what}: {}", std::io::Error::from_raw_os_error(-r as i32)));
         }
         if hidden {
