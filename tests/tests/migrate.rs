@@ -757,6 +757,14 @@ fn madvise_flags_locks_and_memory_policy_survive_every_strategy() {
         w.check_mm_flags(new).unwrap_or_else(|e| panic!("after {strategy}: {e}"));
         pid = new;
     }
+    // Pre-copy again, its rounds tracked with page hashes (which read every page,
+    // guard pages included, each round).
+    let dir = tempfile::tempdir().unwrap();
+    let config = precopy_config(dir.path(), "hash.json", r#"{"dirty_tracking": "page-hash"}"#);
+    let (_, new) = precopy_stats(&migrate_with_config(&config, pid, &daemon.addr), pid);
+    moved(&mut w, pid, new, 3);
+    w.check_mm_flags(new).unwrap_or_else(|e| panic!("after pre-copy with page hashes: {e}"));
+    pid = new;
     w.terminate_and_check(pid).unwrap();
 }
 
