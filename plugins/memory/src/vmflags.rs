@@ -1,8 +1,10 @@
-//! Per-mapping behaviour the kernel keeps beside the pages (`madvise` advice, `mlock`)
-//! and the address space's own memory policy (`PR_SET_THP_DISABLE`,
-//! `mlockall(MCL_FUTURE)`). Read at the freeze from `/proc/PID/smaps` (`VmFlags:`) and
-//! from calls made in the process; applied in the restore child once every page is in
-//! place. Flags a mapping has that cannot be made again are refused with a line.
+//! Per-mapping behaviour the kernel keeps beside the pages (`madvise` advice, guard
+//! regions, `mlock`) and the address space's own memory policy (`PR_SET_THP_DISABLE`,
+//! `PR_SET_MEMORY_MERGE`, `mlockall(MCL_FUTURE)`). Read at the freeze from
+//! `/proc/PID/smaps` (`VmFlags:`; reading it walks every page: ~10 ms per GiB in the
+//! freeze here), the pagemap and calls made in the process; applied in the restore
+//! child once every page is in place. Flags a mapping has that cannot be made again
+//! are refused with a line naming the process and the range.
 
 use ferry_plugin_api::{
     util::{self, parse_maps, Vma},
@@ -27,8 +29,8 @@ pub const LOCKED: &str = "lo";
 pub const LOCK_ON_FAULT: &str = "lf";
 /// `VM_WIPEONFORK`: a child gets the area empty.
 pub const WIPE_ON_FORK: &str = "wf";
-/// `VM_MAYBE_GUARD` (Linux 6.18): guard regions may lie in the area; its pagemap says
-/// where.
+/// `VM_MAYBE_GUARD` (shown by recent kernels; 6.18 here): guard regions may lie in
+/// the area; its pagemap says where.
 pub const MAYBE_GUARD: &str = "gu";
 const MADV_GUARD_INSTALL: u64 = 102;
 /// Flags the memory plugin cannot make again, and what they are.
