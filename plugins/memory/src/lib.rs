@@ -197,6 +197,13 @@ fn once_per_object(sent: &mut Vec<(u64, Ranges)>, area: &Area, runs: Vec<(u64, u
     ranges::to_runs(&back, PAGE)
 }
 
+/// The guard pages among `ranges` (they read as written and swapped, and hold
+/// nothing: reading one fails). Kernels that cannot tell (before 6.14) report none.
+fn guard_pages(pagemap: &std::fs::File, ranges: &[(u64, u64)]) -> Ranges {
+    let which = pagemap::Categories::all_of(pagemap::PAGE_IS_GUARD);
+    ranges.iter().flat_map(|&(s, e)| pagemap::scan(pagemap, s, e, 0, which).unwrap_or_default()).collect()
+}
+
 fn open_pagemap(pid: i32) -> Result<std::fs::File, String> {
     std::fs::File::open(format!("/proc/{pid}/pagemap")).map_err(|e| format!("opening /proc/{pid}/pagemap: {e}"))
 }
@@ -428,6 +435,8 @@ impl Memory {
             send.extend(ranges::from_runs(&dirty_runs(&pagemap, &area)?, PAGE));
         }
         let send = ranges::normalize(send);
+        // A guard page would fail the read of its whole chunk, round after round.
+        let send = ranges::subtract(&send, &guard_pages(&pagemap, &send));
         self.sent = ranges::union(&self.sent, &send);
         if round == 0 || !live.drop.is_empty() || !live.map.is_empty() {
             util::put_json(sink, "live", &live)?;
