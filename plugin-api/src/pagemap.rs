@@ -42,6 +42,9 @@ pub const PAGE_IS_PRESENT: u64 = 1 << 3;
 pub const PAGE_IS_SWAPPED: u64 = 1 << 4;
 /// The shared zero page.
 pub const PAGE_IS_PFNZERO: u64 = 1 << 5;
+/// A guard region's page (`MADV_GUARD_INSTALL`, Linux 6.14): such a page also reads
+/// as swapped (and written), though nothing is behind it.
+pub const PAGE_IS_GUARD: u64 = 1 << 8;
 
 /// Which pages a scan reports: those with every category of `all` set, none of `none`
 /// set, and (when `any` is not 0) at least one of `any`.

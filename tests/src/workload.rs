@@ -61,11 +61,19 @@ pub struct WorkloadOpts {
     /// dumpable, parent-death signal and oom_score_adj; threads 0 and 1 differ from the
     /// others (`--creds`; use without files, which it could no longer reach).
     pub creds: bool,
+    /// Areas with madvise flags, mlocked areas, THP disabled and mlockall(MCL_FUTURE)
+    /// (`--mm-flags`; logs a `region mmf-*` per area).
+    pub mm_flags: bool,
+    /// A sealed (mseal) area, which ferry refuses (`--mm-sealed`; `region mmf-sealed`).
+    pub mm_sealed: bool,
+    /// Shared anonymous memory mapped twice (`--shared-twice`; `region twice-a`,
+    /// `region twice-b`).
+    pub shared_twice: bool,
 }
 
 impl Default for WorkloadOpts {
     fn default() -> Self {
-        WorkloadOpts { mem_mib: 1, threads: 0, files: true, tick_ms: 20, dirty_pages: 0, churn: false, move_mem: false, fork_check: false, rseq: false, process_state: false, seccomp: false, shared_anon: false, event_fds: false, listen: false, creds: false }
+        WorkloadOpts { mem_mib: 1, threads: 0, files: true, tick_ms: 20, dirty_pages: 0, churn: false, move_mem: false, fork_check: false, rseq: false, process_state: false, seccomp: false, shared_anon: false, event_fds: false, listen: false, creds: false, mm_flags: false, mm_sealed: false, shared_twice: false }
     }
 }
 
@@ -141,6 +149,9 @@ impl Workload {
             (opts.event_fds, "--event-fds"),
             (opts.listen, "--listen"),
             (opts.creds, "--creds"),
+            (opts.mm_flags, "--mm-flags"),
+            (opts.mm_sealed, "--mm-sealed"),
+            (opts.shared_twice, "--shared-twice"),
         ];
         cmd.args(flags.iter().filter(|f| f.0).map(|f| f.1));
         Self::start(cmd, dir)
@@ -460,4 +471,40 @@ pub fn creds_of(pid: i32) -> (Vec<String>, String) {
     threads.sort();
     let adj = std::fs::read_to_string(format!("/proc/{pid}/oom_score_adj")).unwrap_or_default();
     (threads, adj.trim().to_string())
+}
+
+/// The `VmFlags` codes of `pid`'s mapping `start..end` (`/proc/PID/smaps`); `None` when
+/// no mapping is exactly that range.
+pub fn vm_flags(pid: i32, start: u64, end: u64) -> Option<Vec<String>> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).ok()?;
+    let head = format!("{start:x}-{end:x} ");
+    let mut lines = smaps.lines().skip_while(|l| !l.starts_with(&head)).skip(1);
+    let flags = lines.find_map(|l| l.strip_prefix("VmFlags:"))?;
+    Some(flags.split_whitespace().map(str::to_owned).collect())
+}
+
+impl Workload {
+    /// With `--mm-flags`: checks from outside that each `mmf-*` area of `pid` is one
+    /// mapping with its advice or lock (the workload checks the rest from inside).
+    pub fn check_mm_flags(&self, pid: i32) -> Result<(), String> {
+        let want = [
+            ("mmf-dontfork", "dc"),
+            ("mmf-wipeonfork", "wf"),
+            ("mmf-hugepage", "hg"),
+            ("mmf-nohugepage", "nh"),
+            ("mmf-dontdump", "dd"),
+            ("mmf-random", "rr"),
+            ("mmf-locked", "lo"),
+            ("mmf-onfault", "lf"),
+            ("mmf-guarded", "gu"),
+        ];
+        for (name, code) in want {
+            let (start, end) = self.region(name);
+            let flags = vm_flags(pid, start, end).ok_or_else(|| format!("pid {pid}: {name} {start:#x}-{end:#x} is not one mapping"))?;
+            if !flags.iter().any(|f| f == code) {
+                return Err(format!("pid {pid}: {name} lost `{code}`: VmFlags {}", flags.join(" ")));
+            }
+        }
+        Ok(())
+    }
 }

@@ -509,3 +509,83 @@ fn a_main_thread_stopped_inside_an_rseq_critical_section_is_sent_to_its_abort_ha
     w.wait_ticks(at + 3);
     w.terminate_and_check(new).unwrap();
 }
+
+/// Each mapping of `pid` but the kernel's own: (start, end, VmFlags codes of its
+/// advice and lock).
+fn carried_flags(pid: i32) -> Vec<(u64, u64, Vec<String>)> {
+    const CODES: [&str; 11] = ["dc", "wf", "hg", "nh", "dd", "sr", "rr", "mg", "lo", "lf", "gu"];
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
+    let mut out = Vec::new();
+    let mut range = None;
+    for line in smaps.lines() {
+        if let Some(flags) = line.strip_prefix("VmFlags:") {
+            let codes: Vec<String> = flags.split_whitespace().filter(|c| CODES.contains(c)).map(str::to_owned).collect();
+            if let Some((s, e)) = range.take() {
+                out.push((s, e, codes));
+            }
+        } else if let Some((s, rest)) = line.split_once('-').filter(|(s, _)| s.bytes().all(|b| b.is_ascii_hexdigit())) {
+            let special = line.ends_with(']') && !line.ends_with("[heap]") && !line.ends_with("[stack]");
+            let end = rest.split(' ').next().and_then(|e| u64::from_str_radix(e, 16).ok());
+            range = u64::from_str_radix(s, 16).ok().zip(end).filter(|_| !special);
+        }
+    }
+    out
+}
+
+#[test]
+fn madvise_flags_locked_areas_thp_disable_and_mcl_future_come_back() {
+    if !needs_root() {
+        return;
+    }
+    // Areas with DONTFORK, WIPEONFORK, HUGEPAGE, NOHUGEPAGE, DONTDUMP, RANDOM, an
+    // mlocked one and one locked on fault; THP disabled; mlockall(MCL_FUTURE), so a
+    // thread's stack is locked too. Inside, the workload also forks to see DONTFORK
+    // and WIPEONFORK at work, and maps a page that must come locked.
+    let mut w = Workload::spawn(&WorkloadOpts { threads: 1, mm_flags: true, ..Default::default() });
+    w.wait_ready();
+    w.wait_ticks(2);
+    w.check_mm_flags(w.pid).unwrap();
+    let before = carried_flags(w.pid);
+    let (new, at) = through_an_image(&mut w, &[]);
+    w.check_mm_flags(new).unwrap();
+    // Every mapping has its advice and locks back, the thread's guard page (PROT_NONE,
+    // locked by MCL_FUTURE) among them.
+    // (Mappings may merge where the original's stayed apart: compared by address. The
+    // patterned mapping's first pages are locked and unlocked at every other tick.)
+    let after = carried_flags(new);
+    let (mem_start, mem_end) = w.region("mem");
+    for (start, _, flags) in before.iter().filter(|(s, e, _)| *e <= mem_start || mem_end <= *s) {
+        let back = after.iter().find(|(s, e, _)| s <= start && start < e).map(|(_, _, f)| f);
+        assert_eq!(back, Some(flags), "the mapping at {start:#x}: before {before:x?}, after {after:x?}");
+    }
+    assert!(before.iter().any(|(_, _, f)| f.contains(&"lo".to_string())), "{before:?}");
+    let status = std::fs::read_to_string(format!("/proc/{new}/status")).unwrap();
+    assert!(status.contains("THP_enabled:\t0"), "{status}");
+    w.wait_ticks(at + 2);
+    w.terminate_and_check(new).unwrap();
+}
+
+#[test]
+fn shared_anonymous_memory_mapped_twice_comes_back_as_one_object_in_two_views() {
+    if !needs_root() {
+        return;
+    }
+    // Eight pages, and four of them mapped again elsewhere (mremap with old_size 0):
+    // both views of one object, each at its offset, the untouched page still a hole.
+    let mut w = Workload::spawn(&WorkloadOpts { files: false, shared_twice: true, ..Default::default() });
+    w.wait_ready();
+    w.wait_ticks(2);
+    let (new, at) = through_an_image(&mut w, &[]);
+    let maps = std::fs::read_to_string(format!("/proc/{new}/maps")).unwrap();
+    let line = |name: &str| {
+        let (start, end) = w.region(name);
+        let head = format!("{start:x}-{end:x} ");
+        maps.lines().find(|l| l.starts_with(&head)).unwrap_or_else(|| panic!("{name} is not one mapping: {maps}")).to_owned()
+    };
+    let (a, b) = (line("twice-a"), line("twice-b"));
+    let field = |l: &str, i: usize| l.split_whitespace().nth(i).unwrap().to_owned();
+    assert_eq!(field(&b, 2), "00002000", "the second view's offset in the object: {b}");
+    assert_eq!(field(&a, 4), field(&b, 4), "one object (inode) in both views: {a} / {b}");
+    w.wait_ticks(at + 2);
+    w.terminate_and_check(new).unwrap();
+}

@@ -424,3 +424,26 @@ fn a_process_another_tracer_holds_is_refused_by_name() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[test]
+fn a_sealed_mapping_is_refused_naming_the_process_and_range_and_the_process_runs_on() {
+    if !is_root() {
+        eprintln!("skipping: needs root");
+        return;
+    }
+    // mseal(2) forbids remaking the area; dropping the seal would free the copy of a
+    // restriction the process chose.
+    let mut w = Workload::spawn(&WorkloadOpts { files: false, mm_sealed: true, ..Default::default() });
+    w.wait_ticks(1);
+    let (start, end) = w.region("mmf-sealed");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("img");
+    let o = run(&checkpoint_args(&w.pid.to_string(), &dir));
+    fails_with(&o, "sealed (mseal)");
+    let err = stderr(&o);
+    assert!(err.contains(&format!("process {}", w.pid)) && err.contains(&format!("{start:#x}-{end:#x}")), "{err}");
+    let at = *w.ticks().last().unwrap();
+    w.wait_ticks(at + 2);
+    let pid = w.pid;
+    w.terminate_and_check(pid).unwrap();
+}

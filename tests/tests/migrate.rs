@@ -798,3 +798,63 @@ fn a_process_of_another_user_keeps_its_credentials_through_every_strategy() {
     }
     w.terminate_and_check(pid).unwrap();
 }
+
+#[test]
+fn madvise_flags_locks_and_memory_policy_survive_every_strategy() {
+    if !is_root() {
+        eprintln!("skipping: migration needs root");
+        return;
+    }
+    // The --mm-flags areas (advice, mlock, lock on fault; THP disabled, MCL_FUTURE) go
+    // through each strategy in turn; locked areas never wait for post-copy (they are
+    // sent in the freeze, as the process expects their pages present), and shared
+    // anonymous memory mapped twice comes back one object in two views. The process
+    // keeps writing so that the rounds have dirty pages.
+    let daemon = Daemon::start(None, "127.0.0.1", &[]);
+    let mut w = Workload::spawn(&WorkloadOpts { threads: 1, mem_mib: 4, dirty_pages: 8, tick_ms: 5, mm_flags: true, shared_twice: true, ..Default::default() });
+    w.wait_ticks(3);
+    let mut pid = w.pid;
+    for strategy in ["pre-copy", "post-copy", "hybrid", "stop-copy"] {
+        let o = migrate(None, pid, &daemon.addr, &["--strategy", strategy]);
+        assert!(o.status.success(), "{strategy}: {}", stderr(&o));
+        let stats: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(stats["strategy"], strategy, "{stats}");
+        let new = stats["pids"][pid.to_string()].as_i64().unwrap() as i32;
+        moved(&mut w, pid, new, 3);
+        w.check_mm_flags(new).unwrap_or_else(|e| panic!("after {strategy}: {e}"));
+        pid = new;
+    }
+    // Pre-copy again, its rounds tracked with page hashes (which read every page,
+    // guard pages included, each round).
+    let dir = tempfile::tempdir().unwrap();
+    let config = precopy_config(dir.path(), "hash.json", r#"{"dirty_tracking": "page-hash"}"#);
+    let (_, new) = precopy_stats(&migrate_with_config(&config, pid, &daemon.addr), pid);
+    moved(&mut w, pid, new, 3);
+    w.check_mm_flags(new).unwrap_or_else(|e| panic!("after pre-copy with page hashes: {e}"));
+    pid = new;
+    w.terminate_and_check(pid).unwrap();
+}
+
+#[test]
+fn a_child_forked_during_postcopy_has_no_dontfork_area_and_a_wiped_wipeonfork_one() {
+    if !is_root() {
+        eprintln!("skipping: migration needs root");
+        return;
+    }
+    // Every 20 ms the process forks a child that checks its memory: the DONTFORK area
+    // must be absent and the WIPEONFORK area zeros in it, even while the parent's pages
+    // are still arriving (a child's missing pages are filled from the source: never
+    // those of an area the child gets empty).
+    let daemon = Daemon::start(None, "127.0.0.1", &[]);
+    let mut w = Workload::spawn(&WorkloadOpts { mem_mib: 64, tick_ms: 1, fork_check: true, mm_flags: true, ..Default::default() });
+    w.wait_ticks(25);
+    let mut pid = w.pid;
+    for strategy in ["post-copy", "hybrid"] {
+        let o = migrate(None, pid, &daemon.addr, &["--strategy", strategy]);
+        let (_, new) = lazy_stats(&o, pid, strategy, 64);
+        moved(&mut w, pid, new, 60);
+        assert!(!w.lines().iter().any(|l| l.starts_with("FAIL")), "{strategy}: {}", w.log_text());
+        pid = new;
+    }
+    w.terminate_and_check(pid).unwrap();
+}

@@ -84,6 +84,9 @@ static int opt_shared_anon;
 static int opt_event_fds;
 static int opt_listen;
 static int opt_creds;
+static int opt_mm_flags;
+static int opt_mm_sealed;
+static int opt_shared_twice;
 static uint64_t tsc_per_ms;
 static volatile uint64_t rseq_aborts;
 static pid_t fork_child;
@@ -428,6 +431,269 @@ static void verify_shared_anon(void)
         fclose(f);
     if (seen != 3 || ino_rw != ino_ro)
         FAIL_RET("shared memory is no longer one shared object in a rw-s and an r--s area");
+}
+
+/* ---- per-mapping flags and memory policy (--mm-flags): one area per madvise flag
+ * that changes behaviour, an mlocked area and one locked on fault (a page of four
+ * touched), PR_SET_THP_DISABLE, KSM for every mapping (PR_SET_MEMORY_MERGE, where the
+ * kernel has KSM) but the DONTDUMP area and, last, mlockall(MCL_FUTURE). Checked from
+ * /proc/self/smaps (each area whole, with its flag) and by behaviour in a forked
+ * child: a DONTFORK area is not there, a WIPEONFORK area reads zeros ---- */
+#define MMF_PAGES 4
+static const struct {
+    const char *name;
+    int advice;   /* 0: mlock instead */
+    const char *vmflags; /* codes its VmFlags line must hold */
+} mmf[] = {
+    {"mmf-dontfork", MADV_DONTFORK, "dc"}, {"mmf-wipeonfork", MADV_WIPEONFORK, "wf"},
+    {"mmf-hugepage", MADV_HUGEPAGE, "hg"}, {"mmf-nohugepage", MADV_NOHUGEPAGE, "nh"},
+    {"mmf-dontdump", MADV_DONTDUMP, "dd"}, {"mmf-random", MADV_RANDOM, "rr"},
+    {"mmf-locked", 0, "lo"},               {"mmf-onfault", 0, "lo lf"},
+};
+#define MMF_AREAS (sizeof mmf / sizeof mmf[0])
+static uint64_t *mmf_area[MMF_AREAS];
+/* Four pages, the second a guard region (MADV_GUARD_INSTALL, Linux 6.13): it faults. */
+static uint64_t *mmf_guarded;
+#ifndef MADV_GUARD_INSTALL
+#define MADV_GUARD_INSTALL 102
+#endif
+static int mmf_merge; /* PR_SET_MEMORY_MERGE took */
+#ifndef PR_SET_MEMORY_MERGE
+#define PR_SET_MEMORY_MERGE 67
+#define PR_GET_MEMORY_MERGE 68
+#endif
+
+/* Whether word w of area i holds data: the on-fault area has only its first page. */
+static int mmf_filled(size_t i, size_t w)
+{
+    return strcmp(mmf[i].name, "mmf-onfault") != 0 || w < WORDS_PER_PAGE;
+}
+
+static void setup_mm_flags(void)
+{
+    for (size_t i = 0; i < MMF_AREAS; i++) {
+        /* The WIPEONFORK area above the others: post-copy sends pages in address
+         * order, so it is among the last to arrive (a child forked before must still
+         * see it zero). */
+        void *hint = mmf[i].advice == MADV_WIPEONFORK ? (void *)0x7ff000000000UL : NULL;
+        mmf_area[i] = mmap(hint, MMF_PAGES * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        if (mmf_area[i] == MAP_FAILED)
+            die("mmap mm-flags area");
+        int onfault = !strcmp(mmf[i].name, "mmf-onfault");
+        if (onfault && mlock2(mmf_area[i], MMF_PAGES * PAGE, MLOCK_ONFAULT) != 0)
+            die("mlock2 MLOCK_ONFAULT");
+        for (size_t w = 0; w < MMF_PAGES * WORDS_PER_PAGE; w++)
+            if (mmf_filled(i, w))
+                mmf_area[i][w] = pattern(20 + i, w, SEED);
+        if (mmf[i].advice && madvise(mmf_area[i], MMF_PAGES * PAGE, mmf[i].advice) != 0)
+            die(mmf[i].name);
+        if (!mmf[i].advice && !onfault && mlock(mmf_area[i], MMF_PAGES * PAGE) != 0)
+            die("mlock");
+        log_region(mmf[i].name, mmf_area[i], MMF_PAGES * PAGE);
+    }
+    mmf_guarded = mmap(NULL, MMF_PAGES * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (mmf_guarded == MAP_FAILED)
+        die("mmap guarded area");
+    for (size_t w = 0; w < MMF_PAGES * WORDS_PER_PAGE; w++)
+        mmf_guarded[w] = pattern(30, w, SEED);
+    if (madvise((char *)mmf_guarded + PAGE, PAGE, MADV_GUARD_INSTALL) != 0)
+        die("MADV_GUARD_INSTALL");
+    log_region("mmf-guarded", mmf_guarded, MMF_PAGES * PAGE);
+    if (prctl(PR_SET_THP_DISABLE, 1, 0, 0, 0) != 0)
+        die("PR_SET_THP_DISABLE");
+    mmf_merge = prctl(PR_SET_MEMORY_MERGE, 1, 0, 0, 0) == 0;
+    if (!mmf_merge && errno != EINVAL)
+        die("PR_SET_MEMORY_MERGE");
+    if (mmf_merge && madvise(mmf_area[4], MMF_PAGES * PAGE, MADV_UNMERGEABLE) != 0)
+        die("MADV_UNMERGEABLE");
+    /* From here every new mapping of the process (thread stacks among them) is locked. */
+    if (mlockall(MCL_FUTURE) != 0)
+        die("mlockall MCL_FUTURE");
+}
+
+/* Each tick, the first pages of the patterned mapping are locked (odd ticks) or
+ * unlocked (even ones): a lock taken while post-copy still has those pages on their
+ * way faults each of them in through ferry's userfaultfd. */
+static void mmf_tick(uint64_t tick)
+{
+    size_t len = (mem_pages < 16 ? mem_pages : 16) * PAGE;
+    if (len && (tick & 1 ? mlock(mem, len) : munlock(mem, len)) != 0)
+        fail("mm-flags: %s of the patterned mapping at tick %llu: %s", tick & 1 ? "mlock" : "munlock",
+             (unsigned long long)tick, strerror(errno));
+}
+
+/* The VmFlags line of the mapping starting at `start`, which must end at `end`. */
+static int mmf_vmflags(const void *start, const void *end, char *out, size_t len)
+{
+    char line[512], head[64];
+    snprintf(head, sizeof head, "%lx-%lx ", (unsigned long)start, (unsigned long)end);
+    FILE *f = fopen("/proc/self/smaps", "r");
+    int in = 0, found = 0;
+    while (f && fgets(line, sizeof line, f)) {
+        if (!strncmp(line, head, strlen(head)))
+            in = 1;
+        else if (in && !strncmp(line, "VmFlags:", 8)) {
+            snprintf(out, len, "%s", line + 8);
+            out[strcspn(out, "\n")] = 0;
+            found = 1;
+            break;
+        }
+    }
+    if (f)
+        fclose(f);
+    return found;
+}
+
+/* Whether the VmFlags line `flags` holds every code of `want` (space separated). */
+static int mmf_has(const char *flags, const char *want)
+{
+    char codes[64], probe[8];
+    snprintf(codes, sizeof codes, "%s", want);
+    for (char *save, *c = strtok_r(codes, " ", &save); c; c = strtok_r(NULL, " ", &save)) {
+        snprintf(probe, sizeof probe, " %s ", c);
+        char padded[600];
+        snprintf(padded, sizeof padded, " %s ", flags);
+        if (!strstr(padded, probe))
+            return 0;
+    }
+    return 1;
+}
+
+/* In a forked child: 0 when the DONTFORK area is absent, the WIPEONFORK area reads
+ * zeros and an area without either kept its data; else which of them failed. */
+static int mmf_in_child(void)
+{
+    unsigned char vec[MMF_PAGES];
+    if (mincore(mmf_area[0], MMF_PAGES * PAGE, vec) == 0 || errno != ENOMEM)
+        return 2;
+    for (size_t w = 0; w < MMF_PAGES * WORDS_PER_PAGE; w++)
+        if (mmf_area[1][w] != 0)
+            return 3;
+    for (size_t w = 0; w < MMF_PAGES * WORDS_PER_PAGE; w++)
+        if (mmf_area[2][w] != pattern(22, w, SEED))
+            return 4;
+    return 0;
+}
+
+static void verify_mm_flags(void)
+{
+    char flags[512];
+    for (size_t i = 0; i < MMF_AREAS; i++) {
+        for (size_t w = 0; w < MMF_PAGES * WORDS_PER_PAGE; w++)
+            if (mmf_area[i][w] != (mmf_filled(i, w) ? pattern(20 + i, w, SEED) : 0))
+                FAIL_RET("%s word %zu differs", mmf[i].name, w);
+        if (!mmf_vmflags(mmf_area[i], (char *)mmf_area[i] + MMF_PAGES * PAGE, flags, sizeof flags))
+            FAIL_RET("%s is no longer one mapping of its own", mmf[i].name);
+        if (!mmf_has(flags, mmf[i].vmflags))
+            FAIL_RET("%s lost VmFlags %s: it has%s", mmf[i].name, mmf[i].vmflags, flags);
+    }
+    int thp = prctl(PR_GET_THP_DISABLE, 0, 0, 0, 0);
+    if (thp != 1)
+        FAIL_RET("PR_GET_THP_DISABLE is %d, want 1", thp);
+    if (mmf_merge) {
+        if (prctl(PR_GET_MEMORY_MERGE, 0, 0, 0, 0) != 1)
+            FAIL_RET("PR_GET_MEMORY_MERGE is no longer 1");
+        for (size_t i = 0; i < MMF_AREAS; i++) {
+            if (!mmf_vmflags(mmf_area[i], (char *)mmf_area[i] + MMF_PAGES * PAGE, flags, sizeof flags))
+                FAIL_RET("%s is no longer one mapping of its own", mmf[i].name);
+            if (mmf_has(flags, "mg") != (mmf[i].advice != MADV_DONTDUMP))
+                FAIL_RET("%s: KSM merging %s (VmFlags%s)", mmf[i].name, mmf[i].advice == MADV_DONTDUMP ? "came back" : "was lost", flags);
+        }
+    }
+    /* MCL_FUTURE: a new mapping comes locked. */
+    void *fresh = mmap(NULL, PAGE, PROT_NONE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    if (fresh == MAP_FAILED)
+        FAIL_RET("mmap after restore: %s", strerror(errno));
+    int found = mmf_vmflags(fresh, (char *)fresh + PAGE, flags, sizeof flags);
+    munmap(fresh, PAGE);
+    if (!found || !mmf_has(flags, "lo"))
+        FAIL_RET("mlockall(MCL_FUTURE) was lost: a new mapping is not locked");
+    /* Behaviour: in a child, the DONTFORK area is absent and the WIPEONFORK one zero. */
+    pid_t child = fork();
+    if (child < 0)
+        FAIL_RET("mm-flags fork: %s", strerror(errno));
+    if (child == 0)
+        _exit(mmf_in_child());
+    int status;
+    if (waitpid(child, &status, 0) != child || !WIFEXITED(status) || WEXITSTATUS(status) != 0)
+        FAIL_RET("mm-flags: a forked child saw DONTFORK/WIPEONFORK areas wrong (status %#x: 2 dontfork mapped, 3 wipeonfork not zero)", status);
+    /* The guard page: the others hold their data, it faults (in a child, which
+     * inherits guard regions). */
+    for (size_t w = 0; w < MMF_PAGES * WORDS_PER_PAGE; w++)
+        if (w / WORDS_PER_PAGE != 1 && mmf_guarded[w] != pattern(30, w, SEED))
+            FAIL_RET("mmf-guarded word %zu differs", w);
+    child = fork();
+    if (child < 0)
+        FAIL_RET("mm-flags fork: %s", strerror(errno));
+    if (child == 0) {
+        volatile uint64_t v = mmf_guarded[WORDS_PER_PAGE];
+        (void)v;
+        _exit(0);
+    }
+    if (waitpid(child, &status, 0) != child || !WIFSIGNALED(status) || WTERMSIG(status) != SIGSEGV)
+        FAIL_RET("mm-flags: the guard page no longer faults (child status %#x)", status);
+}
+
+/* ---- a sealed mapping (--mm-sealed): mseal(2) forbids unmapping or changing it, so
+ * ferry cannot make it again; it must refuse with a line and leave the process
+ * running ---- */
+#define MSEAL_NR 462
+static uint64_t *sealed_area;
+
+static void setup_mm_sealed(void)
+{
+    sealed_area = mmap(NULL, MMF_PAGES * PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (sealed_area == MAP_FAILED)
+        die("mmap sealed area");
+    for (size_t w = 0; w < MMF_PAGES * WORDS_PER_PAGE; w++)
+        sealed_area[w] = pattern(40, w, SEED);
+    if (syscall(MSEAL_NR, sealed_area, MMF_PAGES * PAGE, 0) != 0)
+        die("mseal");
+    log_region("mmf-sealed", sealed_area, MMF_PAGES * PAGE);
+}
+
+static void verify_mm_sealed(void)
+{
+    for (size_t w = 0; w < MMF_PAGES * WORDS_PER_PAGE; w++)
+        if (sealed_area[w] != pattern(40, w, SEED))
+            FAIL_RET("the sealed area's word %zu differs", w);
+}
+
+/* ---- shared anonymous memory mapped twice (--shared-twice): eight pages (the sixth
+ * never touched), and pages 2-5 of the same object mapped again elsewhere
+ * (mremap with old_size 0). After a restore both views must still be one object:
+ * the data in each, a write through one seen through the other ---- */
+#define TWICE_PAGES 8
+static uint64_t *twice_a, *twice_b; /* b shows pages 2-5 of a */
+
+static void setup_shared_twice(void)
+{
+    twice_a = mmap(NULL, TWICE_PAGES * PAGE, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    if (twice_a == MAP_FAILED)
+        die("mmap shared-twice");
+    for (size_t w = 0; w < TWICE_PAGES * WORDS_PER_PAGE; w++)
+        if (w / WORDS_PER_PAGE != 5)
+            twice_a[w] = pattern(41, w, SEED);
+    twice_b = mremap((char *)twice_a + 2 * PAGE, 0, 4 * PAGE, MREMAP_MAYMOVE);
+    if (twice_b == MAP_FAILED)
+        die("mremap shared-twice");
+    log_region("twice-a", twice_a, TWICE_PAGES * PAGE);
+    log_region("twice-b", twice_b, 4 * PAGE);
+}
+
+static void verify_shared_twice(void)
+{
+    for (size_t w = 0; w < TWICE_PAGES * WORDS_PER_PAGE; w++) {
+        uint64_t want = w / WORDS_PER_PAGE == 5 ? 0 : pattern(41, w, SEED);
+        if (twice_a[w] != want)
+            FAIL_RET("shared-twice: word %zu of the first view differs", w);
+        if (w >= 2 * WORDS_PER_PAGE && w < 6 * WORDS_PER_PAGE && twice_b[w - 2 * WORDS_PER_PAGE] != want)
+            FAIL_RET("shared-twice: word %zu of the second view differs", w);
+    }
+    twice_a[3 * WORDS_PER_PAGE + 7] = 0x7717;
+    twice_b[3 * WORDS_PER_PAGE + 9] = 0x9919;
+    if (twice_b[WORDS_PER_PAGE + 7] != 0x7717 || twice_a[5 * WORDS_PER_PAGE + 9] != 0x9919)
+        FAIL_RET("shared-twice: the two views are no longer one object");
 }
 
 /* ---- event fds (--event-fds): an eventfd (semaphore, count 5), a periodic timerfd,
@@ -1458,7 +1724,7 @@ static void fork_check(uint64_t tick)
                 if (mem[p * WORDS_PER_PAGE + w] != pattern(1, p * WORDS_PER_PAGE + w, seed))
                     _exit(1);
         }
-        _exit(0);
+        _exit(opt_mm_flags ? mmf_in_child() : 0);
     }
 }
 
@@ -1537,7 +1803,7 @@ static void rseq_wait(long ms)
 static void usage(void)
 {
     fprintf(stderr, "usage: workload --log PATH [--dir DIR] [--mem-mib N] [--threads N] [--tick-ms N]"
-                    " [--dirty-pages N] [--churn] [--move-mem] [--fork-check] [--rseq] [--process-state] [--seccomp] [--shared-anon] [--event-fds] [--listen] [--creds] [--no-files]\n");
+                    " [--dirty-pages N] [--churn] [--move-mem] [--fork-check] [--rseq] [--process-state] [--seccomp] [--shared-anon] [--event-fds] [--listen] [--creds] [--mm-flags] [--mm-sealed] [--shared-twice] [--no-files]\n");
     exit(2);
 }
 
@@ -1568,6 +1834,8 @@ int main(int argc, char **argv)
             {"--seccomp", &opt_seccomp, 1},      {"--shared-anon", &opt_shared_anon, 1},
             {"--event-fds", &opt_event_fds, 1},  {"--listen", &opt_listen, 1},
             {"--creds", &opt_creds, 1},
+            {"--mm-flags", &opt_mm_flags, 1},    {"--mm-sealed", &opt_mm_sealed, 1},
+            {"--shared-twice", &opt_shared_twice, 1},
         };
         int flag = 0;
         for (size_t f = 0; f < sizeof flags / sizeof flags[0] && !flag; f++)
@@ -1631,6 +1899,12 @@ int main(int argc, char **argv)
     log_region("stack", stack_array, sizeof stack_array);
     if (opt_shared_anon)
         setup_shared_anon();
+    if (opt_mm_flags)
+        setup_mm_flags();
+    if (opt_mm_sealed)
+        setup_mm_sealed();
+    if (opt_shared_twice)
+        setup_shared_twice();
 
     if (opt_files)
         setup_files();
@@ -1703,6 +1977,8 @@ int main(int argc, char **argv)
             fork_check(tick);
         if (opt_listen)
             serve_listener(tick);
+        if (opt_mm_flags)
+            mmf_tick(tick);
         if (opt_rseq) {
             logf_("rseq-aborts %llu", (unsigned long long)rseq_aborts);
             rseq_wait(opt_tick_ms);
@@ -1741,6 +2017,12 @@ int main(int argc, char **argv)
         verify_listener();
     if (opt_creds && !failure[0])
         verify_creds();
+    if (opt_mm_flags && !failure[0])
+        verify_mm_flags();
+    if (opt_mm_sealed && !failure[0])
+        verify_mm_sealed();
+    if (opt_shared_twice && !failure[0])
+        verify_shared_twice();
 
     if (failure[0]) {
         logf_("FAIL: %s", failure);

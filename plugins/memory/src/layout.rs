@@ -59,6 +59,14 @@ pub struct Area {
     /// Shared anonymous memory: the object's inode, the same for each of its areas.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub object: Option<u64>,
+    /// The `VmFlags` codes of its advice and lock (`dc`, `wf`, `hg`, `lo`, …: see
+    /// `vmflags`), made again once its pages are in.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub flags: Vec<String>,
+    /// Guard regions in it (`MADV_GUARD_INSTALL`): pages that fault, with nothing
+    /// behind them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub guards: Vec<(u64, u64)>,
 }
 
 impl Area {
@@ -71,6 +79,19 @@ impl Area {
     /// anonymous, readable, not a stack that grows (its flag cannot be added later).
     pub fn premappable(&self) -> bool {
         self.kind == AreaKind::Anon && !self.shared && !self.growsdown && self.prot & libc::PROT_READ as u64 != 0
+    }
+
+    /// Whether post-copy may leave the area's pages to follow after the resume: not
+    /// where the process locked them, which it expects present (locking them in the
+    /// restored process would fault each one through the userfaultfd before it runs),
+    /// nor where it asked them wiped on fork (a child forked before they arrived gets
+    /// the pages it lacks from the source, but must see zeros there).
+    pub fn lazyable(&self) -> bool {
+        self.premappable() && !self.locked() && !self.flags.iter().any(|f| f == crate::vmflags::WIPE_ON_FORK) && self.guards.is_empty()
+    }
+
+    pub fn locked(&self) -> bool {
+        self.flags.iter().any(|f| f == crate::vmflags::LOCKED)
     }
 
     /// The image's view of a mapping; `None` for what is not the process's to keep.
@@ -86,6 +107,8 @@ impl Area {
             growsdown: false,
             file: None,
             object: None,
+            flags: Vec::new(),
+            guards: Vec::new(),
         };
         let at = format!("{:#x}-{:#x}", vma.start, vma.end);
         match vma.special() {
@@ -125,26 +148,41 @@ impl Area {
     }
 }
 
-/// Each shared anonymous object of `areas` (in address order) as the span it covers:
-/// its areas must lie side by side, at offsets that follow on, so that one mapping
-/// makes it again. The same object mapped twice (`mremap` with `old_size` 0) is
-/// refused.
+/// Each shared anonymous object of `areas`, in the order of its first area, with the
+/// size it must have again: up to the furthest offset any of its areas maps. An object
+/// may be mapped in several areas: split by `mprotect`, or the same pages mapped more
+/// than once (`mremap` with `old_size` 0), at any offsets; each area is made again from
+/// the one object at its own offset.
 pub fn shmem_objects(areas: &[Area]) -> Result<Vec<(u64, u64)>, String> {
-    let mut spans: Vec<(u64, u64, u64, u64)> = Vec::new(); // (object, start, end, offset at start)
+    let mut objects: Vec<(u64, u64)> = Vec::new(); // (object, size)
     for a in areas.iter().filter(|a| a.kind == AreaKind::Shmem) {
-        let object = a.object.unwrap_or(0);
-        match spans.iter_mut().find(|s| s.0 == object) {
-            Some(s) if s.2 == a.start && s.3 + (a.start - s.1) == a.offset => s.2 = a.end,
-            Some(_) => {
-                return Err(format!(
-                    "shared anonymous memory at {:#x}-{:#x} is mapped more than once in the process: not supported",
-                    a.start, a.end
-                ))
-            }
-            None => spans.push((object, a.start, a.end, a.offset)),
+        let object = a.object.ok_or_else(|| format!("the image's shared mapping {:#x}-{:#x} names no object", a.start, a.end))?;
+        let end = a.offset.checked_add(a.end - a.start).filter(|&e| e <= USER_TOP).ok_or_else(|| {
+            format!("the image's shared mapping {:#x}-{:#x} lies at offset {:#x} of its object", a.start, a.end, a.offset)
+        })?;
+        match objects.iter_mut().find(|o| o.0 == object) {
+            Some(o) => o.1 = o.1.max(end),
+            None => objects.push((object, end)),
         }
     }
-    Ok(spans.into_iter().map(|s| (s.1, s.2)).collect())
+    Ok(objects)
+}
+
+/// A stretch of `len` bytes that none of `busy` meets, above 4 GiB, for a temporary
+/// mapping of the restore child's.
+pub fn free_stretch(busy: &[(u64, u64)], len: u64) -> Option<u64> {
+    let busy = ranges::normalize(busy.to_vec());
+    let mut at: u64 = 1 << 32;
+    for &(s, e) in &busy {
+        if e <= at {
+            continue;
+        }
+        if s >= at && s - at >= len {
+            return Some(at);
+        }
+        at = at.max(e);
+    }
+    (at.checked_add(len)? <= USER_TOP).then_some(at)
 }
 
 /// Everything of the address space `PR_SET_MM_MAP` restores, and the areas.
@@ -177,6 +215,19 @@ pub struct MmState {
     /// areas reads as zeros).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub lazy: Vec<(u64, u64)>,
+    /// `PR_GET_THP_DISABLE`'s answer (0: huge pages as the system says).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub thp_disable: u64,
+    /// `mlockall` flags kept for mappings to come (`MCL_FUTURE`, `MCL_ONFAULT`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub lock_future: u64,
+    /// `PR_GET_MEMORY_MERGE`'s answer (1: KSM may merge every mapping, future ones too).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub merge_any: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 impl MmState {
@@ -212,6 +263,9 @@ impl MmState {
             kept: Vec::new(),
             zap: Vec::new(),
             lazy: Vec::new(),
+            thp_disable: 0,
+            lock_future: 0,
+            merge_any: 0,
         })
     }
 
@@ -241,6 +295,17 @@ impl MmState {
             if (a.kind == AreaKind::Shmem) != (a.object.is_some() && a.shared) {
                 return Err(format!("the image's mapping {at} is half a shared anonymous one"));
             }
+            if a.kind == AreaKind::Special && !a.flags.is_empty() {
+                return Err(format!("the image gives the kernel's mapping {at} flags"));
+            }
+            crate::vmflags::validate(&at, &a.flags, a.kind == AreaKind::Anon && !a.shared)?;
+            let mut guard_end = a.start;
+            for &(s, e) in &a.guards {
+                if s % PAGE != 0 || e % PAGE != 0 || s < guard_end || e <= s || e > a.end || a.kind == AreaKind::Special {
+                    return Err(format!("the image's mapping {at} has a bad guard region {s:#x}-{e:#x}"));
+                }
+                guard_end = e;
+            }
             last_end = a.end;
         }
         shmem_objects(&self.areas)?;
@@ -251,11 +316,13 @@ impl MmState {
                 return Err(format!("the image keeps pre-copied pages at {s:#x}-{e:#x}, outside its private anonymous areas"));
             }
         }
+        let lazyable = ranges::normalize(self.areas.iter().filter(|a| a.lazyable()).map(|a| (a.start, a.end)).collect());
         for &(s, e) in &self.lazy {
-            if s % PAGE != 0 || e % PAGE != 0 || s >= e || !ranges::covers(&premapped, (s, e)) {
-                return Err(format!("the image has lazy pages at {s:#x}-{e:#x}, outside its private anonymous areas"));
+            if s % PAGE != 0 || e % PAGE != 0 || s >= e || !ranges::covers(&lazyable, (s, e)) {
+                return Err(format!("the image has lazy pages at {s:#x}-{e:#x}, outside its private anonymous areas or in locked ones"));
             }
         }
+        crate::vmflags::validate_policy(&self.policy())?;
         let kept = ranges::normalize(self.kept.clone());
         for &(s, e) in &self.zap {
             if s % PAGE != 0 || e % PAGE != 0 || s >= e || !ranges::covers(&kept, (s, e)) {
@@ -263,6 +330,10 @@ impl MmState {
             }
         }
         Ok(())
+    }
+
+    pub fn policy(&self) -> crate::vmflags::Policy {
+        crate::vmflags::Policy { thp_disable: self.thp_disable, lock_future: self.lock_future, merge_any: self.merge_any }
     }
 
     /// Refuses clearly when a mapped file is not the one the process had mapped.
@@ -459,6 +530,8 @@ mod tests {
             growsdown: false,
             file: None,
             object: None,
+            flags: vec![],
+            guards: vec![],
         };
         let mut st = MmState::capture("1 (x) S", 0, &[], "/x".into(), vec![]).unwrap_or_else(|_| MmState {
             start_code: 0,
@@ -478,6 +551,9 @@ mod tests {
             kept: vec![],
             zap: vec![],
             lazy: vec![],
+            thp_disable: 0,
+            lock_future: 0,
+            merge_any: 0,
         });
         st.areas = vec![area(0x1000, 0x3000), area(0x2000, 0x4000)];
         assert!(st.validate().is_err());
@@ -497,7 +573,7 @@ mod tests {
     }
 
     #[test]
-    fn a_shared_anonymous_object_is_one_span_or_refused() {
+    fn a_shared_anonymous_object_is_made_as_big_as_its_furthest_area() {
         let shm = |start: u64, end: u64, object: u64, offset: u64| Area {
             start,
             end,
@@ -509,12 +585,26 @@ mod tests {
             growsdown: false,
             file: None,
             object: Some(object),
+            flags: vec![],
+            guards: vec![],
         };
         // Split in two by mprotect, and another object beside it.
         let areas = [shm(0x1000, 0x3000, 7, 0), shm(0x3000, 0x5000, 7, 0x2000), shm(0x5000, 0x6000, 8, 0)];
-        assert_eq!(shmem_objects(&areas).unwrap(), vec![(0x1000, 0x5000), (0x5000, 0x6000)]);
-        // The same object twice, elsewhere or at offsets that do not follow on.
-        assert!(shmem_objects(&[shm(0x1000, 0x3000, 7, 0), shm(0x8000, 0x9000, 7, 0)]).is_err());
-        assert!(shmem_objects(&[shm(0x1000, 0x3000, 7, 0), shm(0x3000, 0x4000, 7, 0)]).is_err());
+        assert_eq!(shmem_objects(&areas).unwrap(), vec![(7, 0x4000), (8, 0x1000)]);
+        // The same pages mapped twice, elsewhere and at an offset further in.
+        let twice = [shm(0x1000, 0x3000, 7, 0), shm(0x8000, 0x9000, 7, 0), shm(0x9000, 0xa000, 7, 0x5000)];
+        assert_eq!(shmem_objects(&twice).unwrap(), vec![(7, 0x6000)]);
+        // An offset no object can have.
+        assert!(shmem_objects(&[shm(0x1000, 0x3000, 7, u64::MAX - 0x1000)]).is_err());
+    }
+
+    #[test]
+    fn a_free_stretch_meets_nothing_busy() {
+        let g = 1u64 << 32;
+        assert_eq!(free_stretch(&[], 0x1000), Some(g));
+        assert_eq!(free_stretch(&[(g, g + 0x2000), (g + 0x3000, g + 0x4000)], 0x1000), Some(g + 0x2000));
+        assert_eq!(free_stretch(&[(g, g + 0x2000), (g + 0x3000, g + 0x4000)], 0x2000), Some(g + 0x4000));
+        assert_eq!(free_stretch(&[(0x1000, g + 0x1000)], 0x1000), Some(g + 0x1000));
+        assert_eq!(free_stretch(&[(g, USER_TOP)], 0x1000), None);
     }
 }

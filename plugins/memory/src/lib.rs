@@ -2,10 +2,12 @@
 //! flags and file identity, and the pages that exist only in memory (private
 //! anonymous memory, written pages of private file mappings), moved in large
 //! vectored blocks. Restore maps each area again in a blank child, fills its pages,
-//! moves the vDSO to where the process expects it, and sets brk, stack, arg/env,
-//! auxv and the exe file with `PR_SET_MM_MAP`.
+//! moves the vDSO to where the process expects it, gives each area its advice and
+//! locks and the address space its memory policy back (`vmflags`), and sets brk,
+//! stack, arg/env, auxv and the exe file with `PR_SET_MM_MAP`.
 
 mod layout;
+mod vmflags;
 use ferry_plugin_api::ranges;
 
 use std::{collections::VecDeque, os::unix::fs::FileExt};
@@ -96,9 +98,12 @@ fn dirty_runs(pagemap: &std::fs::File, area: &Area) -> Result<Vec<(u64, u64)>, S
     // Whether a page is a file's costs the kernel a look at the page itself: asked only
     // of file mappings (an anonymous area holds no file pages).
     let file = if area.kind == AreaKind::File { pagemap::PAGE_IS_FILE } else { 0 };
+    // A guard page reads as swapped; asked only where guards are (older kernels refuse
+    // the category).
+    let guard = if area.guards.is_empty() { 0 } else { pagemap::PAGE_IS_GUARD };
     let which = pagemap::Categories {
         all: 0,
-        none: file | pagemap::PAGE_IS_PFNZERO,
+        none: file | guard | pagemap::PAGE_IS_PFNZERO,
         any: pagemap::PAGE_IS_PRESENT | pagemap::PAGE_IS_SWAPPED,
     };
     match pagemap::scan(pagemap, area.start, area.end, 0, which) {
@@ -173,6 +178,32 @@ fn shmem_runs(pid: i32, area: &Area) -> Result<Vec<(u64, u64)>, String> {
     Ok(runs)
 }
 
+/// The runs of shared anonymous `area` whose object pages no area before it sends.
+fn once_per_object(sent: &mut Vec<(u64, Ranges)>, area: &Area, runs: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    let object = area.object.unwrap_or(0);
+    let index = match sent.iter().position(|s| s.0 == object) {
+        Some(i) => i,
+        None => {
+            sent.push((object, Vec::new()));
+            sent.len() - 1
+        }
+    };
+    // Addresses to offsets in the object and back.
+    let (base, offset) = (area.start, area.offset);
+    let wanted: Ranges = ranges::from_runs(&runs, PAGE).into_iter().map(|(s, e)| (s - base + offset, e - base + offset)).collect();
+    let new = ranges::subtract(&ranges::normalize(wanted), &sent[index].1);
+    sent[index].1 = ranges::union(&sent[index].1, &new);
+    let back: Ranges = new.into_iter().map(|(s, e)| (s - offset + base, e - offset + base)).collect();
+    ranges::to_runs(&back, PAGE)
+}
+
+/// The guard pages among `ranges` (they read as written and swapped, and hold
+/// nothing: reading one fails). Kernels that cannot tell (before 6.14) report none.
+fn guard_pages(pagemap: &std::fs::File, ranges: &[(u64, u64)]) -> Ranges {
+    let which = pagemap::Categories::all_of(pagemap::PAGE_IS_GUARD);
+    ranges.iter().flat_map(|&(s, e)| pagemap::scan(pagemap, s, e, 0, which).unwrap_or_default()).collect()
+}
+
 fn open_pagemap(pid: i32) -> Result<std::fs::File, String> {
     std::fs::File::open(format!("/proc/{pid}/pagemap")).map_err(|e| format!("opening /proc/{pid}/pagemap: {e}"))
 }
@@ -192,6 +223,44 @@ fn areas_of(ctx: &mut ContextRef<'_>) -> Result<Vec<Area>, String> {
         }
     }
     Ok(areas)
+}
+
+/// The process's areas with the flags each carries (`/proc/PID/smaps`), and the
+/// address space's memory policy, read from the stopped process.
+fn areas_with_flags(ctx: &mut ContextRef<'_>) -> Result<(Vec<Area>, vmflags::Policy), String> {
+    let pid = ctx.pid();
+    let scratch = ctx.scratch();
+    let probe = vmflags::map_probe(ctx)?;
+    let mut pagemap = None;
+    let read = (|| {
+        let smaps = vmflags::parse_smaps(&util::proc_text(ctx, "smaps")?)?;
+        let policy = vmflags::read_policy(ctx, &smaps, probe)?;
+        let mut areas = Vec::new();
+        for (vma, flags) in &smaps {
+            // ferry's own scratch area and probe page are not the process's.
+            if (vma.start <= scratch.addr && scratch.addr < vma.end) || vma.start == probe {
+                continue;
+            }
+            if let Some(mut area) = Area::from_vma(vma)? {
+                if area.kind != AreaKind::Special {
+                    area.flags = vmflags::carried(pid, (vma.start, vma.end), flags)?;
+                    if flags.iter().any(|f| f == vmflags::MAYBE_GUARD) {
+                        let pagemap = match &pagemap {
+                            Some(p) => p,
+                            None => pagemap.insert(open_pagemap(pid)?),
+                        };
+                        let which = pagemap::Categories::all_of(pagemap::PAGE_IS_GUARD);
+                        area.guards = pagemap::scan(pagemap, area.start, area.end, 0, which)
+                            .map_err(|e| format!("process {pid}: guard regions of {:#x}-{:#x} (PAGEMAP_SCAN): {e}", area.start, area.end))?;
+                    }
+                }
+                areas.push(area);
+            }
+        }
+        Ok((areas, policy))
+    })();
+    vmflags::unmap_probe(ctx, probe)?;
+    read
 }
 
 /// Maps `start..end` private anonymous and writable in the restore child.
@@ -256,7 +325,7 @@ fn take_chunk(todo: &mut VecDeque<(u64, u64)>, limit: u64) -> Vec<(u64, u64)> {
 impl Memory {
     fn checkpoint_start(&mut self, ctx: &mut ContextRef<'_>, sink: &mut SinkRef<'_>) -> Result<(), String> {
         let pid = ctx.pid();
-        let areas = areas_of(ctx)?;
+        let (areas, policy) = areas_with_flags(ctx)?;
         let brk = util::syscall(ctx, pid, "brk(0)", libc::SYS_brk, [0; 6])?;
         let stat = util::proc_text(ctx, "stat")?;
         let auxv = ctx.proc_read("auxv".into()).into_result().map_err(|e| String::from(e.message))?;
@@ -264,9 +333,8 @@ impl Memory {
             .map_err(|e| format!("reading the exe link: {e}"))?
             .to_string_lossy()
             .into_owned();
-        let state = MmState::capture(&stat, brk, &auxv, exe, areas)?;
-
-        let mut state = state;
+        let mut state = MmState::capture(&stat, brk, &auxv, exe, areas)?;
+        (state.thp_disable, state.lock_future, state.merge_any) = (policy.thp_disable, policy.lock_future, policy.merge_any);
         let pagemap = open_pagemap(pid)?;
         // After pre-copy rounds: what the destination holds stays there, only the pages
         // written since go; a range whose mapping was replaced goes whole.
@@ -288,12 +356,19 @@ impl Memory {
         // GiB less in the freeze).
         let mut unscanned = Vec::new();
         layout::shmem_objects(&state.areas)?;
+        // Shared anonymous objects: the offsets of each whose pages go already (an
+        // object mapped twice sends its pages once).
+        let mut object_sent: Vec<(u64, Ranges)> = Vec::new();
         for area in state.areas.iter().filter(|a| a.has_pages()) {
-            if ctx.lazy() && area.premappable() && ranges::intersect(&kept, &[(area.start, area.end)]).is_empty() {
+            if ctx.lazy() && area.lazyable() && ranges::intersect(&kept, &[(area.start, area.end)]).is_empty() {
                 unscanned.push((area.start, area.end));
                 continue;
             }
-            let runs = if area.kind == AreaKind::Shmem { shmem_runs(pid, area)? } else { dirty_runs(&pagemap, area)? };
+            let runs = if area.kind == AreaKind::Shmem {
+                once_per_object(&mut object_sent, area, shmem_runs(pid, area)?)
+            } else {
+                dirty_runs(&pagemap, area)?
+            };
             if !runs.is_empty() && area.prot & libc::PROT_READ as u64 == 0 {
                 // Pages behind PROT_NONE: readable for the dump, put back at cleanup.
                 util::syscall(ctx, pid, "mprotect", libc::SYS_mprotect, [area.start, area.end - area.start, libc::PROT_READ as u64, 0, 0, 0])?;
@@ -303,12 +378,16 @@ impl Memory {
         }
         let present = ranges::normalize(present);
         let mut send = ranges::union(&ranges::subtract(&present, &kept), &ranges::intersect(&dirty, &kept));
+        // Guard pages read as written and swapped, and hold nothing.
+        let guards = ranges::normalize(state.areas.iter().flat_map(|a| a.guards.iter().copied()).collect());
+        send = ranges::subtract(&send, &guards);
         state.zap = ranges::subtract(&ranges::intersect(&self.sent, &kept), &present);
         if ctx.lazy() {
             // Post-copy: the private anonymous pages follow after the resume. Kept pages
             // written since are emptied there, so that touching them fetches them too.
-            let premappable = ranges::normalize(state.areas.iter().filter(|a| a.premappable()).map(|a| (a.start, a.end)).collect());
-            state.lazy = ranges::union(&ranges::intersect(&send, &premappable), &ranges::normalize(unscanned));
+            // Locked and wipe-on-fork areas go now (see `Area::lazyable`).
+            let lazyable = ranges::normalize(state.areas.iter().filter(|a| a.lazyable()).map(|a| (a.start, a.end)).collect());
+            state.lazy = ranges::union(&ranges::intersect(&send, &lazyable), &ranges::normalize(unscanned));
             state.zap = ranges::union(&state.zap, &ranges::intersect(&state.lazy, &kept));
             send = ranges::subtract(&send, &state.lazy);
         }
@@ -352,10 +431,12 @@ impl Memory {
         let pagemap = open_pagemap(pid)?;
         let mut send = ranges::normalize(dirty);
         for &(s, e) in &live.map {
-            let area = Area { start: s, end: e, prot: 0, shared: false, kind: AreaKind::Anon, path: None, offset: 0, growsdown: false, file: None, object: None };
+            let area = Area { start: s, end: e, prot: 0, shared: false, kind: AreaKind::Anon, path: None, offset: 0, growsdown: false, file: None, object: None, flags: Vec::new(), guards: Vec::new() };
             send.extend(ranges::from_runs(&dirty_runs(&pagemap, &area)?, PAGE));
         }
         let send = ranges::normalize(send);
+        // A guard page would fail the read of its whole chunk, round after round.
+        let send = ranges::subtract(&send, &guard_pages(&pagemap, &send));
         self.sent = ranges::union(&self.sent, &send);
         if round == 0 || !live.drop.is_empty() || !live.map.is_empty() {
             util::put_json(sink, "live", &live)?;
@@ -435,18 +516,18 @@ impl Memory {
         let child = parse_maps(&util::proc_text(ctx, "maps")?)?;
         layout::move_specials(ctx, &child, &state.areas)?;
         let mut fds: Vec<(String, u64)> = Vec::new();
-        let objects = layout::shmem_objects(&state.areas)?;
+        let objects = self.make_shmem_objects(ctx, &state)?;
         for area in state.areas.iter().filter(|a| a.kind != AreaKind::Special) {
             if area.kind == AreaKind::Shmem {
-                // Each object once, over all its areas, writable until its pages are in;
-                // every area gets its own protection back at the end.
-                if let Some(&(s, e)) = objects.iter().find(|o| o.0 == area.start) {
-                    let flags = (libc::MAP_SHARED | libc::MAP_ANONYMOUS | libc::MAP_FIXED) as u64;
-                    let rw = (libc::PROT_READ | libc::PROT_WRITE) as u64;
-                    let got = util::syscall(ctx, pid, &format!("mmap shared {s:#x}-{e:#x}"), libc::SYS_mmap, [s, e - s, rw, flags, u64::MAX, 0])?;
-                    if got != s {
-                        return Err(format!("mmap of {s:#x} landed at {got:#x}"));
-                    }
+                // Each area a new mapping of its object's pages at its own offset
+                // (mremap with old_size 0), writable until its pages are in; every area
+                // gets its own protection back at the end.
+                let temp = objects.iter().find(|o| Some(o.0) == area.object).map(|o| o.1).ok_or("a shared mapping without its object")?;
+                let (len, flags) = (area.end - area.start, (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64);
+                let what = format!("process {pid}: mremap of shared anonymous memory to {:#x}-{:#x}", area.start, area.end);
+                let got = util::syscall(ctx, pid, &what, libc::SYS_mremap, [temp + area.offset, 0, len, flags, area.start, 0])?;
+                if got != area.start {
+                    return Err(format!("{what} landed at {got:#x}"));
                 }
                 self.widened.push((area.clone(), area.prot));
                 continue;
@@ -497,6 +578,10 @@ impl Memory {
         for (path, fd) in fds {
             util::syscall(ctx, pid, &format!("close {path}"), libc::SYS_close, [fd, 0, 0, 0, 0, 0])?;
         }
+        // The objects live on in their areas.
+        for (_, temp, size) in objects {
+            util::syscall(ctx, pid, "munmap of a shared object's first mapping", libc::SYS_munmap, [temp, size, 0, 0, 0, 0])?;
+        }
         if !kept.is_empty() {
             let child = parse_maps(&util::proc_text(ctx, "maps")?)?;
             let inside = |a: &Area, at: u64| a.start < at && at < a.end;
@@ -516,7 +601,7 @@ impl Memory {
             util::syscall(ctx, pid, "madvise", libc::SYS_madvise, [s, e - s, libc::MADV_DONTNEED as u64, 0, 0, 0])?;
         }
         if !state.lazy.is_empty() {
-            let areas: Vec<(u64, u64)> = state.areas.iter().filter(|a| a.premappable()).map(|a| (a.start, a.end)).collect();
+            let areas: Vec<(u64, u64)> = state.areas.iter().filter(|a| a.lazyable()).map(|a| (a.start, a.end)).collect();
             let (areas, present) = (to_mem(&ranges::normalize(areas)), to_mem(&state.lazy));
             ctx.lazy_pages(areas.as_slice().into(), present.as_slice().into()).into_result().map_err(|e| String::from(e.message))?;
         }
@@ -524,6 +609,34 @@ impl Memory {
         self.page_areas = ranges::normalize(state.areas.iter().filter(|a| a.has_pages()).map(|a| (a.start, a.end)).collect());
         self.state = Some(state);
         Ok(())
+    }
+
+    /// Makes each shared anonymous object of the image once, as big as its furthest
+    /// area needs, in the restore child: mapped first where no area of the image nor
+    /// anything of the child lies, so that mapping the areas never meets it. Answers
+    /// (object, where, size).
+    fn make_shmem_objects(&mut self, ctx: &mut ContextRef<'_>, state: &MmState) -> Result<Vec<(u64, u64, u64)>, String> {
+        let pid = ctx.pid();
+        let objects = layout::shmem_objects(&state.areas)?;
+        if objects.is_empty() {
+            return Ok(Vec::new());
+        }
+        let child = parse_maps(&util::proc_text(ctx, "maps")?)?;
+        let mut busy: Vec<(u64, u64)> = child.iter().map(|v| (v.start, v.end)).chain(state.areas.iter().map(|a| (a.start, a.end))).collect();
+        let mut made = Vec::new();
+        for (object, size) in objects {
+            let at = layout::free_stretch(&busy, size).ok_or_else(|| format!("no room in the restore child for a shared object of {size} bytes"))?;
+            let flags = (libc::MAP_SHARED | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE) as u64;
+            let rw = (libc::PROT_READ | libc::PROT_WRITE) as u64;
+            let what = format!("process {pid}: mmap of a shared anonymous object of {size} bytes at {at:#x}");
+            let got = util::syscall(ctx, pid, &what, libc::SYS_mmap, [at, size, rw, flags, u64::MAX, 0])?;
+            if got != at {
+                return Err(format!("{what} landed at {got:#x}"));
+            }
+            busy.push((at, at + size));
+            made.push((object, at, size));
+        }
+        Ok(made)
     }
 
     /// Fills the pages of one record.
@@ -616,7 +729,16 @@ impl SubsystemPlugin for Memory {
             Phase::Finish => {
                 self.narrow(ctx)?;
                 let state = self.state.as_ref().ok_or("no mm record")?;
+                // Advice and locks once the pages are in and each area has its own
+                // protection (a locked area is filled as the process's was).
+                let policy = state.policy();
+                // KSM for every mapping first: it marks them all, and the areas the
+                // process had since taken out are taken out again.
+                vmflags::apply_merge_any(ctx, &policy)?;
+                vmflags::apply_all(ctx, &state.areas, &policy)?;
+                vmflags::apply_thp(ctx, &policy)?;
                 layout::set_mm(ctx, state)?;
+                vmflags::apply_lock_future(ctx, &state.policy())?;
                 self.status.entities_done = self.status.entities_total;
                 Ok(Progress::Done)
             }
@@ -638,6 +760,30 @@ ferry_plugin_api::export_subsystem!("memory", "Private memory: mappings and thei
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_object_mapped_twice_sends_each_of_its_pages_once() {
+        let shm = |start: u64, end: u64, offset: u64| Area {
+            start,
+            end,
+            prot: 3,
+            shared: true,
+            kind: AreaKind::Shmem,
+            path: None,
+            offset,
+            growsdown: false,
+            file: None,
+            object: Some(7),
+            flags: vec![],
+            guards: vec![],
+        };
+        let mut sent = Vec::new();
+        // Pages 0-7 of the object at 0x10000, then pages 2-5 again at 0x40000 and pages
+        // 6-9 at 0x50000: only what no area before sent goes.
+        assert_eq!(once_per_object(&mut sent, &shm(0x10000, 0x18000, 0), vec![(0x10000, 5), (0x16000, 2)]), vec![(0x10000, 5), (0x16000, 2)]);
+        assert!(once_per_object(&mut sent, &shm(0x40000, 0x44000, 0x2000), vec![(0x40000, 3)]).is_empty());
+        assert_eq!(once_per_object(&mut sent, &shm(0x50000, 0x54000, 0x6000), vec![(0x50000, 4)]), vec![(0x52000, 2)]);
+    }
 
     #[test]
     fn chunks_split_runs_at_the_limit() {
