@@ -135,7 +135,7 @@ fn an_unsupported_fd_fails_the_checkpoint_and_the_process_keeps_running() {
         return;
     }
     // python3 holding a TCP socket that is neither listening nor UDP.
-    python_socket_refused("s=socket.socket()", |_| {}, "socket");
+    python_refused("s=socket.socket()", |_| {}, "socket");
 }
 
 #[test]
@@ -146,7 +146,7 @@ fn a_unix_listener_with_a_connection_waiting_is_refused_and_keeps_running() {
     }
     let mut waiting = None;
     let connect = |path: &Path| waiting = Some(std::os::unix::net::UnixStream::connect(path).expect("connecting to python's listener"));
-    python_socket_refused("s=socket.socket(socket.AF_UNIX)\ns.bind(PATH)\ns.listen()", connect, "listening with 1 connections waiting");
+    python_refused("s=socket.socket(socket.AF_UNIX)\ns.bind(PATH)\ns.listen()", connect, "listening with 1 connections waiting");
 }
 
 #[test]
@@ -156,13 +156,13 @@ fn a_unix_datagram_socket_with_a_datagram_queued_is_refused_and_keeps_running() 
         return;
     }
     let setup = "s=socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\ns.bind(PATH)\nc=socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\nc.sendto(b'x', PATH)";
-    python_socket_refused(setup, |_| {}, "of datagrams with some queued");
+    python_refused(setup, |_| {}, "of datagrams with some queued");
 }
 
 /// python3 holding a socket that `setup` makes (`PATH`: a path in a fresh directory),
 /// ticking into a log; once it ticks, `before` runs with that path. Its checkpoint must
 /// fail naming `needle`, leave no image, and leave python running.
-fn python_socket_refused(setup: &str, before: impl FnOnce(&Path), needle: &str) {
+fn python_refused(setup: &str, before: impl FnOnce(&Path), needle: &str) {
     let tmp = tempfile::tempdir().unwrap();
     let log = tmp.path().join("log");
     let path = tmp.path().join("sock");
@@ -446,4 +446,19 @@ fn a_sealed_mapping_is_refused_naming_the_process_and_range_and_the_process_runs
     w.wait_ticks(at + 2);
     let pid = w.pid;
     w.terminate_and_check(pid).unwrap();
+}
+
+#[test]
+fn a_process_that_forbids_writable_executable_memory_is_refused_and_runs_on() {
+    if !is_root() {
+        eprintln!("skipping: needs root");
+        return;
+    }
+    // PR_SET_MDWE (65) with PR_MDWE_REFUSE_EXEC_GAIN (1): ferry's scratch area, which its
+    // injected code runs from, cannot be mapped there. It once failed as "errno 13".
+    python_refused(
+        "import ctypes\nassert ctypes.CDLL(None).prctl(65, 1, 0, 0, 0) == 0",
+        |_| {},
+        "forbidding writable-executable memory (PR_SET_MDWE)",
+    );
 }

@@ -26,7 +26,13 @@ impl Tracer {
             | if hint != 0 { libc::MAP_FIXED_NOREPLACE as u64 } else { 0 };
         let r = self.with_site(site, |t| t.inject_at(site, t.pid, libc::SYS_mmap, [hint, SCRATCH_SIZE, prot, flags, u64::MAX, 0]))?;
         if r < 0 {
-            return Err(TraceError::Thread { tid: self.pid, message: format!("mmap of the scratch area: errno {}", -r) });
+            // The scratch area is writable and executable: a process that forbade such
+            // memory (PR_SET_MDWE) gets EACCES, which ferry cannot work around yet.
+            if -r == libc::EACCES as i64 {
+                return Err(TraceError::Unsuitable { pid: self.pid, why: "forbidding writable-executable memory (PR_SET_MDWE), which ferry's injected code needs".into() });
+            }
+            let e = std::io::Error::from_raw_os_error(-r as i32);
+            return Err(TraceError::Thread { tid: self.pid, message: format!("mapping ferry's scratch area: {e}") });
         }
         let addr = r as u64;
         self.poke(addr, &SYSCALL_INT3)?;
