@@ -72,6 +72,7 @@ pub fn checkpoint(manager: &Manager, req: &CheckpointRequest, progress: &mut dyn
     let started = Instant::now();
     // Everything that can be refused without touching the process comes first.
     target::check_target(req.pid)?;
+    target::check_not_ferry(req.pid)?;
     let created = prepare_dir(&req.dir)?;
     let mut subs = event::load_subsystems(manager, &req.subsystems, Some(req.pid))?;
     let medium_lease = manager.acquire(PluginKind::Medium, &req.medium)?;

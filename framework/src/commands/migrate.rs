@@ -202,6 +202,7 @@ pub fn migrate(manager: &Manager, req: &MigrateRequest, progress: &mut dyn FnMut
         return Err(refused(format!("--to {} names no port: give HOST:PORT (the daemon listens on 127.0.0.1:7711 by default)", req.to)));
     }
     target::check_target(req.pid)?;
+    target::check_not_ferry(req.pid)?;
     crate::trace::mark("migrate");
     let mut subs = event::load_subsystems(manager, &req.subsystems, Some(req.pid))?;
     let lease = manager.acquire(PluginKind::Medium, "tcp")?;

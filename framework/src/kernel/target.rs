@@ -45,11 +45,6 @@ pub fn check_target(pid: pid_t) -> Result<(), TraceError> {
         return Err(TraceError::Unsuitable { pid, why: "ferry itself".into() });
     }
     let fields = stat_fields(pid).ok_or(TraceError::NoProcess(pid))?;
-    // Another ferry (a daemon, a migration in flight): taking it would take the events
-    // it serves along, half done.
-    if same_program(pid, "self") {
-        return Err(TraceError::Unsuitable { pid, why: "a ferry process (a daemon or another event)".into() });
-    }
     let state = fields.first().map(String::as_str).unwrap_or("?");
     if state == "Z" || state == "X" {
         return Err(TraceError::Unsuitable { pid, why: "a zombie".into() });
@@ -88,6 +83,16 @@ pub fn check_target(pid: pid_t) -> Result<(), TraceError> {
 /// Whether process `pid` is stopped by job control (`T` in its stat, not a tracing stop).
 pub fn group_stopped(pid: pid_t) -> bool {
     stat_fields(pid).and_then(|f| f.first().cloned()).as_deref() == Some("T")
+}
+
+/// Refuses another ferry (a daemon, a migration in flight) as the target of a request:
+/// taking it would take the events it serves along, half done. (Not part of
+/// [`check_target`]: a restore child is a fork of ferry until it is rebuilt.)
+pub fn check_not_ferry(pid: pid_t) -> Result<(), TraceError> {
+    if same_program(pid, "self") {
+        return Err(TraceError::Unsuitable { pid, why: "a ferry process (a daemon or another event)".into() });
+    }
+    Ok(())
 }
 
 /// Whether process `pid` runs the same executable file as process `other` ("self").
