@@ -858,3 +858,55 @@ fn a_child_forked_during_postcopy_has_no_dontfork_area_and_a_wiped_wipeonfork_on
     }
     w.terminate_and_check(pid).unwrap();
 }
+
+/// Threads of process `pid`.
+fn threads_of(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task")).map(|d| d.count()).unwrap_or(0)
+}
+
+#[test]
+fn a_daemon_under_idle_and_slow_connections_still_serves_a_migration() {
+    if !is_root() {
+        eprintln!("skipping: migration needs root");
+        return;
+    }
+    // 1000 connections that say nothing and 200 that dribble a byte at a time once
+    // held a thread each, forever. The door closes the oldest when 64 wait and any after
+    // 5 s; a real migration meanwhile goes through.
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit fill and read one struct.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+        limit.rlim_cur = limit.rlim_max.min(8192);
+        libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+    }
+    let daemon = Daemon::start(None, "127.0.0.1", &[]);
+    let idle: Vec<std::net::TcpStream> = (0..1000).filter_map(|_| std::net::TcpStream::connect(&daemon.addr).ok()).collect();
+    assert!(idle.len() >= 900, "only {} connections made", idle.len());
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let dribbler = {
+        let (addr, stop) = (daemon.addr.clone(), stop.clone());
+        std::thread::spawn(move || {
+            use std::io::Write;
+            let mut slow: Vec<std::net::TcpStream> = (0..200).filter_map(|_| std::net::TcpStream::connect(&addr).ok()).collect();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                // A byte of a frame header each, never a whole message.
+                slow.retain_mut(|s| s.write_all(&[0]).is_ok());
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        })
+    };
+    let mut w = Workload::spawn(&WorkloadOpts { mem_mib: 4, ..Default::default() });
+    w.wait_ticks(3);
+    let old = w.pid;
+    let o = migrate(None, old, &daemon.addr, &[]);
+    let new = new_pid(&o, old);
+    // The daemon's threads stay bounded by the door, not by the crowd.
+    let threads = threads_of(daemon.child.id() as i32);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    dribbler.join().unwrap();
+    drop(idle);
+    carries_on(&mut w, old, new, 3);
+    assert!(threads < 64 + 32, "the daemon runs {threads} threads under the crowd");
+    wait_until("the daemon to report the connections it closed", Duration::from_secs(30), || daemon.log().contains("did not shake hands in time or crowded the door"));
+}

@@ -8,13 +8,14 @@ use std::{
     path::{Path, PathBuf},
     sync::atomic::{AtomicU64, Ordering},
     sync::Arc,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use nix::sys::signal::{SigSet, Signal};
 
 use crate::{
     commands::control,
+    commands::doorway::Doorway,
     commands::serve,
     engine::manager::Manager,
     kernel::probes,
@@ -98,13 +99,40 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
         let next_id = Arc::new(AtomicU64::new(1));
         let manager = manager.clone();
         let stats = opts.stats.clone();
+        let doorway = Arc::new(Doorway::default());
+        let keeper = doorway.clone();
+        spawn("ferry-door", &opts.control, move || {
+            keeper.keep(Duration::from_secs(10), |closed| {
+                log(&format!("closed {closed} connection(s) that did not shake hands in time or crowded the door"))
+            })
+        })?;
         spawn("ferry-listen", &opts.control, move || {
+            let mut last_report = Instant::now();
             for conn in listener.incoming() {
-                let Ok(stream) = conn else { continue };
+                let stream = match conn {
+                    Ok(s) => s,
+                    Err(e) => {
+                        // Out of descriptors (EMFILE), say: a retry at once would spin.
+                        if last_report.elapsed() >= Duration::from_secs(1) {
+                            log(&format!("accepting a connection: {e}; backing off"));
+                            last_report = Instant::now();
+                        }
+                        std::thread::sleep(Duration::from_millis(100));
+                        continue;
+                    }
+                };
                 let (manager, key, features, stats) = (manager.clone(), key.clone(), features.clone(), stats.clone());
                 let id = next_id.fetch_add(1, Ordering::Relaxed);
+                doorway.admit(id, &stream);
+                let door = doorway.clone();
                 let _ = std::thread::Builder::new().name(format!("ferry-event-{id}")).spawn(move || {
-                    let record = serve::serve(&manager, stream, key.as_deref().map(|k| k.as_slice()), &features, id, timeout);
+                    let key = key.as_deref().map(|k| k.as_slice());
+                    let record = serve::serve(&manager, stream, key, &features, id, timeout, &mut || door.passed(id));
+                    door.passed(id);
+                    // A connection closed before it said who it is is not an event.
+                    if record.token.is_none() && record.detail.contains("closed the connection") {
+                        return;
+                    }
                     log(&record.line());
                     if let (Some(dir), Some(token)) = (&stats, &record.token) {
                         // Written aside and renamed: a reader never sees half a file.

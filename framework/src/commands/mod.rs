@@ -4,6 +4,7 @@
 pub mod checkpoint;
 pub mod control;
 pub mod daemon;
+pub mod doorway;
 pub mod migrate;
 pub mod restore;
 pub mod serve;

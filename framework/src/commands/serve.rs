@@ -106,7 +106,16 @@ impl EventRecord {
 }
 
 /// One migration arriving at the daemon, on an accepted connection.
-pub fn serve(manager: &Manager, mut stream: TcpStream, key: Option<&[u8]>, features: &[String], id: u64, timeout: Duration) -> EventRecord {
+/// `handshaken` is called once the peer has authenticated and shaken hands.
+pub fn serve(
+    manager: &Manager,
+    mut stream: TcpStream,
+    key: Option<&[u8]>,
+    features: &[String],
+    id: u64,
+    timeout: Duration,
+    handshaken: &mut dyn FnMut(),
+) -> EventRecord {
     let source = stream.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into());
     let started = Instant::now();
     let mut record = EventRecord { source, ..EventRecord::default() };
@@ -124,6 +133,7 @@ pub fn serve(manager: &Manager, mut stream: TcpStream, key: Option<&[u8]>, featu
         Ok(h) => h,
         Err(e) => return end(record, "refused", e.to_string()),
     };
+    handshaken();
     record.token = Some(hello.token.clone());
     record.pid = Some(hello.pid);
     crate::fault::point("after-handshake");
