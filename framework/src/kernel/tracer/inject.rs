@@ -1,7 +1,76 @@
 //! System calls injected into a stopped thread: the scratch area ferry maps in the
-//! target for their arguments, and the borrowed `syscall; int3` site they run at.
+//! target for their arguments and code, and the borrowed site the first and last calls
+//! (mapping and unmapping it) run at.
+//!
+//! **Ferry may die at any instant** (killed, out of memory) and the kernel then lets the
+//! thread go with whatever registers it has. An injected call is therefore set up so
+//! that a thread let go in the middle of one carries on as if nothing happened: it runs
+//! from the scratch area's `syscall`, and the code right after it puts back the thread's
+//! signal mask, flags and every general register, and jumps to where the thread was (a
+//! call it was interrupted in made again, as the kernel would) — all from a block ferry
+//! writes before each call ([`Recovery`]). Ferry itself never lets the thread run that
+//! code: it takes the thread back at the call's syscall-exit stop.
 
 use super::*;
+
+/// The scratch area's code: the injection site, then the recovery. As assembled (Intel
+/// syntax; `data` is [`RECOVERY_DATA`], the last page of the area):
+///
+/// ```text
+///  0: syscall                         the injected call
+///  2: mov eax, 14                     rt_sigprocmask(SIG_SETMASK, &data.mask, NULL, 8)
+///     mov edi, 2
+///     lea rsi, [rip + data]
+///     xor edx, edx
+///     mov r10d, 8
+///     syscall
+///     lea rsp, [rip + data + 8]       flags, from a stack in the scratch area
+///     popfq
+///     mov rax, [rip + data + 16]      rax, rbx, rcx, rdx, rsi, rdi, rbp, r8 … r15
+///     …
+///     mov r15, [rip + data + 128]
+///     mov rsp, [rip + data + 136]
+///     jmp qword ptr [rip + data + 144]
+/// ```
+const SITE_CODE: [u8; 155] = [
+    0x0f, 0x05, 0xb8, 0x0e, 0x00, 0x00, 0x00, 0xbf, 0x02, 0x00, 0x00, 0x00, 0x48, 0x8d, 0x35, 0xed, 0xef, 0x0f, 0x00,
+    0x31, 0xd2, 0x41, 0xba, 0x08, 0x00, 0x00, 0x00, 0x0f, 0x05, 0x48, 0x8d, 0x25, 0xe4, 0xef, 0x0f, 0x00, 0x9d, 0x48,
+    0x8b, 0x05, 0xe4, 0xef, 0x0f, 0x00, 0x48, 0x8b, 0x1d, 0xe5, 0xef, 0x0f, 0x00, 0x48, 0x8b, 0x0d, 0xe6, 0xef, 0x0f,
+    0x00, 0x48, 0x8b, 0x15, 0xe7, 0xef, 0x0f, 0x00, 0x48, 0x8b, 0x35, 0xe8, 0xef, 0x0f, 0x00, 0x48, 0x8b, 0x3d, 0xe9,
+    0xef, 0x0f, 0x00, 0x48, 0x8b, 0x2d, 0xea, 0xef, 0x0f, 0x00, 0x4c, 0x8b, 0x05, 0xeb, 0xef, 0x0f, 0x00, 0x4c, 0x8b,
+    0x0d, 0xec, 0xef, 0x0f, 0x00, 0x4c, 0x8b, 0x15, 0xed, 0xef, 0x0f, 0x00, 0x4c, 0x8b, 0x1d, 0xee, 0xef, 0x0f, 0x00,
+    0x4c, 0x8b, 0x25, 0xef, 0xef, 0x0f, 0x00, 0x4c, 0x8b, 0x2d, 0xf0, 0xef, 0x0f, 0x00, 0x4c, 0x8b, 0x35, 0xf1, 0xef,
+    0x0f, 0x00, 0x4c, 0x8b, 0x3d, 0xf2, 0xef, 0x0f, 0x00, 0x48, 0x8b, 0x25, 0xf3, 0xef, 0x0f, 0x00, 0xff, 0x25, 0xf5,
+    0xef, 0x0f, 0x00,
+];
+
+/// Where the recovery block sits in the scratch area (its last page; [`SITE_CODE`]'s
+/// displacements are computed for it).
+pub(super) const RECOVERY_DATA: u64 = SCRATCH_SIZE - PAGE;
+
+/// What a thread let go in the middle of an injected call needs to carry on: its
+/// signal mask, then its flags and general registers in [`SITE_CODE`]'s order, with its
+/// own interrupted call made again ([`resumed`]).
+struct Recovery([u64; 19]);
+
+impl Recovery {
+    fn of(saved: &user_regs_struct, mask: u64) -> Recovery {
+        let r = resumed(saved);
+        Recovery([
+            mask, r.eflags, r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp, r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14,
+            r.r15, r.rsp, r.rip,
+        ])
+    }
+
+    fn bytes(&self) -> Vec<u8> {
+        self.0.iter().flat_map(|v| v.to_le_bytes()).collect()
+    }
+}
+
+/// The borrowed site's code for the calls made before the scratch area exists or
+/// while it goes: the call and a trap (a thread let go there dies; two short calls
+/// per event).
+const BORROWED_CODE: [u8; 3] = [0x0f, 0x05, 0xcc];
 
 impl Tracer {
     /// The scratch area, once mapped.
@@ -9,9 +78,10 @@ impl Tracer {
         self.scratch.map(|a| (a, SCRATCH_SIZE))
     }
 
-    /// The argument part of the scratch area (after its code page).
+    /// The argument part of the scratch area (between its code page and the recovery
+    /// block's page).
     pub fn scratch_args(&self) -> Option<(u64, u64)> {
-        self.scratch.map(|a| (a + PAGE, SCRATCH_SIZE - PAGE))
+        self.scratch.map(|a| (a + PAGE, SCRATCH_SIZE - 2 * PAGE))
     }
 
     /// Maps our scratch area in the target, borrowing three bytes of an executable
@@ -35,7 +105,7 @@ impl Tracer {
             return Err(TraceError::Thread { tid: self.pid, message: format!("mapping ferry's scratch area: {e}") });
         }
         let addr = r as u64;
-        self.poke(addr, &SYSCALL_INT3)?;
+        self.poke(addr, &SITE_CODE)?;
         self.scratch = Some(addr);
         Ok(addr)
     }
@@ -73,11 +143,11 @@ impl Tracer {
             .ok_or(TraceError::Thread { tid: self.pid, message: "no executable mapping to inject from".into() })
     }
 
-    /// Runs `f` with `syscall; int3` written at `site`, putting the bytes back after.
+    /// Runs `f` with [`BORROWED_CODE`] written at `site`, putting the bytes back after.
     fn with_site<T>(&mut self, site: u64, f: impl FnOnce(&mut Self) -> Result<T, TraceError>) -> Result<T, TraceError> {
         let mut old = [0u8; 3];
         self.peek(site, &mut old)?;
-        self.poke(site, &SYSCALL_INT3)?;
+        self.poke(site, &BORROWED_CODE)?;
         let r = f(self);
         let restored = self.poke(site, &old);
         let v = r?;
@@ -108,13 +178,11 @@ impl Tracer {
             return self.sigprocmask(tid, args);
         }
         let mask = get_sigmask(tid)?;
-        set_sigmask(tid, u64::MAX)?;
-        let r = self.inject_unmasked(site, tid, nr, args);
-        // A thread the call ended has no mask left to put back.
-        let restored = if self.threads.contains_key(&tid) { set_sigmask(tid, mask) } else { Ok(()) };
-        let v = r?;
-        restored?;
-        Ok(v)
+        if Some(site) == self.scratch {
+            let recovery = Recovery::of(&self.thread(tid)?.regs, mask);
+            self.poke(site + RECOVERY_DATA, &recovery.bytes())?;
+        }
+        self.inject_unmasked(site, tid, nr, args, mask)
     }
 
     /// `rt_sigprocmask(how, set, oldset, size)` for thread `tid`, done with
@@ -151,7 +219,9 @@ impl Tracer {
         Ok(0)
     }
 
-    fn inject_unmasked(&mut self, site: u64, tid: pid_t, nr: i64, args: [u64; 6]) -> Result<i64, TraceError> {
+    /// The call itself, with every signal blocked; the thread's own `mask` is back
+    /// before its registers are (so that at no instant does it hold one and not the other).
+    fn inject_unmasked(&mut self, site: u64, tid: pid_t, nr: i64, args: [u64; 6], mask: u64) -> Result<i64, TraceError> {
         let saved = self.thread(tid)?.regs;
         let mut regs = saved;
         regs.rip = site;
@@ -164,7 +234,14 @@ impl Tracer {
         regs.r8 = args[4];
         regs.r9 = args[5];
         setregs(tid, &regs)?;
-        ptrace(libc::PTRACE_CONT, tid, 0, 0, "PTRACE_CONT")?;
+        set_sigmask(tid, u64::MAX)?;
+        self.thread(tid)?.in_syscall_stop = true;
+        // Syscall stops, not a trap after the call: the code after it is the recovery.
+        ptrace(libc::PTRACE_SYSCALL, tid, 0, 0, "PTRACE_SYSCALL")?;
+        if Some(site) == self.scratch {
+            crate::fault::point("inject");
+        }
+        let mut entered = false;
         loop {
             let status = wait(tid)?;
             if libc::WIFEXITED(status) || libc::WIFSIGNALED(status) {
@@ -176,21 +253,23 @@ impl Tracer {
             }
             let sig = libc::WSTOPSIG(status);
             match (event_of(status), sig) {
-                (0, libc::SIGTRAP) => break,
+                (0, s) if s == libc::SIGTRAP | 0x80 => {
+                    if entered {
+                        break;
+                    }
+                    entered = true;
+                    ptrace(libc::PTRACE_SYSCALL, tid, 0, 0, "PTRACE_SYSCALL")?;
+                }
                 (libc::PTRACE_EVENT_CLONE, _) => {
                     let mut msg: libc::c_ulong = 0;
                     ptrace(libc::PTRACE_GETEVENTMSG, tid, 0, &mut msg as *mut _ as usize, "PTRACE_GETEVENTMSG")?;
                     self.adopt(msg as pid_t)?;
-                    ptrace(libc::PTRACE_CONT, tid, 0, 0, "PTRACE_CONT")?;
+                    ptrace(libc::PTRACE_SYSCALL, tid, 0, 0, "PTRACE_SYSCALL")?;
                 }
                 (0, libc::SIGSEGV | libc::SIGBUS | libc::SIGILL) => {
-                    // Either the call removed the code it ran from (the scratch area
-                    // unmapping itself), or something is badly wrong; rip tells which.
                     let now = getregs(tid)?;
-                    if now.rip == site + 2 || now.rip == site + 3 {
-                        break;
-                    }
-                    setregs(tid, &saved)?;
+                    set_sigmask(tid, mask)?;
+                    setregs(tid, &resumed(&saved))?;
                     return Err(TraceError::Thread {
                         tid,
                         message: format!("injected system call {nr} faulted with signal {sig} at {:#x}", now.rip),
@@ -199,15 +278,20 @@ impl Tracer {
                 (0, other) => {
                     // A signal for the process arrived meanwhile: keep it for detach.
                     self.thread(tid)?.pending_signal = other;
-                    ptrace(libc::PTRACE_CONT, tid, 0, 0, "PTRACE_CONT")?;
+                    ptrace(libc::PTRACE_SYSCALL, tid, 0, 0, "PTRACE_SYSCALL")?;
                 }
                 _ => {
-                    ptrace(libc::PTRACE_CONT, tid, 0, 0, "PTRACE_CONT")?;
+                    ptrace(libc::PTRACE_SYSCALL, tid, 0, 0, "PTRACE_SYSCALL")?;
                 }
             }
         }
         let after = getregs(tid)?;
-        setregs(tid, &saved)?;
+        // A thread the call ended has no mask left to put back.
+        if self.threads.contains_key(&tid) {
+            set_sigmask(tid, mask)?;
+        }
+        // From this syscall-exit stop no restart of its own call would happen.
+        setregs(tid, &resumed(&saved))?;
         Ok(after.rax as i64)
     }
 }
