@@ -19,6 +19,7 @@ use ferry_plugin_api::{
 };
 
 use crate::{
+    locks,
     model::{
         fds_label, Desc, Header, Object, PipeEnd, PipeRec, Slot, Watch, CHUNK, FORMAT, KIND_DESC, KIND_DESC_DATA, KIND_HEADER,
         KIND_PIPE, KIND_PIPE_DATA, O_CLOEXEC,
@@ -364,8 +365,20 @@ impl Checkpoint {
         let mut pipes: Vec<(PipeRec, Option<i32>, i32)> = Vec::new();
         let mut pipe_index: HashMap<(u64, u64), usize> = HashMap::new();
         let mut with_contents: HashSet<(u64, u64)> = HashSet::new();
+        // Every `lock:` line of every description, to check /proc/locks against.
+        let mut lock_lines = Vec::new();
         for g in &groups {
             let first = by_fd.get(&g[0]).ok_or("internal error: grouped an fd never scanned")?;
+            // Every fd of a description shows its locks: the first one's lines are all of them.
+            let lines = locks::fdinfo_locks(&first.fdinfo).map_err(|e| format!("process {pid}: fd {} ({}): {e}", first.fd, first.link))?;
+            let locks = locks::carried(pid, &format!("fd {} ({})", first.fd, first.link), &lines)?;
+            lock_lines.extend(lines);
+            if let (Some(lock), false) = (locks.first(), matches!(first.kind, Kind::Path(_) | Kind::Deleted(_) | Kind::Memfd(_))) {
+                return Err(format!(
+                    "process {pid}: fd {} ({}) holds a {lock}, on a kind of file whose locks the files plugin does not carry",
+                    first.fd, first.link
+                ));
+            }
             let slots: Vec<Slot> = g
                 .iter()
                 .filter_map(|fd| by_fd.get(fd))
@@ -408,6 +421,7 @@ impl Checkpoint {
                         flags,
                         pos: first.info.pos,
                         object: Object::Path { path: path.clone(), mode: st.mode, rdev: st.rdev },
+                        locks,
                     },
                     None,
                 )),
@@ -423,7 +437,7 @@ impl Checkpoint {
                         size: st.size,
                         data_len: carries.then_some(st.size),
                     };
-                    descs.push((Desc { fds: slots, flags, pos: first.info.pos, object }, carries.then_some(first.fd)));
+                    descs.push((Desc { fds: slots, flags, pos: first.info.pos, object, locks }, carries.then_some(first.fd)));
                 }
                 Kind::Eventfd | Kind::Timerfd | Kind::Signalfd | Kind::Epoll => {
                     let what = format!("fd {} ({})", first.fd, first.link);
@@ -453,7 +467,7 @@ impl Checkpoint {
                             Object::Epoll { watches }
                         }
                     };
-                    descs.push((Desc { fds: slots, flags, pos: first.info.pos, object }, None));
+                    descs.push((Desc { fds: slots, flags, pos: first.info.pos, object, locks: Vec::new() }, None));
                 }
                 Kind::Socket(ino) => {
                     let what = format!("fd {} ({})", first.fd, first.link);
@@ -469,7 +483,7 @@ impl Checkpoint {
                             backlog: l.backlog,
                             options: l.options,
                         };
-                        descs.push((Desc { fds: slots, flags, pos: 0, object }, None));
+                        descs.push((Desc { fds: slots, flags, pos: 0, object, locks: Vec::new() }, None));
                         continue;
                     };
                     let ours = |i: u64| entries.iter().any(|e| e.kind == Kind::Socket(i));
@@ -489,7 +503,7 @@ impl Checkpoint {
                             peer: n.peer.as_deref().map(to_hex),
                             backlog: n.backlog,
                         };
-                        descs.push((Desc { fds: slots, flags, pos: 0, object }, None));
+                        descs.push((Desc { fds: slots, flags, pos: 0, object, locks: Vec::new() }, None));
                         continue;
                     }
                     let stream = info.sock_type == libc::SOCK_STREAM as u8;
@@ -498,7 +512,7 @@ impl Checkpoint {
                     }
                     let data_len = if stream { info.rqueue as u64 } else { 0 };
                     let object = Object::UnixPair { ino: *ino, peer: info.peer, sock_type: info.sock_type, shutdown: info.shutdown, data_len };
-                    descs.push((Desc { fds: slots, flags, pos: 0, object }, (data_len > 0).then_some(first.fd)));
+                    descs.push((Desc { fds: slots, flags, pos: 0, object, locks: Vec::new() }, (data_len > 0).then_some(first.fd)));
                 }
                 Kind::Memfd(name) => {
                     let carries = with_contents.insert(key);
@@ -512,10 +526,13 @@ impl Checkpoint {
                         data_len: carries.then_some(st.size),
                     };
                     // Seals are read through the fd, so every memfd description gets a source.
-                    descs.push((Desc { fds: slots, flags, pos: first.info.pos, object }, Some(first.fd)));
+                    descs.push((Desc { fds: slots, flags, pos: first.info.pos, object, locks }, Some(first.fd)));
                 }
             }
         }
+
+        let proc_locks = std::fs::read_to_string("/proc/locks").map_err(|e| format!("reading /proc/locks: {e}"))?;
+        locks::check_proc_locks(pid, &proc_locks, &lock_lines)?;
 
         let header =
             Header { format: FORMAT, cwd, root, umask, descriptions: descs.len() as u64, pipes: pipes.len() as u64 };

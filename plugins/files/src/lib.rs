@@ -16,6 +16,7 @@ mod model;
 mod restore;
 mod scan;
 mod inet;
+mod locks;
 mod unix;
 
 use ferry_plugin_api::{

@@ -268,7 +268,7 @@ fn slot(fd: i32, cloexec: bool) -> Slot {
 
 fn path_desc(path: &str, mode: u32, fds: Vec<Slot>, flags: u32, pos: i64) -> Record {
     let rdev = if mode & libc::S_IFMT == libc::S_IFCHR { libc::makedev(1, 3) } else { 0 };
-    json(KIND_DESC, &Desc { fds, flags, pos, object: Object::Path { path: path.into(), mode, rdev } })
+    json(KIND_DESC, &Desc { fds, flags, pos, object: Object::Path { path: path.into(), mode, rdev }, locks: Vec::new() })
 }
 
 /// Runs a restore of `records` to the end; answers the kernel and the outcome.
@@ -384,17 +384,17 @@ fn deleted_files_and_memfds_are_recreated_once() {
         header(4, 0),
         json(
             KIND_DESC,
-            &Desc { fds: vec![slot(0, false)], flags: rdwr, pos: 5, object: deleted(Some(content.len() as u64)) },
+            &Desc { fds: vec![slot(0, false)], flags: rdwr, pos: 5, object: deleted(Some(content.len() as u64)), locks: Vec::new() },
         ),
         raw(KIND_DESC_DATA, &content[..CHUNK]),
         raw(KIND_DESC_DATA, &content[CHUNK..]),
         json(
             KIND_DESC,
-            &Desc { fds: vec![slot(1, false)], flags: libc::O_WRONLY as u32, pos: 0, object: deleted(None) },
+            &Desc { fds: vec![slot(1, false)], flags: libc::O_WRONLY as u32, pos: 0, object: deleted(None), locks: Vec::new() },
         ),
-        json(KIND_DESC, &Desc { fds: vec![slot(9, false)], flags: rdwr, pos: 2, object: memfd(Some(4)) }),
+        json(KIND_DESC, &Desc { fds: vec![slot(9, false)], flags: rdwr, pos: 2, object: memfd(Some(4)), locks: Vec::new() }),
         raw(KIND_DESC_DATA, b"abcd"),
-        json(KIND_DESC, &Desc { fds: vec![slot(8, false)], flags: libc::O_RDONLY as u32, pos: 1, object: memfd(None) }),
+        json(KIND_DESC, &Desc { fds: vec![slot(8, false)], flags: libc::O_RDONLY as u32, pos: 1, object: memfd(None), locks: Vec::new() }),
     ];
     let (k, r) = run(records);
     r.unwrap();
@@ -475,7 +475,7 @@ fn bad_images_are_refused() {
     // A shared deleted file named before its contents.
     let later = Object::Deleted { path: "/x".into(), dev: 1, ino: 2, mode: 0, uid: 0, gid: 0, size: 1, data_len: None };
     expect_error(
-        vec![header(1, 0), json(KIND_DESC, &Desc { fds: vec![slot(3, false)], flags: rdwr, pos: 0, object: later })],
+        vec![header(1, 0), json(KIND_DESC, &Desc { fds: vec![slot(3, false)], flags: rdwr, pos: 0, object: later, locks: Vec::new() })],
         "before the description that carries its contents",
     );
 }
@@ -494,7 +494,7 @@ fn a_failed_restore_removes_the_files_it_created() {
     };
     let records = vec![
         header(1, 0),
-        json(KIND_DESC, &Desc { fds: vec![slot(3, false)], flags: libc::O_RDWR as u32, pos: 0, object: obj }),
+        json(KIND_DESC, &Desc { fds: vec![slot(3, false)], flags: libc::O_RDWR as u32, pos: 0, object: obj, locks: Vec::new() }),
         raw(KIND_DESC_DATA, b"ab"),
     ];
     let (k, r) = run(records);

@@ -15,6 +15,8 @@ use std::collections::HashSet;
 
 use serde::{Deserialize, Serialize};
 
+use crate::locks::{Lock, MAX_LOCKS};
+
 pub const KIND_HEADER: &str = "files";
 pub const KIND_DESC: &str = "fd";
 pub const KIND_DESC_DATA: &str = "fd-data";
@@ -120,6 +122,11 @@ pub struct Desc {
     /// File offset (fdinfo `pos:`).
     pub pos: i64,
     pub object: Object,
+    /// The locks held through it (see [`crate::locks`]): its flock and OFD locks, and
+    /// the process's POSIX locks taken through it. Absent when none, so that an
+    /// image with locks is refused, not restored without them, by a ferry that knows none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub locks: Vec<Lock>,
 }
 
 /// One end (description) of a pipe.
@@ -226,6 +233,14 @@ impl Desc {
         check_slots(&what, &self.fds, seen)?;
         if self.flags & O_CLOEXEC != 0 {
             return Err(format!("{what}: flags {:#o} hold O_CLOEXEC, which belongs to each fd", self.flags));
+        }
+        if !self.locks.is_empty() {
+            if !matches!(self.object, Object::Path { .. } | Object::Deleted { .. } | Object::Memfd { .. }) || self.locks.len() > MAX_LOCKS {
+                return Err(format!("{what}: {} locks on a file this plugin does not lock", self.locks.len()));
+            }
+            for l in &self.locks {
+                l.validate(&what)?;
+            }
         }
         match &self.object {
             Object::Path { path, .. } => check_path(&what, path)?,
@@ -398,6 +413,7 @@ mod tests {
             flags: 0o100002,
             pos: 10,
             object: Object::Path { path: "/tmp/x".into(), mode: 0o100644, rdev: 0 },
+            locks: Vec::new(),
         }
     }
 
@@ -417,9 +433,11 @@ mod tests {
                 size: 3,
                 data_len: Some(3),
             },
+            locks: Vec::new(),
         };
         let text = serde_json::to_string(&d).unwrap();
         assert!(text.contains("\"type\":\"deleted\""), "{text}");
+        assert!(!text.contains("locks"), "no locks, no field: {text}");
         assert_eq!(serde_json::from_str::<Desc>(&text).unwrap(), d);
         let p = PipeRec {
             ino: 9,
