@@ -346,6 +346,14 @@ impl Checkpoint {
             entries.push(FdEntry { fd, link, fdinfo, info, st, kind });
         }
 
+        let views: Vec<crate::pty::FdView<'_>> = entries
+            .iter()
+            .map(|e| crate::pty::FdView { fd: e.fd, link: &e.link, fdinfo: &e.fdinfo, mode: e.st.mode, rdev: e.st.rdev })
+            .collect();
+        if let Some(refused) = crate::pty::refusal(pid, &views) {
+            return Err(refused);
+        }
+
         let cwd = read_link(&format!("/proc/{pid}/cwd"))?;
         let root = read_link(&format!("/proc/{pid}/root"))?;
         for (what, p) in [("working directory", &cwd), ("root directory", &root)] {
