@@ -41,6 +41,13 @@ struct Kernel {
     umask: u32,
     pipes: u32,
     calls: usize,
+    /// Locks taken: (object, syscall, operation or fcntl command, struct flock bytes).
+    locks: Vec<(String, i64, u64, Vec<u8>)>,
+    /// Objects another process holds a conflicting lock on.
+    conflicts: Vec<String>,
+    /// The call that last closed or replaced an fd, and the first lock call.
+    last_fd_change: usize,
+    first_lock: Option<usize>,
 }
 
 impl Kernel {
@@ -85,10 +92,23 @@ impl Kernel {
     fn syscall(&mut self, nr: i64, a: [u64; 6]) -> i64 {
         self.calls += 1;
         let ebadf = -(libc::EBADF as i64);
+        if matches!(nr, libc::SYS_close | libc::SYS_dup3 | libc::SYS_close_range) {
+            self.last_fd_change = self.calls;
+        }
         match nr {
             libc::SYS_close_range => {
                 self.fds.clear();
                 0
+            }
+            libc::SYS_flock => {
+                let Some(d) = self.desc_of(a[0]) else { return ebadf };
+                self.lock(d, nr, a[1], Vec::new())
+            }
+            libc::SYS_fcntl if [libc::F_SETLK, libc::F_OFD_SETLK].contains(&(a[1] as i32)) => {
+                let Some(d) = self.desc_of(a[0]) else { return ebadf };
+                let at = (a[2] - BASE) as usize;
+                let fl = self.mem[at..at + 32].to_vec();
+                self.lock(d, nr, a[1], fl)
             }
             libc::SYS_close => match self.fds.remove(&(a[0] as i32)) {
                 Some(_) => 0,
@@ -213,6 +233,18 @@ impl Kernel {
     }
 }
 
+impl Kernel {
+    fn lock(&mut self, d: usize, nr: i64, op: u64, fl: Vec<u8>) -> i64 {
+        let what = self.descs[d].what.clone();
+        if self.conflicts.contains(&what) {
+            return -(libc::EAGAIN as i64);
+        }
+        self.first_lock.get_or_insert(self.calls);
+        self.locks.push((what, nr, op, fl));
+        0
+    }
+}
+
 impl ProcessContext for Kernel {
     fn pid(&self) -> i32 {
         4242
@@ -273,7 +305,11 @@ fn path_desc(path: &str, mode: u32, fds: Vec<Slot>, flags: u32, pos: i64) -> Rec
 
 /// Runs a restore of `records` to the end; answers the kernel and the outcome.
 fn run(records: Vec<Record>) -> (Kernel, Result<(), String>) {
-    let mut k = Kernel::new();
+    run_on(Kernel::new(), records)
+}
+
+/// [`run`] on kernel `k`.
+fn run_on(mut k: Kernel, records: Vec<Record>) -> (Kernel, Result<(), String>) {
     let mut src = Source(records.into());
     let mut r = Restore::default();
     let outcome = {
@@ -502,4 +538,54 @@ fn a_failed_restore_removes_the_files_it_created() {
     // Nothing was unlinked by injection; cleanup removed it from ferry's view (here a
     // path that does not exist on the machine running the test).
     assert!(k.unlinked.is_empty());
+}
+
+#[test]
+fn locks_are_taken_last_through_their_descriptions() {
+    use crate::locks::{Lock, LockKind};
+    let rdwr = libc::O_RDWR as u32;
+    let posix = Lock { kind: LockKind::Posix, write: true, start: 0, len: 10 };
+    let ofd = Lock { kind: LockKind::Ofd, write: false, start: 100, len: 0 };
+    let flock = Lock { kind: LockKind::Flock, write: true, start: 0, len: 0 };
+    let object = || Object::Path { path: "/data".into(), mode: libc::S_IFREG | 0o644, rdev: 0 };
+    let records = || {
+        vec![
+            header(3, 0),
+            // Two descriptions of one file, the second one's fd landing where the first
+            // one's temporary would: a close or dup3 after a POSIX lock would drop it.
+            json(KIND_DESC, &Desc { fds: vec![slot(1, false)], flags: rdwr, pos: 0, object: object(), locks: vec![posix, ofd] }),
+            json(KIND_DESC, &Desc { fds: vec![slot(0, false), slot(4, false)], flags: rdwr, pos: 0, object: object(), locks: vec![flock] }),
+            path_desc("/dev/null", libc::S_IFCHR | 0o666, vec![slot(2, false)], rdwr, 0),
+        ]
+    };
+    let (k, r) = run(records());
+    r.unwrap();
+    let took: Vec<(String, i64, u64)> = k.locks.iter().map(|l| (l.0.clone(), l.1, l.2)).collect();
+    assert_eq!(
+        took,
+        vec![
+            ("/data".into(), libc::SYS_fcntl, libc::F_SETLK as u64),
+            ("/data".into(), libc::SYS_fcntl, libc::F_OFD_SETLK as u64),
+            ("/data".into(), libc::SYS_flock, (libc::LOCK_EX | libc::LOCK_NB) as u64),
+        ]
+    );
+    assert_eq!(k.locks[0].3, posix.flock_struct().to_vec());
+    assert_eq!(k.locks[1].3, ofd.flock_struct().to_vec());
+    assert!(k.first_lock.is_some_and(|f| f > k.last_fd_change), "no fd closed or replaced after the first lock");
+
+    // Another process holds a conflicting lock: the restore fails naming it.
+    let mut held = Kernel::new();
+    held.conflicts.push("/data".into());
+    let (_, r) = run_on(held, records());
+    assert_eq!(
+        r.unwrap_err(),
+        "process 4242: fd 1 (/data): its POSIX write lock on bytes 0-9 cannot be taken again: another process holds a conflicting lock (within one machine, a migration's source still holds its own)"
+    );
+
+    // Locks on what the plugin does not lock, or nonsense ranges, are refused.
+    let eventfd = Desc { fds: vec![slot(3, false)], flags: rdwr, pos: 0, object: Object::Eventfd { count: 0, semaphore: false }, locks: vec![flock] };
+    expect_error(vec![header(1, 0), json(KIND_DESC, &eventfd)], "locks on a file this plugin does not lock");
+    let bad = Lock { kind: LockKind::Posix, write: true, start: -5, len: 1 };
+    let d = Desc { fds: vec![slot(3, false)], flags: rdwr, pos: 0, object: object(), locks: vec![bad] };
+    expect_error(vec![header(1, 0), json(KIND_DESC, &d)], "a lock the image describes wrongly");
 }
