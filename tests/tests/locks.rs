@@ -324,7 +324,7 @@ fn every_lock_kind_moves_with_the_process_to_another_file_system() {
     if !needs_root() {
         return;
     }
-    for strategy in ["stop-copy", "post-copy"] {
+    for strategy in ["stop-copy", "pre-copy", "post-copy", "hybrid"] {
         let (mut w, _guard) = locking_workload();
         let copies = tempfile::tempdir().unwrap();
         let copy = copies.path().join("files");

@@ -579,7 +579,7 @@ fn locks_are_taken_last_through_their_descriptions() {
     let (_, r) = run_on(held, records());
     assert_eq!(
         r.unwrap_err(),
-        "process 4242: fd 1 (/data): its POSIX write lock on bytes 0-9 cannot be taken again: another process holds a conflicting lock (within one machine, a migration's source still holds its own)"
+        "restored process 4242: fd 1 (/data): its POSIX write lock on bytes 0-9 cannot be taken again: another process holds a conflicting lock (within one machine, a migration's source still holds its own)"
     );
 
     // Locks on what the plugin does not lock, or nonsense ranges, are refused.

@@ -170,7 +170,7 @@ fn take_lock(ctx: &mut ContextRef<'_>, fd: i32, what: &str, lock: &Lock) -> Resu
         } else {
             std::io::Error::from_raw_os_error(errno).to_string()
         };
-        return Err(format!("process {tid}: {what}: its {lock} cannot be taken again: {why}"));
+        return Err(format!("restored process {tid}: {what}: its {lock} cannot be taken again: {why}"));
     }
     Ok(())
 }
