@@ -457,3 +457,59 @@ fn a_process_on_a_terminal_it_does_not_own_comes_back_writing_to_it() {
     read_until(&|s: &str| s.contains(&format!("tty {after}")), "lines from the restored process");
     kill_pid(new);
 }
+
+/// Whether /proc/locks shows a request of `pid` waiting for a `class` lock.
+fn waits_for_lock(pid: i32, class: &str) -> bool {
+    std::fs::read_to_string("/proc/locks").unwrap().lines().any(|l| {
+        let w: Vec<&str> = l.split_whitespace().collect();
+        w.get(1) == Some(&"->") && w.get(2) == Some(&class) && w.get(5) == Some(&pid.to_string().as_str())
+    })
+}
+
+#[test]
+fn a_process_waiting_for_a_lock_waits_again_after_a_restore_and_then_gets_it() {
+    if !needs_root() {
+        return;
+    }
+    // The freeze interrupts the blocked fcntl(F_SETLKW) (or flock): the request leaves
+    // the kernel's lists, and the restored thread makes the call again.
+    let tmp = tempfile::tempdir().unwrap();
+    let _guard = KillMentioning(tmp.path().to_str().unwrap().to_string());
+    let (posix_file, flock_file, log) = (tmp.path().join("posix"), tmp.path().join("flock"), tmp.path().join("log"));
+    let posix = open_or_create(&posix_file);
+    // SAFETY: struct flock is plain data; F_SETLK reads it.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = libc::F_WRLCK as i16;
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::fcntl(posix.as_raw_fd(), libc::F_SETLK, &fl) }, 0, "our POSIX lock");
+    let flock = open_or_create(&flock_file);
+    assert_eq!(try_flock(&flock, libc::LOCK_EX), Ok(()), "our flock");
+    let script = format!(
+        "import fcntl,os,time\nf=os.open('{p}',os.O_RDWR)\ng=os.open('{f}',os.O_RDWR)\nfcntl.lockf(f,fcntl.LOCK_EX)\nopen('{l}','a').write('got posix\\n')\nfcntl.flock(g,fcntl.LOCK_EX)\nopen('{l}','a').write('got flock\\n')\ntime.sleep(3600)\n",
+        p = posix_file.display(),
+        f = flock_file.display(),
+        l = log.display()
+    );
+    let mut cmd = Command::new("/usr/bin/python3");
+    cmd.arg("-c").arg(&script);
+    let mut child = spawn_detached(cmd, &tmp.path().join("output"));
+    let pid = child.id() as i32;
+    wait_until("python to wait for our POSIX lock", DEADLINE, || waits_for_lock(pid, "POSIX"));
+    let dir = tmp.path().join("img");
+    let o = checkpoint(pid, &dir);
+    assert!(o.status.success(), "checkpoint: {}", stderr(&o));
+    child.wait().unwrap();
+    let new = restore(&dir, pid).unwrap_or_else(|o| panic!("restore: {}", stderr(&o)));
+    wait_until("the restored python to wait for our POSIX lock", DEADLINE, || waits_for_lock(new, "POSIX"));
+    let text = || std::fs::read_to_string(&log).unwrap_or_default();
+    drop(posix);
+    wait_until("the restored python to get the POSIX lock", DEADLINE, || text().contains("got posix"));
+    wait_until("the restored python to wait for our flock", DEADLINE, || waits_for_lock(new, "FLOCK"));
+    drop(flock);
+    wait_until("the restored python to get the flock", DEADLINE, || text().contains("got flock"));
+    assert!(pid_alive(new));
+}
+
+fn open_or_create(path: &Path) -> File {
+    File::options().read(true).write(true).create(true).truncate(false).open(path).unwrap()
+}

@@ -198,9 +198,11 @@ pub fn carried(pid: i32, what: &str, lines: &[LockLine]) -> Result<Vec<Lock>, St
     Ok(out)
 }
 
-/// Checks `/proc/locks` for what fdinfo cannot show: a request of process `pid` waiting
-/// for a lock, or a POSIX lock of it that no fd of it showed (`seen`: the `lock:` lines
-/// of its fds). Either is refused.
+/// Checks `/proc/locks` for what fdinfo cannot show: a POSIX lock of process `pid` that
+/// no fd of it showed (`seen`: the `lock:` lines of its fds; one owned by an fd table it
+/// left, say), or a request of it waiting for a lock. Either is refused. (A frozen
+/// process has no waiting request: the freeze interrupts a blocked F_SETLKW or flock,
+/// which leaves the kernel's lists, and the restored thread makes the call again.)
 pub fn check_proc_locks(pid: i32, proc_locks: &str, seen: &[LockLine]) -> Result<(), String> {
     for line in proc_locks.lines() {
         let l = parse_line(line)?;
