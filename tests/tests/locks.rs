@@ -399,6 +399,14 @@ fn a_lease_is_refused_and_the_process_keeps_running() {
 }
 
 #[test]
+fn a_lock_on_a_pipe_is_refused_and_the_process_keeps_running() {
+    if !needs_root() {
+        return;
+    }
+    python_refused("r,w=os.pipe()\nfcntl.flock(r,fcntl.LOCK_EX)", &["holds a flock LOCK_EX lock, on a kind of file whose locks the files plugin does not carry"]);
+}
+
+#[test]
 fn a_process_on_a_terminal_it_does_not_own_comes_back_writing_to_it() {
     if !needs_root() {
         return;
