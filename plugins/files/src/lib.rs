@@ -35,7 +35,7 @@ struct Plugin {
 impl SubsystemPlugin for Plugin {
     fn info(&self) -> SubsystemInfo {
         SubsystemInfo {
-            entity_kinds: names(&["fd", "cwd", "root", "umask"]),
+            entity_kinds: names(&["fd", "file-lock", "cwd", "root", "umask"]),
             after: names(&["memory"]),
             shared_resources: names(&["pipe", "file-description"]),
         }
