@@ -241,9 +241,9 @@ fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-/// A daemon on loopback, killed when dropped. With `files`, it runs in a mount
-/// namespace of its own where the workload's directory `files.0` is a copy of it
-/// (`files.1`): another machine's file system, as far as the process's files go.
+/// A daemon on loopback, killed when dropped. With `files` (`(dir, copy)`), it runs in
+/// a mount namespace of its own where `dir`, the workload's directory, shows `copy`, a
+/// copy of it: another machine's file system, as far as the process's files go.
 struct Daemon {
     child: Child,
     addr: String,
