@@ -75,6 +75,7 @@ fn stat_info(m: &std::fs::Metadata) -> StatInfo {
         nlink: m.nlink(),
         uid: m.uid(),
         gid: m.gid(),
+        ctime: [m.ctime(), m.ctime_nsec()],
     }
 }
 
@@ -428,7 +429,12 @@ impl Checkpoint {
                         fds: slots,
                         flags,
                         pos: first.info.pos,
-                        object: Object::Path { path: path.clone(), mode: st.mode, rdev: st.rdev },
+                        object: Object::Path {
+                            path: path.clone(),
+                            mode: st.mode,
+                            rdev: st.rdev,
+                            tty_ctime: crate::pty::is_slave(st.mode, st.rdev).then_some(st.ctime),
+                        },
                         locks,
                     },
                     None,

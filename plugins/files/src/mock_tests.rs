@@ -300,7 +300,7 @@ fn slot(fd: i32, cloexec: bool) -> Slot {
 
 fn path_desc(path: &str, mode: u32, fds: Vec<Slot>, flags: u32, pos: i64) -> Record {
     let rdev = if mode & libc::S_IFMT == libc::S_IFCHR { libc::makedev(1, 3) } else { 0 };
-    json(KIND_DESC, &Desc { fds, flags, pos, object: Object::Path { path: path.into(), mode, rdev }, locks: Vec::new() })
+    json(KIND_DESC, &Desc { fds, flags, pos, object: Object::Path { path: path.into(), mode, rdev, tty_ctime: None }, locks: Vec::new() })
 }
 
 /// Runs a restore of `records` to the end; answers the kernel and the outcome.
@@ -547,7 +547,7 @@ fn locks_are_taken_last_through_their_descriptions() {
     let posix = Lock { kind: LockKind::Posix, write: true, start: 0, len: 10 };
     let ofd = Lock { kind: LockKind::Ofd, write: false, start: 100, len: 0 };
     let flock = Lock { kind: LockKind::Flock, write: true, start: 0, len: 0 };
-    let object = || Object::Path { path: "/data".into(), mode: libc::S_IFREG | 0o644, rdev: 0 };
+    let object = || Object::Path { path: "/data".into(), mode: libc::S_IFREG | 0o644, rdev: 0, tty_ctime: None };
     let records = || {
         vec![
             header(3, 0),
@@ -588,4 +588,19 @@ fn locks_are_taken_last_through_their_descriptions() {
     let bad = Lock { kind: LockKind::Posix, write: true, start: -5, len: 1 };
     let d = Desc { fds: vec![slot(3, false)], flags: rdwr, pos: 0, object: object(), locks: vec![bad] };
     expect_error(vec![header(1, 0), json(KIND_DESC, &d)], "a lock the image describes wrongly");
+}
+
+#[test]
+fn a_terminal_is_reopened_only_where_it_is_the_same_one() {
+    let tty = |ctime| {
+        let object = Object::Path { path: "/dev/null".into(), mode: libc::S_IFCHR | 0o620, rdev: libc::makedev(1, 3), tty_ctime: Some(ctime) };
+        vec![header(1, 0), json(KIND_DESC, &Desc { fds: vec![slot(1, false)], flags: libc::O_RDWR as u32, pos: 0, object, locks: Vec::new() })]
+    };
+    // The simulated kernel's nodes were all made at time 0.
+    let (k, r) = run(tty([0, 0]));
+    r.unwrap();
+    assert_eq!(table(&k)[&1].0, "/dev/null");
+    let (_, r) = run(tty([1700000000, 5]));
+    let e = r.unwrap_err();
+    assert!(e.starts_with("fd 1 (/dev/null): the terminal there is not the process's (made at 0.000000000, the process's at 1700000000.000000005)"), "{e}");
 }

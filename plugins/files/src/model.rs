@@ -66,8 +66,18 @@ pub struct Slot {
 #[serde(tag = "type", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum Object {
     /// Anything reopened by its path: a regular file, a directory, a device, an
-    /// `O_PATH` fd. `mode` (`st_mode`) and `rdev` are checked after reopening.
-    Path { path: String, mode: u32, rdev: u64 },
+    /// `O_PATH` fd. `mode` (`st_mode`) and `rdev` are checked after reopening. For a
+    /// pseudo-terminal slave (another process's terminal: see [`crate::pty`]),
+    /// `tty_ctime` is its node's change time (`[sec, nsec]`, its creation unless
+    /// chmod'ed), checked too: a later terminal given the same number, or another
+    /// machine's, is not the one the process wrote to.
+    Path {
+        path: String,
+        mode: u32,
+        rdev: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tty_ctime: Option<[i64; 2]>,
+    },
     /// A regular file deleted while open: recreated from its contents, reopened, and
     /// unlinked. Several descriptions of one inode (`dev`, `ino`) share one copy: the
     /// first carries `data_len` (the contents follow), the others have none.
@@ -412,7 +422,7 @@ mod tests {
             fds: fds.iter().map(|&f| slot(f)).collect(),
             flags: 0o100002,
             pos: 10,
-            object: Object::Path { path: "/tmp/x".into(), mode: 0o100644, rdev: 0 },
+            object: Object::Path { path: "/tmp/x".into(), mode: 0o100644, rdev: 0, tty_ctime: None },
             locks: Vec::new(),
         }
     }
@@ -468,7 +478,7 @@ mod tests {
         d.flags |= O_CLOEXEC;
         assert!(d.validate(&mut HashSet::new()).is_err());
         d = path_desc(&[4]);
-        d.object = Object::Path { path: "relative".into(), mode: 0, rdev: 0 };
+        d.object = Object::Path { path: "relative".into(), mode: 0, rdev: 0, tty_ctime: None };
         assert!(d.validate(&mut HashSet::new()).unwrap_err().contains("not absolute"));
     }
 

@@ -5,7 +5,10 @@
 //!
 //! A slave whose master belongs to another process (the terminal of the shell that
 //! started the process) is still reopened by its path: that terminal outlives the
-//! original, and on this machine the copy writes to it as the original did.
+//! original, and on this machine the copy writes to it as the original did. Its node's
+//! change time goes with it and is checked after reopening, so that a later terminal
+//! given the same number, or another machine's `/dev/pts/N`, fails the restore instead
+//! of taking the process's output.
 
 use ferry_plugin_api::util::proc_field;
 
@@ -24,6 +27,11 @@ pub struct FdView<'a> {
 /// The pts index of a slave device, if `mode`/`rdev` are one.
 fn slave_index(mode: u32, rdev: u64) -> Option<u32> {
     (mode & libc::S_IFMT == libc::S_IFCHR && libc::major(rdev) == PTS_MAJOR).then(|| libc::minor(rdev))
+}
+
+/// Whether `mode`/`rdev` are a pseudo-terminal slave's (`/dev/pts/N`).
+pub fn is_slave(mode: u32, rdev: u64) -> bool {
+    slave_index(mode, rdev).is_some()
 }
 
 /// The refusal for the first pseudo-terminal master of process `pid` among `fds`,

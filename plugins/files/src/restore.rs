@@ -88,8 +88,8 @@ fn read_stat(ctx: &mut ContextRef<'_>, addr: u64) -> Result<libc::stat, String> 
     Ok(unsafe { std::ptr::read_unaligned(raw.as_ptr() as *const libc::stat) })
 }
 
-/// Checks that fd `fd` of the child is the kind of file the image recorded.
-fn check_type(ctx: &mut ContextRef<'_>, what: &str, fd: i32, mode: u32, rdev: u64) -> Result<(), String> {
+/// Checks that fd `fd` of the child is the kind of file the image recorded; answers its stat.
+fn check_type(ctx: &mut ContextRef<'_>, what: &str, fd: i32, mode: u32, rdev: u64) -> Result<libc::stat, String> {
     let mut scratch = Scratch::new(ctx);
     let addr = scratch.alloc(STAT_SIZE as u64)?;
     sys(ctx, &format!("{what}: fstat"), libc::SYS_fstat, [fd_arg(fd), addr, 0, 0, 0, 0])?;
@@ -107,7 +107,7 @@ fn check_type(ctx: &mut ContextRef<'_>, what: &str, fd: i32, mode: u32, rdev: u6
             libc::minor(rdev)
         ));
     }
-    Ok(())
+    Ok(st)
 }
 
 fn seek(ctx: &mut ContextRef<'_>, what: &str, fd: i32, pos: i64, flags: u32) -> Result<(), String> {
@@ -557,10 +557,19 @@ impl Restore {
                     self.complete(ctx, p)?;
                 }
             }
-            Object::Path { path, mode, rdev } => {
+            Object::Path { path, mode, rdev, tty_ctime } => {
                 let fd = open(ctx, &what, path, open_flags(desc.flags))?;
                 let h = self.placer.adopt(fd);
-                check_type(ctx, &what, fd, *mode, *rdev)?;
+                let st = check_type(ctx, &what, fd, *mode, *rdev)?;
+                if let Some(want) = tty_ctime {
+                    let got = [st.st_ctime, st.st_ctime_nsec];
+                    if got != *want {
+                        return Err(format!(
+                            "{what}: the terminal there is not the process's (made at {}.{:09}, the process's at {}.{:09}): a terminal is carried only to where it still is",
+                            got[0], got[1], want[0], want[1]
+                        ));
+                    }
+                }
                 seek(ctx, &what, fd, desc.pos, desc.flags)?;
                 self.placer.place(ctx, &what, h, &desc.fds)?;
                 self.placer.release(ctx, h)?;
