@@ -252,15 +252,24 @@ struct Daemon {
 
 impl Daemon {
     fn start(files: Option<(&Path, &Path)>) -> Daemon {
+        match files {
+            None => Daemon::start_in(None),
+            Some((dir, copy)) => Daemon::start_in(Some(("mount --bind \"$1\" \"$2\" && shift 2 && exec \"$@\"", &[copy.as_os_str(), dir.as_os_str()]))),
+        }
+    }
+
+    /// With `prelude`, the daemon runs in a mount namespace of its own after a shell
+    /// `script` with positional arguments `args` then the daemon's command (`exec "$@"`
+    /// once it shifted its own).
+    fn start_in(prelude: Option<(&str, &[&std::ffi::OsStr])>) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let addr = format!("127.0.0.1:{}", free_port());
         let control = dir.path().join("control.sock");
-        let mut cmd = match files {
+        let mut cmd = match prelude {
             None => Command::new(ferry_bin()),
-            Some((at, copy)) => {
+            Some((script, args)) => {
                 let mut c = Command::new("unshare");
-                c.args(["--mount", "--propagation", "private", "sh", "-c", "mount --bind \"$1\" \"$2\" && shift 2 && exec \"$@\"", "sh"]);
-                c.arg(copy).arg(at).arg(ferry_bin());
+                c.args(["--mount", "--propagation", "private", "sh", "-c", script, "sh"]).args(args).arg(ferry_bin());
                 c
             }
         };
@@ -339,9 +348,10 @@ fn every_lock_kind_moves_with_the_process_to_another_file_system() {
         wait_until("the source to be gone", Duration::from_secs(30), || !pid_alive(old));
         w.adopt(new);
         // The copy holds its locks on its own files (it checks them from inside); the
-        // source's, here, went with the source.
+        // source's, here, go with the source (once its last thread exited: a killed
+        // group leader shows as a zombie while its other threads still hold its fds).
         let flock = open(&w.files_dir().join("lock-flock"));
-        assert_eq!(try_flock(&flock, libc::LOCK_EX), Ok(()), "{strategy}: the source's locks are released");
+        wait_until("the source's locks to go with it", DEADLINE, || try_flock(&flock, libc::LOCK_EX).is_ok());
         drop(flock);
         let at = *w.ticks().last().unwrap();
         w.wait_ticks(at + 3);
@@ -406,64 +416,121 @@ fn a_lock_on_a_pipe_is_refused_and_the_process_keeps_running() {
     python_refused("r,w=os.pipe()\nfcntl.flock(r,fcntl.LOCK_EX)", &["holds a flock LOCK_EX lock, on a kind of file whose locks the files plugin does not carry"]);
 }
 
-#[test]
-fn a_process_on_a_terminal_it_does_not_own_comes_back_writing_to_it() {
-    if !needs_root() {
-        return;
+/// A pseudo-terminal whose master is this test's (as a shell's terminal is the terminal
+/// emulator's), and what was read from it so far.
+struct Terminal {
+    master: File,
+    name: String,
+    seen: String,
+}
+
+impl Terminal {
+    fn open() -> Terminal {
+        // Close-on-exec from the start: no other test's child may inherit it.
+        // SAFETY: posix_openpt opens /dev/ptmx with these flags; the fd is ours.
+        let master = unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC | libc::O_NONBLOCK) };
+        assert!(master >= 0, "posix_openpt: {}", std::io::Error::last_os_error());
+        // SAFETY: the fd was just made and is ours alone.
+        let master = unsafe { OwnedFd::from_raw_fd(master) };
+        let mut name = [0 as libc::c_char; 64];
+        // SAFETY: unlockpt and ptsname_r on our master; ptsname_r writes at most name.len() bytes.
+        unsafe {
+            assert_eq!(libc::unlockpt(master.as_raw_fd()), 0, "unlockpt");
+            assert_eq!(libc::ptsname_r(master.as_raw_fd(), name.as_mut_ptr(), name.len()), 0, "ptsname_r");
+        }
+        // SAFETY: ptsname_r wrote a NUL-terminated name.
+        let name = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) }.to_str().unwrap().to_string();
+        Terminal { master: File::from(master), name, seen: String::new() }
     }
-    // The terminal's master is ours (as a shell's terminal is the terminal emulator's):
-    // the process's stdout, a slave, is reopened by path and writes reach us again.
-    // Both ends close-on-exec from the start: no other test's child may inherit them.
-    // SAFETY: posix_openpt opens /dev/ptmx with these flags; the fd is ours.
-    let master = unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC | libc::O_NONBLOCK) };
-    assert!(master >= 0, "posix_openpt: {}", std::io::Error::last_os_error());
-    // SAFETY: the fd was just made and is ours alone.
-    let master = unsafe { OwnedFd::from_raw_fd(master) };
-    let mut name = [0 as libc::c_char; 64];
-    // SAFETY: unlockpt and ptsname_r on our master; ptsname_r writes at most name.len() bytes.
-    unsafe {
-        assert_eq!(libc::unlockpt(master.as_raw_fd()), 0, "unlockpt");
-        assert_eq!(libc::ptsname_r(master.as_raw_fd(), name.as_mut_ptr(), name.len()), 0, "ptsname_r");
+
+    /// Its slave, opened anew (close-on-exec, as std opens files).
+    fn slave(&self) -> File {
+        File::options().read(true).write(true).custom_flags(libc::O_NOCTTY).open(&self.name).unwrap()
     }
-    // SAFETY: ptsname_r wrote a NUL-terminated name.
-    let name = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) }.to_str().unwrap().to_string();
-    let slave = File::options().read(true).write(true).custom_flags(libc::O_NOCTTY).open(&name).unwrap();
-    let tmp = tempfile::tempdir().unwrap();
-    let _guard = KillMentioning(tmp.path().to_str().unwrap().to_string());
-    let log = tmp.path().join("log");
-    let script = format!(
-        "import time\nn=0\nwhile True:\n n+=1\n open('{}','a').write('tick %d\\n'%n)\n if n%10==0: print('tty %d'%n, flush=True)\n time.sleep(0.02)\n",
-        log.display()
-    );
-    let mut child = Command::new("/usr/bin/python3").arg("-c").arg(&script).stdin(Stdio::null()).stdout(slave).spawn().unwrap();
-    let pid = child.id() as i32;
-    let mut seen = String::new();
-    let mut term = File::from(master);
-    let mut read_until = |want: &dyn Fn(&str) -> bool, what: &str| {
+
+    /// Reads until the text read holds `want`.
+    fn read_until(&mut self, want: &str) {
         let deadline = Instant::now() + DEADLINE;
         let mut pause = Duration::from_millis(1);
-        while !want(&seen) {
+        while !self.seen.contains(want) {
             let mut buf = [0u8; 4096];
-            match term.read(&mut buf) {
-                Ok(n) if n > 0 => seen.push_str(&String::from_utf8_lossy(&buf[..n])),
+            match self.master.read(&mut buf) {
+                Ok(n) if n > 0 => self.seen.push_str(&String::from_utf8_lossy(&buf[..n])),
                 _ => {
-                    assert!(Instant::now() < deadline, "no {what} on the terminal: {seen:?}");
+                    assert!(Instant::now() < deadline, "no {want:?} on the terminal: {:?}", self.seen);
                     std::thread::sleep(pause);
                     pause = (pause * 2).min(Duration::from_millis(50));
                 }
             }
         }
-    };
-    read_until(&|s: &str| s.contains("tty 10"), "first lines");
+    }
+}
+
+/// python3 ticking into `dir/log`, its stdout the terminal's slave, where it prints
+/// `tty N` every tenth tick; answers it once the terminal showed `tty 10`.
+fn python_on(term: &mut Terminal, dir: &Path) -> Child {
+    let script = format!(
+        "import time\nn=0\nwhile True:\n n+=1\n open('{}','a').write('tick %d\\n'%n)\n if n%10==0: print('tty %d'%n, flush=True)\n time.sleep(0.02)\n",
+        dir.join("log").display()
+    );
+    let child = Command::new("/usr/bin/python3").arg("-c").arg(&script).stdin(Stdio::null()).stdout(term.slave()).spawn().unwrap();
+    term.read_until("tty 10");
+    child
+}
+
+/// The next `tty N` python prints after its log counted `ticks`, plus ten.
+fn tty_after(dir: &Path) -> String {
+    let ticks = std::fs::read_to_string(dir.join("log")).unwrap().lines().count();
+    format!("tty {}", (ticks / 10 + 2) * 10)
+}
+
+#[test]
+fn a_process_on_a_terminal_it_does_not_own_comes_back_writing_to_it() {
+    if !needs_root() {
+        return;
+    }
+    // Its stdout, a slave of our terminal, is reopened by path: the same terminal.
+    let mut term = Terminal::open();
+    let tmp = tempfile::tempdir().unwrap();
+    let _guard = KillMentioning(tmp.path().to_str().unwrap().to_string());
+    let mut child = python_on(&mut term, tmp.path());
+    let pid = child.id() as i32;
     let dir = tmp.path().join("img");
     let o = checkpoint(pid, &dir);
     assert!(o.status.success(), "checkpoint: {}", stderr(&o));
     child.wait().unwrap();
-    let lines = std::fs::read_to_string(&log).unwrap().lines().count();
+    let after = tty_after(tmp.path());
     let new = restore(&dir, pid).unwrap_or_else(|o| panic!("restore: {}", stderr(&o)));
-    let after = (lines / 10 + 2) * 10;
-    read_until(&|s: &str| s.contains(&format!("tty {after}")), "lines from the restored process");
+    term.read_until(&after);
     kill_pid(new);
+}
+
+#[test]
+fn a_process_on_a_terminal_is_not_moved_onto_another_machine_s_terminal_of_that_number() {
+    if !needs_root() {
+        return;
+    }
+    let mut term = Terminal::open();
+    let index = term.name.strip_prefix("/dev/pts/").unwrap().to_string();
+    let tmp = tempfile::tempdir().unwrap();
+    let _guard = KillMentioning(tmp.path().to_str().unwrap().to_string());
+    let mut child = python_on(&mut term, tmp.path());
+    let pid = child.id() as i32;
+    // The destination has terminals of its own (a devpts instance of its own), one of
+    // them with the number of ours, held by a process there.
+    let script = "mount -t devpts -o newinstance devpts /dev/pts || exit 1\n\
+        python3 -c 'import os,sys,time\nptys=[os.openpty() for _ in range(int(sys.argv[2])+1)]\nopen(sys.argv[1]+\"/ptys\",\"w\").close()\ntime.sleep(3600)' \"$1\" \"$2\" &\n\
+        while [ ! -e \"$1/ptys\" ]; do sleep 0.01; done\n\
+        shift 2 && exec \"$@\"";
+    let daemon = Daemon::start_in(Some((script, &[tmp.path().as_os_str(), std::ffi::OsStr::new(&index)])));
+    let o = migrate(pid, &daemon.addr, "stop-copy");
+    fails_with(&o, &[&format!("(/dev/pts/{index}): the terminal there is not the process's")]);
+    // The source carries on, writing to our terminal.
+    let after = tty_after(tmp.path());
+    term.read_until(&after);
+    assert!(pid_alive(pid));
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 /// Whether /proc/locks shows a request of `pid` waiting for a `class` lock.
