@@ -30,6 +30,7 @@
 #include <linux/seccomp.h>
 #include <sched.h>
 #include <sys/epoll.h>
+#include <sys/file.h>
 #include <sys/eventfd.h>
 #include <sys/fsuid.h>
 #include <sys/ioctl.h>
@@ -87,6 +88,7 @@ static int opt_creds;
 static int opt_mm_flags;
 static int opt_mm_sealed;
 static int opt_shared_twice;
+static int opt_locks;
 static uint64_t tsc_per_ms;
 static volatile uint64_t rseq_aborts;
 static pid_t fork_child;
@@ -1799,11 +1801,136 @@ static void rseq_wait(long ms)
         rseq_aborts++;
 }
 
+/* ---- file locks (--locks): in DIR, "lock-posix" holds POSIX write locks on bytes 0-9
+ * (fcntl) and 20-24 (lockf) and a read lock from byte 100 to the end; "lock-ofd" an OFD
+ * write lock on bytes 0-4095 and an OFD read lock on 8192-8291; "lock-flock" flock
+ * LOCK_EX through an fd and its dup (one description); "lock-shared" flock LOCK_SH.
+ * The check runs in a forked helper, another process with descriptions of its own, which
+ * must meet every lock exactly where it was (and nowhere else). */
+static int lk_posix = -1, lk_ofd = -1, lk_flock = -1, lk_flock_dup = -1, lk_shared = -1;
+
+static int lk_set(int fd, int cmd, short type, off_t start, off_t len)
+{
+    struct flock fl = {.l_type = type, .l_whence = SEEK_SET, .l_start = start, .l_len = len};
+    return fcntl(fd, cmd, &fl);
+}
+
+static void setup_locks(void)
+{
+    lk_posix = open_in_dir("lock-posix", O_RDWR | O_CREAT | O_TRUNC);
+    if (lk_set(lk_posix, F_SETLK, F_WRLCK, 0, 10) != 0 || lseek(lk_posix, 20, SEEK_SET) != 20 ||
+        lockf(lk_posix, F_TLOCK, 5) != 0 || lk_set(lk_posix, F_SETLK, F_RDLCK, 100, 0) != 0)
+        die("POSIX locks on lock-posix");
+    lk_ofd = open_in_dir("lock-ofd", O_RDWR | O_CREAT | O_TRUNC);
+    if (lk_set(lk_ofd, F_OFD_SETLK, F_WRLCK, 0, 4096) != 0 || lk_set(lk_ofd, F_OFD_SETLK, F_RDLCK, 8192, 100) != 0)
+        die("OFD locks on lock-ofd");
+    lk_flock = open_in_dir("lock-flock", O_RDWR | O_CREAT | O_TRUNC);
+    lk_flock_dup = dup(lk_flock);
+    if (lk_flock_dup < 0 || flock(lk_flock_dup, LOCK_EX | LOCK_NB) != 0)
+        die("flock LOCK_EX on lock-flock");
+    lk_shared = open_in_dir("lock-shared", O_RDONLY | O_CREAT);
+    if (flock(lk_shared, LOCK_SH | LOCK_NB) != 0)
+        die("flock LOCK_SH on lock-shared");
+}
+
+/* What F_GETLK (or F_OFD_GETLK) answers for a `type` lock on [start, start+len):
+ * the conflicting lock's type, start, length and pid. */
+static int lk_probe(int fd, int cmd, short type, off_t start, off_t len, short want_type, off_t want_start,
+                    off_t want_len, pid_t want_pid, char *msg, size_t n, const char *file)
+{
+    struct flock fl = {.l_type = type, .l_whence = SEEK_SET, .l_start = start, .l_len = len};
+    if (fcntl(fd, cmd, &fl) != 0) {
+        snprintf(msg, n, "%s: GETLK: %s", file, strerror(errno));
+        return 0;
+    }
+    if (fl.l_type != want_type ||
+        (want_type != F_UNLCK && (fl.l_start != want_start || fl.l_len != want_len || fl.l_pid != want_pid))) {
+        snprintf(msg, n, "%s: a %s lock on %lld+%lld meets type %d at %lld+%lld of pid %d, want type %d at %lld+%lld of pid %d",
+                 file, type == F_WRLCK ? "write" : "read", (long long)start, (long long)len, fl.l_type,
+                 (long long)fl.l_start, (long long)fl.l_len, fl.l_pid, want_type, (long long)want_start,
+                 (long long)want_len, want_pid);
+        return 0;
+    }
+    return 1;
+}
+
+/* In the helper: msg gets the first lock of `holder` found missing or changed. */
+static void locks_from_outside(pid_t holder, char *msg, size_t n)
+{
+    char path[PATH_MAX + 32];
+    in_dir(path, "lock-posix");
+    int p = open(path, O_RDWR);
+    in_dir(path, "lock-ofd");
+    int o = open(path, O_RDWR);
+    in_dir(path, "lock-flock");
+    int f = open(path, O_RDONLY);
+    in_dir(path, "lock-shared");
+    int s = open(path, O_RDONLY);
+    if (p < 0 || o < 0 || f < 0 || s < 0) {
+        snprintf(msg, n, "helper: opening the lock files: %s", strerror(errno));
+        return;
+    }
+    const char *pf = "lock-posix", *of = "lock-ofd";
+    if (!lk_probe(p, F_GETLK, F_WRLCK, 0, 1, F_WRLCK, 0, 10, holder, msg, n, pf) ||
+        !lk_probe(p, F_GETLK, F_WRLCK, 10, 10, F_UNLCK, 0, 0, 0, msg, n, pf) ||
+        !lk_probe(p, F_GETLK, F_WRLCK, 20, 1, F_WRLCK, 20, 5, holder, msg, n, pf) ||
+        !lk_probe(p, F_GETLK, F_WRLCK, 25, 75, F_UNLCK, 0, 0, 0, msg, n, pf) ||
+        !lk_probe(p, F_GETLK, F_RDLCK, 100, 0, F_UNLCK, 0, 0, 0, msg, n, pf) ||
+        !lk_probe(p, F_GETLK, F_WRLCK, 1000, 1, F_RDLCK, 100, 0, holder, msg, n, pf) ||
+        !lk_probe(o, F_OFD_GETLK, F_WRLCK, 0, 1, F_WRLCK, 0, 4096, -1, msg, n, of) ||
+        !lk_probe(o, F_OFD_GETLK, F_WRLCK, 4096, 4096, F_UNLCK, 0, 0, 0, msg, n, of) ||
+        !lk_probe(o, F_OFD_GETLK, F_WRLCK, 8291, 1, F_RDLCK, 8192, 100, -1, msg, n, of) ||
+        !lk_probe(o, F_OFD_GETLK, F_RDLCK, 8192, 1, F_UNLCK, 0, 0, 0, msg, n, of) ||
+        !lk_probe(o, F_OFD_GETLK, F_WRLCK, 8292, 1, F_UNLCK, 0, 0, 0, msg, n, of))
+        return;
+    if (flock(f, LOCK_SH | LOCK_NB) == 0 || errno != EWOULDBLOCK)
+        snprintf(msg, n, "lock-flock: another process got LOCK_SH (%s): the LOCK_EX is gone", strerror(errno));
+    else if (flock(s, LOCK_SH | LOCK_NB) != 0)
+        snprintf(msg, n, "lock-shared: another process cannot share it: %s", strerror(errno));
+    else if (flock(s, LOCK_UN) != 0 || flock(s, LOCK_EX | LOCK_NB) == 0 || errno != EWOULDBLOCK)
+        snprintf(msg, n, "lock-shared: another process got LOCK_EX (%s): the LOCK_SH is gone", strerror(errno));
+}
+
+static void verify_locks(void)
+{
+    int ends[2];
+    if (pipe(ends) != 0)
+        FAIL_RET("locks: pipe: %s", strerror(errno));
+    pid_t holder = getpid();
+    pid_t child = fork();
+    if (child < 0)
+        FAIL_RET("locks: fork: %s", strerror(errno));
+    if (child == 0) {
+        char msg[400] = "";
+        locks_from_outside(holder, msg, sizeof msg);
+        write_all(ends[1], msg, strlen(msg), "helper write");
+        _exit(0);
+    }
+    close(ends[1]);
+    char msg[400];
+    size_t got = 0;
+    for (ssize_t r; got < sizeof msg - 1 && (r = read(ends[0], msg + got, sizeof msg - 1 - got)) != 0;)
+        if (r > 0)
+            got += r;
+        else if (errno != EINTR)
+            break;
+    msg[got] = 0;
+    close(ends[0]);
+    int status;
+    while (waitpid(child, &status, 0) < 0 && errno == EINTR)
+        ;
+    if (msg[0])
+        FAIL_RET("%s", msg);
+    /* The holder's own fds: the dup still shares the flock description. */
+    if (flock(lk_flock, LOCK_EX | LOCK_NB) != 0)
+        FAIL_RET("lock-flock: its own fd cannot take LOCK_EX: %s", strerror(errno));
+}
+
 /* ---- main ---- */
 static void usage(void)
 {
     fprintf(stderr, "usage: workload --log PATH [--dir DIR] [--mem-mib N] [--threads N] [--tick-ms N]"
-                    " [--dirty-pages N] [--churn] [--move-mem] [--fork-check] [--rseq] [--process-state] [--seccomp] [--shared-anon] [--event-fds] [--listen] [--creds] [--mm-flags] [--mm-sealed] [--shared-twice] [--no-files]\n");
+                    " [--dirty-pages N] [--churn] [--move-mem] [--fork-check] [--rseq] [--process-state] [--seccomp] [--shared-anon] [--event-fds] [--listen] [--creds] [--mm-flags] [--mm-sealed] [--shared-twice] [--locks] [--no-files]\n");
     exit(2);
 }
 
@@ -1836,6 +1963,7 @@ int main(int argc, char **argv)
             {"--creds", &opt_creds, 1},
             {"--mm-flags", &opt_mm_flags, 1},    {"--mm-sealed", &opt_mm_sealed, 1},
             {"--shared-twice", &opt_shared_twice, 1},
+            {"--locks", &opt_locks, 1},
         };
         int flag = 0;
         for (size_t f = 0; f < sizeof flags / sizeof flags[0] && !flag; f++)
@@ -1914,6 +2042,8 @@ int main(int argc, char **argv)
         setup_event_fds();
     if (opt_listen)
         setup_listener();
+    if (opt_locks)
+        setup_locks();
 
     if (opt_creds)
         setup_creds();
@@ -2023,6 +2153,8 @@ int main(int argc, char **argv)
         verify_mm_sealed();
     if (opt_shared_twice && !failure[0])
         verify_shared_twice();
+    if (opt_locks && !failure[0])
+        verify_locks();
 
     if (failure[0]) {
         logf_("FAIL: %s", failure);
