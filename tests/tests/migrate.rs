@@ -521,8 +521,9 @@ fn precopy_of_a_process_outrunning_the_link_converges_only_when_throttled() {
     moved(&mut w, old, mid, 3);
 
     // Again, from where it landed, with auto-converge: it takes 9 to 20 rounds on this
-    // noisy VM, as the throttle steps up; the room beyond is for a busy machine.
-    let on = precopy_config(dir.path(), "on.json", r#"{"throttle": true, "max_rounds": 40}"#);
+    // noisy VM, as the throttle steps up; the room beyond is for a busy machine (41 were
+    // seen with three test suites running at once).
+    let on = precopy_config(dir.path(), "on.json", r#"{"throttle": true, "max_rounds": 60}"#);
     let (stats, new) = precopy_stats(&migrate_with_config(&on, mid, &daemon.addr), mid);
     w.adopt(new);
     eprintln!("pre-copy with throttle: {stats}");
