@@ -135,11 +135,14 @@ enum Command {
 
 #[derive(Subcommand)]
 enum PluginsCommand {
-    /// List every plugin of the plugin directory with its status.
+    /// List the running daemon's registry, or without a daemon every plugin of the plugin directory with its status.
     List {
         /// Print a JSON array of {name, kind, version, path, status}.
         #[arg(long)]
         json: bool,
+        /// Control socket of the daemon to ask (beats the configuration file).
+        #[arg(long, value_name = "PATH")]
+        control: Option<PathBuf>,
     },
     /// Check a plugin (a path, or a name in the plugin directory) and register it in the running daemon.
     Load {
@@ -455,17 +458,25 @@ fn plugins(cli: &Cli, command: &PluginsCommand) -> Outcome {
     let config = effective(cli, Overrides::default())?;
     let dir = manager::plugin_dir(None, config.plugin_dir.as_deref());
     match command {
-        PluginsCommand::List { json } => list(&dir, *json),
+        PluginsCommand::List { json, control } => {
+            // The daemon's registry is what events use; a --plugin-dir asks for a directory.
+            let socket = control.clone().unwrap_or(config.daemon.control.clone());
+            if cli.plugin_dir.is_none() && control::daemon_running(&socket) {
+                let reply = control::request(&socket, &Request::List, Duration::from_secs(10))?;
+                let plugins = daemon_reply(reply)?;
+                return list_registry(&socket, &plugins, *json);
+            }
+            list(&dir, *json)
+        }
         PluginsCommand::Load { plugin, control } => {
             let path = resolve_plugin(&dir, plugin)?;
             let meta = manager::validate(&path)?;
             let socket = control.clone().unwrap_or(config.daemon.control.clone());
             if !control::daemon_running(&socket) {
-                outln!(
-                    "{} plugin {} {} is valid ({}); no daemon runs at {}, nothing registered",
+                return Err(Failure(format!(
+                    "{} plugin {} {} is valid ({}), but no daemon runs at {}: nothing was registered (start `ferry daemon`)",
                     meta.kind, meta.name, meta.version, meta.path.display(), socket.display()
-                );
-                return Ok(());
+                )));
             }
             let reply = control::request(&socket, &Request::Load { path: meta.path.clone() }, Duration::from_secs(30))?;
             daemon_reply(reply)?;
@@ -483,9 +494,9 @@ fn plugins(cli: &Cli, command: &PluginsCommand) -> Outcome {
     }
 }
 
-fn daemon_reply(reply: control::Reply) -> Outcome {
+fn daemon_reply(reply: control::Reply) -> Result<Vec<manager::PluginMeta>, Failure> {
     if reply.ok {
-        Ok(())
+        Ok(reply.plugins)
     } else {
         Err(Failure(format!("daemon refused: {}", reply.error.unwrap_or_else(|| "no reason given".into()))))
     }
@@ -501,6 +512,24 @@ fn resolve_plugin(dir: &Path, plugin: &str) -> Result<PathBuf, Failure> {
         .into_iter()
         .find_map(|f| f.meta.filter(|m| m.name == plugin).map(|m| m.path))
         .ok_or_else(|| Failure(format!("no plugin named {plugin} in {}", dir.display())))
+}
+
+/// The registry of the daemon at `socket`.
+fn list_registry(socket: &Path, plugins: &[manager::PluginMeta], json: bool) -> Outcome {
+    let status = format!("registered in the daemon at {}", socket.display());
+    if json {
+        let rows: Vec<serde_json::Value> = plugins
+            .iter()
+            .map(|m| serde_json::json!({"name": m.name, "kind": m.kind, "version": m.version, "path": m.path, "status": status}))
+            .collect();
+        outln!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    outln!("the registry of the daemon at {}:", socket.display());
+    for m in plugins {
+        outln!("{:<10} {:<12} {:<8} {}", m.kind, m.name, m.version, m.path.display());
+    }
+    Ok(())
 }
 
 fn list(dir: &Path, json: bool) -> Outcome {
@@ -523,6 +552,8 @@ fn list(dir: &Path, json: bool) -> Outcome {
     }
     if found.is_empty() {
         outln!("no plugins in {}", dir.display());
+    } else {
+        outln!("the plugins of directory {} (no daemon asked):", dir.display());
     }
     for f in &found {
         let (kind, name, version) = f
