@@ -14,6 +14,7 @@ use ferry::{
     commands::daemon,
     commands::migrate::{self, MigrateRequest},
     config::{Config, ExecContext, Overrides, Quiesce, Strategy},
+    engine::event::Tick,
     engine::manager::{self, Manager},
     commands::restore::{self, RestoreRequest},
     image,
@@ -280,7 +281,7 @@ fn run(cli: Cli) -> Outcome {
                 leave_running: *leave_running,
                 watchdog: Duration::from_millis(config.watchdog_ms),
             };
-            let stats = checkpoint::checkpoint(&manager, &req, &mut progress_bar("checkpoint"))?;
+            let stats = with_progress("checkpoint", |p| checkpoint::checkpoint(&manager, &req, p))?;
             if *json {
                 outln!("{}", serde_json::to_string(&stats)?);
             } else {
@@ -299,7 +300,7 @@ fn run(cli: Cli) -> Outcome {
                 medium: "file".into(),
                 watchdog: Duration::from_millis(config.watchdog_ms),
             };
-            let stats = restore::restore(&manager, &req, &mut progress_bar("restore"))?;
+            let stats = with_progress("restore", |p| restore::restore(&manager, &req, p))?;
             if *json {
                 outln!("{}", serde_json::to_string(&stats)?);
             } else {
@@ -387,7 +388,7 @@ fn run(cli: Cli) -> Outcome {
                 fault_window: config.tuning.post_copy.fault_window_kib as u64 * 1024,
                 push_batch: config.tuning.post_copy.push_batch_kib as u64 * 1024,
             };
-            let stats = migrate::migrate(&manager, &req, &mut progress_bar("migrate"))?;
+            let stats = with_progress("migrate", |p| migrate::migrate(&manager, &req, p))?;
             if *json {
                 outln!("{}", serde_json::to_string(&stats)?);
             } else {
@@ -406,16 +407,23 @@ fn registry(config: &Config) -> Result<Manager, Failure> {
     Ok(manager)
 }
 
-/// Progress on stderr, only when it is a terminal and the event takes more than a moment.
-fn progress_bar(what: &'static str) -> impl FnMut(&str) {
-    let started = std::time::Instant::now();
-    // SAFETY: isatty on a file descriptor number has no preconditions.
-    let tty = unsafe { libc::isatty(2) } == 1;
-    move |plugin: &str| {
-        if tty && started.elapsed() > Duration::from_millis(300) {
-            eprint!("\r\x1b[Kferry {what}: {plugin} … {:.1} s", started.elapsed().as_secs_f64());
-        }
-    }
+/// Runs an event with a progress line on stderr (drawn only on a terminal, at most 10
+/// times a second): the plugin at work, its bytes done of its total, the rate and the
+/// time left. The line is cleared before the event's result is printed.
+fn with_progress<T>(what: &'static str, event: impl FnOnce(&mut dyn FnMut(&Tick)) -> T) -> T {
+    let bar = indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr_with_hz(10));
+    let style = indicatif::ProgressStyle::with_template("ferry {prefix}: {msg:10} {bytes}/{total_bytes} {binary_bytes_per_sec} {eta} left")
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner());
+    bar.set_style(style);
+    bar.set_prefix(what);
+    let mut tick = |t: &Tick| {
+        bar.set_message(t.plugin.to_string());
+        bar.set_length(t.status.bytes_total.max(t.status.bytes_done));
+        bar.set_position(t.status.bytes_done);
+    };
+    let result = event(&mut tick);
+    bar.finish_and_clear();
+    result
 }
 
 /// A stream of an image, pulled through a medium instance of its own.

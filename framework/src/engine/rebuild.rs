@@ -12,7 +12,7 @@ use ferry_plugin_api::{util::parse_maps, MediumBox};
 use crate::{
     engine::context::LazyPlan,
     engine::context::{ExternalContext, MediumPull, SharedTable, StreamSource},
-    engine::event::{self, EventError, Stats},
+    engine::event::{Tick, self, EventError, Stats},
     engine::manager::Manager,
     engine::watchdog::Watchdog,
     image::{Inventory, PluginEntry, ProcessEntry, RecordReader, INVENTORY_STREAM},
@@ -392,7 +392,7 @@ pub fn restore_streaming(
     child: Option<Blank>,
     watchdog: &Watchdog,
     started: Instant,
-    progress: &mut dyn FnMut(&str),
+    progress: &mut dyn FnMut(&Tick),
 ) -> Result<Held, EventError> {
     let held = rebuild(manager, medium, plan, false, child, watchdog, started, progress)?;
     let checked = Inventory::read_from(&mut MediumPull { medium, stream: INVENTORY_STREAM }).map(|inv| {
@@ -458,7 +458,7 @@ pub fn rebuild(
     child: Option<Blank>,
     watchdog: &Watchdog,
     started: Instant,
-    progress: &mut dyn FnMut(&str),
+    progress: &mut dyn FnMut(&Tick),
 ) -> Result<Held, EventError> {
     check_plugins(manager, &plan.plugins)?;
     let process = &plan.process;
