@@ -911,3 +911,41 @@ fn a_daemon_under_idle_and_slow_connections_still_serves_a_migration() {
     assert!(threads < 64 + 32, "the daemon runs {threads} threads under the crowd");
     wait_until("the daemon to report the connections it closed", Duration::from_secs(30), || daemon.log().contains("did not shake hands in time or crowded the door"));
 }
+
+#[test]
+fn a_daemon_answers_a_frame_it_will_not_read_and_hellos_that_name_no_event() {
+    if !is_root() {
+        eprintln!("skipping: migration needs root");
+        return;
+    }
+    use std::io::{Read, Write};
+    let daemon = Daemon::start(None, "127.0.0.1", &[]);
+    // The daemon's answer: a length, then a JSON refusal.
+    let answer = |send: &[u8]| -> String {
+        let mut s = std::net::TcpStream::connect(&daemon.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        s.write_all(send).unwrap();
+        let mut len = [0u8; 4];
+        s.read_exact(&mut len).unwrap();
+        let mut body = vec![0u8; u32::from_le_bytes(len) as usize];
+        s.read_exact(&mut body).unwrap();
+        String::from_utf8_lossy(&body).into_owned()
+    };
+    // Oversized: refused with the reason before the close (it was closed silently).
+    let reply = answer(&(2u32 << 20).to_le_bytes());
+    assert!(reply.contains("\"refused\"") && reply.contains("limit 1 MiB"), "{reply}");
+    let reply = answer(b"GET / HTTP/1.1\r\n\r\n");
+    assert!(reply.contains("not a ferry daemon"), "{reply}");
+    // A hello with a strategy nobody knows and a pid that is no process: refused at once
+    // (they were welcomed, then timed out).
+    let hello = serde_json::json!({
+        "type": "hello", "protocol": 2, "arch": std::env::consts::ARCH, "page_size": 4096,
+        "token": "0123456789abcdef0123456789abcdef", "request_id": 1, "pid": -1, "strategy": "teleport",
+        "medium": {"name": "tcp", "version": "0.1.0"}, "subsystems": [], "features": []
+    })
+    .to_string();
+    let mut frame = (hello.len() as u32).to_le_bytes().to_vec();
+    frame.extend_from_slice(hello.as_bytes());
+    let reply = answer(&frame);
+    assert!(reply.contains("\"refused\"") && reply.contains("names no process (pid -1)"), "{reply}");
+}
