@@ -2004,6 +2004,16 @@ static int sc_killed(int exec_mmap)
     return WIFSIGNALED(status) && WTERMSIG(status) == SIGSYS;
 }
 
+/* Every tick: the first filter is in force (after a post-copy resume too, while the
+ * memory still arrives under ferry's tracing). */
+static void seccomp_tick(uint64_t tick)
+{
+    errno = 0;
+    if (syscall(SYS_getppid) != -1 || errno != EPERM)
+        fail("seccomp: at tick %llu getppid gave %s, want EPERM: the filters were not in force",
+             (unsigned long long)tick, errno ? strerror(errno) : "success");
+}
+
 /* Runs while the threads still do: each thread's filters are checked from /proc. */
 static void verify_seccomp(void)
 {
@@ -2227,6 +2237,8 @@ int main(int argc, char **argv)
             serve_listener(tick);
         if (opt_mm_flags)
             mmf_tick(tick);
+        if (opt_seccomp)
+            seccomp_tick(tick);
         if (opt_rseq) {
             logf_("rseq-aborts %llu", (unsigned long long)rseq_aborts);
             rseq_wait(opt_tick_ms);
