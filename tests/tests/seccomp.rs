@@ -247,3 +247,104 @@ fn seccomp_filters_survive_every_strategy() {
     }
     w.terminate_and_check(pid).unwrap();
 }
+
+/// A python3 program that sandboxes itself as unprivileged programs do (no_new_privs,
+/// then a filter by prctl): `getppid` answers -1 (EPERM) from then on, logged each tick.
+const SANDBOXED_PY: &str = r#"
+import ctypes, os, struct, sys, time
+log = open(sys.argv[1], 'a', buffering=1)
+def insn(code, jt, jf, k): return struct.pack('<HBBI', code, jt, jf, k)
+prog = insn(0x20, 0, 0, 0) + insn(0x15, 0, 1, 110) + insn(0x06, 0, 0, 0x00050001) + insn(0x06, 0, 0, 0x7fff0000)
+buf = ctypes.create_string_buffer(prog)
+class Prog(ctypes.Structure):
+    _fields_ = [('len', ctypes.c_ushort), ('filter', ctypes.c_void_p)]
+fprog = Prog(4, ctypes.addressof(buf))
+libc = ctypes.CDLL(None, use_errno=True)
+if libc.prctl(38, 1, 0, 0, 0) != 0 or libc.prctl(22, 2, ctypes.byref(fprog), 0, 0) != 0:
+    sys.exit('seccomp: errno %d' % ctypes.get_errno())
+n = 0
+while True:
+    n += 1
+    log.write('tick %d ppid %d\n' % (n, os.getppid()))
+    time.sleep(0.02)
+"#;
+
+/// Kills the pids it holds when dropped (a failed assertion included).
+struct Pids(Vec<i32>);
+
+impl Drop for Pids {
+    fn drop(&mut self) {
+        for &pid in &self.0 {
+            if pid_alive(pid) {
+                ferry_tests::workload::kill_pid(pid);
+            }
+        }
+    }
+}
+
+/// The `(tick, ppid)` lines of the python program's log.
+fn py_ticks(log: &std::path::Path) -> Vec<(u64, i64)> {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+    complete
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            Some((w.nth(1)?.parse().ok()?, w.nth(1)?.parse().ok()?))
+        })
+        .collect()
+}
+
+#[test]
+fn a_python_program_that_sandboxes_itself_keeps_its_sandbox_through_restore_and_postcopy() {
+    if !is_root() {
+        eprintln!("skipping: checkpoint needs root");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let log = tmp.path().join("py.log");
+    let mut child = Command::new("python3")
+        .args(["-c", SANDBOXED_PY])
+        .arg(&log)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut pids = Pids(vec![child.id() as i32]);
+    let old = child.id() as i32;
+    let ticked_past = |n: u64| py_ticks(&log).last().is_some_and(|t| t.0 > n);
+    wait_until("python's first ticks", Duration::from_secs(30), || ticked_past(2));
+    let dir = tmp.path().join("img");
+    let o = ferry(&["checkpoint", &old.to_string(), "--dir", dir.to_str().unwrap()]);
+    assert!(o.status.success(), "checkpoint failed: {}", stderr(&o));
+    let _ = child.wait();
+    let o = ferry(&["restore", "--dir", dir.to_str().unwrap(), "--json"]);
+    assert!(o.status.success(), "restore failed: {}", stderr(&o));
+    let stats: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let mut pid = stats["pids"][old.to_string()].as_i64().unwrap() as i32;
+    pids.0.push(pid);
+    let status = |pid: i32| std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    assert!(status(pid).contains("Seccomp:\t2") && status(pid).contains("NoNewPrivs:\t1"), "{}", status(pid));
+    let at = py_ticks(&log).last().unwrap().0;
+    wait_until("python to tick on after the restore", Duration::from_secs(30), || ticked_past(at + 3));
+
+    // Post-copy: it runs under its filter while its memory still comes from the source.
+    let daemon = Daemon::start();
+    let o = Command::new(ferry_bin())
+        .args(["migrate", &pid.to_string(), "--to", &daemon.addr, "--json", "--strategy", "post-copy"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "post-copy: {} (daemon: {})", stderr(&o), daemon.log());
+    let stats: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let new = stats["pids"][pid.to_string()].as_i64().unwrap() as i32;
+    pids.0.push(new);
+    wait_until("the source to be gone", Duration::from_secs(30), || !pid_alive(pid));
+    pid = new;
+    assert!(status(pid).contains("Seccomp:\t2"), "{}", status(pid));
+    let at = py_ticks(&log).last().unwrap().0;
+    wait_until("python to tick on after post-copy", Duration::from_secs(30), || ticked_past(at + 3));
+    let ticks = py_ticks(&log);
+    assert!(ticks.iter().all(|&(_, ppid)| ppid == -1), "getppid escaped the filter: {ticks:?}");
+    assert!(ticks.windows(2).all(|w| w[1].0 == w[0].0 + 1), "ticks are not continuous: {ticks:?}");
+}
