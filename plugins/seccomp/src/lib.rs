@@ -413,3 +413,6 @@ mod tests {
         assert_eq!(spec_allow(&t), 0);
     }
 }
+
+#[cfg(test)]
+mod mock_tests;
