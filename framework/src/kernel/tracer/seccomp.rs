@@ -26,6 +26,16 @@ impl Tracer {
     /// seccomp that cannot be suspended is refused before it is touched; any other is
     /// seized without (nothing to suspend). Answers the options for its other threads.
     pub(super) fn seize_first(&mut self, tid: pid_t, opts: usize) -> Result<usize, TraceError> {
+        // A restore child (seized to die with ferry) is a fork of ferry: filters it has
+        // are ferry's own, which the restored process would keep.
+        if opts & libc::PTRACE_O_EXITKILL as usize != 0 {
+            if let Some(&(under, _)) = seccomp_modes(self.pid).first() {
+                return Err(TraceError::Thread {
+                    tid: under,
+                    message: "the restore child inherited the seccomp filters ferry itself runs under, which the restored process would keep: run ferry outside seccomp".into(),
+                });
+            }
+        }
         let with = opts | PTRACE_O_SUSPEND_SECCOMP;
         let refused = match ptrace(libc::PTRACE_SEIZE, tid, 0, with, "PTRACE_SEIZE") {
             Ok(_) => {
