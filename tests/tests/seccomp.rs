@@ -175,6 +175,11 @@ fn without_suspending_the_filters_ferry_refuses_before_touching_the_process() {
     let o = ferry_under_seccomp(&["checkpoint", &w.pid.to_string(), "--dir", dir.to_str().unwrap()]);
     fails_with(&o, "does not let ferry suspend its filters");
     assert!(!dir.exists(), "a refused checkpoint writes nothing");
+    // A restore: its restore child, a fork of ferry, would keep ferry's own filters.
+    let o = ferry(&["checkpoint", &w.pid.to_string(), "--dir", dir.to_str().unwrap(), "--leave-running"]);
+    assert!(o.status.success(), "checkpoint failed: {}", stderr(&o));
+    let o = ferry_under_seccomp(&["restore", "--dir", dir.to_str().unwrap()]);
+    fails_with(&o, "the restore child inherited the seccomp filters ferry itself runs under");
     still_fine(&mut w);
 }
 
