@@ -240,7 +240,7 @@ pub struct Mechanism {
 impl Default for Mechanism {
     fn default() -> Self {
         Mechanism {
-            subsystems: ["memory", "threads", "files", "signals", "process", "creds"]
+            subsystems: ["memory", "threads", "files", "signals", "process", "seccomp", "creds"]
                 .map(String::from)
                 .to_vec(),
             medium: "file".to_owned(),

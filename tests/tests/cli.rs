@@ -126,7 +126,7 @@ fn config_show_layers_defaults_file_and_command_line() {
     assert_eq!(shown["mechanism"]["medium"], "file"); // command line beats file
     assert_eq!(shown["mechanism"]["quiesce"], "freezer"); // command line
     assert_eq!(shown["mechanism"]["context"], "external"); // default
-    assert_eq!(shown["mechanism"]["subsystems"], serde_json::json!(["memory", "threads", "files", "signals", "process", "creds"]));
+    assert_eq!(shown["mechanism"]["subsystems"], serde_json::json!(["memory", "threads", "files", "signals", "process", "seccomp", "creds"]));
 
     // The shipped example is a valid configuration, and `config example` prints it.
     let example = ferry(&["config", "example"]);

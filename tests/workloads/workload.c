@@ -11,6 +11,7 @@
  *
  * Nothing here caches a pid or tid: after a restore they may differ. */
 #define _GNU_SOURCE
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
@@ -1926,6 +1927,138 @@ static void verify_locks(void)
         FAIL_RET("lock-flock: its own fd cannot take LOCK_EX: %s", strerror(errno));
 }
 
+/* ---- seccomp (--seccomp) ----
+ * Two stacked filters: the first installed with TSYNC (and LOG) by the main thread once
+ * the threads run, so every thread shares it; the second in the main thread alone. Each
+ * turns one harmless call into an errno and kills the process for a call ferry's own
+ * checkpoint injects (an executable mmap: its scratch area; prctl(PR_GET_SECUREBITS):
+ * the creds plugin), so a checkpoint that let its calls meet the filters kills it. */
+static int sc_install(unsigned flags, struct sock_filter *insns, unsigned short len)
+{
+    struct sock_fprog prog = {len, insns};
+    return (int)syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, flags, &prog);
+}
+
+#define SC_NR BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr))
+#define SC_ARG(n) BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, args[n]))
+
+static void setup_seccomp(void)
+{
+    struct sock_filter first[] = {
+        SC_NR,
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_getppid, 0, 1),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | EPERM),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_mmap, 0, 3),
+        SC_ARG(2),
+        BPF_JUMP(BPF_JMP | BPF_JSET | BPF_K, PROT_EXEC, 0, 1),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_KILL_PROCESS),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+    };
+    struct sock_filter second[] = {
+        SC_NR,
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_getsid, 0, 1),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | EACCES),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_prctl, 0, 3),
+        SC_ARG(0),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, PR_GET_SECUREBITS, 0, 1),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_KILL_PROCESS),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+    };
+    /* Root: CAP_SYS_ADMIN lets it install filters without no_new_privs. */
+    if (sc_install(SECCOMP_FILTER_FLAG_TSYNC | SECCOMP_FILTER_FLAG_LOG, first, sizeof first / sizeof first[0]) != 0)
+        die("seccomp: first filter (TSYNC)");
+    if (sc_install(0, second, sizeof second / sizeof second[0]) != 0)
+        die("seccomp: second filter");
+}
+
+/* The status line `key` of thread `tid` as a number, or -1. */
+static long sc_status(pid_t tid, const char *key)
+{
+    char path[64], line[256];
+    snprintf(path, sizeof path, "/proc/self/task/%d/status", (int)tid);
+    FILE *f = fopen(path, "r");
+    long v = -1;
+    size_t n = strlen(key);
+    while (f && fgets(line, sizeof line, f))
+        if (!strncmp(line, key, n) && line[n] == ':')
+            v = strtol(line + n + 1, NULL, 10);
+    if (f)
+        fclose(f);
+    return v;
+}
+
+/* A forked child that makes a call the filters kill: it must die of SIGSYS. */
+static int sc_killed(int exec_mmap)
+{
+    pid_t c = fork();
+    if (c == 0) {
+        if (exec_mmap)
+            mmap(NULL, PAGE, PROT_READ | PROT_EXEC, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        else
+            prctl(PR_GET_SECUREBITS, 0, 0, 0, 0);
+        _exit(0);
+    }
+    int status;
+    if (c < 0 || waitpid(c, &status, 0) != c)
+        return 0;
+    return WIFSIGNALED(status) && WTERMSIG(status) == SIGSYS;
+}
+
+/* Every tick: the first filter is in force (after a post-copy resume too, while the
+ * memory still arrives under ferry's tracing). */
+static void seccomp_tick(uint64_t tick)
+{
+    errno = 0;
+    if (syscall(SYS_getppid) != -1 || errno != EPERM)
+        fail("seccomp: at tick %llu getppid gave %s, want EPERM: the filters were not in force",
+             (unsigned long long)tick, errno ? strerror(errno) : "success");
+}
+
+/* Runs while the threads still do: each thread's filters are checked from /proc. */
+static void verify_seccomp(void)
+{
+    pid_t me = getpid();
+    if (sc_status(me, "Seccomp") != 2 || sc_status(me, "Seccomp_filters") != 2)
+        FAIL_RET("seccomp: the main thread has Seccomp %ld, Seccomp_filters %ld, want 2 and 2", sc_status(me, "Seccomp"),
+                 sc_status(me, "Seccomp_filters"));
+    DIR *d = opendir("/proc/self/task");
+    if (!d)
+        FAIL_RET("seccomp: /proc/self/task: %s", strerror(errno));
+    long threads = 0;
+    for (struct dirent *e; (e = readdir(d));) {
+        pid_t tid = (pid_t)atoi(e->d_name);
+        if (tid <= 0 || tid == me)
+            continue;
+        threads++;
+        if (sc_status(tid, "Seccomp") != 2 || sc_status(tid, "Seccomp_filters") != 1) {
+            closedir(d);
+            FAIL_RET("seccomp: thread %d has Seccomp %ld, Seccomp_filters %ld, want 2 and 1 (the shared filter)", (int)tid,
+                     sc_status(tid, "Seccomp"), sc_status(tid, "Seccomp_filters"));
+        }
+    }
+    closedir(d);
+    if (threads != opt_threads)
+        FAIL_RET("seccomp: %ld other threads, want %ld", threads, opt_threads);
+    errno = 0;
+    if (syscall(SYS_getppid) != -1 || errno != EPERM)
+        FAIL_RET("seccomp: getppid gave %s, want EPERM from the first filter", strerror(errno));
+    errno = 0;
+    if (syscall(SYS_getsid, 0) != -1 || errno != EACCES)
+        FAIL_RET("seccomp: getsid gave %s, want EACCES from the second filter", strerror(errno));
+    if (syscall(SYS_getpid) != me || syscall(SYS_getuid) < 0)
+        FAIL_RET("seccomp: an allowed call failed");
+    if (!sc_killed(0))
+        FAIL_RET("seccomp: prctl(PR_GET_SECUREBITS) no longer kills (second filter)");
+    if (!sc_killed(1))
+        FAIL_RET("seccomp: an executable mmap no longer kills (first filter)");
+    /* TSYNC again: it works only while every thread's filters are the main thread's
+     * own or their ancestors — the first filter still one object shared by all. */
+    struct sock_filter allow[] = {BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW)};
+    long r = sc_install(SECCOMP_FILTER_FLAG_TSYNC, allow, 1);
+    if (r != 0)
+        FAIL_RET("seccomp: TSYNC failed (%ld, %s): the threads no longer share the first filter", r, strerror(errno));
+}
+
 /* ---- main ---- */
 static void usage(void)
 {
@@ -2060,13 +2193,8 @@ int main(int argc, char **argv)
         setup_creds_dumpable();
     if (opt_process_state)
         setup_process_state();
-    if (opt_seccomp) {
-        /* A filter that allows everything: only its presence matters. */
-        struct sock_filter allow[] = {BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW)};
-        struct sock_fprog prog = {1, allow};
-        if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 || prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog) != 0)
-            die("seccomp");
-    }
+    if (opt_seccomp)
+        setup_seccomp();
     /* raise() is tgkill to this thread: a thread-directed signal pending across dumps. */
     if (raise(SIGUSR2) != 0)
         die("raise USR2");
@@ -2109,6 +2237,8 @@ int main(int argc, char **argv)
             serve_listener(tick);
         if (opt_mm_flags)
             mmf_tick(tick);
+        if (opt_seccomp)
+            seccomp_tick(tick);
         if (opt_rseq) {
             logf_("rseq-aborts %llu", (unsigned long long)rseq_aborts);
             rseq_wait(opt_tick_ms);
@@ -2117,6 +2247,8 @@ int main(int argc, char **argv)
         }
     }
 
+    if (opt_seccomp)
+        verify_seccomp();
     atomic_store(&stop_threads, 1);
     for (long i = 0; i < opt_threads; i++) {
         errno = pthread_join(threads[i], NULL);

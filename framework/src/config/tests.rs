@@ -38,7 +38,7 @@ fn defaults() {
     assert_eq!(c.plugin_dir, None);
     assert_eq!(
         c.mechanism.subsystems,
-        ["memory", "threads", "files", "signals", "process", "creds"]
+        ["memory", "threads", "files", "signals", "process", "seccomp", "creds"]
     );
     assert_eq!(c.mechanism.medium, "file");
     assert_eq!(c.mechanism.strategy, Strategy::StopCopy);

@@ -148,6 +148,8 @@ pub struct Tracer {
     forked: Vec<pid_t>,
     /// The process was stopped by job control when it was seized.
     group_stopped: bool,
+    /// Its seccomp filters are suspended while ferry holds it (see `seccomp`).
+    seccomp_suspended: bool,
 }
 
 impl Tracer {
@@ -193,8 +195,11 @@ impl Tracer {
             held: Vec::new(),
             forked: Vec::new(),
             group_stopped,
+            seccomp_suspended: false,
         };
         let mut seized: Vec<pid_t> = Vec::new();
+        // TRACESYSGOOD: an injected call is followed by its system-call stops.
+        let mut opts = (libc::PTRACE_O_TRACECLONE | libc::PTRACE_O_TRACESYSGOOD) as usize | extra;
         // List until a pass finds no thread we have not seized.
         loop {
             let fresh: Vec<pid_t> =
@@ -203,9 +208,12 @@ impl Tracer {
                 break;
             }
             for tid in fresh {
-                // TRACESYSGOOD: an injected call is followed by its system-call stops.
-                let opts = (libc::PTRACE_O_TRACECLONE | libc::PTRACE_O_TRACESYSGOOD) as usize | extra;
-                match ptrace(libc::PTRACE_SEIZE, tid, 0, opts, "PTRACE_SEIZE") {
+                let seize = if seized.is_empty() {
+                    tracer.seize_first(tid, opts).map(|with| opts = with)
+                } else {
+                    ptrace(libc::PTRACE_SEIZE, tid, 0, opts, "PTRACE_SEIZE").map(|_| ())
+                };
+                match seize {
                     Ok(_) => {}
                     // A thread that exited between listing and seizing.
                     Err(_) if !std::path::Path::new(&format!("/proc/{pid}/task/{tid}")).exists() => continue,
@@ -770,6 +778,8 @@ pub(crate) fn vm_ranges(pid: pid_t, ranges: &[(u64, u64)], local: *mut u8, local
 }
 
 mod inject;
+mod seccomp;
+pub use seccomp::PTRACE_O_SUSPEND_SECCOMP;
 
 #[cfg(test)]
 mod tests;
