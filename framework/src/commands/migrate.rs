@@ -369,8 +369,15 @@ pub fn migrate(manager: &Manager, req: &MigrateRequest, progress: &mut dyn FnMut
                         let_go(tracer, None);
                         drop(freezer);
                         let why = unexpected(other);
+                        // Say what is true of the source: killed from outside meanwhile,
+                        // it does not carry on.
+                        let here = if target::check_target(req.pid).is_ok() {
+                            format!("process {} carries on here from the freeze", req.pid)
+                        } else {
+                            format!("process {} is gone here too (killed from outside?): the process is lost", req.pid)
+                        };
                         return Err(refused(format!(
-                            "the connection failed during post-copy ({why}): the destination's copy is killed; this one carries on from the freeze"
+                            "the connection failed during post-copy ({why}): the destination's copy is killed; {here}"
                         )));
                     }
                 }
