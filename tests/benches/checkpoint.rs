@@ -85,12 +85,15 @@ fn main() {
     let buf = vec![0x5au8; 8 << 20];
     ferry_tests::warm_guest_memory();
     println!(
-        "{:>6} {:>9} {:>9} {:>9} {:>7} {:>10} {:>7} {:>9} {:>9} {:>7} {:>8} {:>8}",
-        "MiB", "ckpt ms", "frozen", "write ms", "ratio", "c+w ms", "ratio", "rest ms", "read ms", "ratio", "ckpt GB/s", "rest GB/s"
+        "{:>6} {:>9} {:>9} {:>9} {:>9} {:>7} {:>10} {:>7} {:>9} {:>9} {:>9} {:>7} {:>8} {:>8}",
+        "MiB", "ckpt ms", "wall", "frozen", "write ms", "ratio", "c+w ms", "ratio", "rest ms", "wall", "read ms", "ratio", "ckpt GB/s", "rest GB/s"
     );
     for size in sizes {
         let runs = 7;
         let (mut ck, mut fr, mut wr, mut rs, mut rd, mut cw) = (vec![], vec![], vec![], vec![], vec![], vec![]);
+        // The commands' wall time from outside: ferry's own figures start after it
+        // loaded its configuration and plugins.
+        let (mut ckw, mut rsw) = (vec![], vec![]);
         // What copy+write copies out of: touched, like the workload's memory.
         let src = vec![0xa5u8; (size as usize) << 20];
         let mut bytes = 0u64;
@@ -107,7 +110,9 @@ fn main() {
             let mut w = Workload::spawn(&WorkloadOpts { mem_mib: size as u32, files: false, tick_ms: 50, ..Default::default() });
             w.wait_ticks(1);
             let dir = base.join(format!("img-{size}-{i}"));
+            let t = Instant::now();
             let o = ferry(&["checkpoint", &w.pid.to_string(), "--dir", dir.to_str().unwrap(), "--json"]);
+            ckw.push(t.elapsed().as_secs_f64() * 1e3);
             assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
             let s: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
             bytes = s["bytes"].as_u64().unwrap();
@@ -115,7 +120,9 @@ fn main() {
             fr.push(s["frozen_ms"].as_f64().unwrap());
             // Its parent reaps it, as a shell or init would; restore waits for that.
             w.reap();
+            let t = Instant::now();
             let o = ferry(&["restore", "--dir", dir.to_str().unwrap(), "--json"]);
+            rsw.push(t.elapsed().as_secs_f64() * 1e3);
             assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
             let r: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
             rs.push(r["total_ms"].as_f64().unwrap());
@@ -132,9 +139,10 @@ fn main() {
         }
         let (c, f, w, r, d) = (median(&mut ck), median(&mut fr), median(&mut wr), median(&mut rs), median(&mut rd));
         let m = median(&mut cw);
+        let (cwall, rwall) = (median(&mut ckw), median(&mut rsw));
         let gbs = |ms: f64| bytes as f64 / (ms / 1e3) / 1e9;
         println!(
-            "{size:>6} {c:>9.1} {f:>9.1} {w:>9.1} {:>6.0}% {m:>10.1} {:>6.0}% {r:>9.1} {d:>9.1} {:>6.0}% {:>8.2} {:>8.2}",
+            "{size:>6} {c:>9.1} {cwall:>9.1} {f:>9.1} {w:>9.1} {:>6.0}% {m:>10.1} {:>6.0}% {r:>9.1} {rwall:>9.1} {d:>9.1} {:>6.0}% {:>8.2} {:>8.2}",
             100.0 * w / c,
             100.0 * m / c,
             100.0 * d / r,
