@@ -5,23 +5,12 @@
 use std::path::Path;
 
 use ferry_tests::{
-    ferry, stderr, stdout,
+    ferry, needs, needs_root, stderr, stdout,
     workload::{creds_of, pid_alive, send_signal, Script, Workload, WorkloadOpts, DEADLINE},
 };
 
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
-/// Skips (with the reason) where checkpointing cannot work at all.
-fn needs_root() -> bool {
-    if !is_root() {
-        eprintln!("skipping: checkpoint/restore needs root (ptrace of other users, PR_SET_MM_MAP, clone3 set_tid)");
-        return false;
-    }
-    true
-}
+/// Why every test here needs root (see `ferry_tests::needs_root`).
+const ROOT: &str = "checkpoint/restore (ptrace of other users, PR_SET_MM_MAP, clone3 set_tid)";
 
 /// `ferry checkpoint PID --dir DIR --json [extra]`; answers the parsed statistics.
 fn checkpoint(pid: i32, dir: &Path, extra: &[&str]) -> serde_json::Value {
@@ -85,7 +74,7 @@ fn round_trip(w: &mut Workload, extra: &[&str]) {
 
 #[test]
 fn one_thread_with_memory_files_and_signals() {
-    if !needs_root() {
+    if !needs_root(ROOT) {
         return;
     }
     let mut w = Workload::spawn(&WorkloadOpts { mem_mib: 8, ..Default::default() });
@@ -110,7 +99,7 @@ fn one_thread_with_memory_files_and_signals() {
 
 #[test]
 fn a_signal_sent_while_frozen_is_in_the_image_and_reaches_both_copies() {
-    if !needs_root() {
+    if !needs_root(ROOT) {
         return;
     }
     let mut w = Workload::spawn(&WorkloadOpts { mem_mib: 2, ..Default::default() });
@@ -156,7 +145,7 @@ fn a_signal_sent_while_frozen_is_in_the_image_and_reaches_both_copies() {
 
 #[test]
 fn scheduling_limits_personality_and_posix_timers_come_back() {
-    if !needs_root() {
+    if !needs_root(ROOT) {
         return;
     }
     // The workload checks its nice values (per thread), the main thread's CPU affinity,
@@ -169,7 +158,7 @@ fn scheduling_limits_personality_and_posix_timers_come_back() {
 
 #[test]
 fn a_process_of_another_user_comes_back_with_its_own_credentials_not_root() {
-    if !needs_root() {
+    if !needs_root(ROOT) {
         return;
     }
     // The workload runs as uid 65534 (saved and fs uids of their own), with groups, a
@@ -207,12 +196,12 @@ fn processes_mentioning(needle: &str) -> Vec<i32> {
 
 #[test]
 fn a_login_uid_the_kernel_will_not_set_fails_the_restore_and_leaves_no_process_behind() {
-    if !needs_root() {
+    if !needs_root(ROOT) {
         return;
     }
     // The workload sets its login uid (4242) only where ours is unset.
-    if std::fs::read_to_string("/proc/self/loginuid").map_or(true, |t| t.trim() != "4294967295") {
-        eprintln!("skipping: our login uid is set (or the kernel has no audit), so the workload cannot set its own");
+    let unset = std::fs::read_to_string("/proc/self/loginuid").is_ok_and(|t| t.trim() == "4294967295");
+    if !needs(unset, "our login uid unset (it is set, or the kernel has no audit): else the workload cannot set its own") {
         return;
     }
     let mut w = Workload::spawn(&WorkloadOpts { threads: 1, files: false, creds: true, ..Default::default() });
@@ -248,7 +237,7 @@ fn a_login_uid_the_kernel_will_not_set_fails_the_restore_and_leaves_no_process_b
 
 #[test]
 fn shared_anonymous_memory_comes_back_whole_with_its_holes() {
-    if !needs_root() {
+    if !needs_root(ROOT) {
         return;
     }
     let mut w = Workload::spawn(&WorkloadOpts { shared_anon: true, ..Default::default() });
@@ -273,7 +262,7 @@ fn shared_anonymous_memory_comes_back_whole_with_its_holes() {
 
 #[test]
 fn eventfd_timerfd_signalfd_and_epoll_come_back() {
-    if !needs_root() {
+    if !needs_root(ROOT) {
         return;
     }
     // The workload checks from inside: epoll still watches the eventfd, the timerfd and
@@ -285,7 +274,7 @@ fn eventfd_timerfd_signalfd_and_epoll_come_back() {
 
 #[test]
 fn tcp_and_unix_listeners_take_connections_again_after_a_restore() {
-    if !needs_root() {
+    if !needs_root(ROOT) {
         return;
     }
     let mut w = Workload::spawn(&WorkloadOpts { listen: true, ..Default::default() });
@@ -313,7 +302,7 @@ fn tcp_and_unix_listeners_take_connections_again_after_a_restore() {
 
 #[test]
 fn eight_threads() {
-    if !needs_root() {
+    if !needs_root(ROOT) {
         return;
     }
     let mut w = Workload::spawn(&WorkloadOpts { threads: 8, mem_mib: 4, ..Default::default() });
@@ -322,7 +311,7 @@ fn eight_threads() {
 
 #[test]
 fn quiesced_with_the_cgroup_freezer() {
-    if !needs_root() {
+    if !needs_root(ROOT) {
         return;
     }
     let mut w = Workload::spawn(&WorkloadOpts { threads: 2, ..Default::default() });
@@ -331,7 +320,7 @@ fn quiesced_with_the_cgroup_freezer() {
 
 #[test]
 fn leave_running_then_restore_a_copy_twice() {
-    if !needs_root() {
+    if !needs_root(ROOT) {
         return;
     }
     // Without the file state: the original's own check writes to its files, which a
@@ -373,7 +362,7 @@ fn leave_running_then_restore_a_copy_twice() {
 
 #[test]
 fn a_copy_restores_at_once_beside_the_original_left_running() {
-    if !needs_root() {
+    if !needs_root(ROOT) {
         return;
     }
     // The original keeps its pid: the restore gives the copy another without waiting
@@ -398,7 +387,7 @@ fn state(pid: i32) -> String {
 
 #[test]
 fn a_stopped_process_comes_back_stopped_and_carries_on_when_continued() {
-    if !needs_root() {
+    if !needs_root(ROOT) {
         return;
     }
     // `kill -STOP`, checkpoint, restore: the copy must be stopped (it came back running).
@@ -417,7 +406,7 @@ fn a_stopped_process_comes_back_stopped_and_carries_on_when_continued() {
 }
 
 fn script(kind: Script) {
-    if !needs_root() {
+    if !needs_root(ROOT) {
         return;
     }
     let mut w = Workload::spawn_script(kind);
@@ -431,7 +420,7 @@ fn python3_script() {
 
 #[test]
 fn python3_asyncio_program_gets_its_pid_back() {
-    if !needs_root() {
+    if !needs_root(ROOT) {
         return;
     }
     // asyncio keeps an epoll instance and a socket pair, and remembers the pid its loop
@@ -484,7 +473,7 @@ fn saved_rip(image: &Path, tid: i32) -> u64 {
 
 #[test]
 fn a_main_thread_stopped_inside_an_rseq_critical_section_is_sent_to_its_abort_handler() {
-    if !needs_root() {
+    if !needs_root(ROOT) {
         return;
     }
     // The main thread waits for each tick spinning inside an rseq critical section.
@@ -534,7 +523,7 @@ fn carried_flags(pid: i32) -> Vec<(u64, u64, Vec<String>)> {
 
 #[test]
 fn madvise_flags_locked_areas_thp_disable_and_mcl_future_come_back() {
-    if !needs_root() {
+    if !needs_root(ROOT) {
         return;
     }
     // Areas with DONTFORK, WIPEONFORK, HUGEPAGE, NOHUGEPAGE, DONTDUMP, RANDOM, an
@@ -567,7 +556,7 @@ fn madvise_flags_locked_areas_thp_disable_and_mcl_future_come_back() {
 
 #[test]
 fn shared_anonymous_memory_mapped_twice_comes_back_as_one_object_in_two_views() {
-    if !needs_root() {
+    if !needs_root(ROOT) {
         return;
     }
     // Eight pages, and four of them mapped again elsewhere (mremap with old_size 0):

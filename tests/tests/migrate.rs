@@ -11,14 +11,10 @@ use std::{
 };
 
 use ferry_tests::{
-    ferry_bin, plugin_dir, stderr, wait_until,
+    ferry_bin, needs, needs_root, plugin_dir, stderr, wait_until,
     workload::{creds_of, pid_alive, Script, Workload, WorkloadOpts},
 };
 
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
@@ -136,8 +132,7 @@ fn still_fine(w: &mut Workload) {
 
 #[test]
 fn migrates_the_workload_over_loopback() {
-    if !is_root() {
-        eprintln!("skipping: migration needs root");
+    if !needs_root("a migration seizes the process and rebuilds it (ptrace, clone3 with set_tid, PR_SET_MM_MAP)") {
         return;
     }
     let stats = tempfile::tempdir().unwrap();
@@ -167,8 +162,7 @@ fn state(pid: i32) -> String {
 
 #[test]
 fn a_stopped_process_migrates_stopped_or_is_refused_where_it_would_have_to_run() {
-    if !is_root() {
-        eprintln!("skipping: migration needs root");
+    if !needs_root("a migration seizes the process and rebuilds it (ptrace, clone3 with set_tid, PR_SET_MM_MAP)") {
         return;
     }
     let daemon = Daemon::start(None, "127.0.0.1", &[]);
@@ -202,8 +196,7 @@ fn a_stopped_process_migrates_stopped_or_is_refused_where_it_would_have_to_run()
 }
 
 fn migrate_script(kind: Script) {
-    if !is_root() {
-        eprintln!("skipping: migration needs root");
+    if !needs_root("a migration seizes the process and rebuilds it (ptrace, clone3 with set_tid, PR_SET_MM_MAP)") {
         return;
     }
     let daemon = Daemon::start(None, "127.0.0.1", &[]);
@@ -234,8 +227,7 @@ fn migrates_bash_over_loopback() {
 
 #[test]
 fn no_daemon_wrong_key_missing_plugin_and_missing_pid_leave_the_source_running() {
-    if !is_root() {
-        eprintln!("skipping: migration needs root");
+    if !needs_root("a migration seizes the process and rebuilds it (ptrace, clone3 with set_tid, PR_SET_MM_MAP)") {
         return;
     }
     let mut w = Workload::spawn(&WorkloadOpts::default());
@@ -282,8 +274,7 @@ fn no_daemon_wrong_key_missing_plugin_and_missing_pid_leave_the_source_running()
 
 #[test]
 fn a_daemon_that_vanishes_mid_transfer_leaves_the_source_running() {
-    if !is_root() {
-        eprintln!("skipping: migration needs root");
+    if !needs_root("a migration seizes the process and rebuilds it (ptrace, clone3 with set_tid, PR_SET_MM_MAP)") {
         return;
     }
     // A fake daemon: accepts, reads a little, and closes.
@@ -320,8 +311,7 @@ fn processes_mentioning(needle: &str) -> Vec<i32> {
 
 #[test]
 fn a_daemon_killed_at_each_phase_leaves_the_source_running_and_nothing_behind() {
-    if !is_root() {
-        eprintln!("skipping: migration needs root");
+    if !needs_root("a migration seizes the process and rebuilds it (ptrace, clone3 with set_tid, PR_SET_MM_MAP)") {
         return;
     }
     for fault in ["after-handshake", "mid-pages", "before-commit"] {
@@ -385,8 +375,9 @@ fn spawn_in(netns: &str, opts: &WorkloadOpts) -> Workload {
 
 #[test]
 fn migrates_between_two_hosts_and_back() {
-    if !is_root() || !Path::new("/usr/bin/ip").exists() && !Path::new("/bin/ip").exists() {
-        eprintln!("skipping: needs root and iproute2 for the network namespaces");
+    if !needs_root("network namespaces and a veth pair")
+        || !needs(Path::new("/usr/bin/ip").exists() || Path::new("/bin/ip").exists(), "iproute2 (`ip`) for the network namespaces")
+    {
         return;
     }
     let hosts = Hosts::new().expect("creating the network namespaces and the veth pair");
@@ -448,8 +439,7 @@ fn precopy_stats(o: &std::process::Output, old: i32) -> (serde_json::Value, i32)
 
 #[test]
 fn precopy_moves_a_process_that_keeps_writing_and_freezes_it_only_for_the_last_pages() {
-    if !is_root() {
-        eprintln!("skipping: migration needs root");
+    if !needs_root("a migration seizes the process and rebuilds it (ptrace, clone3 with set_tid, PR_SET_MM_MAP)") {
         return;
     }
     let daemon = Daemon::start(None, "127.0.0.1", &[]);
@@ -471,8 +461,7 @@ fn precopy_moves_a_process_that_keeps_writing_and_freezes_it_only_for_the_last_p
 
 #[test]
 fn precopy_follows_areas_mapped_moved_emptied_and_replaced_between_rounds() {
-    if !is_root() {
-        eprintln!("skipping: migration needs root");
+    if !needs_root("a migration seizes the process and rebuilds it (ptrace, clone3 with set_tid, PR_SET_MM_MAP)") {
         return;
     }
     let daemon = Daemon::start(None, "127.0.0.1", &[]);
@@ -501,8 +490,7 @@ fn migrate_with_config(config: &Path, pid: i32, to: &str) -> std::process::Outpu
 
 #[test]
 fn precopy_of_a_process_outrunning_the_link_converges_only_when_throttled() {
-    if !is_root() {
-        eprintln!("skipping: migration needs root");
+    if !needs_root("a migration seizes the process and rebuilds it (ptrace, clone3 with set_tid, PR_SET_MM_MAP)") {
         return;
     }
     let daemon = Daemon::start(None, "127.0.0.1", &[]);
@@ -557,8 +545,7 @@ fn lazy_stats(o: &std::process::Output, old: i32, strategy: &str, mib: u64) -> (
 
 #[test]
 fn postcopy_resumes_at_once_and_the_process_faults_its_memory_in() {
-    if !is_root() {
-        eprintln!("skipping: migration needs root");
+    if !needs_root("a migration seizes the process and rebuilds it (ptrace, clone3 with set_tid, PR_SET_MM_MAP)") {
         return;
     }
     let daemon = Daemon::start(None, "127.0.0.1", &[]);
@@ -581,8 +568,7 @@ fn postcopy_resumes_at_once_and_the_process_faults_its_memory_in() {
 
 #[test]
 fn hybrid_sends_one_round_early_and_the_rest_after_the_resume() {
-    if !is_root() {
-        eprintln!("skipping: migration needs root");
+    if !needs_root("a migration seizes the process and rebuilds it (ptrace, clone3 with set_tid, PR_SET_MM_MAP)") {
         return;
     }
     let daemon = Daemon::start(None, "127.0.0.1", &[]);
@@ -603,8 +589,7 @@ fn hybrid_sends_one_round_early_and_the_rest_after_the_resume() {
 
 #[test]
 fn a_connection_cut_during_postcopy_kills_the_destination_copy_and_the_source_carries_on() {
-    if !is_root() {
-        eprintln!("skipping: migration needs root");
+    if !needs_root("a migration seizes the process and rebuilds it (ptrace, clone3 with set_tid, PR_SET_MM_MAP)") {
         return;
     }
     let daemon = Daemon::start(None, "127.0.0.1", &[]);
@@ -645,8 +630,7 @@ fn copies_of(w: &Workload, except: i32) -> Vec<i32> {
 
 #[test]
 fn a_destination_dying_during_postcopy_takes_its_copy_along_and_the_source_carries_on() {
-    if !is_root() {
-        eprintln!("skipping: migration needs root");
+    if !needs_root("a migration seizes the process and rebuilds it (ptrace, clone3 with set_tid, PR_SET_MM_MAP)") {
         return;
     }
     let daemon = Daemon::start_env(None, "127.0.0.1", &[], Some("post-copy-dest-mid"));
@@ -663,8 +647,7 @@ fn a_destination_dying_during_postcopy_takes_its_copy_along_and_the_source_carri
 
 #[test]
 fn precopy_with_page_hashes_moves_a_process_that_keeps_writing() {
-    if !is_root() {
-        eprintln!("skipping: migration needs root");
+    if !needs_root("a migration seizes the process and rebuilds it (ptrace, clone3 with set_tid, PR_SET_MM_MAP)") {
         return;
     }
     let daemon = Daemon::start(None, "127.0.0.1", &[]);
@@ -700,8 +683,7 @@ fn precopy_with_page_hashes_moves_a_process_that_keeps_writing() {
 
 #[test]
 fn a_precopy_that_fails_mid_round_leaves_the_source_untracked_unthrottled_and_running() {
-    if !is_root() {
-        eprintln!("skipping: migration needs root");
+    if !needs_root("a migration seizes the process and rebuilds it (ptrace, clone3 with set_tid, PR_SET_MM_MAP)") {
         return;
     }
     // The daemon dies once a MiB of pages has arrived: in pre-copy's first round.
@@ -727,8 +709,7 @@ fn a_precopy_that_fails_mid_round_leaves_the_source_untracked_unthrottled_and_ru
 
 #[test]
 fn postcopy_follows_a_process_that_moves_and_empties_memory_still_on_its_way() {
-    if !is_root() {
-        eprintln!("skipping: migration needs root");
+    if !needs_root("a migration seizes the process and rebuilds it (ptrace, clone3 with set_tid, PR_SET_MM_MAP)") {
         return;
     }
     let daemon = Daemon::start(None, "127.0.0.1", &[]);
@@ -750,8 +731,7 @@ fn postcopy_follows_a_process_that_moves_and_empties_memory_still_on_its_way() {
 
 #[test]
 fn postcopy_gives_a_child_forked_before_the_pages_arrived_the_memory_it_should_see() {
-    if !is_root() {
-        eprintln!("skipping: migration needs root");
+    if !needs_root("a migration seizes the process and rebuilds it (ptrace, clone3 with set_tid, PR_SET_MM_MAP)") {
         return;
     }
     let daemon = Daemon::start(None, "127.0.0.1", &[]);
@@ -775,8 +755,7 @@ fn postcopy_gives_a_child_forked_before_the_pages_arrived_the_memory_it_should_s
 
 #[test]
 fn a_process_of_another_user_keeps_its_credentials_through_every_strategy() {
-    if !is_root() {
-        eprintln!("skipping: migration needs root");
+    if !needs_root("a migration seizes the process and rebuilds it (ptrace, clone3 with set_tid, PR_SET_MM_MAP)") {
         return;
     }
     // The destination rebuilds it as root: the credentials (and, for post-copy, the
@@ -801,8 +780,7 @@ fn a_process_of_another_user_keeps_its_credentials_through_every_strategy() {
 
 #[test]
 fn madvise_flags_locks_and_memory_policy_survive_every_strategy() {
-    if !is_root() {
-        eprintln!("skipping: migration needs root");
+    if !needs_root("a migration seizes the process and rebuilds it (ptrace, clone3 with set_tid, PR_SET_MM_MAP)") {
         return;
     }
     // The --mm-flags areas (advice, mlock, lock on fault; THP disabled, MCL_FUTURE) go
@@ -837,8 +815,7 @@ fn madvise_flags_locks_and_memory_policy_survive_every_strategy() {
 
 #[test]
 fn a_child_forked_during_postcopy_has_no_dontfork_area_and_a_wiped_wipeonfork_one() {
-    if !is_root() {
-        eprintln!("skipping: migration needs root");
+    if !needs_root("a migration seizes the process and rebuilds it (ptrace, clone3 with set_tid, PR_SET_MM_MAP)") {
         return;
     }
     // Every 20 ms the process forks a child that checks its memory: the DONTFORK area
@@ -866,8 +843,7 @@ fn threads_of(pid: i32) -> usize {
 
 #[test]
 fn a_daemon_under_idle_and_slow_connections_still_serves_a_migration() {
-    if !is_root() {
-        eprintln!("skipping: migration needs root");
+    if !needs_root("a migration seizes the process and rebuilds it (ptrace, clone3 with set_tid, PR_SET_MM_MAP)") {
         return;
     }
     // 1000 connections that say nothing and 200 that dribble a byte at a time once
