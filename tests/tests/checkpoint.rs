@@ -578,3 +578,43 @@ fn shared_anonymous_memory_mapped_twice_comes_back_as_one_object_in_two_views() 
     w.wait_ticks(at + 2);
     w.terminate_and_check(new).unwrap();
 }
+
+/// The children of `pid` (its main thread's, which is where the workload forks).
+fn children_of(pid: i32) -> Vec<i32> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    text.split_whitespace().filter_map(|p| p.parse().ok()).collect()
+}
+
+#[test]
+fn a_child_running_at_the_freeze_is_not_the_copys_and_the_fork_check_goes_on() {
+    if !needs_root(ROOT) {
+        return;
+    }
+    // A child of the fork check held stopped, so that one surely exists at the freeze.
+    // ferry does not carry children: the copy cannot reap it (ECHILD), logs that, and
+    // goes on forking and checking (it used to stop checking for good, and pass).
+    let mut w = Workload::spawn(&WorkloadOpts { mem_mib: 4, tick_ms: 1, fork_check: true, files: false, ..Default::default() });
+    w.wait_ready();
+    struct Killed(i32);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            ferry_tests::workload::kill_pid(self.0);
+        }
+    }
+    let mut child = Killed(0);
+    ferry_tests::wait_until("a fork-check child held stopped", DEADLINE, || {
+        child.0 = children_of(w.pid).first().copied().unwrap_or(0);
+        // Seen stopped: not a zombie its parent is about to reap (then the next child).
+        if child.0 == 0 || state(child.0) == "T" {
+            return child.0 > 0;
+        }
+        send_signal(child.0, libc::SIGSTOP);
+        false
+    });
+    let (new, _) = through_an_image(&mut w, &[]);
+    w.wait_for("the copy to find the child not its own", |w| w.fork_checks(new).1 >= 1);
+    w.wait_for("a fork check by the copy", |w| w.fork_checks(new).0 >= 1);
+    drop(child);
+    w.terminate_and_check(new).unwrap();
+    assert_eq!(w.fork_checks(new).1, 1, "one child lost, once: {}", w.log_text());
+}

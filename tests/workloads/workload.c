@@ -7,6 +7,9 @@
  *   ready                             all state is set up
  *   tick N                            N = 1, 2, 3... with no gap or repeat
  *   usr1 K                            K SIGUSR1s delivered so far (logged at a tick)
+ *   fork-check ok|lost-child N pid P  --fork-check: a child's check passed, or its parent
+ *                                     is a copy that cannot reap it (see fork_check)
+ *   fork-check failed pid P           a child's check failed (the verdict will be FAIL)
  *   PASS | FAIL: <first failure>      the last line; exit status 0 | 1
  *
  * Nothing here caches a pid or tid: after a restore they may differ. */
@@ -1698,18 +1701,42 @@ static void move_mem(uint64_t tick)
 }
 
 /* ---- --fork-check: every 20 ticks a child is forked that checks the patterned memory
- * (its own copy of it) and exits 0 or 1; the parent reaps it at a later tick. What a
- * post-copy must get right for a process that forks before all its pages arrived ---- */
+ * (its own copy of it) and exits 0 or 1; the parent reaps it at a later tick, logging
+ * `fork-check ok N pid P` (N checks passed so far, P the parent's pid now). What a
+ * post-copy must get right for a process that forks before all its pages arrived.
+ * A copy restored from a freeze that caught a child running is not that child's parent:
+ * ferry does not carry children yet, so waitpid answers ECHILD. That is logged
+ * `fork-check lost-child N pid P` and the check goes on with a new child; a child that
+ * saw wrong memory is logged `fork-check failed pid P` at once, and fails the verdict. At exit the last child is waited for ---- */
+static uint64_t fork_checks_ok, fork_checks_lost;
+
+static void fork_check_reap(int flags)
+{
+    int status;
+    pid_t r;
+    do
+        r = waitpid(fork_child, &status, flags);
+    while (r < 0 && errno == EINTR);
+    if (r == fork_child) {
+        if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+            fail("fork-check: a child forked at a tick saw wrong memory (status %d)", status);
+            logf_("fork-check failed pid %d", (int)getpid());
+        } else
+            logf_("fork-check ok %llu pid %d", (unsigned long long)++fork_checks_ok, (int)getpid());
+        fork_child = 0;
+    } else if (r < 0 && errno == ECHILD) {
+        logf_("fork-check lost-child %llu pid %d", (unsigned long long)++fork_checks_lost, (int)getpid());
+        fork_child = 0;
+    } else if (r < 0) {
+        fail("fork-check: waitpid: %s", strerror(errno));
+        fork_child = 0;
+    }
+}
+
 static void fork_check(uint64_t tick)
 {
     if (fork_child > 0) {
-        int status;
-        pid_t r = waitpid(fork_child, &status, WNOHANG);
-        if (r == fork_child) {
-            if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
-                fail("fork-check: a child forked at a tick saw wrong memory (status %d)", status);
-            fork_child = 0;
-        }
+        fork_check_reap(WNOHANG);
         return;
     }
     if (tick % 20 != 0)
@@ -1995,6 +2022,8 @@ int main(int argc, char **argv)
         else if (thread_fail[i][0])
             fail("%s", thread_fail[i]);
     }
+    if (opt_fork_check && fork_child > 0)
+        fork_check_reap(0);
     if (tls_index != -1 || tls_counter != tick)
         fail("main thread TLS: index %ld counter %llu, want -1 and %llu", tls_index,
              (unsigned long long)tls_counter, (unsigned long long)tick);
