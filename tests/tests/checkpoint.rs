@@ -492,10 +492,23 @@ fn a_main_thread_stopped_inside_an_rseq_critical_section_is_sent_to_its_abort_ha
     // have sent it there had it been preempted; never in the middle of the section.
     let rip = saved_rip(&dir, w.pid);
     assert!(!(start..end).contains(&rip), "rip {rip:#x} inside the section {start:#x}-{end:#x} (abort at {abort:#x})");
+    // It spins in the section but for a few instructions a tick: that is where the
+    // freeze caught it, and ferry sent it to the abort handler.
+    assert_eq!(rip, abort, "the freeze caught the thread outside its section (rip {rip:#x}); {}", w.log_text());
+    let aborts = |lines: &[String]| -> Vec<u64> {
+        lines.iter().filter_map(|l| l.strip_prefix("rseq-aborts ")?.parse().ok()).collect()
+    };
+    let before = *aborts(&w.lines()).last().expect("an rseq-aborts line before the freeze");
     let at = *w.ticks().last().unwrap();
+    let from = w.lines().len();
     let new = restore(&dir, w.pid);
     w.adopt(new);
     w.wait_ticks(at + 3);
+    // The copy counted the abort it resumed in: the handler ran, the section was not
+    // taken up again in its middle. (Its own check then asks the kernel that its rseq
+    // area is registered again, as it was.)
+    let after = aborts(&w.lines()[from..]);
+    assert!(after.first().is_some_and(|&a| a > before), "rseq-aborts {before} at the freeze, then {after:?} in the copy");
     w.terminate_and_check(new).unwrap();
 }
 

@@ -1826,6 +1826,21 @@ static void rseq_wait(long ms)
         rseq_aborts++;
 }
 
+/* After a restore the main thread's rseq area must be registered again, where glibc
+ * registered it and with its signature: asking to register it once more answers EBUSY
+ * exactly then (EINVAL or EPERM: registered otherwise; 0: it was not registered, and
+ * now is). Without it the kernel would never abort a section again. */
+static void verify_rseq(void)
+{
+    struct rseq *rs = (struct rseq *)((char *)__builtin_thread_pointer() + __rseq_offset);
+    unsigned int len = __rseq_size < 32 ? 32 : __rseq_size; /* what glibc registers */
+    long r = syscall(SYS_rseq, rs, len, 0, RSEQ_SIG);
+    if (r == 0)
+        FAIL_RET("rseq: the main thread's area was not registered");
+    if (errno != EBUSY)
+        FAIL_RET("rseq: the main thread's area is registered otherwise (%s)", strerror(errno));
+}
+
 /* ---- main ---- */
 static void usage(void)
 {
@@ -2052,6 +2067,8 @@ int main(int argc, char **argv)
         verify_mm_sealed();
     if (opt_shared_twice && !failure[0])
         verify_shared_twice();
+    if (opt_rseq && !failure[0])
+        verify_rseq();
 
     if (failure[0]) {
         logf_("FAIL: %s", failure);
