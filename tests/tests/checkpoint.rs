@@ -24,13 +24,19 @@ fn checkpoint(pid: i32, dir: &Path, extra: &[&str]) -> serde_json::Value {
 
 /// `ferry restore --dir DIR --json`; answers the new pid of `old`.
 fn restore(dir: &Path, old: i32) -> i32 {
+    let stats = restore_stats(dir);
+    stats["pids"][old.to_string()].as_i64().unwrap_or_else(|| panic!("no pid for {old} in {stats}")) as i32
+}
+
+/// `ferry restore --dir DIR --json`; answers its statistics.
+fn restore_stats(dir: &Path) -> serde_json::Value {
     let o = ferry(&["restore", "--dir", dir.to_str().unwrap(), "--json"]);
     assert!(o.status.success(), "restore failed: {}", stderr(&o));
     let stats: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     for key in ["frozen_ms", "total_ms", "bytes", "pages"] {
         assert!(stats[key].is_number(), "{key} missing from {stats}");
     }
-    stats["pids"][old.to_string()].as_i64().unwrap_or_else(|| panic!("no pid for {old} in {stats}")) as i32
+    stats
 }
 
 /// The fd numbers a process holds.
@@ -54,11 +60,17 @@ fn through_an_image(w: &mut Workload, extra: &[&str]) -> (i32, u64) {
     let image = tempfile::tempdir().unwrap();
     let dir = image.path().join("img");
     let stats = checkpoint(w.pid, &dir, extra);
-    assert!(stats["bytes"].as_u64().unwrap() > 0);
     assert_eq!(stats["pids"][w.pid.to_string()], 0, "the original is gone: {stats}");
+    // What the checkpoint counted as it wrote, on disk.
+    let on_disk: u64 = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum();
+    assert_eq!(stats["bytes"].as_u64(), Some(on_disk), "bytes the checkpoint wrote / the image holds: {stats}");
     w.reap();
     let at = *w.ticks().last().unwrap();
-    let new = restore(&dir, w.pid);
+    let restored = restore_stats(&dir);
+    // And the restore counted them as it read.
+    assert_eq!(restored["bytes"], stats["bytes"], "bytes the restore read / the checkpoint wrote: {restored} / {stats}");
+    assert_eq!(restored["pages"], stats["pages"], "pages the restore read / the checkpoint wrote: {restored} / {stats}");
+    let new = restored["pids"][w.pid.to_string()].as_i64().unwrap_or_else(|| panic!("no pid for {} in {restored}", w.pid)) as i32;
     w.adopt(new);
     (new, at)
 }
