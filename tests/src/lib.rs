@@ -3,6 +3,7 @@
 //! a deadline (never sleeping as synchronisation).
 
 pub mod bench;
+pub mod inject;
 pub mod workload;
 use std::{
     os::fd::AsRawFd,

@@ -247,6 +247,19 @@ static void sleep_ms(long ms)
     }
 }
 
+/* The least time (ms) the process has run since it armed its timers, by its own count:
+ * each tick slept opt_tick_ms at least (the main thread's TLS counter is its tick). A
+ * freeze may hide up to a tick from a timer (a sleep's clock runs on while the process
+ * is frozen; a timer's time left is carried as it was), so TIMER_SLACK_TICKS are left
+ * out, and a tenth for the spin of --rseq. A timer re-armed from scratch after a
+ * restore has more time left than this allows, and a timerfd fewer expirations. */
+#define TIMER_SLACK_TICKS 10
+static long min_run_ms(void)
+{
+    uint64_t t = tls_counter;
+    return t > TIMER_SLACK_TICKS ? (long)(t - TIMER_SLACK_TICKS) * opt_tick_ms * 9 / 10 : 0;
+}
+
 /* ---- process state (--process-state): scheduling, affinity, limits, personality
  * and POSIX timers, which a restore child would otherwise inherit from ferry ---- */
 #define MAIN_NICE 7
@@ -369,6 +382,10 @@ static void verify_process_state(void)
     if (timer_gettime(pt_none, &its) != 0 || its.it_interval.tv_sec || its.it_interval.tv_nsec ||
         (its.it_value.tv_sec == 0 && its.it_value.tv_nsec == 0) || its.it_value.tv_sec > TIMER_SECS)
         FAIL_RET("the one-shot POSIX timer lost its id or its time left");
+    long left_ms = its.it_value.tv_sec * 1000L + its.it_value.tv_nsec / 1000000L;
+    if (left_ms > TIMER_SECS * 1000L - min_run_ms())
+        FAIL_RET("the one-shot POSIX timer has %ld ms left after at least %ld ms run: re-armed from scratch", left_ms,
+                 min_run_ms());
     if (timer_gettime(pt_gap, &its) == 0 || errno != EINVAL)
         FAIL_RET("the deleted timer's id came back");
     if (pt_bad)
@@ -736,16 +753,24 @@ static void setup_event_fds(void)
 
 static void verify_event_fds(void)
 {
-    /* The epoll instance reports the eventfd, the pipe and (within a period) the timer. */
+    /* The epoll instance reports the eventfd, the pipe, (within a period) the timer and,
+     * with its signal pending, the signalfd: each with its data word. */
+    kill(getpid(), SIGRTMIN + 5);
     int seen = 0;
-    for (int round = 0; round < 100 && seen != 7; round++) {
+    /* For 2 s at most (the eventfd and the pipe are always ready: a count of rounds
+     * would pass in microseconds, before a timer re-armed a moment ago fires). */
+    struct timespec t0, now;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (now = t0; seen != 15 && now.tv_sec - t0.tv_sec < 2; clock_gettime(CLOCK_MONOTONIC, &now)) {
         struct epoll_event evs[8];
         int n = epoll_wait(ev_epfd, evs, 8, 20);
-        for (int i = 0; i < n; i++)
-            seen |= evs[i].data.u64 == 0xabc ? 1 : evs[i].data.u64 == 0x123 ? 2 : evs[i].data.u64 == 0xdef ? 4 : 0;
+        for (int i = 0; i < n; i++) {
+            uint64_t d = evs[i].data.u64;
+            seen |= d == 0xabc ? 1 : d == 0x123 ? 2 : d == 0xdef ? 4 : d == 0x5f ? 8 : 0;
+        }
     }
-    if (seen != 7)
-        FAIL_RET("epoll reported %d of eventfd|pipe|timerfd (7)", seen);
+    if (seen != 15)
+        FAIL_RET("epoll reported %d of eventfd|pipe|timerfd|signalfd (15)", seen);
     /* A semaphore with 5 in it: five reads of 1, then nothing. */
     for (int i = 0; i < 5; i++) {
         uint64_t v = 0;
@@ -758,9 +783,13 @@ static void verify_event_fds(void)
     struct itimerspec its;
     if (timerfd_gettime(ev_tfd, &its) != 0 || its.it_interval.tv_sec != 0 || its.it_interval.tv_nsec != TFD_PERIOD_NS)
         FAIL_RET("timerfd lost its interval");
-    if (read(ev_tfd, &v, 8) != 8 || v == 0)
-        FAIL_RET("timerfd has not expired since");
-    kill(getpid(), SIGRTMIN + 5);
+    /* Never read before: every expiration since the setup is counted, a restore's too. */
+    long want = min_run_ms() / (TFD_PERIOD_NS / 1000000L);
+    if (read(ev_tfd, &v, 8) != 8)
+        FAIL_RET("timerfd has not expired: %s", strerror(errno));
+    if (v < (uint64_t)want)
+        FAIL_RET("timerfd counts %llu expirations after at least %ld ms run (every %ld ms): lost or re-armed from scratch",
+                 (unsigned long long)v, min_run_ms(), TFD_PERIOD_NS / 1000000L);
     struct signalfd_siginfo si;
     if (read(ev_sfd, &si, sizeof si) != sizeof si || si.ssi_signo != (uint32_t)(SIGRTMIN + 5))
         FAIL_RET("signalfd did not read SIGRTMIN+5");
@@ -1531,6 +1560,9 @@ static void verify_process(void)
     if ((it.it_value.tv_sec == 0 && it.it_value.tv_usec == 0) || it.it_value.tv_sec > TIMER_SECS)
         FAIL_RET("itimer remaining %lld.%06lld s, want in (0, %d]", (long long)it.it_value.tv_sec,
                     (long long)it.it_value.tv_usec, TIMER_SECS);
+    long left_ms = it.it_value.tv_sec * 1000L + it.it_value.tv_usec / 1000;
+    if (left_ms > TIMER_SECS * 1000L - min_run_ms())
+        FAIL_RET("itimer has %ld ms left after at least %ld ms run: re-armed from scratch", left_ms, min_run_ms());
     if (alrm_count != 0)
         FAIL_RET("SIGALRM fired %d times", (int)alrm_count);
 }
