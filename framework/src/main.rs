@@ -131,6 +131,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The janitor a checkpoint starts: undoes what it did to the process if it dies.
+    #[command(hide = true)]
+    Janitor,
 }
 
 #[derive(Subcommand)]
@@ -332,6 +335,7 @@ fn run(cli: Cli) -> Outcome {
             outln!("{}", effective(&cli, overrides)?.to_json_pretty());
             Ok(())
         }
+        Command::Janitor => Ok(ferry::commands::janitor::run().map_err(Failure)?),
         Command::Config { command: ConfigCommand::Example } => {
             out!("{}", include_str!("../../examples/ferry.json"));
             Ok(())
