@@ -240,7 +240,7 @@ pub struct Mechanism {
 impl Default for Mechanism {
     fn default() -> Self {
         Mechanism {
-            subsystems: ["memory", "threads", "files", "signals", "process", "creds"]
+            subsystems: ["memory", "threads", "files", "signals", "process", "seccomp", "creds"]
                 .map(String::from)
                 .to_vec(),
             medium: "file".to_owned(),
@@ -319,6 +319,9 @@ impl Default for HybridTuning {
         HybridTuning { precopy_rounds: 1 }
     }
 }
+
+/// The longest `watchdog_ms`: a day.
+pub const MAX_WATCHDOG_MS: u64 = 86_400_000;
 
 /// The daemon's addresses and key.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -589,10 +592,17 @@ impl Config {
         }
         check_plugin_name("mechanism.medium", &m.medium)?;
 
-        if self.watchdog_ms == 0 {
+        if self.watchdog_ms == 0 || self.watchdog_ms > MAX_WATCHDOG_MS {
             return Err(invalid(
                 "watchdog_ms",
-                "must be greater than 0 (milliseconds without progress before an event is failed)",
+                format!("must be 1 to {MAX_WATCHDOG_MS} (milliseconds without progress before an event is failed)"),
+            ));
+        }
+        // Accepted and then ignored, it would tell the user something untrue.
+        if m.context == ExecContext::Internal {
+            return Err(invalid(
+                "mechanism.context",
+                "the internal execution context is not built yet: use `external` (the default)",
             ));
         }
 

@@ -5,11 +5,33 @@
 //! `before-commit` (the destination holds the rebuilt process), `checkpoint-mid` (after
 //! the first subsystem of a checkpoint wrote its records), `post-copy-mid` (the source,
 //! after answering a few page requests of the resumed process), `post-copy-dest-mid`
-//! (the destination, once the resumed process has had some of its pages).
+//! (the destination, once the resumed process has had some of its pages), `inject`
+//! (while a system call ferry injected from its scratch area runs in the target; the
+//! target must survive ferry's death there). `<point>@<n>` dies at the n-th time the point is reached.
 
 /// Dies here if the environment asks for a fault at `point`.
 pub fn point(point: &str) {
-    if std::env::var("FERRY_FAULT").is_ok_and(|p| p == point) {
+    static REACHED: std::sync::Mutex<Vec<(String, u64)>> = std::sync::Mutex::new(Vec::new());
+    let Ok(spec) = std::env::var("FERRY_FAULT") else { return };
+    let (name, nth) = match spec.split_once('@') {
+        Some((name, n)) => (name, n.parse::<u64>().unwrap_or(1)),
+        None => (spec.as_str(), 1),
+    };
+    if name != point {
+        return;
+    }
+    let mut reached = REACHED.lock().unwrap_or_else(|p| p.into_inner());
+    let count = match reached.iter_mut().find(|(p, _)| p == point) {
+        Some((_, n)) => {
+            *n += 1;
+            *n
+        }
+        None => {
+            reached.push((point.to_string(), 1));
+            1
+        }
+    };
+    if count == nth {
         eprintln!("ferry: injected fault at {point}");
         // SAFETY: raising SIGKILL on ourselves has no preconditions.
         unsafe { libc::raise(libc::SIGKILL) };

@@ -14,6 +14,7 @@ use ferry::{
     commands::daemon,
     commands::migrate::{self, MigrateRequest},
     config::{Config, ExecContext, Overrides, Quiesce, Strategy},
+    engine::event::Tick,
     engine::manager::{self, Manager},
     commands::restore::{self, RestoreRequest},
     image,
@@ -138,11 +139,14 @@ enum Command {
 
 #[derive(Subcommand)]
 enum PluginsCommand {
-    /// List every plugin of the plugin directory with its status.
+    /// List the running daemon's registry, or without a daemon every plugin of the plugin directory with its status.
     List {
         /// Print a JSON array of {name, kind, version, path, status}.
         #[arg(long)]
         json: bool,
+        /// Control socket of the daemon to ask (beats the configuration file).
+        #[arg(long, value_name = "PATH")]
+        control: Option<PathBuf>,
     },
     /// Check a plugin (a path, or a name in the plugin directory) and register it in the running daemon.
     Load {
@@ -280,7 +284,7 @@ fn run(cli: Cli) -> Outcome {
                 leave_running: *leave_running,
                 watchdog: Duration::from_millis(config.watchdog_ms),
             };
-            let stats = checkpoint::checkpoint(&manager, &req, &mut progress_bar("checkpoint"))?;
+            let stats = with_progress("checkpoint", |p| checkpoint::checkpoint(&manager, &req, p))?;
             if *json {
                 outln!("{}", serde_json::to_string(&stats)?);
             } else {
@@ -299,7 +303,7 @@ fn run(cli: Cli) -> Outcome {
                 medium: "file".into(),
                 watchdog: Duration::from_millis(config.watchdog_ms),
             };
-            let stats = restore::restore(&manager, &req, &mut progress_bar("restore"))?;
+            let stats = with_progress("restore", |p| restore::restore(&manager, &req, p))?;
             if *json {
                 outln!("{}", serde_json::to_string(&stats)?);
             } else {
@@ -388,7 +392,7 @@ fn run(cli: Cli) -> Outcome {
                 fault_window: config.tuning.post_copy.fault_window_kib as u64 * 1024,
                 push_batch: config.tuning.post_copy.push_batch_kib as u64 * 1024,
             };
-            let stats = migrate::migrate(&manager, &req, &mut progress_bar("migrate"))?;
+            let stats = with_progress("migrate", |p| migrate::migrate(&manager, &req, p))?;
             if *json {
                 outln!("{}", serde_json::to_string(&stats)?);
             } else {
@@ -407,16 +411,23 @@ fn registry(config: &Config) -> Result<Manager, Failure> {
     Ok(manager)
 }
 
-/// Progress on stderr, only when it is a terminal and the event takes more than a moment.
-fn progress_bar(what: &'static str) -> impl FnMut(&str) {
-    let started = std::time::Instant::now();
-    // SAFETY: isatty on a file descriptor number has no preconditions.
-    let tty = unsafe { libc::isatty(2) } == 1;
-    move |plugin: &str| {
-        if tty && started.elapsed() > Duration::from_millis(300) {
-            eprint!("\r\x1b[Kferry {what}: {plugin} … {:.1} s", started.elapsed().as_secs_f64());
-        }
-    }
+/// Runs an event with a progress line on stderr (drawn only on a terminal, at most 10
+/// times a second): the plugin at work, its bytes done of its total, the rate and the
+/// time left. The line is cleared before the event's result is printed.
+fn with_progress<T>(what: &'static str, event: impl FnOnce(&mut dyn FnMut(&Tick)) -> T) -> T {
+    let bar = indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr_with_hz(10));
+    let style = indicatif::ProgressStyle::with_template("ferry {prefix}: {msg:10} {bytes}/{total_bytes} {binary_bytes_per_sec} {eta} left")
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner());
+    bar.set_style(style);
+    bar.set_prefix(what);
+    let mut tick = |t: &Tick| {
+        bar.set_message(t.plugin.to_string());
+        bar.set_length(t.status.bytes_total.max(t.status.bytes_done));
+        bar.set_position(t.status.bytes_done);
+    };
+    let result = event(&mut tick);
+    bar.finish_and_clear();
+    result
 }
 
 /// A stream of an image, pulled through a medium instance of its own.
@@ -459,17 +470,25 @@ fn plugins(cli: &Cli, command: &PluginsCommand) -> Outcome {
     let config = effective(cli, Overrides::default())?;
     let dir = manager::plugin_dir(None, config.plugin_dir.as_deref());
     match command {
-        PluginsCommand::List { json } => list(&dir, *json),
+        PluginsCommand::List { json, control } => {
+            // The daemon's registry is what events use; a --plugin-dir asks for a directory.
+            let socket = control.clone().unwrap_or(config.daemon.control.clone());
+            if cli.plugin_dir.is_none() && control::daemon_running(&socket) {
+                let reply = control::request(&socket, &Request::List, Duration::from_secs(10))?;
+                let plugins = daemon_reply(reply)?;
+                return list_registry(&socket, &plugins, *json);
+            }
+            list(&dir, *json)
+        }
         PluginsCommand::Load { plugin, control } => {
             let path = resolve_plugin(&dir, plugin)?;
             let meta = manager::validate(&path)?;
             let socket = control.clone().unwrap_or(config.daemon.control.clone());
             if !control::daemon_running(&socket) {
-                outln!(
-                    "{} plugin {} {} is valid ({}); no daemon runs at {}, nothing registered",
+                return Err(Failure(format!(
+                    "{} plugin {} {} is valid ({}), but no daemon runs at {}: nothing was registered (start `ferry daemon`)",
                     meta.kind, meta.name, meta.version, meta.path.display(), socket.display()
-                );
-                return Ok(());
+                )));
             }
             let reply = control::request(&socket, &Request::Load { path: meta.path.clone() }, Duration::from_secs(30))?;
             daemon_reply(reply)?;
@@ -487,9 +506,9 @@ fn plugins(cli: &Cli, command: &PluginsCommand) -> Outcome {
     }
 }
 
-fn daemon_reply(reply: control::Reply) -> Outcome {
+fn daemon_reply(reply: control::Reply) -> Result<Vec<manager::PluginMeta>, Failure> {
     if reply.ok {
-        Ok(())
+        Ok(reply.plugins)
     } else {
         Err(Failure(format!("daemon refused: {}", reply.error.unwrap_or_else(|| "no reason given".into()))))
     }
@@ -505,6 +524,24 @@ fn resolve_plugin(dir: &Path, plugin: &str) -> Result<PathBuf, Failure> {
         .into_iter()
         .find_map(|f| f.meta.filter(|m| m.name == plugin).map(|m| m.path))
         .ok_or_else(|| Failure(format!("no plugin named {plugin} in {}", dir.display())))
+}
+
+/// The registry of the daemon at `socket`.
+fn list_registry(socket: &Path, plugins: &[manager::PluginMeta], json: bool) -> Outcome {
+    let status = format!("registered in the daemon at {}", socket.display());
+    if json {
+        let rows: Vec<serde_json::Value> = plugins
+            .iter()
+            .map(|m| serde_json::json!({"name": m.name, "kind": m.kind, "version": m.version, "path": m.path, "status": status}))
+            .collect();
+        outln!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    outln!("the registry of the daemon at {}:", socket.display());
+    for m in plugins {
+        outln!("{:<10} {:<12} {:<8} {}", m.kind, m.name, m.version, m.path.display());
+    }
+    Ok(())
 }
 
 fn list(dir: &Path, json: bool) -> Outcome {
@@ -527,6 +564,8 @@ fn list(dir: &Path, json: bool) -> Outcome {
     }
     if found.is_empty() {
         outln!("no plugins in {}", dir.display());
+    } else {
+        outln!("the plugins of directory {} (no daemon asked):", dir.display());
     }
     for f in &found {
         let (kind, name, version) = f

@@ -5,8 +5,8 @@
 use std::{os::unix::fs::MetadataExt, path::Path};
 
 /// Why `path` could have been changed by someone other than root or the caller, if it
-/// could: owned by another user, writable by group or others, or in a directory others
-/// can change (a sticky directory such as /tmp still stops them replacing it).
+/// could: owned by another user, writable by group or others, or below a directory
+/// others can change (a sticky directory such as /tmp still stops them replacing it).
 pub fn changeable_by_others(path: &Path) -> Option<String> {
     // A symbolic link is followed, and both its directory and its target's are checked.
     let meta = match std::fs::metadata(path) {
@@ -22,9 +22,12 @@ pub fn changeable_by_others(path: &Path) -> Option<String> {
     if meta.mode() & 0o022 != 0 && !sticky_dir {
         return Some(format!("writable by group or others (mode {:o})", meta.mode() & 0o7777));
     }
+    // Every directory above it too, as sudo and ssh check: whoever can change one can
+    // replace what is below.
     let real = std::fs::canonicalize(path).ok();
-    let dirs = [path.parent(), real.as_deref().and_then(Path::parent)];
-    for dir in dirs.into_iter().flatten().filter(|d| !d.as_os_str().is_empty()) {
+    let given = path.parent().and_then(|p| std::path::absolute(p).ok());
+    let parents = [given.as_deref(), real.as_deref().and_then(Path::parent)];
+    for dir in parents.into_iter().flatten().flat_map(Path::ancestors) {
         let Ok(dmeta) = std::fs::metadata(dir) else { continue };
         if !trusted(dmeta.uid()) || (dmeta.mode() & 0o022 != 0 && dmeta.mode() & 0o1000 == 0) {
             return Some(format!("its directory {} can be changed by others", dir.display()));
@@ -61,6 +64,15 @@ mod tests {
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
         assert!(changeable_by_others(&link).unwrap().contains("can be changed by others"));
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        // Any directory above counts, not only the file's own.
+        let deep = dir.path().join("a/b");
+        std::fs::create_dir_all(&deep).unwrap();
+        std::fs::write(deep.join("f"), b"x").unwrap();
+        std::fs::set_permissions(deep.join("f"), std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(changeable_by_others(&deep.join("f")), None);
+        std::fs::set_permissions(dir.path().join("a"), std::fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(changeable_by_others(&deep.join("f")).unwrap().contains("/a can be changed by others"));
+        std::fs::set_permissions(dir.path().join("a"), std::fs::Permissions::from_mode(0o755)).unwrap();
         if nix::unistd::geteuid().is_root() {
             nix::unistd::chown(&file, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
             assert!(changeable_by_others(&file).unwrap().contains("owned by uid 65534"));

@@ -169,6 +169,16 @@ pub trait ProcessContext {
         let _ = (areas, present);
         RResult::RErr(PluginError::new("ferry", "this event moves no memory after resume"))
     }
+    /// Thread `tid`'s seccomp filters, the first installed first, read while ferry holds
+    /// them suspended for the stopped process (`PTRACE_O_SUSPEND_SECCOMP`): none of
+    /// ferry's injected calls meets them, and the ones a plugin installs by an injected
+    /// `seccomp` take effect when ferry lets the process go. An error when ferry could
+    /// not suspend them: its later injected calls would meet them. (After the prefix:
+    /// a host without it answers the default.)
+    fn seccomp_filters(&mut self, tid: i32) -> PResult<RVec<SeccompFilter>> {
+        let _ = tid;
+        RResult::RErr(PluginError::new("ferry", "reading seccomp filters is not offered by this context"))
+    }
 }
 
 /// Where a subsystem's checkpoint writes its records; the framework frames each one

@@ -119,6 +119,17 @@ pub struct RseqConfig {
     pub signature: u32,
 }
 
+/// One seccomp filter of a thread (`PTRACE_SECCOMP_GET_FILTER`).
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone, Default, PartialEq, Eq)]
+pub struct SeccompFilter {
+    /// Its classic BPF program: 8-byte `struct sock_filter`s, as the kernel keeps them.
+    pub program: RVec<u8>,
+    /// The `SECCOMP_FILTER_FLAG_*` the kernel reports of it
+    /// (`PTRACE_SECCOMP_GET_METADATA`: only `LOG`).
+    pub flags: u64,
+}
+
 /// The six arguments of an injected system call.
 #[repr(C)]
 #[derive(StableAbi, Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -69,7 +69,7 @@ pub fn ferry_bin() -> PathBuf {
 /// The directory of the built plugins (beside the binary).
 pub fn plugin_dir() -> PathBuf {
     let dir = ferry_bin().parent().expect("binary has a directory").to_path_buf();
-    for name in ["memory", "threads", "files", "signals", "process", "creds"] {
+    for name in ["memory", "threads", "files", "signals", "process", "seccomp", "creds"] {
         let so = dir.join(format!("libferry_subsystem_{name}.so"));
         assert!(so.is_file(), "{} is missing: run `cargo build --workspace` first", so.display());
     }

@@ -70,11 +70,13 @@ pub struct WorkloadOpts {
     /// Shared anonymous memory mapped twice (`--shared-twice`; `region twice-a`,
     /// `region twice-b`).
     pub shared_twice: bool,
+    /// Hold POSIX, lockf, OFD and flock locks on files in its directory (`--locks`).
+    pub locks: bool,
 }
 
 impl Default for WorkloadOpts {
     fn default() -> Self {
-        WorkloadOpts { mem_mib: 1, threads: 0, files: true, tick_ms: 20, dirty_pages: 0, churn: false, move_mem: false, fork_check: false, rseq: false, process_state: false, seccomp: false, shared_anon: false, event_fds: false, listen: false, creds: false, mm_flags: false, mm_sealed: false, shared_twice: false }
+        WorkloadOpts { mem_mib: 1, threads: 0, files: true, tick_ms: 20, dirty_pages: 0, churn: false, move_mem: false, fork_check: false, rseq: false, process_state: false, seccomp: false, shared_anon: false, event_fds: false, listen: false, creds: false, mm_flags: false, mm_sealed: false, shared_twice: false, locks: false }
     }
 }
 
@@ -153,6 +155,7 @@ impl Workload {
             (opts.mm_flags, "--mm-flags"),
             (opts.mm_sealed, "--mm-sealed"),
             (opts.shared_twice, "--shared-twice"),
+            (opts.locks, "--locks"),
         ];
         cmd.args(flags.iter().filter(|f| f.0).map(|f| f.1));
         Self::start(cmd, dir)

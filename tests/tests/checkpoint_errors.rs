@@ -57,21 +57,6 @@ fn targets_that_cannot_be_checkpointed() {
 }
 
 #[test]
-fn a_process_under_seccomp_is_refused_before_it_is_touched() {
-    // Injected calls would meet its filter, and its copy would run without it.
-    let mut w = Workload::spawn(&WorkloadOpts { files: false, seccomp: true, ..Default::default() });
-    w.wait_ticks(1);
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("img");
-    fails_with(&run(&checkpoint_args(&w.pid.to_string(), &dir)), "seccomp (filter mode)");
-    assert!(!dir.exists(), "a refused checkpoint writes nothing");
-    let at = *w.ticks().last().unwrap();
-    w.wait_ticks(at + 2);
-    let pid = w.pid;
-    w.terminate_and_check(pid).unwrap();
-}
-
-#[test]
 fn a_request_without_the_creds_subsystem_is_refused_before_the_process_is_touched() {
     // Its process could only come back as root, with every capability.
     let mut w = Workload::spawn(&WorkloadOpts { files: false, ..Default::default() });

@@ -67,12 +67,13 @@ fn loading_an_unknown_name_or_missing_file_fails() {
 }
 
 #[test]
-fn loading_a_valid_plugin_without_a_daemon_validates_it() {
+fn loading_a_valid_plugin_without_a_daemon_validates_it_and_fails() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("control.sock");
-    let o = ferry(&["plugins", "load", "memory", "--control", sock.to_str().unwrap()]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    assert!(stdout(&o).contains("subsystem plugin memory 0.1.0 is valid"), "{}", stdout(&o));
+    // Valid, but nothing registered: a failure, not a success that did nothing.
+    let err = one_line_failure(&ferry(&["plugins", "load", "memory", "--control", sock.to_str().unwrap()]));
+    assert!(err.contains("subsystem plugin memory 0.1.0 is valid"), "{err}");
+    assert!(err.contains("but no daemon runs at") && err.contains("nothing was registered"), "{err}");
     let err = one_line_failure(&ferry(&["plugins", "unload", "memory", "--control", sock.to_str().unwrap()]));
     assert!(err.contains("no daemon is listening"), "{err}");
 }
@@ -124,7 +125,7 @@ fn config_show_layers_defaults_file_and_command_line() {
     assert_eq!(shown["mechanism"]["medium"], "file"); // command line beats file
     assert_eq!(shown["mechanism"]["quiesce"], "freezer"); // command line
     assert_eq!(shown["mechanism"]["context"], "external"); // default
-    assert_eq!(shown["mechanism"]["subsystems"], serde_json::json!(["memory", "threads", "files", "signals", "process", "creds"]));
+    assert_eq!(shown["mechanism"]["subsystems"], serde_json::json!(["memory", "threads", "files", "signals", "process", "seccomp", "creds"]));
 
     // The shipped example is a valid configuration, and `config example` prints it.
     let example = ferry(&["config", "example"]);

@@ -73,6 +73,15 @@ fn plugins_are_loaded_and_unloaded_in_a_running_daemon() {
     let o = daemon.ctl(&["plugins", "unload", "signals"]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(!daemon.registered().contains(&"signals".to_string()));
+    // `plugins list` shows the daemon's registry, which says so, and the log says why.
+    let o = ferry(&["plugins", "list", "--json", "--control", daemon.control.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(rows.iter().any(|r| r["name"] == "memory"), "{rows:?}");
+    assert!(!rows.iter().any(|r| r["name"] == "signals"), "unloaded, yet listed: {rows:?}");
+    assert!(rows.iter().all(|r| r["status"].as_str().unwrap().starts_with("registered in the daemon at")), "{rows:?}");
+    let log = std::fs::read_to_string(dir.path().join("daemon.log")).unwrap();
+    assert!(log.contains("unregistered plugin signals"), "{log}");
     let o = daemon.ctl(&["plugins", "unload", "signals"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("no ferry plugin named signals"), "{}", stderr(&o));

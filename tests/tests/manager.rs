@@ -185,3 +185,20 @@ fn files_that_are_not_plugins_are_refused() {
     assert_eq!(found.len(), 1);
     assert!(found[0].status.starts_with("refused: "));
 }
+
+#[test]
+fn a_missing_plugin_is_explained_by_the_file_that_was_refused() {
+    // Built as a user, run as root: every plugin refused for its owner, and the command
+    // once said only "no subsystem plugin named memory is registered".
+    let dir = private_dir(&["memory", "threads"]);
+    let so = dir.path().join("libferry_subsystem_memory.so");
+    std::fs::set_permissions(&so, std::fs::Permissions::from_mode(0o664)).unwrap();
+    let manager = Manager::new();
+    manager.discover(dir.path()).unwrap();
+    let e = manager.acquire(PluginKind::Subsystem, "memory").err().expect("memory was refused").to_string();
+    assert!(e.starts_with("no subsystem plugin named memory is registered ("), "{e}");
+    assert!(e.contains("libferry_subsystem_memory.so was refused: writable by group or others (mode 664)"), "{e}");
+    // A name nothing looks like: how many were refused, and where to see why.
+    let e = manager.acquire(PluginKind::Subsystem, "nosuch").err().unwrap().to_string();
+    assert!(e.ends_with("(1 plugin file(s) were refused: see `ferry plugins list`)"), "{e}");
+}

@@ -547,8 +547,9 @@ fn precopy_of_a_process_outrunning_the_link_converges_only_when_throttled() {
     moved(&mut w, old, mid, 3);
 
     // Again, from where it landed, with auto-converge: it takes 9 to 20 rounds on this
-    // noisy VM, as the throttle steps up; the room beyond is for a busy machine.
-    let on = precopy_config(dir.path(), "on.json", r#"{"throttle": true, "max_rounds": 40}"#);
+    // noisy VM, as the throttle steps up; the room beyond is for a busy machine (41 were
+    // seen with three test suites running at once).
+    let on = precopy_config(dir.path(), "on.json", r#"{"throttle": true, "max_rounds": 60}"#);
     let (stats, new) = precopy_stats(&migrate_with_config(&on, mid, &daemon.addr), mid, &daemon, &w);
     w.adopt(new);
     eprintln!("pre-copy with throttle: {stats}");
@@ -933,4 +934,41 @@ fn a_daemon_under_idle_and_slow_connections_still_serves_a_migration() {
     carries_on(&mut w, old, new, 3);
     assert!(threads < 64 + 32, "the daemon runs {threads} threads under the crowd");
     wait_until("the daemon to report the connections it closed", Duration::from_secs(30), || daemon.log().contains("did not shake hands in time or crowded the door"));
+}
+
+#[test]
+fn a_daemon_answers_a_frame_it_will_not_read_and_hellos_that_name_no_event() {
+    if !needs_root("a migration seizes the process and rebuilds it (ptrace, clone3 with set_tid, PR_SET_MM_MAP)") {
+        return;
+    }
+    use std::io::{Read, Write};
+    let daemon = Daemon::start(None, "127.0.0.1", &[]);
+    // The daemon's answer: a length, then a JSON refusal.
+    let answer = |send: &[u8]| -> String {
+        let mut s = std::net::TcpStream::connect(&daemon.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        s.write_all(send).unwrap();
+        let mut len = [0u8; 4];
+        s.read_exact(&mut len).unwrap();
+        let mut body = vec![0u8; u32::from_le_bytes(len) as usize];
+        s.read_exact(&mut body).unwrap();
+        String::from_utf8_lossy(&body).into_owned()
+    };
+    // Oversized: refused with the reason before the close (it was closed silently).
+    let reply = answer(&(2u32 << 20).to_le_bytes());
+    assert!(reply.contains("\"refused\"") && reply.contains("limit 1 MiB"), "{reply}");
+    let reply = answer(b"GET / HTTP/1.1\r\n\r\n");
+    assert!(reply.contains("not a ferry daemon"), "{reply}");
+    // A hello with a strategy nobody knows and a pid that is no process: refused at once
+    // (they were welcomed, then timed out).
+    let hello = serde_json::json!({
+        "type": "hello", "protocol": 2, "arch": std::env::consts::ARCH, "page_size": 4096,
+        "token": "0123456789abcdef0123456789abcdef", "request_id": 1, "pid": -1, "strategy": "teleport",
+        "medium": {"name": "tcp", "version": "0.1.0"}, "subsystems": [], "features": []
+    })
+    .to_string();
+    let mut frame = (hello.len() as u32).to_le_bytes().to_vec();
+    frame.extend_from_slice(hello.as_bytes());
+    let reply = answer(&frame);
+    assert!(reply.contains("\"refused\"") && reply.contains("names no process (pid -1)"), "{reply}");
 }

@@ -14,6 +14,7 @@
  *
  * Nothing here caches a pid or tid: after a restore they may differ. */
 #define _GNU_SOURCE
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
@@ -33,6 +34,7 @@
 #include <linux/seccomp.h>
 #include <sched.h>
 #include <sys/epoll.h>
+#include <sys/file.h>
 #include <sys/eventfd.h>
 #include <sys/fsuid.h>
 #include <sys/ioctl.h>
@@ -90,6 +92,7 @@ static int opt_creds;
 static int opt_mm_flags;
 static int opt_mm_sealed;
 static int opt_shared_twice;
+static int opt_locks;
 static uint64_t tsc_per_ms;
 static volatile uint64_t rseq_aborts;
 static pid_t fork_child;
@@ -1873,11 +1876,268 @@ static void verify_rseq(void)
         FAIL_RET("rseq: the main thread's area is registered otherwise (%s)", strerror(errno));
 }
 
+/* ---- file locks (--locks): in DIR, "lock-posix" holds POSIX write locks on bytes 0-9
+ * (fcntl) and 20-24 (lockf) and a read lock from byte 100 to the end; "lock-ofd" an OFD
+ * write lock on bytes 0-4095 and an OFD read lock on 8192-8291; "lock-flock" flock
+ * LOCK_EX through an fd and its dup (one description); "lock-shared" flock LOCK_SH.
+ * The check runs in a forked helper, another process with descriptions of its own, which
+ * must meet every lock exactly where it was (and nowhere else). */
+static int lk_posix = -1, lk_ofd = -1, lk_flock = -1, lk_flock_dup = -1, lk_shared = -1;
+
+static int lk_set(int fd, int cmd, short type, off_t start, off_t len)
+{
+    struct flock fl = {.l_type = type, .l_whence = SEEK_SET, .l_start = start, .l_len = len};
+    return fcntl(fd, cmd, &fl);
+}
+
+static void setup_locks(void)
+{
+    lk_posix = open_in_dir("lock-posix", O_RDWR | O_CREAT | O_TRUNC);
+    if (lk_set(lk_posix, F_SETLK, F_WRLCK, 0, 10) != 0 || lseek(lk_posix, 20, SEEK_SET) != 20 ||
+        lockf(lk_posix, F_TLOCK, 5) != 0 || lk_set(lk_posix, F_SETLK, F_RDLCK, 100, 0) != 0)
+        die("POSIX locks on lock-posix");
+    lk_ofd = open_in_dir("lock-ofd", O_RDWR | O_CREAT | O_TRUNC);
+    if (lk_set(lk_ofd, F_OFD_SETLK, F_WRLCK, 0, 4096) != 0 || lk_set(lk_ofd, F_OFD_SETLK, F_RDLCK, 8192, 100) != 0)
+        die("OFD locks on lock-ofd");
+    lk_flock = open_in_dir("lock-flock", O_RDWR | O_CREAT | O_TRUNC);
+    lk_flock_dup = dup(lk_flock);
+    if (lk_flock_dup < 0 || flock(lk_flock_dup, LOCK_EX | LOCK_NB) != 0)
+        die("flock LOCK_EX on lock-flock");
+    lk_shared = open_in_dir("lock-shared", O_RDONLY | O_CREAT);
+    if (flock(lk_shared, LOCK_SH | LOCK_NB) != 0)
+        die("flock LOCK_SH on lock-shared");
+}
+
+/* What F_GETLK (or F_OFD_GETLK) answers for a `type` lock on [start, start+len):
+ * the conflicting lock's type, start, length and pid. */
+static int lk_probe(int fd, int cmd, short type, off_t start, off_t len, short want_type, off_t want_start,
+                    off_t want_len, pid_t want_pid, char *msg, size_t n, const char *file)
+{
+    struct flock fl = {.l_type = type, .l_whence = SEEK_SET, .l_start = start, .l_len = len};
+    if (fcntl(fd, cmd, &fl) != 0) {
+        snprintf(msg, n, "%s: GETLK: %s", file, strerror(errno));
+        return 0;
+    }
+    if (fl.l_type != want_type ||
+        (want_type != F_UNLCK && (fl.l_start != want_start || fl.l_len != want_len || fl.l_pid != want_pid))) {
+        snprintf(msg, n, "%s: a %s lock on %lld+%lld meets type %d at %lld+%lld of pid %d, want type %d at %lld+%lld of pid %d",
+                 file, type == F_WRLCK ? "write" : "read", (long long)start, (long long)len, fl.l_type,
+                 (long long)fl.l_start, (long long)fl.l_len, fl.l_pid, want_type, (long long)want_start,
+                 (long long)want_len, want_pid);
+        return 0;
+    }
+    return 1;
+}
+
+/* In the helper: msg gets the first lock of `holder` found missing or changed. */
+static void locks_from_outside(pid_t holder, char *msg, size_t n)
+{
+    char path[PATH_MAX + 32];
+    in_dir(path, "lock-posix");
+    int p = open(path, O_RDWR);
+    in_dir(path, "lock-ofd");
+    int o = open(path, O_RDWR);
+    in_dir(path, "lock-flock");
+    int f = open(path, O_RDONLY);
+    in_dir(path, "lock-shared");
+    int s = open(path, O_RDONLY);
+    if (p < 0 || o < 0 || f < 0 || s < 0) {
+        snprintf(msg, n, "helper: opening the lock files: %s", strerror(errno));
+        return;
+    }
+    const char *pf = "lock-posix", *of = "lock-ofd";
+    if (!lk_probe(p, F_GETLK, F_WRLCK, 0, 1, F_WRLCK, 0, 10, holder, msg, n, pf) ||
+        !lk_probe(p, F_GETLK, F_WRLCK, 10, 10, F_UNLCK, 0, 0, 0, msg, n, pf) ||
+        !lk_probe(p, F_GETLK, F_WRLCK, 20, 1, F_WRLCK, 20, 5, holder, msg, n, pf) ||
+        !lk_probe(p, F_GETLK, F_WRLCK, 25, 75, F_UNLCK, 0, 0, 0, msg, n, pf) ||
+        !lk_probe(p, F_GETLK, F_RDLCK, 100, 0, F_UNLCK, 0, 0, 0, msg, n, pf) ||
+        !lk_probe(p, F_GETLK, F_WRLCK, 1000, 1, F_RDLCK, 100, 0, holder, msg, n, pf) ||
+        !lk_probe(o, F_OFD_GETLK, F_WRLCK, 0, 1, F_WRLCK, 0, 4096, -1, msg, n, of) ||
+        !lk_probe(o, F_OFD_GETLK, F_WRLCK, 4096, 4096, F_UNLCK, 0, 0, 0, msg, n, of) ||
+        !lk_probe(o, F_OFD_GETLK, F_WRLCK, 8291, 1, F_RDLCK, 8192, 100, -1, msg, n, of) ||
+        !lk_probe(o, F_OFD_GETLK, F_RDLCK, 8192, 1, F_UNLCK, 0, 0, 0, msg, n, of) ||
+        !lk_probe(o, F_OFD_GETLK, F_WRLCK, 8292, 1, F_UNLCK, 0, 0, 0, msg, n, of))
+        return;
+    if (flock(f, LOCK_SH | LOCK_NB) == 0 || errno != EWOULDBLOCK)
+        snprintf(msg, n, "lock-flock: another process got LOCK_SH (%s): the LOCK_EX is gone", strerror(errno));
+    else if (flock(s, LOCK_SH | LOCK_NB) != 0)
+        snprintf(msg, n, "lock-shared: another process cannot share it: %s", strerror(errno));
+    else if (flock(s, LOCK_UN) != 0 || flock(s, LOCK_EX | LOCK_NB) == 0 || errno != EWOULDBLOCK)
+        snprintf(msg, n, "lock-shared: another process got LOCK_EX (%s): the LOCK_SH is gone", strerror(errno));
+}
+
+static void verify_locks(void)
+{
+    int ends[2];
+    if (pipe(ends) != 0)
+        FAIL_RET("locks: pipe: %s", strerror(errno));
+    pid_t holder = getpid();
+    pid_t child = fork();
+    if (child < 0)
+        FAIL_RET("locks: fork: %s", strerror(errno));
+    if (child == 0) {
+        char msg[400] = "";
+        locks_from_outside(holder, msg, sizeof msg);
+        write_all(ends[1], msg, strlen(msg), "helper write");
+        _exit(0);
+    }
+    close(ends[1]);
+    char msg[400];
+    size_t got = 0;
+    for (ssize_t r; got < sizeof msg - 1 && (r = read(ends[0], msg + got, sizeof msg - 1 - got)) != 0;)
+        if (r > 0)
+            got += r;
+        else if (errno != EINTR)
+            break;
+    msg[got] = 0;
+    close(ends[0]);
+    int status;
+    while (waitpid(child, &status, 0) < 0 && errno == EINTR)
+        ;
+    if (msg[0])
+        FAIL_RET("%s", msg);
+    /* The holder's own fds: the dup still shares the flock description. */
+    if (flock(lk_flock, LOCK_EX | LOCK_NB) != 0)
+        FAIL_RET("lock-flock: its own fd cannot take LOCK_EX: %s", strerror(errno));
+}
+
+/* ---- seccomp (--seccomp) ----
+ * Two stacked filters: the first installed with TSYNC (and LOG) by the main thread once
+ * the threads run, so every thread shares it; the second in the main thread alone. Each
+ * turns one harmless call into an errno and kills the process for a call ferry's own
+ * checkpoint injects (an executable mmap: its scratch area; prctl(PR_GET_SECUREBITS):
+ * the creds plugin), so a checkpoint that let its calls meet the filters kills it. */
+static int sc_install(unsigned flags, struct sock_filter *insns, unsigned short len)
+{
+    struct sock_fprog prog = {len, insns};
+    return (int)syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, flags, &prog);
+}
+
+#define SC_NR BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr))
+#define SC_ARG(n) BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, args[n]))
+
+static void setup_seccomp(void)
+{
+    struct sock_filter first[] = {
+        SC_NR,
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_getppid, 0, 1),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | EPERM),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_mmap, 0, 3),
+        SC_ARG(2),
+        BPF_JUMP(BPF_JMP | BPF_JSET | BPF_K, PROT_EXEC, 0, 1),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_KILL_PROCESS),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+    };
+    struct sock_filter second[] = {
+        SC_NR,
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_getsid, 0, 1),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | EACCES),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, SYS_prctl, 0, 3),
+        SC_ARG(0),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, PR_GET_SECUREBITS, 0, 1),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_KILL_PROCESS),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+    };
+    /* Root: CAP_SYS_ADMIN lets it install filters without no_new_privs. */
+    if (sc_install(SECCOMP_FILTER_FLAG_TSYNC | SECCOMP_FILTER_FLAG_LOG, first, sizeof first / sizeof first[0]) != 0)
+        die("seccomp: first filter (TSYNC)");
+    if (sc_install(0, second, sizeof second / sizeof second[0]) != 0)
+        die("seccomp: second filter");
+}
+
+/* The status line `key` of thread `tid` as a number, or -1. */
+static long sc_status(pid_t tid, const char *key)
+{
+    char path[64], line[256];
+    snprintf(path, sizeof path, "/proc/self/task/%d/status", (int)tid);
+    FILE *f = fopen(path, "r");
+    long v = -1;
+    size_t n = strlen(key);
+    while (f && fgets(line, sizeof line, f))
+        if (!strncmp(line, key, n) && line[n] == ':')
+            v = strtol(line + n + 1, NULL, 10);
+    if (f)
+        fclose(f);
+    return v;
+}
+
+/* A forked child that makes a call the filters kill: it must die of SIGSYS. */
+static int sc_killed(int exec_mmap)
+{
+    pid_t c = fork();
+    if (c == 0) {
+        if (exec_mmap)
+            mmap(NULL, PAGE, PROT_READ | PROT_EXEC, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        else
+            prctl(PR_GET_SECUREBITS, 0, 0, 0, 0);
+        _exit(0);
+    }
+    int status;
+    if (c < 0 || waitpid(c, &status, 0) != c)
+        return 0;
+    return WIFSIGNALED(status) && WTERMSIG(status) == SIGSYS;
+}
+
+/* Every tick: the first filter is in force (after a post-copy resume too, while the
+ * memory still arrives under ferry's tracing). */
+static void seccomp_tick(uint64_t tick)
+{
+    errno = 0;
+    if (syscall(SYS_getppid) != -1 || errno != EPERM)
+        fail("seccomp: at tick %llu getppid gave %s, want EPERM: the filters were not in force",
+             (unsigned long long)tick, errno ? strerror(errno) : "success");
+}
+
+/* Runs while the threads still do: each thread's filters are checked from /proc. */
+static void verify_seccomp(void)
+{
+    pid_t me = getpid();
+    if (sc_status(me, "Seccomp") != 2 || sc_status(me, "Seccomp_filters") != 2)
+        FAIL_RET("seccomp: the main thread has Seccomp %ld, Seccomp_filters %ld, want 2 and 2", sc_status(me, "Seccomp"),
+                 sc_status(me, "Seccomp_filters"));
+    DIR *d = opendir("/proc/self/task");
+    if (!d)
+        FAIL_RET("seccomp: /proc/self/task: %s", strerror(errno));
+    long threads = 0;
+    for (struct dirent *e; (e = readdir(d));) {
+        pid_t tid = (pid_t)atoi(e->d_name);
+        if (tid <= 0 || tid == me)
+            continue;
+        threads++;
+        if (sc_status(tid, "Seccomp") != 2 || sc_status(tid, "Seccomp_filters") != 1) {
+            closedir(d);
+            FAIL_RET("seccomp: thread %d has Seccomp %ld, Seccomp_filters %ld, want 2 and 1 (the shared filter)", (int)tid,
+                     sc_status(tid, "Seccomp"), sc_status(tid, "Seccomp_filters"));
+        }
+    }
+    closedir(d);
+    if (threads != opt_threads)
+        FAIL_RET("seccomp: %ld other threads, want %ld", threads, opt_threads);
+    errno = 0;
+    if (syscall(SYS_getppid) != -1 || errno != EPERM)
+        FAIL_RET("seccomp: getppid gave %s, want EPERM from the first filter", strerror(errno));
+    errno = 0;
+    if (syscall(SYS_getsid, 0) != -1 || errno != EACCES)
+        FAIL_RET("seccomp: getsid gave %s, want EACCES from the second filter", strerror(errno));
+    if (syscall(SYS_getpid) != me || syscall(SYS_getuid) < 0)
+        FAIL_RET("seccomp: an allowed call failed");
+    if (!sc_killed(0))
+        FAIL_RET("seccomp: prctl(PR_GET_SECUREBITS) no longer kills (second filter)");
+    if (!sc_killed(1))
+        FAIL_RET("seccomp: an executable mmap no longer kills (first filter)");
+    /* TSYNC again: it works only while every thread's filters are the main thread's
+     * own or their ancestors — the first filter still one object shared by all. */
+    struct sock_filter allow[] = {BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW)};
+    long r = sc_install(SECCOMP_FILTER_FLAG_TSYNC, allow, 1);
+    if (r != 0)
+        FAIL_RET("seccomp: TSYNC failed (%ld, %s): the threads no longer share the first filter", r, strerror(errno));
+}
+
 /* ---- main ---- */
 static void usage(void)
 {
     fprintf(stderr, "usage: workload --log PATH [--dir DIR] [--mem-mib N] [--threads N] [--tick-ms N]"
-                    " [--dirty-pages N] [--churn] [--move-mem] [--fork-check] [--rseq] [--process-state] [--seccomp] [--shared-anon] [--event-fds] [--listen] [--creds] [--mm-flags] [--mm-sealed] [--shared-twice] [--no-files]\n");
+                    " [--dirty-pages N] [--churn] [--move-mem] [--fork-check] [--rseq] [--process-state] [--seccomp] [--shared-anon] [--event-fds] [--listen] [--creds] [--mm-flags] [--mm-sealed] [--shared-twice] [--locks] [--no-files]\n");
     exit(2);
 }
 
@@ -1910,6 +2170,7 @@ int main(int argc, char **argv)
             {"--creds", &opt_creds, 1},
             {"--mm-flags", &opt_mm_flags, 1},    {"--mm-sealed", &opt_mm_sealed, 1},
             {"--shared-twice", &opt_shared_twice, 1},
+            {"--locks", &opt_locks, 1},
         };
         int flag = 0;
         for (size_t f = 0; f < sizeof flags / sizeof flags[0] && !flag; f++)
@@ -1988,6 +2249,8 @@ int main(int argc, char **argv)
         setup_event_fds();
     if (opt_listen)
         setup_listener();
+    if (opt_locks)
+        setup_locks();
 
     if (opt_creds)
         setup_creds();
@@ -2004,13 +2267,8 @@ int main(int argc, char **argv)
         setup_creds_dumpable();
     if (opt_process_state)
         setup_process_state();
-    if (opt_seccomp) {
-        /* A filter that allows everything: only its presence matters. */
-        struct sock_filter allow[] = {BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW)};
-        struct sock_fprog prog = {1, allow};
-        if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 || prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog) != 0)
-            die("seccomp");
-    }
+    if (opt_seccomp)
+        setup_seccomp();
     /* raise() is tgkill to this thread: a thread-directed signal pending across dumps. */
     if (raise(SIGUSR2) != 0)
         die("raise USR2");
@@ -2053,6 +2311,8 @@ int main(int argc, char **argv)
             serve_listener(tick);
         if (opt_mm_flags)
             mmf_tick(tick);
+        if (opt_seccomp)
+            seccomp_tick(tick);
         if (opt_rseq) {
             logf_("rseq-aborts %llu", (unsigned long long)rseq_aborts);
             rseq_wait(opt_tick_ms);
@@ -2061,6 +2321,8 @@ int main(int argc, char **argv)
         }
     }
 
+    if (opt_seccomp)
+        verify_seccomp();
     atomic_store(&stop_threads, 1);
     for (long i = 0; i < opt_threads; i++) {
         errno = pthread_join(threads[i], NULL);
@@ -2101,6 +2363,8 @@ int main(int argc, char **argv)
         verify_shared_twice();
     if (opt_rseq && !failure[0])
         verify_rseq();
+    if (opt_locks && !failure[0])
+        verify_locks();
 
     if (failure[0]) {
         logf_("FAIL: %s", failure);

@@ -14,7 +14,7 @@ use ferry_plugin_api::PluginKind;
 use crate::{
     config::Quiesce,
     engine::dump::{quiesce, write_image},
-    engine::event::{self, EventError, Stats},
+    engine::event::{Tick, self, EventError, Stats},
     engine::manager::Manager,
     engine::pipeline::Pipeline,
     engine::watchdog::Watchdog,
@@ -69,7 +69,7 @@ fn discard(dir: &Path, created: bool) {
     }
 }
 
-pub fn checkpoint(manager: &Manager, req: &CheckpointRequest, progress: &mut dyn FnMut(&str)) -> Result<Stats, EventError> {
+pub fn checkpoint(manager: &Manager, req: &CheckpointRequest, progress: &mut dyn FnMut(&Tick)) -> Result<Stats, EventError> {
     let started = Instant::now();
     // Everything that can be refused without touching the process comes first.
     target::check_target(req.pid)?;

@@ -24,7 +24,7 @@ use crate::{
     config::{Quiesce, Strategy},
     engine::dump::{process_entry, quiesce, write_image, Live, Sent},
     engine::event::Loaded,
-    engine::event::{self, EventError},
+    engine::event::{Tick, self, EventError},
     engine::manager::Manager,
     engine::pipeline::Pipeline,
     engine::rebuild::Plan,
@@ -141,7 +141,7 @@ fn precopy_phase(
     subs: &mut [Loaded],
     medium: MediumBox,
     throttle: &mut Option<Throttle>,
-    progress: &mut dyn FnMut(&str),
+    progress: &mut dyn FnMut(&Tick),
 ) -> Result<(MediumBox, Live, u64, Outcome), (EventError, Option<MediumBox>)> {
     let (mut tracer, _) = quiesce(req.pid, Quiesce::Ptrace).map_err(|e| (e, None))?;
     let mut medium = medium;
@@ -195,7 +195,7 @@ fn precopy_phase(
     }
 }
 /// Moves process `req.pid` to the daemon at `req.to`.
-pub fn migrate(manager: &Manager, req: &MigrateRequest, progress: &mut dyn FnMut(&str)) -> Result<MigrateStats, EventError> {
+pub fn migrate(manager: &Manager, req: &MigrateRequest, progress: &mut dyn FnMut(&Tick)) -> Result<MigrateStats, EventError> {
     let started = Instant::now();
     // "127.0.0.1" or "host": no port (an IPv6 address needs brackets to take one).
     if !req.to.rsplit_once(':').is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok()) {

@@ -12,7 +12,7 @@ use ferry_plugin_api::{MediumBox, PluginKind};
 
 use crate::{
     engine::context::{CountingPull, MediumPull},
-    engine::event::{EventError, Stats},
+    engine::event::{EventError, Stats, Tick},
     engine::manager::Manager,
     engine::rebuild::{rebuild, Held, Plan},
     engine::watchdog::Watchdog,
@@ -75,7 +75,7 @@ fn await_original(process: &ProcessEntry) {
 }
 
 /// Restores the image in directory `req.dir` and lets it run.
-pub fn restore(manager: &Manager, req: &RestoreRequest, progress: &mut dyn FnMut(&str)) -> Result<Stats, EventError> {
+pub fn restore(manager: &Manager, req: &RestoreRequest, progress: &mut dyn FnMut(&Tick)) -> Result<Stats, EventError> {
     let started = Instant::now();
     let medium_lease = manager.acquire(PluginKind::Medium, &req.medium)?;
     if !req.dir.is_dir() {
@@ -131,7 +131,7 @@ pub fn restore_held(
     medium: &mut MediumBox,
     watchdog: &Watchdog,
     started: Instant,
-    progress: &mut dyn FnMut(&str),
+    progress: &mut dyn FnMut(&Tick),
 ) -> Result<Held, EventError> {
     let mut inventory_bytes = 0;
     let pull = MediumPull { medium, stream: INVENTORY_STREAM };

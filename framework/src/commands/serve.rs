@@ -64,10 +64,42 @@ fn lazy_commit(
     end(record, "committed", String::new())
 }
 
+/// Closes a connection whose peer was just sent a refusal so that the refusal reaches it:
+/// closed with bytes of the peer's unread, the connection would be reset and the
+/// refusal lost. What the peer still sends is read and dropped, for a second at most.
+fn close_after_refusal(stream: &TcpStream) {
+    use std::io::Read;
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+    let deadline = Instant::now() + Duration::from_secs(1);
+    let mut sink = [0u8; 16 << 10];
+    let mut reader = stream;
+    while Instant::now() < deadline {
+        match reader.read(&mut sink) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Tokens of the events this daemon saw lately (a replayed hello is refused).
+static SEEN_TOKENS: std::sync::Mutex<std::collections::VecDeque<String>> = std::sync::Mutex::new(std::collections::VecDeque::new());
+const SEEN_TOKENS_KEPT: usize = 4096;
+
 /// What the daemon knows of itself for the handshake.
 pub fn local(manager: &Manager, features: &[String]) -> Local {
     let plugins = manager.list().into_iter().map(|m| PluginRef { name: m.name, version: m.version }).collect();
-    Local::this_machine(plugins, features.to_vec())
+    let mut local = Local::this_machine(plugins, features.to_vec());
+    local.seen_tokens = SEEN_TOKENS.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned().collect();
+    local
+}
+
+fn remember_token(token: &str) {
+    let mut seen = SEEN_TOKENS.lock().unwrap_or_else(|p| p.into_inner());
+    if seen.len() >= SEEN_TOKENS_KEPT {
+        seen.pop_front();
+    }
+    seen.push_back(token.to_string());
 }
 
 /// What the daemon records of one event: a line for its log, a JSON object for its
@@ -127,13 +159,18 @@ pub fn serve(
     };
     let _ = stream.set_read_timeout(Some(timeout));
     if let Err(e) = protocol::authenticate_server(&mut stream, key) {
+        close_after_refusal(&stream);
         return end(record, "refused", e.to_string());
     }
     let hello = match protocol::server_handshake(&mut stream, &local(manager, features), id) {
         Ok(h) => h,
-        Err(e) => return end(record, "refused", e.to_string()),
+        Err(e) => {
+            close_after_refusal(&stream);
+            return end(record, "refused", e.to_string());
+        }
     };
     handshaken();
+    remember_token(&hello.token);
     record.token = Some(hello.token.clone());
     record.pid = Some(hello.pid);
     crate::fault::point("after-handshake");

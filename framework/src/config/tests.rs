@@ -38,7 +38,7 @@ fn defaults() {
     assert_eq!(c.plugin_dir, None);
     assert_eq!(
         c.mechanism.subsystems,
-        ["memory", "threads", "files", "signals", "process", "creds"]
+        ["memory", "threads", "files", "signals", "process", "seccomp", "creds"]
     );
     assert_eq!(c.mechanism.medium, "file");
     assert_eq!(c.mechanism.strategy, Strategy::StopCopy);
@@ -108,7 +108,7 @@ fn full_file() {
             "medium": "tcp",
             "strategy": "hybrid",
             "quiesce": "freezer",
-            "context": "internal"
+            "context": "external"
         },
         "tuning": {
             "pre_copy": { "downtime_budget_ms": 50, "max_rounds": 4, "throttle": false },
@@ -132,7 +132,7 @@ fn full_file() {
             medium: "tcp".into(),
             strategy: Strategy::Hybrid,
             quiesce: Quiesce::Freezer,
-            context: ExecContext::Internal,
+            context: ExecContext::External,
         },
         tuning: Tuning {
             pre_copy: PreCopyTuning {
@@ -211,7 +211,14 @@ fn overrides_beat_the_file() {
     assert_eq!(c.watchdog_ms, 7);
     assert_eq!(c.daemon.listen, "[::1]:2");
     assert_eq!(c.daemon.control, PathBuf::from("/tmp/c.sock"));
+    // Parsed, but refused until it exists (it would be silently ignored).
+    let e = c.validate().unwrap_err().to_string();
+    assert!(e.contains("the internal execution context is not built yet"), "{e}");
+    c.mechanism.context = ExecContext::External;
     c.validate().expect("valid");
+    c.watchdog_ms = u64::MAX;
+    assert!(c.validate().unwrap_err().to_string().contains("must be 1 to 86400000"));
+    c.watchdog_ms = 7;
 
     // Empty overrides change nothing.
     let before = c.clone();
@@ -423,7 +430,7 @@ fn validate_errors_name_the_key_and_file() {
             "mechanism.medium",
             "empty plugin name",
         ),
-        (r#"{"watchdog_ms": 0}"#, "watchdog_ms", "greater than 0"),
+        (r#"{"watchdog_ms": 0}"#, "watchdog_ms", "must be 1 to 86400000"),
         (r#"{"plugin_dir": ""}"#, "plugin_dir", "empty path"),
         (
             r#"{"tuning": {"pre_copy": {"max_rounds": 0}}}"#,

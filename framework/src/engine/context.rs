@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use abi_stable::std_types::{RResult, RSlice, RSliceMut, RStr, RVec};
 use ferry_plugin_api::{
     MediumBox, MemRange, PResult, PluginError, ProcessContext, Record, RecordFormat, RecordSink,
-    RecordSource, RseqConfig, SharedClaim, SyscallArgs,
+    RecordSource, RseqConfig, SeccompFilter, SharedClaim, SyscallArgs,
 };
 
 use crate::{
@@ -207,6 +207,12 @@ impl ProcessContext for ExternalContext<'_> {
         plan.areas.extend(spans(areas.as_slice()));
         plan.present.extend(spans(present.as_slice()));
         RResult::ROk(())
+    }
+
+    fn seccomp_filters(&mut self, tid: i32) -> PResult<RVec<SeccompFilter>> {
+        self.alive();
+        let r = self.tracer.seccomp_filters(tid).map(RVec::from);
+        self.lift(r)
     }
 }
 

@@ -36,6 +36,10 @@ pub fn kinds_of(pid: Option<i32>) -> Vec<(&'static str, String)> {
     if timers.lines().any(|l| l.starts_with("ID:")) {
         kinds.push(("posix-timer", "its POSIX timers".into()));
     }
+    // Per thread: threads of one process may differ.
+    if crate::kernel::target::seccomp_modes(pid).iter().any(|&(_, mode)| mode == 2) {
+        kinds.push(("seccomp", "its seccomp filters (it would run without its sandbox)".into()));
+    }
     kinds
 }
 

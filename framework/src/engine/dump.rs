@@ -8,7 +8,7 @@ use ferry_plugin_api::EventKind;
 use crate::{
     config::Quiesce,
     engine::context::{ExternalContext, SharedTable, StreamSink},
-    engine::event::{self, EventError, Loaded},
+    engine::event::{Tick, self, EventError, Loaded},
     engine::pipeline::Pipeline,
     engine::watchdog::Watchdog,
     image::{Inventory, PluginEntry, ProcessEntry, INVENTORY_STREAM},
@@ -71,7 +71,7 @@ pub fn write_image(
     watchdog: &Watchdog,
     mut live: Option<&mut Live>,
     lazy: bool,
-    progress: &mut dyn FnMut(&str),
+    progress: &mut dyn FnMut(&Tick),
 ) -> Result<(u64, u64), EventError> {
     tracer.map_scratch(0)?;
     let scratch = tracer.scratch().map(|s| s.0).unwrap_or(0);

@@ -64,6 +64,13 @@ pub struct Loaded {
     _lease: Lease,
 }
 
+/// How an event goes, for a progress display: the plugin at work and its status
+/// (entities and bytes done, of how many).
+pub struct Tick<'a> {
+    pub plugin: &'a str,
+    pub status: ferry_plugin_api::Status,
+}
+
 /// Loads the requested subsystems and orders them so that each runs after the ones
 /// its `info().after` names (those in the request; `*` names all the others); a cycle
 /// is refused. So is a request that would leave state of process `pid` behind (of
@@ -117,7 +124,7 @@ pub fn drive<C: ferry_plugin_api::ProcessContext>(
     watchdog: &Watchdog,
     phase: &'static str,
     mut step: impl FnMut(&mut SubsystemBox, &mut ContextRef<'_>) -> ferry_plugin_api::PResult<Progress>,
-    progress: &mut dyn FnMut(&str),
+    progress: &mut dyn FnMut(&Tick),
 ) -> Result<(), EventError> {
     let mut retries = 0;
     let mut track = StatusTrack::new();
@@ -138,7 +145,7 @@ pub fn drive<C: ferry_plugin_api::ProcessContext>(
                 crate::trace::mark(format_args!("{phase} {} done", loaded.name));
                 return Ok(());
             }
-            Ok(Progress::More) => progress(&loaded.name),
+            Ok(Progress::More) => progress(&Tick { plugin: &loaded.name, status: loaded.sub.status() }),
             Err(e) => match loaded.sub.fault(&mut cref, &e) {
                 Recovery::Retry if retries < 3 => retries += 1,
                 Recovery::Skip => return Ok(()),
@@ -157,7 +164,7 @@ pub fn checkpoint_one(
     loaded: &mut Loaded,
     ctx: &mut ExternalContext<'_>,
     sink: &mut crate::engine::context::StreamSink<'_>,
-    progress: &mut dyn FnMut(&str),
+    progress: &mut dyn FnMut(&Tick),
 ) -> Result<(), EventError> {
     let mut sref: SinkRef<'_> = RecordSink_TO::from_ptr(sink, TD_Opaque);
     let watchdog = ctx.watchdog;
@@ -174,7 +181,7 @@ pub fn precopy_one(
     sink: &mut crate::engine::context::StreamSink<'_>,
     round: u32,
     mut stopped: Option<crate::kernel::tracer::Tracer>,
-    progress: &mut dyn FnMut(&str),
+    progress: &mut dyn FnMut(&Tick),
 ) -> Result<(), EventError> {
     let mut sref: SinkRef<'_> = RecordSink_TO::from_ptr(sink, TD_Opaque);
     let watchdog = ctx.watchdog;
@@ -196,7 +203,7 @@ pub fn restart_one(
     loaded: &mut Loaded,
     ctx: &mut ExternalContext<'_>,
     source: &mut crate::engine::context::StreamSource<'_>,
-    progress: &mut dyn FnMut(&str),
+    progress: &mut dyn FnMut(&Tick),
 ) -> Result<(), EventError> {
     let mut sref: SourceRef<'_> = RecordSource_TO::from_ptr(source, TD_Opaque);
     let watchdog = ctx.watchdog;

@@ -25,8 +25,8 @@ pub enum ManagerError {
     Refused { path: PathBuf, reason: String },
     #[error("plugin {name} is already registered from {existing}")]
     Duplicate { name: String, existing: PathBuf },
-    #[error("no {kind} plugin named {name} is registered")]
-    Unknown { kind: &'static str, name: String },
+    #[error("no {kind} plugin named {name} is registered{why}")]
+    Unknown { kind: &'static str, name: String, why: String },
     #[error("plugin {name} is busy: {users} event(s) still use it")]
     Busy { name: String, users: usize },
     #[error("plugin {name}: {message}")]
@@ -69,6 +69,8 @@ struct Entry {
 #[derive(Default)]
 struct Registry {
     plugins: BTreeMap<String, Entry>,
+    /// Files `discover` refused, with why: the likely reason a name is missing.
+    refused: Vec<(PathBuf, String)>,
 }
 
 /// The registry of subsystem and medium plugins. Plugin names are unique across both
@@ -211,6 +213,7 @@ impl Manager {
                         ManagerError::Refused { reason, .. } => reason.clone(),
                         other => other.to_string(),
                     };
+                    self.registry().refused.push((path.clone(), reason.clone()));
                     Found { meta: None, path, status: format!("refused: {reason}") }
                 }
             })
@@ -224,14 +227,14 @@ impl Manager {
         let (_, cond) = &*self.shared;
         let mut reg = self.registry();
         match reg.plugins.get_mut(name) {
-            None => return Err(ManagerError::Unknown { kind: "ferry", name: name.into() }),
+            None => return Err(ManagerError::Unknown { kind: "ferry", name: name.into(), why: String::new() }),
             Some(e) => e.leaving = true,
         }
         loop {
             let users = reg.plugins.get(name).map_or(0, |e| e.users);
             if users == 0 {
                 let entry = reg.plugins.remove(name);
-                return entry.map(|e| e.meta).ok_or(ManagerError::Unknown { kind: "ferry", name: name.into() });
+                return entry.map(|e| e.meta).ok_or(ManagerError::Unknown { kind: "ferry", name: name.into(), why: String::new() });
             }
             let now = Instant::now();
             if now >= deadline {
@@ -256,13 +259,27 @@ impl Manager {
     /// Takes a lease on plugin `name` of `kind` for the length of an event.
     pub fn acquire(&self, kind: PluginKind, name: &str) -> Result<Lease, ManagerError> {
         let mut reg = self.registry();
-        let unknown = || ManagerError::Unknown { kind: kind.as_str(), name: name.into() };
+        let why = missing_because(&reg.refused, name);
+        let unknown = || ManagerError::Unknown { kind: kind.as_str(), name: name.into(), why: why.clone() };
         let entry = reg.plugins.get_mut(name).ok_or_else(unknown)?;
         if entry.meta.kind != kind.as_str() || entry.leaving {
             return Err(unknown());
         }
         entry.users += 1;
         Ok(Lease { manager: self.clone(), meta: entry.meta.clone(), loaded: entry.loaded })
+    }
+}
+
+/// Why plugin `name` may be missing: the refused file that looks like it (named
+/// `…<name>.so`), else how many were refused.
+fn missing_because(refused: &[(PathBuf, String)], name: &str) -> String {
+    let stem = |p: &Path| p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    if let Some((path, why)) = refused.iter().find(|(p, _)| stem(p).ends_with(name)) {
+        return format!(" ({} was refused: {why})", path.display());
+    }
+    match refused.len() {
+        0 => String::new(),
+        n => format!(" ({n} plugin file(s) were refused: see `ferry plugins list`)"),
     }
 }
 

@@ -12,7 +12,7 @@ use ferry_plugin_api::{util::parse_maps, MediumBox};
 use crate::{
     engine::context::LazyPlan,
     engine::context::{CountingPull, ExternalContext, MediumPull, SharedTable, StreamSource},
-    engine::event::{self, EventError, Stats},
+    engine::event::{self, EventError, Stats, Tick},
     engine::manager::Manager,
     engine::watchdog::Watchdog,
     image::{Inventory, PluginEntry, ProcessEntry, RecordReader, INVENTORY_STREAM},
@@ -398,7 +398,7 @@ pub fn restore_streaming(
     child: Option<Blank>,
     watchdog: &Watchdog,
     started: Instant,
-    progress: &mut dyn FnMut(&str),
+    progress: &mut dyn FnMut(&Tick),
 ) -> Result<Held, EventError> {
     let mut held = rebuild(manager, medium, plan, false, child, watchdog, started, progress)?;
     let mut inventory_bytes = 0;
@@ -469,7 +469,7 @@ pub fn rebuild(
     child: Option<Blank>,
     watchdog: &Watchdog,
     started: Instant,
-    progress: &mut dyn FnMut(&str),
+    progress: &mut dyn FnMut(&Tick),
 ) -> Result<Held, EventError> {
     check_plugins(manager, &plan.plugins)?;
     let process = &plan.process;

@@ -9,7 +9,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::kernel::mounts::mounts;
+use crate::kernel::{
+    guardian::{Guardian, Undo},
+    mounts::mounts,
+};
 
 #[derive(Debug, thiserror::Error)]
 #[error("freezer: {0}")]
@@ -28,6 +31,9 @@ pub(crate) struct Placement {
     pub pid: i32,
     pub ours: PathBuf,
     home: PathBuf,
+    /// Puts the process back if ferry dies first (none if it could not be started:
+    /// the placement still works, only without that net).
+    _guardian: Option<Guardian>,
 }
 
 impl Placement {
@@ -37,7 +43,17 @@ impl Placement {
         let home = root.join(rel.trim_start_matches('/'));
         let ours = root.join(format!("ferry-{what}{pid}-{}", std::process::id()));
         std::fs::create_dir(&ours).map_err(|e| FreezeError(format!("creating {}: {e}", ours.display())))?;
-        let p = Placement { pid, ours, home };
+        // Thawed (whichever freezer), moved home, the cgroup removed.
+        let undo = Undo {
+            writes: vec![
+                (ours.join("cgroup.freeze"), "0".into()),
+                (ours.join("freezer.state"), "THAWED".into()),
+                (home.join("cgroup.procs"), pid.to_string()),
+            ],
+            remove: ours.clone(),
+        };
+        let guardian = Guardian::start(&undo).ok();
+        let p = Placement { pid, ours, home, _guardian: guardian };
         write(&p.ours.join("cgroup.procs"), &pid.to_string())?;
         Ok(p)
     }

@@ -7,6 +7,7 @@ pub(crate) mod clone;
 pub mod dirty;
 pub mod error;
 pub mod freezer;
+pub mod guardian;
 pub(crate) mod mounts;
 pub mod target;
 pub mod probes;

@@ -54,9 +54,6 @@ pub fn check_target(pid: pid_t) -> Result<(), TraceError> {
     if flags & 0x0020_0000 != 0 {
         return Err(TraceError::Unsuitable { pid, why: "a kernel thread".into() });
     }
-    // A system call ferry injects is subject to the process's seccomp filters (which
-    // may kill it), and the filters are not carried to the copy, which would run
-    // without its sandbox: refused before anything is touched.
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     // Only root may take another user's process (its memory goes into the image).
     // SAFETY: geteuid has no preconditions.
@@ -72,12 +69,26 @@ pub fn check_target(pid: pid_t) -> Result<(), TraceError> {
     if tracer_pid != "0" {
         return Err(TraceError::Unsuitable { pid, why: format!("already traced by process {tracer_pid}") });
     }
-    let seccomp = ferry_plugin_api::util::proc_field(&status, "Seccomp").unwrap_or("0");
-    if seccomp != "0" {
-        let mode = if seccomp == "1" { "strict" } else { "filter" };
-        return Err(TraceError::Unsuitable { pid, why: format!("under seccomp ({mode} mode), which ferry does not carry yet") });
+    // Seccomp filters are suspended while ferry holds the process and carried by the
+    // `seccomp` plugin (see tracer/seccomp.rs). Strict mode is not carried: only an
+    // injected call in the thread could set it again, after which any call but read,
+    // write, exit and sigreturn kills it.
+    if let Some((tid, _)) = seccomp_modes(pid).into_iter().find(|&(_, mode)| mode == 1) {
+        return Err(TraceError::Unsuitable { pid, why: format!("under seccomp strict mode (thread {tid}), which ferry does not carry") });
     }
     Ok(())
+}
+
+/// The `Seccomp:` mode of each thread of `pid` that is under seccomp (1 strict, 2 filter).
+pub fn seccomp_modes(pid: pid_t) -> Vec<(pid_t, u32)> {
+    let tids = task_ids(pid).unwrap_or_default();
+    tids.into_iter()
+        .filter_map(|tid| {
+            let text = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).ok()?;
+            let mode: u32 = ferry_plugin_api::util::proc_field(&text, "Seccomp")?.parse().ok()?;
+            (mode != 0).then_some((tid, mode))
+        })
+        .collect()
 }
 
 /// Whether process `pid` is stopped by job control (`T` in its stat, not a tracing stop).

@@ -18,7 +18,6 @@ use libc::{c_long, c_void, pid_t, user_regs_struct};
 use super::target::{check_target, group_stopped, task_ids};
 
 /// `syscall; int3` — the code every injection runs.
-const SYSCALL_INT3: [u8; 3] = [0x0f, 0x05, 0xcc];
 /// Size of the scratch area mapped in the target: one code page, the rest for
 /// system-call arguments.
 pub const SCRATCH_SIZE: u64 = 1 << 20;
@@ -92,6 +91,43 @@ struct Thread {
     regs: user_regs_struct,
     /// A signal that arrived while we seized it, delivered again at detach.
     pending_signal: i32,
+    /// It sits in the syscall-exit stop of a call ferry injected (not in the stop it was
+    /// seized in): on its way out no restart of its own interrupted call happens, so
+    /// it leaves with [`resumed`] registers.
+    in_syscall_stop: bool,
+}
+
+impl Thread {
+    fn new(regs: user_regs_struct) -> Thread {
+        Thread { regs, pending_signal: 0, in_syscall_stop: false }
+    }
+}
+
+/// The registers a thread seized with `saved` resumes with from a system-call stop: its
+/// own, with the restart the kernel makes of a call it was interrupted in on the way out
+/// of a signal stop with no handler to run (`-ERESTART*`: the call made again; the
+/// restart block's: `restart_syscall`).
+pub(crate) fn resumed(saved: &user_regs_struct) -> user_regs_struct {
+    const ERESTARTSYS: i64 = 512;
+    const ERESTARTNOINTR: i64 = 513;
+    const ERESTARTNOHAND: i64 = 514;
+    const ERESTART_RESTARTBLOCK: i64 = 516;
+    let mut r = *saved;
+    if (saved.orig_rax as i64) >= 0 {
+        match -(saved.rax as i64) {
+            ERESTARTSYS | ERESTARTNOINTR | ERESTARTNOHAND => {
+                r.rax = saved.orig_rax;
+                r.rip -= 2;
+            }
+            ERESTART_RESTARTBLOCK => {
+                r.rax = libc::SYS_restart_syscall as u64;
+                r.rip -= 2;
+            }
+            _ => {}
+        }
+    }
+    r.orig_rax = u64::MAX;
+    r
 }
 
 /// A traced process. Every method must be called from the thread that created it.
@@ -112,6 +148,8 @@ pub struct Tracer {
     forked: Vec<pid_t>,
     /// The process was stopped by job control when it was seized.
     group_stopped: bool,
+    /// Its seccomp filters are suspended while ferry holds it (see `seccomp`).
+    seccomp_suspended: bool,
 }
 
 impl Tracer {
@@ -157,8 +195,11 @@ impl Tracer {
             held: Vec::new(),
             forked: Vec::new(),
             group_stopped,
+            seccomp_suspended: false,
         };
         let mut seized: Vec<pid_t> = Vec::new();
+        // TRACESYSGOOD: an injected call is followed by its system-call stops.
+        let mut opts = (libc::PTRACE_O_TRACECLONE | libc::PTRACE_O_TRACESYSGOOD) as usize | extra;
         // List until a pass finds no thread we have not seized.
         loop {
             let fresh: Vec<pid_t> =
@@ -167,8 +208,12 @@ impl Tracer {
                 break;
             }
             for tid in fresh {
-                let opts = libc::PTRACE_O_TRACECLONE as usize | extra;
-                match ptrace(libc::PTRACE_SEIZE, tid, 0, opts, "PTRACE_SEIZE") {
+                let seize = if seized.is_empty() {
+                    tracer.seize_first(tid, opts).map(|with| opts = with)
+                } else {
+                    ptrace(libc::PTRACE_SEIZE, tid, 0, opts, "PTRACE_SEIZE").map(|_| ())
+                };
+                match seize {
                     Ok(_) => {}
                     // A thread that exited between listing and seizing.
                     Err(_) if !std::path::Path::new(&format!("/proc/{pid}/task/{tid}")).exists() => continue,
@@ -257,7 +302,7 @@ impl Tracer {
                 match event_of(status) {
                     libc::PTRACE_EVENT_STOP => {
                         let regs = getregs(tid)?;
-                        self.threads.insert(tid, Thread { regs, pending_signal: 0 });
+                        self.threads.insert(tid, Thread::new(regs));
                         break;
                     }
                     libc::PTRACE_EVENT_CLONE => {
@@ -285,7 +330,7 @@ impl Tracer {
             let status = wait(tid)?;
             if libc::WIFSTOPPED(status) {
                 let regs = getregs(tid)?;
-                self.threads.insert(tid, Thread { regs, pending_signal: 0 });
+                self.threads.insert(tid, Thread::new(regs));
                 return Ok(());
             }
             if libc::WIFEXITED(status) || libc::WIFSIGNALED(status) {
@@ -443,7 +488,10 @@ impl Tracer {
         let tids = self.tids();
         for tid in tids {
             let Some(t) = self.threads.get(&tid) else { continue };
-            let (regs, sig) = (t.regs, t.pending_signal);
+            // From a system-call stop the kernel makes no restart of the thread's own
+            // call (and sends a signal given to the detach as from the kernel).
+            let regs = if t.in_syscall_stop { resumed(&t.regs) } else { t.regs };
+            let sig = t.pending_signal;
             if let Err(e) = setregs(tid, &regs).and_then(|_| {
                 ptrace(libc::PTRACE_DETACH, tid, 0, sig as usize, "PTRACE_DETACH").map(|_| ())
             }) {
@@ -462,7 +510,8 @@ impl Tracer {
         let opts = (libc::PTRACE_O_EXITKILL | libc::PTRACE_O_TRACECLONE | libc::PTRACE_O_TRACEEXEC | libc::PTRACE_O_TRACEFORK) as usize;
         for tid in self.tids() {
             let t = self.thread(tid)?;
-            let (regs, sig) = (t.regs, std::mem::take(&mut t.pending_signal));
+            let regs = if std::mem::take(&mut t.in_syscall_stop) { resumed(&t.regs) } else { t.regs };
+            let sig = std::mem::take(&mut t.pending_signal);
             setregs(tid, &regs)?;
             ptrace(libc::PTRACE_SETOPTIONS, tid, 0, opts, "PTRACE_SETOPTIONS")?;
             ptrace(libc::PTRACE_CONT, tid, 0, sig as usize, "PTRACE_CONT")?;
@@ -495,7 +544,7 @@ impl Tracer {
                 // new thread goes on, a forked child is held.
                 if thread_group(tid) == Some(self.pid) {
                     if let Some(regs) = self.threads.get(&self.pid).map(|t| t.regs) {
-                        self.threads.insert(tid, Thread { regs, pending_signal: 0 });
+                        self.threads.insert(tid, Thread::new(regs));
                     }
                     let _ = ptrace(libc::PTRACE_CONT, tid, 0, 0, "PTRACE_CONT");
                 } else if !self.held.contains(&tid) {
@@ -521,7 +570,7 @@ impl Tracer {
                     // Its registers are never put back (only the list of threads matters
                     // now): the parent's stand in.
                     if let Some(regs) = self.threads.get(&tid).map(|t| t.regs) {
-                        self.threads.insert(msg as pid_t, Thread { regs, pending_signal: 0 });
+                        self.threads.insert(msg as pid_t, Thread::new(regs));
                     }
                     0
                 }
@@ -729,6 +778,8 @@ pub(crate) fn vm_ranges(pid: pid_t, ranges: &[(u64, u64)], local: *mut u8, local
 }
 
 mod inject;
+mod seccomp;
+pub use seccomp::PTRACE_O_SUSPEND_SECCOMP;
 
 #[cfg(test)]
 mod tests;

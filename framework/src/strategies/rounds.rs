@@ -17,7 +17,7 @@ use serde::Serialize;
 use crate::{
     engine::context::{LiveContext, StreamSink},
     engine::dump::Live,
-    engine::event::{self, EventError, Loaded},
+    engine::event::{Tick, self, EventError, Loaded},
     engine::pipeline::Pipeline,
     engine::watchdog::Watchdog,
     kernel::tracer::Tracer,
@@ -76,7 +76,7 @@ pub fn run(
     throttle: &mut Option<Throttle>,
     watchdog: &Watchdog,
     timeout: Duration,
-    progress: &mut dyn FnMut(&str),
+    progress: &mut dyn FnMut(&Tick),
 ) -> Result<Outcome, EventError> {
     let mut out = Outcome::default();
     let (mut sent_total, mut time_total) = (0u64, 0f64);

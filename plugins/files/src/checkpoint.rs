@@ -19,6 +19,7 @@ use ferry_plugin_api::{
 };
 
 use crate::{
+    locks,
     model::{
         fds_label, Desc, Header, Object, PipeEnd, PipeRec, Slot, Watch, CHUNK, FORMAT, KIND_DESC, KIND_DESC_DATA, KIND_HEADER,
         KIND_PIPE, KIND_PIPE_DATA, O_CLOEXEC,
@@ -74,6 +75,7 @@ fn stat_info(m: &std::fs::Metadata) -> StatInfo {
         nlink: m.nlink(),
         uid: m.uid(),
         gid: m.gid(),
+        ctime: [m.ctime(), m.ctime_nsec()],
     }
 }
 
@@ -370,6 +372,14 @@ impl Checkpoint {
             entries.push(FdEntry { fd, link, fdinfo, info, st, kind });
         }
 
+        let views: Vec<crate::pty::FdView<'_>> = entries
+            .iter()
+            .map(|e| crate::pty::FdView { fd: e.fd, link: &e.link, fdinfo: &e.fdinfo, mode: e.st.mode, rdev: e.st.rdev })
+            .collect();
+        if let Some(refused) = crate::pty::refusal(pid, &views) {
+            return Err(refused);
+        }
+
         let cwd = read_link(&format!("/proc/{pid}/cwd"))?;
         let root = read_link(&format!("/proc/{pid}/root"))?;
         for (what, p) in [("working directory", &cwd), ("root directory", &root)] {
@@ -389,8 +399,20 @@ impl Checkpoint {
         let mut pipes: Vec<(PipeRec, Option<i32>, i32)> = Vec::new();
         let mut pipe_index: HashMap<(u64, u64), usize> = HashMap::new();
         let mut with_contents: HashSet<(u64, u64)> = HashSet::new();
+        // Every `lock:` line of every description, to check /proc/locks against.
+        let mut lock_lines = Vec::new();
         for g in &groups {
             let first = by_fd.get(&g[0]).ok_or("internal error: grouped an fd never scanned")?;
+            // Every fd of a description shows its locks: the first one's lines are all of them.
+            let lines = locks::fdinfo_locks(&first.fdinfo).map_err(|e| format!("process {pid}: fd {} ({}): {e}", first.fd, first.link))?;
+            let locks = locks::carried(pid, &format!("fd {} ({})", first.fd, first.link), &lines)?;
+            lock_lines.extend(lines);
+            if let (Some(lock), false) = (locks.first(), matches!(first.kind, Kind::Path(_) | Kind::Deleted(_) | Kind::Memfd(_))) {
+                return Err(format!(
+                    "process {pid}: fd {} ({}) holds a {lock}, on a kind of file whose locks the files plugin does not carry",
+                    first.fd, first.link
+                ));
+            }
             let slots: Vec<Slot> = g
                 .iter()
                 .filter_map(|fd| by_fd.get(fd))
@@ -432,7 +454,13 @@ impl Checkpoint {
                         fds: slots,
                         flags,
                         pos: first.info.pos,
-                        object: Object::Path { path: path.clone(), mode: st.mode, rdev: st.rdev },
+                        object: Object::Path {
+                            path: path.clone(),
+                            mode: st.mode,
+                            rdev: st.rdev,
+                            tty_ctime: crate::pty::is_slave(st.mode, st.rdev).then_some(st.ctime),
+                        },
+                        locks,
                     },
                     None,
                 )),
@@ -448,7 +476,7 @@ impl Checkpoint {
                         size: st.size,
                         data_len: carries.then_some(st.size),
                     };
-                    descs.push((Desc { fds: slots, flags, pos: first.info.pos, object }, carries.then_some(first.fd)));
+                    descs.push((Desc { fds: slots, flags, pos: first.info.pos, object, locks }, carries.then_some(first.fd)));
                 }
                 Kind::Eventfd | Kind::Timerfd | Kind::Signalfd | Kind::Epoll => {
                     let what = format!("fd {} ({})", first.fd, first.link);
@@ -481,7 +509,7 @@ impl Checkpoint {
                             Object::Epoll { watches }
                         }
                     };
-                    descs.push((Desc { fds: slots, flags, pos: first.info.pos, object }, None));
+                    descs.push((Desc { fds: slots, flags, pos: first.info.pos, object, locks: Vec::new() }, None));
                 }
                 Kind::Socket(ino) => {
                     let what = format!("fd {} ({})", first.fd, first.link);
@@ -497,7 +525,7 @@ impl Checkpoint {
                             backlog: l.backlog,
                             options: l.options,
                         };
-                        descs.push((Desc { fds: slots, flags, pos: 0, object }, None));
+                        descs.push((Desc { fds: slots, flags, pos: 0, object, locks: Vec::new() }, None));
                         continue;
                     };
                     let ours = |i: u64| entries.iter().any(|e| e.kind == Kind::Socket(i));
@@ -517,7 +545,7 @@ impl Checkpoint {
                             peer: n.peer.as_deref().map(to_hex),
                             backlog: n.backlog,
                         };
-                        descs.push((Desc { fds: slots, flags, pos: 0, object }, None));
+                        descs.push((Desc { fds: slots, flags, pos: 0, object, locks: Vec::new() }, None));
                         continue;
                     }
                     let stream = info.sock_type == libc::SOCK_STREAM as u8;
@@ -526,7 +554,7 @@ impl Checkpoint {
                     }
                     let data_len = if stream { info.rqueue as u64 } else { 0 };
                     let object = Object::UnixPair { ino: *ino, peer: info.peer, sock_type: info.sock_type, shutdown: info.shutdown, data_len };
-                    descs.push((Desc { fds: slots, flags, pos: 0, object }, (data_len > 0).then_some(first.fd)));
+                    descs.push((Desc { fds: slots, flags, pos: 0, object, locks: Vec::new() }, (data_len > 0).then_some(first.fd)));
                 }
                 Kind::Memfd(name) => {
                     let carries = with_contents.insert(key);
@@ -540,10 +568,13 @@ impl Checkpoint {
                         data_len: carries.then_some(st.size),
                     };
                     // Seals are read through the fd, so every memfd description gets a source.
-                    descs.push((Desc { fds: slots, flags, pos: first.info.pos, object }, Some(first.fd)));
+                    descs.push((Desc { fds: slots, flags, pos: first.info.pos, object, locks }, Some(first.fd)));
                 }
             }
         }
+
+        let proc_locks = std::fs::read_to_string("/proc/locks").map_err(|e| format!("reading /proc/locks: {e}"))?;
+        locks::check_proc_locks(pid, &proc_locks, &lock_lines)?;
 
         let header =
             Header { format: FORMAT, cwd, root, umask, descriptions: descs.len() as u64, pipes: pipes.len() as u64 };

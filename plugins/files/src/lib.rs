@@ -2,20 +2,22 @@
 //! flags, files deleted while open, memfds, devices, pipes and FIFOs with their unread
 //! bytes, shared file descriptions, eventfds with their counts, timerfds with their time
 //! left and unread expirations, signalfds, epoll instances with what they watch, Unix
-//! socket pairs within the process, listening TCP sockets, UDP sockets), the working and root
-//! directories and the umask.
+//! socket pairs within the process, listening TCP sockets, UDP sockets), the file locks
+//! held (POSIX, OFD, flock: see [`locks`]), the working and root directories and the umask.
 //!
 //! See [`model`] for the records. Checkpoint reads `/proc/PID/{fd,fdinfo}` and uses
 //! `kcmp` to find fds sharing one description; restart rebuilds everything by system
 //! calls injected into the restore child. Other sockets, inotify and other anonymous
 //! inodes are refused with an error naming the fd, so the checkpoint fails before anything is
-//! written.
+//! written; so are pseudo-terminal masters (see [`pty`]).
 
 mod checkpoint;
 mod model;
 mod restore;
 mod scan;
 mod inet;
+mod locks;
+mod pty;
 mod unix;
 
 use ferry_plugin_api::{
@@ -33,7 +35,7 @@ struct Plugin {
 impl SubsystemPlugin for Plugin {
     fn info(&self) -> SubsystemInfo {
         SubsystemInfo {
-            entity_kinds: names(&["fd", "cwd", "root", "umask"]),
+            entity_kinds: names(&["fd", "file-lock", "cwd", "root", "umask"]),
             after: names(&["memory"]),
             shared_resources: names(&["pipe", "file-description"]),
         }

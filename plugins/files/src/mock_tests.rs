@@ -41,6 +41,13 @@ struct Kernel {
     umask: u32,
     pipes: u32,
     calls: usize,
+    /// Locks taken: (object, syscall, operation or fcntl command, struct flock bytes).
+    locks: Vec<(String, i64, u64, Vec<u8>)>,
+    /// Objects another process holds a conflicting lock on.
+    conflicts: Vec<String>,
+    /// The call that last closed or replaced an fd, and the first lock call.
+    last_fd_change: usize,
+    first_lock: Option<usize>,
 }
 
 impl Kernel {
@@ -85,10 +92,23 @@ impl Kernel {
     fn syscall(&mut self, nr: i64, a: [u64; 6]) -> i64 {
         self.calls += 1;
         let ebadf = -(libc::EBADF as i64);
+        if matches!(nr, libc::SYS_close | libc::SYS_dup3 | libc::SYS_close_range) {
+            self.last_fd_change = self.calls;
+        }
         match nr {
             libc::SYS_close_range => {
                 self.fds.clear();
                 0
+            }
+            libc::SYS_flock => {
+                let Some(d) = self.desc_of(a[0]) else { return ebadf };
+                self.lock(d, nr, a[1], Vec::new())
+            }
+            libc::SYS_fcntl if [libc::F_SETLK, libc::F_OFD_SETLK].contains(&(a[1] as i32)) => {
+                let Some(d) = self.desc_of(a[0]) else { return ebadf };
+                let at = (a[2] - BASE) as usize;
+                let fl = self.mem[at..at + 32].to_vec();
+                self.lock(d, nr, a[1], fl)
             }
             libc::SYS_close => match self.fds.remove(&(a[0] as i32)) {
                 Some(_) => 0,
@@ -213,6 +233,18 @@ impl Kernel {
     }
 }
 
+impl Kernel {
+    fn lock(&mut self, d: usize, nr: i64, op: u64, fl: Vec<u8>) -> i64 {
+        let what = self.descs[d].what.clone();
+        if self.conflicts.contains(&what) {
+            return -(libc::EAGAIN as i64);
+        }
+        self.first_lock.get_or_insert(self.calls);
+        self.locks.push((what, nr, op, fl));
+        0
+    }
+}
+
 impl ProcessContext for Kernel {
     fn pid(&self) -> i32 {
         4242
@@ -268,12 +300,16 @@ fn slot(fd: i32, cloexec: bool) -> Slot {
 
 fn path_desc(path: &str, mode: u32, fds: Vec<Slot>, flags: u32, pos: i64) -> Record {
     let rdev = if mode & libc::S_IFMT == libc::S_IFCHR { libc::makedev(1, 3) } else { 0 };
-    json(KIND_DESC, &Desc { fds, flags, pos, object: Object::Path { path: path.into(), mode, rdev } })
+    json(KIND_DESC, &Desc { fds, flags, pos, object: Object::Path { path: path.into(), mode, rdev, tty_ctime: None }, locks: Vec::new() })
 }
 
 /// Runs a restore of `records` to the end; answers the kernel and the outcome.
 fn run(records: Vec<Record>) -> (Kernel, Result<(), String>) {
-    let mut k = Kernel::new();
+    run_on(Kernel::new(), records)
+}
+
+/// [`run`] on kernel `k`.
+fn run_on(mut k: Kernel, records: Vec<Record>) -> (Kernel, Result<(), String>) {
     let mut src = Source(records.into());
     let mut r = Restore::default();
     let outcome = {
@@ -384,17 +420,17 @@ fn deleted_files_and_memfds_are_recreated_once() {
         header(4, 0),
         json(
             KIND_DESC,
-            &Desc { fds: vec![slot(0, false)], flags: rdwr, pos: 5, object: deleted(Some(content.len() as u64)) },
+            &Desc { fds: vec![slot(0, false)], flags: rdwr, pos: 5, object: deleted(Some(content.len() as u64)), locks: Vec::new() },
         ),
         raw(KIND_DESC_DATA, &content[..CHUNK]),
         raw(KIND_DESC_DATA, &content[CHUNK..]),
         json(
             KIND_DESC,
-            &Desc { fds: vec![slot(1, false)], flags: libc::O_WRONLY as u32, pos: 0, object: deleted(None) },
+            &Desc { fds: vec![slot(1, false)], flags: libc::O_WRONLY as u32, pos: 0, object: deleted(None), locks: Vec::new() },
         ),
-        json(KIND_DESC, &Desc { fds: vec![slot(9, false)], flags: rdwr, pos: 2, object: memfd(Some(4)) }),
+        json(KIND_DESC, &Desc { fds: vec![slot(9, false)], flags: rdwr, pos: 2, object: memfd(Some(4)), locks: Vec::new() }),
         raw(KIND_DESC_DATA, b"abcd"),
-        json(KIND_DESC, &Desc { fds: vec![slot(8, false)], flags: libc::O_RDONLY as u32, pos: 1, object: memfd(None) }),
+        json(KIND_DESC, &Desc { fds: vec![slot(8, false)], flags: libc::O_RDONLY as u32, pos: 1, object: memfd(None), locks: Vec::new() }),
     ];
     let (k, r) = run(records);
     r.unwrap();
@@ -475,7 +511,7 @@ fn bad_images_are_refused() {
     // A shared deleted file named before its contents.
     let later = Object::Deleted { path: "/x".into(), dev: 1, ino: 2, mode: 0, uid: 0, gid: 0, size: 1, data_len: None };
     expect_error(
-        vec![header(1, 0), json(KIND_DESC, &Desc { fds: vec![slot(3, false)], flags: rdwr, pos: 0, object: later })],
+        vec![header(1, 0), json(KIND_DESC, &Desc { fds: vec![slot(3, false)], flags: rdwr, pos: 0, object: later, locks: Vec::new() })],
         "before the description that carries its contents",
     );
 }
@@ -494,7 +530,7 @@ fn a_failed_restore_removes_the_files_it_created() {
     };
     let records = vec![
         header(1, 0),
-        json(KIND_DESC, &Desc { fds: vec![slot(3, false)], flags: libc::O_RDWR as u32, pos: 0, object: obj }),
+        json(KIND_DESC, &Desc { fds: vec![slot(3, false)], flags: libc::O_RDWR as u32, pos: 0, object: obj, locks: Vec::new() }),
         raw(KIND_DESC_DATA, b"ab"),
     ];
     let (k, r) = run(records);
@@ -502,4 +538,69 @@ fn a_failed_restore_removes_the_files_it_created() {
     // Nothing was unlinked by injection; cleanup removed it from ferry's view (here a
     // path that does not exist on the machine running the test).
     assert!(k.unlinked.is_empty());
+}
+
+#[test]
+fn locks_are_taken_last_through_their_descriptions() {
+    use crate::locks::{Lock, LockKind};
+    let rdwr = libc::O_RDWR as u32;
+    let posix = Lock { kind: LockKind::Posix, write: true, start: 0, len: 10 };
+    let ofd = Lock { kind: LockKind::Ofd, write: false, start: 100, len: 0 };
+    let flock = Lock { kind: LockKind::Flock, write: true, start: 0, len: 0 };
+    let object = || Object::Path { path: "/data".into(), mode: libc::S_IFREG | 0o644, rdev: 0, tty_ctime: None };
+    let records = || {
+        vec![
+            header(3, 0),
+            // Two descriptions of one file, the second one's fd landing where the first
+            // one's temporary would: a close or dup3 after a POSIX lock would drop it.
+            json(KIND_DESC, &Desc { fds: vec![slot(1, false)], flags: rdwr, pos: 0, object: object(), locks: vec![posix, ofd] }),
+            json(KIND_DESC, &Desc { fds: vec![slot(0, false), slot(4, false)], flags: rdwr, pos: 0, object: object(), locks: vec![flock] }),
+            path_desc("/dev/null", libc::S_IFCHR | 0o666, vec![slot(2, false)], rdwr, 0),
+        ]
+    };
+    let (k, r) = run(records());
+    r.unwrap();
+    let took: Vec<(String, i64, u64)> = k.locks.iter().map(|l| (l.0.clone(), l.1, l.2)).collect();
+    assert_eq!(
+        took,
+        vec![
+            ("/data".into(), libc::SYS_fcntl, libc::F_SETLK as u64),
+            ("/data".into(), libc::SYS_fcntl, libc::F_OFD_SETLK as u64),
+            ("/data".into(), libc::SYS_flock, (libc::LOCK_EX | libc::LOCK_NB) as u64),
+        ]
+    );
+    assert_eq!(k.locks[0].3, posix.flock_struct().to_vec());
+    assert_eq!(k.locks[1].3, ofd.flock_struct().to_vec());
+    assert!(k.first_lock.is_some_and(|f| f > k.last_fd_change), "no fd closed or replaced after the first lock");
+
+    // Another process holds a conflicting lock: the restore fails naming it.
+    let mut held = Kernel::new();
+    held.conflicts.push("/data".into());
+    let (_, r) = run_on(held, records());
+    assert_eq!(
+        r.unwrap_err(),
+        "restored process 4242: fd 1 (/data): its POSIX write lock on bytes 0-9 cannot be taken again: another process holds a conflicting lock (within one machine, a migration's source still holds its own)"
+    );
+
+    // Locks on what the plugin does not lock, or nonsense ranges, are refused.
+    let eventfd = Desc { fds: vec![slot(3, false)], flags: rdwr, pos: 0, object: Object::Eventfd { count: 0, semaphore: false }, locks: vec![flock] };
+    expect_error(vec![header(1, 0), json(KIND_DESC, &eventfd)], "locks on a file this plugin does not lock");
+    let bad = Lock { kind: LockKind::Posix, write: true, start: -5, len: 1 };
+    let d = Desc { fds: vec![slot(3, false)], flags: rdwr, pos: 0, object: object(), locks: vec![bad] };
+    expect_error(vec![header(1, 0), json(KIND_DESC, &d)], "a lock the image describes wrongly");
+}
+
+#[test]
+fn a_terminal_is_reopened_only_where_it_is_the_same_one() {
+    let tty = |ctime| {
+        let object = Object::Path { path: "/dev/null".into(), mode: libc::S_IFCHR | 0o620, rdev: libc::makedev(1, 3), tty_ctime: Some(ctime) };
+        vec![header(1, 0), json(KIND_DESC, &Desc { fds: vec![slot(1, false)], flags: libc::O_RDWR as u32, pos: 0, object, locks: Vec::new() })]
+    };
+    // The simulated kernel's nodes were all made at time 0.
+    let (k, r) = run(tty([0, 0]));
+    r.unwrap();
+    assert_eq!(table(&k)[&1].0, "/dev/null");
+    let (_, r) = run(tty([1700000000, 5]));
+    let e = r.unwrap_err();
+    assert!(e.starts_with("fd 1 (/dev/null): the terminal there is not the process's (made at 0.000000000, the process's at 1700000000.000000005)"), "{e}");
 }

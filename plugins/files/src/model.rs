@@ -15,6 +15,8 @@ use std::collections::HashSet;
 
 use serde::{Deserialize, Serialize};
 
+use crate::locks::{Lock, MAX_LOCKS};
+
 pub const KIND_HEADER: &str = "files";
 pub const KIND_DESC: &str = "fd";
 pub const KIND_DESC_DATA: &str = "fd-data";
@@ -64,8 +66,18 @@ pub struct Slot {
 #[serde(tag = "type", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum Object {
     /// Anything reopened by its path: a regular file, a directory, a device, an
-    /// `O_PATH` fd. `mode` (`st_mode`) and `rdev` are checked after reopening.
-    Path { path: String, mode: u32, rdev: u64 },
+    /// `O_PATH` fd. `mode` (`st_mode`) and `rdev` are checked after reopening. For a
+    /// pseudo-terminal slave (another process's terminal: see [`crate::pty`]),
+    /// `tty_ctime` is its node's change time (`[sec, nsec]`, its creation unless
+    /// chmod'ed), checked too: a later terminal given the same number, or another
+    /// machine's, is not the one the process wrote to.
+    Path {
+        path: String,
+        mode: u32,
+        rdev: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tty_ctime: Option<[i64; 2]>,
+    },
     /// A regular file deleted while open: recreated from its contents, reopened, and
     /// unlinked. Several descriptions of one inode (`dev`, `ino`) share one copy: the
     /// first carries `data_len` (the contents follow), the others have none.
@@ -120,6 +132,11 @@ pub struct Desc {
     /// File offset (fdinfo `pos:`).
     pub pos: i64,
     pub object: Object,
+    /// The locks held through it (see [`crate::locks`]): its flock and OFD locks, and
+    /// the process's POSIX locks taken through it. Absent when none, so that an
+    /// image with locks is refused, not restored without them, by a ferry that knows none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub locks: Vec<Lock>,
 }
 
 /// One end (description) of a pipe.
@@ -226,6 +243,14 @@ impl Desc {
         check_slots(&what, &self.fds, seen)?;
         if self.flags & O_CLOEXEC != 0 {
             return Err(format!("{what}: flags {:#o} hold O_CLOEXEC, which belongs to each fd", self.flags));
+        }
+        if !self.locks.is_empty() {
+            if !matches!(self.object, Object::Path { .. } | Object::Deleted { .. } | Object::Memfd { .. }) || self.locks.len() > MAX_LOCKS {
+                return Err(format!("{what}: {} locks on a file this plugin does not lock", self.locks.len()));
+            }
+            for l in &self.locks {
+                l.validate(&what)?;
+            }
         }
         match &self.object {
             Object::Path { path, .. } => check_path(&what, path)?,
@@ -397,7 +422,8 @@ mod tests {
             fds: fds.iter().map(|&f| slot(f)).collect(),
             flags: 0o100002,
             pos: 10,
-            object: Object::Path { path: "/tmp/x".into(), mode: 0o100644, rdev: 0 },
+            object: Object::Path { path: "/tmp/x".into(), mode: 0o100644, rdev: 0, tty_ctime: None },
+            locks: Vec::new(),
         }
     }
 
@@ -417,9 +443,11 @@ mod tests {
                 size: 3,
                 data_len: Some(3),
             },
+            locks: Vec::new(),
         };
         let text = serde_json::to_string(&d).unwrap();
         assert!(text.contains("\"type\":\"deleted\""), "{text}");
+        assert!(!text.contains("locks"), "no locks, no field: {text}");
         assert_eq!(serde_json::from_str::<Desc>(&text).unwrap(), d);
         let p = PipeRec {
             ino: 9,
@@ -450,7 +478,7 @@ mod tests {
         d.flags |= O_CLOEXEC;
         assert!(d.validate(&mut HashSet::new()).is_err());
         d = path_desc(&[4]);
-        d.object = Object::Path { path: "relative".into(), mode: 0, rdev: 0 };
+        d.object = Object::Path { path: "relative".into(), mode: 0, rdev: 0, tty_ctime: None };
         assert!(d.validate(&mut HashSet::new()).unwrap_err().contains("not absolute"));
     }
 

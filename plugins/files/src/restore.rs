@@ -18,6 +18,7 @@ use ferry_plugin_api::{
 
 use crate::{
     checkpoint::object_name,
+    locks::Lock,
     model::{
         check_chunk, Desc, Header, Object, PipeRec, Slot, Watch, KIND_DESC, KIND_DESC_DATA, KIND_HEADER, KIND_PIPE,
         KIND_PIPE_DATA,
@@ -87,8 +88,8 @@ fn read_stat(ctx: &mut ContextRef<'_>, addr: u64) -> Result<libc::stat, String> 
     Ok(unsafe { std::ptr::read_unaligned(raw.as_ptr() as *const libc::stat) })
 }
 
-/// Checks that fd `fd` of the child is the kind of file the image recorded.
-fn check_type(ctx: &mut ContextRef<'_>, what: &str, fd: i32, mode: u32, rdev: u64) -> Result<(), String> {
+/// Checks that fd `fd` of the child is the kind of file the image recorded; answers its stat.
+fn check_type(ctx: &mut ContextRef<'_>, what: &str, fd: i32, mode: u32, rdev: u64) -> Result<libc::stat, String> {
     let mut scratch = Scratch::new(ctx);
     let addr = scratch.alloc(STAT_SIZE as u64)?;
     sys(ctx, &format!("{what}: fstat"), libc::SYS_fstat, [fd_arg(fd), addr, 0, 0, 0, 0])?;
@@ -106,7 +107,7 @@ fn check_type(ctx: &mut ContextRef<'_>, what: &str, fd: i32, mode: u32, rdev: u6
             libc::minor(rdev)
         ));
     }
-    Ok(())
+    Ok(st)
 }
 
 fn seek(ctx: &mut ContextRef<'_>, what: &str, fd: i32, pos: i64, flags: u32) -> Result<(), String> {
@@ -151,6 +152,25 @@ fn write_all(ctx: &mut ContextRef<'_>, what: &str, fd: i32, data: &[u8]) -> Resu
             off += n as usize;
         }
         done += piece.len();
+    }
+    Ok(())
+}
+
+/// Takes `lock` again through fd `fd` of the child, without waiting: a conflicting
+/// lock held elsewhere fails the restore, naming the process, the fd and the lock.
+fn take_lock(ctx: &mut ContextRef<'_>, fd: i32, what: &str, lock: &Lock) -> Result<(), String> {
+    let (nr, arg, by_struct) = lock.call();
+    let third = if by_struct { Scratch::new(ctx).put(ctx, &lock.flock_struct())? } else { 0 };
+    let tid = ctx.pid();
+    let r = syscall_raw(ctx, tid, nr, [fd_arg(fd), arg, third, 0, 0, 0])?;
+    if r < 0 {
+        let errno = -r as i32;
+        let why = if [libc::EAGAIN, libc::EACCES].contains(&errno) {
+            "another process holds a conflicting lock (within one machine, a migration's source still holds its own)".to_string()
+        } else {
+            std::io::Error::from_raw_os_error(errno).to_string()
+        };
+        return Err(format!("restored process {tid}: {what}: its {lock} cannot be taken again: {why}"));
     }
     Ok(())
 }
@@ -263,6 +283,9 @@ pub struct Restore {
     shutdowns: Vec<(i32, u8, String)>,
     /// Datagram sockets to connect once all are bound: fd, peer `sockaddr_un`, name.
     connects: Vec<(i32, Vec<u8>, String)>,
+    /// Locks to take last, once no fd of their files will be closed again: the fd to
+    /// take them through, its label, the locks.
+    locks: Vec<(i32, String, Vec<Lock>)>,
     /// Files created in the child and not unlinked yet (removed by cleanup on failure).
     pub created: Vec<String>,
     finished: bool,
@@ -440,6 +463,9 @@ impl Restore {
 
     fn start_desc(&mut self, ctx: &mut ContextRef<'_>, desc: Desc) -> Result<(), String> {
         let what = format!("{} ({})", desc.label(), object_name(&desc.object));
+        if let (false, Some(first)) = (desc.locks.is_empty(), desc.fds.first()) {
+            self.locks.push((first.fd, format!("fd {} ({})", first.fd, object_name(&desc.object)), desc.locks.clone()));
+        }
         match &desc.object {
             Object::Eventfd { .. } | Object::Timerfd { .. } | Object::Signalfd { .. } | Object::Epoll { .. } => {
                 self.start_event_fd(ctx, &what, &desc)?;
@@ -531,10 +557,19 @@ impl Restore {
                     self.complete(ctx, p)?;
                 }
             }
-            Object::Path { path, mode, rdev } => {
+            Object::Path { path, mode, rdev, tty_ctime } => {
                 let fd = open(ctx, &what, path, open_flags(desc.flags))?;
                 let h = self.placer.adopt(fd);
-                check_type(ctx, &what, fd, *mode, *rdev)?;
+                let st = check_type(ctx, &what, fd, *mode, *rdev)?;
+                if let Some(want) = tty_ctime {
+                    let got = [st.st_ctime, st.st_ctime_nsec];
+                    if got != *want {
+                        return Err(format!(
+                            "{what}: the terminal there is not the process's (made at {}.{:09}, the process's at {}.{:09}): a terminal is carried only to where it still is",
+                            got[0], got[1], want[0], want[1]
+                        ));
+                    }
+                }
                 seek(ctx, &what, fd, desc.pos, desc.flags)?;
                 self.placer.place(ctx, &what, h, &desc.fds)?;
                 self.placer.release(ctx, h)?;
@@ -824,6 +859,14 @@ impl Restore {
                 let at = scratch.put(ctx, &ev)?;
                 const EPOLL_CTL_ADD: u64 = 1;
                 sys(ctx, &format!("{what}: watching fd {}", w.fd), libc::SYS_epoll_ctl, [fd_arg(epfd), EPOLL_CTL_ADD, fd_arg(w.fd), at, 0, 0])?;
+            }
+        }
+        for (fd, what, locks) in std::mem::take(&mut self.locks) {
+            if !self.placed_fd(fd) {
+                return Err(format!("{what}: its locks name an fd the image does not have"));
+            }
+            for lock in locks {
+                take_lock(ctx, fd, &what, &lock)?;
             }
         }
         let mut scratch = Scratch::new(ctx);

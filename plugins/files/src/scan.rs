@@ -128,6 +128,8 @@ pub struct StatInfo {
     pub nlink: u64,
     pub uid: u32,
     pub gid: u32,
+    /// `[st_ctime, st_ctime_nsec]`.
+    pub ctime: [i64; 2],
 }
 
 impl StatInfo {

@@ -24,7 +24,7 @@ pub struct Feature {
 }
 
 /// Every feature name, in the order `probe_all` reports them.
-pub const FEATURE_NAMES: [&str; 16] = [
+pub const FEATURE_NAMES: [&str; 18] = [
     "ptrace-seize",
     "process-vm-readv",
     "userfaultfd",
@@ -41,6 +41,8 @@ pub const FEATURE_NAMES: [&str; 16] = [
     "timer-restore-ids",
     "timerfd-set-ticks",
     "loginuid",
+    "seccomp-suspend",
+    "seccomp-get-filter",
 ];
 
 const FALLBACK_PVM: &str = "/proc/PID/mem";
@@ -56,6 +58,7 @@ const FALLBACK_TCP: &str = "TCP connections are not migrated";
 const FALLBACK_TIMER_IDS: &str = "POSIX timers keep their ids only when these are 0, 1, 2… in order";
 const FALLBACK_TICKS: &str = "a timerfd with expirations not read yet cannot be restored";
 const FALLBACK_LOGINUID: &str = "a process whose audit login uid differs from ferry's is refused";
+const FALLBACK_SECCOMP: &str = "a process under seccomp is refused (ferry's injected calls would meet its filters, or they could not be carried)";
 const NO_FALLBACK: &str = "ferry cannot work without it";
 
 type ProbeResult = Result<String, String>;
@@ -127,6 +130,8 @@ pub fn probe_all() -> Vec<Feature> {
     out.push(feature("timer-restore-ids", Some(FALLBACK_TIMER_IDS), run(probe_timer_restore_ids)));
     out.push(feature("timerfd-set-ticks", Some(FALLBACK_TICKS), run(probe_timerfd_set_ticks)));
     out.push(feature("loginuid", Some(FALLBACK_LOGINUID), run(probe_loginuid)));
+    out.push(feature("seccomp-suspend", Some(FALLBACK_SECCOMP), run(probe_seccomp_suspend)));
+    out.push(feature("seccomp-get-filter", Some(FALLBACK_SECCOMP), run(probe_seccomp_get_filter)));
     out
 }
 
@@ -370,11 +375,13 @@ mod memory;
 mod cgroup;
 mod process;
 mod files;
+mod seccomp;
 use ptrace::*;
 use memory::*;
 use cgroup::*;
 use process::*;
 use files::*;
+use seccomp::*;
 
 #[cfg(test)]
 mod tests;

@@ -1,7 +1,119 @@
 //! System calls injected into a stopped thread: the scratch area ferry maps in the
-//! target for their arguments, and the borrowed `syscall; int3` site they run at.
+//! target for their arguments and code, and the borrowed site the first and last calls
+//! (mapping and unmapping it) run at.
+//!
+//! **Ferry may die at any instant** (killed, out of memory) and the kernel then lets the
+//! thread go with whatever registers it has. An injected call is therefore set up so
+//! that a thread let go in the middle of one carries on as if nothing happened: it runs
+//! from the scratch area's `syscall`, and the code right after it puts back the thread's
+//! signal mask, flags and every general register, and jumps to where the thread was (a
+//! call it was interrupted in made again, as the kernel would) — all from a block ferry
+//! writes before each call ([`Recovery`]). Ferry itself never lets the thread run that
+//! code: it takes the thread back at the call's syscall-exit stop.
 
 use super::*;
+
+/// An injection site's code: the `syscall`, then the recovery, which reads its block
+/// `data` bytes after the site (RIP-relative, so the same code serves the scratch area
+/// and a borrowed site). In Intel syntax:
+///
+/// ```text
+///  0: syscall                         the injected call
+///  2: mov eax, 14                     rt_sigprocmask(SIG_SETMASK, &data.mask, NULL, 8)
+///     mov edi, 2
+///     lea rsi, [rip + data]
+///     xor edx, edx
+///     mov r10d, 8
+///     syscall
+///     lea rsp, [rip + data + 8]       flags, popped from the block
+///     popfq
+///     mov rax, [rip + data + 16]      rax, rbx, rcx, rdx, rsi, rdi, rbp, r8 … r15
+///     …
+///     mov r15, [rip + data + 128]
+///     mov rsp, [rip + data + 136]
+///     jmp qword ptr [rip + data + 144]
+/// ```
+fn site_code(data: u64) -> Vec<u8> {
+    // Each instruction: its bytes before a 32-bit displacement to `data + field`, the
+    // field (none: no displacement), and its bytes after.
+    const PROGRAM: &[(&[u8], Option<u64>, &[u8])] = &[
+        (&[0x0f, 0x05], None, &[]),
+        (&[0xb8, 0x0e, 0x00, 0x00, 0x00], None, &[]),
+        (&[0xbf, 0x02, 0x00, 0x00, 0x00], None, &[]),
+        (&[0x48, 0x8d, 0x35], Some(0), &[]),
+        (&[0x31, 0xd2], None, &[]),
+        (&[0x41, 0xba, 0x08, 0x00, 0x00, 0x00], None, &[]),
+        (&[0x0f, 0x05], None, &[]),
+        (&[0x48, 0x8d, 0x25], Some(8), &[]),
+        (&[0x9d], None, &[]),
+        (&[0x48, 0x8b, 0x05], Some(16), &[]),
+        (&[0x48, 0x8b, 0x1d], Some(24), &[]),
+        (&[0x48, 0x8b, 0x0d], Some(32), &[]),
+        (&[0x48, 0x8b, 0x15], Some(40), &[]),
+        (&[0x48, 0x8b, 0x35], Some(48), &[]),
+        (&[0x48, 0x8b, 0x3d], Some(56), &[]),
+        (&[0x48, 0x8b, 0x2d], Some(64), &[]),
+        (&[0x4c, 0x8b, 0x05], Some(72), &[]),
+        (&[0x4c, 0x8b, 0x0d], Some(80), &[]),
+        (&[0x4c, 0x8b, 0x15], Some(88), &[]),
+        (&[0x4c, 0x8b, 0x1d], Some(96), &[]),
+        (&[0x4c, 0x8b, 0x25], Some(104), &[]),
+        (&[0x4c, 0x8b, 0x2d], Some(112), &[]),
+        (&[0x4c, 0x8b, 0x35], Some(120), &[]),
+        (&[0x4c, 0x8b, 0x3d], Some(128), &[]),
+        (&[0x48, 0x8b, 0x25], Some(136), &[]),
+        (&[0xff, 0x25], Some(144), &[]),
+    ];
+    let mut code = Vec::with_capacity(160);
+    for &(head, field, tail) in PROGRAM {
+        code.extend_from_slice(head);
+        if let Some(field) = field {
+            let next = code.len() as u64 + 4 + tail.len() as u64;
+            code.extend_from_slice(&((data + field).wrapping_sub(next) as u32).to_le_bytes());
+        }
+        code.extend_from_slice(tail);
+    }
+    code
+}
+
+/// Where the recovery block sits in the scratch area: its last page.
+pub(super) const RECOVERY_DATA: u64 = SCRATCH_SIZE - PAGE;
+/// Where it sits after a borrowed site's code.
+const BORROWED_DATA: u64 = 160;
+/// Room a borrowed site needs: code and block.
+const BORROWED_LEN: u64 = BORROWED_DATA + 8 * 19;
+
+/// What a thread let go in the middle of an injected call needs to carry on: its
+/// signal mask, then its flags and general registers in [`site_code`]'s order, with its
+/// own interrupted call made again ([`resumed`]).
+struct Recovery([u64; 19]);
+
+impl Recovery {
+    fn of(saved: &user_regs_struct, mask: u64) -> Recovery {
+        let r = resumed(saved);
+        Recovery([
+            mask, r.eflags, r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp, r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14,
+            r.r15, r.rsp, r.rip,
+        ])
+    }
+
+    fn bytes(&self) -> Vec<u8> {
+        self.0.iter().flat_map(|v| v.to_le_bytes()).collect()
+    }
+}
+
+/// Where the calls made before the scratch area exists, and the one that removes it,
+/// run: the zero padding at the end of the process's vDSO, which it never executes,
+/// with the recovery; or, without a vDSO, three bytes at the start of its first
+/// executable mapping (its `_init`, as a rule) and a trap (a thread let go there dies).
+#[derive(Clone, Copy)]
+enum Borrowed {
+    Padding(u64),
+    Code(u64),
+}
+
+/// The call and a trap, for a borrowed code site.
+const BORROWED_CODE: [u8; 3] = [0x0f, 0x05, 0xcc];
 
 impl Tracer {
     /// The scratch area, once mapped.
@@ -9,9 +121,10 @@ impl Tracer {
         self.scratch.map(|a| (a, SCRATCH_SIZE))
     }
 
-    /// The argument part of the scratch area (after its code page).
+    /// The argument part of the scratch area (between its code page and the recovery
+    /// block's page).
     pub fn scratch_args(&self) -> Option<(u64, u64)> {
-        self.scratch.map(|a| (a + PAGE, SCRATCH_SIZE - PAGE))
+        self.scratch.map(|a| (a + PAGE, SCRATCH_SIZE - 2 * PAGE))
     }
 
     /// Maps our scratch area in the target, borrowing three bytes of an executable
@@ -20,11 +133,11 @@ impl Tracer {
         if let Some(a) = self.scratch {
             return Ok(a);
         }
-        let site = self.borrow_site()?;
         let prot = (libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC) as u64;
         let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64
             | if hint != 0 { libc::MAP_FIXED_NOREPLACE as u64 } else { 0 };
-        let r = self.with_site(site, |t| t.inject_at(site, t.pid, libc::SYS_mmap, [hint, SCRATCH_SIZE, prot, flags, u64::MAX, 0]))?;
+        let pid = self.pid;
+        let r = self.borrowed(|t, site, recovery| t.inject_at(site, pid, libc::SYS_mmap, [hint, SCRATCH_SIZE, prot, flags, u64::MAX, 0], recovery))?;
         if r < 0 {
             // The scratch area is writable and executable: a process that forbade such
             // memory (PR_SET_MDWE) gets EACCES, which ferry cannot work around yet.
@@ -35,7 +148,7 @@ impl Tracer {
             return Err(TraceError::Thread { tid: self.pid, message: format!("mapping ferry's scratch area: {e}") });
         }
         let addr = r as u64;
-        self.poke(addr, &SYSCALL_INT3)?;
+        self.poke(addr, &site_code(RECOVERY_DATA))?;
         self.scratch = Some(addr);
         Ok(addr)
     }
@@ -43,8 +156,8 @@ impl Tracer {
     /// Removes the scratch area, again from a borrowed site.
     pub fn unmap_scratch(&mut self) -> Result<(), TraceError> {
         let Some(addr) = self.scratch.take() else { return Ok(()) };
-        let site = self.borrow_site()?;
-        let r = self.with_site(site, |t| t.inject_at(site, t.pid, libc::SYS_munmap, [addr, SCRATCH_SIZE, 0, 0, 0, 0]))?;
+        let pid = self.pid;
+        let r = self.borrowed(|t, site, recovery| t.inject_at(site, pid, libc::SYS_munmap, [addr, SCRATCH_SIZE, 0, 0, 0, 0], recovery))?;
         if r < 0 {
             return Err(TraceError::Thread { tid: self.pid, message: format!("munmap of the scratch area: errno {}", -r) });
         }
@@ -57,10 +170,26 @@ impl Tracer {
         self.scratch = addr;
     }
 
-    /// An executable address of the target to borrow for an injection.
-    fn borrow_site(&mut self) -> Result<u64, TraceError> {
+    /// Where to borrow a site: the vDSO's zero padding when it has room, else the
+    /// start of the first executable mapping.
+    fn borrow_site(&mut self) -> Result<Borrowed, TraceError> {
         let maps = std::fs::read_to_string(format!("/proc/{}/maps", self.pid))
             .map_err(|_| TraceError::Gone { pid: self.pid })?;
+        let range = |l: &str| {
+            let (a, b) = l.split_whitespace().next()?.split_once('-')?;
+            Some((u64::from_str_radix(a, 16).ok()?, u64::from_str_radix(b, 16).ok()?))
+        };
+        if let Some((start, end)) = maps.lines().find(|l| l.ends_with("[vdso]")).and_then(range) {
+            let mut image = vec![0u8; (end - start) as usize];
+            if self.peek(start, &mut image).is_ok() {
+                let zeros = image.iter().rev().take_while(|&&b| b == 0).count() as u64;
+                // Clear of the last instruction's bytes, 16-aligned.
+                let site = (end - zeros + 64 + 15) & !15;
+                if site + BORROWED_LEN <= end {
+                    return Ok(Borrowed::Padding(site));
+                }
+            }
+        }
         maps.lines()
             .filter(|l| {
                 let mut f = l.split_whitespace();
@@ -69,16 +198,22 @@ impl Tracer {
                 perms.starts_with("r-x") || (perms.contains('x') && !name.starts_with('['))
             })
             .filter(|l| !l.contains("[vsyscall]") && !l.contains("[vdso]"))
-            .find_map(|l| u64::from_str_radix(l.split('-').next()?, 16).ok())
+            .find_map(|l| Some(Borrowed::Code(range(l)?.0)))
             .ok_or(TraceError::Thread { tid: self.pid, message: "no executable mapping to inject from".into() })
     }
 
-    /// Runs `f` with `syscall; int3` written at `site`, putting the bytes back after.
-    fn with_site<T>(&mut self, site: u64, f: impl FnOnce(&mut Self) -> Result<T, TraceError>) -> Result<T, TraceError> {
-        let mut old = [0u8; 3];
+    /// Runs `f` with a borrowed site's code in place (given the site and, for padding,
+    /// where its recovery block goes), putting the bytes back after.
+    fn borrowed<T>(&mut self, f: impl FnOnce(&mut Self, u64, Option<u64>) -> Result<T, TraceError>) -> Result<T, TraceError> {
+        let (site, code, recovery) = match self.borrow_site()? {
+            Borrowed::Padding(site) => (site, site_code(BORROWED_DATA), Some(site + BORROWED_DATA)),
+            Borrowed::Code(site) => (site, BORROWED_CODE.to_vec(), None),
+        };
+        let len = if recovery.is_some() { BORROWED_LEN as usize } else { code.len() };
+        let mut old = vec![0u8; len];
         self.peek(site, &mut old)?;
-        self.poke(site, &SYSCALL_INT3)?;
-        let r = f(self);
+        self.poke(site, &code)?;
+        let r = f(self, site, recovery);
         let restored = self.poke(site, &old);
         let v = r?;
         restored?;
@@ -89,17 +224,14 @@ impl Tracer {
     /// kernel's return value (negative errno on failure). New threads the call makes
     /// (clone) become traced threads of this tracer.
     pub fn inject(&mut self, tid: pid_t, nr: i64, args: [u64; 6]) -> Result<i64, TraceError> {
-        let site = match self.scratch {
-            Some(a) => a,
-            None => {
-                let site = self.borrow_site()?;
-                return self.with_site(site, |t| t.inject_at(site, tid, nr, args));
-            }
-        };
-        self.inject_at(site, tid, nr, args)
+        match self.scratch {
+            Some(site) => self.inject_at(site, tid, nr, args, Some(site + RECOVERY_DATA)),
+            None => self.borrowed(|t, site, recovery| t.inject_at(site, tid, nr, args, recovery)),
+        }
     }
 
-    fn inject_at(&mut self, site: u64, tid: pid_t, nr: i64, args: [u64; 6]) -> Result<i64, TraceError> {
+    /// `recovery`: where the site's code reads its recovery block (none: a trap site).
+    fn inject_at(&mut self, site: u64, tid: pid_t, nr: i64, args: [u64; 6], recovery: Option<u64>) -> Result<i64, TraceError> {
         // Every signal stays blocked while our call runs: one pending (or arriving) is
         // then neither delivered on the way back from it nor taken out of the queue by
         // us, and keeps its siginfo for the process (or the image). A call about the
@@ -108,13 +240,11 @@ impl Tracer {
             return self.sigprocmask(tid, args);
         }
         let mask = get_sigmask(tid)?;
-        set_sigmask(tid, u64::MAX)?;
-        let r = self.inject_unmasked(site, tid, nr, args);
-        // A thread the call ended has no mask left to put back.
-        let restored = if self.threads.contains_key(&tid) { set_sigmask(tid, mask) } else { Ok(()) };
-        let v = r?;
-        restored?;
-        Ok(v)
+        if let Some(at) = recovery {
+            let block = Recovery::of(&self.thread(tid)?.regs, mask);
+            self.poke(at, &block.bytes())?;
+        }
+        self.inject_unmasked(site, tid, nr, args, mask, recovery.is_some())
     }
 
     /// `rt_sigprocmask(how, set, oldset, size)` for thread `tid`, done with
@@ -151,7 +281,9 @@ impl Tracer {
         Ok(0)
     }
 
-    fn inject_unmasked(&mut self, site: u64, tid: pid_t, nr: i64, args: [u64; 6]) -> Result<i64, TraceError> {
+    /// The call itself, with every signal blocked; the thread's own `mask` is back
+    /// before its registers are (so that at no instant does it hold one and not the other).
+    fn inject_unmasked(&mut self, site: u64, tid: pid_t, nr: i64, args: [u64; 6], mask: u64, recoverable: bool) -> Result<i64, TraceError> {
         let saved = self.thread(tid)?.regs;
         let mut regs = saved;
         regs.rip = site;
@@ -164,7 +296,14 @@ impl Tracer {
         regs.r8 = args[4];
         regs.r9 = args[5];
         setregs(tid, &regs)?;
-        ptrace(libc::PTRACE_CONT, tid, 0, 0, "PTRACE_CONT")?;
+        set_sigmask(tid, u64::MAX)?;
+        self.thread(tid)?.in_syscall_stop = true;
+        // Syscall stops, not a trap after the call: the code after it is the recovery.
+        ptrace(libc::PTRACE_SYSCALL, tid, 0, 0, "PTRACE_SYSCALL")?;
+        if recoverable {
+            crate::fault::point("inject");
+        }
+        let mut entered = false;
         loop {
             let status = wait(tid)?;
             if libc::WIFEXITED(status) || libc::WIFSIGNALED(status) {
@@ -176,21 +315,23 @@ impl Tracer {
             }
             let sig = libc::WSTOPSIG(status);
             match (event_of(status), sig) {
-                (0, libc::SIGTRAP) => break,
+                (0, s) if s == libc::SIGTRAP | 0x80 => {
+                    if entered {
+                        break;
+                    }
+                    entered = true;
+                    ptrace(libc::PTRACE_SYSCALL, tid, 0, 0, "PTRACE_SYSCALL")?;
+                }
                 (libc::PTRACE_EVENT_CLONE, _) => {
                     let mut msg: libc::c_ulong = 0;
                     ptrace(libc::PTRACE_GETEVENTMSG, tid, 0, &mut msg as *mut _ as usize, "PTRACE_GETEVENTMSG")?;
                     self.adopt(msg as pid_t)?;
-                    ptrace(libc::PTRACE_CONT, tid, 0, 0, "PTRACE_CONT")?;
+                    ptrace(libc::PTRACE_SYSCALL, tid, 0, 0, "PTRACE_SYSCALL")?;
                 }
                 (0, libc::SIGSEGV | libc::SIGBUS | libc::SIGILL) => {
-                    // Either the call removed the code it ran from (the scratch area
-                    // unmapping itself), or something is badly wrong; rip tells which.
                     let now = getregs(tid)?;
-                    if now.rip == site + 2 || now.rip == site + 3 {
-                        break;
-                    }
-                    setregs(tid, &saved)?;
+                    set_sigmask(tid, mask)?;
+                    setregs(tid, &resumed(&saved))?;
                     return Err(TraceError::Thread {
                         tid,
                         message: format!("injected system call {nr} faulted with signal {sig} at {:#x}", now.rip),
@@ -199,15 +340,64 @@ impl Tracer {
                 (0, other) => {
                     // A signal for the process arrived meanwhile: keep it for detach.
                     self.thread(tid)?.pending_signal = other;
-                    ptrace(libc::PTRACE_CONT, tid, 0, 0, "PTRACE_CONT")?;
+                    ptrace(libc::PTRACE_SYSCALL, tid, 0, 0, "PTRACE_SYSCALL")?;
                 }
                 _ => {
-                    ptrace(libc::PTRACE_CONT, tid, 0, 0, "PTRACE_CONT")?;
+                    ptrace(libc::PTRACE_SYSCALL, tid, 0, 0, "PTRACE_SYSCALL")?;
                 }
             }
         }
         let after = getregs(tid)?;
-        setregs(tid, &saved)?;
+        // A thread the call ended has no mask left to put back.
+        if self.threads.contains_key(&tid) {
+            set_sigmask(tid, mask)?;
+        }
+        // From this syscall-exit stop no restart of its own call would happen.
+        setregs(tid, &resumed(&saved))?;
         Ok(after.rax as i64)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_site_code_is_what_the_assembler_makes_of_it() {
+        // `as` (GNU binutils) of the listing in site_code's doc, its block 0xff000 on.
+        const ASSEMBLED: [u8; 155] = [
+            0x0f, 0x05, 0xb8, 0x0e, 0x00, 0x00, 0x00, 0xbf, 0x02, 0x00, 0x00, 0x00, 0x48, 0x8d, 0x35, 0xed, 0xef, 0x0f,
+            0x00, 0x31, 0xd2, 0x41, 0xba, 0x08, 0x00, 0x00, 0x00, 0x0f, 0x05, 0x48, 0x8d, 0x25, 0xe4, 0xef, 0x0f, 0x00,
+            0x9d, 0x48, 0x8b, 0x05, 0xe4, 0xef, 0x0f, 0x00, 0x48, 0x8b, 0x1d, 0xe5, 0xef, 0x0f, 0x00, 0x48, 0x8b, 0x0d,
+            0xe6, 0xef, 0x0f, 0x00, 0x48, 0x8b, 0x15, 0xe7, 0xef, 0x0f, 0x00, 0x48, 0x8b, 0x35, 0xe8, 0xef, 0x0f, 0x00,
+            0x48, 0x8b, 0x3d, 0xe9, 0xef, 0x0f, 0x00, 0x48, 0x8b, 0x2d, 0xea, 0xef, 0x0f, 0x00, 0x4c, 0x8b, 0x05, 0xeb,
+            0xef, 0x0f, 0x00, 0x4c, 0x8b, 0x0d, 0xec, 0xef, 0x0f, 0x00, 0x4c, 0x8b, 0x15, 0xed, 0xef, 0x0f, 0x00, 0x4c,
+            0x8b, 0x1d, 0xee, 0xef, 0x0f, 0x00, 0x4c, 0x8b, 0x25, 0xef, 0xef, 0x0f, 0x00, 0x4c, 0x8b, 0x2d, 0xf0, 0xef,
+            0x0f, 0x00, 0x4c, 0x8b, 0x35, 0xf1, 0xef, 0x0f, 0x00, 0x4c, 0x8b, 0x3d, 0xf2, 0xef, 0x0f, 0x00, 0x48, 0x8b,
+            0x25, 0xf3, 0xef, 0x0f, 0x00, 0xff, 0x25, 0xf5, 0xef, 0x0f, 0x00,
+        ];
+        assert_eq!(site_code(0xff000), ASSEMBLED);
+        assert_eq!(RECOVERY_DATA, 0xff000);
+        // A borrowed site's code ends before its block, which ends within its room.
+        assert!((site_code(BORROWED_DATA).len() as u64) <= BORROWED_DATA);
+        assert_eq!(BORROWED_DATA + Recovery::of(&unsafe { std::mem::zeroed() }, 0).bytes().len() as u64, BORROWED_LEN);
+    }
+
+    #[test]
+    fn a_thread_interrupted_in_a_call_makes_it_again() {
+        // SAFETY: user_regs_struct is plain integers.
+        let mut r: user_regs_struct = unsafe { std::mem::zeroed() };
+        r.rip = 0x1002;
+        r.orig_rax = libc::SYS_read as u64;
+        r.rax = (-512i64) as u64; // -ERESTARTSYS
+        let back = resumed(&r);
+        assert_eq!((back.rip, back.rax, back.orig_rax), (0x1000, libc::SYS_read as u64, u64::MAX));
+        r.rax = (-516i64) as u64; // -ERESTART_RESTARTBLOCK
+        assert_eq!(resumed(&r).rax, libc::SYS_restart_syscall as u64);
+        r.rax = (-4i64) as u64; // -EINTR: the call is over
+        assert_eq!(resumed(&r).rip, 0x1002);
+        r.orig_rax = u64::MAX; // not in a call at all
+        r.rax = (-512i64) as u64;
+        assert_eq!(resumed(&r).rip, 0x1002);
     }
 }

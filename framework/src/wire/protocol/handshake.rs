@@ -12,6 +12,9 @@ pub struct Local {
     pub plugins: Vec<PluginRef>,
     /// Kernel features present here.
     pub features: Vec<String>,
+    /// Tokens of events this daemon has already seen: a hello that reuses one (a
+    /// replayed or confused source) is refused.
+    pub seen_tokens: Vec<String>,
 }
 
 impl Local {
@@ -23,6 +26,7 @@ impl Local {
             protocol_max: PROTOCOL_VERSION,
             plugins,
             features,
+            seen_tokens: Vec::new(),
         }
     }
 }
@@ -70,6 +74,19 @@ pub fn check_hello(hello: &Hello, local: &Local) -> Result<(), String> {
         return Err(format!(
             "the source sent a malformed token {:?} (expected 32 lowercase hex characters)",
             hello.token
+        ));
+    }
+    if local.seen_tokens.contains(&hello.token) {
+        return Err(format!("token {} names an event this daemon has already seen", hello.token));
+    }
+    if hello.pid <= 0 {
+        return Err(format!("the source names no process (pid {})", hello.pid));
+    }
+    if !crate::config::Strategy::NAMES.contains(&hello.strategy.as_str()) {
+        return Err(format!(
+            "unknown strategy {:?} (this daemon knows {})",
+            hello.strategy,
+            crate::config::Strategy::NAMES.join(", ")
         ));
     }
     check_plugin("medium", &hello.medium, &local.plugins)?;
@@ -130,7 +147,15 @@ pub fn server_handshake<S: Read + Write + ?Sized>(
     local: &Local,
     next_request_id: u64,
 ) -> Result<Hello, ProtocolError> {
-    let body = read_frame(stream)?;
+    let body = match read_frame(stream) {
+        Ok(body) => body,
+        // Not a ferry peer, or a frame too large to read: it is told why before the close.
+        Err(e @ (ProtocolError::TooLarge(_) | ProtocolError::NotFerry(_))) => {
+            refuse(stream, &e.to_string());
+            return Err(e);
+        }
+        Err(e) => return Err(e),
+    };
     let hello = match parse(&body) {
         Ok(Message::Hello(hello)) => hello,
         Ok(Message::AuthHello { .. }) => {

@@ -17,6 +17,7 @@ fn local() -> Local {
             PluginRef::new("signals", "0.3"),
         ],
         features: vec!["ptrace".into(), "userfaultfd".into()],
+        seen_tokens: Vec::new(),
     }
 }
 
@@ -28,7 +29,7 @@ fn hello() -> Hello {
         token: crate::random::new_token(),
         request_id: 7,
         pid: 4242,
-        strategy: "precopy".into(),
+        strategy: "pre-copy".into(),
         medium: PluginRef::new("tcp", "0.1"),
         subsystems: vec![
             PluginRef::new("memory", "0.2"),
@@ -507,4 +508,18 @@ fn a_silent_peer_is_named_so_not_by_errno() {
     }
     let r = recv(&mut Silent);
     assert!(text(&r).starts_with("no answer from the peer in time"), "{}", text(&r));
+}
+
+#[test]
+fn hellos_that_cannot_name_an_event_are_refused() {
+    let mut h = hello();
+    h.strategy = "teleport".into();
+    assert!(check_hello(&h, &local()).unwrap_err().contains("unknown strategy \"teleport\""));
+    let mut h = hello();
+    h.pid = -1;
+    assert!(check_hello(&h, &local()).unwrap_err().contains("names no process (pid -1)"));
+    let h = hello();
+    let mut here = local();
+    here.seen_tokens.push(h.token.clone());
+    assert!(check_hello(&h, &here).unwrap_err().contains("already seen"));
 }
