@@ -84,8 +84,9 @@ pub fn checkpoint(manager: &Manager, req: &CheckpointRequest, progress: &mut dyn
     let mut medium = Pipeline::new(opened);
 
     // Should this ferry die from here on (SIGKILL: no destructor runs), the janitor
-    // takes the process out of ferry's cgroup, removes the scratch area and the
-    // partial image; dismissed once this ferry has cleaned up (or kept) itself.
+    // removes the scratch area and the partial image (the guardian of the freezer's
+    // placement takes the process home); dismissed once this ferry has cleaned up, or
+    // kept the image.
     let mut janitor = Janitor::start();
     if let Some(j) = janitor.as_mut() {
         j.image(&req.dir, created);
@@ -101,10 +102,6 @@ pub fn checkpoint(manager: &Manager, req: &CheckpointRequest, progress: &mut dyn
             return Err(e);
         }
     };
-    if let (Some(j), Some(f)) = (janitor.as_mut(), freezer.as_ref()) {
-        let (home, ours) = f.placement();
-        j.cgroup(req.pid, home, ours);
-    }
 
     crate::trace::mark("frozen");
     crate::fault::pause("checkpoint-frozen");

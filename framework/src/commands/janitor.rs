@@ -1,9 +1,10 @@
 //! The janitor of a checkpoint: `ferry janitor`, a process of its own that outlives a
 //! ferry killed in the middle of one (SIGKILL, the OOM killer, `FERRY_FAULT`) and puts
-//! the target back as it was: thawed and home from ferry's cgroup, without ferry's
-//! scratch area, the partial image removed. ferry tells it what there is to undo, a
-//! line at a time, on its standard input; `done` dismisses it, and the end of the pipe
-//! without `done` means ferry died (or gave up without cleaning up).
+//! back what the guardian (kernel/guardian.rs, which takes the process home from
+//! ferry's cgroup) cannot with raw system calls alone: it removes ferry's scratch area
+//! from the process (a ptrace injection) and the partial image. ferry tells it what
+//! there is to undo, a line at a time, on its standard input; `done` dismisses it, and
+//! the end of the pipe without `done` means ferry died (or gave up without cleaning up).
 
 use std::{
     io::{BufRead, Write},
@@ -56,11 +57,6 @@ impl Janitor {
         self.tell(format!("scratch {pid} {addr}"));
     }
 
-    /// Process `pid` sits in ferry's cgroup `ours`, away from its own, `home`.
-    pub fn cgroup(&mut self, pid: i32, home: &Path, ours: &Path) {
-        self.tell(format!("cgroup {pid} {}\t{}", home.display(), ours.display()));
-    }
-
     /// The event ended and ferry cleaned up after itself: nothing for the janitor to do.
     pub fn dismiss(mut self) {
         self.tell("done".into());
@@ -74,7 +70,6 @@ impl Janitor {
 struct Undo {
     image: Option<(PathBuf, bool)>,
     scratch: Option<(i32, u64)>,
-    cgroup: Option<(i32, PathBuf, PathBuf)>,
 }
 
 impl Undo {
@@ -92,13 +87,6 @@ impl Undo {
                 let mut f = rest.split(' ').map(str::parse::<u64>);
                 if let (Some(Ok(pid)), Some(Ok(addr))) = (f.next(), f.next()) {
                     self.scratch = Some((pid as i32, addr));
-                }
-            }
-            "cgroup" => {
-                if let Some((pid, paths)) = rest.split_once(' ') {
-                    if let (Ok(pid), Some((home, ours))) = (pid.parse(), paths.split_once('\t')) {
-                        self.cgroup = Some((pid, PathBuf::from(home), PathBuf::from(ours)));
-                    }
                 }
             }
             _ => {}
@@ -119,20 +107,6 @@ pub fn run() -> Result<(), String> {
     }
     // Silent when all goes well: ferry said what happened, if it could.
     let mut failed = Vec::new();
-    if let Some((pid, home, ours)) = &undo.cgroup {
-        // Thawed first (a ferry killed while the process was frozen leaves it so), then
-        // home, then the cgroup removed once empty.
-        let _ = std::fs::write(ours.join("cgroup.freeze"), "0");
-        let _ = std::fs::write(ours.join("freezer.state"), "THAWED");
-        let _ = std::fs::write(home.join("cgroup.procs"), pid.to_string());
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while std::fs::remove_dir(ours).is_err() && ours.exists() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        if ours.exists() {
-            failed.push(format!("ferry's cgroup {} is left (process {pid})", ours.display()));
-        }
-    }
     if let Some((pid, addr)) = undo.scratch {
         match remove_scratch(pid, addr) {
             Ok(_) => {}
@@ -200,11 +174,9 @@ mod tests {
         let mut u = Undo::default();
         assert!(!u.take("image 1 /tmp/an image"));
         assert!(!u.take("scratch 42 140737488289792"));
-        assert!(!u.take("cgroup 42 /sys/fs/cgroup/user.slice\t/sys/fs/cgroup/ferry-42-7"));
         assert!(!u.take("nonsense"));
         assert_eq!(u.image, Some((PathBuf::from("/tmp/an image"), true)));
         assert_eq!(u.scratch, Some((42, 140737488289792)));
-        assert_eq!(u.cgroup, Some((42, PathBuf::from("/sys/fs/cgroup/user.slice"), PathBuf::from("/sys/fs/cgroup/ferry-42-7"))));
         assert!(u.take("done"));
     }
 }

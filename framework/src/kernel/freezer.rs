@@ -164,11 +164,6 @@ impl Freezer {
         self.place.rescue()
     }
 
-    /// The process's own cgroup and ferry's, where it is now: (home, ours).
-    pub fn placement(&self) -> (&Path, &Path) {
-        (&self.place.home, &self.place.ours)
-    }
-
     /// Thaws the cgroup (the process stays in it until dropped).
     pub fn thaw(&mut self) -> Result<(), FreezeError> {
         if self.frozen {
