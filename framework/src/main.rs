@@ -132,6 +132,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The janitor a checkpoint starts: undoes what it did to the process if it dies.
+    #[command(hide = true)]
+    Janitor,
 }
 
 #[derive(Subcommand)]
@@ -336,6 +339,7 @@ fn run(cli: Cli) -> Outcome {
             outln!("{}", effective(&cli, overrides)?.to_json_pretty());
             Ok(())
         }
+        Command::Janitor => Ok(ferry::commands::janitor::run().map_err(Failure)?),
         Command::Config { command: ConfigCommand::Example } => {
             out!("{}", include_str!("../../examples/ferry.json"));
             Ok(())

@@ -73,9 +73,7 @@ mod tests {
         std::fs::set_permissions(dir.path().join("a"), std::fs::Permissions::from_mode(0o777)).unwrap();
         assert!(changeable_by_others(&deep.join("f")).unwrap().contains("/a can be changed by others"));
         std::fs::set_permissions(dir.path().join("a"), std::fs::Permissions::from_mode(0o755)).unwrap();
-        if nix::unistd::geteuid().is_root() {
-            nix::unistd::chown(&file, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
-            assert!(changeable_by_others(&file).unwrap().contains("owned by uid 65534"));
-        }
+        // A file another user owns: tests/tests/manager.rs and cli.rs (only root can
+        // give a file away, and a skip there is loud).
     }
 }

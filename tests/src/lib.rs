@@ -3,6 +3,7 @@
 //! a deadline (never sleeping as synchronisation).
 
 pub mod bench;
+pub mod inject;
 pub mod workload;
 use std::{
     os::fd::AsRawFd,
@@ -21,6 +22,37 @@ pub const BUILT_PLUGINS: [(&str, &str); 7] = [
     ("medium", "tcp"),
     ("medium", "rdma"),
 ];
+
+/// Whether this test may run: `true` as root. Otherwise it must not pass in silence (a
+/// test that returns early counts as passed, and what it printed is captured and never
+/// seen): it panics naming `why`, unless `FERRY_ALLOW_SKIP=1`, when it prints
+/// `SKIPPED: <test>: <why>` straight to stderr (past the harness's capture, so a run
+/// shows and `grep -c SKIPPED` counts them) and answers `false`. Use it as
+/// `if !needs_root("ptrace of another user's process") { return; }`.
+#[track_caller]
+pub fn needs_root(why: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    needs(unsafe { libc::geteuid() } == 0, &format!("needs root: {why}"))
+}
+
+/// [`needs_root`] for any other condition the machine must meet (a kernel feature, a
+/// file): `true` when `met`, else a panic, or a loud skip under `FERRY_ALLOW_SKIP=1`.
+#[track_caller]
+pub fn needs(met: bool, why: &str) -> bool {
+    if met {
+        return true;
+    }
+    let at = std::panic::Location::caller();
+    let thread = std::thread::current();
+    let test = thread.name().filter(|n| *n != "main").unwrap_or("a test");
+    if std::env::var_os("FERRY_ALLOW_SKIP").is_some_and(|v| v == "1") {
+        use std::io::Write;
+        // Not eprintln!: the test harness captures that.
+        let _ = writeln!(std::io::stderr(), "SKIPPED: {test} ({}:{}): {why}", at.file(), at.line());
+        return false;
+    }
+    panic!("{test} cannot run here: {why} (set FERRY_ALLOW_SKIP=1 to skip it, loudly)");
+}
 
 /// The workspace root.
 pub fn root() -> PathBuf {

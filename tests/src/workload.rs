@@ -43,7 +43,8 @@ pub struct WorkloadOpts {
     pub churn: bool,
     /// Move the patterned mapping and empty one of its pages every tick (`--move-mem`).
     pub move_mem: bool,
-    /// Fork a child checking the patterned mapping every 20 ticks (`--fork-check`).
+    /// Fork a child checking the patterned mapping every 20 ticks (`--fork-check`; logs
+    /// `fork-check ok N pid P` per check passed; see [`Workload::fork_checks`]).
     pub fork_check: bool,
     /// Wait for each tick spinning inside an rseq critical section (`--rseq`).
     pub rseq: bool,
@@ -262,6 +263,15 @@ impl Workload {
             .find(|r| r.0 == name)
             .map(|r| (r.1, r.2))
             .unwrap_or_else(|| panic!("no region {name} in {regions:?}"))
+    }
+
+    /// With `--fork-check`: how many `fork-check ok` lines (a forked child's check of
+    /// the memory passed, and was reaped) process `pid` logged, and how many
+    /// `fork-check lost-child` (a child of the original it could not reap).
+    pub fn fork_checks(&self, pid: i32) -> (usize, usize) {
+        let by = format!(" pid {pid}");
+        let of = |kind: &str| self.lines().iter().filter(|l| l.starts_with(kind) && l.ends_with(&by)).count();
+        (of("fork-check ok "), of("fork-check lost-child "))
     }
 
     /// The verdict, once the last line is `PASS` (Ok) or `FAIL: ...` (Err: that line).

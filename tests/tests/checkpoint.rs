@@ -5,23 +5,12 @@
 use std::path::Path;
 
 use ferry_tests::{
-    ferry, stderr, stdout,
+    ferry, needs, needs_root, stderr, stdout,
     workload::{creds_of, pid_alive, send_signal, Script, Workload, WorkloadOpts, DEADLINE},
 };
 
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
-/// Skips (with the reason) where checkpointing cannot work at all.
-fn needs_root() -> bool {
-    if !is_root() {
-        eprintln!("skipping: checkpoint/restore needs root (ptrace of other users, PR_SET_MM_MAP, clone3 set_tid)");
-        return false;
-    }
-    true
-}
+/// Why every test here needs root (see `ferry_tests::needs_root`).
+const ROOT: &str = "checkpoint/restore (ptrace of other users, PR_SET_MM_MAP, clone3 set_tid)";
 
 /// `ferry checkpoint PID --dir DIR --json [extra]`; answers the parsed statistics.
 fn checkpoint(pid: i32, dir: &Path, extra: &[&str]) -> serde_json::Value {
@@ -35,13 +24,19 @@ fn checkpoint(pid: i32, dir: &Path, extra: &[&str]) -> serde_json::Value {
 
 /// `ferry restore --dir DIR --json`; answers the new pid of `old`.
 fn restore(dir: &Path, old: i32) -> i32 {
+    let stats = restore_stats(dir);
+    stats["pids"][old.to_string()].as_i64().unwrap_or_else(|| panic!("no pid for {old} in {stats}")) as i32
+}
+
+/// `ferry restore --dir DIR --json`; answers its statistics.
+fn restore_stats(dir: &Path) -> serde_json::Value {
     let o = ferry(&["restore", "--dir", dir.to_str().unwrap(), "--json"]);
     assert!(o.status.success(), "restore failed: {}", stderr(&o));
     let stats: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     for key in ["frozen_ms", "total_ms", "bytes", "pages"] {
         assert!(stats[key].is_number(), "{key} missing from {stats}");
     }
-    stats["pids"][old.to_string()].as_i64().unwrap_or_else(|| panic!("no pid for {old} in {stats}")) as i32
+    stats
 }
 
 /// The fd numbers a process holds.
@@ -65,11 +60,17 @@ fn through_an_image(w: &mut Workload, extra: &[&str]) -> (i32, u64) {
     let image = tempfile::tempdir().unwrap();
     let dir = image.path().join("img");
     let stats = checkpoint(w.pid, &dir, extra);
-    assert!(stats["bytes"].as_u64().unwrap() > 0);
     assert_eq!(stats["pids"][w.pid.to_string()], 0, "the original is gone: {stats}");
+    // What the checkpoint counted as it wrote, on disk.
+    let on_disk: u64 = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum();
+    assert_eq!(stats["bytes"].as_u64(), Some(on_disk), "bytes the checkpoint wrote / the image holds: {stats}");
     w.reap();
     let at = *w.ticks().last().unwrap();
-    let new = restore(&dir, w.pid);
+    let restored = restore_stats(&dir);
+    // And the restore counted them as it read.
+    assert_eq!(restored["bytes"], stats["bytes"], "bytes the restore read / the checkpoint wrote: {restored} / {stats}");
+    assert_eq!(restored["pages"], stats["pages"], "pages the restore read / the checkpoint wrote: {restored} / {stats}");
+    let new = restored["pids"][w.pid.to_string()].as_i64().unwrap_or_else(|| panic!("no pid for {} in {restored}", w.pid)) as i32;
     w.adopt(new);
     (new, at)
 }
@@ -85,7 +86,7 @@ fn round_trip(w: &mut Workload, extra: &[&str]) {
 
 #[test]
 fn one_thread_with_memory_files_and_signals() {
-    if !needs_root() {
+    if !needs_root(ROOT) {
         return;
     }
     let mut w = Workload::spawn(&WorkloadOpts { mem_mib: 8, ..Default::default() });
@@ -110,7 +111,7 @@ fn one_thread_with_memory_files_and_signals() {
 
 #[test]
 fn a_signal_sent_while_frozen_is_in_the_image_and_reaches_both_copies() {
-    if !needs_root() {
+    if !needs_root(ROOT) {
         return;
     }
     let mut w = Workload::spawn(&WorkloadOpts { mem_mib: 2, ..Default::default() });
@@ -156,7 +157,7 @@ fn a_signal_sent_while_frozen_is_in_the_image_and_reaches_both_copies() {
 
 #[test]
 fn scheduling_limits_personality_and_posix_timers_come_back() {
-    if !needs_root() {
+    if !needs_root(ROOT) {
         return;
     }
     // The workload checks its nice values (per thread), the main thread's CPU affinity,
@@ -169,7 +170,7 @@ fn scheduling_limits_personality_and_posix_timers_come_back() {
 
 #[test]
 fn a_process_of_another_user_comes_back_with_its_own_credentials_not_root() {
-    if !needs_root() {
+    if !needs_root(ROOT) {
         return;
     }
     // The workload runs as uid 65534 (saved and fs uids of their own), with groups, a
@@ -207,12 +208,12 @@ fn processes_mentioning(needle: &str) -> Vec<i32> {
 
 #[test]
 fn a_login_uid_the_kernel_will_not_set_fails_the_restore_and_leaves_no_process_behind() {
-    if !needs_root() {
+    if !needs_root(ROOT) {
         return;
     }
     // The workload sets its login uid (4242) only where ours is unset.
-    if std::fs::read_to_string("/proc/self/loginuid").map_or(true, |t| t.trim() != "4294967295") {
-        eprintln!("skipping: our login uid is set (or the kernel has no audit), so the workload cannot set its own");
+    let unset = std::fs::read_to_string("/proc/self/loginuid").is_ok_and(|t| t.trim() == "4294967295");
+    if !needs(unset, "our login uid unset (it is set, or the kernel has no audit): else the workload cannot set its own") {
         return;
     }
     let mut w = Workload::spawn(&WorkloadOpts { threads: 1, files: false, creds: true, ..Default::default() });
@@ -248,7 +249,7 @@ fn a_login_uid_the_kernel_will_not_set_fails_the_restore_and_leaves_no_process_b
 
 #[test]
 fn shared_anonymous_memory_comes_back_whole_with_its_holes() {
-    if !needs_root() {
+    if !needs_root(ROOT) {
         return;
     }
     let mut w = Workload::spawn(&WorkloadOpts { shared_anon: true, ..Default::default() });
@@ -273,7 +274,7 @@ fn shared_anonymous_memory_comes_back_whole_with_its_holes() {
 
 #[test]
 fn eventfd_timerfd_signalfd_and_epoll_come_back() {
-    if !needs_root() {
+    if !needs_root(ROOT) {
         return;
     }
     // The workload checks from inside: epoll still watches the eventfd, the timerfd and
@@ -285,7 +286,7 @@ fn eventfd_timerfd_signalfd_and_epoll_come_back() {
 
 #[test]
 fn tcp_and_unix_listeners_take_connections_again_after_a_restore() {
-    if !needs_root() {
+    if !needs_root(ROOT) {
         return;
     }
     let mut w = Workload::spawn(&WorkloadOpts { listen: true, ..Default::default() });
@@ -313,7 +314,7 @@ fn tcp_and_unix_listeners_take_connections_again_after_a_restore() {
 
 #[test]
 fn eight_threads() {
-    if !needs_root() {
+    if !needs_root(ROOT) {
         return;
     }
     let mut w = Workload::spawn(&WorkloadOpts { threads: 8, mem_mib: 4, ..Default::default() });
@@ -322,7 +323,7 @@ fn eight_threads() {
 
 #[test]
 fn quiesced_with_the_cgroup_freezer() {
-    if !needs_root() {
+    if !needs_root(ROOT) {
         return;
     }
     let mut w = Workload::spawn(&WorkloadOpts { threads: 2, ..Default::default() });
@@ -331,7 +332,7 @@ fn quiesced_with_the_cgroup_freezer() {
 
 #[test]
 fn leave_running_then_restore_a_copy_twice() {
-    if !needs_root() {
+    if !needs_root(ROOT) {
         return;
     }
     // Without the file state: the original's own check writes to its files, which a
@@ -373,7 +374,7 @@ fn leave_running_then_restore_a_copy_twice() {
 
 #[test]
 fn a_copy_restores_at_once_beside_the_original_left_running() {
-    if !needs_root() {
+    if !needs_root(ROOT) {
         return;
     }
     // The original keeps its pid: the restore gives the copy another without waiting
@@ -398,7 +399,7 @@ fn state(pid: i32) -> String {
 
 #[test]
 fn a_stopped_process_comes_back_stopped_and_carries_on_when_continued() {
-    if !needs_root() {
+    if !needs_root(ROOT) {
         return;
     }
     // `kill -STOP`, checkpoint, restore: the copy must be stopped (it came back running).
@@ -418,7 +419,7 @@ fn a_stopped_process_comes_back_stopped_and_carries_on_when_continued() {
 }
 
 fn script(kind: Script) {
-    if !needs_root() {
+    if !needs_root(ROOT) {
         return;
     }
     let mut w = Workload::spawn_script(kind);
@@ -432,7 +433,7 @@ fn python3_script() {
 
 #[test]
 fn python3_asyncio_program_gets_its_pid_back() {
-    if !needs_root() {
+    if !needs_root(ROOT) {
         return;
     }
     // asyncio keeps an epoll instance and a socket pair, and remembers the pid its loop
@@ -485,7 +486,7 @@ fn saved_rip(image: &Path, tid: i32) -> u64 {
 
 #[test]
 fn a_main_thread_stopped_inside_an_rseq_critical_section_is_sent_to_its_abort_handler() {
-    if !needs_root() {
+    if !needs_root(ROOT) {
         return;
     }
     // The main thread waits for each tick spinning inside an rseq critical section.
@@ -504,10 +505,23 @@ fn a_main_thread_stopped_inside_an_rseq_critical_section_is_sent_to_its_abort_ha
     // have sent it there had it been preempted; never in the middle of the section.
     let rip = saved_rip(&dir, w.pid);
     assert!(!(start..end).contains(&rip), "rip {rip:#x} inside the section {start:#x}-{end:#x} (abort at {abort:#x})");
+    // It spins in the section but for a few instructions a tick: that is where the
+    // freeze caught it, and ferry sent it to the abort handler.
+    assert_eq!(rip, abort, "the freeze caught the thread outside its section (rip {rip:#x}); {}", w.log_text());
+    let aborts = |lines: &[String]| -> Vec<u64> {
+        lines.iter().filter_map(|l| l.strip_prefix("rseq-aborts ")?.parse().ok()).collect()
+    };
+    let before = *aborts(&w.lines()).last().expect("an rseq-aborts line before the freeze");
     let at = *w.ticks().last().unwrap();
+    let from = w.lines().len();
     let new = restore(&dir, w.pid);
     w.adopt(new);
     w.wait_ticks(at + 3);
+    // The copy counted the abort it resumed in: the handler ran, the section was not
+    // taken up again in its middle. (Its own check then asks the kernel that its rseq
+    // area is registered again, as it was.)
+    let after = aborts(&w.lines()[from..]);
+    assert!(after.first().is_some_and(|&a| a > before), "rseq-aborts {before} at the freeze, then {after:?} in the copy");
     w.terminate_and_check(new).unwrap();
 }
 
@@ -535,7 +549,7 @@ fn carried_flags(pid: i32) -> Vec<(u64, u64, Vec<String>)> {
 
 #[test]
 fn madvise_flags_locked_areas_thp_disable_and_mcl_future_come_back() {
-    if !needs_root() {
+    if !needs_root(ROOT) {
         return;
     }
     // Areas with DONTFORK, WIPEONFORK, HUGEPAGE, NOHUGEPAGE, DONTDUMP, RANDOM, an
@@ -568,7 +582,7 @@ fn madvise_flags_locked_areas_thp_disable_and_mcl_future_come_back() {
 
 #[test]
 fn shared_anonymous_memory_mapped_twice_comes_back_as_one_object_in_two_views() {
-    if !needs_root() {
+    if !needs_root(ROOT) {
         return;
     }
     // Eight pages, and four of them mapped again elsewhere (mremap with old_size 0):
@@ -589,4 +603,44 @@ fn shared_anonymous_memory_mapped_twice_comes_back_as_one_object_in_two_views() 
     assert_eq!(field(&a, 4), field(&b, 4), "one object (inode) in both views: {a} / {b}");
     w.wait_ticks(at + 2);
     w.terminate_and_check(new).unwrap();
+}
+
+/// The children of `pid` (its main thread's, which is where the workload forks).
+fn children_of(pid: i32) -> Vec<i32> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    text.split_whitespace().filter_map(|p| p.parse().ok()).collect()
+}
+
+#[test]
+fn a_child_running_at_the_freeze_is_not_the_copys_and_the_fork_check_goes_on() {
+    if !needs_root(ROOT) {
+        return;
+    }
+    // A child of the fork check held stopped, so that one surely exists at the freeze.
+    // ferry does not carry children: the copy cannot reap it (ECHILD), logs that, and
+    // goes on forking and checking (it used to stop checking for good, and pass).
+    let mut w = Workload::spawn(&WorkloadOpts { mem_mib: 4, tick_ms: 1, fork_check: true, files: false, ..Default::default() });
+    w.wait_ready();
+    struct Killed(i32);
+    impl Drop for Killed {
+        fn drop(&mut self) {
+            ferry_tests::workload::kill_pid(self.0);
+        }
+    }
+    let mut child = Killed(0);
+    ferry_tests::wait_until("a fork-check child held stopped", DEADLINE, || {
+        child.0 = children_of(w.pid).first().copied().unwrap_or(0);
+        // Seen stopped: not a zombie its parent is about to reap (then the next child).
+        if child.0 == 0 || state(child.0) == "T" {
+            return child.0 > 0;
+        }
+        send_signal(child.0, libc::SIGSTOP);
+        false
+    });
+    let (new, _) = through_an_image(&mut w, &[]);
+    w.wait_for("the copy to find the child not its own", |w| w.fork_checks(new).1 >= 1);
+    w.wait_for("a fork check by the copy", |w| w.fork_checks(new).0 >= 1);
+    drop(child);
+    w.terminate_and_check(new).unwrap();
+    assert_eq!(w.fork_checks(new).1, 1, "one child lost, once: {}", w.log_text());
 }

@@ -4,14 +4,10 @@
 use std::{os::unix::fs::OpenOptionsExt, path::Path, process::Command};
 
 use ferry_tests::{
-    ferry, ferry_bin, stderr,
+    ferry, ferry_bin, needs_root, stderr,
     workload::{pid_alive, Workload, WorkloadOpts},
 };
 
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
 
 fn fails_with(o: &std::process::Output, needle: &str) {
     assert_eq!(o.status.code(), Some(1), "expected failure, stderr: {}", stderr(o));
@@ -115,8 +111,7 @@ fn a_non_empty_image_directory_is_refused_and_the_target_runs_on() {
 
 #[test]
 fn an_unsupported_fd_fails_the_checkpoint_and_the_process_keeps_running() {
-    if !is_root() {
-        eprintln!("skipping: needs root");
+    if !needs_root("ferry seizes the process (ptrace of another user's process)") {
         return;
     }
     // python3 holding a TCP socket that is neither listening nor UDP.
@@ -125,8 +120,7 @@ fn an_unsupported_fd_fails_the_checkpoint_and_the_process_keeps_running() {
 
 #[test]
 fn a_unix_listener_with_a_connection_waiting_is_refused_and_keeps_running() {
-    if !is_root() {
-        eprintln!("skipping: needs root");
+    if !needs_root("ferry seizes the process (ptrace of another user's process)") {
         return;
     }
     let mut waiting = None;
@@ -136,8 +130,7 @@ fn a_unix_listener_with_a_connection_waiting_is_refused_and_keeps_running() {
 
 #[test]
 fn a_unix_datagram_socket_with_a_datagram_queued_is_refused_and_keeps_running() {
-    if !is_root() {
-        eprintln!("skipping: needs root");
+    if !needs_root("ferry seizes the process (ptrace of another user's process)") {
         return;
     }
     let setup = "s=socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\ns.bind(PATH)\nc=socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)\nc.sendto(b'x', PATH)";
@@ -198,8 +191,7 @@ fn workload_pids() -> Vec<i32> {
 
 #[test]
 fn corrupted_images_are_refused_without_leaving_a_process() {
-    if !is_root() {
-        eprintln!("skipping: needs root");
+    if !needs_root("ferry seizes the process (ptrace of another user's process)") {
         return;
     }
     let (_tmp, dir, _w) = image_of_workload();
@@ -242,8 +234,7 @@ fn corrupted_images_are_refused_without_leaving_a_process() {
 
 #[test]
 fn a_mapped_file_that_changed_is_refused() {
-    if !is_root() {
-        eprintln!("skipping: needs root");
+    if !needs_root("ferry seizes the process (ptrace of another user's process)") {
         return;
     }
     // Run a private copy of the workload binary, then change the copy.
@@ -280,8 +271,7 @@ fn a_mapped_file_that_changed_is_refused() {
 fn an_image_others_could_have_changed_is_refused() {
     // A root restore trusts the image's records: only root (or the caller) may have
     // been able to change the directory or any file in it.
-    if !is_root() {
-        eprintln!("skipping: needs root (chown)");
+    if !needs_root("giving a file to another user (chown)") {
         return;
     }
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -315,8 +305,7 @@ fn an_image_others_could_have_changed_is_refused() {
 
 #[test]
 fn an_existing_image_directory_becomes_private_or_is_refused() {
-    if !is_root() {
-        eprintln!("skipping: needs root (chown)");
+    if !needs_root("giving a file to another user (chown)") {
         return;
     }
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -340,8 +329,7 @@ fn an_existing_image_directory_becomes_private_or_is_refused() {
 
 #[test]
 fn a_caller_who_is_not_root_cannot_take_another_user_s_process() {
-    if !is_root() {
-        eprintln!("skipping: needs root (to run ferry as another user)");
+    if !needs_root("running ferry as another user (setuid)") {
         return;
     }
     // A root-owned process; ferry run as nobody (setpriv, from util-linux).
@@ -365,8 +353,7 @@ fn a_caller_who_is_not_root_cannot_take_another_user_s_process() {
 
 #[test]
 fn a_stream_that_is_not_a_regular_file_is_refused_not_waited_on() {
-    if !is_root() {
-        eprintln!("skipping: needs root");
+    if !needs_root("ferry seizes the process (ptrace of another user's process)") {
         return;
     }
     // A FIFO in place of a stream once made `ferry show` wait forever (and restore until
@@ -392,8 +379,7 @@ fn a_stream_that_is_not_a_regular_file_is_refused_not_waited_on() {
 
 #[test]
 fn a_process_another_tracer_holds_is_refused_by_name() {
-    if !is_root() {
-        eprintln!("skipping: needs root");
+    if !needs_root("ferry seizes the process (ptrace of another user's process)") {
         return;
     }
     // As a debugger would: this test seizes a child (without stopping it).
@@ -412,8 +398,7 @@ fn a_process_another_tracer_holds_is_refused_by_name() {
 
 #[test]
 fn a_sealed_mapping_is_refused_naming_the_process_and_range_and_the_process_runs_on() {
-    if !is_root() {
-        eprintln!("skipping: needs root");
+    if !needs_root("ferry seizes the process (ptrace of another user's process)") {
         return;
     }
     // mseal(2) forbids remaking the area; dropping the seal would free the copy of a
@@ -435,8 +420,7 @@ fn a_sealed_mapping_is_refused_naming_the_process_and_range_and_the_process_runs
 
 #[test]
 fn a_process_that_forbids_writable_executable_memory_is_refused_and_runs_on() {
-    if !is_root() {
-        eprintln!("skipping: needs root");
+    if !needs_root("ferry seizes the process (ptrace of another user's process)") {
         return;
     }
     // PR_SET_MDWE (65) with PR_MDWE_REFUSE_EXEC_GAIN (1): ferry's scratch area, which its

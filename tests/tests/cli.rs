@@ -35,8 +35,7 @@ fn plugins_list_json_finds_every_plugin_beside_the_binary() {
 #[test]
 fn loading_a_library_that_is_not_a_plugin_fails_in_one_line() {
     let libm = "/lib/x86_64-linux-gnu/libm.so.6";
-    if !std::path::Path::new(libm).exists() {
-        eprintln!("skipping: {libm} is not on this machine");
+    if !ferry_tests::needs(std::path::Path::new(libm).exists(), &format!("{libm} on this machine")) {
         return;
     }
     let err = one_line_failure(&ferry(&["plugins", "load", libm]));
@@ -204,4 +203,41 @@ fn a_migration_target_without_a_port_is_named_so() {
     let o = ferry(&["migrate", "1", "--to", "127.0.0.1"]);
     let err = one_line_failure(&o);
     assert!(err.contains("--to 127.0.0.1 names no port: give HOST:PORT"), "{err}");
+}
+
+#[test]
+fn a_key_file_another_user_owns_is_refused_naming_the_owner() {
+    if !ferry_tests::needs_root("giving the key file to another user (chown)") {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("key");
+    std::fs::write(&key, "0123456789abcdef\n").unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::os::unix::fs::chown(&key, Some(12345), None).unwrap();
+    // The key is read before the daemon listens: it must stop at once. Should it start
+    // instead, it is killed at the deadline and the test fails.
+    let control = dir.path().join("control.sock");
+    let mut daemon = std::process::Command::new(ferry_tests::ferry_bin())
+        .args(["daemon", "--listen", "127.0.0.1:0", "--auth-key", key.to_str().unwrap(), "--control", control.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut exited = false;
+    let waited = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        ferry_tests::wait_until("the daemon to refuse its key", std::time::Duration::from_secs(20), || {
+            exited = daemon.try_wait().unwrap().is_some();
+            exited
+        })
+    }));
+    if waited.is_err() {
+        let _ = daemon.kill();
+    }
+    let o = daemon.wait_with_output().unwrap();
+    assert!(exited, "the daemon ran with a key file uid 12345 owns");
+    let err = one_line_failure(&o);
+    assert!(err.contains(&format!("key file {}", key.display())), "{err}");
+    assert!(err.contains("it is owned by uid 12345; it must be owned by root"), "{err}");
 }

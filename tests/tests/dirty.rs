@@ -6,12 +6,11 @@ use ferry::{
     kernel::dirty::DirtyTracker,
     kernel::tracer::Tracer,
 };
-use ferry_tests::workload::{Workload, WorkloadOpts};
+use ferry_tests::{
+    needs, needs_root,
+    workload::{Workload, WorkloadOpts},
+};
 
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
 
 fn has_userfaultfd(pid: i32) -> bool {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
@@ -22,8 +21,8 @@ fn has_userfaultfd(pid: i32) -> bool {
 #[test]
 fn userfaultfd_finds_exactly_the_pages_a_running_process_writes_and_leaves_no_trace() {
     let features = ferry::kernel::probes::probe_all();
-    if !ferry::kernel::probes::find(&features, "userfaultfd-wp-async").is_some_and(|f| f.present) {
-        eprintln!("skipping: this kernel lacks userfaultfd WP-async; pre-copy falls back to page hashes");
+    let present = ferry::kernel::probes::find(&features, "userfaultfd-wp-async").is_some_and(|f| f.present);
+    if !needs(present, "userfaultfd WP-async in this kernel (without it pre-copy falls back to page hashes)") {
         return;
     }
     finds_exactly_the_written_pages(DirtyTracking::Userfaultfd);
@@ -35,8 +34,7 @@ fn page_hashes_find_exactly_the_pages_a_running_process_writes() {
 }
 
 fn finds_exactly_the_written_pages(how: DirtyTracking) {
-    if !is_root() {
-        eprintln!("skipping: needs root (ptrace, pidfd_getfd)");
+    if !needs_root("ptrace and pidfd_getfd of the workload") {
         return;
     }
     // 8 MiB of patterned memory, 4 pages of it rewritten every tick, cycling.

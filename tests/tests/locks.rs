@@ -17,22 +17,12 @@ use std::{
 };
 
 use ferry_tests::{
-    ferry, ferry_bin, stderr, wait_until,
+    ferry, ferry_bin, needs_root, stderr, wait_until,
     workload::{kill_pid, pid_alive, workloads_dir, Workload, WorkloadOpts, DEADLINE},
 };
 
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
-fn needs_root() -> bool {
-    if !is_root() {
-        eprintln!("skipping: checkpoint, restore and migration need root");
-        return false;
-    }
-    true
-}
+/// Why every test here needs root (see `ferry_tests::needs_root`).
+const ROOT: &str = "checkpoint, restore and migration (ptrace, PR_SET_MM_MAP, clone3 set_tid)";
 
 fn checkpoint(pid: i32, dir: &Path) -> Output {
     ferry(&["checkpoint", &pid.to_string(), "--dir", dir.to_str().unwrap()])
@@ -135,7 +125,7 @@ fn locking_workload() -> (Workload, KillMentioning) {
 
 #[test]
 fn every_lock_kind_comes_back_after_a_restore() {
-    if !needs_root() {
+    if !needs_root(ROOT) {
         return;
     }
     let (mut w, _guard) = locking_workload();
@@ -155,7 +145,7 @@ fn every_lock_kind_comes_back_after_a_restore() {
 
 #[test]
 fn a_lock_taken_meanwhile_fails_the_restore_with_one_line_and_leaves_nothing() {
-    if !needs_root() {
+    if !needs_root(ROOT) {
         return;
     }
     let (mut w, _guard) = locking_workload();
@@ -203,7 +193,7 @@ fn python(code: &str, db: &Path) -> Output {
 
 #[test]
 fn sqlite_inside_begin_exclusive_keeps_its_database_across_a_restore() {
-    if !needs_root() {
+    if !needs_root(ROOT) {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
@@ -297,7 +287,7 @@ fn migrate(pid: i32, to: &str, strategy: &str) -> Output {
 
 #[test]
 fn a_migration_within_one_machine_fails_on_the_locks_its_source_holds_and_the_source_carries_on() {
-    if !needs_root() {
+    if !needs_root(ROOT) {
         return;
     }
     // One file system on both sides: the frozen source still holds its locks while the
@@ -330,7 +320,7 @@ fn copy_files(from: &Path, to: &Path) {
 
 #[test]
 fn every_lock_kind_moves_with_the_process_to_another_file_system() {
-    if !needs_root() {
+    if !needs_root(ROOT) {
         return;
     }
     for strategy in ["stop-copy", "pre-copy", "post-copy", "hybrid"] {
@@ -393,7 +383,7 @@ fn python_refused(setup: &str, needles: &[&str]) {
 
 #[test]
 fn a_pseudo_terminal_pair_is_refused_and_the_process_keeps_running() {
-    if !needs_root() {
+    if !needs_root(ROOT) {
         return;
     }
     python_refused("m,s=os.openpty()", &["is the master of pseudo-terminal /dev/pts/", "whose slave it holds too", "terminals are not carried"]);
@@ -401,7 +391,7 @@ fn a_pseudo_terminal_pair_is_refused_and_the_process_keeps_running() {
 
 #[test]
 fn a_lease_is_refused_and_the_process_keeps_running() {
-    if !needs_root() {
+    if !needs_root(ROOT) {
         return;
     }
     let setup = "p='/tmp/ferry-lease-%d'%os.getpid()\nopen(p,'w').close()\nf=os.open(p,os.O_RDONLY)\nos.unlink(p)\nfcntl.fcntl(f,fcntl.F_SETLEASE,fcntl.F_RDLCK)";
@@ -410,7 +400,7 @@ fn a_lease_is_refused_and_the_process_keeps_running() {
 
 #[test]
 fn a_lock_on_a_pipe_is_refused_and_the_process_keeps_running() {
-    if !needs_root() {
+    if !needs_root(ROOT) {
         return;
     }
     python_refused("r,w=os.pipe()\nfcntl.flock(r,fcntl.LOCK_EX)", &["holds a flock LOCK_EX lock, on a kind of file whose locks the files plugin does not carry"]);
@@ -486,7 +476,7 @@ fn tty_after(dir: &Path) -> String {
 
 #[test]
 fn a_process_on_a_terminal_it_does_not_own_comes_back_writing_to_it() {
-    if !needs_root() {
+    if !needs_root(ROOT) {
         return;
     }
     // Its stdout, a slave of our terminal, is reopened by path: the same terminal.
@@ -507,7 +497,7 @@ fn a_process_on_a_terminal_it_does_not_own_comes_back_writing_to_it() {
 
 #[test]
 fn a_process_on_a_terminal_is_not_moved_onto_another_machine_s_terminal_of_that_number() {
-    if !needs_root() {
+    if !needs_root(ROOT) {
         return;
     }
     let mut term = Terminal::open();
@@ -543,7 +533,7 @@ fn waits_for_lock(pid: i32, class: &str) -> bool {
 
 #[test]
 fn a_process_waiting_for_a_lock_waits_again_after_a_restore_and_then_gets_it() {
-    if !needs_root() {
+    if !needs_root(ROOT) {
         return;
     }
     // The freeze interrupts the blocked fcntl(F_SETLKW) (or flock): the request leaves

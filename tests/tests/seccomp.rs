@@ -15,14 +15,10 @@ use std::{
 };
 
 use ferry_tests::{
-    ferry, ferry_bin, stderr, wait_until,
+    ferry, ferry_bin, needs_root, stderr, wait_until,
     workload::{pid_alive, Workload, WorkloadOpts},
 };
 
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
 
 fn opts() -> WorkloadOpts {
     WorkloadOpts { threads: 2, files: false, seccomp: true, mem_mib: 2, dirty_pages: 2, ..Default::default() }
@@ -67,8 +63,7 @@ fn still_fine(w: &mut Workload) {
 
 #[test]
 fn a_checkpoint_meets_none_of_the_filters_and_the_restored_process_has_them_all() {
-    if !is_root() {
-        eprintln!("skipping: checkpoint needs root");
+    if !needs_root("checkpoint, restore and migration of a process under seccomp (ptrace, PR_SET_MM_MAP, clone3 set_tid)") {
         return;
     }
     let mut w = Workload::spawn(&opts());
@@ -105,8 +100,7 @@ fn a_checkpoint_meets_none_of_the_filters_and_the_restored_process_has_them_all(
 
 #[test]
 fn a_request_without_the_seccomp_plugin_or_a_process_in_strict_mode_is_refused_and_left_running() {
-    if !is_root() {
-        eprintln!("skipping: checkpoint needs root");
+    if !needs_root("checkpoint, restore and migration of a process under seccomp (ptrace, PR_SET_MM_MAP, clone3 set_tid)") {
         return;
     }
     // Its copy would run without its sandbox.
@@ -164,8 +158,7 @@ os.execv(sys.argv[1], sys.argv[1:])
 
 #[test]
 fn without_suspending_the_filters_ferry_refuses_before_touching_the_process() {
-    if !is_root() {
-        eprintln!("skipping: checkpoint needs root");
+    if !needs_root("checkpoint, restore and migration of a process under seccomp (ptrace, PR_SET_MM_MAP, clone3 set_tid)") {
         return;
     }
     let mut w = Workload::spawn(&opts());
@@ -224,8 +217,7 @@ impl Drop for Daemon {
 
 #[test]
 fn seccomp_filters_survive_every_strategy() {
-    if !is_root() {
-        eprintln!("skipping: migration needs root");
+    if !needs_root("checkpoint, restore and migration of a process under seccomp (ptrace, PR_SET_MM_MAP, clone3 set_tid)") {
         return;
     }
     // Post-copy and hybrid resume the copy under its filters while its memory still
@@ -302,8 +294,7 @@ fn py_ticks(log: &std::path::Path) -> Vec<(u64, i64)> {
 
 #[test]
 fn a_python_program_that_sandboxes_itself_keeps_its_sandbox_through_restore_and_postcopy() {
-    if !is_root() {
-        eprintln!("skipping: checkpoint needs root");
+    if !needs_root("checkpoint, restore and migration of a process under seccomp (ptrace, PR_SET_MM_MAP, clone3 set_tid)") {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();

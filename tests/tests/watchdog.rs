@@ -4,14 +4,10 @@
 use std::{path::Path, process::Command};
 
 use ferry_tests::{
-    build_fixture, ferry_bin, plugin_dir, stderr,
+    build_fixture, ferry_bin, needs_root, plugin_dir, stderr,
     workload::{pid_alive, Workload, WorkloadOpts},
 };
 
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
 
 /// A plugin directory with every built plugin and the hanging one, and a config
 /// file with a short watchdog.
@@ -55,8 +51,7 @@ fn carries_on(w: &mut Workload) {
 
 #[test]
 fn a_plugin_that_stops_answering_fails_the_checkpoint_and_the_process_carries_on() {
-    if !is_root() {
-        eprintln!("skipping: needs root");
+    if !needs_root("a checkpoint or migration seizes the process (ptrace, PR_SET_MM_MAP)") {
         return;
     }
     let s = setup();
@@ -78,8 +73,7 @@ fn a_plugin_that_stops_answering_fails_the_checkpoint_and_the_process_carries_on
 
 #[test]
 fn a_plugin_that_spins_without_progress_goes_through_fault_and_dump() {
-    if !is_root() {
-        eprintln!("skipping: needs root");
+    if !needs_root("a checkpoint or migration seizes the process (ptrace, PR_SET_MM_MAP)") {
         return;
     }
     let s = setup();
@@ -100,8 +94,7 @@ fn a_plugin_that_spins_without_progress_goes_through_fault_and_dump() {
 
 #[test]
 fn a_migration_whose_plugin_hangs_rolls_back_on_both_sides() {
-    if !is_root() {
-        eprintln!("skipping: needs root");
+    if !needs_root("a checkpoint or migration seizes the process (ptrace, PR_SET_MM_MAP)") {
         return;
     }
     let s = setup();

@@ -133,3 +133,24 @@ fn perl_script_passes() {
 fn bash_script_passes() {
     script_passes(Script::Bash);
 }
+
+#[test]
+fn the_fork_check_logs_each_check_and_fails_when_a_child_sees_wrong_memory() {
+    let mut w = Workload::spawn(&WorkloadOpts { mem_mib: 4, tick_ms: 1, fork_check: true, files: false, ..Default::default() });
+    w.wait_for("two fork checks", |w| w.fork_checks(w.pid).0 >= 2);
+    let pid = w.pid;
+    w.terminate_and_check(pid).unwrap();
+    assert_eq!(w.fork_checks(pid).1, 0, "no child lost without a restore: {}", w.log_text());
+
+    // Memory corrupted under a running workload: the next child's check fails, first.
+    let mut w = Workload::spawn(&WorkloadOpts { mem_mib: 4, tick_ms: 1, fork_check: true, files: false, ..Default::default() });
+    w.wait_for("a fork check", |w| w.fork_checks(w.pid).0 >= 1);
+    let (start, end) = w.region("mem");
+    let at = (start + (end - start) / 2) & !7;
+    let flipped: Vec<u8> = peek(w.pid, at, 8).iter().map(|b| !b).collect();
+    poke(w.pid, at, &flipped);
+    w.wait_line(&format!("fork-check failed pid {}", w.pid));
+    let pid = w.pid;
+    let err = w.terminate_and_check(pid).expect_err("a corrupted workload must fail");
+    assert!(err.starts_with("FAIL: fork-check: a child forked at a tick saw wrong memory"), "{err}");
+}

@@ -7,6 +7,9 @@
  *   ready                             all state is set up
  *   tick N                            N = 1, 2, 3... with no gap or repeat
  *   usr1 K                            K SIGUSR1s delivered so far (logged at a tick)
+ *   fork-check ok|lost-child N pid P  --fork-check: a child's check passed, or its parent
+ *                                     is a copy that cannot reap it (see fork_check)
+ *   fork-check failed pid P           a child's check failed (the verdict will be FAIL)
  *   PASS | FAIL: <first failure>      the last line; exit status 0 | 1
  *
  * Nothing here caches a pid or tid: after a restore they may differ. */
@@ -247,6 +250,19 @@ static void sleep_ms(long ms)
     }
 }
 
+/* The least time (ms) the process has run since it armed its timers, by its own count:
+ * each tick slept opt_tick_ms at least (the main thread's TLS counter is its tick). A
+ * freeze may hide up to a tick from a timer (a sleep's clock runs on while the process
+ * is frozen; a timer's time left is carried as it was), so TIMER_SLACK_TICKS are left
+ * out, and a tenth for the spin of --rseq. A timer re-armed from scratch after a
+ * restore has more time left than this allows, and a timerfd fewer expirations. */
+#define TIMER_SLACK_TICKS 10
+static long min_run_ms(void)
+{
+    uint64_t t = tls_counter;
+    return t > TIMER_SLACK_TICKS ? (long)(t - TIMER_SLACK_TICKS) * opt_tick_ms * 9 / 10 : 0;
+}
+
 /* ---- process state (--process-state): scheduling, affinity, limits, personality
  * and POSIX timers, which a restore child would otherwise inherit from ferry ---- */
 #define MAIN_NICE 7
@@ -369,6 +385,10 @@ static void verify_process_state(void)
     if (timer_gettime(pt_none, &its) != 0 || its.it_interval.tv_sec || its.it_interval.tv_nsec ||
         (its.it_value.tv_sec == 0 && its.it_value.tv_nsec == 0) || its.it_value.tv_sec > TIMER_SECS)
         FAIL_RET("the one-shot POSIX timer lost its id or its time left");
+    long left_ms = its.it_value.tv_sec * 1000L + its.it_value.tv_nsec / 1000000L;
+    if (left_ms > TIMER_SECS * 1000L - min_run_ms())
+        FAIL_RET("the one-shot POSIX timer has %ld ms left after at least %ld ms run: re-armed from scratch", left_ms,
+                 min_run_ms());
     if (timer_gettime(pt_gap, &its) == 0 || errno != EINVAL)
         FAIL_RET("the deleted timer's id came back");
     if (pt_bad)
@@ -736,16 +756,24 @@ static void setup_event_fds(void)
 
 static void verify_event_fds(void)
 {
-    /* The epoll instance reports the eventfd, the pipe and (within a period) the timer. */
+    /* The epoll instance reports the eventfd, the pipe, (within a period) the timer and,
+     * with its signal pending, the signalfd: each with its data word. */
+    kill(getpid(), SIGRTMIN + 5);
     int seen = 0;
-    for (int round = 0; round < 100 && seen != 7; round++) {
+    /* For 2 s at most (the eventfd and the pipe are always ready: a count of rounds
+     * would pass in microseconds, before a timer re-armed a moment ago fires). */
+    struct timespec t0, now;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    for (now = t0; seen != 15 && now.tv_sec - t0.tv_sec < 2; clock_gettime(CLOCK_MONOTONIC, &now)) {
         struct epoll_event evs[8];
         int n = epoll_wait(ev_epfd, evs, 8, 20);
-        for (int i = 0; i < n; i++)
-            seen |= evs[i].data.u64 == 0xabc ? 1 : evs[i].data.u64 == 0x123 ? 2 : evs[i].data.u64 == 0xdef ? 4 : 0;
+        for (int i = 0; i < n; i++) {
+            uint64_t d = evs[i].data.u64;
+            seen |= d == 0xabc ? 1 : d == 0x123 ? 2 : d == 0xdef ? 4 : d == 0x5f ? 8 : 0;
+        }
     }
-    if (seen != 7)
-        FAIL_RET("epoll reported %d of eventfd|pipe|timerfd (7)", seen);
+    if (seen != 15)
+        FAIL_RET("epoll reported %d of eventfd|pipe|timerfd|signalfd (15)", seen);
     /* A semaphore with 5 in it: five reads of 1, then nothing. */
     for (int i = 0; i < 5; i++) {
         uint64_t v = 0;
@@ -758,9 +786,13 @@ static void verify_event_fds(void)
     struct itimerspec its;
     if (timerfd_gettime(ev_tfd, &its) != 0 || its.it_interval.tv_sec != 0 || its.it_interval.tv_nsec != TFD_PERIOD_NS)
         FAIL_RET("timerfd lost its interval");
-    if (read(ev_tfd, &v, 8) != 8 || v == 0)
-        FAIL_RET("timerfd has not expired since");
-    kill(getpid(), SIGRTMIN + 5);
+    /* Never read before: every expiration since the setup is counted, a restore's too. */
+    long want = min_run_ms() / (TFD_PERIOD_NS / 1000000L);
+    if (read(ev_tfd, &v, 8) != 8)
+        FAIL_RET("timerfd has not expired: %s", strerror(errno));
+    if (v < (uint64_t)want)
+        FAIL_RET("timerfd counts %llu expirations after at least %ld ms run (every %ld ms): lost or re-armed from scratch",
+                 (unsigned long long)v, min_run_ms(), TFD_PERIOD_NS / 1000000L);
     struct signalfd_siginfo si;
     if (read(ev_sfd, &si, sizeof si) != sizeof si || si.ssi_signo != (uint32_t)(SIGRTMIN + 5))
         FAIL_RET("signalfd did not read SIGRTMIN+5");
@@ -1531,6 +1563,9 @@ static void verify_process(void)
     if ((it.it_value.tv_sec == 0 && it.it_value.tv_usec == 0) || it.it_value.tv_sec > TIMER_SECS)
         FAIL_RET("itimer remaining %lld.%06lld s, want in (0, %d]", (long long)it.it_value.tv_sec,
                     (long long)it.it_value.tv_usec, TIMER_SECS);
+    long left_ms = it.it_value.tv_sec * 1000L + it.it_value.tv_usec / 1000;
+    if (left_ms > TIMER_SECS * 1000L - min_run_ms())
+        FAIL_RET("itimer has %ld ms left after at least %ld ms run: re-armed from scratch", left_ms, min_run_ms());
     if (alrm_count != 0)
         FAIL_RET("SIGALRM fired %d times", (int)alrm_count);
 }
@@ -1701,18 +1736,42 @@ static void move_mem(uint64_t tick)
 }
 
 /* ---- --fork-check: every 20 ticks a child is forked that checks the patterned memory
- * (its own copy of it) and exits 0 or 1; the parent reaps it at a later tick. What a
- * post-copy must get right for a process that forks before all its pages arrived ---- */
+ * (its own copy of it) and exits 0 or 1; the parent reaps it at a later tick, logging
+ * `fork-check ok N pid P` (N checks passed so far, P the parent's pid now). What a
+ * post-copy must get right for a process that forks before all its pages arrived.
+ * A copy restored from a freeze that caught a child running is not that child's parent:
+ * ferry does not carry children yet, so waitpid answers ECHILD. That is logged
+ * `fork-check lost-child N pid P` and the check goes on with a new child; a child that
+ * saw wrong memory is logged `fork-check failed pid P` at once, and fails the verdict. At exit the last child is waited for ---- */
+static uint64_t fork_checks_ok, fork_checks_lost;
+
+static void fork_check_reap(int flags)
+{
+    int status;
+    pid_t r;
+    do
+        r = waitpid(fork_child, &status, flags);
+    while (r < 0 && errno == EINTR);
+    if (r == fork_child) {
+        if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+            fail("fork-check: a child forked at a tick saw wrong memory (status %d)", status);
+            logf_("fork-check failed pid %d", (int)getpid());
+        } else
+            logf_("fork-check ok %llu pid %d", (unsigned long long)++fork_checks_ok, (int)getpid());
+        fork_child = 0;
+    } else if (r < 0 && errno == ECHILD) {
+        logf_("fork-check lost-child %llu pid %d", (unsigned long long)++fork_checks_lost, (int)getpid());
+        fork_child = 0;
+    } else if (r < 0) {
+        fail("fork-check: waitpid: %s", strerror(errno));
+        fork_child = 0;
+    }
+}
+
 static void fork_check(uint64_t tick)
 {
     if (fork_child > 0) {
-        int status;
-        pid_t r = waitpid(fork_child, &status, WNOHANG);
-        if (r == fork_child) {
-            if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
-                fail("fork-check: a child forked at a tick saw wrong memory (status %d)", status);
-            fork_child = 0;
-        }
+        fork_check_reap(WNOHANG);
         return;
     }
     if (tick % 20 != 0)
@@ -1800,6 +1859,21 @@ static void rseq_wait(long ms)
     uint64_t deadline = rdtsc_now() + tsc_per_ms * (uint64_t)ms;
     while (rseq_spin(rs, deadline))
         rseq_aborts++;
+}
+
+/* After a restore the main thread's rseq area must be registered again, where glibc
+ * registered it and with its signature: asking to register it once more answers EBUSY
+ * exactly then (EINVAL or EPERM: registered otherwise; 0: it was not registered, and
+ * now is). Without it the kernel would never abort a section again. */
+static void verify_rseq(void)
+{
+    struct rseq *rs = (struct rseq *)((char *)__builtin_thread_pointer() + __rseq_offset);
+    unsigned int len = __rseq_size < 32 ? 32 : __rseq_size; /* what glibc registers */
+    long r = syscall(SYS_rseq, rs, len, 0, RSEQ_SIG);
+    if (r == 0)
+        FAIL_RET("rseq: the main thread's area was not registered");
+    if (errno != EBUSY)
+        FAIL_RET("rseq: the main thread's area is registered otherwise (%s)", strerror(errno));
 }
 
 /* ---- file locks (--locks): in DIR, "lock-posix" holds POSIX write locks on bytes 0-9
@@ -2257,6 +2331,8 @@ int main(int argc, char **argv)
         else if (thread_fail[i][0])
             fail("%s", thread_fail[i]);
     }
+    if (opt_fork_check && fork_child > 0)
+        fork_check_reap(0);
     if (tls_index != -1 || tls_counter != tick)
         fail("main thread TLS: index %ld counter %llu, want -1 and %llu", tls_index,
              (unsigned long long)tls_counter, (unsigned long long)tick);
@@ -2285,6 +2361,8 @@ int main(int argc, char **argv)
         verify_mm_sealed();
     if (opt_shared_twice && !failure[0])
         verify_shared_twice();
+    if (opt_rseq && !failure[0])
+        verify_rseq();
     if (opt_locks && !failure[0])
         verify_locks();
 

@@ -18,6 +18,7 @@ use crate::{
     engine::manager::Manager,
     engine::pipeline::Pipeline,
     engine::watchdog::Watchdog,
+    commands::janitor::Janitor,
     kernel::target,
     trust,
 };
@@ -82,11 +83,22 @@ pub fn checkpoint(manager: &Manager, req: &CheckpointRequest, progress: &mut dyn
     // one after the other).
     let mut medium = Pipeline::new(opened);
 
+    // Should this ferry die from here on (SIGKILL: no destructor runs), the janitor
+    // removes the scratch area and the partial image (the guardian of the freezer's
+    // placement takes the process home); dismissed once this ferry has cleaned up, or
+    // kept the image.
+    let mut janitor = Janitor::start();
+    if let Some(j) = janitor.as_mut() {
+        j.image(&req.dir, created);
+    }
     let frozen_at = Instant::now();
     let (mut tracer, freezer) = match quiesce(req.pid, req.quiesce) {
         Ok(q) => q,
         Err(e) => {
             discard(&req.dir, created);
+            if let Some(j) = janitor {
+                j.dismiss();
+            }
             return Err(e);
         }
     };
@@ -106,8 +118,18 @@ pub fn checkpoint(manager: &Manager, req: &CheckpointRequest, progress: &mut dyn
         }
         std::process::exit(1);
     });
-    let outcome = write_image(&mut tracer, &mut subs, &mut medium, &req.medium, &watchdog, None, false, progress);
+    // Mapped here (write_image finds it mapped) so that the janitor knows where.
+    let outcome = tracer.map_scratch(0).map_err(EventError::from).and_then(|addr| {
+        if let Some(j) = janitor.as_mut() {
+            j.scratch(req.pid, addr);
+        }
+        write_image(&mut tracer, &mut subs, &mut medium, &req.medium, &watchdog, None, false, progress)
+    });
     drop(watchdog);
+    // The image is complete, or this ferry undoes what it did itself.
+    if let Some(j) = janitor {
+        j.dismiss();
+    }
     let mut stats = Stats::default();
     match outcome {
         Ok((bytes, pages)) => {

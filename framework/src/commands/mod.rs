@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod control;
 pub mod daemon;
 pub mod doorway;
+pub mod janitor;
 pub mod migrate;
 pub mod restore;
 pub mod serve;

@@ -11,8 +11,8 @@ use std::{
 use ferry_plugin_api::{MediumBox, PluginKind};
 
 use crate::{
-    engine::context::MediumPull,
-    engine::event::{Tick, EventError, Stats},
+    engine::context::{CountingPull, MediumPull},
+    engine::event::{EventError, Stats, Tick},
     engine::manager::Manager,
     engine::rebuild::{rebuild, Held, Plan},
     engine::watchdog::Watchdog,
@@ -133,11 +133,15 @@ pub fn restore_held(
     started: Instant,
     progress: &mut dyn FnMut(&Tick),
 ) -> Result<Held, EventError> {
-    let inventory = Inventory::read_from(&mut MediumPull { medium, stream: INVENTORY_STREAM })?;
+    let mut inventory_bytes = 0;
+    let pull = MediumPull { medium, stream: INVENTORY_STREAM };
+    let inventory = Inventory::read_from(&mut CountingPull { inner: pull, bytes: &mut inventory_bytes })?;
     let plan = Plan::from_inventory(&inventory)?;
     // Not for a migration: its source lives on until the destination's copy runs.
     await_original(&plan.process);
-    rebuild(manager, medium, &plan, true, None, watchdog, started, progress)
+    let mut held = rebuild(manager, medium, &plan, true, None, watchdog, started, progress)?;
+    held.count_inventory(inventory_bytes);
+    Ok(held)
 }
 
 #[cfg(test)]

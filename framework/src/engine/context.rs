@@ -400,6 +400,21 @@ impl Pull for MediumPull<'_> {
     }
 }
 
+/// A pull that counts the bytes it hands over: the inventory's, which a rebuild counts
+/// in its statistics as the checkpoint counted them when it wrote them.
+pub struct CountingPull<'a, P> {
+    pub inner: P,
+    pub bytes: &'a mut u64,
+}
+
+impl<P: Pull> Pull for CountingPull<'_, P> {
+    fn pull(&mut self, buf: &mut [u8]) -> Result<usize, String> {
+        let n = self.inner.pull(buf)?;
+        *self.bytes += n as u64;
+        Ok(n)
+    }
+}
+
 /// Hands a subsystem its records back, checked.
 pub struct StreamSource<'a> {
     pub reader: RecordReader<MediumPull<'a>>,

@@ -11,8 +11,8 @@ use ferry_plugin_api::{util::parse_maps, MediumBox};
 
 use crate::{
     engine::context::LazyPlan,
-    engine::context::{ExternalContext, MediumPull, SharedTable, StreamSource},
-    engine::event::{Tick, self, EventError, Stats},
+    engine::context::{CountingPull, ExternalContext, MediumPull, SharedTable, StreamSource},
+    engine::event::{self, EventError, Stats, Tick},
     engine::manager::Manager,
     engine::watchdog::Watchdog,
     image::{Inventory, PluginEntry, ProcessEntry, RecordReader, INVENTORY_STREAM},
@@ -280,6 +280,12 @@ pub struct Held {
 }
 
 impl Held {
+    /// The inventory's bytes, read apart from the streams, count with them: the
+    /// statistics then show the bytes the checkpoint wrote.
+    pub fn count_inventory(&mut self, bytes: u64) {
+        self.stats.bytes += bytes;
+    }
+
     /// Lets every thread run. Answers the statistics of the restore.
     pub fn release(mut self) -> Result<Stats, EventError> {
         if self.stopped {
@@ -394,8 +400,10 @@ pub fn restore_streaming(
     started: Instant,
     progress: &mut dyn FnMut(&Tick),
 ) -> Result<Held, EventError> {
-    let held = rebuild(manager, medium, plan, false, child, watchdog, started, progress)?;
-    let checked = Inventory::read_from(&mut MediumPull { medium, stream: INVENTORY_STREAM }).map(|inv| {
+    let mut held = rebuild(manager, medium, plan, false, child, watchdog, started, progress)?;
+    let mut inventory_bytes = 0;
+    let pull = MediumPull { medium, stream: INVENTORY_STREAM };
+    let checked = Inventory::read_from(&mut CountingPull { inner: pull, bytes: &mut inventory_bytes }).map(|inv| {
         let names = |p: &[PluginEntry]| -> Vec<(String, String, u32)> {
             p.iter().map(|e| (e.name.clone(), e.version.clone(), e.stream)).collect()
         };
@@ -419,7 +427,10 @@ pub fn restore_streaming(
             .map_or(Ok(()), Err)
     });
     match checked {
-        Ok(Ok(())) => Ok(held),
+        Ok(Ok(())) => {
+            held.count_inventory(inventory_bytes);
+            Ok(held)
+        }
         Ok(Err(why)) => {
             held.abort();
             Err(EventError::Refused(why))

@@ -124,6 +124,31 @@ fn reader(ctx: &mut ContextRef<'_>, fd: i32, flags: u32) -> Result<OwnedFd, Stri
     Ok(OwnedFd::from(file))
 }
 
+/// A periodic timerfd that expired and was not read: fdinfo counts its expirations only
+/// up to the first (the kernel adds the rest, and re-arms the timer, at the next read)
+/// and shows no time left. Reads them all through ferry's duplicate of the description,
+/// puts the count back (`TFD_IOC_SET_TICKS`: the process reads what it would have), and
+/// answers it with the time left of the timer the read re-armed.
+fn timerfd_expirations(tfd: &OwnedFd, what: &str) -> Result<(u64, [i64; 2]), String> {
+    let fd = tfd.as_raw_fd();
+    let mut count = 0u64;
+    // SAFETY: reads 8 bytes into a u64 of ours; fdinfo showed expirations, so it does
+    // not block.
+    if unsafe { libc::read(fd, (&mut count as *mut u64).cast(), 8) } != 8 {
+        return Err(os_err(format_args!("{what}: reading its expirations")));
+    }
+    // SAFETY: the ioctl reads one u64 of ours.
+    if unsafe { libc::ioctl(fd, ferry_plugin_api::util::TFD_IOC_SET_TICKS as _, &count) } != 0 {
+        return Err(os_err(format_args!("{what}: putting back its {count} expirations")));
+    }
+    // SAFETY: timerfd_gettime fills an itimerspec of ours.
+    let mut its: libc::itimerspec = unsafe { std::mem::zeroed() };
+    if unsafe { libc::timerfd_gettime(fd, &mut its) } != 0 {
+        return Err(os_err(format_args!("{what}: timerfd_gettime")));
+    }
+    Ok((count, [its.it_value.tv_sec, its.it_value.tv_nsec]))
+}
+
 /// The bytes queued in the pipe read by `src`, without consuming them: `tee` into a
 /// pipe of our own as large as the source, then read that. Answers (pipe size, bytes).
 fn peek_pipe(src: &OwnedFd, what: &str) -> Result<(u64, Vec<u8>), String> {
@@ -462,7 +487,10 @@ impl Checkpoint {
                             Object::Eventfd { count, semaphore }
                         }
                         Kind::Timerfd => {
-                            let (clock, value, interval, ticks) = parse_timerfd(text).map_err(|e| format!("{what}: {e}"))?;
+                            let (clock, mut value, interval, mut ticks) = parse_timerfd(text).map_err(|e| format!("{what}: {e}"))?;
+                            if ticks > 0 && value == [0, 0] && interval != [0, 0] {
+                                (ticks, value) = timerfd_expirations(&fetched(ctx, first.fd, &what)?, &what)?;
+                            }
                             Object::Timerfd { clock, value, interval, ticks }
                         }
                         Kind::Signalfd => Object::Signalfd { mask: parse_signalfd(text).map_err(|e| format!("{what}: {e}"))? },

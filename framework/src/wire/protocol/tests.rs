@@ -494,22 +494,8 @@ fn load_key_refuses_short_keys() {
         .starts_with(&format!("key file {}: cannot open it", missing.display())));
 }
 
-#[test]
-fn load_key_refuses_another_owner() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = key_file(dir.path(), b"0123456789abcdef\n", 0o600);
-    // Only root can give a file away; elsewhere the check cannot be staged.
-    if nix::unistd::geteuid().is_root()
-        && std::os::unix::fs::chown(&path, Some(12345), None).is_ok()
-    {
-        assert!(
-            text(&load_key(&path))
-                .contains("it is owned by uid 12345; it must be owned by root"),
-            "{}",
-            text(&load_key(&path))
-        );
-    }
-}
+// A key file another user owns is refused: tests/tests/cli.rs (only root can give a
+// file away, and a skip there is loud).
 
 #[test]
 fn a_silent_peer_is_named_so_not_by_errno() {

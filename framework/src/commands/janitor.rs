@@ -1,0 +1,182 @@
+//! The janitor of a checkpoint: `ferry janitor`, a process of its own that outlives a
+//! ferry killed in the middle of one (SIGKILL, the OOM killer, `FERRY_FAULT`) and puts
+//! back what the guardian (kernel/guardian.rs, which takes the process home from
+//! ferry's cgroup) cannot with raw system calls alone: it removes ferry's scratch area
+//! from the process (a ptrace injection) and the partial image. ferry tells it what
+//! there is to undo, a line at a time, on its standard input; `done` dismisses it, and
+//! the end of the pipe without `done` means ferry died (or gave up without cleaning up).
+
+use std::{
+    io::{BufRead, Write},
+    os::unix::process::CommandExt,
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use crate::kernel::tracer::{Tracer, SCRATCH_SIZE};
+
+/// ferry's side: the running janitor and the pipe to it.
+pub struct Janitor {
+    child: Child,
+    pipe: Option<ChildStdin>,
+}
+
+impl Janitor {
+    /// Starts the janitor; `None` (and the checkpoint goes on without one) if it cannot.
+    pub fn start() -> Option<Janitor> {
+        let exe = std::env::current_exe().ok()?;
+        let mut cmd = Command::new(exe);
+        cmd.arg("janitor").stdin(Stdio::piped()).stdout(Stdio::null());
+        // SAFETY: setsid is async-signal-safe. Its own session: a ^C meant for ferry
+        // must not take the janitor along before it has cleaned up.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::setsid();
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().ok()?;
+        let pipe = child.stdin.take();
+        Some(Janitor { child, pipe })
+    }
+
+    fn tell(&mut self, line: String) {
+        if let Some(p) = self.pipe.as_mut() {
+            let _ = writeln!(p, "{line}");
+        }
+    }
+
+    /// The image directory being written; `created`: by this checkpoint.
+    pub fn image(&mut self, dir: &Path, created: bool) {
+        self.tell(format!("image {} {}", u8::from(created), dir.display()));
+    }
+
+    /// ferry's scratch area at `addr` in process `pid`.
+    pub fn scratch(&mut self, pid: i32, addr: u64) {
+        self.tell(format!("scratch {pid} {addr}"));
+    }
+
+    /// The event ended and ferry cleaned up after itself: nothing for the janitor to do.
+    pub fn dismiss(mut self) {
+        self.tell("done".into());
+        drop(self.pipe.take());
+        let _ = self.child.wait();
+    }
+}
+
+/// What the janitor was told to undo.
+#[derive(Default, Debug)]
+struct Undo {
+    image: Option<(PathBuf, bool)>,
+    scratch: Option<(i32, u64)>,
+}
+
+impl Undo {
+    /// Takes one line of ferry's; `true` once dismissed.
+    fn take(&mut self, line: &str) -> bool {
+        let (word, rest) = line.split_once(' ').unwrap_or((line, ""));
+        match word {
+            "done" => return true,
+            "image" => {
+                if let Some((created, dir)) = rest.split_once(' ') {
+                    self.image = Some((PathBuf::from(dir), created == "1"));
+                }
+            }
+            "scratch" => {
+                let mut f = rest.split(' ').map(str::parse::<u64>);
+                if let (Some(Ok(pid)), Some(Ok(addr))) = (f.next(), f.next()) {
+                    self.scratch = Some((pid as i32, addr));
+                }
+            }
+            _ => {}
+        }
+        false
+    }
+}
+
+/// `ferry janitor`: reads what to undo until `done` (nothing to do) or the end of its
+/// input (ferry is gone: undo it all).
+pub fn run() -> Result<(), String> {
+    let mut undo = Undo::default();
+    for line in std::io::stdin().lock().lines() {
+        let Ok(line) = line else { break };
+        if undo.take(&line) {
+            return Ok(());
+        }
+    }
+    // Silent when all goes well: ferry said what happened, if it could.
+    let mut failed = Vec::new();
+    if let Some((pid, addr)) = undo.scratch {
+        match remove_scratch(pid, addr) {
+            Ok(_) => {}
+            Err(e) => failed.push(format!("ferry's scratch area at {addr:#x} is left in process {pid}: {e}")),
+        }
+    }
+    if let Some((dir, created)) = &undo.image {
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for e in entries.flatten() {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        if *created {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("janitor of a checkpoint whose ferry is gone: {}", failed.join("; ")))
+    }
+}
+
+/// Unmaps ferry's scratch area at `addr` from `pid`, once the dead ferry's tracing has
+/// ended; `false` when there is nothing (left) to remove.
+fn remove_scratch(pid: i32, addr: u64) -> Result<bool, String> {
+    let status = |pid: i32| std::fs::read_to_string(format!("/proc/{pid}/status")).ok();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let Some(s) = status(pid) else { return Ok(false) };
+        let tracer = s.lines().find_map(|l| l.strip_prefix("TracerPid:")).map(str::trim);
+        if tracer == Some("0") {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(format!("it is still traced ({s:?})"));
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    // Only the very area ferry made: its address, size and rwxp anonymous mapping.
+    let head = format!("{addr:x}-{:x} rwxp 00000000 00:00 0", addr + SCRATCH_SIZE);
+    let ours = |pid: i32| {
+        std::fs::read_to_string(format!("/proc/{pid}/maps")).is_ok_and(|m| m.lines().any(|l| l.starts_with(&head)))
+    };
+    if !ours(pid) {
+        return Ok(false);
+    }
+    let mut tracer = Tracer::seize(pid).map_err(|e| e.to_string())?;
+    if !ours(pid) {
+        tracer.detach().map_err(|e| e.to_string())?;
+        return Ok(false);
+    }
+    tracer.set_scratch(Some(addr));
+    let removed = tracer.unmap_scratch().map_err(|e| e.to_string());
+    tracer.detach().map_err(|e| e.to_string())?;
+    removed.map(|_| true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn takes_what_ferry_tells_it() {
+        let mut u = Undo::default();
+        assert!(!u.take("image 1 /tmp/an image"));
+        assert!(!u.take("scratch 42 140737488289792"));
+        assert!(!u.take("nonsense"));
+        assert_eq!(u.image, Some((PathBuf::from("/tmp/an image"), true)));
+        assert_eq!(u.scratch, Some((42, 140737488289792)));
+        assert!(u.take("done"));
+    }
+}
