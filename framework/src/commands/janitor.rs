@@ -154,7 +154,26 @@ fn remove_scratch(pid: i32, addr: u64) -> Result<bool, String> {
     if !ours(pid) {
         return Ok(false);
     }
-    let mut tracer = Tracer::seize(pid).map_err(|e| e.to_string())?;
+    // A thread the dead ferry let go in the middle of an injected call runs the
+    // recovery code in the scratch area (a few dozen instructions back to its own
+    // code): the area goes only once no thread is inside it.
+    let mut tries = 0;
+    let mut tracer = loop {
+        let mut tracer = Tracer::seize(pid).map_err(|e| e.to_string())?;
+        let inside = tracer
+            .tids()
+            .into_iter()
+            .any(|tid| tracer.saved_regs(tid).is_ok_and(|r| r.rip.wrapping_sub(addr) < SCRATCH_SIZE));
+        if !inside {
+            break tracer;
+        }
+        tracer.detach().map_err(|e| e.to_string())?;
+        tries += 1;
+        if tries > 100 {
+            return Err("a thread stays inside it".into());
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    };
     if !ours(pid) {
         tracer.detach().map_err(|e| e.to_string())?;
         return Ok(false);
