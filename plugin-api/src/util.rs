@@ -137,6 +137,16 @@ pub fn expect_json<T: DeserializeOwned>(source: &mut SourceRef<'_>, kind: &str) 
     parse_json(&rec, kind)
 }
 
+/// The stream's one record, a JSON record of `kind`, with nothing after it: how a
+/// plugin that writes a single record reads it back.
+pub fn only_json<T: DeserializeOwned>(source: &mut SourceRef<'_>, kind: &str) -> Result<T, String> {
+    let value = expect_json(source, kind)?;
+    if let Some(extra) = next_record(source)? {
+        return Err(format!("unexpected `{}` record after the {kind} record", extra.kind));
+    }
+    Ok(value)
+}
+
 /// Decodes JSON record `rec`, which must be of `kind`.
 pub fn parse_json<T: DeserializeOwned>(rec: &Record, kind: &str) -> Result<T, String> {
     if rec.kind.as_str() != kind || rec.format != RecordFormat::Json {

@@ -473,10 +473,7 @@ impl SubsystemPlugin for Plugin {
     }
 
     fn restart(&mut self, ctx: &mut ContextRef<'_>, source: &mut SourceRef<'_>) -> Result<Progress, String> {
-        let image: Image = util::expect_json(source, "creds")?;
-        if let Some(extra) = util::next_record(source)? {
-            return Err(format!("unexpected `{}` record after the creds record", extra.kind));
-        }
+        let image: Image = util::only_json(source, "creds")?;
         self.apply(ctx, &image)?;
         Ok(Progress::Done)
     }

@@ -441,11 +441,8 @@ impl SubsystemPlugin for Plugin {
     }
 
     fn restart(&mut self, ctx: &mut ContextRef<'_>, source: &mut SourceRef<'_>) -> Result<Progress, String> {
-        let image: Image = util::expect_json(source, "process")?;
+        let image: Image = util::only_json(source, "process")?;
         self.apply(ctx, &image)?;
-        if let Some(extra) = util::next_record(source)? {
-            return Err(format!("unexpected `{}` record after the process record", extra.kind));
-        }
         Ok(Progress::Done)
     }
 
