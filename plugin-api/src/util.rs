@@ -137,6 +137,16 @@ pub fn expect_json<T: DeserializeOwned>(source: &mut SourceRef<'_>, kind: &str) 
     parse_json(&rec, kind)
 }
 
+/// A plugin's `dump` of `error`: its message, and what the plugin was doing when it
+/// failed (nothing added when `doing` is empty).
+pub fn while_doing(error: &crate::PluginError, doing: &str) -> String {
+    if doing.is_empty() {
+        error.message.to_string()
+    } else {
+        format!("{} (while handling the {doing})", error.message)
+    }
+}
+
 /// The stream's one record, a JSON record of `kind`, with nothing after it: how a
 /// plugin that writes a single record reads it back.
 pub fn only_json<T: DeserializeOwned>(source: &mut SourceRef<'_>, kind: &str) -> Result<T, String> {

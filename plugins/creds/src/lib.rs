@@ -483,11 +483,7 @@ impl SubsystemPlugin for Plugin {
     }
 
     fn dump(&self, error: &PluginError) -> String {
-        if self.doing.is_empty() {
-            error.message.to_string()
-        } else {
-            format!("{} (while handling the {})", error.message, self.doing)
-        }
+        util::while_doing(error, &self.doing)
     }
 }
 

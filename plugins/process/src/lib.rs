@@ -451,7 +451,7 @@ impl SubsystemPlugin for Plugin {
     }
 
     fn dump(&self, error: &PluginError) -> String {
-        format!("{} (while handling the {})", error.message, if self.doing.is_empty() { "record" } else { self.doing })
+        util::while_doing(error, if self.doing.is_empty() { "record" } else { self.doing })
     }
 }
 
