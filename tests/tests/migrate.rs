@@ -528,17 +528,18 @@ fn migrate_with_config(config: &Path, pid: i32, to: &str) -> std::process::Outpu
 }
 
 #[test]
-fn precopy_of_a_process_outrunning_the_link_converges_only_when_throttled() {
+fn precopy_of_a_process_outrunning_the_link_shrinks_only_when_throttled() {
     if !needs_root("a migration seizes the process and rebuilds it (ptrace, clone3 with set_tid, PR_SET_MM_MAP)") {
         return;
     }
     let daemon = Daemon::start(None, "127.0.0.1", &[]);
-    // All 32 MiB rewritten every millisecond tick: far faster than any link.
+    // All 32 MiB rewritten every millisecond tick: far faster than any link. A 5 ms
+    // budget is out of reach for 32 MiB on any link this machine has.
     let mut w = Workload::spawn(&WorkloadOpts { mem_mib: 32, dirty_pages: 8192, tick_ms: 1, ..Default::default() });
     w.wait_ticks(3);
     let old = w.pid;
     let dir = tempfile::tempdir().unwrap();
-    let off = precopy_config(dir.path(), "off.json", r#"{"throttle": false, "max_rounds": 20}"#);
+    let off = precopy_config(dir.path(), "off.json", r#"{"throttle": false, "max_rounds": 20, "downtime_budget_ms": 5}"#);
     let (stats, mid) = precopy_stats(&migrate_with_config(&off, old, &daemon.addr), old, &daemon, &w);
     // Known before anything is asserted, so that a failure does not leave it running.
     w.adopt(mid);
@@ -547,17 +548,20 @@ fn precopy_of_a_process_outrunning_the_link_converges_only_when_throttled() {
     assert_eq!(stats["throttle"], 0, "{stats}");
     moved(&mut w, old, mid, 3);
 
-    // Again, from where it landed, with auto-converge: it takes 9 to 20 rounds on this
-    // noisy VM, as the throttle steps up; the room beyond is for a busy machine (41 were
-    // seen with three test suites running at once).
-    let on = precopy_config(dir.path(), "on.json", r#"{"throttle": true, "max_rounds": 60}"#);
+    // Again, from where it landed, with auto-converge. Whether the rounds then get under
+    // the budget depends on when the quota's bursts fall (at 1% the process runs 1 ms in
+    // every 100: a burst inside a round rewrites megabytes) and on how busy the machine
+    // is; what the throttle must do, always, is shrink what a round has to send.
+    let on = precopy_config(dir.path(), "on.json", r#"{"throttle": true, "max_rounds": 30, "downtime_budget_ms": 5}"#);
     let (stats, new) = precopy_stats(&migrate_with_config(&on, mid, &daemon.addr), mid, &daemon, &w);
     w.adopt(new);
     eprintln!("pre-copy with throttle: {stats}");
     assert!(stats["throttle"].as_u64().unwrap() >= 1, "{stats}");
-    assert_eq!(stats["precopy_stop"], "converged", "{stats}");
-    let rounds = stats["round_bytes"].as_array().unwrap();
-    assert!(rounds.last().unwrap().as_u64().unwrap() < 32 << 20, "{stats}");
+    let stop = stats["precopy_stop"].as_str().unwrap();
+    assert!(stop == "converged" || stop == "max rounds", "the throttle keeps the rounds going: {stats}");
+    let rounds: Vec<u64> = stats["round_bytes"].as_array().unwrap().iter().map(|b| b.as_u64().unwrap()).collect();
+    let least = rounds[1..].iter().min().copied().unwrap_or(u64::MAX);
+    assert!(least < 8 << 20, "a throttled round sends under a quarter of the 32 MiB rewritten: {stats}");
     carries_on(&mut w, mid, new, 3);
     // ferry's throttle cgroup went with the event.
     for root in ["/sys/fs/cgroup/cpu", "/sys/fs/cgroup/unified", "/sys/fs/cgroup"] {
