@@ -518,8 +518,15 @@ fn bad_images_are_refused() {
 
 #[test]
 fn a_failed_restore_removes_the_files_it_created() {
+    // The restore child shares ferry's view of the file system: the file it recreated
+    // for the deleted description (made here by hand, as the mock kernel only records
+    // the open) must be gone from the real one when the restore fails.
+    let dir = std::env::temp_dir().join(format!("ferry-files-mock-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("x");
+    std::fs::write(&path, b"ab").unwrap();
     let obj = Object::Deleted {
-        path: "/nonexistent-ferry-test-dir/x".into(),
+        path: path.to_str().unwrap().into(),
         dev: 1,
         ino: 2,
         mode: 0,
@@ -534,10 +541,13 @@ fn a_failed_restore_removes_the_files_it_created() {
         raw(KIND_DESC_DATA, b"ab"),
     ];
     let (k, r) = run(records);
+    let left = path.exists();
+    let _ = std::fs::remove_dir_all(&dir);
     assert!(r.unwrap_err().contains("2 content bytes missing"));
-    // Nothing was unlinked by injection; cleanup removed it from ferry's view (here a
-    // path that does not exist on the machine running the test).
+    // Not unlinked by an injected call (the restore never got that far), but removed
+    // by the cleanup.
     assert!(k.unlinked.is_empty());
+    assert!(!left, "the recreated file was left behind");
 }
 
 #[test]
