@@ -120,6 +120,11 @@ pub struct Workload {
 }
 
 impl Workload {
+    /// Processes other than `except` running with this workload's log file: its copies.
+    pub fn copies_other_than(&self, except: i32) -> Vec<i32> {
+        processes_mentioning(&self.log.to_string_lossy()).into_iter().filter(|&p| p != except).collect()
+    }
+
     /// Spawns the C workload with `opts`.
     pub fn spawn(opts: &WorkloadOpts) -> Workload {
         Self::spawn_with(Command::new(workload_bin()), opts)
@@ -440,6 +445,20 @@ fn stat_fields(pid: i32) -> Option<Vec<String>> {
 /// one that reuses its pid.
 fn start_time(pid: i32) -> Option<u64> {
     stat_fields(pid)?.get(19)?.parse().ok()
+}
+
+/// Live processes (not zombies, not this test process) whose command line mentions
+/// `needle`: pass something only the test's own processes have (a workload's log path,
+/// which its copies keep), never a bare program name other tests' processes share.
+pub fn processes_mentioning(needle: &str) -> Vec<i32> {
+    let me = std::process::id() as i32;
+    std::fs::read_dir("/proc")
+        .map(|d| d.flatten().filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok()).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|&pid| pid != me && pid_alive(pid))
+        .filter(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).contains(needle)))
+        .collect()
 }
 
 /// Whether `pid` runs: zombies (and dying tasks) count as gone.

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use ferry_tests::{
     ferry, needs, needs_root, stderr, stdout,
-    workload::{creds_of, pid_alive, send_signal, Script, Workload, WorkloadOpts, DEADLINE},
+    workload::{processes_mentioning, creds_of, pid_alive, send_signal, Script, Workload, WorkloadOpts, DEADLINE},
 };
 
 /// Why every test here needs root (see `ferry_tests::needs_root`).
@@ -191,19 +191,6 @@ fn a_process_of_another_user_comes_back_with_its_own_credentials_not_root() {
     assert_eq!(creds_of(new), before, "the restored process's credentials (/proc/{new}/task/*/status)");
     w.wait_ticks(at + 3);
     w.terminate_and_check(new).unwrap();
-}
-
-/// Pids of live processes whose command line mentions `needle`.
-fn processes_mentioning(needle: &str) -> Vec<i32> {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|&pid| {
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            String::from_utf8_lossy(&cmdline).contains(needle) && pid_alive(pid)
-        })
-        .collect()
 }
 
 #[test]

@@ -5,7 +5,7 @@ use std::{os::unix::fs::OpenOptionsExt, path::Path, process::Command};
 
 use ferry_tests::{
     ferry, ferry_bin, needs_root, stderr,
-    workload::{pid_alive, Workload, WorkloadOpts},
+    workload::{processes_mentioning, pid_alive, Workload, WorkloadOpts},
 };
 
 
@@ -176,26 +176,14 @@ fn image_of_workload() -> (tempfile::TempDir, std::path::PathBuf, Workload) {
     (tmp, dir, w)
 }
 
-/// Processes whose name is the workload's, other than `except`.
-fn workload_pids() -> Vec<i32> {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| {
-            std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .map(|s| s.contains("(workload)") && !s.contains(") Z"))
-                .unwrap_or(false)
-        })
-        .collect()
-}
-
 #[test]
 fn corrupted_images_are_refused_without_leaving_a_process() {
     if !needs_root("ferry seizes the process (ptrace of another user's process)") {
         return;
     }
-    let (_tmp, dir, _w) = image_of_workload();
-    let before = workload_pids();
+    let (_tmp, dir, w) = image_of_workload();
+    let log = w.log.to_string_lossy().into_owned();
+    let before = processes_mentioning(&log);
     let restore = || run(&["restore".into(), "--dir".into(), dir.to_str().unwrap().into()]);
     let pages = dir.join("stream-1.img");
     let original = std::fs::read(&pages).unwrap();
@@ -224,7 +212,7 @@ fn corrupted_images_are_refused_without_leaving_a_process() {
     fails_with(&restore(), "missing");
     std::fs::write(&inv_path, &inv).unwrap();
 
-    assert_eq!(workload_pids(), before, "a failed restore leaves no process behind");
+    assert_eq!(processes_mentioning(&log), before, "a failed restore leaves no process behind");
     // The repaired image restores.
     let o = restore();
     assert!(o.status.success(), "{}", stderr(&o));
@@ -275,7 +263,8 @@ fn an_image_others_could_have_changed_is_refused() {
         return;
     }
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
-    let (_tmp, dir, _w) = image_of_workload();
+    let (_tmp, dir, w) = image_of_workload();
+    let log = w.log.to_string_lossy().into_owned();
     let mode = |p: &Path| std::fs::metadata(p).unwrap().mode() & 0o7777;
     assert_eq!(mode(&dir), 0o700, "the image directory is private");
     for e in std::fs::read_dir(&dir).unwrap() {
@@ -283,7 +272,7 @@ fn an_image_others_could_have_changed_is_refused() {
         assert_eq!(mode(&p), 0o600, "{} is private", p.display());
         assert_eq!(std::fs::metadata(&p).unwrap().uid(), 0);
     }
-    let before = workload_pids();
+    let before = processes_mentioning(&log);
     let restore = || run(&["restore".into(), "--dir".into(), dir.to_str().unwrap().into()]);
     let chmod = |p: &Path, m: u32| std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap();
     let pages = dir.join("stream-1.img");
@@ -296,7 +285,7 @@ fn an_image_others_could_have_changed_is_refused() {
     chown(&pages, 65534);
     fails_with(&restore(), "owned by uid 65534");
     chown(&pages, 0);
-    assert_eq!(workload_pids(), before, "a refused restore starts nothing");
+    assert_eq!(processes_mentioning(&log), before, "a refused restore starts nothing");
     let o = restore();
     assert!(o.status.success(), "{}", stderr(&o));
     let pid: i32 = String::from_utf8_lossy(&o.stdout).trim().parse().unwrap();
@@ -358,13 +347,14 @@ fn a_stream_that_is_not_a_regular_file_is_refused_not_waited_on() {
     }
     // A FIFO in place of a stream once made `ferry show` wait forever (and restore until
     // the watchdog). `timeout` turns a hang into a failure rather than a stuck test.
-    let (_tmp, dir, _w) = image_of_workload();
+    let (_tmp, dir, w) = image_of_workload();
+    let log = w.log.to_string_lossy().into_owned();
     let pages = dir.join("stream-1.img");
     std::fs::remove_file(&pages).unwrap();
     let c = std::ffi::CString::new(pages.as_os_str().as_encoded_bytes()).unwrap();
     // SAFETY: a NUL-terminated path.
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
-    let before = workload_pids();
+    let before = processes_mentioning(&log);
     for cmd in ["show", "restore"] {
         let mut args = vec!["20".to_string(), ferry_bin().display().to_string(), cmd.into()];
         if cmd == "restore" {
@@ -374,7 +364,7 @@ fn a_stream_that_is_not_a_regular_file_is_refused_not_waited_on() {
         let o = Command::new("timeout").args(&args).output().unwrap();
         fails_with(&o, "stream-1.img is not a regular file (a FIFO)");
     }
-    assert_eq!(workload_pids(), before, "a failed restore leaves no process behind");
+    assert_eq!(processes_mentioning(&log), before, "a failed restore leaves no process behind");
 }
 
 #[test]

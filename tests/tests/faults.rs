@@ -77,21 +77,6 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-/// Processes other than `except` whose command line names `needle` (a workload's own
-/// log path: its copies have the same).
-fn others_naming(needle: &str, except: i32) -> Vec<i32> {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|&pid| pid != except)
-        .filter(|pid| {
-            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            String::from_utf8_lossy(&cmd).contains(needle)
-                && !std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default().contains(") Z")
-        })
-        .collect()
-}
-
 #[test]
 fn a_source_survives_its_migration_client_killed_in_the_middle_of_any_injected_call() {
     if !needs_root(ROOT) {
@@ -116,8 +101,7 @@ fn a_source_survives_its_migration_client_killed_in_the_middle_of_any_injected_c
             let at = *w.ticks().last().unwrap();
             w.wait_ticks(at + 3);
             // The destination rolls back: no copy of it runs anywhere.
-            let log = w.log.display().to_string();
-            ferry_tests::wait_until("the destination's copy to go", Duration::from_secs(30), || others_naming(&log, w.pid).is_empty());
+            ferry_tests::wait_until("the destination's copy to go", Duration::from_secs(30), || w.copies_other_than(w.pid).is_empty());
             let pid = w.pid;
             w.terminate_and_check(pid).unwrap_or_else(|e| panic!("{strategy}, injection {n}: {e}"));
         }

@@ -18,7 +18,7 @@ use std::{
 
 use ferry_tests::{
     ferry, ferry_bin, needs_root, stderr, wait_until,
-    workload::{kill_pid, pid_alive, workloads_dir, Workload, WorkloadOpts, DEADLINE},
+    workload::{processes_mentioning, kill_pid, pid_alive, workloads_dir, Workload, WorkloadOpts, DEADLINE},
 };
 
 /// Why every test here needs root (see `ferry_tests::needs_root`).
@@ -46,21 +46,6 @@ fn fails_with(o: &Output, needles: &[&str]) {
     for n in needles {
         assert!(err.contains(n), "expected {n:?} in: {err}");
     }
-}
-
-/// Pids (not ours) whose command line mentions `needle`.
-fn processes_mentioning(needle: &str) -> Vec<i32> {
-    let me = std::process::id() as i32;
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|&p| p != me && pid_alive(p))
-        .filter(|p| {
-            std::fs::read(format!("/proc/{p}/cmdline"))
-                .map(|c| String::from_utf8_lossy(&c).contains(needle))
-                .unwrap_or(false)
-        })
-        .collect()
 }
 
 /// Kills, when dropped, every process that mentions a path (a copy restored under any pid).

@@ -12,7 +12,7 @@ use std::{
 
 use ferry_tests::{
     ferry_bin, needs, needs_root, plugin_dir, stderr, wait_until,
-    workload::{creds_of, pid_alive, Script, Workload, WorkloadOpts},
+    workload::{processes_mentioning, creds_of, pid_alive, Script, Workload, WorkloadOpts},
 };
 
 
@@ -333,20 +333,6 @@ fn a_daemon_that_vanishes_mid_transfer_leaves_the_source_running() {
     still_fine(&mut w);
 }
 
-/// Live processes (not zombies) whose command line names `needle`.
-fn processes_mentioning(needle: &str) -> Vec<i32> {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| {
-            pid_alive(*pid)
-                && std::fs::read(format!("/proc/{pid}/cmdline"))
-                    .map(|c| String::from_utf8_lossy(&c).contains(needle))
-                    .unwrap_or(false)
-        })
-        .collect()
-}
-
 #[test]
 fn a_daemon_killed_at_each_phase_leaves_the_source_running_and_nothing_behind() {
     if !needs_root("a migration seizes the process and rebuilds it (ptrace, clone3 with set_tid, PR_SET_MM_MAP)") {
@@ -661,18 +647,6 @@ fn a_connection_cut_during_postcopy_kills_the_destination_copy_and_the_source_ca
     still_fine(&mut w);
 }
 
-/// Processes other than `except` running with the workload's log file: its copies.
-fn copies_of(w: &Workload, except: i32) -> Vec<i32> {
-    let log = w.log.to_string_lossy().into_owned();
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|&p| p != except && pid_alive(p))
-        .filter(|p| std::fs::read(format!("/proc/{p}/cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).contains(&log)))
-        .collect()
-}
-
 #[test]
 fn a_destination_dying_during_postcopy_takes_its_copy_along_and_the_source_carries_on() {
     if !needs_root("a migration seizes the process and rebuilds it (ptrace, clone3 with set_tid, PR_SET_MM_MAP)") {
@@ -686,7 +660,7 @@ fn a_destination_dying_during_postcopy_takes_its_copy_along_and_the_source_carri
     fails(&o, "during post-copy");
     // The resumed copy was traced by the daemon: it died with it, never ran on
     // without its memory.
-    wait_until("no copy of the process left", Duration::from_secs(30), || copies_of(&w, old).is_empty());
+    wait_until("no copy of the process left", Duration::from_secs(30), || w.copies_other_than(old).is_empty());
     still_fine(&mut w);
 }
 
@@ -749,7 +723,7 @@ fn a_precopy_that_fails_mid_round_leaves_the_source_untracked_unthrottled_and_ru
         .collect();
     assert!(!fds.iter().any(|l| l.contains("userfaultfd")), "{fds:?}");
     still_fine(&mut w);
-    assert_eq!(copies_of(&w, w.pid), Vec::<i32>::new());
+    assert_eq!(w.copies_other_than(w.pid), Vec::<i32>::new());
 }
 
 #[test]
