@@ -327,8 +327,9 @@ pub const MAX_WATCHDOG_MS: u64 = 86_400_000;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DaemonConfig {
-    /// `address:port` the daemon accepts migrations on.
-    pub listen: String,
+    /// `address:port` the daemon accepts migrations on (`--listen` replaces it); none:
+    /// the daemon serves its control socket only.
+    pub listen: Option<String>,
     /// Unix socket for `ferry plugins …` and other local control.
     pub control: PathBuf,
     /// Shared key file; required when `listen` is not a loopback address.
@@ -338,7 +339,7 @@ pub struct DaemonConfig {
 impl Default for DaemonConfig {
     fn default() -> Self {
         DaemonConfig {
-            listen: "127.0.0.1:7711".to_owned(),
+            listen: None,
             control: PathBuf::from("/run/ferry/control.sock"),
             auth_key: None,
         }
@@ -557,7 +558,9 @@ impl Config {
         set(&mut self.mechanism.quiesce, &o.quiesce);
         set(&mut self.mechanism.context, &o.context);
         set(&mut self.watchdog_ms, &o.watchdog_ms);
-        set(&mut self.daemon.listen, &o.listen);
+        if let Some(listen) = &o.listen {
+            self.daemon.listen = Some(listen.clone());
+        }
         set(&mut self.daemon.control, &o.control);
     }
 
@@ -629,15 +632,15 @@ impl Config {
         }
 
         let d = &self.daemon;
-        let listen: SocketAddr = d.listen.parse().map_err(|e| {
-            invalid(
-                "daemon.listen",
-                format!(
-                    "`{}` is not an address:port such as 127.0.0.1:7711 or [::1]:7711 ({e})",
-                    d.listen
-                ),
-            )
-        })?;
+        let listen: Option<SocketAddr> = match &d.listen {
+            None => None,
+            Some(text) => Some(text.parse().map_err(|e| {
+                invalid(
+                    "daemon.listen",
+                    format!("`{text}` is not an address:port such as 127.0.0.1:7711 or [::1]:7711 ({e})"),
+                )
+            })?),
+        };
         if d.control.as_os_str().is_empty() {
             return Err(invalid("daemon.control", "empty path"));
         }
@@ -660,14 +663,14 @@ impl Config {
             Some(key) if key.as_os_str().is_empty() => {
                 return Err(invalid("daemon.auth_key", "empty path"));
             }
-            None if !listen.ip().is_loopback() => {
+            None if listen.is_some_and(|l| !l.ip().is_loopback()) => {
                 // DESIGN.md, "Security": whoever can talk to the daemon can run code as root.
                 return Err(invalid(
                     "daemon.auth_key",
                     format!(
                         "required: daemon.listen `{}` is not a loopback address, and a daemon \
                          reachable from the network must authenticate its peers",
-                        d.listen
+                        d.listen.as_deref().unwrap_or_default()
                     ),
                 ));
             }

@@ -91,12 +91,14 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
-    /// Run the daemon: the plugin registry, its control socket, and (with --listen) migrations.
+    /// Run the daemon: the plugin registry, its control socket, and (with --listen or
+    /// `daemon.listen` in the configuration) migrations.
     Daemon {
         /// Control socket path (beats the configuration file).
         #[arg(long, value_name = "PATH")]
         control: Option<PathBuf>,
-        /// Accept migrations on this address (beyond loopback only with --auth-key).
+        /// Accept migrations on this address (beats `daemon.listen`; beyond loopback only
+        /// with --auth-key).
         #[arg(long, value_name = "ADDR")]
         listen: Option<String>,
         /// Shared key file: both sides prove they hold it before anything else.
@@ -350,7 +352,8 @@ fn run(cli: Cli) -> Outcome {
             let opts = daemon::DaemonOptions {
                 plugin_dir: manager::plugin_dir(None, config.plugin_dir.as_deref()),
                 control: config.daemon.control.clone(),
-                listen: listen.clone(),
+                // `--listen`, else the configuration's `daemon.listen`, else none.
+                listen: listen.clone().or(config.daemon.listen.clone()),
                 auth_key: key_file.as_deref().map(protocol::load_key).transpose()?,
                 timeout: Duration::from_millis(config.watchdog_ms),
                 stats: stats.clone(),

@@ -18,8 +18,14 @@ struct Daemon {
 
 impl Daemon {
     fn start(dir: &Path) -> Daemon {
+        Daemon::start_with(dir, &[])
+    }
+
+    /// A daemon run with `global` options before the command (e.g. `--config FILE`).
+    fn start_with(dir: &Path, global: &[&str]) -> Daemon {
         let control = dir.join("run/control.sock");
         let child = Command::new(ferry_bin())
+            .args(global)
             .args(["daemon", "--control"])
             .arg(&control)
             .stdin(Stdio::null())
@@ -145,4 +151,22 @@ fn a_ferry_daemon_is_not_taken_and_a_missing_stats_directory_is_refused_at_start
     let o = ferry(&["daemon", "--control", dir.path().join("c2.sock").to_str().unwrap(), "--stats", missing.to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
     assert_eq!(stderr(&o).trim(), format!("ferry: --stats {}: no such directory", missing.display()));
+}
+
+#[test]
+fn the_configuration_file_says_where_the_daemon_listens_and_without_it_only_the_control_socket_is_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let config = dir.path().join("ferry.json");
+    std::fs::write(&config, format!(r#"{{"daemon": {{"listen": "127.0.0.1:{port}"}}}}"#)).unwrap();
+    let daemon = Daemon::start_with(dir.path(), &["--config", config.to_str().unwrap()]);
+    let log = std::fs::read_to_string(dir.path().join("daemon.log")).unwrap();
+    assert!(log.contains(&format!("listening for migrations on 127.0.0.1:{port}")), "{log}");
+    std::net::TcpStream::connect(("127.0.0.1", port)).expect("the daemon accepts connections on the configured address");
+    drop(daemon);
+
+    let plain = tempfile::tempdir().unwrap();
+    let _daemon = Daemon::start(plain.path());
+    let log = std::fs::read_to_string(plain.path().join("daemon.log")).unwrap();
+    assert!(!log.contains("listening for migrations"), "no address given, yet: {log}");
 }

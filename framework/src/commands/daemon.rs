@@ -72,7 +72,12 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
             if !parsed.ip().is_loopback() && opts.auth_key.is_none() {
                 return Err(DaemonError::NeedsKey(parsed));
             }
-            Some(TcpListener::bind(parsed).map_err(|e| DaemonError::Listen { addr: addr.clone(), message: e.to_string() })?)
+            let listener =
+                TcpListener::bind(parsed).map_err(|e| DaemonError::Listen { addr: addr.clone(), message: e.to_string() })?;
+            // Said before the control socket's line: once that is logged, this one is too
+            // (connections meanwhile wait in the backlog).
+            log(&format!("listening for migrations on {addr}"));
+            Some(listener)
         }
         None => None,
     };
@@ -92,7 +97,6 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
     if let Some(listener) = listener {
         let features: Vec<String> =
             probes::probe_all().into_iter().filter(|f| f.present).map(|f| f.name.to_string()).collect();
-        log(&format!("listening for migrations on {}", opts.listen.as_deref().unwrap_or("?")));
         let key = opts.auth_key.clone().map(Arc::new);
         let timeout = opts.timeout;
         let features = Arc::new(features);

@@ -62,7 +62,7 @@ fn defaults() {
     );
     assert_eq!(c.tuning.hybrid, HybridTuning { precopy_rounds: 1 });
     assert_eq!(c.watchdog_ms, 10_000);
-    assert_eq!(c.daemon.listen, "127.0.0.1:7711");
+    assert_eq!(c.daemon.listen, None, "a daemon listens only when told to");
     assert_eq!(c.daemon.control, PathBuf::from("/run/ferry/control.sock"));
     assert_eq!(c.daemon.auth_key, None);
     c.validate().expect("defaults are valid");
@@ -149,7 +149,7 @@ fn full_file() {
         },
         watchdog_ms: 2500,
         daemon: DaemonConfig {
-            listen: "0.0.0.0:9000".into(),
+            listen: Some("0.0.0.0:9000".into()),
             control: "/run/ferry/other.sock".into(),
             auth_key: Some("/etc/ferry/key".into()),
         },
@@ -209,7 +209,7 @@ fn overrides_beat_the_file() {
     assert_eq!(c.mechanism.quiesce, Quiesce::Freezer);
     assert_eq!(c.mechanism.context, ExecContext::Internal);
     assert_eq!(c.watchdog_ms, 7);
-    assert_eq!(c.daemon.listen, "[::1]:2");
+    assert_eq!(c.daemon.listen.as_deref(), Some("[::1]:2"));
     assert_eq!(c.daemon.control, PathBuf::from("/tmp/c.sock"));
     // Parsed, but refused until it exists (it would be silently ignored).
     let e = c.validate().unwrap_err().to_string();
