@@ -291,7 +291,7 @@ impl Tracer {
                 let status = wait(tid)?;
                 if libc::WIFEXITED(status) || libc::WIFSIGNALED(status) {
                     if tid == self.pid {
-                        return Err(TraceError::Gone { pid: self.pid });
+                        return Err(TraceError::ended(self.pid, status));
                     }
                     break; // a thread that exited meanwhile
                 }
@@ -464,13 +464,13 @@ impl Tracer {
     pub fn poke(&mut self, addr: u64, data: &[u8]) -> Result<(), TraceError> {
         self.mem
             .write_all_at(data, addr)
-            .map_err(|e| TraceError::Memory { pid: self.pid, addr, message: e.to_string() })
+            .map_err(|e| TraceError::Memory { pid: self.pid, addr, message: e.to_string() }.or_gone(self.pid))
     }
 
     pub fn peek(&mut self, addr: u64, buf: &mut [u8]) -> Result<(), TraceError> {
         self.mem
             .read_exact_at(buf, addr)
-            .map_err(|e| TraceError::Memory { pid: self.pid, addr, message: e.to_string() })
+            .map_err(|e| TraceError::Memory { pid: self.pid, addr, message: e.to_string() }.or_gone(self.pid))
     }
 
     /// Releases every thread with the registers it should run with. `kill` instead
@@ -764,11 +764,8 @@ pub(crate) fn vm_ranges(pid: pid_t, ranges: &[(u64, u64)], local: *mut u8, local
             };
             if n <= 0 {
                 let addr = rest[0].iov_base as u64;
-                return Err(TraceError::Memory {
-                    pid,
-                    addr,
-                    message: if n == 0 { "nothing transferred".into() } else { errno().to_string() },
-                });
+                let message = if n == 0 { "nothing transferred".into() } else { errno().to_string() };
+                return Err(TraceError::Memory { pid, addr, message }.or_gone(pid));
             }
             got += n as usize;
         }

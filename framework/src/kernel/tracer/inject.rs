@@ -174,7 +174,7 @@ impl Tracer {
     /// start of the first executable mapping.
     fn borrow_site(&mut self) -> Result<Borrowed, TraceError> {
         let maps = std::fs::read_to_string(format!("/proc/{}/maps", self.pid))
-            .map_err(|_| TraceError::Gone { pid: self.pid })?;
+            .map_err(|_| TraceError::gone(self.pid))?;
         let range = |l: &str| {
             let (a, b) = l.split_whitespace().next()?.split_once('-')?;
             Some((u64::from_str_radix(a, 16).ok()?, u64::from_str_radix(b, 16).ok()?))
@@ -308,7 +308,7 @@ impl Tracer {
             let status = wait(tid)?;
             if libc::WIFEXITED(status) || libc::WIFSIGNALED(status) {
                 self.threads.remove(&tid);
-                return Err(TraceError::Gone { pid: self.pid });
+                return Err(TraceError::ended(self.pid, status));
             }
             if !libc::WIFSTOPPED(status) {
                 continue;
