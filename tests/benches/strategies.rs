@@ -4,8 +4,11 @@
 //! Prints medians of frozen time (downtime: freeze → running on the destination),
 //! total time (for post-copy and hybrid: until the last page arrived) as ferry counts
 //! it and as the command's wall time from outside (plugins loaded, connection made),
-//! bytes sent, rounds, and both times against stop-copy's in the same run. The dirty
-//! rate printed is the one the workload is given, in whole pages per tick.
+//! bytes sent, rounds, and both times against stop-copy's in the same run; and what the
+//! application saw: the longest stall of its own tick loop (wall clock, logged by the
+//! workload when over two periods + 5 ms, so 0 means under 25 ms) across the migration. The dirty rate printed is the one the workload is
+//! given, in whole pages per tick. Each run takes the strategies in another order (a
+//! VM's freed pages go cold: whoever goes first pays for it).
 //!
 //!     cargo bench -p ferry-tests --bench strategies [-- SIZES_MIB...]
 
@@ -27,8 +30,8 @@ fn main() {
     let _d = daemon(None, &addr, &tmp.path().join("d.sock"), &key);
 
     println!(
-        "{:>6} {:>8} {:>10} {:>10} {:>10} {:>9} {:>9} {:>7} {:>9} {:>9}",
-        "MiB", "dirty/s", "strategy", "frozen ms", "total ms", "wall ms", "MB sent", "rounds", "frozen/sc", "total/sc"
+        "{:>6} {:>8} {:>10} {:>10} {:>10} {:>9} {:>9} {:>7} {:>9} {:>9} {:>9}",
+        "MiB", "dirty/s", "strategy", "frozen ms", "total ms", "wall ms", "MB sent", "rounds", "stall ms", "frozen/sc", "total/sc"
     );
     for &size in &sizes {
         for percent in [0u32, 1, 10] {
@@ -37,11 +40,14 @@ fn main() {
             let ticks_per_s = 1000 / TICK_MS;
             let pages_per_tick = (f64::from(size as u32 * 256 * percent) / 100.0 / f64::from(ticks_per_s)).round() as u32;
             let rate = 100.0 * f64::from(pages_per_tick * ticks_per_s) / f64::from(size as u32 * 256);
-            let (mut sc_frozen, mut sc_total) = (0.0, 0.0);
-            for strategy in ["stop-copy", "pre-copy", "post-copy", "hybrid"] {
-                let runs = 5;
-                let (mut frozen, mut total, mut wall, mut sent, mut rounds) = (vec![], vec![], vec![], vec![], vec![]);
-                for _ in 0..runs {
+            const STRATEGIES: [&str; 4] = ["stop-copy", "pre-copy", "post-copy", "hybrid"];
+            let runs = 5;
+            // Per strategy: frozen, total, wall, MB sent, rounds, longest stall.
+            let mut m: Vec<[Vec<f64>; 6]> = (0..STRATEGIES.len()).map(|_| Default::default()).collect();
+            for run in 0..runs {
+                for k in 0..STRATEGIES.len() {
+                    let i = (k + run) % STRATEGIES.len();
+                    let strategy = STRATEGIES[i];
                     let opts = WorkloadOpts {
                         mem_mib: size as u32,
                         files: false,
@@ -49,36 +55,48 @@ fn main() {
                         dirty_pages: pages_per_tick,
                         ..Default::default()
                     };
-                    let w = Workload::spawn(&opts);
+                    let mut w = Workload::spawn(&opts);
                     w.wait_ticks(2);
+                    let from = *w.ticks().last().unwrap();
                     let started = std::time::Instant::now();
                     let o = in_ns(None, &ferry_bin())
                         .args(["migrate", &w.pid.to_string(), "--to", &addr, "--json", "--strategy", strategy, "--auth-key"])
                         .arg(&key)
                         .output()
                         .unwrap();
-                    wall.push(started.elapsed().as_secs_f64() * 1e3);
+                    let wall = started.elapsed().as_secs_f64() * 1e3;
                     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
                     let s: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-                    frozen.push(s["frozen_ms"].as_f64().unwrap());
-                    total.push(s["total_ms"].as_f64().unwrap());
-                    sent.push(s["bytes"].as_f64().unwrap() / 1e6);
-                    rounds.push(s["rounds"].as_f64().unwrap());
+                    // Two ticks of the copy after the command: the stall (if any) is logged.
+                    for pid in s["pids"].as_object().unwrap().values() {
+                        w.adopt(pid.as_i64().unwrap() as i32);
+                    }
+                    w.wait_ticks(*w.ticks().last().unwrap() + 2);
+                    let stall = w.stalls().iter().filter(|&&(_, t)| t > from).map(|&(ms, _)| ms).fold(0.0, f64::max);
+                    let row = &mut m[i];
+                    row[0].push(s["frozen_ms"].as_f64().unwrap());
+                    row[1].push(s["total_ms"].as_f64().unwrap());
+                    row[2].push(wall);
+                    row[3].push(s["bytes"].as_f64().unwrap() / 1e6);
+                    row[4].push(s["rounds"].as_f64().unwrap());
+                    row[5].push(stall);
                     for pid in s["pids"].as_object().unwrap().values() {
                         kill_and_wait(pid.as_i64().unwrap() as i32);
                     }
                     drop(w);
                 }
-                let (f, t) = (median(&mut frozen), median(&mut total));
-                if strategy == "stop-copy" {
-                    (sc_frozen, sc_total) = (f, t);
-                }
+            }
+            let (sc_frozen, sc_total) = (median(&mut m[0][0].clone()), median(&mut m[0][1].clone()));
+            for (strategy, row) in STRATEGIES.iter().zip(m.iter_mut()) {
+                let [frozen, total, wall, sent, rounds, stall] = row;
+                let (f, t) = (median(frozen), median(total));
                 println!(
-                    "{size:>6} {:>7.2}% {strategy:>10} {f:>10.1} {t:>10.1} {:>9.1} {:>9.1} {:>7.0} {:>8.2}x {:>8.2}x",
+                    "{size:>6} {:>7.2}% {strategy:>10} {f:>10.1} {t:>10.1} {:>9.1} {:>9.1} {:>7.0} {:>9.1} {:>8.2}x {:>8.2}x",
                     rate,
-                    median(&mut wall),
-                    median(&mut sent),
-                    median(&mut rounds),
+                    median(wall),
+                    median(sent),
+                    median(rounds),
+                    median(stall),
                     f / sc_frozen,
                     t / sc_total
                 );

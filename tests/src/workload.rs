@@ -248,6 +248,17 @@ impl Workload {
             .collect()
     }
 
+    /// The `stall MS tick N` lines: ticks that began long after the one before (ms, N).
+    pub fn stalls(&self) -> Vec<(f64, u64)> {
+        self.lines()
+            .iter()
+            .filter_map(|l| {
+                let (ms, tick) = l.strip_prefix("stall ")?.split_once(" tick ")?;
+                Some((ms.parse().ok()?, tick.parse().ok()?))
+            })
+            .collect()
+    }
+
     /// The `region NAME START END` lines of the C workload: (name, start, end).
     pub fn regions(&self) -> Vec<(String, u64, u64)> {
         let hex = |s: &str| u64::from_str_radix(s.trim_start_matches("0x"), 16).expect("hex address");

@@ -7,6 +7,9 @@
  *   ready                             all state is set up
  *   tick N                            N = 1, 2, 3... with no gap or repeat
  *   usr1 K                            K SIGUSR1s delivered so far (logged at a tick)
+ *   stall MS tick N                   tick N began MS ms after tick N-1 did, over two
+ *                                     periods + 5 ms (what a migration costs the
+ *                                     process: wall clock, so it holds across machines)
  *   fork-check ok|lost-child N pid P  --fork-check: a child's check passed, or its parent
  *                                     is a copy that cannot reap it (see fork_check)
  *   fork-check failed pid P           a child's check failed (the verdict will be FAIL)
@@ -2282,7 +2285,14 @@ int main(int argc, char **argv)
     logf_("ready");
     uint64_t tick = 0;
     sig_atomic_t usr1_logged = 0;
+    double last_tick_ms = 0;
     while (!term_flag) {
+        struct timespec ts;
+        clock_gettime(CLOCK_REALTIME, &ts);
+        double now_ms = ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
+        if (tick > 0 && now_ms - last_tick_ms > 2.0 * opt_tick_ms + 5)
+            logf_("stall %.1f tick %llu", now_ms - last_tick_ms, (unsigned long long)tick + 1);
+        last_tick_ms = now_ms;
         sig_atomic_t u = usr1_count;
         if (u != usr1_logged) {
             logf_("usr1 %d", (int)u);
