@@ -457,6 +457,9 @@ fn precopy_stats(o: &std::process::Output, old: i32, daemon: &Daemon, w: &Worklo
     assert_eq!(stats["strategy"], "pre-copy", "{stats}");
     let rounds = stats["round_bytes"].as_array().unwrap();
     assert!(rounds.len() >= 3, "round 0, at least one round of dirty pages, the frozen one: {stats}");
+    let times = stats["round_ms"].as_array().unwrap();
+    assert_eq!(times.len(), rounds.len(), "a duration per round: {stats}");
+    assert_eq!(times.last(), Some(&stats["frozen_ms"]), "the frozen round's is the frozen time: {stats}");
     let (start, end) = w.region("mem");
     daemon.counted(o, (end - start) / 4096);
     (stats.clone(), stats["pids"][old.to_string()].as_i64().unwrap() as i32)

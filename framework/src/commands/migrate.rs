@@ -72,7 +72,8 @@ pub struct MigrateStats {
     pub rounds: u32,
     /// Bytes sent in each round, the frozen one last.
     pub round_bytes: Vec<u64>,
-    /// Duration of each pre-copy round (the frozen one is `frozen_ms`).
+    /// Duration of each round, as many as `round_bytes`: the live rounds', then the
+    /// frozen one's, which is `frozen_ms` (freeze to resume).
     pub round_ms: Vec<f64>,
     /// Why pre-copy stopped iterating: converged, max rounds, not shrinking.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -409,7 +410,7 @@ pub fn migrate(manager: &Manager, req: &MigrateRequest, progress: &mut dyn FnMut
                 pages,
                 rounds: round_bytes.len() as u32,
                 round_bytes,
-                round_ms: ran.rounds.iter().map(|r| r.ms).collect(),
+                round_ms: ran.rounds.iter().map(|r| r.ms).chain([frozen_ms]).collect(),
                 precopy_stop: (!ran.stop.is_empty()).then_some(ran.stop),
                 throttle: throttle.as_ref().map_or(0, |t| t.steps()),
                 resumed_ms: lazy.then_some(frozen_ms),
