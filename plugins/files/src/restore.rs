@@ -470,6 +470,12 @@ impl Restore {
             Object::Eventfd { .. } | Object::Timerfd { .. } | Object::Signalfd { .. } | Object::Epoll { .. } => {
                 self.start_event_fd(ctx, &what, &desc)?;
             }
+            Object::Inotify { .. } | Object::Fanotify { .. } | Object::Pidfd { .. } => {
+                let h = self.placer.adopt(crate::notify::make(ctx, &what, &desc)?);
+                self.placer.place(ctx, &what, h, &desc.fds)?;
+                self.placer.release(ctx, h)?;
+                self.status.entities_done += 1;
+            }
             Object::Inet { family, sock_type, addr, peer, backlog, options } => {
                 let proto = if *sock_type == libc::SOCK_STREAM { libc::IPPROTO_TCP } else { libc::IPPROTO_UDP };
                 let fd = sys(ctx, &format!("{what}: socket"), libc::SYS_socket, [*family as u64, (*sock_type | libc::SOCK_CLOEXEC) as u64, proto as u64, 0, 0, 0])? as i32;
