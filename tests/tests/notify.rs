@@ -330,6 +330,64 @@ fn a_watch_on_a_deleted_file_is_refused_with_one_line() {
     let _ = child.wait();
 }
 
+/// Unmounts, when dropped, a mount the test made.
+struct Unmount(std::path::PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// The `fanotify` lines of fdinfo of `pid`'s fd `fd`, sorted.
+fn fanotify_lines(pid: i32, fd: i32) -> Vec<String> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).unwrap();
+    let mut lines: Vec<String> = text.lines().filter(|l| l.starts_with("fanotify")).map(str::to_owned).collect();
+    lines.sort();
+    lines
+}
+
+/// A fanotify mount mark (on a tmpfs of the test's, where nothing else happens) and an
+/// inode mark with only an ignored mask surviving modification come back as they were.
+#[test]
+fn fanotify_mount_marks_and_ignored_masks_come_back_exactly() {
+    if !needs_root(ROOT) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let _guard = KillMentioning(tmp.path().to_str().unwrap().to_string());
+    let mnt = tmp.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    assert!(Command::new("mount").args(["-t", "tmpfs", "ferry-notify"]).arg(&mnt).status().unwrap().success());
+    let _unmount = Unmount(mnt.clone());
+    let quiet = tmp.path().join("quiet");
+    std::fs::write(&quiet, "x").unwrap();
+    let script = "import ctypes,os,sys,time\n\
+        libc = ctypes.CDLL(None, use_errno=True)\n\
+        libc.fanotify_mark.argtypes = [ctypes.c_int, ctypes.c_uint, ctypes.c_uint64, ctypes.c_int, ctypes.c_char_p]\n\
+        fd = libc.fanotify_init(0x3, os.O_RDONLY)\n\
+        a = libc.fanotify_mark(fd, 0x11, 0x8, -100, sys.argv[1].encode())\n\
+        b = libc.fanotify_mark(fd, 0x61, 0x2, -100, sys.argv[2].encode())\n\
+        print('marked', fd, a, b, flush=True)\n\
+        while True:\n\
+        \x20   time.sleep(0.02)\n";
+    let out = tmp.path().join("out");
+    let argv = ["/usr/bin/python3".as_ref(), "-c".as_ref(), script.as_ref(), mnt.as_os_str(), quiet.as_os_str()];
+    let mut child = spawn_program(&argv, tmp.path(), &out);
+    let pid = child.id() as i32;
+    wait_until("python to mark", DEADLINE, || std::fs::read_to_string(&out).unwrap_or_default() == "marked 3 0 0\n");
+    let before = fanotify_lines(pid, 3);
+    assert!(before.iter().any(|l| l.contains("mnt_id:") && l.contains("mask:8")), "{before:?}");
+    assert!(before.iter().any(|l| l.contains("mflags:40 mask:0 ignored_mask:2")), "{before:?}");
+    let dir = tmp.path().join("img");
+    let o = checkpoint(pid, &dir);
+    assert!(o.status.success(), "checkpoint: {}", stderr(&o));
+    child.wait().unwrap();
+    let new = restore(&dir, pid);
+    assert_eq!(fanotify_lines(new, 3), before);
+    kill_pid(new);
+}
+
 /// `tail -f` (which follows with inotify) checkpointed and restored prints what is
 /// appended to its file afterwards.
 #[test]

@@ -329,7 +329,7 @@ pub fn describe(ctx: &mut ContextRef<'_>, fd: i32, link: &str, text: &str) -> Re
     if target == pid {
         return Ok(Object::Pidfd { dead: false });
     }
-    if ctx.tids().iter().any(|&t| t == target) {
+    if ctx.tids().contains(&target) {
         return Err(format!("{what}: a pidfd to thread {target} of the process, other than its main thread: not supported by the files plugin"));
     }
     Err(format!("{what}: a pidfd to process {target}, which this request does not move: not supported by the files plugin"))
