@@ -388,6 +388,49 @@ fn fanotify_mount_marks_and_ignored_masks_come_back_exactly() {
     kill_pid(new);
 }
 
+/// A fanotify mark ferry cannot make again exactly is refused with one line naming it,
+/// the process left running: one for permission events, one on a whole file system.
+#[test]
+fn fanotify_permission_and_filesystem_marks_are_refused_with_one_line() {
+    if !needs_root(ROOT) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let _guard = KillMentioning(tmp.path().to_str().unwrap().to_string());
+    let mnt = tmp.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    assert!(Command::new("mount").args(["-t", "tmpfs", "ferry-notify"]).arg(&mnt).status().unwrap().success());
+    let _unmount = Unmount(mnt.clone());
+    let quiet = mnt.join("quiet");
+    std::fs::write(&quiet, "x").unwrap();
+    // (init class, mark flags, mask, path): FAN_CLASS_CONTENT with FAN_OPEN_PERM on a
+    // file nothing opens; FAN_MARK_FILESYSTEM with FAN_CLOSE_WRITE on the quiet tmpfs.
+    for (class, flags, mask, path, needle) in [
+        (0x4, 0x1, 0x10000, &quiet, "a fanotify mark for permission events"),
+        (0x0, 0x101, 0x8, &mnt, "a fanotify mark on the whole file system"),
+    ] {
+        let script = format!(
+            "import ctypes,os,sys,time\n\
+             libc = ctypes.CDLL(None, use_errno=True)\n\
+             libc.fanotify_mark.argtypes = [ctypes.c_int, ctypes.c_uint, ctypes.c_uint64, ctypes.c_int, ctypes.c_char_p]\n\
+             fd = libc.fanotify_init({class} | 0x1, os.O_RDONLY)\n\
+             print('marked', fd, libc.fanotify_mark(fd, {flags}, {mask}, -100, sys.argv[1].encode()), flush=True)\n\
+             while True:\n\
+             \x20   time.sleep(0.02)\n"
+        );
+        let out = tmp.path().join("out");
+        let argv = ["/usr/bin/python3".as_ref(), "-c".as_ref(), script.as_ref(), path.as_os_str()];
+        let mut child = spawn_program(&argv, tmp.path(), &out);
+        let pid = child.id() as i32;
+        wait_until("python to mark", DEADLINE, || std::fs::read_to_string(&out).unwrap_or_default() == "marked 3 0\n");
+        let o = checkpoint(pid, &tmp.path().join("img"));
+        fails_with(&o, &[&format!("process {pid}: fd 3 (anon_inode:[fanotify])"), needle, "not supported"]);
+        assert!(pid_alive(pid), "the process carries on");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
 /// `tail -f` (which follows with inotify) checkpointed and restored prints what is
 /// appended to its file afterwards.
 #[test]
