@@ -431,6 +431,38 @@ fn fanotify_permission_and_filesystem_marks_are_refused_with_one_line() {
     }
 }
 
+/// A pidfd to a thread other than the main one (`PIDFD_THREAD`) is refused with one line
+/// naming the thread: the files plugin rebuilds fds before the threads exist.
+#[test]
+fn a_pidfd_to_another_thread_is_refused_with_one_line_naming_it() {
+    if !needs_root(ROOT) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let _guard = KillMentioning(tmp.path().to_str().unwrap().to_string());
+    let script = "import os,threading,time\n\
+        t = threading.Thread(target=lambda: time.sleep(3600), daemon=True)\n\
+        t.start()\n\
+        fd = os.pidfd_open(t.native_id, os.O_EXCL)\n\
+        print('thread', t.native_id, 'fd', fd, flush=True)\n\
+        while True:\n\
+        \x20   time.sleep(0.02)\n";
+    let out = tmp.path().join("out");
+    let argv = ["/usr/bin/python3".as_ref(), "-c".as_ref(), script.as_ref(), tmp.path().as_os_str()];
+    let mut child = spawn_program(&argv, tmp.path(), &out);
+    let pid = child.id() as i32;
+    let text = || std::fs::read_to_string(&out).unwrap_or_default();
+    wait_until("python to open the pidfd", DEADLINE, || text().ends_with('\n'));
+    let words: Vec<String> = text().split_whitespace().map(str::to_owned).collect();
+    assert_eq!(words.len(), 4, "{}", text());
+    let o = checkpoint(pid, &tmp.path().join("img"));
+    let fd_line = format!("process {pid}: fd {} (anon_inode:[pidfd])", words[3]);
+    fails_with(&o, &[&fd_line, &format!("a pidfd to thread {} of the process", words[1])]);
+    assert!(pid_alive(pid), "the process carries on");
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 /// `tail -f` (which follows with inotify) checkpointed and restored prints what is
 /// appended to its file afterwards.
 #[test]
