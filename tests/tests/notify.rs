@@ -182,27 +182,35 @@ fn inotify_fanotify_and_pidfds_move_with_every_strategy() {
 }
 
 #[test]
-fn queued_inotify_events_are_refused_with_one_line_and_the_process_carries_on() {
+fn queued_inotify_and_fanotify_events_are_refused_with_one_line_and_the_process_carries_on() {
     if !needs_root(ROOT) {
         return;
     }
     let daemon = Daemon::start();
-    let (mut w, _guard) = spawn(&WorkloadOpts { inotify: true, ..Default::default() });
-    let log = w.log.to_str().unwrap().to_string();
-    // An event the workload does not read until its check (which skips it): queued now,
-    // by the time the creating call returns.
-    File::create(w.files_dir().join("notify/in-dir/poke")).unwrap();
-    let image = tempfile::tempdir().unwrap();
-    let o = checkpoint(w.pid, &image.path().join("img"));
-    let pid = w.pid.to_string();
-    fails_with(&o, &[&format!("process {pid}"), "anon_inode:inotify", "32 bytes of inotify events queued", "retry"]);
-    let o = migrate(w.pid, &daemon.addr, "stop-copy");
-    fails_with(&o, &[&format!("process {pid}"), "bytes of inotify events queued"]);
-    assert_eq!(processes_mentioning(&log), vec![w.pid], "no copy is left");
-    let at = *w.ticks().last().unwrap();
-    w.wait_ticks(at + 3);
-    let pid = w.pid;
-    w.terminate_and_check(pid).unwrap();
+    let inotify = WorkloadOpts { inotify: true, ..Default::default() };
+    let fanotify = WorkloadOpts { fanotify: true, ..Default::default() };
+    for (opts, file, needle) in [
+        // An event the workload does not read until its check (which skips it).
+        (inotify, "notify/in-dir/poke", "anon_inode:inotify): 32 bytes of inotify events queued"),
+        // Events the check reads along with its own (merged or not: their size may vary).
+        (fanotify, "notify/fan-file", "bytes of fanotify events queued"),
+    ] {
+        let (mut w, _guard) = spawn(&opts);
+        let log = w.log.to_str().unwrap().to_string();
+        // Queued by the time the call returns.
+        std::fs::write(w.files_dir().join(file), "poke").unwrap();
+        let image = tempfile::tempdir().unwrap();
+        let o = checkpoint(w.pid, &image.path().join("img"));
+        let pid = w.pid.to_string();
+        fails_with(&o, &[&format!("process {pid}"), needle, "retry"]);
+        let o = migrate(w.pid, &daemon.addr, "stop-copy");
+        fails_with(&o, &[&format!("process {pid}"), "events queued"]);
+        assert_eq!(processes_mentioning(&log), vec![w.pid], "no copy is left");
+        let at = *w.ticks().last().unwrap();
+        w.wait_ticks(at + 3);
+        let pid = w.pid;
+        w.terminate_and_check(pid).unwrap();
+    }
 }
 
 /// The children of process `pid`.
