@@ -2137,11 +2137,13 @@ static void verify_seccomp(void)
 /* ---- notification fds and pidfds (--inotify, --fanotify, --pidfd, --pidfd-other), in
  * DIR/notify:
  * --inotify: instance A (non-blocking, close-on-exec) watches "in-file" (wd 1,
- *   IN_MODIFY|IN_CLOSE_WRITE) and the directory "in-dir" (wd 3, IN_CREATE: wd 2 was
- *   taken and given back, a gap); instance B (blocking, inherited by exec) watches
- *   "in-once" (wd 1, IN_ATTRIB|IN_ONESHOT). The check touches each and reads the event
- *   with its wd, mask and name; a new watch on A must get wd 4. Files a test creates
- *   in in-dir named "poke*" are expected and skipped.
+ *   IN_OPEN|IN_MODIFY|IN_CLOSE_WRITE) and the directory "in-dir" (wd 3, IN_CREATE: wd 2
+ *   was taken and given back, a gap); instance B (blocking, inherited by exec) watches
+ *   "in-once" (wd 1, IN_ATTRIB|IN_ONESHOT). "in-file" stays open at a higher fd than A
+ *   (a restore reopening it after remaking A would show in A). The check finds no event
+ *   queued, touches each file and reads the events with their wd, mask and name; a new
+ *   watch on A must get wd 4. Files a test creates in in-dir named "poke*" are
+ *   expected and skipped.
  * --fanotify: an instance (FAN_CLASS_NOTIF|FAN_NONBLOCK, events O_RDONLY|O_LARGEFILE)
  *   marks "fan-file" for FAN_MODIFY|FAN_CLOSE_WRITE; the check writes to it and reads the
  *   event, whose fd must be that file.
@@ -2160,7 +2162,7 @@ static void verify_seccomp(void)
 #define PIDFD_NONBLOCK O_NONBLOCK
 #endif
 static int opt_inotify, opt_fanotify, opt_pidfd, opt_pidfd_other;
-static int nt_a = -1, nt_b = -1, nt_fan = -1, nt_self = -1, nt_thread = -1, nt_dead = -1, nt_other = -1;
+static int nt_a = -1, nt_b = -1, nt_keep = -1, nt_fan = -1, nt_self = -1, nt_thread = -1, nt_dead = -1, nt_other = -1;
 static char nt_dir[PATH_MAX];
 
 static void nt_path(char *out, const char *name)
@@ -2193,7 +2195,7 @@ static void setup_notify(void)
         nt_a = inotify_init1(IN_NONBLOCK | IN_CLOEXEC);
         nt_b = inotify_init1(0);
         nt_path(p, "in-file");
-        if (nt_a < 0 || nt_b < 0 || inotify_add_watch(nt_a, p, IN_MODIFY | IN_CLOSE_WRITE) != 1)
+        if (nt_a < 0 || nt_b < 0 || inotify_add_watch(nt_a, p, IN_OPEN | IN_MODIFY | IN_CLOSE_WRITE) != 1)
             die("inotify in-file");
         int gap = inotify_add_watch(nt_a, nt_dir, IN_DELETE);
         if (gap != 2 || inotify_rm_watch(nt_a, gap) != 0)
@@ -2207,6 +2209,12 @@ static void setup_notify(void)
         nt_path(p, "in-once");
         if (inotify_add_watch(nt_b, p, IN_ATTRIB | IN_ONESHOT) != 1)
             die("inotify in-once");
+        nt_path(p, "in-file");
+        if ((nt_keep = open(p, O_RDONLY)) < 0)
+            die("open in-file");
+        char buf[4096];
+        while (read(nt_a, buf, sizeof buf) > 0) /* its IN_OPEN */
+            ;
     }
     if (opt_fanotify) {
         nt_create("fan-file");
@@ -2302,11 +2310,20 @@ static void verify_notify(void)
             FAIL_RET("inotify: instance A lost O_NONBLOCK or FD_CLOEXEC");
         if ((fcntl(nt_b, F_GETFL) & O_NONBLOCK) || (fcntl(nt_b, F_GETFD) & FD_CLOEXEC))
             FAIL_RET("inotify: instance B gained O_NONBLOCK or FD_CLOEXEC");
+        char buf[4096] __attribute__((aligned(8)));
+        for (int n; (n = read(nt_a, buf, sizeof buf)) > 0;)
+            for (int off = 0; off < n;) {
+                struct inotify_event *e = (struct inotify_event *)(buf + off);
+                if (!(e->mask == IN_CREATE && e->len && !strncmp(e->name, "poke", 4)))
+                    FAIL_RET("inotify: event wd %d mask %#x queued before the check", e->wd, e->mask);
+                off += sizeof *e + e->len;
+            }
         nt_path(p, "in-file");
         int fd = open(p, O_WRONLY | O_APPEND | O_CLOEXEC);
         if (fd < 0 || write(fd, "x", 1) != 1)
             FAIL_RET("inotify: writing in-file: %s", strerror(errno));
         close(fd);
+        nt_expect(nt_a, 1, IN_OPEN, "", "in-file");
         nt_expect(nt_a, 1, IN_MODIFY, "", "in-file");
         nt_expect(nt_a, 1, IN_CLOSE_WRITE, "", "in-file");
         if (failure[0])
