@@ -307,6 +307,31 @@ fn python_reading_inotify_events_sees_a_change_after_a_restore() {
     follows_across_a_restore(&argv, tmp.path(), &followed, "watching 2\n", "watching 2\nevent 2 0x2\n");
 }
 
+/// python3 waiting in epoll on its inotify instance (the epoll instance is rebuilt
+/// after the inotify one it watches) sees a change after a restore.
+#[test]
+fn python_waiting_in_epoll_on_inotify_sees_a_change_after_a_restore() {
+    if !needs_root(ROOT) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let _guard = KillMentioning(tmp.path().to_str().unwrap().to_string());
+    let followed = tmp.path().join("followed");
+    std::fs::write(&followed, "first\n").unwrap();
+    let script = "import ctypes,os,select,struct,sys\n\
+        libc = ctypes.CDLL(None, use_errno=True)\n\
+        ep = select.epoll()\n\
+        fd = libc.inotify_init1(os.O_NONBLOCK)\n\
+        ep.register(fd, select.EPOLLIN)\n\
+        print('watching', libc.inotify_add_watch(fd, sys.argv[1].encode(), 0x2), flush=True)\n\
+        while True:\n\
+        \x20   for f, _ in ep.poll():\n\
+        \x20       w, mask, cookie, n = struct.unpack_from('iIII', os.read(f, 4096))\n\
+        \x20       print('event', w, hex(mask), flush=True)\n";
+    let argv = ["/usr/bin/python3".as_ref(), "-c".as_ref(), script.as_ref(), followed.as_os_str()];
+    follows_across_a_restore(&argv, tmp.path(), &followed, "watching 1\n", "watching 1\nevent 1 0x2\n");
+}
+
 /// A watch on a file deleted while open elsewhere is refused with one line; the process
 /// carries on.
 #[test]
