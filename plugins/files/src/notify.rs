@@ -18,6 +18,11 @@
 //!   process, with its flags (`O_NONBLOCK`, `PIDFD_THREAD`); one to a process that has
 //!   exited becomes a pidfd to a helper ferry forks and reaps (dead as well). A pidfd to
 //!   another process, or to a thread other than the main one, is refused.
+//!
+//! All three are made last in the restore (before the epoll watches, which may name
+//! them): a file the restore opened after an instance was back would show in it as an
+//! event the process never caused. Paths are ferry's view of the files (its mount
+//! namespace), as for every path the files plugin records.
 
 use std::{
     collections::HashSet,
@@ -549,6 +554,25 @@ mod tests {
         assert_eq!(parse_pidfd("Pid:\t-1\nNSpid:\t-1\n"), Ok(-1));
         assert!(parse_pidfd("pos: 0\n").is_err());
         assert_eq!(unescape("/a\\040b"), "/a b");
+    }
+
+    #[test]
+    fn json_round_trip() {
+        let d = Desc {
+            fds: vec![crate::model::Slot { fd: 4, cloexec: true }],
+            flags: 0o4000,
+            pos: 0,
+            object: Object::Inotify { watches: vec![InotifyWatch { wd: 3, mask: 0x8000_0002, path: "/tmp/a b".into() }] },
+            locks: Vec::new(),
+        };
+        let text = serde_json::to_string(&d).unwrap();
+        assert!(text.contains(r#""type":"inotify""#), "{text}");
+        assert_eq!(serde_json::from_str::<Desc>(&text).unwrap(), d);
+        let f = Object::Fanotify { init_flags: 2, event_flags: 0x8000, marks: vec![FanMark { mount: true, path: "/".into(), flags: 0, mask: 8, ignored_mask: 0 }] };
+        assert_eq!(serde_json::from_str::<Object>(&serde_json::to_string(&f).unwrap()).unwrap(), f);
+        let p = Object::Pidfd { dead: true };
+        assert_eq!(serde_json::to_string(&p).unwrap(), r#"{"type":"pidfd","dead":true}"#);
+        assert!(serde_json::from_str::<Object>(r#"{"type":"pidfd","dead":true,"pid":7}"#).is_err(), "unknown fields are refused");
     }
 
     #[test]
