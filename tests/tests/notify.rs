@@ -496,10 +496,9 @@ fn a_pidfd_to_another_thread_is_refused_with_one_line_naming_it() {
     let _ = child.wait();
 }
 
-/// `tail -f` (which follows with inotify) checkpointed and restored prints what is
-/// appended to its file afterwards.
+/// `tail -f` (which follows with inotify, waiting in poll without a timeout)
+/// checkpointed and restored prints what is appended to its file afterwards.
 #[test]
-#[ignore = "the threads plugin turns poll(2)'s restart block (-ERESTART_RESTARTBLOCK, even without a timeout) into EINTR, which tail takes as fatal"]
 fn tail_f_follows_its_file_across_a_restore() {
     if !needs_root(ROOT) {
         return;
