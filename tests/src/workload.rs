@@ -72,11 +72,19 @@ pub struct WorkloadOpts {
     pub shared_twice: bool,
     /// Hold POSIX, lockf, OFD and flock locks on files in its directory (`--locks`).
     pub locks: bool,
+    /// Two inotify instances watching files of `files/notify` (`--inotify`).
+    pub inotify: bool,
+    /// A fanotify instance marking a file of `files/notify` (`--fanotify`).
+    pub fanotify: bool,
+    /// Pidfds to itself, its main thread and an exited child (`--pidfd`).
+    pub pidfd: bool,
+    /// A pidfd to a child it keeps, another process (`--pidfd-other`).
+    pub pidfd_other: bool,
 }
 
 impl Default for WorkloadOpts {
     fn default() -> Self {
-        WorkloadOpts { mem_mib: 1, threads: 0, files: true, tick_ms: 20, dirty_pages: 0, churn: false, move_mem: false, fork_check: false, rseq: false, process_state: false, seccomp: false, shared_anon: false, event_fds: false, listen: false, creds: false, mm_flags: false, mm_sealed: false, shared_twice: false, locks: false }
+        WorkloadOpts { mem_mib: 1, threads: 0, files: true, tick_ms: 20, dirty_pages: 0, churn: false, move_mem: false, fork_check: false, rseq: false, process_state: false, seccomp: false, shared_anon: false, event_fds: false, listen: false, creds: false, mm_flags: false, mm_sealed: false, shared_twice: false, locks: false, inotify: false, fanotify: false, pidfd: false, pidfd_other: false }
     }
 }
 
@@ -161,6 +169,10 @@ impl Workload {
             (opts.mm_sealed, "--mm-sealed"),
             (opts.shared_twice, "--shared-twice"),
             (opts.locks, "--locks"),
+            (opts.inotify, "--inotify"),
+            (opts.fanotify, "--fanotify"),
+            (opts.pidfd, "--pidfd"),
+            (opts.pidfd_other, "--pidfd-other"),
         ];
         cmd.args(flags.iter().filter(|f| f.0).map(|f| f.1));
         Self::start(cmd, dir)

@@ -325,3 +325,44 @@ fn broken_scripts_fail_their_checks() {
     // Bash's array: element 999 is "998008".
     broken_script(Script::Bash, b"998008\0", b"998009\0", "array element 999 is '998009'");
 }
+
+/// The fd of `pid` linking to `link` whose fdinfo satisfies `info`.
+fn fd_where(pid: i32, link: &str, info: impl Fn(&str) -> bool) -> u64 {
+    let found: Vec<u64> = fds(pid, |l| l == link, None, None)
+        .into_iter()
+        .filter(|fd| info(&std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).unwrap_or_default()))
+        .collect();
+    assert_eq!(found.len(), 1, "fds of {pid} linking to {link}: {found:?}");
+    found[0]
+}
+
+#[test]
+fn removed_watches_and_marks_and_a_wrong_pidfd_fail_the_check() {
+    if !needs_root(ROOT) {
+        return;
+    }
+    let nonblocking = |info: &str| {
+        let flags = info.lines().find_map(|l| l.strip_prefix("flags:")).and_then(|v| u32::from_str_radix(v.trim(), 8).ok());
+        flags.is_some_and(|f| f & libc::O_NONBLOCK as u32 != 0)
+    };
+    // Watch 1 (in-file) of the non-blocking inotify instance removed.
+    broken(WorkloadOpts { inotify: true, ..Default::default() }, "inotify: event wd 1 mask 0x8000 queued before the check", |_, pid, inj| {
+        let fd = fd_where(pid, "anon_inode:inotify", nonblocking);
+        inj.call(pid, libc::SYS_inotify_rm_watch, [fd, 1, 0, 0, 0, 0]);
+    });
+    // The fanotify mark on fan-file removed.
+    broken(WorkloadOpts { fanotify: true, ..Default::default() }, "fanotify: no event on fan-file", |w, pid, inj| {
+        let fd = fd_where(pid, "anon_inode:[fanotify]", |_| true);
+        let path = w.files_dir().join("notify/fan-file");
+        let at = inj.put(format!("{}\0", path.display()).as_bytes());
+        const FAN_MARK_REMOVE: u64 = 2;
+        const FAN_MODIFY_CLOSE_WRITE: u64 = 0x2 | 0x8;
+        inj.call(pid, libc::SYS_fanotify_mark, [fd, FAN_MARK_REMOVE, FAN_MODIFY_CLOSE_WRITE, libc::AT_FDCWD as u64, at, 0]);
+    });
+    // The pidfd to itself replaced by the one to the exited child.
+    broken(WorkloadOpts { pidfd: true, ..Default::default() }, "pidfd: signal 0 to itself", |_, pid, inj| {
+        let own = fd_where(pid, "anon_inode:[pidfd]", |i| nonblocking(i) && i.contains(&format!("Pid:\t{pid}\n")));
+        let dead = fd_where(pid, "anon_inode:[pidfd]", |i| i.contains("Pid:\t-1\n"));
+        inj.call(pid, libc::SYS_dup2, [dead, own, 0, 0, 0, 0]);
+    });
+}

@@ -2137,10 +2137,266 @@ static void verify_seccomp(void)
 }
 
 /* ---- main ---- */
+/* ---- notification fds and pidfds (--inotify, --fanotify, --pidfd, --pidfd-other), in
+ * DIR/notify:
+ * --inotify: instance A (non-blocking, close-on-exec) watches "in-file" (wd 1,
+ *   IN_OPEN|IN_MODIFY|IN_CLOSE_WRITE) and the directory "in-dir" (wd 3, IN_CREATE: wd 2
+ *   was taken and given back, a gap); instance B (blocking, inherited by exec) watches
+ *   "in-once" (wd 1, IN_ATTRIB|IN_ONESHOT). "in-file" stays open at a higher fd than A
+ *   (a restore reopening it after remaking A would show in A). The check finds no event
+ *   queued, touches each file and reads the events with their wd, mask and name; a new
+ *   watch on A must get wd 4. Files a test creates in in-dir named "poke*" are
+ *   expected and skipped.
+ * --fanotify: an instance (FAN_CLASS_NOTIF|FAN_NONBLOCK, events O_RDONLY|O_LARGEFILE)
+ *   marks "fan-file" for FAN_MODIFY|FAN_CLOSE_WRITE; the check writes to it and reads the
+ *   event, whose fd must be that file.
+ * --pidfd: a pidfd to itself (PIDFD_NONBLOCK), one to its main thread (PIDFD_THREAD),
+ *   and one to a child that exited and was reaped: signal 0 goes through the first two
+ *   and fails with ESRCH on the last, which alone polls readable.
+ * --pidfd-other: a pidfd to a child it keeps (another process: ferry refuses it); the
+ *   check kills the child through it and waits for it. ---- */
+#include <poll.h>
+#include <sys/fanotify.h>
+#include <sys/inotify.h>
+#ifndef PIDFD_THREAD
+#define PIDFD_THREAD O_EXCL
+#endif
+#ifndef PIDFD_NONBLOCK
+#define PIDFD_NONBLOCK O_NONBLOCK
+#endif
+static int opt_inotify, opt_fanotify, opt_pidfd, opt_pidfd_other;
+static int nt_a = -1, nt_b = -1, nt_keep = -1, nt_fan = -1, nt_self = -1, nt_thread = -1, nt_dead = -1, nt_other = -1;
+static char nt_dir[PATH_MAX];
+
+static void nt_path(char *out, const char *name)
+{
+    if (snprintf(out, PATH_MAX, "%s/%s", nt_dir, name) >= PATH_MAX)
+        out[0] = 0;
+}
+
+static void nt_create(const char *name)
+{
+    char p[PATH_MAX];
+    nt_path(p, name);
+    int fd = open(p, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    if (fd < 0)
+        die(name);
+    close(fd);
+}
+
+static void setup_notify(void)
+{
+    char p[PATH_MAX];
+    if (snprintf(nt_dir, sizeof nt_dir, "%s/notify", real_dir) >= (int)sizeof nt_dir || mkdir(nt_dir, 0755) != 0)
+        die("mkdir notify");
+    if (opt_inotify) {
+        nt_create("in-file");
+        nt_create("in-once");
+        nt_path(p, "in-dir");
+        if (mkdir(p, 0755) != 0)
+            die("mkdir in-dir");
+        nt_a = inotify_init1(IN_NONBLOCK | IN_CLOEXEC);
+        nt_b = inotify_init1(0);
+        nt_path(p, "in-file");
+        if (nt_a < 0 || nt_b < 0 || inotify_add_watch(nt_a, p, IN_OPEN | IN_MODIFY | IN_CLOSE_WRITE) != 1)
+            die("inotify in-file");
+        int gap = inotify_add_watch(nt_a, nt_dir, IN_DELETE);
+        if (gap != 2 || inotify_rm_watch(nt_a, gap) != 0)
+            die("inotify gap");
+        struct inotify_event ev;
+        if (read(nt_a, &ev, sizeof ev) != sizeof ev || ev.mask != IN_IGNORED)
+            die("inotify gap's IN_IGNORED");
+        nt_path(p, "in-dir");
+        if (inotify_add_watch(nt_a, p, IN_CREATE) != 3)
+            die("inotify in-dir");
+        nt_path(p, "in-once");
+        if (inotify_add_watch(nt_b, p, IN_ATTRIB | IN_ONESHOT) != 1)
+            die("inotify in-once");
+        nt_path(p, "in-file");
+        if ((nt_keep = open(p, O_RDONLY)) < 0)
+            die("open in-file");
+        char buf[4096];
+        while (read(nt_a, buf, sizeof buf) > 0) /* its IN_OPEN */
+            ;
+    }
+    if (opt_fanotify) {
+        nt_create("fan-file");
+        nt_fan = fanotify_init(FAN_CLASS_NOTIF | FAN_NONBLOCK | FAN_CLOEXEC, O_RDONLY | O_LARGEFILE);
+        nt_path(p, "fan-file");
+        if (nt_fan < 0 || fanotify_mark(nt_fan, FAN_MARK_ADD, FAN_MODIFY | FAN_CLOSE_WRITE, AT_FDCWD, p) != 0)
+            die("fanotify");
+    }
+    if (opt_pidfd) {
+        nt_self = syscall(SYS_pidfd_open, getpid(), PIDFD_NONBLOCK);
+        nt_thread = syscall(SYS_pidfd_open, getpid(), PIDFD_THREAD);
+        pid_t c = fork();
+        if (c == 0)
+            _exit(0);
+        nt_dead = syscall(SYS_pidfd_open, c, 0);
+        if (nt_self < 0 || nt_thread < 0 || c < 0 || nt_dead < 0 || waitpid(c, NULL, 0) != c)
+            die("pidfds");
+    }
+    if (opt_pidfd_other) {
+        pid_t c = fork();
+        if (c == 0) {
+            prctl(PR_SET_PDEATHSIG, SIGKILL);
+            for (;;)
+                pause();
+        }
+        nt_other = syscall(SYS_pidfd_open, c, 0);
+        if (c < 0 || nt_other < 0)
+            die("pidfd to a child");
+    }
+}
+
+/* Reads the next inotify event of `fd` (waiting up to 2 s), skipping `poke*` creations
+ * a test made; 0 when none came. */
+static int nt_event(int fd, struct inotify_event *ev, char *name)
+{
+    char buf[4096] __attribute__((aligned(8)));
+    static char pending[2][4096];
+    static int pend_len[2], pend_off[2];
+    int slot = fd == nt_a ? 0 : 1;
+    for (;;) {
+        if (pend_off[slot] >= pend_len[slot]) {
+            struct pollfd pf = {.fd = fd, .events = POLLIN};
+            if (poll(&pf, 1, 2000) != 1)
+                return 0;
+            int n = read(fd, buf, sizeof buf);
+            if (n <= 0)
+                return 0;
+            memcpy(pending[slot], buf, n);
+            pend_len[slot] = n;
+            pend_off[slot] = 0;
+        }
+        struct inotify_event *e = (struct inotify_event *)(pending[slot] + pend_off[slot]);
+        pend_off[slot] += sizeof *e + e->len;
+        *ev = *e;
+        snprintf(name, 256, "%s", e->len ? e->name : "");
+        if (!(e->mask == IN_CREATE && !strncmp(name, "poke", 4)))
+            return 1;
+    }
+}
+
+static void nt_expect(int fd, int wd, uint32_t mask, const char *name, const char *what)
+{
+    struct inotify_event ev;
+    char got[256];
+    if (!nt_event(fd, &ev, got))
+        FAIL_RET("inotify: %s: no event (want wd %d mask %#x)", what, wd, mask);
+    if (ev.wd != wd || ev.mask != mask || strcmp(got, name))
+        FAIL_RET("inotify: %s: event wd %d mask %#x name \"%s\", want wd %d mask %#x name \"%s\"", what, ev.wd, ev.mask,
+                 got, wd, mask, name);
+}
+
+/* `Pid:` of a pidfd, -2 if unreadable. */
+static long nt_pidfd_pid(int fd)
+{
+    char p[64], buf[512];
+    snprintf(p, sizeof p, "/proc/self/fdinfo/%d", fd);
+    int f = open(p, O_RDONLY | O_CLOEXEC);
+    int n = f < 0 ? -1 : read(f, buf, sizeof buf - 1);
+    if (f >= 0)
+        close(f);
+    if (n <= 0)
+        return -2;
+    buf[n] = 0;
+    char *at = strstr(buf, "\nPid:");
+    return at ? strtol(at + 5, NULL, 10) : -2;
+}
+
+static void verify_notify(void)
+{
+    char p[PATH_MAX];
+    if (opt_inotify) {
+        if (!(fcntl(nt_a, F_GETFL) & O_NONBLOCK) || !(fcntl(nt_a, F_GETFD) & FD_CLOEXEC))
+            FAIL_RET("inotify: instance A lost O_NONBLOCK or FD_CLOEXEC");
+        if ((fcntl(nt_b, F_GETFL) & O_NONBLOCK) || (fcntl(nt_b, F_GETFD) & FD_CLOEXEC))
+            FAIL_RET("inotify: instance B gained O_NONBLOCK or FD_CLOEXEC");
+        char buf[4096] __attribute__((aligned(8)));
+        for (int n; (n = read(nt_a, buf, sizeof buf)) > 0;)
+            for (int off = 0; off < n;) {
+                struct inotify_event *e = (struct inotify_event *)(buf + off);
+                if (!(e->mask == IN_CREATE && e->len && !strncmp(e->name, "poke", 4)))
+                    FAIL_RET("inotify: event wd %d mask %#x queued before the check", e->wd, e->mask);
+                off += sizeof *e + e->len;
+            }
+        nt_path(p, "in-file");
+        int fd = open(p, O_WRONLY | O_APPEND | O_CLOEXEC);
+        if (fd < 0 || write(fd, "x", 1) != 1)
+            FAIL_RET("inotify: writing in-file: %s", strerror(errno));
+        close(fd);
+        nt_expect(nt_a, 1, IN_OPEN, "", "in-file");
+        nt_expect(nt_a, 1, IN_MODIFY, "", "in-file");
+        nt_expect(nt_a, 1, IN_CLOSE_WRITE, "", "in-file");
+        if (failure[0])
+            return;
+        nt_create("in-dir/new");
+        nt_expect(nt_a, 3, IN_CREATE, "new", "in-dir");
+        nt_path(p, "in-once");
+        if (chmod(p, 0600) != 0)
+            FAIL_RET("inotify: chmod in-once: %s", strerror(errno));
+        nt_expect(nt_b, 1, IN_ATTRIB, "", "in-once");
+        nt_expect(nt_b, 1, IN_IGNORED, "", "in-once (IN_ONESHOT)");
+        if (failure[0])
+            return;
+        int wd = inotify_add_watch(nt_a, nt_dir, IN_DELETE);
+        if (wd != 4)
+            FAIL_RET("inotify: a new watch got wd %d, want 4", wd);
+    }
+    if (opt_fanotify) {
+        if (!(fcntl(nt_fan, F_GETFL) & O_NONBLOCK))
+            FAIL_RET("fanotify: lost O_NONBLOCK");
+        nt_path(p, "fan-file");
+        int fd = open(p, O_WRONLY | O_APPEND | O_CLOEXEC);
+        struct stat want;
+        if (fd < 0 || write(fd, "x", 1) != 1 || fstat(fd, &want) != 0)
+            FAIL_RET("fanotify: writing fan-file: %s", strerror(errno));
+        close(fd);
+        struct pollfd pf = {.fd = nt_fan, .events = POLLIN};
+        char buf[4096] __attribute__((aligned(8)));
+        int n = poll(&pf, 1, 2000) == 1 ? read(nt_fan, buf, sizeof buf) : -1;
+        if (n < (int)sizeof(struct fanotify_event_metadata))
+            FAIL_RET("fanotify: no event on fan-file");
+        uint64_t seen = 0;
+        for (struct fanotify_event_metadata *m = (void *)buf; FAN_EVENT_OK(m, n); m = FAN_EVENT_NEXT(m, n)) {
+            struct stat st;
+            if (m->fd >= 0 && fstat(m->fd, &st) == 0 && st.st_ino == want.st_ino && st.st_dev == want.st_dev)
+                seen |= m->mask;
+            if (m->fd >= 0)
+                close(m->fd);
+        }
+        if (!(seen & FAN_MODIFY))
+            FAIL_RET("fanotify: fan-file: events %#llx, want FAN_MODIFY", (unsigned long long)seen);
+    }
+    if (opt_pidfd) {
+        struct pollfd pf[2] = {{.fd = nt_self, .events = POLLIN}, {.fd = nt_dead, .events = POLLIN}};
+        if (syscall(SYS_pidfd_send_signal, nt_self, 0, NULL, 0) != 0)
+            FAIL_RET("pidfd: signal 0 to itself: %s", strerror(errno));
+        if (syscall(SYS_pidfd_send_signal, nt_thread, 0, NULL, 0) != 0)
+            FAIL_RET("pidfd: signal 0 to its main thread: %s", strerror(errno));
+        if (nt_pidfd_pid(nt_self) != getpid() || nt_pidfd_pid(nt_thread) != getpid())
+            FAIL_RET("pidfd: points to %ld and %ld, not to itself (%d)", nt_pidfd_pid(nt_self), nt_pidfd_pid(nt_thread), getpid());
+        if (!(fcntl(nt_self, F_GETFL) & O_NONBLOCK) || !(fcntl(nt_thread, F_GETFL) & PIDFD_THREAD))
+            FAIL_RET("pidfd: lost PIDFD_NONBLOCK or PIDFD_THREAD");
+        if (syscall(SYS_pidfd_send_signal, nt_dead, 0, NULL, 0) == 0 || errno != ESRCH)
+            FAIL_RET("pidfd: signal 0 to the exited child did not fail with ESRCH");
+        if (poll(pf, 2, 0) != 1 || pf[0].revents || !(pf[1].revents & POLLIN))
+            FAIL_RET("pidfd: poll: itself %#x, the exited child %#x (want 0, POLLIN)", pf[0].revents, pf[1].revents);
+        if (nt_pidfd_pid(nt_dead) != -1)
+            FAIL_RET("pidfd: the exited child's pidfd shows Pid %ld", nt_pidfd_pid(nt_dead));
+    }
+    if (opt_pidfd_other) {
+        siginfo_t si;
+        if (syscall(SYS_pidfd_send_signal, nt_other, SIGKILL, NULL, 0) != 0 || waitid(P_PIDFD, nt_other, &si, WEXITED) != 0)
+            FAIL_RET("pidfd: killing the child through it: %s", strerror(errno));
+    }
+}
+
 static void usage(void)
 {
     fprintf(stderr, "usage: workload --log PATH [--dir DIR] [--mem-mib N] [--threads N] [--tick-ms N]"
-                    " [--dirty-pages N] [--churn] [--move-mem] [--fork-check] [--rseq] [--process-state] [--seccomp] [--shared-anon] [--event-fds] [--listen] [--creds] [--mm-flags] [--mm-sealed] [--shared-twice] [--locks] [--no-files]\n");
+                    " [--dirty-pages N] [--churn] [--move-mem] [--fork-check] [--rseq] [--process-state] [--seccomp] [--shared-anon] [--event-fds] [--listen] [--creds] [--mm-flags] [--mm-sealed] [--shared-twice] [--locks] [--inotify] [--fanotify] [--pidfd] [--pidfd-other] [--no-files]\n");
     exit(2);
 }
 
@@ -2174,6 +2430,8 @@ int main(int argc, char **argv)
             {"--mm-flags", &opt_mm_flags, 1},    {"--mm-sealed", &opt_mm_sealed, 1},
             {"--shared-twice", &opt_shared_twice, 1},
             {"--locks", &opt_locks, 1},
+            {"--inotify", &opt_inotify, 1},      {"--fanotify", &opt_fanotify, 1},
+            {"--pidfd", &opt_pidfd, 1},          {"--pidfd-other", &opt_pidfd_other, 1},
         };
         int flag = 0;
         for (size_t f = 0; f < sizeof flags / sizeof flags[0] && !flag; f++)
@@ -2254,6 +2512,8 @@ int main(int argc, char **argv)
         setup_listener();
     if (opt_locks)
         setup_locks();
+    if (opt_inotify || opt_fanotify || opt_pidfd || opt_pidfd_other)
+        setup_notify();
 
     if (opt_creds)
         setup_creds();
@@ -2375,6 +2635,8 @@ int main(int argc, char **argv)
         verify_rseq();
     if (opt_locks && !failure[0])
         verify_locks();
+    if ((opt_inotify || opt_fanotify || opt_pidfd || opt_pidfd_other) && !failure[0])
+        verify_notify();
 
     if (failure[0]) {
         logf_("FAIL: %s", failure);

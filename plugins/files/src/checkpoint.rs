@@ -556,6 +556,10 @@ impl Checkpoint {
                     let object = Object::UnixPair { ino: *ino, peer: info.peer, sock_type: info.sock_type, shutdown: info.shutdown, data_len };
                     descs.push((Desc { fds: slots, flags, pos: 0, object, locks: Vec::new() }, (data_len > 0).then_some(first.fd)));
                 }
+                Kind::Notify => {
+                    let object = crate::notify::describe(ctx, first.fd, &first.link, &first.fdinfo)?;
+                    descs.push((Desc { fds: slots, flags, pos: 0, object, locks: Vec::new() }, None));
+                }
                 Kind::Memfd(name) => {
                     let carries = with_contents.insert(key);
                     let object = Object::Memfd {
@@ -612,6 +616,9 @@ pub fn object_name(o: &Object) -> String {
         Object::UnixPair { ino, .. } => format!("socket:[{ino}]"),
         Object::UnixSocket { backlog: Some(_), .. } => "listening Unix socket".into(),
         Object::UnixSocket { .. } => "Unix datagram socket".into(),
+        Object::Inotify { .. } => "anon_inode:inotify".into(),
+        Object::Fanotify { .. } => "anon_inode:[fanotify]".into(),
+        Object::Pidfd { .. } => "anon_inode:[pidfd]".into(),
         Object::Inet { family, sock_type, .. } => format!(
             "{}{} socket",
             if *sock_type == libc::SOCK_STREAM { "listening TCP" } else { "UDP" },

@@ -7,7 +7,8 @@
 //!
 //! See [`model`] for the records. Checkpoint reads `/proc/PID/{fd,fdinfo}` and uses
 //! `kcmp` to find fds sharing one description; restart rebuilds everything by system
-//! calls injected into the restore child. Other sockets, inotify and other anonymous
+//! calls injected into the restore child. inotify and fanotify instances and pidfds are
+//! carried as [`notify`] says. Other sockets and other anonymous
 //! inodes are refused with an error naming the fd, so the checkpoint fails before anything is
 //! written; so are pseudo-terminal masters (see [`pty`]).
 
@@ -17,6 +18,7 @@ mod restore;
 mod scan;
 mod inet;
 mod locks;
+mod notify;
 mod pty;
 mod unix;
 

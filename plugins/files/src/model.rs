@@ -111,6 +111,12 @@ pub enum Object {
     /// connected to `peer` again. Waiting connections and queued datagrams do not
     /// follow (the checkpoint refuses them).
     UnixSocket { sock_type: i32, addr: Option<String>, mode: Option<u32>, peer: Option<String>, backlog: Option<u32> },
+    /// An inotify instance and its watches, in wd order (see [`crate::notify`]).
+    Inotify { watches: Vec<crate::notify::InotifyWatch> },
+    /// A fanotify instance: its `fanotify_init` flags and event flags, and its marks.
+    Fanotify { init_flags: u32, event_flags: u32, marks: Vec<crate::notify::FanMark> },
+    /// A pidfd to the process itself, or (`dead`) to a process that has exited.
+    Pidfd { dead: bool },
 }
 
 /// One file an epoll instance watches.
@@ -166,6 +172,7 @@ impl Desc {
             Object::Path { .. } | Object::Eventfd { .. } | Object::Timerfd { .. } | Object::Signalfd { .. } | Object::Epoll { .. } => 0,
             Object::UnixPair { data_len, .. } => *data_len,
             Object::Inet { .. } | Object::UnixSocket { .. } => 0,
+            Object::Inotify { .. } | Object::Fanotify { .. } | Object::Pidfd { .. } => 0,
             Object::Deleted { data_len, .. } | Object::Memfd { data_len, .. } => data_len.unwrap_or(0),
         }
     }
@@ -277,6 +284,7 @@ impl Desc {
                 }
             }
             Object::Signalfd { .. } => {}
+            Object::Inotify { .. } | Object::Fanotify { .. } | Object::Pidfd { .. } => crate::notify::validate(&self.object, &what)?,
             Object::Inet { family, sock_type, addr, peer, backlog, options } => {
                 let want = match *family {
                     libc::AF_INET => 16,

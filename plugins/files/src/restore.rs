@@ -286,6 +286,8 @@ pub struct Restore {
     /// Locks to take last, once no fd of their files will be closed again: the fd to
     /// take them through, its label, the locks.
     locks: Vec<(i32, String, Vec<Lock>)>,
+    /// inotify and fanotify instances and pidfds, made last (see [`crate::notify`]).
+    notify: Vec<(String, Desc)>,
     /// Files created in the child and not unlinked yet (removed by cleanup on failure).
     pub created: Vec<String>,
     finished: bool,
@@ -470,6 +472,9 @@ impl Restore {
             Object::Eventfd { .. } | Object::Timerfd { .. } | Object::Signalfd { .. } | Object::Epoll { .. } => {
                 self.start_event_fd(ctx, &what, &desc)?;
             }
+            // Made in `finish`, once the restore opens no more files: its own opens
+            // would show as events.
+            Object::Inotify { .. } | Object::Fanotify { .. } | Object::Pidfd { .. } => self.notify.push((what, desc)),
             Object::Inet { family, sock_type, addr, peer, backlog, options } => {
                 let proto = if *sock_type == libc::SOCK_STREAM { libc::IPPROTO_TCP } else { libc::IPPROTO_UDP };
                 let fd = sys(ctx, &format!("{what}: socket"), libc::SYS_socket, [*family as u64, (*sock_type | libc::SOCK_CLOEXEC) as u64, proto as u64, 0, 0, 0])? as i32;
@@ -838,6 +843,12 @@ impl Restore {
         let h = self.header.clone().ok_or("internal error: no header")?;
         if let Some(ino) = self.socks.keys().next() {
             return Err(format!("the image lacks the other end of a Unix socket pair (socket:[{ino}])"));
+        }
+        for (what, desc) in std::mem::take(&mut self.notify) {
+            let h = self.placer.adopt(crate::notify::make(ctx, &what, &desc)?);
+            self.placer.place(ctx, &what, h, &desc.fds)?;
+            self.placer.release(ctx, h)?;
+            self.status.entities_done += 1;
         }
         for (fd, peer, what) in std::mem::take(&mut self.connects) {
             let at = Scratch::new(ctx).put(ctx, &peer)?;

@@ -156,6 +156,8 @@ pub enum Kind {
     Epoll,
     /// A socket, by inode: the checkpoint asks the kernel what it is.
     Socket(u64),
+    /// An inotify or fanotify instance, or a pidfd (see [`crate::notify`]).
+    Notify,
 }
 
 /// Decides the kind of fd `fd` from its link text and stat. `named(path)` tells
@@ -192,6 +194,7 @@ pub fn kind_of(fd: i32, link: &str, st: &StatInfo, named: impl Fn(&str) -> bool)
         Link::Anon("signalfd") => Ok(Kind::Signalfd),
         Link::Anon("eventpoll") => Ok(Kind::Epoll),
         Link::Socket(ino) => Ok(Kind::Socket(ino)),
+        Link::Anon("inotify" | "fanotify" | "pidfd") => Ok(Kind::Notify),
         _ => Err(unsupported(fd, link)),
     }
 }
@@ -380,8 +383,10 @@ mod tests {
         assert_eq!(kind_of(7, "socket:[12345]", &st(libc::S_IFSOCK), never), Ok(Kind::Socket(12345)));
         assert_eq!(kind_of(5, "anon_inode:[eventfd]", &StatInfo::default(), never), Ok(Kind::Eventfd));
         assert_eq!(kind_of(5, "anon_inode:[eventpoll]", &StatInfo::default(), never), Ok(Kind::Epoll));
-        let e = kind_of(5, "anon_inode:inotify", &StatInfo::default(), never).unwrap_err();
-        assert!(e.contains("fd 5 is an inotify instance"), "{e}");
+        assert_eq!(kind_of(5, "anon_inode:inotify", &StatInfo::default(), never), Ok(Kind::Notify));
+        assert_eq!(kind_of(5, "anon_inode:[pidfd]", &StatInfo::default(), never), Ok(Kind::Notify));
+        let e = kind_of(5, "anon_inode:[userfaultfd]", &StatInfo::default(), never).unwrap_err();
+        assert!(e.contains("fd 5 is a userfaultfd"), "{e}");
         assert!(kind_of(5, "/weird", &StatInfo::default(), never).is_err());
     }
 

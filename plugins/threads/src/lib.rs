@@ -32,6 +32,7 @@ const REGS_SIZE: usize = std::mem::size_of::<libc::user_regs_struct>();
 const REG_WORDS: usize = REGS_SIZE / 8;
 /// Word indices in `user_regs_struct`.
 const RAX: usize = 10;
+const RDX: usize = 12;
 const ORIG_RAX: usize = 15;
 const RIP: usize = 16;
 
@@ -181,14 +182,17 @@ pub enum RestartFix {
 /// Fixes up the registers of a thread seized inside a system call, as the kernel's
 /// signal-return path would have done had the thread gone on: `-ERESTARTSYS`,
 /// `-ERESTARTNOINTR`, `-ERESTARTNOHAND` re-execute the call, `-ERESTART_RESTARTBLOCK`
-/// becomes `-EINTR`. `orig_rax` is always set to -1 so that the restored thread's
-/// kernel never applies restart logic of its own.
+/// becomes `-EINTR` — except for `poll` without a timeout (`tail -f` waits so), whose
+/// restart block polls the same fds with no timeout again: executing it again is the
+/// same. `orig_rax` is always set to -1 so that the restored thread's kernel never
+/// applies restart logic of its own.
 fn restart_fixup(regs: &mut [u64; REG_WORDS]) -> Result<RestartFix, String> {
     let orig = regs[ORIG_RAX] as i64;
     let rax = regs[RAX] as i64;
+    let endless_poll = orig == libc::SYS_poll && (regs[RDX] as i32) < 0;
     let fix = if orig < 0 {
         RestartFix::None
-    } else if rax == -ERESTARTSYS || rax == -ERESTARTNOINTR || rax == -ERESTARTNOHAND {
+    } else if rax == -ERESTARTSYS || rax == -ERESTARTNOINTR || rax == -ERESTARTNOHAND || (rax == -ERESTART_RESTARTBLOCK && endless_poll) {
         regs[RIP] = regs[RIP]
             .checked_sub(2)
             .ok_or_else(|| format!("interrupted system call {orig} at rip {:#x}", regs[RIP]))?;
@@ -969,6 +973,20 @@ mod tests {
         assert_eq!(r[RIP], 0x401002);
         assert_eq!(r[RAX] as i64, -EINTR);
         assert_eq!(r[ORIG_RAX], u64::MAX);
+        // poll with a timeout: its restart block would wait for what is left of it.
+        let mut r = regs_with(libc::SYS_poll, -ERESTART_RESTARTBLOCK, 0x401002);
+        r[RDX] = 1000;
+        assert_eq!(restart_fixup(&mut r).unwrap(), RestartFix::Eintr);
+    }
+
+    #[test]
+    fn poll_without_a_timeout_is_executed_again() {
+        // The timeout is an int: -1 in rdx's low half, whatever the high half holds.
+        let mut r = regs_with(libc::SYS_poll, -ERESTART_RESTARTBLOCK, 0x401002);
+        r[RDX] = 0xdead_0000_ffff_ffff;
+        assert_eq!(restart_fixup(&mut r).unwrap(), RestartFix::Reexecute);
+        assert_eq!((r[RIP], r[RAX], r[ORIG_RAX]), (0x401000, libc::SYS_poll as u64, u64::MAX));
+        assert_eq!(r[RDX], 0xdead_0000_ffff_ffff, "the arguments stay");
     }
 
     #[test]
