@@ -76,6 +76,9 @@ fn site_code(data: u64) -> Vec<u8> {
     code
 }
 
+/// EFLAGS.TF: single-step trap after each instruction.
+pub(super) const TRAP_FLAG: u64 = 0x100;
+
 /// Where the recovery block sits in the scratch area: its last page.
 pub(super) const RECOVERY_DATA: u64 = SCRATCH_SIZE - PAGE;
 /// Where it sits after a borrowed site's code.
@@ -287,6 +290,9 @@ impl Tracer {
         let saved = self.thread(tid)?.regs;
         let mut regs = saved;
         regs.rip = site;
+        // A thread single-stepping itself (TF set with pushf/popf) would trap in our
+        // code: its TF comes back with its registers after the call.
+        regs.eflags &= !TRAP_FLAG;
         regs.rax = nr as u64;
         regs.orig_rax = u64::MAX; // no syscall restart logic for our call
         regs.rdi = args[0];
