@@ -72,11 +72,14 @@ pub struct WorkloadOpts {
     pub shared_twice: bool,
     /// Hold POSIX, lockf, OFD and flock locks on files in its directory (`--locks`).
     pub locks: bool,
+    /// Further flags, as given (`workloads/traps.c`'s `--self-trap`, `--single-step`,
+    /// `--watchpoint`, `--sigtrap-pending`, `--vdso-moved`, `--vdso-unmapped`).
+    pub extra: &'static [&'static str],
 }
 
 impl Default for WorkloadOpts {
     fn default() -> Self {
-        WorkloadOpts { mem_mib: 1, threads: 0, files: true, tick_ms: 20, dirty_pages: 0, churn: false, move_mem: false, fork_check: false, rseq: false, process_state: false, seccomp: false, shared_anon: false, event_fds: false, listen: false, creds: false, mm_flags: false, mm_sealed: false, shared_twice: false, locks: false }
+        WorkloadOpts { mem_mib: 1, threads: 0, files: true, tick_ms: 20, dirty_pages: 0, churn: false, move_mem: false, fork_check: false, rseq: false, process_state: false, seccomp: false, shared_anon: false, event_fds: false, listen: false, creds: false, mm_flags: false, mm_sealed: false, shared_twice: false, locks: false, extra: &[] }
     }
 }
 
@@ -158,6 +161,7 @@ impl Workload {
             (opts.locks, "--locks"),
         ];
         cmd.args(flags.iter().filter(|f| f.0).map(|f| f.1));
+        cmd.args(opts.extra);
         Self::start(cmd, dir)
     }
 

@@ -2133,11 +2133,16 @@ static void verify_seccomp(void)
         FAIL_RET("seccomp: TSYNC failed (%ld, %s): the threads no longer share the first filter", r, strerror(errno));
 }
 
+/* ---- traps, debug registers and the vDSO (--self-trap, --single-step, --watchpoint,
+ * --sigtrap-pending, --vdso-moved, --vdso-unmapped): see traps.c ---- */
+#include "traps.c"
+
 /* ---- main ---- */
 static void usage(void)
 {
     fprintf(stderr, "usage: workload --log PATH [--dir DIR] [--mem-mib N] [--threads N] [--tick-ms N]"
-                    " [--dirty-pages N] [--churn] [--move-mem] [--fork-check] [--rseq] [--process-state] [--seccomp] [--shared-anon] [--event-fds] [--listen] [--creds] [--mm-flags] [--mm-sealed] [--shared-twice] [--locks] [--no-files]\n");
+                    " [--dirty-pages N] [--churn] [--move-mem] [--fork-check] [--rseq] [--process-state] [--seccomp] [--shared-anon] [--event-fds] [--listen] [--creds] [--mm-flags] [--mm-sealed] [--shared-twice] [--locks] [--no-files]"
+                    " [--self-trap] [--single-step] [--watchpoint] [--sigtrap-pending] [--vdso-moved] [--vdso-unmapped]\n");
     exit(2);
 }
 
@@ -2171,6 +2176,10 @@ int main(int argc, char **argv)
             {"--mm-flags", &opt_mm_flags, 1},    {"--mm-sealed", &opt_mm_sealed, 1},
             {"--shared-twice", &opt_shared_twice, 1},
             {"--locks", &opt_locks, 1},
+            /* traps.c */
+            {"--self-trap", &opt_self_trap, 1},  {"--single-step", &opt_single_step, 1},
+            {"--watchpoint", &opt_watchpoint, 1}, {"--sigtrap-pending", &opt_sigtrap_pending, 1},
+            {"--vdso-moved", &opt_vdso_moved, 1}, {"--vdso-unmapped", &opt_vdso_unmapped, 1},
         };
         int flag = 0;
         for (size_t f = 0; f < sizeof flags / sizeof flags[0] && !flag; f++)
@@ -2263,6 +2272,7 @@ int main(int argc, char **argv)
         if (errno)
             die("pthread_create");
     }
+    setup_traps();
     if (opt_creds)
         setup_creds_dumpable();
     if (opt_process_state)
@@ -2313,6 +2323,7 @@ int main(int argc, char **argv)
             mmf_tick(tick);
         if (opt_seccomp)
             seccomp_tick(tick);
+        traps_tick();
         if (opt_rseq) {
             logf_("rseq-aborts %llu", (unsigned long long)rseq_aborts);
             rseq_wait(opt_tick_ms);
@@ -2324,6 +2335,7 @@ int main(int argc, char **argv)
     if (opt_seccomp)
         verify_seccomp();
     atomic_store(&stop_threads, 1);
+    verify_traps();
     for (long i = 0; i < opt_threads; i++) {
         errno = pthread_join(threads[i], NULL);
         if (errno)
