@@ -452,7 +452,11 @@ fn checkpoint_thread(ctx: &mut ContextRef<'_>, tid: i32) -> Result<ThreadImage, 
     })
 }
 
-/// The debug registers as read (eight words), `None` when all are zero.
+/// DR6 as the kernel reports it for a thread with nothing to report (its reserved bits).
+const DR6_RESET: u64 = 0xffff_0ff0;
+
+/// The debug registers as read (eight words), `None` when none holds anything: no
+/// address, no control bit, DR6 as at reset.
 fn debugregs_of(bytes: &[u8]) -> Result<Option<[u64; 8]>, String> {
     if bytes.len() != 64 {
         return Err(format!("debug registers of {} bytes, want 64", bytes.len()));
@@ -461,7 +465,8 @@ fn debugregs_of(bytes: &[u8]) -> Result<Option<[u64; 8]>, String> {
     for (i, v) in w.iter_mut().enumerate() {
         *v = u64_le(bytes, 8 * i).unwrap_or(0);
     }
-    Ok(w.iter().any(|&v| v != 0).then_some(w))
+    let set = w.iter().enumerate().any(|(i, &v)| if i == 6 { v != DR6_RESET && v != 0 } else { v != 0 });
+    Ok(set.then_some(w))
 }
 
 /// Where thread `tid`, seized at `rip`, must resume if it is inside the rseq
@@ -830,7 +835,9 @@ mod tests {
         }
         fn get_regset(&mut self, tid: i32, regset: u32) -> RResult<RVec<u8>, PluginError> {
             if regset == NT_FERRY_DEBUGREGS {
-                return RResult::ROk(self.debugregs.get(&tid).cloned().unwrap_or(vec![0; 64]).into());
+                let mut idle = vec![0; 64];
+                idle[48..56].copy_from_slice(&DR6_RESET.to_le_bytes());
+                return RResult::ROk(self.debugregs.get(&tid).cloned().unwrap_or(idle).into());
             }
             let m = if regset == NT_PRSTATUS { &self.regs } else { &self.xstate };
             match m.get(&tid) {
