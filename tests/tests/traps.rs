@@ -252,6 +252,18 @@ fn a_process_that_moved_its_vdso_finds_it_where_it_put_it() {
 }
 
 #[test]
+fn a_process_that_moved_its_vdso_with_its_vvar_calls_it_there_in_every_copy() {
+    if !needs_root(WHY) {
+        return;
+    }
+    // Each tick it calls clock_gettime through the vDSO at its new place: a copy whose
+    // vDSO or vvar is elsewhere would fault or read another clock.
+    let w = Workload::spawn(&opts(&["--vdso-moved-whole"]));
+    w.wait_ready();
+    through_everything(w, "vdso moved with its vvar");
+}
+
+#[test]
 fn a_process_that_unmapped_its_vdso_gets_none_back_and_survives_ferrys_injections() {
     if !needs_root(WHY) {
         return;

@@ -17,6 +17,9 @@
  *                    stays): at the end both are where they were put, the vDSO intact
  *   --vdso-unmapped  the process unmaps its [vdso] and vvar areas: at the end none is
  *                    back, and clock_gettime by syscall still works
+ *   --vdso-moved-whole the process moves its vvar areas and [vdso] together elsewhere
+ *                    and calls clock_gettime through the vDSO there (found in its symbol
+ *                    table) every tick, checked against the system call
  *
  * Log lines: `traps int3 N step R watch W` each tick (counts so far), `vdso 0x<start>`
  * for a moved vDSO. The vDSO options leave libc's vDSO calls alone afterwards (they
@@ -32,6 +35,7 @@ static int opt_watchpoint;
 static int opt_sigtrap_pending;
 static int opt_vdso_moved;
 static int opt_vdso_unmapped;
+static int opt_vdso_moved_whole;
 
 #define STEP_NOPS 64
 #define TRAP_BURST 200
@@ -263,11 +267,84 @@ static void verify_vdso(void)
         FAIL_RET("vdso: [vvar] at %#lx, it stayed at %#lx", (unsigned long)s, (unsigned long)vvar_at);
 }
 
+/* ---- the vDSO moved whole, and called where it is ---- */
+static uint64_t whole_at; /* where the vDSO went */
+static int (*vdso_clock_gettime)(clockid_t, struct timespec *);
+
+/* `name` in the vDSO's dynamic symbol table, the image loaded at `base`. */
+static void *vdso_symbol(uint64_t base, const char *name)
+{
+    const Elf64_Ehdr *eh = (const Elf64_Ehdr *)base;
+    const Elf64_Phdr *ph = (const Elf64_Phdr *)(base + eh->e_phoff);
+    uint64_t load = base;
+    for (int i = 0; i < eh->e_phnum; i++)
+        if (ph[i].p_type == PT_LOAD) {
+            load = base - ph[i].p_vaddr;
+            break;
+        }
+    const Elf64_Shdr *sh = (const Elf64_Shdr *)(base + eh->e_shoff);
+    for (int i = 0; i < eh->e_shnum; i++) {
+        if (sh[i].sh_type != SHT_DYNSYM)
+            continue;
+        const Elf64_Sym *sym = (const Elf64_Sym *)(base + sh[i].sh_offset);
+        const char *str = (const char *)(base + sh[sh[i].sh_link].sh_offset);
+        for (size_t k = 0; k < sh[i].sh_size / sizeof *sym; k++)
+            if (sym[k].st_name && !strcmp(str + sym[k].st_name, name) && sym[k].st_shndx != SHN_UNDEF)
+                return (void *)(load + sym[k].st_value);
+    }
+    return NULL;
+}
+
+static void setup_vdso_whole(void)
+{
+    uint64_t lo = UINT64_MAX, hi = 0, s, e, vdso = 0;
+    const char *areas[] = {"[vvar]", "[vvar_vclock]", "[vdso]"};
+    for (size_t i = 0; i < 3; i++)
+        if (find_area(areas[i], &s, &e)) {
+            lo = s < lo ? s : lo;
+            hi = e > hi ? e : hi;
+            if (i == 2)
+                vdso = s;
+        }
+    if (!vdso)
+        die("no [vdso]");
+    void *hole = mmap(NULL, (hi - lo) + (64 << 20), PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (hole == MAP_FAILED)
+        die("mmap hole");
+    uint64_t to = (uint64_t)hole + (16 << 20);
+    munmap(hole, (hi - lo) + (64 << 20));
+    for (size_t i = 0; i < 3; i++)
+        if (find_area(areas[i], &s, &e) &&
+            mremap((void *)s, e - s, e - s, MREMAP_MAYMOVE | MREMAP_FIXED, (void *)(to + (s - lo))) != (void *)(to + (s - lo)))
+            die("mremap vdso whole");
+    whole_at = to + (vdso - lo);
+    vdso_clock_gettime = vdso_symbol(whole_at, "__vdso_clock_gettime");
+    if (!vdso_clock_gettime)
+        die("no __vdso_clock_gettime in the moved vDSO");
+    logf_("vdso %#llx", (unsigned long long)whole_at);
+}
+
+/* clock_gettime through the moved vDSO agrees with the system call. */
+static void vdso_whole_check(void)
+{
+    struct timespec a, v, b;
+    syscall(SYS_clock_gettime, CLOCK_MONOTONIC, &a);
+    int r = vdso_clock_gettime(CLOCK_MONOTONIC, &v);
+    syscall(SYS_clock_gettime, CLOCK_MONOTONIC, &b);
+    int64_t na = a.tv_sec * 1000000000LL + a.tv_nsec, nv = v.tv_sec * 1000000000LL + v.tv_nsec,
+            nb = b.tv_sec * 1000000000LL + b.tv_nsec;
+    if (r != 0 || nv < na || nv > nb)
+        trap_failed("clock_gettime through the moved vDSO (ns after the system call's)", (uint64_t)(nv - na),
+                    (uint64_t)(nb - na));
+}
+
 /* ---- setup, tick, verify ---- */
 static void setup_traps(void)
 {
     if (opt_vdso_moved || opt_vdso_unmapped)
         setup_vdso();
+    if (opt_vdso_moved_whole)
+        setup_vdso_whole();
     if (opt_self_trap || opt_single_step || opt_watchpoint) {
         struct sigaction sa;
         memset(&sa, 0, sizeof sa);
@@ -309,6 +386,8 @@ static void setup_traps(void)
 
 static void traps_tick(void)
 {
+    if (opt_vdso_moved_whole)
+        vdso_whole_check();
     if (opt_self_trap || opt_single_step || opt_watchpoint)
         logf_("traps int3 %llu step %llu watch %llu", (unsigned long long)int3_hits, (unsigned long long)step_rounds,
               (unsigned long long)watch_hits);
@@ -348,4 +427,12 @@ static void verify_traps(void)
     }
     if (opt_vdso_moved || opt_vdso_unmapped)
         verify_vdso();
+    if (opt_vdso_moved_whole) {
+        uint64_t s, e;
+        vdso_whole_check();
+        if (trap_fail[0])
+            FAIL_RET("traps: %s", trap_fail);
+        if (!find_area("[vdso]", &s, &e) || s != whole_at)
+            FAIL_RET("vdso: [vdso] at %#lx, the process moved it to %#lx", (unsigned long)s, (unsigned long)whole_at);
+    }
 }
