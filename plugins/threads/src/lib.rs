@@ -561,7 +561,9 @@ impl Plugin {
         let mask_at = scratch.put(ctx, &t.sigmask.to_le_bytes())?;
         sys(ctx, "rt_sigprocmask", libc::SYS_rt_sigprocmask, [SIG_SETMASK, mask_at, 0, 8, 0, 0])?;
         set_regset(ctx, tid, NT_X86_XSTATE, &t.xstate, "the xstate").map_err(|e| format!("{name}: {e}"))?;
-        // After every injected call: an armed breakpoint must never meet ferry's code.
+        // Last before the general registers, after this plugin's injected calls. The
+        // breakpoints are of user space only: the kernel's own accesses in the calls
+        // other plugins inject later never trigger them.
         if let Some(dr) = t.debugregs {
             let bytes: Vec<u8> = dr.iter().flat_map(|w| w.to_le_bytes()).collect();
             set_regset(ctx, tid, NT_FERRY_DEBUGREGS, &bytes, "the debug registers").map_err(|e| format!("{name}: {e}"))?;
