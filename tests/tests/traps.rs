@@ -133,6 +133,24 @@ fn restore_until_caught_stepping(w: &mut Workload, tmp: &std::path::Path) -> i32
     panic!("40 checkpoints and none caught a thread single-stepping itself");
 }
 
+/// Checkpoints process `pid` of `w` left running until an image caught one of its
+/// threads single-stepping itself: ferry's calls ran in that thread, and it must go on
+/// stepping from where it was, with its TF, once let go.
+fn leave_running_until_caught_stepping(w: &Workload, pid: i32, tmp: &std::path::Path) {
+    for round in 0..40 {
+        let dir = tmp.join(format!("left{round}"));
+        let o = ferry(&["checkpoint", &pid.to_string(), "--dir", dir.to_str().unwrap(), "--leave-running"]);
+        assert!(o.status.success(), "checkpoint --leave-running: {}", stderr(&o));
+        let caught = caught_stepping(&dir);
+        let _ = std::fs::remove_dir_all(&dir);
+        if caught {
+            traps_go_on(w, &format!("left running {round}"));
+            return;
+        }
+    }
+    panic!("40 checkpoints and none caught a thread single-stepping itself");
+}
+
 /// Checkpoints `w` left running, then for good, restores it, and migrates it with every
 /// strategy; after each step the traps go on, and at the end it passes its own check.
 fn through_everything(mut w: Workload, what: &str) {
@@ -190,6 +208,7 @@ fn a_process_trapping_itself_with_int3_and_single_steps_goes_on_without_a_lost_o
     let mut w = Workload::spawn(&opts(&["--self-trap", "--single-step", "--sigtrap-pending"]));
     w.wait_ticks(2);
     let tmp = tempfile::tempdir().unwrap();
+    leave_running_until_caught_stepping(&w, w.pid, tmp.path());
     let pid = restore_until_caught_stepping(&mut w, tmp.path());
     through_everything_from(&mut w, pid, "int3 and single-step");
 }
