@@ -332,18 +332,20 @@ fn a_perf_event_fd_is_refused_naming_the_pid_and_fd_and_the_process_runs_on() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
-    let mut py = Command::new("python3")
-        .args(["-c", PERF_PY])
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&out).unwrap())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let pid = py.id() as i32;
+    let mut py = Killed(
+        Command::new("python3")
+            .args(["-c", PERF_PY])
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&out).unwrap())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let pid = py.0.id() as i32;
     let mut fd = String::new();
     wait_until("the perf event's fd", Duration::from_secs(30), || {
         fd = std::fs::read_to_string(&out).unwrap_or_default().trim().strip_prefix("fd ").unwrap_or("").to_string();
-        !fd.is_empty() || py.try_wait().unwrap().is_some()
+        !fd.is_empty() || py.0.try_wait().unwrap().is_some()
     });
     assert!(!fd.is_empty(), "python3 could not open its perf event");
     let link = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).unwrap();
@@ -360,9 +362,17 @@ fn a_perf_event_fd_is_refused_naming_the_pid_and_fd_and_the_process_runs_on() {
             .unwrap();
         fails_naming(&o, pid, &fd);
     }
-    assert!(pid_alive(pid) && py.try_wait().unwrap().is_none(), "the process died of a refusal");
-    let _ = py.kill();
-    let _ = py.wait();
+    assert!(pid_alive(pid) && py.0.try_wait().unwrap().is_none(), "the process died of a refusal");
+}
+
+/// A child killed (and reaped) when the test ends, failed or not.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 // ---- The checks above fail where the state is broken: a restored copy has one thing
