@@ -2134,7 +2134,7 @@ static void verify_seccomp(void)
 }
 
 /* ---- traps, debug registers and the vDSO (--self-trap, --single-step, --watchpoint,
- * --sigtrap-pending, --vdso-moved, --vdso-unmapped): see traps.c ---- */
+ * --sigtrap-pending, --vdso-moved, --vdso-unmapped, --vdso-moved-whole): see traps.c ---- */
 #include "traps.c"
 
 /* ---- main ---- */
