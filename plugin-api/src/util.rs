@@ -262,6 +262,12 @@ fn parse_maps_line(line: &str) -> Result<Vma, String> {
 
 /// `NT_PRSTATUS`: the general registers, as `PTRACE_GETREGSET` names them.
 pub const NT_PRSTATUS: u32 = 1;
+/// Not a kernel register set: ferry's name, for `get_regset`/`set_regset`, of a
+/// thread's x86 debug registers, which the kernel offers only word by word
+/// (`PTRACE_PEEKUSER`/`POKEUSER` of `u_debugreg`). Eight little-endian words DR0–DR7
+/// (DR4 and DR5 always 0); written DR7 last, so that a breakpoint is armed only once
+/// its address is in place.
+pub const NT_FERRY_DEBUGREGS: u32 = 0x4652_5901;
 /// Word index of `fs_base` in `user_regs_struct`.
 pub const FS_BASE: usize = 21;
 pub const REGS_SIZE: usize = std::mem::size_of::<libc::user_regs_struct>();

@@ -80,11 +80,14 @@ pub struct WorkloadOpts {
     pub pidfd: bool,
     /// A pidfd to a child it keeps, another process (`--pidfd-other`).
     pub pidfd_other: bool,
+    /// Further flags, as given (`workloads/traps.c`'s `--self-trap`, `--single-step`,
+    /// `--watchpoint`, `--sigtrap-pending`, `--vdso-moved`, `--vdso-unmapped`).
+    pub extra: &'static [&'static str],
 }
 
 impl Default for WorkloadOpts {
     fn default() -> Self {
-        WorkloadOpts { mem_mib: 1, threads: 0, files: true, tick_ms: 20, dirty_pages: 0, churn: false, move_mem: false, fork_check: false, rseq: false, process_state: false, seccomp: false, shared_anon: false, event_fds: false, listen: false, creds: false, mm_flags: false, mm_sealed: false, shared_twice: false, locks: false, inotify: false, fanotify: false, pidfd: false, pidfd_other: false }
+        WorkloadOpts { mem_mib: 1, threads: 0, files: true, tick_ms: 20, dirty_pages: 0, churn: false, move_mem: false, fork_check: false, rseq: false, process_state: false, seccomp: false, shared_anon: false, event_fds: false, listen: false, creds: false, mm_flags: false, mm_sealed: false, shared_twice: false, locks: false, inotify: false, fanotify: false, pidfd: false, pidfd_other: false, extra: &[] }
     }
 }
 
@@ -175,6 +178,7 @@ impl Workload {
             (opts.pidfd_other, "--pidfd-other"),
         ];
         cmd.args(flags.iter().filter(|f| f.0).map(|f| f.1));
+        cmd.args(opts.extra);
         Self::start(cmd, dir)
     }
 

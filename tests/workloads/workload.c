@@ -2136,6 +2136,10 @@ static void verify_seccomp(void)
         FAIL_RET("seccomp: TSYNC failed (%ld, %s): the threads no longer share the first filter", r, strerror(errno));
 }
 
+/* ---- traps, debug registers and the vDSO (--self-trap, --single-step, --watchpoint,
+ * --sigtrap-pending, --vdso-moved, --vdso-unmapped, --vdso-moved-whole): see traps.c ---- */
+#include "traps.c"
+
 /* ---- main ---- */
 /* ---- notification fds and pidfds (--inotify, --fanotify, --pidfd, --pidfd-other), in
  * DIR/notify:
@@ -2396,7 +2400,9 @@ static void verify_notify(void)
 static void usage(void)
 {
     fprintf(stderr, "usage: workload --log PATH [--dir DIR] [--mem-mib N] [--threads N] [--tick-ms N]"
-                    " [--dirty-pages N] [--churn] [--move-mem] [--fork-check] [--rseq] [--process-state] [--seccomp] [--shared-anon] [--event-fds] [--listen] [--creds] [--mm-flags] [--mm-sealed] [--shared-twice] [--locks] [--inotify] [--fanotify] [--pidfd] [--pidfd-other] [--no-files]\n");
+                    " [--dirty-pages N] [--churn] [--move-mem] [--fork-check] [--rseq] [--process-state] [--seccomp] [--shared-anon] [--event-fds] [--listen] [--creds] [--mm-flags] [--mm-sealed] [--shared-twice] [--locks] [--no-files]"
+                    " [--inotify] [--fanotify] [--pidfd] [--pidfd-other]"
+                    " [--self-trap] [--single-step] [--watchpoint] [--sigtrap-pending] [--vdso-moved] [--vdso-unmapped] [--vdso-moved-whole]\n");
     exit(2);
 }
 
@@ -2432,6 +2438,11 @@ int main(int argc, char **argv)
             {"--locks", &opt_locks, 1},
             {"--inotify", &opt_inotify, 1},      {"--fanotify", &opt_fanotify, 1},
             {"--pidfd", &opt_pidfd, 1},          {"--pidfd-other", &opt_pidfd_other, 1},
+            /* traps.c */
+            {"--self-trap", &opt_self_trap, 1},  {"--single-step", &opt_single_step, 1},
+            {"--watchpoint", &opt_watchpoint, 1}, {"--sigtrap-pending", &opt_sigtrap_pending, 1},
+            {"--vdso-moved", &opt_vdso_moved, 1}, {"--vdso-unmapped", &opt_vdso_unmapped, 1},
+            {"--vdso-moved-whole", &opt_vdso_moved_whole, 1},
         };
         int flag = 0;
         for (size_t f = 0; f < sizeof flags / sizeof flags[0] && !flag; f++)
@@ -2526,6 +2537,7 @@ int main(int argc, char **argv)
         if (errno)
             die("pthread_create");
     }
+    setup_traps();
     if (opt_creds)
         setup_creds_dumpable();
     if (opt_process_state)
@@ -2583,6 +2595,7 @@ int main(int argc, char **argv)
             mmf_tick(tick);
         if (opt_seccomp)
             seccomp_tick(tick);
+        traps_tick();
         if (opt_rseq) {
             logf_("rseq-aborts %llu", (unsigned long long)rseq_aborts);
             rseq_wait(opt_tick_ms);
@@ -2594,6 +2607,7 @@ int main(int argc, char **argv)
     if (opt_seccomp)
         verify_seccomp();
     atomic_store(&stop_threads, 1);
+    verify_traps();
     for (long i = 0; i < opt_threads; i++) {
         errno = pthread_join(threads[i], NULL);
         if (errno)

@@ -385,6 +385,9 @@ impl Tracer {
 
     pub fn get_regset(&mut self, tid: pid_t, nt: u32) -> Result<Vec<u8>, TraceError> {
         self.thread(tid)?;
+        if nt == NT_FERRY_DEBUGREGS {
+            return self.debugregs(tid);
+        }
         if nt == NT_PRSTATUS {
             // The seized registers, not whatever an injection left behind.
             let regs = self.saved_regs(tid)?;
@@ -399,6 +402,9 @@ impl Tracer {
 
     pub fn set_regset(&mut self, tid: pid_t, nt: u32, data: &[u8]) -> Result<(), TraceError> {
         self.thread(tid)?;
+        if nt == NT_FERRY_DEBUGREGS {
+            return self.set_debugregs(tid, data);
+        }
         if nt == NT_PRSTATUS {
             let regs = regs_from_bytes(data)
                 .ok_or(TraceError::Thread { tid, message: format!("register set of {} bytes", data.len()) })?;
@@ -774,8 +780,10 @@ pub(crate) fn vm_ranges(pid: pid_t, ranges: &[(u64, u64)], local: *mut u8, local
     Ok(done)
 }
 
+mod debugregs;
 mod inject;
 mod seccomp;
+pub use debugregs::NT_FERRY_DEBUGREGS;
 pub use seccomp::PTRACE_O_SUSPEND_SECCOMP;
 
 #[cfg(test)]

@@ -368,7 +368,7 @@ impl Checkpoint {
                 .map(|m| stat_info(&m))
                 .map_err(|e| format!("fd {fd} ({link}): stat: {e}"))?;
             let named = |p: &str| std::fs::metadata(p).map(|m| m.dev() == st.dev && m.ino() == st.ino).unwrap_or(false);
-            let kind = kind_of(fd, &link, &st, named)?;
+            let kind = kind_of(fd, &link, &st, named).map_err(|e| format!("process {}: {e}", ctx.pid()))?;
             entries.push(FdEntry { fd, link, fdinfo, info, st, kind });
         }
 

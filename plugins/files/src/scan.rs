@@ -100,7 +100,9 @@ pub fn unsupported(fd: i32, link: &str) -> String {
             "pidfd" => "a pidfd".into(),
             "userfaultfd" => "a userfaultfd".into(),
             "io_uring" => "an io_uring instance".into(),
-            "perf_event" => "a perf event".into(),
+            // Not carried: fdinfo shows none of its attributes, and its counts, ring
+            // buffer and the task or CPU it watches cannot be read back either.
+            "perf_event" => "a perf event (a counter or hardware breakpoint, whose settings cannot be read back)".into(),
             "bpf-map" | "bpf-prog" | "bpf_link" => "a BPF object".into(),
             _ => format!("an anonymous inode ({name})"),
         },
@@ -346,6 +348,7 @@ mod tests {
         );
         assert!(unsupported(8, "anon_inode:[eventfd]").starts_with("fd 8 is an eventfd (anon_inode:[eventfd])"));
         assert!(unsupported(8, "anon_inode:[pidfd]").contains("a pidfd"));
+        assert!(unsupported(8, "anon_inode:[perf_event]").contains("a perf event"));
         assert!(unsupported(9, "anon_inode:[eventpoll]").contains("epoll"));
         assert!(unsupported(9, "anon_inode:inotify").contains("inotify"));
         assert!(unsupported(9, "anon_inode:[timerfd]").contains("timerfd"));

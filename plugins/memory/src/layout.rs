@@ -400,10 +400,19 @@ fn mremap(ctx: &mut ContextRef<'_>, from: u64, len: u64, to: u64) -> Result<(), 
     Ok(())
 }
 
-/// Moves the child's vDSO and vvar areas to where the image had them, through a free
-/// stretch first so that old and new places may overlap.
+/// Moves the child's vDSO and vvar areas to where the image had them, each on its
+/// own (a process may have moved its vDSO away from its vvar), through a free stretch
+/// first so that old and new places may overlap. Those the image lacks (the process
+/// unmapped them) are unmapped: the copy must not find a vDSO it did not have.
 pub fn move_specials(ctx: &mut ContextRef<'_>, child: &[Vma], areas: &[Area]) -> Result<(), String> {
     let wanted: Vec<&Area> = areas.iter().filter(|a| a.kind == AreaKind::Special).collect();
+    let pid = ctx.pid();
+    for v in child.iter().filter(|v| v.special().is_some_and(|n| n.starts_with("vdso") || n.starts_with("vvar"))) {
+        if !wanted.iter().any(|a| a.path.as_deref() == v.special()) {
+            let what = format!("munmap of the restore child's [{}], which the image has not", v.special().unwrap_or(""));
+            util::syscall(ctx, pid, &what, libc::SYS_munmap, [v.start, v.len(), 0, 0, 0, 0])?;
+        }
+    }
     let mut moves = Vec::new();
     for a in &wanted {
         let name = a.path.as_deref().unwrap_or("");

@@ -370,7 +370,10 @@ impl Plugin {
             for s in &t.pending {
                 let (sig, info) = check_siginfo(s, &whose)?;
                 util::write_memory(ctx, at, &info).map_err(|e| format!("{whose}: signal {sig}: {e}"))?;
-                util::syscall(ctx, pid, &format!("rt_tgsigqueueinfo of signal {sig} to {whose}"), libc::SYS_rt_tgsigqueueinfo, [
+                // From the thread itself: the kernel lets a thread queue a signal with a
+                // kernel's si_code (a SIGTRAP's TRAP_TRACE, say) or SI_TKILL to itself
+                // only, and refuses it from a sibling (EPERM).
+                util::syscall(ctx, tid, &format!("rt_tgsigqueueinfo of signal {sig} to {whose}"), libc::SYS_rt_tgsigqueueinfo, [
                     pid as u64, tid as u64, sig as u64, at, 0, 0,
                 ])?;
                 self.status.entities_done += 1;
@@ -594,6 +597,11 @@ mod tests {
                         return RResult::ROk(-(libc::ESRCH as i64));
                     }
                     let info = self.get(a[3], 128);
+                    // The kernel's rule: a kernel's si_code or SI_TKILL only to oneself.
+                    let code = i32::from_le_bytes([info[8], info[9], info[10], info[11]]);
+                    if (code >= 0 || code == -6) && tid != a[1] as i32 {
+                        return RResult::ROk(-(libc::EPERM as i64));
+                    }
                     self.queued.push((tid, a[1] as i32, a[2] as i32, info));
                     0
                 }
@@ -656,7 +664,7 @@ mod tests {
         assert_eq!(decode_action(1, &m.actions[&1]).unwrap().handler, 1);
         assert!(is_default(&decode_action(13, &m.actions[&13]).unwrap()));
         let q: Vec<(i32, i32, i32)> = m.queued.iter().map(|x| (x.0, x.1, x.2)).collect();
-        assert_eq!(q, [(50, 0, 34), (50, 0, 34), (50, 60, 35), (50, 61, 12), (50, 61, 36)]);
+        assert_eq!(q, [(50, 0, 34), (50, 0, 34), (60, 60, 35), (61, 61, 12), (61, 61, 36)], "each thread's from itself");
         assert_eq!(m.queued[2].3, siginfo(35, -6), "the siginfo is queued as it was");
         assert_eq!(decode_itimer(0, &m.itimers[0]).value_usec, 5);
     }

@@ -2,7 +2,8 @@
 //! per thread — general registers (with the TLS base), the FPU/vector state
 //! (`NT_X86_XSTATE`), the `clear_child_tid` address, the robust futex list, the
 //! alternate signal stack, the blocked signal mask, the rseq registration and the
-//! thread's name.
+//! thread's name, and its x86 debug registers where any is set (a hardware breakpoint
+//! or watchpoint a debugger left armed).
 //!
 //! Records (all JSON, in this order):
 //! - `threads`: `{version, pid, tids}` — the image's thread ids, the main thread first
@@ -24,7 +25,7 @@ use ferry_plugin_api::{
 };
 use serde::{Deserialize, Serialize};
 
-use ferry_plugin_api::util::NT_PRSTATUS;
+use ferry_plugin_api::util::{NT_FERRY_DEBUGREGS, NT_PRSTATUS};
 const NT_X86_XSTATE: u32 = 0x202;
 
 /// `struct user_regs_struct` of x86_64: 27 words.
@@ -129,6 +130,9 @@ pub struct ThreadImage {
     /// The thread was seized inside an rseq critical section: it resumes at this abort
     /// handler (what the kernel does to a preempted critical section).
     pub rseq_abort_ip: Option<u64>,
+    /// DR0–DR7 (DR4, DR5 zero), only where one of them is not zero.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub debugregs: Option<[u64; 8]>,
 }
 
 /// A checked `thread` record.
@@ -144,6 +148,7 @@ struct Thread {
     sigmask: u64,
     rseq: Option<Rseq>,
     rseq_abort_ip: Option<u64>,
+    debugregs: Option<[u64; 8]>,
 }
 
 // ---------------------------------------------------------------------------------
@@ -335,6 +340,7 @@ fn check_thread(img: ThreadImage, want_tid: i32) -> Result<Thread, String> {
         sigmask: img.sigmask,
         rseq: img.rseq.filter(|r| r.addr != 0),
         rseq_abort_ip: img.rseq_abort_ip,
+        debugregs: img.debugregs,
     })
 }
 
@@ -421,6 +427,8 @@ fn checkpoint_thread(ctx: &mut ContextRef<'_>, tid: i32) -> Result<ThreadImage, 
         comm.pop();
     }
     let comm_hex = std::str::from_utf8(&comm).is_err().then(|| to_hex(&comm));
+    let debugregs = debugregs_of(&get_regset(ctx, tid, NT_FERRY_DEBUGREGS, "the debug registers")?)
+        .map_err(|e| format!("thread {tid}: {e}"))?;
     let comm = String::from_utf8_lossy(&comm).into_owned();
 
     // One block of scratch: tid address @0, robust head @8, its length @16, stack_t
@@ -444,7 +452,25 @@ fn checkpoint_thread(ctx: &mut ContextRef<'_>, tid: i32) -> Result<ThreadImage, 
         sigmask: u64_le(&b, 48).unwrap_or(0),
         rseq,
         rseq_abort_ip,
+        debugregs,
     })
+}
+
+/// DR6 as the kernel reports it for a thread with nothing to report (its reserved bits).
+const DR6_RESET: u64 = 0xffff_0ff0;
+
+/// The debug registers as read (eight words), `None` when none holds anything: no
+/// address, no control bit, DR6 as at reset.
+fn debugregs_of(bytes: &[u8]) -> Result<Option<[u64; 8]>, String> {
+    if bytes.len() != 64 {
+        return Err(format!("debug registers of {} bytes, want 64", bytes.len()));
+    }
+    let mut w = [0u64; 8];
+    for (i, v) in w.iter_mut().enumerate() {
+        *v = u64_le(bytes, 8 * i).unwrap_or(0);
+    }
+    let set = w.iter().enumerate().any(|(i, &v)| if i == 6 { v != DR6_RESET && v != 0 } else { v != 0 });
+    Ok(set.then_some(w))
 }
 
 /// Where thread `tid`, seized at `rip`, must resume if it is inside the rseq
@@ -539,6 +565,13 @@ impl Plugin {
         let mask_at = scratch.put(ctx, &t.sigmask.to_le_bytes())?;
         sys(ctx, "rt_sigprocmask", libc::SYS_rt_sigprocmask, [SIG_SETMASK, mask_at, 0, 8, 0, 0])?;
         set_regset(ctx, tid, NT_X86_XSTATE, &t.xstate, "the xstate").map_err(|e| format!("{name}: {e}"))?;
+        // Last before the general registers, after this plugin's injected calls. The
+        // breakpoints are of user space only: the kernel's own accesses in the calls
+        // other plugins inject later never trigger them.
+        if let Some(dr) = t.debugregs {
+            let bytes: Vec<u8> = dr.iter().flat_map(|w| w.to_le_bytes()).collect();
+            set_regset(ctx, tid, NT_FERRY_DEBUGREGS, &bytes, "the debug registers").map_err(|e| format!("{name}: {e}"))?;
+        }
         let mut regs = t.regs;
         restart_fixup(&mut regs).map_err(|e| format!("{name}: {e}"))?;
         if let Some(abort) = t.rseq_abort_ip {
@@ -695,6 +728,8 @@ mod tests {
         next_tid: i32,
         calls: Vec<(i32, i64, [u64; 6])>,
         rseq: HashMap<i32, u64>,
+        /// Debug registers set, by thread (none: all zero).
+        debugregs: HashMap<i32, Vec<u8>>,
     }
 
     impl Mock {
@@ -710,6 +745,7 @@ mod tests {
                 next_tid: 900,
                 calls: vec![],
                 rseq: HashMap::new(),
+                debugregs: HashMap::new(),
             };
             for &t in tids {
                 m.add_thread(t);
@@ -804,6 +840,11 @@ mod tests {
             RResult::ROk(r)
         }
         fn get_regset(&mut self, tid: i32, regset: u32) -> RResult<RVec<u8>, PluginError> {
+            if regset == NT_FERRY_DEBUGREGS {
+                let mut idle = vec![0; 64];
+                idle[48..56].copy_from_slice(&DR6_RESET.to_le_bytes());
+                return RResult::ROk(self.debugregs.get(&tid).cloned().unwrap_or(idle).into());
+            }
             let m = if regset == NT_PRSTATUS { &self.regs } else { &self.xstate };
             match m.get(&tid) {
                 Some(v) => RResult::ROk(v.clone().into()),
@@ -814,7 +855,11 @@ mod tests {
             if !self.tids.contains(&tid) {
                 return fail("no such thread");
             }
-            let m = if regset == NT_PRSTATUS { &mut self.regs } else { &mut self.xstate };
+            let m = match regset {
+                NT_PRSTATUS => &mut self.regs,
+                NT_FERRY_DEBUGREGS => &mut self.debugregs,
+                _ => &mut self.xstate,
+            };
             m.insert(tid, data.to_vec());
             RResult::ROk(())
         }
@@ -847,8 +892,11 @@ mod tests {
         Ok(plugin)
     }
 
+    /// A write watchpoint (DR0, 8 bytes, enabled locally) with a hit noted in DR6.
+    const WATCH: [u64; 8] = [0x7ffe_0000_1000, 0, 0, 0, 0, 0, 0xffff_0ff1, 0xd0001];
+
     /// A checkpointed process of three threads; thread 12 sits in an interrupted
-    /// read, thread 13 inside an rseq critical section.
+    /// read and has a watchpoint armed, thread 13 inside an rseq critical section.
     fn checkpointed() -> Records {
         let mut m = Mock::new(10, &[10, 12, 13], 2432);
         let mut r12 = regs_from_bytes(&m.regs[&12]).unwrap();
@@ -858,6 +906,7 @@ mod tests {
         m.rseq.insert(13, RSEQ_AREA);
         m.put(RSEQ_AREA + 8, &CS_AT.to_le_bytes());
         m.put(CS_AT, &cs(0, 0x401000, 0x100, 0x402000));
+        m.debugregs.insert(12, WATCH.iter().flat_map(|w| w.to_le_bytes()).collect());
         run_checkpoint(&mut m).unwrap()
     }
 
@@ -901,6 +950,12 @@ mod tests {
         assert_eq!((r(12)[RIP], r(12)[RAX], r(12)[ORIG_RAX]), (0x401000 + 12 - 2, libc::SYS_read as u64, u64::MAX));
         assert_eq!(r(901)[RIP], 0x402000);
         assert_eq!(r(50)[RIP], 0x401000 + 10);
+        // Debug registers: only thread 12 had any, and only it gets them back.
+        assert_eq!(t12.debugregs, Some(WATCH));
+        assert_eq!(t13.debugregs, None);
+        let dr: Vec<u8> = WATCH.iter().flat_map(|w| w.to_le_bytes()).collect();
+        assert_eq!(m.debugregs.get(&12), Some(&dr));
+        assert_eq!(m.debugregs.len(), 1);
         // Names: the exact bytes, NUL-terminated, for each thread.
         assert_eq!(m.calls_of(libc::SYS_prctl).iter().filter(|c| c.1[0] == PR_SET_NAME).count(), 3);
     }
@@ -1083,6 +1138,7 @@ mod tests {
             sigmask: 1 << 11,
             rseq: Some(Rseq { addr: 0x7200, len: 32, flags: 0, signature: 0x53053053 }),
             rseq_abort_ip: None,
+            debugregs: None,
         }
     }
 

@@ -24,7 +24,7 @@ pub struct Feature {
 }
 
 /// Every feature name, in the order `probe_all` reports them.
-pub const FEATURE_NAMES: [&str; 18] = [
+pub const FEATURE_NAMES: [&str; 20] = [
     "ptrace-seize",
     "process-vm-readv",
     "userfaultfd",
@@ -43,6 +43,8 @@ pub const FEATURE_NAMES: [&str; 18] = [
     "loginuid",
     "seccomp-suspend",
     "seccomp-get-filter",
+    "ptrace-debugregs",
+    "vdso-mremap",
 ];
 
 const FALLBACK_PVM: &str = "/proc/PID/mem";
@@ -59,6 +61,8 @@ const FALLBACK_TIMER_IDS: &str = "POSIX timers keep their ids only when these ar
 const FALLBACK_TICKS: &str = "a timerfd with expirations not read yet cannot be restored";
 const FALLBACK_LOGINUID: &str = "a process whose audit login uid differs from ferry's is refused";
 const FALLBACK_SECCOMP: &str = "a process under seccomp is refused (ferry's injected calls would meet its filters, or they could not be carried)";
+const FALLBACK_DEBUGREGS: &str = "no process can be checkpointed (each thread's debug registers are read) nor a hardware breakpoint restored";
+const FALLBACK_VDSO: &str = "a restore fails unless the kernel puts the new vDSO where the image had it";
 const NO_FALLBACK: &str = "ferry cannot work without it";
 
 type ProbeResult = Result<String, String>;
@@ -132,6 +136,8 @@ pub fn probe_all() -> Vec<Feature> {
     out.push(feature("loginuid", Some(FALLBACK_LOGINUID), run(probe_loginuid)));
     out.push(feature("seccomp-suspend", Some(FALLBACK_SECCOMP), run(probe_seccomp_suspend)));
     out.push(feature("seccomp-get-filter", Some(FALLBACK_SECCOMP), run(probe_seccomp_get_filter)));
+    out.push(feature("ptrace-debugregs", Some(FALLBACK_DEBUGREGS), run(probe_ptrace_debugregs)));
+    out.push(feature("vdso-mremap", Some(FALLBACK_VDSO), run(probe_vdso_mremap)));
     out
 }
 
@@ -376,12 +382,14 @@ mod cgroup;
 mod process;
 mod files;
 mod seccomp;
+mod traps;
 use ptrace::*;
 use memory::*;
 use cgroup::*;
 use process::*;
 use files::*;
 use seccomp::*;
+use traps::*;
 
 #[cfg(test)]
 mod tests;

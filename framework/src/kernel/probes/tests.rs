@@ -95,3 +95,14 @@ fn render_text_format() {
     );
 }
 
+
+#[test]
+fn trap_and_vdso_features_present() {
+    // Every x86_64 kernel ferry runs on has them; a missing one names its fallback.
+    let f = features();
+    for name in ["ptrace-debugregs", "vdso-mremap"] {
+        let x = find(f, name).expect(name);
+        assert!(x.present, "{name} missing: {}", x.detail);
+        assert!(x.fallback.is_some(), "{name} names no fallback");
+    }
+}

@@ -6,9 +6,11 @@
 //! thread go with whatever registers it has. An injected call is therefore set up so
 //! that a thread let go in the middle of one carries on as if nothing happened: it runs
 //! from the scratch area's `syscall`, and the code right after it puts back the thread's
-//! signal mask, flags and every general register, and jumps to where the thread was (a
-//! call it was interrupted in made again, as the kernel would) — all from a block ferry
-//! writes before each call ([`Recovery`]). Ferry itself never lets the thread run that
+//! signal mask and every general register, and returns with `iretq` to where the thread
+//! was (a call it was interrupted in made again, as the kernel would) with its flags —
+//! all from a block ferry writes before each call ([`Recovery`]). The flags come back
+//! last, in the same instruction as the jump: a thread single-stepping itself (TF) takes
+//! its next trap after its own next instruction, none in ferry's code. Ferry itself never lets the thread run that
 //! code: it takes the thread back at the call's syscall-exit stop.
 
 use super::*;
@@ -25,13 +27,11 @@ use super::*;
 ///     xor edx, edx
 ///     mov r10d, 8
 ///     syscall
-///     lea rsp, [rip + data + 8]       flags, popped from the block
-///     popfq
-///     mov rax, [rip + data + 16]      rax, rbx, rcx, rdx, rsi, rdi, rbp, r8 … r15
+///     mov rax, [rip + data + 8]       rax, rbx, rcx, rdx, rsi, rdi, rbp, r8 … r15
 ///     …
-///     mov r15, [rip + data + 128]
-///     mov rsp, [rip + data + 136]
-///     jmp qword ptr [rip + data + 144]
+///     mov r15, [rip + data + 120]
+///     lea rsp, [rip + data + 128]     the frame: rip, cs, rflags, rsp, ss
+///     iretq                           (allowed at CPL 3 to CPL 3)
 /// ```
 fn site_code(data: u64) -> Vec<u8> {
     // Each instruction: its bytes before a 32-bit displacement to `data + field`, the
@@ -44,25 +44,23 @@ fn site_code(data: u64) -> Vec<u8> {
         (&[0x31, 0xd2], None, &[]),
         (&[0x41, 0xba, 0x08, 0x00, 0x00, 0x00], None, &[]),
         (&[0x0f, 0x05], None, &[]),
-        (&[0x48, 0x8d, 0x25], Some(8), &[]),
-        (&[0x9d], None, &[]),
-        (&[0x48, 0x8b, 0x05], Some(16), &[]),
-        (&[0x48, 0x8b, 0x1d], Some(24), &[]),
-        (&[0x48, 0x8b, 0x0d], Some(32), &[]),
-        (&[0x48, 0x8b, 0x15], Some(40), &[]),
-        (&[0x48, 0x8b, 0x35], Some(48), &[]),
-        (&[0x48, 0x8b, 0x3d], Some(56), &[]),
-        (&[0x48, 0x8b, 0x2d], Some(64), &[]),
-        (&[0x4c, 0x8b, 0x05], Some(72), &[]),
-        (&[0x4c, 0x8b, 0x0d], Some(80), &[]),
-        (&[0x4c, 0x8b, 0x15], Some(88), &[]),
-        (&[0x4c, 0x8b, 0x1d], Some(96), &[]),
-        (&[0x4c, 0x8b, 0x25], Some(104), &[]),
-        (&[0x4c, 0x8b, 0x2d], Some(112), &[]),
-        (&[0x4c, 0x8b, 0x35], Some(120), &[]),
-        (&[0x4c, 0x8b, 0x3d], Some(128), &[]),
-        (&[0x48, 0x8b, 0x25], Some(136), &[]),
-        (&[0xff, 0x25], Some(144), &[]),
+        (&[0x48, 0x8b, 0x05], Some(8), &[]),
+        (&[0x48, 0x8b, 0x1d], Some(16), &[]),
+        (&[0x48, 0x8b, 0x0d], Some(24), &[]),
+        (&[0x48, 0x8b, 0x15], Some(32), &[]),
+        (&[0x48, 0x8b, 0x35], Some(40), &[]),
+        (&[0x48, 0x8b, 0x3d], Some(48), &[]),
+        (&[0x48, 0x8b, 0x2d], Some(56), &[]),
+        (&[0x4c, 0x8b, 0x05], Some(64), &[]),
+        (&[0x4c, 0x8b, 0x0d], Some(72), &[]),
+        (&[0x4c, 0x8b, 0x15], Some(80), &[]),
+        (&[0x4c, 0x8b, 0x1d], Some(88), &[]),
+        (&[0x4c, 0x8b, 0x25], Some(96), &[]),
+        (&[0x4c, 0x8b, 0x2d], Some(104), &[]),
+        (&[0x4c, 0x8b, 0x35], Some(112), &[]),
+        (&[0x4c, 0x8b, 0x3d], Some(120), &[]),
+        (&[0x48, 0x8d, 0x25], Some(128), &[]),
+        (&[0x48, 0xcf], None, &[]),
     ];
     let mut code = Vec::with_capacity(160);
     for &(head, field, tail) in PROGRAM {
@@ -76,24 +74,27 @@ fn site_code(data: u64) -> Vec<u8> {
     code
 }
 
+/// EFLAGS.TF: single-step trap after each instruction.
+pub(super) const TRAP_FLAG: u64 = 0x100;
+
 /// Where the recovery block sits in the scratch area: its last page.
 pub(super) const RECOVERY_DATA: u64 = SCRATCH_SIZE - PAGE;
 /// Where it sits after a borrowed site's code.
 const BORROWED_DATA: u64 = 160;
 /// Room a borrowed site needs: code and block.
-const BORROWED_LEN: u64 = BORROWED_DATA + 8 * 19;
+const BORROWED_LEN: u64 = BORROWED_DATA + 8 * 21;
 
 /// What a thread let go in the middle of an injected call needs to carry on: its
-/// signal mask, then its flags and general registers in [`site_code`]'s order, with its
-/// own interrupted call made again ([`resumed`]).
-struct Recovery([u64; 19]);
+/// signal mask, its general registers in [`site_code`]'s order, then the `iretq` frame
+/// (rip, cs, flags, rsp, ss), with its own interrupted call made again ([`resumed`]).
+struct Recovery([u64; 21]);
 
 impl Recovery {
     fn of(saved: &user_regs_struct, mask: u64) -> Recovery {
         let r = resumed(saved);
         Recovery([
-            mask, r.eflags, r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp, r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14,
-            r.r15, r.rsp, r.rip,
+            mask, r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp, r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14, r.r15,
+            r.rip, r.cs, r.eflags, r.rsp, r.ss,
         ])
     }
 
@@ -287,6 +288,9 @@ impl Tracer {
         let saved = self.thread(tid)?.regs;
         let mut regs = saved;
         regs.rip = site;
+        // A thread single-stepping itself (TF set with pushf/popf) would trap in our
+        // code: its TF comes back with its registers after the call.
+        regs.eflags &= !TRAP_FLAG;
         regs.rax = nr as u64;
         regs.orig_rax = u64::MAX; // no syscall restart logic for our call
         regs.rdi = args[0];
@@ -365,16 +369,15 @@ mod tests {
     #[test]
     fn the_site_code_is_what_the_assembler_makes_of_it() {
         // `as` (GNU binutils) of the listing in site_code's doc, its block 0xff000 on.
-        const ASSEMBLED: [u8; 155] = [
+        const ASSEMBLED: [u8; 143] = [
             0x0f, 0x05, 0xb8, 0x0e, 0x00, 0x00, 0x00, 0xbf, 0x02, 0x00, 0x00, 0x00, 0x48, 0x8d, 0x35, 0xed, 0xef, 0x0f,
-            0x00, 0x31, 0xd2, 0x41, 0xba, 0x08, 0x00, 0x00, 0x00, 0x0f, 0x05, 0x48, 0x8d, 0x25, 0xe4, 0xef, 0x0f, 0x00,
-            0x9d, 0x48, 0x8b, 0x05, 0xe4, 0xef, 0x0f, 0x00, 0x48, 0x8b, 0x1d, 0xe5, 0xef, 0x0f, 0x00, 0x48, 0x8b, 0x0d,
-            0xe6, 0xef, 0x0f, 0x00, 0x48, 0x8b, 0x15, 0xe7, 0xef, 0x0f, 0x00, 0x48, 0x8b, 0x35, 0xe8, 0xef, 0x0f, 0x00,
-            0x48, 0x8b, 0x3d, 0xe9, 0xef, 0x0f, 0x00, 0x48, 0x8b, 0x2d, 0xea, 0xef, 0x0f, 0x00, 0x4c, 0x8b, 0x05, 0xeb,
-            0xef, 0x0f, 0x00, 0x4c, 0x8b, 0x0d, 0xec, 0xef, 0x0f, 0x00, 0x4c, 0x8b, 0x15, 0xed, 0xef, 0x0f, 0x00, 0x4c,
-            0x8b, 0x1d, 0xee, 0xef, 0x0f, 0x00, 0x4c, 0x8b, 0x25, 0xef, 0xef, 0x0f, 0x00, 0x4c, 0x8b, 0x2d, 0xf0, 0xef,
-            0x0f, 0x00, 0x4c, 0x8b, 0x35, 0xf1, 0xef, 0x0f, 0x00, 0x4c, 0x8b, 0x3d, 0xf2, 0xef, 0x0f, 0x00, 0x48, 0x8b,
-            0x25, 0xf3, 0xef, 0x0f, 0x00, 0xff, 0x25, 0xf5, 0xef, 0x0f, 0x00,
+            0x00, 0x31, 0xd2, 0x41, 0xba, 0x08, 0x00, 0x00, 0x00, 0x0f, 0x05, 0x48, 0x8b, 0x05, 0xe4, 0xef, 0x0f, 0x00,
+            0x48, 0x8b, 0x1d, 0xe5, 0xef, 0x0f, 0x00, 0x48, 0x8b, 0x0d, 0xe6, 0xef, 0x0f, 0x00, 0x48, 0x8b, 0x15, 0xe7,
+            0xef, 0x0f, 0x00, 0x48, 0x8b, 0x35, 0xe8, 0xef, 0x0f, 0x00, 0x48, 0x8b, 0x3d, 0xe9, 0xef, 0x0f, 0x00, 0x48,
+            0x8b, 0x2d, 0xea, 0xef, 0x0f, 0x00, 0x4c, 0x8b, 0x05, 0xeb, 0xef, 0x0f, 0x00, 0x4c, 0x8b, 0x0d, 0xec, 0xef,
+            0x0f, 0x00, 0x4c, 0x8b, 0x15, 0xed, 0xef, 0x0f, 0x00, 0x4c, 0x8b, 0x1d, 0xee, 0xef, 0x0f, 0x00, 0x4c, 0x8b,
+            0x25, 0xef, 0xef, 0x0f, 0x00, 0x4c, 0x8b, 0x2d, 0xf0, 0xef, 0x0f, 0x00, 0x4c, 0x8b, 0x35, 0xf1, 0xef, 0x0f,
+            0x00, 0x4c, 0x8b, 0x3d, 0xf2, 0xef, 0x0f, 0x00, 0x48, 0x8d, 0x25, 0xf3, 0xef, 0x0f, 0x00, 0x48, 0xcf,
         ];
         assert_eq!(site_code(0xff000), ASSEMBLED);
         assert_eq!(RECOVERY_DATA, 0xff000);
