@@ -2560,7 +2560,8 @@ int main(int argc, char **argv)
     double last_tick_ms = 0;
     while (!term_flag) {
         struct timespec ts;
-        clock_gettime(CLOCK_REALTIME, &ts);
+        /* Not through libc's vDSO pointer: --vdso-moved/--vdso-unmapped move it away. */
+        syscall(SYS_clock_gettime, CLOCK_REALTIME, &ts);
         double now_ms = ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
         if (tick > 0 && now_ms - last_tick_ms > 2.0 * opt_tick_ms + 5)
             logf_("stall %.1f tick %llu", now_ms - last_tick_ms, (unsigned long long)tick + 1);
