@@ -7,11 +7,12 @@ use std::{
     time::Duration,
 };
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use ferry::{
     commands::checkpoint::{self, CheckpointRequest},
     commands::control::{self, Request},
     commands::daemon,
+    commands::manual,
     commands::migrate::{self, MigrateRequest},
     config::{Config, ExecContext, Overrides, Quiesce, Strategy},
     engine::event::Tick,
@@ -134,6 +135,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print a completion script for a shell (bash, zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (ferry.1 and one per command) into a directory.
+    #[command(hide = true)]
+    Manpages {
+        /// Directory to write them into (made if missing).
+        dir: PathBuf,
+    },
     /// The janitor a checkpoint starts: undoes what it did to the process if it dies.
     #[command(hide = true)]
     Janitor,
@@ -250,7 +262,9 @@ fn main() -> ExitCode {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
     }
-    let cli = Cli::parse();
+    // The definitions below, with each command's examples and the note on root.
+    let matches = manual::annotate(Cli::command()).get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure(message)) => {
@@ -342,6 +356,18 @@ fn run(cli: Cli) -> Outcome {
             Ok(())
         }
         Command::Janitor => Ok(ferry::commands::janitor::run().map_err(Failure)?),
+        Command::Completions { shell } => {
+            let mut script = Vec::new();
+            manual::completions(manual::annotate(Cli::command()), *shell, &mut script);
+            out!("{}", String::from_utf8_lossy(&script));
+            Ok(())
+        }
+        Command::Manpages { dir } => {
+            let written = manual::write_man_pages(manual::annotate(Cli::command()), dir)
+                .map_err(|e| Failure(format!("writing man pages into {}: {e}", dir.display())))?;
+            outln!("wrote {} man pages into {}", written.len(), dir.display());
+            Ok(())
+        }
         Command::Config { command: ConfigCommand::Example } => {
             out!("{}", include_str!("../../examples/ferry.json"));
             Ok(())
