@@ -1,4 +1,4 @@
-//! The configuration file `ferry.json` (DESIGN.md, "Loading and the manager"): plugin directory,
+//! The configuration file `ferry.json` (docs/ARCHITECTURE.md, "Loading and the manager"): plugin directory,
 //! the mechanism of a request, per-algorithm tuning, the watchdog and the daemon's addresses.
 //! Layering is defaults < file < command line; an unknown key or a wrong type is an error that
 //! names the file and the key's dotted path (`mechanism.strategy`). Every key: examples/README.md.
@@ -142,7 +142,7 @@ macro_rules! named_enum {
 }
 
 named_enum! {
-    /// The migration algorithm (DESIGN.md, "Algorithms").
+    /// The migration algorithm (docs/ARCHITECTURE.md, "Strategies").
     pub enum Strategy ("strategy", default StopCopy) {
         /// Freeze, send everything, restore, resume, remove the source.
         StopCopy => "stop-copy",
@@ -156,7 +156,7 @@ named_enum! {
 }
 
 named_enum! {
-    /// How the process is stopped (DESIGN.md, "Requests, events and the core").
+    /// How the process is stopped (docs/ARCHITECTURE.md, "Requests, events and the core").
     pub enum Quiesce ("quiescing method", default Ptrace) {
         /// Synchronous: `PTRACE_INTERRUPT` every thread.
         Ptrace => "ptrace",
@@ -166,7 +166,7 @@ named_enum! {
 }
 
 named_enum! {
-    /// Who does the work inside the target (DESIGN.md, "Requests, events and the core").
+    /// Who does the work inside the target (docs/ARCHITECTURE.md, "Requests, events and the core").
     pub enum ExecContext ("execution context", default External) {
         /// A tracer thread of ferry attached with `PTRACE_SEIZE`.
         External => "external",
@@ -664,7 +664,7 @@ impl Config {
                 return Err(invalid("daemon.auth_key", "empty path"));
             }
             None if listen.is_some_and(|l| !l.ip().is_loopback()) => {
-                // DESIGN.md, "Security": whoever can talk to the daemon can run code as root.
+                // docs/ARCHITECTURE.md, "Security": whoever can talk to the daemon can run code as root.
                 return Err(invalid(
                     "daemon.auth_key",
                     format!(

@@ -1,4 +1,4 @@
-//! ferry's core system control layer and user-space interface (DESIGN.md, "Layers").
+//! ferry's core system control layer and user-space interface (docs/ARCHITECTURE.md, "Layers and folders").
 //! The `ferry` binary is a thin shell over this library.
 //!
 //! The folders are the layers; a module imports only from the layers below its own

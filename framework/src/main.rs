@@ -7,14 +7,15 @@ use std::{
     time::Duration,
 };
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use ferry::{
     commands::checkpoint::{self, CheckpointRequest},
     commands::control::{self, Request},
     commands::daemon,
+    commands::manual,
     commands::migrate::{self, MigrateRequest},
     config::{Config, ExecContext, Overrides, Quiesce, Strategy},
-    engine::event::Tick,
+    engine::event::{EventError, Tick},
     engine::manager::{self, Manager},
     commands::restore::{self, RestoreRequest},
     image,
@@ -134,6 +135,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print a completion script for a shell (bash, zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (ferry.1 and one per command) into a directory.
+    #[command(hide = true)]
+    Manpages {
+        /// Directory to write them into (made if missing).
+        dir: PathBuf,
+    },
     /// The janitor a checkpoint starts: undoes what it did to the process if it dies.
     #[command(hide = true)]
     Janitor,
@@ -208,13 +220,86 @@ struct MechanismArgs {
     control: Option<PathBuf>,
 }
 
+/// How a request ended badly, for `--json`: ferry declined, or something broke while
+/// it worked (a usage error never gets this far). Both exit with 1.
+#[derive(Clone, Copy)]
+enum Kind {
+    Refused,
+    Failed,
+}
+
 /// A failure to report: one line, exit code 1.
-struct Failure(String);
+struct Failure {
+    message: String,
+    kind: Kind,
+}
+
+impl Failure {
+    fn failed(message: impl Into<String>) -> Self {
+        Failure { message: message.into(), kind: Kind::Failed }
+    }
+    fn refused(message: impl Into<String>) -> Self {
+        Failure { message: message.into(), kind: Kind::Refused }
+    }
+}
 
 impl<E: std::fmt::Display> From<E> for Failure {
     fn from(e: E) -> Self {
-        Failure(e.to_string())
+        Failure::failed(e.to_string())
     }
+}
+
+/// An event's error, refused or failed as the library tells them apart.
+fn event_failure(e: EventError) -> Failure {
+    Failure { kind: if e.is_refusal() { Kind::Refused } else { Kind::Failed }, message: e.to_string() }
+}
+
+impl Command {
+    /// The process the request is about.
+    fn pid(&self) -> Option<i32> {
+        match self {
+            Command::Checkpoint { pid, .. } | Command::Migrate { pid, .. } => Some(*pid),
+            _ => None,
+        }
+    }
+
+    /// Whether the request asks for JSON output, its failure included.
+    fn json(&self) -> bool {
+        match self {
+            Command::Checkpoint { json, .. }
+            | Command::Restore { json, .. }
+            | Command::Show { json, .. }
+            | Command::Check { json }
+            | Command::Migrate { json, .. }
+            | Command::Plugins { command: PluginsCommand::List { json, .. } } => *json,
+            _ => false,
+        }
+    }
+}
+
+/// A failure as `--json` prints it on standard output.
+fn failure_json(error: &str, kind: &str, pid: Option<i32>) -> String {
+    serde_json::json!({"error": error, "kind": kind, "pid": pid}).to_string()
+}
+
+/// A usage error: with `--json` among the arguments, a JSON object on standard output
+/// too; then clap's own message and exit code 2 (`--help` and `--version` exit 0).
+fn usage(e: clap::Error) -> ! {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if e.use_stderr() && args.iter().any(|a| a == "--json") {
+        // clap's message up to its first blank line (a list of missing arguments
+        // follows the first), in one line.
+        let text = e.to_string();
+        let message: Vec<&str> = text.lines().take_while(|l| !l.trim().is_empty()).map(str::trim).collect();
+        let line = message.join(" ");
+        // The pid of `checkpoint PID` or `migrate PID`, when it parses.
+        let pid = args
+            .iter()
+            .skip_while(|a| *a != "checkpoint" && *a != "migrate")
+            .find_map(|a| a.parse::<i32>().ok());
+        emit(format_args!("{}", failure_json(line.strip_prefix("error: ").unwrap_or(&line), "usage", pid)), true);
+    }
+    e.exit()
 }
 
 type Outcome = Result<(), Failure>;
@@ -250,11 +335,22 @@ fn main() -> ExitCode {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
     }
-    let cli = Cli::parse();
+    // The definitions below, with each command's examples and the note on root.
+    let matches = manual::annotate(Cli::command()).try_get_matches().unwrap_or_else(|e| usage(e));
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| usage(e));
+    let (pid, json) = (cli.command.pid(), cli.command.json());
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(Failure(message)) => {
-            eprintln!("ferry: {}", message.lines().next().unwrap_or("failed"));
+        Err(Failure { message, kind }) => {
+            let line = message.lines().next().unwrap_or("failed");
+            eprintln!("ferry: {line}");
+            if json {
+                let kind = match kind {
+                    Kind::Refused => "refused",
+                    Kind::Failed => "failed",
+                };
+                outln!("{}", failure_json(line, kind, pid));
+            }
             ExitCode::from(1)
         }
     }
@@ -262,10 +358,11 @@ fn main() -> ExitCode {
 
 /// The configuration with the global options and `extra` applied.
 fn effective(cli: &Cli, extra: Overrides) -> Result<Config, Failure> {
-    let (mut config, _) = Config::load(cli.config.as_deref())?;
+    // A configuration ferry will not use is a refusal.
+    let (mut config, _) = Config::load(cli.config.as_deref()).map_err(|e| Failure::refused(e.to_string()))?;
     let overrides = Overrides { plugin_dir: cli.plugin_dir.clone(), ..extra };
     config.apply(&overrides);
-    config.validate()?;
+    config.validate().map_err(|e| Failure::refused(e.to_string()))?;
     Ok(config)
 }
 
@@ -286,7 +383,7 @@ fn run(cli: Cli) -> Outcome {
                 leave_running: *leave_running,
                 watchdog: Duration::from_millis(config.watchdog_ms),
             };
-            let stats = with_progress("checkpoint", |p| checkpoint::checkpoint(&manager, &req, p))?;
+            let stats = with_progress("checkpoint", |p| checkpoint::checkpoint(&manager, &req, p)).map_err(event_failure)?;
             if *json {
                 outln!("{}", serde_json::to_string(&stats)?);
             } else {
@@ -305,7 +402,7 @@ fn run(cli: Cli) -> Outcome {
                 medium: "file".into(),
                 watchdog: Duration::from_millis(config.watchdog_ms),
             };
-            let stats = with_progress("restore", |p| restore::restore(&manager, &req, p))?;
+            let stats = with_progress("restore", |p| restore::restore(&manager, &req, p)).map_err(event_failure)?;
             if *json {
                 outln!("{}", serde_json::to_string(&stats)?);
             } else {
@@ -341,7 +438,19 @@ fn run(cli: Cli) -> Outcome {
             outln!("{}", effective(&cli, overrides)?.to_json_pretty());
             Ok(())
         }
-        Command::Janitor => Ok(ferry::commands::janitor::run().map_err(Failure)?),
+        Command::Janitor => Ok(ferry::commands::janitor::run().map_err(Failure::failed)?),
+        Command::Completions { shell } => {
+            let mut script = Vec::new();
+            manual::completions(manual::annotate(Cli::command()), *shell, &mut script);
+            out!("{}", String::from_utf8_lossy(&script));
+            Ok(())
+        }
+        Command::Manpages { dir } => {
+            let written = manual::write_man_pages(manual::annotate(Cli::command()), dir)
+                .map_err(|e| Failure::failed(format!("writing man pages into {}: {e}", dir.display())))?;
+            outln!("wrote {} man pages into {}", written.len(), dir.display());
+            Ok(())
+        }
         Command::Config { command: ConfigCommand::Example } => {
             out!("{}", include_str!("../../examples/ferry.json"));
             Ok(())
@@ -373,7 +482,7 @@ fn run(cli: Cli) -> Outcome {
                 },
             )?;
             if medium.as_deref().is_some_and(|m| m != "tcp") {
-                return Err(Failure("migration needs the tcp medium in this build".into()));
+                return Err(Failure::refused("migration needs the tcp medium in this build"));
             }
             let key_file = auth_key.clone().or(config.daemon.auth_key.clone());
             let manager = registry(&config)?;
@@ -395,7 +504,7 @@ fn run(cli: Cli) -> Outcome {
                 fault_window: config.tuning.post_copy.fault_window_kib as u64 * 1024,
                 push_batch: config.tuning.post_copy.push_batch_kib as u64 * 1024,
             };
-            let stats = with_progress("migrate", |p| migrate::migrate(&manager, &req, p))?;
+            let stats = with_progress("migrate", |p| migrate::migrate(&manager, &req, p)).map_err(event_failure)?;
             if *json {
                 outln!("{}", serde_json::to_string(&stats)?);
             } else {
@@ -451,15 +560,15 @@ fn show(cli: &Cli, dir: &Path, json: bool) -> Outcome {
     let manager = registry(&config)?;
     let lease = manager.acquire(PluginKind::Medium, "file")?;
     if !dir.is_dir() {
-        return Err(Failure(format!("{}: no such image directory", dir.display())));
+        return Err(Failure::refused(format!("{}: no such image directory", dir.display())));
     }
     let params = serde_json::json!({"role": "read", "dir": dir});
     let mut open = |stream: u32| -> Result<Box<dyn image::Pull>, String> {
         let medium = lease.open_medium(&params).map_err(|e| e.to_string())?;
         Ok(Box::new(StreamPull { medium, stream }))
     };
-    let mut inv_pull = open(image::INVENTORY_STREAM).map_err(Failure)?;
-    let inventory = image::Inventory::read_from(&mut inv_pull).map_err(|e| Failure(format!("{}: {e}", dir.display())))?;
+    let mut inv_pull = open(image::INVENTORY_STREAM).map_err(Failure::failed)?;
+    let inventory = image::Inventory::read_from(&mut inv_pull).map_err(|e| Failure::refused(format!("{}: {e}", dir.display())))?;
     let described = image::describe(&inventory, &mut open)?;
     if json {
         outln!("{}", serde_json::to_string_pretty(&described)?);
@@ -488,7 +597,7 @@ fn plugins(cli: &Cli, command: &PluginsCommand) -> Outcome {
             let meta = manager::validate(&path)?;
             let socket = control.clone().unwrap_or(config.daemon.control.clone());
             if !control::daemon_running(&socket) {
-                return Err(Failure(format!(
+                return Err(Failure::failed(format!(
                     "{} plugin {} {} is valid ({}), but no daemon runs at {}: nothing was registered (start `ferry daemon`)",
                     meta.kind, meta.name, meta.version, meta.path.display(), socket.display()
                 )));
@@ -513,7 +622,7 @@ fn daemon_reply(reply: control::Reply) -> Result<Vec<manager::PluginMeta>, Failu
     if reply.ok {
         Ok(reply.plugins)
     } else {
-        Err(Failure(format!("daemon refused: {}", reply.error.unwrap_or_else(|| "no reason given".into()))))
+        Err(Failure::refused(format!("daemon refused: {}", reply.error.unwrap_or_else(|| "no reason given".into()))))
     }
 }
 
@@ -526,7 +635,7 @@ fn resolve_plugin(dir: &Path, plugin: &str) -> Result<PathBuf, Failure> {
     found
         .into_iter()
         .find_map(|f| f.meta.filter(|m| m.name == plugin).map(|m| m.path))
-        .ok_or_else(|| Failure(format!("no plugin named {plugin} in {}", dir.display())))
+        .ok_or_else(|| Failure::refused(format!("no plugin named {plugin} in {}", dir.display())))
 }
 
 /// The registry of the daemon at `socket`.

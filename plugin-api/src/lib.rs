@@ -1,4 +1,4 @@
-//! The stable plugin ABI of ferry (DESIGN.md, "The plugin ABI"; paper tables 1–3).
+//! The stable plugin ABI of ferry (docs/ARCHITECTURE.md, "The plugin ABI").
 //!
 //! Every plugin `.so` exports one root module ([`PluginMod`], a prefix type so fields
 //! can be appended without breaking older plugins) and the plain C symbol

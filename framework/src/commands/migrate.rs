@@ -92,6 +92,20 @@ fn refused(message: impl Into<String>) -> EventError {
     EventError::Refused(message.into())
 }
 
+fn failed(message: impl Into<String>) -> EventError {
+    EventError::Failed(message.into())
+}
+
+/// A refusal when the peer (or its key, or its version) says no; a failure when the
+/// connection broke.
+fn protocol_err(e: protocol::ProtocolError) -> EventError {
+    use protocol::ProtocolError as P;
+    match e {
+        P::Io(_) | P::Closed | P::Silent | P::Truncated { .. } | P::Random(_) => failed(e.to_string()),
+        _ => refused(e.to_string()),
+    }
+}
+
 /// The next verdict, answering the destination's page requests meanwhile (post-copy).
 fn verdict_serving(medium: &mut MediumBox, pid: i32, timeout: Duration) -> Result<Verdict, String> {
     Verdict::from_json(&serve_until_message(medium, pid, timeout, false)?.to_string()).map_err(|e| e.to_string())
@@ -119,7 +133,7 @@ fn send_plan(medium: &mut MediumBox, tracer: &mut Tracer, subs: &[Loaded], req: 
     };
     let lazy = serde_json::json!({"window": req.fault_window, "batch": req.push_batch});
     send_json(medium, serde_json::json!({"type": "plan", "plan": plan, "post_copy": lazy}))
-        .map_err(|e| refused(format!("sending the plan: {e}")))?;
+        .map_err(|e| failed(format!("sending the plan: {e}")))?;
     Ok(scratch)
 }
 
@@ -147,7 +161,7 @@ fn precopy_phase(
     let (mut tracer, _) = quiesce(req.pid, Quiesce::Ptrace).map_err(|e| (e, None))?;
     let mut medium = medium;
     let started = send_plan(&mut medium, &mut tracer, subs, req).and_then(|scratch| {
-        let tracker = DirtyTracker::start(&mut tracer, &[], tuning.tracking).map_err(|e| refused(format!("dirty-page tracking: {e}")))?;
+        let tracker = DirtyTracker::start(&mut tracer, &[], tuning.tracking).map_err(|e| failed(format!("dirty-page tracking: {e}")))?;
         Ok((scratch, tracker))
     });
     let (scratch, tracker) = match started {
@@ -183,7 +197,7 @@ fn precopy_phase(
     match (ran, medium) {
         (Ok(outcome), Some(medium)) => Ok((medium, live, scratch, outcome)),
         (ran, medium) => {
-            let e = ran.err().unwrap_or_else(|| refused("the medium failed during pre-copy"));
+            let e = ran.err().unwrap_or_else(|| failed("the medium failed during pre-copy"));
             match quiesce(req.pid, Quiesce::Ptrace) {
                 Ok((mut t, _)) => {
                     t.set_scratch(Some(scratch));
@@ -225,13 +239,13 @@ pub fn migrate(manager: &Manager, req: &MigrateRequest, progress: &mut dyn FnMut
     let addr = req
         .to
         .to_socket_addrs()
-        .map_err(|e| refused(format!("cannot resolve {}: {e}", req.to)))?
+        .map_err(|e| failed(format!("cannot resolve {}: {e}", req.to)))?
         .next()
         .ok_or_else(|| refused(format!("{} resolves to no address", req.to)))?;
     let mut stream = TcpStream::connect_timeout(&addr, req.timeout)
-        .map_err(|e| refused(format!("cannot reach a ferry daemon at {}: {e}", req.to)))?;
-    stream.set_read_timeout(Some(req.timeout)).map_err(|e| refused(e.to_string()))?;
-    protocol::authenticate_client(&mut stream, req.auth_key.as_deref()).map_err(|e| refused(e.to_string()))?;
+        .map_err(|e| failed(format!("cannot reach a ferry daemon at {}: {e}", req.to)))?;
+    stream.set_read_timeout(Some(req.timeout)).map_err(|e| failed(e.to_string()))?;
+    protocol::authenticate_client(&mut stream, req.auth_key.as_deref()).map_err(protocol_err)?;
     let features: Vec<String> = FEATURES.iter().chain(algorithm.features()).map(|s| s.to_string()).collect();
     let hello = Hello::new(
         std::process::id() as u64,
@@ -241,7 +255,7 @@ pub fn migrate(manager: &Manager, req: &MigrateRequest, progress: &mut dyn FnMut
         subs.iter().map(|l| PluginRef::new(&l.name, &l.version)).collect(),
         features,
     );
-    let welcome = protocol::client_handshake(&mut stream, &hello).map_err(|e| refused(e.to_string()))?;
+    let welcome = protocol::client_handshake(&mut stream, &hello).map_err(protocol_err)?;
     crate::trace::mark("handshake done");
     let _ = stream.flush();
     let fd = stream.into_raw_fd();
@@ -250,10 +264,10 @@ pub fn migrate(manager: &Manager, req: &MigrateRequest, progress: &mut dyn FnMut
     match recv_json(&mut medium, req.timeout) {
         Ok(m) if m["type"] == "ready" => {}
         Ok(m) if m["type"] == "failed" => {
-            return Err(refused(format!("the destination cannot restore a process: {}", m["reason"].as_str().unwrap_or("?"))))
+            return Err(failed(format!("the destination cannot restore a process: {}", m["reason"].as_str().unwrap_or("?"))))
         }
-        Ok(m) => return Err(refused(format!("unexpected message from the destination: {m}"))),
-        Err(e) => return Err(refused(format!("waiting for the destination: {e}"))),
+        Ok(m) => return Err(failed(format!("unexpected message from the destination: {m}"))),
+        Err(e) => return Err(failed(format!("waiting for the destination: {e}"))),
     }
 
     crate::trace::mark("destination ready");
@@ -329,14 +343,14 @@ pub fn migrate(manager: &Manager, req: &MigrateRequest, progress: &mut dyn FnMut
     crate::trace::mark("image sent");
     let outcome = (|| {
         let (bytes, pages) = written?;
-        let medium = medium.as_mut().ok_or_else(|| refused("the medium's writer thread failed"))?;
+        let medium = medium.as_mut().ok_or_else(|| failed("the medium's writer thread failed"))?;
         // The image ends here; post-copy's pages follow on a stream of their own.
         let end = if lazy { serde_json::json!({"op": "end", "open": [LAZY_STREAM]}) } else { serde_json::json!({"op": "end"}) };
-        medium.command(RStr::from_str(&end.to_string())).into_result().map_err(|e| refused(e.message.into_string()))?;
-        match verdict_serving(medium, req.pid, req.timeout).map_err(|e| refused(format!("waiting for the destination: {e}")))? {
+        medium.command(RStr::from_str(&end.to_string())).into_result().map_err(|e| failed(e.message.into_string()))?;
+        match verdict_serving(medium, req.pid, req.timeout).map_err(|e| failed(format!("waiting for the destination: {e}")))? {
             Verdict::Rebuilt { pids, .. } => Ok((bytes, pages, pids)),
-            Verdict::Failed { reason } => Err(refused(format!("the destination could not rebuild the process: {reason}"))),
-            other => Err(refused(format!("unexpected message from the destination: {other:?}"))),
+            Verdict::Failed { reason } => Err(failed(format!("the destination could not rebuild the process: {reason}"))),
+            other => Err(failed(format!("unexpected message from the destination: {other:?}"))),
         }
     })();
     match outcome {
@@ -344,7 +358,7 @@ pub fn migrate(manager: &Manager, req: &MigrateRequest, progress: &mut dyn FnMut
             // The destination holds the rebuilt process stopped. The source goes only
             // once the destination confirms it let its copy run: a lost message may
             // leave two copies to sort out, but never none.
-            let medium = medium.as_mut().ok_or_else(|| refused("no medium"))?;
+            let medium = medium.as_mut().ok_or_else(|| failed("no medium"))?;
             crate::trace::mark("rebuilt: commit");
             let released = send_verdict(medium, &Verdict::Commit).and_then(|_| verdict_serving(medium, req.pid, req.timeout));
             // Downtime ends here: the process runs on the destination.
@@ -359,7 +373,7 @@ pub fn migrate(manager: &Manager, req: &MigrateRequest, progress: &mut dyn FnMut
                     let_go(tracer, None);
                     drop(freezer);
                     let why = unexpected(other);
-                    return Err(refused(format!("the destination did not confirm running the process ({why}); it runs on here")));
+                    return Err(failed(format!("the destination did not confirm running the process ({why}); it runs on here")));
                 }
             }
             let lazy_stats = if lazy {
@@ -377,7 +391,7 @@ pub fn migrate(manager: &Manager, req: &MigrateRequest, progress: &mut dyn FnMut
                         } else {
                             format!("process {} is gone here too (killed from outside?): the process is lost", req.pid)
                         };
-                        return Err(refused(format!(
+                        return Err(failed(format!(
                             "the connection failed during post-copy ({why}): the destination's copy is killed; {here}"
                         )));
                     }

@@ -6,6 +6,7 @@ pub mod control;
 pub mod daemon;
 pub mod doorway;
 pub mod janitor;
+pub mod manual;
 pub mod migrate;
 pub mod restore;
 pub mod serve;

@@ -37,8 +37,33 @@ pub enum EventError {
     Medium { medium: String, message: String },
     #[error("image directory {path}: {message}")]
     ImageDir { path: String, message: String },
+    /// ferry declines: what the process has, the request, the image or the peer is not
+    /// one it will act on.
     #[error("{0}")]
     Refused(String),
+    /// Something broke while ferry worked (the connection, the peer, a kernel call):
+    /// a retry may go through.
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl EventError {
+    /// Whether ferry declined — what the process has, the request, the image or the peer
+    /// is not one it acts on — rather than something breaking while it worked (`--json`
+    /// reports it as the failure's kind). A plugin's error while it reads the process is
+    /// what it will not carry; one the watchdog raised, or any while rebuilding, is a
+    /// failure.
+    pub fn is_refusal(&self) -> bool {
+        match self {
+            EventError::Refused(_) | EventError::Image(_) | EventError::ImageDir { .. } => true,
+            EventError::Manager(m) => !matches!(m, ManagerError::Plugin { .. }),
+            EventError::Target(t) => matches!(t, TraceError::NoProcess(_) | TraceError::Unsuitable { .. }),
+            EventError::Plugin { phase, message, .. } => {
+                matches!(*phase, "setup" | "checkpoint" | "pre-copy") && !message.contains("watchdog: ")
+            }
+            EventError::Failed(_) | EventError::Freeze(_) | EventError::Medium { .. } => false,
+        }
+    }
 }
 
 /// What an event did, as `--json` prints it.

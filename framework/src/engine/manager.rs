@@ -1,4 +1,4 @@
-//! The plugin manager (DESIGN.md, "Loading and the manager"): finds plugin files,
+//! The plugin manager (docs/ARCHITECTURE.md, "Loading and the manager"): finds plugin files,
 //! checks them before running any of their code that matters, registers and
 //! unregisters them on the fly, and counts the events using each one.
 
@@ -121,7 +121,8 @@ fn check_ownership(path: &Path) -> Result<(), ManagerError> {
 fn load(path: &Path) -> Result<(PluginMeta, Loaded), ManagerError> {
     check_ownership(path)?;
     // SAFETY: loading a library runs its initialisers; the file passed the ownership
-    // check above, which is the trust boundary DESIGN.md sets for plugins.
+    // check above, the trust boundary for plugins
+    // (docs/ARCHITECTURE.md, "Security").
     let lib = unsafe { libloading::Library::new(path) }
         .map_err(|e| ManagerError::refused(path, format!("not a loadable shared library: {e}")))?;
     // SAFETY: the symbol is only called if present, with the signature every ferry

@@ -36,7 +36,7 @@ fn child_main() -> ! {
 /// Makes the restore child with pid `want` where free, as a grandchild of ferry so that
 /// it is reparented to init (or a subreaper) and never waits on ferry. Answers its pid.
 fn spawn_child(want: i32) -> Result<i32, EventError> {
-    let fail = |what: &str| EventError::Refused(format!("creating the restore child: {what}: {}", std::io::Error::last_os_error()));
+    let fail = |what: &str| EventError::Failed(format!("creating the restore child: {what}: {}", std::io::Error::last_os_error()));
     let mut fds = [0i32; 2];
     // SAFETY: pipe2 fills the two-int array.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -74,7 +74,7 @@ fn spawn_child(want: i32) -> Result<i32, EventError> {
         let n = libc::read(fds[0], &mut v as *mut i32 as *mut libc::c_void, 4);
         libc::close(fds[0]);
         if n != 4 || v <= 0 {
-            return Err(EventError::Refused("creating the restore child: clone3 failed".into()));
+            return Err(EventError::Failed("creating the restore child: clone3 failed".into()));
         }
     }
     Ok(v)
@@ -86,9 +86,9 @@ fn child_maps(tracer: &Tracer) -> Result<(Vec<(u64, u64)>, Vec<(u64, u64)>), Eve
     let pid = tracer.pid();
     let scratch = tracer.scratch().map(|s| s.0);
     let text = std::fs::read_to_string(format!("/proc/{pid}/maps"))
-        .map_err(|e| EventError::Refused(format!("reading the restore child's maps: {e}")))?;
+        .map_err(|e| EventError::Failed(format!("reading the restore child's maps: {e}")))?;
     let (mut specials, mut rest) = (Vec::new(), Vec::new());
-    for vma in parse_maps(&text).map_err(EventError::Refused)? {
+    for vma in parse_maps(&text).map_err(EventError::Failed)? {
         if Some(vma.start) == scratch {
             continue;
         }
@@ -121,7 +121,7 @@ fn blank(tracer: &mut Tracer) -> Result<(), EventError> {
     for (s, e) in stretches {
         let r = tracer.inject(pid, libc::SYS_munmap, [s, e - s, 0, 0, 0, 0])?;
         if r < 0 {
-            return Err(EventError::Refused(format!("unmapping {s:#x}-{e:#x} in the restore child: errno {}", -r)));
+            return Err(EventError::Failed(format!("unmapping {s:#x}-{e:#x} in the restore child: errno {}", -r)));
         }
     }
     Ok(())
@@ -131,7 +131,7 @@ fn blank(tracer: &mut Tracer) -> Result<(), EventError> {
 /// (a hole of its address space, so no restored mapping can meet it).
 fn place_scratch(tracer: &mut Tracer, scratch_at: u64) -> Result<(), EventError> {
     let pid = tracer.pid();
-    let (scratch, _) = tracer.scratch().ok_or_else(|| EventError::Refused("no scratch area".into()))?;
+    let (scratch, _) = tracer.scratch().ok_or_else(|| EventError::Failed("no scratch area".into()))?;
     if scratch_at == 0 || scratch_at == scratch {
         return Ok(());
     }
@@ -146,7 +146,7 @@ fn place_scratch(tracer: &mut Tracer, scratch_at: u64) -> Result<(), EventError>
     let flags = (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64;
     let r = tracer.inject(pid, libc::SYS_mremap, [scratch, SCRATCH_SIZE, SCRATCH_SIZE, flags, scratch_at, 0])?;
     if r as u64 != scratch_at {
-        return Err(EventError::Refused(format!("moving the scratch area to {scratch_at:#x}: errno {}", -r)));
+        return Err(EventError::Failed(format!("moving the scratch area to {scratch_at:#x}: errno {}", -r)));
     }
     tracer.set_scratch(Some(scratch_at));
     Ok(())
@@ -191,13 +191,13 @@ impl Blank {
         // image files and the pipes of whoever runs ferry.
         let r = tracer.inject(pid, libc::SYS_close_range, [0, u32::MAX as u64, 0, 0, 0, 0])?;
         if r < 0 {
-            return Err(EventError::Refused(format!("closing the restore child's inherited fds: errno {}", -r)));
+            return Err(EventError::Failed(format!("closing the restore child's inherited fds: errno {}", -r)));
         }
         let rseq = tracer.rseq_config(pid)?;
         if rseq.addr != 0 {
             let r = tracer.inject(pid, libc::SYS_rseq, [rseq.addr, rseq.len as u64, 1, rseq.signature as u64, 0, 0])?;
             if r < 0 {
-                return Err(EventError::Refused(format!("unregistering the restore child's rseq: errno {}", -r)));
+                return Err(EventError::Failed(format!("unregistering the restore child's rseq: errno {}", -r)));
             }
         }
         tracer.map_scratch(0)?;
@@ -231,7 +231,7 @@ fn move_aside(tracer: &mut Tracer, specials: &[(u64, u64)], avoid: u64) -> Resul
     let pid = tracer.pid();
     let lo = specials.iter().map(|s| s.0).min().unwrap_or(0);
     let span = specials.iter().map(|s| s.1).max().unwrap_or(0) - lo;
-    let fail = |what: &str, r: i64| EventError::Refused(format!("moving the restore child's vDSO aside: {what}: errno {}", -r));
+    let fail = |what: &str, r: i64| EventError::Failed(format!("moving the restore child's vDSO aside: {what}: errno {}", -r));
     // The kernel finds a free stretch (with room to step past the scratch area's
     // place); it is released again and the areas moved into it.
     let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE) as u64;
@@ -295,7 +295,7 @@ impl Held {
             // SAFETY: a signal to the process this restore created.
             if unsafe { libc::kill(self.tracer.pid(), libc::SIGSTOP) } != 0 {
                 let e = std::io::Error::last_os_error();
-                return Err(EventError::Refused(format!("stopping process {} as it was: {e}", self.tracer.pid())));
+                return Err(EventError::Failed(format!("stopping process {} as it was: {e}", self.tracer.pid())));
             }
         }
         self.tracer.detach()?;
@@ -328,7 +328,7 @@ impl Held {
         if let Some(fd) = self.uffd.take() {
             return Ok(fd);
         }
-        crate::kernel::uffd::userfaultfd_in(&mut self.tracer, crate::kernel::uffd::LAZY_FEATURES).map_err(EventError::Refused)
+        crate::kernel::uffd::userfaultfd_in(&mut self.tracer, crate::kernel::uffd::LAZY_FEATURES).map_err(EventError::Failed)
     }
 
     /// The rebuilt process's pid here.
@@ -514,7 +514,7 @@ pub fn rebuild(
             // privileges: the creds plugin, last, drops them (an unprivileged process
             // may not make one that sees the kernel's faults).
             if uffd.is_none() && !lazy.areas.is_empty() {
-                uffd = Some(crate::kernel::uffd::userfaultfd_in(&mut tracer, crate::kernel::uffd::LAZY_FEATURES).map_err(EventError::Refused)?);
+                uffd = Some(crate::kernel::uffd::userfaultfd_in(&mut tracer, crate::kernel::uffd::LAZY_FEATURES).map_err(EventError::Failed)?);
             }
         }
         let mut ctx = ExternalContext::new(&mut tracer, &mut shared, "ferry", watchdog);

@@ -1,4 +1,4 @@
-//! The image codec (DESIGN.md, "The image"): how a checkpoint is laid out in a medium's
+//! The image codec (docs/ARCHITECTURE.md, "The image"): how a checkpoint is laid out in a medium's
 //! numbered streams, how records are framed, and how they are read back without trusting
 //! a single length or count. Also the generic `ferry show` rendering of an image.
 //!

@@ -1,4 +1,4 @@
-//! The migration algorithms (DESIGN.md, "Algorithms"), each behind [`Algorithm`]: what
+//! The migration algorithms (docs/ARCHITECTURE.md, "Strategies"), each behind [`Algorithm`]: what
 //! runs while the process still runs on the source, and what is left for after it
 //! resumes on the destination. The coordinator (`commands::migrate`) asks the
 //! algorithm and drives the mechanisms it names:

@@ -52,11 +52,11 @@ pub struct Outcome {
 /// Waits for the destination to confirm round `round` on each of `streams`.
 fn await_synced(medium: &mut MediumBox, streams: &[u32], round: u32, timeout: Duration) -> Result<(), EventError> {
     for &stream in streams {
-        let msg = recv_json(medium, timeout).map_err(|e| EventError::Refused(format!("waiting for the destination: {e}")))?;
+        let msg = recv_json(medium, timeout).map_err(|e| EventError::Failed(format!("waiting for the destination: {e}")))?;
         if msg == synced(stream, round as u64) {
             continue;
         }
-        return Err(EventError::Refused(match Verdict::from_json(&msg.to_string()) {
+        return Err(EventError::Failed(match Verdict::from_json(&msg.to_string()) {
             Ok(Verdict::Failed { reason }) => format!("the destination could not rebuild the process: {reason}"),
             _ => format!("unexpected message from the destination during pre-copy: {msg}"),
         }));
@@ -102,7 +102,7 @@ pub fn run(
                 let mark = serde_json::json!({"round": round}).to_string();
                 sink.put(SYNC_KIND.into(), RecordFormat::Json, mark.as_bytes().into())
                     .into_result()
-                    .map_err(|e| EventError::Refused(e.to_string()))?;
+                    .map_err(|e| EventError::Failed(e.to_string()))?;
                 carried.push(stream);
             }
             let s = &mut live.sent[i];
@@ -111,8 +111,8 @@ pub fn run(
             s.page_bytes += sink.page_bytes;
             bytes += sink.bytes;
         }
-        pipe.flush().map_err(|e| EventError::Refused(format!("sending pre-copy round {round}: {e}")))?;
-        let medium = pipe.medium_mut().ok_or_else(|| EventError::Refused("pre-copy needs a direct medium".into()))?;
+        pipe.flush().map_err(|e| EventError::Failed(format!("sending pre-copy round {round}: {e}")))?;
+        let medium = pipe.medium_mut().ok_or_else(|| EventError::Failed("pre-copy needs a direct medium".into()))?;
         await_synced(medium, &carried, round, timeout)?;
         let ms = event::ms(began);
         out.rounds.push(Round { bytes, ms });
@@ -142,7 +142,7 @@ pub fn run(
                 out.stop = "not shrinking";
                 break;
             };
-            t.step().map_err(|e| EventError::Refused(format!("auto-converge: {e}")))?;
+            t.step().map_err(|e| EventError::Failed(format!("auto-converge: {e}")))?;
         }
     }
     Ok(out)

@@ -1,7 +1,7 @@
 //! The handshake between `ferry migrate` (the client, on the source machine) and
 //! `ferry daemon` (the server, on the destination), run on a freshly connected TCP
 //! socket before anything is frozen; and the verdict messages both sides exchange after
-//! the transfer (DESIGN.md, "Requests, events and the core" and "Security").
+//! the transfer (docs/ARCHITECTURE.md, "The wire protocol" and "Security").
 //!
 //! # Framing
 //!
