@@ -7,9 +7,11 @@
  *   ready                             all state is set up
  *   tick N                            N = 1, 2, 3... with no gap or repeat
  *   usr1 K                            K SIGUSR1s delivered so far (logged at a tick)
- *   fork-check ok|lost-child N pid P  --fork-check: a child's check passed, or its parent
- *                                     is a copy that cannot reap it (see fork_check)
- *   fork-check failed pid P           a child's check failed (the verdict will be FAIL)
+ *   fork-check ok N pid P             --fork-check: a child's check passed (see fork_check)
+ *   fork-check quiet pid P            SIGHUP: no child until restored (or asked again)
+ *   fork-check resumed pid P WHY      forking again: restored | asked | timeout
+ *   fork-check failed pid P           a child's check failed, or was not this process's
+ *                                     (the verdict will be FAIL)
  *   PASS | FAIL: <first failure>      the last line; exit status 0 | 1
  *
  * Nothing here caches a pid or tid: after a restore they may differ. */
@@ -1739,11 +1741,58 @@ static void move_mem(uint64_t tick)
  * (its own copy of it) and exits 0 or 1; the parent reaps it at a later tick, logging
  * `fork-check ok N pid P` (N checks passed so far, P the parent's pid now). What a
  * post-copy must get right for a process that forks before all its pages arrived.
- * A copy restored from a freeze that caught a child running is not that child's parent:
- * ferry does not carry children yet, so waitpid answers ECHILD. That is logged
- * `fork-check lost-child N pid P` and the check goes on with a new child; a child that
- * saw wrong memory is logged `fork-check failed pid P` at once, and fails the verdict. At exit the last child is waited for ---- */
-static uint64_t fork_checks_ok, fork_checks_lost;
+ * ferry refuses a process with a child (it does not carry trees yet), so a test quiets
+ * the check before a checkpoint: at SIGHUP the current child is reaped, `fork-check
+ * quiet pid P` logged, and nothing is forked until the process finds itself restored
+ * (its start time in /proc/self/stat changed: a new process, whatever its pid), a
+ * second SIGHUP comes, or FORK_QUIET_SECS pass; then `fork-check resumed pid P <why>`
+ * is logged and a child forked at once — in a post-copy, before the pages arrived.
+ * A child that saw wrong memory is logged `fork-check failed pid P` at once and fails
+ * the verdict; a child that is not this process's (ECHILD: dropped by a restore) fails
+ * it too. At exit the last child is waited for ---- */
+#define FORK_QUIET_SECS 60
+static uint64_t fork_checks_ok;
+static volatile sig_atomic_t hup_count;
+static sig_atomic_t hup_seen;
+static int fork_quiet, fork_now;
+static unsigned long long quiet_start_time;
+static struct timespec quiet_until;
+
+static void on_hup(int sig)
+{
+    (void)sig;
+    hup_count++;
+}
+
+static void setup_fork_check(void)
+{
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_hup;
+    sa.sa_flags = SA_RESTART;
+    sigemptyset(&sa.sa_mask);
+    if (sigaction(SIGHUP, &sa, NULL) != 0)
+        die("sigaction HUP");
+}
+
+/* Field 22 of /proc/self/stat: when this process started, in clock ticks since boot. */
+static unsigned long long own_start_time(void)
+{
+    char buf[1024];
+    int fd = open("/proc/self/stat", O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return 0;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0)
+        return 0;
+    buf[n] = 0;
+    char *p = strrchr(buf, ')');
+    /* The space before field f, from the one before the state (field 3). */
+    for (int f = 3; p && f <= 22; f++)
+        p = strchr(p + 1, ' ');
+    return p ? strtoull(p + 1, NULL, 10) : 0;
+}
 
 static void fork_check_reap(int flags)
 {
@@ -1760,7 +1809,8 @@ static void fork_check_reap(int flags)
             logf_("fork-check ok %llu pid %d", (unsigned long long)++fork_checks_ok, (int)getpid());
         fork_child = 0;
     } else if (r < 0 && errno == ECHILD) {
-        logf_("fork-check lost-child %llu pid %d", (unsigned long long)++fork_checks_lost, (int)getpid());
+        fail("fork-check: child %d is not this process's (ECHILD): a child dropped by a restore", (int)fork_child);
+        logf_("fork-check failed pid %d", (int)getpid());
         fork_child = 0;
     } else if (r < 0) {
         fail("fork-check: waitpid: %s", strerror(errno));
@@ -1768,14 +1818,48 @@ static void fork_check_reap(int flags)
     }
 }
 
+static void fork_check_resume(const char *why)
+{
+    fork_quiet = 0;
+    fork_now = 1;
+    logf_("fork-check resumed pid %d %s", (int)getpid(), why);
+}
+
 static void fork_check(uint64_t tick)
 {
+    sig_atomic_t h = hup_count;
+    if (h != hup_seen) {
+        hup_seen = h;
+        if (!fork_quiet) {
+            if (fork_child > 0)
+                fork_check_reap(0);
+            fork_quiet = 1;
+            quiet_start_time = own_start_time();
+            clock_gettime(CLOCK_MONOTONIC, &quiet_until);
+            quiet_until.tv_sec += FORK_QUIET_SECS;
+            logf_("fork-check quiet pid %d", (int)getpid());
+            return;
+        }
+        fork_check_resume("asked");
+    }
+    if (fork_quiet) {
+        struct timespec now;
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        unsigned long long started = own_start_time();
+        if (started != 0 && started != quiet_start_time)
+            fork_check_resume("restored");
+        else if (now.tv_sec > quiet_until.tv_sec)
+            fork_check_resume("timeout");
+        else
+            return;
+    }
     if (fork_child > 0) {
         fork_check_reap(WNOHANG);
         return;
     }
-    if (tick % 20 != 0)
+    if (!fork_now && tick % 20 != 0)
         return;
+    fork_now = 0;
     fork_child = fork();
     if (fork_child < 0)
         die("fork-check fork");
@@ -2245,6 +2329,8 @@ int main(int argc, char **argv)
         setup_files();
     umask(027);
     setup_signals();
+    if (opt_fork_check)
+        setup_fork_check();
     if (opt_event_fds)
         setup_event_fds();
     if (opt_listen)

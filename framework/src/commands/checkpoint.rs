@@ -74,6 +74,7 @@ pub fn checkpoint(manager: &Manager, req: &CheckpointRequest, progress: &mut dyn
     // Everything that can be refused without touching the process comes first.
     target::check_target(req.pid)?;
     target::check_not_ferry(req.pid)?;
+    target::check_childless(req.pid)?;
     let created = prepare_dir(&req.dir)?;
     let mut subs = event::load_subsystems(manager, &req.subsystems, Some(req.pid))?;
     let medium_lease = manager.acquire(PluginKind::Medium, &req.medium)?;
@@ -91,8 +92,20 @@ pub fn checkpoint(manager: &Manager, req: &CheckpointRequest, progress: &mut dyn
     if let Some(j) = janitor.as_mut() {
         j.image(&req.dir, created);
     }
+    crate::fault::pause("checkpoint-checked");
     let frozen_at = Instant::now();
-    let (mut tracer, freezer) = match quiesce(req.pid, req.quiesce) {
+    let (mut tracer, freezer) = match quiesce(req.pid, req.quiesce).and_then(|(tracer, freezer)| {
+        // A child forked since the first look: seen now that nothing can fork, and the
+        // process goes back to running as it was.
+        match target::check_childless(req.pid) {
+            Ok(()) => Ok((tracer, freezer)),
+            Err(e) => {
+                let _ = tracer.detach();
+                drop(freezer);
+                Err(e.into())
+            }
+        }
+    }) {
         Ok(q) => q,
         Err(e) => {
             discard(&req.dir, created);
