@@ -40,7 +40,7 @@ struct Cli {
 enum Command {
     /// Checkpoint a running process into an image directory (then kill it, unless --leave-running).
     Checkpoint {
-        /// The process to checkpoint (one without children: process trees are not carried yet).
+        /// The process to checkpoint, with all its descendants.
         pid: i32,
         /// Image directory: must not exist or be empty.
         #[arg(long, value_name = "DIR")]
@@ -108,7 +108,7 @@ enum Command {
     },
     /// Move a running process to the daemon at HOST:PORT (stop-copy, pre-copy, post-copy, hybrid).
     Migrate {
-        /// The process to move (one without children: process trees are not carried yet).
+        /// The process to move (one without children: a migration does not carry process trees yet).
         pid: i32,
         /// The destination daemon.
         #[arg(long, value_name = "HOST:PORT")]

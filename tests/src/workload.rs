@@ -73,11 +73,15 @@ pub struct WorkloadOpts {
     pub shared_twice: bool,
     /// Hold POSIX, lockf, OFD and flock locks on files in its directory (`--locks`).
     pub locks: bool,
+    /// Children forked before `ready`, each checking its own memory (`--tree N`; not
+    /// with `fork_check`). The workload checks they stay its children, and at the end
+    /// that each passed.
+    pub tree: u32,
 }
 
 impl Default for WorkloadOpts {
     fn default() -> Self {
-        WorkloadOpts { mem_mib: 1, threads: 0, files: true, tick_ms: 20, dirty_pages: 0, churn: false, move_mem: false, fork_check: false, rseq: false, process_state: false, seccomp: false, shared_anon: false, event_fds: false, listen: false, creds: false, mm_flags: false, mm_sealed: false, shared_twice: false, locks: false }
+        WorkloadOpts { mem_mib: 1, threads: 0, files: true, tick_ms: 20, dirty_pages: 0, churn: false, move_mem: false, fork_check: false, rseq: false, process_state: false, seccomp: false, shared_anon: false, event_fds: false, listen: false, creds: false, mm_flags: false, mm_sealed: false, shared_twice: false, locks: false, tree: 0 }
     }
 }
 
@@ -159,6 +163,9 @@ impl Workload {
             (opts.locks, "--locks"),
         ];
         cmd.args(flags.iter().filter(|f| f.0).map(|f| f.1));
+        if opts.tree > 0 {
+            cmd.args(["--tree", &opts.tree.to_string()]);
+        }
         Self::start(cmd, dir)
     }
 

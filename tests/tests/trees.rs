@@ -1,8 +1,10 @@
-//! Processes with children. ferry does not carry process trees yet: a checkpoint or a
-//! migration of a process that has a child (running, stopped or a zombie) is refused
-//! with one line naming both, before the process is touched — or, for a child forked
-//! between that look and the freeze, once it is frozen, the process then let go as it
-//! was. Never a success that leaves the child behind.
+//! Processes with children. A checkpoint takes the process and all its descendants,
+//! frozen together, and a restore makes each child again as its parent's own (`wait`
+//! works); what the processes of a tree share that ferry carries only within one
+//! process (an open file description, a pipe, shared memory) is refused, and so is a
+//! zombie. A migration does not carry trees yet: it refuses a process with a child
+//! (running, stopped or a zombie) with one line naming both, before the process is
+//! touched. Never a success that leaves a child behind.
 
 use std::{
     path::Path,
@@ -47,14 +49,15 @@ impl Drop for Killed {
     }
 }
 
-/// The request was refused with one line naming `pid` and its child `child`, and
-/// wrote no image.
+/// The request was refused with one line naming `pid` and its child `child` (in either
+/// order), and wrote no image.
 fn refused_for_child(o: &Output, pid: i32, child: i32, dir: &Path) -> String {
     let err = stderr(o);
     assert!(!o.status.success(), "a process with a child must be refused: {err}");
     assert_eq!(err.lines().count(), 1, "one line: {err}");
     let named = format!("process {pid} has a child {child} (");
-    assert!(err.contains(&named) && err.contains("process trees are not carried yet"), "want `{named}…`: {err}");
+    let shared = (format!("process {child} is sharing"), format!("with process {pid} "));
+    assert!(err.contains(&named) || (err.contains(&shared.0) && err.contains(&shared.1)), "want `{named}…`: {err}");
     assert!(!dir.exists(), "a refused checkpoint writes nothing");
     err
 }
@@ -97,20 +100,22 @@ fn runs_on_with_its_child(mut w: Workload, mut child: Killed) {
 }
 
 #[test]
-fn a_process_with_a_stopped_child_is_refused_naming_it_and_both_run_on() {
+fn a_migration_of_a_process_with_a_stopped_child_is_refused_naming_it_and_both_run_on() {
     if !needs_root(ROOT) {
         return;
     }
     let w = Workload::spawn(&WorkloadOpts { mem_mib: 4, tick_ms: 1, fork_check: true, files: false, ..Default::default() });
     w.wait_ready();
     let child = hold_a_fork_check_child(&w);
+    let o = migrate_nowhere(w.pid);
+    let err = refused_for_child(&o, w.pid, child.0, Path::new("/nonexistent"));
+    assert!(err.contains(", stopped)") && err.contains("not carried yet by a migration"), "{err}");
+    // The freezer path of a checkpoint does not take trees either.
     let image = tempfile::tempdir().unwrap();
     let dir = image.path().join("img");
-    let o = ferry(&["checkpoint", &w.pid.to_string(), "--dir", dir.to_str().unwrap()]);
+    let o = ferry(&["checkpoint", &w.pid.to_string(), "--dir", dir.to_str().unwrap(), "--quiesce", "freezer"]);
     let err = refused_for_child(&o, w.pid, child.0, &dir);
-    assert!(err.contains(", stopped)"), "the child's state: {err}");
-    let o = migrate_nowhere(w.pid);
-    refused_for_child(&o, w.pid, child.0, &dir);
+    assert!(err.contains("--quiesce freezer"), "{err}");
     assert_eq!(state(child.0), "T", "the child is left as it was");
     runs_on_with_its_child(w, child);
 }
@@ -143,13 +148,14 @@ fn a_child_forked_between_the_check_and_the_freeze_is_seen_frozen_and_the_proces
     std::fs::remove_file(&pause).unwrap();
     ferry_run.0 = 0;
     let o = run.wait_with_output().unwrap();
-    refused_for_child(&o, w.pid, child.0, &dir);
+    let err = refused_for_child(&o, w.pid, child.0, &dir);
+    assert!(err.contains("try again"), "{err}");
     assert!(pid_alive(child.0) && state(child.0) == "T", "the child is left as it was");
     runs_on_with_its_child(w, child);
 }
 
 #[test]
-fn bash_with_a_background_sleep_is_refused_and_both_keep_running() {
+fn bash_sharing_its_stdio_with_a_background_sleep_is_refused_and_both_keep_running() {
     if !needs_root(ROOT) {
         return;
     }
@@ -163,11 +169,14 @@ fn bash_with_a_background_sleep_is_refused_and_both_keep_running() {
     });
     let image = tempfile::tempdir().unwrap();
     let dir = image.path().join("img");
+    // The sleep holds bash's stdin, stdout and stderr: one open file description each,
+    // in both processes, which ferry does not carry between processes yet.
     let o = ferry(&["checkpoint", &pid.to_string(), "--dir", dir.to_str().unwrap()]);
     let err = refused_for_child(&o, pid, sleep.0, &dir);
-    assert!(err.contains(&format!("has a child {} (sleep)", sleep.0)), "{err}");
+    assert!(err.contains("open file description") && err.contains("inherited over fork"), "{err}");
     let o = migrate_nowhere(pid);
-    refused_for_child(&o, pid, sleep.0, &dir);
+    let err = refused_for_child(&o, pid, sleep.0, &dir);
+    assert!(err.contains(&format!("has a child {} (sleep)", sleep.0)), "{err}");
     // Both intact: bash still the parent of its sleep, waiting for it, untraced.
     assert!(pid_alive(pid) && pid_alive(sleep.0), "bash {pid} and its sleep {}", sleep.0);
     assert_eq!(children_of(pid), vec![sleep.0]);
@@ -199,7 +208,130 @@ fn a_process_with_a_zombie_child_is_refused_naming_it() {
     let dir = image.path().join("img");
     let o = ferry(&["checkpoint", &py.0.to_string(), "--dir", dir.to_str().unwrap()]);
     let err = refused_for_child(&o, py.0, zombie, &dir);
-    assert!(err.contains(", a zombie)"), "{err}");
+    assert!(err.contains("(a zombie): zombies are not carried yet"), "{err}");
     assert_eq!(children_of(py.0), vec![zombie], "the zombie is left for its parent");
     assert_eq!(tracer_of(py.0), "0");
+}
+
+/// Kills every pid of a list when dropped (the processes a test restored).
+struct KilledAll(Vec<i32>);
+impl Drop for KilledAll {
+    fn drop(&mut self) {
+        for &p in &self.0 {
+            kill_pid(p);
+        }
+    }
+}
+
+/// `ferry checkpoint PID --dir DIR --json`, which must succeed; answers its statistics.
+fn checkpoint_json(pid: i32, dir: &Path, extra: &[&str]) -> serde_json::Value {
+    let mut args = vec!["checkpoint".to_string(), pid.to_string(), "--dir".into(), dir.display().to_string(), "--json".into()];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let o = ferry(&args);
+    assert!(o.status.success(), "checkpoint: {}", stderr(&o));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+/// `ferry restore --dir DIR --json`, which must succeed; answers image pid → pid now.
+fn restore_json(dir: &Path) -> std::collections::BTreeMap<i32, i32> {
+    let o = ferry(&["restore", "--dir", dir.to_str().unwrap(), "--json"]);
+    assert!(o.status.success(), "restore: {}", stderr(&o));
+    let stats: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let pids = stats["pids"].as_object().unwrap_or_else(|| panic!("no pids in {stats}"));
+    pids.iter().map(|(k, v)| (k.parse().unwrap(), v.as_i64().unwrap() as i32)).collect()
+}
+
+#[test]
+fn a_tree_of_three_children_comes_back_with_each_child_its_parents_own() {
+    if !needs_root(ROOT) {
+        return;
+    }
+    // Three children each checking its own memory; the parent checks every tick that
+    // they are its own (waitpid(-1, WNOHANG) answers 0, not ECHILD) and, at the end,
+    // that each exits 0 when told to.
+    let mut w = Workload::spawn(&WorkloadOpts { mem_mib: 4, tick_ms: 5, tree: 3, ..Default::default() });
+    w.wait_ready();
+    let root = w.pid;
+    let kids = children_of(root);
+    let _originals = KilledAll(kids.clone());
+    assert_eq!(kids.len(), 3, "{kids:?}");
+    let image = tempfile::tempdir().unwrap();
+    let dir = image.path().join("img");
+    let stats = checkpoint_json(root, &dir, &[]);
+    let taken: Vec<i32> = stats["pids"].as_object().unwrap().keys().map(|k| k.parse().unwrap()).collect();
+    let mut want = kids.clone();
+    want.push(root);
+    want.sort_unstable();
+    assert_eq!(taken, want, "the whole tree: {stats}");
+    let shown = ferry_tests::stdout(&ferry(&["show", dir.to_str().unwrap()]));
+    for k in &kids {
+        assert!(shown.contains(&format!("process {k} `")) && shown.contains(&format!("child of {root}")), "{shown}");
+    }
+    w.reap();
+    let at = *w.ticks().last().unwrap();
+    let pids = restore_json(&dir);
+    let new = pids[&root];
+    w.adopt(new);
+    let new_kids: Vec<i32> = kids.iter().map(|k| pids[k]).collect();
+    let _restored = KilledAll(new_kids.clone());
+    let mut listed = children_of(new);
+    listed.sort_unstable();
+    let mut expected = new_kids.clone();
+    expected.sort_unstable();
+    assert_eq!(listed, expected, "the restored children are the restored parent's own");
+    w.wait_ticks(at + 10);
+    w.terminate_and_check(new).unwrap();
+    assert!(w.lines().iter().any(|l| l == "tree 3 children passed"), "{}", w.log_text());
+}
+
+#[test]
+fn bash_with_a_background_job_comes_back_and_its_wait_still_waits_for_it() {
+    if !needs_root(ROOT) {
+        return;
+    }
+    // The job has stdio of its own (no description shared with bash). Orphans come to
+    // this test (a subreaper), which reaps them, so that the image's pids are free.
+    // SAFETY: prctl with integer arguments.
+    assert_eq!(unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) }, 0);
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("waited");
+    let script = format!(r#"sleep 1000 </dev/null >/dev/null 2>&1 & wait $!; echo "waited $?" >{}"#, out.display());
+    let mut cmd = Command::new("/bin/bash");
+    cmd.args(["-c", &script]).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    // Nothing but its stdio: fds this test inherited (from whatever runs it) would be
+    // shared with the job.
+    // SAFETY: close_range is async-signal-safe; it only marks fds close-on-exec.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC);
+            Ok(())
+        });
+    }
+    let bash = cmd.spawn().unwrap();
+    let mut bash = Killed(bash.id() as i32, Some(bash));
+    let pid = bash.0;
+    let mut sleep = Killed(0, None);
+    wait_until("bash's sleep", DEADLINE, || {
+        sleep.0 = children_of(pid).first().copied().unwrap_or(0);
+        sleep.0 > 0 && std::fs::read_to_string(format!("/proc/{}/comm", sleep.0)).is_ok_and(|c| c.trim() == "sleep")
+    });
+    let dir = tmp.path().join("img");
+    checkpoint_json(pid, &dir, &[]);
+    let _ = bash.1.take().unwrap().wait();
+    // SAFETY: reaping the orphaned sleep, which came to this process.
+    unsafe { libc::waitpid(sleep.0, std::ptr::null_mut(), 0) };
+    let pids = restore_json(&dir);
+    let (new_bash, new_sleep) = (pids[&pid], pids[&sleep.0]);
+    let _restored = (Killed(new_bash, None), Killed(new_sleep, None));
+    assert_eq!((new_bash, new_sleep), (pid, sleep.0), "the pids given back (both were freed)");
+    assert_eq!(children_of(new_bash), vec![new_sleep]);
+    assert!(!out.exists(), "bash still waits");
+    // Its job ends: bash's `wait $!` returns with its status (143: SIGTERM), which it
+    // could not if the sleep were not its child (127 at once).
+    assert!(send_signal(new_sleep, libc::SIGTERM));
+    wait_until("bash to write what its wait returned", DEADLINE, || std::fs::read_to_string(&out).is_ok_and(|t| t.ends_with('\n')));
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), "waited 143\n");
+    // SAFETY: reaping the restored bash, an orphan that came to this process.
+    wait_until("the restored bash to exit", DEADLINE, || unsafe { libc::waitpid(new_bash, std::ptr::null_mut(), libc::WNOHANG) } == new_bash);
 }

@@ -204,7 +204,7 @@ pub fn migrate(manager: &Manager, req: &MigrateRequest, progress: &mut dyn FnMut
     target::check_target(req.pid)?;
     target::check_not_ferry(req.pid)?;
     // Process trees are not carried yet, by a migration as by a checkpoint.
-    target::check_childless(req.pid)?;
+    target::check_childless(req.pid, target::TREES_NOT_MIGRATED)?;
     crate::trace::mark("migrate");
     let mut subs = event::load_subsystems(manager, &req.subsystems, Some(req.pid))?;
     let lease = manager.acquire(PluginKind::Medium, "tcp")?;
@@ -294,7 +294,7 @@ pub fn migrate(manager: &Manager, req: &MigrateRequest, progress: &mut dyn FnMut
     let mut medium = medium;
     // A child forked since the first look (during the rounds, say): seen now that
     // nothing can fork; the source goes back to running as it was.
-    if let Err(e) = target::check_childless(req.pid) {
+    if let Err(e) = target::check_childless(req.pid, target::TREES_NOT_MIGRATED) {
         let e = EventError::from(e);
         if let Some(&(_, scratch)) = live.as_ref() {
             tracer.set_scratch(Some(scratch));

@@ -17,8 +17,8 @@ pub enum TraceError {
     Thread { tid: pid_t, message: String },
     #[error("memory of process {pid} at {addr:#x}: {message}")]
     Memory { pid: pid_t, addr: u64, message: String },
-    #[error("process {pid} has a child {child} ({what}): process trees are not carried yet; ferry takes a process only while it has no child (running, stopped, or a zombie not yet reaped)")]
-    HasChild { pid: pid_t, child: pid_t, what: String },
+    #[error("process {pid} has a child {child} ({what}): {why}")]
+    HasChild { pid: pid_t, child: pid_t, what: String, why: String },
     #[error("process {pid} exited during the event")]
     Gone { pid: pid_t },
 }

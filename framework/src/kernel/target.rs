@@ -61,11 +61,14 @@ pub fn children(pid: pid_t) -> Vec<pid_t> {
     kids
 }
 
-/// Refuses a process that has a child: ferry does not carry process trees yet, and a
-/// child left behind would lose its parent (the copy's `wait` would find no child).
-/// Checked before the process is touched, and again once it is frozen (a child forked
-/// in between).
-pub fn check_childless(pid: pid_t) -> Result<(), TraceError> {
+/// Why a migration refuses a process with a child.
+pub const TREES_NOT_MIGRATED: &str =
+    "process trees are not carried yet by a migration (a checkpoint takes the tree); ferry migrates a process only while it has no child (running, stopped, or a zombie not yet reaped)";
+
+/// Refuses a process that has a child, saying `why`: a child left behind would lose its
+/// parent (the copy's `wait` would find no child). Checked before the process is
+/// touched, and again once it is frozen (a child forked in between).
+pub fn check_childless(pid: pid_t, why: &str) -> Result<(), TraceError> {
     let Some(&child) = children(pid).first() else { return Ok(()) };
     let comm = std::fs::read_to_string(format!("/proc/{child}/comm")).map(|c| c.trim().to_string());
     let state = stat_fields(child).and_then(|f| f.first().cloned()).unwrap_or_default();
@@ -75,7 +78,7 @@ pub fn check_childless(pid: pid_t) -> Result<(), TraceError> {
         (Ok(c), _) => c,
         (Err(_), _) => "gone as it was seen".into(),
     };
-    Err(TraceError::HasChild { pid, child, what })
+    Err(TraceError::HasChild { pid, child, what, why: why.to_string() })
 }
 
 /// Refuses targets that cannot be checkpointed, with the reason.

@@ -1,0 +1,126 @@
+//! A process and its descendants: found from `/proc/PID/task/*/children`, frozen
+//! together, and checked for what they share that ferry does not carry between
+//! processes yet (an open file description, a pipe between two of them, shared
+//! anonymous memory, an address space, fd table or signal handlers).
+
+use std::{collections::HashMap, os::unix::fs::MetadataExt};
+
+use libc::pid_t;
+
+use super::{
+    error::TraceError,
+    target::{children, stat_fields},
+    tracer::Tracer,
+};
+
+/// Every process of the tree of `root` under the tracer, parents before their
+/// children, each with its parent's pid (0 for the root). Each process is seized and
+/// stopped before its children are looked for, so none of the tree forks or leaves
+/// unseen: a child forked before its parent stopped is found once the parent is; one
+/// that exited is a zombie its stopped parent cannot reap, and refused. On failure
+/// every process seized so far is let go as it was.
+pub fn freeze_tree(root: pid_t) -> Result<Vec<(Tracer, pid_t)>, TraceError> {
+    let mut frozen: Vec<(Tracer, pid_t)> = vec![(Tracer::seize(root)?, 0)];
+    let mut next = 0;
+    while next < frozen.len() {
+        let parent = frozen[next].0.pid();
+        next += 1;
+        for child in children(parent) {
+            let state = stat_fields(child).and_then(|f| f.first().cloned()).unwrap_or_default();
+            let taken = if state == "Z" || state == "X" {
+                Err(TraceError::HasChild { pid: parent, child, what: "a zombie".into(), why: "zombies are not carried yet".into() })
+            } else {
+                Tracer::seize(child)
+            };
+            match taken {
+                Ok(t) => frozen.push((t, parent)),
+                Err(e) => {
+                    let_go(frozen);
+                    return Err(e);
+                }
+            }
+        }
+    }
+    Ok(frozen)
+}
+
+/// Lets every process of a frozen tree go, as it was.
+pub fn let_go(frozen: Vec<(Tracer, pid_t)>) {
+    for (t, _) in frozen.into_iter().rev() {
+        let _ = t.detach();
+    }
+}
+
+/// `kcmp(a, b, kind, x, y)`: 0 when the two share the object.
+fn kcmp(a: pid_t, b: pid_t, kind: i64, x: i64, y: i64) -> i64 {
+    // SAFETY: kcmp takes integers only.
+    unsafe { libc::syscall(libc::SYS_kcmp, a, b, kind, x, y) }
+}
+
+const KCMP_FILE: i64 = 0;
+const KCMP_VM: i64 = 1;
+const KCMP_FILES: i64 = 2;
+const KCMP_SIGHAND: i64 = 4;
+
+/// The fds of `pid` with the device and inode of what each is open on.
+fn fds(pid: pid_t) -> Vec<(i64, u64, u64, bool)> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return Vec::new() };
+    dir.flatten()
+        .filter_map(|e| {
+            let fd: i64 = e.file_name().to_str()?.parse().ok()?;
+            let m = std::fs::metadata(e.path()).ok()?;
+            let fifo = m.mode() & libc::S_IFMT == libc::S_IFIFO;
+            Some((fd, m.dev(), m.ino(), fifo))
+        })
+        .collect()
+}
+
+/// The shared anonymous mappings of `pid` (`/dev/zero (deleted)`, memfds, SysV
+/// segments): (inode, start).
+fn shared_anon(pid: pid_t) -> Vec<(u64, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let (range, perms, inode, path) = (f.first()?, f.get(1)?, f.get(4)?, f.get(5).copied().unwrap_or(""));
+            let anon = path == "/dev/zero" || path.starts_with("/memfd:") || path.starts_with("/SYSV");
+            (perms.ends_with('s') && anon).then(|| Some((inode.parse().ok()?, u64::from_str_radix(range.split('-').next()?, 16).ok()?)))?
+        })
+        .collect()
+}
+
+/// Refuses a tree whose processes share what ferry carries only within one process:
+/// one line naming both processes and the resource.
+pub fn check_shared(pids: &[pid_t]) -> Result<(), TraceError> {
+    let refuse = |pid: pid_t, why: String| Err(TraceError::Unsuitable { pid, why });
+    let fds: Vec<Vec<(i64, u64, u64, bool)>> = pids.iter().map(|&p| fds(p)).collect();
+    let anon: Vec<Vec<(u64, u64)>> = pids.iter().map(|&p| shared_anon(p)).collect();
+    for (j, &b) in pids.iter().enumerate() {
+        for (i, &a) in pids[..j].iter().enumerate() {
+            for (kind, what) in [(KCMP_VM, "its address space (vfork or CLONE_VM)"), (KCMP_FILES, "its fd table (CLONE_FILES)"), (KCMP_SIGHAND, "its signal handlers (CLONE_SIGHAND)")] {
+                if kcmp(a, b, kind, 0, 0) == 0 {
+                    return refuse(b, format!("sharing {what} with process {a}, which ferry does not carry between processes yet"));
+                }
+            }
+            let on: HashMap<(u64, u64), (i64, bool)> = fds[i].iter().map(|&(fd, dev, ino, fifo)| ((dev, ino), (fd, fifo))).collect();
+            for &(fd, dev, ino, fifo) in &fds[j] {
+                let Some(&(other, _)) = on.get(&(dev, ino)) else { continue };
+                // Any fd of `a` on the object may be the shared description.
+                let same = fds[i].iter().find(|f| (f.1, f.2) == (dev, ino) && kcmp(a, b, KCMP_FILE, f.0, fd) == 0);
+                if let Some(f) = same {
+                    return refuse(b, format!(
+                        "sharing fd {fd}'s open file description with process {a} (its fd {}, inherited over fork); descriptions shared between processes are not carried yet",
+                        f.0
+                    ));
+                }
+                if fifo {
+                    return refuse(b, format!("holding a pipe (fd {fd}) whose other end process {a} holds (its fd {other}); pipes between processes are not carried yet"));
+                }
+            }
+            if let Some(&(_, at)) = anon[j].iter().find(|m| anon[i].iter().any(|n| n.0 == m.0)) {
+                return refuse(b, format!("sharing the shared anonymous memory at {at:#x} with process {a}; memory shared between processes is not carried yet"));
+            }
+        }
+    }
+    Ok(())
+}
