@@ -181,3 +181,50 @@ fn a_quieted_fork_check_has_no_child_until_asked_again_and_then_forks_at_once() 
     w.wait_for("a fork check after resuming", |w| w.fork_checks(pid) > checks);
     w.terminate_and_check(pid).unwrap();
 }
+
+#[test]
+fn the_tree_check_passes_and_fails_when_a_child_is_lost_or_sees_wrong_memory() {
+    let mut w = Workload::spawn(&WorkloadOpts { tick_ms: 1, tree: 2, files: false, ..Default::default() });
+    w.wait_ready();
+    w.wait_ticks(20);
+    let pid = w.pid;
+    w.terminate_and_check(pid).unwrap();
+    assert!(w.lines().iter().any(|l| l == "tree 2 children passed"), "{}", w.log_text());
+
+    // A child gone (as if a restore had dropped it): the parent sees it at its next tick.
+    let mut w = Workload::spawn(&WorkloadOpts { tick_ms: 1, tree: 2, files: false, ..Default::default() });
+    w.wait_ready();
+    let kids = children_of(w.pid);
+    assert_eq!(kids.len(), 2, "{kids:?}");
+    ferry_tests::workload::kill_pid(kids[0]);
+    let pid = w.pid;
+    let at = *w.ticks().last().unwrap();
+    w.wait_ticks(at + 3);
+    kill_the_rest(&kids);
+    let err = w.terminate_and_check(pid).expect_err("a lost child must fail the check");
+    assert!(err.starts_with(&format!("FAIL: tree: child {} exited early", kids[0])), "{err}");
+
+    // The memory a child inherited, corrupted in the child only: it exits 1 at once.
+    let mut w = Workload::spawn(&WorkloadOpts { tick_ms: 1, tree: 2, files: false, ..Default::default() });
+    w.wait_ready();
+    let kids = children_of(w.pid);
+    let (start, end) = w.region("mem");
+    for page in (start..end).step_by(4096) {
+        let flipped: Vec<u8> = peek(kids[1], page, 8).iter().map(|b| !b).collect();
+        poke(kids[1], page, &flipped);
+    }
+    let pid = w.pid;
+    w.wait_for("the parent to see its child fail", |w| w.lines().iter().any(|l| l.contains("FAIL")) || !pid_alive(kids[1]));
+    let at = *w.ticks().last().unwrap();
+    w.wait_ticks(at + 3);
+    kill_the_rest(&kids);
+    let err = w.terminate_and_check(pid).expect_err("a child seeing wrong memory must fail the check");
+    assert!(err.starts_with(&format!("FAIL: tree: child {} exited early (status 0x100", kids[1])), "{err}");
+}
+
+/// Kills the tree children still there (a failed workload does not reap them all).
+fn kill_the_rest(kids: &[i32]) {
+    for &k in kids {
+        ferry_tests::workload::kill_pid(k);
+    }
+}

@@ -224,7 +224,12 @@ fn checkpoint_tree(manager: &Manager, req: &CheckpointRequest, progress: &mut dy
         discard(&dir, created);
         std::process::exit(1);
     });
-    let outcome = crate::engine::tree::write_tree(manager, &req.subsystems, &mut frozen, &mut medium, &req.medium, &watchdog, progress);
+    let mut mapped = |pid: i32, addr: u64| {
+        if let Some(j) = janitor.as_mut() {
+            j.scratch(pid, addr);
+        }
+    };
+    let outcome = crate::engine::tree::write_tree(manager, &req.subsystems, &mut frozen, &mut medium, &req.medium, &watchdog, &mut mapped, progress);
     drop(watchdog);
     let mut stats = Stats::default();
     match outcome {

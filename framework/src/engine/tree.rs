@@ -23,7 +23,8 @@ use crate::{
 };
 
 /// Writes every process of a frozen tree (parents first, each with its parent's pid)
-/// and the inventory. Answers the bytes written and the pages among them.
+/// and the inventory; `mapped` hears of each scratch area as it is mapped (for the
+/// janitor). Answers the bytes written and the pages among them.
 #[allow(clippy::too_many_arguments)]
 pub fn write_tree(
     manager: &Manager,
@@ -32,6 +33,7 @@ pub fn write_tree(
     medium: &mut Pipeline,
     medium_name: &str,
     watchdog: &Watchdog,
+    mapped: &mut dyn FnMut(i32, u64),
     progress: &mut dyn FnMut(&Tick),
 ) -> Result<(u64, u64), EventError> {
     let medium_err = |e: String| EventError::Medium { medium: medium_name.to_string(), message: e };
@@ -42,6 +44,7 @@ pub fn write_tree(
         let pid = tracer.pid();
         let mut subs = event::load_subsystems(manager, names, Some(pid))?;
         let scratch = tracer.map_scratch(0)?;
+        mapped(pid, scratch);
         let mut shared = SharedTable::default();
         {
             let mut ctx = ExternalContext::new(&mut *tracer, &mut shared, "ferry", watchdog);
@@ -56,6 +59,7 @@ pub fn write_tree(
                 watchdog.doing(format!("plugin {name} writes the records of process {pid}"));
                 let mut sink = StreamSink::new(medium, stream, &name, watchdog);
                 event::checkpoint_one(loaded, &mut ctx, &mut sink, progress)?;
+                crate::fault::point("checkpoint-mid");
                 bytes += sink.bytes;
                 page_bytes += sink.page_bytes;
                 inventory.plugins.push(PluginEntry {
