@@ -444,3 +444,84 @@ fn shared_anonymous_memory_between_parent_and_child_is_refused_naming_both() {
     let (py, kid) = python_pair("m = mmap.mmap(-1, 4096, flags=mmap.MAP_SHARED)\nm[0] = 1", "m[1] = 2", "");
     tree_refused(&py, &kid, "memory shared between processes is not carried yet");
 }
+
+#[test]
+fn a_socket_pair_between_parent_and_child_is_refused_naming_the_process() {
+    if !needs_root(ROOT) {
+        return;
+    }
+    let (py, kid) = python_pair("import socket\na, b = socket.socketpair()", "a.close(); b.send(b'queued')", "b.close()");
+    let image = tempfile::tempdir().unwrap();
+    let dir = image.path().join("img");
+    let o = ferry(&["checkpoint", &py.0.to_string(), "--dir", dir.to_str().unwrap()]);
+    let err = stderr(&o);
+    assert!(!o.status.success() && err.lines().count() == 1, "{err}");
+    // The files plugin refuses the end whose peer is in another process: in the parent.
+    assert!(err.contains(&format!("process {}: ", py.0)) && err.contains("Unix socket"), "{err}");
+    assert!(!dir.exists());
+    for p in [py.0, kid.0] {
+        assert!(pid_alive(p) && state(p) == "S", "process {p} runs on");
+        assert_eq!(residue(p), Vec::<String>::new());
+    }
+}
+
+#[test]
+fn a_grandchild_forked_while_the_tree_is_being_frozen_is_taken_and_comes_back_under_its_parent() {
+    if !needs_root(ROOT) {
+        return;
+    }
+    // ferry pauses once the root is frozen (FERRY_PAUSE); its child, not frozen yet,
+    // then forks a grandchild (at SIGUSR1). The tree of three is taken, and restored
+    // with each process its parent's child.
+    let (py, kid) = python_pair(
+        "import signal",
+        "signal.signal(signal.SIGUSR1, lambda *_: os.fork() == 0 and [time.sleep(1000), os._exit(0)])",
+        "",
+    );
+    let mut py = py;
+    let tmp = tempfile::tempdir().unwrap();
+    let (dir, pause) = (tmp.path().join("img"), tmp.path().join("paused"));
+    let run = Command::new(ferry_bin())
+        .args(["checkpoint", &py.0.to_string(), "--dir", dir.to_str().unwrap(), "--json"])
+        .env("FERRY_PAUSE", format!("tree-root-frozen:{}", pause.display()))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let _ferry = Killed(run.id() as i32, None);
+    wait_until("ferry to pause with the root frozen", DEADLINE, || pause.exists());
+    assert!(send_signal(kid.0, libc::SIGUSR1));
+    let mut grandchild = Killed(0, None);
+    wait_until("the grandchild", DEADLINE, || {
+        grandchild.0 = children_of(kid.0).first().copied().unwrap_or(0);
+        grandchild.0 > 0
+    });
+    std::fs::remove_file(&pause).unwrap();
+    let o = run.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    let shown = ferry_tests::stdout(&ferry(&["show", dir.to_str().unwrap()]));
+    assert!(shown.contains(&format!("process {} `python3`, child of {}", grandchild.0, kid.0)), "{shown}");
+    let _ = py.1.take().unwrap().wait();
+    let pids = restore_json(&dir);
+    let (root, child, grand) = (pids[&py.0], pids[&kid.0], pids[&grandchild.0]);
+    let _restored = KilledAll(vec![grand, child, root]);
+    assert_eq!((children_of(root), children_of(child)), (vec![child], vec![grand]), "{pids:?}");
+    // The kernel's own account: the grandchild, killed, is its parent's zombie to reap.
+    kill_pid(grand);
+    wait_until("the restored grandchild to be its parent's zombie", DEADLINE, || state(grand) == "Z");
+    assert_eq!(children_of(child), vec![grand]);
+}
+
+#[test]
+fn a_child_in_a_process_group_of_its_own_is_refused_naming_it() {
+    if !needs_root(ROOT) {
+        return;
+    }
+    // A restored child stays in its parent's group and session: one that left them
+    // (a shell's job under job control, a daemon's setsid) would come back changed.
+    let (py, kid) = python_pair("", "os.setpgid(0, 0)", "");
+    wait_until("the child in its own group", DEADLINE, || {
+        std::fs::read_to_string(format!("/proc/{}/stat", kid.0)).is_ok_and(|s| s.rsplit_once(") ").is_some_and(|(_, r)| r.split(' ').nth(2) == Some(&kid.0.to_string())))
+    });
+    tree_refused(&py, &kid, "process groups and sessions are not carried yet");
+}

@@ -211,7 +211,8 @@ fn checkpoint_tree(manager: &Manager, req: &CheckpointRequest, progress: &mut dy
         Err(e) => return give_up(janitor, e.into()),
     };
     let pids: Vec<i32> = frozen.iter().map(|(t, _)| t.pid()).collect();
-    if let Err(e) = tree::check_shared(&pids) {
+    let links: Vec<(i32, i32)> = frozen.iter().map(|(t, parent)| (t.pid(), *parent)).collect();
+    if let Err(e) = tree::check_shared(&pids).and_then(|_| tree::check_groups(&links)) {
         tree::let_go(frozen);
         return give_up(janitor, e.into());
     }

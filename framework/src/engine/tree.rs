@@ -42,13 +42,18 @@ pub fn write_tree(
     let mut next_stream = 1u32;
     for (tracer, parent) in tree.iter_mut() {
         let pid = tracer.pid();
-        let mut subs = event::load_subsystems(manager, names, Some(pid))?;
-        let scratch = tracer.map_scratch(0)?;
+        // Which process of the tree a plugin refused is part of the answer.
+        let in_process = |e: EventError| match e {
+            EventError::Target(t) => EventError::Target(t),
+            other => EventError::Refused(format!("process {pid}: {other}")),
+        };
+        let mut subs = event::load_subsystems(manager, names, Some(pid)).map_err(in_process)?;
+        let scratch = tracer.map_scratch(0).map_err(|e| in_process(e.into()))?;
         mapped(pid, scratch);
         let mut shared = SharedTable::default();
         {
             let mut ctx = ExternalContext::new(&mut *tracer, &mut shared, "ferry", watchdog);
-            event::setup_all(&mut subs, &mut ctx, EventKind::Checkpoint)?;
+            event::setup_all(&mut subs, &mut ctx, EventKind::Checkpoint).map_err(in_process)?;
         }
         let mut streams = Vec::new();
         let result = (|| {
@@ -75,7 +80,7 @@ pub fn write_tree(
         })();
         let mut ctx = ExternalContext::new(&mut *tracer, &mut shared, "ferry", watchdog);
         event::cleanup_all(&mut subs, &mut ctx, result.is_ok());
-        result?;
+        result.map_err(in_process)?;
         next_stream += subs.len() as u32;
         let mut entry = process_entry(tracer, scratch);
         (entry.parent, entry.streams) = (*parent, streams);

@@ -21,6 +21,7 @@ use super::{
 /// every process seized so far is let go as it was.
 pub fn freeze_tree(root: pid_t) -> Result<Vec<(Tracer, pid_t)>, TraceError> {
     let mut frozen: Vec<(Tracer, pid_t)> = vec![(Tracer::seize(root)?, 0)];
+    crate::fault::pause("tree-root-frozen");
     let mut next = 0;
     while next < frozen.len() {
         let parent = frozen[next].0.pid();
@@ -120,6 +121,27 @@ pub fn check_shared(pids: &[pid_t]) -> Result<(), TraceError> {
             if let Some(&(_, at)) = anon[j].iter().find(|m| anon[i].iter().any(|n| n.0 == m.0)) {
                 return refuse(b, format!("sharing the shared anonymous memory at {at:#x} with process {a}; memory shared between processes is not carried yet"));
             }
+        }
+    }
+    Ok(())
+}
+
+/// Refuses a tree in which a process is in another process group or session than its
+/// parent: a restored child is forked from its parent and stays in its group and
+/// session, and ferry does not set groups and sessions yet.
+pub fn check_groups(tree: &[(pid_t, pid_t)]) -> Result<(), TraceError> {
+    // Fields after the name: state, ppid, pgrp, session.
+    let ids = |pid: pid_t| stat_fields(pid).map(|f| (f.get(2).cloned().unwrap_or_default(), f.get(3).cloned().unwrap_or_default()));
+    for &(pid, parent) in tree.iter().filter(|t| t.1 != 0) {
+        let (Some(mine), Some(theirs)) = (ids(pid), ids(parent)) else { continue };
+        if mine.0 != theirs.0 || mine.1 != theirs.1 {
+            return Err(TraceError::Unsuitable {
+                pid,
+                why: format!(
+                    "in process group {} of session {}, and its parent, process {parent}, in group {} of session {}: process groups and sessions are not carried yet",
+                    mine.0, mine.1, theirs.0, theirs.1
+                ),
+            });
         }
     }
     Ok(())
