@@ -157,7 +157,7 @@ fn a_child_forked_between_the_check_and_the_freeze_is_seen_frozen_and_the_proces
 }
 
 #[test]
-fn bash_sharing_its_stdio_with_a_background_sleep_is_refused_and_both_keep_running() {
+fn bash_with_a_background_sleep_is_refused_by_a_migration_and_both_keep_running() {
     if !needs_root(ROOT) {
         return;
     }
@@ -169,15 +169,8 @@ fn bash_sharing_its_stdio_with_a_background_sleep_is_refused_and_both_keep_runni
         sleep.0 = children_of(pid).first().copied().unwrap_or(0);
         sleep.0 > 0 && std::fs::read_to_string(format!("/proc/{}/comm", sleep.0)).is_ok_and(|c| c.trim() == "sleep")
     });
-    let image = tempfile::tempdir().unwrap();
-    let dir = image.path().join("img");
-    // The sleep holds bash's stdin, stdout and stderr: one open file description each,
-    // in both processes, which ferry does not carry between processes yet.
-    let o = ferry(&["checkpoint", &pid.to_string(), "--dir", dir.to_str().unwrap()]);
-    let err = refused_for_child(&o, pid, sleep.0, &dir);
-    assert!(err.contains("open file description") && err.contains("inherited over fork"), "{err}");
     let o = migrate_nowhere(pid);
-    let err = refused_for_child(&o, pid, sleep.0, &dir);
+    let err = refused_for_child(&o, pid, sleep.0, Path::new("/nonexistent"));
     assert!(err.contains(&format!("has a child {} (sleep)", sleep.0)), "{err}");
     // Both intact: bash still the parent of its sleep, waiting for it, untraced.
     assert!(pid_alive(pid) && pid_alive(sleep.0), "bash {pid} and its sleep {}", sleep.0);
@@ -292,13 +285,16 @@ fn bash_with_a_background_job_comes_back_and_its_wait_still_waits_for_it() {
     if !needs_root(ROOT) {
         return;
     }
-    // The job has stdio of its own (no description shared with bash). Orphans come to
-    // this test (a subreaper), which reaps them, so that the image's pids are free.
+    // The job shares bash's stdout (one open file description in both, given to the
+    // restored sleep from the restored bash); its stderr is its own, and its stdin
+    // (bash gives a job /dev/null without job control).
+    // Orphans come to this test (a subreaper), which reaps them, so that the image's
+    // pids are free.
     // SAFETY: prctl with integer arguments.
     assert_eq!(unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) }, 0);
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("waited");
-    let script = format!(r#"sleep 1000 </dev/null >/dev/null 2>&1 & wait $!; echo "waited $?" >{}"#, out.display());
+    let script = format!(r#"sleep 1000 2>/dev/null & wait $!; echo "waited $?" >{}"#, out.display());
     let mut cmd = Command::new("/bin/bash");
     cmd.args(["-c", &script]).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
     // Nothing but its stdio: fds this test inherited (from whatever runs it) would be
@@ -323,12 +319,15 @@ fn bash_with_a_background_job_comes_back_and_its_wait_still_waits_for_it() {
     let _ = bash.1.take().unwrap().wait();
     // SAFETY: reaping the orphaned sleep, which came to this process.
     unsafe { libc::waitpid(sleep.0, std::ptr::null_mut(), 0) };
+    let shown = ferry_tests::stdout(&ferry(&["show", dir.to_str().unwrap()]));
+    assert!(shown.contains(&format!("fd 1 is {pid}'s fd 1")), "{shown}");
     let pids = restore_json(&dir);
     let (new_bash, new_sleep) = (pids[&pid], pids[&sleep.0]);
     let _restored = (Killed(new_bash, None), Killed(new_sleep, None));
     assert_eq!((new_bash, new_sleep), (pid, sleep.0), "the pids given back (both were freed)");
     assert_eq!(children_of(new_bash), vec![new_sleep]);
     assert!(!out.exists(), "bash still waits");
+    assert_eq!(kcmp_file(new_bash, 1, new_sleep, 1), 0, "one description of stdout in both");
     // Its job ends: bash's `wait $!` returns with its status (143: SIGTERM), which it
     // could not if the sleep were not its child (127 at once).
     assert!(send_signal(new_sleep, libc::SIGTERM));
@@ -524,4 +523,48 @@ fn a_child_in_a_process_group_of_its_own_is_refused_naming_it() {
         std::fs::read_to_string(format!("/proc/{}/stat", kid.0)).is_ok_and(|s| s.rsplit_once(") ").is_some_and(|(_, r)| r.split(' ').nth(2) == Some(&kid.0.to_string())))
     });
     tree_refused(&py, &kid, "process groups and sessions are not carried yet");
+}
+
+/// `kcmp(a, b, KCMP_FILE, fa, fb)`: 0 when the two fds are one open file description.
+fn kcmp_file(a: i32, fa: i32, b: i32, fb: i32) -> i64 {
+    // SAFETY: kcmp takes integers only.
+    unsafe { libc::syscall(libc::SYS_kcmp, a, b, 0, fa, fb) }
+}
+
+#[test]
+fn a_file_description_inherited_over_fork_comes_back_one_with_one_offset() {
+    if !needs_root(ROOT) {
+        return;
+    }
+    // Parent and child write to one description of a file, at SIGUSR1: each write moves
+    // the offset of both. Two descriptions would each have their own offset, and the
+    // second write would overwrite the first.
+    // SAFETY: prctl with integer arguments.
+    assert_eq!(unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) }, 0);
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("shared");
+    let setup = format!(
+        "import signal\nfd = os.open({:?}, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)\nos.write(fd, b'before\\n')",
+        file.display().to_string()
+    );
+    let (mut py, kid) = python_pair(
+        &setup,
+        "signal.signal(signal.SIGUSR1, lambda *_: os.write(fd, b'child\\n'))",
+        "signal.signal(signal.SIGUSR1, lambda *_: os.write(fd, b'parent\\n'))",
+    );
+    let dir = tmp.path().join("img");
+    checkpoint_json(py.0, &dir, &[]);
+    let _ = py.1.take().unwrap().wait();
+    // SAFETY: reaping the orphaned child, which came to this process.
+    unsafe { libc::waitpid(kid.0, std::ptr::null_mut(), 0) };
+    let pids = restore_json(&dir);
+    let (parent, child) = (pids[&py.0], pids[&kid.0]);
+    let _restored = KilledAll(vec![child, parent]);
+    assert_eq!(children_of(parent), vec![child]);
+    let read = || std::fs::read_to_string(&file).unwrap_or_default();
+    assert!(send_signal(child, libc::SIGUSR1));
+    wait_until("the child's write", DEADLINE, || read() == "before\nchild\n");
+    assert!(send_signal(parent, libc::SIGUSR1));
+    wait_until("the parent's write", DEADLINE, || read().len() >= "before\nchild\nparent\n".len() || read().contains("parent"));
+    assert_eq!(read(), "before\nchild\nparent\n", "one offset for both");
 }

@@ -212,10 +212,13 @@ fn checkpoint_tree(manager: &Manager, req: &CheckpointRequest, progress: &mut dy
     };
     let pids: Vec<i32> = frozen.iter().map(|(t, _)| t.pid()).collect();
     let links: Vec<(i32, i32)> = frozen.iter().map(|(t, parent)| (t.pid(), *parent)).collect();
-    if let Err(e) = tree::check_shared(&pids).and_then(|_| tree::check_groups(&links)) {
-        tree::let_go(frozen);
-        return give_up(janitor, e.into());
-    }
+    let shared = match tree::check_shared(&pids).and_then(|shared| tree::check_groups(&links).map(|_| shared)) {
+        Ok(s) => s,
+        Err(e) => {
+            tree::let_go(frozen);
+            return give_up(janitor, e.into());
+        }
+    };
     crate::trace::mark("tree frozen");
     // The last resort if a plugin stops answering: remove the partial image and exit;
     // the kernel detaches every process, which carries on.
@@ -230,7 +233,7 @@ fn checkpoint_tree(manager: &Manager, req: &CheckpointRequest, progress: &mut dy
             j.scratch(pid, addr);
         }
     };
-    let outcome = crate::engine::tree::write_tree(manager, &req.subsystems, &mut frozen, &mut medium, &req.medium, &watchdog, &mut mapped, progress);
+    let outcome = crate::engine::tree::write_tree(manager, &req.subsystems, &mut frozen, &shared, &mut medium, &req.medium, &watchdog, &mut mapped, progress);
     drop(watchdog);
     let mut stats = Stats::default();
     match outcome {

@@ -520,6 +520,7 @@ fn check_plugins(manager: &Manager, plugins: &[PluginEntry]) -> Result<(), Event
 
 /// `counts_known`: the plan's plugin entries carry the records and bytes of each
 /// stream (an image's inventory) and each stream is checked as soon as it is read.
+#[allow(clippy::too_many_arguments)]
 pub fn rebuild(
     manager: &Manager,
     medium: &mut MediumBox,
@@ -529,6 +530,26 @@ pub fn rebuild(
     watchdog: &Watchdog,
     started: Instant,
     progress: &mut dyn FnMut(&Tick),
+) -> Result<Held, EventError> {
+    rebuild_with(manager, medium, plan, counts_known, child, watchdog, started, progress, &mut |_, _| Ok(()))
+}
+
+/// What ferry does in the process being rebuilt once plugin `name` has rebuilt its part
+/// (a process of a tree takes the descriptions it shares once the files are back).
+pub type AfterPlugin<'a> = dyn FnMut(&str, &mut Tracer) -> Result<(), EventError> + 'a;
+
+/// [`rebuild`], running `after` once each plugin has rebuilt its part.
+#[allow(clippy::too_many_arguments)]
+pub fn rebuild_with(
+    manager: &Manager,
+    medium: &mut MediumBox,
+    plan: &Plan,
+    counts_known: bool,
+    child: Option<Blank>,
+    watchdog: &Watchdog,
+    started: Instant,
+    progress: &mut dyn FnMut(&Tick),
+    after: &mut AfterPlugin<'_>,
 ) -> Result<Held, EventError> {
     check_plugins(manager, &plan.plugins)?;
     let process = &plan.process;
@@ -567,6 +588,7 @@ pub fn rebuild(
                 source.reader.check_against(entry)?;
             }
             counts.push((source.reader.records_read(), source.reader.bytes_read()));
+            after(&name, &mut tracer)?;
             stats.bytes += source.reader.bytes_read();
             page_bytes += source.page_bytes;
             // Post-copy's userfaultfd is made while the process still has ferry's

@@ -16,10 +16,10 @@ use crate::{
     engine::event::{self, EventError, Stats, Tick},
     engine::manager::Manager,
     engine::pipeline::Pipeline,
-    engine::rebuild::{rebuild, Blank, Held, Plan},
+    engine::rebuild::{rebuild_with, Blank, Held, Plan},
     engine::watchdog::Watchdog,
-    image::{Inventory, PluginEntry, INVENTORY_STREAM},
-    kernel::tracer::Tracer,
+    image::{Inventory, PluginEntry, SharedFd, INVENTORY_STREAM},
+    kernel::{tracer::Tracer, tree::Shared},
 };
 
 /// Writes every process of a frozen tree (parents first, each with its parent's pid)
@@ -30,6 +30,7 @@ pub fn write_tree(
     manager: &Manager,
     names: &[String],
     tree: &mut [(Tracer, i32)],
+    shared_fds: &[Shared],
     medium: &mut Pipeline,
     medium_name: &str,
     watchdog: &Watchdog,
@@ -84,6 +85,7 @@ pub fn write_tree(
         next_stream += subs.len() as u32;
         let mut entry = process_entry(tracer, scratch);
         (entry.parent, entry.streams) = (*parent, streams);
+        entry.shared_fds = shared_fds.iter().filter(|s| s.0 == pid).map(|&(_, fd, from, from_fd)| SharedFd { fd, from, from_fd }).collect();
         inventory.processes.push(entry);
     }
     let encoded = inventory.encode()?;
@@ -117,7 +119,22 @@ pub fn restore_tree(
     let mut held: Vec<Held> = Vec::new();
     for (k, p) in procs.iter().enumerate() {
         let plan = Plan { process: p.clone(), plugins: p.plugins(inventory).into_iter().cloned().collect() };
-        match rebuild(manager, medium, &plan, true, blanks[k].take(), watchdog, started, progress) {
+        // Where each description it shares is now: the earlier process's pid here.
+        let sources: Vec<(SharedFd, i32)> = p
+            .shared_fds
+            .iter()
+            .filter_map(|f| Some((*f, held.get(procs.iter().position(|q| q.pid == f.from)?)?.pid())))
+            .collect();
+        if sources.len() != p.shared_fds.len() {
+            return Err(abort_all(held, format!("process {}: a description it shares comes from no process made before it", p.pid)));
+        }
+        let mut take_shared = |plugin: &str, tracer: &mut Tracer| {
+            if plugin != FILES_PLUGIN {
+                return Ok(());
+            }
+            sources.iter().try_for_each(|&(f, from)| take_description(tracer, f, from))
+        };
+        match rebuild_with(manager, medium, &plan, true, blanks[k].take(), watchdog, started, progress, &mut take_shared) {
             Ok(h) => held.push(h),
             Err(e) => {
                 for h in held {
@@ -128,6 +145,55 @@ pub fn restore_tree(
         }
     }
     Ok(held)
+}
+
+/// The plugin that rebuilds the fd table: shared descriptions are taken once it did.
+const FILES_PLUGIN: &str = "files";
+
+fn abort_all(held: Vec<Held>, why: String) -> EventError {
+    for h in held {
+        h.abort();
+    }
+    EventError::Refused(why)
+}
+
+/// Makes fd `f.fd` of the process being rebuilt the very open file description of fd
+/// `f.from_fd` of process `from` (rebuilt before, held stopped): `pidfd_open`,
+/// `pidfd_getfd` and `dup3` injected in it, while it still has ferry's privileges (the
+/// credentials come last). What the files plugin opened there for that fd is replaced;
+/// the fd's close-on-exec flag (the fd's own, not the description's) is kept.
+fn take_description(tracer: &mut Tracer, f: SharedFd, from: i32) -> Result<(), EventError> {
+    let pid = tracer.pid();
+    let fail = |what: &str, r: i64| {
+        EventError::Refused(format!(
+            "process {pid}: taking fd {} from process {from} (its fd {}), the description they share: {what}: {}",
+            f.fd,
+            f.from_fd,
+            std::io::Error::from_raw_os_error(-r as i32)
+        ))
+    };
+    let fd_flags = tracer.inject(pid, libc::SYS_fcntl, [f.fd as u64, libc::F_GETFD as u64, 0, 0, 0, 0])?;
+    if fd_flags < 0 {
+        return Err(fail("the files plugin left no such fd", fd_flags));
+    }
+    let pidfd = tracer.inject(pid, libc::SYS_pidfd_open, [from as u64, 0, 0, 0, 0, 0])?;
+    if pidfd < 0 {
+        return Err(fail("pidfd_open", pidfd));
+    }
+    let got = tracer.inject(pid, libc::SYS_pidfd_getfd, [pidfd as u64, f.from_fd as u64, 0, 0, 0, 0])?;
+    let close = |tracer: &mut Tracer, fd: i64| tracer.inject(pid, libc::SYS_close, [fd as u64, 0, 0, 0, 0, 0]);
+    if got < 0 {
+        close(tracer, pidfd)?;
+        return Err(fail("pidfd_getfd", got));
+    }
+    let cloexec = if fd_flags & libc::FD_CLOEXEC as i64 != 0 { libc::O_CLOEXEC as u64 } else { 0 };
+    let r = tracer.inject(pid, libc::SYS_dup3, [got as u64, f.fd as u64, cloexec, 0, 0, 0])?;
+    close(tracer, got)?;
+    close(tracer, pidfd)?;
+    if r < 0 {
+        return Err(fail("dup3", r));
+    }
+    Ok(())
 }
 
 /// Lets every rebuilt process of a tree run, children first (a parent that runs finds

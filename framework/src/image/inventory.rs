@@ -54,6 +54,20 @@ pub struct ProcessEntry {
     /// empty in a one-process image: every stream of the inventory is its.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub streams: Vec<u32>,
+    /// Its fds whose open file description an earlier process of the image holds too
+    /// (inherited over fork): restored there, and given to this one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shared_fds: Vec<SharedFd>,
+}
+
+/// Fd `fd` of a process is the open file description of fd `from_fd` of process
+/// `from` (pids and fds as in the image).
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SharedFd {
+    pub fd: i32,
+    pub from: i32,
+    pub from_fd: i32,
 }
 
 fn is_zero(v: &i32) -> bool {
@@ -232,6 +246,9 @@ impl Inventory {
                 }
                 if let Some(s) = p.streams.iter().find(|&&s| !owned.insert(s)) {
                     return bad(format!("stream {s} is claimed by two processes (one is {})", p.pid));
+                }
+                if let Some(f) = p.shared_fds.iter().find(|f| !self.processes[..i].iter().any(|q| q.pid == f.from)) {
+                    return bad(format!("process {}'s fd {} comes from process {}, not an earlier process of the image", p.pid, f.fd, f.from));
                 }
                 let parent_in = self.processes[..i].iter().any(|q| q.pid == p.parent);
                 if (i == 0) != (p.parent == 0) || (i > 0 && !parent_in) {

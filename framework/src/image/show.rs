@@ -121,6 +121,14 @@ pub fn render_text(v: &Value) -> String {
             s(p, "comm"),
             tids.join(" ")
         ));
+        for f in p.get("shared_fds").and_then(Value::as_array).into_iter().flatten() {
+            out.push_str(&format!(
+                "  fd {} is {}'s fd {} (one open file description)\n",
+                s(f, "fd"),
+                s(f, "from"),
+                s(f, "from_fd")
+            ));
+        }
     }
 
     for st in v

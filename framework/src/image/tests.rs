@@ -53,6 +53,7 @@ fn inventory() -> Inventory {
             stopped: false,
             parent: 0,
             streams: Vec::new(),
+            shared_fds: Vec::new(),
         }],
     }
 }

@@ -1,9 +1,10 @@
 //! A process and its descendants: found from `/proc/PID/task/*/children`, frozen
-//! together, and checked for what they share that ferry does not carry between
-//! processes yet (an open file description, a pipe between two of them, shared
-//! anonymous memory, an address space, fd table or signal handlers).
+//! together, and checked for what they share: open file descriptions (carried: found
+//! here), and what ferry does not carry between processes yet (a pipe between two of
+//! them, shared anonymous memory, an address space, fd table or signal handlers, a
+//! process group or session other than the parent's).
 
-use std::{collections::HashMap, os::unix::fs::MetadataExt};
+use std::os::unix::fs::MetadataExt;
 
 use libc::pid_t;
 
@@ -90,12 +91,20 @@ fn shared_anon(pid: pid_t) -> Vec<(u64, u64)> {
         .collect()
 }
 
-/// Refuses a tree whose processes share what ferry carries only within one process:
-/// one line naming both processes and the resource.
-pub fn check_shared(pids: &[pid_t]) -> Result<(), TraceError> {
+/// An fd of a process of the tree whose open file description an earlier process
+/// holds too: (process, fd, earlier process, its fd).
+pub type Shared = (pid_t, i32, pid_t, i32);
+
+/// Finds the open file descriptions shared between processes of the tree (`pids`,
+/// parents first), each answered once per holder after the first, with the first; and
+/// refuses what ferry carries only within one process, with one line naming both
+/// processes and the resource: a pipe between two of them, shared anonymous memory,
+/// an address space, fd table or signal handlers.
+pub fn check_shared(pids: &[pid_t]) -> Result<Vec<Shared>, TraceError> {
     let refuse = |pid: pid_t, why: String| Err(TraceError::Unsuitable { pid, why });
     let fds: Vec<Vec<(i64, u64, u64, bool)>> = pids.iter().map(|&p| fds(p)).collect();
     let anon: Vec<Vec<(u64, u64)>> = pids.iter().map(|&p| shared_anon(p)).collect();
+    let mut shared = Vec::new();
     for (j, &b) in pids.iter().enumerate() {
         for (i, &a) in pids[..j].iter().enumerate() {
             for (kind, what) in [(KCMP_VM, "its address space (vfork or CLONE_VM)"), (KCMP_FILES, "its fd table (CLONE_FILES)"), (KCMP_SIGHAND, "its signal handlers (CLONE_SIGHAND)")] {
@@ -103,27 +112,34 @@ pub fn check_shared(pids: &[pid_t]) -> Result<(), TraceError> {
                     return refuse(b, format!("sharing {what} with process {a}, which ferry does not carry between processes yet"));
                 }
             }
-            let on: HashMap<(u64, u64), (i64, bool)> = fds[i].iter().map(|&(fd, dev, ino, fifo)| ((dev, ino), (fd, fifo))).collect();
-            for &(fd, dev, ino, fifo) in &fds[j] {
-                let Some(&(other, _)) = on.get(&(dev, ino)) else { continue };
-                // Any fd of `a` on the object may be the shared description.
-                let same = fds[i].iter().find(|f| (f.1, f.2) == (dev, ino) && kcmp(a, b, KCMP_FILE, f.0, fd) == 0);
-                if let Some(f) = same {
-                    return refuse(b, format!(
-                        "sharing fd {fd}'s open file description with process {a} (its fd {}, inherited over fork); descriptions shared between processes are not carried yet",
-                        f.0
-                    ));
-                }
-                if fifo {
-                    return refuse(b, format!("holding a pipe (fd {fd}) whose other end process {a} holds (its fd {other}); pipes between processes are not carried yet"));
-                }
-            }
             if let Some(&(_, at)) = anon[j].iter().find(|m| anon[i].iter().any(|n| n.0 == m.0)) {
                 return refuse(b, format!("sharing the shared anonymous memory at {at:#x} with process {a}; memory shared between processes is not carried yet"));
             }
         }
+        for &(fd, dev, ino, fifo) in &fds[j] {
+            // The first process (parents first) that holds the same description; else
+            // a pipe's other end elsewhere in the tree.
+            let mut other_end = None;
+            let mut first = None;
+            'earlier: for (i, &a) in pids[..j].iter().enumerate() {
+                for f in fds[i].iter().filter(|f| (f.1, f.2) == (dev, ino)) {
+                    if kcmp(a, b, KCMP_FILE, f.0, fd) == 0 {
+                        first = Some((a, f.0));
+                        break 'earlier;
+                    }
+                    other_end.get_or_insert((a, f.0));
+                }
+            }
+            match (first, other_end) {
+                (Some((a, afd)), _) => shared.push((b, fd as i32, a, afd as i32)),
+                (None, Some((a, afd))) if fifo => {
+                    return refuse(b, format!("holding a pipe (fd {fd}) whose other end process {a} holds (its fd {afd}); pipes between processes are not carried yet"));
+                }
+                _ => {}
+            }
+        }
     }
-    Ok(())
+    Ok(shared)
 }
 
 /// Refuses a tree in which a process is in another process group or session than its
