@@ -568,3 +568,84 @@ fn a_file_description_inherited_over_fork_comes_back_one_with_one_offset() {
     wait_until("the parent's write", DEADLINE, || read().len() >= "before\nchild\nparent\n".len() || read().contains("parent"));
     assert_eq!(read(), "before\nchild\nparent\n", "one offset for both");
 }
+
+#[test]
+fn a_lock_on_a_description_shared_with_a_child_is_refused_naming_both() {
+    if !needs_root(ROOT) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let setup = format!(
+        "import fcntl\nfd = os.open({:?}, os.O_RDWR | os.O_CREAT, 0o644)\nfcntl.flock(fd, fcntl.LOCK_EX)",
+        tmp.path().join("locked").display().to_string()
+    );
+    let (py, kid) = python_pair(&setup, "", "");
+    tree_refused(&py, &kid, "locks on a description shared between processes are not carried yet");
+}
+
+#[test]
+fn a_stopped_child_of_a_tree_comes_back_stopped_and_carries_on_when_continued() {
+    if !needs_root(ROOT) {
+        return;
+    }
+    let mut w = Workload::spawn(&WorkloadOpts { mem_mib: 1, tick_ms: 5, tree: 2, files: false, ..Default::default() });
+    w.wait_ready();
+    let kids = children_of(w.pid);
+    let _originals = KilledAll(kids.clone());
+    assert!(send_signal(kids[0], libc::SIGSTOP));
+    wait_until("the child stopped", DEADLINE, || state(kids[0]) == "T");
+    let image = tempfile::tempdir().unwrap();
+    let dir = image.path().join("img");
+    checkpoint_json(w.pid, &dir, &[]);
+    w.reap();
+    let at = *w.ticks().last().unwrap();
+    let pids = restore_json(&dir);
+    let new = pids[&w.pid];
+    w.adopt(new);
+    let (stopped, running) = (pids[&kids[0]], pids[&kids[1]]);
+    let _restored = KilledAll(vec![stopped, running]);
+    wait_until("the restored child stopped as it was", DEADLINE, || state(stopped) == "T");
+    assert_eq!(state(running), "S");
+    w.wait_ticks(at + 5);
+    assert_eq!(state(stopped), "T", "still stopped");
+    assert!(send_signal(stopped, libc::SIGCONT));
+    w.terminate_and_check(new).unwrap();
+    assert!(w.lines().iter().any(|l| l == "tree 2 children passed"), "{}", w.log_text());
+}
+
+#[test]
+fn a_tree_left_running_carries_on_and_its_copy_has_children_of_its_own() {
+    if !needs_root(ROOT) {
+        return;
+    }
+    let mut w = Workload::spawn(&WorkloadOpts { mem_mib: 1, tick_ms: 5, tree: 2, files: false, ..Default::default() });
+    w.wait_ready();
+    let kids = children_of(w.pid);
+    let _originals = KilledAll(kids.clone());
+    let image = tempfile::tempdir().unwrap();
+    let dir = image.path().join("img");
+    let stats = checkpoint_json(w.pid, &dir, &["--leave-running"]);
+    for p in kids.iter().chain([&w.pid]) {
+        assert_eq!(stats["pids"][p.to_string()], *p, "{stats}");
+        assert!(residue(*p).is_empty(), "{:?}", residue(*p));
+    }
+    let original = w.pid;
+    let at = *w.ticks().last().unwrap();
+    w.wait_ticks(at + 3);
+    w.terminate_and_check(original).unwrap();
+    // A copy of the tree, with the original's pids (free again) where it can.
+    let before = w.lines().len();
+    let pids = restore_json(&dir);
+    let new = pids[&original];
+    w.adopt(new);
+    let copies: Vec<i32> = kids.iter().map(|k| pids[k]).collect();
+    let _restored = KilledAll(copies.clone());
+    let mut listed = children_of(new);
+    listed.sort_unstable();
+    assert_eq!(listed, copies, "the copy's children are its own");
+    wait_until("ticks from the copy", DEADLINE, || w.lines()[before..].iter().filter(|l| l.starts_with("tick ")).count() >= 3);
+    assert!(send_signal(new, libc::SIGTERM));
+    wait_until("the copy's verdict", DEADLINE, || w.lines()[before..].iter().any(|l| l == "PASS" || l.starts_with("FAIL")));
+    let tail = w.lines()[before..].to_vec();
+    assert!(tail.iter().any(|l| l == "PASS") && tail.iter().any(|l| l == "tree 2 children passed"), "{}", w.log_text());
+}

@@ -131,7 +131,15 @@ pub fn check_shared(pids: &[pid_t]) -> Result<Vec<Shared>, TraceError> {
                 }
             }
             match (first, other_end) {
-                (Some((a, afd)), _) => shared.push((b, fd as i32, a, afd as i32)),
+                (Some((a, afd)), _) => {
+                    // A lock belongs to the description (flock, OFD): each process's
+                    // files plugin would take it again, the second against the first.
+                    let info = std::fs::read_to_string(format!("/proc/{b}/fdinfo/{fd}")).unwrap_or_default();
+                    if info.lines().any(|l| l.starts_with("lock:")) {
+                        return refuse(b, format!("sharing fd {fd}'s open file description, which holds a lock, with process {a} (its fd {afd}); locks on a description shared between processes are not carried yet"));
+                    }
+                    shared.push((b, fd as i32, a, afd as i32))
+                }
                 (None, Some((a, afd))) if fifo => {
                     return refuse(b, format!("holding a pipe (fd {fd}) whose other end process {a} holds (its fd {afd}); pipes between processes are not carried yet"));
                 }
