@@ -288,8 +288,13 @@ fn run(cli: Cli) -> Outcome {
             if *json {
                 outln!("{}", serde_json::to_string(&stats)?);
             } else {
+                let tree = match stats.pids.len() {
+                    0 | 1 => String::new(),
+                    2 => " and its child".to_string(),
+                    n => format!(" and its {} descendants", n - 1),
+                };
                 outln!(
-                    "checkpointed process {pid} into {}: {} bytes, {} pages, frozen {:.1} ms",
+                    "checkpointed process {pid}{tree} into {}: {} bytes, {} pages, frozen {:.1} ms",
                     dir.display(), stats.bytes, stats.pages, stats.frozen_ms
                 );
             }
