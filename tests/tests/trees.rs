@@ -649,3 +649,56 @@ fn a_tree_left_running_carries_on_and_its_copy_has_children_of_its_own() {
     let tail = w.lines()[before..].to_vec();
     assert!(tail.iter().any(|l| l == "PASS") && tail.iter().any(|l| l == "tree 2 children passed"), "{}", w.log_text());
 }
+
+#[test]
+fn a_tree_restore_failing_in_a_child_or_killed_midway_leaves_no_process_behind() {
+    if !needs_root(ROOT) {
+        return;
+    }
+    let mut w = Workload::spawn(&WorkloadOpts { mem_mib: 4, tick_ms: 5, tree: 2, files: false, ..Default::default() });
+    w.wait_ready();
+    let kids = children_of(w.pid);
+    let _originals = KilledAll(kids.clone());
+    let image = tempfile::tempdir().unwrap();
+    let dir = image.path().join("img");
+    checkpoint_json(w.pid, &dir, &[]);
+    w.reap();
+    let log = w.log.to_str().unwrap().to_string();
+    let left = || {
+        let mentioning = |needle: &str| -> Vec<i32> {
+            std::fs::read_dir("/proc")
+                .unwrap()
+                .flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+                .filter(|&pid| String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default()).contains(needle) && state(pid) != "Z")
+                .collect()
+        };
+        let mut all = mentioning(&log);
+        all.extend(mentioning(dir.to_str().unwrap()));
+        // A blank restore child: a fork of ferry with nothing mapped where its
+        // command line was.
+        let ferry_exe = ferry_bin().canonicalize().unwrap();
+        all.extend(std::fs::read_dir("/proc").unwrap().flatten().filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok()).filter(|&pid| {
+            std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|x| x == ferry_exe)
+                && std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.is_empty())
+                && state(pid) != "Z"
+        }));
+        all.retain(|p| !kids.contains(p) && *p != w.pid);
+        all
+    };
+    // Killed while rebuilding the second process (the kernel kills what ferry holds).
+    let o = Command::new(ferry_bin()).args(["restore", "--dir", dir.to_str().unwrap()]).env("FERRY_FAULT", "mid-pages@2").output().unwrap();
+    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&o.status), Some(libc::SIGKILL), "{}", stderr(&o));
+    wait_until("no process of the killed restore", DEADLINE, || left().is_empty());
+    // A record of the second process broken: the restore fails with one line and
+    // removes every process it made, the root and the other child included.
+    let stream = dir.join("stream-9.img");
+    let mut bytes = std::fs::read(&stream).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0xff;
+    std::fs::write(&stream, &bytes).unwrap();
+    let o = ferry(&["restore", "--dir", dir.to_str().unwrap()]);
+    let err = stderr(&o);
+    assert!(!o.status.success() && err.lines().count() == 1, "{err}");
+    wait_until("no process of the failed restore", DEADLINE, || left().is_empty());
+}
