@@ -390,11 +390,21 @@ fn a_tree_checkpoint_killed_midway_leaves_every_process_running_clean_and_no_ima
 /// `child` and `parent` code after it in each); the child closes its stdio first, so
 /// that only what the test means is shared. Answers the parent, its child.
 fn python_pair(setup: &str, child: &str, parent: &str) -> (Killed, Killed) {
-    let script = format!(
+    python_script_pair(&format!(
         "import os, time, mmap\n{setup}\nif os.fork() == 0:\n    os.closerange(0, 3)\n    {child}\n    time.sleep(1000)\n    os._exit(0)\n{parent}\ntime.sleep(1000)\n"
-    );
+    ))
+}
+
+/// [`python_pair`] with the child made by `fork`, an expression true in the child.
+fn python_pair_by(setup: &str, fork: &str) -> (Killed, Killed) {
+    python_script_pair(&format!(
+        "import os, time, signal\n{setup}\nif {fork}:\n    os.closerange(0, 3)\n    time.sleep(1000)\n    os._exit(0)\ntime.sleep(1000)\n"
+    ))
+}
+
+fn python_script_pair(script: &str) -> (Killed, Killed) {
     let mut cmd = Command::new("/usr/bin/python3");
-    cmd.args(["-c", &script]).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    cmd.args(["-c", script]).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
     // SAFETY: close_range is async-signal-safe; it only marks fds close-on-exec.
     unsafe {
         std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
@@ -701,4 +711,18 @@ fn a_tree_restore_failing_in_a_child_or_killed_midway_leaves_no_process_behind()
     let err = stderr(&o);
     assert!(!o.status.success() && err.lines().count() == 1, "{err}");
     wait_until("no process of the failed restore", DEADLINE, || left().is_empty());
+}
+
+#[test]
+fn a_child_with_another_exit_signal_than_sigchld_is_refused_naming_it() {
+    if !needs_root(ROOT) {
+        return;
+    }
+    // clone(2) with SIGUSR1 as the signal its parent gets at its death: a restored
+    // child is forked with SIGCHLD, so it is refused rather than changed.
+    let (py, kid) = python_pair_by(
+        "import ctypes\nsignal.signal(signal.SIGUSR1, signal.SIG_IGN)\nlibc = ctypes.CDLL(None, use_errno=True)",
+        "libc.syscall(56, 10, 0, 0, 0, 0) == 0",
+    );
+    tree_refused(&py, &kid, "signal 10 at its death, not SIGCHLD");
 }

@@ -151,12 +151,19 @@ pub fn check_shared(pids: &[pid_t]) -> Result<Vec<Shared>, TraceError> {
 }
 
 /// Refuses a tree in which a process is in another process group or session than its
-/// parent: a restored child is forked from its parent and stays in its group and
-/// session, and ferry does not set groups and sessions yet.
+/// parent (a restored child is forked from its parent and stays in its group and
+/// session, and ferry does not set groups and sessions yet), or tells its parent of
+/// its death with another signal than SIGCHLD.
 pub fn check_groups(tree: &[(pid_t, pid_t)]) -> Result<(), TraceError> {
     // Fields after the name: state, ppid, pgrp, session.
     let ids = |pid: pid_t| stat_fields(pid).map(|f| (f.get(2).cloned().unwrap_or_default(), f.get(3).cloned().unwrap_or_default()));
     for &(pid, parent) in tree.iter().filter(|t| t.1 != 0) {
+        // Field 38, the signal the parent gets at its death: a restored child is
+        // forked with SIGCHLD.
+        let exit_signal = stat_fields(pid).and_then(|f| f.get(35)?.parse::<i32>().ok()).unwrap_or(libc::SIGCHLD);
+        if exit_signal != libc::SIGCHLD {
+            return Err(TraceError::Unsuitable { pid, why: format!("a child whose parent, process {parent}, gets signal {exit_signal} at its death, not SIGCHLD, which ferry does not carry yet") });
+        }
         let (Some(mine), Some(theirs)) = (ids(pid), ids(parent)) else { continue };
         if mine.0 != theirs.0 || mine.1 != theirs.1 {
             return Err(TraceError::Unsuitable {
