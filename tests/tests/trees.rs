@@ -282,6 +282,17 @@ fn a_tree_of_three_children_comes_back_with_each_child_its_parents_own() {
 
 #[test]
 fn bash_with_a_background_job_comes_back_and_its_wait_still_waits_for_it() {
+    bash_job(false);
+}
+
+#[test]
+fn bash_under_job_control_gets_its_job_back_in_the_job_s_own_process_group() {
+    bash_job(true);
+}
+
+/// bash with a background job (under job control: `set -m`, the job in a process group
+/// of its own), through an image.
+fn bash_job(job_control: bool) {
     if !needs_root(ROOT) {
         return;
     }
@@ -294,7 +305,8 @@ fn bash_with_a_background_job_comes_back_and_its_wait_still_waits_for_it() {
     assert_eq!(unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) }, 0);
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("waited");
-    let script = format!(r#"sleep 1000 2>/dev/null & wait $!; echo "waited $?" >{}"#, out.display());
+    let set_m = if job_control { "set -m; " } else { "" };
+    let script = format!(r#"{set_m}sleep 1000 2>/dev/null & wait $!; echo "waited $?" >{}"#, out.display());
     let mut cmd = Command::new("/bin/bash");
     cmd.args(["-c", &script]).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
     // Nothing but its stdio: fds this test inherited (from whatever runs it) would be
@@ -326,6 +338,9 @@ fn bash_with_a_background_job_comes_back_and_its_wait_still_waits_for_it() {
     let _restored = (Killed(new_bash, None), Killed(new_sleep, None));
     assert_eq!((new_bash, new_sleep), (pid, sleep.0), "the pids given back (both were freed)");
     assert_eq!(children_of(new_bash), vec![new_sleep]);
+    let group = |p: i32| ferry::kernel::tree::group_and_session(p).unwrap();
+    let want_group = if job_control { new_sleep } else { group(new_bash).0 };
+    assert_eq!(group(new_sleep), (want_group, group(new_bash).1), "the job's group and session");
     assert!(!out.exists(), "bash still waits");
     assert_eq!(kcmp_file(new_bash, 1, new_sleep, 1), 0, "one description of stdout in both");
     // Its job ends: bash's `wait $!` returns with its status (143: SIGTERM), which it
@@ -522,17 +537,16 @@ fn a_grandchild_forked_while_the_tree_is_being_frozen_is_taken_and_comes_back_un
 }
 
 #[test]
-fn a_child_in_a_process_group_of_its_own_is_refused_naming_it() {
+fn a_child_in_a_process_group_led_from_outside_the_tree_is_refused_naming_it() {
     if !needs_root(ROOT) {
         return;
     }
-    // A restored child stays in its parent's group and session: one that left them
-    // (a shell's job under job control, a daemon's setsid) would come back changed.
-    let (py, kid) = python_pair("", "os.setpgid(0, 0)", "");
-    wait_until("the child in its own group", DEADLINE, || {
-        std::fs::read_to_string(format!("/proc/{}/stat", kid.0)).is_ok_and(|s| s.rsplit_once(") ").is_some_and(|(_, r)| r.split(' ').nth(2) == Some(&kid.0.to_string())))
-    });
-    tree_refused(&py, &kid, "process groups and sessions are not carried yet");
+    // The parent leaves the group it was started in (this test's) for one of its own;
+    // the child goes back to the first one, led by a process outside the tree.
+    let (py, kid) = python_pair("g = os.getpgrp()\nos.setpgid(0, 0)", "os.setpgid(0, g)", "");
+    let theirs = ferry::kernel::tree::group_and_session(std::process::id() as i32).unwrap().0;
+    wait_until("the child in the outside group", DEADLINE, || ferry::kernel::tree::group_and_session(kid.0).is_some_and(|g| g.0 == theirs));
+    tree_refused(&py, &kid, "a group or session led from outside the tree is not carried yet");
 }
 
 /// `kcmp(a, b, KCMP_FILE, fa, fb)`: 0 when the two fds are one open file description.

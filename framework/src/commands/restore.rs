@@ -170,7 +170,7 @@ mod tests {
     use super::*;
 
     fn entry(pid: i32, start: String) -> ProcessEntry {
-        ProcessEntry { pid, tids: vec![pid], comm: "sleep".into(), scratch: 0, start, stopped: false, parent: 0, streams: Vec::new(), shared_fds: Vec::new() }
+        ProcessEntry { pid, tids: vec![pid], comm: "sleep".into(), scratch: 0, start, stopped: false, parent: 0, streams: Vec::new(), shared_fds: Vec::new(), pgid: 0, sid: 0 }
     }
 
     fn sleeper() -> std::process::Child {

@@ -259,6 +259,13 @@ impl Blank {
         Ok(Blank { tracer: Some(seized), want })
     }
 
+    /// A system call injected in the blank child (`setsid`, `setpgid`).
+    pub(crate) fn inject(&mut self, nr: i64, args: [u64; 6]) -> Result<i64, EventError> {
+        let tracer = self.tracer.as_mut().expect("a blank child has its tracer until taken");
+        let pid = tracer.pid();
+        Ok(tracer.inject(pid, nr, args)?)
+    }
+
     /// The child's pid.
     pub fn pid(&self) -> i32 {
         self.tracer.as_ref().map_or(0, |t| t.pid())

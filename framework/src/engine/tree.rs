@@ -85,6 +85,7 @@ pub fn write_tree(
         next_stream += subs.len() as u32;
         let mut entry = process_entry(tracer, scratch);
         (entry.parent, entry.streams) = (*parent, streams);
+        (entry.pgid, entry.sid) = crate::kernel::tree::group_and_session(pid).unwrap_or((0, 0));
         entry.shared_fds = shared_fds.iter().filter(|s| s.0 == pid).map(|&(_, fd, from, from_fd)| SharedFd { fd, from, from_fd }).collect();
         inventory.processes.push(entry);
     }
@@ -113,7 +114,8 @@ pub fn restore_tree(
         let parent = parent.and_then(|i| blanks[i].as_mut()).ok_or_else(|| {
             EventError::Refused(format!("process {} of the image has parent {}, not made before it", p.pid, p.parent))
         })?;
-        let child = parent.fork_child(p.pid)?;
+        let mut child = parent.fork_child(p.pid)?;
+        regroup(&mut child, p, procs, &blanks)?;
         blanks.push(Some(child));
     }
     let mut held: Vec<Held> = Vec::new();
@@ -145,6 +147,35 @@ pub fn restore_tree(
         }
     }
     Ok(held)
+}
+
+/// Puts the blank `child` made for `p` in the process group and session `p` had, where
+/// these differ from its parent's (which it is in, forked from it): a session of its
+/// own, a group of its own, or the group of a process made before it
+/// (`kernel::tree::check_groups` refused any other).
+fn regroup(child: &mut Blank, p: &crate::image::ProcessEntry, procs: &[crate::image::ProcessEntry], blanks: &[Option<Blank>]) -> Result<(), EventError> {
+    let Some(parent) = procs.iter().find(|q| q.pid == p.parent) else { return Ok(()) };
+    if p.pgid == 0 || (p.pgid, p.sid) == (parent.pgid, parent.sid) {
+        return Ok(());
+    }
+    let (nr, args, what) = if p.sid == p.pid && p.sid != parent.sid {
+        (libc::SYS_setsid, [0u64; 6], "setsid".to_string())
+    } else if p.pgid == p.pid {
+        (libc::SYS_setpgid, [0u64; 6], "setpgid(0, 0)".to_string())
+    } else {
+        let leader = procs.iter().position(|q| q.pid == p.pgid).and_then(|i| blanks.get(i)?.as_ref()).map(Blank::pid);
+        let leader = leader.ok_or_else(|| EventError::Refused(format!("process {}'s group {} has no leader made before it", p.pid, p.pgid)))?;
+        (libc::SYS_setpgid, [0, leader as u64, 0, 0, 0, 0], format!("setpgid(0, {leader})"))
+    };
+    let r = child.inject(nr, args)?;
+    if r < 0 {
+        return Err(EventError::Refused(format!(
+            "putting process {} in its group and session: {what}: {}",
+            p.pid,
+            std::io::Error::from_raw_os_error(-r as i32)
+        )));
+    }
+    Ok(())
 }
 
 /// The plugin that rebuilds the fd table: shared descriptions are taken once it did.

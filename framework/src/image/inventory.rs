@@ -58,6 +58,12 @@ pub struct ProcessEntry {
     /// (inherited over fork): restored there, and given to this one.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub shared_fds: Vec<SharedFd>,
+    /// In a tree: its process group and session (pids of the image); 0 in a
+    /// one-process image.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub pgid: i32,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub sid: i32,
 }
 
 /// Fd `fd` of a process is the open file description of fd `from_fd` of process

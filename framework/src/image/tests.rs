@@ -54,6 +54,8 @@ fn inventory() -> Inventory {
             parent: 0,
             streams: Vec::new(),
             shared_fds: Vec::new(),
+            pgid: 0,
+            sid: 0,
         }],
     }
 }

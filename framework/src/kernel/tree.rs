@@ -150,27 +150,39 @@ pub fn check_shared(pids: &[pid_t]) -> Result<Vec<Shared>, TraceError> {
     Ok(shared)
 }
 
-/// Refuses a tree in which a process is in another process group or session than its
-/// parent (a restored child is forked from its parent and stays in its group and
-/// session, and ferry does not set groups and sessions yet), or tells its parent of
-/// its death with another signal than SIGCHLD.
+/// The process group and session of `pid` (fields 5 and 6 of its stat).
+pub fn group_and_session(pid: pid_t) -> Option<(pid_t, pid_t)> {
+    let f = stat_fields(pid)?;
+    Some((f.get(2)?.parse().ok()?, f.get(3)?.parse().ok()?))
+}
+
+/// Refuses a tree (parents first, each with its parent) whose process groups and
+/// sessions a restore cannot make again from its own processes. A restored child is
+/// forked from its parent, in its group and session; it may then start a session of
+/// its own (`setsid`), a group of its own, or join the group of a process of the tree
+/// made before it (`setpgid`), in that session — a shell's jobs under job control, a
+/// pipeline's members. A group or session led by a process outside the tree, or one
+/// whose leader comes later, is refused; so is a child that tells its parent of its
+/// death by another signal than SIGCHLD.
 pub fn check_groups(tree: &[(pid_t, pid_t)]) -> Result<(), TraceError> {
-    // Fields after the name: state, ppid, pgrp, session.
-    let ids = |pid: pid_t| stat_fields(pid).map(|f| (f.get(2).cloned().unwrap_or_default(), f.get(3).cloned().unwrap_or_default()));
-    for &(pid, parent) in tree.iter().filter(|t| t.1 != 0) {
+    let ids: Vec<Option<(pid_t, pid_t)>> = tree.iter().map(|&(p, _)| group_and_session(p)).collect();
+    for (k, &(pid, parent)) in tree.iter().enumerate().filter(|(_, t)| t.1 != 0) {
         // Field 38, the signal the parent gets at its death: a restored child is
         // forked with SIGCHLD.
         let exit_signal = stat_fields(pid).and_then(|f| f.get(35)?.parse::<i32>().ok()).unwrap_or(libc::SIGCHLD);
         if exit_signal != libc::SIGCHLD {
             return Err(TraceError::Unsuitable { pid, why: format!("a child whose parent, process {parent}, gets signal {exit_signal} at its death, not SIGCHLD, which ferry does not carry yet") });
         }
-        let (Some(mine), Some(theirs)) = (ids(pid), ids(parent)) else { continue };
-        if mine.0 != theirs.0 || mine.1 != theirs.1 {
+        let theirs = tree.iter().position(|t| t.0 == parent).and_then(|i| ids[i]);
+        let (Some((pgid, sid)), Some((parent_pgid, parent_sid))) = (ids[k], theirs) else { continue };
+        let earlier_leader = tree[..k].iter().zip(&ids).any(|(t, i)| t.0 == pgid && *i == Some((pgid, sid)));
+        let session_ok = sid == parent_sid || sid == pid;
+        let group_ok = pgid == parent_pgid || pgid == pid || earlier_leader;
+        if !(session_ok && group_ok) {
             return Err(TraceError::Unsuitable {
                 pid,
                 why: format!(
-                    "in process group {} of session {}, and its parent, process {parent}, in group {} of session {}: process groups and sessions are not carried yet",
-                    mine.0, mine.1, theirs.0, theirs.1
+                    "in process group {pgid} of session {sid}, and its parent, process {parent}, in group {parent_pgid} of session {parent_sid}: a group or session led from outside the tree is not carried yet"
                 ),
             });
         }
