@@ -123,20 +123,24 @@ fn a_migration_of_a_process_with_a_stopped_child_is_refused_naming_it_and_both_r
 }
 
 #[test]
-fn a_child_forked_between_the_check_and_the_freeze_is_seen_frozen_and_the_process_let_go() {
+fn a_child_forked_between_the_look_for_children_and_the_freeze_is_taken_with_its_parent() {
     if !needs_root(ROOT) {
         return;
     }
-    // ferry looks for children, then pauses (FERRY_PAUSE) before the freeze; meanwhile
-    // the workload forks a child (held stopped). The look again once frozen sees it.
-    let w = Workload::spawn(&WorkloadOpts { mem_mib: 4, tick_ms: 1, fork_check: true, files: false, ..Default::default() });
+    // ferry finds no child, then pauses (FERRY_PAUSE) before the freeze; meanwhile the
+    // workload forks one (held stopped). Seen once the process is frozen: the process is
+    // let go and the tree taken instead. The restored parent reaps its restored child
+    // once that is let go on, with the check it made.
+    // SAFETY: prctl with integer arguments. Orphans come to this test, which reaps them.
+    assert_eq!(unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) }, 0);
+    let mut w = Workload::spawn(&WorkloadOpts { mem_mib: 4, tick_ms: 1, fork_check: true, files: false, ..Default::default() });
     w.wait_ready();
     w.quiet_forks(w.pid);
     let image = tempfile::tempdir().unwrap();
     let dir = image.path().join("img");
     let pause = image.path().join("paused");
     let run = Command::new(ferry_bin())
-        .args(["checkpoint", &w.pid.to_string(), "--dir", dir.to_str().unwrap()])
+        .args(["checkpoint", &w.pid.to_string(), "--dir", dir.to_str().unwrap(), "--json"])
         .env("FERRY_PAUSE", format!("checkpoint-checked:{}", pause.display()))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -146,14 +150,27 @@ fn a_child_forked_between_the_check_and_the_freeze_is_seen_frozen_and_the_proces
     wait_until("ferry to pause after its look for children", DEADLINE, || pause.exists());
     // A second SIGHUP: the fork check resumes, forking at its next tick.
     assert!(send_signal(w.pid, libc::SIGHUP));
-    let child = hold_a_fork_check_child(&w);
+    let mut child = hold_a_fork_check_child(&w);
     std::fs::remove_file(&pause).unwrap();
     ferry_run.0 = 0;
     let o = run.wait_with_output().unwrap();
-    let err = refused_for_child(&o, w.pid, child.0, &dir);
-    assert!(err.contains("try again"), "{err}");
-    assert!(pid_alive(child.0) && state(child.0) == "T", "the child is left as it was");
-    runs_on_with_its_child(w, child);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let stats: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!((&stats["pids"][w.pid.to_string()], &stats["pids"][child.0.to_string()]), (&0.into(), &0.into()), "{stats}");
+    w.reap();
+    // SAFETY: reaping the orphaned child, which came to this process.
+    unsafe { libc::waitpid(child.0, std::ptr::null_mut(), 0) };
+    let pids = restore_json(&dir);
+    let (new, new_child) = (pids[&w.pid], pids[&child.0]);
+    w.adopt(new);
+    child.0 = new_child;
+    assert_eq!((new, new_child), (w.pid, children_of(new)[0]), "pids given back, the child the parent's");
+    assert_eq!(state(new_child), "T", "the child comes back stopped");
+    let checks = w.fork_checks(new);
+    assert!(send_signal(new_child, libc::SIGCONT));
+    w.wait_for("the restored child's check, reaped by the restored parent", |w| w.fork_checks(new) > checks);
+    child.0 = 0;
+    w.terminate_and_check(new).unwrap();
 }
 
 #[test]

@@ -19,7 +19,7 @@ use crate::{
     engine::pipeline::Pipeline,
     engine::watchdog::Watchdog,
     commands::janitor::Janitor,
-    kernel::{target, tree},
+    kernel::{target, tracer::TraceError, tree},
     trust,
 };
 
@@ -69,17 +69,30 @@ fn discard(dir: &Path, created: bool) {
     }
 }
 
+/// Why a checkpoint with the cgroup freezer refuses a process with a child.
+const NO_FREEZER_TREES: &str = "process trees are not carried with --quiesce freezer yet (the default, ptrace, takes the tree)";
+
 pub fn checkpoint(manager: &Manager, req: &CheckpointRequest, progress: &mut dyn FnMut(&Tick)) -> Result<Stats, EventError> {
-    let started = Instant::now();
     // Everything that can be refused without touching the process comes first.
     target::check_target(req.pid)?;
     target::check_not_ferry(req.pid)?;
     if !target::children(req.pid).is_empty() {
         if req.quiesce == Quiesce::Freezer {
-            target::check_childless(req.pid, "process trees are not carried with --quiesce freezer yet (the default, ptrace, takes the tree)")?;
+            target::check_childless(req.pid, NO_FREEZER_TREES)?;
         }
         return checkpoint_tree(manager, req, progress);
     }
+    match checkpoint_one(manager, req, progress) {
+        // A child forked as the process was being frozen (it was let go, the image
+        // removed): the tree is taken instead.
+        Err(EventError::Target(TraceError::HasChild { .. })) if req.quiesce == Quiesce::Ptrace => checkpoint_tree(manager, req, progress),
+        other => other,
+    }
+}
+
+/// The checkpoint of a process without children.
+fn checkpoint_one(manager: &Manager, req: &CheckpointRequest, progress: &mut dyn FnMut(&Tick)) -> Result<Stats, EventError> {
+    let started = Instant::now();
     let created = prepare_dir(&req.dir)?;
     let mut subs = event::load_subsystems(manager, &req.subsystems, Some(req.pid))?;
     let medium_lease = manager.acquire(PluginKind::Medium, &req.medium)?;
@@ -102,7 +115,8 @@ pub fn checkpoint(manager: &Manager, req: &CheckpointRequest, progress: &mut dyn
     let (mut tracer, freezer) = match quiesce(req.pid, req.quiesce).and_then(|(tracer, freezer)| {
         // A child forked since the first look: seen now that nothing can fork, and the
         // process goes back to running as it was.
-        match target::check_childless(req.pid, "it was forked as the process was being frozen, which took the process alone; nothing was taken, try again") {
+        let why = if req.quiesce == Quiesce::Freezer { NO_FREEZER_TREES } else { "forked as the process was being frozen" };
+        match target::check_childless(req.pid, why) {
             Ok(()) => Ok((tracer, freezer)),
             Err(e) => {
                 let _ = tracer.detach();
