@@ -463,7 +463,7 @@ fn tree_refused(py: &Killed, kid: &Killed, what: &str) {
     let err = refused_for_child(&o, py.0, kid.0, &dir);
     assert!(err.contains(what), "want {what}: {err}");
     for p in [py.0, kid.0] {
-        assert!(pid_alive(p) && state(p) == "S", "process {p} runs on: {}", state(p));
+        assert!(pid_alive(p) && matches!(state(p).as_str(), "S" | "R"), "process {p} runs on: {}", state(p));
         assert_eq!(residue(p), Vec::<String>::new());
     }
 }
@@ -501,7 +501,7 @@ fn a_socket_pair_between_parent_and_child_is_refused_naming_the_process() {
     assert!(err.contains(&format!("process {}: ", py.0)) && err.contains("Unix socket"), "{err}");
     assert!(!dir.exists());
     for p in [py.0, kid.0] {
-        assert!(pid_alive(p) && state(p) == "S", "process {p} runs on");
+        assert!(pid_alive(p) && matches!(state(p).as_str(), "S" | "R"), "process {p} runs on: {}", state(p));
         assert_eq!(residue(p), Vec::<String>::new());
     }
 }
@@ -646,7 +646,7 @@ fn a_stopped_child_of_a_tree_comes_back_stopped_and_carries_on_when_continued() 
     let (stopped, running) = (pids[&kids[0]], pids[&kids[1]]);
     let _restored = KilledAll(vec![stopped, running]);
     wait_until("the restored child stopped as it was", DEADLINE, || state(stopped) == "T");
-    assert_eq!(state(running), "S");
+    assert!(matches!(state(running).as_str(), "S" | "R"), "the other child runs: {}", state(running));
     w.wait_ticks(at + 5);
     assert_eq!(state(stopped), "T", "still stopped");
     assert!(send_signal(stopped, libc::SIGCONT));
@@ -756,4 +756,15 @@ fn a_child_with_another_exit_signal_than_sigchld_is_refused_naming_it() {
         "libc.syscall(56, 10, 0, 0, 0, 0) == 0",
     );
     tree_refused(&py, &kid, "signal 10 at its death, not SIGCHLD");
+}
+
+#[test]
+fn a_listening_socket_shared_with_a_child_is_refused_naming_both() {
+    if !needs_root(ROOT) {
+        return;
+    }
+    // A server's master and worker on one listener (nginx, a prefork server): each
+    // process's files plugin would bind it again, the second against the first.
+    let (py, kid) = python_pair("import socket\ns = socket.socket()\ns.bind(('127.0.0.1', 0))\ns.listen()", "", "");
+    tree_refused(&py, &kid, "sockets shared between processes are not carried yet");
 }

@@ -65,14 +65,13 @@ const KCMP_FILES: i64 = 2;
 const KCMP_SIGHAND: i64 = 4;
 
 /// The fds of `pid` with the device and inode of what each is open on.
-fn fds(pid: pid_t) -> Vec<(i64, u64, u64, bool)> {
+fn fds(pid: pid_t) -> Vec<(i64, u64, u64, u32)> {
     let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return Vec::new() };
     dir.flatten()
         .filter_map(|e| {
             let fd: i64 = e.file_name().to_str()?.parse().ok()?;
             let m = std::fs::metadata(e.path()).ok()?;
-            let fifo = m.mode() & libc::S_IFMT == libc::S_IFIFO;
-            Some((fd, m.dev(), m.ino(), fifo))
+            Some((fd, m.dev(), m.ino(), m.mode() & libc::S_IFMT))
         })
         .collect()
 }
@@ -98,11 +97,11 @@ pub type Shared = (pid_t, i32, pid_t, i32);
 /// Finds the open file descriptions shared between processes of the tree (`pids`,
 /// parents first), each answered once per holder after the first, with the first; and
 /// refuses what ferry carries only within one process, with one line naming both
-/// processes and the resource: a pipe between two of them, shared anonymous memory,
-/// an address space, fd table or signal handlers.
+/// processes and the resource: a shared socket or locked description, a pipe between
+/// two of them, shared anonymous memory, an address space, fd table or signal handlers.
 pub fn check_shared(pids: &[pid_t]) -> Result<Vec<Shared>, TraceError> {
     let refuse = |pid: pid_t, why: String| Err(TraceError::Unsuitable { pid, why });
-    let fds: Vec<Vec<(i64, u64, u64, bool)>> = pids.iter().map(|&p| fds(p)).collect();
+    let fds: Vec<Vec<(i64, u64, u64, u32)>> = pids.iter().map(|&p| fds(p)).collect();
     let anon: Vec<Vec<(u64, u64)>> = pids.iter().map(|&p| shared_anon(p)).collect();
     let mut shared = Vec::new();
     for (j, &b) in pids.iter().enumerate() {
@@ -116,7 +115,7 @@ pub fn check_shared(pids: &[pid_t]) -> Result<Vec<Shared>, TraceError> {
                 return refuse(b, format!("sharing the shared anonymous memory at {at:#x} with process {a}; memory shared between processes is not carried yet"));
             }
         }
-        for &(fd, dev, ino, fifo) in &fds[j] {
+        for &(fd, dev, ino, kind) in &fds[j] {
             // The first process (parents first) that holds the same description; else
             // a pipe's other end elsewhere in the tree.
             let mut other_end = None;
@@ -134,13 +133,18 @@ pub fn check_shared(pids: &[pid_t]) -> Result<Vec<Shared>, TraceError> {
                 (Some((a, afd)), _) => {
                     // A lock belongs to the description (flock, OFD): each process's
                     // files plugin would take it again, the second against the first.
+                    // A socket: each process's files plugin would bind it again (the
+                    // second against the first, or replacing its socket file).
+                    if kind == libc::S_IFSOCK {
+                        return refuse(b, format!("sharing fd {fd}'s socket with process {a} (its fd {afd}); sockets shared between processes are not carried yet"));
+                    }
                     let info = std::fs::read_to_string(format!("/proc/{b}/fdinfo/{fd}")).unwrap_or_default();
                     if info.lines().any(|l| l.starts_with("lock:")) {
                         return refuse(b, format!("sharing fd {fd}'s open file description, which holds a lock, with process {a} (its fd {afd}); locks on a description shared between processes are not carried yet"));
                     }
                     shared.push((b, fd as i32, a, afd as i32))
                 }
-                (None, Some((a, afd))) if fifo => {
+                (None, Some((a, afd))) if kind == libc::S_IFIFO => {
                     return refuse(b, format!("holding a pipe (fd {fd}) whose other end process {a} holds (its fd {afd}); pipes between processes are not carried yet"));
                 }
                 _ => {}
