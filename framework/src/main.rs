@@ -41,7 +41,7 @@ struct Cli {
 enum Command {
     /// Checkpoint a running process into an image directory (then kill it, unless --leave-running).
     Checkpoint {
-        /// The process to checkpoint.
+        /// The process to checkpoint, with all its descendants.
         pid: i32,
         /// Image directory: must not exist or be empty.
         #[arg(long, value_name = "DIR")]
@@ -111,7 +111,7 @@ enum Command {
     },
     /// Move a running process to the daemon at HOST:PORT (stop-copy, pre-copy, post-copy, hybrid).
     Migrate {
-        /// The process to move.
+        /// The process to move (one without children: a migration does not carry process trees yet).
         pid: i32,
         /// The destination daemon.
         #[arg(long, value_name = "HOST:PORT")]
@@ -387,8 +387,13 @@ fn run(cli: Cli) -> Outcome {
             if *json {
                 outln!("{}", serde_json::to_string(&stats)?);
             } else {
+                let tree = match stats.pids.len() {
+                    0 | 1 => String::new(),
+                    2 => " and its child".to_string(),
+                    n => format!(" and its {} descendants", n - 1),
+                };
                 outln!(
-                    "checkpointed process {pid} into {}: {} bytes, {} pages, frozen {:.1} ms",
+                    "checkpointed process {pid}{tree} into {}: {} bytes, {} pages, frozen {:.1} ms",
                     dir.display(), stats.bytes, stats.pages, stats.frozen_ms
                 );
             }

@@ -44,7 +44,8 @@ pub struct WorkloadOpts {
     /// Move the patterned mapping and empty one of its pages every tick (`--move-mem`).
     pub move_mem: bool,
     /// Fork a child checking the patterned mapping every 20 ticks (`--fork-check`; logs
-    /// `fork-check ok N pid P` per check passed; see [`Workload::fork_checks`]).
+    /// `fork-check ok N pid P` per check passed; see [`Workload::fork_checks`]; quiet
+    /// it before a checkpoint with [`Workload::quiet_forks`]).
     pub fork_check: bool,
     /// Wait for each tick spinning inside an rseq critical section (`--rseq`).
     pub rseq: bool,
@@ -83,11 +84,15 @@ pub struct WorkloadOpts {
     /// Further flags, as given (`workloads/traps.c`'s `--self-trap`, `--single-step`,
     /// `--watchpoint`, `--sigtrap-pending`, `--vdso-moved`, `--vdso-unmapped`).
     pub extra: &'static [&'static str],
+    /// Children forked before `ready`, each checking its own memory (`--tree N`; not
+    /// with `fork_check`). The workload checks they stay its children, and at the end
+    /// that each passed.
+    pub tree: u32,
 }
 
 impl Default for WorkloadOpts {
     fn default() -> Self {
-        WorkloadOpts { mem_mib: 1, threads: 0, files: true, tick_ms: 20, dirty_pages: 0, churn: false, move_mem: false, fork_check: false, rseq: false, process_state: false, seccomp: false, shared_anon: false, event_fds: false, listen: false, creds: false, mm_flags: false, mm_sealed: false, shared_twice: false, locks: false, inotify: false, fanotify: false, pidfd: false, pidfd_other: false, extra: &[] }
+        WorkloadOpts { mem_mib: 1, threads: 0, files: true, tick_ms: 20, dirty_pages: 0, churn: false, move_mem: false, fork_check: false, rseq: false, process_state: false, seccomp: false, shared_anon: false, event_fds: false, listen: false, creds: false, mm_flags: false, mm_sealed: false, shared_twice: false, locks: false, inotify: false, fanotify: false, pidfd: false, pidfd_other: false, extra: &[], tree: 0 }
     }
 }
 
@@ -179,6 +184,9 @@ impl Workload {
         ];
         cmd.args(flags.iter().filter(|f| f.0).map(|f| f.1));
         cmd.args(opts.extra);
+        if opts.tree > 0 {
+            cmd.args(["--tree", &opts.tree.to_string()]);
+        }
         Self::start(cmd, dir)
     }
 
@@ -298,12 +306,20 @@ impl Workload {
     }
 
     /// With `--fork-check`: how many `fork-check ok` lines (a forked child's check of
-    /// the memory passed, and was reaped) process `pid` logged, and how many
-    /// `fork-check lost-child` (a child of the original it could not reap).
-    pub fn fork_checks(&self, pid: i32) -> (usize, usize) {
+    /// the memory passed, and was reaped) process `pid` logged.
+    pub fn fork_checks(&self, pid: i32) -> usize {
         let by = format!(" pid {pid}");
-        let of = |kind: &str| self.lines().iter().filter(|l| l.starts_with(kind) && l.ends_with(&by)).count();
-        (of("fork-check ok "), of("fork-check lost-child "))
+        self.lines().iter().filter(|l| l.starts_with("fork-check ok ") && l.ends_with(&by)).count()
+    }
+
+    /// With `--fork-check`: asks process `pid` (SIGHUP) to reap its child and fork no
+    /// other until it is restored, and waits until it logged that it did (`fork-check
+    /// quiet`): ferry refuses a process with a child, and this one then has none.
+    pub fn quiet_forks(&self, pid: i32) {
+        let quiet = |w: &Self| w.lines().iter().filter(|l| l.starts_with("fork-check quiet ")).count();
+        let before = quiet(self);
+        assert!(send_signal(pid, libc::SIGHUP), "SIGHUP to {pid}");
+        self.wait_for(&format!("process {pid} to quiet its fork check"), |w| quiet(w) > before);
     }
 
     /// The verdict, once the last line is `PASS` (Ok) or `FAIL: ...` (Err: that line).

@@ -137,14 +137,13 @@ fn bash_script_passes() {
 #[test]
 fn the_fork_check_logs_each_check_and_fails_when_a_child_sees_wrong_memory() {
     let mut w = Workload::spawn(&WorkloadOpts { mem_mib: 4, tick_ms: 1, fork_check: true, files: false, ..Default::default() });
-    w.wait_for("two fork checks", |w| w.fork_checks(w.pid).0 >= 2);
+    w.wait_for("two fork checks", |w| w.fork_checks(w.pid) >= 2);
     let pid = w.pid;
     w.terminate_and_check(pid).unwrap();
-    assert_eq!(w.fork_checks(pid).1, 0, "no child lost without a restore: {}", w.log_text());
 
     // Memory corrupted under a running workload: the next child's check fails, first.
     let mut w = Workload::spawn(&WorkloadOpts { mem_mib: 4, tick_ms: 1, fork_check: true, files: false, ..Default::default() });
-    w.wait_for("a fork check", |w| w.fork_checks(w.pid).0 >= 1);
+    w.wait_for("a fork check", |w| w.fork_checks(w.pid) >= 1);
     let (start, end) = w.region("mem");
     let at = (start + (end - start) / 2) & !7;
     let flipped: Vec<u8> = peek(w.pid, at, 8).iter().map(|b| !b).collect();
@@ -153,4 +152,78 @@ fn the_fork_check_logs_each_check_and_fails_when_a_child_sees_wrong_memory() {
     let pid = w.pid;
     let err = w.terminate_and_check(pid).expect_err("a corrupted workload must fail");
     assert!(err.starts_with("FAIL: fork-check: a child forked at a tick saw wrong memory"), "{err}");
+}
+
+/// The children of `pid` (its main thread's, which is where the workload forks).
+fn children_of(pid: i32) -> Vec<i32> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    text.split_whitespace().filter_map(|p| p.parse().ok()).collect()
+}
+
+#[test]
+fn a_quieted_fork_check_has_no_child_until_asked_again_and_then_forks_at_once() {
+    // What the tests rely on before a checkpoint (ferry refuses a process with a
+    // child): after `fork-check quiet`, no child for as many ticks as three checks
+    // would take; a second SIGHUP resumes the checks, the first one at once.
+    let mut w = Workload::spawn(&WorkloadOpts { mem_mib: 4, tick_ms: 1, fork_check: true, files: false, ..Default::default() });
+    w.wait_for("a fork check", |w| w.fork_checks(w.pid) >= 1);
+    let pid = w.pid;
+    w.quiet_forks(pid);
+    let quiet_at = *w.ticks().last().unwrap();
+    let checks = w.fork_checks(pid);
+    while w.ticks().last().copied().unwrap_or(0) < quiet_at + 60 {
+        assert_eq!(children_of(pid), Vec::<i32>::new(), "a child while quiet: {}", w.log_text());
+        w.wait_ticks(w.ticks().last().copied().unwrap_or(0) + 1);
+    }
+    assert_eq!(w.fork_checks(pid), checks, "a check while quiet: {}", w.log_text());
+    assert!(send_signal(pid, libc::SIGHUP));
+    w.wait_line(&format!("fork-check resumed pid {pid} asked"));
+    w.wait_for("a fork check after resuming", |w| w.fork_checks(pid) > checks);
+    w.terminate_and_check(pid).unwrap();
+}
+
+#[test]
+fn the_tree_check_passes_and_fails_when_a_child_is_lost_or_sees_wrong_memory() {
+    let mut w = Workload::spawn(&WorkloadOpts { tick_ms: 1, tree: 2, files: false, ..Default::default() });
+    w.wait_ready();
+    w.wait_ticks(20);
+    let pid = w.pid;
+    w.terminate_and_check(pid).unwrap();
+    assert!(w.lines().iter().any(|l| l == "tree 2 children passed"), "{}", w.log_text());
+
+    // A child gone (as if a restore had dropped it): the parent sees it at its next tick.
+    let mut w = Workload::spawn(&WorkloadOpts { tick_ms: 1, tree: 2, files: false, ..Default::default() });
+    w.wait_ready();
+    let kids = children_of(w.pid);
+    assert_eq!(kids.len(), 2, "{kids:?}");
+    ferry_tests::workload::kill_pid(kids[0]);
+    let pid = w.pid;
+    // Reaped by its parent (gone from /proc, not a zombie) before the other goes.
+    let gone = format!("/proc/{}", kids[0]);
+    w.wait_for("the parent to reap its killed child", |_| !std::path::Path::new(&gone).exists());
+    kill_the_rest(&kids);
+    let err = w.terminate_and_check(pid).expect_err("a lost child must fail the check");
+    assert!(err.starts_with(&format!("FAIL: tree: child {} exited early", kids[0])), "{err}");
+
+    // The memory a child inherited, corrupted in the child only: it exits 1 at once.
+    let mut w = Workload::spawn(&WorkloadOpts { tick_ms: 1, tree: 2, files: false, ..Default::default() });
+    w.wait_ready();
+    let kids = children_of(w.pid);
+    let (start, end) = w.region("mem");
+    let _ = end;
+    let flipped: Vec<u8> = peek(kids[1], start, 8).iter().map(|b| !b).collect();
+    poke(kids[1], start, &flipped);
+    let pid = w.pid;
+    let gone = format!("/proc/{}", kids[1]);
+    w.wait_for("the parent to reap its failed child", |_| !std::path::Path::new(&gone).exists());
+    kill_the_rest(&kids);
+    let err = w.terminate_and_check(pid).expect_err("a child seeing wrong memory must fail the check");
+    assert!(err.starts_with(&format!("FAIL: tree: child {} exited early (status 0x100", kids[1])), "{err}");
+}
+
+/// Kills the tree children still there (a failed workload does not reap them all).
+fn kill_the_rest(kids: &[i32]) {
+    for &k in kids {
+        ferry_tests::workload::kill_pid(k);
+    }
 }

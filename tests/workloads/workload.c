@@ -10,9 +10,11 @@
  *   stall MS tick N                   tick N began MS ms after tick N-1 did, over two
  *                                     periods + 5 ms (what a migration costs the
  *                                     process: wall clock, so it holds across machines)
- *   fork-check ok|lost-child N pid P  --fork-check: a child's check passed, or its parent
- *                                     is a copy that cannot reap it (see fork_check)
- *   fork-check failed pid P           a child's check failed (the verdict will be FAIL)
+ *   fork-check ok N pid P             --fork-check: a child's check passed (see fork_check)
+ *   fork-check quiet pid P            SIGHUP: no child until restored (or asked again)
+ *   fork-check resumed pid P WHY      forking again: restored | asked | timeout
+ *   fork-check failed pid P           a child's check failed, or was not this process's
+ *                                     (the verdict will be FAIL)
  *   PASS | FAIL: <first failure>      the last line; exit status 0 | 1
  *
  * Nothing here caches a pid or tid: after a restore they may differ. */
@@ -1742,11 +1744,58 @@ static void move_mem(uint64_t tick)
  * (its own copy of it) and exits 0 or 1; the parent reaps it at a later tick, logging
  * `fork-check ok N pid P` (N checks passed so far, P the parent's pid now). What a
  * post-copy must get right for a process that forks before all its pages arrived.
- * A copy restored from a freeze that caught a child running is not that child's parent:
- * ferry does not carry children yet, so waitpid answers ECHILD. That is logged
- * `fork-check lost-child N pid P` and the check goes on with a new child; a child that
- * saw wrong memory is logged `fork-check failed pid P` at once, and fails the verdict. At exit the last child is waited for ---- */
-static uint64_t fork_checks_ok, fork_checks_lost;
+ * A checkpoint would take a child along and a migration refuses it, so a test quiets
+ * the check before a checkpoint: at SIGHUP the current child is reaped, `fork-check
+ * quiet pid P` logged, and nothing is forked until the process finds itself restored
+ * (its start time in /proc/self/stat changed: a new process, whatever its pid), a
+ * second SIGHUP comes, or FORK_QUIET_SECS pass; then `fork-check resumed pid P <why>`
+ * is logged and a child forked at once — in a post-copy, before the pages arrived.
+ * A child that saw wrong memory is logged `fork-check failed pid P` at once and fails
+ * the verdict; a child that is not this process's (ECHILD: dropped by a restore) fails
+ * it too. At exit the last child is waited for ---- */
+#define FORK_QUIET_SECS 60
+static uint64_t fork_checks_ok;
+static volatile sig_atomic_t hup_count;
+static sig_atomic_t hup_seen;
+static int fork_quiet, fork_now;
+static unsigned long long quiet_start_time;
+static struct timespec quiet_until;
+
+static void on_hup(int sig)
+{
+    (void)sig;
+    hup_count++;
+}
+
+static void setup_fork_check(void)
+{
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_hup;
+    sa.sa_flags = SA_RESTART;
+    sigemptyset(&sa.sa_mask);
+    if (sigaction(SIGHUP, &sa, NULL) != 0)
+        die("sigaction HUP");
+}
+
+/* Field 22 of /proc/self/stat: when this process started, in clock ticks since boot. */
+static unsigned long long own_start_time(void)
+{
+    char buf[1024];
+    int fd = open("/proc/self/stat", O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return 0;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0)
+        return 0;
+    buf[n] = 0;
+    char *p = strrchr(buf, ')');
+    /* The space before field f, from the one before the state (field 3). */
+    for (int f = 3; p && f <= 22; f++)
+        p = strchr(p + 1, ' ');
+    return p ? strtoull(p + 1, NULL, 10) : 0;
+}
 
 static void fork_check_reap(int flags)
 {
@@ -1763,7 +1812,8 @@ static void fork_check_reap(int flags)
             logf_("fork-check ok %llu pid %d", (unsigned long long)++fork_checks_ok, (int)getpid());
         fork_child = 0;
     } else if (r < 0 && errno == ECHILD) {
-        logf_("fork-check lost-child %llu pid %d", (unsigned long long)++fork_checks_lost, (int)getpid());
+        fail("fork-check: child %d is not this process's (ECHILD): a child dropped by a restore", (int)fork_child);
+        logf_("fork-check failed pid %d", (int)getpid());
         fork_child = 0;
     } else if (r < 0) {
         fail("fork-check: waitpid: %s", strerror(errno));
@@ -1771,14 +1821,48 @@ static void fork_check_reap(int flags)
     }
 }
 
+static void fork_check_resume(const char *why)
+{
+    fork_quiet = 0;
+    fork_now = 1;
+    logf_("fork-check resumed pid %d %s", (int)getpid(), why);
+}
+
 static void fork_check(uint64_t tick)
 {
+    sig_atomic_t h = hup_count;
+    if (h != hup_seen) {
+        hup_seen = h;
+        if (!fork_quiet) {
+            if (fork_child > 0)
+                fork_check_reap(0);
+            fork_quiet = 1;
+            quiet_start_time = own_start_time();
+            clock_gettime(CLOCK_MONOTONIC, &quiet_until);
+            quiet_until.tv_sec += FORK_QUIET_SECS;
+            logf_("fork-check quiet pid %d", (int)getpid());
+            return;
+        }
+        fork_check_resume("asked");
+    }
+    if (fork_quiet) {
+        struct timespec now;
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        unsigned long long started = own_start_time();
+        if (started != 0 && started != quiet_start_time)
+            fork_check_resume("restored");
+        else if (now.tv_sec > quiet_until.tv_sec)
+            fork_check_resume("timeout");
+        else
+            return;
+    }
     if (fork_child > 0) {
         fork_check_reap(WNOHANG);
         return;
     }
-    if (tick % 20 != 0)
+    if (!fork_now && tick % 20 != 0)
         return;
+    fork_now = 0;
     fork_child = fork();
     if (fork_child < 0)
         die("fork-check fork");
@@ -2139,6 +2223,121 @@ static void verify_seccomp(void)
 /* ---- traps, debug registers and the vDSO (--self-trap, --single-step, --watchpoint,
  * --sigtrap-pending, --vdso-moved, --vdso-unmapped, --vdso-moved-whole): see traps.c ---- */
 #include "traps.c"
+/* ---- --tree N: N children, forked before `ready`, each a process of its own that a
+ * checkpoint must take with its parent. A child closes every fd it inherited (it shares
+ * no open file description with its parent), maps a 1 MiB region of its own with a
+ * pattern seeded by its index, and every tick checks that region whole and one page of
+ * the memory it inherited (round robin); at the first mismatch it exits 1, at SIGTERM
+ * it exits 0. The parent checks every tick that it still has its N children (listed in
+ * /proc/self/task/TID/children) and that none has exited (waitpid(-1, WNOHANG) gives 0:
+ * children, none gone — ECHILD would mean they are not its own); at the end it sends
+ * each a SIGTERM and reaps them all, each of which must exit 0 ---- */
+#define TREE_MAX 16
+#define TREE_WORDS (1024 * 1024 / 8)
+static long opt_tree;
+
+static void tree_child(long k)
+{
+    syscall(SYS_close_range, 0U, ~0U, 0U);
+    uint64_t *own = mmap(NULL, TREE_WORDS * 8, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (own == MAP_FAILED)
+        _exit(3);
+    uint64_t seed = SEED ^ (0x100 + (uint64_t)k);
+    for (size_t w = 0; w < TREE_WORDS; w++)
+        own[w] = pattern(4, w, seed);
+    for (uint64_t t = 0; !term_flag; t++) {
+        for (size_t w = 0; w < TREE_WORDS; w++)
+            if (own[w] != pattern(4, w, seed))
+                _exit(1);
+        if (mem_pages > 0) {
+            size_t p = t % mem_pages;
+            uint64_t pseed = SEED + page_generation(p) * 0x9e3779b97f4a7c15ULL;
+            for (size_t w = 0; w < WORDS_PER_PAGE; w++)
+                if (mem[p * WORDS_PER_PAGE + w] != pattern(1, p * WORDS_PER_PAGE + w, pseed))
+                    _exit(1);
+        }
+        struct timespec req = {opt_tick_ms / 1000, (opt_tick_ms % 1000) * 1000000L};
+        clock_nanosleep(CLOCK_MONOTONIC, 0, &req, NULL);
+    }
+    _exit(0);
+}
+
+static void setup_tree(void)
+{
+    for (long k = 0; k < opt_tree; k++) {
+        pid_t c = fork();
+        if (c < 0)
+            die("tree fork");
+        if (c == 0)
+            tree_child(k);
+    }
+    logf_("tree %ld children", opt_tree);
+}
+
+/* The pids of this thread's children, from /proc; answers how many (-1: unreadable). */
+static long tree_children(pid_t *out, long max)
+{
+    char path[64], buf[512];
+    snprintf(path, sizeof path, "/proc/self/task/%ld/children", (long)syscall(SYS_gettid));
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n < 0)
+        return -1;
+    buf[n] = 0;
+    long count = 0;
+    for (char *p = buf; *p;) {
+        char *end;
+        long v = strtol(p, &end, 10);
+        if (end == p)
+            break;
+        if (count < max)
+            out[count] = (pid_t)v;
+        count++;
+        p = end;
+    }
+    return count;
+}
+
+static void tree_tick(void)
+{
+    if (failure[0])
+        return;
+    int status;
+    pid_t r = waitpid(-1, &status, WNOHANG);
+    if (r > 0)
+        fail("tree: child %d exited early (status %#x; 1: its memory check failed)", (int)r, status);
+    else if (r < 0)
+        fail("tree: waitpid: %s (its children are not its own)", strerror(errno));
+    pid_t kids[TREE_MAX];
+    long n = tree_children(kids, TREE_MAX);
+    if (!failure[0] && n != opt_tree)
+        fail("tree: %ld children, want %ld", n, opt_tree);
+}
+
+static void verify_tree(void)
+{
+    pid_t kids[TREE_MAX];
+    long n = tree_children(kids, TREE_MAX);
+    for (long i = 0; i < n && i < TREE_MAX; i++)
+        kill(kids[i], SIGTERM);
+    if (n != opt_tree)
+        FAIL_RET("tree: %ld children at the end, want %ld", n, opt_tree);
+    for (long i = 0; i < n; i++) {
+        int status;
+        pid_t r;
+        do
+            r = waitpid(-1, &status, 0);
+        while (r < 0 && errno == EINTR);
+        if (r < 0)
+            FAIL_RET("tree: reaping child %ld of %ld: %s", i + 1, n, strerror(errno));
+        if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
+            FAIL_RET("tree: child %d ended with status %#x (1: its memory check failed)", (int)r, status);
+    }
+    logf_("tree %ld children passed", n);
+}
 
 /* ---- main ---- */
 /* ---- notification fds and pidfds (--inotify, --fanotify, --pidfd, --pidfd-other), in
@@ -2400,7 +2599,7 @@ static void verify_notify(void)
 static void usage(void)
 {
     fprintf(stderr, "usage: workload --log PATH [--dir DIR] [--mem-mib N] [--threads N] [--tick-ms N]"
-                    " [--dirty-pages N] [--churn] [--move-mem] [--fork-check] [--rseq] [--process-state] [--seccomp] [--shared-anon] [--event-fds] [--listen] [--creds] [--mm-flags] [--mm-sealed] [--shared-twice] [--locks] [--no-files]"
+                    " [--dirty-pages N] [--churn] [--move-mem] [--fork-check] [--rseq] [--process-state] [--seccomp] [--shared-anon] [--event-fds] [--listen] [--creds] [--mm-flags] [--mm-sealed] [--shared-twice] [--locks] [--tree N] [--no-files]"
                     " [--inotify] [--fanotify] [--pidfd] [--pidfd-other]"
                     " [--self-trap] [--single-step] [--watchpoint] [--sigtrap-pending] [--vdso-moved] [--vdso-unmapped] [--vdso-moved-whole]\n");
     exit(2);
@@ -2467,10 +2666,12 @@ int main(int argc, char **argv)
             opt_tick_ms = number(v, 1000000);
         else if (!strcmp(a, "--dirty-pages"))
             opt_dirty_pages = number(v, 1 << 20);
+        else if (!strcmp(a, "--tree"))
+            opt_tree = number(v, TREE_MAX);
         else
             usage();
     }
-    if (!opt_log || (opt_files && !opt_dir))
+    if (!opt_log || (opt_files && !opt_dir) || (opt_tree && opt_fork_check))
         usage();
 
     log_fd = open(opt_log, O_WRONLY | O_APPEND | O_CREAT, 0644);
@@ -2517,6 +2718,8 @@ int main(int argc, char **argv)
         setup_files();
     umask(027);
     setup_signals();
+    if (opt_fork_check)
+        setup_fork_check();
     if (opt_event_fds)
         setup_event_fds();
     if (opt_listen)
@@ -2554,6 +2757,8 @@ int main(int argc, char **argv)
         calibrate_tsc();
         logf_("rseq-cs %p %p %p", (void *)ferry_rseq_start, (void *)ferry_rseq_end, (void *)ferry_rseq_abort);
     }
+    if (opt_tree)
+        setup_tree();
     logf_("ready");
     uint64_t tick = 0;
     sig_atomic_t usr1_logged = 0;
@@ -2590,6 +2795,8 @@ int main(int argc, char **argv)
             move_mem(tick);
         if (opt_fork_check)
             fork_check(tick);
+        if (opt_tree)
+            tree_tick();
         if (opt_listen)
             serve_listener(tick);
         if (opt_mm_flags)
@@ -2618,6 +2825,8 @@ int main(int argc, char **argv)
     }
     if (opt_fork_check && fork_child > 0)
         fork_check_reap(0);
+    if (opt_tree)
+        verify_tree();
     if (tls_index != -1 || tls_counter != tick)
         fail("main thread TLS: index %ld counter %llu, want -1 and %llu", tls_index,
              (unsigned long long)tls_counter, (unsigned long long)tick);

@@ -19,7 +19,7 @@ use crate::{
     engine::pipeline::Pipeline,
     engine::watchdog::Watchdog,
     commands::janitor::Janitor,
-    kernel::target,
+    kernel::{target, tracer::TraceError, tree},
     trust,
 };
 
@@ -69,11 +69,30 @@ fn discard(dir: &Path, created: bool) {
     }
 }
 
+/// Why a checkpoint with the cgroup freezer refuses a process with a child.
+const NO_FREEZER_TREES: &str = "process trees are not carried with --quiesce freezer yet (the default, ptrace, takes the tree)";
+
 pub fn checkpoint(manager: &Manager, req: &CheckpointRequest, progress: &mut dyn FnMut(&Tick)) -> Result<Stats, EventError> {
-    let started = Instant::now();
     // Everything that can be refused without touching the process comes first.
     target::check_target(req.pid)?;
     target::check_not_ferry(req.pid)?;
+    if !target::children(req.pid).is_empty() {
+        if req.quiesce == Quiesce::Freezer {
+            target::check_childless(req.pid, NO_FREEZER_TREES)?;
+        }
+        return checkpoint_tree(manager, req, progress);
+    }
+    match checkpoint_one(manager, req, progress) {
+        // A child forked as the process was being frozen (it was let go, the image
+        // removed): the tree is taken instead.
+        Err(EventError::Target(TraceError::HasChild { .. })) if req.quiesce == Quiesce::Ptrace => checkpoint_tree(manager, req, progress),
+        other => other,
+    }
+}
+
+/// The checkpoint of a process without children.
+fn checkpoint_one(manager: &Manager, req: &CheckpointRequest, progress: &mut dyn FnMut(&Tick)) -> Result<Stats, EventError> {
+    let started = Instant::now();
     let created = prepare_dir(&req.dir)?;
     let mut subs = event::load_subsystems(manager, &req.subsystems, Some(req.pid))?;
     let medium_lease = manager.acquire(PluginKind::Medium, &req.medium)?;
@@ -91,8 +110,21 @@ pub fn checkpoint(manager: &Manager, req: &CheckpointRequest, progress: &mut dyn
     if let Some(j) = janitor.as_mut() {
         j.image(&req.dir, created);
     }
+    crate::fault::pause("checkpoint-checked");
     let frozen_at = Instant::now();
-    let (mut tracer, freezer) = match quiesce(req.pid, req.quiesce) {
+    let (mut tracer, freezer) = match quiesce(req.pid, req.quiesce).and_then(|(tracer, freezer)| {
+        // A child forked since the first look: seen now that nothing can fork, and the
+        // process goes back to running as it was.
+        let why = if req.quiesce == Quiesce::Freezer { NO_FREEZER_TREES } else { "forked as the process was being frozen" };
+        match target::check_childless(req.pid, why) {
+            Ok(()) => Ok((tracer, freezer)),
+            Err(e) => {
+                let _ = tracer.detach();
+                drop(freezer);
+                Err(e.into())
+            }
+        }
+    }) {
         Ok(q) => q,
         Err(e) => {
             discard(&req.dir, created);
@@ -164,3 +196,87 @@ pub fn checkpoint(manager: &Manager, req: &CheckpointRequest, progress: &mut dyn
     }
 }
 
+
+/// `ferry checkpoint` of a process with children: the process and every descendant,
+/// frozen together (`kernel::tree`), refused if they share what is carried only within
+/// one process, each written with its own plugins and streams (`engine::tree`).
+fn checkpoint_tree(manager: &Manager, req: &CheckpointRequest, progress: &mut dyn FnMut(&Tick)) -> Result<Stats, EventError> {
+    let started = Instant::now();
+    let created = prepare_dir(&req.dir)?;
+    // The plugins must load for the root before anything is frozen.
+    drop(event::load_subsystems(manager, &req.subsystems, Some(req.pid))?);
+    let medium_lease = manager.acquire(PluginKind::Medium, &req.medium)?;
+    let opened = medium_lease.open_medium(&serde_json::json!({"role": "write", "dir": req.dir}))?;
+    let mut medium = Pipeline::new(opened);
+    let mut janitor = Janitor::start();
+    if let Some(j) = janitor.as_mut() {
+        j.image(&req.dir, created);
+    }
+    let give_up = |janitor: Option<Janitor>, e: EventError| {
+        discard(&req.dir, created);
+        if let Some(j) = janitor {
+            j.dismiss();
+        }
+        Err(e)
+    };
+    let frozen_at = Instant::now();
+    let mut frozen = match tree::freeze_tree(req.pid) {
+        Ok(f) => f,
+        Err(e) => return give_up(janitor, e.into()),
+    };
+    let pids: Vec<i32> = frozen.iter().map(|(t, _)| t.pid()).collect();
+    let links: Vec<(i32, i32)> = frozen.iter().map(|(t, parent)| (t.pid(), *parent)).collect();
+    let shared = match tree::check_shared(&pids).and_then(|shared| tree::check_groups(&links).map(|_| shared)) {
+        Ok(s) => s,
+        Err(e) => {
+            tree::let_go(frozen);
+            return give_up(janitor, e.into());
+        }
+    };
+    crate::trace::mark("tree frozen");
+    // The last resort if a plugin stops answering: remove the partial image and exit;
+    // the kernel detaches every process, which carries on.
+    let dir = req.dir.clone();
+    let watchdog = Watchdog::start(req.watchdog, move |why, _| {
+        eprintln!("ferry: {why}; the processes of the tree are let go");
+        discard(&dir, created);
+        std::process::exit(1);
+    });
+    let mut mapped = |pid: i32, addr: u64| {
+        if let Some(j) = janitor.as_mut() {
+            j.scratch(pid, addr);
+        }
+    };
+    let outcome = crate::engine::tree::write_tree(manager, &req.subsystems, &mut frozen, &shared, &mut medium, &req.medium, &watchdog, &mut mapped, progress);
+    drop(watchdog);
+    let mut stats = Stats::default();
+    match outcome {
+        Ok((bytes, pages)) => {
+            if let Some(j) = janitor {
+                j.dismiss();
+            }
+            for (mut t, _) in frozen {
+                let pid = t.pid();
+                if req.leave_running {
+                    t.unmap_scratch()?;
+                    t.detach()?;
+                } else {
+                    t.kill_and_go();
+                }
+                stats.pids.insert(pid.to_string(), if req.leave_running { pid } else { 0 });
+            }
+            stats.frozen_ms = event::ms(frozen_at);
+            (stats.bytes, stats.pages) = (bytes, pages);
+            stats.total_ms = event::ms(started);
+            Ok(stats)
+        }
+        Err(e) => {
+            for (t, _) in frozen.iter_mut() {
+                let _ = t.unmap_scratch();
+            }
+            tree::let_go(frozen);
+            drop(medium);
+            give_up(janitor, e)
+        }
+    }
+}

@@ -52,7 +52,7 @@ impl Janitor {
         self.tell(format!("image {} {}", u8::from(created), dir.display()));
     }
 
-    /// ferry's scratch area at `addr` in process `pid`.
+    /// ferry's scratch area at `addr` in process `pid` (one line per process).
     pub fn scratch(&mut self, pid: i32, addr: u64) {
         self.tell(format!("scratch {pid} {addr}"));
     }
@@ -69,7 +69,8 @@ impl Janitor {
 #[derive(Default, Debug)]
 struct Undo {
     image: Option<(PathBuf, bool)>,
-    scratch: Option<(i32, u64)>,
+    /// One per process (a checkpoint of a tree maps one in each).
+    scratch: Vec<(i32, u64)>,
 }
 
 impl Undo {
@@ -86,7 +87,7 @@ impl Undo {
             "scratch" => {
                 let mut f = rest.split(' ').map(str::parse::<u64>);
                 if let (Some(Ok(pid)), Some(Ok(addr))) = (f.next(), f.next()) {
-                    self.scratch = Some((pid as i32, addr));
+                    self.scratch.push((pid as i32, addr));
                 }
             }
             _ => {}
@@ -107,7 +108,7 @@ pub fn run() -> Result<(), String> {
     }
     // Silent when all goes well: ferry said what happened, if it could.
     let mut failed = Vec::new();
-    if let Some((pid, addr)) = undo.scratch {
+    for (pid, addr) in undo.scratch {
         match remove_scratch(pid, addr) {
             Ok(_) => {}
             Err(e) => failed.push(format!("ferry's scratch area at {addr:#x} is left in process {pid}: {e}")),
@@ -195,7 +196,8 @@ mod tests {
         assert!(!u.take("scratch 42 140737488289792"));
         assert!(!u.take("nonsense"));
         assert_eq!(u.image, Some((PathBuf::from("/tmp/an image"), true)));
-        assert_eq!(u.scratch, Some((42, 140737488289792)));
+        assert!(!u.take("scratch 43 140737488289793"));
+        assert_eq!(u.scratch, vec![(42, 140737488289792), (43, 140737488289793)]);
         assert!(u.take("done"));
     }
 }

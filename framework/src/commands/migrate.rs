@@ -218,6 +218,8 @@ pub fn migrate(manager: &Manager, req: &MigrateRequest, progress: &mut dyn FnMut
     }
     target::check_target(req.pid)?;
     target::check_not_ferry(req.pid)?;
+    // Process trees are not carried yet, by a migration as by a checkpoint.
+    target::check_childless(req.pid, target::TREES_NOT_MIGRATED)?;
     crate::trace::mark("migrate");
     let mut subs = event::load_subsystems(manager, &req.subsystems, Some(req.pid))?;
     let lease = manager.acquire(PluginKind::Medium, "tcp")?;
@@ -305,6 +307,18 @@ pub fn migrate(manager: &Manager, req: &MigrateRequest, progress: &mut dyn FnMut
     };
     crate::trace::mark("source frozen");
     let mut medium = medium;
+    // A child forked since the first look (during the rounds, say): seen now that
+    // nothing can fork; the source goes back to running as it was.
+    if let Err(e) = target::check_childless(req.pid, target::TREES_NOT_MIGRATED) {
+        let e = EventError::from(e);
+        if let Some(&(_, scratch)) = live.as_ref() {
+            tracer.set_scratch(Some(scratch));
+        }
+        let_go(tracer, live.take().map(|(l, _)| l));
+        drop(freezer);
+        let _ = send_verdict(&mut medium, &Verdict::Abort { reason: e.to_string() });
+        return Err(e);
+    }
     let announced = match live.as_ref() {
         // The plan went ahead of the rounds, and the scratch area stayed.
         Some(&(_, scratch)) => {

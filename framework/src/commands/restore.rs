@@ -93,7 +93,29 @@ pub fn restore(manager: &Manager, req: &RestoreRequest, progress: &mut dyn FnMut
         }
         std::process::exit(1);
     });
-    let held = restore_held(manager, &mut medium, &watchdog, started, progress).map_err(|e| match e {
+    let image_err = |e: EventError| match e {
+        EventError::Image(e) => EventError::ImageDir { path: req.dir.display().to_string(), message: e.to_string() },
+        other => other,
+    };
+    let mut inventory_bytes = 0;
+    let pull = MediumPull { medium: &mut medium, stream: INVENTORY_STREAM };
+    let inventory = Inventory::read_from(&mut CountingPull { inner: pull, bytes: &mut inventory_bytes }).map_err(|e| image_err(e.into()))?;
+    if inventory.processes.len() > 1 {
+        // A process tree: every process rebuilt and held, then all let go.
+        for p in &inventory.processes {
+            await_original(p);
+        }
+        let mut held = crate::engine::tree::restore_tree(manager, &mut medium, &inventory, &watchdog, started, progress).map_err(image_err)?;
+        held[0].count_inventory(inventory_bytes);
+        if held.iter().any(|h| h.lazy.is_some()) {
+            for h in held {
+                h.abort();
+            }
+            return Err(EventError::ImageDir { path: req.dir.display().to_string(), message: "it leaves memory to post-copy, which only a migration carries".into() });
+        }
+        return crate::engine::tree::release_tree(held, started);
+    }
+    let held = restore_one(manager, &mut medium, inventory, inventory_bytes, &watchdog, started, progress).map_err(|e| match e {
         EventError::Image(e) => EventError::ImageDir { path: dir, message: e.to_string() },
         other => other,
     })?;
@@ -126,16 +148,15 @@ fn check_trusted(dir: &Path) -> Result<(), EventError> {
 }
 
 /// Rebuilds the process of the image carried by `medium` and holds it stopped.
-pub fn restore_held(
+fn restore_one(
     manager: &Manager,
     medium: &mut MediumBox,
+    inventory: Inventory,
+    inventory_bytes: u64,
     watchdog: &Watchdog,
     started: Instant,
     progress: &mut dyn FnMut(&Tick),
 ) -> Result<Held, EventError> {
-    let mut inventory_bytes = 0;
-    let pull = MediumPull { medium, stream: INVENTORY_STREAM };
-    let inventory = Inventory::read_from(&mut CountingPull { inner: pull, bytes: &mut inventory_bytes })?;
     let plan = Plan::from_inventory(&inventory)?;
     // Not for a migration: its source lives on until the destination's copy runs.
     await_original(&plan.process);
@@ -149,7 +170,7 @@ mod tests {
     use super::*;
 
     fn entry(pid: i32, start: String) -> ProcessEntry {
-        ProcessEntry { pid, tids: vec![pid], comm: "sleep".into(), scratch: 0, start, stopped: false }
+        ProcessEntry { pid, tids: vec![pid], comm: "sleep".into(), scratch: 0, start, stopped: false, parent: 0, streams: Vec::new(), shared_fds: Vec::new(), pgid: 0, sid: 0 }
     }
 
     fn sleeper() -> std::process::Child {

@@ -42,7 +42,7 @@ pub fn process_entry(tracer: &Tracer, scratch: u64) -> ProcessEntry {
     let pid = tracer.pid();
     let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default().trim().to_string();
     let start = target::start_stamp(pid).unwrap_or_default();
-    ProcessEntry { pid, tids: tracer.tids(), comm, scratch, start, stopped: tracer.group_stopped() }
+    ProcessEntry { pid, tids: tracer.tids(), comm, scratch, start, stopped: tracer.group_stopped(), parent: 0, streams: Vec::new(), shared_fds: Vec::new(), pgid: 0, sid: 0 }
 }
 
 /// Stops every thread of `pid` under the tracer, with the cgroup freezer first when asked.

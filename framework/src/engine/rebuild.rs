@@ -16,7 +16,7 @@ use crate::{
     engine::manager::Manager,
     engine::watchdog::Watchdog,
     image::{Inventory, PluginEntry, ProcessEntry, RecordReader, INVENTORY_STREAM},
-    kernel::clone::clone3_with_pid,
+    kernel::clone::{clone3_with_pid, CloneArgs},
     kernel::tracer::{Tracer, SCRATCH_SIZE},
 };
 
@@ -204,6 +204,68 @@ impl Blank {
         blank(tracer)
     }
 
+    /// A blank child of this blank process, with pid `want` where that is free: a
+    /// fork-like `clone3` (its `clone_args` and `set_tid` in the scratch area) injected
+    /// here. The new process runs the scratch area's recovery code on its way out of
+    /// the call, which sends it to a `pause` loop ferry wrote in the code page (the
+    /// saved registers point there for the call); ferry seizes it there. It inherits
+    /// this blank's state: no fd, no rseq, the kernel's areas and the scratch area, at
+    /// the same address. A restored process's children are made this way, so that they
+    /// are its own (`wait` works).
+    pub(crate) fn fork_child(&mut self, want: i32) -> Result<Blank, EventError> {
+        let tracer = self.tracer.as_mut().expect("a blank child has its tracer until taken");
+        let pid = tracer.pid();
+        let (scratch, _) = tracer.scratch().ok_or_else(|| EventError::Refused("no scratch area".into()))?;
+        let (args_at, _) = tracer.scratch_args().ok_or_else(|| EventError::Refused("no scratch area".into()))?;
+        let fail = |what: String| EventError::Refused(format!("making a child of restored process {pid}: {what}"));
+        // mov eax, SYS_pause; syscall; jmp back to the mov.
+        const PAUSE_LOOP: [u8; 9] = [0xb8, 0x22, 0x00, 0x00, 0x00, 0x0f, 0x05, 0xeb, 0xf7];
+        let stub = scratch + PAUSE_STUB;
+        tracer.poke(stub, &PAUSE_LOOP)?;
+        let saved = tracer.saved_regs(pid)?;
+        let mut regs = saved;
+        (regs.rip, regs.rsp, regs.orig_rax, regs.rax) = (stub, args_at + 2048, u64::MAX, 0);
+        tracer.set_saved_regs(pid, regs)?;
+        let attempt = |tracer: &mut Tracer, tid: i32| -> Result<i64, EventError> {
+            let size = std::mem::size_of::<CloneArgs>() as u64;
+            let mut args = CloneArgs { exit_signal: libc::SIGCHLD as u64, ..Default::default() };
+            if tid > 0 {
+                (args.set_tid, args.set_tid_size) = (args_at + size, 1);
+            }
+            // SAFETY: CloneArgs is plain old data of `size` bytes.
+            let mut bytes = unsafe { std::slice::from_raw_parts(&args as *const CloneArgs as *const u8, size as usize) }.to_vec();
+            bytes.extend_from_slice(&tid.to_le_bytes());
+            tracer.poke(args_at, &bytes)?;
+            Ok(tracer.inject(pid, libc::SYS_clone3, [args_at, size, 0, 0, 0, 0])?)
+        };
+        let mut r = attempt(tracer, want);
+        if matches!(r, Ok(e) if e < 0) {
+            r = attempt(tracer, 0);
+        }
+        tracer.set_saved_regs(pid, saved)?;
+        let child = match r? {
+            c if c > 0 => c as i32,
+            e => return Err(fail(format!("clone3: errno {}", -e))),
+        };
+        let mut seized = match Tracer::seize_owned(child) {
+            Ok(t) => t,
+            Err(e) => {
+                // SAFETY: the process was just made by this restore, in its pause loop.
+                unsafe { libc::kill(child, libc::SIGKILL) };
+                return Err(fail(format!("seizing it: {e}")));
+            }
+        };
+        seized.set_scratch(Some(scratch));
+        Ok(Blank { tracer: Some(seized), want })
+    }
+
+    /// A system call injected in the blank child (`setsid`, `setpgid`).
+    pub(crate) fn inject(&mut self, nr: i64, args: [u64; 6]) -> Result<i64, EventError> {
+        let tracer = self.tracer.as_mut().expect("a blank child has its tracer until taken");
+        let pid = tracer.pid();
+        Ok(tracer.inject(pid, nr, args)?)
+    }
+
     /// The child's pid.
     pub fn pid(&self) -> i32 {
         self.tracer.as_ref().map_or(0, |t| t.pid())
@@ -221,6 +283,10 @@ impl Drop for Blank {
         }
     }
 }
+
+/// Where [`Blank::fork_child`] writes its pause loop: in the scratch area's code page,
+/// after the injection site's code.
+const PAUSE_STUB: u64 = 0x800;
 
 /// Above it only `[vsyscall]`, which never moves.
 const USER_SPACE_END: u64 = 0x0000_8000_0000_0000;
@@ -461,6 +527,7 @@ fn check_plugins(manager: &Manager, plugins: &[PluginEntry]) -> Result<(), Event
 
 /// `counts_known`: the plan's plugin entries carry the records and bytes of each
 /// stream (an image's inventory) and each stream is checked as soon as it is read.
+#[allow(clippy::too_many_arguments)]
 pub fn rebuild(
     manager: &Manager,
     medium: &mut MediumBox,
@@ -470,6 +537,26 @@ pub fn rebuild(
     watchdog: &Watchdog,
     started: Instant,
     progress: &mut dyn FnMut(&Tick),
+) -> Result<Held, EventError> {
+    rebuild_with(manager, medium, plan, counts_known, child, watchdog, started, progress, &mut |_, _| Ok(()))
+}
+
+/// What ferry does in the process being rebuilt once plugin `name` has rebuilt its part
+/// (a process of a tree takes the descriptions it shares once the files are back).
+pub type AfterPlugin<'a> = dyn FnMut(&str, &mut Tracer) -> Result<(), EventError> + 'a;
+
+/// [`rebuild`], running `after` once each plugin has rebuilt its part.
+#[allow(clippy::too_many_arguments)]
+pub fn rebuild_with(
+    manager: &Manager,
+    medium: &mut MediumBox,
+    plan: &Plan,
+    counts_known: bool,
+    child: Option<Blank>,
+    watchdog: &Watchdog,
+    started: Instant,
+    progress: &mut dyn FnMut(&Tick),
+    after: &mut AfterPlugin<'_>,
 ) -> Result<Held, EventError> {
     check_plugins(manager, &plan.plugins)?;
     let process = &plan.process;
@@ -508,6 +595,7 @@ pub fn rebuild(
                 source.reader.check_against(entry)?;
             }
             counts.push((source.reader.records_read(), source.reader.bytes_read()));
+            after(&name, &mut tracer)?;
             stats.bytes += source.reader.bytes_read();
             page_bytes += source.page_bytes;
             // Post-copy's userfaultfd is made while the process still has ferry's

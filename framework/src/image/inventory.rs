@@ -46,6 +46,48 @@ pub struct ProcessEntry {
     /// stopped.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub stopped: bool,
+    /// The pid (in the image) of its parent when that is in the image too; 0 for the
+    /// process the request named (the root of the tree).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub parent: i32,
+    /// The streams of its records, one per plugin in the inventory's plugin order;
+    /// empty in a one-process image: every stream of the inventory is its.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub streams: Vec<u32>,
+    /// Its fds whose open file description an earlier process of the image holds too
+    /// (inherited over fork): restored there, and given to this one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shared_fds: Vec<SharedFd>,
+    /// In a tree: its process group and session (pids of the image); 0 in a
+    /// one-process image.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub pgid: i32,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub sid: i32,
+}
+
+/// Fd `fd` of a process is the open file description of fd `from_fd` of process
+/// `from` (pids and fds as in the image).
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SharedFd {
+    pub fd: i32,
+    pub from: i32,
+    pub from_fd: i32,
+}
+
+fn is_zero(v: &i32) -> bool {
+    *v == 0
+}
+
+impl ProcessEntry {
+    /// The plugin entries of this process's streams, in plugin order.
+    pub fn plugins<'a>(&self, inventory: &'a Inventory) -> Vec<&'a PluginEntry> {
+        if self.streams.is_empty() {
+            return inventory.plugins.iter().collect();
+        }
+        self.streams.iter().filter_map(|&s| inventory.plugin_for_stream(s)).collect()
+    }
 }
 
 impl Inventory {
@@ -196,6 +238,31 @@ impl Inventory {
         for p in &self.processes {
             if p.pid <= 0 {
                 return bad(format!("process `{}` has pid {}", p.comm, p.pid));
+            }
+        }
+        if self.processes.len() > 1 {
+            // A tree: each process has its own streams, the same plugins in the same
+            // order, and a parent in the image (all but the first, the root).
+            let names: Vec<&str> = self.processes[0].plugins(self).iter().map(|e| e.name.as_str()).collect();
+            let mut owned = HashSet::new();
+            for (i, p) in self.processes.iter().enumerate() {
+                let mine: Vec<&str> = p.plugins(self).iter().map(|e| e.name.as_str()).collect();
+                if p.streams.len() != mine.len() || mine != names {
+                    return bad(format!("process {}'s streams {:?} are not one per plugin {names:?}", p.pid, p.streams));
+                }
+                if let Some(s) = p.streams.iter().find(|&&s| !owned.insert(s)) {
+                    return bad(format!("stream {s} is claimed by two processes (one is {})", p.pid));
+                }
+                if let Some(f) = p.shared_fds.iter().find(|f| !self.processes[..i].iter().any(|q| q.pid == f.from)) {
+                    return bad(format!("process {}'s fd {} comes from process {}, not an earlier process of the image", p.pid, f.fd, f.from));
+                }
+                let parent_in = self.processes[..i].iter().any(|q| q.pid == p.parent);
+                if (i == 0) != (p.parent == 0) || (i > 0 && !parent_in) {
+                    return bad(format!("process {} has parent {}, not an earlier process of the image", p.pid, p.parent));
+                }
+            }
+            if owned.len() != self.plugins.len() {
+                return bad(format!("{} streams listed, {} claimed by the processes", self.plugins.len(), owned.len()));
             }
         }
         Ok(())

@@ -103,12 +103,32 @@ pub fn render_text(v: &Value) -> String {
             .flatten()
             .map(|t| t.to_string())
             .collect();
+        let parent = match p.get("parent").and_then(Value::as_i64) {
+            Some(pp) if pp != 0 => format!(", child of {pp}"),
+            _ => String::new(),
+        };
+        let streams: Vec<String> = p
+            .get("streams")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .map(|t| t.to_string())
+            .collect();
+        let streams = if streams.is_empty() { String::new() } else { format!(", streams {}", streams.join(" ")) };
         out.push_str(&format!(
-            "process {} `{}`, threads {}\n",
+            "process {} `{}`{parent}, threads {}{streams}\n",
             s(p, "pid"),
             s(p, "comm"),
             tids.join(" ")
         ));
+        for f in p.get("shared_fds").and_then(Value::as_array).into_iter().flatten() {
+            out.push_str(&format!(
+                "  fd {} is {}'s fd {} (one open file description)\n",
+                s(f, "fd"),
+                s(f, "from"),
+                s(f, "from_fd")
+            ));
+        }
     }
 
     for st in v

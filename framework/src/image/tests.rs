@@ -51,6 +51,11 @@ fn inventory() -> Inventory {
             scratch: 0x7f00_0000_0000,
             start: "b0a7/1234".into(),
             stopped: false,
+            parent: 0,
+            streams: Vec::new(),
+            shared_fds: Vec::new(),
+            pgid: 0,
+            sid: 0,
         }],
     }
 }
@@ -92,6 +97,51 @@ fn inventory_round_trip() {
         Some("threads")
     );
     assert!(inv.plugin_for_stream(3).is_none());
+}
+
+/// A tree of two: the sample's process and a child of it, each with its two streams.
+fn tree() -> Inventory {
+    let mut inv = inventory();
+    inv.processes[0].streams = vec![1, 2];
+    let mut child = inv.processes[0].clone();
+    (child.pid, child.tids, child.parent, child.streams) = (4250, vec![4250], 4242, vec![3, 4]);
+    inv.processes.push(child);
+    for (name, stream) in [("memory", 3), ("threads", 4)] {
+        let mut e = inv.plugins[(stream - 3) as usize].clone();
+        (e.name, e.stream) = (name.into(), stream);
+        inv.plugins.push(e);
+    }
+    inv
+}
+
+#[test]
+fn a_tree_lists_each_process_with_its_parent_and_streams() {
+    let inv = tree();
+    let back = Inventory::decode(&inv.encode().unwrap()).unwrap();
+    assert_eq!(back, inv);
+    let streams: Vec<u32> = back.processes[1].plugins(&back).iter().map(|e| e.stream).collect();
+    assert_eq!((back.processes[1].parent, streams), (4242, vec![3, 4]));
+    // Not a tree: a stream twice, a parent outside the image, a root with a parent,
+    // a process without its streams.
+    let refused = |inv: Inventory, what: &str| {
+        let e = inv.encode().expect_err(what).to_string();
+        assert!(e.contains(what), "{e}");
+    };
+    let mut bad = tree();
+    bad.processes[1].streams = vec![1, 2];
+    refused(bad, "stream 1 is claimed by two processes");
+    let mut bad = tree();
+    bad.processes[1].parent = 77;
+    refused(bad, "process 4250 has parent 77");
+    let mut bad = tree();
+    bad.processes[0].parent = 4250;
+    refused(bad, "process 4242 has parent 4250");
+    let mut bad = tree();
+    bad.processes[1].streams = vec![3];
+    refused(bad, "process 4250's streams [3]");
+    // A one-process image names no parent and no streams.
+    let one = String::from_utf8_lossy(&inventory().encode().unwrap()).to_string();
+    assert!(!one.contains("\"parent\"") && !one.contains("\"streams\""), "{one}");
 }
 
 #[test]

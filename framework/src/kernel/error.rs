@@ -17,6 +17,8 @@ pub enum TraceError {
     Thread { tid: pid_t, message: String },
     #[error("memory of process {pid} at {addr:#x}: {message}")]
     Memory { pid: pid_t, addr: u64, message: String },
+    #[error("process {pid} has a child {child} ({what}): {why}")]
+    HasChild { pid: pid_t, child: pid_t, what: String, why: String },
     #[error("process {pid} exited during the event{how}")]
     Gone { pid: pid_t, how: String },
 }

@@ -1,7 +1,8 @@
 //! What talks to the kernel about the target process: the tracer (seize, inject,
 //! read and write memory), the cgroup freezer, userfaultfd and `PAGEMAP_SCAN`
 //! definitions, dirty-page tracking, `clone3`, and the feature probes behind
-//! `ferry check`. Nothing here knows about plugins, images or the network.
+//! `ferry check`, and the tree of a process (found, frozen, checked for what its
+//! processes share). Nothing here knows about plugins, images or the network.
 
 pub(crate) mod clone;
 pub mod dirty;
@@ -12,4 +13,5 @@ pub(crate) mod mounts;
 pub mod target;
 pub mod probes;
 pub mod tracer;
+pub mod tree;
 pub(crate) mod uffd;

@@ -35,6 +35,52 @@ pub fn task_ids(pid: pid_t) -> Result<Vec<pid_t>, TraceError> {
     Ok(tids)
 }
 
+/// The children of process `pid`, in pid order: those of each of its threads
+/// (`/proc/PID/task/TID/children` lists a thread's children running, stopped or zombie).
+/// Without those files (a kernel built without `CONFIG_PROC_CHILDREN`), every process
+/// whose parent is `pid` is found in `/proc`.
+pub fn children(pid: pid_t) -> Vec<pid_t> {
+    let mut kids: Vec<pid_t> = Vec::new();
+    let mut listed = false;
+    for tid in task_ids(pid).unwrap_or_default() {
+        if let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/children")) {
+            listed = true;
+            kids.extend(text.split_whitespace().filter_map(|p| p.parse::<pid_t>().ok()));
+        }
+    }
+    if !listed && std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        let entries = std::fs::read_dir("/proc").into_iter().flatten().flatten();
+        kids.extend(entries.filter_map(|e| {
+            let p: pid_t = e.file_name().to_str()?.parse().ok()?;
+            // Field 4 of stat, the second after the name: the parent's pid.
+            (stat_fields(p)?.get(1)?.parse::<pid_t>().ok()? == pid).then_some(p)
+        }));
+    }
+    kids.sort_unstable();
+    kids.dedup();
+    kids
+}
+
+/// Why a migration refuses a process with a child.
+pub const TREES_NOT_MIGRATED: &str =
+    "process trees are not carried yet by a migration (a checkpoint takes the tree); ferry migrates a process only while it has no child (running, stopped, or a zombie not yet reaped)";
+
+/// Refuses a process that has a child, saying `why`: a child left behind would lose its
+/// parent (the copy's `wait` would find no child). Checked before the process is
+/// touched, and again once it is frozen (a child forked in between).
+pub fn check_childless(pid: pid_t, why: &str) -> Result<(), TraceError> {
+    let Some(&child) = children(pid).first() else { return Ok(()) };
+    let comm = std::fs::read_to_string(format!("/proc/{child}/comm")).map(|c| c.trim().to_string());
+    let state = stat_fields(child).and_then(|f| f.first().cloned()).unwrap_or_default();
+    let what = match (comm, state.as_str()) {
+        (Ok(c), "Z" | "X") => format!("{c}, a zombie"),
+        (Ok(c), "T" | "t") => format!("{c}, stopped"),
+        (Ok(c), _) => c,
+        (Err(_), _) => "gone as it was seen".into(),
+    };
+    Err(TraceError::HasChild { pid, child, what, why: why.to_string() })
+}
+
 /// Refuses targets that cannot be checkpointed, with the reason.
 pub fn check_target(pid: pid_t) -> Result<(), TraceError> {
     if pid <= 0 {

@@ -1,0 +1,195 @@
+//! A process and its descendants: found from `/proc/PID/task/*/children`, frozen
+//! together, and checked for what they share: open file descriptions (carried: found
+//! here), and what ferry does not carry between processes yet (a pipe between two of
+//! them, shared anonymous memory, an address space, fd table or signal handlers, a
+//! process group or session other than the parent's).
+
+use std::os::unix::fs::MetadataExt;
+
+use libc::pid_t;
+
+use super::{
+    error::TraceError,
+    target::{children, stat_fields},
+    tracer::Tracer,
+};
+
+/// Every process of the tree of `root` under the tracer, parents before their
+/// children, each with its parent's pid (0 for the root). Each process is seized and
+/// stopped before its children are looked for, so none of the tree forks or leaves
+/// unseen: a child forked before its parent stopped is found once the parent is; one
+/// that exited is a zombie its stopped parent cannot reap, and refused. On failure
+/// every process seized so far is let go as it was.
+pub fn freeze_tree(root: pid_t) -> Result<Vec<(Tracer, pid_t)>, TraceError> {
+    let mut frozen: Vec<(Tracer, pid_t)> = vec![(Tracer::seize(root)?, 0)];
+    crate::fault::pause("tree-root-frozen");
+    let mut next = 0;
+    while next < frozen.len() {
+        let parent = frozen[next].0.pid();
+        next += 1;
+        for child in children(parent) {
+            let state = stat_fields(child).and_then(|f| f.first().cloned()).unwrap_or_default();
+            let taken = if state == "Z" || state == "X" {
+                Err(TraceError::HasChild { pid: parent, child, what: "a zombie".into(), why: "zombies are not carried yet".into() })
+            } else {
+                Tracer::seize(child)
+            };
+            match taken {
+                Ok(t) => frozen.push((t, parent)),
+                Err(e) => {
+                    let_go(frozen);
+                    return Err(e);
+                }
+            }
+        }
+    }
+    Ok(frozen)
+}
+
+/// Lets every process of a frozen tree go, as it was.
+pub fn let_go(frozen: Vec<(Tracer, pid_t)>) {
+    for (t, _) in frozen.into_iter().rev() {
+        let _ = t.detach();
+    }
+}
+
+/// `kcmp(a, b, kind, x, y)`: 0 when the two share the object.
+fn kcmp(a: pid_t, b: pid_t, kind: i64, x: i64, y: i64) -> i64 {
+    // SAFETY: kcmp takes integers only.
+    unsafe { libc::syscall(libc::SYS_kcmp, a, b, kind, x, y) }
+}
+
+const KCMP_FILE: i64 = 0;
+const KCMP_VM: i64 = 1;
+const KCMP_FILES: i64 = 2;
+const KCMP_SIGHAND: i64 = 4;
+
+/// The fds of `pid` with the device and inode of what each is open on.
+fn fds(pid: pid_t) -> Vec<(i64, u64, u64, u32)> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return Vec::new() };
+    dir.flatten()
+        .filter_map(|e| {
+            let fd: i64 = e.file_name().to_str()?.parse().ok()?;
+            let m = std::fs::metadata(e.path()).ok()?;
+            Some((fd, m.dev(), m.ino(), m.mode() & libc::S_IFMT))
+        })
+        .collect()
+}
+
+/// The shared anonymous mappings of `pid` (`/dev/zero (deleted)`, memfds, SysV
+/// segments): (inode, start).
+fn shared_anon(pid: pid_t) -> Vec<(u64, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let (range, perms, inode, path) = (f.first()?, f.get(1)?, f.get(4)?, f.get(5).copied().unwrap_or(""));
+            let anon = path == "/dev/zero" || path.starts_with("/memfd:") || path.starts_with("/SYSV");
+            (perms.ends_with('s') && anon).then(|| Some((inode.parse().ok()?, u64::from_str_radix(range.split('-').next()?, 16).ok()?)))?
+        })
+        .collect()
+}
+
+/// An fd of a process of the tree whose open file description an earlier process
+/// holds too: (process, fd, earlier process, its fd).
+pub type Shared = (pid_t, i32, pid_t, i32);
+
+/// Finds the open file descriptions shared between processes of the tree (`pids`,
+/// parents first), each answered once per holder after the first, with the first; and
+/// refuses what ferry carries only within one process, with one line naming both
+/// processes and the resource: a shared socket or locked description, a pipe between
+/// two of them, shared anonymous memory, an address space, fd table or signal handlers.
+pub fn check_shared(pids: &[pid_t]) -> Result<Vec<Shared>, TraceError> {
+    let refuse = |pid: pid_t, why: String| Err(TraceError::Unsuitable { pid, why });
+    let fds: Vec<Vec<(i64, u64, u64, u32)>> = pids.iter().map(|&p| fds(p)).collect();
+    let anon: Vec<Vec<(u64, u64)>> = pids.iter().map(|&p| shared_anon(p)).collect();
+    let mut shared = Vec::new();
+    for (j, &b) in pids.iter().enumerate() {
+        for (i, &a) in pids[..j].iter().enumerate() {
+            for (kind, what) in [(KCMP_VM, "its address space (vfork or CLONE_VM)"), (KCMP_FILES, "its fd table (CLONE_FILES)"), (KCMP_SIGHAND, "its signal handlers (CLONE_SIGHAND)")] {
+                if kcmp(a, b, kind, 0, 0) == 0 {
+                    return refuse(b, format!("sharing {what} with process {a}, which ferry does not carry between processes yet"));
+                }
+            }
+            if let Some(&(_, at)) = anon[j].iter().find(|m| anon[i].iter().any(|n| n.0 == m.0)) {
+                return refuse(b, format!("sharing the shared anonymous memory at {at:#x} with process {a}; memory shared between processes is not carried yet"));
+            }
+        }
+        for &(fd, dev, ino, kind) in &fds[j] {
+            // The first process (parents first) that holds the same description; else
+            // a pipe's other end elsewhere in the tree.
+            let mut other_end = None;
+            let mut first = None;
+            'earlier: for (i, &a) in pids[..j].iter().enumerate() {
+                for f in fds[i].iter().filter(|f| (f.1, f.2) == (dev, ino)) {
+                    if kcmp(a, b, KCMP_FILE, f.0, fd) == 0 {
+                        first = Some((a, f.0));
+                        break 'earlier;
+                    }
+                    other_end.get_or_insert((a, f.0));
+                }
+            }
+            match (first, other_end) {
+                (Some((a, afd)), _) => {
+                    // A lock belongs to the description (flock, OFD): each process's
+                    // files plugin would take it again, the second against the first.
+                    // A socket: each process's files plugin would bind it again (the
+                    // second against the first, or replacing its socket file).
+                    if kind == libc::S_IFSOCK {
+                        return refuse(b, format!("sharing fd {fd}'s socket with process {a} (its fd {afd}); sockets shared between processes are not carried yet"));
+                    }
+                    let info = std::fs::read_to_string(format!("/proc/{b}/fdinfo/{fd}")).unwrap_or_default();
+                    if info.lines().any(|l| l.starts_with("lock:")) {
+                        return refuse(b, format!("sharing fd {fd}'s open file description, which holds a lock, with process {a} (its fd {afd}); locks on a description shared between processes are not carried yet"));
+                    }
+                    shared.push((b, fd as i32, a, afd as i32))
+                }
+                (None, Some((a, afd))) if kind == libc::S_IFIFO => {
+                    return refuse(b, format!("holding a pipe (fd {fd}) whose other end process {a} holds (its fd {afd}); pipes between processes are not carried yet"));
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(shared)
+}
+
+/// The process group and session of `pid` (fields 5 and 6 of its stat).
+pub fn group_and_session(pid: pid_t) -> Option<(pid_t, pid_t)> {
+    let f = stat_fields(pid)?;
+    Some((f.get(2)?.parse().ok()?, f.get(3)?.parse().ok()?))
+}
+
+/// Refuses a tree (parents first, each with its parent) whose process groups and
+/// sessions a restore cannot make again from its own processes. A restored child is
+/// forked from its parent, in its group and session; it may then start a session of
+/// its own (`setsid`), a group of its own, or join the group of a process of the tree
+/// made before it (`setpgid`), in that session — a shell's jobs under job control, a
+/// pipeline's members. A group or session led by a process outside the tree, or one
+/// whose leader comes later, is refused; so is a child that tells its parent of its
+/// death by another signal than SIGCHLD.
+pub fn check_groups(tree: &[(pid_t, pid_t)]) -> Result<(), TraceError> {
+    let ids: Vec<Option<(pid_t, pid_t)>> = tree.iter().map(|&(p, _)| group_and_session(p)).collect();
+    for (k, &(pid, parent)) in tree.iter().enumerate().filter(|(_, t)| t.1 != 0) {
+        // Field 38, the signal the parent gets at its death: a restored child is
+        // forked with SIGCHLD.
+        let exit_signal = stat_fields(pid).and_then(|f| f.get(35)?.parse::<i32>().ok()).unwrap_or(libc::SIGCHLD);
+        if exit_signal != libc::SIGCHLD {
+            return Err(TraceError::Unsuitable { pid, why: format!("a child whose parent, process {parent}, gets signal {exit_signal} at its death, not SIGCHLD, which ferry does not carry yet") });
+        }
+        let theirs = tree.iter().position(|t| t.0 == parent).and_then(|i| ids[i]);
+        let (Some((pgid, sid)), Some((parent_pgid, parent_sid))) = (ids[k], theirs) else { continue };
+        let earlier_leader = tree[..k].iter().zip(&ids).any(|(t, i)| t.0 == pgid && *i == Some((pgid, sid)));
+        let session_ok = sid == parent_sid || sid == pid;
+        let group_ok = pgid == parent_pgid || pgid == pid || earlier_leader;
+        if !(session_ok && group_ok) {
+            return Err(TraceError::Unsuitable {
+                pid,
+                why: format!(
+                    "in process group {pgid} of session {sid}, and its parent, process {parent}, in group {parent_pgid} of session {parent_sid}: a group or session led from outside the tree is not carried yet"
+                ),
+            });
+        }
+    }
+    Ok(())
+}
