@@ -72,11 +72,13 @@ pub struct WorkloadOpts {
     pub shared_twice: bool,
     /// Hold POSIX, lockf, OFD and flock locks on files in its directory (`--locks`).
     pub locks: bool,
+    /// More flags, as they are (`--del-cwd`, `--chroot`, …: see the workload).
+    pub extra: Vec<&'static str>,
 }
 
 impl Default for WorkloadOpts {
     fn default() -> Self {
-        WorkloadOpts { mem_mib: 1, threads: 0, files: true, tick_ms: 20, dirty_pages: 0, churn: false, move_mem: false, fork_check: false, rseq: false, process_state: false, seccomp: false, shared_anon: false, event_fds: false, listen: false, creds: false, mm_flags: false, mm_sealed: false, shared_twice: false, locks: false }
+        WorkloadOpts { mem_mib: 1, threads: 0, files: true, tick_ms: 20, dirty_pages: 0, churn: false, move_mem: false, fork_check: false, rseq: false, process_state: false, seccomp: false, shared_anon: false, event_fds: false, listen: false, creds: false, mm_flags: false, mm_sealed: false, shared_twice: false, locks: false, extra: Vec::new() }
     }
 }
 
@@ -158,6 +160,7 @@ impl Workload {
             (opts.locks, "--locks"),
         ];
         cmd.args(flags.iter().filter(|f| f.0).map(|f| f.1));
+        cmd.args(&opts.extra);
         Self::start(cmd, dir)
     }
 

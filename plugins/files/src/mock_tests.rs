@@ -290,7 +290,7 @@ fn raw(kind: &str, b: &[u8]) -> Record {
 fn header(descriptions: u64, pipes: u64) -> Record {
     json(
         KIND_HEADER,
-        &Header { format: FORMAT, cwd: "/work".into(), root: "/".into(), umask: 0o27, descriptions, pipes },
+        &Header { format: FORMAT, cwd: "/work".into(), root: "/".into(), umask: 0o27, descriptions, pipes, cwd_deleted: None },
     )
 }
 
@@ -504,6 +504,7 @@ fn bad_images_are_refused() {
         umask: 0,
         descriptions: 0,
         pipes: 0,
+        cwd_deleted: None,
     })
     .unwrap();
     h["extra"] = 1.into();

@@ -16,6 +16,9 @@ use ferry_plugin_api::{
     ContextRef, Progress, RecordFormat, SourceRef, Status,
 };
 
+#[path = "restore_gone.rs"]
+mod gone;
+
 use crate::{
     checkpoint::object_name,
     locks::Lock,
@@ -286,7 +289,8 @@ pub struct Restore {
     /// Locks to take last, once no fd of their files will be closed again: the fd to
     /// take them through, its label, the locks.
     locks: Vec<(i32, String, Vec<Lock>)>,
-    /// Files created in the child and not unlinked yet (removed by cleanup on failure).
+    /// Files, directories and nodes created in the child and not removed yet (removed
+    /// by cleanup on failure).
     pub created: Vec<String>,
     finished: bool,
     pub status: Status,
@@ -494,7 +498,7 @@ impl Restore {
                 }
                 self.finish_socket(ctx, &what, &desc, fd, h)?;
             }
-            Object::UnixSocket { sock_type, addr, mode, peer, backlog } => {
+            Object::UnixSocket { sock_type, addr, mode, peer, backlog, unlinked } => {
                 let fd = sys(ctx, &format!("{what}: socket"), libc::SYS_socket, [libc::AF_UNIX as u64, (*sock_type | libc::SOCK_CLOEXEC) as u64, 0, 0, 0, 0])? as i32;
                 let h = self.placer.adopt(fd);
                 let mut scratch = Scratch::new(ctx);
@@ -513,9 +517,22 @@ impl Restore {
                             sys(ctx, &format!("{what}: removing its old socket file"), libc::SYS_unlinkat, [libc::AT_FDCWD as u64, path, 0, 0, 0, 0])?;
                         }
                     }
-                    sys(ctx, &format!("{what}: bind"), libc::SYS_bind, [fd_arg(fd), at, bytes.len() as u64, 0, 0, 0])?;
+                    let tid = ctx.pid();
+                    let r = syscall_raw(ctx, tid, libc::SYS_bind, [fd_arg(fd), at, bytes.len() as u64, 0, 0, 0])?;
+                    if r == -(libc::EADDRINUSE as i64) && *unlinked {
+                        return Err(format!(
+                            "restored process {tid}: {what}: its name, whose file the process had removed, is taken: bound again only where it is free"
+                        ));
+                    }
+                    if r < 0 {
+                        return Err(format!("{what}: bind: {}", std::io::Error::from_raw_os_error(-r as i32)));
+                    }
                     if let (Some(path), Some(mode)) = (path, mode) {
                         sys(ctx, &format!("{what}: chmod {mode:o}"), libc::SYS_fchmodat, [libc::AT_FDCWD as u64, path, *mode as u64, 0, 0, 0])?;
+                    }
+                    if *unlinked {
+                        // Bound to the name with no file, as the process left it.
+                        sys(ctx, &format!("{what}: removing the socket file of its bind"), libc::SYS_unlinkat, [AT_FDCWD, at + 2, 0, 0, 0, 0])?;
                     }
                 }
                 if let Some(backlog) = backlog {
@@ -590,8 +607,11 @@ impl Restore {
                 self.placer.release(ctx, h)?;
                 self.status.entities_done += 1;
             }
+            Object::DeletedDir { .. } | Object::DeletedDevice { .. } => self.start_gone(ctx, &what, &desc)?,
             Object::Deleted { path, ino, data_len: Some(n), .. } => {
-                let (fd, at) = self.create_deleted(ctx, &what, path, *ino)?;
+                let flags = (libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC | libc::O_NOCTTY) as u32;
+                let (fd, at) = self.make_beside(ctx, &what, "the deleted file", path, *ino, |ctx, at| open_raw(ctx, at, flags, 0o600))?;
+                let fd = fd as i32;
                 let h = self.placer.adopt(fd);
                 let remaining = *n;
                 self.pending =
@@ -612,35 +632,6 @@ impl Restore {
             }
         }
         Ok(())
-    }
-
-    /// Creates the file of a deleted description at its path, or beside it when the
-    /// path is taken; answers the child's fd (write-only) and the path used.
-    fn create_deleted(
-        &mut self,
-        ctx: &mut ContextRef<'_>,
-        what: &str,
-        path: &str,
-        ino: u64,
-    ) -> Result<(i32, String), String> {
-        let flags = (libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC | libc::O_NOCTTY) as u32;
-        let (dir, _) = path.rsplit_once('/').ok_or_else(|| format!("{what}: path {path} has no directory"))?;
-        for attempt in 0..16u32 {
-            let at = if attempt == 0 { path.to_string() } else { format!("{dir}/.ferry-deleted-{ino}-{attempt}") };
-            let r = open_raw(ctx, &at, flags, 0o600)?;
-            if r == -(libc::EEXIST as i64) {
-                continue;
-            }
-            if r < 0 {
-                return Err(format!(
-                    "{what}: recreating the deleted file at {at}: {}",
-                    std::io::Error::from_raw_os_error(-r as i32)
-                ));
-            }
-            self.created.push(at.clone());
-            return Ok((r as i32, at));
-        }
-        Err(format!("{what}: no free name to recreate the deleted file beside {path}"))
     }
 
     fn start_pipe(&mut self, ctx: &mut ContextRef<'_>, rec: PipeRec) -> Result<(), String> {
@@ -849,16 +840,11 @@ impl Restore {
         }
         for (epfd, what, watches) in std::mem::take(&mut self.epolls) {
             for w in watches {
-                if !self.placed_fd(w.fd) {
-                    return Err(format!("{what}: it watches fd {}, which the image does not have", w.fd));
+                let holder = w.file.unwrap_or(w.fd);
+                if !self.placed_fd(holder) {
+                    return Err(format!("{what}: it watches fd {holder}, which the image does not have"));
                 }
-                // struct epoll_event is packed on x86_64: events, then data.
-                let mut ev = w.events.to_le_bytes().to_vec();
-                ev.extend_from_slice(&w.data.to_le_bytes());
-                let mut scratch = Scratch::new(ctx);
-                let at = scratch.put(ctx, &ev)?;
-                const EPOLL_CTL_ADD: u64 = 1;
-                sys(ctx, &format!("{what}: watching fd {}", w.fd), libc::SYS_epoll_ctl, [fd_arg(epfd), EPOLL_CTL_ADD, fd_arg(w.fd), at, 0, 0])?;
+                self.add_watch(ctx, epfd, &what, &w)?;
             }
         }
         for (fd, what, locks) in std::mem::take(&mut self.locks) {
@@ -869,9 +855,14 @@ impl Restore {
                 take_lock(ctx, fd, &what, &lock)?;
             }
         }
+        match h.cwd_deleted {
+            Some(gone) => self.enter_gone_cwd(ctx, &h.cwd, &gone)?,
+            None => {
+                let addr = Scratch::new(ctx).cstr(ctx, &h.cwd)?;
+                sys(ctx, &format!("chdir to the working directory {}", h.cwd), libc::SYS_chdir, [addr, 0, 0, 0, 0, 0])?;
+            }
+        }
         let mut scratch = Scratch::new(ctx);
-        let addr = scratch.cstr(ctx, &h.cwd)?;
-        sys(ctx, &format!("chdir to the working directory {}", h.cwd), libc::SYS_chdir, [addr, 0, 0, 0, 0, 0])?;
         if h.root != "/" {
             let addr = scratch.cstr(ctx, &h.root)?;
             sys(ctx, &format!("chroot to the root directory {}", h.root), libc::SYS_chroot, [addr, 0, 0, 0, 0, 0])?;
@@ -892,7 +883,9 @@ impl Restore {
     /// unlinked yet (the child shares ferry's view of the file system).
     pub fn cleanup(&mut self) {
         for path in self.created.drain(..) {
-            let _ = std::fs::remove_file(&path);
+            if std::fs::remove_file(&path).is_err() {
+                let _ = std::fs::remove_dir(&path);
+            }
         }
     }
 }
