@@ -239,8 +239,17 @@ fn a_removed_working_directory_whose_parent_is_gone_too_is_refused_with_one_line
     let tmp = tempfile::tempdir().unwrap();
     let ready = tmp.path().join("ready");
     let code = "import os, sys, time\nd = sys.argv[1]\nos.makedirs(d + '/a/b')\nos.chdir(d + '/a/b')\nos.rmdir(d + '/a/b')\nos.rmdir(d + '/a')\nopen(sys.argv[2], 'w').close()\nwhile True:\n    time.sleep(0.01)\n";
-    let mut py = Command::new("python3").args(["-c", code]).arg(tmp.path()).arg(&ready).stdin(Stdio::null()).spawn().unwrap();
-    let pid = py.id() as i32;
+    let py = Command::new("python3")
+        .args(["-c", code])
+        .arg(tmp.path())
+        .arg(&ready)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let py = Killed(py);
+    let pid = py.0.id() as i32;
     wait_until("python in a removed directory", Duration::from_secs(30), || ready.exists());
     let img = tmp.path().join("img");
     let o = ferry(&["checkpoint", &pid.to_string(), "--dir", img.to_str().unwrap()]);
@@ -248,6 +257,14 @@ fn a_removed_working_directory_whose_parent_is_gone_too_is_refused_with_one_line
     fails_with(&o, &[&format!("process {pid}"), "working directory", &format!("parent directory {parent} is gone too")]);
     assert!(pid_alive(pid), "python died");
     assert!(!img.exists(), "a refused checkpoint writes nothing");
-    let _ = py.kill();
-    let _ = py.wait();
+}
+
+/// A child killed (and reaped) when dropped, a failed assertion or not.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
