@@ -599,6 +599,15 @@ mod tests {
         assert!(sock(libc::SOCK_SEQPACKET, Some(abstract_.clone()), None, None, Some(8)).is_ok());
         assert!(sock(libc::SOCK_DGRAM, None, None, Some(path.clone()), None).is_ok());
         assert!(sock(libc::SOCK_DGRAM, None, None, None, None).is_ok(), "an unnamed datagram socket");
+        let unlinked = |addr: &String, mode| {
+            let mut d = path_desc(&[3]);
+            let (addr, backlog) = (Some(addr.clone()), Some(8));
+            d.object = Object::UnixSocket { sock_type: libc::SOCK_STREAM, addr, mode, peer: None, backlog, unlinked: true };
+            d.validate(&mut HashSet::new())
+        };
+        assert!(unlinked(&path, None).is_ok(), "a path whose file was removed");
+        assert!(unlinked(&path, Some(0o600)).is_err(), "a mode for a file that is gone");
+        assert!(unlinked(&abstract_, None).is_err(), "an abstract name has no file to remove");
         for (t, addr, mode, peer, backlog) in [
             (libc::SOCK_STREAM, Some(path.clone()), None, None, Some(8)),      // a path without its mode
             (libc::SOCK_STREAM, Some(abstract_.clone()), Some(0o600), None, Some(8)), // a mode for no file
@@ -612,6 +621,41 @@ mod tests {
         ] {
             assert!(sock(t, addr.clone(), mode, peer.clone(), backlog).is_err(), "{t} {addr:?} {mode:?} {peer:?} {backlog:?}");
         }
+    }
+
+    #[test]
+    fn removed_things_are_checked() {
+        let mut d = path_desc(&[3]);
+        let dir = |mode| Object::DeletedDir { path: "/tmp/gone".into(), dev: 1, ino: 2, mode, uid: 0, gid: 0 };
+        let node = |mode| Object::DeletedDevice { path: "/tmp/zero".into(), dev: 1, ino: 2, mode, rdev: 0x105, uid: 0, gid: 0 };
+        for (object, ok) in [
+            (dir(libc::S_IFDIR | 0o755), true),
+            (dir(libc::S_IFREG | 0o644), false),
+            (node(libc::S_IFCHR | 0o640), true),
+            (node(libc::S_IFBLK | 0o600), true),
+            (node(libc::S_IFDIR | 0o600), false),
+        ] {
+            d.object = object;
+            assert_eq!(d.validate(&mut HashSet::new()).is_ok(), ok, "{:?}", d.object);
+            assert_eq!(d.data_len(), 0);
+        }
+        d.object = Object::DeletedDir { path: "gone".into(), dev: 1, ino: 2, mode: libc::S_IFDIR, uid: 0, gid: 0 };
+        assert!(d.validate(&mut HashSet::new()).unwrap_err().contains("not absolute"));
+        // A watch moved to another fd names one, not its own number.
+        let watch = |file| Object::Epoll { watches: vec![Watch { fd: 7, events: 1, data: 9, file }] };
+        for (file, ok) in [(None, true), (Some(8), true), (Some(7), false), (Some(-1), false)] {
+            d.object = watch(file);
+            assert_eq!(d.validate(&mut HashSet::new()).is_ok(), ok, "{file:?}");
+        }
+        // Images of before: no `file`, no `unlinked`, no `cwd_deleted`.
+        let w: Watch = serde_json::from_str(r#"{"fd":7,"events":1,"data":9}"#).unwrap();
+        assert_eq!(w.file, None);
+        assert!(!serde_json::to_string(&w).unwrap().contains("file"));
+        let h: Header = serde_json::from_str(r#"{"format":1,"cwd":"/","root":"/","umask":18,"descriptions":0,"pipes":0}"#).unwrap();
+        assert_eq!(h.cwd_deleted, None);
+        let gone = |mode| Header { cwd_deleted: Some(GoneDir { dev: 1, ino: 2, mode, uid: 0, gid: 0 }), ..h.clone() };
+        assert!(gone(libc::S_IFDIR | 0o700).validate().is_ok());
+        assert!(gone(libc::S_IFREG | 0o700).validate().unwrap_err().contains("not a directory"));
     }
 
     #[test]

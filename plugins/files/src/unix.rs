@@ -166,7 +166,7 @@ fn address(pid: i32, name: &[u8], vfs_ino: Option<u32>) -> Result<(Vec<u8>, Opti
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => (None, true),
                 Err(e) => return Err(format!("bound to {path}, which cannot be looked at ({e})")),
                 Ok(st) => {
-                    let ours = vfs_ino.map_or(true, |i| std::os::unix::fs::MetadataExt::ino(&st) as u32 == i);
+                    let ours = vfs_ino.is_none_or(|i| std::os::unix::fs::MetadataExt::ino(&st) as u32 == i);
                     if !std::os::unix::fs::FileTypeExt::is_socket(&st.file_type()) || !ours {
                         return Err(format!("bound to {path}, whose socket file was removed and the name given to another file"));
                     }
