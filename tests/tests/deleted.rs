@@ -116,7 +116,7 @@ fn removed_directories_devices_and_socket_files_and_a_chroot_come_back_after_a_r
 }
 
 #[test]
-fn a_socket_name_taken_meanwhile_fails_the_restore_with_one_line_and_a_free_one_restores() {
+fn a_socket_name_taken_is_refused_with_one_line_and_a_free_one_restores() {
     if !needs_root(ROOT) {
         return;
     }
@@ -125,14 +125,21 @@ fn a_socket_name_taken_meanwhile_fails_the_restore_with_one_line_and_a_free_one_
     let tmp = tempfile::tempdir().unwrap();
     let img = tmp.path().join("img");
     let old = w.pid;
+    // Taken before the checkpoint: refused there, the process left running.
+    let taken = w.files_dir().join("gone-listen");
+    std::fs::write(&taken, "someone else's").unwrap();
+    let o = ferry(&["checkpoint", &old.to_string(), "--dir", img.to_str().unwrap()]);
+    fails_with(&o, &[&format!("process {old}"), &taken.display().to_string(), "the name given to another file"]);
+    assert!(!img.exists(), "a refused checkpoint writes nothing");
+    assert!(pid_alive(old), "the source died");
+    std::fs::remove_file(&taken).unwrap();
     let o = ferry(&["checkpoint", &old.to_string(), "--dir", img.to_str().unwrap()]);
     assert!(o.status.success(), "checkpoint: {}", stderr(&o));
     w.reap();
     // Another file takes the name the socket kept without a file.
-    let taken = w.files_dir().join("gone-listen");
     std::fs::write(&taken, "someone else's").unwrap();
     let o = restore(&img, old).expect_err("a restore onto a taken name");
-    fails_with(&o, &["listening Unix socket", "is taken"]);
+    fails_with(&o, &["listening Unix socket", &format!("its name {}", taken.display()), "is taken"]);
     assert_eq!(std::fs::read_to_string(&taken).unwrap(), "someone else's", "the other file is left alone");
     assert!(!w.files_dir().join("gone-dgram").exists(), "the failed restore left a socket file behind");
     std::fs::remove_file(&taken).unwrap();

@@ -407,7 +407,7 @@ impl Checkpoint {
                 .map(|m| stat_info(&m))
                 .map_err(|e| format!("fd {fd} ({link}): stat: {e}"))?;
             let named = |p: &str| std::fs::metadata(p).map(|m| m.dev() == st.dev && m.ino() == st.ino).unwrap_or(false);
-            let kind = kind_of(fd, &link, &st, named)?;
+            let kind = kind_of(fd, &link, &st, named).map_err(|e| format!("process {pid}: {e}"))?;
             entries.push(FdEntry { fd, link, fdinfo, info, st, kind });
         }
 
@@ -568,7 +568,7 @@ impl Checkpoint {
                         continue;
                     };
                     let ours = |i: u64| entries.iter().any(|e| e.kind == Kind::Socket(i));
-                    let refuse = |why: &str| format!("{what} is a Unix socket {why}: not supported by the files plugin");
+                    let refuse = |why: &str| format!("process {pid}: {what} is a Unix socket {why}: not supported by the files plugin");
                     // Two unnamed ends connected to each other, both the process's.
                     let paired = |peer: u64| -> Result<bool, String> {
                         Ok(ours(peer) && crate::unix::query(peer)?.is_some_and(|p| p.name.is_none() && p.peer == *ino))

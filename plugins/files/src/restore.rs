@@ -520,8 +520,9 @@ impl Restore {
                     let tid = ctx.pid();
                     let r = syscall_raw(ctx, tid, libc::SYS_bind, [fd_arg(fd), at, bytes.len() as u64, 0, 0, 0])?;
                     if r == -(libc::EADDRINUSE as i64) && *unlinked {
+                        let name = String::from_utf8_lossy(&bytes[2..bytes.len() - 1]);
                         return Err(format!(
-                            "restored process {tid}: {what}: its name, whose file the process had removed, is taken: bound again only where it is free"
+                            "restored process {tid}: {what}: its name {name}, whose file the process had removed, is taken: bound again only where it is free"
                         ));
                     }
                     if r < 0 {
