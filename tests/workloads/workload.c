@@ -2141,7 +2141,7 @@ static void verify_seccomp(void)
  *   --del-sock      a stream listener and a datagram socket bound to "gone-listen" and
  *                   "gone-dgram", whose files were removed
  *   --epoll-closed  an epoll watch added by a pipe's fd N, which was dup'ed then closed,
- *                   N now /dev/null
+ *                   N now another description of the same pipe
  *   --epoll-orphan  an epoll watch of a pipe only a forked child still holds (refused)
  *   --chroot        chroot into DIR/root, cwd /sub, "/sub/inside" open at offset 3 */
 static int opt_del_cwd, opt_del_dev, opt_del_sock, opt_epoll_closed, opt_epoll_orphan, opt_chroot;
@@ -2210,11 +2210,15 @@ static void setup_gone(void)
         ec_ep = epoll_create1(EPOLL_CLOEXEC);
         if (ec_ep < 0 || pipe2(ec_pipe, O_NONBLOCK) != 0 || epoll_ctl(ec_ep, EPOLL_CTL_ADD, ec_pipe[0], &ev) != 0)
             die("epoll-closed");
-        /* The watch stays keyed by fd N, whose number now holds another file. */
+        /* The watch stays keyed by (file, N); N now holds another description of the
+         * same pipe (same inode), which a restore must not take for the watched one. */
         ec_num = ec_pipe[0];
-        int null_fd = open("/dev/null", O_RDONLY);
-        if ((ec_read = dup(ec_num)) < 0 || null_fd < 0 || dup2(null_fd, ec_num) != ec_num || close(null_fd) != 0)
+        if ((ec_read = dup(ec_num)) < 0 || close(ec_num) != 0)
             die("epoll-closed dup");
+        snprintf(p, sizeof p, "/proc/self/fd/%d", ec_read);
+        int again = open(p, O_RDONLY | O_NONBLOCK);
+        if (again < 0 || (again != ec_num && (dup2(again, ec_num) != ec_num || close(again) != 0)))
+            die("epoll-closed reopen");
     }
     if (opt_epoll_orphan) {
         int pp[2];
@@ -2353,7 +2357,7 @@ static void verify_gone(void)
         char b;
         if (read(ec_read, &b, 1) != 1 || b != 'e')
             FAIL_RET("epoll-closed: the pipe's dup did not read the byte");
-        /* Keyed by (file, N): neither the dup's number nor N (another file now) finds it. */
+        /* Keyed by (file, N): neither the dup's number nor N (another description now) finds it. */
         if (epoll_ctl(ec_ep, EPOLL_CTL_DEL, ec_read, NULL) == 0 || epoll_ctl(ec_ep, EPOLL_CTL_DEL, ec_num, NULL) == 0)
             FAIL_RET("epoll-closed: the watch is no longer keyed by fd %d it was added by", ec_num);
     }
