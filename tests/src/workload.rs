@@ -81,18 +81,18 @@ pub struct WorkloadOpts {
     pub pidfd: bool,
     /// A pidfd to a child it keeps, another process (`--pidfd-other`).
     pub pidfd_other: bool,
-    /// Further flags, as given (`workloads/traps.c`'s `--self-trap`, `--single-step`,
-    /// `--watchpoint`, `--sigtrap-pending`, `--vdso-moved`, `--vdso-unmapped`).
-    pub extra: &'static [&'static str],
     /// Children forked before `ready`, each checking its own memory (`--tree N`; not
     /// with `fork_check`). The workload checks they stay its children, and at the end
     /// that each passed.
     pub tree: u32,
+    /// More flags, as they are (`workloads/traps.c`'s `--self-trap`, `--single-step`,
+    /// `--watchpoint`, …; `--del-cwd`, `--chroot`, …: see the workload).
+    pub extra: Vec<&'static str>,
 }
 
 impl Default for WorkloadOpts {
     fn default() -> Self {
-        WorkloadOpts { mem_mib: 1, threads: 0, files: true, tick_ms: 20, dirty_pages: 0, churn: false, move_mem: false, fork_check: false, rseq: false, process_state: false, seccomp: false, shared_anon: false, event_fds: false, listen: false, creds: false, mm_flags: false, mm_sealed: false, shared_twice: false, locks: false, inotify: false, fanotify: false, pidfd: false, pidfd_other: false, extra: &[], tree: 0 }
+        WorkloadOpts { mem_mib: 1, threads: 0, files: true, tick_ms: 20, dirty_pages: 0, churn: false, move_mem: false, fork_check: false, rseq: false, process_state: false, seccomp: false, shared_anon: false, event_fds: false, listen: false, creds: false, mm_flags: false, mm_sealed: false, shared_twice: false, locks: false, inotify: false, fanotify: false, pidfd: false, pidfd_other: false, tree: 0, extra: Vec::new() }
     }
 }
 
@@ -183,7 +183,7 @@ impl Workload {
             (opts.pidfd_other, "--pidfd-other"),
         ];
         cmd.args(flags.iter().filter(|f| f.0).map(|f| f.1));
-        cmd.args(opts.extra);
+        cmd.args(&opts.extra);
         if opts.tree > 0 {
             cmd.args(["--tree", &opts.tree.to_string()]);
         }

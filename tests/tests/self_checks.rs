@@ -366,3 +366,73 @@ fn removed_watches_and_marks_and_a_wrong_pidfd_fail_the_check() {
         inj.call(pid, libc::SYS_dup2, [dead, own, 0, 0, 0, 0]);
     });
 }
+
+/// The workload's `--del-*` and `--epoll-closed` checks (see `deleted.rs`).
+#[test]
+fn broken_removed_things_fail_the_check() {
+    if !needs_root(ROOT) {
+        return;
+    }
+    let opts = |extra: &[&'static str]| WorkloadOpts { files: false, extra: extra.to_vec(), ..Default::default() };
+    let path = |w: &Workload, name: &str| format!("{}/{name}", w.files_dir().display());
+    // The copy back in a directory that exists.
+    broken(opts(&["--del-cwd"]), "del-cwd: the working directory is not the removed one", |_, pid, inj| {
+        let root = inj.put(b"/\0");
+        inj.call(pid, libc::SYS_chdir, [root, 0, 0, 0, 0, 0]);
+    });
+    // The removed node's fd replaced by /dev/zero itself (a named node).
+    broken(opts(&["--del-dev"]), "del-dev: the fd of gone-zero is not the removed node", |w, pid, inj| {
+        let fd = fd_of(pid, &format!("{} (deleted)", path(w, "gone-zero")));
+        let zero = inj.put(b"/dev/zero\0");
+        let z = inj.call(pid, libc::SYS_openat, [libc::AT_FDCWD as u64, zero, libc::O_RDWR as u64, 0, 0, 0]) as u64;
+        inj.call(pid, libc::SYS_dup3, [z, fd, 0, 0, 0, 0]);
+        inj.call(pid, libc::SYS_close, [z, 0, 0, 0, 0, 0]);
+    });
+    // A socket file at the listener's name again, as a restore that kept it would leave.
+    broken(opts(&["--del-sock"]), "del-sock: gone-listen has a socket file again", |w, pid, inj| {
+        let name = inj.put(format!("{}\0", path(w, "gone-listen")).as_bytes());
+        inj.call(pid, libc::SYS_mknodat, [libc::AT_FDCWD as u64, name, (libc::S_IFSOCK | 0o600) as u64, 0, 0, 0]);
+    });
+    // The watch keyed by the fd where the pipe is now, not by the closed number it was
+    // added by (what adding it again through the dup would make).
+    broken(opts(&["--epoll-closed"]), "epoll-closed: the watch is no longer keyed by fd", |_, pid, inj| {
+        let ep = fd_of(pid, "anon_inode:[eventpoll]");
+        // The number the watch was added by, as the epoll's fdinfo names it, and the
+        // dup that holds the watched description.
+        let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{ep}")).unwrap();
+        let num: u64 = info.lines().find_map(|l| l.strip_prefix("tfd:")?.split_whitespace().next()?.parse().ok()).unwrap();
+        let read_end = *fds(pid, |l| l.starts_with("pipe:"), None, Some(0)).iter().find(|&&f| f != num).unwrap();
+        let held = inj.call(pid, libc::SYS_fcntl, [num, libc::F_DUPFD_CLOEXEC as u64, 0, 0, 0, 0]) as u64;
+        inj.call(pid, libc::SYS_dup3, [read_end, num, 0, 0, 0, 0]);
+        inj.call(pid, libc::SYS_epoll_ctl, [ep, libc::EPOLL_CTL_DEL as u64, num, 0, 0, 0]);
+        let mut ev = (libc::EPOLLIN as u32).to_le_bytes().to_vec();
+        ev.extend_from_slice(&0xfeed_f00d_1234_5678u64.to_le_bytes());
+        let ev = inj.put(&ev);
+        inj.call(pid, libc::SYS_epoll_ctl, [ep, libc::EPOLL_CTL_ADD as u64, read_end, ev, 0, 0]);
+        inj.call(pid, libc::SYS_dup3, [held, num, 0, 0, 0, 0]);
+        inj.call(pid, libc::SYS_close, [held, 0, 0, 0, 0, 0]);
+    });
+}
+
+/// The workload's `--chroot` checks (see `deleted.rs`).
+#[test]
+fn a_broken_chroot_fails_the_check() {
+    if !needs_root(ROOT) {
+        return;
+    }
+    let opts = || WorkloadOpts { files: false, extra: vec!["--chroot"], ..Default::default() };
+    // The working directory at the root's top.
+    broken(opts(), "chroot: getcwd is /, want /sub", |_, pid, inj| {
+        let root = inj.put(b"/\0");
+        inj.call(pid, libc::SYS_chdir, [root, 0, 0, 0, 0, 0]);
+    });
+    // A /etc/passwd inside the root: what the machine's root would show.
+    broken(opts(), "chroot: /etc/passwd is reachable", |_, pid, inj| {
+        let etc = inj.put(b"/etc\0");
+        inj.call(pid, libc::SYS_mkdirat, [libc::AT_FDCWD as u64, etc, 0o755, 0, 0, 0]);
+        let passwd = inj.put(b"/etc/passwd\0");
+        let flags = (libc::O_WRONLY | libc::O_CREAT | libc::O_CLOEXEC) as u64;
+        let f = inj.call(pid, libc::SYS_openat, [libc::AT_FDCWD as u64, passwd, flags, 0o644, 0, 0]) as u64;
+        inj.call(pid, libc::SYS_close, [f, 0, 0, 0, 0, 0]);
+    });
+}

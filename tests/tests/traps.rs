@@ -22,7 +22,7 @@ use ferry_tests::{
 const WHY: &str = "checkpoint, restore and migration (ptrace, PR_SET_MM_MAP, clone3 set_tid)";
 
 fn opts(extra: &'static [&'static str]) -> WorkloadOpts {
-    WorkloadOpts { files: false, threads: 1, extra, ..Default::default() }
+    WorkloadOpts { files: false, threads: 1, extra: extra.to_vec(), ..Default::default() }
 }
 
 struct Daemon {

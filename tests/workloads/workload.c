@@ -2339,6 +2339,263 @@ static void verify_tree(void)
     logf_("tree %ld children passed", n);
 }
 
+/* ---- removed things, chroot, epoll on a closed fd (issue 12), each its own option.
+ * In DIR:
+ *   --del-cwd       the cwd "gone-cwd" (0751, 1234:5678; a second fd open on it) and an
+ *                   O_DIRECTORY fd on "gone-dir" (0705, 4321:8765), both rmdir'ed
+ *   --del-dev       an fd on "gone-zero", a node of /dev/zero (1:5, 0640, 2222:3333), unlinked
+ *   --del-sock      a stream listener and a datagram socket bound to "gone-listen" and
+ *                   "gone-dgram", whose files were removed
+ *   --epoll-closed  an epoll watch added by a pipe's fd N, which was dup'ed then closed,
+ *                   N now another description of the same pipe
+ *   --epoll-orphan  an epoll watch of a pipe only a forked child still holds (refused)
+ *   --chroot        chroot into DIR/root, cwd /sub, "/sub/inside" open at offset 3 */
+static int opt_del_cwd, opt_del_dev, opt_del_sock, opt_epoll_closed, opt_epoll_orphan, opt_chroot;
+static int dl_dirfd = -1, dl_cwdfd = -1, dd_fd = -1, ds_listen = -1, ds_dgram = -1;
+static int ec_ep = -1, ec_pipe[2] = {-1, -1}, ec_read = -1, ec_num = -1, eo_ep = -1, eo_wr = -1, ch_fd = -1;
+static pid_t eo_child = -1;
+static ino_t ch_root_ino;
+static struct sockaddr_un ds_listen_addr, ds_dgram_addr;
+#define EPOLL_DATA 0xfeedf00d12345678ULL
+
+static void dl_path(char *out, const char *name)
+{
+    if (!real_dir[0] && !realpath(opt_dir, real_dir))
+        die("realpath dir");
+    in_dir(out, name);
+}
+
+static void dl_make(const char *name, mode_t type, mode_t perm, dev_t rdev, uid_t uid, gid_t gid)
+{
+    char p[PATH_MAX + 32];
+    dl_path(p, name);
+    if ((type == S_IFDIR ? mkdir(p, 0700) : mknod(p, type | 0600, rdev)) != 0 || chown(p, uid, gid) != 0 ||
+        chmod(p, perm) != 0)
+        die(name);
+}
+
+static void ds_bind(int *fd, int type, struct sockaddr_un *a, const char *name)
+{
+    a->sun_family = AF_UNIX;
+    char p[PATH_MAX + 32];
+    dl_path(p, name);
+    if (strlen(p) >= sizeof a->sun_path)
+        die("socket path too long");
+    strcpy(a->sun_path, p);
+    *fd = socket(AF_UNIX, type | SOCK_CLOEXEC, 0);
+    if (*fd < 0 || bind(*fd, (struct sockaddr *)a, sizeof *a) != 0 || (type == SOCK_STREAM && listen(*fd, 3) != 0) ||
+        unlink(p) != 0)
+        die(name);
+}
+
+static void setup_gone(void)
+{
+    char p[PATH_MAX + 32];
+    if (opt_del_cwd) {
+        dl_make("gone-cwd", S_IFDIR, 0751, 0, 1234, 5678);
+        dl_make("gone-dir", S_IFDIR, 0705, 0, 4321, 8765);
+        dl_path(p, "gone-cwd");
+        if (chdir(p) != 0 || (dl_cwdfd = open(".", O_RDONLY | O_DIRECTORY)) < 0 || rmdir(p) != 0)
+            die("gone-cwd");
+        dl_path(p, "gone-dir");
+        if ((dl_dirfd = open(p, O_RDONLY | O_DIRECTORY | O_CLOEXEC)) < 0 || rmdir(p) != 0)
+            die("gone-dir");
+    }
+    if (opt_del_dev) {
+        dl_make("gone-zero", S_IFCHR, 0640, makedev(1, 5), 2222, 3333);
+        dl_path(p, "gone-zero");
+        if ((dd_fd = open(p, O_RDWR)) < 0 || unlink(p) != 0)
+            die("gone-zero");
+    }
+    if (opt_del_sock) {
+        ds_bind(&ds_listen, SOCK_STREAM, &ds_listen_addr, "gone-listen");
+        ds_bind(&ds_dgram, SOCK_DGRAM, &ds_dgram_addr, "gone-dgram");
+    }
+    if (opt_epoll_closed) {
+        struct epoll_event ev = {.events = EPOLLIN, .data.u64 = EPOLL_DATA};
+        ec_ep = epoll_create1(EPOLL_CLOEXEC);
+        if (ec_ep < 0 || pipe2(ec_pipe, O_NONBLOCK) != 0 || epoll_ctl(ec_ep, EPOLL_CTL_ADD, ec_pipe[0], &ev) != 0)
+            die("epoll-closed");
+        /* The watch stays keyed by (file, N); N now holds another description of the
+         * same pipe (same inode), which a restore must not take for the watched one. */
+        ec_num = ec_pipe[0];
+        if ((ec_read = dup(ec_num)) < 0 || close(ec_num) != 0)
+            die("epoll-closed dup");
+        snprintf(p, sizeof p, "/proc/self/fd/%d", ec_read);
+        int again = open(p, O_RDONLY | O_NONBLOCK);
+        if (again < 0 || (again != ec_num && (dup2(again, ec_num) != ec_num || close(again) != 0)))
+            die("epoll-closed reopen");
+    }
+    if (opt_epoll_orphan) {
+        int pp[2];
+        struct epoll_event ev = {.events = EPOLLIN, .data.u64 = EPOLL_DATA};
+        eo_ep = epoll_create1(EPOLL_CLOEXEC);
+        if (eo_ep < 0 || pipe2(pp, O_NONBLOCK) != 0 || epoll_ctl(eo_ep, EPOLL_CTL_ADD, pp[0], &ev) != 0)
+            die("epoll-orphan");
+        pid_t parent = getpid();
+        eo_child = fork();
+        if (eo_child < 0)
+            die("epoll-orphan fork");
+        if (eo_child == 0) {
+            prctl(PR_SET_PDEATHSIG, SIGKILL);
+            if (getppid() != parent)
+                _exit(0);
+            for (;;)
+                pause();
+        }
+        close(pp[0]); /* the child's copy alone keeps the watched file */
+        eo_wr = pp[1];
+    }
+    if (opt_chroot) {
+        struct stat st;
+        dl_path(p, "root");
+        if (mkdir(p, 0755) != 0)
+            die("chroot: mkdir root");
+        dl_path(p, "root/sub");
+        if (mkdir(p, 0755) != 0)
+            die("chroot: mkdir root/sub");
+        dl_path(p, "root/sub/inside");
+        int f = open(p, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+        if (f < 0 || write(f, "inside-the-root\n", 16) != 16 || close(f) != 0)
+            die("chroot: root/sub/inside");
+        dl_path(p, "root");
+        if (chroot(p) != 0 || chdir("/sub") != 0 || stat("/", &st) != 0)
+            die("chroot");
+        ch_root_ino = st.st_ino;
+        if ((ch_fd = open("/sub/inside", O_RDONLY)) < 0 || lseek(ch_fd, 3, SEEK_SET) != 3)
+            die("chroot: open /sub/inside");
+    }
+}
+
+/* The stat of fd (or path when fd < 0) is a removed `type` with `perm`, owned uid:gid. */
+static int gone_as(int fd, const char *path, mode_t type, mode_t perm, uid_t uid, gid_t gid, struct stat *st)
+{
+    if ((fd >= 0 ? fstat(fd, st) : stat(path, st)) != 0)
+        return 0;
+    return (st->st_mode & S_IFMT) == type && (st->st_mode & 07777) == perm && st->st_uid == uid && st->st_gid == gid &&
+           st->st_nlink == 0;
+}
+
+/* The link /proc/self/<what> is DIR/<name> (deleted); the name itself is free. */
+static int gone_link(const char *what, const char *name)
+{
+    char link[64], got[PATH_MAX + 64], want[PATH_MAX + 64];
+    snprintf(link, sizeof link, "/proc/self/%s", what);
+    ssize_t n = readlink(link, got, sizeof got - 1);
+    if (n < 0)
+        return 0;
+    got[n] = 0;
+    dl_path(want, name);
+    int free_name = access(want, F_OK) != 0 && errno == ENOENT;
+    strcat(want, " (deleted)");
+    return free_name && !strcmp(got, want);
+}
+
+static void verify_gone(void)
+{
+    struct stat st, c;
+    char buf[PATH_MAX + 64];
+    if (opt_del_cwd) {
+        if (!gone_as(-1, ".", S_IFDIR, 0751, 1234, 5678, &c))
+            FAIL_RET("del-cwd: the working directory is not the removed one (mode 0%o, %d:%d, %d links)",
+                     (unsigned)c.st_mode, (int)c.st_uid, (int)c.st_gid, (int)c.st_nlink);
+        if (getcwd(buf, sizeof buf) || errno != ENOENT)
+            FAIL_RET("del-cwd: getcwd answers %s: the working directory is no longer a removed one", strerror(errno));
+        snprintf(buf, sizeof buf, "cwd");
+        if (!gone_link(buf, "gone-cwd"))
+            FAIL_RET("del-cwd: /proc/self/cwd is not DIR/gone-cwd (deleted), or that name is taken");
+        if (fstat(dl_cwdfd, &st) != 0 || st.st_ino != c.st_ino || st.st_dev != c.st_dev)
+            FAIL_RET("del-cwd: the fd opened on the working directory is another directory");
+        int f = openat(AT_FDCWD, "new", O_WRONLY | O_CREAT, 0600);
+        if (f >= 0 || errno != ENOENT)
+            FAIL_RET("del-cwd: a file could be made in the removed working directory (%s)", strerror(errno));
+        if (!gone_as(dl_dirfd, NULL, S_IFDIR, 0705, 4321, 8765, &st))
+            FAIL_RET("del-cwd: the fd of gone-dir is not the removed directory (mode 0%o, %d:%d, %d links)",
+                     (unsigned)st.st_mode, (int)st.st_uid, (int)st.st_gid, (int)st.st_nlink);
+        if (!(fcntl(dl_dirfd, F_GETFL) & O_DIRECTORY) || !(fcntl(dl_dirfd, F_GETFD) & FD_CLOEXEC))
+            FAIL_RET("del-cwd: the fd of gone-dir lost O_DIRECTORY or FD_CLOEXEC");
+        snprintf(buf, sizeof buf, "fd/%d", dl_dirfd);
+        if (!gone_link(buf, "gone-dir"))
+            FAIL_RET("del-cwd: the fd of gone-dir is not DIR/gone-dir (deleted), or that name is taken");
+    }
+    if (opt_del_dev) {
+        unsigned char z[16];
+        memset(z, 0xff, sizeof z);
+        if (!gone_as(dd_fd, NULL, S_IFCHR, 0640, 2222, 3333, &st) || st.st_rdev != makedev(1, 5))
+            FAIL_RET("del-dev: the fd of gone-zero is not the removed node of 1:5 (mode 0%o, %d:%d, %d links, %u:%u)",
+                     (unsigned)st.st_mode, (int)st.st_uid, (int)st.st_gid, (int)st.st_nlink, major(st.st_rdev),
+                     minor(st.st_rdev));
+        if (read(dd_fd, z, sizeof z) != (ssize_t)sizeof z || memcmp(z, (unsigned char[16]){0}, sizeof z) != 0 ||
+            write(dd_fd, "abcde", 5) != 5 || (fcntl(dd_fd, F_GETFL) & O_ACCMODE) != O_RDWR)
+            FAIL_RET("del-dev: the fd of gone-zero does not read zeros and take writes: %s", strerror(errno));
+        snprintf(buf, sizeof buf, "fd/%d", dd_fd);
+        if (!gone_link(buf, "gone-zero"))
+            FAIL_RET("del-dev: the fd of gone-zero is not DIR/gone-zero (deleted), or that name is taken");
+    }
+    if (opt_del_sock) {
+        const struct {
+            int fd, type;
+            struct sockaddr_un *a;
+            const char *name;
+        } s[] = {{ds_listen, SOCK_STREAM, &ds_listen_addr, "gone-listen"}, {ds_dgram, SOCK_DGRAM, &ds_dgram_addr, "gone-dgram"}};
+        for (size_t i = 0; i < 2; i++) {
+            struct sockaddr_un got;
+            socklen_t len = sizeof got;
+            memset(&got, 0, sizeof got);
+            if (getsockname(s[i].fd, (struct sockaddr *)&got, &len) != 0 || strcmp(got.sun_path, s[i].a->sun_path) != 0)
+                FAIL_RET("del-sock: %s: getsockname gives %s", s[i].name, got.sun_path);
+            if (int_opt(s[i].fd, SOL_SOCKET, SO_TYPE) != s[i].type ||
+                int_opt(s[i].fd, SOL_SOCKET, SO_ACCEPTCONN) != (s[i].type == SOCK_STREAM))
+                FAIL_RET("del-sock: %s changed type, or stopped listening", s[i].name);
+            if (access(s[i].a->sun_path, F_OK) == 0 || errno != ENOENT)
+                FAIL_RET("del-sock: %s has a socket file again", s[i].name);
+        }
+    }
+    if (opt_epoll_closed) {
+        struct epoll_event ev[4];
+        if (epoll_wait(ec_ep, ev, 4, 0) != 0)
+            FAIL_RET("epoll-closed: an event before any byte");
+        int n = -1;
+        if (write(ec_pipe[1], "e", 1) != 1 || (n = epoll_wait(ec_ep, ev, 4, 1000)) != 1 || ev[0].data.u64 != EPOLL_DATA ||
+            !(ev[0].events & EPOLLIN))
+            FAIL_RET("epoll-closed: the watch of closed fd %d gave %d events (data %llx)", ec_num, n,
+                     n > 0 ? (unsigned long long)ev[0].data.u64 : 0ULL);
+        char b;
+        if (read(ec_read, &b, 1) != 1 || b != 'e')
+            FAIL_RET("epoll-closed: the pipe's dup did not read the byte");
+        /* Keyed by (file, N): neither the dup's number nor N (another description now) finds it. */
+        if (epoll_ctl(ec_ep, EPOLL_CTL_DEL, ec_read, NULL) == 0 || epoll_ctl(ec_ep, EPOLL_CTL_DEL, ec_num, NULL) == 0)
+            FAIL_RET("epoll-closed: the watch is no longer keyed by fd %d it was added by", ec_num);
+    }
+    if (opt_epoll_orphan) {
+        struct epoll_event ev[2];
+        if (write(eo_wr, "o", 1) != 1 || epoll_wait(eo_ep, ev, 2, 1000) != 1 || ev[0].data.u64 != EPOLL_DATA)
+            FAIL_RET("epoll-orphan: the watch of the pipe the child holds gave no event");
+    }
+    if (opt_chroot) {
+        if (!getcwd(buf, sizeof buf) || strcmp(buf, "/sub") != 0)
+            FAIL_RET("chroot: getcwd is %s, want /sub", buf);
+        if (stat("/", &st) != 0 || st.st_ino != ch_root_ino)
+            FAIL_RET("chroot: / is not the root it chose");
+        if (access("/etc/passwd", F_OK) == 0)
+            FAIL_RET("chroot: /etc/passwd is reachable: the root is the machine's again");
+        if (fstat(ch_fd, &c) != 0 || stat("inside", &st) != 0 || st.st_ino != c.st_ino || stat("/sub/inside", &st) != 0 ||
+            st.st_ino != c.st_ino)
+            FAIL_RET("chroot: inside and /sub/inside are not the file it opened in its root");
+        char text[16];
+        if (lseek(ch_fd, 0, SEEK_CUR) != 3 || pread(ch_fd, text, 6, 0) != 6 || memcmp(text, "inside", 6) != 0)
+            FAIL_RET("chroot: /sub/inside lost its offset or contents");
+    }
+}
+
+static void end_gone(void)
+{
+    if (eo_child > 0) {
+        kill(eo_child, SIGKILL);
+        waitpid(eo_child, NULL, 0);
+    }
+}
+
 /* ---- main ---- */
 /* ---- notification fds and pidfds (--inotify, --fanotify, --pidfd, --pidfd-other), in
  * DIR/notify:
@@ -2601,7 +2858,8 @@ static void usage(void)
     fprintf(stderr, "usage: workload --log PATH [--dir DIR] [--mem-mib N] [--threads N] [--tick-ms N]"
                     " [--dirty-pages N] [--churn] [--move-mem] [--fork-check] [--rseq] [--process-state] [--seccomp] [--shared-anon] [--event-fds] [--listen] [--creds] [--mm-flags] [--mm-sealed] [--shared-twice] [--locks] [--tree N] [--no-files]"
                     " [--inotify] [--fanotify] [--pidfd] [--pidfd-other]"
-                    " [--self-trap] [--single-step] [--watchpoint] [--sigtrap-pending] [--vdso-moved] [--vdso-unmapped] [--vdso-moved-whole]\n");
+                    " [--self-trap] [--single-step] [--watchpoint] [--sigtrap-pending] [--vdso-moved] [--vdso-unmapped] [--vdso-moved-whole]"
+                    " [--del-cwd] [--del-dev] [--del-sock] [--epoll-closed] [--epoll-orphan] [--chroot]\n");
     exit(2);
 }
 
@@ -2642,6 +2900,9 @@ int main(int argc, char **argv)
             {"--watchpoint", &opt_watchpoint, 1}, {"--sigtrap-pending", &opt_sigtrap_pending, 1},
             {"--vdso-moved", &opt_vdso_moved, 1}, {"--vdso-unmapped", &opt_vdso_unmapped, 1},
             {"--vdso-moved-whole", &opt_vdso_moved_whole, 1},
+            {"--del-cwd", &opt_del_cwd, 1},      {"--del-dev", &opt_del_dev, 1},
+            {"--del-sock", &opt_del_sock, 1},    {"--epoll-closed", &opt_epoll_closed, 1},
+            {"--epoll-orphan", &opt_epoll_orphan, 1}, {"--chroot", &opt_chroot, 1},
         };
         int flag = 0;
         for (size_t f = 0; f < sizeof flags / sizeof flags[0] && !flag; f++)
@@ -2728,6 +2989,7 @@ int main(int argc, char **argv)
         setup_locks();
     if (opt_inotify || opt_fanotify || opt_pidfd || opt_pidfd_other)
         setup_notify();
+    setup_gone();
 
     if (opt_creds)
         setup_creds();
@@ -2861,6 +3123,9 @@ int main(int argc, char **argv)
         verify_locks();
     if ((opt_inotify || opt_fanotify || opt_pidfd || opt_pidfd_other) && !failure[0])
         verify_notify();
+    if (!failure[0])
+        verify_gone();
+    end_gone();
 
     if (failure[0]) {
         logf_("FAIL: %s", failure);

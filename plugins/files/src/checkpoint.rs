@@ -21,7 +21,7 @@ use ferry_plugin_api::{
 use crate::{
     locks,
     model::{
-        fds_label, Desc, Header, Object, PipeEnd, PipeRec, Slot, Watch, CHUNK, FORMAT, KIND_DESC, KIND_DESC_DATA, KIND_HEADER,
+        fds_label, Desc, GoneDir, Header, Object, PipeEnd, PipeRec, Slot, Watch, CHUNK, FORMAT, KIND_DESC, KIND_DESC_DATA, KIND_HEADER,
         KIND_PIPE, KIND_PIPE_DATA, O_CLOEXEC,
     },
     scan::{
@@ -94,6 +94,45 @@ fn same_description(pid: i32, a: i32, b: i32) -> Result<bool, String> {
         return Err(os_err(format_args!("kcmp of fds {a} and {b} of process {pid} (do they share a description?)")));
     }
     Ok(r == 0)
+}
+
+/// `kcmp(pid, pid, KCMP_EPOLL_TFD, fd, {epfd, tfd, toff}) == 0`: the file of fd `fd`
+/// is the one epoll instance `epfd` watches as the `toff`-th watch added by fd number
+/// `tfd` (counting from 0 in fdinfo's order).
+fn epoll_watches_file_of(pid: i32, epfd: i32, tfd: i32, toff: u32, fd: i32) -> Result<bool, String> {
+    const KCMP_EPOLL_TFD: libc::c_long = 7;
+    #[repr(C)]
+    struct Slot {
+        efd: u32,
+        tfd: u32,
+        toff: u32,
+    }
+    let slot = Slot { efd: epfd as u32, tfd: tfd as u32, toff };
+    // SAFETY: kcmp reads the 12 bytes of `slot`, which outlives the call.
+    let r = unsafe {
+        libc::syscall(libc::SYS_kcmp, pid, pid, KCMP_EPOLL_TFD, fd as libc::c_long, &slot as *const Slot as libc::c_long)
+    };
+    if r < 0 {
+        return Err(os_err(format_args!("kcmp of fd {fd} with the file epoll fd {epfd} watches as fd {tfd} (process {pid})")));
+    }
+    Ok(r == 0)
+}
+
+/// Refuses what was deleted at `path` (`what`: "fd 3, a directory") when its parent
+/// directory is gone too: the restore makes a node again beside its name, and does
+/// not make a chain of directories that no longer exist.
+fn parent_exists(pid: i32, what: &str, path: &str) -> Result<(), String> {
+    let parent = match path.rsplit_once('/') {
+        Some(("", _)) => "/",
+        Some((p, _)) => p,
+        None => return Err(format!("process {pid}: {what} was deleted at {path}, which is not absolute")),
+    };
+    match std::fs::metadata(parent) {
+        Ok(m) if m.is_dir() => Ok(()),
+        _ => Err(format!(
+            "process {pid}: {what} was deleted at {path}, and its parent directory {parent} is gone too: not supported by the files plugin"
+        )),
+    }
 }
 
 /// Whether an fd with fdinfo `flags` can be read from (not write-only, not O_PATH).
@@ -368,7 +407,7 @@ impl Checkpoint {
                 .map(|m| stat_info(&m))
                 .map_err(|e| format!("fd {fd} ({link}): stat: {e}"))?;
             let named = |p: &str| std::fs::metadata(p).map(|m| m.dev() == st.dev && m.ino() == st.ino).unwrap_or(false);
-            let kind = kind_of(fd, &link, &st, named).map_err(|e| format!("process {}: {e}", ctx.pid()))?;
+            let kind = kind_of(fd, &link, &st, named).map_err(|e| format!("process {pid}: {e}"))?;
             entries.push(FdEntry { fd, link, fdinfo, info, st, kind });
         }
 
@@ -380,12 +419,10 @@ impl Checkpoint {
             return Err(refused);
         }
 
-        let cwd = read_link(&format!("/proc/{pid}/cwd"))?;
+        let (cwd, cwd_deleted) = working_directory(pid)?;
         let root = read_link(&format!("/proc/{pid}/root"))?;
-        for (what, p) in [("working directory", &cwd), ("root directory", &root)] {
-            if p.ends_with(" (deleted)") || !p.starts_with('/') {
-                return Err(format!("the {what} {p} was deleted: not supported by the files plugin"));
-            }
+        if root.ends_with(" (deleted)") || !root.starts_with('/') {
+            return Err(format!("process {pid}: the root directory {root} was deleted: not supported by the files plugin"));
         }
         let umask = parse_umask(&proc_text(ctx, "status")?)?;
 
@@ -407,7 +444,7 @@ impl Checkpoint {
             let lines = locks::fdinfo_locks(&first.fdinfo).map_err(|e| format!("process {pid}: fd {} ({}): {e}", first.fd, first.link))?;
             let locks = locks::carried(pid, &format!("fd {} ({})", first.fd, first.link), &lines)?;
             lock_lines.extend(lines);
-            if let (Some(lock), false) = (locks.first(), matches!(first.kind, Kind::Path(_) | Kind::Deleted(_) | Kind::Memfd(_))) {
+            if let (Some(lock), false) = (locks.first(), matches!(first.kind, Kind::Path(_) | Kind::Deleted(_) | Kind::Memfd(_) | Kind::DeletedDevice(_))) {
                 return Err(format!(
                     "process {pid}: fd {} ({}) holds a {lock}, on a kind of file whose locks the files plugin does not carry",
                     first.fd, first.link
@@ -478,6 +515,18 @@ impl Checkpoint {
                     };
                     descs.push((Desc { fds: slots, flags, pos: first.info.pos, object, locks }, carries.then_some(first.fd)));
                 }
+                Kind::DeletedDir(path) | Kind::DeletedDevice(path) => {
+                    let dir = matches!(first.kind, Kind::DeletedDir(_));
+                    let what = format!("fd {} ({} (deleted)), a {}", first.fd, path, crate::scan::type_name(st.file_type()));
+                    parent_exists(pid, &what, path)?;
+                    let (path, dev, ino, mode, uid, gid) = (path.clone(), st.dev, st.ino, st.mode, st.uid, st.gid);
+                    let object = if dir {
+                        Object::DeletedDir { path, dev, ino, mode, uid, gid }
+                    } else {
+                        Object::DeletedDevice { path, dev, ino, mode, rdev: st.rdev, uid, gid }
+                    };
+                    descs.push((Desc { fds: slots, flags, pos: first.info.pos, object, locks }, None));
+                }
                 Kind::Eventfd | Kind::Timerfd | Kind::Signalfd | Kind::Epoll => {
                     let what = format!("fd {} ({})", first.fd, first.link);
                     let text = &first.fdinfo;
@@ -495,18 +544,8 @@ impl Checkpoint {
                         }
                         Kind::Signalfd => Object::Signalfd { mask: parse_signalfd(text).map_err(|e| format!("{what}: {e}"))? },
                         _ => {
-                            let mut watches = Vec::new();
-                            for (fd, events, data, ino) in parse_epoll(text).map_err(|e| format!("{what}: {e}"))? {
-                                // The watch names the fd the file was added by; it must
-                                // still be that file for the restore to add it again.
-                                if by_fd.get(&fd).map(|e| e.st.ino) != Some(ino) {
-                                    return Err(format!(
-                                        "{what}: the epoll instance watches a file that is no longer open at fd {fd}: not supported by the files plugin"
-                                    ));
-                                }
-                                watches.push(Watch { fd, events, data });
-                            }
-                            Object::Epoll { watches }
+                            let listed = parse_epoll(text).map_err(|e| format!("{what}: {e}"))?;
+                            Object::Epoll { watches: epoll_watches(pid, first.fd, &what, &listed, &entries)? }
                         }
                     };
                     descs.push((Desc { fds: slots, flags, pos: first.info.pos, object, locks: Vec::new() }, None));
@@ -529,7 +568,7 @@ impl Checkpoint {
                         continue;
                     };
                     let ours = |i: u64| entries.iter().any(|e| e.kind == Kind::Socket(i));
-                    let refuse = |why: &str| format!("{what} is a Unix socket {why}: not supported by the files plugin");
+                    let refuse = |why: &str| format!("process {pid}: {what} is a Unix socket {why}: not supported by the files plugin");
                     // Two unnamed ends connected to each other, both the process's.
                     let paired = |peer: u64| -> Result<bool, String> {
                         Ok(ours(peer) && crate::unix::query(peer)?.is_some_and(|p| p.name.is_none() && p.peer == *ino))
@@ -544,6 +583,7 @@ impl Checkpoint {
                             mode: n.mode,
                             peer: n.peer.as_deref().map(to_hex),
                             backlog: n.backlog,
+                            unlinked: n.unlinked,
                         };
                         descs.push((Desc { fds: slots, flags, pos: 0, object, locks: Vec::new() }, None));
                         continue;
@@ -588,8 +628,15 @@ impl Checkpoint {
             locks::check_proc_locks(pid, &proc_locks, &lock_lines)?;
         }
 
-        let header =
-            Header { format: FORMAT, cwd, root, umask, descriptions: descs.len() as u64, pipes: pipes.len() as u64 };
+        let header = Header {
+            format: FORMAT,
+            cwd,
+            root,
+            umask,
+            descriptions: descs.len() as u64,
+            pipes: pipes.len() as u64,
+            cwd_deleted,
+        };
         put_json(sink, KIND_HEADER, &header)?;
         self.status.entities_total = entries.len() as u64 + 3;
         self.status.entities_done = 3;
@@ -604,11 +651,60 @@ impl Checkpoint {
     }
 }
 
+/// The working directory of process `pid`, and what it was when it was removed
+/// while the process was in it.
+fn working_directory(pid: i32) -> Result<(String, Option<GoneDir>), String> {
+    let link = format!("/proc/{pid}/cwd");
+    let cwd = read_link(&link)?;
+    let m = std::fs::metadata(&link).map_err(|e| format!("process {pid}: stat of its working directory {cwd}: {e}"))?;
+    let named = |p: &str| std::fs::metadata(p).is_ok_and(|n| n.dev() == m.dev() && n.ino() == m.ino());
+    match cwd.strip_suffix(" (deleted)") {
+        Some(path) if path.starts_with('/') && !named(&cwd) => {
+            parent_exists(pid, "its working directory", path)?;
+            let gone = GoneDir { dev: m.dev(), ino: m.ino(), mode: m.mode(), uid: m.uid(), gid: m.gid() };
+            Ok((path.to_string(), Some(gone)))
+        }
+        _ if !cwd.starts_with('/') => {
+            Err(format!("process {pid}: its working directory {cwd} is out of ferry's reach: not supported by the files plugin"))
+        }
+        _ => Ok((cwd, None)),
+    }
+}
+
+/// What epoll instance `epfd` (`what`) of process `pid` watches, from its fdinfo
+/// lines `(fd, events, data, ino)`. A watch is keyed by the file and the fd number it
+/// was added by; that number may since have been closed (the file living on in a
+/// `dup`) or reused for another file, so the file is looked for with `kcmp` among the
+/// process's fds on the same inode, the number it was added by first.
+fn epoll_watches(pid: i32, epfd: i32, what: &str, listed: &[(i32, u32, u64, u64)], entries: &[FdEntry]) -> Result<Vec<Watch>, String> {
+    let mut watches = Vec::new();
+    for (i, &(tfd, events, data, ino)) in listed.iter().enumerate() {
+        let toff = listed[..i].iter().filter(|w| w.0 == tfd).count() as u32;
+        let mut candidates: Vec<i32> = entries.iter().filter(|e| e.st.ino == ino).map(|e| e.fd).collect();
+        candidates.sort_by_key(|&fd| (fd != tfd, fd));
+        let mut found = None;
+        for fd in candidates {
+            if epoll_watches_file_of(pid, epfd, tfd, toff, fd)? {
+                found = Some(fd);
+                break;
+            }
+        }
+        let Some(fd) = found else {
+            return Err(format!(
+                "process {pid}: {what}: the epoll instance watches a file (added as fd {tfd}, inode {ino}) that no fd of the process holds any more: not supported by the files plugin"
+            ));
+        };
+        watches.push(Watch { fd: tfd, events, data, file: (fd != tfd).then_some(fd) });
+    }
+    Ok(watches)
+}
+
 pub fn object_name(o: &Object) -> String {
     match o {
         Object::Path { path, .. } => path.clone(),
         Object::Deleted { path, .. } => format!("{path} (deleted)"),
         Object::Memfd { name, .. } => format!("memfd:{name}"),
+        Object::DeletedDir { path, .. } | Object::DeletedDevice { path, .. } => format!("{path} (deleted)"),
         Object::Eventfd { .. } => "anon_inode:[eventfd]".into(),
         Object::Timerfd { .. } => "anon_inode:[timerfd]".into(),
         Object::Signalfd { .. } => "anon_inode:[signalfd]".into(),

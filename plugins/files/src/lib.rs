@@ -3,14 +3,27 @@
 //! bytes, shared file descriptions, eventfds with their counts, timerfds with their time
 //! left and unread expirations, signalfds, epoll instances with what they watch, Unix
 //! socket pairs within the process, listening TCP sockets, UDP sockets), the file locks
-//! held (POSIX, OFD, flock: see [`locks`]), the working and root directories and the umask.
+//! held (POSIX, OFD, flock: see [`locks`]), the working and root directories (a chroot
+//! included) and the umask.
+//!
+//! What was removed from the file system while in use comes back removed: a deleted
+//! regular file (made again from its contents, then unlinked), a removed working
+//! directory or open directory (made again empty with its mode and owner, entered or
+//! reopened, removed), an unlinked character or block device node (made again with
+//! `mknod`, reopened, unlinked), each at its path or at a free name beside it; and a
+//! listening or datagram Unix socket whose file was removed (bound again to its name,
+//! which must be free, and the new file removed). A removed directory whose parent is
+//! gone too is refused, and so is a removed root directory. An epoll watch added by an
+//! fd number since closed (the file living on in another fd) is found with
+//! `kcmp(KCMP_EPOLL_TFD)` and added again under that number; a watched file no fd of
+//! the process holds is refused.
 //!
 //! See [`model`] for the records. Checkpoint reads `/proc/PID/{fd,fdinfo}` and uses
 //! `kcmp` to find fds sharing one description; restart rebuilds everything by system
 //! calls injected into the restore child. inotify and fanotify instances and pidfds are
 //! carried as [`notify`] says. Other sockets and other anonymous
 //! inodes are refused with an error naming the fd, so the checkpoint fails before anything is
-//! written; so are pseudo-terminal masters (see [`pty`]).
+//! written; so are pseudo-terminal masters (see [`pty`]) and removed terminal nodes.
 
 mod checkpoint;
 mod model;

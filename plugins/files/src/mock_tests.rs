@@ -35,6 +35,8 @@ struct Kernel {
     /// Existing paths and their st_mode.
     files: HashMap<String, u32>,
     unlinked: Vec<String>,
+    /// The modes of files unlinked (still open, fstat sees them).
+    gone: HashMap<String, u32>,
     /// Bytes written to each object (path, pipe, memfd).
     contents: HashMap<String, Vec<u8>>,
     cwd: String,
@@ -45,6 +47,8 @@ struct Kernel {
     locks: Vec<(String, i64, u64, Vec<u8>)>,
     /// Objects another process holds a conflicting lock on.
     conflicts: Vec<String>,
+    /// Epoll watches added: (epoll object, fd number, object at that number, data).
+    watches: Vec<(String, i32, String, u64)>,
     /// The call that last closed or replaced an fd, and the first lock call.
     last_fd_change: usize,
     first_lock: Option<usize>,
@@ -162,6 +166,7 @@ impl Kernel {
                         0
                     }
                     libc::F_SETPIPE_SZ => a[2] as i64,
+                    libc::F_GETFD => self.fds[&(a[0] as i32)].1 as i64,
                     libc::F_ADD_SEALS => 0,
                     _ => -(libc::EINVAL as i64),
                 }
@@ -200,7 +205,7 @@ impl Kernel {
                 let Some(d) = self.desc_of(a[0]) else { return ebadf };
                 let what = &self.descs[d].what;
                 let mode =
-                    if what.starts_with("pipe") { libc::S_IFIFO } else { self.files.get(what).copied().unwrap_or(0) };
+                    if what.starts_with("pipe") { libc::S_IFIFO } else { self.files.get(what).or(self.gone.get(what)).copied().unwrap_or(0) };
                 // SAFETY: a zeroed struct stat is a valid value.
                 let mut st: libc::stat = unsafe { std::mem::zeroed() };
                 st.st_mode = mode;
@@ -215,8 +220,46 @@ impl Kernel {
             }
             libc::SYS_unlinkat => {
                 let p = self.cstr(a[1]);
-                self.files.remove(&p);
+                let dir = self.files.get(&p).is_some_and(|m| m & libc::S_IFMT == libc::S_IFDIR);
+                if dir != (a[2] == 0x200) {
+                    return -(if dir { libc::EISDIR } else { libc::ENOTDIR } as i64);
+                }
+                if let Some(m) = self.files.remove(&p) {
+                    self.gone.insert(p.clone(), m);
+                }
                 self.unlinked.push(p);
+                0
+            }
+            libc::SYS_mkdirat | libc::SYS_mknodat => {
+                let p = self.cstr(a[1]);
+                if self.files.contains_key(&p) {
+                    return -(libc::EEXIST as i64);
+                }
+                let mode = if nr == libc::SYS_mkdirat { libc::S_IFDIR | a[2] as u32 } else { a[2] as u32 };
+                self.files.insert(p, mode);
+                0
+            }
+            libc::SYS_fchmodat => {
+                let p = self.cstr(a[1]);
+                let Some(m) = self.files.get_mut(&p) else { return -(libc::ENOENT as i64) };
+                *m = (*m & libc::S_IFMT) | a[2] as u32;
+                0
+            }
+            libc::SYS_fchdir => {
+                let Some(d) = self.desc_of(a[0]) else { return ebadf };
+                self.cwd = format!("fd:{}", self.descs[d].what);
+                0
+            }
+            libc::SYS_epoll_create1 => {
+                let d = self.new_desc("epoll", libc::O_RDWR as u32);
+                self.install(d, true)
+            }
+            libc::SYS_epoll_ctl => {
+                let (Some(ep), Some(d)) = (self.desc_of(a[0]), self.desc_of(a[2])) else { return ebadf };
+                let at = (a[3] - BASE) as usize;
+                let data = u64::from_le_bytes(self.mem[at + 4..at + 12].try_into().unwrap());
+                let (ep, what) = (self.descs[ep].what.clone(), self.descs[d].what.clone());
+                self.watches.push((ep, a[2] as i32, what, data));
                 0
             }
             libc::SYS_chdir => {
@@ -227,7 +270,7 @@ impl Kernel {
                 self.umask = a[0] as u32;
                 0o22
             }
-            libc::SYS_fchown | libc::SYS_fchmod | libc::SYS_ftruncate | libc::SYS_chroot => 0,
+            libc::SYS_fchown | libc::SYS_fchownat | libc::SYS_fchmod | libc::SYS_ftruncate | libc::SYS_chroot => 0,
             _ => -(libc::ENOSYS as i64),
         }
     }
@@ -290,7 +333,7 @@ fn raw(kind: &str, b: &[u8]) -> Record {
 fn header(descriptions: u64, pipes: u64) -> Record {
     json(
         KIND_HEADER,
-        &Header { format: FORMAT, cwd: "/work".into(), root: "/".into(), umask: 0o27, descriptions, pipes },
+        &Header { format: FORMAT, cwd: "/work".into(), root: "/".into(), umask: 0o27, descriptions, pipes, cwd_deleted: None },
     )
 }
 
@@ -504,6 +547,7 @@ fn bad_images_are_refused() {
         umask: 0,
         descriptions: 0,
         pipes: 0,
+        cwd_deleted: None,
     })
     .unwrap();
     h["extra"] = 1.into();
@@ -613,4 +657,69 @@ fn a_terminal_is_reopened_only_where_it_is_the_same_one() {
     let (_, r) = run(tty([1700000000, 5]));
     let e = r.unwrap_err();
     assert!(e.starts_with("fd 1 (/dev/null): the terminal there is not the process's (made at 0.000000000, the process's at 1700000000.000000005)"), "{e}");
+}
+
+#[test]
+fn removed_directories_nodes_and_the_cwd_come_back_and_go_again() {
+    let dir = |path: &str| Object::DeletedDir { path: path.into(), dev: 1, ino: 40, mode: libc::S_IFDIR | 0o751, uid: 7, gid: 8 };
+    let dflags = (libc::O_RDONLY | libc::O_DIRECTORY) as u32;
+    let node = Object::DeletedDevice { path: "/zero".into(), dev: 1, ino: 41, mode: libc::S_IFCHR | 0o640, rdev: libc::makedev(1, 3), uid: 0, gid: 0 };
+    let mut k = Kernel::new();
+    k.files.insert("/gone".into(), libc::S_IFREG | 0o644); // the name is taken again
+    let h = Header {
+        format: FORMAT,
+        cwd: "/gone".into(),
+        root: "/".into(),
+        umask: 0o22,
+        descriptions: 3,
+        pipes: 0,
+        cwd_deleted: Some(GoneDir { dev: 1, ino: 40, mode: libc::S_IFDIR | 0o751, uid: 7, gid: 8 }),
+    };
+    let records = vec![
+        json(KIND_HEADER, &h),
+        json(KIND_DESC, &Desc { fds: vec![slot(3, true)], flags: dflags, pos: 0, object: dir("/gone"), locks: Vec::new() }),
+        json(KIND_DESC, &Desc { fds: vec![slot(4, false)], flags: dflags, pos: 0, object: dir("/gone"), locks: Vec::new() }),
+        json(KIND_DESC, &Desc { fds: vec![slot(5, false)], flags: libc::O_RDWR as u32, pos: 0, object: node, locks: Vec::new() }),
+    ];
+    let (k, r) = run_on(k, records);
+    r.unwrap();
+    let t = table(&k);
+    // One directory, made beside the taken name, reopened for the second description.
+    assert_eq!(t[&3].0, "/.ferry-deleted-40-1");
+    assert_eq!(t[&4].0, "/.ferry-deleted-40-1");
+    assert!(t[&3].2 && !t[&4].2, "{t:?}");
+    assert_eq!(t[&5].0, "/zero");
+    assert_eq!(k.unlinked, vec!["/.ferry-deleted-40-1".to_string(), "/zero".to_string()]);
+    assert_eq!(k.files.get("/gone"), Some(&(libc::S_IFREG | 0o644)), "the other file of that name stays");
+    // The working directory is the same directory, entered through its fd.
+    assert_eq!(k.cwd, "fd:/.ferry-deleted-40-1");
+}
+
+#[test]
+fn a_watch_of_a_closed_fd_is_added_again_under_its_number() {
+    let rdonly = libc::O_RDONLY as u32;
+    let watches = vec![
+        Watch { fd: 6, events: 1, data: 0xfeed, file: Some(4) }, // 6 is /dev/null now
+        Watch { fd: 9, events: 1, data: 0xbeef, file: Some(4) }, // 9 is free
+        Watch { fd: 5, events: 4, data: 5, file: None },
+    ];
+    let epoll = Desc { fds: vec![slot(3, true)], flags: 2, pos: 0, object: Object::Epoll { watches }, locks: Vec::new() };
+    let records = vec![
+        header(4, 0),
+        json(KIND_DESC, &epoll),
+        path_desc("/data", libc::S_IFREG | 0o644, vec![slot(4, false)], rdonly, 0),
+        path_desc("/data", libc::S_IFREG | 0o644, vec![slot(5, false)], rdonly, 0),
+        path_desc("/dev/null", libc::S_IFCHR | 0o666, vec![slot(6, false)], rdonly, 0),
+    ];
+    let (k, r) = run(records);
+    r.unwrap();
+    // Each watch keyed by its own number, on the file that fd 4 holds.
+    let at = |fd| k.watches.iter().find(|w| w.1 == fd).cloned().unwrap_or_else(|| panic!("{:?}", k.watches));
+    assert_eq!(at(6), ("epoll".into(), 6, "/data".into(), 0xfeed));
+    assert_eq!(at(9), ("epoll".into(), 9, "/data".into(), 0xbeef));
+    assert_eq!(at(5).2, "/data");
+    // Fd 6 holds /dev/null again, without close-on-exec; 9 is closed again.
+    let t = table(&k);
+    assert_eq!(t.keys().copied().collect::<Vec<_>>(), vec![3, 4, 5, 6], "{t:?}");
+    assert_eq!((t[&6].0.as_str(), t[&6].2), ("/dev/null", false));
 }

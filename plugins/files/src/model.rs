@@ -51,6 +51,23 @@ pub struct Header {
     pub descriptions: u64,
     /// Number of `pipe` records that follow them.
     pub pipes: u64,
+    /// The working directory was removed (`rmdir`) while the process was in it: `cwd`
+    /// is where it was. Made again empty there (or beside it when the name is taken),
+    /// entered, and removed again; the same directory as a [`Object::DeletedDir`] of
+    /// the image (`dev`, `ino`) is entered through that description instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd_deleted: Option<GoneDir>,
+}
+
+/// A directory removed while still in use, as `stat` showed it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GoneDir {
+    pub dev: u64,
+    pub ino: u64,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
 }
 
 /// One fd number of a description and its close-on-exec bit.
@@ -82,6 +99,15 @@ pub enum Object {
     /// unlinked. Several descriptions of one inode (`dev`, `ino`) share one copy: the
     /// first carries `data_len` (the contents follow), the others have none.
     Deleted { path: String, dev: u64, ino: u64, mode: u32, uid: u32, gid: u32, size: u64, data_len: Option<u64> },
+    /// A directory removed while open (`O_RDONLY|O_DIRECTORY`, `O_PATH`): made again
+    /// empty at `path` (or beside it when the name is taken) with its mode and owner,
+    /// reopened with the description's flags, and removed. Descriptions of one
+    /// directory (`dev`, `ino`) share one.
+    DeletedDir { path: String, dev: u64, ino: u64, mode: u32, uid: u32, gid: u32 },
+    /// A character or block device node unlinked while open: made again with `mknod`
+    /// (`mode` with its type, `rdev`) at `path` or beside it, owned as it was, opened
+    /// with the description's flags and offset, and unlinked. Shared like `DeletedDir`.
+    DeletedDevice { path: String, dev: u64, ino: u64, mode: u32, rdev: u64, uid: u32, gid: u32 },
     /// A memfd: recreated with `memfd_create`, filled, sealed. Shared like `Deleted`.
     Memfd { name: String, dev: u64, ino: u64, mode: u32, seals: u32, size: u64, data_len: Option<u64> },
     /// An eventfd with its counter.
@@ -109,8 +135,18 @@ pub enum Object {
     /// socket, bound to `addr` (for a path, its socket file had permission bits `mode`;
     /// the one the process the image is of left is replaced) and/or, a datagram socket,
     /// connected to `peer` again. Waiting connections and queued datagrams do not
-    /// follow (the checkpoint refuses them).
-    UnixSocket { sock_type: i32, addr: Option<String>, mode: Option<u32>, peer: Option<String>, backlog: Option<u32> },
+    /// follow (the checkpoint refuses them). `unlinked`: its socket file was removed
+    /// since (the name stays the socket's, no file has it): bound again to the path,
+    /// which must be free, and the file made by the bind removed (no `mode` then).
+    UnixSocket {
+        sock_type: i32,
+        addr: Option<String>,
+        mode: Option<u32>,
+        peer: Option<String>,
+        backlog: Option<u32>,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        unlinked: bool,
+    },
     /// An inotify instance and its watches, in wd order (see [`crate::notify`]).
     Inotify { watches: Vec<crate::notify::InotifyWatch> },
     /// A fanotify instance: its `fanotify_init` flags and event flags, and its marks.
@@ -123,9 +159,15 @@ pub enum Object {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Watch {
+    /// The fd number the file was added by (the watch's key with the file).
     pub fd: i32,
     pub events: u32,
     pub data: u64,
+    /// Where the watched file is now, when `fd` no longer holds it (closed after a
+    /// `dup`, or reused for another file): the watch is added again under `fd`
+    /// through a duplicate of `file` put there for the call.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub file: Option<i32>,
 }
 
 /// An open file description and every fd number that refers to it.
@@ -171,7 +213,7 @@ impl Desc {
         match &self.object {
             Object::Path { .. } | Object::Eventfd { .. } | Object::Timerfd { .. } | Object::Signalfd { .. } | Object::Epoll { .. } => 0,
             Object::UnixPair { data_len, .. } => *data_len,
-            Object::Inet { .. } | Object::UnixSocket { .. } => 0,
+            Object::Inet { .. } | Object::UnixSocket { .. } | Object::DeletedDir { .. } | Object::DeletedDevice { .. } => 0,
             Object::Inotify { .. } | Object::Fanotify { .. } | Object::Pidfd { .. } => 0,
             Object::Deleted { data_len, .. } | Object::Memfd { data_len, .. } => data_len.unwrap_or(0),
         }
@@ -230,6 +272,9 @@ impl Header {
         }
         check_path("cwd", &self.cwd)?;
         check_path("root", &self.root)?;
+        if self.cwd_deleted.is_some_and(|d| d.mode & libc::S_IFMT != libc::S_IFDIR) {
+            return Err(format!("the deleted working directory {} in the image is not a directory", self.cwd));
+        }
         if self.umask > 0o777 {
             return Err(format!("umask {:#o} in the image is out of range", self.umask));
         }
@@ -252,7 +297,9 @@ impl Desc {
             return Err(format!("{what}: flags {:#o} hold O_CLOEXEC, which belongs to each fd", self.flags));
         }
         if !self.locks.is_empty() {
-            if !matches!(self.object, Object::Path { .. } | Object::Deleted { .. } | Object::Memfd { .. }) || self.locks.len() > MAX_LOCKS {
+            if !matches!(self.object, Object::Path { .. } | Object::Deleted { .. } | Object::Memfd { .. } | Object::DeletedDevice { .. })
+                || self.locks.len() > MAX_LOCKS
+            {
                 return Err(format!("{what}: {} locks on a file this plugin does not lock", self.locks.len()));
             }
             for l in &self.locks {
@@ -261,6 +308,18 @@ impl Desc {
         }
         match &self.object {
             Object::Path { path, .. } => check_path(&what, path)?,
+            Object::DeletedDir { path, mode, .. } => {
+                check_path(&what, path)?;
+                if mode & libc::S_IFMT != libc::S_IFDIR {
+                    return Err(format!("{what}: a deleted directory of mode {mode:#o}"));
+                }
+            }
+            Object::DeletedDevice { path, mode, .. } => {
+                check_path(&what, path)?;
+                if !matches!(mode & libc::S_IFMT, libc::S_IFCHR | libc::S_IFBLK) {
+                    return Err(format!("{what}: a deleted device node of mode {mode:#o}"));
+                }
+            }
             Object::Deleted { path, size, data_len, .. } => {
                 check_path(&what, path)?;
                 if let Some(n) = data_len {
@@ -302,7 +361,7 @@ impl Desc {
                     return Err(format!("{what}: a socket the image describes wrongly"));
                 }
             }
-            Object::UnixSocket { sock_type, addr, mode, peer, backlog } => {
+            Object::UnixSocket { sock_type, addr, mode, peer, backlog, unlinked } => {
                 let bad_name = |hex: &str| -> Result<(bool, bool), String> {
                     let bytes = ferry_plugin_api::util::from_hex(hex, &what, UNIX_ADDR_MAX, false)?;
                     let path = bytes.get(2).is_some_and(|&b| b != 0);
@@ -318,7 +377,8 @@ impl Desc {
                 if let Some(p) = peer {
                     bad |= bad_name(p)?.0 || *sock_type != libc::SOCK_DGRAM;
                 }
-                bad |= path != mode.is_some() || mode.is_some_and(|m| m > 0o7777);
+                // A path has its file's mode, unless the file is gone.
+                bad |= (path && !unlinked) != mode.is_some() || (*unlinked && !path) || mode.is_some_and(|m| m > 0o7777);
                 bad |= match backlog {
                     Some(b) => !matches!(*sock_type, libc::SOCK_STREAM | libc::SOCK_SEQPACKET) || *b > 1 << 20 || addr.is_none(),
                     None => *sock_type != libc::SOCK_DGRAM,
@@ -338,7 +398,7 @@ impl Desc {
             }
             Object::Epoll { watches } => {
                 for w in watches {
-                    if !(0..=MAX_FD).contains(&w.fd) {
+                    if !(0..=MAX_FD).contains(&w.fd) || w.file.is_some_and(|f| !(0..=MAX_FD).contains(&f) || f == w.fd) {
                         return Err(format!("{what}: epoll watch of fd {} is out of range", w.fd));
                     }
                 }
@@ -539,7 +599,7 @@ mod tests {
         };
         let sock = |sock_type, addr: Option<String>, mode, peer: Option<String>, backlog| {
             let mut d = path_desc(&[3]);
-            d.object = Object::UnixSocket { sock_type, addr, mode, peer, backlog };
+            d.object = Object::UnixSocket { sock_type, addr, mode, peer, backlog, unlinked: false };
             d.validate(&mut HashSet::new())
         };
         let (path, abstract_) = (name(b"/run/a.sock\0"), name(b"\0ferry"));
@@ -547,6 +607,15 @@ mod tests {
         assert!(sock(libc::SOCK_SEQPACKET, Some(abstract_.clone()), None, None, Some(8)).is_ok());
         assert!(sock(libc::SOCK_DGRAM, None, None, Some(path.clone()), None).is_ok());
         assert!(sock(libc::SOCK_DGRAM, None, None, None, None).is_ok(), "an unnamed datagram socket");
+        let unlinked = |addr: &String, mode| {
+            let mut d = path_desc(&[3]);
+            let (addr, backlog) = (Some(addr.clone()), Some(8));
+            d.object = Object::UnixSocket { sock_type: libc::SOCK_STREAM, addr, mode, peer: None, backlog, unlinked: true };
+            d.validate(&mut HashSet::new())
+        };
+        assert!(unlinked(&path, None).is_ok(), "a path whose file was removed");
+        assert!(unlinked(&path, Some(0o600)).is_err(), "a mode for a file that is gone");
+        assert!(unlinked(&abstract_, None).is_err(), "an abstract name has no file to remove");
         for (t, addr, mode, peer, backlog) in [
             (libc::SOCK_STREAM, Some(path.clone()), None, None, Some(8)),      // a path without its mode
             (libc::SOCK_STREAM, Some(abstract_.clone()), Some(0o600), None, Some(8)), // a mode for no file
@@ -563,9 +632,44 @@ mod tests {
     }
 
     #[test]
+    fn removed_things_are_checked() {
+        let mut d = path_desc(&[3]);
+        let dir = |mode| Object::DeletedDir { path: "/tmp/gone".into(), dev: 1, ino: 2, mode, uid: 0, gid: 0 };
+        let node = |mode| Object::DeletedDevice { path: "/tmp/zero".into(), dev: 1, ino: 2, mode, rdev: 0x105, uid: 0, gid: 0 };
+        for (object, ok) in [
+            (dir(libc::S_IFDIR | 0o755), true),
+            (dir(libc::S_IFREG | 0o644), false),
+            (node(libc::S_IFCHR | 0o640), true),
+            (node(libc::S_IFBLK | 0o600), true),
+            (node(libc::S_IFDIR | 0o600), false),
+        ] {
+            d.object = object;
+            assert_eq!(d.validate(&mut HashSet::new()).is_ok(), ok, "{:?}", d.object);
+            assert_eq!(d.data_len(), 0);
+        }
+        d.object = Object::DeletedDir { path: "gone".into(), dev: 1, ino: 2, mode: libc::S_IFDIR, uid: 0, gid: 0 };
+        assert!(d.validate(&mut HashSet::new()).unwrap_err().contains("not absolute"));
+        // A watch moved to another fd names one, not its own number.
+        let watch = |file| Object::Epoll { watches: vec![Watch { fd: 7, events: 1, data: 9, file }] };
+        for (file, ok) in [(None, true), (Some(8), true), (Some(7), false), (Some(-1), false)] {
+            d.object = watch(file);
+            assert_eq!(d.validate(&mut HashSet::new()).is_ok(), ok, "{file:?}");
+        }
+        // Images of before: no `file`, no `unlinked`, no `cwd_deleted`.
+        let w: Watch = serde_json::from_str(r#"{"fd":7,"events":1,"data":9}"#).unwrap();
+        assert_eq!(w.file, None);
+        assert!(!serde_json::to_string(&w).unwrap().contains("file"));
+        let h: Header = serde_json::from_str(r#"{"format":1,"cwd":"/","root":"/","umask":18,"descriptions":0,"pipes":0}"#).unwrap();
+        assert_eq!(h.cwd_deleted, None);
+        let gone = |mode| Header { cwd_deleted: Some(GoneDir { dev: 1, ino: 2, mode, uid: 0, gid: 0 }), ..h.clone() };
+        assert!(gone(libc::S_IFDIR | 0o700).validate().is_ok());
+        assert!(gone(libc::S_IFREG | 0o700).validate().unwrap_err().contains("not a directory"));
+    }
+
+    #[test]
     fn header_is_checked() {
         let mut h =
-            Header { format: FORMAT, cwd: "/".into(), root: "/".into(), umask: 0o22, descriptions: 3, pipes: 1 };
+            Header { format: FORMAT, cwd: "/".into(), root: "/".into(), umask: 0o22, descriptions: 3, pipes: 1, cwd_deleted: None };
         assert!(h.validate().is_ok());
         h.umask = 0o1000;
         assert!(h.validate().is_err());

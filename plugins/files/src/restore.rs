@@ -16,6 +16,11 @@ use ferry_plugin_api::{
     ContextRef, Progress, RecordFormat, SourceRef, Status,
 };
 
+#[path = "restore_gone.rs"]
+mod gone;
+#[path = "restore_made.rs"]
+mod made;
+
 use crate::{
     checkpoint::object_name,
     locks::Lock,
@@ -288,7 +293,8 @@ pub struct Restore {
     locks: Vec<(i32, String, Vec<Lock>)>,
     /// inotify and fanotify instances and pidfds, made last (see [`crate::notify`]).
     notify: Vec<(String, Desc)>,
-    /// Files created in the child and not unlinked yet (removed by cleanup on failure).
+    /// Files, directories and nodes created in the child and not removed yet (removed
+    /// by cleanup on failure).
     pub created: Vec<String>,
     finished: bool,
     pub status: Status,
@@ -400,69 +406,6 @@ impl Restore {
         Ok(written)
     }
 
-    /// Makes an eventfd, timerfd, signalfd or epoll instance and puts it at its numbers;
-    /// an epoll instance's watches wait for [`Restore::finish`], when every file they
-    /// name is back.
-    fn start_event_fd(&mut self, ctx: &mut ContextRef<'_>, what: &str, desc: &Desc) -> Result<(), String> {
-        // The creation flags take O_NONBLOCK and O_CLOEXEC's values.
-        let nonblock = (desc.flags & libc::O_NONBLOCK as u32) as u64 | libc::O_CLOEXEC as u64;
-        let mut scratch = Scratch::new(ctx);
-        let fd = match &desc.object {
-            Object::Eventfd { count, semaphore } => {
-                let fd = sys(ctx, &format!("{what}: eventfd2"), libc::SYS_eventfd2, [0, nonblock | u64::from(*semaphore), 0, 0, 0, 0])? as i32;
-                if *count > 0 {
-                    let at = scratch.put(ctx, &count.to_le_bytes())?;
-                    sys(ctx, &format!("{what}: writing its count {count}"), libc::SYS_write, [fd_arg(fd), at, 8, 0, 0, 0])?;
-                }
-                fd
-            }
-            Object::Timerfd { clock, value, interval, ticks } => {
-                let fd = sys(ctx, &format!("{what}: timerfd_create"), libc::SYS_timerfd_create, [*clock as u64, nonblock, 0, 0, 0, 0])? as i32;
-                // A periodic timer that expired and was not read yet shows no time left:
-                // the kernel re-arms it on the read. It goes on one interval from now.
-                let value = if *value == [0, 0] { *interval } else { *value };
-                if value != [0, 0] {
-                    let its: Vec<u8> = [interval[0], interval[1], value[0], value[1]].iter().flat_map(|v| v.to_le_bytes()).collect();
-                    let at = scratch.put(ctx, &its)?;
-                    sys(ctx, &format!("{what}: timerfd_settime"), libc::SYS_timerfd_settime, [fd_arg(fd), 0, at, 0, 0, 0])?;
-                }
-                if *ticks > 0 {
-                    // After settime, which clears them: the expirations not read yet.
-                    let at = scratch.put(ctx, &ticks.to_le_bytes())?;
-                    sys(ctx, &format!("{what}: setting {ticks} unread expirations"), libc::SYS_ioctl, [fd_arg(fd), ferry_plugin_api::util::TFD_IOC_SET_TICKS, at, 0, 0, 0])?;
-                }
-                fd
-            }
-            Object::Signalfd { mask } => {
-                let at = scratch.put(ctx, &mask.to_le_bytes())?;
-                sys(ctx, &format!("{what}: signalfd4"), libc::SYS_signalfd4, [u64::MAX, at, 8, nonblock, 0, 0])? as i32
-            }
-            Object::Epoll { watches } => {
-                let fd = sys(ctx, &format!("{what}: epoll_create1"), libc::SYS_epoll_create1, [libc::O_CLOEXEC as u64, 0, 0, 0, 0, 0])? as i32;
-                self.epolls.push((desc.fds[0].fd, what.to_string(), watches.clone()));
-                fd
-            }
-            _ => return Err(format!("internal error: {what} is not an event fd")),
-        };
-        let h = self.placer.adopt(fd);
-        self.placer.place(ctx, what, h, &desc.fds)?;
-        self.placer.release(ctx, h)?;
-        self.status.entities_done += 1;
-        Ok(())
-    }
-
-    /// Gives socket `fd` (placer handle `h`) its status flags and its fd numbers.
-    fn finish_socket(&mut self, ctx: &mut ContextRef<'_>, what: &str, desc: &Desc, fd: i32, h: usize) -> Result<(), String> {
-        let setfl = desc.flags & PIPE_SETFL;
-        if setfl != 0 {
-            set_status_flags(ctx, what, fd, setfl)?;
-        }
-        self.placer.place(ctx, what, h, &desc.fds)?;
-        self.placer.release(ctx, h)?;
-        self.status.entities_done += 1;
-        Ok(())
-    }
-
     fn start_desc(&mut self, ctx: &mut ContextRef<'_>, desc: Desc) -> Result<(), String> {
         let what = format!("{} ({})", desc.label(), object_name(&desc.object));
         if let (false, Some(first)) = (desc.locks.is_empty(), desc.fds.first()) {
@@ -475,64 +418,7 @@ impl Restore {
             // Made in `finish`, once the restore opens no more files: its own opens
             // would show as events.
             Object::Inotify { .. } | Object::Fanotify { .. } | Object::Pidfd { .. } => self.notify.push((what, desc)),
-            Object::Inet { family, sock_type, addr, peer, backlog, options } => {
-                let proto = if *sock_type == libc::SOCK_STREAM { libc::IPPROTO_TCP } else { libc::IPPROTO_UDP };
-                let fd = sys(ctx, &format!("{what}: socket"), libc::SYS_socket, [*family as u64, (*sock_type | libc::SOCK_CLOEXEC) as u64, proto as u64, 0, 0, 0])? as i32;
-                let h = self.placer.adopt(fd);
-                let mut scratch = Scratch::new(ctx);
-                for [level, name, value] in options {
-                    let at = scratch.put(ctx, &value.to_le_bytes())?;
-                    sys(ctx, &format!("{what}: setsockopt({level}, {name})"), libc::SYS_setsockopt, [fd_arg(fd), *level as u64, *name as u64, at, 4, 0])?;
-                }
-                let bytes = ferry_plugin_api::util::from_hex(addr, &what, 128, false)?;
-                // Port 0: a socket never bound (a UDP socket that only sends, say).
-                if bytes.get(2..4) != Some(&[0, 0]) {
-                    let at = scratch.put(ctx, &bytes)?;
-                    sys(ctx, &format!("{what}: bind"), libc::SYS_bind, [fd_arg(fd), at, bytes.len() as u64, 0, 0, 0])?;
-                }
-                if *sock_type == libc::SOCK_STREAM {
-                    sys(ctx, &format!("{what}: listen"), libc::SYS_listen, [fd_arg(fd), *backlog as u64, 0, 0, 0, 0])?;
-                } else if let Some(peer) = peer {
-                    let bytes = ferry_plugin_api::util::from_hex(peer, &what, 128, false)?;
-                    let at = scratch.put(ctx, &bytes)?;
-                    sys(ctx, &format!("{what}: connect"), libc::SYS_connect, [fd_arg(fd), at, bytes.len() as u64, 0, 0, 0])?;
-                }
-                self.finish_socket(ctx, &what, &desc, fd, h)?;
-            }
-            Object::UnixSocket { sock_type, addr, mode, peer, backlog } => {
-                let fd = sys(ctx, &format!("{what}: socket"), libc::SYS_socket, [libc::AF_UNIX as u64, (*sock_type | libc::SOCK_CLOEXEC) as u64, 0, 0, 0, 0])? as i32;
-                let h = self.placer.adopt(fd);
-                let mut scratch = Scratch::new(ctx);
-                if let Some(addr) = addr {
-                    let bytes = ferry_plugin_api::util::from_hex(addr, &what, crate::model::UNIX_ADDR_MAX, false)?;
-                    let at = scratch.put(ctx, &bytes)?;
-                    // A path: `sun_path` from offset 2, NUL-terminated (checked when read).
-                    let path = mode.map(|_| at + 2);
-                    if let Some(path) = path {
-                        // The socket file the process this image is of left behind keeps
-                        // the name taken; anything else there is not ferry's to remove.
-                        let st = scratch.alloc(STAT_SIZE as u64)?;
-                        let tid = ctx.pid();
-                        let found = syscall_raw(ctx, tid, libc::SYS_newfstatat, [libc::AT_FDCWD as u64, path, st, libc::AT_SYMLINK_NOFOLLOW as u64, 0, 0])?;
-                        if found == 0 && read_stat(ctx, st)?.st_mode & libc::S_IFMT == libc::S_IFSOCK {
-                            sys(ctx, &format!("{what}: removing its old socket file"), libc::SYS_unlinkat, [libc::AT_FDCWD as u64, path, 0, 0, 0, 0])?;
-                        }
-                    }
-                    sys(ctx, &format!("{what}: bind"), libc::SYS_bind, [fd_arg(fd), at, bytes.len() as u64, 0, 0, 0])?;
-                    if let (Some(path), Some(mode)) = (path, mode) {
-                        sys(ctx, &format!("{what}: chmod {mode:o}"), libc::SYS_fchmodat, [libc::AT_FDCWD as u64, path, *mode as u64, 0, 0, 0])?;
-                    }
-                }
-                if let Some(backlog) = backlog {
-                    sys(ctx, &format!("{what}: listen"), libc::SYS_listen, [fd_arg(fd), *backlog as u64, 0, 0, 0, 0])?;
-                }
-                if let Some(peer) = peer {
-                    // Once every socket is bound: its peer may be one of the process's own.
-                    let bytes = ferry_plugin_api::util::from_hex(peer, &what, crate::model::UNIX_ADDR_MAX, false)?;
-                    self.connects.push((desc.fds[0].fd, bytes, what.clone()));
-                }
-                self.finish_socket(ctx, &what, &desc, fd, h)?;
-            }
+            Object::Inet { .. } | Object::UnixSocket { .. } => self.start_named_socket(ctx, &what, &desc)?,
             Object::UnixPair { ino, peer, sock_type, data_len, .. } => {
                 // This end was made with its peer already, or both are made now.
                 let (mine, other) = match self.socks.remove(ino) {
@@ -595,8 +481,11 @@ impl Restore {
                 self.placer.release(ctx, h)?;
                 self.status.entities_done += 1;
             }
+            Object::DeletedDir { .. } | Object::DeletedDevice { .. } => self.start_gone(ctx, &what, &desc)?,
             Object::Deleted { path, ino, data_len: Some(n), .. } => {
-                let (fd, at) = self.create_deleted(ctx, &what, path, *ino)?;
+                let flags = (libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC | libc::O_NOCTTY) as u32;
+                let (fd, at) = self.make_beside(ctx, &what, "the deleted file", path, *ino, |ctx, at| open_raw(ctx, at, flags, 0o600))?;
+                let fd = fd as i32;
                 let h = self.placer.adopt(fd);
                 let remaining = *n;
                 self.pending =
@@ -617,35 +506,6 @@ impl Restore {
             }
         }
         Ok(())
-    }
-
-    /// Creates the file of a deleted description at its path, or beside it when the
-    /// path is taken; answers the child's fd (write-only) and the path used.
-    fn create_deleted(
-        &mut self,
-        ctx: &mut ContextRef<'_>,
-        what: &str,
-        path: &str,
-        ino: u64,
-    ) -> Result<(i32, String), String> {
-        let flags = (libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC | libc::O_NOCTTY) as u32;
-        let (dir, _) = path.rsplit_once('/').ok_or_else(|| format!("{what}: path {path} has no directory"))?;
-        for attempt in 0..16u32 {
-            let at = if attempt == 0 { path.to_string() } else { format!("{dir}/.ferry-deleted-{ino}-{attempt}") };
-            let r = open_raw(ctx, &at, flags, 0o600)?;
-            if r == -(libc::EEXIST as i64) {
-                continue;
-            }
-            if r < 0 {
-                return Err(format!(
-                    "{what}: recreating the deleted file at {at}: {}",
-                    std::io::Error::from_raw_os_error(-r as i32)
-                ));
-            }
-            self.created.push(at.clone());
-            return Ok((r as i32, at));
-        }
-        Err(format!("{what}: no free name to recreate the deleted file beside {path}"))
     }
 
     fn start_pipe(&mut self, ctx: &mut ContextRef<'_>, rec: PipeRec) -> Result<(), String> {
@@ -860,16 +720,11 @@ impl Restore {
         }
         for (epfd, what, watches) in std::mem::take(&mut self.epolls) {
             for w in watches {
-                if !self.placed_fd(w.fd) {
-                    return Err(format!("{what}: it watches fd {}, which the image does not have", w.fd));
+                let holder = w.file.unwrap_or(w.fd);
+                if !self.placed_fd(holder) {
+                    return Err(format!("{what}: it watches fd {holder}, which the image does not have"));
                 }
-                // struct epoll_event is packed on x86_64: events, then data.
-                let mut ev = w.events.to_le_bytes().to_vec();
-                ev.extend_from_slice(&w.data.to_le_bytes());
-                let mut scratch = Scratch::new(ctx);
-                let at = scratch.put(ctx, &ev)?;
-                const EPOLL_CTL_ADD: u64 = 1;
-                sys(ctx, &format!("{what}: watching fd {}", w.fd), libc::SYS_epoll_ctl, [fd_arg(epfd), EPOLL_CTL_ADD, fd_arg(w.fd), at, 0, 0])?;
+                self.add_watch(ctx, epfd, &what, &w)?;
             }
         }
         for (fd, what, locks) in std::mem::take(&mut self.locks) {
@@ -880,9 +735,14 @@ impl Restore {
                 take_lock(ctx, fd, &what, &lock)?;
             }
         }
+        match h.cwd_deleted {
+            Some(gone) => self.enter_gone_cwd(ctx, &h.cwd, &gone)?,
+            None => {
+                let addr = Scratch::new(ctx).cstr(ctx, &h.cwd)?;
+                sys(ctx, &format!("chdir to the working directory {}", h.cwd), libc::SYS_chdir, [addr, 0, 0, 0, 0, 0])?;
+            }
+        }
         let mut scratch = Scratch::new(ctx);
-        let addr = scratch.cstr(ctx, &h.cwd)?;
-        sys(ctx, &format!("chdir to the working directory {}", h.cwd), libc::SYS_chdir, [addr, 0, 0, 0, 0, 0])?;
         if h.root != "/" {
             let addr = scratch.cstr(ctx, &h.root)?;
             sys(ctx, &format!("chroot to the root directory {}", h.root), libc::SYS_chroot, [addr, 0, 0, 0, 0, 0])?;
@@ -903,7 +763,9 @@ impl Restore {
     /// unlinked yet (the child shares ferry's view of the file system).
     pub fn cleanup(&mut self) {
         for path in self.created.drain(..) {
-            let _ = std::fs::remove_file(&path);
+            if std::fs::remove_file(&path).is_err() {
+                let _ = std::fs::remove_dir(&path);
+            }
         }
     }
 }

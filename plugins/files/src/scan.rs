@@ -149,6 +149,10 @@ pub enum Kind {
     Deleted(String),
     /// A memfd, by its name.
     Memfd(String),
+    /// A directory removed while open (path without " (deleted)").
+    DeletedDir(String),
+    /// A character or block device node unlinked while open.
+    DeletedDevice(String),
     /// A pipe (`fifo` None) or a FIFO by its path. Pipes are keyed by inode; an
     /// unlinked FIFO is rebuilt as an anonymous pipe.
     Pipe { fifo: Option<String> },
@@ -179,6 +183,12 @@ pub fn kind_of(fd: i32, link: &str, st: &StatInfo, named: impl Fn(&str) -> bool)
                     }
                     _ => Err(unsupported(fd, link)),
                 };
+            }
+            if ft == libc::S_IFDIR {
+                return Ok(Kind::DeletedDir(path.to_string()));
+            }
+            if (ft == libc::S_IFCHR || ft == libc::S_IFBLK) && !crate::pty::is_slave(st.mode, st.rdev) {
+                return Ok(Kind::DeletedDevice(path.to_string()));
             }
             if ft != libc::S_IFREG {
                 return Err(format!(
@@ -381,8 +391,15 @@ mod tests {
             Ok(Kind::Pipe { fifo: Some("/tmp/fifo".into()) })
         );
         assert_eq!(kind_of(3, "/tmp/fifo (deleted)", &st(libc::S_IFIFO), never), Ok(Kind::Pipe { fifo: None }));
-        let e = kind_of(4, "/tmp/dir (deleted)", &st(libc::S_IFDIR), never).unwrap_err();
-        assert!(e.contains("fd 4 is a directory that was deleted"), "{e}");
+        assert_eq!(kind_of(4, "/tmp/dir (deleted)", &st(libc::S_IFDIR), never), Ok(Kind::DeletedDir("/tmp/dir".into())));
+        assert_eq!(kind_of(4, "/tmp/zero (deleted)", &st(libc::S_IFCHR), never), Ok(Kind::DeletedDevice("/tmp/zero".into())));
+        assert_eq!(kind_of(4, "/tmp/sda (deleted)", &st(libc::S_IFBLK), never), Ok(Kind::DeletedDevice("/tmp/sda".into())));
+        // A terminal's node is never made again.
+        let pts = StatInfo { rdev: libc::makedev(136, 3), ..st(libc::S_IFCHR) };
+        let e = kind_of(4, "/tmp/pts3 (deleted)", &pts, never).unwrap_err();
+        assert!(e.contains("fd 4 is a character device that was deleted"), "{e}");
+        let e = kind_of(4, "/tmp/sock (deleted)", &st(libc::S_IFSOCK), never).unwrap_err();
+        assert!(e.contains("fd 4 is a socket that was deleted"), "{e}");
         assert_eq!(kind_of(7, "socket:[12345]", &st(libc::S_IFSOCK), never), Ok(Kind::Socket(12345)));
         assert_eq!(kind_of(5, "anon_inode:[eventfd]", &StatInfo::default(), never), Ok(Kind::Eventfd));
         assert_eq!(kind_of(5, "anon_inode:[eventpoll]", &StatInfo::default(), never), Ok(Kind::Epoll));

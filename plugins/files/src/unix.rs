@@ -12,9 +12,11 @@ const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const NLM_F_REQUEST: u16 = 1;
 const NLMSG_ERROR: u16 = 2;
 const UDIAG_SHOW_NAME: u32 = 0x01;
+const UDIAG_SHOW_VFS: u32 = 0x02;
 const UDIAG_SHOW_PEER: u32 = 0x04;
 const UDIAG_SHOW_RQLEN: u32 = 0x10;
 const UNIX_DIAG_NAME: u16 = 0;
+const UNIX_DIAG_VFS: u16 = 1;
 const UNIX_DIAG_PEER: u16 = 2;
 const UNIX_DIAG_RQLEN: u16 = 4;
 const UNIX_DIAG_SHUTDOWN: u16 = 6;
@@ -39,6 +41,9 @@ pub struct UnixInfo {
     pub wqueue: u32,
     /// `RCV_SHUTDOWN` (1) | `SEND_SHUTDOWN` (2).
     pub shutdown: u8,
+    /// Bound to a path: the inode of the socket file the bind made (its low 32 bits),
+    /// which the kernel keeps even once the file was removed.
+    pub vfs_ino: Option<u32>,
 }
 
 /// Asks the kernel about the Unix socket of inode `ino`; `Ok(None)` when no Unix
@@ -60,7 +65,7 @@ pub fn query(ino: u64) -> Result<Option<UnixInfo>, String> {
     req[16] = libc::AF_UNIX as u8;
     req[20..24].copy_from_slice(&u32::MAX.to_le_bytes()); // every state
     req[24..28].copy_from_slice(&(ino as u32).to_le_bytes());
-    req[28..32].copy_from_slice(&(UDIAG_SHOW_NAME | UDIAG_SHOW_PEER | UDIAG_SHOW_RQLEN).to_le_bytes());
+    req[28..32].copy_from_slice(&(UDIAG_SHOW_NAME | UDIAG_SHOW_VFS | UDIAG_SHOW_PEER | UDIAG_SHOW_RQLEN).to_le_bytes());
     req[32..40].copy_from_slice(&[0xff; 8]); // no cookie
     // SAFETY: sending our buffer on our socket (to the kernel: no address needed).
     if unsafe { libc::send(sock.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) } < 0 {
@@ -118,6 +123,7 @@ fn parse(msg: &[u8], ino: u64) -> Result<Option<UnixInfo>, String> {
         let data = &msg[at + 4..at + alen];
         match kind {
             UNIX_DIAG_NAME => info.name = Some(data.to_vec()),
+            UNIX_DIAG_VFS if data.len() >= 4 => info.vfs_ino = Some(u32_at(data, 0)),
             UNIX_DIAG_PEER if data.len() >= 4 => info.peer = u32_at(data, 0) as u64,
             UNIX_DIAG_RQLEN if data.len() >= 8 => (info.rqueue, info.wqueue) = (u32_at(data, 0), u32_at(data, 4)),
             UNIX_DIAG_SHUTDOWN if !data.is_empty() => info.shutdown = data[0],
@@ -131,7 +137,7 @@ fn parse(msg: &[u8], ino: u64) -> Result<Option<UnixInfo>, String> {
 /// A Unix socket the files plugin makes again from its names: a listener (stream or
 /// seqpacket, `backlog` set) or a datagram socket, bound to `addr` and/or (datagram)
 /// connected to `peer` (`sockaddr_un` bytes: an abstract name, or an absolute path, whose
-/// socket file had permission bits `mode`).
+/// socket file had permission bits `mode`, or was removed since: `unlinked`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Named {
     pub sock_type: i32,
@@ -139,13 +145,15 @@ pub struct Named {
     pub mode: Option<u32>,
     pub peer: Option<Vec<u8>>,
     pub backlog: Option<u32>,
+    pub unlinked: bool,
 }
 
 /// The `sockaddr_un` of `name` (as unix_diag gives it), and for a path the permission
-/// bits of its socket file as process `pid` sees it.
-fn address(pid: i32, name: &[u8]) -> Result<(Vec<u8>, Option<u32>), String> {
-    let mode = match name.first() {
-        Some(0) => None,
+/// bits of its socket file as process `pid` sees it, or None when that file was
+/// removed (the answer's `true`). `vfs_ino`: the inode of the file the bind made.
+fn address(pid: i32, name: &[u8], vfs_ino: Option<u32>) -> Result<(Vec<u8>, Option<u32>, bool), String> {
+    let (mode, unlinked) = match name.first() {
+        Some(0) => (None, false),
         Some(b'/') => {
             let path = std::str::from_utf8(name.strip_suffix(&[0]).unwrap_or(name))
                 .map_err(|_| format!("bound to a path that is not UTF-8 ({name:?})"))?;
@@ -153,16 +161,22 @@ fn address(pid: i32, name: &[u8]) -> Result<(Vec<u8>, Option<u32>), String> {
             if std::fs::read_link(format!("/proc/{pid}/root")).map_err(|e| e.to_string())? != std::path::Path::new("/") {
                 return Err(format!("bound to {path} inside a changed root"));
             }
-            let st = std::fs::symlink_metadata(format!("/proc/{pid}/root{path}"))
-                .map_err(|e| format!("bound to {path}, whose socket file is gone ({e})"))?;
-            if !std::os::unix::fs::FileTypeExt::is_socket(&st.file_type()) {
-                return Err(format!("bound to {path}, which now names something else"));
+            match std::fs::symlink_metadata(format!("/proc/{pid}/root{path}")) {
+                // The file was removed: the name is bound again and the file removed.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => (None, true),
+                Err(e) => return Err(format!("bound to {path}, which cannot be looked at ({e})")),
+                Ok(st) => {
+                    let ours = vfs_ino.is_none_or(|i| std::os::unix::fs::MetadataExt::ino(&st) as u32 == i);
+                    if !std::os::unix::fs::FileTypeExt::is_socket(&st.file_type()) || !ours {
+                        return Err(format!("bound to {path}, whose socket file was removed and the name given to another file"));
+                    }
+                    (Some(std::os::unix::fs::PermissionsExt::mode(&st.permissions()) & 0o7777), false)
+                }
             }
-            Some(std::os::unix::fs::PermissionsExt::mode(&st.permissions()) & 0o7777)
         }
         _ => return Err(format!("bound to the relative path {:?}", String::from_utf8_lossy(name))),
     };
-    Ok((sockaddr(name), mode))
+    Ok((sockaddr(name), mode, unlinked))
 }
 
 /// A `sockaddr_un` holding `name`.
@@ -176,19 +190,19 @@ fn sockaddr(name: &[u8]) -> Vec<u8> {
 /// with none waiting; a datagram socket with nothing queued, bound or connected to a
 /// bound socket, the peer looked up through `peer_info`); why not if not.
 pub fn named(pid: i32, info: &UnixInfo, peer_info: impl FnOnce(u64) -> Result<Option<UnixInfo>, String>) -> Result<Named, String> {
-    let (addr, mode) = match info.name.as_deref() {
+    let (addr, mode, unlinked) = match info.name.as_deref() {
         Some(name) => {
-            let (addr, mode) = address(pid, name)?;
-            (Some(addr), mode)
+            let (addr, mode, unlinked) = address(pid, name, info.vfs_ino)?;
+            (Some(addr), mode, unlinked)
         }
-        None => (None, None),
+        None => (None, None, false),
     };
     let sock_type = info.sock_type as i32;
     if info.state == LISTEN {
         if info.rqueue > 0 {
             return Err(format!("listening with {} connections waiting", info.rqueue));
         }
-        return Ok(Named { sock_type, addr, mode, peer: None, backlog: Some(info.wqueue) });
+        return Ok(Named { sock_type, addr, mode, peer: None, backlog: Some(info.wqueue), unlinked });
     }
     if sock_type != libc::SOCK_DGRAM {
         return Err(match info.peer {
@@ -209,7 +223,7 @@ pub fn named(pid: i32, info: &UnixInfo, peer_info: impl FnOnce(u64) -> Result<Op
             Some(sockaddr(&name))
         }
     };
-    Ok(Named { sock_type, addr, mode, peer, backlog: None })
+    Ok(Named { sock_type, addr, mode, peer, backlog: None, unlinked })
 }
 
 #[cfg(test)]
