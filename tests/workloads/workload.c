@@ -2432,18 +2432,32 @@ static void setup_gone(void)
         eo_ep = epoll_create1(EPOLL_CLOEXEC);
         if (eo_ep < 0 || pipe2(pp, O_NONBLOCK) != 0 || epoll_ctl(eo_ep, EPOLL_CTL_ADD, pp[0], &ev) != 0)
             die("epoll-orphan");
+        /* Held by a process outside this one's tree (a grandchild whose parent exited):
+         * a child would be taken with it, and refused for the pipe they share. It goes
+         * once this process is gone. */
         pid_t parent = getpid();
-        eo_child = fork();
-        if (eo_child < 0)
+        int gp[2];
+        if (pipe(gp) != 0)
+            die("epoll-orphan pipe");
+        pid_t mid = fork();
+        if (mid < 0)
             die("epoll-orphan fork");
-        if (eo_child == 0) {
-            prctl(PR_SET_PDEATHSIG, SIGKILL);
-            if (getppid() != parent)
+        if (mid == 0) {
+            pid_t g = fork();
+            if (g == 0) {
+                while (kill(parent, 0) == 0)
+                    usleep(50000);
                 _exit(0);
-            for (;;)
-                pause();
+            }
+            _exit(write(gp[1], &g, sizeof g) == sizeof g && g > 0 ? 0 : 1);
         }
-        close(pp[0]); /* the child's copy alone keeps the watched file */
+        int status;
+        if (waitpid(mid, &status, 0) != mid || !WIFEXITED(status) || WEXITSTATUS(status) != 0 ||
+            read(gp[0], &eo_child, sizeof eo_child) != sizeof eo_child)
+            die("epoll-orphan grandchild");
+        close(gp[0]);
+        close(gp[1]);
+        close(pp[0]); /* the grandchild's copy alone keeps the watched file */
         eo_wr = pp[1];
     }
     if (opt_chroot) {
@@ -2591,8 +2605,7 @@ static void verify_gone(void)
 static void end_gone(void)
 {
     if (eo_child > 0) {
-        kill(eo_child, SIGKILL);
-        waitpid(eo_child, NULL, 0);
+        kill(eo_child, SIGKILL); /* not ours to reap: its parent exited */
     }
 }
 
