@@ -1,0 +1,283 @@
+//! Mapped objects that have no name left to map again: files deleted while mapped
+//! (a library replaced by an upgrade, a data file mapped then unlinked) and memfds.
+//!
+//! Checkpoint: each object (one per inode, however many areas map it) is read whole
+//! through `/proc/PID/map_files` (it is the very inode), skipping its holes, and its
+//! contents follow the `mm` record as `gone-data` records. Restore: the object is made
+//! again — a memfd with `memfd_create` (same name, sealable when it had seals), a file
+//! at its old path (or beside it, `.ferry-deleted-INO-N` in the same directory, when
+//! the name is taken meanwhile) — opened once in the restore child, mapped at each
+//! area (so two shared mappings of it are one object again), and the file unlinked.
+//! Its contents go in through ferry's own fd as the records come; seals last.
+//!
+//! Refused, with one line: an object the process also holds an fd to (the files
+//! plugin would make a second, separate copy), a shared mapping of a file that still
+//! has a name elsewhere, and a shared object mapped by another process of the request.
+
+use std::{
+    fs::File,
+    os::{
+        fd::AsRawFd,
+        unix::fs::{FileExt, MetadataExt},
+    },
+};
+
+use ferry_plugin_api::{
+    abi_stable::std_types::RStr,
+    util::{self, Scratch},
+    ContextRef, SharedClaim, SinkRef,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::layout::{Area, AreaKind};
+
+/// The bytes of one `gone-data` record at most.
+const CHUNK: u64 = 256 << 10;
+/// `F_SEAL_SEAL`: what a memfd made without `MFD_ALLOW_SEALING` answers.
+const SEAL_SEAL: u32 = 1;
+
+/// One deleted file or memfd the process maps, as the image records it.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Gone {
+    /// The file's path when it was deleted, or the memfd's name (without `memfd:`).
+    pub path: String,
+    pub memfd: bool,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    /// `F_GET_SEALS` of a memfd.
+    #[serde(default)]
+    pub seals: u32,
+}
+
+/// What the kernel shows for a mapping of a deleted file or memfd, without the
+/// ` (deleted)` mark; `None` for anything else.
+pub fn deleted_path(maps_path: &str) -> Option<&str> {
+    maps_path.strip_suffix(" (deleted)").filter(|p| p.starts_with('/'))
+}
+
+/// Numbers the deleted objects of `areas` (their `object` becomes the index into the
+/// answer) and reads what the image needs of each. Refuses what cannot be carried.
+pub fn capture(ctx: &mut ContextRef<'_>, areas: &mut [Area]) -> Result<(Vec<Gone>, Vec<File>), String> {
+    let pid = ctx.pid();
+    let mut gone: Vec<Gone> = Vec::new();
+    let mut files: Vec<File> = Vec::new();
+    let mut keys: Vec<(u64, u64)> = Vec::new();
+    let mut fds: Option<Vec<(u64, u64, String)>> = None;
+    for area in areas.iter_mut().filter(|a| a.kind == AreaKind::Deleted) {
+        let path = area.path.clone().unwrap_or_default();
+        let shown = format!("{path} (deleted)");
+        let map = format!("/proc/{pid}/map_files/{:x}-{:x}", area.start, area.end);
+        let file = File::open(&map).map_err(|e| format!("process {pid}: mapping {:#x} of {shown}: {map}: {e}", area.start))?;
+        let st = file.metadata().map_err(|e| format!("process {pid}: mapping of {shown}: fstat: {e}"))?;
+        let key = (st.dev(), st.ino());
+        if let Some(i) = keys.iter().position(|k| *k == key) {
+            area.object = Some(i as u64);
+            gone[i].memfd &= path.starts_with("/memfd:");
+            if area.shared {
+                claim(ctx, &shown, key)?;
+            }
+            continue;
+        }
+        if !st.file_type().is_file() {
+            return Err(format!("process {pid}: mapping {:#x} of {shown} is not a regular file: not supported by the memory plugin", area.start));
+        }
+        let memfd = path.starts_with("/memfd:");
+        let shared_here = area.shared;
+        if shared_here && !memfd && st.nlink() > 0 {
+            return Err(format!("process {pid}: shared mapping {:#x} of {shown}, which still has another name: not supported by the memory plugin", area.start));
+        }
+        if shared_here {
+            claim(ctx, &shown, key)?;
+        }
+        // An fd of the process on the same object would be made again apart from it.
+        let fds = match &mut fds {
+            Some(f) => f,
+            None => fds.insert(open_fds(pid)),
+        };
+        if let Some((_, _, fd)) = fds.iter().find(|(d, i, _)| (*d, *i) == key) {
+            return Err(format!("process {pid}: {shown} is both mapped (at {:#x}) and open as fd {fd}: not supported yet", area.start));
+        }
+        let seals = if memfd {
+            // SAFETY: fcntl on a file we own.
+            let s = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+            if s < 0 {
+                return Err(format!("process {pid}: {shown}: F_GET_SEALS: {}", std::io::Error::last_os_error()));
+            }
+            s as u32
+        } else {
+            0
+        };
+        let name = if memfd { path.trim_start_matches("/memfd:").to_string() } else { path.clone() };
+        gone.push(Gone { path: name, memfd, mode: st.mode(), uid: st.uid(), gid: st.gid(), size: st.size(), seals });
+        keys.push(key);
+        files.push(file);
+        area.object = Some(gone.len() as u64 - 1);
+    }
+    Ok((gone, files))
+}
+
+fn claim(ctx: &mut ContextRef<'_>, shown: &str, key: (u64, u64)) -> Result<(), String> {
+    let pid = ctx.pid();
+    let id = format!("{}:{}", key.0, key.1);
+    match ctx.claim_shared(RStr::from_str("shared-mapping"), RStr::from_str(&id)) {
+        SharedClaim::Taken(other) => Err(format!("process {pid}: {shown} is mapped shared by process {other} too: not supported yet")),
+        _ => Ok(()),
+    }
+}
+
+/// (dev, ino, fd) of each open fd of `pid`.
+fn open_fds(pid: i32) -> Vec<(u64, u64, String)> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return Vec::new() };
+    dir.filter_map(|e| {
+        let e = e.ok()?;
+        let st = std::fs::metadata(e.path()).ok()?;
+        Some((st.dev(), st.ino(), e.file_name().to_string_lossy().into_owned()))
+    })
+    .collect()
+}
+
+/// Writes each object's contents as `gone-data` records: (index, offset) then bytes,
+/// its holes left out.
+pub fn put_data(sink: &mut SinkRef<'_>, files: &[File], gone: &[Gone]) -> Result<(), String> {
+    let mut buf = Vec::new();
+    for (i, (file, g)) in files.iter().zip(gone).enumerate() {
+        let mut at: i64 = 0;
+        while (at as u64) < g.size {
+            // SAFETY: lseek on a file we own.
+            let data = unsafe { libc::lseek(file.as_raw_fd(), at, libc::SEEK_DATA) };
+            if data < 0 || data as u64 >= g.size {
+                break;
+            }
+            // SAFETY: as above.
+            let hole = (unsafe { libc::lseek(file.as_raw_fd(), data, libc::SEEK_HOLE) } as u64).min(g.size);
+            let mut off = data as u64;
+            while off < hole {
+                let n = (hole - off).min(CHUNK) as usize;
+                buf.clear();
+                buf.extend_from_slice(&(i as u64).to_le_bytes());
+                buf.extend_from_slice(&off.to_le_bytes());
+                buf.resize(16 + n, 0);
+                file.read_exact_at(&mut buf[16..], off).map_err(|e| format!("reading {} (deleted) at {off}: {e}", g.path))?;
+                util::put_raw(sink, "gone-data", &buf)?;
+                off += n as u64;
+            }
+            at = hole as i64;
+        }
+    }
+    Ok(())
+}
+
+/// One object made again: the child's fd on it, ferry's own, and the name to unlink.
+pub struct Made {
+    pub child_fd: u64,
+    pub file: File,
+    pub name: Option<String>,
+}
+
+/// Makes each object again in the restore child, empty and as big as it was.
+pub fn make(ctx: &mut ContextRef<'_>, gone: &[Gone], created: &mut Vec<String>) -> Result<Vec<Made>, String> {
+    let pid = ctx.pid();
+    let mut made = Vec::new();
+    for g in gone {
+        let (child_fd, name) = if g.memfd {
+            let mut scratch = Scratch::new(ctx);
+            let at = scratch.cstr(ctx, &g.path)?;
+            let sealing = if g.seals & !SEAL_SEAL != 0 || g.seals == 0 { libc::MFD_ALLOW_SEALING } else { 0 };
+            let what = format!("process {pid}: memfd_create {}", g.path);
+            (util::syscall(ctx, pid, &what, libc::SYS_memfd_create, [at, (libc::MFD_CLOEXEC | sealing) as u64, 0, 0, 0, 0])?, None)
+        } else {
+            let at = free_name(&g.path, created)?;
+            let mut scratch = Scratch::new(ctx);
+            let addr = scratch.cstr(ctx, &at)?;
+            let what = format!("process {pid}: opening {at}, made again for {} (deleted)", g.path);
+            let flags = (libc::O_RDWR | libc::O_CLOEXEC | libc::O_NOFOLLOW) as u64;
+            (util::syscall(ctx, pid, &what, libc::SYS_openat, [libc::AT_FDCWD as u64, addr, flags, 0, 0, 0])?, Some(at))
+        };
+        let mine = format!("/proc/{pid}/fd/{child_fd}");
+        let file = std::fs::OpenOptions::new().read(true).write(true).open(&mine).map_err(|e| format!("{mine}: {e}"))?;
+        file.set_len(g.size).map_err(|e| format!("sizing {} again: {e}", g.path))?;
+        // SAFETY: fchown/fchmod on a file we own.
+        if unsafe { libc::fchown(file.as_raw_fd(), g.uid, g.gid) } != 0 || unsafe { libc::fchmod(file.as_raw_fd(), g.mode & 0o7777) } != 0 {
+            return Err(format!("giving {} back its owner and mode: {}", g.path, std::io::Error::last_os_error()));
+        }
+        made.push(Made { child_fd, file, name });
+    }
+    Ok(made)
+}
+
+/// Makes an empty file at `path`, or beside it when the name is taken; answers where.
+fn free_name(path: &str, created: &mut Vec<String>) -> Result<String, String> {
+    let (dir, _) = path.rsplit_once('/').ok_or_else(|| format!("{path} (deleted) has no directory"))?;
+    let ino = created.len();
+    for attempt in 0..16u32 {
+        let at = if attempt == 0 { path.to_string() } else { format!("{dir}/.ferry-deleted-{ino}-{attempt}") };
+        match std::fs::OpenOptions::new().write(true).create_new(true).mode_0600().open(&at) {
+            Ok(_) => {
+                created.push(at.clone());
+                return Ok(at);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(format!("making {path} (deleted) again at {at}: {e}")),
+        }
+    }
+    Err(format!("no free name to make {path} (deleted) again beside it"))
+}
+
+trait Mode0600 {
+    fn mode_0600(&mut self) -> &mut Self;
+}
+
+impl Mode0600 for std::fs::OpenOptions {
+    fn mode_0600(&mut self) -> &mut Self {
+        use std::os::unix::fs::OpenOptionsExt;
+        self.mode(0o600)
+    }
+}
+
+/// Fills an object from one `gone-data` record.
+pub fn fill(made: &[Made], gone: &[Gone], payload: &[u8]) -> Result<(), String> {
+    let (Some(i), Some(off)) = (util::u64_le(payload, 0), util::u64_le(payload, 8)) else {
+        return Err("a gone-data record without its header".into());
+    };
+    let data = &payload[16..];
+    let (Some(m), Some(g)) = (made.get(i as usize), gone.get(i as usize)) else {
+        return Err(format!("a gone-data record names object {i}, which the image has not"));
+    };
+    if off.checked_add(data.len() as u64).is_none_or(|e| e > g.size) {
+        return Err(format!("a gone-data record writes past the {} bytes of {}", g.size, g.path));
+    }
+    m.file.write_all_at(data, off).map_err(|e| format!("filling {} again: {e}", g.path))
+}
+
+/// Seals each memfd as it was, once filled and mapped.
+pub fn seal(made: &[Made], gone: &[Gone]) -> Result<(), String> {
+    for (m, g) in made.iter().zip(gone) {
+        let seals = g.seals & !SEAL_SEAL;
+        let all = if g.seals & SEAL_SEAL != 0 && seals != 0 { g.seals } else { seals };
+        if g.memfd && all != 0 {
+            // SAFETY: fcntl on a file we own.
+            if unsafe { libc::fcntl(m.file.as_raw_fd(), libc::F_ADD_SEALS, all as libc::c_int) } != 0 {
+                return Err(format!("memfd:{}: F_ADD_SEALS {all:#x}: {}", g.path, std::io::Error::last_os_error()));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Checks what the image says of its deleted objects and the areas that map them.
+pub fn validate(gone: &[Gone], areas: &[Area]) -> Result<(), String> {
+    for g in gone {
+        if g.path.is_empty() || g.path.contains('\0') || (!g.memfd && !g.path.starts_with('/')) || (g.memfd && g.path.len() > 249) {
+            return Err(format!("the image names a deleted object {:?}", g.path));
+        }
+    }
+    for a in areas.iter().filter(|a| a.kind == AreaKind::Deleted) {
+        if a.object.is_none_or(|o| o as usize >= gone.len()) {
+            return Err(format!("the image's mapping {:#x}-{:#x} names no deleted object", a.start, a.end));
+        }
+    }
+    Ok(())
+}
