@@ -14,9 +14,9 @@
  *                     a word written through the first shared one, and its fd closed.
  *                     At the end: the same, the maps named /memfd:ferry-mapped
  *                     (deleted), its seals and size read through /proc/self/map_files.
- *   --memfd-fd        with --memfd-map: the memfd's fd stays open (fd and mapping of
- *                     one object: ferry refuses it) and a write through it must show
- *                     in the mappings. */
+ *   --memfd-fd        with --memfd-map: the memfd's fd stays open, and at the end a
+ *                     write through it must show in the mappings (one object, not a
+ *                     copy for the fd and another for the mappings). */
 
 static int opt_mapped_deleted, opt_memfd_map, opt_memfd_fd;
 

@@ -10,9 +10,12 @@
 //! area (so two shared mappings of it are one object again), and the file unlinked.
 //! Its contents go in through ferry's own fd as the records come; seals last.
 //!
-//! Refused, with one line: an object the process also holds an fd to (the files
-//! plugin would make a second, separate copy), a shared mapping of a file that still
-//! has a name elsewhere, and a shared object mapped by another process of the request.
+//! An fd of the process on the same object is the files plugin's: it carries no
+//! contents of its own and opens the object again through one of its mappings
+//! (`/proc/self/map_files`), after this plugin made it.
+//!
+//! Refused, with one line: a shared mapping of a file that still has a name
+//! elsewhere, and a shared object mapped by another process of the request.
 
 use std::{
     fs::File,
@@ -65,7 +68,6 @@ pub fn capture(ctx: &mut ContextRef<'_>, areas: &mut [Area]) -> Result<(Vec<Gone
     let mut gone: Vec<Gone> = Vec::new();
     let mut files: Vec<File> = Vec::new();
     let mut keys: Vec<(u64, u64)> = Vec::new();
-    let mut fds: Option<Vec<(u64, u64, String)>> = None;
     for area in areas.iter_mut().filter(|a| a.kind == AreaKind::Deleted) {
         let path = area.path.clone().unwrap_or_default();
         let shown = format!("{path} (deleted)");
@@ -91,14 +93,6 @@ pub fn capture(ctx: &mut ContextRef<'_>, areas: &mut [Area]) -> Result<(Vec<Gone
         }
         if shared_here {
             claim(ctx, &shown, key)?;
-        }
-        // An fd of the process on the same object would be made again apart from it.
-        let fds = match &mut fds {
-            Some(f) => f,
-            None => fds.insert(open_fds(pid)),
-        };
-        if let Some((_, _, fd)) = fds.iter().find(|(d, i, _)| (*d, *i) == key) {
-            return Err(format!("process {pid}: {shown} is both mapped (at {:#x}) and open as fd {fd}: not supported yet", area.start));
         }
         let seals = if memfd {
             // SAFETY: fcntl on a file we own.
@@ -126,17 +120,6 @@ fn claim(ctx: &mut ContextRef<'_>, shown: &str, key: (u64, u64)) -> Result<(), S
         SharedClaim::Taken(other) => Err(format!("process {pid}: {shown} is mapped shared by process {other} too: not supported yet")),
         _ => Ok(()),
     }
-}
-
-/// (dev, ino, fd) of each open fd of `pid`.
-fn open_fds(pid: i32) -> Vec<(u64, u64, String)> {
-    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return Vec::new() };
-    dir.filter_map(|e| {
-        let e = e.ok()?;
-        let st = std::fs::metadata(e.path()).ok()?;
-        Some((st.dev(), st.ino(), e.file_name().to_string_lossy().into_owned()))
-    })
-    .collect()
 }
 
 /// Writes each object's contents as `gone-data` records: (index, offset) then bytes,
