@@ -88,7 +88,7 @@ fn deleted_files_and_memfds_mapped_come_back_after_a_restore() {
     w.wait_ready();
     w.wait_ticks(3);
     let before = deleted_maps(w.pid);
-    assert_eq!(before.len(), 7, "{before:?}");
+    assert_eq!(before.len(), 8, "{before:?}");
     let tmp = tempfile::tempdir().unwrap();
     let img = tmp.path().join("img");
     let old = w.pid;

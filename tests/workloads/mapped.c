@@ -5,10 +5,12 @@
  *                     private read-only whole, and private writable again, where one
  *                     page is written (a private copy); DIR/mapped-shr (2 pages) is
  *                     mapped shared twice, one word written through the first. Both
- *                     files are closed and unlinked. At the end: the contents, the
+ *                     files are closed and unlinked; so is DIR/mapped-part (64 pages),
+ *                     of which pages 10-11 alone are mapped, private read-only. At the end: the contents, the
  *                     written page and the untouched ones, a write through one shared
  *                     mapping seen in the other, each mapping named DIR/<name>
- *                     (deleted) in /proc/self/maps with the name itself free.
+ *                     (deleted) in /proc/self/maps with the name itself free, and
+ *                     mapped-part still 64 pages long (read through map_files).
  *   --memfd-map       a memfd "ferry-mapped" (2 pages and 10 bytes, sealed against
  *                     growing and shrinking) is mapped shared twice and private once,
  *                     a word written through the first shared one, and its fd closed.
@@ -25,7 +27,10 @@ static int opt_mapped_deleted, opt_memfd_map, opt_memfd_fd;
 #define MF_SIZE (2 * PAGE + 10)
 #define MD_WORD 0x5ca1ab1edeadbeefULL
 
-static unsigned char *md_ro, *md_rw, *ms_a, *ms_b, *mf_a, *mf_b, *mf_p;
+#define MP_PAGES 64
+#define MP_OFF (10 * PAGE)
+
+static unsigned char *mp, *md_ro, *md_rw, *ms_a, *ms_b, *mf_a, *mf_b, *mf_p;
 static int mf_fd = -1;
 
 static unsigned char md_byte(size_t i, int salt)
@@ -70,6 +75,15 @@ static void setup_mapped(void)
         dl_path(p, "mapped-del");
         if (unlink(p) != 0)
             die("unlink mapped-del");
+        fd = md_make("mapped-part", MP_PAGES * PAGE, 4);
+        void *p2 = mmap(NULL, 2 * PAGE, PROT_READ, MAP_PRIVATE, fd, MP_OFF);
+        if (p2 == MAP_FAILED)
+            die("mmap mapped-part");
+        mp = p2;
+        close(fd);
+        dl_path(p, "mapped-part");
+        if (unlink(p) != 0)
+            die("unlink mapped-part");
         fd = md_make("mapped-shr", MS_SIZE, 2);
         ms_a = md_map(MS_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, fd, "mmap mapped-shr");
         ms_b = md_map(MS_SIZE, PROT_READ | PROT_WRITE, MAP_SHARED, fd, "mmap mapped-shr again");
@@ -165,6 +179,20 @@ static void verify_mapped(void)
         strcat(want, " (deleted)");
         if (!free_name || !md_named(md_ro, want) || !md_named(md_rw + PAGE, want))
             FAIL_RET("mapped-deleted: the private mappings are not named %s, or the name is taken", want);
+        for (size_t i = 0; i < 2 * PAGE; i++)
+            if (mp[i] != md_byte(MP_OFF + i, 4))
+                FAIL_RET("mapped-deleted: byte %zu of the partly mapped file differs", MP_OFF + i);
+        char mf[64];
+        struct stat st;
+        snprintf(mf, sizeof mf, "/proc/self/map_files/%lx-%lx", (unsigned long)(uintptr_t)mp,
+                 (unsigned long)(uintptr_t)mp + 2 * PAGE);
+        if (stat(mf, &st) != 0 || st.st_size != MP_PAGES * PAGE || st.st_nlink != 0)
+            FAIL_RET("mapped-deleted: the partly mapped file is %lld bytes with %d links, want %d and 0",
+                     (long long)st.st_size, (int)st.st_nlink, MP_PAGES * PAGE);
+        dl_path(want, "mapped-part");
+        strcat(want, " (deleted)");
+        if (!md_named(mp, want))
+            FAIL_RET("mapped-deleted: the partly mapped file is not named %s", want);
         dl_path(want, "mapped-shr");
         strcat(want, " (deleted)");
         if (!md_named(ms_a, want) || !md_named(ms_b, want))

@@ -1,12 +1,14 @@
 //! Mapped objects that have no name left to map again: files deleted while mapped
 //! (a library replaced by an upgrade, a data file mapped then unlinked) and memfds.
 //!
-//! Checkpoint: each object (one per inode, however many areas map it) is read whole
-//! through `/proc/PID/map_files` (it is the very inode), skipping its holes, and its
-//! contents follow the `mm` record as `gone-data` records. Restore: the object is made
+//! Checkpoint: each object (one per inode, however many areas map it) is read through
+//! `/proc/PID/map_files` (it is the very inode), whole or the ranges mapped (see
+//! [`capture`]), skipping its holes, and follows the `mm` record as `gone-data`
+//! records. Restore: the object is made
 //! again — a memfd with `memfd_create` (same name, sealable when it had seals), a file
-//! at its old path (or beside it, `.ferry-deleted-INO-N` in the same directory, when
-//! the name is taken meanwhile) — opened once in the restore child, mapped at each
+//! at its old path (or beside it, `.ferry-deleted-NAME-N-K` in the same directory, when
+//! the name is taken meanwhile, or in /dev/shm when the directory is gone or not
+//! writable: /proc/PID/maps then names that place) — opened once in the restore child, mapped at each
 //! area (so two shared mappings of it are one object again), and the file unlinked.
 //! Its contents go in through ferry's own fd as the records come; seals last.
 //!
@@ -61,56 +63,105 @@ pub fn deleted_path(maps_path: &str) -> Option<&str> {
     maps_path.strip_suffix(" (deleted)").filter(|p| p.starts_with('/'))
 }
 
+/// What checkpoint reads each object's contents from: its file, and the byte ranges
+/// the image needs of it.
+pub struct Source {
+    file: File,
+    ranges: Vec<(u64, u64)>,
+}
+
+/// `statfs` type of hugetlbfs: its pages are not a memfd's or a file's of another
+/// file system, and ferry does not make them again.
+const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
+
 /// Numbers the deleted objects of `areas` (their `object` becomes the index into the
 /// answer) and reads what the image needs of each. Refuses what cannot be carried.
-pub fn capture(ctx: &mut ContextRef<'_>, areas: &mut [Area]) -> Result<(Vec<Gone>, Vec<File>), String> {
+///
+/// An object only mapped private, with no fd of the process on it, is carried for the
+/// ranges its areas map (a library's text and data are the whole of it; a big data
+/// file mapped a page at a time is not); any other is carried whole (a shared
+/// mapping writes all of it, an fd reads all of it), its holes left out either way.
+pub fn capture(ctx: &mut ContextRef<'_>, areas: &mut [Area]) -> Result<(Vec<Gone>, Vec<Source>), String> {
     let pid = ctx.pid();
     let mut gone: Vec<Gone> = Vec::new();
-    let mut files: Vec<File> = Vec::new();
+    let mut sources: Vec<Source> = Vec::new();
     let mut keys: Vec<(u64, u64)> = Vec::new();
+    let mut whole: Vec<bool> = Vec::new();
+    let mut nlinks: Vec<u64> = Vec::new();
     for area in areas.iter_mut().filter(|a| a.kind == AreaKind::Deleted) {
         let path = area.path.clone().unwrap_or_default();
         let shown = format!("{path} (deleted)");
-        let map = format!("/proc/{pid}/map_files/{:x}-{:x}", area.start, area.end);
-        let file = File::open(&map).map_err(|e| format!("process {pid}: mapping {:#x} of {shown}: {map}: {e}", area.start))?;
-        let st = file.metadata().map_err(|e| format!("process {pid}: mapping of {shown}: fstat: {e}"))?;
-        let key = (st.dev(), st.ino());
-        if let Some(i) = keys.iter().position(|k| *k == key) {
-            area.object = Some(i as u64);
-            gone[i].memfd &= path.starts_with("/memfd:");
-            if area.shared {
-                claim(ctx, &shown, key)?;
+        let at = area.start;
+        let i = match keys.iter().position(|k| *k == deleted_key(pid, area).unwrap_or_default()) {
+            Some(i) => i,
+            None => {
+                let map = format!("/proc/{pid}/map_files/{:x}-{:x}", area.start, area.end);
+                let file = File::open(&map).map_err(|e| format!("process {pid}: mapping {at:#x} of {shown}: {map}: {e}"))?;
+                let st = file.metadata().map_err(|e| format!("process {pid}: mapping {at:#x} of {shown}: fstat: {e}"))?;
+                // SAFETY: fstatfs into a zeroed struct, on a file we own.
+                let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+                if unsafe { libc::fstatfs(file.as_raw_fd(), &mut fs) } == 0 && fs.f_type as i64 == HUGETLBFS_MAGIC {
+                    return Err(format!("process {pid}: mapping {at:#x} of {shown} is of huge pages (hugetlbfs): not supported by the memory plugin"));
+                }
+                if !st.file_type().is_file() {
+                    return Err(format!("process {pid}: mapping {at:#x} of {shown} is not a regular file: not supported by the memory plugin"));
+                }
+                let memfd = path.starts_with("/memfd:");
+                let seals = if memfd {
+                    // SAFETY: fcntl on a file we own.
+                    let s = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+                    if s < 0 {
+                        return Err(format!("process {pid}: {shown}: F_GET_SEALS: {}", std::io::Error::last_os_error()));
+                    }
+                    s as u32
+                } else {
+                    0
+                };
+                let name = if memfd { path.trim_start_matches("/memfd:").to_string() } else { path.clone() };
+                gone.push(Gone { path: name, memfd, mode: st.mode(), uid: st.uid(), gid: st.gid(), size: st.size(), seals });
+                keys.push((st.dev(), st.ino()));
+                whole.push(false);
+                nlinks.push(if memfd { 0 } else { st.nlink() });
+                sources.push(Source { file, ranges: Vec::new() });
+                gone.len() - 1
             }
-            continue;
-        }
-        if !st.file_type().is_file() {
-            return Err(format!("process {pid}: mapping {:#x} of {shown} is not a regular file: not supported by the memory plugin", area.start));
-        }
-        let memfd = path.starts_with("/memfd:");
-        let shared_here = area.shared;
-        if shared_here && !memfd && st.nlink() > 0 {
-            return Err(format!("process {pid}: shared mapping {:#x} of {shown}, which still has another name: not supported by the memory plugin", area.start));
-        }
-        if shared_here {
-            claim(ctx, &shown, key)?;
-        }
-        let seals = if memfd {
-            // SAFETY: fcntl on a file we own.
-            let s = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
-            if s < 0 {
-                return Err(format!("process {pid}: {shown}: F_GET_SEALS: {}", std::io::Error::last_os_error()));
-            }
-            s as u32
-        } else {
-            0
         };
-        let name = if memfd { path.trim_start_matches("/memfd:").to_string() } else { path.clone() };
-        gone.push(Gone { path: name, memfd, mode: st.mode(), uid: st.uid(), gid: st.gid(), size: st.size(), seals });
-        keys.push(key);
-        files.push(file);
-        area.object = Some(gone.len() as u64 - 1);
+        area.object = Some(i as u64);
+        if area.shared {
+            if nlinks[i] > 0 {
+                return Err(format!("process {pid}: shared mapping {at:#x} of {shown}, which still has another name: not supported by the memory plugin"));
+            }
+            claim(ctx, &shown, keys[i])?;
+            whole[i] = true;
+        }
+        let end = (area.offset + (area.end - area.start)).min(gone[i].size);
+        if area.offset < end {
+            sources[i].ranges.push((area.offset, end));
+        }
     }
-    Ok((gone, files))
+    if !gone.is_empty() {
+        for (d, i) in open_fds(pid) {
+            if let Some(k) = keys.iter().position(|k| *k == (d, i)) {
+                whole[k] = true;
+            }
+        }
+    }
+    for (k, source) in sources.iter_mut().enumerate() {
+        source.ranges = if whole[k] { vec![(0, gone[k].size)] } else { ferry_plugin_api::ranges::normalize(std::mem::take(&mut source.ranges)) };
+    }
+    Ok((gone, sources))
+}
+
+/// The (dev, ino) of the object `area` of `pid` maps.
+fn deleted_key(pid: i32, area: &Area) -> Option<(u64, u64)> {
+    let st = std::fs::metadata(format!("/proc/{pid}/map_files/{:x}-{:x}", area.start, area.end)).ok()?;
+    Some((st.dev(), st.ino()))
+}
+
+/// (dev, ino) of each open fd of `pid`.
+fn open_fds(pid: i32) -> Vec<(u64, u64)> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return Vec::new() };
+    dir.filter_map(|e| std::fs::metadata(e.ok()?.path()).ok().map(|st| (st.dev(), st.ino()))).collect()
 }
 
 fn claim(ctx: &mut ContextRef<'_>, shown: &str, key: (u64, u64)) -> Result<(), String> {
@@ -122,32 +173,38 @@ fn claim(ctx: &mut ContextRef<'_>, shown: &str, key: (u64, u64)) -> Result<(), S
     }
 }
 
-/// Writes each object's contents as `gone-data` records: (index, offset) then bytes,
-/// its holes left out.
-pub fn put_data(sink: &mut SinkRef<'_>, files: &[File], gone: &[Gone]) -> Result<(), String> {
+/// Writes the ranges of each object the image needs as `gone-data` records: (index,
+/// offset) then bytes, its holes left out.
+pub fn put_data(sink: &mut SinkRef<'_>, sources: &[Source], gone: &[Gone]) -> Result<(), String> {
     let mut buf = Vec::new();
-    for (i, (file, g)) in files.iter().zip(gone).enumerate() {
-        let mut at: i64 = 0;
-        while (at as u64) < g.size {
-            // SAFETY: lseek on a file we own.
-            let data = unsafe { libc::lseek(file.as_raw_fd(), at, libc::SEEK_DATA) };
-            if data < 0 || data as u64 >= g.size {
-                break;
+    for (i, (src, g)) in sources.iter().zip(gone).enumerate() {
+        let fd = src.file.as_raw_fd();
+        for &(lo, hi) in &src.ranges {
+            let mut at = lo;
+            while at < hi {
+                // SAFETY: lseek on a file we own.
+                let data = unsafe { libc::lseek(fd, at as i64, libc::SEEK_DATA) };
+                if data < 0 || data as u64 >= hi {
+                    break; // ENXIO: no data past `at`
+                }
+                // SAFETY: as above.
+                let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+                if hole <= data {
+                    return Err(format!("{} (deleted): SEEK_HOLE: {}", g.path, std::io::Error::last_os_error()));
+                }
+                let (mut off, end) = (data as u64, (hole as u64).min(hi));
+                while off < end {
+                    let n = (end - off).min(CHUNK) as usize;
+                    buf.clear();
+                    buf.extend_from_slice(&(i as u64).to_le_bytes());
+                    buf.extend_from_slice(&off.to_le_bytes());
+                    buf.resize(16 + n, 0);
+                    src.file.read_exact_at(&mut buf[16..], off).map_err(|e| format!("reading {} (deleted) at {off}: {e}", g.path))?;
+                    util::put_raw(sink, "gone-data", &buf)?;
+                    off += n as u64;
+                }
+                at = end;
             }
-            // SAFETY: as above.
-            let hole = (unsafe { libc::lseek(file.as_raw_fd(), data, libc::SEEK_HOLE) } as u64).min(g.size);
-            let mut off = data as u64;
-            while off < hole {
-                let n = (hole - off).min(CHUNK) as usize;
-                buf.clear();
-                buf.extend_from_slice(&(i as u64).to_le_bytes());
-                buf.extend_from_slice(&off.to_le_bytes());
-                buf.resize(16 + n, 0);
-                file.read_exact_at(&mut buf[16..], off).map_err(|e| format!("reading {} (deleted) at {off}: {e}", g.path))?;
-                util::put_raw(sink, "gone-data", &buf)?;
-                off += n as u64;
-            }
-            at = hole as i64;
         }
     }
     Ok(())
@@ -191,18 +248,26 @@ pub fn make(ctx: &mut ContextRef<'_>, gone: &[Gone], created: &mut Vec<String>) 
     Ok(made)
 }
 
-/// Makes an empty file at `path`, or beside it when the name is taken; answers where.
+/// Makes an empty file at `path`, or beside it (`.ferry-deleted-N-K` in the same
+/// directory) when the name is taken, or in /dev/shm when its directory is gone or
+/// cannot be written (read-only, say); answers where.
 fn free_name(path: &str, created: &mut Vec<String>) -> Result<String, String> {
-    let (dir, _) = path.rsplit_once('/').ok_or_else(|| format!("{path} (deleted) has no directory"))?;
-    let ino = created.len();
-    for attempt in 0..16u32 {
-        let at = if attempt == 0 { path.to_string() } else { format!("{dir}/.ferry-deleted-{ino}-{attempt}") };
+    let (dir, base) = path.rsplit_once('/').ok_or_else(|| format!("{path} (deleted) has no directory"))?;
+    let n = created.len();
+    let mut dir = if dir.is_empty() { "/" } else { dir }.to_string();
+    let mut attempt = 0u32;
+    while attempt < 16 {
+        let at = if attempt == 0 { path.to_string() } else { format!("{}/.ferry-deleted-{base}-{n}-{attempt}", dir.trim_end_matches('/')) };
         match std::fs::OpenOptions::new().write(true).create_new(true).mode_0600().open(&at) {
             Ok(_) => {
                 created.push(at.clone());
                 return Ok(at);
             }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => attempt += 1,
+            Err(e) if dir != "/dev/shm" && matches!(e.raw_os_error(), Some(libc::ENOENT | libc::EACCES | libc::EROFS | libc::ENOTDIR)) => {
+                dir = "/dev/shm".into();
+                attempt = 1;
+            }
             Err(e) => return Err(format!("making {path} (deleted) again at {at}: {e}")),
         }
     }
@@ -263,4 +328,56 @@ pub fn validate(gone: &[Gone], areas: &[Area]) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_taken_name_is_made_beside_and_a_gone_directory_in_dev_shm() {
+        let dir = tempfile_dir();
+        let path = format!("{dir}/lib.so");
+        let mut created = Vec::new();
+        assert_eq!(free_name(&path, &mut created).unwrap(), path);
+        let beside = free_name(&path, &mut created).unwrap();
+        assert!(beside.starts_with(&format!("{dir}/.ferry-deleted-lib.so-")), "{beside}");
+        let gone = free_name(&format!("{dir}/no-such-dir/x"), &mut created).unwrap();
+        assert!(gone.starts_with("/dev/shm/.ferry-deleted-x-"), "{gone}");
+        assert_eq!(created.len(), 3);
+        for c in &created {
+            std::fs::remove_file(c).unwrap();
+        }
+        std::fs::remove_dir(&dir).unwrap();
+    }
+
+    fn tempfile_dir() -> String {
+        let dir = std::env::temp_dir().join(format!("ferry-gone-test-{}", std::process::id()));
+        std::fs::create_dir(&dir).unwrap();
+        dir.to_string_lossy().into_owned()
+    }
+
+    #[test]
+    fn an_area_naming_no_object_is_refused() {
+        let g = Gone { path: "/x".into(), memfd: false, mode: 0o100600, uid: 0, gid: 0, size: 1, seals: 0 };
+        let area = |object| Area {
+            start: 0x1000,
+            end: 0x2000,
+            prot: 1,
+            shared: false,
+            kind: AreaKind::Deleted,
+            path: Some("/x".into()),
+            offset: 0,
+            growsdown: false,
+            file: None,
+            object,
+            flags: vec![],
+            guards: vec![],
+        };
+        validate(std::slice::from_ref(&g), &[area(Some(0))]).unwrap();
+        assert!(validate(std::slice::from_ref(&g), &[area(Some(1))]).is_err());
+        assert!(validate(std::slice::from_ref(&g), &[area(None)]).is_err());
+        let relative = Gone { path: "x".into(), ..g };
+        assert!(validate(&[relative], &[]).is_err());
+    }
 }
