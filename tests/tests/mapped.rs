@@ -335,3 +335,31 @@ fn python_with_a_deleted_file_mapped_and_open_comes_back() {
     });
     assert_eq!(std::fs::read_to_string(&out).unwrap(), "PASS");
 }
+
+/// A parent and its child share a deleted file mapped shared (forked after the mmap):
+/// each process's copy would be its own, so the tree is refused with one line naming
+/// both, and both run on.
+#[test]
+fn a_deleted_file_mapped_shared_by_parent_and_child_is_refused_naming_both() {
+    if !needs_root(ROOT) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, ready) = (tmp.path().join("data"), tmp.path().join("ready"));
+    let code = "import mmap, os, sys, time\n\
+        f = open(sys.argv[1], 'w+b'); f.write(b'x' * 4096); f.flush()\n\
+        m = mmap.mmap(f.fileno(), 4096); f.close(); os.unlink(sys.argv[1])\n\
+        if os.fork() == 0:\n    os.closerange(0, 3)\n    open(sys.argv[2], 'w').close()\n    time.sleep(1000)\n    os._exit(0)\n\
+        time.sleep(1000)\n";
+    let py = Command::new("python3").args(["-c", code]).args([&data, &ready]).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let pid = py.id() as i32;
+    let _py = KilledPid(pid);
+    wait_until("python's child", Duration::from_secs(30), || ready.exists());
+    let kid: i32 = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap().trim().parse().unwrap();
+    let _kid = KilledPid(kid);
+    let img = tmp.path().join("img");
+    let o = ferry(&["checkpoint", &pid.to_string(), "--dir", img.to_str().unwrap()]);
+    fails_with(&o, &[&format!("process {kid}"), &format!("process {pid}"), &format!("{} (deleted)", data.display()), "not carried"]);
+    assert!(!img.exists(), "a refused checkpoint writes nothing");
+    assert!(pid_alive(pid) && pid_alive(kid), "the tree died");
+}
