@@ -743,7 +743,7 @@ impl SubsystemPlugin for Memory {
             Phase::Pages => {
                 match util::next_record(source)? {
                     Some(rec) if rec.kind.as_str() == "pages" => self.restart_pages(ctx, rec)?,
-                    Some(rec) if rec.kind.as_str() == "gone-data" => gone::fill(&self.made, &state_gone(&self.state), &rec.payload)?,
+                    Some(rec) if rec.kind.as_str() == "gone-data" => gone::fill(&self.made, state_gone(&self.state), &rec.payload)?,
                     Some(rec) => return Err(format!("unexpected record `{}` after the pages", rec.kind)),
                     None => self.phase = Phase::Finish,
                 }
