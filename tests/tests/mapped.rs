@@ -363,3 +363,34 @@ fn a_deleted_file_mapped_shared_by_parent_and_child_is_refused_naming_both() {
     assert!(!img.exists(), "a refused checkpoint writes nothing");
     assert!(pid_alive(pid) && pid_alive(kid), "the tree died");
 }
+
+/// System V shared memory shows as a deleted file too (`/SYSV… (deleted)`): still
+/// refused with one line, not made again as a file.
+#[test]
+fn sysv_shared_memory_is_still_refused_with_one_line() {
+    if !needs_root(ROOT) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let ready = tmp.path().join("ready");
+    // The segment is marked for removal once attached: it goes with the process.
+    let code = "import ctypes, sys, time\n\
+        libc = ctypes.CDLL(None, use_errno=True)\n\
+        libc.shmat.restype = ctypes.c_void_p\n\
+        shm = libc.shmget(0, 4096, 0o1600)\n\
+        at = libc.shmat(shm, None, 0)\n\
+        libc.shmctl(shm, 0, None)\n\
+        ctypes.memset(at, 7, 4096)\n\
+        open(sys.argv[1], 'w').close()\n\
+        while True:\n    time.sleep(0.01)\n";
+    let py = Command::new("python3").args(["-c", code]).arg(&ready).stdin(Stdio::null()).spawn().unwrap();
+    let pid = py.id() as i32;
+    let _py = KilledPid(pid);
+    wait_until("python with a SysV segment", Duration::from_secs(30), || ready.exists());
+    let img = tmp.path().join("img");
+    let o = ferry(&["checkpoint", &pid.to_string(), "--dir", img.to_str().unwrap()]);
+    // (Segment 0 has inode 0 in the maps, and reads as anonymous shared memory.)
+    fails_with(&o, &["shared", "memory: not supported by the memory plugin"]);
+    assert!(!img.exists(), "a refused checkpoint writes nothing");
+    assert!(pid_alive(pid), "python died");
+}
