@@ -10,7 +10,7 @@
  *                     written page and the untouched ones, a write through one shared
  *                     mapping seen in the other, each mapping named DIR/<name>
  *                     (deleted) in /proc/self/maps with the name itself free, and
- *                     mapped-part still 64 pages long (read through map_files).
+ *                     mapped-part still 64 pages long, mode 0640 (read through map_files).
  *   --memfd-map       a memfd "ferry-mapped" (2 pages and 10 bytes, sealed against
  *                     growing and shrinking) is mapped shared twice and private once,
  *                     a word written through the first shared one, and its fd closed.
@@ -186,9 +186,9 @@ static void verify_mapped(void)
         struct stat st;
         snprintf(mf, sizeof mf, "/proc/self/map_files/%lx-%lx", (unsigned long)(uintptr_t)mp,
                  (unsigned long)(uintptr_t)mp + 2 * PAGE);
-        if (stat(mf, &st) != 0 || st.st_size != MP_PAGES * PAGE || st.st_nlink != 0)
-            FAIL_RET("mapped-deleted: the partly mapped file is %lld bytes with %d links, want %d and 0",
-                     (long long)st.st_size, (int)st.st_nlink, MP_PAGES * PAGE);
+        if (stat(mf, &st) != 0 || st.st_size != MP_PAGES * PAGE || st.st_nlink != 0 || (st.st_mode & 07777) != 0640)
+            FAIL_RET("mapped-deleted: the partly mapped file is %lld bytes with %d links, mode 0%o, want %d, 0, 0640",
+                     (long long)st.st_size, (int)st.st_nlink, (unsigned)st.st_mode & 07777, MP_PAGES * PAGE);
         dl_path(want, "mapped-part");
         strcat(want, " (deleted)");
         if (!md_named(mp, want))
