@@ -235,6 +235,18 @@ impl Drop for KilledPid {
 /// deleted copy, and its maps name it as before.
 #[test]
 fn python_with_a_deleted_library_loaded_comes_back() {
+    python_with_a_deleted_library(false);
+}
+
+/// The same with a new file put at the library's name before the restore (the
+/// upgrade's): the copy is made beside it (`.ferry-deleted-…` in the same directory,
+/// the name /proc/PID/maps then shows), and the new file is left alone.
+#[test]
+fn python_with_a_deleted_library_whose_name_was_taken_comes_back_beside_it() {
+    python_with_a_deleted_library(true);
+}
+
+fn python_with_a_deleted_library(taken: bool) {
     if !needs_root(ROOT) {
         return;
     }
@@ -247,6 +259,7 @@ fn python_with_a_deleted_library_loaded_comes_back() {
     let copy = tmp.path().join("libz-copy.so");
     std::fs::copy(lib, &copy).unwrap();
     let (ready, go, out) = (tmp.path().join("ready"), tmp.path().join("go"), tmp.path().join("out"));
+    // argv[5]: the name its maps must show after the restore, or a prefix of it.
     let code = "import ctypes, os, sys, time\n\
         lib = ctypes.CDLL(sys.argv[1])\n\
         os.unlink(sys.argv[1])\n\
@@ -254,11 +267,14 @@ fn python_with_a_deleted_library_loaded_comes_back() {
         while not os.path.exists(sys.argv[3]):\n    time.sleep(0.01)\n\
         crc = lib.crc32(0, b'hello', 5) & 0xffffffff\n\
         maps = [l.split()[-2] + ' ' + l.split()[-1] for l in open('/proc/self/maps') if l.endswith('(deleted)\\n')]\n\
-        ok = crc == 0x3610a686 and maps and all(m == sys.argv[1] + ' (deleted)' for m in maps)\n\
+        ok = crc == 0x3610a686 and maps and all(m.startswith(sys.argv[5]) and m.endswith(' (deleted)') for m in maps)\n\
+        ok = ok and len(set(maps)) == 1\n\
         open(sys.argv[4], 'w').write(('PASS' if ok else 'FAIL %x %r' % (crc, maps)))\n";
+    let want = if taken { format!("{}/.ferry-deleted-libz-copy.so-", tmp.path().display()) } else { format!("{} (deleted)", copy.display()) };
     let py = Command::new("python3")
         .args(["-c", code])
         .args([&copy, &ready, &go, &out])
+        .arg(&want)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -274,10 +290,23 @@ fn python_with_a_deleted_library_loaded_comes_back() {
     let o = ferry(&["checkpoint", &old.to_string(), "--dir", img.to_str().unwrap()]);
     assert!(o.status.success(), "checkpoint: {}", stderr(&o));
     let _ = py.wait();
+    if taken {
+        std::fs::write(&copy, "the upgrade's").unwrap();
+    }
     let new = restore(&img, old);
     let _copy = KilledPid(new);
-    assert_eq!(deleted_maps(new), before, "the deleted mappings of the copy");
-    assert!(!copy.exists(), "the library copy made again was left behind");
+    if taken {
+        assert_eq!(std::fs::read_to_string(&copy).unwrap(), "the upgrade's", "the new file at the name is left alone");
+        let beside: Vec<String> = std::fs::read_dir(tmp.path())
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|n| n.starts_with(".ferry"))
+            .collect();
+        assert!(beside.is_empty(), "left beside: {beside:?}");
+    } else {
+        assert_eq!(deleted_maps(new), before, "the deleted mappings of the copy");
+        assert!(!copy.exists(), "the library copy made again was left behind");
+    }
     std::fs::write(&go, "").unwrap();
     wait_until("the restored python's verdict", Duration::from_secs(30), || {
         std::fs::read_to_string(&out).is_ok_and(|s| !s.is_empty())
