@@ -9,6 +9,7 @@ fn main() {
     let out = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR")).join("ferry-workload");
     println!("cargo:rerun-if-changed={}", src.display());
     println!("cargo:rerun-if-changed={}", manifest.join("workloads/traps.c").display());
+    println!("cargo:rerun-if-changed={}", manifest.join("workloads/mapped.c").display());
     println!("cargo:rerun-if-changed=build.rs");
 
     // cc only finds the compiler and its target flags: it builds libraries, and this

@@ -436,3 +436,60 @@ fn a_broken_chroot_fails_the_check() {
         inj.call(pid, libc::SYS_close, [f, 0, 0, 0, 0, 0]);
     });
 }
+
+/// The first mapping of `pid` with permissions `perms` whose name ends with `name`.
+fn mapping(pid: i32, perms: &str, name: &str) -> (u64, u64) {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    let line = maps
+        .lines()
+        .find(|l| l.split_whitespace().nth(1) == Some(perms) && l.ends_with(name))
+        .unwrap_or_else(|| panic!("no {perms} {name} in {maps}"));
+    let (s, e) = line.split_whitespace().next().unwrap().split_once('-').unwrap();
+    (u64::from_str_radix(s, 16).unwrap(), u64::from_str_radix(e, 16).unwrap())
+}
+
+/// Opens the object mapped at `range` of `pid` through its map_files link, in `pid`.
+fn open_mapped(pid: i32, inj: &mut Injected, range: (u64, u64), flags: i32) -> u64 {
+    let path = inj.put(format!("/proc/self/map_files/{:x}-{:x}\0", range.0, range.1).as_bytes());
+    let fd = inj.call(pid, libc::SYS_openat, [libc::AT_FDCWD as u64, path, (flags | libc::O_CLOEXEC) as u64, 0, 0, 0]);
+    assert!(fd >= 0, "open of map_files in the copy: {fd}");
+    fd as u64
+}
+
+/// A shared mapping of `pid` made a private one of the same object: what restoring
+/// each mapping from its own copy would give.
+fn unshare(pid: i32, inj: &mut Injected, name: &str) {
+    let (s, e) = mapping(pid, "rw-s", name);
+    let fd = open_mapped(pid, inj, (s, e), libc::O_RDONLY);
+    let prot = (libc::PROT_READ | libc::PROT_WRITE) as u64;
+    let flags = (libc::MAP_PRIVATE | libc::MAP_FIXED) as u64;
+    assert_eq!(inj.call(pid, libc::SYS_mmap, [s, e - s, prot, flags, fd, 0]), s as i64);
+    inj.call(pid, libc::SYS_close, [fd, 0, 0, 0, 0, 0]);
+}
+
+/// The workload's `--mapped-deleted` and `--memfd-map` checks (see `mapped.rs`).
+#[test]
+fn broken_deleted_and_memfd_mappings_fail_the_check() {
+    if !needs_root(ROOT) {
+        return;
+    }
+    let opts = |extra: &'static str| WorkloadOpts { files: false, extra: vec![extra], ..Default::default() };
+    let unshared = "a write through one shared mapping is not seen in the other";
+    broken(opts("--memfd-map"), &format!("memfd-map: {unshared}"), |_, pid, inj| {
+        unshare(pid, inj, "/memfd:ferry-mapped (deleted)")
+    });
+    broken(opts("--mapped-deleted"), &format!("mapped-deleted: {unshared}"), |_, pid, inj| {
+        unshare(pid, inj, "/mapped-shr (deleted)")
+    });
+    // A file at the deleted one's name: what a restore that left it behind would show.
+    broken(opts("--mapped-deleted"), "mapped-deleted: the private mappings are not named", |w, _, _| {
+        std::fs::write(w.files_dir().join("mapped-del"), "left behind").unwrap();
+    });
+    // A seal the source never had (F_SEAL_FUTURE_WRITE).
+    broken(opts("--memfd-map"), "memfd-map: size 8202 seals 0x16, want 8202 and 0x6", |_, pid, inj| {
+        let range = mapping(pid, "rw-s", "/memfd:ferry-mapped (deleted)");
+        let fd = open_mapped(pid, inj, range, libc::O_RDWR);
+        assert_eq!(inj.call(pid, libc::SYS_fcntl, [fd, libc::F_ADD_SEALS as u64, 0x10, 0, 0, 0]), 0);
+        inj.call(pid, libc::SYS_close, [fd, 0, 0, 0, 0, 0]);
+    });
+}

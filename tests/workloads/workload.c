@@ -2876,6 +2876,10 @@ static void usage(void)
     exit(2);
 }
 
+/* ---- Deleted files and memfds mapped into memory (--mapped-deleted, --memfd-map, --memfd-fd): see
+ * mapped.c ---- */
+#include "mapped.c"
+
 static long number(const char *s, long max)
 {
     char *end;
@@ -2916,6 +2920,8 @@ int main(int argc, char **argv)
             {"--del-cwd", &opt_del_cwd, 1},      {"--del-dev", &opt_del_dev, 1},
             {"--del-sock", &opt_del_sock, 1},    {"--epoll-closed", &opt_epoll_closed, 1},
             {"--epoll-orphan", &opt_epoll_orphan, 1}, {"--chroot", &opt_chroot, 1},
+            {"--mapped-deleted", &opt_mapped_deleted, 1}, {"--memfd-map", &opt_memfd_map, 1},
+            {"--memfd-fd", &opt_memfd_fd, 1},
         };
         int flag = 0;
         for (size_t f = 0; f < sizeof flags / sizeof flags[0] && !flag; f++)
@@ -3003,6 +3009,7 @@ int main(int argc, char **argv)
     if (opt_inotify || opt_fanotify || opt_pidfd || opt_pidfd_other)
         setup_notify();
     setup_gone();
+    setup_mapped();
 
     if (opt_creds)
         setup_creds();
@@ -3138,6 +3145,8 @@ int main(int argc, char **argv)
         verify_notify();
     if (!failure[0])
         verify_gone();
+    if (!failure[0])
+        verify_mapped();
     end_gone();
 
     if (failure[0]) {

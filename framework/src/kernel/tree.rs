@@ -1,7 +1,8 @@
 //! A process and its descendants: found from `/proc/PID/task/*/children`, frozen
 //! together, and checked for what they share: open file descriptions (carried: found
 //! here), and what ferry does not carry between processes yet (a pipe between two of
-//! them, shared anonymous memory, an address space, fd table or signal handlers, a
+//! them, shared anonymous memory, a deleted file or memfd mapped and written through,
+//! an address space, fd table or signal handlers, a
 //! process group or session other than the parent's).
 
 use std::os::unix::fs::MetadataExt;
@@ -90,6 +91,42 @@ fn shared_anon(pid: pid_t) -> Vec<(u64, u64)> {
         .collect()
 }
 
+/// A deleted file or memfd a process maps or holds open.
+struct Gone {
+    dev: u64,
+    ino: u64,
+    /// Mapped at all.
+    mapped: bool,
+    /// Written through: mapped shared, or open.
+    written: bool,
+    /// What /proc names it.
+    name: String,
+}
+
+/// The deleted files and memfds `pid` maps or holds open.
+fn deleted_objects(pid: pid_t) -> Vec<Gone> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+    let mut found: Vec<Gone> = Vec::new();
+    for l in text.lines().filter(|l| l.ends_with(" (deleted)") && !l.contains(" /dev/zero (deleted)") && !l.contains(" /SYSV")) {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let (Some(range), Some(perms)) = (f.first(), f.get(1)) else { continue };
+        let Ok(m) = std::fs::metadata(format!("/proc/{pid}/map_files/{range}")) else { continue };
+        let name = f.get(5..).map(|p| p.join(" ")).unwrap_or_default();
+        found.push(Gone { dev: m.dev(), ino: m.ino(), mapped: true, written: perms.ends_with('s'), name });
+    }
+    for (fd, dev, ino, _) in fds(pid) {
+        let link = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).map(|l| l.to_string_lossy().into_owned()).unwrap_or_default();
+        match found.iter_mut().find(|o| (o.dev, o.ino) == (dev, ino)) {
+            Some(o) => o.written = true,
+            None if link.ends_with(" (deleted)") || link.starts_with("/memfd:") => {
+                found.push(Gone { dev, ino, mapped: false, written: true, name: link })
+            }
+            None => {}
+        }
+    }
+    found
+}
+
 /// An fd of a process of the tree whose open file description an earlier process
 /// holds too: (process, fd, earlier process, its fd).
 pub type Shared = (pid_t, i32, pid_t, i32);
@@ -103,6 +140,7 @@ pub fn check_shared(pids: &[pid_t]) -> Result<Vec<Shared>, TraceError> {
     let refuse = |pid: pid_t, why: String| Err(TraceError::Unsuitable { pid, why });
     let fds: Vec<Vec<(i64, u64, u64, u32)>> = pids.iter().map(|&p| fds(p)).collect();
     let anon: Vec<Vec<(u64, u64)>> = pids.iter().map(|&p| shared_anon(p)).collect();
+    let gone: Vec<Vec<Gone>> = if pids.len() > 1 { pids.iter().map(|&p| deleted_objects(p)).collect() } else { Vec::new() };
     let mut shared = Vec::new();
     for (j, &b) in pids.iter().enumerate() {
         for (i, &a) in pids[..j].iter().enumerate() {
@@ -113,6 +151,13 @@ pub fn check_shared(pids: &[pid_t]) -> Result<Vec<Shared>, TraceError> {
             }
             if let Some(&(_, at)) = anon[j].iter().find(|m| anon[i].iter().any(|n| n.0 == m.0)) {
                 return refuse(b, format!("sharing the shared anonymous memory at {at:#x} with process {a}; memory shared between processes is not carried yet"));
+            }
+            // Each process's memory plugin makes its deleted files and memfds again: a
+            // private mapping in both may have its own copy, anything written through
+            // (a shared mapping, an fd) may not.
+            let clash = |m: &Gone, n: &Gone| (n.dev, n.ino) == (m.dev, m.ino) && (n.mapped || m.mapped) && (n.written || m.written);
+            if let Some(o) = gone[j].iter().find(|m| gone[i].iter().any(|n| clash(m, n))) {
+                return refuse(b, format!("sharing {} (mapped by one of them) with process {a}; deleted files and memfds mapped and written through between processes are not carried yet", o.name));
             }
         }
         for &(fd, dev, ino, kind) in &fds[j] {

@@ -436,6 +436,9 @@ impl Checkpoint {
         let mut pipes: Vec<(PipeRec, Option<i32>, i32)> = Vec::new();
         let mut pipe_index: HashMap<(u64, u64), usize> = HashMap::new();
         let mut with_contents: HashSet<(u64, u64)> = HashSet::new();
+        // A deleted file or memfd the process maps too is made again by the memory
+        // plugin, and opened here through one of its mappings.
+        let mut mappings = None;
         // Every `lock:` line of every description, to check /proc/locks against.
         let mut lock_lines = Vec::new();
         for g in &groups {
@@ -502,7 +505,8 @@ impl Checkpoint {
                     None,
                 )),
                 Kind::Deleted(path) => {
-                    let carries = with_contents.insert(key);
+                    let mapped = crate::scan::mapped_at(pid, key, &mut mappings);
+                    let carries = mapped.is_none() && with_contents.insert(key);
                     let object = Object::Deleted {
                         path: path.clone(),
                         dev: st.dev,
@@ -512,6 +516,7 @@ impl Checkpoint {
                         gid: st.gid,
                         size: st.size,
                         data_len: carries.then_some(st.size),
+                        mapped,
                     };
                     descs.push((Desc { fds: slots, flags, pos: first.info.pos, object, locks }, carries.then_some(first.fd)));
                 }
@@ -601,7 +606,8 @@ impl Checkpoint {
                     descs.push((Desc { fds: slots, flags, pos: 0, object, locks: Vec::new() }, None));
                 }
                 Kind::Memfd(name) => {
-                    let carries = with_contents.insert(key);
+                    let mapped = crate::scan::mapped_at(pid, key, &mut mappings);
+                    let carries = mapped.is_none() && with_contents.insert(key);
                     let object = Object::Memfd {
                         name: name.clone(),
                         dev: st.dev,
@@ -610,6 +616,7 @@ impl Checkpoint {
                         seals: 0,
                         size: st.size,
                         data_len: carries.then_some(st.size),
+                        mapped,
                     };
                     // Seals are read through the fd, so every memfd description gets a source.
                     descs.push((Desc { fds: slots, flags, pos: first.info.pos, object, locks }, Some(first.fd)));

@@ -449,6 +449,7 @@ fn deleted_files_and_memfds_are_recreated_once() {
         gid: 0,
         size: content.len() as u64,
         data_len,
+        mapped: None,
     };
     let memfd = |data_len| Object::Memfd {
         name: "m".into(),
@@ -458,6 +459,7 @@ fn deleted_files_and_memfds_are_recreated_once() {
         seals: 3,
         size: 4,
         data_len,
+        mapped: None,
     };
     let records = vec![
         header(4, 0),
@@ -553,7 +555,7 @@ fn bad_images_are_refused() {
     h["extra"] = 1.into();
     expect_error(vec![json(KIND_HEADER, &h)], "unknown field");
     // A shared deleted file named before its contents.
-    let later = Object::Deleted { path: "/x".into(), dev: 1, ino: 2, mode: 0, uid: 0, gid: 0, size: 1, data_len: None };
+    let later = Object::Deleted { path: "/x".into(), dev: 1, ino: 2, mode: 0, uid: 0, gid: 0, size: 1, data_len: None, mapped: None };
     expect_error(
         vec![header(1, 0), json(KIND_DESC, &Desc { fds: vec![slot(3, false)], flags: rdwr, pos: 0, object: later, locks: Vec::new() })],
         "before the description that carries its contents",
@@ -578,6 +580,7 @@ fn a_failed_restore_removes_the_files_it_created() {
         gid: 0,
         size: 4,
         data_len: Some(4),
+        mapped: None,
     };
     let records = vec![
         header(1, 0),

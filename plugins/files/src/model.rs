@@ -97,8 +97,22 @@ pub enum Object {
     },
     /// A regular file deleted while open: recreated from its contents, reopened, and
     /// unlinked. Several descriptions of one inode (`dev`, `ino`) share one copy: the
-    /// first carries `data_len` (the contents follow), the others have none.
-    Deleted { path: String, dev: u64, ino: u64, mode: u32, uid: u32, gid: u32, size: u64, data_len: Option<u64> },
+    /// first carries `data_len` (the contents follow), the others have none. `mapped`:
+    /// an address where the process maps the same file; the memory plugin (restored
+    /// first) makes the file again, and the description is opened through that
+    /// mapping (`/proc/self/map_files`), with no contents of its own.
+    Deleted {
+        path: String,
+        dev: u64,
+        ino: u64,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        size: u64,
+        data_len: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        mapped: Option<u64>,
+    },
     /// A directory removed while open (`O_RDONLY|O_DIRECTORY`, `O_PATH`): made again
     /// empty at `path` (or beside it when the name is taken) with its mode and owner,
     /// reopened with the description's flags, and removed. Descriptions of one
@@ -108,8 +122,19 @@ pub enum Object {
     /// (`mode` with its type, `rdev`) at `path` or beside it, owned as it was, opened
     /// with the description's flags and offset, and unlinked. Shared like `DeletedDir`.
     DeletedDevice { path: String, dev: u64, ino: u64, mode: u32, rdev: u64, uid: u32, gid: u32 },
-    /// A memfd: recreated with `memfd_create`, filled, sealed. Shared like `Deleted`.
-    Memfd { name: String, dev: u64, ino: u64, mode: u32, seals: u32, size: u64, data_len: Option<u64> },
+    /// A memfd: recreated with `memfd_create`, filled, sealed. Shared like `Deleted`,
+    /// and opened through a mapping of it like `Deleted` when `mapped`.
+    Memfd {
+        name: String,
+        dev: u64,
+        ino: u64,
+        mode: u32,
+        seals: u32,
+        size: u64,
+        data_len: Option<u64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        mapped: Option<u64>,
+    },
     /// An eventfd with its counter.
     Eventfd { count: u64, semaphore: bool },
     /// A timerfd: its clock, the time left and the interval (`[sec, nsec]`, relative),
@@ -510,6 +535,7 @@ mod tests {
                 gid: 0,
                 size: 3,
                 data_len: Some(3),
+                mapped: None,
             },
             locks: Vec::new(),
         };
@@ -562,9 +588,10 @@ mod tests {
             gid: 0,
             size: 10,
             data_len: Some(11),
+            mapped: None,
         };
         assert!(d.validate(&mut HashSet::new()).unwrap_err().contains("11 content bytes"));
-        d.object = Object::Memfd { name: "x".repeat(300), dev: 0, ino: 0, mode: 0, seals: 0, size: 0, data_len: None };
+        d.object = Object::Memfd { name: "x".repeat(300), dev: 0, ino: 0, mode: 0, seals: 0, size: 0, data_len: None, mapped: None };
         assert!(d.validate(&mut HashSet::new()).is_err());
         let mut p = PipeRec {
             ino: 1,

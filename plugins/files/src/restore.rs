@@ -466,6 +466,7 @@ impl Restore {
                 self.placer.release(ctx, h)?;
                 self.status.entities_done += 1;
             }
+            Object::Deleted { mapped: Some(at), .. } | Object::Memfd { mapped: Some(at), .. } => self.open_mapped(ctx, &what, &desc, *at)?,
             Object::Deleted { dev, ino, data_len: None, .. } | Object::Memfd { dev, ino, data_len: None, .. } => {
                 let at = *self.shared.get(&(*dev, *ino)).ok_or_else(|| {
                     format!("{what}: the image names this file before the description that carries its contents")

@@ -10,6 +10,32 @@ use crate::model::GoneDir;
 const AT_REMOVEDIR: u64 = 0x200;
 
 impl Restore {
+    /// Opens a deleted file or memfd the process maps too through its mapping at `at`,
+    /// which the memory plugin (restored first) made from the image: the fd and the
+    /// mapping are one object again, as they were.
+    pub(super) fn open_mapped(&mut self, ctx: &mut ContextRef<'_>, what: &str, desc: &Desc, at: u64) -> Result<(), String> {
+        let maps = ferry_plugin_api::util::parse_maps(&ferry_plugin_api::util::proc_text(ctx, "maps")?)?;
+        let v = maps
+            .iter()
+            .find(|v| v.start <= at && at < v.end && v.path.ends_with(" (deleted)"))
+            .ok_or_else(|| format!("{what}: the restored process has no mapping of it at {at:#x}"))?;
+        let (dev, ino, flags) = match desc.object {
+            Object::Deleted { dev, ino, .. } => (dev, ino, desc.flags & !(libc::O_DIRECTORY as u32)),
+            Object::Memfd { dev, ino, .. } => (dev, ino, desc.flags),
+            _ => return Err(format!("internal error: {what} is not a deleted file or memfd")),
+        };
+        let fd = open(ctx, what, &format!("/proc/self/map_files/{:x}-{:x}", v.start, v.end), open_flags(flags))?;
+        let h = self.placer.adopt(fd);
+        seek(ctx, what, fd, desc.pos, desc.flags)?;
+        self.placer.place(ctx, what, h, &desc.fds)?;
+        self.placer.release(ctx, h)?;
+        self.status.entities_done += 1;
+        if let Some(first) = desc.fds.first() {
+            self.shared.insert((dev, ino), first.fd);
+        }
+        Ok(())
+    }
+
     /// Makes `what` (`kind`, for messages: "the deleted file") again at `path` with
     /// `make` (the raw result of the call, `-EEXIST` when the name is taken), or at a
     /// free name beside it; answers the result and the path used, recorded in

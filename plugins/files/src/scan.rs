@@ -33,6 +33,24 @@ pub fn parse_fdinfo(text: &str) -> Result<FdInfo, String> {
 }
 
 /// The `Umask:` of `/proc/PID/status`.
+/// An address where process `pid` maps the file `(dev, ino)` (`/proc/PID/map_files`,
+/// read once into `cache` as (start, dev, ino)), if any.
+pub fn mapped_at(pid: i32, key: (u64, u64), cache: &mut Option<Vec<(u64, u64, u64)>>) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let maps = cache.get_or_insert_with(|| {
+        let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/map_files")) else { return Vec::new() };
+        dir.filter_map(|e| {
+            let e = e.ok()?;
+            let name = e.file_name().into_string().ok()?;
+            let start = u64::from_str_radix(name.split_once('-')?.0, 16).ok()?;
+            let st = std::fs::metadata(e.path()).ok()?;
+            Some((start, st.dev(), st.ino()))
+        })
+        .collect()
+    });
+    maps.iter().find(|m| (m.1, m.2) == key).map(|m| m.0)
+}
+
 pub fn parse_umask(status: &str) -> Result<u32, String> {
     for line in status.lines() {
         if let Some(v) = line.strip_prefix("Umask:") {

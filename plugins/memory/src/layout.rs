@@ -31,6 +31,9 @@ pub enum AreaKind {
     /// image; one object (`object`) may span several adjacent areas (split by
     /// `mprotect`, say), and is made again as one.
     Shmem,
+    /// A mapping of a file deleted since, or of a memfd, private or shared: the object
+    /// is made again from the image (`gone`), `object` its index there.
+    Deleted,
 }
 
 /// What identifies a mapped file, to refuse a restore if it changed.
@@ -128,6 +131,11 @@ impl Area {
                 area.kind = AreaKind::Shmem;
                 area.object = Some(vma.inode);
             }
+            // System V shared memory shows as a deleted file of its own.
+            None if vma.path.ends_with(" (deleted)") && !vma.path.starts_with("/SYSV") && crate::gone::deleted_path(&vma.path).is_some() => {
+                area.kind = AreaKind::Deleted;
+                area.path = crate::gone::deleted_path(&vma.path).map(str::to_string);
+            }
             None => {
                 if vma.path.ends_with(" (deleted)") {
                     return Err(format!(
@@ -224,6 +232,9 @@ pub struct MmState {
     /// `PR_GET_MEMORY_MERGE`'s answer (1: KSM may merge every mapping, future ones too).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub merge_any: u64,
+    /// Deleted files and memfds the areas map (`AreaKind::Deleted`, by index).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gone: Vec<crate::gone::Gone>,
 }
 
 fn is_zero(v: &u64) -> bool {
@@ -266,6 +277,7 @@ impl MmState {
             thp_disable: 0,
             lock_future: 0,
             merge_any: 0,
+            gone: Vec::new(),
         })
     }
 
@@ -292,7 +304,7 @@ impl MmState {
             if a.kind == AreaKind::File && (a.path.is_none() || a.file.is_none()) {
                 return Err(format!("the image's file mapping {at} names no file"));
             }
-            if (a.kind == AreaKind::Shmem) != (a.object.is_some() && a.shared) {
+            if (a.kind == AreaKind::Shmem) != (a.object.is_some() && a.shared) && a.kind != AreaKind::Deleted {
                 return Err(format!("the image's mapping {at} is half a shared anonymous one"));
             }
             if a.kind == AreaKind::Special && !a.flags.is_empty() {
@@ -309,6 +321,7 @@ impl MmState {
             last_end = a.end;
         }
         shmem_objects(&self.areas)?;
+        crate::gone::validate(&self.gone, &self.areas)?;
         let premapped: Vec<(u64, u64)> = self.areas.iter().filter(|a| a.premappable()).map(|a| (a.start, a.end)).collect();
         let premapped = ranges::normalize(premapped);
         for &(s, e) in &self.kept {
@@ -563,6 +576,7 @@ mod tests {
             thp_disable: 0,
             lock_future: 0,
             merge_any: 0,
+            gone: vec![],
         });
         st.areas = vec![area(0x1000, 0x3000), area(0x2000, 0x4000)];
         assert!(st.validate().is_err());

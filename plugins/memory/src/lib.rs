@@ -6,6 +6,7 @@
 //! locks and the address space its memory policy back (`vmflags`), and sets brk,
 //! stack, arg/env, auxv and the exe file with `PR_SET_MM_MAP`.
 
+mod gone;
 mod layout;
 mod vmflags;
 use ferry_plugin_api::ranges;
@@ -56,6 +57,10 @@ struct Memory {
     premapped: Ranges,
     /// Restore: the private areas, where pages may go.
     page_areas: Ranges,
+    /// Restore: the deleted files and memfds made again, until filled and sealed.
+    made: Vec<gone::Made>,
+    /// Restore: files made again and not unlinked yet (removed on failure).
+    created: Vec<String>,
 }
 
 /// A `live` record: what changes in the destination's early mappings this round.
@@ -97,7 +102,7 @@ enum Phase {
 fn dirty_runs(pagemap: &std::fs::File, area: &Area) -> Result<Vec<(u64, u64)>, String> {
     // Whether a page is a file's costs the kernel a look at the page itself: asked only
     // of file mappings (an anonymous area holds no file pages).
-    let file = if area.kind == AreaKind::File { pagemap::PAGE_IS_FILE } else { 0 };
+    let file = if matches!(area.kind, AreaKind::File | AreaKind::Deleted) { pagemap::PAGE_IS_FILE } else { 0 };
     // A guard page reads as swapped; asked only where guards are (older kernels refuse
     // the category).
     let guard = if area.guards.is_empty() { 0 } else { pagemap::PAGE_IS_GUARD };
@@ -130,7 +135,7 @@ fn read_pagemap(pagemap: &std::fs::File, area: &Area) -> Result<Vec<(u64, u64)>,
             let mut b = [0u8; 8];
             b.copy_from_slice(e);
             let v = u64::from_le_bytes(b);
-            let wanted = if area.kind == AreaKind::File {
+            let wanted = if matches!(area.kind, AreaKind::File | AreaKind::Deleted) {
                 // Only the copies the process wrote; the rest comes from the file.
                 (v & PM_PRESENT != 0 && v & PM_FILE == 0) || v & PM_SWAPPED != 0
             } else {
@@ -325,7 +330,8 @@ fn take_chunk(todo: &mut VecDeque<(u64, u64)>, limit: u64) -> Vec<(u64, u64)> {
 impl Memory {
     fn checkpoint_start(&mut self, ctx: &mut ContextRef<'_>, sink: &mut SinkRef<'_>) -> Result<(), String> {
         let pid = ctx.pid();
-        let (areas, policy) = areas_with_flags(ctx)?;
+        let (mut areas, policy) = areas_with_flags(ctx)?;
+        let (gone, gone_files) = gone::capture(ctx, &mut areas)?;
         let brk = util::syscall(ctx, pid, "brk(0)", libc::SYS_brk, [0; 6])?;
         let stat = util::proc_text(ctx, "stat")?;
         let auxv = ctx.proc_read("auxv".into()).into_result().map_err(|e| String::from(e.message))?;
@@ -335,6 +341,7 @@ impl Memory {
             .into_owned();
         let mut state = MmState::capture(&stat, brk, &auxv, exe, areas)?;
         (state.thp_disable, state.lock_future, state.merge_any) = (policy.thp_disable, policy.lock_future, policy.merge_any);
+        state.gone = gone;
         let pagemap = open_pagemap(pid)?;
         // After pre-copy rounds: what the destination holds stays there, only the pages
         // written since go; a range whose mapping was replaced goes whole.
@@ -396,6 +403,8 @@ impl Memory {
         self.status.entities_total = self.todo.iter().map(|r| r.1).sum();
         self.status.bytes_total = self.status.entities_total * PAGE;
         util::put_json(sink, "mm", &state)?;
+        // Before the pages: a private page written over a deleted file's is whole.
+        gone::put_data(sink, &gone_files, &state.gone)?;
         Ok(())
     }
 
@@ -517,6 +526,7 @@ impl Memory {
         layout::move_specials(ctx, &child, &state.areas)?;
         let mut fds: Vec<(String, u64)> = Vec::new();
         let objects = self.make_shmem_objects(ctx, &state)?;
+        self.made = gone::make(ctx, &state.gone, &mut self.created)?;
         for area in state.areas.iter().filter(|a| a.kind != AreaKind::Special) {
             if area.kind == AreaKind::Shmem {
                 // Each area a new mapping of its object's pages at its own offset
@@ -559,6 +569,10 @@ impl Memory {
                     let share = if area.shared { libc::MAP_SHARED } else { libc::MAP_PRIVATE };
                     (fd, share as u64)
                 }
+                (AreaKind::Deleted, _) => {
+                    let made = area.object.and_then(|o| self.made.get(o as usize)).ok_or("a deleted mapping without its object")?;
+                    (made.child_fd, if area.shared { libc::MAP_SHARED } else { libc::MAP_PRIVATE } as u64)
+                }
                 _ => {
                     let grows = if area.growsdown { libc::MAP_GROWSDOWN } else { 0 };
                     (u64::MAX, (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | grows) as u64)
@@ -577,6 +591,14 @@ impl Memory {
         }
         for (path, fd) in fds {
             util::syscall(ctx, pid, &format!("close {path}"), libc::SYS_close, [fd, 0, 0, 0, 0, 0])?;
+        }
+        // Deleted files and memfds live on in their areas (and ferry's fds, to fill them).
+        for made in &mut self.made {
+            util::syscall(ctx, pid, "close of a deleted object made again", libc::SYS_close, [made.child_fd, 0, 0, 0, 0, 0])?;
+            if let Some(name) = made.name.take() {
+                std::fs::remove_file(&name).map_err(|e| format!("unlinking {name} again: {e}"))?;
+                self.created.retain(|c| *c != name);
+            }
         }
         // The objects live on in their areas.
         for (_, temp, size) in objects {
@@ -721,6 +743,7 @@ impl SubsystemPlugin for Memory {
             Phase::Pages => {
                 match util::next_record(source)? {
                     Some(rec) if rec.kind.as_str() == "pages" => self.restart_pages(ctx, rec)?,
+                    Some(rec) if rec.kind.as_str() == "gone-data" => gone::fill(&self.made, state_gone(&self.state), &rec.payload)?,
                     Some(rec) => return Err(format!("unexpected record `{}` after the pages", rec.kind)),
                     None => self.phase = Phase::Finish,
                 }
@@ -729,6 +752,8 @@ impl SubsystemPlugin for Memory {
             Phase::Finish => {
                 self.narrow(ctx)?;
                 let state = self.state.as_ref().ok_or("no mm record")?;
+                gone::seal(&self.made, &state.gone)?;
+                self.made.clear();
                 // Advice and locks once the pages are in and each area has its own
                 // protection (a locked area is filled as the process's was).
                 let policy = state.policy();
@@ -748,6 +773,9 @@ impl SubsystemPlugin for Memory {
     fn cleanup(&mut self, ctx: &mut ContextRef<'_>, _ok: bool) {
         // A failed checkpoint must not leave PROT_NONE areas readable.
         let _ = self.narrow(ctx);
+        for name in self.created.drain(..) {
+            let _ = std::fs::remove_file(name);
+        }
     }
 
     fn status(&self) -> Status {
@@ -755,42 +783,11 @@ impl SubsystemPlugin for Memory {
     }
 }
 
+fn state_gone(state: &Option<MmState>) -> &[gone::Gone] {
+    state.as_ref().map_or(&[], |s| &s.gone)
+}
+
 ferry_plugin_api::export_subsystem!("memory", "Private memory: mappings and their pages", Memory::default);
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn an_object_mapped_twice_sends_each_of_its_pages_once() {
-        let shm = |start: u64, end: u64, offset: u64| Area {
-            start,
-            end,
-            prot: 3,
-            shared: true,
-            kind: AreaKind::Shmem,
-            path: None,
-            offset,
-            growsdown: false,
-            file: None,
-            object: Some(7),
-            flags: vec![],
-            guards: vec![],
-        };
-        let mut sent = Vec::new();
-        // Pages 0-7 of the object at 0x10000, then pages 2-5 again at 0x40000 and pages
-        // 6-9 at 0x50000: only what no area before sent goes.
-        assert_eq!(once_per_object(&mut sent, &shm(0x10000, 0x18000, 0), vec![(0x10000, 5), (0x16000, 2)]), vec![(0x10000, 5), (0x16000, 2)]);
-        assert!(once_per_object(&mut sent, &shm(0x40000, 0x44000, 0x2000), vec![(0x40000, 3)]).is_empty());
-        assert_eq!(once_per_object(&mut sent, &shm(0x50000, 0x54000, 0x6000), vec![(0x50000, 4)]), vec![(0x52000, 2)]);
-    }
-
-    #[test]
-    fn chunks_split_runs_at_the_limit() {
-        let mut todo: VecDeque<(u64, u64)> = [(0x1000, 3), (0x10000, 10)].into_iter().collect();
-        assert_eq!(take_chunk(&mut todo, 5 * PAGE), vec![(0x1000, 3), (0x10000, 2)]);
-        assert_eq!(take_chunk(&mut todo, 5 * PAGE), vec![(0x12000, 5)]);
-        assert_eq!(take_chunk(&mut todo, 5 * PAGE), vec![(0x17000, 3)]);
-        assert!(take_chunk(&mut todo, 5 * PAGE).is_empty());
-    }
-}
+mod tests;
