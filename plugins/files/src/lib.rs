@@ -2,7 +2,8 @@
 //! flags, files deleted while open, memfds, devices, pipes and FIFOs with their unread
 //! bytes, shared file descriptions, eventfds with their counts, timerfds with their time
 //! left and unread expirations, signalfds, epoll instances with what they watch, Unix
-//! socket pairs within the process, listening TCP sockets, UDP sockets), the file locks
+//! socket pairs within the process, listening TCP sockets, UDP sockets, established TCP
+//! connections: see [`tcp`]), the file locks
 //! held (POSIX, OFD, flock: see [`locks`]), the working and root directories and the umask.
 //!
 //! See [`model`] for the records. Checkpoint reads `/proc/PID/{fd,fdinfo}` and uses
@@ -16,6 +17,7 @@ mod model;
 mod restore;
 mod scan;
 mod inet;
+mod tcp;
 mod locks;
 mod pty;
 mod unix;
@@ -23,7 +25,7 @@ mod unix;
 use ferry_plugin_api::{
     plugin::SubsystemPlugin,
     util::names,
-    ContextRef, Progress, SinkRef, SourceRef, Status, SubsystemInfo,
+    ContextRef, EventKind, Progress, SinkRef, SourceRef, Status, SubsystemInfo,
 };
 
 #[derive(Default)]
@@ -41,6 +43,17 @@ impl SubsystemPlugin for Plugin {
         }
     }
 
+    fn setup(&mut self, ctx: &mut ContextRef<'_>, event: EventKind) -> Result<(), String> {
+        if event == EventKind::Checkpoint {
+            self.checkpoint.tcp.setup(ctx)?;
+        }
+        Ok(())
+    }
+
+    fn resume(&mut self, _ctx: &mut ContextRef<'_>) -> Result<(), String> {
+        self.restore.tcp.resume()
+    }
+
     fn checkpoint(&mut self, ctx: &mut ContextRef<'_>, sink: &mut SinkRef<'_>) -> Result<Progress, String> {
         self.checkpoint.step(ctx, sink)
     }
@@ -50,6 +63,7 @@ impl SubsystemPlugin for Plugin {
     }
 
     fn cleanup(&mut self, _ctx: &mut ContextRef<'_>, ok: bool) {
+        self.checkpoint.tcp.cleanup(ok);
         if !ok {
             self.restore.cleanup();
         }

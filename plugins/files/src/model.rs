@@ -111,6 +111,8 @@ pub enum Object {
     /// connected to `peer` again. Waiting connections and queued datagrams do not
     /// follow (the checkpoint refuses them).
     UnixSocket { sock_type: i32, addr: Option<String>, mode: Option<u32>, peer: Option<String>, backlog: Option<u32> },
+    /// An established TCP connection, made again in repair mode (see [`crate::tcp`]).
+    Tcp { conn: Box<crate::tcp::Conn> },
 }
 
 /// One file an epoll instance watches.
@@ -165,7 +167,7 @@ impl Desc {
         match &self.object {
             Object::Path { .. } | Object::Eventfd { .. } | Object::Timerfd { .. } | Object::Signalfd { .. } | Object::Epoll { .. } => 0,
             Object::UnixPair { data_len, .. } => *data_len,
-            Object::Inet { .. } | Object::UnixSocket { .. } => 0,
+            Object::Inet { .. } | Object::UnixSocket { .. } | Object::Tcp { .. } => 0,
             Object::Deleted { data_len, .. } | Object::Memfd { data_len, .. } => data_len.unwrap_or(0),
         }
     }
@@ -294,6 +296,7 @@ impl Desc {
                     return Err(format!("{what}: a socket the image describes wrongly"));
                 }
             }
+            Object::Tcp { conn } => conn.validate(&what)?,
             Object::UnixSocket { sock_type, addr, mode, peer, backlog } => {
                 let bad_name = |hex: &str| -> Result<(bool, bool), String> {
                     let bytes = ferry_plugin_api::util::from_hex(hex, &what, UNIX_ADDR_MAX, false)?;

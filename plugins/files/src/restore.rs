@@ -290,6 +290,8 @@ pub struct Restore {
     pub created: Vec<String>,
     finished: bool,
     pub status: Status,
+    /// Established TCP connections, in repair mode until `resume`.
+    pub tcp: crate::tcp::Restored,
 }
 
 impl Restore {
@@ -492,6 +494,15 @@ impl Restore {
                     let at = scratch.put(ctx, &bytes)?;
                     sys(ctx, &format!("{what}: connect"), libc::SYS_connect, [fd_arg(fd), at, bytes.len() as u64, 0, 0, 0])?;
                 }
+                self.finish_socket(ctx, &what, &desc, fd, h)?;
+            }
+            Object::Tcp { conn } => {
+                let fd = sys(ctx, &format!("{what}: socket"), libc::SYS_socket, [conn.family as u64, (libc::SOCK_STREAM | libc::SOCK_CLOEXEC) as u64, libc::IPPROTO_TCP as u64, 0, 0, 0])? as i32;
+                let h = self.placer.adopt(fd);
+                let got = ctx.fetch_fd(fd).into_result().map_err(|e| format!("{what}: {}", e.message))?;
+                // SAFETY: fetch_fd hands us a fresh fd that we own.
+                let sock = unsafe { std::os::fd::FromRawFd::from_raw_fd(got) };
+                self.tcp.restore(sock, conn, &what)?;
                 self.finish_socket(ctx, &what, &desc, fd, h)?;
             }
             Object::UnixSocket { sock_type, addr, mode, peer, backlog } => {

@@ -1,0 +1,290 @@
+//! Established TCP connections: a python3 server (the process ferry moves) echoes a
+//! counter that a python3 client of its own process (the peer, never touched by ferry)
+//! sends over one connection and checks. The server checks the counter it receives,
+//! the client the echoes: no gap, no repeat, no error, and each prints PASS or FAIL
+//! into its log. Before the freeze the client stops reading, so the server blocks in
+//! `sendall` with bytes in its send queue, and the client's lines pile up unread in
+//! the server's receive queue: both queues are carried.
+
+use std::{
+    path::PathBuf,
+    process::{Child, Command},
+    time::Duration,
+};
+
+use ferry_tests::{ferry, needs, needs_root, stderr, stdout, wait_until};
+
+const DEADLINE: Duration = Duration::from_secs(60);
+
+/// The server: listens (SO_REUSEADDR, as servers do), takes one connection, answers
+/// each `c N <pad>` line with `e N <pad>`, checking N counts up by one; `bye` ends it.
+const SERVER: &str = r#"
+import socket, sys, os
+D, HOST = sys.argv[1], sys.argv[2]
+def log(m):
+    with open(D + '/server.log', 'a') as f: f.write(m + '\n')
+fam = socket.AF_INET6 if ':' in HOST else socket.AF_INET
+l = socket.socket(fam)
+l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind((HOST, 0))
+l.listen(4)
+with open(D + '/port.tmp', 'w') as f: f.write(str(l.getsockname()[1]))
+os.rename(D + '/port.tmp', D + '/port')
+c, _ = l.accept()
+c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+f = c.makefile('rb')
+expect = 1
+try:
+    while True:
+        line = f.readline()
+        if not line:
+            log('FAIL: the connection closed before line %d' % expect); break
+        if line == b'bye\n':
+            log('PASS %d' % (expect - 1)); break
+        n = int(line.split()[1])
+        if n != expect:
+            log('FAIL: line %d where %d was due' % (n, expect)); break
+        expect += 1
+        c.sendall(b'e %d %s\n' % (n, b'x' * 300))
+except Exception as e:
+    log('FAIL: %r at line %d' % (e, expect))
+"#;
+
+/// The peer: sends `c N` every 2 ms from one thread, reads and checks the echoes in
+/// another (not while `hold` exists); once `enough` exists it sends `bye`, reads the
+/// echoes of all it sent and logs PASS.
+const CLIENT: &str = r#"
+import socket, sys, os, threading, time
+D, HOST, PORT = sys.argv[1], sys.argv[2], int(sys.argv[3])
+def log(m):
+    with open(D + '/client.log', 'a') as f: f.write(m + '\n')
+fam = socket.AF_INET6 if ':' in HOST else socket.AF_INET
+s = socket.socket(fam)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+s.connect((HOST, PORT))
+state = {'sent': 0, 'last': None}
+def writer():
+    try:
+        while True:
+            if os.path.exists(D + '/enough'):
+                state['last'] = state['sent']
+                s.sendall(b'bye\n')
+                return
+            state['sent'] += 1
+            s.sendall(b'c %d %s\n' % (state['sent'], b'y' * 100))
+            time.sleep(0.002)
+    except Exception as e:
+        log('FAIL: writer: %r' % e)
+threading.Thread(target=writer, daemon=True).start()
+f = s.makefile('rb')
+got = 0
+try:
+    while state['last'] is None or got < state['last']:
+        while os.path.exists(D + '/hold'):
+            time.sleep(0.005)
+        line = f.readline()
+        if not line:
+            log('FAIL: the connection closed after echo %d' % got); break
+        n = int(line.split()[1])
+        if n != got + 1:
+            log('FAIL: echo %d after %d' % (n, got)); break
+        got = n
+        if got % 20 == 0:
+            log('echo %d' % got)
+    else:
+        log('PASS %d' % got)
+except Exception as e:
+    log('FAIL: %r after echo %d' % (e, got))
+"#;
+
+struct Pair {
+    dir: tempfile::TempDir,
+    server: Child,
+    client: Child,
+    port: u16,
+}
+
+impl Pair {
+    fn start(host: &str) -> Pair {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_str().unwrap().to_string();
+        let server = Command::new("/usr/bin/python3").args(["-c", SERVER, &d, host]).spawn().unwrap();
+        let port_file = dir.path().join("port");
+        wait_until("the server's port", DEADLINE, || port_file.exists());
+        let port: u16 = std::fs::read_to_string(&port_file).unwrap().parse().unwrap();
+        let client = Command::new("/usr/bin/python3").args(["-c", CLIENT, &d, host, &port.to_string()]).spawn().unwrap();
+        let p = Pair { dir, server, client, port };
+        wait_until("the first echoes", DEADLINE, || p.echoes() >= 40);
+        p
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn log(&self, who: &str) -> String {
+        std::fs::read_to_string(self.path(&format!("{who}.log"))).unwrap_or_default()
+    }
+
+    /// The last echo the client logged.
+    fn echoes(&self) -> u64 {
+        self.log("client").lines().filter_map(|l| l.strip_prefix("echo ")).filter_map(|n| n.parse().ok()).max().unwrap_or(0)
+    }
+
+    /// Stops the client's reading and waits until the server's socket holds bytes in
+    /// both queues.
+    fn fill_queues(&self) {
+        std::fs::write(self.path("hold"), "").unwrap();
+        wait_until("bytes in both of the server's queues", DEADLINE, || {
+            queues(self.port).is_some_and(|(tx, rx)| tx > 0 && rx > 0)
+        });
+    }
+
+    /// Lets the client read again, checks the echoes go on, then ends both sides and
+    /// checks their verdicts.
+    fn finish(mut self, server_pid: i32) {
+        let at = self.echoes();
+        let _ = std::fs::remove_file(self.path("hold"));
+        wait_until("echoes after the restore", DEADLINE, || self.echoes() >= at + 60 || self.log("client").contains("FAIL"));
+        std::fs::write(self.path("enough"), "").unwrap();
+        wait_until("the client's verdict", DEADLINE, || self.log("client").contains("PASS") || self.log("client").contains("FAIL"));
+        wait_until("the server's verdict", DEADLINE, || self.log("server").contains("PASS") || self.log("server").contains("FAIL"));
+        let (c, s) = (self.log("client"), self.log("server"));
+        assert!(!c.contains("FAIL") && !s.contains("FAIL"), "client:\n{c}\nserver:\n{s}");
+        let _ = self.client.wait();
+        wait_until("the server to end", DEADLINE, || !alive(server_pid));
+        let _ = self.server.wait();
+    }
+}
+
+impl Drop for Pair {
+    fn drop(&mut self) {
+        let _ = self.client.kill();
+        let _ = self.client.wait();
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+    }
+}
+
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+}
+
+/// (send queue, receive queue) of the connection whose local port is `port`, from
+/// /proc/net/tcp and tcp6 (`tx_queue:rx_queue`).
+fn queues(port: u16) -> Option<(u64, u64)> {
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let text = std::fs::read_to_string(table).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let local_port = f.get(1).and_then(|a| a.rsplit(':').next()).and_then(|p| u16::from_str_radix(p, 16).ok());
+            if local_port == Some(port) && f.get(3) == Some(&"01") {
+                let (tx, rx) = f.get(4)?.split_once(':')?;
+                return Some((u64::from_str_radix(tx, 16).ok()?, u64::from_str_radix(rx, 16).ok()?));
+            }
+        }
+    }
+    None
+}
+
+/// ferry's lock tables for process `pid` in this network namespace.
+fn lock_tables(pid: i32) -> Vec<String> {
+    let o = Command::new("nft").args(["list", "tables"]).output().expect("nft runs");
+    let prefix = format!("ferry-{pid}-");
+    stdout(&o).lines().filter(|l| l.contains(&prefix)).map(str::to_string).collect()
+}
+
+fn has_nft() -> bool {
+    needs(Command::new("nft").arg("--version").output().is_ok_and(|o| o.status.success()), "nftables (scripts/setup installs it)")
+}
+
+fn round_trip(host: &str) {
+    if !needs_root("TCP_REPAIR needs CAP_NET_ADMIN; ferry seizes the process") || !has_nft() {
+        return;
+    }
+    let pair = Pair::start(host);
+    let pid = pair.server.id() as i32;
+    pair.fill_queues();
+    let dir = pair.path("img");
+    let o = ferry(&["checkpoint", &pid.to_string(), "--dir", dir.to_str().unwrap()]);
+    assert!(o.status.success(), "checkpoint: {}", stderr(&o));
+    assert_eq!(lock_tables(pid).len(), 1, "the lock stays until the restore");
+    let o = ferry(&["restore", "--dir", dir.to_str().unwrap(), "--json"]);
+    assert!(o.status.success(), "restore: {}", stderr(&o));
+    let new = restored_pid(&o, pid);
+    assert!(lock_tables(pid).is_empty(), "the restore lifts the lock: {:?}", lock_tables(pid));
+    pair.finish(new);
+}
+
+fn restored_pid(o: &std::process::Output, old: i32) -> i32 {
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", stdout(o)));
+    v["pids"][old.to_string()].as_i64().unwrap_or_else(|| panic!("no pid for {old} in {v}")) as i32
+}
+
+#[test]
+fn an_established_v4_connection_with_both_queues_full_survives_checkpoint_and_restore() {
+    round_trip("127.0.0.1");
+}
+
+#[test]
+fn an_established_v6_connection_with_both_queues_full_survives_checkpoint_and_restore() {
+    round_trip("::1");
+}
+
+#[test]
+fn ferry_killed_while_the_server_is_frozen_leaves_the_connection_running_and_no_rule() {
+    if !needs_root("TCP_REPAIR needs CAP_NET_ADMIN; ferry seizes the process") || !has_nft() {
+        return;
+    }
+    let pair = Pair::start("127.0.0.1");
+    let pid = pair.server.id() as i32;
+    pair.fill_queues();
+    let dir = pair.path("img");
+    // After the files plugin (the second) wrote its records: the connection was read
+    // in repair mode and the lock is in force.
+    let o = Command::new(ferry_tests::ferry_bin())
+        .args(["checkpoint", &pid.to_string(), "--dir", dir.to_str().unwrap()])
+        .env("FERRY_FAULT", "checkpoint-mid@2")
+        .output()
+        .unwrap();
+    assert!(!o.status.success(), "ferry was to die: {}", stderr(&o));
+    wait_until("the lock to be lifted", DEADLINE, || lock_tables(pid).is_empty());
+    pair.finish(pid);
+}
+
+#[test]
+fn a_half_closed_connection_is_refused_and_the_server_runs_on() {
+    if !needs_root("TCP_REPAIR needs CAP_NET_ADMIN; ferry seizes the process") || !has_nft() {
+        return;
+    }
+    // A connection of a server's whose peer (this test) has sent its FIN.
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let port_file = d.join("port2");
+    let script = format!(
+        "import socket,os,time\nl=socket.socket()\nl.bind(('127.0.0.1',0))\nl.listen()\nopen('{0}.tmp','w').write(str(l.getsockname()[1]))\nos.rename('{0}.tmp','{0}')\nc,_=l.accept()\nwhile True: time.sleep(1)\n",
+        port_file.display()
+    );
+    let mut half = Command::new("/usr/bin/python3").args(["-c", &script]).spawn().unwrap();
+    wait_until("the second server's port", DEADLINE, || port_file.exists());
+    let port: u16 = std::fs::read_to_string(&port_file).unwrap().parse().unwrap();
+    let peer = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    peer.shutdown(std::net::Shutdown::Write).unwrap();
+    let hpid = half.id() as i32;
+    wait_until("CLOSE_WAIT", DEADLINE, || {
+        std::fs::read_to_string("/proc/net/tcp").unwrap().lines().any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.get(1).is_some_and(|a| a.ends_with(&format!(":{port:04X}"))) && f.get(3) == Some(&"08")
+        })
+    });
+    let dir = d.join("img");
+    let o = ferry(&["checkpoint", &hpid.to_string(), "--dir", dir.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert!(err.contains(&hpid.to_string()) && err.contains("CLOSE_WAIT"), "{err}");
+    assert!(alive(hpid) && lock_tables(hpid).is_empty(), "runs on, no rule left");
+    let _ = half.kill();
+    let _ = half.wait();
+    drop(peer);
+}
