@@ -166,6 +166,16 @@ impl Drop for Pair {
     }
 }
 
+/// A child killed (by its pid) and reaped however the test ends.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn alive(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
 }
@@ -265,12 +275,13 @@ fn a_half_closed_connection_is_refused_and_the_server_runs_on() {
         "import socket,os,time\nl=socket.socket()\nl.bind(('127.0.0.1',0))\nl.listen()\nopen('{0}.tmp','w').write(str(l.getsockname()[1]))\nos.rename('{0}.tmp','{0}')\nc,_=l.accept()\nwhile True: time.sleep(1)\n",
         port_file.display()
     );
-    let mut half = Command::new("/usr/bin/python3").args(["-c", &script]).spawn().unwrap();
+    let half = Command::new("/usr/bin/python3").args(["-c", &script]).spawn().unwrap();
+    let half = Killed(half);
     wait_until("the second server's port", DEADLINE, || port_file.exists());
     let port: u16 = std::fs::read_to_string(&port_file).unwrap().parse().unwrap();
     let peer = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     peer.shutdown(std::net::Shutdown::Write).unwrap();
-    let hpid = half.id() as i32;
+    let hpid = half.0.id() as i32;
     wait_until("CLOSE_WAIT", DEADLINE, || {
         std::fs::read_to_string("/proc/net/tcp").unwrap().lines().any(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
@@ -284,7 +295,5 @@ fn a_half_closed_connection_is_refused_and_the_server_runs_on() {
     assert_eq!(err.lines().count(), 1, "one line: {err}");
     assert!(err.contains(&hpid.to_string()) && err.contains("CLOSE_WAIT"), "{err}");
     assert!(alive(hpid) && lock_tables(hpid).is_empty(), "runs on, no rule left");
-    let _ = half.kill();
-    let _ = half.wait();
     drop(peer);
 }

@@ -294,6 +294,9 @@ pub fn unlock_in(netns: &str, name: &str) -> Result<(), String> {
 struct Lock {
     name: String,
     watcher: Child,
+    /// The namespace the watcher's `nsenter` opens by a path of ours: kept open
+    /// until the watcher is done with it.
+    _netns: OwnedFd,
 }
 
 impl Lock {
@@ -303,7 +306,7 @@ impl Lock {
         unsafe { libc::getrandom(token.as_mut_ptr().cast(), 4, 0) };
         let name = format!("ferry-{pid}-{}", to_hex(&token));
         let script = lock_script(&name, tuples).ok_or("a connection whose addresses are of no known family")?;
-        let (_ns, netns) = netns_of(sample)?;
+        let (ns, netns) = netns_of(sample)?;
         nft_in(&netns, &["-f", "-"], Some(&script)).map_err(|e| format!("installing the network lock: {e}"))?;
         let mut cmd = Command::new("nsenter");
         let body = format!("read x; [ \"$x\" = keep ] || nft delete table inet {name}");
@@ -318,7 +321,7 @@ impl Lock {
             });
         }
         match cmd.spawn() {
-            Ok(watcher) => Ok(Lock { name, watcher }),
+            Ok(watcher) => Ok(Lock { name, watcher, _netns: ns }),
             Err(e) => {
                 let _ = unlock_in(&netns, &name);
                 Err(format!("starting the network lock's watcher: {e}"))
@@ -383,7 +386,8 @@ impl Source {
         if !is_connection(sock) {
             return Ok(None);
         }
-        let refuse = |why: String| format!("{what} is a TCP socket {why}: not supported by the files plugin");
+        let pid = self.pid;
+        let refuse = |why: String| format!("process {pid}: {what} is a TCP socket {why}: not supported by the files plugin");
         let mut info = [0u8; 104];
         get_raw(sock, libc::IPPROTO_TCP, libc::TCP_INFO, &mut info, "TCP_INFO").map_err(refuse)?;
         if info[0] != 1 {
