@@ -104,19 +104,27 @@ struct Pair {
     server: Child,
     client: Child,
     port: u16,
+    /// The server's network namespace.
+    netns: Option<String>,
 }
 
 impl Pair {
     fn start(host: &str) -> Pair {
+        Pair::start_in(host, None, None)
+    }
+
+    /// The server in network namespace `server_ns`, the client in `client_ns` (when given).
+    fn start_in(host: &str, server_ns: Option<&str>, client_ns: Option<&str>) -> Pair {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path().to_str().unwrap().to_string();
-        let server = Command::new("/usr/bin/python3").args(["-c", SERVER, &d, host]).spawn().unwrap();
+        let server = python_in(server_ns).args(["-c", SERVER, &d, host]).spawn().unwrap();
         let port_file = dir.path().join("port");
         wait_until("the server's port", DEADLINE, || port_file.exists());
         let port: u16 = std::fs::read_to_string(&port_file).unwrap().parse().unwrap();
-        let client = Command::new("/usr/bin/python3").args(["-c", CLIENT, &d, host, &port.to_string()]).spawn().unwrap();
-        let p = Pair { dir, server, client, port };
-        wait_until("the first echoes", DEADLINE, || p.echoes() >= 40);
+        let client = python_in(client_ns).args(["-c", CLIENT, &d, host, &port.to_string()]).spawn().unwrap();
+        let p = Pair { dir, server, client, port, netns: server_ns.map(str::to_string) };
+        wait_until("the first echoes", DEADLINE, || p.echoes() >= 40 || p.log("client").contains("FAIL"));
+        assert!(!p.log("client").contains("FAIL"), "{}", p.log("client"));
         p
     }
 
@@ -138,7 +146,7 @@ impl Pair {
     fn fill_queues(&self) {
         std::fs::write(self.path("hold"), "").unwrap();
         wait_until("bytes in both of the server's queues", DEADLINE, || {
-            queues(self.port).is_some_and(|(tx, rx)| tx > 0 && rx > 0)
+            queues(self.netns.as_deref(), self.port).is_some_and(|(tx, rx)| tx > 0 && rx > 0)
         });
     }
 
@@ -168,6 +176,23 @@ impl Drop for Pair {
     }
 }
 
+/// `program`, run in network namespace `netns` when given (`ip netns exec` execs it:
+/// the child's pid is the program's).
+fn in_netns(netns: Option<&str>, program: &str) -> Command {
+    match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, program]);
+            c
+        }
+        None => Command::new(program),
+    }
+}
+
+fn python_in(netns: Option<&str>) -> Command {
+    in_netns(netns, "/usr/bin/python3")
+}
+
 /// A child killed (by its pid) and reaped however the test ends.
 struct Killed(Child);
 
@@ -184,9 +209,9 @@ fn alive(pid: i32) -> bool {
 
 /// (send queue, receive queue) of the connection whose local port is `port`, from
 /// /proc/net/tcp and tcp6 (`tx_queue:rx_queue`).
-fn queues(port: u16) -> Option<(u64, u64)> {
+fn queues(netns: Option<&str>, port: u16) -> Option<(u64, u64)> {
     for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let text = std::fs::read_to_string(table).unwrap_or_default();
+        let text = stdout(&in_netns(netns, "cat").arg(table).output().unwrap());
         for line in text.lines().skip(1) {
             let f: Vec<&str> = line.split_whitespace().collect();
             let local_port = f.get(1).and_then(|a| a.rsplit(':').next()).and_then(|p| u16::from_str_radix(p, 16).ok());
@@ -201,7 +226,11 @@ fn queues(port: u16) -> Option<(u64, u64)> {
 
 /// ferry's lock tables for process `pid` in this network namespace.
 fn lock_tables(pid: i32) -> Vec<String> {
-    let o = Command::new("nft").args(["list", "tables"]).output().expect("nft runs");
+    lock_tables_in(None, pid)
+}
+
+fn lock_tables_in(netns: Option<&str>, pid: i32) -> Vec<String> {
+    let o = in_netns(netns, "nft").args(["list", "tables"]).output().expect("nft runs");
     let prefix = format!("ferry-{pid}-");
     stdout(&o).lines().filter(|l| l.contains(&prefix)).map(str::to_string).collect()
 }
@@ -336,4 +365,104 @@ fn without_the_lock_the_peer_sees_a_reset() {
     let _ = std::fs::remove_file(pair.path("hold"));
     wait_until("the client to fail", DEADLINE, || pair.log("client").contains("FAIL"));
     assert!(pair.log("client").contains("Reset"), "{}", pair.log("client"));
+}
+
+/// Three hosts (network namespaces): the source `a` and the destination `b` of a
+/// migration, each joined to `c` (the client's) by a veth pair. The service address
+/// [`SERVICE`] is a floating address: on `a`'s loopback, `c` routing to it through
+/// `a`; the destination gets it too before the migration (so the copy can bind it),
+/// and once the copy runs the test moves it as a user with a floating IP would: the
+/// address deleted on `a`, `c`'s route pointed at `b`.
+struct Hosts {
+    names: [String; 3],
+}
+
+const SERVICE: &str = "10.232.9.1";
+
+impl Hosts {
+    fn new() -> Hosts {
+        let id = std::process::id() % 10000;
+        let names = ["a", "b", "c"].map(|n| format!("ferry-tcp-{n}-{id}"));
+        let h = Hosts { names };
+        let [a, b, c] = [&h.names[0], &h.names[1], &h.names[2]];
+        let ip = |args: &[&str]| assert!(Command::new("ip").args(args).status().unwrap().success(), "ip {}", args.join(" "));
+        for ns in [a, b, c] {
+            ip(&["netns", "add", ns]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        for (ns, n, side) in [(a, 1, "a"), (b, 2, "b")] {
+            let (outer, inner) = (format!("ftc{side}{id}"), format!("ft{side}c{id}"));
+            ip(&["link", "add", &outer, "type", "veth", "peer", "name", &inner]);
+            ip(&["link", "set", &outer, "netns", c]);
+            ip(&["link", "set", &inner, "netns", ns]);
+            ip(&["-n", c, "addr", "add", &format!("10.232.{n}.1/24"), "dev", &outer]);
+            ip(&["-n", ns, "addr", "add", &format!("10.232.{n}.2/24"), "dev", &inner]);
+            ip(&["-n", c, "link", "set", &outer, "up"]);
+            ip(&["-n", ns, "link", "set", &inner, "up"]);
+            ip(&["-n", ns, "route", "add", "default", "via", &format!("10.232.{n}.1")]);
+            ip(&["-n", ns, "addr", "add", &format!("{SERVICE}/32"), "dev", "lo"]);
+        }
+        ip(&["-n", c, "route", "add", &format!("{SERVICE}/32"), "via", "10.232.1.2"]);
+        // c forwards between a and b: the migration's own connection crosses it.
+        assert!(Command::new("ip").args(["netns", "exec", c, "sysctl", "-qw", "net.ipv4.ip_forward=1"]).status().unwrap().success());
+        h
+    }
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        for ns in &self.names {
+            let _ = Command::new("ip").args(["netns", "delete", ns]).status();
+        }
+    }
+}
+
+/// A process killed by pid when the test ends (a restored copy is nobody's child here).
+struct KillPid(i32);
+
+impl Drop for KillPid {
+    fn drop(&mut self) {
+        // SAFETY: kill has no memory preconditions; the pid is the test's own copy.
+        unsafe { libc::kill(self.0, libc::SIGKILL) };
+    }
+}
+
+#[test]
+fn an_established_connection_migrates_with_stop_copy_between_two_hosts_with_its_address() {
+    if !needs_root("network namespaces; TCP_REPAIR needs CAP_NET_ADMIN") || !has_nft() {
+        return;
+    }
+    let hosts = Hosts::new();
+    let [a, b, c] = [&hosts.names[0], &hosts.names[1], &hosts.names[2]];
+    let keys = tempfile::tempdir().unwrap();
+    let key = keys.path().join("key");
+    std::fs::write(&key, "the test hosts share this key\n").unwrap();
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let control = keys.path().join("control.sock");
+    let daemon = in_netns(Some(b), ferry_tests::ferry_bin().to_str().unwrap())
+        .args(["daemon", "--listen", "10.232.2.2:7712", "--auth-key", key.to_str().unwrap(), "--control", control.to_str().unwrap()])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(keys.path().join("daemon.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let _daemon = Killed(daemon);
+    wait_until("the daemon's control socket", DEADLINE, || ferry::commands::control::daemon_running(&control));
+
+    let pair = Pair::start_in(SERVICE, Some(a), Some(c));
+    let pid = pair.server.id() as i32;
+    pair.fill_queues();
+    let o = in_netns(Some(a), ferry_tests::ferry_bin().to_str().unwrap())
+        .args(["migrate", &pid.to_string(), "--to", "10.232.2.2:7712", "--json", "--strategy", "stop-copy", "--auth-key", key.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "migrate: {}\ndaemon: {}", stderr(&o), std::fs::read_to_string(keys.path().join("daemon.log")).unwrap_or_default());
+    let new = restored_pid(&o, pid);
+    let _copy = KillPid(new);
+    // The source's lock holds the peer's packets on a until the address has moved.
+    assert_eq!(lock_tables_in(Some(a), pid).len(), 1, "the source keeps its lock until the address moves");
+    let ip = |args: &[&str]| assert!(Command::new("ip").args(args).status().unwrap().success(), "ip {}", args.join(" "));
+    ip(&["-n", a, "addr", "del", &format!("{SERVICE}/32"), "dev", "lo"]);
+    ip(&["-n", c, "route", "replace", &format!("{SERVICE}/32"), "via", "10.232.2.2"]);
+    pair.finish(new);
 }

@@ -103,8 +103,8 @@ pub struct Conn {
     pub window: [u32; 5],
     /// (level, option, value) in the order to set them (`IPV6_V6ONLY` first).
     pub options: Vec<[i32; 3]>,
-    /// `SO_SNDBUF` and `SO_RCVBUF` as the kernel had grown them: the copy gets them
-    /// (`SO_*BUFFORCE`) when its own are too small for the queues it must hold.
+    /// `SO_SNDBUF` and `SO_RCVBUF` as the kernel had grown them: a copy with bytes to
+    /// hold in a queue gets that buffer back (`SO_*BUFFORCE`) once they are written.
     pub bufs: [i32; 2],
     /// The network lock's nftables table, lifted once the copy runs.
     pub lock: String,
@@ -558,11 +558,21 @@ fn send_all(sock: &OwnedFd, data: &[u8], what: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// A connection made in repair mode: ferry's duplicate, the bytes not yet sent,
+/// whether `SO_REUSEADDR` was set, the send buffer to give back once they are
+/// written, its name.
+struct Made {
+    sock: OwnedFd,
+    unsent: Vec<u8>,
+    reuse: bool,
+    sndbuf: Option<i32>,
+    what: String,
+}
+
 /// The restore side: connections made in repair mode, waiting for `resume`.
 #[derive(Default)]
 pub struct Restored {
-    /// Ferry's duplicate, the bytes not yet sent, whether `SO_REUSEADDR` was set, its name.
-    conns: Vec<(OwnedFd, Vec<u8>, bool, String)>,
+    conns: Vec<Made>,
     /// Lock tables to delete, in the namespace of the socket held (by index into `conns`).
     locks: Vec<(String, usize)>,
 }
@@ -584,15 +594,16 @@ impl Restored {
             }
             set_int(&sock, *level, *name, *value, &format!("setsockopt({level}, {name}, {value})")).map_err(e)?;
         }
-        // The kernel grows a connection's buffers as it goes; a new socket's may be too
-        // small for the queues. Forcing them locks them (no more autotuning): only then.
-        let wanted = [(libc::SO_SNDBUF, libc::SO_SNDBUFFORCE, send.len(), c.bufs[0]), (libc::SO_RCVBUF, libc::SO_RCVBUFFORCE, recv.len(), c.bufs[1])];
-        for (get, force, queued, had) in wanted {
-            let now = get_int(&sock, libc::SOL_SOCKET, get, "getsockopt(SO_*BUF)").map_err(e)?;
-            if queued > 0 && now < had {
-                // The kernel doubles what it is given.
-                set_int(&sock, libc::SOL_SOCKET, force, had / 2, "setsockopt(SO_*BUFFORCE)").map_err(e)?;
-            }
+        // The kernel grows a connection's buffers as it goes, and a queue written again
+        // may take more room than it did (its segments cut otherwise): a buffer with a
+        // queue to hold is forced large enough for the writing, then back to the size
+        // the source had (which the copy then keeps: forcing locks it, no autotuning).
+        let room = |len: usize, had: i32| (had as usize).max(4 * len + (64 << 10)).min(i32::MAX as usize) as i32 / 2;
+        if !send.is_empty() {
+            set_int(&sock, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, room(send.len(), c.bufs[0]), "SO_SNDBUFFORCE").map_err(e)?;
+        }
+        if !recv.is_empty() {
+            set_int(&sock, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, room(recv.len(), c.bufs[1]), "SO_RCVBUFFORCE").map_err(e)?;
         }
         // SAFETY: bind/connect read `len` bytes of the address.
         if unsafe { libc::bind(sock.as_raw_fd(), local.as_ptr().cast(), local.len() as libc::socklen_t) } < 0 {
@@ -629,27 +640,34 @@ impl Restored {
             send_all(&sock, data, "repair mode").map_err(e)?;
         }
         set_int(&sock, tcp, TCP_REPAIR_QUEUE, NO_QUEUE, "TCP_REPAIR_QUEUE").map_err(e)?;
+        if !recv.is_empty() {
+            set_int(&sock, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, c.bufs[1] / 2, "SO_RCVBUFFORCE").map_err(e)?;
+        }
         let w: Vec<u8> = c.window.iter().flat_map(|v| v.to_ne_bytes()).collect();
         set_raw(&sock, tcp, TCP_REPAIR_WINDOW, &w, "TCP_REPAIR_WINDOW").map_err(e)?;
         if !c.lock.is_empty() && !self.locks.iter().any(|(n, _)| *n == c.lock) {
             self.locks.push((c.lock.clone(), self.conns.len()));
         }
-        self.conns.push((sock, send[sent..].to_vec(), reuse, what.to_string()));
+        let sndbuf = (!send.is_empty()).then_some(c.bufs[0]);
+        self.conns.push(Made { sock, unsent: send[sent..].to_vec(), reuse, sndbuf, what: what.to_string() });
         Ok(())
     }
 
     /// Just before the process runs: repair off, the unsent bytes written, the locks lifted.
     pub fn resume(&mut self) -> Result<(), String> {
-        for (sock, unsent, reuse, what) in &self.conns {
-            let e = |m: String| format!("{what}: {m}");
-            set_int(sock, libc::IPPROTO_TCP, TCP_REPAIR, REPAIR_OFF, "TCP_REPAIR off").map_err(e)?;
-            if *reuse {
-                set_int(sock, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1, "SO_REUSEADDR").map_err(e)?;
+        for m in &self.conns {
+            let e = |x: String| format!("{}: {x}", m.what);
+            set_int(&m.sock, libc::IPPROTO_TCP, TCP_REPAIR, REPAIR_OFF, "TCP_REPAIR off").map_err(e)?;
+            if m.reuse {
+                set_int(&m.sock, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1, "SO_REUSEADDR").map_err(e)?;
             }
-            send_all(sock, unsent, "its bytes not yet sent").map_err(e)?;
+            send_all(&m.sock, &m.unsent, "its bytes not yet sent").map_err(e)?;
+            if let Some(had) = m.sndbuf {
+                set_int(&m.sock, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, had / 2, "SO_SNDBUFFORCE").map_err(e)?;
+            }
         }
         for (name, i) in std::mem::take(&mut self.locks) {
-            let (_ns, netns) = netns_of(&self.conns[i].0)?;
+            let (_ns, netns) = netns_of(&self.conns[i].sock)?;
             unlock_in(&netns, &name).map_err(|m| format!("lifting the network lock: {m}"))?;
         }
         self.conns.clear();
