@@ -150,12 +150,18 @@ impl Pair {
         });
     }
 
-    /// Lets the client read again, checks the echoes go on, then ends both sides and
-    /// checks their verdicts.
-    fn finish(mut self, server_pid: i32) {
+    /// Lets the client read again and waits for echoes to go on.
+    fn carry_on(&self) {
         let at = self.echoes();
         let _ = std::fs::remove_file(self.path("hold"));
         wait_until("echoes after the restore", DEADLINE, || self.echoes() >= at + 60 || self.log("client").contains("FAIL"));
+        assert!(!self.log("client").contains("FAIL"), "client:\n{}\nserver:\n{}", self.log("client"), self.log("server"));
+    }
+
+    /// Lets the client read again, checks the echoes go on, then ends both sides and
+    /// checks their verdicts.
+    fn finish(mut self, server_pid: i32) {
+        self.carry_on();
         std::fs::write(self.path("enough"), "").unwrap();
         wait_until("the client's verdict", DEADLINE, || self.log("client").contains("PASS") || self.log("client").contains("FAIL"));
         wait_until("the server's verdict", DEADLINE, || self.log("server").contains("PASS") || self.log("server").contains("FAIL"));
@@ -229,9 +235,10 @@ fn lock_tables(pid: i32) -> Vec<String> {
     lock_tables_in(None, pid)
 }
 
+/// ferry's lock tables for process `pid` (any process: 0) in namespace `netns`.
 fn lock_tables_in(netns: Option<&str>, pid: i32) -> Vec<String> {
     let o = in_netns(netns, "nft").args(["list", "tables"]).output().expect("nft runs");
-    let prefix = format!("ferry-{pid}-");
+    let prefix = if pid == 0 { "ferry-".to_string() } else { format!("ferry-{pid}-") };
     stdout(&o).lines().filter(|l| l.contains(&prefix)).map(str::to_string).collect()
 }
 
@@ -428,7 +435,7 @@ impl Drop for KillPid {
 }
 
 #[test]
-fn an_established_connection_migrates_with_stop_copy_between_two_hosts_with_its_address() {
+fn an_established_connection_migrates_with_each_strategy_between_two_hosts_with_its_address() {
     if !needs_root("network namespaces; TCP_REPAIR needs CAP_NET_ADMIN") || !has_nft() {
         return;
     }
@@ -438,31 +445,54 @@ fn an_established_connection_migrates_with_stop_copy_between_two_hosts_with_its_
     let key = keys.path().join("key");
     std::fs::write(&key, "the test hosts share this key\n").unwrap();
     std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-    let control = keys.path().join("control.sock");
-    let daemon = in_netns(Some(b), ferry_tests::ferry_bin().to_str().unwrap())
-        .args(["daemon", "--listen", "10.232.2.2:7712", "--auth-key", key.to_str().unwrap(), "--control", control.to_str().unwrap()])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(keys.path().join("daemon.log")).unwrap())
-        .spawn()
-        .unwrap();
-    let _daemon = Killed(daemon);
-    wait_until("the daemon's control socket", DEADLINE, || ferry::commands::control::daemon_running(&control));
-
-    let pair = Pair::start_in(SERVICE, Some(a), Some(c));
-    let pid = pair.server.id() as i32;
-    pair.fill_queues();
-    let o = in_netns(Some(a), ferry_tests::ferry_bin().to_str().unwrap())
-        .args(["migrate", &pid.to_string(), "--to", "10.232.2.2:7712", "--json", "--strategy", "stop-copy", "--auth-key", key.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "migrate: {}\ndaemon: {}", stderr(&o), std::fs::read_to_string(keys.path().join("daemon.log")).unwrap_or_default());
-    let new = restored_pid(&o, pid);
-    let _copy = KillPid(new);
-    // The source's lock holds the peer's packets on a until the address has moved.
-    assert_eq!(lock_tables_in(Some(a), pid).len(), 1, "the source keeps its lock until the address moves");
+    let daemon = |ns: &str, addr: &str| {
+        let control = keys.path().join(format!("{ns}.sock"));
+        let child = in_netns(Some(ns), ferry_tests::ferry_bin().to_str().unwrap())
+            .args(["daemon", "--listen", &format!("{addr}:7712"), "--auth-key", key.to_str().unwrap(), "--control", control.to_str().unwrap()])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(keys.path().join(format!("{ns}.log"))).unwrap())
+            .spawn()
+            .unwrap();
+        wait_until("the daemon's control socket", DEADLINE, || ferry::commands::control::daemon_running(&control));
+        Killed(child)
+    };
+    let _daemons = [daemon(a, "10.232.1.2"), daemon(b, "10.232.2.2")];
     let ip = |args: &[&str]| assert!(Command::new("ip").args(args).status().unwrap().success(), "ip {}", args.join(" "));
-    ip(&["-n", a, "addr", "del", &format!("{SERVICE}/32"), "dev", "lo"]);
-    ip(&["-n", c, "route", "replace", &format!("{SERVICE}/32"), "via", "10.232.2.2"]);
-    pair.finish(new);
+    let mut pair = Pair::start_in(SERVICE, Some(a), Some(c));
+    let mut pid = pair.server.id() as i32;
+    let mut copies = Vec::new();
+    let (mut from, mut to) = ((a, "10.232.1.2"), (b, "10.232.2.2"));
+    for strategy in ["stop-copy", "pre-copy", "post-copy", "hybrid"] {
+        pair.netns = Some(from.0.to_string());
+        pair.fill_queues();
+        // The destination takes the address too, so the copy can bind it.
+        let _ = Command::new("ip").args(["-n", to.0, "addr", "add", &format!("{SERVICE}/32"), "dev", "lo"]).status();
+        let o = in_netns(Some(from.0), ferry_tests::ferry_bin().to_str().unwrap())
+            .args(["migrate", &pid.to_string(), "--to", &format!("{}:7712", to.1), "--json", "--strategy", strategy, "--auth-key", key.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let log = std::fs::read_to_string(keys.path().join(format!("{}.log", to.0))).unwrap_or_default();
+        assert!(o.status.success(), "{strategy}: {}\ndaemon: {log}", stderr(&o));
+        let new = restored_pid(&o, pid);
+        copies.push(KillPid(new));
+        // The source keeps its lock, holding the peer's packets, until the address has
+        // moved; a connection coming back to it lifts it.
+        assert_eq!(lock_tables_in(Some(from.0), pid).len(), 1, "{strategy}: the source keeps its lock");
+        let here = lock_tables_in(Some(to.0), 0);
+        assert!(here.is_empty(), "{strategy}: the destination lifted its earlier lock of this connection: {here:?}");
+        // The floating address moves: off the source, the peer's route to the destination.
+        ip(&["-n", from.0, "addr", "del", &format!("{SERVICE}/32"), "dev", "lo"]);
+        ip(&["-n", c, "route", "replace", &format!("{SERVICE}/32"), "via", to.1]);
+        pair.carry_on();
+        pid = new;
+        (from, to) = (to, from);
+    }
+    // Back and forth: the last source alone has a lock left, which its user removes
+    // once the address has moved (README).
+    let last = lock_tables_in(Some(to.0), 0);
+    assert_eq!(last.len(), 1, "the last source's lock: {last:?}");
+    let name = last[0].trim().rsplit(' ').next().unwrap().to_string();
+    assert!(in_netns(Some(to.0), "nft").args(["delete", "table", "inet", &name]).status().unwrap().success());
+    pair.finish(pid);
 }

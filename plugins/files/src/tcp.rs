@@ -238,15 +238,24 @@ fn nft_addr(sa: &[u8]) -> Option<(bool, String, u16)> {
     }
 }
 
+/// The rules dropping the packets of connection (local, peer): coming in, going out.
+fn drop_rules(local: &[u8], peer: &[u8]) -> Option<[String; 2]> {
+    let (v6, la, lp) = nft_addr(local)?;
+    let (_, pa, pp) = nft_addr(peer)?;
+    let ip = if v6 { "ip6" } else { "ip" };
+    Some([
+        format!("{ip} saddr {pa} {ip} daddr {la} tcp sport {pp} tcp dport {lp} drop"),
+        format!("{ip} saddr {la} {ip} daddr {pa} tcp sport {lp} tcp dport {pp} drop"),
+    ])
+}
+
 /// The nftables script of a lock table named `name` on `tuples` (local, peer).
 pub fn lock_script(name: &str, tuples: &[(Vec<u8>, Vec<u8>)]) -> Option<String> {
     let (mut input, mut output) = (String::new(), String::new());
     for (local, peer) in tuples {
-        let (v6, la, lp) = nft_addr(local)?;
-        let (_, pa, pp) = nft_addr(peer)?;
-        let ip = if v6 { "ip6" } else { "ip" };
-        input += &format!("    {ip} saddr {pa} {ip} daddr {la} tcp sport {pp} tcp dport {lp} drop\n");
-        output += &format!("    {ip} saddr {la} {ip} daddr {pa} tcp sport {lp} tcp dport {pp} drop\n");
+        let [i, o] = drop_rules(local, peer)?;
+        input += &format!("    {i}\n");
+        output += &format!("    {o}\n");
     }
     Some(format!(
         "table inet {name} {{\n  chain input {{\n    type filter hook input priority -310; policy accept;\n{input}  }}\n  chain output {{\n    type filter hook output priority -310; policy accept;\n{output}  }}\n}}\n"
@@ -280,6 +289,19 @@ fn nft_in(netns: &str, args: &[&str], script: Option<&str>) -> Result<(), String
         return Err(format!("nft {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim()));
     }
     Ok(())
+}
+
+/// ferry's lock tables in namespace `netns` other than `but` holding a rule of
+/// `rules`: locks an earlier move of these very connections left on this host (the
+/// source of a migration keeps its lock until the address has moved away; the
+/// connection coming back finds it).
+fn stale_locks(netns: &str, rules: &[String], but: &[String]) -> Vec<String> {
+    let list = |args: &[&str]| {
+        Command::new("nsenter").arg(format!("--net={netns}")).arg("nft").args(args).output().ok().filter(|o| o.status.success()).map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default()
+    };
+    let tables = list(&["list", "tables", "inet"]);
+    let names = tables.lines().filter_map(|l| l.trim().strip_prefix("table inet ")).filter(|n| n.starts_with("ferry-") && !but.iter().any(|b| b == n));
+    names.filter(|n| list(&["list", "table", "inet", n]).lines().any(|l| rules.iter().any(|r| l.trim() == r))).map(str::to_string).collect()
 }
 
 /// Deletes lock table `name` in namespace `netns`; an absent table is no error.
@@ -563,6 +585,8 @@ fn send_all(sock: &OwnedFd, data: &[u8], what: &str) -> Result<(), String> {
 /// written, its name.
 struct Made {
     sock: OwnedFd,
+    /// Its lock rules (see [`drop_rules`]).
+    rules: [String; 2],
     unsent: Vec<u8>,
     reuse: bool,
     sndbuf: Option<i32>,
@@ -649,7 +673,8 @@ impl Restored {
             self.locks.push((c.lock.clone(), self.conns.len()));
         }
         let sndbuf = (!send.is_empty()).then_some(c.bufs[0]);
-        self.conns.push(Made { sock, unsent: send[sent..].to_vec(), reuse, sndbuf, what: what.to_string() });
+        let rules = drop_rules(&local, &peer).ok_or_else(|| e("an address of no known family".into()))?;
+        self.conns.push(Made { sock, rules, unsent: send[sent..].to_vec(), reuse, sndbuf, what: what.to_string() });
         Ok(())
     }
 
@@ -666,9 +691,17 @@ impl Restored {
                 set_int(&m.sock, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, had / 2, "SO_SNDBUFFORCE").map_err(e)?;
             }
         }
+        let names: Vec<String> = self.locks.iter().map(|(n, _)| n.clone()).collect();
+        let rules: Vec<String> = self.conns.iter().flat_map(|m| m.rules.clone()).collect();
         for (name, i) in std::mem::take(&mut self.locks) {
             let (_ns, netns) = netns_of(&self.conns[i].sock)?;
             unlock_in(&netns, &name).map_err(|m| format!("lifting the network lock: {m}"))?;
+        }
+        if let Some(first) = self.conns.first() {
+            let (_ns, netns) = netns_of(&first.sock)?;
+            for name in stale_locks(&netns, &rules, &names) {
+                unlock_in(&netns, &name).map_err(|m| format!("lifting an earlier network lock of these connections: {m}"))?;
+            }
         }
         self.conns.clear();
         Ok(())
