@@ -388,7 +388,9 @@ const SERVICE: &str = "10.232.9.1";
 
 impl Hosts {
     fn new() -> Hosts {
-        let id = std::process::id() % 10000;
+        // Unique across the tests of this binary running at once, and across runs.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let id = (std::process::id() % 1000) * 10 + NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 10;
         let names = ["a", "b", "c"].map(|n| format!("ferry-tcp-{n}-{id}"));
         let h = Hosts { names };
         let [a, b, c] = [&h.names[0], &h.names[1], &h.names[2]];
@@ -424,6 +426,42 @@ impl Drop for Hosts {
     }
 }
 
+/// The key two test daemons share, and their logs.
+struct Keys {
+    dir: tempfile::TempDir,
+    key: PathBuf,
+}
+
+impl Keys {
+    fn new() -> Keys {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("key");
+        std::fs::write(&key, "the test hosts share this key\n").unwrap();
+        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        Keys { dir, key }
+    }
+
+    /// `ferry daemon` in namespace `ns` on `addr`:7712, dying at `fault` when given.
+    fn daemon(&self, ns: &str, addr: &str, fault: Option<&str>) -> Killed {
+        let control = self.dir.path().join(format!("{ns}.sock"));
+        let mut cmd = in_netns(Some(ns), ferry_tests::ferry_bin().to_str().unwrap());
+        cmd.args(["daemon", "--listen", &format!("{addr}:7712"), "--auth-key", self.key.to_str().unwrap(), "--control", control.to_str().unwrap()])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(self.dir.path().join(format!("{ns}.log"))).unwrap());
+        if let Some(f) = fault {
+            cmd.env("FERRY_FAULT", f);
+        }
+        let child = cmd.spawn().unwrap();
+        wait_until("the daemon's control socket", DEADLINE, || ferry::commands::control::daemon_running(&control));
+        Killed(child)
+    }
+
+    fn log(&self, ns: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("{ns}.log"))).unwrap_or_default()
+    }
+}
+
 /// A process killed by pid when the test ends (a restored copy is nobody's child here).
 struct KillPid(i32);
 
@@ -441,22 +479,9 @@ fn an_established_connection_migrates_with_each_strategy_between_two_hosts_with_
     }
     let hosts = Hosts::new();
     let [a, b, c] = [&hosts.names[0], &hosts.names[1], &hosts.names[2]];
-    let keys = tempfile::tempdir().unwrap();
-    let key = keys.path().join("key");
-    std::fs::write(&key, "the test hosts share this key\n").unwrap();
-    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-    let daemon = |ns: &str, addr: &str| {
-        let control = keys.path().join(format!("{ns}.sock"));
-        let child = in_netns(Some(ns), ferry_tests::ferry_bin().to_str().unwrap())
-            .args(["daemon", "--listen", &format!("{addr}:7712"), "--auth-key", key.to_str().unwrap(), "--control", control.to_str().unwrap()])
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(keys.path().join(format!("{ns}.log"))).unwrap())
-            .spawn()
-            .unwrap();
-        wait_until("the daemon's control socket", DEADLINE, || ferry::commands::control::daemon_running(&control));
-        Killed(child)
-    };
+    let keys = Keys::new();
+    let key = &keys.key;
+    let daemon = |ns: &str, addr: &str| keys.daemon(ns, addr, None);
     let _daemons = [daemon(a, "10.232.1.2"), daemon(b, "10.232.2.2")];
     let ip = |args: &[&str]| assert!(Command::new("ip").args(args).status().unwrap().success(), "ip {}", args.join(" "));
     let mut pair = Pair::start_in(SERVICE, Some(a), Some(c));
@@ -472,7 +497,7 @@ fn an_established_connection_migrates_with_each_strategy_between_two_hosts_with_
             .args(["migrate", &pid.to_string(), "--to", &format!("{}:7712", to.1), "--json", "--strategy", strategy, "--auth-key", key.to_str().unwrap()])
             .output()
             .unwrap();
-        let log = std::fs::read_to_string(keys.path().join(format!("{}.log", to.0))).unwrap_or_default();
+        let log = keys.log(to.0);
         assert!(o.status.success(), "{strategy}: {}\ndaemon: {log}", stderr(&o));
         let new = restored_pid(&o, pid);
         copies.push(KillPid(new));
@@ -494,5 +519,33 @@ fn an_established_connection_migrates_with_each_strategy_between_two_hosts_with_
     assert_eq!(last.len(), 1, "the last source's lock: {last:?}");
     let name = last[0].trim().rsplit(' ').next().unwrap().to_string();
     assert!(in_netns(Some(to.0), "nft").args(["delete", "table", "inet", &name]).status().unwrap().success());
+    pair.finish(pid);
+}
+
+#[test]
+fn a_destination_killed_mid_restore_leaves_the_connection_running_at_the_source_and_no_rule() {
+    if !needs_root("network namespaces; TCP_REPAIR needs CAP_NET_ADMIN") || !has_nft() {
+        return;
+    }
+    let hosts = Hosts::new();
+    let [a, b, c] = [&hosts.names[0], &hosts.names[1], &hosts.names[2]];
+    let keys = Keys::new();
+    // The destination dies while it rebuilds the copy's memory. (Killed later, between
+    // the copy's resume and the commit, it would leave the client a reset: see the
+    // module's notes.)
+    let _daemon = keys.daemon(b, "10.232.2.2", Some("mid-pages"));
+    let pair = Pair::start_in(SERVICE, Some(a), Some(c));
+    let pid = pair.server.id() as i32;
+    pair.fill_queues();
+    let o = in_netns(Some(a), ferry_tests::ferry_bin().to_str().unwrap())
+        .args(["migrate", &pid.to_string(), "--to", "10.232.2.2:7712", "--json", "--auth-key", keys.key.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!o.status.success(), "the destination was to die: {}", keys.log(b));
+    assert!(alive(pid));
+    for ns in [a, b] {
+        let left = lock_tables_in(Some(ns), 0);
+        assert!(left.is_empty(), "no lock left in {ns}: {left:?}");
+    }
     pair.finish(pid);
 }
