@@ -26,6 +26,16 @@
 //! runs) repair goes off (with a window probe), the not-yet-sent bytes are written,
 //! and the lock tables named in the image are deleted in the socket's namespace.
 //!
+//! Known gaps. A migration's destination turns repair off in `resume`, before the
+//! commit point (plugins hear of nothing later): a destination killed between its
+//! resume and the commit closes the copy's connection outside repair mode, and the peer
+//! may see a reset or a FIN (the source rolls back, but its peer is gone). The fix needs
+//! a plugin hook after the commit. A migration within one network namespace cannot
+//! carry a connection (the copy's `connect` meets the source's live 4-tuple) and fails
+//! with one line, the source running on. The lock of a process killed for a checkpoint
+//! never restored, or of a migration's source once the address has moved, stays until
+//! its user deletes it (README): `ferry check` does not list them yet.
+//!
 //! Refused with one line: half-closed connections (FIN sent or received: states
 //! FIN_WAIT1/2, CLOSE_WAIT, CLOSING, LAST_ACK), connections being opened, a socket with
 //! an upper-layer protocol (kTLS), urgent data, queues over [`MAX_QUEUE`].
