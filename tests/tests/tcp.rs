@@ -523,17 +523,16 @@ fn an_established_connection_migrates_with_each_strategy_between_two_hosts_with_
 }
 
 #[test]
-fn a_destination_killed_mid_restore_leaves_the_connection_running_at_the_source_and_no_rule() {
+fn a_destination_killed_before_the_commit_leaves_the_connection_running_at_the_source_and_no_rule() {
     if !needs_root("network namespaces; TCP_REPAIR needs CAP_NET_ADMIN") || !has_nft() {
         return;
     }
     let hosts = Hosts::new();
     let [a, b, c] = [&hosts.names[0], &hosts.names[1], &hosts.names[2]];
     let keys = Keys::new();
-    // The destination dies while it rebuilds the copy's memory. (Killed later, between
-    // the copy's resume and the commit, it would leave the client a reset: see the
-    // module's notes.)
-    let _daemon = keys.daemon(b, "10.232.2.2", Some("mid-pages"));
+    // The destination dies holding the rebuilt copy, just before the commit: the copy
+    // is killed with it, its connection still in repair mode.
+    let _daemon = keys.daemon(b, "10.232.2.2", Some("before-commit"));
     let pair = Pair::start_in(SERVICE, Some(a), Some(c));
     let pid = pair.server.id() as i32;
     pair.fill_queues();

@@ -51,7 +51,8 @@ impl SubsystemPlugin for Plugin {
     }
 
     fn resume(&mut self, _ctx: &mut ContextRef<'_>) -> Result<(), String> {
-        self.restore.tcp.resume()
+        self.restore.tcp.resume();
+        Ok(())
     }
 
     fn checkpoint(&mut self, ctx: &mut ContextRef<'_>, sink: &mut SinkRef<'_>) -> Result<Progress, String> {

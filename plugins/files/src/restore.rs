@@ -502,7 +502,7 @@ impl Restore {
                 let got = ctx.fetch_fd(fd).into_result().map_err(|e| format!("{what}: {}", e.message))?;
                 // SAFETY: fetch_fd hands us a fresh fd that we own.
                 let sock = unsafe { std::os::fd::FromRawFd::from_raw_fd(got) };
-                self.tcp.restore(sock, conn, &what)?;
+                self.tcp.restore(ctx.pid(), sock, conn, &what)?;
                 self.finish_socket(ctx, &what, &desc, fd, h)?;
             }
             Object::UnixSocket { sock_type, addr, mode, peer, backlog } => {

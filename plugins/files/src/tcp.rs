@@ -22,15 +22,13 @@
 //! with `CAP_NET_ADMIN`, does the rest on a duplicate whatever credentials the child
 //! gets later: repair on, options, bind, sequences, `connect` (no SYN in repair mode),
 //! repair options, timestamp offset, the received-unread bytes, the sent-unacknowledged
-//! bytes, the window. At `resume` (after every plugin's restart, before the process
-//! runs) repair goes off (with a window probe), the not-yet-sent bytes are written,
-//! and the lock tables named in the image are deleted in the socket's namespace.
+//! bytes, the window. Once the copy's fate is known (the framework drops the plugins
+//! that rebuilt it before it lets it run, past a migration's commit point, and after
+//! it kills it) repair goes off (with a window probe), the not-yet-sent bytes are
+//! written, and the lock tables named in the image are deleted in the socket's
+//! namespace; or, the copy dead, its connections closed in repair mode said nothing.
 //!
-//! Known gaps. A migration's destination turns repair off in `resume`, before the
-//! commit point (plugins hear of nothing later): a destination killed between its
-//! resume and the commit closes the copy's connection outside repair mode, and the peer
-//! may see a reset or a FIN (the source rolls back, but its peer is gone). The fix needs
-//! a plugin hook after the commit. A migration within one network namespace cannot
+//! Known gaps. A migration within one network namespace cannot
 //! carry a connection (the copy's `connect` meets the source's live 4-tuple) and fails
 //! with one line, the source running on. The lock of a process killed for a checkpoint
 //! never restored, or of a migration's source once the address has moved, stays until
@@ -609,11 +607,16 @@ pub struct Restored {
     conns: Vec<Made>,
     /// Lock tables to delete, in the namespace of the socket held (by index into `conns`).
     locks: Vec<(String, usize)>,
+    /// The copy.
+    pid: i32,
+    /// Every plugin has rebuilt its part: what is left waits for the copy's fate.
+    ready: bool,
 }
 
 impl Restored {
     /// Makes socket `sock` (ferry's duplicate of the child's new socket) connection `c`.
-    pub fn restore(&mut self, sock: OwnedFd, c: &Conn, what: &str) -> Result<(), String> {
+    pub fn restore(&mut self, pid: i32, sock: OwnedFd, c: &Conn, what: &str) -> Result<(), String> {
+        self.pid = pid;
         let e = |m: String| format!("{what}: {m}");
         let tcp = libc::IPPROTO_TCP;
         let hex = |h: &str, max| ferry_plugin_api::util::from_hex(h, what, max, false);
@@ -688,8 +691,15 @@ impl Restored {
         Ok(())
     }
 
-    /// Just before the process runs: repair off, the unsent bytes written, the locks lifted.
-    pub fn resume(&mut self) -> Result<(), String> {
+    /// Every plugin has rebuilt its part: the connections wait, in repair mode and
+    /// silent, for the copy's fate (see the `Drop`).
+    pub fn resume(&mut self) {
+        self.ready = !self.conns.is_empty();
+    }
+
+    /// Just before the copy runs (a restore; a migration past its commit point): repair
+    /// off, the unsent bytes written, the locks lifted.
+    fn go(&mut self) -> Result<(), String> {
         for m in &self.conns {
             let e = |x: String| format!("{}: {x}", m.what);
             set_int(&m.sock, libc::IPPROTO_TCP, TCP_REPAIR, REPAIR_OFF, "TCP_REPAIR off").map_err(e)?;
@@ -715,6 +725,21 @@ impl Restored {
         }
         self.conns.clear();
         Ok(())
+    }
+}
+
+impl Drop for Restored {
+    /// The framework drops the plugins that rebuilt a process once its fate is known:
+    /// alive and held, it is about to run; dead (killed by a failed restore, a
+    /// migration rolled back, a destination ferry that died), its connections, still
+    /// in repair mode, closed without a word to the peer, and any lock stays.
+    fn drop(&mut self) {
+        if !self.ready || killed(self.pid) {
+            return;
+        }
+        if let Err(e) = self.go() {
+            eprintln!("ferry: process {}: {e}", self.pid);
+        }
     }
 }
 
