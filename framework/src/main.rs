@@ -66,6 +66,10 @@ enum Command {
         /// Print the statistics as one JSON object.
         #[arg(long)]
         json: bool,
+        /// Restore established TCP connections closed (the process's next call on one
+        /// fails with ECONNABORTED; its peer gets a reset), as CRIU's option.
+        #[arg(long)]
+        tcp_close: bool,
     },
     /// Decode an image: inventory, records of each plugin, page counts.
     Show {
@@ -297,7 +301,11 @@ fn run(cli: Cli) -> Outcome {
             }
             Ok(())
         }
-        Command::Restore { dir, json } => {
+        Command::Restore { dir, json, tcp_close } => {
+            if *tcp_close {
+                // The files plugin reads it (plugins take no per-request options yet).
+                std::env::set_var("FERRY_TCP_CLOSE", "1");
+            }
             let config = effective(&cli, Overrides::default())?;
             let manager = registry(&config)?;
             let req = RestoreRequest {

@@ -548,3 +548,26 @@ fn a_destination_killed_before_the_commit_leaves_the_connection_running_at_the_s
     }
     pair.finish(pid);
 }
+
+#[test]
+fn tcp_close_restores_the_connection_closed_the_server_sees_it_aborted_and_the_peer_a_reset() {
+    if !needs_root("TCP_REPAIR needs CAP_NET_ADMIN; ferry seizes the process") || !has_nft() {
+        return;
+    }
+    let pair = Pair::start("127.0.0.1");
+    let pid = pair.server.id() as i32;
+    pair.fill_queues();
+    let dir = pair.path("img");
+    let o = ferry(&["checkpoint", &pid.to_string(), "--dir", dir.to_str().unwrap()]);
+    assert!(o.status.success(), "checkpoint: {}", stderr(&o));
+    let o = ferry(&["restore", "--dir", dir.to_str().unwrap(), "--json", "--tcp-close"]);
+    assert!(o.status.success(), "restore: {}", stderr(&o));
+    let new = restored_pid(&o, pid);
+    let _copy = KillPid(new);
+    assert!(lock_tables(pid).is_empty(), "the restore lifts the lock: {:?}", lock_tables(pid));
+    let _ = std::fs::remove_file(pair.path("hold"));
+    wait_until("the server to see its connection aborted", DEADLINE, || pair.log("server").contains("FAIL"));
+    assert!(pair.log("server").contains("ConnectionAborted"), "{}", pair.log("server"));
+    wait_until("the client to see a reset", DEADLINE, || pair.log("client").contains("FAIL"));
+    assert!(pair.log("client").contains("Reset"), "{}", pair.log("client"));
+}

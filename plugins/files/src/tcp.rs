@@ -595,6 +595,8 @@ struct Made {
     sock: OwnedFd,
     /// Its lock rules (see [`drop_rules`]).
     rules: [String; 2],
+    /// Restored closed (`--tcp-close`): nothing to do but lift its lock.
+    closed: bool,
     unsent: Vec<u8>,
     reuse: bool,
     sndbuf: Option<i32>,
@@ -656,6 +658,22 @@ impl Restored {
         if unsafe { libc::connect(sock.as_raw_fd(), peer.as_ptr().cast(), peer.len() as libc::socklen_t) } < 0 {
             return Err(e(last_err("connect in repair mode")));
         }
+        if std::env::var_os("FERRY_TCP_CLOSE").is_some_and(|v| v == "1") {
+            // `ferry restore --tcp-close`: disconnected in repair mode, the socket goes to
+            // CLOSE silently with ECONNABORTED pending for the process; the lock lifted,
+            // the peer's next packet meets no socket and gets a reset.
+            let unspec = [0u8; 16];
+            // SAFETY: connect reads 16 bytes of an AF_UNSPEC address.
+            if unsafe { libc::connect(sock.as_raw_fd(), unspec.as_ptr().cast(), 16) } < 0 {
+                return Err(e(last_err("disconnecting (--tcp-close)")));
+            }
+            set_int(&sock, tcp, TCP_REPAIR, REPAIR_OFF_NO_WP, "TCP_REPAIR off").map_err(e)?;
+            if reuse {
+                set_int(&sock, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1, "SO_REUSEADDR").map_err(e)?;
+            }
+            self.closed(sock, c, what);
+            return Ok(());
+        }
         let mut opts: Vec<[u32; 2]> = vec![[TCPOPT_MAXSEG, c.mss]];
         if let Some((snd, rcv)) = c.wscale {
             opts.push([TCPOPT_WINDOW, snd as u32 | (rcv as u32) << 16]);
@@ -687,8 +705,17 @@ impl Restored {
         }
         let sndbuf = (!send.is_empty()).then_some(c.bufs[0]);
         let rules = drop_rules(&local, &peer).ok_or_else(|| e("an address of no known family".into()))?;
-        self.conns.push(Made { sock, rules, unsent: send[sent..].to_vec(), reuse, sndbuf, what: what.to_string() });
+        self.conns.push(Made { sock, rules, closed: false, unsent: send[sent..].to_vec(), reuse, sndbuf, what: what.to_string() });
         Ok(())
+    }
+
+    /// Connection `c` restored closed: only its lock is left to lift.
+    fn closed(&mut self, sock: OwnedFd, c: &Conn, what: &str) {
+        if !c.lock.is_empty() && !self.locks.iter().any(|(n, _)| *n == c.lock) {
+            self.locks.push((c.lock.clone(), self.conns.len()));
+        }
+        let rules = [String::new(), String::new()];
+        self.conns.push(Made { sock, rules, closed: true, unsent: Vec::new(), reuse: false, sndbuf: None, what: what.to_string() });
     }
 
     /// Every plugin has rebuilt its part: the connections wait, in repair mode and
@@ -700,7 +727,7 @@ impl Restored {
     /// Just before the copy runs (a restore; a migration past its commit point): repair
     /// off, the unsent bytes written, the locks lifted.
     fn go(&mut self) -> Result<(), String> {
-        for m in &self.conns {
+        for m in self.conns.iter().filter(|m| !m.closed) {
             let e = |x: String| format!("{}: {x}", m.what);
             set_int(&m.sock, libc::IPPROTO_TCP, TCP_REPAIR, REPAIR_OFF, "TCP_REPAIR off").map_err(e)?;
             if m.reuse {
@@ -712,7 +739,7 @@ impl Restored {
             }
         }
         let names: Vec<String> = self.locks.iter().map(|(n, _)| n.clone()).collect();
-        let rules: Vec<String> = self.conns.iter().flat_map(|m| m.rules.clone()).collect();
+        let rules: Vec<String> = self.conns.iter().filter(|m| !m.closed).flat_map(|m| m.rules.clone()).collect();
         for (name, i) in std::mem::take(&mut self.locks) {
             let (_ns, netns) = netns_of(&self.conns[i].sock)?;
             unlock_in(&netns, &name).map_err(|m| format!("lifting the network lock: {m}"))?;
