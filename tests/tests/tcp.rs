@@ -571,3 +571,52 @@ fn tcp_close_restores_the_connection_closed_the_server_sees_it_aborted_and_the_p
     wait_until("the client to see a reset", DEADLINE, || pair.log("client").contains("FAIL"));
     assert!(pair.log("client").contains("Reset"), "{}", pair.log("client"));
 }
+
+/// The fd of process `pid` that is its established connection on local `port`.
+fn connection_fd(pid: i32, port: u16) -> u64 {
+    let text = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let inode = text
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.get(1).is_some_and(|a| a.ends_with(&format!(":{port:04X}"))) && f.get(3) == Some(&"01"))
+        .map(|f| f[9].to_string())
+        .expect("the connection in /proc/net/tcp");
+    let want = format!("socket:[{inode}]");
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .find(|e| std::fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy() == want))
+        .and_then(|e| e.file_name().to_string_lossy().parse().ok())
+        .expect("the connection's fd")
+}
+
+/// The negative case of the byte stream: the restored copy's connection gets a line
+/// from outside (a call injected into it) that the server never echoed in order, and
+/// the client's check fails naming it: a byte lost or repeated by a restore would show
+/// likewise.
+#[test]
+fn a_copy_whose_stream_is_broken_fails_the_clients_check() {
+    if !needs_root("TCP_REPAIR needs CAP_NET_ADMIN; ferry seizes the process") || !has_nft() {
+        return;
+    }
+    let pair = Pair::start("127.0.0.1");
+    let pid = pair.server.id() as i32;
+    pair.fill_queues();
+    let dir = pair.path("img");
+    let o = ferry(&["checkpoint", &pid.to_string(), "--dir", dir.to_str().unwrap()]);
+    assert!(o.status.success(), "checkpoint: {}", stderr(&o));
+    let o = ferry(&["restore", "--dir", dir.to_str().unwrap(), "--json"]);
+    assert!(o.status.success(), "restore: {}", stderr(&o));
+    let new = restored_pid(&o, pid);
+    let _copy = KillPid(new);
+    let fd = connection_fd(new, pair.port);
+    let mut inj = ferry_tests::inject::Injected::seize(new);
+    let line = b"\ne 0 out of order\n";
+    let buf = inj.put(line);
+    assert!(inj.call(new, libc::SYS_sendto, [fd, buf, line.len() as u64, libc::MSG_DONTWAIT as u64, 0, 0]) > 0);
+    inj.release();
+    let _ = std::fs::remove_file(pair.path("hold"));
+    wait_until("the client's verdict", DEADLINE, || pair.log("client").contains("FAIL"));
+    assert!(pair.log("client").contains("FAIL: "), "{}", pair.log("client"));
+}
