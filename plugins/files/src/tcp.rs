@@ -140,7 +140,8 @@ impl Conn {
         if queues > MAX_QUEUE || self.sent as usize > self.send.len() / 2 || self.options.iter().any(|o| !levels.contains(&o[0])) {
             return Err(format!("{what}: a connection the image describes wrongly"));
         }
-        if !self.lock.is_empty() && !(self.lock.starts_with("ferry-") && self.lock.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')) {
+        let named = self.lock.starts_with("ferry-") && self.lock.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+        if !self.lock.is_empty() && !named {
             return Err(format!("{what}: a network lock named {:?}", self.lock));
         }
         Ok(())
