@@ -257,6 +257,8 @@ fn round_trip(host: &str) {
     let o = ferry(&["checkpoint", &pid.to_string(), "--dir", dir.to_str().unwrap()]);
     assert!(o.status.success(), "checkpoint: {}", stderr(&o));
     assert_eq!(lock_tables(pid).len(), 1, "the lock stays until the restore");
+    let check = stdout(&ferry(&["check"]));
+    assert!(check.contains(&format!("network lock ferry-{pid}-")) && check.contains("is gone"), "ferry check lists the lock: {check}");
     let o = ferry(&["restore", "--dir", dir.to_str().unwrap(), "--json"]);
     assert!(o.status.success(), "restore: {}", stderr(&o));
     let new = restored_pid(&o, pid);

@@ -35,7 +35,7 @@
 //! carry a connection (the copy's `connect` meets the source's live 4-tuple) and fails
 //! with one line, the source running on. The lock of a process killed for a checkpoint
 //! never restored, or of a migration's source once the address has moved, stays until
-//! its user deletes it (README): `ferry check` does not list them yet.
+//! its user deletes it (README); `ferry check` lists them.
 //!
 //! Refused with one line: half-closed connections (FIN sent or received: states
 //! FIN_WAIT1/2, CLOSE_WAIT, CLOSING, LAST_ACK), connections being opened, a socket with
