@@ -16,8 +16,9 @@ use ferry_tests::{ferry, needs, needs_root, stderr, stdout, wait_until};
 
 const DEADLINE: Duration = Duration::from_secs(60);
 
-/// The server: listens (SO_REUSEADDR, as servers do), takes one connection, answers
-/// each `c N <pad>` line with `e N <pad>`, checking N counts up by one; `bye` ends it.
+/// The server: listens (SO_REUSEADDR, as servers do), takes one connection and sets
+/// its options, answers each `c N <pad>` line with `e N <pad>`, checking N counts up by
+/// one; `bye` ends it, once it has checked the options and addresses are still its own.
 const SERVER: &str = r#"
 import socket, sys, os
 D, HOST = sys.argv[1], sys.argv[2]
@@ -31,7 +32,12 @@ l.listen(4)
 with open(D + '/port.tmp', 'w') as f: f.write(str(l.getsockname()[1]))
 os.rename(D + '/port.tmp', D + '/port')
 c, _ = l.accept()
-c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+OPTS = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1, 'TCP_NODELAY'), (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1, 'SO_KEEPALIVE'),
+        (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 77, 'TCP_KEEPIDLE'), (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 11, 'TCP_KEEPINTVL'),
+        (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 5, 'TCP_KEEPCNT'), (socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 12345, 'TCP_USER_TIMEOUT')]
+for level, opt, v, _ in OPTS:
+    c.setsockopt(level, opt, v)
+names = (c.getsockname(), c.getpeername())
 f = c.makefile('rb')
 expect = 1
 try:
@@ -40,7 +46,10 @@ try:
         if not line:
             log('FAIL: the connection closed before line %d' % expect); break
         if line == b'bye\n':
-            log('PASS %d' % (expect - 1)); break
+            bad = [n for level, opt, v, n in OPTS if c.getsockopt(level, opt) != v]
+            if (c.getsockname(), c.getpeername()) != names:
+                bad.append('addresses')
+            log(('FAIL: %s changed' % ', '.join(bad)) if bad else 'PASS %d' % (expect - 1)); break
         n = int(line.split()[1])
         if n != expect:
             log('FAIL: line %d where %d was due' % (n, expect)); break
@@ -621,4 +630,30 @@ fn a_copy_whose_stream_is_broken_fails_the_clients_check() {
     let _ = std::fs::remove_file(pair.path("hold"));
     wait_until("the client's verdict", DEADLINE, || pair.log("client").contains("FAIL"));
     assert!(pair.log("client").contains("FAIL: "), "{}", pair.log("client"));
+}
+
+/// The negative case of the options: the restored copy's keepalive idle time changed
+/// from outside, and the server's check names it.
+#[test]
+fn a_copy_with_an_option_changed_fails_the_servers_check() {
+    if !needs_root("TCP_REPAIR needs CAP_NET_ADMIN; ferry seizes the process") || !has_nft() {
+        return;
+    }
+    let pair = Pair::start("127.0.0.1");
+    let pid = pair.server.id() as i32;
+    let dir = pair.path("img");
+    let o = ferry(&["checkpoint", &pid.to_string(), "--dir", dir.to_str().unwrap()]);
+    assert!(o.status.success(), "checkpoint: {}", stderr(&o));
+    let o = ferry(&["restore", "--dir", dir.to_str().unwrap(), "--json"]);
+    assert!(o.status.success(), "restore: {}", stderr(&o));
+    let new = restored_pid(&o, pid);
+    let _copy = KillPid(new);
+    let fd = connection_fd(new, pair.port);
+    let mut inj = ferry_tests::inject::Injected::seize(new);
+    let v = inj.put(&78i32.to_ne_bytes());
+    inj.call(new, libc::SYS_setsockopt, [fd, libc::IPPROTO_TCP as u64, libc::TCP_KEEPIDLE as u64, v, 4, 0]);
+    inj.release();
+    std::fs::write(pair.path("enough"), "").unwrap();
+    wait_until("the server's verdict", DEADLINE, || pair.log("server").contains("PASS") || pair.log("server").contains("FAIL"));
+    assert!(pair.log("server").contains("FAIL: TCP_KEEPIDLE changed"), "{}", pair.log("server"));
 }
