@@ -657,3 +657,32 @@ fn a_copy_with_an_option_changed_fails_the_servers_check() {
     wait_until("the server's verdict", DEADLINE, || pair.log("server").contains("PASS") || pair.log("server").contains("FAIL"));
     assert!(pair.log("server").contains("FAIL: TCP_KEEPIDLE changed"), "{}", pair.log("server"));
 }
+
+/// A migration to a daemon in the source's own network namespace: the copy's sockets
+/// would need the ports and 4-tuple the frozen source still holds. Refused with one
+/// line; the source carries on with its connection and no lock is left.
+#[test]
+fn a_migration_within_one_namespace_is_refused_and_the_connection_carries_on() {
+    if !needs_root("network namespaces; TCP_REPAIR needs CAP_NET_ADMIN") || !has_nft() {
+        return;
+    }
+    let hosts = Hosts::new();
+    let [a, c] = [&hosts.names[0], &hosts.names[2]];
+    let keys = Keys::new();
+    let _daemon = keys.daemon(a, "10.232.1.2", None);
+    let pair = Pair::start_in(SERVICE, Some(a), Some(c));
+    let pid = pair.server.id() as i32;
+    pair.fill_queues();
+    let o = in_netns(Some(a), ferry_tests::ferry_bin().to_str().unwrap())
+        .args(["migrate", &pid.to_string(), "--to", "10.232.1.2:7712", "--auth-key", keys.key.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    // The listener, first, finds its port taken (the connection's `connect` would find
+    // its 4-tuple taken).
+    assert!(err.contains("could not rebuild") && err.contains("TCP"), "{err}");
+    assert!(alive(pid) && lock_tables_in(Some(a), 0).is_empty(), "runs on, no lock left");
+    pair.finish(pid);
+}

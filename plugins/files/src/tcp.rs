@@ -32,8 +32,9 @@
 //! less options): the kernel works it out at `connect`, before the repair options
 //! (which need the connection established) set the peer's; the bytes are exact, the
 //! throughput on a fast link lower. A migration within one network namespace cannot
-//! carry a connection (the copy's `connect` meets the source's live 4-tuple) and fails
-//! with one line, the source running on. The lock of a process killed for a checkpoint
+//! carry a connection (the copy's `connect` meets the source's live 4-tuple; a listener
+//! of the process's meets its port first) and fails with one line, the source running
+//! on. `ferry restore --tcp-close` restores connections closed instead. The lock of a process killed for a checkpoint
 //! never restored, or of a migration's source once the address has moved, stays until
 //! its user deletes it (README); `ferry check` lists them.
 //!
