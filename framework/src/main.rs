@@ -67,6 +67,10 @@ enum Command {
         /// Print the statistics as one JSON object.
         #[arg(long)]
         json: bool,
+        /// Restore established TCP connections closed (the process's next call on one
+        /// fails with ECONNABORTED; its peer gets a reset), as CRIU's option.
+        #[arg(long)]
+        tcp_close: bool,
     },
     /// Decode an image: inventory, records of each plugin, page counts.
     Show {
@@ -399,7 +403,11 @@ fn run(cli: Cli) -> Outcome {
             }
             Ok(())
         }
-        Command::Restore { dir, json } => {
+        Command::Restore { dir, json, tcp_close } => {
+            if *tcp_close {
+                // The files plugin reads it (plugins take no per-request options yet).
+                std::env::set_var("FERRY_TCP_CLOSE", "1");
+            }
             let config = effective(&cli, Overrides::default())?;
             let manager = registry(&config)?;
             let req = RestoreRequest {
@@ -425,6 +433,17 @@ fn run(cli: Cli) -> Outcome {
                 outln!("{}", serde_json::to_string_pretty(&features)?);
             } else {
                 out!("{}", probes::render_text(&features));
+                // Locks of TCP connections (the files plugin's): kept by a checkpoint until
+                // its restore, by a migration's source until its user moves the address.
+                let tables = std::process::Command::new("nft").args(["list", "tables", "inet"]).output();
+                let tables = tables.map(|o| String::from_utf8_lossy(&o.stdout).into_owned()).unwrap_or_default();
+                for name in tables.lines().filter_map(|l| l.strip_prefix("table inet ")).filter(|n| n.starts_with("ferry-")) {
+                    let pid = name.split('-').nth(1).unwrap_or("?");
+                    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+                    let live = stat.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X']));
+                    let fate = if live { "lives" } else { "is gone" };
+                    outln!("network lock {name}: process {pid} {fate}; `nft delete table inet {name}` lifts it");
+                }
             }
             Ok(())
         }

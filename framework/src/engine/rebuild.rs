@@ -343,6 +343,11 @@ pub struct Held {
     stopped: bool,
     /// Its userfaultfd, made before the credentials were dropped.
     uffd: Option<std::os::fd::OwnedFd>,
+    /// The plugins that rebuilt it, dropped once its fate is known: before it runs
+    /// (`release`, `run_traced`), after it is killed (`abort`). A plugin whose work
+    /// must not show before the commit (a TCP connection leaving repair mode) does it
+    /// on drop, the process alive and held, or undoes it, the process dead.
+    subs: Vec<event::Loaded>,
 }
 
 impl Held {
@@ -364,6 +369,7 @@ impl Held {
                 return Err(EventError::Failed(format!("stopping process {} as it was: {e}", self.tracer.pid())));
             }
         }
+        drop(std::mem::take(&mut self.subs));
         self.tracer.detach()?;
         self.stats.frozen_ms = event::ms(self.frozen_at);
         self.stats.total_ms = event::ms(self.started);
@@ -379,6 +385,7 @@ impl Held {
                 self.tracer.pid()
             )));
         }
+        drop(std::mem::take(&mut self.subs));
         self.tracer.run_traced()?;
         self.stats.frozen_ms = event::ms(self.frozen_at);
         Ok(Running { tracer: self.tracer, stats: self.stats })
@@ -386,7 +393,9 @@ impl Held {
 
     /// Kills the rebuilt process: only what this restore created.
     pub fn abort(self) {
-        self.tracer.kill();
+        let Held { tracer, subs, .. } = self;
+        tracer.kill();
+        drop(subs);
     }
 
     /// A userfaultfd of the rebuilt process, held only by ferry (post-copy).
@@ -616,7 +625,7 @@ pub fn rebuild_with(
             stats.pages = pages;
             stats.pids.insert(process.pid.to_string(), pid);
             let lazy = (!lazy.areas.is_empty()).then_some(lazy);
-            Ok(Held { tracer, stats, frozen_at, started, counts, lazy, stopped: process.stopped, uffd })
+            Ok(Held { tracer, stats, frozen_at, started, counts, lazy, stopped: process.stopped, uffd, subs })
         }
         Err(e) => {
             // Kill only what this restore created.

@@ -59,6 +59,8 @@ pub struct Checkpoint {
     scanned: bool,
     jobs: VecDeque<Job>,
     pub status: Status,
+    /// Established TCP connections and their network lock.
+    pub tcp: crate::tcp::Source,
 }
 
 fn os_err(what: impl std::fmt::Display) -> String {
@@ -560,6 +562,11 @@ impl Checkpoint {
                     let Some(info) = crate::unix::query(*ino)? else {
                         // Not a Unix socket: a TCP listener, or refused.
                         let sock = fetched(ctx, first.fd, &what)?;
+                        if let Some(conn) = self.tcp.read(&sock, &what)? {
+                            let object = Object::Tcp { conn: Box::new(conn) };
+                            descs.push((Desc { fds: slots, flags, pos: 0, object, locks: Vec::new() }, None));
+                            continue;
+                        }
                         let l = crate::inet::describe(&sock).map_err(|why| format!("{what} is {why}: not supported by the files plugin"))?;
                         let object = Object::Inet {
                             family: l.family,
@@ -722,6 +729,7 @@ pub fn object_name(o: &Object) -> String {
         Object::Inotify { .. } => "anon_inode:inotify".into(),
         Object::Fanotify { .. } => "anon_inode:[fanotify]".into(),
         Object::Pidfd { .. } => "anon_inode:[pidfd]".into(),
+        Object::Tcp { conn } => format!("TCP{} connection", if conn.family == libc::AF_INET6 { "v6" } else { "" }),
         Object::Inet { family, sock_type, .. } => format!(
             "{}{} socket",
             if *sock_type == libc::SOCK_STREAM { "listening TCP" } else { "UDP" },

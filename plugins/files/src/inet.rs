@@ -3,9 +3,9 @@
 //! address, the peer a UDP socket is connected to, a listener's backlog, and the
 //! options that matter to them (`SO_REUSEADDR`, `SO_REUSEPORT`, `SO_KEEPALIVE`,
 //! `SO_BROADCAST`, `TCP_NODELAY`, `IPV6_V6ONLY`). A listener made again elsewhere takes
-//! new connections there; connections already established, or waiting to be accepted,
-//! cannot follow (that needs `TCP_REPAIR`), so a listener with any waiting is refused,
-//! as is a UDP socket with datagrams queued.
+//! new connections there; established connections follow on their own (see
+//! [`crate::tcp`]), but connections waiting to be accepted cannot, so a listener with
+//! any waiting is refused, as is a UDP socket with datagrams queued.
 
 use std::os::fd::{AsRawFd, OwnedFd};
 

@@ -2,9 +2,9 @@
 //! flags, files deleted while open, memfds, devices, pipes and FIFOs with their unread
 //! bytes, shared file descriptions, eventfds with their counts, timerfds with their time
 //! left and unread expirations, signalfds, epoll instances with what they watch, Unix
-//! socket pairs within the process, listening TCP sockets, UDP sockets), the file locks
-//! held (POSIX, OFD, flock: see [`locks`]), the working and root directories (a chroot
-//! included) and the umask.
+//! socket pairs within the process, listening TCP sockets, UDP sockets, established TCP
+//! connections: see [`tcp`]), the file locks held (POSIX, OFD, flock: see [`locks`]),
+//! the working and root directories (a chroot included) and the umask.
 //!
 //! What was removed from the file system while in use comes back removed: a deleted
 //! regular file (made again from its contents, then unlinked), a removed working
@@ -30,6 +30,7 @@ mod model;
 mod restore;
 mod scan;
 mod inet;
+mod tcp;
 mod locks;
 mod notify;
 mod pty;
@@ -38,7 +39,7 @@ mod unix;
 use ferry_plugin_api::{
     plugin::SubsystemPlugin,
     util::names,
-    ContextRef, Progress, SinkRef, SourceRef, Status, SubsystemInfo,
+    ContextRef, EventKind, Progress, SinkRef, SourceRef, Status, SubsystemInfo,
 };
 
 #[derive(Default)]
@@ -56,6 +57,18 @@ impl SubsystemPlugin for Plugin {
         }
     }
 
+    fn setup(&mut self, ctx: &mut ContextRef<'_>, event: EventKind) -> Result<(), String> {
+        if event == EventKind::Checkpoint {
+            self.checkpoint.tcp.setup(ctx)?;
+        }
+        Ok(())
+    }
+
+    fn resume(&mut self, _ctx: &mut ContextRef<'_>) -> Result<(), String> {
+        self.restore.tcp.resume();
+        Ok(())
+    }
+
     fn checkpoint(&mut self, ctx: &mut ContextRef<'_>, sink: &mut SinkRef<'_>) -> Result<Progress, String> {
         self.checkpoint.step(ctx, sink)
     }
@@ -65,6 +78,7 @@ impl SubsystemPlugin for Plugin {
     }
 
     fn cleanup(&mut self, _ctx: &mut ContextRef<'_>, ok: bool) {
+        self.checkpoint.tcp.cleanup(ok);
         if !ok {
             self.restore.cleanup();
         }

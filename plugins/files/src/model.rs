@@ -178,6 +178,8 @@ pub enum Object {
     Fanotify { init_flags: u32, event_flags: u32, marks: Vec<crate::notify::FanMark> },
     /// A pidfd to the process itself, or (`dead`) to a process that has exited.
     Pidfd { dead: bool },
+    /// An established TCP connection, made again in repair mode (see [`crate::tcp`]).
+    Tcp { conn: Box<crate::tcp::Conn> },
 }
 
 /// One file an epoll instance watches.
@@ -239,7 +241,7 @@ impl Desc {
             Object::Path { .. } | Object::Eventfd { .. } | Object::Timerfd { .. } | Object::Signalfd { .. } | Object::Epoll { .. } => 0,
             Object::UnixPair { data_len, .. } => *data_len,
             Object::Inet { .. } | Object::UnixSocket { .. } | Object::DeletedDir { .. } | Object::DeletedDevice { .. } => 0,
-            Object::Inotify { .. } | Object::Fanotify { .. } | Object::Pidfd { .. } => 0,
+            Object::Inotify { .. } | Object::Fanotify { .. } | Object::Pidfd { .. } | Object::Tcp { .. } => 0,
             Object::Deleted { data_len, .. } | Object::Memfd { data_len, .. } => data_len.unwrap_or(0),
         }
     }
@@ -386,6 +388,7 @@ impl Desc {
                     return Err(format!("{what}: a socket the image describes wrongly"));
                 }
             }
+            Object::Tcp { conn } => conn.validate(&what)?,
             Object::UnixSocket { sock_type, addr, mode, peer, backlog, unlinked } => {
                 let bad_name = |hex: &str| -> Result<(bool, bool), String> {
                     let bytes = ferry_plugin_api::util::from_hex(hex, &what, UNIX_ADDR_MAX, false)?;

@@ -298,6 +298,8 @@ pub struct Restore {
     pub created: Vec<String>,
     finished: bool,
     pub status: Status,
+    /// Established TCP connections, in repair mode until `resume`.
+    pub tcp: crate::tcp::Restored,
 }
 
 impl Restore {
@@ -419,6 +421,15 @@ impl Restore {
             // would show as events.
             Object::Inotify { .. } | Object::Fanotify { .. } | Object::Pidfd { .. } => self.notify.push((what, desc)),
             Object::Inet { .. } | Object::UnixSocket { .. } => self.start_named_socket(ctx, &what, &desc)?,
+            Object::Tcp { conn } => {
+                let fd = sys(ctx, &format!("{what}: socket"), libc::SYS_socket, [conn.family as u64, (libc::SOCK_STREAM | libc::SOCK_CLOEXEC) as u64, libc::IPPROTO_TCP as u64, 0, 0, 0])? as i32;
+                let h = self.placer.adopt(fd);
+                let got = ctx.fetch_fd(fd).into_result().map_err(|e| format!("{what}: {}", e.message))?;
+                // SAFETY: fetch_fd hands us a fresh fd that we own.
+                let sock = unsafe { std::os::fd::FromRawFd::from_raw_fd(got) };
+                self.tcp.restore(ctx.pid(), sock, conn, &what)?;
+                self.finish_socket(ctx, &what, &desc, fd, h)?;
+            }
             Object::UnixPair { ino, peer, sock_type, data_len, .. } => {
                 // This end was made with its peer already, or both are made now.
                 let (mine, other) = match self.socks.remove(ino) {

@@ -57,7 +57,7 @@ impl Restore {
     }
 
     /// Gives socket `fd` (placer handle `h`) its status flags and its fd numbers.
-    fn finish_socket(&mut self, ctx: &mut ContextRef<'_>, what: &str, desc: &Desc, fd: i32, h: usize) -> Result<(), String> {
+    pub(crate) fn finish_socket(&mut self, ctx: &mut ContextRef<'_>, what: &str, desc: &Desc, fd: i32, h: usize) -> Result<(), String> {
         let setfl = desc.flags & PIPE_SETFL;
         if setfl != 0 {
             set_status_flags(ctx, what, fd, setfl)?;

@@ -1,0 +1,688 @@
+//! Established TCP connections: a python3 server (the process ferry moves) echoes a
+//! counter that a python3 client of its own process (the peer, never touched by ferry)
+//! sends over one connection and checks. The server checks the counter it receives,
+//! the client the echoes: no gap, no repeat, no error, and each prints PASS or FAIL
+//! into its log. Before the freeze the client stops reading, so the server blocks in
+//! `sendall` with bytes in its send queue, and the client's lines pile up unread in
+//! the server's receive queue: both queues are carried.
+
+use std::{
+    path::PathBuf,
+    process::{Child, Command},
+    time::Duration,
+};
+
+use ferry_tests::{ferry, needs, needs_root, stderr, stdout, wait_until};
+
+const DEADLINE: Duration = Duration::from_secs(60);
+
+/// The server: listens (SO_REUSEADDR, as servers do), takes one connection and sets
+/// its options, answers each `c N <pad>` line with `e N <pad>`, checking N counts up by
+/// one; `bye` ends it, once it has checked the options and addresses are still its own.
+const SERVER: &str = r#"
+import socket, sys, os
+D, HOST = sys.argv[1], sys.argv[2]
+def log(m):
+    with open(D + '/server.log', 'a') as f: f.write(m + '\n')
+fam = socket.AF_INET6 if ':' in HOST else socket.AF_INET
+l = socket.socket(fam)
+l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind((HOST, 0))
+l.listen(4)
+with open(D + '/port.tmp', 'w') as f: f.write(str(l.getsockname()[1]))
+os.rename(D + '/port.tmp', D + '/port')
+c, _ = l.accept()
+OPTS = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1, 'TCP_NODELAY'), (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1, 'SO_KEEPALIVE'),
+        (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 77, 'TCP_KEEPIDLE'), (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, 11, 'TCP_KEEPINTVL'),
+        (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 5, 'TCP_KEEPCNT'), (socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, 12345, 'TCP_USER_TIMEOUT')]
+for level, opt, v, _ in OPTS:
+    c.setsockopt(level, opt, v)
+names = (c.getsockname(), c.getpeername())
+f = c.makefile('rb')
+expect = 1
+try:
+    while True:
+        line = f.readline()
+        if not line:
+            log('FAIL: the connection closed before line %d' % expect); break
+        if line == b'bye\n':
+            bad = [n for level, opt, v, n in OPTS if c.getsockopt(level, opt) != v]
+            if (c.getsockname(), c.getpeername()) != names:
+                bad.append('addresses')
+            log(('FAIL: %s changed' % ', '.join(bad)) if bad else 'PASS %d' % (expect - 1)); break
+        n = int(line.split()[1])
+        if n != expect:
+            log('FAIL: line %d where %d was due' % (n, expect)); break
+        expect += 1
+        c.sendall(b'e %d %s\n' % (n, b'x' * 300))
+except Exception as e:
+    log('FAIL: %r at line %d' % (e, expect))
+"#;
+
+/// The peer: sends `c N` every 2 ms from one thread, reads and checks the echoes in
+/// another (not while `hold` exists); once `enough` exists it sends `bye`, reads the
+/// echoes of all it sent and logs PASS.
+const CLIENT: &str = r#"
+import socket, sys, os, threading, time
+D, HOST, PORT = sys.argv[1], sys.argv[2], int(sys.argv[3])
+def log(m):
+    with open(D + '/client.log', 'a') as f: f.write(m + '\n')
+fam = socket.AF_INET6 if ':' in HOST else socket.AF_INET
+s = socket.socket(fam)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+s.connect((HOST, PORT))
+state = {'sent': 0, 'last': None}
+def writer():
+    try:
+        while True:
+            if os.path.exists(D + '/enough'):
+                state['last'] = state['sent']
+                s.sendall(b'bye\n')
+                return
+            state['sent'] += 1
+            s.sendall(b'c %d %s\n' % (state['sent'], b'y' * 100))
+            time.sleep(0.002)
+    except Exception as e:
+        log('FAIL: writer: %r' % e)
+threading.Thread(target=writer, daemon=True).start()
+f = s.makefile('rb')
+got = 0
+try:
+    while state['last'] is None or got < state['last']:
+        while os.path.exists(D + '/hold'):
+            time.sleep(0.005)
+        line = f.readline()
+        if not line and state['last'] == got:
+            log('PASS %d' % got); break  # the server ended: it had echoed all and read `bye`
+        if not line:
+            log('FAIL: the connection closed after echo %d' % got); break
+        n = int(line.split()[1])
+        if n != got + 1:
+            log('FAIL: echo %d after %d' % (n, got)); break
+        got = n
+        if got % 20 == 0:
+            log('echo %d' % got)
+    else:
+        log('PASS %d' % got)
+except Exception as e:
+    log('FAIL: %r after echo %d' % (e, got))
+"#;
+
+struct Pair {
+    dir: tempfile::TempDir,
+    server: Child,
+    client: Child,
+    port: u16,
+    /// The server's network namespace.
+    netns: Option<String>,
+}
+
+impl Pair {
+    fn start(host: &str) -> Pair {
+        Pair::start_in(host, None, None)
+    }
+
+    /// The server in network namespace `server_ns`, the client in `client_ns` (when given).
+    fn start_in(host: &str, server_ns: Option<&str>, client_ns: Option<&str>) -> Pair {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().to_str().unwrap().to_string();
+        let server = python_in(server_ns).args(["-c", SERVER, &d, host]).spawn().unwrap();
+        let port_file = dir.path().join("port");
+        wait_until("the server's port", DEADLINE, || port_file.exists());
+        let port: u16 = std::fs::read_to_string(&port_file).unwrap().parse().unwrap();
+        let client = python_in(client_ns).args(["-c", CLIENT, &d, host, &port.to_string()]).spawn().unwrap();
+        let p = Pair { dir, server, client, port, netns: server_ns.map(str::to_string) };
+        wait_until("the first echoes", DEADLINE, || p.echoes() >= 40 || p.log("client").contains("FAIL"));
+        assert!(!p.log("client").contains("FAIL"), "{}", p.log("client"));
+        p
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn log(&self, who: &str) -> String {
+        std::fs::read_to_string(self.path(&format!("{who}.log"))).unwrap_or_default()
+    }
+
+    /// The last echo the client logged.
+    fn echoes(&self) -> u64 {
+        self.log("client").lines().filter_map(|l| l.strip_prefix("echo ")).filter_map(|n| n.parse().ok()).max().unwrap_or(0)
+    }
+
+    /// Stops the client's reading and waits until the server's socket holds bytes in
+    /// both queues.
+    fn fill_queues(&self) {
+        std::fs::write(self.path("hold"), "").unwrap();
+        wait_until("bytes in both of the server's queues", DEADLINE, || {
+            queues(self.netns.as_deref(), self.port).is_some_and(|(tx, rx)| tx > 0 && rx > 0)
+        });
+    }
+
+    /// Lets the client read again and waits for echoes to go on.
+    fn carry_on(&self) {
+        let at = self.echoes();
+        let _ = std::fs::remove_file(self.path("hold"));
+        wait_until("echoes after the restore", DEADLINE, || self.echoes() >= at + 60 || self.log("client").contains("FAIL"));
+        assert!(!self.log("client").contains("FAIL"), "client:\n{}\nserver:\n{}", self.log("client"), self.log("server"));
+    }
+
+    /// Lets the client read again, checks the echoes go on, then ends both sides and
+    /// checks their verdicts.
+    fn finish(mut self, server_pid: i32) {
+        self.carry_on();
+        std::fs::write(self.path("enough"), "").unwrap();
+        wait_until("the client's verdict", DEADLINE, || self.log("client").contains("PASS") || self.log("client").contains("FAIL"));
+        wait_until("the server's verdict", DEADLINE, || self.log("server").contains("PASS") || self.log("server").contains("FAIL"));
+        let (c, s) = (self.log("client"), self.log("server"));
+        assert!(!c.contains("FAIL") && !s.contains("FAIL"), "client:\n{c}\nserver:\n{s}");
+        let _ = self.client.wait();
+        wait_until("the server to end", DEADLINE, || !alive(server_pid));
+        let _ = self.server.wait();
+    }
+}
+
+impl Drop for Pair {
+    fn drop(&mut self) {
+        let _ = self.client.kill();
+        let _ = self.client.wait();
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+    }
+}
+
+/// `program`, run in network namespace `netns` when given (`ip netns exec` execs it:
+/// the child's pid is the program's).
+fn in_netns(netns: Option<&str>, program: &str) -> Command {
+    match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, program]);
+            c
+        }
+        None => Command::new(program),
+    }
+}
+
+fn python_in(netns: Option<&str>) -> Command {
+    in_netns(netns, "/usr/bin/python3")
+}
+
+/// A child killed (by its pid) and reaped however the test ends.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+}
+
+/// (send queue, receive queue) of the connection whose local port is `port`, from
+/// /proc/net/tcp and tcp6 (`tx_queue:rx_queue`).
+fn queues(netns: Option<&str>, port: u16) -> Option<(u64, u64)> {
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let text = stdout(&in_netns(netns, "cat").arg(table).output().unwrap());
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let local_port = f.get(1).and_then(|a| a.rsplit(':').next()).and_then(|p| u16::from_str_radix(p, 16).ok());
+            if local_port == Some(port) && f.get(3) == Some(&"01") {
+                let (tx, rx) = f.get(4)?.split_once(':')?;
+                return Some((u64::from_str_radix(tx, 16).ok()?, u64::from_str_radix(rx, 16).ok()?));
+            }
+        }
+    }
+    None
+}
+
+/// ferry's lock tables for process `pid` in this network namespace.
+fn lock_tables(pid: i32) -> Vec<String> {
+    lock_tables_in(None, pid)
+}
+
+/// ferry's lock tables for process `pid` (any process: 0) in namespace `netns`.
+fn lock_tables_in(netns: Option<&str>, pid: i32) -> Vec<String> {
+    let o = in_netns(netns, "nft").args(["list", "tables"]).output().expect("nft runs");
+    let prefix = if pid == 0 { "ferry-".to_string() } else { format!("ferry-{pid}-") };
+    stdout(&o).lines().filter(|l| l.contains(&prefix)).map(str::to_string).collect()
+}
+
+fn has_nft() -> bool {
+    needs(Command::new("nft").arg("--version").output().is_ok_and(|o| o.status.success()), "nftables (scripts/setup installs it)")
+}
+
+fn round_trip(host: &str) {
+    if !needs_root("TCP_REPAIR needs CAP_NET_ADMIN; ferry seizes the process") || !has_nft() {
+        return;
+    }
+    let pair = Pair::start(host);
+    let pid = pair.server.id() as i32;
+    pair.fill_queues();
+    let dir = pair.path("img");
+    let o = ferry(&["checkpoint", &pid.to_string(), "--dir", dir.to_str().unwrap()]);
+    assert!(o.status.success(), "checkpoint: {}", stderr(&o));
+    assert_eq!(lock_tables(pid).len(), 1, "the lock stays until the restore");
+    let check = stdout(&ferry(&["check"]));
+    assert!(check.contains(&format!("network lock ferry-{pid}-")) && check.contains("is gone"), "ferry check lists the lock: {check}");
+    let o = ferry(&["restore", "--dir", dir.to_str().unwrap(), "--json"]);
+    assert!(o.status.success(), "restore: {}", stderr(&o));
+    let new = restored_pid(&o, pid);
+    assert!(lock_tables(pid).is_empty(), "the restore lifts the lock: {:?}", lock_tables(pid));
+    pair.finish(new);
+}
+
+fn restored_pid(o: &std::process::Output, old: i32) -> i32 {
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", stdout(o)));
+    v["pids"][old.to_string()].as_i64().unwrap_or_else(|| panic!("no pid for {old} in {v}")) as i32
+}
+
+#[test]
+fn an_established_v4_connection_with_both_queues_full_survives_checkpoint_and_restore() {
+    round_trip("127.0.0.1");
+}
+
+#[test]
+fn an_established_v6_connection_with_both_queues_full_survives_checkpoint_and_restore() {
+    round_trip("::1");
+}
+
+#[test]
+fn ferry_killed_while_the_server_is_frozen_leaves_the_connection_running_and_no_rule() {
+    if !needs_root("TCP_REPAIR needs CAP_NET_ADMIN; ferry seizes the process") || !has_nft() {
+        return;
+    }
+    let pair = Pair::start("127.0.0.1");
+    let pid = pair.server.id() as i32;
+    pair.fill_queues();
+    let dir = pair.path("img");
+    // After the files plugin (the second) wrote its records: the connection was read
+    // in repair mode and the lock is in force.
+    let o = Command::new(ferry_tests::ferry_bin())
+        .args(["checkpoint", &pid.to_string(), "--dir", dir.to_str().unwrap()])
+        .env("FERRY_FAULT", "checkpoint-mid@2")
+        .output()
+        .unwrap();
+    assert!(!o.status.success(), "ferry was to die: {}", stderr(&o));
+    wait_until("the lock to be lifted", DEADLINE, || lock_tables(pid).is_empty());
+    pair.finish(pid);
+}
+
+#[test]
+fn a_half_closed_connection_is_refused_and_the_server_runs_on() {
+    if !needs_root("TCP_REPAIR needs CAP_NET_ADMIN; ferry seizes the process") || !has_nft() {
+        return;
+    }
+    // A connection of a server's whose peer (this test) has sent its FIN.
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    let port_file = d.join("port2");
+    let script = format!(
+        "import socket,os,time\nl=socket.socket()\nl.bind(('127.0.0.1',0))\nl.listen()\nopen('{0}.tmp','w').write(str(l.getsockname()[1]))\nos.rename('{0}.tmp','{0}')\nc,_=l.accept()\nwhile True: time.sleep(1)\n",
+        port_file.display()
+    );
+    let half = Command::new("/usr/bin/python3").args(["-c", &script]).spawn().unwrap();
+    let half = Killed(half);
+    wait_until("the second server's port", DEADLINE, || port_file.exists());
+    let port: u16 = std::fs::read_to_string(&port_file).unwrap().parse().unwrap();
+    let peer = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    peer.shutdown(std::net::Shutdown::Write).unwrap();
+    let hpid = half.0.id() as i32;
+    wait_until("CLOSE_WAIT", DEADLINE, || {
+        std::fs::read_to_string("/proc/net/tcp").unwrap().lines().any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.get(1).is_some_and(|a| a.ends_with(&format!(":{port:04X}"))) && f.get(3) == Some(&"08")
+        })
+    });
+    let dir = d.join("img");
+    let o = ferry(&["checkpoint", &hpid.to_string(), "--dir", dir.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert!(err.contains(&hpid.to_string()) && err.contains("CLOSE_WAIT"), "{err}");
+    assert!(alive(hpid) && lock_tables(hpid).is_empty(), "runs on, no rule left");
+    drop(peer);
+}
+
+#[test]
+fn a_checkpoint_that_leaves_the_server_running_lifts_the_lock_and_the_connection_carries_on() {
+    if !needs_root("TCP_REPAIR needs CAP_NET_ADMIN; ferry seizes the process") || !has_nft() {
+        return;
+    }
+    let pair = Pair::start("127.0.0.1");
+    let pid = pair.server.id() as i32;
+    pair.fill_queues();
+    let dir = pair.path("img");
+    let o = ferry(&["checkpoint", &pid.to_string(), "--dir", dir.to_str().unwrap(), "--leave-running"]);
+    assert!(o.status.success(), "checkpoint: {}", stderr(&o));
+    assert!(lock_tables(pid).is_empty(), "the lock is lifted once the server runs on: {:?}", lock_tables(pid));
+    pair.finish(pid);
+}
+
+/// The negative case of the round trip: the same checkpoint, but the lock removed from
+/// outside before any restore. The peer's next packet meets a port nobody holds and is
+/// answered with a reset, which the client sees and reports: its check can fail.
+#[test]
+fn without_the_lock_the_peer_sees_a_reset() {
+    if !needs_root("TCP_REPAIR needs CAP_NET_ADMIN; ferry seizes the process") || !has_nft() {
+        return;
+    }
+    let pair = Pair::start("127.0.0.1");
+    let pid = pair.server.id() as i32;
+    pair.fill_queues();
+    let dir = pair.path("img");
+    let o = ferry(&["checkpoint", &pid.to_string(), "--dir", dir.to_str().unwrap()]);
+    assert!(o.status.success(), "checkpoint: {}", stderr(&o));
+    for t in lock_tables(pid) {
+        let name = t.trim().rsplit(' ').next().unwrap().to_string();
+        assert!(Command::new("nft").args(["delete", "table", "inet", &name]).status().unwrap().success());
+    }
+    let _ = std::fs::remove_file(pair.path("hold"));
+    wait_until("the client to fail", DEADLINE, || pair.log("client").contains("FAIL"));
+    assert!(pair.log("client").contains("Reset"), "{}", pair.log("client"));
+}
+
+/// Three hosts (network namespaces): the source `a` and the destination `b` of a
+/// migration, each joined to `c` (the client's) by a veth pair. The service address
+/// [`SERVICE`] is a floating address: on `a`'s loopback, `c` routing to it through
+/// `a`; the destination gets it too before the migration (so the copy can bind it),
+/// and once the copy runs the test moves it as a user with a floating IP would: the
+/// address deleted on `a`, `c`'s route pointed at `b`.
+struct Hosts {
+    names: [String; 3],
+}
+
+const SERVICE: &str = "10.232.9.1";
+
+impl Hosts {
+    fn new() -> Hosts {
+        // Unique across the tests of this binary running at once, and across runs.
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let id = (std::process::id() % 1000) * 10 + NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 10;
+        let names = ["a", "b", "c"].map(|n| format!("ferry-tcp-{n}-{id}"));
+        let h = Hosts { names };
+        let [a, b, c] = [&h.names[0], &h.names[1], &h.names[2]];
+        let ip = |args: &[&str]| assert!(Command::new("ip").args(args).status().unwrap().success(), "ip {}", args.join(" "));
+        for ns in [a, b, c] {
+            ip(&["netns", "add", ns]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        for (ns, n, side) in [(a, 1, "a"), (b, 2, "b")] {
+            let (outer, inner) = (format!("ftc{side}{id}"), format!("ft{side}c{id}"));
+            ip(&["link", "add", &outer, "type", "veth", "peer", "name", &inner]);
+            ip(&["link", "set", &outer, "netns", c]);
+            ip(&["link", "set", &inner, "netns", ns]);
+            ip(&["-n", c, "addr", "add", &format!("10.232.{n}.1/24"), "dev", &outer]);
+            ip(&["-n", ns, "addr", "add", &format!("10.232.{n}.2/24"), "dev", &inner]);
+            ip(&["-n", c, "link", "set", &outer, "up"]);
+            ip(&["-n", ns, "link", "set", &inner, "up"]);
+            ip(&["-n", ns, "route", "add", "default", "via", &format!("10.232.{n}.1")]);
+            ip(&["-n", ns, "addr", "add", &format!("{SERVICE}/32"), "dev", "lo"]);
+        }
+        ip(&["-n", c, "route", "add", &format!("{SERVICE}/32"), "via", "10.232.1.2"]);
+        // c forwards between a and b: the migration's own connection crosses it.
+        assert!(Command::new("ip").args(["netns", "exec", c, "sysctl", "-qw", "net.ipv4.ip_forward=1"]).status().unwrap().success());
+        h
+    }
+}
+
+impl Drop for Hosts {
+    fn drop(&mut self) {
+        for ns in &self.names {
+            let _ = Command::new("ip").args(["netns", "delete", ns]).status();
+        }
+    }
+}
+
+/// The key two test daemons share, and their logs.
+struct Keys {
+    dir: tempfile::TempDir,
+    key: PathBuf,
+}
+
+impl Keys {
+    fn new() -> Keys {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("key");
+        std::fs::write(&key, "the test hosts share this key\n").unwrap();
+        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+        Keys { dir, key }
+    }
+
+    /// `ferry daemon` in namespace `ns` on `addr`:7712, dying at `fault` when given.
+    fn daemon(&self, ns: &str, addr: &str, fault: Option<&str>) -> Killed {
+        let control = self.dir.path().join(format!("{ns}.sock"));
+        let mut cmd = in_netns(Some(ns), ferry_tests::ferry_bin().to_str().unwrap());
+        cmd.args(["daemon", "--listen", &format!("{addr}:7712"), "--auth-key", self.key.to_str().unwrap(), "--control", control.to_str().unwrap()])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(self.dir.path().join(format!("{ns}.log"))).unwrap());
+        if let Some(f) = fault {
+            cmd.env("FERRY_FAULT", f);
+        }
+        let child = cmd.spawn().unwrap();
+        wait_until("the daemon's control socket", DEADLINE, || ferry::commands::control::daemon_running(&control));
+        Killed(child)
+    }
+
+    fn log(&self, ns: &str) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("{ns}.log"))).unwrap_or_default()
+    }
+}
+
+/// A process killed by pid when the test ends (a restored copy is nobody's child here).
+struct KillPid(i32);
+
+impl Drop for KillPid {
+    fn drop(&mut self) {
+        // SAFETY: kill has no memory preconditions; the pid is the test's own copy.
+        unsafe { libc::kill(self.0, libc::SIGKILL) };
+    }
+}
+
+#[test]
+fn an_established_connection_migrates_with_each_strategy_between_two_hosts_with_its_address() {
+    if !needs_root("network namespaces; TCP_REPAIR needs CAP_NET_ADMIN") || !has_nft() {
+        return;
+    }
+    let hosts = Hosts::new();
+    let [a, b, c] = [&hosts.names[0], &hosts.names[1], &hosts.names[2]];
+    let keys = Keys::new();
+    let key = &keys.key;
+    let daemon = |ns: &str, addr: &str| keys.daemon(ns, addr, None);
+    let _daemons = [daemon(a, "10.232.1.2"), daemon(b, "10.232.2.2")];
+    let ip = |args: &[&str]| assert!(Command::new("ip").args(args).status().unwrap().success(), "ip {}", args.join(" "));
+    let mut pair = Pair::start_in(SERVICE, Some(a), Some(c));
+    let mut pid = pair.server.id() as i32;
+    let mut copies = Vec::new();
+    let (mut from, mut to) = ((a, "10.232.1.2"), (b, "10.232.2.2"));
+    for strategy in ["stop-copy", "pre-copy", "post-copy", "hybrid"] {
+        pair.netns = Some(from.0.to_string());
+        pair.fill_queues();
+        // The destination takes the address too, so the copy can bind it.
+        let _ = Command::new("ip").args(["-n", to.0, "addr", "add", &format!("{SERVICE}/32"), "dev", "lo"]).status();
+        let o = in_netns(Some(from.0), ferry_tests::ferry_bin().to_str().unwrap())
+            .args(["migrate", &pid.to_string(), "--to", &format!("{}:7712", to.1), "--json", "--strategy", strategy, "--auth-key", key.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let log = keys.log(to.0);
+        assert!(o.status.success(), "{strategy}: {}\ndaemon: {log}", stderr(&o));
+        let new = restored_pid(&o, pid);
+        copies.push(KillPid(new));
+        // The source keeps its lock, holding the peer's packets, until the address has
+        // moved; a connection coming back to it lifts it.
+        assert_eq!(lock_tables_in(Some(from.0), pid).len(), 1, "{strategy}: the source keeps its lock");
+        let here = lock_tables_in(Some(to.0), 0);
+        assert!(here.is_empty(), "{strategy}: the destination lifted its earlier lock of this connection: {here:?}");
+        // The floating address moves: off the source, the peer's route to the destination.
+        ip(&["-n", from.0, "addr", "del", &format!("{SERVICE}/32"), "dev", "lo"]);
+        ip(&["-n", c, "route", "replace", &format!("{SERVICE}/32"), "via", to.1]);
+        pair.carry_on();
+        pid = new;
+        (from, to) = (to, from);
+    }
+    // Back and forth: the last source alone has a lock left, which its user removes
+    // once the address has moved (README).
+    let last = lock_tables_in(Some(to.0), 0);
+    assert_eq!(last.len(), 1, "the last source's lock: {last:?}");
+    let name = last[0].trim().rsplit(' ').next().unwrap().to_string();
+    assert!(in_netns(Some(to.0), "nft").args(["delete", "table", "inet", &name]).status().unwrap().success());
+    pair.finish(pid);
+}
+
+#[test]
+fn a_destination_killed_before_the_commit_leaves_the_connection_running_at_the_source_and_no_rule() {
+    if !needs_root("network namespaces; TCP_REPAIR needs CAP_NET_ADMIN") || !has_nft() {
+        return;
+    }
+    let hosts = Hosts::new();
+    let [a, b, c] = [&hosts.names[0], &hosts.names[1], &hosts.names[2]];
+    let keys = Keys::new();
+    // The destination dies holding the rebuilt copy, just before the commit: the copy
+    // is killed with it, its connection still in repair mode.
+    let _daemon = keys.daemon(b, "10.232.2.2", Some("before-commit"));
+    let pair = Pair::start_in(SERVICE, Some(a), Some(c));
+    let pid = pair.server.id() as i32;
+    pair.fill_queues();
+    let o = in_netns(Some(a), ferry_tests::ferry_bin().to_str().unwrap())
+        .args(["migrate", &pid.to_string(), "--to", "10.232.2.2:7712", "--json", "--auth-key", keys.key.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!o.status.success(), "the destination was to die: {}", keys.log(b));
+    assert!(alive(pid));
+    for ns in [a, b] {
+        let left = lock_tables_in(Some(ns), 0);
+        assert!(left.is_empty(), "no lock left in {ns}: {left:?}");
+    }
+    pair.finish(pid);
+}
+
+#[test]
+fn tcp_close_restores_the_connection_closed_the_server_sees_it_aborted_and_the_peer_a_reset() {
+    if !needs_root("TCP_REPAIR needs CAP_NET_ADMIN; ferry seizes the process") || !has_nft() {
+        return;
+    }
+    let pair = Pair::start("127.0.0.1");
+    let pid = pair.server.id() as i32;
+    pair.fill_queues();
+    let dir = pair.path("img");
+    let o = ferry(&["checkpoint", &pid.to_string(), "--dir", dir.to_str().unwrap()]);
+    assert!(o.status.success(), "checkpoint: {}", stderr(&o));
+    let o = ferry(&["restore", "--dir", dir.to_str().unwrap(), "--json", "--tcp-close"]);
+    assert!(o.status.success(), "restore: {}", stderr(&o));
+    let new = restored_pid(&o, pid);
+    let _copy = KillPid(new);
+    assert!(lock_tables(pid).is_empty(), "the restore lifts the lock: {:?}", lock_tables(pid));
+    let _ = std::fs::remove_file(pair.path("hold"));
+    wait_until("the server to see its connection aborted", DEADLINE, || pair.log("server").contains("FAIL"));
+    assert!(pair.log("server").contains("ConnectionAborted"), "{}", pair.log("server"));
+    wait_until("the client to see a reset", DEADLINE, || pair.log("client").contains("FAIL"));
+    assert!(pair.log("client").contains("Reset"), "{}", pair.log("client"));
+}
+
+/// The fd of process `pid` that is its established connection on local `port`.
+fn connection_fd(pid: i32, port: u16) -> u64 {
+    let text = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    let inode = text
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.get(1).is_some_and(|a| a.ends_with(&format!(":{port:04X}"))) && f.get(3) == Some(&"01"))
+        .map(|f| f[9].to_string())
+        .expect("the connection in /proc/net/tcp");
+    let want = format!("socket:[{inode}]");
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .find(|e| std::fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy() == want))
+        .and_then(|e| e.file_name().to_string_lossy().parse().ok())
+        .expect("the connection's fd")
+}
+
+/// The negative case of the byte stream: the restored copy's connection gets a line
+/// from outside (a call injected into it) that the server never echoed in order, and
+/// the client's check fails naming it: a byte lost or repeated by a restore would show
+/// likewise.
+#[test]
+fn a_copy_whose_stream_is_broken_fails_the_clients_check() {
+    if !needs_root("TCP_REPAIR needs CAP_NET_ADMIN; ferry seizes the process") || !has_nft() {
+        return;
+    }
+    let pair = Pair::start("127.0.0.1");
+    let pid = pair.server.id() as i32;
+    pair.fill_queues();
+    let dir = pair.path("img");
+    let o = ferry(&["checkpoint", &pid.to_string(), "--dir", dir.to_str().unwrap()]);
+    assert!(o.status.success(), "checkpoint: {}", stderr(&o));
+    let o = ferry(&["restore", "--dir", dir.to_str().unwrap(), "--json"]);
+    assert!(o.status.success(), "restore: {}", stderr(&o));
+    let new = restored_pid(&o, pid);
+    let _copy = KillPid(new);
+    let fd = connection_fd(new, pair.port);
+    let mut inj = ferry_tests::inject::Injected::seize(new);
+    let line = b"\ne 0 out of order\n";
+    let buf = inj.put(line);
+    assert!(inj.call(new, libc::SYS_sendto, [fd, buf, line.len() as u64, libc::MSG_DONTWAIT as u64, 0, 0]) > 0);
+    inj.release();
+    let _ = std::fs::remove_file(pair.path("hold"));
+    wait_until("the client's verdict", DEADLINE, || pair.log("client").contains("FAIL"));
+    assert!(pair.log("client").contains("FAIL: "), "{}", pair.log("client"));
+}
+
+/// The negative case of the options: the restored copy's keepalive idle time changed
+/// from outside, and the server's check names it.
+#[test]
+fn a_copy_with_an_option_changed_fails_the_servers_check() {
+    if !needs_root("TCP_REPAIR needs CAP_NET_ADMIN; ferry seizes the process") || !has_nft() {
+        return;
+    }
+    let pair = Pair::start("127.0.0.1");
+    let pid = pair.server.id() as i32;
+    let dir = pair.path("img");
+    let o = ferry(&["checkpoint", &pid.to_string(), "--dir", dir.to_str().unwrap()]);
+    assert!(o.status.success(), "checkpoint: {}", stderr(&o));
+    let o = ferry(&["restore", "--dir", dir.to_str().unwrap(), "--json"]);
+    assert!(o.status.success(), "restore: {}", stderr(&o));
+    let new = restored_pid(&o, pid);
+    let _copy = KillPid(new);
+    let fd = connection_fd(new, pair.port);
+    let mut inj = ferry_tests::inject::Injected::seize(new);
+    let v = inj.put(&78i32.to_ne_bytes());
+    inj.call(new, libc::SYS_setsockopt, [fd, libc::IPPROTO_TCP as u64, libc::TCP_KEEPIDLE as u64, v, 4, 0]);
+    inj.release();
+    std::fs::write(pair.path("enough"), "").unwrap();
+    wait_until("the server's verdict", DEADLINE, || pair.log("server").contains("PASS") || pair.log("server").contains("FAIL"));
+    assert!(pair.log("server").contains("FAIL: TCP_KEEPIDLE changed"), "{}", pair.log("server"));
+}
+
+/// A migration to a daemon in the source's own network namespace: the copy's sockets
+/// would need the ports and 4-tuple the frozen source still holds. Refused with one
+/// line; the source carries on with its connection and no lock is left.
+#[test]
+fn a_migration_within_one_namespace_is_refused_and_the_connection_carries_on() {
+    if !needs_root("network namespaces; TCP_REPAIR needs CAP_NET_ADMIN") || !has_nft() {
+        return;
+    }
+    let hosts = Hosts::new();
+    let [a, c] = [&hosts.names[0], &hosts.names[2]];
+    let keys = Keys::new();
+    let _daemon = keys.daemon(a, "10.232.1.2", None);
+    let pair = Pair::start_in(SERVICE, Some(a), Some(c));
+    let pid = pair.server.id() as i32;
+    pair.fill_queues();
+    let o = in_netns(Some(a), ferry_tests::ferry_bin().to_str().unwrap())
+        .args(["migrate", &pid.to_string(), "--to", "10.232.1.2:7712", "--auth-key", keys.key.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    // The listener, first, finds its port taken (the connection's `connect` would find
+    // its 4-tuple taken).
+    assert!(err.contains("could not rebuild") && err.contains("TCP"), "{err}");
+    assert!(alive(pid) && lock_tables_in(Some(a), 0).is_empty(), "runs on, no lock left");
+    pair.finish(pid);
+}
