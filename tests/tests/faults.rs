@@ -195,3 +195,217 @@ fn a_checkpoint_killed_midway_leaves_no_scratch_area_no_cgroup_and_no_image() {
         w.terminate_and_check(pid).unwrap_or_else(|e| panic!("{quiesce}: {e}"));
     }
 }
+
+/// A `ferry daemon` on loopback, killed by pid when dropped; with `fault`, it dies by
+/// SIGKILL at that fault point.
+struct Daemon {
+    child: std::process::Child,
+    addr: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    fn start(fault: Option<&str>) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let addr = format!("127.0.0.1:{}", free_port());
+        let control = dir.path().join("control.sock");
+        let mut cmd = Command::new(ferry_bin());
+        cmd.args(["daemon", "--listen", &addr, "--control"]).arg(&control);
+        if let Some(f) = fault {
+            cmd.env("FERRY_FAULT", f);
+        }
+        let log = std::fs::File::create(dir.path().join("daemon.log")).unwrap();
+        let child = cmd.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(log).spawn().unwrap();
+        ferry_tests::wait_until("the daemon's control socket", Duration::from_secs(30), || {
+            ferry::commands::control::daemon_running(&control)
+        });
+        Daemon { child, addr, _dir: dir }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Which side of a migration dies, and where.
+#[derive(Clone, Copy, Debug)]
+enum Kill {
+    Source(&'static str),
+    Destination(&'static str),
+}
+
+/// Migrates `w` to a fresh daemon with `strategy` and `extra` arguments, one side
+/// killed (SIGKILL) at a fault point; waits until exactly one copy of the process runs
+/// and answers its pid.
+fn migrate_killed(w: &Workload, strategy: &str, extra: &[&str], kill: Kill) -> i32 {
+    let daemon = Daemon::start(match kill {
+        Kill::Destination(p) => Some(p),
+        Kill::Source(_) => None,
+    });
+    let mut cmd = Command::new(ferry_bin());
+    cmd.args(["migrate", &w.pid.to_string(), "--to", &daemon.addr, "--strategy", strategy]).args(extra);
+    if let Kill::Source(p) = kill {
+        cmd.env("FERRY_FAULT", p);
+    }
+    let o = cmd.output().unwrap();
+    let what = format!("{strategy} {extra:?}, {kill:?}");
+    match kill {
+        Kill::Source(p) => {
+            assert_eq!(std::os::unix::process::ExitStatusExt::signal(&o.status), Some(libc::SIGKILL), "{what}: {}", stderr(&o));
+            assert!(stderr(&o).contains(&format!("injected fault at {}", p.split('@').next().unwrap())), "{what}: {}", stderr(&o));
+        }
+        Kill::Destination(_) => {
+            assert_eq!(o.status.code(), Some(1), "{what}: {}", stderr(&o));
+            assert_eq!(stderr(&o).lines().count(), 1, "{what}: {}", stderr(&o));
+        }
+    }
+    // Every copy of it names the workload's own log: exactly one must be left.
+    let log = w.log.display().to_string();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let copies = others_naming(&log, 0);
+        if copies.len() == 1 {
+            return copies[0];
+        }
+        if Instant::now() > deadline {
+            // Not left running for the next test to meet.
+            copies.iter().for_each(|&p| ferry_tests::workload::kill_pid(p));
+            panic!("{what}: {} copies of the process run after 30 s: {copies:?}", copies.len());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Asserts that `survivor` is the copy `kill` should leave, that it carries on and
+/// passes its self-check, and that ferry left nothing behind.
+fn carries_on_alone(mut w: Workload, survivor: i32, source_runs: bool, what: &str) {
+    let source = w.pid;
+    if source_runs {
+        assert_eq!(survivor, source, "{what}: the source was to carry on, copy {survivor} runs instead");
+    } else {
+        assert_ne!(survivor, source, "{what}: the copy was to run on the destination");
+        assert!(!pid_alive(source), "{what}");
+    }
+    w.adopt(survivor);
+    let at = *w.ticks().last().unwrap();
+    w.wait_ticks(at + 3);
+    let copies = others_naming(&w.log.display().to_string(), 0);
+    assert_eq!(copies, vec![survivor], "{what}: exactly one copy runs");
+    w.terminate_and_check(survivor).unwrap_or_else(|e| panic!("{what}: {e}"));
+}
+
+#[test]
+fn a_migration_killed_between_commit_and_released_leaves_exactly_one_copy() {
+    if !needs_root(ROOT) {
+        return;
+    }
+    // The source killed once it sent the commit: the copy over there runs, so the
+    // source must die with its ferry (before, both ran); with post-copy the copy needs
+    // the source's ferry for its memory, so it is the copy that goes. The destination
+    // killed once it read the commit: its copy was never let go, the source carries on.
+    for strategy in ["stop-copy", "pre-copy", "post-copy", "hybrid"] {
+        let lazy = strategy == "post-copy" || strategy == "hybrid";
+        for kill in [Kill::Source("commit-sent"), Kill::Destination("commit-received")] {
+            let w = Workload::spawn(&WorkloadOpts { threads: 1, files: false, mem_mib: 4, dirty_pages: 4, tick_ms: 5, ..Default::default() });
+            w.wait_ready();
+            w.wait_ticks(2);
+            let survivor = migrate_killed(&w, strategy, &[], kill);
+            let source_runs = lazy || matches!(kill, Kill::Destination(_));
+            carries_on_alone(w, survivor, source_runs, &format!("{strategy}, {kill:?}"));
+        }
+    }
+}
+
+#[test]
+fn a_hybrid_migration_killed_at_any_phase_leaves_the_source_running() {
+    if !needs_root(ROOT) {
+        return;
+    }
+    // Before the commit nothing ran over there; after it, the copy dies without its
+    // memory: either way the source carries on from where it was.
+    let kills = [
+        Kill::Source("precopy-round@1"),
+        Kill::Source("inject@3"),
+        Kill::Source("frozen"),
+        Kill::Source("post-copy-mid"),
+        Kill::Destination("after-handshake"),
+        Kill::Destination("mid-pages"),
+        Kill::Destination("before-commit"),
+        Kill::Destination("post-copy-dest-mid"),
+    ];
+    for kill in kills {
+        let w = Workload::spawn(&WorkloadOpts { threads: 1, files: false, mem_mib: 8, dirty_pages: 4, tick_ms: 5, ..Default::default() });
+        w.wait_ready();
+        w.wait_ticks(2);
+        let survivor = migrate_killed(&w, "hybrid", &[], kill);
+        carries_on_alone(w, survivor, true, &format!("hybrid, {kill:?}"));
+    }
+}
+
+#[test]
+fn a_migration_quiesced_by_the_freezer_killed_at_any_phase_leaves_one_copy() {
+    if !needs_root(ROOT) {
+        return;
+    }
+    let kills = [
+        (Kill::Source("frozen"), true),
+        (Kill::Source("inject@3"), true),
+        (Kill::Source("commit-sent"), false),
+        (Kill::Destination("before-commit"), true),
+        (Kill::Destination("commit-received"), true),
+    ];
+    for strategy in ["stop-copy", "pre-copy"] {
+        for (kill, source_runs) in kills {
+            let w = Workload::spawn(&WorkloadOpts { threads: 2, files: false, mem_mib: 4, dirty_pages: 4, tick_ms: 5, ..Default::default() });
+            w.wait_ready();
+            w.wait_ticks(2);
+            let survivor = migrate_killed(&w, strategy, &["--quiesce", "freezer"], kill);
+            carries_on_alone(w, survivor, source_runs, &format!("{strategy} --quiesce freezer, {kill:?}"));
+        }
+    }
+}
+
+#[test]
+fn a_restore_whose_restart_hangs_is_ended_by_the_watchdog_and_its_copy_removed() {
+    if !needs_root(ROOT) {
+        return;
+    }
+    let mut w = Workload::spawn(&WorkloadOpts { threads: 2, mem_mib: 4, ..Default::default() });
+    w.wait_ready();
+    w.wait_ticks(2);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("img");
+    let config = tmp.path().join("ferry.json");
+    std::fs::write(&config, r#"{"watchdog_ms": 500}"#).unwrap();
+    let o = Command::new(ferry_bin()).args(["checkpoint", &w.pid.to_string(), "--dir", dir.to_str().unwrap()]).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    w.reap();
+    let restore = |fault: Option<&str>| {
+        let mut cmd = Command::new(ferry_bin());
+        cmd.arg("--config").arg(&config).args(["restore", "--dir", dir.to_str().unwrap(), "--json"]);
+        if let Some(f) = fault {
+            cmd.env("FERRY_FAULT", f);
+        }
+        cmd.output().unwrap()
+    };
+    // Rebuilt, then stuck for good before it is let go.
+    let o = restore(Some("hang:restore-restart"));
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("watchdog") && err.contains("the half-built process is removed"), "{err}");
+    let log = w.log.display().to_string();
+    ferry_tests::wait_until("no copy of the process left", Duration::from_secs(30), || others_naming(&log, 0).is_empty());
+    // The image is untouched: restored again, the process carries on.
+    let o = restore(None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let stats: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let new = stats["pids"].as_object().unwrap().values().next().unwrap().as_i64().unwrap() as i32;
+    w.adopt(new);
+    let at = *w.ticks().last().unwrap();
+    w.wait_ticks(at + 3);
+    w.terminate_and_check(new).unwrap();
+}

@@ -289,6 +289,7 @@ pub fn migrate(manager: &Manager, req: &MigrateRequest, progress: &mut dyn FnMut
         }
     };
     crate::trace::mark("source frozen");
+    crate::fault::point("frozen");
     let mut medium = medium;
     let announced = match live.as_ref() {
         // The plan went ahead of the rounds, and the scratch area stayed.
@@ -345,7 +346,19 @@ pub fn migrate(manager: &Manager, req: &MigrateRequest, progress: &mut dyn FnMut
             // leave two copies to sort out, but never none.
             let medium = medium.as_mut().ok_or_else(|| refused("no medium"))?;
             crate::trace::mark("rebuilt: commit");
-            let released = send_verdict(medium, &Verdict::Commit).and_then(|_| verdict_serving(medium, req.pid, req.timeout));
+            // Should this ferry die from the commit on, the copy over there runs: the
+            // source must not run on here too (the kernel kills it). Not with post-copy,
+            // whose copy cannot go on without this ferry: it is the source that carries
+            // on then, and the copy is killed.
+            if !lazy {
+                if let Err(e) = tracer.die_with_ferry() {
+                    let _ = send_verdict(medium, &Verdict::Abort { reason: e.to_string() });
+                    let_go(tracer, live);
+                    drop(freezer);
+                    return Err(e.into());
+                }
+            }
+            let released = send_verdict(medium, &Verdict::Commit).map(|_| crate::fault::point("commit-sent")).and_then(|_| verdict_serving(medium, req.pid, req.timeout));
             // Downtime ends here: the process runs on the destination.
             let frozen_ms = event::ms(frozen_at);
             crate::trace::mark("released");

@@ -777,6 +777,7 @@ pub(crate) fn vm_ranges(pid: pid_t, ranges: &[(u64, u64)], local: *mut u8, local
     Ok(done)
 }
 
+mod fate;
 mod inject;
 mod seccomp;
 pub use seccomp::PTRACE_O_SUSPEND_SECCOMP;
