@@ -51,7 +51,14 @@ pub fn ferry_cgroups_of(pids: &[i32]) -> Vec<PathBuf> {
 /// and the image directory `image` (which must be absent or empty).
 pub fn residue(pids: &[i32], image: Option<&Path>) -> Vec<String> {
     let mut left = Vec::new();
-    for &pid in pids {
+    let mut pids = pids.to_vec();
+    pids.sort_unstable();
+    pids.dedup();
+    for &pid in &pids {
+        // A zombie still names the (removed) cgroup it died in: only the living count.
+        if !crate::workload::pid_alive(pid) {
+            continue;
+        }
         // ferry's scratch area: anonymous, writable and executable, of its size
         // (framework/src/kernel/tracer/inject.rs).
         let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
@@ -68,7 +75,7 @@ pub fn residue(pids: &[i32], image: Option<&Path>) -> Vec<String> {
             left.push(format!("process {pid} in ferry's cgroup {l}"));
         }
     }
-    for c in ferry_cgroups_of(pids) {
+    for c in ferry_cgroups_of(&pids) {
         left.push(format!("ferry's cgroup {}", c.display()));
     }
     if let Some(dir) = image {

@@ -21,20 +21,6 @@ fn cgroup_v2_of(pid: i32) -> String {
     text.lines().find_map(|l| l.strip_prefix("0::")).unwrap_or("").to_string()
 }
 
-/// ferry's cgroups of process `pid` (named `ferry-…<pid>-…`) left anywhere.
-fn ferry_cgroups_of(pid: i32) -> Vec<String> {
-    let mut found = Vec::new();
-    for root in ["/sys/fs/cgroup", "/sys/fs/cgroup/freezer", "/sys/fs/cgroup/cpu"] {
-        for e in std::fs::read_dir(root).into_iter().flatten().flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if name.starts_with("ferry-") && name.contains(&format!("{pid}-")) {
-                found.push(format!("{root}/{name}"));
-            }
-        }
-    }
-    found
-}
-
 /// Checkpoints `w` with ferry killed (SIGKILL) at its `n`-th injected system call.
 fn checkpoint_killed_at(w: &Workload, dir: &Path, n: u32, quiesce: &str) {
     let o = Command::new(ferry_bin())
@@ -63,8 +49,9 @@ fn a_process_survives_ferry_killed_in_the_middle_of_any_injected_call() {
             let at = *w.ticks().last().unwrap();
             w.wait_ticks(at + 3);
             assert!(pid_alive(w.pid), "{quiesce}, injection {n}: the process died");
-            // … back in its own cgroup, ferry's gone (the guardian's work) …
-            ferry_tests::wait_until("ferry's cgroup to go", Duration::from_secs(20), || ferry_cgroups_of(w.pid).is_empty());
+            // … back in its own cgroup, ferry's gone (the guardian's work), no scratch
+            // area or partial image left (the janitor's) …
+            ferry_tests::assert_no_residue(&[w.pid], Some(&tmp.path().join("img")));
             assert_eq!(cgroup_v2_of(w.pid), home, "{quiesce}, injection {n}: not back in its cgroup");
             // … and everything it checks of itself intact.
             let pid = w.pid;
@@ -118,44 +105,11 @@ fn a_source_survives_its_migration_client_killed_in_the_middle_of_any_injected_c
             // The destination rolls back: no copy of it runs anywhere.
             let log = w.log.display().to_string();
             ferry_tests::wait_until("the destination's copy to go", Duration::from_secs(30), || others_naming(&log, w.pid).is_empty());
+            ferry_tests::assert_no_residue(&[w.pid], None);
             let pid = w.pid;
             w.terminate_and_check(pid).unwrap_or_else(|e| panic!("{strategy}, injection {n}: {e}"));
         }
     }
-}
-
-/// What of ferry's is left around process `pid` and image directory `dir`, scoped to
-/// them (other tests run beside this one).
-fn residue(pid: i32, dir: &Path) -> Vec<String> {
-    let mut left = Vec::new();
-    // ferry's scratch area: 1 MiB, anonymous, writable and executable
-    // (kernel/tracer/inject.rs).
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
-    for line in maps.lines().filter(|l| l.contains(" rwxp 00000000 00:00 0")) {
-        let range = line.split(' ').next().unwrap();
-        let (s, e) = range.split_once('-').unwrap();
-        if u64::from_str_radix(e, 16).unwrap() - u64::from_str_radix(s, 16).unwrap() == ferry::kernel::tracer::SCRATCH_SIZE {
-            left.push(format!("a scratch area at {range}"));
-        }
-    }
-    let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
-    if cgroup.contains("ferry-") {
-        left.push(format!("in ferry's cgroup: {}", cgroup.trim()));
-    }
-    // ferry-<pid>-<ferry's pid>, ferry-throttle-<pid>-…, in any hierarchy.
-    for root in ["/sys/fs/cgroup", "/sys/fs/cgroup/freezer", "/sys/fs/cgroup/cpu", "/sys/fs/cgroup/unified"] {
-        for e in std::fs::read_dir(root).into_iter().flatten().flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if name.starts_with("ferry-") && name.contains(&format!("-{pid}-")) {
-                left.push(format!("cgroup {root}/{name}"));
-            }
-        }
-    }
-    if dir.exists() {
-        let files: Vec<_> = std::fs::read_dir(dir).unwrap().flatten().map(|e| e.file_name()).collect();
-        left.push(format!("the image directory {} with {files:?}", dir.display()));
-    }
-    left
 }
 
 #[test]
@@ -179,15 +133,8 @@ fn a_checkpoint_killed_midway_leaves_no_scratch_area_no_cgroup_and_no_image() {
         assert!(stderr(&o).contains("injected fault at checkpoint-mid"), "{quiesce}: {}", stderr(&o));
         let pid = w.pid;
         // The janitor is at work as ferry's output ends; a deadline all the same.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let left = loop {
-            let left = residue(pid, &dir);
-            if left.is_empty() || Instant::now() > deadline {
-                break left;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        };
-        assert!(left.is_empty(), "{quiesce}: left behind: {left:?}; ferry said: {}", stderr(&o));
+        ferry_tests::assert_no_residue(&[pid], Some(&dir));
+        assert!(!dir.exists(), "{quiesce}: the image directory ferry made is left");
         // The process carries on, untouched.
         assert!(pid_alive(pid), "{quiesce}");
         let at = *w.ticks().last().unwrap();
@@ -290,6 +237,9 @@ fn carries_on_alone(mut w: Workload, survivor: i32, source_runs: bool, what: &st
         assert!(!pid_alive(source), "{what}");
     }
     w.adopt(survivor);
+    // Nothing of ferry's in either: no scratch area, no cgroup (the janitor and the
+    // guardian at work, if ferry died holding the process).
+    ferry_tests::assert_no_residue(&[source, survivor], None);
     let at = *w.ticks().last().unwrap();
     w.wait_ticks(at + 3);
     let copies = others_naming(&w.log.display().to_string(), 0);
@@ -408,4 +358,120 @@ fn a_restore_whose_restart_hangs_is_ended_by_the_watchdog_and_its_copy_removed()
     let at = *w.ticks().last().unwrap();
     w.wait_ticks(at + 3);
     w.terminate_and_check(new).unwrap();
+}
+
+#[test]
+fn a_migration_client_killed_mid_rounds_leaves_no_scratch_area_in_the_source() {
+    if !needs_root(ROOT) {
+        return;
+    }
+    // Before, only a checkpoint had a janitor: a migrating ferry killed during the
+    // pre-copy rounds left its 1 MiB rwx scratch area in the source for good.
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("ferry.json");
+    std::fs::write(&config, r#"{"tuning": {"pre_copy": {"max_rounds": 60}}}"#).unwrap();
+    for how in ["fault point", "kill from outside"] {
+        let daemon = Daemon::start(None);
+        let mut w = Workload::spawn(&WorkloadOpts { threads: 2, files: false, mem_mib: 16, dirty_pages: 256, tick_ms: 1, ..Default::default() });
+        w.wait_ready();
+        w.wait_ticks(2);
+        let mut cmd = Command::new(ferry_bin());
+        cmd.arg("--config").arg(&config).args(["migrate", &w.pid.to_string(), "--to", &daemon.addr, "--strategy", "pre-copy"]);
+        cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+        if how == "fault point" {
+            cmd.env("FERRY_FAULT", "precopy-round@2");
+        }
+        let mut ferry = cmd.spawn().unwrap();
+        if how == "kill from outside" {
+            // The rounds run once the scratch area is in and the process runs again.
+            let pid = w.pid;
+            ferry_tests::wait_until("the rounds to start", Duration::from_secs(30), || {
+                ferry_tests::residue::residue(&[pid], None).iter().any(|l| l.contains("scratch"))
+                    && std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default().contains("TracerPid:\t0\n")
+            });
+            // SAFETY: killing the ferry this test started, by its pid.
+            unsafe { libc::kill(ferry.id() as i32, libc::SIGKILL) };
+        }
+        let status = ferry.wait().unwrap();
+        assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(libc::SIGKILL), "{how}");
+        let pid = w.pid;
+        ferry_tests::assert_no_residue(&[pid], None);
+        let log = w.log.display().to_string();
+        ferry_tests::wait_until("the destination's copy to go", Duration::from_secs(30), || others_naming(&log, pid).is_empty());
+        let at = *w.ticks().last().unwrap();
+        w.wait_ticks(at + 3);
+        w.terminate_and_check(pid).unwrap_or_else(|e| panic!("{how}: {e}"));
+    }
+}
+
+#[test]
+fn a_ferry_killed_while_it_probes_a_cgroup_freezer_leaves_no_cgroup() {
+    if !needs_root(ROOT) {
+        return;
+    }
+    // `ferry check` (and the daemon at start) makes `ferry-check-<its pid>` to probe
+    // each freezer: killed there, it left the cgroup for good.
+    for n in [1, 2] {
+        let o = Command::new(ferry_bin()).arg("check").env("FERRY_FAULT", format!("probe-cgroup@{n}")).spawn().unwrap();
+        let pid = o.id();
+        let o = o.wait_with_output().unwrap();
+        assert_eq!(std::os::unix::process::ExitStatusExt::signal(&o.status), Some(libc::SIGKILL), "probe {n}");
+        let name = format!("ferry-check-{pid}");
+        ferry_tests::wait_until(&format!("{name} to go"), Duration::from_secs(20), || {
+            ferry_tests::residue::cgroup_roots().iter().all(|r| !r.join(&name).exists())
+        });
+    }
+}
+
+/// A pid that no process has (one that just exited and was reaped).
+fn dead_pid() -> i32 {
+    let mut c = Command::new("true").spawn().unwrap();
+    let pid = c.id() as i32;
+    c.wait().unwrap();
+    pid
+}
+
+#[test]
+fn check_and_the_daemon_remove_stale_ferry_cgroups_and_nothing_else() {
+    if !needs_root(ROOT) {
+        return;
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    let root = std::path::PathBuf::from(
+        mounts.lines().find(|l| l.split(' ').nth(2) == Some("cgroup2")).and_then(|l| l.split(' ').nth(1)).expect("a cgroup2 hierarchy"),
+    );
+    let me = std::process::id() as i32;
+    let (dead, dead2) = (dead_pid(), dead_pid());
+    let daemon = Daemon::start(None);
+    let daemon_pid = daemon.child.id() as i32;
+    let stale = [format!("ferry-{me}-{dead}"), format!("ferry-check-{dead}"), format!("ferry-throttle-{me}-{me}")];
+    // A live ferry's, a name not ferry's, and a stale one that still holds a process.
+    let kept = [format!("ferry-{me}-{daemon_pid}"), format!("ferry-notes-{dead}"), format!("ferry-{me}-{dead2}")];
+    for n in stale.iter().chain(&kept) {
+        std::fs::create_dir(root.join(n)).unwrap();
+    }
+    let mut sleeper = Command::new("sleep").arg("600").spawn().unwrap();
+    std::fs::write(root.join(&kept[2]).join("cgroup.procs"), sleeper.id().to_string()).unwrap();
+    let o = Command::new(ferry_bin()).arg("check").output().unwrap();
+    let gone: Vec<bool> = stale.iter().chain(&kept).map(|n| !root.join(n).exists()).collect();
+    // Cleaned up before anything is asserted.
+    std::fs::write(root.join("cgroup.procs"), sleeper.id().to_string()).unwrap();
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+    for n in &kept {
+        let _ = std::fs::remove_dir(root.join(n));
+    }
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(gone, [true, true, true, false, false, false], "{}", stderr(&o));
+    for n in &stale {
+        assert!(stderr(&o).contains(&format!("removed the stale cgroup {}", root.join(n).display())), "{}", stderr(&o));
+    }
+    assert!(stderr(&o).contains(&format!("{} (its ferry, pid {dead2}, is gone)", root.join(&kept[2]).display())), "{}", stderr(&o));
+    // The daemon does the same as it starts.
+    std::fs::create_dir(root.join(&stale[0])).unwrap();
+    let second = Daemon::start(None);
+    let removed = !root.join(&stale[0]).exists();
+    let _ = std::fs::remove_dir(root.join(&stale[0]));
+    drop(second);
+    assert!(removed, "the daemon left {}", stale[0]);
 }

@@ -1,8 +1,9 @@
-//! The janitor of a checkpoint: `ferry janitor`, a process of its own that outlives a
-//! ferry killed in the middle of one (SIGKILL, the OOM killer, `FERRY_FAULT`) and puts
+//! The janitor of a checkpoint, and of the source of a migration: `ferry janitor`, a
+//! process of its own that outlives a ferry killed in the middle of one (SIGKILL, the
+//! OOM killer, `FERRY_FAULT`) and puts
 //! back what the guardian (kernel/guardian.rs, which takes the process home from
 //! ferry's cgroup) cannot with raw system calls alone: it removes ferry's scratch area
-//! from the process (a ptrace injection) and the partial image. ferry tells it what
+//! from the process (a ptrace injection) and a checkpoint's partial image. ferry tells it what
 //! there is to undo, a line at a time, on its standard input; `done` dismisses it, and
 //! the end of the pipe without `done` means ferry died (or gave up without cleaning up).
 
@@ -63,6 +64,12 @@ impl Janitor {
         drop(self.pipe.take());
         let _ = self.child.wait();
     }
+
+    /// The event failed and ferry undid what it could: the janitor makes sure (what it
+    /// was told of is gone) on its own, without ferry waiting for it.
+    pub fn check(mut self) {
+        drop(self.pipe.take());
+    }
 }
 
 /// What the janitor was told to undo.
@@ -105,6 +112,10 @@ pub fn run() -> Result<(), String> {
             return Ok(());
         }
     }
+    // Never for ever: it holds ferry's stderr, which whoever ran ferry may read to its
+    // end. SIGALRM ends it after a minute, whatever it waits for.
+    // SAFETY: alarm has no preconditions.
+    unsafe { libc::alarm(60) };
     // Silent when all goes well: ferry said what happened, if it could.
     let mut failed = Vec::new();
     if let Some((pid, addr)) = undo.scratch {
@@ -126,8 +137,20 @@ pub fn run() -> Result<(), String> {
     if failed.is_empty() {
         Ok(())
     } else {
-        Err(format!("janitor of a checkpoint whose ferry is gone: {}", failed.join("; ")))
+        Err(format!("janitor of an event whose ferry is gone: {}", failed.join("; ")))
     }
+}
+
+/// Whether process `pid` (whose /proc status is `status`) is on its way out: exiting,
+/// a zombie, or with a SIGKILL pending.
+fn dying(pid: i32, status: &str) -> bool {
+    const PF_EXITING: u64 = 0x4;
+    const SIGKILL_BIT: u64 = 1 << (libc::SIGKILL - 1);
+    let Some(fields) = crate::kernel::target::stat_fields(pid) else { return true };
+    let state = fields.first().map(String::as_str).unwrap_or("X");
+    let flags: u64 = fields.get(6).and_then(|f| f.parse().ok()).unwrap_or(0);
+    let pending = |key| ferry_plugin_api::util::proc_field(status, key).and_then(|v| u64::from_str_radix(v, 16).ok()).unwrap_or(0);
+    matches!(state, "Z" | "X") || flags & PF_EXITING != 0 || (pending("ShdPnd") | pending("SigPnd")) & SIGKILL_BIT != 0
 }
 
 /// Unmaps ferry's scratch area at `addr` from `pid`, once the dead ferry's tracing has
@@ -137,6 +160,11 @@ fn remove_scratch(pid: i32, addr: u64) -> Result<bool, String> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let Some(s) = status(pid) else { return Ok(false) };
+        if dying(pid, &s) {
+            // Killed with its ferry (a migrated source that had committed): nothing to
+            // put back, and a dying process would never report the seize's stop.
+            return Ok(false);
+        }
         let tracer = s.lines().find_map(|l| l.strip_prefix("TracerPid:")).map(str::trim);
         if tracer == Some("0") {
             break;
