@@ -209,12 +209,14 @@ fn migrate_killed(w: &Workload, strategy: &str, extra: &[&str], kill: Kill) -> i
             assert_eq!(stderr(&o).lines().count(), 1, "{what}: {}", stderr(&o));
         }
     }
-    // Every copy of it names the workload's own log: exactly one must be left.
+    // Every copy of it names the workload's own log: exactly one must be left, let go
+    // (a copy the destination still holds is traced, and dies with the daemon).
     let log = w.log.display().to_string();
+    let untraced = |pid: i32| std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| s.contains("TracerPid:\t0\n"));
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let copies = others_naming(&log, 0);
-        if copies.len() == 1 {
+        if copies.len() == 1 && untraced(copies[0]) {
             return copies[0];
         }
         if Instant::now() > deadline {

@@ -68,6 +68,7 @@ impl Janitor {
     /// The event failed and ferry undid what it could: the janitor makes sure (what it
     /// was told of is gone) on its own, without ferry waiting for it.
     pub fn check(mut self) {
+        self.tell("check".into());
         drop(self.pipe.take());
     }
 }
@@ -77,6 +78,8 @@ impl Janitor {
 struct Undo {
     image: Option<(PathBuf, bool)>,
     scratch: Option<(i32, u64)>,
+    /// ferry is alive and undid what it could, every call it injected finished.
+    checked: bool,
 }
 
 impl Undo {
@@ -85,6 +88,7 @@ impl Undo {
         let (word, rest) = line.split_once(' ').unwrap_or((line, ""));
         match word {
             "done" => return true,
+            "check" => self.checked = true,
             "image" => {
                 if let Some((created, dir)) = rest.split_once(' ') {
                     self.image = Some((PathBuf::from(dir), created == "1"));
@@ -119,7 +123,7 @@ pub fn run() -> Result<(), String> {
     // Silent when all goes well: ferry said what happened, if it could.
     let mut failed = Vec::new();
     if let Some((pid, addr)) = undo.scratch {
-        match remove_scratch(pid, addr) {
+        match remove_scratch(pid, addr, undo.checked) {
             Ok(_) => {}
             Err(e) => failed.push(format!("ferry's scratch area at {addr:#x} is left in process {pid}: {e}")),
         }
@@ -155,7 +159,7 @@ fn dying(pid: i32, status: &str) -> bool {
 
 /// Unmaps ferry's scratch area at `addr` from `pid`, once the dead ferry's tracing has
 /// ended; `false` when there is nothing (left) to remove.
-fn remove_scratch(pid: i32, addr: u64) -> Result<bool, String> {
+fn remove_scratch(pid: i32, addr: u64, checked: bool) -> Result<bool, String> {
     let status = |pid: i32| std::fs::read_to_string(format!("/proc/{pid}/status")).ok();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -179,7 +183,11 @@ fn remove_scratch(pid: i32, addr: u64) -> Result<bool, String> {
     let ours = |pid: i32| {
         std::fs::read_to_string(format!("/proc/{pid}/maps")).is_ok_and(|m| m.lines().any(|l| l.starts_with(&head)))
     };
-    if !ours(pid) {
+    // A ferry that died in the middle of an injected call let the thread go into it:
+    // the call (the very mmap that makes the area, say) completes only as the thread
+    // runs on, perhaps after this look. The seize below stops each thread past any call
+    // in flight; only a ferry alive that undid what it could spares it.
+    if checked && !ours(pid) {
         return Ok(false);
     }
     // A thread the dead ferry let go in the middle of an injected call runs the
@@ -224,6 +232,9 @@ mod tests {
         assert!(!u.take("nonsense"));
         assert_eq!(u.image, Some((PathBuf::from("/tmp/an image"), true)));
         assert_eq!(u.scratch, Some((42, 140737488289792)));
+        assert!(!u.checked);
+        assert!(!u.take("check"));
+        assert!(u.checked);
         assert!(u.take("done"));
     }
 }
