@@ -7,15 +7,26 @@
 //! after answering a few page requests of the resumed process), `post-copy-dest-mid`
 //! (the destination, once the resumed process has had some of its pages), `inject`
 //! (while a system call ferry injected from its scratch area runs in the target; the
-//! target must survive ferry's death there). `<point>@<n>` dies at the n-th time the point is reached.
+//! target must survive ferry's death there), `precopy-round` (the source, after each
+//! pre-copy round, hybrid's one included), `frozen` (the source of a migration, once the
+//! process is quiesced, before the plan), `commit-sent` (the source, after it sent the
+//! commit, before the destination's `released`), `commit-received` (the destination,
+//! after the commit, before it lets its copy run), `restore-restart` (a local restore,
+//! before the rebuilt process is let go). `<point>@<n>` dies at the n-th time the point
+//! is reached. `hang:<point>[@<n>]` stops there for good instead (a step that never
+//! returns, for the watchdog to end).
 
 /// Dies here if the environment asks for a fault at `point`.
 pub fn point(point: &str) {
     static REACHED: std::sync::Mutex<Vec<(String, u64)>> = std::sync::Mutex::new(Vec::new());
     let Ok(spec) = std::env::var("FERRY_FAULT") else { return };
+    let (hang, spec) = match spec.strip_prefix("hang:") {
+        Some(rest) => (true, rest),
+        None => (false, spec.as_str()),
+    };
     let (name, nth) = match spec.split_once('@') {
         Some((name, n)) => (name, n.parse::<u64>().unwrap_or(1)),
-        None => (spec.as_str(), 1),
+        None => (spec, 1),
     };
     if name != point {
         return;
@@ -31,6 +42,12 @@ pub fn point(point: &str) {
             1
         }
     };
+    if count == nth && hang {
+        drop(reached);
+        loop {
+            std::thread::park();
+        }
+    }
     if count == nth {
         eprintln!("ferry: injected fault at {point}");
         // SAFETY: raising SIGKILL on ourselves has no preconditions.

@@ -428,6 +428,15 @@ fn run(cli: Cli) -> Outcome {
         Command::Show { dir, json } => show(&cli, dir, *json),
         Command::Plugins { command } => plugins(&cli, command),
         Command::Check { json } => {
+            // Empty cgroups left by a ferry killed before it could remove them: said on
+            // stderr, the report on stdout stays as it is.
+            let (removed, left) = ferry::kernel::freezer::remove_stale();
+            for c in removed {
+                eprintln!("ferry: removed the stale cgroup {} (its ferry is gone)", c.display());
+            }
+            for l in left {
+                eprintln!("ferry: a stale cgroup of ferry's still holds a process: {l}");
+            }
             let features = probes::probe_all();
             if *json {
                 outln!("{}", serde_json::to_string_pretty(&features)?);

@@ -47,18 +47,10 @@ impl Rng {
     }
 }
 
-/// What of ferry's is left in process `pid`: its scratch area or one of its cgroups.
+/// What of ferry's is left in process `pid`, if anything (see `ferry_tests::residue`).
 fn residue(pid: i32) -> Option<String> {
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
-    let scratch = maps.lines().filter(|l| l.contains(" rwxp 00000000 00:00 0")).find(|l| {
-        let (s, e) = l.split(' ').next().unwrap().split_once('-').unwrap();
-        u64::from_str_radix(e, 16).unwrap() - u64::from_str_radix(s, 16).unwrap() == ferry::kernel::tracer::SCRATCH_SIZE
-    });
-    if let Some(line) = scratch {
-        return Some(format!("ferry's scratch area is left in {pid}: {line}"));
-    }
-    let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
-    cgroup.contains("ferry-").then(|| format!("{pid} is left in ferry's cgroup: {}", cgroup.trim()))
+    let left = ferry_tests::residue::residue(&[pid], None);
+    (!left.is_empty()).then(|| left.join("; "))
 }
 
 /// The command for one attempt on `w`.

@@ -4,7 +4,9 @@
 
 pub mod bench;
 pub mod inject;
+pub mod residue;
 pub mod workload;
+pub use residue::assert_no_residue;
 use std::{
     os::fd::AsRawFd,
     path::{Path, PathBuf},

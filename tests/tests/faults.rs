@@ -11,7 +11,7 @@ use std::{
 
 use ferry_tests::{
     ferry_bin, needs_root, stderr,
-    workload::{pid_alive, Workload, WorkloadOpts},
+    workload::{pid_alive, processes_mentioning, Workload, WorkloadOpts},
 };
 
 const ROOT: &str = "killing ferry in the middle of a checkpoint or migration (ptrace, cgroups)";
@@ -19,20 +19,6 @@ const ROOT: &str = "killing ferry in the middle of a checkpoint or migration (pt
 fn cgroup_v2_of(pid: i32) -> String {
     let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
     text.lines().find_map(|l| l.strip_prefix("0::")).unwrap_or("").to_string()
-}
-
-/// ferry's cgroups of process `pid` (named `ferry-…<pid>-…`) left anywhere.
-fn ferry_cgroups_of(pid: i32) -> Vec<String> {
-    let mut found = Vec::new();
-    for root in ["/sys/fs/cgroup", "/sys/fs/cgroup/freezer", "/sys/fs/cgroup/cpu"] {
-        for e in std::fs::read_dir(root).into_iter().flatten().flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if name.starts_with("ferry-") && name.contains(&format!("{pid}-")) {
-                found.push(format!("{root}/{name}"));
-            }
-        }
-    }
-    found
 }
 
 /// Checkpoints `w` with ferry killed (SIGKILL) at its `n`-th injected system call.
@@ -63,8 +49,9 @@ fn a_process_survives_ferry_killed_in_the_middle_of_any_injected_call() {
             let at = *w.ticks().last().unwrap();
             w.wait_ticks(at + 3);
             assert!(pid_alive(w.pid), "{quiesce}, injection {n}: the process died");
-            // … back in its own cgroup, ferry's gone (the guardian's work) …
-            ferry_tests::wait_until("ferry's cgroup to go", Duration::from_secs(20), || ferry_cgroups_of(w.pid).is_empty());
+            // … back in its own cgroup, ferry's gone (the guardian's work), no scratch
+            // area or partial image left (the janitor's) …
+            ferry_tests::assert_no_residue(&[w.pid], Some(&tmp.path().join("img")));
             assert_eq!(cgroup_v2_of(w.pid), home, "{quiesce}, injection {n}: not back in its cgroup");
             // … and everything it checks of itself intact.
             let pid = w.pid;
@@ -102,44 +89,11 @@ fn a_source_survives_its_migration_client_killed_in_the_middle_of_any_injected_c
             w.wait_ticks(at + 3);
             // The destination rolls back: no copy of it runs anywhere.
             ferry_tests::wait_until("the destination's copy to go", Duration::from_secs(30), || w.copies_other_than(w.pid).is_empty());
+            ferry_tests::assert_no_residue(&[w.pid], None);
             let pid = w.pid;
             w.terminate_and_check(pid).unwrap_or_else(|e| panic!("{strategy}, injection {n}: {e}"));
         }
     }
-}
-
-/// What of ferry's is left around process `pid` and image directory `dir`, scoped to
-/// them (other tests run beside this one).
-fn residue(pid: i32, dir: &Path) -> Vec<String> {
-    let mut left = Vec::new();
-    // ferry's scratch area: 1 MiB, anonymous, writable and executable
-    // (kernel/tracer/inject.rs).
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
-    for line in maps.lines().filter(|l| l.contains(" rwxp 00000000 00:00 0")) {
-        let range = line.split(' ').next().unwrap();
-        let (s, e) = range.split_once('-').unwrap();
-        if u64::from_str_radix(e, 16).unwrap() - u64::from_str_radix(s, 16).unwrap() == ferry::kernel::tracer::SCRATCH_SIZE {
-            left.push(format!("a scratch area at {range}"));
-        }
-    }
-    let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
-    if cgroup.contains("ferry-") {
-        left.push(format!("in ferry's cgroup: {}", cgroup.trim()));
-    }
-    // ferry-<pid>-<ferry's pid>, ferry-throttle-<pid>-…, in any hierarchy.
-    for root in ["/sys/fs/cgroup", "/sys/fs/cgroup/freezer", "/sys/fs/cgroup/cpu", "/sys/fs/cgroup/unified"] {
-        for e in std::fs::read_dir(root).into_iter().flatten().flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if name.starts_with("ferry-") && name.contains(&format!("-{pid}-")) {
-                left.push(format!("cgroup {root}/{name}"));
-            }
-        }
-    }
-    if dir.exists() {
-        let files: Vec<_> = std::fs::read_dir(dir).unwrap().flatten().map(|e| e.file_name()).collect();
-        left.push(format!("the image directory {} with {files:?}", dir.display()));
-    }
-    left
 }
 
 #[test]
@@ -163,19 +117,347 @@ fn a_checkpoint_killed_midway_leaves_no_scratch_area_no_cgroup_and_no_image() {
         assert!(stderr(&o).contains("injected fault at checkpoint-mid"), "{quiesce}: {}", stderr(&o));
         let pid = w.pid;
         // The janitor is at work as ferry's output ends; a deadline all the same.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let left = loop {
-            let left = residue(pid, &dir);
-            if left.is_empty() || Instant::now() > deadline {
-                break left;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        };
-        assert!(left.is_empty(), "{quiesce}: left behind: {left:?}; ferry said: {}", stderr(&o));
+        ferry_tests::assert_no_residue(&[pid], Some(&dir));
+        assert!(!dir.exists(), "{quiesce}: the image directory ferry made is left");
         // The process carries on, untouched.
         assert!(pid_alive(pid), "{quiesce}");
         let at = *w.ticks().last().unwrap();
         w.wait_ticks(at + 3);
         w.terminate_and_check(pid).unwrap_or_else(|e| panic!("{quiesce}: {e}"));
     }
+}
+
+/// A `ferry daemon` on loopback, killed by pid when dropped; with `fault`, it dies by
+/// SIGKILL at that fault point.
+struct Daemon {
+    child: std::process::Child,
+    addr: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    fn start(fault: Option<&str>) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let addr = format!("127.0.0.1:{}", free_port());
+        let control = dir.path().join("control.sock");
+        let mut cmd = Command::new(ferry_bin());
+        cmd.args(["daemon", "--listen", &addr, "--control"]).arg(&control);
+        if let Some(f) = fault {
+            cmd.env("FERRY_FAULT", f);
+        }
+        let log = std::fs::File::create(dir.path().join("daemon.log")).unwrap();
+        let child = cmd.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(log).spawn().unwrap();
+        ferry_tests::wait_until("the daemon's control socket", Duration::from_secs(30), || {
+            ferry::commands::control::daemon_running(&control)
+        });
+        Daemon { child, addr, _dir: dir }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Which side of a migration dies, and where.
+#[derive(Clone, Copy, Debug)]
+enum Kill {
+    Source(&'static str),
+    Destination(&'static str),
+}
+
+/// Migrates `w` to a fresh daemon with `strategy` and `extra` arguments, one side
+/// killed (SIGKILL) at a fault point; waits until exactly one copy of the process runs
+/// and answers its pid.
+fn migrate_killed(w: &Workload, strategy: &str, extra: &[&str], kill: Kill) -> i32 {
+    let daemon = Daemon::start(match kill {
+        Kill::Destination(p) => Some(p),
+        Kill::Source(_) => None,
+    });
+    let mut cmd = Command::new(ferry_bin());
+    cmd.args(["migrate", &w.pid.to_string(), "--to", &daemon.addr, "--strategy", strategy]).args(extra);
+    if let Kill::Source(p) = kill {
+        cmd.env("FERRY_FAULT", p);
+    }
+    let o = cmd.output().unwrap();
+    let what = format!("{strategy} {extra:?}, {kill:?}");
+    match kill {
+        Kill::Source(p) => {
+            assert_eq!(std::os::unix::process::ExitStatusExt::signal(&o.status), Some(libc::SIGKILL), "{what}: {}", stderr(&o));
+            assert!(stderr(&o).contains(&format!("injected fault at {}", p.split('@').next().unwrap())), "{what}: {}", stderr(&o));
+        }
+        Kill::Destination(_) => {
+            assert_eq!(o.status.code(), Some(1), "{what}: {}", stderr(&o));
+            assert_eq!(stderr(&o).lines().count(), 1, "{what}: {}", stderr(&o));
+        }
+    }
+    // Every copy of it names the workload's own log: exactly one must be left, let go
+    // (a copy the destination still holds is traced, and dies with the daemon).
+    let log = w.log.display().to_string();
+    let untraced = |pid: i32| std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| s.contains("TracerPid:\t0\n"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let copies = processes_mentioning(&log);
+        if copies.len() == 1 && untraced(copies[0]) {
+            return copies[0];
+        }
+        if Instant::now() > deadline {
+            // Not left running for the next test to meet.
+            copies.iter().for_each(|&p| ferry_tests::workload::kill_pid(p));
+            panic!("{what}: {} copies of the process run after 30 s: {copies:?}", copies.len());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Asserts that `survivor` is the copy `kill` should leave, that it carries on and
+/// passes its self-check, and that ferry left nothing behind.
+fn carries_on_alone(mut w: Workload, survivor: i32, source_runs: bool, what: &str) {
+    let source = w.pid;
+    if source_runs {
+        assert_eq!(survivor, source, "{what}: the source was to carry on, copy {survivor} runs instead");
+    } else {
+        assert_ne!(survivor, source, "{what}: the copy was to run on the destination");
+        assert!(!pid_alive(source), "{what}");
+    }
+    w.adopt(survivor);
+    // Nothing of ferry's in either: no scratch area, no cgroup (the janitor and the
+    // guardian at work, if ferry died holding the process).
+    ferry_tests::assert_no_residue(&[source, survivor], None);
+    let at = *w.ticks().last().unwrap();
+    w.wait_ticks(at + 3);
+    let copies = w.copies_other_than(0);
+    assert_eq!(copies, vec![survivor], "{what}: exactly one copy runs");
+    w.terminate_and_check(survivor).unwrap_or_else(|e| panic!("{what}: {e}"));
+}
+
+#[test]
+fn a_migration_killed_between_commit_and_released_leaves_exactly_one_copy() {
+    if !needs_root(ROOT) {
+        return;
+    }
+    // The source killed once it sent the commit: the copy over there runs, so the
+    // source must die with its ferry (before, both ran); with post-copy the copy needs
+    // the source's ferry for its memory, so it is the copy that goes. The destination
+    // killed once it read the commit: its copy was never let go, the source carries on.
+    for strategy in ["stop-copy", "pre-copy", "post-copy", "hybrid"] {
+        let lazy = strategy == "post-copy" || strategy == "hybrid";
+        for kill in [Kill::Source("commit-sent"), Kill::Destination("commit-received")] {
+            let w = Workload::spawn(&WorkloadOpts { threads: 1, files: false, mem_mib: 4, dirty_pages: 4, tick_ms: 5, ..Default::default() });
+            w.wait_ready();
+            w.wait_ticks(2);
+            let survivor = migrate_killed(&w, strategy, &[], kill);
+            let source_runs = lazy || matches!(kill, Kill::Destination(_));
+            carries_on_alone(w, survivor, source_runs, &format!("{strategy}, {kill:?}"));
+        }
+    }
+}
+
+#[test]
+fn a_hybrid_migration_killed_at_any_phase_leaves_the_source_running() {
+    if !needs_root(ROOT) {
+        return;
+    }
+    // Before the commit nothing ran over there; after it, the copy dies without its
+    // memory: either way the source carries on from where it was.
+    let kills = [
+        Kill::Source("precopy-round@1"),
+        Kill::Source("inject@3"),
+        Kill::Source("frozen"),
+        Kill::Source("post-copy-mid"),
+        Kill::Destination("after-handshake"),
+        Kill::Destination("mid-pages"),
+        Kill::Destination("before-commit"),
+        Kill::Destination("post-copy-dest-mid"),
+    ];
+    for kill in kills {
+        let w = Workload::spawn(&WorkloadOpts { threads: 1, files: false, mem_mib: 8, dirty_pages: 4, tick_ms: 5, ..Default::default() });
+        w.wait_ready();
+        w.wait_ticks(2);
+        let survivor = migrate_killed(&w, "hybrid", &[], kill);
+        carries_on_alone(w, survivor, true, &format!("hybrid, {kill:?}"));
+    }
+}
+
+#[test]
+fn a_migration_quiesced_by_the_freezer_killed_at_any_phase_leaves_one_copy() {
+    if !needs_root(ROOT) {
+        return;
+    }
+    let kills = [
+        (Kill::Source("frozen"), true),
+        (Kill::Source("inject@3"), true),
+        (Kill::Source("commit-sent"), false),
+        (Kill::Destination("before-commit"), true),
+        (Kill::Destination("commit-received"), true),
+    ];
+    for strategy in ["stop-copy", "pre-copy"] {
+        for (kill, source_runs) in kills {
+            let w = Workload::spawn(&WorkloadOpts { threads: 2, files: false, mem_mib: 4, dirty_pages: 4, tick_ms: 5, ..Default::default() });
+            w.wait_ready();
+            w.wait_ticks(2);
+            let survivor = migrate_killed(&w, strategy, &["--quiesce", "freezer"], kill);
+            carries_on_alone(w, survivor, source_runs, &format!("{strategy} --quiesce freezer, {kill:?}"));
+        }
+    }
+}
+
+#[test]
+fn a_restore_whose_restart_hangs_is_ended_by_the_watchdog_and_its_copy_removed() {
+    if !needs_root(ROOT) {
+        return;
+    }
+    let mut w = Workload::spawn(&WorkloadOpts { threads: 2, mem_mib: 4, ..Default::default() });
+    w.wait_ready();
+    w.wait_ticks(2);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("img");
+    let config = tmp.path().join("ferry.json");
+    std::fs::write(&config, r#"{"watchdog_ms": 500}"#).unwrap();
+    let o = Command::new(ferry_bin()).args(["checkpoint", &w.pid.to_string(), "--dir", dir.to_str().unwrap()]).output().unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+    w.reap();
+    let restore = |fault: Option<&str>| {
+        let mut cmd = Command::new(ferry_bin());
+        cmd.arg("--config").arg(&config).args(["restore", "--dir", dir.to_str().unwrap(), "--json"]);
+        if let Some(f) = fault {
+            cmd.env("FERRY_FAULT", f);
+        }
+        cmd.output().unwrap()
+    };
+    // Rebuilt, then stuck for good before it is let go.
+    let o = restore(Some("hang:restore-restart"));
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("watchdog") && err.contains("the half-built process is removed"), "{err}");
+    let log = w.log.display().to_string();
+    ferry_tests::wait_until("no copy of the process left", Duration::from_secs(30), || processes_mentioning(&log).is_empty());
+    // The image is untouched: restored again, the process carries on.
+    let o = restore(None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let stats: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let new = stats["pids"].as_object().unwrap().values().next().unwrap().as_i64().unwrap() as i32;
+    w.adopt(new);
+    let at = *w.ticks().last().unwrap();
+    w.wait_ticks(at + 3);
+    w.terminate_and_check(new).unwrap();
+}
+
+#[test]
+fn a_migration_client_killed_mid_rounds_leaves_no_scratch_area_in_the_source() {
+    if !needs_root(ROOT) {
+        return;
+    }
+    // Before, only a checkpoint had a janitor: a migrating ferry killed during the
+    // pre-copy rounds left its 1 MiB rwx scratch area in the source for good.
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("ferry.json");
+    std::fs::write(&config, r#"{"tuning": {"pre_copy": {"max_rounds": 60}}}"#).unwrap();
+    for how in ["fault point", "kill from outside"] {
+        let daemon = Daemon::start(None);
+        let mut w = Workload::spawn(&WorkloadOpts { threads: 2, files: false, mem_mib: 16, dirty_pages: 256, tick_ms: 1, ..Default::default() });
+        w.wait_ready();
+        w.wait_ticks(2);
+        let mut cmd = Command::new(ferry_bin());
+        cmd.arg("--config").arg(&config).args(["migrate", &w.pid.to_string(), "--to", &daemon.addr, "--strategy", "pre-copy"]);
+        cmd.stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+        if how == "fault point" {
+            cmd.env("FERRY_FAULT", "precopy-round@2");
+        }
+        let mut ferry = cmd.spawn().unwrap();
+        if how == "kill from outside" {
+            // The rounds run once the scratch area is in and the process runs again.
+            let pid = w.pid;
+            ferry_tests::wait_until("the rounds to start", Duration::from_secs(30), || {
+                ferry_tests::residue::residue(&[pid], None).iter().any(|l| l.contains("scratch"))
+                    && std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default().contains("TracerPid:\t0\n")
+            });
+            // SAFETY: killing the ferry this test started, by its pid.
+            unsafe { libc::kill(ferry.id() as i32, libc::SIGKILL) };
+        }
+        let status = ferry.wait().unwrap();
+        assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(libc::SIGKILL), "{how}");
+        let pid = w.pid;
+        ferry_tests::assert_no_residue(&[pid], None);
+        let log = w.log.display().to_string();
+        ferry_tests::wait_until("the destination's copy to go", Duration::from_secs(30), || processes_mentioning(&log).into_iter().filter(|&p| p != pid).collect::<Vec<_>>().is_empty());
+        let at = *w.ticks().last().unwrap();
+        w.wait_ticks(at + 3);
+        w.terminate_and_check(pid).unwrap_or_else(|e| panic!("{how}: {e}"));
+    }
+}
+
+#[test]
+fn a_ferry_killed_while_it_probes_a_cgroup_freezer_leaves_no_cgroup() {
+    if !needs_root(ROOT) {
+        return;
+    }
+    // `ferry check` (and the daemon at start) makes `ferry-check-<its pid>` to probe
+    // each freezer: killed there, it left the cgroup for good.
+    for n in [1, 2] {
+        let o = Command::new(ferry_bin()).arg("check").env("FERRY_FAULT", format!("probe-cgroup@{n}")).spawn().unwrap();
+        let pid = o.id();
+        let o = o.wait_with_output().unwrap();
+        assert_eq!(std::os::unix::process::ExitStatusExt::signal(&o.status), Some(libc::SIGKILL), "probe {n}");
+        let name = format!("ferry-check-{pid}");
+        ferry_tests::wait_until(&format!("{name} to go"), Duration::from_secs(20), || {
+            ferry_tests::residue::cgroup_roots().iter().all(|r| !r.join(&name).exists())
+        });
+    }
+}
+
+/// A pid that no process has (one that just exited and was reaped).
+fn dead_pid() -> i32 {
+    let mut c = Command::new("true").spawn().unwrap();
+    let pid = c.id() as i32;
+    c.wait().unwrap();
+    pid
+}
+
+#[test]
+fn check_and_the_daemon_remove_stale_ferry_cgroups_and_nothing_else() {
+    if !needs_root(ROOT) {
+        return;
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    let root = std::path::PathBuf::from(
+        mounts.lines().find(|l| l.split(' ').nth(2) == Some("cgroup2")).and_then(|l| l.split(' ').nth(1)).expect("a cgroup2 hierarchy"),
+    );
+    let me = std::process::id() as i32;
+    let (dead, dead2) = (dead_pid(), dead_pid());
+    let daemon = Daemon::start(None);
+    let daemon_pid = daemon.child.id() as i32;
+    let stale = [format!("ferry-{me}-{dead}"), format!("ferry-check-{dead}"), format!("ferry-throttle-{me}-{me}")];
+    // A live ferry's, a name not ferry's, and a stale one that still holds a process.
+    let kept = [format!("ferry-{me}-{daemon_pid}"), format!("ferry-notes-{dead}"), format!("ferry-{me}-{dead2}")];
+    for n in stale.iter().chain(&kept) {
+        std::fs::create_dir(root.join(n)).unwrap();
+    }
+    let mut sleeper = Command::new("sleep").arg("600").spawn().unwrap();
+    std::fs::write(root.join(&kept[2]).join("cgroup.procs"), sleeper.id().to_string()).unwrap();
+    let o = Command::new(ferry_bin()).arg("check").output().unwrap();
+    let gone: Vec<bool> = stale.iter().chain(&kept).map(|n| !root.join(n).exists()).collect();
+    // Cleaned up before anything is asserted.
+    std::fs::write(root.join("cgroup.procs"), sleeper.id().to_string()).unwrap();
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+    for n in &kept {
+        let _ = std::fs::remove_dir(root.join(n));
+    }
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(gone, [true, true, true, false, false, false], "{}", stderr(&o));
+    for n in &stale {
+        assert!(stderr(&o).contains(&format!("removed the stale cgroup {}", root.join(n).display())), "{}", stderr(&o));
+    }
+    assert!(stderr(&o).contains(&format!("{} (its ferry, pid {dead2}, is gone)", root.join(&kept[2]).display())), "{}", stderr(&o));
+    // The daemon does the same as it starts.
+    std::fs::create_dir(root.join(&stale[0])).unwrap();
+    let second = Daemon::start(None);
+    let removed = !root.join(&stale[0]).exists();
+    let _ = std::fs::remove_dir(root.join(&stale[0]));
+    drop(second);
+    assert!(removed, "the daemon left {}", stale[0]);
 }

@@ -352,6 +352,7 @@ fn a_daemon_killed_at_each_phase_leaves_the_source_running_and_nothing_behind() 
         wait_until("only the source to mention its log", Duration::from_secs(30), || {
             processes_mentioning(&log) == vec![w.pid]
         });
+        ferry_tests::assert_no_residue(&[w.pid], None);
         still_fine(&mut w);
     }
 }
@@ -551,14 +552,11 @@ fn precopy_of_a_process_outrunning_the_link_shrinks_only_when_throttled() {
     let rounds: Vec<u64> = stats["round_bytes"].as_array().unwrap().iter().map(|b| b.as_u64().unwrap()).collect();
     let least = rounds[1..].iter().min().copied().unwrap_or(u64::MAX);
     assert!(least < 8 << 20, "a throttled round sends under a quarter of the 32 MiB rewritten: {stats}");
+    // ferry's throttle cgroup went with the event: of this test's processes only
+    // (other tests throttle theirs meanwhile).
+    let left = ferry_tests::residue::ferry_cgroups_of(&[old, mid, new]);
+    assert!(left.is_empty(), "{left:?}");
     carries_on(&mut w, mid, new, 3);
-    // ferry's throttle cgroup went with the event.
-    for root in ["/sys/fs/cgroup/cpu", "/sys/fs/cgroup/unified", "/sys/fs/cgroup"] {
-        let left: Vec<String> = std::fs::read_dir(root)
-            .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with("ferry-throttle-")).collect())
-            .unwrap_or_default();
-        assert!(left.is_empty(), "{root}: {left:?}");
-    }
 }
 
 /// `ferry migrate --strategy post-copy|hybrid` to `daemon`: the stats, checked against
@@ -646,7 +644,9 @@ fn a_connection_cut_during_postcopy_kills_the_destination_copy_and_the_source_ca
         .and_then(|p| p.parse().ok())
         .unwrap_or_else(|| panic!("no pid in {log}"));
     wait_until("the destination's copy to be gone", Duration::from_secs(30), || !pid_alive(new));
-    // The source, let go when its tracer died, carries on from the freeze.
+    // The source, let go when its tracer died, carries on from the freeze, without
+    // ferry's scratch area (the janitor's work).
+    ferry_tests::assert_no_residue(&[old, new], None);
     still_fine(&mut w);
 }
 
@@ -664,6 +664,7 @@ fn a_destination_dying_during_postcopy_takes_its_copy_along_and_the_source_carri
     // The resumed copy was traced by the daemon: it died with it, never ran on
     // without its memory.
     wait_until("no copy of the process left", Duration::from_secs(30), || w.copies_other_than(old).is_empty());
+    ferry_tests::assert_no_residue(&[old], None);
     still_fine(&mut w);
 }
 
@@ -714,11 +715,8 @@ fn a_precopy_that_fails_mid_round_leaves_the_source_untracked_unthrottled_and_ru
     w.wait_ticks(3);
     let o = migrate(None, w.pid, &daemon.addr, &["--strategy", "pre-copy"]);
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
-    let cgroups = std::fs::read_to_string(format!("/proc/{}/cgroup", w.pid)).unwrap();
-    assert!(!cgroups.contains("ferry-"), "back in its own cgroups: {cgroups}");
-    let maps = std::fs::read_to_string(format!("/proc/{}/maps", w.pid)).unwrap();
-    // No scratch area of ferry's (the only writable and executable mapping it makes).
-    assert!(!maps.lines().any(|l| l.contains(" rwxp ")), "{maps}");
+    // Back in its own cgroups, no throttle cgroup for it, no scratch area of ferry's.
+    ferry_tests::assert_no_residue(&[w.pid], None);
     let fds: Vec<String> = std::fs::read_dir(format!("/proc/{}/fd", w.pid))
         .unwrap()
         .flatten()

@@ -43,6 +43,8 @@ fn fails_naming_the_watchdog(o: &std::process::Output) {
 
 fn carries_on(w: &mut Workload) {
     assert!(pid_alive(w.pid));
+    // No scratch area, no cgroup of ferry's left with it.
+    ferry_tests::assert_no_residue(&[w.pid], None);
     let at = *w.ticks().last().unwrap();
     w.wait_ticks(at + 3);
     let pid = w.pid;

@@ -150,9 +150,14 @@ fn checkpoint_one(manager: &Manager, req: &CheckpointRequest, progress: &mut dyn
         }
         std::process::exit(1);
     });
-    // Mapped here (write_image finds it mapped) so that the janitor knows where.
-    let outcome = tracer.map_scratch(0).map_err(EventError::from).and_then(|addr| {
-        if let Some(j) = janitor.as_mut() {
+    // Mapped here (write_image finds it mapped) so that the janitor knows where, told
+    // before the call that maps it (ferry may die in that very call).
+    let at = tracer.scratch_address();
+    if let (Some(j), true) = (janitor.as_mut(), at != 0) {
+        j.scratch(req.pid, at);
+    }
+    let outcome = tracer.map_scratch(at).map_err(EventError::from).and_then(|addr| {
+        if let (Some(j), true) = (janitor.as_mut(), addr != at) {
             j.scratch(req.pid, addr);
         }
         write_image(&mut tracer, &mut subs, &mut medium, &req.medium, &watchdog, None, false, progress)

@@ -82,6 +82,15 @@ pub fn run(opts: &DaemonOptions) -> Result<(), DaemonError> {
         None => None,
     };
 
+    // What a ferry killed before it could clean up left: empty cgroups of ferry's
+    // whose ferry is gone (never one another program made, nor a live ferry's).
+    let (removed, left) = crate::kernel::freezer::remove_stale();
+    for c in removed {
+        log(&format!("removed the stale cgroup {} (its ferry is gone)", c.display()));
+    }
+    for l in left {
+        log(&format!("a stale cgroup of ferry's still holds a process: {l}"));
+    }
     let manager = Manager::new();
     let found = manager.discover(&opts.plugin_dir)?;
     let registered = found.iter().filter(|f| f.meta.is_some()).count();

@@ -20,6 +20,7 @@ use ferry_plugin_api::{MediumBox, MemRange, PluginKind};
 use serde::Serialize;
 
 use crate::{
+    commands::janitor::Janitor,
     kernel::target,
     config::{Quiesce, Strategy},
     engine::dump::{process_entry, quiesce, write_image, Live, Sent},
@@ -121,8 +122,16 @@ fn unexpected<T: std::fmt::Debug>(answer: Result<T, String>) -> String {
 
 /// Announces the process and the plugins' streams ahead of the streams, so the
 /// destination starts rebuilding while they arrive.
-fn send_plan(medium: &mut MediumBox, tracer: &mut Tracer, subs: &[Loaded], req: &MigrateRequest) -> Result<u64, EventError> {
-    let scratch = tracer.map_scratch(0)?;
+fn send_plan(medium: &mut MediumBox, tracer: &mut Tracer, subs: &[Loaded], req: &MigrateRequest, janitor: &mut Option<Janitor>) -> Result<u64, EventError> {
+    // The janitor learns where before the call that maps it (ferry may die in it).
+    let at = tracer.scratch_address();
+    if let (Some(j), true) = (janitor.as_mut(), at != 0) {
+        j.scratch(req.pid, at);
+    }
+    let scratch = tracer.map_scratch(at)?;
+    if let (Some(j), true) = (janitor.as_mut(), scratch != at) {
+        j.scratch(req.pid, scratch);
+    }
     let plan = Plan {
         process: process_entry(tracer, scratch),
         plugins: subs
@@ -157,10 +166,11 @@ fn precopy_phase(
     medium: MediumBox,
     throttle: &mut Option<Throttle>,
     progress: &mut dyn FnMut(&Tick),
+    janitor: &mut Option<Janitor>,
 ) -> Result<(MediumBox, Live, u64, Outcome), (EventError, Option<MediumBox>)> {
     let (mut tracer, _) = quiesce(req.pid, Quiesce::Ptrace).map_err(|e| (e, None))?;
     let mut medium = medium;
-    let started = send_plan(&mut medium, &mut tracer, subs, req).and_then(|scratch| {
+    let started = send_plan(&mut medium, &mut tracer, subs, req, janitor).and_then(|scratch| {
         let tracker = DirtyTracker::start(&mut tracer, &[], tuning.tracking).map_err(|e| failed(format!("dirty-page tracking: {e}")))?;
         Ok((scratch, tracker))
     });
@@ -210,7 +220,30 @@ fn precopy_phase(
     }
 }
 /// Moves process `req.pid` to the daemon at `req.to`.
+///
+/// Should this ferry die from the first touch of the process on (SIGKILL: no
+/// destructor runs), a janitor removes its scratch area from the source once the
+/// kernel let it go (kernel/guardian.rs takes it home from ferry's cgroups). It is
+/// dismissed when the migration succeeded; after a failure it checks the area is gone.
 pub fn migrate(manager: &Manager, req: &MigrateRequest, progress: &mut dyn FnMut(&Tick)) -> Result<MigrateStats, EventError> {
+    let mut janitor = None;
+    let result = migrate_with(manager, req, progress, &mut janitor);
+    if let Some(j) = janitor {
+        if result.is_ok() {
+            j.dismiss();
+        } else {
+            j.check();
+        }
+    }
+    result
+}
+
+fn migrate_with(
+    manager: &Manager,
+    req: &MigrateRequest,
+    progress: &mut dyn FnMut(&Tick),
+    janitor: &mut Option<Janitor>,
+) -> Result<MigrateStats, EventError> {
     let started = Instant::now();
     // "127.0.0.1" or "host": no port (an IPv6 address needs brackets to take one).
     if !req.to.rsplit_once(':').is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok()) {
@@ -274,6 +307,7 @@ pub fn migrate(manager: &Manager, req: &MigrateRequest, progress: &mut dyn FnMut
 
     crate::trace::mark("destination ready");
     // Nothing was touched until here.
+    *janitor = Janitor::start();
     let mut throttle = None;
     let (medium, mut live, ran) = match precopy.as_ref() {
         None => (medium, None, Outcome::default()),
@@ -283,7 +317,7 @@ pub fn migrate(manager: &Manager, req: &MigrateRequest, progress: &mut dyn FnMut
                 throttle = Throttle::new(req.pid).ok();
             }
             let tuning = &rounds::Tuning { tracking: tracking.unwrap_or(tuning.tracking), ..*tuning };
-            match precopy_phase(req, tuning, &mut subs, medium, &mut throttle, progress) {
+            match precopy_phase(req, tuning, &mut subs, medium, &mut throttle, progress, janitor) {
                 Ok((medium, live, scratch, outcome)) => (medium, Some((live, scratch)), outcome),
                 Err((e, medium)) => {
                     if let Some(mut m) = medium {
@@ -306,6 +340,7 @@ pub fn migrate(manager: &Manager, req: &MigrateRequest, progress: &mut dyn FnMut
         }
     };
     crate::trace::mark("source frozen");
+    crate::fault::point("frozen");
     let mut medium = medium;
     // A child forked since the first look (during the rounds, say): seen now that
     // nothing can fork; the source goes back to running as it was.
@@ -325,7 +360,7 @@ pub fn migrate(manager: &Manager, req: &MigrateRequest, progress: &mut dyn FnMut
             tracer.set_scratch(Some(scratch));
             Ok(scratch)
         }
-        None => send_plan(&mut medium, &mut tracer, &subs, req),
+        None => send_plan(&mut medium, &mut tracer, &subs, req, janitor),
     };
     let mut live = live.take().map(|(l, _)| l);
     if let Err(e) = announced {
@@ -374,7 +409,19 @@ pub fn migrate(manager: &Manager, req: &MigrateRequest, progress: &mut dyn FnMut
             // leave two copies to sort out, but never none.
             let medium = medium.as_mut().ok_or_else(|| failed("no medium"))?;
             crate::trace::mark("rebuilt: commit");
-            let released = send_verdict(medium, &Verdict::Commit).and_then(|_| verdict_serving(medium, req.pid, req.timeout));
+            // Should this ferry die from the commit on, the copy over there runs: the
+            // source must not run on here too (the kernel kills it). Not with post-copy,
+            // whose copy cannot go on without this ferry: it is the source that carries
+            // on then, and the copy is killed.
+            if !lazy {
+                if let Err(e) = tracer.die_with_ferry() {
+                    let _ = send_verdict(medium, &Verdict::Abort { reason: e.to_string() });
+                    let_go(tracer, live);
+                    drop(freezer);
+                    return Err(e.into());
+                }
+            }
+            let released = send_verdict(medium, &Verdict::Commit).map(|_| crate::fault::point("commit-sent")).and_then(|_| verdict_serving(medium, req.pid, req.timeout));
             // Downtime ends here: the process runs on the destination.
             let frozen_ms = event::ms(frozen_at);
             crate::trace::mark("released");

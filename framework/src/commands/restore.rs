@@ -123,6 +123,7 @@ pub fn restore(manager: &Manager, req: &RestoreRequest, progress: &mut dyn FnMut
         held.abort();
         return Err(EventError::ImageDir { path: req.dir.display().to_string(), message: "it leaves memory to post-copy, which only a migration carries".into() });
     }
+    crate::fault::point("restore-restart");
     held.release()
 }
 

@@ -255,7 +255,11 @@ pub fn serve(
         return end(record, "rolled back", e);
     }
     crate::trace::mark("rebuilt sent");
-    match recv_verdict(&mut medium, timeout) {
+    let verdict = recv_verdict(&mut medium, timeout);
+    if matches!(verdict, Ok(Verdict::Commit)) {
+        crate::fault::point("commit-received");
+    }
+    match verdict {
         Ok(Verdict::Commit) if pager.is_some() => {
             lazy_commit(held, pager.take().expect("checked"), &mut medium, timeout, record, end)
         }

@@ -63,10 +63,8 @@ fn os(what: &str) -> impl FnOnce(std::io::Error) -> String + '_ {
 /// The backend `wanted` names, or with `auto` the best this kernel has (as `ferry
 /// check` probes it).
 pub fn resolve(wanted: DirtyTracking) -> Result<DirtyTracking, String> {
-    let has = |name: &str| {
-        let features = crate::kernel::probes::probe_all();
-        crate::kernel::probes::find(&features, name).is_some_and(|f| f.present)
-    };
+    let features = crate::kernel::probes::probe_dirty_tracking();
+    let has = |name: &str| crate::kernel::probes::find(&features, name).is_some_and(|f| f.present);
     match wanted {
         DirtyTracking::Auto if has("userfaultfd-wp-async") => Ok(DirtyTracking::Userfaultfd),
         DirtyTracking::Auto if has("soft-dirty") => Ok(DirtyTracking::SoftDirty),

@@ -42,8 +42,8 @@ impl Placement {
     pub fn enter(pid: i32, root: &Path, rel: &str, what: &str) -> Result<Placement, FreezeError> {
         let home = root.join(rel.trim_start_matches('/'));
         let ours = root.join(format!("ferry-{what}{pid}-{}", std::process::id()));
-        std::fs::create_dir(&ours).map_err(|e| FreezeError(format!("creating {}: {e}", ours.display())))?;
-        // Thawed (whichever freezer), moved home, the cgroup removed.
+        // Thawed (whichever freezer), moved home, the cgroup removed. The guardian
+        // starts before the directory exists: no instant leaves it behind.
         let undo = Undo {
             writes: vec![
                 (ours.join("cgroup.freeze"), "0".into()),
@@ -53,6 +53,7 @@ impl Placement {
             remove: ours.clone(),
         };
         let guardian = Guardian::start(&undo).ok();
+        std::fs::create_dir(&ours).map_err(|e| FreezeError(format!("creating {}: {e}", ours.display())))?;
         let p = Placement { pid, ours, home, _guardian: guardian };
         write(&p.ours.join("cgroup.procs"), &pid.to_string())?;
         Ok(p)
@@ -183,5 +184,69 @@ impl Drop for Freezer {
     fn drop(&mut self) {
         // Thawed first; the placement then takes the process home.
         let _ = self.thaw();
+    }
+}
+
+/// The ferry process a cgroup's name says made it — `ferry-<pid>-<ferry>` (the freezer),
+/// `ferry-throttle-<pid>-<ferry>` (auto-converge), `ferry-check-<ferry>` (a probe) —
+/// or `None` for any other name: never one of ferry's.
+fn maker_of(name: &str) -> Option<i32> {
+    let number = |s: &str| (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())).then(|| s.parse::<i32>().ok()).flatten();
+    if let Some(rest) = name.strip_prefix("ferry-check-") {
+        return number(rest);
+    }
+    let rest = name.strip_prefix("ferry-throttle-").or_else(|| name.strip_prefix("ferry-"))?;
+    let (pid, by) = rest.split_once('-')?;
+    number(pid)?;
+    number(by)
+}
+
+/// Whether `pid` is a running ferry process (its program is called `ferry`).
+fn is_ferry(pid: i32) -> bool {
+    std::fs::read_link(format!("/proc/{pid}/exe"))
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .is_some_and(|n| n == "ferry" || n.starts_with("ferry "))
+}
+
+/// Removes the empty cgroups ferry left in any hierarchy when it died before it could
+/// (killed while it made one, say): only those whose name says a ferry process made
+/// them and that process is no longer a ferry one. A cgroup still holding a process is
+/// left (rmdir refuses it) and reported. Answers (removed, left with the reason).
+pub fn remove_stale() -> (Vec<PathBuf>, Vec<String>) {
+    let (mut removed, mut left) = (Vec::new(), Vec::new());
+    let roots: Vec<PathBuf> = mounts()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|m| m.fstype == "cgroup" || m.fstype == "cgroup2")
+        .map(|m| m.point)
+        .collect();
+    for root in roots {
+        for e in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(maker) = maker_of(&name) else { continue };
+            if !e.file_type().is_ok_and(|t| t.is_dir()) || maker as u32 == std::process::id() || is_ferry(maker) {
+                continue;
+            }
+            match std::fs::remove_dir(e.path()) {
+                Ok(()) => removed.push(e.path()),
+                Err(err) => left.push(format!("{} (its ferry, pid {maker}, is gone): {err}", e.path().display())),
+            }
+        }
+    }
+    (removed, left)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn knows_ferrys_cgroup_names_and_who_made_them() {
+        use super::maker_of;
+        assert_eq!(maker_of("ferry-12-34"), Some(34));
+        assert_eq!(maker_of("ferry-throttle-12-34"), Some(34));
+        assert_eq!(maker_of("ferry-check-34"), Some(34));
+        for other in ["ferry-a-34", "ferry-12-", "ferry-12-3x", "ferry-check-", "ferry-34", "ferrya-12-34", "user.slice", "ferry-throttle-x-1"] {
+            assert_eq!(maker_of(other), None, "{other}");
+        }
     }
 }

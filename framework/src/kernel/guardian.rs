@@ -2,8 +2,10 @@
 //! memory when ferry dies before it could (killed, out of memory): a process moved
 //! into a cgroup of ferry's (to freeze or to throttle it) goes back to its own, thawed,
 //! and ferry's cgroup goes. The guardian is a forked child in a session of its own,
-//! holding nothing of ferry's but one end of a pipe: when the other end closes without
-//! a word — ferry is gone — it acts; told "done", it leaves quietly.
+//! holding nothing of ferry's but one end of a pipe and a pidfd of ferry: when ferry
+//! exits (the pidfd, which a child ferry forks without exec — a probe's, holding the
+//! pipe's other end open — cannot hide) or the pipe closes without a word, it acts;
+//! told "done", it leaves quietly.
 
 use std::{ffi::CString, os::unix::ffi::OsStrExt, path::Path};
 
@@ -37,6 +39,8 @@ impl Guardian {
             return Err(std::io::Error::last_os_error());
         }
         let (read_end, write_end) = (fds[0], fds[1]);
+        // SAFETY: pidfd_open of our own pid; -1 (then the pipe alone tells) on failure.
+        let ferry = unsafe { libc::syscall(libc::SYS_pidfd_open, libc::getpid(), 0) } as libc::c_int;
         // SAFETY: the child makes only raw system calls and leaves by _exit.
         let pid = unsafe { libc::fork() };
         if pid < 0 {
@@ -45,15 +49,23 @@ impl Guardian {
             unsafe {
                 libc::close(read_end);
                 libc::close(write_end);
+                if ferry >= 0 {
+                    libc::close(ferry);
+                }
             }
             return Err(e);
         }
         if pid == 0 {
             // SAFETY: raw system calls on memory made before the fork.
-            unsafe { guard(read_end, &writes, &remove) }
+            unsafe { guard(read_end, ferry, &writes, &remove) }
         }
-        // SAFETY: the child's end, ours to close.
-        unsafe { libc::close(read_end) };
+        // SAFETY: the child's end and pidfd, ours to close.
+        unsafe {
+            libc::close(read_end);
+            if ferry >= 0 {
+                libc::close(ferry);
+            }
+        }
         Ok(Guardian { pid, fd: write_end })
     }
 
@@ -77,17 +89,39 @@ impl Drop for Guardian {
 ///
 /// # Safety
 /// Runs in a forked child of a multithreaded process: raw system calls only.
-unsafe fn guard(read_end: libc::c_int, writes: &[(CString, Vec<u8>)], remove: &CString) -> ! {
+unsafe fn guard(read_end: libc::c_int, ferry: libc::c_int, writes: &[(CString, Vec<u8>)], remove: &CString) -> ! {
     // Its own session: a signal to ferry's process group does not reach it. Nothing of
     // ferry's held open (a connection kept alive would hide ferry's death from its peer).
     libc::setsid();
-    libc::syscall(libc::SYS_close_range, 0, read_end as u32 - 1, 0);
-    libc::syscall(libc::SYS_close_range, read_end as u32 + 1, u32::MAX, 0);
+    let (low, high) = (read_end.min(ferry.max(read_end)), read_end.max(ferry));
+    libc::syscall(libc::SYS_close_range, 0, low as u32 - 1, 0);
+    if high > low {
+        libc::syscall(libc::SYS_close_range, low as u32 + 1, high as u32 - 1, 0);
+    }
+    libc::syscall(libc::SYS_close_range, high as u32 + 1, u32::MAX, 0);
+    let mut fds = [
+        libc::pollfd { fd: read_end, events: libc::POLLIN, revents: 0 },
+        libc::pollfd { fd: ferry, events: libc::POLLIN, revents: 0 },
+    ];
     let mut byte = 0u8;
     let n = loop {
-        let n = libc::read(read_end, (&mut byte as *mut u8).cast(), 1);
-        if n >= 0 || *libc::__errno_location() != libc::EINTR {
+        // A pidfd turns readable when ferry has exited; a negative fd is ignored.
+        let r = libc::poll(fds.as_mut_ptr(), 2, -1);
+        if r < 0 {
+            if *libc::__errno_location() == libc::EINTR {
+                continue;
+            }
+            break 0;
+        }
+        if fds[0].revents != 0 {
+            let n = libc::read(read_end, (&mut byte as *mut u8).cast(), 1);
+            if n < 0 && *libc::__errno_location() == libc::EINTR {
+                continue;
+            }
             break n;
+        }
+        if fds[1].revents != 0 {
+            break 0;
         }
     };
     if n == 0 {

@@ -116,6 +116,7 @@ pub fn run(
         await_synced(medium, &carried, round, timeout)?;
         let ms = event::ms(began);
         out.rounds.push(Round { bytes, ms });
+        crate::fault::point("precopy-round");
         sent_total += bytes;
         time_total += ms;
         if round == 0 {

@@ -40,6 +40,9 @@ pub(super) struct ScratchCgroup {
     /// (file, value) written on drop to thaw.
     thaw: (&'static str, &'static str),
     child: Option<Child>,
+    /// Thaws and removes it should ferry die in the middle of the probe (none if it
+    /// could not be started).
+    _guardian: Option<crate::kernel::guardian::Guardian>,
 }
 
 impl ScratchCgroup {
@@ -50,11 +53,18 @@ impl ScratchCgroup {
             // Left over from an earlier process with our pid; remove it if it is empty.
             let _ = std::fs::remove_dir(&dir);
         }
+        // Started before the directory exists: ferry killed at any instant from here
+        // leaves nothing (before, a `ferry check`, or a migration probing, killed
+        // here left an empty `ferry-check-<pid>` for good).
+        let undo = crate::kernel::guardian::Undo { writes: vec![(dir.join(thaw.0), thaw.1.into())], remove: dir.clone() };
+        let guardian = crate::kernel::guardian::Guardian::start(&undo).ok();
         std::fs::create_dir(&dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
+        crate::fault::point("probe-cgroup");
         Ok(ScratchCgroup {
             dir,
             thaw,
             child: None,
+            _guardian: guardian,
         })
     }
 

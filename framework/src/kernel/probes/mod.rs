@@ -141,6 +141,16 @@ pub fn probe_all() -> Vec<Feature> {
     out
 }
 
+/// Only the probes that choose a dirty-page tracker (`auto`): no scratch cgroup, no
+/// child, none of the other probes' cost in every pre-copy.
+pub fn probe_dirty_tracking() -> Vec<Feature> {
+    let _guard = PROBE_LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    vec![
+        feature("userfaultfd-wp-async", Some(FALLBACK_PAGE_HASH), run(probe_userfaultfd_wp_async)),
+        feature("soft-dirty", Some(FALLBACK_SOFT_DIRTY), run(probe_soft_dirty)),
+    ]
+}
+
 /// One aligned line per feature: name, `present`/`missing`, detail, and the fallback if missing.
 pub fn render_text(features: &[Feature]) -> String {
     let width = features

@@ -128,6 +128,30 @@ impl Tracer {
         self.scratch.map(|a| (a + PAGE, SCRATCH_SIZE - 2 * PAGE))
     }
 
+    /// An address where the scratch area fits in the stopped target, as the kernel would
+    /// choose it (just below its lowest mapping in the top-down mmap area), known before
+    /// the area is mapped: a janitor told it first can remove the area even if ferry
+    /// dies in the very call that maps it. 0 when there is none (the kernel chooses).
+    pub fn scratch_address(&self) -> u64 {
+        const MMAP_AREA: u64 = 0x1000_0000_0000;
+        let maps = std::fs::read_to_string(format!("/proc/{}/maps", self.pid)).unwrap_or_default();
+        let ranges: Vec<(u64, u64)> = maps
+            .lines()
+            .filter_map(|l| {
+                let (s, e) = l.split(' ').next()?.split_once('-')?;
+                Some((u64::from_str_radix(s, 16).ok()?, u64::from_str_radix(e, 16).ok()?))
+            })
+            .collect();
+        let Some(lowest) = ranges.iter().map(|r| r.0).filter(|&s| s >= MMAP_AREA).min() else { return 0 };
+        let addr = lowest.saturating_sub(SCRATCH_SIZE) & !(PAGE - 1);
+        let free = addr >= MMAP_AREA && ranges.iter().all(|&(s, e)| e <= addr || s >= addr + SCRATCH_SIZE);
+        if free {
+            addr
+        } else {
+            0
+        }
+    }
+
     /// Maps our scratch area in the target, borrowing three bytes of an executable
     /// mapping for the one injection that creates it (put back at once).
     pub fn map_scratch(&mut self, hint: u64) -> Result<u64, TraceError> {
