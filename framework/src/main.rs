@@ -281,6 +281,14 @@ impl Command {
     }
 }
 
+/// Why a restored process could not have its pid `old` back: who holds it now.
+fn why_not_same_pid(old: &str) -> String {
+    match std::fs::read_to_string(format!("/proc/{old}/comm")) {
+        Ok(comm) => format!("pid {old} is held by another process ({})", comm.trim()),
+        Err(_) => format!("pid {old} was taken when the restore began (it is free now)"),
+    }
+}
+
 /// A failure as `--json` prints it on standard output.
 fn failure_json(error: &str, kind: &str, pid: Option<i32>) -> String {
     serde_json::json!({"error": error, "kind": kind, "pid": pid}).to_string()
@@ -419,8 +427,11 @@ fn run(cli: Cli) -> Outcome {
             if *json {
                 outln!("{}", serde_json::to_string(&stats)?);
             } else {
-                for new in stats.pids.values() {
+                for (old, new) in &stats.pids {
                     outln!("{new}");
+                    if old != &new.to_string() {
+                        eprintln!("ferry: process {old} is back as {new}: {}", why_not_same_pid(old));
+                    }
                 }
             }
             Ok(())

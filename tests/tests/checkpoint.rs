@@ -376,6 +376,16 @@ fn a_copy_restores_at_once_beside_the_original_left_running() {
     assert!(pid_alive(w.pid) && pid_alive(copy), "both run");
     ferry_tests::workload::kill_pid(copy);
     wait_gone(copy);
+    // Without --json: the new pid on stdout, and on stderr why it is not the old one.
+    let o = ferry(&["restore", "--dir", dir.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let copy: i32 = stdout(&o).trim().parse().unwrap();
+    ferry_tests::workload::kill_pid(copy);
+    wait_gone(copy);
+    assert_eq!(
+        stderr(&o).trim(),
+        format!("ferry: process {} is back as {copy}: pid {} is held by another process (ferry-workload)", w.pid, w.pid)
+    );
 }
 
 /// The state letter of `pid` in /proc (`T`: stopped by job control).
