@@ -33,3 +33,9 @@ pub fn mark(phase: impl std::fmt::Display) {
     let who = WHO.get_or_init(|| format!("ferry[{}]", std::process::id()));
     eprintln!("{who} {:>12.3} ms {phase}", ts.tv_sec as f64 * 1e3 + ts.tv_nsec as f64 / 1e6);
 }
+
+/// One line of the daemon's log on stderr: `ferry daemon: <UTC time, RFC 3339> <line>`.
+/// Every part of the daemon (its door, its events, its control socket) logs through it.
+pub fn daemon_log(line: impl std::fmt::Display) {
+    eprintln!("ferry daemon: {} {line}", humantime::format_rfc3339_millis(std::time::SystemTime::now()));
+}

@@ -94,6 +94,14 @@ fn plugins_are_loaded_and_unloaded_in_a_running_daemon() {
     assert!(rows.iter().all(|r| r["status"].as_str().unwrap().starts_with("registered in the daemon at")), "{rows:?}");
     let log = std::fs::read_to_string(dir.path().join("daemon.log")).unwrap();
     assert!(log.contains("unregistered plugin signals"), "{log}");
+    // Every line stamped with the wall clock: `ferry daemon: 2026-12-05T01:02:03.456Z …`.
+    for line in log.lines().filter(|l| l.starts_with("ferry daemon: ")) {
+        let stamp = line["ferry daemon: ".len()..].split(' ').next().unwrap();
+        assert!(
+            stamp.len() == 24 && stamp.ends_with('Z') && stamp.as_bytes()[10] == b'T' && humantime_like(stamp),
+            "no timestamp in {line:?}"
+        );
+    }
     let o = daemon.ctl(&["plugins", "unload", "signals"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("no ferry plugin named signals"), "{}", stderr(&o));
@@ -169,4 +177,16 @@ fn the_configuration_file_says_where_the_daemon_listens_and_without_it_only_the_
     let _daemon = Daemon::start(plain.path());
     let log = std::fs::read_to_string(plain.path().join("daemon.log")).unwrap();
     assert!(!log.contains("listening for migrations"), "no address given, yet: {log}");
+}
+
+/// Whether `s` reads as `YYYY-MM-DDTHH:MM:SS.mmmZ`.
+fn humantime_like(s: &str) -> bool {
+    s.bytes().enumerate().all(|(i, b)| match i {
+        4 | 7 => b == b'-',
+        10 => b == b'T',
+        13 | 16 => b == b':',
+        19 => b == b'.',
+        23 => b == b'Z',
+        _ => b.is_ascii_digit(),
+    })
 }

@@ -186,6 +186,7 @@ fn migrates_the_workload_over_loopback() {
     let event = daemon.counted(&o, (end - start) / 4096);
     assert!(stats.path().join(format!("{}.json", event["token"].as_str().unwrap())).exists(), "{event}");
     assert_eq!(event["new_pid"], new);
+    assert_eq!((event["strategy"].as_str(), event["medium"].as_str()), (Some("stop-copy"), Some("tcp")), "{event}");
     assert_eq!(event["pid"], old);
     assert!(event["bytes"].as_u64().unwrap() > 8 << 20, "{event}");
     carries_on(&mut w, old, new, 3);

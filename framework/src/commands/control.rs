@@ -128,11 +128,11 @@ fn handle(stream: &UnixStream, manager: &Manager) -> Reply {
     // The registry changes on the fly: each change is a line of the daemon's log.
     let outcome = match req {
         Request::Load { path } => manager.register(&path).map(|m| {
-            eprintln!("ferry daemon: registered {} plugin {} {} from {}", m.kind, m.name, m.version, m.path.display());
+            crate::trace::daemon_log(format!("registered {} plugin {} {} from {}", m.kind, m.name, m.version, m.path.display()));
             vec![m]
         }),
         Request::Unload { name, wait_ms } => manager.unregister(&name, Duration::from_millis(wait_ms)).map(|m| {
-            eprintln!("ferry daemon: unregistered plugin {} {}", m.name, m.version);
+            crate::trace::daemon_log(format!("unregistered plugin {} {}", m.name, m.version));
             vec![m]
         }),
         Request::List => Ok(manager.list()),

@@ -180,5 +180,5 @@ fn remove_socket(path: &Path) {
 }
 
 fn log(line: &str) {
-    eprintln!("ferry daemon: {line}");
+    crate::trace::daemon_log(line);
 }

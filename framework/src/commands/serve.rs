@@ -110,6 +110,9 @@ pub struct EventRecord {
     pub source: String,
     /// The pid on the source.
     pub pid: Option<i32>,
+    /// What the source asked for, once it has said (the hello).
+    pub strategy: Option<String>,
+    pub medium: Option<String>,
     /// refused, failed, rolled back, committed.
     pub outcome: &'static str,
     pub detail: String,
@@ -124,7 +127,12 @@ pub struct EventRecord {
 impl EventRecord {
     pub fn line(&self) -> String {
         let who = match (&self.token, self.pid) {
-            (Some(t), Some(p)) => format!("event {t} from {} pid {p}", self.source),
+            (Some(t), Some(p)) => format!(
+                "event {t} from {} pid {p} ({} over {})",
+                self.source,
+                self.strategy.as_deref().unwrap_or("?"),
+                self.medium.as_deref().unwrap_or("?")
+            ),
             _ => format!("from {}", self.source),
         };
         match self.new_pid {
@@ -173,6 +181,8 @@ pub fn serve(
     remember_token(&hello.token);
     record.token = Some(hello.token.clone());
     record.pid = Some(hello.pid);
+    record.strategy = Some(hello.strategy.clone());
+    record.medium = Some(hello.medium.name.clone());
     crate::fault::point("after-handshake");
     let lease = match manager.acquire(PluginKind::Medium, "tcp") {
         Ok(l) => l,
@@ -217,7 +227,7 @@ pub fn serve(
             // SAFETY: killing the restore child this event created.
             unsafe { libc::kill(victim, libc::SIGKILL) };
         }
-        eprintln!("ferry daemon: {}", EventRecord { outcome: "rolled back", detail: why, ..stuck }.line());
+        crate::trace::daemon_log(EventRecord { outcome: "rolled back", detail: why, ..stuck }.line());
     });
     let rebuilt = rebuild::restore_streaming(manager, &mut medium, &plan, Some(child), &watchdog, started, &mut |_| {});
     drop(watchdog);
