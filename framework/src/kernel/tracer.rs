@@ -137,6 +137,8 @@ pub struct Tracer {
     mem: File,
     /// Where injections run: our scratch area once mapped, else a borrowed site.
     scratch: Option<u64>,
+    /// The scratch area being unmapped: never a site to borrow.
+    leaving: Option<u64>,
     /// Set once the threads are let go (or the process killed).
     detached: bool,
     /// Set while the threads run traced (`run_traced`).
@@ -190,6 +192,7 @@ impl Tracer {
             threads: BTreeMap::new(),
             mem,
             scratch: None,
+            leaving: None,
             detached: false,
             running: false,
             held: Vec::new(),

@@ -182,7 +182,10 @@ impl Tracer {
     pub fn unmap_scratch(&mut self) -> Result<(), TraceError> {
         let Some(addr) = self.scratch.take() else { return Ok(()) };
         let pid = self.pid;
-        let r = self.borrowed(|t, site, recovery| t.inject_at(site, pid, libc::SYS_munmap, [addr, SCRATCH_SIZE, 0, 0, 0, 0], recovery))?;
+        self.leaving = Some(addr);
+        let r = self.borrowed(|t, site, recovery| t.inject_at(site, pid, libc::SYS_munmap, [addr, SCRATCH_SIZE, 0, 0, 0, 0], recovery));
+        self.leaving = None;
+        let r = r?;
         if r < 0 {
             return Err(TraceError::Thread { tid: self.pid, message: format!("munmap of the scratch area: errno {}", -r) });
         }
@@ -223,7 +226,11 @@ impl Tracer {
                 perms.starts_with("r-x") || (perms.contains('x') && !name.starts_with('['))
             })
             .filter(|l| !l.contains("[vsyscall]") && !l.contains("[vdso]"))
-            .find_map(|l| Some(Borrowed::Code(range(l)?.0)))
+            // Never the scratch area itself (writable and executable, and it may lie
+            // below the program): the call that unmaps it would take the site along.
+            .filter_map(|l| range(l))
+            .find(|&(start, _)| Some(start) != self.scratch && Some(start) != self.leaving)
+            .map(|(start, _)| Borrowed::Code(start))
             .ok_or(TraceError::Thread { tid: self.pid, message: "no executable mapping to inject from".into() })
     }
 
