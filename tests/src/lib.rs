@@ -3,6 +3,7 @@
 //! a deadline (never sleeping as synchronisation).
 
 pub mod bench;
+pub mod daemon;
 pub mod inject;
 pub mod residue;
 pub mod workload;

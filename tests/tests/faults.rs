@@ -10,6 +10,7 @@ use std::{
 };
 
 use ferry_tests::{
+    daemon::{free_port, Daemon},
     ferry_bin, needs_root, stderr,
     workload::{pid_alive, processes_mentioning, Workload, WorkloadOpts},
 };
@@ -58,10 +59,6 @@ fn a_process_survives_ferry_killed_in_the_middle_of_any_injected_call() {
             w.terminate_and_check(pid).unwrap_or_else(|e| panic!("{quiesce}, injection {n}: {e}"));
         }
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 #[test]
@@ -127,40 +124,6 @@ fn a_checkpoint_killed_midway_leaves_no_scratch_area_no_cgroup_and_no_image() {
     }
 }
 
-/// A `ferry daemon` on loopback, killed by pid when dropped; with `fault`, it dies by
-/// SIGKILL at that fault point.
-struct Daemon {
-    child: std::process::Child,
-    addr: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Daemon {
-    fn start(fault: Option<&str>) -> Daemon {
-        let dir = tempfile::tempdir().unwrap();
-        let addr = format!("127.0.0.1:{}", free_port());
-        let control = dir.path().join("control.sock");
-        let mut cmd = Command::new(ferry_bin());
-        cmd.args(["daemon", "--listen", &addr, "--control"]).arg(&control);
-        if let Some(f) = fault {
-            cmd.env("FERRY_FAULT", f);
-        }
-        let log = std::fs::File::create(dir.path().join("daemon.log")).unwrap();
-        let child = cmd.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(log).spawn().unwrap();
-        ferry_tests::wait_until("the daemon's control socket", Duration::from_secs(30), || {
-            ferry::commands::control::daemon_running(&control)
-        });
-        Daemon { child, addr, _dir: dir }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// Which side of a migration dies, and where.
 #[derive(Clone, Copy, Debug)]
 enum Kill {
@@ -172,7 +135,7 @@ enum Kill {
 /// killed (SIGKILL) at a fault point; waits until exactly one copy of the process runs
 /// and answers its pid.
 fn migrate_killed(w: &Workload, strategy: &str, extra: &[&str], kill: Kill) -> i32 {
-    let daemon = Daemon::start(match kill {
+    let daemon = Daemon::start_with(&[], match kill {
         Kill::Destination(p) => Some(p),
         Kill::Source(_) => None,
     });
@@ -357,7 +320,7 @@ fn a_migration_client_killed_mid_rounds_leaves_no_scratch_area_in_the_source() {
     let config = tmp.path().join("ferry.json");
     std::fs::write(&config, r#"{"tuning": {"pre_copy": {"max_rounds": 60}}}"#).unwrap();
     for how in ["fault point", "kill from outside"] {
-        let daemon = Daemon::start(None);
+        let daemon = Daemon::start();
         let mut w = Workload::spawn(&WorkloadOpts { threads: 2, files: false, mem_mib: 16, dirty_pages: 256, tick_ms: 1, ..Default::default() });
         w.wait_ready();
         w.wait_ticks(2);
@@ -428,8 +391,8 @@ fn check_and_the_daemon_remove_stale_ferry_cgroups_and_nothing_else() {
     );
     let me = std::process::id() as i32;
     let (dead, dead2) = (dead_pid(), dead_pid());
-    let daemon = Daemon::start(None);
-    let daemon_pid = daemon.child.id() as i32;
+    let daemon = Daemon::start();
+    let daemon_pid = daemon.pid();
     let stale = [format!("ferry-{me}-{dead}"), format!("ferry-check-{dead}"), format!("ferry-throttle-{me}-{me}")];
     // A live ferry's, a name not ferry's, and a stale one that still holds a process.
     let kept = [format!("ferry-{me}-{daemon_pid}"), format!("ferry-notes-{dead}"), format!("ferry-{me}-{dead2}")];
@@ -455,7 +418,7 @@ fn check_and_the_daemon_remove_stale_ferry_cgroups_and_nothing_else() {
     assert!(stderr(&o).contains(&format!("{} (its ferry, pid {dead2}, is gone)", root.join(&kept[2]).display())), "{}", stderr(&o));
     // The daemon does the same as it starts.
     std::fs::create_dir(root.join(&stale[0])).unwrap();
-    let second = Daemon::start(None);
+    let second = Daemon::start();
     let removed = !root.join(&stale[0]).exists();
     let _ = std::fs::remove_dir(root.join(&stale[0]));
     drop(second);

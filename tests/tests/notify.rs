@@ -13,6 +13,7 @@ use std::{
 };
 
 use ferry_tests::{
+    daemon::Daemon,
     ferry, ferry_bin, needs_root, stderr, wait_until,
     workload::{kill_pid, pid_alive, Workload, WorkloadOpts, DEADLINE},
 };
@@ -113,44 +114,6 @@ fn inotify_fanotify_and_pidfds_come_back_after_a_restore() {
     assert_eq!(notify_links(new), before);
     w.wait_ticks(at + 3);
     w.terminate_and_check(new).unwrap();
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// A daemon on loopback, killed when dropped.
-struct Daemon {
-    child: Child,
-    addr: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Daemon {
-    fn start() -> Daemon {
-        let dir = tempfile::tempdir().unwrap();
-        let addr = format!("127.0.0.1:{}", free_port());
-        let control = dir.path().join("control.sock");
-        let log = File::create(dir.path().join("daemon.log")).unwrap();
-        let child = Command::new(ferry_bin())
-            .args(["daemon", "--listen", &addr, "--control"])
-            .arg(&control)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let d = Daemon { child, addr, _dir: dir };
-        wait_until("the daemon's control socket", Duration::from_secs(30), || ferry::commands::control::daemon_running(&control));
-        d
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 fn migrate(pid: i32, to: &str, strategy: &str) -> Output {

@@ -9,12 +9,12 @@
 //! inside, with TSYNC working again, before its PASS.
 
 use std::{
-    net::TcpListener,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::Duration,
 };
 
 use ferry_tests::{
+    daemon::Daemon,
     ferry, ferry_bin, needs_root, stderr, wait_until,
     workload::{pid_alive, Workload, WorkloadOpts},
 };
@@ -174,45 +174,6 @@ fn without_suspending_the_filters_ferry_refuses_before_touching_the_process() {
     let o = ferry_under_seccomp(&["restore", "--dir", dir.to_str().unwrap()]);
     fails_with(&o, "the restore child inherited the seccomp filters ferry itself runs under");
     still_fine(&mut w);
-}
-
-/// A daemon for one test, killed when the test ends.
-struct Daemon {
-    child: Child,
-    addr: String,
-    dir: tempfile::TempDir,
-}
-
-impl Daemon {
-    fn start() -> Daemon {
-        let dir = tempfile::tempdir().unwrap();
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let addr = format!("127.0.0.1:{port}");
-        let control = dir.path().join("control.sock");
-        let log = std::fs::File::create(dir.path().join("daemon.log")).unwrap();
-        let child = Command::new(ferry_bin())
-            .args(["daemon", "--listen", &addr, "--control"])
-            .arg(&control)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let d = Daemon { child, addr, dir };
-        wait_until("the daemon's control socket", Duration::from_secs(30), || ferry::commands::control::daemon_running(&control));
-        d
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 #[test]

@@ -7,12 +7,12 @@
 //! The workload's options are those of `workloads/traps.c`.
 
 use std::{
-    net::TcpListener,
     process::{Child, Command, Stdio},
     time::Duration,
 };
 
 use ferry_tests::{
+    daemon::Daemon,
     ferry, ferry_bin,
     inject::Injected,
     needs_root, stderr, wait_until,
@@ -23,44 +23,6 @@ const WHY: &str = "checkpoint, restore and migration (ptrace, PR_SET_MM_MAP, clo
 
 fn opts(extra: &'static [&'static str]) -> WorkloadOpts {
     WorkloadOpts { files: false, threads: 1, extra: extra.to_vec(), ..Default::default() }
-}
-
-struct Daemon {
-    child: Child,
-    addr: String,
-    dir: tempfile::TempDir,
-}
-
-impl Daemon {
-    fn start() -> Daemon {
-        let dir = tempfile::tempdir().unwrap();
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let addr = format!("127.0.0.1:{port}");
-        let control = dir.path().join("control.sock");
-        let log = std::fs::File::create(dir.path().join("daemon.log")).unwrap();
-        let child = Command::new(ferry_bin())
-            .args(["daemon", "--listen", &addr, "--control"])
-            .arg(&control)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let d = Daemon { child, addr, dir };
-        wait_until("the daemon's control socket", Duration::from_secs(30), || ferry::commands::control::daemon_running(&control));
-        d
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// The last `traps int3 A step B watch C` line's counts.
