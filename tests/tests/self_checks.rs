@@ -324,6 +324,23 @@ fn broken_scripts_fail_their_checks() {
     broken_script(Script::Perl, &unit(5000, SEED as u32), &unit(5000, SEED as u32 + 1), "string page 5000 differs");
     // Bash's array: element 999 is "998008".
     broken_script(Script::Bash, b"998008\0", b"998009\0", "array element 999 is '998009'");
+    // asyncio's bytearray: page p is (p, 0xA5EEDF00) as two little-endian u64s.
+    const ASYNC_SEED: u64 = 0xA5EE_DF00;
+    let unit = |p: u64, seed: u64| [p.to_le_bytes(), seed.to_le_bytes()].concat();
+    broken_script(Script::PythonAsyncio, &unit(1000, ASYNC_SEED), &unit(1000, ASYNC_SEED + 1), "page 1000 differs");
+}
+
+#[test]
+fn broken_credentials_fail_the_check() {
+    if !needs_root(ROOT) {
+        return;
+    }
+    // The ambient set emptied in a restored copy (allowed without privilege).
+    const PR_CAP_AMBIENT: u64 = 47;
+    const PR_CAP_AMBIENT_CLEAR_ALL: u64 = 4;
+    broken(WorkloadOpts { creds: true, ..Default::default() }, "ambient capability 10 is 0", |_, pid, inj| {
+        inj.call(pid, libc::SYS_prctl, [PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0, 0]);
+    });
 }
 
 /// The fd of `pid` linking to `link` whose fdinfo satisfies `info`.
