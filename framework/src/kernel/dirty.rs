@@ -31,7 +31,7 @@ use std::{
     os::fd::{AsRawFd, OwnedFd},
 };
 
-use ferry_plugin_api::ranges;
+use ferry_plugin_api::{pagemap, ranges};
 
 use crate::{
     config::DirtyTracking,
@@ -46,8 +46,9 @@ const HASH_BATCH: u64 = 256;
 enum Backend {
     Userfaultfd { uffd: OwnedFd, pagemap: File },
     SoftDirty { pagemap: File, clear_refs: File, ledger: Ledger },
-    /// Page address → hash of its contents when last scanned.
-    Hashes { hashes: HashMap<u64, u64>, buf: Vec<u8> },
+    /// Page address → hash of its contents when last scanned. `pagemap`: to skip the
+    /// pages the process does not have (zeros, hashed without reading them).
+    Hashes { hashes: HashMap<u64, u64>, buf: Vec<u8>, pagemap: Option<File> },
 }
 
 pub struct DirtyTracker {
@@ -85,7 +86,8 @@ impl DirtyTracker {
     pub fn start(tracer: &mut Tracer, ranges: &[(u64, u64)], how: DirtyTracking) -> Result<DirtyTracker, String> {
         let pid = tracer.pid();
         let backend = match how {
-            DirtyTracking::PageHash => Backend::Hashes { hashes: HashMap::new(), buf: Vec::new() },
+            // Without the pagemap every page is read.
+            DirtyTracking::PageHash => Backend::Hashes { hashes: HashMap::new(), buf: Vec::new(), pagemap: File::open(format!("/proc/{pid}/pagemap")).ok() },
             DirtyTracking::SoftDirty => {
                 let pagemap = File::open(format!("/proc/{pid}/pagemap")).map_err(os("opening the pagemap"))?;
                 let clear_refs = std::fs::OpenOptions::new()
@@ -158,19 +160,38 @@ impl DirtyTracker {
     /// pages that changed (or, with `fresh`, just records them).
     fn hash_range(&mut self, start: u64, end: u64, fresh: bool) -> Result<Vec<(u64, u64)>, String> {
         let pid = self.pid;
-        let Backend::Hashes { hashes, buf } = &mut self.backend else { return Ok(Vec::new()) };
+        let Backend::Hashes { hashes, buf, pagemap } = &mut self.backend else { return Ok(Vec::new()) };
+        // The pages the process has (present or swapped); the others read as zeros. A
+        // sparse area is then hashed at the cost of its pages, not of its size.
+        let has = pagemap.as_ref().and_then(|p| {
+            let which = pagemap::Categories { all: 0, none: 0, any: pagemap::PAGE_IS_PRESENT | pagemap::PAGE_IS_SWAPPED };
+            pagemap::scan(p, start, end, 0, which).ok()
+        });
+        let zero = xxhash_rust::xxh3::xxh3_64(&[0u8; PAGE as usize]);
         let mut changed: Vec<(u64, u64)> = Vec::new();
-        let mut at = start;
+        let (mut at, mut next) = (start, 0);
         while at < end {
             let len = (end - at).min(HASH_BATCH * PAGE);
-            buf.resize(len as usize, 0);
-            let got = vm_ranges(pid, &[(at, len)], buf.as_mut_ptr(), buf.len(), false).map_err(|e| e.to_string())?;
-            if got != buf.len() {
-                return Err(format!("reading {at:#x}-{:#x} of process {pid}: the mapping changed", at + len));
+            // The regions come in address order, as the batches do.
+            let empty = match &has {
+                Some(h) => {
+                    while next < h.len() && h[next].1 <= at {
+                        next += 1;
+                    }
+                    !(next < h.len() && h[next].0 < at + len)
+                }
+                None => false,
+            };
+            if !empty {
+                buf.resize(len as usize, 0);
+                let got = vm_ranges(pid, &[(at, len)], buf.as_mut_ptr(), buf.len(), false).map_err(|e| e.to_string())?;
+                if got != buf.len() {
+                    return Err(format!("reading {at:#x}-{:#x} of process {pid}: the mapping changed", at + len));
+                }
             }
-            for (i, page) in buf.chunks(PAGE as usize).enumerate() {
+            for i in 0..(len / PAGE) as usize {
                 let addr = at + i as u64 * PAGE;
-                let h = xxhash_rust::xxh3::xxh3_64(page);
+                let h = if empty { zero } else { xxhash_rust::xxh3::xxh3_64(&buf[i * PAGE as usize..(i + 1) * PAGE as usize]) };
                 let before = hashes.insert(addr, h);
                 if !fresh && before != Some(h) {
                     match changed.last_mut() {
