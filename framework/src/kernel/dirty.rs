@@ -6,10 +6,14 @@
 //!   tracked areas registered in write-protect *async* mode — a write just clears the
 //!   page's protection, nothing waits on ferry — and `PAGEMAP_SCAN` on the target's
 //!   pagemap to list the pages written since the last scan and protect them again
-//!   (about a millisecond per GiB per round).
+//!   (about a millisecond per GiB per round). The holes are protected too
+//!   (`WP_UNPOPULATED`: a page first written during the rounds counts as written),
+//!   with markers the pagemap reports as *swapped*: which pages a process has must
+//!   be read before its ranges are tracked.
 //! - **page hashes** (everywhere): an XXH3 hash of every tracked page, compared with a
 //!   fresh one at each scan — reading all tracked memory every round (100–150 ms per
-//!   GiB, and so much longer freezes), but needing nothing of the kernel.
+//!   GiB, and so much longer freezes), but needing nothing of the kernel. Pages the
+//!   process does not have (neither present nor swapped) are hashed as zeros unread.
 //!
 //! - **soft-dirty** (kernels built with `CONFIG_MEM_SOFT_DIRTY`, most distributions'
 //!   before 6.7 — the one CRIU uses): writing `4` to `/proc/PID/clear_refs` clears the
