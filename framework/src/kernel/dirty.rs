@@ -30,7 +30,7 @@
 //! `stop` undoes it all: the target is left with no userfaultfd and no protection.
 
 use std::{
-    collections::HashMap,
+    collections::BTreeMap,
     fs::File,
     os::fd::{AsRawFd, OwnedFd},
 };
@@ -50,9 +50,10 @@ const HASH_BATCH: u64 = 256;
 enum Backend {
     Userfaultfd { uffd: OwnedFd, pagemap: File },
     SoftDirty { pagemap: File, clear_refs: File, ledger: Ledger },
-    /// Page address → hash of its contents when last scanned. `pagemap`: to skip the
-    /// pages the process does not have (zeros, hashed without reading them).
-    Hashes { hashes: HashMap<u64, u64>, buf: Vec<u8>, pagemap: Option<File> },
+    /// Page address → hash of its contents when last scanned, for the pages that did
+    /// not read as zeros then. `pagemap`: to skip the pages the process does not have
+    /// (zeros, without reading them).
+    Hashes { hashes: BTreeMap<u64, u64>, buf: Vec<u8>, pagemap: Option<File> },
 }
 
 pub struct DirtyTracker {
@@ -91,7 +92,7 @@ impl DirtyTracker {
         let pid = tracer.pid();
         let backend = match how {
             // Without the pagemap every page is read.
-            DirtyTracking::PageHash => Backend::Hashes { hashes: HashMap::new(), buf: Vec::new(), pagemap: File::open(format!("/proc/{pid}/pagemap")).ok() },
+            DirtyTracking::PageHash => Backend::Hashes { hashes: BTreeMap::new(), buf: Vec::new(), pagemap: File::open(format!("/proc/{pid}/pagemap")).ok() },
             DirtyTracking::SoftDirty => {
                 let pagemap = File::open(format!("/proc/{pid}/pagemap")).map_err(os("opening the pagemap"))?;
                 let clear_refs = std::fs::OpenOptions::new()
@@ -193,14 +194,28 @@ impl DirtyTracker {
                     return Err(format!("reading {at:#x}-{:#x} of process {pid}: the mapping changed", at + len));
                 }
             }
-            for i in 0..(len / PAGE) as usize {
-                let addr = at + i as u64 * PAGE;
-                let h = if empty { zero } else { xxhash_rust::xxh3::xxh3_64(&buf[i * PAGE as usize..(i + 1) * PAGE as usize]) };
-                let before = hashes.insert(addr, h);
-                if !fresh && before != Some(h) {
+            let mut mark = |addr: u64| {
+                if !fresh {
                     match changed.last_mut() {
                         Some(last) if last.1 == addr => last.1 = addr + PAGE,
                         _ => changed.push((addr, addr + PAGE)),
+                    }
+                }
+            };
+            if empty {
+                // All zeros now: what held something before changed.
+                let emptied: Vec<u64> = hashes.range(at..at + len).map(|(&a, _)| a).collect();
+                for addr in emptied {
+                    hashes.remove(&addr);
+                    mark(addr);
+                }
+            } else {
+                for (i, page) in buf.chunks(PAGE as usize).enumerate() {
+                    let addr = at + i as u64 * PAGE;
+                    let h = xxhash_rust::xxh3::xxh3_64(page);
+                    let before = if h == zero { hashes.remove(&addr) } else { hashes.insert(addr, h) };
+                    if before.unwrap_or(zero) != h {
+                        mark(addr);
                     }
                 }
             }
@@ -234,10 +249,10 @@ impl DirtyTracker {
                 let Backend::SoftDirty { ledger, .. } = &mut self.backend else { unreachable!("matched above") };
                 Ok(ledger.take(start, end))
             }
-            Backend::Hashes { hashes, .. } => {
-                // A page never hashed belongs to a mapping that came since: not tracked.
-                if let Some(p) = (start..end).step_by(PAGE as usize).find(|p| !hashes.contains_key(p)) {
-                    return Err(format!("page {p:#x} is not tracked"));
+            Backend::Hashes { .. } => {
+                // A range never hashed belongs to a mapping that came since: not tracked.
+                if !ranges::covers(&ranges::normalize(self.ranges.clone()), (start, end)) {
+                    return Err(format!("{start:#x}-{end:#x} is not tracked"));
                 }
                 self.hash_range(start, end, false)
             }
