@@ -1085,3 +1085,47 @@ fn precopy_and_hybrid_of_a_large_untouched_mapping_send_only_its_pages_and_those
         }
     }
 }
+
+#[test]
+fn a_hybrid_migration_with_no_page_left_to_follow_commits_once_and_the_source_goes() {
+    if !needs_root("a migration seizes the process and rebuilds it (ptrace, clone3 with set_tid, PR_SET_MM_MAP)") {
+        return;
+    }
+    // python3 idle with 1 GiB mapped: with page hashes nothing is written between
+    // hybrid's round and the freeze, and no page follows the resume. The source must
+    // still hear that the destination's copy has it all, not take the connection's
+    // end for a failure and carry on beside that copy.
+    let daemon = Daemon::start(None, "127.0.0.1", &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let config = precopy_config(dir.path(), "hash.json", r#"{"dirty_tracking": "page-hash"}"#);
+    let script = "import mmap, os, signal, sys, time\nm = mmap.mmap(-1, 1 << 30, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)\n\
+        go = []\nsignal.signal(signal.SIGUSR1, lambda s, f: go.append(1))\nopen(sys.argv[1] + '/ready', 'w').close()\n\
+        while not go: time.sleep(0.01)\nopen(sys.argv[1] + '/result', 'w').write('PASS')\ntime.sleep(3600)\n";
+    for _ in 0..3 {
+        let _ = std::fs::remove_file(dir.path().join("ready"));
+        let _ = std::fs::remove_file(dir.path().join("result"));
+        let mut child = Command::new("/usr/bin/python3").args(["-c", script]).arg(dir.path()).stdin(Stdio::null()).spawn().unwrap();
+        let old = child.id() as i32;
+        wait_until("python3 to be ready", Duration::from_secs(30), || dir.path().join("ready").exists());
+        let mut cmd = Command::new(ferry_bin());
+        cmd.arg("--config").arg(&config).args(["migrate", &old.to_string(), "--to", &daemon.addr, "--json", "--strategy", "hybrid"]);
+        let before = daemon.log().matches("committed as pid ").count();
+        let o = cmd.output().unwrap();
+        // This migration's copies only: an older one's pid may be another process's now.
+        let copies: Vec<i32> = daemon.log().split("committed as pid ").skip(1 + before).filter_map(|t| t.split(',').next()?.parse().ok()).collect();
+        if !o.status.success() {
+            let _ = child.kill();
+            let _ = child.wait();
+            copies.iter().for_each(|&p| ferry_tests::workload::kill_pid(p));
+            panic!("hybrid failed (the destination's copies {copies:?} were left running): {}", stderr(&o));
+        }
+        let _ = child.wait();
+        let stats: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let new = stats["pids"][old.to_string()].as_i64().unwrap() as i32;
+        ferry_tests::workload::send_signal(new, libc::SIGUSR1);
+        let result = dir.path().join("result");
+        wait_until("the copy's answer", Duration::from_secs(30), || result.exists() || !pid_alive(new));
+        copies.iter().for_each(|&p| ferry_tests::workload::kill_pid(p));
+        assert_eq!(std::fs::read_to_string(&result).unwrap_or_default(), "PASS", "{stats}");
+    }
+}

@@ -395,6 +395,7 @@ impl Memory {
             // Locked and wipe-on-fork areas go now (see `Area::lazyable`).
             let lazyable = ranges::normalize(state.areas.iter().filter(|a| a.lazyable()).map(|a| (a.start, a.end)).collect());
             state.lazy = ranges::union(&ranges::intersect(&send, &lazyable), &ranges::normalize(unscanned));
+            state.lazy_event = true;
             state.zap = ranges::union(&state.zap, &ranges::intersect(&state.lazy, &kept));
             send = ranges::subtract(&send, &state.lazy);
         }
@@ -627,7 +628,7 @@ impl Memory {
         for &(s, e) in &state.zap {
             util::syscall(ctx, pid, "madvise", libc::SYS_madvise, [s, e - s, libc::MADV_DONTNEED as u64, 0, 0, 0])?;
         }
-        if !state.lazy.is_empty() {
+        if !state.lazy.is_empty() || state.lazy_event {
             let areas: Vec<(u64, u64)> = state.areas.iter().filter(|a| a.lazyable()).map(|a| (a.start, a.end)).collect();
             let (areas, present) = (to_mem(&ranges::normalize(areas)), to_mem(&state.lazy));
             ctx.lazy_pages(areas.as_slice().into(), present.as_slice().into()).into_result().map_err(|e| String::from(e.message))?;
