@@ -578,6 +578,7 @@ mod tests {
             kept: vec![],
             zap: vec![],
             lazy: vec![],
+            lazy_event: false,
             thp_disable: 0,
             lock_future: 0,
             merge_any: 0,
