@@ -6,10 +6,14 @@
 //!   tracked areas registered in write-protect *async* mode — a write just clears the
 //!   page's protection, nothing waits on ferry — and `PAGEMAP_SCAN` on the target's
 //!   pagemap to list the pages written since the last scan and protect them again
-//!   (about a millisecond per GiB per round).
+//!   (about a millisecond per GiB per round). The holes are protected too
+//!   (`WP_UNPOPULATED`: a page first written during the rounds counts as written),
+//!   with markers the pagemap reports as *swapped*: which pages a process has must
+//!   be read before its ranges are tracked.
 //! - **page hashes** (everywhere): an XXH3 hash of every tracked page, compared with a
 //!   fresh one at each scan — reading all tracked memory every round (100–150 ms per
-//!   GiB, and so much longer freezes), but needing nothing of the kernel.
+//!   GiB, and so much longer freezes), but needing nothing of the kernel. Pages the
+//!   process does not have (neither present nor swapped) are hashed as zeros unread.
 //!
 //! - **soft-dirty** (kernels built with `CONFIG_MEM_SOFT_DIRTY`, most distributions'
 //!   before 6.7 — the one CRIU uses): writing `4` to `/proc/PID/clear_refs` clears the
@@ -26,12 +30,12 @@
 //! `stop` undoes it all: the target is left with no userfaultfd and no protection.
 
 use std::{
-    collections::HashMap,
+    collections::BTreeMap,
     fs::File,
     os::fd::{AsRawFd, OwnedFd},
 };
 
-use ferry_plugin_api::ranges;
+use ferry_plugin_api::{pagemap, ranges};
 
 use crate::{
     config::DirtyTracking,
@@ -46,8 +50,10 @@ const HASH_BATCH: u64 = 256;
 enum Backend {
     Userfaultfd { uffd: OwnedFd, pagemap: File },
     SoftDirty { pagemap: File, clear_refs: File, ledger: Ledger },
-    /// Page address → hash of its contents when last scanned.
-    Hashes { hashes: HashMap<u64, u64>, buf: Vec<u8> },
+    /// Page address → hash of its contents when last scanned, for the pages that did
+    /// not read as zeros then. `pagemap`: to skip the pages the process does not have
+    /// (zeros, without reading them).
+    Hashes { hashes: BTreeMap<u64, u64>, buf: Vec<u8>, pagemap: Option<File> },
 }
 
 pub struct DirtyTracker {
@@ -83,7 +89,8 @@ impl DirtyTracker {
     pub fn start(tracer: &mut Tracer, ranges: &[(u64, u64)], how: DirtyTracking) -> Result<DirtyTracker, String> {
         let pid = tracer.pid();
         let backend = match how {
-            DirtyTracking::PageHash => Backend::Hashes { hashes: HashMap::new(), buf: Vec::new() },
+            // Without the pagemap every page is read.
+            DirtyTracking::PageHash => Backend::Hashes { hashes: BTreeMap::new(), buf: Vec::new(), pagemap: File::open(format!("/proc/{pid}/pagemap")).ok() },
             DirtyTracking::SoftDirty => {
                 let pagemap = File::open(format!("/proc/{pid}/pagemap")).map_err(os("opening the pagemap"))?;
                 let clear_refs = std::fs::OpenOptions::new()
@@ -156,24 +163,57 @@ impl DirtyTracker {
     /// pages that changed (or, with `fresh`, just records them).
     fn hash_range(&mut self, start: u64, end: u64, fresh: bool) -> Result<Vec<(u64, u64)>, String> {
         let pid = self.pid;
-        let Backend::Hashes { hashes, buf } = &mut self.backend else { return Ok(Vec::new()) };
+        let Backend::Hashes { hashes, buf, pagemap } = &mut self.backend else { return Ok(Vec::new()) };
+        // The pages the process has (present or swapped); the others read as zeros. A
+        // sparse area is then hashed at the cost of its pages, not of its size.
+        let has = pagemap.as_ref().and_then(|p| {
+            let which = pagemap::Categories { all: 0, none: 0, any: pagemap::PAGE_IS_PRESENT | pagemap::PAGE_IS_SWAPPED };
+            pagemap::scan(p, start, end, 0, which).ok()
+        });
+        let zero = xxhash_rust::xxh3::xxh3_64(&[0u8; PAGE as usize]);
         let mut changed: Vec<(u64, u64)> = Vec::new();
-        let mut at = start;
+        let (mut at, mut next) = (start, 0);
         while at < end {
             let len = (end - at).min(HASH_BATCH * PAGE);
-            buf.resize(len as usize, 0);
-            let got = vm_ranges(pid, &[(at, len)], buf.as_mut_ptr(), buf.len(), false).map_err(|e| e.to_string())?;
-            if got != buf.len() {
-                return Err(format!("reading {at:#x}-{:#x} of process {pid}: the mapping changed", at + len));
+            // The regions come in address order, as the batches do.
+            let empty = match &has {
+                Some(h) => {
+                    while next < h.len() && h[next].1 <= at {
+                        next += 1;
+                    }
+                    !(next < h.len() && h[next].0 < at + len)
+                }
+                None => false,
+            };
+            if !empty {
+                buf.resize(len as usize, 0);
+                let got = vm_ranges(pid, &[(at, len)], buf.as_mut_ptr(), buf.len(), false).map_err(|e| e.to_string())?;
+                if got != buf.len() {
+                    return Err(format!("reading {at:#x}-{:#x} of process {pid}: the mapping changed", at + len));
+                }
             }
-            for (i, page) in buf.chunks(PAGE as usize).enumerate() {
-                let addr = at + i as u64 * PAGE;
-                let h = xxhash_rust::xxh3::xxh3_64(page);
-                let before = hashes.insert(addr, h);
-                if !fresh && before != Some(h) {
+            let mut mark = |addr: u64| {
+                if !fresh {
                     match changed.last_mut() {
                         Some(last) if last.1 == addr => last.1 = addr + PAGE,
                         _ => changed.push((addr, addr + PAGE)),
+                    }
+                }
+            };
+            if empty {
+                // All zeros now: what held something before changed.
+                let emptied: Vec<u64> = hashes.range(at..at + len).map(|(&a, _)| a).collect();
+                for addr in emptied {
+                    hashes.remove(&addr);
+                    mark(addr);
+                }
+            } else {
+                for (i, page) in buf.chunks(PAGE as usize).enumerate() {
+                    let addr = at + i as u64 * PAGE;
+                    let h = xxhash_rust::xxh3::xxh3_64(page);
+                    let before = if h == zero { hashes.remove(&addr) } else { hashes.insert(addr, h) };
+                    if before.unwrap_or(zero) != h {
+                        mark(addr);
                     }
                 }
             }
@@ -207,10 +247,10 @@ impl DirtyTracker {
                 let Backend::SoftDirty { ledger, .. } = &mut self.backend else { unreachable!("matched above") };
                 Ok(ledger.take(start, end))
             }
-            Backend::Hashes { hashes, .. } => {
-                // A page never hashed belongs to a mapping that came since: not tracked.
-                if let Some(p) = (start..end).step_by(PAGE as usize).find(|p| !hashes.contains_key(p)) {
-                    return Err(format!("page {p:#x} is not tracked"));
+            Backend::Hashes { .. } => {
+                // A range never hashed belongs to a mapping that came since: not tracked.
+                if !ranges::covers(&ranges::normalize(self.ranges.clone()), (start, end)) {
+                    return Err(format!("{start:#x}-{end:#x} is not tracked"));
                 }
                 self.hash_range(start, end, false)
             }

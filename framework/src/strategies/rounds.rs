@@ -1,5 +1,6 @@
 //! Pre-copy rounds on the source: while the process runs, each subsystem's `precopy`
-//! sends what it can early (round 0: all memory; later rounds: the pages written
+//! sends what it can early (round 0: the pages the process has, present or swapped,
+//! never the holes of its mappings; later rounds: the pages written
 //! since, found by [`DirtyTracker`](crate::kernel::dirty::DirtyTracker)). After each round the source waits until the
 //! destination has *applied* it — a `sync` record closes the round on every stream
 //! that carried data, and the destination answers `synced` once its plugin has read

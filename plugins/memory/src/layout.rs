@@ -223,6 +223,10 @@ pub struct MmState {
     /// areas reads as zeros).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub lazy: Vec<(u64, u64)>,
+    /// Post-copy or hybrid: the source waits for the destination to say every page is
+    /// in, also when none follows (`lazy` empty), so a pager runs there all the same.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub lazy_event: bool,
     /// `PR_GET_THP_DISABLE`'s answer (0: huge pages as the system says).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub thp_disable: u64,
@@ -274,6 +278,7 @@ impl MmState {
             kept: Vec::new(),
             zap: Vec::new(),
             lazy: Vec::new(),
+            lazy_event: false,
             thp_disable: 0,
             lock_future: 0,
             merge_any: 0,
@@ -573,6 +578,7 @@ mod tests {
             kept: vec![],
             zap: vec![],
             lazy: vec![],
+            lazy_event: false,
             thp_disable: 0,
             lock_future: 0,
             merge_any: 0,

@@ -395,6 +395,7 @@ impl Memory {
             // Locked and wipe-on-fork areas go now (see `Area::lazyable`).
             let lazyable = ranges::normalize(state.areas.iter().filter(|a| a.lazyable()).map(|a| (a.start, a.end)).collect());
             state.lazy = ranges::union(&ranges::intersect(&send, &lazyable), &ranges::normalize(unscanned));
+            state.lazy_event = true;
             state.zap = ranges::union(&state.zap, &ranges::intersect(&state.lazy, &kept));
             send = ranges::subtract(&send, &state.lazy);
         }
@@ -433,17 +434,22 @@ impl Memory {
         self.tracked = ranges::subtract(&self.tracked, &replaced);
         self.sent = ranges::subtract(&self.sent, &live.drop);
         let fresh = ranges::subtract(&candidates, &self.tracked);
+        // The pages the process has in the new ranges, read before tracking starts: the
+        // userfaultfd backend write-protects the holes too (WP_UNPOPULATED), with markers
+        // the pagemap reports as swapped, and every untouched page of a large mapping
+        // would then go. A page first written later is dirty to every backend.
+        let pid = ctx.pid();
+        let pagemap = open_pagemap(pid)?;
+        let mut present = Vec::new();
+        for &(s, e) in &fresh {
+            let area = Area { start: s, end: e, prot: 0, shared: false, kind: AreaKind::Anon, path: None, offset: 0, growsdown: false, file: None, object: None, flags: Vec::new(), guards: Vec::new() };
+            present.extend(ranges::from_runs(&dirty_runs(&pagemap, &area)?, PAGE));
+        }
         let tracked_now = ctx.dirty_track(to_mem(&fresh).as_slice().into()).into_result().map_err(|e| String::from(e.message))?;
         live.map = from_mem(&tracked_now);
         self.tracked = ranges::union(&self.tracked, &live.map);
-        let pid = ctx.pid();
-        let pagemap = open_pagemap(pid)?;
-        let mut send = ranges::normalize(dirty);
-        for &(s, e) in &live.map {
-            let area = Area { start: s, end: e, prot: 0, shared: false, kind: AreaKind::Anon, path: None, offset: 0, growsdown: false, file: None, object: None, flags: Vec::new(), guards: Vec::new() };
-            send.extend(ranges::from_runs(&dirty_runs(&pagemap, &area)?, PAGE));
-        }
-        let send = ranges::normalize(send);
+        let present = ranges::intersect(&ranges::normalize(present), &live.map);
+        let send = ranges::union(&ranges::normalize(dirty), &present);
         // A guard page would fail the read of its whole chunk, round after round.
         let send = ranges::subtract(&send, &guard_pages(&pagemap, &send));
         self.sent = ranges::union(&self.sent, &send);
@@ -622,7 +628,7 @@ impl Memory {
         for &(s, e) in &state.zap {
             util::syscall(ctx, pid, "madvise", libc::SYS_madvise, [s, e - s, libc::MADV_DONTNEED as u64, 0, 0, 0])?;
         }
-        if !state.lazy.is_empty() {
+        if !state.lazy.is_empty() || state.lazy_event {
             let areas: Vec<(u64, u64)> = state.areas.iter().filter(|a| a.lazyable()).map(|a| (a.start, a.end)).collect();
             let (areas, present) = (to_mem(&ranges::normalize(areas)), to_mem(&state.lazy));
             ctx.lazy_pages(areas.as_slice().into(), present.as_slice().into()).into_result().map_err(|e| String::from(e.message))?;
