@@ -1,0 +1,151 @@
+//! A process let run while still traced (post-copy and hybrid's lazy phase): its stops
+//! answered, new threads taken in, forked children held until every page is in, and
+//! all of it let go at the end.
+
+use libc::pid_t;
+
+use super::{event_of, ptrace, resumed, setregs, thread_group, wait, Thread, Tracer};
+use crate::kernel::error::TraceError;
+
+impl Tracer {
+    /// Lets every thread run with the registers it should run with, still traced: a
+    /// process ferry seized with `seize_owned` then dies with ferry (post-copy: rather
+    /// than run on without the memory ferry was to bring it). Call [`Tracer::tend`]
+    /// often meanwhile, and [`Tracer::detach_running`] to let it go.
+    pub fn run_traced(&mut self) -> Result<(), TraceError> {
+        let opts = (libc::PTRACE_O_EXITKILL | libc::PTRACE_O_TRACECLONE | libc::PTRACE_O_TRACEEXEC | libc::PTRACE_O_TRACEFORK) as usize;
+        for tid in self.tids() {
+            let t = self.thread(tid)?;
+            let regs = if std::mem::take(&mut t.in_syscall_stop) { resumed(&t.regs) } else { t.regs };
+            let sig = std::mem::take(&mut t.pending_signal);
+            setregs(tid, &regs)?;
+            ptrace(libc::PTRACE_SETOPTIONS, tid, 0, opts, "PTRACE_SETOPTIONS")?;
+            ptrace(libc::PTRACE_CONT, tid, 0, sig as usize, "PTRACE_CONT")?;
+        }
+        self.running = true;
+        Ok(())
+    }
+
+    /// Answers the stops of a process running traced, without waiting: signals go on
+    /// to it, new threads are taken in, exited ones forgotten, forked children held.
+    /// Answers whether the process still lives.
+    pub fn tend(&mut self) -> Result<bool, TraceError> {
+        loop {
+            let mut status = 0;
+            // SAFETY: waitpid with a valid out-pointer; __WNOTHREAD: only this thread's tracees.
+            let tid = unsafe { libc::waitpid(-1, &mut status, libc::__WALL | libc::__WNOTHREAD | libc::WNOHANG) };
+            if tid <= 0 {
+                return Ok(!self.threads.is_empty());
+            }
+            if libc::WIFEXITED(status) || libc::WIFSIGNALED(status) {
+                self.threads.remove(&tid);
+                self.held.retain(|&c| c != tid);
+                continue;
+            }
+            if !libc::WIFSTOPPED(status) {
+                continue;
+            }
+            if !self.threads.contains_key(&tid) {
+                // Its first stop may come before the event of the call that made it: a
+                // new thread goes on, a forked child is held.
+                if thread_group(tid) == Some(self.pid) {
+                    if let Some(regs) = self.threads.get(&self.pid).map(|t| t.regs) {
+                        self.threads.insert(tid, Thread::new(regs));
+                    }
+                    let _ = ptrace(libc::PTRACE_CONT, tid, 0, 0, "PTRACE_CONT");
+                } else if !self.held.contains(&tid) {
+                    self.held.push(tid);
+                }
+                continue;
+            }
+            let sig = match event_of(status) {
+                libc::PTRACE_EVENT_FORK => {
+                    let mut msg: libc::c_ulong = 0;
+                    ptrace(libc::PTRACE_GETEVENTMSG, tid, 0, &mut msg as *mut _ as usize, "PTRACE_GETEVENTMSG")?;
+                    let child = msg as pid_t;
+                    if !self.held.contains(&child) {
+                        self.held.push(child);
+                    }
+                    self.forked.push(child);
+                    0
+                }
+                0 => libc::WSTOPSIG(status),
+                libc::PTRACE_EVENT_CLONE => {
+                    let mut msg: libc::c_ulong = 0;
+                    ptrace(libc::PTRACE_GETEVENTMSG, tid, 0, &mut msg as *mut _ as usize, "PTRACE_GETEVENTMSG")?;
+                    // Its registers are never put back (only the list of threads matters
+                    // now): the parent's stand in.
+                    if let Some(regs) = self.threads.get(&tid).map(|t| t.regs) {
+                        self.threads.insert(msg as pid_t, Thread::new(regs));
+                    }
+                    0
+                }
+                // A new thread's first stop, a group stop, an exec: carry on.
+                _ => 0,
+            };
+            // A thread may have exited between its stop and this call.
+            let _ = ptrace(libc::PTRACE_CONT, tid, 0, sig as usize, "PTRACE_CONT");
+        }
+    }
+
+    /// The children forked since the last call (see [`Tracer::tend`]).
+    pub fn take_forked(&mut self) -> Vec<pid_t> {
+        std::mem::take(&mut self.forked)
+    }
+
+    /// Stops the threads of a process running traced and lets them go for good, with
+    /// the children it forked meanwhile.
+    pub fn detach_running(mut self) -> Result<(), TraceError> {
+        self.running = false;
+        self.detached = true;
+        for child in std::mem::take(&mut self.held) {
+            let _ = ptrace(libc::PTRACE_DETACH, child, 0, 0, "PTRACE_DETACH");
+        }
+        let mut todo: Vec<pid_t> = self.tids();
+        for &tid in &todo {
+            let _ = ptrace(libc::PTRACE_INTERRUPT, tid, 0, 0, "PTRACE_INTERRUPT");
+        }
+        while let Some(tid) = todo.pop() {
+            loop {
+                let Ok(status) = wait(tid) else { break };
+                if libc::WIFEXITED(status) || libc::WIFSIGNALED(status) || !libc::WIFSTOPPED(status) {
+                    break;
+                }
+                match event_of(status) {
+                    0 => {
+                        // A signal on its way: it goes with the thread.
+                        let _ = ptrace(libc::PTRACE_DETACH, tid, 0, libc::WSTOPSIG(status) as usize, "PTRACE_DETACH");
+                        break;
+                    }
+                    libc::PTRACE_EVENT_CLONE => {
+                        let mut msg: libc::c_ulong = 0;
+                        ptrace(libc::PTRACE_GETEVENTMSG, tid, 0, &mut msg as *mut _ as usize, "PTRACE_GETEVENTMSG")?;
+                        todo.push(msg as pid_t);
+                        let _ = ptrace(libc::PTRACE_CONT, tid, 0, 0, "PTRACE_CONT");
+                    }
+                    libc::PTRACE_EVENT_FORK | libc::PTRACE_EVENT_VFORK => {
+                        // A child forked as the process is let go (every page is in by
+                        // now): traced from birth, it would die with its tracer
+                        // (EXITKILL). Let it go from its first stop.
+                        let mut msg: libc::c_ulong = 0;
+                        ptrace(libc::PTRACE_GETEVENTMSG, tid, 0, &mut msg as *mut _ as usize, "PTRACE_GETEVENTMSG")?;
+                        let child = msg as pid_t;
+                        if let Ok(st) = wait(child) {
+                            if libc::WIFSTOPPED(st) {
+                                let _ = ptrace(libc::PTRACE_DETACH, child, 0, 0, "PTRACE_DETACH");
+                            }
+                        }
+                        let _ = ptrace(libc::PTRACE_DETACH, tid, 0, 0, "PTRACE_DETACH");
+                        break;
+                    }
+                    _ => {
+                        let _ = ptrace(libc::PTRACE_DETACH, tid, 0, 0, "PTRACE_DETACH");
+                        break;
+                    }
+                }
+            }
+        }
+        self.threads.clear();
+        Ok(())
+    }
+}
