@@ -9,6 +9,11 @@ use std::{
 
 use crate::{ferry_bin, wait_until};
 
+/// `ferry migrate PID --to TO --json --strategy STRATEGY`.
+pub fn migrate(pid: i32, to: &str, strategy: &str) -> std::process::Output {
+    Command::new(ferry_bin()).args(["migrate", &pid.to_string(), "--to", to, "--json", "--strategy", strategy]).output().unwrap()
+}
+
 /// A TCP port free on loopback now.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()

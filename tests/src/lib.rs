@@ -175,3 +175,14 @@ pub fn warm_guest_memory() {
         unsafe { libc::munmap(m, chunk) };
     }
 }
+
+/// A refusal or failure as ferry must give it: exit code 1 and one line on stderr
+/// holding every one of `needles`.
+pub fn fails_with(o: &Output, needles: &[&str]) {
+    let err = stderr(o);
+    assert_eq!(o.status.code(), Some(1), "expected failure, stderr: {err}");
+    assert_eq!(err.lines().count(), 1, "one line expected: {err}");
+    for n in needles {
+        assert!(err.contains(n), "expected {n:?} in: {err}");
+    }
+}

@@ -18,8 +18,10 @@ use std::{
 };
 
 use ferry_tests::{
+    daemon::migrate,
+    fails_with,
     daemon::Daemon,
-    ferry, ferry_bin, needs_root, stderr, wait_until,
+    ferry, needs_root, stderr, wait_until,
     workload::{pid_alive, Workload, WorkloadOpts},
 };
 
@@ -32,15 +34,6 @@ fn opts(extra: &[&'static str]) -> WorkloadOpts {
     WorkloadOpts { files: false, extra: extra.to_vec(), ..Default::default() }
 }
 
-/// Exit code 1 and one line on stderr holding every one of `needles`.
-fn fails_with(o: &Output, needles: &[&str]) {
-    let err = stderr(o);
-    assert_eq!(o.status.code(), Some(1), "expected failure, stderr: {err}");
-    assert_eq!(err.lines().count(), 1, "one line expected: {err}");
-    for n in needles {
-        assert!(err.contains(n), "expected {n:?} in: {err}");
-    }
-}
 
 /// `ferry restore --dir DIR --json`: the new pid of `old`, or the failed output.
 fn restore(dir: &Path, old: i32) -> Result<i32, Output> {
@@ -148,9 +141,6 @@ fn a_socket_name_taken_is_refused_with_one_line_and_a_free_one_restores() {
     passes(&mut w, new);
 }
 
-fn migrate(pid: i32, to: &str, strategy: &str) -> Output {
-    Command::new(ferry_bin()).args(["migrate", &pid.to_string(), "--to", to, "--json", "--strategy", strategy]).output().unwrap()
-}
 
 #[test]
 fn removed_things_and_a_chroot_move_with_every_strategy() {

@@ -17,6 +17,8 @@ use std::{
 };
 
 use ferry_tests::{
+    daemon::migrate,
+    fails_with,
     ferry, ferry_bin, needs_root, stderr, wait_until,
     workload::{processes_mentioning, kill_pid, pid_alive, workloads_dir, Workload, WorkloadOpts, DEADLINE},
 };
@@ -38,15 +40,6 @@ fn restore(dir: &Path, old: i32) -> Result<i32, Output> {
     Ok(stats["pids"][old.to_string()].as_i64().unwrap_or_else(|| panic!("no pid for {old} in {stats}")) as i32)
 }
 
-/// Exit code 1 and one line on stderr holding every one of `needles`.
-fn fails_with(o: &Output, needles: &[&str]) {
-    let err = stderr(o);
-    assert_eq!(o.status.code(), Some(1), "expected failure, stderr: {err}");
-    assert_eq!(err.lines().count(), 1, "one line expected: {err}");
-    for n in needles {
-        assert!(err.contains(n), "expected {n:?} in: {err}");
-    }
-}
 
 /// Kills, when dropped, every process that mentions a path (a copy restored under any pid).
 struct KillMentioning(String);
@@ -266,9 +259,6 @@ impl Drop for Daemon {
     }
 }
 
-fn migrate(pid: i32, to: &str, strategy: &str) -> Output {
-    Command::new(ferry_bin()).args(["migrate", &pid.to_string(), "--to", to, "--json", "--strategy", strategy]).output().unwrap()
-}
 
 #[test]
 fn a_migration_within_one_machine_fails_on_the_locks_its_source_holds_and_the_source_carries_on() {

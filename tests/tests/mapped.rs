@@ -15,13 +15,15 @@
 
 use std::{
     path::Path,
-    process::{Command, Output, Stdio},
+    process::{Command, Stdio},
     time::Duration,
 };
 
 use ferry_tests::{
+    daemon::migrate,
+    fails_with,
     daemon::Daemon,
-    ferry, ferry_bin, needs_root, stderr, wait_until,
+    ferry, needs_root, stderr, wait_until,
     workload::{kill_pid, pid_alive, Workload, WorkloadOpts},
 };
 
@@ -33,15 +35,6 @@ fn opts(extra: &[&'static str]) -> WorkloadOpts {
     WorkloadOpts { files: false, extra: extra.to_vec(), ..Default::default() }
 }
 
-/// Exit code 1 and one line on stderr holding every one of `needles`.
-fn fails_with(o: &Output, needles: &[&str]) {
-    let err = stderr(o);
-    assert_eq!(o.status.code(), Some(1), "expected failure, stderr: {err}");
-    assert_eq!(err.lines().count(), 1, "one line expected: {err}");
-    for n in needles {
-        assert!(err.contains(n), "expected {n:?} in: {err}");
-    }
-}
 
 /// `ferry restore --dir DIR --json`: the new pid of `old`.
 fn restore(dir: &Path, old: i32) -> i32 {
@@ -150,9 +143,6 @@ fn a_shared_mapping_of_a_file_linked_elsewhere_is_refused_with_one_line() {
     assert!(pid_alive(pid), "the source died");
 }
 
-fn migrate(pid: i32, to: &str, strategy: &str) -> Output {
-    Command::new(ferry_bin()).args(["migrate", &pid.to_string(), "--to", to, "--json", "--strategy", strategy]).output().unwrap()
-}
 
 #[test]
 fn deleted_files_and_memfds_mapped_move_with_every_strategy() {

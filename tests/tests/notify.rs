@@ -13,8 +13,10 @@ use std::{
 };
 
 use ferry_tests::{
+    daemon::migrate,
+    fails_with,
     daemon::Daemon,
-    ferry, ferry_bin, needs_root, stderr, wait_until,
+    ferry, needs_root, stderr, wait_until,
     workload::{kill_pid, pid_alive, Workload, WorkloadOpts, DEADLINE},
 };
 
@@ -36,15 +38,6 @@ fn restore(dir: &Path, old: i32) -> i32 {
     stats["pids"][old.to_string()].as_i64().unwrap_or_else(|| panic!("no pid for {old} in {stats}")) as i32
 }
 
-/// Exit code 1 and one line on stderr holding every one of `needles`.
-fn fails_with(o: &Output, needles: &[&str]) {
-    let err = stderr(o);
-    assert_eq!(o.status.code(), Some(1), "expected failure, stderr: {err}");
-    assert_eq!(err.lines().count(), 1, "one line expected: {err}");
-    for n in needles {
-        assert!(err.contains(n), "expected {n:?} in: {err}");
-    }
-}
 
 /// Pids (not ours) whose command line mentions `needle`.
 fn processes_mentioning(needle: &str) -> Vec<i32> {
@@ -116,9 +109,6 @@ fn inotify_fanotify_and_pidfds_come_back_after_a_restore() {
     w.terminate_and_check(new).unwrap();
 }
 
-fn migrate(pid: i32, to: &str, strategy: &str) -> Output {
-    Command::new(ferry_bin()).args(["migrate", &pid.to_string(), "--to", to, "--json", "--strategy", strategy]).output().unwrap()
-}
 
 #[test]
 fn inotify_fanotify_and_pidfds_move_with_every_strategy() {
