@@ -137,6 +137,19 @@ impl Pair {
         p
     }
 
+    /// `ferry checkpoint` of the server into `img` with `extra` options, which must
+    /// succeed: the server's pid and the image directory.
+    fn checkpoint(&self, extra: &[&str]) -> (i32, PathBuf) {
+        let pid = self.server.id() as i32;
+        let dir = self.path("img");
+        let pid_text = pid.to_string();
+        let mut args = vec!["checkpoint", &pid_text, "--dir", dir.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let o = ferry(&args);
+        assert!(o.status.success(), "checkpoint: {}", stderr(&o));
+        (pid, dir)
+    }
+
     fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
@@ -260,11 +273,8 @@ fn round_trip(host: &str) {
         return;
     }
     let pair = Pair::start(host);
-    let pid = pair.server.id() as i32;
     pair.fill_queues();
-    let dir = pair.path("img");
-    let o = ferry(&["checkpoint", &pid.to_string(), "--dir", dir.to_str().unwrap()]);
-    assert!(o.status.success(), "checkpoint: {}", stderr(&o));
+    let (pid, dir) = pair.checkpoint(&[]);
     assert_eq!(lock_tables(pid).len(), 1, "the lock stays until the restore");
     let check = stdout(&ferry(&["check"]));
     assert!(check.contains(&format!("network lock ferry-{pid}-")) && check.contains("is gone"), "ferry check lists the lock: {check}");
@@ -353,11 +363,8 @@ fn a_checkpoint_that_leaves_the_server_running_lifts_the_lock_and_the_connection
         return;
     }
     let pair = Pair::start("127.0.0.1");
-    let pid = pair.server.id() as i32;
     pair.fill_queues();
-    let dir = pair.path("img");
-    let o = ferry(&["checkpoint", &pid.to_string(), "--dir", dir.to_str().unwrap(), "--leave-running"]);
-    assert!(o.status.success(), "checkpoint: {}", stderr(&o));
+    let (pid, _) = pair.checkpoint(&["--leave-running"]);
     assert!(lock_tables(pid).is_empty(), "the lock is lifted once the server runs on: {:?}", lock_tables(pid));
     pair.finish(pid);
 }
@@ -371,11 +378,8 @@ fn without_the_lock_the_peer_sees_a_reset() {
         return;
     }
     let pair = Pair::start("127.0.0.1");
-    let pid = pair.server.id() as i32;
     pair.fill_queues();
-    let dir = pair.path("img");
-    let o = ferry(&["checkpoint", &pid.to_string(), "--dir", dir.to_str().unwrap()]);
-    assert!(o.status.success(), "checkpoint: {}", stderr(&o));
+    let (pid, _) = pair.checkpoint(&[]);
     for t in lock_tables(pid) {
         let name = t.trim().rsplit(' ').next().unwrap().to_string();
         assert!(Command::new("nft").args(["delete", "table", "inet", &name]).status().unwrap().success());
@@ -566,11 +570,8 @@ fn tcp_close_restores_the_connection_closed_the_server_sees_it_aborted_and_the_p
         return;
     }
     let pair = Pair::start("127.0.0.1");
-    let pid = pair.server.id() as i32;
     pair.fill_queues();
-    let dir = pair.path("img");
-    let o = ferry(&["checkpoint", &pid.to_string(), "--dir", dir.to_str().unwrap()]);
-    assert!(o.status.success(), "checkpoint: {}", stderr(&o));
+    let (pid, dir) = pair.checkpoint(&[]);
     let o = ferry(&["restore", "--dir", dir.to_str().unwrap(), "--json", "--tcp-close"]);
     assert!(o.status.success(), "restore: {}", stderr(&o));
     let new = restored_pid(&o, pid);
@@ -612,11 +613,8 @@ fn a_copy_whose_stream_is_broken_fails_the_clients_check() {
         return;
     }
     let pair = Pair::start("127.0.0.1");
-    let pid = pair.server.id() as i32;
     pair.fill_queues();
-    let dir = pair.path("img");
-    let o = ferry(&["checkpoint", &pid.to_string(), "--dir", dir.to_str().unwrap()]);
-    assert!(o.status.success(), "checkpoint: {}", stderr(&o));
+    let (pid, dir) = pair.checkpoint(&[]);
     let o = ferry(&["restore", "--dir", dir.to_str().unwrap(), "--json"]);
     assert!(o.status.success(), "restore: {}", stderr(&o));
     let new = restored_pid(&o, pid);
@@ -640,10 +638,7 @@ fn a_copy_with_an_option_changed_fails_the_servers_check() {
         return;
     }
     let pair = Pair::start("127.0.0.1");
-    let pid = pair.server.id() as i32;
-    let dir = pair.path("img");
-    let o = ferry(&["checkpoint", &pid.to_string(), "--dir", dir.to_str().unwrap()]);
-    assert!(o.status.success(), "checkpoint: {}", stderr(&o));
+    let (pid, dir) = pair.checkpoint(&[]);
     let o = ferry(&["restore", "--dir", dir.to_str().unwrap(), "--json"]);
     assert!(o.status.success(), "restore: {}", stderr(&o));
     let new = restored_pid(&o, pid);
