@@ -504,6 +504,12 @@ pub fn processes_mentioning(needle: &str) -> Vec<i32> {
         .collect()
 }
 
+/// The state letter of `pid` in /proc (`T`: stopped by job control, `Z`: a zombie);
+/// "?" when there is no such process.
+pub fn state(pid: i32) -> String {
+    stat_fields(pid).and_then(|f| f.into_iter().next()).unwrap_or_else(|| "?".into())
+}
+
 /// Whether `pid` runs: zombies (and dying tasks) count as gone.
 pub fn pid_alive(pid: i32) -> bool {
     match stat_fields(pid) {

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use ferry_tests::{
     ferry, needs, needs_root, stderr, stdout,
-    workload::{processes_mentioning, creds_of, pid_alive, send_signal, Script, Workload, WorkloadOpts, DEADLINE},
+    workload::{state, processes_mentioning, creds_of, pid_alive, send_signal, Script, Workload, WorkloadOpts, DEADLINE},
 };
 
 /// Why every test here needs root (see `ferry_tests::needs_root`).
@@ -386,12 +386,6 @@ fn a_copy_restores_at_once_beside_the_original_left_running() {
         stderr(&o).trim(),
         format!("ferry: process {} is back as {copy}: pid {} is held by another process (ferry-workload)", w.pid, w.pid)
     );
-}
-
-/// The state letter of `pid` in /proc (`T`: stopped by job control).
-fn state(pid: i32) -> String {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    stat.rsplit_once(") ").and_then(|(_, rest)| rest.split(' ').next()).unwrap_or("?").to_string()
 }
 
 #[test]

@@ -12,7 +12,7 @@ use std::{
 
 use ferry_tests::{
     ferry_bin, needs, needs_root, plugin_dir, stderr, wait_until,
-    workload::{processes_mentioning, creds_of, pid_alive, Script, Workload, WorkloadOpts},
+    workload::{state, processes_mentioning, creds_of, pid_alive, Script, Workload, WorkloadOpts},
 };
 
 
@@ -191,11 +191,6 @@ fn migrates_the_workload_over_loopback() {
     assert!(event["bytes"].as_u64().unwrap() > 8 << 20, "{event}");
     carries_on(&mut w, old, new, 3);
     assert!(daemon.log().contains("committed"), "{}", daemon.log());
-}
-
-fn state(pid: i32) -> String {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    stat.rsplit_once(") ").and_then(|(_, rest)| rest.split(' ').next()).unwrap_or("?").to_string()
 }
 
 #[test]

@@ -12,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-use ferry_tests::{ferry, needs, needs_root, stderr, stdout, wait_until};
+use ferry_tests::{ferry, needs, needs_root, stderr, stdout, wait_until, workload::pid_alive};
 
 const DEADLINE: Duration = Duration::from_secs(60);
 
@@ -190,7 +190,7 @@ impl Pair {
         let (c, s) = (self.log("client"), self.log("server"));
         assert!(!c.contains("FAIL") && !s.contains("FAIL"), "client:\n{c}\nserver:\n{s}");
         let _ = self.client.wait();
-        wait_until("the server to end", DEADLINE, || !alive(server_pid));
+        wait_until("the server to end", DEADLINE, || !pid_alive(server_pid));
         let _ = self.server.wait();
     }
 }
@@ -229,10 +229,6 @@ impl Drop for Killed {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn alive(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
 }
 
 /// (send queue, receive queue) of the connection whose local port is `port`, from
@@ -353,7 +349,7 @@ fn a_half_closed_connection_is_refused_and_the_server_runs_on() {
     let err = stderr(&o);
     assert_eq!(err.lines().count(), 1, "one line: {err}");
     assert!(err.contains(&hpid.to_string()) && err.contains("CLOSE_WAIT"), "{err}");
-    assert!(alive(hpid) && lock_tables(hpid).is_empty(), "runs on, no rule left");
+    assert!(pid_alive(hpid) && lock_tables(hpid).is_empty(), "runs on, no rule left");
     drop(peer);
 }
 
@@ -556,7 +552,7 @@ fn a_destination_killed_before_the_commit_leaves_the_connection_running_at_the_s
         .output()
         .unwrap();
     assert!(!o.status.success(), "the destination was to die: {}", keys.log(b));
-    assert!(alive(pid));
+    assert!(pid_alive(pid));
     for ns in [a, b] {
         let left = lock_tables_in(Some(ns), 0);
         assert!(left.is_empty(), "no lock left in {ns}: {left:?}");
@@ -678,6 +674,6 @@ fn a_migration_within_one_namespace_is_refused_and_the_connection_carries_on() {
     // The listener, first, finds its port taken (the connection's `connect` would find
     // its 4-tuple taken).
     assert!(err.contains("could not rebuild") && err.contains("TCP"), "{err}");
-    assert!(alive(pid) && lock_tables_in(Some(a), 0).is_empty(), "runs on, no lock left");
+    assert!(pid_alive(pid) && lock_tables_in(Some(a), 0).is_empty(), "runs on, no lock left");
     pair.finish(pid);
 }

@@ -13,7 +13,7 @@ use std::{
 
 use ferry_tests::{
     ferry, ferry_bin, needs_root, stderr, wait_until,
-    workload::{kill_pid, pid_alive, send_signal, Workload, WorkloadOpts, DEADLINE},
+    workload::{state, kill_pid, pid_alive, send_signal, Workload, WorkloadOpts, DEADLINE},
 };
 
 const ROOT: &str = "a checkpoint seizes the process (ptrace of any process)";
@@ -22,12 +22,6 @@ const ROOT: &str = "a checkpoint seizes the process (ptrace of any process)";
 fn children_of(pid: i32) -> Vec<i32> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
     text.split_whitespace().filter_map(|p| p.parse().ok()).collect()
-}
-
-/// The state letter of `pid` (field 3 of its stat).
-fn state(pid: i32) -> String {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    text.rsplit_once(") ").map(|(_, rest)| rest[..1].to_string()).unwrap_or_default()
 }
 
 /// `/proc/PID/status`'s TracerPid: 0 once ferry let the process go.
