@@ -2,11 +2,41 @@
 //! ferry (and the daemon) print one line per phase on stderr, stamped with the
 //! monotonic clock, so the source's and the destination's lines of one migration on
 //! one machine interleave by time. Off, a mark costs one relaxed load.
+//!
+//! The same marks are an event's phase times: a command (or a daemon's event thread)
+//! that called [`phases_begin`] gets every mark its thread made since, with the time
+//! from that call, from [`phases_take`], for `--json` and `--stats`.
 
-use std::sync::{
-    atomic::{AtomicU8, Ordering},
-    OnceLock,
+use std::{
+    cell::RefCell,
+    sync::{
+        atomic::{AtomicU8, Ordering},
+        OnceLock,
+    },
+    time::Instant,
 };
+
+/// One phase of an event ended `at_ms` after it started.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Phase {
+    pub phase: String,
+    pub at_ms: f64,
+}
+
+thread_local! {
+    static PHASES: RefCell<Option<(Instant, Vec<Phase>)>> = const { RefCell::new(None) };
+}
+
+/// Starts collecting this thread's marks as phases, timed from now.
+pub fn phases_begin() {
+    PHASES.with(|p| *p.borrow_mut() = Some((Instant::now(), Vec::new())));
+}
+
+/// The phases marked on this thread since [`phases_begin`] (none if it was not called);
+/// collecting stops.
+pub fn phases_take() -> Vec<Phase> {
+    PHASES.with(|p| p.borrow_mut().take().map(|(_, v)| v).unwrap_or_default())
+}
 
 static STATE: AtomicU8 = AtomicU8::new(0);
 static WHO: OnceLock<String> = OnceLock::new();
@@ -24,6 +54,12 @@ fn enabled() -> bool {
 
 /// Prints `phase` with the time, when tracing is on.
 pub fn mark(phase: impl std::fmt::Display) {
+    PHASES.with(|p| {
+        if let Some((since, v)) = p.borrow_mut().as_mut() {
+            let at_ms = (since.elapsed().as_secs_f64() * 1e6).round() / 1e3;
+            v.push(Phase { phase: phase.to_string(), at_ms });
+        }
+    });
     if !enabled() {
         return;
     }

@@ -19,7 +19,14 @@ fn checkpoint(pid: i32, dir: &Path, extra: &[&str]) -> serde_json::Value {
     args.extend_from_slice(extra);
     let o = ferry(&args);
     assert!(o.status.success(), "checkpoint failed: {}", stderr(&o));
-    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("bad --json output {:?}: {e}", stdout(&o)))
+    let stats: serde_json::Value =
+        serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("bad --json output {:?}: {e}", stdout(&o)));
+    // Its phases, each timed: the freeze, each plugin's part, the image complete.
+    let phases: Vec<&str> = stats["phases"].as_array().into_iter().flatten().filter_map(|p| p["phase"].as_str()).collect();
+    for phase in ["checkpoint memory done", "checkpoint files done", "image complete"] {
+        assert!(phases.contains(&phase), "no phase {phase:?} in {stats}");
+    }
+    stats
 }
 
 /// `ferry restore --dir DIR --json`; answers the new pid of `old`.
@@ -139,6 +146,8 @@ fn a_signal_sent_while_frozen_is_in_the_image_and_reaches_both_copies() {
     let show = ferry(&["show", dir.to_str().unwrap(), "--json"]);
     let shown: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
     assert!(shown.to_string().contains(r#""shared":[{"info":"0a00"#), "the image holds the pending SIGUSR1: {shown}");
+    let sigs = stdout(&ferry(&["show", dir.to_str().unwrap(), "sigs"]));
+    assert!(sigs.contains("pending (process) SIGUSR1"), "{sigs}");
     let original = w.pid;
     ferry_tests::workload::kill_pid(original);
     wait_gone(original);

@@ -101,6 +101,7 @@ impl Daemon {
         assert_eq!(event["bytes"], stats["bytes"], "bytes the destination read / the source sent: {event} / {stats}");
         assert_eq!(event["pages"], stats["pages"], "pages the destination read / the source sent: {event} / {stats}");
         assert!(event["pages"].as_u64().unwrap() >= pages, "the destination counted fewer than the {pages} pages written: {event}");
+        phases_in_order(&event, &["handshake done", "plan received", "rebuilt sent", "commit received"]);
         event
     }
 }
@@ -134,7 +135,23 @@ fn new_pid(o: &std::process::Output, old: i32) -> i32 {
     for key in ["frozen_ms", "total_ms", "bytes", "pages"] {
         assert!(stats[key].is_number(), "{key} missing from {stats}");
     }
+    phases_in_order(&stats, &["handshake done", "source frozen", "image sent", "released"]);
     stats["pids"][old.to_string()].as_i64().unwrap() as i32
+}
+
+/// `stats` (a command's `--json` or a daemon's `--stats` record) times each of `names`
+/// among its phases, in that order.
+fn phases_in_order(stats: &serde_json::Value, names: &[&str]) {
+    let phases = stats["phases"].as_array().unwrap_or_else(|| panic!("no phases in {stats}"));
+    let at = |name: &str| {
+        phases
+            .iter()
+            .find(|p| p["phase"] == name)
+            .and_then(|p| p["at_ms"].as_f64())
+            .unwrap_or_else(|| panic!("no phase {name:?} in {stats}"))
+    };
+    let times: Vec<f64> = names.iter().map(|n| at(n)).collect();
+    assert!(times.windows(2).all(|w| w[0] <= w[1]), "phases {names:?} out of order ({times:?}) in {stats}");
 }
 
 fn fails(o: &std::process::Output, needle: &str) {

@@ -87,6 +87,9 @@ pub struct MigrateStats {
     pub resumed_ms: Option<f64>,
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     pub lazy: Option<LazyStats>,
+    /// When each phase ended, from the command's start (`crate::trace::mark`s).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub phases: Vec<crate::trace::Phase>,
 }
 
 fn refused(message: impl Into<String>) -> EventError {
@@ -490,6 +493,7 @@ fn migrate_with(
                 throttle: throttle.as_ref().map_or(0, |t| t.steps()),
                 resumed_ms: lazy.then_some(frozen_ms),
                 lazy: lazy_stats,
+                phases: Vec::new(),
             })
         }
         Err(e) => {

@@ -122,6 +122,8 @@ pub struct EventRecord {
     pub pages: u64,
     /// Connection to release.
     pub total_ms: f64,
+    /// When each phase ended, from the connection's acceptance.
+    pub phases: Vec<crate::trace::Phase>,
 }
 
 impl EventRecord {
@@ -158,11 +160,13 @@ pub fn serve(
 ) -> EventRecord {
     let source = stream.peer_addr().map(|a| a.to_string()).unwrap_or_else(|_| "?".into());
     let started = Instant::now();
+    crate::trace::phases_begin();
     let mut record = EventRecord { source, ..EventRecord::default() };
     let end = |mut r: EventRecord, outcome: &'static str, detail: String| {
         r.outcome = outcome;
         r.detail = detail;
         r.total_ms = event::ms(started);
+        r.phases = crate::trace::phases_take();
         r
     };
     let _ = stream.set_read_timeout(Some(timeout));
@@ -178,6 +182,7 @@ pub fn serve(
         }
     };
     handshaken();
+    crate::trace::mark("handshake done");
     remember_token(&hello.token);
     record.token = Some(hello.token.clone());
     record.pid = Some(hello.pid);
@@ -267,6 +272,7 @@ pub fn serve(
     crate::trace::mark("rebuilt sent");
     let verdict = recv_verdict(&mut medium, timeout);
     if matches!(verdict, Ok(Verdict::Commit)) {
+        crate::trace::mark("commit received");
         crate::fault::point("commit-received");
     }
     match verdict {

@@ -75,6 +75,9 @@ pub struct Stats {
     pub total_ms: f64,
     pub bytes: u64,
     pub pages: u64,
+    /// When each phase ended, from the command's start (`crate::trace::mark`s).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub phases: Vec<crate::trace::Phase>,
 }
 
 pub fn ms(since: Instant) -> f64 {
