@@ -494,6 +494,7 @@ impl Config {
             message,
         };
         let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+        let text = &*explain::strip_comments(text);
         if text.trim().is_empty() {
             return Err(parse_err(
                 String::new(),
@@ -779,5 +780,6 @@ where
 
 // ---------------------------------------------------------------------------------------------
 
+pub mod explain;
 #[cfg(test)]
 mod tests;

@@ -76,8 +76,12 @@ enum Command {
     Show {
         /// Image directory.
         dir: PathBuf,
-        /// Print JSON instead of text.
-        #[arg(long)]
+        /// One kind of state of every process, laid out as /proc shows it: processes
+        /// (ps), memory areas (mems), open files (fds), signals (sigs).
+        #[arg(value_enum)]
+        view: Option<ShowView>,
+        /// Print JSON instead of text (the whole image; not with a view).
+        #[arg(long, conflicts_with = "view")]
         json: bool,
     },
     /// List, load and unload plugins.
@@ -191,8 +195,13 @@ enum PluginsCommand {
 enum ConfigCommand {
     /// Print the effective configuration: defaults < configuration file < command line.
     Show(MechanismArgs),
-    /// Print a documented example configuration file.
-    Example,
+    /// Print the example configuration file: every key at its default.
+    Example {
+        /// Write each key's documentation above it, as `//` comments (ferry reads
+        /// comments in a configuration file).
+        #[arg(long)]
+        explain: bool,
+    },
 }
 
 /// Command-line overrides of the configuration.
@@ -395,7 +404,8 @@ fn run(cli: Cli) -> Outcome {
                 leave_running: *leave_running,
                 watchdog: Duration::from_millis(config.watchdog_ms),
             };
-            let stats = with_progress("checkpoint", |p| checkpoint::checkpoint(&manager, &req, p)).map_err(event_failure)?;
+            let mut stats = with_progress("checkpoint", |p| checkpoint::checkpoint(&manager, &req, p)).map_err(event_failure)?;
+            stats.phases = ferry::trace::phases_take();
             if *json {
                 outln!("{}", serde_json::to_string(&stats)?);
             } else {
@@ -423,7 +433,8 @@ fn run(cli: Cli) -> Outcome {
                 medium: "file".into(),
                 watchdog: Duration::from_millis(config.watchdog_ms),
             };
-            let stats = with_progress("restore", |p| restore::restore(&manager, &req, p)).map_err(event_failure)?;
+            let mut stats = with_progress("restore", |p| restore::restore(&manager, &req, p)).map_err(event_failure)?;
+            stats.phases = ferry::trace::phases_take();
             if *json {
                 outln!("{}", serde_json::to_string(&stats)?);
             } else {
@@ -436,7 +447,7 @@ fn run(cli: Cli) -> Outcome {
             }
             Ok(())
         }
-        Command::Show { dir, json } => show(&cli, dir, *json),
+        Command::Show { dir, view, json } => show(&cli, dir, *view, *json),
         Command::Plugins { command } => plugins(&cli, command),
         Command::Check { json } => {
             // Empty cgroups left by a ferry killed before it could remove them: said on
@@ -495,8 +506,12 @@ fn run(cli: Cli) -> Outcome {
             outln!("wrote {} man pages into {}", written.len(), dir.display());
             Ok(())
         }
-        Command::Config { command: ConfigCommand::Example } => {
-            out!("{}", include_str!("../../examples/ferry.json"));
+        Command::Config { command: ConfigCommand::Example { explain } } => {
+            if *explain {
+                out!("{}", ferry::config::explain::explained());
+            } else {
+                out!("{}", ferry::config::explain::EXAMPLE);
+            }
             Ok(())
         }
         Command::Daemon { control, listen, auth_key, stats } => {
@@ -548,7 +563,8 @@ fn run(cli: Cli) -> Outcome {
                 fault_window: config.tuning.post_copy.fault_window_kib as u64 * 1024,
                 push_batch: config.tuning.post_copy.push_batch_kib as u64 * 1024,
             };
-            let stats = with_progress("migrate", |p| migrate::migrate(&manager, &req, p)).map_err(event_failure)?;
+            let mut stats = with_progress("migrate", |p| migrate::migrate(&manager, &req, p)).map_err(event_failure)?;
+            stats.phases = ferry::trace::phases_take();
             if *json {
                 outln!("{}", serde_json::to_string(&stats)?);
             } else {
@@ -581,6 +597,7 @@ fn with_progress<T>(what: &'static str, event: impl FnOnce(&mut dyn FnMut(&Tick)
         bar.set_length(t.status.bytes_total.max(t.status.bytes_done));
         bar.set_position(t.status.bytes_done);
     };
+    ferry::trace::phases_begin();
     let result = event(&mut tick);
     bar.finish_and_clear();
     result
@@ -599,7 +616,16 @@ impl image::Pull for StreamPull {
     }
 }
 
-fn show(cli: &Cli, dir: &Path, json: bool) -> Outcome {
+/// `ferry show DIR VIEW`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum ShowView {
+    Ps,
+    Mems,
+    Fds,
+    Sigs,
+}
+
+fn show(cli: &Cli, dir: &Path, view: Option<ShowView>, json: bool) -> Outcome {
     let config = effective(cli, Overrides::default())?;
     let manager = registry(&config)?;
     let lease = manager.acquire(PluginKind::Medium, "file")?;
@@ -614,10 +640,16 @@ fn show(cli: &Cli, dir: &Path, json: bool) -> Outcome {
     let mut inv_pull = open(image::INVENTORY_STREAM).map_err(Failure::failed)?;
     let inventory = image::Inventory::read_from(&mut inv_pull).map_err(|e| Failure::refused(format!("{}: {e}", dir.display())))?;
     let described = image::describe(&inventory, &mut open)?;
-    if json {
-        outln!("{}", serde_json::to_string_pretty(&described)?);
-    } else {
-        out!("{}", image::render_text(&described));
+    let view = view.map(|v| match v {
+        ShowView::Ps => image::View::Ps,
+        ShowView::Mems => image::View::Mems,
+        ShowView::Fds => image::View::Fds,
+        ShowView::Sigs => image::View::Sigs,
+    });
+    match (view, json) {
+        (Some(view), _) => out!("{}", image::render_view(&described, view)),
+        (None, true) => outln!("{}", serde_json::to_string_pretty(&described)?),
+        (None, false) => out!("{}", image::render_text(&described)),
     }
     Ok(())
 }

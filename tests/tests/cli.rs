@@ -134,7 +134,17 @@ fn config_show_layers_defaults_file_and_command_line() {
     assert!(example.status.success());
     let ex = dir.path().join("example.json");
     std::fs::write(&ex, &example.stdout).unwrap();
-    assert!(ferry(&["config", "show", "--config", ex.to_str().unwrap()]).status.success());
+    let plain = ferry(&["config", "show", "--config", ex.to_str().unwrap()]);
+    assert!(plain.status.success());
+    // So is the explained one, each key's documentation above it as comments.
+    let explained = ferry(&["config", "example", "--explain"]);
+    assert!(explained.status.success());
+    let text = stdout(&explained);
+    assert!(text.contains("// watchdog_ms: Every event") && text.contains("// daemon.auth_key: "), "{text}");
+    std::fs::write(&ex, &explained.stdout).unwrap();
+    let shown = ferry(&["config", "show", "--config", ex.to_str().unwrap()]);
+    assert!(shown.status.success(), "{}", stderr(&shown));
+    assert_eq!(stdout(&shown), stdout(&plain));
 }
 
 #[test]

@@ -39,7 +39,8 @@ pub fn examples(path: &str) -> &'static [(&'static str, &'static str)] {
         ],
         "show" => &[
             ("ferry show /var/lib/ferry/img", "the inventory and every plugin's records, as text"),
-            ("ferry show img --json | jq '.plugins[].name'", "the same as JSON, for scripts"),
+            ("ferry show img mems", "every process's memory areas, as /proc/PID/maps shows them (also ps, fds, sigs)"),
+            ("ferry show img --json | jq '.inventory.plugins[].name'", "the whole image as JSON, for scripts"),
         ],
         "plugins" => &[
             ("ferry plugins list", "every plugin, registered or refused with the reason"),
@@ -69,7 +70,10 @@ pub fn examples(path: &str) -> &'static [(&'static str, &'static str)] {
             ("ferry config show", "defaults, overridden by /etc/ferry/ferry.json"),
             ("ferry --config my.json config show --strategy post-copy", "what a request with that file and option would use"),
         ],
-        "config example" => &[("ferry config example", "print the example configuration, every key at its default")],
+        "config example" => &[
+            ("ferry config example", "print the example configuration, every key at its default"),
+            ("ferry config example --explain > /etc/ferry/ferry.json", "the same with what each key does written above it"),
+        ],
         "daemon" => &[
             ("ferry daemon", "hold the plugin registry and its control socket, no network port"),
             ("ferry daemon --listen 0.0.0.0:7711 --auth-key /etc/ferry/key --stats /var/log/ferry", "accept authenticated migrations, one statistics file per event"),

@@ -392,7 +392,8 @@ fn syntax_errors_name_the_file_and_position() {
         None,
         &["invalid JSON", "trailing characters", "line 1 column"],
     );
-    parse_err("{ // comment\n}", None, &["invalid JSON", "line 1 column"]);
+    // `//` comments are read (see comments_are_blanked_outside_strings_only…), `/* */` not.
+    parse_err("{ /* comment */\n}", None, &["invalid JSON", "line 1 column"]);
     parse_err(
         "{\"watchdog_ms\": }",
         Some("watchdog_ms"),
@@ -601,52 +602,43 @@ fn example_file_lists_every_key_with_its_default() {
 }
 
 #[test]
-fn readme_documents_every_key() {
-    let readme = include_str!("../../../examples/README.md");
-    let keys = [
-        "plugin_dir",
-        "mechanism.subsystems",
-        "mechanism.medium",
-        "mechanism.strategy",
-        "mechanism.quiesce",
-        "mechanism.context",
-        "tuning.pre_copy.downtime_budget_ms",
-        "tuning.pre_copy.max_rounds",
-        "tuning.pre_copy.throttle",
-        "tuning.pre_copy.dirty_tracking",
-        "tuning.post_copy.fault_window_kib",
-        "tuning.post_copy.push_batch_kib",
-        "tuning.hybrid.precopy_rounds",
-        "watchdog_ms",
-        "daemon.listen",
-        "daemon.control",
-        "daemon.auth_key",
-    ];
-    for key in keys {
-        assert!(readme.contains(&format!("`{key}`")), "README lacks `{key}`");
-    }
-    // And the list above is every key there is.
+fn readme_documents_every_key_and_the_explained_example_is_a_configuration() {
+    // The example's keys (what `--explain` documents) are every key there is,
     fn leaves(prefix: &str, v: &serde_json::Value, out: &mut Vec<String>) {
         match v {
             serde_json::Value::Object(map) => {
                 for (k, v) in map {
-                    let key = if prefix.is_empty() {
-                        k.clone()
-                    } else {
-                        format!("{prefix}.{k}")
-                    };
+                    let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
                     leaves(&key, v, out);
                 }
             }
             _ => out.push(prefix.to_owned()),
         }
     }
-    let value: serde_json::Value =
-        serde_json::from_str(&Config::default().to_json_pretty()).expect("json");
+    let value: serde_json::Value = serde_json::from_str(&Config::default().to_json_pretty()).expect("json");
     let mut all = Vec::new();
     leaves("", &value, &mut all);
     all.sort();
-    let mut listed: Vec<String> = keys.iter().map(|k| k.to_string()).collect();
+    let mut listed = explain::keys();
     listed.sort();
     assert_eq!(all, listed);
+    // each has its paragraph in the README, written above it,
+    let explained = explain::explained();
+    for key in explain::keys() {
+        let doc = explain::doc(&key).unwrap_or_else(|| panic!("README lacks a paragraph on `{key}`"));
+        assert!(doc.len() > 30, "`{key}`: {doc}");
+        assert!(explained.contains(&format!("// {key}: ")), "{explained}");
+    }
+    // and the whole is read back as the defaults.
+    assert_eq!(Config::parse(&explained, Path::new("explained.json")).expect("explained example parses"), Config::default());
+}
+
+#[test]
+fn comments_are_blanked_outside_strings_only_and_errors_keep_their_place() {
+    let text = "{ // all defaults but one\n  \"daemon\": {\"control\": \"/run//ferry.sock\"} // a path with //\n}";
+    let c = Config::parse(text, Path::new("c.json")).expect("parses");
+    assert_eq!(c.daemon.control, Path::new("/run//ferry.sock"));
+    let e = Config::parse("// note\n{\"watchdog_ms\": \"5\"}", Path::new("c.json")).unwrap_err().to_string();
+    assert!(e.contains("line 2"), "{e}");
+    assert!(Config::parse("// only a comment\n", Path::new("c.json")).unwrap_err().to_string().contains("empty"));
 }

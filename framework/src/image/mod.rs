@@ -202,9 +202,11 @@ fn format_byte(f: RecordFormat) -> u8 {
 mod inventory;
 mod record;
 mod show;
+mod views;
 pub use inventory::*;
 pub use record::*;
 pub use show::*;
+pub use views::*;
 
 #[cfg(test)]
 mod tests;

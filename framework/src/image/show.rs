@@ -181,7 +181,7 @@ pub fn render_text(v: &Value) -> String {
             let i = seen.entry(k.clone()).or_insert(0);
             *i += 1;
             out.push_str(&format!("  {k} #{i}:\n"));
-            for line in content_lines(content) {
+            for line in content_lines(&procify(&s(st, "plugin"), &k, content)) {
                 out.push_str("    ");
                 out.push_str(&line);
                 out.push('\n');

@@ -714,6 +714,30 @@ fn describe_and_render() {
 }
 
 #[test]
+fn records_read_as_proc_shows_them_and_views_take_any_shape() {
+    let area = json!({"areas": [{"start": 0x7f00_0000_0000u64, "end": 0x7f00_0000_1000u64, "prot": 5, "shared": true, "offset": 4096}]});
+    let mm = procify("memory", "mm", &area);
+    assert_eq!(mm["areas"][0]["start"], "0x7f0000000000");
+    assert_eq!(mm["areas"][0]["prot"], "r-xs");
+    assert_eq!(mm["areas"][0]["offset"], "0x1000");
+    let fd = procify("files", "fd", &json!({"flags": 0o102001, "object": {"mode": 0o100644}, "pos": 7}));
+    assert_eq!(fd["flags"], "0102001 O_WRONLY|O_APPEND|O_LARGEFILE");
+    assert_eq!(fd["object"]["mode"], "100644");
+    assert_eq!(fd["pos"], 7, "a count stays a number");
+    let act = procify("signals", "sigactions", &json!({"actions": [{"sig": 10, "handler": 1, "flags": 0x1400_0004u64, "mask": 4}]}));
+    assert_eq!(act["actions"][0]["handler"], "SIG_IGN");
+    assert_eq!(act["actions"][0]["flags"], "SA_SIGINFO|SA_RESTORER|SA_RESTART");
+    assert_eq!(act["actions"][0]["mask"], "0000000000000004");
+    // Another plugin's numbers of the same names are left alone.
+    assert_eq!(procify("mine", "x", &json!({"start": 5, "flags": 1})), json!({"start": 5, "flags": 1}));
+    for odd in [json!(null), json!({"inventory": {"processes": [{"pid": 1}, 3]}}), json!({"streams": 2})] {
+        for view in [View::Ps, View::Mems, View::Fds, View::Sigs] {
+            render_view(&odd, view);
+        }
+    }
+}
+
+#[test]
 fn render_caps_long_content() {
     let entries: Vec<Value> = (0..100)
         .map(|i| json!({"i": i, "pad": "x".repeat(300)}))
