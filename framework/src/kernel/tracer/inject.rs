@@ -128,10 +128,12 @@ impl Tracer {
         self.scratch.map(|a| (a + PAGE, SCRATCH_SIZE - 2 * PAGE))
     }
 
-    /// An address where the scratch area fits in the stopped target, as the kernel would
-    /// choose it (just below its lowest mapping in the top-down mmap area), known before
-    /// the area is mapped: a janitor told it first can remove the area even if ferry
-    /// dies in the very call that maps it. 0 when there is none (the kernel chooses).
+    /// An address where the scratch area fits in the stopped target, known before the
+    /// area is mapped: a janitor told it first can remove the area even if ferry dies in
+    /// the very call that maps it. Just below the target's lowest mapping at or above
+    /// 16 TiB — a PIE program's text (its heap grows up from above the text, never into
+    /// the gap below it), else the bottom of the top-down mmap area. 0 when there is no
+    /// such place (the kernel chooses).
     pub fn scratch_address(&self) -> u64 {
         const MMAP_AREA: u64 = 0x1000_0000_0000;
         let maps = std::fs::read_to_string(format!("/proc/{}/maps", self.pid)).unwrap_or_default();
