@@ -602,13 +602,6 @@ impl Config {
                 format!("must be 1 to {MAX_WATCHDOG_MS} (milliseconds without progress before an event is failed)"),
             ));
         }
-        // Accepted and then ignored, it would tell the user something untrue.
-        if m.context == ExecContext::Internal {
-            return Err(invalid(
-                "mechanism.context",
-                "the internal execution context is not built yet: use `external` (the default)",
-            ));
-        }
 
         let t = &self.tuning;
         if t.pre_copy.max_rounds == 0 {

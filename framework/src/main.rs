@@ -55,6 +55,10 @@ enum Command {
         /// Subsystem plugins, comma separated.
         #[arg(long, value_delimiter = ',', value_name = "LIST")]
         subsystems: Option<Vec<String>>,
+        /// Execution context: external (ferry's tracer makes each call in the process)
+        /// or internal (an agent in the process makes them).
+        #[arg(long)]
+        context: Option<ExecContext>,
         /// Print the statistics as one JSON object.
         #[arg(long)]
         json: bool,
@@ -139,6 +143,10 @@ enum Command {
         /// Subsystem plugins, comma separated.
         #[arg(long, value_delimiter = ',', value_name = "LIST")]
         subsystems: Option<Vec<String>>,
+        /// Execution context: external (ferry's tracer makes each call in the process)
+        /// or internal (an agent in the process makes them).
+        #[arg(long)]
+        context: Option<ExecContext>,
         /// Print the statistics as one JSON object.
         #[arg(long)]
         json: bool,
@@ -384,15 +392,17 @@ fn effective(cli: &Cli, extra: Overrides) -> Result<Config, Failure> {
     let overrides = Overrides { plugin_dir: cli.plugin_dir.clone(), ..extra };
     config.apply(&overrides);
     config.validate().map_err(|e| Failure::refused(e.to_string()))?;
+    // Who makes the calls in the processes this command seizes.
+    ferry::kernel::tracer::set_internal(config.mechanism.context == ExecContext::Internal);
     Ok(config)
 }
 
 fn run(cli: Cli) -> Outcome {
     match &cli.command {
-        Command::Checkpoint { pid, dir, leave_running, quiesce, subsystems, json } => {
+        Command::Checkpoint { pid, dir, leave_running, quiesce, subsystems, context, json } => {
             let config = effective(
                 &cli,
-                Overrides { quiesce: *quiesce, subsystems: subsystems.clone(), ..Overrides::default() },
+                Overrides { quiesce: *quiesce, subsystems: subsystems.clone(), context: *context, ..Overrides::default() },
             )?;
             let manager = registry(&config)?;
             let req = CheckpointRequest {
@@ -529,7 +539,7 @@ fn run(cli: Cli) -> Outcome {
             daemon::run(&opts)?;
             Ok(())
         }
-        Command::Migrate { pid, to, strategy, medium, auth_key, quiesce, subsystems, json } => {
+        Command::Migrate { pid, to, strategy, medium, auth_key, quiesce, subsystems, context, json } => {
             let config = effective(
                 &cli,
                 Overrides {
@@ -537,6 +547,7 @@ fn run(cli: Cli) -> Outcome {
                     strategy: *strategy,
                     medium: medium.clone(),
                     subsystems: subsystems.clone(),
+                    context: *context,
                     ..Overrides::default()
                 },
             )?;

@@ -179,6 +179,12 @@ pub trait ProcessContext {
         let _ = tid;
         RResult::RErr(PluginError::new("ferry", "reading seccomp filters is not offered by this context"))
     }
+    /// File descriptors the framework holds in the process for the event (the internal
+    /// context's agent's socket): not the process's state, never checkpointed. (After
+    /// the prefix: a host without it answers none.)
+    fn own_fds(&self) -> RVec<i32> {
+        RVec::new()
+    }
 }
 
 /// Where a subsystem's checkpoint writes its records; the framework frames each one

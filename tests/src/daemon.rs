@@ -11,7 +11,11 @@ use crate::{ferry_bin, wait_until};
 
 /// `ferry migrate PID --to TO --json --strategy STRATEGY`.
 pub fn migrate(pid: i32, to: &str, strategy: &str) -> std::process::Output {
-    Command::new(ferry_bin()).args(["migrate", &pid.to_string(), "--to", to, "--json", "--strategy", strategy]).output().unwrap()
+    Command::new(ferry_bin())
+        .args(["migrate", &pid.to_string(), "--to", to, "--json", "--strategy", strategy])
+        .args(crate::context_args())
+        .output()
+        .unwrap()
 }
 
 /// A TCP port free on loopback now.

@@ -90,9 +90,25 @@ pub fn plugin_file(name: &str) -> PathBuf {
     }
 }
 
-/// Runs `ferry` with `args` and no configuration file of the machine's.
+/// Runs `ferry` with `args` and no configuration file of the machine's; a checkpoint or
+/// a migration in the execution context the run asks for ([`context_args`]).
 pub fn ferry(args: &[&str]) -> Output {
-    Command::new(ferry_bin()).args(args).output().expect("ferry runs")
+    let mut cmd = Command::new(ferry_bin());
+    cmd.args(args);
+    if matches!(args.first(), Some(&"checkpoint") | Some(&"migrate")) {
+        cmd.args(context_args());
+    }
+    cmd.output().expect("ferry runs")
+}
+
+/// `--context internal` when the run sets `FERRY_TEST_CONTEXT=internal` (`scripts/test`
+/// runs the checkpoint and migration tests once more so: the same tests, the other
+/// execution context), else nothing (ferry's default, external).
+pub fn context_args() -> Vec<String> {
+    match std::env::var("FERRY_TEST_CONTEXT") {
+        Ok(c) if !c.is_empty() => vec!["--context".into(), c],
+        _ => Vec::new(),
+    }
 }
 
 pub fn stdout(o: &Output) -> String {

@@ -25,7 +25,7 @@ fn cgroup_v2_of(pid: i32) -> String {
 /// Checkpoints `w` with ferry killed (SIGKILL) at its `n`-th injected system call.
 fn checkpoint_killed_at(w: &Workload, dir: &Path, n: u32, quiesce: &str) {
     let o = Command::new(ferry_bin())
-        .args(["checkpoint", &w.pid.to_string(), "--dir", dir.to_str().unwrap(), "--quiesce", quiesce])
+        .args(["checkpoint", &w.pid.to_string(), "--dir", dir.to_str().unwrap(), "--quiesce", quiesce]).args(ferry_tests::context_args())
         .env("FERRY_FAULT", format!("inject@{n}"))
         .output()
         .unwrap();
@@ -77,7 +77,7 @@ fn a_source_survives_its_migration_client_killed_in_the_middle_of_any_injected_c
             let mut w = Workload::spawn(&WorkloadOpts { threads: 1, files: false, mem_mib: 4, ..Default::default() });
             w.wait_ticks(2);
             let o = Command::new(ferry_bin())
-                .args(["migrate", &w.pid.to_string(), "--to", &addr, "--strategy", strategy, "--auth-key", key.to_str().unwrap()])
+                .args(["migrate", &w.pid.to_string(), "--to", &addr, "--strategy", strategy, "--auth-key", key.to_str().unwrap()]).args(ferry_tests::context_args())
                 .env("FERRY_FAULT", format!("inject@{n}"))
                 .output()
                 .unwrap();
@@ -106,7 +106,7 @@ fn a_checkpoint_killed_midway_leaves_no_scratch_area_no_cgroup_and_no_image() {
         let dir = image.path().join("img");
         // Killed once the first subsystem plugin wrote its records.
         let o = Command::new(ferry_bin())
-            .args(["checkpoint", &w.pid.to_string(), "--dir", dir.to_str().unwrap(), "--quiesce", quiesce])
+            .args(["checkpoint", &w.pid.to_string(), "--dir", dir.to_str().unwrap(), "--quiesce", quiesce]).args(ferry_tests::context_args())
             .env("FERRY_FAULT", "checkpoint-mid")
             .output()
             .unwrap();
@@ -140,7 +140,7 @@ fn migrate_killed(w: &Workload, strategy: &str, extra: &[&str], kill: Kill) -> i
         Kill::Source(_) => None,
     });
     let mut cmd = Command::new(ferry_bin());
-    cmd.args(["migrate", &w.pid.to_string(), "--to", &daemon.addr, "--strategy", strategy]).args(extra);
+    cmd.args(["migrate", &w.pid.to_string(), "--to", &daemon.addr, "--strategy", strategy]).args(extra).args(ferry_tests::context_args());
     if let Kill::Source(p) = kill {
         cmd.env("FERRY_FAULT", p);
     }

@@ -123,7 +123,7 @@ fn migrate(netns: Option<&str>, pid: i32, to: &str, extra: &[&str]) -> std::proc
         }
         None => Command::new(ferry_bin()),
     };
-    cmd.args(["migrate", &pid.to_string(), "--to", to, "--json"]).args(extra);
+    cmd.args(["migrate", &pid.to_string(), "--to", to, "--json"]).args(extra).args(ferry_tests::context_args());
     cmd.output().unwrap()
 }
 

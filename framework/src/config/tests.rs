@@ -211,10 +211,6 @@ fn overrides_beat_the_file() {
     assert_eq!(c.watchdog_ms, 7);
     assert_eq!(c.daemon.listen.as_deref(), Some("[::1]:2"));
     assert_eq!(c.daemon.control, PathBuf::from("/tmp/c.sock"));
-    // Parsed, but refused until it exists (it would be silently ignored).
-    let e = c.validate().unwrap_err().to_string();
-    assert!(e.contains("the internal execution context is not built yet"), "{e}");
-    c.mechanism.context = ExecContext::External;
     c.validate().expect("valid");
     c.watchdog_ms = u64::MAX;
     assert!(c.validate().unwrap_err().to_string().contains("must be 1 to 86400000"));

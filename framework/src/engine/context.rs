@@ -214,6 +214,10 @@ impl ProcessContext for ExternalContext<'_> {
         let r = self.tracer.seccomp_filters(tid).map(RVec::from);
         self.lift(r)
     }
+
+    fn own_fds(&self) -> RVec<i32> {
+        self.tracer.agent_fd().into_iter().collect()
+    }
 }
 
 /// `/proc/<pid>/<name>`, refusing a name that leaves the process's directory.

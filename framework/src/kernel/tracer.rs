@@ -27,6 +27,7 @@ pub use ferry_plugin_api::util::NT_PRSTATUS;
 pub const NT_X86_XSTATE: u32 = 0x202;
 
 pub use super::error::TraceError;
+pub use agent::{set_internal, MAX_BATCH};
 
 fn errno() -> io::Error {
     io::Error::last_os_error()
@@ -152,6 +153,10 @@ pub struct Tracer {
     group_stopped: bool,
     /// Its seccomp filters are suspended while ferry holds it (see `seccomp`).
     seccomp_suspended: bool,
+    /// Injected calls go through an agent in the process (`agent`): the internal
+    /// execution context, for a process seized (not one ferry builds).
+    internal: bool,
+    agent: Option<agent::Agent>,
 }
 
 impl Tracer {
@@ -199,6 +204,8 @@ impl Tracer {
             forked: Vec::new(),
             group_stopped,
             seccomp_suspended: false,
+            internal: extra == 0 && agent::internal(),
+            agent: None,
         };
         let mut seized: Vec<pid_t> = Vec::new();
         // TRACESYSGOOD: an injected call is followed by its system-call stops.
@@ -370,6 +377,10 @@ impl Tracer {
     }
 
     fn thread(&mut self, tid: pid_t) -> Result<&mut Thread, TraceError> {
+        // Whatever is asked of the thread, it is asked of the thread, not of the agent.
+        if self.agent.as_ref().is_some_and(|a| a.tid == tid) {
+            self.pause_agent()?;
+        }
         self.threads
             .get_mut(&tid)
             .ok_or(TraceError::Thread { tid, message: "not a traced thread of this event".into() })
@@ -492,6 +503,7 @@ impl Tracer {
         if self.detached {
             return Ok(());
         }
+        let removed = self.remove_agent();
         self.detached = true;
         let mut first_err = None;
         let tids = self.tids();
@@ -508,7 +520,7 @@ impl Tracer {
             }
         }
         self.threads.clear();
-        first_err.map_or(Ok(()), Err)
+        first_err.map_or(removed, Err)
     }
 
     /// Sends SIGKILL to the process and to the children it holds; answers the threads
@@ -657,6 +669,7 @@ pub(crate) fn vm_ranges(pid: pid_t, ranges: &[(u64, u64)], local: *mut u8, local
     Ok(done)
 }
 
+mod agent;
 mod debugregs;
 mod fate;
 mod running;

@@ -398,6 +398,9 @@ impl Checkpoint {
                 .ok_or_else(|| format!("{dir} holds {name:?}, which is not an fd number"))?;
             fds.push(fd);
         }
+        // The framework's own (the internal context's agent's socket) are not the process's.
+        let own = ctx.own_fds();
+        fds.retain(|fd| !own.contains(fd));
         fds.sort_unstable();
 
         let mut entries = Vec::with_capacity(fds.len());

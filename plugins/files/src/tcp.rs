@@ -393,8 +393,12 @@ impl Source {
         self.pid = pid;
         let dir = std::fs::read_dir(format!("/proc/{pid}/fd")).map_err(|e| format!("reading /proc/{pid}/fd: {e}"))?;
         let (mut sample, mut namespace) = (None, None);
+        let own = ctx.own_fds();
         for e in dir.flatten() {
             let Ok(fd) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+            if own.contains(&fd) {
+                continue;
+            }
             if !std::fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy().starts_with("socket:")) {
                 continue;
             }

@@ -33,7 +33,7 @@ use super::*;
 ///     lea rsp, [rip + data + 128]     the frame: rip, cs, rflags, rsp, ss
 ///     iretq                           (allowed at CPL 3 to CPL 3)
 /// ```
-fn site_code(data: u64) -> Vec<u8> {
+pub(super) fn site_code(data: u64) -> Vec<u8> {
     // Each instruction: its bytes before a 32-bit displacement to `data + field`, the
     // field (none: no displacement), and its bytes after.
     const PROGRAM: &[(&[u8], Option<u64>, &[u8])] = &[
@@ -87,10 +87,10 @@ const BORROWED_LEN: u64 = BORROWED_DATA + 8 * 21;
 /// What a thread let go in the middle of an injected call needs to carry on: its
 /// signal mask, its general registers in [`site_code`]'s order, then the `iretq` frame
 /// (rip, cs, flags, rsp, ss), with its own interrupted call made again ([`resumed`]).
-struct Recovery([u64; 21]);
+pub(super) struct Recovery([u64; 21]);
 
 impl Recovery {
-    fn of(saved: &user_regs_struct, mask: u64) -> Recovery {
+    pub(super) fn of(saved: &user_regs_struct, mask: u64) -> Recovery {
         let r = resumed(saved);
         Recovery([
             mask, r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp, r.r8, r.r9, r.r10, r.r11, r.r12, r.r13, r.r14, r.r15,
@@ -98,7 +98,7 @@ impl Recovery {
         ])
     }
 
-    fn bytes(&self) -> Vec<u8> {
+    pub(super) fn bytes(&self) -> Vec<u8> {
         self.0.iter().flat_map(|v| v.to_le_bytes()).collect()
     }
 }
@@ -182,6 +182,8 @@ impl Tracer {
 
     /// Removes the scratch area, again from a borrowed site.
     pub fn unmap_scratch(&mut self) -> Result<(), TraceError> {
+        // The agent lives in it.
+        self.remove_agent()?;
         let Some(addr) = self.scratch.take() else { return Ok(()) };
         let pid = self.pid;
         self.leaving = Some(addr);
@@ -258,6 +260,14 @@ impl Tracer {
     /// kernel's return value (negative errno on failure). New threads the call makes
     /// (clone) become traced threads of this tracer.
     pub fn inject(&mut self, tid: pid_t, nr: i64, args: [u64; 6]) -> Result<i64, TraceError> {
+        if let Some(r) = self.through_agent(tid, nr, args) {
+            return r;
+        }
+        self.inject_outside(tid, nr, args)
+    }
+
+    /// [`Tracer::inject`] with ptrace, never through the internal context's agent.
+    pub(super) fn inject_outside(&mut self, tid: pid_t, nr: i64, args: [u64; 6]) -> Result<i64, TraceError> {
         match self.scratch {
             Some(site) => self.inject_at(site, tid, nr, args, Some(site + RECOVERY_DATA)),
             None => self.borrowed(|t, site, recovery| t.inject_at(site, tid, nr, args, recovery)),
@@ -266,6 +276,8 @@ impl Tracer {
 
     /// `recovery`: where the site's code reads its recovery block (none: a trap site).
     fn inject_at(&mut self, site: u64, tid: pid_t, nr: i64, args: [u64; 6], recovery: Option<u64>) -> Result<i64, TraceError> {
+        // The thread itself (an agent running on it is paused first).
+        self.thread(tid)?;
         // Every signal stays blocked while our call runs: one pending (or arriving) is
         // then neither delivered on the way back from it nor taken out of the queue by
         // us, and keeps its siginfo for the process (or the image). A call about the

@@ -13,6 +13,8 @@ impl Tracer {
     /// than run on without the memory ferry was to bring it). Call [`Tracer::tend`]
     /// often meanwhile, and [`Tracer::detach_running`] to let it go.
     pub fn run_traced(&mut self) -> Result<(), TraceError> {
+        // The process runs its own code from here: the agent (and its fd) goes first.
+        self.remove_agent()?;
         let opts = (libc::PTRACE_O_EXITKILL | libc::PTRACE_O_TRACECLONE | libc::PTRACE_O_TRACEEXEC | libc::PTRACE_O_TRACEFORK) as usize;
         for tid in self.tids() {
             let t = self.thread(tid)?;
