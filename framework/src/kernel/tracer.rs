@@ -386,6 +386,21 @@ impl Tracer {
             .ok_or(TraceError::Thread { tid, message: "not a traced thread of this event".into() })
     }
 
+    /// The next stop of traced thread `tid` (its wait status); the thread's end, which
+    /// forgets it, is an error saying how the process ended.
+    fn next_stop(&mut self, tid: pid_t) -> Result<i32, TraceError> {
+        loop {
+            let status = wait(tid)?;
+            if libc::WIFEXITED(status) || libc::WIFSIGNALED(status) {
+                self.threads.remove(&tid);
+                return Err(TraceError::ended(self.pid, status));
+            }
+            if libc::WIFSTOPPED(status) {
+                return Ok(status);
+            }
+        }
+    }
+
     /// The registers the thread had when it was seized (or was last given).
     pub fn saved_regs(&mut self, tid: pid_t) -> Result<user_regs_struct, TraceError> {
         Ok(self.thread(tid)?.regs)

@@ -236,14 +236,7 @@ impl Tracer {
         agent.running = false;
         ptrace(libc::PTRACE_INTERRUPT, tid, 0, 0, "PTRACE_INTERRUPT")?;
         loop {
-            let status = wait(tid)?;
-            if libc::WIFEXITED(status) || libc::WIFSIGNALED(status) {
-                self.threads.remove(&tid);
-                return Err(TraceError::ended(self.pid, status));
-            }
-            if !libc::WIFSTOPPED(status) {
-                continue;
-            }
+            let status = self.next_stop(tid)?;
             if event_of(status) == libc::PTRACE_EVENT_STOP {
                 break;
             }

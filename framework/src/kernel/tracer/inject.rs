@@ -354,14 +354,7 @@ impl Tracer {
         }
         let mut entered = false;
         loop {
-            let status = wait(tid)?;
-            if libc::WIFEXITED(status) || libc::WIFSIGNALED(status) {
-                self.threads.remove(&tid);
-                return Err(TraceError::ended(self.pid, status));
-            }
-            if !libc::WIFSTOPPED(status) {
-                continue;
-            }
+            let status = self.next_stop(tid)?;
             let sig = libc::WSTOPSIG(status);
             match (event_of(status), sig) {
                 (0, s) if s == libc::SIGTRAP | 0x80 => {
