@@ -433,6 +433,8 @@ fn verdicts_round_trip() {
             reason: "user".into(),
         },
         Verdict::Released,
+        Verdict::Ready,
+        Verdict::Run,
     ] {
         assert_eq!(Verdict::from_json(&v.to_json()).unwrap(), v);
     }
