@@ -6,9 +6,13 @@
 //! - `rolled back`: the source runs on, no copy anywhere;
 //! - `committed`: the source is gone and exactly one copy runs (a migration), or the
 //!   image is complete (a checkpoint: it restores and the restored process passes);
-//! - `FAILED`: anything else — no process left, two, a process that fails its own
-//!   check, ferry's scratch area or cgroup left in the survivor. The first few are
-//!   printed in full.
+//! - `lost`: post-copy and hybrid killed past their commit point (the destination's
+//!   `ready`): the copy may have run, so the source never runs again, and the copy
+//!   cannot be completed without it — no process is left, its log is continuous (no
+//!   tick repeated) and nothing of ferry's is left around it;
+//! - `FAILED`: anything else — no process left (other than `lost`), two, a tick logged
+//!   twice, a process that fails its own check, ferry's scratch area or cgroup left in
+//!   the survivor. The first few are printed in full.
 //!
 //! The kill instant is uniform over 1.2 × the command's undisturbed wall time (measured
 //! first, median of 3), so most kills land inside it. The seed is printed; `SEED=n`
@@ -33,6 +37,7 @@ struct Tally {
     done: u32,
     rolled_back: u32,
     committed: u32,
+    lost: u32,
     failed: Vec<String>,
 }
 
@@ -92,6 +97,8 @@ fn attempt(mode: &str, after: Option<Duration>, addr: &str, key: &Path) -> Resul
     let status = ferry.wait().unwrap();
     let ms = started.elapsed().as_secs_f64() * 1e3;
     let finished = status.success();
+    // Post-copy and hybrid may lose the process past their commit point.
+    let may_lose = mode == "migrate post-copy" || mode == "migrate hybrid";
     // What ferry left settles (a destination rolling back, a janitor at work): one
     // process without ferry's traces, or none after a checkpoint that killed its source.
     let settle = Instant::now() + Duration::from_secs(30);
@@ -99,7 +106,7 @@ fn attempt(mode: &str, after: Option<Duration>, addr: &str, key: &Path) -> Resul
         let now = processes_mentioning(&log);
         let settled = match now.as_slice() {
             [one] => residue(*one).is_none(),
-            [] => mode.starts_with("checkpoint"),
+            [] => mode.starts_with("checkpoint") || may_lose,
             _ => false,
         };
         if settled || Instant::now() > settle {
@@ -112,6 +119,15 @@ fn attempt(mode: &str, after: Option<Duration>, addr: &str, key: &Path) -> Resul
     }
     let survivor = match survivors.as_slice() {
         [one] => *one,
+        [] if may_lose => {
+            // Lost: nothing of ferry's left around the source, and what the copy
+            // logged was never logged again.
+            if let Some(r) = residue(old) {
+                return Err(format!("lost, but {r}"));
+            }
+            w.check_continuous().map_err(|e| format!("lost, and {e}"))?;
+            return Ok(("lost", ms));
+        }
         [] if mode.starts_with("checkpoint") => {
             // The source was killed at the end of the checkpoint: its image must bring it back.
             let o = Command::new(ferry_bin()).args(["restore", "--dir", image.to_str().unwrap(), "--json"]).output().unwrap();
@@ -148,7 +164,7 @@ fn main() {
     let addr = format!("127.0.0.1:{}", 7800 + std::process::id() % 100);
     let _d = daemon(None, &addr, &tmp.path().join("d.sock"), &key);
 
-    println!("{:>22} {:>8} {:>6} {:>6} {:>12} {:>10} {:>7}", "mode", "wall ms", "kills", "done", "rolled back", "committed", "FAILED");
+    println!("{:>22} {:>8} {:>6} {:>6} {:>12} {:>10} {:>6} {:>7}", "mode", "wall ms", "kills", "done", "rolled back", "committed", "lost", "FAILED");
     let modes = [
         "checkpoint ptrace",
         "checkpoint freezer",
@@ -167,15 +183,17 @@ fn main() {
             match attempt(mode, Some(after), &addr, &key) {
                 Ok(("done", _)) => t.done += 1,
                 Ok(("rolled back", _)) => t.rolled_back += 1,
+                Ok(("lost", _)) => t.lost += 1,
                 Ok(_) => t.committed += 1,
                 Err(e) => t.failed.push(format!("killed after {after:?}: {e}")),
             }
         }
         println!(
-            "{mode:>22} {wall:>8.1} {runs:>6} {:>6} {:>12} {:>10} {:>7}",
+            "{mode:>22} {wall:>8.1} {runs:>6} {:>6} {:>12} {:>10} {:>6} {:>7}",
             t.done,
             t.rolled_back,
             t.committed,
+            t.lost,
             t.failed.len()
         );
         for f in t.failed.iter().take(3) {
