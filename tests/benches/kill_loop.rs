@@ -58,6 +58,15 @@ fn residue(pid: i32) -> Option<String> {
     (!left.is_empty()).then(|| left.join("; "))
 }
 
+/// Whether process `pid` runs traced by no one, seen in one read of its status: a
+/// copy the destination kills and reaps meanwhile is a zombie no longer traced.
+fn untraced(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| {
+        let state = s.lines().find_map(|l| l.strip_prefix("State:")).unwrap_or("").trim_start();
+        s.contains("TracerPid:\t0\n") && !state.starts_with('Z') && !state.starts_with('X')
+    })
+}
+
 /// The command for one attempt on `w`.
 fn command(mode: &str, w: &Workload, image: &Path, addr: &str, key: &Path) -> Command {
     let mut c = Command::new(ferry_bin());
@@ -105,7 +114,9 @@ fn attempt(mode: &str, after: Option<Duration>, addr: &str, key: &Path) -> Resul
     let survivors = loop {
         let now = processes_mentioning(&log);
         let settled = match now.as_slice() {
-            [one] => residue(*one).is_none(),
+            // Let go: a copy still traced by the destination may yet be killed there
+            // (post-copy's, whose source died with its ferry).
+            [one] => residue(*one).is_none() && untraced(*one),
             [] => mode.starts_with("checkpoint") || may_lose,
             _ => false,
         };
@@ -143,8 +154,16 @@ fn attempt(mode: &str, after: Option<Duration>, addr: &str, key: &Path) -> Resul
     if let Some(r) = residue(survivor) {
         return Err(r);
     }
+    // It carries on: three more ticks (a survivor that dies meanwhile is a failure).
     let at = *w.ticks().last().unwrap();
-    w.wait_ticks(at + 3);
+    let until = Instant::now() + Duration::from_secs(30);
+    while w.ticks().len() < at as usize + 3 {
+        if !ferry_tests::workload::pid_alive(survivor) || Instant::now() > until {
+            let which = if survivor == old { "the source" } else { "the copy" };
+            return Err(format!("{which} ({survivor}) stopped after tick {at}; log ends {:?}", w.lines().iter().rev().take(3).collect::<Vec<_>>()));
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
     w.terminate_and_check(survivor)?;
     Ok((if finished { "done" } else if survivor == old { "rolled back" } else { "committed" }, ms))
 }
