@@ -281,7 +281,7 @@ fn a_hybrid_migration_killed_rolls_back_before_its_copy_runs_and_is_lost_after()
 }
 
 #[test]
-fn a_migration_quiesced_by_the_freezer_killed_at_any_phase_leaves_one_copy() {
+fn a_migration_quiesced_by_the_freezer_killed_at_any_phase_leaves_one_copy_or_loses_a_lazy_one() {
     if !needs_root(ROOT) {
         return;
     }
@@ -300,6 +300,20 @@ fn a_migration_quiesced_by_the_freezer_killed_at_any_phase_leaves_one_copy() {
             let survivor = migrate_killed(&w, strategy, &["--quiesce", "freezer"], kill, fate);
             ends_as(w, survivor, fate, &format!("{strategy} --quiesce freezer, {kill:?}"));
         }
+    }
+    // Post-copy lost past its commit point: the source, killed in ferry's cgroup, leaves
+    // no cgroup behind (the guardian's work when ferry died, ferry's own otherwise).
+    let kills = [
+        (Kill::Destination("commit-received"), Fate::Source),
+        (Kill::Source("commit-sent"), Fate::Lost),
+        (Kill::Destination("run-received"), Fate::Lost),
+    ];
+    for (kill, fate) in kills {
+        let w = Workload::spawn(&WorkloadOpts { threads: 2, files: false, mem_mib: 4, dirty_pages: 4, tick_ms: 5, ..Default::default() });
+        w.wait_ready();
+        w.wait_ticks(2);
+        let survivor = migrate_killed(&w, "post-copy", &["--quiesce", "freezer"], kill, fate);
+        ends_as(w, survivor, fate, &format!("post-copy --quiesce freezer, {kill:?}"));
     }
 }
 
