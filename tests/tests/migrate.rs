@@ -972,7 +972,7 @@ fn a_daemon_answers_a_frame_it_will_not_read_and_hellos_that_name_no_event() {
     // A hello with a strategy nobody knows and a pid that is no process: refused at once
     // (they were welcomed, then timed out).
     let hello = serde_json::json!({
-        "type": "hello", "protocol": 2, "arch": std::env::consts::ARCH, "page_size": 4096,
+        "type": "hello", "protocol": ferry::wire::protocol::PROTOCOL_VERSION, "arch": std::env::consts::ARCH, "page_size": 4096,
         "token": "0123456789abcdef0123456789abcdef", "request_id": 1, "pid": -1, "strategy": "teleport",
         "medium": {"name": "tcp", "version": "0.1.0"}, "subsystems": [], "features": []
     })

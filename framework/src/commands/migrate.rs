@@ -449,9 +449,11 @@ fn migrate_with(
                 match released.and_then(|_| verdict_serving(medium, req.pid, req.timeout)) {
                     Ok(Verdict::Ready) => {}
                     other => {
+                        let why = unexpected(other);
+                        // A `ready` still on its way must not be answered by a `run`.
+                        let _ = send_verdict(medium, &Verdict::Abort { reason: why.clone() });
                         let_go(tracer, live);
                         drop(freezer);
-                        let why = unexpected(other);
                         return Err(failed(format!("the destination did not take the process ({why}); it runs on here")));
                     }
                 }

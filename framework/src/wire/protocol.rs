@@ -92,10 +92,13 @@ use ferry_plugin_api::util::to_hex;
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
-/// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u32 = 2;
-/// The oldest protocol version this build still accepts.
-pub const PROTOCOL_MIN: u32 = 2;
+/// The protocol version this build speaks. 3: post-copy and hybrid commit with
+/// `ready` and `run` before the copy runs.
+pub const PROTOCOL_VERSION: u32 = 3;
+/// The oldest protocol version this build still accepts. A version-2 peer would let a
+/// post-copy copy run before the source gave itself up (and roll the source back after
+/// it ran): refused before anything is frozen.
+pub const PROTOCOL_MIN: u32 = 3;
 /// The largest message body accepted, in bytes.
 pub const MAX_MESSAGE: usize = 1 << 20;
 /// The shortest key [`load_key`] accepts, in bytes.
