@@ -10,8 +10,11 @@
 //! target must survive ferry's death there), `precopy-round` (the source, after each
 //! pre-copy round, hybrid's one included), `frozen` (the source of a migration, once the
 //! process is quiesced, before the plan), `commit-sent` (the source, after it sent the
-//! commit, before the destination's `released`), `commit-received` (the destination,
-//! after the commit, before it lets its copy run), `restore-restart` (a local restore,
+//! commit — post-copy and hybrid: `run`, past their commit point — before the
+//! destination's `released`), `commit-received` (the destination, after the commit,
+//! before it lets its copy run — post-copy and hybrid: before it says `ready`),
+//! `run-received` (post-copy and hybrid, the destination, after `run`, before its copy
+//! runs: the source has given itself up), `restore-restart` (a local restore,
 //! before the rebuilt process is let go). `<point>@<n>` dies at the n-th time the point
 //! is reached. `hang:<point>[@<n>]` stops there for good instead (a step that never
 //! returns, for the watchdog to end).

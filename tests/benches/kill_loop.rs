@@ -6,9 +6,13 @@
 //! - `rolled back`: the source runs on, no copy anywhere;
 //! - `committed`: the source is gone and exactly one copy runs (a migration), or the
 //!   image is complete (a checkpoint: it restores and the restored process passes);
-//! - `FAILED`: anything else — no process left, two, a process that fails its own
-//!   check, ferry's scratch area or cgroup left in the survivor. The first few are
-//!   printed in full.
+//! - `lost`: post-copy and hybrid killed past their commit point (the destination's
+//!   `ready`): the copy may have run, so the source never runs again, and the copy
+//!   cannot be completed without it — no process is left, its log is continuous (no
+//!   tick repeated) and nothing of ferry's is left around it;
+//! - `FAILED`: anything else — no process left (other than `lost`), two, a tick logged
+//!   twice, a process that fails its own check, ferry's scratch area or cgroup left in
+//!   the survivor. The first few are printed in full.
 //!
 //! The kill instant is uniform over 1.2 × the command's undisturbed wall time (measured
 //! first, median of 3), so most kills land inside it. The seed is printed; `SEED=n`
@@ -33,6 +37,7 @@ struct Tally {
     done: u32,
     rolled_back: u32,
     committed: u32,
+    lost: u32,
     failed: Vec<String>,
 }
 
@@ -51,6 +56,15 @@ impl Rng {
 fn residue(pid: i32) -> Option<String> {
     let left = ferry_tests::residue::residue(&[pid], None);
     (!left.is_empty()).then(|| left.join("; "))
+}
+
+/// Whether process `pid` runs traced by no one, seen in one read of its status: a
+/// copy the destination kills and reaps meanwhile is a zombie no longer traced.
+fn untraced(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| {
+        let state = s.lines().find_map(|l| l.strip_prefix("State:")).unwrap_or("").trim_start();
+        s.contains("TracerPid:\t0\n") && !state.starts_with('Z') && !state.starts_with('X')
+    })
 }
 
 /// The command for one attempt on `w`.
@@ -92,14 +106,18 @@ fn attempt(mode: &str, after: Option<Duration>, addr: &str, key: &Path) -> Resul
     let status = ferry.wait().unwrap();
     let ms = started.elapsed().as_secs_f64() * 1e3;
     let finished = status.success();
+    // Post-copy and hybrid may lose the process past their commit point.
+    let may_lose = mode == "migrate post-copy" || mode == "migrate hybrid";
     // What ferry left settles (a destination rolling back, a janitor at work): one
     // process without ferry's traces, or none after a checkpoint that killed its source.
     let settle = Instant::now() + Duration::from_secs(30);
     let survivors = loop {
         let now = processes_mentioning(&log);
         let settled = match now.as_slice() {
-            [one] => residue(*one).is_none(),
-            [] => mode.starts_with("checkpoint"),
+            // Let go: a copy still traced by the destination may yet be killed there
+            // (post-copy's, whose source died with its ferry).
+            [one] => residue(*one).is_none() && untraced(*one),
+            [] => mode.starts_with("checkpoint") || may_lose,
             _ => false,
         };
         if settled || Instant::now() > settle {
@@ -112,6 +130,15 @@ fn attempt(mode: &str, after: Option<Duration>, addr: &str, key: &Path) -> Resul
     }
     let survivor = match survivors.as_slice() {
         [one] => *one,
+        [] if may_lose => {
+            // Lost: nothing of ferry's left around the source, and what the copy
+            // logged was never logged again.
+            if let Some(r) = residue(old) {
+                return Err(format!("lost, but {r}"));
+            }
+            w.check_continuous().map_err(|e| format!("lost, and {e}"))?;
+            return Ok(("lost", ms));
+        }
         [] if mode.starts_with("checkpoint") => {
             // The source was killed at the end of the checkpoint: its image must bring it back.
             let o = Command::new(ferry_bin()).args(["restore", "--dir", image.to_str().unwrap(), "--json"]).output().unwrap();
@@ -127,8 +154,16 @@ fn attempt(mode: &str, after: Option<Duration>, addr: &str, key: &Path) -> Resul
     if let Some(r) = residue(survivor) {
         return Err(r);
     }
+    // It carries on: three more ticks (a survivor that dies meanwhile is a failure).
     let at = *w.ticks().last().unwrap();
-    w.wait_ticks(at + 3);
+    let until = Instant::now() + Duration::from_secs(30);
+    while w.ticks().len() < at as usize + 3 {
+        if !ferry_tests::workload::pid_alive(survivor) || Instant::now() > until {
+            let which = if survivor == old { "the source" } else { "the copy" };
+            return Err(format!("{which} ({survivor}) stopped after tick {at}; log ends {:?}", w.lines().iter().rev().take(3).collect::<Vec<_>>()));
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
     w.terminate_and_check(survivor)?;
     Ok((if finished { "done" } else if survivor == old { "rolled back" } else { "committed" }, ms))
 }
@@ -148,7 +183,7 @@ fn main() {
     let addr = format!("127.0.0.1:{}", 7800 + std::process::id() % 100);
     let _d = daemon(None, &addr, &tmp.path().join("d.sock"), &key);
 
-    println!("{:>22} {:>8} {:>6} {:>6} {:>12} {:>10} {:>7}", "mode", "wall ms", "kills", "done", "rolled back", "committed", "FAILED");
+    println!("{:>22} {:>8} {:>6} {:>6} {:>12} {:>10} {:>6} {:>7}", "mode", "wall ms", "kills", "done", "rolled back", "committed", "lost", "FAILED");
     let modes = [
         "checkpoint ptrace",
         "checkpoint freezer",
@@ -167,15 +202,17 @@ fn main() {
             match attempt(mode, Some(after), &addr, &key) {
                 Ok(("done", _)) => t.done += 1,
                 Ok(("rolled back", _)) => t.rolled_back += 1,
+                Ok(("lost", _)) => t.lost += 1,
                 Ok(_) => t.committed += 1,
                 Err(e) => t.failed.push(format!("killed after {after:?}: {e}")),
             }
         }
         println!(
-            "{mode:>22} {wall:>8.1} {runs:>6} {:>6} {:>12} {:>10} {:>7}",
+            "{mode:>22} {wall:>8.1} {runs:>6} {:>6} {:>12} {:>10} {:>6} {:>7}",
             t.done,
             t.rolled_back,
             t.committed,
+            t.lost,
             t.failed.len()
         );
         for f in t.failed.iter().take(3) {

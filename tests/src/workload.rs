@@ -401,6 +401,31 @@ impl Workload {
         Ok(())
     }
 
+    /// After a post-copy or hybrid migration that failed once its copy may have run:
+    /// the process is lost, and nothing else. No copy of it runs anywhere (the source
+    /// and `copies`, e.g. the destination's pid from the daemon's log, are gone), ferry
+    /// left nothing around them (`crate::residue`), and its log is continuous: what the
+    /// copy logged was never logged again by a source that rolled back ("tick 39 after
+    /// 41"). Reaps the spawned process.
+    pub fn assert_lost(&mut self, copies: &[i32]) {
+        let log = self.log.to_string_lossy().into_owned();
+        wait_until("no copy of the process left", DEADLINE, || processes_mentioning(&log).is_empty());
+        let source = self.pid;
+        assert!(!pid_alive(source), "the source {source} runs on");
+        for &c in copies {
+            assert!(!pid_alive(c), "the copy {c} runs on");
+        }
+        if !self.reaped {
+            let status = self.child.wait().expect("reaping the source");
+            assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(libc::SIGKILL), "the source was killed");
+            self.reaped = true;
+        }
+        let mut pids = vec![source];
+        pids.extend_from_slice(copies);
+        crate::assert_no_residue(&pids, None);
+        self.assert_continuous();
+    }
+
     /// Panics unless the log is continuous (see `check_continuous`).
     pub fn assert_continuous(&self) {
         if let Err(e) = self.check_continuous() {

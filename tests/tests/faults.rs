@@ -131,10 +131,22 @@ enum Kill {
     Destination(&'static str),
 }
 
+/// What a migration killed at a fault point must leave.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Fate {
+    /// The source carries on (a failure before the commit point).
+    Source,
+    /// The copy runs on the destination (past the commit point of stop-copy, pre-copy).
+    Copy,
+    /// Post-copy, hybrid past their commit point: the copy may have run, so the source
+    /// never runs again, and the copy cannot be completed: no process is left.
+    Lost,
+}
+
 /// Migrates `w` to a fresh daemon with `strategy` and `extra` arguments, one side
-/// killed (SIGKILL) at a fault point; waits until exactly one copy of the process runs
-/// and answers its pid.
-fn migrate_killed(w: &Workload, strategy: &str, extra: &[&str], kill: Kill) -> i32 {
+/// killed (SIGKILL) at a fault point; waits until what `fate` says is left (exactly one
+/// copy, let go, whose pid it answers; or none).
+fn migrate_killed(w: &Workload, strategy: &str, extra: &[&str], kill: Kill, fate: Fate) -> Option<i32> {
     let daemon = Daemon::start_with(&[], match kill {
         Kill::Destination(p) => Some(p),
         Kill::Source(_) => None,
@@ -154,7 +166,12 @@ fn migrate_killed(w: &Workload, strategy: &str, extra: &[&str], kill: Kill) -> i
         Kill::Destination(_) => {
             assert_eq!(o.status.code(), Some(1), "{what}: {}", stderr(&o));
             assert_eq!(stderr(&o).lines().count(), 1, "{what}: {}", stderr(&o));
+            let lost = stderr(&o).contains(&format!("process {} was lost: ", w.pid));
+            assert_eq!(lost, fate == Fate::Lost, "{what}: {}", stderr(&o));
         }
+    }
+    if fate == Fate::Lost {
+        return None;
     }
     // Every copy of it names the workload's own log: exactly one must be left, let go
     // (a copy the destination still holds is traced, and dies with the daemon).
@@ -164,7 +181,7 @@ fn migrate_killed(w: &Workload, strategy: &str, extra: &[&str], kill: Kill) -> i
     loop {
         let copies = processes_mentioning(&log);
         if copies.len() == 1 && untraced(copies[0]) {
-            return copies[0];
+            return Some(copies[0]);
         }
         if Instant::now() > deadline {
             // Not left running for the next test to meet.
@@ -175,11 +192,18 @@ fn migrate_killed(w: &Workload, strategy: &str, extra: &[&str], kill: Kill) -> i
     }
 }
 
-/// Asserts that `survivor` is the copy `kill` should leave, that it carries on and
-/// passes its self-check, and that ferry left nothing behind.
-fn carries_on_alone(mut w: Workload, survivor: i32, source_runs: bool, what: &str) {
+/// Asserts that what is left is what `fate` says: the survivor is the copy it should
+/// be, carries on and passes its self-check; or, lost, that no copy runs, the log is
+/// continuous (no tick repeated by a source rolled back after its copy ran), and ferry
+/// left nothing behind.
+fn ends_as(mut w: Workload, survivor: Option<i32>, fate: Fate, what: &str) {
     let source = w.pid;
-    if source_runs {
+    let survivor = match (fate, survivor) {
+        (Fate::Lost, _) => return w.assert_lost(&[]),
+        (_, Some(s)) => s,
+        (_, None) => unreachable!("{what}: migrate_killed answers a survivor"),
+    };
+    if fate == Fate::Source {
         assert_eq!(survivor, source, "{what}: the source was to carry on, copy {survivor} runs instead");
     } else {
         assert_ne!(survivor, source, "{what}: the copy was to run on the destination");
@@ -197,73 +221,99 @@ fn carries_on_alone(mut w: Workload, survivor: i32, source_runs: bool, what: &st
 }
 
 #[test]
-fn a_migration_killed_between_commit_and_released_leaves_exactly_one_copy() {
+fn a_migration_killed_between_commit_and_released_leaves_exactly_one_copy_or_loses_a_lazy_one() {
     if !needs_root(ROOT) {
         return;
     }
-    // The source killed once it sent the commit: the copy over there runs, so the
-    // source must die with its ferry (before, both ran); with post-copy the copy needs
-    // the source's ferry for its memory, so it is the copy that goes. The destination
-    // killed once it read the commit: its copy was never let go, the source carries on.
+    // Stop-copy, pre-copy: the source killed once it sent the commit: the copy over
+    // there runs, so the source must die with its ferry (before, both ran); the
+    // destination killed once it read the commit: its copy was never let go, the source
+    // carries on. Post-copy, hybrid: the copy runs only after `ready`, from which on the
+    // source never runs again: killed once it sent `run` the source dies with its ferry
+    // and the copy without its pages (before, the source carried on and repeated what
+    // the copy did); the destination killed on the commit never said `ready`, the source
+    // carries on; killed on `run` (its copy never ran, but the source gave itself up:
+    // the one window where waiting cannot tell), the process is lost.
     for strategy in ["stop-copy", "pre-copy", "post-copy", "hybrid"] {
         let lazy = strategy == "post-copy" || strategy == "hybrid";
-        for kill in [Kill::Source("commit-sent"), Kill::Destination("commit-received")] {
+        let mut kills = vec![
+            (Kill::Source("commit-sent"), if lazy { Fate::Lost } else { Fate::Copy }),
+            (Kill::Destination("commit-received"), Fate::Source),
+        ];
+        if lazy {
+            kills.push((Kill::Destination("run-received"), Fate::Lost));
+        }
+        for (kill, fate) in kills {
             let w = Workload::spawn(&WorkloadOpts { threads: 1, files: false, mem_mib: 4, dirty_pages: 4, tick_ms: 5, ..Default::default() });
             w.wait_ready();
             w.wait_ticks(2);
-            let survivor = migrate_killed(&w, strategy, &[], kill);
-            let source_runs = lazy || matches!(kill, Kill::Destination(_));
-            carries_on_alone(w, survivor, source_runs, &format!("{strategy}, {kill:?}"));
+            let survivor = migrate_killed(&w, strategy, &[], kill, fate);
+            ends_as(w, survivor, fate, &format!("{strategy}, {kill:?}"));
         }
     }
 }
 
 #[test]
-fn a_hybrid_migration_killed_at_any_phase_leaves_the_source_running() {
+fn a_hybrid_migration_killed_rolls_back_before_its_copy_runs_and_is_lost_after() {
     if !needs_root(ROOT) {
         return;
     }
-    // Before the commit nothing ran over there; after it, the copy dies without its
-    // memory: either way the source carries on from where it was.
+    // Before the commit nothing ran over there: the source carries on from where it
+    // was. After it the copy dies without its memory, and the source, which would
+    // repeat what the copy did, dies too.
     let kills = [
-        Kill::Source("precopy-round@1"),
-        Kill::Source("inject@3"),
-        Kill::Source("frozen"),
-        Kill::Source("post-copy-mid"),
-        Kill::Destination("after-handshake"),
-        Kill::Destination("mid-pages"),
-        Kill::Destination("before-commit"),
-        Kill::Destination("post-copy-dest-mid"),
+        (Kill::Source("precopy-round@1"), Fate::Source),
+        (Kill::Source("inject@3"), Fate::Source),
+        (Kill::Source("frozen"), Fate::Source),
+        (Kill::Source("post-copy-mid"), Fate::Lost),
+        (Kill::Destination("after-handshake"), Fate::Source),
+        (Kill::Destination("mid-pages"), Fate::Source),
+        (Kill::Destination("before-commit"), Fate::Source),
+        (Kill::Destination("post-copy-dest-mid"), Fate::Lost),
     ];
-    for kill in kills {
+    for (kill, fate) in kills {
         let w = Workload::spawn(&WorkloadOpts { threads: 1, files: false, mem_mib: 8, dirty_pages: 4, tick_ms: 5, ..Default::default() });
         w.wait_ready();
         w.wait_ticks(2);
-        let survivor = migrate_killed(&w, "hybrid", &[], kill);
-        carries_on_alone(w, survivor, true, &format!("hybrid, {kill:?}"));
+        let survivor = migrate_killed(&w, "hybrid", &[], kill, fate);
+        ends_as(w, survivor, fate, &format!("hybrid, {kill:?}"));
     }
 }
 
 #[test]
-fn a_migration_quiesced_by_the_freezer_killed_at_any_phase_leaves_one_copy() {
+fn a_migration_quiesced_by_the_freezer_killed_at_any_phase_leaves_one_copy_or_loses_a_lazy_one() {
     if !needs_root(ROOT) {
         return;
     }
     let kills = [
-        (Kill::Source("frozen"), true),
-        (Kill::Source("inject@3"), true),
-        (Kill::Source("commit-sent"), false),
-        (Kill::Destination("before-commit"), true),
-        (Kill::Destination("commit-received"), true),
+        (Kill::Source("frozen"), Fate::Source),
+        (Kill::Source("inject@3"), Fate::Source),
+        (Kill::Source("commit-sent"), Fate::Copy),
+        (Kill::Destination("before-commit"), Fate::Source),
+        (Kill::Destination("commit-received"), Fate::Source),
     ];
     for strategy in ["stop-copy", "pre-copy"] {
-        for (kill, source_runs) in kills {
+        for (kill, fate) in kills {
             let w = Workload::spawn(&WorkloadOpts { threads: 2, files: false, mem_mib: 4, dirty_pages: 4, tick_ms: 5, ..Default::default() });
             w.wait_ready();
             w.wait_ticks(2);
-            let survivor = migrate_killed(&w, strategy, &["--quiesce", "freezer"], kill);
-            carries_on_alone(w, survivor, source_runs, &format!("{strategy} --quiesce freezer, {kill:?}"));
+            let survivor = migrate_killed(&w, strategy, &["--quiesce", "freezer"], kill, fate);
+            ends_as(w, survivor, fate, &format!("{strategy} --quiesce freezer, {kill:?}"));
         }
+    }
+    // Post-copy lost past its commit point: the source, killed in ferry's cgroup, leaves
+    // no cgroup behind (the guardian's work when ferry died, ferry's own otherwise).
+    let kills = [
+        (Kill::Destination("commit-received"), Fate::Source),
+        (Kill::Source("commit-sent"), Fate::Lost),
+        (Kill::Destination("run-received"), Fate::Lost),
+    ];
+    for (kill, fate) in kills {
+        let w = Workload::spawn(&WorkloadOpts { threads: 2, files: false, mem_mib: 4, dirty_pages: 4, tick_ms: 5, ..Default::default() });
+        w.wait_ready();
+        w.wait_ticks(2);
+        let survivor = migrate_killed(&w, "post-copy", &["--quiesce", "freezer"], kill, fate);
+        ends_as(w, survivor, fate, &format!("post-copy --quiesce freezer, {kill:?}"));
     }
 }
 

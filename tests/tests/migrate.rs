@@ -632,8 +632,25 @@ fn hybrid_sends_one_round_early_and_the_rest_after_the_resume() {
     carries_on(&mut w, old, new, 20);
 }
 
+/// The destination's pid of the copy it killed, from its log line.
+fn killed_copy(daemon: &Daemon) -> i32 {
+    wait_until("the destination to give up", Duration::from_secs(60), || daemon.log().contains("failed after resume"));
+    let log = daemon.log();
+    assert!(log.contains("cannot be completed and is killed: the process is lost"), "{log}");
+    log.split("(pid ")
+        .nth(1)
+        .and_then(|t| t.split(')').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {log}"))
+}
+
+// Post-copy's commit point is the destination's `ready` (the copy runs only after the
+// source gave itself up): past it, a failure loses the process — source and copy both
+// killed — and never rolls the source back to repeat what the copy did. Before, the
+// source carried on from the freeze and logged again the ticks its copy had logged.
+
 #[test]
-fn a_connection_cut_during_postcopy_kills_the_destination_copy_and_the_source_carries_on() {
+fn a_client_killed_during_postcopy_loses_the_process_and_never_runs_it_twice() {
     if !needs_root("a migration seizes the process and rebuilds it (ptrace, clone3 with set_tid, PR_SET_MM_MAP)") {
         return;
     }
@@ -647,37 +664,48 @@ fn a_connection_cut_during_postcopy_kills_the_destination_copy_and_the_source_ca
         .env("FERRY_FAULT", "post-copy-mid")
         .output()
         .unwrap();
-    assert!(!o.status.success(), "{}", stderr(&o));
-    wait_until("the destination to give up", Duration::from_secs(60), || daemon.log().contains("failed after resume"));
-    let log = daemon.log();
-    let new: i32 = log
-        .split("(pid ")
-        .nth(1)
-        .and_then(|t| t.split(')').next())
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no pid in {log}"));
-    wait_until("the destination's copy to be gone", Duration::from_secs(30), || !pid_alive(new));
-    // The source, let go when its tracer died, carries on from the freeze, without
-    // ferry's scratch area (the janitor's work).
-    ferry_tests::assert_no_residue(&[old, new], None);
-    still_fine(&mut w);
+    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&o.status), Some(libc::SIGKILL), "{}", stderr(&o));
+    // The source died with its ferry (its tracer's fate), the copy with its pages'
+    // source; nothing of ferry's is left and no tick was logged twice.
+    let new = killed_copy(&daemon);
+    w.assert_lost(&[new]);
 }
 
 #[test]
-fn a_destination_dying_during_postcopy_takes_its_copy_along_and_the_source_carries_on() {
+fn a_destination_dying_during_postcopy_loses_the_process_and_says_so_in_one_line() {
     if !needs_root("a migration seizes the process and rebuilds it (ptrace, clone3 with set_tid, PR_SET_MM_MAP)") {
         return;
     }
-    let daemon = Daemon::start_env(None, "127.0.0.1", &[], Some("post-copy-dest-mid"));
-    let mut w = Workload::spawn(&WorkloadOpts { mem_mib: 64, dirty_pages: 16, tick_ms: 5, ..Default::default() });
+    for strategy in ["post-copy", "hybrid"] {
+        let daemon = Daemon::start_env(None, "127.0.0.1", &[], Some("post-copy-dest-mid"));
+        let mut w = Workload::spawn(&WorkloadOpts { mem_mib: 64, dirty_pages: 16, tick_ms: 5, ..Default::default() });
+        w.wait_ticks(3);
+        let old = w.pid;
+        let o = migrate(None, old, &daemon.addr, &["--strategy", strategy]);
+        fails(&o, &format!("process {old} was lost: its copy on {} ran and then died before all its pages arrived", daemon.addr));
+        assert!(stderr(&o).contains("post-copy cannot roll back once the copy has run"), "{}", stderr(&o));
+        let json: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", ferry_tests::stdout(&o)));
+        assert_eq!(json["kind"], "failed", "{json}");
+        // The resumed copy was traced by the daemon: it died with it. The source was
+        // killed and reaped by its ferry, which said so and exited.
+        w.assert_lost(&[]);
+    }
+}
+
+#[test]
+fn a_postcopy_failing_before_its_copy_runs_rolls_back_with_continuous_ticks() {
+    if !needs_root("a migration seizes the process and rebuilds it (ptrace, clone3 with set_tid, PR_SET_MM_MAP)") {
+        return;
+    }
+    // The destination dies after the commit arrived but before it answered `ready`:
+    // the copy never ran, the source carries on, every tick logged once.
+    let daemon = Daemon::start_env(None, "127.0.0.1", &[], Some("commit-received"));
+    let mut w = Workload::spawn(&WorkloadOpts { mem_mib: 16, dirty_pages: 16, tick_ms: 5, ..Default::default() });
     w.wait_ticks(3);
-    let old = w.pid;
-    let o = migrate(None, old, &daemon.addr, &["--strategy", "post-copy"]);
-    fails(&o, "during post-copy");
-    // The resumed copy was traced by the daemon: it died with it, never ran on
-    // without its memory.
-    wait_until("no copy of the process left", Duration::from_secs(30), || w.copies_other_than(old).is_empty());
-    ferry_tests::assert_no_residue(&[old], None);
+    let o = migrate(None, w.pid, &daemon.addr, &["--strategy", "post-copy"]);
+    fails(&o, "it runs on here");
+    wait_until("no copy of the process left", Duration::from_secs(30), || w.copies_other_than(w.pid).is_empty());
+    ferry_tests::assert_no_residue(&[w.pid], None);
     still_fine(&mut w);
 }
 
@@ -961,7 +989,7 @@ fn a_daemon_answers_a_frame_it_will_not_read_and_hellos_that_name_no_event() {
     // A hello with a strategy nobody knows and a pid that is no process: refused at once
     // (they were welcomed, then timed out).
     let hello = serde_json::json!({
-        "type": "hello", "protocol": 2, "arch": std::env::consts::ARCH, "page_size": 4096,
+        "type": "hello", "protocol": ferry::wire::protocol::PROTOCOL_VERSION, "arch": std::env::consts::ARCH, "page_size": 4096,
         "token": "0123456789abcdef0123456789abcdef", "request_id": 1, "pid": -1, "strategy": "teleport",
         "medium": {"name": "tcp", "version": "0.1.0"}, "subsystems": [], "features": []
     })

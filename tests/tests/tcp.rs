@@ -561,6 +561,40 @@ fn a_destination_killed_before_the_commit_leaves_the_connection_running_at_the_s
 }
 
 #[test]
+fn a_postcopy_lost_past_its_commit_point_lifts_the_lock_and_the_peer_learns_the_connection_is_gone() {
+    if !needs_root("network namespaces; TCP_REPAIR needs CAP_NET_ADMIN") || !has_nft() {
+        return;
+    }
+    let hosts = Hosts::new();
+    let [a, b, c] = [&hosts.names[0], &hosts.names[1], &hosts.names[2]];
+    let keys = Keys::new();
+    // The destination dies once the source gave itself up (`run` read, the copy not run
+    // yet): the process is lost. Its connection goes with it: the lock is lifted, not
+    // kept for a restore that will never come (before, the peer retransmitted into
+    // silence for good).
+    let _daemon = keys.daemon(b, "10.232.2.2", Some("run-received"));
+    let pair = Pair::start_in(SERVICE, Some(a), Some(c));
+    let pid = pair.server.id() as i32;
+    pair.fill_queues();
+    let o = in_netns(Some(a), ferry_tests::ferry_bin().to_str().unwrap())
+        .args(["migrate", &pid.to_string(), "--to", "10.232.2.2:7712", "--strategy", "post-copy", "--auth-key", keys.key.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}
+daemon: {}", stderr(&o), keys.log(b));
+    assert_eq!(stderr(&o).lines().count(), 1, "{}", stderr(&o));
+    assert!(stderr(&o).contains(&format!("process {pid} was lost: ")), "{}", stderr(&o));
+    assert!(!pid_alive(pid), "the source runs on");
+    for ns in [a, b] {
+        let left = lock_tables_in(Some(ns), 0);
+        assert!(left.is_empty(), "no lock left in {ns}: {left:?}");
+    }
+    // The client reads again and finds its connection gone (reset), at once.
+    let _ = std::fs::remove_file(pair.path("hold"));
+    wait_until("the client to see the connection gone", DEADLINE, || pair.log("client").contains("FAIL"));
+}
+
+#[test]
 fn tcp_close_restores_the_connection_closed_the_server_sees_it_aborted_and_the_peer_a_reset() {
     if !needs_root("TCP_REPAIR needs CAP_NET_ADMIN; ferry seizes the process") || !has_nft() {
         return;

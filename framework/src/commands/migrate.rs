@@ -4,8 +4,8 @@
 //! protocol ([`crate::wire`]) authenticates and agrees on the mechanism before anything
 //! is frozen; the image then travels through the TCP medium; the destination rebuilds
 //! the process and holds it stopped; the source's receipt of `Rebuilt` is the commit
-//! point. Before it, every failure thaws the source and the destination kills what it
-//! built.
+//! point (post-copy and hybrid: of `Ready`, one exchange later, see [`lose`]). Before
+//! it, every failure thaws the source and the destination kills what it built.
 
 use std::{
     collections::BTreeMap,
@@ -23,6 +23,7 @@ use crate::{
     commands::janitor::Janitor,
     kernel::target,
     config::{Quiesce, Strategy},
+    engine::context::{ExternalContext, SharedTable},
     engine::dump::{process_entry, quiesce, write_image, Live, Sent},
     engine::event::Loaded,
     engine::event::{Tick, self, EventError},
@@ -157,6 +158,27 @@ fn let_go(mut tracer: Tracer, live: Option<Live>) {
     }
     let _ = tracer.unmap_scratch();
     let _ = tracer.detach();
+}
+
+/// A lazy migration that failed past its commit point (`Verdict::Ready`): the copy on
+/// the destination may have run, so the source, whose effects it would repeat, never
+/// runs again. Its plugins hear the event failed (the network lock is lifted: its
+/// connections are gone with it), it is killed and reaped, ferry's cgroup goes; the
+/// error says the process was lost, and `why`.
+fn lose(mut tracer: Tracer, freezer: Option<crate::kernel::freezer::Freezer>, subs: &mut [Loaded], req: &MigrateRequest, why: String) -> EventError {
+    let pid = req.pid;
+    let watchdog = Watchdog::start(req.timeout, move |stuck, _| {
+        // The tracer dies with ferry, and the source with the tracer (die_with_ferry).
+        eprintln!("ferry: {stuck}; process {pid} is killed (it was lost)");
+        std::process::exit(1);
+    });
+    let mut shared = SharedTable::default();
+    event::cleanup_all(subs, &mut ExternalContext::new(&mut tracer, &mut shared, "ferry", &watchdog), false);
+    drop(watchdog);
+    tracer.kill();
+    drop(freezer);
+    crate::trace::mark("lost: source killed");
+    failed(format!("process {pid} was lost: {why}"))
 }
 
 /// The pre-copy part of a migration, while the process runs: a brief stop to start
@@ -413,9 +435,7 @@ fn migrate_with(
             let medium = medium.as_mut().ok_or_else(|| failed("no medium"))?;
             crate::trace::mark("rebuilt: commit");
             // Should this ferry die from the commit on, the copy over there runs: the
-            // source must not run on here too (the kernel kills it). Not with post-copy,
-            // whose copy cannot go on without this ferry: it is the source that carries
-            // on then, and the copy is killed.
+            // source must not run on here too (the kernel kills it).
             if !lazy {
                 if let Err(e) = tracer.die_with_ferry() {
                     let _ = send_verdict(medium, &Verdict::Abort { reason: e.to_string() });
@@ -424,7 +444,34 @@ fn migrate_with(
                     return Err(e.into());
                 }
             }
-            let released = send_verdict(medium, &Verdict::Commit).map(|_| crate::fault::point("commit-sent")).and_then(|_| verdict_serving(medium, req.pid, req.timeout));
+            let mut released = send_verdict(medium, &Verdict::Commit);
+            if lazy {
+                // Post-copy's copy, once it ran, has done what the source would repeat:
+                // it runs only after the source gave itself up, which is when `Ready`
+                // arrives here (the commit point). Before it the source carries on.
+                match released.and_then(|_| verdict_serving(medium, req.pid, req.timeout)) {
+                    Ok(Verdict::Ready) => {}
+                    other => {
+                        let why = unexpected(other);
+                        // A `ready` still on its way must not be answered by a `run`.
+                        let _ = send_verdict(medium, &Verdict::Abort { reason: why.clone() });
+                        let_go(tracer, live);
+                        drop(freezer);
+                        return Err(failed(format!("the destination did not take the process ({why}); it runs on here")));
+                    }
+                }
+                crate::trace::mark("ready: committed");
+                // From here the source never runs again: should this ferry die, the
+                // kernel kills it.
+                if let Err(e) = tracer.die_with_ferry() {
+                    let _ = send_verdict(medium, &Verdict::Abort { reason: e.to_string() });
+                    let_go(tracer, live);
+                    drop(freezer);
+                    return Err(e.into());
+                }
+                released = send_verdict(medium, &Verdict::Run);
+            }
+            let released = released.map(|_| crate::fault::point("commit-sent")).and_then(|_| verdict_serving(medium, req.pid, req.timeout));
             // Downtime ends here: the process runs on the destination.
             let frozen_ms = event::ms(frozen_at);
             crate::trace::mark("released");
@@ -433,6 +480,13 @@ fn migrate_with(
             }
             match released {
                 Ok(Verdict::Released) => {}
+                other if lazy => {
+                    let why = unexpected(other);
+                    return Err(lose(tracer, freezer, &mut subs, req, format!(
+                        "its copy on {} was let run and the destination did not confirm it ({why}); post-copy cannot roll back once the copy may have run",
+                        req.to
+                    )));
+                }
                 other => {
                     let_go(tracer, None);
                     drop(freezer);
@@ -445,18 +499,10 @@ fn migrate_with(
                 match serve_until_message(medium, req.pid, req.timeout, true) {
                     Ok(msg) if msg["type"] == "lazy-done" => serde_json::from_value::<LazyStats>(msg["stats"].clone()).ok(),
                     other => {
-                        let_go(tracer, None);
-                        drop(freezer);
                         let why = unexpected(other);
-                        // Say what is true of the source: killed from outside meanwhile,
-                        // it does not carry on.
-                        let here = if target::check_target(req.pid).is_ok() {
-                            format!("process {} carries on here from the freeze", req.pid)
-                        } else {
-                            format!("process {} is gone here too (killed from outside?): the process is lost", req.pid)
-                        };
-                        return Err(failed(format!(
-                            "the connection failed during post-copy ({why}): the destination's copy is killed; {here}"
+                        return Err(lose(tracer, freezer, &mut subs, req, format!(
+                            "its copy on {} ran and then died before all its pages arrived ({why}); post-copy cannot roll back once the copy has run",
+                            req.to
                         )));
                     }
                 }

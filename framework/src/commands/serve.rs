@@ -46,10 +46,15 @@ fn lazy_commit(
     record.pages = running.stats.pages;
     if let Err(e) = pager.run(medium, timeout, &mut || running.tend().map_err(|e| e.to_string())) {
         // Without its pages the process cannot go on: it goes, rather than hang on a
-        // fault; the source still holds its frozen copy.
+        // fault. The source gave itself up at the commit and is killed too: the process
+        // is lost (it is never run twice).
         running.kill();
         record.new_pid = None;
-        return end(record, "failed after resume", format!("post-copy: {e}; the process here (pid {pid}) is killed"));
+        return end(
+            record,
+            "failed after resume",
+            format!("post-copy: {e}; the source is gone, the process here (pid {pid}) cannot be completed and is killed: the process is lost"),
+        );
     }
     // Every page is in: the userfaultfd goes first (a thread waiting for us to read a
     // mapping change of its own is let go by that, and could not be stopped before),
@@ -277,7 +282,31 @@ pub fn serve(
     }
     match verdict {
         Ok(Verdict::Commit) if pager.is_some() => {
-            lazy_commit(held, pager.take().expect("checked"), &mut medium, timeout, record, end)
+            // The copy runs only once the source gave itself up: `Ready` is its commit
+            // point, `Run` says it was reached (protocol.rs).
+            let pid = held.pid();
+            if let Err(e) = send_verdict(&mut medium, &Verdict::Ready) {
+                held.abort();
+                return end(record, "rolled back", e);
+            }
+            match recv_verdict(&mut medium, timeout) {
+                Ok(Verdict::Run) => {
+                    crate::fault::point("run-received");
+                    lazy_commit(held, pager.take().expect("checked"), &mut medium, timeout, record, end)
+                }
+                Ok(other) => {
+                    held.abort();
+                    end(record, "rolled back", format!("the source said {other:?}"))
+                }
+                Err(e) => {
+                    held.abort();
+                    end(
+                        record,
+                        "failed",
+                        format!("no word from the source after `ready` ({e}): the process here (pid {pid}), which never ran, is killed; the source, if it took `ready`, is gone too"),
+                    )
+                }
+            }
         }
         Ok(Verdict::Commit) => match held.release() {
             Ok(stats) => {

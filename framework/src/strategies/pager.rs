@@ -11,11 +11,11 @@
 //! each side does the work, and a page fault waits for at most one batch ahead of it.
 //!
 //! Once every page has arrived the destination says `lazy-done` (with its counts) and
-//! the source removes its copy. If the connection fails after the resume, the process
-//! cannot be rolled back from the destination: it is killed there, never left hanging
-//! on a fault, and the source thaws its frozen copy, which carries on from the freeze
-//! (what the destination's copy did meanwhile — files written, messages sent — is not
-//! undone).
+//! the source removes its copy. The copy runs only once the source has given itself
+//! up (`Verdict::Ready`, the commit point): if the connection or either side fails
+//! after that, the copy is killed there (never left hanging on a fault) and the source
+//! is killed here — the process is lost, and said to be; it never runs twice, so
+//! nothing the copy did (ticks logged, bytes sent) is done again by the source.
 
 use std::{
     collections::VecDeque,

@@ -43,11 +43,22 @@
 //!                                                (rebuilds the process, held stopped)
 //!                                            <-  Verdict::Rebuilt { pids, restore_ms }
 //!                                            or  Verdict::Failed { reason }
-//!   ** commit point: the source receives Rebuilt; before it the source process is
-//!   ** resumed on any failure, after it the destination's copy is the live one
+//!   ** stop-copy, pre-copy: commit point: the source receives Rebuilt; before it the
+//!   ** source process is resumed on any failure, after it the destination's copy is
+//!   ** the live one
 //!   Verdict::Commit                          ->  (releases the rebuilt process)
 //!   or Verdict::Abort { reason }             ->  (kills the rebuilt process)
 //!                                            <-  Verdict::Released
+//!   ** post-copy, hybrid: the copy is held stopped until the source has given up its
+//!   ** own, so that the source always knows of a run before it can happen
+//!   Verdict::Commit                          ->
+//!                                            <-  Verdict::Ready (still held stopped)
+//!   ** commit point: the source receives Ready; before it the source process is
+//!   ** resumed on any failure, from it on the source never runs again (the copy may
+//!   ** have run: a failure loses the process, it is never repeated)
+//!   Verdict::Run                             ->  (runs the copy, traced)
+//!   or Verdict::Abort { reason }             ->  (kills the copy, which never ran)
+//!                                            <-  Verdict::Released, pages, lazy-done
 //! ```
 //!
 //! Nonces and proofs are 32 bytes, written as 64 lowercase hex characters. Every
@@ -81,10 +92,13 @@ use ferry_plugin_api::util::to_hex;
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
-/// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u32 = 2;
-/// The oldest protocol version this build still accepts.
-pub const PROTOCOL_MIN: u32 = 2;
+/// The protocol version this build speaks. 3: post-copy and hybrid commit with
+/// `ready` and `run` before the copy runs.
+pub const PROTOCOL_VERSION: u32 = 3;
+/// The oldest protocol version this build still accepts. A version-2 peer would let a
+/// post-copy copy run before the source gave itself up (and roll the source back after
+/// it ran): refused before anything is frozen.
+pub const PROTOCOL_MIN: u32 = 3;
 /// The largest message body accepted, in bytes.
 pub const MAX_MESSAGE: usize = 1 << 20;
 /// The shortest key [`load_key`] accepts, in bytes.
@@ -301,9 +315,15 @@ pub enum Verdict {
     Abort { reason: String },
     /// Destination → source: the rebuilt process runs.
     Released,
+    /// Destination → source, post-copy: the commit arrived, the copy is still held
+    /// stopped and runs on [`Verdict::Run`]. Receiving it is the commit point of a lazy
+    /// migration: from it on the source never runs again.
+    Ready,
+    /// Source → destination, post-copy: the source gave up its own copy: run this one.
+    Run,
 }
 
-const VERDICT_TYPES: &[&str] = &["rebuilt", "failed", "commit", "abort", "released"];
+const VERDICT_TYPES: &[&str] = &["rebuilt", "failed", "commit", "abort", "released", "ready", "run"];
 
 impl Verdict {
     pub fn to_json(&self) -> String {

@@ -16,6 +16,9 @@ impl Tracer {
         // The process runs its own code from here: the agent (and its fd) goes first.
         self.remove_agent()?;
         let opts = (libc::PTRACE_O_EXITKILL | libc::PTRACE_O_TRACECLONE | libc::PTRACE_O_TRACEEXEC | libc::PTRACE_O_TRACEFORK) as usize;
+        // Running from the first PTRACE_CONT on: should a later thread fail, the drop
+        // kills the process rather than let it go half-resumed without its memory.
+        self.running = true;
         for tid in self.tids() {
             let t = self.thread(tid)?;
             let regs = if std::mem::take(&mut t.in_syscall_stop) { resumed(&t.regs) } else { t.regs };
@@ -24,7 +27,6 @@ impl Tracer {
             ptrace(libc::PTRACE_SETOPTIONS, tid, 0, opts, "PTRACE_SETOPTIONS")?;
             ptrace(libc::PTRACE_CONT, tid, 0, sig as usize, "PTRACE_CONT")?;
         }
-        self.running = true;
         Ok(())
     }
 

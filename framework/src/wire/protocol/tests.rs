@@ -209,11 +209,11 @@ fn check_hello_names_what_differs() {
         ),
         (
             |h| h.protocol = 9,
-            "protocol version 9 is newer than this daemon's 2",
+            "protocol version 9 is newer than this daemon's 3",
         ),
         (
             |h| h.protocol = 0,
-            "protocol version 0 is older than this daemon accepts (2 to 2)",
+            "protocol version 0 is older than this daemon accepts (3 to 3)",
         ),
         (
             |h| h.features.push("soft-dirty".into()),
@@ -259,13 +259,13 @@ fn a_mismatch_reaches_the_client_as_its_line() {
 fn a_newer_hello_that_does_not_parse_is_refused_by_version() {
     let (mut c, mut s) = UnixStream::pair().unwrap();
     let server = thread::spawn(move || server_handshake(&mut s, &local(), 1));
-    let body = br#"{"type":"hello","protocol":3,"something":"new"}"#;
+    let body = br#"{"type":"hello","protocol":4,"something":"new"}"#;
     c.write_all(&(body.len() as u32).to_le_bytes()).unwrap();
     c.write_all(body).unwrap();
     assert_eq!(
         recv(&mut c).unwrap(),
         Message::Refused {
-            reason: "protocol version 3 is newer than this daemon's 2".into()
+            reason: "protocol version 4 is newer than this daemon's 3".into()
         }
     );
     assert!(matches!(
@@ -433,6 +433,8 @@ fn verdicts_round_trip() {
             reason: "user".into(),
         },
         Verdict::Released,
+        Verdict::Ready,
+        Verdict::Run,
     ] {
         assert_eq!(Verdict::from_json(&v.to_json()).unwrap(), v);
     }
