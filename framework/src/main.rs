@@ -525,9 +525,6 @@ fn run(cli: Cli) -> Outcome {
                     ..Overrides::default()
                 },
             )?;
-            if medium.as_deref().is_some_and(|m| m != "tcp") {
-                return Err(Failure::refused("migration needs the tcp medium in this build"));
-            }
             let key_file = auth_key.clone().or(config.daemon.auth_key.clone());
             let manager = registry(&config)?;
             let req = MigrateRequest {
@@ -547,6 +544,13 @@ fn run(cli: Cli) -> Outcome {
                 hybrid_rounds: config.tuning.hybrid.precopy_rounds,
                 fault_window: config.tuning.post_copy.fault_window_kib as u64 * 1024,
                 push_batch: config.tuning.post_copy.push_batch_kib as u64 * 1024,
+                // `--medium`, else the configuration's if it is a network medium, else tcp.
+                medium: match medium {
+                    Some(m) => m.clone(),
+                    None if migrate::MEDIA.contains(&config.mechanism.medium.as_str()) => config.mechanism.medium.clone(),
+                    None => "tcp".into(),
+                },
+                medium_params: config.mechanism.medium_params.0.clone(),
             };
             let stats = with_progress("migrate", |p| migrate::migrate(&manager, &req, p)).map_err(event_failure)?;
             if *json {

@@ -412,7 +412,7 @@ impl RdmaMedium {
                 if o.is_empty() {
                     Err(match &params.provider {
                         Some(p) => format!("libfabric has no provider {p:?} with RMA here (fi_info -p {p} lists what it finds)"),
-                        None => "libfabric finds no provider with RMA here".into(),
+                        None => format!("libfabric finds no provider with RMA here{}", narrowed()),
                     })
                 } else {
                     Ok(o)
@@ -443,6 +443,9 @@ impl RdmaMedium {
             };
             let theirs: Vec<String> = offer["providers"].as_array().map(|a| a.iter().filter_map(|p| p.as_str().map(String::from)).collect()).unwrap_or_default();
             let mine = fabric::offers(None).map_err(|e| fail(sock, e))?;
+            if mine.is_empty() {
+                return Err(fail(sock, format!("libfabric finds no provider with RMA here{}", narrowed())));
+            }
             let Some(common) = theirs.iter().find(|p| mine.iter().any(|o| &&o.provider == p)) else {
                 let mine: Vec<&str> = mine.iter().map(|o| o.provider.as_str()).collect();
                 return Err(fail(sock, format!("no libfabric provider with RMA in common: the source has [{}], the destination [{}]", theirs.join(", "), mine.join(", "))));
@@ -713,19 +716,24 @@ impl Drop for RdmaMedium {
     }
 }
 
+/// What FI_PROVIDER, when set, does to libfabric's answers.
+fn narrowed() -> String {
+    std::env::var("FI_PROVIDER").map(|p| format!(" (FI_PROVIDER={p} narrows what it offers)")).unwrap_or_default()
+}
+
 /// Why this medium cannot work on this machine, if it cannot (for `plugins list`).
 fn unavailable() -> Option<String> {
     match fabric::offers(None) {
         Err(e) => Some(e),
-        Ok(o) if o.is_empty() => Some("libfabric finds no provider with RMA here".into()),
+        Ok(o) if o.is_empty() => Some(format!("libfabric finds no provider with RMA here{}", narrowed())),
         Ok(_) => None,
     }
 }
 
 fn open(params: &str) -> Result<RdmaMedium, String> {
     let v: Value = serde_json::from_str(params).unwrap_or(Value::Null);
-    if v.get("op").and_then(|o| o.as_str()) == Some("probe") {
-        // `{"op":"probe"}`: answered as an error naming what this machine has.
+    if v.get("probe") == Some(&Value::Bool(true)) {
+        // `{"probe":true}` (`plugins list`): answered as an error naming what this machine has.
         return Err(match unavailable() {
             Some(why) => format!("unavailable: {why}"),
             None => format!("available: {}", fabric::offers(None).unwrap_or_default().iter().map(|o| format!("{} ({} {})", o.provider, o.fabric, o.domain)).collect::<Vec<_>>().join(", ")),

@@ -202,13 +202,33 @@ impl Manager {
         Ok(meta)
     }
 
+    /// Why registered medium `meta` cannot work on this machine, if it says so: asked
+    /// `open_medium({"probe":true})`, a medium that cannot answers an error starting
+    /// `unavailable: ` (any other answer: it has nothing to say against itself).
+    pub fn unavailable(&self, meta: &PluginMeta) -> Option<String> {
+        if meta.kind != PluginKind::Medium.as_str() {
+            return None;
+        }
+        let module = self.registry().plugins.get(&meta.name)?.loaded.module;
+        match (module.open_medium())(r#"{"probe":true}"#.into()).into_result() {
+            Err(e) => e.message.as_str().strip_prefix("unavailable: ").map(String::from),
+            Ok(_) => None,
+        }
+    }
+
     /// Registers every plugin of `dir`; answers what happened to each file.
     pub fn discover(&self, dir: &Path) -> Result<Vec<Found>, ManagerError> {
         let files = candidates(dir).map_err(|source| ManagerError::Dir { path: dir.to_path_buf(), source })?;
         Ok(files
             .into_iter()
             .map(|path| match self.register(&path) {
-                Ok(meta) => Found { path: meta.path.clone(), meta: Some(meta), status: "registered".into() },
+                Ok(meta) => {
+                    let status = match self.unavailable(&meta) {
+                        Some(why) => format!("registered (unavailable: {why})"),
+                        None => "registered".into(),
+                    };
+                    Found { path: meta.path.clone(), meta: Some(meta), status }
+                }
                 Err(e) => {
                     let reason = match &e {
                         ManagerError::Refused { reason, .. } => reason.clone(),
