@@ -453,6 +453,15 @@ fn run(cli: Cli) -> Outcome {
                 outln!("{}", serde_json::to_string_pretty(&features)?);
             } else {
                 out!("{}", probes::render_text(&features));
+                // What each medium finds here (rdma: libfabric's providers with RMA).
+                let manager = registry(&effective(&cli, Overrides::default())?)?;
+                for meta in manager.list().iter().filter(|m| m.kind == "medium") {
+                    match manager.medium_probe(meta) {
+                        Some(Ok(found)) => outln!("medium {:<14}available: {found}", meta.name),
+                        Some(Err(why)) => outln!("medium {:<14}unavailable: {why}", meta.name),
+                        None => {}
+                    }
+                }
                 // Locks of TCP connections (the files plugin's): kept by a checkpoint until
                 // its restore, by a migration's source until its user moves the address.
                 let tables = std::process::Command::new("nft").args(["list", "tables", "inet"]).output();
@@ -705,7 +714,14 @@ fn list_registry(socket: &Path, plugins: &[manager::PluginMeta], json: bool) -> 
 }
 
 fn list(dir: &Path, json: bool) -> Outcome {
-    let found = Manager::new().discover(dir)?;
+    let manager = Manager::new();
+    let mut found = manager.discover(dir)?;
+    // A medium that cannot work on this machine says why (asked here only: it costs).
+    for f in &mut found {
+        if let Some(why) = f.meta.as_ref().and_then(|m| manager.unavailable(m)) {
+            f.status = format!("registered (unavailable: {why})");
+        }
+    }
     if json {
         let rows: Vec<serde_json::Value> = found
             .iter()

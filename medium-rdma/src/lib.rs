@@ -736,7 +736,19 @@ fn open(params: &str) -> Result<RdmaMedium, String> {
         // `{"probe":true}` (`plugins list`): answered as an error naming what this machine has.
         return Err(match unavailable() {
             Some(why) => format!("unavailable: {why}"),
-            None => format!("available: {}", fabric::offers(None).unwrap_or_default().iter().map(|o| format!("{} ({} {})", o.provider, o.fabric, o.domain)).collect::<Vec<_>>().join(", ")),
+            None => {
+                let offers = fabric::offers(None).unwrap_or_default();
+                let list: Vec<String> = offers.iter().map(|o| format!("{} ({} {})", o.provider, o.fabric, o.domain)).collect();
+                // The core provider (before ';') of these carries RMA over the host's network stack.
+                let emulated = |p: &str| ["tcp", "sockets", "udp", "net"].contains(&p.split(';').next().unwrap_or(p));
+                let real: Vec<&str> = offers.iter().map(|o| o.provider.as_str()).filter(|p| !emulated(p)).collect();
+                let device = if real.is_empty() {
+                    "no RMA on a real device (these emulate it over TCP/UDP)".to_string()
+                } else {
+                    format!("RMA on a real device: {}", real.join(", "))
+                };
+                format!("available: {}; {device}", list.join(", "))
+            }
         });
     }
     RdmaMedium::open(params)

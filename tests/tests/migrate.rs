@@ -1222,4 +1222,44 @@ fn rdma_without_a_provider_on_either_side_is_refused_before_the_freeze() {
     fails(&migrate(None, w.pid, &daemon.addr, &["--config", c]), "the tcp medium takes none");
     fails(&migrate(None, w.pid, &daemon.addr, &["--medium", "file"]), "medium file cannot");
     still_fine(&mut w);
+
+    // `plugins list` says so too, rather than a plain "registered".
+    let rdma_row = |env: Option<&str>| {
+        let mut cmd = Command::new(ferry_bin());
+        if let Some(p) = env {
+            cmd.env("FI_PROVIDER", p);
+        }
+        let o = cmd.args(["plugins", "list"]).output().unwrap();
+        String::from_utf8_lossy(&o.stdout).lines().find(|l| l.contains(" rdma ")).expect("an rdma row").to_string()
+    };
+    assert!(rdma_row(None).ends_with(" registered"), "{}", rdma_row(None));
+    let row = rdma_row(Some("no-such-provider"));
+    assert!(row.contains("registered (unavailable: libfabric finds no provider with RMA here (FI_PROVIDER=no-such-provider"), "{row}");
+}
+
+/// A destination killed at each phase of a migration over rdma: before the medium's
+/// handshake, amid the pages (its ring half-written, credits owed) and before the
+/// commit. The source fails in one line, without hanging, and runs on.
+#[test]
+fn a_daemon_killed_at_each_phase_over_rdma_leaves_the_source_running() {
+    if !needs_root("a migration seizes the process and rebuilds it (ptrace, clone3 with set_tid, PR_SET_MM_MAP)") || !have_libfabric() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = rdma_config(dir.path());
+    for fault in ["after-handshake", "mid-pages", "before-commit"] {
+        let mut daemon = Daemon::start_env(None, "127.0.0.1", &[], Some(fault));
+        let mut w = Workload::spawn(&WorkloadOpts { threads: 1, mem_mib: 8, ..Default::default() });
+        w.wait_ticks(2);
+        let started = std::time::Instant::now();
+        let o = migrate(None, w.pid, &daemon.addr, &["--medium", "rdma", "--config", config.to_str().unwrap()]);
+        assert_eq!(o.status.code(), Some(1), "{fault}: {}", stderr(&o));
+        assert_eq!(stderr(&o).lines().count(), 1, "{fault}: {}", stderr(&o));
+        assert!(started.elapsed() < Duration::from_secs(8), "{fault}: the source noticed late ({:?}): {}", started.elapsed(), stderr(&o));
+        let status = daemon.child.wait().unwrap();
+        assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(libc::SIGKILL), "{fault}");
+        let log = w.log.to_str().unwrap().to_string();
+        wait_until("only the source to mention its log", Duration::from_secs(30), || processes_mentioning(&log) == vec![w.pid]);
+        still_fine(&mut w);
+    }
 }

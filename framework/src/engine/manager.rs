@@ -206,13 +206,24 @@ impl Manager {
     /// `open_medium({"probe":true})`, a medium that cannot answers an error starting
     /// `unavailable: ` (any other answer: it has nothing to say against itself).
     pub fn unavailable(&self, meta: &PluginMeta) -> Option<String> {
+        self.medium_probe(meta)?.err()
+    }
+
+    /// A medium's own account of what it finds here, when it gives one: `Ok` after
+    /// `available: `, `Err` after `unavailable: ` (`ferry check` prints both).
+    pub fn medium_probe(&self, meta: &PluginMeta) -> Option<Result<String, String>> {
         if meta.kind != PluginKind::Medium.as_str() {
             return None;
         }
         let module = self.registry().plugins.get(&meta.name)?.loaded.module;
-        match (module.open_medium())(r#"{"probe":true}"#.into()).into_result() {
-            Err(e) => e.message.as_str().strip_prefix("unavailable: ").map(String::from),
-            Ok(_) => None,
+        let word = match (module.open_medium())(r#"{"probe":true}"#.into()).into_result() {
+            Err(e) => e.message.into_string(),
+            Ok(_) => return None,
+        };
+        match (word.strip_prefix("available: "), word.strip_prefix("unavailable: ")) {
+            (Some(ok), _) => Some(Ok(ok.to_string())),
+            (_, Some(why)) => Some(Err(why.to_string())),
+            _ => None,
         }
     }
 
@@ -222,13 +233,7 @@ impl Manager {
         Ok(files
             .into_iter()
             .map(|path| match self.register(&path) {
-                Ok(meta) => {
-                    let status = match self.unavailable(&meta) {
-                        Some(why) => format!("registered (unavailable: {why})"),
-                        None => "registered".into(),
-                    };
-                    Found { path: meta.path.clone(), meta: Some(meta), status }
-                }
+                Ok(meta) => Found { path: meta.path.clone(), meta: Some(meta), status: "registered".into() },
                 Err(e) => {
                     let reason = match &e {
                         ManagerError::Refused { reason, .. } => reason.clone(),
