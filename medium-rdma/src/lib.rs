@@ -617,10 +617,7 @@ impl MediumPlugin for RdmaMedium {
         let st = lock(&self.shared.state);
         let ready = |s: &State| s.inbox.streams.get(&stream).is_some_and(|q| !q.is_empty()) || s.inbox.closed(stream);
         // Data that arrived before the connection was lost is still handed out.
-        let mut st = match self.wait(st, &format!("reading stream {stream}"), ready) {
-            Ok(st) => st,
-            Err(e) => return Err(e),
-        };
+        let mut st = self.wait(st, &format!("reading stream {stream}"), ready)?;
         Ok(st.inbox.pop(stream, buf))
     }
 

@@ -134,7 +134,7 @@ impl Inbox {
                     self.streams.entry(stream).or_default().push_back(payload.to_vec());
                 }
                 K_FLUSH if len == 8 => flushes.push(u64::from_le_bytes(payload.try_into().expect("8"))),
-                K_END if len % 4 == 0 => {
+                K_END if len.is_multiple_of(4) => {
                     self.ended = Some(payload.chunks(4).map(|c| u32::from_le_bytes(c.try_into().expect("4"))).collect())
                 }
                 K_CTRL => {
