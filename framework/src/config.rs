@@ -232,6 +232,8 @@ pub struct Mechanism {
     pub subsystems: Vec<String>,
     /// Transfer medium plugin, by name.
     pub medium: String,
+    /// The medium's own settings, handed to it as they are (rdma: `provider`, `ring`, `slot_kib`).
+    pub medium_params: MediumParams,
     pub strategy: Strategy,
     pub quiesce: Quiesce,
     pub context: ExecContext,
@@ -244,12 +246,20 @@ impl Default for Mechanism {
                 .map(String::from)
                 .to_vec(),
             medium: "file".to_owned(),
+            medium_params: MediumParams::default(),
             strategy: Strategy::default(),
             quiesce: Quiesce::default(),
             context: ExecContext::default(),
         }
     }
 }
+
+/// `mechanism.medium_params`: a JSON object the medium checks itself.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct MediumParams(pub serde_json::Map<String, serde_json::Value>);
+
+impl Eq for MediumParams {} // parsed JSON holds no NaN
 
 /// Tuning per strategy.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

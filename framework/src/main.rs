@@ -474,6 +474,15 @@ fn run(cli: Cli) -> Outcome {
                 outln!("{}", serde_json::to_string_pretty(&features)?);
             } else {
                 out!("{}", probes::render_text(&features));
+                // What each medium finds here (rdma: libfabric's providers with RMA).
+                let manager = registry(&effective(&cli, Overrides::default())?)?;
+                for meta in manager.list().iter().filter(|m| m.kind == "medium") {
+                    match manager.medium_probe(meta) {
+                        Some(Ok(found)) => outln!("medium {:<14}available: {found}", meta.name),
+                        Some(Err(why)) => outln!("medium {:<14}unavailable: {why}", meta.name),
+                        None => {}
+                    }
+                }
                 // Locks of TCP connections (the files plugin's): kept by a checkpoint until
                 // its restore, by a migration's source until its user moves the address.
                 let tables = std::process::Command::new("nft").args(["list", "tables", "inet"]).output();
@@ -551,9 +560,6 @@ fn run(cli: Cli) -> Outcome {
                     ..Overrides::default()
                 },
             )?;
-            if medium.as_deref().is_some_and(|m| m != "tcp") {
-                return Err(Failure::refused("migration needs the tcp medium in this build"));
-            }
             let key_file = auth_key.clone().or(config.daemon.auth_key.clone());
             let manager = registry(&config)?;
             let req = MigrateRequest {
@@ -573,6 +579,13 @@ fn run(cli: Cli) -> Outcome {
                 hybrid_rounds: config.tuning.hybrid.precopy_rounds,
                 fault_window: config.tuning.post_copy.fault_window_kib as u64 * 1024,
                 push_batch: config.tuning.post_copy.push_batch_kib as u64 * 1024,
+                // `--medium`, else the configuration's if it is a network medium, else tcp.
+                medium: match medium {
+                    Some(m) => m.clone(),
+                    None if migrate::MEDIA.contains(&config.mechanism.medium.as_str()) => config.mechanism.medium.clone(),
+                    None => "tcp".into(),
+                },
+                medium_params: config.mechanism.medium_params.0.clone(),
             };
             let mut stats = with_progress("migrate", |p| migrate::migrate(&manager, &req, p)).map_err(event_failure)?;
             stats.phases = ferry::trace::phases_take();
@@ -744,7 +757,14 @@ fn list_registry(socket: &Path, plugins: &[manager::PluginMeta], json: bool) -> 
 }
 
 fn list(dir: &Path, json: bool) -> Outcome {
-    let found = Manager::new().discover(dir)?;
+    let manager = Manager::new();
+    let mut found = manager.discover(dir)?;
+    // A medium that cannot work on this machine says why (asked here only: it costs).
+    for f in &mut found {
+        if let Some(why) = f.meta.as_ref().and_then(|m| manager.unavailable(m)) {
+            f.status = format!("registered (unavailable: {why})");
+        }
+    }
     if json {
         let rows: Vec<serde_json::Value> = found
             .iter()

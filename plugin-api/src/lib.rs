@@ -271,7 +271,10 @@ pub struct PluginMod {
     /// Makes a subsystem instance (subsystem plugins); a fresh one per process per event.
     pub new_subsystem: extern "C" fn() -> PResult<SubsystemBox>,
     /// Opens a medium with JSON parameters (medium plugins), for example
-    /// `{"role":"write","dir":"/var/lib/ferry/img"}`.
+    /// `{"role":"write","dir":"/var/lib/ferry/img"}`. Asked `{"probe":true}`, a medium
+    /// that depends on something of the machine answers an error `unavailable: <why>`
+    /// or `available: <what it found>` (`plugins list`, `ferry check`); any other
+    /// answer means it has nothing to say.
     #[sabi(last_prefix_field)]
     pub open_medium: extern "C" fn(params: RStr<'_>) -> PResult<MediumBox>,
 }

@@ -3,7 +3,9 @@
 //! veth pair between two network namespaces), received into one reused buffer; and the
 //! same stream received into freshly mapped memory, as a destination must (on these
 //! VMs every first touch of a page is a costly fault, which the plain stream never
-//! pays). Prints medians.
+//! pays). Each size runs over the `tcp` medium and over the `rdma` medium on
+//! libfabric's `tcp` provider (the RDMA code path over a TCP emulation of RDMA, not
+//! RDMA hardware's speed; skipped where libfabric is absent). Prints medians.
 //!
 //!     cargo bench -p ferry-tests --bench migrate [-- SIZES_MIB...]
 
@@ -128,15 +130,23 @@ fn main() {
     if veth {
         paths.push(("veth", Some(a), Some(b), "10.232.0.2"));
     }
+    let rdma_config = tmp.path().join("rdma.json");
+    std::fs::write(&rdma_config, r#"{"mechanism": {"medium": "rdma", "medium_params": {"provider": "tcp"}}}"#).unwrap();
+    let mut media: Vec<(&str, Vec<std::ffi::OsString>)> = vec![("tcp", vec![])];
+    let probe = Command::new(ferry_bin()).args(["plugins", "list"]).output().unwrap();
+    match String::from_utf8_lossy(&probe.stdout).lines().find(|l| l.contains(" rdma ")) {
+        Some(line) if !line.contains("unavailable") => media.push(("rdma(tcp)", vec!["--config".into(), rdma_config.clone().into()])),
+        other => eprintln!("no rdma row: {}", other.unwrap_or("no rdma medium plugin")),
+    }
     println!(
-        "{:>9} {:>6} {:>9} {:>9} {:>9} {:>7} {:>11} {:>7} {:>9}",
-        "path", "MiB", "total ms", "frozen", "raw ms", "ratio", "raw+map ms", "ratio", "GB/s"
+        "{:>9} {:>9} {:>6} {:>9} {:>9} {:>9} {:>7} {:>11} {:>7} {:>9}",
+        "path", "medium", "MiB", "total ms", "frozen", "raw ms", "ratio", "raw+map ms", "ratio", "GB/s"
     );
     for (name, from, to, to_ip) in paths {
         let port = 7800 + (id % 100) as u16;
         let addr = format!("{to_ip}:{port}");
         let _d = daemon(to, &addr, &tmp.path().join(format!("{name}.sock")), &key);
-        for &size in &sizes {
+        for (&size, (medium, args)) in sizes.iter().flat_map(|s| media.iter().map(move |m| (s, m))) {
             let runs = 5;
             let (mut tot, mut fr, mut raw, mut mapped) = (vec![], vec![], vec![], vec![]);
             let mut bytes = 0u64;
@@ -156,6 +166,7 @@ fn main() {
                 let o = in_ns(from, &ferry_bin())
                     .args(["migrate", &w.pid.to_string(), "--to", &addr, "--json", "--auth-key"])
                     .arg(&key)
+                    .args(args)
                     .output()
                     .unwrap();
                 assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -174,7 +185,7 @@ fn main() {
             }
             let (t, f, r, m) = (median(&mut tot), median(&mut fr), median(&mut raw), median(&mut mapped));
             println!(
-                "{name:>9} {size:>6} {t:>9.1} {f:>9.1} {r:>9.1} {:>6.2}x {m:>11.1} {:>6.2}x {:>9.2}",
+                "{name:>9} {medium:>9} {size:>6} {t:>9.1} {f:>9.1} {r:>9.1} {:>6.2}x {m:>11.1} {:>6.2}x {:>9.2}",
                 t / r,
                 t / m,
                 bytes as f64 / (t / 1e3) / 1e9

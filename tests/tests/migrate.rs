@@ -38,6 +38,12 @@ impl Daemon {
 
     /// Starts a daemon that dies by SIGKILL at fault point `fault` (FERRY_FAULT).
     fn start_env(netns: Option<&str>, ip: &str, extra: &[&str], fault: Option<&str>) -> Daemon {
+        let envs: Vec<(&str, &str)> = fault.map(|f| ("FERRY_FAULT", f)).into_iter().collect();
+        Daemon::start_envs(netns, ip, extra, &envs)
+    }
+
+    /// Starts a daemon with `envs` in its environment.
+    fn start_envs(netns: Option<&str>, ip: &str, extra: &[&str], envs: &[(&str, &str)]) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let addr = format!("{ip}:{port}");
@@ -60,9 +66,7 @@ impl Daemon {
                 stats
             }
         };
-        if let Some(f) = fault {
-            cmd.env("FERRY_FAULT", f);
-        }
+        cmd.envs(envs.iter().copied());
         let log = std::fs::File::create(dir.path().join("daemon.log")).unwrap();
         let child = cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(log).spawn().unwrap();
         let d = Daemon { child, addr, _dir: dir, stats };
@@ -1166,5 +1170,141 @@ fn a_hybrid_migration_with_no_page_left_to_follow_commits_once_and_the_source_go
         wait_until("the copy's answer", Duration::from_secs(30), || result.exists() || !pid_alive(new));
         ferry_tests::workload::kill_pid(new);
         assert_eq!(std::fs::read_to_string(&result).unwrap_or_default(), "PASS", "{stats}");
+    }
+}
+
+/// Whether libfabric (with a provider that has RMA: its `tcp` one here) is installed.
+fn have_libfabric() -> bool {
+    needs(
+        ["/usr/lib/x86_64-linux-gnu/libfabric.so.1", "/usr/lib/aarch64-linux-gnu/libfabric.so.1", "/usr/lib64/libfabric.so.1"]
+            .iter()
+            .any(|p| Path::new(p).exists()),
+        "libfabric1 (scripts/setup installs it) for the rdma medium",
+    )
+}
+
+/// A configuration file choosing libfabric's `tcp` provider and a small ring (so that
+/// the credits go round many times), as a request would choose its medium's settings.
+fn rdma_config(dir: &Path) -> PathBuf {
+    let path = dir.join("rdma.json");
+    std::fs::write(&path, r#"{"mechanism": {"medium_params": {"provider": "tcp", "ring": 4, "slot_kib": 256}}}"#).unwrap();
+    path
+}
+
+/// The code path of an RDMA transfer — registration, keys, one-sided writes into the
+/// peer's ring, credits, completions — between two hosts, on libfabric's tcp provider
+/// (the speed of RDMA hardware is not what this shows). Every strategy, there and back,
+/// post-copy's page requests among them, with a process that keeps writing.
+#[test]
+fn migrates_over_rdma_between_two_hosts_with_every_strategy() {
+    if !needs_root("network namespaces and a veth pair")
+        || !needs(Path::new("/usr/bin/ip").exists() || Path::new("/bin/ip").exists(), "iproute2 (`ip`) for the network namespaces")
+        || !have_libfabric()
+    {
+        return;
+    }
+    let hosts = Hosts::new().expect("creating the network namespaces and the veth pair");
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("key");
+    std::fs::write(&key, "the two test hosts share this key\n").unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let (k, config) = (key.to_str().unwrap(), rdma_config(dir.path()));
+    let c = config.to_str().unwrap();
+    let da = Daemon::start(Some(&hosts.a), "10.231.0.1", &["--auth-key", k]);
+    let db = Daemon::start(Some(&hosts.b), "10.231.0.2", &["--auth-key", k]);
+    let mut w = spawn_in(&hosts.a, &WorkloadOpts { threads: 2, mem_mib: 16, dirty_pages: 16, tick_ms: 5, ..Default::default() });
+    w.wait_ticks(3);
+    let (mut pid, mut on_a) = (w.pid, true);
+    for strategy in ["stop-copy", "pre-copy", "post-copy", "hybrid"] {
+        let (from, daemon) = if on_a { (&hosts.a, &db) } else { (&hosts.b, &da) };
+        let o = migrate(Some(from), pid, &daemon.addr, &["--auth-key", k, "--strategy", strategy, "--medium", "rdma", "--config", c]);
+        assert!(o.status.success(), "{strategy}: {}", stderr(&o));
+        let event = daemon.counted(&o, 16 * 256 / 4);
+        assert_eq!(event["medium"], "rdma", "{strategy}: {event}");
+        let stats: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(stats["strategy"], strategy, "{stats}");
+        if strategy == "post-copy" {
+            assert!(stats["pages_faulted"].as_u64().unwrap() + stats["pages_pushed"].as_u64().unwrap() > 0, "pages followed the resume: {stats}");
+        }
+        let new = stats["pids"][pid.to_string()].as_i64().unwrap() as i32;
+        moved(&mut w, pid, new, 3);
+        (pid, on_a) = (new, !on_a);
+    }
+    w.terminate_and_check(pid).unwrap();
+}
+
+/// A medium that cannot work on either side is refused in one line naming the process
+/// and the medium, before anything is frozen: the source runs on and checks itself.
+#[test]
+fn rdma_without_a_provider_on_either_side_is_refused_before_the_freeze() {
+    if !needs_root("a migration seizes the process and rebuilds it (ptrace, clone3 with set_tid, PR_SET_MM_MAP)") || !have_libfabric() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = rdma_config(dir.path());
+    let c = config.to_str().unwrap();
+    let mut w = Workload::spawn(&WorkloadOpts { threads: 1, mem_mib: 4, ..Default::default() });
+    w.wait_ticks(2);
+    let pid = w.pid.to_string();
+
+    // The source's libfabric offers nothing (FI_PROVIDER names a provider that is not there).
+    let daemon = Daemon::start(None, "127.0.0.1", &[]);
+    let o = Command::new(ferry_bin())
+        .env("FI_PROVIDER", "no-such-provider")
+        .args(["migrate", &pid, "--to", &daemon.addr, "--medium", "rdma", "--config", c])
+        .output()
+        .unwrap();
+    eprintln!("source without a provider: {}", stderr(&o));
+    fails(&o, &format!("process {pid}: the rdma medium cannot carry it"));
+    assert!(stderr(&o).contains("no provider \"tcp\" with RMA"), "{}", stderr(&o));
+
+    // The destination's does not, the source's does.
+    let lacking = Daemon::start_envs(None, "127.0.0.1", &[], &[("FI_PROVIDER", "no-such-provider")]);
+    let o = migrate(None, w.pid, &lacking.addr, &["--medium", "rdma", "--config", c]);
+    eprintln!("destination without a provider: {}", stderr(&o));
+    fails(&o, "the destination's rdma medium cannot work");
+    // Settings for the rdma medium given to tcp, and a medium that carries no migration.
+    fails(&migrate(None, w.pid, &daemon.addr, &["--config", c]), "the tcp medium takes none");
+    fails(&migrate(None, w.pid, &daemon.addr, &["--medium", "file"]), "medium file cannot");
+    still_fine(&mut w);
+
+    // `plugins list` says so too, rather than a plain "registered".
+    let rdma_row = |env: Option<&str>| {
+        let mut cmd = Command::new(ferry_bin());
+        if let Some(p) = env {
+            cmd.env("FI_PROVIDER", p);
+        }
+        let o = cmd.args(["plugins", "list"]).output().unwrap();
+        String::from_utf8_lossy(&o.stdout).lines().find(|l| l.contains(" rdma ")).expect("an rdma row").to_string()
+    };
+    assert!(rdma_row(None).ends_with(" registered"), "{}", rdma_row(None));
+    let row = rdma_row(Some("no-such-provider"));
+    assert!(row.contains("registered (unavailable: libfabric finds no provider with RMA here (FI_PROVIDER=no-such-provider"), "{row}");
+}
+
+/// A destination killed at each phase of a migration over rdma: before the medium's
+/// handshake, amid the pages (its ring half-written, credits owed) and before the
+/// commit. The source fails in one line, without hanging, and runs on.
+#[test]
+fn a_daemon_killed_at_each_phase_over_rdma_leaves_the_source_running() {
+    if !needs_root("a migration seizes the process and rebuilds it (ptrace, clone3 with set_tid, PR_SET_MM_MAP)") || !have_libfabric() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = rdma_config(dir.path());
+    for fault in ["after-handshake", "mid-pages", "before-commit"] {
+        let mut daemon = Daemon::start_env(None, "127.0.0.1", &[], Some(fault));
+        let mut w = Workload::spawn(&WorkloadOpts { threads: 1, mem_mib: 8, ..Default::default() });
+        w.wait_ticks(2);
+        let started = std::time::Instant::now();
+        let o = migrate(None, w.pid, &daemon.addr, &["--medium", "rdma", "--config", config.to_str().unwrap()]);
+        assert_eq!(o.status.code(), Some(1), "{fault}: {}", stderr(&o));
+        assert_eq!(stderr(&o).lines().count(), 1, "{fault}: {}", stderr(&o));
+        assert!(started.elapsed() < Duration::from_secs(8), "{fault}: the source noticed late ({:?}): {}", started.elapsed(), stderr(&o));
+        let status = daemon.child.wait().unwrap();
+        assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(libc::SIGKILL), "{fault}");
+        let log = w.log.to_str().unwrap().to_string();
+        wait_until("only the source to mention its log", Duration::from_secs(30), || processes_mentioning(&log) == vec![w.pid]);
+        still_fine(&mut w);
     }
 }

@@ -44,6 +44,13 @@ use crate::{
 /// The kernel features a stop-copy event needs on the destination.
 pub const FEATURES: &[&str] = &["ptrace-seize", "process-vm-readv", "pidfd", "clone3-set-tid"];
 
+/// The media a migration can use: both carry streams to a peer over the network.
+pub const MEDIA: [&str; 2] = ["tcp", "rdma"];
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
 pub struct MigrateRequest {
     pub pid: i32,
     pub to: String,
@@ -59,6 +66,9 @@ pub struct MigrateRequest {
     /// Post-copy: bytes fetched around a fault, bytes per background request.
     pub fault_window: u64,
     pub push_batch: u64,
+    /// The medium the image travels through (`tcp` or `rdma`), and its own settings.
+    pub medium: String,
+    pub medium_params: serde_json::Map<String, serde_json::Value>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -280,7 +290,13 @@ fn migrate_with(
     target::check_childless(req.pid, target::TREES_NOT_MIGRATED)?;
     crate::trace::mark("migrate");
     let mut subs = event::load_subsystems(manager, &req.subsystems, Some(req.pid))?;
-    let lease = manager.acquire(PluginKind::Medium, "tcp")?;
+    if !MEDIA.contains(&req.medium.as_str()) {
+        return Err(refused(format!("a migration carries its image over {}; medium {} cannot", MEDIA.join(" or "), req.medium)));
+    }
+    if req.medium == "tcp" && !req.medium_params.is_empty() {
+        return Err(refused("mechanism.medium_params are settings of the rdma medium; the tcp medium takes none"));
+    }
+    let lease = manager.acquire(PluginKind::Medium, &req.medium)?;
     crate::trace::mark("plugins loaded");
     let algorithm = strategies::algorithm(req.strategy, &strategies::Tuning { pre_copy: req.pre_copy, hybrid_rounds: req.hybrid_rounds });
     let (precopy, lazy) = (algorithm.live_rounds(), algorithm.lazy());
@@ -311,7 +327,7 @@ fn migrate_with(
         std::process::id() as u64,
         req.pid,
         &req.strategy.to_string(),
-        PluginRef::new("tcp", &lease.meta().version),
+        PluginRef::new(&req.medium, &lease.meta().version),
         subs.iter().map(|l| PluginRef::new(&l.name, &l.version)).collect(),
         features,
     );
@@ -319,7 +335,16 @@ fn migrate_with(
     crate::trace::mark("handshake done");
     let _ = stream.flush();
     let fd = stream.into_raw_fd();
-    let mut medium = lease.open_medium(&serde_json::json!({"fd": fd, "timeout_ms": req.timeout.as_millis() as u64}))?;
+    let mut params = serde_json::json!({"fd": fd, "timeout_ms": req.timeout.as_millis() as u64});
+    if req.medium != "tcp" {
+        // This side leads the medium's own handshake (both ends check they can carry it).
+        params["initiator"] = true.into();
+        params["params"] = req.medium_params.clone().into();
+    }
+    // Nothing is frozen yet: a medium that cannot work here or there is a refusal.
+    let mut medium = lease
+        .open_medium(&params)
+        .map_err(|e| refused(format!("process {}: the {} medium cannot carry it: {}", req.pid, req.medium, one_line(&e.to_string()))))?;
     // The destination readies its restore child first: the freeze does not wait for it.
     match recv_json(&mut medium, req.timeout) {
         Ok(m) if m["type"] == "ready" => {}

@@ -194,14 +194,23 @@ pub fn serve(
     record.strategy = Some(hello.strategy.clone());
     record.medium = Some(hello.medium.name.clone());
     crate::fault::point("after-handshake");
-    let lease = match manager.acquire(PluginKind::Medium, "tcp") {
+    if !super::migrate::MEDIA.contains(&hello.medium.name.as_str()) {
+        close_after_refusal(&stream);
+        return end(record, "refused", format!("medium {} carries no migration", hello.medium.name));
+    }
+    let lease = match manager.acquire(PluginKind::Medium, &hello.medium.name) {
         Ok(l) => l,
         Err(e) => return end(record, "failed", e.to_string()),
     };
     let fd = stream.into_raw_fd();
     let mut medium = match lease.open_medium(&serde_json::json!({"fd": fd, "timeout_ms": timeout.as_millis() as u64})) {
         Ok(m) => m,
-        Err(e) => return end(record, "failed", e.to_string()),
+        Err(e) => {
+            // On error the medium leaves the socket to its caller.
+            // SAFETY: fd came from into_raw_fd above and is closed once, here.
+            drop(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) });
+            return end(record, "failed", e.to_string());
+        }
     };
     // The restore child is made now, while the source still runs.
     let child = match rebuild::Blank::make(hello.pid) {

@@ -130,6 +130,7 @@ fn full_file() {
                 .map(String::from)
                 .to_vec(),
             medium: "tcp".into(),
+            medium_params: Default::default(),
             strategy: Strategy::Hybrid,
             quiesce: Quiesce::Freezer,
             context: ExecContext::External,

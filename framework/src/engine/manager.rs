@@ -202,6 +202,31 @@ impl Manager {
         Ok(meta)
     }
 
+    /// Why registered medium `meta` cannot work on this machine, if it says so: asked
+    /// `open_medium({"probe":true})`, a medium that cannot answers an error starting
+    /// `unavailable: ` (any other answer: it has nothing to say against itself).
+    pub fn unavailable(&self, meta: &PluginMeta) -> Option<String> {
+        self.medium_probe(meta)?.err()
+    }
+
+    /// A medium's own account of what it finds here, when it gives one: `Ok` after
+    /// `available: `, `Err` after `unavailable: ` (`ferry check` prints both).
+    pub fn medium_probe(&self, meta: &PluginMeta) -> Option<Result<String, String>> {
+        if meta.kind != PluginKind::Medium.as_str() {
+            return None;
+        }
+        let module = self.registry().plugins.get(&meta.name)?.loaded.module;
+        let word = match (module.open_medium())(r#"{"probe":true}"#.into()).into_result() {
+            Err(e) => e.message.into_string(),
+            Ok(_) => return None,
+        };
+        match (word.strip_prefix("available: "), word.strip_prefix("unavailable: ")) {
+            (Some(ok), _) => Some(Ok(ok.to_string())),
+            (_, Some(why)) => Some(Err(why.to_string())),
+            _ => None,
+        }
+    }
+
     /// Registers every plugin of `dir`; answers what happened to each file.
     pub fn discover(&self, dir: &Path) -> Result<Vec<Found>, ManagerError> {
         let files = candidates(dir).map_err(|source| ManagerError::Dir { path: dir.to_path_buf(), source })?;
