@@ -2872,13 +2872,15 @@ static void usage(void)
                     " [--dirty-pages N] [--churn] [--move-mem] [--fork-check] [--rseq] [--process-state] [--seccomp] [--shared-anon] [--event-fds] [--listen] [--creds] [--mm-flags] [--mm-sealed] [--shared-twice] [--locks] [--tree N] [--no-files]"
                     " [--inotify] [--fanotify] [--pidfd] [--pidfd-other]"
                     " [--self-trap] [--single-step] [--watchpoint] [--sigtrap-pending] [--vdso-moved] [--vdso-unmapped] [--vdso-moved-whole]"
-                    " [--del-cwd] [--del-dev] [--del-sock] [--epoll-closed] [--epoll-orphan] [--chroot]\n");
+                    " [--shell-tty PATH] [--del-cwd] [--del-dev] [--del-sock] [--epoll-closed] [--epoll-orphan] [--chroot]\n");
     exit(2);
 }
 
 /* ---- Deleted files and memfds mapped into memory (--mapped-deleted, --memfd-map, --memfd-fd): see
  * mapped.c ---- */
 #include "mapped.c"
+/* ---- --shell-tty PATH: see tty.c ---- */
+#include "tty.c"
 
 static long number(const char *s, long max)
 {
@@ -2948,6 +2950,8 @@ int main(int argc, char **argv)
             opt_dirty_pages = number(v, 1 << 20);
         else if (!strcmp(a, "--tree"))
             opt_tree = number(v, TREE_MAX);
+        else if (!strcmp(a, "--shell-tty"))
+            opt_shell_tty = v;
         else
             usage();
     }
@@ -3010,6 +3014,8 @@ int main(int argc, char **argv)
         setup_notify();
     setup_gone();
     setup_mapped();
+    if (opt_shell_tty)
+        setup_shell_tty();
 
     if (opt_creds)
         setup_creds();
@@ -3147,6 +3153,8 @@ int main(int argc, char **argv)
         verify_gone();
     if (!failure[0])
         verify_mapped();
+    if (opt_shell_tty && !failure[0])
+        verify_shell_tty();
     end_gone();
 
     if (failure[0]) {

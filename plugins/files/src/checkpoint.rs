@@ -491,6 +491,12 @@ impl Checkpoint {
                     }
                     rec.ends.push(PipeEnd { fds: slots, flags });
                 }
+                Kind::Path(path) if crate::shell_job::is_terminal(st.mode, st.rdev) => {
+                    let stat = proc_text(ctx, "stat")?;
+                    let label = crate::model::fds_label(&slots);
+                    let object = crate::shell_job::describe(pid, &stat, &label, path, st.mode, st.rdev, st.ctime, crate::shell_job::shell_job())?;
+                    descs.push((Desc { fds: slots, flags, pos: first.info.pos, object, locks }, None));
+                }
                 Kind::Path(path) => descs.push((
                     Desc {
                         fds: slots,
@@ -500,7 +506,7 @@ impl Checkpoint {
                             path: path.clone(),
                             mode: st.mode,
                             rdev: st.rdev,
-                            tty_ctime: crate::pty::is_slave(st.mode, st.rdev).then_some(st.ctime),
+                            tty_ctime: None,
                         },
                         locks,
                     },
@@ -715,7 +721,7 @@ fn epoll_watches(pid: i32, epfd: i32, what: &str, listed: &[(i32, u32, u64, u64)
 
 pub fn object_name(o: &Object) -> String {
     match o {
-        Object::Path { path, .. } => path.clone(),
+        Object::Path { path, .. } | Object::Terminal { path, .. } => path.clone(),
         Object::Deleted { path, .. } => format!("{path} (deleted)"),
         Object::Memfd { name, .. } => format!("memfd:{name}"),
         Object::DeletedDir { path, .. } | Object::DeletedDevice { path, .. } => format!("{path} (deleted)"),

@@ -3,12 +3,9 @@
 //! process holds. Reopened by path, a slave whose master dies with the original (its
 //! own, killed by the checkpoint or at the end of a migration) fails every write with EIO.
 //!
-//! A slave whose master belongs to another process (the terminal of the shell that
-//! started the process) is still reopened by its path: that terminal outlives the
-//! original, and on this machine the copy writes to it as the original did. Its node's
-//! change time goes with it and is checked after reopening, so that a later terminal
-//! given the same number, or another machine's `/dev/pts/N`, fails the restore instead
-//! of taking the process's output.
+//! A slave whose master belongs to a process outside the request (the terminal of
+//! the shell that started the process) is a shell job's terminal: see
+//! [`crate::shell_job`].
 
 use ferry_plugin_api::util::proc_field;
 

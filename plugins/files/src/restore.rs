@@ -477,6 +477,22 @@ impl Restore {
                 self.placer.release(ctx, h)?;
                 self.status.entities_done += 1;
             }
+            Object::Terminal { path, mode, rdev, ctime, controlling, foreground } => {
+                let (m, r, c) = (*mode, *rdev, *ctime);
+                let fd = crate::shell_job::reopen(
+                    ctx,
+                    &what,
+                    path,
+                    c,
+                    (*controlling, *foreground),
+                    |ctx, at| open(ctx, &what, at, open_flags(desc.flags)),
+                    |ctx, fd| check_type(ctx, &what, fd, m, r),
+                )?;
+                let h = self.placer.adopt(fd);
+                self.placer.place(ctx, &what, h, &desc.fds)?;
+                self.placer.release(ctx, h)?;
+                self.status.entities_done += 1;
+            }
             Object::Deleted { mapped: Some(at), .. } | Object::Memfd { mapped: Some(at), .. } => self.open_mapped(ctx, &what, &desc, *at)?,
             Object::Deleted { dev, ino, data_len: None, .. } | Object::Memfd { dev, ino, data_len: None, .. } => {
                 let at = *self.shared.get(&(*dev, *ino)).ok_or_else(|| {

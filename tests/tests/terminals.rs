@@ -1,0 +1,211 @@
+//! Terminals. A shell job (a process on a terminal whose other end is not part of the
+//! request) is refused without `--shell-job`, in one line naming the pid, the fds and
+//! the terminal, the process left running; with it, it is restored onto the terminal
+//! `ferry restore` runs from, or the one `--inherit-fd fd[N]:PATH` names, with that
+//! terminal as its controlling terminal and its group in the foreground where it led
+//! its session. The terminals are pseudo-terminals the test makes (`openpty`); the
+//! workload checks them from inside (`--shell-tty`, see `workloads/tty.c`).
+
+use std::{
+    io::{Read, Write},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    os::unix::process::CommandExt,
+    process::{Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use ferry_tests::{
+    fails_with, ferry, ferry_bin, needs_root, stderr,
+    inject::Injected,
+    workload::{pid_alive, Workload, WorkloadOpts},
+};
+
+const ROOT: &str = "checkpoint/restore (ptrace of any process), and devpts mounted";
+
+/// Mounts devpts on /dev/pts where it is not (the test VMs boot without it).
+fn devpts() {
+    let mounted = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default().lines().any(|l| l.split(' ').nth(1) == Some("/dev/pts"));
+    if !mounted {
+        std::fs::create_dir_all("/dev/pts").unwrap();
+        let ok = Command::new("mount").args(["-t", "devpts", "-o", "newinstance,ptmxmode=0666", "devpts", "/dev/pts"]).status().unwrap();
+        assert!(ok.success(), "mounting devpts on /dev/pts");
+    }
+}
+
+/// A pseudo-terminal made by the test: its master (non-blocking) and slave, and the
+/// slave's path.
+struct Pty {
+    master: std::fs::File,
+    slave: OwnedFd,
+    path: String,
+}
+
+fn openpty() -> Pty {
+    devpts();
+    let (mut m, mut s) = (-1, -1);
+    // SAFETY: openpty fills two ints; the name, termios and winsize pointers are null.
+    let r = unsafe { libc::openpty(&mut m, &mut s, std::ptr::null_mut(), std::ptr::null(), std::ptr::null()) };
+    assert_eq!(r, 0, "openpty: {}", std::io::Error::last_os_error());
+    // SAFETY: both fds were just made and are owned here alone.
+    let (master, slave) = unsafe { (std::fs::File::from_raw_fd(m), OwnedFd::from_raw_fd(s)) };
+    // SAFETY: fcntl on our own fds.
+    unsafe {
+        libc::fcntl(m, libc::F_SETFL, libc::O_NONBLOCK | libc::O_RDWR);
+        libc::fcntl(m, libc::F_SETFD, libc::FD_CLOEXEC);
+        libc::fcntl(s, libc::F_SETFD, libc::FD_CLOEXEC);
+    }
+    let path = std::fs::read_link(format!("/proc/self/fd/{s}")).unwrap().to_string_lossy().into_owned();
+    Pty { master, slave, path }
+}
+
+impl Pty {
+    /// Reads the master until its output holds `want` (10 s at most); answers all of it.
+    fn read_until(&mut self, want: &str) -> String {
+        let (deadline, mut seen) = (Instant::now() + Duration::from_secs(10), Vec::new());
+        while !String::from_utf8_lossy(&seen).contains(want) {
+            let mut buf = [0u8; 4096];
+            match self.master.read(&mut buf) {
+                Ok(n) if n > 0 => seen.extend_from_slice(&buf[..n]),
+                _ => {
+                    assert!(Instant::now() < deadline, "no {want:?} on {}; it showed {:?}", self.path, String::from_utf8_lossy(&seen));
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
+        String::from_utf8_lossy(&seen).into_owned()
+    }
+}
+
+/// The workload as a shell job on `tty`: its session leader, the terminal its
+/// controlling one and on fds 0-2, its group in the foreground.
+fn shell_job(tty: &Pty) -> Workload {
+    let w = Workload::spawn(&WorkloadOpts { extra: vec!["--shell-tty", Box::leak(tty.path.clone().into_boxed_str())], ..WorkloadOpts::default() });
+    w.wait_ready();
+    w.wait_ticks(3);
+    w
+}
+
+fn checkpoint(w: &mut Workload, dir: &std::path::Path) {
+    let o = ferry(&["checkpoint", &w.pid.to_string(), "--dir", dir.to_str().unwrap(), "--shell-job"]);
+    assert!(o.status.success(), "checkpoint --shell-job: {}", stderr(&o));
+    w.reap();
+}
+
+/// `ferry restore --dir DIR ARGS` with `stdin` as its standard input and, when given,
+/// `(fd, at)`: the test's fd `fd` as ferry's fd `at`.
+fn restore(dir: &std::path::Path, args: &[&str], stdin: Stdio, extra: Option<(i32, i32)>) -> Output {
+    let mut cmd = Command::new(ferry_bin());
+    cmd.args(["restore", "--dir", dir.to_str().unwrap(), "--json"]).args(args).stdin(stdin);
+    if let Some((fd, at)) = extra {
+        // SAFETY: dup2 is async-signal-safe; it runs between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || if libc::dup2(fd, at) == at { Ok(()) } else { Err(std::io::Error::last_os_error()) });
+        }
+    }
+    cmd.output().expect("ferry runs")
+}
+
+fn restored_pid(o: &Output, old: i32) -> i32 {
+    assert!(o.status.success(), "restore: {}", stderr(o));
+    let stats: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    stats["pids"][old.to_string()].as_i64().unwrap_or_else(|| panic!("{stats}")) as i32
+}
+
+fn fd_link(pid: i32, fd: i32) -> String {
+    std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).map(|p| p.to_string_lossy().into_owned()).unwrap_or_default()
+}
+
+/// Types "ping" on `tty`, asks the copy `pid` for its verdict (a PASS), and reads its
+/// "terminal ok" line there.
+fn passes_on(w: &mut Workload, pid: i32, tty: &mut Pty) {
+    for fd in 0..3 {
+        assert_eq!(fd_link(pid, fd), tty.path, "fd {fd} of the copy");
+    }
+    tty.master.write_all(b"ping\n").unwrap();
+    w.terminate_and_check(pid).unwrap_or_else(|e| panic!("{e}; output: {}", w.output()));
+    tty.read_until(&format!("terminal ok {pid}"));
+}
+
+#[test]
+fn a_shell_job_is_refused_without_the_option_and_restored_onto_ferrys_terminal() {
+    if !needs_root(ROOT) {
+        return;
+    }
+    let (old, mut new) = (openpty(), openpty());
+    let mut w = shell_job(&old);
+    let image = tempfile::tempdir().unwrap();
+    let dir = image.path().join("img");
+
+    let o = ferry(&["checkpoint", &w.pid.to_string(), "--dir", dir.to_str().unwrap()]);
+    fails_with(&o, &[&format!("process {}: fds 0, 1, 2 ({})", w.pid, old.path), "not part of the request", "--shell-job"]);
+    assert!(!dir.exists(), "a refused checkpoint writes nothing");
+    let at = *w.ticks().last().unwrap();
+    w.wait_ticks(at + 3);
+    assert_eq!(fd_link(w.pid, 0), old.path, "the refused process keeps its terminal");
+
+    checkpoint(&mut w, &dir);
+    // ferry's standard input is the new terminal: the copy's fds 0-2 are on it.
+    let o = restore(&dir, &[], Stdio::from(new.slave.try_clone().unwrap()), None);
+    let pid = restored_pid(&o, w.pid);
+    w.adopt(pid);
+    passes_on(&mut w, pid, &mut new);
+}
+
+#[test]
+fn inherit_fd_names_the_terminal_and_without_any_the_restore_refuses() {
+    if !needs_root(ROOT) {
+        return;
+    }
+    let (old, mut new) = (openpty(), openpty());
+    let old_path = old.path.clone();
+    let mut w = shell_job(&old);
+    let image = tempfile::tempdir().unwrap();
+    let dir = image.path().join("img");
+    checkpoint(&mut w, &dir);
+    // The process's terminal is gone (its master closed) and ferry runs from none.
+    drop(old);
+    let o = restore(&dir, &[], Stdio::null(), None);
+    fails_with(&o, &[&format!("fds 0, 1, 2 ({old_path})"), "--inherit-fd fd[N]:"]);
+
+    let named = format!("fd[7]:{old_path}");
+    let o = restore(&dir, &["--inherit-fd", &named], Stdio::null(), Some((new.slave.as_raw_fd(), 7)));
+    let pid = restored_pid(&o, w.pid);
+    w.adopt(pid);
+    passes_on(&mut w, pid, &mut new);
+}
+
+/// The workload's terminal checks fail where the terminal is not what it was: the
+/// copy's controlling terminal given up (`TIOCNOTTY`), and the line typed on it read
+/// by someone else.
+#[test]
+fn a_copy_without_its_controlling_terminal_or_its_input_fails_the_check() {
+    if !needs_root(ROOT) {
+        return;
+    }
+    for (want, input) in [("terminal: not its controlling terminal", false), ("want the \"ping\" typed on it", true)] {
+        let (old, mut new) = (openpty(), openpty());
+        let mut w = shell_job(&old);
+        let image = tempfile::tempdir().unwrap();
+        let dir = image.path().join("img");
+        checkpoint(&mut w, &dir);
+        let o = restore(&dir, &[], Stdio::from(new.slave.try_clone().unwrap()), None);
+        let pid = restored_pid(&o, w.pid);
+        w.adopt(pid);
+        new.master.write_all(b"ping\n").unwrap();
+        // Its echo: the line is in the terminal's input, a read will not block.
+        new.read_until("ping");
+        let mut inj = Injected::seize(pid);
+        if input {
+            let buf = inj.put(&[0; 64]);
+            assert_eq!(inj.call(pid, libc::SYS_read, [0, buf, 64, 0, 0, 0]), 5, "the injected read takes the line");
+        } else {
+            assert_eq!(inj.call(pid, libc::SYS_ioctl, [0, libc::TIOCNOTTY, 0, 0, 0, 0]), 0);
+        }
+        inj.release();
+        match w.terminate_and_check(pid) {
+            Err(e) if e.starts_with("FAIL") && e.contains(want) => {}
+            other => panic!("the broken copy's verdict: {other:?}, want a FAIL naming {want:?}"),
+        }
+        assert!(!pid_alive(pid));
+    }
+}
