@@ -22,6 +22,14 @@ use ferry_tests::{
 
 const ROOT: &str = "checkpoint/restore (ptrace of any process), and devpts mounted";
 
+/// The tests take turns: a pair is made again under its index, which another test's
+/// `openpty` could take meanwhile (pseudo-terminal indexes are the machine's).
+static TURNS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn turn() -> std::sync::MutexGuard<'static, ()> {
+    TURNS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Mounts devpts on /dev/pts where it is not (the test VMs boot without it).
 fn devpts() {
     let mounted = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default().lines().any(|l| l.split(' ').nth(1) == Some("/dev/pts"));
@@ -131,6 +139,7 @@ fn a_shell_job_is_refused_without_the_option_and_restored_onto_ferrys_terminal()
     if !needs_root(ROOT) {
         return;
     }
+    let _turn = turn();
     let (old, mut new) = (openpty(), openpty());
     let mut w = shell_job(&old);
     let image = tempfile::tempdir().unwrap();
@@ -156,6 +165,7 @@ fn inherit_fd_names_the_terminal_and_without_any_the_restore_refuses() {
     if !needs_root(ROOT) {
         return;
     }
+    let _turn = turn();
     let (old, mut new) = (openpty(), openpty());
     let old_path = old.path.clone();
     let mut w = shell_job(&old);
@@ -182,6 +192,7 @@ fn a_copy_without_its_controlling_terminal_or_its_input_fails_the_check() {
     if !needs_root(ROOT) {
         return;
     }
+    let _turn = turn();
     for (want, input) in [("terminal: not its controlling terminal", false), ("want the \"ping\" typed on it", true)] {
         let (old, mut new) = (openpty(), openpty());
         let mut w = shell_job(&old);
@@ -207,5 +218,82 @@ fn a_copy_without_its_controlling_terminal_or_its_input_fails_the_check() {
             other => panic!("the broken copy's verdict: {other:?}, want a FAIL naming {want:?}"),
         }
         assert!(!pid_alive(pid));
+    }
+}
+
+/// A pair both of whose ends the workload holds (`--pty-pair`): a checkpoint that
+/// leaves it running takes its unread bytes without losing them (the source's own
+/// check passes after it), and a copy has the same /dev/pts/N, settings, window,
+/// packet mode and unread bytes both ways.
+#[test]
+fn a_pty_pair_is_made_again_with_its_settings_and_unread_bytes_both_ways() {
+    if !needs_root(ROOT) {
+        return;
+    }
+    let _turn = turn();
+    devpts();
+    for leave_running in [true, false] {
+        let mut w = Workload::spawn(&WorkloadOpts { extra: vec!["--pty-pair"], ..WorkloadOpts::default() });
+        w.wait_ready();
+        w.wait_ticks(3);
+        let image = tempfile::tempdir().unwrap();
+        let dir = image.path().join("img");
+        let mut args = vec!["checkpoint".to_string(), w.pid.to_string(), "--dir".into(), dir.to_str().unwrap().into()];
+        if leave_running {
+            args.push("--leave-running".into());
+        }
+        let o = ferry(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(o.status.success(), "checkpoint: {}", stderr(&o));
+        let pid = w.pid;
+        if leave_running {
+            w.terminate_and_check(pid).unwrap_or_else(|e| panic!("the source after the checkpoint: {e}"));
+            continue;
+        }
+        w.reap();
+        let o = restore(&dir, &[], Stdio::null(), None);
+        let new = restored_pid(&o, pid);
+        w.adopt(new);
+        w.terminate_and_check(new).unwrap_or_else(|e| panic!("the copy: {e}"));
+    }
+}
+
+/// The workload's pair checks fail on a copy whose master lost its unread line (read
+/// away by an injected call) or whose window changed.
+#[test]
+fn a_pty_pair_copy_without_its_bytes_or_window_fails_the_check() {
+    if !needs_root(ROOT) {
+        return;
+    }
+    let _turn = turn();
+    devpts();
+    let master_fd = |pid: i32| {
+        let dir = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap();
+        dir.flatten().find(|e| fd_link(pid, e.file_name().to_str().unwrap().parse().unwrap()) == "/dev/ptmx").unwrap().file_name().to_str().unwrap().parse::<u64>().unwrap()
+    };
+    for (want, window) in [("pty: the master read \"\"", false), ("pty: window 10x20, want 33x101", true)] {
+        let mut w = Workload::spawn(&WorkloadOpts { extra: vec!["--pty-pair"], ..WorkloadOpts::default() });
+        w.wait_ready();
+        w.wait_ticks(3);
+        let image = tempfile::tempdir().unwrap();
+        let dir = image.path().join("img");
+        let o = ferry(&["checkpoint", &w.pid.to_string(), "--dir", dir.to_str().unwrap()]);
+        assert!(o.status.success(), "checkpoint: {}", stderr(&o));
+        w.reap();
+        let pid = restored_pid(&restore(&dir, &[], Stdio::null(), None), w.pid);
+        w.adopt(pid);
+        let fd = master_fd(pid);
+        let mut inj = Injected::seize(pid);
+        if window {
+            let ws = inj.put(&[10, 0, 20, 0, 0, 0, 0, 0]);
+            assert_eq!(inj.call(pid, libc::SYS_ioctl, [fd, libc::TIOCSWINSZ, ws, 0, 0, 0]), 0);
+        } else {
+            let buf = inj.put(&[0; 64]);
+            assert_eq!(inj.call(pid, libc::SYS_read, [fd, buf, 64, 0, 0, 0]), 15, "the status byte and the line");
+        }
+        inj.release();
+        match w.terminate_and_check(pid) {
+            Err(e) if e.starts_with("FAIL") && e.contains(want) => {}
+            other => panic!("the broken copy's verdict: {other:?}, want a FAIL naming {want:?}"),
+        }
     }
 }

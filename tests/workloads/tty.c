@@ -49,3 +49,97 @@ static void verify_shell_tty(void)
         FAIL_RET("terminal: read %.60s from it, want the \"ping\" typed on it", line);
     dprintf(1, "terminal ok %d\n", getpid());
 }
+
+/* ---- --pty-pair: a pseudo-terminal pair both of whose ends it holds (openpty), with
+ *   settings of its own (canonical without echo, VINTR changed, window 33x101, packet
+ *   mode) and bytes unread both ways: a typed line and a line being typed for the
+ *   slave side, a line written by the slave side for the master. The check: the same
+ *   /dev/pts/N, settings, window and mode; the slave side reads the line, then the
+ *   line being typed once it is ended; the master reads the written line; a new byte
+ *   goes through both ways. ---- */
+#include <pty.h>
+
+static int opt_pty_pair, pp_master = -1, pp_slave = -1;
+static char pp_name[64];
+static struct termios pp_termios;
+
+static void setup_pty_pair(void)
+{
+    struct winsize ws = {.ws_row = 33, .ws_col = 101, .ws_xpixel = 7, .ws_ypixel = 9};
+    if (openpty(&pp_master, &pp_slave, pp_name, NULL, &ws) != 0)
+        die("openpty");
+    if (tcgetattr(pp_slave, &pp_termios) != 0)
+        die("tcgetattr");
+    pp_termios.c_lflag &= ~(ECHO | ECHOE | ECHOK);
+    pp_termios.c_cc[VINTR] = 0x07;
+    if (tcsetattr(pp_slave, TCSANOW, &pp_termios) != 0 || tcgetattr(pp_slave, &pp_termios) != 0)
+        die("tcsetattr");
+    int one = 1;
+    if (ioctl(pp_master, TIOCPKT, &one) != 0)
+        die("TIOCPKT");
+    const char typed[] = "typed-line\npartial", written[] = "written-line\n";
+    if (write(pp_master, typed, strlen(typed)) != (ssize_t)strlen(typed) ||
+        write(pp_slave, written, strlen(written)) != (ssize_t)strlen(written))
+        die("pty writes");
+    /* The line discipline takes bytes in asynchronously: wait until both are queued. */
+    for (int i = 0; i < 2000; i++) {
+        int in = 0, out = 0;
+        ioctl(pp_slave, FIONREAD, &in);
+        ioctl(pp_master, FIONREAD, &out);
+        if (in == 11 && out == 14)
+            return;
+        sleep_ms(1);
+    }
+    die("pty bytes never queued");
+}
+
+/* Reads what fd has within 2 s (packet mode: the status byte dropped). */
+static ssize_t pp_read(int fd, char *buf, size_t len, int packet)
+{
+    struct pollfd pf = {.fd = fd, .events = POLLIN};
+    buf[0] = 0;
+    if (poll(&pf, 1, 2000) != 1)
+        return -1;
+    char raw[256];
+    ssize_t n = read(fd, raw, sizeof raw < len ? sizeof raw : len);
+    if (n <= 0)
+        return n;
+    if (packet) {
+        if (raw[0] != TIOCPKT_DATA)
+            return -1;
+        memmove(raw, raw + 1, --n);
+    }
+    memcpy(buf, raw, n);
+    buf[n] = 0;
+    return n;
+}
+
+static void verify_pty_pair(void)
+{
+    char name[64], buf[256];
+    if (ptsname_r(pp_master, name, sizeof name) != 0 || strcmp(name, pp_name))
+        FAIL_RET("pty: the master is now %s's, want %s's", name, pp_name);
+    struct stat a, b;
+    if (fstat(pp_slave, &a) != 0 || stat(pp_name, &b) != 0 || a.st_rdev != b.st_rdev)
+        FAIL_RET("pty: the slave fd is not %s", pp_name);
+    struct termios t;
+    if (tcgetattr(pp_slave, &t) != 0 || t.c_lflag != pp_termios.c_lflag || t.c_iflag != pp_termios.c_iflag ||
+        t.c_oflag != pp_termios.c_oflag || t.c_cflag != pp_termios.c_cflag || memcmp(t.c_cc, pp_termios.c_cc, sizeof t.c_cc))
+        FAIL_RET("pty: termios lflag %#x VINTR %#x, want %#x and %#x", t.c_lflag, t.c_cc[VINTR], pp_termios.c_lflag, pp_termios.c_cc[VINTR]);
+    struct winsize ws;
+    if (ioctl(pp_master, TIOCGWINSZ, &ws) != 0 || ws.ws_row != 33 || ws.ws_col != 101 || ws.ws_xpixel != 7 || ws.ws_ypixel != 9)
+        FAIL_RET("pty: window %ux%u, want 33x101", ws.ws_row, ws.ws_col);
+    int pkt = 0, lock = 1;
+    if (ioctl(pp_master, TIOCGPKT, &pkt) != 0 || !pkt)
+        FAIL_RET("pty: packet mode lost");
+    if (ioctl(pp_master, TIOCGPTLCK, &lock) != 0 || lock)
+        FAIL_RET("pty: locked, want unlocked");
+    if (pp_read(pp_master, buf, sizeof buf - 1, 1) != 14 || strcmp(buf, "written-line\r\n"))
+        FAIL_RET("pty: the master read \"%s\", want the line written before", buf);
+    if (pp_read(pp_slave, buf, sizeof buf - 1, 0) != 11 || strcmp(buf, "typed-line\n"))
+        FAIL_RET("pty: the slave side read \"%s\", want the typed line", buf);
+    if (write(pp_master, "-end\n", 5) != 5 || pp_read(pp_slave, buf, sizeof buf - 1, 0) != 12 || strcmp(buf, "partial-end\n"))
+        FAIL_RET("pty: the slave side read \"%s\", want the line being typed, ended", buf);
+    if (write(pp_slave, "x", 1) != 1 || pp_read(pp_master, buf, sizeof buf - 1, 1) != 1 || buf[0] != 'x')
+        FAIL_RET("pty: a new byte did not reach the master");
+}

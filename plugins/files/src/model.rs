@@ -99,6 +99,12 @@ pub enum Object {
     /// `controlling`: the process led its session with it as controlling terminal;
     /// `foreground`: and its group was the terminal's foreground.
     Terminal { path: String, mode: u32, rdev: u64, ctime: [i64; 2], controlling: bool, foreground: bool },
+    /// The master of a pseudo-terminal pair both of whose ends belong to the request
+    /// (see [`crate::pty`]): made again as `/dev/pts/{index}` with `state`.
+    PtyMaster { index: u32, state: Box<crate::pty::PtyState> },
+    /// A slave (`path`, `/dev/pts/{index}`) of such a pair: reopened once its master
+    /// is made; `controlling`, `foreground` as for [`Object::Terminal`].
+    PtySlave { index: u32, path: String, controlling: bool, foreground: bool },
     /// A regular file deleted while open: recreated from its contents, reopened, and
     /// unlinked. Several descriptions of one inode (`dev`, `ino`) share one copy: the
     /// first carries `data_len` (the contents follow), the others have none. `mapped`:
@@ -242,7 +248,7 @@ impl Desc {
     /// How many content bytes follow this record.
     pub fn data_len(&self) -> u64 {
         match &self.object {
-            Object::Path { .. } | Object::Terminal { .. } | Object::Eventfd { .. } | Object::Timerfd { .. } | Object::Signalfd { .. } | Object::Epoll { .. } => 0,
+            Object::Path { .. } | Object::Terminal { .. } | Object::PtyMaster { .. } | Object::PtySlave { .. } | Object::Eventfd { .. } | Object::Timerfd { .. } | Object::Signalfd { .. } | Object::Epoll { .. } => 0,
             Object::UnixPair { data_len, .. } => *data_len,
             Object::Inet { .. } | Object::UnixSocket { .. } | Object::DeletedDir { .. } | Object::DeletedDevice { .. } => 0,
             Object::Inotify { .. } | Object::Fanotify { .. } | Object::Pidfd { .. } | Object::Tcp { .. } => 0,
@@ -373,7 +379,8 @@ impl Desc {
                     return Err(format!("{what}: timerfd clock {clock}, time {value:?} every {interval:?} are not valid"));
                 }
             }
-            Object::Signalfd { .. } => {}
+            Object::Signalfd { .. } | Object::PtySlave { .. } => {}
+            Object::PtyMaster { state, .. } => crate::pty::validate(state, &what)?,
             Object::Inotify { .. } | Object::Fanotify { .. } | Object::Pidfd { .. } => crate::notify::validate(&self.object, &what)?,
             Object::Inet { family, sock_type, addr, peer, backlog, options } => {
                 let want = match *family {

@@ -488,10 +488,17 @@ impl Restore {
                     |ctx, at| open(ctx, &what, at, open_flags(desc.flags)),
                     |ctx, fd| check_type(ctx, &what, fd, m, r),
                 )?;
-                let h = self.placer.adopt(fd);
-                self.placer.place(ctx, &what, h, &desc.fds)?;
-                self.placer.release(ctx, h)?;
-                self.status.entities_done += 1;
+                self.settle(ctx, &what, fd, &desc)?;
+            }
+            Object::PtyMaster { index, state } => {
+                let flags = open_flags(desc.flags);
+                let fd = crate::pty::make_master(ctx, &what, *index, state, |ctx| open_raw(ctx, "/dev/ptmx", flags, 0))?;
+                self.settle(ctx, &what, fd, &desc)?;
+            }
+            Object::PtySlave { path, controlling, foreground, .. } => {
+                let fd = open(ctx, &what, path, open_flags(desc.flags))?;
+                crate::shell_job::take(ctx, &what, fd, *controlling, *foreground)?;
+                self.settle(ctx, &what, fd, &desc)?;
             }
             Object::Deleted { mapped: Some(at), .. } | Object::Memfd { mapped: Some(at), .. } => self.open_mapped(ctx, &what, &desc, *at)?,
             Object::Deleted { dev, ino, data_len: None, .. } | Object::Memfd { dev, ino, data_len: None, .. } => {
@@ -533,6 +540,15 @@ impl Restore {
                 self.pending = Some(Pending { h, remaining, kind: KIND_DESC_DATA, what, then: Then::Memfd { desc } });
             }
         }
+        Ok(())
+    }
+
+    /// Puts the new fd `fd` on the description's numbers.
+    fn settle(&mut self, ctx: &mut ContextRef<'_>, what: &str, fd: i32, desc: &Desc) -> Result<(), String> {
+        let h = self.placer.adopt(fd);
+        self.placer.place(ctx, what, h, &desc.fds)?;
+        self.placer.release(ctx, h)?;
+        self.status.entities_done += 1;
         Ok(())
     }
 

@@ -68,6 +68,22 @@ pub fn describe(pid: i32, stat: &str, label: &str, path: &str, mode: u32, rdev: 
     Ok(Object::Terminal { path: path.to_string(), mode, rdev, ctime, controlling, foreground: controlling && tpgid == pgrp })
 }
 
+/// The record of a slave (`/dev/pts/N`, device `rdev`) of a pair whose master the
+/// request holds too; refuses a process that has it as its controlling terminal
+/// without leading its session (a restored process gets its controlling terminal
+/// from its session leader only while being made, which the blank processes of a
+/// tree are forked before).
+pub fn describe_pair_slave(pid: i32, stat: &str, label: &str, path: &str, index: u32, rdev: u64) -> Result<Object, String> {
+    let (pgrp, sid, tty_nr, tpgid) = stat_ids(stat).ok_or_else(|| format!("process {pid}: unreadable /proc/{pid}/stat"))?;
+    let controlling = tty_nr != 0 && tty_nr_dev(tty_nr) == rdev;
+    if controlling && sid != pid {
+        return Err(format!(
+            "process {pid}: {label} ({path}) is its controlling terminal, that of the session process {sid} leads: the controlling terminal of a process other than its session's leader is not carried yet"
+        ));
+    }
+    Ok(Object::PtySlave { index, path: path.to_string(), controlling, foreground: controlling && tpgid == pgrp })
+}
+
 /// Whether this checkpoint is a shell job's (`--shell-job`).
 pub fn shell_job() -> bool {
     std::env::var_os(SHELL_JOB_ENV).is_some()
@@ -129,17 +145,24 @@ pub fn reopen(
             ));
         }
     }
+    take(ctx, &format!("{what} ({at})"), fd, controlling, foreground)?;
+    Ok(fd)
+}
+
+/// Makes terminal fd `fd` of the child its controlling terminal (`controlling`: it
+/// leads its session) and its group the terminal's foreground (`foreground`).
+pub fn take(ctx: &mut ContextRef<'_>, what: &str, fd: i32, controlling: bool, foreground: bool) -> Result<(), String> {
     let tid = ctx.pid();
     if controlling {
-        syscall(ctx, tid, &format!("{what} ({at}): making it the controlling terminal: TIOCSCTTY"), libc::SYS_ioctl, [fd as u64, libc::TIOCSCTTY, 0, 0, 0, 0])?;
+        syscall(ctx, tid, &format!("{what}: making it the controlling terminal: TIOCSCTTY"), libc::SYS_ioctl, [fd as u64, libc::TIOCSCTTY, 0, 0, 0, 0])?;
     }
     if foreground {
         let pgrp = syscall(ctx, tid, &format!("{what}: getpgid"), libc::SYS_getpgid, [0; 6])? as i32;
         let mut scratch = Scratch::new(ctx);
         let addr = scratch.put(ctx, &pgrp.to_ne_bytes())?;
-        syscall(ctx, tid, &format!("{what} ({at}): its group to the foreground: TIOCSPGRP"), libc::SYS_ioctl, [fd as u64, libc::TIOCSPGRP, addr, 0, 0, 0])?;
+        syscall(ctx, tid, &format!("{what}: its group to the foreground: TIOCSPGRP"), libc::SYS_ioctl, [fd as u64, libc::TIOCSPGRP, addr, 0, 0, 0])?;
     }
-    Ok(fd)
+    Ok(())
 }
 
 #[cfg(test)]
