@@ -297,3 +297,92 @@ fn a_pty_pair_copy_without_its_bytes_or_window_fails_the_check() {
         }
     }
 }
+
+/// `tmux -S SOCK ARGS`, with no fd of the test's beyond the standard three (the
+/// server it may start keeps what it inherits).
+fn tmux(sock: &std::path::Path, args: &[&str]) -> Output {
+    let mut cmd = Command::new("tmux");
+    cmd.arg("-S").arg(sock).args(["-f", "/dev/null"]).args(args).stdin(Stdio::null());
+    // SAFETY: close_range is async-signal-safe; it runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32);
+            Ok(())
+        });
+    }
+    cmd.output().expect("tmux runs (scripts/setup installs it)")
+}
+
+/// What the pane shows, its history included.
+fn pane(sock: &std::path::Path) -> String {
+    String::from_utf8_lossy(&tmux(sock, &["capture-pane", "-p", "-S", "-100"]).stdout).into_owned()
+}
+
+fn wait_pane(sock: &std::path::Path, want: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !pane(sock).contains(want) {
+        assert!(Instant::now() < deadline, "the pane never showed {want:?}; it shows:\n{}", pane(sock));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Kills the listed pids when dropped.
+struct KillAll(Vec<i32>);
+impl Drop for KillAll {
+    fn drop(&mut self) {
+        for &p in &self.0 {
+            if pid_alive(p) {
+                ferry_tests::workload::kill_pid(p);
+            }
+        }
+    }
+}
+
+/// tmux's server and the bash in its pane, a tree with a pair between them:
+/// checkpointed and restored, the pane still shows what ran before, bash still has it
+/// in its history, and runs a command sent after the restore.
+#[test]
+fn tmux_and_the_bash_in_its_pane_come_back_with_their_terminal_and_history() {
+    if !needs_root(ROOT) {
+        return;
+    }
+    let _turn = turn();
+    devpts();
+    let tmp = tempfile::tempdir().unwrap();
+    let sock = tmp.path().join("tmux.sock");
+    let o = tmux(&sock, &["new-session", "-d", "-x", "100", "-y", "30", "env -i PS1='ready$ ' TERM=screen bash --norc --noprofile"]);
+    assert!(o.status.success(), "tmux new-session: {}", stderr(&o));
+    let ids = String::from_utf8_lossy(&tmux(&sock, &["display", "-p", "#{pid} #{pane_pid}"]).stdout).into_owned();
+    let ids: Vec<i32> = ids.split_whitespace().map(|p| p.parse().unwrap()).collect();
+    let (server, shell) = (ids[0], ids[1]);
+    let mut guard = KillAll(vec![server, shell]);
+    wait_pane(&sock, "ready$");
+    assert!(tmux(&sock, &["send-keys", "echo before-$((6*7))", "Enter"]).status.success());
+    wait_pane(&sock, "before-42");
+
+    let image = tempfile::tempdir().unwrap();
+    let dir = image.path().join("img");
+    let o = ferry(&["checkpoint", &server.to_string(), "--dir", dir.to_str().unwrap()]);
+    assert!(o.status.success(), "checkpoint of the tmux server: {}", stderr(&o));
+    assert!(!pid_alive(server) && !pid_alive(shell), "the checkpoint kills the tree");
+    let o = ferry(&["restore", "--dir", dir.to_str().unwrap(), "--json"]);
+    assert!(o.status.success(), "restore: {}", stderr(&o));
+    let stats: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let pids: Vec<i32> = stats["pids"].as_object().unwrap().values().map(|v| v.as_i64().unwrap() as i32).collect();
+    guard.0.extend(&pids);
+
+    assert!(pane(&sock).contains("before-42"), "the pane's history after the restore:\n{}", pane(&sock));
+    // bash leads its session again with the pane's terminal as its controlling one,
+    // its group in the foreground.
+    let shell = stats["pids"][shell.to_string()].as_i64().unwrap() as i32;
+    let stat = std::fs::read_to_string(format!("/proc/{shell}/stat")).unwrap();
+    let f: Vec<i64> = stat[stat.rfind(')').unwrap() + 4..].split(' ').take(5).map(|v| v.parse().unwrap()).collect();
+    let rdev = std::os::unix::fs::MetadataExt::rdev(&std::fs::metadata(format!("/proc/{shell}/fd/0")).unwrap());
+    let tty_nr = ((libc::major(rdev) << 8) | (libc::minor(rdev) & 0xff) | ((libc::minor(rdev) >> 8) << 20)) as i64;
+    assert_eq!((f[1], f[2], f[3], f[4]), (shell as i64, shell as i64, tty_nr, shell as i64), "bash's pgrp, session, tty_nr, tpgid: {stat}");
+    // `fc -ln 1 1`: the first command of bash's history.
+    assert!(tmux(&sock, &["send-keys", "echo after-$((6*7)); fc -ln 1 1", "Enter"]).status.success());
+    wait_pane(&sock, "after-42\n         echo before-$((6*7))\nready$");
+    let o = tmux(&sock, &["kill-server"]);
+    assert!(o.status.success(), "kill-server: {}", stderr(&o));
+}
