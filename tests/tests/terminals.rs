@@ -386,3 +386,31 @@ fn tmux_and_the_bash_in_its_pane_come_back_with_their_terminal_and_history() {
     let o = tmux(&sock, &["kill-server"]);
     assert!(o.status.success(), "kill-server: {}", stderr(&o));
 }
+
+/// A shell job migrated: refused without --shell-job; with it, a session leader's
+/// controlling terminal cannot move within one machine (the frozen source still
+/// leads a session on it until the commit), which the destination refuses in one
+/// line, the source running on and passing its check.
+#[test]
+fn a_shell_job_migration_within_the_machine_is_refused_and_the_source_runs_on() {
+    if !needs_root(ROOT) {
+        return;
+    }
+    let _turn = turn();
+    let mut old = openpty();
+    let daemon = ferry_tests::daemon::Daemon::start();
+    let mut w = shell_job(&old);
+    let migrate = |extra: &[&str]| {
+        Command::new(ferry_bin()).args(["migrate", &w.pid.to_string(), "--to", &daemon.addr, "--json"]).args(extra).output().unwrap()
+    };
+    let o = migrate(&[]);
+    fails_with(&o, &[&format!("process {}: fds 0, 1, 2 ({})", w.pid, old.path), "--shell-job"]);
+    for strategy in ["stop-copy", "pre-copy", "post-copy", "hybrid"] {
+        let o = migrate(&["--strategy", strategy, "--shell-job"]);
+        fails_with(&o, &[&format!("{} is still another session's controlling terminal", old.path), "within one machine"]);
+        let at = *w.ticks().last().unwrap();
+        w.wait_ticks(at + 2);
+    }
+    let pid = w.pid;
+    passes_on(&mut w, pid, &mut old);
+}

@@ -16,7 +16,7 @@
 //! terminal work, job control (^C, ^Z) no longer reaches it.
 
 use ferry_plugin_api::{
-    util::{syscall, Scratch},
+    util::{syscall, syscall_raw, Scratch},
     ContextRef,
 };
 
@@ -145,7 +145,22 @@ pub fn reopen(
             ));
         }
     }
-    take(ctx, &format!("{what} ({at})"), fd, controlling, foreground)?;
+    if same && controlling {
+        // On this machine the source may still lead a session on it (a migration
+        // here, the source frozen until the commit): taking it from that session
+        // could not be undone if the migration rolled back.
+        let tid = ctx.pid();
+        let r = syscall_raw(ctx, tid, libc::SYS_ioctl, [fd as u64, libc::TIOCSCTTY, 0, 0, 0, 0])?;
+        if r == -(libc::EPERM as i64) {
+            return Err(format!(
+                "{what}: {path} is still another session's controlling terminal (the source's, in a migration within one machine): a session leader's controlling terminal moves only onto another terminal (ferry restore from one, --inherit-fd) or machine yet"
+            ));
+        }
+        if r < 0 {
+            return Err(format!("{what} ({at}): making it the controlling terminal: TIOCSCTTY: {}", std::io::Error::from_raw_os_error(-r as i32)));
+        }
+    }
+    take(ctx, &format!("{what} ({at})"), fd, controlling && !same, foreground)?;
     Ok(fd)
 }
 
