@@ -20,6 +20,8 @@ use ferry_plugin_api::{
 mod gone;
 #[path = "restore_made.rs"]
 mod made;
+#[path = "restore_tty.rs"]
+mod tty;
 
 use crate::{
     checkpoint::object_name,
@@ -477,29 +479,7 @@ impl Restore {
                 self.placer.release(ctx, h)?;
                 self.status.entities_done += 1;
             }
-            Object::Terminal { path, mode, rdev, ctime, controlling, foreground } => {
-                let (m, r, c) = (*mode, *rdev, *ctime);
-                let fd = crate::shell_job::reopen(
-                    ctx,
-                    &what,
-                    path,
-                    c,
-                    (*controlling, *foreground),
-                    |ctx, at| open(ctx, &what, at, open_flags(desc.flags)),
-                    |ctx, fd| check_type(ctx, &what, fd, m, r),
-                )?;
-                self.settle(ctx, &what, fd, &desc)?;
-            }
-            Object::PtyMaster { index, state } => {
-                let flags = open_flags(desc.flags);
-                let fd = crate::pty::make_master(ctx, &what, *index, state, |ctx| open_raw(ctx, "/dev/ptmx", flags, 0))?;
-                self.settle(ctx, &what, fd, &desc)?;
-            }
-            Object::PtySlave { path, controlling, foreground, .. } => {
-                let fd = open(ctx, &what, path, open_flags(desc.flags))?;
-                crate::shell_job::take(ctx, &what, fd, *controlling, *foreground)?;
-                self.settle(ctx, &what, fd, &desc)?;
-            }
+            Object::Terminal { .. } | Object::PtyMaster { .. } | Object::PtySlave { .. } => self.start_terminal(ctx, &what, &desc)?,
             Object::Deleted { mapped: Some(at), .. } | Object::Memfd { mapped: Some(at), .. } => self.open_mapped(ctx, &what, &desc, *at)?,
             Object::Deleted { dev, ino, data_len: None, .. } | Object::Memfd { dev, ino, data_len: None, .. } => {
                 let at = *self.shared.get(&(*dev, *ino)).ok_or_else(|| {
@@ -540,15 +520,6 @@ impl Restore {
                 self.pending = Some(Pending { h, remaining, kind: KIND_DESC_DATA, what, then: Then::Memfd { desc } });
             }
         }
-        Ok(())
-    }
-
-    /// Puts the new fd `fd` on the description's numbers.
-    fn settle(&mut self, ctx: &mut ContextRef<'_>, what: &str, fd: i32, desc: &Desc) -> Result<(), String> {
-        let h = self.placer.adopt(fd);
-        self.placer.place(ctx, what, h, &desc.fds)?;
-        self.placer.release(ctx, h)?;
-        self.status.entities_done += 1;
         Ok(())
     }
 
