@@ -5,7 +5,9 @@
 //! are opened until the kernel hands out index N, the others closed (it hands out the
 //! lowest free one, so a higher one means N is taken: refused). It gets the pair's
 //! termios (`TCGETS2`, the slave's: the master's ioctls act on it), window size,
-//! packet mode and locked state, and the bytes unread in both directions: those the
+//! packet mode (a locked pair is refused: its slave could not be reopened while
+//! locked; the lock is recorded and set again for the day it is carried), and the
+//! bytes unread in both directions: those the
 //! slave side wrote and the master has not read, and those the master side wrote
 //! (typed) and the slave has not read, canonical lines and a line being typed kept as
 //! they were. A slave (`/dev/pts/N`) is reopened by its path once its master is made —
