@@ -414,3 +414,55 @@ fn a_shell_job_migration_within_the_machine_is_refused_and_the_source_runs_on() 
     let pid = w.pid;
     passes_on(&mut w, pid, &mut old);
 }
+
+/// A job started from an interactive shell (bash in a tmux pane: in bash's session, on
+/// its terminal) is a shell job: refused without --shell-job; with it, restored onto
+/// the terminal ferry restore runs from, in a session of its own; the shell and its
+/// pane carry on.
+#[test]
+fn a_job_of_an_interactive_shell_is_restored_onto_the_callers_terminal() {
+    if !needs_root(ROOT) {
+        return;
+    }
+    let _turn = turn();
+    devpts();
+    let tmp = tempfile::tempdir().unwrap();
+    let (sock, log) = (tmp.path().join("tmux.sock"), tmp.path().join("job.log"));
+    let o = tmux(&sock, &["new-session", "-d", "-x", "100", "-y", "30", "env -i PS1='ready$ ' TERM=screen bash --norc --noprofile"]);
+    assert!(o.status.success(), "tmux new-session: {}", stderr(&o));
+    let ids = String::from_utf8_lossy(&tmux(&sock, &["display", "-p", "#{pid} #{pane_pid} #{pane_tty}"]).stdout).into_owned();
+    let ids: Vec<&str> = ids.split_whitespace().collect();
+    let mut guard = KillAll(vec![ids[0].parse().unwrap(), ids[1].parse().unwrap()]);
+    let pane_tty = ids[2].to_string();
+    wait_pane(&sock, "ready$");
+    let job = format!("{} --log {} --no-files --tty-job &", ferry_tests::workload::workload_bin().display(), log.display());
+    assert!(tmux(&sock, &["send-keys", &job, "Enter"]).status.success());
+    let lines = || std::fs::read_to_string(&log).unwrap_or_default();
+    ferry_tests::wait_until("the job to be ready", Duration::from_secs(10), || lines().contains("tick 3\n"));
+    let pid = ferry_tests::workload::processes_mentioning(&log.to_string_lossy())[0];
+    guard.0.push(pid);
+
+    let image = tempfile::tempdir().unwrap();
+    let dir = image.path().join("img");
+    let o = ferry(&["checkpoint", &pid.to_string(), "--dir", dir.to_str().unwrap()]);
+    fails_with(&o, &[&format!("process {pid}: fds 0, 1, 2 ({pane_tty})"), "--shell-job"]);
+    let o = ferry(&["checkpoint", &pid.to_string(), "--dir", dir.to_str().unwrap(), "--shell-job"]);
+    assert!(o.status.success(), "checkpoint --shell-job: {}", stderr(&o));
+    ferry_tests::wait_until("the job to be gone", Duration::from_secs(10), || !pid_alive(pid));
+    let mut new = openpty();
+    let o = restore(&dir, &[], Stdio::from(new.slave.try_clone().unwrap()), None);
+    let copy = restored_pid(&o, pid);
+    guard.0.push(copy);
+    assert_eq!(fd_link(copy, 1), new.path);
+    let stat = std::fs::read_to_string(format!("/proc/{copy}/stat")).unwrap();
+    let f: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+    assert_eq!((f[3], f[4]), (copy.to_string().as_str(), "0"), "a session of its own, no controlling terminal: {stat}");
+    assert!(ferry_tests::workload::send_signal(copy, libc::SIGTERM));
+    ferry_tests::wait_until("the copy's verdict", Duration::from_secs(10), || lines().contains("PASS") || lines().contains("FAIL"));
+    assert!(lines().ends_with("PASS\n"), "the copy's verdict: {}", lines());
+    new.read_until(&format!("terminal ok {copy}"));
+    // The shell carries on in its pane.
+    assert!(tmux(&sock, &["send-keys", "echo still-$((6*7))", "Enter"]).status.success());
+    wait_pane(&sock, "still-42");
+    assert!(tmux(&sock, &["kill-server"]).status.success());
+}

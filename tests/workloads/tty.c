@@ -9,6 +9,22 @@
 #include <termios.h>
 
 static const char *opt_shell_tty;
+/* --tty-job: a job of an interactive shell, on the shell's terminal (fds 0-2, as
+ * inherited), in the shell's session. The check: fds 0-2 are still one terminal, and
+ * "terminal ok PID" written to it. */
+static int opt_tty_job;
+
+static void verify_tty_job(void)
+{
+    struct stat st[3];
+    for (int i = 0; i < 3; i++) {
+        if (!isatty(i) || fstat(i, &st[i]) != 0)
+            FAIL_RET("terminal: fd %d is no longer a terminal", i);
+        if (st[i].st_rdev != st[0].st_rdev)
+            FAIL_RET("terminal: fd %d is another terminal than fd 0", i);
+    }
+    dprintf(1, "terminal ok %d\n", getpid());
+}
 
 static void setup_shell_tty(void)
 {

@@ -2872,7 +2872,7 @@ static void usage(void)
                     " [--dirty-pages N] [--churn] [--move-mem] [--fork-check] [--rseq] [--process-state] [--seccomp] [--shared-anon] [--event-fds] [--listen] [--creds] [--mm-flags] [--mm-sealed] [--shared-twice] [--locks] [--tree N] [--no-files]"
                     " [--inotify] [--fanotify] [--pidfd] [--pidfd-other]"
                     " [--self-trap] [--single-step] [--watchpoint] [--sigtrap-pending] [--vdso-moved] [--vdso-unmapped] [--vdso-moved-whole]"
-                    " [--shell-tty PATH] [--pty-pair] [--del-cwd] [--del-dev] [--del-sock] [--epoll-closed] [--epoll-orphan] [--chroot]\n");
+                    " [--shell-tty PATH] [--pty-pair] [--tty-job] [--del-cwd] [--del-dev] [--del-sock] [--epoll-closed] [--epoll-orphan] [--chroot]\n");
     exit(2);
 }
 
@@ -2924,6 +2924,7 @@ int main(int argc, char **argv)
             {"--epoll-orphan", &opt_epoll_orphan, 1}, {"--chroot", &opt_chroot, 1},
             {"--mapped-deleted", &opt_mapped_deleted, 1}, {"--memfd-map", &opt_memfd_map, 1},
             {"--memfd-fd", &opt_memfd_fd, 1},   {"--pty-pair", &opt_pty_pair, 1},
+            {"--tty-job", &opt_tty_job, 1},
         };
         int flag = 0;
         for (size_t f = 0; f < sizeof flags / sizeof flags[0] && !flag; f++)
@@ -3159,6 +3160,8 @@ int main(int argc, char **argv)
         verify_shell_tty();
     if (opt_pty_pair && !failure[0])
         verify_pty_pair();
+    if (opt_tty_job && !failure[0])
+        verify_tty_job();
     end_gone();
 
     if (failure[0]) {
