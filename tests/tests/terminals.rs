@@ -466,3 +466,32 @@ fn a_job_of_an_interactive_shell_is_restored_onto_the_callers_terminal() {
     wait_pane(&sock, "still-42");
     assert!(tmux(&sock, &["kill-server"]).status.success());
 }
+
+/// A checkpoint of a pair's holder killed once the files plugin read the pair (its
+/// unread bytes taken out and put back) leaves the source with every byte: its own
+/// check passes.
+#[test]
+fn a_checkpoint_killed_after_reading_a_pair_leaves_its_bytes_in_the_source() {
+    if !needs_root(ROOT) {
+        return;
+    }
+    let _turn = turn();
+    devpts();
+    let mut w = Workload::spawn(&WorkloadOpts { extra: vec!["--pty-pair"], ..WorkloadOpts::default() });
+    w.wait_ready();
+    w.wait_ticks(3);
+    let image = tempfile::tempdir().unwrap();
+    let dir = image.path().join("img");
+    // The files plugin writes the second stream, after memory's.
+    let o = Command::new(ferry_bin())
+        .args(["checkpoint", &w.pid.to_string(), "--dir", dir.to_str().unwrap()])
+        .env("FERRY_FAULT", "checkpoint-mid@2")
+        .output()
+        .unwrap();
+    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&o.status), Some(libc::SIGKILL), "{}", stderr(&o));
+    let pid = w.pid;
+    ferry_tests::assert_no_residue(&[pid], Some(&dir));
+    let at = *w.ticks().last().unwrap();
+    w.wait_ticks(at + 3);
+    w.terminate_and_check(pid).unwrap_or_else(|e| panic!("the source after ferry died: {e}"));
+}
