@@ -495,3 +495,47 @@ fn a_checkpoint_killed_after_reading_a_pair_leaves_its_bytes_in_the_source() {
     w.wait_ticks(at + 3);
     w.terminate_and_check(pid).unwrap_or_else(|e| panic!("the source after ferry died: {e}"));
 }
+
+/// A job of an interactive shell migrated with --shell-job, by each strategy in turn
+/// (a daemon on loopback: the job comes back on the pane's terminal by its path), still
+/// writes to the pane and passes its check.
+#[test]
+fn a_job_of_an_interactive_shell_migrates_with_each_strategy_onto_its_terminal() {
+    if !needs_root(ROOT) {
+        return;
+    }
+    let _turn = turn();
+    devpts();
+    let tmp = tempfile::tempdir().unwrap();
+    let (sock, log) = (tmp.path().join("tmux.sock"), tmp.path().join("job.log"));
+    let o = tmux(&sock, &["new-session", "-d", "-x", "100", "-y", "30", "env -i PS1='ready$ ' TERM=screen bash --norc --noprofile"]);
+    assert!(o.status.success(), "tmux new-session: {}", stderr(&o));
+    let ids = String::from_utf8_lossy(&tmux(&sock, &["display", "-p", "#{pid} #{pane_pid} #{pane_tty}"]).stdout).into_owned();
+    let ids: Vec<&str> = ids.split_whitespace().collect();
+    let mut guard = KillAll(vec![ids[0].parse().unwrap(), ids[1].parse().unwrap()]);
+    let pane_tty = ids[2].to_string();
+    wait_pane(&sock, "ready$");
+    let job = format!("{} --log {} --no-files --tty-job &", ferry_tests::workload::workload_bin().display(), log.display());
+    assert!(tmux(&sock, &["send-keys", &job, "Enter"]).status.success());
+    let lines = || std::fs::read_to_string(&log).unwrap_or_default();
+    ferry_tests::wait_until("the job to be ready", Duration::from_secs(10), || lines().contains("tick 3\n"));
+    let mut pid = ferry_tests::workload::processes_mentioning(&log.to_string_lossy())[0];
+    guard.0.push(pid);
+    let daemon = ferry_tests::daemon::Daemon::start();
+    for strategy in ["stop-copy", "pre-copy", "post-copy", "hybrid"] {
+        let o = Command::new(ferry_bin()).args(["migrate", &pid.to_string(), "--to", &daemon.addr, "--json", "--strategy", strategy, "--shell-job"]).output().unwrap();
+        let new = restored_pid(&o, pid);
+        guard.0.push(new);
+        let old = pid;
+        ferry_tests::wait_until("the source to go", Duration::from_secs(30), || !pid_alive(old));
+        pid = new;
+        assert_eq!(fd_link(pid, 1), pane_tty, "{strategy}: the job's terminal");
+        let ticks = lines().matches("tick ").count();
+        ferry_tests::wait_until("the job to tick on", Duration::from_secs(10), || lines().matches("tick ").count() > ticks + 2);
+    }
+    assert!(ferry_tests::workload::send_signal(pid, libc::SIGTERM));
+    ferry_tests::wait_until("the job's verdict", Duration::from_secs(10), || lines().contains("PASS") || lines().contains("FAIL"));
+    assert!(lines().ends_with("PASS\n"), "the job's verdict: {}", lines());
+    wait_pane(&sock, &format!("terminal ok {pid}"));
+    assert!(tmux(&sock, &["kill-server"]).status.success());
+}
