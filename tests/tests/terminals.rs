@@ -9,7 +9,7 @@
 use std::{
     io::{Read, Write},
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
-    os::unix::process::CommandExt,
+    os::unix::{fs::OpenOptionsExt, process::CommandExt},
     process::{Command, Output, Stdio},
     time::{Duration, Instant},
 };
@@ -538,4 +538,30 @@ fn a_job_of_an_interactive_shell_migrates_with_each_strategy_onto_its_terminal()
     assert!(lines().ends_with("PASS\n"), "the job's verdict: {}", lines());
     wait_pane(&sock, &format!("terminal ok {pid}"));
     assert!(tmux(&sock, &["kill-server"]).status.success());
+}
+
+/// A pair one of whose slave holders is outside the request is refused in one line
+/// naming that process and the slave; the source carries on with its bytes.
+#[test]
+fn a_pair_whose_slave_a_process_outside_holds_is_refused() {
+    if !needs_root(ROOT) {
+        return;
+    }
+    let _turn = turn();
+    devpts();
+    let mut w = Workload::spawn(&WorkloadOpts { extra: vec!["--pty-pair"], ..WorkloadOpts::default() });
+    w.wait_ready();
+    w.wait_ticks(3);
+    let slave = (0..1024).map(|fd| fd_link(w.pid, fd)).find(|l| l.starts_with("/dev/pts/")).unwrap();
+    let outside = std::fs::OpenOptions::new().read(true).write(true).custom_flags(libc::O_NOCTTY).open(&slave).unwrap();
+    let image = tempfile::tempdir().unwrap();
+    let dir = image.path().join("img");
+    let o = ferry(&["checkpoint", &w.pid.to_string(), "--dir", dir.to_str().unwrap()]);
+    fails_with(&o, &[&format!("process {}: fd ", w.pid), &format!("process {}, which is not part of the request, holds {slave}", std::process::id())]);
+    assert!(!dir.exists(), "a refused checkpoint writes nothing");
+    drop(outside);
+    let at = *w.ticks().last().unwrap();
+    w.wait_ticks(at + 3);
+    let pid = w.pid;
+    w.terminate_and_check(pid).unwrap_or_else(|e| panic!("the source after the refusal: {e}"));
 }

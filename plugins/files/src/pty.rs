@@ -88,11 +88,13 @@ pub fn master_index(fdinfo: &str) -> Option<u32> {
 /// Whether a process ferry holds (one of the request: ferry seizes each) holds the
 /// master of `/dev/pts/index`.
 pub fn master_in_request(index: u32) -> bool {
-    let me = std::process::id().to_string();
-    processes().any(|pid| {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-        proc_field(&status, "TracerPid").map(str::trim) == Some(me.as_str()) && holds(pid, |info, _| master_index(info) == Some(index))
-    })
+    processes().any(|pid| traced_by_me(pid) && holds(pid, |info, _| master_index(info) == Some(index)))
+}
+
+/// Whether ferry traces `pid` (seized it for this request).
+fn traced_by_me(pid: u32) -> bool {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    proc_field(&status, "TracerPid").and_then(|t| t.trim().parse::<u32>().ok()) == Some(std::process::id())
 }
 
 fn processes() -> impl Iterator<Item = u32> {
@@ -290,8 +292,14 @@ pub fn capture(master: i32, index: u32, what: &str) -> Result<PtyState, String> 
     }
     // Only a slave someone holds is opened here: the last close of a slave hangs
     // the master up, and a slave never opened would be hung up by ours.
-    if !processes().any(|pid| holds(pid, |_, link| link == format!("/dev/pts/{index}"))) {
-        return Err(format!("{what}: no process holds /dev/pts/{index}, the slave of this master: its unread input cannot be read without hanging the master up; not carried"));
+    let slave = format!("/dev/pts/{index}");
+    let holders: Vec<u32> = processes().filter(|&pid| holds(pid, |_, link| link == slave)).collect();
+    if holders.is_empty() {
+        return Err(format!("{what}: no process holds {slave}, the slave of this master: its unread input cannot be read without hanging the master up; not carried"));
+    }
+    // A holder outside the request would be left on a terminal whose master is gone.
+    if let Some(outside) = holders.iter().find(|&&pid| !traced_by_me(pid)) {
+        return Err(format!("{what}: process {outside}, which is not part of the request, holds {slave}, the slave of this master: not carried"));
     }
     if locked {
         return Err(format!("{what}: /dev/pts/{index} is locked (TIOCSPTLCK) with its slave open: not carried yet"));
