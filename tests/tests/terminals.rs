@@ -565,3 +565,37 @@ fn a_pair_whose_slave_a_process_outside_holds_is_refused() {
     let pid = w.pid;
     w.terminate_and_check(pid).unwrap_or_else(|e| panic!("the source after the refusal: {e}"));
 }
+
+/// A command running in the foreground of a tmux pane has the pane's terminal as its
+/// controlling terminal without leading its session: not carried yet, refused in one
+/// line naming it and its session's leader; tmux and the shell carry on.
+#[test]
+fn tmux_with_a_command_running_in_its_pane_is_refused_naming_the_command() {
+    if !needs_root(ROOT) {
+        return;
+    }
+    let _turn = turn();
+    devpts();
+    let tmp = tempfile::tempdir().unwrap();
+    let sock = tmp.path().join("tmux.sock");
+    let o = tmux(&sock, &["new-session", "-d", "-x", "100", "-y", "30", "env -i PS1='ready$ ' TERM=screen bash --norc --noprofile"]);
+    assert!(o.status.success(), "tmux new-session: {}", stderr(&o));
+    let ids = String::from_utf8_lossy(&tmux(&sock, &["display", "-p", "#{pid} #{pane_pid}"]).stdout).into_owned();
+    let ids: Vec<i32> = ids.split_whitespace().map(|p| p.parse().unwrap()).collect();
+    let (server, shell) = (ids[0], ids[1]);
+    let mut guard = KillAll(vec![server, shell]);
+    wait_pane(&sock, "ready$");
+    assert!(tmux(&sock, &["send-keys", "sleep 1000", "Enter"]).status.success());
+    let children = || std::fs::read_to_string(format!("/proc/{shell}/task/{shell}/children")).unwrap_or_default();
+    ferry_tests::wait_until("sleep to run", Duration::from_secs(10), || !children().trim().is_empty());
+    let sleep: i32 = children().split_whitespace().next().unwrap().parse().unwrap();
+    guard.0.push(sleep);
+    let image = tempfile::tempdir().unwrap();
+    let dir = image.path().join("img");
+    let o = ferry(&["checkpoint", &server.to_string(), "--dir", dir.to_str().unwrap()]);
+    fails_with(&o, &[&format!("process {sleep}: "), &format!("is its controlling terminal, that of the session process {shell} leads")]);
+    assert!(pid_alive(server) && pid_alive(shell) && pid_alive(sleep), "the tree runs on");
+    assert!(tmux(&sock, &["send-keys", "C-c", ""]).status.success());
+    wait_pane(&sock, "^C\nready$");
+    assert!(tmux(&sock, &["kill-server"]).status.success());
+}

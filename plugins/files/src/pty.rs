@@ -92,7 +92,7 @@ pub fn master_in_request(index: u32) -> bool {
 }
 
 /// Whether ferry traces `pid` (seized it for this request).
-fn traced_by_me(pid: u32) -> bool {
+pub fn traced_by_me(pid: u32) -> bool {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
     proc_field(&status, "TracerPid").and_then(|t| t.trim().parse::<u32>().ok()) == Some(std::process::id())
 }

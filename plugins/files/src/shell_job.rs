@@ -64,7 +64,13 @@ pub fn describe(pid: i32, stat: &str, label: &str, path: &str, mode: u32, rdev: 
         ));
     }
     let (pgrp, sid, tty_nr, tpgid) = stat_ids(stat).ok_or_else(|| format!("process {pid}: unreadable /proc/{pid}/stat"))?;
-    let controlling = sid == pid && tty_nr != 0 && tty_nr_dev(tty_nr) == rdev;
+    let ctty = tty_nr != 0 && tty_nr_dev(tty_nr) == rdev;
+    // Its session's leader in the request gets the terminal back after this process
+    // was forked; one outside leaves it a session of its own (as a job of a shell).
+    if ctty && sid != pid && sid > 0 && crate::pty::traced_by_me(sid as u32) {
+        return Err(not_leader(pid, label, path, sid));
+    }
+    let controlling = sid == pid && ctty;
     Ok(Object::Terminal { path: path.to_string(), mode, rdev, ctime, controlling, foreground: controlling && tpgid == pgrp })
 }
 
@@ -77,11 +83,15 @@ pub fn describe_pair_slave(pid: i32, stat: &str, label: &str, path: &str, index:
     let (pgrp, sid, tty_nr, tpgid) = stat_ids(stat).ok_or_else(|| format!("process {pid}: unreadable /proc/{pid}/stat"))?;
     let controlling = tty_nr != 0 && tty_nr_dev(tty_nr) == rdev;
     if controlling && sid != pid {
-        return Err(format!(
-            "process {pid}: {label} ({path}) is its controlling terminal, that of the session process {sid} leads: the controlling terminal of a process other than its session's leader is not carried yet"
-        ));
+        return Err(not_leader(pid, label, path, sid));
     }
     Ok(Object::PtySlave { index, path: path.to_string(), controlling, foreground: controlling && tpgid == pgrp })
+}
+
+fn not_leader(pid: i32, label: &str, path: &str, sid: i32) -> String {
+    format!(
+        "process {pid}: {label} ({path}) is its controlling terminal, that of the session process {sid} leads: the controlling terminal of a process other than its session's leader is not carried yet"
+    )
 }
 
 /// Whether this checkpoint is a shell job's (`--shell-job`).
