@@ -599,3 +599,30 @@ fn tmux_with_a_command_running_in_its_pane_is_refused_naming_the_command() {
     wait_pane(&sock, "^C\nready$");
     assert!(tmux(&sock, &["kill-server"]).status.success());
 }
+
+/// A pair's master inherited by a child (one description in two processes: python's
+/// `pty.openpty` then `fork`) is refused in one line naming both; both run on.
+#[test]
+fn a_master_shared_with_a_child_is_refused_naming_both() {
+    if !needs_root(ROOT) {
+        return;
+    }
+    let _turn = turn();
+    devpts();
+    let script = "import os, pty, time, sys\nm, s = pty.openpty()\nif os.fork() == 0:\n    time.sleep(1000)\nprint('ready', flush=True)\ntime.sleep(1000)\n";
+    let mut child = Command::new("python3").args(["-c", script]).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+    let parent = child.id() as i32;
+    let mut line = [0u8; 6];
+    child.stdout.as_mut().unwrap().read_exact(&mut line).unwrap();
+    let kid: i32 = std::fs::read_to_string(format!("/proc/{parent}/task/{parent}/children")).unwrap().trim().parse().unwrap();
+    let _guard = KillAll(vec![kid, parent]);
+    let image = tempfile::tempdir().unwrap();
+    let dir = image.path().join("img");
+    let o = ferry(&["checkpoint", &parent.to_string(), "--dir", dir.to_str().unwrap()]);
+    fails_with(&o, &[&format!("process {kid}"), &format!("a pseudo-terminal master, with process {parent}")]);
+    assert!(!dir.exists(), "a refused checkpoint writes nothing");
+    assert!(pid_alive(parent) && pid_alive(kid), "both run on");
+    ferry_tests::workload::kill_pid(kid);
+    ferry_tests::workload::kill_pid(parent);
+    let _ = child.wait();
+}

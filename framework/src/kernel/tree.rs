@@ -3,8 +3,9 @@
 //! here), and what ferry does not carry between processes yet (a pipe between two of
 //! them, shared anonymous memory, a deleted file or memfd mapped and written through,
 //! an address space, fd table or signal handlers, a
-//! process group or session other than the parent's, a pseudo-terminal slave held by
-//! a process that comes before the one holding its master).
+//! process group or session other than the parent's, a pseudo-terminal master shared
+//! between two of them, or a slave held by a process that comes before the one holding
+//! its master).
 
 use std::os::unix::fs::MetadataExt;
 
@@ -216,6 +217,10 @@ pub fn check_shared(pids: &[pid_t]) -> Result<Vec<Shared>, TraceError> {
                         return refuse(b, format!("sharing fd {fd}'s socket with process {a} (its fd {afd}); sockets shared between processes are not carried yet"));
                     }
                     let info = std::fs::read_to_string(format!("/proc/{b}/fdinfo/{fd}")).unwrap_or_default();
+                    // Each process's files plugin would make the pair again.
+                    if info.lines().any(|l| l.starts_with("tty-index:")) {
+                        return refuse(b, format!("sharing fd {fd}, a pseudo-terminal master, with process {a} (its fd {afd}); a master shared between processes is not carried yet"));
+                    }
                     if info.lines().any(|l| l.starts_with("lock:")) {
                         return refuse(b, format!("sharing fd {fd}'s open file description, which holds a lock, with process {a} (its fd {afd}); locks on a description shared between processes are not carried yet"));
                     }
