@@ -626,3 +626,31 @@ fn a_master_shared_with_a_child_is_refused_naming_both() {
     ferry_tests::workload::kill_pid(parent);
     let _ = child.wait();
 }
+
+/// A pair whose slave a parent holds and whose master its child holds (the child is
+/// made again after its parent, the slave reopened before its master exists) is refused
+/// in one line naming both; both run on.
+#[test]
+fn a_slave_held_before_its_master_in_the_tree_is_refused_naming_both() {
+    if !needs_root(ROOT) {
+        return;
+    }
+    let _turn = turn();
+    devpts();
+    let script = "import os, pty, time\nm, s = pty.openpty()\nif os.fork() == 0:\n    os.close(s)\n    time.sleep(1000)\nos.close(m)\nprint('ready', flush=True)\ntime.sleep(1000)\n";
+    let mut child = Command::new("python3").args(["-c", script]).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+    let parent = child.id() as i32;
+    let mut line = [0u8; 6];
+    child.stdout.as_mut().unwrap().read_exact(&mut line).unwrap();
+    let kid: i32 = std::fs::read_to_string(format!("/proc/{parent}/task/{parent}/children")).unwrap().trim().parse().unwrap();
+    let _guard = KillAll(vec![kid, parent]);
+    let image = tempfile::tempdir().unwrap();
+    let dir = image.path().join("img");
+    let o = ferry(&["checkpoint", &parent.to_string(), "--dir", dir.to_str().unwrap()]);
+    fails_with(&o, &[&format!("process {parent}"), &format!("whose master process {kid} holds, which comes after it in the tree")]);
+    assert!(!dir.exists(), "a refused checkpoint writes nothing");
+    assert!(pid_alive(parent) && pid_alive(kid), "both run on");
+    ferry_tests::workload::kill_pid(kid);
+    ferry_tests::workload::kill_pid(parent);
+    let _ = child.wait();
+}
