@@ -10,6 +10,7 @@ fn main() {
     println!("cargo:rerun-if-changed={}", src.display());
     println!("cargo:rerun-if-changed={}", manifest.join("workloads/traps.c").display());
     println!("cargo:rerun-if-changed={}", manifest.join("workloads/mapped.c").display());
+    println!("cargo:rerun-if-changed={}", manifest.join("workloads/tty.c").display());
     println!("cargo:rerun-if-changed=build.rs");
 
     // cc only finds the compiler and its target flags: it builds libraries, and this

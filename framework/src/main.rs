@@ -49,6 +49,11 @@ enum Command {
         /// Let the process carry on after the checkpoint instead of killing it.
         #[arg(long)]
         leave_running: bool,
+        /// The process is on a terminal that is not part of the request (a shell's
+        /// job): carry it, to be restored onto the terminal `ferry restore` runs from
+        /// (or one named with --inherit-fd). Its settings are the new terminal's.
+        #[arg(long)]
+        shell_job: bool,
         /// Quiescing method: ptrace (PTRACE_INTERRUPT) or freezer (cgroup).
         #[arg(long)]
         quiesce: Option<Quiesce>,
@@ -71,6 +76,10 @@ enum Command {
         /// Print the statistics as one JSON object.
         #[arg(long)]
         json: bool,
+        /// A shell job's terminal PATH (as the image names it: `ferry show`) is restored
+        /// onto ferry's fd N instead of ferry's own terminal (repeatable).
+        #[arg(long, value_name = "fd[N]:PATH", value_parser = inherit_fd)]
+        inherit_fd: Vec<String>,
         /// Restore established TCP connections closed (the process's next call on one
         /// fails with ECONNABORTED; its peer gets a reset), as CRIU's option.
         #[arg(long)]
@@ -140,6 +149,11 @@ enum Command {
         /// Quiescing method: ptrace or freezer.
         #[arg(long)]
         quiesce: Option<Quiesce>,
+        /// The process is on a terminal that is not part of the request (a shell's
+        /// job): carry it, restored onto the same terminal by its path
+        /// (the daemon runs from none). Its settings are the new terminal's.
+        #[arg(long)]
+        shell_job: bool,
         /// Subsystem plugins, comma separated.
         #[arg(long, value_delimiter = ',', value_name = "LIST")]
         subsystems: Option<Vec<String>>,
@@ -356,6 +370,19 @@ fn emit(args: std::fmt::Arguments<'_>, newline: bool) {
     }
 }
 
+/// `--inherit-fd fd[N]:PATH`: N is an fd of ferry's, PATH absolute.
+fn inherit_fd(s: &str) -> Result<String, String> {
+    let ok = s.strip_prefix("fd[").and_then(|r| r.split_once("]:")).is_some_and(|(n, p)| n.parse::<u32>().is_ok() && p.starts_with('/'));
+    ok.then(|| s.to_string()).ok_or_else(|| format!("{s}: not fd[N]:PATH (N an fd of ferry's, PATH the terminal's path in the image)"))
+}
+
+/// `--shell-job`, for the files plugin (plugins take no per-request options yet).
+fn shell_job_option(on: bool) {
+    if on {
+        std::env::set_var("FERRY_SHELL_JOB", "1");
+    }
+}
+
 fn main() -> ExitCode {
     // Page buffers of several MiB come and go all through an event; served from the
     // heap and kept, they are faulted in once instead of once per buffer.
@@ -399,7 +426,8 @@ fn effective(cli: &Cli, extra: Overrides) -> Result<Config, Failure> {
 
 fn run(cli: Cli) -> Outcome {
     match &cli.command {
-        Command::Checkpoint { pid, dir, leave_running, quiesce, subsystems, context, json } => {
+        Command::Checkpoint { pid, dir, leave_running, shell_job, quiesce, subsystems, context, json } => {
+            shell_job_option(*shell_job);
             let config = effective(
                 &cli,
                 Overrides { quiesce: *quiesce, subsystems: subsystems.clone(), context: *context, ..Overrides::default() },
@@ -431,7 +459,11 @@ fn run(cli: Cli) -> Outcome {
             }
             Ok(())
         }
-        Command::Restore { dir, json, tcp_close } => {
+        Command::Restore { dir, json, tcp_close, inherit_fd } => {
+            if !inherit_fd.is_empty() {
+                // The files plugin reads it, as FERRY_TCP_CLOSE.
+                std::env::set_var("FERRY_INHERIT_FD", inherit_fd.join("\n"));
+            }
             if *tcp_close {
                 // The files plugin reads it (plugins take no per-request options yet).
                 std::env::set_var("FERRY_TCP_CLOSE", "1");
@@ -548,7 +580,8 @@ fn run(cli: Cli) -> Outcome {
             daemon::run(&opts)?;
             Ok(())
         }
-        Command::Migrate { pid, to, strategy, medium, auth_key, quiesce, subsystems, context, json } => {
+        Command::Migrate { pid, to, strategy, medium, auth_key, shell_job, quiesce, subsystems, context, json } => {
+            shell_job_option(*shell_job);
             let config = effective(
                 &cli,
                 Overrides {

@@ -2872,13 +2872,15 @@ static void usage(void)
                     " [--dirty-pages N] [--churn] [--move-mem] [--fork-check] [--rseq] [--process-state] [--seccomp] [--shared-anon] [--event-fds] [--listen] [--creds] [--mm-flags] [--mm-sealed] [--shared-twice] [--locks] [--tree N] [--no-files]"
                     " [--inotify] [--fanotify] [--pidfd] [--pidfd-other]"
                     " [--self-trap] [--single-step] [--watchpoint] [--sigtrap-pending] [--vdso-moved] [--vdso-unmapped] [--vdso-moved-whole]"
-                    " [--del-cwd] [--del-dev] [--del-sock] [--epoll-closed] [--epoll-orphan] [--chroot]\n");
+                    " [--shell-tty PATH] [--pty-pair] [--tty-job] [--del-cwd] [--del-dev] [--del-sock] [--epoll-closed] [--epoll-orphan] [--chroot]\n");
     exit(2);
 }
 
 /* ---- Deleted files and memfds mapped into memory (--mapped-deleted, --memfd-map, --memfd-fd): see
  * mapped.c ---- */
 #include "mapped.c"
+/* ---- --shell-tty PATH, --pty-pair: see tty.c ---- */
+#include "tty.c"
 
 static long number(const char *s, long max)
 {
@@ -2921,7 +2923,8 @@ int main(int argc, char **argv)
             {"--del-sock", &opt_del_sock, 1},    {"--epoll-closed", &opt_epoll_closed, 1},
             {"--epoll-orphan", &opt_epoll_orphan, 1}, {"--chroot", &opt_chroot, 1},
             {"--mapped-deleted", &opt_mapped_deleted, 1}, {"--memfd-map", &opt_memfd_map, 1},
-            {"--memfd-fd", &opt_memfd_fd, 1},
+            {"--memfd-fd", &opt_memfd_fd, 1},   {"--pty-pair", &opt_pty_pair, 1},
+            {"--tty-job", &opt_tty_job, 1},
         };
         int flag = 0;
         for (size_t f = 0; f < sizeof flags / sizeof flags[0] && !flag; f++)
@@ -2948,6 +2951,8 @@ int main(int argc, char **argv)
             opt_dirty_pages = number(v, 1 << 20);
         else if (!strcmp(a, "--tree"))
             opt_tree = number(v, TREE_MAX);
+        else if (!strcmp(a, "--shell-tty"))
+            opt_shell_tty = v;
         else
             usage();
     }
@@ -3010,6 +3015,10 @@ int main(int argc, char **argv)
         setup_notify();
     setup_gone();
     setup_mapped();
+    if (opt_shell_tty)
+        setup_shell_tty();
+    if (opt_pty_pair)
+        setup_pty_pair();
 
     if (opt_creds)
         setup_creds();
@@ -3147,6 +3156,12 @@ int main(int argc, char **argv)
         verify_gone();
     if (!failure[0])
         verify_mapped();
+    if (opt_shell_tty && !failure[0])
+        verify_shell_tty();
+    if (opt_pty_pair && !failure[0])
+        verify_pty_pair();
+    if (opt_tty_job && !failure[0])
+        verify_tty_job();
     end_gone();
 
     if (failure[0]) {

@@ -32,10 +32,12 @@ pub fn examples(path: &str) -> &'static [(&'static str, &'static str)] {
         "checkpoint" => &[
             ("ferry checkpoint 1234 --dir /var/lib/ferry/img", "freeze process 1234 into a new image directory, then end it"),
             ("ferry checkpoint 1234 --dir img --leave-running --json", "take an image and let the process carry on; print the statistics as JSON"),
+            ("ferry checkpoint 1234 --dir img --shell-job", "a process on the terminal of the shell that started it"),
         ],
         "restore" => &[
             ("ferry restore --dir /var/lib/ferry/img", "rebuild the image's process and print its pid"),
             ("ferry restore --dir img --json", "the same, with the old and new pids and timings as JSON"),
+            ("ferry restore --dir img --inherit-fd 'fd[3]:/dev/pts/4' 3<>/dev/pts/7", "a shell job's terminal /dev/pts/4 of the image onto /dev/pts/7"),
         ],
         "show" => &[
             ("ferry show /var/lib/ferry/img", "the inventory and every plugin's records, as text"),

@@ -20,12 +20,22 @@ use crate::{
     kernel::tracer::{Tracer, SCRATCH_SIZE},
 };
 
-/// The restore child: blocks until ferry seizes it. Runs in a forked copy of ferry,
-/// so only raw system calls.
-fn child_main() -> ! {
+/// What the restore child reports, less errno, when its `setsid` fails.
+const SETSID_FAILED: i32 = -1000;
+
+/// The restore child: starts a session of its own, tells ferry its pid on `report`
+/// (`SETSID_FAILED - errno` where it could not: a session leader it must be, for a
+/// controlling terminal), and blocks until ferry seizes it. Runs in a forked copy of
+/// ferry, so only raw system calls. ferry waits for the report before seizing it:
+/// seized earlier, it would never run its `setsid`.
+fn child_main(report: i32) -> ! {
     // SAFETY: async-signal-safe system calls only; the fds closed are the child's copies.
     unsafe {
-        libc::setsid();
+        let mut v = libc::syscall(libc::SYS_getpid) as i32;
+        if libc::setsid() < 0 {
+            v = SETSID_FAILED - *libc::__errno_location();
+        }
+        libc::write(report, &v as *const i32 as *const libc::c_void, 4);
         libc::syscall(libc::SYS_close_range, 0u32, u32::MAX, 0u32);
         loop {
             libc::pause();
@@ -34,7 +44,8 @@ fn child_main() -> ! {
 }
 
 /// Makes the restore child with pid `want` where free, as a grandchild of ferry so that
-/// it is reparented to init (or a subreaper) and never waits on ferry. Answers its pid.
+/// it is reparented to init (or a subreaper) and never waits on ferry. Answers its pid
+/// once it leads a session of its own.
 fn spawn_child(want: i32) -> Result<i32, EventError> {
     let fail = |what: &str| EventError::Failed(format!("creating the restore child: {what}: {}", std::io::Error::last_os_error()));
     let mut fds = [0i32; 2];
@@ -51,31 +62,38 @@ fn spawn_child(want: i32) -> Result<i32, EventError> {
     }
     if inter == 0 {
         // SAFETY: the child of a fork makes only raw system calls; write/_exit are
-        // async-signal-safe.
+        // async-signal-safe. The new child reports itself (child_main); the
+        // intermediate only a failure to make it.
         unsafe {
             let mut r = clone3_with_pid(want);
             if r < 0 {
                 r = clone3_with_pid(0);
             }
             if r == 0 {
-                child_main();
+                child_main(fds[1]);
             }
-            let v = r as i32;
-            libc::write(fds[1], &v as *const i32 as *const libc::c_void, 4);
+            if r < 0 {
+                let v = r as i32;
+                libc::write(fds[1], &v as *const i32 as *const libc::c_void, 4);
+            }
             libc::_exit(0);
         }
     }
     let mut v: i32 = -1;
     // SAFETY: reaping our own child, reading 4 bytes into an i32, closing our fds.
-    unsafe {
+    let n = unsafe {
         libc::close(fds[1]);
         let mut status = 0;
         libc::waitpid(inter, &mut status, 0);
         let n = libc::read(fds[0], &mut v as *mut i32 as *mut libc::c_void, 4);
         libc::close(fds[0]);
-        if n != 4 || v <= 0 {
-            return Err(EventError::Failed("creating the restore child: clone3 failed".into()));
-        }
+        n
+    };
+    if n == 4 && v <= SETSID_FAILED {
+        return Err(EventError::Failed(format!("the restore child: setsid: {}", std::io::Error::from_raw_os_error(SETSID_FAILED - v))));
+    }
+    if n != 4 || v <= 0 {
+        return Err(EventError::Failed("creating the restore child: clone3 failed".into()));
     }
     Ok(v)
 }

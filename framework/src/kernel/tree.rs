@@ -3,7 +3,9 @@
 //! here), and what ferry does not carry between processes yet (a pipe between two of
 //! them, shared anonymous memory, a deleted file or memfd mapped and written through,
 //! an address space, fd table or signal handlers, a
-//! process group or session other than the parent's).
+//! process group or session other than the parent's, a pseudo-terminal master shared
+//! between two of them, or a slave held by a process that comes before the one holding
+//! its master).
 
 use std::os::unix::fs::MetadataExt;
 
@@ -77,6 +79,26 @@ fn fds(pid: pid_t) -> Vec<(i64, u64, u64, u32)> {
         .collect()
 }
 
+/// The pseudo-terminal indexes whose master `pid` holds (fdinfo `tty-index:`), and
+/// its fds on slaves (`/dev/pts/N`, devices 136-143) with their index.
+fn pty_ends(pid: pid_t) -> (Vec<u32>, Vec<(i64, u32)>) {
+    let (mut masters, mut slaves) = (Vec::new(), Vec::new());
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return (masters, slaves) };
+    for e in dir.flatten() {
+        let Some(fd) = e.file_name().to_str().and_then(|f| f.parse::<i64>().ok()) else { continue };
+        let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).unwrap_or_default();
+        if let Some(i) = info.lines().find_map(|l| l.strip_prefix("tty-index:")).and_then(|i| i.trim().parse().ok()) {
+            masters.push(i);
+        } else if let Ok(m) = std::fs::metadata(e.path()) {
+            let major = libc::major(m.rdev());
+            if m.mode() & libc::S_IFMT == libc::S_IFCHR && (136..144).contains(&major) {
+                slaves.push((fd, (major - 136) * 256 + libc::minor(m.rdev())));
+            }
+        }
+    }
+    (masters, slaves)
+}
+
 /// The shared anonymous mappings of `pid` (`/dev/zero (deleted)`, memfds, SysV
 /// segments): (inode, start).
 fn shared_anon(pid: pid_t) -> Vec<(u64, u64)> {
@@ -142,6 +164,17 @@ pub fn check_shared(pids: &[pid_t]) -> Result<Vec<Shared>, TraceError> {
     let anon: Vec<Vec<(u64, u64)>> = pids.iter().map(|&p| shared_anon(p)).collect();
     let gone: Vec<Vec<Gone>> = if pids.len() > 1 { pids.iter().map(|&p| deleted_objects(p)).collect() } else { Vec::new() };
     let mut shared = Vec::new();
+    // A pseudo-terminal's slave is reopened by its path once its master is made, by
+    // the same process or one made before it.
+    let ptys: Vec<(Vec<u32>, Vec<(i64, u32)>)> = if pids.len() > 1 { pids.iter().map(|&p| pty_ends(p)).collect() } else { Vec::new() };
+    for (j, (_, slaves)) in ptys.iter().enumerate() {
+        for &(fd, n) in slaves {
+            let later = (j + 1..pids.len()).find(|&k| ptys[k].0.contains(&n));
+            if let (Some(k), false) = (later, ptys[..=j].iter().any(|p| p.0.contains(&n))) {
+                return refuse(pids[j], format!("holding fd {fd} on /dev/pts/{n}, a pseudo-terminal whose master process {} holds, which comes after it in the tree: a slave held before its master is not carried yet", pids[k]));
+            }
+        }
+    }
     for (j, &b) in pids.iter().enumerate() {
         for (i, &a) in pids[..j].iter().enumerate() {
             for (kind, what) in [(KCMP_VM, "its address space (vfork or CLONE_VM)"), (KCMP_FILES, "its fd table (CLONE_FILES)"), (KCMP_SIGHAND, "its signal handlers (CLONE_SIGHAND)")] {
@@ -184,6 +217,10 @@ pub fn check_shared(pids: &[pid_t]) -> Result<Vec<Shared>, TraceError> {
                         return refuse(b, format!("sharing fd {fd}'s socket with process {a} (its fd {afd}); sockets shared between processes are not carried yet"));
                     }
                     let info = std::fs::read_to_string(format!("/proc/{b}/fdinfo/{fd}")).unwrap_or_default();
+                    // Each process's files plugin would make the pair again.
+                    if info.lines().any(|l| l.starts_with("tty-index:")) {
+                        return refuse(b, format!("sharing fd {fd}, a pseudo-terminal master, with process {a} (its fd {afd}); a master shared between processes is not carried yet"));
+                    }
                     if info.lines().any(|l| l.starts_with("lock:")) {
                         return refuse(b, format!("sharing fd {fd}'s open file description, which holds a lock, with process {a} (its fd {afd}); locks on a description shared between processes are not carried yet"));
                     }

@@ -416,14 +416,6 @@ impl Checkpoint {
             entries.push(FdEntry { fd, link, fdinfo, info, st, kind });
         }
 
-        let views: Vec<crate::pty::FdView<'_>> = entries
-            .iter()
-            .map(|e| crate::pty::FdView { fd: e.fd, link: &e.link, fdinfo: &e.fdinfo, mode: e.st.mode, rdev: e.st.rdev })
-            .collect();
-        if let Some(refused) = crate::pty::refusal(pid, &views) {
-            return Err(refused);
-        }
-
         let (cwd, cwd_deleted) = working_directory(pid)?;
         let root = read_link(&format!("/proc/{pid}/root"))?;
         if root.ends_with(" (deleted)") || !root.starts_with('/') {
@@ -494,6 +486,25 @@ impl Checkpoint {
                     }
                     rec.ends.push(PipeEnd { fds: slots, flags });
                 }
+                Kind::Path(_) if crate::pty::master_index(&first.fdinfo).is_some() => {
+                    let index = crate::pty::master_index(&first.fdinfo).unwrap_or_default();
+                    let what = format!("process {pid}: {} ({})", crate::model::fds_label(&slots), first.link);
+                    let dup = fetched(ctx, first.fd, &what)?;
+                    let state = Box::new(crate::pty::capture(dup.as_raw_fd(), index, &what)?);
+                    descs.push((Desc { fds: slots, flags, pos: 0, object: Object::PtyMaster { index, state }, locks }, None));
+                }
+                Kind::Path(path) if crate::pty::slave_index(st.mode, st.rdev).is_some_and(crate::pty::master_in_request) => {
+                    let stat = proc_text(ctx, "stat")?;
+                    let label = crate::model::fds_label(&slots);
+                    let object = crate::shell_job::describe_pair_slave(pid, &stat, &label, path, crate::pty::slave_index(st.mode, st.rdev).unwrap_or_default(), st.rdev)?;
+                    descs.push((Desc { fds: slots, flags, pos: 0, object, locks }, None));
+                }
+                Kind::Path(path) if crate::shell_job::is_terminal(st.mode, st.rdev) => {
+                    let stat = proc_text(ctx, "stat")?;
+                    let label = crate::model::fds_label(&slots);
+                    let object = crate::shell_job::describe(pid, &stat, &label, path, st.mode, st.rdev, st.ctime, crate::shell_job::shell_job())?;
+                    descs.push((Desc { fds: slots, flags, pos: first.info.pos, object, locks }, None));
+                }
                 Kind::Path(path) => descs.push((
                     Desc {
                         fds: slots,
@@ -503,7 +514,7 @@ impl Checkpoint {
                             path: path.clone(),
                             mode: st.mode,
                             rdev: st.rdev,
-                            tty_ctime: crate::pty::is_slave(st.mode, st.rdev).then_some(st.ctime),
+                            tty_ctime: None,
                         },
                         locks,
                     },
@@ -645,6 +656,8 @@ impl Checkpoint {
             locks::check_proc_locks(pid, &proc_locks, &lock_lines)?;
         }
 
+        // A pseudo-terminal's master is made before the slaves reopened by its path.
+        descs.sort_by_key(|(d, _)| !matches!(d.object, Object::PtyMaster { .. }));
         let header = Header {
             format: FORMAT,
             cwd,
@@ -718,7 +731,8 @@ fn epoll_watches(pid: i32, epfd: i32, what: &str, listed: &[(i32, u32, u64, u64)
 
 pub fn object_name(o: &Object) -> String {
     match o {
-        Object::Path { path, .. } => path.clone(),
+        Object::Path { path, .. } | Object::Terminal { path, .. } | Object::PtySlave { path, .. } => path.clone(),
+        Object::PtyMaster { index, .. } => format!("/dev/ptmx, the master of /dev/pts/{index}"),
         Object::Deleted { path, .. } => format!("{path} (deleted)"),
         Object::Memfd { name, .. } => format!("memfd:{name}"),
         Object::DeletedDir { path, .. } | Object::DeletedDevice { path, .. } => format!("{path} (deleted)"),

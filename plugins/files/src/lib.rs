@@ -23,7 +23,9 @@
 //! calls injected into the restore child. inotify and fanotify instances and pidfds are
 //! carried as [`notify`] says. Other sockets and other anonymous
 //! inodes are refused with an error naming the fd, so the checkpoint fails before anything is
-//! written; so are pseudo-terminal masters (see [`pty`]) and removed terminal nodes.
+//! written; so are removed terminal nodes. A pseudo-terminal pair both of whose ends
+//! belong to the request is made again (see [`pty`]); a terminal outside the request
+//! is a shell job's, carried with `--shell-job` (see [`shell_job`]).
 
 mod checkpoint;
 mod model;
@@ -34,6 +36,7 @@ mod tcp;
 mod locks;
 mod notify;
 mod pty;
+mod shell_job;
 mod unix;
 
 use ferry_plugin_api::{

@@ -83,11 +83,10 @@ pub struct Slot {
 #[serde(tag = "type", rename_all = "kebab-case", deny_unknown_fields)]
 pub enum Object {
     /// Anything reopened by its path: a regular file, a directory, a device, an
-    /// `O_PATH` fd. `mode` (`st_mode`) and `rdev` are checked after reopening. For a
-    /// pseudo-terminal slave (another process's terminal: see [`crate::pty`]),
-    /// `tty_ctime` is its node's change time (`[sec, nsec]`, its creation unless
-    /// chmod'ed), checked too: a later terminal given the same number, or another
-    /// machine's, is not the one the process wrote to.
+    /// `O_PATH` fd. `mode` (`st_mode`) and `rdev` are checked after reopening.
+    /// `tty_ctime`: images of ferry before `--shell-job` recorded another process's
+    /// terminal here with its node's change time (`[sec, nsec]`), checked too; now
+    /// written as [`Object::Terminal`], still read.
     Path {
         path: String,
         mode: u32,
@@ -95,6 +94,17 @@ pub enum Object {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         tty_ctime: Option<[i64; 2]>,
     },
+    /// A terminal outside the request, for a shell job (see [`crate::shell_job`]):
+    /// `ctime` is its node's change time, checked where it is reopened by its path;
+    /// `controlling`: the process led its session with it as controlling terminal;
+    /// `foreground`: and its group was the terminal's foreground.
+    Terminal { path: String, mode: u32, rdev: u64, ctime: [i64; 2], controlling: bool, foreground: bool },
+    /// The master of a pseudo-terminal pair both of whose ends belong to the request
+    /// (see [`crate::pty`]): made again as `/dev/pts/{index}` with `state`.
+    PtyMaster { index: u32, state: Box<crate::pty::PtyState> },
+    /// A slave (`path`, `/dev/pts/{index}`) of such a pair: reopened once its master
+    /// is made; `controlling`, `foreground` as for [`Object::Terminal`].
+    PtySlave { index: u32, path: String, controlling: bool, foreground: bool },
     /// A regular file deleted while open: recreated from its contents, reopened, and
     /// unlinked. Several descriptions of one inode (`dev`, `ino`) share one copy: the
     /// first carries `data_len` (the contents follow), the others have none. `mapped`:
@@ -238,7 +248,7 @@ impl Desc {
     /// How many content bytes follow this record.
     pub fn data_len(&self) -> u64 {
         match &self.object {
-            Object::Path { .. } | Object::Eventfd { .. } | Object::Timerfd { .. } | Object::Signalfd { .. } | Object::Epoll { .. } => 0,
+            Object::Path { .. } | Object::Terminal { .. } | Object::PtyMaster { .. } | Object::PtySlave { .. } | Object::Eventfd { .. } | Object::Timerfd { .. } | Object::Signalfd { .. } | Object::Epoll { .. } => 0,
             Object::UnixPair { data_len, .. } => *data_len,
             Object::Inet { .. } | Object::UnixSocket { .. } | Object::DeletedDir { .. } | Object::DeletedDevice { .. } => 0,
             Object::Inotify { .. } | Object::Fanotify { .. } | Object::Pidfd { .. } | Object::Tcp { .. } => 0,
@@ -334,7 +344,7 @@ impl Desc {
             }
         }
         match &self.object {
-            Object::Path { path, .. } => check_path(&what, path)?,
+            Object::Path { path, .. } | Object::Terminal { path, .. } => check_path(&what, path)?,
             Object::DeletedDir { path, mode, .. } => {
                 check_path(&what, path)?;
                 if mode & libc::S_IFMT != libc::S_IFDIR {
@@ -369,7 +379,8 @@ impl Desc {
                     return Err(format!("{what}: timerfd clock {clock}, time {value:?} every {interval:?} are not valid"));
                 }
             }
-            Object::Signalfd { .. } => {}
+            Object::Signalfd { .. } | Object::PtySlave { .. } => {}
+            Object::PtyMaster { state, .. } => crate::pty::validate(state, &what)?,
             Object::Inotify { .. } | Object::Fanotify { .. } | Object::Pidfd { .. } => crate::notify::validate(&self.object, &what)?,
             Object::Inet { family, sock_type, addr, peer, backlog, options } => {
                 let want = match *family {

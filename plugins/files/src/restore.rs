@@ -20,6 +20,8 @@ use ferry_plugin_api::{
 mod gone;
 #[path = "restore_made.rs"]
 mod made;
+#[path = "restore_tty.rs"]
+mod tty;
 
 use crate::{
     checkpoint::object_name,
@@ -477,6 +479,7 @@ impl Restore {
                 self.placer.release(ctx, h)?;
                 self.status.entities_done += 1;
             }
+            Object::Terminal { .. } | Object::PtyMaster { .. } | Object::PtySlave { .. } => self.start_terminal(ctx, &what, &desc)?,
             Object::Deleted { mapped: Some(at), .. } | Object::Memfd { mapped: Some(at), .. } => self.open_mapped(ctx, &what, &desc, *at)?,
             Object::Deleted { dev, ino, data_len: None, .. } | Object::Memfd { dev, ino, data_len: None, .. } => {
                 let at = *self.shared.get(&(*dev, *ino)).ok_or_else(|| {

@@ -205,7 +205,7 @@ pub fn kind_of(fd: i32, link: &str, st: &StatInfo, named: impl Fn(&str) -> bool)
             if ft == libc::S_IFDIR {
                 return Ok(Kind::DeletedDir(path.to_string()));
             }
-            if (ft == libc::S_IFCHR || ft == libc::S_IFBLK) && !crate::pty::is_slave(st.mode, st.rdev) {
+            if (ft == libc::S_IFCHR || ft == libc::S_IFBLK) && crate::pty::slave_index(st.mode, st.rdev).is_none() {
                 return Ok(Kind::DeletedDevice(path.to_string()));
             }
             if ft != libc::S_IFREG {
