@@ -2,6 +2,7 @@
 //! below.
 
 pub mod checkpoint;
+pub mod cli;
 pub mod control;
 pub mod daemon;
 pub mod doorway;

@@ -603,7 +603,8 @@ fn readme_documents_every_key_and_the_explained_example_is_a_configuration() {
     // The example's keys (what `--explain` documents) are every key there is,
     fn leaves(prefix: &str, v: &serde_json::Value, out: &mut Vec<String>) {
         match v {
-            serde_json::Value::Object(map) => {
+            // An object of settings with none set (`medium_params`) is a key too.
+            serde_json::Value::Object(map) if !map.is_empty() => {
                 for (k, v) in map {
                     let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
                     leaves(&key, v, out);
