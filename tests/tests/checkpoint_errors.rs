@@ -421,3 +421,46 @@ fn a_process_that_forbids_writable_executable_memory_is_refused_and_runs_on() {
         "forbidding writable-executable memory (PR_SET_MDWE)",
     );
 }
+
+#[test]
+fn a_process_in_a_pid_or_user_namespace_of_its_own_is_refused_and_runs_on() {
+    if !needs_root("unshare of pid and user namespaces, and a checkpoint") {
+        return;
+    }
+    // `unshare --pid --fork`: the process (pid 1 in its namespace) would come back under
+    // a host pid, seeing every process; `unshare --user`: its ids would mean others.
+    for (flags, ns) in [(&["--pid", "--fork", "--mount-proc"][..], "pid"), (&["--user", "--map-root-user"][..], "user")] {
+        let mut outer = Command::new("unshare").args(flags).args(["sleep", "600"]).spawn().unwrap();
+        let outer_pid = outer.id() as i32;
+        // With --fork the process in the namespace is unshare's child.
+        let target = if ns == "pid" {
+            let mut child = 0;
+            ferry_tests::wait_until("unshare's child", std::time::Duration::from_secs(10), || {
+                child = std::fs::read_to_string(format!("/proc/{outer_pid}/task/{outer_pid}/children"))
+                    .ok()
+                    .and_then(|c| c.split_whitespace().next()?.parse().ok())
+                    .unwrap_or(0);
+                child > 0
+            });
+            child
+        } else {
+            ferry_tests::wait_until("unshare to enter its namespace", std::time::Duration::from_secs(10), || {
+                std::fs::read_link(format!("/proc/{outer_pid}/ns/user")).ok() != std::fs::read_link("/proc/self/ns/user").ok()
+            });
+            outer_pid
+        };
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("img");
+        // The tree from unshare down (the pid case) and the process alone are refused alike.
+        for pid in [outer_pid, target] {
+            let o = run(&checkpoint_args(&pid.to_string(), &dir));
+            fails_with(&o, &format!("process {target} is in a {ns} namespace of its own"));
+            assert!(pid_alive(target) && pid_alive(outer_pid), "{ns}: left running");
+        }
+        assert!(!dir.exists(), "a refused checkpoint writes nothing");
+        // SAFETY: killing the processes this test started.
+        unsafe { libc::kill(target, libc::SIGKILL) };
+        let _ = outer.kill();
+        let _ = outer.wait();
+    }
+}

@@ -122,6 +122,37 @@ pub fn check_target(pid: pid_t) -> Result<(), TraceError> {
     if let Some((tid, _)) = seccomp_modes(pid).into_iter().find(|&(_, mode)| mode == 1) {
         return Err(TraceError::Unsuitable { pid, why: format!("under seccomp strict mode (thread {tid}), which ferry does not carry") });
     }
+    check_namespaces(pid)
+}
+
+/// Namespaces that change what a process sees of itself, which ferry does not carry: a
+/// process restored outside its own would run on changed without knowing. (The others —
+/// network, mounts, host name, IPC, cgroups — are the machine's: a process takes those
+/// of wherever it is restored, as it takes the machine.)
+const OWN_NAMESPACES: [(&str, &str); 3] = [
+    ("pid", "its pids (getpid, its children's) would change and it would see every process"),
+    ("user", "its uids, gids and capabilities would mean other things"),
+    ("time", "its clocks would lose their offsets"),
+];
+
+/// Refuses a process in a pid, user or time namespace other than ferry's, naming it.
+fn check_namespaces(pid: pid_t) -> Result<(), TraceError> {
+    for (ns, lost) in OWN_NAMESPACES {
+        let theirs = std::fs::read_link(format!("/proc/{pid}/ns/{ns}"));
+        let ours = std::fs::read_link(format!("/proc/self/ns/{ns}"));
+        if let (Ok(theirs), Ok(ours)) = (theirs, ours) {
+            if theirs != ours {
+                return Err(TraceError::Unsuitable {
+                    pid,
+                    why: format!(
+                        "in a {ns} namespace of its own ({}, ferry's is {}), which ferry does not carry yet: {lost}",
+                        theirs.display(),
+                        ours.display()
+                    ),
+                });
+            }
+        }
+    }
     Ok(())
 }
 
