@@ -2,9 +2,10 @@
 //! frozen together, and a restore makes each child again as its parent's own (`wait`
 //! works); what the processes of a tree share that ferry carries only within one
 //! process (an open file description, a pipe, shared memory) is refused, and so is a
-//! zombie. A migration does not carry trees yet: it refuses a process with a child
-//! (running, stopped or a zombie) with one line naming both, before the process is
-//! touched. Never a success that leaves a child behind.
+//! zombie. A migration carries trees with stop-copy (tree_migrate.rs); with another
+//! strategy it refuses a process with a child (running, stopped or a zombie) with one
+//! line naming both, before the process is touched. Never a success that leaves a child
+//! behind.
 
 use std::{
     path::Path,
@@ -58,11 +59,12 @@ fn refused_for_child(o: &Output, pid: i32, child: i32, dir: &Path) -> String {
     err
 }
 
-/// `ferry migrate PID` to a port where nothing listens: refused for the child before
-/// anything else is tried (it would otherwise say the daemon cannot be reached).
+/// `ferry migrate PID --strategy post-copy` to a port where nothing listens: refused
+/// for the child before anything else is tried (it would otherwise say the daemon
+/// cannot be reached).
 fn migrate_nowhere(pid: i32) -> Output {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    ferry(&["migrate", &pid.to_string(), "--to", &format!("127.0.0.1:{port}")])
+    ferry(&["migrate", &pid.to_string(), "--to", &format!("127.0.0.1:{port}"), "--strategy", "post-copy"])
 }
 
 /// Holds a child of the workload's fork check stopped, so that one surely exists.
@@ -96,7 +98,7 @@ fn runs_on_with_its_child(mut w: Workload, mut child: Killed) {
 }
 
 #[test]
-fn a_migration_of_a_process_with_a_stopped_child_is_refused_naming_it_and_both_run_on() {
+fn a_postcopy_migration_of_a_process_with_a_stopped_child_is_refused_naming_it_and_both_run_on() {
     if !needs_root(ROOT) {
         return;
     }
@@ -105,7 +107,7 @@ fn a_migration_of_a_process_with_a_stopped_child_is_refused_naming_it_and_both_r
     let child = hold_a_fork_check_child(&w);
     let o = migrate_nowhere(w.pid);
     let err = refused_for_child(&o, w.pid, child.0, Path::new("/nonexistent"));
-    assert!(err.contains(", stopped)") && err.contains("not carried yet by a migration"), "{err}");
+    assert!(err.contains(", stopped)") && err.contains("stop-copy only yet, not post-copy"), "{err}");
     // The freezer path of a checkpoint does not take trees either.
     let image = tempfile::tempdir().unwrap();
     let dir = image.path().join("img");
@@ -168,7 +170,7 @@ fn a_child_forked_between_the_look_for_children_and_the_freeze_is_taken_with_its
 }
 
 #[test]
-fn bash_with_a_background_sleep_is_refused_by_a_migration_and_both_keep_running() {
+fn bash_with_a_background_sleep_is_refused_by_a_postcopy_migration_and_both_keep_running() {
     if !needs_root(ROOT) {
         return;
     }

@@ -40,6 +40,8 @@ use crate::{
     wire::protocol::{self, Hello, PluginRef, Verdict},
 };
 
+mod tree;
+
 /// The kernel features a stop-copy event needs on the destination.
 pub const FEATURES: &[&str] = &["ptrace-seize", "process-vm-readv", "pidfd", "clone3-set-tid"];
 
@@ -251,8 +253,15 @@ fn migrate_with(
     }
     target::check_target(req.pid)?;
     target::check_not_ferry(req.pid)?;
-    // Process trees are not carried yet, by a migration as by a checkpoint.
-    target::check_childless(req.pid, target::TREES_NOT_MIGRATED)?;
+    // A process with children moves with them all (one event, one commit); for now
+    // with stop-copy and ptrace only: anything else is refused before it is touched.
+    let tree = !target::children(req.pid).is_empty();
+    if tree && req.strategy != Strategy::StopCopy {
+        target::check_childless(req.pid, &format!("process trees are migrated with --strategy stop-copy only yet, not {}", req.strategy))?;
+    }
+    if tree && req.quiesce == Quiesce::Freezer {
+        target::check_childless(req.pid, "process trees are not migrated with --quiesce freezer yet (the default, ptrace, takes the tree)")?;
+    }
     crate::trace::mark("migrate");
     let mut subs = event::load_subsystems(manager, &req.subsystems, Some(req.pid))?;
     let lease = manager.acquire(PluginKind::Medium, "tcp")?;
@@ -308,6 +317,10 @@ fn migrate_with(
     crate::trace::mark("destination ready");
     // Nothing was touched until here.
     *janitor = Janitor::start();
+    if tree {
+        drop(subs);
+        return tree::stop_copy(manager, req, medium, welcome.token, janitor, started, progress);
+    }
     let mut throttle = None;
     let (medium, mut live, ran) = match precopy.as_ref() {
         None => (medium, None, Outcome::default()),

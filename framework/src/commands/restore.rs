@@ -105,7 +105,7 @@ pub fn restore(manager: &Manager, req: &RestoreRequest, progress: &mut dyn FnMut
         for p in &inventory.processes {
             await_original(p);
         }
-        let mut held = crate::engine::tree::restore_tree(manager, &mut medium, &inventory, &watchdog, started, progress).map_err(image_err)?;
+        let mut held = crate::engine::tree::restore_tree(manager, &mut medium, &inventory, None, true, &watchdog, started, progress).map_err(image_err)?;
         held[0].count_inventory(inventory_bytes);
         if held.iter().any(|h| h.lazy.is_some()) {
             for h in held {

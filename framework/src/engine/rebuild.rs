@@ -158,7 +158,7 @@ fn place_scratch(tracer: &mut Tracer, scratch_at: u64) -> Result<(), EventError>
 /// unused, it is killed.
 pub struct Blank {
     tracer: Option<Tracer>,
-    want: i32,
+    pub(crate) want: i32,
 }
 
 impl Blank {
@@ -409,6 +409,11 @@ impl Held {
     /// The rebuilt process's pid here.
     pub fn pid(&self) -> i32 {
         self.tracer.pid()
+    }
+
+    /// Records and bytes read from each of its plugins' streams, in plan order.
+    pub fn counts(&self) -> &[(u64, u64)] {
+        &self.counts
     }
 
     /// Image pid → pid here.

@@ -95,12 +95,80 @@ pub fn write_tree(
     Ok((bytes + encoded.len() as u64, page_bytes / 4096))
 }
 
+/// What a migration announces of a frozen tree ahead of its streams (the inventory
+/// comes last): every process with its parent, streams, group, session and shared
+/// fds, as [`write_tree`] will write them, and the plugins with no counts yet. Maps
+/// the scratch area of each process (`mapped` hears of each), which the entries name.
+pub fn announce(
+    manager: &Manager,
+    names: &[String],
+    tree: &mut [(Tracer, i32)],
+    shared_fds: &[Shared],
+    medium_name: &str,
+    mapped: &mut dyn FnMut(i32, u64),
+) -> Result<Inventory, EventError> {
+    let mut inventory = Inventory::new(medium_name);
+    let mut next_stream = 1u32;
+    for (tracer, parent) in tree.iter_mut() {
+        let pid = tracer.pid();
+        // The same plugins, in the same order, as write_tree loads for the process.
+        let subs = event::load_subsystems(manager, names, Some(pid)).map_err(|e| match e {
+            EventError::Target(t) => EventError::Target(t),
+            other => EventError::Refused(format!("process {pid}: {other}")),
+        })?;
+        let at = tracer.scratch_address();
+        if at != 0 {
+            mapped(pid, at);
+        }
+        let scratch = tracer.map_scratch(at)?;
+        mapped(pid, scratch);
+        let mut streams = Vec::new();
+        for (i, loaded) in subs.iter().enumerate() {
+            let stream = next_stream + i as u32;
+            inventory.plugins.push(PluginEntry { name: loaded.name.clone(), version: loaded.version.clone(), stream, records: 0, bytes: 0 });
+            streams.push(stream);
+        }
+        next_stream += subs.len() as u32;
+        let mut entry = process_entry(tracer, scratch);
+        (entry.parent, entry.streams) = (*parent, streams);
+        (entry.pgid, entry.sid) = crate::kernel::tree::group_and_session(pid).unwrap_or((0, 0));
+        entry.shared_fds = shared_fds.iter().filter(|s| s.0 == pid).map(|&(_, fd, from, from_fd)| SharedFd { fd, from, from_fd }).collect();
+        inventory.processes.push(entry);
+    }
+    Ok(inventory)
+}
+
+/// Whether the inventory a migration's tree ends with is the tree it announced, and
+/// every stream carried what the inventory says (`counts`: per process, the records
+/// and bytes read from each of its streams). The reason when not.
+pub fn check_announced(announced: &Inventory, last: &Inventory, counts: &[Vec<(u64, u64)>]) -> Result<(), String> {
+    let procs = |inv: &Inventory| -> Vec<(i32, i32, u64, Vec<u32>)> { inv.processes.iter().map(|p| (p.pid, p.parent, p.scratch, p.streams.clone())).collect() };
+    let plugins = |inv: &Inventory| -> Vec<(String, String, u32)> { inv.plugins.iter().map(|e| (e.name.clone(), e.version.clone(), e.stream)).collect() };
+    if procs(announced) != procs(last) || plugins(announced) != plugins(last) {
+        return Err("the inventory does not match the tree announced".into());
+    }
+    for (p, counts) in last.processes.iter().zip(counts) {
+        for (entry, &(records, bytes)) in p.plugins(last).into_iter().zip(counts) {
+            if (entry.records, entry.bytes) != (records, bytes) {
+                return Err(format!(
+                    "process {}: stream {} carried {records} records, {bytes} bytes; the inventory says {}, {}",
+                    p.pid, entry.stream, entry.records, entry.bytes
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Rebuilds every process of a tree's image, each held stopped; the first is the root.
 /// On failure every process made is removed.
+#[allow(clippy::too_many_arguments)]
 pub fn restore_tree(
     manager: &Manager,
     medium: &mut MediumBox,
     inventory: &Inventory,
+    root: Option<Blank>,
+    counts_known: bool,
     watchdog: &Watchdog,
     started: Instant,
     progress: &mut dyn FnMut(&Tick),
@@ -108,7 +176,11 @@ pub fn restore_tree(
     let procs = &inventory.processes;
     // Parents come before their children (the inventory says so): each blank is
     // forked from its parent's before any is rebuilt.
-    let mut blanks: Vec<Option<Blank>> = vec![Some(Blank::make(procs[0].pid)?)];
+    let root = match root {
+        Some(b) if b.want == procs[0].pid => b,
+        _ => Blank::make(procs[0].pid)?,
+    };
+    let mut blanks: Vec<Option<Blank>> = vec![Some(root)];
     for p in &procs[1..] {
         let parent = procs.iter().position(|q| q.pid == p.parent).filter(|&i| i < blanks.len());
         let parent = parent.and_then(|i| blanks[i].as_mut()).ok_or_else(|| {
@@ -136,7 +208,7 @@ pub fn restore_tree(
             }
             sources.iter().try_for_each(|&(f, from)| take_description(tracer, f, from))
         };
-        match rebuild_with(manager, medium, &plan, true, blanks[k].take(), watchdog, started, progress, &mut take_shared) {
+        match rebuild_with(manager, medium, &plan, counts_known, blanks[k].take(), watchdog, started, progress, &mut take_shared) {
             Ok(h) => held.push(h),
             Err(e) => {
                 for h in held {
