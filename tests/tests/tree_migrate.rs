@@ -60,8 +60,8 @@ impl Link {
         Some(Link { hosts, daemons: [da, db], key })
     }
 
-    /// `ferry migrate PID --strategy S --json` from host `a` (or `b`) to the other.
-    fn migrate(&self, from_a: bool, pid: i32, strategy: &str) -> Output {
+    /// `ferry migrate PID --strategy S --json [extra]` from host `a` (or `b`) to the other.
+    fn migrate(&self, from_a: bool, pid: i32, strategy: &str, extra: &[&str]) -> Output {
         let (ns, to) = if from_a { (&self.hosts.a, &self.daemons[1].addr) } else { (&self.hosts.b, &self.daemons[0].addr) };
         let key = self.key.path().join("key");
         Command::new("ip")
@@ -69,6 +69,7 @@ impl Link {
             .arg(ferry_bin())
             .args(["migrate", &pid.to_string(), "--to", to, "--json", "--strategy", strategy, "--auth-key"])
             .arg(&key)
+            .args(extra)
             .output()
             .unwrap()
     }
@@ -98,7 +99,7 @@ fn moved(o: &Output, strategy: &str, old: &[i32]) -> BTreeMap<i32, i32> {
 /// The workload with `--tree 2` moves there and back with `strategy`; each child is
 /// its restored parent's own (the parent checks it every tick with `waitpid`, and
 /// reaps each at the end), each child checks its own memory.
-fn tree_there_and_back(link: &Link, strategy: &str) {
+fn tree_there_and_back(link: &Link, strategy: &str, extra: &[&str]) {
     let mut w = Workload::spawn_in_netns(&link.hosts.a, &WorkloadOpts { mem_mib: 4, tick_ms: 5, tree: 2, ..Default::default() });
     w.wait_ready();
     let mut root = w.pid;
@@ -108,7 +109,7 @@ fn tree_there_and_back(link: &Link, strategy: &str) {
     for from_a in [true, false] {
         let mut all = kids.clone();
         all.push(root);
-        let pids = moved(&link.migrate(from_a, root, strategy), strategy, &all);
+        let pids = moved(&link.migrate(from_a, root, strategy, extra), strategy, &all);
         let new_root = pids[&root];
         w.adopt(new_root);
         let new_kids: Vec<i32> = kids.iter().map(|k| pids[k]).collect();
@@ -127,7 +128,38 @@ fn tree_there_and_back(link: &Link, strategy: &str) {
 #[test]
 fn a_tree_migrates_with_stop_copy_between_two_hosts_and_back() {
     let Some(link) = Link::new() else { return };
-    tree_there_and_back(&link, "stop-copy");
+    tree_there_and_back(&link, "stop-copy", &[]);
+}
+
+#[test]
+fn a_tree_quiesced_by_the_cgroup_freezer_migrates_and_each_process_passes_its_check() {
+    // Over loopback: `ip netns exec` mounts a sysfs of the namespace's own, without the
+    // cgroup hierarchies, so no freezer is found in the test hosts.
+    if !needs_root(ROOT) {
+        return;
+    }
+    let daemon = Daemon::start();
+    let mut w = Workload::spawn(&WorkloadOpts { mem_mib: 4, tick_ms: 5, tree: 2, ..Default::default() });
+    w.wait_ready();
+    let kids = children_of(w.pid);
+    let _originals = KilledAll(kids.clone());
+    let mut all = kids.clone();
+    all.push(w.pid);
+    let o = Command::new(ferry_bin())
+        .args(["migrate", &w.pid.to_string(), "--to", &daemon.addr, "--json", "--quiesce", "freezer"])
+        .output()
+        .unwrap();
+    let pids = moved(&o, "stop-copy", &all);
+    let new_root = pids[&w.pid];
+    w.adopt(new_root);
+    let mut new_kids: Vec<i32> = kids.iter().map(|k| pids[k]).collect();
+    let _copies = KilledAll(new_kids.clone());
+    new_kids.sort_unstable();
+    assert_eq!(children_of(new_root), new_kids, "the children are the new root's own");
+    let at = *w.ticks().last().unwrap();
+    w.wait_ticks(at + 5);
+    w.terminate_and_check(new_root).unwrap();
+    assert!(w.lines().iter().any(|l| l == "tree 2 children passed"), "{}", w.log_text());
 }
 
 #[test]
@@ -155,7 +187,7 @@ fn bash_with_a_background_job_migrates_and_its_wait_still_waits_for_it() {
         sleep > 0 && std::fs::read_to_string(format!("/proc/{sleep}/comm")).is_ok_and(|c| c.trim() == "sleep")
     });
     let _sleep = KilledAll(vec![sleep]);
-    let pids = moved(&link.migrate(true, pid, "stop-copy"), "stop-copy", &[pid, sleep]);
+    let pids = moved(&link.migrate(true, pid, "stop-copy", &[]), "stop-copy", &[pid, sleep]);
     let _ = bash.wait();
     let (new_bash, new_sleep) = (pids[&pid], pids[&sleep]);
     let _copies = KilledAll(vec![new_bash, new_sleep]);
@@ -179,15 +211,22 @@ fn a_tree_whose_destination_dies_before_the_commit_runs_on_whole_with_nothing_le
     if !needs_root(ROOT) {
         return;
     }
-    for fault in ["mid-pages", "before-commit"] {
-        let daemon = Daemon::start_with(&[], Some(fault));
+    let cgroups = |pids: &[i32]| -> Vec<String> { pids.iter().map(|p| std::fs::read_to_string(format!("/proc/{p}/cgroup")).unwrap_or_default()).collect() };
+    for (fault, quiesce) in [("mid-pages", "ptrace"), ("before-commit", "ptrace"), ("mid-pages", "freezer"), ("before-commit", "freezer")] {
+        let fault_quiesce = format!("{fault}, {quiesce}");
+        let fault = fault_quiesce.as_str();
+        let daemon = Daemon::start_with(&[], Some(fault_quiesce.split(',').next().unwrap()));
         let mut w = Workload::spawn(&WorkloadOpts { mem_mib: 4, tick_ms: 5, tree: 2, ..Default::default() });
         w.wait_ready();
         let kids = children_of(w.pid);
         let _kids = KilledAll(kids.clone());
         let mut all = kids.clone();
         all.push(w.pid);
-        let o = Command::new(ferry_bin()).args(["migrate", &w.pid.to_string(), "--to", &daemon.addr, "--json"]).output().unwrap();
+        let homes = cgroups(&all);
+        let o = Command::new(ferry_bin())
+            .args(["migrate", &w.pid.to_string(), "--to", &daemon.addr, "--json", "--quiesce", quiesce])
+            .output()
+            .unwrap();
         fails_with(&o, &[]);
         wait_until("the daemon to die at its fault point", Duration::from_secs(30), || !pid_alive(daemon.pid()));
         // Nothing of the half-built copy survives its daemon: only the source tree
@@ -198,6 +237,7 @@ fn a_tree_whose_destination_dies_before_the_commit_runs_on_whole_with_nothing_le
         wait_until("only the source tree to mention its log", Duration::from_secs(30), || processes_mentioning(&log) == sorted);
         ferry_tests::assert_no_residue(&all, None);
         assert_eq!(children_of(w.pid), kids, "{fault}: the same children, the root's own");
+        assert_eq!(cgroups(&all), homes, "{fault}: every process back in its own cgroup");
         let at = *w.ticks().last().unwrap();
         w.wait_ticks(at + 5);
         let pid = w.pid;

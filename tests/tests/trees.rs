@@ -108,12 +108,6 @@ fn a_postcopy_migration_of_a_process_with_a_stopped_child_is_refused_naming_it_a
     let o = migrate_nowhere(w.pid);
     let err = refused_for_child(&o, w.pid, child.0, Path::new("/nonexistent"));
     assert!(err.contains(", stopped)") && err.contains("stop-copy only yet, not post-copy"), "{err}");
-    // The freezer path of a checkpoint does not take trees either.
-    let image = tempfile::tempdir().unwrap();
-    let dir = image.path().join("img");
-    let o = ferry(&["checkpoint", &w.pid.to_string(), "--dir", dir.to_str().unwrap(), "--quiesce", "freezer"]);
-    let err = refused_for_child(&o, w.pid, child.0, &dir);
-    assert!(err.contains("--quiesce freezer"), "{err}");
     assert_eq!(state(child.0), "T", "the child is left as it was");
     runs_on_with_its_child(w, child);
 }
@@ -763,4 +757,86 @@ fn a_listening_socket_shared_with_a_child_is_refused_naming_both() {
     // process's files plugin would bind it again, the second against the first.
     let (py, kid) = python_pair("import socket\ns = socket.socket()\ns.bind(('127.0.0.1', 0))\ns.listen()", "", "");
     tree_refused(&py, &kid, "sockets shared between processes are not carried yet");
+}
+
+#[test]
+fn a_tree_forking_a_burst_is_frozen_whole_by_the_cgroup_freezer_and_comes_back() {
+    if !needs_root(ROOT) {
+        return;
+    }
+    // bash forks 24 sleeps as fast as it can; the freezer takes it mid-burst: the whole
+    // tree moved into one cgroup and frozen at once, children forked meanwhile born in
+    // it or found by the next pass. None escapes: after the checkpoint (which kills
+    // what it took) no process of the burst runs on; restored, bash carries on with
+    // the burst, its restored sleeps its own, and its `wait` waits for them all.
+    // SAFETY: prctl with integer arguments. Orphans come to this test, which reaps them.
+    assert_eq!(unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) }, 0);
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("waited");
+    // A duration only this test's sleeps have on their command line.
+    let mark = format!("1000.{}{}", std::process::id(), std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos());
+    let script = format!("for i in $(seq 24); do sleep {mark} & /bin/true; done; wait; echo waited >{}", out.display());
+    let mut cmd = Command::new("/bin/bash");
+    cmd.args(["-c", &script]).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    // SAFETY: close_range is async-signal-safe; it only marks fds close-on-exec.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC);
+            Ok(())
+        });
+    }
+    let bash = cmd.spawn().unwrap();
+    let mut bash = Killed(bash.id() as i32, Some(bash));
+    let pid = bash.0;
+    let sleeps = || sleeps_mentioning(&mark);
+    let _originals = KilledAll(Vec::new());
+    wait_until("bash's first sleeps", DEADLINE, || sleeps().len() >= 2);
+    let image = tempfile::tempdir().unwrap();
+    let dir = image.path().join("img");
+    let stats = checkpoint_json(pid, &dir, &["--quiesce", "freezer"]);
+    let taken: Vec<i32> = stats["pids"].as_object().unwrap().keys().map(|k| k.parse().unwrap()).collect();
+    assert!(taken.contains(&pid) && taken.len() >= 3, "{stats}");
+    let left = processes_mentioning_all(&mark);
+    assert!(left.is_empty(), "a process of the burst escaped the freeze: {left:?} (taken: {taken:?})");
+    let _ = bash.1.take().unwrap().wait();
+    bash.0 = 0;
+    // SAFETY: reaping the orphaned sleeps, which came to this process.
+    wait_until("the taken sleeps reaped", DEADLINE, || unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) } <= 0);
+    let pids = restore_json(&dir);
+    let new_bash = pids[&pid];
+    let _restored = KilledAll(pids.values().copied().collect());
+    let _later = Later(mark.clone());
+    wait_until("the restored bash to finish its burst", DEADLINE, || children_of(new_bash).len() == 24);
+    let mut kids = children_of(new_bash);
+    kids.sort_unstable();
+    let mut all = sleeps();
+    all.sort_unstable();
+    assert_eq!(kids, all, "every sleep of the burst is the restored bash's own");
+    assert!(!out.exists(), "bash still waits");
+    for k in kids {
+        kill_pid(k);
+    }
+    wait_until("bash's wait to return once its sleeps are gone", DEADLINE, || out.exists());
+}
+
+/// Live processes whose command line mentions `needle` (bash's too, whose script does).
+fn processes_mentioning_all(needle: &str) -> Vec<i32> {
+    ferry_tests::workload::processes_mentioning(needle)
+}
+
+/// The sleeps among them.
+fn sleeps_mentioning(needle: &str) -> Vec<i32> {
+    let sleep = |p: &i32| std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "sleep");
+    processes_mentioning_all(needle).into_iter().filter(sleep).collect()
+}
+
+/// Kills, when dropped, every process whose command line mentions its needle (what a
+/// restored process forked after the restore).
+struct Later(String);
+impl Drop for Later {
+    fn drop(&mut self) {
+        for p in processes_mentioning_all(&self.0) {
+            kill_pid(p);
+        }
+    }
 }

@@ -69,23 +69,17 @@ fn discard(dir: &Path, created: bool) {
     }
 }
 
-/// Why a checkpoint with the cgroup freezer refuses a process with a child.
-const NO_FREEZER_TREES: &str = "process trees are not carried with --quiesce freezer yet (the default, ptrace, takes the tree)";
-
 pub fn checkpoint(manager: &Manager, req: &CheckpointRequest, progress: &mut dyn FnMut(&Tick)) -> Result<Stats, EventError> {
     // Everything that can be refused without touching the process comes first.
     target::check_target(req.pid)?;
     target::check_not_ferry(req.pid)?;
     if !target::children(req.pid).is_empty() {
-        if req.quiesce == Quiesce::Freezer {
-            target::check_childless(req.pid, NO_FREEZER_TREES)?;
-        }
         return checkpoint_tree(manager, req, progress);
     }
     match checkpoint_one(manager, req, progress) {
         // A child forked as the process was being frozen (it was let go, the image
         // removed): the tree is taken instead.
-        Err(EventError::Target(TraceError::HasChild { .. })) if req.quiesce == Quiesce::Ptrace => checkpoint_tree(manager, req, progress),
+        Err(EventError::Target(TraceError::HasChild { .. })) => checkpoint_tree(manager, req, progress),
         other => other,
     }
 }
@@ -115,8 +109,7 @@ fn checkpoint_one(manager: &Manager, req: &CheckpointRequest, progress: &mut dyn
     let (mut tracer, freezer) = match quiesce(req.pid, req.quiesce).and_then(|(tracer, freezer)| {
         // A child forked since the first look: seen now that nothing can fork, and the
         // process goes back to running as it was.
-        let why = if req.quiesce == Quiesce::Freezer { NO_FREEZER_TREES } else { "forked as the process was being frozen" };
-        match target::check_childless(req.pid, why) {
+        match target::check_childless(req.pid, "forked as the process was being frozen") {
             Ok(()) => Ok((tracer, freezer)),
             Err(e) => {
                 let _ = tracer.detach();
@@ -225,7 +218,11 @@ fn checkpoint_tree(manager: &Manager, req: &CheckpointRequest, progress: &mut dy
         Err(e)
     };
     let frozen_at = Instant::now();
-    let mut frozen = match tree::freeze_tree(req.pid) {
+    let taken = match req.quiesce {
+        Quiesce::Ptrace => tree::freeze_tree(req.pid).map(|f| (f, None)),
+        Quiesce::Freezer => tree::freeze_tree_in_cgroup(req.pid).map(|(f, z)| (f, Some(z))),
+    };
+    let (mut frozen, freezer) = match taken {
         Ok(f) => f,
         Err(e) => return give_up(janitor, e.into()),
     };
@@ -242,9 +239,13 @@ fn checkpoint_tree(manager: &Manager, req: &CheckpointRequest, progress: &mut dy
     // The last resort if a plugin stops answering: remove the partial image and exit;
     // the kernel detaches every process, which carries on.
     let dir = req.dir.clone();
+    let rescue = freezer.as_ref().map(|f| f.rescue());
     let watchdog = Watchdog::start(req.watchdog, move |why, _| {
         eprintln!("ferry: {why}; the processes of the tree are let go");
         discard(&dir, created);
+        if let Some(r) = rescue {
+            r();
+        }
         std::process::exit(1);
     });
     let mut mapped = |pid: i32, addr: u64| {
@@ -265,11 +266,15 @@ fn checkpoint_tree(manager: &Manager, req: &CheckpointRequest, progress: &mut dy
                 if req.leave_running {
                     t.unmap_scratch()?;
                     t.detach()?;
+                } else if freezer.is_some() {
+                    // Its cgroup of ferry's can go only once it is empty.
+                    t.kill();
                 } else {
                     t.kill_and_go();
                 }
                 stats.pids.insert(pid.to_string(), if req.leave_running { pid } else { 0 });
             }
+            drop(freezer);
             stats.frozen_ms = event::ms(frozen_at);
             (stats.bytes, stats.pages) = (bytes, pages);
             stats.total_ms = event::ms(started);
@@ -280,6 +285,7 @@ fn checkpoint_tree(manager: &Manager, req: &CheckpointRequest, progress: &mut dy
                 let _ = t.unmap_scratch();
             }
             tree::let_go(frozen);
+            drop(freezer);
             drop(medium);
             give_up(janitor, e)
         }

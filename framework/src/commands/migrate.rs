@@ -254,13 +254,10 @@ fn migrate_with(
     target::check_target(req.pid)?;
     target::check_not_ferry(req.pid)?;
     // A process with children moves with them all (one event, one commit); for now
-    // with stop-copy and ptrace only: anything else is refused before it is touched.
+    // with stop-copy only: another strategy is refused before the process is touched.
     let tree = !target::children(req.pid).is_empty();
     if tree && req.strategy != Strategy::StopCopy {
         target::check_childless(req.pid, &format!("process trees are migrated with --strategy stop-copy only yet, not {}", req.strategy))?;
-    }
-    if tree && req.quiesce == Quiesce::Freezer {
-        target::check_childless(req.pid, "process trees are not migrated with --quiesce freezer yet (the default, ptrace, takes the tree)")?;
     }
     crate::trace::mark("migrate");
     let mut subs = event::load_subsystems(manager, &req.subsystems, Some(req.pid))?;

@@ -11,6 +11,7 @@ use libc::pid_t;
 
 use super::{
     error::TraceError,
+    freezer::Freezer,
     target::{children, stat_fields},
     tracer::Tracer,
 };
@@ -22,7 +23,29 @@ use super::{
 /// that exited is a zombie its stopped parent cannot reap, and refused. On failure
 /// every process seized so far is let go as it was.
 pub fn freeze_tree(root: pid_t) -> Result<Vec<(Tracer, pid_t)>, TraceError> {
-    let mut frozen: Vec<(Tracer, pid_t)> = vec![(Tracer::seize(root)?, 0)];
+    take_tree(root, Tracer::seize)
+}
+
+/// [`freeze_tree`] with the cgroup freezer first: the whole tree moved into one cgroup
+/// of ferry's and frozen at once (`Freezer::freeze_tree`), then every process seized
+/// in its frozen state, then the cgroup thawed (the processes stay in their ptrace
+/// stops). The freezer holds them in its cgroup until dropped.
+pub fn freeze_tree_in_cgroup(root: pid_t) -> Result<(Vec<(Tracer, pid_t)>, Freezer), TraceError> {
+    let freezer_err = |e: super::freezer::FreezeError| TraceError::Thread { tid: root, message: e.to_string() };
+    let mut freezer = Freezer::freeze_tree(root, children).map_err(freezer_err)?;
+    if !freezer.stops_while_frozen() {
+        return Err(TraceError::Unsuitable { pid: root, why: "a tree with the v1 cgroup freezer, which ferry does not carry yet (use --quiesce ptrace)".into() });
+    }
+    let frozen = take_tree(root, |p| Tracer::seize_with(p, || Ok(())))?;
+    if let Err(e) = freezer.thaw() {
+        let_go(frozen);
+        return Err(freezer_err(e));
+    }
+    Ok((frozen, freezer))
+}
+
+fn take_tree(root: pid_t, seize: impl Fn(pid_t) -> Result<Tracer, TraceError>) -> Result<Vec<(Tracer, pid_t)>, TraceError> {
+    let mut frozen: Vec<(Tracer, pid_t)> = vec![(seize(root)?, 0)];
     crate::fault::pause("tree-root-frozen");
     let mut next = 0;
     while next < frozen.len() {
@@ -33,7 +56,7 @@ pub fn freeze_tree(root: pid_t) -> Result<Vec<(Tracer, pid_t)>, TraceError> {
             let taken = if state == "Z" || state == "X" {
                 Err(TraceError::HasChild { pid: parent, child, what: "a zombie".into(), why: "zombies are not carried yet".into() })
             } else {
-                Tracer::seize(child)
+                seize(child)
             };
             match taken {
                 Ok(t) => frozen.push((t, parent)),

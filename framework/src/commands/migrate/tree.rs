@@ -14,6 +14,7 @@ use ferry_plugin_api::MediumBox;
 use super::{failed, unexpected, verdict_serving, MigrateRequest, MigrateStats};
 use crate::{
     commands::janitor::Janitor,
+    config::Quiesce,
     engine::event::{self, EventError, Tick},
     engine::manager::Manager,
     engine::pipeline::Pipeline,
@@ -50,7 +51,12 @@ pub(super) fn stop_copy(
     progress: &mut dyn FnMut(&Tick),
 ) -> Result<MigrateStats, EventError> {
     let frozen_at = Instant::now();
-    let mut frozen = tree::freeze_tree(req.pid).map_err(|e| abort(Some(&mut medium), e.into()))?;
+    let taken = match req.quiesce {
+        Quiesce::Ptrace => tree::freeze_tree(req.pid).map(|f| (f, None)),
+        Quiesce::Freezer => tree::freeze_tree_in_cgroup(req.pid).map(|(f, z)| (f, Some(z))),
+    };
+    // The freezer, if any, holds the tree in its cgroup until the event ends.
+    let (mut frozen, freezer) = taken.map_err(|e| abort(Some(&mut medium), e.into()))?;
     crate::trace::mark("tree frozen");
     crate::fault::point("frozen");
     let pids: Vec<i32> = frozen.iter().map(|(t, _)| t.pid()).collect();
@@ -80,8 +86,12 @@ pub(super) fn stop_copy(
     // source process, which carries on, and the destination loses the connection and
     // kills what it built.
     let root = req.pid;
+    let rescue = freezer.as_ref().map(|f| f.rescue());
     let watchdog = Watchdog::start(req.timeout, move |why, _| {
         eprintln!("ferry: {why}; the processes of the tree of {root} are let go");
+        if let Some(r) = rescue {
+            r();
+        }
         std::process::exit(1);
     });
     let written = crate::engine::tree::write_tree(manager, &req.subsystems, &mut frozen, &shared, &mut pipe, "tcp", &watchdog, &mut |_, _| {}, progress);
@@ -131,8 +141,14 @@ pub(super) fn stop_copy(
         }
     }
     for (t, _) in frozen {
-        t.kill_and_go();
+        if freezer.is_some() {
+            // Its cgroup of ferry's can go only once it is empty.
+            t.kill();
+        } else {
+            t.kill_and_go();
+        }
     }
+    drop(freezer);
     Ok(MigrateStats {
         token,
         strategy: req.strategy.to_string(),
