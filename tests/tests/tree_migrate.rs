@@ -109,7 +109,14 @@ fn tree_there_and_back(link: &Link, strategy: &str, extra: &[&str]) {
     for from_a in [true, false] {
         let mut all = kids.clone();
         all.push(root);
-        let pids = moved(&link.migrate(from_a, root, strategy, extra), strategy, &all);
+        let o = link.migrate(from_a, root, strategy, extra);
+        let pids = moved(&o, strategy, &all);
+        if strategy == "pre-copy" {
+            // Round 0 went while the tree ran: every process's own 4 MiB in it.
+            let stats: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+            let first = stats["round_bytes"][0].as_u64().unwrap_or(0);
+            assert!(stats["rounds"].as_u64() >= Some(2) && first >= 3 * (4 << 20), "{stats}");
+        }
         let new_root = pids[&root];
         w.adopt(new_root);
         let new_kids: Vec<i32> = kids.iter().map(|k| pids[k]).collect();
@@ -129,6 +136,12 @@ fn tree_there_and_back(link: &Link, strategy: &str, extra: &[&str]) {
 fn a_tree_migrates_with_stop_copy_between_two_hosts_and_back() {
     let Some(link) = Link::new() else { return };
     tree_there_and_back(&link, "stop-copy", &[]);
+}
+
+#[test]
+fn a_tree_migrates_with_pre_copy_between_two_hosts_and_back() {
+    let Some(link) = Link::new() else { return };
+    tree_there_and_back(&link, "pre-copy", &[]);
 }
 
 #[test]
@@ -212,8 +225,17 @@ fn a_tree_whose_destination_dies_before_the_commit_runs_on_whole_with_nothing_le
         return;
     }
     let cgroups = |pids: &[i32]| -> Vec<String> { pids.iter().map(|p| std::fs::read_to_string(format!("/proc/{p}/cgroup")).unwrap_or_default()).collect() };
-    for (fault, quiesce) in [("mid-pages", "ptrace"), ("before-commit", "ptrace"), ("mid-pages", "freezer"), ("before-commit", "freezer")] {
-        let fault_quiesce = format!("{fault}, {quiesce}");
+    let runs = [
+        ("mid-pages", "ptrace", "stop-copy"),
+        ("before-commit", "ptrace", "stop-copy"),
+        ("mid-pages", "freezer", "stop-copy"),
+        ("before-commit", "freezer", "stop-copy"),
+        // During the rounds, the tree running.
+        ("mid-pages", "ptrace", "pre-copy"),
+        ("before-commit", "freezer", "pre-copy"),
+    ];
+    for (fault, quiesce, strategy) in runs {
+        let fault_quiesce = format!("{fault}, {quiesce}, {strategy}");
         let fault = fault_quiesce.as_str();
         let daemon = Daemon::start_with(&[], Some(fault_quiesce.split(',').next().unwrap()));
         let mut w = Workload::spawn(&WorkloadOpts { mem_mib: 4, tick_ms: 5, tree: 2, ..Default::default() });
@@ -224,7 +246,7 @@ fn a_tree_whose_destination_dies_before_the_commit_runs_on_whole_with_nothing_le
         all.push(w.pid);
         let homes = cgroups(&all);
         let o = Command::new(ferry_bin())
-            .args(["migrate", &w.pid.to_string(), "--to", &daemon.addr, "--json", "--quiesce", quiesce])
+            .args(["migrate", &w.pid.to_string(), "--to", &daemon.addr, "--json", "--quiesce", quiesce, "--strategy", strategy])
             .output()
             .unwrap();
         fails_with(&o, &[]);

@@ -2,7 +2,7 @@
 //! frozen together, and a restore makes each child again as its parent's own (`wait`
 //! works); what the processes of a tree share that ferry carries only within one
 //! process (an open file description, a pipe, shared memory) is refused, and so is a
-//! zombie. A migration carries trees with stop-copy (tree_migrate.rs); with another
+//! zombie. A migration carries trees with stop-copy and pre-copy (tree_migrate.rs); with another
 //! strategy it refuses a process with a child (running, stopped or a zombie) with one
 //! line naming both, before the process is touched. Never a success that leaves a child
 //! behind.
@@ -107,7 +107,7 @@ fn a_postcopy_migration_of_a_process_with_a_stopped_child_is_refused_naming_it_a
     let child = hold_a_fork_check_child(&w);
     let o = migrate_nowhere(w.pid);
     let err = refused_for_child(&o, w.pid, child.0, Path::new("/nonexistent"));
-    assert!(err.contains(", stopped)") && err.contains("stop-copy only yet, not post-copy"), "{err}");
+    assert!(err.contains(", stopped)") && err.contains("stop-copy and pre-copy only yet, not post-copy"), "{err}");
     assert_eq!(state(child.0), "T", "the child is left as it was");
     runs_on_with_its_child(w, child);
 }

@@ -12,7 +12,7 @@ use ferry_plugin_api::{EventKind, MediumBox};
 
 use crate::{
     engine::context::{ExternalContext, SharedTable, StreamSink},
-    engine::dump::process_entry,
+    engine::dump::{process_entry, Live},
     engine::event::{self, EventError, Stats, Tick},
     engine::manager::Manager,
     engine::pipeline::Pipeline,
@@ -35,13 +35,17 @@ pub fn write_tree(
     medium_name: &str,
     watchdog: &Watchdog,
     mapped: &mut dyn FnMut(i32, u64),
+    mut lives: Option<&mut [Live]>,
     progress: &mut dyn FnMut(&Tick),
 ) -> Result<(u64, u64), EventError> {
     let medium_err = |e: String| EventError::Medium { medium: medium_name.to_string(), message: e };
     let mut inventory = Inventory::new(medium_name);
     let (mut bytes, mut page_bytes) = (0u64, 0u64);
     let mut next_stream = 1u32;
-    for (tracer, parent) in tree.iter_mut() {
+    for (k, (tracer, parent)) in tree.iter_mut().enumerate() {
+        // After pre-copy rounds: what they sent counts, and only what was written since
+        // is sent now.
+        let mut live = lives.as_deref_mut().and_then(|l| l.get_mut(k));
         let pid = tracer.pid();
         // Which process of the tree a plugin refused is part of the answer.
         let in_process = |e: EventError| match e {
@@ -61,9 +65,17 @@ pub fn write_tree(
             for (i, loaded) in subs.iter_mut().enumerate() {
                 let stream = next_stream + i as u32;
                 let name = loaded.name.clone();
+                let (dirty, sent) = match live.as_deref_mut() {
+                    Some(l) => (Some(&mut l.tracker), l.sent.get(i).copied()),
+                    None => (None, None),
+                };
                 let mut ctx = ExternalContext::new(&mut *tracer, &mut shared, &name, watchdog);
+                ctx.dirty = dirty;
                 watchdog.doing(format!("plugin {name} writes the records of process {pid}"));
                 let mut sink = StreamSink::new(medium, stream, &name, watchdog);
+                if let Some(sent) = sent {
+                    (sink.records, sink.bytes, sink.page_bytes) = (sent.records, sent.bytes, sent.page_bytes);
+                }
                 event::checkpoint_one(loaded, &mut ctx, &mut sink, progress)?;
                 crate::fault::point("checkpoint-mid");
                 bytes += sink.bytes;

@@ -9,17 +9,19 @@
 use std::time::Instant;
 
 use abi_stable::std_types::RStr;
-use ferry_plugin_api::MediumBox;
+use ferry_plugin_api::{MediumBox, MemRange};
 
 use super::{failed, unexpected, verdict_serving, MigrateRequest, MigrateStats};
 use crate::{
     commands::janitor::Janitor,
     config::Quiesce,
+    engine::dump::{Live, Sent},
     engine::event::{self, EventError, Tick},
     engine::manager::Manager,
     engine::pipeline::Pipeline,
     engine::watchdog::Watchdog,
-    kernel::{tracer::Tracer, tree},
+    kernel::{dirty::DirtyTracker, freezer::Freezer, tracer::Tracer, tree},
+    strategies::rounds::{self, Member, Outcome},
     wire::messages::{send_json, send_verdict},
     wire::protocol::Verdict,
 };
@@ -32,6 +34,13 @@ fn let_go_all(mut frozen: Vec<(Tracer, i32)>) {
     tree::let_go(frozen);
 }
 
+/// Ends the dirty tracking of every process (pre-copy).
+fn stop_tracking(lives: Vec<Live>) {
+    for l in lives {
+        l.tracker.stop();
+    }
+}
+
 /// Tells the destination to drop what it built, and answers `e`.
 fn abort(medium: Option<&mut MediumBox>, e: EventError) -> EventError {
     if let Some(m) = medium {
@@ -40,32 +49,71 @@ fn abort(medium: Option<&mut MediumBox>, e: EventError) -> EventError {
     e
 }
 
-/// Stop-copy of the tree of `req.pid` over `medium`, whose destination is ready.
-pub(super) fn stop_copy(
+/// A frozen tree (each process with its parent's pid), and the freezer holding it, if any.
+type Frozen = (Vec<(Tracer, i32)>, Option<Freezer>);
+
+/// A tree's links (each process with its parent's pid) and the descriptions its
+/// processes share.
+type Survey = (Vec<(i32, i32)>, Vec<tree::Shared>);
+
+/// Freezes the tree of `req.pid` with `quiesce`.
+fn freeze(req: &MigrateRequest, quiesce: Quiesce) -> Result<Frozen, EventError> {
+    match quiesce {
+        Quiesce::Ptrace => tree::freeze_tree(req.pid).map(|f| (f, None)),
+        Quiesce::Freezer => tree::freeze_tree_in_cgroup(req.pid).map(|(f, z)| (f, Some(z))),
+    }
+    .map_err(EventError::from)
+}
+
+/// What the tree looks like: each process with its parent, and the descriptions its
+/// processes share; refused when a restore could not make it again.
+fn survey(frozen: &[(Tracer, i32)]) -> Result<Survey, EventError> {
+    let pids: Vec<i32> = frozen.iter().map(|(t, _)| t.pid()).collect();
+    let links: Vec<(i32, i32)> = frozen.iter().map(|(t, parent)| (t.pid(), *parent)).collect();
+    let shared = tree::check_shared(&pids).and_then(|s| tree::check_groups(&links).map(|_| s))?;
+    Ok((links, shared))
+}
+
+/// After a failure during pre-copy rounds, while the tree runs: the tracking stops and
+/// every process is seized once more to remove its scratch area, then let go.
+fn let_go_running(members: Vec<Member>) {
+    for m in members {
+        m.live.tracker.stop();
+        if let Ok(mut t) = Tracer::seize(m.pid) {
+            t.set_scratch(Some(m.scratch.addr));
+            let _ = t.unmap_scratch();
+            let _ = t.detach();
+        }
+    }
+}
+
+/// The tree of `req.pid` over `medium`, whose destination is ready: stop-copy, or
+/// pre-copy rounds first (`precopy`).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn migrate_tree(
     manager: &Manager,
     req: &MigrateRequest,
     mut medium: MediumBox,
     token: String,
     janitor: &mut Option<Janitor>,
     started: Instant,
+    precopy: Option<rounds::Tuning>,
     progress: &mut dyn FnMut(&Tick),
 ) -> Result<MigrateStats, EventError> {
-    let frozen_at = Instant::now();
-    let taken = match req.quiesce {
-        Quiesce::Ptrace => tree::freeze_tree(req.pid).map(|f| (f, None)),
-        Quiesce::Freezer => tree::freeze_tree_in_cgroup(req.pid).map(|(f, z)| (f, Some(z))),
-    };
+    let mut frozen_at = Instant::now();
+    // Pre-copy stops the tree only briefly first (ptrace), to announce it.
+    let first = if precopy.is_some() { Quiesce::Ptrace } else { req.quiesce };
     // The freezer, if any, holds the tree in its cgroup until the event ends.
-    let (mut frozen, freezer) = taken.map_err(|e| abort(Some(&mut medium), e.into()))?;
+    let (mut frozen, mut freezer) = freeze(req, first).map_err(|e| abort(Some(&mut medium), e))?;
     crate::trace::mark("tree frozen");
-    crate::fault::point("frozen");
-    let pids: Vec<i32> = frozen.iter().map(|(t, _)| t.pid()).collect();
-    let links: Vec<(i32, i32)> = frozen.iter().map(|(t, parent)| (t.pid(), *parent)).collect();
-    let shared = match tree::check_shared(&pids).and_then(|s| tree::check_groups(&links).map(|_| s)) {
+    if precopy.is_none() {
+        crate::fault::point("frozen");
+    }
+    let (links, shared) = match survey(&frozen) {
         Ok(s) => s,
         Err(e) => {
             tree::let_go(frozen);
-            return Err(abort(Some(&mut medium), e.into()));
+            return Err(abort(Some(&mut medium), e));
         }
     };
     let mut mapped = |pid: i32, addr: u64| {
@@ -81,6 +129,79 @@ pub(super) fn stop_copy(
         let_go_all(frozen);
         return Err(abort(Some(&mut medium), e));
     }
+    let mut ran = Outcome::default();
+    let mut members: Vec<Member> = Vec::new();
+    if let Some(tuning) = precopy {
+        // Every process tracked and its plugins loaded while it is stopped; then the
+        // tree runs during the rounds (the scratch areas stay).
+        let mut first_stream = 1;
+        let tracked = frozen.iter_mut().try_for_each(|(t, _)| {
+            let pid = t.pid();
+            let subs = event::load_subsystems(manager, &req.subsystems, Some(pid))?;
+            let tracker = DirtyTracker::start(t, &[], tuning.tracking).map_err(|e| failed(format!("process {pid}: dirty-page tracking: {e}")))?;
+            let scratch = MemRange { addr: t.scratch().map_or(0, |s| s.0), len: crate::kernel::tracer::SCRATCH_SIZE };
+            let live = Live { tracker, sent: vec![Sent::default(); subs.len()] };
+            let n = subs.len() as u32;
+            members.push(Member { pid, scratch, subs, live, first_stream });
+            first_stream += n;
+            Ok::<_, EventError>(())
+        });
+        if let Err(e) = tracked {
+            for m in members {
+                m.live.tracker.stop();
+            }
+            let_go_all(frozen);
+            return Err(abort(Some(&mut medium), e));
+        }
+        for (t, _) in frozen.drain(..) {
+            let _ = t.detach();
+        }
+        let mut pipe = Pipeline::direct(medium);
+        let root = req.pid;
+        let watchdog = Watchdog::start(req.timeout, move |why, _| {
+            eprintln!("ferry: {why}; the processes of the tree of {root} are let go");
+            std::process::exit(1);
+        });
+        let rounds = rounds::run_tree(&mut members, &mut pipe, &tuning, &watchdog, progress);
+        drop(watchdog);
+        let back = pipe.finish();
+        medium = match (rounds, back) {
+            (Ok(outcome), Some(m)) => {
+                ran = outcome;
+                m
+            }
+            (rounds, mut back) => {
+                let e = rounds.err().unwrap_or_else(|| failed("the medium failed during pre-copy"));
+                let_go_running(members);
+                return Err(abort(back.as_mut(), e));
+            }
+        };
+        // The freeze: the tree must be the one announced, sharing what it shared.
+        frozen_at = Instant::now();
+        let again = freeze(req, req.quiesce).and_then(|(f, z)| {
+            let same = survey(&f).map(|(l, s)| l == links && s == shared);
+            match same {
+                Ok(true) => Ok((f, z)),
+                other => {
+                    tree::let_go(f);
+                    Err(other.err().unwrap_or_else(|| {
+                        EventError::Refused(format!("the tree of process {} changed during pre-copy (a process forked, exited or shared another fd); run the migration again", req.pid))
+                    }))
+                }
+            }
+        });
+        match again {
+            Ok((f, z)) => (frozen, freezer) = (f, z),
+            Err(e) => {
+                let_go_running(members);
+                return Err(abort(Some(&mut medium), e));
+            }
+        }
+        crate::fault::point("frozen");
+        for ((t, _), m) in frozen.iter_mut().zip(&members) {
+            t.set_scratch(Some(m.scratch.addr));
+        }
+    }
     let mut pipe = Pipeline::new(medium);
     // The last resort if a plugin stops answering: exit; the kernel detaches every
     // source process, which carries on, and the destination loses the connection and
@@ -94,7 +215,12 @@ pub(super) fn stop_copy(
         }
         std::process::exit(1);
     });
-    let written = crate::engine::tree::write_tree(manager, &req.subsystems, &mut frozen, &shared, &mut pipe, "tcp", &watchdog, &mut |_, _| {}, progress);
+    let mut lives: Vec<Live> = Vec::new();
+    for m in members {
+        lives.push(m.live);
+    }
+    let with_lives = (!lives.is_empty()).then_some(lives.as_mut_slice());
+    let written = crate::engine::tree::write_tree(manager, &req.subsystems, &mut frozen, &shared, &mut pipe, "tcp", &watchdog, &mut |_, _| {}, with_lives, progress);
     drop(watchdog);
     let mut medium = pipe.finish();
     crate::trace::mark("tree sent");
@@ -115,6 +241,7 @@ pub(super) fn stop_copy(
         (Err(e), m) => {
             // Before the commit point: the whole tree carries on as if nothing happened.
             let e = abort(m, e);
+            stop_tracking(lives);
             let_go_all(frozen);
             return Err(e);
         }
@@ -126,12 +253,14 @@ pub(super) fn stop_copy(
     for (t, _) in frozen.iter_mut() {
         if let Err(e) = t.die_with_ferry() {
             let e = abort(Some(medium), e.into());
+            stop_tracking(lives);
             let_go_all(frozen);
             return Err(e);
         }
     }
     let released = send_verdict(medium, &Verdict::Commit).map(|_| crate::fault::point("commit-sent")).and_then(|_| verdict_serving(medium, req.pid, req.timeout));
     let frozen_ms = event::ms(frozen_at);
+    stop_tracking(lives);
     match released {
         Ok(Verdict::Released) => {}
         other => {
@@ -149,6 +278,9 @@ pub(super) fn stop_copy(
         }
     }
     drop(freezer);
+    let live_bytes: u64 = ran.rounds.iter().map(|r| r.bytes).sum();
+    let mut round_bytes: Vec<u64> = ran.rounds.iter().map(|r| r.bytes).collect();
+    round_bytes.push(bytes - live_bytes);
     Ok(MigrateStats {
         token,
         strategy: req.strategy.to_string(),
@@ -157,10 +289,10 @@ pub(super) fn stop_copy(
         total_ms: event::ms(started),
         bytes,
         pages,
-        rounds: 1,
-        round_bytes: vec![bytes],
-        round_ms: vec![frozen_ms],
-        precopy_stop: None,
+        rounds: round_bytes.len() as u32,
+        round_bytes,
+        round_ms: ran.rounds.iter().map(|r| r.ms).chain([frozen_ms]).collect(),
+        precopy_stop: (!ran.stop.is_empty()).then_some(ran.stop),
         throttle: 0,
         resumed_ms: None,
         lazy: None,
