@@ -111,6 +111,14 @@ fn tree_there_and_back(link: &Link, strategy: &str, extra: &[&str]) {
         all.push(root);
         let o = link.migrate(from_a, root, strategy, extra);
         let pids = moved(&o, strategy, &all);
+        if strategy == "post-copy" || strategy == "hybrid" {
+            // The pages followed the resume (post-copy: every process's own 4 MiB among
+            // them; hybrid: what its round left).
+            let stats: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+            let lazy = stats["pages_faulted"].as_u64().unwrap_or(0) + stats["pages_pushed"].as_u64().unwrap_or(0);
+            let least = if strategy == "post-copy" { 3 * (4 << 20) / 4096 } else { 0 };
+            assert!(stats["resumed_ms"].is_number() && lazy >= least, "{stats}");
+        }
         if strategy == "pre-copy" {
             // Round 0 went while the tree ran: every process's own 4 MiB in it.
             let stats: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
@@ -142,6 +150,18 @@ fn a_tree_migrates_with_stop_copy_between_two_hosts_and_back() {
 fn a_tree_migrates_with_pre_copy_between_two_hosts_and_back() {
     let Some(link) = Link::new() else { return };
     tree_there_and_back(&link, "pre-copy", &[]);
+}
+
+#[test]
+fn a_tree_migrates_with_post_copy_between_two_hosts_and_back() {
+    let Some(link) = Link::new() else { return };
+    tree_there_and_back(&link, "post-copy", &[]);
+}
+
+#[test]
+fn a_tree_migrates_with_hybrid_between_two_hosts_and_back() {
+    let Some(link) = Link::new() else { return };
+    tree_there_and_back(&link, "hybrid", &[]);
 }
 
 #[test]
@@ -233,6 +253,10 @@ fn a_tree_whose_destination_dies_before_the_commit_runs_on_whole_with_nothing_le
         // During the rounds, the tree running.
         ("mid-pages", "ptrace", "pre-copy"),
         ("before-commit", "freezer", "pre-copy"),
+        ("before-commit", "ptrace", "post-copy"),
+        ("before-commit", "ptrace", "hybrid"),
+        // After the resume, the pages on their way: the copies die with their daemon.
+        ("post-copy-dest-mid", "ptrace", "post-copy"),
     ];
     for (fault, quiesce, strategy) in runs {
         let fault_quiesce = format!("{fault}, {quiesce}, {strategy}");

@@ -2,9 +2,8 @@
 //! frozen together, and a restore makes each child again as its parent's own (`wait`
 //! works); what the processes of a tree share that ferry carries only within one
 //! process (an open file description, a pipe, shared memory) is refused, and so is a
-//! zombie. A migration carries trees with stop-copy and pre-copy (tree_migrate.rs); with another
-//! strategy it refuses a process with a child (running, stopped or a zombie) with one
-//! line naming both, before the process is touched. Never a success that leaves a child
+//! zombie. A migration carries trees with every strategy (tree_migrate.rs), but refuses
+//! post-copy for a tree with a stopped process. Never a success that leaves a child
 //! behind.
 
 use std::{
@@ -59,14 +58,6 @@ fn refused_for_child(o: &Output, pid: i32, child: i32, dir: &Path) -> String {
     err
 }
 
-/// `ferry migrate PID --strategy post-copy` to a port where nothing listens: refused
-/// for the child before anything else is tried (it would otherwise say the daemon
-/// cannot be reached).
-fn migrate_nowhere(pid: i32) -> Output {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    ferry(&["migrate", &pid.to_string(), "--to", &format!("127.0.0.1:{port}"), "--strategy", "post-copy"])
-}
-
 /// Holds a child of the workload's fork check stopped, so that one surely exists.
 fn hold_a_fork_check_child(w: &Workload) -> Killed {
     let mut child = Killed(0, None);
@@ -98,16 +89,17 @@ fn runs_on_with_its_child(mut w: Workload, mut child: Killed) {
 }
 
 #[test]
-fn a_postcopy_migration_of_a_process_with_a_stopped_child_is_refused_naming_it_and_both_run_on() {
+fn a_postcopy_migration_of_a_tree_with_a_stopped_child_is_refused_naming_it_and_both_run_on() {
     if !needs_root(ROOT) {
         return;
     }
+    // Post-copy would run the stopped child on the destination to page its memory in.
+    let daemon = ferry_tests::daemon::Daemon::start();
     let w = Workload::spawn(&WorkloadOpts { mem_mib: 4, tick_ms: 1, fork_check: true, files: false, ..Default::default() });
     w.wait_ready();
     let child = hold_a_fork_check_child(&w);
-    let o = migrate_nowhere(w.pid);
-    let err = refused_for_child(&o, w.pid, child.0, Path::new("/nonexistent"));
-    assert!(err.contains(", stopped)") && err.contains("stop-copy and pre-copy only yet, not post-copy"), "{err}");
+    let o = ferry_tests::daemon::migrate(w.pid, &daemon.addr, "post-copy");
+    ferry_tests::fails_with(&o, &[&format!("process {} of the tree is stopped (job control)", child.0), "use stop-copy or pre-copy"]);
     assert_eq!(state(child.0), "T", "the child is left as it was");
     runs_on_with_its_child(w, child);
 }
@@ -161,34 +153,6 @@ fn a_child_forked_between_the_look_for_children_and_the_freeze_is_taken_with_its
     w.wait_for("the restored child's check, reaped by the restored parent", |w| w.fork_checks(new) > checks);
     child.0 = 0;
     w.terminate_and_check(new).unwrap();
-}
-
-#[test]
-fn bash_with_a_background_sleep_is_refused_by_a_postcopy_migration_and_both_keep_running() {
-    if !needs_root(ROOT) {
-        return;
-    }
-    let bash = Command::new("/bin/bash").args(["-c", "sleep 1000 & wait"]).stdin(Stdio::null()).spawn().unwrap();
-    let mut bash = Killed(bash.id() as i32, Some(bash));
-    let pid = bash.0;
-    let mut sleep = Killed(0, None);
-    wait_until("bash's sleep", DEADLINE, || {
-        sleep.0 = children_of(pid).first().copied().unwrap_or(0);
-        sleep.0 > 0 && std::fs::read_to_string(format!("/proc/{}/comm", sleep.0)).is_ok_and(|c| c.trim() == "sleep")
-    });
-    let o = migrate_nowhere(pid);
-    let err = refused_for_child(&o, pid, sleep.0, Path::new("/nonexistent"));
-    assert!(err.contains(&format!("has a child {} (sleep)", sleep.0)), "{err}");
-    // Both intact: bash still the parent of its sleep, waiting for it, untraced.
-    assert!(pid_alive(pid) && pid_alive(sleep.0), "bash {pid} and its sleep {}", sleep.0);
-    assert_eq!(children_of(pid), vec![sleep.0]);
-    assert_eq!(tracer_of(pid), "0");
-    // And its `wait` works: the sleep killed, bash returns from it and exits.
-    kill_pid(sleep.0);
-    sleep.0 = 0;
-    let status = bash.1.as_mut().unwrap().wait().unwrap();
-    bash.0 = 0;
-    assert!(status.success(), "bash after its wait: {status:?}");
 }
 
 #[test]

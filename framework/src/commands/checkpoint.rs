@@ -253,7 +253,7 @@ fn checkpoint_tree(manager: &Manager, req: &CheckpointRequest, progress: &mut dy
             j.scratch(pid, addr);
         }
     };
-    let outcome = crate::engine::tree::write_tree(manager, &req.subsystems, &mut frozen, &shared, &mut medium, &req.medium, &watchdog, &mut mapped, None, progress);
+    let outcome = crate::engine::tree::write_tree(manager, &req.subsystems, &mut frozen, &shared, &mut medium, &req.medium, &watchdog, &mut mapped, None, false, progress);
     drop(watchdog);
     let mut stats = Stats::default();
     match outcome {

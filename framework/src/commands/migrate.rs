@@ -253,13 +253,8 @@ fn migrate_with(
     }
     target::check_target(req.pid)?;
     target::check_not_ferry(req.pid)?;
-    // A process with children moves with them all (one event, one commit); for now
-    // with stop-copy and pre-copy only: another strategy is refused before the process
-    // is touched.
+    // A process with children moves with them all (one event, one commit).
     let tree = !target::children(req.pid).is_empty();
-    if tree && !matches!(req.strategy, Strategy::StopCopy | Strategy::PreCopy) {
-        target::check_childless(req.pid, &format!("process trees are migrated with --strategy stop-copy and pre-copy only yet, not {}", req.strategy))?;
-    }
     crate::trace::mark("migrate");
     let mut subs = event::load_subsystems(manager, &req.subsystems, Some(req.pid))?;
     let lease = manager.acquire(PluginKind::Medium, "tcp")?;
@@ -318,7 +313,7 @@ fn migrate_with(
     if tree {
         drop(subs);
         let tuning = precopy.map(|t| rounds::Tuning { tracking: tracking.unwrap_or(t.tracking), ..t });
-        return tree::migrate_tree(manager, req, medium, welcome.token, janitor, started, tuning, progress);
+        return tree::migrate_tree(manager, req, medium, welcome.token, janitor, started, tuning, lazy, progress);
     }
     let mut throttle = None;
     let (medium, mut live, ran) = match precopy.as_ref() {

@@ -209,6 +209,9 @@ pub fn serve(
     let mut tuning = (256 << 10, 2 << 20);
     let mut tree = None;
     let plan = recv_json(&mut medium, timeout).and_then(|mut m| {
+        if let (Some(w), Some(b)) = (m["post_copy"]["window"].as_u64(), m["post_copy"]["batch"].as_u64()) {
+            tuning = (w.clamp(4096, 1 << 30), b.clamp(4096, 64 << 20));
+        }
         if m["type"] == "tree-plan" {
             // A process with children: the whole tree follows.
             let inventory = serde_json::from_value(m["inventory"].take()).map_err(|e| format!("a bad tree plan: {e}"))?;
@@ -218,14 +221,11 @@ pub fn serve(
         if m["type"] != "plan" {
             return Err(format!("expected the plan, got {m}"));
         }
-        if let (Some(w), Some(b)) = (m["post_copy"]["window"].as_u64(), m["post_copy"]["batch"].as_u64()) {
-            tuning = (w.clamp(4096, 1 << 30), b.clamp(4096, 64 << 20));
-        }
         serde_json::from_value::<Plan>(m["plan"].take()).map_err(|e| format!("a bad plan: {e}"))
     });
     crate::trace::mark("plan received");
     if let Some(inventory) = tree {
-        return tree::serve_tree(manager, &mut medium, inventory, child, timeout, started, record, end);
+        return tree::serve_tree(manager, &mut medium, inventory, child, timeout, tuning, started, record, end);
     }
     let plan = match plan {
         Ok(p) => p,

@@ -435,6 +435,19 @@ impl Running {
         Ok(Tended { alive, forked: self.tracer.take_forked() })
     }
 
+    /// [`Running::tend`] for every process of a tree at once (they are traced by one
+    /// thread: each stop goes to its own process).
+    pub fn tend_all(running: &mut [Running]) -> Result<Vec<Tended>, EventError> {
+        let mut tracers: Vec<&mut Tracer> = running.iter_mut().map(|r| &mut r.tracer).collect();
+        crate::kernel::tracer::tend_all(&mut tracers)?;
+        Ok(running.iter_mut().map(|r| Tended { alive: r.tracer.has_threads(), forked: r.tracer.take_forked() }).collect())
+    }
+
+    /// Its pid.
+    pub fn pid(&self) -> i32 {
+        self.tracer.pid()
+    }
+
     /// Lets the process go on its own.
     pub fn finish(self) -> Result<(), EventError> {
         Ok(self.tracer.detach_running()?)

@@ -36,6 +36,7 @@ pub fn write_tree(
     watchdog: &Watchdog,
     mapped: &mut dyn FnMut(i32, u64),
     mut lives: Option<&mut [Live]>,
+    lazy: bool,
     progress: &mut dyn FnMut(&Tick),
 ) -> Result<(u64, u64), EventError> {
     let medium_err = |e: String| EventError::Medium { medium: medium_name.to_string(), message: e };
@@ -71,6 +72,7 @@ pub fn write_tree(
                 };
                 let mut ctx = ExternalContext::new(&mut *tracer, &mut shared, &name, watchdog);
                 ctx.dirty = dirty;
+                ctx.lazy = lazy;
                 watchdog.doing(format!("plugin {name} writes the records of process {pid}"));
                 let mut sink = StreamSink::new(medium, stream, &name, watchdog);
                 if let Some(sent) = sent {

@@ -660,6 +660,7 @@ pub(crate) fn vm_ranges(pid: pid_t, ranges: &[(u64, u64)], local: *mut u8, local
 mod debugregs;
 mod fate;
 mod running;
+pub use running::tend_all;
 mod inject;
 mod seccomp;
 pub use debugregs::NT_FERRY_DEBUGREGS;

@@ -39,7 +39,8 @@
 //!   (only now touches the process)
 //!   plan { process, plugins }                ->
 //!   or tree-plan { inventory } (a process with children: every process with its
-//!      parent, streams, group and shared fds; the plugins' counts still 0) ->
+//!      parent, streams, group and shared fds; the plugins' counts still 0; post-copy's
+//!      want/present requests then name their process: { pid }) ->
 //!   the subsystems' streams (pushdata)       ->
 //!   flush                                    ->
 //!                                                (rebuilds the process, held stopped)

@@ -11,7 +11,7 @@ use std::time::Instant;
 use abi_stable::std_types::RStr;
 use ferry_plugin_api::{MediumBox, MemRange};
 
-use super::{failed, unexpected, verdict_serving, MigrateRequest, MigrateStats};
+use super::{failed, unexpected, MigrateRequest, MigrateStats};
 use crate::{
     commands::janitor::Janitor,
     config::Quiesce,
@@ -21,6 +21,7 @@ use crate::{
     engine::pipeline::Pipeline,
     engine::watchdog::Watchdog,
     kernel::{dirty::DirtyTracker, freezer::Freezer, tracer::Tracer, tree},
+    strategies::pager::{serve_tree_until_message, LazyStats, LAZY_STREAM},
     strategies::rounds::{self, Member, Outcome},
     wire::messages::{send_json, send_verdict},
     wire::protocol::Verdict,
@@ -67,7 +68,14 @@ fn freeze(req: &MigrateRequest, quiesce: Quiesce) -> Result<Frozen, EventError> 
 
 /// What the tree looks like: each process with its parent, and the descriptions its
 /// processes share; refused when a restore could not make it again.
-fn survey(frozen: &[(Tracer, i32)]) -> Result<Survey, EventError> {
+fn survey(frozen: &[(Tracer, i32)], lazy: bool) -> Result<Survey, EventError> {
+    if let Some((t, _)) = frozen.iter().find(|(t, _)| lazy && t.group_stopped()) {
+        // Its copy would have to run on the destination to page its memory in.
+        return Err(EventError::Refused(format!(
+            "process {} of the tree is stopped (job control): post-copy would run it on the destination; use stop-copy or pre-copy",
+            t.pid()
+        )));
+    }
     let pids: Vec<i32> = frozen.iter().map(|(t, _)| t.pid()).collect();
     let links: Vec<(i32, i32)> = frozen.iter().map(|(t, parent)| (t.pid(), *parent)).collect();
     let shared = tree::check_shared(&pids).and_then(|s| tree::check_groups(&links).map(|_| s))?;
@@ -87,8 +95,14 @@ fn let_go_running(members: Vec<Member>) {
     }
 }
 
+/// The next verdict of the destination, answering its page requests for any process
+/// of the tree meanwhile (post-copy).
+fn verdict(medium: &mut MediumBox, pids: &[i32], timeout: std::time::Duration) -> Result<Verdict, String> {
+    Verdict::from_json(&serve_tree_until_message(medium, pids, timeout, false)?.to_string()).map_err(|e| e.to_string())
+}
+
 /// The tree of `req.pid` over `medium`, whose destination is ready: stop-copy, or
-/// pre-copy rounds first (`precopy`).
+/// pre-copy rounds first (`precopy`), and memory left to post-copy (`lazy`).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn migrate_tree(
     manager: &Manager,
@@ -98,6 +112,7 @@ pub(super) fn migrate_tree(
     janitor: &mut Option<Janitor>,
     started: Instant,
     precopy: Option<rounds::Tuning>,
+    lazy: bool,
     progress: &mut dyn FnMut(&Tick),
 ) -> Result<MigrateStats, EventError> {
     let mut frozen_at = Instant::now();
@@ -109,7 +124,7 @@ pub(super) fn migrate_tree(
     if precopy.is_none() {
         crate::fault::point("frozen");
     }
-    let (links, shared) = match survey(&frozen) {
+    let (links, shared) = match survey(&frozen, lazy) {
         Ok(s) => s,
         Err(e) => {
             tree::let_go(frozen);
@@ -122,7 +137,8 @@ pub(super) fn migrate_tree(
         }
     };
     let announced = crate::engine::tree::announce(manager, &req.subsystems, &mut frozen, &shared, "tcp", &mut mapped).and_then(|inventory| {
-        send_json(&mut medium, serde_json::json!({"type": "tree-plan", "inventory": inventory}))
+        let post_copy = serde_json::json!({"window": req.fault_window, "batch": req.push_batch});
+        send_json(&mut medium, serde_json::json!({"type": "tree-plan", "inventory": inventory, "post_copy": post_copy}))
             .map_err(|e| failed(format!("sending the tree's plan: {e}")))
     });
     if let Err(e) = announced {
@@ -179,7 +195,7 @@ pub(super) fn migrate_tree(
         // The freeze: the tree must be the one announced, sharing what it shared.
         frozen_at = Instant::now();
         let again = freeze(req, req.quiesce).and_then(|(f, z)| {
-            let same = survey(&f).map(|(l, s)| l == links && s == shared);
+            let same = survey(&f, lazy).map(|(l, s)| l == links && s == shared);
             match same {
                 Ok(true) => Ok((f, z)),
                 other => {
@@ -215,21 +231,23 @@ pub(super) fn migrate_tree(
         }
         std::process::exit(1);
     });
+    let pids: Vec<i32> = links.iter().map(|l| l.0).collect();
     let mut lives: Vec<Live> = Vec::new();
     for m in members {
         lives.push(m.live);
     }
     let with_lives = (!lives.is_empty()).then_some(lives.as_mut_slice());
-    let written = crate::engine::tree::write_tree(manager, &req.subsystems, &mut frozen, &shared, &mut pipe, "tcp", &watchdog, &mut |_, _| {}, with_lives, progress);
+    let written = crate::engine::tree::write_tree(manager, &req.subsystems, &mut frozen, &shared, &mut pipe, "tcp", &watchdog, &mut |_, _| {}, with_lives, lazy, progress);
     drop(watchdog);
     let mut medium = pipe.finish();
     crate::trace::mark("tree sent");
     let outcome = (|| {
         let (bytes, pages) = written?;
         let medium = medium.as_mut().ok_or_else(|| failed("the medium's writer thread failed"))?;
-        let end = serde_json::json!({"op": "end"});
+        // The image ends here; post-copy's pages follow on a stream of their own.
+        let end = if lazy { serde_json::json!({"op": "end", "open": [LAZY_STREAM]}) } else { serde_json::json!({"op": "end"}) };
         medium.command(RStr::from_str(&end.to_string())).into_result().map_err(|e| failed(e.message.into_string()))?;
-        match verdict_serving(medium, req.pid, req.timeout).map_err(|e| failed(format!("waiting for the destination: {e}")))? {
+        match verdict(medium, &pids, req.timeout).map_err(|e| failed(format!("waiting for the destination: {e}")))? {
             Verdict::Rebuilt { pids, .. } => Ok((bytes, pages, pids)),
             Verdict::Failed { reason } => Err(failed(format!("the destination could not rebuild the tree: {reason}"))),
             other => Err(failed(format!("unexpected message from the destination: {other:?}"))),
@@ -249,8 +267,9 @@ pub(super) fn migrate_tree(
     let medium = medium.as_mut().expect("checked above");
     crate::trace::mark("rebuilt: commit");
     // From the commit on, should this ferry die, the copies over there run: the source
-    // processes must not run on here too.
-    for (t, _) in frozen.iter_mut() {
+    // processes must not run on here too. Not with post-copy, whose copies cannot go on
+    // without this ferry: the source tree carries on then, and the copies are killed.
+    for (t, _) in frozen.iter_mut().filter(|_| !lazy) {
         if let Err(e) = t.die_with_ferry() {
             let e = abort(Some(medium), e.into());
             stop_tracking(lives);
@@ -258,7 +277,7 @@ pub(super) fn migrate_tree(
             return Err(e);
         }
     }
-    let released = send_verdict(medium, &Verdict::Commit).map(|_| crate::fault::point("commit-sent")).and_then(|_| verdict_serving(medium, req.pid, req.timeout));
+    let released = send_verdict(medium, &Verdict::Commit).map(|_| crate::fault::point("commit-sent")).and_then(|_| verdict(medium, &pids, req.timeout));
     let frozen_ms = event::ms(frozen_at);
     stop_tracking(lives);
     match released {
@@ -269,6 +288,23 @@ pub(super) fn migrate_tree(
             return Err(failed(format!("the destination did not confirm running the tree ({why}); it runs on here")));
         }
     }
+    let lazy_stats = if lazy {
+        // Their memory follows from the frozen copies here, kept until the last page.
+        match serve_tree_until_message(medium, &pids, req.timeout, true) {
+            Ok(msg) if msg["type"] == "lazy-done" => serde_json::from_value::<LazyStats>(msg["stats"].clone()).ok(),
+            other => {
+                let_go_all(frozen);
+                drop(freezer);
+                let why = unexpected(other);
+                return Err(failed(format!(
+                    "the connection failed during post-copy ({why}): the destination's copies are killed; the tree of process {} carries on here from the freeze",
+                    req.pid
+                )));
+            }
+        }
+    } else {
+        None
+    };
     for (t, _) in frozen {
         if freezer.is_some() {
             // Its cgroup of ferry's can go only once it is empty.
@@ -281,6 +317,9 @@ pub(super) fn migrate_tree(
     let live_bytes: u64 = ran.rounds.iter().map(|r| r.bytes).sum();
     let mut round_bytes: Vec<u64> = ran.rounds.iter().map(|r| r.bytes).collect();
     round_bytes.push(bytes - live_bytes);
+    // Post-copy's pages (after the frozen round) count with the rest.
+    let lazy_pages = lazy_stats.as_ref().map_or(0, |l| l.pages_faulted + l.pages_pushed);
+    let (bytes, pages) = (bytes + lazy_pages * 4096, pages + lazy_pages);
     Ok(MigrateStats {
         token,
         strategy: req.strategy.to_string(),
@@ -294,7 +333,7 @@ pub(super) fn migrate_tree(
         round_ms: ran.rounds.iter().map(|r| r.ms).chain([frozen_ms]).collect(),
         precopy_stop: (!ran.stop.is_empty()).then_some(ran.stop),
         throttle: 0,
-        resumed_ms: None,
-        lazy: None,
+        resumed_ms: lazy.then_some(frozen_ms),
+        lazy: lazy_stats,
     })
 }
