@@ -212,7 +212,7 @@ impl Blank {
     /// this blank's state: no fd, no rseq, the kernel's areas and the scratch area, at
     /// the same address. A restored process's children are made this way, so that they
     /// are its own (`wait` works).
-    pub(crate) fn fork_child(&mut self, want: i32) -> Result<Blank, EventError> {
+    pub(crate) fn fork_child(&mut self, want: i32, exit_signal: i32) -> Result<Blank, EventError> {
         let tracer = self.tracer.as_mut().expect("a blank child has its tracer until taken");
         let pid = tracer.pid();
         let (scratch, _) = tracer.scratch().ok_or_else(|| EventError::Refused("no scratch area".into()))?;
@@ -228,7 +228,9 @@ impl Blank {
         tracer.set_saved_regs(pid, regs)?;
         let attempt = |tracer: &mut Tracer, tid: i32| -> Result<i64, EventError> {
             let size = std::mem::size_of::<CloneArgs>() as u64;
-            let mut args = CloneArgs { exit_signal: libc::SIGCHLD as u64, ..Default::default() };
+            // Not traced from birth by ferry (a clone with another exit signal than
+            // SIGCHLD counts as a thread's for PTRACE_O_TRACECLONE): ferry seizes it.
+            let mut args = CloneArgs { flags: libc::CLONE_UNTRACED as u64, exit_signal: exit_signal as u64, ..Default::default() };
             if tid > 0 {
                 (args.set_tid, args.set_tid_size) = (args_at + size, 1);
             }
@@ -271,7 +273,12 @@ impl Blank {
         self.tracer.as_ref().map_or(0, |t| t.pid())
     }
 
-    fn take(mut self) -> Tracer {
+    /// Its tracer, for ferry's own calls in it.
+    pub(crate) fn tracer_mut(&mut self) -> &mut Tracer {
+        self.tracer.as_mut().expect("a blank child has its tracer until taken")
+    }
+
+    pub(crate) fn take(mut self) -> Tracer {
         self.tracer.take().expect("a blank child has its tracer until taken")
     }
 }
@@ -602,6 +609,9 @@ pub fn rebuild_with(
     let mut stats = Stats::default();
     let result = (|| {
         place_scratch(&mut tracer, process.scratch)?;
+        if process.subreaper {
+            crate::kernel::tree::set_subreaper(&mut tracer)?;
+        }
         crate::trace::mark("restore child ready");
         let mut shared = SharedTable::default();
         let mut page_bytes = 0;
