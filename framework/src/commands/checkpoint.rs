@@ -18,6 +18,7 @@ use crate::{
     engine::manager::Manager,
     engine::pipeline::Pipeline,
     engine::watchdog::Watchdog,
+    engine::workers,
     commands::janitor::Janitor,
     kernel::{target, tracer::TraceError, tree},
     trust,
@@ -199,6 +200,11 @@ fn checkpoint_one(manager: &Manager, req: &CheckpointRequest, progress: &mut dyn
 /// frozen together (`kernel::tree`), refused if they share what is carried only within
 /// one process, each written with its own plugins and streams (`engine::tree`).
 fn checkpoint_tree(manager: &Manager, req: &CheckpointRequest, progress: &mut dyn FnMut(&Tick)) -> Result<Stats, EventError> {
+    // One event per process on a thread of its own; one after another (the way it was
+    // done first) when FERRY_SERIAL_EVENTS is set, to compare the two.
+    if std::env::var_os("FERRY_SERIAL_EVENTS").is_none() {
+        return checkpoint_tree_parallel(manager, req);
+    }
     let started = Instant::now();
     let created = prepare_dir(&req.dir)?;
     // The plugins must load for the root before anything is frozen.
@@ -288,6 +294,59 @@ fn checkpoint_tree(manager: &Manager, req: &CheckpointRequest, progress: &mut dy
             drop(freezer);
             drop(medium);
             give_up(janitor, e)
+        }
+    }
+}
+
+/// [`checkpoint_tree`] with a worker thread per process (`engine::workers`).
+fn checkpoint_tree_parallel(manager: &Manager, req: &CheckpointRequest) -> Result<Stats, EventError> {
+    let started = Instant::now();
+    let created = prepare_dir(&req.dir)?;
+    // The plugins must load for the root before anything is frozen.
+    drop(event::load_subsystems(manager, &req.subsystems, Some(req.pid))?);
+    let medium_lease = manager.acquire(PluginKind::Medium, &req.medium)?;
+    let opened = medium_lease.open_medium(&serde_json::json!({"role": "write", "dir": req.dir}))?;
+    let mut medium = Pipeline::new(opened);
+    let mut janitor = Janitor::start();
+    if let Some(j) = janitor.as_mut() {
+        j.image(&req.dir, created);
+    }
+    // The last resort if a plugin stops answering: remove the partial image and exit;
+    // the kernel detaches every process, which carries on.
+    let dir = req.dir.clone();
+    let watchdog = Watchdog::start(req.watchdog, move |why, _| {
+        eprintln!("ferry: {why}; the processes of the tree are let go");
+        discard(&dir, created);
+        std::process::exit(1);
+    });
+    let mut mapped = |pid: i32, addr: u64| {
+        if let Some(j) = janitor.as_mut() {
+            j.scratch(pid, addr);
+        }
+    };
+    let fate = if req.leave_running { workers::Fate::Run } else { workers::Fate::Kill };
+    let frozen_at = Instant::now();
+    let freezer = req.quiesce == Quiesce::Freezer;
+    let outcome = workers::checkpoint_tree(manager, &req.subsystems, req.pid, freezer, &mut medium, &req.medium, &watchdog, &mut mapped, fate);
+    drop(watchdog);
+    if let Some(j) = janitor {
+        j.dismiss();
+    }
+    match outcome {
+        Ok((bytes, pages, pids)) => {
+            let mut stats = Stats::default();
+            for pid in pids {
+                stats.pids.insert(pid.to_string(), if req.leave_running { pid } else { 0 });
+            }
+            stats.frozen_ms = event::ms(frozen_at);
+            (stats.bytes, stats.pages) = (bytes, pages);
+            stats.total_ms = event::ms(started);
+            Ok(stats)
+        }
+        Err(e) => {
+            drop(medium);
+            discard(&req.dir, created);
+            Err(e)
         }
     }
 }
