@@ -11,7 +11,7 @@ use std::{
 };
 
 use ferry_tests::{
-    ferry, needs_root, stderr, wait_until,
+    ferry, inject::Injected, needs_root, stderr, wait_until,
     workload::{kill_pid, state, DEADLINE},
 };
 
@@ -51,7 +51,10 @@ open(ready, "w").write(f"{a} {b} {c}\n")
 while not os.path.exists(go):
     time.sleep(0.01)
 fails = []
-p, st = os.waitpid(b, os.WNOHANG)
+try:
+    p, st = os.waitpid(b, os.WNOHANG)
+except ChildProcessError:
+    p, st = -1, 0
 if p != b or not os.WIFEXITED(st) or os.WEXITSTATUS(st) != 7:
     fails.append(f"zombie {b}: waitpid answered {p}, status {st:#x}, not its exit 7")
 os.kill(a, signal.SIGKILL)
@@ -93,11 +96,37 @@ impl Drop for KilledAll {
     }
 }
 
+/// What a negative case breaks in the restored copy before it checks.
+#[derive(Clone, Copy, PartialEq)]
+enum Break {
+    Nothing,
+    /// The restored parent no longer a subreaper.
+    Subreaper,
+    /// The zombie reaped behind the parent's back.
+    Zombie,
+}
+
 #[test]
 fn zombies_exit_signals_a_parent_death_signal_and_a_subreaper_come_back_through_an_image() {
     if !needs_root(ROOT) {
         return;
     }
+    assert_eq!(verdict(Break::Nothing), "PASS\n");
+}
+
+#[test]
+fn the_tree_s_own_check_fails_when_its_copy_lost_the_subreaper_flag_or_its_zombie() {
+    if !needs_root(ROOT) {
+        return;
+    }
+    let v = verdict(Break::Subreaper);
+    assert!(v.starts_with("FAIL: ") && v.contains("an orphan for this subreaper"), "{v}");
+    let v = verdict(Break::Zombie);
+    assert!(v.starts_with("FAIL: zombie ") && v.contains("not its exit 7"), "{v}");
+}
+
+/// The python tree checkpointed, restored, `broken` as told, and its verdict.
+fn verdict(broken: Break) -> String {
     // SAFETY: prctl with integer arguments. Orphans come to this test, which reaps them
     // (the image's pids freed for the restore).
     assert_eq!(unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) }, 0);
@@ -136,7 +165,16 @@ fn zombies_exit_signals_a_parent_death_signal_and_a_subreaper_come_back_through_
     all.0.extend(&new);
     assert_eq!(stats["pids"][pid.to_string()], pid, "the pids given back: {stats}");
     assert_eq!(state(b), "Z", "B is a zombie again");
+    if broken != Break::Nothing {
+        let mut p = Injected::seize(pid);
+        let r = match broken {
+            Break::Subreaper => p.call(pid, libc::SYS_prctl, [libc::PR_SET_CHILD_SUBREAPER as u64, 0, 0, 0, 0, 0]),
+            _ => p.call(pid, libc::SYS_wait4, [b as u64, 0, libc::WNOHANG as u64, 0, 0, 0]),
+        };
+        assert!(r >= 0, "breaking the copy: {r}");
+        p.release();
+    }
     std::fs::write(&go, "").unwrap();
     wait_until("the tree's verdict", DEADLINE, || std::fs::read_to_string(&out).is_ok_and(|t| t.ends_with('\n')));
-    assert_eq!(std::fs::read_to_string(&out).unwrap(), "PASS\n");
+    std::fs::read_to_string(&out).unwrap()
 }
