@@ -40,10 +40,23 @@ impl Daemon {
     /// A daemon given `extra` arguments; with `fault`, it dies by SIGKILL at that
     /// fault point (`FERRY_FAULT`).
     pub fn start_with(extra: &[&str], fault: Option<&str>) -> Daemon {
+        Daemon::start_in(None, "127.0.0.1", extra, fault)
+    }
+
+    /// A daemon listening on `ip` and a free port, inside network namespace `netns`
+    /// when given (`ip netns exec` execs it: the pid is the daemon's).
+    pub fn start_in(netns: Option<&str>, ip: &str, extra: &[&str], fault: Option<&str>) -> Daemon {
         let dir = tempfile::tempdir().unwrap();
-        let addr = format!("127.0.0.1:{}", free_port());
+        let addr = format!("{ip}:{}", free_port());
         let control = dir.path().join("control.sock");
-        let mut cmd = Command::new(ferry_bin());
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(ferry_bin());
+                c
+            }
+            None => Command::new(ferry_bin()),
+        };
         cmd.args(["daemon", "--listen", &addr, "--control"]).arg(&control).args(extra);
         if let Some(f) = fault {
             cmd.env("FERRY_FAULT", f);

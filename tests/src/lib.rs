@@ -4,6 +4,7 @@
 
 pub mod bench;
 pub mod daemon;
+pub mod hosts;
 pub mod inject;
 pub mod residue;
 pub mod workload;

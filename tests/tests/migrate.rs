@@ -11,6 +11,7 @@ use std::{
 };
 
 use ferry_tests::{
+    hosts::Hosts,
     ferry_bin, needs, needs_root, plugin_dir, stderr, wait_until,
     workload::{state, processes_mentioning, creds_of, pid_alive, Script, Workload, WorkloadOpts},
 };
@@ -371,43 +372,6 @@ fn a_daemon_killed_at_each_phase_leaves_the_source_running_and_nothing_behind() 
         });
         ferry_tests::assert_no_residue(&[w.pid], None);
         still_fine(&mut w);
-    }
-}
-
-/// Two hosts: network namespaces joined by a veth pair, removed on drop.
-struct Hosts {
-    a: String,
-    b: String,
-}
-
-impl Hosts {
-    fn new() -> Option<Hosts> {
-        let id = std::process::id() % 10000;
-        let (a, b) = (format!("ferry-a-{id}"), format!("ferry-b-{id}"));
-        let h = Hosts { a, b };
-        let ip = |args: &[&str]| Command::new("ip").args(args).status().map(|s| s.success()).unwrap_or(false);
-        let va = format!("fva{id}");
-        let vb = format!("fvb{id}");
-        let ok = ip(&["netns", "add", &h.a])
-            && ip(&["netns", "add", &h.b])
-            && ip(&["link", "add", &va, "type", "veth", "peer", "name", &vb])
-            && ip(&["link", "set", &va, "netns", &h.a])
-            && ip(&["link", "set", &vb, "netns", &h.b])
-            && ip(&["-n", &h.a, "addr", "add", "10.231.0.1/24", "dev", &va])
-            && ip(&["-n", &h.b, "addr", "add", "10.231.0.2/24", "dev", &vb])
-            && ip(&["-n", &h.a, "link", "set", &va, "up"])
-            && ip(&["-n", &h.b, "link", "set", &vb, "up"])
-            && ip(&["-n", &h.a, "link", "set", "lo", "up"])
-            && ip(&["-n", &h.b, "link", "set", "lo", "up"]);
-        ok.then_some(h)
-    }
-}
-
-impl Drop for Hosts {
-    fn drop(&mut self) {
-        for ns in [&self.a, &self.b] {
-            let _ = Command::new("ip").args(["netns", "delete", ns]).status();
-        }
     }
 }
 

@@ -1,10 +1,11 @@
 //! Processes with children. A checkpoint takes the process and all its descendants,
 //! frozen together, and a restore makes each child again as its parent's own (`wait`
 //! works); what the processes of a tree share that ferry carries only within one
-//! process (an open file description, a pipe, shared memory) is refused, and so is a
-//! zombie. A migration does not carry trees yet: it refuses a process with a child
-//! (running, stopped or a zombie) with one line naming both, before the process is
-//! touched. Never a success that leaves a child behind.
+//! process (a pipe, shared memory) is refused, and so is a zombie whose death ferry
+//! does not make again (tree_state.rs has the zombies, exit signals and subreapers it
+//! carries). A migration carries trees with every strategy (tree_migrate.rs), but refuses
+//! post-copy for a tree with a stopped process. Never a success that leaves a child
+//! behind.
 
 use std::{
     path::Path,
@@ -58,13 +59,6 @@ fn refused_for_child(o: &Output, pid: i32, child: i32, dir: &Path) -> String {
     err
 }
 
-/// `ferry migrate PID` to a port where nothing listens: refused for the child before
-/// anything else is tried (it would otherwise say the daemon cannot be reached).
-fn migrate_nowhere(pid: i32) -> Output {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    ferry(&["migrate", &pid.to_string(), "--to", &format!("127.0.0.1:{port}")])
-}
-
 /// Holds a child of the workload's fork check stopped, so that one surely exists.
 fn hold_a_fork_check_child(w: &Workload) -> Killed {
     let mut child = Killed(0, None);
@@ -96,22 +90,17 @@ fn runs_on_with_its_child(mut w: Workload, mut child: Killed) {
 }
 
 #[test]
-fn a_migration_of_a_process_with_a_stopped_child_is_refused_naming_it_and_both_run_on() {
+fn a_postcopy_migration_of_a_tree_with_a_stopped_child_is_refused_naming_it_and_both_run_on() {
     if !needs_root(ROOT) {
         return;
     }
+    // Post-copy would run the stopped child on the destination to page its memory in.
+    let daemon = ferry_tests::daemon::Daemon::start();
     let w = Workload::spawn(&WorkloadOpts { mem_mib: 4, tick_ms: 1, fork_check: true, files: false, ..Default::default() });
     w.wait_ready();
     let child = hold_a_fork_check_child(&w);
-    let o = migrate_nowhere(w.pid);
-    let err = refused_for_child(&o, w.pid, child.0, Path::new("/nonexistent"));
-    assert!(err.contains(", stopped)") && err.contains("not carried yet by a migration"), "{err}");
-    // The freezer path of a checkpoint does not take trees either.
-    let image = tempfile::tempdir().unwrap();
-    let dir = image.path().join("img");
-    let o = ferry(&["checkpoint", &w.pid.to_string(), "--dir", dir.to_str().unwrap(), "--quiesce", "freezer"]);
-    let err = refused_for_child(&o, w.pid, child.0, &dir);
-    assert!(err.contains("--quiesce freezer"), "{err}");
+    let o = ferry_tests::daemon::migrate(w.pid, &daemon.addr, "post-copy");
+    ferry_tests::fails_with(&o, &[&format!("process {} of the tree is stopped (job control)", child.0), "use stop-copy or pre-copy"]);
     assert_eq!(state(child.0), "T", "the child is left as it was");
     runs_on_with_its_child(w, child);
 }
@@ -168,41 +157,13 @@ fn a_child_forked_between_the_look_for_children_and_the_freeze_is_taken_with_its
 }
 
 #[test]
-fn bash_with_a_background_sleep_is_refused_by_a_migration_and_both_keep_running() {
+fn a_zombie_child_killed_by_a_signal_that_dumps_core_is_refused_naming_it() {
     if !needs_root(ROOT) {
         return;
     }
-    let bash = Command::new("/bin/bash").args(["-c", "sleep 1000 & wait"]).stdin(Stdio::null()).spawn().unwrap();
-    let mut bash = Killed(bash.id() as i32, Some(bash));
-    let pid = bash.0;
-    let mut sleep = Killed(0, None);
-    wait_until("bash's sleep", DEADLINE, || {
-        sleep.0 = children_of(pid).first().copied().unwrap_or(0);
-        sleep.0 > 0 && std::fs::read_to_string(format!("/proc/{}/comm", sleep.0)).is_ok_and(|c| c.trim() == "sleep")
-    });
-    let o = migrate_nowhere(pid);
-    let err = refused_for_child(&o, pid, sleep.0, Path::new("/nonexistent"));
-    assert!(err.contains(&format!("has a child {} (sleep)", sleep.0)), "{err}");
-    // Both intact: bash still the parent of its sleep, waiting for it, untraced.
-    assert!(pid_alive(pid) && pid_alive(sleep.0), "bash {pid} and its sleep {}", sleep.0);
-    assert_eq!(children_of(pid), vec![sleep.0]);
-    assert_eq!(tracer_of(pid), "0");
-    // And its `wait` works: the sleep killed, bash returns from it and exits.
-    kill_pid(sleep.0);
-    sleep.0 = 0;
-    let status = bash.1.as_mut().unwrap().wait().unwrap();
-    bash.0 = 0;
-    assert!(status.success(), "bash after its wait: {status:?}");
-}
-
-#[test]
-fn a_process_with_a_zombie_child_is_refused_naming_it() {
-    if !needs_root(ROOT) {
-        return;
-    }
-    // The child exits at once and is never reaped: a zombie is a child too (its exit
-    // status is the parent's to collect).
-    let script = "import os, time\nif os.fork() == 0:\n    os._exit(3)\ntime.sleep(1000)\n";
+    // Killed by SIGSEGV (without a core: none may be written), never reaped: a zombie
+    // whose death ferry does not make again (SIGSEGV's default action dumps core).
+    let script = "import os, time, signal, resource\nif os.fork() == 0:\n    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))\n    os.kill(os.getpid(), signal.SIGSEGV)\ntime.sleep(1000)\n";
     let py = Command::new("/usr/bin/python3").args(["-c", script]).stdin(Stdio::null()).spawn().unwrap();
     let py = Killed(py.id() as i32, Some(py));
     let mut zombie = 0;
@@ -214,7 +175,7 @@ fn a_process_with_a_zombie_child_is_refused_naming_it() {
     let dir = image.path().join("img");
     let o = ferry(&["checkpoint", &py.0.to_string(), "--dir", dir.to_str().unwrap()]);
     let err = refused_for_child(&o, py.0, zombie, &dir);
-    assert!(err.contains("(a zombie): zombies are not carried yet"), "{err}");
+    assert!(err.contains("(a zombie): killed by signal 11, a death ferry does not make again yet"), "{err}");
     assert_eq!(children_of(py.0), vec![zombie], "the zombie is left for its parent");
     assert_eq!(tracer_of(py.0), "0");
 }
@@ -418,13 +379,6 @@ fn a_tree_checkpoint_killed_midway_leaves_every_process_running_clean_and_no_ima
 fn python_pair(setup: &str, child: &str, parent: &str) -> (Killed, Killed) {
     python_script_pair(&format!(
         "import os, time, mmap\n{setup}\nif os.fork() == 0:\n    os.closerange(0, 3)\n    {child}\n    time.sleep(1000)\n    os._exit(0)\n{parent}\ntime.sleep(1000)\n"
-    ))
-}
-
-/// [`python_pair`] with the child made by `fork`, an expression true in the child.
-fn python_pair_by(setup: &str, fork: &str) -> (Killed, Killed) {
-    python_script_pair(&format!(
-        "import os, time, signal\n{setup}\nif {fork}:\n    os.closerange(0, 3)\n    time.sleep(1000)\n    os._exit(0)\ntime.sleep(1000)\n"
     ))
 }
 
@@ -739,20 +693,6 @@ fn a_tree_restore_failing_in_a_child_or_killed_midway_leaves_no_process_behind()
 }
 
 #[test]
-fn a_child_with_another_exit_signal_than_sigchld_is_refused_naming_it() {
-    if !needs_root(ROOT) {
-        return;
-    }
-    // clone(2) with SIGUSR1 as the signal its parent gets at its death: a restored
-    // child is forked with SIGCHLD, so it is refused rather than changed.
-    let (py, kid) = python_pair_by(
-        "import ctypes\nsignal.signal(signal.SIGUSR1, signal.SIG_IGN)\nlibc = ctypes.CDLL(None, use_errno=True)",
-        "libc.syscall(56, 10, 0, 0, 0, 0) == 0",
-    );
-    tree_refused(&py, &kid, "signal 10 at its death, not SIGCHLD");
-}
-
-#[test]
 fn a_listening_socket_shared_with_a_child_is_refused_naming_both() {
     if !needs_root(ROOT) {
         return;
@@ -761,4 +701,86 @@ fn a_listening_socket_shared_with_a_child_is_refused_naming_both() {
     // process's files plugin would bind it again, the second against the first.
     let (py, kid) = python_pair("import socket\ns = socket.socket()\ns.bind(('127.0.0.1', 0))\ns.listen()", "", "");
     tree_refused(&py, &kid, "sockets shared between processes are not carried yet");
+}
+
+#[test]
+fn a_tree_forking_a_burst_is_frozen_whole_by_the_cgroup_freezer_and_comes_back() {
+    if !needs_root(ROOT) {
+        return;
+    }
+    // bash forks 24 sleeps as fast as it can; the freezer takes it mid-burst: the whole
+    // tree moved into one cgroup and frozen at once, children forked meanwhile born in
+    // it or found by the next pass. None escapes: after the checkpoint (which kills
+    // what it took) no process of the burst runs on; restored, bash carries on with
+    // the burst, its restored sleeps its own, and its `wait` waits for them all.
+    // SAFETY: prctl with integer arguments. Orphans come to this test, which reaps them.
+    assert_eq!(unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) }, 0);
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("waited");
+    // A duration only this test's sleeps have on their command line.
+    let mark = format!("1000.{}{}", std::process::id(), std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos());
+    let script = format!("for i in $(seq 24); do sleep {mark} & /bin/true; done; wait; echo waited >{}", out.display());
+    let mut cmd = Command::new("/bin/bash");
+    cmd.args(["-c", &script]).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    // SAFETY: close_range is async-signal-safe; it only marks fds close-on-exec.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, libc::CLOSE_RANGE_CLOEXEC);
+            Ok(())
+        });
+    }
+    let bash = cmd.spawn().unwrap();
+    let mut bash = Killed(bash.id() as i32, Some(bash));
+    let pid = bash.0;
+    let sleeps = || sleeps_mentioning(&mark);
+    let _originals = KilledAll(Vec::new());
+    wait_until("bash's first sleeps", DEADLINE, || sleeps().len() >= 2);
+    let image = tempfile::tempdir().unwrap();
+    let dir = image.path().join("img");
+    let stats = checkpoint_json(pid, &dir, &["--quiesce", "freezer"]);
+    let taken: Vec<i32> = stats["pids"].as_object().unwrap().keys().map(|k| k.parse().unwrap()).collect();
+    assert!(taken.contains(&pid) && taken.len() >= 3, "{stats}");
+    let left = processes_mentioning_all(&mark);
+    assert!(left.is_empty(), "a process of the burst escaped the freeze: {left:?} (taken: {taken:?})");
+    let _ = bash.1.take().unwrap().wait();
+    bash.0 = 0;
+    // SAFETY: reaping the orphaned sleeps, which came to this process.
+    wait_until("the taken sleeps reaped", DEADLINE, || unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) } <= 0);
+    let pids = restore_json(&dir);
+    let new_bash = pids[&pid];
+    let _restored = KilledAll(pids.values().copied().collect());
+    let _later = Later(mark.clone());
+    wait_until("the restored bash to finish its burst", DEADLINE, || children_of(new_bash).len() == 24);
+    let mut kids = children_of(new_bash);
+    kids.sort_unstable();
+    let mut all = sleeps();
+    all.sort_unstable();
+    assert_eq!(kids, all, "every sleep of the burst is the restored bash's own");
+    assert!(!out.exists(), "bash still waits");
+    for k in kids {
+        kill_pid(k);
+    }
+    wait_until("bash's wait to return once its sleeps are gone", DEADLINE, || out.exists());
+}
+
+/// Live processes whose command line mentions `needle` (bash's too, whose script does).
+fn processes_mentioning_all(needle: &str) -> Vec<i32> {
+    ferry_tests::workload::processes_mentioning(needle)
+}
+
+/// The sleeps among them.
+fn sleeps_mentioning(needle: &str) -> Vec<i32> {
+    let sleep = |p: &i32| std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "sleep");
+    processes_mentioning_all(needle).into_iter().filter(sleep).collect()
+}
+
+/// Kills, when dropped, every process whose command line mentions its needle (what a
+/// restored process forked after the restore).
+struct Later(String);
+impl Drop for Later {
+    fn drop(&mut self) {
+        for p in processes_mentioning_all(&self.0) {
+            kill_pid(p);
+        }
+    }
 }

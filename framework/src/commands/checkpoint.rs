@@ -18,6 +18,7 @@ use crate::{
     engine::manager::Manager,
     engine::pipeline::Pipeline,
     engine::watchdog::Watchdog,
+    engine::workers,
     commands::janitor::Janitor,
     kernel::{target, tracer::TraceError, tree},
     trust,
@@ -69,23 +70,17 @@ fn discard(dir: &Path, created: bool) {
     }
 }
 
-/// Why a checkpoint with the cgroup freezer refuses a process with a child.
-const NO_FREEZER_TREES: &str = "process trees are not carried with --quiesce freezer yet (the default, ptrace, takes the tree)";
-
 pub fn checkpoint(manager: &Manager, req: &CheckpointRequest, progress: &mut dyn FnMut(&Tick)) -> Result<Stats, EventError> {
     // Everything that can be refused without touching the process comes first.
     target::check_target(req.pid)?;
     target::check_not_ferry(req.pid)?;
     if !target::children(req.pid).is_empty() {
-        if req.quiesce == Quiesce::Freezer {
-            target::check_childless(req.pid, NO_FREEZER_TREES)?;
-        }
         return checkpoint_tree(manager, req, progress);
     }
     match checkpoint_one(manager, req, progress) {
         // A child forked as the process was being frozen (it was let go, the image
         // removed): the tree is taken instead.
-        Err(EventError::Target(TraceError::HasChild { .. })) if req.quiesce == Quiesce::Ptrace => checkpoint_tree(manager, req, progress),
+        Err(EventError::Target(TraceError::HasChild { .. })) => checkpoint_tree(manager, req, progress),
         other => other,
     }
 }
@@ -115,8 +110,7 @@ fn checkpoint_one(manager: &Manager, req: &CheckpointRequest, progress: &mut dyn
     let (mut tracer, freezer) = match quiesce(req.pid, req.quiesce).and_then(|(tracer, freezer)| {
         // A child forked since the first look: seen now that nothing can fork, and the
         // process goes back to running as it was.
-        let why = if req.quiesce == Quiesce::Freezer { NO_FREEZER_TREES } else { "forked as the process was being frozen" };
-        match target::check_childless(req.pid, why) {
+        match target::check_childless(req.pid, "forked as the process was being frozen") {
             Ok(()) => Ok((tracer, freezer)),
             Err(e) => {
                 let _ = tracer.detach();
@@ -206,6 +200,11 @@ fn checkpoint_one(manager: &Manager, req: &CheckpointRequest, progress: &mut dyn
 /// frozen together (`kernel::tree`), refused if they share what is carried only within
 /// one process, each written with its own plugins and streams (`engine::tree`).
 fn checkpoint_tree(manager: &Manager, req: &CheckpointRequest, progress: &mut dyn FnMut(&Tick)) -> Result<Stats, EventError> {
+    // One event per process on a thread of its own; one after another (the way it was
+    // done first) when FERRY_SERIAL_EVENTS is set, to compare the two.
+    if std::env::var_os("FERRY_SERIAL_EVENTS").is_none() {
+        return checkpoint_tree_parallel(manager, req);
+    }
     let started = Instant::now();
     let created = prepare_dir(&req.dir)?;
     // The plugins must load for the root before anything is frozen.
@@ -225,7 +224,11 @@ fn checkpoint_tree(manager: &Manager, req: &CheckpointRequest, progress: &mut dy
         Err(e)
     };
     let frozen_at = Instant::now();
-    let mut frozen = match tree::freeze_tree(req.pid) {
+    let taken = match req.quiesce {
+        Quiesce::Ptrace => tree::freeze_tree(req.pid).map(|f| (f, None)),
+        Quiesce::Freezer => tree::freeze_tree_in_cgroup(req.pid).map(|(f, z)| (f, Some(z))),
+    };
+    let (mut frozen, freezer) = match taken {
         Ok(f) => f,
         Err(e) => return give_up(janitor, e.into()),
     };
@@ -242,9 +245,13 @@ fn checkpoint_tree(manager: &Manager, req: &CheckpointRequest, progress: &mut dy
     // The last resort if a plugin stops answering: remove the partial image and exit;
     // the kernel detaches every process, which carries on.
     let dir = req.dir.clone();
+    let rescue = freezer.as_ref().map(|f| f.rescue());
     let watchdog = Watchdog::start(req.watchdog, move |why, _| {
         eprintln!("ferry: {why}; the processes of the tree are let go");
         discard(&dir, created);
+        if let Some(r) = rescue {
+            r();
+        }
         std::process::exit(1);
     });
     let mut mapped = |pid: i32, addr: u64| {
@@ -252,7 +259,7 @@ fn checkpoint_tree(manager: &Manager, req: &CheckpointRequest, progress: &mut dy
             j.scratch(pid, addr);
         }
     };
-    let outcome = crate::engine::tree::write_tree(manager, &req.subsystems, &mut frozen, &shared, &mut medium, &req.medium, &watchdog, &mut mapped, progress);
+    let outcome = crate::engine::tree::write_tree(manager, &req.subsystems, &mut frozen, &shared, &mut medium, &req.medium, &watchdog, &mut mapped, None, false, progress);
     drop(watchdog);
     let mut stats = Stats::default();
     match outcome {
@@ -265,11 +272,15 @@ fn checkpoint_tree(manager: &Manager, req: &CheckpointRequest, progress: &mut dy
                 if req.leave_running {
                     t.unmap_scratch()?;
                     t.detach()?;
+                } else if freezer.is_some() {
+                    // Its cgroup of ferry's can go only once it is empty.
+                    t.kill();
                 } else {
                     t.kill_and_go();
                 }
                 stats.pids.insert(pid.to_string(), if req.leave_running { pid } else { 0 });
             }
+            drop(freezer);
             stats.frozen_ms = event::ms(frozen_at);
             (stats.bytes, stats.pages) = (bytes, pages);
             stats.total_ms = event::ms(started);
@@ -280,8 +291,62 @@ fn checkpoint_tree(manager: &Manager, req: &CheckpointRequest, progress: &mut dy
                 let _ = t.unmap_scratch();
             }
             tree::let_go(frozen);
+            drop(freezer);
             drop(medium);
             give_up(janitor, e)
+        }
+    }
+}
+
+/// [`checkpoint_tree`] with a worker thread per process (`engine::workers`).
+fn checkpoint_tree_parallel(manager: &Manager, req: &CheckpointRequest) -> Result<Stats, EventError> {
+    let started = Instant::now();
+    let created = prepare_dir(&req.dir)?;
+    // The plugins must load for the root before anything is frozen.
+    drop(event::load_subsystems(manager, &req.subsystems, Some(req.pid))?);
+    let medium_lease = manager.acquire(PluginKind::Medium, &req.medium)?;
+    let opened = medium_lease.open_medium(&serde_json::json!({"role": "write", "dir": req.dir}))?;
+    let mut medium = Pipeline::new(opened);
+    let mut janitor = Janitor::start();
+    if let Some(j) = janitor.as_mut() {
+        j.image(&req.dir, created);
+    }
+    // The last resort if a plugin stops answering: remove the partial image and exit;
+    // the kernel detaches every process, which carries on.
+    let dir = req.dir.clone();
+    let watchdog = Watchdog::start(req.watchdog, move |why, _| {
+        eprintln!("ferry: {why}; the processes of the tree are let go");
+        discard(&dir, created);
+        std::process::exit(1);
+    });
+    let mut mapped = |pid: i32, addr: u64| {
+        if let Some(j) = janitor.as_mut() {
+            j.scratch(pid, addr);
+        }
+    };
+    let fate = if req.leave_running { workers::Fate::Run } else { workers::Fate::Kill };
+    let frozen_at = Instant::now();
+    let freezer = req.quiesce == Quiesce::Freezer;
+    let outcome = workers::checkpoint_tree(manager, &req.subsystems, req.pid, freezer, &mut medium, &req.medium, &watchdog, &mut mapped, fate);
+    drop(watchdog);
+    if let Some(j) = janitor {
+        j.dismiss();
+    }
+    match outcome {
+        Ok((bytes, pages, pids)) => {
+            let mut stats = Stats::default();
+            for pid in pids {
+                stats.pids.insert(pid.to_string(), if req.leave_running { pid } else { 0 });
+            }
+            stats.frozen_ms = event::ms(frozen_at);
+            (stats.bytes, stats.pages) = (bytes, pages);
+            stats.total_ms = event::ms(started);
+            Ok(stats)
+        }
+        Err(e) => {
+            drop(medium);
+            discard(&req.dir, created);
+            Err(e)
         }
     }
 }

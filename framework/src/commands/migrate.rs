@@ -41,6 +41,8 @@ use crate::{
     wire::protocol::{self, Hello, PluginRef, Verdict},
 };
 
+mod tree;
+
 /// The kernel features a stop-copy event needs on the destination.
 pub const FEATURES: &[&str] = &["ptrace-seize", "process-vm-readv", "pidfd", "clone3-set-tid"];
 
@@ -286,8 +288,8 @@ fn migrate_with(
     }
     target::check_target(req.pid)?;
     target::check_not_ferry(req.pid)?;
-    // Process trees are not carried yet, by a migration as by a checkpoint.
-    target::check_childless(req.pid, target::TREES_NOT_MIGRATED)?;
+    // A process with children moves with them all (one event, one commit).
+    let tree = !target::children(req.pid).is_empty();
     crate::trace::mark("migrate");
     let mut subs = event::load_subsystems(manager, &req.subsystems, Some(req.pid))?;
     if !MEDIA.contains(&req.medium.as_str()) {
@@ -358,6 +360,11 @@ fn migrate_with(
     crate::trace::mark("destination ready");
     // Nothing was touched until here.
     *janitor = Janitor::start();
+    if tree {
+        drop(subs);
+        let tuning = precopy.map(|t| rounds::Tuning { tracking: tracking.unwrap_or(t.tracking), ..t });
+        return tree::migrate_tree(manager, req, medium, welcome.token, janitor, started, tuning, lazy, progress);
+    }
     let mut throttle = None;
     let (medium, mut live, ran) = match precopy.as_ref() {
         None => (medium, None, Outcome::default()),

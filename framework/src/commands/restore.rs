@@ -100,12 +100,13 @@ pub fn restore(manager: &Manager, req: &RestoreRequest, progress: &mut dyn FnMut
     let mut inventory_bytes = 0;
     let pull = MediumPull { medium: &mut medium, stream: INVENTORY_STREAM };
     let inventory = Inventory::read_from(&mut CountingPull { inner: pull, bytes: &mut inventory_bytes }).map_err(|e| image_err(e.into()))?;
-    if inventory.processes.len() > 1 {
+    // A process with zombie children is a tree too: they are made from it.
+    if inventory.processes.len() > 1 || inventory.processes.iter().any(|p| !p.zombies.is_empty()) {
         // A process tree: every process rebuilt and held, then all let go.
         for p in &inventory.processes {
             await_original(p);
         }
-        let mut held = crate::engine::tree::restore_tree(manager, &mut medium, &inventory, &watchdog, started, progress).map_err(image_err)?;
+        let mut held = crate::engine::tree::restore_tree(manager, &mut medium, &inventory, None, true, &watchdog, started, progress).map_err(image_err)?;
         held[0].count_inventory(inventory_bytes);
         if held.iter().any(|h| h.lazy.is_some()) {
             for h in held {
@@ -171,7 +172,7 @@ mod tests {
     use super::*;
 
     fn entry(pid: i32, start: String) -> ProcessEntry {
-        ProcessEntry { pid, tids: vec![pid], comm: "sleep".into(), scratch: 0, start, stopped: false, parent: 0, streams: Vec::new(), shared_fds: Vec::new(), pgid: 0, sid: 0 }
+        ProcessEntry { pid, tids: vec![pid], comm: "sleep".into(), scratch: 0, start, stopped: false, parent: 0, streams: Vec::new(), shared_fds: Vec::new(), pgid: 0, sid: 0, exit_signal: None, zombies: Vec::new(), subreaper: false }
     }
 
     fn sleeper() -> std::process::Child {

@@ -23,6 +23,8 @@ use crate::{
     wire::protocol::{self, Local, PluginRef, Verdict},
 };
 
+mod tree;
+
 /// Post-copy after the commit: the process runs, still traced (it dies with this
 /// daemon rather than run on without its memory), while its pages arrive; then it is
 /// let go.
@@ -224,16 +226,26 @@ pub fn serve(
         return end(record, "failed", e);
     }
     let mut tuning = (256 << 10, 2 << 20);
+    let mut tree = None;
     let plan = recv_json(&mut medium, timeout).and_then(|mut m| {
-        if m["type"] != "plan" {
-            return Err(format!("expected the plan, got {m}"));
-        }
         if let (Some(w), Some(b)) = (m["post_copy"]["window"].as_u64(), m["post_copy"]["batch"].as_u64()) {
             tuning = (w.clamp(4096, 1 << 30), b.clamp(4096, 64 << 20));
+        }
+        if m["type"] == "tree-plan" {
+            // A process with children: the whole tree follows.
+            let inventory = serde_json::from_value(m["inventory"].take()).map_err(|e| format!("a bad tree plan: {e}"))?;
+            tree = Some(inventory);
+            return Err(String::new());
+        }
+        if m["type"] != "plan" {
+            return Err(format!("expected the plan, got {m}"));
         }
         serde_json::from_value::<Plan>(m["plan"].take()).map_err(|e| format!("a bad plan: {e}"))
     });
     crate::trace::mark("plan received");
+    if let Some(inventory) = tree {
+        return tree::serve_tree(manager, &mut medium, inventory, child, timeout, tuning, started, record, end);
+    }
     let plan = match plan {
         Ok(p) => p,
         Err(e) => return end(record, "failed", e),

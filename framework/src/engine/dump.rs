@@ -42,7 +42,7 @@ pub fn process_entry(tracer: &Tracer, scratch: u64) -> ProcessEntry {
     let pid = tracer.pid();
     let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default().trim().to_string();
     let start = target::start_stamp(pid).unwrap_or_default();
-    ProcessEntry { pid, tids: tracer.tids(), comm, scratch, start, stopped: tracer.group_stopped(), parent: 0, streams: Vec::new(), shared_fds: Vec::new(), pgid: 0, sid: 0 }
+    ProcessEntry { pid, tids: tracer.tids(), comm, scratch, start, stopped: tracer.group_stopped(), parent: 0, streams: Vec::new(), shared_fds: Vec::new(), pgid: 0, sid: 0, exit_signal: None, zombies: Vec::new(), subreaper: false }
 }
 
 /// Stops every thread of `pid` under the tracer, with the cgroup freezer first when asked.
@@ -112,7 +112,9 @@ pub fn write_image(
                 bytes: sink.bytes,
             });
         }
-        inventory.processes.push(process_entry(tracer, scratch));
+        let mut entry = process_entry(tracer, scratch);
+        entry.subreaper = crate::kernel::tree::is_subreaper(tracer)?;
+        inventory.processes.push(entry);
         let encoded = inventory.encode()?;
         medium.push(INVENTORY_STREAM, &encoded).map_err(|e| medium_err(medium_name, e))?;
         // The image is complete only once it is durable.

@@ -194,6 +194,16 @@ pub fn checkpoint_one(
     sink: &mut crate::engine::context::StreamSink<'_>,
     progress: &mut dyn FnMut(&Tick),
 ) -> Result<(), EventError> {
+    checkpoint_into(loaded, ctx, sink, progress)
+}
+
+/// [`checkpoint_one`] into any sink of records.
+pub fn checkpoint_into<S: ferry_plugin_api::RecordSink>(
+    loaded: &mut Loaded,
+    ctx: &mut ExternalContext<'_>,
+    sink: &mut S,
+    progress: &mut dyn FnMut(&Tick),
+) -> Result<(), EventError> {
     let mut sref: SinkRef<'_> = RecordSink_TO::from_ptr(sink, TD_Opaque);
     let watchdog = ctx.watchdog;
     drive(loaded, ctx, watchdog, "checkpoint", |sub, c| sub.checkpoint(c, &mut sref), progress)

@@ -12,3 +12,4 @@ pub mod pipeline;
 pub mod rebuild;
 pub mod tree;
 pub mod watchdog;
+pub mod workers;

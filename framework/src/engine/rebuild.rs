@@ -176,7 +176,7 @@ fn place_scratch(tracer: &mut Tracer, scratch_at: u64) -> Result<(), EventError>
 /// unused, it is killed.
 pub struct Blank {
     tracer: Option<Tracer>,
-    want: i32,
+    pub(crate) want: i32,
 }
 
 impl Blank {
@@ -230,7 +230,7 @@ impl Blank {
     /// this blank's state: no fd, no rseq, the kernel's areas and the scratch area, at
     /// the same address. A restored process's children are made this way, so that they
     /// are its own (`wait` works).
-    pub(crate) fn fork_child(&mut self, want: i32) -> Result<Blank, EventError> {
+    pub(crate) fn fork_child(&mut self, want: i32, exit_signal: i32) -> Result<Blank, EventError> {
         let tracer = self.tracer.as_mut().expect("a blank child has its tracer until taken");
         let pid = tracer.pid();
         let (scratch, _) = tracer.scratch().ok_or_else(|| EventError::Refused("no scratch area".into()))?;
@@ -246,7 +246,9 @@ impl Blank {
         tracer.set_saved_regs(pid, regs)?;
         let attempt = |tracer: &mut Tracer, tid: i32| -> Result<i64, EventError> {
             let size = std::mem::size_of::<CloneArgs>() as u64;
-            let mut args = CloneArgs { exit_signal: libc::SIGCHLD as u64, ..Default::default() };
+            // Not traced from birth by ferry (a clone with another exit signal than
+            // SIGCHLD counts as a thread's for PTRACE_O_TRACECLONE): ferry seizes it.
+            let mut args = CloneArgs { flags: libc::CLONE_UNTRACED as u64, exit_signal: exit_signal as u64, ..Default::default() };
             if tid > 0 {
                 (args.set_tid, args.set_tid_size) = (args_at + size, 1);
             }
@@ -289,7 +291,12 @@ impl Blank {
         self.tracer.as_ref().map_or(0, |t| t.pid())
     }
 
-    fn take(mut self) -> Tracer {
+    /// Its tracer, for ferry's own calls in it.
+    pub(crate) fn tracer_mut(&mut self) -> &mut Tracer {
+        self.tracer.as_mut().expect("a blank child has its tracer until taken")
+    }
+
+    pub(crate) fn take(mut self) -> Tracer {
         self.tracer.take().expect("a blank child has its tracer until taken")
     }
 }
@@ -429,6 +436,11 @@ impl Held {
         self.tracer.pid()
     }
 
+    /// Records and bytes read from each of its plugins' streams, in plan order.
+    pub fn counts(&self) -> &[(u64, u64)] {
+        &self.counts
+    }
+
     /// Image pid → pid here.
     pub fn pids(&self) -> &std::collections::BTreeMap<String, i32> {
         &self.stats.pids
@@ -446,6 +458,19 @@ impl Running {
     pub fn tend(&mut self) -> Result<Tended, EventError> {
         let alive = self.tracer.tend()?;
         Ok(Tended { alive, forked: self.tracer.take_forked() })
+    }
+
+    /// [`Running::tend`] for every process of a tree at once (they are traced by one
+    /// thread: each stop goes to its own process).
+    pub fn tend_all(running: &mut [Running]) -> Result<Vec<Tended>, EventError> {
+        let mut tracers: Vec<&mut Tracer> = running.iter_mut().map(|r| &mut r.tracer).collect();
+        crate::kernel::tracer::tend_all(&mut tracers)?;
+        Ok(running.iter_mut().map(|r| Tended { alive: r.tracer.has_threads(), forked: r.tracer.take_forked() }).collect())
+    }
+
+    /// Its pid.
+    pub fn pid(&self) -> i32 {
+        self.tracer.pid()
     }
 
     /// Lets the process go on its own.
@@ -602,6 +627,9 @@ pub fn rebuild_with(
     let mut stats = Stats::default();
     let result = (|| {
         place_scratch(&mut tracer, process.scratch)?;
+        if process.subreaper {
+            crate::kernel::tree::set_subreaper(&mut tracer)?;
+        }
         crate::trace::mark("restore child ready");
         let mut shared = SharedTable::default();
         let mut page_bytes = 0;

@@ -12,13 +12,13 @@ use ferry_plugin_api::{EventKind, MediumBox};
 
 use crate::{
     engine::context::{ExternalContext, SharedTable, StreamSink},
-    engine::dump::process_entry,
+    engine::dump::{process_entry, Live},
     engine::event::{self, EventError, Stats, Tick},
     engine::manager::Manager,
     engine::pipeline::Pipeline,
     engine::rebuild::{rebuild_with, Blank, Held, Plan},
     engine::watchdog::Watchdog,
-    image::{Inventory, PluginEntry, SharedFd, INVENTORY_STREAM},
+    image::{Inventory, PluginEntry, SharedFd, Zombie, INVENTORY_STREAM},
     kernel::{tracer::Tracer, tree::Shared},
 };
 
@@ -35,13 +35,18 @@ pub fn write_tree(
     medium_name: &str,
     watchdog: &Watchdog,
     mapped: &mut dyn FnMut(i32, u64),
+    mut lives: Option<&mut [Live]>,
+    lazy: bool,
     progress: &mut dyn FnMut(&Tick),
 ) -> Result<(u64, u64), EventError> {
     let medium_err = |e: String| EventError::Medium { medium: medium_name.to_string(), message: e };
     let mut inventory = Inventory::new(medium_name);
     let (mut bytes, mut page_bytes) = (0u64, 0u64);
     let mut next_stream = 1u32;
-    for (tracer, parent) in tree.iter_mut() {
+    for (k, (tracer, parent)) in tree.iter_mut().enumerate() {
+        // After pre-copy rounds: what they sent counts, and only what was written since
+        // is sent now.
+        let mut live = lives.as_deref_mut().and_then(|l| l.get_mut(k));
         let pid = tracer.pid();
         // Which process of the tree a plugin refused is part of the answer.
         let in_process = |e: EventError| match e {
@@ -61,9 +66,18 @@ pub fn write_tree(
             for (i, loaded) in subs.iter_mut().enumerate() {
                 let stream = next_stream + i as u32;
                 let name = loaded.name.clone();
+                let (dirty, sent) = match live.as_deref_mut() {
+                    Some(l) => (Some(&mut l.tracker), l.sent.get(i).copied()),
+                    None => (None, None),
+                };
                 let mut ctx = ExternalContext::new(&mut *tracer, &mut shared, &name, watchdog);
+                ctx.dirty = dirty;
+                ctx.lazy = lazy;
                 watchdog.doing(format!("plugin {name} writes the records of process {pid}"));
                 let mut sink = StreamSink::new(medium, stream, &name, watchdog);
+                if let Some(sent) = sent {
+                    (sink.records, sink.bytes, sink.page_bytes) = (sent.records, sent.bytes, sent.page_bytes);
+                }
                 event::checkpoint_one(loaded, &mut ctx, &mut sink, progress)?;
                 crate::fault::point("checkpoint-mid");
                 bytes += sink.bytes;
@@ -84,9 +98,8 @@ pub fn write_tree(
         result.map_err(in_process)?;
         next_stream += subs.len() as u32;
         let mut entry = process_entry(tracer, scratch);
-        (entry.parent, entry.streams) = (*parent, streams);
-        (entry.pgid, entry.sid) = crate::kernel::tree::group_and_session(pid).unwrap_or((0, 0));
-        entry.shared_fds = shared_fds.iter().filter(|s| s.0 == pid).map(|&(_, fd, from, from_fd)| SharedFd { fd, from, from_fd }).collect();
+        tree_fields(&mut entry, *parent, streams, shared_fds)?;
+        entry.subreaper = crate::kernel::tree::is_subreaper(tracer).map_err(|e| in_process(e.into()))?;
         inventory.processes.push(entry);
     }
     let encoded = inventory.encode()?;
@@ -95,12 +108,95 @@ pub fn write_tree(
     Ok((bytes + encoded.len() as u64, page_bytes / 4096))
 }
 
+/// What an entry of a tree's process holds beyond a lone process's: its parent, its
+/// streams, group and session, shared fds, exit signal and zombie children.
+fn tree_fields(entry: &mut crate::image::ProcessEntry, parent: i32, streams: Vec<u32>, shared_fds: &[Shared]) -> Result<(), EventError> {
+    let pid = entry.pid;
+    (entry.parent, entry.streams) = (parent, streams);
+    (entry.pgid, entry.sid) = crate::kernel::tree::group_and_session(pid).unwrap_or((0, 0));
+    entry.shared_fds = shared_fds.iter().filter(|s| s.0 == pid).map(|&(_, fd, from, from_fd)| SharedFd { fd, from, from_fd }).collect();
+    entry.exit_signal = if parent != 0 { crate::kernel::tree::exit_signal(pid) } else { None };
+    entry.zombies = crate::kernel::tree::zombies(pid)?
+        .into_iter()
+        .map(|d| Zombie { pid: d.pid, status: d.status, exit_signal: d.exit_signal })
+        .collect();
+    Ok(())
+}
+
+/// What a migration announces of a frozen tree ahead of its streams (the inventory
+/// comes last): every process with its parent, streams, group, session and shared
+/// fds, as [`write_tree`] will write them, and the plugins with no counts yet. Maps
+/// the scratch area of each process (`mapped` hears of each), which the entries name.
+pub fn announce(
+    manager: &Manager,
+    names: &[String],
+    tree: &mut [(Tracer, i32)],
+    shared_fds: &[Shared],
+    medium_name: &str,
+    mapped: &mut dyn FnMut(i32, u64),
+) -> Result<Inventory, EventError> {
+    let mut inventory = Inventory::new(medium_name);
+    let mut next_stream = 1u32;
+    for (tracer, parent) in tree.iter_mut() {
+        let pid = tracer.pid();
+        // The same plugins, in the same order, as write_tree loads for the process.
+        let subs = event::load_subsystems(manager, names, Some(pid)).map_err(|e| match e {
+            EventError::Target(t) => EventError::Target(t),
+            other => EventError::Refused(format!("process {pid}: {other}")),
+        })?;
+        let at = tracer.scratch_address();
+        if at != 0 {
+            mapped(pid, at);
+        }
+        let scratch = tracer.map_scratch(at)?;
+        mapped(pid, scratch);
+        let mut streams = Vec::new();
+        for (i, loaded) in subs.iter().enumerate() {
+            let stream = next_stream + i as u32;
+            inventory.plugins.push(PluginEntry { name: loaded.name.clone(), version: loaded.version.clone(), stream, records: 0, bytes: 0 });
+            streams.push(stream);
+        }
+        next_stream += subs.len() as u32;
+        let mut entry = process_entry(tracer, scratch);
+        tree_fields(&mut entry, *parent, streams, shared_fds)?;
+        entry.subreaper = crate::kernel::tree::is_subreaper(tracer)?;
+        inventory.processes.push(entry);
+    }
+    Ok(inventory)
+}
+
+/// Whether the inventory a migration's tree ends with is the tree it announced, and
+/// every stream carried what the inventory says (`counts`: per process, the records
+/// and bytes read from each of its streams). The reason when not.
+pub fn check_announced(announced: &Inventory, last: &Inventory, counts: &[Vec<(u64, u64)>]) -> Result<(), String> {
+    type Proc = (i32, i32, u64, Vec<u32>, Vec<Zombie>, bool);
+    let procs = |inv: &Inventory| -> Vec<Proc> { inv.processes.iter().map(|p| (p.pid, p.parent, p.scratch, p.streams.clone(), p.zombies.clone(), p.subreaper)).collect() };
+    let plugins = |inv: &Inventory| -> Vec<(String, String, u32)> { inv.plugins.iter().map(|e| (e.name.clone(), e.version.clone(), e.stream)).collect() };
+    if procs(announced) != procs(last) || plugins(announced) != plugins(last) {
+        return Err("the inventory does not match the tree announced".into());
+    }
+    for (p, counts) in last.processes.iter().zip(counts) {
+        for (entry, &(records, bytes)) in p.plugins(last).into_iter().zip(counts) {
+            if (entry.records, entry.bytes) != (records, bytes) {
+                return Err(format!(
+                    "process {}: stream {} carried {records} records, {bytes} bytes; the inventory says {}, {}",
+                    p.pid, entry.stream, entry.records, entry.bytes
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Rebuilds every process of a tree's image, each held stopped; the first is the root.
 /// On failure every process made is removed.
+#[allow(clippy::too_many_arguments)]
 pub fn restore_tree(
     manager: &Manager,
     medium: &mut MediumBox,
     inventory: &Inventory,
+    root: Option<Blank>,
+    counts_known: bool,
     watchdog: &Watchdog,
     started: Instant,
     progress: &mut dyn FnMut(&Tick),
@@ -108,15 +204,26 @@ pub fn restore_tree(
     let procs = &inventory.processes;
     // Parents come before their children (the inventory says so): each blank is
     // forked from its parent's before any is rebuilt.
-    let mut blanks: Vec<Option<Blank>> = vec![Some(Blank::make(procs[0].pid)?)];
+    let root = match root {
+        Some(b) if b.want == procs[0].pid => b,
+        _ => Blank::make(procs[0].pid)?,
+    };
+    let mut blanks: Vec<Option<Blank>> = vec![Some(root)];
     for p in &procs[1..] {
         let parent = procs.iter().position(|q| q.pid == p.parent).filter(|&i| i < blanks.len());
         let parent = parent.and_then(|i| blanks[i].as_mut()).ok_or_else(|| {
             EventError::Refused(format!("process {} of the image has parent {}, not made before it", p.pid, p.parent))
         })?;
-        let mut child = parent.fork_child(p.pid)?;
+        let mut child = parent.fork_child(p.pid, p.exit_signal.unwrap_or(libc::SIGCHLD))?;
         regroup(&mut child, p, procs, &blanks)?;
         blanks.push(Some(child));
+    }
+    // Each zombie made again from its parent, which then has it to reap.
+    for (p, blank) in procs.iter().zip(blanks.iter_mut()) {
+        for z in &p.zombies {
+            let parent = blank.as_mut().expect("every blank is made and none taken yet");
+            make_zombie(parent, z).map_err(|e| EventError::Refused(format!("process {}: making its zombie child {} again: {e}", p.pid, z.pid)))?;
+        }
     }
     let mut held: Vec<Held> = Vec::new();
     for (k, p) in procs.iter().enumerate() {
@@ -136,7 +243,7 @@ pub fn restore_tree(
             }
             sources.iter().try_for_each(|&(f, from)| take_description(tracer, f, from))
         };
-        match rebuild_with(manager, medium, &plan, true, blanks[k].take(), watchdog, started, progress, &mut take_shared) {
+        match rebuild_with(manager, medium, &plan, counts_known, blanks[k].take(), watchdog, started, progress, &mut take_shared) {
             Ok(h) => held.push(h),
             Err(e) => {
                 for h in held {
@@ -174,6 +281,78 @@ fn regroup(child: &mut Blank, p: &crate::image::ProcessEntry, procs: &[crate::im
             p.pid,
             std::io::Error::from_raw_os_error(-r as i32)
         )));
+    }
+    Ok(())
+}
+
+/// Where in the scratch area's code page [`make_zombie`] writes its child's last code
+/// (after the injection site's and the fork's pause loop).
+const ZOMBIE_STUB: u64 = 0xa00;
+
+/// Makes a child of the blank `parent` that ends as `z` did and is left unreaped: forked
+/// with its pid and exit signal, given code that exits with its code (or sends itself
+/// its signal, reset to the default action and unblocked first), and let go. The
+/// signal its death sends the blank parent is taken back there: the parent's own
+/// pending signals come with its image.
+fn make_zombie(parent: &mut Blank, z: &Zombie) -> Result<(), EventError> {
+    let exit_signal = z.exit_signal.unwrap_or(libc::SIGCHLD);
+    let child = parent.fork_child(z.pid, exit_signal)?;
+    let mut t = child.take();
+    let pid = t.pid();
+    let fail = |what: &str, r: i64| EventError::Failed(format!("{what} in the child: errno {}", -r));
+    let (code, _) = t.scratch().ok_or_else(|| EventError::Failed("no scratch area".into()))?;
+    let (args, _) = t.scratch_args().ok_or_else(|| EventError::Failed("no scratch area".into()))?;
+    let sig = z.status & 0x7f;
+    let mut stub: Vec<u8> = Vec::new();
+    if sig == 0 {
+        // mov edi, code; mov eax, SYS_exit_group; syscall
+        stub.push(0xbf);
+        stub.extend_from_slice(&((z.status >> 8) & 0xff).to_le_bytes());
+        stub.extend_from_slice(&[0xb8, 0xe7, 0x00, 0x00, 0x00, 0x0f, 0x05]);
+    } else {
+        // The default action, unblocked: a struct sigaction of zeros, an empty mask.
+        t.poke(args, &[0u8; 40])?;
+        let r = t.inject(pid, libc::SYS_rt_sigaction, [sig as u64, args, 0, 8, 0, 0])?;
+        if r < 0 {
+            return Err(fail("rt_sigaction", r));
+        }
+        let r = t.inject(pid, libc::SYS_rt_sigprocmask, [libc::SIG_SETMASK as u64, args + 32, 0, 8, 0, 0])?;
+        if r < 0 {
+            return Err(fail("rt_sigprocmask", r));
+        }
+        // mov eax, SYS_getpid; syscall; mov edi, eax; mov esi, sig; mov eax, SYS_kill; syscall
+        stub.extend_from_slice(&[0xb8, 0x27, 0x00, 0x00, 0x00, 0x0f, 0x05, 0x89, 0xc7, 0xbe]);
+        stub.extend_from_slice(&sig.to_le_bytes());
+        stub.extend_from_slice(&[0xb8, 0x3e, 0x00, 0x00, 0x00, 0x0f, 0x05]);
+    }
+    // Should it come back: mov eax, SYS_pause; syscall; jmp to the mov.
+    stub.extend_from_slice(&[0xb8, 0x22, 0x00, 0x00, 0x00, 0x0f, 0x05, 0xeb, 0xf7]);
+    t.poke(code + ZOMBIE_STUB, &stub)?;
+    let mut regs = t.saved_regs(pid)?;
+    (regs.rip, regs.orig_rax) = (code + ZOMBIE_STUB, u64::MAX);
+    t.set_saved_regs(pid, regs)?;
+    t.detach()?;
+    let deadline = Instant::now() + std::time::Duration::from_secs(10);
+    while crate::kernel::target::stat_fields(pid).and_then(|f| f.first().cloned()).as_deref() != Some("Z") {
+        if Instant::now() > deadline {
+            return Err(EventError::Failed(format!("process {pid} did not end")));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    let got = crate::kernel::target::stat_fields(pid).and_then(|f| f.get(49)?.parse::<i32>().ok());
+    if got != Some(z.status) {
+        return Err(EventError::Failed(format!("it ended with status {got:?}, not {}", z.status)));
+    }
+    // Taken back from the parent: its signal set (one bit) and a zero timeout.
+    let tracer = parent.tracer_mut();
+    let ppid = tracer.pid();
+    let (at, _) = tracer.scratch_args().ok_or_else(|| EventError::Failed("no scratch area".into()))?;
+    let mut set = (1u64 << (exit_signal - 1)).to_le_bytes().to_vec();
+    set.extend_from_slice(&[0u8; 16]);
+    tracer.poke(at, &set)?;
+    let r = tracer.inject(ppid, libc::SYS_rt_sigtimedwait, [at, 0, at + 8, 8, 0, 0])?;
+    if r != exit_signal as i64 {
+        return Err(EventError::Failed(format!("taking signal {exit_signal} back from the parent: {r}")));
     }
     Ok(())
 }

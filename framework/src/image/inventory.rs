@@ -64,6 +64,28 @@ pub struct ProcessEntry {
     pub pgid: i32,
     #[serde(default, skip_serializing_if = "is_zero")]
     pub sid: i32,
+    /// In a tree: the signal its parent gets at its death, when not SIGCHLD (a child
+    /// made by `clone` with another).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_signal: Option<i32>,
+    /// Its children that had exited and were not reaped yet (zombies), made again so
+    /// that its `wait` gets their status.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub zombies: Vec<Zombie>,
+    /// It adopts the orphans among its descendants (`PR_SET_CHILD_SUBREAPER`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub subreaper: bool,
+}
+
+/// A child that exited and was not reaped: its pid, its status as `waitpid` reports
+/// it, and the signal its parent got at its death when not SIGCHLD.
+#[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Zombie {
+    pub pid: i32,
+    pub status: i32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_signal: Option<i32>,
 }
 
 /// Fd `fd` of a process is the open file description of fd `from_fd` of process

@@ -56,6 +56,9 @@ fn inventory() -> Inventory {
             shared_fds: Vec::new(),
             pgid: 0,
             sid: 0,
+            exit_signal: None,
+            zombies: Vec::new(),
+            subreaper: false,
         }],
     }
 }

@@ -31,6 +31,8 @@ pub(crate) struct Placement {
     pub pid: i32,
     pub ours: PathBuf,
     home: PathBuf,
+    /// It made the cgroup, and removes it.
+    owner: bool,
     /// Puts the process back if ferry dies first (none if it could not be started:
     /// the placement still works, only without that net).
     _guardian: Option<Guardian>,
@@ -42,8 +44,26 @@ impl Placement {
     pub fn enter(pid: i32, root: &Path, rel: &str, what: &str) -> Result<Placement, FreezeError> {
         let home = root.join(rel.trim_start_matches('/'));
         let ours = root.join(format!("ferry-{what}{pid}-{}", std::process::id()));
-        // Thawed (whichever freezer), moved home, the cgroup removed. The guardian
-        // starts before the directory exists: no instant leaves it behind.
+        let p = Placement::held(pid, home, ours, true)?;
+        write(&p.ours.join("cgroup.procs"), &pid.to_string())?;
+        Ok(p)
+    }
+
+    /// Another process of a tree in the cgroup `ours` of the tree's first placement:
+    /// moved there from `home` (or found there already, forked in it: `home` is then its
+    /// parent's). It goes home when dropped; the cgroup stays for the first placement
+    /// to remove.
+    pub fn join(pid: i32, home: PathBuf, ours: &Path, moved: bool) -> Result<Placement, FreezeError> {
+        let p = Placement::held(pid, home, ours.to_path_buf(), false)?;
+        if moved {
+            write(&p.ours.join("cgroup.procs"), &pid.to_string())?;
+        }
+        Ok(p)
+    }
+
+    fn held(pid: i32, home: PathBuf, ours: PathBuf, create: bool) -> Result<Placement, FreezeError> {
+        // Thawed (whichever freezer), moved home, the cgroup removed (once empty). The
+        // guardian starts before the directory exists: no instant leaves it behind.
         let undo = Undo {
             writes: vec![
                 (ours.join("cgroup.freeze"), "0".into()),
@@ -53,10 +73,10 @@ impl Placement {
             remove: ours.clone(),
         };
         let guardian = Guardian::start(&undo).ok();
-        std::fs::create_dir(&ours).map_err(|e| FreezeError(format!("creating {}: {e}", ours.display())))?;
-        let p = Placement { pid, ours, home, _guardian: guardian };
-        write(&p.ours.join("cgroup.procs"), &pid.to_string())?;
-        Ok(p)
+        if create {
+            std::fs::create_dir(&ours).map_err(|e| FreezeError(format!("creating {}: {e}", ours.display())))?;
+        }
+        Ok(Placement { pid, ours, home, owner: create, _guardian: guardian })
     }
 
     /// What puts the process back home from another thread, when the event's own
@@ -73,6 +93,9 @@ impl Placement {
 impl Drop for Placement {
     fn drop(&mut self) {
         let _ = std::fs::write(self.home.join("cgroup.procs"), self.pid.to_string());
+        if !self.owner {
+            return;
+        }
         let deadline = Instant::now() + Duration::from_secs(5);
         while std::fs::remove_dir(&self.ours).is_err() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(2));
@@ -80,10 +103,13 @@ impl Drop for Placement {
     }
 }
 
-/// A process held in a cgroup of ferry's.
+/// A process held in a cgroup of ferry's (with its descendants, for a tree).
 pub struct Freezer {
     pid: i32,
     flavor: Flavor,
+    /// The other processes of a tree: sent home before `place` removes the cgroup
+    /// (fields drop in order).
+    members: Vec<Placement>,
     place: Placement,
     frozen: bool,
 }
@@ -115,6 +141,63 @@ pub(crate) fn cgroup_of(pid: i32, v1_controller: Option<&str>) -> Result<String,
 impl Freezer {
     /// Moves `pid` into a fresh cgroup of ferry's and freezes it.
     pub fn freeze(pid: i32) -> Result<Freezer, FreezeError> {
+        let (flavor, root, rel) = Self::locate(pid)?;
+        let place = Placement::enter(pid, &root, &rel, "")?;
+        let mut f = Freezer { pid, flavor, members: Vec::new(), place, frozen: false };
+        f.set_frozen(true)?;
+        Ok(f)
+    }
+
+    /// Moves `pid` and every descendant (`children` lists a process's) into one cgroup
+    /// of ferry's and freezes it: a child forked meanwhile is born in it, or was forked
+    /// before its parent moved and is seen by the next pass; the passes go on until one
+    /// finds the whole tree in the frozen cgroup. Each process goes back to its own
+    /// cgroup when dropped (one forked in ours, to its parent's).
+    pub fn freeze_tree(pid: i32, children: impl Fn(i32) -> Vec<i32>) -> Result<Freezer, FreezeError> {
+        let (flavor, root, rel) = Self::locate(pid)?;
+        let place = Placement::enter(pid, &root, &rel, "")?;
+        let ours_name = place.ours.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let mut f = Freezer { pid, flavor, members: Vec::new(), place, frozen: false };
+        let inside = |p: i32| cgroup_of(p, (flavor == Flavor::V1).then_some("freezer")).is_ok_and(|c| c.ends_with(&format!("/{ours_name}")));
+        for _ in 0..100 {
+            let mut missing = false;
+            // Parents before children: a child's home is its parent's when it was born here.
+            let mut pending = vec![(pid, f.place.home.clone())];
+            while let Some((parent, home)) = pending.pop() {
+                for child in children(parent) {
+                    let known = f.members.iter().find(|m| m.pid == child).map(|m| m.home.clone());
+                    let child_home = match known {
+                        Some(h) => h,
+                        None => {
+                            let moved = !inside(child);
+                            let h = if moved {
+                                let rel = cgroup_of(child, (flavor == Flavor::V1).then_some("freezer"))?;
+                                root.join(rel.trim_start_matches('/'))
+                            } else {
+                                home.clone()
+                            };
+                            missing |= moved;
+                            match Placement::join(child, h.clone(), &f.place.ours, moved) {
+                                Ok(m) => f.members.push(m),
+                                // Gone as it was seen.
+                                Err(_) if !Path::new(&format!("/proc/{child}")).exists() => continue,
+                                Err(e) => return Err(e),
+                            }
+                            h
+                        }
+                    };
+                    pending.push((child, child_home));
+                }
+            }
+            if !missing && f.frozen {
+                return Ok(f);
+            }
+            f.set_frozen(true)?;
+        }
+        Err(FreezeError(format!("the tree of process {pid} kept growing outside the freezer's cgroup")))
+    }
+
+    fn locate(pid: i32) -> Result<(Flavor, PathBuf, String), FreezeError> {
         let all = mounts().map_err(FreezeError)?;
         let v2 = all.iter().find(|m| m.fstype == "cgroup2").map(|m| m.point.clone());
         let v1 = all
@@ -128,10 +211,7 @@ impl Freezer {
             (_, Some(root)) => (Flavor::V1, root, cgroup_of(pid, Some("freezer"))?),
             _ => return Err(FreezeError("no cgroup v2 freeze and no v1 freezer on this machine".into())),
         };
-        let place = Placement::enter(pid, &root, &rel, "")?;
-        let mut f = Freezer { pid, flavor, place, frozen: false };
-        f.set_frozen(true)?;
-        Ok(f)
+        Ok((flavor, root, rel))
     }
 
     fn set_frozen(&mut self, frozen: bool) -> Result<(), FreezeError> {
@@ -163,6 +243,12 @@ impl Freezer {
     /// thread is stuck (the watchdog's last resort).
     pub fn rescue(&self) -> impl FnOnce() + Send + 'static {
         self.place.rescue()
+    }
+
+    /// Whether a frozen process enters a ptrace stop without a thaw (the v2 freeze; with
+    /// the v1 freezer the stops come only after it).
+    pub fn stops_while_frozen(&self) -> bool {
+        self.flavor == Flavor::V2
     }
 
     /// Thaws the cgroup (the process stays in it until dropped).

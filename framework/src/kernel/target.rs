@@ -61,9 +61,9 @@ pub fn children(pid: pid_t) -> Vec<pid_t> {
     kids
 }
 
-/// Why a migration refuses a process with a child.
+/// Why a migration that began with a lone process refuses it once it has a child.
 pub const TREES_NOT_MIGRATED: &str =
-    "process trees are not carried yet by a migration (a checkpoint takes the tree); ferry migrates a process only while it has no child (running, stopped, or a zombie not yet reaped)";
+    "it forked while being frozen for a migration that began with no child: run the migration again, which then takes the whole tree";
 
 /// Refuses a process that has a child, saying `why`: a child left behind would lose its
 /// parent (the copy's `wait` would find no child). Checked before the process is

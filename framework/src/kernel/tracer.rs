@@ -688,6 +688,7 @@ mod agent;
 mod debugregs;
 mod fate;
 mod running;
+pub use running::tend_all;
 mod inject;
 mod seccomp;
 pub use debugregs::NT_FERRY_DEBUGREGS;

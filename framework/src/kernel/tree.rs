@@ -13,6 +13,7 @@ use libc::pid_t;
 
 use super::{
     error::TraceError,
+    freezer::Freezer,
     target::{children, stat_fields},
     tracer::Tracer,
 };
@@ -24,7 +25,29 @@ use super::{
 /// that exited is a zombie its stopped parent cannot reap, and refused. On failure
 /// every process seized so far is let go as it was.
 pub fn freeze_tree(root: pid_t) -> Result<Vec<(Tracer, pid_t)>, TraceError> {
-    let mut frozen: Vec<(Tracer, pid_t)> = vec![(Tracer::seize(root)?, 0)];
+    take_tree(root, Tracer::seize)
+}
+
+/// [`freeze_tree`] with the cgroup freezer first: the whole tree moved into one cgroup
+/// of ferry's and frozen at once (`Freezer::freeze_tree`), then every process seized
+/// in its frozen state, then the cgroup thawed (the processes stay in their ptrace
+/// stops). The freezer holds them in its cgroup until dropped.
+pub fn freeze_tree_in_cgroup(root: pid_t) -> Result<(Vec<(Tracer, pid_t)>, Freezer), TraceError> {
+    let freezer_err = |e: super::freezer::FreezeError| TraceError::Thread { tid: root, message: e.to_string() };
+    let mut freezer = Freezer::freeze_tree(root, children).map_err(freezer_err)?;
+    if !freezer.stops_while_frozen() {
+        return Err(TraceError::Unsuitable { pid: root, why: "a tree with the v1 cgroup freezer, which ferry does not carry yet (use --quiesce ptrace)".into() });
+    }
+    let frozen = take_tree(root, |p| Tracer::seize_with(p, || Ok(())))?;
+    if let Err(e) = freezer.thaw() {
+        let_go(frozen);
+        return Err(freezer_err(e));
+    }
+    Ok((frozen, freezer))
+}
+
+fn take_tree(root: pid_t, seize: impl Fn(pid_t) -> Result<Tracer, TraceError>) -> Result<Vec<(Tracer, pid_t)>, TraceError> {
+    let mut frozen: Vec<(Tracer, pid_t)> = vec![(seize(root)?, 0)];
     crate::fault::pause("tree-root-frozen");
     let mut next = 0;
     while next < frozen.len() {
@@ -32,11 +55,11 @@ pub fn freeze_tree(root: pid_t) -> Result<Vec<(Tracer, pid_t)>, TraceError> {
         next += 1;
         for child in children(parent) {
             let state = stat_fields(child).and_then(|f| f.first().cloned()).unwrap_or_default();
-            let taken = if state == "Z" || state == "X" {
-                Err(TraceError::HasChild { pid: parent, child, what: "a zombie".into(), why: "zombies are not carried yet".into() })
-            } else {
-                Tracer::seize(child)
-            };
+            // A zombie stays one: its stopped parent cannot reap it (see `zombies`).
+            if state == "Z" || state == "X" {
+                continue;
+            }
+            let taken = seize(child);
             match taken {
                 Ok(t) => frozen.push((t, parent)),
                 Err(e) => {
@@ -47,6 +70,84 @@ pub fn freeze_tree(root: pid_t) -> Result<Vec<(Tracer, pid_t)>, TraceError> {
         }
     }
     Ok(frozen)
+}
+
+/// The signal the parent of `pid` gets at its death (field 38 of its stat), when not
+/// SIGCHLD.
+pub fn exit_signal(pid: pid_t) -> Option<i32> {
+    let sig = stat_fields(pid).and_then(|f| f.get(35)?.parse::<i32>().ok()).unwrap_or(libc::SIGCHLD);
+    (sig != libc::SIGCHLD).then_some(sig)
+}
+
+/// Signals whose default action ends a process without a core dump: a zombie killed by
+/// one is made again by sending it.
+const TERMINATING: [i32; 13] = [
+    libc::SIGHUP, libc::SIGINT, libc::SIGKILL, libc::SIGUSR1, libc::SIGUSR2, libc::SIGPIPE, libc::SIGALRM,
+    libc::SIGTERM, libc::SIGSTKFLT, libc::SIGVTALRM, libc::SIGPROF, libc::SIGIO, libc::SIGPWR,
+];
+
+/// A child that exited and was not reaped yet.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Dead {
+    pub pid: pid_t,
+    /// As `waitpid` reports it.
+    pub status: i32,
+    /// The signal its parent got at its death, when not SIGCHLD.
+    pub exit_signal: Option<i32>,
+}
+
+/// The zombie children of `pid` (frozen: none can appear or be reaped meanwhile), each
+/// with its status as `waitpid` reports it (field 52 of its stat) and its exit signal.
+/// Refused, naming both: one whose status a restore cannot make again (a core dump, or
+/// a signal that would dump one).
+pub fn zombies(pid: pid_t) -> Result<Vec<Dead>, TraceError> {
+    let mut found = Vec::new();
+    for child in children(pid) {
+        let Some(f) = stat_fields(child) else { continue };
+        if f.first().map(String::as_str) != Some("Z") {
+            continue;
+        }
+        let status: i32 = f.get(49).and_then(|s| s.parse().ok()).unwrap_or(0);
+        let sig = status & 0x7f;
+        if status & 0x80 != 0 || (sig != 0 && !TERMINATING.contains(&sig) && !(libc::SIGRTMIN()..=libc::SIGRTMAX()).contains(&sig)) {
+            return Err(TraceError::HasChild {
+                pid,
+                child,
+                what: "a zombie".into(),
+                why: format!("killed by signal {sig}{}, a death ferry does not make again yet", if status & 0x80 != 0 { " with a core dump" } else { "" }),
+            });
+        }
+        found.push(Dead { pid: child, status, exit_signal: exit_signal(child) });
+    }
+    Ok(found)
+}
+
+const PR_SET_CHILD_SUBREAPER: u64 = 36;
+const PR_GET_CHILD_SUBREAPER: u64 = 37;
+
+/// Whether the process under `tracer` adopts its descendants' orphans, asked in it
+/// (`PR_GET_CHILD_SUBREAPER`; its scratch area mapped).
+pub fn is_subreaper(tracer: &mut Tracer) -> Result<bool, TraceError> {
+    let pid = tracer.pid();
+    let (at, _) = tracer.scratch_args().ok_or(TraceError::Thread { tid: pid, message: "no scratch area".into() })?;
+    tracer.poke(at, &0i32.to_le_bytes())?;
+    let r = tracer.inject(pid, libc::SYS_prctl, [PR_GET_CHILD_SUBREAPER, at, 0, 0, 0, 0])?;
+    if r < 0 {
+        return Err(TraceError::Thread { tid: pid, message: format!("prctl(PR_GET_CHILD_SUBREAPER): errno {}", -r) });
+    }
+    let mut v = [0u8; 4];
+    tracer.peek(at, &mut v)?;
+    Ok(i32::from_le_bytes(v) != 0)
+}
+
+/// Makes the process under `tracer` a child subreaper again.
+pub fn set_subreaper(tracer: &mut Tracer) -> Result<(), TraceError> {
+    let pid = tracer.pid();
+    let r = tracer.inject(pid, libc::SYS_prctl, [PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0, 0])?;
+    if r < 0 {
+        return Err(TraceError::Thread { tid: pid, message: format!("prctl(PR_SET_CHILD_SUBREAPER): errno {}", -r) });
+    }
+    Ok(())
 }
 
 /// Lets every process of a frozen tree go, as it was.
@@ -248,17 +349,10 @@ pub fn group_and_session(pid: pid_t) -> Option<(pid_t, pid_t)> {
 /// its own (`setsid`), a group of its own, or join the group of a process of the tree
 /// made before it (`setpgid`), in that session — a shell's jobs under job control, a
 /// pipeline's members. A group or session led by a process outside the tree, or one
-/// whose leader comes later, is refused; so is a child that tells its parent of its
-/// death by another signal than SIGCHLD.
+/// whose leader comes later, is refused.
 pub fn check_groups(tree: &[(pid_t, pid_t)]) -> Result<(), TraceError> {
     let ids: Vec<Option<(pid_t, pid_t)>> = tree.iter().map(|&(p, _)| group_and_session(p)).collect();
     for (k, &(pid, parent)) in tree.iter().enumerate().filter(|(_, t)| t.1 != 0) {
-        // Field 38, the signal the parent gets at its death: a restored child is
-        // forked with SIGCHLD.
-        let exit_signal = stat_fields(pid).and_then(|f| f.get(35)?.parse::<i32>().ok()).unwrap_or(libc::SIGCHLD);
-        if exit_signal != libc::SIGCHLD {
-            return Err(TraceError::Unsuitable { pid, why: format!("a child whose parent, process {parent}, gets signal {exit_signal} at its death, not SIGCHLD, which ferry does not carry yet") });
-        }
         let theirs = tree.iter().position(|t| t.0 == parent).and_then(|i| ids[i]);
         let (Some((pgid, sid)), Some((parent_pgid, parent_sid))) = (ids[k], theirs) else { continue };
         let earlier_leader = tree[..k].iter().zip(&ids).any(|(t, i)| t.0 == pgid && *i == Some((pgid, sid)));

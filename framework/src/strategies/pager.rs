@@ -115,10 +115,21 @@ fn parse_ranges(v: &serde_json::Value) -> Result<Vec<(u64, u64)>, String> {
 /// request, answering page requests from the frozen process `pid` meanwhile
 /// (`resumed`: the destination's copy already runs).
 pub fn serve_until_message(medium: &mut MediumBox, pid: i32, timeout: Duration, resumed: bool) -> Result<serde_json::Value, String> {
+    serve_tree_until_message(medium, &[pid], timeout, resumed)
+}
+
+/// [`serve_until_message`] for a tree: a request names its process (`pid`), which must
+/// be one of `pids` (the first when it names none).
+pub fn serve_tree_until_message(medium: &mut MediumBox, pids: &[i32], timeout: Duration, resumed: bool) -> Result<serde_json::Value, String> {
     let mut buf = Vec::new();
     let mut answered = 0;
     loop {
         let msg = recv_json(medium, timeout)?;
+        let pid = match msg["pid"].as_i64() {
+            None => pids.first().copied().unwrap_or(0),
+            Some(p) if pids.contains(&(p as i32)) => p as i32,
+            Some(p) => return Err(format!("the destination asked for pages of process {p}, which this migration does not hold")),
+        };
         match msg["type"].as_str() {
             Some("want") => answer(medium, pid, &msg, &mut buf)?,
             Some("present") => {
@@ -204,6 +215,9 @@ pub struct Pager {
     /// Children the process forked before every page was in, held stopped, with the
     /// pages that may be missing from their copy of its memory.
     children: Vec<(i32, Vec<Run>)>,
+    /// The process on the source, named in every request (a tree's); none for a lone
+    /// process.
+    source: Option<i32>,
     window: u64,
     batch: u64,
     buf: Vec<u8>,
@@ -226,11 +240,35 @@ impl Pager {
             inflight: VecDeque::new(),
             placed: Vec::new(),
             children: Vec::new(),
+            source: None,
             window: window.max(PAGE) / PAGE * PAGE,
             batch: batch.max(PAGE) / PAGE * PAGE,
             buf: Vec::new(),
             stats: LazyStats::default(),
         }
+    }
+
+    /// A process of a tree: its requests name `pid`, its pid on the source.
+    pub fn for_source(mut self, pid: i32) -> Pager {
+        self.source = Some(pid);
+        self
+    }
+
+    /// Children forked before this pager ran (a tree's pagers run in turn), to be given
+    /// the pages they may miss, as those it sees fork.
+    pub fn forked_earlier(&mut self, forked: Vec<i32>) {
+        for child in forked {
+            let runs = self.source_backed();
+            self.children.push((child, runs));
+        }
+    }
+
+    /// A request to the source, naming the process when it is a tree's.
+    fn request(&self, mut msg: serde_json::Value) -> serde_json::Value {
+        if let Some(pid) = self.source {
+            msg["pid"] = pid.into();
+        }
+        msg
     }
 
     /// Takes `[lo, hi)` (process addresses) out of `todo`: the source ranges to ask
@@ -262,7 +300,7 @@ impl Pager {
         }
         let total: u64 = want.iter().map(|w| w.1).sum();
         let list: Vec<[u64; 2]> = want.iter().map(|&(s, l)| [s, l]).collect();
-        send_json(medium, serde_json::json!({"type": "want", "ranges": list}))?;
+        send_json(medium, self.request(serde_json::json!({"type": "want", "ranges": list})))?;
         self.inflight.push_back((total, pieces));
         Ok(total / PAGE)
     }
@@ -315,7 +353,7 @@ impl Pager {
         let mut srcs: Vec<(u64, u64)> = self.todo.iter().map(|r| (r.src, r.src + (r.end - r.at))).collect();
         srcs.sort();
         let list: Vec<[u64; 2]> = srcs.iter().map(|&(s, e)| [s, e]).collect();
-        send_json(medium, serde_json::json!({"type": "present", "ranges": list}))?;
+        send_json(medium, self.request(serde_json::json!({"type": "present", "ranges": list})))?;
         self.receive(medium, 8, timeout)?;
         let count = u64::from_le_bytes(self.buf[..8].try_into().expect("8 bytes"));
         let most: u64 = srcs.iter().map(|r| (r.1 - r.0) / PAGE).sum();
@@ -442,7 +480,7 @@ impl Pager {
                 let holes = ferry_plugin_api::pagemap::scan(&pagemap, r.at, r.end, 0, missing).map_err(|e| format!("PAGEMAP_SCAN of child {child}: {e}"))?;
                 for (s, e) in holes {
                     let list = [[r.src + (s - r.at), e - s]];
-                    send_json(medium, serde_json::json!({"type": "want", "ranges": list}))?;
+                    send_json(medium, self.request(serde_json::json!({"type": "want", "ranges": list})))?;
                     self.receive(medium, e - s, timeout)?;
                     mem.write_all_at(&self.buf, s).map_err(|e| format!("child {child} at {s:#x}: {e}"))?;
                     self.stats.pages_pushed += (e - s) / PAGE;

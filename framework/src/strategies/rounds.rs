@@ -149,3 +149,73 @@ pub fn run(
     }
     Ok(out)
 }
+
+/// One process of a tree during pre-copy rounds: its plugins, on streams from
+/// `first_stream` on, and what they sent so far.
+pub struct Member {
+    pub pid: i32,
+    pub scratch: MemRange,
+    pub subs: Vec<Loaded>,
+    pub live: Live,
+    pub first_stream: u32,
+}
+
+/// Pre-copy rounds beside a running tree: each round goes through every process's
+/// plugins in turn. The destination rebuilds the processes one after the other, so it
+/// reads a process's rounds only once the processes before it are rebuilt: the rounds
+/// carry no sync marks, and their rate is the sending rate (the medium keeps what the
+/// destination has not read yet). The same convergence rule as [`run`] otherwise, but
+/// no auto-converge (the throttle takes one process).
+pub fn run_tree(members: &mut [Member], pipe: &mut Pipeline, tuning: &Tuning, watchdog: &Watchdog, progress: &mut dyn FnMut(&Tick)) -> Result<Outcome, EventError> {
+    let mut out = Outcome::default();
+    let (mut sent_total, mut time_total) = (0u64, 0f64);
+    for round in 0.. {
+        if round >= tuning.max_rounds {
+            out.stop = "max rounds";
+            break;
+        }
+        let began = Instant::now();
+        let mut bytes = 0;
+        for m in members.iter_mut() {
+            for (i, loaded) in m.subs.iter_mut().enumerate() {
+                let stream = m.first_stream + i as u32;
+                let name = loaded.name.clone();
+                watchdog.doing(format!("plugin {name}: pre-copy round {round} of process {}", m.pid));
+                let stopped = Tracer::seize(m.pid)?;
+                let mut ctx = LiveContext { pid: m.pid, scratch: m.scratch, plugin: &name, watchdog, dirty: &mut m.live.tracker };
+                let mut sink = StreamSink::new(pipe, stream, &name, watchdog);
+                event::precopy_one(loaded, &mut ctx, &mut sink, round, Some(stopped), progress)?;
+                let s = &mut m.live.sent[i];
+                s.records += sink.records;
+                s.bytes += sink.bytes;
+                s.page_bytes += sink.page_bytes;
+                bytes += sink.bytes;
+            }
+        }
+        pipe.flush().map_err(|e| EventError::Failed(format!("sending pre-copy round {round}: {e}")))?;
+        let ms = event::ms(began);
+        out.rounds.push(Round { bytes, ms });
+        crate::fault::point("precopy-round");
+        sent_total += bytes;
+        time_total += ms;
+        if round == 0 {
+            continue;
+        }
+        let previous = &out.rounds[round as usize - 1];
+        let rate = bytes as f64 / previous.ms.max(0.1);
+        let speed = sent_total as f64 / time_total.max(0.1);
+        if rate * ms / speed <= tuning.budget.as_secs_f64() * 1000.0 {
+            out.stop = "converged";
+            break;
+        }
+        if round + 1 >= tuning.max_rounds {
+            out.stop = "max rounds";
+            break;
+        }
+        if bytes as f64 >= 0.9 * previous.bytes as f64 {
+            out.stop = "not shrinking";
+            break;
+        }
+    }
+    Ok(out)
+}

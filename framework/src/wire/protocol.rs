@@ -38,6 +38,9 @@
 //!                                            <-  ready, or failed { reason }
 //!   (only now touches the process)
 //!   plan { process, plugins }                ->
+//!   or tree-plan { inventory } (a process with children: every process with its
+//!      parent, streams, group and shared fds; the plugins' counts still 0; post-copy's
+//!      want/present requests then name their process: { pid }) ->
 //!   the subsystems' streams (pushdata)       ->
 //!   flush                                    ->
 //!                                                (rebuilds the process, held stopped)

@@ -32,64 +32,72 @@ impl Tracer {
 
     /// Answers the stops of a process running traced, without waiting: signals go on
     /// to it, new threads are taken in, exited ones forgotten, forked children held.
-    /// Answers whether the process still lives.
+    /// Answers whether the process still lives. Only for a thread that traces no other
+    /// running process (see [`tend_all`]).
     pub fn tend(&mut self) -> Result<bool, TraceError> {
-        loop {
-            let mut status = 0;
-            // SAFETY: waitpid with a valid out-pointer; __WNOTHREAD: only this thread's tracees.
-            let tid = unsafe { libc::waitpid(-1, &mut status, libc::__WALL | libc::__WNOTHREAD | libc::WNOHANG) };
-            if tid <= 0 {
-                return Ok(!self.threads.is_empty());
-            }
-            if libc::WIFEXITED(status) || libc::WIFSIGNALED(status) {
-                self.threads.remove(&tid);
-                self.held.retain(|&c| c != tid);
-                continue;
-            }
-            if !libc::WIFSTOPPED(status) {
-                continue;
-            }
-            if !self.threads.contains_key(&tid) {
-                // Its first stop may come before the event of the call that made it: a
-                // new thread goes on, a forked child is held.
-                if thread_group(tid) == Some(self.pid) {
-                    if let Some(regs) = self.threads.get(&self.pid).map(|t| t.regs) {
-                        self.threads.insert(tid, Thread::new(regs));
-                    }
-                    let _ = ptrace(libc::PTRACE_CONT, tid, 0, 0, "PTRACE_CONT");
-                } else if !self.held.contains(&tid) {
-                    self.held.push(tid);
-                }
-                continue;
-            }
-            let sig = match event_of(status) {
-                libc::PTRACE_EVENT_FORK => {
-                    let mut msg: libc::c_ulong = 0;
-                    ptrace(libc::PTRACE_GETEVENTMSG, tid, 0, &mut msg as *mut _ as usize, "PTRACE_GETEVENTMSG")?;
-                    let child = msg as pid_t;
-                    if !self.held.contains(&child) {
-                        self.held.push(child);
-                    }
-                    self.forked.push(child);
-                    0
-                }
-                0 => libc::WSTOPSIG(status),
-                libc::PTRACE_EVENT_CLONE => {
-                    let mut msg: libc::c_ulong = 0;
-                    ptrace(libc::PTRACE_GETEVENTMSG, tid, 0, &mut msg as *mut _ as usize, "PTRACE_GETEVENTMSG")?;
-                    // Its registers are never put back (only the list of threads matters
-                    // now): the parent's stand in.
-                    if let Some(regs) = self.threads.get(&tid).map(|t| t.regs) {
-                        self.threads.insert(msg as pid_t, Thread::new(regs));
-                    }
-                    0
-                }
-                // A new thread's first stop, a group stop, an exec: carry on.
-                _ => 0,
-            };
-            // A thread may have exited between its stop and this call.
-            let _ = ptrace(libc::PTRACE_CONT, tid, 0, sig as usize, "PTRACE_CONT");
+        while let Some((tid, status)) = next_stop() {
+            self.answer(tid, status)?;
         }
+        Ok(self.has_threads())
+    }
+
+    /// Whether any thread of the process is left.
+    pub fn has_threads(&self) -> bool {
+        !self.threads.is_empty()
+    }
+
+    /// Answers one stop (or exit) of thread `tid`, one of this process's or a child
+    /// it forked.
+    fn answer(&mut self, tid: pid_t, status: i32) -> Result<(), TraceError> {
+        if libc::WIFEXITED(status) || libc::WIFSIGNALED(status) {
+            self.threads.remove(&tid);
+            self.held.retain(|&c| c != tid);
+            return Ok(());
+        }
+        if !libc::WIFSTOPPED(status) {
+            return Ok(());
+        }
+        if !self.threads.contains_key(&tid) {
+            // Its first stop may come before the event of the call that made it: a
+            // new thread goes on, a forked child is held.
+            if thread_group(tid) == Some(self.pid) {
+                if let Some(regs) = self.threads.get(&self.pid).map(|t| t.regs) {
+                    self.threads.insert(tid, Thread::new(regs));
+                }
+                let _ = ptrace(libc::PTRACE_CONT, tid, 0, 0, "PTRACE_CONT");
+            } else if !self.held.contains(&tid) {
+                self.held.push(tid);
+            }
+            return Ok(());
+        }
+        let sig = match event_of(status) {
+            libc::PTRACE_EVENT_FORK => {
+                let mut msg: libc::c_ulong = 0;
+                ptrace(libc::PTRACE_GETEVENTMSG, tid, 0, &mut msg as *mut _ as usize, "PTRACE_GETEVENTMSG")?;
+                let child = msg as pid_t;
+                if !self.held.contains(&child) {
+                    self.held.push(child);
+                }
+                self.forked.push(child);
+                0
+            }
+            0 => libc::WSTOPSIG(status),
+            libc::PTRACE_EVENT_CLONE => {
+                let mut msg: libc::c_ulong = 0;
+                ptrace(libc::PTRACE_GETEVENTMSG, tid, 0, &mut msg as *mut _ as usize, "PTRACE_GETEVENTMSG")?;
+                // Its registers are never put back (only the list of threads matters
+                // now): the parent's stand in.
+                if let Some(regs) = self.threads.get(&tid).map(|t| t.regs) {
+                    self.threads.insert(msg as pid_t, Thread::new(regs));
+                }
+                0
+            }
+            // A new thread's first stop, a group stop, an exec: carry on.
+            _ => 0,
+        };
+        // A thread may have exited between its stop and this call.
+        let _ = ptrace(libc::PTRACE_CONT, tid, 0, sig as usize, "PTRACE_CONT");
+        Ok(())
     }
 
     /// The children forked since the last call (see [`Tracer::tend`]).
@@ -152,4 +160,42 @@ impl Tracer {
         self.threads.clear();
         Ok(())
     }
+}
+
+/// The next stop or exit of a tracee of this thread, without waiting.
+fn next_stop() -> Option<(pid_t, i32)> {
+    let mut status = 0;
+    // SAFETY: waitpid with a valid out-pointer; __WNOTHREAD: only this thread's tracees.
+    let tid = unsafe { libc::waitpid(-1, &mut status, libc::__WALL | libc::__WNOTHREAD | libc::WNOHANG) };
+    (tid > 0).then_some((tid, status))
+}
+
+/// The parent of `pid` (field 4 of its stat).
+fn parent_of(pid: pid_t) -> Option<pid_t> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat[stat.rfind(')')? + 1..].split_whitespace().nth(1)?.parse().ok()
+}
+
+/// [`Tracer::tend`] for several processes running traced by this thread (a tree's,
+/// in post-copy): each stop goes to the process whose thread or forked child stopped.
+pub fn tend_all(tracers: &mut [&mut Tracer]) -> Result<(), TraceError> {
+    while let Some((tid, status)) = next_stop() {
+        let group = thread_group(tid);
+        let owner = tracers
+            .iter()
+            .position(|t| Some(t.pid) == group || t.threads.contains_key(&tid) || t.held.contains(&tid))
+            .or_else(|| {
+                let parent = thread_group(parent_of(tid)?)?;
+                tracers.iter().position(|t| t.pid == parent)
+            });
+        match owner {
+            Some(k) => tracers[k].answer(tid, status)?,
+            // Nobody's (gone as it was looked at): let it go on.
+            None if libc::WIFSTOPPED(status) => {
+                let _ = ptrace(libc::PTRACE_CONT, tid, 0, 0, "PTRACE_CONT");
+            }
+            None => {}
+        }
+    }
+    Ok(())
 }
