@@ -335,5 +335,6 @@ pub(super) fn migrate_tree(
         throttle: 0,
         resumed_ms: lazy.then_some(frozen_ms),
         lazy: lazy_stats,
+        phases: Vec::new(),
     })
 }
