@@ -241,6 +241,8 @@ fn bash_with_a_background_job_migrates_and_its_wait_still_waits_for_it() {
 
 #[test]
 fn a_tree_whose_destination_dies_before_the_commit_runs_on_whole_with_nothing_left() {
+    // (After the commit point of a post-copy, see
+    // a_tree_whose_destination_dies_after_its_copies_ran_is_lost_whole_and_said_so.)
     if !needs_root(ROOT) {
         return;
     }
@@ -255,8 +257,6 @@ fn a_tree_whose_destination_dies_before_the_commit_runs_on_whole_with_nothing_le
         ("before-commit", "freezer", "pre-copy"),
         ("before-commit", "ptrace", "post-copy"),
         ("before-commit", "ptrace", "hybrid"),
-        // After the resume, the pages on their way: the copies die with their daemon.
-        ("post-copy-dest-mid", "ptrace", "post-copy"),
     ];
     for (fault, quiesce, strategy) in runs {
         let fault_quiesce = format!("{fault}, {quiesce}, {strategy}");
@@ -290,4 +290,30 @@ fn a_tree_whose_destination_dies_before_the_commit_runs_on_whole_with_nothing_le
         w.terminate_and_check(pid).unwrap();
         assert!(w.lines().iter().any(|l| l == "tree 2 children passed"), "{fault}: {}", w.log_text());
     }
+}
+
+#[test]
+fn a_tree_whose_destination_dies_after_its_copies_ran_is_lost_whole_and_said_so() {
+    if !needs_root(ROOT) {
+        return;
+    }
+    // The copies ran (their pages on their way) and died with their daemon: the source
+    // tree, whose effects they had, must not run on (it would repeat them). Every
+    // process is gone, and the one line says the tree was lost.
+    let daemon = Daemon::start_with(&[], Some("post-copy-dest-mid"));
+    let w = Workload::spawn(&WorkloadOpts { mem_mib: 4, tick_ms: 5, tree: 2, ..Default::default() });
+    w.wait_ready();
+    let kids = children_of(w.pid);
+    let _kids = KilledAll(kids.clone());
+    let mut all = kids.clone();
+    all.push(w.pid);
+    let o = Command::new(ferry_bin())
+        .args(["migrate", &w.pid.to_string(), "--to", &daemon.addr, "--json", "--strategy", "post-copy"])
+        .output()
+        .unwrap();
+    fails_with(&o, &[&format!("the tree of process {} was lost", w.pid), "post-copy cannot roll back"]);
+    wait_until("the daemon to die at its fault point", Duration::from_secs(30), || !pid_alive(daemon.pid()));
+    let log = w.log.to_str().unwrap().to_string();
+    wait_until("no process of the tree anywhere", Duration::from_secs(30), || processes_mentioning(&log).is_empty());
+    ferry_tests::assert_no_residue(&all, None);
 }

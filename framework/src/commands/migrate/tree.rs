@@ -35,6 +35,17 @@ fn let_go_all(mut frozen: Vec<(Tracer, i32)>) {
     tree::let_go(frozen);
 }
 
+/// A lazy migration of a tree that failed past its commit point: the copies may have
+/// run, so no source process runs again (as one process's `lose`).
+fn lose_all(frozen: Vec<(Tracer, i32)>, freezer: Option<Freezer>, req: &MigrateRequest, why: String) -> EventError {
+    for (t, _) in frozen {
+        t.kill();
+    }
+    drop(freezer);
+    crate::trace::mark("lost: source tree killed");
+    failed(format!("the tree of process {} was lost: {why}; post-copy cannot roll back once the copies may have run", req.pid))
+}
+
 /// Ends the dirty tracking of every process (pre-copy).
 fn stop_tracking(lives: Vec<Live>) {
     for l in lives {
@@ -266,10 +277,23 @@ pub(super) fn migrate_tree(
     };
     let medium = medium.as_mut().expect("checked above");
     crate::trace::mark("rebuilt: commit");
-    // From the commit on, should this ferry die, the copies over there run: the source
-    // processes must not run on here too. Not with post-copy, whose copies cannot go on
-    // without this ferry: the source tree carries on then, and the copies are killed.
-    for (t, _) in frozen.iter_mut().filter(|_| !lazy) {
+    // The commit point, as for one process (protocol.rs): stop-copy's is the commit
+    // sent; post-copy's, the destination's `Ready` (its copies held stopped), after
+    // which the source tree never runs again and the copies are let run (`Run`). From
+    // it, should this ferry die, the kernel kills every source process.
+    if lazy {
+        match send_verdict(medium, &Verdict::Commit).and_then(|_| verdict(medium, &pids, req.timeout)) {
+            Ok(Verdict::Ready) => {}
+            other => {
+                let why = unexpected(other);
+                let e = abort(Some(medium), failed(format!("the destination did not take the tree ({why}); it runs on here")));
+                stop_tracking(lives);
+                let_go_all(frozen);
+                return Err(e);
+            }
+        }
+    }
+    for (t, _) in frozen.iter_mut() {
         if let Err(e) = t.die_with_ferry() {
             let e = abort(Some(medium), e.into());
             stop_tracking(lives);
@@ -277,11 +301,21 @@ pub(super) fn migrate_tree(
             return Err(e);
         }
     }
-    let released = send_verdict(medium, &Verdict::Commit).map(|_| crate::fault::point("commit-sent")).and_then(|_| verdict(medium, &pids, req.timeout));
+    let released = if lazy {
+        crate::trace::mark("ready: committed");
+        send_verdict(medium, &Verdict::Run)
+    } else {
+        send_verdict(medium, &Verdict::Commit)
+    };
+    let released = released.map(|_| crate::fault::point("commit-sent")).and_then(|_| verdict(medium, &pids, req.timeout));
     let frozen_ms = event::ms(frozen_at);
     stop_tracking(lives);
     match released {
         Ok(Verdict::Released) => {}
+        other if lazy => {
+            let why = unexpected(other);
+            return Err(lose_all(frozen, freezer, req, format!("its copies on {} were let run and the destination did not confirm it ({why})", req.to)));
+        }
         other => {
             let_go_all(frozen);
             let why = unexpected(other);
@@ -293,13 +327,8 @@ pub(super) fn migrate_tree(
         match serve_tree_until_message(medium, &pids, req.timeout, true) {
             Ok(msg) if msg["type"] == "lazy-done" => serde_json::from_value::<LazyStats>(msg["stats"].clone()).ok(),
             other => {
-                let_go_all(frozen);
-                drop(freezer);
                 let why = unexpected(other);
-                return Err(failed(format!(
-                    "the connection failed during post-copy ({why}): the destination's copies are killed; the tree of process {} carries on here from the freeze",
-                    req.pid
-                )));
+                return Err(lose_all(frozen, freezer, req, format!("its copies on {} ran and then died before all their pages arrived ({why})", req.to)));
             }
         }
     } else {

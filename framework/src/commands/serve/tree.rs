@@ -111,7 +111,26 @@ pub(super) fn serve_tree(
     match recv_verdict(medium, timeout) {
         Ok(Verdict::Commit) if pagers.iter().any(Option::is_some) => {
             crate::fault::point("commit-received");
-            lazy_commit(held, pagers, medium, timeout, record, end)
+            // The copies run only once the source gave itself up (protocol.rs): `Ready`
+            // is its commit point, `Run` says it was reached.
+            if let Err(e) = send_verdict(medium, &Verdict::Ready) {
+                abort_all(held);
+                return end(record, "rolled back", e);
+            }
+            match recv_verdict(medium, timeout) {
+                Ok(Verdict::Run) => {
+                    crate::fault::point("run-received");
+                    lazy_commit(held, pagers, medium, timeout, record, end)
+                }
+                Ok(other) => {
+                    abort_all(held);
+                    end(record, "rolled back", format!("the source said {other:?}"))
+                }
+                Err(e) => {
+                    abort_all(held);
+                    end(record, "failed", format!("no word from the source after `ready` ({e}): the tree here, which never ran, is killed; the source, if it took `ready`, is gone too"))
+                }
+            }
         }
         Ok(Verdict::Commit) => {
             crate::fault::point("commit-received");
