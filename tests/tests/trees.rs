@@ -1,10 +1,10 @@
 //! Processes with children. A checkpoint takes the process and all its descendants,
 //! frozen together, and a restore makes each child again as its parent's own (`wait`
 //! works); what the processes of a tree share that ferry carries only within one
-//! process (an open file description, a pipe, shared memory) is refused, and so is a
-//! zombie. A migration does not carry trees yet: it refuses a process with a child
-//! (running, stopped or a zombie) with one line naming both, before the process is
-//! touched. Never a success that leaves a child behind.
+//! process (shared memory, a socket) is refused, and so is a zombie (pipes between
+//! them are carried: `tree_sharing.rs`). A migration does not carry trees yet: it
+//! refuses a process with a child (running, stopped or a zombie) with one line naming
+//! both, before the process is touched. Never a success that leaves a child behind.
 
 use std::{
     path::Path,
@@ -460,15 +460,6 @@ fn tree_refused(py: &Killed, kid: &Killed, what: &str) {
         assert!(pid_alive(p) && matches!(state(p).as_str(), "S" | "R"), "process {p} runs on: {}", state(p));
         assert_eq!(residue(p), Vec::<String>::new());
     }
-}
-
-#[test]
-fn a_pipe_between_parent_and_child_is_refused_naming_both() {
-    if !needs_root(ROOT) {
-        return;
-    }
-    let (py, kid) = python_pair("r, w = os.pipe()", "os.close(r); os.write(w, b'in flight')", "os.close(w)");
-    tree_refused(&py, &kid, "pipes between processes are not carried yet");
 }
 
 #[test]

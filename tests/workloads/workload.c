@@ -2236,9 +2236,75 @@ static void verify_seccomp(void)
 #define TREE_WORDS (1024 * 1024 / 8)
 static long opt_tree;
 
+/* --tree-pipes: the children in a ring of pipes, child k writing pipe k (fd 101) and
+ * reading pipe k-1 (fd 100), each made before the first fork and closed by the parent,
+ * so that each end is in one process only. Every tick a child writes up to RING_BURST
+ * words (k << 48 | its count; O_NONBLOCK, up to a full pipe) and reads half as many:
+ * the pipes fill, and bytes are in flight at any moment. The reader checks each word
+ * is the next of its writer's (a byte lost or read twice breaks the sequence), the
+ * writer that its pipe has the size it set (32 KiB or 128 KiB, not the default). At a
+ * failure the child exits with the code of the check (4 size, 5 write, 6 read or end
+ * of file, 7 sequence). */
+#define RING_BURST 64
+static int opt_tree_pipes;
+static int ring[TREE_MAX][2];
+
+static int ring_size(long k)
+{
+    return k % 2 ? 128 * 1024 : 32 * 1024;
+}
+
+static void setup_ring(void)
+{
+    for (long k = 0; k < opt_tree; k++) {
+        if (pipe2(ring[k], O_NONBLOCK | O_CLOEXEC) != 0)
+            die("ring pipe2");
+        if (fcntl(ring[k][1], F_SETPIPE_SZ, ring_size(k)) != ring_size(k))
+            die("ring F_SETPIPE_SZ");
+    }
+}
+
+static int ring_tick(long k, uint64_t *sent, uint64_t *got)
+{
+    const int in = 100, out = 101;
+    if (fcntl(out, F_GETPIPE_SZ) != ring_size(k))
+        return 4;
+    for (int i = 0; i < RING_BURST; i++) {
+        uint64_t v = ((uint64_t)k << 48) | *sent;
+        ssize_t n = write(out, &v, sizeof v);
+        if (n < 0 && errno == EAGAIN)
+            break;
+        if (n != sizeof v)
+            return 5;
+        (*sent)++;
+    }
+    uint64_t prev = (uint64_t)((k + opt_tree - 1) % opt_tree);
+    for (int i = 0; i < RING_BURST / 2; i++) {
+        uint64_t v;
+        ssize_t n = read(in, &v, sizeof v);
+        if (n < 0 && errno == EAGAIN)
+            break;
+        if (n != sizeof v)
+            return 6;
+        if (v != ((prev << 48) | *got))
+            return 7;
+        (*got)++;
+    }
+    return 0;
+}
+
 static void tree_child(long k)
 {
-    syscall(SYS_close_range, 0U, ~0U, 0U);
+    if (opt_tree_pipes) {
+        /* Only this child's two ends, at 100 and 101, blocking-free, kept over exec never. */
+        if (dup3(ring[(k + opt_tree - 1) % opt_tree][0], 100, O_CLOEXEC) != 100 || dup3(ring[k][1], 101, O_CLOEXEC) != 101)
+            _exit(3);
+        syscall(SYS_close_range, 0U, 99U, 0U);
+        syscall(SYS_close_range, 102U, ~0U, 0U);
+    } else {
+        syscall(SYS_close_range, 0U, ~0U, 0U);
+    }
+    uint64_t sent = 0, got = 0;
     uint64_t *own = mmap(NULL, TREE_WORDS * 8, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (own == MAP_FAILED)
         _exit(3);
@@ -2256,6 +2322,9 @@ static void tree_child(long k)
                 if (mem[p * WORDS_PER_PAGE + w] != pattern(1, p * WORDS_PER_PAGE + w, pseed))
                     _exit(1);
         }
+        int ring_failed = opt_tree_pipes ? ring_tick(k, &sent, &got) : 0;
+        if (ring_failed)
+            _exit(ring_failed);
         struct timespec req = {opt_tick_ms / 1000, (opt_tick_ms % 1000) * 1000000L};
         clock_nanosleep(CLOCK_MONOTONIC, 0, &req, NULL);
     }
@@ -2264,6 +2333,8 @@ static void tree_child(long k)
 
 static void setup_tree(void)
 {
+    if (opt_tree_pipes)
+        setup_ring();
     for (long k = 0; k < opt_tree; k++) {
         pid_t c = fork();
         if (c < 0)
@@ -2271,7 +2342,11 @@ static void setup_tree(void)
         if (c == 0)
             tree_child(k);
     }
-    logf_("tree %ld children", opt_tree);
+    for (long k = 0; opt_tree_pipes && k < opt_tree; k++) {
+        close(ring[k][0]);
+        close(ring[k][1]);
+    }
+    logf_("tree %ld children%s", opt_tree, opt_tree_pipes ? " in a ring of pipes" : "");
 }
 
 /* The pids of this thread's children, from /proc; answers how many (-1: unreadable). */
@@ -2308,7 +2383,7 @@ static void tree_tick(void)
     int status;
     pid_t r = waitpid(-1, &status, WNOHANG);
     if (r > 0)
-        fail("tree: child %d exited early (status %#x; 1: its memory check failed)", (int)r, status);
+        fail("tree: child %d exited early (status %#x; 1: its memory check failed, 4-7: its pipe ring check failed)", (int)r, status);
     else if (r < 0)
         fail("tree: waitpid: %s (its children are not its own)", strerror(errno));
     pid_t kids[TREE_MAX];
@@ -2334,7 +2409,7 @@ static void verify_tree(void)
         if (r < 0)
             FAIL_RET("tree: reaping child %ld of %ld: %s", i + 1, n, strerror(errno));
         if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
-            FAIL_RET("tree: child %d ended with status %#x (1: its memory check failed)", (int)r, status);
+            FAIL_RET("tree: child %d ended with status %#x (1: its memory check failed, 4-7: its pipe ring check failed)", (int)r, status);
     }
     logf_("tree %ld children passed", n);
 }
@@ -2869,7 +2944,7 @@ static void verify_notify(void)
 static void usage(void)
 {
     fprintf(stderr, "usage: workload --log PATH [--dir DIR] [--mem-mib N] [--threads N] [--tick-ms N]"
-                    " [--dirty-pages N] [--churn] [--move-mem] [--fork-check] [--rseq] [--process-state] [--seccomp] [--shared-anon] [--event-fds] [--listen] [--creds] [--mm-flags] [--mm-sealed] [--shared-twice] [--locks] [--tree N] [--no-files]"
+                    " [--dirty-pages N] [--churn] [--move-mem] [--fork-check] [--rseq] [--process-state] [--seccomp] [--shared-anon] [--event-fds] [--listen] [--creds] [--mm-flags] [--mm-sealed] [--shared-twice] [--locks] [--tree N [--tree-pipes]] [--no-files]"
                     " [--inotify] [--fanotify] [--pidfd] [--pidfd-other]"
                     " [--self-trap] [--single-step] [--watchpoint] [--sigtrap-pending] [--vdso-moved] [--vdso-unmapped] [--vdso-moved-whole]"
                     " [--del-cwd] [--del-dev] [--del-sock] [--epoll-closed] [--epoll-orphan] [--chroot]\n");
@@ -2922,6 +2997,7 @@ int main(int argc, char **argv)
             {"--epoll-orphan", &opt_epoll_orphan, 1}, {"--chroot", &opt_chroot, 1},
             {"--mapped-deleted", &opt_mapped_deleted, 1}, {"--memfd-map", &opt_memfd_map, 1},
             {"--memfd-fd", &opt_memfd_fd, 1},
+            {"--tree-pipes", &opt_tree_pipes, 1},
         };
         int flag = 0;
         for (size_t f = 0; f < sizeof flags / sizeof flags[0] && !flag; f++)
@@ -2951,7 +3027,7 @@ int main(int argc, char **argv)
         else
             usage();
     }
-    if (!opt_log || (opt_files && !opt_dir) || (opt_tree && opt_fork_check))
+    if (!opt_log || (opt_files && !opt_dir) || (opt_tree && opt_fork_check) || (opt_tree_pipes && opt_tree < 2))
         usage();
 
     log_fd = open(opt_log, O_WRONLY | O_APPEND | O_CREAT, 0644);

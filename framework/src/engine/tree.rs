@@ -52,6 +52,13 @@ pub fn write_tree(
         let scratch = tracer.map_scratch(0).map_err(|e| in_process(e.into()))?;
         mapped(pid, scratch);
         let mut shared = SharedTable::default();
+        // A pipe an earlier process holds an end of is written (with its bytes) by
+        // that one; here its ends are placeholders, given that one's pipe at restore.
+        for s in shared_fds.iter().filter(|s| s.pid == pid) {
+            if let Some(id) = &s.pipe {
+                shared.claimed_by("pipe", id, s.from);
+            }
+        }
         {
             let mut ctx = ExternalContext::new(&mut *tracer, &mut shared, "ferry", watchdog);
             event::setup_all(&mut subs, &mut ctx, EventKind::Checkpoint).map_err(in_process)?;
@@ -86,7 +93,11 @@ pub fn write_tree(
         let mut entry = process_entry(tracer, scratch);
         (entry.parent, entry.streams) = (*parent, streams);
         (entry.pgid, entry.sid) = crate::kernel::tree::group_and_session(pid).unwrap_or((0, 0));
-        entry.shared_fds = shared_fds.iter().filter(|s| s.0 == pid).map(|&(_, fd, from, from_fd)| SharedFd { fd, from, from_fd }).collect();
+        entry.shared_fds = shared_fds
+            .iter()
+            .filter(|s| s.pid == pid)
+            .map(|s| SharedFd { fd: s.fd, from: s.from, from_fd: s.from_fd, reopen: s.reopen })
+            .collect();
         inventory.processes.push(entry);
     }
     let encoded = inventory.encode()?;
@@ -134,7 +145,7 @@ pub fn restore_tree(
             if plugin != FILES_PLUGIN {
                 return Ok(());
             }
-            sources.iter().try_for_each(|&(f, from)| take_description(tracer, f, from))
+            sources.iter().try_for_each(|&(f, from)| if f.reopen { reopen_end(tracer, f, from) } else { take_description(tracer, f, from) })
         };
         match rebuild_with(manager, medium, &plan, true, blanks[k].take(), watchdog, started, progress, &mut take_shared) {
             Ok(h) => held.push(h),
@@ -225,6 +236,47 @@ fn take_description(tracer: &mut Tracer, f: SharedFd, from: i32) -> Result<(), E
         return Err(fail("dup3", r));
     }
     Ok(())
+}
+
+/// Makes fd `f.fd` of the process being rebuilt a new end of the pipe or FIFO that fd
+/// `f.from_fd` of process `from` (rebuilt before, held stopped, its pipe holding the
+/// unread bytes) is an end of, with the flags the files plugin gave the placeholder
+/// there: ferry opens `/proc/FROM/fd/N` (a pipe's magic link opens the pipe itself)
+/// and the process takes it from ferry as [`take_description`] does.
+fn reopen_end(tracer: &mut Tracer, f: SharedFd, from: i32) -> Result<(), EventError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::io::AsRawFd;
+    let pid = tracer.pid();
+    let fail = |what: String| {
+        EventError::Refused(format!(
+            "process {pid}: opening fd {} on the pipe of process {from}'s fd {} (a pipe between them): {what}",
+            f.fd, f.from_fd
+        ))
+    };
+    let flags = tracer.inject(pid, libc::SYS_fcntl, [f.fd as u64, libc::F_GETFL as u64, 0, 0, 0, 0])?;
+    if flags < 0 {
+        return Err(fail(format!("the files plugin left no such fd: {}", std::io::Error::from_raw_os_error(-flags as i32))));
+    }
+    let flags = flags as i32;
+    let path = format!("/proc/{from}/fd/{}", f.from_fd);
+    let open = |read: bool, write: bool| {
+        std::fs::OpenOptions::new()
+            .read(read)
+            .write(write)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+            .open(&path)
+            .map_err(|e| fail(format!("opening {path}: {e}")))
+    };
+    // A non-blocking open for writing fails with no reader: hold one meanwhile.
+    let _reader = open(true, false)?;
+    let mode = flags & libc::O_ACCMODE;
+    let end = open(mode != libc::O_WRONLY, mode != libc::O_RDONLY)?;
+    // SAFETY: fcntl on a file of ours, integer flags.
+    if unsafe { libc::fcntl(end.as_raw_fd(), libc::F_SETFL, flags) } != 0 {
+        return Err(fail(format!("F_SETFL {flags:#o}: {}", std::io::Error::last_os_error())));
+    }
+    let me = std::process::id() as i32;
+    take_description(tracer, SharedFd { fd: f.fd, from: me, from_fd: end.as_raw_fd(), reopen: false }, me)
 }
 
 /// Lets every rebuilt process of a tree run, children first (a parent that runs finds

@@ -1,7 +1,7 @@
 //! A process and its descendants: found from `/proc/PID/task/*/children`, frozen
 //! together, and checked for what they share: open file descriptions (carried: found
-//! here), and what ferry does not carry between processes yet (a pipe between two of
-//! them, shared anonymous memory, a deleted file or memfd mapped and written through,
+//! here), pipes and FIFOs between them (carried: the ends found here), and what ferry
+//! does not carry between processes yet (shared anonymous memory, a deleted file or memfd mapped and written through,
 //! an address space, fd table or signal handlers, a
 //! process group or session other than the parent's).
 
@@ -127,15 +127,30 @@ fn deleted_objects(pid: pid_t) -> Vec<Gone> {
     found
 }
 
-/// An fd of a process of the tree whose open file description an earlier process
-/// holds too: (process, fd, earlier process, its fd).
-pub type Shared = (pid_t, i32, pid_t, i32);
+/// An fd of a process of the tree that an earlier process holds too: the same open
+/// file description (inherited over fork), or (`pipe`) another end of the same pipe or
+/// FIFO (`a | b`: one writes, the other reads), which that process restores with its
+/// unread bytes and this one opens again.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Shared {
+    pub pid: pid_t,
+    pub fd: i32,
+    /// The earlier process and its fd.
+    pub from: pid_t,
+    pub from_fd: i32,
+    /// A pipe or FIFO's identity (`dev:ino`, as the files plugin claims it): `from`
+    /// restores it with its bytes, so this process's files plugin must not write them.
+    pub pipe: Option<String>,
+    /// Not the same description: another end of the pipe `from_fd` is an end of.
+    pub reopen: bool,
+}
 
 /// Finds the open file descriptions shared between processes of the tree (`pids`,
-/// parents first), each answered once per holder after the first, with the first; and
-/// refuses what ferry carries only within one process, with one line naming both
-/// processes and the resource: a shared socket or locked description, a pipe between
-/// two of them, shared anonymous memory, an address space, fd table or signal handlers.
+/// parents first), each answered once per holder after the first, with the first, and
+/// the ends of a pipe or FIFO an earlier process holds another end of, answered with
+/// the first such end; and refuses what ferry carries only within one process, with
+/// one line naming both processes and the resource: a shared socket or locked
+/// description, shared anonymous memory, an address space, fd table or signal handlers.
 pub fn check_shared(pids: &[pid_t]) -> Result<Vec<Shared>, TraceError> {
     let refuse = |pid: pid_t, why: String| Err(TraceError::Unsuitable { pid, why });
     let fds: Vec<Vec<(i64, u64, u64, u32)>> = pids.iter().map(|&p| fds(p)).collect();
@@ -187,10 +202,12 @@ pub fn check_shared(pids: &[pid_t]) -> Result<Vec<Shared>, TraceError> {
                     if info.lines().any(|l| l.starts_with("lock:")) {
                         return refuse(b, format!("sharing fd {fd}'s open file description, which holds a lock, with process {a} (its fd {afd}); locks on a description shared between processes are not carried yet"));
                     }
-                    shared.push((b, fd as i32, a, afd as i32))
+                    let pipe = (kind == libc::S_IFIFO).then(|| format!("{dev}:{ino}"));
+                    shared.push(Shared { pid: b, fd: fd as i32, from: a, from_fd: afd as i32, pipe, reopen: false });
                 }
                 (None, Some((a, afd))) if kind == libc::S_IFIFO => {
-                    return refuse(b, format!("holding a pipe (fd {fd}) whose other end process {a} holds (its fd {afd}); pipes between processes are not carried yet"));
+                    let pipe = Some(format!("{dev}:{ino}"));
+                    shared.push(Shared { pid: b, fd: fd as i32, from: a, from_fd: afd as i32, pipe, reopen: true });
                 }
                 _ => {}
             }

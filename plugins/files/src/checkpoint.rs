@@ -48,8 +48,10 @@ enum Job {
     /// A description; `source` is an fd of the target to read its contents from.
     Desc { desc: Desc, source: Option<i32> },
     /// A pipe; `source` is an fd of the target whose description reads the pipe
-    /// (else one is opened through /proc).
-    Pipe { rec: PipeRec, read_end: Option<i32>, any_fd: i32 },
+    /// (else one is opened through /proc). `elsewhere`: an earlier process of the
+    /// tree claimed it and writes its bytes; here it is a placeholder without them,
+    /// whose ends the framework replaces with that process's pipe at restore.
+    Pipe { rec: PipeRec, read_end: Option<i32>, any_fd: i32, elsewhere: bool },
     /// Contents still to emit from `file` (owned here, closed on drop).
     Data { file: OwnedFd, off: u64, remaining: u64, kind: &'static str, what: String },
 }
@@ -190,6 +192,16 @@ fn timerfd_expirations(tfd: &OwnedFd, what: &str) -> Result<(u64, [i64; 2]), Str
     Ok((count, [its.it_value.tv_sec, its.it_value.tv_nsec]))
 }
 
+/// The size (`F_GETPIPE_SZ`) of the pipe `src` is an end of.
+fn pipe_size(src: &OwnedFd, what: &str) -> Result<u64, String> {
+    // SAFETY: fcntl on an fd we own.
+    let size = unsafe { libc::fcntl(src.as_raw_fd(), libc::F_GETPIPE_SZ) };
+    if size <= 0 {
+        return Err(os_err(format_args!("{what}: F_GETPIPE_SZ")));
+    }
+    Ok(size as u64)
+}
+
 /// The bytes queued in the pipe read by `src`, without consuming them: `tee` into a
 /// pipe of our own as large as the source, then read that. Answers (pipe size, bytes).
 fn peek_pipe(src: &OwnedFd, what: &str) -> Result<(u64, Vec<u8>), String> {
@@ -326,7 +338,7 @@ impl Checkpoint {
                 }
                 Ok(0)
             }
-            Job::Pipe { mut rec, read_end, any_fd } => {
+            Job::Pipe { mut rec, read_end, any_fd, elsewhere } => {
                 let what = format!(
                     "{} of {}",
                     rec.label(),
@@ -336,7 +348,7 @@ impl Checkpoint {
                     Some(fd) => reader(ctx, fd, libc::O_RDONLY as u32)?,
                     None => reader(ctx, any_fd, libc::O_WRONLY as u32)?,
                 };
-                let (size, data) = peek_pipe(&src, &what)?;
+                let (size, data) = if elsewhere { (pipe_size(&src, &what)?, Vec::new()) } else { peek_pipe(&src, &what)? };
                 drop(src);
                 rec.size = size;
                 rec.data_len = data.len() as u64;
@@ -435,7 +447,7 @@ impl Checkpoint {
         let by_fd: HashMap<i32, &FdEntry> = entries.iter().map(|e| (e.fd, e)).collect();
 
         let mut descs = Vec::new();
-        let mut pipes: Vec<(PipeRec, Option<i32>, i32)> = Vec::new();
+        let mut pipes: Vec<(PipeRec, Option<i32>, i32, bool)> = Vec::new();
         let mut pipe_index: HashMap<(u64, u64), usize> = HashMap::new();
         let mut with_contents: HashSet<(u64, u64)> = HashSet::new();
         // A deleted file or memfd the process maps too is made again by the memory
@@ -468,24 +480,21 @@ impl Checkpoint {
                     let i = match pipe_index.get(&key) {
                         Some(&i) => i,
                         None => {
+                            // Taken: a pipe between processes of a tree, whose bytes the
+                            // earlier process writes (the framework claimed it for it).
                             let id = format!("{}:{}", st.dev, st.ino);
-                            if let SharedClaim::Taken(owner) =
-                                ctx.claim_shared(RStr::from_str("pipe"), RStr::from_str(&id))
-                            {
-                                return Err(format!(
-                                    "fd {} ({}): the pipe is shared with process {owner} of this event: \
-                                     not supported by the files plugin yet",
-                                    first.fd, first.link
-                                ));
-                            }
+                            let elsewhere = matches!(
+                                ctx.claim_shared(RStr::from_str("pipe"), RStr::from_str(&id)),
+                                SharedClaim::Taken(_)
+                            );
                             pipe_index.insert(key, pipes.len());
                             let rec =
                                 PipeRec { ino: st.ino, fifo: fifo.clone(), size: 0, data_len: 0, ends: Vec::new() };
-                            pipes.push((rec, None, first.fd));
+                            pipes.push((rec, None, first.fd, elsewhere));
                             pipes.len() - 1
                         }
                     };
-                    let (rec, read_end, _) = &mut pipes[i];
+                    let (rec, read_end, _, _) = &mut pipes[i];
                     if read_end.is_none() && readable(flags) {
                         *read_end = Some(first.fd);
                     }
@@ -658,8 +667,8 @@ impl Checkpoint {
         for (desc, source) in descs {
             self.jobs.push_back(Job::Desc { desc, source });
         }
-        for (rec, read_end, any_fd) in pipes {
-            self.jobs.push_back(Job::Pipe { rec, read_end, any_fd });
+        for (rec, read_end, any_fd, elsewhere) in pipes {
+            self.jobs.push_back(Job::Pipe { rec, read_end, any_fd, elsewhere });
         }
         Ok(())
     }
