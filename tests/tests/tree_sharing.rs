@@ -1,6 +1,6 @@
 //! What the processes of a tree share, carried once: pipes between them with the bytes
 //! in flight (a C ring of pipes between the workload's children, a real shell
-//! pipeline). Each tree is checkpointed, killed and restored, and checks itself from
+//! pipeline), stream socket pairs between them with their queues both ways. Each tree is checkpointed, killed and restored, and checks itself from
 //! inside; each check is shown to fail when the restored copy is broken on purpose.
 
 use std::{
@@ -32,20 +32,26 @@ impl Drop for KilledAll {
     }
 }
 
-/// The bytes queued in the pipe that `/proc/PID/fd/FD` is an end of (FIONREAD on a
-/// reader of ours: nothing is consumed).
+/// The bytes queued for reading at fd `fd` of `pid` (a pipe or a socket): FIONREAD on
+/// ferry's duplicate of it (`pidfd_getfd`; nothing is consumed); -1 when it cannot.
 fn queued(pid: i32, fd: i32) -> i32 {
-    let Ok(f) = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(format!("/proc/{pid}/fd/{fd}")) else {
-        return -1;
-    };
-    let mut n: libc::c_int = 0;
-    // SAFETY: FIONREAD writes one int of ours.
-    let r = unsafe { libc::ioctl(std::os::unix::io::AsRawFd::as_raw_fd(&f), libc::FIONREAD, &mut n) };
-    if r == 0 {
-        n
-    } else {
-        -1
+    let mut n: libc::c_int = -1;
+    // SAFETY: plain syscalls on integers; FIONREAD writes one int of ours.
+    unsafe {
+        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0) as i32;
+        if pidfd < 0 {
+            return -1;
+        }
+        let dup = libc::syscall(libc::SYS_pidfd_getfd, pidfd, fd, 0) as i32;
+        if dup >= 0 && libc::ioctl(dup, libc::FIONREAD, &mut n) != 0 {
+            n = -1;
+        }
+        if dup >= 0 {
+            libc::close(dup);
+        }
+        libc::close(pidfd);
     }
+    n
 }
 
 /// `ferry checkpoint` then `ferry restore` of the tree of `root`; `killed` runs between
@@ -64,24 +70,27 @@ fn through_image(root: i32, killed: impl FnOnce()) -> (std::collections::BTreeMa
     (pids.iter().map(|(k, v)| (k.parse().unwrap(), v.as_i64().unwrap() as i32)).collect(), shown)
 }
 
-/// The workload with three children in a ring of pipes, once every pipe has bytes in
-/// flight: answers it and its children.
-fn ring() -> (Workload, Vec<i32>) {
-    let w = Workload::spawn(&WorkloadOpts { mem_mib: 1, tick_ms: 5, tree: 3, extra: vec!["--tree-pipes"], ..Default::default() });
+/// The workload with three children in a ring (`--tree-pipes` or `--tree-sockets`),
+/// once every pipe or socket has bytes in flight (at fd `fd` of each child): answers
+/// it and its children.
+fn ring(flag: &'static str, fd: i32) -> (Workload, Vec<i32>) {
+    // A socket's buffer counts each 8-byte write at several hundred bytes: some 250
+    // words fill it; a pipe takes thousands.
+    let least = if flag == "--tree-sockets" { 1024 } else { 4096 };
+    let w = Workload::spawn(&WorkloadOpts { mem_mib: 1, tick_ms: 5, tree: 3, extra: vec![flag], ..Default::default() });
     w.wait_ready();
     let kids = children_of(w.pid);
     assert_eq!(kids.len(), 3, "{kids:?}");
-    // Each child's writes outrun its reader's: the pipes fill.
-    wait_until("bytes in flight in every pipe of the ring", DEADLINE, || kids.iter().all(|&k| queued(k, 101) >= 4096));
+    // Each child's writes outrun its reader's: the queues fill.
+    wait_until("bytes in flight in every pipe or socket of the ring", DEADLINE, || kids.iter().all(|&k| queued(k, fd) >= least));
     (w, kids)
 }
 
 /// The ring through an image: answers the restored root and children, with the tick
-/// the copy starts from.
-fn ring_restored(w: &mut Workload, kids: &[i32]) -> (i32, Vec<i32>, u64) {
+/// the copy starts from; `shown` checks `ferry show`'s text.
+fn ring_restored(w: &mut Workload, kids: &[i32], shown_ok: impl Fn(&str) -> bool) -> (i32, Vec<i32>, u64) {
     let (pids, shown) = through_image(w.pid, || w.reap());
-    // Each child's reading end is another end of the pipe its neighbour writes.
-    assert_eq!(shown.matches("another end of the pipe").count(), 3, "{shown}");
+    assert!(shown_ok(&shown), "{shown}");
     let at = *w.ticks().last().unwrap();
     let new = pids[&w.pid];
     w.adopt(new);
@@ -89,20 +98,72 @@ fn ring_restored(w: &mut Workload, kids: &[i32]) -> (i32, Vec<i32>, u64) {
     (new, new_kids, at)
 }
 
+/// Each child's reading end is another end of the pipe its neighbour writes.
+fn three_pipe_ends(shown: &str) -> bool {
+    shown.matches("another end of the pipe").count() == 3
+}
+
+/// The link of `/proc/PID/fd/FD`: `pipe:[ino]`, `socket:[ino]`.
+fn link(pid: i32, fd: i32) -> String {
+    std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).unwrap().display().to_string()
+}
+
+/// Eight bytes taken from outside from what `victim` reads next at its fd `fd` (a
+/// pipe's reading end, or a socket: its receive queue).
+fn take_a_word(victim: i32, fd: i32) {
+    let word = if link(victim, fd).starts_with("pipe:") {
+        let mut f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(format!("/proc/{victim}/fd/{fd}")).unwrap();
+        let mut word = [0u8; 8];
+        std::io::Read::read_exact(&mut f, &mut word).map(|_| 8).unwrap()
+    } else {
+        // SAFETY: plain syscalls on integers and a buffer of ours.
+        unsafe {
+            let pidfd = libc::syscall(libc::SYS_pidfd_open, victim, 0) as i32;
+            assert!(pidfd >= 0, "pidfd_open {victim}");
+            let sock = libc::syscall(libc::SYS_pidfd_getfd, pidfd, fd, 0) as i32;
+            assert!(sock >= 0, "pidfd_getfd {victim} {fd}");
+            let mut word = [0u8; 8];
+            let n = libc::recv(sock, word.as_mut_ptr().cast(), 8, libc::MSG_DONTWAIT);
+            libc::close(sock);
+            libc::close(pidfd);
+            n
+        }
+    };
+    assert_eq!(word, 8, "a word taken from process {victim}'s fd {fd}");
+}
+
+/// The restored copy of a ring with a word taken from its second child's fd `fd`:
+/// that child exits `code`, which its parent reports in its FAIL.
+fn ring_broken(flag: &'static str, fd: i32, code: i32, what: &str) {
+    let (mut w, kids) = ring(flag, fd);
+    let _originals = KilledAll(kids.clone());
+    let (new, new_kids, _) = ring_restored(&mut w, &kids, |_| true);
+    let _restored = KilledAll(new_kids.clone());
+    let victim = new_kids[1];
+    take_a_word(victim, fd);
+    let at = *w.ticks().last().unwrap();
+    w.wait_ticks(at + 20);
+    let verdict = w.terminate_and_check(new);
+    let want = format!("child {victim} exited early (status {:#x}", code << 8);
+    match verdict {
+        Err(e) if e.starts_with("FAIL") && e.contains(&want) && e.contains(what) => {}
+        other => panic!("the broken copy's verdict: {other:?}, want {want}; output: {}", w.output()),
+    }
+}
+
 #[test]
 fn a_ring_of_pipes_between_children_comes_back_with_its_bytes_in_flight_and_sizes() {
     if !needs_root(ROOT) {
         return;
     }
-    let (mut w, kids) = ring();
+    let (mut w, kids) = ring("--tree-pipes", 101);
     let _originals = KilledAll(kids.clone());
-    let (new, new_kids, at) = ring_restored(&mut w, &kids);
+    let (new, new_kids, at) = ring_restored(&mut w, &kids, three_pipe_ends);
     let _restored = KilledAll(new_kids.clone());
     // Three pipes, not six: each child's ends are of the pipes its neighbours hold.
     for (i, &k) in new_kids.iter().enumerate() {
         let next = new_kids[(i + 1) % 3];
-        let ino = |pid: i32, fd: i32| std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).unwrap();
-        assert_eq!(ino(k, 101), ino(next, 100), "child {k} writes the pipe child {next} reads");
+        assert_eq!(link(k, 101), link(next, 100), "child {k} writes the pipe child {next} reads");
     }
     // Every word in flight at the checkpoint is read once, in order, by each child,
     // which would exit otherwise (the parent checks every tick).
@@ -116,23 +177,42 @@ fn a_word_taken_from_a_restored_ring_pipe_fails_the_check() {
     if !needs_root(ROOT) {
         return;
     }
-    let (mut w, kids) = ring();
-    let _originals = KilledAll(kids.clone());
-    let (new, new_kids, _) = ring_restored(&mut w, &kids);
-    let _restored = KilledAll(new_kids.clone());
-    // Eight bytes the second child was to read next, taken from outside: its sequence
-    // breaks and it exits 7, which its parent reports.
-    let victim = new_kids[1];
-    let mut f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(format!("/proc/{victim}/fd/100")).unwrap();
-    let mut word = [0u8; 8];
-    std::io::Read::read_exact(&mut f, &mut word).unwrap();
-    let at = *w.ticks().last().unwrap();
-    w.wait_ticks(at + 20);
-    let verdict = w.terminate_and_check(new);
-    match verdict {
-        Err(e) if e.starts_with("FAIL") && e.contains(&format!("child {victim} exited early (status 0x700")) && e.contains("pipe ring") => {}
-        other => panic!("the broken copy's verdict: {other:?}; output: {}", w.output()),
+    ring_broken("--tree-pipes", 100, 7, "pipe ring");
+}
+
+#[test]
+fn a_ring_of_socket_pairs_between_children_comes_back_with_both_queues_of_each() {
+    if !needs_root(ROOT) {
+        return;
     }
+    let (mut w, kids) = ring("--tree-sockets", 102);
+    wait_until("bytes queued both ways", DEADLINE, || kids.iter().all(|&k| queued(k, 103) >= 1024));
+    let _originals = KilledAll(kids.clone());
+    let (new, new_kids, at) = ring_restored(&mut w, &kids, |_| true);
+    let _restored = KilledAll(new_kids.clone());
+    // Each pair is one pair again: a child's end's peer is its neighbour's end.
+    for (i, &k) in new_kids.iter().enumerate() {
+        let next = new_kids[(i + 1) % 3];
+        let ino = |pid: i32, fd: i32| link(pid, fd).trim_start_matches("socket:[").trim_end_matches(']').parse::<u64>().unwrap();
+        let (mine, theirs) = (ino(k, 102), ino(next, 103));
+        let peer = String::from_utf8(Command::new("ss").args(["-xH"]).output().unwrap().stdout).unwrap();
+        let paired = peer.lines().any(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 7 && f[5] == mine.to_string() && f[7] == theirs.to_string()
+        });
+        assert!(paired, "child {k}'s socket {mine} is paired with child {next}'s {theirs}: {peer}");
+    }
+    w.wait_ticks(at + 40);
+    w.terminate_and_check(new).unwrap();
+    assert!(w.lines().iter().any(|l| l == "tree 3 children passed"), "{}", w.log_text());
+}
+
+#[test]
+fn a_word_taken_from_a_restored_ring_socket_fails_the_check() {
+    if !needs_root(ROOT) {
+        return;
+    }
+    ring_broken("--tree-sockets", 103, 10, "socket ring");
 }
 
 /// A shell pipeline `yes | head -c 8000000 | python3 …`: python3 reads slowly and
@@ -184,4 +264,50 @@ fn a_shell_pipeline_with_bytes_in_both_pipes_comes_back_and_counts_every_byte_on
     let read = || std::fs::read_to_string(&out).unwrap_or_default();
     wait_until("the pipeline's verdict", DEADLINE * 2, || !read().is_empty());
     assert_eq!(read().trim(), "PASS 8000000", "every byte once, in order");
+}
+
+#[test]
+fn a_datagram_pair_between_parent_and_child_with_messages_queued_is_refused_and_both_run_on() {
+    if !needs_root(ROOT) {
+        return;
+    }
+    // The child sends a message its parent has not read: the queue of a socket that
+    // keeps messages is not carried; the parent's files plugin refuses it in one line.
+    let script = "import os, socket, time\n\
+                  a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)\n\
+                  if os.fork() == 0:\n\
+                  \x20   a.close(); b.send(b'queued'); time.sleep(1000); os._exit(0)\n\
+                  b.close()\n\
+                  time.sleep(1000)\n";
+    let mut py = Command::new("/usr/bin/python3").args(["-c", script]).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let root = py.id() as i32;
+    let _all = KilledAll(vec![root]);
+    let mut kid = 0;
+    wait_until("the child's message queued at its parent", DEADLINE, || {
+        kid = children_of(root).first().copied().unwrap_or(0);
+        let fds: Vec<i32> = std::fs::read_dir(format!("/proc/{root}/fd")).map(|d| d.flatten().filter_map(|e| e.file_name().to_str()?.parse().ok()).collect()).unwrap_or_default();
+        kid > 0 && fds.iter().any(|&fd| link(root, fd).starts_with("socket:") && queued(root, fd) > 0)
+    });
+    let _kid = KilledAll(vec![kid]);
+    let image = tempfile::tempdir().unwrap();
+    let dir = image.path().join("img");
+    let o = ferry(&["checkpoint", &root.to_string(), "--dir", dir.to_str().unwrap()]);
+    let err = stderr(&o);
+    assert!(!o.status.success() && err.lines().count() == 1, "{err}");
+    assert!(err.contains(&format!("process {root}: ")) && err.contains("Unix socket of messages with some queued"), "{err}");
+    assert!(!dir.exists());
+    for p in [root, kid] {
+        let state = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+        let state = state.rsplit(") ").next().and_then(|r| r.split(' ').next()).unwrap_or("?").to_string();
+        assert!(state == "S" || state == "R", "process {p} runs on: {state}");
+        let status = std::fs::read_to_string(format!("/proc/{p}/status")).unwrap_or_default();
+        assert!(status.lines().any(|l| l == "TracerPid:\t0"), "process {p} let go: {status}");
+    }
+    // The message is still there for the parent.
+    assert!(std::fs::read_dir(format!("/proc/{root}/fd")).unwrap().flatten().any(|e| {
+        let fd: i32 = e.file_name().to_str().unwrap().parse().unwrap();
+        link(root, fd).starts_with("socket:") && queued(root, fd) > 0
+    }));
+    kill_pid(root);
+    let _ = py.wait();
 }

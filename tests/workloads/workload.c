@@ -2239,15 +2239,19 @@ static long opt_tree;
 /* --tree-pipes: the children in a ring of pipes, child k writing pipe k (fd 101) and
  * reading pipe k-1 (fd 100), each made before the first fork and closed by the parent,
  * so that each end is in one process only. Every tick a child writes up to RING_BURST
- * words (k << 48 | its count; O_NONBLOCK, up to a full pipe) and reads half as many:
- * the pipes fill, and bytes are in flight at any moment. The reader checks each word
- * is the next of its writer's (a byte lost or read twice breaks the sequence), the
- * writer that its pipe has the size it set (32 KiB or 128 KiB, not the default). At a
- * failure the child exits with the code of the check (4 size, 5 write, 6 read or end
- * of file, 7 sequence). */
+ * words (a tag | its count; O_NONBLOCK, up to a full pipe) and reads half as many: the
+ * pipes fill, and bytes are in flight at any moment. The reader checks each word is
+ * the next of its writer's (a byte lost or read twice breaks the sequence), the writer
+ * that its pipe has the size it set (32 KiB or 128 KiB, not the default). At a failure
+ * the child exits with the code of the check (4 size, 5 write, 6 read or end of file,
+ * 7 sequence).
+ * --tree-sockets: the children also in a ring of stream socket pairs, child k holding
+ * one end of pair k (fd 102, the other end child k+1's) and one of pair k-1 (fd 103):
+ * words flow both ways on each pair, checked as on the pipes (exit 8 write, 9 read or
+ * end of file, 10 sequence). */
 #define RING_BURST 64
-static int opt_tree_pipes;
-static int ring[TREE_MAX][2];
+static int opt_tree_pipes, opt_tree_sockets;
+static int ring[TREE_MAX][2], sock_ring[TREE_MAX][2];
 
 static int ring_size(long k)
 {
@@ -2256,55 +2260,93 @@ static int ring_size(long k)
 
 static void setup_ring(void)
 {
-    for (long k = 0; k < opt_tree; k++) {
+    for (long k = 0; opt_tree_pipes && k < opt_tree; k++) {
         if (pipe2(ring[k], O_NONBLOCK | O_CLOEXEC) != 0)
             die("ring pipe2");
         if (fcntl(ring[k][1], F_SETPIPE_SZ, ring_size(k)) != ring_size(k))
             die("ring F_SETPIPE_SZ");
     }
+    for (long k = 0; opt_tree_sockets && k < opt_tree; k++)
+        if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sock_ring[k]) != 0)
+            die("ring socketpair");
 }
 
-static int ring_tick(long k, uint64_t *sent, uint64_t *got)
+/* One flow: up to RING_BURST words written to `out` (tag_out | count), half as many
+ * read from `in`, each checked to be tag_in | the next count. 0, or 1 write, 2 read,
+ * 3 sequence; negative (-1 write, -2 read) when the other side is gone (EPIPE, end of
+ * file): a neighbour that failed its own check and exited, which its parent reports,
+ * and only at the end this child (else the neighbour's exit races with this one's). */
+static int flow_step(int out, int in, uint64_t tag_out, uint64_t tag_in, uint64_t *sent, uint64_t *got)
 {
-    const int in = 100, out = 101;
-    if (fcntl(out, F_GETPIPE_SZ) != ring_size(k))
-        return 4;
     for (int i = 0; i < RING_BURST; i++) {
-        uint64_t v = ((uint64_t)k << 48) | *sent;
+        uint64_t v = tag_out | *sent;
         ssize_t n = write(out, &v, sizeof v);
         if (n < 0 && errno == EAGAIN)
             break;
+        if (n < 0 && errno == EPIPE)
+            return -1;
         if (n != sizeof v)
-            return 5;
+            return 1;
         (*sent)++;
     }
-    uint64_t prev = (uint64_t)((k + opt_tree - 1) % opt_tree);
     for (int i = 0; i < RING_BURST / 2; i++) {
         uint64_t v;
         ssize_t n = read(in, &v, sizeof v);
         if (n < 0 && errno == EAGAIN)
             break;
+        if (n == 0)
+            return -2;
         if (n != sizeof v)
-            return 6;
-        if (v != ((prev << 48) | *got))
-            return 7;
+            return 2;
+        if (v != (tag_in | *got))
+            return 3;
         (*got)++;
+    }
+    return 0;
+}
+
+#define TAG(kind, k) ((uint64_t)((kind) * 0x100 + (k)) << 40)
+
+static int ring_tick(long k, uint64_t counts[6])
+{
+    long prev = (k + opt_tree - 1) % opt_tree, next = (k + 1) % opt_tree;
+    if (opt_tree_pipes) {
+        if (fcntl(101, F_GETPIPE_SZ) != ring_size(k))
+            return 4;
+        int r = flow_step(101, 100, TAG(0, k), TAG(0, prev), &counts[0], &counts[1]);
+        if (r)
+            return r > 0 ? 4 + r : -(4 - r);
+    }
+    if (opt_tree_sockets) {
+        /* On pair k (fd 102) child k+1 writes with tag 2; on pair k-1 (fd 103) child
+         * k-1 writes with tag 1. */
+        int r = flow_step(102, 102, TAG(1, k), TAG(2, next), &counts[2], &counts[3]);
+        if (!r)
+            r = flow_step(103, 103, TAG(2, k), TAG(1, prev), &counts[4], &counts[5]);
+        if (r)
+            return r > 0 ? 7 + r : -(7 - r);
     }
     return 0;
 }
 
 static void tree_child(long k)
 {
-    if (opt_tree_pipes) {
-        /* Only this child's two ends, at 100 and 101, blocking-free, kept over exec never. */
-        if (dup3(ring[(k + opt_tree - 1) % opt_tree][0], 100, O_CLOEXEC) != 100 || dup3(ring[k][1], 101, O_CLOEXEC) != 101)
+    if (opt_tree_pipes || opt_tree_sockets) {
+        /* Only this child's ends: pipes at 100 (reading) and 101 (writing), sockets at
+         * 102 and 103. */
+        long prev = (k + opt_tree - 1) % opt_tree;
+        if (opt_tree_pipes && (dup3(ring[prev][0], 100, O_CLOEXEC) != 100 || dup3(ring[k][1], 101, O_CLOEXEC) != 101))
+            _exit(3);
+        if (opt_tree_sockets && (dup3(sock_ring[k][0], 102, O_CLOEXEC) != 102 || dup3(sock_ring[prev][1], 103, O_CLOEXEC) != 103))
             _exit(3);
         syscall(SYS_close_range, 0U, 99U, 0U);
-        syscall(SYS_close_range, 102U, ~0U, 0U);
+        syscall(SYS_close_range, 104U, ~0U, 0U);
     } else {
         syscall(SYS_close_range, 0U, ~0U, 0U);
     }
-    uint64_t sent = 0, got = 0;
+    uint64_t counts[6] = {0};
+    int deferred = 0;
+    signal(SIGPIPE, SIG_IGN);
     uint64_t *own = mmap(NULL, TREE_WORDS * 8, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (own == MAP_FAILED)
         _exit(3);
@@ -2322,19 +2364,20 @@ static void tree_child(long k)
                 if (mem[p * WORDS_PER_PAGE + w] != pattern(1, p * WORDS_PER_PAGE + w, pseed))
                     _exit(1);
         }
-        int ring_failed = opt_tree_pipes ? ring_tick(k, &sent, &got) : 0;
-        if (ring_failed)
+        int ring_failed = deferred ? 0 : ring_tick(k, counts);
+        if (ring_failed > 0)
             _exit(ring_failed);
+        if (ring_failed < 0)
+            deferred = -ring_failed;
         struct timespec req = {opt_tick_ms / 1000, (opt_tick_ms % 1000) * 1000000L};
         clock_nanosleep(CLOCK_MONOTONIC, 0, &req, NULL);
     }
-    _exit(0);
+    _exit(deferred);
 }
 
 static void setup_tree(void)
 {
-    if (opt_tree_pipes)
-        setup_ring();
+    setup_ring();
     for (long k = 0; k < opt_tree; k++) {
         pid_t c = fork();
         if (c < 0)
@@ -2342,11 +2385,17 @@ static void setup_tree(void)
         if (c == 0)
             tree_child(k);
     }
-    for (long k = 0; opt_tree_pipes && k < opt_tree; k++) {
-        close(ring[k][0]);
-        close(ring[k][1]);
+    for (long k = 0; k < opt_tree; k++) {
+        if (opt_tree_pipes) {
+            close(ring[k][0]);
+            close(ring[k][1]);
+        }
+        if (opt_tree_sockets) {
+            close(sock_ring[k][0]);
+            close(sock_ring[k][1]);
+        }
     }
-    logf_("tree %ld children%s", opt_tree, opt_tree_pipes ? " in a ring of pipes" : "");
+    logf_("tree %ld children%s%s", opt_tree, opt_tree_pipes ? " in a ring of pipes" : "", opt_tree_sockets ? " in a ring of socket pairs" : "");
 }
 
 /* The pids of this thread's children, from /proc; answers how many (-1: unreadable). */
@@ -2383,7 +2432,7 @@ static void tree_tick(void)
     int status;
     pid_t r = waitpid(-1, &status, WNOHANG);
     if (r > 0)
-        fail("tree: child %d exited early (status %#x; 1: its memory check failed, 4-7: its pipe ring check failed)", (int)r, status);
+        fail("tree: child %d exited early (status %#x; 1: its memory check failed, 4-7: its pipe ring check failed, 8-10: its socket ring check failed)", (int)r, status);
     else if (r < 0)
         fail("tree: waitpid: %s (its children are not its own)", strerror(errno));
     pid_t kids[TREE_MAX];
@@ -2409,7 +2458,7 @@ static void verify_tree(void)
         if (r < 0)
             FAIL_RET("tree: reaping child %ld of %ld: %s", i + 1, n, strerror(errno));
         if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
-            FAIL_RET("tree: child %d ended with status %#x (1: its memory check failed, 4-7: its pipe ring check failed)", (int)r, status);
+            FAIL_RET("tree: child %d ended with status %#x (1: its memory check failed, 4-7: its pipe ring check failed, 8-10: its socket ring check failed)", (int)r, status);
     }
     logf_("tree %ld children passed", n);
 }
@@ -2944,7 +2993,7 @@ static void verify_notify(void)
 static void usage(void)
 {
     fprintf(stderr, "usage: workload --log PATH [--dir DIR] [--mem-mib N] [--threads N] [--tick-ms N]"
-                    " [--dirty-pages N] [--churn] [--move-mem] [--fork-check] [--rseq] [--process-state] [--seccomp] [--shared-anon] [--event-fds] [--listen] [--creds] [--mm-flags] [--mm-sealed] [--shared-twice] [--locks] [--tree N [--tree-pipes]] [--no-files]"
+                    " [--dirty-pages N] [--churn] [--move-mem] [--fork-check] [--rseq] [--process-state] [--seccomp] [--shared-anon] [--event-fds] [--listen] [--creds] [--mm-flags] [--mm-sealed] [--shared-twice] [--locks] [--tree N [--tree-pipes] [--tree-sockets]] [--no-files]"
                     " [--inotify] [--fanotify] [--pidfd] [--pidfd-other]"
                     " [--self-trap] [--single-step] [--watchpoint] [--sigtrap-pending] [--vdso-moved] [--vdso-unmapped] [--vdso-moved-whole]"
                     " [--del-cwd] [--del-dev] [--del-sock] [--epoll-closed] [--epoll-orphan] [--chroot]\n");
@@ -2997,7 +3046,7 @@ int main(int argc, char **argv)
             {"--epoll-orphan", &opt_epoll_orphan, 1}, {"--chroot", &opt_chroot, 1},
             {"--mapped-deleted", &opt_mapped_deleted, 1}, {"--memfd-map", &opt_memfd_map, 1},
             {"--memfd-fd", &opt_memfd_fd, 1},
-            {"--tree-pipes", &opt_tree_pipes, 1},
+            {"--tree-pipes", &opt_tree_pipes, 1}, {"--tree-sockets", &opt_tree_sockets, 1},
         };
         int flag = 0;
         for (size_t f = 0; f < sizeof flags / sizeof flags[0] && !flag; f++)
@@ -3027,7 +3076,7 @@ int main(int argc, char **argv)
         else
             usage();
     }
-    if (!opt_log || (opt_files && !opt_dir) || (opt_tree && opt_fork_check) || (opt_tree_pipes && opt_tree < 2))
+    if (!opt_log || (opt_files && !opt_dir) || (opt_tree && opt_fork_check) || ((opt_tree_pipes || opt_tree_sockets) && opt_tree < 2))
         usage();
 
     log_fd = open(opt_log, O_WRONLY | O_APPEND | O_CREAT, 0644);

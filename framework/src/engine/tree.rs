@@ -41,6 +41,7 @@ pub fn write_tree(
     let mut inventory = Inventory::new(medium_name);
     let (mut bytes, mut page_bytes) = (0u64, 0u64);
     let mut next_stream = 1u32;
+    let sockets: Vec<(i32, Vec<u64>)> = tree.iter().map(|(t, _)| (t.pid(), crate::kernel::tree::socket_inodes(t.pid()))).collect();
     for (tracer, parent) in tree.iter_mut() {
         let pid = tracer.pid();
         // Which process of the tree a plugin refused is part of the answer.
@@ -57,6 +58,13 @@ pub fn write_tree(
         for s in shared_fds.iter().filter(|s| s.pid == pid) {
             if let Some(id) = &s.pipe {
                 shared.claimed_by("pipe", id, s.from);
+            }
+        }
+        // A socket whose peer another process of the tree holds is one end of a pair
+        // between the two, which the files plugins carry.
+        for (holder, inos) in sockets.iter().filter(|s| s.0 != pid) {
+            for ino in inos {
+                shared.claimed_by("unix-socket", &ino.to_string(), *holder);
             }
         }
         {

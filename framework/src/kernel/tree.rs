@@ -77,6 +77,12 @@ fn fds(pid: pid_t) -> Vec<(i64, u64, u64, u32)> {
         .collect()
 }
 
+/// The inodes of the sockets `pid` holds: a plugin of another process of the tree
+/// that finds the peer of its socket among them carries the pair between the two.
+pub fn socket_inodes(pid: pid_t) -> Vec<u64> {
+    fds(pid).into_iter().filter(|f| f.3 == libc::S_IFSOCK).map(|f| f.2).collect()
+}
+
 /// The shared anonymous mappings of `pid` (`/dev/zero (deleted)`, memfds, SysV
 /// segments): (inode, start).
 fn shared_anon(pid: pid_t) -> Vec<(u64, u64)> {

@@ -595,7 +595,16 @@ impl Checkpoint {
                         Ok(ours(peer) && crate::unix::query(peer)?.is_some_and(|p| p.name.is_none() && p.peer == *ino))
                     };
                     let pair = info.name.is_none() && info.state == crate::unix::ESTABLISHED && info.peer != 0 && paired(info.peer)?;
-                    if !pair {
+                    // The other end another process of the tree holds (the framework
+                    // claimed every socket of the tree for its holder).
+                    let across = !pair
+                        && info.name.is_none()
+                        && info.state == crate::unix::ESTABLISHED
+                        && info.peer != 0
+                        && !ours(info.peer)
+                        && matches!(ctx.claim_shared(RStr::from_str("unix-socket"), RStr::from_str(&info.peer.to_string())), SharedClaim::Taken(_))
+                        && crate::unix::query(info.peer)?.is_some_and(|p| p.name.is_none() && p.peer == *ino);
+                    if !pair && !across {
                         // Made again from its names: a listener, a datagram socket.
                         let n = crate::unix::named(ctx.pid(), &info, crate::unix::query).map_err(|why| refuse(&why))?;
                         let object = Object::UnixSocket {
@@ -614,7 +623,7 @@ impl Checkpoint {
                         return Err(refuse("of messages with some queued"));
                     }
                     let data_len = if stream { info.rqueue as u64 } else { 0 };
-                    let object = Object::UnixPair { ino: *ino, peer: info.peer, sock_type: info.sock_type, shutdown: info.shutdown, data_len };
+                    let object = Object::UnixPair { ino: *ino, peer: info.peer, sock_type: info.sock_type, shutdown: info.shutdown, data_len, across };
                     descs.push((Desc { fds: slots, flags, pos: 0, object, locks: Vec::new() }, (data_len > 0).then_some(first.fd)));
                 }
                 Kind::Notify => {

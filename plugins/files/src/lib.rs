@@ -35,6 +35,7 @@ mod locks;
 mod notify;
 mod pty;
 mod unix;
+mod unix_across;
 
 use ferry_plugin_api::{
     plugin::SubsystemPlugin,
@@ -53,7 +54,7 @@ impl SubsystemPlugin for Plugin {
         SubsystemInfo {
             entity_kinds: names(&["fd", "file-lock", "cwd", "root", "umask"]),
             after: names(&["memory"]),
-            shared_resources: names(&["pipe", "file-description"]),
+            shared_resources: names(&["pipe", "file-description", "unix-socket"]),
         }
     }
 
@@ -81,6 +82,7 @@ impl SubsystemPlugin for Plugin {
         self.checkpoint.tcp.cleanup(ok);
         if !ok {
             self.restore.cleanup();
+            unix_across::forget();
         }
     }
 
