@@ -1,6 +1,7 @@
 //! What the processes of a tree share, carried once: pipes between them with the bytes
 //! in flight (a C ring of pipes between the workload's children, a real shell
-//! pipeline), stream socket pairs between them with their queues both ways. Each tree is checkpointed, killed and restored, and checks itself from
+//! pipeline), stream socket pairs between them with their queues both ways, shared
+//! anonymous memory mapped before a fork (one object again, written by all). Each tree is checkpointed, killed and restored, and checks itself from
 //! inside; each check is shown to fail when the restored copy is broken on purpose.
 
 use std::{
@@ -10,7 +11,9 @@ use std::{
 };
 
 use ferry_tests::{
-    ferry, needs_root, stderr, stdout, wait_until,
+    ferry,
+    inject::Injected,
+    needs_root, stderr, stdout, wait_until,
     workload::{kill_pid, Workload, WorkloadOpts, DEADLINE},
 };
 
@@ -310,4 +313,93 @@ fn a_datagram_pair_between_parent_and_child_with_messages_queued_is_refused_and_
     }));
     kill_pid(root);
     let _ = py.wait();
+}
+
+/// The inode of the object mapped at `start` in `pid` (`/proc/PID/maps`).
+fn object_at(pid: i32, start: u64) -> Option<u64> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
+    maps.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        let s = u64::from_str_radix(f.first()?.split('-').next()?, 16).ok()?;
+        (s == start).then(|| f.get(4)?.parse().ok())?
+    })
+}
+
+/// The workload with three children sharing 16 MiB of shared anonymous memory, through
+/// an image: answers it, the restored root and children, the memory's range and the
+/// image's bytes.
+fn shared_restored() -> (Workload, i32, Vec<i32>, (u64, u64), u64, KilledAll) {
+    let mut w = Workload::spawn(&WorkloadOpts { mem_mib: 1, tick_ms: 5, tree: 3, extra: vec!["--tree-shared"], ..Default::default() });
+    w.wait_ready();
+    w.wait_ticks(10);
+    let kids = children_of(w.pid);
+    assert_eq!(kids.len(), 3, "{kids:?}");
+    let originals = KilledAll(kids.clone());
+    let (start, end) = w.region("tree-shared");
+    let image = tempfile::tempdir().unwrap();
+    let dir = image.path().join("img");
+    let o = ferry(&["checkpoint", &w.pid.to_string(), "--dir", dir.to_str().unwrap(), "--json"]);
+    assert!(o.status.success(), "checkpoint: {}", stderr(&o));
+    let stats: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let bytes = stats["bytes"].as_u64().unwrap_or_else(|| panic!("{stats}"));
+    w.reap();
+    let o = ferry(&["restore", "--dir", dir.to_str().unwrap(), "--json"]);
+    assert!(o.status.success(), "restore: {}", stderr(&o));
+    let stats: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let pid = |p: i32| stats["pids"][p.to_string()].as_i64().unwrap_or_else(|| panic!("{stats}")) as i32;
+    let new = pid(w.pid);
+    w.adopt(new);
+    let new_kids: Vec<i32> = kids.iter().map(|&k| pid(k)).collect();
+    drop(originals);
+    (w, new, new_kids.clone(), (start, end), bytes, KilledAll(new_kids))
+}
+
+#[test]
+fn shared_anonymous_memory_inherited_over_fork_comes_back_one_object_seen_by_all() {
+    if !needs_root(ROOT) {
+        return;
+    }
+    let (mut w, new, new_kids, (start, end), bytes, _restored) = shared_restored();
+    // One object in the four of them, as before the checkpoint.
+    let object = object_at(new, start).expect("the parent maps the shared memory");
+    for &k in &new_kids {
+        assert_eq!(object_at(k, start), Some(object), "child {k} maps the parent's object");
+    }
+    // Its 16 MiB are in the image once: the rest of the tree is some 20 MB, so four
+    // copies would be over 80 MB.
+    let mine = end - start;
+    assert_eq!(mine, 16 << 20);
+    assert!(bytes > mine && bytes < 3 * mine, "the image has {bytes} bytes");
+    let at = *w.ticks().last().unwrap();
+    w.wait_ticks(at + 20);
+    // The children check its contents every tick; the parent's last token must be
+    // echoed by each child through the one object.
+    w.terminate_and_check(new).unwrap();
+    assert!(w.lines().iter().any(|l| l == "tree 3 children passed"), "{}", w.log_text());
+}
+
+#[test]
+fn a_child_given_a_copy_of_the_shared_memory_fails_the_check() {
+    if !needs_root(ROOT) {
+        return;
+    }
+    let (mut w, new, new_kids, (start, end), _, _restored) = shared_restored();
+    // The second child's mapping replaced by a copy with the same contents, a separate
+    // object (what carrying the memory per process would give): its echoes go there.
+    let victim = new_kids[1];
+    let len = end - start;
+    let mut inj = Injected::seize(victim);
+    let contents = inj.get(start, len as usize);
+    let flags = (libc::MAP_SHARED | libc::MAP_ANONYMOUS | libc::MAP_FIXED) as u64;
+    let rw = (libc::PROT_READ | libc::PROT_WRITE) as u64;
+    inj.call(victim, libc::SYS_mmap, [start, len, rw, flags, u64::MAX, 0]);
+    let mem = std::fs::OpenOptions::new().write(true).open(format!("/proc/{victim}/mem")).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&mem, &contents, start).unwrap();
+    inj.release();
+    assert_ne!(object_at(victim, start), object_at(new, start));
+    let verdict = w.terminate_and_check(new);
+    match verdict {
+        Err(e) if e.starts_with("FAIL") && e.contains("child 1 does not see the parent's writes to the shared memory") => {}
+        other => panic!("the broken copy's verdict: {other:?}; output: {}", w.output()),
+    }
 }

@@ -2329,6 +2329,39 @@ static int ring_tick(long k, uint64_t counts[6])
     return 0;
 }
 
+/* --tree-shared: 16 MiB of MAP_SHARED | MAP_ANONYMOUS memory mapped before the forks,
+ * one object in the parent and every child. Word 0 is the parent's token (its tick
+ * count), word 1 + k child k's echo of it; from word 64 on, a pattern the parent wrote
+ * before the forks. Every tick a child checks a page of the pattern (exit 11 at a
+ * mismatch) and echoes the token; at the end the parent writes a last token and waits
+ * (5 s at most) for every child to echo it: a child mapping a copy of its own, not the
+ * one object, never does. */
+#define TREE_SHARED_WORDS (16 * 1024 * 1024 / 8)
+static int opt_tree_shared;
+static volatile uint64_t *tree_shared;
+
+static void setup_tree_shared(void)
+{
+    void *m = mmap(NULL, TREE_SHARED_WORDS * 8, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    if (m == MAP_FAILED)
+        die("tree shared mmap");
+    tree_shared = m;
+    for (size_t w = 64; w < TREE_SHARED_WORDS; w++)
+        tree_shared[w] = pattern(5, w, SEED);
+    log_region("tree-shared", m, TREE_SHARED_WORDS * 8);
+}
+
+static int tree_shared_tick(long k, uint64_t t)
+{
+    /* One page a tick, round robin (the first page's pattern starts at word 64). */
+    size_t page = t % (TREE_SHARED_WORDS / WORDS_PER_PAGE);
+    for (size_t w = page ? page * WORDS_PER_PAGE : 64; w < (page + 1) * WORDS_PER_PAGE; w++)
+        if (tree_shared[w] != pattern(5, w, SEED))
+            return 11;
+    tree_shared[1 + k] = tree_shared[0];
+    return 0;
+}
+
 static void tree_child(long k)
 {
     if (opt_tree_pipes || opt_tree_sockets) {
@@ -2364,6 +2397,8 @@ static void tree_child(long k)
                 if (mem[p * WORDS_PER_PAGE + w] != pattern(1, p * WORDS_PER_PAGE + w, pseed))
                     _exit(1);
         }
+        if (opt_tree_shared && tree_shared_tick(k, t))
+            _exit(11);
         int ring_failed = deferred ? 0 : ring_tick(k, counts);
         if (ring_failed > 0)
             _exit(ring_failed);
@@ -2378,6 +2413,8 @@ static void tree_child(long k)
 static void setup_tree(void)
 {
     setup_ring();
+    if (opt_tree_shared)
+        setup_tree_shared();
     for (long k = 0; k < opt_tree; k++) {
         pid_t c = fork();
         if (c < 0)
@@ -2429,10 +2466,12 @@ static void tree_tick(void)
 {
     if (failure[0])
         return;
+    if (opt_tree_shared)
+        tree_shared[0]++;
     int status;
     pid_t r = waitpid(-1, &status, WNOHANG);
     if (r > 0)
-        fail("tree: child %d exited early (status %#x; 1: its memory check failed, 4-7: its pipe ring check failed, 8-10: its socket ring check failed)", (int)r, status);
+        fail("tree: child %d exited early (status %#x; 1: its memory check failed, 4-7: its pipe ring check failed, 8-10: its socket ring check failed, 11: the shared memory's pattern)", (int)r, status);
     else if (r < 0)
         fail("tree: waitpid: %s (its children are not its own)", strerror(errno));
     pid_t kids[TREE_MAX];
@@ -2441,8 +2480,36 @@ static void tree_tick(void)
         fail("tree: %ld children, want %ld", n, opt_tree);
 }
 
+/* The parent's last token, echoed by every child within 5 s; else a FAIL naming the
+ * first child that does not see the parent's writes. */
+static void verify_tree_shared(void)
+{
+    uint64_t token = 0xfeed000000000000ULL | tree_shared[0];
+    tree_shared[0] = token;
+    struct timespec start, now, ms = {0, 1000000L};
+    clock_gettime(CLOCK_MONOTONIC, &start);
+    for (;;) {
+        long missing = -1;
+        for (long k = 0; k < opt_tree && missing < 0; k++)
+            if (tree_shared[1 + k] != token)
+                missing = k;
+        if (missing < 0)
+            break;
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        if (now.tv_sec - start.tv_sec >= 5)
+            FAIL_RET("tree: child %ld does not see the parent's writes to the shared memory (its echo %#llx, want %#llx)", missing,
+                     (unsigned long long)tree_shared[1 + missing], (unsigned long long)token);
+        nanosleep(&ms, NULL);
+    }
+    for (size_t w = 64; w < TREE_SHARED_WORDS; w++)
+        if (tree_shared[w] != pattern(5, w, SEED))
+            FAIL_RET("tree: the shared memory's word %zu changed in the parent", w);
+}
+
 static void verify_tree(void)
 {
+    if (opt_tree_shared && !failure[0])
+        verify_tree_shared();
     pid_t kids[TREE_MAX];
     long n = tree_children(kids, TREE_MAX);
     for (long i = 0; i < n && i < TREE_MAX; i++)
@@ -2458,7 +2525,7 @@ static void verify_tree(void)
         if (r < 0)
             FAIL_RET("tree: reaping child %ld of %ld: %s", i + 1, n, strerror(errno));
         if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
-            FAIL_RET("tree: child %d ended with status %#x (1: its memory check failed, 4-7: its pipe ring check failed, 8-10: its socket ring check failed)", (int)r, status);
+            FAIL_RET("tree: child %d ended with status %#x (1: its memory check failed, 4-7: its pipe ring check failed, 8-10: its socket ring check failed, 11: the shared memory's pattern)", (int)r, status);
     }
     logf_("tree %ld children passed", n);
 }
@@ -2993,7 +3060,7 @@ static void verify_notify(void)
 static void usage(void)
 {
     fprintf(stderr, "usage: workload --log PATH [--dir DIR] [--mem-mib N] [--threads N] [--tick-ms N]"
-                    " [--dirty-pages N] [--churn] [--move-mem] [--fork-check] [--rseq] [--process-state] [--seccomp] [--shared-anon] [--event-fds] [--listen] [--creds] [--mm-flags] [--mm-sealed] [--shared-twice] [--locks] [--tree N [--tree-pipes] [--tree-sockets]] [--no-files]"
+                    " [--dirty-pages N] [--churn] [--move-mem] [--fork-check] [--rseq] [--process-state] [--seccomp] [--shared-anon] [--event-fds] [--listen] [--creds] [--mm-flags] [--mm-sealed] [--shared-twice] [--locks] [--tree N [--tree-pipes] [--tree-sockets] [--tree-shared]] [--no-files]"
                     " [--inotify] [--fanotify] [--pidfd] [--pidfd-other]"
                     " [--self-trap] [--single-step] [--watchpoint] [--sigtrap-pending] [--vdso-moved] [--vdso-unmapped] [--vdso-moved-whole]"
                     " [--del-cwd] [--del-dev] [--del-sock] [--epoll-closed] [--epoll-orphan] [--chroot]\n");
@@ -3047,6 +3114,7 @@ int main(int argc, char **argv)
             {"--mapped-deleted", &opt_mapped_deleted, 1}, {"--memfd-map", &opt_memfd_map, 1},
             {"--memfd-fd", &opt_memfd_fd, 1},
             {"--tree-pipes", &opt_tree_pipes, 1}, {"--tree-sockets", &opt_tree_sockets, 1},
+            {"--tree-shared", &opt_tree_shared, 1},
         };
         int flag = 0;
         for (size_t f = 0; f < sizeof flags / sizeof flags[0] && !flag; f++)

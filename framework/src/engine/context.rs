@@ -39,6 +39,11 @@ impl SharedTable {
     pub fn claimed_by(&mut self, kind: &str, id: &str, owner: i32) {
         self.owners.insert((kind.to_string(), id.to_string()), owner);
     }
+
+    /// Whether some process claimed `kind`/`id`.
+    pub fn is_claimed(&self, kind: &str, id: &str) -> bool {
+        self.owners.contains_key(&(kind.to_string(), id.to_string()))
+    }
 }
 
 /// The context handed to one plugin for one process.

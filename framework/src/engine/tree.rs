@@ -42,6 +42,7 @@ pub fn write_tree(
     let (mut bytes, mut page_bytes) = (0u64, 0u64);
     let mut next_stream = 1u32;
     let sockets: Vec<(i32, Vec<u64>)> = tree.iter().map(|(t, _)| (t.pid(), crate::kernel::tree::socket_inodes(t.pid()))).collect();
+    let shmem: Vec<(i32, Vec<u64>)> = tree.iter().map(|(t, _)| (t.pid(), crate::kernel::tree::shared_anon_objects(t.pid()))).collect();
     for (tracer, parent) in tree.iter_mut() {
         let pid = tracer.pid();
         // Which process of the tree a plugin refused is part of the answer.
@@ -65,6 +66,16 @@ pub fn write_tree(
         for (holder, inos) in sockets.iter().filter(|s| s.0 != pid) {
             for ino in inos {
                 shared.claimed_by("unix-socket", &ino.to_string(), *holder);
+            }
+        }
+        // Shared anonymous memory: the first process (parents first) that maps an
+        // object carries it; the others' memory plugins map that one's at restore.
+        let here = shmem.iter().position(|s| s.0 == pid).unwrap_or(0);
+        for (holder, objects) in &shmem[..here] {
+            for o in objects.iter().filter(|o| shmem[here].1.contains(o)) {
+                if !shared.is_claimed("shared-anon", &o.to_string()) {
+                    shared.claimed_by("shared-anon", &o.to_string(), *holder);
+                }
             }
         }
         {

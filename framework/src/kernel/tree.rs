@@ -1,7 +1,8 @@
 //! A process and its descendants: found from `/proc/PID/task/*/children`, frozen
 //! together, and checked for what they share: open file descriptions (carried: found
-//! here), pipes and FIFOs between them (carried: the ends found here), and what ferry
-//! does not carry between processes yet (shared anonymous memory, a deleted file or memfd mapped and written through,
+//! here), pipes and FIFOs between them (carried: the ends found here), shared
+//! anonymous memory and socket pairs (carried by the plugins), and what ferry does
+//! not carry between processes yet (a memfd or SysV segment mapped by two, a deleted file or memfd mapped and written through,
 //! an address space, fd table or signal handlers, a
 //! process group or session other than the parent's).
 
@@ -77,6 +78,15 @@ fn fds(pid: pid_t) -> Vec<(i64, u64, u64, u32)> {
         .collect()
 }
 
+/// The shared anonymous objects (`MAP_SHARED | MAP_ANONYMOUS`, by inode) `pid` maps:
+/// the first process of a tree that maps one carries it for all.
+pub fn shared_anon_objects(pid: pid_t) -> Vec<u64> {
+    let mut objects: Vec<u64> = shared_anon(pid).into_iter().filter(|m| m.2).map(|m| m.0).collect();
+    objects.sort_unstable();
+    objects.dedup();
+    objects
+}
+
 /// The inodes of the sockets `pid` holds: a plugin of another process of the tree
 /// that finds the peer of its socket among them carries the pair between the two.
 pub fn socket_inodes(pid: pid_t) -> Vec<u64> {
@@ -84,15 +94,15 @@ pub fn socket_inodes(pid: pid_t) -> Vec<u64> {
 }
 
 /// The shared anonymous mappings of `pid` (`/dev/zero (deleted)`, memfds, SysV
-/// segments): (inode, start).
-fn shared_anon(pid: pid_t) -> Vec<(u64, u64)> {
+/// segments): (inode, start, is a `MAP_SHARED | MAP_ANONYMOUS` object).
+fn shared_anon(pid: pid_t) -> Vec<(u64, u64, bool)> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
     text.lines()
         .filter_map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
             let (range, perms, inode, path) = (f.first()?, f.get(1)?, f.get(4)?, f.get(5).copied().unwrap_or(""));
             let anon = path == "/dev/zero" || path.starts_with("/memfd:") || path.starts_with("/SYSV");
-            (perms.ends_with('s') && anon).then(|| Some((inode.parse().ok()?, u64::from_str_radix(range.split('-').next()?, 16).ok()?)))?
+            (perms.ends_with('s') && anon).then(|| Some((inode.parse().ok()?, u64::from_str_radix(range.split('-').next()?, 16).ok()?, path == "/dev/zero")))?
         })
         .collect()
 }
@@ -156,11 +166,12 @@ pub struct Shared {
 /// the ends of a pipe or FIFO an earlier process holds another end of, answered with
 /// the first such end; and refuses what ferry carries only within one process, with
 /// one line naming both processes and the resource: a shared socket or locked
-/// description, shared anonymous memory, an address space, fd table or signal handlers.
+/// description, a memfd or SysV segment mapped by both, an address space, fd table or
+/// signal handlers.
 pub fn check_shared(pids: &[pid_t]) -> Result<Vec<Shared>, TraceError> {
     let refuse = |pid: pid_t, why: String| Err(TraceError::Unsuitable { pid, why });
     let fds: Vec<Vec<(i64, u64, u64, u32)>> = pids.iter().map(|&p| fds(p)).collect();
-    let anon: Vec<Vec<(u64, u64)>> = pids.iter().map(|&p| shared_anon(p)).collect();
+    let anon: Vec<Vec<(u64, u64, bool)>> = pids.iter().map(|&p| shared_anon(p)).collect();
     let gone: Vec<Vec<Gone>> = if pids.len() > 1 { pids.iter().map(|&p| deleted_objects(p)).collect() } else { Vec::new() };
     let mut shared = Vec::new();
     for (j, &b) in pids.iter().enumerate() {
@@ -170,8 +181,10 @@ pub fn check_shared(pids: &[pid_t]) -> Result<Vec<Shared>, TraceError> {
                     return refuse(b, format!("sharing {what} with process {a}, which ferry does not carry between processes yet"));
                 }
             }
-            if let Some(&(_, at)) = anon[j].iter().find(|m| anon[i].iter().any(|n| n.0 == m.0)) {
-                return refuse(b, format!("sharing the shared anonymous memory at {at:#x} with process {a}; memory shared between processes is not carried yet"));
+            // Shared anonymous memory (inherited over fork) is carried by the first
+            // process that maps it; a memfd or SysV segment mapped by both is not.
+            if let Some(&(_, at, _)) = anon[j].iter().find(|m| !m.2 && anon[i].iter().any(|n| n.0 == m.0)) {
+                return refuse(b, format!("sharing the shared memory at {at:#x} (a memfd or SysV segment) with process {a}; such memory shared between processes is not carried yet"));
             }
             // Each process's memory plugin makes its deleted files and memfds again: a
             // private mapping in both may have its own copy, anything written through

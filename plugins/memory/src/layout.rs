@@ -236,6 +236,10 @@ pub struct MmState {
     /// `PR_GET_MEMORY_MERGE`'s answer (1: KSM may merge every mapping, future ones too).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub merge_any: u64,
+    /// Shared anonymous objects (inodes) another process of the tree carries and
+    /// makes: their areas are mapped from that one's (see `shmem`), no pages follow.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub elsewhere: Vec<u64>,
     /// Deleted files and memfds the areas map (`AreaKind::Deleted`, by index).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub gone: Vec<crate::gone::Gone>,
@@ -282,6 +286,7 @@ impl MmState {
             thp_disable: 0,
             lock_future: 0,
             merge_any: 0,
+            elsewhere: Vec::new(),
             gone: Vec::new(),
         })
     }
@@ -582,6 +587,7 @@ mod tests {
             thp_disable: 0,
             lock_future: 0,
             merge_any: 0,
+            elsewhere: vec![],
             gone: vec![],
         });
         st.areas = vec![area(0x1000, 0x3000), area(0x2000, 0x4000)];
