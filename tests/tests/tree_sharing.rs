@@ -403,3 +403,63 @@ fn a_child_given_a_copy_of_the_shared_memory_fails_the_check() {
         other => panic!("the broken copy's verdict: {other:?}; output: {}", w.output()),
     }
 }
+
+/// A python3 parent reading a FIFO its child writes: the child writes 5003 bytes at
+/// once, and `after` at SIGUSR2; the parent reads what is queued at SIGUSR1 and
+/// writes PASS to `out` if it is exactly both, in order.
+const FIFO_PAIR: &str = "import os, sys, signal, time\n\
+path, out = sys.argv[1], sys.argv[2]\n\
+os.mkfifo(path)\n\
+if os.fork() == 0:\n\
+\x20   w = os.open(path, os.O_WRONLY)\n\
+\x20   os.write(w, b'x' * 5000 + b'end')\n\
+\x20   signal.signal(signal.SIGUSR2, lambda *_: os.write(w, b'after'))\n\
+\x20   while True: signal.pause()\n\
+r = os.open(path, os.O_RDONLY | os.O_NONBLOCK)\n\
+def check(*_):\n\
+\x20   data = os.read(r, 65536)\n\
+\x20   with open(out, 'w') as f: f.write('PASS' if data == b'x' * 5000 + b'endafter' else 'FAIL %d bytes' % len(data))\n\
+signal.signal(signal.SIGUSR1, check)\n\
+while True: time.sleep(1000)\n";
+
+#[test]
+fn a_fifo_between_parent_and_child_comes_back_with_its_bytes_and_both_ends_on_it() {
+    if !needs_root(ROOT) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (path, out) = (tmp.path().join("fifo"), tmp.path().join("out"));
+    let mut py = Command::new("/usr/bin/python3")
+        .args(["-c", FIFO_PAIR, path.to_str().unwrap(), out.to_str().unwrap()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let root = py.id() as i32;
+    let _original = KilledAll(vec![root]);
+    let fifo_fd = |pid: i32| -> Option<i32> {
+        let dir = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
+        dir.flatten().filter_map(|e| e.file_name().to_str()?.parse().ok()).find(|&fd| link(pid, fd) == path.display().to_string())
+    };
+    let mut kid = 0;
+    wait_until("5003 bytes in the FIFO", DEADLINE, || {
+        kid = children_of(root).first().copied().unwrap_or(0);
+        kid > 0 && fifo_fd(kid).is_some() && fifo_fd(root).is_some_and(|fd| queued(root, fd) == 5003)
+    });
+    let _kid = KilledAll(vec![kid]);
+    let (pids, shown) = through_image(root, || {
+        let _ = py.wait();
+    });
+    assert_eq!(shown.matches("another end of the pipe").count(), 1, "{shown}");
+    let (parent, child) = (pids[&root], pids[&kid]);
+    let _restored = KilledAll(vec![child, parent]);
+    let fd = fifo_fd(parent).expect("the restored parent's FIFO");
+    assert_eq!(queued(parent, fd), 5003, "the bytes in flight, once");
+    assert!(ferry_tests::workload::send_signal(child, libc::SIGUSR2));
+    wait_until("the child's write after the restore", DEADLINE, || queued(parent, fd) == 5008);
+    assert!(ferry_tests::workload::send_signal(parent, libc::SIGUSR1));
+    let read = || std::fs::read_to_string(&out).unwrap_or_default();
+    wait_until("the parent's verdict", DEADLINE, || !read().is_empty());
+    assert_eq!(read(), "PASS");
+}
