@@ -463,3 +463,89 @@ fn a_fifo_between_parent_and_child_comes_back_with_its_bytes_and_both_ends_on_it
     wait_until("the parent's verdict", DEADLINE, || !read().is_empty());
     assert_eq!(read(), "PASS");
 }
+
+/// A python3 parent that made a System V object with `setup` (ctypes; `ipc` its id)
+/// and a child forked after it.
+fn sysv_pair(setup: &str) -> (std::process::Child, i32) {
+    let script = format!(
+        "import ctypes, os, time\nlibc = ctypes.CDLL(None, use_errno=True)\nlibc.shmat.restype = ctypes.c_void_p\n{setup}\nassert ipc >= 0\nif os.fork() == 0:\n    time.sleep(1000)\n    os._exit(0)\ntime.sleep(1000)\n"
+    );
+    let py = Command::new("/usr/bin/python3").args(["-c", &script]).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let root = py.id() as i32;
+    let mut kid = 0;
+    wait_until("python's child", DEADLINE, || {
+        kid = children_of(root).first().copied().unwrap_or(0);
+        kid > 0
+    });
+    (py, kid)
+}
+
+/// The ids in `/proc/sysvipc/FILE` whose column `col` is `pid`.
+fn sysv_ids(file: &str, col: usize, pid: i32) -> Vec<i32> {
+    let text = std::fs::read_to_string(format!("/proc/sysvipc/{file}")).unwrap_or_default();
+    text.lines()
+        .skip(1)
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(col)?.parse::<i32>().ok()? == pid).then(|| f.get(1)?.parse().ok())?
+        })
+        .collect()
+}
+
+/// The checkpoint of `root`'s tree is refused in one line naming `root` and `what`;
+/// both processes run on, let go.
+fn sysv_refused(root: i32, kid: i32, what: &str) {
+    let image = tempfile::tempdir().unwrap();
+    let dir = image.path().join("img");
+    let o = ferry(&["checkpoint", &root.to_string(), "--dir", dir.to_str().unwrap()]);
+    let err = stderr(&o);
+    assert!(!o.status.success() && err.lines().count() == 1, "{err}");
+    assert!(err.contains(&format!("process {root} ")) && err.contains(what), "want {what}: {err}");
+    assert!(!dir.exists());
+    for p in [root, kid] {
+        let status = std::fs::read_to_string(format!("/proc/{p}/status")).unwrap_or_default();
+        assert!(status.lines().any(|l| l == "TracerPid:\t0"), "process {p} let go: {status}");
+        assert!(status.lines().any(|l| l == "State:\tS (sleeping)"), "process {p} runs on: {status}");
+    }
+}
+
+#[test]
+fn a_system_v_segment_attached_by_parent_and_child_is_refused_naming_the_process() {
+    if !needs_root(ROOT) {
+        return;
+    }
+    // Attached, then marked for removal: it goes with the last process detached.
+    let (mut py, kid) = sysv_pair("ipc = libc.shmget(0, 4096, 0o1600)\nassert libc.shmat(ipc, None, 0) != ctypes.c_void_p(-1).value\nlibc.shmctl(ipc, 0, None)");
+    let root = py.id() as i32;
+    let _all = KilledAll(vec![kid, root]);
+    sysv_refused(root, kid, "a user of the System V shared memory segment");
+    kill_pid(kid);
+    kill_pid(root);
+    let _ = py.wait();
+}
+
+#[test]
+fn a_system_v_message_queue_the_tree_sent_to_is_refused_naming_the_process() {
+    if !needs_root(ROOT) {
+        return;
+    }
+    let (mut py, kid) = sysv_pair("ipc = libc.msgget(0, 0o1600)\nmsg = ctypes.create_string_buffer(b'\\x01\\0\\0\\0\\0\\0\\0\\0queued')\nassert libc.msgsnd(ipc, msg, 6, 0) == 0");
+    let root = py.id() as i32;
+    let _all = KilledAll(vec![kid, root]);
+    // The queue outlives its users: removed by the test, even when it fails.
+    struct Removed(Vec<i32>);
+    impl Drop for Removed {
+        fn drop(&mut self) {
+            for &id in &self.0 {
+                // SAFETY: msgctl with IPC_RMID takes no buffer.
+                unsafe { libc::msgctl(id, libc::IPC_RMID, std::ptr::null_mut()) };
+            }
+        }
+    }
+    let queues = Removed(sysv_ids("msg", 5, root));
+    assert_eq!(queues.0.len(), 1, "the queue python sent to");
+    sysv_refused(root, kid, "a user of the System V message queue");
+    kill_pid(kid);
+    kill_pid(root);
+    let _ = py.wait();
+}

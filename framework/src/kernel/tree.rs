@@ -167,9 +167,10 @@ pub struct Shared {
 /// the first such end; and refuses what ferry carries only within one process, with
 /// one line naming both processes and the resource: a shared socket or locked
 /// description, a memfd or SysV segment mapped by both, an address space, fd table or
-/// signal handlers.
+/// signal handlers; and System V IPC the tree used (`check_sysv`).
 pub fn check_shared(pids: &[pid_t]) -> Result<Vec<Shared>, TraceError> {
     let refuse = |pid: pid_t, why: String| Err(TraceError::Unsuitable { pid, why });
+    check_sysv(pids)?;
     let fds: Vec<Vec<(i64, u64, u64, u32)>> = pids.iter().map(|&p| fds(p)).collect();
     let anon: Vec<Vec<(u64, u64, bool)>> = pids.iter().map(|&p| shared_anon(p)).collect();
     let gone: Vec<Vec<Gone>> = if pids.len() > 1 { pids.iter().map(|&p| deleted_objects(p)).collect() } else { Vec::new() };
@@ -233,6 +234,33 @@ pub fn check_shared(pids: &[pid_t]) -> Result<Vec<Shared>, TraceError> {
         }
     }
     Ok(shared)
+}
+
+/// Refuses a tree that used System V IPC ferry does not carry, as far as the kernel
+/// tells (`/proc/sysvipc`): a shared memory segment one of them created or last
+/// attached or detached, a message queue one of them last sent to or received from.
+/// Semaphore sets name no process there: their use is not seen.
+fn check_sysv(pids: &[pid_t]) -> Result<(), TraceError> {
+    // (file, kind, the columns of the pids, what each pid column says)
+    let tables: [(&str, &str, [(usize, &str); 2]); 2] = [
+        ("shm", "shared memory segment", [(4, "created"), (5, "last attached or detached")]),
+        ("msg", "message queue", [(5, "last sent to"), (6, "last received from")]),
+    ];
+    for (file, kind, columns) in tables {
+        let text = std::fs::read_to_string(format!("/proc/sysvipc/{file}")).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            for (col, did) in columns {
+                let Some(pid) = f.get(col).and_then(|p| p.parse::<pid_t>().ok()).filter(|p| pids.contains(p)) else { continue };
+                let (key, id) = (f.first().copied().unwrap_or("?"), f.get(1).copied().unwrap_or("?"));
+                return Err(TraceError::Unsuitable {
+                    pid,
+                    why: format!("a user of the System V {kind} {id} (key {key}), which it {did}; System V IPC is not carried yet"),
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The process group and session of `pid` (fields 5 and 6 of its stat).
