@@ -2245,9 +2245,9 @@ static long opt_tree;
  * that its pipe has the size it set (32 KiB or 128 KiB, not the default). At a failure
  * the child exits with the code of the check (4 size, 5 write, 6 read or end of file,
  * 7 sequence).
- * --tree-sockets: the children also in a ring of stream socket pairs, child k holding
- * one end of pair k (fd 102, the other end child k+1's) and one of pair k-1 (fd 103):
- * words flow both ways on each pair, checked as on the pipes (exit 8 write, 9 read or
+ * --tree-sockets: the children also in a ring of socket pairs (stream, datagram for odd
+ * k: a word a message), child k holding one end of pair k (fd 102, the other end child
+ * k+1's) and one of pair k-1 (fd 103): words flow both ways on each pair, checked as on the pipes (exit 8 write, 9 read or
  * end of file, 10 sequence). */
 #define RING_BURST 64
 static int opt_tree_pipes, opt_tree_sockets;
@@ -2267,7 +2267,7 @@ static void setup_ring(void)
             die("ring F_SETPIPE_SZ");
     }
     for (long k = 0; opt_tree_sockets && k < opt_tree; k++)
-        if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sock_ring[k]) != 0)
+        if (socketpair(AF_UNIX, (k % 2 ? SOCK_DGRAM : SOCK_STREAM) | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sock_ring[k]) != 0)
             die("ring socketpair");
 }
 
@@ -2283,7 +2283,7 @@ static int flow_step(int out, int in, uint64_t tag_out, uint64_t tag_in, uint64_
         ssize_t n = write(out, &v, sizeof v);
         if (n < 0 && errno == EAGAIN)
             break;
-        if (n < 0 && errno == EPIPE)
+        if (n < 0 && (errno == EPIPE || errno == ECONNREFUSED || errno == ECONNRESET))
             return -1;
         if (n != sizeof v)
             return 1;
@@ -2294,7 +2294,7 @@ static int flow_step(int out, int in, uint64_t tag_out, uint64_t tag_in, uint64_
         ssize_t n = read(in, &v, sizeof v);
         if (n < 0 && errno == EAGAIN)
             break;
-        if (n == 0)
+        if (n == 0 || (n < 0 && errno == ECONNRESET))
             return -2;
         if (n != sizeof v)
             return 2;

@@ -305,16 +305,23 @@ impl Checkpoint {
             Job::Desc { mut desc, source } => {
                 let what = format!("{} ({})", desc.label(), object_name(&desc.object));
                 let mut data = None;
-                if let (Object::UnixPair { data_len, .. }, Some(fd)) = (&mut desc.object, source) {
-                    let bytes = peek_socket(ctx, fd, *data_len, &what)?;
-                    *data_len = bytes.len() as u64;
+                if let (Object::UnixPair { data_len, sock_type, .. }, Some(fd)) = (&mut desc.object, source) {
+                    // A stream's bytes in chunks; each message of the others its own record.
+                    let chunks = if *sock_type == libc::SOCK_STREAM as u8 {
+                        let bytes = peek_socket(ctx, fd, *data_len, &what)?;
+                        bytes.chunks(CHUNK).map(<[u8]>::to_vec).collect()
+                    } else {
+                        crate::unix_across::peek_messages(&fetched(ctx, fd, &what)?, &what)?
+                    };
+                    let total: u64 = chunks.iter().map(|c| c.len() as u64).sum();
+                    *data_len = total;
                     put_json(sink, KIND_DESC, &desc)?;
-                    for chunk in bytes.chunks(CHUNK) {
+                    for chunk in &chunks {
                         put_raw(sink, KIND_DESC_DATA, chunk)?;
                     }
                     self.status.entities_done += desc.fds.len() as u64;
-                    self.status.bytes_done += bytes.len() as u64;
-                    return Ok(bytes.len() as u64);
+                    self.status.bytes_done += total;
+                    return Ok(total);
                 }
                 if let Some(fd) = source {
                     let file = reader(ctx, fd, desc.flags)?;
@@ -618,11 +625,9 @@ impl Checkpoint {
                         descs.push((Desc { fds: slots, flags, pos: 0, object, locks: Vec::new() }, None));
                         continue;
                     }
-                    let stream = info.sock_type == libc::SOCK_STREAM as u8;
-                    if !stream && info.rqueue > 0 {
-                        return Err(refuse("of messages with some queued"));
-                    }
-                    let data_len = if stream { info.rqueue as u64 } else { 0 };
+                    // For a socket of messages: the first one's length, enough to
+                    // say that its queue is to be read (every message, then).
+                    let data_len = info.rqueue as u64;
                     let object = Object::UnixPair { ino: *ino, peer: info.peer, sock_type: info.sock_type, shutdown: info.shutdown, data_len, across };
                     descs.push((Desc { fds: slots, flags, pos: 0, object, locks: Vec::new() }, (data_len > 0).then_some(first.fd)));
                 }

@@ -148,7 +148,8 @@ pub enum Object {
     Epoll { watches: Vec<Watch> },
     /// One end of a Unix socket pair whose other end (`peer`) is the process's too, or
     /// (`across`) another process's of the tree (see `unix_across`); the bytes queued
-    /// for it to read follow (stream sockets only). Made again with `socketpair`, the
+    /// for it to read follow (a stream's in chunks, each message of a datagram or
+    /// seqpacket socket in a record of its own). Made again with `socketpair`, the
     /// queue refilled through the other end, shut down as it was.
     UnixPair {
         ino: u64,
@@ -428,9 +429,6 @@ impl Desc {
                 let types = [libc::SOCK_STREAM as u8, libc::SOCK_DGRAM as u8, libc::SOCK_SEQPACKET as u8];
                 if ino == peer || !types.contains(sock_type) || *shutdown > 3 || *data_len > MAX_PIPE_SIZE {
                     return Err(format!("{what}: socket {ino} (peer {peer}, type {sock_type}) is not a pair this plugin makes"));
-                }
-                if *data_len > 0 && *sock_type != libc::SOCK_STREAM as u8 {
-                    return Err(format!("{what}: queued bytes for a socket that keeps messages"));
                 }
             }
             Object::Epoll { watches } => {
