@@ -565,3 +565,40 @@ fn a_system_v_message_queue_the_tree_sent_to_is_refused_naming_the_process() {
     kill_pid(root);
     let _ = py.wait();
 }
+
+#[test]
+fn a_tree_checkpoint_killed_after_reading_the_queues_leaves_every_byte_to_the_source() {
+    if !needs_root(ROOT) {
+        return;
+    }
+    // Pipes and socket pairs (stream and datagram) between the children, their queues
+    // read by the first processes; ferry dies in the last one. The janitor lets the
+    // tree go, which must still hold every byte and message: each child reads on,
+    // checking every word's sequence, and the socket's peek offsets are put back.
+    let w = Workload::spawn(&WorkloadOpts { mem_mib: 1, tick_ms: 5, tree: 3, extra: vec!["--tree-pipes", "--tree-sockets"], ..Default::default() });
+    w.wait_ready();
+    let kids = children_of(w.pid);
+    assert_eq!(kids.len(), 3, "{kids:?}");
+    let _kids = KilledAll(kids.clone());
+    wait_until("bytes in flight everywhere", DEADLINE, || kids.iter().all(|&k| queued(k, 101) >= 4096 && queued(k, 102) >= 8 && queued(k, 103) >= 8));
+    let image = tempfile::tempdir().unwrap();
+    let dir = image.path().join("img");
+    // Four processes of seven plugins each: the 25th plugin done is in the last child.
+    let o = Command::new(ferry_tests::ferry_bin())
+        .args(["checkpoint", &w.pid.to_string(), "--dir", dir.to_str().unwrap()])
+        .env("FERRY_FAULT", "checkpoint-mid@25")
+        .output()
+        .unwrap();
+    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&o.status), Some(libc::SIGKILL), "{}", stderr(&o));
+    let mut all = kids.clone();
+    all.push(w.pid);
+    wait_until("the janitor to let every process go and remove the image", DEADLINE, || {
+        !dir.exists() && ferry_tests::residue::residue(&all, None).is_empty()
+    });
+    let at = *w.ticks().last().unwrap();
+    w.wait_ticks(at + 40);
+    let mut w = w;
+    let pid = w.pid;
+    w.terminate_and_check(pid).unwrap();
+    assert!(w.lines().iter().any(|l| l == "tree 3 children passed"), "{}", w.log_text());
+}

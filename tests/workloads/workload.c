@@ -2275,10 +2275,11 @@ static void setup_ring(void)
  * read from `in`, each checked to be tag_in | the next count. 0, or 1 write, 2 read,
  * 3 sequence; negative (-1 write, -2 read) when the other side is gone (EPIPE, end of
  * file): a neighbour that failed its own check and exited, which its parent reports,
- * and only at the end this child (else the neighbour's exit races with this one's). */
+ * and only at the end this child (else the neighbour's exit races with this one's).
+ * Nothing once told to end. */
 static int flow_step(int out, int in, uint64_t tag_out, uint64_t tag_in, uint64_t *sent, uint64_t *got)
 {
-    for (int i = 0; i < RING_BURST; i++) {
+    for (int i = 0; i < RING_BURST && !term_flag; i++) {
         uint64_t v = tag_out | *sent;
         ssize_t n = write(out, &v, sizeof v);
         if (n < 0 && errno == EAGAIN)
@@ -2289,7 +2290,7 @@ static int flow_step(int out, int in, uint64_t tag_out, uint64_t tag_in, uint64_
             return 1;
         (*sent)++;
     }
-    for (int i = 0; i < RING_BURST / 2; i++) {
+    for (int i = 0; i < RING_BURST / 2 && !term_flag; i++) {
         uint64_t v;
         ssize_t n = read(in, &v, sizeof v);
         if (n < 0 && errno == EAGAIN)
@@ -2512,8 +2513,20 @@ static void verify_tree(void)
         verify_tree_shared();
     pid_t kids[TREE_MAX];
     long n = tree_children(kids, TREE_MAX);
+    /* In a ring, a child that exits first must not be seen gone by one still at its
+     * flows: all are stopped, told to end, and continued, so that each runs its SIGTERM
+     * handler (which stops its flows) before anything else. */
+    int ring = opt_tree_pipes || opt_tree_sockets;
+    for (long i = 0; ring && i < n && i < TREE_MAX; i++) {
+        int st;
+        kill(kids[i], SIGSTOP);
+        while (waitpid(kids[i], &st, WUNTRACED) < 0 && errno == EINTR)
+            ;
+    }
     for (long i = 0; i < n && i < TREE_MAX; i++)
         kill(kids[i], SIGTERM);
+    for (long i = 0; ring && i < n && i < TREE_MAX; i++)
+        kill(kids[i], SIGCONT);
     if (n != opt_tree)
         FAIL_RET("tree: %ld children at the end, want %ld", n, opt_tree);
     for (long i = 0; i < n; i++) {
