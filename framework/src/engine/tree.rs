@@ -41,8 +41,7 @@ pub fn write_tree(
     let mut inventory = Inventory::new(medium_name);
     let (mut bytes, mut page_bytes) = (0u64, 0u64);
     let mut next_stream = 1u32;
-    let sockets: Vec<(i32, Vec<u64>)> = tree.iter().map(|(t, _)| (t.pid(), crate::kernel::tree::socket_inodes(t.pid()))).collect();
-    let shmem: Vec<(i32, Vec<u64>)> = tree.iter().map(|(t, _)| (t.pid(), crate::kernel::tree::shared_anon_objects(t.pid()))).collect();
+    let claims = TreeClaims::find(&tree.iter().map(|(t, _)| t.pid()).collect::<Vec<_>>(), shared_fds);
     for (tracer, parent) in tree.iter_mut() {
         let pid = tracer.pid();
         // Which process of the tree a plugin refused is part of the answer.
@@ -54,30 +53,7 @@ pub fn write_tree(
         let scratch = tracer.map_scratch(0).map_err(|e| in_process(e.into()))?;
         mapped(pid, scratch);
         let mut shared = SharedTable::default();
-        // A pipe an earlier process holds an end of is written (with its bytes) by
-        // that one; here its ends are placeholders, given that one's pipe at restore.
-        for s in shared_fds.iter().filter(|s| s.pid == pid) {
-            if let Some(id) = &s.pipe {
-                shared.claimed_by("pipe", id, s.from);
-            }
-        }
-        // A socket whose peer another process of the tree holds is one end of a pair
-        // between the two, which the files plugins carry.
-        for (holder, inos) in sockets.iter().filter(|s| s.0 != pid) {
-            for ino in inos {
-                shared.claimed_by("unix-socket", &ino.to_string(), *holder);
-            }
-        }
-        // Shared anonymous memory: the first process (parents first) that maps an
-        // object carries it; the others' memory plugins map that one's at restore.
-        let here = shmem.iter().position(|s| s.0 == pid).unwrap_or(0);
-        for (holder, objects) in &shmem[..here] {
-            for o in objects.iter().filter(|o| shmem[here].1.contains(o)) {
-                if !shared.is_claimed("shared-anon", &o.to_string()) {
-                    shared.claimed_by("shared-anon", &o.to_string(), *holder);
-                }
-            }
-        }
+        claims.seed(pid, &mut shared);
         {
             let mut ctx = ExternalContext::new(&mut *tracer, &mut shared, "ferry", watchdog);
             event::setup_all(&mut subs, &mut ctx, EventKind::Checkpoint).map_err(in_process)?;
@@ -123,6 +99,54 @@ pub fn write_tree(
     medium.push(INVENTORY_STREAM, &encoded).map_err(|e| medium_err(e.to_string()))?;
     medium.flush().map_err(|e| medium_err(e.to_string()))?;
     Ok((bytes + encoded.len() as u64, page_bytes / 4096))
+}
+
+/// What the plugins of each process of a tree must find claimed by another process
+/// when they write it, so that what the processes share is written once and carried
+/// between them: a pipe an earlier process holds an end of (written, with its bytes,
+/// by that one; here its ends are placeholders, given that one's pipe at restore), a
+/// socket whose peer another process holds (one end of a pair between the two, which
+/// the files plugins carry), a shared anonymous object an earlier process maps (its
+/// pages written by that one; the others' memory plugins map it at restore). Every
+/// writer of a tree seeds each process's table with these.
+pub struct TreeClaims {
+    /// The ends of a pipe an earlier process holds too: (process, pipe, that process).
+    pipes: Vec<(i32, String, i32)>,
+    sockets: Vec<(i32, Vec<u64>)>,
+    shmem: Vec<(i32, Vec<u64>)>,
+}
+
+impl TreeClaims {
+    /// Looks at the frozen processes `pids` (parents first) and the sharing
+    /// `kernel::tree::check_shared` found among them.
+    pub fn find(pids: &[i32], shared_fds: &[Shared]) -> TreeClaims {
+        use crate::kernel::tree::{shared_anon_objects, socket_inodes};
+        TreeClaims {
+            pipes: shared_fds.iter().filter_map(|s| Some((s.pid, s.pipe.clone()?, s.from))).collect(),
+            sockets: pids.iter().map(|&p| (p, socket_inodes(p))).collect(),
+            shmem: pids.iter().map(|&p| (p, shared_anon_objects(p))).collect(),
+        }
+    }
+
+    /// Claims for process `pid` what another process of the tree carries.
+    pub fn seed(&self, pid: i32, table: &mut SharedTable) {
+        for (_, id, from) in self.pipes.iter().filter(|p| p.0 == pid) {
+            table.claimed_by("pipe", id, *from);
+        }
+        for (holder, inos) in self.sockets.iter().filter(|s| s.0 != pid) {
+            for ino in inos {
+                table.claimed_by("unix-socket", &ino.to_string(), *holder);
+            }
+        }
+        let Some(here) = self.shmem.iter().position(|s| s.0 == pid) else { return };
+        for (holder, objects) in &self.shmem[..here] {
+            for o in objects.iter().filter(|o| self.shmem[here].1.contains(o)) {
+                if !table.is_claimed("shared-anon", &o.to_string()) {
+                    table.claimed_by("shared-anon", &o.to_string(), *holder);
+                }
+            }
+        }
+    }
 }
 
 /// Rebuilds every process of a tree's image, each held stopped; the first is the root.

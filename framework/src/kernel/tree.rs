@@ -242,7 +242,8 @@ pub fn check_shared(pids: &[pid_t]) -> Result<Vec<Shared>, TraceError> {
 /// Semaphore sets name no process there: their use is not seen.
 fn check_sysv(pids: &[pid_t]) -> Result<(), TraceError> {
     // (file, kind, the columns of the pids, what each pid column says)
-    let tables: [(&str, &str, [(usize, &str); 2]); 2] = [
+    type Columns = [(usize, &'static str); 2];
+    let tables: [(&str, &str, Columns); 2] = [
         ("shm", "shared memory segment", [(4, "created"), (5, "last attached or detached")]),
         ("msg", "message queue", [(5, "last sent to"), (6, "last received from")]),
     ];
