@@ -344,14 +344,15 @@ fn object_at(pid: i32, start: u64) -> Option<u64> {
 /// The workload with three children sharing 16 MiB of shared anonymous memory, through
 /// an image: answers it, the restored root and children, the memory's range and the
 /// image's bytes.
-fn shared_restored() -> (Workload, i32, Vec<i32>, (u64, u64), u64, KilledAll) {
-    let mut w = Workload::spawn(&WorkloadOpts { mem_mib: 1, tick_ms: 5, tree: 3, extra: vec!["--tree-shared"], ..Default::default() });
+fn shared_restored(flag: &'static str) -> (Workload, i32, Vec<i32>, (u64, u64), u64, KilledAll) {
+    let mut w = Workload::spawn(&WorkloadOpts { mem_mib: 1, tick_ms: 5, tree: 3, extra: vec![flag], ..Default::default() });
     w.wait_ready();
     w.wait_ticks(10);
     let kids = children_of(w.pid);
     assert_eq!(kids.len(), 3, "{kids:?}");
     let originals = KilledAll(kids.clone());
     let (start, end) = w.region("tree-shared");
+    let before = object_at(w.pid, start).expect("the parent maps the shared memory");
     let image = tempfile::tempdir().unwrap();
     let dir = image.path().join("img");
     let o = ferry(&["checkpoint", &w.pid.to_string(), "--dir", dir.to_str().unwrap(), "--json"]);
@@ -367,6 +368,10 @@ fn shared_restored() -> (Workload, i32, Vec<i32>, (u64, u64), u64, KilledAll) {
     w.adopt(new);
     let new_kids: Vec<i32> = kids.iter().map(|&k| pid(k)).collect();
     drop(originals);
+    if flag == "--tree-sysv" {
+        // A segment's id is what the processes name it by: the same again.
+        assert_eq!(object_at(new, start), Some(before), "the segment's id");
+    }
     (w, new, new_kids.clone(), (start, end), bytes, KilledAll(new_kids))
 }
 
@@ -375,7 +380,21 @@ fn shared_anonymous_memory_inherited_over_fork_comes_back_one_object_seen_by_all
     if !needs_root(ROOT) {
         return;
     }
-    let (mut w, new, new_kids, (start, end), bytes, _restored) = shared_restored();
+    shared_by_all("--tree-shared");
+}
+
+#[test]
+fn a_system_v_segment_attached_before_fork_comes_back_one_segment_seen_by_all() {
+    if !needs_root(ROOT) {
+        return;
+    }
+    shared_by_all("--tree-sysv");
+}
+
+/// The memory the workload's tree shares (`flag`) is one object again after a restore,
+/// in the image once, and each child sees the parent's writes through it.
+fn shared_by_all(flag: &'static str) {
+    let (mut w, new, new_kids, (start, end), bytes, _restored) = shared_restored(flag);
     // One object in the four of them, as before the checkpoint.
     let object = object_at(new, start).expect("the parent maps the shared memory");
     for &k in &new_kids {
@@ -399,7 +418,7 @@ fn a_child_given_a_copy_of_the_shared_memory_fails_the_check() {
     if !needs_root(ROOT) {
         return;
     }
-    let (mut w, new, new_kids, (start, end), _, _restored) = shared_restored();
+    let (mut w, new, new_kids, (start, end), _, _restored) = shared_restored("--tree-shared");
     // The second child's mapping replaced by a copy with the same contents, a separate
     // object (what carrying the memory per process would give): its echoes go there.
     let victim = new_kids[1];
@@ -526,14 +545,25 @@ fn sysv_refused(root: i32, kid: i32, what: &str) {
 }
 
 #[test]
-fn a_system_v_segment_attached_by_parent_and_child_is_refused_naming_the_process() {
+fn a_system_v_segment_the_tree_made_but_has_not_attached_is_refused_naming_the_process() {
     if !needs_root(ROOT) {
         return;
     }
-    // Attached, then marked for removal: it goes with the last process detached.
-    let (mut py, kid) = sysv_pair("ipc = libc.shmget(0, 4096, 0o1600)\nassert libc.shmat(ipc, None, 0) != ctypes.c_void_p(-1).value\nlibc.shmctl(ipc, 0, None)");
+    // Attached, detached, and marked for removal only when the test is done.
+    let (mut py, kid) = sysv_pair("ipc = libc.shmget(0, 4096, 0o1600)\nat = libc.shmat(ipc, None, 0)\nassert at != ctypes.c_void_p(-1).value\nassert libc.shmdt(ctypes.c_void_p(at)) == 0");
     let root = py.id() as i32;
     let _all = KilledAll(vec![kid, root]);
+    struct Removed(Vec<i32>);
+    impl Drop for Removed {
+        fn drop(&mut self) {
+            for &id in &self.0 {
+                // SAFETY: shmctl with IPC_RMID takes no buffer.
+                unsafe { libc::shmctl(id, libc::IPC_RMID, std::ptr::null_mut()) };
+            }
+        }
+    }
+    let segments = Removed(sysv_ids("shm", 4, root));
+    assert_eq!(segments.0.len(), 1, "the segment python made");
     sysv_refused(root, kid, "a user of the System V shared memory segment");
     kill_pid(kid);
     kill_pid(root);

@@ -470,7 +470,7 @@ fn a_memfd_mapped_by_parent_and_child_is_refused_naming_both() {
     }
     // Shared anonymous memory is carried (`tree_sharing.rs`); a memfd is not yet.
     let (py, kid) = python_pair("fd = os.memfd_create('x')\nos.ftruncate(fd, 4096)\nm = mmap.mmap(fd, 4096)\nm[0] = 1", "m[1] = 2", "");
-    tree_refused(&py, &kid, "(a memfd or SysV segment) with process");
+    tree_refused(&py, &kid, "(a memfd) with process");
 }
 
 #[test]

@@ -48,6 +48,7 @@
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/rseq.h>
+#include <sys/shm.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <sys/signalfd.h>
@@ -2331,21 +2332,36 @@ static int ring_tick(long k, uint64_t counts[6])
 }
 
 /* --tree-shared: 16 MiB of MAP_SHARED | MAP_ANONYMOUS memory mapped before the forks,
- * one object in the parent and every child. Word 0 is the parent's token (its tick
+ * one object in the parent and every child (--tree-sysv: a System V segment instead).
+ * Word 0 is the parent's token (its tick
  * count), word 1 + k child k's echo of it; from word 64 on, a pattern the parent wrote
  * before the forks. Every tick a child checks a page of the pattern (exit 11 at a
  * mismatch) and echoes the token; at the end the parent writes a last token and waits
  * (5 s at most) for every child to echo it: a child mapping a copy of its own, not the
  * one object, never does. */
 #define TREE_SHARED_WORDS (16 * 1024 * 1024 / 8)
-static int opt_tree_shared;
+static int opt_tree_shared, opt_tree_sysv;
 static volatile uint64_t *tree_shared;
 
 static void setup_tree_shared(void)
 {
-    void *m = mmap(NULL, TREE_SHARED_WORDS * 8, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
-    if (m == MAP_FAILED)
-        die("tree shared mmap");
+    void *m;
+    if (opt_tree_sysv) {
+        /* The same checks on a System V segment, private and marked for removal at
+         * once (it goes with the last process detached). */
+        int id = shmget(IPC_PRIVATE, TREE_SHARED_WORDS * 8, IPC_CREAT | 0600);
+        if (id < 0)
+            die("tree shmget");
+        m = shmat(id, NULL, 0);
+        if (m == (void *)-1)
+            die("tree shmat");
+        if (shmctl(id, IPC_RMID, NULL) != 0)
+            die("tree shmctl IPC_RMID");
+    } else {
+        m = mmap(NULL, TREE_SHARED_WORDS * 8, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+        if (m == MAP_FAILED)
+            die("tree shared mmap");
+    }
     tree_shared = m;
     for (size_t w = 64; w < TREE_SHARED_WORDS; w++)
         tree_shared[w] = pattern(5, w, SEED);
@@ -2398,7 +2414,7 @@ static void tree_child(long k)
                 if (mem[p * WORDS_PER_PAGE + w] != pattern(1, p * WORDS_PER_PAGE + w, pseed))
                     _exit(1);
         }
-        if (opt_tree_shared && tree_shared_tick(k, t))
+        if (tree_shared && tree_shared_tick(k, t))
             _exit(11);
         int ring_failed = deferred ? 0 : ring_tick(k, counts);
         if (ring_failed > 0)
@@ -2414,7 +2430,7 @@ static void tree_child(long k)
 static void setup_tree(void)
 {
     setup_ring();
-    if (opt_tree_shared)
+    if (opt_tree_shared || opt_tree_sysv)
         setup_tree_shared();
     for (long k = 0; k < opt_tree; k++) {
         pid_t c = fork();
@@ -2467,7 +2483,7 @@ static void tree_tick(void)
 {
     if (failure[0])
         return;
-    if (opt_tree_shared)
+    if (tree_shared)
         tree_shared[0]++;
     int status;
     pid_t r = waitpid(-1, &status, WNOHANG);
@@ -2509,7 +2525,7 @@ static void verify_tree_shared(void)
 
 static void verify_tree(void)
 {
-    if (opt_tree_shared && !failure[0])
+    if (tree_shared && !failure[0])
         verify_tree_shared();
     pid_t kids[TREE_MAX];
     long n = tree_children(kids, TREE_MAX);
@@ -3073,7 +3089,7 @@ static void verify_notify(void)
 static void usage(void)
 {
     fprintf(stderr, "usage: workload --log PATH [--dir DIR] [--mem-mib N] [--threads N] [--tick-ms N]"
-                    " [--dirty-pages N] [--churn] [--move-mem] [--fork-check] [--rseq] [--process-state] [--seccomp] [--shared-anon] [--event-fds] [--listen] [--creds] [--mm-flags] [--mm-sealed] [--shared-twice] [--locks] [--tree N [--tree-pipes] [--tree-sockets] [--tree-shared]] [--no-files]"
+                    " [--dirty-pages N] [--churn] [--move-mem] [--fork-check] [--rseq] [--process-state] [--seccomp] [--shared-anon] [--event-fds] [--listen] [--creds] [--mm-flags] [--mm-sealed] [--shared-twice] [--locks] [--tree N [--tree-pipes] [--tree-sockets] [--tree-shared | --tree-sysv]] [--no-files]"
                     " [--inotify] [--fanotify] [--pidfd] [--pidfd-other]"
                     " [--self-trap] [--single-step] [--watchpoint] [--sigtrap-pending] [--vdso-moved] [--vdso-unmapped] [--vdso-moved-whole]"
                     " [--del-cwd] [--del-dev] [--del-sock] [--epoll-closed] [--epoll-orphan] [--chroot]\n");
@@ -3127,7 +3143,7 @@ int main(int argc, char **argv)
             {"--mapped-deleted", &opt_mapped_deleted, 1}, {"--memfd-map", &opt_memfd_map, 1},
             {"--memfd-fd", &opt_memfd_fd, 1},
             {"--tree-pipes", &opt_tree_pipes, 1}, {"--tree-sockets", &opt_tree_sockets, 1},
-            {"--tree-shared", &opt_tree_shared, 1},
+            {"--tree-shared", &opt_tree_shared, 1}, {"--tree-sysv", &opt_tree_sysv, 1},
         };
         int flag = 0;
         for (size_t f = 0; f < sizeof flags / sizeof flags[0] && !flag; f++)

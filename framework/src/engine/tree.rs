@@ -106,25 +106,28 @@ pub fn write_tree(
 /// between them: a pipe an earlier process holds an end of (written, with its bytes,
 /// by that one; here its ends are placeholders, given that one's pipe at restore), a
 /// socket whose peer another process holds (one end of a pair between the two, which
-/// the files plugins carry), a shared anonymous object an earlier process maps (its
-/// pages written by that one; the others' memory plugins map it at restore). Every
+/// the files plugins carry), a shared anonymous object or System V segment an earlier
+/// process maps (its pages written by that one; the others' memory plugins map it at
+/// restore). Every
 /// writer of a tree seeds each process's table with these.
 pub struct TreeClaims {
     /// The ends of a pipe an earlier process holds too: (process, pipe, that process).
     pipes: Vec<(i32, String, i32)>,
     sockets: Vec<(i32, Vec<u64>)>,
     shmem: Vec<(i32, Vec<u64>)>,
+    sysv: Vec<(i32, Vec<u64>)>,
 }
 
 impl TreeClaims {
     /// Looks at the frozen processes `pids` (parents first) and the sharing
     /// `kernel::tree::check_shared` found among them.
     pub fn find(pids: &[i32], shared_fds: &[Shared]) -> TreeClaims {
-        use crate::kernel::tree::{shared_anon_objects, socket_inodes};
+        use crate::kernel::tree::{shared_anon_objects, socket_inodes, sysv_segments};
         TreeClaims {
             pipes: shared_fds.iter().filter_map(|s| Some((s.pid, s.pipe.clone()?, s.from))).collect(),
             sockets: pids.iter().map(|&p| (p, socket_inodes(p))).collect(),
             shmem: pids.iter().map(|&p| (p, shared_anon_objects(p))).collect(),
+            sysv: pids.iter().map(|&p| (p, sysv_segments(p))).collect(),
         }
     }
 
@@ -138,11 +141,13 @@ impl TreeClaims {
                 table.claimed_by("unix-socket", &ino.to_string(), *holder);
             }
         }
-        let Some(here) = self.shmem.iter().position(|s| s.0 == pid) else { return };
-        for (holder, objects) in &self.shmem[..here] {
-            for o in objects.iter().filter(|o| self.shmem[here].1.contains(o)) {
-                if !table.is_claimed("shared-anon", &o.to_string()) {
-                    table.claimed_by("shared-anon", &o.to_string(), *holder);
+        for (kind, all) in [("shared-anon", &self.shmem), ("sysv-shm", &self.sysv)] {
+            let Some(here) = all.iter().position(|s| s.0 == pid) else { continue };
+            for (holder, objects) in &all[..here] {
+                for o in objects.iter().filter(|o| all[here].1.contains(o)) {
+                    if !table.is_claimed(kind, &o.to_string()) {
+                        table.claimed_by(kind, &o.to_string(), *holder);
+                    }
                 }
             }
         }

@@ -1,8 +1,8 @@
 //! A process and its descendants: found from `/proc/PID/task/*/children`, frozen
 //! together, and checked for what they share: open file descriptions (carried: found
 //! here), pipes and FIFOs between them (carried: the ends found here), shared
-//! anonymous memory and socket pairs (carried by the plugins), and what ferry does
-//! not carry between processes yet (a memfd or SysV segment mapped by two, a deleted file or memfd mapped and written through,
+//! anonymous memory, SysV segments and socket pairs (carried by the plugins), and what
+//! ferry does not carry between processes yet (a memfd mapped by two, a deleted file or memfd mapped and written through,
 //! an address space, fd table or signal handlers, a
 //! process group or session other than the parent's).
 
@@ -81,10 +81,31 @@ fn fds(pid: pid_t) -> Vec<(i64, u64, u64, u32)> {
 /// The shared anonymous objects (`MAP_SHARED | MAP_ANONYMOUS`, by inode) `pid` maps:
 /// the first process of a tree that maps one carries it for all.
 pub fn shared_anon_objects(pid: pid_t) -> Vec<u64> {
-    let mut objects: Vec<u64> = shared_anon(pid).into_iter().filter(|m| m.2).map(|m| m.0).collect();
+    let mut objects: Vec<u64> = mapped_shared(pid, "/dev/zero");
     objects.sort_unstable();
     objects.dedup();
     objects
+}
+
+/// The System V shared memory segments (ids) `pid` has attached: the first process
+/// of a tree that attaches one carries it for all.
+pub fn sysv_segments(pid: pid_t) -> Vec<u64> {
+    let mut objects: Vec<u64> = mapped_shared(pid, "/SYSV");
+    objects.sort_unstable();
+    objects.dedup();
+    objects
+}
+
+/// The inodes of the shared mappings of `pid` whose path starts with `prefix`, one
+/// per mapping.
+fn mapped_shared(pid: pid_t, prefix: &str) -> Vec<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(1)?.ends_with('s') && f.get(5)?.starts_with(prefix)).then(|| f.get(4)?.parse().ok())?
+        })
+        .collect()
 }
 
 /// The inodes of the sockets `pid` holds: a plugin of another process of the tree
@@ -94,7 +115,7 @@ pub fn socket_inodes(pid: pid_t) -> Vec<u64> {
 }
 
 /// The shared anonymous mappings of `pid` (`/dev/zero (deleted)`, memfds, SysV
-/// segments): (inode, start, is a `MAP_SHARED | MAP_ANONYMOUS` object).
+/// segments): (inode, start, carried between processes: not a memfd).
 fn shared_anon(pid: pid_t) -> Vec<(u64, u64, bool)> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
     text.lines()
@@ -102,7 +123,8 @@ fn shared_anon(pid: pid_t) -> Vec<(u64, u64, bool)> {
             let f: Vec<&str> = l.split_whitespace().collect();
             let (range, perms, inode, path) = (f.first()?, f.get(1)?, f.get(4)?, f.get(5).copied().unwrap_or(""));
             let anon = path == "/dev/zero" || path.starts_with("/memfd:") || path.starts_with("/SYSV");
-            (perms.ends_with('s') && anon).then(|| Some((inode.parse().ok()?, u64::from_str_radix(range.split('-').next()?, 16).ok()?, path == "/dev/zero")))?
+            let carried = path == "/dev/zero" || path.starts_with("/SYSV");
+            (perms.ends_with('s') && anon).then(|| Some((inode.parse().ok()?, u64::from_str_radix(range.split('-').next()?, 16).ok()?, carried)))?
         })
         .collect()
 }
@@ -185,7 +207,7 @@ pub fn check_shared(pids: &[pid_t]) -> Result<Vec<Shared>, TraceError> {
             // Shared anonymous memory (inherited over fork) is carried by the first
             // process that maps it; a memfd or SysV segment mapped by both is not.
             if let Some(&(_, at, _)) = anon[j].iter().find(|m| !m.2 && anon[i].iter().any(|n| n.0 == m.0)) {
-                return refuse(b, format!("sharing the shared memory at {at:#x} (a memfd or SysV segment) with process {a}; such memory shared between processes is not carried yet"));
+                return refuse(b, format!("sharing the shared memory at {at:#x} (a memfd) with process {a}; such memory shared between processes is not carried yet"));
             }
             // Each process's memory plugin makes its deleted files and memfds again: a
             // private mapping in both may have its own copy, anything written through
@@ -238,9 +260,13 @@ pub fn check_shared(pids: &[pid_t]) -> Result<Vec<Shared>, TraceError> {
 
 /// Refuses a tree that used System V IPC ferry does not carry, as far as the kernel
 /// tells (`/proc/sysvipc`): a shared memory segment one of them created or last
-/// attached or detached, a message queue one of them last sent to or received from.
+/// attached or detached but none has attached now (an attached one is carried by the
+/// memory plugins, unless processes outside the tree attached it too), a message
+/// queue one of them last sent to or received from.
 /// Semaphore sets name no process there: their use is not seen.
 fn check_sysv(pids: &[pid_t]) -> Result<(), TraceError> {
+    // Segments attached by the tree are carried, unless attached outside it too.
+    let attached: Vec<u64> = pids.iter().flat_map(|&p| mapped_shared(p, "/SYSV")).collect();
     // (file, kind, the columns of the pids, what each pid column says)
     type Columns = [(usize, &'static str); 2];
     let tables: [(&str, &str, Columns); 2] = [
@@ -251,6 +277,21 @@ fn check_sysv(pids: &[pid_t]) -> Result<(), TraceError> {
         let text = std::fs::read_to_string(format!("/proc/sysvipc/{file}")).unwrap_or_default();
         for line in text.lines().skip(1) {
             let f: Vec<&str> = line.split_whitespace().collect();
+            if file == "shm" {
+                let id = f.get(1).and_then(|v| v.parse::<u64>().ok()).unwrap_or(u64::MAX);
+                let here = attached.iter().filter(|&&a| a == id).count();
+                let all = f.get(6).and_then(|v| v.parse::<usize>().ok()).unwrap_or(0);
+                if here > 0 && all > here {
+                    let pid = pids.iter().copied().find(|&p| mapped_shared(p, "/SYSV").contains(&id)).unwrap_or(pids[0]);
+                    return Err(TraceError::Unsuitable {
+                        pid,
+                        why: format!("attached to the System V shared memory segment {id}, which {} processes outside the tree have attached too; a segment shared with other processes is not carried", all - here),
+                    });
+                }
+                if here > 0 {
+                    continue;
+                }
+            }
             for (col, did) in columns {
                 let Some(pid) = f.get(col).and_then(|p| p.parse::<pid_t>().ok()).filter(|p| pids.contains(p)) else { continue };
                 let (key, id) = (f.first().copied().unwrap_or("?"), f.get(1).copied().unwrap_or("?"));

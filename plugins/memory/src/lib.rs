@@ -9,6 +9,7 @@
 mod gone;
 mod layout;
 mod shmem;
+mod sysv;
 mod vmflags;
 use ferry_plugin_api::ranges;
 
@@ -295,6 +296,7 @@ impl Memory {
         let mut state = MmState::capture(&stat, brk, &auxv, exe, areas)?;
         (state.thp_disable, state.lock_future, state.merge_any) = (policy.thp_disable, policy.lock_future, policy.merge_any);
         state.gone = gone;
+        state.sysv = sysv::capture(ctx, &state.areas)?;
         let pagemap = open_pagemap(pid)?;
         // After pre-copy rounds: what the destination holds stays there, only the pages
         // written since go; a range whose mapping was replaced goes whole.
@@ -324,7 +326,13 @@ impl Memory {
                 unscanned.push((area.start, area.end));
                 continue;
             }
-            let runs = if area.kind == AreaKind::Shmem {
+            let runs = if area.kind == AreaKind::Sysv {
+                // A segment another process of the tree carries: attached only.
+                if !state.sysv.iter().any(|g| Some(g.id as u64) == area.object) {
+                    continue;
+                }
+                shmem::once_per_object(&mut object_sent, area, shmem::runs(pid, area)?)
+            } else if area.kind == AreaKind::Shmem {
                 // An object another process of the tree maps is that one's to carry.
                 let object = area.object.unwrap_or(0);
                 if state.elsewhere.contains(&object) || shmem::elsewhere(ctx, object) {
@@ -495,7 +503,13 @@ impl Memory {
         let objects = self.make_shmem_objects(ctx, &state)?;
         shmem::made(pid, &state.areas, &objects);
         self.made = gone::make(ctx, &state.gone, &mut self.created)?;
+        sysv::make(&state.sysv, pid)?;
         for area in state.areas.iter().filter(|a| a.kind != AreaKind::Special) {
+            if area.kind == AreaKind::Sysv {
+                sysv::attach(ctx, area)?;
+                self.widened.push((area.clone(), area.prot));
+                continue;
+            }
             if area.kind == AreaKind::Shmem {
                 // Each area a new mapping of its object's pages at its own offset
                 // (mremap with old_size 0), writable until its pages are in; every area
@@ -568,6 +582,7 @@ impl Memory {
                 self.created.retain(|c| *c != name);
             }
         }
+        sysv::remove_again(&state.sysv, pid)?;
         // The objects live on in their areas.
         for (_, temp, size) in objects {
             util::syscall(ctx, pid, "munmap of a shared object's first mapping", libc::SYS_munmap, [temp, size, 0, 0, 0, 0])?;
@@ -670,7 +685,7 @@ impl SubsystemPlugin for Memory {
         SubsystemInfo {
             entity_kinds: names(&["mapping", "page"]),
             after: RVec::new(),
-            shared_resources: names(&["shared-mapping", "shared-anon"]),
+            shared_resources: names(&["shared-mapping", "shared-anon", "sysv-shm"]),
         }
     }
 

@@ -71,7 +71,10 @@ pub fn elsewhere(ctx: &mut ContextRef<'_>, object: u64) -> bool {
 /// Where each object made by a process of this restore lies: object (its inode in the
 /// image) → (pid, one of its areas, its size). Addresses only, no fds: nothing is kept
 /// alive by this table.
-static MADE: Mutex<Option<HashMap<u64, (i32, (u64, u64), u64)>>> = Mutex::new(None);
+static MADE: Mutex<Option<HashMap<u64, Made>>> = Mutex::new(None);
+
+/// (pid, one of its areas, its size).
+type Made = (i32, (u64, u64), u64);
 
 /// Says where the objects `objects` (object, temporary address, size) made in process
 /// `pid` stay: in their first area of `areas`.
