@@ -632,3 +632,36 @@ fn a_tree_checkpoint_killed_after_reading_the_queues_leaves_every_byte_to_the_so
     w.terminate_and_check(pid).unwrap();
     assert!(w.lines().iter().any(|l| l == "tree 3 children passed"), "{}", w.log_text());
 }
+
+#[test]
+fn a_system_v_semaphore_the_tree_operated_on_is_refused_naming_the_process() {
+    if !needs_root(ROOT) {
+        return;
+    }
+    // semop(+1) on semaphore 0 of a new set: GETPID names python.
+    let (mut py, kid) = sysv_pair("ipc = libc.semget(0, 2, 0o1600)\nop = (ctypes.c_short * 3)(0, 1, 0)\nassert libc.semop(ipc, op, 1) == 0");
+    let root = py.id() as i32;
+    let _all = KilledAll(vec![kid, root]);
+    struct Removed(Vec<i32>);
+    impl Drop for Removed {
+        fn drop(&mut self) {
+            for &id in &self.0 {
+                // SAFETY: semctl with IPC_RMID takes no further argument.
+                unsafe { libc::semctl(id, 0, libc::IPC_RMID) };
+            }
+        }
+    }
+    let sets: Vec<i32> = {
+        let text = std::fs::read_to_string("/proc/sysvipc/sem").unwrap_or_default();
+        text.lines().skip(1).filter_map(|l| l.split_whitespace().nth(1)?.parse().ok()).filter(|&id| {
+            // SAFETY: semctl GETPID takes integers only.
+            unsafe { libc::semctl(id, 0, libc::GETPID) == root }
+        }).collect()
+    };
+    let sets = Removed(sets);
+    assert_eq!(sets.0.len(), 1, "the set python made");
+    sysv_refused(root, kid, "a user of the System V semaphore set");
+    kill_pid(kid);
+    kill_pid(root);
+    let _ = py.wait();
+}

@@ -262,8 +262,9 @@ pub fn check_shared(pids: &[pid_t]) -> Result<Vec<Shared>, TraceError> {
 /// tells (`/proc/sysvipc`): a shared memory segment one of them created or last
 /// attached or detached but none has attached now (an attached one is carried by the
 /// memory plugins, unless processes outside the tree attached it too), a message
-/// queue one of them last sent to or received from.
-/// Semaphore sets name no process there: their use is not seen.
+/// queue one of them last sent to or received from, a semaphore one of them last
+/// operated on (`semctl GETPID`; one only waited on, or operated on by another since,
+/// is not seen).
 fn check_sysv(pids: &[pid_t]) -> Result<(), TraceError> {
     // Segments attached by the tree are carried, unless attached outside it too.
     let attached: Vec<u64> = pids.iter().flat_map(|&p| mapped_shared(p, "/SYSV")).collect();
@@ -298,6 +299,23 @@ fn check_sysv(pids: &[pid_t]) -> Result<(), TraceError> {
                 return Err(TraceError::Unsuitable {
                     pid,
                     why: format!("a user of the System V {kind} {id} (key {key}), which it {did}; System V IPC is not carried yet"),
+                });
+            }
+        }
+    }
+    // A semaphore names the last process that operated on it (`GETPID`).
+    let text = std::fs::read_to_string("/proc/sysvipc/sem").unwrap_or_default();
+    for line in text.lines().skip(1) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let num = |i: usize| f.get(i).and_then(|v| v.parse::<i32>().ok());
+        let (Some(key), Some(id), Some(nsems)) = (num(0), num(1), num(3)) else { continue };
+        for n in 0..nsems {
+            // SAFETY: semctl GETPID takes integers only.
+            let pid = unsafe { libc::semctl(id, n, libc::GETPID) };
+            if pids.contains(&pid) {
+                return Err(TraceError::Unsuitable {
+                    pid,
+                    why: format!("a user of the System V semaphore set {id} (key {key}), whose semaphore {n} it last operated on; System V IPC is not carried yet"),
                 });
             }
         }
