@@ -665,3 +665,29 @@ fn a_system_v_semaphore_the_tree_operated_on_is_refused_naming_the_process() {
     kill_pid(root);
     let _ = py.wait();
 }
+
+#[test]
+fn a_restored_ring_pipe_given_another_size_fails_the_check() {
+    if !needs_root(ROOT) {
+        return;
+    }
+    let (mut w, kids) = ring("--tree-pipes", 101);
+    let _originals = KilledAll(kids.clone());
+    let (new, new_kids, _) = ring_restored(&mut w, &kids, three_pipe_ends);
+    let _restored = KilledAll(new_kids.clone());
+    // The first child's pipe has 32 KiB: grown to 64 KiB (the default), as a restore
+    // that forgot its size would leave it. Its writer checks it every tick.
+    let victim = new_kids[0];
+    let mut inj = Injected::seize(victim);
+    let got = inj.call(victim, libc::SYS_fcntl, [101, libc::F_SETPIPE_SZ as u64, 65536, 0, 0, 0]);
+    inj.release();
+    assert_eq!(got, 65536);
+    let at = *w.ticks().last().unwrap();
+    w.wait_ticks(at + 20);
+    let verdict = w.terminate_and_check(new);
+    let want = format!("child {victim} exited early (status 0x400");
+    match verdict {
+        Err(e) if e.starts_with("FAIL") && e.contains(&want) && e.contains("pipe ring") => {}
+        other => panic!("the broken copy's verdict: {other:?}, want {want}; output: {}", w.output()),
+    }
+}
