@@ -342,33 +342,48 @@ fn a_deleted_file_mapped_shared_by_parent_and_child_is_refused_naming_both() {
     assert!(pid_alive(pid) && pid_alive(kid), "the tree died");
 }
 
-/// System V shared memory shows as a deleted file too (`/SYSV… (deleted)`): still
-/// refused with one line, not made again as a file.
+/// System V shared memory shows as a deleted file too (`/SYSV… (deleted)`): not made
+/// again as a file, but as the segment it is, its id back (the process names it by
+/// that), its contents in, attached where it was; python checks the contents itself.
 #[test]
-fn sysv_shared_memory_is_still_refused_with_one_line() {
+fn sysv_shared_memory_comes_back_as_its_segment_with_its_id_and_contents() {
     if !needs_root(ROOT) {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let ready = tmp.path().join("ready");
+    let (ready, out) = (tmp.path().join("ready"), tmp.path().join("out"));
     // The segment is marked for removal once attached: it goes with the process.
-    let code = "import ctypes, sys, time\n\
+    let code = "import ctypes, sys, time, signal\n\
         libc = ctypes.CDLL(None, use_errno=True)\n\
         libc.shmat.restype = ctypes.c_void_p\n\
         shm = libc.shmget(0, 4096, 0o1600)\n\
         at = libc.shmat(shm, None, 0)\n\
         libc.shmctl(shm, 0, None)\n\
         ctypes.memset(at, 7, 4096)\n\
+        def check(*_):\n    open(sys.argv[2], 'w').write('PASS' if ctypes.string_at(at, 4096) == b'\\x07' * 4096 else 'FAIL')\n\
+        signal.signal(signal.SIGUSR1, check)\n\
         open(sys.argv[1], 'w').close()\n\
         while True:\n    time.sleep(0.01)\n";
-    let py = Command::new("python3").args(["-c", code]).arg(&ready).stdin(Stdio::null()).spawn().unwrap();
+    let mut py = Command::new("/usr/bin/python3").args(["-c", code]).arg(&ready).arg(&out).stdin(Stdio::null()).spawn().unwrap();
     let pid = py.id() as i32;
     let _py = KilledPid(pid);
     wait_until("python with a SysV segment", Duration::from_secs(30), || ready.exists());
+    let sysv = |pid: i32| {
+        let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+        maps.lines().filter(|l| l.contains(" /SYSV")).map(|l| l.split_whitespace().take(5).collect::<Vec<_>>().join(" ")).collect::<Vec<_>>()
+    };
+    let before = sysv(pid);
+    assert_eq!(before.len(), 1, "one segment attached");
     let img = tmp.path().join("img");
     let o = ferry(&["checkpoint", &pid.to_string(), "--dir", img.to_str().unwrap()]);
-    // (Segment 0 has inode 0 in the maps, and reads as anonymous shared memory.)
-    fails_with(&o, &["shared", "memory: not supported by the memory plugin"]);
-    assert!(!img.exists(), "a refused checkpoint writes nothing");
-    assert!(pid_alive(pid), "python died");
+    assert!(o.status.success(), "checkpoint: {}", stderr(&o));
+    let _ = py.wait();
+    let new = restore(&img, pid);
+    let _new = KilledPid(new);
+    // Its range, protection, sharing and id as before (the device may differ).
+    let fields = |v: &[String]| v.iter().map(|l| l.split(' ').enumerate().filter(|(i, _)| *i != 3).map(|(_, f)| f).collect::<Vec<_>>().join(" ")).collect::<Vec<_>>();
+    assert_eq!(fields(&sysv(new)), fields(&before));
+    assert!(ferry_tests::workload::send_signal(new, libc::SIGUSR1));
+    wait_until("python's check of the segment", Duration::from_secs(30), || out.exists() && !std::fs::read_to_string(&out).unwrap_or_default().is_empty());
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), "PASS");
 }

@@ -48,6 +48,7 @@
 #include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/rseq.h>
+#include <sys/shm.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <sys/signalfd.h>
@@ -2236,9 +2237,166 @@ static void verify_seccomp(void)
 #define TREE_WORDS (1024 * 1024 / 8)
 static long opt_tree;
 
+/* --tree-pipes: the children in a ring of pipes, child k writing pipe k (fd 101) and
+ * reading pipe k-1 (fd 100), each made before the first fork and closed by the parent,
+ * so that each end is in one process only. Every tick a child writes up to RING_BURST
+ * words (a tag | its count; O_NONBLOCK, up to a full pipe) and reads half as many: the
+ * pipes fill, and bytes are in flight at any moment. The reader checks each word is
+ * the next of its writer's (a byte lost or read twice breaks the sequence), the writer
+ * that its pipe has the size it set (32 KiB or 128 KiB, not the default). At a failure
+ * the child exits with the code of the check (4 size, 5 write, 6 read or end of file,
+ * 7 sequence).
+ * --tree-sockets: the children also in a ring of socket pairs (stream, datagram for odd
+ * k: a word a message), child k holding one end of pair k (fd 102, the other end child
+ * k+1's) and one of pair k-1 (fd 103): words flow both ways on each pair, checked as on the pipes (exit 8 write, 9 read or
+ * end of file, 10 sequence). */
+#define RING_BURST 64
+static int opt_tree_pipes, opt_tree_sockets;
+static int ring[TREE_MAX][2], sock_ring[TREE_MAX][2];
+
+static int ring_size(long k)
+{
+    return k % 2 ? 128 * 1024 : 32 * 1024;
+}
+
+static void setup_ring(void)
+{
+    for (long k = 0; opt_tree_pipes && k < opt_tree; k++) {
+        if (pipe2(ring[k], O_NONBLOCK | O_CLOEXEC) != 0)
+            die("ring pipe2");
+        if (fcntl(ring[k][1], F_SETPIPE_SZ, ring_size(k)) != ring_size(k))
+            die("ring F_SETPIPE_SZ");
+    }
+    for (long k = 0; opt_tree_sockets && k < opt_tree; k++)
+        if (socketpair(AF_UNIX, (k % 2 ? SOCK_DGRAM : SOCK_STREAM) | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, sock_ring[k]) != 0)
+            die("ring socketpair");
+}
+
+/* One flow: up to RING_BURST words written to `out` (tag_out | count), half as many
+ * read from `in`, each checked to be tag_in | the next count. 0, or 1 write, 2 read,
+ * 3 sequence; negative (-1 write, -2 read) when the other side is gone (EPIPE, end of
+ * file): a neighbour that failed its own check and exited, which its parent reports,
+ * and only at the end this child (else the neighbour's exit races with this one's).
+ * Nothing once told to end. */
+static int flow_step(int out, int in, uint64_t tag_out, uint64_t tag_in, uint64_t *sent, uint64_t *got)
+{
+    for (int i = 0; i < RING_BURST && !term_flag; i++) {
+        uint64_t v = tag_out | *sent;
+        ssize_t n = write(out, &v, sizeof v);
+        if (n < 0 && errno == EAGAIN)
+            break;
+        if (n < 0 && (errno == EPIPE || errno == ECONNREFUSED || errno == ECONNRESET))
+            return -1;
+        if (n != sizeof v)
+            return 1;
+        (*sent)++;
+    }
+    for (int i = 0; i < RING_BURST / 2 && !term_flag; i++) {
+        uint64_t v;
+        ssize_t n = read(in, &v, sizeof v);
+        if (n < 0 && errno == EAGAIN)
+            break;
+        if (n == 0 || (n < 0 && errno == ECONNRESET))
+            return -2;
+        if (n != sizeof v)
+            return 2;
+        if (v != (tag_in | *got))
+            return 3;
+        (*got)++;
+    }
+    return 0;
+}
+
+#define TAG(kind, k) ((uint64_t)((kind) * 0x100 + (k)) << 40)
+
+static int ring_tick(long k, uint64_t counts[6])
+{
+    long prev = (k + opt_tree - 1) % opt_tree, next = (k + 1) % opt_tree;
+    if (opt_tree_pipes) {
+        if (fcntl(101, F_GETPIPE_SZ) != ring_size(k))
+            return 4;
+        int r = flow_step(101, 100, TAG(0, k), TAG(0, prev), &counts[0], &counts[1]);
+        if (r)
+            return r > 0 ? 4 + r : -(4 - r);
+    }
+    if (opt_tree_sockets) {
+        /* On pair k (fd 102) child k+1 writes with tag 2; on pair k-1 (fd 103) child
+         * k-1 writes with tag 1. */
+        int r = flow_step(102, 102, TAG(1, k), TAG(2, next), &counts[2], &counts[3]);
+        if (!r)
+            r = flow_step(103, 103, TAG(2, k), TAG(1, prev), &counts[4], &counts[5]);
+        if (r)
+            return r > 0 ? 7 + r : -(7 - r);
+    }
+    return 0;
+}
+
+/* --tree-shared: 16 MiB of MAP_SHARED | MAP_ANONYMOUS memory mapped before the forks,
+ * one object in the parent and every child (--tree-sysv: a System V segment instead).
+ * Word 0 is the parent's token (its tick
+ * count), word 1 + k child k's echo of it; from word 64 on, a pattern the parent wrote
+ * before the forks. Every tick a child checks a page of the pattern (exit 11 at a
+ * mismatch) and echoes the token; at the end the parent writes a last token and waits
+ * (5 s at most) for every child to echo it: a child mapping a copy of its own, not the
+ * one object, never does. */
+#define TREE_SHARED_WORDS (16 * 1024 * 1024 / 8)
+static int opt_tree_shared, opt_tree_sysv;
+static volatile uint64_t *tree_shared;
+
+static void setup_tree_shared(void)
+{
+    void *m;
+    if (opt_tree_sysv) {
+        /* The same checks on a System V segment, private and marked for removal at
+         * once (it goes with the last process detached). */
+        int id = shmget(IPC_PRIVATE, TREE_SHARED_WORDS * 8, IPC_CREAT | 0600);
+        if (id < 0)
+            die("tree shmget");
+        m = shmat(id, NULL, 0);
+        if (m == (void *)-1)
+            die("tree shmat");
+        if (shmctl(id, IPC_RMID, NULL) != 0)
+            die("tree shmctl IPC_RMID");
+    } else {
+        m = mmap(NULL, TREE_SHARED_WORDS * 8, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+        if (m == MAP_FAILED)
+            die("tree shared mmap");
+    }
+    tree_shared = m;
+    for (size_t w = 64; w < TREE_SHARED_WORDS; w++)
+        tree_shared[w] = pattern(5, w, SEED);
+    log_region("tree-shared", m, TREE_SHARED_WORDS * 8);
+}
+
+static int tree_shared_tick(long k, uint64_t t)
+{
+    /* One page a tick, round robin (the first page's pattern starts at word 64). */
+    size_t page = t % (TREE_SHARED_WORDS / WORDS_PER_PAGE);
+    for (size_t w = page ? page * WORDS_PER_PAGE : 64; w < (page + 1) * WORDS_PER_PAGE; w++)
+        if (tree_shared[w] != pattern(5, w, SEED))
+            return 11;
+    tree_shared[1 + k] = tree_shared[0];
+    return 0;
+}
+
 static void tree_child(long k)
 {
-    syscall(SYS_close_range, 0U, ~0U, 0U);
+    if (opt_tree_pipes || opt_tree_sockets) {
+        /* Only this child's ends: pipes at 100 (reading) and 101 (writing), sockets at
+         * 102 and 103. */
+        long prev = (k + opt_tree - 1) % opt_tree;
+        if (opt_tree_pipes && (dup3(ring[prev][0], 100, O_CLOEXEC) != 100 || dup3(ring[k][1], 101, O_CLOEXEC) != 101))
+            _exit(3);
+        if (opt_tree_sockets && (dup3(sock_ring[k][0], 102, O_CLOEXEC) != 102 || dup3(sock_ring[prev][1], 103, O_CLOEXEC) != 103))
+            _exit(3);
+        syscall(SYS_close_range, 0U, 99U, 0U);
+        syscall(SYS_close_range, 104U, ~0U, 0U);
+    } else {
+        syscall(SYS_close_range, 0U, ~0U, 0U);
+    }
+    uint64_t counts[6] = {0};
+    int deferred = 0;
+    signal(SIGPIPE, SIG_IGN);
     uint64_t *own = mmap(NULL, TREE_WORDS * 8, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (own == MAP_FAILED)
         _exit(3);
@@ -2256,14 +2414,24 @@ static void tree_child(long k)
                 if (mem[p * WORDS_PER_PAGE + w] != pattern(1, p * WORDS_PER_PAGE + w, pseed))
                     _exit(1);
         }
+        if (tree_shared && tree_shared_tick(k, t))
+            _exit(11);
+        int ring_failed = deferred ? 0 : ring_tick(k, counts);
+        if (ring_failed > 0)
+            _exit(ring_failed);
+        if (ring_failed < 0)
+            deferred = -ring_failed;
         struct timespec req = {opt_tick_ms / 1000, (opt_tick_ms % 1000) * 1000000L};
         clock_nanosleep(CLOCK_MONOTONIC, 0, &req, NULL);
     }
-    _exit(0);
+    _exit(deferred);
 }
 
 static void setup_tree(void)
 {
+    setup_ring();
+    if (opt_tree_shared || opt_tree_sysv)
+        setup_tree_shared();
     for (long k = 0; k < opt_tree; k++) {
         pid_t c = fork();
         if (c < 0)
@@ -2271,7 +2439,17 @@ static void setup_tree(void)
         if (c == 0)
             tree_child(k);
     }
-    logf_("tree %ld children", opt_tree);
+    for (long k = 0; k < opt_tree; k++) {
+        if (opt_tree_pipes) {
+            close(ring[k][0]);
+            close(ring[k][1]);
+        }
+        if (opt_tree_sockets) {
+            close(sock_ring[k][0]);
+            close(sock_ring[k][1]);
+        }
+    }
+    logf_("tree %ld children%s%s", opt_tree, opt_tree_pipes ? " in a ring of pipes" : "", opt_tree_sockets ? " in a ring of socket pairs" : "");
 }
 
 /* The pids of this thread's children, from /proc; answers how many (-1: unreadable). */
@@ -2305,10 +2483,12 @@ static void tree_tick(void)
 {
     if (failure[0])
         return;
+    if (tree_shared)
+        tree_shared[0]++;
     int status;
     pid_t r = waitpid(-1, &status, WNOHANG);
     if (r > 0)
-        fail("tree: child %d exited early (status %#x; 1: its memory check failed)", (int)r, status);
+        fail("tree: child %d exited early (status %#x; 1: its memory check failed, 4-7: its pipe ring check failed, 8-10: its socket ring check failed, 11: the shared memory's pattern)", (int)r, status);
     else if (r < 0)
         fail("tree: waitpid: %s (its children are not its own)", strerror(errno));
     pid_t kids[TREE_MAX];
@@ -2317,12 +2497,52 @@ static void tree_tick(void)
         fail("tree: %ld children, want %ld", n, opt_tree);
 }
 
+/* The parent's last token, echoed by every child within 5 s; else a FAIL naming the
+ * first child that does not see the parent's writes. */
+static void verify_tree_shared(void)
+{
+    uint64_t token = 0xfeed000000000000ULL | tree_shared[0];
+    tree_shared[0] = token;
+    struct timespec start, now, ms = {0, 1000000L};
+    clock_gettime(CLOCK_MONOTONIC, &start);
+    for (;;) {
+        long missing = -1;
+        for (long k = 0; k < opt_tree && missing < 0; k++)
+            if (tree_shared[1 + k] != token)
+                missing = k;
+        if (missing < 0)
+            break;
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        if (now.tv_sec - start.tv_sec >= 5)
+            FAIL_RET("tree: child %ld does not see the parent's writes to the shared memory (its echo %#llx, want %#llx)", missing,
+                     (unsigned long long)tree_shared[1 + missing], (unsigned long long)token);
+        nanosleep(&ms, NULL);
+    }
+    for (size_t w = 64; w < TREE_SHARED_WORDS; w++)
+        if (tree_shared[w] != pattern(5, w, SEED))
+            FAIL_RET("tree: the shared memory's word %zu changed in the parent", w);
+}
+
 static void verify_tree(void)
 {
+    if (tree_shared && !failure[0])
+        verify_tree_shared();
     pid_t kids[TREE_MAX];
     long n = tree_children(kids, TREE_MAX);
+    /* In a ring, a child that exits first must not be seen gone by one still at its
+     * flows: all are stopped, told to end, and continued, so that each runs its SIGTERM
+     * handler (which stops its flows) before anything else. */
+    int ring = opt_tree_pipes || opt_tree_sockets;
+    for (long i = 0; ring && i < n && i < TREE_MAX; i++) {
+        int st;
+        kill(kids[i], SIGSTOP);
+        while (waitpid(kids[i], &st, WUNTRACED) < 0 && errno == EINTR)
+            ;
+    }
     for (long i = 0; i < n && i < TREE_MAX; i++)
         kill(kids[i], SIGTERM);
+    for (long i = 0; ring && i < n && i < TREE_MAX; i++)
+        kill(kids[i], SIGCONT);
     if (n != opt_tree)
         FAIL_RET("tree: %ld children at the end, want %ld", n, opt_tree);
     for (long i = 0; i < n; i++) {
@@ -2334,7 +2554,7 @@ static void verify_tree(void)
         if (r < 0)
             FAIL_RET("tree: reaping child %ld of %ld: %s", i + 1, n, strerror(errno));
         if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
-            FAIL_RET("tree: child %d ended with status %#x (1: its memory check failed)", (int)r, status);
+            FAIL_RET("tree: child %d ended with status %#x (1: its memory check failed, 4-7: its pipe ring check failed, 8-10: its socket ring check failed, 11: the shared memory's pattern)", (int)r, status);
     }
     logf_("tree %ld children passed", n);
 }
@@ -2869,7 +3089,7 @@ static void verify_notify(void)
 static void usage(void)
 {
     fprintf(stderr, "usage: workload --log PATH [--dir DIR] [--mem-mib N] [--threads N] [--tick-ms N]"
-                    " [--dirty-pages N] [--churn] [--move-mem] [--fork-check] [--rseq] [--process-state] [--seccomp] [--shared-anon] [--event-fds] [--listen] [--creds] [--mm-flags] [--mm-sealed] [--shared-twice] [--locks] [--tree N] [--no-files]"
+                    " [--dirty-pages N] [--churn] [--move-mem] [--fork-check] [--rseq] [--process-state] [--seccomp] [--shared-anon] [--event-fds] [--listen] [--creds] [--mm-flags] [--mm-sealed] [--shared-twice] [--locks] [--tree N [--tree-pipes] [--tree-sockets] [--tree-shared | --tree-sysv]] [--no-files]"
                     " [--inotify] [--fanotify] [--pidfd] [--pidfd-other]"
                     " [--self-trap] [--single-step] [--watchpoint] [--sigtrap-pending] [--vdso-moved] [--vdso-unmapped] [--vdso-moved-whole]"
                     " [--shell-tty PATH] [--pty-pair] [--tty-job] [--del-cwd] [--del-dev] [--del-sock] [--epoll-closed] [--epoll-orphan] [--chroot]\n");
@@ -2925,6 +3145,8 @@ int main(int argc, char **argv)
             {"--mapped-deleted", &opt_mapped_deleted, 1}, {"--memfd-map", &opt_memfd_map, 1},
             {"--memfd-fd", &opt_memfd_fd, 1},   {"--pty-pair", &opt_pty_pair, 1},
             {"--tty-job", &opt_tty_job, 1},
+            {"--tree-pipes", &opt_tree_pipes, 1}, {"--tree-sockets", &opt_tree_sockets, 1},
+            {"--tree-shared", &opt_tree_shared, 1}, {"--tree-sysv", &opt_tree_sysv, 1},
         };
         int flag = 0;
         for (size_t f = 0; f < sizeof flags / sizeof flags[0] && !flag; f++)
@@ -2956,7 +3178,7 @@ int main(int argc, char **argv)
         else
             usage();
     }
-    if (!opt_log || (opt_files && !opt_dir) || (opt_tree && opt_fork_check))
+    if (!opt_log || (opt_files && !opt_dir) || (opt_tree && opt_fork_check) || ((opt_tree_pipes || opt_tree_sockets) && opt_tree < 2))
         usage();
 
     log_fd = open(opt_log, O_WRONLY | O_APPEND | O_CREAT, 0644);

@@ -33,6 +33,19 @@ pub struct SharedTable {
     owners: HashMap<(String, String), i32>,
 }
 
+impl SharedTable {
+    /// Marks resource `kind`/`id` as checkpointed by process `owner` (an earlier
+    /// process of a tree), so that a plugin's claim here answers `Taken(owner)`.
+    pub fn claimed_by(&mut self, kind: &str, id: &str, owner: i32) {
+        self.owners.insert((kind.to_string(), id.to_string()), owner);
+    }
+
+    /// Whether some process claimed `kind`/`id`.
+    pub fn is_claimed(&self, kind: &str, id: &str) -> bool {
+        self.owners.contains_key(&(kind.to_string(), id.to_string()))
+    }
+}
+
 /// The context handed to one plugin for one process.
 pub struct ExternalContext<'a> {
     pub tracer: &'a mut Tracer,

@@ -43,6 +43,7 @@ pub fn write_tree(
     let mut inventory = Inventory::new(medium_name);
     let (mut bytes, mut page_bytes) = (0u64, 0u64);
     let mut next_stream = 1u32;
+    let claims = TreeClaims::find(&tree.iter().map(|(t, _)| t.pid()).collect::<Vec<_>>(), shared_fds);
     for (k, (tracer, parent)) in tree.iter_mut().enumerate() {
         // After pre-copy rounds: what they sent counts, and only what was written since
         // is sent now.
@@ -57,6 +58,7 @@ pub fn write_tree(
         let scratch = tracer.map_scratch(0).map_err(|e| in_process(e.into()))?;
         mapped(pid, scratch);
         let mut shared = SharedTable::default();
+        claims.seed(pid, &mut shared);
         {
             let mut ctx = ExternalContext::new(&mut *tracer, &mut shared, "ferry", watchdog);
             event::setup_all(&mut subs, &mut ctx, EventKind::Checkpoint).map_err(in_process)?;
@@ -108,13 +110,22 @@ pub fn write_tree(
     Ok((bytes + encoded.len() as u64, page_bytes / 4096))
 }
 
+/// The inventory's account of the descriptions process `pid` shares with an earlier one.
+pub fn shared_fds_of(pid: i32, shared: &[Shared]) -> Vec<SharedFd> {
+    shared
+        .iter()
+        .filter(|s| s.pid == pid)
+        .map(|s| SharedFd { fd: s.fd, from: s.from, from_fd: s.from_fd, reopen: s.reopen })
+        .collect()
+}
+
 /// What an entry of a tree's process holds beyond a lone process's: its parent, its
 /// streams, group and session, shared fds, exit signal and zombie children.
 fn tree_fields(entry: &mut crate::image::ProcessEntry, parent: i32, streams: Vec<u32>, shared_fds: &[Shared]) -> Result<(), EventError> {
     let pid = entry.pid;
     (entry.parent, entry.streams) = (parent, streams);
     (entry.pgid, entry.sid) = crate::kernel::tree::group_and_session(pid).unwrap_or((0, 0));
-    entry.shared_fds = shared_fds.iter().filter(|s| s.0 == pid).map(|&(_, fd, from, from_fd)| SharedFd { fd, from, from_fd }).collect();
+    entry.shared_fds = shared_fds_of(pid, shared_fds);
     entry.exit_signal = if parent != 0 { crate::kernel::tree::exit_signal(pid) } else { None };
     entry.zombies = crate::kernel::tree::zombies(pid)?
         .into_iter()
@@ -188,6 +199,59 @@ pub fn check_announced(announced: &Inventory, last: &Inventory, counts: &[Vec<(u
     Ok(())
 }
 
+/// What the plugins of each process of a tree must find claimed by another process
+/// when they write it, so that what the processes share is written once and carried
+/// between them: a pipe an earlier process holds an end of (written, with its bytes,
+/// by that one; here its ends are placeholders, given that one's pipe at restore), a
+/// socket whose peer another process holds (one end of a pair between the two, which
+/// the files plugins carry), a shared anonymous object or System V segment an earlier
+/// process maps (its pages written by that one; the others' memory plugins map it at
+/// restore). Every
+/// writer of a tree seeds each process's table with these.
+pub struct TreeClaims {
+    /// The ends of a pipe an earlier process holds too: (process, pipe, that process).
+    pipes: Vec<(i32, String, i32)>,
+    sockets: Vec<(i32, Vec<u64>)>,
+    shmem: Vec<(i32, Vec<u64>)>,
+    sysv: Vec<(i32, Vec<u64>)>,
+}
+
+impl TreeClaims {
+    /// Looks at the frozen processes `pids` (parents first) and the sharing
+    /// `kernel::tree::check_shared` found among them.
+    pub fn find(pids: &[i32], shared_fds: &[Shared]) -> TreeClaims {
+        use crate::kernel::tree::{shared_anon_objects, socket_inodes, sysv_segments};
+        TreeClaims {
+            pipes: shared_fds.iter().filter_map(|s| Some((s.pid, s.pipe.clone()?, s.from))).collect(),
+            sockets: pids.iter().map(|&p| (p, socket_inodes(p))).collect(),
+            shmem: pids.iter().map(|&p| (p, shared_anon_objects(p))).collect(),
+            sysv: pids.iter().map(|&p| (p, sysv_segments(p))).collect(),
+        }
+    }
+
+    /// Claims for process `pid` what another process of the tree carries.
+    pub fn seed(&self, pid: i32, table: &mut SharedTable) {
+        for (_, id, from) in self.pipes.iter().filter(|p| p.0 == pid) {
+            table.claimed_by("pipe", id, *from);
+        }
+        for (holder, inos) in self.sockets.iter().filter(|s| s.0 != pid) {
+            for ino in inos {
+                table.claimed_by("unix-socket", &ino.to_string(), *holder);
+            }
+        }
+        for (kind, all) in [("shared-anon", &self.shmem), ("sysv-shm", &self.sysv)] {
+            let Some(here) = all.iter().position(|s| s.0 == pid) else { continue };
+            for (holder, objects) in &all[..here] {
+                for o in objects.iter().filter(|o| all[here].1.contains(o)) {
+                    if !table.is_claimed(kind, &o.to_string()) {
+                        table.claimed_by(kind, &o.to_string(), *holder);
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Rebuilds every process of a tree's image, each held stopped; the first is the root.
 /// On failure every process made is removed.
 #[allow(clippy::too_many_arguments)]
@@ -241,7 +305,7 @@ pub fn restore_tree(
             if plugin != FILES_PLUGIN {
                 return Ok(());
             }
-            sources.iter().try_for_each(|&(f, from)| take_description(tracer, f, from))
+            sources.iter().try_for_each(|&(f, from)| if f.reopen { reopen_end(tracer, f, from) } else { take_description(tracer, f, from) })
         };
         match rebuild_with(manager, medium, &plan, counts_known, blanks[k].take(), watchdog, started, progress, &mut take_shared) {
             Ok(h) => held.push(h),
@@ -404,6 +468,47 @@ fn take_description(tracer: &mut Tracer, f: SharedFd, from: i32) -> Result<(), E
         return Err(fail("dup3", r));
     }
     Ok(())
+}
+
+/// Makes fd `f.fd` of the process being rebuilt a new end of the pipe or FIFO that fd
+/// `f.from_fd` of process `from` (rebuilt before, held stopped, its pipe holding the
+/// unread bytes) is an end of, with the flags the files plugin gave the placeholder
+/// there: ferry opens `/proc/FROM/fd/N` (a pipe's magic link opens the pipe itself)
+/// and the process takes it from ferry as [`take_description`] does.
+fn reopen_end(tracer: &mut Tracer, f: SharedFd, from: i32) -> Result<(), EventError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::io::AsRawFd;
+    let pid = tracer.pid();
+    let fail = |what: String| {
+        EventError::Refused(format!(
+            "process {pid}: opening fd {} on the pipe of process {from}'s fd {} (a pipe between them): {what}",
+            f.fd, f.from_fd
+        ))
+    };
+    let flags = tracer.inject(pid, libc::SYS_fcntl, [f.fd as u64, libc::F_GETFL as u64, 0, 0, 0, 0])?;
+    if flags < 0 {
+        return Err(fail(format!("the files plugin left no such fd: {}", std::io::Error::from_raw_os_error(-flags as i32))));
+    }
+    let flags = flags as i32;
+    let path = format!("/proc/{from}/fd/{}", f.from_fd);
+    let open = |read: bool, write: bool| {
+        std::fs::OpenOptions::new()
+            .read(read)
+            .write(write)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+            .open(&path)
+            .map_err(|e| fail(format!("opening {path}: {e}")))
+    };
+    // A non-blocking open for writing fails with no reader: hold one meanwhile.
+    let _reader = open(true, false)?;
+    let mode = flags & libc::O_ACCMODE;
+    let end = open(mode != libc::O_WRONLY, mode != libc::O_RDONLY)?;
+    // SAFETY: fcntl on a file of ours, integer flags.
+    if unsafe { libc::fcntl(end.as_raw_fd(), libc::F_SETFL, flags) } != 0 {
+        return Err(fail(format!("F_SETFL {flags:#o}: {}", std::io::Error::last_os_error())));
+    }
+    let me = std::process::id() as i32;
+    take_description(tracer, SharedFd { fd: f.fd, from: me, from_fd: end.as_raw_fd(), reopen: false }, me)
 }
 
 /// Lets every rebuilt process of a tree run, children first (a parent that runs finds

@@ -52,7 +52,9 @@ enum Up {
 }
 
 enum Down {
-    Write { first_stream: u32, shared_fds: Vec<SharedFd> },
+    /// Write the process: its streams from `first_stream`, the fds it shares, and what
+    /// the others of the tree carry for it (`TreeClaims`).
+    Write { first_stream: u32, shared_fds: Vec<SharedFd>, claimed: SharedTable },
     Fate(Fate),
 }
 
@@ -86,8 +88,8 @@ fn worker(
     let mut fate = Fate::LetGo;
     while let Ok(msg) = down.recv() {
         match msg {
-            Down::Write { first_stream, shared_fds } => {
-                let written = write_one(&mut tracer, parent, first_stream, shared_fds, manager, names, medium, watchdog, &up);
+            Down::Write { first_stream, shared_fds, claimed } => {
+                let written = write_one(&mut tracer, parent, first_stream, shared_fds, claimed, manager, names, medium, watchdog, &up);
                 let _ = up.send(match written {
                     Ok((entry, plugins, bytes, page_bytes)) => Up::Written { pid, entry: Box::new(entry), plugins, bytes, page_bytes },
                     Err(error) => Up::Unwritten { pid, error },
@@ -120,6 +122,7 @@ fn write_one(
     parent: i32,
     first_stream: u32,
     shared_fds: Vec<SharedFd>,
+    mut shared: SharedTable,
     manager: &Manager,
     names: &[String],
     medium: &Mutex<&mut Pipeline>,
@@ -138,7 +141,6 @@ fn write_one(
     }
     let scratch = tracer.map_scratch(at).map_err(|e| in_process(e.into()))?;
     let _ = up.send(Up::Mapped { pid, addr: scratch });
-    let mut shared = SharedTable::default();
     {
         let mut ctx = ExternalContext::new(&mut *tracer, &mut shared, "ferry", watchdog);
         event::setup_all(&mut subs, &mut ctx, EventKind::Checkpoint).map_err(in_process)?;
@@ -278,9 +280,12 @@ pub fn checkpoint_tree(
         let mut outcome = shared.and_then(|shared| {
             crate::trace::mark("tree frozen");
             // Every process written at once, each to its own streams.
+            let claims = crate::engine::tree::TreeClaims::find(&pids, &shared);
             for (k, (pid, _, tx)) in tree.iter().enumerate() {
-                let shared_fds = shared.iter().filter(|s| s.0 == *pid).map(|&(_, fd, from, from_fd)| SharedFd { fd, from, from_fd }).collect();
-                let _ = tx.send(Down::Write { first_stream: 1 + k as u32 * names_count, shared_fds });
+                let shared_fds = crate::engine::tree::shared_fds_of(*pid, &shared);
+                let mut claimed = SharedTable::default();
+                claims.seed(*pid, &mut claimed);
+                let _ = tx.send(Down::Write { first_stream: 1 + k as u32 * names_count, shared_fds, claimed });
             }
             let mut entries: Vec<Option<(ProcessEntry, Vec<PluginEntry>)>> = vec![None; tree.len()];
             let (mut bytes, mut page_bytes) = (0u64, 0u64);

@@ -89,13 +89,20 @@ pub struct Zombie {
 }
 
 /// Fd `fd` of a process is the open file description of fd `from_fd` of process
-/// `from` (pids and fds as in the image).
+/// `from` (pids and fds as in the image); with `reopen`, another description of the
+/// pipe or FIFO that one is an end of (opened again, with this fd's own flags).
 #[derive(Serialize, Deserialize, Debug, Clone, Copy, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct SharedFd {
     pub fd: i32,
     pub from: i32,
     pub from_fd: i32,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub reopen: bool,
+}
+
+fn is_false(v: &bool) -> bool {
+    !*v
 }
 
 fn is_zero(v: &i32) -> bool {

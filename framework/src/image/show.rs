@@ -122,12 +122,12 @@ pub fn render_text(v: &Value) -> String {
             tids.join(" ")
         ));
         for f in p.get("shared_fds").and_then(Value::as_array).into_iter().flatten() {
-            out.push_str(&format!(
-                "  fd {} is {}'s fd {} (one open file description)\n",
-                s(f, "fd"),
-                s(f, "from"),
-                s(f, "from_fd")
-            ));
+            let how = if f.get("reopen").and_then(Value::as_bool) == Some(true) {
+                "another end of the pipe"
+            } else {
+                "one open file description"
+            };
+            out.push_str(&format!("  fd {} is {}'s fd {} ({how})\n", s(f, "fd"), s(f, "from"), s(f, "from_fd")));
         }
     }
 

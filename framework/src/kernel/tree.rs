@@ -1,7 +1,8 @@
 //! A process and its descendants: found from `/proc/PID/task/*/children`, frozen
 //! together, and checked for what they share: open file descriptions (carried: found
-//! here), and what ferry does not carry between processes yet (a pipe between two of
-//! them, shared anonymous memory, a deleted file or memfd mapped and written through,
+//! here), pipes and FIFOs between them (carried: the ends found here), shared
+//! anonymous memory, SysV segments and socket pairs (carried by the plugins), and what
+//! ferry does not carry between processes yet (a memfd mapped by two, a deleted file or memfd mapped and written through,
 //! an address space, fd table or signal handlers, a
 //! process group or session other than the parent's, a pseudo-terminal master shared
 //! between two of them, or a slave held by a process that comes before the one holding
@@ -200,16 +201,53 @@ fn pty_ends(pid: pid_t) -> (Vec<u32>, Vec<(i64, u32)>) {
     (masters, slaves)
 }
 
+/// The shared anonymous objects (`MAP_SHARED | MAP_ANONYMOUS`, by inode) `pid` maps:
+/// the first process of a tree that maps one carries it for all.
+pub fn shared_anon_objects(pid: pid_t) -> Vec<u64> {
+    let mut objects: Vec<u64> = mapped_shared(pid, "/dev/zero");
+    objects.sort_unstable();
+    objects.dedup();
+    objects
+}
+
+/// The System V shared memory segments (ids) `pid` has attached: the first process
+/// of a tree that attaches one carries it for all.
+pub fn sysv_segments(pid: pid_t) -> Vec<u64> {
+    let mut objects: Vec<u64> = mapped_shared(pid, "/SYSV");
+    objects.sort_unstable();
+    objects.dedup();
+    objects
+}
+
+/// The inodes of the shared mappings of `pid` whose path starts with `prefix`, one
+/// per mapping.
+fn mapped_shared(pid: pid_t, prefix: &str) -> Vec<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(1)?.ends_with('s') && f.get(5)?.starts_with(prefix)).then(|| f.get(4)?.parse().ok())?
+        })
+        .collect()
+}
+
+/// The inodes of the sockets `pid` holds: a plugin of another process of the tree
+/// that finds the peer of its socket among them carries the pair between the two.
+pub fn socket_inodes(pid: pid_t) -> Vec<u64> {
+    fds(pid).into_iter().filter(|f| f.3 == libc::S_IFSOCK).map(|f| f.2).collect()
+}
+
 /// The shared anonymous mappings of `pid` (`/dev/zero (deleted)`, memfds, SysV
-/// segments): (inode, start).
-fn shared_anon(pid: pid_t) -> Vec<(u64, u64)> {
+/// segments): (inode, start, carried between processes: not a memfd).
+fn shared_anon(pid: pid_t) -> Vec<(u64, u64, bool)> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
     text.lines()
         .filter_map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
             let (range, perms, inode, path) = (f.first()?, f.get(1)?, f.get(4)?, f.get(5).copied().unwrap_or(""));
             let anon = path == "/dev/zero" || path.starts_with("/memfd:") || path.starts_with("/SYSV");
-            (perms.ends_with('s') && anon).then(|| Some((inode.parse().ok()?, u64::from_str_radix(range.split('-').next()?, 16).ok()?)))?
+            let carried = path == "/dev/zero" || path.starts_with("/SYSV");
+            (perms.ends_with('s') && anon).then(|| Some((inode.parse().ok()?, u64::from_str_radix(range.split('-').next()?, 16).ok()?, carried)))?
         })
         .collect()
 }
@@ -250,19 +288,36 @@ fn deleted_objects(pid: pid_t) -> Vec<Gone> {
     found
 }
 
-/// An fd of a process of the tree whose open file description an earlier process
-/// holds too: (process, fd, earlier process, its fd).
-pub type Shared = (pid_t, i32, pid_t, i32);
+/// An fd of a process of the tree that an earlier process holds too: the same open
+/// file description (inherited over fork), or (`pipe`) another end of the same pipe or
+/// FIFO (`a | b`: one writes, the other reads), which that process restores with its
+/// unread bytes and this one opens again.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Shared {
+    pub pid: pid_t,
+    pub fd: i32,
+    /// The earlier process and its fd.
+    pub from: pid_t,
+    pub from_fd: i32,
+    /// A pipe or FIFO's identity (`dev:ino`, as the files plugin claims it): `from`
+    /// restores it with its bytes, so this process's files plugin must not write them.
+    pub pipe: Option<String>,
+    /// Not the same description: another end of the pipe `from_fd` is an end of.
+    pub reopen: bool,
+}
 
 /// Finds the open file descriptions shared between processes of the tree (`pids`,
-/// parents first), each answered once per holder after the first, with the first; and
-/// refuses what ferry carries only within one process, with one line naming both
-/// processes and the resource: a shared socket or locked description, a pipe between
-/// two of them, shared anonymous memory, an address space, fd table or signal handlers.
+/// parents first), each answered once per holder after the first, with the first, and
+/// the ends of a pipe or FIFO an earlier process holds another end of, answered with
+/// the first such end; and refuses what ferry carries only within one process, with
+/// one line naming both processes and the resource: a shared socket or locked
+/// description, a memfd or SysV segment mapped by both, an address space, fd table or
+/// signal handlers; and System V IPC the tree used (`check_sysv`).
 pub fn check_shared(pids: &[pid_t]) -> Result<Vec<Shared>, TraceError> {
     let refuse = |pid: pid_t, why: String| Err(TraceError::Unsuitable { pid, why });
+    check_sysv(pids)?;
     let fds: Vec<Vec<(i64, u64, u64, u32)>> = pids.iter().map(|&p| fds(p)).collect();
-    let anon: Vec<Vec<(u64, u64)>> = pids.iter().map(|&p| shared_anon(p)).collect();
+    let anon: Vec<Vec<(u64, u64, bool)>> = pids.iter().map(|&p| shared_anon(p)).collect();
     let gone: Vec<Vec<Gone>> = if pids.len() > 1 { pids.iter().map(|&p| deleted_objects(p)).collect() } else { Vec::new() };
     let mut shared = Vec::new();
     // A pseudo-terminal's slave is reopened by its path once its master is made, by
@@ -283,8 +338,10 @@ pub fn check_shared(pids: &[pid_t]) -> Result<Vec<Shared>, TraceError> {
                     return refuse(b, format!("sharing {what} with process {a}, which ferry does not carry between processes yet"));
                 }
             }
-            if let Some(&(_, at)) = anon[j].iter().find(|m| anon[i].iter().any(|n| n.0 == m.0)) {
-                return refuse(b, format!("sharing the shared anonymous memory at {at:#x} with process {a}; memory shared between processes is not carried yet"));
+            // Shared anonymous memory (inherited over fork) is carried by the first
+            // process that maps it; a memfd or SysV segment mapped by both is not.
+            if let Some(&(_, at, _)) = anon[j].iter().find(|m| !m.2 && anon[i].iter().any(|n| n.0 == m.0)) {
+                return refuse(b, format!("sharing the shared memory at {at:#x} (a memfd) with process {a}; such memory shared between processes is not carried yet"));
             }
             // Each process's memory plugin makes its deleted files and memfds again: a
             // private mapping in both may have its own copy, anything written through
@@ -325,16 +382,83 @@ pub fn check_shared(pids: &[pid_t]) -> Result<Vec<Shared>, TraceError> {
                     if info.lines().any(|l| l.starts_with("lock:")) {
                         return refuse(b, format!("sharing fd {fd}'s open file description, which holds a lock, with process {a} (its fd {afd}); locks on a description shared between processes are not carried yet"));
                     }
-                    shared.push((b, fd as i32, a, afd as i32))
+                    let pipe = (kind == libc::S_IFIFO).then(|| format!("{dev}:{ino}"));
+                    shared.push(Shared { pid: b, fd: fd as i32, from: a, from_fd: afd as i32, pipe, reopen: false });
                 }
                 (None, Some((a, afd))) if kind == libc::S_IFIFO => {
-                    return refuse(b, format!("holding a pipe (fd {fd}) whose other end process {a} holds (its fd {afd}); pipes between processes are not carried yet"));
+                    let pipe = Some(format!("{dev}:{ino}"));
+                    shared.push(Shared { pid: b, fd: fd as i32, from: a, from_fd: afd as i32, pipe, reopen: true });
                 }
                 _ => {}
             }
         }
     }
     Ok(shared)
+}
+
+/// Refuses a tree that used System V IPC ferry does not carry, as far as the kernel
+/// tells (`/proc/sysvipc`): a shared memory segment one of them created or last
+/// attached or detached but none has attached now (an attached one is carried by the
+/// memory plugins, unless processes outside the tree attached it too), a message
+/// queue one of them last sent to or received from, a semaphore one of them last
+/// operated on (`semctl GETPID`; one only waited on, or operated on by another since,
+/// is not seen).
+fn check_sysv(pids: &[pid_t]) -> Result<(), TraceError> {
+    // Segments attached by the tree are carried, unless attached outside it too.
+    let attached: Vec<u64> = pids.iter().flat_map(|&p| mapped_shared(p, "/SYSV")).collect();
+    // (file, kind, the columns of the pids, what each pid column says)
+    type Columns = [(usize, &'static str); 2];
+    let tables: [(&str, &str, Columns); 2] = [
+        ("shm", "shared memory segment", [(4, "created"), (5, "last attached or detached")]),
+        ("msg", "message queue", [(5, "last sent to"), (6, "last received from")]),
+    ];
+    for (file, kind, columns) in tables {
+        let text = std::fs::read_to_string(format!("/proc/sysvipc/{file}")).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if file == "shm" {
+                let id = f.get(1).and_then(|v| v.parse::<u64>().ok()).unwrap_or(u64::MAX);
+                let here = attached.iter().filter(|&&a| a == id).count();
+                let all = f.get(6).and_then(|v| v.parse::<usize>().ok()).unwrap_or(0);
+                if here > 0 && all > here {
+                    let pid = pids.iter().copied().find(|&p| mapped_shared(p, "/SYSV").contains(&id)).unwrap_or(pids[0]);
+                    return Err(TraceError::Unsuitable {
+                        pid,
+                        why: format!("attached to the System V shared memory segment {id}, which {} processes outside the tree have attached too; a segment shared with other processes is not carried", all - here),
+                    });
+                }
+                if here > 0 {
+                    continue;
+                }
+            }
+            for (col, did) in columns {
+                let Some(pid) = f.get(col).and_then(|p| p.parse::<pid_t>().ok()).filter(|p| pids.contains(p)) else { continue };
+                let (key, id) = (f.first().copied().unwrap_or("?"), f.get(1).copied().unwrap_or("?"));
+                return Err(TraceError::Unsuitable {
+                    pid,
+                    why: format!("a user of the System V {kind} {id} (key {key}), which it {did}; System V IPC is not carried yet"),
+                });
+            }
+        }
+    }
+    // A semaphore names the last process that operated on it (`GETPID`).
+    let text = std::fs::read_to_string("/proc/sysvipc/sem").unwrap_or_default();
+    for line in text.lines().skip(1) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let num = |i: usize| f.get(i).and_then(|v| v.parse::<i32>().ok());
+        let (Some(key), Some(id), Some(nsems)) = (num(0), num(1), num(3)) else { continue };
+        for n in 0..nsems {
+            // SAFETY: semctl GETPID takes integers only.
+            let pid = unsafe { libc::semctl(id, n, libc::GETPID) };
+            if pids.contains(&pid) {
+                return Err(TraceError::Unsuitable {
+                    pid,
+                    why: format!("a user of the System V semaphore set {id} (key {key}), whose semaphore {n} it last operated on; System V IPC is not carried yet"),
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The process group and session of `pid` (fields 5 and 6 of its stat).

@@ -48,8 +48,10 @@ enum Job {
     /// A description; `source` is an fd of the target to read its contents from.
     Desc { desc: Desc, source: Option<i32> },
     /// A pipe; `source` is an fd of the target whose description reads the pipe
-    /// (else one is opened through /proc).
-    Pipe { rec: PipeRec, read_end: Option<i32>, any_fd: i32 },
+    /// (else one is opened through /proc). `elsewhere`: an earlier process of the
+    /// tree claimed it and writes its bytes; here it is a placeholder without them,
+    /// whose ends the framework replaces with that process's pipe at restore.
+    Pipe { rec: PipeRec, read_end: Option<i32>, any_fd: i32, elsewhere: bool },
     /// Contents still to emit from `file` (owned here, closed on drop).
     Data { file: OwnedFd, off: u64, remaining: u64, kind: &'static str, what: String },
 }
@@ -190,6 +192,16 @@ fn timerfd_expirations(tfd: &OwnedFd, what: &str) -> Result<(u64, [i64; 2]), Str
     Ok((count, [its.it_value.tv_sec, its.it_value.tv_nsec]))
 }
 
+/// The size (`F_GETPIPE_SZ`) of the pipe `src` is an end of.
+fn pipe_size(src: &OwnedFd, what: &str) -> Result<u64, String> {
+    // SAFETY: fcntl on an fd we own.
+    let size = unsafe { libc::fcntl(src.as_raw_fd(), libc::F_GETPIPE_SZ) };
+    if size <= 0 {
+        return Err(os_err(format_args!("{what}: F_GETPIPE_SZ")));
+    }
+    Ok(size as u64)
+}
+
 /// The bytes queued in the pipe read by `src`, without consuming them: `tee` into a
 /// pipe of our own as large as the source, then read that. Answers (pipe size, bytes).
 fn peek_pipe(src: &OwnedFd, what: &str) -> Result<(u64, Vec<u8>), String> {
@@ -293,16 +305,23 @@ impl Checkpoint {
             Job::Desc { mut desc, source } => {
                 let what = format!("{} ({})", desc.label(), object_name(&desc.object));
                 let mut data = None;
-                if let (Object::UnixPair { data_len, .. }, Some(fd)) = (&mut desc.object, source) {
-                    let bytes = peek_socket(ctx, fd, *data_len, &what)?;
-                    *data_len = bytes.len() as u64;
+                if let (Object::UnixPair { data_len, sock_type, .. }, Some(fd)) = (&mut desc.object, source) {
+                    // A stream's bytes in chunks; each message of the others its own record.
+                    let chunks = if *sock_type == libc::SOCK_STREAM as u8 {
+                        let bytes = peek_socket(ctx, fd, *data_len, &what)?;
+                        bytes.chunks(CHUNK).map(<[u8]>::to_vec).collect()
+                    } else {
+                        crate::unix_across::peek_messages(&fetched(ctx, fd, &what)?, &what)?
+                    };
+                    let total: u64 = chunks.iter().map(|c| c.len() as u64).sum();
+                    *data_len = total;
                     put_json(sink, KIND_DESC, &desc)?;
-                    for chunk in bytes.chunks(CHUNK) {
+                    for chunk in &chunks {
                         put_raw(sink, KIND_DESC_DATA, chunk)?;
                     }
                     self.status.entities_done += desc.fds.len() as u64;
-                    self.status.bytes_done += bytes.len() as u64;
-                    return Ok(bytes.len() as u64);
+                    self.status.bytes_done += total;
+                    return Ok(total);
                 }
                 if let Some(fd) = source {
                     let file = reader(ctx, fd, desc.flags)?;
@@ -326,7 +345,7 @@ impl Checkpoint {
                 }
                 Ok(0)
             }
-            Job::Pipe { mut rec, read_end, any_fd } => {
+            Job::Pipe { mut rec, read_end, any_fd, elsewhere } => {
                 let what = format!(
                     "{} of {}",
                     rec.label(),
@@ -336,7 +355,7 @@ impl Checkpoint {
                     Some(fd) => reader(ctx, fd, libc::O_RDONLY as u32)?,
                     None => reader(ctx, any_fd, libc::O_WRONLY as u32)?,
                 };
-                let (size, data) = peek_pipe(&src, &what)?;
+                let (size, data) = if elsewhere { (pipe_size(&src, &what)?, Vec::new()) } else { peek_pipe(&src, &what)? };
                 drop(src);
                 rec.size = size;
                 rec.data_len = data.len() as u64;
@@ -430,7 +449,7 @@ impl Checkpoint {
         let by_fd: HashMap<i32, &FdEntry> = entries.iter().map(|e| (e.fd, e)).collect();
 
         let mut descs = Vec::new();
-        let mut pipes: Vec<(PipeRec, Option<i32>, i32)> = Vec::new();
+        let mut pipes: Vec<(PipeRec, Option<i32>, i32, bool)> = Vec::new();
         let mut pipe_index: HashMap<(u64, u64), usize> = HashMap::new();
         let mut with_contents: HashSet<(u64, u64)> = HashSet::new();
         // A deleted file or memfd the process maps too is made again by the memory
@@ -463,24 +482,21 @@ impl Checkpoint {
                     let i = match pipe_index.get(&key) {
                         Some(&i) => i,
                         None => {
+                            // Taken: a pipe between processes of a tree, whose bytes the
+                            // earlier process writes (the framework claimed it for it).
                             let id = format!("{}:{}", st.dev, st.ino);
-                            if let SharedClaim::Taken(owner) =
-                                ctx.claim_shared(RStr::from_str("pipe"), RStr::from_str(&id))
-                            {
-                                return Err(format!(
-                                    "fd {} ({}): the pipe is shared with process {owner} of this event: \
-                                     not supported by the files plugin yet",
-                                    first.fd, first.link
-                                ));
-                            }
+                            let elsewhere = matches!(
+                                ctx.claim_shared(RStr::from_str("pipe"), RStr::from_str(&id)),
+                                SharedClaim::Taken(_)
+                            );
                             pipe_index.insert(key, pipes.len());
                             let rec =
                                 PipeRec { ino: st.ino, fifo: fifo.clone(), size: 0, data_len: 0, ends: Vec::new() };
-                            pipes.push((rec, None, first.fd));
+                            pipes.push((rec, None, first.fd, elsewhere));
                             pipes.len() - 1
                         }
                     };
-                    let (rec, read_end, _) = &mut pipes[i];
+                    let (rec, read_end, _, _) = &mut pipes[i];
                     if read_end.is_none() && readable(flags) {
                         *read_end = Some(first.fd);
                     }
@@ -600,7 +616,16 @@ impl Checkpoint {
                         Ok(ours(peer) && crate::unix::query(peer)?.is_some_and(|p| p.name.is_none() && p.peer == *ino))
                     };
                     let pair = info.name.is_none() && info.state == crate::unix::ESTABLISHED && info.peer != 0 && paired(info.peer)?;
-                    if !pair {
+                    // The other end another process of the tree holds (the framework
+                    // claimed every socket of the tree for its holder).
+                    let across = !pair
+                        && info.name.is_none()
+                        && info.state == crate::unix::ESTABLISHED
+                        && info.peer != 0
+                        && !ours(info.peer)
+                        && matches!(ctx.claim_shared(RStr::from_str("unix-socket"), RStr::from_str(&info.peer.to_string())), SharedClaim::Taken(_))
+                        && crate::unix::query(info.peer)?.is_some_and(|p| p.name.is_none() && p.peer == *ino);
+                    if !pair && !across {
                         // Made again from its names: a listener, a datagram socket.
                         let n = crate::unix::named(ctx.pid(), &info, crate::unix::query).map_err(|why| refuse(&why))?;
                         let object = Object::UnixSocket {
@@ -614,12 +639,10 @@ impl Checkpoint {
                         descs.push((Desc { fds: slots, flags, pos: 0, object, locks: Vec::new() }, None));
                         continue;
                     }
-                    let stream = info.sock_type == libc::SOCK_STREAM as u8;
-                    if !stream && info.rqueue > 0 {
-                        return Err(refuse("of messages with some queued"));
-                    }
-                    let data_len = if stream { info.rqueue as u64 } else { 0 };
-                    let object = Object::UnixPair { ino: *ino, peer: info.peer, sock_type: info.sock_type, shutdown: info.shutdown, data_len };
+                    // For a socket of messages: the first one's length, enough to
+                    // say that its queue is to be read (every message, then).
+                    let data_len = info.rqueue as u64;
+                    let object = Object::UnixPair { ino: *ino, peer: info.peer, sock_type: info.sock_type, shutdown: info.shutdown, data_len, across };
                     descs.push((Desc { fds: slots, flags, pos: 0, object, locks: Vec::new() }, (data_len > 0).then_some(first.fd)));
                 }
                 Kind::Notify => {
@@ -674,8 +697,8 @@ impl Checkpoint {
         for (desc, source) in descs {
             self.jobs.push_back(Job::Desc { desc, source });
         }
-        for (rec, read_end, any_fd) in pipes {
-            self.jobs.push_back(Job::Pipe { rec, read_end, any_fd });
+        for (rec, read_end, any_fd, elsewhere) in pipes {
+            self.jobs.push_back(Job::Pipe { rec, read_end, any_fd, elsewhere });
         }
         Ok(())
     }

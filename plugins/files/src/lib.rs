@@ -38,6 +38,7 @@ mod notify;
 mod pty;
 mod shell_job;
 mod unix;
+mod unix_across;
 
 use ferry_plugin_api::{
     plugin::SubsystemPlugin,
@@ -56,7 +57,7 @@ impl SubsystemPlugin for Plugin {
         SubsystemInfo {
             entity_kinds: names(&["fd", "file-lock", "cwd", "root", "umask"]),
             after: names(&["memory"]),
-            shared_resources: names(&["pipe", "file-description"]),
+            shared_resources: names(&["pipe", "file-description", "unix-socket"]),
         }
     }
 
@@ -84,6 +85,7 @@ impl SubsystemPlugin for Plugin {
         self.checkpoint.tcp.cleanup(ok);
         if !ok {
             self.restore.cleanup();
+            unix_across::forget();
         }
     }
 

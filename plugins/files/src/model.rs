@@ -156,10 +156,20 @@ pub enum Object {
     /// An epoll instance and what it watches, by the fd number each watched file has
     /// (checked to be the file it was added as). Rebuilt after every other fd.
     Epoll { watches: Vec<Watch> },
-    /// One end of a Unix socket pair whose other end (`peer`) is the process's too; the
-    /// bytes queued for it to read follow (stream sockets only). Made again with
-    /// `socketpair`, the queue refilled through the other end, shut down as it was.
-    UnixPair { ino: u64, peer: u64, sock_type: u8, shutdown: u8, data_len: u64 },
+    /// One end of a Unix socket pair whose other end (`peer`) is the process's too, or
+    /// (`across`) another process's of the tree (see `unix_across`); the bytes queued
+    /// for it to read follow (a stream's in chunks, each message of a datagram or
+    /// seqpacket socket in a record of its own). Made again with `socketpair`, the
+    /// queue refilled through the other end, shut down as it was.
+    UnixPair {
+        ino: u64,
+        peer: u64,
+        sock_type: u8,
+        shutdown: u8,
+        data_len: u64,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        across: bool,
+    },
     /// A listening TCP socket (`sock_type` `SOCK_STREAM`) or a UDP socket
     /// (`SOCK_DGRAM`): bound again to `addr` (the `sockaddr`, hex) with its options
     /// (level, option, value), then listening with `backlog`, or connected to `peer`.
@@ -426,13 +436,10 @@ impl Desc {
                     return Err(format!("{what}: a Unix socket the image describes wrongly"));
                 }
             }
-            Object::UnixPair { ino, peer, sock_type, shutdown, data_len } => {
+            Object::UnixPair { ino, peer, sock_type, shutdown, data_len, .. } => {
                 let types = [libc::SOCK_STREAM as u8, libc::SOCK_DGRAM as u8, libc::SOCK_SEQPACKET as u8];
                 if ino == peer || !types.contains(sock_type) || *shutdown > 3 || *data_len > MAX_PIPE_SIZE {
                     return Err(format!("{what}: socket {ino} (peer {peer}, type {sock_type}) is not a pair this plugin makes"));
-                }
-                if *data_len > 0 && *sock_type != libc::SOCK_STREAM as u8 {
-                    return Err(format!("{what}: queued bytes for a socket that keeps messages"));
                 }
             }
             Object::Epoll { watches } => {

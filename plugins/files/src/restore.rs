@@ -432,9 +432,13 @@ impl Restore {
                 self.tcp.restore(ctx.pid(), sock, conn, &what)?;
                 self.finish_socket(ctx, &what, &desc, fd, h)?;
             }
-            Object::UnixPair { ino, peer, sock_type, data_len, .. } => {
+            Object::UnixPair { ino, peer, sock_type, data_len, across, .. } => {
                 // This end was made with its peer already, or both are made now.
                 let (mine, other) = match self.socks.remove(ino) {
+                    None if *across => {
+                        let (a, b) = crate::unix_across::ends(ctx, &what, *ino, *peer, *sock_type)?;
+                        (self.placer.adopt(a), self.placer.adopt(b))
+                    }
                     Some(h) => {
                         // The peer is in place: its bytes go through a duplicate of it.
                         let at = *self.sock_fds.get(peer).ok_or_else(|| format!("{what}: its peer socket:[{peer}] is missing"))?;
@@ -786,21 +790,5 @@ impl Restore {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn reopen_flags() {
-        // O_RDWR|O_LARGEFILE as fdinfo shows it keeps its mode and gains O_NOCTTY|O_CLOEXEC.
-        let f = open_flags(0o100002);
-        assert_eq!(f & libc::O_ACCMODE as u32, libc::O_RDWR as u32);
-        assert_ne!(f & libc::O_NOCTTY as u32, 0);
-        assert_ne!(f & libc::O_CLOEXEC as u32, 0);
-        assert_ne!(f & 0o100000, 0); // the kernel's O_LARGEFILE (libc says 0 on x86_64)
-                                     // Never create, truncate or make a tmpfile again.
-        let f = open_flags((libc::O_CREAT | libc::O_TRUNC | libc::O_EXCL | libc::O_TMPFILE | libc::O_APPEND) as u32);
-        assert_eq!(f & (libc::O_CREAT | libc::O_TRUNC | libc::O_EXCL) as u32, 0);
-        assert_eq!(f & O_TMPFILE_BIT, 0);
-        assert_ne!(f & libc::O_APPEND as u32, 0);
-    }
-}
+#[path = "restore_tests.rs"]
+mod tests;

@@ -2,7 +2,7 @@
 //! (`unix_diag`, as `ss -x` asks): its type and state, its peer's inode, its bound
 //! name, its shutdown state. The files plugin moves socket pairs whose two ends are
 //! both the process's own (a `socketpair`, as Python's asyncio and many event loops
-//! keep), and listeners and datagram sockets by their names (an absolute path or an
+//! keep) or, in a tree, another process's of the tree (`unix_across`), and listeners and datagram sockets by their names (an absolute path or an
 //! abstract name), and refuses every other Unix socket.
 
 use std::{io, os::fd::{AsRawFd, FromRawFd, OwnedFd}};

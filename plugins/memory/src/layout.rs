@@ -34,6 +34,9 @@ pub enum AreaKind {
     /// A mapping of a file deleted since, or of a memfd, private or shared: the object
     /// is made again from the image (`gone`), `object` its index there.
     Deleted,
+    /// A System V shared memory segment attached (`shmat`), `object` its id: made
+    /// again (`sysv`), its pages in the image as shared anonymous memory's are.
+    Sysv,
 }
 
 /// What identifies a mapped file, to refuse a restore if it changed.
@@ -75,7 +78,7 @@ pub struct Area {
 impl Area {
     /// Whether the area's contents live in memory only (and so are in the image).
     pub fn has_pages(&self) -> bool {
-        (!self.shared || self.kind == AreaKind::Shmem) && self.kind != AreaKind::Special
+        (!self.shared || matches!(self.kind, AreaKind::Shmem | AreaKind::Sysv)) && self.kind != AreaKind::Special
     }
 
     /// Whether pre-copy may send the area's pages while the process runs: private
@@ -124,6 +127,11 @@ impl Area {
             Some(name) => {
                 area.growsdown = name == "stack";
                 area.offset = 0;
+            }
+            // Before the anonymous ones: segment 0 shows inode 0.
+            None if vma.shared() && vma.path.starts_with("/SYSV") => {
+                area.kind = AreaKind::Sysv;
+                area.object = Some(vma.inode);
             }
             None if !vma.file_backed() => area.offset = 0,
             // What the kernel names a MAP_SHARED | MAP_ANONYMOUS mapping's object.
@@ -236,6 +244,14 @@ pub struct MmState {
     /// `PR_GET_MEMORY_MERGE`'s answer (1: KSM may merge every mapping, future ones too).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub merge_any: u64,
+    /// System V shared memory segments this process carries (the others its areas
+    /// attach, another process of the tree carries).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sysv: Vec<crate::sysv::Segment>,
+    /// Shared anonymous objects (inodes) another process of the tree carries and
+    /// makes: their areas are mapped from that one's (see `shmem`), no pages follow.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub elsewhere: Vec<u64>,
     /// Deleted files and memfds the areas map (`AreaKind::Deleted`, by index).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub gone: Vec<crate::gone::Gone>,
@@ -282,6 +298,8 @@ impl MmState {
             thp_disable: 0,
             lock_future: 0,
             merge_any: 0,
+            sysv: Vec::new(),
+            elsewhere: Vec::new(),
             gone: Vec::new(),
         })
     }
@@ -309,7 +327,7 @@ impl MmState {
             if a.kind == AreaKind::File && (a.path.is_none() || a.file.is_none()) {
                 return Err(format!("the image's file mapping {at} names no file"));
             }
-            if (a.kind == AreaKind::Shmem) != (a.object.is_some() && a.shared) && a.kind != AreaKind::Deleted {
+            if (a.kind == AreaKind::Shmem) != (a.object.is_some() && a.shared) && !matches!(a.kind, AreaKind::Deleted | AreaKind::Sysv) {
                 return Err(format!("the image's mapping {at} is half a shared anonymous one"));
             }
             if a.kind == AreaKind::Special && !a.flags.is_empty() {
@@ -582,6 +600,8 @@ mod tests {
             thp_disable: 0,
             lock_future: 0,
             merge_any: 0,
+            sysv: vec![],
+            elsewhere: vec![],
             gone: vec![],
         });
         st.areas = vec![area(0x1000, 0x3000), area(0x2000, 0x4000)];

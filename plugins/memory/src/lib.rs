@@ -8,6 +8,8 @@
 
 mod gone;
 mod layout;
+mod shmem;
+mod sysv;
 mod vmflags;
 use ferry_plugin_api::ranges;
 
@@ -154,54 +156,6 @@ fn read_pagemap(pagemap: &std::fs::File, area: &Area) -> Result<Vec<(u64, u64)>,
     Ok(runs)
 }
 
-/// The pages of shared anonymous area `area` that hold data, as runs of (address,
-/// pages). The object's pages need not be mapped in the process (the pagemap would
-/// miss them): its file, opened through `/proc/PID/map_files`, says where its data
-/// lies (`SEEK_DATA`/`SEEK_HOLE`), without touching the process.
-fn shmem_runs(pid: i32, area: &Area) -> Result<Vec<(u64, u64)>, String> {
-    use std::os::fd::AsRawFd;
-    let path = format!("/proc/{pid}/map_files/{:x}-{:x}", area.start, area.end);
-    let file = std::fs::File::open(&path).map_err(|e| format!("shared anonymous memory at {:#x}: {path}: {e}", area.start))?;
-    let (lo, hi) = (area.offset as i64, (area.offset + area.end - area.start) as i64);
-    let mut runs = Vec::new();
-    let mut at = lo;
-    while at < hi {
-        // SAFETY: lseek on a file we own.
-        let data = unsafe { libc::lseek(file.as_raw_fd(), at, libc::SEEK_DATA) };
-        if data < 0 || data >= hi {
-            break; // ENXIO: no data past `at`
-        }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(file.as_raw_fd(), data, libc::SEEK_HOLE) }.min(hi);
-        if hole <= data {
-            return Err(format!("shared anonymous memory at {:#x}: SEEK_HOLE: {}", area.start, std::io::Error::last_os_error()));
-        }
-        let (s, e) = (data as u64 / PAGE * PAGE, (hole as u64).div_ceil(PAGE) * PAGE);
-        runs.push((area.start + (s - area.offset), (e - s) / PAGE));
-        at = hole;
-    }
-    Ok(runs)
-}
-
-/// The runs of shared anonymous `area` whose object pages no area before it sends.
-fn once_per_object(sent: &mut Vec<(u64, Ranges)>, area: &Area, runs: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
-    let object = area.object.unwrap_or(0);
-    let index = match sent.iter().position(|s| s.0 == object) {
-        Some(i) => i,
-        None => {
-            sent.push((object, Vec::new()));
-            sent.len() - 1
-        }
-    };
-    // Addresses to offsets in the object and back.
-    let (base, offset) = (area.start, area.offset);
-    let wanted: Ranges = ranges::from_runs(&runs, PAGE).into_iter().map(|(s, e)| (s - base + offset, e - base + offset)).collect();
-    let new = ranges::subtract(&ranges::normalize(wanted), &sent[index].1);
-    sent[index].1 = ranges::union(&sent[index].1, &new);
-    let back: Ranges = new.into_iter().map(|(s, e)| (s - offset + base, e - offset + base)).collect();
-    ranges::to_runs(&back, PAGE)
-}
-
 /// The guard pages among `ranges` (they read as written and swapped, and hold
 /// nothing: reading one fails). Kernels that cannot tell (before 6.14) report none.
 fn guard_pages(pagemap: &std::fs::File, ranges: &[(u64, u64)]) -> Ranges {
@@ -342,6 +296,7 @@ impl Memory {
         let mut state = MmState::capture(&stat, brk, &auxv, exe, areas)?;
         (state.thp_disable, state.lock_future, state.merge_any) = (policy.thp_disable, policy.lock_future, policy.merge_any);
         state.gone = gone;
+        state.sysv = sysv::capture(ctx, &state.areas)?;
         let pagemap = open_pagemap(pid)?;
         // After pre-copy rounds: what the destination holds stays there, only the pages
         // written since go; a range whose mapping was replaced goes whole.
@@ -371,8 +326,22 @@ impl Memory {
                 unscanned.push((area.start, area.end));
                 continue;
             }
-            let runs = if area.kind == AreaKind::Shmem {
-                once_per_object(&mut object_sent, area, shmem_runs(pid, area)?)
+            let runs = if area.kind == AreaKind::Sysv {
+                // A segment another process of the tree carries: attached only.
+                if !state.sysv.iter().any(|g| Some(g.id as u64) == area.object) {
+                    continue;
+                }
+                shmem::once_per_object(&mut object_sent, area, shmem::runs(pid, area)?)
+            } else if area.kind == AreaKind::Shmem {
+                // An object another process of the tree maps is that one's to carry.
+                let object = area.object.unwrap_or(0);
+                if state.elsewhere.contains(&object) || shmem::elsewhere(ctx, object) {
+                    if !state.elsewhere.contains(&object) {
+                        state.elsewhere.push(object);
+                    }
+                    continue;
+                }
+                shmem::once_per_object(&mut object_sent, area, shmem::runs(pid, area)?)
             } else {
                 dirty_runs(&pagemap, area)?
             };
@@ -532,8 +501,15 @@ impl Memory {
         layout::move_specials(ctx, &child, &state.areas)?;
         let mut fds: Vec<(String, u64)> = Vec::new();
         let objects = self.make_shmem_objects(ctx, &state)?;
+        shmem::made(pid, &state.areas, &objects);
         self.made = gone::make(ctx, &state.gone, &mut self.created)?;
+        sysv::make(&state.sysv, pid)?;
         for area in state.areas.iter().filter(|a| a.kind != AreaKind::Special) {
+            if area.kind == AreaKind::Sysv {
+                sysv::attach(ctx, area)?;
+                self.widened.push((area.clone(), area.prot));
+                continue;
+            }
             if area.kind == AreaKind::Shmem {
                 // Each area a new mapping of its object's pages at its own offset
                 // (mremap with old_size 0), writable until its pages are in; every area
@@ -606,6 +582,7 @@ impl Memory {
                 self.created.retain(|c| *c != name);
             }
         }
+        sysv::remove_again(&state.sysv, pid)?;
         // The objects live on in their areas.
         for (_, temp, size) in objects {
             util::syscall(ctx, pid, "munmap of a shared object's first mapping", libc::SYS_munmap, [temp, size, 0, 0, 0, 0])?;
@@ -654,6 +631,12 @@ impl Memory {
         let mut made = Vec::new();
         for (object, size) in objects {
             let at = layout::free_stretch(&busy, size).ok_or_else(|| format!("no room in the restore child for a shared object of {size} bytes"))?;
+            if state.elsewhere.contains(&object) {
+                shmem::map_made(ctx, object, at, size)?;
+                busy.push((at, at + size));
+                made.push((object, at, size));
+                continue;
+            }
             let flags = (libc::MAP_SHARED | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE) as u64;
             let rw = (libc::PROT_READ | libc::PROT_WRITE) as u64;
             let what = format!("process {pid}: mmap of a shared anonymous object of {size} bytes at {at:#x}");
@@ -702,7 +685,7 @@ impl SubsystemPlugin for Memory {
         SubsystemInfo {
             entity_kinds: names(&["mapping", "page"]),
             after: RVec::new(),
-            shared_resources: names(&["shared-mapping"]),
+            shared_resources: names(&["shared-mapping", "shared-anon", "sysv-shm"]),
         }
     }
 
@@ -776,7 +759,10 @@ impl SubsystemPlugin for Memory {
         }
     }
 
-    fn cleanup(&mut self, ctx: &mut ContextRef<'_>, _ok: bool) {
+    fn cleanup(&mut self, ctx: &mut ContextRef<'_>, ok: bool) {
+        if !ok {
+            shmem::forget();
+        }
         // A failed checkpoint must not leave PROT_NONE areas readable.
         let _ = self.narrow(ctx);
         for name in self.created.drain(..) {

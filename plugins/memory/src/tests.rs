@@ -1,6 +1,7 @@
 //! Unit tests of the plugin's page bookkeeping.
 
 use super::*;
+use crate::shmem::once_per_object;
 
 #[test]
 fn an_object_mapped_twice_sends_each_of_its_pages_once() {
