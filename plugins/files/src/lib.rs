@@ -26,6 +26,8 @@
 //! written; so are pseudo-terminal masters (see [`pty`]) and removed terminal nodes.
 
 mod checkpoint;
+mod decode;
+pub use decode::decode;
 mod model;
 mod restore;
 mod scan;
