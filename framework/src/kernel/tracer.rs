@@ -152,6 +152,11 @@ pub struct Tracer {
     group_stopped: bool,
     /// Its seccomp filters are suspended while ferry holds it (see `seccomp`).
     seccomp_suspended: bool,
+    /// How a thread let go in the middle of a call at the scratch area recovers: through
+    /// `rt_sigreturn` with this FPU layout, or (none) `iretq`; decided once.
+    sigframe: Option<Option<sigframe::Layout>>,
+    /// This tracer wrote the scratch area's code (another may have mapped it).
+    scratch_ready: bool,
 }
 
 impl Tracer {
@@ -199,6 +204,8 @@ impl Tracer {
             forked: Vec::new(),
             group_stopped,
             seccomp_suspended: false,
+            sigframe: None,
+            scratch_ready: false,
         };
         let mut seized: Vec<pid_t> = Vec::new();
         // TRACESYSGOOD: an injected call is followed by its system-call stops.
@@ -662,6 +669,7 @@ mod fate;
 mod running;
 mod inject;
 mod seccomp;
+mod sigframe;
 pub use debugregs::NT_FERRY_DEBUGREGS;
 pub use seccomp::PTRACE_O_SUSPEND_SECCOMP;
 

@@ -5,7 +5,10 @@
 //! **Ferry may die at any instant** (killed, out of memory) and the kernel then lets the
 //! thread go with whatever registers it has. An injected call is therefore set up so
 //! that a thread let go in the middle of one carries on as if nothing happened: it runs
-//! from the scratch area's `syscall`, and the code right after it puts back the thread's
+//! from the scratch area's `syscall`, and the code right after it gives the thread back
+//! its registers, FPU state and signal mask in one `rt_sigreturn` ([`sigframe`]; a
+//! signal pending meanwhile is taken with the thread's own context). Where that frame
+//! does not fit (and at a borrowed site) the code puts back the thread's
 //! signal mask and every general register, and returns with `iretq` to where the thread
 //! was (a call it was interrupted in made again, as the kernel would) with its flags —
 //! all from a block ferry writes before each call ([`Recovery`]). The flags come back
@@ -173,9 +176,30 @@ impl Tracer {
             return Err(TraceError::Thread { tid: self.pid, message: format!("mapping ferry's scratch area: {e}") });
         }
         let addr = r as u64;
-        self.poke(addr, &site_code(RECOVERY_DATA))?;
         self.scratch = Some(addr);
+        self.prepare_scratch(addr)?;
         Ok(addr)
+    }
+
+    /// Writes the scratch area's code and what its recovery block holds for every
+    /// call: the `rt_sigreturn` recovery ([`sigframe`]) where the FPU state fits its
+    /// page, else the `iretq` one.
+    fn prepare_scratch(&mut self, addr: u64) -> Result<(), TraceError> {
+        if self.sigframe.is_none() {
+            let tid = self.threads.keys().next().copied().unwrap_or(self.pid);
+            self.sigframe = Some(self.get_regset(tid, NT_X86_XSTATE).ok().and_then(|x| sigframe::layout(&x)));
+        }
+        match self.sigframe.flatten() {
+            Some(layout) => {
+                self.poke(addr, &sigframe::code(RECOVERY_DATA))?;
+                for (at, bytes) in sigframe::fixed(&layout) {
+                    self.poke(addr + RECOVERY_DATA + at, &bytes)?;
+                }
+            }
+            None => self.poke(addr, &site_code(RECOVERY_DATA))?,
+        }
+        self.scratch_ready = true;
+        Ok(())
     }
 
     /// Removes the scratch area, again from a borrowed site.
@@ -196,6 +220,7 @@ impl Tracer {
     /// wholesale by the image's mappings).
     pub fn set_scratch(&mut self, addr: Option<u64>) {
         self.scratch = addr;
+        self.scratch_ready = false;
     }
 
     /// Where to borrow a site: the vDSO's zero padding when it has room, else the
@@ -257,7 +282,12 @@ impl Tracer {
     /// (clone) become traced threads of this tracer.
     pub fn inject(&mut self, tid: pid_t, nr: i64, args: [u64; 6]) -> Result<i64, TraceError> {
         match self.scratch {
-            Some(site) => self.inject_at(site, tid, nr, args, Some(site + RECOVERY_DATA)),
+            Some(site) => {
+                if !self.scratch_ready {
+                    self.prepare_scratch(site)?;
+                }
+                self.inject_at(site, tid, nr, args, Some(site + RECOVERY_DATA))
+            }
             None => self.borrowed(|t, site, recovery| t.inject_at(site, tid, nr, args, recovery)),
         }
     }
@@ -273,8 +303,13 @@ impl Tracer {
         }
         let mask = get_sigmask(tid)?;
         if let Some(at) = recovery {
-            let block = Recovery::of(&self.thread(tid)?.regs, mask);
-            self.poke(at, &block.bytes())?;
+            let saved = self.thread(tid)?.regs;
+            match self.sigframe.flatten() {
+                Some(_) if self.scratch.is_some_and(|s| s + RECOVERY_DATA == at) => {
+                    self.poke(at + sigframe::FRAME_AT, &sigframe::frame(&resumed(&saved), mask, at))?
+                }
+                _ => self.poke(at, &Recovery::of(&saved, mask).bytes())?,
+            }
         }
         self.inject_unmasked(site, tid, nr, args, mask, recovery.is_some())
     }
