@@ -180,13 +180,14 @@ fn a_process_trapping_itself_with_int3_and_single_steps_goes_on_without_a_lost_o
 /// the thread gets its mask back, and it must be taken at the thread's own instruction.
 /// Before, the recovery code put the mask back first (by its own call) and the
 /// registers after, and the handler saw ferry's code as where the thread was (about 5
-/// kills in 27): a FAIL "single-step trap at an unexpected address" of its check.
+/// kills in 27): a FAIL "single-step trap at an unexpected rip" of its check. Another
+/// thread checks its vector registers (ymm15), which the recovery saves and puts back.
 #[test]
 fn a_single_stepping_process_takes_its_trap_at_its_own_instruction_when_ferry_dies_mid_call() {
     if !needs_root(WHY) {
         return;
     }
-    let mut w = Workload::spawn(&opts(&["--single-step"]));
+    let mut w = Workload::spawn(&opts(&["--single-step", "--vector-regs"]));
     w.wait_ticks(2);
     traps_go_on(&w, "before");
     let tmp = tempfile::tempdir().unwrap();
