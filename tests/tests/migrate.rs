@@ -647,6 +647,39 @@ fn a_connection_cut_during_postcopy_kills_the_destination_copy_and_the_source_ca
 }
 
 #[test]
+fn a_source_killed_from_outside_during_postcopy_is_said_to_be_lost_not_to_carry_on() {
+    if !needs_root("a migration seizes the process and rebuilds it (ptrace, clone3 with set_tid, PR_SET_MM_MAP)") {
+        return;
+    }
+    // The failure said the source "carries on here from the freeze" even when it had
+    // been killed meanwhile.
+    let daemon = Daemon::start(None, "127.0.0.1", &[]);
+    let mut w = Workload::spawn(&WorkloadOpts { mem_mib: 64, dirty_pages: 16, tick_ms: 5, ..Default::default() });
+    w.wait_ticks(3);
+    let old = w.pid;
+    let tmp = tempfile::tempdir().unwrap();
+    let pause = tmp.path().join("paused");
+    let client = Command::new(ferry_bin())
+        .args(["migrate", &old.to_string(), "--to", &daemon.addr, "--strategy", "post-copy"])
+        .env("FERRY_PAUSE", format!("post-copy-mid:{}", pause.display()))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until("the source to pause mid post-copy", Duration::from_secs(60), || pause.exists());
+    // SAFETY: kill of the workload this test started.
+    assert_eq!(unsafe { libc::kill(old, libc::SIGKILL) }, 0);
+    std::fs::remove_file(&pause).unwrap();
+    let o = client.wait_with_output().unwrap();
+    let err = stderr(&o);
+    assert!(!o.status.success() && err.lines().count() == 1, "{err}");
+    assert!(err.contains(&format!("process {old} is gone here too (killed from outside?)")), "{err}");
+    assert!(!err.contains("carries on"), "{err}");
+    w.reap();
+    wait_until("the destination to give up", Duration::from_secs(60), || daemon.log().contains("failed after resume"));
+}
+
+#[test]
 fn a_destination_dying_during_postcopy_takes_its_copy_along_and_the_source_carries_on() {
     if !needs_root("a migration seizes the process and rebuilds it (ptrace, clone3 with set_tid, PR_SET_MM_MAP)") {
         return;

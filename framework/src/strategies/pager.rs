@@ -130,6 +130,7 @@ pub fn serve_until_message(medium: &mut MediumBox, pid: i32, timeout: Duration, 
         answered += 1;
         if resumed && answered == 3 {
             crate::fault::point("post-copy-mid");
+            crate::fault::pause("post-copy-mid");
         }
     }
 }
