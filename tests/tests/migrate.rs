@@ -270,6 +270,17 @@ fn no_daemon_wrong_key_missing_plugin_and_missing_pid_leave_the_source_running()
     let nobody = format!("127.0.0.1:{}", free_port());
     fails(&migrate(None, w.pid, &nobody, &[]), "cannot reach");
 
+    // A listener that never answers: the peer and the time waited are named (it read
+    // "Resource temporarily unavailable (os error 11)").
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let at = silent.local_addr().unwrap().to_string();
+    let cfg = tempfile::tempdir().unwrap();
+    let file = cfg.path().join("ferry.json");
+    std::fs::write(&file, r#"{"watchdog_ms": 1500}"#).unwrap();
+    let o = migrate(None, w.pid, &at, &["--config", file.to_str().unwrap()]);
+    fails(&o, &format!("no answer from {at} in 1500 ms during the handshake"));
+    drop(silent);
+
     // A daemon with a key; the source with another key, or none.
     let keys = tempfile::tempdir().unwrap();
     let key = |name: &str, text: &str| -> PathBuf {
