@@ -14,6 +14,8 @@
 //! first, median of 3), so most kills land inside it. The seed is printed; `SEED=n`
 //! replays a run.
 //!
+//! Migrations are run twice: ferry killed, then the daemon (started again after each).
+//!
 //!     cargo bench -p ferry-tests --bench kill_loop [-- RUNS]
 
 use std::time::Duration;
@@ -43,10 +45,15 @@ fn main() {
     let key = tmp.path().join("key");
     std::fs::write(&key, "benchmark key, long enough\n").unwrap();
     std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-    let addr = format!("127.0.0.1:{}", 7800 + std::process::id() % 100);
-    let _d = daemon(None, &addr, &tmp.path().join("d.sock"), &key);
+    let mut started = 0;
+    let mut start_daemon = || {
+        started += 1;
+        let addr = format!("127.0.0.1:{}", ferry_tests::daemon::free_port());
+        (daemon(None, &addr, &tmp.path().join(format!("d{started}.sock")), &key), addr)
+    };
+    let (mut d, mut addr) = start_daemon();
 
-    println!("{:>22} {:>8} {:>6} {:>6} {:>12} {:>10} {:>7}", "mode", "wall ms", "kills", "done", "rolled back", "committed", "FAILED");
+    println!("{:>30} {:>8} {:>6} {:>6} {:>12} {:>10} {:>7}", "mode (killed)", "wall ms", "kills", "done", "rolled back", "committed", "FAILED");
     let modes = [
         "checkpoint ptrace",
         "checkpoint freezer",
@@ -55,22 +62,31 @@ fn main() {
         "migrate post-copy",
         "migrate hybrid",
     ];
-    for mode in modes {
+    let runs_of = modes.iter().flat_map(|&m| {
+        let killed: &[&str] = if m.starts_with("migrate") { &["ferry", "daemon"] } else { &["ferry"] };
+        killed.iter().map(move |&k| (m, k))
+    });
+    for (mode, killed) in runs_of.collect::<Vec<_>>() {
         let mut walls: Vec<f64> =
             (0..3).map(|_| attempt(mode, None, &addr, &key).unwrap_or_else(|e| panic!("{mode} without a kill: {e}")).1).collect();
         let wall = median(&mut walls);
         let mut t = Tally::default();
         for _ in 0..runs {
             let after = Duration::from_secs_f64(rng.below(wall * 1.2) / 1e3);
-            match attempt(mode, Some((Victim::Ferry, after)), &addr, &key) {
+            let victim = if killed == "daemon" { Victim::Daemon(d.pid()) } else { Victim::Ferry };
+            match attempt(mode, Some((victim, after)), &addr, &key) {
                 Ok(("done", _)) => t.done += 1,
                 Ok(("rolled back", _)) => t.rolled_back += 1,
                 Ok(_) => t.committed += 1,
                 Err(e) => t.failed.push(format!("killed after {after:?}: {e}")),
             }
+            if killed == "daemon" {
+                (d, addr) = start_daemon();
+            }
         }
+        let mode = format!("{mode} ({killed})");
         println!(
-            "{mode:>22} {wall:>8.1} {runs:>6} {:>6} {:>12} {:>10} {:>7}",
+            "{mode:>30} {wall:>8.1} {runs:>6} {:>6} {:>12} {:>10} {:>7}",
             t.done,
             t.rolled_back,
             t.committed,
@@ -80,4 +96,5 @@ fn main() {
             println!("    FAILED: {}", f.lines().next().unwrap_or_default().chars().take(400).collect::<String>());
         }
     }
+    drop(d);
 }
