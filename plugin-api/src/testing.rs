@@ -120,3 +120,70 @@ impl MockMemory {
         }
     }
 }
+
+/// Records from `data` in the plain framing of the fuzz targets: for each, a format
+/// byte (0 JSON, else raw), a kind length byte, a 4-byte little-endian payload length,
+/// the kind (lossily UTF-8), the payload; up to the first incomplete one. No checksum,
+/// unlike an image's framing (fuzzed on its own): a fuzzer would never get past it to
+/// the payloads, which are what a plugin decodes.
+pub fn unframe(mut data: &[u8]) -> Vec<Record> {
+    let mut out = Vec::new();
+    while data.len() >= 6 {
+        let format = if data[0] == 0 { RecordFormat::Json } else { RecordFormat::Raw };
+        let kind_len = data[1] as usize;
+        let len = u32::from_le_bytes([data[2], data[3], data[4], data[5]]) as usize;
+        let Some(rest) = data.get(6..).filter(|r| r.len() >= kind_len.saturating_add(len)) else { break };
+        let kind = String::from_utf8_lossy(&rest[..kind_len]).into_owned();
+        out.push(Record { kind: kind.into(), format, payload: rest[kind_len..kind_len + len].to_vec().into() });
+        data = &rest[kind_len + len..];
+    }
+    out
+}
+
+/// Runs `f` on `records` as a restart's source reads them.
+pub fn with_source<T>(records: Vec<Record>, f: impl FnOnce(&mut SourceRef<'_>) -> T) -> T {
+    let mut records = Records(records, 0);
+    let mut source: SourceRef<'_> = RecordSource_TO::from_ptr(&mut records, TD_Opaque);
+    f(&mut source)
+}
+
+/// A plugin's decoder run on fuzz input `data` (see [`unframe`]).
+pub fn fuzz_decode(data: &[u8], decode: impl FnOnce(&mut SourceRef<'_>) -> Result<(), String>) {
+    let _ = with_source(unframe(data), decode);
+}
+
+#[cfg(test)]
+mod fuzz_framing_tests {
+    use super::*;
+
+    #[test]
+    fn unframe_reads_records_and_stops_at_an_incomplete_one() {
+        let mut data = vec![0, 2, 2, 0, 0, 0];
+        data.extend(b"mm{}");
+        data.extend([1, 5, 3, 0, 0, 0]);
+        data.extend(b"pagesabc");
+        data.extend([1, 5, 9, 0, 0, 0]);
+        data.extend(b"pagesabc");
+        let r = unframe(&data);
+        assert_eq!(r.len(), 2);
+        assert_eq!((r[0].kind.as_str(), r[0].format, r[0].payload.as_slice()), ("mm", RecordFormat::Json, &b"{}"[..]));
+        assert_eq!((r[1].kind.as_str(), r[1].format, r[1].payload.as_slice()), ("pages", RecordFormat::Raw, &b"abc"[..]));
+        assert!(unframe(&[0, 255, 255, 255, 255, 255]).is_empty());
+    }
+}
+
+/// Asserts that every seed in fuzz corpus directory `dir` (records of real checkpoints,
+/// see scripts/fuzz-seeds) decodes with `decode`: the decoder a fuzz target runs reads
+/// what a checkpoint writes.
+pub fn assert_seeds_decode(dir: &str, decode: impl Fn(&mut SourceRef<'_>) -> Result<(), String>) {
+    let mut seen = 0;
+    for entry in std::fs::read_dir(dir).unwrap_or_else(|e| panic!("{dir}: {e}")) {
+        let path = entry.expect("a directory entry").path();
+        let data = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        if let Err(e) = with_source(unframe(&data), &decode) {
+            panic!("{}: {e}", path.display());
+        }
+        seen += 1;
+    }
+    assert!(seen > 0, "{dir} holds no seed");
+}

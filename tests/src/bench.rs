@@ -54,6 +54,11 @@ pub fn in_ns(ns: Option<&str>, bin: &Path) -> Command {
 
 /// A `ferry daemon`, killed when dropped.
 pub struct Daemon(Child);
+impl Daemon {
+    pub fn pid(&self) -> i32 {
+        self.0.id() as i32
+    }
+}
 impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.0.kill();

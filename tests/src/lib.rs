@@ -6,6 +6,7 @@ pub mod bench;
 pub mod daemon;
 pub mod hosts;
 pub mod inject;
+pub mod kills;
 pub mod residue;
 pub mod workload;
 pub use residue::assert_no_residue;

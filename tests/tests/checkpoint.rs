@@ -604,3 +604,31 @@ fn shared_anonymous_memory_mapped_twice_comes_back_as_one_object_in_two_views() 
     w.wait_ticks(at + 2);
     w.terminate_and_check(new).unwrap();
 }
+
+#[test]
+fn on_a_terminal_the_progress_line_shows_bytes_rate_and_time_left_and_is_cleared_before_the_result() {
+    if !needs_root(ROOT) || !needs(std::path::Path::new("/usr/bin/script").exists(), "script (util-linux) gives ferry a terminal") {
+        return;
+    }
+    // The line was redrawn ~1,000 times a second and the result glued onto it.
+    let mut w = Workload::spawn(&WorkloadOpts { mem_mib: 256, threads: 1, files: false, ..Default::default() });
+    w.wait_ticks(2);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("img");
+    let cmd = format!("{} checkpoint {} --dir {}", ferry_tests::ferry_bin().display(), w.pid, dir.display());
+    let started = std::time::Instant::now();
+    let o = std::process::Command::new("script").args(["-qec", &cmd, "/dev/null"]).output().unwrap();
+    let secs = started.elapsed().as_secs_f64();
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(o.status.success(), "{out}");
+    w.reap();
+    let draws = out.matches("ferry checkpoint: ").count();
+    assert!(draws >= 1, "no progress line on a terminal: {out:?}");
+    // indicatif's limit: a burst, then 10 a second.
+    assert!((draws as f64) <= 25.0 + 12.0 * secs, "{draws} redraws in {secs:.1} s");
+    // Bytes done of the total (the 256 MiB region and the rest), rate, time left.
+    let last = out.rsplit("ferry checkpoint: ").next().unwrap();
+    assert!(last.matches("MiB").count() >= 3 && last.contains("MiB/s") && last.contains("left"), "the last line drawn: {last:?}");
+    // Erased (carriage return, erase line) before the result, which starts its own line.
+    assert!(out.contains(&format!("\r\x1b[2Kcheckpointed process {}", w.pid)), "{out:?}");
+}

@@ -341,6 +341,39 @@ fn a_caller_who_is_not_root_cannot_take_another_user_s_process() {
 }
 
 #[test]
+fn a_caller_without_root_is_told_up_front_that_ferry_needs_root() {
+    if !needs_root("running ferry as another user (setuid)") {
+        return;
+    }
+    // Its own process: the checkpoint went on until a plugin's EACCES deep inside
+    // ("checkpoint failed in plugin files: fd 251: opening /proc/N/fd/251 … Permission
+    // denied"); a restore as far as the image.
+    let nobody = ["--reuid=65534", "--regid=65534", "--clear-groups"];
+    let mut own = Command::new("setpriv").args(nobody).args(["sleep", "60"]).spawn().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(tmp.path(), std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let dir = tmp.path().join("img");
+    let as_nobody = |args: Vec<String>| {
+        Command::new("setpriv")
+            .args(nobody)
+            .arg(ferry_bin())
+            .args(["--plugin-dir", ferry_tests::plugin_dir().to_str().unwrap()])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let o = as_nobody(checkpoint_args(&own.id().to_string(), &dir));
+    let needs = "ferry needs root (CAP_SYS_ADMIN, CAP_SYS_PTRACE, CAP_CHECKPOINT_RESTORE), and it runs as uid 65534";
+    fails_with(&o, &format!("process {} is out of reach: {needs}", own.id()));
+    assert!(!dir.exists(), "a refused checkpoint writes nothing");
+    assert!(own.try_wait().unwrap().is_none(), "the process died of a refused checkpoint");
+    let o = as_nobody(vec!["restore".into(), "--dir".into(), dir.to_str().unwrap().into()]);
+    fails_with(&o, needs);
+    let _ = own.kill();
+    let _ = own.wait();
+}
+
+#[test]
 fn a_stream_that_is_not_a_regular_file_is_refused_not_waited_on() {
     if !needs_root("ferry seizes the process (ptrace of another user's process)") {
         return;

@@ -292,6 +292,17 @@ fn no_daemon_wrong_key_missing_plugin_and_missing_pid_leave_the_source_running()
     let nobody = format!("127.0.0.1:{}", free_port());
     fails(&migrate(None, w.pid, &nobody, &[]), "cannot reach");
 
+    // A listener that never answers: the peer and the time waited are named (it read
+    // "Resource temporarily unavailable (os error 11)").
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let at = silent.local_addr().unwrap().to_string();
+    let cfg = tempfile::tempdir().unwrap();
+    let file = cfg.path().join("ferry.json");
+    std::fs::write(&file, r#"{"watchdog_ms": 1500}"#).unwrap();
+    let o = migrate(None, w.pid, &at, &["--config", file.to_str().unwrap()]);
+    fails(&o, &format!("no answer from {at} in 1500 ms during the handshake"));
+    drop(silent);
+
     // A daemon with a key; the source with another key, or none.
     let keys = tempfile::tempdir().unwrap();
     let key = |name: &str, text: &str| -> PathBuf {
@@ -640,6 +651,39 @@ fn a_client_killed_during_postcopy_loses_the_process_and_never_runs_it_twice() {
 }
 
 #[test]
+fn a_source_killed_from_outside_during_postcopy_is_said_to_be_lost_not_to_carry_on() {
+    if !needs_root("a migration seizes the process and rebuilds it (ptrace, clone3 with set_tid, PR_SET_MM_MAP)") {
+        return;
+    }
+    // The failure said the source "carries on here from the freeze" even when it had
+    // been killed meanwhile.
+    let daemon = Daemon::start(None, "127.0.0.1", &[]);
+    let mut w = Workload::spawn(&WorkloadOpts { mem_mib: 64, dirty_pages: 16, tick_ms: 5, ..Default::default() });
+    w.wait_ticks(3);
+    let old = w.pid;
+    let tmp = tempfile::tempdir().unwrap();
+    let pause = tmp.path().join("paused");
+    let client = Command::new(ferry_bin())
+        .args(["migrate", &old.to_string(), "--to", &daemon.addr, "--strategy", "post-copy"])
+        .env("FERRY_PAUSE", format!("post-copy-mid:{}", pause.display()))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until("the source to pause mid post-copy", Duration::from_secs(60), || pause.exists());
+    // SAFETY: kill of the workload this test started.
+    assert_eq!(unsafe { libc::kill(old, libc::SIGKILL) }, 0);
+    std::fs::remove_file(&pause).unwrap();
+    let o = client.wait_with_output().unwrap();
+    let err = stderr(&o);
+    assert!(!o.status.success() && err.lines().count() == 1, "{err}");
+    assert!(err.contains(&format!("process {old} is gone here too (killed from outside?)")), "{err}");
+    assert!(!err.contains("carries on"), "{err}");
+    w.reap();
+    wait_until("the destination to give up", Duration::from_secs(60), || daemon.log().contains("failed after resume"));
+}
+
+#[test]
 fn a_destination_dying_during_postcopy_loses_the_process_and_says_so_in_one_line() {
     if !needs_root("a migration seizes the process and rebuilds it (ptrace, clone3 with set_tid, PR_SET_MM_MAP)") {
         return;
@@ -966,6 +1010,64 @@ fn a_daemon_answers_a_frame_it_will_not_read_and_hellos_that_name_no_event() {
     frame.extend_from_slice(hello.as_bytes());
     let reply = answer(&frame);
     assert!(reply.contains("\"refused\"") && reply.contains("names no process (pid -1)"), "{reply}");
+    // Each on its own: a strategy nobody knows, with a real pid; a token used before.
+    let hello_with = |pid: i64, strategy: &str, token: &str| {
+        let hello = serde_json::json!({
+            "type": "hello", "protocol": 2, "arch": std::env::consts::ARCH, "page_size": 4096,
+            "token": token, "request_id": 1, "pid": pid, "strategy": strategy,
+            "medium": {"name": "tcp", "version": "0.1.0"}, "subsystems": [], "features": []
+        })
+        .to_string();
+        let mut frame = (hello.len() as u32).to_le_bytes().to_vec();
+        frame.extend_from_slice(hello.as_bytes());
+        frame
+    };
+    let me = std::process::id() as i64;
+    let reply = answer(&hello_with(me, "teleport", "11111111111111111111111111111111"));
+    assert!(reply.contains("\"refused\"") && reply.contains("unknown strategy \\\"teleport\\\""), "{reply}");
+    let token = "22222222222222222222222222222222";
+    let reply = answer(&hello_with(me, "stop-copy", token));
+    assert!(reply.contains("\"welcome\""), "{reply}");
+    let reply = answer(&hello_with(me, "stop-copy", token));
+    assert!(reply.contains("\"refused\"") && reply.contains("has already seen"), "{reply}");
+}
+
+#[test]
+fn a_daemon_out_of_descriptors_backs_off_says_so_and_serves_again() {
+    if !needs_root("raising and lowering another process's descriptor limit (prlimit)") {
+        return;
+    }
+    use std::io::{Read, Write};
+    // Out of fds, the accept loop once spun at 100% CPU with nothing in the log.
+    let daemon = Daemon::start(None, "127.0.0.1", &[]);
+    let pid = daemon.child.id().to_string();
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let soft = limits.lines().find(|l| l.starts_with("Max open files")).and_then(|l| l.split_whitespace().nth(3)).unwrap().to_string();
+    // The soft limit only: lowering the hard one could not be undone without CAP_SYS_RESOURCE.
+    let st = Command::new("prlimit").args(["--pid", &pid, "--nofile=24:"]).status().unwrap();
+    assert!(st.success(), "prlimit");
+    let crowd: Vec<std::net::TcpStream> = (0..60).filter_map(|_| std::net::TcpStream::connect(&daemon.addr).ok()).collect();
+    wait_until("the daemon to log that it backs off", Duration::from_secs(30), || daemon.log().contains("backing off"));
+    // CPU time (user + system, in ticks) over one second while it cannot accept.
+    let cpu = || -> u64 {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let rest = stat.rsplit_once(')').unwrap().1.split_whitespace().collect::<Vec<_>>();
+        rest[11].parse::<u64>().unwrap() + rest[12].parse::<u64>().unwrap()
+    };
+    let before = cpu();
+    std::thread::sleep(Duration::from_secs(1));
+    let spent = cpu() - before;
+    assert!(spent < 30, "the daemon spent {spent} ticks of CPU in one second out of descriptors");
+    drop(crowd);
+    let st = Command::new("prlimit").args(["--pid", &pid, &format!("--nofile={soft}:")]).status().unwrap();
+    assert!(st.success(), "prlimit");
+    // It answers again (a peer that is no ferry gets its refusal).
+    let mut s = std::net::TcpStream::connect(&daemon.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    let mut reply = Vec::new();
+    let _ = s.read_to_end(&mut reply);
+    assert!(String::from_utf8_lossy(&reply).contains("not a ferry daemon"), "{}", String::from_utf8_lossy(&reply));
 }
 
 /// python3 with 1 GiB mapped private and anonymous of which it wrote only 4 MiB, and

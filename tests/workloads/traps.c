@@ -10,6 +10,11 @@
  *   --watchpoint     a helper child seizes a thread, arms a hardware write watchpoint
  *                    (DR0/DR7 with PTRACE_POKEUSER) on a variable and detaches; the
  *                    thread writes the variable in a loop and checks each write trapped
+ *   --vector-regs    a thread keeps a value in ymm15 (xmm15 without AVX) while it spins
+ *                    comparing it with the value in memory (10 ms at a time, loading it
+ *                    again after each pause: calls may change it): the vector and FPU
+ *                    state of a thread stopped anywhere, ferry's calls made in it, comes
+ *                    back intact (checked each round, reported at the end)
  *   --sigtrap-pending the main thread blocks SIGTRAP and queues itself one with
  *                    si_code TRAP_BRKPT and a known si_addr: pending at every freeze,
  *                    checked (code, address, only one) at the end
@@ -33,6 +38,7 @@ static int opt_self_trap;
 static int opt_single_step;
 static int opt_watchpoint;
 static int opt_sigtrap_pending;
+static int opt_vector_regs;
 static int opt_vdso_moved;
 static int opt_vdso_unmapped;
 static int opt_vdso_moved_whole;
@@ -45,8 +51,9 @@ static volatile uint64_t int3_hits, int3_done;
 static volatile uint64_t step_traps, step_rounds, step_next;
 static volatile uint64_t watched;
 static volatile uint64_t watch_hits, watch_writes;
+static volatile uint64_t vector_rounds;
 static char trap_fail[256];
-static pthread_t trap_threads[3];
+static pthread_t trap_threads[4];
 static int trap_nthreads;
 
 /* The trap sites (in the asm below). */
@@ -137,6 +144,65 @@ static void *single_step_main(void *arg)
                 trap_failed("single-step traps in a round", step_traps - before, STEP_NOPS + 1);
         }
         sleep_ms(5);
+    }
+    return NULL;
+}
+
+static const uint8_t vector_want[32] __attribute__((aligned(32))) = {
+    0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, 0x99, 0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0xf0, 0x0f,
+    0x1f, 0x2e, 0x3d, 0x4c, 0x5b, 0x6a, 0x79, 0x88, 0x97, 0xa6, 0xb5, 0xc4, 0xd3, 0xe2, 0xf1, 0x01};
+
+/* Loads the value into ymm15 (xmm15) and spins comparing it with memory: 0 while they
+ * stay equal, 1 at the first difference. */
+static int vector_spin(int avx)
+{
+    int bad;
+    if (avx)
+        __asm__ __volatile__("vmovdqa %1, %%ymm15\n"
+                             "mov $4000000, %%rcx\n"
+                             "1: vpcmpeqb %1, %%ymm15, %%ymm14\n"
+                             "vpmovmskb %%ymm14, %%eax\n"
+                             "cmp $-1, %%eax\n"
+                             "jne 2f\n"
+                             "dec %%rcx\n"
+                             "jnz 1b\n"
+                             "xor %%eax, %%eax\n"
+                             "jmp 3f\n"
+                             "2: mov $1, %%eax\n"
+                             "3: vzeroupper\n"
+                             : "=a"(bad)
+                             : "m"(vector_want)
+                             : "rcx", "xmm14", "xmm15", "cc");
+    else
+        __asm__ __volatile__("movdqa %1, %%xmm15\n"
+                             "mov $4000000, %%rcx\n"
+                             "1: movdqa %%xmm15, %%xmm14\n"
+                             "pcmpeqb %1, %%xmm14\n"
+                             "pmovmskb %%xmm14, %%eax\n"
+                             "cmp $0xffff, %%eax\n"
+                             "jne 2f\n"
+                             "dec %%rcx\n"
+                             "jnz 1b\n"
+                             "xor %%eax, %%eax\n"
+                             "jmp 3f\n"
+                             "2: mov $1, %%eax\n"
+                             "3:\n"
+                             : "=a"(bad)
+                             : "m"(vector_want)
+                             : "rcx", "xmm14", "xmm15", "cc");
+    return bad;
+}
+
+static void *vector_main(void *arg)
+{
+    (void)arg;
+    int avx = __builtin_cpu_supports("avx2");
+    while (!atomic_load(&stop_threads)) {
+        if (vector_spin(avx))
+            trap_failed(avx ? "ymm15 changed under the thread in round" : "xmm15 changed under the thread in round",
+                        vector_rounds, vector_rounds);
+        vector_rounds++;
+        sleep_ms(1);
     }
     return NULL;
 }
@@ -353,9 +419,9 @@ static void setup_traps(void)
         if (sigaction(SIGTRAP, &sa, NULL) != 0)
             die("sigaction TRAP");
     }
-    void *(*mains[3])(void *) = {self_trap_main, single_step_main, watchpoint_main};
-    int want[3] = {opt_self_trap, opt_single_step, opt_watchpoint};
-    for (int i = 0; i < 3; i++)
+    void *(*mains[4])(void *) = {self_trap_main, single_step_main, watchpoint_main, vector_main};
+    int want[4] = {opt_self_trap, opt_single_step, opt_watchpoint, opt_vector_regs};
+    for (int i = 0; i < 4; i++)
         if (want[i]) {
             errno = pthread_create(&trap_threads[trap_nthreads++], NULL, mains[i], NULL);
             if (errno)
@@ -405,6 +471,8 @@ static void verify_traps(void)
         FAIL_RET("traps: %s", trap_fail);
     if (opt_self_trap && (int3_hits != int3_done || int3_done == 0))
         FAIL_RET("traps: %llu int3 traps for %llu int3s", (unsigned long long)int3_hits, (unsigned long long)int3_done);
+    if (opt_vector_regs && vector_rounds == 0)
+        FAIL_RET("traps: the vector register thread never finished a round");
     if (opt_single_step && step_traps != step_rounds * (STEP_NOPS + 1))
         FAIL_RET("traps: %llu single-step traps in %llu rounds", (unsigned long long)step_traps,
                  (unsigned long long)step_rounds);

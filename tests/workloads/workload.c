@@ -3091,7 +3091,7 @@ static void usage(void)
     fprintf(stderr, "usage: workload --log PATH [--dir DIR] [--mem-mib N] [--threads N] [--tick-ms N]"
                     " [--dirty-pages N] [--churn] [--move-mem] [--fork-check] [--rseq] [--process-state] [--seccomp] [--shared-anon] [--event-fds] [--listen] [--creds] [--mm-flags] [--mm-sealed] [--shared-twice] [--locks] [--tree N [--tree-pipes] [--tree-sockets] [--tree-shared | --tree-sysv]] [--no-files]"
                     " [--inotify] [--fanotify] [--pidfd] [--pidfd-other]"
-                    " [--self-trap] [--single-step] [--watchpoint] [--sigtrap-pending] [--vdso-moved] [--vdso-unmapped] [--vdso-moved-whole]"
+                    " [--self-trap] [--single-step] [--watchpoint] [--sigtrap-pending] [--vector-regs] [--vdso-moved] [--vdso-unmapped] [--vdso-moved-whole]"
                     " [--shell-tty PATH] [--pty-pair] [--tty-job] [--del-cwd] [--del-dev] [--del-sock] [--epoll-closed] [--epoll-orphan] [--chroot]\n");
     exit(2);
 }
@@ -3137,6 +3137,7 @@ int main(int argc, char **argv)
             /* traps.c */
             {"--self-trap", &opt_self_trap, 1},  {"--single-step", &opt_single_step, 1},
             {"--watchpoint", &opt_watchpoint, 1}, {"--sigtrap-pending", &opt_sigtrap_pending, 1},
+            {"--vector-regs", &opt_vector_regs, 1},
             {"--vdso-moved", &opt_vdso_moved, 1}, {"--vdso-unmapped", &opt_vdso_unmapped, 1},
             {"--vdso-moved-whole", &opt_vdso_moved_whole, 1},
             {"--del-cwd", &opt_del_cwd, 1},      {"--del-dev", &opt_del_dev, 1},

@@ -323,7 +323,19 @@ fn migrate_with(
     let mut stream = TcpStream::connect_timeout(&addr, req.timeout)
         .map_err(|e| failed(format!("cannot reach a ferry daemon at {}: {e}", req.to)))?;
     stream.set_read_timeout(Some(req.timeout)).map_err(|e| failed(e.to_string()))?;
-    protocol::authenticate_client(&mut stream, req.auth_key.as_deref()).map_err(protocol_err)?;
+    // Silence gets the peer and the time waited (it read as "os error 11", then as "in time").
+    let waited = match req.timeout.subsec_millis() {
+        0 => format!("{} s", req.timeout.as_secs()),
+        _ => format!("{} ms", req.timeout.as_millis()),
+    };
+    let handshake_err = |e: protocol::ProtocolError| match e {
+        protocol::ProtocolError::Silent => failed(format!(
+            "no answer from {} in {waited} during the handshake (is a ferry daemon listening there, and is it busy?)",
+            req.to
+        )),
+        e => protocol_err(e),
+    };
+    protocol::authenticate_client(&mut stream, req.auth_key.as_deref()).map_err(handshake_err)?;
     let features: Vec<String> = FEATURES.iter().chain(algorithm.features()).map(|s| s.to_string()).collect();
     let hello = Hello::new(
         std::process::id() as u64,
@@ -333,7 +345,7 @@ fn migrate_with(
         subs.iter().map(|l| PluginRef::new(&l.name, &l.version)).collect(),
         features,
     );
-    let welcome = protocol::client_handshake(&mut stream, &hello).map_err(protocol_err)?;
+    let welcome = protocol::client_handshake(&mut stream, &hello).map_err(handshake_err)?;
     crate::trace::mark("handshake done");
     let _ = stream.flush();
     let fd = stream.into_raw_fd();

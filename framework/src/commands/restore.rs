@@ -77,6 +77,7 @@ fn await_original(process: &ProcessEntry) {
 /// Restores the image in directory `req.dir` and lets it run.
 pub fn restore(manager: &Manager, req: &RestoreRequest, progress: &mut dyn FnMut(&Tick)) -> Result<Stats, EventError> {
     let started = Instant::now();
+    crate::kernel::target::check_privileges().map_err(EventError::Failed)?;
     let medium_lease = manager.acquire(PluginKind::Medium, &req.medium)?;
     if !req.dir.is_dir() {
         return Err(EventError::ImageDir { path: req.dir.display().to_string(), message: "no such directory".into() });

@@ -428,6 +428,11 @@ fn validate_errors_name_the_key_and_file() {
             "mechanism.medium",
             "empty plugin name",
         ),
+        (
+            r#"{"mechanism": {"medium": "bogus"}}"#,
+            "mechanism.medium",
+            "`bogus` is not a medium of this build",
+        ),
         (r#"{"watchdog_ms": 0}"#, "watchdog_ms", "must be 1 to 86400000"),
         (r#"{"plugin_dir": ""}"#, "plugin_dir", "empty path"),
         (

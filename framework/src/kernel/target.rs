@@ -110,6 +110,11 @@ pub fn check_target(pid: pid_t) -> Result<(), TraceError> {
             return Err(TraceError::Unsuitable { pid, why: format!("owned by uid {other}, and only root may take another user's process") });
         }
     }
+    // Its own process, but without the privileges: say so now, not by a plugin's
+    // EACCES deep inside the checkpoint.
+    if let Err(why) = check_privileges() {
+        return Err(TraceError::Unsuitable { pid, why: format!("out of reach: {why}") });
+    }
     // Another tracer (a debugger, strace, another ferry) holds it: a seize would fail.
     let tracer_pid = ferry_plugin_api::util::proc_field(&status, "TracerPid").unwrap_or("0");
     if tracer_pid != "0" {
@@ -154,6 +159,22 @@ fn check_namespaces(pid: pid_t) -> Result<(), TraceError> {
         }
     }
     Ok(())
+}
+
+/// What ferry needs of its own privileges: CAP_SYS_ADMIN (which also grants what
+/// CAP_CHECKPOINT_RESTORE does) and CAP_SYS_PTRACE in its effective set; the one line
+/// saying so otherwise.
+pub fn check_privileges() -> Result<(), String> {
+    const CAP_SYS_PTRACE: u32 = 19;
+    const CAP_SYS_ADMIN: u32 = 21;
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let eff = ferry_plugin_api::util::proc_field(&status, "CapEff").and_then(|h| u64::from_str_radix(h, 16).ok()).unwrap_or(0);
+    if eff & (1 << CAP_SYS_PTRACE) != 0 && eff & (1 << CAP_SYS_ADMIN) != 0 {
+        return Ok(());
+    }
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    Err(format!("ferry needs root (CAP_SYS_ADMIN, CAP_SYS_PTRACE, CAP_CHECKPOINT_RESTORE), and it runs as uid {me} without them"))
 }
 
 /// The `Seccomp:` mode of each thread of `pid` that is under seccomp (1 strict, 2 filter).

@@ -157,6 +157,11 @@ pub struct Tracer {
     /// execution context, for a process seized (not one ferry builds).
     internal: bool,
     agent: Option<agent::Agent>,
+    /// How a thread let go in the middle of a call at the scratch area recovers: through
+    /// `rt_sigreturn` with this FPU layout, or (none) `iretq`; decided once.
+    sigframe: Option<Option<sigframe::Layout>>,
+    /// This tracer wrote the scratch area's code (another may have mapped it).
+    scratch_ready: bool,
 }
 
 impl Tracer {
@@ -206,6 +211,8 @@ impl Tracer {
             seccomp_suspended: false,
             internal: extra == 0 && agent::internal(),
             agent: None,
+            sigframe: None,
+            scratch_ready: false,
         };
         let mut seized: Vec<pid_t> = Vec::new();
         // TRACESYSGOOD: an injected call is followed by its system-call stops.
@@ -691,6 +698,7 @@ mod running;
 pub use running::tend_all;
 mod inject;
 mod seccomp;
+mod sigframe;
 pub use debugregs::NT_FERRY_DEBUGREGS;
 pub use seccomp::PTRACE_O_SUSPEND_SECCOMP;
 

@@ -141,6 +141,7 @@ pub fn serve_tree_until_message(medium: &mut MediumBox, pids: &[i32], timeout: D
         answered += 1;
         if resumed && answered == 3 {
             crate::fault::point("post-copy-mid");
+            crate::fault::pause("post-copy-mid");
         }
     }
 }

@@ -192,6 +192,14 @@ fn first_difference(want: &Creds, got: &Creds) -> Option<String> {
     None
 }
 
+/// The plugin's one record read and checked, as a restart does before it touches the
+/// process; also the fuzz target `plugin_creds`'s entry point.
+pub fn decode(source: &mut SourceRef<'_>) -> Result<Image, String> {
+    let image: Image = util::only_json(source, "creds")?;
+    check(&image)?;
+    Ok(image)
+}
+
 fn check(image: &Image) -> Result<(), String> {
     if image.version != FORMAT_VERSION {
         return Err(format!("creds record version {}, this plugin reads {FORMAT_VERSION}", image.version));
@@ -473,7 +481,7 @@ impl SubsystemPlugin for Plugin {
     }
 
     fn restart(&mut self, ctx: &mut ContextRef<'_>, source: &mut SourceRef<'_>) -> Result<Progress, String> {
-        let image: Image = util::only_json(source, "creds")?;
+        let image = decode(source)?;
         self.apply(ctx, &image)?;
         Ok(Progress::Done)
     }
@@ -496,6 +504,11 @@ ferry_plugin_api::export_subsystem!(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_fuzz_seeds_of_real_checkpoints_decode() {
+        ferry_plugin_api::testing::assert_seeds_decode(concat!(env!("CARGO_MANIFEST_DIR"), "/../../fuzz/corpus/plugin_creds"), |s| decode(s).map(drop));
+    }
 
     const STATUS: &str = "Name:\tworkload\nUmask:\t0022\nState:\tS (sleeping)\nTgid:\t7\nUid:\t65534\t4012\t4013\t4014\nGid:\t65534\t4002\t4003\t4004\nFDSize:\t64\nGroups:\t65534 4242 4343 \nNoNewPrivs:\t1\nSeccomp:\t0\nCapInh:\t0000000000010400\nCapPrm:\t0000000000000401\nCapEff:\t0000000000000400\nCapBnd:\t000001ffffbeffff\nCapAmb:\t0000000000000400\n";
 

@@ -28,6 +28,8 @@
 //! is a shell job's, carried with `--shell-job` (see [`shell_job`]).
 
 mod checkpoint;
+mod decode;
+pub use decode::decode;
 mod model;
 mod restore;
 mod scan;

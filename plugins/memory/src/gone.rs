@@ -287,17 +287,27 @@ impl Mode0600 for std::fs::OpenOptions {
 
 /// Fills an object from one `gone-data` record.
 pub fn fill(made: &[Made], gone: &[Gone], payload: &[u8]) -> Result<(), String> {
+    let (i, off, data) = check_data(gone, payload)?;
+    let (Some(m), g) = (made.get(i), &gone[i]) else {
+        return Err(format!("a gone-data record names object {i}, which the image has not"));
+    };
+    m.file.write_all_at(data, off).map_err(|e| format!("filling {} again: {e}", g.path))
+}
+
+/// The object index, offset and data of a `gone-data` record, checked against the
+/// image's deleted objects `gone`.
+pub fn check_data<'a>(gone: &[Gone], payload: &'a [u8]) -> Result<(usize, u64, &'a [u8]), String> {
     let (Some(i), Some(off)) = (util::u64_le(payload, 0), util::u64_le(payload, 8)) else {
         return Err("a gone-data record without its header".into());
     };
     let data = &payload[16..];
-    let (Some(m), Some(g)) = (made.get(i as usize), gone.get(i as usize)) else {
+    let Some(g) = gone.get(i as usize) else {
         return Err(format!("a gone-data record names object {i}, which the image has not"));
     };
     if off.checked_add(data.len() as u64).is_none_or(|e| e > g.size) {
         return Err(format!("a gone-data record writes past the {} bytes of {}", g.size, g.path));
     }
-    m.file.write_all_at(data, off).map_err(|e| format!("filling {} again: {e}", g.path))
+    Ok((i as usize, off, data))
 }
 
 /// Seals each memfd as it was, once filled and mapped.

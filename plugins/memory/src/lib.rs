@@ -6,6 +6,7 @@
 //! locks and the address space its memory policy back (`vmflags`), and sets brk,
 //! stack, arg/env, auxv and the exe file with `PR_SET_MM_MAP`.
 
+mod decode;
 mod gone;
 mod layout;
 mod shmem;
@@ -24,6 +25,7 @@ use ferry_plugin_api::{
 };
 
 use layout::{Area, AreaKind, MmState, PAGE};
+pub use decode::decode;
 use ranges::Ranges;
 
 /// Pages carried by one `pages` record: small enough that a block read from the
@@ -436,11 +438,7 @@ impl Memory {
         let live: Live = util::parse_json(rec, "live")?;
         let pid = ctx.pid();
         let scratch = ctx.scratch();
-        for &(s, e) in live.drop.iter().chain(&live.map) {
-            if s % PAGE != 0 || e % PAGE != 0 || s >= e || e > layout::USER_TOP || (s < scratch.addr + scratch.len && scratch.addr < e) {
-                return Err(format!("a pre-copy round names a bad range {s:#x}-{e:#x}"));
-            }
-        }
+        decode::check_live(&live, (scratch.addr, scratch.len))?;
         if !live.specials.is_empty() {
             let child = parse_maps(&util::proc_text(ctx, "maps")?)?;
             layout::move_specials(ctx, &child, &live.specials)?;
@@ -652,10 +650,7 @@ impl Memory {
 
     /// Fills the pages of one record.
     fn restart_pages(&mut self, ctx: &mut ContextRef<'_>, rec: Record) -> Result<(), String> {
-        if rec.kind.as_str() != "pages" || rec.format != RecordFormat::Raw {
-            return Err(format!("unexpected record `{}` among the pages", rec.kind));
-        }
-        let (runs, data) = layout::decode_runs(&rec.payload)?;
+        let (runs, data) = decode::pages(&rec)?;
         for &(addr, n) in &runs {
             // Before the layout (a pre-copy round's pages): only where the rounds mapped.
             let inside = ranges::covers(if self.state.is_some() { &self.page_areas } else { &self.premapped }, (addr, addr + n * PAGE));

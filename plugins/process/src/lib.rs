@@ -239,6 +239,14 @@ fn map_clock(clock: i32, pid_of: impl Fn(i32) -> Option<i32>) -> Result<i32, Str
     }
 }
 
+/// The plugin's one record read and checked, as a restart does before it touches the
+/// process; also the fuzz target `plugin_process`'s entry point.
+pub fn decode(source: &mut SourceRef<'_>) -> Result<Image, String> {
+    let image: Image = util::only_json(source, "process")?;
+    check(&image)?;
+    Ok(image)
+}
+
 fn check(image: &Image) -> Result<(), String> {
     if image.version != FORMAT_VERSION {
         return Err(format!("process record version {}, this plugin reads {FORMAT_VERSION}", image.version));
@@ -441,7 +449,7 @@ impl SubsystemPlugin for Plugin {
     }
 
     fn restart(&mut self, ctx: &mut ContextRef<'_>, source: &mut SourceRef<'_>) -> Result<Progress, String> {
-        let image: Image = util::only_json(source, "process")?;
+        let image = decode(source)?;
         self.apply(ctx, &image)?;
         Ok(Progress::Done)
     }
@@ -460,6 +468,11 @@ ferry_plugin_api::export_subsystem!("process", "Scheduling, CPU affinity, resour
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_fuzz_seeds_of_real_checkpoints_decode() {
+        ferry_plugin_api::testing::assert_seeds_decode(concat!(env!("CARGO_MANIFEST_DIR"), "/../../fuzz/corpus/plugin_process"), |s| decode(s).map(drop));
+    }
 
     const LIMITS: &str = "Limit                     Soft Limit           Hard Limit           Units     
 Max cpu time              unlimited            unlimited            seconds   

@@ -132,6 +132,14 @@ fn shared_prefix(threads: &[Thread]) -> Result<usize, String> {
     Ok(common)
 }
 
+/// The plugin's one record read and checked, as a restart does before it touches the
+/// process; also the fuzz target `plugin_seccomp`'s entry point.
+pub fn decode(source: &mut SourceRef<'_>) -> Result<Image, String> {
+    let image: Image = util::only_json(source, "seccomp")?;
+    check(&image)?;
+    Ok(image)
+}
+
 fn check(image: &Image) -> Result<(), String> {
     if image.version != FORMAT_VERSION {
         return Err(format!("seccomp record version {}, this plugin reads {FORMAT_VERSION}", image.version));
@@ -320,7 +328,7 @@ impl SubsystemPlugin for Plugin {
     }
 
     fn restart(&mut self, ctx: &mut ContextRef<'_>, source: &mut SourceRef<'_>) -> Result<Progress, String> {
-        let image: Image = util::only_json(source, "seccomp")?;
+        let image = decode(source)?;
         self.apply(ctx, &image)?;
         Ok(Progress::Done)
     }
@@ -339,6 +347,11 @@ ferry_plugin_api::export_subsystem!("seccomp", "Seccomp filters of every thread,
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_fuzz_seeds_of_real_checkpoints_decode() {
+        ferry_plugin_api::testing::assert_seeds_decode(concat!(env!("CARGO_MANIFEST_DIR"), "/../../fuzz/corpus/plugin_seccomp"), |s| decode(s).map(drop));
+    }
 
     fn insn(code: u16, k: u32) -> Vec<u8> {
         let mut v = code.to_le_bytes().to_vec();

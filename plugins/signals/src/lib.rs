@@ -22,6 +22,9 @@ use ferry_plugin_api::{
 };
 use serde::{Deserialize, Serialize};
 
+mod decode;
+pub use decode::decode;
+
 
 const FORMAT_VERSION: u32 = 1;
 const NSIG: i32 = 64;

@@ -25,6 +25,9 @@ use ferry_plugin_api::{
 };
 use serde::{Deserialize, Serialize};
 
+mod decode;
+pub use decode::decode;
+
 use ferry_plugin_api::util::{NT_FERRY_DEBUGREGS, NT_PRSTATUS};
 const NT_X86_XSTATE: u32 = 0x202;
 

@@ -19,16 +19,18 @@
 //!
 //! **Ferry may die at any instant**: its end of the socket closes, the agent's
 //! `recvfrom` answers end-of-file, and the agent closes its own end and jumps to its
-//! own copy of the scratch area's recovery code ([`super::inject`]), whose block ferry
-//! wrote before starting it: the thread's signal mask and every general register come
-//! back and it returns to its own instruction. The agent touches no FPU or vector
-//! register, so those are the thread's throughout. Every signal is blocked while the
-//! agent runs (as for an injected call); the agent replies with `MSG_NOSIGNAL`.
+//! own copy of the scratch area's recovery code, whose block (the scratch area's
+//! second-to-last page) ferry wrote before starting it: the `rt_sigreturn` recovery of
+//! [`super::sigframe`] where it serves (registers, FPU state and mask in one call: a
+//! signal pending meanwhile sees the thread's own context), else the `iretq` one of
+//! [`super::inject`]. The agent touches no FPU or vector register, so those are the
+//! thread's throughout. Every signal is blocked while the agent runs (as for an
+//! injected call); the agent replies with `MSG_NOSIGNAL`.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use super::inject::{site_code, Recovery, RECOVERY_DATA};
+use super::inject::{site_code, Recovery};
 use super::*;
 
 /// The agent, in Intel syntax (entry: rdi = its socket, rsi = its buffer, rdx = the
@@ -63,8 +65,8 @@ const SITE: u64 = 512;
 const CODE: u64 = 1024;
 const BUFFER: u64 = 2048;
 const BUFFER_LEN: u64 = 2048;
-/// The agent's recovery block: in the recovery page, clear of the injections' one.
-const DATA: u64 = RECOVERY_DATA + 2048;
+/// The agent's recovery block: a page of its own, before the injections'.
+const DATA: u64 = SCRATCH_SIZE - 2 * PAGE;
 /// One call in a batch: number and six arguments.
 const CALL_LEN: usize = 56;
 /// Calls in one batch.
@@ -92,6 +94,8 @@ pub(super) struct Agent {
     /// Running (waiting for a batch or serving one), or paused with the thread's own
     /// registers back.
     running: bool,
+    /// The thread's own signal mask while the agent runs on it.
+    mask: u64,
     /// Calls made, batches sent, times started: `FERRY_TRACE` prints them at removal.
     calls: u64,
     batches: u64,
@@ -204,14 +208,25 @@ impl Tracer {
             let taken = take_fd(self.pid, ours);
             self.inject_outside(tid, libc::SYS_close, [ours as u64, 0, 0, 0, 0, 0])?;
             let sock = taken.map_err(|e| io_err(tid, "pidfd_getfd of its socket", e))?;
-            self.poke(scratch + SITE, &site_code(DATA - SITE))?;
+            match self.sigframe.flatten() {
+                Some(layout) => {
+                    self.poke(scratch + SITE, &super::sigframe::code(DATA - SITE))?;
+                    for (at, bytes) in super::sigframe::fixed(&layout) {
+                        self.poke(scratch + DATA + at, &bytes)?;
+                    }
+                }
+                None => self.poke(scratch + SITE, &site_code(DATA - SITE))?,
+            }
             self.poke(scratch + CODE, &AGENT_CODE)?;
-            self.agent = Some(Agent { tid, sock, fd: theirs, running: false, calls: 0, batches: 0, starts: 0 });
+            self.agent = Some(Agent { tid, sock, fd: theirs, running: false, mask: 0, calls: 0, batches: 0, starts: 0 });
         }
         let fd = self.agent.as_ref().expect("made").fd;
         let saved = self.threads.get(&tid).ok_or(TraceError::Thread { tid, message: "not traced".into() })?.regs;
         let mask = get_sigmask(tid)?;
-        self.poke(scratch + DATA, &Recovery::of(&saved, mask).bytes())?;
+        match self.sigframe.flatten() {
+            Some(_) => self.poke(scratch + DATA + super::sigframe::FRAME_AT, &super::sigframe::frame(&resumed(&saved), mask, scratch + DATA))?,
+            None => self.poke(scratch + DATA, &Recovery::of(&saved, mask).bytes())?,
+        }
         let mut regs = resumed(&saved);
         regs.rip = scratch + CODE;
         regs.eflags &= !super::inject::TRAP_FLAG;
@@ -223,7 +238,7 @@ impl Tracer {
         set_sigmask(tid, u64::MAX)?;
         ptrace(libc::PTRACE_CONT, tid, 0, 0, "PTRACE_CONT")?;
         let agent = self.agent.as_mut().expect("made");
-        agent.running = true;
+        (agent.running, agent.mask) = (true, mask);
         agent.starts += 1;
         Ok(())
     }
@@ -248,12 +263,8 @@ impl Tracer {
             }
             ptrace(libc::PTRACE_CONT, tid, 0, 0, "PTRACE_CONT")?;
         }
-        let (saved, mask) = {
-            let mut b = [0u8; 8];
-            let scratch = self.scratch.unwrap_or(0);
-            self.peek(scratch + DATA, &mut b)?;
-            (self.threads.get(&tid).map(|t| t.regs), u64::from_le_bytes(b))
-        };
+        let mask = self.agent.as_ref().map_or(0, |a| a.mask);
+        let saved = self.threads.get(&tid).map(|t| t.regs);
         let saved = saved.ok_or(TraceError::Thread { tid, message: "not traced".into() })?;
         set_sigmask(tid, mask)?;
         setregs(tid, &resumed(&saved))?;
@@ -309,8 +320,9 @@ mod tests {
         assert!(SITE + site_code(DATA - SITE).len() as u64 <= CODE);
         assert!(CODE + AGENT_CODE.len() as u64 <= BUFFER);
         assert!(BUFFER + BUFFER_LEN <= PAGE);
-        // The agent's recovery block sits clear of the injections' block, in its page.
-        assert!(DATA >= RECOVERY_DATA + 21 * 8 && DATA + 21 * 8 <= SCRATCH_SIZE);
+        // The agent's recovery page lies between the arguments and the injections'.
+        assert_eq!(DATA + PAGE, super::inject::RECOVERY_DATA);
+        assert!(super::sigframe::code(DATA - SITE).len() as u64 <= CODE - SITE);
         assert_eq!(MAX_BATCH, 36);
     }
 }

@@ -5,7 +5,10 @@
 //! **Ferry may die at any instant** (killed, out of memory) and the kernel then lets the
 //! thread go with whatever registers it has. An injected call is therefore set up so
 //! that a thread let go in the middle of one carries on as if nothing happened: it runs
-//! from the scratch area's `syscall`, and the code right after it puts back the thread's
+//! from the scratch area's `syscall`, and the code right after it gives the thread back
+//! its registers, FPU state and signal mask in one `rt_sigreturn` ([`sigframe`]; a
+//! signal pending meanwhile is taken with the thread's own context). Where that frame
+//! does not fit (and at a borrowed site) the code puts back the thread's
 //! signal mask and every general register, and returns with `iretq` to where the thread
 //! was (a call it was interrupted in made again, as the kernel would) with its flags —
 //! all from a block ferry writes before each call ([`Recovery`]). The flags come back
@@ -122,10 +125,10 @@ impl Tracer {
         self.scratch.map(|a| (a, SCRATCH_SIZE))
     }
 
-    /// The argument part of the scratch area (between its code page and the recovery
-    /// block's page).
+    /// The argument part of the scratch area (between its code page and the last two:
+    /// the internal context's agent's recovery block, and the injections').
     pub fn scratch_args(&self) -> Option<(u64, u64)> {
-        self.scratch.map(|a| (a + PAGE, SCRATCH_SIZE - 2 * PAGE))
+        self.scratch.map(|a| (a + PAGE, SCRATCH_SIZE - 3 * PAGE))
     }
 
     /// An address where the scratch area fits in the stopped target, known before the
@@ -175,9 +178,30 @@ impl Tracer {
             return Err(TraceError::Thread { tid: self.pid, message: format!("mapping ferry's scratch area: {e}") });
         }
         let addr = r as u64;
-        self.poke(addr, &site_code(RECOVERY_DATA))?;
         self.scratch = Some(addr);
+        self.prepare_scratch(addr)?;
         Ok(addr)
+    }
+
+    /// Writes the scratch area's code and what its recovery block holds for every
+    /// call: the `rt_sigreturn` recovery ([`sigframe`]) where the FPU state fits its
+    /// page, else the `iretq` one.
+    fn prepare_scratch(&mut self, addr: u64) -> Result<(), TraceError> {
+        if self.sigframe.is_none() {
+            let tid = self.threads.keys().next().copied().unwrap_or(self.pid);
+            self.sigframe = Some(self.get_regset(tid, NT_X86_XSTATE).ok().and_then(|x| sigframe::layout(&x)));
+        }
+        match self.sigframe.flatten() {
+            Some(layout) => {
+                self.poke(addr, &sigframe::code(RECOVERY_DATA))?;
+                for (at, bytes) in sigframe::fixed(&layout) {
+                    self.poke(addr + RECOVERY_DATA + at, &bytes)?;
+                }
+            }
+            None => self.poke(addr, &site_code(RECOVERY_DATA))?,
+        }
+        self.scratch_ready = true;
+        Ok(())
     }
 
     /// Removes the scratch area, again from a borrowed site.
@@ -200,6 +224,7 @@ impl Tracer {
     /// wholesale by the image's mappings).
     pub fn set_scratch(&mut self, addr: Option<u64>) {
         self.scratch = addr;
+        self.scratch_ready = false;
     }
 
     /// Where to borrow a site: the vDSO's zero padding when it has room, else the
@@ -269,7 +294,12 @@ impl Tracer {
     /// [`Tracer::inject`] with ptrace, never through the internal context's agent.
     pub(super) fn inject_outside(&mut self, tid: pid_t, nr: i64, args: [u64; 6]) -> Result<i64, TraceError> {
         match self.scratch {
-            Some(site) => self.inject_at(site, tid, nr, args, Some(site + RECOVERY_DATA)),
+            Some(site) => {
+                if !self.scratch_ready {
+                    self.prepare_scratch(site)?;
+                }
+                self.inject_at(site, tid, nr, args, Some(site + RECOVERY_DATA))
+            }
             None => self.borrowed(|t, site, recovery| t.inject_at(site, tid, nr, args, recovery)),
         }
     }
@@ -287,8 +317,13 @@ impl Tracer {
         }
         let mask = get_sigmask(tid)?;
         if let Some(at) = recovery {
-            let block = Recovery::of(&self.thread(tid)?.regs, mask);
-            self.poke(at, &block.bytes())?;
+            let saved = self.thread(tid)?.regs;
+            match self.sigframe.flatten() {
+                Some(_) if self.scratch.is_some_and(|s| s + RECOVERY_DATA == at) => {
+                    self.poke(at + sigframe::FRAME_AT, &sigframe::frame(&resumed(&saved), mask, at))?
+                }
+                _ => self.poke(at, &Recovery::of(&saved, mask).bytes())?,
+            }
         }
         self.inject_unmasked(site, tid, nr, args, mask, recovery.is_some())
     }
