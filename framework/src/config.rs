@@ -606,8 +606,8 @@ impl Config {
         }
         check_plugin_name("mechanism.medium", &m.medium)?;
         // The only media an event of this build takes (any other name did nothing).
-        if !["file", "tcp"].contains(&m.medium.as_str()) {
-            return Err(invalid("mechanism.medium", format!("`{}` is not a medium of this build: images go through `file`, migrations through `tcp`", m.medium)));
+        if !["file", "tcp", "rdma"].contains(&m.medium.as_str()) {
+            return Err(invalid("mechanism.medium", format!("`{}` is not a medium of this build: images go through `file`, migrations through `tcp` or `rdma`", m.medium)));
         }
 
         if self.watchdog_ms == 0 || self.watchdog_ms > MAX_WATCHDOG_MS {

@@ -111,6 +111,20 @@ impl Daemon {
     }
 }
 
+impl Daemon {
+    /// How the daemon ended, which it must within a minute: a daemon whose fault point
+    /// the migration never reached was waited for forever; now the test fails naming
+    /// `why` (and the daemon is killed when dropped).
+    fn ended(&mut self, why: &str) -> std::process::ExitStatus {
+        let mut status = None;
+        wait_until(&format!("the daemon to end ({why})"), Duration::from_secs(60), || {
+            status = self.child.try_wait().unwrap();
+            status.is_some()
+        });
+        status.expect("ended")
+    }
+}
+
 impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -374,7 +388,7 @@ fn a_daemon_killed_at_each_phase_leaves_the_source_running_and_nothing_behind() 
         let o = migrate(None, w.pid, &daemon.addr, &[]);
         assert_eq!(o.status.code(), Some(1), "{fault}: {}", stderr(&o));
         assert_eq!(stderr(&o).lines().count(), 1, "{fault}: {}", stderr(&o));
-        let status = daemon.child.wait().unwrap();
+        let status = daemon.ended(&format!("{fault}: {}", stderr(&o)));
         assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(libc::SIGKILL), "{fault}");
         // Nothing of the half-built copy survives its daemon (PTRACE_O_EXITKILL).
         let log = w.log.to_str().unwrap().to_string();
@@ -1371,7 +1385,7 @@ fn a_daemon_killed_at_each_phase_over_rdma_leaves_the_source_running() {
         assert_eq!(o.status.code(), Some(1), "{fault}: {}", stderr(&o));
         assert_eq!(stderr(&o).lines().count(), 1, "{fault}: {}", stderr(&o));
         assert!(started.elapsed() < Duration::from_secs(8), "{fault}: the source noticed late ({:?}): {}", started.elapsed(), stderr(&o));
-        let status = daemon.child.wait().unwrap();
+        let status = daemon.ended(&format!("{fault}: {}", stderr(&o)));
         assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(libc::SIGKILL), "{fault}");
         let log = w.log.to_str().unwrap().to_string();
         wait_until("only the source to mention its log", Duration::from_secs(30), || processes_mentioning(&log) == vec![w.pid]);

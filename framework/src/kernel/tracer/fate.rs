@@ -8,6 +8,9 @@ impl Tracer {
     /// runs on the destination — ferry's death must not leave two copies running.
     /// Letting it go as usual (`detach`) drops the option with the tracing.
     pub fn die_with_ferry(&mut self) -> Result<(), TraceError> {
+        // The image is complete: the internal context's agent has done its part, and
+        // every thread must be in a ptrace stop for its options.
+        self.remove_agent()?;
         let mut opts = (libc::PTRACE_O_TRACECLONE | libc::PTRACE_O_TRACESYSGOOD | libc::PTRACE_O_EXITKILL) as usize;
         if self.seccomp_suspended {
             opts |= PTRACE_O_SUSPEND_SECCOMP;
