@@ -8,10 +8,11 @@
 
 mod gone;
 mod layout;
+mod present;
 mod vmflags;
 use ferry_plugin_api::ranges;
 
-use std::{collections::VecDeque, os::unix::fs::FileExt};
+use std::collections::VecDeque;
 
 use ferry_plugin_api::{
     abi_stable::std_types::RVec,
@@ -22,17 +23,13 @@ use ferry_plugin_api::{
 };
 
 use layout::{Area, AreaKind, MmState, PAGE};
+use present::{dirty_runs, guard_pages, open_pagemap, runs_after_rounds, shmem_runs};
 use ranges::Ranges;
 
 /// Pages carried by one `pages` record: small enough that a block read from the
 /// process is still in the CPU cache when the medium writes it (256 KiB blocks read at
 /// twice the rate of 8 MiB ones here), and neither side holds much at once.
 const CHUNK_BYTES: u64 = 256 << 10;
-
-/// Pagemap bits (Documentation/admin-guide/mm/pagemap.rst).
-const PM_PRESENT: u64 = 1 << 63;
-const PM_SWAPPED: u64 = 1 << 62;
-const PM_FILE: u64 = 1 << 61;
 
 #[derive(Default)]
 struct Memory {
@@ -94,95 +91,6 @@ enum Phase {
     Finish,
 }
 
-/// Which pages of `area` live only in memory, as runs of (address, pages): pages of
-/// the process's own (anonymous, or copies it wrote of a file's pages), present or
-/// swapped out; never the shared zero page. PAGEMAP_SCAN answers in regions (3 ms per
-/// GiB of present pages here, 7 times faster than reading the pagemap); kernels
-/// without it are read 8 bytes a page.
-fn dirty_runs(pagemap: &std::fs::File, area: &Area) -> Result<Vec<(u64, u64)>, String> {
-    // Whether a page is a file's costs the kernel a look at the page itself: asked only
-    // of file mappings (an anonymous area holds no file pages).
-    let file = if matches!(area.kind, AreaKind::File | AreaKind::Deleted) { pagemap::PAGE_IS_FILE } else { 0 };
-    // A guard page reads as swapped; asked only where guards are (older kernels refuse
-    // the category).
-    let guard = if area.guards.is_empty() { 0 } else { pagemap::PAGE_IS_GUARD };
-    let which = pagemap::Categories {
-        all: 0,
-        none: file | guard | pagemap::PAGE_IS_PFNZERO,
-        any: pagemap::PAGE_IS_PRESENT | pagemap::PAGE_IS_SWAPPED,
-    };
-    match pagemap::scan(pagemap, area.start, area.end, 0, which) {
-        Ok(regions) => Ok(regions.into_iter().map(|(s, e)| (s, (e - s) / PAGE)).collect()),
-        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTTY) | Some(libc::EINVAL)) => read_pagemap(pagemap, area),
-        Err(e) => Err(format!("PAGEMAP_SCAN of {:#x}-{:#x}: {e}", area.start, area.end)),
-    }
-}
-
-/// [`dirty_runs`] the old way: the pagemap entry of every page.
-fn read_pagemap(pagemap: &std::fs::File, area: &Area) -> Result<Vec<(u64, u64)>, String> {
-    // Pagemap entries are read a bounded batch at a time: a sparse area may be huge.
-    const BATCH: u64 = 64 * 1024;
-    let mut runs: Vec<(u64, u64)> = Vec::new();
-    let mut entries = Vec::new();
-    let mut addr = area.start;
-    while addr < area.end {
-        let n = ((area.end - addr) / PAGE).min(BATCH);
-        entries.resize((n * 8) as usize, 0);
-        pagemap
-            .read_exact_at(&mut entries, addr / PAGE * 8)
-            .map_err(|e| format!("reading pagemap for {:#x}-{:#x}: {e}", area.start, area.end))?;
-        for (i, e) in entries.chunks_exact(8).enumerate() {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(e);
-            let v = u64::from_le_bytes(b);
-            let wanted = if matches!(area.kind, AreaKind::File | AreaKind::Deleted) {
-                // Only the copies the process wrote; the rest comes from the file.
-                (v & PM_PRESENT != 0 && v & PM_FILE == 0) || v & PM_SWAPPED != 0
-            } else {
-                v & (PM_PRESENT | PM_SWAPPED) != 0
-            };
-            if wanted {
-                let page = addr + i as u64 * PAGE;
-                match runs.last_mut() {
-                    Some((a, k)) if *a + *k * PAGE == page => *k += 1,
-                    _ => runs.push((page, 1)),
-                }
-            }
-        }
-        addr += n * PAGE;
-    }
-    Ok(runs)
-}
-
-/// The pages of shared anonymous area `area` that hold data, as runs of (address,
-/// pages). The object's pages need not be mapped in the process (the pagemap would
-/// miss them): its file, opened through `/proc/PID/map_files`, says where its data
-/// lies (`SEEK_DATA`/`SEEK_HOLE`), without touching the process.
-fn shmem_runs(pid: i32, area: &Area) -> Result<Vec<(u64, u64)>, String> {
-    use std::os::fd::AsRawFd;
-    let path = format!("/proc/{pid}/map_files/{:x}-{:x}", area.start, area.end);
-    let file = std::fs::File::open(&path).map_err(|e| format!("shared anonymous memory at {:#x}: {path}: {e}", area.start))?;
-    let (lo, hi) = (area.offset as i64, (area.offset + area.end - area.start) as i64);
-    let mut runs = Vec::new();
-    let mut at = lo;
-    while at < hi {
-        // SAFETY: lseek on a file we own.
-        let data = unsafe { libc::lseek(file.as_raw_fd(), at, libc::SEEK_DATA) };
-        if data < 0 || data >= hi {
-            break; // ENXIO: no data past `at`
-        }
-        // SAFETY: as above.
-        let hole = unsafe { libc::lseek(file.as_raw_fd(), data, libc::SEEK_HOLE) }.min(hi);
-        if hole <= data {
-            return Err(format!("shared anonymous memory at {:#x}: SEEK_HOLE: {}", area.start, std::io::Error::last_os_error()));
-        }
-        let (s, e) = (data as u64 / PAGE * PAGE, (hole as u64).div_ceil(PAGE) * PAGE);
-        runs.push((area.start + (s - area.offset), (e - s) / PAGE));
-        at = hole;
-    }
-    Ok(runs)
-}
-
 /// The runs of shared anonymous `area` whose object pages no area before it sends.
 fn once_per_object(sent: &mut Vec<(u64, Ranges)>, area: &Area, runs: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
     let object = area.object.unwrap_or(0);
@@ -200,17 +108,6 @@ fn once_per_object(sent: &mut Vec<(u64, Ranges)>, area: &Area, runs: Vec<(u64, u
     sent[index].1 = ranges::union(&sent[index].1, &new);
     let back: Ranges = new.into_iter().map(|(s, e)| (s - offset + base, e - offset + base)).collect();
     ranges::to_runs(&back, PAGE)
-}
-
-/// The guard pages among `ranges` (they read as written and swapped, and hold
-/// nothing: reading one fails). Kernels that cannot tell (before 6.14) report none.
-fn guard_pages(pagemap: &std::fs::File, ranges: &[(u64, u64)]) -> Ranges {
-    let which = pagemap::Categories::all_of(pagemap::PAGE_IS_GUARD);
-    ranges.iter().flat_map(|&(s, e)| pagemap::scan(pagemap, s, e, 0, which).unwrap_or_default()).collect()
-}
-
-fn open_pagemap(pid: i32) -> Result<std::fs::File, String> {
-    std::fs::File::open(format!("/proc/{pid}/pagemap")).map_err(|e| format!("opening /proc/{pid}/pagemap: {e}"))
 }
 
 /// The process's areas as the image describes them, without ferry's scratch area.
@@ -373,6 +270,8 @@ impl Memory {
             }
             let runs = if area.kind == AreaKind::Shmem {
                 once_per_object(&mut object_sent, area, shmem_runs(pid, area)?)
+            } else if self.round.is_some() {
+                runs_after_rounds(&pagemap, area, &kept, &self.sent)?
             } else {
                 dirty_runs(&pagemap, area)?
             };

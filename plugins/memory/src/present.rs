@@ -1,0 +1,142 @@
+//! Which pages of a mapping hold something of the process's own, read from its
+//! pagemap (PAGEMAP_SCAN, or the pagemap itself on kernels without it) or, for shared
+//! anonymous memory, from its object's data and holes.
+
+use std::os::unix::fs::FileExt;
+
+use ferry_plugin_api::{pagemap, ranges, ranges::Ranges};
+
+use crate::layout::{Area, AreaKind, PAGE};
+
+/// Pagemap bits (Documentation/admin-guide/mm/pagemap.rst).
+const PM_PRESENT: u64 = 1 << 63;
+const PM_SWAPPED: u64 = 1 << 62;
+const PM_FILE: u64 = 1 << 61;
+/// What one page-table page maps.
+const HUGE: u64 = 2 << 20;
+
+/// Which pages of `area` live only in memory, as runs of (address, pages): pages of
+/// the process's own (anonymous, or copies it wrote of a file's pages), present or
+/// swapped out; never the shared zero page. PAGEMAP_SCAN answers in regions (3 ms per
+/// GiB of present pages here, 7 times faster than reading the pagemap); kernels
+/// without it are read 8 bytes a page.
+pub fn dirty_runs(pagemap: &std::fs::File, area: &Area) -> Result<Vec<(u64, u64)>, String> {
+    // Whether a page is a file's costs the kernel a look at the page itself: asked only
+    // of file mappings (an anonymous area holds no file pages).
+    let file = if matches!(area.kind, AreaKind::File | AreaKind::Deleted) { pagemap::PAGE_IS_FILE } else { 0 };
+    // A guard page reads as swapped; asked only where guards are (older kernels refuse
+    // the category).
+    let guard = if area.guards.is_empty() { 0 } else { pagemap::PAGE_IS_GUARD };
+    let which = pagemap::Categories {
+        all: 0,
+        none: file | guard | pagemap::PAGE_IS_PFNZERO,
+        any: pagemap::PAGE_IS_PRESENT | pagemap::PAGE_IS_SWAPPED,
+    };
+    match pagemap::scan(pagemap, area.start, area.end, 0, which) {
+        Ok(regions) => Ok(regions.into_iter().map(|(s, e)| (s, (e - s) / PAGE)).collect()),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTTY) | Some(libc::EINVAL)) => read_pagemap(pagemap, area),
+        Err(e) => Err(format!("PAGEMAP_SCAN of {:#x}-{:#x}: {e}", area.start, area.end)),
+    }
+}
+
+/// [`dirty_runs`] at the freeze after pre-copy rounds. Where the rounds keep the
+/// destination's copy (`kept`), a page present now is one sent or written since (a
+/// first write is dirty to every tracker), so only the pages sent there are looked at,
+/// to find those the process dropped since; the rest of a kept range, holes the
+/// tracking filled with markers a whole GiB wide, is not walked in the freeze.
+pub fn runs_after_rounds(pagemap: &std::fs::File, area: &Area, kept: &[(u64, u64)], sent: &[(u64, u64)]) -> Result<Vec<(u64, u64)>, String> {
+    let whole = [(area.start, area.end)];
+    let inside = ranges::intersect(&whole, kept);
+    if inside.is_empty() {
+        return dirty_runs(pagemap, area);
+    }
+    // One walk of a page table covers 2 MiB: nearer sent ranges are walked as one.
+    let mut look: Ranges = Vec::new();
+    for (s, e) in ranges::intersect(&inside, sent) {
+        match look.last_mut() {
+            Some(last) if s - last.1 < HUGE => last.1 = e,
+            _ => look.push((s, e)),
+        }
+    }
+    let mut runs = Vec::new();
+    for (s, e) in ranges::union(&ranges::subtract(&whole, &inside), &look) {
+        runs.extend(dirty_runs(pagemap, &Area { start: s, end: e, ..area.clone() })?);
+    }
+    Ok(runs)
+}
+
+/// [`dirty_runs`] the old way: the pagemap entry of every page.
+fn read_pagemap(pagemap: &std::fs::File, area: &Area) -> Result<Vec<(u64, u64)>, String> {
+    // Pagemap entries are read a bounded batch at a time: a sparse area may be huge.
+    const BATCH: u64 = 64 * 1024;
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    let mut entries = Vec::new();
+    let mut addr = area.start;
+    while addr < area.end {
+        let n = ((area.end - addr) / PAGE).min(BATCH);
+        entries.resize((n * 8) as usize, 0);
+        pagemap
+            .read_exact_at(&mut entries, addr / PAGE * 8)
+            .map_err(|e| format!("reading pagemap for {:#x}-{:#x}: {e}", area.start, area.end))?;
+        for (i, e) in entries.chunks_exact(8).enumerate() {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(e);
+            let v = u64::from_le_bytes(b);
+            let wanted = if matches!(area.kind, AreaKind::File | AreaKind::Deleted) {
+                // Only the copies the process wrote; the rest comes from the file.
+                (v & PM_PRESENT != 0 && v & PM_FILE == 0) || v & PM_SWAPPED != 0
+            } else {
+                v & (PM_PRESENT | PM_SWAPPED) != 0
+            };
+            if wanted {
+                let page = addr + i as u64 * PAGE;
+                match runs.last_mut() {
+                    Some((a, k)) if *a + *k * PAGE == page => *k += 1,
+                    _ => runs.push((page, 1)),
+                }
+            }
+        }
+        addr += n * PAGE;
+    }
+    Ok(runs)
+}
+
+/// The pages of shared anonymous area `area` that hold data, as runs of (address,
+/// pages). The object's pages need not be mapped in the process (the pagemap would
+/// miss them): its file, opened through `/proc/PID/map_files`, says where its data
+/// lies (`SEEK_DATA`/`SEEK_HOLE`), without touching the process.
+pub fn shmem_runs(pid: i32, area: &Area) -> Result<Vec<(u64, u64)>, String> {
+    use std::os::fd::AsRawFd;
+    let path = format!("/proc/{pid}/map_files/{:x}-{:x}", area.start, area.end);
+    let file = std::fs::File::open(&path).map_err(|e| format!("shared anonymous memory at {:#x}: {path}: {e}", area.start))?;
+    let (lo, hi) = (area.offset as i64, (area.offset + area.end - area.start) as i64);
+    let mut runs = Vec::new();
+    let mut at = lo;
+    while at < hi {
+        // SAFETY: lseek on a file we own.
+        let data = unsafe { libc::lseek(file.as_raw_fd(), at, libc::SEEK_DATA) };
+        if data < 0 || data >= hi {
+            break; // ENXIO: no data past `at`
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(file.as_raw_fd(), data, libc::SEEK_HOLE) }.min(hi);
+        if hole <= data {
+            return Err(format!("shared anonymous memory at {:#x}: SEEK_HOLE: {}", area.start, std::io::Error::last_os_error()));
+        }
+        let (s, e) = (data as u64 / PAGE * PAGE, (hole as u64).div_ceil(PAGE) * PAGE);
+        runs.push((area.start + (s - area.offset), (e - s) / PAGE));
+        at = hole;
+    }
+    Ok(runs)
+}
+
+/// The guard pages among `ranges` (they read as written and swapped, and hold
+/// nothing: reading one fails). Kernels that cannot tell (before 6.14) report none.
+pub fn guard_pages(pagemap: &std::fs::File, ranges: &[(u64, u64)]) -> Ranges {
+    let which = pagemap::Categories::all_of(pagemap::PAGE_IS_GUARD);
+    ranges.iter().flat_map(|&(s, e)| pagemap::scan(pagemap, s, e, 0, which).unwrap_or_default()).collect()
+}
+
+pub fn open_pagemap(pid: i32) -> Result<std::fs::File, String> {
+    std::fs::File::open(format!("/proc/{pid}/pagemap")).map_err(|e| format!("opening /proc/{pid}/pagemap: {e}"))
+}
