@@ -595,3 +595,49 @@ fn shared_anonymous_memory_mapped_twice_comes_back_as_one_object_in_two_views() 
     w.wait_ticks(at + 2);
     w.terminate_and_check(new).unwrap();
 }
+
+/// python3 that wrote 63 MiB of zeros and 1 MiB of a pattern into a private anonymous
+/// mapping (every page present); it checks both when `check` appears in its directory.
+const ZEROS_PY: &str = r#"
+import mmap, os, struct, sys, time
+d, MIB = sys.argv[1], 1 << 20
+m = mmap.mmap(-1, 64 * MIB, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+zero = bytes(MIB)
+for i in range(63): m[i*MIB:(i+1)*MIB] = zero
+pattern = b''.join(struct.pack('<Q', i * 2654435761) for i in range(MIB // 8))
+m[63*MIB:] = pattern
+open(d + '/ready', 'w').close()
+while not os.path.exists(d + '/check'): time.sleep(0.01)
+bad = [i for i in range(63) if m[i*MIB:(i+1)*MIB] != zero]
+said = 'FAIL MiB %d is not zeros' % bad[0] if bad else ('PASS' if m[63*MIB:] == pattern else 'FAIL the pattern')
+open(d + '/result.tmp', 'w').write(said + '\n')
+os.rename(d + '/result.tmp', d + '/result')
+time.sleep(3600)
+"#;
+
+#[test]
+fn pages_of_zeros_the_process_wrote_travel_as_holes_and_read_as_zeros_again() {
+    if !needs_root(ROOT) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new("/usr/bin/python3").args(["-c", ZEROS_PY]).arg(dir.path()).stdin(std::process::Stdio::null()).spawn().unwrap();
+    let old = child.id() as i32;
+    ferry_tests::wait_until("python3 to be ready", DEADLINE, || dir.path().join("ready").exists());
+    let image = dir.path().join("img");
+    let stats = checkpoint(old, &image, &[]);
+    let _ = child.wait();
+    // python3 itself is ~10 MB; the 63 MiB of zeros stay out of the image.
+    let bytes = stats["bytes"].as_u64().unwrap();
+    assert!(bytes < 32 << 20, "the zeros went into the image: {stats}");
+    let new = restore(&image, old);
+    std::fs::write(dir.path().join("check"), b"").unwrap();
+    let mut said = String::new();
+    ferry_tests::wait_until("python3's own check", DEADLINE, || {
+        said = std::fs::read_to_string(dir.path().join("result")).unwrap_or_default();
+        !said.is_empty() || !pid_alive(new)
+    });
+    ferry_tests::workload::kill_pid(new);
+    wait_gone(new);
+    assert!(said.starts_with("PASS"), "python3 after the restore says {said:?} ({stats})");
+}

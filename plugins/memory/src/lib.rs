@@ -44,6 +44,10 @@ struct Memory {
     /// The buffer pages pass through, kept across chunks: faulting in a fresh one per
     /// chunk costs more than the copy itself on these machines.
     buffer: Vec<u8>,
+    /// Checkpoint: the areas a restore maps fresh (private anonymous), where a page of
+    /// zeros is left out (it reads as zeros there); none after pre-copy rounds, whose
+    /// destination may hold an older copy of the page.
+    fresh: Ranges,
     /// Pre-copy, source: the round whose pages `todo` holds.
     round: Option<u32>,
     /// Pre-copy, source: ranges under dirty tracking whose pages the destination holds.
@@ -298,6 +302,10 @@ impl Memory {
             state.zap = ranges::union(&state.zap, &ranges::intersect(&state.lazy, &kept));
             send = ranges::subtract(&send, &state.lazy);
         }
+        if self.round.is_none() {
+            let fresh = state.areas.iter().filter(|a| a.kind == AreaKind::Anon && !a.shared && (!ctx.lazy() || !a.lazyable()));
+            self.fresh = ranges::normalize(fresh.map(|a| (a.start, a.end)).collect());
+        }
         state.kept = kept;
         self.todo.extend(ranges::to_runs(&send, PAGE));
         self.status.entities_total = self.todo.iter().map(|r| r.1).sum();
@@ -399,7 +407,12 @@ impl Memory {
         payload[..header.len()].copy_from_slice(&header);
         let ranges: Vec<MemRange> = runs.iter().map(|&(addr, n)| MemRange { addr, len: n * PAGE }).collect();
         match util::read_ranges(ctx, &ranges, &mut payload[header.len()..]) {
-            Ok(()) => util::put_raw(sink, "pages", payload)?,
+            Ok(()) => match present::without_zero_pages(&runs, &payload[header.len()..], &self.fresh) {
+                // Only the pages that hold something; the rest are holes.
+                Some((runs, data)) if !runs.is_empty() => util::put_raw(sink, "pages", &[layout::encode_runs(&runs), data].concat())?,
+                Some(_) => {}
+                None => util::put_raw(sink, "pages", payload)?,
+            },
             // The running process unmapped some of it meanwhile: those pages are no
             // longer the destination's to keep; the next round or the freeze settles them.
             Err(_) if self.phase == Phase::Start => {

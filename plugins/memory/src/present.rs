@@ -6,7 +6,7 @@ use std::os::unix::fs::FileExt;
 
 use ferry_plugin_api::{pagemap, ranges, ranges::Ranges};
 
-use crate::layout::{Area, AreaKind, PAGE};
+use crate::layout::{Area, AreaKind, Runs, PAGE};
 
 /// Pagemap bits (Documentation/admin-guide/mm/pagemap.rst).
 const PM_PRESENT: u64 = 1 << 63;
@@ -139,4 +139,65 @@ pub fn guard_pages(pagemap: &std::fs::File, ranges: &[(u64, u64)]) -> Ranges {
 
 pub fn open_pagemap(pid: i32) -> Result<std::fs::File, String> {
     std::fs::File::open(format!("/proc/{pid}/pagemap")).map_err(|e| format!("opening /proc/{pid}/pagemap: {e}"))
+}
+
+/// `runs` and their `data` without the pages that hold only zeros, where `eligible`
+/// (areas a restore maps fresh, whose pages read as zeros until written) covers them:
+/// a page of zeros the process wrote need not travel. `None` when every page holds
+/// something (nothing to repack).
+pub fn without_zero_pages(runs: &[(u64, u64)], data: &[u8], eligible: &[(u64, u64)]) -> Option<(Runs, Vec<u8>)> {
+    let zero = |page: &[u8]| page.chunks_exact(16).all(|w| u128::from_ne_bytes(w.try_into().expect("16 bytes")) == 0);
+    let mut pages = data.chunks_exact(PAGE as usize);
+    let mut kept: Runs = Vec::new();
+    let mut out = Vec::new();
+    let mut dropped = false;
+    for &(addr, n) in runs {
+        let free = ranges::covers(eligible, (addr, addr + n * PAGE));
+        for i in 0..n {
+            let page = pages.next()?;
+            let at = addr + i * PAGE;
+            if free && zero(page) {
+                if !dropped {
+                    // The first hole: what went before is copied over now.
+                    dropped = true;
+                    out.reserve(data.len());
+                    let before = (data.len() - pages.len() * PAGE as usize) - PAGE as usize;
+                    out.extend_from_slice(&data[..before]);
+                }
+                continue;
+            }
+            if dropped {
+                out.extend_from_slice(page);
+            }
+            match kept.last_mut() {
+                Some((a, k)) if *a + *k * PAGE == at => *k += 1,
+                _ => kept.push((at, 1)),
+            }
+        }
+    }
+    dropped.then_some((kept, out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zero_pages_of_fresh_areas_are_left_out_and_the_rest_keep_their_place() {
+        let p = PAGE as usize;
+        let page = |b: u8| vec![b; p];
+        // Runs: 3 pages at 0x10000 (zero in the middle), 2 at 0x20000 (first zero), 1 at
+        // 0x30000 (zero, but not in a fresh area).
+        let data = [page(1), page(0), page(2), page(0), page(3), page(0)].concat();
+        let runs = [(0x10000, 3), (0x20000, 2), (0x30000, 1)];
+        let eligible = [(0x10000, 0x30000)];
+        let (kept, out) = without_zero_pages(&runs, &data, &eligible).unwrap();
+        assert_eq!(kept, [(0x10000, 1), (0x12000, 1), (0x21000, 1), (0x30000, 1)]);
+        assert_eq!(out, [page(1), page(2), page(3), page(0)].concat());
+        // A page with one byte set is not zero; nothing dropped answers None.
+        let mut one = page(0);
+        one[p - 1] = 1;
+        assert_eq!(without_zero_pages(&[(0x10000, 1)], &one, &eligible), None);
+        assert_eq!(without_zero_pages(&runs, &data, &[]), None);
+    }
 }
