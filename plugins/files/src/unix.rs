@@ -214,6 +214,8 @@ pub fn named(pid: i32, info: &UnixInfo, peer_info: impl FnOnce(u64) -> Result<Op
     }
     if sock_type != libc::SOCK_DGRAM {
         return Err(match info.peer {
+            // Connected, its peer gone or out of the kernel's sight here.
+            0 if info.state == ESTABLISHED => "connected to a peer that is gone or not shown (no socket inode)".into(),
             0 => "that is not connected".into(),
             peer => format!("connected to socket:[{peer}] (a stream connection, which does not follow)"),
         });
@@ -265,7 +267,8 @@ mod tests {
         // One end of a pair whose other end is closed stays refused.
         drop(b);
         let orphan = query(ia).unwrap().unwrap();
-        assert!(named(1, &orphan, |_| Ok(None)).is_err(), "{orphan:?}");
+        let why = named(1, &orphan, |_| Ok(None)).unwrap_err();
+        assert!(why.contains("peer that is gone"), "{orphan:?}: {why}");
         // A pipe's inode is no Unix socket.
         assert_eq!(query(1).unwrap(), None);
     }
