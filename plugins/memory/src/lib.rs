@@ -506,6 +506,13 @@ impl Memory {
             if prot != area.prot {
                 self.widened.push((area.clone(), area.prot));
             }
+            if area.kind == AreaKind::Anon && !area.shared && state.thp_disable == 0 && area.flags.iter().any(|f| f == "hg") {
+                // Huge pages asked for: before the pages are filled, so that they fault
+                // in 2 MiB at a time as the process's did (the rest of the advice comes
+                // once they are in).
+                let what = format!("process {pid}: madvise {:#x}-{:#x} (hg)", area.start, area.end);
+                util::syscall(ctx, pid, &what, libc::SYS_madvise, [area.start, len, libc::MADV_HUGEPAGE as u64, 0, 0, 0])?;
+            }
         }
         for (path, fd) in fds {
             util::syscall(ctx, pid, &format!("close {path}"), libc::SYS_close, [fd, 0, 0, 0, 0, 0])?;
