@@ -9,94 +9,11 @@
 //!
 //!     cargo bench -p ferry-tests --bench migrate [-- SIZES_MIB...]
 
-use std::{
-    io::{Read, Write},
-    net::{TcpListener, TcpStream},
-    os::fd::AsRawFd,
-    process::Command,
-    time::Instant,
-};
-
 use ferry_tests::{
-    bench::{daemon, in_ns, kill_and_wait, median},
+    bench::{daemon, in_ns, kill_and_wait, median, raw_stream},
     ferry_bin,
     workload::{Workload, WorkloadOpts},
 };
-
-/// Enters network namespace `ns` for the calling thread.
-fn enter(ns: Option<&str>) {
-    if let Some(ns) = ns {
-        let f = std::fs::File::open(format!("/var/run/netns/{ns}")).unwrap();
-        // SAFETY: setns on an fd we own; affects only this thread.
-        assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
-    }
-}
-
-/// Sends `bytes` over a fresh TCP connection from namespace `from` to `to_ip` in
-/// namespace `to`, 2 MiB per write; answers the milliseconds until the receiver has all.
-/// `fresh`: the receiver reads into a new anonymous mapping of `bytes`, every page
-/// faulted in by the read, instead of reusing one 2 MiB buffer.
-fn raw_stream(from: Option<&'static str>, to: Option<&'static str>, to_ip: &'static str, bytes: usize, fresh: bool) -> f64 {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let receiver = std::thread::spawn(move || {
-        enter(to);
-        let l = TcpListener::bind((to_ip, 0)).unwrap();
-        tx.send(l.local_addr().unwrap()).unwrap();
-        let (mut s, _) = l.accept().unwrap();
-        let mut buf = vec![0u8; 2 << 20];
-        let area = fresh.then(|| {
-            // SAFETY: a fresh private anonymous mapping, unmapped below.
-            let p = unsafe {
-                libc::mmap(std::ptr::null_mut(), bytes, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, -1, 0)
-            };
-            assert_ne!(p, libc::MAP_FAILED);
-            p as *mut u8
-        });
-        let mut got = 0;
-        while got < bytes {
-            let n = match area {
-                // SAFETY: inside the mapping of `bytes` bytes.
-                Some(p) => s.read(unsafe { std::slice::from_raw_parts_mut(p.add(got), (bytes - got).min(2 << 20)) }).unwrap(),
-                None => s.read(&mut buf).unwrap(),
-            };
-            assert!(n > 0);
-            got += n;
-        }
-        s.write_all(b"k").unwrap();
-        if let Some(p) = area {
-            // SAFETY: the mapping made above.
-            unsafe { libc::munmap(p.cast(), bytes) };
-        }
-    });
-    let addr = rx.recv().unwrap();
-    let sender = std::thread::spawn(move || {
-        enter(from);
-        let buf = vec![0x5au8; 2 << 20];
-        let t = Instant::now();
-        let mut s = TcpStream::connect(addr).unwrap();
-        s.set_nodelay(true).unwrap();
-        let mut left = bytes;
-        while left > 0 {
-            let n = left.min(buf.len());
-            s.write_all(&buf[..n]).unwrap();
-            left -= n;
-        }
-        let mut k = [0u8; 1];
-        s.read_exact(&mut k).unwrap();
-        t.elapsed().as_secs_f64() * 1e3
-    });
-    receiver.join().unwrap();
-    sender.join().unwrap()
-}
-
-struct Netns(Vec<String>);
-impl Drop for Netns {
-    fn drop(&mut self) {
-        for ns in &self.0 {
-            let _ = Command::new("ip").args(["netns", "delete", ns]).status();
-        }
-    }
-}
 
 fn main() {
     let Some(sizes) = ferry_tests::bench::start("migration", &[1, 9, 64, 256, 1024], true) else { return };
@@ -106,29 +23,16 @@ fn main() {
     std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
 
     // Two hosts joined by a veth pair.
-    let id = std::process::id() % 10000;
-    let (a, b) = (format!("fbench-a-{id}"), format!("fbench-b-{id}"));
-    let ip = |args: &[&str]| Command::new("ip").args(args).status().map(|s| s.success()).unwrap_or(false);
-    let _netns = Netns(vec![a.clone(), b.clone()]);
-    let (va, vb) = (format!("fba{id}"), format!("fbb{id}"));
-    let veth = ip(&["netns", "add", &a])
-        && ip(&["netns", "add", &b])
-        && ip(&["link", "add", &va, "type", "veth", "peer", "name", &vb])
-        && ip(&["link", "set", &va, "netns", &a])
-        && ip(&["link", "set", &vb, "netns", &b])
-        && ip(&["-n", &a, "addr", "add", "10.232.0.1/24", "dev", &va])
-        && ip(&["-n", &b, "addr", "add", "10.232.0.2/24", "dev", &vb])
-        && ip(&["-n", &a, "link", "set", &va, "up"])
-        && ip(&["-n", &b, "link", "set", &vb, "up"])
-        && ip(&["-n", &a, "link", "set", "lo", "up"])
-        && ip(&["-n", &b, "link", "set", "lo", "up"]);
-    let a: &'static str = Box::leak(a.into_boxed_str());
-    let b: &'static str = Box::leak(b.into_boxed_str());
+    let (_netns, veth) = ferry_tests::bench::veth_pair("fbench");
+    let (a, b) = match &veth {
+        Some((a, b)) => (Some(*a), Some(*b)),
+        None => (None, None),
+    };
 
     let mut paths: Vec<(&str, Option<&'static str>, Option<&'static str>, &'static str)> =
         vec![("loopback", None, None, "127.0.0.1")];
-    if veth {
-        paths.push(("veth", Some(a), Some(b), "10.232.0.2"));
+    if veth.is_some() {
+        paths.push(("veth", a, b, ferry_tests::bench::VETH_B));
     }
     let rdma_config = tmp.path().join("rdma.json");
     std::fs::write(&rdma_config, r#"{"mechanism": {"medium": "rdma", "medium_params": {"provider": "tcp"}}}"#).unwrap();
@@ -143,7 +47,7 @@ fn main() {
         "path", "medium", "MiB", "total ms", "frozen", "raw ms", "ratio", "raw+map ms", "ratio", "GB/s"
     );
     for (name, from, to, to_ip) in paths {
-        let port = 7800 + (id % 100) as u16;
+        let port = 7800 + (std::process::id() % 100) as u16;
         let addr = format!("{to_ip}:{port}");
         let _d = daemon(to, &addr, &tmp.path().join(format!("{name}.sock")), &key);
         for (&size, (medium, args)) in sizes.iter().flat_map(|s| media.iter().map(move |m| (s, m))) {

@@ -631,4 +631,105 @@ fn on_a_terminal_the_progress_line_shows_bytes_rate_and_time_left_and_is_cleared
     assert!(last.matches("MiB").count() >= 3 && last.contains("MiB/s") && last.contains("left"), "the last line drawn: {last:?}");
     // Erased (carriage return, erase line) before the result, which starts its own line.
     assert!(out.contains(&format!("\r\x1b[2Kcheckpointed process {}", w.pid)), "{out:?}");
+/// python3 that wrote 63 MiB of zeros and 1 MiB of a pattern into a private anonymous
+/// mapping (every page present); it checks both when `check` appears in its directory.
+const ZEROS_PY: &str = r#"
+import mmap, os, struct, sys, time
+d, MIB = sys.argv[1], 1 << 20
+m = mmap.mmap(-1, 64 * MIB, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+zero = bytes(MIB)
+for i in range(63): m[i*MIB:(i+1)*MIB] = zero
+pattern = b''.join(struct.pack('<Q', i * 2654435761) for i in range(MIB // 8))
+m[63*MIB:] = pattern
+open(d + '/ready', 'w').close()
+while not os.path.exists(d + '/check'): time.sleep(0.01)
+bad = [i for i in range(63) if m[i*MIB:(i+1)*MIB] != zero]
+said = 'FAIL MiB %d is not zeros' % bad[0] if bad else ('PASS' if m[63*MIB:] == pattern else 'FAIL the pattern')
+open(d + '/result.tmp', 'w').write(said + '\n')
+os.rename(d + '/result.tmp', d + '/result')
+time.sleep(3600)
+"#;
+
+#[test]
+fn pages_of_zeros_the_process_wrote_travel_as_holes_and_read_as_zeros_again() {
+    if !needs_root(ROOT) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new("/usr/bin/python3").args(["-c", ZEROS_PY]).arg(dir.path()).stdin(std::process::Stdio::null()).spawn().unwrap();
+    let old = child.id() as i32;
+    ferry_tests::wait_until("python3 to be ready", DEADLINE, || dir.path().join("ready").exists());
+    let image = dir.path().join("img");
+    let stats = checkpoint(old, &image, &[]);
+    let _ = child.wait();
+    // python3 itself is ~10 MB; the 63 MiB of zeros stay out of the image.
+    let bytes = stats["bytes"].as_u64().unwrap();
+    assert!(bytes < 32 << 20, "the zeros went into the image: {stats}");
+    let new = restore(&image, old);
+    std::fs::write(dir.path().join("check"), b"").unwrap();
+    let mut said = String::new();
+    ferry_tests::wait_until("python3's own check", DEADLINE, || {
+        said = std::fs::read_to_string(dir.path().join("result")).unwrap_or_default();
+        !said.is_empty() || !pid_alive(new)
+    });
+    ferry_tests::workload::kill_pid(new);
+    wait_gone(new);
+    assert!(said.starts_with("PASS"), "python3 after the restore says {said:?} ({stats})");
+}
+
+/// python3 with 16 MiB it asked huge pages for (`MADV_HUGEPAGE`) and wrote; its
+/// address in `addr`.
+const HUGE_PY: &str = r#"
+import mmap, os, sys, time
+d, MIB = sys.argv[1], 1 << 20
+m = mmap.mmap(-1, 16 * MIB, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+m.madvise(mmap.MADV_HUGEPAGE)
+for i in range(16): m[i*MIB:(i+1)*MIB] = bytes([i + 1]) * MIB
+import ctypes
+open(d + '/addr', 'w').write(str(ctypes.addressof(ctypes.c_char.from_buffer(m))))
+open(d + '/ready', 'w').close()
+time.sleep(3600)
+"#;
+
+/// The `AnonHugePages` of process `pid`'s mappings that hold `addr`, KiB.
+fn huge_kib(pid: i32, addr: u64) -> u64 {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
+    let mut inside = false;
+    let mut kib = 0;
+    for line in smaps.lines() {
+        if let Some((range, _)) = line.split_once(' ').filter(|(r, _)| r.contains('-') && !r.ends_with(':')) {
+            let (s, e) = range.split_once('-').unwrap();
+            let (s, e) = (u64::from_str_radix(s, 16).unwrap(), u64::from_str_radix(e, 16).unwrap());
+            inside = s <= addr && addr < e;
+        } else if let Some(v) = line.strip_prefix("AnonHugePages:").filter(|_| inside) {
+            kib += v.trim().trim_end_matches(" kB").trim().parse::<u64>().unwrap();
+        }
+    }
+    kib
+}
+
+#[test]
+fn an_area_given_huge_pages_comes_back_on_huge_pages() {
+    if !needs_root(ROOT) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new("/usr/bin/python3").args(["-c", HUGE_PY]).arg(dir.path()).stdin(std::process::Stdio::null()).spawn().unwrap();
+    let old = child.id() as i32;
+    ferry_tests::wait_until("python3 to be ready", DEADLINE, || dir.path().join("ready").exists());
+    let addr: u64 = std::fs::read_to_string(dir.path().join("addr")).unwrap().trim().parse().unwrap();
+    let before = huge_kib(old, addr);
+    if !needs(before > 0, "transparent huge pages for an madvised area here (the kernel gave none)") {
+        let _ = child.kill();
+        let _ = child.wait();
+        return;
+    }
+    let image = dir.path().join("img");
+    checkpoint(old, &image, &[]);
+    let _ = child.wait();
+    let new = restore(&image, old);
+    let after = huge_kib(new, addr);
+    ferry_tests::workload::kill_pid(new);
+    wait_gone(new);
+    assert!(after > 0, "the source had {before} KiB on huge pages, the copy none");
 }

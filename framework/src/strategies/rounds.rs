@@ -65,6 +65,22 @@ fn await_synced(medium: &mut MediumBox, streams: &[u32], round: u32, timeout: Du
     Ok(())
 }
 
+/// Whether the freeze after `rounds` (at least two) fits `budget`, at `speed` bytes
+/// per ms measured end to end. The last round sent what was written during the one
+/// before; at that rate, what is written during the last goes in the freeze. The
+/// freeze also pays what every round paid whatever its bytes (seizing, reading the
+/// mappings, scanning, the destination's answer), measured as the least any round
+/// took beyond its bytes: the two together aim at the budget, or the bytes alone
+/// where that cost is over the budget already (more rounds cannot take it away).
+fn converged(rounds: &[Round], speed: f64, budget: Duration) -> bool {
+    let [.., previous, last] = rounds else { return false };
+    let rate = last.bytes as f64 / previous.ms.max(0.1);
+    let estimate = rate * last.ms / speed;
+    let fixed = rounds[1..].iter().map(|r| (r.ms - r.bytes as f64 / speed).max(0.0)).fold(f64::INFINITY, f64::min);
+    let budget = budget.as_secs_f64() * 1000.0;
+    estimate <= if fixed < budget { budget - fixed } else { budget }
+}
+
 /// Runs pre-copy rounds beside the running process `pid` until it is time to freeze.
 #[allow(clippy::too_many_arguments)]
 pub fn run(
@@ -123,16 +139,11 @@ pub fn run(
         if round == 0 {
             continue;
         }
-        // This round sent what was written during the previous one; at that rate,
-        // what is written during this one goes in `estimate` at the measured speed.
-        let previous = &out.rounds[round as usize - 1];
-        let rate = bytes as f64 / previous.ms.max(0.1);
-        let speed = sent_total as f64 / time_total.max(0.1);
-        let estimate = rate * ms / speed;
-        if estimate <= tuning.budget.as_secs_f64() * 1000.0 {
+        if converged(&out.rounds, sent_total as f64 / time_total.max(0.1), tuning.budget) {
             out.stop = "converged";
             break;
         }
+        let previous = &out.rounds[round as usize - 1];
         if round + 1 >= tuning.max_rounds {
             out.stop = "max rounds";
             break;
@@ -201,10 +212,8 @@ pub fn run_tree(members: &mut [Member], pipe: &mut Pipeline, tuning: &Tuning, wa
         if round == 0 {
             continue;
         }
-        let previous = &out.rounds[round as usize - 1];
-        let rate = bytes as f64 / previous.ms.max(0.1);
-        let speed = sent_total as f64 / time_total.max(0.1);
-        if rate * ms / speed <= tuning.budget.as_secs_f64() * 1000.0 {
+        // The same rule as one process's (the fixed cost of a round counted).
+        if converged(&out.rounds, sent_total as f64 / time_total.max(0.1), tuning.budget) {
             out.stop = "converged";
             break;
         }
@@ -212,10 +221,34 @@ pub fn run_tree(members: &mut [Member], pipe: &mut Pipeline, tuning: &Tuning, wa
             out.stop = "max rounds";
             break;
         }
-        if bytes as f64 >= 0.9 * previous.bytes as f64 {
+        if bytes as f64 >= 0.9 * out.rounds[round as usize - 1].bytes as f64 {
             out.stop = "not shrinking";
             break;
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round(bytes: u64, ms: f64) -> Round {
+        Round { bytes, ms }
+    }
+
+    #[test]
+    fn the_freeze_is_estimated_with_what_every_round_costs_beside_its_bytes() {
+        let budget = Duration::from_millis(30);
+        // 1 MB per ms; the last round's bytes go in 20 ms at the rate the process writes.
+        let rounds = [round(100_000_000, 100.0), round(20_000_000, 20.0), round(20_000_000, 20.0)];
+        assert!(converged(&rounds, 1_000_000.0, budget), "no fixed cost: 20 ms fits 30");
+        // The same bytes, each round 15 ms longer than its bytes: 20 + 15 is over 30.
+        let slow = [round(100_000_000, 115.0), round(20_000_000, 35.0), round(20_000_000, 35.0)];
+        assert!(!converged(&slow, 1_000_000.0, budget));
+        // A fixed cost over the budget on its own: the bytes alone aim at it.
+        let stuck = [round(100_000_000, 140.0), round(5_000_000, 45.0), round(5_000_000, 45.0)];
+        assert!(converged(&stuck, 1_000_000.0, budget));
+        assert!(!converged(&rounds[..1], 1_000_000.0, budget), "one round says nothing of the rate");
+    }
 }

@@ -430,7 +430,9 @@ impl Desc {
                 bad |= (path && !unlinked) != mode.is_some() || (*unlinked && !path) || mode.is_some_and(|m| m > 0o7777);
                 bad |= match backlog {
                     Some(b) => !matches!(*sock_type, libc::SOCK_STREAM | libc::SOCK_SEQPACKET) || *b > 1 << 20 || addr.is_none(),
-                    None => *sock_type != libc::SOCK_DGRAM,
+                    // Not listening: a datagram socket, or a stream one never bound
+                    // nor connected.
+                    None => *sock_type != libc::SOCK_DGRAM && addr.is_some(),
                 };
                 if bad {
                     return Err(format!("{what}: a Unix socket the image describes wrongly"));
@@ -655,6 +657,8 @@ mod tests {
         assert!(sock(libc::SOCK_SEQPACKET, Some(abstract_.clone()), None, None, Some(8)).is_ok());
         assert!(sock(libc::SOCK_DGRAM, None, None, Some(path.clone()), None).is_ok());
         assert!(sock(libc::SOCK_DGRAM, None, None, None, None).is_ok(), "an unnamed datagram socket");
+        assert!(sock(libc::SOCK_SEQPACKET, None, None, None, None).is_ok(), "a stream socket never bound nor connected");
+        assert!(sock(libc::SOCK_STREAM, Some(abstract_.clone()), None, None, None).is_err(), "bound, not listening");
         let unlinked = |addr: &String, mode| {
             let mut d = path_desc(&[3]);
             let (addr, backlog) = (Some(addr.clone()), Some(8));

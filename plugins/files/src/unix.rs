@@ -2,8 +2,9 @@
 //! (`unix_diag`, as `ss -x` asks): its type and state, its peer's inode, its bound
 //! name, its shutdown state. The files plugin moves socket pairs whose two ends are
 //! both the process's own (a `socketpair`, as Python's asyncio and many event loops
-//! keep) or, in a tree, another process's of the tree (`unix_across`), and listeners and datagram sockets by their names (an absolute path or an
-//! abstract name), and refuses every other Unix socket.
+//! keep) or, in a tree, another process's of the tree (`unix_across`), listeners and
+//! datagram sockets by their names (an absolute path or an abstract name) and stream
+//! sockets never bound nor connected, and refuses every other Unix socket.
 
 use std::{io, os::fd::{AsRawFd, FromRawFd, OwnedFd}};
 
@@ -24,6 +25,8 @@ const UNIX_DIAG_SHUTDOWN: u16 = 6;
 pub const ESTABLISHED: u8 = 1;
 /// `TCP_LISTEN`, which a listening Unix socket reports.
 pub const LISTEN: u8 = 10;
+/// `TCP_CLOSE`, which a Unix socket never connected (or disconnected) reports.
+pub const CLOSE: u8 = 7;
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct UnixInfo {
@@ -204,8 +207,15 @@ pub fn named(pid: i32, info: &UnixInfo, peer_info: impl FnOnce(u64) -> Result<Op
         }
         return Ok(Named { sock_type, addr, mode, peer: None, backlog: Some(info.wqueue), unlinked });
     }
+    if sock_type != libc::SOCK_DGRAM && info.state == CLOSE && info.peer == 0 && info.name.is_none() && info.shutdown == 0 && info.rqueue == 0 {
+        // A stream socket made and never bound nor connected (a JVM keeps one): a fresh
+        // one is the same. One whose peer went is ESTABLISHED still, and refused below.
+        return Ok(Named { sock_type, addr: None, mode: None, peer: None, backlog: None, unlinked: false });
+    }
     if sock_type != libc::SOCK_DGRAM {
         return Err(match info.peer {
+            // Connected, its peer gone or out of the kernel's sight here.
+            0 if info.state == ESTABLISHED => "connected to a peer that is gone or not shown (no socket inode)".into(),
             0 => "that is not connected".into(),
             peer => format!("connected to socket:[{peer}] (a stream connection, which does not follow)"),
         });
@@ -247,6 +257,18 @@ mod tests {
         assert_eq!((qa.sock_type, qa.state, qa.peer, qa.name.clone(), qa.rqueue), (libc::SOCK_STREAM as u8, ESTABLISHED, ib, None, 5));
         assert_eq!(qa.shutdown, 1, "a's peer stopped sending: a reads no more after the queue");
         assert_eq!(query(ib).unwrap().unwrap().peer, ia);
+        // A stream socket never connected: made again as a fresh one.
+        // SAFETY: plain socket call; owned right away.
+        let lone = unsafe { OwnedFd::from_raw_fd(libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0)) };
+        let info = query(ino(&lone)).unwrap().unwrap();
+        assert_eq!((info.state, info.peer, info.name.clone()), (CLOSE, 0, None));
+        let n = named(1, &info, |_| unreachable!()).unwrap();
+        assert_eq!((n.sock_type, n.addr, n.peer, n.backlog), (libc::SOCK_STREAM, None, None, None));
+        // One end of a pair whose other end is closed stays refused.
+        drop(b);
+        let orphan = query(ia).unwrap().unwrap();
+        let why = named(1, &orphan, |_| Ok(None)).unwrap_err();
+        assert!(why.contains("peer that is gone"), "{orphan:?}: {why}");
         // A pipe's inode is no Unix socket.
         assert_eq!(query(1).unwrap(), None);
     }

@@ -11,10 +11,11 @@ mod gone;
 mod layout;
 mod shmem;
 mod sysv;
+mod present;
 mod vmflags;
 use ferry_plugin_api::ranges;
 
-use std::{collections::VecDeque, os::unix::fs::FileExt};
+use std::collections::VecDeque;
 
 use ferry_plugin_api::{
     abi_stable::std_types::RVec,
@@ -26,17 +27,13 @@ use ferry_plugin_api::{
 
 use layout::{Area, AreaKind, MmState, PAGE};
 pub use decode::decode;
+use present::{dirty_runs, guard_pages, open_pagemap, runs_after_rounds};
 use ranges::Ranges;
 
 /// Pages carried by one `pages` record: small enough that a block read from the
 /// process is still in the CPU cache when the medium writes it (256 KiB blocks read at
 /// twice the rate of 8 MiB ones here), and neither side holds much at once.
 const CHUNK_BYTES: u64 = 256 << 10;
-
-/// Pagemap bits (Documentation/admin-guide/mm/pagemap.rst).
-const PM_PRESENT: u64 = 1 << 63;
-const PM_SWAPPED: u64 = 1 << 62;
-const PM_FILE: u64 = 1 << 61;
 
 #[derive(Default)]
 struct Memory {
@@ -51,6 +48,10 @@ struct Memory {
     /// The buffer pages pass through, kept across chunks: faulting in a fresh one per
     /// chunk costs more than the copy itself on these machines.
     buffer: Vec<u8>,
+    /// Checkpoint: the areas a restore maps fresh (private anonymous), where a page of
+    /// zeros is left out (it reads as zeros there); none after pre-copy rounds, whose
+    /// destination may hold an older copy of the page.
+    fresh: Ranges,
     /// Pre-copy, source: the round whose pages `todo` holds.
     round: Option<u32>,
     /// Pre-copy, source: ranges under dirty tracking whose pages the destination holds.
@@ -96,77 +97,6 @@ enum Phase {
     Start,
     Pages,
     Finish,
-}
-
-/// Which pages of `area` live only in memory, as runs of (address, pages): pages of
-/// the process's own (anonymous, or copies it wrote of a file's pages), present or
-/// swapped out; never the shared zero page. PAGEMAP_SCAN answers in regions (3 ms per
-/// GiB of present pages here, 7 times faster than reading the pagemap); kernels
-/// without it are read 8 bytes a page.
-fn dirty_runs(pagemap: &std::fs::File, area: &Area) -> Result<Vec<(u64, u64)>, String> {
-    // Whether a page is a file's costs the kernel a look at the page itself: asked only
-    // of file mappings (an anonymous area holds no file pages).
-    let file = if matches!(area.kind, AreaKind::File | AreaKind::Deleted) { pagemap::PAGE_IS_FILE } else { 0 };
-    // A guard page reads as swapped; asked only where guards are (older kernels refuse
-    // the category).
-    let guard = if area.guards.is_empty() { 0 } else { pagemap::PAGE_IS_GUARD };
-    let which = pagemap::Categories {
-        all: 0,
-        none: file | guard | pagemap::PAGE_IS_PFNZERO,
-        any: pagemap::PAGE_IS_PRESENT | pagemap::PAGE_IS_SWAPPED,
-    };
-    match pagemap::scan(pagemap, area.start, area.end, 0, which) {
-        Ok(regions) => Ok(regions.into_iter().map(|(s, e)| (s, (e - s) / PAGE)).collect()),
-        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTTY) | Some(libc::EINVAL)) => read_pagemap(pagemap, area),
-        Err(e) => Err(format!("PAGEMAP_SCAN of {:#x}-{:#x}: {e}", area.start, area.end)),
-    }
-}
-
-/// [`dirty_runs`] the old way: the pagemap entry of every page.
-fn read_pagemap(pagemap: &std::fs::File, area: &Area) -> Result<Vec<(u64, u64)>, String> {
-    // Pagemap entries are read a bounded batch at a time: a sparse area may be huge.
-    const BATCH: u64 = 64 * 1024;
-    let mut runs: Vec<(u64, u64)> = Vec::new();
-    let mut entries = Vec::new();
-    let mut addr = area.start;
-    while addr < area.end {
-        let n = ((area.end - addr) / PAGE).min(BATCH);
-        entries.resize((n * 8) as usize, 0);
-        pagemap
-            .read_exact_at(&mut entries, addr / PAGE * 8)
-            .map_err(|e| format!("reading pagemap for {:#x}-{:#x}: {e}", area.start, area.end))?;
-        for (i, e) in entries.chunks_exact(8).enumerate() {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(e);
-            let v = u64::from_le_bytes(b);
-            let wanted = if matches!(area.kind, AreaKind::File | AreaKind::Deleted) {
-                // Only the copies the process wrote; the rest comes from the file.
-                (v & PM_PRESENT != 0 && v & PM_FILE == 0) || v & PM_SWAPPED != 0
-            } else {
-                v & (PM_PRESENT | PM_SWAPPED) != 0
-            };
-            if wanted {
-                let page = addr + i as u64 * PAGE;
-                match runs.last_mut() {
-                    Some((a, k)) if *a + *k * PAGE == page => *k += 1,
-                    _ => runs.push((page, 1)),
-                }
-            }
-        }
-        addr += n * PAGE;
-    }
-    Ok(runs)
-}
-
-/// The guard pages among `ranges` (they read as written and swapped, and hold
-/// nothing: reading one fails). Kernels that cannot tell (before 6.14) report none.
-fn guard_pages(pagemap: &std::fs::File, ranges: &[(u64, u64)]) -> Ranges {
-    let which = pagemap::Categories::all_of(pagemap::PAGE_IS_GUARD);
-    ranges.iter().flat_map(|&(s, e)| pagemap::scan(pagemap, s, e, 0, which).unwrap_or_default()).collect()
-}
-
-fn open_pagemap(pid: i32) -> Result<std::fs::File, String> {
-    std::fs::File::open(format!("/proc/{pid}/pagemap")).map_err(|e| format!("opening /proc/{pid}/pagemap: {e}"))
 }
 
 /// The process's areas as the image describes them, without ferry's scratch area.
@@ -344,6 +274,8 @@ impl Memory {
                     continue;
                 }
                 shmem::once_per_object(&mut object_sent, area, shmem::runs(pid, area)?)
+            } else if self.round.is_some() {
+                runs_after_rounds(&pagemap, area, &kept, &self.sent)?
             } else {
                 dirty_runs(&pagemap, area)?
             };
@@ -369,6 +301,10 @@ impl Memory {
             state.lazy_event = true;
             state.zap = ranges::union(&state.zap, &ranges::intersect(&state.lazy, &kept));
             send = ranges::subtract(&send, &state.lazy);
+        }
+        if self.round.is_none() {
+            let fresh = state.areas.iter().filter(|a| a.kind == AreaKind::Anon && !a.shared && (!ctx.lazy() || !a.lazyable()));
+            self.fresh = ranges::normalize(fresh.map(|a| (a.start, a.end)).collect());
         }
         state.kept = kept;
         self.todo.extend(ranges::to_runs(&send, PAGE));
@@ -467,7 +403,12 @@ impl Memory {
         payload[..header.len()].copy_from_slice(&header);
         let ranges: Vec<MemRange> = runs.iter().map(|&(addr, n)| MemRange { addr, len: n * PAGE }).collect();
         match util::read_ranges(ctx, &ranges, &mut payload[header.len()..]) {
-            Ok(()) => util::put_raw(sink, "pages", payload)?,
+            Ok(()) => match present::without_zero_pages(&runs, &payload[header.len()..], &self.fresh) {
+                // Only the pages that hold something; the rest are holes.
+                Some((runs, data)) if !runs.is_empty() => util::put_raw(sink, "pages", &[layout::encode_runs(&runs), data].concat())?,
+                Some(_) => {}
+                None => util::put_raw(sink, "pages", payload)?,
+            },
             // The running process unmapped some of it meanwhile: those pages are no
             // longer the destination's to keep; the next round or the freeze settles them.
             Err(_) if self.phase == Phase::Start => {
@@ -567,6 +508,13 @@ impl Memory {
             }
             if prot != area.prot {
                 self.widened.push((area.clone(), area.prot));
+            }
+            if area.kind == AreaKind::Anon && !area.shared && state.thp_disable == 0 && area.flags.iter().any(|f| f == "hg") {
+                // Huge pages asked for: before the pages are filled, so that they fault
+                // in 2 MiB at a time as the process's did (the rest of the advice comes
+                // once they are in).
+                let what = format!("process {pid}: madvise {:#x}-{:#x} (hg)", area.start, area.end);
+                util::syscall(ctx, pid, &what, libc::SYS_madvise, [area.start, len, libc::MADV_HUGEPAGE as u64, 0, 0, 0])?;
             }
         }
         for (path, fd) in fds {
