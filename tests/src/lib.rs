@@ -5,6 +5,7 @@
 pub mod bench;
 pub mod daemon;
 pub mod inject;
+pub mod net;
 pub mod residue;
 pub mod workload;
 pub use residue::assert_no_residue;
