@@ -233,3 +233,147 @@ fn redis_with_a_live_client_migrates_with_each_strategy_between_two_hosts() {
     let verdict = redis.finish();
     eprintln!("redis across four migrations: {verdict}");
 }
+
+/// The HTTP client: one keep-alive connection to `python3 -m http.server`; a small
+/// file, then the large one, read slowly past its first MiB while `hold` exists; then
+/// the small one again on the same connection. PASS when the large file's sha256 is
+/// the one on disk and the connection was never made again.
+const HTTP_CLIENT: &str = r#"
+import http.client, hashlib, os, sys, time
+D, HOST, PORT = sys.argv[1], sys.argv[2], int(sys.argv[3])
+def log(m):
+    with open(D + '/client.log', 'a') as f: f.write(m + '\n')
+try:
+    c = http.client.HTTPConnection(HOST, PORT)
+    c.request('GET', '/small')
+    small = c.getresponse().read()
+    sock = c.sock
+    c.request('GET', '/big')
+    r = c.getresponse()
+    h, n = hashlib.sha256(), 0
+    while True:
+        if n >= 1 << 20:
+            while os.path.exists(D + '/hold'):
+                time.sleep(0.005)
+        b = r.read(1 << 16)
+        if not b:
+            break
+        h.update(b)
+        n += len(b)
+        if n % (1 << 20) == 0:
+            log('got %d MiB' % (n >> 20))
+    c.request('GET', '/small')
+    again = c.getresponse().read()
+    want = hashlib.sha256(open(D + '/www/big', 'rb').read()).hexdigest()
+    if h.hexdigest() != want:
+        log('FAIL: %d bytes whose sha256 differs from the file' % n)
+    elif c.sock is not sock or again != small:
+        log('FAIL: the keep-alive connection was not kept')
+    else:
+        log('PASS %d bytes' % n)
+except Exception as e:
+    log('FAIL: %r' % e)
+"#;
+
+/// `python3 -m http.server` (HTTP/1.1: keep-alive) serving a 32 MiB file, and the
+/// client stopped after its first MiB with the server blocked writing the rest.
+struct Http {
+    dir: tempfile::TempDir,
+    server: Killed,
+    _client: Killed,
+    port: u16,
+}
+
+impl Http {
+    fn start() -> Http {
+        let dir = tempfile::tempdir().unwrap();
+        let www = dir.path().join("www");
+        std::fs::create_dir(&www).unwrap();
+        std::fs::write(www.join("small"), "a small file\n").unwrap();
+        let mut x = 0x2545f4914f6cdd1du64;
+        let big: Vec<u8> = (0..32 << 20)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        std::fs::write(www.join("big"), big).unwrap();
+        let port = ferry_tests::daemon::free_port();
+        let server = Command::new("/usr/bin/python3")
+            .args(["-m", "http.server", "-p", "HTTP/1.1", "-b", "127.0.0.1", "-d", www.to_str().unwrap(), &port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let server = Killed(server);
+        wait_until("the HTTP server to listen", DEADLINE, || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok());
+        std::fs::write(dir.path().join("hold"), "").unwrap();
+        let d = dir.path().to_str().unwrap().to_string();
+        let client = Killed(Command::new("/usr/bin/python3").args(["-c", HTTP_CLIENT, &d, "127.0.0.1", &port.to_string()]).spawn().unwrap());
+        let h = Http { dir, server, _client: client, port };
+        wait_until("the first MiB and a full send queue", DEADLINE, || {
+            h.log().contains("FAIL") || (h.log().contains("got 1 MiB") && send_queue(h.port) > 0)
+        });
+        assert!(!h.log().contains("FAIL"), "{}", h.log());
+        h
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("client.log")).unwrap_or_default()
+    }
+
+    /// Lets the client read on and waits for its verdict.
+    fn verdict(&self) -> String {
+        std::fs::remove_file(self.dir.path().join("hold")).unwrap();
+        wait_until("the client's verdict", DEADLINE, || self.log().contains("PASS") || self.log().contains("FAIL"));
+        self.log()
+    }
+}
+
+/// The send queue of the established connection whose local port is `port`.
+fn send_queue(port: u16) -> u64 {
+    let text = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    text.lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .find(|f| f.get(1).is_some_and(|a| a.ends_with(&format!(":{port:04X}"))) && f.get(3) == Some(&"01"))
+        .and_then(|f| u64::from_str_radix(f[4].split(':').next()?, 16).ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn an_http_keep_alive_transfer_survives_checkpoint_and_restore_in_its_middle() {
+    if !needs_root("TCP_REPAIR needs CAP_NET_ADMIN; ferry seizes the process") || !has_nft() {
+        return;
+    }
+    let http = Http::start();
+    let pid = http.server.0.id() as i32;
+    let img = http.dir.path().join("img");
+    let o = ferry(&["checkpoint", &pid.to_string(), "--dir", img.to_str().unwrap()]);
+    assert!(o.status.success(), "checkpoint: {}", stderr(&o));
+    let _copy = restore(&img, pid);
+    let log = http.verdict();
+    assert!(log.contains("PASS") && !log.contains("FAIL"), "{log}");
+}
+
+/// The negative case: the same transfer restored with `--tcp-close`, and the client's
+/// check fails.
+#[test]
+fn an_http_transfer_restored_closed_fails_the_clients_check() {
+    if !needs_root("TCP_REPAIR needs CAP_NET_ADMIN; ferry seizes the process") || !has_nft() {
+        return;
+    }
+    let http = Http::start();
+    let pid = http.server.0.id() as i32;
+    let img = http.dir.path().join("img");
+    let o = ferry(&["checkpoint", &pid.to_string(), "--dir", img.to_str().unwrap()]);
+    assert!(o.status.success(), "checkpoint: {}", stderr(&o));
+    let o = ferry(&["restore", "--dir", img.to_str().unwrap(), "--json", "--tcp-close"]);
+    assert!(o.status.success(), "restore: {}", stderr(&o));
+    let _copy = KillPid(restored_pid(&o, pid));
+    let log = http.verdict();
+    assert!(log.contains("FAIL"), "{log}");
+}
