@@ -43,6 +43,7 @@ OPTS = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1, 'TCP_NODELAY'), (socket.SOL_
 for level, opt, v, _ in OPTS:
     c.setsockopt(level, opt, v)
 names = (c.getsockname(), c.getpeername())
+mss = c.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG)
 f = c.makefile('rb')
 expect = 1
 try:
@@ -54,6 +55,8 @@ try:
             bad = [n for level, opt, v, n in OPTS if c.getsockopt(level, opt) != v]
             if (c.getsockname(), c.getpeername()) != names:
                 bad.append('addresses')
+            if c.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG) != mss:
+                bad.append('TCP_MAXSEG %d (was %d)' % (c.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG), mss))
             log(('FAIL: %s changed' % ', '.join(bad)) if bad else 'PASS %d' % (expect - 1)); break
         n = int(line.split()[1])
         if n != expect:
@@ -358,6 +361,10 @@ fn an_established_connection_migrates_with_each_strategy_between_two_hosts_with_
     let daemon = |ns: &str, addr: &str| keys.daemon(ns, addr, None);
     let _daemons = [daemon(a, "10.232.1.2"), daemon(b, "10.232.2.2")];
     let ip = |args: &[&str]| assert!(Command::new("ip").args(args).status().unwrap().success(), "ip {}", args.join(" "));
+    // Timestamps off in a: the connection goes without them, and copies made in b work
+    // out their segment size with room for them; each copy must come out with the
+    // source's segment size (the server checks it at the end).
+    assert!(Command::new("ip").args(["netns", "exec", a, "sysctl", "-qw", "net.ipv4.tcp_timestamps=0"]).status().unwrap().success());
     let mut pair = Pair::start_in(SERVICE, Some(a), Some(c));
     let mut pid = pair.server.id() as i32;
     let mut copies = Vec::new();
