@@ -161,6 +161,13 @@ fn redis_cli(netns: Option<&str>, host: &str, port: u16, args: &[&str]) -> Strin
     stdout(&in_netns(netns, "/usr/bin/redis-cli").args(["-h", host, "-p", &port.to_string()]).args(args).output().unwrap())
 }
 
+/// The segment size (`ss -i`'s `mss:`) of the established connection on local `port`.
+fn server_mss(port: u16) -> String {
+    let o = Command::new("ss").args(["-Htin", "state", "established", &format!("sport = :{port}")]).output().unwrap();
+    let text = stdout(&o);
+    text.split_whitespace().find_map(|w| w.strip_prefix("mss:")).unwrap_or_else(|| panic!("no mss in {text}")).to_string()
+}
+
 fn restore(img: &Path, old: i32) -> KillPid {
     let o = ferry(&["restore", "--dir", img.to_str().unwrap(), "--json"]);
     assert!(o.status.success(), "restore: {}", stderr(&o));
@@ -173,9 +180,11 @@ fn redis_with_a_live_client_survives_checkpoint_and_restore() {
         return;
     }
     let redis = Redis::start("127.0.0.1", ferry_tests::daemon::free_port(), None, None);
+    let mss = server_mss(redis.port);
     let img = redis.checkpoint();
     assert!(!pid_alive(redis.pid()));
     let _copy = restore(&img, redis.pid());
+    assert_eq!(server_mss(redis.port), mss, "the copy's segment size is the source's (loopback's, over what TCP_MAXSEG takes)");
     redis.finish();
 }
 
@@ -221,11 +230,7 @@ fn redis_with_a_live_client_migrates_with_each_strategy_between_two_hosts() {
         copies.push(KillPid(new));
         ip(&["-n", from.0, "addr", "del", &format!("{SERVICE}/32"), "dev", "lo"]);
         ip(&["-n", c, "route", "replace", &format!("{SERVICE}/32"), "via", to.1]);
-        // The source's lock is its user's to lift once the address has moved (README).
-        for t in lock_tables_in(Some(from.0), pid) {
-            let name = t.trim().rsplit(' ').next().unwrap().to_string();
-            assert!(in_netns(Some(from.0), "nft").args(["delete", "table", "inet", &name]).status().unwrap().success());
-        }
+        wait_until("the source's lock to go with the address", DEADLINE, || lock_tables_in(Some(from.0), pid).is_empty());
         redis.goes_on();
         pid = new;
         (from, to) = (to, from);

@@ -382,24 +382,23 @@ fn an_established_connection_migrates_with_each_strategy_between_two_hosts_with_
         assert!(o.status.success(), "{strategy}: {}\ndaemon: {log}", stderr(&o));
         let new = restored_pid(&o, pid);
         copies.push(KillPid(new));
-        // The source keeps its lock, holding the peer's packets, until the address has
-        // moved; a connection coming back to it lifts it.
+        // The source keeps its lock, holding the peer's packets, while it owns the
+        // address.
         assert_eq!(lock_tables_in(Some(from.0), pid).len(), 1, "{strategy}: the source keeps its lock");
         let here = lock_tables_in(Some(to.0), 0);
         assert!(here.is_empty(), "{strategy}: the destination lifted its earlier lock of this connection: {here:?}");
         // The floating address moves: off the source, the peer's route to the destination.
         ip(&["-n", from.0, "addr", "del", &format!("{SERVICE}/32"), "dev", "lo"]);
         ip(&["-n", c, "route", "replace", &format!("{SERVICE}/32"), "via", to.1]);
+        // The source no longer owns the address: its lock goes by itself.
+        wait_until("the source's lock to go with the address", DEADLINE, || lock_tables_in(Some(from.0), pid).is_empty());
         pair.carry_on();
         pid = new;
         (from, to) = (to, from);
     }
-    // Back and forth: the last source alone has a lock left, which its user removes
-    // once the address has moved (README).
-    let last = lock_tables_in(Some(to.0), 0);
-    assert_eq!(last.len(), 1, "the last source's lock: {last:?}");
-    let name = last[0].trim().rsplit(' ').next().unwrap().to_string();
-    assert!(in_netns(Some(to.0), "nft").args(["delete", "table", "inet", &name]).status().unwrap().success());
+    for ns in [a, b] {
+        assert!(lock_tables_in(Some(ns), 0).is_empty(), "no lock left in {ns}");
+    }
     pair.finish(pid);
 }
 

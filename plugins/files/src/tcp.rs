@@ -15,7 +15,8 @@
 //! When the event ends (the plugin is dropped) ferry looks at the process: **killed**
 //! (a checkpoint, a migration's commit): each duplicate goes back into repair mode and
 //! is closed, which the kernel does silently (no FIN, no RST), and the lock is kept for
-//! the restore to lift; **running** (a failure rolled back, `--leave-running`): the
+//! the restore to lift, or until the namespace no longer owns the connections' address
+//! (a migration's source, once the address has moved: [`watcher_script`]); **running** (a failure rolled back, `--leave-running`): the
 //! lock is lifted, the connection carries on with the peer's retransmissions.
 //!
 //! **Restore**: the restore child makes the socket (an injected `socket`); ferry, root
@@ -34,8 +35,7 @@
 //! carry a connection (the copy's `connect` meets the source's live 4-tuple; a listener
 //! of the process's meets its port first) and fails with one line, the source running
 //! on. `ferry restore --tcp-close` restores connections closed instead. The lock of a process killed for a checkpoint
-//! never restored, or of a migration's source once the address has moved, stays until
-//! its user deletes it (README); `ferry check` lists them.
+//! never restored stays until its user deletes it (README); `ferry check` lists them.
 //!
 //! Refused with one line: half-closed connections (FIN sent or received: states
 //! FIN_WAIT1/2, CLOSE_WAIT, CLOSING, LAST_ACK), connections being opened, a socket with
@@ -332,6 +332,23 @@ pub fn unlock_in(netns: &str, name: &str) -> Result<(), String> {
     }
 }
 
+/// The watcher of lock table `name` on connections of local addresses `addrs`: told
+/// `keep` (the process was killed: a checkpoint, a migration's commit) it leaves the
+/// table, and a background loop of its keeps it as long as this namespace owns one of
+/// the addresses (`ip route get` says `local`) and it exists, deleting it once none is
+/// owned: the address moved to the destination, no packet of the peer's reaches here
+/// to be answered with a reset. (A restore deleting the table ends the loop; after an
+/// hour the loop gives up and the table stays, as `ferry check` shows.) Told anything
+/// else, or finding the pipe closed (ferry died), it deletes the table.
+fn watcher_script(name: &str, addrs: &[String]) -> String {
+    let owned: String = addrs.iter().map(|a| format!("ip -o route get {a} 2>/dev/null | grep -q '^local ' && o=1; ")).collect();
+    format!(
+        "read x; if [ \"$x\" = keep ]; then (i=0; while [ $i -lt 7200 ] && nft list table inet {name} >/dev/null 2>&1; do \
+         o=0; {owned}if [ $o = 0 ] && command -v ip >/dev/null; then nft delete table inet {name}; exit; fi; \
+         sleep 0.5; i=$((i+1)); done) & else nft delete table inet {name}; fi"
+    )
+}
+
 /// A network lock in force: its table and the watcher that removes it should ferry die.
 struct Lock {
     name: String,
@@ -350,8 +367,10 @@ impl Lock {
         let script = lock_script(&name, tuples).ok_or("a connection whose addresses are of no known family")?;
         let (ns, netns) = netns_of(sample)?;
         nft_in(&netns, &["-f", "-"], Some(&script)).map_err(|e| format!("installing the network lock: {e}"))?;
+        let mut addrs: Vec<String> = tuples.iter().filter_map(|(l, _)| nft_addr(l)).map(|(_, a, _)| a).collect();
+        addrs.dedup();
         let mut cmd = Command::new("nsenter");
-        let body = format!("read x; [ \"$x\" = keep ] || nft delete table inet {name}");
+        let body = watcher_script(&name, &addrs);
         cmd.arg(format!("--net={netns}")).args(["sh", "-c", &body]);
         cmd.stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::null());
         // SAFETY: setsid is async-signal-safe. A session of its own: a ^C meant for
@@ -371,7 +390,8 @@ impl Lock {
         }
     }
 
-    /// `keep`: leave the table for the restore; else delete it. Waits for the watcher.
+    /// `keep`: leave the table for the restore (or until the address moves away, see
+    /// [`watcher_script`]); else delete it. Waits for the watcher's answer.
     fn end(mut self, keep: bool) {
         if let Some(mut p) = self.watcher.stdin.take() {
             let _ = writeln!(p, "{}", if keep { "keep" } else { "unlock" });

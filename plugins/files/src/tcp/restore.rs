@@ -21,7 +21,9 @@ fn connect_in_repair(sock: &OwnedFd, c: &Conn, peer: &[u8]) -> Result<(), String
     }
     set_int(sock, tcp, TCP_REPAIR_QUEUE, NO_QUEUE, "TCP_REPAIR_QUEUE")?;
     if c.snd_mss > 0 {
-        set_int(sock, tcp, libc::TCP_MAXSEG, (c.snd_mss + 12) as i32, "TCP_MAXSEG")?;
+        // At most what the option takes (MAX_TCP_WINDOW): on loopback's large MTU the
+        // size is worked out again below (v4).
+        set_int(sock, tcp, libc::TCP_MAXSEG, (c.snd_mss + 12).min(32767) as i32, "TCP_MAXSEG")?;
     }
     // SAFETY: connect reads `len` bytes of the address.
     if unsafe { libc::connect(sock.as_raw_fd(), peer.as_ptr().cast(), peer.len() as libc::socklen_t) } < 0 {
@@ -156,6 +158,14 @@ impl Restored {
         }
         let w: Vec<u8> = c.window.iter().flat_map(|v| v.to_ne_bytes()).collect();
         set_raw(&sock, tcp, TCP_REPAIR_WINDOW, &w, "TCP_REPAIR_WINDOW").map_err(e)?;
+        // IPv4 (v4-mapped too): setting the (empty) IP options makes the kernel work the
+        // segment size out again, now from the clamp above and the source's window.
+        if c.snd_mss > 0 && nft_addr(&local).is_some_and(|(v6, _, _)| !v6) {
+            // SAFETY: an empty option buffer: setsockopt reads nothing.
+            if unsafe { libc::setsockopt(sock.as_raw_fd(), libc::IPPROTO_IP, libc::IP_OPTIONS, std::ptr::null(), 0) } < 0 {
+                return Err(e(last_err("IP_OPTIONS")));
+            }
+        }
         if !c.lock.is_empty() && !self.locks.iter().any(|(n, _)| *n == c.lock) {
             self.locks.push((c.lock.clone(), self.conns.len()));
         }
