@@ -68,7 +68,8 @@ enum Command {
         #[arg(long)]
         json: bool,
         /// Restore established TCP connections closed (the process's next call on one
-        /// fails with ECONNABORTED; its peer gets a reset), as CRIU's option.
+        /// fails with ECONNABORTED; its peer gets a reset), as CRIU's option (the files
+        /// plugin's option tcp_close).
         #[arg(long)]
         tcp_close: bool,
     },
@@ -138,6 +139,10 @@ enum Command {
         /// Print the statistics as one JSON object.
         #[arg(long)]
         json: bool,
+        /// Restore established TCP connections closed at the destination (the process's
+        /// next call on one fails with ECONNABORTED; its peer gets a reset), as CRIU's option.
+        #[arg(long)]
+        tcp_close: bool,
     },
     /// Print a completion script for a shell (bash, zsh, fish, elvish, powershell).
     Completions {
@@ -369,6 +374,11 @@ fn main() -> ExitCode {
 }
 
 /// The configuration with the global options and `extra` applied.
+/// `--tcp-close`: the files plugin's option `tcp_close`.
+fn tcp_close_param(config: &mut Config) {
+    config.mechanism.plugin_params.entry("files".into()).or_default().insert("tcp_close".into(), "1".into());
+}
+
 fn effective(cli: &Cli, extra: Overrides) -> Result<Config, Failure> {
     // A configuration ferry will not use is a refusal.
     let (mut config, _) = Config::load(cli.config.as_deref()).map_err(|e| Failure::refused(e.to_string()))?;
@@ -395,6 +405,7 @@ fn run(cli: Cli) -> Outcome {
                 leave_running: *leave_running,
                 watchdog: Duration::from_millis(config.watchdog_ms),
             };
+            let _params = ferry::engine::params::scope(config.mechanism.plugin_params.clone());
             let stats = with_progress("checkpoint", |p| checkpoint::checkpoint(&manager, &req, p)).map_err(event_failure)?;
             if *json {
                 outln!("{}", serde_json::to_string(&stats)?);
@@ -412,11 +423,11 @@ fn run(cli: Cli) -> Outcome {
             Ok(())
         }
         Command::Restore { dir, json, tcp_close } => {
+            let mut config = effective(&cli, Overrides::default())?;
             if *tcp_close {
-                // The files plugin reads it (plugins take no per-request options yet).
-                std::env::set_var("FERRY_TCP_CLOSE", "1");
+                tcp_close_param(&mut config);
             }
-            let config = effective(&cli, Overrides::default())?;
+            let _params = ferry::engine::params::scope(config.mechanism.plugin_params.clone());
             let manager = registry(&config)?;
             let req = RestoreRequest {
                 dir: dir.clone(),
@@ -514,8 +525,8 @@ fn run(cli: Cli) -> Outcome {
             daemon::run(&opts)?;
             Ok(())
         }
-        Command::Migrate { pid, to, strategy, medium, auth_key, quiesce, subsystems, json } => {
-            let config = effective(
+        Command::Migrate { pid, to, strategy, medium, auth_key, quiesce, subsystems, json, tcp_close } => {
+            let mut config = effective(
                 &cli,
                 Overrides {
                     quiesce: *quiesce,
@@ -525,6 +536,9 @@ fn run(cli: Cli) -> Outcome {
                     ..Overrides::default()
                 },
             )?;
+            if *tcp_close {
+                tcp_close_param(&mut config);
+            }
             if medium.as_deref().is_some_and(|m| m != "tcp") {
                 return Err(Failure::refused("migration needs the tcp medium in this build"));
             }
@@ -547,6 +561,7 @@ fn run(cli: Cli) -> Outcome {
                 hybrid_rounds: config.tuning.hybrid.precopy_rounds,
                 fault_window: config.tuning.post_copy.fault_window_kib as u64 * 1024,
                 push_batch: config.tuning.post_copy.push_batch_kib as u64 * 1024,
+                plugin_params: config.mechanism.plugin_params.clone(),
             };
             let stats = with_progress("migrate", |p| migrate::migrate(&manager, &req, p)).map_err(event_failure)?;
             if *json {

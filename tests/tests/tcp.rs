@@ -546,3 +546,37 @@ fn a_migration_within_one_namespace_is_refused_and_the_connection_carries_on() {
     assert!(pid_alive(pid) && lock_tables_in(Some(a), 0).is_empty(), "runs on, no lock left");
     pair.finish(pid);
 }
+
+/// `ferry migrate --tcp-close`: the option travels to the destination, whose copy has
+/// its connection closed (the server sees it aborted, the peer a reset once the
+/// address has moved), and no lock is left on either host.
+#[test]
+fn migrate_tcp_close_restores_the_connection_closed_at_the_destination() {
+    if !needs_root("network namespaces; TCP_REPAIR needs CAP_NET_ADMIN") || !has_nft() {
+        return;
+    }
+    let hosts = Hosts::new();
+    let [a, b, c] = [&hosts.names[0], &hosts.names[1], &hosts.names[2]];
+    let keys = Keys::new();
+    let _daemon = keys.daemon(b, "10.232.2.2", None);
+    let pair = Pair::start_in(SERVICE, Some(a), Some(c));
+    let pid = pair.server.id() as i32;
+    pair.fill_queues();
+    let o = in_netns(Some(a), ferry_tests::ferry_bin().to_str().unwrap())
+        .args(["migrate", &pid.to_string(), "--to", "10.232.2.2:7712", "--json", "--tcp-close", "--auth-key", keys.key.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}\ndaemon: {}", stderr(&o), keys.log(b));
+    let _copy = KillPid(restored_pid(&o, pid));
+    let ip = |args: &[&str]| assert!(Command::new("ip").args(args).status().unwrap().success(), "ip {}", args.join(" "));
+    ip(&["-n", a, "addr", "del", &format!("{SERVICE}/32"), "dev", "lo"]);
+    ip(&["-n", c, "route", "replace", &format!("{SERVICE}/32"), "via", "10.232.2.2"]);
+    let _ = std::fs::remove_file(pair.path("hold"));
+    wait_until("the server to see its connection aborted", DEADLINE, || pair.log("server").contains("FAIL"));
+    assert!(pair.log("server").contains("ConnectionAborted"), "{}", pair.log("server"));
+    wait_until("the client to see a reset", DEADLINE, || pair.log("client").contains("FAIL"));
+    assert!(pair.log("client").contains("Reset"), "{}", pair.log("client"));
+    for ns in [a, b] {
+        wait_until("no lock left", DEADLINE, || lock_tables_in(Some(ns), 0).is_empty());
+    }
+}

@@ -58,6 +58,8 @@ pub struct MigrateRequest {
     /// Post-copy: bytes fetched around a fault, bytes per background request.
     pub fault_window: u64,
     pub push_batch: u64,
+    /// Options for plugins (`mechanism.plugin_params`), here and at the destination.
+    pub plugin_params: crate::engine::params::PluginParams,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -227,6 +229,7 @@ fn precopy_phase(
 /// dismissed when the migration succeeded; after a failure it checks the area is gone.
 pub fn migrate(manager: &Manager, req: &MigrateRequest, progress: &mut dyn FnMut(&Tick)) -> Result<MigrateStats, EventError> {
     let mut janitor = None;
+    let _params = crate::engine::params::scope(req.plugin_params.clone());
     let result = migrate_with(manager, req, progress, &mut janitor);
     if let Some(j) = janitor {
         if result.is_ok() {
@@ -289,7 +292,8 @@ fn migrate_with(
         PluginRef::new("tcp", &lease.meta().version),
         subs.iter().map(|l| PluginRef::new(&l.name, &l.version)).collect(),
         features,
-    );
+    )
+    .with_params(req.plugin_params.clone());
     let welcome = protocol::client_handshake(&mut stream, &hello).map_err(protocol_err)?;
     crate::trace::mark("handshake done");
     let _ = stream.flush();

@@ -82,7 +82,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
 /// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// The oldest protocol version this build still accepts.
 pub const PROTOCOL_MIN: u32 = 2;
 /// The largest message body accepted, in bytes.
@@ -193,6 +193,12 @@ pub struct Hello {
     pub subsystems: Vec<PluginRef>,
     /// Kernel features the strategy needs on the destination (e.g. `userfaultfd`).
     pub features: Vec<String>,
+    /// The request's options for plugins (`mechanism.plugin_params`), which the
+    /// destination's plugins read too. Protocol 3: a hello carrying some says 3, which
+    /// an older daemon refuses in one line rather than leave them unheard; one without
+    /// says 2, as before.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub plugin_params: BTreeMap<String, BTreeMap<String, String>>,
 }
 
 impl Hello {
@@ -206,7 +212,7 @@ impl Hello {
         features: Vec<String>,
     ) -> Self {
         Hello {
-            protocol: PROTOCOL_VERSION,
+            protocol: 2,
             arch: std::env::consts::ARCH.to_string(),
             page_size: page_size(),
             token: crate::random::new_token(),
@@ -216,7 +222,15 @@ impl Hello {
             medium,
             subsystems,
             features,
+            plugin_params: BTreeMap::new(),
         }
+    }
+
+    /// With the request's plugin options (protocol 3 when there are any).
+    pub fn with_params(mut self, params: BTreeMap<String, BTreeMap<String, String>>) -> Self {
+        self.protocol = if params.is_empty() { 2 } else { PROTOCOL_VERSION };
+        self.plugin_params = params;
+        self
     }
 }
 

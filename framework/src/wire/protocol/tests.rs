@@ -36,6 +36,7 @@ fn hello() -> Hello {
             PluginRef::new("signals", "0.3"),
         ],
         features: vec!["userfaultfd".into()],
+        plugin_params: Default::default(),
     }
 }
 
@@ -209,11 +210,17 @@ fn check_hello_names_what_differs() {
         ),
         (
             |h| h.protocol = 9,
-            "protocol version 9 is newer than this daemon's 2",
+            "protocol version 9 is newer than this daemon's 3",
         ),
         (
             |h| h.protocol = 0,
-            "protocol version 0 is older than this daemon accepts (2 to 2)",
+            "protocol version 0 is older than this daemon accepts (2 to 3)",
+        ),
+        (
+            |h| {
+                h.plugin_params.insert("files".into(), [("tcp_close".to_string(), "1".to_string())].into());
+            },
+            "options are given for plugin files, which the request does not use",
         ),
         (
             |h| h.features.push("soft-dirty".into()),
@@ -259,13 +266,13 @@ fn a_mismatch_reaches_the_client_as_its_line() {
 fn a_newer_hello_that_does_not_parse_is_refused_by_version() {
     let (mut c, mut s) = UnixStream::pair().unwrap();
     let server = thread::spawn(move || server_handshake(&mut s, &local(), 1));
-    let body = br#"{"type":"hello","protocol":3,"something":"new"}"#;
+    let body = br#"{"type":"hello","protocol":4,"something":"new"}"#;
     c.write_all(&(body.len() as u32).to_le_bytes()).unwrap();
     c.write_all(body).unwrap();
     assert_eq!(
         recv(&mut c).unwrap(),
         Message::Refused {
-            reason: "protocol version 3 is newer than this daemon's 2".into()
+            reason: "protocol version 4 is newer than this daemon's 3".into()
         }
     );
     assert!(matches!(
@@ -522,4 +529,16 @@ fn hellos_that_cannot_name_an_event_are_refused() {
     let mut here = local();
     here.seen_tokens.push(h.token.clone());
     assert!(check_hello(&h, &here).unwrap_err().contains("already seen"));
+}
+
+#[test]
+fn a_hello_says_protocol_3_only_with_plugin_options_which_travel() {
+    let plain = Hello::new(1, 2, "stop-copy", PluginRef::new("tcp", "0.1"), vec![PluginRef::new("files", "0.1")], vec![]);
+    assert_eq!(plain.protocol, 2, "an older daemon still takes a request without options");
+    assert!(!serde_json::to_string(&plain).unwrap().contains("plugin_params"));
+    let params = std::collections::BTreeMap::from([("files".to_string(), std::collections::BTreeMap::from([("tcp_close".to_string(), "1".to_string())]))]);
+    let with = plain.with_params(params.clone());
+    assert_eq!(with.protocol, 3, "an older daemon refuses it rather than drop the options");
+    let back: Hello = serde_json::from_str(&serde_json::to_string(&with).unwrap()).unwrap();
+    assert_eq!(back.plugin_params, params);
 }

@@ -79,7 +79,8 @@ pub struct Restored {
 
 impl Restored {
     /// Makes socket `sock` (ferry's duplicate of the child's new socket) connection `c`.
-    pub fn restore(&mut self, pid: i32, sock: OwnedFd, c: &Conn, what: &str) -> Result<(), String> {
+    /// `close`: restored closed instead (`--tcp-close`).
+    pub fn restore(&mut self, pid: i32, sock: OwnedFd, c: &Conn, what: &str, close: bool) -> Result<(), String> {
         self.pid = pid;
         let e = |m: String| format!("{what}: {m}");
         let tcp = libc::IPPROTO_TCP;
@@ -112,7 +113,7 @@ impl Restored {
             return Err(e(last_err(&format!("bind to its local address {a} port {p} (does this host own it?)"))));
         }
         connect_in_repair(&sock, c, &peer).map_err(e)?;
-        if std::env::var_os("FERRY_TCP_CLOSE").is_some_and(|v| v == "1") {
+        if close {
             // `ferry restore --tcp-close`: disconnected in repair mode, the socket goes to
             // CLOSE silently with ECONNABORTED pending for the process; the lock lifted,
             // the peer's next packet meets no socket and gets a reset.
