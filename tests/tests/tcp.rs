@@ -580,3 +580,67 @@ fn migrate_tcp_close_restores_the_connection_closed_at_the_destination() {
         wait_until("no lock left", DEADLINE, || lock_tables_in(Some(ns), 0).is_empty());
     }
 }
+
+/// A listener with connections waiting in its accept queue: the kernel offers no way
+/// to put a connection back into a listener's queue (a restore can make it only as an
+/// established socket of its own, which the process never accepted), nor to take it
+/// out without the process losing it should the checkpoint fail; CRIU refuses these
+/// too (or drops them with `--skip-in-flight`). Refused with one line; the server
+/// still accepts them all afterwards and they work.
+#[test]
+fn a_listener_with_connections_waiting_to_be_accepted_is_refused_and_the_server_runs_on() {
+    if !needs_root("ferry seizes the process") || !has_nft() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().to_str().unwrap().to_string();
+    // Accepts nothing until `go` exists; then accepts three connections, echoes a line
+    // on each and logs PASS.
+    let script = r#"
+import socket, os, sys, time
+D = sys.argv[1]
+l = socket.socket()
+l.bind(('127.0.0.1', 0))
+l.listen(8)
+open(D + '/port.tmp', 'w').write(str(l.getsockname()[1])); os.rename(D + '/port.tmp', D + '/port')
+while not os.path.exists(D + '/go'):
+    time.sleep(0.01)
+try:
+    for _ in range(3):
+        c, _ = l.accept()
+        c.sendall(c.makefile('rb').readline())
+    open(D + '/server.log', 'w').write('PASS\n')
+except Exception as e:
+    open(D + '/server.log', 'w').write('FAIL: %r\n' % e)
+"#;
+    let server = Killed(Command::new("/usr/bin/python3").args(["-c", script, &d]).spawn().unwrap());
+    let pid = server.0.id() as i32;
+    let port_file = tmp.path().join("port");
+    wait_until("the server's port", DEADLINE, || port_file.exists());
+    let port: u16 = std::fs::read_to_string(&port_file).unwrap().parse().unwrap();
+    let mut peers: Vec<std::net::TcpStream> = (0..3).map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).unwrap()).collect();
+    // `ss -l`'s Recv-Q of a listener is its accept queue.
+    wait_until("three connections waiting", DEADLINE, || {
+        let o = Command::new("ss").args(["-Hltn", &format!("sport = :{port}")]).output().unwrap();
+        stdout(&o).split_whitespace().nth(1) == Some("3")
+    });
+    let dir = tmp.path().join("img");
+    let o = ferry(&["checkpoint", &pid.to_string(), "--dir", dir.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert!(err.contains(&pid.to_string()) && err.contains("3 connections waiting to be accepted"), "{err}");
+    assert!(pid_alive(pid) && lock_tables(pid).is_empty(), "runs on, no rule left");
+    std::fs::write(tmp.path().join("go"), "").unwrap();
+    for (i, p) in peers.iter_mut().enumerate() {
+        use std::io::{BufRead, Write};
+        let line = format!("hello {i}\n");
+        p.write_all(line.as_bytes()).unwrap();
+        let mut back = String::new();
+        std::io::BufReader::new(&*p).read_line(&mut back).unwrap();
+        assert_eq!(back, line);
+    }
+    let log = tmp.path().join("server.log");
+    wait_until("the server's verdict", DEADLINE, || log.exists());
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "PASS\n");
+}
