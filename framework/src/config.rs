@@ -3,6 +3,7 @@
 //! Layering is defaults < file < command line; an unknown key or a wrong type is an error that
 //! names the file and the key's dotted path (`mechanism.strategy`). Every key: examples/README.md.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::fs;
 use std::io::{self, Read};
@@ -237,6 +238,11 @@ pub struct Mechanism {
     pub strategy: Strategy,
     pub quiesce: Quiesce,
     pub context: ExecContext,
+    /// Options for plugins, by plugin name then option (`{"files": {"tcp_close": "1"}}`),
+    /// which they read through their context; a migration carries them to the
+    /// destination.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub plugin_params: BTreeMap<String, BTreeMap<String, String>>,
 }
 
 impl Default for Mechanism {
@@ -250,6 +256,7 @@ impl Default for Mechanism {
             strategy: Strategy::default(),
             quiesce: Quiesce::default(),
             context: ExecContext::default(),
+            plugin_params: BTreeMap::new(),
         }
     }
 }

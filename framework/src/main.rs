@@ -156,6 +156,11 @@ fn main() -> ExitCode {
 }
 
 /// The configuration with the global options and `extra` applied.
+/// `--tcp-close`: the files plugin's option `tcp_close`.
+fn tcp_close_param(config: &mut Config) {
+    config.mechanism.plugin_params.entry("files".into()).or_default().insert("tcp_close".into(), "1".into());
+}
+
 fn effective(cli: &Cli, extra: Overrides) -> Result<Config, Failure> {
     // A configuration ferry will not use is a refusal.
     let (mut config, _) = Config::load(cli.config.as_deref()).map_err(|e| Failure::refused(e.to_string()))?;
@@ -185,6 +190,7 @@ fn run(cli: Cli) -> Outcome {
                 leave_running: *leave_running,
                 watchdog: Duration::from_millis(config.watchdog_ms),
             };
+            let _params = ferry::engine::params::scope(config.mechanism.plugin_params.clone());
             let mut stats = with_progress("checkpoint", |p| checkpoint::checkpoint(&manager, &req, p)).map_err(event_failure)?;
             stats.phases = ferry::trace::phases_take();
             if *json {
@@ -204,14 +210,14 @@ fn run(cli: Cli) -> Outcome {
         }
         Command::Restore { dir, json, tcp_close, inherit_fd } => {
             if !inherit_fd.is_empty() {
-                // The files plugin reads it, as FERRY_TCP_CLOSE.
+                // The files plugin reads it (a shell job's terminal).
                 std::env::set_var("FERRY_INHERIT_FD", inherit_fd.join("\n"));
             }
+            let mut config = effective(&cli, Overrides::default())?;
             if *tcp_close {
-                // The files plugin reads it (plugins take no per-request options yet).
-                std::env::set_var("FERRY_TCP_CLOSE", "1");
+                tcp_close_param(&mut config);
             }
-            let config = effective(&cli, Overrides::default())?;
+            let _params = ferry::engine::params::scope(config.mechanism.plugin_params.clone());
             let manager = registry(&config)?;
             let req = RestoreRequest {
                 dir: dir.clone(),
@@ -323,9 +329,9 @@ fn run(cli: Cli) -> Outcome {
             daemon::run(&opts)?;
             Ok(())
         }
-        Command::Migrate { pid, to, strategy, medium, auth_key, shell_job, quiesce, subsystems, context, json } => {
+        Command::Migrate { pid, to, strategy, medium, auth_key, shell_job, quiesce, subsystems, context, json, tcp_close } => {
             shell_job_option(*shell_job);
-            let config = effective(
+            let mut config = effective(
                 &cli,
                 Overrides {
                     quiesce: *quiesce,
@@ -336,6 +342,9 @@ fn run(cli: Cli) -> Outcome {
                     ..Overrides::default()
                 },
             )?;
+            if *tcp_close {
+                tcp_close_param(&mut config);
+            }
             let key_file = auth_key.clone().or(config.daemon.auth_key.clone());
             let manager = registry(&config)?;
             let req = MigrateRequest {
@@ -362,6 +371,7 @@ fn run(cli: Cli) -> Outcome {
                     None => "tcp".into(),
                 },
                 medium_params: config.mechanism.medium_params.0.clone(),
+                plugin_params: config.mechanism.plugin_params.clone(),
             };
             let mut stats = with_progress("migrate", |p| migrate::migrate(&manager, &req, p)).map_err(event_failure)?;
             stats.phases = ferry::trace::phases_take();

@@ -185,6 +185,14 @@ pub trait ProcessContext {
     fn own_fds(&self) -> RVec<i32> {
         RVec::new()
     }
+    /// The request's option `key` for plugin `plugin` (the request's
+    /// `mechanism.plugin_params.<plugin>.<key>`, which a migration carries to the
+    /// destination; `ferry restore --tcp-close` is `files.tcp_close = "1"`), if it has
+    /// one. (After the prefix: a host without it answers none.)
+    fn plugin_param(&self, plugin: RStr<'_>, key: RStr<'_>) -> abi_stable::std_types::ROption<RString> {
+        let _ = (plugin, key);
+        abi_stable::std_types::ROption::RNone
+    }
 }
 
 /// Where a subsystem's checkpoint writes its records; the framework frames each one

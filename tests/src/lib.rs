@@ -7,6 +7,7 @@ pub mod daemon;
 pub mod hosts;
 pub mod inject;
 pub mod kills;
+pub mod net;
 pub mod residue;
 pub mod workload;
 pub use residue::assert_no_residue;

@@ -12,7 +12,12 @@ use std::{
     time::Duration,
 };
 
-use ferry_tests::{ferry, needs, needs_root, stderr, stdout, wait_until, workload::pid_alive};
+use ferry_tests::{
+    ferry,
+    net::{has_nft, in_netns, lock_tables, lock_tables_in, restored_pid, Hosts, KillPid, Keys, Killed, SERVICE},
+    needs_root, stderr, stdout, wait_until,
+    workload::pid_alive,
+};
 
 const DEADLINE: Duration = Duration::from_secs(60);
 
@@ -38,6 +43,7 @@ OPTS = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1, 'TCP_NODELAY'), (socket.SOL_
 for level, opt, v, _ in OPTS:
     c.setsockopt(level, opt, v)
 names = (c.getsockname(), c.getpeername())
+mss = c.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG)
 f = c.makefile('rb')
 expect = 1
 try:
@@ -49,6 +55,8 @@ try:
             bad = [n for level, opt, v, n in OPTS if c.getsockopt(level, opt) != v]
             if (c.getsockname(), c.getpeername()) != names:
                 bad.append('addresses')
+            if c.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG) != mss:
+                bad.append('TCP_MAXSEG %d (was %d)' % (c.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG), mss))
             log(('FAIL: %s changed' % ', '.join(bad)) if bad else 'PASS %d' % (expect - 1)); break
         n = int(line.split()[1])
         if n != expect:
@@ -204,31 +212,8 @@ impl Drop for Pair {
     }
 }
 
-/// `program`, run in network namespace `netns` when given (`ip netns exec` execs it:
-/// the child's pid is the program's).
-fn in_netns(netns: Option<&str>, program: &str) -> Command {
-    match netns {
-        Some(ns) => {
-            let mut c = Command::new("ip");
-            c.args(["netns", "exec", ns, program]);
-            c
-        }
-        None => Command::new(program),
-    }
-}
-
 fn python_in(netns: Option<&str>) -> Command {
     in_netns(netns, "/usr/bin/python3")
-}
-
-/// A child killed (by its pid) and reaped however the test ends.
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// (send queue, receive queue) of the connection whose local port is `port`, from
@@ -248,22 +233,6 @@ fn queues(netns: Option<&str>, port: u16) -> Option<(u64, u64)> {
     None
 }
 
-/// ferry's lock tables for process `pid` in this network namespace.
-fn lock_tables(pid: i32) -> Vec<String> {
-    lock_tables_in(None, pid)
-}
-
-/// ferry's lock tables for process `pid` (any process: 0) in namespace `netns`.
-fn lock_tables_in(netns: Option<&str>, pid: i32) -> Vec<String> {
-    let o = in_netns(netns, "nft").args(["list", "tables"]).output().expect("nft runs");
-    let prefix = if pid == 0 { "ferry-".to_string() } else { format!("ferry-{pid}-") };
-    stdout(&o).lines().filter(|l| l.contains(&prefix)).map(str::to_string).collect()
-}
-
-fn has_nft() -> bool {
-    needs(Command::new("nft").arg("--version").output().is_ok_and(|o| o.status.success()), "nftables (scripts/setup installs it)")
-}
-
 fn round_trip(host: &str) {
     if !needs_root("TCP_REPAIR needs CAP_NET_ADMIN; ferry seizes the process") || !has_nft() {
         return;
@@ -279,11 +248,6 @@ fn round_trip(host: &str) {
     let new = restored_pid(&o, pid);
     assert!(lock_tables(pid).is_empty(), "the restore lifts the lock: {:?}", lock_tables(pid));
     pair.finish(new);
-}
-
-fn restored_pid(o: &std::process::Output, old: i32) -> i32 {
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", stdout(o)));
-    v["pids"][old.to_string()].as_i64().unwrap_or_else(|| panic!("no pid for {old} in {v}")) as i32
 }
 
 #[test]
@@ -385,104 +349,6 @@ fn without_the_lock_the_peer_sees_a_reset() {
     assert!(pair.log("client").contains("Reset"), "{}", pair.log("client"));
 }
 
-/// Three hosts (network namespaces): the source `a` and the destination `b` of a
-/// migration, each joined to `c` (the client's) by a veth pair. The service address
-/// [`SERVICE`] is a floating address: on `a`'s loopback, `c` routing to it through
-/// `a`; the destination gets it too before the migration (so the copy can bind it),
-/// and once the copy runs the test moves it as a user with a floating IP would: the
-/// address deleted on `a`, `c`'s route pointed at `b`.
-struct Hosts {
-    names: [String; 3],
-}
-
-const SERVICE: &str = "10.232.9.1";
-
-impl Hosts {
-    fn new() -> Hosts {
-        // Unique across the tests of this binary running at once, and across runs.
-        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let id = (std::process::id() % 1000) * 10 + NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 10;
-        let names = ["a", "b", "c"].map(|n| format!("ferry-tcp-{n}-{id}"));
-        let h = Hosts { names };
-        let [a, b, c] = [&h.names[0], &h.names[1], &h.names[2]];
-        let ip = |args: &[&str]| assert!(Command::new("ip").args(args).status().unwrap().success(), "ip {}", args.join(" "));
-        for ns in [a, b, c] {
-            ip(&["netns", "add", ns]);
-            ip(&["-n", ns, "link", "set", "lo", "up"]);
-        }
-        for (ns, n, side) in [(a, 1, "a"), (b, 2, "b")] {
-            let (outer, inner) = (format!("ftc{side}{id}"), format!("ft{side}c{id}"));
-            ip(&["link", "add", &outer, "type", "veth", "peer", "name", &inner]);
-            ip(&["link", "set", &outer, "netns", c]);
-            ip(&["link", "set", &inner, "netns", ns]);
-            ip(&["-n", c, "addr", "add", &format!("10.232.{n}.1/24"), "dev", &outer]);
-            ip(&["-n", ns, "addr", "add", &format!("10.232.{n}.2/24"), "dev", &inner]);
-            ip(&["-n", c, "link", "set", &outer, "up"]);
-            ip(&["-n", ns, "link", "set", &inner, "up"]);
-            ip(&["-n", ns, "route", "add", "default", "via", &format!("10.232.{n}.1")]);
-            ip(&["-n", ns, "addr", "add", &format!("{SERVICE}/32"), "dev", "lo"]);
-        }
-        ip(&["-n", c, "route", "add", &format!("{SERVICE}/32"), "via", "10.232.1.2"]);
-        // c forwards between a and b: the migration's own connection crosses it.
-        assert!(Command::new("ip").args(["netns", "exec", c, "sysctl", "-qw", "net.ipv4.ip_forward=1"]).status().unwrap().success());
-        h
-    }
-}
-
-impl Drop for Hosts {
-    fn drop(&mut self) {
-        for ns in &self.names {
-            let _ = Command::new("ip").args(["netns", "delete", ns]).status();
-        }
-    }
-}
-
-/// The key two test daemons share, and their logs.
-struct Keys {
-    dir: tempfile::TempDir,
-    key: PathBuf,
-}
-
-impl Keys {
-    fn new() -> Keys {
-        let dir = tempfile::tempdir().unwrap();
-        let key = dir.path().join("key");
-        std::fs::write(&key, "the test hosts share this key\n").unwrap();
-        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
-        Keys { dir, key }
-    }
-
-    /// `ferry daemon` in namespace `ns` on `addr`:7712, dying at `fault` when given.
-    fn daemon(&self, ns: &str, addr: &str, fault: Option<&str>) -> Killed {
-        let control = self.dir.path().join(format!("{ns}.sock"));
-        let mut cmd = in_netns(Some(ns), ferry_tests::ferry_bin().to_str().unwrap());
-        cmd.args(["daemon", "--listen", &format!("{addr}:7712"), "--auth-key", self.key.to_str().unwrap(), "--control", control.to_str().unwrap()])
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(self.dir.path().join(format!("{ns}.log"))).unwrap());
-        if let Some(f) = fault {
-            cmd.env("FERRY_FAULT", f);
-        }
-        let child = cmd.spawn().unwrap();
-        wait_until("the daemon's control socket", DEADLINE, || ferry::commands::control::daemon_running(&control));
-        Killed(child)
-    }
-
-    fn log(&self, ns: &str) -> String {
-        std::fs::read_to_string(self.dir.path().join(format!("{ns}.log"))).unwrap_or_default()
-    }
-}
-
-/// A process killed by pid when the test ends (a restored copy is nobody's child here).
-struct KillPid(i32);
-
-impl Drop for KillPid {
-    fn drop(&mut self) {
-        // SAFETY: kill has no memory preconditions; the pid is the test's own copy.
-        unsafe { libc::kill(self.0, libc::SIGKILL) };
-    }
-}
-
 #[test]
 fn an_established_connection_migrates_with_each_strategy_between_two_hosts_with_its_address() {
     if !needs_root("network namespaces; TCP_REPAIR needs CAP_NET_ADMIN") || !has_nft() {
@@ -495,6 +361,10 @@ fn an_established_connection_migrates_with_each_strategy_between_two_hosts_with_
     let daemon = |ns: &str, addr: &str| keys.daemon(ns, addr, None);
     let _daemons = [daemon(a, "10.232.1.2"), daemon(b, "10.232.2.2")];
     let ip = |args: &[&str]| assert!(Command::new("ip").args(args).status().unwrap().success(), "ip {}", args.join(" "));
+    // Timestamps off in a: the connection goes without them, and copies made in b work
+    // out their segment size with room for them; each copy must come out with the
+    // source's segment size (the server checks it at the end).
+    assert!(Command::new("ip").args(["netns", "exec", a, "sysctl", "-qw", "net.ipv4.tcp_timestamps=0"]).status().unwrap().success());
     let mut pair = Pair::start_in(SERVICE, Some(a), Some(c));
     let mut pid = pair.server.id() as i32;
     let mut copies = Vec::new();
@@ -512,24 +382,23 @@ fn an_established_connection_migrates_with_each_strategy_between_two_hosts_with_
         assert!(o.status.success(), "{strategy}: {}\ndaemon: {log}", stderr(&o));
         let new = restored_pid(&o, pid);
         copies.push(KillPid(new));
-        // The source keeps its lock, holding the peer's packets, until the address has
-        // moved; a connection coming back to it lifts it.
+        // The source keeps its lock, holding the peer's packets, while it owns the
+        // address.
         assert_eq!(lock_tables_in(Some(from.0), pid).len(), 1, "{strategy}: the source keeps its lock");
         let here = lock_tables_in(Some(to.0), 0);
         assert!(here.is_empty(), "{strategy}: the destination lifted its earlier lock of this connection: {here:?}");
         // The floating address moves: off the source, the peer's route to the destination.
         ip(&["-n", from.0, "addr", "del", &format!("{SERVICE}/32"), "dev", "lo"]);
         ip(&["-n", c, "route", "replace", &format!("{SERVICE}/32"), "via", to.1]);
+        // The source no longer owns the address: its lock goes by itself.
+        wait_until("the source's lock to go with the address", DEADLINE, || lock_tables_in(Some(from.0), pid).is_empty());
         pair.carry_on();
         pid = new;
         (from, to) = (to, from);
     }
-    // Back and forth: the last source alone has a lock left, which its user removes
-    // once the address has moved (README).
-    let last = lock_tables_in(Some(to.0), 0);
-    assert_eq!(last.len(), 1, "the last source's lock: {last:?}");
-    let name = last[0].trim().rsplit(' ').next().unwrap().to_string();
-    assert!(in_netns(Some(to.0), "nft").args(["delete", "table", "inet", &name]).status().unwrap().success());
+    for ns in [a, b] {
+        assert!(lock_tables_in(Some(ns), 0).is_empty(), "no lock left in {ns}");
+    }
     pair.finish(pid);
 }
 
@@ -710,4 +579,102 @@ fn a_migration_within_one_namespace_is_refused_and_the_connection_carries_on() {
     assert!(err.contains("could not rebuild") && err.contains("TCP"), "{err}");
     assert!(pid_alive(pid) && lock_tables_in(Some(a), 0).is_empty(), "runs on, no lock left");
     pair.finish(pid);
+}
+
+/// `ferry migrate --tcp-close`: the option travels to the destination, whose copy has
+/// its connection closed (the server sees it aborted, the peer a reset once the
+/// address has moved), and no lock is left on either host.
+#[test]
+fn migrate_tcp_close_restores_the_connection_closed_at_the_destination() {
+    if !needs_root("network namespaces; TCP_REPAIR needs CAP_NET_ADMIN") || !has_nft() {
+        return;
+    }
+    let hosts = Hosts::new();
+    let [a, b, c] = [&hosts.names[0], &hosts.names[1], &hosts.names[2]];
+    let keys = Keys::new();
+    let _daemon = keys.daemon(b, "10.232.2.2", None);
+    let pair = Pair::start_in(SERVICE, Some(a), Some(c));
+    let pid = pair.server.id() as i32;
+    pair.fill_queues();
+    let o = in_netns(Some(a), ferry_tests::ferry_bin().to_str().unwrap())
+        .args(["migrate", &pid.to_string(), "--to", "10.232.2.2:7712", "--json", "--tcp-close", "--auth-key", keys.key.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}\ndaemon: {}", stderr(&o), keys.log(b));
+    let _copy = KillPid(restored_pid(&o, pid));
+    let ip = |args: &[&str]| assert!(Command::new("ip").args(args).status().unwrap().success(), "ip {}", args.join(" "));
+    ip(&["-n", a, "addr", "del", &format!("{SERVICE}/32"), "dev", "lo"]);
+    ip(&["-n", c, "route", "replace", &format!("{SERVICE}/32"), "via", "10.232.2.2"]);
+    let _ = std::fs::remove_file(pair.path("hold"));
+    wait_until("the server to see its connection aborted", DEADLINE, || pair.log("server").contains("FAIL"));
+    assert!(pair.log("server").contains("ConnectionAborted"), "{}", pair.log("server"));
+    wait_until("the client to see a reset", DEADLINE, || pair.log("client").contains("FAIL"));
+    assert!(pair.log("client").contains("Reset"), "{}", pair.log("client"));
+    for ns in [a, b] {
+        wait_until("no lock left", DEADLINE, || lock_tables_in(Some(ns), 0).is_empty());
+    }
+}
+
+/// A listener with connections waiting in its accept queue: the kernel offers no way
+/// to put a connection back into a listener's queue (a restore can make it only as an
+/// established socket of its own, which the process never accepted), nor to take it
+/// out without the process losing it should the checkpoint fail; CRIU refuses these
+/// too (or drops them with `--skip-in-flight`). Refused with one line; the server
+/// still accepts them all afterwards and they work.
+#[test]
+fn a_listener_with_connections_waiting_to_be_accepted_is_refused_and_the_server_runs_on() {
+    if !needs_root("ferry seizes the process") || !has_nft() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().to_str().unwrap().to_string();
+    // Accepts nothing until `go` exists; then accepts three connections, echoes a line
+    // on each and logs PASS.
+    let script = r#"
+import socket, os, sys, time
+D = sys.argv[1]
+l = socket.socket()
+l.bind(('127.0.0.1', 0))
+l.listen(8)
+open(D + '/port.tmp', 'w').write(str(l.getsockname()[1])); os.rename(D + '/port.tmp', D + '/port')
+while not os.path.exists(D + '/go'):
+    time.sleep(0.01)
+try:
+    for _ in range(3):
+        c, _ = l.accept()
+        c.sendall(c.makefile('rb').readline())
+    open(D + '/server.log', 'w').write('PASS\n')
+except Exception as e:
+    open(D + '/server.log', 'w').write('FAIL: %r\n' % e)
+"#;
+    let server = Killed(Command::new("/usr/bin/python3").args(["-c", script, &d]).spawn().unwrap());
+    let pid = server.0.id() as i32;
+    let port_file = tmp.path().join("port");
+    wait_until("the server's port", DEADLINE, || port_file.exists());
+    let port: u16 = std::fs::read_to_string(&port_file).unwrap().parse().unwrap();
+    let mut peers: Vec<std::net::TcpStream> = (0..3).map(|_| std::net::TcpStream::connect(("127.0.0.1", port)).unwrap()).collect();
+    // `ss -l`'s Recv-Q of a listener is its accept queue.
+    wait_until("three connections waiting", DEADLINE, || {
+        let o = Command::new("ss").args(["-Hltn", &format!("sport = :{port}")]).output().unwrap();
+        stdout(&o).split_whitespace().nth(1) == Some("3")
+    });
+    let dir = tmp.path().join("img");
+    let o = ferry(&["checkpoint", &pid.to_string(), "--dir", dir.to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert!(err.contains(&pid.to_string()) && err.contains("3 connections waiting to be accepted"), "{err}");
+    assert!(pid_alive(pid) && lock_tables(pid).is_empty(), "runs on, no rule left");
+    std::fs::write(tmp.path().join("go"), "").unwrap();
+    for (i, p) in peers.iter_mut().enumerate() {
+        use std::io::{BufRead, Write};
+        let line = format!("hello {i}\n");
+        p.write_all(line.as_bytes()).unwrap();
+        let mut back = String::new();
+        std::io::BufReader::new(&*p).read_line(&mut back).unwrap();
+        assert_eq!(back, line);
+    }
+    let log = tmp.path().join("server.log");
+    wait_until("the server's verdict", DEADLINE, || log.exists());
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "PASS\n");
 }

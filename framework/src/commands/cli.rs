@@ -64,7 +64,8 @@ pub enum Command {
         #[arg(long, value_name = "fd[N]:PATH", value_parser = inherit_fd)]
         inherit_fd: Vec<String>,
         /// Restore established TCP connections closed (the process's next call on one
-        /// fails with ECONNABORTED; its peer gets a reset), as CRIU's option.
+        /// fails with ECONNABORTED; its peer gets a reset), as CRIU's option (the files
+        /// plugin's option tcp_close).
         #[arg(long)]
         tcp_close: bool,
     },
@@ -147,6 +148,10 @@ pub enum Command {
         /// Print the statistics as one JSON object.
         #[arg(long)]
         json: bool,
+        /// Restore established TCP connections closed at the destination (the process's
+        /// next call on one fails with ECONNABORTED; its peer gets a reset), as CRIU's option.
+        #[arg(long)]
+        tcp_close: bool,
     },
     /// Print a completion script for a shell (bash, zsh, fish, elvish, powershell).
     Completions {

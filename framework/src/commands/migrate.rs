@@ -71,6 +71,8 @@ pub struct MigrateRequest {
     /// The medium the image travels through (`tcp` or `rdma`), and its own settings.
     pub medium: String,
     pub medium_params: serde_json::Map<String, serde_json::Value>,
+    /// Options for plugins (`mechanism.plugin_params`), here and at the destination.
+    pub plugin_params: crate::engine::params::PluginParams,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -264,6 +266,7 @@ fn precopy_phase(
 /// dismissed when the migration succeeded; after a failure it checks the area is gone.
 pub fn migrate(manager: &Manager, req: &MigrateRequest, progress: &mut dyn FnMut(&Tick)) -> Result<MigrateStats, EventError> {
     let mut janitor = None;
+    let _params = crate::engine::params::scope(req.plugin_params.clone());
     let result = migrate_with(manager, req, progress, &mut janitor);
     if let Some(j) = janitor {
         if result.is_ok() {
@@ -344,7 +347,8 @@ fn migrate_with(
         PluginRef::new(&req.medium, &lease.meta().version),
         subs.iter().map(|l| PluginRef::new(&l.name, &l.version)).collect(),
         features,
-    );
+    )
+    .with_params(req.plugin_params.clone());
     let welcome = protocol::client_handshake(&mut stream, &hello).map_err(handshake_err)?;
     crate::trace::mark("handshake done");
     let _ = stream.flush();

@@ -214,6 +214,8 @@ pub fn serve(
             return end(record, "failed", e.to_string());
         }
     };
+    // The source's options for plugins, for this event (this thread).
+    let _params = crate::engine::params::scope(hello.plugin_params.clone());
     // The restore child is made now, while the source still runs.
     let child = match rebuild::Blank::make(hello.pid) {
         Ok(c) => c,

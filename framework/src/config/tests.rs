@@ -134,6 +134,7 @@ fn full_file() {
             strategy: Strategy::Hybrid,
             quiesce: Quiesce::Freezer,
             context: ExecContext::External,
+            plugin_params: Default::default(),
         },
         tuning: Tuning {
             pre_copy: PreCopyTuning {

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 
-use abi_stable::std_types::{RResult, RSlice, RSliceMut, RStr, RVec};
+use abi_stable::std_types::{ROption, RResult, RSlice, RSliceMut, RStr, RString, RVec};
 use ferry_plugin_api::{
     MediumBox, MemRange, PResult, PluginError, ProcessContext, Record, RecordFormat, RecordSink,
     RecordSource, RseqConfig, SeccompFilter, SharedClaim, SyscallArgs,
@@ -231,6 +231,10 @@ impl ProcessContext for ExternalContext<'_> {
     fn own_fds(&self) -> RVec<i32> {
         self.tracer.agent_fd().into_iter().collect()
     }
+
+    fn plugin_param(&self, plugin: RStr<'_>, key: RStr<'_>) -> ROption<RString> {
+        crate::engine::params::get(plugin.as_str(), key.as_str()).map(RString::from).into()
+    }
 }
 
 /// `/proc/<pid>/<name>`, refusing a name that leaves the process's directory.
@@ -360,6 +364,10 @@ impl ProcessContext for LiveContext<'_> {
     fn dirty_scan(&mut self, range: MemRange) -> PResult<RVec<MemRange>> {
         let r = dirty_scan(Some(&mut *self.dirty), range);
         self.lift(r)
+    }
+
+    fn plugin_param(&self, plugin: RStr<'_>, key: RStr<'_>) -> ROption<RString> {
+        crate::engine::params::get(plugin.as_str(), key.as_str()).map(RString::from).into()
     }
 }
 

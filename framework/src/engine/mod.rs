@@ -8,6 +8,7 @@ pub mod coverage;
 pub mod dump;
 pub mod event;
 pub mod manager;
+pub mod params;
 pub mod pipeline;
 pub mod rebuild;
 pub mod tree;

@@ -210,6 +210,12 @@ pub struct Hello {
     pub subsystems: Vec<PluginRef>,
     /// Kernel features the strategy needs on the destination (e.g. `userfaultfd`).
     pub features: Vec<String>,
+    /// The request's options for plugins (`mechanism.plugin_params`), which the
+    /// destination's plugins read too. Protocol 3: a hello carrying some says 3, which
+    /// an older daemon refuses in one line rather than leave them unheard; one without
+    /// says 2, as before.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub plugin_params: BTreeMap<String, BTreeMap<String, String>>,
 }
 
 impl Hello {
@@ -233,7 +239,15 @@ impl Hello {
             medium,
             subsystems,
             features,
+            plugin_params: BTreeMap::new(),
         }
+    }
+
+    /// With the request's plugin options (a daemon older than protocol 3, which would
+    /// ignore them, is refused by the version anyway).
+    pub fn with_params(mut self, params: BTreeMap<String, BTreeMap<String, String>>) -> Self {
+        self.plugin_params = params;
+        self
     }
 }
 

@@ -597,7 +597,7 @@ impl Checkpoint {
                             descs.push((Desc { fds: slots, flags, pos: 0, object, locks: Vec::new() }, None));
                             continue;
                         }
-                        let l = crate::inet::describe(&sock).map_err(|why| format!("{what} is {why}: not supported by the files plugin"))?;
+                        let l = crate::inet::describe(&sock).map_err(|why| format!("process {pid}: {what} is {why}: not supported by the files plugin"))?;
                         let object = Object::Inet {
                             family: l.family,
                             sock_type: l.sock_type,

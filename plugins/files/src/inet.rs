@@ -5,7 +5,11 @@
 //! `SO_BROADCAST`, `TCP_NODELAY`, `IPV6_V6ONLY`). A listener made again elsewhere takes
 //! new connections there; established connections follow on their own (see
 //! [`crate::tcp`]), but connections waiting to be accepted cannot, so a listener with
-//! any waiting is refused, as is a UDP socket with datagrams queued.
+//! any waiting is refused, as is a UDP socket with datagrams queued. (The kernel has no
+//! way to put a connection into a listener's accept queue: a copy could have it only as
+//! an established socket the process never accepted; and taking one out to read it
+//! would lose it for the process should the checkpoint fail. CRIU refuses them too, or
+//! drops them with `--skip-in-flight`.)
 
 use std::os::fd::{AsRawFd, OwnedFd};
 

@@ -429,7 +429,9 @@ impl Restore {
                 let got = ctx.fetch_fd(fd).into_result().map_err(|e| format!("{what}: {}", e.message))?;
                 // SAFETY: fetch_fd hands us a fresh fd that we own.
                 let sock = unsafe { std::os::fd::FromRawFd::from_raw_fd(got) };
-                self.tcp.restore(ctx.pid(), sock, conn, &what)?;
+                // The request's option `tcp_close` (`--tcp-close`): restored closed.
+                let close = ctx.plugin_param("files".into(), "tcp_close".into()).into_option().is_some_and(|v| v == "1" || v == "true");
+                self.tcp.restore(ctx.pid(), sock, conn, &what, close)?;
                 self.finish_socket(ctx, &what, &desc, fd, h)?;
             }
             Object::UnixPair { ino, peer, sock_type, data_len, across, .. } => {

@@ -15,7 +15,8 @@
 //! When the event ends (the plugin is dropped) ferry looks at the process: **killed**
 //! (a checkpoint, a migration's commit): each duplicate goes back into repair mode and
 //! is closed, which the kernel does silently (no FIN, no RST), and the lock is kept for
-//! the restore to lift; **running** (a failure rolled back, `--leave-running`): the
+//! the restore to lift, or until the namespace no longer owns the connections' address
+//! (a migration's source, once the address has moved: [`watcher_script`]); **running** (a failure rolled back, `--leave-running`): the
 //! lock is lifted, the connection carries on with the peer's retransmissions.
 //!
 //! **Restore**: the restore child makes the socket (an injected `socket`); ferry, root
@@ -28,15 +29,13 @@
 //! written, and the lock tables named in the image are deleted in the socket's
 //! namespace; or, the copy dead, its connections closed in repair mode said nothing.
 //!
-//! Known gaps. The copy's segment size restarts from the kernel's default (536 bytes
-//! less options): the kernel works it out at `connect`, before the repair options
-//! (which need the connection established) set the peer's; the bytes are exact, the
-//! throughput on a fast link lower. A migration within one network namespace cannot
+//! The copy's segment size is the source's (see [`connect_in_repair`]).
+//!
+//! Known gaps. A migration within one network namespace cannot
 //! carry a connection (the copy's `connect` meets the source's live 4-tuple; a listener
 //! of the process's meets its port first) and fails with one line, the source running
 //! on. `ferry restore --tcp-close` restores connections closed instead. The lock of a process killed for a checkpoint
-//! never restored, or of a migration's source once the address has moved, stays until
-//! its user deletes it (README); `ferry check` lists them.
+//! never restored stays until its user deletes it (README); `ferry check` lists them.
 //!
 //! Refused with one line: half-closed connections (FIN sent or received: states
 //! FIN_WAIT1/2, CLOSE_WAIT, CLOSING, LAST_ACK), connections being opened, a socket with
@@ -49,6 +48,9 @@ use std::{
 };
 
 use ferry_plugin_api::{util::to_hex, ContextRef};
+
+mod restore;
+pub use restore::Restored;
 use serde::{Deserialize, Serialize};
 
 const TCP_REPAIR: i32 = 19;
@@ -105,7 +107,12 @@ pub struct Conn {
     pub sent: u32,
     /// The receive queue (received, not read), hex.
     pub recv: String,
+    /// The peer's MSS (the clamp, `TCP_MAXSEG` in repair mode).
     pub mss: u32,
+    /// The segment size the connection was sending with (`tcpi_snd_mss`); 0 in older
+    /// images (the copy then starts from the kernel's default).
+    #[serde(default)]
+    pub snd_mss: u32,
     /// (send, receive) window scale when negotiated.
     pub wscale: Option<(u8, u8)>,
     pub sack: bool,
@@ -325,6 +332,23 @@ pub fn unlock_in(netns: &str, name: &str) -> Result<(), String> {
     }
 }
 
+/// The watcher of lock table `name` on connections of local addresses `addrs`: told
+/// `keep` (the process was killed: a checkpoint, a migration's commit) it leaves the
+/// table, and a background loop of its keeps it as long as this namespace owns one of
+/// the addresses (`ip route get` says `local`) and it exists, deleting it once none is
+/// owned: the address moved to the destination, no packet of the peer's reaches here
+/// to be answered with a reset. (A restore deleting the table ends the loop; after an
+/// hour the loop gives up and the table stays, as `ferry check` shows.) Told anything
+/// else, or finding the pipe closed (ferry died), it deletes the table.
+fn watcher_script(name: &str, addrs: &[String]) -> String {
+    let owned: String = addrs.iter().map(|a| format!("ip -o route get {a} 2>/dev/null | grep -q '^local ' && o=1; ")).collect();
+    format!(
+        "read x; if [ \"$x\" = keep ]; then (i=0; while [ $i -lt 7200 ] && nft list table inet {name} >/dev/null 2>&1; do \
+         o=0; {owned}if [ $o = 0 ] && command -v ip >/dev/null; then nft delete table inet {name}; exit; fi; \
+         sleep 0.5; i=$((i+1)); done) & else nft delete table inet {name}; fi"
+    )
+}
+
 /// A network lock in force: its table and the watcher that removes it should ferry die.
 struct Lock {
     name: String,
@@ -343,8 +367,10 @@ impl Lock {
         let script = lock_script(&name, tuples).ok_or("a connection whose addresses are of no known family")?;
         let (ns, netns) = netns_of(sample)?;
         nft_in(&netns, &["-f", "-"], Some(&script)).map_err(|e| format!("installing the network lock: {e}"))?;
+        let mut addrs: Vec<String> = tuples.iter().filter_map(|(l, _)| nft_addr(l)).map(|(_, a, _)| a).collect();
+        addrs.dedup();
         let mut cmd = Command::new("nsenter");
-        let body = format!("read x; [ \"$x\" = keep ] || nft delete table inet {name}");
+        let body = watcher_script(&name, &addrs);
         cmd.arg(format!("--net={netns}")).args(["sh", "-c", &body]);
         cmd.stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::null());
         // SAFETY: setsid is async-signal-safe. A session of its own: a ^C meant for
@@ -364,7 +390,8 @@ impl Lock {
         }
     }
 
-    /// `keep`: leave the table for the restore; else delete it. Waits for the watcher.
+    /// `keep`: leave the table for the restore (or until the address moves away, see
+    /// [`watcher_script`]); else delete it. Waits for the watcher's answer.
     fn end(mut self, keep: bool) {
         if let Some(mut p) = self.watcher.stdin.take() {
             let _ = writeln!(p, "{}", if keep { "keep" } else { "unlock" });
@@ -493,6 +520,7 @@ impl Source {
             sent,
             recv: to_hex(&recv),
             mss,
+            snd_mss: u32::from_ne_bytes(info[16..20].try_into().expect("4 bytes")),
             wscale: (opts & 4 != 0).then_some((info[6] & 0xf, info[6] >> 4)),
             sack: opts & 2 != 0,
             timestamp: (opts & 1 != 0).then_some(timestamp),
@@ -588,203 +616,6 @@ fn in_repair(sock: &OwnedFd) -> Result<Read, String> {
     let (rcv_seq, recv) = queue(RECV_QUEUE, inq)?;
     set_int(sock, tcp, TCP_REPAIR_QUEUE, NO_QUEUE, "TCP_REPAIR_QUEUE")?;
     Ok((snd_seq, rcv_seq, send, (outq - unsent) as u32, recv, mss, timestamp, window))
-}
-
-fn send_all(sock: &OwnedFd, data: &[u8], what: &str) -> Result<(), String> {
-    let mut done = 0;
-    while done < data.len() {
-        // SAFETY: send reads at most the rest of `data`.
-        let n = unsafe {
-            libc::send(sock.as_raw_fd(), data[done..].as_ptr().cast(), data.len() - done, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
-        };
-        if n <= 0 {
-            return Err(last_err(&format!("{what}: writing {} bytes of a queue", data.len() - done)));
-        }
-        done += n as usize;
-    }
-    Ok(())
-}
-
-/// A connection made in repair mode: ferry's duplicate, the bytes not yet sent,
-/// whether `SO_REUSEADDR` was set, the send buffer to give back once they are
-/// written, its name.
-struct Made {
-    sock: OwnedFd,
-    /// Its lock rules (see [`drop_rules`]).
-    rules: [String; 2],
-    /// Restored closed (`--tcp-close`): nothing to do but lift its lock.
-    closed: bool,
-    unsent: Vec<u8>,
-    reuse: bool,
-    sndbuf: Option<i32>,
-    what: String,
-}
-
-/// The restore side: connections made in repair mode, waiting for `resume`.
-#[derive(Default)]
-pub struct Restored {
-    conns: Vec<Made>,
-    /// Lock tables to delete, in the namespace of the socket held (by index into `conns`).
-    locks: Vec<(String, usize)>,
-    /// The copy.
-    pid: i32,
-    /// Every plugin has rebuilt its part: what is left waits for the copy's fate.
-    ready: bool,
-}
-
-impl Restored {
-    /// Makes socket `sock` (ferry's duplicate of the child's new socket) connection `c`.
-    pub fn restore(&mut self, pid: i32, sock: OwnedFd, c: &Conn, what: &str) -> Result<(), String> {
-        self.pid = pid;
-        let e = |m: String| format!("{what}: {m}");
-        let tcp = libc::IPPROTO_TCP;
-        let hex = |h: &str, max| ferry_plugin_api::util::from_hex(h, what, max, false);
-        let (local, peer) = (hex(&c.local, 128)?, hex(&c.peer, 128)?);
-        let (send, recv) = (hex(&c.send, MAX_QUEUE)?, hex(&c.recv, MAX_QUEUE)?);
-        set_int(&sock, tcp, TCP_REPAIR, REPAIR_ON, "TCP_REPAIR on (needs CAP_NET_ADMIN)").map_err(e)?;
-        let mut reuse = false;
-        for [level, name, value] in &c.options {
-            if (*level, *name) == (libc::SOL_SOCKET, libc::SO_REUSEADDR) {
-                reuse = *value != 0; // repair mode forces reuse; set after it
-                continue;
-            }
-            set_int(&sock, *level, *name, *value, &format!("setsockopt({level}, {name}, {value})")).map_err(e)?;
-        }
-        // The kernel grows a connection's buffers as it goes, and a queue written again
-        // may take more room than it did (its segments cut otherwise): a buffer with a
-        // queue to hold is forced large enough for the writing, then back to the size
-        // the source had (which the copy then keeps: forcing locks it, no autotuning).
-        let room = |len: usize, had: i32| (had as usize).max(4 * len + (64 << 10)).min(i32::MAX as usize) as i32 / 2;
-        if !send.is_empty() {
-            set_int(&sock, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, room(send.len(), c.bufs[0]), "SO_SNDBUFFORCE").map_err(e)?;
-        }
-        if !recv.is_empty() {
-            set_int(&sock, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, room(recv.len(), c.bufs[1]), "SO_RCVBUFFORCE").map_err(e)?;
-        }
-        // SAFETY: bind/connect read `len` bytes of the address.
-        if unsafe { libc::bind(sock.as_raw_fd(), local.as_ptr().cast(), local.len() as libc::socklen_t) } < 0 {
-            let (_, a, p) = nft_addr(&local).unwrap_or_default();
-            return Err(e(last_err(&format!("bind to its local address {a} port {p} (does this host own it?)"))));
-        }
-        for (q, seq) in [(SEND_QUEUE, c.snd_seq), (RECV_QUEUE, c.rcv_seq)] {
-            set_int(&sock, tcp, TCP_REPAIR_QUEUE, q, "TCP_REPAIR_QUEUE").map_err(e)?;
-            set_int(&sock, tcp, TCP_QUEUE_SEQ, seq as i32, "TCP_QUEUE_SEQ").map_err(e)?;
-        }
-        set_int(&sock, tcp, TCP_REPAIR_QUEUE, NO_QUEUE, "TCP_REPAIR_QUEUE").map_err(e)?;
-        // SAFETY: as above.
-        if unsafe { libc::connect(sock.as_raw_fd(), peer.as_ptr().cast(), peer.len() as libc::socklen_t) } < 0 {
-            return Err(e(last_err("connect in repair mode")));
-        }
-        if std::env::var_os("FERRY_TCP_CLOSE").is_some_and(|v| v == "1") {
-            // `ferry restore --tcp-close`: disconnected in repair mode, the socket goes to
-            // CLOSE silently with ECONNABORTED pending for the process; the lock lifted,
-            // the peer's next packet meets no socket and gets a reset.
-            let unspec = [0u8; 16];
-            // SAFETY: connect reads 16 bytes of an AF_UNSPEC address.
-            if unsafe { libc::connect(sock.as_raw_fd(), unspec.as_ptr().cast(), 16) } < 0 {
-                return Err(e(last_err("disconnecting (--tcp-close)")));
-            }
-            set_int(&sock, tcp, TCP_REPAIR, REPAIR_OFF_NO_WP, "TCP_REPAIR off").map_err(e)?;
-            if reuse {
-                set_int(&sock, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1, "SO_REUSEADDR").map_err(e)?;
-            }
-            self.closed(sock, c, what);
-            return Ok(());
-        }
-        let mut opts: Vec<[u32; 2]> = vec![[TCPOPT_MAXSEG, c.mss]];
-        if let Some((snd, rcv)) = c.wscale {
-            opts.push([TCPOPT_WINDOW, snd as u32 | (rcv as u32) << 16]);
-        }
-        if c.sack {
-            opts.push([TCPOPT_SACK_PERM, 0]);
-        }
-        if c.timestamp.is_some() {
-            opts.push([TCPOPT_TIMESTAMP, 0]);
-        }
-        let bytes: Vec<u8> = opts.iter().flatten().flat_map(|v| v.to_ne_bytes()).collect();
-        set_raw(&sock, tcp, TCP_REPAIR_OPTIONS, &bytes, "TCP_REPAIR_OPTIONS").map_err(e)?;
-        if let Some(ts) = c.timestamp {
-            set_int(&sock, tcp, TCP_TIMESTAMP, ts as i32, "TCP_TIMESTAMP").map_err(e)?;
-        }
-        let sent = (c.sent as usize).min(send.len());
-        for (q, data) in [(RECV_QUEUE, &recv[..]), (SEND_QUEUE, &send[..sent])] {
-            set_int(&sock, tcp, TCP_REPAIR_QUEUE, q, "TCP_REPAIR_QUEUE").map_err(e)?;
-            send_all(&sock, data, "repair mode").map_err(e)?;
-        }
-        set_int(&sock, tcp, TCP_REPAIR_QUEUE, NO_QUEUE, "TCP_REPAIR_QUEUE").map_err(e)?;
-        if !recv.is_empty() {
-            set_int(&sock, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, c.bufs[1] / 2, "SO_RCVBUFFORCE").map_err(e)?;
-        }
-        let w: Vec<u8> = c.window.iter().flat_map(|v| v.to_ne_bytes()).collect();
-        set_raw(&sock, tcp, TCP_REPAIR_WINDOW, &w, "TCP_REPAIR_WINDOW").map_err(e)?;
-        if !c.lock.is_empty() && !self.locks.iter().any(|(n, _)| *n == c.lock) {
-            self.locks.push((c.lock.clone(), self.conns.len()));
-        }
-        let sndbuf = (!send.is_empty()).then_some(c.bufs[0]);
-        let rules = drop_rules(&local, &peer).ok_or_else(|| e("an address of no known family".into()))?;
-        self.conns.push(Made { sock, rules, closed: false, unsent: send[sent..].to_vec(), reuse, sndbuf, what: what.to_string() });
-        Ok(())
-    }
-
-    /// Connection `c` restored closed: only its lock is left to lift.
-    fn closed(&mut self, sock: OwnedFd, c: &Conn, what: &str) {
-        if !c.lock.is_empty() && !self.locks.iter().any(|(n, _)| *n == c.lock) {
-            self.locks.push((c.lock.clone(), self.conns.len()));
-        }
-        let rules = [String::new(), String::new()];
-        self.conns.push(Made { sock, rules, closed: true, unsent: Vec::new(), reuse: false, sndbuf: None, what: what.to_string() });
-    }
-
-    /// Every plugin has rebuilt its part: the connections wait, in repair mode and
-    /// silent, for the copy's fate (see the `Drop`).
-    pub fn resume(&mut self) {
-        self.ready = !self.conns.is_empty();
-    }
-
-    /// Just before the copy runs (a restore; a migration past its commit point): repair
-    /// off, the unsent bytes written, the locks lifted.
-    fn go(&mut self) -> Result<(), String> {
-        for m in self.conns.iter().filter(|m| !m.closed) {
-            let e = |x: String| format!("{}: {x}", m.what);
-            set_int(&m.sock, libc::IPPROTO_TCP, TCP_REPAIR, REPAIR_OFF, "TCP_REPAIR off").map_err(e)?;
-            if m.reuse {
-                set_int(&m.sock, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1, "SO_REUSEADDR").map_err(e)?;
-            }
-            send_all(&m.sock, &m.unsent, "its bytes not yet sent").map_err(e)?;
-            if let Some(had) = m.sndbuf {
-                set_int(&m.sock, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, had / 2, "SO_SNDBUFFORCE").map_err(e)?;
-            }
-        }
-        let names: Vec<String> = self.locks.iter().map(|(n, _)| n.clone()).collect();
-        let rules: Vec<String> = self.conns.iter().filter(|m| !m.closed).flat_map(|m| m.rules.clone()).collect();
-        for (name, i) in std::mem::take(&mut self.locks) {
-            let (_ns, netns) = netns_of(&self.conns[i].sock)?;
-            unlock_in(&netns, &name).map_err(|m| format!("lifting the network lock: {m}"))?;
-        }
-        if let Some(first) = self.conns.first() {
-            let (_ns, netns) = netns_of(&first.sock)?;
-            for name in stale_locks(&netns, &rules, &names) {
-                unlock_in(&netns, &name).map_err(|m| format!("lifting an earlier network lock of these connections: {m}"))?;
-            }
-        }
-        self.conns.clear();
-        Ok(())
-    }
-}
-
-impl Drop for Restored {
-    /// The framework drops the plugins that rebuilt a process once its fate is known:
-    /// alive and held, it is about to run; dead (killed by a failed restore, a
-    /// migration rolled back, a destination ferry that died), its connections, still
-    /// in repair mode, closed without a word to the peer, and any lock stays.
-    fn drop(&mut self) {
-        if !self.ready || killed(self.pid) {
-            return;
-        }
-        if let Err(e) = self.go() {
-            eprintln!("ferry: process {}: {e}", self.pid);
-        }
-    }
 }
 
 #[cfg(test)]

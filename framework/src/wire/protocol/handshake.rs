@@ -53,6 +53,9 @@ pub fn check_hello(hello: &Hello, local: &Local) -> Result<(), String> {
             hello.protocol, local.protocol_max
         ));
     }
+    if let Some(p) = hello.plugin_params.keys().find(|p| !hello.subsystems.iter().any(|s| &s.name == *p)) {
+        return Err(format!("options are given for plugin {p}, which the request does not use"));
+    }
     if hello.arch != local.arch {
         return Err(format!(
             "architecture {} on the source, {} here",

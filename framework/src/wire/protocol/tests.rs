@@ -36,6 +36,7 @@ fn hello() -> Hello {
             PluginRef::new("signals", "0.3"),
         ],
         features: vec!["userfaultfd".into()],
+        plugin_params: Default::default(),
     }
 }
 
@@ -214,6 +215,12 @@ fn check_hello_names_what_differs() {
         (
             |h| h.protocol = 0,
             "protocol version 0 is older than this daemon accepts (3 to 3)",
+        ),
+        (
+            |h| {
+                h.plugin_params.insert("files".into(), [("tcp_close".to_string(), "1".to_string())].into());
+            },
+            "options are given for plugin files, which the request does not use",
         ),
         (
             |h| h.features.push("soft-dirty".into()),
@@ -524,4 +531,18 @@ fn hellos_that_cannot_name_an_event_are_refused() {
     let mut here = local();
     here.seen_tokens.push(h.token.clone());
     assert!(check_hello(&h, &here).unwrap_err().contains("already seen"));
+}
+
+#[test]
+fn a_hello_carries_plugin_options_and_says_protocol_3_with_or_without() {
+    // Protocol 3 (post-copy's ready/run) is the oldest either side accepts: a daemon that
+    // would drop the options is refused for its version, options or not.
+    let plain = Hello::new(1, 2, "stop-copy", PluginRef::new("tcp", "0.1"), vec![PluginRef::new("files", "0.1")], vec![]);
+    assert_eq!(plain.protocol, PROTOCOL_VERSION);
+    assert!(!serde_json::to_string(&plain).unwrap().contains("plugin_params"));
+    let params = std::collections::BTreeMap::from([("files".to_string(), std::collections::BTreeMap::from([("tcp_close".to_string(), "1".to_string())]))]);
+    let with = plain.with_params(params.clone());
+    assert_eq!(with.protocol, PROTOCOL_VERSION);
+    let back: Hello = serde_json::from_str(&serde_json::to_string(&with).unwrap()).unwrap();
+    assert_eq!(back.plugin_params, params);
 }
