@@ -119,11 +119,10 @@ fn emit(args: std::fmt::Arguments<'_>, newline: bool) {
 }
 
 
-/// `--shell-job`, for the files plugin (plugins take no per-request options yet).
-fn shell_job_option(on: bool) {
-    if on {
-        std::env::set_var("FERRY_SHELL_JOB", "1");
-    }
+/// An option of the files plugin for this request (`mechanism.plugin_params.files`):
+/// `--tcp-close`, `--shell-job`, `--inherit-fd`.
+fn files_option(config: &mut Config, key: &str, value: String) {
+    config.mechanism.plugin_params.entry("files".into()).or_default().insert(key.into(), value);
 }
 
 fn main() -> ExitCode {
@@ -156,10 +155,6 @@ fn main() -> ExitCode {
 }
 
 /// The configuration with the global options and `extra` applied.
-/// `--tcp-close`: the files plugin's option `tcp_close`.
-fn tcp_close_param(config: &mut Config) {
-    config.mechanism.plugin_params.entry("files".into()).or_default().insert("tcp_close".into(), "1".into());
-}
 
 fn effective(cli: &Cli, extra: Overrides) -> Result<Config, Failure> {
     // A configuration ferry will not use is a refusal.
@@ -175,11 +170,13 @@ fn effective(cli: &Cli, extra: Overrides) -> Result<Config, Failure> {
 fn run(cli: Cli) -> Outcome {
     match &cli.command {
         Command::Checkpoint { pid, dir, leave_running, shell_job, quiesce, subsystems, context, json } => {
-            shell_job_option(*shell_job);
-            let config = effective(
+            let mut config = effective(
                 &cli,
                 Overrides { quiesce: *quiesce, subsystems: subsystems.clone(), context: *context, ..Overrides::default() },
             )?;
+            if *shell_job {
+                files_option(&mut config, "shell_job", "1".into());
+            }
             let manager = registry(&config)?;
             let req = CheckpointRequest {
                 pid: *pid,
@@ -209,13 +206,12 @@ fn run(cli: Cli) -> Outcome {
             Ok(())
         }
         Command::Restore { dir, json, tcp_close, inherit_fd } => {
-            if !inherit_fd.is_empty() {
-                // The files plugin reads it (a shell job's terminal).
-                std::env::set_var("FERRY_INHERIT_FD", inherit_fd.join("\n"));
-            }
             let mut config = effective(&cli, Overrides::default())?;
+            if !inherit_fd.is_empty() {
+                files_option(&mut config, "inherit_fd", inherit_fd.join("\n"));
+            }
             if *tcp_close {
-                tcp_close_param(&mut config);
+                files_option(&mut config, "tcp_close", "1".into());
             }
             let _params = ferry::engine::params::scope(config.mechanism.plugin_params.clone());
             let manager = registry(&config)?;
@@ -330,7 +326,6 @@ fn run(cli: Cli) -> Outcome {
             Ok(())
         }
         Command::Migrate { pid, to, strategy, medium, auth_key, shell_job, quiesce, subsystems, context, json, tcp_close } => {
-            shell_job_option(*shell_job);
             let mut config = effective(
                 &cli,
                 Overrides {
@@ -343,7 +338,10 @@ fn run(cli: Cli) -> Outcome {
                 },
             )?;
             if *tcp_close {
-                tcp_close_param(&mut config);
+                files_option(&mut config, "tcp_close", "1".into());
+            }
+            if *shell_job {
+                files_option(&mut config, "shell_job", "1".into());
             }
             let key_file = auth_key.clone().or(config.daemon.auth_key.clone());
             let manager = registry(&config)?;

@@ -357,11 +357,12 @@ fn python_refused(setup: &str, needles: &[&str]) {
 }
 
 #[test]
-fn a_pseudo_terminal_pair_is_refused_and_the_process_keeps_running() {
+fn a_locked_pseudo_terminal_pair_is_refused_and_the_process_keeps_running() {
     if !needs_root(ROOT) {
         return;
     }
-    python_refused("m,s=os.openpty()", &["is the master of pseudo-terminal /dev/pts/", "whose slave it holds too", "terminals are not carried"]);
+    // (A pair is carried: terminals.rs. Its lock, TIOCSPTLCK with the slave open, not.)
+    python_refused("import struct\nm,s=os.openpty()\nfcntl.ioctl(m,0x40045431,struct.pack('i',1))", &["is locked (TIOCSPTLCK) with its slave open"]);
 }
 
 #[test]
@@ -454,14 +455,18 @@ fn a_process_on_a_terminal_it_does_not_own_comes_back_writing_to_it() {
     if !needs_root(ROOT) {
         return;
     }
-    // Its stdout, a slave of our terminal, is reopened by path: the same terminal.
+    // Its stdout, a slave of our terminal: refused without --shell-job (naming the
+    // option), and with it reopened by path (ferry restore runs from no terminal here):
+    // the same terminal, its change time checked.
     let mut term = Terminal::open();
     let tmp = tempfile::tempdir().unwrap();
     let _guard = KillMentioning(tmp.path().to_str().unwrap().to_string());
     let mut child = python_on(&mut term, tmp.path());
     let pid = child.id() as i32;
     let dir = tmp.path().join("img");
-    let o = checkpoint(pid, &dir);
+    fails_with(&checkpoint(pid, &dir), &["a terminal that is not part of the request", "--shell-job"]);
+    assert!(pid_alive(pid));
+    let o = ferry(&["checkpoint", &pid.to_string(), "--dir", dir.to_str().unwrap(), "--shell-job"]);
     assert!(o.status.success(), "checkpoint: {}", stderr(&o));
     child.wait().unwrap();
     let after = tty_after(tmp.path());
@@ -488,8 +493,8 @@ fn a_process_on_a_terminal_is_not_moved_onto_another_machine_s_terminal_of_that_
         while [ ! -e \"$1/ptys\" ]; do sleep 0.01; done\n\
         shift 2 && exec \"$@\"";
     let daemon = Daemon::start_in(Some((script, &[tmp.path().as_os_str(), std::ffi::OsStr::new(&index)])));
-    let o = migrate(pid, &daemon.addr, "stop-copy");
-    fails_with(&o, &[&format!("(/dev/pts/{index}): the terminal there is not the process's")]);
+    let o = ferry(&["migrate", &pid.to_string(), "--to", &daemon.addr, "--shell-job"]);
+    fails_with(&o, &[&format!("/dev/pts/{index}"), "terminal"]);
     // The source carries on, writing to our terminal.
     let after = tty_after(tmp.path());
     term.read_until(&after);

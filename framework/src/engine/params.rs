@@ -29,6 +29,12 @@ impl Drop for Scope {
     }
 }
 
+/// The options in force on this thread (for a thread that serves part of the same
+/// request: give them to it with [`scope`]).
+pub fn current() -> PluginParams {
+    CURRENT.with(|c| c.borrow().clone())
+}
+
 /// Option `key` of plugin `plugin` in the request served on this thread.
 pub fn get(plugin: &str, key: &str) -> Option<String> {
     CURRENT.with(|c| c.borrow().get(plugin).and_then(|m| m.get(key)).cloned())

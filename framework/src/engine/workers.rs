@@ -229,6 +229,8 @@ pub fn checkpoint_tree(
     }
     let names_count = names.len() as u32;
     let shared_medium = Mutex::new(medium);
+    // The request's plugin options, this thread's: each worker serves the same request.
+    let params = crate::engine::params::current();
     std::thread::scope(|scope| {
         let (up_tx, up_rx) = unbounded::<Up>();
         // Per process, in the order seized (parents first): pid, parent, its worker's line.
@@ -237,7 +239,11 @@ pub fn checkpoint_tree(
             let (tx, rx) = unbounded();
             let up = up_tx.clone();
             let medium = &shared_medium;
-            scope.spawn(move || worker(pid, parent, freezer, manager, names, medium, watchdog, up, rx));
+            let params = params.clone();
+            scope.spawn(move || {
+                let _params = crate::engine::params::scope(params);
+                worker(pid, parent, freezer, manager, names, medium, watchdog, up, rx)
+            });
             tree.push((pid, parent, tx));
         };
         start(root, 0, &mut tree);

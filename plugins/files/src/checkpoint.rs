@@ -518,7 +518,7 @@ impl Checkpoint {
                 Kind::Path(path) if crate::shell_job::is_terminal(st.mode, st.rdev) => {
                     let stat = proc_text(ctx, "stat")?;
                     let label = crate::model::fds_label(&slots);
-                    let object = crate::shell_job::describe(pid, &stat, &label, path, st.mode, st.rdev, st.ctime, crate::shell_job::shell_job())?;
+                    let object = crate::shell_job::describe(pid, &stat, &label, path, st.mode, st.rdev, st.ctime, crate::shell_job::shell_job(ctx))?;
                     descs.push((Desc { fds: slots, flags, pos: first.info.pos, object, locks }, None));
                 }
                 Kind::Path(path) => descs.push((

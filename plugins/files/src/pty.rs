@@ -91,10 +91,13 @@ pub fn master_in_request(index: u32) -> bool {
     processes().any(|pid| traced_by_me(pid) && holds(pid, |info, _| master_index(info) == Some(index)))
 }
 
-/// Whether ferry traces `pid` (seized it for this request).
+/// Whether ferry traces `pid` (seized it for this request). `TracerPid` names the
+/// tracing thread, one of ferry's (each process of a tree has its own worker).
 pub fn traced_by_me(pid: u32) -> bool {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    proc_field(&status, "TracerPid").and_then(|t| t.trim().parse::<u32>().ok()) == Some(std::process::id())
+    proc_field(&status, "TracerPid")
+        .and_then(|t| t.trim().parse::<u32>().ok())
+        .is_some_and(|t| t != 0 && std::path::Path::new(&format!("/proc/self/task/{t}")).exists())
 }
 
 fn processes() -> impl Iterator<Item = u32> {

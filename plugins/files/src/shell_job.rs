@@ -22,11 +22,15 @@ use ferry_plugin_api::{
 
 use crate::model::Object;
 
-/// Set (to anything) by `ferry checkpoint --shell-job` and `ferry migrate --shell-job`:
-/// plugins take no per-request options yet.
-pub const SHELL_JOB_ENV: &str = "FERRY_SHELL_JOB";
-/// `ferry restore --inherit-fd fd[N]:PATH`, one per line.
-pub const INHERIT_FD_ENV: &str = "FERRY_INHERIT_FD";
+/// This plugin's request options (`mechanism.plugin_params.files`): `shell_job` ("1"),
+/// set by `ferry checkpoint --shell-job` and `ferry migrate --shell-job`; `inherit_fd`,
+/// by `ferry restore --inherit-fd fd[N]:PATH`, one per line.
+pub const SHELL_JOB: &str = "shell_job";
+pub const INHERIT_FD: &str = "inherit_fd";
+
+fn option(ctx: &ContextRef<'_>, key: &str) -> Option<String> {
+    ctx.plugin_param("files".into(), key.into()).into_option().map(|v| v.into_string())
+}
 
 /// Whether a character device `mode`/`rdev` is a terminal: a pseudo-terminal slave
 /// (136-143), a virtual console or serial line (4), `/dev/tty` or `/dev/console`
@@ -95,8 +99,8 @@ fn not_leader(pid: i32, label: &str, path: &str, sid: i32) -> String {
 }
 
 /// Whether this checkpoint is a shell job's (`--shell-job`).
-pub fn shell_job() -> bool {
-    std::env::var_os(SHELL_JOB_ENV).is_some()
+pub fn shell_job(ctx: &ContextRef<'_>) -> bool {
+    option(ctx, SHELL_JOB).is_some_and(|v| v == "1" || v == "true")
 }
 
 /// Where to open the terminal the image names `path`: `(path to open, whether it is
@@ -136,7 +140,7 @@ pub fn reopen(
     open: impl FnOnce(&mut ContextRef<'_>, &str) -> Result<i32, String>,
     check: impl FnOnce(&mut ContextRef<'_>, i32) -> Result<libc::stat, String>,
 ) -> Result<i32, String> {
-    let inherit = std::env::var(INHERIT_FD_ENV).ok();
+    let inherit = option(ctx, INHERIT_FD);
     let (at, same) = source(path, inherit.as_deref(), ferry_tty())?;
     let fd = open(ctx, &at).map_err(|e| {
         if same {
