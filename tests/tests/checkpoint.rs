@@ -631,6 +631,8 @@ fn on_a_terminal_the_progress_line_shows_bytes_rate_and_time_left_and_is_cleared
     assert!(last.matches("MiB").count() >= 3 && last.contains("MiB/s") && last.contains("left"), "the last line drawn: {last:?}");
     // Erased (carriage return, erase line) before the result, which starts its own line.
     assert!(out.contains(&format!("\r\x1b[2Kcheckpointed process {}", w.pid)), "{out:?}");
+}
+
 /// python3 that wrote 63 MiB of zeros and 1 MiB of a pattern into a private anonymous
 /// mapping (every page present); it checks both when `check` appears in its directory.
 const ZEROS_PY: &str = r#"
