@@ -691,7 +691,7 @@ fn a_source_killed_from_outside_during_postcopy_is_said_to_be_lost_not_to_carry_
     let o = client.wait_with_output().unwrap();
     let err = stderr(&o);
     assert!(!o.status.success() && err.lines().count() == 1, "{err}");
-    assert!(err.contains(&format!("process {old} is gone here too (killed from outside?)")), "{err}");
+    assert!(err.contains(&format!("process {old} was lost: it is gone here too (killed from outside?)")), "{err}");
     assert!(!err.contains("carries on"), "{err}");
     w.reap();
     wait_until("the destination to give up", Duration::from_secs(60), || daemon.log().contains("failed after resume"));
@@ -1027,7 +1027,7 @@ fn a_daemon_answers_a_frame_it_will_not_read_and_hellos_that_name_no_event() {
     // Each on its own: a strategy nobody knows, with a real pid; a token used before.
     let hello_with = |pid: i64, strategy: &str, token: &str| {
         let hello = serde_json::json!({
-            "type": "hello", "protocol": 2, "arch": std::env::consts::ARCH, "page_size": 4096,
+            "type": "hello", "protocol": 3, "arch": std::env::consts::ARCH, "page_size": 4096,
             "token": token, "request_id": 1, "pid": pid, "strategy": strategy,
             "medium": {"name": "tcp", "version": "0.1.0"}, "subsystems": [], "features": []
         })

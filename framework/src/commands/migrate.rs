@@ -548,10 +548,14 @@ fn migrate_with(
                     Ok(msg) if msg["type"] == "lazy-done" => serde_json::from_value::<LazyStats>(msg["stats"].clone()).ok(),
                     other => {
                         let why = unexpected(other);
-                        return Err(lose(tracer, freezer, &mut subs, req, format!(
-                            "its copy on {} ran and then died before all its pages arrived ({why}); post-copy cannot roll back once the copy has run",
-                            req.to
-                        )));
+                        // Say what is true of the source: killed from outside meanwhile,
+                        // it was lost here first.
+                        let why = if target::check_target(req.pid).is_ok() {
+                            format!("its copy on {} ran and then died before all its pages arrived ({why}); post-copy cannot roll back once the copy has run", req.to)
+                        } else {
+                            format!("it is gone here too (killed from outside?) while its copy on {} still needed its pages ({why})", req.to)
+                        };
+                        return Err(lose(tracer, freezer, &mut subs, req, why));
                     }
                 }
             } else {

@@ -337,7 +337,7 @@ pub fn describe(ctx: &mut ContextRef<'_>, fd: i32, link: &str, text: &str) -> Re
     if ctx.tids().contains(&target) {
         return Err(format!("{what}: a pidfd to thread {target} of the process, other than its main thread: not supported by the files plugin"));
     }
-    Err(format!("{what}: a pidfd to process {target}, which this request does not move: not supported by the files plugin"))
+    Err(format!("{what}: a pidfd to process {target}, another process (of the request or not): not supported by the files plugin"))
 }
 
 /// Checks what the image says of one of these objects.
