@@ -550,7 +550,11 @@ fn migrate_with(
                         let why = unexpected(other);
                         // Say what is true of the source: killed from outside meanwhile,
                         // it was lost here first.
-                        let why = if target::check_target(req.pid).is_ok() {
+                        // (Still traced by this ferry: gone, a zombie, or without its
+                        // memory — exiting — only if killed.)
+                        let state = target::stat_fields(req.pid).and_then(|f| f.first().cloned());
+                        let has_memory = std::fs::read_to_string(format!("/proc/{}/maps", req.pid)).is_ok_and(|m| !m.is_empty());
+                        let why = if has_memory && !matches!(state.as_deref(), None | Some("Z" | "X")) {
                             format!("its copy on {} ran and then died before all its pages arrived ({why}); post-copy cannot roll back once the copy has run", req.to)
                         } else {
                             format!("it is gone here too (killed from outside?) while its copy on {} still needed its pages ({why})", req.to)
