@@ -131,34 +131,57 @@ pub fn run(
         pipe.flush().map_err(|e| EventError::Failed(format!("sending pre-copy round {round}: {e}")))?;
         let medium = pipe.medium_mut().ok_or_else(|| EventError::Failed("pre-copy needs a direct medium".into()))?;
         await_synced(medium, &carried, round, timeout)?;
-        let ms = event::ms(began);
-        out.rounds.push(Round { bytes, ms });
-        crate::fault::point("precopy-round");
-        sent_total += bytes;
-        time_total += ms;
-        if round == 0 {
-            continue;
-        }
-        if converged(&out.rounds, sent_total as f64 / time_total.max(0.1), tuning.budget) {
-            out.stop = "converged";
-            break;
-        }
-        let previous = &out.rounds[round as usize - 1];
-        if round + 1 >= tuning.max_rounds {
-            out.stop = "max rounds";
-            break;
-        }
-        if bytes as f64 >= 0.9 * previous.bytes as f64 {
-            // Without auto-converge (off, or no cpu controller here) more rounds would
-            // only send the same pages again.
-            let Some(t) = throttle.as_mut().filter(|_| tuning.throttle) else {
-                out.stop = "not shrinking";
+        match after_round(&mut out, Round { bytes, ms: event::ms(began) }, (&mut sent_total, &mut time_total), tuning) {
+            Next::Round => {}
+            Next::Freeze(why) => {
+                out.stop = why;
                 break;
-            };
-            t.step().map_err(|e| EventError::Failed(format!("auto-converge: {e}")))?;
+            }
+            Next::NotShrinking => {
+                // Without auto-converge (off, or no cpu controller here) more rounds
+                // would only send the same pages again.
+                let Some(t) = throttle.as_mut().filter(|_| tuning.throttle) else {
+                    out.stop = "not shrinking";
+                    break;
+                };
+                t.step().map_err(|e| EventError::Failed(format!("auto-converge: {e}")))?;
+            }
         }
     }
     Ok(out)
+}
+
+/// What follows a round.
+enum Next {
+    Round,
+    /// Freeze now, for this reason.
+    Freeze(&'static str),
+    /// The round sent as much as the one before (auto-converge's turn, if any).
+    NotShrinking,
+}
+
+/// Records `done` and decides what follows it, by the same rule for one process and a
+/// tree: converged (the freeze fits the budget), max rounds, not shrinking.
+fn after_round(out: &mut Outcome, done: Round, (sent_total, time_total): (&mut u64, &mut f64), tuning: &Tuning) -> Next {
+    let bytes = done.bytes;
+    *sent_total += done.bytes;
+    *time_total += done.ms;
+    out.rounds.push(done);
+    crate::fault::point("precopy-round");
+    let round = out.rounds.len() - 1;
+    if round == 0 {
+        return Next::Round;
+    }
+    if converged(&out.rounds, *sent_total as f64 / time_total.max(0.1), tuning.budget) {
+        return Next::Freeze("converged");
+    }
+    if round as u32 + 1 >= tuning.max_rounds {
+        return Next::Freeze("max rounds");
+    }
+    if bytes as f64 >= 0.9 * out.rounds[round - 1].bytes as f64 {
+        return Next::NotShrinking;
+    }
+    Next::Round
 }
 
 /// One process of a tree during pre-copy rounds: its plugins, on streams from
@@ -204,26 +227,17 @@ pub fn run_tree(members: &mut [Member], pipe: &mut Pipeline, tuning: &Tuning, wa
             }
         }
         pipe.flush().map_err(|e| EventError::Failed(format!("sending pre-copy round {round}: {e}")))?;
-        let ms = event::ms(began);
-        out.rounds.push(Round { bytes, ms });
-        crate::fault::point("precopy-round");
-        sent_total += bytes;
-        time_total += ms;
-        if round == 0 {
-            continue;
-        }
-        // The same rule as one process's (the fixed cost of a round counted).
-        if converged(&out.rounds, sent_total as f64 / time_total.max(0.1), tuning.budget) {
-            out.stop = "converged";
-            break;
-        }
-        if round + 1 >= tuning.max_rounds {
-            out.stop = "max rounds";
-            break;
-        }
-        if bytes as f64 >= 0.9 * out.rounds[round as usize - 1].bytes as f64 {
-            out.stop = "not shrinking";
-            break;
+        // The same rule as one process's, with no auto-converge.
+        match after_round(&mut out, Round { bytes, ms: event::ms(began) }, (&mut sent_total, &mut time_total), tuning) {
+            Next::Round => {}
+            Next::Freeze(why) => {
+                out.stop = why;
+                break;
+            }
+            Next::NotShrinking => {
+                out.stop = "not shrinking";
+                break;
+            }
         }
     }
     Ok(out)
