@@ -173,6 +173,10 @@ fn image_of_workload() -> (tempfile::TempDir, std::path::PathBuf, Workload) {
     let dir = tmp.path().join("img");
     let o = run(&checkpoint_args(&w.pid.to_string(), &dir));
     assert!(o.status.success(), "{}", stderr(&o));
+    // Killed by the checkpoint, it may still be freeing its memory (ferry does not wait
+    // for that): gone before the test counts processes.
+    let pid = w.pid;
+    ferry_tests::wait_until("the checkpointed process gone", std::time::Duration::from_secs(30), || !pid_alive(pid));
     (tmp, dir, w)
 }
 
