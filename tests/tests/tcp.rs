@@ -675,6 +675,7 @@ except Exception as e:
         assert_eq!(back, line);
     }
     let log = tmp.path().join("server.log");
-    wait_until("the server's verdict", DEADLINE, || log.exists());
+    // Written whole: the file exists (opened) before its line is in it.
+    wait_until("the server's verdict", DEADLINE, || std::fs::read_to_string(&log).is_ok_and(|l| l.ends_with('\n')));
     assert_eq!(std::fs::read_to_string(&log).unwrap(), "PASS\n");
 }
