@@ -717,8 +717,15 @@ fn a_tree_forking_a_burst_is_frozen_whole_by_the_cgroup_freezer_and_comes_back()
     assert!(left.is_empty(), "a process of the burst escaped the freeze: {left:?} (taken: {taken:?})");
     let _ = bash.1.take().unwrap().wait();
     bash.0 = 0;
-    // SAFETY: reaping the orphaned sleeps, which came to this process.
-    wait_until("the taken sleeps reaped", DEADLINE, || unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) } <= 0);
+    // Reaping the orphaned sleeps, which came to this process, by pid: waitpid(-1) would
+    // reap another test's workload too (its own wait then fails with ECHILD).
+    wait_until("the taken sleeps reaped", DEADLINE, || {
+        taken.iter().filter(|&&p| p != pid).all(|&p| {
+            // SAFETY: waitpid on a pid the checkpoint took; a null status pointer.
+            let r = unsafe { libc::waitpid(p, std::ptr::null_mut(), libc::WNOHANG) };
+            r != 0
+        })
+    });
     let pids = restore_json(&dir);
     let new_bash = pids[&pid];
     let _restored = KilledAll(pids.values().copied().collect());
