@@ -410,10 +410,11 @@ impl Workload {
     pub fn assert_lost(&mut self, copies: &[i32]) {
         let log = self.log.to_string_lossy().into_owned();
         wait_until("no copy of the process left", DEADLINE, || processes_mentioning(&log).is_empty());
+        // Killed, a process stops naming its log (its memory goes) a moment before it is
+        // a zombie: each must get there (a process that runs on never does).
         let source = self.pid;
-        assert!(!pid_alive(source), "the source {source} runs on");
-        for &c in copies {
-            assert!(!pid_alive(c), "the copy {c} runs on");
+        for (what, p) in std::iter::once(("source", source)).chain(copies.iter().map(|&c| ("copy", c))) {
+            wait_until(&format!("the {what} {p} gone (not running on)"), DEADLINE, || !pid_alive(p));
         }
         if !self.reaped {
             let status = self.child.wait().expect("reaping the source");
