@@ -236,10 +236,27 @@ impl Blank {
         let (scratch, _) = tracer.scratch().ok_or_else(|| EventError::Refused("no scratch area".into()))?;
         let (args_at, _) = tracer.scratch_args().ok_or_else(|| EventError::Refused("no scratch area".into()))?;
         let fail = |what: String| EventError::Refused(format!("making a child of restored process {pid}: {what}"));
-        // mov eax, SYS_pause; syscall; jmp back to the mov.
-        const PAUSE_LOOP: [u8; 9] = [0xb8, 0x22, 0x00, 0x00, 0x00, 0x0f, 0x05, 0xeb, 0xf7];
+        // prctl(PR_SET_PDEATHSIG, SIGKILL); getppid() == pid or exit_group(0); then
+        // pause() in a loop. Should ferry die before it seizes the child, the parent
+        // blank dies with ferry (PTRACE_O_EXITKILL) and takes the child along, instead of
+        // leaving it paused forever (the creds plugin gives it its own signal later).
+        let mut pause_loop = vec![
+            0xbf, 0x01, 0x00, 0x00, 0x00, // mov edi, PR_SET_PDEATHSIG
+            0xbe, 0x09, 0x00, 0x00, 0x00, // mov esi, SIGKILL
+            0xb8, 0x9d, 0x00, 0x00, 0x00, // mov eax, SYS_prctl
+            0x0f, 0x05, // syscall
+            0xb8, 0x6e, 0x00, 0x00, 0x00, // mov eax, SYS_getppid
+            0x0f, 0x05, // syscall
+            0x3d, // cmp eax, pid
+        ];
+        pause_loop.extend_from_slice(&pid.to_le_bytes());
+        pause_loop.extend_from_slice(&[
+            0x75, 0x09, // jne die
+            0xb8, 0x22, 0x00, 0x00, 0x00, 0x0f, 0x05, 0xeb, 0xf7, // loop: pause(); jmp loop
+            0xb8, 0xe7, 0x00, 0x00, 0x00, 0x31, 0xff, 0x0f, 0x05, // die: exit_group(0)
+        ]);
         let stub = scratch + PAUSE_STUB;
-        tracer.poke(stub, &PAUSE_LOOP)?;
+        tracer.poke(stub, &pause_loop)?;
         let saved = tracer.saved_regs(pid)?;
         let mut regs = saved;
         (regs.rip, regs.rsp, regs.orig_rax, regs.rax) = (stub, args_at + 2048, u64::MAX, 0);

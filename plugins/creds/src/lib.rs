@@ -345,9 +345,10 @@ impl Plugin {
             prctl(ctx, pid, &format!("prctl(PR_SET_DUMPABLE, {})", image.dumpable), [PR_SET_DUMPABLE, image.dumpable as u64, 0, 0, 0])?;
         }
         for (t, &tid) in image.threads.iter().zip(&tids) {
-            if t.creds.pdeathsig != 0 {
-                prctl(ctx, tid, &format!("prctl(PR_SET_PDEATHSIG, {})", t.creds.pdeathsig), [PR_SET_PDEATHSIG, t.creds.pdeathsig as u64, 0, 0, 0])?;
-            }
+            // Set even when none: a tree's blank child holds SIGKILL until here (it
+            // dies with its parent should ferry die first), and no change of
+            // credentials may have reset it.
+            prctl(ctx, tid, &format!("prctl(PR_SET_PDEATHSIG, {})", t.creds.pdeathsig), [PR_SET_PDEATHSIG, t.creds.pdeathsig as u64, 0, 0, 0])?;
         }
         // Read it all back: what the kernel did not take exactly fails the restore.
         self.doing = "checking the credentials".into();
