@@ -2,6 +2,8 @@
 //! answered, new threads taken in, forked children held until every page is in, and
 //! all of it let go at the end.
 
+use std::time::{Duration, Instant};
+
 use libc::pid_t;
 
 use super::{event_of, ptrace, resumed, setregs, thread_group, wait, Thread, Tracer};
@@ -111,7 +113,21 @@ impl Tracer {
         self.running = false;
         self.detached = true;
         for child in std::mem::take(&mut self.held) {
-            let _ = ptrace(libc::PTRACE_DETACH, child, 0, 0, "PTRACE_DETACH");
+            // A child whose first stop was not waited for yet is in no ptrace stop: the
+            // detach fails, and it would die with its tracer (EXITKILL) — a copy's child
+            // killed after a successful migration. Take that stop first.
+            let until = Instant::now() + Duration::from_secs(2);
+            while ptrace(libc::PTRACE_DETACH, child, 0, 0, "PTRACE_DETACH").is_err() && Instant::now() < until {
+                let mut st = 0;
+                // SAFETY: waitpid with a valid out-pointer, not waiting.
+                let r = unsafe { libc::waitpid(child, &mut st, libc::__WALL | libc::WNOHANG) };
+                if r == child && (libc::WIFEXITED(st) || libc::WIFSIGNALED(st)) || r < 0 {
+                    break;
+                }
+                if r == 0 {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
         }
         let mut todo: Vec<pid_t> = self.tids();
         for &tid in &todo {
