@@ -5,6 +5,7 @@
 //! threads at once. On any failure the half-built child is killed; nothing else is
 //! touched.
 
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::Instant;
 
 use ferry_plugin_api::{util::parse_maps, MediumBox};
@@ -28,7 +29,7 @@ const SETSID_FAILED: i32 = -1000;
 /// controlling terminal), and blocks until ferry seizes it. Runs in a forked copy of
 /// ferry, so only raw system calls. ferry waits for the report before seizing it:
 /// seized earlier, it would never run its `setsid`.
-fn child_main(report: i32) -> ! {
+fn child_main(report: i32, alive: i32) -> ! {
     // SAFETY: async-signal-safe system calls only; the fds closed are the child's copies.
     unsafe {
         let mut v = libc::syscall(libc::SYS_getpid) as i32;
@@ -36,9 +37,20 @@ fn child_main(report: i32) -> ! {
             v = SETSID_FAILED - *libc::__errno_location();
         }
         libc::write(report, &v as *const i32 as *const libc::c_void, 4);
-        libc::syscall(libc::SYS_close_range, 0u32, u32::MAX, 0u32);
+        // Everything but `alive`, the read end of a pipe whose write end only ferry
+        // holds until it seizes this child: should ferry die first (killed between
+        // making the child and seizing it), the read answers end-of-file and the child
+        // goes, instead of waiting forever.
+        if alive > 0 {
+            libc::syscall(libc::SYS_close_range, 0u32, (alive - 1) as u32, 0u32);
+        }
+        libc::syscall(libc::SYS_close_range, (alive + 1) as u32, u32::MAX, 0u32);
+        let mut b = 0u8;
         loop {
-            libc::pause();
+            let n = libc::read(alive, &mut b as *mut u8 as *mut libc::c_void, 1);
+            if n == 0 || (n < 0 && *libc::__errno_location() != libc::EINTR) {
+                libc::_exit(0);
+            }
         }
     }
 }
@@ -46,8 +58,16 @@ fn child_main(report: i32) -> ! {
 /// Makes the restore child with pid `want` where free, as a grandchild of ferry so that
 /// it is reparented to init (or a subreaper) and never waits on ferry. Answers its pid
 /// once it leads a session of its own.
-fn spawn_child(want: i32) -> Result<i32, EventError> {
+fn spawn_child(want: i32) -> Result<(i32, OwnedFd), EventError> {
     let fail = |what: &str| EventError::Failed(format!("creating the restore child: {what}: {}", std::io::Error::last_os_error()));
+    let mut alive = [0i32; 2];
+    // SAFETY: pipe2 fills the two-int array; both ends are ours (the write end is
+    // answered, the read end closed here once the child has its copy).
+    if unsafe { libc::pipe2(alive.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(fail("pipe2"));
+    }
+    // SAFETY: as above.
+    let (alive_rd, alive_wr) = unsafe { (OwnedFd::from_raw_fd(alive[0]), OwnedFd::from_raw_fd(alive[1])) };
     let mut fds = [0i32; 2];
     // SAFETY: pipe2 fills the two-int array.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -70,7 +90,7 @@ fn spawn_child(want: i32) -> Result<i32, EventError> {
                 r = clone3_with_pid(0);
             }
             if r == 0 {
-                child_main(fds[1]);
+                child_main(fds[1], alive_rd.as_raw_fd());
             }
             if r < 0 {
                 let v = r as i32;
@@ -95,7 +115,8 @@ fn spawn_child(want: i32) -> Result<i32, EventError> {
     if n != 4 || v <= 0 {
         return Err(EventError::Failed("creating the restore child: clone3 failed".into()));
     }
-    Ok(v)
+    drop(alive_rd);
+    Ok((v, alive_wr))
 }
 
 /// The kernel's special mappings of the child (vDSO, vvar, vsyscall), and all else
@@ -182,8 +203,11 @@ pub struct Blank {
 impl Blank {
     /// A blank child with pid `want` where that is free.
     pub fn make(want: i32) -> Result<Blank, EventError> {
-        let pid = spawn_child(want)?;
-        let mut tracer = match Tracer::seize_owned(pid) {
+        let (pid, alive) = spawn_child(want)?;
+        let seized = Tracer::seize_owned(pid);
+        // Seized, it dies with ferry (PTRACE_O_EXITKILL): the pipe's work is done.
+        drop(alive);
+        let mut tracer = match seized {
             Ok(t) => t,
             Err(e) => {
                 // SAFETY: the child is ours and stopped in pause(); nothing else uses it.
@@ -704,4 +728,27 @@ pub struct Tended {
     pub alive: bool,
     /// Children it forked since (held stopped by the tracer).
     pub forked: Vec<i32>,
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_restore_child_ferry_never_seized_goes_when_ferry_lets_go_of_it() {
+        // As if ferry died between making the child and seizing it: the write end of
+        // its pipe closes, and the child must not wait forever.
+        let (pid, alive) = super::spawn_child(0).expect("a restore child");
+        let stat = || std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        // It waits on its pipe (sleeping in read).
+        while !stat().contains(") S") {
+            assert!(std::time::Instant::now() < deadline, "it does not wait: {}", stat());
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        drop(alive);
+        // Reparented to init (or a subreaper): gone, or a zombie nobody reaped yet.
+        while !(stat().is_empty() || stat().contains(") Z")) {
+            assert!(std::time::Instant::now() < deadline, "still there: {}", stat());
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
 }
