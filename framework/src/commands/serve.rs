@@ -97,16 +97,21 @@ const SEEN_TOKENS_KEPT: usize = 4096;
 pub fn local(manager: &Manager, features: &[String]) -> Local {
     let plugins = manager.list().into_iter().map(|m| PluginRef { name: m.name, version: m.version }).collect();
     let mut local = Local::this_machine(plugins, features.to_vec());
-    local.seen_tokens = SEEN_TOKENS.lock().unwrap_or_else(|p| p.into_inner()).iter().cloned().collect();
+    local.claim_token = Some(claim_token);
     local
 }
 
-fn remember_token(token: &str) {
+/// Takes `token` for the event being welcomed, unless one took it already.
+fn claim_token(token: &str) -> bool {
     let mut seen = SEEN_TOKENS.lock().unwrap_or_else(|p| p.into_inner());
+    if seen.iter().any(|t| t == token) {
+        return false;
+    }
     if seen.len() >= SEEN_TOKENS_KEPT {
         seen.pop_front();
     }
     seen.push_back(token.to_string());
+    true
 }
 
 /// What the daemon records of one event: a line for its log, a JSON object for its
@@ -190,7 +195,6 @@ pub fn serve(
     };
     handshaken();
     crate::trace::mark("handshake done");
-    remember_token(&hello.token);
     record.token = Some(hello.token.clone());
     record.pid = Some(hello.pid);
     record.strategy = Some(hello.strategy.clone());

@@ -3,7 +3,7 @@
 use super::*;
 
 /// What the destination has, against which a [`Hello`] is checked.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Local {
     pub arch: String,
     pub page_size: u64,
@@ -15,6 +15,10 @@ pub struct Local {
     /// Tokens of events this daemon has already seen: a hello that reuses one (a
     /// replayed or confused source) is refused.
     pub seen_tokens: Vec<String>,
+    /// Claims a hello's token for its event as the welcome goes out (atomically, across
+    /// the daemon's connections: a token checked by two at once is welcomed once);
+    /// false: already taken.
+    pub claim_token: Option<fn(&str) -> bool>,
 }
 
 impl Local {
@@ -27,6 +31,7 @@ impl Local {
             plugins,
             features,
             seen_tokens: Vec::new(),
+            claim_token: None,
         }
     }
 }
@@ -185,6 +190,11 @@ pub fn server_handshake<S: Read + Write + ?Sized>(
         Err(e) => return Err(e),
     };
     if let Err(reason) = check_hello(&hello, local) {
+        refuse(stream, &reason);
+        return Err(ProtocolError::Incompatible(reason));
+    }
+    if local.claim_token.is_some_and(|claim| !claim(&hello.token)) {
+        let reason = format!("token {} names an event this daemon has already seen", hello.token);
         refuse(stream, &reason);
         return Err(ProtocolError::Incompatible(reason));
     }

@@ -18,6 +18,7 @@ fn local() -> Local {
         ],
         features: vec!["ptrace".into(), "userfaultfd".into()],
         seen_tokens: Vec::new(),
+        claim_token: None,
     }
 }
 
