@@ -136,13 +136,9 @@ fn checkpoint_one(manager: &Manager, req: &CheckpointRequest, progress: &mut dyn
     // carries on.
     let (dir, pid) = (req.dir.clone(), req.pid);
     let rescue = freezer.as_ref().map(|f| f.rescue());
-    let watchdog = Watchdog::start(req.watchdog, move |why, _| {
-        eprintln!("ferry: {why}; process {pid} is let go");
+    let watchdog = Watchdog::last_resort(req.watchdog, format!("process {pid} is let go"), move || {
         discard(&dir, created);
-        if let Some(r) = rescue {
-            r();
-        }
-        std::process::exit(1);
+        rescue.into_iter().for_each(|r| r());
     });
     // Mapped here (write_image finds it mapped) so that the janitor knows where, told
     // before the call that maps it (ferry may die in that very call).
@@ -246,13 +242,9 @@ fn checkpoint_tree(manager: &Manager, req: &CheckpointRequest, progress: &mut dy
     // the kernel detaches every process, which carries on.
     let dir = req.dir.clone();
     let rescue = freezer.as_ref().map(|f| f.rescue());
-    let watchdog = Watchdog::start(req.watchdog, move |why, _| {
-        eprintln!("ferry: {why}; the processes of the tree are let go");
+    let watchdog = Watchdog::last_resort(req.watchdog, "the processes of the tree are let go".into(), move || {
         discard(&dir, created);
-        if let Some(r) = rescue {
-            r();
-        }
-        std::process::exit(1);
+        rescue.into_iter().for_each(|r| r());
     });
     let mut mapped = |pid: i32, addr: u64| {
         if let Some(j) = janitor.as_mut() {
@@ -314,11 +306,7 @@ fn checkpoint_tree_parallel(manager: &Manager, req: &CheckpointRequest) -> Resul
     // The last resort if a plugin stops answering: remove the partial image and exit;
     // the kernel detaches every process, which carries on.
     let dir = req.dir.clone();
-    let watchdog = Watchdog::start(req.watchdog, move |why, _| {
-        eprintln!("ferry: {why}; the processes of the tree are let go");
-        discard(&dir, created);
-        std::process::exit(1);
-    });
+    let watchdog = Watchdog::last_resort(req.watchdog, "the processes of the tree are let go".into(), move || discard(&dir, created));
     let mut mapped = |pid: i32, addr: u64| {
         if let Some(j) = janitor.as_mut() {
             j.scratch(pid, addr);

@@ -181,11 +181,8 @@ fn let_go(mut tracer: Tracer, live: Option<Live>) {
 /// error says the process was lost, and `why`.
 fn lose(mut tracer: Tracer, freezer: Option<crate::kernel::freezer::Freezer>, subs: &mut [Loaded], req: &MigrateRequest, why: String) -> EventError {
     let pid = req.pid;
-    let watchdog = Watchdog::start(req.timeout, move |stuck, _| {
-        // The tracer dies with ferry, and the source with the tracer (die_with_ferry).
-        eprintln!("ferry: {stuck}; process {pid} is killed (it was lost)");
-        std::process::exit(1);
-    });
+    // The tracer dies with ferry, and the source with the tracer (die_with_ferry).
+    let watchdog = Watchdog::last_resort(req.timeout, format!("process {pid} is killed (it was lost)"), || {});
     let mut shared = SharedTable::default();
     event::cleanup_all(subs, &mut ExternalContext::new(&mut tracer, &mut shared, "ferry", &watchdog), false);
     drop(watchdog);
@@ -232,13 +229,7 @@ fn precopy_phase(
     let mut pipe = Pipeline::direct(medium);
     let pid = req.pid;
     let rescue = throttle.as_ref().map(|t| t.rescue());
-    let watchdog = Watchdog::start(req.timeout, move |why, _| {
-        eprintln!("ferry: {why}; process {pid} is let go");
-        if let Some(r) = rescue {
-            r();
-        }
-        std::process::exit(1);
-    });
+    let watchdog = Watchdog::last_resort(req.timeout, format!("process {pid} is let go"), move || rescue.into_iter().for_each(|r| r()));
     let area = MemRange { addr: scratch, len: crate::kernel::tracer::SCRATCH_SIZE };
     let ran = rounds::run(req.pid, area, subs, &mut pipe, &mut live, tuning, throttle, &watchdog, req.timeout, progress);
     drop(watchdog);
@@ -452,13 +443,7 @@ fn migrate_with(
     .into_iter()
     .flatten()
     .collect();
-    let watchdog = Watchdog::start(req.timeout, move |why, _| {
-        eprintln!("ferry: {why}; process {pid} is let go");
-        for r in rescues {
-            r();
-        }
-        std::process::exit(1);
-    });
+    let watchdog = Watchdog::last_resort(req.timeout, format!("process {pid} is let go"), move || rescues.into_iter().for_each(|r| r()));
     let written = write_image(&mut tracer, &mut subs, &mut pipe, "tcp", &watchdog, live.as_mut(), lazy, progress);
     drop(watchdog);
     let mut medium = pipe.finish();

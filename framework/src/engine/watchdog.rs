@@ -34,6 +34,17 @@ pub struct Watchdog {
 }
 
 impl Watchdog {
+    /// The last resort of a command if a plugin stops answering: says why and what
+    /// becomes of the processes (`then`), runs `undo` (a partial image removed, a cgroup
+    /// left), and exits 1; the kernel then detaches whatever ferry held.
+    pub fn last_resort(limit: Duration, then: String, undo: impl FnOnce() + Send + 'static) -> Watchdog {
+        Watchdog::start(limit, move |why, _| {
+            eprintln!("ferry: {why}; {then}");
+            undo();
+            std::process::exit(1);
+        })
+    }
+
     /// Starts watching; `on_stuck` runs once, on the watchdog's thread, with a one-line
     /// description and the victim (see `set_victim`), if no beat comes for `limit`.
     pub fn start(limit: Duration, on_stuck: impl FnOnce(String, i32) + Send + 'static) -> Watchdog {

@@ -185,10 +185,7 @@ pub(super) fn migrate_tree(
         }
         let mut pipe = Pipeline::direct(medium);
         let root = req.pid;
-        let watchdog = Watchdog::start(req.timeout, move |why, _| {
-            eprintln!("ferry: {why}; the processes of the tree of {root} are let go");
-            std::process::exit(1);
-        });
+        let watchdog = Watchdog::last_resort(req.timeout, format!("the processes of the tree of {root} are let go"), || {});
         let rounds = rounds::run_tree(&mut members, &mut pipe, &tuning, &watchdog, progress);
         drop(watchdog);
         let back = pipe.finish();
@@ -235,13 +232,7 @@ pub(super) fn migrate_tree(
     // kills what it built.
     let root = req.pid;
     let rescue = freezer.as_ref().map(|f| f.rescue());
-    let watchdog = Watchdog::start(req.timeout, move |why, _| {
-        eprintln!("ferry: {why}; the processes of the tree of {root} are let go");
-        if let Some(r) = rescue {
-            r();
-        }
-        std::process::exit(1);
-    });
+    let watchdog = Watchdog::last_resort(req.timeout, format!("the processes of the tree of {root} are let go"), move || rescue.into_iter().for_each(|r| r()));
     let pids: Vec<i32> = links.iter().map(|l| l.0).collect();
     let mut lives: Vec<Live> = Vec::new();
     for m in members {
